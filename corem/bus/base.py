@@ -1,0 +1,134 @@
+"""The sink interface and the group-commit batcher every sink shares.
+
+The event loop hands records to `submit` (never blocks, never waits on one record); a single
+flusher task takes everything pending as one batch, writes it in a worker thread, and then calls
+each record's `done` callback: `None` once the batch is durable, the exception if it is not.
+While one batch is being written the next one accumulates, so batches grow with load.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+import trio
+
+Done = Callable[[BaseException | None], None]
+
+
+class Record(NamedTuple):
+    topic: str
+    key: bytes
+    value: bytes
+    headers: dict[str, str]
+
+
+class SinkStats:
+    __slots__ = ("submitted", "acked", "failed", "refused", "batches", "batch_records", "ack_seconds", "pending")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+        self.ack_seconds = 0.0
+
+
+class BatchingSink:
+    """Group commit on a worker thread; subclasses implement `write_batch` (runs in that thread)."""
+
+    name = "sink"
+
+    def __init__(self, *, max_pending: int = 100_000, max_batch: int = 8192) -> None:
+        if max_pending < 1 or max_batch < 1:
+            raise ValueError("max_pending and max_batch must be >= 1")
+        self.max_pending = max_pending
+        self.max_batch = max_batch
+        self._records: list[Record] = []
+        self._dones: list[Done] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closing = False
+        self._stopped = trio.Event()
+        self.stats = SinkStats()
+        #: Called after each batch's callbacks ran (the edge flushes its outbox there).
+        self.after_batch: Callable[[], None] | None = None
+        #: Last write failure, for readiness checks; cleared by the next successful batch.
+        self.last_error: BaseException | None = None
+
+    # -- called on the event loop ------------------------------------------------------------
+    def submit(self, record: Record, done: Done) -> bool:
+        """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
+        records = self._records
+        if self._closing or len(records) >= self.max_pending:
+            self.stats.refused += 1
+            return False
+        records.append(record)
+        self._dones.append(done)
+        self.stats.submitted += 1
+        if len(records) == 1:
+            self._lot.unpark_all()
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._records)
+
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher. Returns after `close()` once everything submitted has been answered."""
+        await trio.to_thread.run_sync(self.open)
+        task_status.started()
+        try:
+            while True:
+                if not self._records:
+                    if self._closing:
+                        break
+                    await self._lot.park()
+                    continue
+                records, dones = self._records, self._dones
+                if len(records) > self.max_batch:
+                    self._records, self._dones = records[self.max_batch :], dones[self.max_batch :]
+                    records, dones = records[: self.max_batch], dones[: self.max_batch]
+                else:
+                    self._records, self._dones = [], []
+                await self._write(records, dones)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.close_sync)
+            self._stopped.set()
+
+    async def _write(self, records: list[Record], dones: list[Done]) -> None:
+        stats = self.stats
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            with trio.CancelScope(shield=True):  # a batch once started is finished and answered
+                await trio.to_thread.run_sync(self.write_batch, records)
+        except Exception as e:  # noqa: BLE001 - any write failure is reported to every waiter
+            error = e
+        stats.batches += 1
+        stats.batch_records += len(records)
+        if error is None:
+            stats.acked += len(records)
+            stats.ack_seconds += time.perf_counter() - start
+            self.last_error = None
+        else:
+            stats.failed += len(records)
+            self.last_error = error
+        for done in dones:
+            done(error)
+        if self.after_batch is not None:
+            self.after_batch()
+
+    async def close(self) -> None:
+        """Refuse new records, flush the pending ones, wait until all are answered."""
+        self._closing = True
+        self._lot.unpark_all()
+        await self._stopped.wait()
+
+    # -- run in the worker thread ------------------------------------------------------------
+    def open(self) -> None:
+        """Connect (runs in a worker thread before the first batch)."""
+
+    def write_batch(self, records: list[Record]) -> None:
+        raise NotImplementedError
+
+    def close_sync(self) -> None:
+        """Disconnect (runs in a worker thread after the last batch)."""

@@ -1,0 +1,376 @@
+"""The CoAP message layer (RFC 7252 §4), sans-IO.
+
+An `Endpoint` owns no socket and no clock.  The edge feeds it datagrams with `receive(data, peer,
+now)`, answers requests with `respond(...)`, calls `tick(now)` when `next_deadline()` passes, and
+sends whatever it finds in `outbox`.  It deduplicates requests per (peer, message id), piggybacks
+responses that come within `piggyback_timeout`, otherwise sends an empty ACK and a separate
+confirmable response that it retransmits with exponential back-off until it is acknowledged,
+reset, or given up.
+
+Timers with a constant duration (piggyback, deduplication lifetime) are FIFO queues: arrival order
+is deadline order, so no heap is needed for them.  Only retransmissions, whose first timeout is
+randomised, use a heap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable
+
+from ..codec import Code, Message, MessageFormatError, Type, decode, encode
+from ..codec.options import SPECS
+
+Peer = Hashable
+
+CON, NON, ACK, RST = Type.CON, Type.NON, Type.ACK, Type.RST
+
+# Request states
+PENDING = 0  # received, handler has not answered, still inside the piggyback window
+SEPARATE = 1  # empty ACK sent; the answer will be a separate response
+DONE = 2  # answered
+
+
+@dataclass(frozen=True)
+class Params:
+    """Transmission parameters (RFC 7252 §4.8) and the bounds of this endpoint's state."""
+
+    ack_timeout: float = 2.0
+    ack_random_factor: float = 1.5
+    max_retransmit: int = 4
+    piggyback_timeout: float = 0.5
+    #: How long a (peer, message id) is remembered for deduplication (EXCHANGE_LIFETIME, §4.8.2).
+    exchange_lifetime: float = 247.0
+    #: Bound on remembered exchanges: the oldest is forgotten first (and counted) beyond it.
+    dedup_max_entries: int = 100_000
+    #: Bound on separate responses waiting for their ACK.
+    max_outstanding: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in ("ack_timeout", "piggyback_timeout", "exchange_lifetime"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.ack_random_factor < 1:
+            raise ValueError(f"ack_random_factor must be >= 1, got {self.ack_random_factor}")
+        for name in ("max_retransmit", "dedup_max_entries", "max_outstanding"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class Request:
+    """One incoming request and the state of its exchange; the handle a handler answers through."""
+
+    __slots__ = ("peer", "message", "mid", "token", "confirmable", "received_at", "state", "reply")
+
+    def __init__(self, peer: Peer, message: Message, received_at: float) -> None:
+        self.peer = peer
+        self.message: Message | None = message
+        self.mid = message.mid
+        self.token = message.token
+        self.confirmable = message.type == CON
+        self.received_at = received_at
+        self.state = PENDING
+        #: What a duplicate of this request gets: the piggybacked response or the empty ACK.
+        self.reply: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Request({self.peer!r} mid={self.mid} state={self.state})"
+
+
+class Outgoing:
+    """A confirmable message of ours awaiting its ACK."""
+
+    __slots__ = ("peer", "mid", "token", "data", "timeout", "tries", "done", "context")
+
+    def __init__(
+        self, peer: Peer, mid: int, token: bytes, data: bytes, timeout: float, context: Any
+    ) -> None:
+        self.peer = peer
+        self.mid = mid
+        self.token = token
+        self.data = data
+        self.timeout = timeout
+        self.tries = 0
+        self.done = False
+        self.context = context
+
+
+class Acked:
+    """Event: the peer acknowledged one of our confirmable messages."""
+
+    __slots__ = ("peer", "mid", "token", "context")
+
+    def __init__(self, out: Outgoing) -> None:
+        self.peer, self.mid, self.token, self.context = out.peer, out.mid, out.token, out.context
+
+
+class Reset(Acked):
+    """Event: the peer rejected one of our messages with RST (e.g. an observer going away)."""
+
+    __slots__ = ()
+
+
+class GaveUp(Acked):
+    """Event: MAX_RETRANSMIT retransmissions went unanswered."""
+
+    __slots__ = ()
+
+
+class Stats:
+    """Plain counters, read by the metrics collector at scrape time (no locks on the hot path)."""
+
+    __slots__ = (
+        "datagrams_in",
+        "bytes_in",
+        "requests",
+        "duplicates",
+        "format_errors",
+        "pings",
+        "bad_options",
+        "retransmissions",
+        "gave_up",
+        "resets",
+        "dedup_evictions",
+        "outstanding_refused",
+        "responses",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+        #: responses sent, indexed by code (0..255)
+        self.responses = [0] * 256
+
+
+_KNOWN_CRITICAL = frozenset(n for n in SPECS if n & 1)
+
+
+class Endpoint:
+    """One CoAP endpoint's message layer; see the module docstring for how it is driven."""
+
+    def __init__(
+        self,
+        params: Params | None = None,
+        *,
+        rng: Callable[[], float] = random.random,
+        known_critical: Iterable[int] = _KNOWN_CRITICAL,
+    ) -> None:
+        self.params = params or Params()
+        self._rng = rng
+        self._known_critical = frozenset(known_critical)
+        self.outbox: list[tuple[bytes, Peer]] = []
+        self._dedup: OrderedDict[tuple[Peer, int], Request] = OrderedDict()
+        self._piggyback: deque[Request] = deque()
+        self._outstanding: dict[tuple[Peer, int], Outgoing] = {}
+        self._retx: list[tuple[float, int, Outgoing]] = []
+        self._seq = 0
+        self._mid = int(rng() * 0x10000) & 0xFFFF
+        self.stats = Stats()
+
+    # -- input -----------------------------------------------------------------------------
+    def receive(self, data: bytes, peer: Peer, now: float) -> Request | Acked | None:
+        """Process one datagram. Returns a new Request for the application, an event, or None."""
+        stats = self.stats
+        stats.datagrams_in += 1
+        stats.bytes_in += len(data)
+        try:
+            msg = decode(data)
+        except MessageFormatError as e:
+            stats.format_errors += 1
+            if e.mtype == CON and e.mid is not None:
+                # a rejected CON is answered with RST (§4.2); never larger than what came in
+                self._send(bytes((0x70, 0, e.mid >> 8, e.mid & 0xFF)), peer, 0)
+            return None
+        mtype = msg.type
+        code = msg.code
+        if 1 <= code <= 31:
+            return self._request(msg, peer, now)
+        if mtype == ACK or mtype == RST:
+            out = self._outstanding.pop((peer, msg.mid), None)
+            if out is None:
+                return None
+            out.done = True
+            if mtype == RST:
+                stats.resets += 1
+                return Reset(out)
+            return Acked(out)
+        if code == 0:
+            if mtype == CON:  # CoAP ping (§4.3)
+                stats.pings += 1
+                self._send(bytes((0x70, 0, msg.mid >> 8, msg.mid & 0xFF)), peer, 0)
+            return None
+        # a response we did not ask for: reject a CON with RST, ignore a NON
+        if mtype == CON:
+            self._send(bytes((0x70, 0, msg.mid >> 8, msg.mid & 0xFF)), peer, 0)
+        return None
+
+    def _request(self, msg: Message, peer: Peer, now: float) -> Request | None:
+        key = (peer, msg.mid)
+        dedup = self._dedup
+        seen = dedup.get(key)
+        if seen is not None:
+            self.stats.duplicates += 1
+            if seen.confirmable and seen.reply is not None:
+                self._send(seen.reply, peer, 0)
+            return None
+        req = Request(peer, msg, now)
+        dedup[key] = req
+        if len(dedup) > self.params.dedup_max_entries:
+            dedup.popitem(last=False)
+            self.stats.dedup_evictions += 1
+        self.stats.requests += 1
+        for number, _ in msg.options:
+            if number & 1 and number not in self._known_critical:
+                self.stats.bad_options += 1
+                req.message = None
+                self._answer(req, Code.BAD_OPTION, None, f"unknown critical option {number}".encode())
+                return None
+        if req.confirmable:
+            self._piggyback.append(req)
+        return req
+
+    # -- output ----------------------------------------------------------------------------
+    def respond(
+        self,
+        req: Request,
+        code: int,
+        options: list | None = None,
+        payload: bytes = b"",
+        *,
+        now: float | None = None,
+        context: Any = None,
+    ) -> None:
+        """Answer `req`: piggybacked in the ACK if still possible, else separately.
+
+        `now` only matters for a separate response (its retransmission clock); without it the
+        time of the last `tick` is used.
+        """
+        if req.state == DONE:
+            raise RuntimeError(f"{req!r} was already answered")
+        if now is not None:
+            self._now_hint = now
+        req.message = None  # the exchange no longer needs the datagram; let it go
+        self._answer(req, code, options, payload, context)
+
+    def _answer(
+        self, req: Request, code: int, options: list | None, payload: bytes, context: Any = None
+    ) -> None:
+        state = req.state
+        req.state = DONE
+        token = req.token
+        if req.confirmable and state == PENDING:
+            if options or payload:
+                data = encode(Message(ACK, code, req.mid, token, options, payload))
+            else:
+                data = bytes((0x60 | len(token), code, req.mid >> 8, req.mid & 0xFF)) + token
+            req.reply = data
+            self._send(data, req.peer, code)
+            return
+        mid = self.next_mid()
+        if not req.confirmable:
+            self._send(encode(Message(NON, code, mid, token, options, payload)), req.peer, code)
+            return
+        data = encode(Message(CON, code, mid, token, options, payload))
+        self.send_confirmable(data, req.peer, mid, token, context, code)
+
+    def send_confirmable(
+        self, data: bytes, peer: Peer, mid: int, token: bytes, context: Any = None, code: int = 0
+    ) -> bool:
+        """Send a CON of ours (separate response, notification) and retransmit it until ACKed."""
+        if len(self._outstanding) >= self.params.max_outstanding:
+            self.stats.outstanding_refused += 1
+            return False
+        p = self.params
+        timeout = p.ack_timeout * (1 + self._rng() * (p.ack_random_factor - 1))
+        out = Outgoing(peer, mid, token, data, timeout, context)
+        self._outstanding[(peer, mid)] = out
+        self._schedule(out, self._now_hint + timeout)
+        self._send(data, peer, code)
+        return True
+
+    def send_non(self, data: bytes, peer: Peer, code: int = 0) -> None:
+        self._send(data, peer, code)
+
+    def next_mid(self) -> int:
+        self._mid = (self._mid + 1) & 0xFFFF
+        return self._mid
+
+    def _send(self, data: bytes, peer: Peer, code: int) -> None:
+        self.outbox.append((data, peer))
+        self.stats.responses[code] += 1
+
+    def _schedule(self, out: Outgoing, deadline: float) -> None:
+        self._seq += 1
+        heapq.heappush(self._retx, (deadline, self._seq, out))
+
+    # -- time ------------------------------------------------------------------------------
+    #: The last `now` the endpoint saw; deadlines of messages created between ticks start here.
+    _now_hint = 0.0
+
+    def tick(self, now: float) -> list[Acked]:
+        """Run every timer due at `now`; returns GaveUp events for abandoned messages."""
+        self._now_hint = now
+        p = self.params
+        events: list[Acked] = []
+        piggyback = self._piggyback
+        limit = now - p.piggyback_timeout
+        while piggyback and piggyback[0].received_at <= limit:
+            req = piggyback.popleft()
+            if req.state == PENDING:
+                req.state = SEPARATE
+                req.reply = bytes((0x60, 0, req.mid >> 8, req.mid & 0xFF))  # empty ACK
+                self._send(req.reply, req.peer, 0)
+        dedup = self._dedup
+        limit = now - p.exchange_lifetime
+        while dedup:
+            key, req = next(iter(dedup.items()))
+            if req.received_at > limit:
+                break
+            del dedup[key]
+        retx = self._retx
+        while retx and retx[0][0] <= now:
+            _, _, out = heapq.heappop(retx)
+            if out.done:
+                continue
+            if out.tries >= p.max_retransmit:
+                out.done = True
+                del self._outstanding[(out.peer, out.mid)]
+                self.stats.gave_up += 1
+                events.append(GaveUp(out))
+                continue
+            out.tries += 1
+            out.timeout *= 2
+            self.stats.retransmissions += 1
+            self.outbox.append((out.data, out.peer))
+            self._schedule(out, now + out.timeout)
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When `tick` next has work, or None if no timer is pending."""
+        p = self.params
+        candidates = []
+        piggyback = self._piggyback
+        while piggyback and piggyback[0].state != PENDING:
+            piggyback.popleft()  # answered in time: nothing left to do for it
+        if piggyback:
+            candidates.append(piggyback[0].received_at + p.piggyback_timeout)
+        if self._retx:
+            candidates.append(self._retx[0][0])
+        if self._dedup:
+            candidates.append(next(iter(self._dedup.values())).received_at + p.exchange_lifetime)
+        return min(candidates) if candidates else None
+
+    # -- introspection ---------------------------------------------------------------------
+    @property
+    def dedup_entries(self) -> int:
+        return len(self._dedup)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    def take_outbox(self) -> list[tuple[bytes, Peer]]:
+        out, self.outbox = self.outbox, []
+        return out

@@ -1,0 +1,148 @@
+"""CoAP option registry (RFC 7252 §5.10, RFC 7641, RFC 7959, RFC 8613, RFC 7967, RFC 9175).
+
+Option numbers carry their own properties in their bits (RFC 7252 §5.4.6): odd numbers are
+critical, bit 1 marks unsafe-to-forward.  Values are stored on the wire in one of four formats;
+`encode_uint` / `decode_uint` handle the variable-length unsigned integers.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+
+class OptionNumber(IntEnum):
+    IF_MATCH = 1
+    URI_HOST = 3
+    ETAG = 4
+    IF_NONE_MATCH = 5
+    OBSERVE = 6
+    URI_PORT = 7
+    LOCATION_PATH = 8
+    OSCORE = 9
+    URI_PATH = 11
+    CONTENT_FORMAT = 12
+    MAX_AGE = 14
+    URI_QUERY = 15
+    HOP_LIMIT = 16
+    ACCEPT = 17
+    Q_BLOCK1 = 19
+    LOCATION_QUERY = 20
+    EDHOC = 21
+    BLOCK2 = 23
+    BLOCK1 = 27
+    SIZE2 = 28
+    Q_BLOCK2 = 31
+    PROXY_URI = 35
+    PROXY_SCHEME = 39
+    SIZE1 = 60
+    ECHO = 252
+    NO_RESPONSE = 258
+    REQUEST_TAG = 292
+
+
+class Format(IntEnum):
+    EMPTY = 0
+    OPAQUE = 1
+    UINT = 2
+    STRING = 3
+
+
+class OptionSpec(NamedTuple):
+    format: Format
+    repeatable: bool
+    min_len: int
+    max_len: int
+
+
+N = OptionNumber
+#: What each registered option looks like on the wire (RFC 7252 Table 4 and the later RFCs).
+SPECS: dict[int, OptionSpec] = {
+    N.IF_MATCH: OptionSpec(Format.OPAQUE, True, 0, 8),
+    N.URI_HOST: OptionSpec(Format.STRING, False, 1, 255),
+    N.ETAG: OptionSpec(Format.OPAQUE, True, 1, 8),
+    N.IF_NONE_MATCH: OptionSpec(Format.EMPTY, False, 0, 0),
+    N.OBSERVE: OptionSpec(Format.UINT, False, 0, 3),
+    N.URI_PORT: OptionSpec(Format.UINT, False, 0, 2),
+    N.LOCATION_PATH: OptionSpec(Format.STRING, True, 0, 255),
+    N.OSCORE: OptionSpec(Format.OPAQUE, False, 0, 255),
+    N.URI_PATH: OptionSpec(Format.STRING, True, 0, 255),
+    N.CONTENT_FORMAT: OptionSpec(Format.UINT, False, 0, 2),
+    N.MAX_AGE: OptionSpec(Format.UINT, False, 0, 4),
+    N.URI_QUERY: OptionSpec(Format.STRING, True, 0, 255),
+    N.HOP_LIMIT: OptionSpec(Format.UINT, False, 1, 1),
+    N.ACCEPT: OptionSpec(Format.UINT, False, 0, 2),
+    N.Q_BLOCK1: OptionSpec(Format.UINT, False, 0, 3),
+    N.LOCATION_QUERY: OptionSpec(Format.STRING, True, 0, 255),
+    N.EDHOC: OptionSpec(Format.EMPTY, False, 0, 0),
+    N.BLOCK2: OptionSpec(Format.UINT, False, 0, 3),
+    N.BLOCK1: OptionSpec(Format.UINT, False, 0, 3),
+    N.SIZE2: OptionSpec(Format.UINT, False, 0, 4),
+    N.Q_BLOCK2: OptionSpec(Format.UINT, False, 0, 3),
+    N.PROXY_URI: OptionSpec(Format.STRING, False, 1, 1034),
+    N.PROXY_SCHEME: OptionSpec(Format.STRING, False, 1, 255),
+    N.SIZE1: OptionSpec(Format.UINT, False, 0, 4),
+    N.ECHO: OptionSpec(Format.OPAQUE, False, 1, 40),
+    N.NO_RESPONSE: OptionSpec(Format.UINT, False, 0, 1),
+    N.REQUEST_TAG: OptionSpec(Format.OPAQUE, True, 0, 8),
+}
+del N
+
+
+def is_critical(number: int) -> bool:
+    """Critical options must be understood; an unknown one rejects the message (§5.4.1)."""
+    return bool(number & 1)
+
+
+def is_elective(number: int) -> bool:
+    return not number & 1
+
+
+def is_unsafe(number: int) -> bool:
+    """Unsafe-to-forward: a proxy that does not understand it must not forward it (§5.4.2)."""
+    return bool(number & 2)
+
+
+def is_no_cache_key(number: int) -> bool:
+    return (number & 0x1E) == 0x1C
+
+
+def encode_uint(value: int) -> bytes:
+    """Shortest big-endian form; zero is the empty string (§3.2)."""
+    if value < 0:
+        raise ValueError(f"uint option value must be >= 0, got {value}")
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+def decode_uint(value: bytes | memoryview) -> int:
+    return int.from_bytes(value, "big")
+
+
+class Block(NamedTuple):
+    """A Block1/Block2 value (RFC 7959 §2.2): block number, more flag, size exponent."""
+
+    num: int
+    more: bool
+    szx: int
+
+    @property
+    def size(self) -> int:
+        return 1 << (self.szx + 4)
+
+    @property
+    def offset(self) -> int:
+        return self.num << (self.szx + 4)
+
+    @classmethod
+    def from_uint(cls, value: int) -> Block:
+        szx = value & 7
+        if szx == 7:
+            raise ValueError("block szx 7 is reserved")
+        return cls(value >> 4, bool(value & 8), szx)
+
+    def to_uint(self) -> int:
+        if not 0 <= self.szx < 7:
+            raise ValueError(f"block szx must be 0..6, got {self.szx}")
+        if not 0 <= self.num < 1 << 20:
+            raise ValueError(f"block num must be < 2**20, got {self.num}")
+        return (self.num << 4) | (8 if self.more else 0) | self.szx

@@ -1,0 +1,151 @@
+"""Settings: one table of keys, each settable by TOML file, environment variable and flag.
+
+Precedence: flag > environment (`COREM_<KEY>`) > config file (`--config`, `COREM_CONFIG`) > default.
+Every value is validated when corem starts; a bad one stops it with `ConfigError` naming the key
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_hostport(value: str, key: str, *, allow_off: bool = False) -> tuple[str, int] | None:
+    """`HOST:PORT` or `[V6]:PORT`; `off` disables the listener where allowed."""
+    if allow_off and value.strip().lower() in ("off", "none", ""):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{key}: {value!r} is not HOST:PORT" + (" or 'off'" if allow_off else ""))
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: port {port!r} is not a number") from None
+    if not 0 <= p <= 65535:
+        raise ConfigError(f"{key}: port {p} is outside 0-65535")
+    return host, p
+
+
+def _positive(key: str, v: Any) -> None:
+    if v <= 0:
+        raise ConfigError(f"{key}: {v} must be > 0")
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], None]:
+    def check(key: str, v: Any) -> None:
+        if v not in allowed:
+            raise ConfigError(f"{key}: {v!r} is not allowed; use one of {', '.join(allowed)}")
+
+    return check
+
+
+def _hostport(allow_off: bool) -> Callable[[str, Any], None]:
+    def check(key: str, v: Any) -> None:
+        parse_hostport(v, key, allow_off=allow_off)
+
+    return check
+
+
+def _bus(key: str, v: Any) -> None:
+    if v != "embedded":
+        raise ConfigError(f"{key}: {v!r} is not available; use 'embedded' (the SQLite log in data_dir)")
+
+
+def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+@dataclass
+class Settings:
+    coap: str = _opt("0.0.0.0:5683", "CoAP (UDP) listener HOST:PORT; port 0 picks one; 'off' disables", _hostport(True))
+    http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
+    data_dir: str = _opt("data", "directory for the registry and the embedded bus")
+    bus: str = _opt("embedded", "where accepted points go: 'embedded' (SQLite log in data_dir)", _bus)
+    store_synchronous: str = _opt(
+        "FULL", "SQLite synchronous mode of the embedded bus: FULL survives power loss, NORMAL a crash",
+        _choice("FULL", "NORMAL", "EXTRA", "OFF"),
+    )
+    sink_max_pending: int = _opt(100_000, "points waiting for the bus before devices get 5.03", _positive)
+    sink_max_batch: int = _opt(8192, "points per bus batch at most", _positive)
+    piggyback_timeout: float = _opt(0.5, "seconds to answer in the ACK before a separate response", _positive)
+    ack_timeout: float = _opt(2.0, "ACK_TIMEOUT (RFC 7252) for separate responses, seconds", _positive)
+    max_retransmit: int = _opt(4, "MAX_RETRANSMIT (RFC 7252)", _positive)
+    exchange_lifetime: float = _opt(247.0, "seconds a message id is remembered for deduplication", _positive)
+    dedup_max_entries: int = _opt(100_000, "exchanges remembered for deduplication at most", _positive)
+    max_datagram: int = _opt(1500, "largest datagram accepted, bytes (larger ones are dropped and counted)", _positive)
+    diagnostics_samples: int = _opt(1000, "rejected samples kept for diagnostics", _positive)
+    log_level: str = _opt("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def help(cls, key: str) -> str:
+        return {f.name: f.metadata["help"] for f in fields(cls)}[key]
+
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        config_file: str | None = None,
+    ) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = config_file or env.get("COREM_CONFIG")
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    data = tomllib.load(f)
+            except FileNotFoundError:
+                raise ConfigError(f"config: file {path} not found") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+            for key, value in data.items():
+                if key not in cls.keys():
+                    raise ConfigError(f"{key}: unknown key in {path}; known keys: {', '.join(cls.keys())}")
+                values[key] = value
+        for key in cls.keys():
+            name = "COREM_" + key.upper()
+            if name in env:
+                values[key] = env[name]
+        for key, value in (flags or {}).items():
+            if value is not None:
+                values[key] = value
+        settings = cls()
+        for f in fields(cls):
+            if f.name in values:
+                setattr(settings, f.name, _coerce(f.name, values[f.name], type(f.default)))
+            check = f.metadata["check"]
+            if check is not None:
+                check(f.name, getattr(settings, f.name))
+        return settings
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,150 @@
+"""Telemetry ingest: authenticated device + payload -> TelemetryPoint -> sink -> 2.04.
+
+The handler never answers 2.04 itself: it submits the point to the sink and returns None; the
+sink's `done` callback answers once the batch holding the point is durable (2.04), or refuses it
+(5.03 with a Max-Age retry hint) if the batch failed.  A payload that does not decode is rejected
+whole: 4.00 (4.15 for an unsupported Content-Format), the rejection counted, the sample kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+from ..bus.base import BatchingSink, Record
+from ..codec import Code, OptionNumber
+from ..coap.endpoint import DONE, Endpoint, Request
+from ..coap.resources import Response, Router
+from ..registry import Device, Directory
+from .diagnostics import Diagnostics
+from .payload import PayloadError, UnsupportedFormat
+from .point import TelemetryPoint, encode_point, telemetry_topic
+from .profiles import get_decoder
+
+#: Seconds a device is told to wait (Max-Age on 5.03) before retrying when the bus cannot take it.
+RETRY_AFTER = 5
+
+
+class IngestStats:
+    def __init__(self) -> None:
+        self.accepted: Counter[str] = Counter()  # tenant -> points acknowledged
+        #: (protocol, reason) -> payloads rejected; reason is a stable metric label
+        self.rejections: Counter[tuple[str, str]] = Counter()
+        self.auth_failures: Counter[tuple[str, str]] = Counter()
+        self.bus_refusals = 0
+
+
+class TelemetryIngest:
+    def __init__(
+        self,
+        directory: Directory,
+        sink: BatchingSink,
+        endpoint: Endpoint,
+        diagnostics: Diagnostics,
+        *,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = directory
+        self.sink = sink
+        self.endpoint = endpoint
+        self.diagnostics = diagnostics
+        self.clock_ms = clock_ms
+        self.now = now
+        self.stats = IngestStats()
+        self._busy = Response(
+            Code.SERVICE_UNAVAILABLE,
+            b"bus unavailable; retry later",
+            [(OptionNumber.MAX_AGE, RETRY_AFTER.to_bytes(1, "big"))],
+        )
+
+    def install(self, router: Router) -> None:
+        router.add("api/v1/{token}/telemetry", {Code.POST: self.post_with_token})
+
+    # -- front doors ---------------------------------------------------------------------------
+    def post_with_token(self, req: Request, params: list[str]) -> Response | None:
+        """ThingsBoard-style `POST /api/v1/{token}/telemetry`."""
+        device = self.directory.by_token.get(params[0])
+        if device is None:
+            self.stats.auth_failures["coap", "unknown_token"] += 1
+            return Response(Code.UNAUTHORIZED, b"unknown access token")
+        return self.ingest(req, device, "coap")
+
+    # -- the pipeline --------------------------------------------------------------------------
+    def ingest(self, req: Request, device: Device, protocol: str) -> Response | None:
+        msg = req.message
+        assert msg is not None
+        received_at = self.clock_ms()
+        content_format = msg.content_format
+        try:
+            readings = get_decoder(device.profile)(content_format, msg.payload)
+        except PayloadError as e:
+            self._reject(req, device, protocol, e, content_format, received_at)
+            code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(e, UnsupportedFormat) else Code.BAD_REQUEST
+            return Response(code, f"decode_error: {e}".encode()[:512])
+        point = TelemetryPoint(
+            tenant=device.tenant,
+            device=device.device,
+            ts=received_at if readings.ts is None else readings.ts,
+            numeric_values=readings.numeric,
+            string_values=readings.strings,
+            protocol=protocol,
+            received_at=received_at,
+            profile=device.profile,
+        )
+        record = Record(
+            telemetry_topic(device.tenant),
+            device.device.encode(),
+            encode_point(point),
+            {"protocol": protocol, "profile": device.profile},
+        )
+        tenant = device.tenant
+
+        def done(error: BaseException | None) -> None:
+            if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
+                return
+            if error is None:
+                self.stats.accepted[tenant] += 1
+                self.endpoint.respond(req, Code.CHANGED, now=self.now())
+            else:
+                self.stats.bus_refusals += 1
+                busy = self._busy
+                self.endpoint.respond(req, busy.code, busy.options, busy.payload, now=self.now())
+
+        if not self.sink.submit(record, done):
+            self.stats.bus_refusals += 1
+            return self._busy
+        return None
+
+    def _reject(
+        self,
+        req: Request,
+        device: Device,
+        protocol: str,
+        error: PayloadError,
+        content_format: int | None,
+        received_at: int,
+    ) -> None:
+        self.stats.rejections[protocol, "decode_error"] += 1
+        msg = req.message
+        assert msg is not None
+        self.diagnostics.add(
+            at=received_at,
+            protocol=protocol,
+            reason="decode_error",
+            detail=error.reason,
+            field=error.field,
+            tenant=device.tenant,
+            device=device.device,
+            peer=_peer_str(req.peer),
+            content_format=content_format,
+            payload=msg.payload,
+        )
+
+
+def _peer_str(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)

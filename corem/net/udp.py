@@ -1,0 +1,138 @@
+"""The UDP edge: the only code that touches a CoAP socket.
+
+Trio's `await sock.recvfrom()` costs a trip through the scheduler per datagram.  Instead the edge
+waits for readability once (`trio.lowlevel.wait_readable`) and then drains the non-blocking socket
+in a batch with plain `recvfrom` calls, feeding each datagram to the sans-IO endpoint, and sends the
+outbox at the end of the batch.  DESIGN.md measured this shape at ~2.5x the naive loop.
+
+Each datagram is received into a fresh `bytes` object (`recvfrom`, not `recvfrom_into` a shared
+buffer) because the decoded message's option values and payload are views into it and may outlive
+the batch (a request waiting on the bus).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import trio
+
+from ..coap.endpoint import Endpoint, Request
+from ..coap.resources import Router
+
+log = logging.getLogger("corem.net")
+
+#: Datagrams handled per wake-up before yielding to other tasks (timers, the sink's callbacks).
+BATCH = 256
+
+
+class EdgeStats:
+    __slots__ = ("oversized", "send_errors", "datagrams_out", "bytes_out", "send_blocked")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+        except OSError:
+            pass
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+class UdpEdge:
+    """Drives one Endpoint from one UDP socket; dispatches requests to a Router."""
+
+    def __init__(self, sock: socket.socket, endpoint: Endpoint, router: Router, *, max_datagram: int = 1500) -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+        self.router = router
+        self.max_datagram = max_datagram
+        self.stats = EdgeStats()
+        self._closed = False
+
+    @property
+    def address(self) -> tuple:
+        return self.sock.getsockname()
+
+    async def serve(self) -> None:
+        """Receive until cancelled."""
+        sock = self.sock
+        recvfrom = sock.recvfrom
+        endpoint = self.endpoint
+        receive = endpoint.receive
+        dispatch = self.router.dispatch
+        respond = endpoint.respond
+        limit = self.max_datagram
+        bufsize = limit + 1
+        current_time = trio.current_time
+        wait_readable = trio.lowlevel.wait_readable
+        while True:
+            await wait_readable(sock)
+            now = current_time()
+            for _ in range(BATCH):
+                try:
+                    data, peer = recvfrom(bufsize)
+                except BlockingIOError:
+                    break
+                except OSError as e:  # e.g. ECONNREFUSED from an ICMP error: nothing to read
+                    if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        continue
+                    raise
+                if len(data) > limit:
+                    self.stats.oversized += 1
+                    continue
+                event = receive(data, peer, now)
+                if type(event) is Request:
+                    response = dispatch(event)
+                    if response is not None:
+                        respond(event, response.code, response.options, response.payload)
+            if endpoint.outbox:
+                self.flush()
+
+    def flush(self) -> None:
+        """Send the endpoint's outbox now; what the kernel will not take waits for the next flush."""
+        outbox = self.endpoint.outbox
+        if not outbox or self._closed:
+            return
+        sendto = self.sock.sendto
+        stats = self.stats
+        sent = 0
+        for data, peer in outbox:
+            try:
+                sendto(data, peer)
+            except BlockingIOError:
+                stats.send_blocked += 1
+                break
+            except OSError as e:
+                stats.send_errors += 1
+                log.debug("send to %s failed: %s", peer, e)
+            sent += 1
+            stats.bytes_out += len(data)
+        stats.datagrams_out += sent
+        del outbox[:sent]
+
+    async def run_timers(self) -> None:
+        """Tick the endpoint when its next deadline passes (at least every 100 ms)."""
+        endpoint = self.endpoint
+        while True:
+            now = trio.current_time()
+            deadline = endpoint.next_deadline()
+            wake = now + 0.1 if deadline is None else min(deadline, now + 0.1)
+            await trio.sleep_until(wake)
+            endpoint.tick(trio.current_time())
+            if endpoint.outbox:
+                self.flush()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()

@@ -1,0 +1,5 @@
+"""Tenants, devices, credentials and profiles (SQLite)."""
+
+from .store import Device, Directory, Registry, RegistryError
+
+__all__ = ["Device", "Directory", "Registry", "RegistryError"]

@@ -1,0 +1,123 @@
+"""The device registry: tenants, devices, their credentials and profiles, in SQLite.
+
+The CLI writes it; a running server polls `PRAGMA data_version` (a cheap per-connection counter
+that moves when another connection commits) and reloads its in-memory directory when it moves.
+Credentials are kept in clear text because they must be presented (PSKs to Mbed TLS) or looked
+up exactly (access tokens); the database file is created mode 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import msgspec
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    tenant     TEXT NOT NULL,
+    device     TEXT NOT NULL,
+    profile    TEXT NOT NULL DEFAULT 'default',
+    token      TEXT UNIQUE,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device)
+);
+"""
+
+#: Tenants become Kafka topic names (`telemetry.raw.{tenant}`): Kafka's legal characters.
+TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+DEVICE_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+#: Tokens travel in one Uri-Path segment: printable ASCII without '/', at most 255 bytes.
+TOKEN_RE = re.compile(r"[!-.0-~]{1,255}")
+
+
+class RegistryError(ValueError):
+    """A registry operation refused; the message names the field and why."""
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    device: str
+    profile: str = "default"
+    token: str | None = None
+    created_at: int = 0
+
+
+def _check(name: str, value: str, pattern: re.Pattern, allowed: str) -> None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise RegistryError(f"{name}: {value!r} is not valid; allowed: {allowed}")
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def add_device(self, tenant: str, device: str, *, token: str | None = None, profile: str = "default") -> Device:
+        _check("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
+        _check("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
+        if token is not None:
+            _check("token", token, TOKEN_RE, "1-255 printable ASCII characters except '/' and space")
+        if not profile:
+            raise RegistryError("profile: must not be empty")
+        d = Device(tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000))
+        try:
+            self._conn.execute(
+                "INSERT INTO devices (tenant, device, profile, token, created_at) VALUES (?, ?, ?, ?, ?)",
+                (d.tenant, d.device, d.profile, d.token, d.created_at),
+            )
+        except sqlite3.IntegrityError as e:
+            if "token" in str(e):
+                raise RegistryError("token: already used by another device") from None
+            raise RegistryError(f"device: {tenant}/{device} already exists") from None
+        return d
+
+    def remove_device(self, tenant: str, device: str) -> bool:
+        cur = self._conn.execute("DELETE FROM devices WHERE tenant = ? AND device = ?", (tenant, device))
+        return cur.rowcount > 0
+
+    def list_devices(self, tenant: str | None = None) -> list[Device]:
+        sql = "SELECT tenant, device, profile, token, created_at FROM devices"
+        args: tuple = ()
+        if tenant is not None:
+            sql += " WHERE tenant = ?"
+            args = (tenant,)
+        rows = self._conn.execute(sql + " ORDER BY tenant, device", args)
+        return [Device(tenant=t, device=d, profile=p, token=k, created_at=c) for t, d, p, k, c in rows]
+
+    def data_version(self) -> int:
+        """Moves whenever another connection commits a change."""
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+class Directory:
+    """The server's in-memory view of the registry: credential -> Device, swapped whole on reload."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.by_token: dict[str, Device] = {}
+        self._version: int | None = None
+        self.reloads = 0
+
+    def refresh(self) -> bool:
+        """Reload if the registry changed since the last look; True if it did."""
+        version = self.registry.data_version()
+        if version == self._version:
+            return False
+        devices = self.registry.list_devices()
+        self.by_token = {d.token: d for d in devices if d.token is not None}
+        self._version = version
+        self.reloads += 1
+        return True
