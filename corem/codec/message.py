@@ -390,7 +390,7 @@ def _decode_unusual(data: Buffer, n: int, b0: int, code: int, tkl: int) -> Messa
     if tkl > 8:
         raise MessageFormatError(f"token length {tkl} is reserved (9-15)", mid, mtype)
     if code == 0:
-        if n != 4:
+        if n != 4 or tkl:
             raise MessageFormatError(
                 "empty message (code 0.00) with token, options or payload", mid, mtype
             )
@@ -401,6 +401,8 @@ def _decode_unusual(data: Buffer, n: int, b0: int, code: int, tkl: int) -> Messa
     if mtype == 3:
         raise MessageFormatError("reset message must be empty", mid, mtype)
     # n == 4: a request or response with no token, options or payload
+    if tkl:
+        raise MessageFormatError(f"truncated token: need {tkl} bytes, have 0", mid, mtype)
     return Message(mtype, code, mid, b"", [], b"")
 
 

@@ -1,0 +1,154 @@
+"""Shared fixtures: a real `corem serve` process on loopback, and libcoap's real client."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cbor2
+import pytest
+
+COAP_CLIENT = shutil.which("coap-client-notls")
+
+needs_libcoap = pytest.mark.skipif(
+    COAP_CLIENT is None and os.environ.get("CI") != "true",
+    reason="libcoap3-bin (coap-client-notls) is not installed; `make test` installs it as root",
+)
+
+
+def corem_cli(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "corem", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
+    )
+
+
+@dataclass
+class CoremProcess:
+    data_dir: Path
+    proc: subprocess.Popen
+    coap_port: int
+    http_port: int
+    stderr_path: Path
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def coap(self) -> str:
+        return f"coap://127.0.0.1:{self.coap_port}"
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus text parsed into {'name{labels}': value}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def points(self, tenant: str | None = None) -> list[dict]:
+        args = ["telemetry", "tail", "--json", "--limit", "0"]
+        if tenant:
+            args += ["--tenant", tenant]
+        out = corem_cli(*args, data_dir=self.data_dir).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("corem did not stop within %.0f s" % timeout)
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+def start_corem(data_dir: Path, *extra: str, timeout: float = 20) -> CoremProcess:
+    """Start `corem serve` on loopback ports the OS picks; return once both listeners are up."""
+    stderr_path = data_dir.parent / f"corem-{time.monotonic_ns()}.stderr"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "corem", "serve",
+            "--data-dir", str(data_dir), "--coap", "127.0.0.1:0", "--http", "127.0.0.1:0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(stderr_path, "w"),
+    )
+    coap = http = None
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    seen = b""
+    while coap is None or http is None:
+        left = deadline - time.monotonic()
+        if left <= 0 or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"corem did not start: {seen!r} {stderr_path.read_text()}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            seen += os.read(fd, 4096)
+        text = seen.decode()
+        if m := re.search(r"coap listening on udp 127\.0\.0\.1:(\d+)", text):
+            coap = int(m.group(1))
+        if m := re.search(r"http listening on http://127\.0\.0\.1:(\d+)", text):
+            http = int(m.group(1))
+    return CoremProcess(data_dir, proc, coap, http, stderr_path, list(extra))
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-1", "--token", "T0KEN-1", data_dir=d)
+    return d
+
+
+@pytest.fixture
+def corem(data_dir):
+    server = start_corem(data_dir)
+    yield server
+    server.stop()
+
+
+@dataclass
+class CoapResult:
+    code: str | None
+    output: str
+
+
+def coap_client(url: str, *args: str, timeout: float = 90) -> CoapResult:
+    """Run libcoap's coap-client-notls; `code` is the response code it received (e.g. '2.04')."""
+    assert COAP_CLIENT, "coap-client-notls is not installed"
+    proc = subprocess.run(
+        [COAP_CLIENT, "-v", "6", "-B", str(int(timeout)), *args, url],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+    )
+    out = proc.stdout + proc.stderr
+    codes = re.findall(r"t:(?:ACK|CON|NON) c:(\d\.\d\d)", out)
+    return CoapResult(codes[-1] if codes else None, out)
+
+
+def write_cbor(path: Path, value) -> Path:
+    path.write_bytes(cbor2.dumps(value))
+    return path

@@ -1,0 +1,62 @@
+"""Settings: precedence flag > env > file > default, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from corem.config import ConfigError, Settings
+
+
+def test_defaults():
+    s = Settings.load({}, env={})
+    assert s.coap == "0.0.0.0:5683" and s.bus == "embedded" and s.piggyback_timeout == 0.5
+
+
+def test_precedence(tmp_path):
+    f = tmp_path / "corem.toml"
+    f.write_text('coap = "127.0.0.1:1000"\nhttp = "127.0.0.1:1001"\nmax_retransmit = 3\n')
+    s = Settings.load({}, env={"COREM_HTTP": "127.0.0.1:2001"}, config_file=str(f))
+    assert (s.coap, s.http, s.max_retransmit) == ("127.0.0.1:1000", "127.0.0.1:2001", 3)
+    s = Settings.load({"http": "127.0.0.1:3001"}, env={"COREM_HTTP": "127.0.0.1:2001"}, config_file=str(f))
+    assert s.http == "127.0.0.1:3001"
+    s = Settings.load({}, env={"COREM_CONFIG": str(f), "COREM_PIGGYBACK_TIMEOUT": "0.25"})
+    assert s.coap == "127.0.0.1:1000" and s.piggyback_timeout == 0.25
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"coap": "localhost"}, "coap: 'localhost' is not HOST:PORT"),
+        ({"coap": "127.0.0.1:70000"}, "coap: port 70000 is outside 0-65535"),
+        ({"http": "127.0.0.1:http"}, "http: port 'http' is not a number"),
+        ({"max_retransmit": "many"}, "max_retransmit: 'many' is not an integer"),
+        ({"piggyback_timeout": "0"}, "piggyback_timeout: 0.0 must be > 0"),
+        ({"store_synchronous": "SOMETIMES"}, "store_synchronous: 'SOMETIMES' is not allowed"),
+        ({"bus": "mqtt://x"}, "bus: 'mqtt://x' is not available"),
+        ({"log_level": "loud"}, "log_level: 'loud' is not allowed"),
+    ],
+)
+def test_bad_values_name_the_key(flags, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.load(flags, env={})
+    assert message in str(info.value)
+
+
+def test_bad_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("nonsense = 1\n")
+    with pytest.raises(ConfigError, match="nonsense: unknown key"):
+        Settings.load({}, env={}, config_file=str(f))
+    f.write_text("coap = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Settings.load({}, env={}, config_file=str(f))
+    with pytest.raises(ConfigError, match="not found"):
+        Settings.load({}, env={}, config_file=str(tmp_path / "missing.toml"))
+    f.write_text("max_retransmit = true\n")
+    with pytest.raises(ConfigError, match="max_retransmit: expected int"):
+        Settings.load({}, env={}, config_file=str(f))
+
+
+def test_off_disables_listener():
+    s = Settings.load({"http": "off"}, env={})
+    assert s.http == "off"

@@ -1,0 +1,267 @@
+"""The sans-IO message layer, driven with an explicit clock: no sockets, no sleeping."""
+
+from __future__ import annotations
+
+import pytest
+
+from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
+from corem.coap import Acked, Endpoint, GaveUp, Params, Request, Reset, Response, Router
+
+PEER = ("192.0.2.1", 5683)
+OTHER = ("192.0.2.2", 5683)
+
+
+def endpoint(**params) -> Endpoint:
+    # rng() == 0: the first retransmission timeout is exactly ACK_TIMEOUT
+    return Endpoint(Params(**params), rng=lambda: 0.0)
+
+
+def post(mid=0x100, token=b"tk", mtype=Type.CON, options=None, payload=b"x") -> bytes:
+    opts = options if options is not None else [(O.URI_PATH, b"telemetry")]
+    return encode(Message(mtype, Code.POST, mid, token, opts, payload))
+
+
+def sent(ep: Endpoint) -> list[Message]:
+    return [decode(d) for d, _ in ep.take_outbox()]
+
+
+def test_piggybacked_response():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    assert isinstance(req, Request) and req.message.uri_path == ["telemetry"]
+    assert ep.outbox == []
+    ep.respond(req, Code.CHANGED)
+    [ack] = sent(ep)
+    assert (ack.type, ack.code, ack.mid, ack.token) == (Type.ACK, Code.CHANGED, 0x100, b"tk")
+
+
+def test_piggybacked_response_with_options_and_payload():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    ep.respond(req, Code.CONTENT, [(O.CONTENT_FORMAT, b"")], b"hello")
+    [ack] = sent(ep)
+    assert ack.type == Type.ACK and ack.content_format == 0 and bytes(ack.payload) == b"hello"
+
+
+def test_separate_response_and_retransmission_schedule():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    assert ep.next_deadline() == 0.5
+    ep.tick(0.49)
+    assert ep.outbox == []
+    ep.tick(0.5)
+    [empty_ack] = sent(ep)
+    assert (empty_ack.type, empty_ack.code, empty_ack.mid, empty_ack.token) == (Type.ACK, 0, 0x100, b"")
+    ep.respond(req, Code.CHANGED, now=1.0)
+    [rsp] = sent(ep)
+    assert (rsp.type, rsp.code, rsp.token) == (Type.CON, Code.CHANGED, b"tk") and rsp.mid != 0x100
+    # ACK_TIMEOUT 2 s doubling: retransmissions at 3, 7, 15, 31; give up at 63
+    times = []
+    t = 1.0
+    while t < 100:
+        t += 0.25
+        events = ep.tick(t)
+        for m in sent(ep):
+            assert m.mid == rsp.mid
+            times.append(t)
+        if events:
+            assert isinstance(events[0], GaveUp) and events[0].mid == rsp.mid
+            gave_up_at = t
+            break
+    assert times == [3.0, 7.0, 15.0, 31.0]
+    assert gave_up_at == 63.0
+    assert ep.stats.retransmissions == 4 and ep.stats.gave_up == 1 and ep.outstanding == 0
+
+
+def test_ack_stops_retransmission():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    ep.tick(0.6)
+    sent(ep)
+    ep.respond(req, Code.CHANGED, now=0.6)
+    [rsp] = sent(ep)
+    event = ep.receive(encode(Message(Type.ACK, 0, rsp.mid)), PEER, 1.0)
+    assert isinstance(event, Acked) and event.token == b"tk"
+    ep.tick(100.0)
+    assert ep.outbox == [] and ep.stats.retransmissions == 0 and ep.outstanding == 0
+
+
+def test_ack_from_another_peer_is_ignored():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    ep.tick(0.6)
+    ep.respond(req, Code.CHANGED, now=0.6)
+    rsp = sent(ep)[-1]
+    assert ep.receive(encode(Message(Type.ACK, 0, rsp.mid)), OTHER, 1.0) is None
+    assert ep.outstanding == 1
+
+
+def test_rst_cancels_separate_response():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    ep.tick(0.6)
+    ep.respond(req, Code.CHANGED, now=0.6)
+    rsp = sent(ep)[-1]
+    event = ep.receive(encode(Message(Type.RST, 0, rsp.mid)), PEER, 1.0)
+    assert isinstance(event, Reset)
+    ep.tick(100.0)
+    assert ep.outbox == [] and ep.stats.resets == 1
+
+
+def test_duplicate_con_gets_cached_response_and_is_not_processed_again():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    ep.respond(req, Code.CHANGED)
+    first = ep.take_outbox()
+    assert ep.receive(post(), PEER, 1.0) is None  # not a new request
+    assert ep.take_outbox() == first  # the very same bytes
+    assert ep.stats.duplicates == 1 and ep.stats.requests == 1
+
+
+def test_duplicate_con_while_pending_is_silent_then_gets_empty_ack_after_separation():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    assert ep.receive(post(), PEER, 0.1) is None
+    assert ep.outbox == []
+    ep.tick(0.5)
+    [empty] = sent(ep)
+    assert ep.receive(post(), PEER, 0.7) is None
+    [again] = sent(ep)
+    assert again == empty
+    ep.respond(req, Code.CHANGED, now=0.8)
+    assert ep.receive(post(), PEER, 0.9) is None  # still the empty ACK, never a second response
+    msgs = sent(ep)
+    assert [m.type for m in msgs] == [Type.CON, Type.ACK] and msgs[1].code == 0
+
+
+def test_same_mid_from_another_peer_is_a_new_request():
+    ep = endpoint()
+    assert isinstance(ep.receive(post(), PEER, 0.0), Request)
+    assert isinstance(ep.receive(post(), OTHER, 0.0), Request)
+
+
+def test_duplicate_non_is_dropped_and_non_gets_non_response():
+    ep = endpoint()
+    req = ep.receive(post(mtype=Type.NON), PEER, 0.0)
+    assert isinstance(req, Request)
+    ep.respond(req, Code.CHANGED)
+    [rsp] = sent(ep)
+    assert (rsp.type, rsp.code, rsp.token) == (Type.NON, Code.CHANGED, b"tk")
+    assert ep.receive(post(mtype=Type.NON), PEER, 1.0) is None
+    assert ep.outbox == [] and ep.stats.duplicates == 1
+    ep.tick(10.0)
+    assert ep.outbox == []  # NON requests never get an empty ACK
+
+
+def test_ping_gets_rst():
+    ep = endpoint()
+    assert ep.receive(bytes.fromhex("40001234"), PEER, 0.0) is None
+    [rst] = sent(ep)
+    assert (rst.type, rst.code, rst.mid) == (Type.RST, 0, 0x1234)
+    assert ep.stats.pings == 1
+
+
+def test_empty_non_is_ignored():
+    ep = endpoint()
+    assert ep.receive(bytes.fromhex("50001234"), PEER, 0.0) is None
+    assert ep.outbox == []
+
+
+def test_malformed_con_gets_rst_malformed_non_is_dropped():
+    ep = endpoint()
+    assert ep.receive(b"\x40\x01\x00\x07\xff", PEER, 0.0) is None
+    [rst] = sent(ep)
+    assert (rst.type, rst.mid) == (Type.RST, 7)
+    assert ep.receive(b"\x50\x01\x00\x08\xff", PEER, 0.0) is None
+    assert ep.receive(b"\x01", PEER, 0.0) is None
+    assert ep.outbox == [] and ep.stats.format_errors == 3
+
+
+def test_unsolicited_con_response_is_rejected():
+    ep = endpoint()
+    assert ep.receive(encode(Message(Type.CON, Code.CONTENT, 9, b"t")), PEER, 0.0) is None
+    [rst] = sent(ep)
+    assert (rst.type, rst.mid) == (Type.RST, 9)
+
+
+def test_unknown_critical_option_gets_4_02_elective_is_ignored():
+    ep = endpoint()
+    assert ep.receive(post(options=[(O.URI_PATH, b"t"), (2049, b"x")]), PEER, 0.0) is None
+    [rsp] = sent(ep)
+    assert (rsp.type, rsp.code, rsp.mid) == (Type.ACK, Code.BAD_OPTION, 0x100)
+    assert b"2049" in bytes(rsp.payload)
+    req = ep.receive(post(mid=0x101, options=[(O.URI_PATH, b"t"), (2048, b"x")]), PEER, 0.0)
+    assert isinstance(req, Request)
+
+
+def test_respond_twice_is_an_error():
+    ep = endpoint()
+    req = ep.receive(post(), PEER, 0.0)
+    ep.respond(req, Code.CHANGED)
+    with pytest.raises(RuntimeError, match="already answered"):
+        ep.respond(req, Code.CHANGED)
+
+
+def test_dedup_cache_is_bounded_and_expires():
+    ep = endpoint(dedup_max_entries=3, exchange_lifetime=10.0)
+    for mid in range(5):
+        req = ep.receive(post(mid=mid), PEER, float(mid))
+        ep.respond(req, Code.CHANGED)
+    assert ep.dedup_entries == 3 and ep.stats.dedup_evictions == 2
+    ep.take_outbox()
+    # mid 4 is remembered: its duplicate is answered from the cache
+    assert ep.receive(post(mid=4), PEER, 5.0) is None
+    # mid 0 was evicted: a late duplicate of it is taken as new (the price of the bound; counted)
+    late = ep.receive(post(mid=0), PEER, 5.0)
+    assert isinstance(late, Request)
+    ep.respond(late, Code.CHANGED)
+    ep.tick(14.5)  # mids 2, 3, 4 (received at 2, 3, 4) expired at 12, 13, 14
+    assert ep.dedup_entries == 1  # mid 0, received again at 5.0
+    ep.tick(15.0)
+    assert ep.dedup_entries == 0
+
+
+def test_outstanding_bound():
+    ep = endpoint(max_outstanding=1)
+    a = ep.receive(post(mid=1), PEER, 0.0)
+    b = ep.receive(post(mid=2), PEER, 0.0)
+    ep.tick(1.0)
+    ep.respond(a, Code.CHANGED, now=1.0)
+    ep.respond(b, Code.CHANGED, now=1.0)
+    assert ep.outstanding == 1 and ep.stats.outstanding_refused == 1
+
+
+def test_next_deadline_none_when_idle():
+    assert endpoint().next_deadline() is None
+
+
+# -- routing -------------------------------------------------------------------------------
+def make_router(calls):
+    r = Router()
+    r.add("api/v1/{token}/telemetry", {Code.POST: lambda req, p: calls.append(p) or Response(Code.CHANGED)})
+    r.add("api/v1/fixed/telemetry", {Code.GET: lambda req, p: Response(Code.CONTENT, b"literal")})
+    r.add("boom", {Code.GET: lambda req, p: 1 / 0})
+    return r
+
+
+def route(router, code, path):
+    ep = endpoint()
+    opts = [(O.URI_PATH, s) for s in path]
+    req = ep.receive(encode(Message(Type.CON, code, 1, b"", opts)), PEER, 0.0)
+    return router.dispatch(req)
+
+
+def test_router_params_literal_precedence_and_errors():
+    calls = []
+    r = make_router(calls)
+    assert route(r, Code.POST, [b"api", b"v1", b"abc", b"telemetry"]).code == Code.CHANGED
+    assert calls == [["abc"]]
+    assert route(r, Code.GET, [b"api", b"v1", b"fixed", b"telemetry"]).payload == b"literal"
+    assert route(r, Code.GET, [b"api", b"v1", b"abc", b"telemetry"]).code == Code.METHOD_NOT_ALLOWED
+    assert route(r, Code.FETCH, [b"api", b"v1", b"abc", b"telemetry"]).code == Code.METHOD_NOT_ALLOWED
+    assert route(r, Code.POST, [b"api", b"v2"]).code == Code.NOT_FOUND
+    assert route(r, Code.POST, []).code == Code.NOT_FOUND
+    bad = route(r, Code.POST, [b"api", b"v1", b"\xff", b"telemetry"])
+    assert bad.code == Code.BAD_REQUEST and b"UTF-8" in bad.payload
+    assert route(r, Code.GET, [b"boom"]).code == Code.INTERNAL_SERVER_ERROR
+    assert r.handler_errors == 1

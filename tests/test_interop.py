@@ -1,0 +1,233 @@
+"""End to end: `corem serve` on loopback, libcoap's coap-client-notls as the device."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cbor2
+
+from .conftest import coap_client, corem_cli, needs_libcoap, start_corem, write_cbor
+
+pytestmark = [needs_libcoap]
+
+READING = {"temperature": 22.5, "humidity": 65, "state": "running"}
+REJECTIONS = 'corem_protocol_payload_rejections_total{protocol="coap",reason="decode_error"}'
+
+
+def url(corem, token="T0KEN-1") -> str:
+    return f"{corem.coap}/api/v1/{token}/telemetry"
+
+
+def test_cbor_post_is_changed_and_stored(corem, tmp_path):
+    f = write_cbor(tmp_path / "reading.cbor", READING)
+    r = coap_client(url(corem), "-m", "post", "-t", "application/cbor", "-f", str(f))
+    assert r.code == "2.04", r.output
+    [point] = corem.points()
+    assert (point["tenant"], point["device"], point["protocol"]) == ("acme", "sensor-1", "coap")
+    assert point["numeric_values"] == {"temperature": 22.5, "humidity": 65.0}
+    assert point["string_values"] == {"state": "running"}
+    assert abs(point["received_at"] - time.time() * 1000) < 60_000 and point["ts"] == point["received_at"]
+    assert corem.metrics()['corem_telemetry_points_total{tenant="acme"}'] == 1
+
+
+def test_json_post_with_device_timestamp(corem, tmp_path):
+    f = tmp_path / "reading.json"
+    f.write_text('{"temperature": 21.0, "ts": 1700000000000}')
+    r = coap_client(url(corem), "-m", "post", "-t", "application/json", "-f", str(f))
+    assert r.code == "2.04", r.output
+    [point] = corem.points("acme")
+    assert point["ts"] == 1700000000000 and point["numeric_values"] == {"temperature": 21.0}
+
+
+def test_bad_cbor_is_rejected_counted_kept_and_not_stored(corem, tmp_path):
+    before = corem.metrics()[REJECTIONS]
+    f = tmp_path / "bad.cbor"
+    f.write_bytes(cbor2.dumps({"temperature": 22.5, "config": {"nested": 1}}))
+    r = coap_client(url(corem), "-m", "post", "-t", "application/cbor", "-f", str(f))
+    assert r.code == "4.00", r.output
+    assert "config" in r.output and "nested map" in r.output  # the reason names the field
+    f.write_bytes(b"\xa1\x61")  # truncated CBOR
+    r = coap_client(url(corem), "-m", "post", "-t", "application/cbor", "-f", str(f))
+    assert r.code == "4.00" and "invalid CBOR" in r.output, r.output
+    metrics = corem.metrics()
+    assert metrics[REJECTIONS] == before + 2
+    assert metrics["corem_rejected_samples"] == 2
+    assert corem.points() == []  # never a partial point
+
+
+def test_unsupported_content_format_is_4_15(corem, tmp_path):
+    f = tmp_path / "r.txt"
+    f.write_text("temperature=22.5")
+    r = coap_client(url(corem), "-m", "post", "-t", "text/plain", "-f", str(f))
+    assert r.code == "4.15", r.output
+    assert corem.points() == []
+
+
+def test_unknown_token_is_unauthorized_and_stores_nothing(corem, tmp_path):
+    f = write_cbor(tmp_path / "reading.cbor", READING)
+    r = coap_client(url(corem, "not-a-token"), "-m", "post", "-t", "application/cbor", "-f", str(f))
+    assert r.code == "4.01", r.output
+    assert corem.points() == []
+    assert corem.metrics()['corem_auth_failures_total{protocol="coap",reason="unknown_token"}'] == 1
+
+
+def test_unknown_path_and_method(corem):
+    assert coap_client(f"{corem.coap}/nothing/here", "-m", "get").code == "4.04"
+    assert coap_client(url(corem), "-m", "get").code == "4.05"
+    assert coap_client(url(corem), "-m", "delete").code == "4.05"
+
+
+def test_non_request_gets_non_response(corem, tmp_path):
+    f = write_cbor(tmp_path / "reading.cbor", READING)
+    r = coap_client(url(corem), "-N", "-m", "post", "-t", "application/cbor", "-f", str(f), timeout=10)
+    assert "t:NON c:2.04" in r.output, r.output
+    assert len(corem.points()) == 1
+
+
+def test_devices_added_and_removed_while_running(corem, tmp_path):
+    f = write_cbor(tmp_path / "reading.cbor", READING)
+    corem_cli("devices", "add", "--tenant", "beta", "--device", "d2", "--token", "NEW-TOKEN", data_dir=corem.data_dir)
+    deadline = time.monotonic() + 10
+    while True:  # the server notices registry changes within REGISTRY_POLL
+        r = coap_client(url(corem, "NEW-TOKEN"), "-m", "post", "-t", "application/cbor", "-f", str(f))
+        if r.code == "2.04" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.code == "2.04", r.output
+    assert [p["device"] for p in corem.points("beta")] == ["d2"]
+    corem_cli("devices", "remove", "--tenant", "beta", "--device", "d2", data_dir=corem.data_dir)
+    deadline = time.monotonic() + 10
+    while True:
+        r = coap_client(url(corem, "NEW-TOKEN"), "-m", "post", "-t", "application/cbor", "-f", str(f))
+        if r.code == "4.01" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.code == "4.01"
+
+
+def test_lossy_client_gets_exactly_one_point_per_reading(corem, tmp_path):
+    """coap-client drops half of what it sends (-l 50%) and retransmits: every reading it saw
+    acknowledged is stored exactly once, and no reading is ever stored twice."""
+    n = 8
+
+    def send(i: int):
+        f = write_cbor(tmp_path / f"r{i}.cbor", {"seq": i, "temperature": 20 + i})
+        return i, coap_client(url(corem), "-l", "50%", "-m", "post", "-t", "application/cbor", "-f", str(f))
+
+    with ThreadPoolExecutor(n) as pool:
+        results = dict(pool.map(send, range(n)))
+    acked = {i for i, r in results.items() if r.code == "2.04"}
+    assert len(acked) >= n // 2, {i: r.output[-300:] for i, r in results.items()}
+    seqs = [int(p["numeric_values"]["seq"]) for p in corem.points()]
+    assert len(seqs) == len(set(seqs)), f"a reading was stored twice: {sorted(seqs)}"
+    assert acked <= set(seqs)
+
+
+class DropFirstResponses:
+    """A loopback UDP relay between one client and corem that drops the first `drop` datagrams
+    coming back from corem: the client must retransmit and corem must deduplicate."""
+
+    def __init__(self, server_port: int, drop: int) -> None:
+        self.server = ("127.0.0.1", server_port)
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.bind(("127.0.0.1", 0))
+        self.port = self.front.getsockname()[1]
+        self.drop = drop
+        self.dropped = 0
+        self.client = None
+        self._stop = False
+        self._threads = [threading.Thread(target=self._up, daemon=True), threading.Thread(target=self._down, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _up(self):
+        self.front.settimeout(0.2)
+        while not self._stop:
+            try:
+                data, self.client = self.front.recvfrom(2048)
+            except OSError:
+                continue
+            self.back.sendto(data, self.server)
+
+    def _down(self):
+        self.back.settimeout(0.2)
+        while not self._stop:
+            try:
+                data, _ = self.back.recvfrom(2048)
+            except OSError:
+                continue
+            if self.dropped < self.drop:
+                self.dropped += 1
+                continue
+            if self.client:
+                self.front.sendto(data, self.client)
+
+    def close(self):
+        self._stop = True
+        for t in self._threads:
+            t.join()
+        self.front.close()
+        self.back.close()
+
+
+def test_lost_response_retransmission_is_deduplicated(corem, tmp_path):
+    relay = DropFirstResponses(corem.coap_port, drop=1)
+    try:
+        f = write_cbor(tmp_path / "reading.cbor", READING)
+        r = coap_client(
+            f"coap://127.0.0.1:{relay.port}/api/v1/T0KEN-1/telemetry", "-m", "post", "-t", "application/cbor", "-f", str(f)
+        )
+    finally:
+        relay.close()
+    assert relay.dropped == 1
+    assert r.code == "2.04", r.output
+    assert len(corem.points()) == 1  # the retransmission was answered from the cache, not stored again
+    assert corem.metrics()["corem_coap_duplicates_total"] == 1
+
+
+def test_sigterm_answers_and_keeps_every_acknowledged_reading(data_dir):
+    """Devices keep sending while corem is stopped with SIGTERM: every reading answered 2.04 is
+    in the store, and the process exits cleanly."""
+    server = start_corem(data_dir)
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def device(k: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(0.5)
+        mid = k * 1000
+        while not stop.is_set():
+            mid += 1
+            seq = mid
+            payload = cbor2.dumps({"seq": seq})
+            msg = (
+                bytes((0x40, 0x02, (mid >> 8) & 0xFF, mid & 0xFF))
+                + b"\xb3api\x02v1\x07T0KEN-1\x09telemetry\x11\x3c\xff"
+                + payload
+            )
+            try:
+                sock.sendto(msg, ("127.0.0.1", server.coap_port))
+                data, _ = sock.recvfrom(2048)
+            except OSError:
+                continue
+            if data[1] == 0x44:
+                acked.append(seq)
+        sock.close()
+
+    threads = [threading.Thread(target=device, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    assert server.stop() == 0, server.stderr()
+    stop.set()
+    for t in threads:
+        t.join()
+    stored = {int(p["numeric_values"]["seq"]) for p in server.points()}
+    assert acked, "no reading was acknowledged before the stop"
+    assert set(acked) <= stored
+    assert "stopped" in server.stderr()

@@ -1,0 +1,106 @@
+"""The group-commit batcher and the embedded SQLite bus, on real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import trio
+
+from corem.bus import EmbeddedBus, Record, read_records
+
+
+def rec(i: int, tenant: str = "acme") -> Record:
+    return Record(f"telemetry.raw.{tenant}", b"dev", f'{{"i":{i}}}'.encode(), {"protocol": "coap"})
+
+
+async def test_done_only_after_commit_and_batches_group(tmp_path):
+    bus = EmbeddedBus(tmp_path / "bus.db")
+    results: list = []
+    seen_in_db: list[int] = []
+
+    def done_factory(i):
+        def done(err):
+            # when a reading is acknowledged, it is already readable from another connection
+            n = sqlite3.connect(tmp_path / "bus.db").execute("SELECT count(*) FROM records").fetchone()[0]
+            seen_in_db.append(n)
+            results.append((i, err))
+
+        return done
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        for i in range(500):
+            assert bus.submit(rec(i), done_factory(i))
+        await bus.close()
+    assert [i for i, _ in results] == list(range(500))
+    assert all(err is None for _, err in results)
+    assert all(n >= 1 for n in seen_in_db)
+    assert bus.stats.acked == 500 and bus.stats.batches < 500  # grouped, not one commit per record
+    stored = list(read_records(tmp_path / "bus.db", "telemetry.raw.acme"))
+    assert [r.value for r in stored] == [rec(i).value for i in range(500)]
+    assert stored[0].headers == {"protocol": "coap"} and stored[0].key == b"dev"
+
+
+async def test_topic_prefix_filter(tmp_path):
+    bus = EmbeddedBus(tmp_path / "bus.db")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        bus.submit(rec(1, "a_b"), lambda e: None)
+        bus.submit(rec(2, "aXb"), lambda e: None)
+        await bus.close()
+    # '_' is a LIKE wildcard: the prefix must match literally
+    assert [r.topic for r in read_records(tmp_path / "bus.db", "telemetry.raw.a_b")] == ["telemetry.raw.a_b"]
+
+
+async def test_full_sink_refuses(tmp_path):
+    bus = EmbeddedBus(tmp_path / "bus.db", max_pending=3)
+    # not running: nothing drains, so the 4th is refused
+    assert all(bus.submit(rec(i), lambda e: None) for i in range(3))
+    assert not bus.submit(rec(3), lambda e: None)
+    assert bus.stats.refused == 1
+
+
+class FailingBus(EmbeddedBus):
+    fail = True
+
+    def write_batch(self, records):
+        if self.fail:
+            raise sqlite3.OperationalError("disk I/O error")
+        super().write_batch(records)
+
+
+async def test_failed_batch_reports_error_to_every_waiter_and_stores_nothing(tmp_path):
+    bus = FailingBus(tmp_path / "bus.db")
+    errors: list = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        for i in range(10):
+            bus.submit(rec(i), errors.append)
+        await trio.sleep(0.2)
+        assert len(errors) == 10 and all(isinstance(e, sqlite3.OperationalError) for e in errors)
+        assert bus.last_error is not None
+        bus.fail = False  # the disk recovers: the sink does too
+        ok: list = []
+        bus.submit(rec(99), ok.append)
+        await bus.close()
+    assert ok == [None] and bus.last_error is None
+    assert [r.value for r in read_records(tmp_path / "bus.db")] == [rec(99).value]
+
+
+async def test_close_flushes_pending_and_refuses_new(tmp_path):
+    bus = EmbeddedBus(tmp_path / "bus.db", max_batch=7)
+    answered: list = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        for i in range(100):
+            bus.submit(rec(i), answered.append)
+        await bus.close()
+        assert not bus.submit(rec(1000), answered.append)
+    assert answered == [None] * 100
+    assert bus.stats.batches >= 100 // 7
+
+
+def test_bad_sync_mode(tmp_path):
+    with pytest.raises(ValueError, match="synchronous"):
+        EmbeddedBus(tmp_path / "x.db", synchronous="SOMETIMES")
