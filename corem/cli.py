@@ -120,10 +120,7 @@ def cmd_telemetry_tail(args: argparse.Namespace) -> int:
     prefix = "telemetry.raw." + (args.tenant if args.tenant else "")
     after = 0
     if not args.follow:
-        # the newest `limit` records: find where they start
-        records = list(read_records(path, prefix, 0, 10**12))
-        records = records[-args.limit :] if args.limit else records
-        _print_records(records, args.json)
+        _print_records(list(read_records(path, prefix, 0, args.limit or None, newest=True)), args.json)
         return 0
     try:
         while True:

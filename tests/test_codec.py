@@ -6,7 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import os
+
 from corem.codec import (
+    DECODER,
     Block,
     Code,
     Message,
@@ -14,10 +17,27 @@ from corem.codec import (
     OptionNumber as O,
     Type,
     code_str,
-    decode,
+    decode_py,
     encode,
     make_options,
 )
+from corem.codec import decode as decode_c
+
+# every test runs against the reference decoder and, when built, the C one
+IMPLS = {"python": decode_py}
+if DECODER == "c":
+    IMPLS["c"] = decode_c
+
+
+@pytest.fixture(params=list(IMPLS), scope="module")
+def decode(request):
+    return IMPLS[request.param]
+
+
+def test_c_decoder_is_built_in_ci():
+    """CI must exercise the C decoder: if it silently failed to build, say so here."""
+    if os.environ.get("CI") == "true":
+        assert DECODER == "c", "the C decoder (corem/codec/_speedups.c) did not build"
 
 # -- RFC 7252 Appendix A, written out as bytes -------------------------------------------------
 # Figure 16: CON GET /temperature, MID 0x7d34, no token -> ACK 2.05 "22.3 C"
@@ -30,7 +50,7 @@ FIG18_EMPTY_ACK = bytes.fromhex("60007d38")
 FIG18_SEPARATE = bytes.fromhex("424523bb717c") + b"\xff" + b"22.5 C"
 
 
-def test_fig16_request():
+def test_fig16_request(decode):
     m = decode(FIG16_REQ)
     assert (m.type, m.code, m.mid, m.token) == (Type.CON, Code.GET, 0x7D34, b"")
     assert m.uri_path == ["temperature"]
@@ -38,20 +58,20 @@ def test_fig16_request():
     assert encode(m) == FIG16_REQ
 
 
-def test_fig16_response():
+def test_fig16_response(decode):
     m = decode(FIG16_RSP)
     assert (m.type, code_str(m.code), m.mid) == (Type.ACK, "2.05", 0x7D34)
     assert bytes(m.payload) == b"22.3 C"
     assert encode(m) == FIG16_RSP
 
 
-def test_fig17_token():
+def test_fig17_token(decode):
     m = decode(FIG17_REQ)
     assert m.token == b"\x20"
     assert encode(Message(Type.CON, Code.GET, 0x7D35, b"\x20", make_options([(O.URI_PATH, "temperature")]))) == FIG17_REQ
 
 
-def test_fig18_empty_ack_and_separate_response():
+def test_fig18_empty_ack_and_separate_response(decode):
     ack = decode(FIG18_EMPTY_ACK)
     assert (ack.type, ack.code, ack.mid, ack.token, ack.options) == (Type.ACK, 0, 0x7D38, b"", [])
     sep = decode(FIG18_SEPARATE)
@@ -75,7 +95,7 @@ def test_fig18_empty_ack_and_separate_response():
         (1, b"x" * 1000, b"\x1e" + (1000 - 269).to_bytes(2, "big")),
     ],
 )
-def test_extended_delta_and_length(number, value, header):
+def test_extended_delta_and_length(number, value, header, decode):
     m = Message(Type.CON, Code.GET, 1, b"", [(number, value)])
     wire = encode(m)
     assert wire == b"\x40\x01\x00\x01" + header + value
@@ -83,7 +103,7 @@ def test_extended_delta_and_length(number, value, header):
     assert back.options == [(number, value)]
 
 
-def test_typed_accessors():
+def test_typed_accessors(decode):
     m = Message(Type.CON, Code.POST, 7, b"tk")
     m.add(O.URI_HOST, "example.org").add(O.URI_PORT, 5683).add(O.URI_PATH, "a").add(O.URI_PATH, "b")
     m.add(O.URI_QUERY, "x=1").add(O.CONTENT_FORMAT, 60).add(O.ACCEPT, 50).add(O.MAX_AGE, 30)
@@ -116,7 +136,7 @@ def test_typed_accessors():
     assert decode(encode(m)).uri_path == []
 
 
-def test_option_values_are_views_into_the_datagram():
+def test_option_values_are_views_into_the_datagram(decode):
     wire = bytearray(FIG16_RSP)
     m = decode(wire)
     assert isinstance(m.payload, memoryview)
@@ -145,7 +165,7 @@ def test_encode_refuses_bad_fields():
         encode(Message(Type.CON, Code.GET, 70000))
 
 
-def test_encode_sorts_options():
+def test_encode_sorts_options(decode):
     m = Message(Type.CON, Code.GET, 1, b"", [(O.CONTENT_FORMAT, b"\x3c"), (O.URI_PATH, b"a")])
     assert decode(encode(m)).options == [(O.URI_PATH, b"a"), (O.CONTENT_FORMAT, b"\x3c")]
 
@@ -182,7 +202,7 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize("wire,reason", MALFORMED, ids=[r for _, r in MALFORMED])
-def test_malformed_rejected_with_reason(wire, reason):
+def test_malformed_rejected_with_reason(wire, reason, decode):
     with pytest.raises(MessageFormatError) as info:
         decode(wire)
     assert reason in info.value.reason
@@ -191,7 +211,7 @@ def test_malformed_rejected_with_reason(wire, reason):
         assert info.value.mtype == (wire[0] >> 4) & 3
 
 
-def test_bare_header_request_is_valid():
+def test_bare_header_request_is_valid(decode):
     m = decode(b"\x40\x01\x12\x34")
     assert (m.type, m.code, m.mid, m.token, m.options, m.payload) == (Type.CON, Code.GET, 0x1234, b"", [], b"")
 
@@ -220,12 +240,12 @@ def messages(draw):
 
 
 @given(messages())
-def test_decode_encode_round_trip(m):
+def test_decode_encode_round_trip(decode, m):
     assert decode(encode(m)) == m
 
 
 @given(messages())
-def test_encode_decode_round_trip_is_byte_exact(m):
+def test_encode_decode_round_trip_is_byte_exact(decode, m):
     wire = encode(m)
     assert encode(decode(wire)) == wire
     assert encode(decode(memoryview(wire))) == wire
@@ -233,7 +253,7 @@ def test_encode_decode_round_trip_is_byte_exact(m):
 
 @given(st.binary(max_size=120))
 @settings(suppress_health_check=[HealthCheck.too_slow])
-def test_any_bytes_decode_or_format_error(data):
+def test_any_bytes_decode_or_format_error(decode, data):
     """Every datagram either decodes (and re-encodes to itself: the format is canonical) or is
     refused with MessageFormatError; nothing else escapes."""
     try:
@@ -244,7 +264,7 @@ def test_any_bytes_decode_or_format_error(data):
 
 
 @given(st.binary(min_size=4, max_size=80), st.integers(0, 3))
-def test_mutated_valid_messages(data, flip):
+def test_mutated_valid_messages(decode, data, flip):
     wire = bytearray(encode(Message(Type.CON, Code.POST, 1, b"ab", [(11, b"x"), (12, b"<")], b"p")))
     for i, b in enumerate(data[: len(wire)]):
         if (i + flip) % 3 == 0:
@@ -280,7 +300,7 @@ _opaque_numbers = st.integers(0, 65535).filter(lambda n: n not in {int(x) for x 
     st.binary(max_size=100),
 )
 @settings(max_examples=300)
-def test_differential_against_aiocoap(mtype, code, mid, token, opaque, path, payload):
+def test_differential_against_aiocoap(decode, mtype, code, mid, token, opaque, path, payload):
     opts = sorted(opaque + [(int(O.URI_PATH), s.encode()) for s in path], key=lambda o: o[0])
     wire = encode(Message(mtype, code, mid, token, opts, payload))
     ours = decode(wire)
@@ -300,7 +320,7 @@ _STRICTER = ("payload marker with no payload", "exceeds 65535", "reserved class"
     st.binary(min_size=2, max_size=40),
 )
 @settings(max_examples=1000)
-def test_differential_random_bytes(type_bits, tkl, code, rest):
+def test_differential_random_bytes(decode, type_bits, tkl, code, rest):
     """On arbitrary bytes, corem accepts exactly what aiocoap accepts, reading it the same way,
     except where RFC 7252 makes corem stricter and aiocoap lets it through: a payload marker with
     nothing after it, option numbers beyond 16 bits and a token shorter than TKL (§3), empty
@@ -325,3 +345,32 @@ def test_differential_random_bytes(type_bits, tkl, code, rest):
     assert (ours.type, ours.code, ours.mid, ours.token) == theirs[:4]
     assert [(n, bytes(v)) for n, v in ours.options] == theirs[4]
     assert bytes(ours.payload) == theirs[5]
+
+
+@pytest.mark.skipif(DECODER != "c", reason="C decoder not built")
+@given(st.binary(max_size=80))
+@settings(max_examples=3000)
+def test_c_and_python_decoders_agree(data):
+    """Same Message or the same error (reason, mid, type) for any input."""
+    try:
+        expected = decode_py(data)
+    except MessageFormatError as e:
+        with pytest.raises(MessageFormatError) as info:
+            decode_c(data)
+        assert (info.value.reason, info.value.mid, info.value.mtype) == (e.reason, e.mid, e.mtype)
+        return
+    got = decode_c(data)
+    assert got == expected
+    assert type(got.payload) is type(expected.payload) or not got.payload
+
+
+@pytest.mark.skipif(DECODER != "c", reason="C decoder not built")
+def test_c_decoder_accepts_every_buffer_type_and_keeps_views():
+    wire = bytearray(FIG16_RSP)
+    for data in (bytes(wire), wire, memoryview(wire)):
+        assert decode_c(data) == decode_py(data)
+    m = decode_c(wire)
+    wire[-1] = ord("F")
+    assert bytes(m.payload) == b"22.3 F"
+    with pytest.raises(TypeError):
+        decode_c("not bytes")

@@ -20,10 +20,10 @@ async def test_done_only_after_commit_and_batches_group(tmp_path):
     seen_in_db: list[int] = []
 
     def done_factory(i):
-        def done(err):
+        def done(ctx, err):
             # when a reading is acknowledged, it is already readable from another connection
-            n = sqlite3.connect(tmp_path / "bus.db").execute("SELECT count(*) FROM records").fetchone()[0]
-            seen_in_db.append(n)
+            offsets = [r.value for r in read_records(tmp_path / "bus.db")]
+            seen_in_db.append(rec(i).value in offsets)
             results.append((i, err))
 
         return done
@@ -35,10 +35,14 @@ async def test_done_only_after_commit_and_batches_group(tmp_path):
         await bus.close()
     assert [i for i, _ in results] == list(range(500))
     assert all(err is None for _, err in results)
-    assert all(n >= 1 for n in seen_in_db)
+    assert all(seen_in_db)
     assert bus.stats.acked == 500 and bus.stats.batches < 500  # grouped, not one commit per record
     stored = list(read_records(tmp_path / "bus.db", "telemetry.raw.acme"))
     assert [r.value for r in stored] == [rec(i).value for i in range(500)]
+    assert [r.offset for r in stored] == list(range(1, 501))  # dense offsets across batches
+    assert [r.offset for r in read_records(tmp_path / "bus.db", after=490)] == list(range(491, 501))
+    assert [r.offset for r in read_records(tmp_path / "bus.db", limit=3, newest=True)] == [498, 499, 500]
+    assert [r.offset for r in read_records(tmp_path / "bus.db", limit=3)] == [1, 2, 3]
     assert stored[0].headers == {"protocol": "coap"} and stored[0].key == b"dev"
 
 
@@ -46,8 +50,8 @@ async def test_topic_prefix_filter(tmp_path):
     bus = EmbeddedBus(tmp_path / "bus.db")
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
-        bus.submit(rec(1, "a_b"), lambda e: None)
-        bus.submit(rec(2, "aXb"), lambda e: None)
+        bus.submit(rec(1, "a_b"), lambda ctx, e: None)
+        bus.submit(rec(2, "aXb"), lambda ctx, e: None)
         await bus.close()
     # '_' is a LIKE wildcard: the prefix must match literally
     assert [r.topic for r in read_records(tmp_path / "bus.db", "telemetry.raw.a_b")] == ["telemetry.raw.a_b"]
@@ -56,18 +60,18 @@ async def test_topic_prefix_filter(tmp_path):
 async def test_full_sink_refuses(tmp_path):
     bus = EmbeddedBus(tmp_path / "bus.db", max_pending=3)
     # not running: nothing drains, so the 4th is refused
-    assert all(bus.submit(rec(i), lambda e: None) for i in range(3))
-    assert not bus.submit(rec(3), lambda e: None)
+    assert all(bus.submit(rec(i), lambda ctx, e: None) for i in range(3))
+    assert not bus.submit(rec(3), lambda ctx, e: None)
     assert bus.stats.refused == 1
 
 
 class FailingBus(EmbeddedBus):
     fail = True
 
-    def write_batch(self, records):
+    def write_prepared(self, rows):
         if self.fail:
             raise sqlite3.OperationalError("disk I/O error")
-        super().write_batch(records)
+        super().write_prepared(rows)
 
 
 async def test_failed_batch_reports_error_to_every_waiter_and_stores_nothing(tmp_path):
@@ -76,13 +80,13 @@ async def test_failed_batch_reports_error_to_every_waiter_and_stores_nothing(tmp
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
         for i in range(10):
-            bus.submit(rec(i), errors.append)
+            bus.submit(rec(i), lambda ctx, e: errors.append(e))
         await trio.sleep(0.2)
         assert len(errors) == 10 and all(isinstance(e, sqlite3.OperationalError) for e in errors)
         assert bus.last_error is not None
         bus.fail = False  # the disk recovers: the sink does too
         ok: list = []
-        bus.submit(rec(99), ok.append)
+        bus.submit(rec(99), lambda ctx, e: ok.append(e))
         await bus.close()
     assert ok == [None] and bus.last_error is None
     assert [r.value for r in read_records(tmp_path / "bus.db")] == [rec(99).value]
@@ -94,10 +98,10 @@ async def test_close_flushes_pending_and_refuses_new(tmp_path):
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
         for i in range(100):
-            bus.submit(rec(i), answered.append)
+            bus.submit(rec(i), lambda ctx, e: answered.append((ctx, e)), i)
         await bus.close()
-        assert not bus.submit(rec(1000), answered.append)
-    assert answered == [None] * 100
+        assert not bus.submit(rec(1000), lambda ctx, e: None)
+    assert answered == [(i, None) for i in range(100)]  # in order, each with its own ctx
     assert bus.stats.batches >= 100 // 7
 
 

@@ -2,18 +2,20 @@
 
 The event loop hands records to `submit` (never blocks, never waits on one record); a single
 flusher task takes everything pending as one batch, writes it in a worker thread, and then calls
-each record's `done` callback: `None` once the batch is durable, the exception if it is not.
+each record's `done(ctx, error)`: error is None once the batch is durable, the exception if it is
+not.  `done` is meant to be one shared function and `ctx` the request it answers, so submitting
+allocates no closure per record.
 While one batch is being written the next one accumulates, so batches grow with load.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import trio
 
-Done = Callable[[BaseException | None], None]
+Done = Callable[[Any, "BaseException | None"], None]
 
 
 class Record(NamedTuple):
@@ -33,7 +35,7 @@ class SinkStats:
 
 
 class BatchingSink:
-    """Group commit on a worker thread; subclasses implement `write_batch` (runs in that thread)."""
+    """Group commit on a worker thread; subclasses implement `prepare` and `write_prepared`."""
 
     name = "sink"
 
@@ -44,6 +46,7 @@ class BatchingSink:
         self.max_batch = max_batch
         self._records: list[Record] = []
         self._dones: list[Done] = []
+        self._ctxs: list[Any] = []
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._stopped = trio.Event()
@@ -54,7 +57,7 @@ class BatchingSink:
         self.last_error: BaseException | None = None
 
     # -- called on the event loop ------------------------------------------------------------
-    def submit(self, record: Record, done: Done) -> bool:
+    def submit(self, record: Record, done: Done, ctx: Any = None) -> bool:
         """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
         records = self._records
         if self._closing or len(records) >= self.max_pending:
@@ -62,6 +65,7 @@ class BatchingSink:
             return False
         records.append(record)
         self._dones.append(done)
+        self._ctxs.append(ctx)
         self.stats.submitted += 1
         if len(records) == 1:
             self._lot.unpark_all()
@@ -82,25 +86,27 @@ class BatchingSink:
                         break
                     await self._lot.park()
                     continue
-                records, dones = self._records, self._dones
-                if len(records) > self.max_batch:
-                    self._records, self._dones = records[self.max_batch :], dones[self.max_batch :]
-                    records, dones = records[: self.max_batch], dones[: self.max_batch]
+                records, dones, ctxs = self._records, self._dones, self._ctxs
+                n = self.max_batch
+                if len(records) > n:
+                    self._records, self._dones, self._ctxs = records[n:], dones[n:], ctxs[n:]
+                    records, dones, ctxs = records[:n], dones[:n], ctxs[:n]
                 else:
-                    self._records, self._dones = [], []
-                await self._write(records, dones)
+                    self._records, self._dones, self._ctxs = [], [], []
+                await self._write(records, dones, ctxs)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close_sync)
             self._stopped.set()
 
-    async def _write(self, records: list[Record], dones: list[Done]) -> None:
+    async def _write(self, records: list[Record], dones: list[Done], ctxs: list[Any]) -> None:
         stats = self.stats
         start = time.perf_counter()
         error: BaseException | None = None
         try:
+            prepared = self.prepare(records)
             with trio.CancelScope(shield=True):  # a batch once started is finished and answered
-                await trio.to_thread.run_sync(self.write_batch, records)
+                await trio.to_thread.run_sync(self.write_prepared, prepared)
         except Exception as e:  # noqa: BLE001 - any write failure is reported to every waiter
             error = e
         stats.batches += 1
@@ -112,8 +118,8 @@ class BatchingSink:
         else:
             stats.failed += len(records)
             self.last_error = error
-        for done in dones:
-            done(error)
+        for done, ctx in zip(dones, ctxs):
+            done(ctx, error)
         if self.after_batch is not None:
             self.after_batch()
 
@@ -127,7 +133,13 @@ class BatchingSink:
     def open(self) -> None:
         """Connect (runs in a worker thread before the first batch)."""
 
-    def write_batch(self, records: list[Record]) -> None:
+    def prepare(self, records: list[Record]) -> Any:
+        """Turn a batch into what `write_prepared` writes; runs on the event loop, so keep it cheap
+        (the point is to leave the worker thread little Python to run while it holds the GIL)."""
+        return records
+
+    def write_prepared(self, prepared: Any) -> None:
+        """Write the batch durably or raise (runs in the worker thread)."""
         raise NotImplementedError
 
     def close_sync(self) -> None:

@@ -1,9 +1,15 @@
-"""The embedded default bus: an append-only SQLite log shaped like a Kafka topic.
+"""The embedded default bus: an append-only SQLite log shaped like Kafka topics.
 
-Each record keeps its topic, key, value and headers, so what `corem telemetry tail` reads is what
-the Kafka sink would have published.  WAL journal; `synchronous=FULL` by default, so a 2.04 means
-the reading survives a crash of the process and of the machine (one fsync per batch, shared by every
-reading in it).  `NORMAL` survives a crash of the process only and is faster.
+Records are stored the way Kafka stores them: in record batches.  Each group commit writes one
+row per topic holding all of that topic's records (msgpack `[key, value, headers]` triples) and
+the batch's base offset; record `i` of a batch has offset `base_offset + i`.  One INSERT per batch
+instead of one per record keeps the writer thread almost entirely inside SQLite's C code, with the
+GIL released, so it does not compete with the event loop (measured: per-record inserts made the
+writer hold the GIL long enough to cut throughput by ~3x).
+
+WAL journal; `synchronous=FULL` by default, so a 2.04 means the reading survives a crash of the
+process and of the machine (one fsync per batch, shared by every reading in it).  `NORMAL`
+survives a crash of the process only and is faster.
 """
 
 from __future__ import annotations
@@ -18,20 +24,20 @@ import msgspec
 from .base import BatchingSink, Record
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    offset      INTEGER PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS batches (
+    base_offset INTEGER PRIMARY KEY,
     topic       TEXT    NOT NULL,
-    key         BLOB,
-    value       BLOB    NOT NULL,
-    headers     BLOB,
+    count       INTEGER NOT NULL,
+    records     BLOB    NOT NULL,
     appended_at INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_topic ON records (topic, offset);
+CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, base_offset);
 """
 
 SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-_headers = msgspec.json.Encoder()
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(list[tuple[bytes | None, bytes, dict[str, str]]]).decode
 
 
 def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
@@ -54,28 +60,46 @@ class EmbeddedBus(BatchingSink):
         self.path = Path(path)
         self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
+        self._next_offset = 0
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = connect(self.path, self.synchronous)
+        row = self._conn.execute("SELECT max(base_offset + count) FROM batches").fetchone()
+        self._next_offset = row[0] or 1
 
-    def write_batch(self, records: list[Record]) -> None:
+    def prepare(self, records: list[Record]) -> list[tuple[int, str, int, bytes, int]]:
+        """Group by topic and encode each group as one batch row (runs on the event loop: cheap)."""
+        by_topic: dict[str, list] = {}
+        for r in records:
+            group = by_topic.get(r.topic)
+            if group is None:
+                by_topic[r.topic] = group = []
+            group.append((r.key, r.value, r.headers))
+        now = int(time.time() * 1000)
+        rows = []
+        offset = self._next_offset
+        for topic, group in by_topic.items():
+            rows.append((offset, topic, len(group), _encode(group), now))
+            offset += len(group)
+        return rows
+
+    def write_prepared(self, rows: list[tuple[int, str, int, bytes, int]]) -> None:
         conn = self._conn
         if conn is None:
             raise RuntimeError("embedded bus is not open")
-        now = int(time.time() * 1000)
-        enc = _headers.encode
         conn.execute("BEGIN")
         try:
             conn.executemany(
-                "INSERT INTO records (topic, key, value, headers, appended_at) VALUES (?, ?, ?, ?, ?)",
-                [(r.topic, r.key, r.value, enc(r.headers), now) for r in records],
+                "INSERT INTO batches (base_offset, topic, count, records, appended_at) VALUES (?, ?, ?, ?, ?)", rows
             )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        last = rows[-1]
+        self._next_offset = last[0] + last[2]
 
     def close_sync(self) -> None:
         if self._conn is not None:
@@ -93,20 +117,50 @@ class StoredRecord(NamedTuple):
 
 
 def read_records(
-    path: Path, topic_prefix: str = "", after: int = 0, limit: int = 1000
+    path: Path, topic_prefix: str = "", after: int = 0, limit: int | None = None, *, newest: bool = False
 ) -> Iterator[StoredRecord]:
-    """Records whose topic starts with `topic_prefix`, in offset order (read-only)."""
+    """Records whose topic starts with `topic_prefix` and whose offset is > `after`, in offset
+    order; with `newest`, only the last `limit` of them (read-only; safe while corem runs)."""
     if not Path(path).exists():
         return
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         escaped = topic_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        rows = conn.execute(
-            "SELECT offset, topic, key, value, headers, appended_at FROM records "
-            "WHERE offset > ? AND topic LIKE ? ESCAPE '\\' ORDER BY offset LIMIT ?",
-            (after, escaped + "%", limit),
-        )
-        for offset, topic, key, value, headers, appended_at in rows:
-            yield StoredRecord(offset, topic, key, value, msgspec.json.decode(headers or b"{}"), appended_at)
+        where = "base_offset + count > ? AND topic LIKE ? ESCAPE '\\'"
+        args = (after, escaped + "%")
+        if newest and limit:
+            # walk back from the end until `limit` records are covered
+            rows, covered = [], 0
+            for row in conn.execute(
+                f"SELECT base_offset, topic, count, records, appended_at FROM batches WHERE {where} "
+                "ORDER BY base_offset DESC",
+                args,
+            ):
+                rows.append(row)
+                covered += row[2]
+                if covered >= limit:
+                    break
+            rows.reverse()
+            records = [r for row in rows for r in _unpack(row, after)]
+            yield from records[-limit:]
+            return
+        n = 0
+        for row in conn.execute(
+            f"SELECT base_offset, topic, count, records, appended_at FROM batches WHERE {where} "
+            "ORDER BY base_offset",
+            args,
+        ):
+            for r in _unpack(row, after):
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield r
     finally:
         conn.close()
+
+
+def _unpack(row: tuple, after: int) -> Iterator[StoredRecord]:
+    base, topic, _count, blob, appended_at = row
+    for i, (key, value, headers) in enumerate(_decode(blob)):
+        if base + i > after:
+            yield StoredRecord(base + i, topic, key, value, headers, appended_at)

@@ -10,6 +10,12 @@ reset, or given up.
 Timers with a constant duration (piggyback, deduplication lifetime) are FIFO queues: arrival order
 is deadline order, so no heap is needed for them.  Only retransmissions, whose first timeout is
 randomised, use a heap.
+
+Memory shape matters for speed: at 100k requests/s the deduplication cache holds hundreds of
+thousands of entries, and every object the cyclic GC tracks is rescanned by each collection
+(measured: half of the per-request CPU).  So only unanswered exchanges are `Request` objects; an
+answered one is replaced by a `(received_at, reply)` tuple and the piggyback queue holds
+`(received_at, key)` tuples, which CPython stops tracking once it sees they hold only atomic values.
 """
 
 from __future__ import annotations
@@ -62,10 +68,11 @@ class Params:
 class Request:
     """One incoming request and the state of its exchange; the handle a handler answers through."""
 
-    __slots__ = ("peer", "message", "mid", "token", "confirmable", "received_at", "state", "reply")
+    __slots__ = ("peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app")
 
-    def __init__(self, peer: Peer, message: Message, received_at: float) -> None:
+    def __init__(self, peer: Peer, key: tuple, message: Message, received_at: float) -> None:
         self.peer = peer
+        self.key = key
         self.message: Message | None = message
         self.mid = message.mid
         self.token = message.token
@@ -74,6 +81,8 @@ class Request:
         self.state = PENDING
         #: What a duplicate of this request gets: the piggybacked response or the empty ACK.
         self.reply: bytes | None = None
+        #: Whatever the application attaches to the exchange while it is open (e.g. the device).
+        self.app: Any = None
 
     def __repr__(self) -> str:
         return f"Request({self.peer!r} mid={self.mid} state={self.state})"
@@ -161,8 +170,10 @@ class Endpoint:
         self._rng = rng
         self._known_critical = frozenset(known_critical)
         self.outbox: list[tuple[bytes, Peer]] = []
-        self._dedup: OrderedDict[tuple[Peer, int], Request] = OrderedDict()
-        self._piggyback: deque[Request] = deque()
+        #: (peer, mid) -> Request while unanswered, then (received_at, reply bytes or None)
+        self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | None]] = OrderedDict()
+        #: (received_at, key) of confirmable requests, oldest first
+        self._piggyback: deque[tuple[float, tuple[Peer, int]]] = deque()
         self._outstanding: dict[tuple[Peer, int], Outgoing] = {}
         self._retx: list[tuple[float, int, Outgoing]] = []
         self._seq = 0
@@ -173,6 +184,7 @@ class Endpoint:
     def receive(self, data: bytes, peer: Peer, now: float) -> Request | Acked | None:
         """Process one datagram. Returns a new Request for the application, an event, or None."""
         stats = self.stats
+        self._now_hint = now
         stats.datagrams_in += 1
         stats.bytes_in += len(data)
         try:
@@ -212,10 +224,11 @@ class Endpoint:
         seen = dedup.get(key)
         if seen is not None:
             self.stats.duplicates += 1
-            if seen.confirmable and seen.reply is not None:
-                self._send(seen.reply, peer, 0)
+            reply = seen[1] if type(seen) is tuple else seen.reply
+            if reply is not None and msg.type == CON:
+                self._send(reply, peer, 0)
             return None
-        req = Request(peer, msg, now)
+        req = Request(peer, key, msg, now)
         dedup[key] = req
         if len(dedup) > self.params.dedup_max_entries:
             dedup.popitem(last=False)
@@ -228,7 +241,7 @@ class Endpoint:
                 self._answer(req, Code.BAD_OPTION, None, f"unknown critical option {number}".encode())
                 return None
         if req.confirmable:
-            self._piggyback.append(req)
+            self._piggyback.append((now, key))
         return req
 
     # -- output ----------------------------------------------------------------------------
@@ -245,13 +258,14 @@ class Endpoint:
         """Answer `req`: piggybacked in the ACK if still possible, else separately.
 
         `now` only matters for a separate response (its retransmission clock); without it the
-        time of the last `tick` is used.
+        latest time the endpoint was given (by `receive` or `tick`) is used.
         """
         if req.state == DONE:
             raise RuntimeError(f"{req!r} was already answered")
         if now is not None:
             self._now_hint = now
         req.message = None  # the exchange no longer needs the datagram; let it go
+        req.app = None
         self._answer(req, code, options, payload, context)
 
     def _answer(
@@ -267,13 +281,21 @@ class Endpoint:
                 data = bytes((0x60 | len(token), code, req.mid >> 8, req.mid & 0xFF)) + token
             req.reply = data
             self._send(data, req.peer, code)
+            self._settle(req)
             return
+        self._settle(req)
         mid = self.next_mid()
         if not req.confirmable:
             self._send(encode(Message(NON, code, mid, token, options, payload)), req.peer, code)
             return
         data = encode(Message(CON, code, mid, token, options, payload))
         self.send_confirmable(data, req.peer, mid, token, context, code)
+
+    def _settle(self, req: Request) -> None:
+        """Replace the answered exchange by an untracked tuple (still there for duplicates)."""
+        dedup = self._dedup
+        if dedup.get(req.key) is req:
+            dedup[req.key] = (req.received_at, req.reply)
 
     def send_confirmable(
         self, data: bytes, peer: Peer, mid: int, token: bytes, context: Any = None, code: int = 0
@@ -306,7 +328,7 @@ class Endpoint:
         heapq.heappush(self._retx, (deadline, self._seq, out))
 
     # -- time ------------------------------------------------------------------------------
-    #: The last `now` the endpoint saw; deadlines of messages created between ticks start here.
+    #: The last `now` the endpoint saw; deadlines of messages created in between start here.
     _now_hint = 0.0
 
     def tick(self, now: float) -> list[Acked]:
@@ -315,18 +337,18 @@ class Endpoint:
         p = self.params
         events: list[Acked] = []
         piggyback = self._piggyback
+        dedup = self._dedup
         limit = now - p.piggyback_timeout
-        while piggyback and piggyback[0].received_at <= limit:
-            req = piggyback.popleft()
-            if req.state == PENDING:
+        while piggyback and piggyback[0][0] <= limit:
+            req = dedup.get(piggyback.popleft()[1])
+            if type(req) is Request and req.state == PENDING:
                 req.state = SEPARATE
                 req.reply = bytes((0x60, 0, req.mid >> 8, req.mid & 0xFF))  # empty ACK
                 self._send(req.reply, req.peer, 0)
-        dedup = self._dedup
         limit = now - p.exchange_lifetime
         while dedup:
-            key, req = next(iter(dedup.items()))
-            if req.received_at > limit:
+            key, entry = next(iter(dedup.items()))
+            if (entry[0] if type(entry) is tuple else entry.received_at) > limit:
                 break
             del dedup[key]
         retx = self._retx
@@ -352,14 +374,17 @@ class Endpoint:
         p = self.params
         candidates = []
         piggyback = self._piggyback
-        while piggyback and piggyback[0].state != PENDING:
-            piggyback.popleft()  # answered in time: nothing left to do for it
+        dedup = self._dedup
+        while piggyback and type(dedup.get(piggyback[0][1])) is not Request:
+            piggyback.popleft()  # answered in time (or forgotten): nothing left to do for it
         if piggyback:
-            candidates.append(piggyback[0].received_at + p.piggyback_timeout)
+            candidates.append(piggyback[0][0] + p.piggyback_timeout)
         if self._retx:
             candidates.append(self._retx[0][0])
-        if self._dedup:
-            candidates.append(next(iter(self._dedup.values())).received_at + p.exchange_lifetime)
+        if dedup:
+            entry = next(iter(dedup.values()))
+            received_at = entry[0] if type(entry) is tuple else entry.received_at
+            candidates.append(received_at + p.exchange_lifetime)
         return min(candidates) if candidates else None
 
     # -- introspection ---------------------------------------------------------------------

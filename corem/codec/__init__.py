@@ -1,12 +1,14 @@
 """corem's CoAP codec: bytes <-> Message, zero-copy, no I/O (RFC 7252 §3)."""
 
 from .message import (
+    DECODER,
     Code,
     Message,
     MessageFormatError,
     Type,
     code_str,
     decode,
+    decode_py,
     encode,
     is_request,
     is_response,
@@ -15,6 +17,7 @@ from .message import (
 from .options import Block, Format, OptionNumber, decode_uint, encode_uint, is_critical, is_unsafe
 
 __all__ = [
+    "DECODER",
     "Block",
     "Code",
     "Format",
@@ -24,6 +27,7 @@ __all__ = [
     "Type",
     "code_str",
     "decode",
+    "decode_py",
     "decode_uint",
     "encode",
     "encode_uint",

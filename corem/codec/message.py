@@ -8,6 +8,7 @@ cheaper than a view.  `encode` writes into one bytearray.
 
 from __future__ import annotations
 
+import os
 from enum import IntEnum
 from typing import Iterable, Union
 
@@ -294,8 +295,11 @@ def _to_wire(number: int, value: OptionValue | int | str | bool | Block) -> Opti
     raise TypeError(f"option {number}: cannot encode {type(value).__name__}")
 
 
-def decode(data: Buffer) -> Message:
-    """Parse one datagram; raise MessageFormatError naming the rule it breaks."""
+def decode_py(data: Buffer) -> Message:
+    """Parse one datagram; raise MessageFormatError naming the rule it breaks.
+
+    The reference implementation; `decode` is the C one (`_speedups.c`) when it is built.
+    """
     n = len(data)
     if n < 4:
         raise MessageFormatError(f"truncated header: {n} bytes, need 4")
@@ -466,6 +470,20 @@ def make_options(pairs: Iterable[tuple[int, OptionValue | int | str | bool | Blo
     return sorted(((n, _to_wire(n, v)) for n, v in pairs), key=_number)
 
 
+def _select_decoder():
+    """The C decoder unless it is missing or COREM_PURE_PYTHON is set."""
+    if os.environ.get("COREM_PURE_PYTHON"):
+        return decode_py, "python"
+    try:
+        from . import _speedups
+    except ImportError:
+        return decode_py, "python"
+    _speedups.configure(Message, MessageFormatError, _EMPTY)
+    return _speedups.decode, "c"
+
+
+decode, DECODER = _select_decoder()
+
 __all__ = [
     "Buffer",
     "Code",
@@ -473,7 +491,9 @@ __all__ = [
     "MessageFormatError",
     "Type",
     "code_str",
+    "DECODER",
     "decode",
+    "decode_py",
     "decode_uint",
     "encode",
     "is_request",

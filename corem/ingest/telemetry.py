@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..bus.base import BatchingSink, Record
 from ..codec import Code, OptionNumber
@@ -20,7 +20,7 @@ from ..registry import Device, Directory
 from .diagnostics import Diagnostics
 from .payload import PayloadError, UnsupportedFormat
 from .point import TelemetryPoint, encode_point, telemetry_topic
-from .profiles import get_decoder
+from .profiles import Decoder, get_decoder
 
 #: Seconds a device is told to wait (Max-Age on 5.03) before retrying when the bus cannot take it.
 RETRY_AFTER = 5
@@ -35,6 +35,16 @@ class IngestStats:
         self.bus_refusals = 0
 
 
+class Target(NamedTuple):
+    """Everything per-device the hot path needs, computed once per registry reload."""
+
+    device: Device
+    decode: Decoder
+    topic: str
+    key: bytes
+    headers: dict[str, str]
+
+
 class TelemetryIngest:
     def __init__(
         self,
@@ -44,15 +54,15 @@ class TelemetryIngest:
         diagnostics: Diagnostics,
         *,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
         self.sink = sink
         self.endpoint = endpoint
         self.diagnostics = diagnostics
         self.clock_ms = clock_ms
-        self.now = now
         self.stats = IngestStats()
+        self._targets: dict[str, Target] = {}
+        self._targets_version = -1
         self._busy = Response(
             Code.SERVICE_UNAVAILABLE,
             b"bus unavailable; retry later",
@@ -62,23 +72,41 @@ class TelemetryIngest:
     def install(self, router: Router) -> None:
         router.add("api/v1/{token}/telemetry", {Code.POST: self.post_with_token})
 
+    @staticmethod
+    def target(device: Device, protocol: str = "coap") -> Target:
+        return Target(
+            device,
+            get_decoder(device.profile),
+            telemetry_topic(device.tenant),
+            device.device.encode(),
+            {"protocol": protocol, "profile": device.profile},
+        )
+
+    def _by_token(self, token: str) -> Target | None:
+        directory = self.directory
+        if self._targets_version != directory.reloads:
+            self._targets = {t: self.target(d) for t, d in directory.by_token.items()}
+            self._targets_version = directory.reloads
+        return self._targets.get(token)
+
     # -- front doors ---------------------------------------------------------------------------
     def post_with_token(self, req: Request, params: list[str]) -> Response | None:
         """ThingsBoard-style `POST /api/v1/{token}/telemetry`."""
-        device = self.directory.by_token.get(params[0])
-        if device is None:
+        target = self._by_token(params[0])
+        if target is None:
             self.stats.auth_failures["coap", "unknown_token"] += 1
             return Response(Code.UNAUTHORIZED, b"unknown access token")
-        return self.ingest(req, device, "coap")
+        return self.ingest(req, target, "coap")
 
     # -- the pipeline --------------------------------------------------------------------------
-    def ingest(self, req: Request, device: Device, protocol: str) -> Response | None:
+    def ingest(self, req: Request, target: Target, protocol: str) -> Response | None:
         msg = req.message
         assert msg is not None
         received_at = self.clock_ms()
         content_format = msg.content_format
+        device = target.device
         try:
-            readings = get_decoder(device.profile)(content_format, msg.payload)
+            readings = target.decode(content_format, msg.payload)
         except PayloadError as e:
             self._reject(req, device, protocol, e, content_format, received_at)
             code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(e, UnsupportedFormat) else Code.BAD_REQUEST
@@ -93,29 +121,24 @@ class TelemetryIngest:
             received_at=received_at,
             profile=device.profile,
         )
-        record = Record(
-            telemetry_topic(device.tenant),
-            device.device.encode(),
-            encode_point(point),
-            {"protocol": protocol, "profile": device.profile},
-        )
-        tenant = device.tenant
-
-        def done(error: BaseException | None) -> None:
-            if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
-                return
-            if error is None:
-                self.stats.accepted[tenant] += 1
-                self.endpoint.respond(req, Code.CHANGED, now=self.now())
-            else:
-                self.stats.bus_refusals += 1
-                busy = self._busy
-                self.endpoint.respond(req, busy.code, busy.options, busy.payload, now=self.now())
-
-        if not self.sink.submit(record, done):
+        record = Record(target.topic, target.key, encode_point(point), target.headers)
+        if not self.sink.submit(record, self._committed, req):
             self.stats.bus_refusals += 1
             return self._busy
+        req.app = device.tenant
         return None
+
+    def _committed(self, req: Request, error: BaseException | None) -> None:
+        """The sink's verdict on one point: 2.04 once durable, 5.03 with a retry hint if not."""
+        if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
+            return
+        if error is None:
+            self.stats.accepted[req.app] += 1
+            self.endpoint.respond(req, Code.CHANGED)
+        else:
+            self.stats.bus_refusals += 1
+            busy = self._busy
+            self.endpoint.respond(req, busy.code, busy.options, busy.payload)
 
     def _reject(
         self,

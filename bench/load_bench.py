@@ -1,0 +1,174 @@
+"""Closed-loop load: corem against an aiocoap server doing the same work and libcoap's C server.
+
+    python bench/load_bench.py [--seconds 5] [--devices 64] [--inflight 4] [--json]
+
+Every target gets the same load from bench/loadgen.c (compiled here with gcc): DEVICES simulated
+devices, each its own UDP socket, each keeping INFLIGHT confirmable requests in flight, for
+SECONDS after a one-second warm-up.  Servers are pinned to CPU 0 and the generator to CPU 1 when
+`taskset` and two CPUs are there, so every server gets one core, as libcoap's single thread does.
+
+Targets:
+- corem, FULL / NORMAL: `POST /api/v1/{token}/telemetry`, CBOR, token auth, profile decoder,
+  TelemetryPoint, group commit to the embedded SQLite bus, 2.04 once committed.
+- aiocoap: the same request and the same work (bench/aiocoap_server.py; one commit per reading).
+- libcoap: `coap-server-notls` answering PUT /example_data, which keeps the payload in memory:
+  less work than the others, the C reference for the message layer and socket path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cbor2
+
+HERE = Path(__file__).resolve().parent
+LOADGEN_SRC = HERE / "loadgen.c"
+LOADGEN = HERE / "build" / "loadgen"
+PAYLOAD = cbor2.dumps({"temperature": 22.5, "humidity": 65, "state": "running"})
+TOKEN = "BENCH-TOKEN"
+
+
+def build_loadgen() -> Path:
+    if not LOADGEN.exists() or LOADGEN.stat().st_mtime < LOADGEN_SRC.stat().st_mtime:
+        LOADGEN.parent.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)], check=True)
+    return LOADGEN
+
+
+def free_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def pin(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def wait_udp(port: int, timeout: float = 15) -> None:
+    """Until something answers a CoAP ping on the port."""
+    deadline = time.monotonic() + timeout
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.2)
+    try:
+        while time.monotonic() < deadline:
+            s.sendto(b"\x40\x00\x00\x01", ("127.0.0.1", port))
+            try:
+                s.recvfrom(64)
+                return
+            except OSError:
+                continue
+        raise RuntimeError(f"nothing answers on udp {port}")
+    finally:
+        s.close()
+
+
+def run_load(port: int, method: int, path: str, args, seconds: float) -> dict:
+    cmd = [*pin(1), str(LOADGEN), "127.0.0.1", str(port), str(args.devices), str(args.inflight),
+           str(seconds), str(method), path, PAYLOAD.hex(), "60"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 30)
+    return json.loads(out.stdout)
+
+
+def measure(name: str, start, method: int, path: str, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="corem-bench-") as tmp:
+        proc, port = start(Path(tmp))
+        try:
+            wait_udp(port)
+            run_load(port, method, path, args, 1.0)  # warm-up
+            result = run_load(port, method, path, args, args.seconds)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    result["target"] = name
+    print(f"  {name}: {result['rps']:.0f} req/s, p50 {result['p50_us'] / 1000:.2f} ms, "
+          f"p99 {result['p99_us'] / 1000:.2f} ms, 2xx {result['ok_2xx']}, timeouts {result['timeouts']}",
+          file=sys.stderr)
+    return result
+
+
+def start_corem(sync: str):
+    def start(tmp: Path):
+        data = tmp / "data"
+        subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data),
+                        "--tenant", "bench", "--device", "d1", "--token", TOKEN], check=True, capture_output=True)
+        port = free_port()
+        proc = subprocess.Popen(
+            [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data),
+             "--coap", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", sync, "--log-level", "warning"],
+            stdout=subprocess.DEVNULL,
+        )
+        return proc, port
+
+    return start
+
+
+def start_aiocoap(tmp: Path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [*pin(0), sys.executable, str(HERE / "aiocoap_server.py"), str(port), str(tmp / "aiocoap.db"),
+         TOKEN, "bench", "d1"],
+        stdout=subprocess.DEVNULL,
+    )
+    return proc, port
+
+
+def start_libcoap(tmp: Path):
+    port = free_port()
+    proc = subprocess.Popen([*pin(0), "coap-server-notls", "-A", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, port
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--devices", type=int, default=64)
+    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    build_loadgen()
+    corem_path = f"api/v1/{TOKEN}/telemetry"
+    print(f"closed loop: {args.devices} devices x {args.inflight} in flight, {args.seconds:.0f} s each", file=sys.stderr)
+    results = [
+        measure("corem (store FULL)", start_corem("FULL"), 2, corem_path, args),
+        measure("corem (store NORMAL)", start_corem("NORMAL"), 2, corem_path, args),
+        measure("aiocoap 0.4 (same work)", start_aiocoap, 2, corem_path, args),
+    ]
+    if shutil.which("coap-server-notls"):
+        results.append(measure("libcoap coap-server-notls (C)", start_libcoap, 3, "example_data", args))
+    libcoap = next((r for r in results if r["target"].startswith("libcoap")), None)
+    aio = next(r for r in results if r["target"].startswith("aiocoap"))
+    for r in results:
+        r["vs_aiocoap"] = round(r["rps"] / aio["rps"], 2) if aio["rps"] else None
+        r["vs_libcoap"] = round(r["rps"] / libcoap["rps"], 2) if libcoap and libcoap["rps"] else None
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"\nclosed loop: {args.devices} devices x {args.inflight} CON requests in flight, "
+          f"{args.seconds:.0f} s, CBOR payload of {len(PAYLOAD)} bytes\n")
+    print("| target | requests/s | p50 | p99 | vs aiocoap | vs libcoap |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['target']} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} ms | {r['p99_us'] / 1000:.2f} ms "
+              f"| {r['vs_aiocoap']}x | {r['vs_libcoap'] if r['vs_libcoap'] is not None else '-'}x |")
+
+
+if __name__ == "__main__":
+    main()

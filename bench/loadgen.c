@@ -1,0 +1,194 @@
+/*
+ * loadgen: a closed-loop CoAP load generator for corem's benchmarks.
+ *
+ * D simulated devices, each its own UDP socket (own source port), each keeping W confirmable
+ * requests in flight: when a response for one arrives, the next is sent.  Requests that get no
+ * answer within the timeout are sent again as new requests and counted.  Written in C so that
+ * the client is never the bottleneck when the servers are compared on a 2-core machine.
+ *
+ *   loadgen HOST PORT DEVICES INFLIGHT SECONDS METHOD PATH PAYLOAD_HEX [CONTENT_FORMAT]
+ *
+ * PATH is a '/'-separated Uri-Path; METHOD is 1 (GET), 2 (POST), 3 (PUT).
+ * Prints one JSON object: sent, responses by class, timeouts, requests/s, latency percentiles.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SLOTS 1024          /* per-device ring of outstanding message ids (power of two) */
+#define MAX_SAMPLES 4000000 /* latency samples kept for percentiles */
+#define TIMEOUT_NS 2000000000LL
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+typedef struct {
+    int fd;
+    uint16_t next_mid;
+    int64_t sent_at[SLOTS]; /* 0 = free */
+    uint16_t mid_of[SLOTS];
+    int outstanding;
+} device_t;
+
+static uint8_t tmpl[1500];
+static size_t tmpl_len;
+static int64_t *samples;
+static size_t nsamples;
+static long long n_sent, n_timeouts, n_2xx, n_4xx, n_5xx, n_other, n_send_errors;
+
+static size_t put_option(uint8_t *out, int delta, const uint8_t *val, size_t len) {
+    size_t i = 0;
+    uint8_t d = delta < 13 ? delta : 13, l = len < 13 ? len : (len < 269 ? 13 : 14);
+    out[i++] = (d << 4) | l;
+    if (d == 13) out[i++] = delta - 13;
+    if (l == 13) out[i++] = len - 13;
+    if (l == 14) { out[i++] = (len - 269) >> 8; out[i++] = (len - 269) & 0xff; }
+    memcpy(out + i, val, len);
+    return i + len;
+}
+
+static void build_template(int method, const char *path, const char *hex, int cf) {
+    size_t i = 0;
+    tmpl[i++] = 0x40; /* ver 1, CON, TKL 0 */
+    tmpl[i++] = method;
+    tmpl[i++] = 0;
+    tmpl[i++] = 0;
+    int last = 0;
+    char buf[1024];
+    strncpy(buf, path, sizeof buf - 1);
+    buf[sizeof buf - 1] = 0;
+    for (char *seg = strtok(buf, "/"); seg; seg = strtok(NULL, "/")) {
+        i += put_option(tmpl + i, 11 - last, (uint8_t *)seg, strlen(seg));
+        last = 11;
+    }
+    if (cf >= 0) {
+        uint8_t v = cf;
+        i += put_option(tmpl + i, 12 - last, &v, cf ? 1 : 0);
+    }
+    size_t hl = strlen(hex);
+    if (hl) {
+        tmpl[i++] = 0xff;
+        for (size_t k = 0; k + 1 < hl; k += 2) {
+            unsigned b;
+            sscanf(hex + k, "%2x", &b);
+            tmpl[i++] = b;
+        }
+    }
+    tmpl_len = i;
+}
+
+static void send_one(device_t *d) {
+    uint16_t mid = d->next_mid++;
+    int slot = mid & (SLOTS - 1);
+    uint8_t msg[1500];
+    memcpy(msg, tmpl, tmpl_len);
+    msg[2] = mid >> 8;
+    msg[3] = mid & 0xff;
+    d->sent_at[slot] = now_ns();
+    d->mid_of[slot] = mid;
+    d->outstanding++;
+    n_sent++;
+    if (send(d->fd, msg, tmpl_len, 0) < 0) n_send_errors++; /* e.g. ECONNREFUSED: server not up */
+}
+
+static int cmp64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 9) {
+        fprintf(stderr, "usage: %s HOST PORT DEVICES INFLIGHT SECONDS METHOD PATH PAYLOAD_HEX [CF]\n", argv[0]);
+        return 2;
+    }
+    const char *host = argv[1];
+    int port = atoi(argv[2]), ndev = atoi(argv[3]), inflight = atoi(argv[4]);
+    double seconds = atof(argv[5]);
+    int method = atoi(argv[6]);
+    int cf = argc > 9 ? atoi(argv[9]) : -1;
+    if (inflight < 1 || inflight > SLOTS / 2 || ndev < 1) {
+        fprintf(stderr, "bad DEVICES or INFLIGHT\n");
+        return 2;
+    }
+    build_template(method, argv[7], argv[8], cf);
+    samples = malloc(sizeof(int64_t) * MAX_SAMPLES);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, host, &sa.sin_addr);
+    int ep = epoll_create1(0);
+    device_t *devs = calloc(ndev, sizeof(device_t));
+    for (int i = 0; i < ndev; i++) {
+        devs[i].fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+        if (connect(devs[i].fd, (struct sockaddr *)&sa, sizeof sa) < 0) { perror("connect"); return 1; }
+        devs[i].next_mid = (uint16_t)(i * 7919);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
+        epoll_ctl(ep, EPOLL_CTL_ADD, devs[i].fd, &ev);
+    }
+    double start = now_s(), end = start + seconds, last_scan = start;
+    for (int i = 0; i < ndev; i++)
+        for (int k = 0; k < inflight; k++) send_one(&devs[i]);
+    struct epoll_event events[256];
+    uint8_t buf[2048];
+    long long answered = 0;
+    while (now_s() < end) {
+        int n = epoll_wait(ep, events, 256, 50);
+        for (int e = 0; e < n; e++) {
+            device_t *d = &devs[events[e].data.u32];
+            for (;;) {
+                ssize_t r = recv(d->fd, buf, sizeof buf, 0);
+                if (r < 0) break;
+                if (r < 4) continue;
+                uint16_t mid = (buf[2] << 8) | buf[3];
+                int slot = mid & (SLOTS - 1);
+                int type = (buf[0] >> 4) & 3;
+                if (type != 2 || d->sent_at[slot] == 0 || d->mid_of[slot] != mid) continue;
+                if (buf[1] == 0) continue; /* empty ACK: the separate response will follow; not measured */
+                int64_t lat = now_ns() - d->sent_at[slot];
+                d->sent_at[slot] = 0;
+                d->outstanding--;
+                int cls = buf[1] >> 5;
+                if (cls == 2) n_2xx++; else if (cls == 4) n_4xx++; else if (cls == 5) n_5xx++; else n_other++;
+                if (nsamples < MAX_SAMPLES) samples[nsamples++] = lat;
+                answered++;
+                send_one(d);
+            }
+        }
+        double t = now_s();
+        if (t - last_scan > 0.1) { /* unanswered for too long: count it, send a fresh request */
+            last_scan = t;
+            int64_t limit = now_ns() - TIMEOUT_NS;
+            for (int i = 0; i < ndev; i++)
+                for (int s = 0; s < SLOTS; s++)
+                    if (devs[i].sent_at[s] && devs[i].sent_at[s] < limit) {
+                        devs[i].sent_at[s] = 0;
+                        devs[i].outstanding--;
+                        n_timeouts++;
+                        send_one(&devs[i]);
+                    }
+        }
+    }
+    double elapsed = now_s() - start;
+    qsort(samples, nsamples, sizeof(int64_t), cmp64);
+#define PCT(p) (nsamples ? samples[(size_t)((nsamples - 1) * (p))] / 1e3 : 0.0)
+    printf("{\"sent\": %lld, \"answered\": %lld, \"ok_2xx\": %lld, \"client_4xx\": %lld, \"server_5xx\": %lld, "
+           "\"other\": %lld, \"timeouts\": %lld, \"send_errors\": %lld, \"seconds\": %.3f, \"rps\": %.1f, "
+           "\"p50_us\": %.1f, \"p99_us\": %.1f, \"p999_us\": %.1f}\n",
+           n_sent, answered, n_2xx, n_4xx, n_5xx, n_other, n_timeouts, n_send_errors, elapsed, answered / elapsed,
+           PCT(0.5), PCT(0.99), PCT(0.999));
+    return 0;
+}
