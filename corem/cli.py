@@ -55,6 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 bound = await nursery.start(server.run)
                 if bound.coap:
                     print(f"corem: coap listening on udp {_fmt_addr(bound.coap)}", flush=True)
+                if bound.coaps:
+                    print(f"corem: coaps listening on udp {_fmt_addr(bound.coaps)}", flush=True)
                 if bound.http:
                     print(f"corem: http listening on http://{_fmt_addr(bound.http)}", flush=True)
                 async for _ in signals:
@@ -74,13 +76,28 @@ def _registry(args: argparse.Namespace) -> Registry:
     return Registry(_settings(args, _REGISTRY_KEYS).data_path / "registry.db")
 
 
+def _psk(args: argparse.Namespace) -> bytes | None:
+    if args.psk is not None and args.psk_hex is not None:
+        raise RegistryError("psk: give --psk (text) or --psk-hex, not both")
+    if args.psk_hex is not None:
+        try:
+            return bytes.fromhex(args.psk_hex)
+        except ValueError:
+            raise RegistryError("psk-hex: not a hex string") from None
+    return None if args.psk is None else args.psk.encode()
+
+
 def cmd_devices_add(args: argparse.Namespace) -> int:
+    psk = _psk(args)
     reg = _registry(args)
     try:
-        d = reg.add_device(args.tenant, args.device, token=args.token, profile=args.profile)
+        d = reg.add_device(
+            args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk
+        )
     finally:
         reg.close()
-    print(f"added {d.tenant}/{d.device} profile={d.profile}" + (" token=set" if d.token else ""))
+    creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity)) if have]
+    print(f"added {d.tenant}/{d.device} profile={d.profile} credentials={','.join(creds) or 'none'}")
     return 0
 
 
@@ -91,12 +108,13 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
     finally:
         reg.close()
     if args.json:
-        for d in devices:
-            print(msgspec.json.encode(d).decode())
+        for d in devices:  # secrets stay in the registry: say that a key exists, not what it is
+            print(msgspec.json.encode(msgspec.structs.replace(d, psk=None)).decode())
         return 0
     print(f"{'TENANT':<20} {'DEVICE':<28} {'PROFILE':<12} CREDENTIALS")
     for d in devices:
-        print(f"{d.tenant:<20} {d.device:<28} {d.profile:<12} {'token' if d.token else '-'}")
+        creds = [c for c, have in (("token", d.token), (f"psk:{d.psk_identity}", d.psk_identity)) if have]
+        print(f"{d.tenant:<20} {d.device:<28} {d.profile:<12} {' '.join(creds) or '-'}")
     return 0
 
 
@@ -167,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--device", required=True)
     add.add_argument("--token", help="access token for POST /api/v1/{token}/telemetry")
     add.add_argument("--profile", default="default", help="payload decoder profile (default: default)")
+    add.add_argument("--psk-identity", help="DTLS-PSK identity (CoAPS)")
+    add.add_argument("--psk", help="DTLS pre-shared key as text")
+    add.add_argument("--psk-hex", help="DTLS pre-shared key as hex")
     add.set_defaults(func=cmd_devices_add)
     ls = devices.add_parser("list", help="list devices")
     _add_settings_flags(ls, _REGISTRY_KEYS)

@@ -60,6 +60,19 @@ def _bus(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {v!r} is not available; use 'embedded' (the SQLite log in data_dir)")
 
 
+def _ciphers(key: str, v: Any) -> None:
+    from mbedtls.tls import ciphers_available
+
+    available = set(ciphers_available())
+    names = [c.strip() for c in v.split(",") if c.strip()]
+    if not names:
+        raise ConfigError(f"{key}: no cipher suite given")
+    for c in names:
+        if c not in available:
+            psk = ", ".join(sorted(a for a in available if a.startswith("TLS-PSK-") and "CCM" in a))
+            raise ConfigError(f"{key}: {c!r} is not a cipher suite Mbed TLS offers (e.g. {psk})")
+
+
 def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -67,6 +80,14 @@ def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = Non
 @dataclass
 class Settings:
     coap: str = _opt("0.0.0.0:5683", "CoAP (UDP) listener HOST:PORT; port 0 picks one; 'off' disables", _hostport(True))
+    coaps: str = _opt("0.0.0.0:5684", "CoAPS (DTLS 1.2) listener HOST:PORT; port 0 picks one; 'off' disables", _hostport(True))
+    dtls_ciphers: str = _opt(
+        "TLS-PSK-WITH-AES-128-CCM-8", "comma-separated DTLS cipher suites (Mbed TLS names)", _ciphers
+    )
+    dtls_max_handshakes: int = _opt(1000, "DTLS handshakes in progress at most (past the cookie exchange)", _positive)
+    dtls_max_sessions: int = _opt(100_000, "established DTLS sessions at most", _positive)
+    dtls_handshake_timeout: float = _opt(30.0, "seconds a DTLS handshake may take before it is dropped", _positive)
+    dtls_session_inactivity_timeout: float = _opt(86400.0, "seconds an idle DTLS session is kept", _positive)
     http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
     data_dir: str = _opt("data", "directory for the registry and the embedded bus")
     bus: str = _opt("embedded", "where accepted points go: 'embedded' (SQLite log in data_dir)", _bus)

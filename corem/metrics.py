@@ -23,41 +23,71 @@ class ServerCollector:
 
     def collect(self) -> Iterable[Metric]:
         s = self.server
-        transport = "udp"
-        ep = s.endpoint.stats
-        edge = s.edge.stats if s.edge is not None else None
 
-        def counter(name: str, doc: str, value: float, **labels: str) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=list(labels))
-            c.add_metric(list(labels.values()), value)
-            return c
+        def family(name: str, doc: str, pairs: list[tuple[dict[str, str], float]], gauge: bool = False) -> Metric:
+            labels = list(pairs[0][0]) if pairs else []
+            m = (GaugeMetricFamily if gauge else CounterMetricFamily)(name, doc, labels=labels)
+            for lbl, value in pairs:
+                m.add_metric(list(lbl.values()), value)
+            return m
 
-        yield counter("corem_coap_datagrams_received", "Datagrams received.", ep.datagrams_in, transport=transport)
-        yield counter("corem_coap_bytes_received", "Bytes received.", ep.bytes_in, transport=transport)
-        if edge is not None:
-            yield counter("corem_coap_datagrams_sent", "Datagrams sent.", edge.datagrams_out, transport=transport)
-            yield counter("corem_coap_bytes_sent", "Bytes sent.", edge.bytes_out, transport=transport)
-            yield counter(
-                "corem_coap_datagrams_oversized", "Datagrams dropped for exceeding max_datagram.", edge.oversized
-            )
-            yield counter("corem_coap_send_errors", "sendto() failures.", edge.send_errors)
-        yield counter("corem_coap_requests", "New requests (duplicates excluded).", ep.requests, transport=transport)
-        yield counter("corem_coap_duplicates", "Duplicate requests answered from the cache or dropped.", ep.duplicates)
-        yield counter("corem_coap_format_errors", "Malformed datagrams (RST for CON, else dropped).", ep.format_errors)
-        yield counter("corem_coap_pings", "CoAP pings (empty CON) answered with RST.", ep.pings)
-        yield counter("corem_coap_bad_options", "Requests refused 4.02 for an unknown critical option.", ep.bad_options)
-        yield counter("corem_coap_retransmissions", "Confirmable messages of ours sent again.", ep.retransmissions)
-        yield counter("corem_coap_gave_up", "Confirmable messages of ours never acknowledged.", ep.gave_up)
-        yield counter("corem_coap_resets_received", "RSTs matching a message of ours.", ep.resets)
-        yield counter("corem_coap_dedup_evictions", "Exchanges forgotten before EXCHANGE_LIFETIME.", ep.dedup_evictions)
-        yield counter("corem_coap_handler_errors", "Handlers that raised (answered 5.00).", s.router.handler_errors)
-        responses = CounterMetricFamily("corem_coap_responses", "Messages sent by code (0.00 = empty ACK/RST).", labels=["code"])
-        for code, n in enumerate(ep.responses):
-            if n:
-                responses.add_metric([code_str(code)], n)
-        yield responses
-        yield GaugeMetricFamily("corem_coap_dedup_entries", "Exchanges remembered for deduplication.", s.endpoint.dedup_entries)
-        yield GaugeMetricFamily("corem_coap_outstanding", "Confirmable messages of ours awaiting ACK.", s.endpoint.outstanding)
+        def per_transport(name: str, doc: str, value, gauge: bool = False) -> Metric:
+            return family(name, doc, [({"transport": t.name}, value(t)) for t in s.transports], gauge)
+
+        yield per_transport("corem_coap_datagrams_received", "Datagrams received (after DTLS: CoAP messages).",
+                            lambda t: t.endpoint.stats.datagrams_in)
+        yield per_transport("corem_coap_bytes_received", "Bytes received.", lambda t: t.endpoint.stats.bytes_in)
+        yield per_transport("corem_coap_datagrams_sent", "Datagrams sent.", lambda t: t.edge.stats.datagrams_out)
+        yield per_transport("corem_coap_bytes_sent", "Bytes sent.", lambda t: t.edge.stats.bytes_out)
+        yield per_transport("corem_coap_datagrams_oversized", "Datagrams dropped for exceeding max_datagram.",
+                            lambda t: t.edge.stats.oversized)
+        yield per_transport("corem_coap_send_errors", "sendto() failures.", lambda t: t.edge.stats.send_errors)
+        for attr, name, doc in (
+            ("requests", "corem_coap_requests", "New requests (duplicates excluded)."),
+            ("duplicates", "corem_coap_duplicates", "Duplicate requests answered from the cache or dropped."),
+            ("format_errors", "corem_coap_format_errors", "Malformed datagrams (RST for CON, else dropped)."),
+            ("pings", "corem_coap_pings", "CoAP pings (empty CON) answered with RST."),
+            ("bad_options", "corem_coap_bad_options", "Requests refused 4.02 for an unknown critical option."),
+            ("retransmissions", "corem_coap_retransmissions", "Confirmable messages of ours sent again."),
+            ("gave_up", "corem_coap_gave_up", "Confirmable messages of ours never acknowledged."),
+            ("resets", "corem_coap_resets_received", "RSTs matching a message of ours."),
+            ("dedup_evictions", "corem_coap_dedup_evictions", "Exchanges forgotten before EXCHANGE_LIFETIME."),
+        ):
+            yield per_transport(name, doc, lambda t, a=attr: getattr(t.endpoint.stats, a))
+        yield per_transport("corem_coap_handler_errors", "Handlers that raised (answered 5.00).",
+                            lambda t: t.router.handler_errors)
+        yield family(
+            "corem_coap_responses", "Messages sent by code (0.00 = empty ACK/RST).",
+            [({"transport": t.name, "code": code_str(code)}, n)
+             for t in s.transports for code, n in enumerate(t.endpoint.stats.responses) if n],
+        )
+        yield per_transport("corem_coap_dedup_entries", "Exchanges remembered for deduplication.",
+                            lambda t: t.endpoint.dedup_entries, gauge=True)
+        yield per_transport("corem_coap_outstanding", "Confirmable messages of ours awaiting ACK.",
+                            lambda t: t.endpoint.outstanding, gauge=True)
+
+        for t in s.transports:
+            if t.dtls is None:
+                continue
+            d = t.dtls.stats
+            yield family("corem_dtls_handshakes_started", "Handshakes past the cookie exchange.", [({}, d.handshakes_started)])
+            yield family("corem_dtls_handshakes_completed", "Handshakes completed.", [({}, d.handshakes_completed)])
+            yield family("corem_dtls_handshakes_failed", "Handshakes failed, by reason.",
+                         [({"reason": r}, n) for r, n in sorted(d.handshakes_failed.items())])
+            yield family("corem_dtls_handshakes_refused", "ClientHellos refused by the handshake or session bound.",
+                         [({}, d.handshakes_refused)])
+            yield family("corem_dtls_hello_verify_sent", "Stateless HelloVerifyRequests sent.", [({}, d.hello_verify_sent)])
+            yield family("corem_dtls_records_dropped", "Records with no session or that did not decrypt.",
+                         [({}, d.records_dropped)])
+            yield family("corem_dtls_bytes_received", "Bytes received on the DTLS socket.", [({}, d.bytes_in)])
+            yield family("corem_dtls_bytes_sent_unauthenticated", "Bytes sent to peers before their handshake completed.",
+                         [({}, d.bytes_out_unauthenticated)])
+            yield family("corem_dtls_sessions_closed", "Sessions ended by close_notify.", [({}, d.sessions_closed)])
+            yield family("corem_dtls_sessions_expired", "Sessions forgotten after the inactivity timeout.",
+                         [({}, d.sessions_expired)])
+            yield family("corem_dtls_sessions", "Sessions by state.", [
+                ({"state": "live"}, len(t.dtls.sessions)), ({"state": "handshaking"}, len(t.dtls.handshakes)),
+            ], gauge=True)
 
         ing = s.ingest.stats
         rej = CounterMetricFamily(
@@ -76,17 +106,21 @@ class ServerCollector:
         for tenant, n in sorted(ing.accepted.items()):
             acc.add_metric([tenant], n)
         yield acc
-        yield counter("corem_telemetry_bus_refusals", "Readings answered 5.03 because the bus could not take them.", ing.bus_refusals)
+        yield family("corem_telemetry_bus_refusals", "Readings answered 5.03 because the bus could not take them.",
+                     [({}, ing.bus_refusals)])
 
         sk = s.sink.stats
-        name = s.sink.name
-        yield counter("corem_sink_records_submitted", "Records handed to the sink.", sk.submitted, sink=name)
-        yield counter("corem_sink_records_acked", "Records durable on the bus.", sk.acked, sink=name)
-        yield counter("corem_sink_records_failed", "Records whose batch failed.", sk.failed, sink=name)
-        yield counter("corem_sink_records_refused", "Records refused (sink full or closing).", sk.refused, sink=name)
-        yield counter("corem_sink_batches", "Batches written.", sk.batches, sink=name)
-        yield counter("corem_sink_batch_records", "Records in all batches (divide by batches for the mean size).", sk.batch_records, sink=name)
-        yield counter("corem_sink_ack_seconds", "Time spent writing acknowledged batches.", sk.ack_seconds, sink=name)
+        sink = {"sink": s.sink.name}
+        for value, name, doc in (
+            (sk.submitted, "corem_sink_records_submitted", "Records handed to the sink."),
+            (sk.acked, "corem_sink_records_acked", "Records durable on the bus."),
+            (sk.failed, "corem_sink_records_failed", "Records whose batch failed."),
+            (sk.refused, "corem_sink_records_refused", "Records refused (sink full or closing)."),
+            (sk.batches, "corem_sink_batches", "Batches written."),
+            (sk.batch_records, "corem_sink_batch_records", "Records in all batches (divide by batches for the mean size)."),
+            (sk.ack_seconds, "corem_sink_ack_seconds", "Time spent writing acknowledged batches."),
+        ):
+            yield family(name, doc, [(sink, value)])
         yield GaugeMetricFamily("corem_sink_pending", "Records waiting for the next batch.", s.sink.pending)
         yield GaugeMetricFamily("corem_rejected_samples", "Rejected samples kept for diagnostics.", len(s.diagnostics.samples))
         yield GaugeMetricFamily("corem_registry_devices_with_token", "Devices with an access token.", len(s.directory.by_token))

@@ -6,7 +6,7 @@ import fcntl
 import gc
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -14,6 +14,7 @@ import trio
 from .admin.http import HttpServer
 from .bus import EmbeddedBus
 from .coap import Endpoint, Params, Router
+from .dtls import DtlsParams, DtlsServer, PskStore
 from .config import ConfigError, Settings, parse_hostport
 from .ingest.diagnostics import Diagnostics
 from .ingest.telemetry import TelemetryIngest
@@ -32,8 +33,19 @@ class Bound:
     """The addresses actually bound (ports picked by the OS when 0 was asked for)."""
 
     coap: tuple | None = None
+    coaps: tuple | None = None
     http: tuple | None = None
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Transport:
+    """One listener: its message layer, its resources and (once bound) its edge."""
+
+    name: str  # "udp" or "dtls": the metric label
+    endpoint: Endpoint
+    router: Router
+    dtls: DtlsServer | None = None
+    edge: UdpEdge | None = None
 
 
 def lock_data_dir(data: Path) -> int:
@@ -62,23 +74,24 @@ class Server:
             max_pending=settings.sink_max_pending,
             max_batch=settings.sink_max_batch,
         )
-        self.endpoint = Endpoint(
-            Params(
-                ack_timeout=settings.ack_timeout,
-                max_retransmit=settings.max_retransmit,
-                piggyback_timeout=settings.piggyback_timeout,
-                exchange_lifetime=settings.exchange_lifetime,
-                dedup_max_entries=settings.dedup_max_entries,
-            )
-        )
-        self.router = Router()
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
-        self.ingest = TelemetryIngest(self.directory, self.sink, self.endpoint, self.diagnostics)
-        self.ingest.install(self.router)
-        self.edge: UdpEdge | None = None
+        self.ingest = TelemetryIngest(self.directory, self.sink, self.diagnostics)
+        self.transports: list[Transport] = []
         self.bound = Bound()
         self._stop = trio.Event()
         self._ready = False
+
+    def new_endpoint(self) -> Endpoint:
+        s = self.settings
+        return Endpoint(
+            Params(
+                ack_timeout=s.ack_timeout,
+                max_retransmit=s.max_retransmit,
+                piggyback_timeout=s.piggyback_timeout,
+                exchange_lifetime=s.exchange_lifetime,
+                dedup_max_entries=s.dedup_max_entries,
+            )
+        )
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal-watching task)."""
@@ -99,26 +112,56 @@ class Server:
         return 200, "text/plain", b"ready\n"
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def _bind(self) -> None:
+        s = self.settings
+        coap = parse_hostport(s.coap, "coap", allow_off=True)
+        if coap is not None:
+            t = Transport("udp", self.new_endpoint(), Router())
+            self.ingest.install(t.router)
+            t.edge = UdpEdge(bind_udp(*coap), t.endpoint, t.router, max_datagram=s.max_datagram)
+            self.bound.coap = t.edge.address
+            self.transports.append(t)
+        coaps = parse_hostport(s.coaps, "coaps", allow_off=True)
+        if coaps is not None:
+            dtls = DtlsServer(
+                PskStore(self.directory.psk_device),
+                DtlsParams(
+                    ciphers=tuple(c.strip() for c in s.dtls_ciphers.split(",") if c.strip()),
+                    max_handshakes=s.dtls_max_handshakes,
+                    max_sessions=s.dtls_max_sessions,
+                    handshake_timeout=s.dtls_handshake_timeout,
+                    session_timeout=s.dtls_session_inactivity_timeout,
+                ),
+            )
+            t = Transport("dtls", self.new_endpoint(), Router(), dtls)
+            self.ingest.install(t.router, session_device=dtls.device)
+            t.edge = UdpEdge(bind_udp(*coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls)
+            self.bound.coaps = t.edge.address
+            self.transports.append(t)
+
+    def _after_batch(self) -> None:
+        for t in self.transports:
+            if t.edge is not None:
+                t.edge.flush()
+
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         self.directory.refresh()
-        coap = parse_hostport(s.coap, "coap", allow_off=True)
         http_addr = parse_hostport(s.http, "http", allow_off=True)
         http = None
-        if coap is not None:
-            self.edge = UdpEdge(bind_udp(*coap), self.endpoint, self.router, max_datagram=s.max_datagram)
-            self.sink.after_batch = self.edge.flush
-            self.bound.coap = self.edge.address
-        if http_addr is not None:
-            http = HttpServer({"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz})
-            self.bound.http = await http.bind(*http_addr)
         try:
+            self._bind()
+            self.sink.after_batch = self._after_batch
+            if http_addr is not None:
+                http = HttpServer({"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz})
+                self.bound.http = await http.bind(*http_addr)
             async with trio.open_nursery() as outer:
                 await outer.start(self.sink.run)
                 async with trio.open_nursery() as inner:
-                    if self.edge is not None:
-                        inner.start_soon(self.edge.serve)
-                        inner.start_soon(self.edge.run_timers)
+                    for t in self.transports:
+                        assert t.edge is not None
+                        inner.start_soon(t.edge.serve)
+                        inner.start_soon(t.edge.run_timers)
                     if http is not None:
                         inner.start_soon(http.serve)
                     inner.start_soon(self._poll_registry)
@@ -127,7 +170,10 @@ class Server:
                     gc.collect()
                     gc.freeze()
                     self._ready = True
-                    log.info("started coap=%s http=%s data_dir=%s", self.bound.coap, self.bound.http, s.data_dir)
+                    log.info(
+                        "started coap=%s coaps=%s http=%s data_dir=%s",
+                        self.bound.coap, self.bound.coaps, self.bound.http, s.data_dir,
+                    )
                     task_status.started(self.bound)
                     await self._stop.wait()
                     log.info("stopping: no new datagrams; committing and answering in-flight readings")
@@ -135,11 +181,11 @@ class Server:
                     inner.cancel_scope.cancel()
                 # every reading accepted before the stop is committed and answered here
                 await self.sink.close()
-                if self.edge is not None:
-                    self.edge.flush()
+                self._after_batch()
         finally:
-            if self.edge is not None:
-                self.edge.close()
+            for t in self.transports:
+                if t.edge is not None:
+                    t.edge.close()
             self.registry.close()
             os.close(self._lock)
             log.info("stopped")
@@ -148,4 +194,7 @@ class Server:
         while True:
             await trio.sleep(REGISTRY_POLL)
             if self.directory.refresh():
-                log.info("registry changed: %d devices with tokens", len(self.directory.by_token))
+                log.info(
+                    "registry changed: %d devices with tokens, %d with PSK identities",
+                    len(self.directory.by_token), len(self.directory.by_psk_identity),
+                )

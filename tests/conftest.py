@@ -19,6 +19,10 @@ import cbor2
 import pytest
 
 COAP_CLIENT = shutil.which("coap-client-notls")
+DTLS_CLIENTS = [c for c in ("coap-client-openssl", "coap-client-gnutls") if shutil.which(c) or os.environ.get("CI") == "true"]
+
+SPEC_IDENTITY = "psk-identity-d7b1c0e2"
+SPEC_KEY = "s3cr3t-pre-shared-key"
 
 needs_libcoap = pytest.mark.skipif(
     COAP_CLIENT is None and os.environ.get("CI") != "true",
@@ -41,6 +45,7 @@ class CoremProcess:
     data_dir: Path
     proc: subprocess.Popen
     coap_port: int
+    coaps_port: int
     http_port: int
     stderr_path: Path
     extra_args: list[str] = field(default_factory=list)
@@ -88,18 +93,19 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 20) -> CoremProces
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "corem", "serve",
-            "--data-dir", str(data_dir), "--coap", "127.0.0.1:0", "--http", "127.0.0.1:0",
+            "--data-dir", str(data_dir), "--coap", "127.0.0.1:0", "--coaps", "127.0.0.1:0",
+            "--http", "127.0.0.1:0",
             *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=open(stderr_path, "w"),
     )
-    coap = http = None
+    coap = coaps = http = None
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     seen = b""
-    while coap is None or http is None:
+    while coap is None or coaps is None or http is None:
         left = deadline - time.monotonic()
         if left <= 0 or proc.poll() is not None:
             proc.kill()
@@ -110,15 +116,21 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 20) -> CoremProces
         text = seen.decode()
         if m := re.search(r"coap listening on udp 127\.0\.0\.1:(\d+)", text):
             coap = int(m.group(1))
+        if m := re.search(r"coaps listening on udp 127\.0\.0\.1:(\d+)", text):
+            coaps = int(m.group(1))
         if m := re.search(r"http listening on http://127\.0\.0\.1:(\d+)", text):
             http = int(m.group(1))
-    return CoremProcess(data_dir, proc, coap, http, stderr_path, list(extra))
+    return CoremProcess(data_dir, proc, coap, coaps, http, stderr_path, list(extra))
 
 
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     d = tmp_path / "data"
     corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-1", "--token", "T0KEN-1", data_dir=d)
+    corem_cli(
+        "devices", "add", "--tenant", "acme", "--device", "sensor-7",
+        "--psk-identity", SPEC_IDENTITY, "--psk", SPEC_KEY, data_dir=d,
+    )
     return d
 
 
@@ -135,11 +147,13 @@ class CoapResult:
     output: str
 
 
-def coap_client(url: str, *args: str, timeout: float = 90) -> CoapResult:
-    """Run libcoap's coap-client-notls; `code` is the response code it received (e.g. '2.04')."""
-    assert COAP_CLIENT, "coap-client-notls is not installed"
+def coap_client(url: str, *args: str, timeout: float = 90, binary: str | None = None) -> CoapResult:
+    """Run libcoap's coap-client (notls unless `binary` says otherwise); `code` is the response
+    code it received (e.g. '2.04')."""
+    binary = binary or COAP_CLIENT
+    assert binary, "coap-client-notls is not installed"
     proc = subprocess.run(
-        [COAP_CLIENT, "-v", "6", "-B", str(int(timeout)), *args, url],
+        [binary, "-v", "6", "-B", str(int(timeout)), *args, url],
         capture_output=True,
         text=True,
         timeout=timeout + 10,

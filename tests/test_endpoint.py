@@ -265,3 +265,15 @@ def test_router_params_literal_precedence_and_errors():
     assert bad.code == Code.BAD_REQUEST and b"UTF-8" in bad.payload
     assert route(r, Code.GET, [b"boom"]).code == Code.INTERNAL_SERVER_ERROR
     assert r.handler_errors == 1
+
+
+def test_only_the_receiving_endpoint_may_answer():
+    """CoAP and CoAPS each have an endpoint; a response through the other one would leave in
+    clear text on the wrong socket (a bug this test keeps fixed)."""
+    plain, secure = endpoint(), endpoint()
+    req = secure.receive(post(), PEER, 0.0)
+    with pytest.raises(RuntimeError, match="another endpoint"):
+        plain.respond(req, Code.CHANGED)
+    assert plain.outbox == [] and req.state == 0
+    req.endpoint.respond(req, Code.CHANGED)
+    assert len(secure.outbox) == 1

@@ -68,9 +68,13 @@ class Params:
 class Request:
     """One incoming request and the state of its exchange; the handle a handler answers through."""
 
-    __slots__ = ("peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app")
+    __slots__ = (
+        "endpoint", "peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app"
+    )
 
-    def __init__(self, peer: Peer, key: tuple, message: Message, received_at: float) -> None:
+    def __init__(self, endpoint: Endpoint, peer: Peer, key: tuple, message: Message, received_at: float) -> None:
+        #: the endpoint that received it: only it may answer (CoAP and CoAPS have one each)
+        self.endpoint = endpoint
         self.peer = peer
         self.key = key
         self.message: Message | None = message
@@ -228,7 +232,7 @@ class Endpoint:
             if reply is not None and msg.type == CON:
                 self._send(reply, peer, 0)
             return None
-        req = Request(peer, key, msg, now)
+        req = Request(self, peer, key, msg, now)
         dedup[key] = req
         if len(dedup) > self.params.dedup_max_entries:
             dedup.popitem(last=False)
@@ -262,6 +266,8 @@ class Endpoint:
         """
         if req.state == DONE:
             raise RuntimeError(f"{req!r} was already answered")
+        if req.endpoint is not self:
+            raise RuntimeError(f"{req!r} belongs to another endpoint")
         if now is not None:
             self._now_hint = now
         req.message = None  # the exchange no longer needs the datagram; let it go

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 from ..bus.base import BatchingSink, Record
 from ..codec import Code, OptionNumber
-from ..coap.endpoint import DONE, Endpoint, Request
+from ..coap.endpoint import DONE, Request
 from ..coap.resources import Response, Router
 from ..registry import Device, Directory
 from .diagnostics import Diagnostics
@@ -50,18 +50,17 @@ class TelemetryIngest:
         self,
         directory: Directory,
         sink: BatchingSink,
-        endpoint: Endpoint,
         diagnostics: Diagnostics,
         *,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self.directory = directory
         self.sink = sink
-        self.endpoint = endpoint
         self.diagnostics = diagnostics
         self.clock_ms = clock_ms
         self.stats = IngestStats()
         self._targets: dict[str, Target] = {}
+        self._identity_targets: dict[str, Target] = {}
         self._targets_version = -1
         self._busy = Response(
             Code.SERVICE_UNAVAILABLE,
@@ -69,8 +68,20 @@ class TelemetryIngest:
             [(OptionNumber.MAX_AGE, RETRY_AFTER.to_bytes(1, "big"))],
         )
 
-    def install(self, router: Router) -> None:
+    def install(self, router: Router, session_device: Callable[[object], Device | None] | None = None) -> None:
+        """Add the telemetry front doors; with `session_device` (CoAPS) also `POST /telemetry`,
+        whose tenant and device come from the authenticated DTLS session."""
         router.add("api/v1/{token}/telemetry", {Code.POST: self.post_with_token})
+        if session_device is not None:
+            def post_in_session(req: Request, params: list[str]) -> Response | None:
+                device = session_device(req.peer)
+                target = None if device is None else self._by_identity(device.psk_identity)
+                if target is None:  # the credential was removed after the handshake
+                    self.stats.auth_failures["coap", "revoked"] += 1
+                    return Response(Code.UNAUTHORIZED, b"credential no longer registered")
+                return self.ingest(req, target, "coap")
+
+            router.add("telemetry", {Code.POST: post_in_session})
 
     @staticmethod
     def target(device: Device, protocol: str = "coap") -> Target:
@@ -83,11 +94,20 @@ class TelemetryIngest:
         )
 
     def _by_token(self, token: str) -> Target | None:
-        directory = self.directory
-        if self._targets_version != directory.reloads:
-            self._targets = {t: self.target(d) for t, d in directory.by_token.items()}
-            self._targets_version = directory.reloads
+        if self._targets_version != self.directory.reloads:
+            self._reload_targets()
         return self._targets.get(token)
+
+    def _by_identity(self, identity: str | None) -> Target | None:
+        if self._targets_version != self.directory.reloads:
+            self._reload_targets()
+        return self._identity_targets.get(identity)  # type: ignore[arg-type]
+
+    def _reload_targets(self) -> None:
+        directory = self.directory
+        self._targets = {t: self.target(d) for t, d in directory.by_token.items()}
+        self._identity_targets = {i: self.target(d) for i, d in directory.by_psk_identity.items()}
+        self._targets_version = directory.reloads
 
     # -- front doors ---------------------------------------------------------------------------
     def post_with_token(self, req: Request, params: list[str]) -> Response | None:
@@ -134,11 +154,11 @@ class TelemetryIngest:
             return
         if error is None:
             self.stats.accepted[req.app] += 1
-            self.endpoint.respond(req, Code.CHANGED)
+            req.endpoint.respond(req, Code.CHANGED)
         else:
             self.stats.bus_refusals += 1
             busy = self._busy
-            self.endpoint.respond(req, busy.code, busy.options, busy.payload)
+            req.endpoint.respond(req, busy.code, busy.options, busy.payload)
 
     def _reject(
         self,

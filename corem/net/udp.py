@@ -8,6 +8,9 @@ outbox at the end of the batch.  DESIGN.md measured this shape at ~2.5x the naiv
 Each datagram is received into a fresh `bytes` object (`recvfrom`, not `recvfrom_into` a shared
 buffer) because the decoded message's option values and payload are views into it and may outlive
 the batch (a request waiting on the bus).
+
+For CoAPS the same edge carries a `DtlsServer` between the socket and the endpoint: datagrams are
+decrypted before the endpoint sees them, and what the endpoint sends is encrypted on the way out.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import trio
 
 from ..coap.endpoint import Endpoint, Request
 from ..coap.resources import Router
+from ..dtls import DtlsServer
 
 log = logging.getLogger("corem.net")
 
@@ -52,12 +56,23 @@ def bind_udp(host: str, port: int) -> socket.socket:
 class UdpEdge:
     """Drives one Endpoint from one UDP socket; dispatches requests to a Router."""
 
-    def __init__(self, sock: socket.socket, endpoint: Endpoint, router: Router, *, max_datagram: int = 1500) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        endpoint: Endpoint,
+        router: Router,
+        *,
+        max_datagram: int = 1500,
+        dtls: DtlsServer | None = None,
+    ) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.router = router
         self.max_datagram = max_datagram
+        self.dtls = dtls
         self.stats = EdgeStats()
+        #: datagrams ready for the wire (already encrypted for CoAPS) that the kernel did not take yet
+        self._wire: list[tuple[bytes, tuple]] = []
         self._closed = False
 
     @property
@@ -74,6 +89,7 @@ class UdpEdge:
         respond = endpoint.respond
         limit = self.max_datagram
         bufsize = limit + 1
+        dtls = self.dtls
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
@@ -91,23 +107,49 @@ class UdpEdge:
                 if len(data) > limit:
                     self.stats.oversized += 1
                     continue
-                event = receive(data, peer, now)
-                if type(event) is Request:
-                    response = dispatch(event)
-                    if response is not None:
-                        respond(event, response.code, response.options, response.payload)
-            if endpoint.outbox:
+                if dtls is None:
+                    event = receive(data, peer, now)
+                    if type(event) is Request:
+                        response = dispatch(event)
+                        if response is not None:
+                            respond(event, response.code, response.options, response.payload)
+                    continue
+                for plaintext in dtls.receive(data, peer, now):
+                    event = receive(plaintext, peer, now)
+                    if type(event) is Request:
+                        response = dispatch(event)
+                        if response is not None:
+                            respond(event, response.code, response.options, response.payload)
+            if endpoint.outbox or (dtls is not None and dtls.outbox):
                 self.flush()
 
     def flush(self) -> None:
-        """Send the endpoint's outbox now; what the kernel will not take waits for the next flush."""
-        outbox = self.endpoint.outbox
-        if not outbox or self._closed:
+        """Send what the endpoint (and DTLS) queued; what the kernel will not take waits for the
+        next flush, in order."""
+        if self._closed:
             return
+        endpoint = self.endpoint
+        dtls = self.dtls
+        if dtls is None:
+            wire = endpoint.outbox
+            if self._wire:
+                self._wire += wire
+                wire = self._wire
+            endpoint.outbox = []
+        else:
+            wire = self._wire
+            if dtls.outbox:
+                wire += dtls.outbox
+                dtls.outbox = []
+            wrap = dtls.wrap
+            for plaintext, peer in endpoint.take_outbox():
+                record = wrap(plaintext, peer)
+                if record is not None:
+                    wire.append((record, peer))
         sendto = self.sock.sendto
         stats = self.stats
         sent = 0
-        for data, peer in outbox:
+        for data, peer in wire:
             try:
                 sendto(data, peer)
             except BlockingIOError:
@@ -119,7 +161,7 @@ class UdpEdge:
             sent += 1
             stats.bytes_out += len(data)
         stats.datagrams_out += sent
-        del outbox[:sent]
+        self._wire = wire[sent:] if sent < len(wire) else []
 
     async def run_timers(self) -> None:
         """Tick the endpoint when its next deadline passes (at least every 100 ms)."""
@@ -129,8 +171,13 @@ class UdpEdge:
             deadline = endpoint.next_deadline()
             wake = now + 0.1 if deadline is None else min(deadline, now + 0.1)
             await trio.sleep_until(wake)
-            endpoint.tick(trio.current_time())
-            if endpoint.outbox:
+            now = trio.current_time()
+            endpoint.tick(now)
+            if self.dtls is not None:
+                self.dtls.tick(now)
+                if self.dtls.outbox:
+                    self.flush()
+            if endpoint.outbox or self._wire:
                 self.flush()
 
     def close(self) -> None:

@@ -18,20 +18,29 @@ import msgspec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
-    tenant     TEXT NOT NULL,
-    device     TEXT NOT NULL,
-    profile    TEXT NOT NULL DEFAULT 'default',
-    token      TEXT UNIQUE,
-    created_at INTEGER NOT NULL,
+    tenant       TEXT NOT NULL,
+    device       TEXT NOT NULL,
+    profile      TEXT NOT NULL DEFAULT 'default',
+    token        TEXT UNIQUE,
+    created_at   INTEGER NOT NULL,
+    psk_identity TEXT UNIQUE,
+    psk          BLOB,
     PRIMARY KEY (tenant, device)
 );
 """
+#: Columns added after the first release of the table, for data dirs created before them.
+MIGRATIONS = {"psk_identity": "ALTER TABLE devices ADD COLUMN psk_identity TEXT", "psk": "ALTER TABLE devices ADD COLUMN psk BLOB"}
+_COLUMNS = "tenant, device, profile, token, created_at, psk_identity, psk"
 
 #: Tenants become Kafka topic names (`telemetry.raw.{tenant}`): Kafka's legal characters.
 TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEVICE_RE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 #: Tokens travel in one Uri-Path segment: printable ASCII without '/', at most 255 bytes.
 TOKEN_RE = re.compile(r"[!-.0-~]{1,255}")
+#: PSK identities are opaque to DTLS, but they are typed on command lines: printable ASCII.
+PSK_IDENTITY_RE = re.compile(r"[!-~]{1,128}")
+#: RFC 4279 allows keys up to 64 bytes; fewer than 8 is too weak to accept.
+PSK_MIN, PSK_MAX = 8, 64
 
 
 class RegistryError(ValueError):
@@ -44,6 +53,8 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     profile: str = "default"
     token: str | None = None
     created_at: int = 0
+    psk_identity: str | None = None
+    psk: bytes | None = None
 
 
 def _check(name: str, value: str, pattern: re.Pattern, allowed: str) -> None:
@@ -61,26 +72,51 @@ class Registry:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(SCHEMA)
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
+        for column, sql in MIGRATIONS.items():
+            if column not in have:
+                self._conn.execute(sql)
+                self._conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
 
     def close(self) -> None:
         self._conn.close()
 
-    def add_device(self, tenant: str, device: str, *, token: str | None = None, profile: str = "default") -> Device:
+    def add_device(
+        self,
+        tenant: str,
+        device: str,
+        *,
+        token: str | None = None,
+        profile: str = "default",
+        psk_identity: str | None = None,
+        psk: bytes | None = None,
+    ) -> Device:
         _check("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
         _check("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
         if token is not None:
             _check("token", token, TOKEN_RE, "1-255 printable ASCII characters except '/' and space")
+        if (psk_identity is None) != (psk is None):
+            raise RegistryError("psk: a PSK identity and a key go together; give both or neither")
+        if psk_identity is not None:
+            _check("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
+            if not PSK_MIN <= len(psk) <= PSK_MAX:
+                raise RegistryError(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
         if not profile:
             raise RegistryError("profile: must not be empty")
-        d = Device(tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000))
+        d = Device(
+            tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000),
+            psk_identity=psk_identity, psk=psk,
+        )
         try:
             self._conn.execute(
-                "INSERT INTO devices (tenant, device, profile, token, created_at) VALUES (?, ?, ?, ?, ?)",
-                (d.tenant, d.device, d.profile, d.token, d.created_at),
+                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk),
             )
         except sqlite3.IntegrityError as e:
             if "token" in str(e):
                 raise RegistryError("token: already used by another device") from None
+            if "psk_identity" in str(e):
+                raise RegistryError("psk_identity: already used by another device") from None
             raise RegistryError(f"device: {tenant}/{device} already exists") from None
         return d
 
@@ -89,13 +125,16 @@ class Registry:
         return cur.rowcount > 0
 
     def list_devices(self, tenant: str | None = None) -> list[Device]:
-        sql = "SELECT tenant, device, profile, token, created_at FROM devices"
+        sql = f"SELECT {_COLUMNS} FROM devices"
         args: tuple = ()
         if tenant is not None:
             sql += " WHERE tenant = ?"
             args = (tenant,)
         rows = self._conn.execute(sql + " ORDER BY tenant, device", args)
-        return [Device(tenant=t, device=d, profile=p, token=k, created_at=c) for t, d, p, k, c in rows]
+        return [
+            Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i, psk=s)
+            for t, d, p, k, c, i, s in rows
+        ]
 
     def data_version(self) -> int:
         """Moves whenever another connection commits a change."""
@@ -108,8 +147,13 @@ class Directory:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.by_token: dict[str, Device] = {}
+        self.by_psk_identity: dict[str, Device] = {}
         self._version: int | None = None
         self.reloads = 0
+
+    def psk_device(self, identity: str) -> Device | None:
+        """The device presenting this PSK identity, as of the latest reload."""
+        return self.by_psk_identity.get(identity)
 
     def refresh(self) -> bool:
         """Reload if the registry changed since the last look; True if it did."""
@@ -118,6 +162,7 @@ class Directory:
             return False
         devices = self.registry.list_devices()
         self.by_token = {d.token: d for d in devices if d.token is not None}
+        self.by_psk_identity = {d.psk_identity: d for d in devices if d.psk_identity is not None}
         self._version = version
         self.reloads += 1
         return True

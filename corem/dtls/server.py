@@ -1,0 +1,336 @@
+"""DTLS 1.2 sessions for many peers on one UDP socket, sans-IO, on python-mbedtls buffers.
+
+`DtlsServer.receive(datagram, peer, now)` returns the decrypted application datagrams (CoAP
+messages) and queues handshake records in `outbox`; `wrap(plaintext, peer)` encrypts a response;
+`tick(now)` drives handshake retransmission and expiry.  Mbed TLS does the cryptography; this
+module owns which session a datagram belongs to and how many there may be.
+
+How python-mbedtls behaves (measured, see DESIGN.md): `do_handshake()` runs one step; the first
+ClientHello of a buffer that has a cookie parameter raises `HelloVerifyRequest` after writing the
+HelloVerifyRequest; the PSK store is a Mapping whose `__getitem__` is called inside
+`do_handshake()`.
+
+Stateless until proven: a ClientHello is handled by a fresh buffer that is thrown away again
+unless the hello carried a valid cookie (RFC 6347 §4.2.1), so a spoofed flood leaves no state
+and gets back only HelloVerifyRequests, which are smaller than the hellos that caused them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterator, Mapping
+
+from mbedtls import tls
+from mbedtls.exceptions import TLSError
+
+from ..registry import Device
+
+log = logging.getLogger("corem.dtls")
+
+Peer = Hashable
+
+HANDSHAKE_OVER = tls.HandshakeStep.HANDSHAKE_OVER
+CONTENT_HANDSHAKE = 22
+CONTENT_ALERT = 21
+CONTENT_APPLICATION = 23
+CLIENT_HELLO = 1  # handshake message type, the byte after the 13-byte record header
+
+DEFAULT_CIPHERS = ("TLS-PSK-WITH-AES-128-CCM-8",)
+
+
+@dataclass(frozen=True)
+class DtlsParams:
+    ciphers: tuple[str, ...] = DEFAULT_CIPHERS
+    #: Handshakes past the cookie exchange at once; more ClientHellos are dropped and counted.
+    max_handshakes: int = 1000
+    #: Established sessions at once; a handshake beyond it is refused.
+    max_sessions: int = 100_000
+    #: A handshake that has not finished after this many seconds is dropped.
+    handshake_timeout: float = 30.0
+    #: Sessions idle longer than this are forgotten (`dtls_session_inactivity_timeout`).
+    session_timeout: float = 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        available = set(tls.ciphers_available())
+        for c in self.ciphers:
+            if c not in available:
+                raise ValueError(f"dtls ciphers: {c!r} is not a cipher suite Mbed TLS offers")
+        for name in ("max_handshakes", "max_sessions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"dtls {name} must be >= 1")
+
+
+class PskStore(Mapping[str, bytes]):
+    """The PSK callback store: identity -> key, resolved from the registry's directory.
+
+    Mbed TLS calls `__getitem__` synchronously inside `do_handshake()`; the device found is left in
+    `resolved` for the DtlsServer to attach to the session it was stepping.  A KeyError rejects
+    the handshake.
+    """
+
+    def __init__(self, lookup: Callable[[str], Device | None]) -> None:
+        self.lookup = lookup
+        self.resolved: Device | None = None
+        self.lookups = 0
+
+    def __getitem__(self, identity: str) -> bytes:
+        self.lookups += 1
+        device = self.lookup(identity)
+        if device is None or device.psk is None:
+            raise KeyError(identity)
+        self.resolved = device
+        return device.psk
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())  # Mbed TLS only looks identities up; it never lists them
+
+    def __len__(self) -> int:
+        return 0
+
+
+class Session:
+    __slots__ = ("buf", "device", "established", "started", "last_seen")
+
+
+    def __init__(self, buf: tls.TLSWrappedBuffer, now: float) -> None:
+        self.buf = buf
+        self.device: Device | None = None
+        self.established = False
+        self.started = now
+        self.last_seen = now
+
+
+@dataclass
+class DtlsStats:
+    datagrams_in: int = 0
+    bytes_in: int = 0
+    bytes_out_unauthenticated: int = 0
+    hello_verify_sent: int = 0
+    handshakes_started: int = 0
+    handshakes_completed: int = 0
+    handshakes_failed: Counter = field(default_factory=Counter)  # reason -> count
+    handshakes_refused: int = 0
+    records_dropped: int = 0
+    sessions_closed: int = 0
+    sessions_expired: int = 0
+
+
+class DtlsServer:
+    #: Seconds between sweeps of idle established sessions.
+    SWEEP_INTERVAL = 60.0
+
+    def __init__(self, psk_store: PskStore, params: DtlsParams | None = None) -> None:
+        self.params = params or DtlsParams()
+        self.psk_store = psk_store
+        conf = tls.DTLSConfiguration(
+            pre_shared_key_store=psk_store,
+            ciphers=list(self.params.ciphers),
+            validate_certificates=False,
+            lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
+            highest_supported_version=tls.DTLSVersion.DTLSv1_2,
+            anti_replay=True,
+        )
+        self._ctx = tls.ServerContext(conf)
+        #: established sessions, and handshakes past the cookie exchange (bounded, stepped by tick)
+        self.sessions: dict[Peer, Session] = {}
+        self.handshakes: dict[Peer, Session] = {}
+        self.outbox: list[tuple[bytes, Peer]] = []
+        self.stats = DtlsStats()
+        self._next_sweep = 0.0
+
+    # -- input ---------------------------------------------------------------------------------
+    def receive(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
+        """Feed one datagram; return the application datagrams it decrypted to."""
+        stats = self.stats
+        stats.datagrams_in += 1
+        stats.bytes_in += len(data)
+        if len(data) < 14:  # shorter than a DTLS record header and one byte
+            stats.records_dropped += 1
+            return []
+        handshake = self.handshakes.get(peer)
+        if handshake is not None:
+            handshake.last_seen = now
+            self._step(handshake, peer, data)
+            return []
+        if data[0] == CONTENT_HANDSHAKE and data[3] == 0 and data[4] == 0 and data[13] == CLIENT_HELLO:
+            return self._hello(data, peer, now)  # a new handshake (replacing any old session)
+        session = self.sessions.get(peer)
+        if session is None:
+            stats.records_dropped += 1  # no session to decrypt it with
+            return []
+        session.last_seen = now
+        return self._read(session, peer, data)
+
+    def _hello(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
+        """A ClientHello from a peer without a handshake in progress: cookie exchange first."""
+        if len(self.handshakes) >= self.params.max_handshakes or (
+            len(self.sessions) >= self.params.max_sessions and peer not in self.sessions
+        ):
+            self.stats.handshakes_refused += 1
+            return []
+        buf = self._ctx.wrap_buffers()
+        buf.setcookieparam(_peer_bytes(peer))
+        session = Session(buf, now)
+        buf.receive_from_network(data)
+        try:
+            self._advance(session)
+        except tls.HelloVerifyRequest:
+            # no cookie or a stale one: answer statelessly, keep nothing
+            self.stats.hello_verify_sent += 1
+            self._flush(buf, peer, unauthenticated=True)
+            return []
+        except tls.WantReadError:
+            pass
+        except TLSError as e:
+            self._fail(session, peer, e)
+            return []
+        # the cookie was valid: the peer has a handshake in progress (replacing an old session)
+        self.sessions.pop(peer, None)
+        self.handshakes[peer] = session
+        self.stats.handshakes_started += 1
+        self._flush(buf, peer, unauthenticated=True)
+        self._check_done(session, peer)
+        return []
+
+    def _step(self, session: Session, peer: Peer, data: bytes | None) -> None:
+        buf = session.buf
+        if data is not None:
+            buf.receive_from_network(data)
+        try:
+            self._advance(session)
+        except tls.WantReadError:
+            pass
+        except TLSError as e:
+            self._fail(session, peer, e)
+            return
+        self._flush(buf, peer, unauthenticated=True)
+        self._check_done(session, peer)
+
+    def _advance(self, session: Session) -> None:
+        """Step the handshake until it needs input (WantReadError) or is over."""
+        buf = session.buf
+        store = self.psk_store
+        while buf._handshake_state is not HANDSHAKE_OVER:
+            store.resolved = None
+            try:
+                buf.do_handshake()
+            except tls.WantWriteError:
+                continue
+            finally:
+                if store.resolved is not None:
+                    session.device = store.resolved
+
+    def _check_done(self, session: Session, peer: Peer) -> None:
+        if not session.established and session.buf._handshake_state is HANDSHAKE_OVER:
+            session.established = True
+            self.handshakes.pop(peer, None)
+            self.sessions[peer] = session
+            self.stats.handshakes_completed += 1
+
+    def _fail(self, session: Session, peer: Peer, error: TLSError) -> None:
+        reason = _reason(error)
+        self.stats.handshakes_failed[reason] += 1
+        log.info("dtls handshake with %s failed: %s", peer, reason)
+        self._flush(session.buf, peer, unauthenticated=True)  # the alert, if Mbed TLS wrote one
+        if self.handshakes.get(peer) is session:
+            del self.handshakes[peer]
+
+    def _read(self, session: Session, peer: Peer, data: bytes) -> list[bytes]:
+        buf = session.buf
+        buf.receive_from_network(data)
+        out = []
+        while True:
+            try:
+                plaintext = buf.read(2048)
+            except tls.WantReadError:
+                break
+            except TLSError as e:
+                # close_notify, a fatal alert, or a record that does not decrypt
+                if _code(e) == CLOSE_NOTIFY:
+                    self.stats.sessions_closed += 1
+                    del self.sessions[peer]
+                else:
+                    self.stats.records_dropped += 1
+                break
+            if not plaintext:
+                break
+            out.append(plaintext)
+        return out
+
+    # -- output --------------------------------------------------------------------------------
+    def wrap(self, plaintext: bytes, peer: Peer) -> bytes | None:
+        """Encrypt one application datagram for `peer`; None if it has no session any more."""
+        session = self.sessions.get(peer)
+        if session is None:
+            return None
+        buf = session.buf
+        buf.write(plaintext)
+        record = buf.peek_outgoing(4096)
+        buf.consume_outgoing(len(record))
+        return record
+
+    def _flush(self, buf: tls.TLSWrappedBuffer, peer: Peer, *, unauthenticated: bool) -> None:
+        while True:
+            out = buf.peek_outgoing(4096)
+            if not out:
+                return
+            buf.consume_outgoing(len(out))
+            self.outbox.append((out, peer))
+            if unauthenticated:
+                self.stats.bytes_out_unauthenticated += len(out)
+
+    # -- time ----------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Retransmit handshake flights whose timer ran out, drop stalled handshakes, and now and
+        then forget sessions idle past the inactivity timeout."""
+        p = self.params
+        for peer, session in list(self.handshakes.items()):
+            if now - session.started > p.handshake_timeout:
+                self.stats.handshakes_failed["timeout"] += 1
+                del self.handshakes[peer]
+            else:
+                self._step(session, peer, None)  # Mbed TLS resends its flight if its timer expired
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_INTERVAL
+            limit = now - p.session_timeout
+            for peer in [peer for peer, s in self.sessions.items() if s.last_seen < limit]:
+                del self.sessions[peer]
+                self.stats.sessions_expired += 1
+
+    def device(self, peer: Peer) -> Device | None:
+        session = self.sessions.get(peer)
+        return None if session is None else session.device
+
+
+def _peer_bytes(peer: Peer) -> bytes:
+    if isinstance(peer, tuple):
+        return f"{peer[0]}|{peer[1]}".encode()
+    return repr(peer).encode()
+
+
+def _code(e: Exception) -> int:
+    err = getattr(e, "err", None)
+    if isinstance(err, int):
+        return abs(err)
+    text = str(e)
+    i = text.find("0x")
+    return int(text[i : i + 6], 16) if i >= 0 else 0
+
+
+CLOSE_NOTIFY = 0x7880  # MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY
+
+#: Mbed TLS error codes worth a name in metrics.
+REASONS = {
+    0x7180: "bad_mac",  # wrong key: the Finished message does not verify
+    0x6C80: "unknown_identity",  # MBEDTLS_ERR_SSL_UNKNOWN_IDENTITY: the PSK store said KeyError
+    0x7780: "alert_received",
+    0x7380: "no_cipher_in_common",  # MBEDTLS_ERR_SSL_NO_CIPHER_CHOSEN
+    0x7200: "invalid_record",
+    0x6E00: "bad_protocol_version",
+}
+
+
+def _reason(e: Exception) -> str:
+    return REASONS.get(_code(e), f"tls_error_{_code(e):#06x}")

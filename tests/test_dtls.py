@@ -1,0 +1,220 @@
+"""DtlsServer, sans-IO, against a real Mbed TLS DTLS client in memory (no sockets)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from mbedtls import tls
+from mbedtls.exceptions import TLSError
+
+from corem.dtls import DtlsParams, DtlsServer, PskStore
+from corem.registry import Device
+
+IDENTITY = "psk-identity-d7b1c0e2"
+KEY = b"s3cr3t-pre-shared-key"
+DEVICE = Device(tenant="acme", device="sensor-7", psk_identity=IDENTITY, psk=KEY)
+PEER = ("192.0.2.10", 40000)
+
+
+def server(**params) -> DtlsServer:
+    return DtlsServer(PskStore({IDENTITY: DEVICE}.get), DtlsParams(**params))
+
+
+class Client:
+    """A DTLS-PSK client on python-mbedtls buffers, exchanging datagrams with a DtlsServer."""
+
+    def __init__(self, identity: str = IDENTITY, key: bytes = KEY, peer=PEER) -> None:
+        conf = tls.DTLSConfiguration(
+            pre_shared_key=(identity, key),
+            ciphers=["TLS-PSK-WITH-AES-128-CCM-8"],
+            validate_certificates=False,
+            lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
+            highest_supported_version=tls.DTLSVersion.DTLSv1_2,
+        )
+        self.buf = tls.ClientContext(conf).wrap_buffers(None)
+        self.peer = peer
+        self.error: TLSError | None = None
+
+    def outgoing(self) -> list[bytes]:
+        out = []
+        while chunk := self.buf.peek_outgoing(4096):
+            self.buf.consume_outgoing(len(chunk))
+            out.append(chunk)
+        return out
+
+    def step(self) -> bool:
+        """Run the client's handshake until it waits for the server; True once it is over."""
+        while self.buf._handshake_state is not tls.HandshakeStep.HANDSHAKE_OVER:
+            try:
+                self.buf.do_handshake()
+            except tls.WantWriteError:
+                continue
+            except tls.WantReadError:
+                break
+            except TLSError as e:  # e.g. the server's fatal alert after a failed handshake
+                self.error = e
+                break
+        return self.buf._handshake_state is tls.HandshakeStep.HANDSHAKE_OVER
+
+    def handshake(self, srv: DtlsServer, now: float = 0.0, rounds: int = 20) -> bool:
+        for _ in range(rounds):
+            done = self.step()
+            for datagram in self.outgoing():
+                srv.receive(datagram, self.peer, now)
+            for datagram, peer in srv.outbox:
+                assert peer == self.peer
+                self.buf.receive_from_network(datagram)
+            srv.outbox.clear()
+            if done and self.peer in srv.sessions:
+                return True
+            if self.error is not None:
+                return False
+        return False
+
+    def send(self, srv: DtlsServer, plaintext: bytes, now: float = 1.0) -> list[bytes]:
+        self.buf.write(plaintext)
+        got = []
+        for datagram in self.outgoing():
+            got += srv.receive(datagram, self.peer, now)
+        return got
+
+    def receive(self, record: bytes) -> bytes:
+        self.buf.receive_from_network(record)
+        return self.buf.read(2048)
+
+
+def test_psk_handshake_resolves_the_device_and_carries_data():
+    srv = server()
+    client = Client()
+    assert client.handshake(srv)
+    assert srv.device(PEER) == DEVICE
+    assert srv.stats.handshakes_completed == 1 and srv.stats.hello_verify_sent == 1
+    assert not srv.handshakes
+    assert client.send(srv, b"\x40\x02\x00\x01coap") == [b"\x40\x02\x00\x01coap"]
+    record = srv.wrap(b"\x60\x44\x00\x01", PEER)
+    assert record is not None and record != b"\x60\x44\x00\x01"  # encrypted
+    assert client.receive(record) == b"\x60\x44\x00\x01"
+
+
+def test_first_client_hello_gets_hello_verify_and_leaves_no_state():
+    srv = server()
+    client = Client()
+    client.step()
+    [hello] = client.outgoing()
+    srv.receive(hello, PEER, 0.0)
+    assert srv.stats.hello_verify_sent == 1
+    assert not srv.sessions and not srv.handshakes
+    [(hvr, _)] = srv.outbox
+    assert len(hvr) < len(hello)  # no amplification
+
+
+def test_wrong_key_fails_the_handshake():
+    srv = server()
+    assert not Client(key=b"not-the-right-key").handshake(srv)
+    assert srv.stats.handshakes_failed["bad_mac"] == 1
+    assert not srv.sessions and not srv.handshakes and srv.device(PEER) is None
+
+
+def test_unknown_identity_fails_the_handshake():
+    srv = server()
+    assert not Client(identity="who-am-i").handshake(srv)
+    assert srv.stats.handshakes_failed["unknown_identity"] == 1
+    assert not srv.sessions and not srv.handshakes
+
+
+def test_client_hello_flood_from_many_ports_leaves_no_state_and_no_amplification():
+    srv = server()
+    hellos = []
+    for port in range(50):  # a real ClientHello each, from its own source port
+        c = Client(peer=("192.0.2.99", 20000 + port))
+        c.step()
+        hellos.append((c.outgoing()[0], c.peer))
+    for _ in range(4):
+        for hello, peer in hellos:
+            srv.receive(hello, peer, 0.0)
+    junk = [(os.urandom(n), ("192.0.2.98", 30000 + n)) for n in range(1, 200)]
+    for datagram, peer in junk:
+        srv.receive(datagram, peer, 0.0)
+    assert not srv.sessions and not srv.handshakes
+    assert srv.stats.hello_verify_sent == 200
+    assert srv.stats.bytes_out_unauthenticated <= srv.stats.bytes_in
+
+
+def test_handshake_bound_refuses_and_counts():
+    srv = server(max_handshakes=1)
+    a, b = Client(peer=("192.0.2.1", 1)), Client(peer=("192.0.2.2", 2))
+    for c in (a, b):  # both past the cookie exchange: HVR, then the hello with the cookie
+        c.step()
+        for d in c.outgoing():
+            srv.receive(d, c.peer, 0.0)
+        for d, _ in srv.outbox:
+            c.buf.receive_from_network(d)
+        srv.outbox.clear()
+        c.step()
+        for d in c.outgoing():
+            srv.receive(d, c.peer, 0.0)
+        srv.outbox.clear()
+    assert len(srv.handshakes) == 1 and srv.stats.handshakes_refused == 1
+
+
+def test_stalled_handshake_times_out():
+    srv = server(handshake_timeout=5.0)
+    c = Client()
+    c.step()
+    for d in c.outgoing():
+        srv.receive(d, PEER, 0.0)
+    for d, _ in srv.outbox:
+        c.buf.receive_from_network(d)
+    srv.outbox.clear()
+    c.step()
+    for d in c.outgoing():
+        srv.receive(d, PEER, 0.0)
+    assert PEER in srv.handshakes
+    srv.tick(3.0)
+    assert PEER in srv.handshakes
+    srv.tick(6.0)
+    assert PEER not in srv.handshakes and srv.stats.handshakes_failed["timeout"] == 1
+
+
+def test_close_notify_ends_the_session():
+    srv = server()
+    c = Client()
+    assert c.handshake(srv)
+    try:
+        c.buf.shutdown()
+    except tls.WantWriteError:
+        pass
+    for d in c.outgoing():
+        srv.receive(d, PEER, 1.0)
+    assert PEER not in srv.sessions and srv.stats.sessions_closed == 1
+
+
+def test_new_client_hello_replaces_an_established_session():
+    srv = server()
+    assert Client().handshake(srv)
+    old = srv.sessions[PEER]
+    assert Client().handshake(srv)  # same address, fresh handshake (device rebooted)
+    assert srv.sessions[PEER] is not old and srv.stats.handshakes_completed == 2
+
+
+def test_garbage_and_records_without_session_are_dropped():
+    srv = server()
+    assert srv.receive(b"\x17\xfe\xfd\x00\x01" + bytes(8) + b"\x00\x10" + os.urandom(16), PEER, 0.0) == []
+    assert srv.receive(b"short", PEER, 0.0) == []
+    assert srv.stats.records_dropped == 2 and not srv.outbox
+
+
+def test_idle_sessions_expire():
+    srv = server(session_timeout=100.0)
+    assert Client().handshake(srv)
+    srv.tick(50.0)
+    assert PEER in srv.sessions
+    srv._next_sweep = 0.0
+    srv.tick(500.0)
+    assert PEER not in srv.sessions and srv.stats.sessions_expired == 1
+
+
+def test_unknown_cipher_is_refused():
+    with pytest.raises(ValueError, match="not a cipher suite"):
+        DtlsParams(ciphers=("TLS-NOPE",))

@@ -1,0 +1,109 @@
+"""CoAPS end to end: `corem serve` on loopback, libcoap's DTLS clients (OpenSSL and GnuTLS builds)."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+
+from .conftest import DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, write_cbor
+
+pytestmark = [needs_libcoap]
+
+READING = {"temperature": 22.5, "humidity": 65}
+clients = pytest.mark.parametrize("client", DTLS_CLIENTS)
+
+
+def spec_command(corem, client, reading, identity=SPEC_IDENTITY, key=SPEC_KEY):
+    """The spec's own command: coap-client -m post -u ID -k KEY -t application/cbor -f reading.cbor coaps://…/telemetry"""
+    return coap_client(
+        f"coaps://127.0.0.1:{corem.coaps_port}/telemetry",
+        "-m", "post", "-u", identity, "-k", key, "-t", "application/cbor", "-f", str(reading),
+        binary=client, timeout=30,
+    )
+
+
+@clients
+def test_spec_command_is_changed_and_stored_for_the_identity(corem, tmp_path, client):
+    r = spec_command(corem, client, write_cbor(tmp_path / "reading.cbor", READING))
+    assert r.code == "2.04", r.output
+    [point] = corem.points()
+    assert (point["tenant"], point["device"]) == ("acme", "sensor-7")  # from the session, not the payload
+    assert point["numeric_values"] == {"temperature": 22.5, "humidity": 65.0}
+    m = corem.metrics()
+    assert m['corem_coap_responses_total{code="2.04",transport="dtls"}'] == 1
+    assert m["corem_dtls_handshakes_completed_total"] == 1
+
+
+@clients
+def test_wrong_key_and_unknown_identity_fail_the_handshake_and_store_nothing(corem, tmp_path, client):
+    reading = write_cbor(tmp_path / "reading.cbor", READING)
+    assert spec_command(corem, client, reading, key="not-the-right-key").code is None
+    assert spec_command(corem, client, reading, identity="who-am-i").code is None
+    assert corem.points() == []
+    m = corem.metrics()
+    assert m['corem_dtls_handshakes_failed_total{reason="bad_mac"}'] >= 1
+    assert m['corem_dtls_handshakes_failed_total{reason="unknown_identity"}'] >= 1
+    assert m["corem_dtls_handshakes_completed_total"] == 0
+
+
+@clients
+def test_bad_cbor_over_coaps_is_rejected_like_plain_coap(corem, tmp_path, client):
+    f = tmp_path / "bad.cbor"
+    f.write_bytes(cbor2.dumps({"temperature": [1, 2]}))
+    r = spec_command(corem, client, f)
+    assert r.code == "4.00" and "temperature" in r.output, r.output
+    assert corem.points() == []
+    m = corem.metrics()
+    assert m['corem_protocol_payload_rejections_total{protocol="coap",reason="decode_error"}'] == 1
+
+
+def test_token_path_works_over_coaps_too(corem, tmp_path):
+    reading = write_cbor(tmp_path / "reading.cbor", READING)
+    r = coap_client(
+        f"coaps://127.0.0.1:{corem.coaps_port}/api/v1/T0KEN-1/telemetry",
+        "-m", "post", "-u", SPEC_IDENTITY, "-k", SPEC_KEY, "-t", "application/cbor", "-f", str(reading),
+        binary=DTLS_CLIENTS[0], timeout=30,
+    )
+    assert r.code == "2.04", r.output
+    assert [p["device"] for p in corem.points()] == ["sensor-1"]  # the token names the device
+
+
+def test_client_hello_flood_from_many_ports_creates_no_state_and_no_amplification(corem):
+    """Real ClientHellos without cookies from 100 source ports, each sent three times."""
+    import socket
+
+    from .test_dtls import Client
+
+    socks = []
+    for _ in range(100):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+    try:
+        sent = 0
+        for s in socks:
+            c = Client()
+            c.step()
+            [hello] = c.outgoing()
+            for _ in range(3):
+                s.sendto(hello, ("127.0.0.1", corem.coaps_port))
+                sent += len(hello)
+        import time
+
+        time.sleep(0.5)
+        received = 0
+        for s in socks:
+            while True:
+                try:
+                    received += len(s.recv(4096))
+                except BlockingIOError:
+                    break
+    finally:
+        for s in socks:
+            s.close()
+    m = corem.metrics()
+    assert m['corem_dtls_sessions{state="live"}'] == 0 and m['corem_dtls_sessions{state="handshaking"}'] == 0
+    assert m["corem_dtls_hello_verify_sent_total"] == 300
+    assert 0 < received <= sent
+    assert m["corem_dtls_bytes_sent_unauthenticated_total"] <= m["corem_dtls_bytes_received_total"]
