@@ -88,6 +88,10 @@ class Settings:
     dtls_max_sessions: int = _opt(100_000, "established DTLS sessions at most", _positive)
     dtls_handshake_timeout: float = _opt(30.0, "seconds a DTLS handshake may take before it is dropped", _positive)
     dtls_session_inactivity_timeout: float = _opt(86400.0, "seconds an idle DTLS session is kept", _positive)
+    dtls_offload_after: float = _opt(
+        60.0, "seconds of idleness after which a DTLS session is serialized (~1 KB) and its live context freed",
+        _positive,
+    )
     http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
     data_dir: str = _opt("data", "directory for the registry and the embedded bus")
     bus: str = _opt("embedded", "where accepted points go: 'embedded' (SQLite log in data_dir)", _bus)

@@ -86,8 +86,14 @@ class ServerCollector:
             yield family("corem_dtls_sessions_expired", "Sessions forgotten after the inactivity timeout.",
                          [({}, d.sessions_expired)])
             yield family("corem_dtls_sessions", "Sessions by state.", [
-                ({"state": "live"}, len(t.dtls.sessions)), ({"state": "handshaking"}, len(t.dtls.handshakes)),
+                ({"state": "live"}, len(t.dtls.sessions)), ({"state": "offloaded"}, len(t.dtls.offloaded)),
+                ({"state": "handshaking"}, len(t.dtls.handshakes)),
             ], gauge=True)
+            yield family("corem_dtls_sessions_offloaded", "Idle sessions serialized and freed.", [({}, d.offloaded)])
+            yield family("corem_dtls_sessions_restored", "Offloaded sessions brought back by a datagram.",
+                         [({}, d.restored)])
+            yield family("corem_dtls_sessions_lost", "Sessions that failed to serialize or restore.",
+                         [({}, d.sessions_lost)])
 
         ing = s.ingest.stats
         rej = CounterMetricFamily(

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import trio
 
 from .admin.http import HttpServer
@@ -46,6 +47,35 @@ class Transport:
     router: Router
     dtls: DtlsServer | None = None
     edge: UdpEdge | None = None
+
+
+SESSIONS_FILE = "dtls-sessions.bin"
+
+
+def save_sessions(path: Path, dtls: DtlsServer, now: float) -> int:
+    """Write the serialized DTLS sessions (they hold session keys: mode 0600, replaced atomically)."""
+    saved = dtls.export_sessions(now)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.msgpack.encode(saved))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(saved)
+
+
+def load_sessions(path: Path, dtls: DtlsServer, lookup) -> int:
+    """Take back the sessions saved at the last shutdown, once: the file is removed after."""
+    if not path.exists():
+        return 0
+    try:
+        saved = msgspec.msgpack.decode(path.read_bytes(), type=list[tuple[str, int, bytes, str, float]])
+    except msgspec.DecodeError as e:
+        log.warning("ignoring %s: %s", path, e)
+        saved = []
+    path.unlink()
+    return dtls.import_sessions(saved, trio.current_time(), lookup)
 
 
 def lock_data_dir(data: Path) -> int:
@@ -131,8 +161,12 @@ class Server:
                     max_sessions=s.dtls_max_sessions,
                     handshake_timeout=s.dtls_handshake_timeout,
                     session_timeout=s.dtls_session_inactivity_timeout,
+                    offload_after=s.dtls_offload_after,
                 ),
             )
+            restored = load_sessions(self.settings.data_path / SESSIONS_FILE, dtls, self.directory.psk_device)
+            if restored:
+                log.info("restored %d DTLS sessions saved at the last shutdown", restored)
             t = Transport("dtls", self.new_endpoint(), Router(), dtls)
             self.ingest.install(t.router, session_device=dtls.device)
             t.edge = UdpEdge(bind_udp(*coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls)
@@ -182,6 +216,10 @@ class Server:
                 # every reading accepted before the stop is committed and answered here
                 await self.sink.close()
                 self._after_batch()
+                for t in self.transports:
+                    if t.dtls is not None:
+                        n = save_sessions(self.settings.data_path / SESSIONS_FILE, t.dtls, trio.current_time())
+                        log.info("saved %d DTLS sessions for the next start", n)
         finally:
             for t in self.transports:
                 if t.edge is not None:

@@ -218,3 +218,54 @@ def test_idle_sessions_expire():
 def test_unknown_cipher_is_refused():
     with pytest.raises(ValueError, match="not a cipher suite"):
         DtlsParams(ciphers=("TLS-NOPE",))
+
+
+def test_idle_session_is_offloaded_and_restored_without_a_new_handshake():
+    srv = server(offload_after=10.0)
+    c = Client()
+    assert c.handshake(srv)
+    assert c.send(srv, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
+    srv.sweep(5.0)
+    assert PEER in srv.sessions  # not idle long enough
+    srv.sweep(20.0)
+    assert PEER not in srv.sessions and PEER in srv.offloaded and srv.stats.offloaded == 1
+    blob = srv.offloaded[PEER][0]
+    assert len(blob) < 2048  # ~1 KB instead of the tens of KB of a live context
+    assert srv.device(PEER) == DEVICE  # still known while offloaded
+    assert c.send(srv, b"\x40\x02\x00\x02b", now=21.0) == [b"\x40\x02\x00\x02b"]
+    assert PEER in srv.sessions and srv.stats.restored == 1 and srv.stats.handshakes_completed == 1
+    assert c.receive(srv.wrap(b"\x60\x44\x00\x02", PEER)) == b"\x60\x44\x00\x02"
+
+
+def test_session_without_data_yet_stays_live_until_it_can_be_serialized():
+    srv = server(offload_after=10.0)
+    assert Client().handshake(srv)
+    srv.sweep(20.0)  # Mbed TLS keeps handshake state until the first record: cannot save yet
+    assert PEER in srv.sessions and srv.stats.offloaded == 0
+
+
+def test_sessions_survive_export_and_import_into_a_new_server():
+    old = server()
+    c = Client()
+    assert c.handshake(old)
+    c.send(old, b"\x40\x02\x00\x01a")
+    saved = old.export_sessions(now=5.0)
+    assert [(h, p, i) for h, p, _, i, _ in saved] == [(PEER[0], PEER[1], IDENTITY)]
+    new = server()
+    assert new.import_sessions(saved, 100.0, {IDENTITY: DEVICE}.get) == 1
+    assert c.send(new, b"\x40\x02\x00\x02b", now=101.0) == [b"\x40\x02\x00\x02b"]
+    assert new.stats.handshakes_completed == 0 and new.stats.restored == 1
+    # a device removed while corem was down does not come back
+    assert server().import_sessions(saved, 100.0, {}.get) == 0
+
+
+def test_offloaded_blob_carries_no_key_material_of_the_store():
+    srv = DtlsServer(PskStore({IDENTITY: DEVICE, "other": Device(tenant="t", device="o", psk_identity="other",
+                                                                 psk=b"another-devices-key")}.get))
+    c = Client()
+    assert c.handshake(srv)
+    c.send(srv, b"\x40\x02\x00\x01a")
+    srv.params = DtlsParams(offload_after=1.0)
+    srv.sweep(100.0)
+    blob = srv.offloaded[PEER][0]
+    assert b"another-devices-key" not in blob and KEY not in blob and b"other" not in blob

@@ -107,3 +107,56 @@ def test_client_hello_flood_from_many_ports_creates_no_state_and_no_amplificatio
     assert m["corem_dtls_hello_verify_sent_total"] == 300
     assert 0 < received <= sent
     assert m["corem_dtls_bytes_sent_unauthenticated_total"] <= m["corem_dtls_bytes_received_total"]
+
+
+def test_offloaded_session_keeps_working_without_a_new_handshake(data_dir):
+    from .conftest import start_corem
+    from .dtls_udp_client import DtlsUdpClient
+
+    server = start_corem(data_dir, "--dtls-offload-after", "0.3")
+    client = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode())
+    try:
+        client.handshake()
+        assert client.post(["telemetry"], cbor2.dumps({"seq": 1})).code == 68
+        import time
+
+        deadline = time.monotonic() + 10
+        while server.metrics()["corem_dtls_sessions_offloaded_total"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        m = server.metrics()
+        assert m['corem_dtls_sessions{state="offloaded"}'] == 1 and m['corem_dtls_sessions{state="live"}'] == 0
+        assert client.post(["telemetry"], cbor2.dumps({"seq": 2})).code == 68
+        m = server.metrics()
+        assert m["corem_dtls_sessions_restored_total"] >= 1
+        assert m["corem_dtls_handshakes_completed_total"] == 1  # the one at the start, no other
+        assert sorted(p["numeric_values"]["seq"] for p in server.points()) == [1.0, 2.0]
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_session_carried_across_a_restart_of_corem(data_dir):
+    from .conftest import start_corem
+    from .dtls_udp_client import DtlsUdpClient
+
+    first = start_corem(data_dir)
+    port = first.coaps_port
+    client = DtlsUdpClient(port, SPEC_IDENTITY, SPEC_KEY.encode())
+    try:
+        client.handshake()
+        assert client.post(["telemetry"], cbor2.dumps({"seq": 1})).code == 68
+        assert first.stop() == 0
+        assert "saved 1 DTLS sessions" in first.stderr()
+        second = start_corem(data_dir, "--coaps", f"127.0.0.1:{port}")
+        try:
+            assert second.coaps_port == port
+            assert client.post(["telemetry"], cbor2.dumps({"seq": 2})).code == 68
+            m = second.metrics()
+            assert m["corem_dtls_handshakes_completed_total"] == 0  # no new handshake
+            assert m["corem_dtls_sessions_restored_total"] == 1
+            assert sorted(p["numeric_values"]["seq"] for p in second.points()) == [1.0, 2.0]
+            assert not (data_dir / "dtls-sessions.bin").exists()  # taken back once, then removed
+        finally:
+            second.stop()
+    finally:
+        client.close()

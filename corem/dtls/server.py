@@ -18,7 +18,8 @@ and gets back only HelloVerifyRequests, which are smaller than the hellos that c
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import pickle
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Mapping
 
@@ -51,6 +52,8 @@ class DtlsParams:
     handshake_timeout: float = 30.0
     #: Sessions idle longer than this are forgotten (`dtls_session_inactivity_timeout`).
     session_timeout: float = 24 * 3600.0
+    #: Sessions idle longer than this are serialized (~1 KB) and their live context freed.
+    offload_after: float = 60.0
 
     def __post_init__(self) -> None:
         available = set(tls.ciphers_available())
@@ -83,11 +86,20 @@ class PskStore(Mapping[str, bytes]):
         self.resolved = device
         return device.psk
 
+    def __reduce__(self):
+        """A serialized session carries its configuration, and with it this store.  It must not
+        drag the registry (or any key) into the blob: restored sessions never look a key up."""
+        return (PskStore, (_no_device,))
+
     def __iter__(self) -> Iterator[str]:
         return iter(())  # Mbed TLS only looks identities up; it never lists them
 
     def __len__(self) -> int:
         return 0
+
+
+def _no_device(identity: str) -> None:
+    return None
 
 
 class Session:
@@ -108,6 +120,9 @@ class DtlsStats:
     bytes_in: int = 0
     bytes_out_unauthenticated: int = 0
     hello_verify_sent: int = 0
+    offloaded: int = 0
+    restored: int = 0
+    sessions_lost: int = 0
     handshakes_started: int = 0
     handshakes_completed: int = 0
     handshakes_failed: Counter = field(default_factory=Counter)  # reason -> count
@@ -133,8 +148,10 @@ class DtlsServer:
             anti_replay=True,
         )
         self._ctx = tls.ServerContext(conf)
-        #: established sessions, and handshakes past the cookie exchange (bounded, stepped by tick)
-        self.sessions: dict[Peer, Session] = {}
+        #: live sessions in activity order (least recently active first), offloaded ones in the
+        #: order they were offloaded, and handshakes past the cookie exchange (stepped by tick)
+        self.sessions: OrderedDict[Peer, Session] = OrderedDict()
+        self.offloaded: dict[Peer, tuple[bytes, Device | None, float]] = {}
         self.handshakes: dict[Peer, Session] = {}
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = DtlsStats()
@@ -158,8 +175,12 @@ class DtlsServer:
             return self._hello(data, peer, now)  # a new handshake (replacing any old session)
         session = self.sessions.get(peer)
         if session is None:
-            stats.records_dropped += 1  # no session to decrypt it with
-            return []
+            session = self._restore(peer, now)
+            if session is None:
+                stats.records_dropped += 1  # no session to decrypt it with
+                return []
+        else:
+            self.sessions.move_to_end(peer)
         session.last_seen = now
         return self._read(session, peer, data)
 
@@ -188,6 +209,7 @@ class DtlsServer:
             return []
         # the cookie was valid: the peer has a handshake in progress (replacing an old session)
         self.sessions.pop(peer, None)
+        self.offloaded.pop(peer, None)
         self.handshakes[peer] = session
         self.stats.handshakes_started += 1
         self._flush(buf, peer, unauthenticated=True)
@@ -264,7 +286,9 @@ class DtlsServer:
         """Encrypt one application datagram for `peer`; None if it has no session any more."""
         session = self.sessions.get(peer)
         if session is None:
-            return None
+            session = self._restore(peer, None)
+            if session is None:
+                return None
         buf = session.buf
         buf.write(plaintext)
         record = buf.peek_outgoing(4096)
@@ -293,15 +317,102 @@ class DtlsServer:
             else:
                 self._step(session, peer, None)  # Mbed TLS resends its flight if its timer expired
         if now >= self._next_sweep:
-            self._next_sweep = now + self.SWEEP_INTERVAL
-            limit = now - p.session_timeout
-            for peer in [peer for peer, s in self.sessions.items() if s.last_seen < limit]:
-                del self.sessions[peer]
+            self._next_sweep = now + min(self.SWEEP_INTERVAL, p.offload_after / 2)
+            self.sweep(now)
+
+    def sweep(self, now: float) -> None:
+        """Offload sessions idle past `offload_after` and forget those idle past the timeout.
+        Both walk from the least recently active end and stop at the first active session."""
+        p = self.params
+        expire_before = now - p.session_timeout
+        offload_before = now - p.offload_after
+        sessions = self.sessions
+        keep: list[tuple[Peer, Session]] = []
+        while sessions:
+            peer, session = next(iter(sessions.items()))
+            if session.last_seen >= offload_before:
+                break
+            del sessions[peer]
+            if session.last_seen < expire_before:
                 self.stats.sessions_expired += 1
+                continue
+            if not self._offload(peer, session):
+                keep.append((peer, session))  # not serializable yet (no data since the handshake)
+        for peer, session in keep:
+            sessions[peer] = session
+            sessions.move_to_end(peer, last=False)
+        offloaded = self.offloaded
+        while offloaded:
+            peer, (_, _, last_seen) = next(iter(offloaded.items()))
+            if last_seen >= expire_before:
+                break
+            del offloaded[peer]
+            self.stats.sessions_expired += 1
+
+    def _offload(self, peer: Peer, session: Session) -> bool:
+        try:
+            blob = pickle.dumps(session.buf)
+        except TypeError as e:
+            if "-0x7100" in str(e):  # Mbed TLS refused before saving: not serializable yet
+                log.debug("session of %s cannot be serialized yet", peer)
+                return False
+            # mbedtls_ssl_context_save resets the live context: whatever failed after it, this
+            # session is gone; the device will do a new handshake
+            log.warning("lost the session of %s while serializing it: %s", peer, e)
+            self.stats.sessions_lost += 1
+            return True
+        self.offloaded[peer] = (blob, session.device, session.last_seen)
+        self.stats.offloaded += 1
+        return True
+
+    def _restore(self, peer: Peer, now: float | None) -> Session | None:
+        entry = self.offloaded.pop(peer, None)
+        if entry is None:
+            return None
+        blob, device, last_seen = entry
+        try:
+            buf = pickle.loads(blob)
+        except Exception:  # noqa: BLE001 - a blob that does not restore is a lost session, no more
+            self.stats.sessions_lost += 1
+            return None
+        session = Session(buf, last_seen if now is None else now)
+        session.established = True
+        session.device = device
+        session.last_seen = last_seen if now is None else now
+        self.sessions[peer] = session
+        self.stats.restored += 1
+        return session
 
     def device(self, peer: Peer) -> Device | None:
         session = self.sessions.get(peer)
-        return None if session is None else session.device
+        if session is not None:
+            return session.device
+        entry = self.offloaded.get(peer)
+        return None if entry is None else entry[1]
+
+    # -- across restarts -----------------------------------------------------------------------
+    def export_sessions(self, now: float) -> list[tuple[str, int, bytes, str, float]]:
+        """Every session that can be serialized, as (host, port, blob, psk identity, idle
+        seconds), for saving across a restart."""
+        for peer, session in list(self.sessions.items()):
+            if self._offload(peer, session):
+                del self.sessions[peer]
+        out = []
+        for peer, (blob, device, last_seen) in self.offloaded.items():
+            if device is not None and device.psk_identity is not None and isinstance(peer, tuple):
+                out.append((peer[0], peer[1], blob, device.psk_identity, max(0.0, now - last_seen)))
+        return out
+
+    def import_sessions(self, saved: list, now: float, lookup: Callable[[str], Device | None]) -> int:
+        """Take back what `export_sessions` saved; sessions of devices since removed are dropped."""
+        n = 0
+        for host, port, blob, identity, idle in saved:
+            device = lookup(identity)
+            if device is None:
+                continue
+            self.offloaded[(host, port)] = (blob, device, now - idle)
+            n += 1
+        return n
 
 
 def _peer_bytes(peer: Peer) -> bytes:

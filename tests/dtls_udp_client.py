@@ -1,0 +1,78 @@
+"""A CoAPS device for tests: an Mbed TLS DTLS-PSK client on a real UDP socket that keeps its
+session for as long as the object lives (libcoap's coap-client exits after each request)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from mbedtls import tls
+from mbedtls.exceptions import TLSError
+
+from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode, make_options
+
+
+class DtlsUdpClient:
+    def __init__(self, port: int, identity: str, key: bytes) -> None:
+        conf = tls.DTLSConfiguration(
+            pre_shared_key=(identity, key),
+            ciphers=["TLS-PSK-WITH-AES-128-CCM-8"],
+            validate_certificates=False,
+            lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
+            highest_supported_version=tls.DTLSVersion.DTLSv1_2,
+        )
+        self.buf = tls.ClientContext(conf).wrap_buffers(None)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.mid = 100
+
+    def _flush(self) -> None:
+        while chunk := self.buf.peek_outgoing(4096):
+            self.buf.consume_outgoing(len(chunk))
+            self.sock.send(chunk)
+
+    def handshake(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.buf._handshake_state is not tls.HandshakeStep.HANDSHAKE_OVER:
+            if time.monotonic() > deadline:
+                raise TimeoutError("handshake did not finish")
+            try:
+                self.buf.do_handshake()
+            except tls.WantWriteError:
+                pass
+            except tls.WantReadError:
+                self._flush()
+                try:
+                    self.buf.receive_from_network(self.sock.recv(4096))
+                except socket.timeout:
+                    pass
+        self._flush()
+
+    def post(self, path: list[str], payload: bytes, content_format: int = 60, timeout: float = 10.0) -> Message:
+        """A CON POST over the session; retransmitted every second until the ACK comes."""
+        self.mid += 1
+        msg = Message(
+            Type.CON, Code.POST, self.mid, b"\x07",
+            make_options([(O.URI_PATH, p) for p in path] + [(O.CONTENT_FORMAT, content_format)]), payload,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.buf.write(encode(msg))
+            self._flush()
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                try:
+                    self.buf.receive_from_network(self.sock.recv(4096))
+                    reply = decode(self.buf.read(2048))
+                except (socket.timeout, tls.WantReadError):
+                    continue
+                except TLSError as e:
+                    raise AssertionError(f"DTLS error: {e}") from None
+                if reply.mid == self.mid and reply.type == Type.ACK:
+                    return reply
+        raise TimeoutError("no answer")
+
+    def close(self) -> None:
+        self.sock.close()
