@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test deps sysdeps bench bench-codec bench-load clean
+.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,24 +15,30 @@ $(STAMP): pyproject.toml
 
 deps: $(STAMP)
 
-# Debian packages the interop tests and benchmarks use: libcoap's real clients and server.
+# Debian packages the interop tests and benchmarks use: libcoap's real clients and servers, the
+# openssl CLI (test certificates), gcc (the C decoder and the load generator).
+DEBS := libcoap3-bin openssl gcc
 sysdeps:
-	@if ! command -v coap-client-notls >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing libcoap3-bin (Debian)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcoap3-bin >/dev/null; \
+	    echo "installing$$missing (Debian)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "libcoap3-bin is missing and cannot be installed (not root or no apt-get): interop tests will be skipped"; \
+	    echo "missing$$missing and cannot install (not root or no apt-get): the tests that need them are skipped"; \
 	  fi; \
 	fi
 
 run: $(STAMP)
 	$(VENV)/bin/corem serve
 
-test: $(STAMP) sysdeps
+test: sysdeps $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP) sysdeps bench-codec bench-load
+bench: sysdeps $(STAMP) bench-codec bench-load bench-dtls
 
 bench-codec: $(STAMP)
 	$(PY) bench/codec_bench.py

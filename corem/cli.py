@@ -89,14 +89,23 @@ def _psk(args: argparse.Namespace) -> bytes | None:
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
     psk = _psk(args)
+    cert = None
+    if args.cert is not None:
+        from .dtls import certificate_sha256
+
+        try:
+            cert = certificate_sha256(args.cert)
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"cert: {e}") from None
     reg = _registry(args)
     try:
         d = reg.add_device(
-            args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk
+            args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
+            cert_sha256=cert,
         )
     finally:
         reg.close()
-    creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity)) if have]
+    creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256)) if have]
     print(f"added {d.tenant}/{d.device} profile={d.profile} credentials={','.join(creds) or 'none'}")
     return 0
 
@@ -113,7 +122,15 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'TENANT':<20} {'DEVICE':<28} {'PROFILE':<12} CREDENTIALS")
     for d in devices:
-        creds = [c for c, have in (("token", d.token), (f"psk:{d.psk_identity}", d.psk_identity)) if have]
+        creds = [
+            c
+            for c, have in (
+                ("token", d.token),
+                (f"psk:{d.psk_identity}", d.psk_identity),
+                (f"cert:{(d.cert_sha256 or '')[:16]}", d.cert_sha256),
+            )
+            if have
+        ]
         print(f"{d.tenant:<20} {d.device:<28} {d.profile:<12} {' '.join(creds) or '-'}")
     return 0
 
@@ -188,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--psk-identity", help="DTLS-PSK identity (CoAPS)")
     add.add_argument("--psk", help="DTLS pre-shared key as text")
     add.add_argument("--psk-hex", help="DTLS pre-shared key as hex")
+    add.add_argument("--cert", metavar="PEM", help="the device's X.509 certificate (registered by SHA-256)")
     add.set_defaults(func=cmd_devices_add)
     ls = devices.add_parser("list", help="list devices")
     _add_settings_flags(ls, _REGISTRY_KEYS)

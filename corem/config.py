@@ -73,6 +73,11 @@ def _ciphers(key: str, v: Any) -> None:
             raise ConfigError(f"{key}: {c!r} is not a cipher suite Mbed TLS offers (e.g. {psk})")
 
 
+def _file(key: str, v: Any) -> None:
+    if v and not os.path.isfile(v):
+        raise ConfigError(f"{key}: {v!r} is not a readable file")
+
+
 def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -82,7 +87,15 @@ class Settings:
     coap: str = _opt("0.0.0.0:5683", "CoAP (UDP) listener HOST:PORT; port 0 picks one; 'off' disables", _hostport(True))
     coaps: str = _opt("0.0.0.0:5684", "CoAPS (DTLS 1.2) listener HOST:PORT; port 0 picks one; 'off' disables", _hostport(True))
     dtls_ciphers: str = _opt(
-        "TLS-PSK-WITH-AES-128-CCM-8", "comma-separated DTLS cipher suites (Mbed TLS names)", _ciphers
+        "TLS-PSK-WITH-AES-128-CCM-8,TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8",
+        "comma-separated DTLS cipher suites (Mbed TLS names)", _ciphers,
+    )
+    dtls_cert: str = _opt("", "PEM certificate chain the server presents (certificate mode)", _file)
+    dtls_key: str = _opt("", "PEM private key of dtls_cert", _file)
+    dtls_ca: str = _opt("", "PEM CA certificate(s) device certificates must chain to", _file)
+    dtls_client_auth: str = _opt(
+        "required", "certificate mode: 'required' (device certificate, registered) or 'none' (one-way)",
+        _choice("required", "none"),
     )
     dtls_max_handshakes: int = _opt(1000, "DTLS handshakes in progress at most (past the cookie exchange)", _positive)
     dtls_max_sessions: int = _opt(100_000, "established DTLS sessions at most", _positive)
@@ -154,7 +167,15 @@ class Settings:
             check = f.metadata["check"]
             if check is not None:
                 check(f.name, getattr(settings, f.name))
-        return settings
+        return settings.check()
+
+    def check(self) -> Settings:
+        """Rules that involve several keys."""
+        if bool(self.dtls_cert) != bool(self.dtls_key):
+            raise ConfigError("dtls_cert, dtls_key: give both or neither")
+        if self.dtls_cert and self.dtls_client_auth == "required" and not self.dtls_ca:
+            raise ConfigError("dtls_ca: needed to verify device certificates (or set dtls_client_auth = none)")
+        return self
 
     @property
     def data_path(self) -> Path:

@@ -70,7 +70,7 @@ def load_sessions(path: Path, dtls: DtlsServer, lookup) -> int:
     if not path.exists():
         return 0
     try:
-        saved = msgspec.msgpack.decode(path.read_bytes(), type=list[tuple[str, int, bytes, str, float]])
+        saved = msgspec.msgpack.decode(path.read_bytes(), type=list[tuple[str, int, bytes, str, str, float]])
     except msgspec.DecodeError as e:
         log.warning("ignoring %s: %s", path, e)
         saved = []
@@ -162,9 +162,14 @@ class Server:
                     handshake_timeout=s.dtls_handshake_timeout,
                     session_timeout=s.dtls_session_inactivity_timeout,
                     offload_after=s.dtls_offload_after,
+                    cert_file=s.dtls_cert or None,
+                    key_file=s.dtls_key or None,
+                    ca_file=s.dtls_ca or None,
+                    client_auth=s.dtls_client_auth,
                 ),
+                cert_lookup=self.directory.cert_device,
             )
-            restored = load_sessions(self.settings.data_path / SESSIONS_FILE, dtls, self.directory.psk_device)
+            restored = load_sessions(self.settings.data_path / SESSIONS_FILE, dtls, self.directory.named)
             if restored:
                 log.info("restored %d DTLS sessions saved at the last shutdown", restored)
             t = Transport("dtls", self.new_endpoint(), Router(), dtls)

@@ -250,13 +250,13 @@ def test_sessions_survive_export_and_import_into_a_new_server():
     assert c.handshake(old)
     c.send(old, b"\x40\x02\x00\x01a")
     saved = old.export_sessions(now=5.0)
-    assert [(h, p, i) for h, p, _, i, _ in saved] == [(PEER[0], PEER[1], IDENTITY)]
+    assert [(h, p, t, d) for h, p, _, t, d, _ in saved] == [(PEER[0], PEER[1], "acme", "sensor-7")]
     new = server()
-    assert new.import_sessions(saved, 100.0, {IDENTITY: DEVICE}.get) == 1
+    assert new.import_sessions(saved, 100.0, lambda t, d: DEVICE if (t, d) == ("acme", "sensor-7") else None) == 1
     assert c.send(new, b"\x40\x02\x00\x02b", now=101.0) == [b"\x40\x02\x00\x02b"]
     assert new.stats.handshakes_completed == 0 and new.stats.restored == 1
     # a device removed while corem was down does not come back
-    assert server().import_sessions(saved, 100.0, {}.get) == 0
+    assert server().import_sessions(saved, 100.0, lambda t, d: None) == 0
 
 
 def test_offloaded_blob_carries_no_key_material_of_the_store():

@@ -1,5 +1,5 @@
 """CoAPS: DTLS 1.2 sessions (sans-IO) on python-mbedtls, with the PSK callback store."""
 
-from .server import DEFAULT_CIPHERS, DtlsParams, DtlsServer, PskStore
+from .server import DEFAULT_CIPHERS, DtlsParams, DtlsServer, PskStore, certificate_sha256
 
-__all__ = ["DEFAULT_CIPHERS", "DtlsParams", "DtlsServer", "PskStore"]
+__all__ = ["DEFAULT_CIPHERS", "DtlsParams", "DtlsServer", "PskStore", "certificate_sha256"]

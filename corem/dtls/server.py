@@ -17,13 +17,14 @@ and gets back only HelloVerifyRequests, which are smaller than the hellos that c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Mapping
 
-from mbedtls import tls
+from mbedtls import pk, tls, x509
 from mbedtls.exceptions import TLSError
 
 from ..registry import Device
@@ -38,7 +39,8 @@ CONTENT_ALERT = 21
 CONTENT_APPLICATION = 23
 CLIENT_HELLO = 1  # handshake message type, the byte after the 13-byte record header
 
-DEFAULT_CIPHERS = ("TLS-PSK-WITH-AES-128-CCM-8",)
+DEFAULT_CIPHERS = ("TLS-PSK-WITH-AES-128-CCM-8", "TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8")
+CLIENT_AUTH = ("required", "none")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,15 @@ class DtlsParams:
     session_timeout: float = 24 * 3600.0
     #: Sessions idle longer than this are serialized (~1 KB) and their live context freed.
     offload_after: float = 60.0
+    #: Certificate mode: the server's certificate chain and key (PEM files), and the CA(s) a
+    #: device certificate must chain to.  `client_auth` "required": a certificate device must
+    #: present one that chains to `ca_file` and is registered (EMQX verify_peer +
+    #: fail_if_no_peer_cert); "none": one-way, the device authenticates in CoAP (token).
+    #: PSK devices are unaffected either way.
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    client_auth: str = "required"
 
     def __post_init__(self) -> None:
         available = set(tls.ciphers_available())
@@ -63,6 +74,12 @@ class DtlsParams:
         for name in ("max_handshakes", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"dtls {name} must be >= 1")
+        if self.client_auth not in CLIENT_AUTH:
+            raise ValueError(f"dtls client_auth must be one of {', '.join(CLIENT_AUTH)}, got {self.client_auth!r}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("dtls_cert and dtls_key go together")
+        if self.cert_file is not None and self.client_auth == "required" and self.ca_file is None:
+            raise ValueError("dtls_ca is needed to verify device certificates (or set dtls_client_auth = none)")
 
 
 class PskStore(Mapping[str, bytes]):
@@ -136,16 +153,28 @@ class DtlsServer:
     #: Seconds between sweeps of idle established sessions.
     SWEEP_INTERVAL = 60.0
 
-    def __init__(self, psk_store: PskStore, params: DtlsParams | None = None) -> None:
-        self.params = params or DtlsParams()
+    def __init__(
+        self,
+        psk_store: PskStore,
+        params: DtlsParams | None = None,
+        cert_lookup: Callable[[str], Device | None] | None = None,
+    ) -> None:
+        self.params = p = params or DtlsParams()
         self.psk_store = psk_store
+        self.cert_lookup = cert_lookup or _no_device
+        extra: dict = {}
+        if p.cert_file is not None:
+            extra["certificate_chain"] = (load_certificates(p.cert_file), load_key(p.key_file))
+            if p.ca_file is not None:
+                extra["trust_store"] = tls.TrustStore(load_certificates(p.ca_file))
         conf = tls.DTLSConfiguration(
             pre_shared_key_store=psk_store,
-            ciphers=list(self.params.ciphers),
-            validate_certificates=False,
+            ciphers=list(p.ciphers),
+            validate_certificates=p.cert_file is not None and p.client_auth == "required",
             lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
             highest_supported_version=tls.DTLSVersion.DTLSv1_2,
             anti_replay=True,
+            **extra,
         )
         self._ctx = tls.ServerContext(conf)
         #: live sessions in activity order (least recently active first), offloaded ones in the
@@ -245,11 +274,26 @@ class DtlsServer:
                     session.device = store.resolved
 
     def _check_done(self, session: Session, peer: Peer) -> None:
-        if not session.established and session.buf._handshake_state is HANDSHAKE_OVER:
-            session.established = True
-            self.handshakes.pop(peer, None)
-            self.sessions[peer] = session
-            self.stats.handshakes_completed += 1
+        if session.established or session.buf._handshake_state is not HANDSHAKE_OVER:
+            return
+        self.handshakes.pop(peer, None)
+        if session.device is None:  # not PSK: a certificate maps to a device, or nothing does
+            der = _peer_der(session.buf)
+            if der is not None:
+                session.device = self.cert_lookup(hashlib.sha256(der).hexdigest())
+                if session.device is None:
+                    # a valid certificate, but no registered device has it: end the session
+                    self.stats.handshakes_failed["unregistered_certificate"] += 1
+                    log.info("dtls peer %s presented an unregistered certificate", peer)
+                    try:
+                        session.buf.shutdown()
+                    except TLSError:
+                        pass
+                    self._flush(session.buf, peer, unauthenticated=True)
+                    return
+        session.established = True
+        self.sessions[peer] = session
+        self.stats.handshakes_completed += 1
 
     def _fail(self, session: Session, peer: Peer, error: TLSError) -> None:
         reason = _reason(error)
@@ -391,28 +435,62 @@ class DtlsServer:
         return None if entry is None else entry[1]
 
     # -- across restarts -----------------------------------------------------------------------
-    def export_sessions(self, now: float) -> list[tuple[str, int, bytes, str, float]]:
-        """Every session that can be serialized, as (host, port, blob, psk identity, idle
-        seconds), for saving across a restart."""
+    def export_sessions(self, now: float) -> list[tuple[str, int, bytes, str, str, float]]:
+        """Every session that can be serialized, as (host, port, blob, tenant, device, idle
+        seconds), for saving across a restart.  Sessions with no device (one-way certificate
+        mode) are saved too, with empty names."""
         for peer, session in list(self.sessions.items()):
             if self._offload(peer, session):
                 del self.sessions[peer]
         out = []
         for peer, (blob, device, last_seen) in self.offloaded.items():
-            if device is not None and device.psk_identity is not None and isinstance(peer, tuple):
-                out.append((peer[0], peer[1], blob, device.psk_identity, max(0.0, now - last_seen)))
+            if isinstance(peer, tuple):
+                tenant, name = (device.tenant, device.device) if device is not None else ("", "")
+                out.append((peer[0], peer[1], blob, tenant, name, max(0.0, now - last_seen)))
         return out
 
-    def import_sessions(self, saved: list, now: float, lookup: Callable[[str], Device | None]) -> int:
+    def import_sessions(self, saved: list, now: float, lookup: Callable[[str, str], Device | None]) -> int:
         """Take back what `export_sessions` saved; sessions of devices since removed are dropped."""
         n = 0
-        for host, port, blob, identity, idle in saved:
-            device = lookup(identity)
-            if device is None:
+        for host, port, blob, tenant, name, idle in saved:
+            device = lookup(tenant, name) if tenant else None
+            if tenant and device is None:
                 continue
             self.offloaded[(host, port)] = (blob, device, now - idle)
             n += 1
         return n
+
+
+def load_certificates(path: str) -> list[x509.CRT]:
+    """Every certificate in a PEM file (a chain: leaf first)."""
+    text = open(path).read()
+    marker = "-----END CERTIFICATE-----"
+    pems = [part + marker for part in text.split(marker) if "-----BEGIN CERTIFICATE-----" in part]
+    if not pems:
+        raise ValueError(f"{path}: no PEM certificate in it")
+    return [x509.CRT.from_PEM(p.strip()) for p in pems]
+
+
+def load_key(path: str):
+    for kind in (pk.ECC, pk.RSA):
+        try:
+            return kind.from_file(path)
+        except Exception:  # noqa: BLE001 - try the next key type
+            continue
+    raise ValueError(f"{path}: not a PEM EC or RSA private key")
+
+
+def certificate_sha256(path: str) -> str:
+    """The fingerprint devices are registered by: SHA-256 of the leaf certificate's DER."""
+    return hashlib.sha256(load_certificates(path)[0].to_DER()).hexdigest()
+
+
+def _peer_der(buf: tls.TLSWrappedBuffer) -> bytes | None:
+    try:
+        der = buf.getpeercert(binary_form=True)
+    except (TLSError, ValueError):
+        return None
+    return der or None
 
 
 def _peer_bytes(peer: Peer) -> bytes:
@@ -440,6 +518,9 @@ REASONS = {
     0x7380: "no_cipher_in_common",  # MBEDTLS_ERR_SSL_NO_CIPHER_CHOSEN
     0x7200: "invalid_record",
     0x6E00: "bad_protocol_version",
+    0x2700: "certificate_not_trusted",  # MBEDTLS_ERR_X509_CERT_VERIFY_FAILED
+    0x7480: "no_client_certificate",  # MBEDTLS_ERR_SSL_NO_CLIENT_CERTIFICATE
+    0x7900: "bad_client_hello",
 }
 
 

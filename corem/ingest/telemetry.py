@@ -60,7 +60,7 @@ class TelemetryIngest:
         self.clock_ms = clock_ms
         self.stats = IngestStats()
         self._targets: dict[str, Target] = {}
-        self._identity_targets: dict[str, Target] = {}
+        self._name_targets: dict[tuple[str, str], Target] = {}
         self._targets_version = -1
         self._busy = Response(
             Code.SERVICE_UNAVAILABLE,
@@ -75,10 +75,13 @@ class TelemetryIngest:
         if session_device is not None:
             def post_in_session(req: Request, params: list[str]) -> Response | None:
                 device = session_device(req.peer)
-                target = None if device is None else self._by_identity(device.psk_identity)
-                if target is None:  # the credential was removed after the handshake
+                if device is None:  # one-way certificate session: the device names itself by token
+                    self.stats.auth_failures["coap", "no_session_identity"] += 1
+                    return Response(Code.UNAUTHORIZED, b"no device identity in this session; use /api/v1/{token}/telemetry")
+                target = self._by_name(device.tenant, device.device)
+                if target is None:  # the device was removed after its handshake
                     self.stats.auth_failures["coap", "revoked"] += 1
-                    return Response(Code.UNAUTHORIZED, b"credential no longer registered")
+                    return Response(Code.UNAUTHORIZED, b"device no longer registered")
                 return self.ingest(req, target, "coap")
 
             router.add("telemetry", {Code.POST: post_in_session})
@@ -98,15 +101,15 @@ class TelemetryIngest:
             self._reload_targets()
         return self._targets.get(token)
 
-    def _by_identity(self, identity: str | None) -> Target | None:
+    def _by_name(self, tenant: str, device: str) -> Target | None:
         if self._targets_version != self.directory.reloads:
             self._reload_targets()
-        return self._identity_targets.get(identity)  # type: ignore[arg-type]
+        return self._name_targets.get((tenant, device))
 
     def _reload_targets(self) -> None:
         directory = self.directory
-        self._targets = {t: self.target(d) for t, d in directory.by_token.items()}
-        self._identity_targets = {i: self.target(d) for i, d in directory.by_psk_identity.items()}
+        self._name_targets = {name: self.target(d) for name, d in directory.by_name.items()}
+        self._targets = {t: self._name_targets[(d.tenant, d.device)] for t, d in directory.by_token.items()}
         self._targets_version = directory.reloads
 
     # -- front doors ---------------------------------------------------------------------------

@@ -25,12 +25,18 @@ CREATE TABLE IF NOT EXISTS devices (
     created_at   INTEGER NOT NULL,
     psk_identity TEXT UNIQUE,
     psk          BLOB,
+    cert_sha256  TEXT UNIQUE,
     PRIMARY KEY (tenant, device)
 );
 """
 #: Columns added after the first release of the table, for data dirs created before them.
-MIGRATIONS = {"psk_identity": "ALTER TABLE devices ADD COLUMN psk_identity TEXT", "psk": "ALTER TABLE devices ADD COLUMN psk BLOB"}
-_COLUMNS = "tenant, device, profile, token, created_at, psk_identity, psk"
+MIGRATIONS = {
+    "psk_identity": "ALTER TABLE devices ADD COLUMN psk_identity TEXT",
+    "psk": "ALTER TABLE devices ADD COLUMN psk BLOB",
+    "cert_sha256": "ALTER TABLE devices ADD COLUMN cert_sha256 TEXT",
+}
+_COLUMNS = "tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256"
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 #: Tenants become Kafka topic names (`telemetry.raw.{tenant}`): Kafka's legal characters.
 TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -55,6 +61,8 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     created_at: int = 0
     psk_identity: str | None = None
     psk: bytes | None = None
+    #: SHA-256 of the device's X.509 certificate (DER), lowercase hex
+    cert_sha256: str | None = None
 
 
 def _check(name: str, value: str, pattern: re.Pattern, allowed: str) -> None:
@@ -76,7 +84,8 @@ class Registry:
         for column, sql in MIGRATIONS.items():
             if column not in have:
                 self._conn.execute(sql)
-                self._conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
+                if column != "psk":
+                    self._conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
 
     def close(self) -> None:
         self._conn.close()
@@ -90,6 +99,7 @@ class Registry:
         profile: str = "default",
         psk_identity: str | None = None,
         psk: bytes | None = None,
+        cert_sha256: str | None = None,
     ) -> Device:
         _check("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
         _check("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
@@ -101,22 +111,26 @@ class Registry:
             _check("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
             if not PSK_MIN <= len(psk) <= PSK_MAX:
                 raise RegistryError(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
+        if cert_sha256 is not None and not SHA256_RE.fullmatch(cert_sha256):
+            raise RegistryError("cert_sha256: not a lowercase hex SHA-256 fingerprint")
         if not profile:
             raise RegistryError("profile: must not be empty")
         d = Device(
             tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000),
-            psk_identity=psk_identity, psk=psk,
+            psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256,
         )
         try:
             self._conn.execute(
-                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk),
+                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256),
             )
         except sqlite3.IntegrityError as e:
             if "token" in str(e):
                 raise RegistryError("token: already used by another device") from None
             if "psk_identity" in str(e):
                 raise RegistryError("psk_identity: already used by another device") from None
+            if "cert_sha256" in str(e):
+                raise RegistryError("cert: this certificate is already registered to another device") from None
             raise RegistryError(f"device: {tenant}/{device} already exists") from None
         return d
 
@@ -132,8 +146,8 @@ class Registry:
             args = (tenant,)
         rows = self._conn.execute(sql + " ORDER BY tenant, device", args)
         return [
-            Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i, psk=s)
-            for t, d, p, k, c, i, s in rows
+            Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i, psk=s, cert_sha256=f)
+            for t, d, p, k, c, i, s, f in rows
         ]
 
     def data_version(self) -> int:
@@ -148,12 +162,21 @@ class Directory:
         self.registry = registry
         self.by_token: dict[str, Device] = {}
         self.by_psk_identity: dict[str, Device] = {}
+        self.by_cert: dict[str, Device] = {}
+        self.by_name: dict[tuple[str, str], Device] = {}
         self._version: int | None = None
         self.reloads = 0
 
     def psk_device(self, identity: str) -> Device | None:
         """The device presenting this PSK identity, as of the latest reload."""
         return self.by_psk_identity.get(identity)
+
+    def cert_device(self, sha256: str) -> Device | None:
+        """The device whose certificate has this SHA-256 fingerprint."""
+        return self.by_cert.get(sha256)
+
+    def named(self, tenant: str, device: str) -> Device | None:
+        return self.by_name.get((tenant, device))
 
     def refresh(self) -> bool:
         """Reload if the registry changed since the last look; True if it did."""
@@ -163,6 +186,8 @@ class Directory:
         devices = self.registry.list_devices()
         self.by_token = {d.token: d for d in devices if d.token is not None}
         self.by_psk_identity = {d.psk_identity: d for d in devices if d.psk_identity is not None}
+        self.by_cert = {d.cert_sha256: d for d in devices if d.cert_sha256 is not None}
+        self.by_name = {(d.tenant, d.device): d for d in devices}
         self._version = version
         self.reloads += 1
         return True

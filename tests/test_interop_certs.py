@@ -1,0 +1,112 @@
+"""CoAPS certificate mode end to end: a real PKI made with the openssl CLI, libcoap's DTLS clients."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, corem_cli, needs_libcoap, start_corem, write_cbor
+
+pytestmark = [needs_libcoap, pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI missing")]
+
+
+def _ssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _key(name: str, d: Path) -> None:
+    _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key.pem", cwd=d)
+
+
+def _issue(name: str, ca: str, d: Path) -> None:
+    _key(name, d)
+    _ssl("req", "-new", "-key", f"{name}.key.pem", "-subj", f"/CN={name}", "-out", f"{name}.csr", cwd=d)
+    _ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key.pem",
+         "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """ECDSA P-256: a CA with a server and two device certificates, and a rogue CA with one."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogueca"):
+        _key(ca, d)
+        _ssl("req", "-x509", "-new", "-key", f"{ca}.key.pem", "-subj", f"/CN={ca}", "-days", "2", "-out", f"{ca}.pem", cwd=d)
+    for name in ("server", "dev1", "dev2"):
+        _issue(name, "ca", d)
+    _issue("rogue", "rogueca", d)
+    return d
+
+
+def start(data_dir: Path, pki: Path, *extra: str):
+    return start_corem(
+        data_dir, "--dtls-cert", str(pki / "server.pem"), "--dtls-key", str(pki / "server.key.pem"),
+        "--dtls-ca", str(pki / "ca.pem"), *extra,
+    )
+
+
+def post_with_cert(
+    server, pki: Path, name: str | None, reading: Path, client: str, path: str = "telemetry", timeout: float = 20
+):
+    args = ["-m", "post", "-C", str(pki / "ca.pem"), "-t", "application/cbor", "-f", str(reading)]
+    if name is not None:
+        args += ["-c", str(pki / f"{name}.pem"), "-j", str(pki / f"{name}.key.pem")]
+    return coap_client(f"coaps://127.0.0.1:{server.coaps_port}/{path}", *args, binary=client, timeout=timeout)
+
+
+@pytest.mark.parametrize("client", DTLS_CLIENTS)
+def test_registered_certificate_connects_others_do_not(data_dir, pki, tmp_path, client):
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
+              data_dir=data_dir)
+    server = start(data_dir, pki)
+    try:
+        reading = write_cbor(tmp_path / "r.cbor", {"temperature": 19.5})
+        r = post_with_cert(server, pki, "dev1", reading, client)
+        assert r.code == "2.04", r.output
+        assert [(p["tenant"], p["device"]) for p in server.points()] == [("acme", "cert-dev-1")]
+        refused = dict(timeout=6)
+        assert post_with_cert(server, pki, "dev2", reading, client, **refused).code is None  # trusted CA, unregistered
+        assert post_with_cert(server, pki, "rogue", reading, client, **refused).code is None  # untrusted CA
+        assert post_with_cert(server, pki, None, reading, client, **refused).code is None  # no certificate at all
+        assert len(server.points()) == 1
+        m = server.metrics()
+        assert m['corem_dtls_handshakes_failed_total{reason="unregistered_certificate"}'] >= 1
+        # OpenSSL's client sends the rogue certificate (refused: not trusted); GnuTLS's sends none,
+        # because it matches the CA names in the server's CertificateRequest (refused: none given)
+        assert m.get('corem_dtls_handshakes_failed_total{reason="certificate_not_trusted"}', 0) + m.get(
+            'corem_dtls_handshakes_failed_total{reason="no_client_certificate"}', 0
+        ) >= 2
+        # PSK devices keep working beside certificate ones
+        psk = coap_client(
+            f"coaps://127.0.0.1:{server.coaps_port}/telemetry", "-m", "post", "-u", SPEC_IDENTITY, "-k", SPEC_KEY,
+            "-t", "application/cbor", "-f", str(reading), binary=client, timeout=20,
+        )
+        assert psk.code == "2.04", psk.output
+    finally:
+        server.stop()
+
+
+def test_one_way_mode_encrypts_and_the_device_names_itself_by_token(data_dir, pki, tmp_path):
+    server = start(data_dir, pki, "--dtls-client-auth", "none")
+    try:
+        reading = write_cbor(tmp_path / "r.cbor", {"temperature": 19.5})
+        client = DTLS_CLIENTS[0]
+        assert post_with_cert(server, pki, None, reading, client).code == "4.01"  # no identity in the session
+        r = post_with_cert(server, pki, None, reading, client, path="api/v1/T0KEN-1/telemetry")
+        assert r.code == "2.04", r.output
+        assert [p["device"] for p in server.points()] == ["sensor-1"]
+    finally:
+        server.stop()
+
+
+def test_certificate_registration_errors(data_dir, pki):
+    bad = corem_cli("devices", "add", "--tenant", "a", "--device", "x", "--cert", str(pki / "dev1.key.pem"),
+                    data_dir=data_dir, check=False)
+    assert bad.returncode == 2 and "cert:" in bad.stderr
+    corem_cli("devices", "add", "--tenant", "a", "--device", "x", "--cert", str(pki / "dev1.pem"), data_dir=data_dir)
+    dup = corem_cli("devices", "add", "--tenant", "a", "--device", "y", "--cert", str(pki / "dev1.pem"),
+                    data_dir=data_dir, check=False)
+    assert dup.returncode == 2 and "already registered" in dup.stderr
