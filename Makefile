@@ -43,8 +43,11 @@ bench: sysdeps $(STAMP) bench-codec bench-load bench-dtls
 bench-codec: $(STAMP)
 	$(PY) bench/codec_bench.py
 
-bench-load: $(STAMP) sysdeps
+bench-load: $(STAMP)
 	$(PY) bench/load_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+bench-dtls: $(STAMP)
+	$(PY) bench/dtls_bench.py

@@ -9,13 +9,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
 import trio
 
 from .admin.http import HttpServer
 from .bus import EmbeddedBus
 from .coap import Endpoint, Params, Router
-from .dtls import DtlsParams, DtlsServer, PskStore
+from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from .config import ConfigError, Settings, parse_hostport
 from .ingest.diagnostics import Diagnostics
 from .ingest.telemetry import TelemetryIngest
@@ -49,33 +48,7 @@ class Transport:
     edge: UdpEdge | None = None
 
 
-SESSIONS_FILE = "dtls-sessions.bin"
-
-
-def save_sessions(path: Path, dtls: DtlsServer, now: float) -> int:
-    """Write the serialized DTLS sessions (they hold session keys: mode 0600, replaced atomically)."""
-    saved = dtls.export_sessions(now)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.msgpack.encode(saved))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(saved)
-
-
-def load_sessions(path: Path, dtls: DtlsServer, lookup) -> int:
-    """Take back the sessions saved at the last shutdown, once: the file is removed after."""
-    if not path.exists():
-        return 0
-    try:
-        saved = msgspec.msgpack.decode(path.read_bytes(), type=list[tuple[str, int, bytes, str, str, float]])
-    except msgspec.DecodeError as e:
-        log.warning("ignoring %s: %s", path, e)
-        saved = []
-    path.unlink()
-    return dtls.import_sessions(saved, trio.current_time(), lookup)
+SESSIONS_FILE = "dtls-sessions.db"
 
 
 def lock_data_dir(data: Path) -> int:
@@ -168,10 +141,11 @@ class Server:
                     client_auth=s.dtls_client_auth,
                 ),
                 cert_lookup=self.directory.cert_device,
+                store=SessionStore(self.settings.data_path / SESSIONS_FILE),
+                device_lookup=self.directory.named,
             )
-            restored = load_sessions(self.settings.data_path / SESSIONS_FILE, dtls, self.directory.named)
-            if restored:
-                log.info("restored %d DTLS sessions saved at the last shutdown", restored)
+            if dtls.offloaded:
+                log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
             t = Transport("dtls", self.new_endpoint(), Router(), dtls)
             self.ingest.install(t.router, session_device=dtls.device)
             t.edge = UdpEdge(bind_udp(*coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls)
@@ -223,7 +197,7 @@ class Server:
                 self._after_batch()
                 for t in self.transports:
                     if t.dtls is not None:
-                        n = save_sessions(self.settings.data_path / SESSIONS_FILE, t.dtls, trio.current_time())
+                        n = t.dtls.close(trio.current_time())
                         log.info("saved %d DTLS sessions for the next start", n)
         finally:
             for t in self.transports:

@@ -8,7 +8,8 @@ import pytest
 from mbedtls import tls
 from mbedtls.exceptions import TLSError
 
-from corem.dtls import DtlsParams, DtlsServer, PskStore
+from corem.dtls import DtlsParams, DtlsServer, PskStore, SessionStore
+from corem.dtls.store import peer_key
 from corem.registry import Device
 
 IDENTITY = "psk-identity-d7b1c0e2"
@@ -222,18 +223,19 @@ def test_unknown_cipher_is_refused():
 
 def test_idle_session_is_offloaded_and_restored_without_a_new_handshake():
     srv = server(offload_after=10.0)
+    srv.device_lookup = lambda t, d: DEVICE if (t, d) == ("acme", "sensor-7") else None
     c = Client()
     assert c.handshake(srv)
     assert c.send(srv, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
     srv.sweep(5.0)
     assert PEER in srv.sessions  # not idle long enough
     srv.sweep(20.0)
-    assert PEER not in srv.sessions and PEER in srv.offloaded and srv.stats.offloaded == 1
-    blob = srv.offloaded[PEER][0]
-    assert len(blob) < 2048  # ~1 KB instead of the tens of KB of a live context
-    assert srv.device(PEER) == DEVICE  # still known while offloaded
+    assert PEER not in srv.sessions and peer_key(PEER) in srv.offloaded and srv.stats.offloaded == 1
+    [size] = srv.store.blob_sizes()
+    assert size < 2048  # ~1 KB in the store instead of tens of KB of live context in the process
     assert c.send(srv, b"\x40\x02\x00\x02b", now=21.0) == [b"\x40\x02\x00\x02b"]
     assert PEER in srv.sessions and srv.stats.restored == 1 and srv.stats.handshakes_completed == 1
+    assert srv.device(PEER) == DEVICE and not srv.offloaded and len(srv.store) == 0
     assert c.receive(srv.wrap(b"\x60\x44\x00\x02", PEER)) == b"\x60\x44\x00\x02"
 
 
@@ -244,28 +246,54 @@ def test_session_without_data_yet_stays_live_until_it_can_be_serialized():
     assert PEER in srv.sessions and srv.stats.offloaded == 0
 
 
-def test_sessions_survive_export_and_import_into_a_new_server():
-    old = server()
+def test_sessions_in_the_store_survive_into_a_new_server(tmp_path):
+    path = tmp_path / "sessions.db"
+    lookup = lambda t, d: DEVICE if (t, d) == ("acme", "sensor-7") else None  # noqa: E731
+    old = DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(path), device_lookup=lookup)
     c = Client()
     assert c.handshake(old)
     c.send(old, b"\x40\x02\x00\x01a")
-    saved = old.export_sessions(now=5.0)
-    assert [(h, p, t, d) for h, p, _, t, d, _ in saved] == [(PEER[0], PEER[1], "acme", "sensor-7")]
-    new = server()
-    assert new.import_sessions(saved, 100.0, lambda t, d: DEVICE if (t, d) == ("acme", "sensor-7") else None) == 1
+    assert old.close(now=5.0) == 1
+    new = DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(path), device_lookup=lookup)
+    assert new.offloaded == {peer_key(PEER)}
     assert c.send(new, b"\x40\x02\x00\x02b", now=101.0) == [b"\x40\x02\x00\x02b"]
     assert new.stats.handshakes_completed == 0 and new.stats.restored == 1
-    # a device removed while corem was down does not come back
-    assert server().import_sessions(saved, 100.0, lambda t, d: None) == 0
+    assert new.device(PEER) == DEVICE
+
+
+def test_a_device_removed_while_its_session_slept_does_not_come_back(tmp_path):
+    path = tmp_path / "sessions.db"
+    old = DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(path))
+    c = Client()
+    assert c.handshake(old)
+    c.send(old, b"\x40\x02\x00\x01a")
+    old.close(now=5.0)
+    new = DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(path), device_lookup=lambda t, d: None)
+    assert c.send(new, b"\x40\x02\x00\x02b", now=6.0) == []
+    assert PEER not in new.sessions and new.stats.restored == 0
+
+
+def test_offloaded_sessions_expire_in_the_store():
+    srv = server(offload_after=10.0, session_timeout=100.0)
+    clock = [0.0]
+    srv.wall = lambda: 1_700_000_000.0 + clock[0]  # the wall clock moves with the test's clock
+    c = Client()
+    assert c.handshake(srv)
+    c.send(srv, b"\x40\x02\x00\x01a", now=0.0)
+    clock[0] = 20.0
+    srv.sweep(20.0)
+    assert len(srv.store) == 1
+    clock[0] = 150.0
+    srv.sweep(150.0)
+    assert len(srv.store) == 0 and not srv.offloaded and srv.stats.sessions_expired == 1
 
 
 def test_offloaded_blob_carries_no_key_material_of_the_store():
-    srv = DtlsServer(PskStore({IDENTITY: DEVICE, "other": Device(tenant="t", device="o", psk_identity="other",
-                                                                 psk=b"another-devices-key")}.get))
+    other = Device(tenant="t", device="o", psk_identity="other", psk=b"another-devices-key")
+    srv = DtlsServer(PskStore({IDENTITY: DEVICE, "other": other}.get), DtlsParams(offload_after=1.0))
     c = Client()
     assert c.handshake(srv)
     c.send(srv, b"\x40\x02\x00\x01a")
-    srv.params = DtlsParams(offload_after=1.0)
     srv.sweep(100.0)
-    blob = srv.offloaded[PEER][0]
+    [blob] = srv.store.blobs()
     assert b"another-devices-key" not in blob and KEY not in blob and b"other" not in blob

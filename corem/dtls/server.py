@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Mapping
@@ -28,6 +29,7 @@ from mbedtls import pk, tls, x509
 from mbedtls.exceptions import TLSError
 
 from ..registry import Device
+from .store import SessionStore, peer_key
 
 log = logging.getLogger("corem.dtls")
 
@@ -158,10 +160,20 @@ class DtlsServer:
         psk_store: PskStore,
         params: DtlsParams | None = None,
         cert_lookup: Callable[[str], Device | None] | None = None,
+        *,
+        store: SessionStore | None = None,
+        device_lookup: Callable[[str, str], Device | None] | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.params = p = params or DtlsParams()
         self.psk_store = psk_store
         self.cert_lookup = cert_lookup or _no_device
+        #: offloaded sessions live in the store; `offloaded` is the set of their peer keys
+        self.store = store if store is not None else SessionStore()
+        self.device_lookup = device_lookup or (lambda tenant, device: None)
+        self.wall = wall
+        self.offloaded: set[bytes] = set(self.store.keys())
+        self._now = 0.0
         extra: dict = {}
         if p.cert_file is not None:
             extra["certificate_chain"] = (load_certificates(p.cert_file), load_key(p.key_file))
@@ -177,10 +189,9 @@ class DtlsServer:
             **extra,
         )
         self._ctx = tls.ServerContext(conf)
-        #: live sessions in activity order (least recently active first), offloaded ones in the
-        #: order they were offloaded, and handshakes past the cookie exchange (stepped by tick)
+        #: live sessions in activity order (least recently active first), and handshakes past
+        #: the cookie exchange (stepped by tick)
         self.sessions: OrderedDict[Peer, Session] = OrderedDict()
-        self.offloaded: dict[Peer, tuple[bytes, Device | None, float]] = {}
         self.handshakes: dict[Peer, Session] = {}
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = DtlsStats()
@@ -190,6 +201,7 @@ class DtlsServer:
     def receive(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
         """Feed one datagram; return the application datagrams it decrypted to."""
         stats = self.stats
+        self._now = now
         stats.datagrams_in += 1
         stats.bytes_in += len(data)
         if len(data) < 14:  # shorter than a DTLS record header and one byte
@@ -204,7 +216,7 @@ class DtlsServer:
             return self._hello(data, peer, now)  # a new handshake (replacing any old session)
         session = self.sessions.get(peer)
         if session is None:
-            session = self._restore(peer, now)
+            session = self._restore(peer, now) if self.offloaded else None
             if session is None:
                 stats.records_dropped += 1  # no session to decrypt it with
                 return []
@@ -238,7 +250,10 @@ class DtlsServer:
             return []
         # the cookie was valid: the peer has a handshake in progress (replacing an old session)
         self.sessions.pop(peer, None)
-        self.offloaded.pop(peer, None)
+        key = peer_key(peer)
+        if key in self.offloaded:
+            self.offloaded.discard(key)
+            self.store.discard(key)
         self.handshakes[peer] = session
         self.stats.handshakes_started += 1
         self._flush(buf, peer, unauthenticated=True)
@@ -352,7 +367,8 @@ class DtlsServer:
     # -- time ----------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Retransmit handshake flights whose timer ran out, drop stalled handshakes, and now and
-        then forget sessions idle past the inactivity timeout."""
+        then offload idle sessions and forget those idle past the inactivity timeout."""
+        self._now = now
         p = self.params
         for peer, session in list(self.handshakes.items()):
             if now - session.started > p.handshake_timeout:
@@ -364,14 +380,17 @@ class DtlsServer:
             self._next_sweep = now + min(self.SWEEP_INTERVAL, p.offload_after / 2)
             self.sweep(now)
 
-    def sweep(self, now: float) -> None:
-        """Offload sessions idle past `offload_after` and forget those idle past the timeout.
-        Both walk from the least recently active end and stop at the first active session."""
+    def sweep(self, now: float, *, everything: bool = False) -> int:
+        """Offload sessions idle past `offload_after` (all of them with `everything`, at shutdown)
+        and forget those idle past the inactivity timeout.  Walks from the least recently active
+        end and stops at the first active session.  Returns how many were offloaded."""
         p = self.params
         expire_before = now - p.session_timeout
-        offload_before = now - p.offload_after
+        offload_before = float("inf") if everything else now - p.offload_after
+        wall_offset = self.wall() - now
         sessions = self.sessions
         keep: list[tuple[Peer, Session]] = []
+        rows = []
         while sessions:
             peer, session = next(iter(sessions.items()))
             if session.last_seen >= offload_before:
@@ -380,85 +399,76 @@ class DtlsServer:
             if session.last_seen < expire_before:
                 self.stats.sessions_expired += 1
                 continue
-            if not self._offload(peer, session):
+            row = self._serialize(peer, session, wall_offset)
+            if row is None:
                 keep.append((peer, session))  # not serializable yet (no data since the handshake)
+            elif row is not LOST:
+                rows.append(row)
         for peer, session in keep:
             sessions[peer] = session
             sessions.move_to_end(peer, last=False)
-        offloaded = self.offloaded
-        while offloaded:
-            peer, (_, _, last_seen) = next(iter(offloaded.items()))
-            if last_seen >= expire_before:
-                break
-            del offloaded[peer]
-            self.stats.sessions_expired += 1
+        self.store.put(rows)
+        self.offloaded.update(row[0] for row in rows)
+        self.stats.offloaded += len(rows)
+        expired = self.store.expire(expire_before + wall_offset)
+        self.offloaded.difference_update(expired)
+        self.stats.sessions_expired += len(expired)
+        return len(rows)
 
-    def _offload(self, peer: Peer, session: Session) -> bool:
+    def _serialize(self, peer: Peer, session: Session, wall_offset: float):
+        """The store row for a session, None if it cannot be saved yet, LOST if it broke."""
         try:
             blob = pickle.dumps(session.buf)
         except TypeError as e:
             if "-0x7100" in str(e):  # Mbed TLS refused before saving: not serializable yet
-                log.debug("session of %s cannot be serialized yet", peer)
-                return False
+                return None
             # mbedtls_ssl_context_save resets the live context: whatever failed after it, this
             # session is gone; the device will do a new handshake
             log.warning("lost the session of %s while serializing it: %s", peer, e)
             self.stats.sessions_lost += 1
-            return True
-        self.offloaded[peer] = (blob, session.device, session.last_seen)
-        self.stats.offloaded += 1
-        return True
+            return LOST
+        device = session.device
+        tenant, name = (device.tenant, device.device) if device is not None else ("", "")
+        return (peer_key(peer), blob, tenant, name, session.last_seen + wall_offset)
 
     def _restore(self, peer: Peer, now: float | None) -> Session | None:
-        entry = self.offloaded.pop(peer, None)
-        if entry is None:
+        key = peer_key(peer)
+        if key not in self.offloaded:
             return None
-        blob, device, last_seen = entry
+        self.offloaded.discard(key)
+        row = self.store.take(key)
+        if row is None:
+            return None
+        _, blob, tenant, name, _ = row
+        device = self.device_lookup(tenant, name) if tenant else None
+        if tenant and device is None:  # the device was removed while its session slept
+            self.stats.sessions_expired += 1
+            return None
         try:
             buf = pickle.loads(blob)
         except Exception:  # noqa: BLE001 - a blob that does not restore is a lost session, no more
             self.stats.sessions_lost += 1
             return None
-        session = Session(buf, last_seen if now is None else now)
+        session = Session(buf, self._now if now is None else now)
         session.established = True
         session.device = device
-        session.last_seen = last_seen if now is None else now
         self.sessions[peer] = session
         self.stats.restored += 1
         return session
 
     def device(self, peer: Peer) -> Device | None:
         session = self.sessions.get(peer)
-        if session is not None:
-            return session.device
-        entry = self.offloaded.get(peer)
-        return None if entry is None else entry[1]
+        return None if session is None else session.device
 
-    # -- across restarts -----------------------------------------------------------------------
-    def export_sessions(self, now: float) -> list[tuple[str, int, bytes, str, str, float]]:
-        """Every session that can be serialized, as (host, port, blob, tenant, device, idle
-        seconds), for saving across a restart.  Sessions with no device (one-way certificate
-        mode) are saved too, with empty names."""
-        for peer, session in list(self.sessions.items()):
-            if self._offload(peer, session):
-                del self.sessions[peer]
-        out = []
-        for peer, (blob, device, last_seen) in self.offloaded.items():
-            if isinstance(peer, tuple):
-                tenant, name = (device.tenant, device.device) if device is not None else ("", "")
-                out.append((peer[0], peer[1], blob, tenant, name, max(0.0, now - last_seen)))
-        return out
+    def close(self, now: float) -> int:
+        """At shutdown: offload every session that can be saved, so that devices come back to
+        them after the restart without a new handshake.  Returns how many were saved."""
+        saved = self.sweep(now, everything=True)
+        self.store.close()
+        return saved
 
-    def import_sessions(self, saved: list, now: float, lookup: Callable[[str, str], Device | None]) -> int:
-        """Take back what `export_sessions` saved; sessions of devices since removed are dropped."""
-        n = 0
-        for host, port, blob, tenant, name, idle in saved:
-            device = lookup(tenant, name) if tenant else None
-            if tenant and device is None:
-                continue
-            self.offloaded[(host, port)] = (blob, device, now - idle)
-            n += 1
-        return n
+
+LOST = object()
 
 
 def load_certificates(path: str) -> list[x509.CRT]:

@@ -1,0 +1,160 @@
+"""CoAPS: corem against libcoap's coap-server-openssl, and memory per DTLS session.
+
+    python bench/dtls_bench.py [--seconds 5] [--handshake-seconds 3] [--sessions 20000] [--json]
+
+Throughput: bench/dtls_loadgen.c (OpenSSL, compiled here) does sequential full handshakes
+(cookie exchange included) for HS seconds, then drives 64 sessions x 4 confirmable POSTs in flight.
+corem answers `POST /telemetry` (tenant and device from the PSK session, CBOR decode, group commit,
+2.04 after commit, store NORMAL); libcoap answers PUT /example_data (payload kept in memory).
+Servers are pinned to CPU 0, the generator to CPU 1.
+
+Memory: a fresh process makes N sessions through DtlsServer with in-memory Mbed TLS clients
+(each client freed after its handshake and one request) and reports the growth of its RSS per
+session, once with every session live and once with every session offloaded (to the SQLite
+session store in a temporary directory, as `corem serve` does in its data dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.load_bench import free_port, pin  # noqa: E402
+
+SRC = HERE / "dtls_loadgen.c"
+BIN = HERE / "build" / "dtls_loadgen"
+IDENTITY, KEY = "psk-identity-d7b1c0e2", "s3cr3t-pre-shared-key"
+
+
+def build() -> Path:
+    if not BIN.exists() or BIN.stat().st_mtime < SRC.stat().st_mtime:
+        BIN.parent.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(BIN), str(SRC), "-lssl", "-lcrypto"], check=True)
+    return BIN
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_worker(n: int, mode: str) -> None:
+    """Make n sessions (live or offloaded) and print the RSS growth per session."""
+    from corem.dtls import DtlsParams, DtlsServer, PskStore, SessionStore
+    from tests.test_dtls import DEVICE, IDENTITY, Client
+
+    tmp = tempfile.mkdtemp(prefix="corem-dtls-mem-")
+    srv = DtlsServer(PskStore({IDENTITY: DEVICE}.get), DtlsParams(offload_after=1.0),
+                     store=SessionStore(Path(tmp) / "sessions.db"))
+    gc.collect()
+    base = rss_bytes()
+    for i in range(n):
+        peer = (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000 + i % 20000)
+        c = Client(peer=peer)
+        assert c.handshake(srv), f"handshake {i} failed"
+        c.send(srv, b"\x40\x02\x00\x01x", now=0.0)
+        srv.outbox.clear()
+        del c
+        if mode == "offloaded":
+            srv.sweep(10.0)  # everything idle: serialize it
+    gc.collect()
+    grown = rss_bytes() - base
+    blobs = srv.store.blob_sizes()
+    print(json.dumps({
+        "mode": mode, "sessions": n, "live": len(srv.sessions), "offloaded": len(srv.offloaded),
+        "rss_growth_bytes": grown, "bytes_per_session": round(grown / n),
+        "mean_blob_bytes": round(sum(blobs) / len(blobs)) if blobs else None,
+    }))
+
+
+def memory(n: int, mode: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-worker", str(n), mode],
+                         capture_output=True, text=True, check=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def throughput(args) -> list[dict]:
+    import cbor2
+
+    payload = cbor2.dumps({"temperature": 22.5, "humidity": 65}).hex()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="corem-dtls-bench-") as tmp:
+        data = Path(tmp) / "data"
+        subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data), "--tenant", "bench",
+                        "--device", "d1", "--psk-identity", IDENTITY, "--psk", KEY], check=True, capture_output=True)
+        port = free_port()
+        targets = [
+            ("corem", [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
+                       "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
+                       "--log-level", "warning"], port, 2, "telemetry"),
+        ]
+        if shutil.which("coap-server-openssl"):
+            lp = free_port()  # libcoap serves CoAPS on its -p port + 1
+            targets.append(("libcoap coap-server-openssl (C)",
+                            [*pin(0), "coap-server-openssl", "-A", "127.0.0.1", "-p", str(lp - 1), "-k", KEY],
+                            lp, 3, "example_data"))
+        for name, cmd, p, method, path in targets:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(1.5)
+                out = subprocess.run(
+                    [*pin(1), str(BIN), "127.0.0.1", str(p), "64", "4", str(args.handshake_seconds), str(args.seconds),
+                     IDENTITY, KEY, str(method), path, payload, "60"],
+                    capture_output=True, text=True, check=True, timeout=args.seconds + args.handshake_seconds + 60,
+                )
+                r = json.loads(out.stdout)
+            finally:
+                proc.terminate()
+                proc.wait(20)
+            r["target"] = name
+            print(f"  {name}: {r['handshakes_per_s']:.0f} handshakes/s, {r['rps']:.0f} req/s", file=sys.stderr)
+            results.append(r)
+    return results
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
+        memory_worker(int(sys.argv[2]), sys.argv[3])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--handshake-seconds", type=float, default=3.0)
+    ap.add_argument("--sessions", type=int, default=20000, help="sessions for the memory measurement")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    build()
+    results = throughput(args)
+    live = memory(min(args.sessions, 20000), "live")
+    offloaded = memory(args.sessions, "offloaded")
+    if args.json:
+        print(json.dumps({"throughput": results, "memory": [live, offloaded]}, indent=2))
+        return
+    ref = next((r for r in results if r["target"].startswith("libcoap")), None)
+    print("\n| target | handshakes/s | encrypted requests/s | p50 | p99 | vs libcoap (hs / req) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        ratio = (f"{r['handshakes_per_s'] / ref['handshakes_per_s']:.2f}x / {r['rps'] / ref['rps']:.2f}x"
+                 if ref else "-")
+        print(f"| {r['target']} | {r['handshakes_per_s']:,.0f} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} ms "
+              f"| {r['p99_us'] / 1000:.2f} ms | {ratio} |")
+    print("\n| sessions | state | RSS per session | serialized size | 1,000,000 sessions |")
+    print("|---:|---|---:|---:|---:|")
+    for m in (live, offloaded):
+        per = m["bytes_per_session"]
+        print(f"| {m['sessions']:,} | {m['mode']} | {per / 1024:.1f} KiB | "
+              f"{(str(m['mean_blob_bytes']) + ' B') if m['mean_blob_bytes'] else '-'} | {per * 1e6 / 2**30:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()

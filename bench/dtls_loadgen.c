@@ -1,0 +1,246 @@
+/*
+ * dtls_loadgen: DTLS 1.2 PSK load for corem's CoAPS benchmark (OpenSSL, written in C so the client
+ * is not what limits the servers it compares).
+ *
+ *   dtls_loadgen HOST PORT DEVICES INFLIGHT HS_SECONDS SECONDS IDENTITY KEY METHOD PATH PAYLOAD_HEX [CF]
+ *
+ * Phase 1, for HS_SECONDS: full handshakes one after another (cookie exchange included), each on
+ * a fresh socket, then closed (close_notify): handshakes/s.
+ * Phase 2: DEVICES sessions, each with INFLIGHT confirmable requests in flight, for SECONDS:
+ * encrypted requests/s and latency.  Prints one JSON object.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SLOTS 1024
+#define MAX_SAMPLES 2000000
+#define TIMEOUT_NS 2000000000LL
+
+static const char *g_identity;
+static unsigned char g_key[64];
+static unsigned g_keylen;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static unsigned psk_cb(SSL *ssl, const char *hint, char *identity, unsigned max_id, unsigned char *psk,
+                       unsigned max_psk) {
+    (void)ssl;
+    (void)hint;
+    snprintf(identity, max_id, "%s", g_identity);
+    if (g_keylen > max_psk) return 0;
+    memcpy(psk, g_key, g_keylen);
+    return g_keylen;
+}
+
+static uint8_t tmpl[1500];
+static size_t tmpl_len;
+
+static size_t put_option(uint8_t *out, int delta, const uint8_t *val, size_t len) {
+    size_t i = 0;
+    out[i++] = (delta << 4) | (len < 13 ? len : 13);
+    if (len >= 13) out[i++] = len - 13;
+    memcpy(out + i, val, len);
+    return i + len;
+}
+
+static void build_template(int method, const char *path, const char *hex, int cf) {
+    size_t i = 0;
+    tmpl[i++] = 0x40;
+    tmpl[i++] = method;
+    tmpl[i++] = 0;
+    tmpl[i++] = 0;
+    int last = 0;
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *seg = strtok(buf, "/"); seg; seg = strtok(NULL, "/")) {
+        i += put_option(tmpl + i, 11 - last, (uint8_t *)seg, strlen(seg));
+        last = 11;
+    }
+    if (cf >= 0) {
+        uint8_t v = cf;
+        i += put_option(tmpl + i, 12 - last, &v, cf ? 1 : 0);
+    }
+    size_t hl = strlen(hex);
+    if (hl) {
+        tmpl[i++] = 0xff;
+        for (size_t k = 0; k + 1 < hl; k += 2) {
+            unsigned b;
+            sscanf(hex + k, "%2x", &b);
+            tmpl[i++] = b;
+        }
+    }
+    tmpl_len = i;
+}
+
+typedef struct {
+    int fd;
+    SSL *ssl;
+    uint16_t next_mid;
+    int64_t sent_at[SLOTS];
+    uint16_t mid_of[SLOTS];
+} device_t;
+
+static SSL_CTX *make_ctx(void) {
+    SSL_CTX *ctx = SSL_CTX_new(DTLS_client_method());
+    SSL_CTX_set_min_proto_version(ctx, DTLS1_2_VERSION);
+    SSL_CTX_set_max_proto_version(ctx, DTLS1_2_VERSION);
+    SSL_CTX_set_cipher_list(ctx, "PSK-AES128-CCM8");
+    SSL_CTX_set_psk_client_callback(ctx, psk_cb);
+    return ctx;
+}
+
+/* A connected UDP socket and a finished handshake on it, or -1. */
+static int connect_dtls(SSL_CTX *ctx, struct sockaddr_in *sa, SSL **out) {
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)sa, sizeof *sa) < 0) return -1;
+    struct timeval tv = {.tv_sec = 1, .tv_usec = 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    SSL *ssl = SSL_new(ctx);
+    BIO *bio = BIO_new_dgram(fd, BIO_NOCLOSE);
+    BIO_ctrl(bio, BIO_CTRL_DGRAM_SET_CONNECTED, 0, sa);
+    SSL_set_bio(ssl, bio, bio);
+    if (SSL_connect(ssl) != 1) {
+        SSL_free(ssl);
+        close(fd);
+        return -1;
+    }
+    *out = ssl;
+    return fd;
+}
+
+static long long n_sent, n_timeouts, n_2xx, n_other;
+static int64_t *samples;
+static size_t nsamples;
+
+static void send_one(device_t *d) {
+    uint16_t mid = d->next_mid++;
+    int slot = mid & (SLOTS - 1);
+    uint8_t msg[1500];
+    memcpy(msg, tmpl, tmpl_len);
+    msg[2] = mid >> 8;
+    msg[3] = mid & 0xff;
+    d->sent_at[slot] = now_ns();
+    d->mid_of[slot] = mid;
+    n_sent++;
+    SSL_write(d->ssl, msg, tmpl_len);
+}
+
+static int cmp64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 12) {
+        fprintf(stderr, "usage: %s HOST PORT DEVICES INFLIGHT HS_SECONDS SECONDS IDENTITY KEY METHOD PATH HEX [CF]\n",
+                argv[0]);
+        return 2;
+    }
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};
+    inet_pton(AF_INET, argv[1], &sa.sin_addr);
+    int ndev = atoi(argv[3]), inflight = atoi(argv[4]);
+    double hs_seconds = atof(argv[5]), seconds = atof(argv[6]);
+    g_identity = argv[7];
+    g_keylen = strlen(argv[8]) < sizeof g_key ? strlen(argv[8]) : sizeof g_key;
+    memcpy(g_key, argv[8], g_keylen);
+    build_template(atoi(argv[9]), argv[10], argv[11], argc > 12 ? atoi(argv[12]) : -1);
+    SSL_CTX *ctx = make_ctx();
+
+    /* phase 1: handshakes per second */
+    long long hs_ok = 0, hs_fail = 0;
+    int64_t t0 = now_ns(), hs_end = t0 + (int64_t)(hs_seconds * 1e9);
+    while (now_ns() < hs_end) {
+        SSL *ssl;
+        int fd = connect_dtls(ctx, &sa, &ssl);
+        if (fd < 0) {
+            hs_fail++;
+            continue;
+        }
+        hs_ok++;
+        SSL_shutdown(ssl);
+        SSL_free(ssl);
+        close(fd);
+    }
+    double hs_elapsed = (now_ns() - t0) / 1e9;
+
+    /* phase 2: encrypted closed-loop requests */
+    device_t *devs = calloc(ndev, sizeof(device_t));
+    int ep = epoll_create1(0);
+    for (int i = 0; i < ndev; i++) {
+        devs[i].fd = connect_dtls(ctx, &sa, &devs[i].ssl);
+        if (devs[i].fd < 0) {
+            fprintf(stderr, "session %d: handshake failed\n", i);
+            return 1;
+        }
+        fcntl(devs[i].fd, F_SETFL, fcntl(devs[i].fd, F_GETFL) | O_NONBLOCK);
+        devs[i].next_mid = (uint16_t)(i * 7919);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
+        epoll_ctl(ep, EPOLL_CTL_ADD, devs[i].fd, &ev);
+    }
+    samples = malloc(sizeof(int64_t) * MAX_SAMPLES);
+    int64_t start = now_ns(), end = start + (int64_t)(seconds * 1e9), last_scan = start;
+    for (int i = 0; i < ndev; i++)
+        for (int k = 0; k < inflight; k++) send_one(&devs[i]);
+    struct epoll_event events[256];
+    uint8_t buf[2048];
+    long long answered = 0;
+    while (now_ns() < end) {
+        int n = epoll_wait(ep, events, 256, 50);
+        for (int e = 0; e < n; e++) {
+            device_t *d = &devs[events[e].data.u32];
+            for (;;) {
+                int r = SSL_read(d->ssl, buf, sizeof buf);
+                if (r <= 0) {
+                    ERR_clear_error();
+                    break;
+                }
+                if (r < 4 || ((buf[0] >> 4) & 3) != 2 || buf[1] == 0) continue;
+                uint16_t mid = (buf[2] << 8) | buf[3];
+                int slot = mid & (SLOTS - 1);
+                if (d->sent_at[slot] == 0 || d->mid_of[slot] != mid) continue;
+                int64_t lat = now_ns() - d->sent_at[slot];
+                d->sent_at[slot] = 0;
+                if ((buf[1] >> 5) == 2) n_2xx++; else n_other++;
+                if (nsamples < MAX_SAMPLES) samples[nsamples++] = lat;
+                answered++;
+                send_one(d);
+            }
+        }
+        int64_t t = now_ns();
+        if (t - last_scan > 100000000LL) {
+            last_scan = t;
+            for (int i = 0; i < ndev; i++)
+                for (int s = 0; s < SLOTS; s++)
+                    if (devs[i].sent_at[s] && devs[i].sent_at[s] < t - TIMEOUT_NS) {
+                        devs[i].sent_at[s] = 0;
+                        n_timeouts++;
+                        send_one(&devs[i]);
+                    }
+        }
+    }
+    double elapsed = (now_ns() - start) / 1e9;
+    qsort(samples, nsamples, sizeof(int64_t), cmp64);
+#define PCT(p) (nsamples ? samples[(size_t)((nsamples - 1) * (p))] / 1e3 : 0.0)
+    printf("{\"handshakes\": %lld, \"handshake_failures\": %lld, \"handshakes_per_s\": %.1f, "
+           "\"sent\": %lld, \"answered\": %lld, \"ok_2xx\": %lld, \"other\": %lld, \"timeouts\": %lld, "
+           "\"seconds\": %.3f, \"rps\": %.1f, \"p50_us\": %.1f, \"p99_us\": %.1f}\n",
+           hs_ok, hs_fail, hs_ok / hs_elapsed, n_sent, answered, n_2xx, n_other, n_timeouts, elapsed,
+           answered / elapsed, PCT(0.5), PCT(0.99));
+    return 0;
+}
