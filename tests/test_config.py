@@ -32,7 +32,11 @@ def test_precedence(tmp_path):
         ({"max_retransmit": "many"}, "max_retransmit: 'many' is not an integer"),
         ({"piggyback_timeout": "0"}, "piggyback_timeout: 0.0 must be > 0"),
         ({"store_synchronous": "SOMETIMES"}, "store_synchronous: 'SOMETIMES' is not allowed"),
-        ({"bus": "mqtt://x"}, "bus: 'mqtt://x' is not available"),
+        ({"bus": "mqtt://x"}, "bus: 'mqtt://x' is neither 'embedded' nor kafka://"),
+        ({"bus": "kafka://"}, "bus: kafka:// needs at least one host:port"),
+        ({"bus": "kafka://h:99999"}, "bus: 'h:99999' is not host:port"),
+        ({"kafka_acks": "some"}, "kafka_acks: 'some' is not allowed"),
+        ({"kafka_sasl_mechanism": "PLAIN"}, "kafka_sasl_mechanism: needs kafka_security_protocol"),
         ({"log_level": "loud"}, "log_level: 'loud' is not allowed"),
     ],
 )

@@ -102,24 +102,26 @@ class BatchingSink:
     async def _write(self, records: list[Record], dones: list[Done], ctxs: list[Any]) -> None:
         stats = self.stats
         start = time.perf_counter()
+        errors: list[BaseException | None] | None = None
         error: BaseException | None = None
         try:
             prepared = self.prepare(records)
             with trio.CancelScope(shield=True):  # a batch once started is finished and answered
-                await trio.to_thread.run_sync(self.write_prepared, prepared)
+                errors = await trio.to_thread.run_sync(self.write_prepared, prepared)
         except Exception as e:  # noqa: BLE001 - any write failure is reported to every waiter
             error = e
+        if errors is None:
+            errors = [error] * len(records)
+        failed = [e for e in errors if e is not None]
         stats.batches += 1
         stats.batch_records += len(records)
-        if error is None:
-            stats.acked += len(records)
+        stats.acked += len(records) - len(failed)
+        stats.failed += len(failed)
+        if len(failed) < len(records):
             stats.ack_seconds += time.perf_counter() - start
-            self.last_error = None
-        else:
-            stats.failed += len(records)
-            self.last_error = error
-        for done, ctx in zip(dones, ctxs):
-            done(ctx, error)
+        self.last_error = failed[0] if failed else None
+        for done, ctx, err in zip(dones, ctxs, errors):
+            done(ctx, err)
         if self.after_batch is not None:
             self.after_batch()
 
@@ -138,8 +140,9 @@ class BatchingSink:
         (the point is to leave the worker thread little Python to run while it holds the GIL)."""
         return records
 
-    def write_prepared(self, prepared: Any) -> None:
-        """Write the batch durably or raise (runs in the worker thread)."""
+    def write_prepared(self, prepared: Any) -> list[BaseException | None] | None:
+        """Write the batch durably (runs in the worker thread).  Raise if none of it was
+        written; return per-record errors (None for each record written) if only some was."""
         raise NotImplementedError
 
     def close_sync(self) -> None:
