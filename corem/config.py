@@ -150,6 +150,9 @@ class Settings:
     exchange_lifetime: float = _opt(247.0, "seconds a message id is remembered for deduplication", _positive)
     dedup_max_entries: int = _opt(100_000, "exchanges remembered for deduplication at most", _positive)
     max_datagram: int = _opt(1500, "largest datagram accepted, bytes (larger ones are dropped and counted)", _positive)
+    presence_offline_after: float = _opt(
+        120.0, "seconds without an accepted reading after which a device is offline", _positive
+    )
     diagnostics_samples: int = _opt(1000, "rejected samples kept for diagnostics", _positive)
     log_level: str = _opt("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
 

@@ -128,6 +128,13 @@ class ServerCollector:
         ):
             yield family(name, doc, [(sink, value)])
         yield GaugeMetricFamily("corem_sink_pending", "Records waiting for the next batch.", s.sink.pending)
+        pr = s.presence
+        yield family("corem_devices_online", "Devices online (an accepted reading within presence_offline_after).",
+                     [({"tenant": t}, n) for t, n in sorted(pr.online_by_tenant.items()) if n], gauge=True)
+        yield family("corem_presence_transitions", "Presence transitions published.",
+                     [({"state": st}, n) for st, n in sorted(pr.transitions.items())])
+        yield family("corem_presence_publish_failures", "Presence transitions the bus did not take.",
+                     [({}, pr.publish_failures)])
         yield GaugeMetricFamily("corem_rejected_samples", "Rejected samples kept for diagnostics.", len(s.diagnostics.samples))
         yield GaugeMetricFamily("corem_registry_devices_with_token", "Devices with an access token.", len(s.directory.by_token))
 

@@ -18,6 +18,7 @@ from .coap import Endpoint, Params, Router
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from .config import ConfigError, Settings, parse_hostport
 from .ingest.diagnostics import Diagnostics
+from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
 from .metrics import render
 from .net import UdpEdge, bind_udp
@@ -100,7 +101,10 @@ class Server:
         self.directory = Directory(self.registry)
         self.sink = make_sink(settings)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
-        self.ingest = TelemetryIngest(self.directory, self.sink, self.diagnostics)
+        self.presence = Presence(self.sink, settings.presence_offline_after)
+        self.ingest = TelemetryIngest(
+            self.directory, self.sink, self.diagnostics, presence=self.presence, now=trio.current_time
+        )
         self.transports: list[Transport] = []
         self.bound = Bound()
         self._stop = trio.Event()
@@ -200,6 +204,7 @@ class Server:
                     if http is not None:
                         inner.start_soon(http.serve)
                     inner.start_soon(self._poll_registry)
+                    inner.start_soon(self._sweep_presence)
                     # everything allocated so far lives as long as the process: take it out of
                     # the collector's sight so each collection scans only what requests create
                     gc.collect()
@@ -228,6 +233,12 @@ class Server:
             self.registry.close()
             os.close(self._lock)
             log.info("stopped")
+
+    async def _sweep_presence(self) -> None:
+        interval = min(1.0, self.settings.presence_offline_after / 4)
+        while True:
+            await trio.sleep(interval)
+            self.presence.sweep(trio.current_time())
 
     async def _poll_registry(self) -> None:
         while True:

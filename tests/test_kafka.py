@@ -158,7 +158,9 @@ def test_readings_reach_kafka_with_the_right_topic_key_and_values(broker, data_d
         assert sorted(p.numeric_values["seq"] for p in points if "seq" in p.numeric_values) == list(range(100))
         assert all((p.tenant, p.device) == ("acme", "sensor-1") for p in points)
         m = server.metrics()
-        assert m['corem_sink_records_acked_total{sink="kafka"}'] == 103
+        assert m['corem_sink_records_acked_total{sink="kafka"}'] >= 103  # + the presence transition
+        [online] = consume(broker.bootstrap, "device.presence.acme", 1)
+        assert online.key == b"sensor-1" and json.loads(online.value)["state"] == "online"
     finally:
         server.stop()
 

@@ -20,6 +20,7 @@ from ..registry import Device, Directory
 from .diagnostics import Diagnostics
 from .payload import PayloadError, UnsupportedFormat
 from .point import TelemetryPoint, encode_point, telemetry_topic
+from .presence import Presence
 from .profiles import Decoder, get_decoder
 
 #: Seconds a device is told to wait (Max-Age on 5.03) before retrying when the bus cannot take it.
@@ -52,12 +53,16 @@ class TelemetryIngest:
         sink: BatchingSink,
         diagnostics: Diagnostics,
         *,
+        presence: Presence | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
         self.sink = sink
         self.diagnostics = diagnostics
         self.clock_ms = clock_ms
+        self.now = now
+        self.presence = presence
         self.stats = IngestStats()
         self._targets: dict[str, Target] = {}
         self._name_targets: dict[tuple[str, str], Target] = {}
@@ -148,7 +153,7 @@ class TelemetryIngest:
         if not self.sink.submit(record, self._committed, req):
             self.stats.bus_refusals += 1
             return self._busy
-        req.app = device.tenant
+        req.app = device
         return None
 
     def _committed(self, req: Request, error: BaseException | None) -> None:
@@ -156,8 +161,11 @@ class TelemetryIngest:
         if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
             return
         if error is None:
-            self.stats.accepted[req.app] += 1
+            device = req.app
+            self.stats.accepted[device.tenant] += 1
             req.endpoint.respond(req, Code.CHANGED)
+            if self.presence is not None:
+                self.presence.seen(device.tenant, device.device, self.now())
         else:
             self.stats.bus_refusals += 1
             busy = self._busy

@@ -1,0 +1,93 @@
+"""Device presence: online from the first accepted reading, offline after a quiet spell.
+
+Transitions are records on `device.presence.{tenant}` (key = device id) that go through the same
+sink as telemetry.  Online devices are kept in activity order, so the periodic sweep only looks at
+the stale end and costs nothing for devices that keep talking.  Offline devices are not kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from typing import Callable
+
+import msgspec
+
+from ..bus.base import BatchingSink, Record
+
+
+class PresenceEvent(msgspec.Struct, frozen=True, kw_only=True):
+    tenant: str
+    device: str
+    state: str  # "online" | "offline"
+    at: int  # ms since the epoch, when corem noticed
+    last_seen: int  # ms since the epoch, the last accepted reading
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def presence_topic(tenant: str) -> str:
+    return "device.presence." + tenant
+
+
+class Presence:
+    def __init__(
+        self,
+        sink: BatchingSink,
+        offline_after: float = 120.0,
+        *,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        if offline_after <= 0:
+            raise ValueError(f"presence offline_after must be > 0, got {offline_after}")
+        self.sink = sink
+        self.offline_after = offline_after
+        self.wall_ms = wall_ms
+        #: (tenant, device) -> (monotonic last seen, wall-clock ms last seen), least recent first
+        self._online: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        self.online_by_tenant: Counter[str] = Counter()
+        self.transitions: Counter[str] = Counter()
+        self.publish_failures = 0
+
+    def seen(self, tenant: str, device: str, now: float) -> None:
+        """An accepted reading from the device."""
+        key = (tenant, device)
+        wall = self.wall_ms()
+        online = self._online
+        if key in online:
+            online[key] = (now, wall)
+            online.move_to_end(key)
+            return
+        online[key] = (now, wall)
+        self.online_by_tenant[tenant] += 1
+        self._publish(tenant, device, "online", wall, wall)
+
+    def sweep(self, now: float) -> int:
+        """Mark offline every device quiet for longer than `offline_after`; returns how many."""
+        online = self._online
+        limit = now - self.offline_after
+        n = 0
+        while online:
+            (tenant, device), (last, last_wall) = next(iter(online.items()))
+            if last > limit:
+                break
+            del online[(tenant, device)]
+            self.online_by_tenant[tenant] -= 1
+            self._publish(tenant, device, "offline", self.wall_ms(), last_wall)
+            n += 1
+        return n
+
+    def is_online(self, tenant: str, device: str) -> bool:
+        return (tenant, device) in self._online
+
+    def _publish(self, tenant: str, device: str, state: str, at: int, last_seen: int) -> None:
+        self.transitions[state] += 1
+        event = PresenceEvent(tenant=tenant, device=device, state=state, at=at, last_seen=last_seen)
+        record = Record(presence_topic(tenant), device.encode(), _encode(event), {"type": "presence"})
+        if not self.sink.submit(record, self._published):
+            self.publish_failures += 1
+
+    def _published(self, ctx: object, error: BaseException | None) -> None:
+        if error is not None:
+            self.publish_failures += 1
