@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 
+from .bus.base import LATENCY_BUCKETS, SIZE_BUCKETS
 from .codec import code_str
 
 if TYPE_CHECKING:
@@ -127,6 +134,18 @@ class ServerCollector:
             (sk.ack_seconds, "corem_sink_ack_seconds", "Time spent writing acknowledged batches."),
         ):
             yield family(name, doc, [(sink, value)])
+        for name, doc, bounds, counts, total in (
+            ("corem_sink_batch_seconds", "Time from handing a batch to the bus to its acknowledgement.",
+             LATENCY_BUCKETS, sk.latency_buckets, sk.ack_seconds),
+            ("corem_sink_batch_size", "Records per batch.", SIZE_BUCKETS, sk.size_buckets, sk.batch_records),
+        ):
+            h = HistogramMetricFamily(name, doc, labels=["sink"])
+            running, buckets = 0, []
+            for bound, n in zip((*bounds, float("inf")), counts):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+            h.add_metric([s.sink.name], buckets, total)
+            yield h
         yield GaugeMetricFamily("corem_sink_pending", "Records waiting for the next batch.", s.sink.pending)
         pr = s.presence
         yield family("corem_devices_online", "Devices online (an accepted reading within presence_offline_after).",

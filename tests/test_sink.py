@@ -108,3 +108,18 @@ async def test_close_flushes_pending_and_refuses_new(tmp_path):
 def test_bad_sync_mode(tmp_path):
     with pytest.raises(ValueError, match="synchronous"):
         EmbeddedBus(tmp_path / "x.db", synchronous="SOMETIMES")
+
+
+async def test_histograms_count_every_batch(tmp_path):
+    from corem.bus.base import LATENCY_BUCKETS, SIZE_BUCKETS
+
+    bus = EmbeddedBus(tmp_path / "bus.db", max_batch=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        for i in range(25):
+            bus.submit(rec(i), lambda ctx, e: None)
+        await bus.close()
+    st = bus.stats
+    assert sum(st.latency_buckets) == st.batches == sum(st.size_buckets)
+    assert len(st.latency_buckets) == len(LATENCY_BUCKETS) + 1 and len(st.size_buckets) == len(SIZE_BUCKETS) + 1
+    assert st.size_buckets[-1] == 0  # no batch above max_batch

@@ -11,6 +11,7 @@ While one batch is being written the next one accumulates, so batches grow with 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import Any, Callable, NamedTuple
 
 import trio
@@ -25,13 +26,25 @@ class Record(NamedTuple):
     headers: dict[str, str]
 
 
+#: Histogram bucket bounds: batch write latency (seconds) and batch size (records).
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+
+
 class SinkStats:
-    __slots__ = ("submitted", "acked", "failed", "refused", "batches", "batch_records", "ack_seconds", "pending")
+    __slots__ = ("submitted", "acked", "failed", "refused", "batches", "batch_records", "ack_seconds",
+                 "latency_buckets", "size_buckets")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.submitted = self.acked = self.failed = self.refused = self.batches = self.batch_records = 0
         self.ack_seconds = 0.0
+        #: non-cumulative counts per bucket; the last slot is +Inf
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.size_buckets = [0] * (len(SIZE_BUCKETS) + 1)
+
+    def observe(self, seconds: float, size: int) -> None:
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.size_buckets[bisect_left(SIZE_BUCKETS, size)] += 1
 
 
 class BatchingSink:
@@ -113,12 +126,14 @@ class BatchingSink:
         if errors is None:
             errors = [error] * len(records)
         failed = [e for e in errors if e is not None]
+        elapsed = time.perf_counter() - start
         stats.batches += 1
         stats.batch_records += len(records)
         stats.acked += len(records) - len(failed)
         stats.failed += len(failed)
+        stats.observe(elapsed, len(records))
         if len(failed) < len(records):
-            stats.ack_seconds += time.perf_counter() - start
+            stats.ack_seconds += elapsed
         self.last_error = failed[0] if failed else None
         for done, ctx, err in zip(dones, ctxs, errors):
             done(ctx, err)
