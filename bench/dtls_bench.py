@@ -38,7 +38,8 @@ IDENTITY, KEY = "psk-identity-d7b1c0e2", "s3cr3t-pre-shared-key"
 
 
 def build() -> Path:
-    if not BIN.exists() or BIN.stat().st_mtime < SRC.stat().st_mtime:
+    newest = max(SRC.stat().st_mtime, (HERE / "coap_template.h").stat().st_mtime)
+    if not BIN.exists() or BIN.stat().st_mtime < newest:
         BIN.parent.mkdir(exist_ok=True)
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(BIN), str(SRC), "-lssl", "-lcrypto"], check=True)
     return BIN

@@ -24,6 +24,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "coap_template.h"
+
 #define SLOTS 1024
 #define MAX_SAMPLES 2000000
 #define TIMEOUT_NS 2000000000LL
@@ -46,46 +48,6 @@ static unsigned psk_cb(SSL *ssl, const char *hint, char *identity, unsigned max_
     if (g_keylen > max_psk) return 0;
     memcpy(psk, g_key, g_keylen);
     return g_keylen;
-}
-
-static uint8_t tmpl[1500];
-static size_t tmpl_len;
-
-static size_t put_option(uint8_t *out, int delta, const uint8_t *val, size_t len) {
-    size_t i = 0;
-    out[i++] = (delta << 4) | (len < 13 ? len : 13);
-    if (len >= 13) out[i++] = len - 13;
-    memcpy(out + i, val, len);
-    return i + len;
-}
-
-static void build_template(int method, const char *path, const char *hex, int cf) {
-    size_t i = 0;
-    tmpl[i++] = 0x40;
-    tmpl[i++] = method;
-    tmpl[i++] = 0;
-    tmpl[i++] = 0;
-    int last = 0;
-    char buf[512];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *seg = strtok(buf, "/"); seg; seg = strtok(NULL, "/")) {
-        i += put_option(tmpl + i, 11 - last, (uint8_t *)seg, strlen(seg));
-        last = 11;
-    }
-    if (cf >= 0) {
-        uint8_t v = cf;
-        i += put_option(tmpl + i, 12 - last, &v, cf ? 1 : 0);
-    }
-    size_t hl = strlen(hex);
-    if (hl) {
-        tmpl[i++] = 0xff;
-        for (size_t k = 0; k + 1 < hl; k += 2) {
-            unsigned b;
-            sscanf(hex + k, "%2x", &b);
-            tmpl[i++] = b;
-        }
-    }
-    tmpl_len = i;
 }
 
 typedef struct {

@@ -39,7 +39,8 @@ TOKEN = "BENCH-TOKEN"
 
 
 def build_loadgen() -> Path:
-    if not LOADGEN.exists() or LOADGEN.stat().st_mtime < LOADGEN_SRC.stat().st_mtime:
+    newest = max(LOADGEN_SRC.stat().st_mtime, (HERE / "coap_template.h").stat().st_mtime)
+    if not LOADGEN.exists() or LOADGEN.stat().st_mtime < newest:
         LOADGEN.parent.mkdir(exist_ok=True)
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(LOADGEN_SRC)], check=True)
     return LOADGEN

@@ -23,6 +23,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "coap_template.h"
+
 #define SLOTS 1024          /* per-device ring of outstanding message ids (power of two) */
 #define MAX_SAMPLES 4000000 /* latency samples kept for percentiles */
 #define TIMEOUT_NS 2000000000LL
@@ -46,52 +48,9 @@ typedef struct {
     int outstanding;
 } device_t;
 
-static uint8_t tmpl[1500];
-static size_t tmpl_len;
 static int64_t *samples;
 static size_t nsamples;
 static long long n_sent, n_timeouts, n_2xx, n_4xx, n_5xx, n_other, n_send_errors;
-
-static size_t put_option(uint8_t *out, int delta, const uint8_t *val, size_t len) {
-    size_t i = 0;
-    uint8_t d = delta < 13 ? delta : 13, l = len < 13 ? len : (len < 269 ? 13 : 14);
-    out[i++] = (d << 4) | l;
-    if (d == 13) out[i++] = delta - 13;
-    if (l == 13) out[i++] = len - 13;
-    if (l == 14) { out[i++] = (len - 269) >> 8; out[i++] = (len - 269) & 0xff; }
-    memcpy(out + i, val, len);
-    return i + len;
-}
-
-static void build_template(int method, const char *path, const char *hex, int cf) {
-    size_t i = 0;
-    tmpl[i++] = 0x40; /* ver 1, CON, TKL 0 */
-    tmpl[i++] = method;
-    tmpl[i++] = 0;
-    tmpl[i++] = 0;
-    int last = 0;
-    char buf[1024];
-    strncpy(buf, path, sizeof buf - 1);
-    buf[sizeof buf - 1] = 0;
-    for (char *seg = strtok(buf, "/"); seg; seg = strtok(NULL, "/")) {
-        i += put_option(tmpl + i, 11 - last, (uint8_t *)seg, strlen(seg));
-        last = 11;
-    }
-    if (cf >= 0) {
-        uint8_t v = cf;
-        i += put_option(tmpl + i, 12 - last, &v, cf ? 1 : 0);
-    }
-    size_t hl = strlen(hex);
-    if (hl) {
-        tmpl[i++] = 0xff;
-        for (size_t k = 0; k + 1 < hl; k += 2) {
-            unsigned b;
-            sscanf(hex + k, "%2x", &b);
-            tmpl[i++] = b;
-        }
-    }
-    tmpl_len = i;
-}
 
 static void send_one(device_t *d) {
     uint16_t mid = d->next_mid++;

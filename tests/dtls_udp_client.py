@@ -12,16 +12,21 @@ from mbedtls.exceptions import TLSError
 from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode, make_options
 
 
+def psk_client_buffer(identity: str, key: bytes) -> tls.TLSWrappedBuffer:
+    """A DTLS 1.2 PSK client (TLS_PSK_WITH_AES_128_CCM_8) on Mbed TLS buffers, as devices are."""
+    conf = tls.DTLSConfiguration(
+        pre_shared_key=(identity, key),
+        ciphers=["TLS-PSK-WITH-AES-128-CCM-8"],
+        validate_certificates=False,
+        lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
+        highest_supported_version=tls.DTLSVersion.DTLSv1_2,
+    )
+    return tls.ClientContext(conf).wrap_buffers(None)
+
+
 class DtlsUdpClient:
     def __init__(self, port: int, identity: str, key: bytes) -> None:
-        conf = tls.DTLSConfiguration(
-            pre_shared_key=(identity, key),
-            ciphers=["TLS-PSK-WITH-AES-128-CCM-8"],
-            validate_certificates=False,
-            lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
-            highest_supported_version=tls.DTLSVersion.DTLSv1_2,
-        )
-        self.buf = tls.ClientContext(conf).wrap_buffers(None)
+        self.buf = psk_client_buffer(identity, key)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.connect(("127.0.0.1", port))

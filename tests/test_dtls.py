@@ -12,6 +12,8 @@ from corem.dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from corem.dtls.store import peer_key
 from corem.registry import Device
 
+from .dtls_udp_client import psk_client_buffer
+
 IDENTITY = "psk-identity-d7b1c0e2"
 KEY = b"s3cr3t-pre-shared-key"
 DEVICE = Device(tenant="acme", device="sensor-7", psk_identity=IDENTITY, psk=KEY)
@@ -26,14 +28,7 @@ class Client:
     """A DTLS-PSK client on python-mbedtls buffers, exchanging datagrams with a DtlsServer."""
 
     def __init__(self, identity: str = IDENTITY, key: bytes = KEY, peer=PEER) -> None:
-        conf = tls.DTLSConfiguration(
-            pre_shared_key=(identity, key),
-            ciphers=["TLS-PSK-WITH-AES-128-CCM-8"],
-            validate_certificates=False,
-            lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
-            highest_supported_version=tls.DTLSVersion.DTLSv1_2,
-        )
-        self.buf = tls.ClientContext(conf).wrap_buffers(None)
+        self.buf = psk_client_buffer(identity, key)
         self.peer = peer
         self.error: TLSError | None = None
 
