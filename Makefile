@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls clean
+.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,13 @@ clean:
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py
+
+# Coverage-guided fuzzing of every parser that reads network bytes (atheris), FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	@mkdir -p fuzz/corpus fuzz/artifacts
+	@for t in codec payload endpoint dtls; do \
+	  echo "== fuzz_$$t ($(FUZZ_SECONDS) s)"; mkdir -p fuzz/corpus/$$t; \
+	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
+	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \
+	done

@@ -189,7 +189,7 @@ def test_unknown_critical_option_gets_4_02_elective_is_ignored():
     assert ep.receive(post(options=[(O.URI_PATH, b"t"), (2049, b"x")]), PEER, 0.0) is None
     [rsp] = sent(ep)
     assert (rsp.type, rsp.code, rsp.mid) == (Type.ACK, Code.BAD_OPTION, 0x100)
-    assert b"2049" in bytes(rsp.payload)
+    assert bytes(rsp.payload).startswith(b"2049")  # the number first: it survives the size cap
     req = ep.receive(post(mid=0x101, options=[(O.URI_PATH, b"t"), (2048, b"x")]), PEER, 0.0)
     assert isinstance(req, Request)
 
@@ -277,3 +277,34 @@ def test_only_the_receiving_endpoint_may_answer():
     assert plain.outbox == [] and req.state == 0
     req.endpoint.respond(req, Code.CHANGED)
     assert len(secure.outbox) == 1
+
+
+def test_error_answers_are_never_larger_than_the_request():
+    """A 7-byte request with an unknown critical option would earn a 30-byte 4.02: the diagnostic
+    payload is cut to fit (RFC 7252 §11.3, amplification)."""
+    ep = endpoint()
+    tiny = encode(Message(Type.CON, Code.GET, 5, b"", [(2049, b"")]))
+    assert ep.receive(tiny, PEER, 0.0) is None
+    [(data, _)] = ep.take_outbox()
+    assert decode(data).code == Code.BAD_OPTION and len(data) <= len(tiny)
+    req = ep.receive(post(mid=6, payload=b"x" * 40), PEER, 0.0)
+    ep.respond(req, Code.BAD_REQUEST, payload=b"a long diagnostic " * 10)
+    [(data, _)] = ep.take_outbox()
+    assert len(data) <= req.size and bytes(decode(data).payload).startswith(b"a long")
+    ok = ep.receive(post(mid=7, payload=b"x"), PEER, 0.0)
+    ep.respond(ok, Code.CONTENT, payload=b"y" * 100)  # successes are not cut: the peer asked for them
+    [(data, _)] = ep.take_outbox()
+    assert len(decode(data).payload) == 100
+
+
+def test_a_smaller_forged_duplicate_gets_no_cached_answer():
+    """Found by fuzz/fuzz_endpoint.py: a datagram reusing a cached exchange's (peer, mid) but
+    smaller than the original request would have pulled the bigger cached reply."""
+    ep = endpoint()
+    original = post(mid=0x24, payload=b"p" * 30)
+    req = ep.receive(original, PEER, 0.0)
+    ep.respond(req, Code.CONTENT, payload=b"r" * 40)
+    ep.take_outbox()
+    forged = encode(Message(Type.CON, Code.GET, 0x24, b""))
+    assert ep.receive(forged, PEER, 1.0) is None and ep.outbox == []
+    assert ep.receive(original, PEER, 1.0) is None and len(ep.take_outbox()) == 1  # the real one still does

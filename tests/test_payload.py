@@ -114,3 +114,9 @@ def test_arbitrary_bytes_never_escape_as_anything_but_payload_error(data):
         except PayloadError:
             continue
         assert r.numeric or r.strings
+
+
+def test_json_that_is_not_utf8_is_a_payload_error():
+    """Found by fuzz/fuzz_payload.py: msgspec raised UnicodeDecodeError, not DecodeError."""
+    with pytest.raises(PayloadError, match="not UTF-8"):
+        decode_readings(CF_JSON, b'"#\xc0"')

@@ -14,7 +14,7 @@ randomised, use a heap.
 Memory shape matters for speed: at 100k requests/s the deduplication cache holds hundreds of
 thousands of entries, and every object the cyclic GC tracks is rescanned by each collection
 (measured: half of the per-request CPU).  So only unanswered exchanges are `Request` objects; an
-answered one is replaced by a `(received_at, reply)` tuple and the piggyback queue holds
+answered one is replaced by a `(received_at, reply, size)` tuple and the piggyback queue holds
 `(received_at, key)` tuples, which CPython stops tracking once it sees they hold only atomic values.
 """
 
@@ -69,10 +69,13 @@ class Request:
     """One incoming request and the state of its exchange; the handle a handler answers through."""
 
     __slots__ = (
-        "endpoint", "peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app"
+        "endpoint", "peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app",
+        "size",
     )
 
-    def __init__(self, endpoint: Endpoint, peer: Peer, key: tuple, message: Message, received_at: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, peer: Peer, key: tuple, message: Message, received_at: float, size: int = 0
+    ) -> None:
         #: the endpoint that received it: only it may answer (CoAP and CoAPS have one each)
         self.endpoint = endpoint
         self.peer = peer
@@ -87,6 +90,8 @@ class Request:
         self.reply: bytes | None = None
         #: Whatever the application attaches to the exchange while it is open (e.g. the device).
         self.app: Any = None
+        #: Bytes the request took on the wire: an error answer is never larger (no amplification).
+        self.size = size
 
     def __repr__(self) -> str:
         return f"Request({self.peer!r} mid={self.mid} state={self.state})"
@@ -174,8 +179,8 @@ class Endpoint:
         self._rng = rng
         self._known_critical = frozenset(known_critical)
         self.outbox: list[tuple[bytes, Peer]] = []
-        #: (peer, mid) -> Request while unanswered, then (received_at, reply bytes or None)
-        self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | None]] = OrderedDict()
+        #: (peer, mid) -> Request while unanswered, then (received_at, reply bytes or None, request size)
+        self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | None, int]] = OrderedDict()
         #: (received_at, key) of confirmable requests, oldest first
         self._piggyback: deque[tuple[float, tuple[Peer, int]]] = deque()
         self._outstanding: dict[tuple[Peer, int], Outgoing] = {}
@@ -202,7 +207,7 @@ class Endpoint:
         mtype = msg.type
         code = msg.code
         if 1 <= code <= 31:
-            return self._request(msg, peer, now)
+            return self._request(msg, peer, now, len(data))
         if mtype == ACK or mtype == RST:
             out = self._outstanding.pop((peer, msg.mid), None)
             if out is None:
@@ -222,17 +227,22 @@ class Endpoint:
             self._send(bytes((0x70, 0, msg.mid >> 8, msg.mid & 0xFF)), peer, 0)
         return None
 
-    def _request(self, msg: Message, peer: Peer, now: float) -> Request | None:
+    def _request(self, msg: Message, peer: Peer, now: float, size: int) -> Request | None:
         key = (peer, msg.mid)
         dedup = self._dedup
         seen = dedup.get(key)
         if seen is not None:
             self.stats.duplicates += 1
-            reply = seen[1] if type(seen) is tuple else seen.reply
-            if reply is not None and msg.type == CON:
+            if type(seen) is tuple:
+                _, reply, original = seen
+            else:
+                reply, original = seen.reply, seen.size
+            # a real retransmission is the original datagram again; a smaller "duplicate" could be
+            # forged to pull a bigger cached answer at a spoofed address, so it gets nothing
+            if reply is not None and msg.type == CON and size >= original:
                 self._send(reply, peer, 0)
             return None
-        req = Request(self, peer, key, msg, now)
+        req = Request(self, peer, key, msg, now, size)
         dedup[key] = req
         if len(dedup) > self.params.dedup_max_entries:
             dedup.popitem(last=False)
@@ -242,7 +252,7 @@ class Endpoint:
             if number & 1 and number not in self._known_critical:
                 self.stats.bad_options += 1
                 req.message = None
-                self._answer(req, Code.BAD_OPTION, None, f"unknown critical option {number}".encode())
+                self._answer(req, Code.BAD_OPTION, None, f"{number}: unknown critical option".encode())
                 return None
         if req.confirmable:
             self._piggyback.append((now, key))
@@ -280,6 +290,8 @@ class Endpoint:
         state = req.state
         req.state = DONE
         token = req.token
+        if payload and code >= 0x80:
+            payload = self._fit(req, code, options, payload)
         if req.confirmable and state == PENDING:
             if options or payload:
                 data = encode(Message(ACK, code, req.mid, token, options, payload))
@@ -297,11 +309,19 @@ class Endpoint:
         data = encode(Message(CON, code, mid, token, options, payload))
         self.send_confirmable(data, req.peer, mid, token, context, code)
 
+    @staticmethod
+    def _fit(req: Request, code: int, options: list | None, payload: bytes) -> bytes:
+        """Cut an error's diagnostic payload so that the answer is no larger than the request:
+        a forged source address must not turn corem into an amplifier (RFC 7252 §11.3)."""
+        overhead = len(encode(Message(ACK, code, req.mid, req.token, options, b"x"))) - 1
+        room = req.size - overhead
+        return payload[:room] if room > 0 else b""
+
     def _settle(self, req: Request) -> None:
         """Replace the answered exchange by an untracked tuple (still there for duplicates)."""
         dedup = self._dedup
         if dedup.get(req.key) is req:
-            dedup[req.key] = (req.received_at, req.reply)
+            dedup[req.key] = (req.received_at, req.reply, req.size)
 
     def send_confirmable(
         self, data: bytes, peer: Peer, mid: int, token: bytes, context: Any = None, code: int = 0

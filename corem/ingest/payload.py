@@ -65,6 +65,8 @@ def decode_json(payload: bytes | memoryview) -> dict:
         return _json.decode(payload)
     except msgspec.DecodeError as e:
         raise PayloadError(f"invalid JSON: {e}") from None
+    except UnicodeDecodeError as e:  # msgspec lets this one through (found by fuzz/fuzz_payload.py)
+        raise PayloadError(f"invalid JSON: text is not UTF-8 at byte {e.start}") from None
 
 
 DECODERS = {CF_CBOR: decode_cbor, CF_JSON: decode_json}

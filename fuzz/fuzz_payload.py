@@ -1,0 +1,27 @@
+"""Fuzz the payload decoders (CBOR, JSON): nothing but PayloadError escapes; accepted readings are flat."""
+
+import math
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from corem.ingest.payload import CF_CBOR, CF_JSON, PayloadError, decode_readings
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    cf = CF_CBOR if fdp.ConsumeBool() else CF_JSON
+    body = fdp.ConsumeBytes(fdp.remaining_bytes())
+    try:
+        r = decode_readings(cf, body)
+    except PayloadError:
+        return
+    assert r.numeric or r.strings
+    assert all(type(k) is str and type(v) is float and math.isfinite(v) for k, v in r.numeric.items())
+    assert all(type(k) is str and type(v) is str for k, v in r.strings.items())
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
