@@ -110,7 +110,7 @@ class Server:
         self._stop = trio.Event()
         self._ready = False
 
-    def new_endpoint(self) -> Endpoint:
+    def new_endpoint(self, *, verified_peers: bool = False) -> Endpoint:
         s = self.settings
         return Endpoint(
             Params(
@@ -119,6 +119,7 @@ class Server:
                 piggyback_timeout=s.piggyback_timeout,
                 exchange_lifetime=s.exchange_lifetime,
                 dedup_max_entries=s.dedup_max_entries,
+                limit_error_size=not verified_peers,
             )
         )
 
@@ -172,7 +173,7 @@ class Server:
             )
             if dtls.offloaded:
                 log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
-            t = Transport("dtls", self.new_endpoint(), Router(), dtls)
+            t = Transport("dtls", self.new_endpoint(verified_peers=True), Router(), dtls)
             self.ingest.install(t.router, session_device=dtls.device)
             t.edge = UdpEdge(bind_udp(*coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls)
             self.bound.coaps = t.edge.address

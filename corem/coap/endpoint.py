@@ -53,6 +53,9 @@ class Params:
     dedup_max_entries: int = 100_000
     #: Bound on separate responses waiting for their ACK.
     max_outstanding: int = 10_000
+    #: Cut error answers to the size of the request: on for plain UDP, whose source addresses can
+    #: be forged; off behind DTLS, whose handshake (cookie exchange) proved the peer's address.
+    limit_error_size: bool = True
 
     def __post_init__(self) -> None:
         for name in ("ack_timeout", "piggyback_timeout", "exchange_lifetime"):
@@ -290,7 +293,7 @@ class Endpoint:
         state = req.state
         req.state = DONE
         token = req.token
-        if payload and code >= 0x80:
+        if payload and code >= 0x80 and self.params.limit_error_size:
             payload = self._fit(req, code, options, payload)
         if req.confirmable and state == PENDING:
             if options or payload:

@@ -138,7 +138,7 @@ class TelemetryIngest:
         except PayloadError as e:
             self._reject(req, device, protocol, e, content_format, received_at)
             code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(e, UnsupportedFormat) else Code.BAD_REQUEST
-            return Response(code, f"decode_error: {e}".encode()[:512])
+            return Response(code, str(e).encode()[:512])  # the field first: it survives the size cap
         point = TelemetryPoint(
             tenant=device.tenant,
             device=device.device,
