@@ -49,6 +49,8 @@ class ServerCollector:
         yield per_transport("corem_coap_datagrams_oversized", "Datagrams dropped for exceeding max_datagram.",
                             lambda t: t.edge.stats.oversized)
         yield per_transport("corem_coap_send_errors", "sendto() failures.", lambda t: t.edge.stats.send_errors)
+        yield per_transport("corem_coap_send_blocked", "Flushes cut short by a full socket send buffer.",
+                            lambda t: t.edge.stats.send_blocked)
         for attr, name, doc in (
             ("requests", "corem_coap_requests", "New requests (duplicates excluded)."),
             ("duplicates", "corem_coap_duplicates", "Duplicate requests answered from the cache or dropped."),
@@ -59,6 +61,8 @@ class ServerCollector:
             ("gave_up", "corem_coap_gave_up", "Confirmable messages of ours never acknowledged."),
             ("resets", "corem_coap_resets_received", "RSTs matching a message of ours."),
             ("dedup_evictions", "corem_coap_dedup_evictions", "Exchanges forgotten before EXCHANGE_LIFETIME."),
+            ("outstanding_refused", "corem_coap_outstanding_refused",
+             "Separate responses not sent because max_outstanding were awaiting their ACK."),
         ):
             yield per_transport(name, doc, lambda t, a=attr: getattr(t.endpoint.stats, a))
         yield per_transport("corem_coap_handler_errors", "Handlers that raised (answered 5.00).",

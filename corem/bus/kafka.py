@@ -21,11 +21,6 @@ from .base import BatchingSink, Record
 
 log = logging.getLogger("corem.bus.kafka")
 
-COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
-SECURITY = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-
-
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap: tuple[str, ...]

@@ -341,9 +341,6 @@ class Endpoint:
         self._send(data, peer, code)
         return True
 
-    def send_non(self, data: bytes, peer: Peer, code: int = 0) -> None:
-        self._send(data, peer, code)
-
     def next_mid(self) -> int:
         self._mid = (self._mid + 1) & 0xFFFF
         return self._mid

@@ -73,10 +73,3 @@ class Router:
                     log.exception("handler for /%s failed", "/".join(path))
                     return Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
         return NOT_FOUND
-
-    def paths(self) -> list[str]:
-        return [
-            "/" + "/".join("{}" if s is None else s for s in pattern)
-            for routes in self._routes.values()
-            for pattern, _ in routes
-        ]

@@ -12,7 +12,7 @@ import os
 from enum import IntEnum
 from typing import Iterable, Union
 
-from .options import SPECS, Block, Format, OptionNumber, decode_uint, encode_uint
+from .options import Block, OptionNumber, decode_uint, encode_uint
 
 Buffer = Union[bytes, bytearray, memoryview]
 OptionValue = Union[bytes, bytearray, memoryview]
@@ -460,11 +460,6 @@ def _number(item: tuple[int, OptionValue]) -> int:
     return item[0]
 
 
-def option_format(number: int) -> Format | None:
-    spec = SPECS.get(number)
-    return None if spec is None else spec.format
-
-
 def make_options(pairs: Iterable[tuple[int, OptionValue | int | str | bool | Block]]) -> list:
     """Build an option list from typed values, e.g. `[(URI_PATH, "telemetry"), (CONTENT_FORMAT, 60)]`."""
     return sorted(((n, _to_wire(n, v)) for n, v in pairs), key=_number)
@@ -499,5 +494,4 @@ __all__ = [
     "is_request",
     "is_response",
     "make_options",
-    "option_format",
 ]

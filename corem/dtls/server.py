@@ -37,8 +37,6 @@ Peer = Hashable
 
 HANDSHAKE_OVER = tls.HandshakeStep.HANDSHAKE_OVER
 CONTENT_HANDSHAKE = 22
-CONTENT_ALERT = 21
-CONTENT_APPLICATION = 23
 CLIENT_HELLO = 1  # handshake message type, the byte after the 13-byte record header
 
 DEFAULT_CIPHERS = ("TLS-PSK-WITH-AES-128-CCM-8", "TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8")
@@ -95,10 +93,8 @@ class PskStore(Mapping[str, bytes]):
     def __init__(self, lookup: Callable[[str], Device | None]) -> None:
         self.lookup = lookup
         self.resolved: Device | None = None
-        self.lookups = 0
 
     def __getitem__(self, identity: str) -> bytes:
-        self.lookups += 1
         device = self.lookup(identity)
         if device is None or device.psk is None:
             raise KeyError(identity)

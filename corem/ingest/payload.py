@@ -13,11 +13,8 @@ from typing import NamedTuple
 import cbor2
 import msgspec
 
-CF_TEXT = 0
 CF_JSON = 50
 CF_CBOR = 60
-
-CONTENT_FORMATS = {CF_JSON: "application/json", CF_CBOR: "application/cbor"}
 
 
 class PayloadError(ValueError):

@@ -26,6 +26,3 @@ def get_decoder(name: str) -> Decoder:
     except KeyError:
         raise KeyError(f"profile {name!r} is not registered (known: {', '.join(sorted(_PROFILES))})") from None
 
-
-def profile_names() -> list[str]:
-    return sorted(_PROFILES)
