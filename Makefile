@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz clean
+.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +61,8 @@ fuzz: $(STAMP)
 	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
 	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \
 	done
+
+# A long live attack (bench/udp_fuzzer.py) while valid devices send; SOAK_SECONDS, loopback only.
+SOAK_SECONDS ?= 300
+soak: $(STAMP)
+	$(PY) bench/udp_fuzzer.py --seconds $(SOAK_SECONDS) --max-datagrams 100000000

@@ -98,6 +98,7 @@ def throughput(args) -> list[dict]:
         targets = [
             ("corem", [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
                        "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
+                       "--rate-limit-per-source", "0",
                        "--log-level", "warning"], port, 2, "telemetry"),
         ]
         if shutil.which("coap-server-openssl"):

@@ -115,6 +115,7 @@ def start_corem(sync: str, bus: str | None = None):
         proc = subprocess.Popen(
             [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data),
              "--coap", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", sync, "--log-level", "warning",
+             "--rate-limit-per-source", "0",  # the load generator is one address sending 100k/s
              *extra],
             stdout=subprocess.DEVNULL,
         )

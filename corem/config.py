@@ -149,6 +149,11 @@ class Settings:
     max_retransmit: int = _opt(4, "MAX_RETRANSMIT (RFC 7252)", _positive)
     exchange_lifetime: float = _opt(247.0, "seconds a message id is remembered for deduplication", _positive)
     dedup_max_entries: int = _opt(100_000, "exchanges remembered for deduplication at most", _positive)
+    rate_limit_per_source: float = _opt(
+        1000.0, "datagrams per second one source address may send (burst: twice that); 0 disables",
+        _non_negative,
+    )
+    rate_limit_sources: int = _opt(100_000, "source addresses tracked by the rate limit at most", _positive)
     max_datagram: int = _opt(1500, "largest datagram accepted, bytes (larger ones are dropped and counted)", _positive)
     presence_offline_after: float = _opt(
         120.0, "seconds without an accepted reading after which a device is offline", _positive

@@ -49,6 +49,11 @@ class ServerCollector:
         yield per_transport("corem_coap_datagrams_oversized", "Datagrams dropped for exceeding max_datagram.",
                             lambda t: t.edge.stats.oversized)
         yield per_transport("corem_coap_send_errors", "sendto() failures.", lambda t: t.edge.stats.send_errors)
+        limited = [t for t in s.transports if t.edge is not None and t.edge.limiter is not None]
+        yield family("corem_rate_limited_datagrams", "Datagrams dropped: their source was over rate_limit_per_source.",
+                     [({"transport": t.name}, t.edge.limiter.dropped) for t in limited])
+        yield family("corem_rate_limit_sources", "Source addresses the rate limit tracks.",
+                     [({"transport": t.name}, len(t.edge.limiter)) for t in limited], gauge=True)
         yield per_transport("corem_coap_send_blocked", "Flushes cut short by a full socket send buffer.",
                             lambda t: t.edge.stats.send_blocked)
         for attr, name, doc in (

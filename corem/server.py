@@ -22,6 +22,7 @@ from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
 from .metrics import render
 from .net import UdpEdge, bind_udp
+from .net.limits import SourceLimiter
 from .registry import Directory, Registry
 
 log = logging.getLogger("corem")
@@ -148,7 +149,9 @@ class Server:
         if coap is not None:
             t = Transport("udp", self.new_endpoint(), Router())
             self.ingest.install(t.router)
-            t.edge = UdpEdge(bind_udp(*coap), t.endpoint, t.router, max_datagram=s.max_datagram)
+            t.edge = UdpEdge(
+                bind_udp(*coap), t.endpoint, t.router, max_datagram=s.max_datagram, limiter=self._limiter()
+            )
             self.bound.coap = t.edge.address
             self.transports.append(t)
         coaps = parse_hostport(s.coaps, "coaps", allow_off=True)
@@ -175,9 +178,18 @@ class Server:
                 log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
             t = Transport("dtls", self.new_endpoint(verified_peers=True), Router(), dtls)
             self.ingest.install(t.router, session_device=dtls.device)
-            t.edge = UdpEdge(bind_udp(*coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls)
+            t.edge = UdpEdge(
+                bind_udp(*coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls,
+                limiter=self._limiter(),
+            )
             self.bound.coaps = t.edge.address
             self.transports.append(t)
+
+    def _limiter(self) -> SourceLimiter | None:
+        s = self.settings
+        if not s.rate_limit_per_source:
+            return None
+        return SourceLimiter(s.rate_limit_per_source, max_sources=s.rate_limit_sources)
 
     def _after_batch(self) -> None:
         for t in self.transports:

@@ -24,6 +24,7 @@ import trio
 from ..coap.endpoint import Endpoint, Request
 from ..coap.resources import Router
 from ..dtls import DtlsServer
+from .limits import SourceLimiter
 
 log = logging.getLogger("corem.net")
 
@@ -64,12 +65,14 @@ class UdpEdge:
         *,
         max_datagram: int = 1500,
         dtls: DtlsServer | None = None,
+        limiter: SourceLimiter | None = None,
     ) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.router = router
         self.max_datagram = max_datagram
         self.dtls = dtls
+        self.limiter = limiter
         self.stats = EdgeStats()
         #: datagrams ready for the wire (already encrypted for CoAPS) that the kernel did not take yet
         self._wire: list[tuple[bytes, tuple]] = []
@@ -90,6 +93,7 @@ class UdpEdge:
         limit = self.max_datagram
         bufsize = limit + 1
         dtls = self.dtls
+        allow = self.limiter.allow if self.limiter is not None else None
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
@@ -107,6 +111,8 @@ class UdpEdge:
                 if len(data) > limit:
                     self.stats.oversized += 1
                     continue
+                if allow is not None and not allow(peer[0], now):
+                    continue  # over its rate: dropped before any work (counted by the limiter)
                 if dtls is None:
                     event = receive(data, peer, now)
                     if type(event) is Request:
