@@ -80,6 +80,13 @@ def make_sink(s: Settings) -> BatchingSink:
     )
 
 
+def _bind_or_explain(key: str, host: str, port: int):
+    try:
+        return bind_udp(host, port)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def lock_data_dir(data: Path) -> int:
     """One server per data dir: the embedded bus assigns offsets in memory, so two writers would
     interleave them.  The lock goes away with the process, however it ends."""
@@ -110,6 +117,12 @@ class Server:
         self.bound = Bound()
         self._stop = trio.Event()
         self._ready = False
+        try:
+            self._bind()  # before Trio starts: a bad certificate or a busy port is a plain ConfigError
+        except BaseException:
+            self._close_listeners()
+            os.close(self._lock)
+            raise
 
     def new_endpoint(self, *, verified_peers: bool = False) -> Endpoint:
         s = self.settings
@@ -150,40 +163,54 @@ class Server:
             t = Transport("udp", self.new_endpoint(), Router())
             self.ingest.install(t.router)
             t.edge = UdpEdge(
-                bind_udp(*coap), t.endpoint, t.router, max_datagram=s.max_datagram, limiter=self._limiter()
+                _bind_or_explain("coap", *coap), t.endpoint, t.router, max_datagram=s.max_datagram,
+                limiter=self._limiter(),
             )
             self.bound.coap = t.edge.address
             self.transports.append(t)
         coaps = parse_hostport(s.coaps, "coaps", allow_off=True)
         if coaps is not None:
-            dtls = DtlsServer(
-                PskStore(self.directory.psk_device),
-                DtlsParams(
-                    ciphers=tuple(c.strip() for c in s.dtls_ciphers.split(",") if c.strip()),
-                    max_handshakes=s.dtls_max_handshakes,
-                    max_sessions=s.dtls_max_sessions,
-                    handshake_timeout=s.dtls_handshake_timeout,
-                    session_timeout=s.dtls_session_inactivity_timeout,
-                    offload_after=s.dtls_offload_after,
-                    cert_file=s.dtls_cert or None,
-                    key_file=s.dtls_key or None,
-                    ca_file=s.dtls_ca or None,
-                    client_auth=s.dtls_client_auth,
-                ),
-                cert_lookup=self.directory.cert_device,
-                store=SessionStore(self.settings.data_path / SESSIONS_FILE),
-                device_lookup=self.directory.named,
-            )
-            if dtls.offloaded:
-                log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
+            try:
+                dtls = self._dtls()
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"dtls: {e}") from None
             t = Transport("dtls", self.new_endpoint(verified_peers=True), Router(), dtls)
             self.ingest.install(t.router, session_device=dtls.device)
             t.edge = UdpEdge(
-                bind_udp(*coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls,
+                _bind_or_explain("coaps", *coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls,
                 limiter=self._limiter(),
             )
             self.bound.coaps = t.edge.address
             self.transports.append(t)
+
+    def _dtls(self) -> DtlsServer:
+        s = self.settings
+        dtls = DtlsServer(
+            PskStore(self.directory.psk_device),
+            DtlsParams(
+                ciphers=tuple(c.strip() for c in s.dtls_ciphers.split(",") if c.strip()),
+                max_handshakes=s.dtls_max_handshakes,
+                max_sessions=s.dtls_max_sessions,
+                handshake_timeout=s.dtls_handshake_timeout,
+                session_timeout=s.dtls_session_inactivity_timeout,
+                offload_after=s.dtls_offload_after,
+                cert_file=s.dtls_cert or None,
+                key_file=s.dtls_key or None,
+                ca_file=s.dtls_ca or None,
+                client_auth=s.dtls_client_auth,
+            ),
+            cert_lookup=self.directory.cert_device,
+            store=SessionStore(self.settings.data_path / SESSIONS_FILE),
+            device_lookup=self.directory.named,
+        )
+        if dtls.offloaded:
+            log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
+        return dtls
+
+    def _close_listeners(self) -> None:
+        for t in self.transports:
+            if t.edge is not None:
+                t.edge.close()
 
     def _limiter(self) -> SourceLimiter | None:
         s = self.settings
@@ -202,7 +229,6 @@ class Server:
         http_addr = parse_hostport(s.http, "http", allow_off=True)
         http = None
         try:
-            self._bind()
             self.sink.after_batch = self._after_batch
             if http_addr is not None:
                 http = HttpServer({"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz})
@@ -240,9 +266,7 @@ class Server:
                         n = t.dtls.close(trio.current_time())
                         log.info("saved %d DTLS sessions for the next start", n)
         finally:
-            for t in self.transports:
-                if t.edge is not None:
-                    t.edge.close()
+            self._close_listeners()
             self.registry.close()
             os.close(self._lock)
             log.info("stopped")

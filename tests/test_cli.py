@@ -1,0 +1,71 @@
+"""The command line: device management, telemetry tail, and start-up errors that name the key."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from .conftest import corem_cli
+
+
+def serve(*args: str, data_dir) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "corem", "serve", "--data-dir", str(data_dir), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_devices_add_list_remove(tmp_path):
+    d = tmp_path / "data"
+    out = corem_cli("devices", "add", "--tenant", "t1", "--device", "a", "--token", "tok-a", data_dir=d).stdout
+    assert "added t1/a" in out and "credentials=token" in out
+    corem_cli("devices", "add", "--tenant", "t1", "--device", "b", "--psk-identity", "id-b", "--psk-hex",
+              "00112233445566778899", data_dir=d)
+    rows = [json.loads(line) for line in corem_cli("devices", "list", "--json", data_dir=d).stdout.splitlines()]
+    assert [(r["tenant"], r["device"], r["token"], r["psk_identity"]) for r in rows] == [
+        ("t1", "a", "tok-a", None), ("t1", "b", None, "id-b")]
+    assert all(r["psk"] is None for r in rows)  # keys are never printed
+    table = corem_cli("devices", "list", data_dir=d).stdout
+    assert "psk:id-b" in table and "00112233" not in table
+    assert "removed t1/a" in corem_cli("devices", "remove", "--tenant", "t1", "--device", "a", data_dir=d).stdout
+    gone = corem_cli("devices", "remove", "--tenant", "t1", "--device", "a", data_dir=d, check=False)
+    assert gone.returncode == 1 and "not found" in gone.stderr
+
+
+def test_device_errors_name_the_field(tmp_path):
+    d = tmp_path / "data"
+    cases = [
+        (["--tenant", "bad tenant", "--device", "x"], "tenant: 'bad tenant' is not valid"),
+        (["--tenant", "t", "--device", "x", "--token", "a/b"], "token: 'a/b' is not valid"),
+        (["--tenant", "t", "--device", "x", "--psk-identity", "i"], "psk: a PSK identity and a key go together"),
+        (["--tenant", "t", "--device", "x", "--psk-identity", "i", "--psk", "short"], "psk: 5 bytes"),
+        (["--tenant", "t", "--device", "x", "--psk-identity", "i", "--psk-hex", "zz"], "psk-hex: not a hex string"),
+    ]
+    for args, message in cases:
+        r = corem_cli("devices", "add", *args, data_dir=d, check=False)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    corem_cli("devices", "add", "--tenant", "t", "--device", "x", "--token", "same", data_dir=d)
+    dup = corem_cli("devices", "add", "--tenant", "t", "--device", "y", "--token", "same", data_dir=d, check=False)
+    assert dup.returncode == 2 and "token: already used" in dup.stderr
+
+
+def test_tail_on_an_empty_data_dir(tmp_path):
+    assert corem_cli("telemetry", "tail", data_dir=tmp_path / "nothing").stdout == ""
+
+
+def test_start_up_errors_are_one_line_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    r = serve("--coap", "127.0.0.1:0", "--coaps", "127.0.0.1:0", "--http", "off", "--dtls-cert", str(bad),
+              "--dtls-key", str(bad), "--dtls-ca", str(bad), data_dir=tmp_path / "d1")
+    assert r.returncode == 2 and "corem: dtls:" in r.stderr and "Traceback" not in r.stderr
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    try:
+        r = serve("--coap", f"127.0.0.1:{busy.getsockname()[1]}", "--coaps", "off", "--http", "off",
+                  data_dir=tmp_path / "d2")
+    finally:
+        busy.close()
+    assert r.returncode == 2 and "corem: coap: cannot listen on" in r.stderr and "Traceback" not in r.stderr
+    r = serve("--coap", "nowhere", data_dir=tmp_path / "d3")
+    assert r.returncode == 2 and "corem: coap: 'nowhere' is not HOST:PORT" in r.stderr
