@@ -184,10 +184,17 @@ def attack(server, seconds: float, max_datagrams: int, devices: int = 4) -> dict
     for t in devs + attackers:
         t.start()
     rss_peak = rss_start
-    end = time.monotonic() + seconds
+    timeline: list[tuple[int, int]] = []  # (seconds since start, RSS KiB), every tenth of the run
+    start = time.monotonic()
+    end = start + seconds
+    next_sample = start
     while time.monotonic() < end:
         time.sleep(0.25)
-        rss_peak = max(rss_peak, rss_kib(server.proc.pid))
+        rss = rss_kib(server.proc.pid)
+        rss_peak = max(rss_peak, rss)
+        if time.monotonic() >= next_sample:
+            timeline.append((round(time.monotonic() - start), rss))
+            next_sample += max(1.0, seconds / 10)
     stop.set()
     for t in devs + attackers:
         t.join(30)
@@ -206,7 +213,8 @@ def attack(server, seconds: float, max_datagrams: int, devices: int = 4) -> dict
                     "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 2) if lat else None},
         "corem_counted": {k: v for k, v in counted.items() if v},
         "corem_alive": server.proc.poll() is None,
-        "rss_kib": {"start": rss_start, "peak": rss_peak, "end": rss_kib(server.proc.pid)},
+        "rss_kib": {"start": rss_start, "peak": rss_peak, "end": rss_kib(server.proc.pid), "timeline": timeline},
+        "dedup_entries": after.get('corem_coap_dedup_entries{transport="udp"}'),
     }
 
 
@@ -238,7 +246,8 @@ def main() -> None:
     print("corem counted: " + ", ".join(f"{k} +{v:,.0f}" for k, v in sorted(report["corem_counted"].items())))
     r = report["rss_kib"]
     print(f"corem alive: {report['corem_alive']}; RSS start {r['start'] / 1024:.1f} MiB, "
-          f"peak {r['peak'] / 1024:.1f} MiB, end {r['end'] / 1024:.1f} MiB")
+          f"peak {r['peak'] / 1024:.1f} MiB, end {r['end'] / 1024:.1f} MiB; dedup entries {report['dedup_entries']:,.0f}")
+    print("RSS over time: " + ", ".join(f"{t}s {k / 1024:.0f}" for t, k in r["timeline"]) + " MiB")
 
 
 if __name__ == "__main__":
