@@ -38,14 +38,30 @@ def _fmt_addr(addr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(line).decode()
+
+
 # -- serve -------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, Settings.keys())
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if settings.log_format == "json"
+        else logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
     )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     from .server import Server
 
     async def main() -> None:

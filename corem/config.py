@@ -160,6 +160,7 @@ class Settings:
     )
     diagnostics_samples: int = _opt(1000, "rejected samples kept for diagnostics", _positive)
     log_level: str = _opt("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
+    log_format: str = _opt("kv", "log lines as key=value ('kv') or JSON objects ('json')", _choice("kv", "json"))
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -69,3 +69,13 @@ def test_start_up_errors_are_one_line_naming_the_key(tmp_path):
     assert r.returncode == 2 and "corem: coap: cannot listen on" in r.stderr and "Traceback" not in r.stderr
     r = serve("--coap", "nowhere", data_dir=tmp_path / "d3")
     assert r.returncode == 2 and "corem: coap: 'nowhere' is not HOST:PORT" in r.stderr
+
+
+def test_json_logs_are_one_object_per_line(tmp_path):
+    from .conftest import start_corem
+
+    server = start_corem(tmp_path / "data", "--log-format", "json")
+    assert server.stop() == 0
+    lines = [json.loads(line) for line in server.stderr().splitlines() if line.strip()]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    assert any(line["msg"].startswith("started") for line in lines) and lines[-1]["msg"] == "stopped"

@@ -295,7 +295,7 @@ class DtlsServer:
                 if session.device is None:
                     # a valid certificate, but no registered device has it: end the session
                     self.stats.handshakes_failed["unregistered_certificate"] += 1
-                    log.info("dtls peer %s presented an unregistered certificate", peer)
+                    log.debug("dtls peer %s presented an unregistered certificate", peer)
                     try:
                         session.buf.shutdown()
                     except TLSError:
@@ -309,7 +309,7 @@ class DtlsServer:
     def _fail(self, session: Session, peer: Peer, error: TLSError) -> None:
         reason = _reason(error)
         self.stats.handshakes_failed[reason] += 1
-        log.info("dtls handshake with %s failed: %s", peer, reason)
+        log.debug("dtls handshake with %s failed: %s", peer, reason)  # counted by reason in metrics
         self._flush(session.buf, peer, unauthenticated=True)  # the alert, if Mbed TLS wrote one
         if self.handshakes.get(peer) is session:
             del self.handshakes[peer]
