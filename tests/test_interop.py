@@ -260,3 +260,20 @@ def test_sigkill_under_load_loses_no_acknowledged_reading(data_dir):
     # and corem starts again on the same data dir after the crash (the lock died with it)
     again = start_corem(data_dir)
     assert again.stop() == 0
+
+
+def test_a_device_with_an_unknown_profile_does_not_hurt_the_others(tmp_path):
+    data = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "good", "--token", "GOOD", data_dir=data)
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "odd", "--token", "ODD", "--profile", "nosuch",
+              data_dir=data)
+    server = start_corem(data)
+    try:
+        f = write_cbor(tmp_path / "r.cbor", READING)
+        odd = coap_client(f"{server.coap}/api/v1/ODD/telemetry", "-m", "post", "-t", "60", "-f", str(f))
+        assert odd.code == "5.00" and "nosuch" in odd.output, odd.output
+        assert coap_client(f"{server.coap}/api/v1/GOOD/telemetry", "-m", "post", "-t", "60", "-f", str(f)).code == "2.04"
+        assert [p["device"] for p in server.points()] == ["good"]
+        assert server.metrics()['corem_protocol_payload_rejections_total{protocol="coap",reason="unknown_profile"}'] == 1
+    finally:
+        server.stop()

@@ -36,6 +36,17 @@ class IngestStats:
         self.bus_refusals = 0
 
 
+class UnknownProfile(Exception):
+    """The device names a profile this server has no decoder for."""
+
+
+def _unknown_profile(reason: str):
+    def decode(content_format, payload):
+        raise UnknownProfile(reason)
+
+    return decode
+
+
 class Target(NamedTuple):
     """Everything per-device the hot path needs, computed once per registry reload."""
 
@@ -93,9 +104,13 @@ class TelemetryIngest:
 
     @staticmethod
     def target(device: Device, protocol: str = "coap") -> Target:
+        try:
+            decode = get_decoder(device.profile)
+        except KeyError as e:  # this device only: the others keep being served
+            decode = _unknown_profile(str(e.args[0]))
         return Target(
             device,
-            get_decoder(device.profile),
+            decode,
             telemetry_topic(device.tenant),
             device.device.encode(),
             {"protocol": protocol, "profile": device.profile},
@@ -135,6 +150,9 @@ class TelemetryIngest:
         device = target.device
         try:
             readings = target.decode(content_format, msg.payload)
+        except UnknownProfile as e:  # the server's configuration, not the device's fault: 5.00
+            self.stats.rejections[protocol, "unknown_profile"] += 1
+            return Response(Code.INTERNAL_SERVER_ERROR, str(e).encode())
         except PayloadError as e:
             self._reject(req, device, protocol, e, content_format, received_at)
             code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(e, UnsupportedFormat) else Code.BAD_REQUEST
