@@ -72,6 +72,16 @@ class ServerCollector:
             yield per_transport(name, doc, lambda t, a=attr: getattr(t.endpoint.stats, a))
         yield per_transport("corem_coap_handler_errors", "Handlers that raised (answered 5.00).",
                             lambda t: t.router.handler_errors)
+        observed = [t for t in s.transports if t.observers is not None]
+        yield family("corem_coap_observers", "Observe registrations (RFC 7641) now.",
+                     [({"transport": t.name}, len(t.observers)) for t in observed], gauge=True)
+        for attr, name, doc in (
+            ("registered", "corem_coap_observe_registrations", "Observe registrations accepted."),
+            ("refused", "corem_coap_observe_refused", "Observe registrations refused by the bounds."),
+            ("notifications", "corem_coap_observe_notifications", "Notifications sent."),
+            ("lost", "corem_coap_observe_lost", "Observations ended by RST or an unacknowledged notification."),
+        ):
+            yield family(name, doc, [({"transport": t.name}, getattr(t.observers.stats, attr)) for t in observed])
         yield family(
             "corem_coap_responses", "Messages sent by code (0.00 = empty ACK/RST).",
             [({"transport": t.name, "code": code_str(code)}, n)

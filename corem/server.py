@@ -15,6 +15,8 @@ from .admin.http import HttpServer
 from .bus import BatchingSink, EmbeddedBus
 from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
 from .coap import Endpoint, Params, Router
+from .coap.observe import Observers
+from .coap.site import Site
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from .config import ConfigError, Settings, parse_hostport
 from .ingest.diagnostics import Diagnostics
@@ -49,6 +51,7 @@ class Transport:
     router: Router
     dtls: DtlsServer | None = None
     edge: UdpEdge | None = None
+    observers: Observers | None = None
 
 
 SESSIONS_FILE = "dtls-sessions.db"
@@ -114,6 +117,9 @@ class Server:
             self.directory, self.sink, self.diagnostics, presence=self.presence, now=trio.current_time
         )
         self.transports: list[Transport] = []
+        #: Users' own resources (see corem.coap.site): `server.site.add("path", resource)`
+        self.site = Site(clock=trio.current_time)
+        self.site.after_notify = self._after_batch
         self.bound = Bound()
         self._stop = trio.Event()
         self._ready = False
@@ -167,7 +173,7 @@ class Server:
                 limiter=self._limiter(),
             )
             self.bound.coap = t.edge.address
-            self.transports.append(t)
+            self._add_transport(t)
         coaps = parse_hostport(s.coaps, "coaps", allow_off=True)
         if coaps is not None:
             try:
@@ -181,7 +187,14 @@ class Server:
                 limiter=self._limiter(),
             )
             self.bound.coaps = t.edge.address
-            self.transports.append(t)
+            self._add_transport(t)
+
+    def _add_transport(self, t: Transport) -> None:
+        t.observers = Observers(t.endpoint)
+        assert t.edge is not None
+        t.edge.on_event = t.observers.handle
+        self.site.mount(t.router, t.observers)
+        self.transports.append(t)
 
     def _dtls(self) -> DtlsServer:
         s = self.settings

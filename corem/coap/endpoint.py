@@ -139,6 +139,15 @@ class GaveUp(Acked):
     __slots__ = ()
 
 
+class StrayReset:
+    """Event: a RST that matches no message of ours awaiting ACK (it may answer a NON one)."""
+
+    __slots__ = ("peer", "mid")
+
+    def __init__(self, peer: Peer, mid: int) -> None:
+        self.peer, self.mid = peer, mid
+
+
 class Stats:
     """Plain counters, read by the metrics collector at scrape time (no locks on the hot path)."""
 
@@ -193,7 +202,7 @@ class Endpoint:
         self.stats = Stats()
 
     # -- input -----------------------------------------------------------------------------
-    def receive(self, data: bytes, peer: Peer, now: float) -> Request | Acked | None:
+    def receive(self, data: bytes, peer: Peer, now: float) -> Request | Acked | StrayReset | None:
         """Process one datagram. Returns a new Request for the application, an event, or None."""
         stats = self.stats
         self._now_hint = now
@@ -214,7 +223,7 @@ class Endpoint:
         if mtype == ACK or mtype == RST:
             out = self._outstanding.pop((peer, msg.mid), None)
             if out is None:
-                return None
+                return StrayReset(peer, msg.mid) if mtype == RST else None
             out.done = True
             if mtype == RST:
                 stats.resets += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from typing import Callable
 
 import trio
 
@@ -73,6 +74,8 @@ class UdpEdge:
         self.max_datagram = max_datagram
         self.dtls = dtls
         self.limiter = limiter
+        #: receives message-layer events (ACK, RST, give-up of our CONs): observers need them
+        self.on_event: Callable[[object], None] | None = None
         self.stats = EdgeStats()
         #: datagrams ready for the wire (already encrypted for CoAPS) that the kernel did not take yet
         self._wire: list[tuple[bytes, tuple]] = []
@@ -119,6 +122,8 @@ class UdpEdge:
                         response = dispatch(event)
                         if response is not None:
                             respond(event, response.code, response.options, response.payload)
+                    elif event is not None and self.on_event is not None:
+                        self.on_event(event)
                     continue
                 for plaintext in dtls.receive(data, peer, now):
                     event = receive(plaintext, peer, now)
@@ -126,6 +131,8 @@ class UdpEdge:
                         response = dispatch(event)
                         if response is not None:
                             respond(event, response.code, response.options, response.payload)
+                    elif event is not None and self.on_event is not None:
+                        self.on_event(event)
             if endpoint.outbox or (dtls is not None and dtls.outbox):
                 self.flush()
 
@@ -178,7 +185,10 @@ class UdpEdge:
             wake = now + 0.1 if deadline is None else min(deadline, now + 0.1)
             await trio.sleep_until(wake)
             now = trio.current_time()
-            endpoint.tick(now)
+            events = endpoint.tick(now)
+            if events and self.on_event is not None:
+                for event in events:
+                    self.on_event(event)
             if self.dtls is not None:
                 self.dtls.tick(now)
                 if self.dtls.outbox:

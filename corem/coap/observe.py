@@ -1,0 +1,164 @@
+"""Observe (RFC 7641), sans-IO: who observes which resource, and the notifications they get.
+
+An observer is a (peer, token) pair (§3.1).  A GET with Observe 0 that is answered 2.xx registers
+it and the answer carries an Observe sequence number; a GET with Observe 1 removes it (§3.6), and
+so does a RST in reply to a notification or a confirmable notification that is never acknowledged
+(§3.6, §4.5).  Notifications carry increasing 24-bit sequence numbers; every `con_every`-th one, and
+at least one every `con_interval` seconds, is confirmable so that gone observers are noticed (§4.5).
+
+Registrations are claims from addresses that plain UDP cannot verify, so they are bounded: per
+resource, per source host, and in total.  Refusals are counted; a refused GET is still answered,
+only without the Observe option (§3.1: the client then knows it is not on the list).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Hashable
+
+from ..codec import Message, OptionNumber, Type, encode, encode_uint
+from .endpoint import Endpoint, GaveUp, Request, Reset, StrayReset
+
+Peer = Hashable
+
+
+class Observation:
+    __slots__ = ("resource", "peer", "token", "notifications", "last_con")
+
+    def __init__(self, resource: str, peer: Peer, token: bytes, now: float) -> None:
+        self.resource = resource
+        self.peer = peer
+        self.token = token
+        self.notifications = 0
+        self.last_con = now
+
+
+class ObserveStats:
+    __slots__ = ("registered", "refused", "deregistered", "notifications", "con_notifications", "lost")
+
+    def __init__(self) -> None:
+        self.registered = self.refused = self.deregistered = 0
+        self.notifications = self.con_notifications = self.lost = 0
+
+
+class Observers:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        max_total: int = 10_000,
+        max_per_resource: int = 1_000,
+        max_per_source: int = 32,
+        con_every: int = 20,
+        con_interval: float = 24 * 3600.0,
+        recent_non: int = 10_000,
+    ) -> None:
+        self.endpoint = endpoint
+        self.max_total = max_total
+        self.max_per_resource = max_per_resource
+        self.max_per_source = max_per_source
+        self.con_every = con_every
+        self.con_interval = con_interval
+        self._by_key: dict[tuple[Peer, bytes], Observation] = {}
+        self._by_resource: dict[str, dict[tuple[Peer, bytes], Observation]] = {}
+        self._per_source: Counter = Counter()
+        #: (peer, mid) of recent NON notifications -> observer key, so that a RST answering one
+        #: cancels the observation (the message layer forgets NON messages once sent)
+        self._recent_non: OrderedDict[tuple[Peer, int], tuple[Peer, bytes]] = OrderedDict()
+        self._recent_non_max = recent_non
+        self._seq = 0
+        self.stats = ObserveStats()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def observers(self, resource: str) -> int:
+        return len(self._by_resource.get(resource, ()))
+
+    # -- registration --------------------------------------------------------------------------
+    def register(self, req: Request, resource: str, now: float) -> int | None:
+        """Register the requester; the Observe value for its response, or None if refused."""
+        key = (req.peer, req.token)
+        if key in self._by_key:  # re-registration (§4.1): same observer, fresh state
+            self._remove(key)
+        host = req.peer[0] if isinstance(req.peer, tuple) else req.peer
+        if (
+            len(self._by_key) >= self.max_total
+            or self.observers(resource) >= self.max_per_resource
+            or self._per_source[host] >= self.max_per_source
+        ):
+            self.stats.refused += 1
+            return None
+        obs = Observation(resource, req.peer, req.token, now)
+        self._by_key[key] = obs
+        self._by_resource.setdefault(resource, {})[key] = obs
+        self._per_source[host] += 1
+        self.stats.registered += 1
+        return self._next_seq()
+
+    def deregister(self, peer: Peer, token: bytes) -> bool:
+        if self._remove((peer, token)):
+            self.stats.deregistered += 1
+            return True
+        return False
+
+    def _remove(self, key: tuple[Peer, bytes]) -> bool:
+        obs = self._by_key.pop(key, None)
+        if obs is None:
+            return False
+        observers = self._by_resource[obs.resource]
+        del observers[key]
+        if not observers:
+            del self._by_resource[obs.resource]
+        host = obs.peer[0] if isinstance(obs.peer, tuple) else obs.peer
+        self._per_source[host] -= 1
+        if not self._per_source[host]:
+            del self._per_source[host]
+        return True
+
+    # -- notifications -------------------------------------------------------------------------
+    def notify(self, resource: str, code: int, options: list | None, payload: bytes, now: float) -> int:
+        """Send the resource's new state to each of its observers; returns how many."""
+        observers = self._by_resource.get(resource)
+        if not observers:
+            return 0
+        seq = encode_uint(self._next_seq())
+        ep = self.endpoint
+        sent = 0
+        for key, obs in list(observers.items()):
+            opts = sorted([*(options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0])
+            obs.notifications += 1
+            mid = ep.next_mid()
+            confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
+            data = encode(Message(Type.CON if confirmable else Type.NON, code, mid, obs.token, opts, payload))
+            if confirmable:
+                if not ep.send_confirmable(data, obs.peer, mid, obs.token, context=("observe", key), code=code):
+                    continue  # too many messages awaiting ACK: this one is skipped, the next may go
+                obs.last_con = now
+                self.stats.con_notifications += 1
+            else:
+                ep.outbox.append((data, obs.peer))
+                ep.stats.responses[code] += 1
+                recent = self._recent_non
+                recent[(obs.peer, mid)] = key
+                if len(recent) > self._recent_non_max:
+                    recent.popitem(last=False)
+            self.stats.notifications += 1
+            sent += 1
+        return sent
+
+    def handle(self, event: object) -> None:
+        """Feed message-layer events: a RST (to a CON or a NON notification) or a CON
+        notification that was never acknowledged ends the observation."""
+        if isinstance(event, StrayReset):
+            key = self._recent_non.pop((event.peer, event.mid), None)
+        elif isinstance(event, (Reset, GaveUp)) and isinstance(event.context, tuple) and event.context[0] == "observe":
+            key = event.context[1]
+        else:
+            return
+        if key is not None and self._remove(key):
+            self.stats.lost += 1
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFF
+        return self._seq

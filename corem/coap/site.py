@@ -1,0 +1,112 @@
+"""Resources users write, the way the aiocoap tutorial does, on corem's message layer.
+
+    class Temperature(Resource):
+        observable = True
+
+        def __init__(self):
+            super().__init__()
+            self.value = b"21.5"
+
+        def get(self, req):
+            return Response(Code.CONTENT, self.value)
+
+        def put(self, req):
+            self.value = bytes(req.message.payload)
+            self.changed()  # every observer gets the new state
+            return Response(Code.CHANGED)
+
+    server.site.add("sensors/temperature", Temperature())
+
+A method the resource does not define is answered 4.05.  Handlers run on the event loop: keep them
+quick, or answer later through `req.endpoint.respond`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from ..codec import Code, OptionNumber, encode_uint
+from .endpoint import Request
+from .observe import Observers
+from .resources import Response, Router
+
+METHODS = {Code.GET: "get", Code.POST: "post", Code.PUT: "put", Code.DELETE: "delete"}
+
+
+class Resource:
+    """Subclass and define any of get/post/put/delete(req) -> Response.  `get` is also called with
+    `req=None` to render the state sent to observers."""
+
+    #: Observable resources accept GET with Observe and notify on `changed()`.
+    observable = False
+
+    def __init__(self) -> None:
+        self._sites: list[tuple[Site, str]] = []
+
+    def changed(self) -> None:
+        """Send the current state (what `get` returns) to every observer, on every transport."""
+        for site, path in self._sites:
+            site.notify(path, self)
+
+
+class Site:
+    """Mounts resources on one or more (router, observers) pairs: one per transport."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._mounts: list[tuple[Router, Observers]] = []
+        self._resources: dict[str, Resource] = {}
+        self.clock = clock
+        #: called after notifications were queued (the server flushes its edges there)
+        self.after_notify: Callable[[], None] | None = None
+
+    def mount(self, router: Router, observers: Observers) -> None:
+        self._mounts.append((router, observers))
+        for path, resource in self._resources.items():
+            self._install(router, observers, path, resource)
+
+    def add(self, path: str, resource: Resource) -> None:
+        path = path.strip("/")
+        self._resources[path] = resource
+        resource._sites.append((self, path))
+        for router, observers in self._mounts:
+            self._install(router, observers, path, resource)
+
+    def _install(self, router: Router, observers: Observers, path: str, resource: Resource) -> None:
+        handlers = {code: _adapt(getattr(resource, name)) for code, name in METHODS.items() if hasattr(resource, name)}
+        if resource.observable and Code.GET in handlers:
+            handlers[Code.GET] = self._observed(resource, observers, path)
+        router.add(path, handlers)
+
+    def _observed(self, resource: Resource, observers: Observers, path: str):
+        """GET with the Observe option: register (0) or deregister (1) the requester (§3.1, §3.6)."""
+
+        def get(req: Request, params: list[str]) -> Response | None:
+            observe = req.message.observe if req.message is not None else None
+            response = resource.get(req)
+            if observe == 1:
+                observers.deregister(req.peer, req.token)
+            elif observe == 0 and response is not None and 64 <= response.code < 96:
+                seq = observers.register(req, path, self.clock())
+                if seq is not None:
+                    opts = sorted([*(response.options or []), (OptionNumber.OBSERVE, encode_uint(seq))],
+                                  key=lambda o: o[0])
+                    response = Response(response.code, response.payload, opts)
+            return response
+
+        return get
+
+    def notify(self, path: str, resource: Resource) -> None:
+        state = resource.get(None)  # the representation observers get (no request behind it)
+        if state is None:
+            return
+        now = self.clock()
+        for _router, observers in self._mounts:
+            observers.notify(path, state.code, state.options, state.payload, now)
+        if self.after_notify is not None:
+            self.after_notify()
+
+
+def _adapt(handler):
+    """Resource methods take (req); the router passes (req, params)."""
+    return lambda req, params: handler(req)

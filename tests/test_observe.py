@@ -1,0 +1,148 @@
+"""Observe (RFC 7641) and the user resource API: sans-IO with a clock, then a real libcoap observer."""
+
+from __future__ import annotations
+
+import subprocess
+
+import trio
+
+from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
+from corem.coap import Endpoint, Params, Request, Response, Router
+from corem.coap.observe import Observers
+from corem.coap.site import Resource, Site
+
+from .conftest import COAP_CLIENT, needs_libcoap
+
+PEER = ("192.0.2.5", 5683)
+
+
+class Thermo(Resource):
+    observable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = b"20"
+
+    def get(self, req):
+        return Response(Code.CONTENT, self.value)
+
+    def put(self, req):
+        self.value = bytes(req.message.payload)
+        self.changed()
+        return Response(Code.CHANGED)
+
+
+class Plain(Resource):
+    def post(self, req):
+        return Response(Code.CREATED)
+
+
+def stack(**obs):
+    clock = [0.0]
+    ep = Endpoint(Params(), rng=lambda: 0.0)
+    router = Router()
+    observers = Observers(ep, **obs)
+    site = Site(clock=lambda: clock[0])
+    site.mount(router, observers)
+    thermo = Thermo()
+    site.add("thermo", thermo)
+    site.add("plain", Plain())
+    return ep, router, observers, thermo, clock
+
+
+def request(ep, router, code, path, token=b"t1", mid=1, observe=None, payload=b"", peer=PEER):
+    opts = [(O.URI_PATH, path.encode())] + ([(O.OBSERVE, bytes([observe]) if observe else b"")] if observe is not None else [])
+    req = ep.receive(encode(Message(Type.CON, code, mid, token, sorted(opts), payload)), peer, 0.0)
+    assert isinstance(req, Request)
+    r = router.dispatch(req)
+    ep.respond(req, r.code, r.options, r.payload)
+    [(data, _)] = ep.take_outbox()
+    return decode(data)
+
+
+def test_register_notify_and_deregister():
+    ep, router, observers, thermo, clock = stack()
+    first = request(ep, router, Code.GET, "thermo", observe=0)
+    assert first.code == Code.CONTENT and first.observe is not None and bytes(first.payload) == b"20"
+    assert len(observers) == 1
+    thermo.value = b"21"
+    thermo.changed()
+    [(data, peer)] = ep.take_outbox()
+    note = decode(data)
+    assert peer == PEER and note.type == Type.NON and note.token == b"t1" and bytes(note.payload) == b"21"
+    assert note.observe > first.observe  # increasing sequence numbers (§4.4)
+    request(ep, router, Code.GET, "thermo", observe=1, mid=2)  # deregister (§3.6)
+    assert len(observers) == 0
+    thermo.changed()
+    assert ep.outbox == []
+
+
+def test_a_plain_get_or_a_refused_registration_has_no_observe_option():
+    ep, router, observers, thermo, clock = stack(max_per_source=1)
+    assert request(ep, router, Code.GET, "thermo").observe is None  # no Observe asked
+    assert request(ep, router, Code.GET, "thermo", observe=0, mid=2).observe is not None
+    refused = request(ep, router, Code.GET, "thermo", observe=0, token=b"t2", mid=3)
+    assert refused.code == Code.CONTENT and refused.observe is None  # bound: answered, not registered
+    assert observers.stats.refused == 1 and len(observers) == 1
+    assert request(ep, router, Code.GET, "plain", mid=4).code == Code.METHOD_NOT_ALLOWED
+    assert request(ep, router, Code.POST, "plain", mid=5).code == Code.CREATED
+
+
+def test_every_nth_notification_is_confirmable_and_rst_or_silence_end_the_observation():
+    ep, router, observers, thermo, clock = stack(con_every=3)
+    request(ep, router, Code.GET, "thermo", observe=0)
+    types = []
+    for _ in range(3):
+        thermo.changed()
+        [(data, _)] = ep.take_outbox()
+        types.append(decode(data).type)
+    assert types == [Type.NON, Type.NON, Type.CON]
+    con = decode(data)
+    event = ep.receive(encode(Message(Type.RST, 0, con.mid)), PEER, 1.0)  # the client lost interest
+    observers.handle(event)
+    assert len(observers) == 0 and observers.stats.lost == 1
+    # a RST answering a NON notification ends it too
+    request(ep, router, Code.GET, "thermo", observe=0, token=b"t3", mid=9)
+    thermo.changed()
+    [(data, _)] = ep.take_outbox()
+    observers.handle(ep.receive(encode(Message(Type.RST, 0, decode(data).mid)), PEER, 2.0))
+    assert len(observers) == 0
+    # a confirmable notification nobody acknowledges ends it (§4.5)
+    request(ep, router, Code.GET, "thermo", observe=0, token=b"t4", mid=10)
+    for _ in range(3):
+        thermo.changed()
+    ep.take_outbox()
+    for t in range(1, 200):
+        for event in ep.tick(float(t)):
+            observers.handle(event)
+    assert len(observers) == 0 and observers.stats.lost == 3
+
+
+@needs_libcoap
+async def test_libcoap_observer_receives_every_change(tmp_path):
+    from corem.config import Settings
+    from corem.server import Server
+
+    server = Server(Settings.load({"data_dir": str(tmp_path / "d"), "coap": "127.0.0.1:0", "coaps": "off",
+                                   "http": "off"}, env={}))
+    thermo = Thermo()
+    server.site.add("sensors/thermo", thermo)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(server.run)
+        url = f"coap://127.0.0.1:{bound.coap[1]}/sensors/thermo"
+
+        async def change():
+            for v in (b"31", b"32", b"33"):
+                await trio.sleep(0.7)
+                thermo.value = v
+                thermo.changed()
+
+        nursery.start_soon(change)
+        result = await trio.to_thread.run_sync(
+            lambda: subprocess.run([COAP_CLIENT, "-s", "3", "-v", "6", url], capture_output=True, text=True, timeout=30)
+        )
+        server.stop()
+    out = result.stdout + result.stderr
+    for v in ("20", "31", "32", "33"):  # the first answer, then one notification per change
+        assert v in out, out
+    assert "Observe" in out
