@@ -15,6 +15,7 @@ from .admin.http import HttpServer
 from .bus import BatchingSink, EmbeddedBus
 from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
 from .coap import Endpoint, Params, Router
+from .coap import discovery
 from .coap.observe import Observers
 from .coap.site import Site
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
@@ -191,6 +192,7 @@ class Server:
 
     def _add_transport(self, t: Transport) -> None:
         t.observers = Observers(t.endpoint)
+        discovery.install(t.router)
         assert t.edge is not None
         t.edge.on_event = t.observers.handle
         self.site.mount(t.router, t.observers)

@@ -11,6 +11,7 @@ from .endpoint import (
     Request,
     Reset,
 )
+from . import discovery
 from .resources import Response, Router
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "Reset",
     "Response",
     "Router",
+    "discovery",
 ]

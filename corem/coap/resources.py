@@ -11,6 +11,7 @@ import logging
 from typing import Callable, NamedTuple
 
 from ..codec import Code
+from .blockwise import block2
 from .endpoint import Request
 
 log = logging.getLogger("corem.coap")
@@ -32,10 +33,14 @@ class Router:
     def __init__(self) -> None:
         # segment count -> [(pattern, {method: handler})]; pattern items are str or None (wildcard)
         self._routes: dict[int, list[tuple[tuple[str | None, ...], dict[int, Handler]]]] = {}
+        self._links: dict[str, dict[str, str | bool]] = {}
         self.handler_errors = 0
 
-    def add(self, path: str, methods: dict[int, Handler]) -> None:
-        """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`."""
+    def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None) -> None:
+        """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`;
+        `link` attributes (rt, if, ct, obs, title) list a literal path in /.well-known/core."""
+        if link is not None and "{" not in path:
+            self._links[path.strip("/")] = link
         segments = tuple(
             None if s.startswith("{") and s.endswith("}") else s for s in path.strip("/").split("/")
         ) if path.strip("/") else ()
@@ -47,6 +52,9 @@ class Router:
         routes.append((segments, dict(methods)))
         # literal segments before wildcards, so /a/b wins over /a/{x}
         routes.sort(key=lambda r: tuple(s is None for s in r[0]))
+
+    def links(self) -> list[tuple[str, dict[str, str | bool]]]:
+        return sorted(self._links.items())
 
     def dispatch(self, req: Request) -> Response | None:
         msg = req.message
@@ -67,7 +75,10 @@ class Router:
                 if handler is None:
                     return METHOD_NOT_ALLOWED
                 try:
-                    return handler(req, params)
+                    response = handler(req, params)
+                    if response is not None and msg.code == Code.GET:
+                        response = block2(msg, response)
+                    return response
                 except Exception:
                     self.handler_errors += 1
                     log.exception("handler for /%s failed", "/".join(path))

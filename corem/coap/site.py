@@ -40,6 +40,18 @@ class Resource:
 
     #: Observable resources accept GET with Observe and notify on `changed()`.
     observable = False
+    #: Link attributes for /.well-known/core (RFC 6690): resource type, interface, content formats.
+    rt: str | None = None
+    if_: str | None = None
+    ct: str | None = None
+    title: str | None = None
+
+    def link(self) -> dict[str, str | bool]:
+        attrs: dict[str, str | bool] = {"rt": self.rt, "if": self.if_, "ct": self.ct, "title": self.title}
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        if self.observable:
+            attrs["obs"] = True
+        return attrs
 
     def __init__(self) -> None:
         self._sites: list[tuple[Site, str]] = []
@@ -76,7 +88,7 @@ class Site:
         handlers = {code: _adapt(getattr(resource, name)) for code, name in METHODS.items() if hasattr(resource, name)}
         if resource.observable and Code.GET in handlers:
             handlers[Code.GET] = self._observed(resource, observers, path)
-        router.add(path, handlers)
+        router.add(path, handlers, link=resource.link())
 
     def _observed(self, resource: Resource, observers: Observers, path: str):
         """GET with the Observe option: register (0) or deregister (1) the requester (§3.1, §3.6)."""

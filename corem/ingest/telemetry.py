@@ -100,7 +100,8 @@ class TelemetryIngest:
                     return Response(Code.UNAUTHORIZED, b"device no longer registered")
                 return self.ingest(req, target, "coap")
 
-            router.add("telemetry", {Code.POST: post_in_session})
+            router.add("telemetry", {Code.POST: post_in_session},
+                       link={"rt": "corem.telemetry", "if": "core.p", "ct": "60 50"})
 
     @staticmethod
     def target(device: Device, protocol: str = "coap") -> Target:
