@@ -72,6 +72,12 @@ class ServerCollector:
             yield per_transport(name, doc, lambda t, a=attr: getattr(t.endpoint.stats, a))
         yield per_transport("corem_coap_handler_errors", "Handlers that raised (answered 5.00).",
                             lambda t: t.router.handler_errors)
+        yield per_transport("corem_coap_uploads", "Block1 uploads in progress.", lambda t: len(t.router.uploads),
+                            gauge=True)
+        yield per_transport("corem_coap_uploads_refused", "Block1 uploads refused (too large or too many).",
+                            lambda t: t.router.uploads.refused)
+        yield per_transport("corem_coap_uploads_expired", "Block1 uploads abandoned mid-way and forgotten.",
+                            lambda t: t.router.uploads.expired)
         observed = [t for t in s.transports if t.observers is not None]
         yield family("corem_coap_observers", "Observe registrations (RFC 7641) now.",
                      [({"transport": t.name}, len(t.observers)) for t in observed], gauge=True)

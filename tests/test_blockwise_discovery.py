@@ -125,3 +125,49 @@ async def test_libcoap_fetches_block_wise_and_discovers(tmp_path):
         links = (await trio.to_thread.run_sync(fetch, f"{base}/.well-known/core")).decode()
         server.stop()
     assert '</fw/image>;rt="firmware";ct=42' in links
+
+
+class Sink(Resource):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def post(self, req):
+        self.bodies.append(bytes(req.message.payload))
+        return Response(Code.CHANGED)
+
+
+def post_block(ep, router, num, more, szx, chunk, mid, size1=None):
+    msg = Message(Type.CON, Code.POST, mid, b"u", [(O.URI_PATH, b"up")], chunk)
+    msg.add(O.BLOCK1, Block(num, more, szx))
+    if size1 is not None:
+        msg.add(O.SIZE1, size1)
+    req = ep.receive(encode(msg), PEER, 0.0)
+    r = router.dispatch(req)
+    ep.respond(req, r.code, r.options, r.payload)
+    [(data, _)] = ep.take_outbox()
+    return decode(data)
+
+
+def test_block1_upload_is_reassembled_and_bounded():
+    ep = Endpoint(Params(), rng=lambda: 0.0)
+    router = Router()
+    site = Site()
+    site.mount(router, Observers(ep))
+    sink = Sink()
+    site.add("up", sink)
+    body = bytes(range(200))
+    chunks = [body[i : i + 64] for i in range(0, 200, 64)]
+    for n, chunk in enumerate(chunks[:-1]):
+        m = post_block(ep, router, n, True, 2, chunk, mid=10 + n)
+        assert m.code == Code.CONTINUE and m.block1 == Block(n, True, 2)
+    last = post_block(ep, router, len(chunks) - 1, False, 2, chunks[-1], mid=20)
+    assert last.code == Code.CHANGED and last.block1 == Block(3, False, 2)  # echoed (§2.3)
+    assert sink.bodies == [body] and len(router.uploads) == 0
+    # out of order: 4.08, and the transfer is forgotten
+    post_block(ep, router, 0, True, 2, chunks[0], mid=30)
+    assert post_block(ep, router, 2, True, 2, chunks[2], mid=31).code == Code.REQUEST_ENTITY_INCOMPLETE
+    assert len(router.uploads) == 0
+    # too large: 4.13 with the limit in Size1
+    too_big = post_block(ep, router, 0, True, 6, bytes(1024), mid=40, size1=10**6)
+    assert too_big.code == Code.REQUEST_ENTITY_TOO_LARGE and too_big.size1 == 64 * 1024

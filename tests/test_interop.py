@@ -277,3 +277,14 @@ def test_a_device_with_an_unknown_profile_does_not_hurt_the_others(tmp_path):
         assert server.metrics()['corem_protocol_payload_rejections_total{protocol="coap",reason="unknown_profile"}'] == 1
     finally:
         server.stop()
+
+
+def test_reading_larger_than_a_datagram_arrives_block_wise(corem, tmp_path):
+    """libcoap sends a 2.4 KB CBOR reading in 64-byte Block1 blocks: one point with every value."""
+    reading = {f"sensor_{i:03d}": i * 1.5 for i in range(120)}
+    f = write_cbor(tmp_path / "big.cbor", reading)
+    r = coap_client(url(corem), "-b", "64", "-m", "post", "-t", "application/cbor", "-f", str(f))
+    assert r.code == "2.04", r.output
+    assert "Block1" in r.output  # it really went block-wise
+    [point] = corem.points()
+    assert point["numeric_values"] == reading

@@ -57,3 +57,81 @@ def block2(msg: Message, response: Response) -> Response:
         options.append((OptionNumber.SIZE2, encode_uint(len(payload))))
     options.sort(key=lambda o: o[0])
     return make(Code.CONTENT, payload[offset : offset + size], options)
+
+
+#: Largest upload reassembled from Block1 blocks (bytes); beyond it: 4.13 with Size1.
+MAX_BODY = 64 * 1024
+
+
+class Assembly:
+    __slots__ = ("parts", "size", "szx", "started", "content_format")
+
+    def __init__(self, szx: int, now: float, content_format: bytes | None) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.szx = szx
+        self.started = now
+        self.content_format = content_format
+
+
+class Block1Uploads:
+    """Reassembles Block1 uploads (RFC 7959 §2.5), bounded in count, size and lifetime.
+
+    `receive(key, msg, now)` returns ("continue", response) for an intermediate block, ("error",
+    response) for a bad one, ("done", payload) when the last block completed the body, or
+    ("none", None) for a request without Block1.  Blocks must come in order (atomic upload); a
+    block 0 restarts the transfer.
+    """
+
+    def __init__(self, *, max_transfers: int = 1000, max_body: int = MAX_BODY, lifetime: float = 60.0) -> None:
+        self.max_transfers = max_transfers
+        self.max_body = max_body
+        self.lifetime = lifetime
+        self._transfers: dict[tuple, Assembly] = {}
+        self.refused = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._transfers)
+
+    def receive(self, key: tuple, msg: Message, now: float, make):
+        try:
+            block = msg.block1
+        except ValueError:
+            return "error", make(Code.BAD_OPTION, b"block1: szx 7 is reserved")
+        if block is None:
+            return "none", None
+        self._expire(now)
+        transfers = self._transfers
+        size1 = msg.size1
+        if size1 is not None and size1 > self.max_body or block.offset + len(msg.payload) > self.max_body:
+            transfers.pop(key, None)
+            self.refused += 1
+            return "error", make(Code.REQUEST_ENTITY_TOO_LARGE, b"",
+                                 [(OptionNumber.SIZE1, encode_uint(self.max_body))])
+        cf = msg.opt(OptionNumber.CONTENT_FORMAT)
+        if block.num == 0:
+            if key not in transfers and len(transfers) >= self.max_transfers:
+                self.refused += 1
+                return "error", make(Code.SERVICE_UNAVAILABLE, b"too many uploads in progress",
+                                     [(OptionNumber.MAX_AGE, encode_uint(5))])
+            transfers[key] = Assembly(block.szx, now, None if cf is None else bytes(cf))
+        assembly = transfers.get(key)
+        if assembly is None or block.offset != assembly.size or (block.more and len(msg.payload) != block.size):
+            transfers.pop(key, None)
+            return "error", make(Code.REQUEST_ENTITY_INCOMPLETE, b"block1: blocks out of order or missing")
+        assembly.parts.append(bytes(msg.payload))
+        assembly.size += len(msg.payload)
+        if block.more:
+            return "continue", make(Code.CONTINUE, b"", [(OptionNumber.BLOCK1, encode_uint(block.to_uint()))])
+        del transfers[key]
+        return "done", b"".join(assembly.parts)
+
+    def _expire(self, now: float) -> None:
+        transfers = self._transfers
+        while transfers:
+            key, assembly = next(iter(transfers.items()))
+            if now - assembly.started < self.lifetime:
+                break
+            del transfers[key]
+            self.expired += 1

@@ -73,7 +73,7 @@ class Request:
 
     __slots__ = (
         "endpoint", "peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app",
-        "size",
+        "size", "echo",
     )
 
     def __init__(
@@ -95,6 +95,8 @@ class Request:
         self.app: Any = None
         #: Bytes the request took on the wire: an error answer is never larger (no amplification).
         self.size = size
+        #: Options every answer to this request carries, whoever sends it (e.g. Block1, RFC 7959 §2.3).
+        self.echo: list | None = None
 
     def __repr__(self) -> str:
         return f"Request({self.peer!r} mid={self.mid} state={self.state})"
@@ -302,6 +304,8 @@ class Endpoint:
         state = req.state
         req.state = DONE
         token = req.token
+        if req.echo:
+            options = sorted([*(options or []), *req.echo], key=lambda o: o[0])
         if payload and code >= 0x80 and self.params.limit_error_size:
             payload = self._fit(req, code, options, payload)
         if req.confirmable and state == PENDING:

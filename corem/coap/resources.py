@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, NamedTuple
 
-from ..codec import Code
-from .blockwise import block2
+from ..codec import Code, Message, OptionNumber, encode_uint
+from .blockwise import Block1Uploads, block2
 from .endpoint import Request
 
 log = logging.getLogger("corem.coap")
@@ -35,6 +35,8 @@ class Router:
         self._routes: dict[int, list[tuple[tuple[str | None, ...], dict[int, Handler]]]] = {}
         self._links: dict[str, dict[str, str | bool]] = {}
         self.handler_errors = 0
+        #: Block1 uploads in progress (RFC 7959 §2.5), bounded
+        self.uploads = Block1Uploads()
 
     def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None) -> None:
         """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`;
@@ -74,13 +76,34 @@ class Router:
                 handler = methods.get(msg.code)
                 if handler is None:
                     return METHOD_NOT_ALLOWED
-                try:
-                    response = handler(req, params)
-                    if response is not None and msg.code == Code.GET:
-                        response = block2(msg, response)
-                    return response
-                except Exception:
-                    self.handler_errors += 1
-                    log.exception("handler for /%s failed", "/".join(path))
-                    return Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
+                block1 = msg.opt(OptionNumber.BLOCK1) if msg.code in (Code.POST, Code.PUT) else None
+                if block1 is not None:
+                    return self._upload(req, msg, path, handler, params)
+                return self._call(handler, req, params, path)
         return NOT_FOUND
+
+    def _call(self, handler: Handler, req: Request, params: list[str], path: list[str]) -> Response | None:
+        msg = req.message
+        assert msg is not None
+        try:
+            response = handler(req, params)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("handler for /%s failed", "/".join(path))
+            return Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
+        if response is not None and msg.code == Code.GET:
+            response = block2(msg, response)
+        return response
+
+    def _upload(self, req: Request, msg: Message, path: list[str], handler: Handler, params: list[str]):
+        """A Block1 request: 2.31 until the body is complete, then the handler sees it whole."""
+        key = (req.peer, tuple(path), bytes(msg.opt(OptionNumber.REQUEST_TAG) or b""))
+        state, result = self.uploads.receive(key, msg, req.received_at, Response)
+        if state != "done":
+            return result
+        last = msg.block1
+        assert last is not None
+        whole = [o for o in msg.options if o[0] != OptionNumber.BLOCK1]
+        req.message = Message(msg.type, msg.code, msg.mid, msg.token, whole, result)
+        req.echo = [(OptionNumber.BLOCK1, encode_uint(last.to_uint()))]  # the final answer echoes it (§2.3)
+        return self._call(handler, req, params, path)
