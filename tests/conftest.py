@@ -166,3 +166,16 @@ def coap_client(url: str, *args: str, timeout: float = 90, binary: str | None = 
 def write_cbor(path: Path, value) -> Path:
     path.write_bytes(cbor2.dumps(value))
     return path
+
+
+def exchange(endpoint, router, msg, peer=("192.0.2.9", 5683)):
+    """One request through a sans-IO endpoint and router: the single message it answers with."""
+    from corem.coap import Request
+    from corem.codec import decode, encode
+
+    req = endpoint.receive(encode(msg), peer, 0.0)
+    assert isinstance(req, Request)
+    r = router.dispatch(req)
+    endpoint.respond(req, r.code, r.options, r.payload)
+    [(data, _)] = endpoint.take_outbox()
+    return decode(data)

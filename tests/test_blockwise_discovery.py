@@ -6,12 +6,12 @@ import subprocess
 
 import trio
 
-from corem.codec import Block, Code, Message, OptionNumber as O, Type, decode, encode
-from corem.coap import Endpoint, Params, Request, Response, Router, discovery
+from corem.codec import Block, Code, Message, OptionNumber as O, Type
+from corem.coap import Endpoint, Params, Response, Router, discovery
 from corem.coap.observe import Observers
 from corem.coap.site import Resource, Site
 
-from .conftest import COAP_CLIENT, needs_libcoap
+from .conftest import COAP_CLIENT, exchange, needs_libcoap
 
 PEER = ("192.0.2.9", 5683)
 BIG = bytes(range(256)) * 20  # 5,120 bytes
@@ -56,12 +56,7 @@ def get(ep, router, path, block=None, query=None, mid=1):
     msg = Message(Type.CON, Code.GET, mid, b"k", sorted(opts))
     if block is not None:
         msg.add(O.BLOCK2, block)
-    req = ep.receive(encode(msg), PEER, 0.0)
-    assert isinstance(req, Request)
-    r = router.dispatch(req)
-    ep.respond(req, r.code, r.options, r.payload)
-    [(data, _)] = ep.take_outbox()
-    return decode(data)
+    return exchange(ep, router, msg, PEER)
 
 
 def test_large_representation_goes_in_blocks_with_size2_and_etag():
@@ -142,11 +137,7 @@ def post_block(ep, router, num, more, szx, chunk, mid, size1=None):
     msg.add(O.BLOCK1, Block(num, more, szx))
     if size1 is not None:
         msg.add(O.SIZE1, size1)
-    req = ep.receive(encode(msg), PEER, 0.0)
-    r = router.dispatch(req)
-    ep.respond(req, r.code, r.options, r.payload)
-    [(data, _)] = ep.take_outbox()
-    return decode(data)
+    return exchange(ep, router, msg, PEER)
 
 
 def test_block1_upload_is_reassembled_and_bounded():

@@ -7,11 +7,11 @@ import subprocess
 import trio
 
 from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
-from corem.coap import Endpoint, Params, Request, Response, Router
+from corem.coap import Endpoint, Params, Response, Router
 from corem.coap.observe import Observers
 from corem.coap.site import Resource, Site
 
-from .conftest import COAP_CLIENT, needs_libcoap
+from .conftest import COAP_CLIENT, exchange, needs_libcoap
 
 PEER = ("192.0.2.5", 5683)
 
@@ -52,12 +52,7 @@ def stack(**obs):
 
 def request(ep, router, code, path, token=b"t1", mid=1, observe=None, payload=b"", peer=PEER):
     opts = [(O.URI_PATH, path.encode())] + ([(O.OBSERVE, bytes([observe]) if observe else b"")] if observe is not None else [])
-    req = ep.receive(encode(Message(Type.CON, code, mid, token, sorted(opts), payload)), peer, 0.0)
-    assert isinstance(req, Request)
-    r = router.dispatch(req)
-    ep.respond(req, r.code, r.options, r.payload)
-    [(data, _)] = ep.take_outbox()
-    return decode(data)
+    return exchange(ep, router, Message(Type.CON, code, mid, token, sorted(opts), payload), peer)
 
 
 def test_register_notify_and_deregister():

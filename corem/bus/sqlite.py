@@ -40,16 +40,6 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[tuple[bytes | None, bytes, dict[str, str]]]).decode
 
 
-def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
-    if synchronous not in SYNC_MODES:
-        raise ValueError(f"store synchronous must be one of {', '.join(SYNC_MODES)}, got {synchronous!r}")
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.executescript(SCHEMA)
-    return conn
-
-
 class EmbeddedBus(BatchingSink):
     name = "embedded"
 
@@ -64,7 +54,11 @@ class EmbeddedBus(BatchingSink):
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = connect(self.path, self.synchronous)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")  # validated in __init__
+        conn.executescript(SCHEMA)
+        self._conn = conn
         row = self._conn.execute("SELECT max(base_offset + count) FROM batches").fetchone()
         self._next_offset = row[0] or 1
 

@@ -81,7 +81,7 @@ class Observers:
         key = (req.peer, req.token)
         if key in self._by_key:  # re-registration (§4.1): same observer, fresh state
             self._remove(key)
-        host = req.peer[0] if isinstance(req.peer, tuple) else req.peer
+        host = _host(req.peer)
         if (
             len(self._by_key) >= self.max_total
             or self.observers(resource) >= self.max_per_resource
@@ -110,7 +110,7 @@ class Observers:
         del observers[key]
         if not observers:
             del self._by_resource[obs.resource]
-        host = obs.peer[0] if isinstance(obs.peer, tuple) else obs.peer
+        host = _host(obs.peer)
         self._per_source[host] -= 1
         if not self._per_source[host]:
             del self._per_source[host]
@@ -125,8 +125,8 @@ class Observers:
         seq = encode_uint(self._next_seq())
         ep = self.endpoint
         sent = 0
+        opts = sorted([*(options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0])  # same for all
         for key, obs in list(observers.items()):
-            opts = sorted([*(options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0])
             obs.notifications += 1
             mid = ep.next_mid()
             confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
@@ -162,3 +162,8 @@ class Observers:
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFF
         return self._seq
+
+
+def _host(peer: Peer) -> Hashable:
+    """The source host of a peer address: what per-source bounds count by."""
+    return peer[0] if isinstance(peer, tuple) else peer

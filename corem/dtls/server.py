@@ -68,9 +68,12 @@ class DtlsParams:
 
     def __post_init__(self) -> None:
         available = set(tls.ciphers_available())
+        if not self.ciphers:
+            raise ValueError("dtls_ciphers: no cipher suite given")
         for c in self.ciphers:
             if c not in available:
-                raise ValueError(f"dtls ciphers: {c!r} is not a cipher suite Mbed TLS offers")
+                ccm = ", ".join(sorted(a for a in available if "CCM-8" in a and ("PSK-WITH" in a or "ECDSA" in a)))
+                raise ValueError(f"dtls_ciphers: {c!r} is not a cipher suite Mbed TLS offers (e.g. {ccm})")
         for name in ("max_handshakes", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"dtls {name} must be >= 1")

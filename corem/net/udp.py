@@ -97,6 +97,7 @@ class UdpEdge:
         bufsize = limit + 1
         dtls = self.dtls
         allow = self.limiter.allow if self.limiter is not None else None
+        on_event = self.on_event
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
@@ -116,23 +117,16 @@ class UdpEdge:
                     continue
                 if allow is not None and not allow(peer[0], now):
                     continue  # over its rate: dropped before any work (counted by the limiter)
-                if dtls is None:
-                    event = receive(data, peer, now)
+                # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing).
+                # (A 1-tuple per datagram: measured within noise, <1%, of two copied branches.)
+                for message in (data,) if dtls is None else dtls.receive(data, peer, now):
+                    event = receive(message, peer, now)
                     if type(event) is Request:
                         response = dispatch(event)
                         if response is not None:
                             respond(event, response.code, response.options, response.payload)
-                    elif event is not None and self.on_event is not None:
-                        self.on_event(event)
-                    continue
-                for plaintext in dtls.receive(data, peer, now):
-                    event = receive(plaintext, peer, now)
-                    if type(event) is Request:
-                        response = dispatch(event)
-                        if response is not None:
-                            respond(event, response.code, response.options, response.payload)
-                    elif event is not None and self.on_event is not None:
-                        self.on_event(event)
+                    elif event is not None and on_event is not None:
+                        on_event(event)
             if endpoint.outbox or (dtls is not None and dtls.outbox):
                 self.flush()
 
