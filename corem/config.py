@@ -76,6 +76,24 @@ def _file(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {v!r} is not a readable file")
 
 
+def parse_thresholds(value: str, key: str = "presence_tenants") -> dict[str, float]:
+    """`tenant=seconds,tenant=seconds` -> {tenant: seconds}."""
+    out: dict[str, float] = {}
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        tenant, sep, seconds = item.partition("=")
+        try:
+            out[tenant.strip()] = float(seconds)
+        except ValueError:
+            out[tenant.strip()] = -1.0
+        if not sep or not tenant.strip() or out[tenant.strip()] <= 0:
+            raise ConfigError(f"{key}: {item!r} is not TENANT=SECONDS with SECONDS > 0")
+    return out
+
+
+def _thresholds(key: str, v: Any) -> None:
+    parse_thresholds(v, key)
+
+
 def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -145,6 +163,20 @@ class Settings:
     presence_offline_after: float = _opt(
         120.0, "seconds without an accepted reading after which a device is offline", _positive
     )
+    presence_tenants: str = _opt(
+        "", "per-tenant offline thresholds overriding presence_offline_after, e.g. 'acme=30,globex=600'",
+        _thresholds,
+    )
+    admin_token: str = _opt(
+        "", "bearer token for the admin REST API and UI; empty: one is generated into data_dir/admin-token"
+    )
+    admin_max_body: int = _opt(256 * 1024 * 1024, "largest admin API request body, bytes (firmware uploads)", _positive)
+    psm_activity_timer: float = _opt(
+        10.0, "seconds a PSM device stays reachable after it talks (updates for it queue otherwise)", _positive
+    )
+    max_queued_commands: int = _opt(100, "RPC requests and commands queued per device at most", _positive)
+    pubsub_max_retained: int = _opt(10_000, "retained /ps messages kept at most (oldest dropped first)", _positive)
+    max_observers: int = _opt(10_000, "Observe registrations per transport at most", _positive)
     diagnostics_samples: int = _opt(1000, "rejected samples kept for diagnostics", _positive)
     log_level: str = _opt("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
     log_format: str = _opt("kv", "log lines as key=value ('kv') or JSON objects ('json')", _choice("kv", "json"))

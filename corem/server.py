@@ -11,7 +11,8 @@ from pathlib import Path
 
 import trio
 
-from .admin.http import HttpServer
+from .admin.api import AdminApi
+from .admin.http import HttpServer, Reply, Route
 from .bus import BatchingSink, EmbeddedBus
 from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
 from .coap import Endpoint, Params, Router
@@ -19,7 +20,11 @@ from .coap import discovery
 from .coap.observe import Observers
 from .coap.site import Site
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
-from .config import ConfigError, Settings, parse_hostport
+from .config import ConfigError, Settings, parse_hostport, parse_thresholds
+from .devices.downlink import Downlink
+from .frontdoors.drogue import Drogue
+from .frontdoors.emqx import Emqx
+from .frontdoors.thingsboard import ThingsBoard
 from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
@@ -27,11 +32,17 @@ from .metrics import render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter
 from .registry import Directory, Registry
+from .registry.management import Management
 
 log = logging.getLogger("corem")
 
 #: How often the registry is checked for changes made by the CLI or another process.
 REGISTRY_POLL = 0.5
+#: How often the downlink's queues and `ct` waits are looked at (the precision of `ct`).
+DOWNLINK_TICK = 0.1
+#: How often /readyz's view of the bus is refreshed.
+BUS_PROBE = 5.0
+ADMIN_TOKEN_FILE = "admin-token"
 
 
 @dataclass
@@ -103,6 +114,21 @@ def lock_data_dir(data: Path) -> int:
     return fd
 
 
+def _admin_token(path: Path) -> str:
+    """The admin token kept in the data dir (mode 0600), made on first start."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        log.info("generated an admin token in %s", path)
+        return token
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -113,10 +139,26 @@ class Server:
         self.directory = Directory(self.registry)
         self.sink = make_sink(settings)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
-        self.presence = Presence(self.sink, settings.presence_offline_after)
+        self.presence = Presence(self.sink, settings.presence_offline_after,
+                                 tenants=parse_thresholds(settings.presence_tenants))
         self.ingest = TelemetryIngest(
             self.directory, self.sink, self.diagnostics, presence=self.presence, now=trio.current_time
         )
+        self.management = Management(self.registry)
+        self.downlink = Downlink(
+            self.management, self.sink, psm_activity_timer=settings.psm_activity_timer,
+            max_queued=settings.max_queued_commands, clock=trio.current_time,
+        )
+        self.downlink.after_send = self._after_batch
+        self.ingest.on_uplink = self._uplink
+        self.thingsboard = ThingsBoard(self.directory, self.ingest, self.management, self.downlink, trio.current_time)
+        self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
+        self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
+                         max_retained=settings.pubsub_max_retained)
+        self.admin = AdminApi(self)
+        self.admin_token = settings.admin_token or _admin_token(data / ADMIN_TOKEN_FILE)
+        self.bus_problem: str | None = "not probed yet"
+        self.http: HttpServer | None = None
         self.transports: list[Transport] = []
         #: Users' own resources (see corem.coap.site): `server.site.add("path", resource)`
         self.site = Site(clock=trio.current_time)
@@ -156,11 +198,31 @@ class Server:
         return 200, "text/plain", b"ok\n"
 
     def _readyz(self) -> tuple[int, str, bytes]:
+        """Ready: every listener bound and the bus reachable (as of the last probe)."""
         if not self._ready:
             return 503, "text/plain", b"starting\n"
-        if self.sink.last_error is not None:
-            return 503, "text/plain", f"bus: {self.sink.last_error}\n".encode()
+        problem = self.bus_problem or (None if self.sink.last_error is None else str(self.sink.last_error))
+        if problem is not None:
+            return 503, "text/plain", f"bus: {problem}\n".encode()
         return 200, "text/plain", b"ready\n"
+
+    def http_routes(self) -> list[Route]:
+        def plain(fn):
+            def handler(req) -> Reply:
+                status, ctype, body = fn()
+                return Reply(status, body, ctype)
+
+            return handler
+
+        ops = [Route("GET", path, plain(fn), auth=False, doc={"summary": summary}) for path, fn, summary in (
+            ("/metrics", self._metrics, "Prometheus metrics"),
+            ("/healthz", self._healthz, "Alive"),
+            ("/readyz", self._readyz, "Listeners bound and the bus reachable"),
+        )]
+        return ops + self.admin.routes()
+
+    def _uplink(self, device) -> None:
+        self.downlink.uplink(device, trio.current_time())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -191,7 +253,12 @@ class Server:
             self._add_transport(t)
 
     def _add_transport(self, t: Transport) -> None:
-        t.observers = Observers(t.endpoint)
+        t.observers = Observers(t.endpoint, max_total=self.settings.max_observers)
+        session = t.dtls.device if t.dtls is not None else None
+        self.thingsboard.install(t.router, t.observers, session)
+        self.drogue.install(t.router, session)
+        self.emqx.install(t.router, t.observers, session)
+        self.downlink.observers.append(t.observers)
         discovery.install(t.router)
         assert t.edge is not None
         t.edge.on_event = t.observers.handle
@@ -246,8 +313,9 @@ class Server:
         try:
             self.sink.after_batch = self._after_batch
             if http_addr is not None:
-                http = HttpServer({"/metrics": self._metrics, "/healthz": self._healthz, "/readyz": self._readyz})
+                http = HttpServer(self.http_routes(), admin_token=self.admin_token, max_body=s.admin_max_body)
                 self.bound.http = await http.bind(*http_addr)
+                self.http = http
             async with trio.open_nursery() as outer:
                 await outer.start(self.sink.run)
                 async with trio.open_nursery() as inner:
@@ -259,8 +327,11 @@ class Server:
                         inner.start_soon(http.serve)
                     inner.start_soon(self._poll_registry)
                     inner.start_soon(self._sweep_presence)
+                    inner.start_soon(self._tick_downlink)
+                    inner.start_soon(self._probe_bus)
                     # everything allocated so far lives as long as the process: take it out of
                     # the collector's sight so each collection scans only what requests create
+                    self.bus_problem = await trio.to_thread.run_sync(self.sink.probe)
                     gc.collect()
                     gc.freeze()
                     self._ready = True
@@ -286,8 +357,22 @@ class Server:
             os.close(self._lock)
             log.info("stopped")
 
+    async def _tick_downlink(self) -> None:
+        n = 0
+        while True:
+            await trio.sleep(DOWNLINK_TICK)
+            self.downlink.tick(trio.current_time())
+            n += 1
+            if n % 100 == 0:
+                self.emqx.sweep()
+
+    async def _probe_bus(self) -> None:
+        while True:
+            await trio.sleep(BUS_PROBE)
+            self.bus_problem = await trio.to_thread.run_sync(self.sink.probe)
+
     async def _sweep_presence(self) -> None:
-        interval = min(1.0, self.settings.presence_offline_after / 4)
+        interval = min(1.0, self.presence.shortest / 4)
         while True:
             await trio.sleep(interval)
             self.presence.sweep(trio.current_time())

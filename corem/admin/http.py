@@ -1,30 +1,106 @@
-"""A small HTTP/1.1 server on Trio for the operator's side: /metrics, /healthz, /readyz.
+"""A small HTTP/1.1 server on Trio for the operator's side: metrics, health, the admin API, the UI.
 
-Deliberately minimal (one request per connection, GET only, bounded request size and time):
-it serves operators and Prometheus, not the internet.
+Deliberately small (one request per connection, bounded head, body and time): it serves
+operators, Prometheus and the diagnostics page, not the internet.  Routes are (method, pattern)
+with `{name}` segments; a route marked `auth` needs `Authorization: Bearer <admin token>`.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
-from typing import Awaitable, Callable
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl, unquote
 
 import trio
 
 log = logging.getLogger("corem.http")
 
-MAX_REQUEST = 16 * 1024
-REQUEST_TIMEOUT = 10.0
+MAX_HEAD = 16 * 1024
+REQUEST_TIMEOUT = 30.0
 
-Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
+REASONS = {
+    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
+    415: "Unsupported Media Type", 429: "Too Many Requests", 500: "Internal Server Error",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+@dataclass
+class HttpRequest:
+    method: str
+    path: str
+    params: dict[str, str]
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes = b""
+
+    def json(self) -> Any:
+        """The body as JSON; `HttpError(400)` naming the problem otherwise."""
+        if not self.body:
+            raise HttpError(400, "body: expected a JSON object")
+        try:
+            return json.loads(self.body)
+        except ValueError as e:
+            raise HttpError(400, f"body: not valid JSON ({e})") from None
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_reply(value: Any, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(value, separators=(",", ":")).encode() + b"\n")
+
+
+Handler = Callable[[HttpRequest], "Reply | Awaitable[Reply]"]
+
+
+@dataclass
+class Route:
+    method: str
+    pattern: str
+    handler: Handler
+    auth: bool = True
+    #: OpenAPI details: summary, request body schema, extra responses
+    doc: dict[str, Any] = field(default_factory=dict)
+
+    def match(self, segments: list[str]) -> dict[str, str] | None:
+        want = self.pattern.strip("/").split("/")
+        if len(want) != len(segments):
+            return None
+        params = {}
+        for w, g in zip(want, segments):
+            if w.startswith("{") and w.endswith("}"):
+                params[w[1:-1]] = unquote(g)
+            elif w != g:
+                return None
+        return params
 
 
 class HttpServer:
-    def __init__(self, routes: dict[str, Callable[[], tuple[int, str, bytes]]]) -> None:
+    def __init__(self, routes: list[Route], *, admin_token: str = "", max_body: int = 1024 * 1024) -> None:
         self.routes = routes
+        self.admin_token = admin_token
+        self.max_body = max_body
         self.listeners: list[trio.SocketListener] = []
+        self.requests = 0
+        self.unauthorized = 0
 
     async def bind(self, host: str, port: int) -> tuple:
         self.listeners = await trio.open_tcp_listeners(port, host=host)
@@ -36,39 +112,92 @@ class HttpServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-                    if len(data) > MAX_REQUEST:
-                        await self._reply(stream, 400, "text/plain", b"request too large\n")
-                        return
-                line = data.split(b"\r\n", 1)[0].decode("latin-1")
-                parts = line.split(" ")
-                if len(parts) != 3:
-                    await self._reply(stream, 400, "text/plain", b"bad request line\n")
-                    return
-                method, target, _ = parts
-                path = target.split("?", 1)[0]
-                route = self.routes.get(path)
-                if route is None:
-                    await self._reply(stream, 404, "text/plain", b"not found\n")
-                elif method not in ("GET", "HEAD"):
-                    await self._reply(stream, 405, "text/plain", b"GET only\n")
-                else:
-                    status, ctype, body = route()
-                    await self._reply(stream, status, ctype, b"" if method == "HEAD" else body)
+                reply, method = await self._answer(stream)
+                await self._send(stream, reply, head_only=method == "HEAD")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             await stream.aclose()
 
+    async def _answer(self, stream: trio.SocketStream) -> tuple[Reply, str]:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise trio.BrokenResourceError
+            data += chunk
+            if len(data) > MAX_HEAD and b"\r\n\r\n" not in data[:MAX_HEAD]:
+                return _error(400, "request head too large"), "GET"
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            return _error(400, "bad request line"), "GET"
+        method, target, _ = parts
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            return _error(400, "content-length: not a number"), method
+        if length < 0 or length > self.max_body:
+            return _error(413, f"body: {length} bytes; at most {self.max_body}"), method
+        body = bytearray(rest)
+        while len(body) < length:
+            chunk = await stream.receive_some(min(1 << 20, length - len(body)))
+            if not chunk:
+                raise trio.BrokenResourceError
+            body += chunk
+        path, _, qs = target.partition("?")
+        segments = [s for s in path.strip("/").split("/")] if path.strip("/") else []
+        allowed = []
+        for route in self.routes:
+            params = route.match(segments)
+            if params is None:
+                continue
+            if route.method != method and not (method == "HEAD" and route.method == "GET"):
+                allowed.append(route.method)
+                continue
+            self.requests += 1
+            if route.auth and not self._authorized(headers):
+                self.unauthorized += 1
+                return _error(401, "authorization: missing or wrong admin token (Authorization: Bearer TOKEN)",
+                              {"WWW-Authenticate": "Bearer"}), method
+            request = HttpRequest(method, path, params, dict(parse_qsl(qs)), headers, bytes(body[:length]))
+            try:
+                reply = route.handler(request)
+                if inspect.isawaitable(reply):
+                    reply = await reply
+            except HttpError as e:
+                return _error(e.status, e.message), method
+            except Exception:
+                log.exception("%s %s failed", method, path)
+                return _error(500, "internal error (see the server log)"), method
+            return reply, method
+        if allowed:
+            return _error(405, f"method: {method} not allowed; use {', '.join(sorted(set(allowed)))}",
+                          {"Allow": ", ".join(sorted(set(allowed)))}), method
+        return _error(404, f"path: {path} not found"), method
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return bool(self.admin_token) and scheme.lower() == "bearer" and secrets.compare_digest(
+            token.strip().encode(), self.admin_token.encode()
+        )
+
     @staticmethod
-    async def _reply(stream: trio.SocketStream, status: int, ctype: str, body: bytes) -> None:
+    async def _send(stream: trio.SocketStream, reply: Reply, head_only: bool = False) -> None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
         head = (
-            f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, '')}\r\nContent-Type: {reply.content_type}\r\n"
+            f"Content-Length: {len(reply.body)}\r\n{extra}Connection: close\r\n\r\n"
         ).encode()
-        await stream.send_all(head + body)
+        await stream.send_all(head if head_only else head + reply.body)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
+    reply = json_reply({"error": message}, status)
+    reply.headers.update(headers or {})
+    return reply

@@ -162,3 +162,7 @@ class BatchingSink:
 
     def close_sync(self) -> None:
         """Disconnect (runs in a worker thread after the last batch)."""
+
+    def probe(self) -> str | None:
+        """Can the bus be reached?  None if so, else why not (runs in a worker thread; /readyz)."""
+        return None if self.last_error is None else str(self.last_error)

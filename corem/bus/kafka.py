@@ -135,6 +135,21 @@ class KafkaSink(BatchingSink):
             self._drop_producer()  # nothing got through: start afresh on the next batch
         return results
 
+    def probe(self) -> str | None:
+        """A TCP connection to any bootstrap broker: cheap, and independent of the producer,
+        which lives on the sink's worker thread."""
+        import socket
+
+        errors = []
+        for hostport in self.settings.bootstrap:
+            host, _, port = hostport.rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+                return None
+            except OSError as e:
+                errors.append(f"{hostport}: {e.strerror or e}")
+        return "kafka unreachable: " + "; ".join(errors)
+
     def close_sync(self) -> None:
         if self._producer is not None:
             try:

@@ -18,6 +18,7 @@ from typing import Hashable
 
 from ..codec import Message, OptionNumber, Type, encode, encode_uint
 from .endpoint import Endpoint, GaveUp, Request, Reset, StrayReset
+from .resources import Response
 
 Peer = Hashable
 
@@ -162,6 +163,20 @@ class Observers:
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFF
         return self._seq
+
+
+def answer_observe(observers: Observers, req: Request, resource: str, response: Response, now: float) -> Response:
+    """Apply a GET's Observe option to its 2.xx answer: 0 registers the requester (and the answer
+    carries the sequence number), 1 deregisters it (§3.1, §3.6).  Returns the answer to send."""
+    observe = req.message.observe if req.message is not None else None
+    if observe == 1:
+        observers.deregister(req.peer, req.token)
+    elif observe == 0 and 64 <= response.code < 96:
+        seq = observers.register(req, resource, now)
+        if seq is not None:
+            opts = sorted([*(response.options or []), (OptionNumber.OBSERVE, encode_uint(seq))], key=lambda o: o[0])
+            response = Response(response.code, response.payload, opts)
+    return response
 
 
 def _host(peer: Peer) -> Hashable:

@@ -1,7 +1,8 @@
 """Resources: which handler answers which Uri-Path and method.
 
 Paths are patterns of segments; `{name}` matches any one segment and its value is passed to the
-handler in order.  A handler returns a `Response` to answer at once, or None when it will answer
+handler in order; a last segment `{name*}` matches one or more segments (topic names such as
+`ps/{topic*}`) and is passed joined with '/'.  A handler returns a `Response` to answer at once, or None when it will answer
 later through `Endpoint.respond` (e.g. after the point is committed to the bus).
 """
 
@@ -33,6 +34,8 @@ class Router:
     def __init__(self) -> None:
         # segment count -> [(pattern, {method: handler})]; pattern items are str or None (wildcard)
         self._routes: dict[int, list[tuple[tuple[str | None, ...], dict[int, Handler]]]] = {}
+        #: patterns ending in `{name*}`: (leading segments, {method: handler}), longest first
+        self._prefixes: list[tuple[tuple[str | None, ...], dict[int, Handler]]] = []
         self._links: dict[str, dict[str, str | bool]] = {}
         self.handler_errors = 0
         #: Block1 uploads in progress (RFC 7959 §2.5), bounded
@@ -46,6 +49,10 @@ class Router:
         segments = tuple(
             None if s.startswith("{") and s.endswith("}") else s for s in path.strip("/").split("/")
         ) if path.strip("/") else ()
+        if path.rstrip("/").endswith("*}"):
+            self._prefixes.append((segments[:-1], dict(methods)))
+            self._prefixes.sort(key=lambda r: -len(r[0]))
+            return
         routes = self._routes.setdefault(len(segments), [])
         for pattern, existing in routes:
             if pattern == segments:
@@ -65,22 +72,24 @@ class Router:
             path = msg.uri_path
         except UnicodeDecodeError:
             return Response(Code.BAD_REQUEST, b"uri-path: not valid UTF-8")
-        for pattern, methods in self._routes.get(len(path), ()):
-            params = []
-            for want, got in zip(pattern, path):
-                if want is None:
-                    params.append(got)
-                elif want != got:
-                    break
-            else:
-                handler = methods.get(msg.code)
-                if handler is None:
-                    return METHOD_NOT_ALLOWED
-                block1 = msg.opt(OptionNumber.BLOCK1) if msg.code in (Code.POST, Code.PUT) else None
-                if block1 is not None:
-                    return self._upload(req, msg, path, handler, params)
-                return self._call(handler, req, params, path)
-        return NOT_FOUND
+        found = _match(self._routes.get(len(path), ()), path)
+        if found is None:
+            for pattern, methods in self._prefixes:  # the longest prefix that matches
+                if len(pattern) < len(path):
+                    found = _match([(pattern, methods)], path[: len(pattern)])
+                    if found is not None:
+                        found[1].append("/".join(path[len(pattern):]))
+                        break
+        if found is None:
+            return NOT_FOUND
+        methods, params = found
+        handler = methods.get(msg.code)
+        if handler is None:
+            return METHOD_NOT_ALLOWED
+        block1 = msg.opt(OptionNumber.BLOCK1) if msg.code in (Code.POST, Code.PUT) else None
+        if block1 is not None:
+            return self._upload(req, msg, path, handler, params)
+        return self._call(handler, req, params, path)
 
     def _call(self, handler: Handler, req: Request, params: list[str], path: list[str]) -> Response | None:
         msg = req.message
@@ -107,3 +116,17 @@ class Router:
         req.message = Message(msg.type, msg.code, msg.mid, msg.token, whole, result)
         req.echo = [(OptionNumber.BLOCK1, encode_uint(last.to_uint()))]  # the final answer echoes it (§2.3)
         return self._call(handler, req, params, path)
+
+
+def _match(routes, path: list[str]) -> tuple[dict[int, Handler], list[str]] | None:
+    """The first route whose pattern matches `path` segment for segment, with its parameters."""
+    for pattern, methods in routes:
+        params = []
+        for want, got in zip(pattern, path):
+            if want is None:
+                params.append(got)
+            elif want != got:
+                break
+        else:
+            return methods, params
+    return None

@@ -26,9 +26,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from ..codec import Code, OptionNumber, encode_uint
+from ..codec import Code
 from .endpoint import Request
-from .observe import Observers
+from .observe import Observers, answer_observe
 from .resources import Response, Router
 
 METHODS = {Code.GET: "get", Code.POST: "post", Code.PUT: "put", Code.DELETE: "delete"}
@@ -94,17 +94,8 @@ class Site:
         """GET with the Observe option: register (0) or deregister (1) the requester (§3.1, §3.6)."""
 
         def get(req: Request, params: list[str]) -> Response | None:
-            observe = req.message.observe if req.message is not None else None
             response = resource.get(req)
-            if observe == 1:
-                observers.deregister(req.peer, req.token)
-            elif observe == 0 and response is not None and 64 <= response.code < 96:
-                seq = observers.register(req, path, self.clock())
-                if seq is not None:
-                    opts = sorted([*(response.options or []), (OptionNumber.OBSERVE, encode_uint(seq))],
-                                  key=lambda o: o[0])
-                    response = Response(response.code, response.payload, opts)
-            return response
+            return None if response is None else answer_observe(observers, req, path, response, self.clock())
 
         return get
 

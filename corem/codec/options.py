@@ -39,6 +39,10 @@ class OptionNumber(IntEnum):
     ECHO = 252
     NO_RESPONSE = 258
     REQUEST_TAG = 292
+    #: Drogue Cloud's private options (experimental range): HTTP-Basic-style credentials on a
+    #: request, the name of a command on a response
+    DROGUE_AUTH = 4209
+    DROGUE_COMMAND = 4210
 
 
 class Format(IntEnum):
@@ -85,6 +89,8 @@ SPECS: dict[int, OptionSpec] = {
     N.ECHO: OptionSpec(Format.OPAQUE, False, 1, 40),
     N.NO_RESPONSE: OptionSpec(Format.UINT, False, 0, 1),
     N.REQUEST_TAG: OptionSpec(Format.OPAQUE, True, 0, 8),
+    N.DROGUE_AUTH: OptionSpec(Format.STRING, False, 1, 512),
+    N.DROGUE_COMMAND: OptionSpec(Format.STRING, False, 1, 255),
 }
 del N
 

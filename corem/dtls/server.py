@@ -472,12 +472,18 @@ LOST = object()
 
 def load_certificates(path: str) -> list[x509.CRT]:
     """Every certificate in a PEM file (a chain: leaf first)."""
-    text = open(path).read()
+    return parse_certificates(open(path).read(), path)
+
+
+def parse_certificates(text: str, where: str = "PEM") -> list[x509.CRT]:
     marker = "-----END CERTIFICATE-----"
     pems = [part + marker for part in text.split(marker) if "-----BEGIN CERTIFICATE-----" in part]
     if not pems:
-        raise ValueError(f"{path}: no PEM certificate in it")
-    return [x509.CRT.from_PEM(p.strip()) for p in pems]
+        raise ValueError(f"{where}: no PEM certificate in it")
+    try:
+        return [x509.CRT.from_PEM(p.strip()) for p in pems]
+    except Exception as e:  # noqa: BLE001 - Mbed TLS raises its own error types
+        raise ValueError(f"{where}: not a valid certificate ({e})") from None
 
 
 def load_key(path: str):
@@ -492,6 +498,11 @@ def load_key(path: str):
 def certificate_sha256(path: str) -> str:
     """The fingerprint devices are registered by: SHA-256 of the leaf certificate's DER."""
     return hashlib.sha256(load_certificates(path)[0].to_DER()).hexdigest()
+
+
+def pem_sha256(text: str) -> str:
+    """`certificate_sha256` of a PEM given as text (the admin API's `cert_pem`)."""
+    return hashlib.sha256(parse_certificates(text)[0].to_DER()).hexdigest()
 
 
 def _peer_der(buf: tls.TLSWrappedBuffer) -> bytes | None:

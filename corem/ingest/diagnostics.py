@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 from collections import deque
 
+import cbor2
 import msgspec
 
 
@@ -33,3 +36,43 @@ class Diagnostics:
 
     def newest(self, limit: int = 100) -> list[RejectedSample]:
         return list(reversed(self.samples))[:limit]
+
+
+def cbor_diagnostic(data: bytes, limit: int = 4096) -> str:
+    """RFC 8949 §8 diagnostic notation of a CBOR payload, for people reading a rejected sample;
+    `invalid CBOR: …` with the decoder's reason when it does not decode."""
+    try:
+        value = cbor2.loads(data)
+    except Exception as e:  # cbor2 raises several types; any of them means "not CBOR"
+        return f"invalid CBOR: {e}"
+    text = _diag(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _diag(v: object) -> str:
+    if v is None:
+        return "null"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else {
+            "nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[repr(v)]
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (bytes, bytearray)):
+        return f"h'{bytes(v).hex()}'"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_diag(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_diag(k)}: {_diag(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, cbor2.CBORTag):
+        return f"{v.tag}({_diag(v.value)})"
+    if isinstance(v, cbor2.CBORSimpleValue):
+        return f"simple({v.value})"
+    if isinstance(v, datetime.datetime):  # tags 0/1, decoded by cbor2
+        return f'0("{v.isoformat()}")'
+    if v is cbor2.undefined:
+        return "undefined"
+    return repr(v)

@@ -37,15 +37,23 @@ class Presence:
         sink: BatchingSink,
         offline_after: float = 120.0,
         *,
+        tenants: dict[str, float] | None = None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
-        if offline_after <= 0:
-            raise ValueError(f"presence offline_after must be > 0, got {offline_after}")
+        for name, value in {"offline_after": offline_after, **(tenants or {})}.items():
+            if value <= 0:
+                raise ValueError(f"presence threshold for {name} must be > 0, got {value}")
         self.sink = sink
         self.offline_after = offline_after
+        #: per-tenant thresholds overriding `offline_after`
+        self.tenants = dict(tenants or {})
         self.wall_ms = wall_ms
-        #: (tenant, device) -> (monotonic last seen, wall-clock ms last seen), least recent first
-        self._online: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        #: threshold -> {(tenant, device) -> (monotonic last seen, wall-clock ms last seen)}, least
+        #: recent first: one activity-ordered dict per threshold keeps the sweep at the stale ends
+        self._by_threshold: dict[float, OrderedDict[tuple[str, str], tuple[float, int]]] = {
+            t: OrderedDict() for t in {offline_after, *self.tenants.values()}
+        }
+        self._online = self._by_threshold[offline_after]
         self.online_by_tenant: Counter[str] = Counter()
         self.transitions: Counter[str] = Counter()
         self.publish_failures = 0
@@ -54,7 +62,7 @@ class Presence:
         """An accepted reading from the device."""
         key = (tenant, device)
         wall = self.wall_ms()
-        online = self._online
+        online = self._online if not self.tenants else self._by_threshold[self.tenants.get(tenant, self.offline_after)]
         if key in online:
             online[key] = (now, wall)
             online.move_to_end(key)
@@ -64,22 +72,30 @@ class Presence:
         self._publish(tenant, device, "online", wall, wall)
 
     def sweep(self, now: float) -> int:
-        """Mark offline every device quiet for longer than `offline_after`; returns how many."""
-        online = self._online
-        limit = now - self.offline_after
+        """Mark offline every device quiet for longer than its threshold; returns how many."""
         n = 0
-        while online:
-            (tenant, device), (last, last_wall) = next(iter(online.items()))
-            if last > limit:
-                break
-            del online[(tenant, device)]
-            self.online_by_tenant[tenant] -= 1
-            self._publish(tenant, device, "offline", self.wall_ms(), last_wall)
-            n += 1
+        for threshold, online in self._by_threshold.items():
+            limit = now - threshold
+            while online:
+                (tenant, device), (last, last_wall) = next(iter(online.items()))
+                if last > limit:
+                    break
+                del online[(tenant, device)]
+                self.online_by_tenant[tenant] -= 1
+                self._publish(tenant, device, "offline", self.wall_ms(), last_wall)
+                n += 1
         return n
 
     def is_online(self, tenant: str, device: str) -> bool:
-        return (tenant, device) in self._online
+        return any((tenant, device) in online for online in self._by_threshold.values())
+
+    def last_seen(self) -> dict[tuple[str, str], int]:
+        """Online devices -> wall-clock ms of their last accepted reading."""
+        return {key: wall for online in self._by_threshold.values() for key, (_, wall) in online.items()}
+
+    @property
+    def shortest(self) -> float:
+        return min(self._by_threshold)
 
     def _publish(self, tenant: str, device: str, state: str, at: int, last_seen: int) -> None:
         self.transitions[state] += 1

@@ -34,6 +34,10 @@ class IngestStats:
         self.rejections: Counter[tuple[str, str]] = Counter()
         self.auth_failures: Counter[tuple[str, str]] = Counter()
         self.bus_refusals = 0
+        #: (tenant, device) -> points acknowledged / payloads rejected (authenticated devices only,
+        #: so bounded by the registry): the diagnostics UI's per-device rates
+        self.device_points: Counter[tuple[str, str]] = Counter()
+        self.device_rejections: Counter[tuple[str, str]] = Counter()
 
 
 class UnknownProfile(Exception):
@@ -74,6 +78,8 @@ class TelemetryIngest:
         self.clock_ms = clock_ms
         self.now = now
         self.presence = presence
+        #: told of every authenticated request (the downlink learns that a sleeping device woke)
+        self.on_uplink: Callable[[Device], None] | None = None
         self.stats = IngestStats()
         self._targets: dict[str, Target] = {}
         self._name_targets: dict[tuple[str, str], Target] = {}
@@ -102,6 +108,7 @@ class TelemetryIngest:
 
             router.add("telemetry", {Code.POST: post_in_session},
                        link={"rt": "corem.telemetry", "if": "core.p", "ct": "60 50"})
+            router.add("api/v1/telemetry", {Code.POST: post_in_session})  # ThingsBoard's x509 path
 
     @staticmethod
     def target(device: Device, protocol: str = "coap") -> Target:
@@ -143,10 +150,15 @@ class TelemetryIngest:
         return self.ingest(req, target, "coap")
 
     # -- the pipeline --------------------------------------------------------------------------
-    def ingest(self, req: Request, target: Target, protocol: str) -> Response | None:
+    def ingest(
+        self, req: Request, target: Target, protocol: str, then: Callable[[Request], None] | None = None
+    ) -> Response | None:
+        """Decode, submit, answer 2.04 once durable -- or call `then(req)` to answer it instead."""
         msg = req.message
         assert msg is not None
         received_at = self.clock_ms()
+        if self.on_uplink is not None:
+            self.on_uplink(target.device)
         content_format = msg.content_format
         device = target.device
         try:
@@ -169,10 +181,10 @@ class TelemetryIngest:
             profile=device.profile,
         )
         record = Record(target.topic, target.key, encode_point(point), target.headers)
+        req.app = device if then is None else (device, then)
         if not self.sink.submit(record, self._committed, req):
             self.stats.bus_refusals += 1
             return self._busy
-        req.app = device
         return None
 
     def _committed(self, req: Request, error: BaseException | None) -> None:
@@ -180,9 +192,13 @@ class TelemetryIngest:
         if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
             return
         if error is None:
-            device = req.app
+            device, then = (req.app, None) if type(req.app) is not tuple else req.app
             self.stats.accepted[device.tenant] += 1
-            req.endpoint.respond(req, Code.CHANGED)
+            self.stats.device_points[device.tenant, device.device] += 1
+            if then is None:
+                req.endpoint.respond(req, Code.CHANGED)
+            else:
+                then(req)
             if self.presence is not None:
                 self.presence.seen(device.tenant, device.device, self.now())
         else:
@@ -200,6 +216,7 @@ class TelemetryIngest:
         received_at: int,
     ) -> None:
         self.stats.rejections[protocol, "decode_error"] += 1
+        self.stats.device_rejections[device.tenant, device.device] += 1
         msg = req.message
         assert msg is not None
         self.diagnostics.add(

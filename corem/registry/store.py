@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS devices (
     psk_identity TEXT UNIQUE,
     psk          BLOB,
     cert_sha256  TEXT UNIQUE,
+    power_mode   TEXT NOT NULL DEFAULT 'drx',
+    topics       TEXT NOT NULL DEFAULT '#',
     PRIMARY KEY (tenant, device)
 );
 """
@@ -34,8 +36,16 @@ MIGRATIONS = {
     "psk_identity": "ALTER TABLE devices ADD COLUMN psk_identity TEXT",
     "psk": "ALTER TABLE devices ADD COLUMN psk BLOB",
     "cert_sha256": "ALTER TABLE devices ADD COLUMN cert_sha256 TEXT",
+    "power_mode": "ALTER TABLE devices ADD COLUMN power_mode TEXT NOT NULL DEFAULT 'drx'",
+    "topics": "ALTER TABLE devices ADD COLUMN topics TEXT NOT NULL DEFAULT '#'",
 }
-_COLUMNS = "tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256"
+#: Migrated columns that carry a UNIQUE constraint in SCHEMA (ALTER TABLE cannot add one: an index does).
+_UNIQUE = ("psk_identity", "cert_sha256")
+_COLUMNS = "tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256, power_mode, topics"
+#: ThingsBoard's power modes: DRX is always reachable; PSM only for a while after each uplink.
+POWER_MODES = ("drx", "psm")
+#: MQTT-style topic filters (EMQX front door), space-separated; `+` one level, `#` the rest.
+TOPIC_FILTER_RE = re.compile(r"(?:[^\s#+/]*|\+)(?:/(?:[^\s#+/]*|\+))*(?:/#)?|#")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 #: Tenants become Kafka topic names (`telemetry.raw.{tenant}`): Kafka's legal characters.
@@ -63,6 +73,10 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     psk: bytes | None = None
     #: SHA-256 of the device's X.509 certificate (DER), lowercase hex
     cert_sha256: str | None = None
+    #: "drx" (always reachable) or "psm" (reachable only shortly after it talks; updates queue)
+    power_mode: str = "drx"
+    #: topic filters this device may publish and subscribe to on /ps and /mqtt (its tenant's only)
+    topics: str = "#"
 
 
 def _check(name: str, value: str, pattern: re.Pattern, allowed: str) -> None:
@@ -84,7 +98,7 @@ class Registry:
         for column, sql in MIGRATIONS.items():
             if column not in have:
                 self._conn.execute(sql)
-                if column != "psk":
+                if column in _UNIQUE:
                     self._conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
 
     def close(self) -> None:
@@ -100,6 +114,8 @@ class Registry:
         psk_identity: str | None = None,
         psk: bytes | None = None,
         cert_sha256: str | None = None,
+        power_mode: str = "drx",
+        topics: str = "#",
     ) -> Device:
         _check("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
         _check("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
@@ -115,14 +131,21 @@ class Registry:
             raise RegistryError("cert_sha256: not a lowercase hex SHA-256 fingerprint")
         if not profile:
             raise RegistryError("profile: must not be empty")
+        if power_mode not in POWER_MODES:
+            raise RegistryError(f"power_mode: {power_mode!r} is not valid; allowed: {', '.join(POWER_MODES)}")
+        filters = topics.split()
+        if not filters or not all(TOPIC_FILTER_RE.fullmatch(f) for f in filters):
+            raise RegistryError(f"topics: {topics!r} is not valid; allowed: space-separated MQTT topic filters")
         d = Device(
             tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000),
-            psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256,
+            psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256, power_mode=power_mode,
+            topics=" ".join(filters),
         )
         try:
             self._conn.execute(
-                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256),
+                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256,
+                 d.power_mode, d.topics),
             )
         except sqlite3.IntegrityError as e:
             if "token" in str(e):
@@ -146,9 +169,15 @@ class Registry:
             args = (tenant,)
         rows = self._conn.execute(sql + " ORDER BY tenant, device", args)
         return [
-            Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i, psk=s, cert_sha256=f)
-            for t, d, p, k, c, i, s, f in rows
+            Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i, psk=s, cert_sha256=f,
+                   power_mode=m, topics=o)
+            for t, d, p, k, c, i, s, f, m, o in rows
         ]
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The connection, for the management tables that live in the same file."""
+        return self._conn
 
     def data_version(self) -> int:
         """Moves whenever another connection commits a change."""
@@ -178,10 +207,11 @@ class Directory:
     def named(self, tenant: str, device: str) -> Device | None:
         return self.by_name.get((tenant, device))
 
-    def refresh(self) -> bool:
-        """Reload if the registry changed since the last look; True if it did."""
+    def refresh(self, force: bool = False) -> bool:
+        """Reload if the registry changed since the last look; True if it did.  `force` after a
+        change made on this process's own connection, which `data_version` does not count."""
         version = self.registry.data_version()
-        if version == self._version:
+        if version == self._version and not force:
             return False
         devices = self.registry.list_devices()
         self.by_token = {d.token: d for d in devices if d.token is not None}

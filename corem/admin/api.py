@@ -1,0 +1,380 @@
+"""The admin REST API (JSON, OpenAPI 3.1 at /api/openapi.json) and the diagnostics UI's data.
+
+Every /api route except the OpenAPI document needs `Authorization: Bearer <admin token>`.  Bad
+input is answered 400 with the offending field named; a missing or wrong token 401.  The CLI's
+`devices` commands call the same registry operations; its runtime commands (`rpc`, `command`,
+`attributes`, `firmware`) call this API.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from ..dtls import pem_sha256
+from ..ingest.diagnostics import cbor_diagnostic
+from ..registry import Device, RegistryError
+from ..registry.management import KINDS
+from .http import HttpError, HttpRequest, Reply, Route, json_reply
+
+if TYPE_CHECKING:
+    from ..server import Server
+
+#: Largest RPC wait an API caller may ask for, seconds.
+MAX_RPC_TIMEOUT = 300.0
+#: Devices listed in /api/status at most (most recently seen first): the UI stays light.
+STATUS_DEVICES = 500
+
+STR = {"type": "string"}
+DEVICE_FIELDS = {
+    "tenant": STR, "device": STR, "profile": STR, "token": STR, "psk_identity": STR,
+    "psk": {"type": "string", "description": "key as text"}, "psk_hex": {"type": "string", "description": "key as hex"},
+    "cert_pem": {"type": "string", "description": "device certificate (PEM); registers its SHA-256"},
+    "power_mode": {"type": "string", "enum": ["drx", "psm"]},
+    "topics": {"type": "string", "description": "space-separated MQTT filters for /ps and /mqtt"},
+}
+
+
+def _fields(body: Any, allowed: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HttpError(400, "body: expected a JSON object")
+    for key in body:
+        if key not in allowed:
+            raise HttpError(400, f"{key}: unknown field; allowed: {', '.join(allowed)}")
+    for key in required:
+        if body.get(key) in (None, ""):
+            raise HttpError(400, f"{key}: required")
+    for key, value in body.items():
+        kind = allowed[key].get("type")
+        ok = {"string": str, "number": (int, float), "integer": int, "boolean": bool}.get(kind)
+        if ok is not None and value is not None and (not isinstance(value, ok) or (kind != "boolean" and isinstance(value, bool))):
+            raise HttpError(400, f"{key}: expected a {kind}")
+    return body
+
+
+class AdminApi:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.started = time.time()
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _device(self, req: HttpRequest) -> Device:
+        device = self.server.directory.named(req.params["tenant"], req.params["device"])
+        if device is None:
+            raise HttpError(404, f"device: {req.params['tenant']}/{req.params['device']} is not registered")
+        return device
+
+    def _describe(self, d: Device) -> dict[str, Any]:
+        s = self.server
+        key = (d.tenant, d.device)
+        return {
+            "tenant": d.tenant, "device": d.device, "profile": d.profile, "created_at": d.created_at,
+            "has_token": d.token is not None, "psk_identity": d.psk_identity, "cert_sha256": d.cert_sha256,
+            "power_mode": d.power_mode, "topics": d.topics,
+            "online": s.presence.is_online(*key), "last_seen": s.presence.last_seen().get(key),
+            "points": s.ingest.stats.device_points.get(key, 0),
+            "rejections": s.ingest.stats.device_rejections.get(key, 0),
+            "queued": s.downlink.queued(d), "owner": s.management.owner(*key),
+        }
+
+    # -- devices ---------------------------------------------------------------------------------
+    def list_devices(self, req: HttpRequest) -> Reply:
+        devices = self.server.registry.list_devices(req.query.get("tenant"))
+        return json_reply([self._describe(d) for d in devices])
+
+    def add_device(self, req: HttpRequest) -> Reply:
+        body = _fields(req.json(), DEVICE_FIELDS, ("tenant", "device"))
+        psk = body.get("psk")
+        if body.get("psk_hex") is not None:
+            try:
+                psk = bytes.fromhex(body["psk_hex"])
+            except ValueError:
+                raise HttpError(400, "psk_hex: not hexadecimal") from None
+        elif psk is not None:
+            psk = psk.encode()
+        cert = None
+        if body.get("cert_pem"):
+            try:
+                cert = pem_sha256(body["cert_pem"])
+            except ValueError as e:
+                raise HttpError(400, f"cert_pem: {e}") from None
+        token = body.get("token")
+        if token is None and body.get("psk_identity") is None and cert is None:
+            token = secrets.token_urlsafe(18)  # a device needs some credential: an access token by default
+        try:
+            d = self.server.registry.add_device(
+                body["tenant"], body["device"], token=token, profile=body.get("profile") or "default",
+                psk_identity=body.get("psk_identity"), psk=psk, cert_sha256=cert,
+                power_mode=body.get("power_mode") or "drx", topics=body.get("topics") or "#",
+            )
+        except RegistryError as e:
+            raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
+        self.server.directory.refresh(force=True)
+        return json_reply({**self._describe(d), "token": token}, 201)
+
+    def get_device(self, req: HttpRequest) -> Reply:
+        return json_reply(self._describe(self._device(req)))
+
+    def remove_device(self, req: HttpRequest) -> Reply:
+        d = self._device(req)
+        self.server.registry.remove_device(d.tenant, d.device)
+        self.server.management.forget(d.tenant, d.device)
+        self.server.directory.refresh(force=True)
+        return Reply(204)
+
+    # -- attributes ------------------------------------------------------------------------------
+    def get_attributes(self, req: HttpRequest) -> Reply:
+        d = self._device(req)
+        m = self.server.management
+        return json_reply({"client": m.attributes(d.tenant, d.device, "client"),
+                           "shared": m.attributes(d.tenant, d.device, "shared")})
+
+    def set_shared(self, req: HttpRequest) -> Reply:
+        d = self._device(req)
+        try:
+            delivery = self.server.downlink.set_shared(d, req.json())
+        except RegistryError as e:
+            raise HttpError(400, str(e)) from None
+        return json_reply({"delivery": delivery})
+
+    # -- RPC and commands ------------------------------------------------------------------------
+    async def rpc(self, req: HttpRequest) -> Reply:
+        d = self._device(req)
+        body = _fields(req.json(), {"method": STR, "params": {}, "timeout": {"type": "number"},
+                                    "oneway": {"type": "boolean"}}, ("method",))
+        timeout = float(body.get("timeout", 10.0))
+        if not 0 < timeout <= MAX_RPC_TIMEOUT:
+            raise HttpError(400, f"timeout: must be > 0 and <= {MAX_RPC_TIMEOUT:g} seconds")
+        try:
+            call = await self.server.downlink.rpc(d, body["method"], body.get("params"), timeout,
+                                                  bool(body.get("oneway")))
+        except OverflowError as e:
+            raise HttpError(429, str(e)) from None
+        result = {"id": call.id, "status": call.status}
+        if call.status == "replied":
+            result["response"] = call.response
+        return json_reply(result, 504 if call.status == "expired" else 200)
+
+    def command(self, req: HttpRequest) -> Reply:
+        d = self._device(req)
+        body = _fields(req.json(), {"command": STR, "payload": STR, "payload_base64": STR, "ttl": {"type": "number"}},
+                       ("command",))
+        if "payload" in body and "payload_base64" in body:
+            raise HttpError(400, "payload: give payload or payload_base64, not both")
+        try:
+            payload = base64.b64decode(body["payload_base64"], validate=True) if "payload_base64" in body \
+                else (body.get("payload") or "").encode()
+        except binascii.Error:
+            raise HttpError(400, "payload_base64: not base64") from None
+        if not 0 < len(body["command"].encode()) <= 255:
+            raise HttpError(400, "command: 1-255 bytes")
+        ttl = float(body.get("ttl", 300.0))
+        if not 0 < ttl <= 86400:
+            raise HttpError(400, "ttl: must be > 0 and <= 86400 seconds")
+        try:
+            delivery = self.server.downlink.command(d, body["command"], payload, ttl)
+        except OverflowError as e:
+            raise HttpError(429, str(e)) from None
+        return json_reply({"delivery": delivery}, 202)
+
+    # -- OTA -------------------------------------------------------------------------------------
+    def upload_package(self, req: HttpRequest) -> Reply:
+        q = req.query
+        for key in ("kind", "title", "version"):
+            if not q.get(key):
+                raise HttpError(400, f"{key}: required query parameter")
+        try:
+            p = self.server.management.add_package(q["kind"], q["title"], q["version"], req.body)
+        except RegistryError as e:
+            raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
+        return json_reply(p._asdict(), 201)
+
+    def list_packages(self, req: HttpRequest) -> Reply:
+        return json_reply([p._asdict() for p in self.server.management.packages()])
+
+    def assign(self, kind: str):
+        def handler(req: HttpRequest) -> Reply:
+            d = self._device(req)
+            body = _fields(req.json(), {"package": {"type": "integer"}}, ("package",))
+            try:
+                p = self.server.management.assign(d.tenant, d.device, kind, body["package"])
+            except RegistryError as e:
+                raise HttpError(400, str(e)) from None
+            prefix = "fw" if kind == "firmware" else "sw"
+            # ThingsBoard's way of telling a device: shared attributes it observes
+            delivery = self.server.downlink.set_shared(d, {
+                f"{prefix}_title": p.title, f"{prefix}_version": p.version, f"{prefix}_size": p.size,
+                f"{prefix}_checksum": p.sha256, f"{prefix}_checksum_algorithm": "SHA256",
+            })
+            return json_reply({**p._asdict(), "delivery": delivery})
+
+        return handler
+
+    # -- provisioning and claiming ---------------------------------------------------------------
+    def add_provision_key(self, req: HttpRequest) -> Reply:
+        body = _fields(req.json(), {"key": STR, "secret": STR, "tenant": STR, "profile": STR},
+                       ("key", "secret", "tenant"))
+        try:
+            self.server.management.add_provision_key(body["key"], body["secret"], body["tenant"],
+                                                     body.get("profile") or "default")
+        except RegistryError as e:
+            raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
+        return json_reply({"key": body["key"], "tenant": body["tenant"]}, 201)
+
+    def claim(self, req: HttpRequest) -> Reply:
+        d = self._device(req)
+        body = _fields(req.json(), {"owner": STR, "secret_key": STR}, ("owner", "secret_key"))
+        try:
+            self.server.management.claim(d.tenant, d.device, body["secret_key"], body["owner"])
+        except PermissionError as e:
+            raise HttpError(400, str(e)) from None
+        return json_reply({"tenant": d.tenant, "device": d.device, "owner": body["owner"]})
+
+    # -- diagnostics -----------------------------------------------------------------------------
+    def samples(self, req: HttpRequest) -> Reply:
+        q = req.query
+        try:
+            limit = int(q.get("limit", "200"))
+        except ValueError:
+            raise HttpError(400, "limit: not an integer") from None
+        out = []
+        for s in self.server.diagnostics.newest(len(self.server.diagnostics.samples)):
+            if any(q.get(k) and getattr(s, k) != q[k] for k in ("tenant", "device", "protocol", "reason")):
+                continue
+            out.append({
+                "at": s.at, "protocol": s.protocol, "reason": s.reason, "detail": s.detail, "field": s.field,
+                "tenant": s.tenant, "device": s.device, "peer": s.peer, "content_format": s.content_format,
+                "payload_hex": s.payload.hex(),
+                "payload_diagnostic": cbor_diagnostic(s.payload) if s.content_format in (None, 60)
+                else s.payload.decode("utf-8", "replace"),
+            })
+            if len(out) >= limit:
+                break
+        return json_reply(out)
+
+    def status(self, req: HttpRequest) -> Reply:
+        s = self.server
+        ing = s.ingest.stats
+        seen = s.presence.last_seen()
+        keys = set(ing.device_points) | set(ing.device_rejections) | set(seen)
+        recent = sorted(keys, key=lambda k: seen.get(k, 0), reverse=True)[:STATUS_DEVICES]
+        devices = []
+        for tenant, device in recent:
+            d = s.directory.named(tenant, device)
+            devices.append({
+                "tenant": tenant, "device": device, "online": (tenant, device) in seen,
+                "last_seen": seen.get((tenant, device)), "points": ing.device_points.get((tenant, device), 0),
+                "rejections": ing.device_rejections.get((tenant, device), 0),
+                "power_mode": d.power_mode if d else None,
+            })
+        dtls = []
+        for t in s.transports:
+            if t.dtls is not None:
+                st = t.dtls.stats
+                dtls.append({
+                    "live": len(t.dtls.sessions), "offloaded": len(t.dtls.offloaded),
+                    "handshaking": len(t.dtls.handshakes), "completed": st.handshakes_completed,
+                    "failed": dict(st.handshakes_failed),
+                })
+        return json_reply({
+            "now": int(time.time() * 1000), "uptime": time.time() - self.started,
+            "points": sum(ing.accepted.values()), "rejections": sum(ing.rejections.values()),
+            "auth_failures": sum(ing.auth_failures.values()), "bus_refusals": ing.bus_refusals,
+            "requests": sum(t.endpoint.stats.requests for t in s.transports),
+            "bus": {"name": s.sink.name, "pending": s.sink.pending,
+                    "error": None if s.sink.last_error is None else str(s.sink.last_error)},
+            "online": sum(s.presence.online_by_tenant.values()), "registered": len(s.directory.by_name),
+            "devices": devices, "dtls": dtls[0] if dtls else None,
+            "samples": len(s.diagnostics.samples),
+        })
+
+    # -- the page --------------------------------------------------------------------------------
+    def ui(self, req: HttpRequest) -> Reply:
+        page = resources.files("corem.admin").joinpath("ui.html").read_bytes()
+        return Reply(200, page, "text/html; charset=utf-8", {"Cache-Control": "no-cache"})
+
+    def openapi(self, req: HttpRequest) -> Reply:
+        return json_reply(openapi(self.routes()))
+
+    # -- the table -------------------------------------------------------------------------------
+    def routes(self) -> list[Route]:
+        dev = "/api/devices/{tenant}/{device}"
+        obj = {"type": "object"}
+        return [
+            Route("GET", "/api/openapi.json", self.openapi, auth=False, doc={"summary": "This document"}),
+            Route("GET", "/ui", self.ui, auth=False, doc={"summary": "The diagnostics page (HTML)"}),
+            Route("GET", "/", lambda r: Reply(302, b"", "text/plain", {"Location": "/ui"}), auth=False,
+                  doc={"summary": "Redirects to /ui"}),
+            Route("GET", "/api/devices", self.list_devices, doc={"summary": "List devices (optionally ?tenant=)"}),
+            Route("POST", "/api/devices", self.add_device, doc={
+                "summary": "Register a device; without credentials it gets a generated access token",
+                "body": {"type": "object", "required": ["tenant", "device"], "properties": DEVICE_FIELDS}}),
+            Route("GET", dev, self.get_device, doc={"summary": "One device, with presence and queues"}),
+            Route("DELETE", dev, self.remove_device, doc={"summary": "Remove a device and its state"}),
+            Route("GET", dev + "/attributes", self.get_attributes, doc={"summary": "Client and shared attributes"}),
+            Route("PUT", dev + "/attributes", self.set_shared, doc={
+                "summary": "Set shared attributes (null deletes); delivered, or queued merged while the device sleeps",
+                "body": obj}),
+            Route("POST", dev + "/rpc", self.rpc, doc={
+                "summary": "Send an RPC request and wait for the reply (504 when none within timeout)",
+                "body": {"type": "object", "required": ["method"], "properties": {
+                    "method": STR, "params": {}, "timeout": {"type": "number"}, "oneway": {"type": "boolean"}}}}),
+            Route("POST", dev + "/commands", self.command, doc={
+                "summary": "Send a Drogue-style command (delivered on a ct response)",
+                "body": {"type": "object", "required": ["command"], "properties": {
+                    "command": STR, "payload": STR, "payload_base64": STR, "ttl": {"type": "number"}}}}),
+            Route("PUT", dev + "/firmware", self.assign("firmware"), doc={
+                "summary": "Assign a firmware package", "body": {"type": "object", "required": ["package"],
+                                                                 "properties": {"package": {"type": "integer"}}}}),
+            Route("PUT", dev + "/software", self.assign("software"), doc={
+                "summary": "Assign a software package", "body": {"type": "object", "required": ["package"],
+                                                                 "properties": {"package": {"type": "integer"}}}}),
+            Route("POST", dev + "/claim", self.claim, doc={
+                "summary": "Claim a device with the secret it published", "body": {
+                    "type": "object", "required": ["owner", "secret_key"],
+                    "properties": {"owner": STR, "secret_key": STR}}}),
+            Route("GET", "/api/packages", self.list_packages, doc={"summary": "OTA packages"}),
+            Route("POST", "/api/packages", self.upload_package, doc={
+                "summary": f"Upload an OTA package (raw body; ?kind={'|'.join(KINDS)}&title=&version=)",
+                "raw_body": True, "query": ["kind", "title", "version"]}),
+            Route("POST", "/api/provisioning-keys", self.add_provision_key, doc={
+                "summary": "Add a provisioning key and secret devices can trade for credentials",
+                "body": {"type": "object", "required": ["key", "secret", "tenant"],
+                         "properties": {"key": STR, "secret": STR, "tenant": STR, "profile": STR}}}),
+            Route("GET", "/api/diagnostics/samples", self.samples, doc={
+                "summary": "Rejected samples, newest first", "query": ["tenant", "device", "protocol", "reason", "limit"]}),
+            Route("GET", "/api/status", self.status, doc={"summary": "Counters, devices, DTLS sessions (the UI's data)"}),
+        ]
+
+
+def openapi(routes: list[Route]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        op: dict[str, Any] = {"summary": r.doc.get("summary", ""), "responses": {
+            "200": {"description": "OK"}, "400": {"description": "Bad input; the error names the field"}}}
+        if r.auth:
+            op["security"] = [{"admin": []}]
+            op["responses"]["401"] = {"description": "Missing or wrong admin token"}
+        params = [{"name": p[1:-1], "in": "path", "required": True, "schema": STR}
+                  for p in r.pattern.split("/") if p.startswith("{")]
+        params += [{"name": q, "in": "query", "required": r.doc.get("raw_body", False), "schema": STR}
+                   for q in r.doc.get("query", [])]
+        if params:
+            op["parameters"] = params
+        if "body" in r.doc:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": r.doc["body"]}}}
+        elif r.doc.get("raw_body"):
+            op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}}
+        paths.setdefault(r.pattern, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "corem admin API", "version": "1"},
+        "components": {"securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+

@@ -1,0 +1,359 @@
+"""Downlink: what the platform sends to devices — shared attributes, RPC requests, commands.
+
+Delivery rides on Observe (a device observing its `attributes` or `rpc` resource gets a
+notification) or, Drogue-style, on the response to a request that waits `ct` seconds.
+
+Sleeping devices (PSM, ThingsBoard's power modes): a device registered with power mode `psm` is
+reachable only for `psm_activity_timer` seconds after it last talked.  What is sent while it sleeps
+is queued: shared attribute updates merged by key (the newer value wins) and delivered as one
+notification, RPC requests and commands in order, each bounded in count and lifetime.  When the
+device next talks the queue is flushed on the next tick (after the answer to that request, so a
+notification never overtakes the response that registers its observation).
+
+The class is sans-IO apart from `rpc()`, which awaits the device's reply: the server calls
+`uplink()` from the front doors, `tick(now)` from a timer, and gives it the observer sets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from typing import Any, Callable
+
+import trio
+
+from ..bus.base import BatchingSink, Record
+from ..codec import Code, OptionNumber, encode_uint
+from ..coap.endpoint import DONE, Request
+from ..coap.observe import Observers
+from ..registry import Device
+from ..registry.management import Management
+
+log = logging.getLogger("corem.downlink")
+
+JSON = 50
+JSON_OPTS = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
+#: Drogue's option carrying the command name on a response (the payload carries its body).
+COMMAND_OPTION = 4210
+
+
+def attributes_resource(device: Device) -> str:
+    return f"attributes:{device.tenant}/{device.device}"
+
+
+def rpc_resource(device: Device) -> str:
+    return f"rpc:{device.tenant}/{device.device}"
+
+
+def results_topic(tenant: str) -> str:
+    return "commands.results." + tenant
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class RpcCall:
+    __slots__ = ("id", "device", "method", "params", "deadline", "oneway", "done", "response", "status")
+
+    def __init__(self, id: int, device: Device, method: str, params: Any, deadline: float, oneway: bool) -> None:
+        self.id = id
+        self.device = device
+        self.method = method
+        self.params = params
+        self.deadline = deadline
+        self.oneway = oneway
+        self.done = trio.Event()
+        self.response: Any = None
+        self.status = "queued"  # queued -> delivered -> replied | expired
+
+
+class DeviceQueue:
+    """What waits for one device."""
+
+    __slots__ = ("attributes", "rpcs", "commands", "waiting", "last_uplink")
+
+    def __init__(self) -> None:
+        self.attributes: dict[str, Any] = {}
+        self.rpcs: deque[RpcCall] = deque()
+        self.commands: deque[tuple[str, bytes, float]] = deque()
+        #: a Drogue request parked until a command or its `ct` deadline: (request, deadline)
+        self.waiting: tuple[Request, float] | None = None
+        self.last_uplink = float("-inf")
+
+    def empty(self) -> bool:
+        return not (self.attributes or self.rpcs or self.commands or self.waiting)
+
+
+class DownlinkStats:
+    __slots__ = ("attribute_updates", "attributes_queued", "rpc_sent", "rpc_replied", "rpc_expired",
+                 "commands_sent", "commands_expired", "queue_full")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
+class Downlink:
+    def __init__(
+        self,
+        management: Management,
+        sink: BatchingSink,
+        *,
+        psm_activity_timer: float = 10.0,
+        max_queued: int = 100,
+        max_devices: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.management = management
+        self.sink = sink
+        self.psm_activity_timer = psm_activity_timer
+        self.max_queued = max_queued
+        self.max_devices = max_devices
+        self.clock = clock
+        #: one Observers per transport (CoAP, CoAPS): a device may observe on either
+        self.observers: list[Observers] = []
+        #: called after notifications or responses were queued (the server flushes its edges)
+        self.after_send: Callable[[], None] | None = None
+        self._queues: OrderedDict[tuple[str, str], DeviceQueue] = OrderedDict()
+        self._due: set[tuple[str, str]] = set()
+        self._rpcs: dict[int, RpcCall] = {}
+        self._ids = itertools.count(1)
+        self.stats = DownlinkStats()
+
+    # -- device side -----------------------------------------------------------------------------
+    def uplink(self, device: Device, now: float) -> None:
+        """The device talked: it is awake; what waits for it goes out on the next tick."""
+        key = (device.tenant, device.device)
+        q = self._queues.get(key)
+        if q is None:
+            if device.power_mode == "drx":
+                return  # nothing waits and nothing to remember: always reachable
+            q = self._queue(key)
+            if q is None:
+                return
+        q.last_uplink = now
+        if q.attributes or q.rpcs:
+            self._due.add(key)
+
+    def observed(self, device: Device, resource: str) -> None:
+        """The device (re-)registered an observation: its answer carries the full attribute state,
+        so pending attribute deltas are moot; pending RPCs go out on the next tick."""
+        q = self._queues.get((device.tenant, device.device))
+        if q is None:
+            return
+        if resource == attributes_resource(device):
+            q.attributes.clear()
+        self._due.add((device.tenant, device.device))
+
+    def reply(self, device: Device, rpc_id: int, response: Any) -> bool:
+        """The device answered RPC `rpc_id` (ThingsBoard: POST /rpc/{id})."""
+        call = self._rpcs.get(rpc_id)
+        if call is None or call.device.tenant != device.tenant or call.device.device != device.device:
+            return False
+        del self._rpcs[rpc_id]
+        call.status, call.response = "replied", response
+        self.stats.rpc_replied += 1
+        self._publish(call.device, {"id": call.id, "type": "rpc", "method": call.method, "status": "replied",
+                                    "response": response})
+        call.done.set()
+        return True
+
+    def poll_rpc(self, device: Device) -> RpcCall | None:
+        """A device without Observe asks for its oldest waiting RPC request."""
+        q = self._queues.get((device.tenant, device.device))
+        if q is None or not q.rpcs:
+            return None
+        call = q.rpcs.popleft()
+        self._delivered(call)
+        return call
+
+    def wait_for_command(self, req: Request, device: Device, ct: float, now: float) -> None:
+        """A Drogue request with `ct`: answer with a queued command now, or park the request until
+        one arrives or `ct` passes (then 2.04)."""
+        key = (device.tenant, device.device)
+        q = self._queues.get(key) or self._queue(key)
+        if q is None:
+            req.endpoint.respond(req, Code.CHANGED)
+            return
+        q.last_uplink = now
+        self._drop_expired_commands(q, device, now)
+        if q.commands:
+            self._answer_with_command(req, device, q.commands.popleft())
+            return
+        if q.waiting is not None:  # a newer request replaces the older one, which is answered
+            old = q.waiting[0]
+            if old.state != DONE:
+                old.endpoint.respond(old, Code.CHANGED)
+        q.waiting = (req, now + ct)
+
+    # -- operator side ---------------------------------------------------------------------------
+    def set_shared(self, device: Device, values: dict[str, Any]) -> str:
+        """Store shared attributes and deliver the change: 'delivered', 'queued' (asleep or not
+        observing yet: merged with what already waits) or 'stored'."""
+        stored = self.management.set_attributes(device.tenant, device.device, "shared", values)
+        self.stats.attribute_updates += 1
+        now = self.clock()
+        if self._reachable(device, now) and self._notify(attributes_resource(device), stored, now):
+            return "delivered"
+        key = (device.tenant, device.device)
+        q = self._queues.get(key) or self._queue(key)
+        if q is None:
+            return "stored"
+        q.attributes.update(stored)  # merged by key: the newer value wins
+        self.stats.attributes_queued += 1
+        return "queued"
+
+    def send_rpc(self, device: Device, method: str, params: Any, timeout: float, oneway: bool = False) -> RpcCall:
+        """Queue an RPC request for the device; it goes out at once if the device listens."""
+        now = self.clock()
+        key = (device.tenant, device.device)
+        q = self._queues.get(key) or self._queue(key)
+        if q is None or len(q.rpcs) >= self.max_queued:
+            self.stats.queue_full += 1
+            raise OverflowError(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
+        call = RpcCall(next(self._ids), device, method, params, now + timeout, oneway)
+        self._rpcs[call.id] = call
+        q.rpcs.append(call)
+        if self._reachable(device, now):
+            self._flush(key, q, now)
+        return call
+
+    async def rpc(self, device: Device, method: str, params: Any, timeout: float, oneway: bool = False) -> RpcCall:
+        """Send an RPC and wait for the reply (or only for delivery, if `oneway`) up to `timeout`."""
+        call = self.send_rpc(device, method, params, timeout, oneway)
+        with trio.move_on_after(timeout):
+            await call.done.wait()
+        if not call.done.is_set():
+            self._expire_rpc(call)
+        return call
+
+    def command(self, device: Device, name: str, payload: bytes, ttl: float) -> str:
+        """A Drogue-style command: answered to a waiting request at once ('delivered'), or kept
+        until the device next waits with `ct` ('queued')."""
+        now = self.clock()
+        key = (device.tenant, device.device)
+        q = self._queues.get(key) or self._queue(key)
+        if q is None or len(q.commands) >= self.max_queued:
+            self.stats.queue_full += 1
+            raise OverflowError(f"device {device.tenant}/{device.device}: {self.max_queued} commands queued already")
+        cmd = (name, payload, now + ttl)
+        if q.waiting is not None and q.waiting[0].state != DONE:
+            req, _ = q.waiting
+            q.waiting = None
+            self._answer_with_command(req, device, cmd)
+            return "delivered"
+        q.commands.append(cmd)
+        return "queued"
+
+    # -- timers ----------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Flush what became deliverable, end `ct` waits, expire what waited too long."""
+        due, self._due = self._due, set()
+        for key in due:
+            q = self._queues.get(key)
+            if q is not None:
+                self._flush(key, q, now)
+        sent = bool(due)
+        for call in [c for c in self._rpcs.values() if c.deadline <= now]:
+            self._expire_rpc(call)
+        for key, q in list(self._queues.items()):
+            if q.waiting is not None and q.waiting[1] <= now:
+                req = q.waiting[0]
+                q.waiting = None
+                if req.state != DONE:
+                    req.endpoint.respond(req, Code.CHANGED)
+                    sent = True
+            if q.commands:
+                device = Device(tenant=key[0], device=key[1])
+                self._drop_expired_commands(q, device, now)
+            if q.empty() and now - q.last_uplink > self.psm_activity_timer:
+                del self._queues[key]
+        if sent and self.after_send is not None:
+            self.after_send()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _queue(self, key: tuple[str, str]) -> DeviceQueue | None:
+        if len(self._queues) >= self.max_devices:
+            self.stats.queue_full += 1
+            return None
+        q = self._queues[key] = DeviceQueue()
+        return q
+
+    def _reachable(self, device: Device, now: float) -> bool:
+        if device.power_mode != "psm":
+            return True
+        q = self._queues.get((device.tenant, device.device))
+        return q is not None and now - q.last_uplink <= self.psm_activity_timer
+
+    def _notify(self, resource: str, body: Any, now: float) -> int:
+        payload = dumps(body)
+        sent = sum(o.notify(resource, Code.CONTENT, JSON_OPTS, payload, now) for o in self.observers)
+        if sent and self.after_send is not None:
+            self.after_send()
+        return sent
+
+    def _flush(self, key: tuple[str, str], q: DeviceQueue, now: float) -> None:
+        device = q.rpcs[0].device if q.rpcs else Device(tenant=key[0], device=key[1])
+        if q.attributes and self._notify(attributes_resource(device), q.attributes, now):
+            q.attributes = {}
+        while q.rpcs:
+            call = q.rpcs[0]
+            body = {"id": call.id, "method": call.method, "params": call.params}
+            if not self._notify(rpc_resource(call.device), body, now):
+                break  # nobody observes the RPC resource yet: keep it until someone does
+            q.rpcs.popleft()
+            self._delivered(call)
+
+    def _delivered(self, call: RpcCall) -> None:
+        call.status = "delivered"
+        self.stats.rpc_sent += 1
+        if call.oneway:
+            del self._rpcs[call.id]
+            call.done.set()
+        self._publish(call.device, {"id": call.id, "type": "rpc", "method": call.method, "status": "delivered"})
+
+    def _expire_rpc(self, call: RpcCall) -> None:
+        if self._rpcs.pop(call.id, None) is None:
+            return
+        q = self._queues.get((call.device.tenant, call.device.device))
+        if q is not None and call in q.rpcs:
+            q.rpcs.remove(call)
+        call.status = "expired"
+        self.stats.rpc_expired += 1
+        self._publish(call.device, {"id": call.id, "type": "rpc", "method": call.method, "status": "expired"})
+        call.done.set()
+
+    def _drop_expired_commands(self, q: DeviceQueue, device: Device, now: float) -> None:
+        while q.commands and q.commands[0][2] <= now:
+            name = q.commands.popleft()[0]
+            self.stats.commands_expired += 1
+            self._publish(device, {"type": "command", "command": name, "status": "expired"})
+
+    def _answer_with_command(self, req: Request, device: Device, cmd: tuple[str, bytes, float]) -> None:
+        name, payload, _ = cmd
+        req.endpoint.respond(req, Code.CONTENT, [(COMMAND_OPTION, name.encode())], payload)
+        self.stats.commands_sent += 1
+        self._publish(device, {"type": "command", "command": name, "status": "delivered"})
+        if self.after_send is not None:
+            self.after_send()
+
+    def _publish(self, device: Device, result: dict[str, Any]) -> None:
+        """Results go to `commands.results.{tenant}`; a full bus loses the record, counted by the sink."""
+        result = {"tenant": device.tenant, "device": device.device, "at": int(time.time() * 1000), **result}
+        self.sink.submit(Record(results_topic(device.tenant), device.device.encode(), dumps(result), {}),
+                         _ignore, None)
+
+    def queued(self, device: Device) -> dict[str, int]:
+        q = self._queues.get((device.tenant, device.device))
+        if q is None:
+            return {"attributes": 0, "rpc": 0, "commands": 0}
+        return {"attributes": len(q.attributes), "rpc": len(q.rpcs), "commands": len(q.commands)}
+
+
+def _ignore(ctx: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.warning("a downlink result was not published: %s", error)

@@ -1,0 +1,228 @@
+"""EMQX's CoAP gateway (spec 003): topics as resources, credentials in the query.
+
+    /ps/{topic}?c=ClientId&u=Username&p=Password        PubSub mode
+        PUT     retain the message (for Max-Age seconds, default 60; 0 deletes) and publish it
+        POST    publish without retaining
+        GET     the retained message (4.04 when none), with its remaining Max-Age
+        GET + Observe 0   subscribe: every later publish on the topic is a notification
+        DELETE  remove the retained message
+    /mqtt/{topic}?c=&u=&p=                              MQTT mode: PUT/POST publish, GET+Observe subscribe
+
+`u` is the device id and `p` its access token (`c` is the client id, kept for the logs); over
+CoAPS the session names the device and the query may be left out.  Topics are per tenant: devices
+of one tenant never see another's.  Each device may use only the topics its registry entry allows
+(`topics`, MQTT filters; default `#`): a publish or subscription outside them is 4.03.
+Every publish is also a record on `pubsub.{tenant}` (key = topic), answered 2.04 once it is on the
+bus like a reading.  Retained messages are bounded in count and bytes (oldest dropped first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+from ..bus.base import Record
+from ..codec import Code, OptionNumber, encode_uint
+from ..coap.endpoint import DONE, Request
+from ..coap.observe import Observers, answer_observe
+from ..coap.resources import Response, Router
+from ..devices.downlink import Downlink
+from ..ingest.telemetry import TelemetryIngest
+from ..registry import Device, Directory
+from .common import bad_request, query, unauthorized
+
+DEFAULT_MAX_AGE = 60
+
+
+def pubsub_topic(tenant: str) -> str:
+    return "pubsub." + tenant
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching: `+` is one level, a trailing `#` any number (including none)."""
+    want, got = topic_filter.split("/"), topic.split("/")
+    for i, w in enumerate(want):
+        if w == "#":
+            return True
+        if i >= len(got) or (w != "+" and w != got[i]):
+            return False
+    return len(want) == len(got)
+
+
+class Retained(NamedTuple):
+    payload: bytes
+    content_format: int | None
+    expires: float
+
+
+class EmqxStats:
+    __slots__ = ("published", "retained", "subscribed", "denied", "retained_dropped")
+
+    def __init__(self) -> None:
+        self.published = self.retained = self.subscribed = self.denied = self.retained_dropped = 0
+
+
+class Emqx:
+    def __init__(
+        self,
+        directory: Directory,
+        ingest: TelemetryIngest,
+        downlink: Downlink,
+        clock: Callable[[], float],
+        *,
+        max_retained: int = 10_000,
+        max_retained_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.directory = directory
+        self.ingest = ingest
+        self.downlink = downlink
+        self.clock = clock
+        self.max_retained = max_retained
+        self.max_retained_bytes = max_retained_bytes
+        self._retained: OrderedDict[tuple[str, str], Retained] = OrderedDict()
+        self._retained_bytes = 0
+        self.stats = EmqxStats()
+        #: every transport's observers: a publish over CoAP reaches subscribers on CoAPS too
+        self.observers: list[Observers] = []
+
+    def install(self, router: Router, observers: Observers, session_device: Callable[[object], Device | None] | None = None) -> None:
+        self.observers.append(observers)
+
+        def door(handler):
+            def call(req: Request, params: list[str]) -> Response | None:
+                device = self.authenticate(req, session_device)
+                if isinstance(device, Response):
+                    return device
+                topic = params[0]
+                if "#" in topic or "+" in topic:
+                    return bad_request(f"topic: {topic!r}; wildcards are not supported in a CoAP resource path")
+                if not any(topic_matches(f, topic) for f in device.topics.split()):
+                    self.stats.denied += 1
+                    return Response(Code.FORBIDDEN, f"topic: {topic!r} is not allowed for this device".encode())
+                self.downlink.uplink(device, self.clock())
+                return handler(req, device, topic, observers)
+
+            return call
+
+        router.add("ps/{topic*}", {Code.GET: door(self.get), Code.PUT: door(self.put), Code.POST: door(self.post),
+                                   Code.DELETE: door(self.delete)})
+        router.add("mqtt/{topic*}", {Code.GET: door(self.subscribe), Code.PUT: door(self.post),
+                                     Code.POST: door(self.post)})
+
+    def authenticate(self, req: Request, session_device) -> Device | Response:
+        q = query(req)
+        if "p" not in q and session_device is not None:
+            named = session_device(req.peer)
+            device = named and self.directory.named(named.tenant, named.device)
+            if device is not None:
+                return device
+        missing = [k for k in ("c", "u", "p") if not q.get(k)]
+        if missing:
+            return unauthorized(f"{', '.join(missing)}: required (?c=ClientId&u=Username&p=Password)")
+        device = self.directory.by_token.get(q["p"])
+        if device is None or device.device != q["u"]:
+            self.ingest.stats.auth_failures["coap", "bad_password"] += 1
+            return unauthorized("u/p: unknown username or wrong password")
+        return device
+
+    # -- PubSub ----------------------------------------------------------------------------------
+    def get(self, req: Request, device: Device, topic: str, observers: Observers) -> Response:
+        if req.message is not None and req.message.observe is not None:
+            return self.subscribe(req, device, topic, observers)
+        found = self._current(device.tenant, topic)
+        if found is None:
+            return Response(Code.NOT_FOUND, b"topic: no retained message")
+        return Response(Code.CONTENT, found.payload, self._options(found))
+
+    def put(self, req: Request, device: Device, topic: str, observers: Observers) -> Response | None:
+        msg = req.message
+        assert msg is not None
+        max_age = msg.max_age if msg.opt(OptionNumber.MAX_AGE) is not None else DEFAULT_MAX_AGE
+        key = (device.tenant, topic)
+        self._drop(key)
+        if max_age > 0:
+            value = Retained(bytes(msg.payload), msg.content_format, self.clock() + max_age)
+            self._retained[key] = value
+            self._retained_bytes += len(value.payload)
+            self.stats.retained += 1
+            while len(self._retained) > self.max_retained or self._retained_bytes > self.max_retained_bytes:
+                self._drop(next(iter(self._retained)))
+                self.stats.retained_dropped += 1
+        return self.post(req, device, topic, observers)
+
+    def delete(self, req: Request, device: Device, topic: str, observers: Observers) -> Response:
+        return Response(Code.DELETED if self._drop((device.tenant, topic)) else Code.NOT_FOUND)
+
+    # -- both modes ------------------------------------------------------------------------------
+    def subscribe(self, req: Request, device: Device, topic: str, observers: Observers) -> Response:
+        msg = req.message
+        if msg is None or msg.observe is None:
+            return bad_request("observe: subscribe with GET and Observe 0")
+        found = self._current(device.tenant, topic)
+        response = Response(Code.CONTENT, found.payload, self._options(found)) if found else Response(Code.CONTENT)
+        answer = answer_observe(observers, req, _resource(device.tenant, topic), response, self.clock())
+        if answer is not response:
+            self.stats.subscribed += 1
+        return answer
+
+    def post(self, req: Request, device: Device, topic: str, observers: Observers) -> Response | None:
+        """Publish: notify subscribers now, answer 2.04 once the record is on the bus."""
+        msg = req.message
+        assert msg is not None
+        payload = bytes(msg.payload)
+        cf = msg.content_format
+        opts = [] if cf is None else [(OptionNumber.CONTENT_FORMAT, encode_uint(cf))]
+        now = self.clock()
+        for o in self.observers:
+            o.notify(_resource(device.tenant, topic), Code.CONTENT, opts, payload, now)
+        self.stats.published += 1
+        headers = {"topic": topic, "device": device.device}
+        if cf is not None:
+            headers["content_format"] = str(cf)
+        record = Record(pubsub_topic(device.tenant), topic.encode(), payload, headers)
+        if not self.ingest.sink.submit(record, _committed, req):
+            return Response(Code.SERVICE_UNAVAILABLE, b"bus unavailable; retry later",
+                            [(OptionNumber.MAX_AGE, encode_uint(5))])
+        return None
+
+    # -- retained store --------------------------------------------------------------------------
+    def _current(self, tenant: str, topic: str) -> Retained | None:
+        found = self._retained.get((tenant, topic))
+        if found is not None and found.expires <= self.clock():
+            self._drop((tenant, topic))
+            return None
+        return found
+
+    def _options(self, found: Retained) -> list:
+        opts = []
+        if found.content_format is not None:
+            opts.append((OptionNumber.CONTENT_FORMAT, encode_uint(found.content_format)))
+        opts.append((OptionNumber.MAX_AGE, encode_uint(max(0, int(found.expires - self.clock())))))
+        return opts
+
+    def _drop(self, key: tuple[str, str]) -> bool:
+        old = self._retained.pop(key, None)
+        if old is None:
+            return False
+        self._retained_bytes -= len(old.payload)
+        return True
+
+    def sweep(self) -> None:
+        """Forget expired retained messages (called from a timer; memory stays bounded anyway)."""
+        now = self.clock()
+        for key in [k for k, v in self._retained.items() if v.expires <= now]:
+            self._drop(key)
+
+
+def _resource(tenant: str, topic: str) -> str:
+    return f"topic:{tenant}/{topic}"
+
+
+def _committed(req: Request, error: BaseException | None) -> None:
+    if req.state == DONE:
+        return
+    if error is None:
+        req.endpoint.respond(req, Code.CHANGED)
+    else:
+        req.endpoint.respond(req, Code.SERVICE_UNAVAILABLE, [(OptionNumber.MAX_AGE, encode_uint(5))],
+                             b"bus unavailable; retry later")

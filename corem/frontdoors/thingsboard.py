@@ -1,0 +1,228 @@
+"""ThingsBoard's CoAP device API (spec 002), on corem's registry, downlink and bus.
+
+    POST /api/v1/{token}/telemetry          readings (the ingest pipeline)
+    POST /api/v1/{token}/attributes         client attributes            -> 2.04
+    GET  /api/v1/{token}/attributes?clientKeys=a,b&sharedKeys=c          -> 2.05 {"client":{}, "shared":{}}
+    GET  /api/v1/{token}/attributes + Observe 0: shared attributes now, then each change
+    GET  /api/v1/{token}/rpc + Observe 0: RPC requests {"id", "method", "params"} as notifications
+    GET  /api/v1/{token}/rpc                the oldest queued RPC request (polling devices)
+    POST /api/v1/{token}/rpc/{id}           the device's answer to RPC {id} -> 2.04
+    POST /api/v1/{token}/claim              {"secretKey", "durationMs"}: open a claim -> 2.04
+    POST /api/v1/provision                  {"deviceName", "provisionDeviceKey", "provisionDeviceSecret"}
+    GET  /api/v1/{token}/firmware|software  the assigned package, block-wise (Block2, ETag, Size2)
+
+Over CoAPS the same paths work without the token (`/api/v1/attributes`, ...): the DTLS session
+names the device.  Client attributes are also published to `attributes.{tenant}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any, Callable
+
+from ..bus.base import Record
+from ..codec import Code, OptionNumber, encode_uint
+from ..coap.endpoint import Request
+from ..coap.observe import Observers, answer_observe
+from ..coap.resources import Response, Router
+from ..devices.downlink import Downlink, attributes_resource, rpc_resource
+from ..ingest.telemetry import TelemetryIngest
+from ..registry import Device, Directory, RegistryError
+from ..registry.management import Management
+from .common import OCTETS, BodyError, bad_request, body, content, query, unauthorized
+
+Handler = Callable[[Request, Device, list[str], Observers], "Response | None"]
+
+#: OTA packages kept in memory for block-wise download (each block is a slice of the whole)
+PACKAGE_CACHE = 4
+
+
+def attributes_topic(tenant: str) -> str:
+    return "attributes." + tenant
+
+
+class ThingsBoard:
+    def __init__(
+        self,
+        directory: Directory,
+        ingest: TelemetryIngest,
+        management: Management,
+        downlink: Downlink,
+        clock: Callable[[], float],
+    ) -> None:
+        self.directory = directory
+        self.ingest = ingest
+        self.management = management
+        self.downlink = downlink
+        self.clock = clock
+        self._packages: OrderedDict[int, bytes] = OrderedDict()
+        self.provisioned = 0
+        self.provision_refused = 0
+
+    def install(self, router: Router, observers: Observers, session_device: Callable[[object], Device | None] | None = None) -> None:
+        doors: dict[str, dict[int, Handler]] = {
+            "attributes": {Code.GET: self.get_attributes, Code.POST: self.post_attributes},
+            "rpc": {Code.GET: self.get_rpc},
+            "rpc/{id}": {Code.POST: self.post_rpc_reply},
+            "claim": {Code.POST: self.post_claim},
+            "firmware": {Code.GET: self.get_package("firmware")},
+            "software": {Code.GET: self.get_package("software")},
+        }
+        for suffix, handlers in doors.items():
+            by_token = {code: self._with_token(h, observers) for code, h in handlers.items()}
+            router.add(f"api/v1/{{token}}/{suffix}", by_token)
+            if session_device is not None:
+                in_session = {code: self._in_session(h, observers, session_device) for code, h in handlers.items()}
+                router.add(f"api/v1/{suffix}", in_session)
+        router.add("api/v1/provision", {Code.POST: self.provision})
+
+    # -- device resolution -----------------------------------------------------------------------
+    def _with_token(self, handler: Handler, observers: Observers):
+        def call(req: Request, params: list[str]) -> Response | None:
+            device = self.directory.by_token.get(params[0])
+            if device is None:
+                self.ingest.stats.auth_failures["coap", "unknown_token"] += 1
+                return unauthorized("unknown access token")
+            self.downlink.uplink(device, self.clock())
+            return handler(req, device, params[1:], observers)
+
+        return call
+
+    def _in_session(self, handler: Handler, observers: Observers, session_device):
+        def call(req: Request, params: list[str]) -> Response | None:
+            named = session_device(req.peer)
+            device = named and self.directory.named(named.tenant, named.device)
+            if device is None:
+                self.ingest.stats.auth_failures["coap", "no_session_identity"] += 1
+                return unauthorized("no registered device in this session; use /api/v1/{token}/...")
+            self.downlink.uplink(device, self.clock())
+            return handler(req, device, params, observers)
+
+        return call
+
+    # -- attributes ------------------------------------------------------------------------------
+    def get_attributes(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+        m = self.management
+        if req.message is not None and req.message.observe is not None:  # subscription: shared attributes
+            resource = attributes_resource(device)
+            state = m.attributes(device.tenant, device.device, "shared")
+            answer = answer_observe(observers, req, resource, content(state, req), self.clock())
+            self.downlink.observed(device, resource)
+            return answer
+        q = query(req)
+        client_keys = _keys(q.get("clientKeys"))
+        shared_keys = _keys(q.get("sharedKeys"))
+        if client_keys is None and shared_keys is None:  # neither asked: everything
+            return content({
+                "client": m.attributes(device.tenant, device.device, "client"),
+                "shared": m.attributes(device.tenant, device.device, "shared"),
+            }, req)
+        out: dict[str, Any] = {}
+        if client_keys is not None:
+            out["client"] = m.attributes(device.tenant, device.device, "client", client_keys)
+        if shared_keys is not None:
+            out["shared"] = m.attributes(device.tenant, device.device, "shared", shared_keys)
+        return content(out, req)
+
+    def post_attributes(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+        try:
+            values = body(req, "attributes")
+            if not isinstance(values, dict):
+                raise BodyError("attributes: expected an object of key -> value")
+            stored = self.management.set_attributes(device.tenant, device.device, "client", values)
+        except (BodyError, RegistryError) as e:
+            return bad_request(str(e))
+        record = {"tenant": device.tenant, "device": device.device, "scope": "client", "values": stored}
+        self.ingest.sink.submit(
+            Record(attributes_topic(device.tenant), device.device.encode(), json.dumps(record).encode(), {}),
+            _published, None,
+        )
+        return Response(Code.CHANGED)
+
+    # -- RPC -------------------------------------------------------------------------------------
+    def get_rpc(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+        if req.message is not None and req.message.observe is not None:
+            resource = rpc_resource(device)
+            answer = answer_observe(observers, req, resource, Response(Code.CONTENT), self.clock())
+            self.downlink.observed(device, resource)
+            return answer
+        call = self.downlink.poll_rpc(device)
+        if call is None:
+            return Response(Code.CONTENT)
+        return content({"id": call.id, "method": call.method, "params": call.params}, req)
+
+    def post_rpc_reply(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+        if not params[0].isdigit():
+            return bad_request(f"id: {params[0]!r} is not an RPC request id")
+        try:
+            reply = body(req, "response")
+        except BodyError as e:
+            return bad_request(str(e))
+        if not self.downlink.reply(device, int(params[0]), reply):
+            return Response(Code.NOT_FOUND, b"id: no RPC request with this id is waiting for this device")
+        return Response(Code.CHANGED)
+
+    # -- claiming and provisioning ---------------------------------------------------------------
+    def post_claim(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+        try:
+            claim = body(req, "claim") or {}
+            if not isinstance(claim, dict):
+                raise BodyError("claim: expected an object with secretKey and durationMs")
+            self.management.open_claim(device.tenant, device.device, claim.get("secretKey"),
+                                       claim.get("durationMs", 60_000))
+        except (BodyError, RegistryError) as e:
+            return bad_request(str(e))
+        return Response(Code.CHANGED)
+
+    def provision(self, req: Request, params: list[str]) -> Response:
+        try:
+            ask = body(req, "provision")
+            if not isinstance(ask, dict):
+                raise BodyError("provision: expected an object with provisionDeviceKey and provisionDeviceSecret")
+            key, secret = ask.get("provisionDeviceKey"), ask.get("provisionDeviceSecret")
+            if not isinstance(key, str) or not isinstance(secret, str):
+                raise BodyError("provisionDeviceKey/provisionDeviceSecret: both are required strings")
+            name = ask.get("deviceName")
+            if name is not None and not isinstance(name, str):
+                raise BodyError("deviceName: must be a string")
+            tenant, device, token = self.management.provision(key, secret, name)
+        except (BodyError, RegistryError) as e:
+            self.provision_refused += 1
+            return content({"status": "FAILURE", "errorMsg": str(e)}, req, Code.BAD_REQUEST)
+        except PermissionError as e:
+            self.provision_refused += 1
+            return content({"status": "FAILURE", "errorMsg": str(e)}, req, Code.UNAUTHORIZED)
+        self.directory.refresh(force=True)  # the new token works at once
+        self.provisioned += 1
+        return content({"status": "SUCCESS", "deviceName": device, "credentialsType": "ACCESS_TOKEN",
+                        "credentialsValue": token}, req, Code.CREATED)
+
+    # -- OTA -------------------------------------------------------------------------------------
+    def get_package(self, kind: str) -> Handler:
+        def get(req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+            package = self.management.assigned(device.tenant, device.device, kind)
+            if package is None:
+                return Response(Code.NOT_FOUND, f"{kind}: none assigned to this device".encode())
+            q = query(req)
+            if q.get("title", package.title) != package.title or q.get("version", package.version) != package.version:
+                return Response(Code.NOT_FOUND, f"{kind}: the assigned package is {package.title} {package.version}".encode())
+            data = self._packages.get(package.id)
+            if data is None:
+                data = self.management.package_data(package.id) or b""
+                self._packages[package.id] = data
+                if len(self._packages) > PACKAGE_CACHE:
+                    self._packages.popitem(last=False)
+            else:
+                self._packages.move_to_end(package.id)
+            return Response(Code.CONTENT, data, [(OptionNumber.CONTENT_FORMAT, encode_uint(OCTETS))])
+
+        return get
+
+
+def _keys(value: str | None) -> list[str] | None:
+    return None if value is None else [k for k in value.split(",") if k]
+
+
+def _published(ctx: object, error: BaseException | None) -> None:
+    """Client attributes are stored before the answer; the bus copy is best effort (counted by the sink)."""

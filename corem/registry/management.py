@@ -1,0 +1,220 @@
+"""Device management state that outlives a restart: attributes, OTA packages and their assignment,
+provisioning keys and claims.  Kept in the registry's SQLite file so that one backup holds a fleet.
+
+Values of attributes are JSON (any type a device or an operator may set); the tables are written by
+the server's own connection, so `PRAGMA data_version` (the directory's reload trigger) does not move.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import sqlite3
+import time
+from typing import Any, NamedTuple
+
+from .store import Registry, RegistryError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS attributes (
+    tenant TEXT NOT NULL, device TEXT NOT NULL,
+    scope  TEXT NOT NULL CHECK (scope IN ('client', 'shared')),
+    key    TEXT NOT NULL, value TEXT NOT NULL, updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device, scope, key)
+);
+CREATE TABLE IF NOT EXISTS packages (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, title TEXT NOT NULL, version TEXT NOT NULL,
+    sha256 TEXT NOT NULL, size INTEGER NOT NULL, data BLOB NOT NULL, created_at INTEGER NOT NULL,
+    UNIQUE (kind, title, version)
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    tenant TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL, package INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device, kind)
+);
+CREATE TABLE IF NOT EXISTS provision_keys (
+    key TEXT PRIMARY KEY, secret TEXT NOT NULL, tenant TEXT NOT NULL, profile TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    tenant TEXT NOT NULL, device TEXT NOT NULL, secret TEXT NOT NULL, expires_at INTEGER NOT NULL,
+    owner TEXT, PRIMARY KEY (tenant, device)
+);
+"""
+
+KINDS = ("firmware", "software")
+#: Attribute keys: what fits a JSON object key and a query parameter list (`sharedKeys=a,b`).
+KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+LABEL_RE = re.compile(r"[!-~]{1,128}")
+MAX_ATTRIBUTES = 1000  # per device and scope
+MAX_VALUE = 16 * 1024  # bytes of JSON per attribute value
+
+
+class Package(NamedTuple):
+    id: int
+    kind: str
+    title: str
+    version: str
+    sha256: str
+    size: int
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Management:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._conn: sqlite3.Connection = registry.conn
+        self._conn.executescript(SCHEMA)
+
+    # -- attributes ------------------------------------------------------------------------------
+    def attributes(self, tenant: str, device: str, scope: str, keys: list[str] | None = None) -> dict[str, Any]:
+        rows = self._conn.execute(
+            "SELECT key, value FROM attributes WHERE tenant = ? AND device = ? AND scope = ?", (tenant, device, scope)
+        )
+        found = {k: json.loads(v) for k, v in rows}
+        return found if keys is None else {k: found[k] for k in keys if k in found}
+
+    def set_attributes(self, tenant: str, device: str, scope: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Store `values` (key -> JSON value; None deletes the key); returns what was stored."""
+        if not isinstance(values, dict) or not values:
+            raise RegistryError("attributes: expected a non-empty object of key -> value")
+        encoded: list[tuple[str, str | None]] = []
+        for key, value in values.items():
+            if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+                raise RegistryError(f"attributes.{key}: not a valid key; allowed: 1-128 of A-Z a-z 0-9 _ . : -")
+            text = None if value is None else json.dumps(value, separators=(",", ":"))
+            if text is not None and len(text) > MAX_VALUE:
+                raise RegistryError(f"attributes.{key}: value is {len(text)} bytes of JSON; at most {MAX_VALUE}")
+            encoded.append((key, text))
+        now = _now_ms()
+        with self._conn:
+            self._conn.execute("BEGIN")
+            for key, text in encoded:
+                if text is None:
+                    self._conn.execute(
+                        "DELETE FROM attributes WHERE tenant=? AND device=? AND scope=? AND key=?",
+                        (tenant, device, scope, key),
+                    )
+                else:
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
+                        (tenant, device, scope, key, text, now),
+                    )
+            count = self._conn.execute(
+                "SELECT count(*) FROM attributes WHERE tenant=? AND device=? AND scope=?", (tenant, device, scope)
+            ).fetchone()[0]
+            if count > MAX_ATTRIBUTES:
+                self._conn.execute("ROLLBACK")
+                raise RegistryError(f"attributes: a device keeps at most {MAX_ATTRIBUTES} {scope} attributes")
+        return dict(values)
+
+    # -- OTA packages ----------------------------------------------------------------------------
+    def add_package(self, kind: str, title: str, version: str, data: bytes) -> Package:
+        if kind not in KINDS:
+            raise RegistryError(f"kind: {kind!r} is not valid; allowed: {', '.join(KINDS)}")
+        for name, value in (("title", title), ("version", version)):
+            if not isinstance(value, str) or not LABEL_RE.fullmatch(value):
+                raise RegistryError(f"{name}: {value!r} is not valid; allowed: 1-128 printable ASCII characters")
+        if not data:
+            raise RegistryError("data: the package is empty")
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            cur = self._conn.execute(
+                "INSERT INTO packages (kind, title, version, sha256, size, data, created_at) VALUES (?,?,?,?,?,?,?)",
+                (kind, title, version, digest, len(data), data, _now_ms()),
+            )
+        except sqlite3.IntegrityError:
+            raise RegistryError(f"version: {kind} {title} {version} already exists") from None
+        return Package(cur.lastrowid, kind, title, version, digest, len(data))
+
+    def packages(self) -> list[Package]:
+        rows = self._conn.execute("SELECT id, kind, title, version, sha256, size FROM packages ORDER BY id")
+        return [Package(*r) for r in rows]
+
+    def package(self, package_id: int) -> Package | None:
+        row = self._conn.execute(
+            "SELECT id, kind, title, version, sha256, size FROM packages WHERE id = ?", (package_id,)
+        ).fetchone()
+        return Package(*row) if row else None
+
+    def package_data(self, package_id: int) -> bytes | None:
+        row = self._conn.execute("SELECT data FROM packages WHERE id = ?", (package_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def assign(self, tenant: str, device: str, kind: str, package_id: int) -> Package:
+        package = self.package(package_id)
+        if package is None:
+            raise RegistryError(f"package: no package with id {package_id}")
+        if package.kind != kind:
+            raise RegistryError(f"package: {package_id} is {package.kind}, not {kind}")
+        self._conn.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)", (tenant, device, kind, package_id))
+        return package
+
+    def assigned(self, tenant: str, device: str, kind: str) -> Package | None:
+        row = self._conn.execute(
+            "SELECT package FROM assignments WHERE tenant = ? AND device = ? AND kind = ?", (tenant, device, kind)
+        ).fetchone()
+        return self.package(row[0]) if row else None
+
+    # -- provisioning and claiming ----------------------------------------------------------------
+    def add_provision_key(self, key: str, secret: str, tenant: str, profile: str = "default") -> None:
+        for name, value in (("key", key), ("secret", secret)):
+            if not isinstance(value, str) or not LABEL_RE.fullmatch(value):
+                raise RegistryError(f"{name}: not valid; allowed: 1-128 printable ASCII characters")
+        try:
+            self._conn.execute(
+                "INSERT INTO provision_keys VALUES (?, ?, ?, ?, ?)", (key, secret, tenant, profile, _now_ms())
+            )
+        except sqlite3.IntegrityError:
+            raise RegistryError(f"key: provisioning key {key!r} already exists") from None
+
+    def provision(self, key: str, secret: str, device: str | None) -> tuple[str, str, str]:
+        """A device presents a provisioning key and secret: register it with a fresh access token.
+        Returns (tenant, device, token).  The secret is compared in constant time."""
+        row = self._conn.execute("SELECT secret, tenant, profile FROM provision_keys WHERE key = ?", (key,)).fetchone()
+        if row is None or not secrets.compare_digest(row[0].encode(), secret.encode()):
+            raise PermissionError("provisionDeviceKey/provisionDeviceSecret: not valid")
+        name = device or "device-" + secrets.token_hex(6)
+        token = secrets.token_urlsafe(18)
+        self.registry.add_device(row[1], name, token=token, profile=row[2])
+        return row[1], name, token
+
+    def open_claim(self, tenant: str, device: str, secret: str, duration_ms: int) -> int:
+        if not isinstance(secret, str) or not LABEL_RE.fullmatch(secret):
+            raise RegistryError("secretKey: not valid; allowed: 1-128 printable ASCII characters")
+        if not isinstance(duration_ms, int) or not 0 < duration_ms <= 30 * 86400_000:
+            raise RegistryError("durationMs: must be between 1 ms and 30 days")
+        expires = _now_ms() + duration_ms
+        self._conn.execute(
+            "INSERT OR REPLACE INTO claims (tenant, device, secret, expires_at, owner) VALUES (?, ?, ?, ?, "
+            "(SELECT owner FROM claims WHERE tenant = ? AND device = ?))",
+            (tenant, device, secret, expires, tenant, device),
+        )
+        return expires
+
+    def claim(self, tenant: str, device: str, secret: str, owner: str) -> None:
+        """An owner claims a device with the secret the device published; once, before it expires."""
+        row = self._conn.execute(
+            "SELECT secret, expires_at, owner FROM claims WHERE tenant = ? AND device = ?", (tenant, device)
+        ).fetchone()
+        if row is None or row[1] < _now_ms():
+            raise PermissionError("secret_key: the device has no open claim (or it expired)")
+        if not secrets.compare_digest(row[0].encode(), secret.encode()):
+            raise PermissionError("secret_key: does not match the device's claim")
+        self._conn.execute(
+            "UPDATE claims SET owner = ?, expires_at = 0 WHERE tenant = ? AND device = ?", (owner, tenant, device)
+        )
+
+    def owner(self, tenant: str, device: str) -> str | None:
+        row = self._conn.execute("SELECT owner FROM claims WHERE tenant = ? AND device = ?", (tenant, device)).fetchone()
+        return row[0] if row else None
+
+    def forget(self, tenant: str, device: str) -> None:
+        """A removed device's attributes, assignments and claim go with it."""
+        with self._conn:
+            for table in ("attributes", "assignments", "claims"):
+                self._conn.execute(f"DELETE FROM {table} WHERE tenant = ? AND device = ?", (tenant, device))
