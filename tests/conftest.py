@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 COAP_CLIENT = shutil.which("coap-client-notls")
 DTLS_CLIENTS = [c for c in ("coap-client-openssl", "coap-client-gnutls") if shutil.which(c) or os.environ.get("CI") == "true"]
 
+ADMIN_TOKEN = "admin-t0ken-for-tests"
 SPEC_IDENTITY = "psk-identity-d7b1c0e2"
 SPEC_KEY = "s3cr3t-pre-shared-key"
 
@@ -72,6 +74,22 @@ class CoremProcess:
         out = corem_cli(*args, data_dir=self.data_dir).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def api(self, method: str, path: str, body=None, *, token: str | None = ADMIN_TOKEN, raw: bytes | None = None,
+            timeout: float = 30) -> tuple[int, object]:
+        """One admin API call: (HTTP status, decoded JSON body or None)."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, text = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read()
+        return status, (json.loads(text) if text.strip() else None)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -95,6 +113,7 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 20) -> CoremProces
             sys.executable, "-m", "corem", "serve",
             "--data-dir", str(data_dir), "--coap", "127.0.0.1:0", "--coaps", "127.0.0.1:0",
             "--http", "127.0.0.1:0",
+            *([] if "--admin-token" in extra else ["--admin-token", ADMIN_TOKEN]),
             *extra,
         ],
         stdout=subprocess.PIPE,

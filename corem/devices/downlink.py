@@ -192,13 +192,15 @@ class Downlink:
 
     # -- operator side ---------------------------------------------------------------------------
     def set_shared(self, device: Device, values: dict[str, Any]) -> str:
-        """Store shared attributes and deliver the change: 'delivered', 'queued' (asleep or not
-        observing yet: merged with what already waits) or 'stored'."""
+        """Store shared attributes and deliver the change: 'delivered' (to its observers),
+        'queued' (a sleeping device: merged with what already waits) or 'stored' (awake but not
+        observing: its next GET reads it)."""
         stored = self.management.set_attributes(device.tenant, device.device, "shared", values)
         self.stats.attribute_updates += 1
         now = self.clock()
-        if self._reachable(device, now) and self._notify(attributes_resource(device), stored, now):
-            return "delivered"
+        if self._reachable(device, now):
+            # awake: observers get it now; a device not observing reads it with its next GET
+            return "delivered" if self._notify(attributes_resource(device), stored, now) else "stored"
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)
         if q is None:
@@ -350,8 +352,9 @@ class Downlink:
     def queued(self, device: Device) -> dict[str, int]:
         q = self._queues.get((device.tenant, device.device))
         if q is None:
-            return {"attributes": 0, "rpc": 0, "commands": 0}
-        return {"attributes": len(q.attributes), "rpc": len(q.rpcs), "commands": len(q.commands)}
+            return {"attributes": 0, "rpc": 0, "commands": 0, "waiting": False}
+        return {"attributes": len(q.attributes), "rpc": len(q.rpcs), "commands": len(q.commands),
+                "waiting": q.waiting is not None}
 
 
 def _ignore(ctx: object, error: BaseException | None) -> None:

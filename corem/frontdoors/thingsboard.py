@@ -75,7 +75,7 @@ class ThingsBoard:
             if session_device is not None:
                 in_session = {code: self._in_session(h, observers, session_device) for code, h in handlers.items()}
                 router.add(f"api/v1/{suffix}", in_session)
-        router.add("api/v1/provision", {Code.POST: self.provision})
+        router.add("api/v1/provision", {Code.POST: self.provision}, link={"rt": "tb.provision", "if": "core.p", "ct": "50 60"})
 
     # -- device resolution -----------------------------------------------------------------------
     def _with_token(self, handler: Handler, observers: Observers):

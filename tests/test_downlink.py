@@ -1,0 +1,351 @@
+"""Downlink and the front doors, sans-IO: a real registry (SQLite), message layer and observers,
+driven with an explicit clock; the sink is a list (the bus has its own tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode, encode_uint
+from corem.coap import Endpoint, Params, Router
+from corem.coap.observe import Observers
+from corem.devices.downlink import Downlink
+from corem.frontdoors.drogue import Drogue
+from corem.frontdoors.emqx import Emqx, topic_matches
+from corem.frontdoors.thingsboard import ThingsBoard
+from corem.ingest.diagnostics import Diagnostics
+from corem.ingest.telemetry import TelemetryIngest
+from corem.registry import Directory, Registry
+from corem.registry.management import Management
+
+PEER = ("192.0.2.7", 40000)
+
+
+class ListSink:
+    """Takes every record at once and commits it when told (`commit()`)."""
+
+    def __init__(self) -> None:
+        self.records, self._waiting = [], []
+
+    def submit(self, record, done, ctx=None) -> bool:
+        self.records.append(record)
+        self._waiting.append((done, ctx))
+        return True
+
+    def commit(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for done, ctx in waiting:
+            done(ctx, None)
+
+    def topics(self, prefix: str) -> list[dict]:
+        return [json.loads(r.value) for r in self.records if r.topic.startswith(prefix)]
+
+
+class Stack:
+    def __init__(self, tmp_path, **downlink) -> None:
+        self.now = 0.0
+        self.registry = Registry(tmp_path / "registry.db")
+        self.registry.add_device("acme", "awake", token="TA")
+        self.registry.add_device("acme", "sleepy", token="TS", power_mode="psm")
+        self.registry.add_device("acme", "roomy", token="TR", topics="room/#")
+        self.directory = Directory(self.registry)
+        self.directory.refresh()
+        self.sink = ListSink()
+        self.management = Management(self.registry)
+        clock = lambda: self.now  # noqa: E731
+        self.ingest = TelemetryIngest(self.directory, self.sink, Diagnostics(), now=clock)
+        self.downlink = Downlink(self.management, self.sink, psm_activity_timer=10.0, clock=clock, **downlink)
+        self.ingest.on_uplink = lambda d: self.downlink.uplink(d, self.now)
+        self.endpoint = Endpoint(Params(), rng=lambda: 0.0)
+        self.router = Router()
+        self.observers = Observers(self.endpoint)
+        self.downlink.observers.append(self.observers)
+        self.ingest.install(self.router)
+        ThingsBoard(self.directory, self.ingest, self.management, self.downlink, clock).install(self.router, self.observers)
+        Drogue(self.directory, self.ingest, self.downlink, clock).install(self.router)
+        self.emqx = Emqx(self.directory, self.ingest, self.downlink, clock)
+        self.emqx.install(self.router, self.observers)
+        self.mid = 0
+
+    def device(self, name: str):
+        return self.directory.named("acme", name)
+
+    def send(self, code, path, *, query=(), payload=b"", observe=None, token=b"tk", opts=(), cf=None):
+        """One request; returns the messages sent in reply (answer first) as decoded Messages."""
+        self.mid += 1
+        options = [(O.URI_PATH, p.encode()) for p in path.strip("/").split("/")]
+        options += [(O.URI_QUERY, q.encode()) for q in query]
+        if observe is not None:
+            options.append((O.OBSERVE, encode_uint(observe)))
+        if cf is not None:
+            options.append((O.CONTENT_FORMAT, encode_uint(cf)))
+        options += list(opts)
+        msg = Message(Type.CON, code, self.mid, token, sorted(options, key=lambda o: o[0]), payload)
+        req = self.endpoint.receive(encode(msg), PEER, self.now)
+        r = self.router.dispatch(req)
+        if r is not None:
+            self.endpoint.respond(req, r.code, r.options, r.payload)
+        return self.outbox()
+
+    def outbox(self) -> list[Message]:
+        return [decode(d) for d, _ in self.endpoint.take_outbox()]
+
+    def tick(self, now: float) -> list[Message]:
+        self.now = now
+        self.downlink.tick(now)
+        self.endpoint.tick(now)
+        return self.outbox()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    return Stack(tmp_path)
+
+
+def test_shared_attribute_change_reaches_an_observing_device(stack):
+    [answer] = stack.send(Code.GET, "api/v1/TA/attributes", observe=0)
+    assert answer.code == Code.CONTENT and json.loads(bytes(answer.payload)) == {}
+    assert stack.downlink.set_shared(stack.device("awake"), {"mode": "eco"}) == "delivered"
+    [note] = stack.outbox()
+    assert note.token == b"tk" and note.observe is not None and json.loads(bytes(note.payload)) == {"mode": "eco"}
+    # a later registration answers with the whole state
+    [again] = stack.send(Code.GET, "api/v1/TA/attributes", observe=0, token=b"t2")
+    assert json.loads(bytes(again.payload)) == {"mode": "eco"}
+
+
+def test_updates_for_a_sleeping_device_are_merged_and_delivered_once_when_it_wakes(stack):
+    sleepy = stack.device("sleepy")
+    stack.send(Code.GET, "api/v1/TS/attributes", observe=0)  # registered while awake
+    stack.tick(20.0)  # past psm_activity_timer: asleep
+    assert stack.downlink.set_shared(sleepy, {"a": 1, "c": "x"}) == "queued"
+    assert stack.downlink.set_shared(sleepy, {"a": 2, "b": 3}) == "queued"
+    assert stack.outbox() == [] and stack.tick(21.0) == []
+    # it wakes: it sends a reading; the reading's 2.04 first, then one merged notification
+    stack.send(Code.POST, "api/v1/TS/telemetry", payload=b'{"t": 1}', cf=50)
+    stack.sink.commit()
+    [ack] = stack.outbox()
+    assert ack.code == Code.CHANGED
+    [note] = stack.tick(21.1)
+    assert json.loads(bytes(note.payload)) == {"a": 2, "c": "x", "b": 3}
+    assert stack.tick(22.0) == []  # only once
+    assert stack.management.attributes("acme", "sleepy", "shared") == {"a": 2, "c": "x", "b": 3}
+
+
+def test_rpc_waits_for_an_observer_and_its_reply_comes_back(stack):
+    awake = stack.device("awake")
+    call = stack.downlink.send_rpc(awake, "reboot", {"delay": 5}, timeout=30)
+    assert call.status == "queued"
+    [answer] = stack.send(Code.GET, "api/v1/TA/rpc", observe=0)
+    assert answer.code == Code.CONTENT and answer.observe is not None
+    [note] = stack.tick(0.1)
+    assert json.loads(bytes(note.payload)) == {"id": call.id, "method": "reboot", "params": {"delay": 5}}
+    assert call.status == "delivered"
+    [reply] = stack.send(Code.POST, f"api/v1/TA/rpc/{call.id}", payload=b'{"ok": true}', cf=50)
+    assert reply.code == Code.CHANGED and call.status == "replied" and call.response == {"ok": True}
+    assert call.done.is_set()
+    [again] = stack.send(Code.POST, f"api/v1/TA/rpc/{call.id}", payload=b"{}", cf=50)
+    assert again.code == Code.NOT_FOUND
+    statuses = [r["status"] for r in stack.sink.topics("commands.results.acme")]
+    assert statuses == ["delivered", "replied"]
+
+
+def test_rpc_polling_expiry_and_queue_bound(tmp_path):
+    stack = Stack(tmp_path, max_queued=2)
+    awake = stack.device("awake")
+    first = stack.downlink.send_rpc(awake, "a", None, timeout=5)
+    stack.downlink.send_rpc(awake, "b", None, timeout=50)
+    with pytest.raises(OverflowError):
+        stack.downlink.send_rpc(awake, "c", None, timeout=5)
+    stack.tick(6.0)
+    assert first.status == "expired" and first.done.is_set()
+    [polled] = stack.send(Code.GET, "api/v1/TA/rpc")  # a device without Observe polls
+    assert json.loads(bytes(polled.payload))["method"] == "b"
+    [empty] = stack.send(Code.GET, "api/v1/TA/rpc")
+    assert empty.code == Code.CONTENT and bytes(empty.payload) == b""
+
+
+def test_drogue_command_is_piggybacked_on_a_waiting_request(stack):
+    import base64
+
+    auth = (O.DROGUE_AUTH, b"Basic " + base64.b64encode(b"awake@acme:TA"))
+    assert stack.send(Code.POST, "v1/telemetry", query=["ct=30"], payload=b'{"t": 1}', cf=50, opts=[auth]) == []
+    stack.sink.commit()
+    assert stack.outbox() == []  # committed, now waiting for a command
+    assert stack.downlink.command(stack.device("awake"), "reboot", b"now", ttl=60) == "delivered"
+    [answer] = stack.outbox()
+    assert answer.code == Code.CONTENT and bytes(answer.opt(O.DROGUE_COMMAND)) == b"reboot"
+    assert bytes(answer.payload) == b"now"
+    # no command: 2.04 once ct has passed
+    stack.send(Code.POST, "v1/telemetry", query=["ct=2"], payload=b'{"t": 2}', cf=50, opts=[auth])
+    stack.sink.commit()
+    [empty_ack] = stack.tick(1.0)  # past the piggyback window: the answer will come separately
+    assert empty_ack.type == Type.ACK and empty_ack.code == 0
+    [late] = stack.tick(2.5)
+    assert late.code == Code.CHANGED and late.type == Type.CON
+    # a command queued while nobody waits goes out on the next ct request, at once
+    assert stack.downlink.command(stack.device("awake"), "blink", b"", ttl=60) == "queued"
+    stack.send(Code.POST, "v1/telemetry", query=["ct=30"], payload=b'{"t": 3}', cf=50, opts=[auth])
+    stack.sink.commit()
+    [quick] = stack.outbox()
+    assert bytes(quick.opt(O.DROGUE_COMMAND)) == b"blink"
+    points = [r for r in stack.sink.records if r.topic == "telemetry.raw.acme"]
+    assert len(points) == 3 and points[0].headers["channel"] == "telemetry"
+
+
+@pytest.mark.parametrize("auth, why", [
+    (None, b"credentials"),
+    (b"Basic !!!", b"option 4209"),
+    (b"Basic " + __import__("base64").b64encode(b"awake@acme:wrong"), b"wrong password"),
+    (b"Basic " + __import__("base64").b64encode(b"awake@other:TA"), b"wrong password"),
+])
+def test_drogue_refuses_bad_credentials_with_the_reason(stack, auth, why):
+    opts = [] if auth is None else [(O.DROGUE_AUTH, auth)]
+    [answer] = stack.send(Code.POST, "v1/telemetry", payload=b'{"t": 1}', cf=50, opts=opts)
+    assert answer.code == Code.UNAUTHORIZED and why in bytes(answer.payload)
+    assert stack.sink.records == []
+
+
+def test_drogue_gateway_publishes_as_another_device(stack):
+    import base64
+
+    auth = (O.DROGUE_AUTH, b"Basic " + base64.b64encode(b"awake:TA"))
+    stack.send(Code.POST, "v1/state", query=["application=acme", "as=sleepy"], payload=b'{"t": 1}', cf=50, opts=[auth])
+    stack.sink.commit()
+    [ack] = stack.outbox()
+    assert ack.code == Code.CHANGED
+    [record] = stack.sink.records
+    assert record.key == b"sleepy" and record.headers["via"] == "awake"
+    [refused] = stack.send(Code.POST, "v1/state", query=["application=acme", "as=nobody"], payload=b"{}", cf=50,
+                           opts=[auth])
+    assert refused.code == Code.FORBIDDEN
+
+
+def test_pubsub_retained_message_with_max_age_subscribe_and_acl(stack):
+    q = ["c=cli", "u=awake", "p=TA"]
+    # answered only once the message is on the bus
+    assert stack.send(Code.PUT, "ps/room/temp", query=q, payload=b"21.5", opts=[(O.MAX_AGE, encode_uint(30))]) == []
+    stack.sink.commit()
+    [changed] = stack.outbox()
+    assert changed.code == Code.CHANGED
+    stack.now = 10.0
+    [got] = stack.send(Code.GET, "ps/room/temp", query=q)
+    assert bytes(got.payload) == b"21.5" and got.max_age == 20
+    [sub] = stack.send(Code.GET, "ps/room/temp", query=["c=c2", "u=roomy", "p=TR"], observe=0, token=b"sub")
+    assert sub.observe is not None and bytes(sub.payload) == b"21.5"
+    [note] = [m for m in stack.send(Code.POST, "mqtt/room/temp", query=q, payload=b"22.0") if m.token == b"sub"]
+    assert bytes(note.payload) == b"22.0"
+    stack.now = 31.0
+    [gone] = stack.send(Code.GET, "ps/room/temp", query=q)
+    assert gone.code == Code.NOT_FOUND
+    [denied] = stack.send(Code.PUT, "ps/hall/door", query=["c=c2", "u=roomy", "p=TR"], payload=b"open")
+    assert denied.code == Code.FORBIDDEN
+    [nocreds] = stack.send(Code.GET, "ps/room/temp", query=["c=x", "u=awake"])
+    assert nocreds.code == Code.UNAUTHORIZED and b"p: required" in bytes(nocreds.payload)
+    published = [r for r in stack.sink.records if r.topic == "pubsub.acme"]
+    assert [bytes(r.value) for r in published] == [b"21.5", b"22.0"] and published[0].key == b"room/temp"
+
+
+def test_retained_messages_are_bounded(tmp_path):
+    stack = Stack(tmp_path)
+    stack.emqx.max_retained = 3
+    q = ["c=cli", "u=awake", "p=TA"]
+    for i in range(10):
+        stack.send(Code.PUT, f"ps/t/{i}", query=q, payload=b"x" * 10)
+    assert len(stack.emqx._retained) == 3 and stack.emqx.stats.retained_dropped == 7
+    assert stack.emqx._retained_bytes == 30
+
+
+@pytest.mark.parametrize("flt, topic, match", [
+    ("#", "a/b", True), ("a/#", "a", True), ("a/#", "a/b/c", True), ("a/+", "a/b", True),
+    ("a/+", "a/b/c", False), ("a/b", "a/b", True), ("a/b", "a/c", False), ("+/+", "a", False),
+])
+def test_topic_filters(flt, topic, match):
+    assert topic_matches(flt, topic) is match
+
+
+def test_provisioning_and_claiming(stack):
+    stack.management.add_provision_key("pk", "ps", "acme")
+    body = b'{"deviceName": "fresh", "provisionDeviceKey": "pk", "provisionDeviceSecret": "ps"}'
+    [ok] = stack.send(Code.POST, "api/v1/provision", payload=body, cf=50)
+    creds = json.loads(bytes(ok.payload))
+    assert ok.code == Code.CREATED and creds["status"] == "SUCCESS" and creds["deviceName"] == "fresh"
+    stack.send(Code.POST, f"api/v1/{creds['credentialsValue']}/telemetry", payload=b'{"t": 1}', cf=50)
+    stack.sink.commit()
+    assert stack.outbox()[0].code == Code.CHANGED
+    [bad] = stack.send(Code.POST, "api/v1/provision", payload=body.replace(b'"ps"', b'"no"'), cf=50)
+    assert bad.code == Code.UNAUTHORIZED and json.loads(bytes(bad.payload))["status"] == "FAILURE"
+    [again] = stack.send(Code.POST, "api/v1/provision", payload=body, cf=50)
+    assert again.code == Code.BAD_REQUEST and b"already exists" in bytes(again.payload)
+    # claiming: the device opens a claim, an owner presents its secret
+    [opened] = stack.send(Code.POST, "api/v1/TA/claim", payload=b'{"secretKey": "s3", "durationMs": 60000}', cf=50)
+    assert opened.code == Code.CHANGED
+    with pytest.raises(PermissionError):
+        stack.management.claim("acme", "awake", "wrong", "bob")
+    stack.management.claim("acme", "awake", "s3", "alice")
+    assert stack.management.owner("acme", "awake") == "alice"
+    with pytest.raises(PermissionError):  # once only
+        stack.management.claim("acme", "awake", "s3", "mallory")
+
+
+def test_attribute_requests_name_the_bad_field(stack):
+    [bad] = stack.send(Code.POST, "api/v1/TA/attributes", payload=b'{"bad key": 1}', cf=50)
+    assert bad.code == Code.BAD_REQUEST and bytes(bad.payload).startswith(b"attributes.bad key")
+    [notjson] = stack.send(Code.POST, "api/v1/TA/attributes", payload=b"{", cf=50)
+    assert notjson.code == Code.BAD_REQUEST and bytes(notjson.payload).startswith(b"attributes: not valid")
+    [ok] = stack.send(Code.POST, "api/v1/TA/attributes", payload=b'{"fw": "1.2", "n": 3}', cf=50)
+    assert ok.code == Code.CHANGED
+    [got] = stack.send(Code.GET, "api/v1/TA/attributes", query=["clientKeys=fw,missing"])
+    assert json.loads(bytes(got.payload)) == {"client": {"fw": "1.2"}}
+    [unknown] = stack.send(Code.GET, "api/v1/NOPE/attributes")
+    assert unknown.code == Code.UNAUTHORIZED
+
+
+def test_firmware_block2_download_matches_the_package(stack):
+    import hashlib
+    import os
+
+    image = os.urandom(5000)
+    p = stack.management.add_package("firmware", "fw", "2.0", image)
+    stack.management.assign("acme", "awake", "firmware", p.id)
+    got, num = b"", 0
+    while True:
+        [m] = stack.send(Code.GET, "api/v1/TA/firmware", opts=[(O.BLOCK2, encode_uint(num << 4 | 6))])
+        assert m.code == Code.CONTENT and m.size2 in (None, 5000)
+        got += bytes(m.payload)
+        if not m.block2.more:
+            break
+        num += 1
+    assert hashlib.sha256(got).hexdigest() == p.sha256
+    [wrong] = stack.send(Code.GET, "api/v1/TA/firmware", query=["version=1.0"])
+    assert wrong.code == Code.NOT_FOUND
+    [none] = stack.send(Code.GET, "api/v1/TA/software")
+    assert none.code == Code.NOT_FOUND
+
+
+def test_observer_churn_leaves_nothing_behind(stack):
+    """Registrations come and go by the thousand; the bounds hold and nothing stays behind."""
+    obs = stack.observers
+    obs.max_total, obs.max_per_source = 500, 10_000
+    for i in range(2000):
+        stack.send(Code.GET, "api/v1/TA/rpc", observe=0, token=i.to_bytes(4, "big"))
+    assert len(obs) == 500 and obs.stats.refused == 1500
+    for i in range(2000):
+        stack.send(Code.GET, "api/v1/TA/rpc", observe=1, token=i.to_bytes(4, "big"))
+    assert len(obs) == 0 and obs._by_resource == {} and not obs._per_source
+
+
+def test_router_prefix_patterns():
+    from corem.coap import Response
+
+    router, seen = Router(), []
+    router.add("ps/{topic*}", {Code.GET: lambda req, p: seen.append(p) or Response(Code.CONTENT)})
+    router.add("ps/fixed/{x}", {Code.GET: lambda req, p: seen.append(("fixed", p)) or Response(Code.CONTENT)})
+    ep = Endpoint(Params())
+    for path in ("ps/a", "ps/a/b/c", "ps/fixed/1", "ps"):
+        opts = [(O.URI_PATH, s.encode()) for s in path.split("/")]
+        req = ep.receive(encode(Message(Type.CON, Code.GET, len(seen) + 100, b"", opts)), PEER, 0.0)
+        r = router.dispatch(req)
+        if path == "ps":
+            assert r.code == Code.NOT_FOUND
+    assert seen == [["a"], ["a/b/c"], ("fixed", ["1"])]

@@ -1,0 +1,180 @@
+"""The peers' front doors against a real `corem serve`, with real clients: libcoap's coap-client
+(observe `-s`, block size `-b`, custom options `-O 4209,…`, PSK over DTLS) and aiocoap's client
+(Observe, Block1, Block2).  Downlink goes through the admin REST API."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem,
+)
+
+pytestmark = [needs_libcoap, pytest.mark.interop]
+AIOCOAP_CLIENT = [sys.executable, str(Path(__file__).with_name("aiocoap_client.py"))]
+
+
+def background(*args: str) -> subprocess.Popen:
+    """A client left running (an observer, a device waiting for a command)."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def observers(server) -> float:
+    return sum(v for k, v in server.metrics().items() if k.startswith("corem_coap_observers{"))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def test_shared_attributes_and_rpc_reach_observing_libcoap_devices(corem):
+    base = f"{corem.coap}/api/v1/T0KEN-1"
+    assert coap_client(f"{base}/attributes", "-m", "post", "-t", "50", "-e", '{"fw_state":"idle"}').code == "2.04"
+    attrs = background(COAP_CLIENT, "-s", "6", "-m", "get", f"{base}/attributes")
+    rpc = background(COAP_CLIENT, "-s", "6", "-m", "get", f"{base}/rpc")
+    wait_for(lambda: observers(corem) >= 2, what="two observe registrations")
+    status, body = corem.api("PUT", "/api/devices/acme/sensor-1/attributes", {"interval": 30})
+    assert status == 200 and body == {"delivery": "delivered"}
+
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(r=corem.api(
+        "POST", "/api/devices/acme/sensor-1/rpc", {"method": "reboot", "params": {"delay": 2}, "timeout": 20})))
+    caller.start()
+    time.sleep(0.5)  # the request reaches the observer; the API call waits for the answer
+    # a fresh server numbers RPC requests from 1
+    reply = coap_client(f"{base}/rpc/1", "-m", "post", "-t", "50", "-e", '{"rebooting":true}')
+    assert reply.code == "2.04"
+    caller.join(30)
+    assert result["r"] == (200, {"id": 1, "status": "replied", "response": {"rebooting": True}})
+    assert '{"interval":30}' in finish(attrs)
+    assert '{"id":1,"method":"reboot","params":{"delay":2}}' in finish(rpc)
+    status, body = corem.api("GET", "/api/devices/acme/sensor-1/attributes")
+    assert body == {"client": {"fw_state": "idle"}, "shared": {"interval": 30}}
+
+
+def test_rpc_without_an_answer_times_out_with_504(corem):
+    status, body = corem.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 0.5})
+    assert status == 504 and body["status"] == "expired"
+
+
+def test_shared_attributes_changed_while_a_psm_device_sleeps_arrive_merged_when_it_wakes(data_dir):
+    server = start_corem(data_dir, "--psm-activity-timer", "1")
+    try:
+        status, dev = server.api("POST", "/api/devices", {"tenant": "acme", "device": "sleeper", "power_mode": "psm"})
+        assert status == 201
+        base = f"{server.coap}/api/v1/{dev['token']}"
+        watcher = background(COAP_CLIENT, "-s", "8", "-m", "get", f"{base}/attributes")
+        wait_for(lambda: observers(server) >= 1, what="the sleeper's observation")
+        time.sleep(1.5)  # past the PSM activity timer: asleep
+        assert server.api("PUT", "/api/devices/acme/sleeper/attributes", {"a": 1, "c": "x"})[1] == {"delivery": "queued"}
+        assert server.api("PUT", "/api/devices/acme/sleeper/attributes", {"a": 2, "b": 3})[1] == {"delivery": "queued"}
+        assert server.api("GET", "/api/devices/acme/sleeper")[1]["queued"]["attributes"] == 3
+        time.sleep(0.5)
+        # it wakes and sends a reading; what waited arrives as one notification
+        assert coap_client(f"{base}/telemetry", "-m", "post", "-t", "50", "-e", '{"t":1}').code == "2.04"
+        out = finish(watcher)
+        assert '{"a":2,"c":"x","b":3}' in out and '"a":1' not in out
+    finally:
+        server.stop()
+
+
+def test_drogue_device_waiting_with_ct_receives_a_command(corem):
+    auth = base64.b64encode(b"sensor-1@acme:T0KEN-1").decode()
+    waiting = background(COAP_CLIENT, "-v", "6", "-B", "20", "-m", "post", "-t", "50", "-e", '{"t":20.5}',
+                         "-O", f"4209,Basic {auth}", f"{corem.coap}/v1/telemetry?ct=15")
+    wait_for(lambda: corem.api("GET", "/api/devices/acme/sensor-1")[1]["queued"]["waiting"], what="the ct wait")
+    status, body = corem.api("POST", "/api/devices/acme/sensor-1/commands", {"command": "set-led", "payload": "on"})
+    assert status == 202 and body == {"delivery": "delivered"}
+    out = finish(waiting)
+    assert "c:2.05" in out and "4210:\\x73\\x65\\x74\\x2D\\x6C\\x65\\x64" in out and "'on'" in out
+    [point] = corem.points("acme")
+    assert point["numeric_values"] == {"t": 20.5}
+    wrong = coap_client(f"{corem.coap}/v1/telemetry", "-m", "post", "-t", "50", "-e", '{"t":1}',
+                        "-O", "4209,Basic " + base64.b64encode(b"sensor-1@acme:nope").decode())
+    assert wrong.code == "4.01" and "wrong password" in wrong.output
+
+
+def test_emqx_pubsub_retains_publishes_and_notifies_subscribers(corem):
+    q = "?c=client-1&u=sensor-1&p=T0KEN-1"
+    assert coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "put", "-e", "21.5").code == "2.04"
+    got = coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "get")
+    assert got.code == "2.05" and "21.5" in got.output
+    sub = background(COAP_CLIENT, "-s", "4", "-m", "get", f"{corem.coap}/mqtt/room/temp{q}")
+    wait_for(lambda: observers(corem) >= 1, what="the subscription")
+    assert coap_client(f"{corem.coap}/mqtt/room/temp{q}", "-m", "post", "-e", "22.25").code == "2.04"
+    assert "22.25" in finish(sub)
+    bad = coap_client(f"{corem.coap}/ps/room/temp?c=x&u=sensor-1&p=wrong", "-m", "get")
+    assert bad.code == "4.01"
+
+
+def test_provisioned_device_sends_with_its_new_token(corem):
+    assert corem.api("POST", "/api/provisioning-keys", {"key": "pk-1", "secret": "ps-1", "tenant": "acme"})[0] == 201
+    ask = json.dumps({"deviceName": "prov-1", "provisionDeviceKey": "pk-1", "provisionDeviceSecret": "ps-1"})
+    got = coap_client(f"{corem.coap}/api/v1/provision", "-m", "post", "-t", "50", "-e", ask)
+    assert got.code == "2.01"
+    token, _ = json.JSONDecoder().raw_decode(got.output[got.output.index('{"status"'):])
+    token = token["credentialsValue"]
+    assert coap_client(f"{corem.coap}/api/v1/{token}/telemetry", "-m", "post", "-t", "50", "-e", '{"t":1}').code == "2.04"
+    assert [p["device"] for p in corem.points("acme")] == ["prov-1"]
+
+
+@pytest.mark.parametrize("client", DTLS_CLIENTS[:1])
+def test_firmware_image_downloads_intact_blockwise_over_coaps(corem, tmp_path, client):
+    image = os.urandom(300 * 1024)
+    status, package = corem.api("POST", "/api/packages?kind=firmware&title=sensor-fw&version=1.4.2", raw=image)
+    assert status == 201 and package["sha256"] == hashlib.sha256(image).hexdigest()
+    status, assigned = corem.api("PUT", "/api/devices/acme/sensor-7/firmware", {"package": package["id"]})
+    assert status == 200
+    out = tmp_path / "fw.bin"
+    url = f"coaps://127.0.0.1:{corem.coaps_port}/api/v1/firmware"
+    got = coap_client(url, "-u", SPEC_IDENTITY, "-k", SPEC_KEY, "-b", "1024", "-o", str(out), binary=client, timeout=120)
+    assert got.code == "2.05"
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == package["sha256"]
+    # the device learns of the assignment the ThingsBoard way: shared attributes
+    shared = corem.api("GET", "/api/devices/acme/sensor-7/attributes")[1]["shared"]
+    assert shared["fw_version"] == "1.4.2" and shared["fw_checksum"] == package["sha256"]
+
+
+def test_aiocoap_client_observes_downloads_block2_and_uploads_block1(corem, tmp_path):
+    base = f"coap://127.0.0.1:{corem.coap_port}/api/v1/T0KEN-1"
+    watcher = background(*AIOCOAP_CLIENT, "observe", f"{base}/attributes", "2")
+    wait_for(lambda: observers(corem) >= 1, what="aiocoap's observation")
+    assert corem.api("PUT", "/api/devices/acme/sensor-1/attributes", {"mode": "eco"})[1] == {"delivery": "delivered"}
+    out = finish(watcher)
+    assert "2.05 Content {}" in out and '2.05 Content {"mode":"eco"}' in out
+
+    image = os.urandom(40_000)
+    _, package = corem.api("POST", "/api/packages?kind=software&title=app&version=7", raw=image)
+    corem.api("PUT", "/api/devices/acme/sensor-1/software", {"package": package["id"]})
+    got = subprocess.run([*AIOCOAP_CLIENT, "get", f"{base}/software", str(tmp_path / "sw.bin")],
+                         capture_output=True, text=True, timeout=120)
+    assert "2.05" in got.stdout and (tmp_path / "sw.bin").read_bytes() == image
+
+    big = {f"reading_{i}": i * 0.5 for i in range(150)}  # ~3 KB of JSON: Block1
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    sent = subprocess.run([*AIOCOAP_CLIENT, "post", f"{base}/telemetry", str(tmp_path / "big.json"), "50"],
+                          capture_output=True, text=True, timeout=60)
+    assert sent.stdout.startswith("2.04"), sent.stdout + sent.stderr
+    [point] = corem.points("acme")
+    assert point["numeric_values"] == big
