@@ -16,13 +16,16 @@ $(STAMP): pyproject.toml
 deps: $(STAMP)
 
 # Debian packages the interop tests and benchmarks use: libcoap's real clients and servers, the
-# openssl CLI (test certificates), gcc (the C decoder and the load generator).
-DEBS := libcoap3-bin openssl gcc
+# openssl CLI (test certificates), gcc (the C decoder and the load generator), chromium and its
+# chromedriver (the diagnostics UI's browser test).
+DEBS := libcoap3-bin openssl gcc chromium chromium-driver
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (Debian)"; \
@@ -47,7 +50,7 @@ bench-load: $(STAMP)
 	$(PY) bench/load_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis test-artifacts
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py

@@ -1,0 +1,218 @@
+"""The admin REST API on a real `corem serve`: every endpoint, bad input (400 naming the field),
+a missing or wrong admin token (401), the OpenAPI document, /readyz and the bus."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import urllib.request
+
+import pytest
+
+from .conftest import ADMIN_TOKEN, corem_cli, start_corem
+
+DEV = "/api/devices/acme/sensor-1"
+CERT_SUBJ = "/CN=api-device"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data = tmp_path_factory.mktemp("api") / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-1", "--token", "T0KEN-1", data_dir=data)
+    s = start_corem(data)
+    yield s
+    s.stop()
+
+
+def test_openapi_document_lists_every_route_and_needs_no_token(server):
+    status, doc = server.api("GET", "/api/openapi.json", token=None)
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    want = {
+        ("/api/devices", "get"), ("/api/devices", "post"), ("/api/devices/{tenant}/{device}", "get"),
+        ("/api/devices/{tenant}/{device}", "delete"), ("/api/devices/{tenant}/{device}/attributes", "get"),
+        ("/api/devices/{tenant}/{device}/attributes", "put"), ("/api/devices/{tenant}/{device}/rpc", "post"),
+        ("/api/devices/{tenant}/{device}/commands", "post"), ("/api/devices/{tenant}/{device}/firmware", "put"),
+        ("/api/devices/{tenant}/{device}/software", "put"), ("/api/devices/{tenant}/{device}/claim", "post"),
+        ("/api/packages", "get"), ("/api/packages", "post"), ("/api/provisioning-keys", "post"),
+        ("/api/diagnostics/samples", "get"), ("/api/status", "get"),
+    }
+    have = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert want <= have
+    for path, method in want:
+        op = doc["paths"][path][method]
+        assert op["security"] == [{"admin": []}] and "401" in op["responses"], path
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/devices"), ("POST", "/api/devices"), ("GET", DEV), ("DELETE", DEV),
+    ("GET", DEV + "/attributes"), ("PUT", DEV + "/attributes"), ("POST", DEV + "/rpc"), ("POST", DEV + "/commands"),
+    ("PUT", DEV + "/firmware"), ("PUT", DEV + "/software"), ("POST", DEV + "/claim"), ("GET", "/api/packages"),
+    ("POST", "/api/packages"), ("POST", "/api/provisioning-keys"), ("GET", "/api/diagnostics/samples"),
+    ("GET", "/api/status"),
+])
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_every_endpoint_refuses_a_missing_or_wrong_token(server, method, path, token):
+    status, body = server.api(method, path, {} if method in ("POST", "PUT") else None, token=token)
+    assert status == 401 and "admin token" in body["error"]
+    assert server.api("GET", "/api/devices/acme/sensor-1")[0] == 200  # and nothing happened
+
+
+def test_devices_add_list_get_remove(server, tmp_path):
+    status, d = server.api("POST", "/api/devices", {"tenant": "acme", "device": "api-1", "power_mode": "psm",
+                                                    "topics": "room/# alerts/+"})
+    assert status == 201 and d["token"] and d["power_mode"] == "psm" and d["topics"] == "room/# alerts/+"
+    status, d2 = server.api("POST", "/api/devices", {"tenant": "acme", "device": "api-2", "psk_identity": "api-id",
+                                                     "psk_hex": "00112233445566778899"})
+    assert status == 201 and d2["psk_identity"] == "api-id" and d2["token"] is None
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-subj", CERT_SUBJ, "-days", "2"], check=True,
+                   capture_output=True)
+    status, d3 = server.api("POST", "/api/devices", {"tenant": "acme", "device": "api-3", "cert_pem": cert.read_text()})
+    der = subprocess.run(["openssl", "x509", "-in", str(cert), "-outform", "DER"], capture_output=True, check=True).stdout
+    assert status == 201 and d3["cert_sha256"] == hashlib.sha256(der).hexdigest()
+    listed = server.api("GET", "/api/devices?tenant=acme")[1]
+    assert {"api-1", "api-2", "api-3", "sensor-1"} <= {d["device"] for d in listed}
+    assert all("psk" not in d and "token" not in d for d in listed)  # secrets are not listed
+    # the new token works on CoAP at once (no registry poll needed)
+    status, got = server.api("GET", "/api/devices/acme/api-1")
+    assert status == 200 and got["queued"] == {"attributes": 0, "rpc": 0, "commands": 0, "waiting": False}
+    assert server.api("DELETE", "/api/devices/acme/api-3")[0] == 204
+    assert server.api("GET", "/api/devices/acme/api-3")[0] == 404
+    assert server.api("DELETE", "/api/devices/acme/api-3")[0] == 404
+    # the CLI sees the same registry
+    out = corem_cli("devices", "list", "--tenant", "acme", data_dir=server.data_dir).stdout
+    assert "api-1" in out and "api-3" not in out
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"device": "x"}, 400, "tenant: required"),
+    ({"tenant": "acme", "device": "bad device"}, 400, "device:"),
+    ({"tenant": "acme", "device": "x", "colour": "red"}, 400, "colour: unknown field"),
+    ({"tenant": "acme", "device": "x", "power_mode": "turbo"}, 400, "power_mode:"),
+    ({"tenant": "acme", "device": "x", "topics": "a/#/b"}, 400, "topics:"),
+    ({"tenant": "acme", "device": "x", "psk_hex": "zz", "psk_identity": "i"}, 400, "psk_hex: not hexadecimal"),
+    ({"tenant": "acme", "device": "x", "psk_identity": "i"}, 400, "psk:"),
+    ({"tenant": "acme", "device": "x", "cert_pem": "nope"}, 400, "cert_pem:"),
+    ({"tenant": "acme", "device": 5}, 400, "device: expected a string"),
+    ({"tenant": "acme", "device": "sensor-1"}, 409, "device: acme/sensor-1 already exists"),
+    ({"tenant": "acme", "device": "x", "token": "T0KEN-1"}, 409, "token: already used"),
+])
+def test_add_device_bad_input_names_the_field(server, body, status, field):
+    got, answer = server.api("POST", "/api/devices", body)
+    assert got == status and answer["error"].startswith(field), answer
+
+
+def test_bad_json_and_unknown_paths_and_methods(server):
+    assert server.api("POST", "/api/devices", raw=b"{not json")[1]["error"].startswith("body: not valid JSON")
+    assert server.api("GET", "/api/nothing")[0] == 404
+    status, body = server.api("PATCH", "/api/devices")
+    assert status == 405 and "GET, POST" in body["error"]
+    assert server.api("GET", "/api/devices/acme/ghost/attributes")[1]["error"].startswith("device: acme/ghost")
+
+
+def test_attributes_commands_and_rpc_validation(server):
+    assert server.api("PUT", DEV + "/attributes", {"mode": "eco", "limits": {"t": [1, 2]}})[1] == {"delivery": "stored"}
+    assert server.api("GET", DEV + "/attributes")[1]["shared"] == {"mode": "eco", "limits": {"t": [1, 2]}}
+    assert server.api("PUT", DEV + "/attributes", {"mode": None})[0] == 200  # null deletes
+    assert server.api("GET", DEV + "/attributes")[1]["shared"] == {"limits": {"t": [1, 2]}}
+    status, body = server.api("PUT", DEV + "/attributes", {"bad key": 1})
+    assert status == 400 and body["error"].startswith("attributes.bad key")
+    assert server.api("PUT", DEV + "/attributes", [1])[1]["error"].startswith("attributes:")
+    status, body = server.api("POST", DEV + "/commands", {"command": "reboot", "payload_base64": "AAEC", "ttl": 60})
+    assert status == 202 and body == {"delivery": "queued"}
+    assert server.api("GET", DEV)[1]["queued"]["commands"] == 1
+    for bad, field in (({"payload": "x"}, "command: required"), ({"command": "c", "payload_base64": "!!"}, "payload_base64"),
+                       ({"command": "c", "ttl": -1}, "ttl:"), ({"command": "c", "payload": "a", "payload_base64": "YQ=="},
+                                                                "payload:")):
+        status, body = server.api("POST", DEV + "/commands", bad)
+        assert status == 400 and body["error"].startswith(field), body
+    for bad, field in (({}, "method: required"), ({"method": "m", "timeout": 0}, "timeout:"),
+                       ({"method": "m", "timeout": "soon"}, "timeout: expected a number")):
+        status, body = server.api("POST", DEV + "/rpc", bad)
+        assert status == 400 and body["error"].startswith(field), body
+    status, body = server.api("POST", DEV + "/rpc", {"method": "m", "timeout": 0.3, "oneway": True})
+    assert status == 504 and body["status"] == "expired"  # nobody observes: not even delivered
+
+
+def test_packages_assignment_provisioning_and_claims(server):
+    image = b"\x7fELF" + bytes(range(256)) * 10
+    status, p = server.api("POST", "/api/packages?kind=firmware&title=fw&version=1.0", raw=image)
+    assert status == 201 and p["size"] == len(image) and p["sha256"] == hashlib.sha256(image).hexdigest()
+    assert server.api("POST", "/api/packages?kind=firmware&title=fw&version=1.0", raw=image)[0] == 409
+    assert server.api("POST", "/api/packages?kind=boot&title=fw&version=1", raw=image)[1]["error"].startswith("kind:")
+    assert server.api("POST", "/api/packages?kind=firmware&title=fw", raw=image)[1]["error"].startswith("version:")
+    assert server.api("POST", "/api/packages?kind=firmware&title=fw&version=2", raw=b"")[1]["error"].startswith("data:")
+    assert any(x["id"] == p["id"] for x in server.api("GET", "/api/packages")[1])
+    status, a = server.api("PUT", DEV + "/firmware", {"package": p["id"]})
+    assert status == 200 and a["title"] == "fw"
+    assert server.api("PUT", DEV + "/software", {"package": p["id"]})[1]["error"].startswith("package:")
+    assert server.api("PUT", DEV + "/firmware", {"package": "one"})[1]["error"] == "package: expected a integer"
+    assert server.api("GET", DEV + "/attributes")[1]["shared"]["fw_version"] == "1.0"
+
+    assert server.api("POST", "/api/provisioning-keys", {"key": "k", "secret": "s", "tenant": "acme"})[0] == 201
+    assert server.api("POST", "/api/provisioning-keys", {"key": "k", "secret": "s", "tenant": "acme"})[0] == 409
+    assert server.api("POST", "/api/provisioning-keys", {"key": "k2"})[1]["error"] == "secret: required"
+
+    status, body = server.api("POST", DEV + "/claim", {"owner": "alice", "secret_key": "x"})
+    assert status == 400 and body["error"].startswith("secret_key: the device has no open claim")
+    assert server.api("POST", DEV + "/claim", {"owner": "alice"})[1]["error"] == "secret_key: required"
+
+
+def test_diagnostics_samples_filter_and_status(server):
+    import cbor2
+
+    from corem.codec import Code, Message, OptionNumber as O, Type, encode, make_options
+
+    bad = cbor2.dumps({"ok": 1, "temp": [1, 2]})
+    msg = Message(Type.CON, Code.POST, 77, b"\x01",
+                  make_options([*((O.URI_PATH, p) for p in ("api", "v1", "T0KEN-1", "telemetry")),
+                                (O.CONTENT_FORMAT, 60)]), bad)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(encode(msg), ("127.0.0.1", server.coap_port))
+        s.recvfrom(2048)
+    samples = server.api("GET", "/api/diagnostics/samples?tenant=acme&reason=decode_error")[1]
+    assert samples and samples[0]["field"] == "temp" and samples[0]["payload_hex"] == bad.hex()
+    assert samples[0]["payload_diagnostic"] == '{"ok": 1, "temp": [1, 2]}'
+    assert server.api("GET", "/api/diagnostics/samples?tenant=other")[1] == []
+    assert server.api("GET", "/api/diagnostics/samples?limit=x")[1]["error"] == "limit: not an integer"
+    status = server.api("GET", "/api/status")[1]
+    assert status["rejections"] >= 1 and status["bus"]["error"] is None
+    assert any(d["device"] == "sensor-1" and d["rejections"] >= 1 for d in status["devices"])
+
+
+def test_ui_page_and_health_need_no_token(server):
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/ui", timeout=10) as r:
+        assert r.status == 200 and b"corem diagnostics" in r.read()
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=10) as r:
+        assert r.read() == b"ready\n"
+
+
+def test_readyz_reports_an_unreachable_bus(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start_corem(tmp_path / "data", "--bus", f"kafka://127.0.0.1:{port}")
+    try:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=10)
+            raise AssertionError("ready without a bus")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and b"kafka unreachable" in e.read()
+    finally:
+        server.stop()
+
+
+def test_generated_admin_token_is_kept_in_the_data_dir(tmp_path):
+    data = tmp_path / "data"
+    server = start_corem(data, "--admin-token", "")
+    try:
+        token = (data / "admin-token").read_text().strip()
+        assert (data / "admin-token").stat().st_mode & 0o777 == 0o600
+        assert server.api("GET", "/api/devices", token=token)[0] == 200
+        assert server.api("GET", "/api/devices")[0] == 401  # the tests' default token is not it
+    finally:
+        server.stop()
+    assert token == ADMIN_TOKEN or len(token) >= 24
