@@ -1,4 +1,5 @@
-"""`corem serve`, `corem devices add|list|remove`, `corem telemetry tail`."""
+"""`corem serve`, `corem devices add|list|remove`, `corem telemetry tail`, and the runtime
+commands that go through the admin API (`attributes`, `rpc`, `command`, `firmware`, `provisioning`)."""
 
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
     try:
         d = reg.add_device(
             args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
-            cert_sha256=cert,
+            cert_sha256=cert, power_mode=args.power_mode, topics=args.topics,
         )
     finally:
         reg.close()
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--psk", help="DTLS pre-shared key as text")
     add.add_argument("--psk-hex", help="DTLS pre-shared key as hex")
     add.add_argument("--cert", metavar="PEM", help="the device's X.509 certificate (registered by SHA-256)")
+    add.add_argument("--power-mode", choices=["drx", "psm"], default="drx",
+                     help="psm: reachable only psm_activity_timer after it talks; downlink queues meanwhile")
+    add.add_argument("--topics", default="#", help="MQTT filters the device may use on /ps and /mqtt (default: #)")
     add.set_defaults(func=cmd_devices_add)
     ls = devices.add_parser("list", help="list devices")
     _add_settings_flags(ls, _REGISTRY_KEYS)
@@ -242,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--limit", type=int, default=20, help="how many of the newest points (0: all)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new points")
     tail.set_defaults(func=cmd_telemetry_tail)
+
+    from .admin import client
+
+    client.add_parsers(sub, _add_settings_flags)
     return parser
 
 

@@ -90,3 +90,38 @@ def test_json_logs_are_one_object_per_line(tmp_path):
     lines = [json.loads(line) for line in server.stderr().splitlines() if line.strip()]
     assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     assert any(line["msg"].startswith("started") for line in lines) and lines[-1]["msg"] == "stopped"
+
+
+def test_runtime_commands_go_through_the_admin_api(tmp_path):
+    from .conftest import start_corem
+
+    d = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", "t1", "--device", "s", "--token", "tok-s", "--power-mode", "psm",
+              "--topics", "room/# hall/+", data_dir=d)
+    server = start_corem(d, "--admin-token", "")  # generated into data_dir/admin-token: the CLI finds it there
+    try:
+        http = ["--http", f"127.0.0.1:{server.http_port}"]
+        out = corem_cli("attributes", "set", "--tenant", "t1", "--device", "s", "mode=eco", "limit=5", *http, data_dir=d)
+        assert json.loads(out.stdout) == {"delivery": "queued"}  # a PSM device that has not talked sleeps
+        got = json.loads(corem_cli("attributes", "get", "--tenant", "t1", "--device", "s", *http, data_dir=d).stdout)
+        assert got["shared"] == {"mode": "eco", "limit": 5}
+        (tmp_path / "fw.bin").write_bytes(b"\x01" * 3000)
+        pkg = json.loads(corem_cli("firmware", "upload", str(tmp_path / "fw.bin"), "--title", "fw", "--version", "3",
+                                   *http, data_dir=d).stdout)
+        assert pkg["size"] == 3000
+        corem_cli("firmware", "assign", "--tenant", "t1", "--device", "s", "--package", str(pkg["id"]), *http, data_dir=d)
+        assert server.api("GET", "/api/devices/t1/s/attributes", token=(d / "admin-token").read_text().strip())[1][
+            "shared"]["fw_version"] == "3"
+        queued = json.loads(corem_cli("command", "--tenant", "t1", "--device", "s", "--name", "blink", *http,
+                                      data_dir=d).stdout)
+        assert queued == {"delivery": "queued"}
+        timeout = corem_cli("rpc", "--tenant", "t1", "--device", "s", "--method", "m", "--timeout", "0.2", *http,
+                            data_dir=d, check=False)
+        assert timeout.returncode == 1 and "504" in timeout.stderr
+        refused = corem_cli("rpc", "--tenant", "t1", "--device", "s", "--method", "m", *http, "--admin-token", "bad",
+                            data_dir=d, check=False)
+        assert refused.returncode == 1 and "401" in refused.stderr
+        listed = json.loads(corem_cli("devices", "list", "--json", data_dir=d).stdout)
+        assert listed["power_mode"] == "psm" and listed["topics"] == "room/# hall/+"
+    finally:
+        server.stop()

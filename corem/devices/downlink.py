@@ -349,6 +349,10 @@ class Downlink:
         self.sink.submit(Record(results_topic(device.tenant), device.device.encode(), dumps(result), {}),
                          _ignore, None)
 
+    @property
+    def devices_queued(self) -> int:
+        return len(self._queues)
+
     def queued(self, device: Device) -> dict[str, int]:
         q = self._queues.get((device.tenant, device.device))
         if q is None:

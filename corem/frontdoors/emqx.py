@@ -85,6 +85,9 @@ class Emqx:
         #: every transport's observers: a publish over CoAP reaches subscribers on CoAPS too
         self.observers: list[Observers] = []
 
+    def __len__(self) -> int:
+        return len(self._retained)
+
     def install(self, router: Router, observers: Observers, session_device: Callable[[object], Device | None] | None = None) -> None:
         self.observers.append(observers)
 
