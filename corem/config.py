@@ -143,6 +143,9 @@ class Settings:
     kafka_ssl_cafile: str = _opt("", "CA file to verify the brokers (SSL)", _file)
     kafka_ssl_certfile: str = _opt("", "client certificate for the brokers (SSL)", _file)
     kafka_ssl_keyfile: str = _opt("", "client key for the brokers (SSL)", _file)
+    kafka_commands_refresh: float = _opt(
+        5.0, "seconds between looks for new commands.{tenant} topics (new tenants) on Kafka", _positive
+    )
     store_synchronous: str = _opt(
         "FULL", "SQLite synchronous mode of the embedded bus: FULL survives power loss, NORMAL a crash",
         _choice("FULL", "NORMAL", "EXTRA", "OFF"),

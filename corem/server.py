@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import trio
 from .admin.api import AdminApi
 from .admin.http import HttpServer, Reply, Route
 from .bus import BatchingSink, EmbeddedBus
+from .bus.base import Record
+from .bus.commands import PREFIX as COMMANDS_PREFIX, KafkaCommandReader
 from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
 from .coap import Endpoint, Params, Router
 from .coap import discovery
@@ -21,7 +25,8 @@ from .coap.observe import Observers
 from .coap.site import Site
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from .config import ConfigError, Settings, parse_hostport, parse_thresholds
-from .devices.downlink import Downlink
+from .devices.commands import apply as apply_command
+from .devices.downlink import Downlink, results_topic
 from .frontdoors.drogue import Drogue
 from .frontdoors.emqx import Emqx
 from .frontdoors.thingsboard import ThingsBoard
@@ -74,8 +79,11 @@ def make_sink(s: Settings) -> BatchingSink:
     bounds = dict(max_pending=s.sink_max_pending, max_batch=s.sink_max_batch)
     if s.bus == "embedded":
         return EmbeddedBus(s.data_path / "bus.db", synchronous=s.store_synchronous, **bounds)
-    return KafkaSink(
-        KafkaSettings(
+    return KafkaSink(kafka_settings(s), **bounds)
+
+
+def kafka_settings(s: Settings) -> KafkaSettings:
+    return KafkaSettings(
             bootstrap=parse_bus_url(s.bus),
             client_id=s.kafka_client_id,
             acks=s.kafka_acks,
@@ -90,8 +98,6 @@ def make_sink(s: Settings) -> BatchingSink:
             ssl_cafile=s.kafka_ssl_cafile or None,
             ssl_certfile=s.kafka_ssl_certfile or None,
             ssl_keyfile=s.kafka_ssl_keyfile or None,
-        ),
-        **bounds,
     )
 
 
@@ -112,6 +118,11 @@ def lock_data_dir(data: Path) -> int:
         os.close(fd)
         raise ConfigError(f"data_dir: {data} is in use by another corem serve") from None
     return fd
+
+
+def _result_published(ctx: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.warning("a downlink result was not published: %s", error)
 
 
 def _admin_token(path: Path) -> str:
@@ -155,6 +166,12 @@ class Server:
         self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
         self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
                          max_retained=settings.pubsub_max_retained)
+        #: downlink requests from other systems on `commands.{tenant}` (Kafka only: the embedded
+        #: bus has no other writers; there the admin API and CLI are the way in)
+        self.command_reader = None if settings.bus == "embedded" else KafkaCommandReader(
+            kafka_settings(settings), lambda: {t for t, _ in self.directory.by_name}, self.management.positions,
+            self._command_record, refresh=settings.kafka_commands_refresh,
+        )
         self.admin = AdminApi(self)
         self.admin_token = settings.admin_token or _admin_token(data / ADMIN_TOKEN_FILE)
         self.bus_problem: str | None = "not probed yet"
@@ -220,6 +237,17 @@ class Server:
             ("/readyz", self._readyz, "Listeners bound and the bus reachable"),
         )]
         return ops + self.admin.routes()
+
+    def _command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
+        tenant = topic[len(COMMANDS_PREFIX):]
+        result = apply_command(tenant, value, self.directory, self.downlink, self.management)
+        result.update(at=int(time.time() * 1000), source={"topic": topic, "partition": partition, "offset": offset})
+        record = Record(results_topic(tenant), (result.get("device") or "").encode(), json.dumps(result).encode(), {})
+        if not self.sink.submit(record, _result_published, None):
+            log.warning("the result of %s[%d]@%d was not published: the bus is full", topic, partition, offset)
+        self.management.set_position(topic, partition, offset + 1)
+        if result["status"] == "rejected":
+            log.info("rejected a downlink request from %s[%d]@%d: %s", topic, partition, offset, result["reason"])
 
     def _uplink(self, device) -> None:
         self.downlink.uplink(device, trio.current_time())
@@ -329,6 +357,8 @@ class Server:
                     inner.start_soon(self._sweep_presence)
                     inner.start_soon(self._tick_downlink)
                     inner.start_soon(self._probe_bus)
+                    if self.command_reader is not None:
+                        inner.start_soon(self.command_reader.run)
                     # everything allocated so far lives as long as the process: take it out of
                     # the collector's sight so each collection scans only what requests create
                     self.bus_problem = await trio.to_thread.run_sync(self.sink.probe)

@@ -228,3 +228,65 @@ def test_no_broker_at_start_means_5_03_and_not_ready(data_dir, tmp_path):
         assert server.metrics()["corem_telemetry_bus_refusals_total"] >= 1
     finally:
         server.stop()
+
+
+def test_downlink_requests_on_the_commands_topic_reach_devices_and_are_answered(broker, tmp_path):
+    """Another system puts requests on commands.{tenant}; corem carries them out (a shared
+    attribute reaches an observing libcoap device), answers each on commands.results.{tenant},
+    and after a restart resumes where it was: nothing lost, nothing done twice."""
+    import subprocess
+
+    from kafka import KafkaProducer
+
+    from .conftest import COAP_CLIENT, corem_cli
+
+    if COAP_CLIENT is None:
+        pytest.skip("libcoap3-bin is not installed")
+    tenant = unique_topic_tenant()
+    data = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", tenant, "--device", "d1", "--token", f"tok-{tenant}", data_dir=data)
+    args = ("--bus", f"kafka://{broker.bootstrap}", "--kafka-commands-refresh", "0.3")
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    producer.send(f"commands.{tenant}", json.dumps({"device": "d1", "type": "command", "command": "warmup"}).encode())
+    producer.flush()
+    server = start_corem(data, *args)
+    try:
+        observer = subprocess.Popen([COAP_CLIENT, "-s", "6", "-m", "get", f"{server.coap}/api/v1/tok-{tenant}/attributes"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 10
+        while not server.metrics().get('corem_coap_observers{transport="udp"}') and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for request in (
+            {"device": "d1", "type": "attributes", "values": {"interval": 15}, "request_id": "r1"},
+            {"device": "ghost", "type": "attributes", "values": {"a": 1}, "request_id": "r2"},
+            {"device": "d1", "type": "rpc", "method": "reboot", "timeout": 1, "request_id": "r3"},
+            {"device": "d1", "type": "teleport", "request_id": "r4"},
+        ):
+            producer.send(f"commands.{tenant}", json.dumps(request).encode())
+        producer.send(f"commands.{tenant}", b"{not json")
+        producer.flush()
+        results = [json.loads(m.value) for m in consume(broker.bootstrap, f"commands.results.{tenant}", 7, timeout=20)]
+        by_id = {r.get("request_id"): r for r in results if r.get("request_id")}
+        assert by_id["r1"]["status"] == "accepted" and by_id["r1"]["delivery"] == "delivered"
+        assert by_id["r2"]["status"] == "rejected" and by_id["r2"]["reason"].startswith("device: 'ghost'")
+        assert by_id["r3"]["status"] == "accepted" and isinstance(by_id["r3"]["rpc_id"], int)
+        assert by_id["r4"]["reason"].startswith("type: 'teleport'")
+        assert any(r.get("reason", "").startswith("value: not valid JSON") for r in results)
+        assert any(r.get("status") == "expired" and r.get("id") == by_id["r3"]["rpc_id"] for r in results)
+        out, _ = observer.communicate(timeout=20)
+        assert '{"interval":15}' in out
+    finally:
+        server.stop()
+    before = len(consume(broker.bootstrap, f"commands.results.{tenant}", 99, timeout=3))
+    server = start_corem(data, *args)
+    try:
+        producer.send(f"commands.{tenant}", json.dumps({"device": "d1", "type": "attributes", "values": {"n": 2},
+                                                        "request_id": "after"}).encode())
+        producer.flush()
+        results = [json.loads(m.value) for m in consume(broker.bootstrap, f"commands.results.{tenant}", before + 1,
+                                                        timeout=20)]
+        assert len(results) == before + 1  # only the new one: nothing from before was done again
+        assert [r.get("request_id") for r in results].count("after") == 1
+    finally:
+        server.stop()
+        producer.close()

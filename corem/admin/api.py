@@ -15,6 +15,7 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ..devices.commands import assign_attributes
 from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
 from ..registry import Device, RegistryError
@@ -204,12 +205,7 @@ class AdminApi:
                 p = self.server.management.assign(d.tenant, d.device, kind, body["package"])
             except RegistryError as e:
                 raise HttpError(400, str(e)) from None
-            prefix = "fw" if kind == "firmware" else "sw"
-            # ThingsBoard's way of telling a device: shared attributes it observes
-            delivery = self.server.downlink.set_shared(d, {
-                f"{prefix}_title": p.title, f"{prefix}_version": p.version, f"{prefix}_size": p.size,
-                f"{prefix}_checksum": p.sha256, f"{prefix}_checksum_algorithm": "SHA256",
-            })
+            delivery = assign_attributes(self.server.downlink, d, kind, p)
             return json_reply({**p._asdict(), "delivery": delivery})
 
         return handler

@@ -38,19 +38,11 @@ class KafkaSettings:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
-    def producer_config(self) -> dict[str, Any]:
-        timeout_ms = int(self.timeout * 1000)
+    def client_config(self) -> dict[str, Any]:
+        """What producers and consumers share: where the brokers are and how to talk to them."""
         cfg: dict[str, Any] = {
             "bootstrap_servers": list(self.bootstrap),
             "client_id": self.client_id,
-            "acks": {"all": "all", "1": 1, "0": 0}[self.acks],
-            "compression_type": None if self.compression == "none" else self.compression,
-            "linger_ms": self.linger_ms,
-            "batch_size": self.batch_size,
-            "request_timeout_ms": max(1000, timeout_ms // 2),
-            "delivery_timeout_ms": timeout_ms,
-            "max_block_ms": timeout_ms,
-            "bootstrap_timeout_ms": timeout_ms,
             "reconnect_backoff_max_ms": 2000,
             "security_protocol": self.security_protocol,
         }
@@ -61,6 +53,20 @@ class KafkaSettings:
             if getattr(self, key):
                 cfg[key] = getattr(self, key)
         return cfg
+
+    def producer_config(self) -> dict[str, Any]:
+        timeout_ms = int(self.timeout * 1000)
+        return {
+            **self.client_config(),
+            "acks": {"all": "all", "1": 1, "0": 0}[self.acks],
+            "compression_type": None if self.compression == "none" else self.compression,
+            "linger_ms": self.linger_ms,
+            "batch_size": self.batch_size,
+            "request_timeout_ms": max(1000, timeout_ms // 2),
+            "delivery_timeout_ms": timeout_ms,
+            "max_block_ms": timeout_ms,
+            "bootstrap_timeout_ms": timeout_ms,
+        }
 
 
 def parse_bus_url(url: str) -> tuple[str, ...]:

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS provision_keys (
     key TEXT PRIMARY KEY, secret TEXT NOT NULL, tenant TEXT NOT NULL, profile TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bus_positions (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
 CREATE TABLE IF NOT EXISTS claims (
     tenant TEXT NOT NULL, device TEXT NOT NULL, secret TEXT NOT NULL, expires_at INTEGER NOT NULL,
     owner TEXT, PRIMARY KEY (tenant, device)
@@ -212,6 +216,13 @@ class Management:
     def owner(self, tenant: str, device: str) -> str | None:
         row = self._conn.execute("SELECT owner FROM claims WHERE tenant = ? AND device = ?", (tenant, device)).fetchone()
         return row[0] if row else None
+
+    # -- positions in the commands topics (corem.bus.commands) -----------------------------------
+    def positions(self) -> dict[tuple[str, int], int]:
+        return {(t, p): o for t, p, o in self._conn.execute("SELECT topic, partition, next_offset FROM bus_positions")}
+
+    def set_position(self, topic: str, partition: int, next_offset: int) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO bus_positions VALUES (?, ?, ?)", (topic, partition, next_offset))
 
     def forget(self, tenant: str, device: str) -> None:
         """A removed device's attributes, assignments and claim go with it."""
