@@ -11,7 +11,7 @@ import cbor2
 from ..codec import Code, OptionNumber, encode_uint
 from ..coap.endpoint import Request
 from ..coap.resources import Response
-from ..registry import Device
+from ..registry import Device, Directory
 
 JSON, CBOR, OCTETS, TEXT = 50, 60, 42, 0
 MAX_BODY = 64 * 1024
@@ -67,3 +67,10 @@ def bad_request(reason: str) -> Response:
 
 def unauthorized(reason: str) -> Response:
     return Response(Code.UNAUTHORIZED, reason.encode()[:512])
+
+
+def session_owner(directory: Directory, session: Callable[[object], Device | None] | None, req: Request) -> Device | None:
+    """The registered device behind a DTLS session, as the registry has it now (None without a
+    session, for a one-way certificate session, or once the device was removed)."""
+    named = session(req.peer) if session is not None else None
+    return named and directory.named(named.tenant, named.device)

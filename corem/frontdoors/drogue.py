@@ -27,7 +27,7 @@ from ..coap.resources import Response, Router
 from ..devices.downlink import Downlink
 from ..ingest.telemetry import TelemetryIngest
 from ..registry import Device, Directory
-from .common import bad_request, query, unauthorized
+from .common import session_owner, bad_request, query, unauthorized
 
 MAX_CT = 300.0
 
@@ -51,8 +51,7 @@ class Drogue:
         assert msg is not None
         auth = msg.opt(OptionNumber.DROGUE_AUTH)
         if auth is None:
-            named = session_device(req.peer) if session_device is not None else None
-            device = named and self.directory.named(named.tenant, named.device)
+            device = session_owner(self.directory, session_device, req)
             if device is None:
                 return unauthorized("credentials: send option 4209 (Basic device@application:password) or use DTLS")
             return device

@@ -29,7 +29,7 @@ from ..coap.resources import Response, Router
 from ..devices.downlink import Downlink
 from ..ingest.telemetry import TelemetryIngest
 from ..registry import Device, Directory
-from .common import bad_request, query, unauthorized
+from .common import session_owner, bad_request, query, unauthorized
 
 DEFAULT_MAX_AGE = 60
 
@@ -115,8 +115,7 @@ class Emqx:
     def authenticate(self, req: Request, session_device) -> Device | Response:
         q = query(req)
         if "p" not in q and session_device is not None:
-            named = session_device(req.peer)
-            device = named and self.directory.named(named.tenant, named.device)
+            device = session_owner(self.directory, session_device, req)
             if device is not None:
                 return device
         missing = [k for k in ("c", "u", "p") if not q.get(k)]

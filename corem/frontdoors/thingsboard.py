@@ -30,7 +30,7 @@ from ..devices.downlink import Downlink, attributes_resource, rpc_resource
 from ..ingest.telemetry import TelemetryIngest
 from ..registry import Device, Directory, RegistryError
 from ..registry.management import Management
-from .common import OCTETS, BodyError, bad_request, body, content, query, unauthorized
+from .common import session_owner, OCTETS, BodyError, bad_request, body, content, query, unauthorized
 
 Handler = Callable[[Request, Device, list[str], Observers], "Response | None"]
 
@@ -91,8 +91,7 @@ class ThingsBoard:
 
     def _in_session(self, handler: Handler, observers: Observers, session_device):
         def call(req: Request, params: list[str]) -> Response | None:
-            named = session_device(req.peer)
-            device = named and self.directory.named(named.tenant, named.device)
+            device = session_owner(self.directory, session_device, req)
             if device is None:
                 self.ingest.stats.auth_failures["coap", "no_session_identity"] += 1
                 return unauthorized("no registered device in this session; use /api/v1/{token}/...")
