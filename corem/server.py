@@ -21,6 +21,7 @@ from .bus.commands import PREFIX as COMMANDS_PREFIX, KafkaCommandReader
 from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
 from .coap import Endpoint, Params, Router
 from .coap import discovery
+from .coap.blockwise import Block1Uploads
 from .coap.observe import Observers
 from .coap.site import Site
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
@@ -257,7 +258,7 @@ class Server:
         s = self.settings
         coap = parse_hostport(s.coap, "coap", allow_off=True)
         if coap is not None:
-            t = Transport("udp", self.new_endpoint(), Router())
+            t = Transport("udp", self.new_endpoint(), self._router())
             self.ingest.install(t.router)
             t.edge = UdpEdge(
                 _bind_or_explain("coap", *coap), t.endpoint, t.router, max_datagram=s.max_datagram,
@@ -271,7 +272,7 @@ class Server:
                 dtls = self._dtls()
             except (ValueError, OSError) as e:
                 raise ConfigError(f"dtls: {e}") from None
-            t = Transport("dtls", self.new_endpoint(verified_peers=True), Router(), dtls)
+            t = Transport("dtls", self.new_endpoint(verified_peers=True), self._router(), dtls)
             self.ingest.install(t.router, session_device=dtls.device)
             t.edge = UdpEdge(
                 _bind_or_explain("coaps", *coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls,
@@ -280,8 +281,14 @@ class Server:
             self.bound.coaps = t.edge.address
             self._add_transport(t)
 
+    def _router(self) -> Router:
+        s = self.settings
+        return Router(Block1Uploads(max_transfers=s.max_uploads, max_body=s.max_upload_size))
+
     def _add_transport(self, t: Transport) -> None:
-        t.observers = Observers(t.endpoint, max_total=self.settings.max_observers)
+        s = self.settings
+        t.observers = Observers(t.endpoint, max_total=s.max_observers, max_per_resource=s.max_observers_per_resource,
+                                max_per_source=s.max_observers_per_source)
         session = t.dtls.device if t.dtls is not None else None
         self.thingsboard.install(t.router, t.observers, session)
         self.drogue.install(t.router, session)

@@ -31,7 +31,7 @@ METHOD_NOT_ALLOWED = Response(Code.METHOD_NOT_ALLOWED)
 
 
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, uploads: Block1Uploads | None = None) -> None:
         # segment count -> [(pattern, {method: handler})]; pattern items are str or None (wildcard)
         self._routes: dict[int, list[tuple[tuple[str | None, ...], dict[int, Handler]]]] = {}
         #: patterns ending in `{name*}`: (leading segments, {method: handler}), longest first
@@ -39,7 +39,7 @@ class Router:
         self._links: dict[str, dict[str, str | bool]] = {}
         self.handler_errors = 0
         #: Block1 uploads in progress (RFC 7959 §2.5), bounded
-        self.uploads = Block1Uploads()
+        self.uploads = Block1Uploads() if uploads is None else uploads
 
     def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None) -> None:
         """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`;

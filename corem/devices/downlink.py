@@ -36,8 +36,6 @@ log = logging.getLogger("corem.downlink")
 
 JSON = 50
 JSON_OPTS = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
-#: Drogue's option carrying the command name on a response (the payload carries its body).
-COMMAND_OPTION = 4210
 
 
 def attributes_resource(device: Device) -> str:
@@ -337,7 +335,7 @@ class Downlink:
 
     def _answer_with_command(self, req: Request, device: Device, cmd: tuple[str, bytes, float]) -> None:
         name, payload, _ = cmd
-        req.endpoint.respond(req, Code.CONTENT, [(COMMAND_OPTION, name.encode())], payload)
+        req.endpoint.respond(req, Code.CONTENT, [(OptionNumber.DROGUE_COMMAND, name.encode())], payload)
         self.stats.commands_sent += 1
         self._publish(device, {"type": "command", "command": name, "status": "delivered"})
         if self.after_send is not None:

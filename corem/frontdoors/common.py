@@ -16,9 +16,6 @@ from ..registry import Device, Directory
 JSON, CBOR, OCTETS, TEXT = 50, 60, 42, 0
 MAX_BODY = 64 * 1024
 
-#: resolves the device behind a request (token, session, option) or answers why not
-DeviceOf = Callable[[Request, list[str]], "Device | Response"]
-
 
 class BodyError(ValueError):
     pass
