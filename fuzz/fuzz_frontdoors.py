@@ -1,6 +1,6 @@
-"""Fuzz every device-facing front door (ThingsBoard, Drogue, EMQX, telemetry) behind the real
-message layer: query strings, option 4209, JSON/CBOR bodies, RPC ids, topics, Observe and Block
-options all come from the fuzzer.  Nothing may escape, error answers stay no larger than the
+"""Fuzz every device-facing front door (ThingsBoard, Drogue, EMQX, telemetry, /.well-known/core)
+behind the real message layer: query strings (link-format filters among them), option 4209,
+JSON/CBOR bodies, RPC ids, topics, Observe and Block options all come from the fuzzer.  Nothing may escape, error answers stay no larger than the
 datagram that caused them, and the downlink and pub/sub state stays bounded."""
 
 import sys
@@ -11,7 +11,7 @@ import atheris
 
 with atheris.instrument_imports():
     from corem.codec import Code, Message, OptionNumber as O, Type, encode, encode_uint
-    from corem.coap import Endpoint, Params, Request, Router
+    from corem.coap import Endpoint, Params, Request, Router, discovery
     from corem.coap.observe import Observers
     from corem.devices.downlink import Downlink
     from corem.frontdoors.drogue import Drogue
@@ -59,15 +59,16 @@ ThingsBoard(DIRECTORY, INGEST, MANAGEMENT, DOWNLINK, clock).install(ROUTER, OBSE
 Drogue(DIRECTORY, INGEST, DOWNLINK, clock).install(ROUTER)
 EMQX = Emqx(DIRECTORY, INGEST, DOWNLINK, clock, max_retained=16, max_retained_bytes=4096)
 EMQX.install(ROUTER, OBSERVERS)
+discovery.install(ROUTER)
 
 PATHS = [
     "api/v1/T1/telemetry", "api/v1/T2/attributes", "api/v1/T1/attributes", "api/v1/T1/rpc", "api/v1/T1/rpc/{n}",
     "api/v1/T1/claim", "api/v1/provision", "api/v1/T1/firmware", "v1/{s}", "ps/{s}", "ps/room/{s}", "mqtt/{s}",
-    "api/v1/{s}/attributes",
+    "api/v1/{s}/attributes", ".well-known/core",
 ]
 AUTH = [b"Basic YXdha2VAYWNtZTpUQQ==", b"Basic ZDFAYWNtZTpUMQ==", b"Basic ZDE6VDE="]
 QUERIES = ["c=c&u=d1&p=T1", "c=c&u=d2&p=T2", "ct=", "application=acme", "as=d2", "clientKeys=", "sharedKeys=",
-           "version=", "title="]
+           "version=", "title=", "rt=", "href=", "if=", "ct=", "obs", "title="]
 
 
 def test_one_input(data: bytes) -> None:
@@ -79,7 +80,9 @@ def test_one_input(data: bytes) -> None:
     opts = [(O.URI_PATH, p.encode()) for p in path.split("/")]
     for _ in range(fdp.ConsumeIntInRange(0, 3)):
         q = fdp.PickValueInList(QUERIES)
-        opts.append((O.URI_QUERY, (q + fdp.ConsumeUnicodeNoSurrogates(8) if q.endswith("=") else q).encode()[:255]))
+        if q.endswith("="):
+            q += fdp.ConsumeUnicodeNoSurrogates(8)
+        opts += [(O.URI_QUERY, part.encode()[:255]) for part in q.split("&")]  # one option per parameter
     if fdp.ConsumeBool():
         opts.append((O.DROGUE_AUTH, fdp.PickValueInList(AUTH) if fdp.ConsumeBool() else fdp.ConsumeBytes(20) or b"x"))
     if fdp.ConsumeBool():
