@@ -349,3 +349,21 @@ def test_router_prefix_patterns():
         if path == "ps":
             assert r.code == Code.NOT_FOUND
     assert seen == [["a"], ["a/b/c"], ("fixed", ["1"])]
+
+
+def test_idle_queues_of_a_psm_fleet_are_forgotten_a_bounded_number_per_tick(stack):
+    from corem.devices.downlink import SWEEP
+    from corem.registry import Device
+
+    fleet = [Device(tenant="acme", device=f"p{i}", power_mode="psm") for i in range(5000)]
+    for d in fleet:
+        stack.downlink.uplink(d, 0.0)  # each one talked: reachable for psm_activity_timer
+    assert stack.downlink.devices_queued == 5000
+    stack.downlink.set_shared(fleet[0], {"a": 1})  # delivered or stored: awake
+    stack.tick(20.0)  # all asleep now
+    assert stack.downlink.set_shared(fleet[1], {"k": 2}) == "queued"
+    assert stack.downlink.devices_queued == 5000 - SWEEP + 1  # one sweep's worth gone; p1 queued anew
+    for i in range(40):
+        stack.tick(20.0 + i)
+    assert stack.downlink.devices_queued == 1  # only the one with something waiting
+    assert stack.downlink.queued(fleet[1])["attributes"] == 1

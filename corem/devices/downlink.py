@@ -16,6 +16,7 @@ The class is sans-IO apart from `rpc()`, which awaits the device's reply: the se
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import json
 import logging
@@ -34,6 +35,8 @@ from ..registry.management import Management
 
 log = logging.getLogger("corem.downlink")
 
+#: idle queues looked at per tick at most
+SWEEP = 256
 JSON = 50
 JSON_OPTS = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
 
@@ -118,7 +121,11 @@ class Downlink:
         self.after_send: Callable[[], None] | None = None
         self._queues: OrderedDict[tuple[str, str], DeviceQueue] = OrderedDict()
         self._due: set[tuple[str, str]] = set()
+        #: queues with a parked `ct` request or commands: the only ones a tick has to look at
+        self._timed: set[tuple[str, str]] = set()
         self._rpcs: dict[int, RpcCall] = {}
+        #: (deadline, rpc id), soonest first
+        self._deadlines: list[tuple[float, int]] = []
         self._ids = itertools.count(1)
         self.stats = DownlinkStats()
 
@@ -133,7 +140,7 @@ class Downlink:
             q = self._queue(key)
             if q is None:
                 return
-        q.last_uplink = now
+        self._touch(key, q, now)
         if q.attributes or q.rpcs:
             self._due.add(key)
 
@@ -177,7 +184,7 @@ class Downlink:
         if q is None:
             req.endpoint.respond(req, Code.CHANGED)
             return
-        q.last_uplink = now
+        self._touch(key, q, now)
         self._drop_expired_commands(q, device, now)
         if q.commands:
             self._answer_with_command(req, device, q.commands.popleft())
@@ -187,6 +194,7 @@ class Downlink:
             if old.state != DONE:
                 old.endpoint.respond(old, Code.CHANGED)
         q.waiting = (req, now + ct)
+        self._timed.add(key)
 
     # -- operator side ---------------------------------------------------------------------------
     def set_shared(self, device: Device, values: dict[str, Any]) -> str:
@@ -217,6 +225,7 @@ class Downlink:
             raise OverflowError(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
         call = RpcCall(next(self._ids), device, method, params, now + timeout, oneway)
         self._rpcs[call.id] = call
+        heapq.heappush(self._deadlines, (call.deadline, call.id))
         q.rpcs.append(call)
         if self._reachable(device, now):
             self._flush(key, q, now)
@@ -247,6 +256,7 @@ class Downlink:
             self._answer_with_command(req, device, cmd)
             return "delivered"
         q.commands.append(cmd)
+        self._timed.add(key)
         return "queued"
 
     # -- timers ----------------------------------------------------------------------------------
@@ -258,20 +268,35 @@ class Downlink:
             if q is not None:
                 self._flush(key, q, now)
         sent = bool(due)
-        for call in [c for c in self._rpcs.values() if c.deadline <= now]:
-            self._expire_rpc(call)
-        for key, q in list(self._queues.items()):
-            if q.waiting is not None and q.waiting[1] <= now:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            call = self._rpcs.get(heapq.heappop(deadlines)[1])
+            if call is not None:
+                self._expire_rpc(call)
+        for key in list(self._timed):
+            q = self._queues.get(key)
+            if q is not None and q.waiting is not None and q.waiting[1] <= now:
                 req = q.waiting[0]
                 q.waiting = None
                 if req.state != DONE:
                     req.endpoint.respond(req, Code.CHANGED)
                     sent = True
-            if q.commands:
-                device = Device(tenant=key[0], device=key[1])
-                self._drop_expired_commands(q, device, now)
-            if q.empty() and now - q.last_uplink > self.psm_activity_timer:
-                del self._queues[key]
+            if q is not None and q.commands:
+                self._drop_expired_commands(q, Device(tenant=key[0], device=key[1]), now)
+            if q is None or (q.waiting is None and not q.commands):
+                self._timed.discard(key)
+        # forget idle queues from the least recently active end, a bounded number per tick
+        queues, stale = self._queues, now - self.psm_activity_timer
+        for _ in range(SWEEP):
+            if not queues:
+                break
+            key, q = next(iter(queues.items()))
+            if q.last_uplink > stale:
+                break
+            if q.empty():
+                del queues[key]
+            else:
+                queues.move_to_end(key)  # still holds something for its device: look again later
         if sent and self.after_send is not None:
             self.after_send()
 
@@ -282,6 +307,10 @@ class Downlink:
             return None
         q = self._queues[key] = DeviceQueue()
         return q
+
+    def _touch(self, key: tuple[str, str], q: DeviceQueue, now: float) -> None:
+        q.last_uplink = now
+        self._queues.move_to_end(key)  # least recently active first: the idle sweep's order
 
     def _reachable(self, device: Device, now: float) -> bool:
         if device.power_mode != "psm":
