@@ -21,6 +21,8 @@ log = logging.getLogger("corem.http")
 
 MAX_HEAD = 16 * 1024
 REQUEST_TIMEOUT = 30.0
+#: Connections served at once; more wait in the kernel's backlog (memory stays bounded).
+MAX_CONNECTIONS = 64
 
 REASONS = {
     200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
@@ -99,6 +101,7 @@ class HttpServer:
         self.admin_token = admin_token
         self.max_body = max_body
         self.listeners: list[trio.SocketListener] = []
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
         self.requests = 0
         self.unauthorized = 0
 
@@ -110,6 +113,10 @@ class HttpServer:
         await trio.serve_listeners(self._handle, self.listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        async with self._slots:
+            await self._serve_one(stream)
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
                 reply, method = await self._answer(stream)
@@ -144,12 +151,6 @@ class HttpServer:
             return _error(400, "content-length: not a number"), method
         if length < 0 or length > self.max_body:
             return _error(413, f"body: {length} bytes; at most {self.max_body}"), method
-        body = bytearray(rest)
-        while len(body) < length:
-            chunk = await stream.receive_some(min(1 << 20, length - len(body)))
-            if not chunk:
-                raise trio.BrokenResourceError
-            body += chunk
         path, _, qs = target.partition("?")
         segments = [s for s in path.strip("/").split("/")] if path.strip("/") else []
         allowed = []
@@ -161,10 +162,16 @@ class HttpServer:
                 allowed.append(route.method)
                 continue
             self.requests += 1
-            if route.auth and not self._authorized(headers):
+            if route.auth and not self._authorized(headers):  # before reading a body it may not send
                 self.unauthorized += 1
                 return _error(401, "authorization: missing or wrong admin token (Authorization: Bearer TOKEN)",
                               {"WWW-Authenticate": "Bearer"}), method
+            body = bytearray(rest)
+            while len(body) < length:
+                chunk = await stream.receive_some(min(1 << 20, length - len(body)))
+                if not chunk:
+                    raise trio.BrokenResourceError
+                body += chunk
             request = HttpRequest(method, path, params, dict(parse_qsl(qs)), headers, bytes(body[:length]))
             try:
                 reply = route.handler(request)
