@@ -367,3 +367,9 @@ def test_idle_queues_of_a_psm_fleet_are_forgotten_a_bounded_number_per_tick(stac
         stack.tick(20.0 + i)
     assert stack.downlink.devices_queued == 1  # only the one with something waiting
     assert stack.downlink.queued(fleet[1])["attributes"] == 1
+
+
+def test_drogue_auth_option_with_non_ascii_text_is_4_01_not_a_crash(stack):
+    """Found by fuzz_frontdoors: base64 of non-ASCII text raised inside the handler (5.00)."""
+    [answer] = stack.send(Code.POST, "v1/x", payload=b"{}", cf=50, opts=[(O.DROGUE_AUTH, "Basic ߙߙ".encode())])
+    assert answer.code == Code.UNAUTHORIZED and stack.router.handler_errors == 0

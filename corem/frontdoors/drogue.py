@@ -17,7 +17,6 @@ Errors are answered with the reason in the payload.
 from __future__ import annotations
 
 import base64
-import binascii
 import secrets
 from typing import Callable
 
@@ -61,7 +60,7 @@ class Drogue:
             if scheme.lower() != "basic" or not encoded:
                 encoded = text  # the bare base64 form
             user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (UnicodeDecodeError, binascii.Error):
+        except (UnicodeError, ValueError):  # binascii.Error is a ValueError; non-ASCII text fails before it
             return unauthorized("option 4209: not 'Basic ' followed by base64 of user:password")
         if not sep:
             return unauthorized("option 4209: no ':' between user and password")
