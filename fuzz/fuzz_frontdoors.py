@@ -24,7 +24,7 @@ with atheris.instrument_imports():
     from corem.registry.management import Management
 
 
-logging.getLogger("corem.coap").setLevel(logging.CRITICAL)  # the assert below reports handler errors
+logging.getLogger("corem.coap").setLevel(logging.ERROR if "-v" in sys.argv else logging.CRITICAL)  # the assert below reports handler errors
 
 
 class Sink:

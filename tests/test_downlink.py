@@ -373,3 +373,17 @@ def test_drogue_auth_option_with_non_ascii_text_is_4_01_not_a_crash(stack):
     """Found by fuzz_frontdoors: base64 of non-ASCII text raised inside the handler (5.00)."""
     [answer] = stack.send(Code.POST, "v1/x", payload=b"{}", cf=50, opts=[(O.DROGUE_AUTH, "Basic ߙߙ".encode())])
     assert answer.code == Code.UNAUTHORIZED and stack.router.handler_errors == 0
+
+
+@pytest.mark.parametrize("body, cf, why", [
+    (__import__("cbor2").dumps({"fw": b"\x01\x02"}), 60, b"attributes.fw: bytes values"),   # found by fuzz_frontdoors
+    (__import__("cbor2").dumps({1: "x"}), 60, b"attributes: keys must be text"),
+    (b"[" * 5000 + b"]" * 5000, 50, b"attributes: not valid JSON"),
+    (b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}", 50, b"attributes.a[0]"),
+    (b'{"a": NaN}', 50, b"attributes.a: NaN"),
+])
+def test_attribute_bodies_are_plain_json_or_refused_by_name(stack, body, cf, why):
+    [answer] = stack.send(Code.POST, "api/v1/TA/attributes", payload=body, cf=cf)
+    assert answer.code == Code.BAD_REQUEST and len(answer.payload) >= 10  # cut to the request size (no amplifier)
+    assert bytes(answer.payload).startswith(why[: len(answer.payload)])
+    assert stack.router.handler_errors == 0

@@ -47,7 +47,7 @@ class HttpRequest:
             raise HttpError(400, "body: expected a JSON object")
         try:
             return json.loads(self.body)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise HttpError(400, f"body: not valid JSON ({e})") from None
 
 

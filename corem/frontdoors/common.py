@@ -15,6 +15,7 @@ from ..registry import Device, Directory
 
 JSON, CBOR, OCTETS, TEXT = 50, 60, 42, 0
 MAX_BODY = 64 * 1024
+MAX_DEPTH = 32
 
 
 class BodyError(ValueError):
@@ -39,14 +40,38 @@ def body(req: Request, what: str = "payload") -> Any:
     if len(data) > MAX_BODY:
         raise BodyError(f"{what}: {len(data)} bytes; at most {MAX_BODY}")
     cf = msg.content_format
+    if cf not in (None, JSON, TEXT, CBOR):
+        raise BodyError(f"{what}: Content-Format {cf} not supported; use 50 (JSON) or 60 (CBOR)")
     try:
-        if cf == CBOR:
-            return cbor2.loads(data)
-        if cf in (None, JSON, TEXT):
-            return json.loads(data) if data else None
-    except (ValueError, cbor2.CBORDecodeError) as e:
+        value = cbor2.loads(data) if cf == CBOR else (json.loads(data) if data else None)
+    except (ValueError, cbor2.CBORDecodeError, RecursionError) as e:
         raise BodyError(f"{what}: not valid {'CBOR' if cf == CBOR else 'JSON'} ({e})") from None
-    raise BodyError(f"{what}: Content-Format {cf} not supported; use 50 (JSON) or 60 (CBOR)")
+    _plain(value, what, 0)
+    return value
+
+
+def _plain(value: Any, path: str, depth: int) -> None:
+    """Bodies are stored and forwarded as JSON: only what JSON can say, nested at most MAX_DEPTH
+    deep (CBOR byte strings, tags, non-text keys and non-finite numbers are refused by name)."""
+    if depth > MAX_DEPTH:
+        raise BodyError(f"{path}: nested more than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise BodyError(f"{path}: NaN and infinities are not allowed")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain(item, f"{path}[{i}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise BodyError(f"{path}: keys must be text, not {type(key).__name__}")
+            _plain(item, f"{path}.{key}", depth + 1)
+        return
+    raise BodyError(f"{path}: {type(value).__name__} values are not allowed (JSON types only)")
 
 
 def content(value: Any, req: Request, code: int = Code.CONTENT) -> Response:
