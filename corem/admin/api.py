@@ -31,9 +31,18 @@ MAX_RPC_TIMEOUT = 300.0
 STATUS_DEVICES = 500
 
 STR = {"type": "string"}
+#: what the registry accepts (corem.registry.store): the schemas say it, so clients can check first
+NAMES = {"tenant": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+         "device": {"type": "string", "pattern": r"^[A-Za-z0-9._:@-]{1,128}$"}}
+QUERY = {"limit": {"type": "integer", "minimum": 1}, "kind": {"type": "string", "enum": list(KINDS)},
+         "title": {"type": "string", "pattern": r"^[!-~]{1,128}$"},
+         "version": {"type": "string", "pattern": r"^[!-~]{1,128}$"}}
 DEVICE_FIELDS = {
-    "tenant": STR, "device": STR, "profile": STR, "token": STR, "psk_identity": STR,
-    "psk": {"type": "string", "description": "key as text"}, "psk_hex": {"type": "string", "description": "key as hex"},
+    "tenant": NAMES["tenant"], "device": NAMES["device"], "profile": {"type": "string", "minLength": 1},
+    "token": {"type": "string", "pattern": r"^[!-.0-~]{1,255}$"},
+    "psk_identity": {"type": "string", "pattern": r"^[!-~]{1,128}$"},
+    "psk": {"type": "string", "description": "key as text, 8-64 bytes", "minLength": 8, "maxLength": 64},
+    "psk_hex": {"type": "string", "description": "key as hex, 8-64 bytes", "pattern": "^([0-9a-fA-F]{2}){8,64}$"},
     "cert_pem": {"type": "string", "description": "device certificate (PEM); registers its SHA-256"},
     "power_mode": {"type": "string", "enum": ["drx", "psm"]},
     "topics": {"type": "string", "description": "space-separated MQTT filters for /ps and /mqtt"},
@@ -304,23 +313,28 @@ class AdminApi:
             Route("GET", "/api/openapi.json", self.openapi, auth=False, doc={"summary": "This document"}),
             Route("GET", "/ui", self.ui, auth=False, doc={"summary": "The diagnostics page (HTML)"}),
             Route("GET", "/", lambda r: Reply(302, b"", "text/plain", {"Location": "/ui"}), auth=False,
-                  doc={"summary": "Redirects to /ui"}),
+                  doc={"hidden": True}),
             Route("GET", "/api/devices", self.list_devices, doc={"summary": "List devices (optionally ?tenant=)"}),
             Route("POST", "/api/devices", self.add_device, doc={
                 "summary": "Register a device; without credentials it gets a generated access token",
-                "body": {"type": "object", "required": ["tenant", "device"], "properties": DEVICE_FIELDS}}),
+                "ok": 201, "errors": {409: "The device, token, PSK identity or certificate exists already"},
+                "body": {"type": "object", "required": ["tenant", "device"], "properties": DEVICE_FIELDS,
+                         "dependentRequired": {"psk": ["psk_identity"], "psk_hex": ["psk_identity"],
+                                               "psk_identity": []}}}),
             Route("GET", dev, self.get_device, doc={"summary": "One device, with presence and queues"}),
-            Route("DELETE", dev, self.remove_device, doc={"summary": "Remove a device and its state"}),
+            Route("DELETE", dev, self.remove_device, doc={"summary": "Remove a device and its state", "ok": 204}),
             Route("GET", dev + "/attributes", self.get_attributes, doc={"summary": "Client and shared attributes"}),
             Route("PUT", dev + "/attributes", self.set_shared, doc={
                 "summary": "Set shared attributes (null deletes); delivered, or queued merged while the device sleeps",
                 "body": obj}),
             Route("POST", dev + "/rpc", self.rpc, doc={
                 "summary": "Send an RPC request and wait for the reply (504 when none within timeout)",
+                "errors": {429: "Too many requests queued for the device", 504: "No reply within the timeout"},
                 "body": {"type": "object", "required": ["method"], "properties": {
                     "method": STR, "params": {}, "timeout": {"type": "number"}, "oneway": {"type": "boolean"}}}}),
             Route("POST", dev + "/commands", self.command, doc={
                 "summary": "Send a Drogue-style command (delivered on a ct response)",
+                "ok": 202, "errors": {429: "Too many commands queued for the device"},
                 "body": {"type": "object", "required": ["command"], "properties": {
                     "command": STR, "payload": STR, "payload_base64": STR, "ttl": {"type": "number"}}}}),
             Route("PUT", dev + "/firmware", self.assign("firmware"), doc={
@@ -336,9 +350,11 @@ class AdminApi:
             Route("GET", "/api/packages", self.list_packages, doc={"summary": "OTA packages"}),
             Route("POST", "/api/packages", self.upload_package, doc={
                 "summary": f"Upload an OTA package (raw body; ?kind={'|'.join(KINDS)}&title=&version=)",
-                "raw_body": True, "query": ["kind", "title", "version"]}),
+                "raw_body": True, "query": ["kind", "title", "version"], "ok": 201,
+                "errors": {409: "This kind, title and version exists already", 413: "Larger than admin_max_body"}}),
             Route("POST", "/api/provisioning-keys", self.add_provision_key, doc={
                 "summary": "Add a provisioning key and secret devices can trade for credentials",
+                "ok": 201, "errors": {409: "The key exists already"},
                 "body": {"type": "object", "required": ["key", "secret", "tenant"],
                          "properties": {"key": STR, "secret": STR, "tenant": STR, "profile": STR}}}),
             Route("GET", "/api/diagnostics/samples", self.samples, doc={
@@ -350,19 +366,31 @@ class AdminApi:
 def openapi(routes: list[Route]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
+        if r.doc.get("hidden"):
+            continue
+        ok = str(r.doc.get("ok", 200))
         op: dict[str, Any] = {"summary": r.doc.get("summary", ""), "responses": {
-            "200": {"description": "OK"}, "400": {"description": "Bad input; the error names the field"}}}
+            ok: {"description": r.doc.get("ok_text", "OK")}}}
+        if r.auth:
+            op["responses"]["400"] = {"description": "Bad input; the error names the field"}
+        if "{device}" in r.pattern:
+            op["responses"]["404"] = {"description": "The device is not registered"}
+        for code, text in r.doc.get("errors", {}).items():
+            op["responses"][str(code)] = {"description": text}
         if r.auth:
             op["security"] = [{"admin": []}]
             op["responses"]["401"] = {"description": "Missing or wrong admin token"}
-        params = [{"name": p[1:-1], "in": "path", "required": True, "schema": STR}
+        params = [{"name": p[1:-1], "in": "path", "required": True, "schema": NAMES.get(p[1:-1], STR)}
                   for p in r.pattern.split("/") if p.startswith("{")]
-        params += [{"name": q, "in": "query", "required": r.doc.get("raw_body", False), "schema": STR}
-                   for q in r.doc.get("query", [])]
+        params += [{"name": q, "in": "query", "required": r.doc.get("raw_body", False),
+                    "schema": QUERY.get(q, STR)} for q in r.doc.get("query", [])]
         if params:
             op["parameters"] = params
         if "body" in r.doc:
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": r.doc["body"]}}}
+            schema = r.doc["body"]
+            if "properties" in schema:  # unknown fields are refused (400 naming them)
+                schema = {**schema, "additionalProperties": False}
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         elif r.doc.get("raw_body"):
             op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}}

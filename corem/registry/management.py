@@ -140,6 +140,8 @@ class Management:
         return [Package(*r) for r in rows]
 
     def package(self, package_id: int) -> Package | None:
+        if not 0 < package_id < 2**63:  # SQLite's INTEGER range: anything else names no package
+            return None
         row = self._conn.execute(
             "SELECT id, kind, title, version, sha256, size FROM packages WHERE id = ?", (package_id,)
         ).fetchone()
