@@ -170,6 +170,10 @@ class Settings:
         "", "per-tenant offline thresholds overriding presence_offline_after, e.g. 'acme=30,globex=600'",
         _thresholds,
     )
+    presence_profiles: str = _opt(
+        "", "per-profile offline thresholds (they win over presence_tenants), e.g. 'meter=7200,tracker=60'",
+        _thresholds,
+    )
     admin_token: str = _opt(
         "", "bearer token for the admin REST API and UI; empty: one is generated into data_dir/admin-token"
     )

@@ -152,7 +152,8 @@ class Server:
         self.sink = make_sink(settings)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
         self.presence = Presence(self.sink, settings.presence_offline_after,
-                                 tenants=parse_thresholds(settings.presence_tenants))
+                                 tenants=parse_thresholds(settings.presence_tenants),
+                                 profiles=parse_thresholds(settings.presence_profiles, "presence_profiles"))
         self.ingest = TelemetryIngest(
             self.directory, self.sink, self.diagnostics, presence=self.presence, now=trio.current_time
         )

@@ -37,6 +37,26 @@ async def test_transitions_are_published_once_each_and_counted(tmp_path):
     assert p.online_by_tenant["acme"] == 2 and p.transitions == {"online": 3, "offline": 1}
 
 
+def test_thresholds_per_profile_win_over_per_tenant_over_the_default():
+    class Sink:
+        records: list = []
+
+        def submit(self, record, done, ctx=None):
+            self.records.append(record)
+            return True
+
+    p = Presence(Sink(), offline_after=120.0, tenants={"acme": 30.0}, profiles={"meter": 600.0})
+    p.seen("acme", "plain", 0.0)
+    p.seen("acme", "meter-1", 0.0, "meter")
+    p.seen("other", "x", 0.0)
+    assert p.sweep(31.0) == 1 and not p.is_online("acme", "plain")  # the tenant's 30 s
+    assert p.sweep(121.0) == 1 and not p.is_online("other", "x")  # the default 120 s
+    assert p.is_online("acme", "meter-1")  # its profile's 600 s
+    p.seen("acme", "meter-1", 500.0, "default")  # re-profiled: it moves, and stays online
+    assert p.online_by_tenant["acme"] == 1 and p.transitions["online"] == 3
+    assert p.sweep(531.0) == 1 and p.online_by_tenant["acme"] == 0  # now the tenant's 30 s
+
+
 @needs_libcoap
 def test_device_goes_online_with_its_first_reading_and_offline_after_the_threshold(tmp_path):
     data = tmp_path / "data"

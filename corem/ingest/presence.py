@@ -38,36 +38,50 @@ class Presence:
         offline_after: float = 120.0,
         *,
         tenants: dict[str, float] | None = None,
+        profiles: dict[str, float] | None = None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
-        for name, value in {"offline_after": offline_after, **(tenants or {})}.items():
+        for name, value in {"offline_after": offline_after, **(tenants or {}), **(profiles or {})}.items():
             if value <= 0:
                 raise ValueError(f"presence threshold for {name} must be > 0, got {value}")
         self.sink = sink
         self.offline_after = offline_after
-        #: per-tenant thresholds overriding `offline_after`
+        #: thresholds overriding `offline_after`: a device's profile first, then its tenant
+        #: (ThingsBoard's order: the more specific setting wins)
         self.tenants = dict(tenants or {})
+        self.profiles = dict(profiles or {})
         self.wall_ms = wall_ms
         #: threshold -> {(tenant, device) -> (monotonic last seen, wall-clock ms last seen)}, least
         #: recent first: one activity-ordered dict per threshold keeps the sweep at the stale ends
         self._by_threshold: dict[float, OrderedDict[tuple[str, str], tuple[float, int]]] = {
-            t: OrderedDict() for t in {offline_after, *self.tenants.values()}
+            t: OrderedDict() for t in {offline_after, *self.tenants.values(), *self.profiles.values()}
         }
         self._online = self._by_threshold[offline_after]
         self.online_by_tenant: Counter[str] = Counter()
         self.transitions: Counter[str] = Counter()
         self.publish_failures = 0
 
-    def seen(self, tenant: str, device: str, now: float) -> None:
+    def threshold(self, tenant: str, profile: str | None = None) -> float:
+        if profile is not None and profile in self.profiles:
+            return self.profiles[profile]
+        return self.tenants.get(tenant, self.offline_after)
+
+    def seen(self, tenant: str, device: str, now: float, profile: str | None = None) -> None:
         """An accepted reading from the device."""
         key = (tenant, device)
         wall = self.wall_ms()
-        online = self._online if not self.tenants else self._by_threshold[self.tenants.get(tenant, self.offline_after)]
+        by = self._by_threshold
+        online = self._online if len(by) == 1 else by[self.threshold(tenant, profile)]
         if key in online:
             online[key] = (now, wall)
             online.move_to_end(key)
             return
         online[key] = (now, wall)
+        if len(by) > 1 and any(key in other for other in by.values() if other is not online):
+            for other in by.values():  # its threshold changed (a new profile): it stays online
+                if other is not online:
+                    other.pop(key, None)
+            return
         self.online_by_tenant[tenant] += 1
         self._publish(tenant, device, "online", wall, wall)
 

@@ -200,7 +200,7 @@ class TelemetryIngest:
             else:
                 then(req)
             if self.presence is not None:
-                self.presence.seen(device.tenant, device.device, self.now())
+                self.presence.seen(device.tenant, device.device, self.now(), device.profile)
         else:
             self.stats.bus_refusals += 1
             busy = self._busy
