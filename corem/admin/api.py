@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import secrets
 import time
 from importlib import resources
@@ -21,6 +22,8 @@ from ..ingest.diagnostics import cbor_diagnostic
 from ..registry import Device, RegistryError
 from ..registry.management import KINDS
 from .http import HttpError, HttpRequest, Reply, Route, json_reply
+
+log = logging.getLogger("corem.admin")
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -129,6 +132,7 @@ class AdminApi:
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
         self.server.directory.refresh(force=True)
+        log.info("device %s/%s added through the admin API", d.tenant, d.device)
         return json_reply({**self._describe(d), "token": token}, 201)
 
     def get_device(self, req: HttpRequest) -> Reply:
@@ -139,6 +143,7 @@ class AdminApi:
         self.server.registry.remove_device(d.tenant, d.device)
         self.server.management.forget(d.tenant, d.device)
         self.server.directory.refresh(force=True)
+        log.info("device %s/%s removed through the admin API", d.tenant, d.device)
         return Reply(204)
 
     # -- attributes ------------------------------------------------------------------------------
@@ -206,6 +211,7 @@ class AdminApi:
             p = self.server.management.add_package(q["kind"], q["title"], q["version"], req.body)
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
+        log.info("%s package %s %s uploaded: %d bytes, sha256 %s", p.kind, p.title, p.version, p.size, p.sha256)
         return json_reply(p._asdict(), 201)
 
     def list_packages(self, req: HttpRequest) -> Reply:
@@ -220,6 +226,7 @@ class AdminApi:
             except RegistryError as e:
                 raise HttpError(400, str(e)) from None
             delivery = assign_attributes(self.server.downlink, d, kind, p)
+            log.info("%s %s %s assigned to %s/%s (%s)", kind, p.title, p.version, d.tenant, d.device, delivery)
             return json_reply({**p._asdict(), "delivery": delivery})
 
         return handler
@@ -242,6 +249,7 @@ class AdminApi:
             self.server.management.claim(d.tenant, d.device, body["secret_key"], body["owner"])
         except PermissionError as e:
             raise HttpError(400, str(e)) from None
+        log.info("device %s/%s claimed by %s", d.tenant, d.device, body["owner"])
         return json_reply({"tenant": d.tenant, "device": d.device, "owner": body["owner"]})
 
     # -- diagnostics -----------------------------------------------------------------------------

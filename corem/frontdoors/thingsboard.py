@@ -18,6 +18,7 @@ names the device.  Client attributes are also published to `attributes.{tenant}`
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -31,6 +32,8 @@ from ..ingest.telemetry import TelemetryIngest
 from ..registry import Device, Directory, RegistryError
 from ..registry.management import Management
 from .common import session_owner, OCTETS, BodyError, bad_request, body, content, query, unauthorized
+
+log = logging.getLogger("corem.thingsboard")
 
 Handler = Callable[[Request, Device, list[str], Observers], "Response | None"]
 
@@ -194,6 +197,7 @@ class ThingsBoard:
             return content({"status": "FAILURE", "errorMsg": str(e)}, req, Code.UNAUTHORIZED)
         self.directory.refresh(force=True)  # the new token works at once
         self.provisioned += 1
+        log.info("device %s/%s provisioned with key %s", tenant, device, key)
         return content({"status": "SUCCESS", "deviceName": device, "credentialsType": "ACCESS_TOKEN",
                         "credentialsValue": token}, req, Code.CREATED)
 
