@@ -125,6 +125,7 @@ def test_attributes_commands_and_rpc_validation(server):
     assert status == 202 and body == {"delivery": "queued"}
     assert server.api("GET", DEV)[1]["queued"]["commands"] == 1
     for bad, field in (({"payload": "x"}, "command: required"), ({"command": "c", "payload_base64": "!!"}, "payload_base64"),
+                       ({"command": "c", "payload_base64": "\u00e7\u0086"}, "payload_base64"),  # found by schemathesis
                        ({"command": "c", "ttl": -1}, "ttl:"), ({"command": "c", "payload": "a", "payload_base64": "YQ=="},
                                                                 "payload:")):
         status, body = server.api("POST", DEV + "/commands", bad)

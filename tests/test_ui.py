@@ -46,9 +46,14 @@ def browser():
 
 
 def wait_until(driver, predicate, timeout: float = 15.0, what: str = "the page"):
+    """Poll `predicate` (the page refreshes its tables every 2 s: an element found a moment ago
+    may be replaced, so it is looked up again on each try)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: predicate(d), message=what)
+    return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+        lambda d: predicate(d), message=what)
 
 
 def test_rejected_sample_and_presence_in_the_ui(data_dir, tmp_path, browser):
@@ -64,12 +69,12 @@ def test_rejected_sample_and_presence_in_the_ui(data_dir, tmp_path, browser):
 
         start = time.monotonic()
         browser.get(f"http://127.0.0.1:{server.http_port}/ui#token={ADMIN_TOKEN}")
-        row = wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#samples tbody tr[data-i]"),
-                         what="a rejected sample row")[0]
+        first = "#samples tbody tr[data-i]"
+        row_text = wait_until(browser, lambda d: d.find_element(By.CSS_SELECTOR, first).text, what="a sample row")
         loaded = time.monotonic() - start
-        assert row.get_attribute("data-field") == "temperature"
-        assert "acme/sensor-1" in row.text and "decode_error" in row.text
-        row.click()
+        assert browser.find_element(By.CSS_SELECTOR, first).get_attribute("data-field") == "temperature"
+        assert "acme/sensor-1" in row_text and "decode_error" in row_text
+        wait_until(browser, lambda d: d.find_element(By.CSS_SELECTOR, first).click() or True, what="the click")
         assert browser.find_element(By.ID, "detail-field").text == "temperature"
         diag = browser.find_element(By.ID, "detail-diag")
         assert '"humidity": 40' in diag.text

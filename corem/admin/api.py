@@ -9,7 +9,6 @@ input is answered 400 with the offending field named; a missing or wrong token 4
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import secrets
 import time
@@ -188,7 +187,7 @@ class AdminApi:
         try:
             payload = base64.b64decode(body["payload_base64"], validate=True) if "payload_base64" in body \
                 else (body.get("payload") or "").encode()
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or text that is not even ASCII
             raise HttpError(400, "payload_base64: not base64") from None
         if not 0 < len(body["command"].encode()) <= 255:
             raise HttpError(400, "command: 1-255 bytes")
