@@ -7,7 +7,8 @@ Starts corem in a temporary data dir (CoAP, CoAPS, HTTP on ports the OS picks), 
   record success and latency;
 - attackers, each on its own loopback address (127.0.0.2 ...), send malformed CoAP, duplicated and
   reordered requests, random and truncated DTLS records, real ClientHellos from many source ports,
-  and oversized datagrams.
+  oversized datagrams, and well-formed requests to the device-management doors with forged or junk
+  credentials, bodies and options (observe floods, abandoned Block1 uploads, option 4209 garbage).
 Reports datagrams sent by kind, what corem counted, the devices' success rate and latency, and
 corem's RSS over the run.  `make soak` runs it for minutes; tests/test_attack.py runs it briefly.
 """
@@ -38,6 +39,40 @@ def request(mid: int, token: str, payload: bytes, ctoken: bytes = b"") -> bytes:
     opts = make_options([(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, token),
                          (O.URI_PATH, "telemetry"), (O.CONTENT_FORMAT, 60)])
     return encode(Message(Type.CON, Code.POST, mid, ctoken, opts, payload))
+
+
+def door_request(rng: random.Random, mid: int) -> bytes:
+    """A well-formed request to one of the peers' doors, with credentials and bodies that are wrong."""
+    junk = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
+    kind = rng.randrange(7)
+    code, opts, payload = Code.POST, [], junk
+    if kind == 0:  # ThingsBoard attributes / rpc with a forged token, some observing
+        code = rng.choice((Code.GET, Code.POST))
+        opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, f"forged-{rng.randrange(10**6)}"),
+                (O.URI_PATH, rng.choice(("attributes", "rpc", "claim", "firmware")))]
+        if code == Code.GET:
+            opts.append((O.OBSERVE, 0))
+    elif kind == 1:  # observe floods on a real path (bounded per source address)
+        code = Code.GET
+        opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, TOKEN), (O.URI_PATH, "rpc"), (O.OBSERVE, 0)]
+    elif kind == 2:  # provisioning with wrong secrets
+        payload = json.dumps({"provisionDeviceKey": "k", "provisionDeviceSecret": junk.hex()}).encode()
+        opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, "provision"), (O.CONTENT_FORMAT, 50)]
+    elif kind == 3:  # Drogue with garbage in option 4209
+        opts = [(O.URI_PATH, "v1"), (O.URI_PATH, "telemetry"), (O.DROGUE_AUTH, b"Basic " + junk[:30] or b"x"),
+                (O.URI_QUERY, f"ct={rng.randrange(-5, 500)}")]
+    elif kind == 4:  # EMQX with forged credentials
+        code = rng.choice((Code.GET, Code.PUT, Code.POST, Code.DELETE))
+        opts = [(O.URI_PATH, "ps"), (O.URI_PATH, "room"), (O.URI_PATH, "t"), (O.URI_QUERY, "c=x"),
+                (O.URI_QUERY, f"u=d{rng.randrange(100)}"), (O.URI_QUERY, f"p={junk[:8].hex()}")]
+    elif kind == 5:  # Block1 uploads started and abandoned
+        opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, TOKEN), (O.URI_PATH, "telemetry"),
+                (O.CONTENT_FORMAT, 60), (O.BLOCK1, (rng.randrange(4) << 4) | 0x08 | 2), (O.REQUEST_TAG, junk[:4])]
+        payload = bytes(64)
+    else:  # attribute bodies that are not what they claim
+        opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, TOKEN), (O.URI_PATH, "attributes"),
+                (O.CONTENT_FORMAT, rng.choice((50, 60, 42)))]
+    return encode(Message(Type.CON, code, mid, junk[:rng.randrange(0, 9)], make_options(opts), payload))
 
 
 def rss_kib(pid: int) -> int:
@@ -162,6 +197,8 @@ class Attacker(threading.Thread):
                 s = self._socket()
                 for _ in range(16):
                     self._send(s, hello, self.coaps)
+            elif self.kind == "front_doors":
+                self._send(s, door_request(rng, rng.randrange(65536)), self.coap)
             elif self.kind == "oversized":
                 data = bytes(rng.randrange(256) for _ in range(rng.randrange(1600, 9000)))
                 self._send(s, data, rng.choice((self.coap, self.coaps)))
@@ -169,7 +206,7 @@ class Attacker(threading.Thread):
         s.close()
 
 
-KINDS = ("malformed_coap", "duplicates", "dtls_garbage", "client_hello", "oversized")
+KINDS = ("malformed_coap", "duplicates", "dtls_garbage", "client_hello", "oversized", "front_doors")
 
 
 def attack(server, seconds: float, max_datagrams: int, devices: int = 4) -> dict:
@@ -201,7 +238,8 @@ def attack(server, seconds: float, max_datagrams: int, devices: int = 4) -> dict
     lat = sorted(x for d in devs for x in d.latencies)
     counted = {k: after.get(k, 0) - before_metrics.get(k, 0) for k in after
                if any(w in k for w in ("format_errors", "oversized", "rate_limited_datagrams", "hello_verify",
-                                        "handshakes_refused", "records_dropped", "duplicates", "auth_failures"))}
+                                        "handshakes_refused", "records_dropped", "duplicates", "auth_failures",
+                                        "observe_refused", "provisioning", "uploads_refused", "handler_errors"))}
     return {
         "seconds": seconds,
         "attack": {a.kind: {"datagrams": a.sent, "bytes": a.bytes} for a in attackers},

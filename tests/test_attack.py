@@ -1,5 +1,6 @@
 """A CI-sized run of the live UDP fuzzer (bench/udp_fuzzer.py): valid devices keep being served
-while malformed CoAP, duplicates, DTLS garbage, ClientHello floods and oversized datagrams arrive."""
+while malformed CoAP, duplicates, DTLS garbage, ClientHello floods, oversized datagrams and forged
+requests to the device-management doors arrive."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def test_valid_devices_are_served_through_an_attack(tmp_path):
     assert report["attack_datagrams"] > 10_000
     counted = report["corem_counted"]
     for metric in ("corem_coap_format_errors_total", "corem_dtls_hello_verify_sent_total",
-                   "corem_coap_datagrams_oversized_total", "corem_rate_limited_datagrams_total"):
+                   "corem_coap_datagrams_oversized_total", "corem_rate_limited_datagrams_total",
+                   "corem_auth_failures_total", "corem_coap_observe_refused_total", "corem_provisioning_total"):
         assert any(k.startswith(metric) for k in counted), (metric, counted)
+    assert report["attack"]["front_doors"]["datagrams"] > 1000
+    assert not any("handler_errors" in k for k in counted), counted  # every forged request got its 4.xx
     rss = report["rss_kib"]
     assert rss["peak"] - rss["start"] < 64 * 1024, rss  # bounded memory under the flood
