@@ -179,7 +179,7 @@ class ServerCollector:
                      [({"state": st}, n) for st, n in sorted(pr.transitions.items())])
         yield family("corem_presence_publish_failures", "Presence transitions the bus did not take.",
                      [({}, pr.publish_failures)])
-        dl = s.downlink.stats
+        dl, em = s.downlink.stats, s.emqx.stats
         for value, name, doc in (
             (dl.attribute_updates, "corem_downlink_attribute_updates", "Shared attribute updates sent or stored."),
             (dl.attributes_queued, "corem_downlink_attributes_queued", "Updates queued (merged) for sleeping devices."),
@@ -189,18 +189,14 @@ class ServerCollector:
             (dl.commands_sent, "corem_downlink_commands_delivered", "Commands delivered on a ct response."),
             (dl.commands_expired, "corem_downlink_commands_expired", "Commands dropped after their ttl."),
             (dl.queue_full, "corem_downlink_queue_full", "Downlink refused: max_queued_commands for the device."),
-        ):
-            yield family(name, doc, [({}, value)])
-        yield GaugeMetricFamily("corem_downlink_devices_queued", "Devices with something waiting for them.",
-                                s.downlink.devices_queued)
-        em = s.emqx.stats
-        for value, name, doc in (
             (em.published, "corem_pubsub_published", "Messages published on /ps and /mqtt."),
             (em.subscribed, "corem_pubsub_subscribed", "Subscriptions (Observe) accepted on /ps and /mqtt."),
             (em.denied, "corem_pubsub_denied", "Publishes or subscriptions outside the device's topics (4.03)."),
             (em.retained_dropped, "corem_pubsub_retained_dropped", "Retained messages dropped by the bounds."),
         ):
             yield family(name, doc, [({}, value)])
+        yield GaugeMetricFamily("corem_downlink_devices_queued", "Devices with something waiting for them.",
+                                s.downlink.devices_queued)
         yield GaugeMetricFamily("corem_pubsub_retained", "Retained /ps messages now.", len(s.emqx))
         tb = s.thingsboard
         yield family("corem_provisioning", "Provisioning requests by result.",
