@@ -54,6 +54,7 @@ class KafkaCommandReader:
         consumer = None
         assigned: set = set()
         next_refresh = 0.0
+        failing = False
         while not self._stop:
             try:
                 if consumer is None:
@@ -80,14 +81,20 @@ class KafkaCommandReader:
                 if not assigned:
                     time.sleep(min(0.5, self.refresh))
                     continue
-                for tp, records in consumer.poll(timeout_ms=500, max_records=500).items():
+                batch = consumer.poll(timeout_ms=500, max_records=500)
+                if failing:
+                    log.info("reading commands from kafka again")
+                    failing = False
+                for tp, records in batch.items():
                     for r in records:
                         trio.from_thread.run_sync(self.deliver, tp.topic, tp.partition, r.offset, r.value or b"")
             except (trio.RunFinishedError, trio.Cancelled):
                 break
             except KafkaError as e:
                 self.errors += 1
-                log.warning("reading commands from kafka failed (retrying): %s", e)
+                if not failing:  # one line when it starts failing, one when it recovers
+                    log.warning("reading commands from kafka failed (retrying every 2 s): %s", e)
+                failing = True
                 if consumer is not None:
                     consumer.close()
                 consumer = None
