@@ -1,0 +1,1 @@
+"""The peers' device APIs (ThingsBoard, Drogue Cloud, EMQX) on corem's router, registry and bus."""
