@@ -118,7 +118,7 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
     try:
         d = reg.add_device(
             args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
-            cert_sha256=cert, power_mode=args.power_mode, topics=args.topics,
+            cert_sha256=cert, power_mode=args.power_mode, topics=args.topics, gateways=args.gateways,
         )
     finally:
         reg.close()
@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--power-mode", choices=["drx", "psm"], default="drx",
                      help="psm: reachable only psm_activity_timer after it talks; downlink queues meanwhile")
     add.add_argument("--topics", default="#", help="MQTT filters the device may use on /ps and /mqtt (default: #)")
+    add.add_argument("--gateways", default="", help="devices (same tenant) that may publish for this one (Drogue as=)")
     add.set_defaults(func=cmd_devices_add)
     ls = devices.add_parser("list", help="list devices")
     _add_settings_flags(ls, _REGISTRY_KEYS)

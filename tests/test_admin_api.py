@@ -93,6 +93,7 @@ def test_devices_add_list_get_remove(server, tmp_path):
     ({"tenant": "acme", "device": "x", "colour": "red"}, 400, "colour: unknown field"),
     ({"tenant": "acme", "device": "x", "power_mode": "turbo"}, 400, "power_mode:"),
     ({"tenant": "acme", "device": "x", "topics": "a/#/b"}, 400, "topics:"),
+    ({"tenant": "acme", "device": "x", "gateways": "gw-1 bad!"}, 400, "gateways:"),
     ({"tenant": "acme", "device": "x", "psk_hex": "zz", "psk_identity": "i"}, 400, "psk_hex: not hexadecimal"),
     ({"tenant": "acme", "device": "x", "psk_identity": "i"}, 400, "psk:"),
     ({"tenant": "acme", "device": "x", "cert_pem": "nope"}, 400, "cert_pem:"),

@@ -47,7 +47,7 @@ class Stack:
         self.now = 0.0
         self.registry = Registry(tmp_path / "registry.db")
         self.registry.add_device("acme", "awake", token="TA")
-        self.registry.add_device("acme", "sleepy", token="TS", power_mode="psm")
+        self.registry.add_device("acme", "sleepy", token="TS", power_mode="psm", gateways="awake")
         self.registry.add_device("acme", "roomy", token="TR", topics="room/#")
         self.directory = Directory(self.registry)
         self.directory.refresh()
@@ -219,6 +219,11 @@ def test_drogue_gateway_publishes_as_another_device(stack):
     [refused] = stack.send(Code.POST, "v1/state", query=["application=acme", "as=nobody"], payload=b"{}", cf=50,
                            opts=[auth])
     assert refused.code == Code.FORBIDDEN
+    # roomy does not name awake among its gateways: awake may not speak for it
+    [denied] = stack.send(Code.POST, "v1/state", query=["application=acme", "as=roomy"], payload=b"{}", cf=50,
+                          opts=[auth])
+    assert denied.code == Code.FORBIDDEN and b"not a gateway" in bytes(denied.payload)
+    assert len(stack.sink.records) == 1
 
 
 def test_pubsub_retained_message_with_max_age_subscribe_and_acl(stack):

@@ -48,6 +48,7 @@ DEVICE_FIELDS = {
     "cert_pem": {"type": "string", "description": "device certificate (PEM); registers its SHA-256"},
     "power_mode": {"type": "string", "enum": ["drx", "psm"]},
     "topics": {"type": "string", "description": "space-separated MQTT filters for /ps and /mqtt"},
+    "gateways": {"type": "string", "description": "space-separated devices that may publish for this one (as=)"},
 }
 
 
@@ -90,7 +91,7 @@ class AdminApi:
         return {
             "tenant": d.tenant, "device": d.device, "profile": d.profile, "created_at": d.created_at,
             "has_token": d.token is not None, "psk_identity": d.psk_identity, "cert_sha256": d.cert_sha256,
-            "power_mode": d.power_mode, "topics": d.topics,
+            "power_mode": d.power_mode, "topics": d.topics, "gateways": d.gateways,
             "online": key in seen, "last_seen": seen.get(key),
             "points": s.ingest.stats.device_points.get(key, 0),
             "rejections": s.ingest.stats.device_rejections.get(key, 0),
@@ -127,6 +128,7 @@ class AdminApi:
                 body["tenant"], body["device"], token=token, profile=body.get("profile") or "default",
                 psk_identity=body.get("psk_identity"), psk=psk, cert_sha256=cert,
                 power_mode=body.get("power_mode") or "drx", topics=body.get("topics") or "#",
+                gateways=body.get("gateways") or "",
             )
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None

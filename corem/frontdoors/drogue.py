@@ -5,8 +5,9 @@
 Authentication: the DTLS session (PSK or certificate), or option 4209 carrying
 `Basic base64(device@application:password)` (or `device:password` with `?application=`).  The
 password is the device's access token: corem keeps one secret per device, whatever the door.
-`as` lets a gateway publish for another device of the same application (tenant); the point is the
-other device's, with a `via` header naming the gateway.  The payload is decoded with the device's
+`as` lets a gateway publish for another device of the same application (tenant) that names it in
+its `gateways` (registry; Drogue's gateway selector); the point is the other device's, with a `via`
+header naming the gateway.  Any other `as` is 4.03.  The payload is decoded with the device's
 profile like any reading; the channel and data schema travel as record headers.
 
 With `ct` (seconds, at most 300) the answer waits: a command sent to the device meanwhile comes
@@ -92,8 +93,9 @@ class Drogue:
         target_device = device
         if "as" in q:
             other = self.directory.named(device.tenant, q["as"])
-            if other is None:
-                return Response(Code.FORBIDDEN, f"as: no device {q['as']!r} in application {device.tenant!r}".encode())
+            if other is None or device.device not in other.gateways.split():
+                self.ingest.stats.auth_failures["coap", "not_a_gateway"] += 1
+                return Response(Code.FORBIDDEN, f"as: {device.device!r} is not a gateway of {q['as']!r}".encode())
             target_device = other
         target = self.ingest.target(target_device)
         headers = {**target.headers, "channel": channel}

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS devices (
     cert_sha256  TEXT UNIQUE,
     power_mode   TEXT NOT NULL DEFAULT 'drx',
     topics       TEXT NOT NULL DEFAULT '#',
+    gateways     TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, device)
 );
 """
@@ -38,10 +39,12 @@ MIGRATIONS = {
     "cert_sha256": "ALTER TABLE devices ADD COLUMN cert_sha256 TEXT",
     "power_mode": "ALTER TABLE devices ADD COLUMN power_mode TEXT NOT NULL DEFAULT 'drx'",
     "topics": "ALTER TABLE devices ADD COLUMN topics TEXT NOT NULL DEFAULT '#'",
+    "gateways": "ALTER TABLE devices ADD COLUMN gateways TEXT NOT NULL DEFAULT ''",
 }
 #: Migrated columns that carry a UNIQUE constraint in SCHEMA (ALTER TABLE cannot add one: an index does).
 _UNIQUE = ("psk_identity", "cert_sha256")
-_COLUMNS = "tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256, power_mode, topics"
+_COLUMNS = ("tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256, power_mode, topics, "
+            "gateways")
 #: ThingsBoard's power modes: DRX is always reachable; PSM only for a while after each uplink.
 POWER_MODES = ("drx", "psm")
 #: MQTT-style topic filters (EMQX front door), space-separated; `+` one level, `#` the rest.
@@ -77,6 +80,8 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     power_mode: str = "drx"
     #: topic filters this device may publish and subscribe to on /ps and /mqtt (its tenant's only)
     topics: str = "#"
+    #: devices of the same tenant allowed to publish for this one (Drogue's `as=`), space-separated
+    gateways: str = ""
 
 
 def _check(name: str, value: str, pattern: re.Pattern, allowed: str) -> None:
@@ -116,6 +121,7 @@ class Registry:
         cert_sha256: str | None = None,
         power_mode: str = "drx",
         topics: str = "#",
+        gateways: str = "",
     ) -> Device:
         _check("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
         _check("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
@@ -136,16 +142,18 @@ class Registry:
         filters = topics.split()
         if not filters or not all(TOPIC_FILTER_RE.fullmatch(f) for f in filters):
             raise RegistryError(f"topics: {topics!r} is not valid; allowed: space-separated MQTT topic filters")
+        for gateway in gateways.split():
+            _check("gateways", gateway, DEVICE_RE, "space-separated device ids")
         d = Device(
             tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000),
             psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256, power_mode=power_mode,
-            topics=" ".join(filters),
+            topics=" ".join(filters), gateways=" ".join(gateways.split()),
         )
         try:
             self._conn.execute(
-                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256,
-                 d.power_mode, d.topics),
+                 d.power_mode, d.topics, d.gateways),
             )
         except sqlite3.IntegrityError as e:
             if "token" in str(e):
@@ -170,8 +178,8 @@ class Registry:
         rows = self._conn.execute(sql + " ORDER BY tenant, device", args)
         return [
             Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i, psk=s, cert_sha256=f,
-                   power_mode=m, topics=o)
-            for t, d, p, k, c, i, s, f, m, o in rows
+                   power_mode=m, topics=o, gateways=g)
+            for t, d, p, k, c, i, s, f, m, o, g in rows
         ]
 
     @property
