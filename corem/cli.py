@@ -17,6 +17,7 @@ from .bus import read_records
 from .config import ConfigError, Settings
 from .ingest.point import decode_point
 from .registry import Registry, RegistryError
+from .registry.store import parse_psk
 
 
 def _add_settings_flags(p: argparse.ArgumentParser, keys: list[str]) -> None:
@@ -93,19 +94,8 @@ def _registry(args: argparse.Namespace) -> Registry:
     return Registry(_settings(args, _REGISTRY_KEYS).data_path / "registry.db")
 
 
-def _psk(args: argparse.Namespace) -> bytes | None:
-    if args.psk is not None and args.psk_hex is not None:
-        raise RegistryError("psk: give --psk (text) or --psk-hex, not both")
-    if args.psk_hex is not None:
-        try:
-            return bytes.fromhex(args.psk_hex)
-        except ValueError:
-            raise RegistryError("psk-hex: not a hex string") from None
-    return None if args.psk is None else args.psk.encode()
-
-
 def cmd_devices_add(args: argparse.Namespace) -> int:
-    psk = _psk(args)
+    psk = parse_psk(args.psk, args.psk_hex)
     cert = None
     if args.cert is not None:
         from .dtls import certificate_sha256

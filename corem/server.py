@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import gc
-import json
 import logging
 import os
 import time
@@ -16,7 +15,7 @@ import trio
 from .admin.api import AdminApi
 from .admin.http import HttpServer, Reply, Route
 from .bus import BatchingSink, EmbeddedBus
-from .bus.base import Record
+from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX, KafkaCommandReader
 from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
 from .coap import Endpoint, Params, Router
@@ -121,11 +120,6 @@ def lock_data_dir(data: Path) -> int:
         os.close(fd)
         raise ConfigError(f"data_dir: {data} is in use by another corem serve") from None
     return fd
-
-
-def _result_published(ctx: object, error: BaseException | None) -> None:
-    if error is not None:
-        log.warning("a downlink result was not published: %s", error)
 
 
 def _admin_token(path: Path) -> str:
@@ -246,9 +240,7 @@ class Server:
         tenant = topic[len(COMMANDS_PREFIX):]
         result = apply_command(tenant, value, self.directory, self.downlink, self.management)
         result.update(at=int(time.time() * 1000), source={"topic": topic, "partition": partition, "offset": offset})
-        record = Record(results_topic(tenant), (result.get("device") or "").encode(), json.dumps(result).encode(), {})
-        if not self.sink.submit(record, _result_published, None):
-            log.warning("the result of %s[%d]@%d was not published: the bus is full", topic, partition, offset)
+        publish_json(self.sink, results_topic(tenant), result.get("device") or "", result)
         self.management.set_position(topic, partition, offset + 1)
         if result["status"] == "rejected":
             log.info("rejected a downlink request from %s[%d]@%d: %s", topic, partition, offset, result["reason"])

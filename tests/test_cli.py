@@ -39,7 +39,7 @@ def test_device_errors_name_the_field(tmp_path):
         (["--tenant", "t", "--device", "x", "--token", "a/b"], "token: 'a/b' is not valid"),
         (["--tenant", "t", "--device", "x", "--psk-identity", "i"], "psk: a PSK identity and a key go together"),
         (["--tenant", "t", "--device", "x", "--psk-identity", "i", "--psk", "short"], "psk: 5 bytes"),
-        (["--tenant", "t", "--device", "x", "--psk-identity", "i", "--psk-hex", "zz"], "psk-hex: not a hex string"),
+        (["--tenant", "t", "--device", "x", "--psk-identity", "i", "--psk-hex", "zz"], "psk_hex: not hexadecimal"),
     ]
     for args, message in cases:
         r = corem_cli("devices", "add", *args, data_dir=d, check=False)

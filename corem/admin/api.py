@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import secrets
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from ..devices.commands import assign_attributes
+from ..devices.commands import assign_package
 from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
 from ..registry import Device, RegistryError
-from ..registry.management import KINDS
+from ..registry.management import KINDS, LABEL_RE
+from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_psk
 from .http import HttpError, HttpRequest, Reply, Route, json_reply
 
 log = logging.getLogger("corem.admin")
@@ -33,16 +35,19 @@ MAX_RPC_TIMEOUT = 300.0
 STATUS_DEVICES = 500
 
 STR = {"type": "string"}
-#: what the registry accepts (corem.registry.store): the schemas say it, so clients can check first
-NAMES = {"tenant": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
-         "device": {"type": "string", "pattern": r"^[A-Za-z0-9._:@-]{1,128}$"}}
+
+
+def _like(pattern: re.Pattern, **extra: Any) -> dict[str, Any]:
+    """A string schema with the registry's own rule (corem.registry), so clients can check first."""
+    return {"type": "string", "pattern": f"^{pattern.pattern}$", **extra}
+
+
+NAMES = {"tenant": _like(TENANT_RE), "device": _like(DEVICE_RE)}
 QUERY = {"limit": {"type": "integer", "minimum": 1}, "kind": {"type": "string", "enum": list(KINDS)},
-         "title": {"type": "string", "pattern": r"^[!-~]{1,128}$"},
-         "version": {"type": "string", "pattern": r"^[!-~]{1,128}$"}}
+         "title": _like(LABEL_RE), "version": _like(LABEL_RE)}
 DEVICE_FIELDS = {
     "tenant": NAMES["tenant"], "device": NAMES["device"], "profile": {"type": "string", "minLength": 1},
-    "token": {"type": "string", "pattern": r"^[!-.0-~]{1,255}$"},
-    "psk_identity": {"type": "string", "pattern": r"^[!-~]{1,128}$"},
+    "token": _like(TOKEN_RE), "psk_identity": _like(PSK_IDENTITY_RE),
     "psk": {"type": "string", "description": "key as text, 8-64 bytes", "minLength": 8, "maxLength": 64},
     "psk_hex": {"type": "string", "description": "key as hex, 8-64 bytes", "pattern": "^([0-9a-fA-F]{2}){8,64}$"},
     "cert_pem": {"type": "string", "description": "device certificate (PEM); registers its SHA-256"},
@@ -106,14 +111,6 @@ class AdminApi:
 
     def add_device(self, req: HttpRequest) -> Reply:
         body = _fields(req.json(), DEVICE_FIELDS, ("tenant", "device"))
-        psk = body.get("psk")
-        if body.get("psk_hex") is not None:
-            try:
-                psk = bytes.fromhex(body["psk_hex"])
-            except ValueError:
-                raise HttpError(400, "psk_hex: not hexadecimal") from None
-        elif psk is not None:
-            psk = psk.encode()
         cert = None
         if body.get("cert_pem"):
             try:
@@ -124,6 +121,7 @@ class AdminApi:
         if token is None and body.get("psk_identity") is None and cert is None:
             token = secrets.token_urlsafe(18)  # a device needs some credential: an access token by default
         try:
+            psk = parse_psk(body.get("psk"), body.get("psk_hex"))
             d = self.server.registry.add_device(
                 body["tenant"], body["device"], token=token, profile=body.get("profile") or "default",
                 psk_identity=body.get("psk_identity"), psk=psk, cert_sha256=cert,
@@ -167,12 +165,14 @@ class AdminApi:
         d = self._device(req)
         body = _fields(req.json(), {"method": STR, "params": {}, "timeout": {"type": "number"},
                                     "oneway": {"type": "boolean"}}, ("method",))
-        timeout = float(body.get("timeout", 10.0))
-        if not 0 < timeout <= MAX_RPC_TIMEOUT:
-            raise HttpError(400, f"timeout: must be > 0 and <= {MAX_RPC_TIMEOUT:g} seconds")
+        timeout = body.get("timeout", 10.0)
+        if isinstance(timeout, (int, float)) and timeout > MAX_RPC_TIMEOUT:  # this call holds a connection
+            raise HttpError(400, f"timeout: at most {MAX_RPC_TIMEOUT:g} seconds through the API")
         try:
             call = await self.server.downlink.rpc(d, body["method"], body.get("params"), timeout,
                                                   bool(body.get("oneway")))
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
         except OverflowError as e:
             raise HttpError(429, str(e)) from None
         result = {"id": call.id, "status": call.status}
@@ -191,13 +191,10 @@ class AdminApi:
                 else (body.get("payload") or "").encode()
         except ValueError:  # binascii.Error, or text that is not even ASCII
             raise HttpError(400, "payload_base64: not base64") from None
-        if not 0 < len(body["command"].encode()) <= 255:
-            raise HttpError(400, "command: 1-255 bytes")
-        ttl = float(body.get("ttl", 300.0))
-        if not 0 < ttl <= 86400:
-            raise HttpError(400, "ttl: must be > 0 and <= 86400 seconds")
         try:
-            delivery = self.server.downlink.command(d, body["command"], payload, ttl)
+            delivery = self.server.downlink.command(d, body["command"], payload, body.get("ttl", 300.0))
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
         except OverflowError as e:
             raise HttpError(429, str(e)) from None
         return json_reply({"delivery": delivery}, 202)
@@ -223,10 +220,9 @@ class AdminApi:
             d = self._device(req)
             body = _fields(req.json(), {"package": {"type": "integer"}}, ("package",))
             try:
-                p = self.server.management.assign(d.tenant, d.device, kind, body["package"])
+                p, delivery = assign_package(self.server.management, self.server.downlink, d, kind, body["package"])
             except RegistryError as e:
                 raise HttpError(400, str(e)) from None
-            delivery = assign_attributes(self.server.downlink, d, kind, p)
             log.info("%s %s %s assigned to %s/%s (%s)", kind, p.title, p.version, d.tenant, d.device, delivery)
             return json_reply({**p._asdict(), "delivery": delivery})
 

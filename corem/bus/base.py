@@ -10,11 +10,15 @@ While one batch is being written the next one accumulates, so batches grow with 
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from bisect import bisect_left
 from typing import Any, Callable, NamedTuple
 
 import trio
+
+log = logging.getLogger("corem.bus")
 
 Done = Callable[[Any, "BaseException | None"], None]
 
@@ -24,6 +28,21 @@ class Record(NamedTuple):
     key: bytes
     value: bytes
     headers: dict[str, str]
+
+
+def publish_json(sink: "BatchingSink", topic: str, key: str, value: Any) -> bool:
+    """A record no device waits for (attribute copies, downlink results): JSON, submitted without
+    an answer to give; a refusal or a failed batch is logged (and counted by the sink)."""
+    record = Record(topic, key.encode(), json.dumps(value, separators=(",", ":")).encode(), {})
+    if not sink.submit(record, _logged, topic):
+        log.warning("a record for %s was refused: the bus is full", topic)
+        return False
+    return True
+
+
+def _logged(topic: object, error: BaseException | None) -> None:
+    if error is not None:
+        log.warning("a record for %s was not written: %s", topic, error)
 
 
 #: Histogram bucket bounds: batch write latency (seconds) and batch size (records).

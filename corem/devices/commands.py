@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..registry import Directory, RegistryError
-from ..registry.management import KINDS, Management
+from ..registry import Device, Directory
+from ..registry.management import KINDS, Management, Package
 from .downlink import Downlink
 
 
@@ -44,40 +44,30 @@ def _dispatch(tenant: str, r: dict, directory: Directory, downlink: Downlink, ma
         raise ValueError(f"device: {name!r} is not registered in tenant {tenant!r}")
     kind = r.get("type")
     if kind == "rpc":
-        method, timeout = r.get("method"), r.get("timeout", 30)
-        if not isinstance(method, str) or not method:
-            raise ValueError("method: required string")
-        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
-            raise ValueError("timeout: seconds, > 0 and <= 86400")
-        call = downlink.send_rpc(device, method, r.get("params"), float(timeout), bool(r.get("oneway")))
+        call = downlink.send_rpc(device, r.get("method"), r.get("params"), r.get("timeout", 30), bool(r.get("oneway")))
         return {"rpc_id": call.id}
     if kind == "command":
-        command, payload, ttl = r.get("command"), r.get("payload", ""), r.get("ttl", 300)
-        if not isinstance(command, str) or not 0 < len(command.encode()) <= 255:
-            raise ValueError("command: required string of 1-255 bytes")
+        payload = r.get("payload", "")
         if not isinstance(payload, str):
             raise ValueError("payload: must be a string")
-        if not isinstance(ttl, (int, float)) or not 0 < ttl <= 86400:
-            raise ValueError("ttl: seconds, > 0 and <= 86400")
-        return {"delivery": downlink.command(device, command, payload.encode(), float(ttl))}
+        return {"delivery": downlink.command(device, r.get("command"), payload.encode(), r.get("ttl", 300))}
     if kind == "attributes":
-        values = r.get("values")
-        if not isinstance(values, dict):
-            raise RegistryError("values: expected an object of key -> value")
-        return {"delivery": downlink.set_shared(device, values)}
+        return {"delivery": downlink.set_shared(device, r.get("values"))}
     if kind in KINDS:
-        package = r.get("package")
-        if not isinstance(package, int) or isinstance(package, bool):
-            raise ValueError("package: expected a package id (integer)")
-        p = management.assign(tenant, device.device, kind, package)
-        return {"delivery": assign_attributes(downlink, device, kind, p)}
+        _, delivery = assign_package(management, downlink, device, kind, r.get("package"))
+        return {"delivery": delivery}
     raise ValueError(f"type: {kind!r} is not one of rpc, command, attributes, firmware, software")
 
 
-def assign_attributes(downlink: Downlink, device, kind: str, package) -> str:
-    """Tell the device of its new package the ThingsBoard way: shared attributes it observes."""
+def assign_package(management: Management, downlink: Downlink, device: Device, kind: str,
+                   package_id: object) -> tuple[Package, str]:
+    """Assign an OTA package and tell the device the ThingsBoard way: shared attributes it
+    observes (`fw_title`, `fw_version`, `fw_size`, `fw_checksum`, ...).  Returns the package
+    and how the attributes were delivered."""
+    package = management.assign(device.tenant, device.device, kind, package_id)
     prefix = "fw" if kind == "firmware" else "sw"
-    return downlink.set_shared(device, {
+    delivery = downlink.set_shared(device, {
         f"{prefix}_title": package.title, f"{prefix}_version": package.version, f"{prefix}_size": package.size,
         f"{prefix}_checksum": package.sha256, f"{prefix}_checksum_algorithm": "SHA256",
     })
+    return package, delivery

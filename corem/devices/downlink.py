@@ -19,24 +19,23 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-import logging
 import time
 from collections import OrderedDict, deque
 from typing import Any, Callable
 
 import trio
 
-from ..bus.base import BatchingSink, Record
+from ..bus.base import BatchingSink, publish_json
 from ..codec import Code, OptionNumber, encode_uint
 from ..coap.endpoint import DONE, Request
 from ..coap.observe import Observers
 from ..registry import Device
 from ..registry.management import Management
 
-log = logging.getLogger("corem.downlink")
-
 #: idle queues looked at per tick at most
 SWEEP = 256
+#: the longest an RPC may wait for its device, or a command be kept for it (seconds)
+MAX_WAIT = 86400.0
 JSON = 50
 JSON_OPTS = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
 
@@ -216,7 +215,11 @@ class Downlink:
         return "queued"
 
     def send_rpc(self, device: Device, method: str, params: Any, timeout: float, oneway: bool = False) -> RpcCall:
-        """Queue an RPC request for the device; it goes out at once if the device listens."""
+        """Queue an RPC request for the device; it goes out at once if the device listens.
+        ValueError names a bad argument; OverflowError says the device's queue is full."""
+        if not isinstance(method, str) or not method:
+            raise ValueError("method: a non-empty string is required")
+        _check_wait("timeout", timeout)
         now = self.clock()
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)
@@ -243,6 +246,9 @@ class Downlink:
     def command(self, device: Device, name: str, payload: bytes, ttl: float) -> str:
         """A Drogue-style command: answered to a waiting request at once ('delivered'), or kept
         until the device next waits with `ct` ('queued')."""
+        if not isinstance(name, str) or not 0 < len(name.encode()) <= 255:
+            raise ValueError("command: 1-255 bytes of text (it travels in option 4210)")
+        _check_wait("ttl", ttl)
         now = self.clock()
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)
@@ -371,10 +377,9 @@ class Downlink:
             self.after_send()
 
     def _publish(self, device: Device, result: dict[str, Any]) -> None:
-        """Results go to `commands.results.{tenant}`; a full bus loses the record, counted by the sink."""
+        """Results go to `commands.results.{tenant}`, key = device."""
         result = {"tenant": device.tenant, "device": device.device, "at": int(time.time() * 1000), **result}
-        self.sink.submit(Record(results_topic(device.tenant), device.device.encode(), dumps(result), {}),
-                         _ignore, None)
+        publish_json(self.sink, results_topic(device.tenant), device.device, result)
 
     @property
     def devices_queued(self) -> int:
@@ -388,6 +393,7 @@ class Downlink:
                 "waiting": q.waiting is not None}
 
 
-def _ignore(ctx: object, error: BaseException | None) -> None:
-    if error is not None:
-        log.warning("a downlink result was not published: %s", error)
+
+def _check_wait(name: str, seconds: object) -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_WAIT:
+        raise ValueError(f"{name}: seconds, more than 0 and at most {MAX_WAIT:g}")

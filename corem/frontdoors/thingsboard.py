@@ -17,12 +17,11 @@ names the device.  Client attributes are also published to `attributes.{tenant}`
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from typing import Any, Callable
 
-from ..bus.base import Record
+from ..bus.base import publish_json
 from ..codec import Code, OptionNumber, encode_uint
 from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
@@ -135,11 +134,9 @@ class ThingsBoard:
             stored = self.management.set_attributes(device.tenant, device.device, "client", values)
         except (BodyError, RegistryError) as e:
             return bad_request(str(e))
-        record = {"tenant": device.tenant, "device": device.device, "scope": "client", "values": stored}
-        self.ingest.sink.submit(
-            Record(attributes_topic(device.tenant), device.device.encode(), json.dumps(record).encode(), {}),
-            _published, None,
-        )
+        # stored before the answer; the bus copy is for consumers that follow attribute changes
+        publish_json(self.ingest.sink, attributes_topic(device.tenant), device.device,
+                     {"tenant": device.tenant, "device": device.device, "scope": "client", "values": stored})
         return Response(Code.CHANGED)
 
     # -- RPC -------------------------------------------------------------------------------------
@@ -226,6 +223,3 @@ class ThingsBoard:
 def _keys(value: str | None) -> list[str] | None:
     return None if value is None else [k for k in value.split(",") if k]
 
-
-def _published(ctx: object, error: BaseException | None) -> None:
-    """Client attributes are stored before the answer; the bus copy is best effort (counted by the sink)."""

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from typing import Any, NamedTuple
 
-from .store import Registry, RegistryError
+from .store import TENANT_RE, Registry, RegistryError, check_field
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS attributes (
@@ -51,6 +51,7 @@ KINDS = ("firmware", "software")
 #: Attribute keys: what fits a JSON object key and a query parameter list (`sharedKeys=a,b`).
 KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 LABEL_RE = re.compile(r"[!-~]{1,128}")
+LABEL = "1-128 printable ASCII characters, no spaces"
 MAX_ATTRIBUTES = 1000  # per device and scope
 MAX_VALUE = 16 * 1024  # bytes of JSON per attribute value
 
@@ -121,8 +122,7 @@ class Management:
         if kind not in KINDS:
             raise RegistryError(f"kind: {kind!r} is not valid; allowed: {', '.join(KINDS)}")
         for name, value in (("title", title), ("version", version)):
-            if not isinstance(value, str) or not LABEL_RE.fullmatch(value):
-                raise RegistryError(f"{name}: {value!r} is not valid; allowed: 1-128 printable ASCII characters")
+            check_field(name, value, LABEL_RE, LABEL)
         if not data:
             raise RegistryError("data: the package is empty")
         digest = hashlib.sha256(data).hexdigest()
@@ -151,7 +151,9 @@ class Management:
         row = self._conn.execute("SELECT data FROM packages WHERE id = ?", (package_id,)).fetchone()
         return bytes(row[0]) if row else None
 
-    def assign(self, tenant: str, device: str, kind: str, package_id: int) -> Package:
+    def assign(self, tenant: str, device: str, kind: str, package_id: object) -> Package:
+        if not isinstance(package_id, int) or isinstance(package_id, bool):
+            raise RegistryError("package: expected a package id (integer)")
         package = self.package(package_id)
         if package is None:
             raise RegistryError(f"package: no package with id {package_id}")
@@ -168,9 +170,9 @@ class Management:
 
     # -- provisioning and claiming ----------------------------------------------------------------
     def add_provision_key(self, key: str, secret: str, tenant: str, profile: str = "default") -> None:
-        for name, value in (("key", key), ("secret", secret)):
-            if not isinstance(value, str) or not LABEL_RE.fullmatch(value):
-                raise RegistryError(f"{name}: not valid; allowed: 1-128 printable ASCII characters")
+        check_field("key", key, LABEL_RE, LABEL)
+        check_field("secret", secret, LABEL_RE, LABEL, secret=True)
+        check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
         try:
             self._conn.execute(
                 "INSERT INTO provision_keys VALUES (?, ?, ?, ?, ?)", (key, secret, tenant, profile, _now_ms())
@@ -190,8 +192,7 @@ class Management:
         return row[1], name, token
 
     def open_claim(self, tenant: str, device: str, secret: str, duration_ms: int) -> int:
-        if not isinstance(secret, str) or not LABEL_RE.fullmatch(secret):
-            raise RegistryError("secretKey: not valid; allowed: 1-128 printable ASCII characters")
+        check_field("secretKey", secret, LABEL_RE, LABEL, secret=True)
         if not isinstance(duration_ms, int) or not 0 < duration_ms <= 30 * 86400_000:
             raise RegistryError("durationMs: must be between 1 ms and 30 days")
         expires = _now_ms() + duration_ms

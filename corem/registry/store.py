@@ -84,9 +84,24 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     gateways: str = ""
 
 
-def _check(name: str, value: str, pattern: re.Pattern, allowed: str) -> None:
+def check_field(name: str, value: object, pattern: re.Pattern, allowed: str, *, secret: bool = False) -> None:
+    """RegistryError naming `name` unless `value` is a string matching `pattern` whole (a secret's
+    value is not repeated in the message)."""
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise RegistryError(f"{name}: {value!r} is not valid; allowed: {allowed}")
+        shown = "" if secret else f" {value!r}"
+        raise RegistryError(f"{name}:{shown} is not valid; allowed: {allowed}")
+
+
+def parse_psk(text: str | None, hex_text: str | None) -> bytes | None:
+    """A pre-shared key given as text or as hex (CLI `--psk`/`--psk-hex`, API `psk`/`psk_hex`)."""
+    if text is not None and hex_text is not None:
+        raise RegistryError("psk: give it as text or as hex, not both")
+    if hex_text is not None:
+        try:
+            return bytes.fromhex(hex_text)
+        except ValueError:
+            raise RegistryError("psk_hex: not hexadecimal") from None
+    return None if text is None else text.encode()
 
 
 class Registry:
@@ -123,14 +138,14 @@ class Registry:
         topics: str = "#",
         gateways: str = "",
     ) -> Device:
-        _check("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
-        _check("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
+        check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
+        check_field("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
         if token is not None:
-            _check("token", token, TOKEN_RE, "1-255 printable ASCII characters except '/' and space")
+            check_field("token", token, TOKEN_RE, "1-255 printable ASCII characters except '/' and space", secret=True)
         if (psk_identity is None) != (psk is None):
             raise RegistryError("psk: a PSK identity and a key go together; give both or neither")
         if psk_identity is not None:
-            _check("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
+            check_field("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
             if not PSK_MIN <= len(psk) <= PSK_MAX:
                 raise RegistryError(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
         if cert_sha256 is not None and not SHA256_RE.fullmatch(cert_sha256):
@@ -143,7 +158,7 @@ class Registry:
         if not filters or not all(TOPIC_FILTER_RE.fullmatch(f) for f in filters):
             raise RegistryError(f"topics: {topics!r} is not valid; allowed: space-separated MQTT topic filters")
         for gateway in gateways.split():
-            _check("gateways", gateway, DEVICE_RE, "space-separated device ids")
+            check_field("gateways", gateway, DEVICE_RE, "space-separated device ids")
         d = Device(
             tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000),
             psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256, power_mode=power_mode,
