@@ -27,8 +27,11 @@ class ListSink:
 
     def __init__(self) -> None:
         self.records, self._waiting = [], []
+        self.full = False  # True: refuses everything, as a full or failing bus does
 
     def submit(self, record, done, ctx=None) -> bool:
+        if self.full:
+            return False
         self.records.append(record)
         self._waiting.append((done, ctx))
         return True
@@ -392,3 +395,24 @@ def test_attribute_bodies_are_plain_json_or_refused_by_name(stack, body, cf, why
     assert answer.code == Code.BAD_REQUEST and len(answer.payload) >= 10  # cut to the request size (no amplifier)
     assert bytes(answer.payload).startswith(why[: len(answer.payload)])
     assert stack.router.handler_errors == 0
+
+
+def test_a_publish_the_bus_refuses_is_5_03_and_reaches_no_one(stack):
+    q = ["c=cli", "u=awake", "p=TA"]
+    [sub] = stack.send(Code.GET, "ps/room/t", query=q, observe=0, token=b"sub")
+    assert sub.observe is not None
+    stack.sink.full = True
+    [busy] = stack.send(Code.PUT, "ps/room/t", query=q, payload=b"1", token=b"pub")
+    assert busy.code == Code.SERVICE_UNAVAILABLE and busy.max_age == 5
+    stack.sink.full = False
+    [missing] = stack.send(Code.GET, "ps/room/t", query=q, token=b"get")
+    assert missing.code == Code.NOT_FOUND  # not retained either
+
+
+def test_leaving_an_observation_keeps_what_waits_for_a_sleeping_device(stack):
+    sleepy = stack.device("sleepy")
+    stack.send(Code.GET, "api/v1/TS/attributes", observe=0)
+    stack.tick(20.0)
+    assert stack.downlink.set_shared(sleepy, {"a": 1}) == "queued"
+    stack.send(Code.GET, "api/v1/TS/attributes", observe=1, token=b"other")  # some other token leaves
+    assert stack.downlink.queued(sleepy)["attributes"] == 1

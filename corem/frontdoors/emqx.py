@@ -23,11 +23,11 @@ from typing import Callable, NamedTuple
 
 from ..bus.base import Record
 from ..codec import Code, OptionNumber, encode_uint
-from ..coap.endpoint import DONE, Request
+from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
 from ..devices.downlink import Downlink
-from ..ingest.telemetry import TelemetryIngest
+from ..ingest.telemetry import BUSY, TelemetryIngest, answer_committed
 from ..registry import Device, Directory
 from .common import session_owner, bad_request, query, unauthorized
 
@@ -137,8 +137,12 @@ class Emqx:
         return Response(Code.CONTENT, found.payload, self._options(found))
 
     def put(self, req: Request, device: Device, topic: str, observers: Observers) -> Response | None:
+        """Retain and publish: refused (5.03) before anything changes if the bus cannot take it."""
         msg = req.message
         assert msg is not None
+        answer = self.post(req, device, topic, observers)
+        if answer is BUSY:
+            return answer
         max_age = msg.max_age if msg.opt(OptionNumber.MAX_AGE) is not None else DEFAULT_MAX_AGE
         key = (device.tenant, topic)
         self._drop(key)
@@ -150,7 +154,7 @@ class Emqx:
             while len(self._retained) > self.max_retained or self._retained_bytes > self.max_retained_bytes:
                 self._drop(next(iter(self._retained)))
                 self.stats.retained_dropped += 1
-        return self.post(req, device, topic, observers)
+        return answer
 
     def delete(self, req: Request, device: Device, topic: str, observers: Observers) -> Response:
         return Response(Code.DELETED if self._drop((device.tenant, topic)) else Code.NOT_FOUND)
@@ -168,23 +172,23 @@ class Emqx:
         return answer
 
     def post(self, req: Request, device: Device, topic: str, observers: Observers) -> Response | None:
-        """Publish: notify subscribers now, answer 2.04 once the record is on the bus."""
+        """Publish: answered 2.04 once the record is on the bus; subscribers are notified as soon
+        as the bus has taken it (a refused publish, 5.03, reaches nobody)."""
         msg = req.message
         assert msg is not None
         payload = bytes(msg.payload)
         cf = msg.content_format
+        headers = {"topic": topic, "device": device.device}
+        if cf is not None:
+            headers["content_format"] = str(cf)
+        if not self.ingest.sink.submit(Record(pubsub_topic(device.tenant), topic.encode(), payload, headers),
+                                       answer_committed, req):
+            return BUSY
         opts = [] if cf is None else [(OptionNumber.CONTENT_FORMAT, encode_uint(cf))]
         now = self.clock()
         for o in self.observers:
             o.notify(_resource(device.tenant, topic), Code.CONTENT, opts, payload, now)
         self.stats.published += 1
-        headers = {"topic": topic, "device": device.device}
-        if cf is not None:
-            headers["content_format"] = str(cf)
-        record = Record(pubsub_topic(device.tenant), topic.encode(), payload, headers)
-        if not self.ingest.sink.submit(record, _committed, req):
-            return Response(Code.SERVICE_UNAVAILABLE, b"bus unavailable; retry later",
-                            [(OptionNumber.MAX_AGE, encode_uint(5))])
         return None
 
     # -- retained store --------------------------------------------------------------------------
@@ -219,12 +223,3 @@ class Emqx:
 def _resource(tenant: str, topic: str) -> str:
     return f"topic:{tenant}/{topic}"
 
-
-def _committed(req: Request, error: BaseException | None) -> None:
-    if req.state == DONE:
-        return
-    if error is None:
-        req.endpoint.respond(req, Code.CHANGED)
-    else:
-        req.endpoint.respond(req, Code.SERVICE_UNAVAILABLE, [(OptionNumber.MAX_AGE, encode_uint(5))],
-                             b"bus unavailable; retry later")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Callable
 
 from ..bus.base import publish_json
 from ..codec import Code, OptionNumber, encode_uint
@@ -106,25 +106,21 @@ class ThingsBoard:
     def get_attributes(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
         m = self.management
         if req.message is not None and req.message.observe is not None:  # subscription: shared attributes
-            resource = attributes_resource(device)
             state = m.attributes(device.tenant, device.device, "shared")
-            answer = answer_observe(observers, req, resource, content(state, req), self.clock())
-            self.downlink.observed(device, resource)
-            return answer
+            return self._observe(req, device, attributes_resource(device), content(state, req), observers)
         q = query(req)
-        client_keys = _keys(q.get("clientKeys"))
-        shared_keys = _keys(q.get("sharedKeys"))
-        if client_keys is None and shared_keys is None:  # neither asked: everything
-            return content({
-                "client": m.attributes(device.tenant, device.device, "client"),
-                "shared": m.attributes(device.tenant, device.device, "shared"),
-            }, req)
-        out: dict[str, Any] = {}
-        if client_keys is not None:
-            out["client"] = m.attributes(device.tenant, device.device, "client", client_keys)
-        if shared_keys is not None:
-            out["shared"] = m.attributes(device.tenant, device.device, "shared", shared_keys)
-        return content(out, req)
+        asked = {scope: [k for k in q[param].split(",") if k]
+                 for scope, param in (("client", "clientKeys"), ("shared", "sharedKeys")) if param in q}
+        scopes = asked or {"client": None, "shared": None}  # neither asked: everything
+        return content({scope: m.attributes(device.tenant, device.device, scope, keys)
+                        for scope, keys in scopes.items()}, req)
+
+    def _observe(self, req: Request, device: Device, resource: str, response: Response,
+                 observers: Observers) -> Response:
+        answer = answer_observe(observers, req, resource, response, self.clock())
+        if req.message is not None and req.message.observe == 0:  # a (re-)registration, not a goodbye
+            self.downlink.observed(device, resource)
+        return answer
 
     def post_attributes(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
         try:
@@ -142,10 +138,7 @@ class ThingsBoard:
     # -- RPC -------------------------------------------------------------------------------------
     def get_rpc(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
         if req.message is not None and req.message.observe is not None:
-            resource = rpc_resource(device)
-            answer = answer_observe(observers, req, resource, Response(Code.CONTENT), self.clock())
-            self.downlink.observed(device, resource)
-            return answer
+            return self._observe(req, device, rpc_resource(device), Response(Code.CONTENT), observers)
         call = self.downlink.poll_rpc(device)
         if call is None:
             return Response(Code.CONTENT)
@@ -218,8 +211,4 @@ class ThingsBoard:
             return Response(Code.CONTENT, data, [(OptionNumber.CONTENT_FORMAT, encode_uint(OCTETS))])
 
         return get
-
-
-def _keys(value: str | None) -> list[str] | None:
-    return None if value is None else [k for k in value.split(",") if k]
 

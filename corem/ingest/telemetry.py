@@ -25,6 +25,19 @@ from .profiles import Decoder, get_decoder
 
 #: Seconds a device is told to wait (Max-Age on 5.03) before retrying when the bus cannot take it.
 RETRY_AFTER = 5
+#: The answer when the bus cannot take a message (full, failing, shutting down): retry later.
+BUSY = Response(Code.SERVICE_UNAVAILABLE, b"bus unavailable; retry later",
+                [(OptionNumber.MAX_AGE, RETRY_AFTER.to_bytes(1, "big"))])
+
+
+def answer_committed(req: Request, error: BaseException | None) -> None:
+    """A sink `done` for requests answered once their record is durable: 2.04, or 5.03 (BUSY)."""
+    if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
+        return
+    if error is None:
+        req.endpoint.respond(req, Code.CHANGED)
+    else:
+        req.endpoint.respond(req, BUSY.code, BUSY.options, BUSY.payload)
 
 
 class IngestStats:
@@ -84,11 +97,6 @@ class TelemetryIngest:
         self._targets: dict[str, Target] = {}
         self._name_targets: dict[tuple[str, str], Target] = {}
         self._targets_version = -1
-        self._busy = Response(
-            Code.SERVICE_UNAVAILABLE,
-            b"bus unavailable; retry later",
-            [(OptionNumber.MAX_AGE, RETRY_AFTER.to_bytes(1, "big"))],
-        )
 
     def install(self, router: Router, session_device: Callable[[object], Device | None] | None = None) -> None:
         """Add the telemetry front doors; with `session_device` (CoAPS) also `POST /telemetry`,
@@ -181,30 +189,41 @@ class TelemetryIngest:
             profile=device.profile,
         )
         record = Record(target.topic, target.key, encode_point(point), target.headers)
-        req.app = device if then is None else (device, then)
-        if not self.sink.submit(record, self._committed, req):
+        if then is None:
+            req.app = device
+            accepted = self.sink.submit(record, self._committed, req)
+        else:  # rare (Drogue's ct): the tuple stays off the hot path's callback
+            req.app = (device, then)
+            accepted = self.sink.submit(record, self._committed_then, req)
+        if not accepted:
             self.stats.bus_refusals += 1
-            return self._busy
+            return BUSY
         return None
 
     def _committed(self, req: Request, error: BaseException | None) -> None:
         """The sink's verdict on one point: 2.04 once durable, 5.03 with a retry hint if not."""
-        if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
-            return
-        if error is None:
-            device, then = (req.app, None) if type(req.app) is not tuple else req.app
-            self.stats.accepted[device.tenant] += 1
-            self.stats.device_points[device.tenant, device.device] += 1
-            if then is None:
-                req.endpoint.respond(req, Code.CHANGED)
-            else:
+        if req.state != DONE:  # (shutdown may have given up on it already)
+            self._account(req.app, error)
+            answer_committed(req, error)
+
+    def _committed_then(self, req: Request, error: BaseException | None) -> None:
+        """As `_committed`, but a durable point is answered by the `then` given to `ingest`."""
+        if req.state != DONE:
+            device, then = req.app
+            self._account(device, error)
+            if error is None:
                 then(req)
-            if self.presence is not None:
-                self.presence.seen(device.tenant, device.device, self.now(), device.profile)
-        else:
+            else:
+                answer_committed(req, error)
+
+    def _account(self, device: Device, error: BaseException | None) -> None:
+        if error is not None:
             self.stats.bus_refusals += 1
-            busy = self._busy
-            req.endpoint.respond(req, busy.code, busy.options, busy.payload)
+            return
+        self.stats.accepted[device.tenant] += 1
+        self.stats.device_points[device.tenant, device.device] += 1
+        if self.presence is not None:
+            self.presence.seen(device.tenant, device.device, self.now(), device.profile)
 
     def _reject(
         self,
