@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from .admin import token as admin_token
 from .admin.api import AdminApi
 from .admin.http import HttpServer, Reply, Route
 from .bus import BatchingSink, EmbeddedBus
@@ -47,7 +48,6 @@ REGISTRY_POLL = 0.5
 DOWNLINK_TICK = 0.1
 #: How often /readyz's view of the bus is refreshed.
 BUS_PROBE = 5.0
-ADMIN_TOKEN_FILE = "admin-token"
 #: allocations between young-generation collections (CPython's default: 700)
 GC_YOUNG = 20_000
 
@@ -122,21 +122,6 @@ def lock_data_dir(data: Path) -> int:
     return fd
 
 
-def _admin_token(path: Path) -> str:
-    """The admin token kept in the data dir (mode 0600), made on first start."""
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        import secrets
-
-        token = secrets.token_urlsafe(24)
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        log.info("generated an admin token in %s", path)
-        return token
-
-
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -171,7 +156,7 @@ class Server:
             self._command_record, refresh=settings.kafka_commands_refresh,
         )
         self.admin = AdminApi(self)
-        self.admin_token = settings.admin_token or _admin_token(data / ADMIN_TOKEN_FILE)
+        self.admin_token = settings.admin_token or admin_token.read_or_create(data)
         self.bus_problem: str | None = "not probed yet"
         self.http: HttpServer | None = None
         self.transports: list[Transport] = []

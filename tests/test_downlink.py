@@ -416,3 +416,19 @@ def test_leaving_an_observation_keeps_what_waits_for_a_sleeping_device(stack):
     assert stack.downlink.set_shared(sleepy, {"a": 1}) == "queued"
     stack.send(Code.GET, "api/v1/TS/attributes", observe=1, token=b"other")  # some other token leaves
     assert stack.downlink.queued(sleepy)["attributes"] == 1
+
+
+def test_attribute_bound_is_all_or_nothing_and_forget_removes_a_device_state(stack, monkeypatch):
+    import corem.registry.management as m
+
+    monkeypatch.setattr(m, "MAX_ATTRIBUTES", 3)
+    mg = stack.management
+    mg.set_attributes("acme", "awake", "shared", {"a": 1, "b": 2})
+    with pytest.raises(m.RegistryError, match="at most 3"):
+        mg.set_attributes("acme", "awake", "shared", {"b": 20, "c": 3, "d": 4})
+    assert mg.attributes("acme", "awake", "shared") == {"a": 1, "b": 2}  # b was not changed either
+    mg.set_attributes("acme", "awake", "shared", {"a": None, "c": 3, "d": 4})  # a delete makes room
+    assert mg.attributes("acme", "awake", "shared") == {"b": 2, "c": 3, "d": 4}
+    mg.open_claim("acme", "awake", "s3cret", 60_000)
+    mg.forget("acme", "awake")
+    assert mg.attributes("acme", "awake", "shared") == {} and mg.owner("acme", "awake") is None

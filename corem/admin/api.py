@@ -382,14 +382,13 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
         op: dict[str, Any] = {"summary": r.doc.get("summary", ""), "responses": {
             ok: {"description": r.doc.get("ok_text", "OK")}}}
         if r.auth:
+            op["security"] = [{"admin": []}]
             op["responses"]["400"] = {"description": "Bad input; the error names the field"}
+            op["responses"]["401"] = {"description": "Missing or wrong admin token"}
         if "{device}" in r.pattern:
             op["responses"]["404"] = {"description": "The device is not registered"}
         for code, text in r.doc.get("errors", {}).items():
             op["responses"][str(code)] = {"description": text}
-        if r.auth:
-            op["security"] = [{"admin": []}]
-            op["responses"]["401"] = {"description": "Missing or wrong admin token"}
         params = [{"name": p[1:-1], "in": "path", "required": True, "schema": NAMES.get(p[1:-1], STR)}
                   for p in r.pattern.split("/") if p.startswith("{")]
         params += [{"name": q, "in": "query", "required": r.doc.get("raw_body", False),

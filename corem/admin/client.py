@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ..config import ConfigError, Settings, parse_hostport
+from . import token as admin_token
 
 KEYS = ["data_dir", "http", "admin_token"]
 
@@ -30,12 +31,10 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, raw
         raise ConfigError("http: the server's admin listener is off; these commands need it")
     host = "127.0.0.1" if hostport[0] in ("0.0.0.0", "") else hostport[0]
     host = f"[{host}]" if ":" in host else host
-    token = settings.admin_token
+    token = settings.admin_token or admin_token.read(settings.data_path)
     if not token:
-        try:
-            token = (Path(settings.data_dir) / "admin-token").read_text().strip()
-        except FileNotFoundError:
-            raise ConfigError("admin_token: not given and no data_dir/admin-token (start corem serve once)") from None
+        raise ConfigError(f"admin_token: not given and no {admin_token.TOKEN_FILE} in the data dir "
+                          "(start corem serve once)")
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(f"http://{host}:{hostport[1]}{path}", data=data, method=method)
     req.add_header("Authorization", f"Bearer {token}")

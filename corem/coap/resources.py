@@ -2,8 +2,8 @@
 
 Paths are patterns of segments; `{name}` matches any one segment and its value is passed to the
 handler in order; a last segment `{name*}` matches one or more segments (topic names such as
-`ps/{topic*}`) and is passed joined with '/'.  A handler returns a `Response` to answer at once, or None when it will answer
-later through `Endpoint.respond` (e.g. after the point is committed to the bus).
+`ps/{topic*}`) and is passed joined with '/'.  A handler returns a `Response` to answer at once,
+or None when it will answer later through `Endpoint.respond` (e.g. after the point is committed).
 """
 
 from __future__ import annotations

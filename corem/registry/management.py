@@ -13,7 +13,8 @@ import re
 import secrets
 import sqlite3
 import time
-from typing import Any, NamedTuple
+from contextlib import contextmanager
+from typing import Any, Iterator, NamedTuple
 
 from .store import TENANT_RE, Registry, RegistryError, check_field
 
@@ -75,6 +76,17 @@ class Management:
         self._conn: sqlite3.Connection = registry.conn
         self._conn.executescript(SCHEMA)
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """All or nothing (the connection autocommits each statement otherwise)."""
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
     # -- attributes ------------------------------------------------------------------------------
     def attributes(self, tenant: str, device: str, scope: str, keys: list[str] | None = None) -> dict[str, Any]:
         rows = self._conn.execute(
@@ -96,8 +108,7 @@ class Management:
                 raise RegistryError(f"attributes.{key}: value is {len(text)} bytes of JSON; at most {MAX_VALUE}")
             encoded.append((key, text))
         now = _now_ms()
-        with self._conn:
-            self._conn.execute("BEGIN")
+        with self._transaction():
             for key, text in encoded:
                 if text is None:
                     self._conn.execute(
@@ -112,8 +123,7 @@ class Management:
             count = self._conn.execute(
                 "SELECT count(*) FROM attributes WHERE tenant=? AND device=? AND scope=?", (tenant, device, scope)
             ).fetchone()[0]
-            if count > MAX_ATTRIBUTES:
-                self._conn.execute("ROLLBACK")
+            if count > MAX_ATTRIBUTES:  # the transaction rolls back
                 raise RegistryError(f"attributes: a device keeps at most {MAX_ATTRIBUTES} {scope} attributes")
         return dict(values)
 
@@ -229,6 +239,6 @@ class Management:
 
     def forget(self, tenant: str, device: str) -> None:
         """A removed device's attributes, assignments and claim go with it."""
-        with self._conn:
+        with self._transaction():
             for table in ("attributes", "assignments", "claims"):
                 self._conn.execute(f"DELETE FROM {table} WHERE tenant = ? AND device = ?", (tenant, device))

@@ -88,8 +88,8 @@ def check_field(name: str, value: object, pattern: re.Pattern, allowed: str, *, 
     """RegistryError naming `name` unless `value` is a string matching `pattern` whole (a secret's
     value is not repeated in the message)."""
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        shown = "" if secret else f" {value!r}"
-        raise RegistryError(f"{name}:{shown} is not valid; allowed: {allowed}")
+        what = "not valid" if secret else f"{value!r} is not valid"
+        raise RegistryError(f"{name}: {what}; allowed: {allowed}")
 
 
 def parse_psk(text: str | None, hex_text: str | None) -> bytes | None:
