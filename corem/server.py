@@ -14,7 +14,7 @@ import trio
 
 from .admin import token as admin_token
 from .admin.api import AdminApi
-from .admin.http import HttpServer, Reply, Route
+from .admin.http import HttpRequest, HttpServer, Reply, Route
 from .bus import BatchingSink, EmbeddedBus
 from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX, KafkaCommandReader
@@ -144,7 +144,7 @@ class Server:
             max_queued=settings.max_queued_commands, clock=trio.current_time,
         )
         self.downlink.after_send = self._after_batch
-        self.ingest.on_uplink = self._uplink
+        self.ingest.on_uplink = self.downlink.uplink
         self.thingsboard = ThingsBoard(self.directory, self.ingest, self.management, self.downlink, trio.current_time)
         self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
         self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
@@ -191,30 +191,23 @@ class Server:
         self._stop.set()
 
     # -- HTTP routes -------------------------------------------------------------------------
-    def _metrics(self) -> tuple[int, str, bytes]:
-        return 200, "text/plain; version=0.0.4; charset=utf-8", render(self)
+    def _metrics(self, req: HttpRequest) -> Reply:
+        return Reply(200, render(self), "text/plain; version=0.0.4; charset=utf-8")
 
-    def _healthz(self) -> tuple[int, str, bytes]:
-        return 200, "text/plain", b"ok\n"
+    def _healthz(self, req: HttpRequest) -> Reply:
+        return Reply(200, b"ok\n", "text/plain")
 
-    def _readyz(self) -> tuple[int, str, bytes]:
+    def _readyz(self, req: HttpRequest) -> Reply:
         """Ready: every listener bound and the bus reachable (as of the last probe)."""
         if not self._ready:
-            return 503, "text/plain", b"starting\n"
+            return Reply(503, b"starting\n", "text/plain")
         problem = self.bus_problem or (None if self.sink.last_error is None else str(self.sink.last_error))
         if problem is not None:
-            return 503, "text/plain", f"bus: {problem}\n".encode()
-        return 200, "text/plain", b"ready\n"
+            return Reply(503, f"bus: {problem}\n".encode(), "text/plain")
+        return Reply(200, b"ready\n", "text/plain")
 
     def http_routes(self) -> list[Route]:
-        def plain(fn):
-            def handler(req) -> Reply:
-                status, ctype, body = fn()
-                return Reply(status, body, ctype)
-
-            return handler
-
-        ops = [Route("GET", path, plain(fn), auth=False, doc={"summary": summary}) for path, fn, summary in (
+        ops = [Route("GET", path, fn, auth=False, doc={"summary": summary}) for path, fn, summary in (
             ("/metrics", self._metrics, "Prometheus metrics"),
             ("/healthz", self._healthz, "Alive"),
             ("/readyz", self._readyz, "Listeners bound and the bus reachable"),
@@ -229,9 +222,6 @@ class Server:
         self.management.set_position(topic, partition, offset + 1)
         if result["status"] == "rejected":
             log.info("rejected a downlink request from %s[%d]@%d: %s", topic, partition, offset, result["reason"])
-
-    def _uplink(self, device) -> None:
-        self.downlink.uplink(device, trio.current_time())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _bind(self) -> None:

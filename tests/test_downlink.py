@@ -59,7 +59,7 @@ class Stack:
         clock = lambda: self.now  # noqa: E731
         self.ingest = TelemetryIngest(self.directory, self.sink, Diagnostics(), now=clock)
         self.downlink = Downlink(self.management, self.sink, psm_activity_timer=10.0, clock=clock, **downlink)
-        self.ingest.on_uplink = lambda d: self.downlink.uplink(d, self.now)
+        self.ingest.on_uplink = self.downlink.uplink
         self.endpoint = Endpoint(Params(), rng=lambda: 0.0)
         self.router = Router()
         self.observers = Observers(self.endpoint)
@@ -365,7 +365,7 @@ def test_idle_queues_of_a_psm_fleet_are_forgotten_a_bounded_number_per_tick(stac
 
     fleet = [Device(tenant="acme", device=f"p{i}", power_mode="psm") for i in range(5000)]
     for d in fleet:
-        stack.downlink.uplink(d, 0.0)  # each one talked: reachable for psm_activity_timer
+        stack.downlink.uplink(d)  # each one talked (at 0.0): reachable for psm_activity_timer
     assert stack.downlink.devices_queued == 5000
     stack.downlink.set_shared(fleet[0], {"a": 1})  # delivered or stored: awake
     stack.tick(20.0)  # all asleep now

@@ -129,7 +129,7 @@ class Downlink:
         self.stats = DownlinkStats()
 
     # -- device side -----------------------------------------------------------------------------
-    def uplink(self, device: Device, now: float) -> None:
+    def uplink(self, device: Device) -> None:
         """The device talked: it is awake; what waits for it goes out on the next tick."""
         key = (device.tenant, device.device)
         q = self._queues.get(key)
@@ -139,7 +139,7 @@ class Downlink:
             q = self._queue(key)
             if q is None:
                 return
-        self._touch(key, q, now)
+        self._touch(key, q, self.clock())
         if q.attributes or q.rpcs:
             self._due.add(key)
 

@@ -102,7 +102,7 @@ class Emqx:
                 if not any(topic_matches(f, topic) for f in device.topics.split()):
                     self.stats.denied += 1
                     return Response(Code.FORBIDDEN, f"topic: {topic!r} is not allowed for this device".encode())
-                self.downlink.uplink(device, self.clock())
+                self.downlink.uplink(device)
                 return handler(req, device, topic, observers)
 
             return call

@@ -86,7 +86,7 @@ class ThingsBoard:
             if device is None:
                 self.ingest.stats.auth_failures["coap", "unknown_token"] += 1
                 return unauthorized("unknown access token")
-            self.downlink.uplink(device, self.clock())
+            self.downlink.uplink(device)
             return handler(req, device, params[1:], observers)
 
         return call
@@ -97,7 +97,7 @@ class ThingsBoard:
             if device is None:
                 self.ingest.stats.auth_failures["coap", "no_session_identity"] += 1
                 return unauthorized("no registered device in this session; use /api/v1/{token}/...")
-            self.downlink.uplink(device, self.clock())
+            self.downlink.uplink(device)
             return handler(req, device, params, observers)
 
         return call
