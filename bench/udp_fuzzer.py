@@ -59,7 +59,7 @@ def door_request(rng: random.Random, mid: int) -> bytes:
         payload = json.dumps({"provisionDeviceKey": "k", "provisionDeviceSecret": junk.hex()}).encode()
         opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, "provision"), (O.CONTENT_FORMAT, 50)]
     elif kind == 3:  # Drogue with garbage in option 4209
-        opts = [(O.URI_PATH, "v1"), (O.URI_PATH, "telemetry"), (O.DROGUE_AUTH, b"Basic " + junk[:30] or b"x"),
+        opts = [(O.URI_PATH, "v1"), (O.URI_PATH, "telemetry"), (O.DROGUE_AUTH, b"Basic " + junk[:30]),
                 (O.URI_QUERY, f"ct={rng.randrange(-5, 500)}")]
     elif kind == 4:  # EMQX with forged credentials
         code = rng.choice((Code.GET, Code.PUT, Code.POST, Code.DELETE))

@@ -97,7 +97,9 @@ class Drogue:
                 self.ingest.stats.auth_failures["coap", "not_a_gateway"] += 1
                 return Response(Code.FORBIDDEN, f"as: {device.device!r} is not a gateway of {q['as']!r}".encode())
             target_device = other
-        target = self.ingest.target(target_device)
+        target = self.ingest.by_name(target_device.tenant, target_device.device)
+        if target is None:  # removed since the directory was read
+            return unauthorized("device: no longer registered")
         headers = {**target.headers, "channel": channel}
         if "data_schema" in q:
             headers["data_schema"] = q["data_schema"]

@@ -108,7 +108,7 @@ class TelemetryIngest:
                 if device is None:  # one-way certificate session: the device names itself by token
                     self.stats.auth_failures["coap", "no_session_identity"] += 1
                     return Response(Code.UNAUTHORIZED, b"no device identity in this session; use /api/v1/{token}/telemetry")
-                target = self._by_name(device.tenant, device.device)
+                target = self.by_name(device.tenant, device.device)
                 if target is None:  # the device was removed after its handshake
                     self.stats.auth_failures["coap", "revoked"] += 1
                     return Response(Code.UNAUTHORIZED, b"device no longer registered")
@@ -137,7 +137,8 @@ class TelemetryIngest:
             self._reload_targets()
         return self._targets.get(token)
 
-    def _by_name(self, tenant: str, device: str) -> Target | None:
+    def by_name(self, tenant: str, device: str) -> Target | None:
+        """The cached pipeline target of a registered device (None once it is removed)."""
         if self._targets_version != self.directory.reloads:
             self._reload_targets()
         return self._name_targets.get((tenant, device))
