@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ..config import ConfigError, Settings, parse_hostport
+from ..registry.management import KINDS
 from . import token as admin_token
 
 KEYS = ["data_dir", "http", "admin_token"]
@@ -148,11 +149,11 @@ def add_parsers(sub, add_flags) -> None:
     p.add_argument("file")
     p.add_argument("--title", required=True)
     p.add_argument("--version", required=True)
-    p.add_argument("--kind", choices=["firmware", "software"], default="firmware")
+    p.add_argument("--kind", choices=KINDS, default="firmware")
     p.set_defaults(func=firmware_upload)
     p = device(fw.add_parser("assign", help="assign a package to a device"))
     p.add_argument("--package", type=int, required=True)
-    p.add_argument("--kind", choices=["firmware", "software"], default="firmware")
+    p.add_argument("--kind", choices=KINDS, default="firmware")
     p.set_defaults(func=firmware_assign)
 
     prov = sub.add_parser("provisioning", help="device provisioning keys").add_subparsers(dest="action", required=True)
