@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py corem/codec/_speedups.c corem/fastlane/_lane.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test,bench]'

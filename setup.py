@@ -1,4 +1,4 @@
-"""Builds the optional C decoder; when it cannot be built corem runs on the pure-Python one."""
+"""Builds the optional C parts (the decoder, the fast lane); without them corem runs on Python alone."""
 
 from setuptools import Extension, setup
 
@@ -9,6 +9,12 @@ setup(
             ["corem/codec/_speedups.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
-        )
+        ),
+        Extension(
+            "corem.fastlane._lane",
+            ["corem/fastlane/_lane.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
     ]
 )

@@ -150,6 +150,10 @@ class Settings:
         "FULL", "SQLite synchronous mode of the embedded bus: FULL survives power loss, NORMAL a crash",
         _choice("FULL", "NORMAL", "EXTRA", "OFF"),
     )
+    fast_lane: str = _opt(
+        "on", "plain-CoAP telemetry (POST /api/v1/{token}/telemetry, CBOR) handled in C; 'off': all in Python",
+        _choice("on", "off"),
+    )
     sink_max_pending: int = _opt(100_000, "points waiting for the bus before devices get 5.03", _positive)
     sink_max_batch: int = _opt(8192, "points per bus batch at most", _positive)
     piggyback_timeout: float = _opt(0.5, "seconds to answer in the ACK before a separate response", _positive)

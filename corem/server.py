@@ -35,6 +35,7 @@ from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
 from .metrics import render
+from .fastlane import FastLane, Lane
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter
 from .registry import Directory, Registry
@@ -232,7 +233,7 @@ class Server:
             self.ingest.install(t.router)
             t.edge = UdpEdge(
                 _bind_or_explain("coap", *coap), t.endpoint, t.router, max_datagram=s.max_datagram,
-                limiter=self._limiter(),
+                limiter=self._limiter(), lane=self._fast_lane(t.endpoint),
             )
             self.bound.coap = t.edge.address
             self._add_transport(t)
@@ -304,6 +305,16 @@ class Server:
         if not s.rate_limit_per_source:
             return None
         return SourceLimiter(s.rate_limit_per_source, max_sources=s.rate_limit_sources)
+
+    def _fast_lane(self, endpoint: Endpoint) -> FastLane | None:
+        s = self.settings
+        if s.fast_lane == "off":
+            return None
+        if Lane is None:
+            log.warning("fast_lane: the C lane is not built (no C compiler at install?); serving CoAP in Python")
+            return None
+        return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram,
+                        rate=s.rate_limit_per_source, max_sources=s.rate_limit_sources)
 
     def _after_batch(self) -> None:
         for t in self.transports:

@@ -103,6 +103,24 @@ class BatchingSink:
             self._lot.unpark_all()
         return True
 
+    def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
+        """Queue as many of `records` as there is room for (each answered by `done(ctx, error)`
+        like `submit`); returns how many were taken -- the first ones, in order."""
+        room = 0 if self._closing else max(0, self.max_pending - len(self._records))
+        n = min(room, len(records))
+        if n < len(records):
+            self.stats.refused += len(records) - n
+            records, ctxs = records[:n], ctxs[:n]
+        if n:
+            was_empty = not self._records
+            self._records += records
+            self._dones += [done] * n
+            self._ctxs += ctxs
+            self.stats.submitted += n
+            if was_empty:
+                self._lot.unpark_all()
+        return n
+
     @property
     def pending(self) -> int:
         return len(self._records)

@@ -307,7 +307,7 @@ class Endpoint:
         if req.echo:
             options = sorted([*(options or []), *req.echo], key=lambda o: o[0])
         if payload and code >= 0x80 and self.params.limit_error_size:
-            payload = self._fit(req, code, options, payload)
+            payload = self._fit(req.size, req.mid, token, code, options, payload)
         if req.confirmable and state == PENDING:
             if options or payload:
                 data = encode(Message(ACK, code, req.mid, token, options, payload))
@@ -325,12 +325,23 @@ class Endpoint:
         data = encode(Message(CON, code, mid, token, options, payload))
         self.send_confirmable(data, req.peer, mid, token, context, code)
 
+    def answer_late(
+        self, peer: Peer, token: bytes, code: int, options: list | None, payload: bytes, request_size: int
+    ) -> None:
+        """A separate response (a CON of ours, retransmitted until ACKed) to a request that another
+        layer received and deduplicated: the fast lane's readings whose commit outlasted the
+        piggyback timeout."""
+        mid = self.next_mid()
+        if payload and code >= 0x80 and self.params.limit_error_size:
+            payload = self._fit(request_size, mid, token, code, options, payload)
+        self.send_confirmable(encode(Message(CON, code, mid, token, options, payload)), peer, mid, token, None, code)
+
     @staticmethod
-    def _fit(req: Request, code: int, options: list | None, payload: bytes) -> bytes:
-        """Cut an error's diagnostic payload so that the answer is no larger than the request:
-        a forged source address must not turn corem into an amplifier (RFC 7252 §11.3)."""
-        overhead = len(encode(Message(ACK, code, req.mid, req.token, options, b"x"))) - 1
-        room = req.size - overhead
+    def _fit(size: int, mid: int, token: bytes, code: int, options: list | None, payload: bytes) -> bytes:
+        """Cut an error's diagnostic payload so that the answer is no larger than the request
+        (`size` bytes): a forged source address must not turn corem into an amplifier (RFC 7252 §11.3)."""
+        overhead = len(encode(Message(ACK, code, mid, token, options, b"x"))) - 1
+        room = size - overhead
         return payload[:room] if room > 0 else b""
 
     def _settle(self, req: Request) -> None:

@@ -132,10 +132,18 @@ class TelemetryIngest:
             {"protocol": protocol, "profile": device.profile},
         )
 
-    def _by_token(self, token: str) -> Target | None:
+    def targets_by_token(self) -> dict[str, Target]:
+        """Every device with an access token, by token (as of `targets_version`)."""
         if self._targets_version != self.directory.reloads:
             self._reload_targets()
-        return self._targets.get(token)
+        return self._targets
+
+    @property
+    def targets_version(self) -> int:
+        return self._targets_version
+
+    def _by_token(self, token: str) -> Target | None:
+        return self.targets_by_token().get(token)
 
     def by_name(self, tenant: str, device: str) -> Target | None:
         """The cached pipeline target of a registered device (None once it is removed)."""

@@ -11,6 +11,10 @@ the batch (a request waiting on the bus).
 
 For CoAPS the same edge carries a `DtlsServer` between the socket and the endpoint: datagrams are
 decrypted before the endpoint sees them, and what the endpoint sends is encrypted on the way out.
+
+For plain CoAP the edge can carry a `FastLane` instead (corem/fastlane): it reads the socket with
+recvmmsg, answers the common telemetry request in C, and gives the edge the other datagrams,
+which take the path above.  Its limits (size, rate per source) then apply to every datagram.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
@@ -26,6 +30,9 @@ from ..coap.endpoint import Endpoint, Request
 from ..coap.resources import Router
 from ..dtls import DtlsServer
 from .limits import SourceLimiter
+
+if TYPE_CHECKING:
+    from ..fastlane import FastLane
 
 log = logging.getLogger("corem.net")
 
@@ -67,13 +74,18 @@ class UdpEdge:
         max_datagram: int = 1500,
         dtls: DtlsServer | None = None,
         limiter: SourceLimiter | None = None,
+        lane: "FastLane | None" = None,
     ) -> None:
         self.sock = sock
         self.endpoint = endpoint
         self.router = router
         self.max_datagram = max_datagram
         self.dtls = dtls
-        self.limiter = limiter
+        self.lane = lane
+        if lane is not None and dtls is not None:
+            raise ValueError("the fast lane reads plain CoAP; a DTLS edge cannot carry it")
+        #: rate limit per source: the lane's own when there is one (it sees every datagram first)
+        self.limiter = limiter if lane is None or not lane.rate_limited else _LaneLimits(lane)
         #: receives message-layer events (ACK, RST, give-up of our CONs): observers need them
         self.on_event: Callable[[object], None] | None = None
         self.stats = EdgeStats()
@@ -87,17 +99,17 @@ class UdpEdge:
 
     async def serve(self) -> None:
         """Receive until cancelled."""
+        if self.lane is not None:
+            await self._serve_lane(self.lane)
+            return
         sock = self.sock
         recvfrom = sock.recvfrom
         endpoint = self.endpoint
-        receive = endpoint.receive
-        dispatch = self.router.dispatch
-        respond = endpoint.respond
+        handle = self._handle
         limit = self.max_datagram
         bufsize = limit + 1
         dtls = self.dtls
         allow = self.limiter.allow if self.limiter is not None else None
-        on_event = self.on_event
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
@@ -120,21 +132,43 @@ class UdpEdge:
                 # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing).
                 # (A 1-tuple per datagram: measured within noise, <1%, of two copied branches.)
                 for message in (data,) if dtls is None else dtls.receive(data, peer, now):
-                    event = receive(message, peer, now)
-                    if type(event) is Request:
-                        response = dispatch(event)
-                        if response is not None:
-                            respond(event, response.code, response.options, response.payload)
-                    elif event is not None and on_event is not None:
-                        on_event(event)
+                    handle(message, peer, now)
             if endpoint.outbox or (dtls is not None and dtls.outbox):
                 self.flush()
+
+    async def _serve_lane(self, lane: "FastLane") -> None:
+        """The lane reads the socket and keeps the common requests; the rest go to the endpoint."""
+        sock = self.sock
+        fd = sock.fileno()
+        handle = self._handle
+        current_time = trio.current_time
+        wait_readable = trio.lowlevel.wait_readable
+        while True:
+            await wait_readable(sock)
+            now = current_time()
+            for data, peer in lane.drain(fd, now, BATCH):
+                handle(data, peer, now)
+            self.flush()
+
+    def _handle(self, message: bytes, peer: tuple, now: float) -> None:
+        """One CoAP message through the endpoint: a request to its handler, an event to `on_event`."""
+        endpoint = self.endpoint
+        event = endpoint.receive(message, peer, now)
+        if type(event) is Request:
+            response = self.router.dispatch(event)
+            if response is not None:
+                endpoint.respond(event, response.code, response.options, response.payload)
+        elif event is not None and self.on_event is not None:
+            self.on_event(event)
 
     def flush(self) -> None:
         """Send what the endpoint (and DTLS) queued; what the kernel will not take waits for the
         next flush, in order."""
         if self._closed:
             return
+        if self.lane is not None:
+            self.lane.account(self.stats)
+            self.lane.lane.flush(self.sock.fileno())
         endpoint = self.endpoint
         dtls = self.dtls
         if dtls is None:
@@ -187,9 +221,26 @@ class UdpEdge:
                 self.dtls.tick(now)
                 if self.dtls.outbox:
                     self.flush()
-            if endpoint.outbox or self._wire:
+            if self.lane is not None:
+                self.lane.lane.tick(now)
+                self.flush()
+            elif endpoint.outbox or self._wire:
                 self.flush()
 
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+
+
+class _LaneLimits:
+    """The lane's rate limit, shaped like `SourceLimiter` for the metrics (`dropped`, `len`)."""
+
+    def __init__(self, lane: "FastLane") -> None:
+        self._lane = lane
+
+    @property
+    def dropped(self) -> int:
+        return self._lane.counters["dropped"]
+
+    def __len__(self) -> int:
+        return self._lane.counters["sources"]

@@ -1,0 +1,162 @@
+"""The fast lane: plain-CoAP telemetry from socket to sink record in C (`_lane.c`).
+
+The C lane takes the one request shape that is nearly all of a fleet's traffic -- a CON
+`POST /api/v1/{token}/telemetry` with a flat CBOR map -- and hands every other datagram back to
+the Python path (`UdpEdge` -> `Endpoint` -> `Router`), which remains the one place that rejects
+and explains.  `FastLane` is the glue around it: it gives the lane the registry's devices (the
+TelemetryPoint's JSON head and tail are cut from `encode_point` itself, so the two cannot drift),
+submits the lane's records to the sink, tells the downlink which devices talked, and folds the
+lane's counters into the ingest's, the endpoint's and the edge's, so metrics and the UI see one
+server.
+
+Without a C compiler the lane is not built and `Lane` is None: corem then runs on the Python path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..bus.base import BatchingSink, Record
+from ..coap.endpoint import Endpoint
+from ..ingest.payload import decode_readings
+from ..ingest.point import TelemetryPoint, encode_point
+from ..ingest.telemetry import BUSY, TelemetryIngest
+
+try:
+    from ._lane import Lane
+except ImportError:  # pragma: no cover - only without a C compiler
+    Lane = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger("corem.fastlane")
+
+#: The lane's counters that add to the endpoint's and to the edge's (metrics read those).
+ENDPOINT_COUNTERS = ("datagrams_in", "bytes_in", "requests", "duplicates", "dedup_evictions")
+EDGE_COUNTERS = ("oversized", "datagrams_out", "bytes_out", "send_blocked", "send_errors")
+
+#: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
+REFUSED = RuntimeError("the bus is full")
+
+
+def json_frame(tenant: str, device: str, profile: str) -> tuple[bytes, bytes] | None:
+    """The bytes of a TelemetryPoint's JSON before `ts` and after `received_at`, cut from
+    `encode_point` (None if its layout is not the one `_lane.c` writes between them)."""
+    whole = encode_point(TelemetryPoint(tenant=tenant, device=device, ts=0, numeric_values={}, string_values={},
+                                        protocol="coap", received_at=0, profile=profile))
+    middle = b'0,"numeric_values":{},"string_values":{},"protocol":"coap","received_at":0'
+    at = whole.find(b'"ts":')
+    if at < 0:
+        return None
+    head = whole[: at + 5]
+    tail = whole[at + 5 + len(middle):]
+    return (head, tail) if head + middle + tail == whole else None
+
+
+class FastLane:
+    """Drives one C `Lane` for a plain-CoAP `UdpEdge` (see the module docstring)."""
+
+    def __init__(
+        self,
+        ingest: TelemetryIngest,
+        sink: BatchingSink,
+        endpoint: Endpoint,
+        *,
+        max_datagram: int = 1500,
+        rate: float = 0.0,
+        max_sources: int = 100_000,
+    ) -> None:
+        if Lane is None:
+            raise RuntimeError("corem.fastlane._lane is not built (no C compiler when corem was installed)")
+        p = endpoint.params
+        self.lane = Lane(
+            Record, max_datagram=max_datagram, piggyback_timeout=p.piggyback_timeout,
+            exchange_lifetime=p.exchange_lifetime, dedup_max_entries=p.dedup_max_entries,
+            rate=rate, burst=2 * rate, max_sources=max_sources,
+        )
+        self.ingest = ingest
+        self.sink = sink
+        self.endpoint = endpoint
+        self.rate_limited = rate > 0
+        self._version = -1
+        self._seen: dict[str, int] = {}  # counters already folded into the Python side's
+        self._responses: dict[int, int] = {}
+        self.counters: dict[str, Any] = self.lane.counters()
+
+    def refresh(self) -> None:
+        """Give the lane the registry's devices again if it changed (checked before each drain)."""
+        targets = self.ingest.targets_by_token()
+        if self._version == self.ingest.targets_version:
+            return
+        tokens: dict[bytes, int] = {}
+        table: list[tuple | None] = []
+        for token, target in targets.items():
+            device = target.device
+            frame = json_frame(device.tenant, device.device, device.profile) \
+                if target.decode is decode_readings else None
+            tokens[token.encode()] = len(table)
+            # a device with its own decoder, or a point layout the lane does not know: Python's
+            table.append(None if frame is None else (target.topic, target.key, target.headers, *frame, device))
+        self.lane.set_targets(tokens, table)
+        self._version = self.ingest.targets_version
+
+    def drain(self, fd: int, now: float, budget: int) -> list[tuple[bytes, Any]]:
+        """Read up to `budget` datagrams from the socket `fd`; submit what the lane accepted;
+        return the rest (with their peers) for the Python path."""
+        self.refresh()
+        self.lane.drain(fd, now, self.ingest.clock_ms(), budget)
+        return self._submit()
+
+    def receive(self, data: bytes, peer: Any, now: float) -> list[tuple[bytes, Any]]:
+        """`drain` for one datagram given by the caller (sans-IO: tests, fuzzing)."""
+        self.refresh()
+        self.lane.receive(data, peer, now, self.ingest.clock_ms())
+        return self._submit()
+
+    def _submit(self) -> list[tuple[bytes, Any]]:
+        lane = self.lane
+        slow, records, ctxs, heard = lane.take()
+        if records:
+            taken = self.sink.submit_many(records, lane.committed, ctxs)
+            for ctx in ctxs[taken:]:
+                lane.committed(ctx, REFUSED)
+        on_uplink = self.ingest.on_uplink
+        if on_uplink is not None:
+            for device in heard:
+                on_uplink(device)
+        return slow
+
+    def account(self, edge_stats: Any) -> None:
+        """Fold what the lane did since the last call into the Python side's counters (the
+        ingest's, the endpoint's and `edge_stats`); hand late answers (past the piggyback
+        timeout) to the endpoint."""
+        committed, late = self.lane.take_committed()
+        stats = self.ingest.stats
+        presence = self.ingest.presence
+        now = self.ingest.now()
+        for device, n in committed.items():
+            stats.accepted[device.tenant] += n
+            stats.device_points[device.tenant, device.device] += n
+            if presence is not None:
+                presence.seen(device.tenant, device.device, now, device.profile)
+        for peer, token, code, size in late:
+            if code == BUSY.code:
+                self.endpoint.answer_late(peer, token, code, BUSY.options, BUSY.payload, size)
+            else:
+                self.endpoint.answer_late(peer, token, code, None, b"", size)
+        c = self.counters = self.lane.counters()
+        seen = self._seen
+        for into, names in ((self.endpoint.stats, ENDPOINT_COUNTERS), (edge_stats, EDGE_COUNTERS)):
+            for name in names:
+                setattr(into, name, getattr(into, name) + c[name] - seen.get(name, 0))
+                seen[name] = c[name]
+        stats.bus_refusals += c["refusals"] - seen.get("refusals", 0)
+        seen["refusals"] = c["refusals"]
+        responses = self.endpoint.stats.responses
+        for code, n in c["responses"].items():
+            responses[code] += n - self._responses.get(code, 0)
+            self._responses[code] = n
+
+    def __len__(self) -> int:
+        """Exchanges the lane remembers for deduplication."""
+        return self.counters["dedup_entries"]
+

@@ -1,0 +1,1256 @@
+/*
+ * corem.fastlane._lane: plain-CoAP telemetry in C, from the socket to the sink record.
+ *
+ * The Python path (UdpEdge -> Endpoint -> Router -> TelemetryIngest) costs ~20 µs per reading;
+ * most of a one-core budget of ~9 µs at 0.6x libcoap's rate.  This lane reads datagrams with
+ * recvmmsg, and for the one request shape that is nearly all of a fleet's traffic -- a CON
+ * `POST /api/v1/{token}/telemetry`, Content-Format 60, a flat CBOR map, a known token -- it does
+ * the message layer's and the ingest's work itself: rate limit, deduplication, the TelemetryPoint's
+ * JSON and the sink Record.  The 2.04 goes out (sendmmsg) only when the sink says the record is
+ * durable (`committed`), as on the Python path.
+ *
+ * It only ever ACCEPTS.  Every datagram it is not sure about -- other paths, methods, options,
+ * NON requests, malformed messages, CBOR that is invalid or merely unusual (tags, indefinite
+ * lengths, big integers, null, duplicate keys) -- is handed back untouched to the Python path,
+ * which stays the one place that rejects and explains.  So a reading the lane accepts is exactly
+ * a reading the Python path would have accepted (tests compare the two on generated input).
+ *
+ * State, all bounded: a FIFO hash map of exchanges for deduplication (EXCHANGE_LIFETIME,
+ * dedup_max entries, the same rules as corem/coap/endpoint.py: a duplicate CON gets the cached
+ * answer if it is not smaller than the original), a FIFO hash map of token buckets for the
+ * per-source rate limit (corem/net/limits.py's rules), the exchanges waiting for the sink, and the
+ * outbox.  No Python object is created per datagram except the record and its JSON value.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <math.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define KEYLEN 24   /* addr (16, IPv4 mapped) | scope id (4) | port (2) | message id (2) */
+#define REPLY_MAX 48
+#define VLEN 64     /* datagrams per recvmmsg/sendmmsg call */
+#define MAX_ITEMS 64 /* readings per map the lane decodes; more go to the Python path */
+
+/* ---------------------------------------------------------------- FIFO hash map ----------- */
+/* Entries live in a ring in insertion order (so the oldest is evicted or expired first); an
+ * open-addressing index (linear probing, backward-shift deletion) finds them by key. */
+typedef struct {
+    char *ring;
+    size_t esize, cap, head, count;
+    uint32_t *index; /* ring slot + 1; 0 = empty */
+    size_t mask;
+} fifomap;
+
+static uint64_t hash_key(const uint8_t *k) {
+    uint64_t a, b, c;
+    memcpy(&a, k, 8);
+    memcpy(&b, k + 8, 8);
+    memcpy(&c, k + 16, 8);
+    uint64_t h = a * 0x9E3779B97F4A7C15ULL ^ (b + 0x632BE59BD9B4E019ULL) * 0xC2B2AE3D27D4EB4FULL ^
+                 (c + 0x165667B19E3779F9ULL) * 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 31;
+    h *= 0x94D049BB133111EBULL;
+    return h ^ (h >> 29);
+}
+
+static int fm_init(fifomap *m, size_t cap, size_t esize) {
+    size_t n = 16;
+    while (n < cap * 2) n <<= 1;
+    m->ring = PyMem_Calloc(cap, esize);
+    m->index = PyMem_Calloc(n, sizeof(uint32_t));
+    if (!m->ring || !m->index) return -1;
+    m->esize = esize;
+    m->cap = cap;
+    m->head = m->count = 0;
+    m->mask = n - 1;
+    return 0;
+}
+
+static void fm_free(fifomap *m) {
+    PyMem_Free(m->ring);
+    PyMem_Free(m->index);
+    m->ring = NULL;
+    m->index = NULL;
+}
+
+static inline void *fm_entry(fifomap *m, size_t slot) { return m->ring + slot * m->esize; }
+
+static long fm_find(fifomap *m, const uint8_t *key) {
+    size_t i = hash_key(key) & m->mask;
+    for (;;) {
+        uint32_t v = m->index[i];
+        if (!v) return -1;
+        if (memcmp(fm_entry(m, v - 1), key, KEYLEN) == 0) return (long)(v - 1);
+        i = (i + 1) & m->mask;
+    }
+}
+
+static void fm_unindex(fifomap *m, size_t slot) {
+    size_t i = hash_key(fm_entry(m, slot)) & m->mask;
+    while (m->index[i] != slot + 1) i = (i + 1) & m->mask;
+    m->index[i] = 0;
+    size_t j = i;
+    for (;;) {
+        j = (j + 1) & m->mask;
+        uint32_t v = m->index[j];
+        if (!v) return;
+        size_t k = hash_key(fm_entry(m, v - 1)) & m->mask;
+        /* move v back to the hole unless its home k lies cyclically in (i, j] */
+        int stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
+        if (!stays) {
+            m->index[i] = v;
+            m->index[j] = 0;
+            i = j;
+        }
+    }
+}
+
+static void fm_pop_oldest(fifomap *m) {
+    fm_unindex(m, m->head);
+    m->head = (m->head + 1) % m->cap;
+    m->count--;
+}
+
+/* A new entry for `key` (which must not be present); evicts the oldest when full (returns 1 in
+ * *evicted then).  The entry is zeroed but for its key. */
+static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
+    *evicted = 0;
+    if (m->count == m->cap) {
+        fm_pop_oldest(m);
+        *evicted = 1;
+    }
+    size_t slot = (m->head + m->count) % m->cap;
+    char *e = fm_entry(m, slot);
+    memset(e, 0, m->esize);
+    memcpy(e, key, KEYLEN);
+    size_t i = hash_key(key) & m->mask;
+    while (m->index[i]) i = (i + 1) & m->mask;
+    m->index[i] = (uint32_t)slot + 1;
+    m->count++;
+    return slot;
+}
+
+/* ---------------------------------------------------------------- state -------------------- */
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+} addr_t;
+
+typedef struct {
+    uint8_t key[KEYLEN];
+    double at;
+    uint32_t size;      /* bytes the request took: a smaller "duplicate" gets nothing */
+    uint8_t python;     /* the Python path's exchange: its duplicates go there too */
+    uint8_t reply_len;  /* 0: no answer yet (a duplicate gets nothing) */
+    uint8_t reply[REPLY_MAX];
+} exchange_t;
+
+typedef struct {
+    uint8_t key[KEYLEN];
+    double tokens, last;
+} bucket_t;
+
+enum { P_FREE, P_PENDING, P_SEPARATE };
+
+typedef struct {
+    addr_t addr;
+    socklen_t alen;
+    uint8_t key[KEYLEN];
+    double at;
+    uint32_t size, gen;
+    uint16_t mid;
+    uint8_t tkl, state;
+    uint8_t token[8];
+    PyObject *device; /* for accounting once committed */
+    int32_t next_free;
+} pending_t;
+
+typedef struct {
+    addr_t addr;
+    socklen_t alen;
+    uint8_t len;
+    uint8_t data[REPLY_MAX];
+} out_t;
+
+typedef struct {
+    PyObject *topic, *key, *headers, *head, *tail, *device;
+    uint64_t epoch; /* the drain that last told Python this device talked */
+} target_t;
+
+typedef struct {
+    PyObject_HEAD
+    /* settings */
+    Py_ssize_t max_datagram;
+    double piggyback, lifetime, rate, burst;
+    PyTypeObject *record_type;
+    /* tables */
+    fifomap dedup, buckets;
+    int limit;
+    PyObject *tokens; /* dict: token bytes -> index into targets */
+    target_t *targets;
+    Py_ssize_t ntargets;
+    pending_t *pending;
+    int32_t npending_cap, free_head, live;
+    uint64_t *fifo; /* (handle << 32 | gen) of CON exchanges in arrival order (piggyback timer) */
+    size_t fifo_cap, fifo_head, fifo_count;
+    out_t *out;
+    size_t out_len, out_cap;
+    /* what a drain produced, taken by Python */
+    PyObject *slow, *records, *ctxs, *touched, *committed, *separate;
+    uint64_t epoch;
+    /* buffers */
+    uint8_t *rxbuf;
+    char *json;
+    size_t json_cap;
+    /* counters */
+    unsigned long long datagrams_in, bytes_in, requests, duplicates, oversized, dropped, evicted,
+        dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted;
+    unsigned long long responses[256];
+} Lane;
+
+/* ---------------------------------------------------------------- addresses ---------------- */
+static void addr_key(const addr_t *a, uint16_t mid, int with_port, uint8_t *key) {
+    memset(key, 0, KEYLEN);
+    if (a->sa.sa_family == AF_INET) {
+        key[10] = key[11] = 0xff;
+        memcpy(key + 12, &a->v4.sin_addr, 4);
+        if (with_port) memcpy(key + 20, &a->v4.sin_port, 2);
+    } else {
+        memcpy(key, &a->v6.sin6_addr, 16);
+        memcpy(key + 16, &a->v6.sin6_scope_id, 4);
+        if (with_port) memcpy(key + 20, &a->v6.sin6_port, 2);
+    }
+    if (with_port) {
+        key[22] = mid >> 8;
+        key[23] = mid & 0xff;
+    }
+}
+
+/* The peer as Python's socket module gives it: (host, port) or (host, port, flowinfo, scope_id). */
+static PyObject *addr_tuple(const addr_t *a, socklen_t alen) {
+    char host[NI_MAXHOST];
+    if (getnameinfo(&a->sa, alen, host, sizeof host, NULL, 0, NI_NUMERICHOST) != 0) host[0] = 0;
+    if (a->sa.sa_family == AF_INET) return Py_BuildValue("(si)", host, ntohs(a->v4.sin_port));
+    return Py_BuildValue("(siII)", host, ntohs(a->v6.sin6_port), ntohl(a->v6.sin6_flowinfo),
+                         a->v6.sin6_scope_id);
+}
+
+static int addr_from_tuple(PyObject *peer, addr_t *a, socklen_t *alen) {
+    const char *host;
+    int port;
+    unsigned int flow = 0, scope = 0;
+    if (!PyArg_ParseTuple(peer, "si|II", &host, &port, &flow, &scope)) return -1;
+    memset(a, 0, sizeof *a);
+    if (inet_pton(AF_INET, host, &a->v4.sin_addr) == 1) {
+        a->v4.sin_family = AF_INET;
+        a->v4.sin_port = htons(port);
+        *alen = sizeof a->v4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &a->v6.sin6_addr) == 1) {
+        a->v6.sin6_family = AF_INET6;
+        a->v6.sin6_port = htons(port);
+        a->v6.sin6_flowinfo = htonl(flow);
+        a->v6.sin6_scope_id = scope;
+        *alen = sizeof a->v6;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "peer: %s is not a numeric IPv4 or IPv6 address", host);
+    return -1;
+}
+
+/* ---------------------------------------------------------------- output ------------------- */
+static int queue_out(Lane *self, const addr_t *a, socklen_t alen, const uint8_t *data, size_t len,
+                     int code) {
+    if (self->out_len == self->out_cap) {
+        size_t cap = self->out_cap ? self->out_cap * 2 : 256;
+        out_t *o = PyMem_Realloc(self->out, cap * sizeof(out_t));
+        if (!o) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->out = o;
+        self->out_cap = cap;
+    }
+    out_t *o = &self->out[self->out_len++];
+    o->addr = *a;
+    o->alen = alen;
+    o->len = (uint8_t)len;
+    memcpy(o->data, data, len);
+    self->responses[code & 0xff]++;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- CBOR -> JSON ------------- */
+typedef struct {
+    const uint8_t *key;
+    size_t klen;
+    int is_text;
+    double num;
+    const uint8_t *text;
+    size_t tlen;
+} item_t;
+
+/* The argument of a CBOR head at p (definite only); -1 if it is not one the lane takes. */
+static int cbor_arg(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+    uint8_t ai = **p & 0x1f;
+    (*p)++;
+    if (ai < 24) {
+        *v = ai;
+        return 0;
+    }
+    int n = ai == 24 ? 1 : ai == 25 ? 2 : ai == 26 ? 4 : ai == 27 ? 8 : 0;
+    if (!n || end - *p < n) return -1;
+    uint64_t x = 0;
+    for (int i = 0; i < n; i++) x = x << 8 | (*p)[i];
+    *p += n;
+    *v = x;
+    return 0;
+}
+
+/* Strict UTF-8 (what Python's decoder accepts): no overlongs, no surrogates, <= U+10FFFF. */
+static int utf8_ok(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t len;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1f;
+        else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0f;
+        else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
+        else return 0;
+        if (n - i < len) return 0;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = cp << 6 | (s[i + k] & 0x3f);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
+static double half_to_double(uint16_t h) {
+    int exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    double v;
+    if (exp == 0) v = ldexp(mant, -24);
+    else if (exp == 31) v = mant ? NAN : INFINITY;
+    else v = ldexp(mant + 1024, exp - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
+#define TWO53 9007199254740992.0
+#define MAX_TS_MS 253402300799999ULL
+
+/* Parse the payload as the flat map the Python path accepts; 0 and the items if it is one the
+ * lane is sure of, -1 otherwise (the Python path then decides, and explains). */
+static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts) {
+    if (p >= end || (*p >> 5) != 5) return -1;
+    uint64_t n;
+    if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > MAX_ITEMS) return -1;
+    int count = 0, readings = 0;
+    *ts = -1;
+    for (uint64_t i = 0; i < n; i++) {
+        if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31) return -1;
+        uint64_t klen;
+        if (cbor_arg(&p, end, &klen) < 0 || klen == 0 || klen > (uint64_t)(end - p)) return -1;
+        const uint8_t *key = p;
+        p += klen;
+        if (!utf8_ok(key, klen)) return -1;
+        for (int j = 0; j < count; j++)
+            if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
+        if (*ts >= 0 && klen == 2 && key[0] == 't' && key[1] == 's') return -1;
+        if (p >= end) return -1;
+        uint8_t major = *p >> 5, ai = *p & 0x1f;
+        item_t *it = &items[count];
+        it->key = key;
+        it->klen = klen;
+        it->is_text = 0;
+        uint64_t v;
+        if (klen == 2 && key[0] == 't' && key[1] == 's') {
+            if (major != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
+            *ts = (long long)v;
+            continue; /* not a reading; remembered apart (count unchanged, but ts set) */
+        }
+        if (major == 0 || major == 1) {
+            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v >= (uint64_t)TWO53) return -1;
+            it->num = major == 0 ? (double)v : -1.0 - (double)v;
+        } else if (major == 3) {
+            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v > (uint64_t)(end - p)) return -1;
+            if (!utf8_ok(p, v)) return -1;
+            it->is_text = 1;
+            it->text = p;
+            it->tlen = v;
+            p += v;
+        } else if (major == 7) {
+            p++;
+            if (ai == 20 || ai == 21) {
+                it->num = ai == 21 ? 1.0 : 0.0;
+            } else if (ai == 25 && end - p >= 2) {
+                it->num = half_to_double((uint16_t)(p[0] << 8 | p[1]));
+                p += 2;
+            } else if (ai == 26 && end - p >= 4) {
+                uint32_t bits = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+                float f;
+                memcpy(&f, &bits, 4);
+                it->num = f;
+                p += 4;
+            } else if (ai == 27 && end - p >= 8) {
+                uint64_t bits = 0;
+                for (int k = 0; k < 8; k++) bits = bits << 8 | p[k];
+                memcpy(&it->num, &bits, 8);
+                p += 8;
+            } else {
+                return -1;
+            }
+            if (!isfinite(it->num)) return -1;
+        } else {
+            return -1;
+        }
+        count++;
+        readings++;
+    }
+    if (p != end || readings == 0) return -1;
+    *nitems = count;
+    return 0;
+}
+
+static char *put_u64(char *o, unsigned long long v) {
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = '0' + v % 10;
+        v /= 10;
+    } while (v);
+    while (n) *o++ = tmp[--n];
+    return o;
+}
+
+static char *put_double(char *o, double v) {
+    if (v == floor(v) && fabs(v) < 1e15 && !(v == 0 && signbit(v))) {
+        if (v < 0) {
+            *o++ = '-';
+            v = -v;
+        }
+        o = put_u64(o, (unsigned long long)v);
+        *o++ = '.';
+        *o++ = '0';
+        return o;
+    }
+    char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (!s) return NULL;
+    size_t n = strlen(s);
+    memcpy(o, s, n);
+    PyMem_Free(s);
+    return o + n;
+}
+
+/* A JSON string as msgspec writes it: `"` and `\` escaped, control characters as \b \t \n \f \r
+ * or \u00XX, everything else (UTF-8 already checked) as is. */
+static char *put_string(char *o, const uint8_t *s, size_t n) {
+    static const char hex[] = "0123456789abcdef";
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        uint8_t c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = hex[c >> 4];
+            *o++ = hex[c & 15];
+        }
+    }
+    *o++ = '"';
+    return o;
+}
+
+/* The TelemetryPoint's JSON (corem/ingest/point.py, field order as msgspec writes it). */
+static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long long ts, long long now_ms,
+                            size_t payload_len) {
+    size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 128 + 6 * payload_len + 40 * (size_t)n;
+    if (need > self->json_cap) {
+        char *j = PyMem_Realloc(self->json, need);
+        if (!j) return PyErr_NoMemory();
+        self->json = j;
+        self->json_cap = need;
+    }
+    char *o = self->json;
+    memcpy(o, PyBytes_AS_STRING(t->head), PyBytes_GET_SIZE(t->head));
+    o += PyBytes_GET_SIZE(t->head);
+    o = put_u64(o, (unsigned long long)(ts >= 0 ? ts : now_ms));
+    static const char nv[] = ",\"numeric_values\":{", sv[] = "},\"string_values\":{",
+                      pr[] = "},\"protocol\":\"coap\",\"received_at\":";
+    memcpy(o, nv, sizeof nv - 1);
+    o += sizeof nv - 1;
+    int first = 1;
+    for (int i = 0; i < n; i++) {
+        if (items[i].is_text) continue;
+        if (!first) *o++ = ',';
+        first = 0;
+        o = put_string(o, items[i].key, items[i].klen);
+        *o++ = ':';
+        o = put_double(o, items[i].num);
+        if (!o) return NULL;
+    }
+    memcpy(o, sv, sizeof sv - 1);
+    o += sizeof sv - 1;
+    first = 1;
+    for (int i = 0; i < n; i++) {
+        if (!items[i].is_text) continue;
+        if (!first) *o++ = ',';
+        first = 0;
+        o = put_string(o, items[i].key, items[i].klen);
+        *o++ = ':';
+        o = put_string(o, items[i].text, items[i].tlen);
+    }
+    memcpy(o, pr, sizeof pr - 1);
+    o += sizeof pr - 1;
+    o = put_u64(o, (unsigned long long)now_ms);
+    memcpy(o, PyBytes_AS_STRING(t->tail), PyBytes_GET_SIZE(t->tail));
+    o += PyBytes_GET_SIZE(t->tail);
+    return PyBytes_FromStringAndSize(self->json, o - self->json);
+}
+
+/* ---------------------------------------------------------------- one datagram ------------- */
+static int pending_new(Lane *self) {
+    if (self->free_head < 0) {
+        int32_t cap = self->npending_cap ? self->npending_cap * 2 : 1024;
+        pending_t *p = PyMem_Realloc(self->pending, (size_t)cap * sizeof(pending_t));
+        if (!p) return -1;
+        for (int32_t i = self->npending_cap; i < cap; i++) {
+            p[i].state = P_FREE;
+            p[i].gen = 0;
+            p[i].device = NULL;
+            p[i].next_free = i + 1 < cap ? i + 1 : -1;
+        }
+        self->pending = p;
+        self->free_head = self->npending_cap;
+        self->npending_cap = cap;
+    }
+    int32_t h = self->free_head;
+    self->free_head = self->pending[h].next_free;
+    self->pending[h].gen++;
+    self->live++;
+    return h;
+}
+
+static void pending_free(Lane *self, int32_t h) {
+    pending_t *p = &self->pending[h];
+    Py_CLEAR(p->device);
+    p->state = P_FREE;
+    p->next_free = self->free_head;
+    self->free_head = h;
+    self->live--;
+}
+
+static int fifo_push(Lane *self, uint64_t v) {
+    if (self->fifo_count == self->fifo_cap) {
+        size_t cap = self->fifo_cap ? self->fifo_cap * 2 : 1024;
+        uint64_t *f = PyMem_Malloc(cap * sizeof(uint64_t));
+        if (!f) return -1;
+        for (size_t i = 0; i < self->fifo_count; i++) f[i] = self->fifo[(self->fifo_head + i) % self->fifo_cap];
+        PyMem_Free(self->fifo);
+        self->fifo = f;
+        self->fifo_cap = cap;
+        self->fifo_head = 0;
+    }
+    self->fifo[(self->fifo_head + self->fifo_count++) % self->fifo_cap] = v;
+    return 0;
+}
+
+static int rate_allow(Lane *self, const addr_t *a, double now) {
+    uint8_t key[KEYLEN];
+    addr_key(a, 0, 0, key);
+    long slot = fm_find(&self->buckets, key);
+    bucket_t *b;
+    double tokens;
+    if (slot < 0) {
+        int evicted;
+        b = fm_entry(&self->buckets, fm_push(&self->buckets, key, &evicted));
+        self->evicted += evicted;
+        tokens = self->burst;
+    } else {
+        b = fm_entry(&self->buckets, slot);
+        tokens = b->tokens + (now - b->last) * self->rate;
+        if (tokens > self->burst) tokens = self->burst;
+    }
+    b->last = now;
+    if (tokens < 1.0) {
+        b->tokens = tokens;
+        self->dropped++;
+        return 0;
+    }
+    b->tokens = tokens - 1.0;
+    return 1;
+}
+
+static int give_to_python(Lane *self, const uint8_t *data, size_t n, const addr_t *a, socklen_t alen) {
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)data, n);
+    PyObject *peer = bytes ? addr_tuple(a, alen) : NULL;
+    PyObject *pair = peer ? PyTuple_Pack(2, bytes, peer) : NULL;
+    Py_XDECREF(bytes);
+    Py_XDECREF(peer);
+    if (!pair) return -1;
+    int r = PyList_Append(self->slow, pair);
+    Py_DECREF(pair);
+    return r;
+}
+
+static int remember(Lane *self, const uint8_t *key, double now, uint32_t size, int python) {
+    int evicted;
+    fifomap *m = &self->dedup;
+    /* (the endpoint counts the Python path's own evictions) */
+    int oldest_is_lanes = m->count == m->cap && !((exchange_t *)fm_entry(m, m->head))->python;
+    exchange_t *x = fm_entry(m, fm_push(m, key, &evicted));
+    self->dedup_evictions += evicted && oldest_is_lanes;
+    x->at = now;
+    x->size = size;
+    x->python = (uint8_t)python;
+    return 0;
+}
+
+/* A request for the Python path: remembered as its, so that its duplicates follow it there. */
+static int python_path(Lane *self, const uint8_t *key, double now) {
+    remember(self, key, now, 0, 1);
+    return 1;
+}
+
+/* 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
+static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now,
+                    long long now_ms) {
+    if (n < 4 || (d[0] >> 6) != 1) return 1;
+    int type = (d[0] >> 4) & 3, tkl = d[0] & 15, code = d[1];
+    uint16_t mid = (uint16_t)(d[2] << 8 | d[3]);
+    if (tkl > 8 || code < 1 || code > 31 || type > 1 || n < (size_t)(4 + tkl)) return 1;
+    /* options: the fast shape is Uri-Path api/v1/TOKEN/telemetry and Content-Format 60 */
+    const uint8_t *p = d + 4 + tkl, *end = d + n;
+    const uint8_t *seg[4];
+    size_t seglen[4];
+    int nseg = 0, cf = -1, other = 0;
+    unsigned number = 0;
+    while (p < end && *p != 0xff) {
+        unsigned delta = *p >> 4, len = *p & 15;
+        p++;
+        if (delta == 15 || len == 15) return 1;
+        if (delta == 13) {
+            if (p >= end) return 1;
+            delta = 13 + *p++;
+        } else if (delta == 14) {
+            if (end - p < 2) return 1;
+            delta = 269 + (p[0] << 8 | p[1]);
+            p += 2;
+        }
+        if (len == 13) {
+            if (p >= end) return 1;
+            len = 13 + *p++;
+        } else if (len == 14) {
+            if (end - p < 2) return 1;
+            len = 269 + (p[0] << 8 | p[1]);
+            p += 2;
+        }
+        if ((size_t)(end - p) < len) return 1;
+        number += delta;
+        if (number == 11 && nseg < 4) {
+            seg[nseg] = p;
+            seglen[nseg++] = len;
+        } else if (number == 12 && cf < 0 && len <= 2) {
+            cf = 0;
+            for (unsigned k = 0; k < len; k++) cf = cf << 8 | p[k];
+        } else {
+            other = 1;
+        }
+        p += len;
+    }
+    const uint8_t *payload = NULL;
+    if (p < end) { /* payload marker */
+        payload = p + 1;
+        if (payload == end) return 1; /* a marker and no payload: malformed, the codec explains */
+    }
+    /* The lane remembers every request's (peer, message id), with who took it: a duplicate of an
+     * exchange the lane owns is the lane's to answer, whatever its shape; one of the Python
+     * path's goes there (which also keeps a reused message id from being taken twice). */
+    uint8_t key[KEYLEN];
+    addr_key(a, mid, 1, key);
+    long slot = fm_find(&self->dedup, key);
+    if (slot >= 0) {
+        exchange_t *x = fm_entry(&self->dedup, slot);
+        if (x->python) return 1;
+        self->datagrams_in++;
+        self->bytes_in += n;
+        self->duplicates++;
+        if (x->reply_len && type == 0 && n >= x->size)
+            return queue_out(self, a, alen, x->reply, x->reply_len, x->reply[1]);
+        return 0;
+    }
+    if (type != 0 || code != 2 || other || nseg != 4 || cf != 60 || !payload) return python_path(self, key, now);
+    if (seglen[0] != 3 || memcmp(seg[0], "api", 3) || seglen[1] != 2 || memcmp(seg[1], "v1", 2) ||
+        seglen[3] != 9 || memcmp(seg[3], "telemetry", 9) || seglen[2] == 0)
+        return python_path(self, key, now);
+    PyObject *tok = PyBytes_FromStringAndSize((const char *)seg[2], seglen[2]);
+    if (!tok) return -1;
+    PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
+    Py_DECREF(tok);
+    if (!idx) return PyErr_Occurred() ? -1 : python_path(self, key, now);
+    Py_ssize_t ti = PyLong_AsSsize_t(idx);
+    if (ti < 0 || ti >= self->ntargets) return PyErr_Occurred() ? -1 : python_path(self, key, now);
+    target_t *t = &self->targets[ti];
+    if (!t->topic) return python_path(self, key, now); /* a device with its own decoder */
+    item_t items[MAX_ITEMS];
+    int nitems;
+    long long ts;
+    if (parse_map(payload, end, items, &nitems, &ts) < 0) return python_path(self, key, now);
+    /* accepted: from here on the lane owns the exchange */
+    PyObject *value = point_json(self, t, items, nitems, ts, now_ms, end - payload);
+    if (!value) return -1;
+    PyObject *record = self->record_type->tp_alloc(self->record_type, 4);
+    if (!record) {
+        Py_DECREF(value);
+        return -1;
+    }
+    Py_INCREF(t->topic);
+    Py_INCREF(t->key);
+    Py_INCREF(t->headers);
+    PyTuple_SET_ITEM(record, 0, t->topic);
+    PyTuple_SET_ITEM(record, 1, t->key);
+    PyTuple_SET_ITEM(record, 2, value);
+    PyTuple_SET_ITEM(record, 3, t->headers);
+    int h = pending_new(self);
+    if (h < 0) {
+        Py_DECREF(record);
+        PyErr_NoMemory();
+        return -1;
+    }
+    pending_t *q = &self->pending[h];
+    q->addr = *a;
+    q->alen = alen;
+    memcpy(q->key, key, KEYLEN);
+    q->at = now;
+    q->size = (uint32_t)n;
+    q->mid = mid;
+    q->tkl = (uint8_t)tkl;
+    memcpy(q->token, d + 4, tkl);
+    q->state = P_PENDING;
+    Py_INCREF(t->device);
+    q->device = t->device;
+    PyObject *ctx = PyLong_FromLongLong((long long)h << 32 | q->gen);
+    if (!ctx || PyList_Append(self->records, record) < 0 || PyList_Append(self->ctxs, ctx) < 0 ||
+        fifo_push(self, (uint64_t)h << 32 | q->gen) < 0) {
+        Py_XDECREF(ctx);
+        Py_DECREF(record);
+        pending_free(self, h);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return -1;
+    }
+    Py_DECREF(ctx);
+    Py_DECREF(record);
+    if (t->epoch != self->epoch) {
+        t->epoch = self->epoch;
+        if (PyList_Append(self->touched, t->device) < 0) return -1;
+    }
+    remember(self, key, now, (uint32_t)n, 0);
+    self->datagrams_in++;
+    self->bytes_in += n;
+    self->requests++;
+    return 0;
+}
+
+static int ensure_lists(Lane *self) {
+    PyObject **lists[] = {&self->slow, &self->records, &self->ctxs, &self->touched};
+    for (int i = 0; i < 4; i++)
+        if (!*lists[i] && !(*lists[i] = PyList_New(0))) return -1;
+    return 0;
+}
+
+static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now, long long now_ms) {
+    if ((Py_ssize_t)n > self->max_datagram) {
+        self->oversized++;
+        return 0;
+    }
+    if (self->limit && !rate_allow(self, a, now)) return 0;
+    int r = classify(self, d, n, a, alen, now, now_ms);
+    if (r == 1) return give_to_python(self, d, n, a, alen);
+    return r;
+}
+
+/* ---------------------------------------------------------------- methods ------------------ */
+static PyObject *Lane_drain(Lane *self, PyObject *args) {
+    int fd, budget;
+    double now;
+    long long now_ms;
+    if (!PyArg_ParseTuple(args, "idLi", &fd, &now, &now_ms, &budget)) return NULL;
+    if (ensure_lists(self) < 0) return NULL;
+    self->epoch++;
+    size_t bufsize = (size_t)self->max_datagram + 1;
+    struct mmsghdr msgs[VLEN];
+    struct iovec iov[VLEN];
+    addr_t addrs[VLEN];
+    long total = 0;
+    while (total < budget) {
+        int want = budget - total < VLEN ? budget - total : VLEN;
+        for (int i = 0; i < want; i++) {
+            iov[i].iov_base = self->rxbuf + (size_t)i * bufsize;
+            iov[i].iov_len = bufsize;
+            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
+            msgs[i].msg_hdr.msg_name = &addrs[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(addr_t);
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int got = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
+            if (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) continue;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        for (int i = 0; i < got; i++) {
+            size_t n = msgs[i].msg_len;
+            if (msgs[i].msg_hdr.msg_flags & MSG_TRUNC) n = bufsize; /* longer than the limit */
+            if (feed(self, iov[i].iov_base, n, &addrs[i], msgs[i].msg_hdr.msg_namelen, now, now_ms) < 0) return NULL;
+        }
+        total += got;
+        if (got < want) break;
+    }
+    return PyLong_FromLong(total);
+}
+
+static PyObject *Lane_receive(Lane *self, PyObject *args) {
+    Py_buffer data;
+    PyObject *peer;
+    double now;
+    long long now_ms;
+    if (!PyArg_ParseTuple(args, "y*OdL", &data, &peer, &now, &now_ms)) return NULL;
+    addr_t a;
+    socklen_t alen;
+    int r = ensure_lists(self);
+    if (r == 0) {
+        self->epoch++;
+        r = addr_from_tuple(peer, &a, &alen);
+    }
+    if (r == 0) r = feed(self, data.buf, data.len, &a, alen, now, now_ms);
+    PyBuffer_Release(&data);
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_take(Lane *self, PyObject *unused) {
+    if (ensure_lists(self) < 0) return NULL;
+    PyObject *r = PyTuple_Pack(4, self->slow, self->records, self->ctxs, self->touched);
+    if (!r) return NULL;
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->ctxs);
+    Py_CLEAR(self->touched);
+    return r;
+}
+
+static pending_t *pending_of(Lane *self, PyObject *ctx) {
+    long long v = PyLong_AsLongLong(ctx);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    int32_t h = (int32_t)(v >> 32);
+    uint32_t gen = (uint32_t)v;
+    if (h < 0 || h >= self->npending_cap || self->pending[h].state == P_FREE || self->pending[h].gen != gen) {
+        PyErr_SetString(PyExc_KeyError, "no such exchange waiting in the lane");
+        return NULL;
+    }
+    return &self->pending[h];
+}
+
+/* The sink's verdict on one record: 2.04 once durable, 5.03 with Max-Age 5 if not; in the ACK, or
+ * -- past the piggyback timeout -- as a separate response: (peer, token, code, request size)
+ * waits in `take_committed()` for Python's endpoint, which sends and retransmits it. */
+static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "committed(ctx, error)");
+        return NULL;
+    }
+    pending_t *q = pending_of(self, args[0]);
+    if (!q) return NULL;
+    int ok = args[1] == Py_None;
+    int code = ok ? 0x44 : 0xA3;
+    if (ok) {
+        self->accepted++;
+        if (!self->committed && !(self->committed = PyDict_New())) return NULL;
+        PyObject *n = PyDict_GetItemWithError(self->committed, q->device);
+        long long c = n ? PyLong_AsLongLong(n) : 0;
+        PyObject *nn = PyLong_FromLongLong(c + 1);
+        if (!nn || PyDict_SetItem(self->committed, q->device, nn) < 0) {
+            Py_XDECREF(nn);
+            return NULL;
+        }
+        Py_DECREF(nn);
+    } else {
+        self->refusals++;
+    }
+    if (q->state == P_PENDING) {
+        uint8_t reply[REPLY_MAX];
+        size_t len = 4 + q->tkl;
+        reply[0] = 0x60 | q->tkl;
+        reply[1] = (uint8_t)code;
+        reply[2] = q->mid >> 8;
+        reply[3] = q->mid & 0xff;
+        memcpy(reply + 4, q->token, q->tkl);
+        if (!ok) { /* Max-Age: 5, and as much of the reason as fits in the request's size */
+            static const char why[] = "bus unavailable; retry later";
+            reply[len++] = 0xD1;
+            reply[len++] = 0x01;
+            reply[len++] = 5;
+            long room = (long)q->size - (long)(len + 1);
+            if (room > (long)sizeof why - 1) room = sizeof why - 1;
+            if (room > 0) {
+                reply[len++] = 0xff;
+                memcpy(reply + len, why, room);
+                len += room;
+            }
+        }
+        long slot = fm_find(&self->dedup, q->key);
+        if (slot >= 0) {
+            exchange_t *x = fm_entry(&self->dedup, slot);
+            memcpy(x->reply, reply, len);
+            x->reply_len = (uint8_t)len;
+        }
+        if (queue_out(self, &q->addr, q->alen, reply, len, code) < 0) return NULL;
+    } else { /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
+        PyObject *peer = addr_tuple(&q->addr, q->alen);
+        PyObject *late = peer ? Py_BuildValue("(Ny#iI)", peer, (const char *)q->token, (Py_ssize_t)q->tkl, code,
+                                              q->size) : NULL;
+        if (!late) return NULL;
+        if (!self->separate && !(self->separate = PyList_New(0))) {
+            Py_DECREF(late);
+            return NULL;
+        }
+        int r = PyList_Append(self->separate, late);
+        Py_DECREF(late);
+        if (r < 0) return NULL;
+    }
+    pending_free(self, (int32_t)(q - self->pending));
+    Py_RETURN_NONE;
+}
+
+/* Timers: CON exchanges still waiting for the sink after the piggyback timeout get an empty ACK
+ * (and later a separate response); exchanges older than EXCHANGE_LIFETIME are forgotten. */
+static PyObject *Lane_tick(Lane *self, PyObject *arg) {
+    double now = PyFloat_AsDouble(arg);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+    while (self->fifo_count) {
+        uint64_t v = self->fifo[self->fifo_head];
+        pending_t *q = &self->pending[v >> 32];
+        int live = q->state == P_PENDING && q->gen == (uint32_t)v;
+        if (live && q->at > now - self->piggyback) break;
+        self->fifo_head = (self->fifo_head + 1) % self->fifo_cap;
+        self->fifo_count--;
+        if (!live) continue;
+        q->state = P_SEPARATE;
+        uint8_t ack[4] = {0x60, 0, q->mid >> 8, q->mid & 0xff};
+        long slot = fm_find(&self->dedup, q->key);
+        if (slot >= 0) {
+            exchange_t *x = fm_entry(&self->dedup, slot);
+            memcpy(x->reply, ack, 4);
+            x->reply_len = 4;
+        }
+        if (queue_out(self, &q->addr, q->alen, ack, 4, 0) < 0) return NULL;
+    }
+    while (self->dedup.count && ((exchange_t *)fm_entry(&self->dedup, self->dedup.head))->at <= now - self->lifetime)
+        fm_pop_oldest(&self->dedup);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_flush(Lane *self, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    size_t done = 0;
+    struct mmsghdr msgs[VLEN];
+    struct iovec iov[VLEN];
+    while (done < self->out_len) {
+        int want = self->out_len - done < VLEN ? (int)(self->out_len - done) : VLEN;
+        for (int i = 0; i < want; i++) {
+            out_t *o = &self->out[done + i];
+            iov[i].iov_base = o->data;
+            iov[i].iov_len = o->len;
+            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
+            msgs[i].msg_hdr.msg_name = &o->addr;
+            msgs[i].msg_hdr.msg_namelen = o->alen;
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int sent = sendmmsg(fd, msgs, want, MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                self->send_blocked++;
+                break;
+            }
+            if (errno == EINTR) continue;
+            self->send_errors++; /* this datagram cannot go (e.g. unreachable): skip it */
+            done++;
+            continue;
+        }
+        for (int i = 0; i < sent; i++) self->bytes_out += self->out[done + i].len;
+        self->datagrams_out += sent;
+        done += sent;
+    }
+    if (done) {
+        memmove(self->out, self->out + done, (self->out_len - done) * sizeof(out_t));
+        self->out_len -= done;
+    }
+    return PyLong_FromSize_t(self->out_len);
+}
+
+/* The outbox as (bytes, peer) pairs, emptied: the sans-IO way out (tests, fuzzing). */
+static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    for (size_t i = 0; i < self->out_len; i++) {
+        out_t *o = &self->out[i];
+        PyObject *peer = addr_tuple(&o->addr, o->alen);
+        PyObject *pair = peer ? Py_BuildValue("(y#N)", (const char *)o->data, (Py_ssize_t)o->len, peer) : NULL;
+        if (!pair || PyList_Append(list, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(pair);
+        self->datagrams_out++;
+        self->bytes_out += o->len;
+    }
+    self->out_len = 0;
+    return list;
+}
+
+static PyObject *Lane_take_committed(Lane *self, PyObject *unused) {
+    if (!self->committed && !(self->committed = PyDict_New())) return NULL;
+    if (!self->separate && !(self->separate = PyList_New(0))) return NULL;
+    PyObject *r = PyTuple_Pack(2, self->committed, self->separate);
+    if (r) {
+        Py_CLEAR(self->committed);
+        Py_CLEAR(self->separate);
+    }
+    return r;
+}
+
+static void clear_targets(Lane *self) {
+    for (Py_ssize_t i = 0; i < self->ntargets; i++) {
+        target_t *t = &self->targets[i];
+        Py_CLEAR(t->topic);
+        Py_CLEAR(t->key);
+        Py_CLEAR(t->headers);
+        Py_CLEAR(t->head);
+        Py_CLEAR(t->tail);
+        Py_CLEAR(t->device);
+    }
+    PyMem_Free(self->targets);
+    self->targets = NULL;
+    self->ntargets = 0;
+    Py_CLEAR(self->tokens);
+}
+
+/* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device) | None]) */
+static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
+    PyObject *tokens, *list;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyDict_Type, &tokens, &PyList_Type, &list)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    target_t *ts = PyMem_Calloc(n ? n : 1, sizeof(target_t));
+    if (!ts) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (item == Py_None) continue; /* not the lane's to serve */
+        target_t *t = &ts[i];
+        if (!PyArg_ParseTuple(item, "UO!O!SSO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
+                              &t->head, &t->tail, &t->device)) {
+            PyMem_Free(ts);
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        target_t *t = &ts[i];
+        if (!t->topic) continue;
+        Py_INCREF(t->topic);
+        Py_INCREF(t->key);
+        Py_INCREF(t->headers);
+        Py_INCREF(t->head);
+        Py_INCREF(t->tail);
+        Py_INCREF(t->device);
+    }
+    clear_targets(self);
+    self->targets = ts;
+    self->ntargets = n;
+    Py_INCREF(tokens);
+    self->tokens = tokens;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_counters(Lane *self, PyObject *unused) {
+    PyObject *responses = PyDict_New();
+    if (!responses) return NULL;
+    for (int c = 0; c < 256; c++) {
+        if (!self->responses[c]) continue;
+        PyObject *k = PyLong_FromLong(c), *v = PyLong_FromUnsignedLongLong(self->responses[c]);
+        if (!k || !v || PyDict_SetItem(responses, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(responses);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsN}", "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
+        "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
+        self->dropped, "evicted", self->evicted, "dedup_evictions", self->dedup_evictions, "datagrams_out",
+        self->datagrams_out, "bytes_out", self->bytes_out, "send_blocked", self->send_blocked, "send_errors",
+        self->send_errors, "refusals", self->refusals, "accepted", self->accepted, "dedup_entries",
+        (Py_ssize_t)self->dedup.count, "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
+        "responses", responses);
+}
+
+/* ---------------------------------------------------------------- type --------------------- */
+static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"record_type", "max_datagram", "piggyback_timeout", "exchange_lifetime",
+                            "dedup_max_entries", "rate", "burst", "max_sources", NULL};
+    PyObject *record_type;
+    Py_ssize_t dedup_max = 100000, max_sources = 100000;
+    self->max_datagram = 1500;
+    self->piggyback = 0.5;
+    self->lifetime = 247.0;
+    self->rate = 0;
+    self->burst = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddn", names, &PyType_Type, &record_type,
+                                     &self->max_datagram, &self->piggyback, &self->lifetime, &dedup_max,
+                                     &self->rate, &self->burst, &max_sources))
+        return -1;
+    if (!PyType_IsSubtype((PyTypeObject *)record_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "record_type: must be a tuple subclass (corem.bus.base.Record)");
+        return -1;
+    }
+    if (self->max_datagram < 4 || self->max_datagram > 65535 || dedup_max < 1 || max_sources < 1 ||
+        self->piggyback <= 0 || self->lifetime <= 0 || self->rate < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_datagram, dedup_max_entries, max_sources, piggyback_timeout and "
+                                          "exchange_lifetime must be positive, rate not negative");
+        return -1;
+    }
+    if (self->record_type) return 0; /* __init__ twice: keep the first configuration */
+    Py_INCREF(record_type);
+    self->record_type = (PyTypeObject *)record_type;
+    self->limit = self->rate > 0;
+    if (self->burst <= 0) self->burst = 2 * self->rate;
+    self->free_head = -1;
+    self->json_cap = 4096;
+    self->json = PyMem_Malloc(self->json_cap);
+    self->rxbuf = PyMem_Malloc((size_t)VLEN * (self->max_datagram + 1));
+    self->tokens = PyDict_New();
+    if (!self->json || !self->rxbuf || !self->tokens || fm_init(&self->dedup, dedup_max, sizeof(exchange_t)) < 0 ||
+        fm_init(&self->buckets, max_sources, sizeof(bucket_t)) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
+    Py_VISIT(self->tokens);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->records);
+    Py_VISIT(self->ctxs);
+    Py_VISIT(self->touched);
+    Py_VISIT(self->committed);
+    Py_VISIT(self->separate);
+    for (Py_ssize_t i = 0; i < self->ntargets; i++) {
+        Py_VISIT(self->targets[i].headers);
+        Py_VISIT(self->targets[i].device);
+    }
+    for (int32_t i = 0; i < self->npending_cap; i++) Py_VISIT(self->pending[i].device);
+    return 0;
+}
+
+static int Lane_clear(Lane *self) {
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->records);
+    Py_CLEAR(self->ctxs);
+    Py_CLEAR(self->touched);
+    Py_CLEAR(self->committed);
+    Py_CLEAR(self->separate);
+    clear_targets(self);
+    for (int32_t i = 0; i < self->npending_cap; i++) Py_CLEAR(self->pending[i].device);
+    return 0;
+}
+
+static void Lane_dealloc(Lane *self) {
+    PyObject_GC_UnTrack(self);
+    Lane_clear(self);
+    Py_CLEAR(self->record_type);
+    fm_free(&self->dedup);
+    fm_free(&self->buckets);
+    PyMem_Free(self->pending);
+    PyMem_Free(self->fifo);
+    PyMem_Free(self->out);
+    PyMem_Free(self->rxbuf);
+    PyMem_Free(self->json);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"drain", (PyCFunction)Lane_drain, METH_VARARGS, "drain(fd, now, now_ms, budget) -> datagrams read"},
+    {"receive", (PyCFunction)Lane_receive, METH_VARARGS, "receive(data, peer, now, now_ms): one datagram, sans-IO"},
+    {"take", (PyCFunction)Lane_take, METH_NOARGS, "take() -> (for_python, records, ctxs, devices_heard)"},
+    {"committed", (PyCFunction)(void (*)(void))Lane_committed, METH_FASTCALL, "committed(ctx, error)"},
+    {"tick", (PyCFunction)Lane_tick, METH_O, "tick(now)"},
+    {"flush", (PyCFunction)Lane_flush, METH_O, "flush(fd) -> datagrams still waiting"},
+    {"take_outbox", (PyCFunction)Lane_take_outbox, METH_NOARGS, "take_outbox() -> [(bytes, peer)]"},
+    {"take_committed", (PyCFunction)Lane_take_committed, METH_NOARGS, "take_committed() -> ({device: points}, [(peer, token, code, size)])"},
+    {"set_targets", (PyCFunction)Lane_set_targets, METH_VARARGS, "set_targets(tokens, targets)"},
+    {"counters", (PyCFunction)Lane_counters, METH_NOARGS, "counters() -> dict"},
+    {NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "corem.fastlane._lane.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Plain-CoAP telemetry from socket to sink record (see the module source).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lane_init,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_traverse = (traverseproc)Lane_traverse,
+    .tp_clear = (inquiry)Lane_clear,
+    .tp_methods = Lane_methods,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__lane(void) {
+    if (PyType_Ready(&LaneType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

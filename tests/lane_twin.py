@@ -1,0 +1,141 @@
+"""Two plain-CoAP servers fed the same datagrams, sans-IO: the fast lane in front of the Python path
+(what `corem serve` runs) and the Python path alone (`fast_lane = "off"`).  The lane must never
+change what is stored or answered; tests/test_fastlane.py and fuzz/fuzz_lane.py compare the two.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from corem.coap import Endpoint, Params, Request, Router
+from corem.fastlane import FastLane
+from corem.ingest.diagnostics import Diagnostics
+from corem.ingest.point import decode_point
+from corem.ingest.profiles import register_profile
+from corem.ingest.payload import decode_readings
+from corem.ingest.telemetry import TelemetryIngest
+from corem.registry import Directory, Registry
+
+# a profile with a decoder of its own: its devices are the Python path's
+register_profile("twin-custom", lambda cf, payload: decode_readings(60 if cf == 0 else cf, payload))
+
+
+class RecordingSink:
+    """The sink interface, committing when told to (`commit(error)`), with bounded room."""
+
+    def __init__(self, room: int = 1_000_000) -> None:
+        self.room = room
+        self.waiting: list[tuple[Any, Any, Any]] = []
+        self.stored: list[Any] = []
+
+    def submit(self, record, done, ctx=None) -> bool:
+        if len(self.waiting) >= self.room:
+            return False
+        self.waiting.append((record, done, ctx))
+        return True
+
+    def submit_many(self, records, done, ctxs) -> int:
+        n = max(0, min(len(records), self.room - len(self.waiting)))
+        self.waiting += [(r, done, c) for r, c in zip(records[:n], ctxs[:n])]
+        return n
+
+    def commit(self, error: BaseException | None = None) -> None:
+        waiting, self.waiting = self.waiting, []
+        for record, done, ctx in waiting:
+            if error is None:
+                self.stored.append(record)
+            done(ctx, error)
+
+
+class Side:
+    """One server: endpoint, router, ingest, sink -- and the lane in front when `lane`."""
+
+    def __init__(self, directory: Directory, clock: list[float], *, lane: bool, params: Params, room: int,
+                 rate: float = 0.0) -> None:
+        self.clock = clock
+        self.sink = RecordingSink(room)
+        self.ingest = TelemetryIngest(directory, self.sink, Diagnostics(16), clock_ms=lambda: int(clock[0] * 1000),
+                                      now=lambda: clock[0])
+        self.endpoint = Endpoint(params, rng=lambda: 0.5)
+        self.router = Router()
+        self.ingest.install(self.router)
+        self.lane = FastLane(self.ingest, self.sink, self.endpoint, rate=rate) if lane else None
+        self.edge_stats = type("EdgeStats", (), {n: 0 for n in
+                                                 ("oversized", "datagrams_out", "bytes_out", "send_blocked",
+                                                  "send_errors")})()
+
+    def receive(self, data: bytes, peer: tuple) -> None:
+        now = self.clock[0]
+        slow = self.lane.receive(data, peer, now) if self.lane is not None else [(data, peer)]
+        for message, source in slow:  # what UdpEdge._handle does
+            event = self.endpoint.receive(message, source, now)
+            if type(event) is Request:
+                response = self.router.dispatch(event)
+                if response is not None:
+                    self.endpoint.respond(event, response.code, response.options, response.payload)
+
+    def commit(self, error: BaseException | None = None) -> None:
+        self.sink.commit(error)
+        if self.lane is not None:
+            self.lane.account(self.edge_stats)
+
+    def tick(self) -> None:
+        now = self.clock[0]
+        self.endpoint.tick(now)
+        if self.lane is not None:
+            self.lane.lane.tick(now)
+            self.lane.account(self.edge_stats)
+
+    def take_out(self) -> list[tuple[bytes, tuple]]:
+        out = self.endpoint.take_outbox()
+        if self.lane is not None:
+            out += self.lane.lane.take_outbox()
+        return sorted(out)
+
+    def take_stored(self) -> list[tuple]:
+        stored, self.sink.stored = self.sink.stored, []
+        return [(r.topic, r.key, decode_point(r.value), r.headers) for r in stored]
+
+
+class Twin:
+    """The two sides over one registry: T1 (default profile, tenant acme), T2 (a custom decoder)."""
+
+    def __init__(self, *, room: int = 1_000_000, dedup_max_entries: int = 100_000) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="corem-twin-")
+        self.registry = Registry(Path(self.tmp.name) / "registry.db")
+        self.registry.add_device("acme", "d1", token="T1")
+        self.registry.add_device("acme", "d2", token="T2", profile="twin-custom")
+        self.registry.add_device("other.t", "d3:@x", token='T"3\\')
+        self.directory = Directory(self.registry)
+        self.directory.refresh()
+        self.clock = [1000.0]
+        params = Params(dedup_max_entries=dedup_max_entries)
+        self.lane = Side(self.directory, self.clock, lane=True, params=params, room=room)
+        self.python = Side(self.directory, self.clock, lane=False, params=params, room=room)
+
+    def close(self) -> None:
+        self.registry.close()
+        self.tmp.cleanup()
+
+    def receive(self, data: bytes, peer: tuple = ("127.0.0.1", 40000)) -> None:
+        self.lane.receive(data, peer)
+        self.python.receive(data, peer)
+
+    def commit(self, error: BaseException | None = None) -> None:
+        self.lane.commit(error)
+        self.python.commit(error)
+
+    def advance(self, seconds: float) -> None:
+        self.clock[0] += seconds
+        self.lane.tick()
+        self.python.tick()
+
+    def check(self) -> tuple[list, list]:
+        """Both sides answered and stored the same; returns (answers, stored)."""
+        out_lane, out_python = self.lane.take_out(), self.python.take_out()
+        assert out_lane == out_python, f"answers differ:\n lane   {out_lane}\n python {out_python}"
+        stored_lane, stored_python = self.lane.take_stored(), self.python.take_stored()
+        assert stored_lane == stored_python, f"stored differ:\n lane   {stored_lane}\n python {stored_python}"
+        return out_lane, stored_lane

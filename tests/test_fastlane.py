@@ -1,0 +1,392 @@
+"""The fast lane (corem/fastlane): plain-CoAP telemetry in C must store and answer exactly what the
+Python path would, and keep the message layer's rules (dedup, piggyback timeout, refusals, rate
+limit, bounds).  Most tests run the lane and the Python path side by side (tests/lane_twin.py)."""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
+from corem.fastlane import FastLane, Lane, json_frame
+from corem.ingest.point import TelemetryPoint, encode_point
+
+from .lane_twin import RecordingSink, Twin
+
+pytestmark = pytest.mark.skipif(Lane is None, reason="the C lane is not built")
+
+READING = cbor2.dumps({"temperature": 22.5, "humidity": 65, "state": "running", "door": True})
+
+
+def post(token: str = "T1", payload: bytes = READING, *, mid: int = 0x1234, tok: bytes = b"\x01\x02",
+         mtype: int = Type.CON, code: int = Code.POST, cf: int | None = 60, extra: list | None = None) -> bytes:
+    options = [(O.URI_PATH, s.encode()) for s in ("api", "v1", token, "telemetry")]
+    if cf is not None:
+        options.append((O.CONTENT_FORMAT, bytes([cf]) if cf else b""))
+    options += extra or []
+    return encode(Message(mtype, code, mid, tok, sorted(options, key=lambda o: o[0]), payload))
+
+
+@pytest.fixture
+def twin():
+    t = Twin()
+    yield t
+    t.close()
+
+
+def lane_took(twin: Twin) -> int:
+    return twin.lane.lane.lane.counters()["requests"]
+
+
+# -- the point ------------------------------------------------------------------------------------
+def test_json_frame_is_cut_from_encode_point():
+    head, tail = json_frame("acme", 'd"1', "default")
+    assert head == b'{"tenant":"acme","device":"d\\"1","ts":'
+    assert tail == b',"profile":"default"}'
+
+
+def test_a_common_reading_is_taken_by_the_lane_and_stored_byte_for_byte_as_python_would(twin):
+    twin.receive(post())
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 1
+    assert [decode(a[0]).code for a in answers] == [Code.CHANGED]
+    assert decode(answers[0][0]).token == b"\x01\x02" and decode(answers[0][0]).type == Type.ACK
+    topic, key, point, headers = stored[0]
+    assert (topic, key, headers) == ("telemetry.raw.acme", b"d1", {"protocol": "coap", "profile": "default"})
+    assert point.numeric_values == {"temperature": 22.5, "humidity": 65.0, "door": 1.0}
+    assert point.string_values == {"state": "running"} and point.ts == point.received_at == 1_000_000
+    # and the bytes on the bus are msgspec's, not merely equivalent
+    lane_value = _lane_record(post()).value
+    assert lane_value == encode_point(TelemetryPoint(
+        tenant="acme", device="d1", ts=1_000_000, numeric_values=point.numeric_values,
+        string_values=point.string_values, protocol="coap", received_at=1_000_000))
+
+
+def _lane_record(datagram: bytes):
+    t = Twin()
+    try:
+        t.lane.receive(datagram, ("127.0.0.1", 1))
+        return t.lane.sink.waiting[0][0]
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("reading", [
+    {"a": 1.5, "ts": 1_700_000_000_000},
+    {"t": -0.0, "u": 5e-324, "v": 1e16, "w": -123456789012345.0, "x": 0.1, "y": 2 ** 53 - 1, "z": -(2 ** 53)},
+    {"ü\u2028": "\x00\x1f\"\\é\U0001F600\x7f", "e": ""},
+    {"f16": 1.5, "f32": 3.25},
+])
+def test_awkward_but_valid_readings_go_through_the_lane_unchanged(twin, reading):
+    for canonical in (False, True):  # canonical: floats in their shortest form (half, single)
+        twin.receive(post(payload=cbor2.dumps(reading, canonical=canonical), mid=canonical))
+        twin.commit()
+        _, stored = twin.check()
+        assert len(stored) == 1
+    assert lane_took(twin) == 2
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"\xa0", b"\xa1\x62ts\x01", cbor2.dumps({"a": None}), cbor2.dumps({"a": [1]}), cbor2.dumps({"a": {"b": 1}}),
+    cbor2.dumps({1: 2}), cbor2.dumps({"": 1}), cbor2.dumps({"a": float("nan")}), cbor2.dumps({"a": float("inf")}),
+    cbor2.dumps({"a": 2 ** 64}), cbor2.dumps({"a": 2 ** 53}), cbor2.dumps({"a": b"x"}), cbor2.dumps({"a": 1}) + b"\x00",
+    b"\xa2\x61a\x01\x61a\x02",  # duplicate key
+    b"\xbf\x61a\x01\xff",  # indefinite map
+    b"\xa1\x61a\xc1\x01",  # tag
+    b"\xa1\x62ts\x21", b"\xa2\x62ts\x01\x62ts\x02", cbor2.dumps({"ts": 1.0, "a": 1}),
+    cbor2.dumps({"ts": 253_402_300_800_000, "a": 1}),
+    b"\xa1\x61\xff\x01",  # key not UTF-8
+    b"\xa1\x61a\x63\xed\xa0\x80",  # a surrogate in UTF-8
+    b"\xff\xff",
+])
+def test_what_the_lane_is_not_sure_of_is_answered_by_the_python_path(twin, payload):
+    twin.receive(post(payload=payload))
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 0
+    assert len(answers) == 1
+
+
+@pytest.mark.parametrize("datagram", [
+    post(mtype=Type.NON), post(code=Code.PUT), post(cf=50, payload=b'{"a":1}'), post(cf=None), post(cf=0),
+    post("T2"), post("nope"), post(extra=[(O.OBSERVE, b"")]), post(extra=[(O.URI_QUERY, b"x=1")]),
+    post(extra=[(O.URI_PATH, b"more")]), post(extra=[(65001, b"x")]), post(tok=b""),
+    b"\x40\x00\x12\x34",  # ping
+    b"\x50\x02\x12\x34\xb3api",  # truncated option
+])
+def test_other_requests_take_the_python_path(twin, datagram):
+    twin.receive(datagram)
+    twin.commit()
+    twin.check()
+
+
+def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
+    twin.receive(post('T"3\\'))
+    twin.commit()
+    _, stored = twin.check()
+    assert (stored[0][2].tenant, stored[0][2].device) == ("other.t", "d3:@x")
+
+
+# -- the message layer ----------------------------------------------------------------------------
+def test_duplicates_get_the_cached_answer_and_are_stored_once(twin):
+    d = post()
+    twin.receive(d)
+    twin.receive(d)  # before the commit: nothing yet, as for a pending Request
+    assert twin.check()[0] == []
+    twin.commit()
+    twin.check()
+    for dup in (d, d[:-1] + b"", post(mtype=Type.NON)):
+        twin.receive(dup)  # same, smaller (gets nothing: could be forged), NON (nothing)
+        twin.commit()
+        answers, stored = twin.check()
+        assert stored == []
+    twin.receive(d)
+    twin.commit()  # (the lane's counters are folded into the endpoint's after each batch)
+    answers, _ = twin.check()
+    assert [decode(a[0]).code for a in answers] == [Code.CHANGED]
+    assert twin.lane.endpoint.stats.duplicates == twin.python.endpoint.stats.duplicates == 5
+
+
+def test_a_message_id_the_python_path_took_is_not_taken_again_by_the_lane(twin):
+    get = encode(Message(Type.CON, Code.GET, 0x1234, b"\x01", [(O.URI_PATH, b"x")]))
+    twin.receive(get)
+    twin.receive(post(mid=0x1234))  # a reused message id: a duplicate for both
+    twin.commit()
+    answers, stored = twin.check()
+    assert stored == [] and lane_took(twin) == 0
+
+
+def test_a_slow_bus_gets_an_empty_ack_then_a_separate_confirmable_answer(twin):
+    twin.receive(post())
+    twin.advance(0.6)
+    answers, _ = twin.check()
+    assert answers == [(b"\x60\x00\x12\x34", ("127.0.0.1", 40000))]
+    twin.receive(post())  # a duplicate now gets the empty ACK again
+    assert [a[0] for a in twin.check()[0]] == [b"\x60\x00\x12\x34"]
+    twin.commit()
+    answers, stored = twin.check()
+    late = decode(answers[0][0])
+    assert (late.type, late.code, late.token) == (Type.CON, Code.CHANGED, b"\x01\x02") and len(stored) == 1
+    twin.advance(3.5)  # unacknowledged: the endpoint retransmits it
+    assert [a[0] for a in twin.check()[0]] == [answers[0][0]]
+    ack = bytes((0x60, 0, late.mid >> 8, late.mid & 0xFF))
+    twin.receive(ack)
+    twin.advance(10)
+    assert twin.check()[0] == []
+    assert twin.lane.endpoint.outstanding == 0
+
+
+def test_a_bus_that_fails_or_is_full_gets_503_with_max_age_cut_to_the_request_size():
+    for room, error in ((0, None), (10, RuntimeError("down"))):
+        t = Twin(room=room)
+        try:
+            small = post(payload=cbor2.dumps({"a": 1}), tok=b"")
+            t.receive(small)
+            t.commit(error)
+            answers, stored = t.check()
+            reply = decode(answers[0][0])
+            assert reply.code == Code.SERVICE_UNAVAILABLE and reply.max_age == 5 and stored == []
+            assert len(answers[0][0]) <= len(small)
+            assert t.lane.ingest.stats.bus_refusals == t.python.ingest.stats.bus_refusals == 1
+        finally:
+            t.close()
+
+
+def test_exchanges_are_forgotten_after_the_lifetime_and_beyond_the_bound():
+    t = Twin(dedup_max_entries=4)
+    try:
+        for mid in range(6):
+            t.receive(post(mid=mid))
+        t.commit()
+        t.check()
+        t.receive(post(mid=0))  # evicted from both: taken again (as the Python path does)
+        t.receive(post(mid=5))  # still remembered: the cached answer
+        t.commit()
+        answers, stored = t.check()
+        assert len(stored) == 1 and len(answers) == 2
+        assert t.lane.endpoint.stats.dedup_evictions == t.python.endpoint.stats.dedup_evictions
+        t.advance(248)
+        assert t.lane.lane.counters["dedup_entries"] == 0
+        t.receive(post(mid=5))
+        t.commit()
+        assert len(t.check()[1]) == 1
+    finally:
+        t.close()
+
+
+def test_a_registry_change_reaches_the_lane(twin):
+    twin.registry.add_device("acme", "d9", token="T9")
+    twin.directory.refresh(force=True)
+    twin.receive(post("T9"))
+    twin.registry.remove_device("acme", "d1")
+    twin.directory.refresh(force=True)
+    twin.receive(post("T1", mid=2))
+    twin.commit()
+    answers, stored = twin.check()
+    assert [p.device for _, _, p, _ in stored] == ["d9"]
+    assert sorted(decode(a[0]).code for a in answers) == [Code.CHANGED, Code.UNAUTHORIZED]
+
+
+def test_the_downlink_hears_each_device_once_per_batch_and_presence_sees_it_committed():
+    heard = []
+    t = Twin()
+    try:
+        t.lane.ingest.on_uplink = heard.append
+        for mid in range(3):
+            t.lane.receive(post(mid=mid), ("127.0.0.1", 40000))
+        assert [d.device for d in heard] == ["d1"] * 3  # one receive() is one batch
+        t.lane.commit()
+        assert t.lane.ingest.stats.accepted["acme"] == 3
+        assert t.lane.ingest.stats.device_points["acme", "d1"] == 3
+    finally:
+        t.close()
+
+
+def test_committed_refuses_an_unknown_or_repeated_verdict(twin):
+    twin.lane.receive(post(), ("127.0.0.1", 1))
+    _, done, ctx = twin.lane.sink.waiting[0]
+    done(ctx, None)
+    with pytest.raises(KeyError):
+        done(ctx, None)
+    with pytest.raises(KeyError):
+        done(12345, None)
+
+
+# -- limits ---------------------------------------------------------------------------------------
+def test_rate_limit_per_source_host_with_a_burst_of_twice_the_rate():
+    t = Twin()
+    try:
+        lane = FastLane(t.lane.ingest, RecordingSink(), t.lane.endpoint, rate=2, max_sources=2)
+        for mid in range(6):
+            lane.receive(post(mid=mid), ("10.0.0.1", 1000 + mid), 0.0)  # ports change, the host does not
+        assert lane.lane.counters()["dropped"] == 2 and lane.lane.counters()["requests"] == 4
+        lane.receive(post(mid=100), ("10.0.0.1", 1), 0.5)  # half a second refills one token
+        assert lane.lane.counters()["requests"] == 5
+        for host in ("10.0.0.2", "10.0.0.3"):  # a third source evicts the oldest bucket
+            lane.receive(post(mid=200), (host, 1), 0.5)
+        assert lane.lane.counters()["sources"] == 2
+    finally:
+        t.close()
+
+
+def test_oversized_datagrams_are_dropped_and_counted():
+    t = Twin()
+    try:
+        lane = FastLane(t.lane.ingest, RecordingSink(), t.lane.endpoint, max_datagram=64)
+        assert lane.receive(post(payload=cbor2.dumps({"a": "x" * 100})), ("127.0.0.1", 1), 0.0) == []
+        assert lane.lane.counters()["oversized"] == 1
+    finally:
+        t.close()
+
+
+def test_lane_settings_are_checked():
+    with pytest.raises(TypeError, match="record_type"):
+        Lane(dict)
+    with pytest.raises(ValueError):
+        Lane(tuple, max_datagram=2)
+
+
+# -- the socket -----------------------------------------------------------------------------------
+def test_drain_and_flush_on_a_real_socket():
+    t = Twin()
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.setblocking(False)
+        client.settimeout(2)
+        addr = server.getsockname()
+        for mid in range(100):
+            client.sendto(post(mid=mid), addr)
+        client.sendto(b"\x40\x00\x99\x99", addr)  # a ping: the Python path's
+        fl = t.lane.lane
+        slow = []
+        while len(slow) < 1 or fl.lane.counters()["requests"] < 100:
+            slow += fl.drain(server.fileno(), 0.0, 256)
+        assert slow == [(b"\x40\x00\x99\x99", ("127.0.0.1", client.getsockname()[1]))]
+        t.lane.sink.commit()
+        assert fl.lane.flush(server.fileno()) == 0
+        answers = sorted(decode(client.recv(64)).mid for _ in range(100))
+        assert answers == list(range(100))
+    finally:
+        server.close()
+        client.close()
+        t.close()
+
+
+# -- generated input: the lane against the Python path ---------------------------------------------
+FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([-0.0, 5e-324, 1e16, 65504.0, 0.1])
+VALUES = (st.integers(min_value=-(2 ** 66), max_value=2 ** 66) | FLOATS | st.booleans() | st.none()
+          | st.text(max_size=8) | st.binary(max_size=4) | st.lists(st.integers(), max_size=2))
+KEYS = st.sampled_from(["ts", "", "a", "temperature", "é", "\x00"]) | st.text(max_size=6)
+MAPS = st.dictionaries(KEYS, VALUES, max_size=6) | st.fixed_dictionaries(
+    {"ts": st.integers(min_value=-5, max_value=253_402_300_800_001)}, optional={"a": VALUES})
+PAIRS = st.lists(st.tuples(KEYS, VALUES), max_size=5)  # a map as pairs: duplicate keys too
+PAYLOADS = st.one_of(
+    st.builds(lambda m, c: cbor2.dumps(m, canonical=c), MAPS, st.booleans()),
+    st.builds(lambda pairs: bytes([0xA0 | len(pairs)]) + b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in pairs),
+              PAIRS),
+    st.binary(max_size=24),
+    st.builds(lambda m, cut: cbor2.dumps(m)[:cut], MAPS, st.integers(0, 20)),
+)
+FAST_SHAPE = st.builds(lambda token, payload, mid, tok: post(token, payload, mid=mid, tok=tok),
+                       st.sampled_from(["T1", 'T"3\\']), PAYLOADS, st.integers(0, 3),
+                       st.sampled_from([b"", b"\x01", b"12345678"]))
+ANY_SHAPE = st.builds(
+    lambda token, payload, mid, mtype, code, cf, extra, tok: post(token, payload, mid=mid, mtype=mtype, code=code,
+                                                                  cf=cf, extra=extra, tok=tok),
+    st.sampled_from(["T1", "T1", "T2", 'T"3\\', "none"]), PAYLOADS, st.integers(0, 3),
+    st.sampled_from([Type.CON, Type.CON, Type.NON]), st.sampled_from([Code.POST, Code.POST, Code.PUT]),
+    st.sampled_from([60, 60, 50, None, 0]),
+    st.sampled_from([None, None, [(O.URI_HOST, b"h")], [(O.ACCEPT, b"\x3c")], [(O.BLOCK1, b"\x02")]]),
+    st.sampled_from([b"", b"\x01", b"12345678"]),
+)
+DATAGRAMS = FAST_SHAPE | FAST_SHAPE | ANY_SHAPE  # mostly the lane's shape: what it takes is on trial
+STEPS = st.lists(st.tuples(DATAGRAMS, st.sampled_from(["commit", "commit", "fail", "slow", "none"]),
+                           st.sampled_from([("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)])),
+                 min_size=1, max_size=8)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(STEPS)
+def test_generated_traffic_is_stored_and_answered_the_same_with_and_without_the_lane(steps):
+    t = Twin()
+    try:
+        for datagram, then, peer in steps:
+            t.lane.receive(datagram, peer)
+            t.python.receive(datagram, peer)
+            if then == "commit":
+                t.commit()
+            elif then == "fail":
+                t.commit(RuntimeError("bus down"))
+            elif then == "slow":
+                t.advance(0.7)
+            t.check()
+        t.commit()
+        t.advance(300)
+        t.check()
+    finally:
+        t.close()
+
+
+def test_most_generated_valid_readings_are_the_lanes():
+    """The lane is not allowed to be right by declining everything: flat maps of numbers, text
+    and booleans with a valid ts are all its own."""
+    t = Twin()
+    readings = [{"a": i * 0.37, "b": -i, "c": f"s{i}", "d": i % 2 == 0, "ts": 1_700_000_000_000 + i} for i in range(200)]
+    try:
+        for i, r in enumerate(readings):
+            t.receive(post(payload=cbor2.dumps(r, canonical=i % 2 == 0), mid=i))
+        t.commit()
+        _, stored = t.check()
+        assert len(stored) == 200 and lane_took(t) == 200
+        assert not math.isnan(stored[0][2].numeric_values["a"])
+        assert struct.pack(">d", stored[7][2].numeric_values["a"]) == struct.pack(">d", 7 * 0.37)
+    finally:
+        t.close()
