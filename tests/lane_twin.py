@@ -111,9 +111,13 @@ class Twin:
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]
-        params = Params(dedup_max_entries=dedup_max_entries)
-        self.lane = Side(self.directory, self.clock, lane=True, params=params, room=room)
-        self.python = Side(self.directory, self.clock, lane=False, params=params, room=room)
+        self._sides = dict(params=Params(dedup_max_entries=dedup_max_entries), room=room)
+        self.reset()
+
+    def reset(self) -> None:
+        """Both sides anew (the registry stays): each fuzz input starts from the same state."""
+        self.lane = Side(self.directory, self.clock, lane=True, **self._sides)
+        self.python = Side(self.directory, self.clock, lane=False, **self._sides)
 
     def close(self) -> None:
         self.registry.close()

@@ -162,6 +162,15 @@ def test_a_message_id_the_python_path_took_is_not_taken_again_by_the_lane(twin):
     assert stored == [] and lane_took(twin) == 0
 
 
+def test_a_request_in_an_ack_still_takes_its_message_id(twin):
+    """Found by fuzz/fuzz_lane.py: the endpoint remembers any request-coded message, whatever
+    its type; the lane did not, and took a reading the Python path drops as a duplicate."""
+    twin.receive(post(mtype=Type.ACK))
+    twin.receive(post())
+    twin.commit()
+    assert len(twin.check()[1]) == 1  # (the first one's; the second is its duplicate)
+
+
 def test_a_slow_bus_gets_an_empty_ack_then_a_separate_confirmable_answer(twin):
     twin.receive(post())
     twin.advance(0.6)

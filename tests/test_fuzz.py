@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["codec", "payload", "endpoint", "dtls", "frontdoors", "http"]
+TARGETS = ["codec", "payload", "endpoint", "dtls", "frontdoors", "http", "lane"]
 RUNS = int(os.environ.get("COREM_FUZZ_RUNS", "30000"))
 
 try:

@@ -647,7 +647,8 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     if (n < 4 || (d[0] >> 6) != 1) return 1;
     int type = (d[0] >> 4) & 3, tkl = d[0] & 15, code = d[1];
     uint16_t mid = (uint16_t)(d[2] << 8 | d[3]);
-    if (tkl > 8 || code < 1 || code > 31 || type > 1 || n < (size_t)(4 + tkl)) return 1;
+    /* (a request code makes it a request whatever its type, as for the endpoint) */
+    if (tkl > 8 || code < 1 || code > 31 || n < (size_t)(4 + tkl)) return 1;
     /* options: the fast shape is Uri-Path api/v1/TOKEN/telemetry and Content-Format 60 */
     const uint8_t *p = d + 4 + tkl, *end = d + n;
     const uint8_t *seg[4];
