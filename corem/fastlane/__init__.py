@@ -76,6 +76,7 @@ class FastLane:
         self.ingest = ingest
         self.sink = sink
         self.endpoint = endpoint
+        self.lane.on_late = self._answer_late
         self.rate_limited = rate > 0
         self._version = -1
         self._seen: dict[str, int] = {}  # counters already folded into the Python side's
@@ -125,11 +126,18 @@ class FastLane:
                 on_uplink(device)
         return slow
 
+    def _answer_late(self, peer: Any, token: bytes, code: int, request_size: int) -> None:
+        """A reading whose commit outlasted the piggyback timeout: the endpoint answers it with a
+        confirmable response of its own and retransmits it."""
+        if code == BUSY.code:
+            self.endpoint.answer_late(peer, token, code, BUSY.options, BUSY.payload, request_size)
+        else:
+            self.endpoint.answer_late(peer, token, code, None, b"", request_size)
+
     def account(self, edge_stats: Any) -> None:
         """Fold what the lane did since the last call into the Python side's counters (the
-        ingest's, the endpoint's and `edge_stats`); hand late answers (past the piggyback
-        timeout) to the endpoint."""
-        committed, late = self.lane.take_committed()
+        ingest's, the endpoint's and `edge_stats`)."""
+        committed = self.lane.take_committed()
         stats = self.ingest.stats
         presence = self.ingest.presence
         now = self.ingest.now()
@@ -138,11 +146,6 @@ class FastLane:
             stats.device_points[device.tenant, device.device] += n
             if presence is not None:
                 presence.seen(device.tenant, device.device, now, device.profile)
-        for peer, token, code, size in late:
-            if code == BUSY.code:
-                self.endpoint.answer_late(peer, token, code, BUSY.options, BUSY.payload, size)
-            else:
-                self.endpoint.answer_late(peer, token, code, None, b"", size)
         c = self.counters = self.lane.counters()
         seen = self._seen
         for into, names in ((self.endpoint.stats, ENDPOINT_COUNTERS), (edge_stats, EDGE_COUNTERS)):

@@ -23,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -204,7 +205,7 @@ typedef struct {
     out_t *out;
     size_t out_len, out_cap;
     /* what a drain produced, taken by Python */
-    PyObject *slow, *records, *ctxs, *touched, *committed, *separate;
+    PyObject *slow, *records, *ctxs, *touched, *committed, *on_late;
     uint64_t epoch;
     /* buffers */
     uint8_t *rxbuf;
@@ -883,8 +884,8 @@ static pending_t *pending_of(Lane *self, PyObject *ctx) {
 }
 
 /* The sink's verdict on one record: 2.04 once durable, 5.03 with Max-Age 5 if not; in the ACK, or
- * -- past the piggyback timeout -- as a separate response: (peer, token, code, request size)
- * waits in `take_committed()` for Python's endpoint, which sends and retransmits it. */
+ * -- past the piggyback timeout -- as a separate response: `on_late(peer, token, code, request
+ * size)` hands it to Python's endpoint, which sends and retransmits it. */
 static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "committed(ctx, error)");
@@ -936,18 +937,16 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             x->reply_len = (uint8_t)len;
         }
         if (queue_out(self, &q->addr, q->alen, reply, len, code) < 0) return NULL;
-    } else { /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
+    } else if (self->on_late && self->on_late != Py_None) {
+        /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
         PyObject *peer = addr_tuple(&q->addr, q->alen);
-        PyObject *late = peer ? Py_BuildValue("(Ny#iI)", peer, (const char *)q->token, (Py_ssize_t)q->tkl, code,
-                                              q->size) : NULL;
-        if (!late) return NULL;
-        if (!self->separate && !(self->separate = PyList_New(0))) {
-            Py_DECREF(late);
+        PyObject *r = peer ? PyObject_CallFunction(self->on_late, "Ny#iI", peer, (const char *)q->token,
+                                                   (Py_ssize_t)q->tkl, code, q->size) : NULL;
+        if (!r) {
+            pending_free(self, (int32_t)(q - self->pending));
             return NULL;
         }
-        int r = PyList_Append(self->separate, late);
-        Py_DECREF(late);
-        if (r < 0) return NULL;
+        Py_DECREF(r);
     }
     pending_free(self, (int32_t)(q - self->pending));
     Py_RETURN_NONE;
@@ -1043,14 +1042,9 @@ static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
 }
 
 static PyObject *Lane_take_committed(Lane *self, PyObject *unused) {
-    if (!self->committed && !(self->committed = PyDict_New())) return NULL;
-    if (!self->separate && !(self->separate = PyList_New(0))) return NULL;
-    PyObject *r = PyTuple_Pack(2, self->committed, self->separate);
-    if (r) {
-        Py_CLEAR(self->committed);
-        Py_CLEAR(self->separate);
-    }
-    return r;
+    PyObject *d = self->committed;
+    self->committed = NULL;
+    return d ? d : PyDict_New();
 }
 
 static void clear_targets(Lane *self) {
@@ -1179,7 +1173,7 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->ctxs);
     Py_VISIT(self->touched);
     Py_VISIT(self->committed);
-    Py_VISIT(self->separate);
+    Py_VISIT(self->on_late);
     for (Py_ssize_t i = 0; i < self->ntargets; i++) {
         Py_VISIT(self->targets[i].headers);
         Py_VISIT(self->targets[i].device);
@@ -1194,7 +1188,7 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->ctxs);
     Py_CLEAR(self->touched);
     Py_CLEAR(self->committed);
-    Py_CLEAR(self->separate);
+    Py_CLEAR(self->on_late);
     clear_targets(self);
     for (int32_t i = 0; i < self->npending_cap; i++) Py_CLEAR(self->pending[i].device);
     return 0;
@@ -1222,9 +1216,14 @@ static PyMethodDef Lane_methods[] = {
     {"tick", (PyCFunction)Lane_tick, METH_O, "tick(now)"},
     {"flush", (PyCFunction)Lane_flush, METH_O, "flush(fd) -> datagrams still waiting"},
     {"take_outbox", (PyCFunction)Lane_take_outbox, METH_NOARGS, "take_outbox() -> [(bytes, peer)]"},
-    {"take_committed", (PyCFunction)Lane_take_committed, METH_NOARGS, "take_committed() -> ({device: points}, [(peer, token, code, size)])"},
+    {"take_committed", (PyCFunction)Lane_take_committed, METH_NOARGS, "take_committed() -> {device: points committed since the last call}"},
     {"set_targets", (PyCFunction)Lane_set_targets, METH_VARARGS, "set_targets(tokens, targets)"},
     {"counters", (PyCFunction)Lane_counters, METH_NOARGS, "counters() -> dict"},
+    {NULL},
+};
+
+static PyMemberDef Lane_members[] = {
+    {"on_late", T_OBJECT, offsetof(Lane, on_late), 0, "on_late(peer, token, code, request_size): a separate answer"},
     {NULL},
 };
 
@@ -1239,6 +1238,7 @@ static PyTypeObject LaneType = {
     .tp_traverse = (traverseproc)Lane_traverse,
     .tp_clear = (inquiry)Lane_clear,
     .tp_methods = Lane_methods,
+    .tp_members = Lane_members,
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, NULL};
