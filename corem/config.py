@@ -151,7 +151,7 @@ class Settings:
         _choice("FULL", "NORMAL", "EXTRA", "OFF"),
     )
     fast_lane: str = _opt(
-        "on", "plain-CoAP telemetry (POST /api/v1/{token}/telemetry, CBOR) handled in C; 'off': all in Python",
+        "on", "CBOR telemetry POSTs handled in C (token path on CoAP, session on CoAPS); 'off': all in Python",
         _choice("on", "off"),
     )
     sink_max_pending: int = _opt(100_000, "points waiting for the bus before devices get 5.03", _positive)

@@ -247,7 +247,7 @@ class Server:
             self.ingest.install(t.router, session_device=dtls.device)
             t.edge = UdpEdge(
                 _bind_or_explain("coaps", *coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls,
-                limiter=self._limiter(),
+                limiter=self._limiter(), lane=self._fast_lane(t.endpoint, dtls),
             )
             self.bound.coaps = t.edge.address
             self._add_transport(t)
@@ -306,13 +306,15 @@ class Server:
             return None
         return SourceLimiter(s.rate_limit_per_source, max_sources=s.rate_limit_sources)
 
-    def _fast_lane(self, endpoint: Endpoint) -> FastLane | None:
+    def _fast_lane(self, endpoint: Endpoint, dtls: DtlsServer | None = None) -> FastLane | None:
         s = self.settings
         if s.fast_lane == "off":
             return None
         if Lane is None:
             log.warning("fast_lane: the C lane is not built (no C compiler at install?); serving CoAP in Python")
             return None
+        if dtls is not None:  # the edge reads the socket and rate-limits the records
+            return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram, dtls=dtls)
         return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram,
                         rate=s.rate_limit_per_source, max_sources=s.rate_limit_sources)
 

@@ -1,9 +1,11 @@
 """The fast lane: plain-CoAP telemetry from socket to sink record in C (`_lane.c`).
 
 The C lane takes the one request shape that is nearly all of a fleet's traffic -- a CON
-`POST /api/v1/{token}/telemetry` with a flat CBOR map -- and hands every other datagram back to
-the Python path (`UdpEdge` -> `Endpoint` -> `Router`), which remains the one place that rejects
-and explains.  `FastLane` is the glue around it: it gives the lane the registry's devices (the
+`POST /api/v1/{token}/telemetry` with a flat CBOR map, or over CoAPS `POST /telemetry` (and
+`/api/v1/telemetry`) from a session that names its device -- and hands every other datagram back
+to the Python path (`UdpEdge` -> `Endpoint` -> `Router`), which remains the one place that rejects
+and explains.  On plain CoAP it reads the socket itself (recvmmsg) and sends its answers
+(sendmmsg); behind DTLS it gets the decrypted messages and its answers are encrypted by the edge.  `FastLane` is the glue around it: it gives the lane the registry's devices (the
 TelemetryPoint's JSON head and tail are cut from `encode_point` itself, so the two cannot drift),
 submits the lane's records to the sink, tells the downlink which devices talked, and folds the
 lane's counters into the ingest's, the endpoint's and the edge's, so metrics and the UI see one
@@ -19,6 +21,7 @@ from typing import Any
 
 from ..bus.base import BatchingSink, Record
 from ..coap.endpoint import Endpoint
+from ..dtls import DtlsServer
 from ..ingest.payload import decode_readings
 from ..ingest.point import TelemetryPoint, encode_point
 from ..ingest.telemetry import BUSY, TelemetryIngest
@@ -64,6 +67,7 @@ class FastLane:
         max_datagram: int = 1500,
         rate: float = 0.0,
         max_sources: int = 100_000,
+        dtls: DtlsServer | None = None,
     ) -> None:
         if Lane is None:
             raise RuntimeError("corem.fastlane._lane is not built (no C compiler when corem was installed)")
@@ -71,34 +75,40 @@ class FastLane:
         self.lane = Lane(
             Record, max_datagram=max_datagram, piggyback_timeout=p.piggyback_timeout,
             exchange_lifetime=p.exchange_lifetime, dedup_max_entries=p.dedup_max_entries,
-            rate=rate, burst=2 * rate, max_sources=max_sources,
+            rate=rate, burst=2 * rate, max_sources=max_sources, limit_error_size=p.limit_error_size,
         )
+        self.dtls = dtls
         self.ingest = ingest
         self.sink = sink
         self.endpoint = endpoint
         self.lane.on_late = self._answer_late
         self.rate_limited = rate > 0
         self._version = -1
+        self._index: dict[tuple[str, str], int] = {}  # (tenant, device) -> the lane's target
         self._seen: dict[str, int] = {}  # counters already folded into the Python side's
         self._responses: dict[int, int] = {}
         self.counters: dict[str, Any] = self.lane.counters()
 
     def refresh(self) -> None:
         """Give the lane the registry's devices again if it changed (checked before each drain)."""
-        targets = self.ingest.targets_by_token()
-        if self._version == self.ingest.targets_version:
+        ingest = self.ingest
+        by_name = ingest.targets_by_name()
+        if self._version == ingest.targets_version:
             return
-        tokens: dict[bytes, int] = {}
         table: list[tuple | None] = []
-        for token, target in targets.items():
+        index: dict[tuple[str, str], int] = {}
+        for name, target in by_name.items():
             device = target.device
             frame = json_frame(device.tenant, device.device, device.profile) \
                 if target.decode is decode_readings else None
-            tokens[token.encode()] = len(table)
+            index[name] = len(table)
             # a device with its own decoder, or a point layout the lane does not know: Python's
             table.append(None if frame is None else (target.topic, target.key, target.headers, *frame, device))
+        tokens = {token.encode(): index[(t.device.tenant, t.device.device)]
+                  for token, t in ingest.targets_by_token().items()}
         self.lane.set_targets(tokens, table)
-        self._version = self.ingest.targets_version
+        self._index = index
+        self._version = ingest.targets_version
 
     def drain(self, fd: int, now: float, budget: int) -> list[tuple[bytes, Any]]:
         """Read up to `budget` datagrams from the socket `fd`; submit what the lane accepted;
@@ -111,6 +121,16 @@ class FastLane:
         """`drain` for one datagram given by the caller (sans-IO: tests, fuzzing)."""
         self.refresh()
         self.lane.receive(data, peer, now, self.ingest.clock_ms())
+        return self._submit()
+
+    def receive_plain(self, message: bytes, peer: Any, now: float) -> None:
+        """One CoAP message that DTLS decrypted: the lane keeps it or keeps it for `collect`."""
+        device = self.dtls.device(peer) if self.dtls is not None else None
+        target = -1 if device is None else self._index.get((device.tenant, device.device), -1)
+        self.lane.receive_plain(message, peer, target, now, self.ingest.clock_ms())
+
+    def collect(self) -> list[tuple[bytes, Any]]:
+        """After a batch of `receive_plain`: submit what the lane took; the rest, for Python."""
         return self._submit()
 
     def _submit(self) -> list[tuple[bytes, Any]]:

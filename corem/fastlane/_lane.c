@@ -191,6 +191,7 @@ typedef struct {
     /* settings */
     Py_ssize_t max_datagram;
     double piggyback, lifetime, rate, burst;
+    int limit_error_size; /* plain UDP: an error answer is never larger than its request */
     PyTypeObject *record_type;
     /* tables */
     fifomap dedup, buckets;
@@ -643,8 +644,15 @@ static int python_path(Lane *self, const uint8_t *key, double now) {
 }
 
 /* 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
+#define SEG_IS(i, lit) (seglen[i] == sizeof lit - 1 && memcmp(seg[i], lit, sizeof lit - 1) == 0)
+
+/* `session`: the target of the DTLS session the datagram came in (its index), NO_DEVICE for a
+ * session that names no device, PLAIN for plain CoAP. */
+#define PLAIN -2
+#define NO_DEVICE -1
+
 static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now,
-                    long long now_ms) {
+                    long long now_ms, Py_ssize_t session) {
     if (n < 4 || (d[0] >> 6) != 1) return 1;
     int type = (d[0] >> 4) & 3, tkl = d[0] & 15, code = d[1];
     uint16_t mid = (uint16_t)(d[2] << 8 | d[3]);
@@ -710,17 +718,24 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
             return queue_out(self, a, alen, x->reply, x->reply_len, x->reply[1]);
         return 0;
     }
-    if (type != 0 || code != 2 || other || nseg != 4 || cf != 60 || !payload) return python_path(self, key, now);
-    if (seglen[0] != 3 || memcmp(seg[0], "api", 3) || seglen[1] != 2 || memcmp(seg[1], "v1", 2) ||
-        seglen[3] != 9 || memcmp(seg[3], "telemetry", 9) || seglen[2] == 0)
+    if (type != 0 || code != 2 || other || cf != 60 || !payload) return python_path(self, key, now);
+    Py_ssize_t ti;
+    if (nseg == 4 && SEG_IS(0, "api") && SEG_IS(1, "v1") && SEG_IS(3, "telemetry") && seglen[2]) {
+        /* POST /api/v1/{token}/telemetry: the device is the token's */
+        PyObject *tok = PyBytes_FromStringAndSize((const char *)seg[2], seglen[2]);
+        if (!tok) return -1;
+        PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
+        Py_DECREF(tok);
+        if (!idx) return PyErr_Occurred() ? -1 : python_path(self, key, now);
+        ti = PyLong_AsSsize_t(idx);
+        if (ti == -1 && PyErr_Occurred()) return -1;
+    } else if (session >= 0 && ((nseg == 1 && SEG_IS(0, "telemetry")) ||
+                                (nseg == 3 && SEG_IS(0, "api") && SEG_IS(1, "v1") && SEG_IS(2, "telemetry")))) {
+        ti = session; /* POST /telemetry over CoAPS: the device is the session's */
+    } else {
         return python_path(self, key, now);
-    PyObject *tok = PyBytes_FromStringAndSize((const char *)seg[2], seglen[2]);
-    if (!tok) return -1;
-    PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
-    Py_DECREF(tok);
-    if (!idx) return PyErr_Occurred() ? -1 : python_path(self, key, now);
-    Py_ssize_t ti = PyLong_AsSsize_t(idx);
-    if (ti < 0 || ti >= self->ntargets) return PyErr_Occurred() ? -1 : python_path(self, key, now);
+    }
+    if (ti < 0 || ti >= self->ntargets) return python_path(self, key, now);
     target_t *t = &self->targets[ti];
     if (!t->topic) return python_path(self, key, now); /* a device with its own decoder */
     item_t items[MAX_ITEMS];
@@ -795,7 +810,7 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
         return 0;
     }
     if (self->limit && !rate_allow(self, a, now)) return 0;
-    int r = classify(self, d, n, a, alen, now, now_ms);
+    int r = classify(self, d, n, a, alen, now, now_ms, PLAIN);
     if (r == 1) return give_to_python(self, d, n, a, alen);
     return r;
 }
@@ -807,7 +822,6 @@ static PyObject *Lane_drain(Lane *self, PyObject *args) {
     long long now_ms;
     if (!PyArg_ParseTuple(args, "idLi", &fd, &now, &now_ms, &budget)) return NULL;
     if (ensure_lists(self) < 0) return NULL;
-    self->epoch++;
     size_t bufsize = (size_t)self->max_datagram + 1;
     struct mmsghdr msgs[VLEN];
     struct iovec iov[VLEN];
@@ -850,11 +864,36 @@ static PyObject *Lane_receive(Lane *self, PyObject *args) {
     addr_t a;
     socklen_t alen;
     int r = ensure_lists(self);
-    if (r == 0) {
-        self->epoch++;
-        r = addr_from_tuple(peer, &a, &alen);
-    }
+    if (r == 0) r = addr_from_tuple(peer, &a, &alen);
     if (r == 0) r = feed(self, data.buf, data.len, &a, alen, now, now_ms);
+    PyBuffer_Release(&data);
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* One CoAP message that DTLS decrypted (the edge checked size and rate on the record already). */
+static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "receive_plain(data, peer, session_target, now, now_ms)");
+        return NULL;
+    }
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) return NULL;
+    addr_t a;
+    socklen_t alen;
+    Py_ssize_t session = PyLong_AsSsize_t(args[2]);
+    double now = PyFloat_AsDouble(args[3]);
+    long long now_ms = PyLong_AsLongLong(args[4]);
+    int r = PyErr_Occurred() ? -1 : ensure_lists(self);
+    if (r == 0) r = addr_from_tuple(args[1], &a, &alen);
+    if (r == 0) {
+        r = classify(self, data.buf, data.len, &a, alen, now, now_ms, session < 0 ? NO_DEVICE : session);
+        if (r == 1) {
+            PyObject *pair = PyTuple_Pack(2, args[0], args[1]);
+            r = pair ? PyList_Append(self->slow, pair) : -1;
+            Py_XDECREF(pair);
+        }
+    }
     PyBuffer_Release(&data);
     if (r < 0) return NULL;
     Py_RETURN_NONE;
@@ -868,6 +907,7 @@ static PyObject *Lane_take(Lane *self, PyObject *unused) {
     Py_CLEAR(self->records);
     Py_CLEAR(self->ctxs);
     Py_CLEAR(self->touched);
+    self->epoch++; /* a new batch: each device is reported once per batch */
     return r;
 }
 
@@ -921,8 +961,8 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             static const char why[] = "bus unavailable; retry later";
             reply[len++] = 0xD1;
             reply[len++] = 0x01;
-            reply[len++] = 5;
-            long room = (long)q->size - (long)(len + 1);
+            reply[len++] = 5; /* (the reply buffer holds the whole reason: 4 + 8 + 3 + 1 + 28 bytes) */
+            long room = self->limit_error_size ? (long)q->size - (long)(len + 1) : (long)sizeof why - 1;
             if (room > (long)sizeof why - 1) room = sizeof why - 1;
             if (room > 0) {
                 reply[len++] = 0xff;
@@ -1020,7 +1060,8 @@ static PyObject *Lane_flush(Lane *self, PyObject *arg) {
     return PyLong_FromSize_t(self->out_len);
 }
 
-/* The outbox as (bytes, peer) pairs, emptied: the sans-IO way out (tests, fuzzing). */
+/* The outbox as (bytes, peer) pairs, emptied: the sans-IO way out (tests, fuzzing, and the DTLS
+ * edge, which encrypts them; it counts what it sends, so this does not). */
 static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
     PyObject *list = PyList_New(0);
     if (!list) return NULL;
@@ -1034,8 +1075,6 @@ static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
             return NULL;
         }
         Py_DECREF(pair);
-        self->datagrams_out++;
-        self->bytes_out += o->len;
     }
     self->out_len = 0;
     return list;
@@ -1126,7 +1165,7 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
 /* ---------------------------------------------------------------- type --------------------- */
 static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"record_type", "max_datagram", "piggyback_timeout", "exchange_lifetime",
-                            "dedup_max_entries", "rate", "burst", "max_sources", NULL};
+                            "dedup_max_entries", "rate", "burst", "max_sources", "limit_error_size", NULL};
     PyObject *record_type;
     Py_ssize_t dedup_max = 100000, max_sources = 100000;
     self->max_datagram = 1500;
@@ -1134,9 +1173,10 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->lifetime = 247.0;
     self->rate = 0;
     self->burst = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddn", names, &PyType_Type, &record_type,
+    self->limit_error_size = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnp", names, &PyType_Type, &record_type,
                                      &self->max_datagram, &self->piggyback, &self->lifetime, &dedup_max,
-                                     &self->rate, &self->burst, &max_sources))
+                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size))
         return -1;
     if (!PyType_IsSubtype((PyTypeObject *)record_type, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "record_type: must be a tuple subclass (corem.bus.base.Record)");
@@ -1154,6 +1194,7 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->limit = self->rate > 0;
     if (self->burst <= 0) self->burst = 2 * self->rate;
     self->free_head = -1;
+    self->epoch = 1; /* (targets start at 0: not yet reported in any batch) */
     self->json_cap = 4096;
     self->json = PyMem_Malloc(self->json_cap);
     self->rxbuf = PyMem_Malloc((size_t)VLEN * (self->max_datagram + 1));
@@ -1211,6 +1252,8 @@ static void Lane_dealloc(Lane *self) {
 static PyMethodDef Lane_methods[] = {
     {"drain", (PyCFunction)Lane_drain, METH_VARARGS, "drain(fd, now, now_ms, budget) -> datagrams read"},
     {"receive", (PyCFunction)Lane_receive, METH_VARARGS, "receive(data, peer, now, now_ms): one datagram, sans-IO"},
+    {"receive_plain", (PyCFunction)(void (*)(void))Lane_receive_plain, METH_FASTCALL,
+     "receive_plain(data, peer, session_target, now, now_ms): one message DTLS decrypted"},
     {"take", (PyCFunction)Lane_take, METH_NOARGS, "take() -> (for_python, records, ctxs, devices_heard)"},
     {"committed", (PyCFunction)(void (*)(void))Lane_committed, METH_FASTCALL, "committed(ctx, error)"},
     {"tick", (PyCFunction)Lane_tick, METH_O, "tick(now)"},

@@ -138,6 +138,12 @@ class TelemetryIngest:
             self._reload_targets()
         return self._targets
 
+    def targets_by_name(self) -> dict[tuple[str, str], Target]:
+        """Every registered device, by (tenant, device) (as of `targets_version`)."""
+        if self._targets_version != self.directory.reloads:
+            self._reload_targets()
+        return self._name_targets
+
     @property
     def targets_version(self) -> int:
         return self._targets_version
@@ -147,9 +153,7 @@ class TelemetryIngest:
 
     def by_name(self, tenant: str, device: str) -> Target | None:
         """The cached pipeline target of a registered device (None once it is removed)."""
-        if self._targets_version != self.directory.reloads:
-            self._reload_targets()
-        return self._name_targets.get((tenant, device))
+        return self.targets_by_name().get((tenant, device))
 
     def _reload_targets(self) -> None:
         directory = self.directory

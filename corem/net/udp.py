@@ -12,9 +12,10 @@ the batch (a request waiting on the bus).
 For CoAPS the same edge carries a `DtlsServer` between the socket and the endpoint: datagrams are
 decrypted before the endpoint sees them, and what the endpoint sends is encrypted on the way out.
 
-For plain CoAP the edge can carry a `FastLane` instead (corem/fastlane): it reads the socket with
-recvmmsg, answers the common telemetry request in C, and gives the edge the other datagrams,
-which take the path above.  Its limits (size, rate per source) then apply to every datagram.
+The edge can carry a `FastLane` (corem/fastlane) that answers the common telemetry request in C.
+On plain CoAP it reads the socket itself (recvmmsg), gives the edge the other datagrams, which take
+the path above, and applies the limits (size, rate per source) to every datagram; behind DTLS it
+gets the decrypted messages instead of the endpoint, and its answers are encrypted here.
 """
 
 from __future__ import annotations
@@ -82,9 +83,7 @@ class UdpEdge:
         self.max_datagram = max_datagram
         self.dtls = dtls
         self.lane = lane
-        if lane is not None and dtls is not None:
-            raise ValueError("the fast lane reads plain CoAP; a DTLS edge cannot carry it")
-        #: rate limit per source: the lane's own when there is one (it sees every datagram first)
+        #: rate limit per source: the lane's own when it reads the socket (it sees every datagram first)
         self.limiter = limiter if lane is None or not lane.rate_limited else _LaneLimits(lane)
         #: receives message-layer events (ACK, RST, give-up of our CONs): observers need them
         self.on_event: Callable[[object], None] | None = None
@@ -99,8 +98,9 @@ class UdpEdge:
 
     async def serve(self) -> None:
         """Receive until cancelled."""
-        if self.lane is not None:
-            await self._serve_lane(self.lane)
+        lane = self.lane
+        if lane is not None and self.dtls is None:
+            await self._serve_lane(lane)
             return
         sock = self.sock
         recvfrom = sock.recvfrom
@@ -110,11 +110,15 @@ class UdpEdge:
         bufsize = limit + 1
         dtls = self.dtls
         allow = self.limiter.allow if self.limiter is not None else None
+        # behind DTLS the lane takes the decrypted messages it can answer and leaves the rest
+        take = handle if lane is None else lane.receive_plain
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
             await wait_readable(sock)
             now = current_time()
+            if lane is not None:
+                lane.refresh()
             for _ in range(BATCH):
                 try:
                     data, peer = recvfrom(bufsize)
@@ -132,8 +136,11 @@ class UdpEdge:
                 # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing).
                 # (A 1-tuple per datagram: measured within noise, <1%, of two copied branches.)
                 for message in (data,) if dtls is None else dtls.receive(data, peer, now):
+                    take(message, peer, now)
+            if lane is not None:
+                for message, peer in lane.collect():
                     handle(message, peer, now)
-            if endpoint.outbox or (dtls is not None and dtls.outbox):
+            if endpoint.outbox or (dtls is not None and dtls.outbox) or lane is not None:
                 self.flush()
 
     async def _serve_lane(self, lane: "FastLane") -> None:
@@ -166,11 +173,13 @@ class UdpEdge:
         next flush, in order."""
         if self._closed:
             return
-        if self.lane is not None:
-            self.lane.account(self.stats)
-            self.lane.lane.flush(self.sock.fileno())
         endpoint = self.endpoint
         dtls = self.dtls
+        lane = self.lane
+        if lane is not None:
+            lane.account(self.stats)
+            if dtls is None:
+                lane.lane.flush(self.sock.fileno())
         if dtls is None:
             wire = endpoint.outbox
             if self._wire:
@@ -183,7 +192,10 @@ class UdpEdge:
                 wire += dtls.outbox
                 dtls.outbox = []
             wrap = dtls.wrap
-            for plaintext, peer in endpoint.take_outbox():
+            plain = endpoint.take_outbox()
+            if lane is not None:
+                plain += lane.lane.take_outbox()
+            for plaintext, peer in plain:
                 record = wrap(plaintext, peer)
                 if record is not None:
                     wire.append((record, peer))
