@@ -84,14 +84,16 @@ class FastLane:
         self.lane.on_late = self._answer_late
         self.rate_limited = rate > 0
         self._version = -1
+        self._now_ms = 0
         self._index: dict[tuple[str, str], int] = {}  # (tenant, device) -> the lane's target
         self._seen: dict[str, int] = {}  # counters already folded into the Python side's
         self._responses: dict[int, int] = {}
         self.counters: dict[str, Any] = self.lane.counters()
 
     def refresh(self) -> None:
-        """Give the lane the registry's devices again if it changed (checked before each drain)."""
+        """Before each batch: the batch's wall clock, and the registry's devices again if it changed."""
         ingest = self.ingest
+        self._now_ms = ingest.clock_ms()
         by_name = ingest.targets_by_name()
         if self._version == ingest.targets_version:
             return
@@ -114,20 +116,20 @@ class FastLane:
         """Read up to `budget` datagrams from the socket `fd`; submit what the lane accepted;
         return the rest (with their peers) for the Python path."""
         self.refresh()
-        self.lane.drain(fd, now, self.ingest.clock_ms(), budget)
+        self.lane.drain(fd, now, self._now_ms, budget)
         return self._submit()
 
     def receive(self, data: bytes, peer: Any, now: float) -> list[tuple[bytes, Any]]:
         """`drain` for one datagram given by the caller (sans-IO: tests, fuzzing)."""
         self.refresh()
-        self.lane.receive(data, peer, now, self.ingest.clock_ms())
+        self.lane.receive(data, peer, now, self._now_ms)
         return self._submit()
 
     def receive_plain(self, message: bytes, peer: Any, now: float) -> None:
         """One CoAP message that DTLS decrypted: the lane keeps it or keeps it for `collect`."""
         device = self.dtls.device(peer) if self.dtls is not None else None
         target = -1 if device is None else self._index.get((device.tenant, device.device), -1)
-        self.lane.receive_plain(message, peer, target, now, self.ingest.clock_ms())
+        self.lane.receive_plain(message, peer, target, now, self._now_ms)
 
     def collect(self) -> list[tuple[bytes, Any]]:
         """After a batch of `receive_plain`: submit what the lane took; the rest, for Python."""

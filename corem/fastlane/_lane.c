@@ -49,16 +49,21 @@ typedef struct {
     size_t mask;
 } fifomap;
 
+/* Each word is folded in with a multiply and its high half brought down, so that the bytes that
+ * vary most (port and message id, the high half of the last word) reach the low bits the index
+ * uses; murmur3's finalizer at the end. */
 static uint64_t hash_key(const uint8_t *k) {
-    uint64_t a, b, c;
-    memcpy(&a, k, 8);
-    memcpy(&b, k + 8, 8);
-    memcpy(&c, k + 16, 8);
-    uint64_t h = a * 0x9E3779B97F4A7C15ULL ^ (b + 0x632BE59BD9B4E019ULL) * 0xC2B2AE3D27D4EB4FULL ^
-                 (c + 0x165667B19E3779F9ULL) * 0xFF51AFD7ED558CCDULL;
-    h ^= h >> 31;
-    h *= 0x94D049BB133111EBULL;
-    return h ^ (h >> 29);
+    uint64_t w, h = 0x9E3779B97F4A7C15ULL;
+    for (int i = 0; i < KEYLEN; i += 8) {
+        memcpy(&w, k + i, 8);
+        h = (h ^ w) * 0xC2B2AE3D27D4EB4FULL;
+        h ^= h >> 32;
+    }
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ULL;
+    return h ^ (h >> 33);
 }
 
 static int fm_init(fifomap *m, size_t cap, size_t esize) {
@@ -171,12 +176,14 @@ typedef struct {
     uint8_t tkl, state;
     uint8_t token[8];
     PyObject *device; /* for accounting once committed */
+    PyObject *peer;   /* the peer as Python gave it (CoAPS), or NULL (plain: the lane read it) */
     int32_t next_free;
 } pending_t;
 
 typedef struct {
     addr_t addr;
     socklen_t alen;
+    PyObject *peer; /* as for pending_t: saves making the tuple again for the DTLS edge */
     uint8_t len;
     uint8_t data[REPLY_MAX];
 } out_t;
@@ -270,8 +277,8 @@ static int addr_from_tuple(PyObject *peer, addr_t *a, socklen_t *alen) {
 }
 
 /* ---------------------------------------------------------------- output ------------------- */
-static int queue_out(Lane *self, const addr_t *a, socklen_t alen, const uint8_t *data, size_t len,
-                     int code) {
+static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer, const uint8_t *data,
+                     size_t len, int code) {
     if (self->out_len == self->out_cap) {
         size_t cap = self->out_cap ? self->out_cap * 2 : 256;
         out_t *o = PyMem_Realloc(self->out, cap * sizeof(out_t));
@@ -285,6 +292,8 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, const uint8_t 
     out_t *o = &self->out[self->out_len++];
     o->addr = *a;
     o->alen = alen;
+    Py_XINCREF(peer);
+    o->peer = peer;
     o->len = (uint8_t)len;
     memcpy(o->data, data, len);
     self->responses[code & 0xff]++;
@@ -549,6 +558,7 @@ static int pending_new(Lane *self) {
             p[i].state = P_FREE;
             p[i].gen = 0;
             p[i].device = NULL;
+            p[i].peer = NULL;
             p[i].next_free = i + 1 < cap ? i + 1 : -1;
         }
         self->pending = p;
@@ -565,6 +575,7 @@ static int pending_new(Lane *self) {
 static void pending_free(Lane *self, int32_t h) {
     pending_t *p = &self->pending[h];
     Py_CLEAR(p->device);
+    Py_CLEAR(p->peer);
     p->state = P_FREE;
     p->next_free = self->free_head;
     self->free_head = h;
@@ -651,8 +662,8 @@ static int python_path(Lane *self, const uint8_t *key, double now) {
 #define PLAIN -2
 #define NO_DEVICE -1
 
-static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now,
-                    long long now_ms, Py_ssize_t session) {
+static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
+                    double now, long long now_ms, Py_ssize_t session) {
     if (n < 4 || (d[0] >> 6) != 1) return 1;
     int type = (d[0] >> 4) & 3, tkl = d[0] & 15, code = d[1];
     uint16_t mid = (uint16_t)(d[2] << 8 | d[3]);
@@ -715,7 +726,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         self->bytes_in += n;
         self->duplicates++;
         if (x->reply_len && type == 0 && n >= x->size)
-            return queue_out(self, a, alen, x->reply, x->reply_len, x->reply[1]);
+            return queue_out(self, a, alen, peer, x->reply, x->reply_len, x->reply[1]);
         return 0;
     }
     if (type != 0 || code != 2 || other || cf != 60 || !payload) return python_path(self, key, now);
@@ -775,6 +786,8 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     q->state = P_PENDING;
     Py_INCREF(t->device);
     q->device = t->device;
+    Py_XINCREF(peer);
+    q->peer = peer;
     PyObject *ctx = PyLong_FromLongLong((long long)h << 32 | q->gen);
     if (!ctx || PyList_Append(self->records, record) < 0 || PyList_Append(self->ctxs, ctx) < 0 ||
         fifo_push(self, (uint64_t)h << 32 | q->gen) < 0) {
@@ -810,7 +823,7 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
         return 0;
     }
     if (self->limit && !rate_allow(self, a, now)) return 0;
-    int r = classify(self, d, n, a, alen, now, now_ms, PLAIN);
+    int r = classify(self, d, n, a, alen, NULL, now, now_ms, PLAIN);
     if (r == 1) return give_to_python(self, d, n, a, alen);
     return r;
 }
@@ -887,7 +900,7 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
     int r = PyErr_Occurred() ? -1 : ensure_lists(self);
     if (r == 0) r = addr_from_tuple(args[1], &a, &alen);
     if (r == 0) {
-        r = classify(self, data.buf, data.len, &a, alen, now, now_ms, session < 0 ? NO_DEVICE : session);
+        r = classify(self, data.buf, data.len, &a, alen, args[1], now, now_ms, session < 0 ? NO_DEVICE : session);
         if (r == 1) {
             PyObject *pair = PyTuple_Pack(2, args[0], args[1]);
             r = pair ? PyList_Append(self->slow, pair) : -1;
@@ -976,10 +989,10 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             memcpy(x->reply, reply, len);
             x->reply_len = (uint8_t)len;
         }
-        if (queue_out(self, &q->addr, q->alen, reply, len, code) < 0) return NULL;
+        if (queue_out(self, &q->addr, q->alen, q->peer, reply, len, code) < 0) return NULL;
     } else if (self->on_late && self->on_late != Py_None) {
         /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
-        PyObject *peer = addr_tuple(&q->addr, q->alen);
+        PyObject *peer = q->peer ? Py_NewRef(q->peer) : addr_tuple(&q->addr, q->alen);
         PyObject *r = peer ? PyObject_CallFunction(self->on_late, "Ny#iI", peer, (const char *)q->token,
                                                    (Py_ssize_t)q->tkl, code, q->size) : NULL;
         if (!r) {
@@ -1013,7 +1026,7 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
             memcpy(x->reply, ack, 4);
             x->reply_len = 4;
         }
-        if (queue_out(self, &q->addr, q->alen, ack, 4, 0) < 0) return NULL;
+        if (queue_out(self, &q->addr, q->alen, q->peer, ack, 4, 0) < 0) return NULL;
     }
     while (self->dedup.count && ((exchange_t *)fm_entry(&self->dedup, self->dedup.head))->at <= now - self->lifetime)
         fm_pop_oldest(&self->dedup);
@@ -1046,10 +1059,14 @@ static PyObject *Lane_flush(Lane *self, PyObject *arg) {
             }
             if (errno == EINTR) continue;
             self->send_errors++; /* this datagram cannot go (e.g. unreachable): skip it */
+            Py_CLEAR(self->out[done].peer);
             done++;
             continue;
         }
-        for (int i = 0; i < sent; i++) self->bytes_out += self->out[done + i].len;
+        for (int i = 0; i < sent; i++) {
+            self->bytes_out += self->out[done + i].len;
+            Py_CLEAR(self->out[done + i].peer);
+        }
         self->datagrams_out += sent;
         done += sent;
     }
@@ -1067,7 +1084,8 @@ static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
     if (!list) return NULL;
     for (size_t i = 0; i < self->out_len; i++) {
         out_t *o = &self->out[i];
-        PyObject *peer = addr_tuple(&o->addr, o->alen);
+        PyObject *peer = o->peer ? o->peer : addr_tuple(&o->addr, o->alen);
+        o->peer = NULL; /* (its reference goes into the pair) */
         PyObject *pair = peer ? Py_BuildValue("(y#N)", (const char *)o->data, (Py_ssize_t)o->len, peer) : NULL;
         if (!pair || PyList_Append(list, pair) < 0) {
             Py_XDECREF(pair);
@@ -1219,7 +1237,11 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
         Py_VISIT(self->targets[i].headers);
         Py_VISIT(self->targets[i].device);
     }
-    for (int32_t i = 0; i < self->npending_cap; i++) Py_VISIT(self->pending[i].device);
+    for (int32_t i = 0; i < self->npending_cap; i++) {
+        Py_VISIT(self->pending[i].device);
+        Py_VISIT(self->pending[i].peer);
+    }
+    for (size_t i = 0; i < self->out_len; i++) Py_VISIT(self->out[i].peer);
     return 0;
 }
 
@@ -1231,7 +1253,11 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->committed);
     Py_CLEAR(self->on_late);
     clear_targets(self);
-    for (int32_t i = 0; i < self->npending_cap; i++) Py_CLEAR(self->pending[i].device);
+    for (int32_t i = 0; i < self->npending_cap; i++) {
+        Py_CLEAR(self->pending[i].device);
+        Py_CLEAR(self->pending[i].peer);
+    }
+    for (size_t i = 0; i < self->out_len; i++) Py_CLEAR(self->out[i].peer);
     return 0;
 }
 
