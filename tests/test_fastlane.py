@@ -16,6 +16,7 @@ from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
 from corem.fastlane import FastLane, Lane, json_frame
 from corem.ingest.point import TelemetryPoint, encode_point
 
+from .conftest import SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, write_cbor
 from .lane_twin import RecordingSink, Twin
 
 pytestmark = pytest.mark.skipif(Lane is None, reason="the C lane is not built")
@@ -399,3 +400,35 @@ def test_most_generated_valid_readings_are_the_lanes():
         assert struct.pack(">d", stored[7][2].numeric_values["a"]) == struct.pack(">d", 7 * 0.37)
     finally:
         t.close()
+
+
+# -- the running server, with libcoap's clients ----------------------------------------------------
+@needs_libcoap
+@pytest.mark.parametrize("lane", ["on", "off"])
+def test_a_running_server_with_the_lane_on_or_off_stores_and_counts_the_same(tmp_path, data_dir, lane):
+    """libcoap's clients against `corem serve --fast-lane on|off`: a CoAP and a CoAPS (PSK)
+    reading, a malformed one, a duplicate; points, answers and metrics are the same either way."""
+    server = start_corem(data_dir, "--fast-lane", lane)
+    try:
+        f = write_cbor(tmp_path / "r.cbor", {"temperature": 22.5, "state": "ok"})
+        r = coap_client(f"{server.coap}/api/v1/T0KEN-1/telemetry", "-m", "post", "-t", "60", "-f", str(f))
+        assert r.code == "2.04", r.output
+        r = coap_client(f"coaps://127.0.0.1:{server.coaps_port}/telemetry", "-m", "post", "-t", "60",
+                        "-f", str(f), "-u", SPEC_IDENTITY, "-k", SPEC_KEY, binary="coap-client-openssl")
+        assert r.code == "2.04", r.output
+        (tmp_path / "bad.cbor").write_bytes(b"\xa1\x61")
+        r = coap_client(f"{server.coap}/api/v1/T0KEN-1/telemetry", "-m", "post", "-t", "60",
+                        "-f", str(tmp_path / "bad.cbor"))
+        assert r.code == "4.00" and "invalid CBOR" in r.output, r.output
+        points = server.points()
+        assert sorted((p["device"], p["numeric_values"]["temperature"], p["string_values"]["state"]) for p in points) \
+            == [("sensor-1", 22.5, "ok"), ("sensor-7", 22.5, "ok")]
+        m = server.metrics()
+        assert m['corem_telemetry_points_total{tenant="acme"}'] == 2
+        for transport in ("udp", "dtls"):
+            assert m[f'corem_coap_responses_total{{code="2.04",transport="{transport}"}}'] == 1
+        assert m['corem_coap_requests_total{transport="udp"}'] == 2
+        assert m['corem_coap_responses_total{code="4.00",transport="udp"}'] == 1
+        assert m['corem_coap_datagrams_sent_total{transport="udp"}'] == 2
+    finally:
+        server.stop()
