@@ -59,7 +59,7 @@ bench-dtls: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	@mkdir -p fuzz/corpus fuzz/artifacts
-	@for t in codec payload endpoint dtls frontdoors http; do \
+	@for t in codec payload endpoint dtls frontdoors http lane; do \
 	  echo "== fuzz_$$t ($(FUZZ_SECONDS) s)"; mkdir -p fuzz/corpus/$$t; \
 	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
 	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \

@@ -96,10 +96,11 @@ def throughput(args) -> list[dict]:
                         "--device", "d1", "--psk-identity", IDENTITY, "--psk", KEY], check=True, capture_output=True)
         port = free_port()
         targets = [
-            ("corem", [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
-                       "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
-                       "--rate-limit-per-source", "0",
-                       "--log-level", "warning"], port, 2, "telemetry"),
+            (name, [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
+                    "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
+                    "--rate-limit-per-source", "0", "--fast-lane", lane,
+                    "--log-level", "warning"], port, 2, "telemetry")
+            for name, lane in (("corem", "on"), ("corem (fast lane off)", "off"))
         ]
         if shutil.which("coap-server-openssl"):
             lp = free_port()  # libcoap serves CoAPS on its -p port + 1

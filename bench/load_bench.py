@@ -9,7 +9,8 @@ SECONDS after a one-second warm-up.  Servers are pinned to CPU 0 and the generat
 
 Targets:
 - corem, FULL / NORMAL: `POST /api/v1/{token}/telemetry`, CBOR, token auth, profile decoder,
-  TelemetryPoint, group commit to the embedded SQLite bus, 2.04 once committed.
+  TelemetryPoint, group commit to the embedded SQLite bus, 2.04 once committed; once more with
+  `--fast-lane off` (all of it in Python) to show what the C lane is worth.
 - aiocoap: the same request and the same work (bench/aiocoap_server.py; one commit per reading).
 - libcoap: `coap-server-notls` answering PUT /example_data, which keeps the payload in memory:
   less work than the others, the C reference for the message layer and socket path.
@@ -105,7 +106,7 @@ def measure(name: str, start, method: int, path: str, args) -> dict:
     return result
 
 
-def start_corem(sync: str, bus: str | None = None):
+def start_corem(sync: str, bus: str | None = None, lane: str = "on"):
     def start(tmp: Path):
         data = tmp / "data"
         subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data),
@@ -116,7 +117,7 @@ def start_corem(sync: str, bus: str | None = None):
             [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data),
              "--coap", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", sync, "--log-level", "warning",
              "--rate-limit-per-source", "0",  # the load generator is one address sending 100k/s
-             *extra],
+             "--fast-lane", lane, *extra],
             stdout=subprocess.DEVNULL,
         )
         return proc, port
@@ -164,6 +165,7 @@ def main() -> None:
     results = [
         measure("corem (store FULL)", start_corem("FULL"), 2, corem_path, args),
         measure("corem (store NORMAL)", start_corem("NORMAL"), 2, corem_path, args),
+        measure("corem (store NORMAL, fast lane off)", start_corem("NORMAL", lane="off"), 2, corem_path, args),
     ]
     broker = kafka_broker()
     if broker is not None:
