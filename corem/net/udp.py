@@ -32,6 +32,11 @@ from ..coap.resources import Router
 from ..dtls import DtlsServer
 from .limits import SourceLimiter
 
+try:  # one recvmmsg/sendmmsg per 64 datagrams (corem/fastlane/_lane.c), else recvfrom/sendto each
+    from ..fastlane._lane import recv_many, send_many
+except ImportError:  # pragma: no cover - only without a C compiler
+    recv_many = send_many = None
+
 if TYPE_CHECKING:
     from ..fastlane import FastLane
 
@@ -103,7 +108,7 @@ class UdpEdge:
             await self._serve_lane(lane)
             return
         sock = self.sock
-        recvfrom = sock.recvfrom
+        read = self._reader()
         endpoint = self.endpoint
         handle = self._handle
         limit = self.max_datagram
@@ -119,15 +124,7 @@ class UdpEdge:
             now = current_time()
             if lane is not None:
                 lane.refresh()
-            for _ in range(BATCH):
-                try:
-                    data, peer = recvfrom(bufsize)
-                except BlockingIOError:
-                    break
-                except OSError as e:  # e.g. ECONNREFUSED from an ICMP error: nothing to read
-                    if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        continue
-                    raise
+            for data, peer in read(bufsize, BATCH):
                 if len(data) > limit:
                     self.stats.oversized += 1
                     continue
@@ -142,6 +139,29 @@ class UdpEdge:
                     handle(message, peer, now)
             if endpoint.outbox or (dtls is not None and dtls.outbox) or lane is not None:
                 self.flush()
+
+    def _reader(self) -> Callable[[int, int], list[tuple[bytes, tuple]]]:
+        """`read(bufsize, budget)`: the datagrams waiting, up to `budget` (recvmmsg when the C
+        helpers are built, else recvfrom calls)."""
+        sock = self.sock
+        if recv_many is not None:
+            fd = sock.fileno()
+            return lambda bufsize, budget: recv_many(fd, bufsize, budget)
+        recvfrom = sock.recvfrom
+
+        def read(bufsize: int, budget: int) -> list[tuple[bytes, tuple]]:
+            got = []
+            for _ in range(budget):
+                try:
+                    got.append(recvfrom(bufsize))
+                except BlockingIOError:
+                    break
+                except OSError as e:  # e.g. ECONNREFUSED from an ICMP error: nothing to read
+                    if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        raise
+            return got
+
+        return read
 
     async def _serve_lane(self, lane: "FastLane") -> None:
         """The lane reads the socket and keeps the common requests; the rest go to the endpoint."""
@@ -199,22 +219,32 @@ class UdpEdge:
                 record = wrap(plaintext, peer)
                 if record is not None:
                     wire.append((record, peer))
-        sendto = self.sock.sendto
+        if not wire:
+            return
         stats = self.stats
-        sent = 0
-        for data, peer in wire:
-            try:
-                sendto(data, peer)
-            except BlockingIOError:
-                stats.send_blocked += 1
-                break
-            except OSError as e:
-                stats.send_errors += 1
-                log.debug("send to %s failed: %s", peer, e)
-            sent += 1
-            stats.bytes_out += len(data)
-        stats.datagrams_out += sent
-        self._wire = wire[sent:] if sent < len(wire) else []
+        if send_many is not None:
+            taken, nbytes, errors, blocked = send_many(self.sock.fileno(), wire)
+            stats.datagrams_out += taken - errors
+            stats.bytes_out += nbytes
+            stats.send_errors += errors
+            stats.send_blocked += blocked
+        else:
+            sendto = self.sock.sendto
+            taken = 0
+            for data, peer in wire:
+                try:
+                    sendto(data, peer)
+                except BlockingIOError:
+                    stats.send_blocked += 1
+                    break
+                except OSError as e:
+                    stats.send_errors += 1
+                    log.debug("send to %s failed: %s", peer, e)
+                else:
+                    stats.datagrams_out += 1
+                    stats.bytes_out += len(data)
+                taken += 1
+        self._wire = wire[taken:] if taken < len(wire) else []
 
     async def run_timers(self) -> None:
         """Tick the endpoint when its next deadline passes (at least every 100 ms)."""
