@@ -432,3 +432,55 @@ def test_a_running_server_with_the_lane_on_or_off_stores_and_counts_the_same(tmp
         assert m['corem_coap_datagrams_sent_total{transport="udp"}'] == 2
     finally:
         server.stop()
+
+
+# -- batched socket calls (the edge's own loop) -----------------------------------------------------
+@pytest.fixture
+def udp_pair():
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for s in (a, b):
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_recv_many_and_send_many_behave_like_recvfrom_and_sendto(udp_pair):
+    from corem.fastlane._lane import recv_many, send_many
+
+    a, b = udp_pair
+    to_b = ("127.0.0.1", b.getsockname()[1])
+    wire = [(bytes([i]) * (i + 1), to_b) for i in range(100)] + [(b"x" * 300, to_b)]
+    wire.insert(50, (b"lost", ("::1", 5683, 0, 0)))  # an IPv6 peer from an IPv4 socket: refused, skipped
+    taken, nbytes, errors, blocked = send_many(a.fileno(), wire)
+    assert (taken, errors, blocked) == (102, 1, 0) and nbytes == sum(range(1, 101)) + 300
+    got = recv_many(b.fileno(), 200, 1000)
+    assert len(got) == 101
+    assert got[:100] == [(bytes([i]) * (i + 1), ("127.0.0.1", a.getsockname()[1])) for i in range(100)]
+    assert got[100][0] == b"x" * 200  # cut to bufsize: the edge counts it as oversized
+    assert recv_many(b.fileno(), 200, 1000) == []  # nothing waiting: no wait, no error
+    with pytest.raises(TypeError):
+        send_many(a.fileno(), [("text", to_b)])
+
+
+def test_the_edge_reads_the_same_without_the_c_helpers(udp_pair, monkeypatch):
+    from corem.coap import Endpoint, Router
+    from corem.net import udp
+
+    a, b = udp_pair
+    edge = udp.UdpEdge(b, Endpoint(), Router())
+    to_b = ("127.0.0.1", b.getsockname()[1])
+    for helpers in (True, False):
+        if not helpers:
+            monkeypatch.setattr(udp, "recv_many", None)
+            monkeypatch.setattr(udp, "send_many", None)
+        for i in range(5):
+            a.sendto(bytes([i]) * 10, to_b)
+        assert edge._reader()(8, 3) == [(bytes([i]) * 8, ("127.0.0.1", a.getsockname()[1])) for i in range(3)]
+        assert len(edge._reader()(8, 10)) == 2
+        edge.endpoint.outbox = [(b"answer", ("127.0.0.1", a.getsockname()[1]))]
+        edge.flush()
+        assert a.recvfrom(64)[0] == b"answer"
+    assert edge.stats.datagrams_out == 2 and edge.stats.bytes_out == 12
