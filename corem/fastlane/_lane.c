@@ -308,6 +308,80 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
     return 0;
 }
 
+/* ---------------------------------------------------------------- batched socket calls ----- */
+typedef int (*datagram_fn)(void *ctx, const uint8_t *data, size_t n, const addr_t *a, socklen_t alen);
+
+/* Up to `budget` datagrams from `fd` (recvmmsg, VLEN at a time, into `buf`: VLEN slots of
+ * `bufsize` bytes; a longer datagram arrives cut to bufsize), each handed to `fn`; returns how
+ * many, or -1 with an exception set. */
+static long read_datagrams(int fd, uint8_t *buf, size_t bufsize, long budget, datagram_fn fn, void *ctx) {
+    struct mmsghdr msgs[VLEN];
+    struct iovec iov[VLEN];
+    addr_t addrs[VLEN];
+    long total = 0;
+    while (total < budget) {
+        int want = budget - total < VLEN ? (int)(budget - total) : VLEN;
+        for (int i = 0; i < want; i++) {
+            iov[i].iov_base = buf + (size_t)i * bufsize;
+            iov[i].iov_len = bufsize;
+            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
+            msgs[i].msg_hdr.msg_name = &addrs[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(addr_t);
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int got = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
+            if (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) continue; /* ICMP */
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        for (int i = 0; i < got; i++)
+            if (fn(ctx, iov[i].iov_base, msgs[i].msg_len, &addrs[i], msgs[i].msg_hdr.msg_namelen) < 0) return -1;
+        total += got;
+        if (got < want) break;
+    }
+    return total;
+}
+
+/* One sendmmsg of msgs[0..want): how many the kernel took (0 with *blocked set when it takes no
+ * more now), or -1 when it refused msgs[0] for good (e.g. unreachable): skip that one. */
+static int send_datagrams(int fd, struct mmsghdr *msgs, int want, int *blocked) {
+    for (;;) {
+        int sent = sendmmsg(fd, msgs, want, MSG_DONTWAIT);
+        if (sent >= 0) return sent;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            *blocked = 1;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+/* A datagram into the Python list `ctx` as (bytes, peer), as recvfrom gives it. */
+static int append_pair(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
+    PyObject *data = PyBytes_FromStringAndSize((const char *)d, n);
+    PyObject *peer = data ? addr_tuple(a, alen) : NULL;
+    PyObject *pair = peer ? PyTuple_Pack(2, data, peer) : NULL;
+    Py_XDECREF(data);
+    Py_XDECREF(peer);
+    int r = pair ? PyList_Append((PyObject *)ctx, pair) : -1;
+    Py_XDECREF(pair);
+    return r;
+}
+
+static void set_msg(struct mmsghdr *m, struct iovec *iov, void *data, size_t len, addr_t *a, socklen_t alen) {
+    iov->iov_base = data;
+    iov->iov_len = len;
+    memset(&m->msg_hdr, 0, sizeof(struct msghdr));
+    m->msg_hdr.msg_name = a;
+    m->msg_hdr.msg_namelen = alen;
+    m->msg_hdr.msg_iov = iov;
+    m->msg_hdr.msg_iovlen = 1;
+}
+
 /* ---------------------------------------------------------------- CBOR -> JSON ------------- */
 typedef struct {
     const uint8_t *key;
@@ -637,18 +711,6 @@ static int rate_allow(Lane *self, const addr_t *a, double now) {
     return 1;
 }
 
-static int give_to_python(Lane *self, const uint8_t *data, size_t n, const addr_t *a, socklen_t alen) {
-    PyObject *bytes = PyBytes_FromStringAndSize((const char *)data, n);
-    PyObject *peer = bytes ? addr_tuple(a, alen) : NULL;
-    PyObject *pair = peer ? PyTuple_Pack(2, bytes, peer) : NULL;
-    Py_XDECREF(bytes);
-    Py_XDECREF(peer);
-    if (!pair) return -1;
-    int r = PyList_Append(self->slow, pair);
-    Py_DECREF(pair);
-    return r;
-}
-
 /* Remembers `key`; returns its ring slot. */
 static size_t remember(Lane *self, const uint8_t *key, double now, uint32_t size, int python) {
     int evicted;
@@ -839,48 +901,29 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
     }
     if (self->limit && !rate_allow(self, a, now)) return 0;
     int r = classify(self, d, n, a, alen, NULL, now, now_ms, PLAIN);
-    if (r == 1) return give_to_python(self, d, n, a, alen);
+    if (r == 1) return append_pair(self->slow, d, n, a, alen); /* the Python path's */
     return r;
 }
 
 /* ---------------------------------------------------------------- methods ------------------ */
-static PyObject *Lane_drain(Lane *self, PyObject *args) {
-    int fd, budget;
+typedef struct {
+    Lane *lane;
     double now;
     long long now_ms;
-    if (!PyArg_ParseTuple(args, "idLi", &fd, &now, &now_ms, &budget)) return NULL;
+} drain_ctx;
+
+static int drain_one(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
+    drain_ctx *c = ctx;
+    return feed(c->lane, d, n, a, alen, c->now, c->now_ms);
+}
+
+static PyObject *Lane_drain(Lane *self, PyObject *args) {
+    int fd, budget;
+    drain_ctx c = {self, 0, 0};
+    if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
     if (ensure_lists(self) < 0) return NULL;
-    size_t bufsize = (size_t)self->max_datagram + 1;
-    struct mmsghdr msgs[VLEN];
-    struct iovec iov[VLEN];
-    addr_t addrs[VLEN];
-    long total = 0;
-    while (total < budget) {
-        int want = budget - total < VLEN ? budget - total : VLEN;
-        for (int i = 0; i < want; i++) {
-            iov[i].iov_base = self->rxbuf + (size_t)i * bufsize;
-            iov[i].iov_len = bufsize;
-            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
-            msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof(addr_t);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int got = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-            if (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) continue;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        for (int i = 0; i < got; i++) {
-            size_t n = msgs[i].msg_len;
-            if (msgs[i].msg_hdr.msg_flags & MSG_TRUNC) n = bufsize; /* longer than the limit */
-            if (feed(self, iov[i].iov_base, n, &addrs[i], msgs[i].msg_hdr.msg_namelen, now, now_ms) < 0) return NULL;
-        }
-        total += got;
-        if (got < want) break;
-    }
-    return PyLong_FromLong(total);
+    long total = read_datagrams(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_one, &c);
+    return total < 0 ? NULL : PyLong_FromLong(total);
 }
 
 static PyObject *Lane_receive(Lane *self, PyObject *args) {
@@ -1050,39 +1093,27 @@ static PyObject *Lane_flush(Lane *self, PyObject *arg) {
     int fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
     size_t done = 0;
+    int blocked = 0;
     struct mmsghdr msgs[VLEN];
     struct iovec iov[VLEN];
-    while (done < self->out_len) {
+    while (done < self->out_len && !blocked) {
         int want = self->out_len - done < VLEN ? (int)(self->out_len - done) : VLEN;
         for (int i = 0; i < want; i++) {
             out_t *o = &self->out[done + i];
-            iov[i].iov_base = o->data;
-            iov[i].iov_len = o->len;
-            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
-            msgs[i].msg_hdr.msg_name = &o->addr;
-            msgs[i].msg_hdr.msg_namelen = o->alen;
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+            set_msg(&msgs[i], &iov[i], o->data, o->len, &o->addr, o->alen);
         }
-        int sent = sendmmsg(fd, msgs, want, MSG_DONTWAIT);
+        int sent = send_datagrams(fd, msgs, want, &blocked);
         if (sent < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                self->send_blocked++;
-                break;
-            }
-            if (errno == EINTR) continue;
-            self->send_errors++; /* this datagram cannot go (e.g. unreachable): skip it */
-            Py_CLEAR(self->out[done].peer);
-            done++;
-            continue;
+            self->send_errors++;
+            sent = 1; /* skipped, not sent */
+        } else {
+            self->datagrams_out += sent;
+            for (int i = 0; i < sent; i++) self->bytes_out += self->out[done + i].len;
         }
-        for (int i = 0; i < sent; i++) {
-            self->bytes_out += self->out[done + i].len;
-            Py_CLEAR(self->out[done + i].peer);
-        }
-        self->datagrams_out += sent;
+        for (int i = 0; i < sent; i++) Py_CLEAR(self->out[done + i].peer);
         done += sent;
     }
+    self->send_blocked += blocked;
     if (done) {
         memmove(self->out, self->out + done, (self->out_len - done) * sizeof(out_t));
         self->out_len -= done;
@@ -1323,9 +1354,9 @@ static PyTypeObject LaneType = {
     .tp_members = Lane_members,
 };
 
-/* ---------------------------------------------------------------- batched socket calls ----- */
-/* For the edge's own loop (CoAPS, or the lane off): one recvmmsg/sendmmsg per 64 datagrams
- * instead of one recvfrom/sendto each, with the same results as those calls give Python. */
+/* ---------------------------------------------------------------- the edge's own loop ------ */
+/* For CoAPS, or the lane off: one recvmmsg/sendmmsg per 64 datagrams instead of one
+ * recvfrom/sendto each, with the same results as those calls give Python. */
 
 /* recv_many(fd, bufsize, budget) -> [(bytes, peer)]: up to `budget` datagrams, each cut to
  * `bufsize` bytes (the caller sees a datagram of bufsize bytes as too long). */
@@ -1344,47 +1375,12 @@ static PyObject *recv_many(PyObject *mod, PyObject *args) {
         PyMem_Free(buf);
         return PyErr_NoMemory();
     }
-    struct mmsghdr msgs[VLEN];
-    struct iovec iov[VLEN];
-    addr_t addrs[VLEN];
-    int total = 0;
-    while (total < budget) {
-        int want = budget - total < VLEN ? budget - total : VLEN;
-        for (int i = 0; i < want; i++) {
-            iov[i].iov_base = buf + (size_t)i * bufsize;
-            iov[i].iov_len = bufsize;
-            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
-            msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof(addr_t);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int got = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-            if (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) continue;
-            Py_DECREF(list);
-            PyMem_Free(buf);
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        for (int i = 0; i < got; i++) {
-            PyObject *data = PyBytes_FromStringAndSize(iov[i].iov_base, msgs[i].msg_len);
-            PyObject *peer = data ? addr_tuple(&addrs[i], msgs[i].msg_hdr.msg_namelen) : NULL;
-            PyObject *pair = peer ? PyTuple_Pack(2, data, peer) : NULL;
-            Py_XDECREF(data);
-            Py_XDECREF(peer);
-            if (!pair || PyList_Append(list, pair) < 0) {
-                Py_XDECREF(pair);
-                Py_DECREF(list);
-                PyMem_Free(buf);
-                return NULL;
-            }
-            Py_DECREF(pair);
-        }
-        total += got;
-        if (got < want) break;
-    }
+    long r = read_datagrams(fd, buf, (size_t)bufsize, budget, append_pair, list);
     PyMem_Free(buf);
+    if (r < 0) {
+        Py_DECREF(list);
+        return NULL;
+    }
     return list;
 }
 
@@ -1412,25 +1408,15 @@ static PyObject *send_many(PyObject *mod, PyObject *args) {
                 return NULL;
             }
             if (addr_from_tuple(PyTuple_GET_ITEM(pair, 1), &addrs[i], &alen) < 0) return NULL;
-            iov[i].iov_base = PyBytes_AS_STRING(data);
-            iov[i].iov_len = PyBytes_GET_SIZE(data);
-            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
-            msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = alen;
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+            set_msg(&msgs[i], &iov[i], PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &addrs[i], alen);
         }
-        int sent = sendmmsg(fd, msgs, want, MSG_DONTWAIT);
+        int sent = send_datagrams(fd, msgs, want, &blocked);
         if (sent < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                blocked = 1;
-            } else if (errno != EINTR) {
-                errors++;
-                done++;
-            }
-            continue;
+            errors++;
+            sent = 1;
+        } else {
+            for (int i = 0; i < sent; i++) nbytes += iov[i].iov_len;
         }
-        for (int i = 0; i < sent; i++) nbytes += iov[i].iov_len;
         done += sent;
     }
     return Py_BuildValue("(nKKi)", done, nbytes, errors, blocked);
