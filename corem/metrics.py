@@ -94,7 +94,7 @@ class ServerCollector:
              for t in s.transports for code, n in enumerate(t.endpoint.stats.responses) if n],
         )
         yield per_transport("corem_coap_dedup_entries", "Exchanges remembered for deduplication.",
-                            lambda t: t.endpoint.dedup_entries, gauge=True)
+                            lambda t: t.edge.dedup_entries, gauge=True)
         yield per_transport("corem_coap_outstanding", "Confirmable messages of ours awaiting ACK.",
                             lambda t: t.endpoint.outstanding, gauge=True)
 

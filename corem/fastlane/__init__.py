@@ -1,11 +1,13 @@
-"""The fast lane: plain-CoAP telemetry from socket to sink record in C (`_lane.c`).
+"""The fast lane: the common telemetry request answered in C (`_lane.c`), datagram to sink record.
 
 The C lane takes the one request shape that is nearly all of a fleet's traffic -- a CON
 `POST /api/v1/{token}/telemetry` with a flat CBOR map, or over CoAPS `POST /telemetry` (and
 `/api/v1/telemetry`) from a session that names its device -- and hands every other datagram back
 to the Python path (`UdpEdge` -> `Endpoint` -> `Router`), which remains the one place that rejects
 and explains.  On plain CoAP it reads the socket itself (recvmmsg) and sends its answers
-(sendmmsg); behind DTLS it gets the decrypted messages and its answers are encrypted by the edge.  `FastLane` is the glue around it: it gives the lane the registry's devices (the
+(sendmmsg); behind DTLS it gets the decrypted messages and its answers are encrypted by the edge.
+
+`FastLane` is the glue around it: it gives the lane the registry's devices (the
 TelemetryPoint's JSON head and tail are cut from `encode_point` itself, so the two cannot drift),
 submits the lane's records to the sink, tells the downlink which devices talked, and folds the
 lane's counters into the ingest's, the endpoint's and the edge's, so metrics and the UI see one
@@ -16,7 +18,6 @@ Without a C compiler the lane is not built and `Lane` is None: corem then runs o
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..bus.base import BatchingSink, Record
@@ -30,8 +31,6 @@ try:
     from ._lane import Lane
 except ImportError:  # pragma: no cover - only without a C compiler
     Lane = None  # type: ignore[assignment,misc]
-
-log = logging.getLogger("corem.fastlane")
 
 #: The lane's counters that add to the endpoint's and to the edge's (metrics read those).
 ENDPOINT_COUNTERS = ("datagrams_in", "bytes_in", "requests", "duplicates", "dedup_evictions")
@@ -56,7 +55,8 @@ def json_frame(tenant: str, device: str, profile: str) -> tuple[bytes, bytes] | 
 
 
 class FastLane:
-    """Drives one C `Lane` for a plain-CoAP `UdpEdge` (see the module docstring)."""
+    """Drives one C `Lane` for a `UdpEdge`: plain CoAP, or behind DTLS with `dtls` (see the module
+    docstring)."""
 
     def __init__(
         self,

@@ -98,6 +98,12 @@ class UdpEdge:
         self._closed = False
 
     @property
+    def dedup_entries(self) -> int:
+        """Exchanges remembered for deduplication: the lane's when there is one (it remembers every
+        request it sees, the Python path's included), else the endpoint's."""
+        return len(self.lane) if self.lane is not None else self.endpoint.dedup_entries
+
+    @property
     def address(self) -> tuple:
         return self.sock.getsockname()
 
