@@ -25,10 +25,11 @@ def psk_client_buffer(identity: str, key: bytes) -> tls.TLSWrappedBuffer:
 
 
 class DtlsUdpClient:
-    def __init__(self, port: int, identity: str, key: bytes) -> None:
+    def __init__(self, port: int, identity: str, key: bytes, *, source_port: int = 0) -> None:
         self.buf = psk_client_buffer(identity, key)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", source_port))
         self.sock.connect(("127.0.0.1", port))
         self.sock.settimeout(0.2)
         self.mid = 100

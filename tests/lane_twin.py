@@ -131,6 +131,14 @@ class Twin:
         self.lane.commit(error)
         self.python.commit(error)
 
+    def new_session(self, peer: tuple) -> None:
+        """What the DTLS edge does when `peer` completes a handshake (UdpEdge._new_session)."""
+        now = self.clock[0]
+        self.lane.endpoint.new_session(peer, now)
+        assert self.lane.lane is not None
+        self.lane.lane.lane.new_session(peer, now)
+        self.python.endpoint.new_session(peer, now)
+
     def advance(self, seconds: float) -> None:
         self.clock[0] += seconds
         self.lane.tick()

@@ -308,3 +308,19 @@ def test_a_smaller_forged_duplicate_gets_no_cached_answer():
     forged = encode(Message(Type.CON, Code.GET, 0x24, b""))
     assert ep.receive(forged, PEER, 1.0) is None and ep.outbox == []
     assert ep.receive(original, PEER, 1.0) is None and len(ep.take_outbox()) == 1  # the real one still does
+
+
+def test_a_new_dtls_session_scopes_message_ids_afresh():
+    """RFC 7252 §9.1: under DTLS the endpoint is the session; a message ID from the peer's
+    previous session is not a duplicate of the same ID in its new one."""
+    ep = endpoint()
+    peer = ("192.0.2.1", 5684)
+    assert isinstance(ep.receive(post(mid=7), peer, 1.0), Request)
+    ep.outbox.clear()
+    assert ep.receive(post(mid=7), peer, 2.0) is None  # same session: a duplicate
+    ep.new_session(peer, 3.0)
+    assert isinstance(ep.receive(post(mid=7), peer, 4.0), Request)  # new session: new request
+    assert ep.receive(post(mid=7), peer, 5.0) is None  # and its own duplicates are still caught
+    assert ep.receive(post(mid=8), ("192.0.2.2", 5684), 5.0) is not None  # other peers unaffected
+    ep.tick(300.0)
+    assert not ep._sessions  # forgotten after EXCHANGE_LIFETIME

@@ -172,6 +172,22 @@ def test_a_request_in_an_ack_still_takes_its_message_id(twin):
     assert len(twin.check()[1]) == 1  # (the first one's; the second is its duplicate)
 
 
+def test_a_new_dtls_session_starts_message_ids_afresh(twin):
+    peer = ("127.0.0.1", 40000)
+    twin.receive(post(), peer)
+    twin.commit()
+    twin.receive(post(), peer)  # a duplicate: the cached 2.04, nothing stored
+    twin.commit()
+    assert len(twin.check()[1]) == 1
+    twin.clock[0] += 1
+    twin.new_session(peer)
+    for _ in range(2):  # new, then its own duplicate
+        twin.receive(post(), peer)
+        twin.commit()
+    answers, stored = twin.check()
+    assert len(stored) == 1 and len(answers) == 2
+
+
 def test_a_slow_bus_gets_an_empty_ack_then_a_separate_confirmable_answer(twin):
     twin.receive(post())
     twin.advance(0.6)
@@ -362,7 +378,7 @@ ANY_SHAPE = st.builds(
     st.sampled_from([b"", b"\x01", b"12345678"]),
 )
 DATAGRAMS = FAST_SHAPE | FAST_SHAPE | ANY_SHAPE  # mostly the lane's shape: what it takes is on trial
-STEPS = st.lists(st.tuples(DATAGRAMS, st.sampled_from(["commit", "commit", "fail", "slow", "none"]),
+STEPS = st.lists(st.tuples(DATAGRAMS, st.sampled_from(["commit", "commit", "fail", "slow", "none", "session"]),
                            st.sampled_from([("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)])),
                  min_size=1, max_size=8)
 
@@ -381,6 +397,9 @@ def test_generated_traffic_is_stored_and_answered_the_same_with_and_without_the_
                 t.commit(RuntimeError("bus down"))
             elif then == "slow":
                 t.advance(0.7)
+            elif then == "session":
+                t.clock[0] += 0.001  # (a handshake takes time: what came before is older)
+                t.new_session(peer)
             t.check()
         t.commit()
         t.advance(300)

@@ -160,3 +160,31 @@ def test_session_carried_across_a_restart_of_corem(data_dir):
             second.stop()
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("lane", ["on", "off"])
+def test_a_new_session_from_the_same_address_starts_message_ids_afresh(data_dir, lane):
+    """A device that reboots handshakes again from the same address and port and starts its
+    message IDs where it started before: its first reading is new, not a duplicate of the one the
+    old session sent with that ID (which would be answered 2.04 from the cache and never stored)."""
+    from .conftest import start_corem
+    from .dtls_udp_client import DtlsUdpClient
+
+    server = start_corem(data_dir, "--fast-lane", lane)
+    first = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode())
+    try:
+        first.handshake()
+        assert first.post(["telemetry"], cbor2.dumps({"seq": 1})).code == 68
+        source = first.sock.getsockname()[1]
+        first.close()
+        again = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode(), source_port=source)
+        try:
+            again.handshake()
+            assert again.mid == first.mid - 1  # the same first message ID as the old session's
+            assert again.post(["telemetry"], cbor2.dumps({"seq": 2})).code == 68
+        finally:
+            again.close()
+        assert sorted(p["numeric_values"]["seq"] for p in server.points()) == [1.0, 2.0]
+        assert server.metrics()["corem_dtls_handshakes_completed_total"] == 2
+    finally:
+        server.stop()

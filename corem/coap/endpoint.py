@@ -198,6 +198,8 @@ class Endpoint:
         #: (received_at, key) of confirmable requests, oldest first
         self._piggyback: deque[tuple[float, tuple[Peer, int]]] = deque()
         self._outstanding: dict[tuple[Peer, int], Outgoing] = {}
+        #: peer -> when its current security association (DTLS session) began, oldest first
+        self._sessions: OrderedDict[Peer, float] = OrderedDict()
         self._retx: list[tuple[float, int, Outgoing]] = []
         self._seq = 0
         self._mid = int(rng() * 0x10000) & 0xFFFF
@@ -245,6 +247,11 @@ class Endpoint:
         key = (peer, msg.mid)
         dedup = self._dedup
         seen = dedup.get(key)
+        if seen is not None and self._sessions:
+            began = self._sessions.get(peer)
+            if began is not None and (seen[0] if type(seen) is tuple else seen.received_at) < began:
+                del dedup[key]  # from the peer's previous session: not a duplicate of this one
+                seen = None
         if seen is not None:
             self.stats.duplicates += 1
             if type(seen) is tuple:
@@ -271,6 +278,17 @@ class Endpoint:
         if req.confirmable:
             self._piggyback.append((now, key))
         return req
+
+    def new_session(self, peer: Peer, now: float) -> None:
+        """`peer` began a new security association (a DTLS handshake).  Message IDs are scoped to
+        the endpoint, which under DTLS is the session (RFC 7252 §4.5, §9.1): what the peer sent in
+        its previous session is no longer a duplicate of what it sends now, and a reading must not
+        be answered from the old session's cache and dropped.  Remembered for EXCHANGE_LIFETIME."""
+        sessions = self._sessions
+        sessions[peer] = now
+        sessions.move_to_end(peer)
+        if len(sessions) > self.params.dedup_max_entries:
+            sessions.popitem(last=False)
 
     # -- output ----------------------------------------------------------------------------
     def respond(
@@ -396,6 +414,9 @@ class Endpoint:
                 req.reply = bytes((0x60, 0, req.mid >> 8, req.mid & 0xFF))  # empty ACK
                 self._send(req.reply, req.peer, 0)
         limit = now - p.exchange_lifetime
+        sessions = self._sessions
+        while sessions and next(iter(sessions.values())) <= limit:
+            sessions.popitem(last=False)  # older than any exchange still remembered
         while dedup:
             key, entry = next(iter(dedup.items()))
             if (entry[0] if type(entry) is tuple else entry.received_at) > limit:

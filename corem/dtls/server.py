@@ -197,6 +197,9 @@ class DtlsServer:
         self.handshakes: dict[Peer, Session] = {}
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = DtlsStats()
+        #: told `(peer, now)` when a handshake completes: a new session, in which the peer's
+        #: message IDs start afresh (the message layer stops treating old ones as duplicates)
+        self.on_new_session: Callable[[Peer, float], None] | None = None
         self._next_sweep = 0.0
 
     # -- input ---------------------------------------------------------------------------------
@@ -311,6 +314,8 @@ class DtlsServer:
         session.established = True
         self.sessions[peer] = session
         self.stats.handshakes_completed += 1
+        if self.on_new_session is not None:
+            self.on_new_session(peer, self._now)
 
     def _fail(self, session: Session, peer: Peer, error: TLSError) -> None:
         reason = _reason(error)

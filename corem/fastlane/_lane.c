@@ -68,12 +68,22 @@ static uint64_t hash_key(const uint8_t *k) {
     return h ^ (h >> 33);
 }
 
+static void fm_free(fifomap *m) {
+    PyMem_Free(m->ring);
+    PyMem_Free(m->index);
+    m->ring = NULL;
+    m->index = NULL;
+}
+
 static int fm_init(fifomap *m, size_t cap, size_t esize) {
     size_t n = 16;
     while (n < cap * 2) n <<= 1;
     m->ring = PyMem_Calloc(cap, esize);
     m->index = PyMem_Calloc(n, sizeof(uint64_t));
-    if (!m->ring || !m->index) return -1;
+    if (!m->ring || !m->index) {
+        fm_free(m);
+        return -1;
+    }
     m->esize = esize;
     m->cap = cap;
     m->head = m->count = 0;
@@ -81,12 +91,6 @@ static int fm_init(fifomap *m, size_t cap, size_t esize) {
     return 0;
 }
 
-static void fm_free(fifomap *m) {
-    PyMem_Free(m->ring);
-    PyMem_Free(m->index);
-    m->ring = NULL;
-    m->index = NULL;
-}
 
 static inline void *fm_entry(fifomap *m, size_t slot) { return m->ring + slot * m->esize; }
 
@@ -171,6 +175,11 @@ typedef struct {
     double tokens, last;
 } bucket_t;
 
+typedef struct {
+    uint8_t key[KEYLEN]; /* the peer: address and port */
+    double began;
+} session_t;
+
 enum { P_FREE, P_PENDING, P_SEPARATE };
 
 typedef struct {
@@ -210,6 +219,7 @@ typedef struct {
     PyTypeObject *record_type;
     /* tables */
     fifomap dedup, buckets;
+    fifomap sessions; /* peer -> when its DTLS session began (made on the first new_session) */
     int limit;
     PyObject *tokens; /* dict: token bytes -> index into targets */
     target_t *targets;
@@ -634,7 +644,7 @@ static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long 
 /* The exchange of a waiting request, unless it was forgotten meanwhile (bound or lifetime). */
 static exchange_t *exchange_of(Lane *self, pending_t *q) {
     exchange_t *x = fm_entry(&self->dedup, q->slot);
-    return memcmp(x->key, q->key, KEYLEN) == 0 ? x : NULL;
+    return x->at == q->at && memcmp(x->key, q->key, KEYLEN) == 0 ? x : NULL;
 }
 
 static int pending_new(Lane *self) {
@@ -711,14 +721,21 @@ static int rate_allow(Lane *self, const addr_t *a, double now) {
     return 1;
 }
 
-/* Remembers `key`; returns its ring slot. */
-static size_t remember(Lane *self, const uint8_t *key, double now, uint32_t size, int python) {
+/* Remembers `key` (in the slot `reuse` when >= 0: its exchange from the peer's previous DTLS
+ * session, which the key must not appear twice beside); returns its ring slot. */
+static size_t remember(Lane *self, const uint8_t *key, double now, uint32_t size, int python, long reuse) {
     int evicted;
     fifomap *m = &self->dedup;
-    /* (the endpoint counts the Python path's own evictions) */
-    int oldest_is_lanes = m->count == m->cap && !((exchange_t *)fm_entry(m, m->head))->python;
-    exchange_t *x = fm_entry(m, fm_push(m, key, &evicted));
-    self->dedup_evictions += evicted && oldest_is_lanes;
+    exchange_t *x;
+    if (reuse >= 0) {
+        x = fm_entry(m, (size_t)reuse);
+        x->reply_len = 0;
+    } else {
+        /* (the endpoint counts the Python path's own evictions) */
+        int oldest_is_lanes = m->count == m->cap && !((exchange_t *)fm_entry(m, m->head))->python;
+        x = fm_entry(m, fm_push(m, key, &evicted));
+        self->dedup_evictions += evicted && oldest_is_lanes;
+    }
     x->at = now;
     x->size = size;
     x->python = (uint8_t)python;
@@ -726,9 +743,19 @@ static size_t remember(Lane *self, const uint8_t *key, double now, uint32_t size
 }
 
 /* A request for the Python path: remembered as its, so that its duplicates follow it there. */
-static int python_path(Lane *self, const uint8_t *key, double now) {
-    remember(self, key, now, 0, 1);
+static int python_path(Lane *self, const uint8_t *key, double now, long reuse) {
+    remember(self, key, now, 0, 1, reuse);
     return 1;
+}
+
+/* Did this exchange come in the peer's previous DTLS session?  Then it is no duplicate of what
+ * the peer sends now (message IDs are scoped to the session, RFC 7252 §9.1). */
+static int from_old_session(Lane *self, const addr_t *a, const exchange_t *x) {
+    if (!self->sessions.count) return 0;
+    uint8_t key[KEYLEN];
+    addr_key(a, 0, 1, key);
+    long slot = fm_find(&self->sessions, key);
+    return slot >= 0 && x->at < ((session_t *)fm_entry(&self->sessions, slot))->began;
 }
 
 /* 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
@@ -795,7 +822,11 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
      * path's goes there (which also keeps a reused message id from being taken twice). */
     uint8_t key[KEYLEN];
     addr_key(a, mid, 1, key);
-    long slot = fm_find(&self->dedup, key);
+    long slot = fm_find(&self->dedup, key), reuse = -1;
+    if (slot >= 0 && from_old_session(self, a, fm_entry(&self->dedup, slot))) {
+        reuse = slot;
+        slot = -1;
+    }
     if (slot >= 0) {
         exchange_t *x = fm_entry(&self->dedup, slot);
         if (x->python) return 1;
@@ -806,7 +837,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
             return queue_out(self, a, alen, peer, x->reply, x->reply_len, x->reply[1]);
         return 0;
     }
-    if (type != 0 || code != 2 || other || cf != 60 || !payload) return python_path(self, key, now);
+    if (type != 0 || code != 2 || other || cf != 60 || !payload) return python_path(self, key, now, reuse);
     Py_ssize_t ti;
     if (nseg == 4 && SEG_IS(0, "api") && SEG_IS(1, "v1") && SEG_IS(3, "telemetry") && seglen[2]) {
         /* POST /api/v1/{token}/telemetry: the device is the token's */
@@ -814,22 +845,22 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         if (!tok) return -1;
         PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
         Py_DECREF(tok);
-        if (!idx) return PyErr_Occurred() ? -1 : python_path(self, key, now);
+        if (!idx) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
         ti = PyLong_AsSsize_t(idx);
         if (ti == -1 && PyErr_Occurred()) return -1;
     } else if (session >= 0 && ((nseg == 1 && SEG_IS(0, "telemetry")) ||
                                 (nseg == 3 && SEG_IS(0, "api") && SEG_IS(1, "v1") && SEG_IS(2, "telemetry")))) {
         ti = session; /* POST /telemetry over CoAPS: the device is the session's */
     } else {
-        return python_path(self, key, now);
+        return python_path(self, key, now, reuse);
     }
-    if (ti < 0 || ti >= self->ntargets) return python_path(self, key, now);
+    if (ti < 0 || ti >= self->ntargets) return python_path(self, key, now, reuse);
     target_t *t = &self->targets[ti];
-    if (!t->topic) return python_path(self, key, now); /* a device with its own decoder */
+    if (!t->topic) return python_path(self, key, now, reuse); /* a device with its own decoder */
     item_t items[MAX_ITEMS];
     int nitems;
     long long ts;
-    if (parse_map(payload, end, items, &nitems, &ts) < 0) return python_path(self, key, now);
+    if (parse_map(payload, end, items, &nitems, &ts) < 0) return python_path(self, key, now, reuse);
     /* accepted: from here on the lane owns the exchange */
     PyObject *value = point_json(self, t, items, nitems, ts, now_ms, end - payload);
     if (!value) return -1;
@@ -880,7 +911,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         t->epoch = self->epoch;
         if (PyList_Append(self->touched, t->device) < 0) return -1;
     }
-    q->slot = remember(self, key, now, (uint32_t)n, 0);
+    q->slot = remember(self, key, now, (uint32_t)n, 0, reuse);
     self->datagrams_in++;
     self->bytes_in += n;
     self->requests++;
@@ -967,6 +998,24 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
     }
     PyBuffer_Release(&data);
     if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* new_session(peer, now): the peer began a new DTLS session (see from_old_session). */
+static PyObject *Lane_new_session(Lane *self, PyObject *args) {
+    PyObject *peer;
+    double now;
+    if (!PyArg_ParseTuple(args, "Od", &peer, &now)) return NULL;
+    addr_t a;
+    socklen_t alen;
+    if (addr_from_tuple(peer, &a, &alen) < 0) return NULL;
+    if (!self->sessions.ring && fm_init(&self->sessions, self->dedup.cap, sizeof(session_t)) < 0) return PyErr_NoMemory();
+    uint8_t key[KEYLEN];
+    addr_key(&a, 0, 1, key);
+    long slot = fm_find(&self->sessions, key);
+    int evicted;
+    session_t *e = fm_entry(&self->sessions, slot >= 0 ? (size_t)slot : fm_push(&self->sessions, key, &evicted));
+    e->began = now;
     Py_RETURN_NONE;
 }
 
@@ -1086,6 +1135,9 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
     }
     while (self->dedup.count && ((exchange_t *)fm_entry(&self->dedup, self->dedup.head))->at <= now - self->lifetime)
         fm_pop_oldest(&self->dedup);
+    while (self->sessions.count &&
+           ((session_t *)fm_entry(&self->sessions, self->sessions.head))->began <= now - self->lifetime)
+        fm_pop_oldest(&self->sessions);
     Py_RETURN_NONE;
 }
 
@@ -1311,6 +1363,7 @@ static void Lane_dealloc(Lane *self) {
     Py_CLEAR(self->record_type);
     fm_free(&self->dedup);
     fm_free(&self->buckets);
+    fm_free(&self->sessions);
     PyMem_Free(self->pending);
     PyMem_Free(self->fifo);
     PyMem_Free(self->out);
@@ -1324,6 +1377,7 @@ static PyMethodDef Lane_methods[] = {
     {"receive", (PyCFunction)Lane_receive, METH_VARARGS, "receive(data, peer, now, now_ms): one datagram, sans-IO"},
     {"receive_plain", (PyCFunction)(void (*)(void))Lane_receive_plain, METH_FASTCALL,
      "receive_plain(data, peer, session_target, now, now_ms): one message DTLS decrypted"},
+    {"new_session", (PyCFunction)Lane_new_session, METH_VARARGS, "new_session(peer, now): a new DTLS session"},
     {"take", (PyCFunction)Lane_take, METH_NOARGS, "take() -> (for_python, records, ctxs, devices_heard)"},
     {"committed", (PyCFunction)(void (*)(void))Lane_committed, METH_FASTCALL, "committed(ctx, error)"},
     {"tick", (PyCFunction)Lane_tick, METH_O, "tick(now)"},

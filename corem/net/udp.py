@@ -88,6 +88,8 @@ class UdpEdge:
         self.max_datagram = max_datagram
         self.dtls = dtls
         self.lane = lane
+        if dtls is not None:
+            dtls.on_new_session = self._new_session
         #: rate limit per source: the lane's own when it reads the socket (it sees every datagram first)
         self.limiter = limiter if lane is None or not lane.rate_limited else _LaneLimits(lane)
         #: receives message-layer events (ACK, RST, give-up of our CONs): observers need them
@@ -182,6 +184,12 @@ class UdpEdge:
             for data, peer in lane.drain(fd, now, BATCH):
                 handle(data, peer, now)
             self.flush()
+
+    def _new_session(self, peer: tuple, now: float) -> None:
+        """A DTLS handshake completed: the peer's message IDs are scoped to its new session."""
+        self.endpoint.new_session(peer, now)
+        if self.lane is not None:
+            self.lane.lane.new_session(peer, now)
 
     def _handle(self, message: bytes, peer: tuple, now: float) -> None:
         """One CoAP message through the endpoint: a request to its handler, an event to `on_event`."""
