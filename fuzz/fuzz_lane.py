@@ -1,9 +1,9 @@
 """Fuzz the fast lane (corem/fastlane/_lane.c) against the Python path: the fuzzer's bytes become a
-sequence of datagrams (a telemetry POST template it mutates, or raw bytes), bus verdicts and clock
-steps, fed to the lane in front of the Python path and to the Python path alone.  Both must store
-and answer the same, and nothing may escape.  (Eviction under the dedup bound is tested in
-tests/test_fastlane.py: the lane also remembers datagrams the codec then refuses, so the two fill
-their bounds at different rates.)"""
+sequence of datagrams (a telemetry POST template it mutates, or raw bytes), bus verdicts, clock
+steps and new DTLS sessions, fed to the lane in front of the Python path and to the Python path
+alone.  Both must store and answer the same, and nothing may escape.  (Eviction under the dedup
+bound is tested in tests/test_fastlane.py: the lane also remembers datagrams the codec then
+refuses, so the two fill their bounds at different rates.)"""
 
 import sys
 from pathlib import Path
@@ -42,13 +42,16 @@ def test_one_input(data: bytes) -> None:
                 datagram = datagram[:-16] + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40))
             datagram = bytes(datagram)
         TWIN.receive(datagram, PEERS[fdp.ConsumeIntInRange(0, 2)])
-        then = fdp.ConsumeIntInRange(0, 3)
+        then = fdp.ConsumeIntInRange(0, 4)
         if then == 0:
             TWIN.commit()
         elif then == 1:
             TWIN.commit(RuntimeError("bus down"))
         elif then == 2:
             TWIN.advance(fdp.ConsumeIntInRange(0, 3000) / 1000)
+        elif then == 3:  # the peer handshakes again (CoAPS): its message ids start afresh
+            TWIN.clock[0] += 0.001
+            TWIN.new_session(PEERS[fdp.ConsumeIntInRange(0, 2)])
         TWIN.check()
     TWIN.commit()
     TWIN.check()

@@ -188,6 +188,21 @@ def test_a_new_dtls_session_starts_message_ids_afresh(twin):
     assert len(stored) == 1 and len(answers) == 2
 
 
+def test_a_reading_still_waiting_from_an_old_session_gets_no_empty_ack_in_the_new_one(twin):
+    """Found by the generated traffic: once the peer's new session took the message id, the old
+    exchange's empty ACK would acknowledge the new session's message; like the endpoint, the lane
+    sends none and answers the old reading when it is committed."""
+    peer = ("127.0.0.1", 40000)
+    twin.receive(post(), peer)  # waiting for the bus
+    twin.clock[0] += 0.001
+    twin.new_session(peer)
+    twin.receive(post(payload=b"\xa0"), peer)  # the new session's first message, same id: 4.00
+    twin.advance(0.7)  # past the piggyback timeout of the first
+    twin.commit()
+    answers, stored = twin.check()
+    assert sorted(decode(a[0]).code for a in answers) == [Code.CHANGED, Code.BAD_REQUEST] and len(stored) == 1
+
+
 def test_a_slow_bus_gets_an_empty_ack_then_a_separate_confirmable_answer(twin):
     twin.receive(post())
     twin.advance(0.6)

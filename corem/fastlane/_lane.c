@@ -1124,13 +1124,13 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
         self->fifo_head = (self->fifo_head + 1) % self->fifo_cap;
         self->fifo_count--;
         if (!live) continue;
+        exchange_t *x = exchange_of(self, q);
+        if (!x) continue; /* forgotten (bound), or its id taken by the peer's new DTLS session: as
+                           * for the endpoint, no empty ACK; the answer is piggybacked when it comes */
         q->state = P_SEPARATE;
         uint8_t ack[4] = {0x60, 0, q->mid >> 8, q->mid & 0xff};
-        exchange_t *x = exchange_of(self, q);
-        if (x) {
-            memcpy(x->reply, ack, 4);
-            x->reply_len = 4;
-        }
+        memcpy(x->reply, ack, 4);
+        x->reply_len = 4;
         if (queue_out(self, &q->addr, q->alen, q->peer, ack, 4, 0) < 0) return NULL;
     }
     while (self->dedup.count && ((exchange_t *)fm_entry(&self->dedup, self->dedup.head))->at <= now - self->lifetime)
