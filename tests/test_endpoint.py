@@ -324,3 +324,16 @@ def test_a_new_dtls_session_scopes_message_ids_afresh():
     assert ep.receive(post(mid=8), ("192.0.2.2", 5684), 5.0) is not None  # other peers unaffected
     ep.tick(300.0)
     assert not ep._sessions  # forgotten after EXCHANGE_LIFETIME
+
+
+def test_the_piggyback_timer_acks_only_the_request_it_was_set_for():
+    """Found by fuzz/fuzz_lane.py: the timer looked its request up by (peer, mid) only, so after
+    a new DTLS session re-used the id, a NON request of the new session got an empty ACK."""
+    ep = endpoint()
+    peer = ("192.0.2.1", 5684)
+    old = ep.receive(post(mid=7), peer, 1.0)  # CON, waiting for its handler's answer
+    ep.new_session(peer, 1.1)
+    new = ep.receive(post(mid=7, mtype=Type.NON), peer, 1.2)
+    assert isinstance(old, Request) and isinstance(new, Request)
+    ep.tick(5.0)
+    assert ep.outbox == []  # no empty ACK: the CON's exchange is gone, the NON needs none

@@ -408,8 +408,10 @@ class Endpoint:
         dedup = self._dedup
         limit = now - p.piggyback_timeout
         while piggyback and piggyback[0][0] <= limit:
-            req = dedup.get(piggyback.popleft()[1])
-            if type(req) is Request and req.state == PENDING:
+            at, key = piggyback.popleft()
+            req = dedup.get(key)
+            # (the same request: the key may name a newer one, from the peer's next DTLS session)
+            if type(req) is Request and req.state == PENDING and req.received_at == at and req.confirmable:
                 req.state = SEPARATE
                 req.reply = bytes((0x60, 0, req.mid >> 8, req.mid & 0xFF))  # empty ACK
                 self._send(req.reply, req.peer, 0)

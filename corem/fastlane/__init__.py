@@ -18,6 +18,7 @@ Without a C compiler the lane is not built and `Lane` is None: corem then runs o
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ..bus.base import BatchingSink, Record
@@ -54,6 +55,15 @@ def json_frame(tenant: str, device: str, profile: str) -> tuple[bytes, bytes] | 
     return (head, tail) if head + middle + tail == whole else None
 
 
+def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_size: int) -> None:
+    """A reading whose commit outlasted the piggyback timeout: the endpoint answers it with a
+    confirmable response of its own and retransmits it."""
+    if code == BUSY.code:
+        endpoint.answer_late(peer, token, code, BUSY.options, BUSY.payload, request_size)
+    else:
+        endpoint.answer_late(peer, token, code, None, b"", request_size)
+
+
 class FastLane:
     """Drives one C `Lane` for a `UdpEdge`: plain CoAP, or behind DTLS with `dtls` (see the module
     docstring)."""
@@ -81,7 +91,8 @@ class FastLane:
         self.ingest = ingest
         self.sink = sink
         self.endpoint = endpoint
-        self.lane.on_late = self._answer_late
+        # (a function of the endpoint, not a method of self: no cycle, so a lane is freed at once)
+        self.lane.on_late = functools.partial(answer_late, endpoint)
         self.rate_limited = rate > 0
         self._version = -1
         self._now_ms = 0
@@ -147,14 +158,6 @@ class FastLane:
             for device in heard:
                 on_uplink(device)
         return slow
-
-    def _answer_late(self, peer: Any, token: bytes, code: int, request_size: int) -> None:
-        """A reading whose commit outlasted the piggyback timeout: the endpoint answers it with a
-        confirmable response of its own and retransmits it."""
-        if code == BUSY.code:
-            self.endpoint.answer_late(peer, token, code, BUSY.options, BUSY.payload, request_size)
-        else:
-            self.endpoint.answer_late(peer, token, code, None, b"", request_size)
 
     def account(self, edge_stats: Any) -> None:
         """Fold what the lane did since the last call into the Python side's counters (the

@@ -771,8 +771,10 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     if (n < 4 || (d[0] >> 6) != 1) return 1;
     int type = (d[0] >> 4) & 3, tkl = d[0] & 15, code = d[1];
     uint16_t mid = (uint16_t)(d[2] << 8 | d[3]);
-    /* (a request code makes it a request whatever its type, as for the endpoint) */
-    if (tkl > 8 || code < 1 || code > 31 || n < (size_t)(4 + tkl)) return 1;
+    /* A request code makes it a request whatever its type, as for the endpoint -- but only if the
+     * codec would take it: anything malformed (a RST with a code, here) is the Python path's to
+     * refuse, before the lane remembers or answers anything for it. */
+    if (tkl > 8 || code < 1 || code > 31 || type == 3 || n < (size_t)(4 + tkl)) return 1;
     /* options: the fast shape is Uri-Path api/v1/TOKEN/telemetry and Content-Format 60 */
     const uint8_t *p = d + 4 + tkl, *end = d + n;
     const uint8_t *seg[4];
@@ -801,6 +803,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         }
         if ((size_t)(end - p) < len) return 1;
         number += delta;
+        if (number > 65535) return 1; /* the codec refuses it */
         if (number == 11 && nseg < 4) {
             seg[nseg] = p;
             seglen[nseg++] = len;
@@ -1314,7 +1317,7 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->rxbuf = PyMem_Malloc((size_t)VLEN * (self->max_datagram + 1));
     self->tokens = PyDict_New();
     if (!self->json || !self->rxbuf || !self->tokens || fm_init(&self->dedup, dedup_max, sizeof(exchange_t)) < 0 ||
-        fm_init(&self->buckets, max_sources, sizeof(bucket_t)) < 0) {
+        (self->limit && fm_init(&self->buckets, max_sources, sizeof(bucket_t)) < 0)) {
         PyErr_NoMemory();
         return -1;
     }
