@@ -1,5 +1,5 @@
 /*
- * corem.fastlane._lane: plain-CoAP telemetry in C, from the socket to the sink record.
+ * corem.fastlane._lane: the common telemetry request in C, from the datagram to the sink record.
  *
  * The Python path (UdpEdge -> Endpoint -> Router -> TelemetryIngest) costs ~20 µs per reading;
  * most of a one-core budget of ~9 µs at 0.6x libcoap's rate.  This lane reads datagrams with
@@ -7,7 +7,9 @@
  * `POST /api/v1/{token}/telemetry`, Content-Format 60, a flat CBOR map, a known token -- it does
  * the message layer's and the ingest's work itself: rate limit, deduplication, the TelemetryPoint's
  * JSON and the sink Record.  The 2.04 goes out (sendmmsg) only when the sink says the record is
- * durable (`committed`), as on the Python path.
+ * durable (`committed`), as on the Python path.  Behind DTLS the edge hands it the decrypted
+ * messages instead (`receive_plain`, where `POST /telemetry` names its device by the session) and
+ * encrypts what it answers.
  *
  * It only ever ACCEPTS.  Every datagram it is not sure about -- other paths, methods, options,
  * NON requests, malformed messages, CBOR that is invalid or merely unusual (tags, indefinite
@@ -17,9 +19,13 @@
  *
  * State, all bounded: a FIFO hash map of exchanges for deduplication (EXCHANGE_LIFETIME,
  * dedup_max entries, the same rules as corem/coap/endpoint.py: a duplicate CON gets the cached
- * answer if it is not smaller than the original), a FIFO hash map of token buckets for the
- * per-source rate limit (corem/net/limits.py's rules), the exchanges waiting for the sink, and the
- * outbox.  No Python object is created per datagram except the record and its JSON value.
+ * answer if it is not smaller than the original; message IDs are scoped to a peer's DTLS
+ * session), a FIFO hash map of token buckets for the per-source rate limit (corem/net/limits.py's
+ * rules), one of when each peer's DTLS session began, the exchanges waiting for the sink, and the
+ * outbox.  Per accepted reading it makes only the record, its JSON value, the token's bytes for
+ * the lookup and the small int the sink hands back.
+ *
+ * At the end, `recv_many`/`send_many`: the same batched socket calls for the edge's own loop.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
