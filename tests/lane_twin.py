@@ -9,8 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from corem.coap import Endpoint, Params, Request, Router
+from corem.coap import Endpoint, Params, Router
 from corem.fastlane import FastLane
+from corem.net.udp import deliver
 from corem.ingest.diagnostics import Diagnostics
 from corem.ingest.point import decode_point
 from corem.ingest.profiles import register_profile
@@ -69,12 +70,8 @@ class Side:
     def receive(self, data: bytes, peer: tuple) -> None:
         now = self.clock[0]
         slow = self.lane.receive(data, peer, now) if self.lane is not None else [(data, peer)]
-        for message, source in slow:  # what UdpEdge._handle does
-            event = self.endpoint.receive(message, source, now)
-            if type(event) is Request:
-                response = self.router.dispatch(event)
-                if response is not None:
-                    self.endpoint.respond(event, response.code, response.options, response.payload)
+        for message, source in slow:  # what the edge does with them
+            deliver(self.endpoint, self.router, message, source, now)
 
     def commit(self, error: BaseException | None = None) -> None:
         self.sink.commit(error)

@@ -68,6 +68,20 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def deliver(
+    endpoint: Endpoint, router: Router, message: bytes, peer: tuple, now: float,
+    on_event: Callable[[object], None] | None = None,
+) -> None:
+    """One CoAP message through the endpoint: a request to its handler, an event to `on_event`."""
+    event = endpoint.receive(message, peer, now)
+    if type(event) is Request:
+        response = router.dispatch(event)
+        if response is not None:
+            endpoint.respond(event, response.code, response.options, response.payload)
+    elif event is not None and on_event is not None:
+        on_event(event)
+
+
 class UdpEdge:
     """Drives one Endpoint from one UDP socket; dispatches requests to a Router."""
 
@@ -192,15 +206,7 @@ class UdpEdge:
             self.lane.lane.new_session(peer, now)
 
     def _handle(self, message: bytes, peer: tuple, now: float) -> None:
-        """One CoAP message through the endpoint: a request to its handler, an event to `on_event`."""
-        endpoint = self.endpoint
-        event = endpoint.receive(message, peer, now)
-        if type(event) is Request:
-            response = self.router.dispatch(event)
-            if response is not None:
-                endpoint.respond(event, response.code, response.options, response.payload)
-        elif event is not None and self.on_event is not None:
-            self.on_event(event)
+        deliver(self.endpoint, self.router, message, peer, now, self.on_event)
 
     def flush(self) -> None:
         """Send what the endpoint (and DTLS) queued; what the kernel will not take waits for the
