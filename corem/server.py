@@ -17,17 +17,18 @@ from .admin.api import AdminApi
 from .admin.http import HttpRequest, HttpServer, Reply, Route
 from .bus import BatchingSink, EmbeddedBus
 from .bus.base import publish_json
-from .bus.commands import PREFIX as COMMANDS_PREFIX, KafkaCommandReader
+from .bus.commands import PREFIX as COMMANDS_PREFIX
+from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
-from .coap import Endpoint, Params, Router
-from .coap import discovery
+from .coap import Endpoint, Params, Router, discovery
 from .coap.blockwise import Block1Uploads
 from .coap.observe import Observers
 from .coap.site import Site
-from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from .config import ConfigError, Settings, parse_hostport, parse_thresholds
 from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
+from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
+from .fastlane import FastLane, Lane
 from .frontdoors.drogue import Drogue
 from .frontdoors.emqx import Emqx
 from .frontdoors.thingsboard import ThingsBoard
@@ -35,7 +36,6 @@ from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
 from .metrics import render
-from .fastlane import FastLane, Lane
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter
 from .registry import Directory, Registry
@@ -313,10 +313,9 @@ class Server:
         if Lane is None:
             log.warning("fast_lane: the C lane is not built (no C compiler at install?); serving CoAP in Python")
             return None
-        if dtls is not None:  # the edge reads the socket and rate-limits the records
-            return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram, dtls=dtls)
-        return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram,
-                        rate=s.rate_limit_per_source, max_sources=s.rate_limit_sources)
+        # behind DTLS the edge reads the socket and rate-limits the records, not the lane
+        return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram, dtls=dtls,
+                        rate=0.0 if dtls is not None else s.rate_limit_per_source, max_sources=s.rate_limit_sources)
 
     def _after_batch(self) -> None:
         for t in self.transports:

@@ -13,7 +13,8 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from corem.codec import Code, Message, OptionNumber as O, Type, encode
+    from corem.codec import Code, Message, Type, encode
+    from corem.codec import OptionNumber as O
     from tests.lane_twin import Twin
 
 TWIN = Twin()

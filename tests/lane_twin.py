@@ -11,12 +11,12 @@ from typing import Any
 
 from corem.coap import Endpoint, Params, Router
 from corem.fastlane import FastLane
-from corem.net.udp import deliver
 from corem.ingest.diagnostics import Diagnostics
+from corem.ingest.payload import decode_readings
 from corem.ingest.point import decode_point
 from corem.ingest.profiles import register_profile
-from corem.ingest.payload import decode_readings
 from corem.ingest.telemetry import TelemetryIngest
+from corem.net.udp import deliver
 from corem.registry import Directory, Registry
 
 # a profile with a decoder of its own: its devices are the Python path's
@@ -82,13 +82,13 @@ class Side:
         now = self.clock[0]
         self.endpoint.tick(now)
         if self.lane is not None:
-            self.lane.lane.tick(now)
+            self.lane.tick(now)
             self.lane.account(self.edge_stats)
 
     def take_out(self) -> list[tuple[bytes, tuple]]:
         out = self.endpoint.take_outbox()
         if self.lane is not None:
-            out += self.lane.lane.take_outbox()
+            out += self.lane.take_outbox()
         return sorted(out)
 
     def take_stored(self) -> list[tuple]:
@@ -133,7 +133,7 @@ class Twin:
         now = self.clock[0]
         self.lane.endpoint.new_session(peer, now)
         assert self.lane.lane is not None
-        self.lane.lane.lane.new_session(peer, now)
+        self.lane.lane.new_session(peer, now)
         self.python.endpoint.new_session(peer, now)
 
     def advance(self, seconds: float) -> None:

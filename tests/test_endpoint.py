@@ -6,6 +6,7 @@ import pytest
 
 from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
 from corem.coap import Acked, Endpoint, GaveUp, Params, Request, Reset, Response, Router
+from corem.coap.endpoint import DONE
 
 PEER = ("192.0.2.1", 5683)
 OTHER = ("192.0.2.2", 5683)
@@ -337,3 +338,14 @@ def test_the_piggyback_timer_acks_only_the_request_it_was_set_for():
     assert isinstance(old, Request) and isinstance(new, Request)
     ep.tick(5.0)
     assert ep.outbox == []  # no empty ACK: the CON's exchange is gone, the NON needs none
+
+
+def test_nothing_is_sent_for_a_request_of_the_peers_previous_session():
+    ep = endpoint()
+    peer = ("192.0.2.1", 5684)
+    old = ep.receive(post(mid=7), peer, 1.0)
+    ep.new_session(peer, 1.1)
+    ep.tick(2.0)  # past the piggyback timeout: no empty ACK into the new session
+    ep.respond(old, Code.CHANGED)  # committed, but its session is gone: no answer either
+    assert ep.outbox == [] and old.state == DONE
+    assert ep.receive(post(mid=7), peer, 2.5) is not None  # the new session's own id 7 is new

@@ -10,9 +10,11 @@ import struct
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
+from corem.codec import Code, Message, Type, decode, encode
+from corem.codec import OptionNumber as O
 from corem.fastlane import FastLane, Lane, json_frame
 from corem.ingest.point import TelemetryPoint, encode_point
 
@@ -53,6 +55,7 @@ def test_json_frame_is_cut_from_encode_point():
 
 def test_a_common_reading_is_taken_by_the_lane_and_stored_byte_for_byte_as_python_would(twin):
     twin.receive(post())
+    lane_value = twin.lane.sink.waiting[0][0].value
     twin.commit()
     answers, stored = twin.check()
     assert lane_took(twin) == 1
@@ -63,19 +66,9 @@ def test_a_common_reading_is_taken_by_the_lane_and_stored_byte_for_byte_as_pytho
     assert point.numeric_values == {"temperature": 22.5, "humidity": 65.0, "door": 1.0}
     assert point.string_values == {"state": "running"} and point.ts == point.received_at == 1_000_000
     # and the bytes on the bus are msgspec's, not merely equivalent
-    lane_value = _lane_record(post()).value
     assert lane_value == encode_point(TelemetryPoint(
         tenant="acme", device="d1", ts=1_000_000, numeric_values=point.numeric_values,
         string_values=point.string_values, protocol="coap", received_at=1_000_000))
-
-
-def _lane_record(datagram: bytes):
-    t = Twin()
-    try:
-        t.lane.receive(datagram, ("127.0.0.1", 1))
-        return t.lane.sink.waiting[0][0]
-    finally:
-        t.close()
 
 
 @pytest.mark.parametrize("reading", [
@@ -109,7 +102,7 @@ def test_awkward_but_valid_readings_go_through_the_lane_unchanged(twin, reading)
 def test_what_the_lane_is_not_sure_of_is_answered_by_the_python_path(twin, payload):
     twin.receive(post(payload=payload))
     twin.commit()
-    answers, stored = twin.check()
+    answers, _ = twin.check()  # (2^53 is valid: the Python path stores it; the rest it refuses)
     assert lane_took(twin) == 0
     assert len(answers) == 1
 
@@ -159,7 +152,7 @@ def test_a_message_id_the_python_path_took_is_not_taken_again_by_the_lane(twin):
     twin.receive(get)
     twin.receive(post(mid=0x1234))  # a reused message id: a duplicate for both
     twin.commit()
-    answers, stored = twin.check()
+    _, stored = twin.check()
     assert stored == [] and lane_took(twin) == 0
 
 
@@ -188,10 +181,10 @@ def test_a_new_dtls_session_starts_message_ids_afresh(twin):
     assert len(stored) == 1 and len(answers) == 2
 
 
-def test_a_reading_still_waiting_from_an_old_session_gets_no_empty_ack_in_the_new_one(twin):
-    """Found by the generated traffic: once the peer's new session took the message id, the old
-    exchange's empty ACK would acknowledge the new session's message; like the endpoint, the lane
-    sends none and answers the old reading when it is committed."""
+def test_a_reading_still_waiting_from_an_old_session_gets_nothing_in_the_new_one(twin):
+    """Found by the generated traffic and fuzz_lane: an empty ACK or an answer for the old
+    session's message id would be taken by the new session for its own message with that id.
+    The old reading is stored; nothing more is sent for it (endpoint and lane alike)."""
     peer = ("127.0.0.1", 40000)
     twin.receive(post(), peer)  # waiting for the bus
     twin.clock[0] += 0.001
@@ -200,7 +193,7 @@ def test_a_reading_still_waiting_from_an_old_session_gets_no_empty_ack_in_the_ne
     twin.advance(0.7)  # past the piggyback timeout of the first
     twin.commit()
     answers, stored = twin.check()
-    assert sorted(decode(a[0]).code for a in answers) == [Code.CHANGED, Code.BAD_REQUEST] and len(stored) == 1
+    assert [decode(a[0]).code for a in answers] == [Code.BAD_REQUEST] and len(stored) == 1
 
 
 def test_a_slow_bus_gets_an_empty_ack_then_a_separate_confirmable_answer(twin):
@@ -331,6 +324,9 @@ def test_lane_settings_are_checked():
         Lane(dict)
     with pytest.raises(ValueError):
         Lane(tuple, max_datagram=2)
+    lane = Lane(tuple, max_datagram=64)
+    with pytest.raises(TypeError, match="already initialised"):  # its buffers are sized already
+        lane.__init__(tuple, max_datagram=9000)
 
 
 # -- the socket -----------------------------------------------------------------------------------
@@ -356,7 +352,7 @@ def test_drain_and_flush_on_a_real_socket(family, host):
             slow += fl.drain(server.fileno(), 0.0, 256)
         assert slow == [(b"\x40\x00\x99\x99", (host, *client.getsockname()[1:]))]
         t.lane.sink.commit()
-        assert fl.lane.flush(server.fileno()) == 0
+        assert fl.send(server.fileno()) == 0
         answers = sorted(decode(client.recv(64)).mid for _ in range(100))
         assert answers == list(range(100))
     finally:

@@ -65,6 +65,22 @@ async def test_full_sink_refuses(tmp_path):
     assert bus.stats.refused == 1
 
 
+async def test_submit_many_takes_what_fits_in_order_and_answers_each(tmp_path):
+    """The fast lane hands the sink a batch at once: the first ones that fit are taken, each
+    answered through `done` with its own ctx once durable; the rest are refused and counted."""
+    bus = EmbeddedBus(tmp_path / "bus.db", max_pending=5)
+    answered = []
+    assert bus.submit_many([rec(0), rec(1)], lambda ctx, e: answered.append((ctx, e)), ["a", "b"]) == 2
+    assert bus.submit_many([rec(i) for i in range(2, 6)], lambda ctx, e: answered.append((ctx, e)),
+                           ["c", "d", "e", "f"]) == 3
+    assert bus.stats.refused == 1 and bus.stats.submitted == 5
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        await bus.close()
+    assert answered == [(c, None) for c in "abcde"]
+    assert [r.value for r in read_records(tmp_path / "bus.db")] == [f'{{"i":{i}}}'.encode() for i in range(5)]
+
+
 class FailingBus(EmbeddedBus):
     fail = True
 

@@ -91,21 +91,11 @@ class BatchingSink:
     # -- called on the event loop ------------------------------------------------------------
     def submit(self, record: Record, done: Done, ctx: Any = None) -> bool:
         """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
-        records = self._records
-        if self._closing or len(records) >= self.max_pending:
-            self.stats.refused += 1
-            return False
-        records.append(record)
-        self._dones.append(done)
-        self._ctxs.append(ctx)
-        self.stats.submitted += 1
-        if len(records) == 1:
-            self._lot.unpark_all()
-        return True
+        return self.submit_many([record], done, [ctx]) == 1
 
     def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
-        """Queue as many of `records` as there is room for (each answered by `done(ctx, error)`
-        like `submit`); returns how many were taken -- the first ones, in order."""
+        """Queue as many of `records` as there is room for (each answered by `done(ctx, error)`);
+        returns how many were taken -- the first ones, in order."""
         room = 0 if self._closing else max(0, self.max_pending - len(self._records))
         n = min(room, len(records))
         if n < len(records):

@@ -247,11 +247,9 @@ class Endpoint:
         key = (peer, msg.mid)
         dedup = self._dedup
         seen = dedup.get(key)
-        if seen is not None and self._sessions:
-            began = self._sessions.get(peer)
-            if began is not None and (seen[0] if type(seen) is tuple else seen.received_at) < began:
-                del dedup[key]  # from the peer's previous session: not a duplicate of this one
-                seen = None
+        if seen is not None and self._before_session(peer, seen[0] if type(seen) is tuple else seen.received_at):
+            del dedup[key]  # from the peer's previous session: not a duplicate of this one
+            seen = None
         if seen is not None:
             self.stats.duplicates += 1
             if type(seen) is tuple:
@@ -279,11 +277,20 @@ class Endpoint:
             self._piggyback.append((now, key))
         return req
 
+    def _before_session(self, peer: Peer, at: float) -> bool:
+        """Did a message received at `at` come in `peer`'s previous DTLS session?"""
+        if not self._sessions:
+            return False
+        began = self._sessions.get(peer)
+        return began is not None and at < began
+
     def new_session(self, peer: Peer, now: float) -> None:
         """`peer` began a new security association (a DTLS handshake).  Message IDs are scoped to
         the endpoint, which under DTLS is the session (RFC 7252 §4.5, §9.1): what the peer sent in
         its previous session is no longer a duplicate of what it sends now, and a reading must not
-        be answered from the old session's cache and dropped.  Remembered for EXCHANGE_LIFETIME."""
+        be answered from the old session's cache and dropped.  Nothing more is sent for the old
+        session's requests either: that session, and what its message IDs meant, are gone (their
+        readings are still committed).  Remembered for EXCHANGE_LIFETIME."""
         sessions = self._sessions
         sessions[peer] = now
         sessions.move_to_end(peer)
@@ -321,6 +328,9 @@ class Endpoint:
     ) -> None:
         state = req.state
         req.state = DONE
+        if self._before_session(req.peer, req.received_at):
+            self._settle(req)  # its session is gone: no answer (see new_session)
+            return
         token = req.token
         if req.echo:
             options = sorted([*(options or []), *req.echo], key=lambda o: o[0])
@@ -411,7 +421,8 @@ class Endpoint:
             at, key = piggyback.popleft()
             req = dedup.get(key)
             # (the same request: the key may name a newer one, from the peer's next DTLS session)
-            if type(req) is Request and req.state == PENDING and req.received_at == at and req.confirmable:
+            if (type(req) is Request and req.state == PENDING and req.received_at == at and req.confirmable
+                    and not self._before_session(req.peer, at)):
                 req.state = SEPARATE
                 req.reply = bytes((0x60, 0, req.mid >> 8, req.mid & 0xFF))  # empty ACK
                 self._send(req.reply, req.peer, 0)

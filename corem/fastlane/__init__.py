@@ -93,6 +93,12 @@ class FastLane:
         self.endpoint = endpoint
         # (a function of the endpoint, not a method of self: no cycle, so a lane is freed at once)
         self.lane.on_late = functools.partial(answer_late, endpoint)
+        # the lane's own calls, for the edge: timers, a new DTLS session, its answers (sent on
+        # the socket `fd`, or taken as (bytes, peer) for the DTLS edge to encrypt)
+        self.tick = self.lane.tick
+        self.new_session = self.lane.new_session
+        self.send = self.lane.flush
+        self.take_outbox = self.lane.take_outbox
         self.rate_limited = rate > 0
         self._version = -1
         self._now_ms = 0

@@ -754,14 +754,15 @@ static int python_path(Lane *self, const uint8_t *key, double now, long reuse) {
     return 1;
 }
 
-/* Did this exchange come in the peer's previous DTLS session?  Then it is no duplicate of what
- * the peer sends now (message IDs are scoped to the session, RFC 7252 §9.1). */
-static int from_old_session(Lane *self, const addr_t *a, const exchange_t *x) {
+/* Did a message received at `at` come in the peer's previous DTLS session?  Then it is no
+ * duplicate of what the peer sends now (message IDs are scoped to the session, RFC 7252 §9.1),
+ * and nothing is sent for it any more: that session, and its meaning of the id, are gone. */
+static int from_old_session(Lane *self, const addr_t *a, double at) {
     if (!self->sessions.count) return 0;
     uint8_t key[KEYLEN];
     addr_key(a, 0, 1, key);
     long slot = fm_find(&self->sessions, key);
-    return slot >= 0 && x->at < ((session_t *)fm_entry(&self->sessions, slot))->began;
+    return slot >= 0 && at < ((session_t *)fm_entry(&self->sessions, slot))->began;
 }
 
 /* 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
@@ -832,7 +833,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     uint8_t key[KEYLEN];
     addr_key(a, mid, 1, key);
     long slot = fm_find(&self->dedup, key), reuse = -1;
-    if (slot >= 0 && from_old_session(self, a, fm_entry(&self->dedup, slot))) {
+    if (slot >= 0 && from_old_session(self, a, ((exchange_t *)fm_entry(&self->dedup, slot))->at)) {
         reuse = slot;
         slot = -1;
     }
@@ -1078,7 +1079,9 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
     } else {
         self->refusals++;
     }
-    if (q->state == P_PENDING) {
+    if (from_old_session(self, &q->addr, q->at)) {
+        /* committed, but its session is gone: no answer (see from_old_session) */
+    } else if (q->state == P_PENDING) {
         uint8_t reply[REPLY_MAX];
         size_t len = 4 + q->tkl;
         reply[0] = 0x60 | q->tkl;
@@ -1134,8 +1137,9 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
         self->fifo_count--;
         if (!live) continue;
         exchange_t *x = exchange_of(self, q);
-        if (!x) continue; /* forgotten (bound), or its id taken by the peer's new DTLS session: as
-                           * for the endpoint, no empty ACK; the answer is piggybacked when it comes */
+        if (!x || from_old_session(self, &q->addr, q->at))
+            continue; /* forgotten (bound): no empty ACK, as for the endpoint, the answer is piggybacked
+                       * when it comes; or from the peer's previous DTLS session: nothing any more */
         q->state = P_SEPARATE;
         uint8_t ack[4] = {0x60, 0, q->mid >> 8, q->mid & 0xff};
         memcpy(x->reply, ack, 4);
@@ -1291,6 +1295,10 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
                             "dedup_max_entries", "rate", "burst", "max_sources", "limit_error_size", NULL};
     PyObject *record_type;
     Py_ssize_t dedup_max = 100000, max_sources = 100000;
+    if (self->record_type) { /* the buffers are sized by the first settings: no second ones */
+        PyErr_SetString(PyExc_TypeError, "Lane is already initialised");
+        return -1;
+    }
     self->max_datagram = 1500;
     self->piggyback = 0.5;
     self->lifetime = 247.0;
@@ -1311,7 +1319,6 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
                                           "exchange_lifetime must be positive, rate not negative");
         return -1;
     }
-    if (self->record_type) return 0; /* __init__ twice: keep the first configuration */
     Py_INCREF(record_type);
     self->record_type = (PyTypeObject *)record_type;
     self->limit = self->rate > 0;

@@ -94,7 +94,7 @@ class UdpEdge:
         max_datagram: int = 1500,
         dtls: DtlsServer | None = None,
         limiter: SourceLimiter | None = None,
-        lane: "FastLane | None" = None,
+        lane: FastLane | None = None,
     ) -> None:
         self.sock = sock
         self.endpoint = endpoint
@@ -185,7 +185,7 @@ class UdpEdge:
 
         return read
 
-    async def _serve_lane(self, lane: "FastLane") -> None:
+    async def _serve_lane(self, lane: FastLane) -> None:
         """The lane reads the socket and keeps the common requests; the rest go to the endpoint."""
         sock = self.sock
         fd = sock.fileno()
@@ -203,7 +203,7 @@ class UdpEdge:
         """A DTLS handshake completed: the peer's message IDs are scoped to its new session."""
         self.endpoint.new_session(peer, now)
         if self.lane is not None:
-            self.lane.lane.new_session(peer, now)
+            self.lane.new_session(peer, now)
 
     def _handle(self, message: bytes, peer: tuple, now: float) -> None:
         deliver(self.endpoint, self.router, message, peer, now, self.on_event)
@@ -219,7 +219,7 @@ class UdpEdge:
         if lane is not None:
             lane.account(self.stats)
             if dtls is None:
-                lane.lane.flush(self.sock.fileno())
+                lane.send(self.sock.fileno())
         if dtls is None:
             wire = endpoint.outbox
             if self._wire:
@@ -234,7 +234,7 @@ class UdpEdge:
             wrap = dtls.wrap
             plain = endpoint.take_outbox()
             if lane is not None:
-                plain += lane.lane.take_outbox()
+                plain += lane.take_outbox()
             for plaintext, peer in plain:
                 record = wrap(plaintext, peer)
                 if record is not None:
@@ -284,7 +284,7 @@ class UdpEdge:
                 if self.dtls.outbox:
                     self.flush()
             if self.lane is not None:
-                self.lane.lane.tick(now)
+                self.lane.tick(now)
                 self.flush()
             elif endpoint.outbox or self._wire:
                 self.flush()
@@ -297,7 +297,7 @@ class UdpEdge:
 class _LaneLimits:
     """The lane's rate limit, shaped like `SourceLimiter` for the metrics (`dropped`, `len`)."""
 
-    def __init__(self, lane: "FastLane") -> None:
+    def __init__(self, lane: FastLane) -> None:
         self._lane = lane
 
     @property
