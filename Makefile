@@ -5,12 +5,20 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz soak clean
+# Every dependency, runtime, test and bench, at the exact version and hash in requirements.lock
+# (pyproject.toml keeps lower bounds for people who install corem as a library). `make lock`
+# regenerates it; `make test-latest` runs the suite against the newest releases instead.
+LOCK   := requirements.lock
+UV     := uv==0.13.9
 
-$(STAMP): pyproject.toml setup.py corem/codec/_speedups.c corem/fastlane/_lane.c
+.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz soak clean lock test-latest
+
+$(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,bench]'
+	@echo "installing the pinned dependencies from $(LOCK) ($$(grep -c '^[a-z]' $(LOCK)) packages, hash-checked)"
+	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	touch $(STAMP)
 
 deps: $(STAMP)
@@ -35,6 +43,24 @@ sysdeps:
 	  fi; \
 	fi
 
+# Regenerate the lock from pyproject.toml (+ requirements-build.in): newest releases that satisfy
+# the bounds, every platform's hashes.  Review the diff, run `make test`, commit both.
+lock: $(STAMP)
+	$(PIP) install -q '$(UV)'
+	$(VENV)/bin/uv pip compile pyproject.toml requirements-build.in --extra test --extra bench \
+	  --generate-hashes --universal --python-version 3.11 --upgrade -o $(LOCK)
+
+# The suite against the newest releases (unpinned, in its own virtualenv): an upgrade is a
+# deliberate, tested step -- green here, then `make lock`.
+LATEST := .venv-latest
+test-latest: sysdeps
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q -e '.[test,bench]'
+	$(LATEST)/bin/pip list --format=freeze > $(LATEST)/versions.txt
+	@echo "newest releases: $$(tr '\n' ' ' < $(LATEST)/versions.txt)"
+	$(LATEST)/bin/python -m pytest -q
+
 run: $(STAMP)
 	$(VENV)/bin/corem serve
 
@@ -50,7 +76,7 @@ bench-load: $(STAMP)
 	$(PY) bench/load_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis test-artifacts
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .hypothesis test-artifacts
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py

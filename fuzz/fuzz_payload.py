@@ -1,4 +1,5 @@
-"""Fuzz the payload decoders (CBOR, JSON): nothing but PayloadError escapes; accepted readings are flat."""
+"""Fuzz the payload decoders (CBOR, JSON): nothing but PayloadError escapes, every refusal is in
+corem's own words (never cbor2's or msgspec's), accepted readings are flat."""
 
 import math
 import sys
@@ -6,7 +7,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from corem.ingest.payload import CF_CBOR, CF_JSON, PayloadError, decode_readings
+    from corem.ingest.payload import CF_CBOR, CF_JSON, PayloadError, decode_readings, is_corem_reason
 
 
 def test_one_input(data: bytes) -> None:
@@ -15,7 +16,8 @@ def test_one_input(data: bytes) -> None:
     body = fdp.ConsumeBytes(fdp.remaining_bytes())
     try:
         r = decode_readings(cf, body)
-    except PayloadError:
+    except PayloadError as e:
+        assert is_corem_reason(e.reason), e.reason
         return
     assert r.numeric or r.strings
     assert all(type(k) is str and type(v) is float and math.isfinite(v) for k, v in r.numeric.items())

@@ -115,7 +115,10 @@ def test_lossy_client_gets_exactly_one_point_per_reading(corem, tmp_path):
 
     def send(i: int):
         f = write_cbor(tmp_path / f"r{i}.cbor", {"seq": i, "temperature": 20 + i})
-        return i, coap_client(url(corem), "-l", "50%", "-m", "post", "-t", "application/cbor", "-f", str(f))
+        # -B 20: a client whose every transmission is lost gives up after 20 s (4 tries at ACK_TIMEOUT
+        # 2-3 s, doubling; all four lost: 1 in 16), not libcoap's default 90
+        return i, coap_client(url(corem), "-l", "50%", "-m", "post", "-t", "application/cbor", "-f", str(f),
+                              timeout=20)
 
     with ThreadPoolExecutor(n) as pool:
         results = dict(pool.map(send, range(n)))

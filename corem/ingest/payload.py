@@ -7,7 +7,9 @@ A reading is all or nothing: the first offending field rejects the whole payload
 from __future__ import annotations
 
 import io
+import json
 import math
+import re
 from typing import NamedTuple
 
 import cbor2
@@ -44,14 +46,36 @@ def decode_cbor(payload: bytes | memoryview) -> dict:
     fp = io.BytesIO(payload)
     try:
         # max_depth 3 lets one level of nesting through so that the field can be named below
-        value = cbor2.CBORDecoder(fp, max_depth=3, allow_duplicate_keys=False).decode()
-    except cbor2.CBORDecodeError as e:
-        raise PayloadError(f"invalid CBOR: {e}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise PayloadError(f"invalid CBOR: {e}") from None
+        value = cbor2.CBORDecoder(fp, max_depth=DECODE_DEPTH, allow_duplicate_keys=False).decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise PayloadError(f"invalid CBOR: {_cbor_problem(payload, e)}") from None
     if fp.tell() != len(payload):
         raise PayloadError(f"invalid CBOR: {len(payload) - fp.tell()} trailing bytes after the map")
     return value
+
+
+#: cbor2's max_depth: a map (1) of maps (2) of maps (3) decodes, so flat_readings can name the field
+DECODE_DEPTH = 3
+
+
+def _cbor_problem(payload: bytes | memoryview, error: BaseException) -> str:
+    """Why cbor2 refused `payload`, in corem's words: cbor2's messages change between releases,
+    and a device (and its developer's tests) should see the same reason whichever is installed.
+    Found by trying again with one restriction lifted; runs on the error path only."""
+    if isinstance(error, cbor2.CBORDecodeEOF):
+        return "the data ends before the value is complete"
+    for depth, duplicates, reason in (
+        (DECODE_DEPTH, True, "a map repeats a key"),
+        (64, False, f"nested deeper than {DECODE_DEPTH} maps or arrays"),
+    ):
+        try:
+            cbor2.CBORDecoder(io.BytesIO(payload), max_depth=depth, allow_duplicate_keys=duplicates).decode()
+        except Exception:  # noqa: BLE001 - still refused: not this restriction
+            continue
+        return reason
+    if isinstance(error, cbor2.CBORDecodeError) and not isinstance(error, ValueError):
+        return "not well-formed"
+    return "a tagged or special value does not decode"
 
 
 _json = msgspec.json.Decoder()
@@ -60,10 +84,28 @@ _json = msgspec.json.Decoder()
 def decode_json(payload: bytes | memoryview) -> dict:
     try:
         return _json.decode(payload)
-    except msgspec.DecodeError as e:
-        raise PayloadError(f"invalid JSON: {e}") from None
-    except UnicodeDecodeError as e:  # msgspec lets this one through (found by fuzz/fuzz_payload.py)
-        raise PayloadError(f"invalid JSON: text is not UTF-8 at byte {e.start}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec < 0.23 let UnicodeDecodeError through
+        raise PayloadError(f"invalid JSON: {_json_problem(bytes(payload))}") from None
+
+
+def _json_problem(data: bytes) -> str:
+    """Why msgspec refused `data`, in corem's words and with the byte where it went wrong (as
+    for CBOR: msgspec's messages are not corem's to pass on).  Error path only."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"text is not UTF-8 at byte {e.start}"
+    try:
+        json.loads(text, parse_constant=_not_json)
+    except json.JSONDecodeError as e:
+        return f"not well-formed at byte {len(text[: e.pos].encode())}"
+    except (ValueError, RecursionError):
+        return "NaN and Infinity are not JSON numbers"
+    return "a number is out of range"
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(constant)
 
 
 DECODERS = {CF_CBOR: decode_cbor, CF_JSON: decode_json}
@@ -80,7 +122,8 @@ def flat_readings(value: object) -> Readings:
     ts = None
     for key, v in value.items():
         if type(key) is not str:
-            raise PayloadError(f"map keys must be text strings, got {_kind(key)}", repr(key))
+            raise PayloadError(f"map keys must be text strings, got {_kind(key)}",
+                               repr(key) if type(key) in _SCALARS or type(key) is bytes else f"<{_kind(key)}>")
         if not key:
             raise PayloadError("metric name is empty", key)
         t = type(v)
@@ -109,6 +152,7 @@ def flat_readings(value: object) -> Readings:
 
 
 def _kind(value: object) -> str:
+    """A decoded value's kind in CBOR's and JSON's terms (never a Python or cbor2 class name)."""
     if value is None:
         return "null"
     if isinstance(value, dict):
@@ -117,7 +161,38 @@ def _kind(value: object) -> str:
         return "array"
     if isinstance(value, (bytes, bytearray)):
         return "byte string"
-    return type(value).__name__
+    if isinstance(value, cbor2.CBORSimpleValue) or value is cbor2.undefined:
+        return "CBOR simple"
+    return _SCALARS.get(type(value), "CBOR tag")
+
+
+_SCALARS = {bool: "boolean", int: "integer", float: "float", str: "text string"}
+
+
+_KIND = "(null|nested map|array|byte string|CBOR simple|CBOR tag|boolean|integer|float|text string)"
+#: Every reason a PayloadError gives, as patterns: corem's own words, whichever cbor2 or msgspec is
+#: installed (tests and fuzz/fuzz_payload.py hold every refusal to one of them).
+REASONS = tuple(re.compile(p) for p in (
+    r"content-format: missing; send application/cbor \(60\) or application/json \(50\)",
+    r"content-format \d+ is not supported; send application/cbor \(60\) or application/json \(50\)",
+    r"empty payload",
+    r"invalid CBOR: (the data ends before the value is complete|a map repeats a key|not well-formed"
+    r"|nested deeper than 3 maps or arrays|a tagged or special value does not decode|\d+ trailing bytes after the map)",
+    r"invalid JSON: (text is not UTF-8 at byte \d+|not well-formed at byte \d+"
+    r"|NaN and Infinity are not JSON numbers|a number is out of range)",
+    rf"expected a map of metric -> value, got {_KIND}",
+    r"the map has no readings(, only ts)?",
+    rf"map keys must be text strings, got {_KIND}",
+    r"metric name is empty",
+    r"ts must be an integer of milliseconds since the epoch",
+    r"(nan|inf|-inf) is not a finite number",
+    r"integer too large for a float",
+    rf"{_KIND} values are not allowed; send numbers, booleans or text",
+))
+
+
+def is_corem_reason(reason: str) -> bool:
+    return any(p.fullmatch(reason) for p in REASONS)
 
 
 def decode_readings(content_format: int | None, payload: bytes | memoryview) -> Readings:
