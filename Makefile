@@ -13,7 +13,7 @@ UV     := uv==0.13.9
 
 .PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz soak clean lock test-latest
 
-$(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c
+$(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned dependencies from $(LOCK) ($$(grep -c '^[a-z]' $(LOCK)) packages, hash-checked)"
 	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)

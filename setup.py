@@ -1,4 +1,5 @@
-"""Builds the optional C parts (the decoder, the fast lane); without them corem runs on Python alone."""
+"""Builds the optional C parts (the decoder, the fast lane, the Kafka sink's delivery tickets);
+without them corem runs on Python alone."""
 
 from setuptools import Extension, setup
 
@@ -7,6 +8,12 @@ setup(
         Extension(
             "corem.codec._speedups",
             ["corem/codec/_speedups.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
+        Extension(
+            "corem.bus._reports",
+            ["corem/bus/_reports.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),

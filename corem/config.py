@@ -11,7 +11,10 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:
+    from .bus.kafka import KafkaSettings
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,15 @@ def _bus(key: str, v: Any) -> None:
 
     try:
         parse_bus_url(v)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _kafka_config(key: str, v: Any) -> None:
+    from .bus.kafka import parse_kafka_config
+
+    try:
+        parse_kafka_config(v, key)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -129,10 +141,24 @@ class Settings:
     )
     kafka_client_id: str = _opt("corem", "Kafka client id")
     kafka_acks: str = _opt("all", "Kafka acks: all, 1 or 0 (2.04 waits for this acknowledgement)", _choice("all", "1", "0"))
-    kafka_compression: str = _opt("none", "Kafka compression", _choice("none", "gzip", "snappy", "lz4", "zstd"))
-    kafka_linger_ms: int = _opt(5, "Kafka producer linger, ms", _non_negative)
+    kafka_idempotence: str = _opt(
+        "auto", "idempotent producer (no duplicates from retries): 'auto' (on with kafka_acks=all), 'on' or 'off'",
+        _choice("auto", "on", "off"),
+    )
+    kafka_compression: str = _opt("none", "Kafka compression (all built into librdkafka)",
+                                  _choice("none", "gzip", "snappy", "lz4", "zstd"))
+    kafka_linger_ms: float = _opt(
+        0.2, "Kafka producer linger, ms (fractions allowed): how long librdkafka waits to fill a batch", _non_negative
+    )
     kafka_batch_size: int = _opt(65536, "Kafka producer batch size, bytes", _positive)
-    kafka_timeout: float = _opt(10.0, "seconds Kafka may take to acknowledge a batch before devices get 5.03", _positive)
+    kafka_timeout: float = _opt(
+        10.0, "seconds Kafka may take to acknowledge a record before its device gets 5.03 (librdkafka's "
+        "message.timeout.ms: it gives the record up too)", _positive,
+    )
+    kafka_config: str = _opt(
+        "", "any other librdkafka property: 'key=value,key=value' or a TOML table; checked by librdkafka at start",
+        _kafka_config,
+    )
     kafka_security_protocol: str = _opt(
         "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
     )
@@ -225,6 +251,8 @@ class Settings:
             for key, value in data.items():
                 if key not in cls.keys():
                     raise ConfigError(f"{key}: unknown key in {path}; known keys: {', '.join(cls.keys())}")
+                if key == "kafka_config" and isinstance(value, dict):  # a TOML table: the same, as text
+                    value = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
                 values[key] = value
         for key in cls.keys():
             name = "COREM_" + key.upper()
@@ -244,19 +272,45 @@ class Settings:
 
     def check(self) -> Settings:
         """Rules that involve several keys."""
-        if self.kafka_compression in ("snappy", "lz4", "zstd"):
-            module = {"snappy": "snappy", "lz4": "lz4", "zstd": "zstandard"}[self.kafka_compression]
-            try:
-                __import__(module)
-            except ImportError:
-                raise ConfigError(f"kafka_compression: {self.kafka_compression} needs the Python package {module}") from None
+        if self.kafka_idempotence == "on" and self.kafka_acks != "all":
+            raise ConfigError(f"kafka_idempotence: 'on' needs kafka_acks = all (it is {self.kafka_acks!r})")
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
             raise ConfigError("kafka_sasl_mechanism: needs kafka_security_protocol SASL_PLAINTEXT or SASL_SSL")
+        if self.bus != "embedded":
+            from .bus.kafka import check_kafka_settings
+
+            try:
+                check_kafka_settings(self.kafka_settings())
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return self
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def kafka_settings(self) -> KafkaSettings:
+        """The `kafka_*` keys and `bus`, parsed, for the sink and the commands reader."""
+        from .bus.kafka import KafkaSettings, parse_bus_url, parse_kafka_config
+
+        return KafkaSettings(
+            bootstrap=parse_bus_url(self.bus),
+            client_id=self.kafka_client_id,
+            acks=self.kafka_acks,
+            idempotence=self.kafka_idempotence,
+            compression=self.kafka_compression,
+            linger_ms=self.kafka_linger_ms,
+            batch_size=self.kafka_batch_size,
+            timeout=self.kafka_timeout,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism or None,
+            sasl_username=self.kafka_sasl_username or None,
+            sasl_password=self.kafka_sasl_password or None,
+            ssl_cafile=self.kafka_ssl_cafile or None,
+            ssl_certfile=self.kafka_ssl_certfile or None,
+            ssl_keyfile=self.kafka_ssl_keyfile or None,
+            extra=tuple(parse_kafka_config(self.kafka_config).items()),
+        )
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -164,14 +164,12 @@ class ServerCollector:
              LATENCY_BUCKETS, sk.latency_buckets, sk.ack_seconds),
             ("corem_sink_batch_size", "Records per batch.", SIZE_BUCKETS, sk.size_buckets, sk.batch_records),
         ):
-            h = HistogramMetricFamily(name, doc, labels=["sink"])
-            running, buckets = 0, []
-            for bound, n in zip((*bounds, float("inf")), counts):
-                running += n
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
-            h.add_metric([s.sink.name], buckets, total)
-            yield h
-        yield GaugeMetricFamily("corem_sink_pending", "Records waiting for the next batch.", s.sink.pending)
+            yield histogram(name, doc, bounds, counts, total, {"sink": s.sink.name})
+        yield GaugeMetricFamily("corem_sink_pending", "Records taken by the sink and not answered yet.", s.sink.pending)
+        yield from s.sink.metrics()
+        if s.command_reader is not None:
+            yield family("corem_kafka_commands_errors", "Failures reading commands.{tenant} (then retried).",
+                         [({}, s.command_reader.errors)])
         pr = s.presence
         yield family("corem_devices_online", "Devices online (an accepted reading within presence_offline_after).",
                      [({"tenant": t}, n) for t, n in sorted(pr.online_by_tenant.items()) if n], gauge=True)
@@ -207,6 +205,19 @@ class ServerCollector:
         yield GaugeMetricFamily("corem_registry_devices", "Devices registered.", len(s.directory.by_name))
         yield GaugeMetricFamily("corem_rejected_samples", "Rejected samples kept for diagnostics.", len(s.diagnostics.samples))
         yield GaugeMetricFamily("corem_registry_devices_with_token", "Devices with an access token.", len(s.directory.by_token))
+
+
+def histogram(name: str, doc: str, bounds: tuple[float, ...], counts: list[int], total: float,
+              labels: dict[str, str] | None = None) -> Metric:
+    """A histogram from non-cumulative bucket counts (the last one +Inf), as the hot paths keep them."""
+    labels = labels or {}
+    h = HistogramMetricFamily(name, doc, labels=list(labels))
+    running, buckets = 0, []
+    for bound, n in zip((*bounds, float("inf")), counts):
+        running += n
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+    h.add_metric(list(labels.values()), buckets, total)
+    return h
 
 
 def render(server: Server) -> bytes:

@@ -15,11 +15,11 @@ import trio
 from .admin import token as admin_token
 from .admin.api import AdminApi
 from .admin.http import HttpRequest, HttpServer, Reply, Route
-from .bus import BatchingSink, EmbeddedBus
+from .bus import EmbeddedBus, Sink
 from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
 from .bus.commands import KafkaCommandReader
-from .bus.kafka import KafkaSettings, KafkaSink, parse_bus_url
+from .bus.kafka import KafkaSink
 from .coap import Endpoint, Params, Router, discovery
 from .coap.blockwise import Block1Uploads
 from .coap.observe import Observers
@@ -47,8 +47,6 @@ log = logging.getLogger("corem")
 REGISTRY_POLL = 0.5
 #: How often the downlink's queues and `ct` waits are looked at (the precision of `ct`).
 DOWNLINK_TICK = 0.1
-#: How often /readyz's view of the bus is refreshed.
-BUS_PROBE = 5.0
 #: allocations between young-generation collections (CPython's default: 700)
 GC_YOUNG = 20_000
 
@@ -77,31 +75,12 @@ class Transport:
 SESSIONS_FILE = "dtls-sessions.db"
 
 
-def make_sink(s: Settings) -> BatchingSink:
+def make_sink(s: Settings) -> Sink:
     """The embedded SQLite bus, or Kafka for `--bus kafka://…`."""
     bounds = dict(max_pending=s.sink_max_pending, max_batch=s.sink_max_batch)
     if s.bus == "embedded":
         return EmbeddedBus(s.data_path / "bus.db", synchronous=s.store_synchronous, **bounds)
-    return KafkaSink(kafka_settings(s), **bounds)
-
-
-def kafka_settings(s: Settings) -> KafkaSettings:
-    return KafkaSettings(
-            bootstrap=parse_bus_url(s.bus),
-            client_id=s.kafka_client_id,
-            acks=s.kafka_acks,
-            compression=s.kafka_compression,
-            linger_ms=s.kafka_linger_ms,
-            batch_size=s.kafka_batch_size,
-            timeout=s.kafka_timeout,
-            security_protocol=s.kafka_security_protocol,
-            sasl_mechanism=s.kafka_sasl_mechanism or None,
-            sasl_username=s.kafka_sasl_username or None,
-            sasl_password=s.kafka_sasl_password or None,
-            ssl_cafile=s.kafka_ssl_cafile or None,
-            ssl_certfile=s.kafka_ssl_certfile or None,
-            ssl_keyfile=s.kafka_ssl_keyfile or None,
-    )
+    return KafkaSink(s.kafka_settings(), **bounds)
 
 
 def _bind_or_explain(key: str, host: str, port: int):
@@ -153,12 +132,11 @@ class Server:
         #: downlink requests from other systems on `commands.{tenant}` (Kafka only: the embedded
         #: bus has no other writers; there the admin API and CLI are the way in)
         self.command_reader = None if settings.bus == "embedded" else KafkaCommandReader(
-            kafka_settings(settings), lambda: {t for t, _ in self.directory.by_name}, self.management.positions,
+            settings.kafka_settings(), lambda: {t for t, _ in self.directory.by_name}, self.management.positions,
             self._command_record, refresh=settings.kafka_commands_refresh,
         )
         self.admin = AdminApi(self)
         self.admin_token = settings.admin_token or admin_token.read_or_create(data)
-        self.bus_problem: str | None = "not probed yet"
         self.http: HttpServer | None = None
         self.transports: list[Transport] = []
         #: Users' own resources (see corem.coap.site): `server.site.add("path", resource)`
@@ -199,10 +177,11 @@ class Server:
         return Reply(200, b"ok\n", "text/plain")
 
     def _readyz(self, req: HttpRequest) -> Reply:
-        """Ready: every listener bound and the bus reachable (as of the last probe)."""
+        """Ready: every listener bound and the bus reachable, by the sink's own view (librdkafka's
+        broker states and errors; the embedded bus's last write)."""
         if not self._ready:
             return Reply(503, b"starting\n", "text/plain")
-        problem = self.bus_problem or (None if self.sink.last_error is None else str(self.sink.last_error))
+        problem = self.sink.probe()
         if problem is not None:
             return Reply(503, f"bus: {problem}\n".encode(), "text/plain")
         return Reply(200, b"ready\n", "text/plain")
@@ -233,7 +212,7 @@ class Server:
             self.ingest.install(t.router)
             t.edge = UdpEdge(
                 _bind_or_explain("coap", *coap), t.endpoint, t.router, max_datagram=s.max_datagram,
-                limiter=self._limiter(), lane=self._fast_lane(t.endpoint),
+                limiter=self._limiter(), lane=self._fast_lane(t.endpoint), after_drain=self.sink.after_drain,
             )
             self.bound.coap = t.edge.address
             self._add_transport(t)
@@ -247,7 +226,7 @@ class Server:
             self.ingest.install(t.router, session_device=dtls.device)
             t.edge = UdpEdge(
                 _bind_or_explain("coaps", *coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls,
-                limiter=self._limiter(), lane=self._fast_lane(t.endpoint, dtls),
+                limiter=self._limiter(), lane=self._fast_lane(t.endpoint, dtls), after_drain=self.sink.after_drain,
             )
             self.bound.coaps = t.edge.address
             self._add_transport(t)
@@ -345,12 +324,10 @@ class Server:
                     inner.start_soon(self._poll_registry)
                     inner.start_soon(self._sweep_presence)
                     inner.start_soon(self._tick_downlink)
-                    inner.start_soon(self._probe_bus)
                     if self.command_reader is not None:
                         inner.start_soon(self.command_reader.run)
                     # everything allocated so far lives as long as the process: take it out of
                     # the collector's sight so each collection scans only what requests create
-                    self.bus_problem = await trio.to_thread.run_sync(self.sink.probe)
                     gc.collect()
                     gc.freeze()
                     # young collections every 20,000 allocations instead of 700: the per-request
@@ -388,11 +365,6 @@ class Server:
             n += 1
             if n % 100 == 0:
                 self.emqx.sweep()
-
-    async def _probe_bus(self) -> None:
-        while True:
-            await trio.sleep(BUS_PROBE)
-            self.bus_problem = await trio.to_thread.run_sync(self.sink.probe)
 
     async def _sweep_presence(self) -> None:
         interval = min(1.0, self.presence.shortest / 4)

@@ -31,11 +31,12 @@ def free_tcp_port() -> int:
 
 
 class Broker:
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: what runs the binary (the benchmarks pin it to a CPU with taskset)."""
         self.port = free_tcp_port()
         url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [*prefix, binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20

@@ -64,3 +64,45 @@ def test_bad_file(tmp_path):
 def test_off_disables_listener():
     s = Settings.load({"http": "off"}, env={})
     assert s.http == "off"
+
+
+KAFKA = {"bus": "kafka://127.0.0.1:9"}  # nothing listens there: only the configuration is checked
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({**KAFKA, "kafka_config": "no.such.property=1"}, "kafka_config: no.such.property=1: "),
+        ({**KAFKA, "kafka_config": "socket.keepalive.enable=perhaps"}, "kafka_config: socket.keepalive.enable=perhaps"),
+        ({**KAFKA, "kafka_config": "linger.ms=3"}, "kafka_config: linger.ms is set by corem's own settings"),
+        ({**KAFKA, "kafka_config": "Bad Key=1"}, "kafka_config: 'Bad Key' is not a librdkafka property name"),
+        ({**KAFKA, "kafka_config": "socket.nagle.disable"}, "kafka_config: 'socket.nagle.disable' is not property=value"),
+        ({**KAFKA, "kafka_idempotence": "on", "kafka_acks": "1"}, "kafka_idempotence: 'on' needs kafka_acks = all"),
+        ({**KAFKA, "kafka_idempotence": "maybe"}, "kafka_idempotence: 'maybe' is not allowed"),
+    ],
+)
+def test_kafka_settings_are_checked_by_librdkafka_at_start(flags, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.load(flags, env={})
+    assert message in str(info.value)
+
+
+def test_kafka_settings_reach_librdkafka(tmp_path):
+    f = tmp_path / "corem.toml"
+    f.write_text('bus = "kafka://b1:9092,b2:9092"\nkafka_acks = "1"\nkafka_compression = "zstd"\n'
+                 '[kafka_config]\n"socket.keepalive.enable" = true\n"ssl.cipher.suites" = "A,B"\n')
+    s = Settings.load({"kafka_linger_ms": "2.5"}, env={"COREM_KAFKA_TIMEOUT": "4"}, config_file=str(f))
+    k = s.kafka_settings()
+    cfg = k.producer_config(max_pending=5000)
+    assert cfg["bootstrap.servers"] == "b1:9092,b2:9092" and cfg["acks"] == "1" and cfg["compression.type"] == "zstd"
+    assert cfg["enable.idempotence"] is False  # auto: acks=1 cannot be idempotent
+    assert cfg["linger.ms"] == 2.5 and cfg["message.timeout.ms"] == 4000 and cfg["queue.buffering.max.messages"] == 5000
+    assert cfg["socket.keepalive.enable"] == "true" and cfg["ssl.cipher.suites"] == "A,B"
+    d = Settings.load(KAFKA, env={}).kafka_settings().producer_config()
+    assert d["enable.idempotence"] is True and d["acks"] == "all"
+    sasl = Settings.load({**KAFKA, "kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "SCRAM-SHA-512",
+                          "kafka_sasl_username": "u", "kafka_sasl_password": "p"}, env={}).kafka_settings()
+    c = sasl.consumer_config()
+    assert (c["security.protocol"], c["sasl.mechanism"], c["sasl.username"], c["sasl.password"]) == (
+        "SASL_SSL", "SCRAM-SHA-512", "u", "p")
+    assert c["enable.auto.commit"] is False

@@ -1,11 +1,14 @@
-"""The sink interface and the group-commit batcher every sink shares.
+"""The sink interface (`Sink`) and the group-commit batcher of the embedded bus (`BatchingSink`).
 
-The event loop hands records to `submit` (never blocks, never waits on one record); a single
-flusher task takes everything pending as one batch, writes it in a worker thread, and then calls
-each record's `done(ctx, error)`: error is None once the batch is durable, the exception if it is
-not.  `done` is meant to be one shared function and `ctx` the request it answers, so submitting
-allocates no closure per record.
-While one batch is being written the next one accumulates, so batches grow with load.
+The event loop hands records to `submit` / `submit_many` (never blocks, never waits on one
+record) and each record is answered later by its `done(ctx, error)`: error is None once the record
+is durable, the exception if it is not.  `done` is meant to be one shared function and `ctx` the
+request it answers, so submitting allocates no closure per record.
+
+`BatchingSink`: a single flusher task takes everything pending as one batch, writes it in a
+worker thread, then answers every record in it; while one batch is being written the next one
+accumulates, so batches grow with load.  The Kafka sink (`kafka.py`) pipelines instead: records
+go to librdkafka as they come and each is answered by its own delivery report.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import logging
 import time
 from bisect import bisect_left
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import trio
 
@@ -30,7 +33,7 @@ class Record(NamedTuple):
     headers: dict[str, str]
 
 
-def publish_json(sink: "BatchingSink", topic: str, key: str, value: Any) -> bool:
+def publish_json(sink: "Sink", topic: str, key: str, value: Any) -> bool:
     """A record no device waits for (attribute copies, downlink results): JSON, submitted without
     an answer to give; a refusal or a failed batch is logged (and counted by the sink)."""
     record = Record(topic, key.encode(), json.dumps(value, separators=(",", ":")).encode(), {})
@@ -66,8 +69,9 @@ class SinkStats:
         self.size_buckets[bisect_left(SIZE_BUCKETS, size)] += 1
 
 
-class BatchingSink:
-    """Group commit on a worker thread; subclasses implement `prepare` and `write_prepared`."""
+class Sink:
+    """What the rest of corem sees of a bus (the embedded log, Kafka): submit records, get each
+    answered by its `done`; `run` is the sink's task, `close` drains it."""
 
     name = "sink"
 
@@ -76,26 +80,59 @@ class BatchingSink:
             raise ValueError("max_pending and max_batch must be >= 1")
         self.max_pending = max_pending
         self.max_batch = max_batch
+        self.stats = SinkStats()
+        #: Called after each batch of answers (the edge flushes its outbox there).
+        self.after_batch: Callable[[], None] | None = None
+        #: Last write failure, for readiness checks; cleared by the next successful batch.
+        self.last_error: BaseException | None = None
+
+    def submit(self, record: Record, done: Done, ctx: Any = None) -> bool:
+        """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
+        return self.submit_many([record], done, [ctx]) == 1
+
+    def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
+        """Take as many of `records` as there is room for (each answered by `done(ctx, error)`);
+        returns how many were taken -- the first ones, in order."""
+        raise NotImplementedError
+
+    @property
+    def pending(self) -> int:
+        """Records taken and not answered yet."""
+        raise NotImplementedError
+
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Refuse new records, wait until every record taken has been answered."""
+        raise NotImplementedError
+
+    #: What an edge calls after each batch of datagrams (None: nothing); see `UdpEdge.after_drain`.
+    after_drain: Callable[[], object] | None = None
+
+    def probe(self) -> str | None:
+        """Can the bus be reached?  None if so, else why not (cheap: /readyz calls it)."""
+        return None if self.last_error is None else str(self.last_error)
+
+    def metrics(self) -> Iterable[Any]:
+        """Prometheus metric families of this sink's own, beyond the `corem_sink_*` ones."""
+        return ()
+
+
+class BatchingSink(Sink):
+    """Group commit on a worker thread; subclasses implement `prepare` and `write_prepared`."""
+
+    def __init__(self, *, max_pending: int = 100_000, max_batch: int = 8192) -> None:
+        super().__init__(max_pending=max_pending, max_batch=max_batch)
         self._records: list[Record] = []
         self._dones: list[Done] = []
         self._ctxs: list[Any] = []
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._stopped = trio.Event()
-        self.stats = SinkStats()
-        #: Called after each batch's callbacks ran (the edge flushes its outbox there).
-        self.after_batch: Callable[[], None] | None = None
-        #: Last write failure, for readiness checks; cleared by the next successful batch.
-        self.last_error: BaseException | None = None
 
     # -- called on the event loop ------------------------------------------------------------
-    def submit(self, record: Record, done: Done, ctx: Any = None) -> bool:
-        """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
-        return self.submit_many([record], done, [ctx]) == 1
-
     def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
-        """Queue as many of `records` as there is room for (each answered by `done(ctx, error)`);
-        returns how many were taken -- the first ones, in order."""
         room = 0 if self._closing else max(0, self.max_pending - len(self._records))
         n = min(room, len(records))
         if n < len(records):
@@ -189,7 +226,3 @@ class BatchingSink:
 
     def close_sync(self) -> None:
         """Disconnect (runs in a worker thread after the last batch)."""
-
-    def probe(self) -> str | None:
-        """Can the bus be reached?  None if so, else why not (runs in a worker thread; /readyz)."""
-        return None if self.last_error is None else str(self.last_error)

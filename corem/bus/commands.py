@@ -1,10 +1,11 @@
 """Reading `commands.{tenant}` from Kafka: downlink requests other systems put on the bus.
 
-One consumer on a worker thread, without a consumer group: it assigns itself every partition of
-`commands.{tenant}` for each tenant in the registry (re-checked every `refresh` seconds) and
-resumes from positions the server keeps in its data dir, so a restart neither loses nor repeats
-requests and no broker-side group coordination is needed (Redpanda, Kafka and Tansu alike).
-Each record is handed to the event loop (`deliver`), which carries it out and stores the position.
+One confluent-kafka (librdkafka) consumer on a worker thread, without group membership: it
+assigns itself every partition of `commands.{tenant}` for each tenant in the registry (re-checked
+every `refresh` seconds) and resumes from positions the server keeps in its data dir, so a restart
+neither loses nor repeats requests and no broker-side group coordination is needed (Redpanda,
+Kafka and Tansu alike).  Each poll's records are handed to the event loop in one call
+(`deliver` per record), which carries them out and stores the positions.
 """
 
 from __future__ import annotations
@@ -48,49 +49,46 @@ class KafkaCommandReader:
             self._stop = True  # the abandoned thread notices within one poll
 
     def _loop(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-        from kafka.errors import KafkaError
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
         consumer = None
-        assigned: set = set()
+        assigned: set[tuple[str, int]] = set()
         next_refresh = 0.0
         failing = False
         while not self._stop:
             try:
                 if consumer is None:
-                    consumer = KafkaConsumer(**self.settings.client_config(), group_id=None,
-                                             enable_auto_commit=False, auto_offset_reset="earliest")
+                    consumer = Consumer(self.settings.consumer_config())
                     assigned, next_refresh = set(), 0.0
                 if time.monotonic() >= next_refresh:
-                    tenants = trio.from_thread.run_sync(self.tenants)
-                    wanted = set()
-                    for tenant in tenants:
-                        for p in consumer.partitions_for_topic(PREFIX + tenant) or ():
-                            wanted.add(TopicPartition(PREFIX + tenant, p))
+                    topics = {PREFIX + t for t in trio.from_thread.run_sync(self.tenants)}
+                    # one metadata request for every topic: asking for a topic by name could
+                    # create it on brokers that auto-create
+                    metadata = consumer.list_topics(timeout=5)
+                    wanted = {(name, p) for name, t in metadata.topics.items() if name in topics and t.error is None
+                              for p in t.partitions}
                     if wanted != assigned:
-                        consumer.assign(sorted(wanted))
                         known = trio.from_thread.run_sync(self.positions)
-                        for tp in wanted:
-                            pos = known.get((tp.topic, tp.partition))
-                            if pos is None:
-                                consumer.seek_to_beginning(tp)
-                            else:
-                                consumer.seek(tp, pos)
+                        consumer.assign([TopicPartition(topic, p, known.get((topic, p), OFFSET_BEGINNING))
+                                         for topic, p in sorted(wanted)])
                         assigned = wanted
                     next_refresh = time.monotonic() + self.refresh
                 if not assigned:
                     time.sleep(min(0.5, self.refresh))
                     continue
-                batch = consumer.poll(timeout_ms=500, max_records=500)
+                batch = []
+                for m in consumer.consume(num_messages=500, timeout=0.5):
+                    if m.error() is not None:
+                        raise KafkaException(m.error())
+                    batch.append((m.topic(), m.partition(), m.offset(), m.value() or b""))
                 if failing:
                     log.info("reading commands from kafka again")
                     failing = False
-                for tp, records in batch.items():
-                    for r in records:
-                        trio.from_thread.run_sync(self.deliver, tp.topic, tp.partition, r.offset, r.value or b"")
+                if batch:
+                    trio.from_thread.run_sync(self._deliver_all, batch)
             except (trio.RunFinishedError, trio.Cancelled):
                 break
-            except KafkaError as e:
+            except KafkaException as e:
                 self.errors += 1
                 if not failing:  # one line when it starts failing, one when it recovers
                     log.warning("reading commands from kafka failed (retrying every 2 s): %s", e)
@@ -101,3 +99,7 @@ class KafkaCommandReader:
                 time.sleep(2.0)
         if consumer is not None:
             consumer.close()
+
+    def _deliver_all(self, batch: list[tuple[str, int, int, bytes]]) -> None:
+        for topic, partition, offset, value in batch:
+            self.deliver(topic, partition, offset, value)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import trio
 
-from ..bus.base import BatchingSink, publish_json
+from ..bus.base import Sink, publish_json
 from ..codec import Code, OptionNumber, encode_uint
 from ..coap.endpoint import DONE, Request
 from ..coap.observe import Observers
@@ -101,7 +101,7 @@ class Downlink:
     def __init__(
         self,
         management: Management,
-        sink: BatchingSink,
+        sink: Sink,
         *,
         psm_activity_timer: float = 10.0,
         max_queued: int = 100,

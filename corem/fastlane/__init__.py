@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ..bus.base import BatchingSink, Record
+from ..bus.base import Record, Sink
 from ..coap.endpoint import Endpoint
 from ..dtls import DtlsServer
 from ..ingest.payload import decode_readings
@@ -71,7 +71,7 @@ class FastLane:
     def __init__(
         self,
         ingest: TelemetryIngest,
-        sink: BatchingSink,
+        sink: Sink,
         endpoint: Endpoint,
         *,
         max_datagram: int = 1500,

@@ -13,7 +13,7 @@ from typing import Callable
 
 import msgspec
 
-from ..bus.base import BatchingSink, Record
+from ..bus.base import Record, Sink
 
 
 class PresenceEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,7 +34,7 @@ def presence_topic(tenant: str) -> str:
 class Presence:
     def __init__(
         self,
-        sink: BatchingSink,
+        sink: Sink,
         offline_after: float = 120.0,
         *,
         tenants: dict[str, float] | None = None,

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from typing import Callable, NamedTuple
 
-from ..bus.base import BatchingSink, Record
+from ..bus.base import Record, Sink
 from ..codec import Code, OptionNumber
 from ..coap.endpoint import DONE, Request
 from ..coap.resources import Response, Router
@@ -78,7 +78,7 @@ class TelemetryIngest:
     def __init__(
         self,
         directory: Directory,
-        sink: BatchingSink,
+        sink: Sink,
         diagnostics: Diagnostics,
         *,
         presence: Presence | None = None,

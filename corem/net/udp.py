@@ -95,8 +95,13 @@ class UdpEdge:
         dtls: DtlsServer | None = None,
         limiter: SourceLimiter | None = None,
         lane: FastLane | None = None,
+        after_drain: Callable[[], object] | None = None,
     ) -> None:
         self.sock = sock
+        #: called after each batch of datagrams is handled, before its answers go out: a sink
+        #: that pipelines (Kafka) collects the delivery reports ready by then, so a busy server
+        #: answers within one loop pass instead of at its sink's next timer
+        self.after_drain = after_drain
         self.endpoint = endpoint
         self.router = router
         self.max_datagram = max_datagram
@@ -139,6 +144,7 @@ class UdpEdge:
         allow = self.limiter.allow if self.limiter is not None else None
         # behind DTLS the lane takes the decrypted messages it can answer and leaves the rest
         take = handle if lane is None else lane.receive_plain
+        after_drain = self.after_drain
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
@@ -159,6 +165,8 @@ class UdpEdge:
             if lane is not None:
                 for message, peer in lane.collect():
                     handle(message, peer, now)
+            if after_drain is not None:
+                after_drain()
             if endpoint.outbox or (dtls is not None and dtls.outbox) or lane is not None:
                 self.flush()
 
@@ -190,6 +198,7 @@ class UdpEdge:
         sock = self.sock
         fd = sock.fileno()
         handle = self._handle
+        after_drain = self.after_drain
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
@@ -197,6 +206,8 @@ class UdpEdge:
             now = current_time()
             for data, peer in lane.drain(fd, now, BATCH):
                 handle(data, peer, now)
+            if after_drain is not None:
+                after_drain()
             self.flush()
 
     def _new_session(self, peer: tuple, now: float) -> None:
