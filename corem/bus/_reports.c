@@ -10,9 +10,8 @@
  * hands the failures back to Python.  Measured against a functools.partial per record calling a
  * Python function: see README (Kafka).
  *
- * What makes it safe: a Ticket is *armed* only after `produce()` took the record (a refused
- * record's Ticket dies unarmed and says nothing), and it acknowledges only if it was never called
- * with an error.  confluent-kafka holds the only other reference and drops it in its delivery
+ * What makes it safe: a Ticket acknowledges only if `produce()` took its record (a refused
+ * record's Ticket is disarmed and dies saying nothing) and it was never called with an error.  confluent-kafka holds the only other reference and drops it in its delivery
  * report handler (dr_msg_cb -> Producer_msgstate_destroy), right after librdkafka reported the
  * record delivered; tests/test_kafka.py holds the pinned version to that.  If a future version
  * kept the reference longer, answers would come late, never falsely.
@@ -244,11 +243,20 @@ static PyObject *Reports_submit(Reports *self, PyObject *const *args, Py_ssize_t
         PyObject *minus1 = PyLong_FromLong(-1), *zero = PyLong_FromLong(0);
         PyObject *call_args[8] = {PyTuple_GET_ITEM(rec, 0), PyTuple_GET_ITEM(rec, 2), PyTuple_GET_ITEM(rec, 1),
                                   minus1, (PyObject *)t, Py_None, zero, PyTuple_GET_ITEM(rec, 3)};
+        /* armed before the call: were produce() ever to let another thread serve a report at
+         * once, that report must find the ticket waiting */
+        t->armed = 1;
+        self->outstanding++;
+        t->next = self->head;
+        if (self->head) self->head->prev = t;
+        self->head = t;
         PyObject *res = minus1 && zero ? PyObject_Vectorcall(produce, call_args, 8, NULL) : NULL;
         Py_XDECREF(minus1);
         Py_XDECREF(zero);
         if (!res) {
-            Py_DECREF(t); /* unarmed: says nothing */
+            if (!t->reported) unlink_ticket(t); /* not taken: it waits for nothing */
+            t->armed = 0;
+            Py_DECREF(t); /* disarmed: says nothing */
             if (PyErr_ExceptionMatches(PyExc_BufferError)) {
                 PyErr_Clear();
                 break;
@@ -256,11 +264,6 @@ static PyObject *Reports_submit(Reports *self, PyObject *const *args, Py_ssize_t
             return NULL;
         }
         Py_DECREF(res);
-        t->armed = 1;
-        self->outstanding++;
-        t->next = self->head;
-        if (self->head) self->head->prev = t;
-        self->head = t;
         Py_DECREF(t); /* the producer holds it now */
     }
     return PyLong_FromSsize_t(taken);

@@ -23,8 +23,8 @@ message.timeout.ms: a record refused for time is one librdkafka gave up on too, 
 delivered behind the device's back (except in the race at the very deadline, when the brokers
 wrote it but their answer was late: delivery is at-least-once).  librdkafka reconnects by itself;
 only a fatal error, or brokers refusing the producer's identity (`RESTART_ON`), makes corem start a
-fresh producer.
-Readiness comes from librdkafka's own view: broker states in its statistics, and its errors.
+fresh producer.  Readiness comes from librdkafka's own view: broker states in its statistics, and
+its errors.
 """
 
 from __future__ import annotations
@@ -248,16 +248,21 @@ class PyReports:
     def submit(self, produce: Any, records: list[Record], done: Done, ctxs: list[Any]) -> int:
         taken = 0
         report = self._report
-        try:
-            for r in records:  # positional: (topic, value, key, partition, callback, on_delivery, ts, headers)
-                ticket = next(self._ids)
+        for r in records:
+            ticket = next(self._ids)
+            with self._lock:  # waiting before produce(): the reporting thread may report at once
+                self._waiting[ticket] = (done, ctxs[taken], time.monotonic())
+                self.outstanding += 1
+            try:  # positional: (topic, value, key, partition, callback, on_delivery, ts, headers)
                 produce(r.topic, r.value, r.key, -1, partial(report, ticket), None, 0, r.headers)
+            except BaseException as e:
                 with self._lock:
-                    self._waiting[ticket] = (done, ctxs[taken], time.monotonic())
-                    self.outstanding += 1
-                taken += 1
-        except BufferError:
-            pass
+                    if self._waiting.pop(ticket, None) is not None:
+                        self.outstanding -= 1
+                if isinstance(e, BufferError):
+                    break
+                raise
+            taken += 1
         return taken
 
     def _report(self, ticket: int, error: Any, message: Any) -> None:
