@@ -72,6 +72,8 @@ class ServerCollector:
             yield per_transport(name, doc, lambda t, a=attr: getattr(t.endpoint.stats, a))
         yield per_transport("corem_coap_handler_errors", "Handlers that raised (answered 5.00).",
                             lambda t: t.router.handler_errors)
+        yield per_transport("corem_coap_invalid_text_options", "Requests refused 4.00: a text option not UTF-8.",
+                            lambda t: t.router.invalid_text)
         yield per_transport("corem_coap_uploads", "Block1 uploads in progress.", lambda t: len(t.router.uploads),
                             gauge=True)
         yield per_transport("corem_coap_uploads_refused", "Block1 uploads refused (too large or too many).",

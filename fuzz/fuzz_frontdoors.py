@@ -83,10 +83,13 @@ def test_one_input(data: bytes) -> None:
         "{s}", fdp.ConsumeUnicodeNoSurrogates(12).replace("/", "") or "x")
     opts = [(O.URI_PATH, p.encode()) for p in path.split("/")]
     for _ in range(fdp.ConsumeIntInRange(0, 3)):
-        q = fdp.PickValueInList(QUERIES)
-        if q.endswith("="):
-            q += fdp.ConsumeUnicodeNoSurrogates(8)
-        opts += [(O.URI_QUERY, part.encode()[:255]) for part in q.split("&")]  # one option per parameter
+        q = fdp.PickValueInList(QUERIES).encode()
+        if q.endswith(b"="):  # text, or any bytes a device may send (not UTF-8: 4.00, never 5.00)
+            q += fdp.ConsumeUnicodeNoSurrogates(8).encode() if fdp.ConsumeBool() else fdp.ConsumeBytes(4)
+        opts += [(O.URI_QUERY, part[:255]) for part in q.split(b"&")]  # one option per parameter
+    if fdp.ConsumeIntInRange(0, 7) == 0:  # another text option, any bytes
+        opts.append((fdp.PickValueInList([O.URI_HOST, O.URI_PATH, O.LOCATION_PATH, O.LOCATION_QUERY]),
+                     fdp.ConsumeBytes(6) or b"\xff"))
     if fdp.ConsumeBool():
         opts.append((O.DROGUE_AUTH, fdp.PickValueInList(AUTH) if fdp.ConsumeBool() else fdp.ConsumeBytes(20) or b"x"))
     if fdp.ConsumeBool():
@@ -111,6 +114,7 @@ def test_one_input(data: bytes) -> None:
     for out, _ in ENDPOINT.outbox:
         if len(out) > 4 and out[1] >= 0x80:
             assert len(out) <= len(datagram), (out, datagram)
+            assert out[1] != Code.INTERNAL_SERVER_ERROR, ("5.00 for device input", datagram)
     SINK.commit()
     DOWNLINK.tick(CLOCK[0])
     ENDPOINT.tick(CLOCK[0])

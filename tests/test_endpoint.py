@@ -349,3 +349,30 @@ def test_nothing_is_sent_for_a_request_of_the_peers_previous_session():
     ep.respond(old, Code.CHANGED)  # committed, but its session is gone: no answer either
     assert ep.outbox == [] and old.state == DONE
     assert ep.receive(post(mid=7), peer, 2.5) is not None  # the new session's own id 7 is new
+
+
+@pytest.mark.parametrize("number,label", [
+    (O.URI_HOST, "uri-host"), (O.URI_PATH, "uri-path"), (O.URI_QUERY, "uri-query"),
+    (O.LOCATION_PATH, "location-path"), (O.LOCATION_QUERY, "location-query"), (O.PROXY_SCHEME, "proxy-scheme"),
+    (O.DROGUE_AUTH, "drogue-auth"),
+])
+def test_every_text_option_that_is_not_utf8_is_4_00_before_any_handler(number, label):
+    """RFC 7252 §3.2: these options are UTF-8 strings.  A value that is not is a bad request,
+    refused before a handler could trip over it (4.00, not 4.02: the option is known)."""
+    calls = []
+    r = make_router(calls)
+    ep = endpoint()
+    opts = sorted([(O.URI_PATH, s) for s in (b"api", b"v1", b"abc", b"telemetry")] + [(number, b"a\xff")])
+    req = ep.receive(encode(Message(Type.CON, Code.POST, 1, b"", opts)), PEER, 0.0)
+    reply = r.dispatch(req)
+    assert (reply.code, reply.payload) == (Code.BAD_REQUEST, f"{label}: not valid UTF-8".encode())
+    assert calls == [] and r.invalid_text == 1 and r.handler_errors == 0
+
+
+def test_a_handler_that_raises_is_counted_every_time_and_logged_once_a_while(caplog):
+    r = make_router([])
+    with caplog.at_level("ERROR", logger="corem.coap"):
+        for _ in range(5):
+            assert route(r, Code.GET, [b"boom"]).code == Code.INTERNAL_SERVER_ERROR
+    assert r.handler_errors == 5
+    assert len([rec for rec in caplog.records if "handler for /boom failed" in rec.getMessage()]) == 1

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cbor2
+import pytest
 
 from .conftest import coap_client, corem_cli, needs_libcoap, start_corem, write_cbor
 
@@ -291,3 +292,20 @@ def test_reading_larger_than_a_datagram_arrives_block_wise(corem, tmp_path):
     assert "Block1" in r.output  # it really went block-wise
     [point] = corem.points()
     assert point["numeric_values"] == reading
+
+
+@pytest.mark.parametrize("path", [
+    ".well-known/core?rt=%ff",
+    "ps/room/t?c=c1&u=sensor-1&p=%c3",
+    "v1/telemetry?application=%ff",
+    "api/v1/T0KEN-1/attributes?clientKeys=%ff",
+])
+def test_a_query_that_is_not_utf8_is_4_00_naming_the_option(corem, path):
+    """libcoap sends the raw byte for %ff: 4.00 `uri-query: not valid UTF-8`, counted, and no
+    handler ever sees it (it used to be a 5.00 and a traceback per datagram)."""
+    r = coap_client(f"{corem.coap}/{path}", "-m", "get", timeout=10)
+    # (on plain CoAP the text is cut to the request's size; the option's name comes first)
+    assert r.code == "4.00" and "4.00 uri-query: not valid" in r.output, r.output
+    m = corem.metrics()
+    assert m['corem_coap_invalid_text_options_total{transport="udp"}'] == 1
+    assert m['corem_coap_handler_errors_total{transport="udp"}'] == 0

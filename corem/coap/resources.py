@@ -9,13 +9,18 @@ or None when it will answer later through `Endpoint.respond` (e.g. after the poi
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, NamedTuple
 
 from ..codec import Code, Message, OptionNumber, encode_uint
+from ..codec.options import first_bad_text, option_label
 from .blockwise import Block1Uploads, block2
 from .endpoint import Request
 
 log = logging.getLogger("corem.coap")
+
+#: Seconds between two logged handler errors (each is counted; the log shows the first of a burst).
+ERROR_LOG_INTERVAL = 10
 
 
 class Response(NamedTuple):
@@ -38,6 +43,9 @@ class Router:
         self._prefixes: list[tuple[tuple[str | None, ...], dict[int, Handler]]] = []
         self._links: dict[str, dict[str, str | bool]] = {}
         self.handler_errors = 0
+        #: requests refused 4.00 for a text option (Uri-Path, Uri-Query, ...) that is not UTF-8
+        self.invalid_text = 0
+        self._next_error_log = 0.0
         #: Block1 uploads in progress (RFC 7959 §2.5), bounded
         self.uploads = Block1Uploads() if uploads is None else uploads
 
@@ -68,10 +76,13 @@ class Router:
     def dispatch(self, req: Request) -> Response | None:
         msg = req.message
         assert msg is not None
-        try:
-            path = msg.uri_path
-        except UnicodeDecodeError:
-            return Response(Code.BAD_REQUEST, b"uri-path: not valid UTF-8")
+        bad = first_bad_text(msg.options)
+        if bad is not None:
+            # 4.00, not 4.02: corem knows the option (a string, RFC 7252 §3.2) and this value breaks
+            # its format; 4.02 says an option was not understood (§5.4.1)
+            self.invalid_text += 1
+            return Response(Code.BAD_REQUEST, f"{option_label(bad)}: not valid UTF-8".encode())
+        path = msg.uri_path
         found = _match(self._routes.get(len(path), ()), path)
         if found is None:
             for pattern, methods in self._prefixes:  # the longest prefix that matches
@@ -98,7 +109,11 @@ class Router:
             response = handler(req, params)
         except Exception:
             self.handler_errors += 1
-            log.exception("handler for /%s failed", "/".join(path))
+            now = time.monotonic()
+            if now >= self._next_error_log:  # a bug a device can trigger must not flood the log
+                self._next_error_log = now + ERROR_LOG_INTERVAL
+                log.exception("handler for /%s failed (%d handler errors so far; at most one logged every %d s)",
+                              "/".join(path), self.handler_errors, ERROR_LOG_INTERVAL)
             return Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
         if response is not None and msg.code == Code.GET:
             response = block2(msg, response)

@@ -95,6 +95,30 @@ SPECS: dict[int, OptionSpec] = {
 del N
 
 
+#: The options whose values are text (RFC 7252 §3.2 "string": UTF-8).
+TEXT_OPTIONS = frozenset(n for n, spec in SPECS.items() if spec.format is Format.STRING)
+
+
+def option_label(number: int) -> str:
+    """`uri-query`, `drogue-auth`, `option 65000`: how a diagnostic names an option."""
+    try:
+        return OptionNumber(number).name.lower().replace("_", "-")
+    except ValueError:
+        return f"option {number}"
+
+
+def first_bad_text(options: list[tuple[int, bytes | memoryview]]) -> int | None:
+    """The number of the first text option whose value is not UTF-8, or None.  Checked once per
+    request, before any handler reads one, so no accessor ever raises on device input."""
+    for number, value in options:
+        if number in TEXT_OPTIONS:
+            try:
+                str(value, "utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
+
+
 def is_critical(number: int) -> bool:
     """Critical options must be understood; an unknown one rejects the message (§5.4.1)."""
     return bool(number & 1)
