@@ -29,6 +29,8 @@ from mbedtls import pk, tls, x509
 from mbedtls.exceptions import TLSError
 
 from ..registry import Device
+from .errors import CLOSE_NOTIFY, error_code
+from .errors import reason as tls_reason
 from .store import SessionStore, peer_key
 
 log = logging.getLogger("corem.dtls")
@@ -318,7 +320,7 @@ class DtlsServer:
             self.on_new_session(peer, self._now)
 
     def _fail(self, session: Session, peer: Peer, error: TLSError) -> None:
-        reason = _reason(error)
+        reason = tls_reason(error)
         self.stats.handshakes_failed[reason] += 1
         log.debug("dtls handshake with %s failed: %s", peer, reason)  # counted by reason in metrics
         self._flush(session.buf, peer, unauthenticated=True)  # the alert, if Mbed TLS wrote one
@@ -339,7 +341,7 @@ class DtlsServer:
                 break
             except TLSError as e:
                 # close_notify, a fatal alert, or a record that does not decrypt
-                if _code(e) == CLOSE_NOTIFY:
+                if error_code(e) == CLOSE_NOTIFY:
                     self.stats.sessions_closed += 1
                     del self.sessions[peer]
                 else:
@@ -532,30 +534,3 @@ def _peer_bytes(peer: Peer) -> bytes:
     return repr(peer).encode()
 
 
-def _code(e: Exception) -> int:
-    err = getattr(e, "err", None)
-    if isinstance(err, int):
-        return abs(err)
-    text = str(e)
-    i = text.find("0x")
-    return int(text[i : i + 6], 16) if i >= 0 else 0
-
-
-CLOSE_NOTIFY = 0x7880  # MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY
-
-#: Mbed TLS error codes worth a name in metrics.
-REASONS = {
-    0x7180: "bad_mac",  # wrong key: the Finished message does not verify
-    0x6C80: "unknown_identity",  # MBEDTLS_ERR_SSL_UNKNOWN_IDENTITY: the PSK store said KeyError
-    0x7780: "alert_received",
-    0x7380: "no_cipher_in_common",  # MBEDTLS_ERR_SSL_NO_CIPHER_CHOSEN
-    0x7200: "invalid_record",
-    0x6E00: "bad_protocol_version",
-    0x2700: "certificate_not_trusted",  # MBEDTLS_ERR_X509_CERT_VERIFY_FAILED
-    0x7480: "no_client_certificate",  # MBEDTLS_ERR_SSL_NO_CLIENT_CERTIFICATE
-    0x7900: "bad_client_hello",
-}
-
-
-def _reason(e: Exception) -> str:
-    return REASONS.get(_code(e), f"tls_error_{_code(e):#06x}")
