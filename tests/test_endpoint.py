@@ -353,7 +353,7 @@ def test_nothing_is_sent_for_a_request_of_the_peers_previous_session():
 
 @pytest.mark.parametrize("number,label", [
     (O.URI_HOST, "uri-host"), (O.URI_PATH, "uri-path"), (O.URI_QUERY, "uri-query"),
-    (O.LOCATION_PATH, "location-path"), (O.LOCATION_QUERY, "location-query"), (O.PROXY_SCHEME, "proxy-scheme"),
+    (O.LOCATION_PATH, "location-path"), (O.LOCATION_QUERY, "location-query"),  # (Proxy-*: 5.05 first)
     (O.DROGUE_AUTH, "drogue-auth"),
 ])
 def test_every_text_option_that_is_not_utf8_is_4_00_before_any_handler(number, label):
@@ -376,3 +376,34 @@ def test_a_handler_that_raises_is_counted_every_time_and_logged_once_a_while(cap
             assert route(r, Code.GET, [b"boom"]).code == Code.INTERNAL_SERVER_ERROR
     assert r.handler_errors == 5
     assert len([rec for rec in caplog.records if "handler for /boom failed" in rec.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("number,label", [
+    (O.OSCORE, b"oscore"), (O.EDHOC, b"edhoc"), (O.Q_BLOCK1, b"q-block1"), (O.Q_BLOCK2, b"q-block2"),
+    (O.IF_MATCH, b"if-match"), (O.IF_NONE_MATCH, b"if-none-match"),
+])
+def test_a_critical_option_corem_does_not_implement_is_4_02_not_ignored(number, label):
+    """RFC 7252 §5.4.1: known to the codec is not understood by the server."""
+    ep = endpoint(limit_error_size=False)
+    assert ep.receive(post(options=sorted([(O.URI_PATH, b"t"), (number, b"")])), PEER, 0.0) is None
+    [rsp] = sent(ep)
+    assert rsp.code == Code.BAD_OPTION and bytes(rsp.payload) == label + b": critical option not supported"
+    assert ep.stats.bad_options == 1 and ep.stats.requests == 1
+
+
+@pytest.mark.parametrize("number", [O.PROXY_URI, O.PROXY_SCHEME])
+def test_proxy_options_are_5_05_cut_to_the_request_on_plain_udp(number):
+    """RFC 7252 §5.7.2: corem is no forward-proxy.  On plain UDP the answer is no larger than the
+    request (no amplifier); behind DTLS the whole reason goes out."""
+    for limit in (True, False):
+        ep = endpoint(limit_error_size=limit)
+        datagram = post(options=[(number, b"coap")])
+        assert ep.receive(datagram, PEER, 0.0) is None
+        [(data, _)] = ep.take_outbox()
+        rsp = decode(data)
+        assert rsp.code == Code.PROXYING_NOT_SUPPORTED and ep.stats.proxy_refused == 1
+        assert bytes(rsp.payload).startswith(b"proxy-")
+        if limit:
+            assert len(data) <= len(datagram)
+        else:
+            assert bytes(rsp.payload).endswith(b": corem is not a proxy")

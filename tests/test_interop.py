@@ -309,3 +309,15 @@ def test_a_query_that_is_not_utf8_is_4_00_naming_the_option(corem, path):
     m = corem.metrics()
     assert m['corem_coap_invalid_text_options_total{transport="udp"}'] == 1
     assert m['corem_coap_handler_errors_total{transport="udp"}'] == 0
+
+
+def test_a_request_for_a_proxy_is_5_05_and_nothing_is_stored(corem, tmp_path):
+    """libcoap's client sent through corem as a proxy (-P): Proxy-Uri is a critical option corem
+    does not implement (RFC 7252 §5.7.2), so the reading is refused, not stored as if the option
+    were absent (the fast lane hands the request to the endpoint, which refuses it)."""
+    f = write_cbor(tmp_path / "r.cbor", READING)
+    r = coap_client("coap://example.org/api/v1/T0KEN-1/telemetry", "-P", corem.coap, "-m", "post",
+                    "-t", "application/cbor", "-f", str(f), timeout=10)
+    assert r.code == "5.05" and "Proxy-" in r.output, r.output
+    assert corem.points() == []
+    assert corem.metrics()['corem_coap_proxy_refused_total{transport="udp"}'] == 1

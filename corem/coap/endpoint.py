@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterable
 
 from ..codec import Code, Message, MessageFormatError, Type, decode, encode
-from ..codec.options import SPECS
+from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
 
 Peer = Hashable
 
@@ -161,6 +161,7 @@ class Stats:
         "format_errors",
         "pings",
         "bad_options",
+        "proxy_refused",
         "retransmissions",
         "gave_up",
         "resets",
@@ -176,7 +177,7 @@ class Stats:
         self.responses = [0] * 256
 
 
-_KNOWN_CRITICAL = frozenset(n for n in SPECS if n & 1)
+_KNOWN_CRITICAL = UNDERSTOOD_CRITICAL
 
 
 class Endpoint:
@@ -269,9 +270,15 @@ class Endpoint:
         self.stats.requests += 1
         for number, _ in msg.options:
             if number & 1 and number not in self._known_critical:
-                self.stats.bad_options += 1
                 req.message = None
-                self._answer(req, Code.BAD_OPTION, None, f"{number}: unknown critical option".encode())
+                if number in PROXY_OPTIONS:  # RFC 7252 §5.7.2: corem is no forward-proxy
+                    self.stats.proxy_refused += 1
+                    self._answer(req, Code.PROXYING_NOT_SUPPORTED, None,
+                                 f"{option_label(number)}: corem is not a proxy".encode())
+                else:  # §5.4.1: a critical option it does not implement (or know)
+                    self.stats.bad_options += 1
+                    self._answer(req, Code.BAD_OPTION, None,
+                                 f"{option_label(number)}: critical option not supported".encode())
                 return None
         if req.confirmable:
             self._piggyback.append((now, key))

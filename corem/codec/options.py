@@ -95,16 +95,29 @@ SPECS: dict[int, OptionSpec] = {
 del N
 
 
+#: Critical options corem knows but does not implement: a request carrying one is refused (RFC
+#: 7252 §5.4.1: 4.02; §5.7.2: 5.05 for the proxy options), never served as if it were absent.
+#: If-Match / If-None-Match: no conditional requests; OSCORE, EDHOC: no object security;
+#: Q-Block1/Q-Block2 (RFC 9177): block-wise is RFC 7959's Block1/Block2 only.
+UNSUPPORTED_CRITICAL = frozenset({
+    OptionNumber.IF_MATCH, OptionNumber.IF_NONE_MATCH, OptionNumber.OSCORE, OptionNumber.Q_BLOCK1,
+    OptionNumber.EDHOC, OptionNumber.Q_BLOCK2, OptionNumber.PROXY_URI, OptionNumber.PROXY_SCHEME,
+})
+PROXY_OPTIONS = frozenset({OptionNumber.PROXY_URI, OptionNumber.PROXY_SCHEME})
+#: The critical options corem serves requests with.
+UNDERSTOOD_CRITICAL = frozenset(n for n in SPECS if n & 1 and n not in UNSUPPORTED_CRITICAL)
+
 #: The options whose values are text (RFC 7252 §3.2 "string": UTF-8).
 TEXT_OPTIONS = frozenset(n for n, spec in SPECS.items() if spec.format is Format.STRING)
 
 
 def option_label(number: int) -> str:
-    """`uri-query`, `drogue-auth`, `option 65000`: how a diagnostic names an option."""
+    """`uri-query`, `drogue-auth`, `65001`: how a diagnostic names an option (by its number when
+    it has no registered name: a diagnostic cut to the request's size still names it)."""
     try:
         return OptionNumber(number).name.lower().replace("_", "-")
     except ValueError:
-        return f"option {number}"
+        return str(number)
 
 
 def first_bad_text(options: list[tuple[int, bytes | memoryview]]) -> int | None:
