@@ -141,3 +141,88 @@ async def test_libcoap_observer_receives_every_change(tmp_path):
     for v in ("20", "31", "32", "33"):  # the first answer, then one notification per change
         assert v in out, out
     assert "Observe" in out
+
+
+class Gone(Thermo):
+    """A resource that can be deleted (GET 4.04) and created again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exists = True
+
+    def get(self, req):
+        return Response(Code.CONTENT, self.value) if self.exists else Response(Code.NOT_FOUND, b"gone")
+
+
+def test_a_resource_that_goes_away_ends_its_observations():
+    """RFC 7641 §4.2: the non-2.xx notification carries no Observe option and removes the
+    observer, so the resource created again notifies no one from before."""
+    ep, router, observers, _thermo, _clock = stack()
+    gone = Gone()
+    site = Site(clock=lambda: 0.0)
+    site.mount(router, observers)
+    site.add("gone", gone)
+    request(ep, router, Code.GET, "gone", observe=0)
+    assert len(observers) == 1
+    gone.exists = False
+    gone.changed()
+    [(data, _)] = ep.take_outbox()
+    note = decode(data)
+    assert note.code == Code.NOT_FOUND and note.opt(O.OBSERVE) is None and len(observers) == 0
+    gone.exists = True
+    gone.changed()
+    assert ep.take_outbox() == []
+
+
+def test_a_state_larger_than_a_block_is_notified_block_wise():
+    """RFC 7959 §2.6: the notification is the first block (Block2 0/M, ETag, Size2) with its
+    Observe number; the observer GETs the rest, which the resource renders again."""
+    ep, router, observers, thermo, _clock = stack()
+    request(ep, router, Code.GET, "thermo", observe=0)
+    thermo.value = bytes(range(256)) * 10 + b"END"  # 2,563 bytes
+    thermo.changed()
+    [(data, _)] = ep.take_outbox()
+    note = decode(data)
+    assert note.opt(O.OBSERVE) is not None and note.block2.num == 0 and note.block2.more and note.block2.szx == 6
+    assert len(note.payload) == 1024 and note.size2 == len(thermo.value) and note.opt(O.ETAG) is not None
+    assert len(data) < 1100
+    opts = sorted([(O.URI_PATH, b"thermo"), (O.BLOCK2, bytes([0x26]))])  # num 2, szx 6
+    last = exchange(ep, router, Message(Type.CON, Code.GET, 7, b"t9", opts), PEER)
+    assert bytes(last.payload).endswith(b"END") and last.opt(O.ETAG) == note.opt(O.ETAG)
+
+
+@needs_libcoap
+async def test_libcoap_follows_a_large_state_block_wise_and_learns_when_it_is_gone(tmp_path):
+    from corem.config import Settings
+    from corem.server import Server
+
+    server = Server(Settings.load({"data_dir": str(tmp_path / "d"), "coap": "127.0.0.1:0", "coaps": "off",
+                                   "http": "off"}, env={}))
+    big = Gone()
+    server.site.add("big", big)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(server.run)
+        url = f"coap://127.0.0.1:{bound.coap[1]}/big"
+
+        async def change():
+            await trio.sleep(0.7)
+            big.value = b"x" * 2500 + b"-FIRST-CHANGE-END"
+            big.changed()
+            await trio.sleep(0.7)
+            big.exists = False
+            big.changed()
+            await trio.sleep(0.3)
+            big.exists = True  # created again: the gone observer hears nothing more
+            big.value = b"AFTER"
+            big.changed()
+
+        nursery.start_soon(change)
+        result = await trio.to_thread.run_sync(
+            lambda: subprocess.run([COAP_CLIENT, "-s", "4", "-v", "6", url], capture_output=True, text=True, timeout=30)
+        )
+        observers = server.transports[0].observers
+        server.stop()
+    out = result.stdout + result.stderr
+    assert "-FIRST-CHANGE-END" in out, out  # libcoap fetched the blocks after the first
+    assert "Block2" in out and "4.04" in out, out
+    assert "AFTER" not in out and len(observers) == 0

@@ -27,6 +27,15 @@ def etag(payload: bytes) -> bytes:
     return hashlib.blake2b(payload, digest_size=8).digest()
 
 
+_NO_BLOCK2 = Message(0, Code.GET, 0, b"")
+
+
+def first_block(response: Response) -> Response:
+    """What a notification carries of `response`: all of it, or its first block (with ETag and
+    Size2) if it is a 2.05 larger than one block of the default size."""
+    return block2(_NO_BLOCK2, response)
+
+
 def block2(msg: Message, response: Response) -> Response:
     """The block of `response` that `msg` asks for (or the first, if it is too large for one)."""
     if response.code != Code.CONTENT:

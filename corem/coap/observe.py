@@ -17,6 +17,7 @@ from collections import Counter, OrderedDict
 from typing import Hashable
 
 from ..codec import Message, OptionNumber, Type, encode, encode_uint
+from .blockwise import first_block
 from .endpoint import Endpoint, GaveUp, Request, Reset, StrayReset
 from .resources import Response
 
@@ -123,10 +124,19 @@ class Observers:
         observers = self._by_resource.get(resource)
         if not observers:
             return 0
-        seq = encode_uint(self._next_seq())
         ep = self.endpoint
         sent = 0
-        opts = sorted([*(options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0])  # same for all
+        # §4.2: a state a GET would not answer 2.xx (the resource is gone) goes out once, without
+        # Observe, and ends every observation of it; a re-created resource starts without them
+        ending = not 64 <= code < 96
+        if ending:
+            opts = list(options or [])
+        else:
+            # RFC 7959 §2.6 (and RFC 7641): a state larger than a block goes as its first block,
+            # with ETag and Size2; the observer GETs the rest
+            code, payload, options = first_block(Response(code, payload, options))
+            seq = encode_uint(self._next_seq())
+            opts = sorted([*(options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0])  # same for all
         for key, obs in list(observers.items()):
             obs.notifications += 1
             mid = ep.next_mid()
@@ -146,6 +156,10 @@ class Observers:
                     recent.popitem(last=False)
             self.stats.notifications += 1
             sent += 1
+        if ending:
+            for key in list(observers):
+                if self._remove(key):
+                    self.stats.deregistered += 1
         return sent
 
     def handle(self, event: object) -> None:
