@@ -17,6 +17,7 @@ from .bus import read_records
 from .config import ConfigError, Settings
 from .ingest.point import decode_point
 from .registry import Registry, RegistryError
+from .registry.nudge import nudge
 from .registry.store import parse_psk
 
 
@@ -112,6 +113,7 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
         )
     finally:
         reg.close()
+    nudge(reg.path.parent)  # a running server has it when this returns
     creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256)) if have]
     print(f"added {d.tenant}/{d.device} profile={d.profile} credentials={','.join(creds) or 'none'}")
     return 0
@@ -148,6 +150,8 @@ def cmd_devices_remove(args: argparse.Namespace) -> int:
         removed = reg.remove_device(args.tenant, args.device)
     finally:
         reg.close()
+    if removed:
+        nudge(reg.path.parent)
     if not removed:
         print(f"corem: device {args.tenant}/{args.device} not found", file=sys.stderr)
         return 1

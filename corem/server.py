@@ -39,6 +39,7 @@ from .metrics import render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter
 from .registry import Directory, Registry
+from .registry import nudge as registry_nudge
 from .registry.management import Management
 
 log = logging.getLogger("corem")
@@ -322,6 +323,7 @@ class Server:
                     if http is not None:
                         inner.start_soon(http.serve)
                     inner.start_soon(self._poll_registry)
+                    await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
                     inner.start_soon(self._sweep_presence)
                     inner.start_soon(self._tick_downlink)
                     if self.command_reader is not None:
@@ -373,10 +375,14 @@ class Server:
             self.presence.sweep(trio.current_time())
 
     async def _poll_registry(self) -> None:
+        """The fallback for writers that do not nudge (registry_nudge): another process, a tool."""
         while True:
             await trio.sleep(REGISTRY_POLL)
-            if self.directory.refresh():
-                log.info(
-                    "registry changed: %d devices with tokens, %d with PSK identities",
-                    len(self.directory.by_token), len(self.directory.by_psk_identity),
-                )
+            self._registry_changed()
+
+    def _registry_changed(self) -> None:
+        if self.directory.refresh():
+            log.info(
+                "registry changed: %d devices with tokens, %d with PSK identities",
+                len(self.directory.by_token), len(self.directory.by_psk_identity),
+            )

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from .conftest import corem_cli
+from .conftest import corem_cli, needs_libcoap
 
 
 def serve(*args: str, data_dir) -> subprocess.CompletedProcess:
@@ -123,5 +123,31 @@ def test_runtime_commands_go_through_the_admin_api(tmp_path):
         assert refused.returncode == 1 and "401" in refused.stderr
         listed = json.loads(corem_cli("devices", "list", "--json", data_dir=d).stdout)
         assert listed["power_mode"] == "psm" and listed["topics"] == "room/# hall/+"
+    finally:
+        server.stop()
+
+
+@needs_libcoap
+def test_a_device_added_while_the_server_runs_is_served_the_moment_the_cli_returns(tmp_path):
+    """`corem devices add` tells the running server (registry/nudge.py) and waits for it: the
+    very next request is served, with no wait for the half-second poll; so is a removal."""
+    import time as _time
+
+    from .conftest import coap_client, corem_cli, start_corem, write_cbor
+
+    data = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "first", "--token", "FIRST", data_dir=data)
+    server = start_corem(data)
+    try:
+        reading = write_cbor(tmp_path / "r.cbor", {"t": 1.0})
+        for i in range(3):
+            token = f"NEW-{i}"
+            t0 = _time.monotonic()
+            corem_cli("devices", "add", "--tenant", "acme", "--device", f"new-{i}", "--token", token, data_dir=data)
+            r = coap_client(f"{server.coap}/api/v1/{token}/telemetry", "-m", "post", "-t", "60", "-f", str(reading))
+            assert r.code == "2.04", (r.output, _time.monotonic() - t0)
+        corem_cli("devices", "remove", "--tenant", "acme", "--device", "new-0", data_dir=data)
+        r = coap_client(f"{server.coap}/api/v1/NEW-0/telemetry", "-m", "post", "-t", "60", "-f", str(reading))
+        assert r.code == "4.01", r.output
     finally:
         server.stop()
