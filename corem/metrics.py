@@ -130,6 +130,11 @@ class ServerCollector:
                          [({}, d.restored)])
             yield family("corem_dtls_sessions_lost", "Sessions that failed to serialize or restore.",
                          [({}, d.sessions_lost)])
+            yield family("corem_dtls_sessions_offload_failed", "Idle sessions the session store refused "
+                         "(a full or failing disk): kept in memory, offloaded at a later sweep.",
+                         [({}, d.offload_failed)])
+            yield family("corem_dtls_session_store_errors", "Writes the DTLS session store could not make.",
+                         [({}, t.dtls.store.errors)])
 
         ing = s.ingest.stats
         rej = CounterMetricFamily(

@@ -183,6 +183,11 @@ class Server:
         if not self._ready:
             return Reply(503, b"starting\n", "text/plain")
         problem = self.sink.probe()
+        if problem is None:  # the disk under the session store (the same data dir, as a rule)
+            problem = next((f"dtls session store: {t.dtls.store.last_error}" for t in self.transports
+                            if t.dtls is not None and t.dtls.store.last_error), None)
+            if problem is not None:
+                return Reply(503, f"{problem}\n".encode(), "text/plain")
         if problem is not None:
             return Reply(503, f"bus: {problem}\n".encode(), "text/plain")
         return Reply(200, b"ready\n", "text/plain")

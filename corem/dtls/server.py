@@ -144,6 +144,7 @@ class DtlsStats:
     bytes_out_unauthenticated: int = 0
     hello_verify_sent: int = 0
     offloaded: int = 0
+    offload_failed: int = 0  # sessions the store refused (disk full): kept in memory
     restored: int = 0
     sessions_lost: int = 0
     handshakes_started: int = 0
@@ -174,6 +175,7 @@ class DtlsServer:
         self.cert_lookup = cert_lookup or _no_device
         #: offloaded sessions live in the store; `offloaded` is the set of their peer keys
         self.store = store if store is not None else SessionStore()
+        self._next_store_warning = 0.0
         self.device_lookup = device_lookup or (lambda tenant, device: None)
         self.wall = wall
         self.offloaded: set[bytes] = set(self.store.keys())
@@ -405,6 +407,7 @@ class DtlsServer:
         sessions = self.sessions
         keep: list[tuple[Peer, Session]] = []
         rows = []
+        saving: list[tuple[Peer, Session, tuple]] = []
         while sessions:
             peer, session = next(iter(sessions.items()))
             if session.last_seen >= offload_before:
@@ -418,16 +421,37 @@ class DtlsServer:
                 keep.append((peer, session))  # not serializable yet (no data since the handshake)
             elif row is not LOST:
                 rows.append(row)
+                saving.append((peer, session, row))
         for peer, session in keep:
             sessions[peer] = session
             sessions.move_to_end(peer, last=False)
-        self.store.put(rows)
+        if not self.store.put(rows):  # the disk refused: they stay live; the next sweep tries again
+            self._keep_live(saving)
+            return 0
         self.offloaded.update(row[0] for row in rows)
         self.stats.offloaded += len(rows)
         expired = self.store.expire(expire_before + wall_offset)
         self.offloaded.difference_update(expired)
         self.stats.sessions_expired += len(expired)
         return len(rows)
+
+    def _keep_live(self, saving: list[tuple[Peer, Session, tuple]]) -> None:
+        """The store refused these sessions: back into memory, each from its blob (saving reset
+        its Mbed TLS context), in front of the least recently active end where they were."""
+        self.stats.offload_failed += len(saving)
+        now = time.monotonic()
+        if saving and now >= self._next_store_warning:  # one line a minute while the disk refuses
+            self._next_store_warning = now + 60.0
+            log.warning("could not offload %d DTLS sessions (%s): they stay in memory", len(saving),
+                        self.store.last_error)
+        for peer, session, row in reversed(saving):
+            try:
+                session.buf = pickle.loads(row[1])
+            except Exception:  # noqa: BLE001 - a blob that does not restore: the device handshakes again
+                self.stats.sessions_lost += 1
+                continue
+            self.sessions[peer] = session
+            self.sessions.move_to_end(peer, last=False)
 
     def _serialize(self, peer: Peer, session: Session, wall_offset: float):
         """The store row for a session, None if it cannot be saved yet, LOST if it broke."""

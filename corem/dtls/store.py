@@ -7,6 +7,10 @@ serialized sessions live in a SQLite table and the server keeps only a set of 6-
 keys, so a datagram from an unknown peer never costs a query.  The table is in the data dir,
 mode 0600 (it holds session keys), and it survives a restart or a crash of corem: devices come
 back to their session without a new handshake.
+
+A full or failing disk never escapes as an exception: a write that fails is reported (`put` says
+False, `errors` counts, `last_error` says why) and the caller keeps its sessions live; a session
+read back while its row cannot be deleted is read with a SELECT and its row deleted later.
 """
 
 from __future__ import annotations
@@ -52,36 +56,82 @@ class SessionStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
         self._conn.executescript(SCHEMA)
+        self.errors = 0  # writes the disk refused
+        self.last_error: str | None = None  # the latest one's reason, until a write works again
+        self._stale: set[bytes] = set()  # rows read back that could not be deleted yet
 
-    def put(self, rows: list[Row]) -> None:
-        """Store sessions (replacing older ones for the same peer), in one transaction."""
+    def put(self, rows: list[Row]) -> bool:
+        """Store sessions (replacing older ones for the same peer), in one transaction; False if
+        the disk would not take them (nothing is stored then)."""
         if not rows:
-            return
+            return True
         conn = self._conn
-        conn.execute("BEGIN")
         try:
+            conn.execute("BEGIN")
             conn.executemany("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)", rows)
             conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        except sqlite3.Error as e:
+            self._failed(e)
+            return False
+        self._stale.difference_update(row[0] for row in rows)
+        self._ok()
+        return True
 
     def take(self, key: bytes) -> Row | None:
-        """Remove and return the session of `key`."""
-        row = self._conn.execute(
-            "DELETE FROM sessions WHERE peer = ? RETURNING peer, blob, tenant, device, last_seen", (key,)
-        ).fetchone()
+        """Remove and return the session of `key` (if its row cannot be deleted now, it is read
+        and deleted at the next write that works)."""
+        try:
+            row = self._conn.execute(
+                "DELETE FROM sessions WHERE peer = ? RETURNING peer, blob, tenant, device, last_seen", (key,)
+            ).fetchone()
+        except sqlite3.Error as e:
+            self._failed(e)
+            try:
+                row = self._conn.execute(
+                    "SELECT peer, blob, tenant, device, last_seen FROM sessions WHERE peer = ?", (key,)).fetchone()
+            except sqlite3.Error:
+                return None
+            if row is not None:
+                self._stale.add(key)
+            return row
         return row
 
     def discard(self, key: bytes) -> None:
-        self._conn.execute("DELETE FROM sessions WHERE peer = ?", (key,))
+        try:
+            self._conn.execute("DELETE FROM sessions WHERE peer = ?", (key,))
+        except sqlite3.Error as e:
+            self._failed(e)
+            self._stale.add(key)
+
+    def _failed(self, error: sqlite3.Error) -> None:
+        self.errors += 1
+        self.last_error = f"{type(error).__name__}: {error}"
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back by itself
+
+    def _ok(self) -> None:
+        """A write worked: the rows that could not be deleted before go now."""
+        self.last_error = None
+        if self._stale:
+            stale, self._stale = self._stale, set()
+            for key in stale:
+                self.discard(key)
 
     def keys(self) -> list[bytes]:
         return [k for (k,) in self._conn.execute("SELECT peer FROM sessions")]
 
     def expire(self, before: float) -> list[bytes]:
-        """Forget sessions idle since before `before` (wall clock); return their keys."""
-        return [k for (k,) in self._conn.execute("DELETE FROM sessions WHERE last_seen < ? RETURNING peer", (before,))]
+        """Forget sessions idle since before `before` (wall clock); return their keys (none while
+        the disk refuses: they are forgotten at a later sweep)."""
+        try:
+            return [k for (k,) in self._conn.execute("DELETE FROM sessions WHERE last_seen < ? RETURNING peer",
+                                                     (before,))]
+        except sqlite3.Error as e:
+            self._failed(e)
+            return []
 
     def blob_sizes(self) -> list[int]:
         return [n for (n,) in self._conn.execute("SELECT length(blob) FROM sessions")]

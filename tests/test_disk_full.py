@@ -1,0 +1,103 @@
+"""A full disk under the data dir, for real: a tmpfs of a few MB that the test mounts (root only)
+and fills.  corem stays up, CoAP and CoAPS readings get 5.03 meanwhile, idle DTLS sessions that
+cannot be offloaded stay in memory, /readyz and the metrics say what failed, and everything works
+again by itself once there is space."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import cbor2
+import pytest
+
+from corem.codec import Code
+
+from .conftest import corem_cli, start_corem
+from .dtls_udp_client import DtlsUdpClient
+from .test_kafka import post
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root"
+)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(path) -> None:
+    """Write until the filesystem refuses (ENOSPC), in smaller and smaller writes."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+
+
+def readyz(server) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_a_full_disk_is_5_03_for_coap_and_coaps_and_corem_recovers_by_itself(small_disk):
+    data = small_disk / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "d1", "--token", "T1", data_dir=data)
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "d7", "--psk-identity", "id7",
+              "--psk", "a-key-of-16-bytes", data_dir=data)
+    server = start_corem(data, "--dtls-offload-after", "1", "--store-synchronous", "NORMAL")
+    device = DtlsUdpClient(server.coaps_port, "id7", b"a-key-of-16-bytes")
+    try:
+        device.handshake()
+        reading = cbor2.dumps({"t": 1.0})
+        assert post(server.coap_port, "T1", reading, 1)[1] == 0x44
+        assert device.post(["telemetry"], reading).code == Code.CHANGED
+        fill(small_disk / "filler")
+
+        # readings while the disk is full: 5.03, nothing acknowledged
+        assert post(server.coap_port, "T1", reading, 2)[1] == 0xA3
+        assert device.post(["telemetry"], reading).code == Code.SERVICE_UNAVAILABLE
+        time.sleep(2.5)  # the session is idle past dtls_offload_after: the sweep cannot store it
+        m = server.metrics()
+        assert m["corem_dtls_sessions_offload_failed_total"] >= 1 and m["corem_dtls_session_store_errors_total"] >= 1
+        status, body = readyz(server)
+        assert status == 503 and (b"bus" in body or b"dtls session store" in body), body
+        assert server.proc.poll() is None  # still running
+        assert device.post(["telemetry"], reading).code == Code.SERVICE_UNAVAILABLE  # same session, in memory
+
+        (small_disk / "filler").unlink()
+        deadline = time.monotonic() + 15
+        while post(server.coap_port, "T1", reading, 100 + int(time.monotonic() * 10) % 1000)[1] != 0x44:
+            assert time.monotonic() < deadline, "CoAP did not recover"
+        assert device.post(["telemetry"], reading).code == Code.CHANGED  # no new handshake needed
+        time.sleep(2.5)  # and the idle session is offloaded now
+        m = server.metrics()
+        assert m["corem_dtls_sessions_offloaded_total"] >= 1
+        assert readyz(server)[0] == 200
+        assert device.post(["telemetry"], reading).code == Code.CHANGED  # restored from the store
+        assert server.stop() == 0
+    finally:
+        device.close()
+        if server.proc.poll() is None:
+            server.proc.kill()
