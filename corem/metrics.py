@@ -76,6 +76,8 @@ class ServerCollector:
                             lambda t: t.router.handler_errors)
         yield per_transport("corem_coap_invalid_text_options", "Requests refused 4.00: a text option not UTF-8.",
                             lambda t: t.router.invalid_text)
+        yield per_transport("corem_coap_storage_errors", "Requests refused 5.03: the disk refused a handler's write.",
+                            lambda t: t.router.storage_errors)
         yield per_transport("corem_coap_uploads", "Block1 uploads in progress.", lambda t: len(t.router.uploads),
                             gauge=True)
         yield per_transport("corem_coap_uploads_refused", "Block1 uploads refused (too large or too many).",

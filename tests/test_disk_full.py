@@ -17,7 +17,7 @@ import pytest
 
 from corem.codec import Code
 
-from .conftest import corem_cli, start_corem
+from .conftest import COAP_CLIENT, coap_client, corem_cli, start_corem
 from .dtls_udp_client import DtlsUdpClient
 from .test_kafka import post
 
@@ -78,8 +78,13 @@ def test_a_full_disk_is_5_03_for_coap_and_coaps_and_corem_recovers_by_itself(sma
         # readings while the disk is full: 5.03, nothing acknowledged
         assert post(server.coap_port, "T1", reading, 2)[1] == 0xA3
         assert device.post(["telemetry"], reading).code == Code.SERVICE_UNAVAILABLE
+        if COAP_CLIENT is not None:  # a management write (ThingsBoard client attributes): 5.03, not 5.00
+            r = coap_client(f"{server.coap}/api/v1/T1/attributes", "-m", "post", "-t", "50", "-e", '{"fw": "1.2"}',
+                            timeout=10)
+            assert r.code == "5.03", r.output
         time.sleep(2.5)  # the session is idle past dtls_offload_after: the sweep cannot store it
         m = server.metrics()
+        assert m['corem_coap_handler_errors_total{transport="udp"}'] == 0
         assert m["corem_dtls_sessions_offload_failed_total"] >= 1 and m["corem_dtls_session_store_errors_total"] >= 1
         status, body = readyz(server)
         assert status == 503 and (b"bus" in body or b"dtls session store" in body), body

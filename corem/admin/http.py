@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, unquote
 
 import trio
 
+from ..errors import StorageUnavailable
+
 log = logging.getLogger("corem.http")
 
 MAX_HEAD = 16 * 1024
@@ -179,6 +181,8 @@ class HttpServer:
                     reply = await reply
             except HttpError as e:
                 return _error(e.status, e.message), method
+            except StorageUnavailable as e:
+                return _error(503, str(e), {"Retry-After": "5"}), method
             except Exception:
                 log.exception("%s %s failed", method, path)
                 return _error(500, "internal error (see the server log)"), method

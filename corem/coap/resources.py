@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
+from ..errors import StorageUnavailable
 from .blockwise import Block1Uploads, block2
 from .endpoint import Request
 
@@ -32,6 +33,9 @@ class Response(NamedTuple):
 Handler = Callable[[Request, list[str]], "Response | None"]
 
 NOT_FOUND = Response(Code.NOT_FOUND)
+#: A handler whose write the disk refused: retry later (like the bus's 5.03, same Max-Age).
+STORAGE_BUSY = Response(Code.SERVICE_UNAVAILABLE, b"storage unavailable; retry later",
+                        [(OptionNumber.MAX_AGE, bytes([5]))])
 METHOD_NOT_ALLOWED = Response(Code.METHOD_NOT_ALLOWED)
 
 
@@ -45,6 +49,8 @@ class Router:
         self.handler_errors = 0
         #: requests refused 4.00 for a text option (Uri-Path, Uri-Query, ...) that is not UTF-8
         self.invalid_text = 0
+        #: requests refused 5.03 because a handler's write was refused by the disk
+        self.storage_errors = 0
         self._next_error_log = 0.0
         #: Block1 uploads in progress (RFC 7959 §2.5), bounded
         self.uploads = Block1Uploads() if uploads is None else uploads
@@ -107,6 +113,9 @@ class Router:
         assert msg is not None
         try:
             response = handler(req, params)
+        except StorageUnavailable:
+            self.storage_errors += 1
+            return STORAGE_BUSY
         except Exception:
             self.handler_errors += 1
             now = time.monotonic()

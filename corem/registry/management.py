@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
+from ..errors import StorageUnavailable
 from .store import TENANT_RE, Registry, RegistryError, check_field
 
 SCHEMA = """
@@ -78,14 +79,20 @@ class Management:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        """All or nothing (the connection autocommits each statement otherwise)."""
-        self._conn.execute("BEGIN")
+        """All or nothing (the connection autocommits each statement otherwise).  A disk that
+        refuses the write is `StorageUnavailable` (5.03 / 503 to the caller), not a crash."""
+        conn = self._conn
         try:
-            yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # (SQLite may have rolled back by itself)
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:
+            raise StorageUnavailable(f"storage: {e}") from None
 
     # -- attributes ------------------------------------------------------------------------------
     def attributes(self, tenant: str, device: str, scope: str, keys: list[str] | None = None) -> dict[str, Any]:

@@ -1,0 +1,9 @@
+"""Errors every layer may raise and the edges answer alike."""
+
+from __future__ import annotations
+
+
+class StorageUnavailable(RuntimeError):
+    """A write the disk refused (full, failing, locked too long): nothing was stored, and the same
+    request may work later.  CoAP answers 5.03 with Max-Age, HTTP 503; neither is a 5.00/500, for
+    it is no bug, and no task ends on it."""
