@@ -83,6 +83,15 @@ def _kafka_config(key: str, v: Any) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _networks(key: str, v: Any) -> None:
+    from .net.limits import parse_networks
+
+    try:
+        parse_networks(v, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _file(key: str, v: Any) -> None:
     if v and not os.path.isfile(v):
         raise ConfigError(f"{key}: {v!r} is not a readable file")
@@ -192,6 +201,9 @@ class Settings:
         _non_negative,
     )
     rate_limit_sources: int = _opt(100_000, "source addresses tracked by the rate limit at most", _positive)
+    rate_limit_exempt: str = _opt(
+        "", "networks never rate-limited, e.g. '10.0.0.0/8,2001:db8::/32' (your own gateways)", _networks,
+    )
     max_datagram: int = _opt(1500, "largest datagram accepted, bytes (larger ones are dropped and counted)", _positive)
     presence_offline_after: float = _opt(
         120.0, "seconds without an accepted reading after which a device is offline", _positive

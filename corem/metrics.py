@@ -52,6 +52,9 @@ class ServerCollector:
         limited = [t for t in s.transports if t.edge is not None and t.edge.limiter is not None]
         yield family("corem_rate_limited_datagrams", "Datagrams dropped: their source was over rate_limit_per_source.",
                      [({"transport": t.name}, t.edge.limiter.dropped) for t in limited])
+        yield family("corem_rate_limit_exempted",
+                     "Datagrams over their source's rate let through: an established DTLS session, a known token.",
+                     [({"transport": t.name}, t.edge.limiter.exempted) for t in limited])
         yield family("corem_rate_limit_sources", "Source addresses the rate limit tracks.",
                      [({"transport": t.name}, len(t.edge.limiter)) for t in limited], gauge=True)
         yield per_transport("corem_coap_send_blocked", "Flushes cut short by a full socket send buffer.",

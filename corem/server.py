@@ -20,6 +20,7 @@ from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
 from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
+from .codec import MessageFormatError, OptionNumber, decode
 from .coap import Endpoint, Params, Router, discovery
 from .coap.blockwise import Block1Uploads
 from .coap.observe import Observers
@@ -37,7 +38,7 @@ from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
 from .metrics import render
 from .net import UdpEdge, bind_udp
-from .net.limits import SourceLimiter
+from .net.limits import SourceLimiter, lane_networks, parse_networks
 from .registry import Directory, Registry
 from .registry import nudge as registry_nudge
 from .registry.management import Management
@@ -219,6 +220,7 @@ class Server:
             t.edge = UdpEdge(
                 _bind_or_explain("coap", *coap), t.endpoint, t.router, max_datagram=s.max_datagram,
                 limiter=self._limiter(), lane=self._fast_lane(t.endpoint), after_drain=self.sink.after_drain,
+                exempt=self._names_a_known_token,
             )
             self.bound.coap = t.edge.address
             self._add_transport(t)
@@ -285,11 +287,27 @@ class Server:
             if t.edge is not None:
                 t.edge.close()
 
+    def _names_a_known_token(self, data: bytes, peer: tuple) -> bool:
+        """Over its source's rate: does this datagram name its device by a known token in its path
+        (`/api/v1/{token}/...`)?  Then it goes through (net/limits.py; the fast lane does the same)."""
+        try:
+            msg = decode(data)
+        except MessageFormatError:
+            return False
+        path = [bytes(v) for n, v in msg.options if n == OptionNumber.URI_PATH][:3]
+        if len(path) < 3 or path[0] != b"api" or path[1] != b"v1":
+            return False
+        try:
+            return path[2].decode() in self.directory.by_token
+        except UnicodeDecodeError:
+            return False
+
     def _limiter(self) -> SourceLimiter | None:
         s = self.settings
         if not s.rate_limit_per_source:
             return None
-        return SourceLimiter(s.rate_limit_per_source, max_sources=s.rate_limit_sources)
+        return SourceLimiter(s.rate_limit_per_source, max_sources=s.rate_limit_sources,
+                             exempt_networks=parse_networks(s.rate_limit_exempt))
 
     def _fast_lane(self, endpoint: Endpoint, dtls: DtlsServer | None = None) -> FastLane | None:
         s = self.settings
@@ -300,7 +318,8 @@ class Server:
             return None
         # behind DTLS the edge reads the socket and rate-limits the records, not the lane
         return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram, dtls=dtls,
-                        rate=0.0 if dtls is not None else s.rate_limit_per_source, max_sources=s.rate_limit_sources)
+                        rate=0.0 if dtls is not None else s.rate_limit_per_source, max_sources=s.rate_limit_sources,
+                        exempt=lane_networks(parse_networks(s.rate_limit_exempt)))
 
     def _after_batch(self) -> None:
         for t in self.transports:

@@ -38,6 +38,7 @@ def test_precedence(tmp_path):
         ({"kafka_acks": "some"}, "kafka_acks: 'some' is not allowed"),
         ({"kafka_sasl_mechanism": "PLAIN"}, "kafka_sasl_mechanism: needs kafka_security_protocol"),
         ({"log_level": "loud"}, "log_level: 'loud' is not allowed"),
+        ({"rate_limit_exempt": "10.0.0.0/8,gateway"}, "rate_limit_exempt: 'gateway' is not an IPv4 or IPv6 network"),
     ],
 )
 def test_bad_values_name_the_key(flags, message):

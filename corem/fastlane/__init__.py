@@ -78,6 +78,7 @@ class FastLane:
         rate: float = 0.0,
         max_sources: int = 100_000,
         dtls: DtlsServer | None = None,
+        exempt: list[tuple[bytes, int]] | None = None,
     ) -> None:
         if Lane is None:
             raise RuntimeError("corem.fastlane._lane is not built (no C compiler when corem was installed)")
@@ -86,6 +87,7 @@ class FastLane:
             Record, max_datagram=max_datagram, piggyback_timeout=p.piggyback_timeout,
             exchange_lifetime=p.exchange_lifetime, dedup_max_entries=p.dedup_max_entries,
             rate=rate, burst=2 * rate, max_sources=max_sources, limit_error_size=p.limit_error_size,
+            exempt=exempt or [],
         )
         self.dtls = dtls
         self.ingest = ingest

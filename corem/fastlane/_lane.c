@@ -228,6 +228,8 @@ typedef struct {
     fifomap sessions; /* peer -> when its DTLS session began (made on the first new_session) */
     int limit;
     PyObject *tokens; /* dict: token bytes -> index into targets */
+    uint8_t (*exempt)[17]; /* networks never rate-limited: 16 address bytes (IPv4 mapped) + prefix length */
+    Py_ssize_t nexempt;
     target_t *targets;
     Py_ssize_t ntargets;
     pending_t *pending;
@@ -245,7 +247,7 @@ typedef struct {
     size_t json_cap;
     /* counters */
     unsigned long long datagrams_in, bytes_in, requests, duplicates, oversized, dropped, evicted,
-        dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted;
+        dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted;
     unsigned long long responses[256];
 } Lane;
 
@@ -720,7 +722,6 @@ static int rate_allow(Lane *self, const addr_t *a, double now) {
     b->last = now;
     if (tokens < 1.0) {
         b->tokens = tokens;
-        self->dropped++;
         return 0;
     }
     b->tokens = tokens - 1.0;
@@ -773,6 +774,85 @@ static int from_old_session(Lane *self, const addr_t *a, double at) {
 #define PLAIN -2
 #define NO_DEVICE -1
 
+/* The next option at *pp (before `end`): its number (from *number, the previous one) and value.
+ * 1 at the payload marker or the end, 0 for an option, -1 if the codec would refuse it. */
+static int next_option(const uint8_t **pp, const uint8_t *end, unsigned *number, const uint8_t **value,
+                       size_t *vlen) {
+    const uint8_t *p = *pp;
+    if (p >= end || *p == 0xff) return 1;
+    unsigned delta = *p >> 4, len = *p & 15;
+    p++;
+    if (delta == 15 || len == 15) return -1;
+    if (delta == 13) {
+        if (p >= end) return -1;
+        delta = 13 + *p++;
+    } else if (delta == 14) {
+        if (end - p < 2) return -1;
+        delta = 269 + (p[0] << 8 | p[1]);
+        p += 2;
+    }
+    if (len == 13) {
+        if (p >= end) return -1;
+        len = 13 + *p++;
+    } else if (len == 14) {
+        if (end - p < 2) return -1;
+        len = 269 + (p[0] << 8 | p[1]);
+        p += 2;
+    }
+    if ((size_t)(end - p) < len) return -1;
+    *number += delta;
+    if (*number > 65535) return -1; /* the codec refuses it */
+    *value = p;
+    *vlen = len;
+    *pp = p + len;
+    return 0;
+}
+
+/* Over its source's rate, a request that names its device by a known token in its path
+ * (ThingsBoard-style /api/v1/{token}/...) still goes through: hundreds of devices behind one
+ * carrier NAT share an address, and junk and floods have no token.  Only over-rate datagrams pay
+ * for this look. */
+static int in_exempt_network(Lane *self, const addr_t *a) {
+    uint8_t key[KEYLEN];
+    addr_key(a, 0, 0, key);
+    for (Py_ssize_t i = 0; i < self->nexempt; i++) {
+        const uint8_t *net = self->exempt[i];
+        unsigned bits = net[16], full = bits / 8, rest = bits % 8;
+        if (memcmp(key, net, full)) continue;
+        if (rest && ((key[full] ^ net[full]) & (0xff << (8 - rest)))) continue;
+        return 1;
+    }
+    return 0;
+}
+
+static int credentialed(Lane *self, const uint8_t *d, size_t n) {
+    if (!self->tokens || n < 4 || (d[0] >> 6) != 1) return 0;
+    size_t tkl = d[0] & 15;
+    if (tkl > 8 || n < 4 + tkl) return 0;
+    const uint8_t *p = d + 4 + tkl, *end = d + n, *v, *seg[3];
+    size_t len, seglen[3];
+    unsigned number = 0;
+    int nseg = 0, r;
+    while (nseg < 3 && (r = next_option(&p, end, &number, &v, &len)) == 0 && number <= 11) {
+        if (number == 11) {
+            seg[nseg] = v;
+            seglen[nseg++] = len;
+        }
+    }
+    if (nseg < 3 || seglen[0] != 3 || memcmp(seg[0], "api", 3) || seglen[1] != 2 || memcmp(seg[1], "v1", 2) ||
+        !seglen[2])
+        return 0;
+    PyObject *tok = PyBytes_FromStringAndSize((const char *)seg[2], seglen[2]);
+    if (!tok) {
+        PyErr_Clear();
+        return 0;
+    }
+    int found = PyDict_Contains(self->tokens, tok);
+    Py_DECREF(tok);
+    if (found < 0) PyErr_Clear();
+    return found > 0;
+}
+
 static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
                     double now, long long now_ms, Py_ssize_t session) {
     if (n < 4 || (d[0] >> 6) != 1) return 1;
@@ -786,42 +866,22 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     const uint8_t *p = d + 4 + tkl, *end = d + n;
     const uint8_t *seg[4];
     size_t seglen[4];
-    int nseg = 0, cf = -1, other = 0;
+    int nseg = 0, cf = -1, other = 0, r;
     unsigned number = 0;
-    while (p < end && *p != 0xff) {
-        unsigned delta = *p >> 4, len = *p & 15;
-        p++;
-        if (delta == 15 || len == 15) return 1;
-        if (delta == 13) {
-            if (p >= end) return 1;
-            delta = 13 + *p++;
-        } else if (delta == 14) {
-            if (end - p < 2) return 1;
-            delta = 269 + (p[0] << 8 | p[1]);
-            p += 2;
-        }
-        if (len == 13) {
-            if (p >= end) return 1;
-            len = 13 + *p++;
-        } else if (len == 14) {
-            if (end - p < 2) return 1;
-            len = 269 + (p[0] << 8 | p[1]);
-            p += 2;
-        }
-        if ((size_t)(end - p) < len) return 1;
-        number += delta;
-        if (number > 65535) return 1; /* the codec refuses it */
+    const uint8_t *v;
+    size_t len;
+    while ((r = next_option(&p, end, &number, &v, &len)) == 0) {
         if (number == 11 && nseg < 4) {
-            seg[nseg] = p;
+            seg[nseg] = v;
             seglen[nseg++] = len;
         } else if (number == 12 && cf < 0 && len <= 2) {
             cf = 0;
-            for (unsigned k = 0; k < len; k++) cf = cf << 8 | p[k];
+            for (size_t k = 0; k < len; k++) cf = cf << 8 | v[k];
         } else {
             other = 1;
         }
-        p += len;
     }
+    if (r < 0) return 1; /* malformed: the codec explains */
     const uint8_t *payload = NULL;
     if (p < end) { /* payload marker */
         payload = p + 1;
@@ -940,7 +1000,13 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
         self->oversized++;
         return 0;
     }
-    if (self->limit && !rate_allow(self, a, now)) return 0;
+    if (self->limit && !rate_allow(self, a, now)) {
+        if (!credentialed(self, d, n) && !(self->nexempt && in_exempt_network(self, a))) {
+            self->dropped++;
+            return 0;
+        }
+        self->exempted++;
+    }
     int r = classify(self, d, n, a, alen, NULL, now, now_ms, PLAIN);
     if (r == 1) return append_pair(self->slow, d, n, a, alen); /* the Python path's */
     return r;
@@ -1280,11 +1346,12 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         Py_DECREF(v);
     }
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsN}", "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsN}", "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
         "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
         self->dropped, "evicted", self->evicted, "dedup_evictions", self->dedup_evictions, "datagrams_out",
         self->datagrams_out, "bytes_out", self->bytes_out, "send_blocked", self->send_blocked, "send_errors",
-        self->send_errors, "refusals", self->refusals, "accepted", self->accepted, "dedup_entries",
+        self->send_errors, "refusals", self->refusals, "accepted", self->accepted, "exempted", self->exempted,
+        "dedup_entries",
         (Py_ssize_t)self->dedup.count, "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
         "responses", responses);
 }
@@ -1292,8 +1359,9 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
 /* ---------------------------------------------------------------- type --------------------- */
 static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"record_type", "max_datagram", "piggyback_timeout", "exchange_lifetime",
-                            "dedup_max_entries", "rate", "burst", "max_sources", "limit_error_size", NULL};
-    PyObject *record_type;
+                            "dedup_max_entries", "rate", "burst", "max_sources", "limit_error_size",
+                            "exempt", NULL};
+    PyObject *record_type, *exempt = NULL;
     Py_ssize_t dedup_max = 100000, max_sources = 100000;
     if (self->record_type) { /* the buffers are sized by the first settings: no second ones */
         PyErr_SetString(PyExc_TypeError, "Lane is already initialised");
@@ -1305,10 +1373,37 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->rate = 0;
     self->burst = 0;
     self->limit_error_size = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnp", names, &PyType_Type, &record_type,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnpO", names, &PyType_Type, &record_type,
                                      &self->max_datagram, &self->piggyback, &self->lifetime, &dedup_max,
-                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size))
+                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size, &exempt))
         return -1;
+    if (exempt && exempt != Py_None) { /* [(16 address bytes, prefix length)] */
+        PyObject *seq = PySequence_Fast(exempt, "exempt: a sequence of (16 bytes, prefix length)");
+        if (!seq) return -1;
+        Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+        self->exempt = m ? PyMem_Calloc((size_t)m, 17) : NULL;
+        if (m && !self->exempt) {
+            Py_DECREF(seq);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < m; i++) {
+            const char *addr;
+            Py_ssize_t alen;
+            int bits;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#i", &addr, &alen, &bits) || alen != 16 ||
+                bits < 0 || bits > 128) {
+                Py_DECREF(seq);
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "exempt: each network is (16 address bytes, prefix 0-128)");
+                return -1;
+            }
+            memcpy(self->exempt[i], addr, 16);
+            self->exempt[i][16] = (uint8_t)bits;
+        }
+        self->nexempt = m;
+        Py_DECREF(seq);
+    }
     if (!PyType_IsSubtype((PyTypeObject *)record_type, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "record_type: must be a tuple subclass (corem.bus.base.Record)");
         return -1;
@@ -1379,6 +1474,7 @@ static void Lane_dealloc(Lane *self) {
     Py_CLEAR(self->record_type);
     fm_free(&self->dedup);
     fm_free(&self->buckets);
+    PyMem_Free(self->exempt);
     fm_free(&self->sessions);
     PyMem_Free(self->pending);
     PyMem_Free(self->fifo);

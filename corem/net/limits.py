@@ -6,16 +6,45 @@ in a dict bounded by `max_sources`; when full, the oldest-created bucket goes (w
 that source's next datagram start from a full bucket again).
 
 Limits are per host, not per (host, port): a flooder changes ports freely.  A NAT gateway in front
-of many devices shares one bucket, so set the rate for the busiest legitimate address.
+of many devices shares one bucket, so what is over the rate is looked at once more before it is
+dropped: a datagram of an established DTLS session, or a request that names its device by a known
+token, goes through (`excuse`: counted as exempted, not dropped).  Floods and junk carry neither.
+Networks named in `rate_limit_exempt` (your own gateways) are never limited; that is looked up only
+for a source over its rate, too.
 """
 
 from __future__ import annotations
 
+import ipaddress
+
+
+def parse_networks(text: str, key: str = "rate_limit_exempt") -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """`10.0.0.0/8,2001:db8::/32` -> networks (ValueError naming the one that is not)."""
+    nets = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{key}: {item!r} is not an IPv4 or IPv6 network (CIDR)") from None
+    return nets
+
+
+def lane_networks(nets: list) -> list[tuple[bytes, int]]:
+    """The networks as the C lane compares them: 16 address bytes (IPv4 mapped) and a prefix length."""
+    out = []
+    for net in nets:
+        if net.version == 4:
+            out.append((b"\0" * 10 + b"\xff\xff" + net.network_address.packed, net.prefixlen + 96))
+        else:
+            out.append((net.network_address.packed, net.prefixlen))
+    return out
+
 
 class SourceLimiter:
-    __slots__ = ("rate", "burst", "max_sources", "_buckets", "dropped", "evicted")
+    __slots__ = ("rate", "burst", "max_sources", "_buckets", "dropped", "evicted", "exempted", "_networks")
 
-    def __init__(self, rate: float, burst: float | None = None, max_sources: int = 100_000) -> None:
+    def __init__(self, rate: float, burst: float | None = None, max_sources: int = 100_000,
+                 exempt_networks: list | None = None) -> None:
         if rate <= 0:
             raise ValueError(f"rate must be > 0 datagrams/s, got {rate}")
         self.rate = rate
@@ -26,6 +55,8 @@ class SourceLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self.dropped = 0
         self.evicted = 0
+        self.exempted = 0
+        self._networks = list(exempt_networks or ())
 
     def allow(self, host: str, now: float) -> bool:
         buckets = self._buckets
@@ -40,10 +71,27 @@ class SourceLimiter:
             tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens < 1.0:
             buckets[host] = (tokens, now)
+            if self._networks and self._exempt(host):
+                self.exempted += 1
+                return True
             self.dropped += 1
             return False
         buckets[host] = (tokens - 1.0, now)
         return True
+
+    def _exempt(self, host: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._networks)
+
+    def excuse(self) -> None:
+        """The datagram `allow` just refused goes through after all (see the module docstring)."""
+        self.dropped -= 1
+        self.exempted += 1
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -96,12 +96,16 @@ class UdpEdge:
         limiter: SourceLimiter | None = None,
         lane: FastLane | None = None,
         after_drain: Callable[[], object] | None = None,
+        exempt: Callable[[bytes, tuple], bool] | None = None,
     ) -> None:
         self.sock = sock
         #: called after each batch of datagrams is handled, before its answers go out: a sink
         #: that pipelines (Kafka) collects the delivery reports ready by then, so a busy server
         #: answers within one loop pass instead of at its sink's next timer
         self.after_drain = after_drain
+        #: over its source's rate, a datagram this says yes to goes through (an established DTLS
+        #: session, a known token: see net/limits.py); behind DTLS, live sessions are always exempt
+        self.exempt = exempt if dtls is None else (lambda data, peer: peer in dtls.sessions)
         self.endpoint = endpoint
         self.router = router
         self.max_datagram = max_datagram
@@ -142,6 +146,7 @@ class UdpEdge:
         bufsize = limit + 1
         dtls = self.dtls
         allow = self.limiter.allow if self.limiter is not None else None
+        exempt = self.exempt
         # behind DTLS the lane takes the decrypted messages it can answer and leaves the rest
         take = handle if lane is None else lane.receive_plain
         after_drain = self.after_drain
@@ -157,7 +162,9 @@ class UdpEdge:
                     self.stats.oversized += 1
                     continue
                 if allow is not None and not allow(peer[0], now):
-                    continue  # over its rate: dropped before any work (counted by the limiter)
+                    if exempt is None or not exempt(data, peer):
+                        continue  # over its rate: dropped before any work (counted by the limiter)
+                    self.limiter.excuse()
                 # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing).
                 # (A 1-tuple per datagram: measured within noise, <1%, of two copied branches.)
                 for message in (data,) if dtls is None else dtls.receive(data, peer, now):
@@ -306,7 +313,7 @@ class UdpEdge:
 
 
 class _LaneLimits:
-    """The lane's rate limit, shaped like `SourceLimiter` for the metrics (`dropped`, `len`)."""
+    """The lane's rate limit, shaped like `SourceLimiter` for the metrics (`dropped`, `exempted`, `len`)."""
 
     def __init__(self, lane: FastLane) -> None:
         self._lane = lane
@@ -314,6 +321,10 @@ class _LaneLimits:
     @property
     def dropped(self) -> int:
         return self._lane.counters["dropped"]
+
+    @property
+    def exempted(self) -> int:
+        return self._lane.counters["exempted"]
 
     def __len__(self) -> int:
         return self._lane.counters["sources"]
