@@ -16,6 +16,7 @@ import trio
 from .bus import read_records
 from .config import ConfigError, Settings
 from .ingest.point import decode_point
+from .errors import StorageUnavailable
 from .registry import Registry, RegistryError
 from .registry.nudge import nudge
 from .registry.store import parse_psk
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RegistryError) as e:
+    except (ConfigError, RegistryError, StorageUnavailable) as e:
         print(f"corem: {e}", file=sys.stderr)
         return 2
 

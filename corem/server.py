@@ -27,6 +27,7 @@ from .coap.observe import Observers
 from .coap.site import Site
 from .config import ConfigError, Settings, parse_hostport, parse_thresholds
 from .devices.commands import apply as apply_command
+from .errors import StorageUnavailable
 from .devices.downlink import Downlink, results_topic
 from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
 from .fastlane import FastLane, Lane
@@ -206,7 +207,11 @@ class Server:
         result = apply_command(tenant, value, self.directory, self.downlink, self.management)
         result.update(at=int(time.time() * 1000), source={"topic": topic, "partition": partition, "offset": offset})
         publish_json(self.sink, results_topic(tenant), result.get("device") or "", result)
-        self.management.set_position(topic, partition, offset + 1)
+        try:
+            self.management.set_position(topic, partition, offset + 1)
+        except StorageUnavailable as e:  # the position is kept at the next write that works
+            log.warning("could not store the position of %s[%d] (%s): after a restart it is read again",
+                        topic, partition, e)
         if result["status"] == "rejected":
             log.info("rejected a downlink request from %s[%d]@%d: %s", topic, partition, offset, result["reason"])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -82,6 +83,11 @@ def test_a_full_disk_is_5_03_for_coap_and_coaps_and_corem_recovers_by_itself(sma
             r = coap_client(f"{server.coap}/api/v1/T1/attributes", "-m", "post", "-t", "50", "-e", '{"fw": "1.2"}',
                             timeout=10)
             assert r.code == "5.03", r.output
+        status, body = server.api("POST", "/api/devices", {"tenant": "acme", "device": "late", "token": "LATE"})
+        assert status == 503 and "storage" in body["error"], body  # the admin API: retry later, not 500
+        cli = subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data), "--tenant",
+                              "acme", "--device", "late2", "--token", "LATE2"], capture_output=True, text=True)
+        assert cli.returncode == 2 and cli.stderr.startswith("corem: storage:"), cli.stderr  # one line, no traceback
         time.sleep(2.5)  # the session is idle past dtls_offload_after: the sweep cannot store it
         m = server.metrics()
         assert m['corem_coap_handler_errors_total{transport="udp"}'] == 0

@@ -77,6 +77,13 @@ class Management:
         self._conn: sqlite3.Connection = registry.conn
         self._conn.executescript(SCHEMA)
 
+    def _write(self, sql: str, args: tuple) -> sqlite3.Cursor:
+        """One statement that writes (autocommitted): a disk that refuses it is StorageUnavailable."""
+        try:
+            return self._conn.execute(sql, args)
+        except sqlite3.OperationalError as e:
+            raise StorageUnavailable(f"storage: {e}") from None
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """All or nothing (the connection autocommits each statement otherwise).  A disk that
@@ -144,7 +151,7 @@ class Management:
             raise RegistryError("data: the package is empty")
         digest = hashlib.sha256(data).hexdigest()
         try:
-            cur = self._conn.execute(
+            cur = self._write(
                 "INSERT INTO packages (kind, title, version, sha256, size, data, created_at) VALUES (?,?,?,?,?,?,?)",
                 (kind, title, version, digest, len(data), data, _now_ms()),
             )
@@ -176,7 +183,7 @@ class Management:
             raise RegistryError(f"package: no package with id {package_id}")
         if package.kind != kind:
             raise RegistryError(f"package: {package_id} is {package.kind}, not {kind}")
-        self._conn.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)", (tenant, device, kind, package_id))
+        self._write("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)", (tenant, device, kind, package_id))
         return package
 
     def assigned(self, tenant: str, device: str, kind: str) -> Package | None:
@@ -191,7 +198,7 @@ class Management:
         check_field("secret", secret, LABEL_RE, LABEL, secret=True)
         check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
         try:
-            self._conn.execute(
+            self._write(
                 "INSERT INTO provision_keys VALUES (?, ?, ?, ?, ?)", (key, secret, tenant, profile, _now_ms())
             )
         except sqlite3.IntegrityError:
@@ -213,7 +220,7 @@ class Management:
         if not isinstance(duration_ms, int) or not 0 < duration_ms <= 30 * 86400_000:
             raise RegistryError("durationMs: must be between 1 ms and 30 days")
         expires = _now_ms() + duration_ms
-        self._conn.execute(
+        self._write(
             "INSERT OR REPLACE INTO claims (tenant, device, secret, expires_at, owner) VALUES (?, ?, ?, ?, "
             "(SELECT owner FROM claims WHERE tenant = ? AND device = ?))",
             (tenant, device, secret, expires, tenant, device),
@@ -229,7 +236,7 @@ class Management:
             raise PermissionError("secret_key: the device has no open claim (or it expired)")
         if not secrets.compare_digest(row[0].encode(), secret.encode()):
             raise PermissionError("secret_key: does not match the device's claim")
-        self._conn.execute(
+        self._write(
             "UPDATE claims SET owner = ?, expires_at = 0 WHERE tenant = ? AND device = ?", (owner, tenant, device)
         )
 
@@ -242,7 +249,7 @@ class Management:
         return {(t, p): o for t, p, o in self._conn.execute("SELECT topic, partition, next_offset FROM bus_positions")}
 
     def set_position(self, topic: str, partition: int, next_offset: int) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO bus_positions VALUES (?, ?, ?)", (topic, partition, next_offset))
+        self._write("INSERT OR REPLACE INTO bus_positions VALUES (?, ?, ?)", (topic, partition, next_offset))
 
     def forget(self, tenant: str, device: str) -> None:
         """A removed device's attributes, assignments and claim go with it."""

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import msgspec
 
+from ..errors import StorageUnavailable
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     tenant       TEXT NOT NULL,
@@ -170,6 +172,8 @@ class Registry:
                 (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256,
                  d.power_mode, d.topics, d.gateways),
             )
+        except sqlite3.OperationalError as e:  # a full or failing disk: retry later
+            raise StorageUnavailable(f"storage: {e}") from None
         except sqlite3.IntegrityError as e:
             if "token" in str(e):
                 raise RegistryError("token: already used by another device") from None
@@ -181,7 +185,10 @@ class Registry:
         return d
 
     def remove_device(self, tenant: str, device: str) -> bool:
-        cur = self._conn.execute("DELETE FROM devices WHERE tenant = ? AND device = ?", (tenant, device))
+        try:
+            cur = self._conn.execute("DELETE FROM devices WHERE tenant = ? AND device = ?", (tenant, device))
+        except sqlite3.OperationalError as e:
+            raise StorageUnavailable(f"storage: {e}") from None
         return cur.rowcount > 0
 
     def list_devices(self, tenant: str | None = None) -> list[Device]:
