@@ -6,6 +6,7 @@ import fcntl
 import gc
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,11 @@ class Server:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(data)
-        self.registry = Registry(data / "registry.db")
+        try:
+            self.registry = Registry(data / "registry.db")
+        except (sqlite3.Error, OSError) as e:  # a full or read-only disk: one line, not a traceback
+            os.close(self._lock)
+            raise ConfigError(f"data_dir: cannot open {data / 'registry.db'}: {e}") from None
         self.directory = Directory(self.registry)
         self.sink = make_sink(settings)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)

@@ -112,3 +112,35 @@ def test_a_full_disk_is_5_03_for_coap_and_coaps_and_corem_recovers_by_itself(sma
         device.close()
         if server.proc.poll() is None:
             server.proc.kill()
+
+
+def test_a_first_start_on_a_full_disk_says_why_and_the_next_one_works(small_disk):
+    """No space for the registry's journal or the generated admin token: one line naming the file,
+    no empty token file left behind, and the next start (with space) makes the token and serves."""
+    data = small_disk / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "d1", "--token", "T1", data_dir=data)
+    fill(small_disk / "filler")
+    r = subprocess.run([sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "127.0.0.1:0",
+                        "--coaps", "off", "--http", "127.0.0.1:0", "--admin-token", ""],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(("corem: data_dir: cannot open", "corem: admin_token: cannot write")), line
+    assert not (data / "admin-token").exists()
+    (small_disk / "filler").unlink()
+    server = start_corem(data, "--admin-token", "")
+    try:
+        assert (data / "admin-token").read_text().strip()
+    finally:
+        assert server.stop() == 0
+
+
+def test_an_admin_token_that_cannot_be_written_is_a_one_line_error_and_an_empty_one_is_replaced(tmp_path):
+    from corem.admin import token
+    from corem.config import ConfigError
+
+    with pytest.raises(ConfigError, match="admin_token: cannot write .*missing/admin-token"):
+        token.read_or_create(tmp_path / "missing")
+    (tmp_path / "admin-token").write_text("")  # what a full disk left behind before this was fixed
+    made = token.read_or_create(tmp_path)
+    assert made and token.read(tmp_path) == made and (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
