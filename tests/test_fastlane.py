@@ -111,6 +111,9 @@ def test_what_the_lane_is_not_sure_of_is_answered_by_the_python_path(twin, paylo
     post(mtype=Type.NON), post(code=Code.PUT), post(cf=50, payload=b'{"a":1}'), post(cf=None), post(cf=0),
     post("T2"), post("nope"), post(extra=[(O.OBSERVE, b"")]), post(extra=[(O.URI_QUERY, b"x=1")]),
     post(extra=[(O.URI_PATH, b"more")]), post(extra=[(65001, b"x")]), post(tok=b""),
+    # critical options corem does not implement: refused by the endpoint (5.05, 4.02), never stored
+    post(extra=[(O.PROXY_URI, b"coap://x/y")]), post(extra=[(O.PROXY_SCHEME, b"coap")]),
+    post(extra=[(O.OSCORE, b"")]), post(extra=[(O.IF_MATCH, b"")]), post(extra=[(O.Q_BLOCK1, b"")]),
     b"\x40\x00\x12\x34",  # ping
     b"\x50\x02\x12\x34\xb3api",  # truncated option
 ])
