@@ -113,31 +113,37 @@ def test_every_nth_notification_is_confirmable_and_rst_or_silence_end_the_observ
     assert len(observers) == 0 and observers.stats.lost == 3
 
 
-@needs_libcoap
-async def test_libcoap_observer_receives_every_change(tmp_path):
+async def observe_with_libcoap(tmp_path, path: str, resource: Resource, change, seconds: int):
+    """A real corem serving `resource` at `path`, libcoap's client observing it for `seconds`
+    while `change()` runs; returns the client's output and the transport's observers."""
     from corem.config import Settings
     from corem.server import Server
 
     server = Server(Settings.load({"data_dir": str(tmp_path / "d"), "coap": "127.0.0.1:0", "coaps": "off",
                                    "http": "off"}, env={}))
-    thermo = Thermo()
-    server.site.add("sensors/thermo", thermo)
+    server.site.add(path, resource)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.run)
-        url = f"coap://127.0.0.1:{bound.coap[1]}/sensors/thermo"
-
-        async def change():
-            for v in (b"31", b"32", b"33"):
-                await trio.sleep(0.7)
-                thermo.value = v
-                thermo.changed()
-
+        url = f"coap://127.0.0.1:{bound.coap[1]}/{path}"
         nursery.start_soon(change)
-        result = await trio.to_thread.run_sync(
-            lambda: subprocess.run([COAP_CLIENT, "-s", "3", "-v", "6", url], capture_output=True, text=True, timeout=30)
-        )
+        result = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [COAP_CLIENT, "-s", str(seconds), "-v", "6", url], capture_output=True, text=True, timeout=30))
+        observers = server.transports[0].observers
         server.stop()
-    out = result.stdout + result.stderr
+    return result.stdout + result.stderr, observers
+
+
+@needs_libcoap
+async def test_libcoap_observer_receives_every_change(tmp_path):
+    thermo = Thermo()
+
+    async def change():
+        for v in (b"31", b"32", b"33"):
+            await trio.sleep(0.7)
+            thermo.value = v
+            thermo.changed()
+
+    out, _ = await observe_with_libcoap(tmp_path, "sensors/thermo", thermo, change, 3)
     for v in ("20", "31", "32", "33"):  # the first answer, then one notification per change
         assert v in out, out
     assert "Observe" in out
@@ -193,36 +199,21 @@ def test_a_state_larger_than_a_block_is_notified_block_wise():
 
 @needs_libcoap
 async def test_libcoap_follows_a_large_state_block_wise_and_learns_when_it_is_gone(tmp_path):
-    from corem.config import Settings
-    from corem.server import Server
-
-    server = Server(Settings.load({"data_dir": str(tmp_path / "d"), "coap": "127.0.0.1:0", "coaps": "off",
-                                   "http": "off"}, env={}))
     big = Gone()
-    server.site.add("big", big)
-    async with trio.open_nursery() as nursery:
-        bound = await nursery.start(server.run)
-        url = f"coap://127.0.0.1:{bound.coap[1]}/big"
 
-        async def change():
-            await trio.sleep(0.7)
-            big.value = b"x" * 2500 + b"-FIRST-CHANGE-END"
-            big.changed()
-            await trio.sleep(0.7)
-            big.exists = False
-            big.changed()
-            await trio.sleep(0.3)
-            big.exists = True  # created again: the gone observer hears nothing more
-            big.value = b"AFTER"
-            big.changed()
+    async def change():
+        await trio.sleep(0.7)
+        big.value = b"x" * 2500 + b"-FIRST-CHANGE-END"
+        big.changed()
+        await trio.sleep(0.7)
+        big.exists = False
+        big.changed()
+        await trio.sleep(0.3)
+        big.exists = True  # created again: the gone observer hears nothing more
+        big.value = b"AFTER"
+        big.changed()
 
-        nursery.start_soon(change)
-        result = await trio.to_thread.run_sync(
-            lambda: subprocess.run([COAP_CLIENT, "-s", "4", "-v", "6", url], capture_output=True, text=True, timeout=30)
-        )
-        observers = server.transports[0].observers
-        server.stop()
-    out = result.stdout + result.stderr
+    out, observers = await observe_with_libcoap(tmp_path, "big", big, change, 4)
     assert "-FIRST-CHANGE-END" in out, out  # libcoap fetched the blocks after the first
     assert "Block2" in out and "4.04" in out, out
     assert "AFTER" not in out and len(observers) == 0
