@@ -425,9 +425,14 @@ class KafkaSink(Sink):
                     return
 
     def _answer_ready(self) -> None:
+        """Run by Trio between tasks (`run_sync_soon`): nothing may escape from here, or the run
+        itself ends."""
         self._answer_scheduled = False
-        if self._reports.ready():
-            self._answer()
+        try:
+            if self._reports.ready():
+                self._answer()
+        except Exception:  # noqa: BLE001 - a bug in an answer; the other answers went out
+            log.exception("answering kafka delivery reports failed")
         if self._closing and not self._reports.outstanding:
             self._wake.set()
 
