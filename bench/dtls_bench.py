@@ -100,7 +100,8 @@ def throughput(args) -> list[dict]:
         buses = [("corem", "on", "embedded"), ("corem (fast lane off)", "off", "embedded")]
         if broker is not None:
             stack.callback(broker.stop)
-            buses.insert(1, ("corem (bus Kafka: Tansu, acks=all, idempotent)", "on", f"kafka://{broker.bootstrap}"))
+            kafka = f"kafka://{broker.bootstrap}"
+            buses.insert(1, ("corem (bus Kafka: Tansu, acks=all, idempotent)", "on", kafka))
         targets = [
             (name, [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
                     "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",

@@ -7,14 +7,15 @@
  * reference to the callback, and the Ticket's deallocation is the acknowledgement.  A record that
  * failed is called as callback(error, message) first.  Either way the Ticket files (done, ctx,
  * error) with its Reports, and `answer()` later calls every `done(ctx, None)` in one C loop and
- * hands the failures back to Python.  Measured against a functools.partial per record calling a
- * Python function: see README (Kafka).
+ * hands the failures back to Python.  (Measured, closed-loop bench, Tansu: 11.4-12.1 µs of event
+ * loop per reading with these, 13.1-15.5 µs with a functools.partial per record calling Python.)
  *
  * What makes it safe: a Ticket acknowledges only if `produce()` took its record (a refused
- * record's Ticket is disarmed and dies saying nothing) and it was never called with an error.  confluent-kafka holds the only other reference and drops it in its delivery
- * report handler (dr_msg_cb -> Producer_msgstate_destroy), right after librdkafka reported the
- * record delivered; tests/test_kafka.py holds the pinned version to that.  If a future version
- * kept the reference longer, answers would come late, never falsely.
+ * record's Ticket is disarmed and dies saying nothing) and it was never called with an error.
+ * confluent-kafka holds the only other reference and drops it in its delivery report handler
+ * (dr_msg_cb -> Producer_msgstate_destroy), right after librdkafka reported the record delivered;
+ * tests/test_kafka.py holds the pinned version to that.  If a future version kept the reference
+ * longer, answers would come late, never falsely.
  *
  * A producer that is let go of (a fatal error, shutdown) reports nothing more: `fail_all` fails
  * every record still waiting first, and a ticket freed after its report is in says nothing.

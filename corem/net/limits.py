@@ -18,7 +18,10 @@ from __future__ import annotations
 import ipaddress
 
 
-def parse_networks(text: str, key: str = "rate_limit_exempt") -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str, key: str = "rate_limit_exempt") -> list[Network]:
     """`10.0.0.0/8,2001:db8::/32` -> networks (ValueError naming the one that is not)."""
     nets = []
     for item in filter(None, (i.strip() for i in text.split(","))):
@@ -29,7 +32,7 @@ def parse_networks(text: str, key: str = "rate_limit_exempt") -> list[ipaddress.
     return nets
 
 
-def lane_networks(nets: list) -> list[tuple[bytes, int]]:
+def lane_networks(nets: list[Network]) -> list[tuple[bytes, int]]:
     """The networks as the C lane compares them: 16 address bytes (IPv4 mapped) and a prefix length."""
     out = []
     for net in nets:
@@ -44,7 +47,7 @@ class SourceLimiter:
     __slots__ = ("rate", "burst", "max_sources", "_buckets", "dropped", "evicted", "exempted", "_networks")
 
     def __init__(self, rate: float, burst: float | None = None, max_sources: int = 100_000,
-                 exempt_networks: list | None = None) -> None:
+                 exempt_networks: list[Network] | None = None) -> None:
         if rate <= 0:
             raise ValueError(f"rate must be > 0 datagrams/s, got {rate}")
         self.rate = rate
