@@ -107,3 +107,35 @@ def test_kafka_settings_reach_librdkafka(tmp_path):
     assert (c["security.protocol"], c["sasl.mechanism"], c["sasl.username"], c["sasl.password"]) == (
         "SASL_SSL", "SCRAM-SHA-512", "u", "p")
     assert c["enable.auto.commit"] is False
+
+
+def test_the_readme_table_lists_every_setting_with_its_default():
+    """The configuration table in README.md against the settings table: every key is there, and
+    its default is the one corem uses (so neither can change without the other)."""
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("| key (flag `--key-name`) | default | meaning |")
+    documented: dict[str, str] = {}
+    for row in readme[start:].split("\n\n")[0].splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        keys = re.findall(r"`([a-z0-9_]+)`", cells[0])
+        defaults = re.findall(r"`([^`]*)`", cells[1]) or [cells[1]]
+        for i, key in enumerate(keys):  # "`a`, …": the first key's default; the rest have none
+            documented[key] = defaults[i] if i < len(defaults) else "(none)"
+
+    def shown(value) -> str:
+        if value == "":
+            return "(none)"
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+    defaults = Settings()
+    assert set(documented) == set(Settings.keys()), set(documented) ^ set(Settings.keys())
+    for f in fields(Settings):
+        want = shown(getattr(defaults, f.name))
+        got = documented[f.name]
+        assert got == want or (f.name == "admin_token" and got == "(generated)"), (f.name, got, want)
