@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     from .bus.kafka import KafkaSettings
+    from .coap import Params
+    from .dtls import DtlsParams
 
 
 class ConfigError(ValueError):
@@ -300,6 +302,37 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def endpoint_params(self, *, verified_peers: bool = False) -> Params:
+        """The message layer's parameters; `verified_peers` (behind DTLS) lifts the rule that an
+        error answer is no larger than its request (plain UDP's anti-amplification)."""
+        from .coap import Params
+
+        return Params(
+            ack_timeout=self.ack_timeout,
+            max_retransmit=self.max_retransmit,
+            piggyback_timeout=self.piggyback_timeout,
+            exchange_lifetime=self.exchange_lifetime,
+            dedup_max_entries=self.dedup_max_entries,
+            limit_error_size=not verified_peers,
+        )
+
+    def dtls_params(self) -> DtlsParams:
+        """The DTLS layer's parameters (cipher names are checked when the listener starts)."""
+        from .dtls import DtlsParams
+
+        return DtlsParams(
+            ciphers=tuple(c.strip() for c in self.dtls_ciphers.split(",") if c.strip()),
+            max_handshakes=self.dtls_max_handshakes,
+            max_sessions=self.dtls_max_sessions,
+            handshake_timeout=self.dtls_handshake_timeout,
+            session_timeout=self.dtls_session_inactivity_timeout,
+            offload_after=self.dtls_offload_after,
+            cert_file=self.dtls_cert or None,
+            key_file=self.dtls_key or None,
+            ca_file=self.dtls_ca or None,
+            client_auth=self.dtls_client_auth,
+        )
 
     def kafka_settings(self) -> KafkaSettings:
         """The `kafka_*` keys and `bus`, parsed, for the sink and the commands reader."""

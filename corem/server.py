@@ -22,15 +22,15 @@ from .bus.commands import PREFIX as COMMANDS_PREFIX
 from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
 from .codec import MessageFormatError, OptionNumber, decode
-from .coap import Endpoint, Params, Router, discovery
+from .coap import Endpoint, Router, discovery
 from .coap.blockwise import Block1Uploads
 from .coap.observe import Observers
 from .coap.site import Site
 from .config import ConfigError, Settings, parse_hostport, parse_thresholds
 from .devices.commands import apply as apply_command
-from .errors import StorageUnavailable
 from .devices.downlink import Downlink, results_topic
-from .dtls import DtlsParams, DtlsServer, PskStore, SessionStore
+from .dtls import DtlsServer, PskStore, SessionStore
+from .errors import StorageUnavailable
 from .fastlane import FastLane, Lane
 from .frontdoors.drogue import Drogue
 from .frontdoors.emqx import Emqx
@@ -161,17 +161,7 @@ class Server:
             raise
 
     def new_endpoint(self, *, verified_peers: bool = False) -> Endpoint:
-        s = self.settings
-        return Endpoint(
-            Params(
-                ack_timeout=s.ack_timeout,
-                max_retransmit=s.max_retransmit,
-                piggyback_timeout=s.piggyback_timeout,
-                exchange_lifetime=s.exchange_lifetime,
-                dedup_max_entries=s.dedup_max_entries,
-                limit_error_size=not verified_peers,
-            )
-        )
+        return Endpoint(self.settings.endpoint_params(verified_peers=verified_peers))
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal-watching task)."""
@@ -272,18 +262,7 @@ class Server:
         s = self.settings
         dtls = DtlsServer(
             PskStore(self.directory.psk_device),
-            DtlsParams(
-                ciphers=tuple(c.strip() for c in s.dtls_ciphers.split(",") if c.strip()),
-                max_handshakes=s.dtls_max_handshakes,
-                max_sessions=s.dtls_max_sessions,
-                handshake_timeout=s.dtls_handshake_timeout,
-                session_timeout=s.dtls_session_inactivity_timeout,
-                offload_after=s.dtls_offload_after,
-                cert_file=s.dtls_cert or None,
-                key_file=s.dtls_key or None,
-                ca_file=s.dtls_ca or None,
-                client_auth=s.dtls_client_auth,
-            ),
+            s.dtls_params(),
             cert_lookup=self.directory.cert_device,
             store=SessionStore(self.settings.data_path / SESSIONS_FILE),
             device_lookup=self.directory.named,
