@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import hashlib
 
-from typing import TYPE_CHECKING
-
 from ..codec import Block, Code, Message, OptionNumber, encode_uint
-
-if TYPE_CHECKING:
-    from .resources import Response
+from .response import Response
 
 #: 1024-byte blocks unless the client asks for smaller: fits a 1280-byte IPv6 MTU with headers.
 DEFAULT_SZX = 6

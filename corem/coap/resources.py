@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
 from ..errors import StorageUnavailable
 from .blockwise import Block1Uploads, block2
+from .response import Response
 from .endpoint import Request
 
 log = logging.getLogger("corem.coap")
 
 #: Seconds between two logged handler errors (each is counted; the log shows the first of a burst).
 ERROR_LOG_INTERVAL = 10
-
-
-class Response(NamedTuple):
-    code: int
-    payload: bytes = b""
-    options: list | None = None
 
 
 Handler = Callable[[Request, list[str]], "Response | None"]
