@@ -5,9 +5,9 @@ messages) and queues handshake records in `outbox`; `wrap(plaintext, peer)` encr
 `tick(now)` drives handshake retransmission and expiry.  Mbed TLS does the cryptography; this
 module owns which session a datagram belongs to and how many there may be.
 
-How python-mbedtls behaves (measured, see DESIGN.md): `do_handshake()` runs one step; the first
-ClientHello of a buffer that has a cookie parameter raises `HelloVerifyRequest` after writing the
-HelloVerifyRequest; the PSK store is a Mapping whose `__getitem__` is called inside
+How python-mbedtls 2.10 behaves (measured; docs/architecture.md): `do_handshake()` runs one step;
+the first ClientHello of a buffer that has a cookie parameter raises `HelloVerifyRequest` after
+writing the HelloVerifyRequest; the PSK store is a Mapping whose `__getitem__` is called inside
 `do_handshake()`.
 
 Stateless until proven: a ClientHello is handled by a fresh buffer that is thrown away again

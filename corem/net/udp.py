@@ -3,7 +3,8 @@
 Trio's `await sock.recvfrom()` costs a trip through the scheduler per datagram.  Instead the edge
 waits for readability once (`trio.lowlevel.wait_readable`) and then drains the non-blocking socket
 in a batch with plain `recvfrom` calls, feeding each datagram to the sans-IO endpoint, and sends the
-outbox at the end of the batch.  DESIGN.md measured this shape at ~2.5x the naive loop.
+outbox at the end of the batch.  Measured on a 2-core machine: ~187k requests/s against ~74k for
+the naive loop (docs/architecture.md).
 
 Each datagram is received into a fresh `bytes` object (`recvfrom`, not `recvfrom_into` a shared
 buffer) because the decoded message's option values and payload are views into it and may outlive
