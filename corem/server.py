@@ -179,14 +179,12 @@ class Server:
         broker states and errors; the embedded bus's last write)."""
         if not self._ready:
             return Reply(503, b"starting\n", "text/plain")
-        problem = self.sink.probe()
-        if problem is None:  # the disk under the session store (the same data dir, as a rule)
-            problem = next((f"dtls session store: {t.dtls.store.last_error}" for t in self.transports
-                            if t.dtls is not None and t.dtls.store.last_error), None)
-            if problem is not None:
-                return Reply(503, f"{problem}\n".encode(), "text/plain")
-        if problem is not None:
-            return Reply(503, f"bus: {problem}\n".encode(), "text/plain")
+        bus = self.sink.probe()
+        problems = ([f"bus: {bus}"] if bus is not None else []) + [
+            f"dtls session store: {t.dtls.store.last_error}"  # (the data dir's disk, as a rule)
+            for t in self.transports if t.dtls is not None and t.dtls.store.last_error]
+        if problems:
+            return Reply(503, "".join(p + "\n" for p in problems).encode(), "text/plain")
         return Reply(200, b"ready\n", "text/plain")
 
     def http_routes(self) -> list[Route]:

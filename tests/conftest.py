@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -198,3 +199,37 @@ def exchange(endpoint, router, msg, peer=("192.0.2.9", 5683)):
     endpoint.respond(req, r.code, r.options, r.payload)
     [(data, _)] = endpoint.take_outbox()
     return decode(data)
+
+
+def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 8.0) -> bytes | None:
+    """One CON POST /api/v1/{token}/telemetry as a device would send it: retransmitted every
+    second, answered piggybacked (ACK, same mid) or separately (CON with our CoAP token, which
+    is ACKed).  Returns the response message."""
+    tok = token.encode()
+    ctoken = mid.to_bytes(4, "big")
+    msg = (bytes((0x44, 0x02, (mid >> 8) & 0xFF, mid & 0xFF)) + ctoken + b"\xb3api\x02v1" + bytes((len(tok),)) + tok
+           + b"\x09telemetry\x11\x3c\xff" + payload)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1.0)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s.sendto(msg, ("127.0.0.1", port))
+            try:
+                data, _ = s.recvfrom(2048)
+            except socket.timeout:
+                continue
+            while True:
+                mtype = (data[0] >> 4) & 3
+                if mtype == 2 and data[2:4] == msg[2:4] and data[1] != 0:
+                    return data  # piggybacked
+                if mtype == 0 and data[4:8] == ctoken:
+                    s.sendto(bytes((0x60, 0, data[2], data[3])), ("127.0.0.1", port))  # ACK it
+                    return data  # separate response
+                try:  # an empty ACK: the answer follows separately
+                    data, _ = s.recvfrom(2048)
+                except socket.timeout:
+                    break
+        return None
+    finally:
+        s.close()

@@ -18,9 +18,8 @@ import pytest
 
 from corem.codec import Code
 
-from .conftest import COAP_CLIENT, coap_client, corem_cli, start_corem
+from .conftest import COAP_CLIENT, coap_client, corem_cli, post, start_corem
 from .dtls_udp_client import DtlsUdpClient
-from .test_kafka import post
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a tmpfs needs root"

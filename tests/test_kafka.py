@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -20,7 +19,7 @@ from corem.codec import Code, OptionNumber, decode
 from corem.bus.kafka import KafkaSettings, KafkaSink, PyReports, Reports
 from corem.ingest.point import decode_point
 
-from .conftest import coap_client, needs_libcoap, start_corem, write_cbor
+from .conftest import coap_client, needs_libcoap, post, start_corem, write_cbor
 from .kafka_broker import Broker, free_tcp_port, tansu_binary
 
 EXTERNAL = os.environ.get("COREM_KAFKA_BOOTSTRAP")
@@ -142,40 +141,6 @@ async def test_sink_refuses_every_record_when_no_broker_answers():
         await sink.close()
     assert len(errors) == 5 and all(e is not None for e in errors)
     assert sink.stats.acked == 0 and sink.stats.failed == 5 and sink.last_error is not None
-
-
-def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 8.0) -> bytes | None:
-    """One CON POST /api/v1/{token}/telemetry as a device would send it: retransmitted every
-    second, answered piggybacked (ACK, same mid) or separately (CON with our CoAP token, which
-    is ACKed).  Returns the response message."""
-    tok = token.encode()
-    ctoken = mid.to_bytes(4, "big")
-    msg = (bytes((0x44, 0x02, (mid >> 8) & 0xFF, mid & 0xFF)) + ctoken + b"\xb3api\x02v1" + bytes((len(tok),)) + tok
-           + b"\x09telemetry\x11\x3c\xff" + payload)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(1.0)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s.sendto(msg, ("127.0.0.1", port))
-            try:
-                data, _ = s.recvfrom(2048)
-            except socket.timeout:
-                continue
-            while True:
-                mtype = (data[0] >> 4) & 3
-                if mtype == 2 and data[2:4] == msg[2:4] and data[1] != 0:
-                    return data  # piggybacked
-                if mtype == 0 and data[4:8] == ctoken:
-                    s.sendto(bytes((0x60, 0, data[2], data[3])), ("127.0.0.1", port))  # ACK it
-                    return data  # separate response
-                try:  # an empty ACK: the answer follows separately
-                    data, _ = s.recvfrom(2048)
-                except socket.timeout:
-                    break
-        return None
-    finally:
-        s.close()
 
 
 @needs_libcoap

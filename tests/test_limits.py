@@ -89,7 +89,7 @@ def test_a_fleet_behind_one_address_is_not_throttled_but_junk_from_it_is(tmp_pat
 
     from .conftest import corem_cli, start_corem
     from .dtls_udp_client import DtlsUdpClient
-    from .test_kafka import post
+    from .conftest import post
 
     data = tmp_path / "data"
     corem_cli("devices", "add", "--tenant", "acme", "--device", "d1", "--token", "T1", data_dir=data)

@@ -29,6 +29,7 @@ its errors.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -36,7 +37,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Iterable
 
@@ -57,8 +58,6 @@ WAIT_FOR_REPORTS = 0.05
 SERVE_INTERVAL = 0.1
 #: How often librdkafka's statistics (broker states, queue sizes) are read.
 STATS_INTERVAL_MS = 1000
-
-ACKS = {"all": "all", "1": "1", "0": "0"}
 
 #: Delivery errors that say the brokers no longer accept this producer's idempotence identity:
 #: only a fresh producer (a new producer id) gets records through again.  Tansu, for one, answers
@@ -93,32 +92,27 @@ class _Gone:
 class DeliveryFailed(ConnectionError):
     """librdkafka's delivery report said no: the record is not on the bus."""
 
-    def __init__(self, error: Any) -> None:
-        self.code = error.name() if hasattr(error, "name") else str(error)
-        super().__init__(f"kafka did not take the record: {error.str() if hasattr(error, 'str') else error}")
+    def __init__(self, error: Any) -> None:  # a confluent_kafka.KafkaError, or _Gone
+        self.code = error.name()
+        super().__init__(f"kafka did not take the record: {error.str()}")
 
 
-def parse_kafka_config(value: str | dict, key: str = "kafka_config") -> dict[str, str]:
-    """`key=value,key=value` (or a TOML table) -> {librdkafka property: value}; a comma only
-    separates where another `key=` follows, so values may hold commas (cipher lists)."""
-    if isinstance(value, dict):
-        items = [(str(k), v) for k, v in value.items()]
-    else:
-        items = []
-        for part in re.split(r",(?=\s*[A-Za-z0-9_.-]+\s*=)", value.strip()):
-            if not part.strip():
-                continue
-            k, sep, v = part.partition("=")
-            if not sep or not k.strip():
-                raise ValueError(f"{key}: {part.strip()!r} is not property=value")
-            items.append((k.strip(), v.strip()))
+def parse_kafka_config(value: str, key: str = "kafka_config") -> dict[str, str]:
+    """`key=value,key=value` -> {librdkafka property: value} (a TOML table arrives here as that
+    text, from Settings.load); a comma only separates where another `key=` follows, so values may
+    hold commas (cipher lists)."""
     out: dict[str, str] = {}
-    for k, v in items:
+    for part in re.split(r",(?=\s*[A-Za-z0-9_.-]+\s*=)", value.strip()):
+        if not part.strip():
+            continue
+        k, sep, v = (x.strip() for x in part.partition("="))
+        if not sep or not k:
+            raise ValueError(f"{key}: {part.strip()!r} is not property=value")
         if not re.fullmatch(r"[a-z0-9_.-]+", k):
             raise ValueError(f"{key}: {k!r} is not a librdkafka property name")
         if k in OWNED:
             raise ValueError(f"{key}: {k} is set by corem's own settings (kafka_*, bus); set it there")
-        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
+        out[k] = v
     return out
 
 
@@ -169,7 +163,7 @@ class KafkaSettings:
         timeout_ms = max(1, int(self.timeout * 1000))
         cfg = {
             **self.client_config(),
-            "acks": ACKS[self.acks],
+            "acks": self.acks,  # all, 1 or 0: librdkafka's own spellings
             "enable.idempotence": self.idempotent,
             "compression.type": self.compression,
             "linger.ms": self.linger_ms,
@@ -205,7 +199,7 @@ def check_kafka_settings(settings: KafkaSettings) -> None:
     problem = attempt(full)
     if problem is None:
         return
-    base = KafkaSettings(**{**settings.__dict__, "extra": ()}).producer_config()
+    base = replace(settings, extra=()).producer_config()
     for key, value in settings.extra:
         why = attempt({**base, key: value})
         if why is not None:
@@ -243,7 +237,7 @@ class PyReports:
         self._acked = self._failures = 0
         #: id of a record's callback -> (done, ctx, made), while its report has not come
         self._waiting: dict[int, tuple[Done, Any, float]] = {}
-        self._ids = iter(range(1 << 62))
+        self._ids = itertools.count()
 
     def submit(self, produce: Any, records: list[Record], done: Done, ctxs: list[Any]) -> int:
         taken = 0

@@ -23,25 +23,27 @@ def etag(payload: bytes) -> bytes:
     return hashlib.blake2b(payload, digest_size=8).digest()
 
 
-_NO_BLOCK2 = Message(0, Code.GET, 0, b"")
-
-
 def first_block(response: Response) -> Response:
     """What a notification carries of `response`: all of it, or its first block (with ETag and
     Size2) if it is a 2.05 larger than one block of the default size."""
-    return block2(_NO_BLOCK2, response)
+    return _block(response, None, False) if response.code == Code.CONTENT else response
 
 
 def block2(msg: Message, response: Response) -> Response:
     """The block of `response` that `msg` asks for (or the first, if it is too large for one)."""
     if response.code != Code.CONTENT:
         return response
-    payload = bytes(response.payload)
-    make = type(response)
     try:
         asked = msg.block2
     except ValueError:  # szx 7 is reserved
-        return make(Code.BAD_OPTION, b"block2: szx 7 is reserved")
+        return type(response)(Code.BAD_OPTION, b"block2: szx 7 is reserved")
+    return _block(response, asked, msg.size2 is not None)
+
+
+def _block(response: Response, asked: Block | None, size2_asked: bool) -> Response:
+    """The block `asked` of a 2.05 (None: the first, and only if it does not fit in one)."""
+    payload = bytes(response.payload)
+    make = type(response)
     szx = DEFAULT_SZX if asked is None else min(asked.szx, MAX_SZX)
     size = 1 << (szx + 4)
     if asked is None:
@@ -58,7 +60,7 @@ def block2(msg: Message, response: Response) -> Response:
                                                                      OptionNumber.ETAG)]
     options.append((OptionNumber.BLOCK2, encode_uint(Block(num, more, szx).to_uint())))
     options.append((OptionNumber.ETAG, etag(payload)))
-    if num == 0 or msg.size2 is not None:
+    if num == 0 or size2_asked:
         options.append((OptionNumber.SIZE2, encode_uint(len(payload))))
     options.sort(key=lambda o: o[0])
     return make(Code.CONTENT, payload[offset : offset + size], options)

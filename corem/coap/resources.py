@@ -16,7 +16,7 @@ from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
 from ..errors import StorageUnavailable
 from .blockwise import Block1Uploads, block2
-from .response import Response
+from .response import Response, retry_later
 from .endpoint import Request
 
 log = logging.getLogger("corem.coap")
@@ -29,8 +29,7 @@ Handler = Callable[[Request, list[str]], "Response | None"]
 
 NOT_FOUND = Response(Code.NOT_FOUND)
 #: A handler whose write the disk refused: retry later (like the bus's 5.03, same Max-Age).
-STORAGE_BUSY = Response(Code.SERVICE_UNAVAILABLE, b"storage unavailable; retry later",
-                        [(OptionNumber.MAX_AGE, bytes([5]))])
+STORAGE_BUSY = retry_later(b"storage unavailable; retry later")
 METHOD_NOT_ALLOWED = Response(Code.METHOD_NOT_ALLOWED)
 
 

@@ -774,6 +774,21 @@ static int from_old_session(Lane *self, const addr_t *a, double at) {
 #define PLAIN -2
 #define NO_DEVICE -1
 
+/* An option header's delta or length nibble with its extension bytes (13: one more byte, 14: two). */
+static inline int extended(const uint8_t **pp, const uint8_t *end, unsigned *v) {
+    const uint8_t *p = *pp;
+    if (*v == 13) {
+        if (p >= end) return -1;
+        *v = 13 + *p++;
+    } else if (*v == 14) {
+        if (end - p < 2) return -1;
+        *v = 269 + (p[0] << 8 | p[1]);
+        p += 2;
+    }
+    *pp = p;
+    return 0;
+}
+
 /* The next option at *pp (before `end`): its number (from *number, the previous one) and value.
  * 1 at the payload marker or the end, 0 for an option, -1 if the codec would refuse it. */
 static int next_option(const uint8_t **pp, const uint8_t *end, unsigned *number, const uint8_t **value,
@@ -782,23 +797,7 @@ static int next_option(const uint8_t **pp, const uint8_t *end, unsigned *number,
     if (p >= end || *p == 0xff) return 1;
     unsigned delta = *p >> 4, len = *p & 15;
     p++;
-    if (delta == 15 || len == 15) return -1;
-    if (delta == 13) {
-        if (p >= end) return -1;
-        delta = 13 + *p++;
-    } else if (delta == 14) {
-        if (end - p < 2) return -1;
-        delta = 269 + (p[0] << 8 | p[1]);
-        p += 2;
-    }
-    if (len == 13) {
-        if (p >= end) return -1;
-        len = 13 + *p++;
-    } else if (len == 14) {
-        if (end - p < 2) return -1;
-        len = 269 + (p[0] << 8 | p[1]);
-        p += 2;
-    }
+    if (delta == 15 || len == 15 || extended(&p, end, &delta) < 0 || extended(&p, end, &len) < 0) return -1;
     if ((size_t)(end - p) < len) return -1;
     *number += delta;
     if (*number > 65535) return -1; /* the codec refuses it */

@@ -13,9 +13,10 @@ from collections import Counter
 from typing import Callable, NamedTuple
 
 from ..bus.base import Record, Sink
-from ..codec import Code, OptionNumber
+from ..codec import Code
 from ..coap.endpoint import DONE, Request
 from ..coap.resources import Response, Router
+from ..coap.response import retry_later
 from ..registry import Device, Directory
 from .diagnostics import Diagnostics
 from .payload import PayloadError, UnsupportedFormat
@@ -23,11 +24,8 @@ from .point import TelemetryPoint, encode_point, telemetry_topic
 from .presence import Presence
 from .profiles import Decoder, get_decoder
 
-#: Seconds a device is told to wait (Max-Age on 5.03) before retrying when the bus cannot take it.
-RETRY_AFTER = 5
 #: The answer when the bus cannot take a message (full, failing, shutting down): retry later.
-BUSY = Response(Code.SERVICE_UNAVAILABLE, b"bus unavailable; retry later",
-                [(OptionNumber.MAX_AGE, RETRY_AFTER.to_bytes(1, "big"))])
+BUSY = retry_later(b"bus unavailable; retry later")
 
 
 def answer_committed(req: Request, error: BaseException | None) -> None:
