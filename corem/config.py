@@ -7,6 +7,7 @@ and what is allowed.
 
 from __future__ import annotations
 
+import importlib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -76,22 +77,17 @@ def _bus(key: str, v: Any) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _kafka_config(key: str, v: Any) -> None:
-    from .bus.kafka import parse_kafka_config
+def _parses(module: str, parser: str) -> Callable[[str, Any], None]:
+    """A check that `module.parser(value, key)` takes the value; imported when first checked, so
+    that loading the settings does not load the bus or the network layer."""
 
-    try:
-        parse_kafka_config(v, key)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    def check(key: str, v: Any) -> None:
+        try:
+            getattr(importlib.import_module(module, __package__), parser)(v, key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
-
-def _networks(key: str, v: Any) -> None:
-    from .net.limits import parse_networks
-
-    try:
-        parse_networks(v, key)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    return check
 
 
 def _file(key: str, v: Any) -> None:
@@ -168,7 +164,7 @@ class Settings:
     )
     kafka_config: str = _opt(
         "", "any other librdkafka property: 'key=value,key=value' or a TOML table; checked by librdkafka at start",
-        _kafka_config,
+        _parses(".bus.kafka", "parse_kafka_config"),
     )
     kafka_security_protocol: str = _opt(
         "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -204,7 +200,8 @@ class Settings:
     )
     rate_limit_sources: int = _opt(100_000, "source addresses tracked by the rate limit at most", _positive)
     rate_limit_exempt: str = _opt(
-        "", "networks never rate-limited, e.g. '10.0.0.0/8,2001:db8::/32' (your own gateways)", _networks,
+        "", "networks never rate-limited, e.g. '10.0.0.0/8,2001:db8::/32' (your own gateways)",
+        _parses(".net.limits", "parse_networks"),
     )
     max_datagram: int = _opt(1500, "largest datagram accepted, bytes (larger ones are dropped and counted)", _positive)
     presence_offline_after: float = _opt(
