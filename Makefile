@@ -65,6 +65,7 @@ run: $(STAMP)
 	$(VENV)/bin/corem serve
 
 test: sysdeps $(STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: sysdeps $(STAMP) bench-codec bench-load bench-dtls
@@ -76,7 +77,7 @@ bench-load: $(STAMP)
 	$(PY) bench/load_bench.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .hypothesis test-artifacts
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .hypothesis .mypy_cache test-artifacts
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py

@@ -1,4 +1,5 @@
-"""Builds the optional C parts (the decoder, the fast lane, the Kafka sink's delivery tickets);
+"""Builds the optional C parts (the decoder, the batched socket calls, the fast lane, the Kafka sink's
+delivery tickets);
 without them corem runs on Python alone."""
 
 from setuptools import Extension, setup
@@ -18,8 +19,16 @@ setup(
             extra_compile_args=["-O2", "-Wall"],
         ),
         Extension(
+            "corem.net._sockets",
+            ["corem/net/_sockets.c"],
+            depends=["corem/net/udp_batch.h"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
+        Extension(
             "corem.fastlane._lane",
             ["corem/fastlane/_lane.c"],
+            depends=["corem/net/udp_batch.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),

@@ -66,7 +66,7 @@ def memory_worker(n: int, mode: str) -> None:
         c = Client(peer=peer)
         assert c.handshake(srv), f"handshake {i} failed"
         c.send(srv, b"\x40\x02\x00\x01x", now=0.0)
-        srv.outbox.clear()
+        srv.datagrams_to_send()
         del c
         if mode == "offloaded":
             srv.sweep(10.0)  # everything idle: serialize it

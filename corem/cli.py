@@ -15,8 +15,8 @@ import trio
 
 from .bus import read_records
 from .config import ConfigError, Settings
-from .ingest.point import decode_point
 from .errors import StorageUnavailable
+from .ingest.point import decode_point
 from .registry import Registry, RegistryError
 from .registry.nudge import nudge
 from .registry.store import parse_psk

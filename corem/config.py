@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .bus.kafka import KafkaSettings
     from .coap import Params
     from .dtls import DtlsParams
+    from .net.limits import Network
 
 
 class ConfigError(ValueError):
@@ -273,12 +274,12 @@ class Settings:
             if value is not None:
                 values[key] = value
         settings = cls()
-        for f in fields(cls):
-            if f.name in values:
-                setattr(settings, f.name, _coerce(f.name, values[f.name], type(f.default)))
-            check = f.metadata["check"]
+        for opt in fields(cls):
+            if opt.name in values:
+                setattr(settings, opt.name, _coerce(opt.name, values[opt.name], type(opt.default)))
+            check = opt.metadata["check"]
             if check is not None:
-                check(f.name, getattr(settings, f.name))
+                check(opt.name, getattr(settings, opt.name))
         return settings.check()
 
     def check(self) -> Settings:
@@ -299,6 +300,21 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def listener(self, key: str) -> tuple[str, int] | None:
+        """The address `coap`, `coaps` or `http` listens on, or None when it is off."""
+        return parse_hostport(getattr(self, key), key, allow_off=True)
+
+    def presence_thresholds(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Offline thresholds per tenant and per profile (`presence_tenants`, `presence_profiles`)."""
+        return (parse_thresholds(self.presence_tenants, "presence_tenants"),
+                parse_thresholds(self.presence_profiles, "presence_profiles"))
+
+    def exempt_networks(self) -> list[Network]:
+        """`rate_limit_exempt`, parsed."""
+        from .net.limits import parse_networks
+
+        return parse_networks(self.rate_limit_exempt)
 
     def endpoint_params(self, *, verified_peers: bool = False) -> Params:
         """The message layer's parameters; `verified_peers` (behind DTLS) lifts the rule that an

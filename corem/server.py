@@ -10,23 +10,24 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Hashable, Iterator
 
 import trio
 
 from .admin import token as admin_token
-from .admin.api import AdminApi
+from .admin.api import AdminApi, AdminParts
 from .admin.http import HttpRequest, HttpServer, Reply, Route
 from .bus import EmbeddedBus, Sink
 from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
 from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
-from .codec import MessageFormatError, OptionNumber, decode
 from .coap import Endpoint, Router, discovery
 from .coap.blockwise import Block1Uploads
 from .coap.observe import Observers
 from .coap.site import Site
-from .config import ConfigError, Settings, parse_hostport, parse_thresholds
+from .codec import MessageFormatError, OptionNumber, decode
+from .config import ConfigError, Settings
 from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
 from .dtls import DtlsServer, PskStore, SessionStore
@@ -40,10 +41,12 @@ from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
 from .metrics import render
 from .net import UdpEdge, bind_udp
-from .net.limits import SourceLimiter, lane_networks, parse_networks
+from .net.limits import SourceLimiter, lane_networks
+from .net.security import PlainUdp
 from .registry import Directory, Registry
 from .registry import nudge as registry_nudge
 from .registry.management import Management
+from .stats import Measured
 
 log = logging.getLogger("corem")
 
@@ -66,25 +69,31 @@ class Bound:
 
 @dataclass
 class Transport:
-    """One listener: its message layer, its resources and (once bound) its edge."""
+    """One listener: its message layer, its resources, its observers and its edge."""
 
     name: str  # "udp" or "dtls": the metric label
     endpoint: Endpoint
     router: Router
+    observers: Observers
+    edge: UdpEdge
     dtls: DtlsServer | None = None
-    edge: UdpEdge | None = None
-    observers: Observers | None = None
+    lane: FastLane | None = None
+
+    def components(self) -> list[Measured]:
+        """What counts on this transport (labelled `transport=name` in /metrics)."""
+        return [c for c in (self.endpoint, self.edge, self.lane, self.router, self.observers) if c is not None]
 
 
 SESSIONS_FILE = "dtls-sessions.db"
 
 
-def make_sink(s: Settings) -> Sink:
+def make_sink(s: Settings, after_batch: Callable[[], None] | None = None) -> Sink:
     """The embedded SQLite bus, or Kafka for `--bus kafka://…`."""
-    bounds = dict(max_pending=s.sink_max_pending, max_batch=s.sink_max_batch)
     if s.bus == "embedded":
-        return EmbeddedBus(s.data_path / "bus.db", synchronous=s.store_synchronous, **bounds)
-    return KafkaSink(s.kafka_settings(), **bounds)
+        return EmbeddedBus(s.data_path / "bus.db", synchronous=s.store_synchronous, max_pending=s.sink_max_pending,
+                           max_batch=s.sink_max_batch, after_batch=after_batch)
+    return KafkaSink(s.kafka_settings(), max_pending=s.sink_max_pending, max_batch=s.sink_max_batch,
+                     after_batch=after_batch)
 
 
 def _bind_or_explain(key: str, host: str, port: int):
@@ -118,21 +127,19 @@ class Server:
             os.close(self._lock)
             raise ConfigError(f"data_dir: cannot open {data / 'registry.db'}: {e}") from None
         self.directory = Directory(self.registry)
-        self.sink = make_sink(settings)
+        self.sink = make_sink(settings, after_batch=self._after_batch)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
-        self.presence = Presence(self.sink, settings.presence_offline_after,
-                                 tenants=parse_thresholds(settings.presence_tenants),
-                                 profiles=parse_thresholds(settings.presence_profiles, "presence_profiles"))
-        self.ingest = TelemetryIngest(
-            self.directory, self.sink, self.diagnostics, presence=self.presence, now=trio.current_time
-        )
+        tenants, profiles = settings.presence_thresholds()
+        self.presence = Presence(self.sink, settings.presence_offline_after, tenants=tenants, profiles=profiles)
         self.management = Management(self.registry)
         self.downlink = Downlink(
             self.management, self.sink, psm_activity_timer=settings.psm_activity_timer,
-            max_queued=settings.max_queued_commands, clock=trio.current_time,
+            max_queued=settings.max_queued_commands, clock=trio.current_time, after_send=self._after_batch,
         )
-        self.downlink.after_send = self._after_batch
-        self.ingest.on_uplink = self.downlink.uplink
+        self.ingest = TelemetryIngest(
+            self.directory, self.sink, self.diagnostics, presence=self.presence, on_uplink=self.downlink.uplink,
+            now=trio.current_time,
+        )
         self.thingsboard = ThingsBoard(self.directory, self.ingest, self.management, self.downlink, trio.current_time)
         self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
         self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
@@ -143,13 +150,11 @@ class Server:
             settings.kafka_settings(), lambda: {t for t, _ in self.directory.by_name}, self.management.positions,
             self._command_record, refresh=settings.kafka_commands_refresh,
         )
-        self.admin = AdminApi(self)
         self.admin_token = settings.admin_token or admin_token.read_or_create(data)
         self.http: HttpServer | None = None
         self.transports: list[Transport] = []
         #: Users' own resources (see corem.coap.site): `server.site.add("path", resource)`
-        self.site = Site(clock=trio.current_time)
-        self.site.after_notify = self._after_batch
+        self.site = Site(clock=trio.current_time, after_notify=self._after_batch)
         self.bound = Bound()
         self._stop = trio.Event()
         self._ready = False
@@ -159,6 +164,10 @@ class Server:
             self._close_listeners()
             os.close(self._lock)
             raise
+        self.admin = AdminApi(AdminParts(
+            self.registry, self.directory, self.management, self.downlink, self.presence, self.diagnostics,
+            self.ingest, self.sink, [t.dtls for t in self.transports if t.dtls is not None], self.components,
+        ))
 
     def new_endpoint(self, *, verified_peers: bool = False) -> Endpoint:
         return Endpoint(self.settings.endpoint_params(verified_peers=verified_peers))
@@ -168,8 +177,21 @@ class Server:
         self._stop.set()
 
     # -- HTTP routes -------------------------------------------------------------------------
+    def components(self) -> Iterator[tuple[Measured, dict[str, str]]]:
+        """Everything that counts, with the labels of where it is mounted (corem/metrics.py)."""
+        for t in self.transports:
+            for c in t.components():
+                yield c, {"transport": t.name}
+            if t.dtls is not None:
+                yield t.dtls, {}
+        parts: list[Measured | None] = [self.ingest, self.sink, self.command_reader, self.presence, self.downlink,
+                                        self.emqx, self.thingsboard, self.http, self.directory, self.diagnostics]
+        for part in parts:
+            if part is not None:
+                yield part, {}
+
     def _metrics(self, req: HttpRequest) -> Reply:
-        return Reply(200, render(self), "text/plain; version=0.0.4; charset=utf-8")
+        return Reply(200, render(self.components), "text/plain; version=0.0.4; charset=utf-8")
 
     def _healthz(self, req: HttpRequest) -> Reply:
         return Reply(200, b"ok\n", "text/plain")
@@ -211,59 +233,71 @@ class Server:
     # -- lifecycle ---------------------------------------------------------------------------
     def _bind(self) -> None:
         s = self.settings
-        coap = parse_hostport(s.coap, "coap", allow_off=True)
+        coap = s.listener("coap")
         if coap is not None:
-            t = Transport("udp", self.new_endpoint(), self._router())
-            self.ingest.install(t.router)
-            t.edge = UdpEdge(
-                _bind_or_explain("coap", *coap), t.endpoint, t.router, max_datagram=s.max_datagram,
-                limiter=self._limiter(), lane=self._fast_lane(t.endpoint), after_drain=self.sink.after_drain,
-                exempt=self._names_a_known_token,
+            endpoint, router = self.new_endpoint(), self._router()
+            self.ingest.install(router)
+            lane = self._fast_lane(endpoint, behind_dtls=False)
+            observers = self._observers(endpoint)
+            edge = UdpEdge(
+                _bind_or_explain("coap", *coap), endpoint, router, security=PlainUdp(self._names_a_known_token),
+                max_datagram=s.max_datagram, limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain,
+                on_event=observers.handle,
             )
-            self.bound.coap = t.edge.address
-            self._add_transport(t)
-        coaps = parse_hostport(s.coaps, "coaps", allow_off=True)
+            self.bound.coap = edge.address
+            self._add_transport(Transport("udp", endpoint, router, observers, edge, lane=lane))
+        coaps = s.listener("coaps")
         if coaps is not None:
+            endpoint, router = self.new_endpoint(verified_peers=True), self._router()
+            lane = self._fast_lane(endpoint, behind_dtls=True)
             try:
-                dtls = self._dtls()
+                dtls = self._dtls(endpoint, lane)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"dtls: {e}") from None
-            t = Transport("dtls", self.new_endpoint(verified_peers=True), self._router(), dtls)
-            self.ingest.install(t.router, session_device=dtls.device)
-            t.edge = UdpEdge(
-                _bind_or_explain("coaps", *coaps), t.endpoint, t.router, max_datagram=s.max_datagram, dtls=dtls,
-                limiter=self._limiter(), lane=self._fast_lane(t.endpoint, dtls), after_drain=self.sink.after_drain,
+            self.ingest.install(router, session_device=dtls.device)
+            observers = self._observers(endpoint)
+            edge = UdpEdge(
+                _bind_or_explain("coaps", *coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
+                limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
             )
-            self.bound.coaps = t.edge.address
-            self._add_transport(t)
+            self.bound.coaps = edge.address
+            self._add_transport(Transport("dtls", endpoint, router, observers, edge, dtls, lane))
+
+    def _observers(self, endpoint: Endpoint) -> Observers:
+        s = self.settings
+        return Observers(endpoint, max_total=s.max_observers, max_per_resource=s.max_observers_per_resource,
+                         max_per_source=s.max_observers_per_source)
 
     def _router(self) -> Router:
         s = self.settings
         return Router(Block1Uploads(max_transfers=s.max_uploads, max_body=s.max_upload_size))
 
     def _add_transport(self, t: Transport) -> None:
-        s = self.settings
-        t.observers = Observers(t.endpoint, max_total=s.max_observers, max_per_resource=s.max_observers_per_resource,
-                                max_per_source=s.max_observers_per_source)
         session = t.dtls.device if t.dtls is not None else None
         self.thingsboard.install(t.router, t.observers, session)
         self.drogue.install(t.router, session)
         self.emqx.install(t.router, t.observers, session)
         self.downlink.observers.append(t.observers)
         discovery.install(t.router)
-        assert t.edge is not None
-        t.edge.on_event = t.observers.handle
         self.site.mount(t.router, t.observers)
         self.transports.append(t)
 
-    def _dtls(self) -> DtlsServer:
+    def _dtls(self, endpoint: Endpoint, lane: FastLane | None) -> DtlsServer:
         s = self.settings
+
+        def new_session(peer: Hashable, now: float) -> None:
+            """A handshake completed: the peer's message IDs are scoped to its new session."""
+            endpoint.new_session(peer, now)
+            if lane is not None:
+                lane.new_session(peer, now)
+
         dtls = DtlsServer(
             PskStore(self.directory.psk_device),
             s.dtls_params(),
             cert_lookup=self.directory.cert_device,
             store=SessionStore(self.settings.data_path / SESSIONS_FILE),
             device_lookup=self.directory.named,
+            on_new_session=new_session,
         )
         if dtls.offloaded:
             log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
@@ -271,10 +305,9 @@ class Server:
 
     def _close_listeners(self) -> None:
         for t in self.transports:
-            if t.edge is not None:
-                t.edge.close()
+            t.edge.close()
 
-    def _names_a_known_token(self, data: bytes, peer: tuple) -> bool:
+    def _names_a_known_token(self, data: bytes, peer: Hashable) -> bool:
         """Over its source's rate: does this datagram name its device by a known token in its path
         (`/api/v1/{token}/...`)?  Then it goes through (net/limits.py; the fast lane does the same)."""
         try:
@@ -294,9 +327,9 @@ class Server:
         if not s.rate_limit_per_source:
             return None
         return SourceLimiter(s.rate_limit_per_source, max_sources=s.rate_limit_sources,
-                             exempt_networks=parse_networks(s.rate_limit_exempt))
+                             exempt_networks=s.exempt_networks())
 
-    def _fast_lane(self, endpoint: Endpoint, dtls: DtlsServer | None = None) -> FastLane | None:
+    def _fast_lane(self, endpoint: Endpoint, *, behind_dtls: bool) -> FastLane | None:
         s = self.settings
         if s.fast_lane == "off":
             return None
@@ -304,22 +337,20 @@ class Server:
             log.warning("fast_lane: the C lane is not built (no C compiler at install?); serving CoAP in Python")
             return None
         # behind DTLS the edge reads the socket and rate-limits the records, not the lane
-        return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram, dtls=dtls,
-                        rate=0.0 if dtls is not None else s.rate_limit_per_source, max_sources=s.rate_limit_sources,
-                        exempt=lane_networks(parse_networks(s.rate_limit_exempt)))
+        return FastLane(self.ingest, self.sink, endpoint, max_datagram=s.max_datagram,
+                        rate=0.0 if behind_dtls else s.rate_limit_per_source, max_sources=s.rate_limit_sources,
+                        exempt=lane_networks(s.exempt_networks()))
 
     def _after_batch(self) -> None:
         for t in self.transports:
-            if t.edge is not None:
-                t.edge.flush()
+            t.edge.flush()
 
-    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         s = self.settings
         self.directory.refresh()
-        http_addr = parse_hostport(s.http, "http", allow_off=True)
+        http_addr = s.listener("http")
         http = None
         try:
-            self.sink.after_batch = self._after_batch
             if http_addr is not None:
                 http = HttpServer(self.http_routes(), admin_token=self.admin_token, max_body=s.admin_max_body)
                 self.bound.http = await http.bind(*http_addr)
@@ -328,7 +359,6 @@ class Server:
                 await outer.start(self.sink.run)
                 async with trio.open_nursery() as inner:
                     for t in self.transports:
-                        assert t.edge is not None
                         inner.start_soon(t.edge.serve)
                         inner.start_soon(t.edge.run_timers)
                     if http is not None:

@@ -7,7 +7,7 @@ import atheris
 
 with atheris.instrument_imports():
     from corem.codec import Code
-    from corem.coap import Endpoint, Params, Request, Response, Router
+    from corem.coap import Endpoint, Event, Params, Response, Router
 
 ENDPOINT = Endpoint(Params(dedup_max_entries=64, max_outstanding=16), rng=lambda: 0.5)
 ROUTER = Router()
@@ -22,22 +22,24 @@ def test_one_input(data: bytes) -> None:
     peer = ("192.0.2.1", fdp.ConsumeIntInRange(1, 4))
     CLOCK[0] += fdp.ConsumeIntInRange(0, 3000) / 1000
     datagram = fdp.ConsumeBytes(fdp.remaining_bytes())
-    ENDPOINT.outbox.clear()
-    event = ENDPOINT.receive(datagram, peer, CLOCK[0])
-    if type(event) is Request:
-        r = ROUTER.dispatch(event)
+    ENDPOINT.datagrams_to_send()
+    req = ENDPOINT.receive(datagram, peer, CLOCK[0])
+    if req is not None:
+        r = ROUTER.dispatch(req)
         if r is None:
-            PENDING.append(event)
+            PENDING.append(req)
         else:
-            ENDPOINT.respond(event, r.code, r.options, r.payload)
-    for out, _ in ENDPOINT.outbox:
+            req.respond(r.code, r.options, r.payload)
+    for out, _ in ENDPOINT.datagrams_to_send():
         if len(out) > 4 and out[1] >= 0x80:
             assert len(out) <= len(datagram), (out, datagram)
     if len(PENDING) > 8:  # answer the deferred ones late: separate responses, retransmissions
         for req in PENDING:
-            ENDPOINT.respond(req, Code.CHANGED)
+            req.respond(Code.CHANGED)
         PENDING.clear()
     ENDPOINT.tick(CLOCK[0])
+    while (event := ENDPOINT.next_event()) is not None:  # what the edge does after each batch
+        assert isinstance(event, Event), event
     assert ENDPOINT.dedup_entries <= 64 and ENDPOINT.outstanding <= 16
 
 

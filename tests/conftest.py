@@ -196,8 +196,8 @@ def exchange(endpoint, router, msg, peer=("192.0.2.9", 5683)):
     req = endpoint.receive(encode(msg), peer, 0.0)
     assert isinstance(req, Request)
     r = router.dispatch(req)
-    endpoint.respond(req, r.code, r.options, r.payload)
-    [(data, _)] = endpoint.take_outbox()
+    req.respond(r.code, r.options, r.payload)
+    [(data, _)] = endpoint.datagrams_to_send()
     return decode(data)
 
 

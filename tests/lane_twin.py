@@ -16,6 +16,7 @@ from corem.ingest.payload import decode_readings
 from corem.ingest.point import decode_point
 from corem.ingest.profiles import register_profile
 from corem.ingest.telemetry import TelemetryIngest
+from corem.metrics import gather
 from corem.net.udp import deliver
 from corem.registry import Directory, Registry
 
@@ -63,9 +64,6 @@ class Side:
         self.router = Router()
         self.ingest.install(self.router)
         self.lane = FastLane(self.ingest, self.sink, self.endpoint, rate=rate) if lane else None
-        self.edge_stats = type("EdgeStats", (), {n: 0 for n in
-                                                 ("oversized", "datagrams_out", "bytes_out", "send_blocked",
-                                                  "send_errors")})()
 
     def receive(self, data: bytes, peer: tuple) -> None:
         now = self.clock[0]
@@ -76,20 +74,28 @@ class Side:
     def commit(self, error: BaseException | None = None) -> None:
         self.sink.commit(error)
         if self.lane is not None:
-            self.lane.account(self.edge_stats)
+            self.lane.settle()
 
     def tick(self) -> None:
         now = self.clock[0]
         self.endpoint.tick(now)
         if self.lane is not None:
             self.lane.tick(now)
-            self.lane.account(self.edge_stats)
+            self.lane.settle()
 
     def take_out(self) -> list[tuple[bytes, tuple]]:
-        out = self.endpoint.take_outbox()
+        out = self.endpoint.datagrams_to_send()
         if self.lane is not None:
             out += self.lane.take_outbox()
         return sorted(out)
+
+    def count(self, name: str, **labels: str) -> float:
+        """A metric of this side as /metrics shows it: the endpoint's, the ingest's and the lane's
+        samples of `name` (with `labels`) added up."""
+        parts = [self.endpoint, self.ingest] + ([self.lane] if self.lane is not None else [])
+        samples = gather((c, {}) for c in parts).get(name, {})
+        want = set(labels.items())
+        return sum(v for key, v in samples.items() if want <= set(key))
 
     def take_stored(self) -> list[tuple]:
         stored, self.sink.stored = self.sink.stored, []

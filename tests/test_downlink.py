@@ -88,11 +88,11 @@ class Stack:
         req = self.endpoint.receive(encode(msg), PEER, self.now)
         r = self.router.dispatch(req)
         if r is not None:
-            self.endpoint.respond(req, r.code, r.options, r.payload)
+            req.respond(r.code, r.options, r.payload)
         return self.outbox()
 
     def outbox(self) -> list[Message]:
-        return [decode(d) for d, _ in self.endpoint.take_outbox()]
+        return [decode(d) for d, _ in self.endpoint.datagrams_to_send()]
 
     def tick(self, now: float) -> list[Message]:
         self.now = now

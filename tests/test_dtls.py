@@ -58,10 +58,9 @@ class Client:
             done = self.step()
             for datagram in self.outgoing():
                 srv.receive(datagram, self.peer, now)
-            for datagram, peer in srv.outbox:
+            for datagram, peer in srv.datagrams_to_send():
                 assert peer == self.peer
                 self.buf.receive_from_network(datagram)
-            srv.outbox.clear()
             if done and self.peer in srv.sessions:
                 return True
             if self.error is not None:
@@ -101,7 +100,7 @@ def test_first_client_hello_gets_hello_verify_and_leaves_no_state():
     srv.receive(hello, PEER, 0.0)
     assert srv.stats.hello_verify_sent == 1
     assert not srv.sessions and not srv.handshakes
-    [(hvr, _)] = srv.outbox
+    [(hvr, _)] = srv.datagrams_to_send()
     assert len(hvr) < len(hello)  # no amplification
 
 
@@ -144,13 +143,12 @@ def test_handshake_bound_refuses_and_counts():
         c.step()
         for d in c.outgoing():
             srv.receive(d, c.peer, 0.0)
-        for d, _ in srv.outbox:
+        for d, _ in srv.datagrams_to_send():
             c.buf.receive_from_network(d)
-        srv.outbox.clear()
         c.step()
         for d in c.outgoing():
             srv.receive(d, c.peer, 0.0)
-        srv.outbox.clear()
+        srv.datagrams_to_send()
     assert len(srv.handshakes) == 1 and srv.stats.handshakes_refused == 1
 
 
@@ -160,9 +158,8 @@ def test_stalled_handshake_times_out():
     c.step()
     for d in c.outgoing():
         srv.receive(d, PEER, 0.0)
-    for d, _ in srv.outbox:
+    for d, _ in srv.datagrams_to_send():
         c.buf.receive_from_network(d)
-    srv.outbox.clear()
     c.step()
     for d in c.outgoing():
         srv.receive(d, PEER, 0.0)
@@ -198,7 +195,7 @@ def test_garbage_and_records_without_session_are_dropped():
     srv = server()
     assert srv.receive(b"\x17\xfe\xfd\x00\x01" + bytes(8) + b"\x00\x10" + os.urandom(16), PEER, 0.0) == []
     assert srv.receive(b"short", PEER, 0.0) == []
-    assert srv.stats.records_dropped == 2 and not srv.outbox
+    assert srv.stats.records_dropped == 2 and not srv.datagrams_to_send()
 
 
 def test_idle_sessions_expire():

@@ -144,10 +144,12 @@ def test_duplicates_get_the_cached_answer_and_are_stored_once(twin):
         answers, stored = twin.check()
         assert stored == []
     twin.receive(d)
-    twin.commit()  # (the lane's counters are folded into the endpoint's after each batch)
+    twin.commit()
     answers, _ = twin.check()
     assert [decode(a[0]).code for a in answers] == [Code.CHANGED]
-    assert twin.lane.endpoint.stats.duplicates == twin.python.endpoint.stats.duplicates == 5
+    # (the lane counts its own share; /metrics adds it to the endpoint's)
+    assert twin.lane.count("corem_coap_duplicates") == twin.python.count("corem_coap_duplicates") == 5
+    assert twin.lane.count("corem_coap_responses", code="2.04") == twin.python.count("corem_coap_responses", code="2.04")
 
 
 def test_a_message_id_the_python_path_took_is_not_taken_again_by_the_lane(twin):
@@ -247,7 +249,7 @@ def test_exchanges_are_forgotten_after_the_lifetime_and_beyond_the_bound():
         t.commit()
         answers, stored = t.check()
         assert len(stored) == 1 and len(answers) == 2
-        assert t.lane.endpoint.stats.dedup_evictions == t.python.endpoint.stats.dedup_evictions
+        assert t.lane.count("corem_coap_dedup_evictions") == t.python.count("corem_coap_dedup_evictions") == 3
         t.advance(248)
         assert t.lane.lane.counters["dedup_entries"] == 0
         t.receive(post(mid=5))
@@ -485,53 +487,3 @@ def test_a_running_server_with_the_lane_on_or_off_stores_and_counts_the_same(tmp
         server.stop()
 
 
-# -- batched socket calls (the edge's own loop) -----------------------------------------------------
-@pytest.fixture
-def udp_pair():
-    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for s in (a, b):
-        s.bind(("127.0.0.1", 0))
-        s.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
-
-
-def test_recv_many_and_send_many_behave_like_recvfrom_and_sendto(udp_pair):
-    from corem.fastlane._lane import recv_many, send_many
-
-    a, b = udp_pair
-    to_b = ("127.0.0.1", b.getsockname()[1])
-    wire = [(bytes([i]) * (i + 1), to_b) for i in range(100)] + [(b"x" * 300, to_b)]
-    wire.insert(50, (b"lost", ("::1", 5683, 0, 0)))  # an IPv6 peer from an IPv4 socket: refused, skipped
-    taken, nbytes, errors, blocked = send_many(a.fileno(), wire)
-    assert (taken, errors, blocked) == (102, 1, 0) and nbytes == sum(range(1, 101)) + 300
-    got = recv_many(b.fileno(), 200, 1000)
-    assert len(got) == 101
-    assert got[:100] == [(bytes([i]) * (i + 1), ("127.0.0.1", a.getsockname()[1])) for i in range(100)]
-    assert got[100][0] == b"x" * 200  # cut to bufsize: the edge counts it as oversized
-    assert recv_many(b.fileno(), 200, 1000) == []  # nothing waiting: no wait, no error
-    with pytest.raises(TypeError):
-        send_many(a.fileno(), [("text", to_b)])
-
-
-def test_the_edge_reads_the_same_without_the_c_helpers(udp_pair, monkeypatch):
-    from corem.coap import Endpoint, Router
-    from corem.net import udp
-
-    a, b = udp_pair
-    edge = udp.UdpEdge(b, Endpoint(), Router())
-    to_b = ("127.0.0.1", b.getsockname()[1])
-    for helpers in (True, False):
-        if not helpers:
-            monkeypatch.setattr(udp, "recv_many", None)
-            monkeypatch.setattr(udp, "send_many", None)
-        for i in range(5):
-            a.sendto(bytes([i]) * 10, to_b)
-        assert edge._reader()(8, 3) == [(bytes([i]) * 8, ("127.0.0.1", a.getsockname()[1])) for i in range(3)]
-        assert len(edge._reader()(8, 10)) == 2
-        edge.endpoint.outbox = [(b"answer", ("127.0.0.1", a.getsockname()[1]))]
-        edge.flush()
-        assert a.recvfrom(64)[0] == b"answer"
-    assert edge.stats.datagrams_out == 2 and edge.stats.bytes_out == 12

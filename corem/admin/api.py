@@ -13,12 +13,14 @@ import logging
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..devices.commands import assign_package
 from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
+from ..metrics import gather, total
 from ..registry import Device, RegistryError
 from ..registry.management import KINDS, LABEL_RE
 from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_psk
@@ -27,7 +29,15 @@ from .http import HttpError, HttpRequest, Reply, Route, json_reply
 log = logging.getLogger("corem.admin")
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from ..bus.base import Sink
+    from ..devices.downlink import Downlink
+    from ..dtls import DtlsServer
+    from ..ingest.diagnostics import Diagnostics
+    from ..ingest.presence import Presence
+    from ..ingest.telemetry import TelemetryIngest
+    from ..metrics import Components
+    from ..registry import Directory, Registry
+    from ..registry.management import Management
 
 #: Largest RPC wait an API caller may ask for, seconds.
 MAX_RPC_TIMEOUT = 300.0
@@ -68,20 +78,40 @@ def _fields(body: Any, allowed: dict[str, Any], required: tuple[str, ...] = ()) 
             raise HttpError(400, f"{key}: required")
     for key, value in body.items():
         kind = allowed[key].get("type")
-        ok = {"string": str, "number": (int, float), "integer": int, "boolean": bool}.get(kind)
+        types: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int, float), "integer": int,
+                                                     "boolean": bool}
+        ok = types.get(kind)
         if ok is not None and value is not None and (not isinstance(value, ok) or (kind != "boolean" and isinstance(value, bool))):
             raise HttpError(400, f"{key}: expected a {kind}")
     return body
 
 
+@dataclass(frozen=True)
+class AdminParts:
+    """What the admin API works with: the registry, the devices' state, and what it reports on."""
+
+    registry: Registry
+    directory: Directory
+    management: Management
+    downlink: Downlink
+    presence: Presence
+    diagnostics: Diagnostics
+    ingest: TelemetryIngest
+    sink: Sink
+    #: the CoAPS listeners' DTLS layers (sessions for the status page)
+    dtls: Sequence[DtlsServer]
+    #: every component's counters (corem/metrics.py), for the status page's totals
+    components: Components
+
+
 class AdminApi:
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, parts: AdminParts) -> None:
+        self.parts = parts
         self.started = time.time()
 
     # -- helpers ---------------------------------------------------------------------------------
     def _device(self, req: HttpRequest) -> Device:
-        device = self.server.directory.named(req.params["tenant"], req.params["device"])
+        device = self.parts.directory.named(req.params["tenant"], req.params["device"])
         if device is None:
             raise HttpError(404, f"device: {req.params['tenant']}/{req.params['device']} is not registered")
         return device
@@ -89,7 +119,7 @@ class AdminApi:
     def _describe(self, d: Device, seen: dict[tuple[str, str], int] | None = None,
                   detail: bool = True) -> dict[str, Any]:
         """A device as JSON (never its secrets); `detail` adds what costs a query (the owner)."""
-        s = self.server
+        s = self.parts
         key = (d.tenant, d.device)
         if seen is None:
             seen = s.presence.last_seen()
@@ -105,8 +135,8 @@ class AdminApi:
 
     # -- devices ---------------------------------------------------------------------------------
     def list_devices(self, req: HttpRequest) -> Reply:
-        devices = self.server.registry.list_devices(req.query.get("tenant"))
-        seen = self.server.presence.last_seen()  # once, not per device
+        devices = self.parts.registry.list_devices(req.query.get("tenant"))
+        seen = self.parts.presence.last_seen()  # once, not per device
         return json_reply([self._describe(d, seen, detail=False) for d in devices])
 
     def add_device(self, req: HttpRequest) -> Reply:
@@ -122,7 +152,7 @@ class AdminApi:
             token = secrets.token_urlsafe(18)  # a device needs some credential: an access token by default
         try:
             psk = parse_psk(body.get("psk"), body.get("psk_hex"))
-            d = self.server.registry.add_device(
+            d = self.parts.registry.add_device(
                 body["tenant"], body["device"], token=token, profile=body.get("profile") or "default",
                 psk_identity=body.get("psk_identity"), psk=psk, cert_sha256=cert,
                 power_mode=body.get("power_mode") or "drx", topics=body.get("topics") or "#",
@@ -130,7 +160,7 @@ class AdminApi:
             )
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
-        self.server.directory.refresh(force=True)
+        self.parts.directory.refresh(force=True)
         log.info("device %s/%s added through the admin API", d.tenant, d.device)
         return json_reply({**self._describe(d), "token": token}, 201)
 
@@ -139,23 +169,23 @@ class AdminApi:
 
     def remove_device(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        self.server.registry.remove_device(d.tenant, d.device)
-        self.server.management.forget(d.tenant, d.device)
-        self.server.directory.refresh(force=True)
+        self.parts.registry.remove_device(d.tenant, d.device)
+        self.parts.management.forget(d.tenant, d.device)
+        self.parts.directory.refresh(force=True)
         log.info("device %s/%s removed through the admin API", d.tenant, d.device)
         return Reply(204)
 
     # -- attributes ------------------------------------------------------------------------------
     def get_attributes(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        m = self.server.management
+        m = self.parts.management
         return json_reply({"client": m.attributes(d.tenant, d.device, "client"),
                            "shared": m.attributes(d.tenant, d.device, "shared")})
 
     def set_shared(self, req: HttpRequest) -> Reply:
         d = self._device(req)
         try:
-            delivery = self.server.downlink.set_shared(d, req.json())
+            delivery = self.parts.downlink.set_shared(d, req.json())
         except RegistryError as e:
             raise HttpError(400, str(e)) from None
         return json_reply({"delivery": delivery})
@@ -169,7 +199,7 @@ class AdminApi:
         if isinstance(timeout, (int, float)) and timeout > MAX_RPC_TIMEOUT:  # this call holds a connection
             raise HttpError(400, f"timeout: at most {MAX_RPC_TIMEOUT:g} seconds through the API")
         try:
-            call = await self.server.downlink.rpc(d, body["method"], body.get("params"), timeout,
+            call = await self.parts.downlink.rpc(d, body["method"], body.get("params"), timeout,
                                                   bool(body.get("oneway")))
         except ValueError as e:
             raise HttpError(400, str(e)) from None
@@ -192,7 +222,7 @@ class AdminApi:
         except ValueError:  # binascii.Error, or text that is not even ASCII
             raise HttpError(400, "payload_base64: not base64") from None
         try:
-            delivery = self.server.downlink.command(d, body["command"], payload, body.get("ttl", 300.0))
+            delivery = self.parts.downlink.command(d, body["command"], payload, body.get("ttl", 300.0))
         except ValueError as e:
             raise HttpError(400, str(e)) from None
         except OverflowError as e:
@@ -206,21 +236,21 @@ class AdminApi:
             if not q.get(key):
                 raise HttpError(400, f"{key}: required query parameter")
         try:
-            p = self.server.management.add_package(q["kind"], q["title"], q["version"], req.body)
+            p = self.parts.management.add_package(q["kind"], q["title"], q["version"], req.body)
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
         log.info("%s package %s %s uploaded: %d bytes, sha256 %s", p.kind, p.title, p.version, p.size, p.sha256)
         return json_reply(p._asdict(), 201)
 
     def list_packages(self, req: HttpRequest) -> Reply:
-        return json_reply([p._asdict() for p in self.server.management.packages()])
+        return json_reply([p._asdict() for p in self.parts.management.packages()])
 
     def assign(self, kind: str):
         def handler(req: HttpRequest) -> Reply:
             d = self._device(req)
             body = _fields(req.json(), {"package": {"type": "integer"}}, ("package",))
             try:
-                p, delivery = assign_package(self.server.management, self.server.downlink, d, kind, body["package"])
+                p, delivery = assign_package(self.parts.management, self.parts.downlink, d, kind, body["package"])
             except RegistryError as e:
                 raise HttpError(400, str(e)) from None
             log.info("%s %s %s assigned to %s/%s (%s)", kind, p.title, p.version, d.tenant, d.device, delivery)
@@ -233,7 +263,7 @@ class AdminApi:
         body = _fields(req.json(), {"key": STR, "secret": STR, "tenant": STR, "profile": STR},
                        ("key", "secret", "tenant"))
         try:
-            self.server.management.add_provision_key(body["key"], body["secret"], body["tenant"],
+            self.parts.management.add_provision_key(body["key"], body["secret"], body["tenant"],
                                                      body.get("profile") or "default")
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
@@ -243,7 +273,7 @@ class AdminApi:
         d = self._device(req)
         body = _fields(req.json(), {"owner": STR, "secret_key": STR}, ("owner", "secret_key"))
         try:
-            self.server.management.claim(d.tenant, d.device, body["secret_key"], body["owner"])
+            self.parts.management.claim(d.tenant, d.device, body["secret_key"], body["owner"])
         except PermissionError as e:
             raise HttpError(400, str(e)) from None
         log.info("device %s/%s claimed by %s", d.tenant, d.device, body["owner"])
@@ -257,7 +287,7 @@ class AdminApi:
         except ValueError:
             raise HttpError(400, "limit: not an integer") from None
         out = []
-        for s in self.server.diagnostics.newest(len(self.server.diagnostics.samples)):
+        for s in self.parts.diagnostics.newest(len(self.parts.diagnostics.samples)):
             if any(q.get(k) and getattr(s, k) != q[k] for k in ("tenant", "device", "protocol", "reason")):
                 continue
             out.append({
@@ -272,7 +302,7 @@ class AdminApi:
         return json_reply(out)
 
     def status(self, req: HttpRequest) -> Reply:
-        s = self.server
+        s = self.parts
         ing = s.ingest.stats
         seen = s.presence.last_seen()
         keys = set(ing.device_points) | set(ing.device_rejections) | set(seen)
@@ -286,20 +316,16 @@ class AdminApi:
                 "rejections": ing.device_rejections.get((tenant, device), 0),
                 "power_mode": d.power_mode if d else None,
             })
-        dtls = []
-        for t in s.transports:
-            if t.dtls is not None:
-                st = t.dtls.stats
-                dtls.append({
-                    "live": len(t.dtls.sessions), "offloaded": len(t.dtls.offloaded),
-                    "handshaking": len(t.dtls.handshakes), "completed": st.handshakes_completed,
-                    "failed": dict(st.handshakes_failed),
-                })
+        dtls = [{
+            "live": len(d.sessions), "offloaded": len(d.offloaded), "handshaking": len(d.handshakes),
+            "completed": d.stats.handshakes_completed, "failed": dict(d.stats.handshakes_failed),
+        } for d in s.dtls]
+        totals = gather(s.components())
         return json_reply({
             "now": int(time.time() * 1000), "uptime": time.time() - self.started,
             "points": sum(ing.accepted.values()), "rejections": sum(ing.rejections.values()),
             "auth_failures": sum(ing.auth_failures.values()), "bus_refusals": ing.bus_refusals,
-            "requests": sum(t.endpoint.stats.requests for t in s.transports),
+            "requests": total(totals, "corem_coap_requests"),
             "bus": {"name": s.sink.name, "pending": s.sink.pending,
                     "error": None if s.sink.last_error is None else str(s.sink.last_error)},
             "online": sum(s.presence.online_by_tenant.values()), "registered": len(s.directory.by_name),

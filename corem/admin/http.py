@@ -12,12 +12,13 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 from urllib.parse import parse_qsl, unquote
 
 import trio
 
 from ..errors import StorageUnavailable
+from ..stats import Sample, counter
 
 log = logging.getLogger("corem.http")
 
@@ -112,13 +113,14 @@ class HttpServer:
         return self.listeners[0].socket.getsockname()
 
     async def serve(self) -> None:
-        await trio.serve_listeners(self._handle, self.listeners)
+        await trio.serve_listeners(self.handle, self.listeners)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection (one request: `Connection: close`); any Trio stream will do."""
         async with self._slots:
             await self._serve_one(stream)
 
-    async def _serve_one(self, stream: trio.SocketStream) -> None:
+    async def _serve_one(self, stream: trio.abc.Stream) -> None:
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
                 reply, method = await self._answer(stream)
@@ -128,7 +130,7 @@ class HttpServer:
         finally:
             await stream.aclose()
 
-    async def _answer(self, stream: trio.SocketStream) -> tuple[Reply, str]:
+    async def _answer(self, stream: trio.abc.Stream) -> tuple[Reply, str]:
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = await stream.receive_some(65536)
@@ -192,6 +194,10 @@ class HttpServer:
                           {"Allow": ", ".join(sorted(set(allowed)))}), method
         return _error(404, f"path: {path} not found"), method
 
+    def metrics(self) -> Iterator[Sample]:
+        yield counter("corem_admin_requests", self.requests)
+        yield counter("corem_admin_unauthorized", self.unauthorized)
+
     def _authorized(self, headers: dict[str, str]) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         return bool(self.admin_token) and scheme.lower() == "bearer" and secrets.compare_digest(
@@ -199,7 +205,7 @@ class HttpServer:
         )
 
     @staticmethod
-    async def _send(stream: trio.SocketStream, reply: Reply, head_only: bool = False) -> None:
+    async def _send(stream: trio.abc.Stream, reply: Reply, head_only: bool = False) -> None:
         extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
         head = (
             f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, '')}\r\nContent-Type: {reply.content_type}\r\n"

@@ -17,9 +17,12 @@ import json
 import logging
 import time
 from bisect import bisect_left
-from typing import Any, Callable, Iterable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple
 
 import trio
+
+from ..stats import Histogram, Measurement, counter, gauge
 
 log = logging.getLogger("corem.bus")
 
@@ -53,16 +56,18 @@ LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 
+@dataclass(slots=True)
 class SinkStats:
-    __slots__ = ("submitted", "acked", "failed", "refused", "batches", "batch_records", "ack_seconds",
-                 "latency_buckets", "size_buckets")
-
-    def __init__(self) -> None:
-        self.submitted = self.acked = self.failed = self.refused = self.batches = self.batch_records = 0
-        self.ack_seconds = 0.0
-        #: non-cumulative counts per bucket; the last slot is +Inf
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.size_buckets = [0] * (len(SIZE_BUCKETS) + 1)
+    submitted: int = 0
+    acked: int = 0
+    failed: int = 0
+    refused: int = 0
+    batches: int = 0
+    batch_records: int = 0
+    ack_seconds: float = 0.0
+    #: non-cumulative counts per bucket; the last slot is +Inf
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    size_buckets: list[int] = field(default_factory=lambda: [0] * (len(SIZE_BUCKETS) + 1))
 
     def observe(self, seconds: float, size: int) -> None:
         self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -75,14 +80,16 @@ class Sink:
 
     name = "sink"
 
-    def __init__(self, *, max_pending: int = 100_000, max_batch: int = 8192) -> None:
+    def __init__(
+        self, *, max_pending: int = 100_000, max_batch: int = 8192, after_batch: Callable[[], None] | None = None
+    ) -> None:
         if max_pending < 1 or max_batch < 1:
             raise ValueError("max_pending and max_batch must be >= 1")
         self.max_pending = max_pending
         self.max_batch = max_batch
         self.stats = SinkStats()
         #: Called after each batch of answers (the edge flushes its outbox there).
-        self.after_batch: Callable[[], None] | None = None
+        self.after_batch = after_batch
         #: Last write failure, for readiness checks; cleared by the next successful batch.
         self.last_error: BaseException | None = None
 
@@ -114,16 +121,25 @@ class Sink:
         """Can the bus be reached?  None if so, else why not (cheap: /readyz calls it)."""
         return None if self.last_error is None else str(self.last_error)
 
-    def metrics(self) -> Iterable[Any]:
-        """Prometheus metric families of this sink's own, beyond the `corem_sink_*` ones."""
-        return ()
+    def metrics(self) -> Iterator[Measurement]:
+        """The `corem_sink_*` samples, labelled with the sink's name; a sink adds its own."""
+        sk, sink = self.stats, self.name
+        for attr in ("submitted", "acked", "failed", "refused"):
+            yield counter(f"corem_sink_records_{attr}", getattr(sk, attr), sink=sink)
+        yield counter("corem_sink_batches", sk.batches, sink=sink)
+        yield counter("corem_sink_batch_records", sk.batch_records, sink=sink)
+        yield counter("corem_sink_ack_seconds", sk.ack_seconds, sink=sink)
+        labels = (("sink", sink),)
+        yield Histogram("corem_sink_batch_seconds", LATENCY_BUCKETS, sk.latency_buckets, sk.ack_seconds, labels)
+        yield Histogram("corem_sink_batch_size", SIZE_BUCKETS, sk.size_buckets, sk.batch_records, labels)
+        yield gauge("corem_sink_pending", self.pending)
 
 
 class BatchingSink(Sink):
     """Group commit on a worker thread; subclasses implement `prepare` and `write_prepared`."""
 
-    def __init__(self, *, max_pending: int = 100_000, max_batch: int = 8192) -> None:
-        super().__init__(max_pending=max_pending, max_batch=max_batch)
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
         self._records: list[Record] = []
         self._dones: list[Done] = []
         self._ctxs: list[Any] = []

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import trio
 
+from ..stats import Sample, counter
 from .kafka import KafkaSettings
 
 log = logging.getLogger("corem.bus.commands")
@@ -41,6 +42,9 @@ class KafkaCommandReader:
         self.refresh = refresh
         self._stop = False
         self.errors = 0
+
+    def metrics(self) -> Iterator[Sample]:
+        yield counter("corem_kafka_commands_errors", self.errors)
 
     async def run(self) -> None:
         try:
@@ -100,6 +104,7 @@ class KafkaCommandReader:
         if consumer is not None:
             consumer.close()
 
-    def _deliver_all(self, batch: list[tuple[str, int, int, bytes]]) -> None:
+    def _deliver_all(self, batch: list[tuple[Any, Any, Any, bytes]]) -> None:
+        """(topic, partition, offset, value) as librdkafka gives them (never None for a record)"""
         for topic, partition, offset, value in batch:
             self.deliver(topic, partition, offset, value)

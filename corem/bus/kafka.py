@@ -39,10 +39,11 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import trio
 
+from ..stats import Histogram, Measurement, counter, gauge
 from .base import LATENCY_BUCKETS, Done, Record, Sink
 
 try:
@@ -327,7 +328,7 @@ class KafkaSink(Sink):
         super().__init__(**kw)
         self.settings = settings
         self.kafka = KafkaStats()
-        kind = reports or Reports or PyReports
+        kind = reports or (Reports if Reports is not None else PyReports)
         self._reports = kind(LATENCY_BUCKETS)
         #: with C tickets librdkafka reports only failures; a ticket let go of unreported is a success
         self._only_errors = kind is not PyReports
@@ -555,40 +556,22 @@ class KafkaSink(Sink):
             return f"kafka: no broker is up ({states})" + (f"; {k.last_client_error}" if k.last_client_error else "")
         return None
 
-    def metrics(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        from ..metrics import histogram
-
+    def metrics(self) -> Iterator[Measurement]:
+        yield from super().metrics()
         k = self.kafka
-        yield GaugeMetricFamily("corem_kafka_in_flight", "Records handed to librdkafka without a delivery report yet.",
-                                self.pending)
-        queue = len(self._producer) if self._producer is not None else k.queue_messages
-        yield GaugeMetricFamily("corem_kafka_queue_messages",
-                                "Messages and requests in librdkafka's queues (len(producer)).", queue)
+        yield gauge("corem_kafka_in_flight", self.pending)
+        yield gauge("corem_kafka_queue_messages",
+                    len(self._producer) if self._producer is not None else k.queue_messages)
         totals = self._reports.stats()
-        yield histogram("corem_kafka_delivery_seconds", "Per record: from produce() to its delivery report.",
-                        LATENCY_BUCKETS, totals["buckets"], totals["latency_sum"])
-        errors = CounterMetricFamily("corem_kafka_delivery_errors", "Records librdkafka failed, by error.",
-                                     labels=["code"])
+        yield Histogram("corem_kafka_delivery_seconds", LATENCY_BUCKETS, totals["buckets"], totals["latency_sum"])
         for code, n in sorted(k.delivery_errors.items()):
-            errors.add_metric([code], n)
-        yield errors
-        client = CounterMetricFamily("corem_kafka_client_errors",
-                                     "librdkafka's error callback (broker down, transport, auth), by error.",
-                                     labels=["code"])
+            yield counter("corem_kafka_delivery_errors", n, code=code)
         for code, n in sorted(k.client_errors.items()):
-            client.add_metric([code], n)
-        yield client
+            yield counter("corem_kafka_client_errors", n, code=code)
         states = Counter(k.brokers.values())
-        brokers = GaugeMetricFamily("corem_kafka_brokers", "Brokers by librdkafka's connection state.",
-                                    labels=["state"])
         for state in sorted(set(states) | {"UP"}):
-            brokers.add_metric([state], states.get(state, 0))
-        yield brokers
-        yield CounterMetricFamily("corem_kafka_producers_started",
-                                  "Producers started (a fresh one after a fatal error).", k.producers)
-
+            yield gauge("corem_kafka_brokers", states.get(state, 0), state=state)
+        yield counter("corem_kafka_producers_started", k.producers)
 
 def _dispose(holder: list) -> None:
     """Let go of a producer off the event loop (librdkafka joins its threads there): the caller

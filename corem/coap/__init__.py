@@ -1,30 +1,21 @@
 """The CoAP message layer, sans-IO (RFC 7252 §4): dedup, piggybacking, retransmission, routing."""
 
-from .endpoint import (
-    DONE,
-    PENDING,
-    SEPARATE,
-    Acked,
-    Endpoint,
-    GaveUp,
-    Params,
-    Request,
-    Reset,
-)
 from . import discovery
-from .resources import Response, Router
+from .endpoint import Acked, Endpoint, Event, GaveUp, Outcome, Params, Request, Reset, StrayReset
+from .resources import Router
+from .response import Response
 
 __all__ = [
-    "DONE",
-    "PENDING",
-    "SEPARATE",
     "Acked",
     "Endpoint",
+    "Event",
     "GaveUp",
+    "Outcome",
     "Params",
     "Request",
     "Reset",
     "Response",
     "Router",
+    "StrayReset",
     "discovery",
 ]

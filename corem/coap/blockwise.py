@@ -9,9 +9,12 @@ early negotiation, §2.4) or `DEFAULT_SZX`, never larger than `MAX_SZX`.
 
 from __future__ import annotations
 
+import enum
 import hashlib
+from typing import Iterator
 
 from ..codec import Block, Code, Message, OptionNumber, encode_uint
+from ..stats import Sample, counter, gauge
 from .response import Response
 
 #: 1024-byte blocks unless the client asks for smaller: fits a 1280-byte IPv6 MTU with headers.
@@ -81,58 +84,77 @@ class Assembly:
         self.content_format = content_format
 
 
+class Upload(enum.Enum):
+    """What one Block1 request did to its upload (`Block1Uploads.receive`)."""
+
+    #: no Block1 option: not an upload
+    NONE = "none"
+    #: an intermediate block, taken: answer 2.31 Continue
+    CONTINUE = "continue"
+    #: a bad block (out of order, too large, too many uploads): answer the error, the upload is gone
+    REFUSED = "refused"
+    #: the last block completed the body
+    COMPLETE = "complete"
+
+
 class Block1Uploads:
     """Reassembles Block1 uploads (RFC 7959 §2.5), bounded in count, size and lifetime.
 
-    `receive(key, msg, now)` returns ("continue", response) for an intermediate block, ("error",
-    response) for a bad one, ("done", payload) when the last block completed the body, or
-    ("none", None) for a request without Block1.  Blocks must come in order (atomic upload); a
-    block 0 restarts the transfer.
+    `receive(key, msg, now)` returns `(Upload.CONTINUE, response)` for an intermediate block,
+    `(Upload.REFUSED, response)` for a bad one, `(Upload.COMPLETE, body)` when the last block
+    completed the body, or `(Upload.NONE, None)` for a request without Block1.  Blocks must come
+    in order (atomic upload); a block 0 restarts the transfer.
     """
 
     def __init__(self, *, max_transfers: int = 1000, max_body: int = MAX_BODY, lifetime: float = 60.0) -> None:
         self.max_transfers = max_transfers
         self.max_body = max_body
         self.lifetime = lifetime
-        self._transfers: dict[tuple, Assembly] = {}
+        self._transfers: dict[tuple[object, ...], Assembly] = {}
         self.refused = 0
         self.expired = 0
 
     def __len__(self) -> int:
         return len(self._transfers)
 
-    def receive(self, key: tuple, msg: Message, now: float, make):
+    def metrics(self) -> Iterator[Sample]:
+        yield gauge("corem_coap_uploads", len(self._transfers))
+        yield counter("corem_coap_uploads_refused", self.refused)
+        yield counter("corem_coap_uploads_expired", self.expired)
+
+    def receive(self, key: tuple[object, ...], msg: Message, now: float) -> tuple[Upload, Response | bytes | None]:
+        make = Response
         try:
             block = msg.block1
         except ValueError:
-            return "error", make(Code.BAD_OPTION, b"block1: szx 7 is reserved")
+            return Upload.REFUSED, make(Code.BAD_OPTION, b"block1: szx 7 is reserved")
         if block is None:
-            return "none", None
+            return Upload.NONE, None
         self._expire(now)
         transfers = self._transfers
         size1 = msg.size1
         if size1 is not None and size1 > self.max_body or block.offset + len(msg.payload) > self.max_body:
             transfers.pop(key, None)
             self.refused += 1
-            return "error", make(Code.REQUEST_ENTITY_TOO_LARGE, b"",
+            return Upload.REFUSED, make(Code.REQUEST_ENTITY_TOO_LARGE, b"",
                                  [(OptionNumber.SIZE1, encode_uint(self.max_body))])
         cf = msg.opt(OptionNumber.CONTENT_FORMAT)
         if block.num == 0:
             if key not in transfers and len(transfers) >= self.max_transfers:
                 self.refused += 1
-                return "error", make(Code.SERVICE_UNAVAILABLE, b"too many uploads in progress",
+                return Upload.REFUSED, make(Code.SERVICE_UNAVAILABLE, b"too many uploads in progress",
                                      [(OptionNumber.MAX_AGE, encode_uint(5))])
             transfers[key] = Assembly(block.szx, now, None if cf is None else bytes(cf))
         assembly = transfers.get(key)
         if assembly is None or block.offset != assembly.size or (block.more and len(msg.payload) != block.size):
             transfers.pop(key, None)
-            return "error", make(Code.REQUEST_ENTITY_INCOMPLETE, b"block1: blocks out of order or missing")
+            return Upload.REFUSED, make(Code.REQUEST_ENTITY_INCOMPLETE, b"block1: blocks out of order or missing")
         assembly.parts.append(bytes(msg.payload))
         assembly.size += len(msg.payload)
         if block.more:
-            return "continue", make(Code.CONTINUE, b"", [(OptionNumber.BLOCK1, encode_uint(block.to_uint()))])
+            return Upload.CONTINUE, make(Code.CONTINUE, b"", [(OptionNumber.BLOCK1, encode_uint(block.to_uint()))])
         del transfers[key]
-        return "done", b"".join(assembly.parts)
+        return Upload.COMPLETE, b"".join(assembly.parts)
 
     def _expire(self, now: float) -> None:
         transfers = self._transfers

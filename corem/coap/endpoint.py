@@ -1,8 +1,11 @@
 """The CoAP message layer (RFC 7252 §4), sans-IO.
 
-An `Endpoint` owns no socket and no clock.  The edge feeds it datagrams with `receive(data, peer,
-now)`, answers requests with `respond(...)`, calls `tick(now)` when `next_deadline()` passes, and
-sends whatever it finds in `outbox`.  It deduplicates requests per (peer, message id), piggybacks
+An `Endpoint` owns no socket and no clock, and has one way out for each thing (the shape of
+aioquic's `QuicConnection`): the edge feeds it datagrams with `receive(data, peer, now)`, which
+returns a new `Request` or None; a handler answers through the request (`req.respond(...)`);
+what happened to our own confirmable messages comes from `next_event()` as frozen `Event`s; the
+datagrams to send come from `datagrams_to_send()`; the edge calls `tick(now)` when `get_timer()`
+passes.  It deduplicates requests per (peer, message id), piggybacks
 responses that come within `piggyback_timeout`, otherwise sends an empty ACK and a separate
 confirmable response that it retransmits with exponential back-off until it is acknowledged,
 reset, or given up.
@@ -23,13 +26,16 @@ from __future__ import annotations
 import heapq
 import random
 from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
-from ..codec import Code, Message, MessageFormatError, Type, decode, encode
+from ..codec import Code, Message, MessageFormatError, Options, Type, code_str, decode, encode
 from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
+from ..stats import Sample, counter, gauge
 
 Peer = Hashable
+#: an exchange: (peer, message id)
+Key = tuple[Peer, int]
 
 CON, NON, ACK, RST = Type.CON, Type.NON, Type.ACK, Type.RST
 
@@ -77,7 +83,7 @@ class Request:
     )
 
     def __init__(
-        self, endpoint: Endpoint, peer: Peer, key: tuple, message: Message, received_at: float, size: int = 0
+        self, endpoint: Endpoint, peer: Peer, key: Key, message: Message, received_at: float, size: int = 0
     ) -> None:
         #: the endpoint that received it: only it may answer (CoAP and CoAPS have one each)
         self.endpoint = endpoint
@@ -96,7 +102,24 @@ class Request:
         #: Bytes the request took on the wire: an error answer is never larger (no amplification).
         self.size = size
         #: Options every answer to this request carries, whoever sends it (e.g. Block1, RFC 7959 §2.3).
-        self.echo: list | None = None
+        self.echo: Options | None = None
+
+    @property
+    def answered(self) -> bool:
+        """Has the exchange had its answer (from a handler, or from the endpoint itself)?"""
+        return self.state == DONE
+
+    def respond(
+        self, code: int, options: Options | None = None, payload: bytes = b"", *,
+        now: float | None = None, context: Any = None,
+    ) -> None:
+        """Answer this request: piggybacked in the ACK if still possible, else separately.
+
+        `now` only matters for a separate response (its retransmission clock); without it the
+        latest time the endpoint was given (by `receive` or `tick`) is used.  `context` comes back
+        on the separate response's `Acked` / `Reset` / `GaveUp` event.
+        """
+        self.endpoint._respond(self, code, options, payload, now, context)
 
     def __repr__(self) -> str:
         return f"Request({self.peer!r} mid={self.mid} state={self.state})"
@@ -120,61 +143,77 @@ class Outgoing:
         self.context = context
 
 
-class Acked:
-    """Event: the peer acknowledged one of our confirmable messages."""
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something the message layer tells the application, from `Endpoint.next_event()`."""
 
-    __slots__ = ("peer", "mid", "token", "context")
-
-    def __init__(self, out: Outgoing) -> None:
-        self.peer, self.mid, self.token, self.context = out.peer, out.mid, out.token, out.context
-
-
-class Reset(Acked):
-    """Event: the peer rejected one of our messages with RST (e.g. an observer going away)."""
-
-    __slots__ = ()
+    peer: Peer
+    mid: int
 
 
-class GaveUp(Acked):
-    """Event: MAX_RETRANSMIT retransmissions went unanswered."""
+@dataclass(frozen=True, slots=True)
+class Outcome(Event):
+    """How one of our confirmable messages ended; `context` is what it was sent with."""
 
-    __slots__ = ()
+    token: bytes
+    context: Any
 
-
-class StrayReset:
-    """Event: a RST that matches no message of ours awaiting ACK (it may answer a NON one)."""
-
-    __slots__ = ("peer", "mid")
-
-    def __init__(self, peer: Peer, mid: int) -> None:
-        self.peer, self.mid = peer, mid
+    @classmethod
+    def of(cls, out: Outgoing) -> Outcome:
+        return cls(out.peer, out.mid, out.token, out.context)
 
 
+@dataclass(frozen=True, slots=True)
+class Acked(Outcome):
+    """The peer acknowledged one of our confirmable messages."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reset(Outcome):
+    """The peer rejected one of our confirmable messages with RST (e.g. an observer going away)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp(Outcome):
+    """MAX_RETRANSMIT retransmissions went unanswered."""
+
+
+@dataclass(frozen=True, slots=True)
+class StrayReset(Event):
+    """A RST that matches no message of ours awaiting ACK (it may answer a NON one)."""
+
+
+@dataclass(slots=True)
 class Stats:
-    """Plain counters, read by the metrics collector at scrape time (no locks on the hot path)."""
+    """Plain counters, read by `Endpoint.metrics` at scrape time (no locks on the hot path)."""
 
-    __slots__ = (
-        "datagrams_in",
-        "bytes_in",
-        "requests",
-        "duplicates",
-        "format_errors",
-        "pings",
-        "bad_options",
-        "proxy_refused",
-        "retransmissions",
-        "gave_up",
-        "resets",
-        "dedup_evictions",
-        "outstanding_refused",
-        "responses",
-    )
+    datagrams_in: int = 0
+    bytes_in: int = 0
+    requests: int = 0
+    duplicates: int = 0
+    format_errors: int = 0
+    pings: int = 0
+    bad_options: int = 0
+    proxy_refused: int = 0
+    retransmissions: int = 0
+    gave_up: int = 0
+    resets: int = 0
+    dedup_evictions: int = 0
+    outstanding_refused: int = 0
+    #: messages sent, indexed by code (0..255)
+    responses: list[int] = field(default_factory=lambda: [0] * 256)
 
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-        #: responses sent, indexed by code (0..255)
-        self.responses = [0] * 256
+
+#: Stats field -> metric name (corem/metrics.py has their help texts)
+METRICS = {
+    "datagrams_in": "corem_coap_datagrams_received", "bytes_in": "corem_coap_bytes_received",
+    "requests": "corem_coap_requests", "duplicates": "corem_coap_duplicates",
+    "format_errors": "corem_coap_format_errors", "pings": "corem_coap_pings",
+    "bad_options": "corem_coap_bad_options", "proxy_refused": "corem_coap_proxy_refused",
+    "retransmissions": "corem_coap_retransmissions", "gave_up": "corem_coap_gave_up",
+    "resets": "corem_coap_resets_received", "dedup_evictions": "corem_coap_dedup_evictions",
+    "outstanding_refused": "corem_coap_outstanding_refused",
+}
 
 
 _KNOWN_CRITICAL = UNDERSTOOD_CRITICAL
@@ -193,7 +232,8 @@ class Endpoint:
         self.params = params or Params()
         self._rng = rng
         self._known_critical = frozenset(known_critical)
-        self.outbox: list[tuple[bytes, Peer]] = []
+        self._outbox: list[tuple[bytes, Peer]] = []
+        self._events: deque[Event] = deque()
         #: (peer, mid) -> Request while unanswered, then (received_at, reply bytes or None, request size)
         self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | None, int]] = OrderedDict()
         #: (received_at, key) of confirmable requests, oldest first
@@ -207,8 +247,9 @@ class Endpoint:
         self.stats = Stats()
 
     # -- input -----------------------------------------------------------------------------
-    def receive(self, data: bytes, peer: Peer, now: float) -> Request | Acked | StrayReset | None:
-        """Process one datagram. Returns a new Request for the application, an event, or None."""
+    def receive(self, data: bytes, peer: Peer, now: float) -> Request | None:
+        """Process one datagram: a new Request for the application, or None (a duplicate, an ACK
+        or RST -- whose event `next_event` gives --, a ping, something refused)."""
         stats = self.stats
         self._now_hint = now
         stats.datagrams_in += 1
@@ -219,7 +260,7 @@ class Endpoint:
             stats.format_errors += 1
             if e.mtype == CON and e.mid is not None:
                 # a rejected CON is answered with RST (§4.2); never larger than what came in
-                self._send(bytes((0x70, 0, e.mid >> 8, e.mid & 0xFF)), peer, 0)
+                self.send(bytes((0x70, 0, e.mid >> 8, e.mid & 0xFF)), peer, 0)
             return None
         mtype = msg.type
         code = msg.code
@@ -228,39 +269,43 @@ class Endpoint:
         if mtype == ACK or mtype == RST:
             out = self._outstanding.pop((peer, msg.mid), None)
             if out is None:
-                return StrayReset(peer, msg.mid) if mtype == RST else None
+                if mtype == RST:
+                    self._events.append(StrayReset(peer, msg.mid))
+                return None
             out.done = True
             if mtype == RST:
                 stats.resets += 1
-                return Reset(out)
-            return Acked(out)
+                self._events.append(Reset.of(out))
+            else:
+                self._events.append(Acked.of(out))
+            return None
         if code == 0:
             if mtype == CON:  # CoAP ping (§4.3)
                 stats.pings += 1
-                self._send(bytes((0x70, 0, msg.mid >> 8, msg.mid & 0xFF)), peer, 0)
+                self.send(bytes((0x70, 0, msg.mid >> 8, msg.mid & 0xFF)), peer, 0)
             return None
         # a response we did not ask for: reject a CON with RST, ignore a NON
         if mtype == CON:
-            self._send(bytes((0x70, 0, msg.mid >> 8, msg.mid & 0xFF)), peer, 0)
+            self.send(bytes((0x70, 0, msg.mid >> 8, msg.mid & 0xFF)), peer, 0)
         return None
 
     def _request(self, msg: Message, peer: Peer, now: float, size: int) -> Request | None:
         key = (peer, msg.mid)
         dedup = self._dedup
         seen = dedup.get(key)
-        if seen is not None and self._before_session(peer, seen[0] if type(seen) is tuple else seen.received_at):
+        if seen is not None and self._before_session(peer, seen.received_at if isinstance(seen, Request) else seen[0]):
             del dedup[key]  # from the peer's previous session: not a duplicate of this one
             seen = None
         if seen is not None:
             self.stats.duplicates += 1
-            if type(seen) is tuple:
-                _, reply, original = seen
-            else:
+            if isinstance(seen, Request):
                 reply, original = seen.reply, seen.size
+            else:
+                _, reply, original = seen
             # a real retransmission is the original datagram again; a smaller "duplicate" could be
             # forged to pull a bigger cached answer at a spoofed address, so it gets nothing
             if reply is not None and msg.type == CON and size >= original:
-                self._send(reply, peer, 0)
+                self.send(reply, peer, reply[1])  # counted by its code, as the lane counts it
             return None
         req = Request(self, peer, key, msg, now, size)
         dedup[key] = req
@@ -305,25 +350,12 @@ class Endpoint:
             sessions.popitem(last=False)
 
     # -- output ----------------------------------------------------------------------------
-    def respond(
-        self,
-        req: Request,
-        code: int,
-        options: list | None = None,
-        payload: bytes = b"",
-        *,
-        now: float | None = None,
-        context: Any = None,
+    def _respond(
+        self, req: Request, code: int, options: Options | None, payload: bytes, now: float | None, context: Any
     ) -> None:
-        """Answer `req`: piggybacked in the ACK if still possible, else separately.
-
-        `now` only matters for a separate response (its retransmission clock); without it the
-        latest time the endpoint was given (by `receive` or `tick`) is used.
-        """
+        """`Request.respond`."""
         if req.state == DONE:
             raise RuntimeError(f"{req!r} was already answered")
-        if req.endpoint is not self:
-            raise RuntimeError(f"{req!r} belongs to another endpoint")
         if now is not None:
             self._now_hint = now
         req.message = None  # the exchange no longer needs the datagram; let it go
@@ -331,7 +363,7 @@ class Endpoint:
         self._answer(req, code, options, payload, context)
 
     def _answer(
-        self, req: Request, code: int, options: list | None, payload: bytes, context: Any = None
+        self, req: Request, code: int, options: Options | None, payload: bytes, context: Any = None
     ) -> None:
         state = req.state
         req.state = DONE
@@ -349,19 +381,19 @@ class Endpoint:
             else:
                 data = bytes((0x60 | len(token), code, req.mid >> 8, req.mid & 0xFF)) + token
             req.reply = data
-            self._send(data, req.peer, code)
+            self.send(data, req.peer, code)
             self._settle(req)
             return
         self._settle(req)
         mid = self.next_mid()
         if not req.confirmable:
-            self._send(encode(Message(NON, code, mid, token, options, payload)), req.peer, code)
+            self.send(encode(Message(NON, code, mid, token, options, payload)), req.peer, code)
             return
         data = encode(Message(CON, code, mid, token, options, payload))
         self.send_confirmable(data, req.peer, mid, token, context, code)
 
     def answer_late(
-        self, peer: Peer, token: bytes, code: int, options: list | None, payload: bytes, request_size: int
+        self, peer: Peer, token: bytes, code: int, options: Options | None, payload: bytes, request_size: int
     ) -> None:
         """A separate response (a CON of ours, retransmitted until ACKed) to a request that another
         layer received and deduplicated: the fast lane's readings whose commit outlasted the
@@ -372,7 +404,7 @@ class Endpoint:
         self.send_confirmable(encode(Message(CON, code, mid, token, options, payload)), peer, mid, token, None, code)
 
     @staticmethod
-    def _fit(size: int, mid: int, token: bytes, code: int, options: list | None, payload: bytes) -> bytes:
+    def _fit(size: int, mid: int, token: bytes, code: int, options: Options | None, payload: bytes) -> bytes:
         """Cut an error's diagnostic payload so that the answer is no larger than the request
         (`size` bytes): a forged source address must not turn corem into an amplifier (RFC 7252 §11.3)."""
         overhead = len(encode(Message(ACK, code, mid, token, options, b"x"))) - 1
@@ -397,16 +429,18 @@ class Endpoint:
         out = Outgoing(peer, mid, token, data, timeout, context)
         self._outstanding[(peer, mid)] = out
         self._schedule(out, self._now_hint + timeout)
-        self._send(data, peer, code)
+        self.send(data, peer, code)
         return True
 
     def next_mid(self) -> int:
         self._mid = (self._mid + 1) & 0xFFFF
         return self._mid
 
-    def _send(self, data: bytes, peer: Peer, code: int) -> None:
-        self.outbox.append((data, peer))
+    def send(self, data: bytes, peer: Peer, code: int) -> None:
+        """Send a message of ours that needs no ACK (a NON notification), counted by its code."""
+        self._outbox.append((data, peer))
         self.stats.responses[code] += 1
+
 
     def _schedule(self, out: Outgoing, deadline: float) -> None:
         self._seq += 1
@@ -416,11 +450,10 @@ class Endpoint:
     #: The last `now` the endpoint saw; deadlines of messages created in between start here.
     _now_hint = 0.0
 
-    def tick(self, now: float) -> list[Acked]:
-        """Run every timer due at `now`; returns GaveUp events for abandoned messages."""
+    def tick(self, now: float) -> None:
+        """Run every timer due at `now` (an abandoned message's `GaveUp` comes from `next_event`)."""
         self._now_hint = now
         p = self.params
-        events: list[Acked] = []
         piggyback = self._piggyback
         dedup = self._dedup
         limit = now - p.piggyback_timeout
@@ -432,14 +465,14 @@ class Endpoint:
                     and not self._before_session(req.peer, at)):
                 req.state = SEPARATE
                 req.reply = bytes((0x60, 0, req.mid >> 8, req.mid & 0xFF))  # empty ACK
-                self._send(req.reply, req.peer, 0)
+                self.send(req.reply, req.peer, 0)
         limit = now - p.exchange_lifetime
         sessions = self._sessions
         while sessions and next(iter(sessions.values())) <= limit:
             sessions.popitem(last=False)  # older than any exchange still remembered
         while dedup:
             key, entry = next(iter(dedup.items()))
-            if (entry[0] if type(entry) is tuple else entry.received_at) > limit:
+            if (entry.received_at if isinstance(entry, Request) else entry[0]) > limit:
                 break
             del dedup[key]
         retx = self._retx
@@ -451,16 +484,15 @@ class Endpoint:
                 out.done = True
                 del self._outstanding[(out.peer, out.mid)]
                 self.stats.gave_up += 1
-                events.append(GaveUp(out))
+                self._events.append(GaveUp.of(out))
                 continue
             out.tries += 1
             out.timeout *= 2
             self.stats.retransmissions += 1
-            self.outbox.append((out.data, out.peer))
+            self._outbox.append((out.data, out.peer))
             self._schedule(out, now + out.timeout)
-        return events
 
-    def next_deadline(self) -> float | None:
+    def get_timer(self) -> float | None:
         """When `tick` next has work, or None if no timer is pending."""
         p = self.params
         candidates = []
@@ -474,11 +506,20 @@ class Endpoint:
             candidates.append(self._retx[0][0])
         if dedup:
             entry = next(iter(dedup.values()))
-            received_at = entry[0] if type(entry) is tuple else entry.received_at
+            received_at = entry.received_at if isinstance(entry, Request) else entry[0]
             candidates.append(received_at + p.exchange_lifetime)
         return min(candidates) if candidates else None
 
     # -- introspection ---------------------------------------------------------------------
+    def metrics(self) -> Iterator[Sample]:
+        stats = self.stats
+        for attr, name in METRICS.items():
+            yield counter(name, getattr(stats, attr))
+        for code, n in enumerate(stats.responses):
+            if n:
+                yield counter("corem_coap_responses", n, code=code_str(code))
+        yield gauge("corem_coap_outstanding", len(self._outstanding))
+
     @property
     def dedup_entries(self) -> int:
         return len(self._dedup)
@@ -487,6 +528,13 @@ class Endpoint:
     def outstanding(self) -> int:
         return len(self._outstanding)
 
-    def take_outbox(self) -> list[tuple[bytes, Peer]]:
-        out, self.outbox = self.outbox, []
+    def datagrams_to_send(self) -> list[tuple[bytes, Peer]]:
+        """The datagrams queued since the last call, oldest first, as (bytes, peer); the caller
+        owns the list."""
+        out, self._outbox = self._outbox, []
         return out
+
+    def next_event(self) -> Event | None:
+        """The oldest event not yet taken, or None.  The edge takes them all after each batch and
+        each tick, so they never pile up."""
+        return self._events.popleft() if self._events else None

@@ -14,12 +14,14 @@ only without the Observe option (§3.1: the client then knows it is not on the l
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Hashable
+from dataclasses import dataclass
+from typing import Hashable, Iterator
 
-from ..codec import Message, OptionNumber, Type, encode, encode_uint
+from ..codec import Message, OptionNumber, Options, Type, encode, encode_uint
+from ..stats import Sample, counter, gauge
 from .blockwise import first_block
-from .endpoint import Endpoint, GaveUp, Request, Reset, StrayReset
-from .resources import Response
+from .endpoint import Endpoint, Event, GaveUp, Request, Reset, StrayReset
+from .response import Response
 
 Peer = Hashable
 
@@ -35,12 +37,22 @@ class Observation:
         self.last_con = now
 
 
-class ObserveStats:
-    __slots__ = ("registered", "refused", "deregistered", "notifications", "con_notifications", "lost")
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """The context a confirmable notification is sent with: which observation it belongs to, so
+    that its `Reset` or `GaveUp` ends that observation."""
 
-    def __init__(self) -> None:
-        self.registered = self.refused = self.deregistered = 0
-        self.notifications = self.con_notifications = self.lost = 0
+    key: tuple[Peer, bytes]
+
+
+@dataclass(slots=True)
+class ObserveStats:
+    registered: int = 0
+    refused: int = 0
+    deregistered: int = 0
+    notifications: int = 0
+    con_notifications: int = 0
+    lost: int = 0
 
 
 class Observers:
@@ -63,7 +75,7 @@ class Observers:
         self.con_interval = con_interval
         self._by_key: dict[tuple[Peer, bytes], Observation] = {}
         self._by_resource: dict[str, dict[tuple[Peer, bytes], Observation]] = {}
-        self._per_source: Counter = Counter()
+        self._per_source: Counter[Hashable] = Counter()
         #: (peer, mid) of recent NON notifications -> observer key, so that a RST answering one
         #: cancels the observation (the message layer forgets NON messages once sent)
         self._recent_non: OrderedDict[tuple[Peer, int], tuple[Peer, bytes]] = OrderedDict()
@@ -73,6 +85,14 @@ class Observers:
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    def metrics(self) -> Iterator[Sample]:
+        st = self.stats
+        yield gauge("corem_coap_observers", len(self._by_key))
+        yield counter("corem_coap_observe_registrations", st.registered)
+        yield counter("corem_coap_observe_refused", st.refused)
+        yield counter("corem_coap_observe_notifications", st.notifications)
+        yield counter("corem_coap_observe_lost", st.lost)
 
     def observers(self, resource: str) -> int:
         return len(self._by_resource.get(resource, ()))
@@ -119,7 +139,7 @@ class Observers:
         return True
 
     # -- notifications -------------------------------------------------------------------------
-    def notify(self, resource: str, code: int, options: list | None, payload: bytes, now: float) -> int:
+    def notify(self, resource: str, code: int, options: Options | None, payload: bytes, now: float) -> int:
         """Send the resource's new state to each of its observers; returns how many."""
         observers = self._by_resource.get(resource)
         if not observers:
@@ -143,13 +163,12 @@ class Observers:
             confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
             data = encode(Message(Type.CON if confirmable else Type.NON, code, mid, obs.token, opts, payload))
             if confirmable:
-                if not ep.send_confirmable(data, obs.peer, mid, obs.token, context=("observe", key), code=code):
+                if not ep.send_confirmable(data, obs.peer, mid, obs.token, context=Notification(key), code=code):
                     continue  # too many messages awaiting ACK: this one is skipped, the next may go
                 obs.last_con = now
                 self.stats.con_notifications += 1
             else:
-                ep.outbox.append((data, obs.peer))
-                ep.stats.responses[code] += 1
+                ep.send(data, obs.peer, code)
                 recent = self._recent_non
                 recent[(obs.peer, mid)] = key
                 if len(recent) > self._recent_non_max:
@@ -162,13 +181,14 @@ class Observers:
                     self.stats.deregistered += 1
         return sent
 
-    def handle(self, event: object) -> None:
+    def handle(self, event: Event) -> None:
         """Feed message-layer events: a RST (to a CON or a NON notification) or a CON
         notification that was never acknowledged ends the observation."""
+        key: tuple[Peer, bytes] | None
         if isinstance(event, StrayReset):
             key = self._recent_non.pop((event.peer, event.mid), None)
-        elif isinstance(event, (Reset, GaveUp)) and isinstance(event.context, tuple) and event.context[0] == "observe":
-            key = event.context[1]
+        elif isinstance(event, (Reset, GaveUp)) and isinstance(event.context, Notification):
+            key = event.context.key
         else:
             return
         if key is not None and self._remove(key):

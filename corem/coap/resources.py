@@ -3,20 +3,23 @@
 Paths are patterns of segments; `{name}` matches any one segment and its value is passed to the
 handler in order; a last segment `{name*}` matches one or more segments (topic names such as
 `ps/{topic*}`) and is passed joined with '/'.  A handler returns a `Response` to answer at once,
-or None when it will answer later through `Endpoint.respond` (e.g. after the point is committed).
+or None when it will answer later through `Request.respond` (e.g. after the point is committed).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
 from ..errors import StorageUnavailable
-from .blockwise import Block1Uploads, block2
+from ..stats import Sample, counter
+from .blockwise import Block1Uploads, Upload, block2
 from .response import Response, retry_later
+
+__all__ = ["Handler", "Response", "Router"]
 from .endpoint import Request
 
 log = logging.getLogger("corem.coap")
@@ -70,6 +73,12 @@ class Router:
         # literal segments before wildcards, so /a/b wins over /a/{x}
         routes.sort(key=lambda r: tuple(s is None for s in r[0]))
 
+    def metrics(self) -> Iterator[Sample]:
+        yield counter("corem_coap_handler_errors", self.handler_errors)
+        yield counter("corem_coap_invalid_text_options", self.invalid_text)
+        yield counter("corem_coap_storage_errors", self.storage_errors)
+        yield from self.uploads.metrics()
+
     def links(self) -> list[tuple[str, dict[str, str | bool]]]:
         return sorted(self._links.items())
 
@@ -122,12 +131,16 @@ class Router:
             response = block2(msg, response)
         return response
 
-    def _upload(self, req: Request, msg: Message, path: list[str], handler: Handler, params: list[str]):
+    def _upload(
+        self, req: Request, msg: Message, path: list[str], handler: Handler, params: list[str]
+    ) -> Response | None:
         """A Block1 request: 2.31 until the body is complete, then the handler sees it whole."""
         key = (req.peer, tuple(path), bytes(msg.opt(OptionNumber.REQUEST_TAG) or b""))
-        state, result = self.uploads.receive(key, msg, req.received_at, Response)
-        if state != "done":
+        state, result = self.uploads.receive(key, msg, req.received_at)
+        if state is not Upload.COMPLETE:
+            assert isinstance(result, Response)  # (a Block1 option is there: never Upload.NONE)
             return result
+        assert isinstance(result, bytes)
         last = msg.block1
         assert last is not None
         whole = [o for o in msg.options if o[0] != OptionNumber.BLOCK1]
@@ -136,7 +149,9 @@ class Router:
         return self._call(handler, req, params, path)
 
 
-def _match(routes, path: list[str]) -> tuple[dict[int, Handler], list[str]] | None:
+def _match(
+    routes: Iterable[tuple[tuple[str | None, ...], dict[int, Handler]]], path: list[str]
+) -> tuple[dict[int, Handler], list[str]] | None:
     """The first route whose pattern matches `path` segment for segment, with its parameters."""
     for pattern, methods in routes:
         params = []

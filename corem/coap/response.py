@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..codec import Code, OptionNumber
+from ..codec import Code, OptionNumber, Options
 
 #: Seconds a device is told to wait (Max-Age on a 5.03) before it tries again.
 RETRY_AFTER = 5
@@ -14,7 +14,7 @@ RETRY_AFTER = 5
 class Response(NamedTuple):
     code: int
     payload: bytes = b""
-    options: list | None = None
+    options: Options | None = None
 
 
 def retry_later(reason: bytes) -> Response:

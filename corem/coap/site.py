@@ -18,18 +18,19 @@
     server.site.add("sensors/temperature", Temperature())
 
 A method the resource does not define is answered 4.05.  Handlers run on the event loop: keep them
-quick, or answer later through `req.endpoint.respond`.
+quick, or answer later through `req.respond`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..codec import Code
 from .endpoint import Request
 from .observe import Observers, answer_observe
-from .resources import Response, Router
+from .resources import Handler, Router
+from .response import Response
 
 METHODS = {Code.GET: "get", Code.POST: "post", Code.PUT: "put", Code.DELETE: "delete"}
 
@@ -47,8 +48,8 @@ class Resource:
     title: str | None = None
 
     def link(self) -> dict[str, str | bool]:
-        attrs: dict[str, str | bool] = {"rt": self.rt, "if": self.if_, "ct": self.ct, "title": self.title}
-        attrs = {k: v for k, v in attrs.items() if v is not None}
+        given = {"rt": self.rt, "if": self.if_, "ct": self.ct, "title": self.title}
+        attrs: dict[str, str | bool] = {k: v for k, v in given.items() if v is not None}
         if self.observable:
             attrs["obs"] = True
         return attrs
@@ -65,12 +66,14 @@ class Resource:
 class Site:
     """Mounts resources on one or more (router, observers) pairs: one per transport."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, after_notify: Callable[[], None] | None = None
+    ) -> None:
         self._mounts: list[tuple[Router, Observers]] = []
         self._resources: dict[str, Resource] = {}
         self.clock = clock
         #: called after notifications were queued (the server flushes its edges there)
-        self.after_notify: Callable[[], None] | None = None
+        self.after_notify = after_notify
 
     def mount(self, router: Router, observers: Observers) -> None:
         self._mounts.append((router, observers))
@@ -85,22 +88,23 @@ class Site:
             self._install(router, observers, path, resource)
 
     def _install(self, router: Router, observers: Observers, path: str, resource: Resource) -> None:
-        handlers = {code: _adapt(getattr(resource, name)) for code, name in METHODS.items() if hasattr(resource, name)}
+        handlers: dict[int, Handler] = {
+            code: _adapt(getattr(resource, name)) for code, name in METHODS.items() if hasattr(resource, name)}
         if resource.observable and Code.GET in handlers:
             handlers[Code.GET] = self._observed(resource, observers, path)
         router.add(path, handlers, link=resource.link())
 
-    def _observed(self, resource: Resource, observers: Observers, path: str):
+    def _observed(self, resource: Resource, observers: Observers, path: str) -> Handler:
         """GET with the Observe option: register (0) or deregister (1) the requester (§3.1, §3.6)."""
 
         def get(req: Request, params: list[str]) -> Response | None:
-            response = resource.get(req)
+            response: Response | None = resource.get(req)  # type: ignore[attr-defined]
             return None if response is None else answer_observe(observers, req, path, response, self.clock())
 
         return get
 
     def notify(self, path: str, resource: Resource) -> None:
-        state = resource.get(None)  # the representation observers get (no request behind it)
+        state: Response | None = resource.get(None)  # type: ignore[attr-defined]  # the representation observers get (no request behind it)
         if state is None:
             return
         now = self.clock()
@@ -110,6 +114,6 @@ class Site:
             self.after_notify()
 
 
-def _adapt(handler):
+def _adapt(handler: Callable[[Request], Any]) -> Handler:
     """Resource methods take (req); the router passes (req, params)."""
     return lambda req, params: handler(req)

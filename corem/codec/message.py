@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from enum import IntEnum
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 from .options import Block, OptionNumber, decode_uint, encode_uint
 
 Buffer = Union[bytes, bytearray, memoryview]
 OptionValue = Union[bytes, bytearray, memoryview]
+#: a message's options: (number, value) pairs in number order
+Options = list[tuple[int, OptionValue]]
 
 
 class MessageFormatError(ValueError):
@@ -460,12 +462,12 @@ def _number(item: tuple[int, OptionValue]) -> int:
     return item[0]
 
 
-def make_options(pairs: Iterable[tuple[int, OptionValue | int | str | bool | Block]]) -> list:
+def make_options(pairs: Iterable[tuple[int, OptionValue | int | str | bool | Block]]) -> Options:
     """Build an option list from typed values, e.g. `[(URI_PATH, "telemetry"), (CONTENT_FORMAT, 60)]`."""
     return sorted(((n, _to_wire(n, v)) for n, v in pairs), key=_number)
 
 
-def _select_decoder():
+def _select_decoder() -> tuple[Callable[[Buffer], Message], str]:
     """The C decoder unless it is missing or COREM_PURE_PYTHON is set."""
     if os.environ.get("COREM_PURE_PYTHON"):
         return decode_py, "python"
@@ -484,6 +486,7 @@ __all__ = [
     "Code",
     "Message",
     "MessageFormatError",
+    "Options",
     "Type",
     "code_str",
     "DECODER",

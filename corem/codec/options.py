@@ -120,7 +120,7 @@ def option_label(number: int) -> str:
         return str(number)
 
 
-def first_bad_text(options: list[tuple[int, bytes | memoryview]]) -> int | None:
+def first_bad_text(options: list[tuple[int, bytes | bytearray | memoryview]]) -> int | None:
     """The number of the first text option whose value is not UTF-8, or None.  Checked once per
     request, before any handler reads one, so no accessor ever raises on device input."""
     for number, value in options:

@@ -21,23 +21,25 @@ import itertools
 import json
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import trio
 
 from ..bus.base import Sink, publish_json
-from ..codec import Code, OptionNumber, encode_uint
-from ..coap.endpoint import DONE, Request
+from ..coap.endpoint import Request
 from ..coap.observe import Observers
+from ..codec import Code, OptionNumber, Options, encode_uint
 from ..registry import Device
 from ..registry.management import Management
+from ..stats import Sample, counter, gauge
 
 #: idle queues looked at per tick at most
 SWEEP = 256
 #: the longest an RPC may wait for its device, or a command be kept for it (seconds)
 MAX_WAIT = 86400.0
 JSON = 50
-JSON_OPTS = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
+JSON_OPTS: Options = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
 
 
 def attributes_resource(device: Device) -> str:
@@ -88,13 +90,25 @@ class DeviceQueue:
         return not (self.attributes or self.rpcs or self.commands or self.waiting)
 
 
+@dataclass(slots=True)
 class DownlinkStats:
-    __slots__ = ("attribute_updates", "attributes_queued", "rpc_sent", "rpc_replied", "rpc_expired",
-                 "commands_sent", "commands_expired", "queue_full")
+    attribute_updates: int = 0
+    attributes_queued: int = 0
+    rpc_sent: int = 0
+    rpc_replied: int = 0
+    rpc_expired: int = 0
+    commands_sent: int = 0
+    commands_expired: int = 0
+    queue_full: int = 0
 
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+
+#: DownlinkStats field -> metric name
+METRICS = {
+    "attribute_updates": "corem_downlink_attribute_updates", "attributes_queued": "corem_downlink_attributes_queued",
+    "rpc_sent": "corem_downlink_rpc_delivered", "rpc_replied": "corem_downlink_rpc_replied",
+    "rpc_expired": "corem_downlink_rpc_expired", "commands_sent": "corem_downlink_commands_delivered",
+    "commands_expired": "corem_downlink_commands_expired", "queue_full": "corem_downlink_queue_full",
+}
 
 
 class Downlink:
@@ -107,6 +121,7 @@ class Downlink:
         max_queued: int = 100,
         max_devices: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        after_send: Callable[[], None] | None = None,
     ) -> None:
         self.management = management
         self.sink = sink
@@ -117,7 +132,7 @@ class Downlink:
         #: one Observers per transport (CoAP, CoAPS): a device may observe on either
         self.observers: list[Observers] = []
         #: called after notifications or responses were queued (the server flushes its edges)
-        self.after_send: Callable[[], None] | None = None
+        self.after_send = after_send
         self._queues: OrderedDict[tuple[str, str], DeviceQueue] = OrderedDict()
         self._due: set[tuple[str, str]] = set()
         #: queues with a parked `ct` request or commands: the only ones a tick has to look at
@@ -181,7 +196,7 @@ class Downlink:
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)
         if q is None:
-            req.endpoint.respond(req, Code.CHANGED)
+            req.respond(Code.CHANGED)
             return
         self._touch(key, q, now)
         self._drop_expired_commands(q, device, now)
@@ -190,13 +205,13 @@ class Downlink:
             return
         if q.waiting is not None:  # a newer request replaces the older one, which is answered
             old = q.waiting[0]
-            if old.state != DONE:
-                old.endpoint.respond(old, Code.CHANGED)
+            if not old.answered:
+                old.respond(Code.CHANGED)
         q.waiting = (req, now + ct)
         self._timed.add(key)
 
     # -- operator side ---------------------------------------------------------------------------
-    def set_shared(self, device: Device, values: dict[str, Any]) -> str:
+    def set_shared(self, device: Device, values: Any) -> str:
         """Store shared attributes and deliver the change: 'delivered' (to its observers),
         'queued' (a sleeping device: merged with what already waits) or 'stored' (awake but not
         observing: its next GET reads it)."""
@@ -214,7 +229,7 @@ class Downlink:
         self.stats.attributes_queued += 1
         return "queued"
 
-    def send_rpc(self, device: Device, method: str, params: Any, timeout: float, oneway: bool = False) -> RpcCall:
+    def send_rpc(self, device: Device, method: Any, params: Any, timeout: Any, oneway: bool = False) -> RpcCall:
         """Queue an RPC request for the device; it goes out at once if the device listens.
         ValueError names a bad argument; OverflowError says the device's queue is full."""
         if not isinstance(method, str) or not method:
@@ -243,7 +258,7 @@ class Downlink:
             self._expire_rpc(call)
         return call
 
-    def command(self, device: Device, name: str, payload: bytes, ttl: float) -> str:
+    def command(self, device: Device, name: Any, payload: bytes, ttl: Any) -> str:
         """A Drogue-style command: answered to a waiting request at once ('delivered'), or kept
         until the device next waits with `ct` ('queued')."""
         if not isinstance(name, str) or not 0 < len(name.encode()) <= 255:
@@ -256,7 +271,7 @@ class Downlink:
             self.stats.queue_full += 1
             raise OverflowError(f"device {device.tenant}/{device.device}: {self.max_queued} commands queued already")
         cmd = (name, payload, now + ttl)
-        if q.waiting is not None and q.waiting[0].state != DONE:
+        if q.waiting is not None and not q.waiting[0].answered:
             req, _ = q.waiting
             q.waiting = None
             self._answer_with_command(req, device, cmd)
@@ -284,8 +299,8 @@ class Downlink:
             if q is not None and q.waiting is not None and q.waiting[1] <= now:
                 req = q.waiting[0]
                 q.waiting = None
-                if req.state != DONE:
-                    req.endpoint.respond(req, Code.CHANGED)
+                if not req.answered:
+                    req.respond(Code.CHANGED)
                     sent = True
             if q is not None and q.commands:
                 self._drop_expired_commands(q, Device(tenant=key[0], device=key[1]), now)
@@ -326,7 +341,7 @@ class Downlink:
 
     def _notify(self, resource: str, body: Any, now: float) -> int:
         payload = dumps(body)
-        sent = sum(o.notify(resource, Code.CONTENT, JSON_OPTS, payload, now) for o in self.observers)
+        sent: int = sum(o.notify(resource, Code.CONTENT, JSON_OPTS, payload, now) for o in self.observers)
         if sent and self.after_send is not None:
             self.after_send()
         return sent
@@ -370,7 +385,7 @@ class Downlink:
 
     def _answer_with_command(self, req: Request, device: Device, cmd: tuple[str, bytes, float]) -> None:
         name, payload, _ = cmd
-        req.endpoint.respond(req, Code.CONTENT, [(OptionNumber.DROGUE_COMMAND, name.encode())], payload)
+        req.respond(Code.CONTENT, [(OptionNumber.DROGUE_COMMAND, name.encode())], payload)
         self.stats.commands_sent += 1
         self._publish(device, {"type": "command", "command": name, "status": "delivered"})
         if self.after_send is not None:
@@ -384,6 +399,11 @@ class Downlink:
     @property
     def devices_queued(self) -> int:
         return len(self._queues)
+
+    def metrics(self) -> Iterator[Sample]:
+        for attr, name in METRICS.items():
+            yield counter(name, getattr(self.stats, attr))
+        yield gauge("corem_downlink_devices_queued", len(self._queues))
 
     def queued(self, device: Device) -> dict[str, int]:
         q = self._queues.get((device.tenant, device.device))

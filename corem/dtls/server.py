@@ -19,25 +19,27 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Mapping
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
-from mbedtls import pk, tls, x509
+from mbedtls import tls
 from mbedtls.exceptions import TLSError
 
 from ..registry import Device
+from ..stats import Sample, counter, gauge
+from .certs import load_certificates, load_key, peer_der
 from .errors import CLOSE_NOTIFY, error_code
 from .errors import reason as tls_reason
-from .store import SessionStore, peer_key
+from .store import Row, SessionStore, Unsaved, freeze, peer_key, thaw
 
 log = logging.getLogger("corem.dtls")
 
 Peer = Hashable
 
-HANDSHAKE_OVER = tls.HandshakeStep.HANDSHAKE_OVER
+#: (the stubs say `_handshake_state` is an int; it is this enum member)
+HANDSHAKE_OVER: Any = tls.HandshakeStep.HANDSHAKE_OVER
 CONTENT_HANDSHAKE = 22
 CLIENT_HELLO = 1  # handshake message type, the byte after the 13-byte record header
 
@@ -109,7 +111,7 @@ class PskStore(Mapping[str, bytes]):
         self.resolved = device
         return device.psk
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[PskStore], tuple[Callable[[str], None]]]:
         """A serialized session carries its configuration, and with it this store.  It must not
         drag the registry (or any key) into the blob: restored sessions never look a key up."""
         return (PskStore, (_no_device,))
@@ -137,7 +139,7 @@ class Session:
         self.last_seen = now
 
 
-@dataclass
+@dataclass(slots=True)
 class DtlsStats:
     datagrams_in: int = 0
     bytes_in: int = 0
@@ -149,16 +151,32 @@ class DtlsStats:
     sessions_lost: int = 0
     handshakes_started: int = 0
     handshakes_completed: int = 0
-    handshakes_failed: Counter = field(default_factory=Counter)  # reason -> count
+    handshakes_failed: Counter[str] = field(default_factory=Counter)  # reason -> count
     handshakes_refused: int = 0
     records_dropped: int = 0
     sessions_closed: int = 0
     sessions_expired: int = 0
 
 
+#: DtlsStats field -> metric name
+DTLS_METRICS = {
+    "handshakes_started": "corem_dtls_handshakes_started", "handshakes_completed": "corem_dtls_handshakes_completed",
+    "handshakes_refused": "corem_dtls_handshakes_refused", "hello_verify_sent": "corem_dtls_hello_verify_sent",
+    "records_dropped": "corem_dtls_records_dropped", "bytes_in": "corem_dtls_bytes_received",
+    "bytes_out_unauthenticated": "corem_dtls_bytes_sent_unauthenticated",
+    "sessions_closed": "corem_dtls_sessions_closed", "sessions_expired": "corem_dtls_sessions_expired",
+    "offloaded": "corem_dtls_sessions_offloaded", "restored": "corem_dtls_sessions_restored",
+    "sessions_lost": "corem_dtls_sessions_lost", "offload_failed": "corem_dtls_sessions_offload_failed",
+}
+
+
 class DtlsServer:
+    """CoAPS's security layer (corem/net/security.py): handshakes, sessions, records."""
+
     #: Seconds between sweeps of idle established sessions.
     SWEEP_INTERVAL = 60.0
+    #: records are not messages: the fast lane gets the decrypted messages, not the socket
+    transparent = False
 
     def __init__(
         self,
@@ -169,6 +187,7 @@ class DtlsServer:
         store: SessionStore | None = None,
         device_lookup: Callable[[str, str], Device | None] | None = None,
         wall: Callable[[], float] = time.time,
+        on_new_session: Callable[[Peer, float], None] | None = None,
     ) -> None:
         self.params = p = params or DtlsParams()
         self.psk_store = psk_store
@@ -180,14 +199,15 @@ class DtlsServer:
         self.wall = wall
         self.offloaded: set[bytes] = set(self.store.keys())
         self._now = 0.0
-        extra: dict = {}
+        extra: dict[str, Any] = {}
         if p.cert_file is not None:
+            assert p.key_file is not None  # (DtlsParams checks that they go together)
             extra["certificate_chain"] = (load_certificates(p.cert_file), load_key(p.key_file))
             if p.ca_file is not None:
                 extra["trust_store"] = tls.TrustStore(load_certificates(p.ca_file))
         conf = tls.DTLSConfiguration(
             pre_shared_key_store=psk_store,
-            ciphers=list(p.ciphers),
+            ciphers=tuple(p.ciphers),
             validate_certificates=p.cert_file is not None and p.client_auth == "required",
             lowest_supported_version=tls.DTLSVersion.DTLSv1_2,
             highest_supported_version=tls.DTLSVersion.DTLSv1_2,
@@ -199,11 +219,12 @@ class DtlsServer:
         #: the cookie exchange (stepped by tick)
         self.sessions: OrderedDict[Peer, Session] = OrderedDict()
         self.handshakes: dict[Peer, Session] = {}
-        self.outbox: list[tuple[bytes, Peer]] = []
+        self._outbox: list[tuple[bytes, Peer]] = []
         self.stats = DtlsStats()
         #: told `(peer, now)` when a handshake completes: a new session, in which the peer's
-        #: message IDs start afresh (the message layer stops treating old ones as duplicates)
-        self.on_new_session: Callable[[Peer, float], None] | None = None
+        #: message IDs start afresh (the message layer stops treating old ones as duplicates).
+        #: A callback, not an event: it must reach the message layer before the next datagram.
+        self.on_new_session = on_new_session
         self._next_sweep = 0.0
 
     # -- input ---------------------------------------------------------------------------------
@@ -302,7 +323,7 @@ class DtlsServer:
             return
         self.handshakes.pop(peer, None)
         if session.device is None:  # not PSK: a certificate maps to a device, or nothing does
-            der = _peer_der(session.buf)
+            der = peer_der(session.buf)
             if der is not None:
                 session.device = self.cert_lookup(hashlib.sha256(der).hexdigest())
                 if session.device is None:
@@ -370,13 +391,24 @@ class DtlsServer:
         buf.consume_outgoing(len(record))
         return record
 
+    def datagrams_to_send(self) -> list[tuple[bytes, Peer]]:
+        """Handshake flights and alerts queued since the last call (records of application data
+        come from `wrap`)."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def credentialed(self, datagram: bytes, peer: Peer) -> bool:
+        """Over its source's rate, a datagram from a live session still goes through: the cookie
+        exchange and the handshake proved the peer (net/limits.py)."""
+        return peer in self.sessions
+
     def _flush(self, buf: tls.TLSWrappedBuffer, peer: Peer, *, unauthenticated: bool) -> None:
         while True:
             out = buf.peek_outgoing(4096)
             if not out:
                 return
             buf.consume_outgoing(len(out))
-            self.outbox.append((out, peer))
+            self._outbox.append((out, peer))
             if unauthenticated:
                 self.stats.bytes_out_unauthenticated += len(out)
 
@@ -406,8 +438,8 @@ class DtlsServer:
         wall_offset = self.wall() - now
         sessions = self.sessions
         keep: list[tuple[Peer, Session]] = []
-        rows = []
-        saving: list[tuple[Peer, Session, tuple]] = []
+        rows: list[Row] = []
+        saving: list[tuple[Peer, Session, Row]] = []
         while sessions:
             peer, session = next(iter(sessions.items()))
             if session.last_seen >= offload_before:
@@ -416,10 +448,18 @@ class DtlsServer:
             if session.last_seen < expire_before:
                 self.stats.sessions_expired += 1
                 continue
-            row = self._serialize(peer, session, wall_offset)
-            if row is None:
+            blob = freeze(session.buf)
+            if blob is Unsaved.NOT_YET:
                 keep.append((peer, session))  # not serializable yet (no data since the handshake)
-            elif row is not LOST:
+            elif blob is Unsaved.LOST:
+                # saving resets the live context: whatever failed after it, this session is gone;
+                # the device will do a new handshake
+                log.warning("lost the session of %s while serializing it", peer)
+                self.stats.sessions_lost += 1
+            else:
+                device = session.device
+                tenant, name = (device.tenant, device.device) if device is not None else ("", "")
+                row = (peer_key(peer), blob, tenant, name, session.last_seen + wall_offset)
                 rows.append(row)
                 saving.append((peer, session, row))
         for peer, session in keep:
@@ -435,7 +475,7 @@ class DtlsServer:
         self.stats.sessions_expired += len(expired)
         return len(rows)
 
-    def _keep_live(self, saving: list[tuple[Peer, Session, tuple]]) -> None:
+    def _keep_live(self, saving: list[tuple[Peer, Session, Row]]) -> None:
         """The store refused these sessions: back into memory, each from its blob (saving reset
         its Mbed TLS context), in front of the least recently active end where they were."""
         self.stats.offload_failed += len(saving)
@@ -445,29 +485,13 @@ class DtlsServer:
             log.warning("could not offload %d DTLS sessions (%s): they stay in memory", len(saving),
                         self.store.last_error)
         for peer, session, row in reversed(saving):
-            try:
-                session.buf = pickle.loads(row[1])
-            except Exception:  # noqa: BLE001 - a blob that does not restore: the device handshakes again
+            buf = thaw(row[1])
+            if buf is None:  # a blob that does not restore: the device handshakes again
                 self.stats.sessions_lost += 1
                 continue
+            session.buf = buf
             self.sessions[peer] = session
             self.sessions.move_to_end(peer, last=False)
-
-    def _serialize(self, peer: Peer, session: Session, wall_offset: float):
-        """The store row for a session, None if it cannot be saved yet, LOST if it broke."""
-        try:
-            blob = pickle.dumps(session.buf)
-        except TypeError as e:
-            if "-0x7100" in str(e):  # Mbed TLS refused before saving: not serializable yet
-                return None
-            # mbedtls_ssl_context_save resets the live context: whatever failed after it, this
-            # session is gone; the device will do a new handshake
-            log.warning("lost the session of %s while serializing it: %s", peer, e)
-            self.stats.sessions_lost += 1
-            return LOST
-        device = session.device
-        tenant, name = (device.tenant, device.device) if device is not None else ("", "")
-        return (peer_key(peer), blob, tenant, name, session.last_seen + wall_offset)
 
     def _restore(self, peer: Peer, now: float | None) -> Session | None:
         key = peer_key(peer)
@@ -482,9 +506,8 @@ class DtlsServer:
         if tenant and device is None:  # the device was removed while its session slept
             self.stats.sessions_expired += 1
             return None
-        try:
-            buf = pickle.loads(blob)
-        except Exception:  # noqa: BLE001 - a blob that does not restore is a lost session, no more
+        buf = thaw(blob)
+        if buf is None:  # a blob that does not restore is a lost session, no more
             self.stats.sessions_lost += 1
             return None
         session = Session(buf, self._now if now is None else now)
@@ -493,6 +516,17 @@ class DtlsServer:
         self.sessions[peer] = session
         self.stats.restored += 1
         return session
+
+    def metrics(self) -> Iterator[Sample]:
+        d = self.stats
+        for attr, name in DTLS_METRICS.items():
+            yield counter(name, getattr(d, attr))
+        for reason, n in sorted(d.handshakes_failed.items()):
+            yield counter("corem_dtls_handshakes_failed", n, reason=reason)
+        yield gauge("corem_dtls_sessions", len(self.sessions), state="live")
+        yield gauge("corem_dtls_sessions", len(self.offloaded), state="offloaded")
+        yield gauge("corem_dtls_sessions", len(self.handshakes), state="handshaking")
+        yield counter("corem_dtls_session_store_errors", self.store.errors)
 
     def device(self, peer: Peer) -> Device | None:
         session = self.sessions.get(peer)
@@ -504,52 +538,6 @@ class DtlsServer:
         saved = self.sweep(now, everything=True)
         self.store.close()
         return saved
-
-
-LOST = object()
-
-
-def load_certificates(path: str) -> list[x509.CRT]:
-    """Every certificate in a PEM file (a chain: leaf first)."""
-    return parse_certificates(open(path).read(), path)
-
-
-def parse_certificates(text: str, where: str = "PEM") -> list[x509.CRT]:
-    marker = "-----END CERTIFICATE-----"
-    pems = [part + marker for part in text.split(marker) if "-----BEGIN CERTIFICATE-----" in part]
-    if not pems:
-        raise ValueError(f"{where}: no PEM certificate in it")
-    try:
-        return [x509.CRT.from_PEM(p.strip()) for p in pems]
-    except Exception as e:  # noqa: BLE001 - Mbed TLS raises its own error types
-        raise ValueError(f"{where}: not a valid certificate ({e})") from None
-
-
-def load_key(path: str):
-    for kind in (pk.ECC, pk.RSA):
-        try:
-            return kind.from_file(path)
-        except Exception:  # noqa: BLE001 - try the next key type
-            continue
-    raise ValueError(f"{path}: not a PEM EC or RSA private key")
-
-
-def certificate_sha256(path: str) -> str:
-    """The fingerprint devices are registered by: SHA-256 of the leaf certificate's DER."""
-    return hashlib.sha256(load_certificates(path)[0].to_DER()).hexdigest()
-
-
-def pem_sha256(text: str) -> str:
-    """`certificate_sha256` of a PEM given as text (the admin API's `cert_pem`)."""
-    return hashlib.sha256(parse_certificates(text)[0].to_DER()).hexdigest()
-
-
-def _peer_der(buf: tls.TLSWrappedBuffer) -> bytes | None:
-    try:
-        der = buf.getpeercert(binary_form=True)
-    except (TLSError, ValueError):
-        return None
-    return der or None
 
 
 def _peer_bytes(peer: Peer) -> bytes:

@@ -15,10 +15,13 @@ read back while its row cannot be deleted is read with a SELECT and its row dele
 
 from __future__ import annotations
 
+import enum
 import os
+import pickle
 import socket
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -34,6 +37,41 @@ CREATE INDEX IF NOT EXISTS sessions_last_seen ON sessions (last_seen);
 Row = tuple[bytes, bytes, str, str, float]
 
 
+class Unsaved(enum.Enum):
+    """Why `freeze` gave no blob."""
+
+    #: Mbed TLS refused before touching the context (no application data since the handshake):
+    #: the session stays live and is tried again at a later sweep
+    NOT_YET = "not serializable yet"
+    #: it failed after `mbedtls_ssl_context_save`, which resets the live context: the session is
+    #: gone, and the device will do a new handshake
+    LOST = "lost while serializing"
+
+
+def _row(row: Any) -> Row | None:
+    """A row as SQLite gave it (untyped), as a Row."""
+    if row is None:
+        return None
+    peer, blob, tenant, device, last_seen = row
+    return bytes(peer), bytes(blob), str(tenant), str(device), float(last_seen)
+
+
+def freeze(buf: Any) -> bytes | Unsaved:
+    """A session's Mbed TLS context as a blob (~0.9 KB; see the module docstring)."""
+    try:
+        return pickle.dumps(buf)
+    except TypeError as e:
+        return Unsaved.NOT_YET if "-0x7100" in str(e) else Unsaved.LOST
+
+
+def thaw(blob: bytes) -> Any | None:
+    """The live context again (a `TLSWrappedBuffer`), or None if the blob does not restore."""
+    try:
+        return pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - Mbed TLS raises its own types; a bad blob is a lost session
+        return None
+
+
 def peer_key(peer: object) -> bytes:
     """A compact key for an address: packed IP + port (6 bytes for IPv4, 18 for IPv6)."""
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -42,7 +80,7 @@ def peer_key(peer: object) -> bytes:
             packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
         except (OSError, TypeError):
             return repr(peer).encode()
-        return packed + port.to_bytes(2, "big")
+        return packed + int(port).to_bytes(2, "big")
     return repr(peer).encode()
 
 
@@ -93,8 +131,8 @@ class SessionStore:
                 return None
             if row is not None:
                 self._stale.add(key)
-            return row
-        return row
+            return _row(row)
+        return _row(row)
 
     def discard(self, key: bytes) -> None:
         try:
@@ -140,7 +178,7 @@ class SessionStore:
         return [b for (b,) in self._conn.execute("SELECT blob FROM sessions")]
 
     def __len__(self) -> int:
-        return self._conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
+        return int(self._conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
 
     def close(self) -> None:
         self._conn.close()

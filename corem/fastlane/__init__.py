@@ -9,9 +9,9 @@ and explains.  On plain CoAP it reads the socket itself (recvmmsg) and sends its
 
 `FastLane` is the glue around it: it gives the lane the registry's devices (the
 TelemetryPoint's JSON head and tail are cut from `encode_point` itself, so the two cannot drift),
-submits the lane's records to the sink, tells the downlink which devices talked, and folds the
-lane's counters into the ingest's, the endpoint's and the edge's, so metrics and the UI see one
-server.
+submits the lane's records to the sink, tells the downlink which devices talked and the ingest
+which readings are durable.  Its counters are its own (`metrics()`, under the same names as the
+endpoint's and the edge's: the metrics add them up per transport).
 
 Without a C compiler the lane is not built and `Lane` is None: corem then runs on the Python path.
 """
@@ -19,23 +19,20 @@ Without a C compiler the lane is not built and `Lane` is None: corem then runs o
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 from ..bus.base import Record, Sink
 from ..coap.endpoint import Endpoint
-from ..dtls import DtlsServer
+from ..codec import code_str
 from ..ingest.payload import decode_readings
 from ..ingest.point import TelemetryPoint, encode_point
 from ..ingest.telemetry import BUSY, TelemetryIngest
+from ..stats import Sample, counter
 
 try:
     from ._lane import Lane
 except ImportError:  # pragma: no cover - only without a C compiler
     Lane = None  # type: ignore[assignment,misc]
-
-#: The lane's counters that add to the endpoint's and to the edge's (metrics read those).
-ENDPOINT_COUNTERS = ("datagrams_in", "bytes_in", "requests", "duplicates", "dedup_evictions")
-EDGE_COUNTERS = ("oversized", "datagrams_out", "bytes_out", "send_blocked", "send_errors")
 
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
@@ -65,8 +62,9 @@ def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_
 
 
 class FastLane:
-    """Drives one C `Lane` for a `UdpEdge`: plain CoAP, or behind DTLS with `dtls` (see the module
-    docstring)."""
+    """Drives one C `Lane` for a `UdpEdge`: reading the socket itself (plain CoAP: `drain`, `send`)
+    or offered the messages a security layer decrypted (`begin`, `offer`, `collect`,
+    `take_outbox`); see the module docstring."""
 
     def __init__(
         self,
@@ -77,7 +75,6 @@ class FastLane:
         max_datagram: int = 1500,
         rate: float = 0.0,
         max_sources: int = 100_000,
-        dtls: DtlsServer | None = None,
         exempt: list[tuple[bytes, int]] | None = None,
     ) -> None:
         if Lane is None:
@@ -89,14 +86,12 @@ class FastLane:
             rate=rate, burst=2 * rate, max_sources=max_sources, limit_error_size=p.limit_error_size,
             exempt=exempt or [],
         )
-        self.dtls = dtls
         self.ingest = ingest
         self.sink = sink
-        self.endpoint = endpoint
         # (a function of the endpoint, not a method of self: no cycle, so a lane is freed at once)
         self.lane.on_late = functools.partial(answer_late, endpoint)
         # the lane's own calls, for the edge: timers, a new DTLS session, its answers (sent on
-        # the socket `fd`, or taken as (bytes, peer) for the DTLS edge to encrypt)
+        # the socket `fd`, or taken as (bytes, peer) for the security layer to wrap)
         self.tick = self.lane.tick
         self.new_session = self.lane.new_session
         self.send = self.lane.flush
@@ -105,11 +100,9 @@ class FastLane:
         self._version = -1
         self._now_ms = 0
         self._index: dict[tuple[str, str], int] = {}  # (tenant, device) -> the lane's target
-        self._seen: dict[str, int] = {}  # counters already folded into the Python side's
-        self._responses: dict[int, int] = {}
-        self.counters: dict[str, Any] = self.lane.counters()
+        self._refusals = 0  # the lane's refusals the ingest was told of
 
-    def refresh(self) -> None:
+    def begin(self) -> None:
         """Before each batch: the batch's wall clock, and the registry's devices again if it changed."""
         ingest = self.ingest
         self._now_ms = ingest.clock_ms()
@@ -134,24 +127,24 @@ class FastLane:
     def drain(self, fd: int, now: float, budget: int) -> list[tuple[bytes, Any]]:
         """Read up to `budget` datagrams from the socket `fd`; submit what the lane accepted;
         return the rest (with their peers) for the Python path."""
-        self.refresh()
+        self.begin()
         self.lane.drain(fd, now, self._now_ms, budget)
         return self._submit()
 
     def receive(self, data: bytes, peer: Any, now: float) -> list[tuple[bytes, Any]]:
         """`drain` for one datagram given by the caller (sans-IO: tests, fuzzing)."""
-        self.refresh()
+        self.begin()
         self.lane.receive(data, peer, now, self._now_ms)
         return self._submit()
 
-    def receive_plain(self, message: bytes, peer: Any, now: float) -> None:
-        """One CoAP message that DTLS decrypted: the lane keeps it or keeps it for `collect`."""
-        device = self.dtls.device(peer) if self.dtls is not None else None
+    def offer(self, message: bytes, peer: Any, device: Any, now: float) -> None:
+        """One CoAP message a security layer decrypted, from a session bound to `device` (or
+        None): the lane keeps it, or keeps it back for `collect`."""
         target = -1 if device is None else self._index.get((device.tenant, device.device), -1)
         self.lane.receive_plain(message, peer, target, now, self._now_ms)
 
     def collect(self) -> list[tuple[bytes, Any]]:
-        """After a batch of `receive_plain`: submit what the lane took; the rest, for Python."""
+        """After a batch of `offer`: submit what the lane took; the rest, for Python."""
         return self._submit()
 
     def _submit(self) -> list[tuple[bytes, Any]]:
@@ -167,32 +160,35 @@ class FastLane:
                 on_uplink(device)
         return slow
 
-    def account(self, edge_stats: Any) -> None:
-        """Fold what the lane did since the last call into the Python side's counters (the
-        ingest's, the endpoint's and `edge_stats`)."""
-        committed = self.lane.take_committed()
-        stats = self.ingest.stats
-        presence = self.ingest.presence
-        now = self.ingest.now()
-        for device, n in committed.items():
-            stats.accepted[device.tenant] += n
-            stats.device_points[device.tenant, device.device] += n
-            if presence is not None:
-                presence.seen(device.tenant, device.device, now, device.profile)
-        c = self.counters = self.lane.counters()
-        seen = self._seen
-        for into, names in ((self.endpoint.stats, ENDPOINT_COUNTERS), (edge_stats, EDGE_COUNTERS)):
-            for name in names:
-                setattr(into, name, getattr(into, name) + c[name] - seen.get(name, 0))
-                seen[name] = c[name]
-        stats.bus_refusals += c["refusals"] - seen.get("refusals", 0)
-        seen["refusals"] = c["refusals"]
-        responses = self.endpoint.stats.responses
+    def settle(self) -> None:
+        """Tell the ingest which of the lane's readings became durable since the last call, and
+        how many it answered 5.03 (the bus could not take them): the ingest owns those counts."""
+        accepted = self.ingest.accepted
+        for device, n in self.lane.take_committed().items():
+            accepted(device, n)
+        refusals = self.lane.counters()["refusals"]
+        if refusals != self._refusals:
+            self.ingest.refused(refusals - self._refusals)
+            self._refusals = refusals
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        return self.lane.counters()
+
+    def metrics(self) -> Iterator[Sample]:
+        """The lane's share of the endpoint's and the edge's counters (same names: summed)."""
+        c = self.lane.counters()
+        for name, key in (
+            ("corem_coap_datagrams_received", "datagrams_in"), ("corem_coap_bytes_received", "bytes_in"),
+            ("corem_coap_requests", "requests"), ("corem_coap_duplicates", "duplicates"),
+            ("corem_coap_dedup_evictions", "dedup_evictions"), ("corem_coap_datagrams_oversized", "oversized"),
+            ("corem_coap_datagrams_sent", "datagrams_out"), ("corem_coap_bytes_sent", "bytes_out"),
+            ("corem_coap_send_blocked", "send_blocked"), ("corem_coap_send_errors", "send_errors"),
+        ):
+            yield counter(name, c[key])
         for code, n in c["responses"].items():
-            responses[code] += n - self._responses.get(code, 0)
-            self._responses[code] = n
+            yield counter("corem_coap_responses", n, code=code_str(code))
 
     def __len__(self) -> int:
         """Exchanges the lane remembers for deduplication."""
-        return self.counters["dedup_entries"]
-
+        return self.lane.counters()["dedup_entries"]

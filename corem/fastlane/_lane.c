@@ -24,8 +24,6 @@
  * rules), one of when each peer's DTLS session began, the exchanges waiting for the sink, and the
  * outbox.  Per accepted reading it makes only the record, its JSON value, the token's bytes for
  * the lookup and the small int the sink hands back.
- *
- * At the end, `recv_many`/`send_many`: the same batched socket calls for the edge's own loop.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,9 +38,10 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "../net/udp_batch.h"
+
 #define KEYLEN 24   /* addr (16, IPv4 mapped) | scope id (4) | port (2) | message id (2) */
 #define REPLY_MAX 48
-#define VLEN 64     /* datagrams per recvmmsg/sendmmsg call */
 #define MAX_ITEMS 64 /* readings per map the lane decodes; more go to the Python path */
 
 /* ---------------------------------------------------------------- FIFO hash map ----------- */
@@ -161,12 +160,6 @@ static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
 }
 
 /* ---------------------------------------------------------------- state -------------------- */
-typedef union {
-    struct sockaddr sa;
-    struct sockaddr_in v4;
-    struct sockaddr_in6 v6;
-} addr_t;
-
 typedef struct {
     uint8_t key[KEYLEN];
     double at;
@@ -269,39 +262,6 @@ static void addr_key(const addr_t *a, uint16_t mid, int with_port, uint8_t *key)
     }
 }
 
-/* The peer as Python's socket module gives it: (host, port) or (host, port, flowinfo, scope_id). */
-static PyObject *addr_tuple(const addr_t *a, socklen_t alen) {
-    char host[NI_MAXHOST];
-    if (getnameinfo(&a->sa, alen, host, sizeof host, NULL, 0, NI_NUMERICHOST) != 0) host[0] = 0;
-    if (a->sa.sa_family == AF_INET) return Py_BuildValue("(si)", host, ntohs(a->v4.sin_port));
-    return Py_BuildValue("(siII)", host, ntohs(a->v6.sin6_port), ntohl(a->v6.sin6_flowinfo),
-                         a->v6.sin6_scope_id);
-}
-
-static int addr_from_tuple(PyObject *peer, addr_t *a, socklen_t *alen) {
-    const char *host;
-    int port;
-    unsigned int flow = 0, scope = 0;
-    if (!PyArg_ParseTuple(peer, "si|II", &host, &port, &flow, &scope)) return -1;
-    memset(a, 0, sizeof *a);
-    if (inet_pton(AF_INET, host, &a->v4.sin_addr) == 1) {
-        a->v4.sin_family = AF_INET;
-        a->v4.sin_port = htons(port);
-        *alen = sizeof a->v4;
-        return 0;
-    }
-    if (inet_pton(AF_INET6, host, &a->v6.sin6_addr) == 1) {
-        a->v6.sin6_family = AF_INET6;
-        a->v6.sin6_port = htons(port);
-        a->v6.sin6_flowinfo = htonl(flow);
-        a->v6.sin6_scope_id = scope;
-        *alen = sizeof a->v6;
-        return 0;
-    }
-    PyErr_Format(PyExc_ValueError, "peer: %s is not a numeric IPv4 or IPv6 address", host);
-    return -1;
-}
-
 /* ---------------------------------------------------------------- output ------------------- */
 static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer, const uint8_t *data,
                      size_t len, int code) {
@@ -324,80 +284,6 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
     memcpy(o->data, data, len);
     self->responses[code & 0xff]++;
     return 0;
-}
-
-/* ---------------------------------------------------------------- batched socket calls ----- */
-typedef int (*datagram_fn)(void *ctx, const uint8_t *data, size_t n, const addr_t *a, socklen_t alen);
-
-/* Up to `budget` datagrams from `fd` (recvmmsg, VLEN at a time, into `buf`: VLEN slots of
- * `bufsize` bytes; a longer datagram arrives cut to bufsize), each handed to `fn`; returns how
- * many, or -1 with an exception set. */
-static long read_datagrams(int fd, uint8_t *buf, size_t bufsize, long budget, datagram_fn fn, void *ctx) {
-    struct mmsghdr msgs[VLEN];
-    struct iovec iov[VLEN];
-    addr_t addrs[VLEN];
-    long total = 0;
-    while (total < budget) {
-        int want = budget - total < VLEN ? (int)(budget - total) : VLEN;
-        for (int i = 0; i < want; i++) {
-            iov[i].iov_base = buf + (size_t)i * bufsize;
-            iov[i].iov_len = bufsize;
-            memset(&msgs[i].msg_hdr, 0, sizeof(struct msghdr));
-            msgs[i].msg_hdr.msg_name = &addrs[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof(addr_t);
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        int got = recvmmsg(fd, msgs, want, MSG_DONTWAIT, NULL);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-            if (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) continue; /* ICMP */
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        for (int i = 0; i < got; i++)
-            if (fn(ctx, iov[i].iov_base, msgs[i].msg_len, &addrs[i], msgs[i].msg_hdr.msg_namelen) < 0) return -1;
-        total += got;
-        if (got < want) break;
-    }
-    return total;
-}
-
-/* One sendmmsg of msgs[0..want): how many the kernel took (0 with *blocked set when it takes no
- * more now), or -1 when it refused msgs[0] for good (e.g. unreachable): skip that one. */
-static int send_datagrams(int fd, struct mmsghdr *msgs, int want, int *blocked) {
-    for (;;) {
-        int sent = sendmmsg(fd, msgs, want, MSG_DONTWAIT);
-        if (sent >= 0) return sent;
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            *blocked = 1;
-            return 0;
-        }
-        return -1;
-    }
-}
-
-/* A datagram into the Python list `ctx` as (bytes, peer), as recvfrom gives it. */
-static int append_pair(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
-    PyObject *data = PyBytes_FromStringAndSize((const char *)d, n);
-    PyObject *peer = data ? addr_tuple(a, alen) : NULL;
-    PyObject *pair = peer ? PyTuple_Pack(2, data, peer) : NULL;
-    Py_XDECREF(data);
-    Py_XDECREF(peer);
-    int r = pair ? PyList_Append((PyObject *)ctx, pair) : -1;
-    Py_XDECREF(pair);
-    return r;
-}
-
-static void set_msg(struct mmsghdr *m, struct iovec *iov, void *data, size_t len, addr_t *a, socklen_t alen) {
-    iov->iov_base = data;
-    iov->iov_len = len;
-    memset(&m->msg_hdr, 0, sizeof(struct msghdr));
-    m->msg_hdr.msg_name = a;
-    m->msg_hdr.msg_namelen = alen;
-    m->msg_hdr.msg_iov = iov;
-    m->msg_hdr.msg_iovlen = 1;
 }
 
 /* ---------------------------------------------------------------- CBOR -> JSON ------------- */
@@ -1519,81 +1405,7 @@ static PyTypeObject LaneType = {
     .tp_members = Lane_members,
 };
 
-/* ---------------------------------------------------------------- the edge's own loop ------ */
-/* For CoAPS, or the lane off: one recvmmsg/sendmmsg per 64 datagrams instead of one
- * recvfrom/sendto each, with the same results as those calls give Python. */
-
-/* recv_many(fd, bufsize, budget) -> [(bytes, peer)]: up to `budget` datagrams, each cut to
- * `bufsize` bytes (the caller sees a datagram of bufsize bytes as too long). */
-static PyObject *recv_many(PyObject *mod, PyObject *args) {
-    int fd, budget;
-    Py_ssize_t bufsize;
-    if (!PyArg_ParseTuple(args, "ini", &fd, &bufsize, &budget)) return NULL;
-    if (bufsize < 1 || bufsize > 65536 || budget < 0) {
-        PyErr_SetString(PyExc_ValueError, "recv_many: bufsize 1-65536, budget >= 0");
-        return NULL;
-    }
-    PyObject *list = PyList_New(0);
-    uint8_t *buf = PyMem_Malloc((size_t)VLEN * bufsize);
-    if (!list || !buf) {
-        Py_XDECREF(list);
-        PyMem_Free(buf);
-        return PyErr_NoMemory();
-    }
-    long r = read_datagrams(fd, buf, (size_t)bufsize, budget, append_pair, list);
-    PyMem_Free(buf);
-    if (r < 0) {
-        Py_DECREF(list);
-        return NULL;
-    }
-    return list;
-}
-
-/* send_many(fd, [(bytes, peer)]) -> (taken, bytes_sent, errors, blocked): sends in order until
- * the kernel will not take more (blocked = 1; the rest is for the next try); a datagram refused
- * for another reason is skipped and counted. */
-static PyObject *send_many(PyObject *mod, PyObject *args) {
-    int fd;
-    PyObject *list;
-    if (!PyArg_ParseTuple(args, "iO!", &fd, &PyList_Type, &list)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(list), done = 0;
-    unsigned long long nbytes = 0, errors = 0;
-    int blocked = 0;
-    struct mmsghdr msgs[VLEN];
-    struct iovec iov[VLEN];
-    addr_t addrs[VLEN];
-    while (done < n && !blocked) {
-        int want = n - done < VLEN ? (int)(n - done) : VLEN;
-        for (int i = 0; i < want; i++) {
-            PyObject *pair = PyList_GET_ITEM(list, done + i);
-            PyObject *data;
-            socklen_t alen;
-            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(data = PyTuple_GET_ITEM(pair, 0))) {
-                PyErr_SetString(PyExc_TypeError, "send_many: items must be (bytes, peer)");
-                return NULL;
-            }
-            if (addr_from_tuple(PyTuple_GET_ITEM(pair, 1), &addrs[i], &alen) < 0) return NULL;
-            set_msg(&msgs[i], &iov[i], PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &addrs[i], alen);
-        }
-        int sent = send_datagrams(fd, msgs, want, &blocked);
-        if (sent < 0) {
-            errors++;
-            sent = 1;
-        } else {
-            for (int i = 0; i < sent; i++) nbytes += iov[i].iov_len;
-        }
-        done += sent;
-    }
-    return Py_BuildValue("(nKKi)", done, nbytes, errors, blocked);
-}
-
-static PyMethodDef module_methods[] = {
-    {"recv_many", recv_many, METH_VARARGS, "recv_many(fd, bufsize, budget) -> [(bytes, peer)]"},
-    {"send_many", send_many, METH_VARARGS, "send_many(fd, [(bytes, peer)]) -> (taken, bytes, errors, blocked)"},
-    {NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, module_methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__lane(void) {
     if (PyType_Ready(&LaneType) < 0) return NULL;

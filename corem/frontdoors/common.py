@@ -8,9 +8,9 @@ from urllib.parse import unquote
 
 import cbor2
 
-from ..codec import Code, OptionNumber, encode_uint
 from ..coap.endpoint import Request
 from ..coap.resources import Response
+from ..codec import Code, OptionNumber, encode_uint
 from ..registry import Device, Directory
 
 JSON, CBOR, OCTETS, TEXT = 50, 60, 42, 0

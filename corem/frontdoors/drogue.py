@@ -21,13 +21,13 @@ import base64
 import secrets
 from typing import Callable
 
-from ..codec import Code, OptionNumber
 from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
+from ..codec import Code, OptionNumber
 from ..devices.downlink import Downlink
 from ..ingest.telemetry import TelemetryIngest
 from ..registry import Device, Directory
-from .common import session_owner, bad_request, query, unauthorized
+from .common import bad_request, query, session_owner, unauthorized
 
 MAX_CT = 300.0
 

@@ -19,17 +19,19 @@ bus like a reading.  Retained messages are bounded in count and bytes (oldest dr
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 from ..bus.base import Record
-from ..codec import Code, OptionNumber, encode_uint
 from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
+from ..codec import Code, OptionNumber, Options, encode_uint
 from ..devices.downlink import Downlink
 from ..ingest.telemetry import BUSY, TelemetryIngest, answer_committed
 from ..registry import Device, Directory
-from .common import session_owner, bad_request, query, unauthorized
+from ..stats import Sample, counter, gauge
+from .common import bad_request, query, session_owner, unauthorized
 
 DEFAULT_MAX_AGE = 60
 
@@ -55,11 +57,13 @@ class Retained(NamedTuple):
     expires: float
 
 
+@dataclass(slots=True)
 class EmqxStats:
-    __slots__ = ("published", "retained", "subscribed", "denied", "retained_dropped")
-
-    def __init__(self) -> None:
-        self.published = self.retained = self.subscribed = self.denied = self.retained_dropped = 0
+    published: int = 0
+    retained: int = 0
+    subscribed: int = 0
+    denied: int = 0
+    retained_dropped: int = 0
 
 
 class Emqx:
@@ -84,6 +88,14 @@ class Emqx:
         self.stats = EmqxStats()
         #: every transport's observers: a publish over CoAP reaches subscribers on CoAPS too
         self.observers: list[Observers] = []
+
+    def metrics(self) -> Iterator[Sample]:
+        st = self.stats
+        yield counter("corem_pubsub_published", st.published)
+        yield counter("corem_pubsub_subscribed", st.subscribed)
+        yield counter("corem_pubsub_denied", st.denied)
+        yield counter("corem_pubsub_retained_dropped", st.retained_dropped)
+        yield gauge("corem_pubsub_retained", len(self))
 
     def __len__(self) -> int:
         return len(self._retained)
@@ -184,7 +196,7 @@ class Emqx:
         if not self.ingest.sink.submit(Record(pubsub_topic(device.tenant), topic.encode(), payload, headers),
                                        answer_committed, req):
             return BUSY
-        opts = [] if cf is None else [(OptionNumber.CONTENT_FORMAT, encode_uint(cf))]
+        opts: Options = [] if cf is None else [(OptionNumber.CONTENT_FORMAT, encode_uint(cf))]
         now = self.clock()
         for o in self.observers:
             o.notify(_resource(device.tenant, topic), Code.CONTENT, opts, payload, now)

@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..bus.base import publish_json
-from ..codec import Code, OptionNumber, encode_uint
 from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
+from ..codec import Code, OptionNumber, encode_uint
 from ..devices.downlink import Downlink, attributes_resource, rpc_resource
 from ..ingest.telemetry import TelemetryIngest
 from ..registry import Device, Directory, RegistryError
 from ..registry.management import Management
-from .common import session_owner, OCTETS, BodyError, bad_request, body, content, query, unauthorized
+from ..stats import Sample, counter
+from .common import OCTETS, BodyError, bad_request, body, content, query, session_owner, unauthorized
 
 log = logging.getLogger("corem.thingsboard")
 
@@ -61,6 +62,10 @@ class ThingsBoard:
         self._packages: OrderedDict[int, bytes] = OrderedDict()
         self.provisioned = 0
         self.provision_refused = 0
+
+    def metrics(self) -> Iterator[Sample]:
+        yield counter("corem_provisioning", self.provisioned, result="success")
+        yield counter("corem_provisioning", self.provision_refused, result="refused")
 
     def install(self, router: Router, observers: Observers, session_device: Callable[[object], Device | None] | None = None) -> None:
         doors: dict[str, dict[int, Handler]] = {
@@ -109,7 +114,7 @@ class ThingsBoard:
             state = m.attributes(device.tenant, device.device, "shared")
             return self._observe(req, device, attributes_resource(device), content(state, req), observers)
         q = query(req)
-        asked = {scope: [k for k in q[param].split(",") if k]
+        asked: dict[str, list[str] | None] = {scope: [k for k in q[param].split(",") if k]
                  for scope, param in (("client", "clientKeys"), ("shared", "sharedKeys")) if param in q}
         scopes = asked or {"client": None, "shared": None}  # neither asked: everything
         return content({scope: m.attributes(device.tenant, device.device, scope, keys)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime
 import json
 from collections import deque
+from typing import Iterator
 
 import cbor2
 import msgspec
+
+from ..stats import Sample, gauge
 
 
 class RejectedSample(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +36,9 @@ class Diagnostics:
     def add(self, **fields) -> None:
         payload = fields.pop("payload")
         self.samples.append(RejectedSample(payload=bytes(payload[: self.max_payload]), **fields))
+
+    def metrics(self) -> Iterator[Sample]:
+        yield gauge("corem_rejected_samples", len(self.samples))
 
     def newest(self, limit: int = 100) -> list[RejectedSample]:
         return list(reversed(self.samples))[:limit]

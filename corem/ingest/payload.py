@@ -42,7 +42,7 @@ class Readings(NamedTuple):
 MAX_TS_MS = 253_402_300_799_999
 
 
-def decode_cbor(payload: bytes | memoryview) -> dict:
+def decode_cbor(payload: bytes | bytearray | memoryview) -> dict:
     fp = io.BytesIO(payload)
     try:
         # max_depth 3 lets one level of nesting through so that the field can be named below
@@ -58,7 +58,7 @@ def decode_cbor(payload: bytes | memoryview) -> dict:
 DECODE_DEPTH = 3
 
 
-def _cbor_problem(payload: bytes | memoryview, error: BaseException) -> str:
+def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException) -> str:
     """Why cbor2 refused `payload`, in corem's words: cbor2's messages change between releases,
     and a device (and its developer's tests) should see the same reason whichever is installed.
     Found by trying again with one restriction lifted; runs on the error path only."""
@@ -81,7 +81,7 @@ def _cbor_problem(payload: bytes | memoryview, error: BaseException) -> str:
 _json = msgspec.json.Decoder()
 
 
-def decode_json(payload: bytes | memoryview) -> dict:
+def decode_json(payload: bytes | bytearray | memoryview) -> dict:
     try:
         return _json.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec < 0.23 let UnicodeDecodeError through
@@ -195,7 +195,7 @@ def is_corem_reason(reason: str) -> bool:
     return any(p.fullmatch(reason) for p in REASONS)
 
 
-def decode_readings(content_format: int | None, payload: bytes | memoryview) -> Readings:
+def decode_readings(content_format: int | None, payload: bytes | bytearray | memoryview) -> Readings:
     """Decode a telemetry payload of the given Content-Format into readings, or raise."""
     if content_format is None:
         raise PayloadError("content-format: missing; send application/cbor (60) or application/json (50)")

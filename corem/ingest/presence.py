@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict
-from typing import Callable
+from typing import Callable, Iterator
 
 import msgspec
 
 from ..bus.base import Record, Sink
+from ..stats import Sample, counter, gauge
 
 
 class PresenceEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +61,14 @@ class Presence:
         self.online_by_tenant: Counter[str] = Counter()
         self.transitions: Counter[str] = Counter()
         self.publish_failures = 0
+
+    def metrics(self) -> Iterator[Sample]:
+        for tenant, n in sorted(self.online_by_tenant.items()):
+            if n:
+                yield gauge("corem_devices_online", n, tenant=tenant)
+        for state, n in sorted(self.transitions.items()):
+            yield counter("corem_presence_transitions", n, state=state)
+        yield counter("corem_presence_publish_failures", self.publish_failures)
 
     def threshold(self, tenant: str, profile: str | None = None) -> float:
         if profile is not None and profile in self.profiles:

@@ -10,7 +10,7 @@ from typing import Callable
 
 from .payload import Readings, decode_readings
 
-Decoder = Callable[[int | None, bytes | memoryview], Readings]
+Decoder = Callable[[int | None, bytes | bytearray | memoryview], Readings]
 
 _PROFILES: dict[str, Decoder] = {"default": decode_readings}
 

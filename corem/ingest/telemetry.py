@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
 
 from ..bus.base import Record, Sink
-from ..codec import Code
-from ..coap.endpoint import DONE, Request
+from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..coap.response import retry_later
+from ..codec import Code
 from ..registry import Device, Directory
+from ..stats import Sample, counter
 from .diagnostics import Diagnostics
 from .payload import PayloadError, UnsupportedFormat
 from .point import TelemetryPoint, encode_point, telemetry_topic
@@ -30,25 +32,26 @@ BUSY = retry_later(b"bus unavailable; retry later")
 
 def answer_committed(req: Request, error: BaseException | None) -> None:
     """A sink `done` for requests answered once their record is durable: 2.04, or 5.03 (BUSY)."""
-    if req.state == DONE:  # answered already (e.g. shutdown gave up on it)
+    if req.answered:  # answered already (e.g. shutdown gave up on it)
         return
     if error is None:
-        req.endpoint.respond(req, Code.CHANGED)
+        req.respond(Code.CHANGED)
     else:
-        req.endpoint.respond(req, BUSY.code, BUSY.options, BUSY.payload)
+        req.respond(BUSY.code, BUSY.options, BUSY.payload)
 
 
+@dataclass(slots=True)
 class IngestStats:
-    def __init__(self) -> None:
-        self.accepted: Counter[str] = Counter()  # tenant -> points acknowledged
-        #: (protocol, reason) -> payloads rejected; reason is a stable metric label
-        self.rejections: Counter[tuple[str, str]] = Counter()
-        self.auth_failures: Counter[tuple[str, str]] = Counter()
-        self.bus_refusals = 0
-        #: (tenant, device) -> points acknowledged / payloads rejected (authenticated devices only,
-        #: so bounded by the registry): the diagnostics UI's per-device rates
-        self.device_points: Counter[tuple[str, str]] = Counter()
-        self.device_rejections: Counter[tuple[str, str]] = Counter()
+    #: tenant -> points acknowledged
+    accepted: Counter[str] = field(default_factory=Counter)
+    #: (protocol, reason) -> payloads rejected; reason is a stable metric label
+    rejections: Counter[tuple[str, str]] = field(default_factory=Counter)
+    auth_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
+    bus_refusals: int = 0
+    #: (tenant, device) -> points acknowledged / payloads rejected (authenticated devices only,
+    #: so bounded by the registry): the diagnostics UI's per-device rates
+    device_points: Counter[tuple[str, str]] = field(default_factory=Counter)
+    device_rejections: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class UnknownProfile(Exception):
@@ -80,6 +83,7 @@ class TelemetryIngest:
         diagnostics: Diagnostics,
         *,
         presence: Presence | None = None,
+        on_uplink: Callable[[Device], None] | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         now: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -90,7 +94,7 @@ class TelemetryIngest:
         self.now = now
         self.presence = presence
         #: told of every authenticated request (the downlink learns that a sleeping device woke)
-        self.on_uplink: Callable[[Device], None] | None = None
+        self.on_uplink = on_uplink
         self.stats = IngestStats()
         self._targets: dict[str, Target] = {}
         self._name_targets: dict[tuple[str, str], Target] = {}
@@ -213,13 +217,13 @@ class TelemetryIngest:
 
     def _committed(self, req: Request, error: BaseException | None) -> None:
         """The sink's verdict on one point: 2.04 once durable, 5.03 with a retry hint if not."""
-        if req.state != DONE:  # (shutdown may have given up on it already)
+        if not req.answered:  # (shutdown may have given up on it already)
             self._account(req.app, error)
             answer_committed(req, error)
 
     def _committed_then(self, req: Request, error: BaseException | None) -> None:
         """As `_committed`, but a durable point is answered by the `then` given to `ingest`."""
-        if req.state != DONE:
+        if not req.answered:
             device, then = req.app
             self._account(device, error)
             if error is None:
@@ -230,9 +234,30 @@ class TelemetryIngest:
     def _account(self, device: Device, error: BaseException | None) -> None:
         if error is not None:
             self.stats.bus_refusals += 1
-            return
-        self.stats.accepted[device.tenant] += 1
-        self.stats.device_points[device.tenant, device.device] += 1
+        else:
+            self.accepted(device, 1)
+
+    def metrics(self) -> Iterator[Sample]:
+        st = self.stats
+        for (protocol, reason), n in sorted(st.rejections.items()):
+            yield counter("corem_protocol_payload_rejections", n, protocol=protocol, reason=reason)
+        if not st.rejections:
+            yield counter("corem_protocol_payload_rejections", 0, protocol="coap", reason="decode_error")
+        for (protocol, reason), n in sorted(st.auth_failures.items()):
+            yield counter("corem_auth_failures", n, protocol=protocol, reason=reason)
+        for tenant, n in sorted(st.accepted.items()):
+            yield counter("corem_telemetry_points", n, tenant=tenant)
+        yield counter("corem_telemetry_bus_refusals", st.bus_refusals)
+
+    def refused(self, n: int) -> None:
+        """`n` readings answered 5.03 elsewhere (the fast lane): the bus could not take them."""
+        self.stats.bus_refusals += n
+
+    def accepted(self, device: Device, n: int) -> None:
+        """`n` readings of `device` are durable on the bus (here, or on the fast lane): counted
+        as accepted, and the device is present."""
+        self.stats.accepted[device.tenant] += n
+        self.stats.device_points[device.tenant, device.device] += n
         if self.presence is not None:
             self.presence.seen(device.tenant, device.device, self.now(), device.profile)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 
-
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

@@ -2,57 +2,70 @@
 
 Trio's `await sock.recvfrom()` costs a trip through the scheduler per datagram.  Instead the edge
 waits for readability once (`trio.lowlevel.wait_readable`) and then drains the non-blocking socket
-in a batch with plain `recvfrom` calls, feeding each datagram to the sans-IO endpoint, and sends the
-outbox at the end of the batch.  Measured on a 2-core machine: ~187k requests/s against ~74k for
-the naive loop (docs/architecture.md).
+in a batch (`batch.py`: recvmmsg), hands each datagram through the security layer to the sans-IO
+endpoint, and sends what they queued at the end of the batch (sendmmsg).  Measured on a 2-core
+machine: ~187k requests/s against ~74k for the naive loop (docs/architecture.md).
 
-Each datagram is received into a fresh `bytes` object (`recvfrom`, not `recvfrom_into` a shared
-buffer) because the decoded message's option values and payload are views into it and may outlive
-the batch (a request waiting on the bus).
+Each datagram is received into a fresh `bytes` object, not a shared buffer, because the decoded
+message's option values and payload are views into it and may outlive the batch (a request
+waiting on the bus).
 
-For CoAPS the same edge carries a `DtlsServer` between the socket and the endpoint: datagrams are
-decrypted before the endpoint sees them, and what the endpoint sends is encrypted on the way out.
-
-The edge can carry a `FastLane` (corem/fastlane) that answers the common telemetry request in C.
-On plain CoAP it reads the socket itself (recvmmsg), gives the edge the other datagrams, which take
-the path above, and applies the limits (size, rate per source) to every datagram; behind DTLS it
-gets the decrypted messages instead of the endpoint, and its answers are encrypted here.
+One drain loop for CoAP and CoAPS: the security layer (`security.py`: `PlainUdp`, or
+`corem.dtls.DtlsServer`) turns datagrams into messages and messages into datagrams.  A
+`FastLane` (corem/fastlane), when there is one, is a pre-filter in front of the Python path: on
+plain CoAP it reads the socket itself (recvmmsg) and gives the edge the datagrams it does not
+answer; behind DTLS it is offered each decrypted message first.  Which of these applies is decided
+once, in the constructor; the loops themselves do not branch on it.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
 import socket
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import trio
 
-from ..coap.endpoint import Endpoint, Request
+from ..coap.endpoint import Endpoint, Event
 from ..coap.resources import Router
-from ..dtls import DtlsServer
+from ..stats import Sample, counter, gauge
+from .batch import reader, sender
 from .limits import SourceLimiter
-
-try:  # one recvmmsg/sendmmsg per 64 datagrams (corem/fastlane/_lane.c), else recvfrom/sendto each
-    from ..fastlane._lane import recv_many, send_many
-except ImportError:  # pragma: no cover - only without a C compiler
-    recv_many = send_many = None
+from .security import PlainUdp, SecurityLayer
 
 if TYPE_CHECKING:
     from ..fastlane import FastLane
 
-log = logging.getLogger("corem.net")
-
 #: Datagrams handled per wake-up before yielding to other tasks (timers, the sink's callbacks).
 BATCH = 256
+#: The longest the timer task sleeps (the security layer's and the lane's timers have no deadline
+#: of their own to wait for).
+TIMER_PERIOD = 0.1
+
+#: an address as the socket module gives it: (host, port) or (host, port, flowinfo, scope_id)
+Peer = Any
+Datagrams = list[tuple[bytes, Peer]]
 
 
+def _nothing(*args: object) -> None:
+    return None
+
+
+@dataclass(slots=True)
 class EdgeStats:
-    __slots__ = ("oversized", "send_errors", "datagrams_out", "bytes_out", "send_blocked")
+    oversized: int = 0
+    send_errors: int = 0
+    datagrams_out: int = 0
+    bytes_out: int = 0
+    send_blocked: int = 0
 
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+
+#: EdgeStats field -> metric name
+METRICS = {
+    "oversized": "corem_coap_datagrams_oversized", "send_errors": "corem_coap_send_errors",
+    "datagrams_out": "corem_coap_datagrams_sent", "bytes_out": "corem_coap_bytes_sent",
+    "send_blocked": "corem_coap_send_blocked",
+}
 
 
 def bind_udp(host: str, port: int) -> socket.socket:
@@ -69,22 +82,18 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def deliver(
-    endpoint: Endpoint, router: Router, message: bytes, peer: tuple, now: float,
-    on_event: Callable[[object], None] | None = None,
-) -> None:
-    """One CoAP message through the endpoint: a request to its handler, an event to `on_event`."""
-    event = endpoint.receive(message, peer, now)
-    if type(event) is Request:
-        response = router.dispatch(event)
+def deliver(endpoint: Endpoint, router: Router, message: bytes, peer: Peer, now: float) -> None:
+    """One CoAP message through the endpoint, and a request to its handler."""
+    req = endpoint.receive(message, peer, now)
+    if req is not None:
+        response = router.dispatch(req)
         if response is not None:
-            endpoint.respond(event, response.code, response.options, response.payload)
-    elif event is not None and on_event is not None:
-        on_event(event)
+            req.respond(response.code, response.options, response.payload)
 
 
 class UdpEdge:
-    """Drives one Endpoint from one UDP socket; dispatches requests to a Router."""
+    """Drives one Endpoint from one UDP socket through a security layer; dispatches requests to a
+    Router and the endpoint's events to `on_event`."""
 
     def __init__(
         self,
@@ -92,36 +101,79 @@ class UdpEdge:
         endpoint: Endpoint,
         router: Router,
         *,
+        security: SecurityLayer | None = None,
         max_datagram: int = 1500,
-        dtls: DtlsServer | None = None,
         limiter: SourceLimiter | None = None,
         lane: FastLane | None = None,
         after_drain: Callable[[], object] | None = None,
-        exempt: Callable[[bytes, tuple], bool] | None = None,
+        on_event: Callable[[Event], object] | None = None,
     ) -> None:
         self.sock = sock
+        self.endpoint = endpoint
+        self.router = router
+        self.security: SecurityLayer = security if security is not None else PlainUdp()
+        self.max_datagram = max_datagram
+        self.lane = lane
         #: called after each batch of datagrams is handled, before its answers go out: a sink
         #: that pipelines (Kafka) collects the delivery reports ready by then, so a busy server
         #: answers within one loop pass instead of at its sink's next timer
-        self.after_drain = after_drain
-        #: over its source's rate, a datagram this says yes to goes through (an established DTLS
-        #: session, a known token: see net/limits.py); behind DTLS, live sessions are always exempt
-        self.exempt = exempt if dtls is None else (lambda data, peer: peer in dtls.sessions)
-        self.endpoint = endpoint
-        self.router = router
-        self.max_datagram = max_datagram
-        self.dtls = dtls
-        self.lane = lane
-        if dtls is not None:
-            dtls.on_new_session = self._new_session
-        #: rate limit per source: the lane's own when it reads the socket (it sees every datagram first)
-        self.limiter = limiter if lane is None or not lane.rate_limited else _LaneLimits(lane)
+        self.after_drain = after_drain or _nothing
         #: receives message-layer events (ACK, RST, give-up of our CONs): observers need them
-        self.on_event: Callable[[object], None] | None = None
+        self.on_event = on_event or _nothing
         self.stats = EdgeStats()
         #: datagrams ready for the wire (already encrypted for CoAPS) that the kernel did not take yet
-        self._wire: list[tuple[bytes, tuple]] = []
+        self._wire: Datagrams = []
         self._closed = False
+        self._read_socket = reader(sock)
+        self._send = sender(sock)
+        self._wire_up(lane, limiter)
+
+    def _wire_up(self, lane: FastLane | None, limiter: SourceLimiter | None) -> None:
+        """Choose, once, what the loops call: where datagrams come from, who is offered each
+        message first, and where answers come from."""
+        security, endpoint, handle = self.security, self.endpoint, self._handle
+        self.limiter = limiter
+        #: datagrams for the security layer; messages for the Python path; what the lane kept
+        #: back during a batch; the messages to send; the lane's timers
+        self._read: Callable[[float], Iterable[tuple[bytes, Peer]]] = self._read_limited
+        self._take: Callable[[bytes, Peer, float], None] = handle
+        self._collect: Callable[[], Iterable[tuple[bytes, Peer]]] = tuple
+        self._outgoing: Callable[[], Datagrams] = endpoint.datagrams_to_send
+        self._tick_lane: Callable[[float], object] = _nothing
+        if lane is None:
+            return
+        self._tick_lane = lane.tick
+        if security.transparent:
+            # plain CoAP: the lane reads the socket, applies the size and rate limits to every
+            # datagram, and sends its own answers (sendmmsg); the rest comes here
+            fd = self.sock.fileno()
+            self._read = lambda now: lane.drain(fd, now, BATCH)
+            if lane.rate_limited:
+                self.limiter = LaneLimits(lane)  # type: ignore[assignment]
+
+            def outgoing() -> Datagrams:
+                lane.send(fd)
+                return endpoint.datagrams_to_send()
+        else:
+            # behind DTLS: the lane is offered each decrypted message, with its session's device
+            device, offer, read = security.device, lane.offer, self._read_limited
+
+            def read_batch(now: float) -> Datagrams:
+                lane.begin()
+                return read(now)
+
+            self._read = read_batch
+            self._take = lambda message, peer, now: offer(message, peer, device(peer), now)
+            self._collect = lane.collect
+
+            def outgoing() -> Datagrams:
+                return endpoint.datagrams_to_send() + lane.take_outbox()
+
+        def outgoing_settled() -> Datagrams:
+            lane.settle()
+            return outgoing()
+
+        self._outgoing = outgoing_settled
 
     @property
     def dedup_entries(self) -> int:
@@ -129,203 +181,127 @@ class UdpEdge:
         request it sees, the Python path's included), else the endpoint's."""
         return len(self.lane) if self.lane is not None else self.endpoint.dedup_entries
 
+    def metrics(self) -> Iterator[Sample]:
+        """The edge's counters, its rate limit's, and how many exchanges are remembered."""
+        for attr, name in METRICS.items():
+            yield counter(name, getattr(self.stats, attr))
+        yield gauge("corem_coap_dedup_entries", self.dedup_entries)
+        limiter = self.limiter
+        if limiter is not None:
+            yield counter("corem_rate_limited_datagrams", limiter.dropped)
+            yield counter("corem_rate_limit_exempted", limiter.exempted)
+            yield gauge("corem_rate_limit_sources", len(limiter))
+
     @property
-    def address(self) -> tuple:
+    def address(self) -> Peer:
         return self.sock.getsockname()
 
     async def serve(self) -> None:
         """Receive until cancelled."""
-        lane = self.lane
-        if lane is not None and self.dtls is None:
-            await self._serve_lane(lane)
-            return
         sock = self.sock
-        read = self._reader()
-        endpoint = self.endpoint
+        read, receive, take, collect = self._read, self.security.receive, self._take, self._collect
         handle = self._handle
-        limit = self.max_datagram
-        bufsize = limit + 1
-        dtls = self.dtls
-        allow = self.limiter.allow if self.limiter is not None else None
-        exempt = self.exempt
-        # behind DTLS the lane takes the decrypted messages it can answer and leaves the rest
-        take = handle if lane is None else lane.receive_plain
-        after_drain = self.after_drain
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
             await wait_readable(sock)
             now = current_time()
-            if lane is not None:
-                lane.refresh()
-            for data, peer in read(bufsize, BATCH):
-                if len(data) > limit:
-                    self.stats.oversized += 1
-                    continue
-                if allow is not None and not allow(peer[0], now):
-                    if exempt is None or not exempt(data, peer):
-                        continue  # over its rate: dropped before any work (counted by the limiter)
-                    self.limiter.excuse()
-                # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing).
-                # (A 1-tuple per datagram: measured within noise, <1%, of two copied branches.)
-                for message in (data,) if dtls is None else dtls.receive(data, peer, now):
+            for data, peer in read(now):
+                # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing)
+                for message in receive(data, peer, now):
                     take(message, peer, now)
-            if lane is not None:
-                for message, peer in lane.collect():
-                    handle(message, peer, now)
-            if after_drain is not None:
-                after_drain()
-            if endpoint.outbox or (dtls is not None and dtls.outbox) or lane is not None:
-                self.flush()
-
-    def _reader(self) -> Callable[[int, int], list[tuple[bytes, tuple]]]:
-        """`read(bufsize, budget)`: the datagrams waiting, up to `budget` (recvmmsg when the C
-        helpers are built, else recvfrom calls)."""
-        sock = self.sock
-        if recv_many is not None:
-            fd = sock.fileno()
-            return lambda bufsize, budget: recv_many(fd, bufsize, budget)
-        recvfrom = sock.recvfrom
-
-        def read(bufsize: int, budget: int) -> list[tuple[bytes, tuple]]:
-            got = []
-            for _ in range(budget):
-                try:
-                    got.append(recvfrom(bufsize))
-                except BlockingIOError:
-                    break
-                except OSError as e:  # e.g. ECONNREFUSED from an ICMP error: nothing to read
-                    if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        raise
-            return got
-
-        return read
-
-    async def _serve_lane(self, lane: FastLane) -> None:
-        """The lane reads the socket and keeps the common requests; the rest go to the endpoint."""
-        sock = self.sock
-        fd = sock.fileno()
-        handle = self._handle
-        after_drain = self.after_drain
-        current_time = trio.current_time
-        wait_readable = trio.lowlevel.wait_readable
-        while True:
-            await wait_readable(sock)
-            now = current_time()
-            for data, peer in lane.drain(fd, now, BATCH):
-                handle(data, peer, now)
-            if after_drain is not None:
-                after_drain()
+            for message, peer in collect():
+                handle(message, peer, now)
+            self._dispatch_events()
+            self.after_drain()
             self.flush()
 
-    def _new_session(self, peer: tuple, now: float) -> None:
-        """A DTLS handshake completed: the peer's message IDs are scoped to its new session."""
-        self.endpoint.new_session(peer, now)
-        if self.lane is not None:
-            self.lane.new_session(peer, now)
+    def _read_limited(self, now: float) -> Datagrams:
+        """The datagrams waiting (one batch), without the oversized ones and those over their
+        source's rate that are not credentialed (counted by the limiter)."""
+        got = self._read_socket(self.max_datagram + 1, BATCH)
+        limit = self.max_datagram
+        limiter = self.limiter
+        allow = limiter.allow if limiter is not None else None
+        credentialed = self.security.credentialed
+        passed = []
+        for data, peer in got:
+            if len(data) > limit:
+                self.stats.oversized += 1
+            elif allow is None or allow(peer[0], now):
+                passed.append((data, peer))
+            elif credentialed(data, peer):
+                limiter.excuse()  # type: ignore[union-attr]
+                passed.append((data, peer))
+        return passed
 
-    def _handle(self, message: bytes, peer: tuple, now: float) -> None:
-        deliver(self.endpoint, self.router, message, peer, now, self.on_event)
+    def _handle(self, message: bytes, peer: Peer, now: float) -> None:
+        deliver(self.endpoint, self.router, message, peer, now)
+
+    def _dispatch_events(self) -> None:
+        next_event, on_event = self.endpoint.next_event, self.on_event
+        event = next_event()
+        while event is not None:
+            on_event(event)
+            event = next_event()
 
     def flush(self) -> None:
-        """Send what the endpoint (and DTLS) queued; what the kernel will not take waits for the
-        next flush, in order."""
+        """Send what the security layer, the endpoint (and the lane) queued; what the kernel will
+        not take waits for the next flush, in order."""
         if self._closed:
             return
-        endpoint = self.endpoint
-        dtls = self.dtls
-        lane = self.lane
-        if lane is not None:
-            lane.account(self.stats)
-            if dtls is None:
-                lane.send(self.sock.fileno())
-        if dtls is None:
-            wire = endpoint.outbox
-            if self._wire:
-                self._wire += wire
-                wire = self._wire
-            endpoint.outbox = []
-        else:
-            wire = self._wire
-            if dtls.outbox:
-                wire += dtls.outbox
-                dtls.outbox = []
-            wrap = dtls.wrap
-            plain = endpoint.take_outbox()
-            if lane is not None:
-                plain += lane.take_outbox()
-            for plaintext, peer in plain:
-                record = wrap(plaintext, peer)
-                if record is not None:
-                    wire.append((record, peer))
+        security = self.security
+        wire = self._wire
+        wire += security.datagrams_to_send()
+        wrap = security.wrap
+        for message, peer in self._outgoing():
+            record = wrap(message, peer)
+            if record is not None:
+                wire.append((record, peer))
         if not wire:
             return
+        taken, nbytes, errors, blocked = self._send(wire)
         stats = self.stats
-        if send_many is not None:
-            taken, nbytes, errors, blocked = send_many(self.sock.fileno(), wire)
-            stats.datagrams_out += taken - errors
-            stats.bytes_out += nbytes
-            stats.send_errors += errors
-            stats.send_blocked += blocked
-        else:
-            sendto = self.sock.sendto
-            taken = 0
-            for data, peer in wire:
-                try:
-                    sendto(data, peer)
-                except BlockingIOError:
-                    stats.send_blocked += 1
-                    break
-                except OSError as e:
-                    stats.send_errors += 1
-                    log.debug("send to %s failed: %s", peer, e)
-                else:
-                    stats.datagrams_out += 1
-                    stats.bytes_out += len(data)
-                taken += 1
+        stats.datagrams_out += taken - errors
+        stats.bytes_out += nbytes
+        stats.send_errors += errors
+        stats.send_blocked += blocked
         self._wire = wire[taken:] if taken < len(wire) else []
 
     async def run_timers(self) -> None:
-        """Tick the endpoint when its next deadline passes (at least every 100 ms)."""
-        endpoint = self.endpoint
+        """Tick the endpoint when its next deadline passes, and the security layer and the lane
+        at least every TIMER_PERIOD."""
+        endpoint, security = self.endpoint, self.security
         while True:
             now = trio.current_time()
-            deadline = endpoint.next_deadline()
-            wake = now + 0.1 if deadline is None else min(deadline, now + 0.1)
+            deadline = endpoint.get_timer()
+            wake = now + TIMER_PERIOD if deadline is None else min(deadline, now + TIMER_PERIOD)
             await trio.sleep_until(wake)
             now = trio.current_time()
-            events = endpoint.tick(now)
-            if events and self.on_event is not None:
-                for event in events:
-                    self.on_event(event)
-            if self.dtls is not None:
-                self.dtls.tick(now)
-                if self.dtls.outbox:
-                    self.flush()
-            if self.lane is not None:
-                self.lane.tick(now)
-                self.flush()
-            elif endpoint.outbox or self._wire:
-                self.flush()
+            endpoint.tick(now)
+            security.tick(now)
+            self._tick_lane(now)
+            self._dispatch_events()
+            self.flush()
 
     def close(self) -> None:
         self._closed = True
         self.sock.close()
 
 
-class _LaneLimits:
-    """The lane's rate limit, shaped like `SourceLimiter` for the metrics (`dropped`, `exempted`, `len`)."""
+class LaneLimits:
+    """The lane's rate limit, read like a `SourceLimiter` (`dropped`, `exempted`, `len`)."""
 
     def __init__(self, lane: FastLane) -> None:
         self._lane = lane
 
     @property
     def dropped(self) -> int:
-        return self._lane.counters["dropped"]
+        return int(self._lane.counters["dropped"])
 
     @property
     def exempted(self) -> int:
-        return self._lane.counters["exempted"]
+        return int(self._lane.counters["exempted"])
 
     def __len__(self) -> int:
-        return self._lane.counters["sources"]
+        return int(self._lane.counters["sources"])

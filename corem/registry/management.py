@@ -109,7 +109,7 @@ class Management:
         found = {k: json.loads(v) for k, v in rows}
         return found if keys is None else {k: found[k] for k in keys if k in found}
 
-    def set_attributes(self, tenant: str, device: str, scope: str, values: dict[str, Any]) -> dict[str, Any]:
+    def set_attributes(self, tenant: str, device: str, scope: str, values: Any) -> dict[str, Any]:
         """Store `values` (key -> JSON value; None deletes the key); returns what was stored."""
         if not isinstance(values, dict) or not values:
             raise RegistryError("attributes: expected a non-empty object of key -> value")
@@ -157,6 +157,7 @@ class Management:
             )
         except sqlite3.IntegrityError:
             raise RegistryError(f"version: {kind} {title} {version} already exists") from None
+        assert cur.lastrowid is not None  # (an INSERT that worked)
         return Package(cur.lastrowid, kind, title, version, digest, len(data))
 
     def packages(self) -> list[Package]:
@@ -215,7 +216,7 @@ class Management:
         self.registry.add_device(row[1], name, token=token, profile=row[2])
         return row[1], name, token
 
-    def open_claim(self, tenant: str, device: str, secret: str, duration_ms: int) -> int:
+    def open_claim(self, tenant: str, device: str, secret: Any, duration_ms: Any) -> int:
         check_field("secretKey", secret, LABEL_RE, LABEL, secret=True)
         if not isinstance(duration_ms, int) or not 0 < duration_ms <= 30 * 86400_000:
             raise RegistryError("durationMs: must be between 1 ms and 30 days")

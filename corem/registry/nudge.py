@@ -44,14 +44,14 @@ def nudge(data_dir: Path) -> bool:
 
 
 async def serve(data_dir: Path, refresh: Callable[[], object],
-                task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer nudges for `data_dir` until cancelled: `refresh()`, then "done"."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(address(data_dir))
     except OSError:  # another process has the name (cannot be: data dirs are locked); poll only
         sock.close()
-        task_status.started(False)
+        task_status.started(False)  # (the value says: nudges, or polling only)
         return
     sock.listen(16)
     listener = trio.SocketListener(sock)

@@ -13,10 +13,12 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from typing import Iterator
 
 import msgspec
 
 from ..errors import StorageUnavailable
+from ..stats import Sample, gauge
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -148,6 +150,7 @@ class Registry:
             raise RegistryError("psk: a PSK identity and a key go together; give both or neither")
         if psk_identity is not None:
             check_field("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
+            assert psk is not None  # (checked above: they go together)
             if not PSK_MIN <= len(psk) <= PSK_MAX:
                 raise RegistryError(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
         if cert_sha256 is not None and not SHA256_RE.fullmatch(cert_sha256):
@@ -225,6 +228,10 @@ class Directory:
         self.by_name: dict[tuple[str, str], Device] = {}
         self._version: int | None = None
         self.reloads = 0
+
+    def metrics(self) -> Iterator[Sample]:
+        yield gauge("corem_registry_devices", len(self.by_name))
+        yield gauge("corem_registry_devices_with_token", len(self.by_token))
 
     def psk_device(self, identity: str) -> Device | None:
         """The device presenting this PSK identity, as of the latest reload."""

@@ -1,0 +1,29 @@
+"""The fast lane in C (`_lane.c`); `corem.fastlane.FastLane` drives it."""
+
+from typing import Any, Callable
+
+class Lane:
+    #: on_late(peer, token, code, request_size): a reading whose commit outlasted the piggyback timeout
+    on_late: Callable[[Any, bytes, int, int], Any] | None
+    def __init__(
+        self, record_type: type, *, max_datagram: int = 1500, piggyback_timeout: float = 0.5,
+        exchange_lifetime: float = 247.0, dedup_max_entries: int = 100_000, rate: float = 0.0, burst: float = 0.0,
+        max_sources: int = 100_000, limit_error_size: bool = True, exempt: list[tuple[bytes, int]] = ...,
+    ) -> None: ...
+    def drain(self, fd: int, now: float, now_ms: int, budget: int, /) -> int:
+        """Read up to `budget` datagrams from the socket `fd`."""
+    def receive(self, data: bytes, peer: Any, now: float, now_ms: int, /) -> None:
+        """One datagram given by the caller (sans-IO)."""
+    def receive_plain(self, message: bytes, peer: Any, target: int, now: float, now_ms: int, /) -> None:
+        """One message a security layer decrypted, from a session bound to `target` (-1: none)."""
+    def new_session(self, peer: Any, now: float, /) -> None: ...
+    def take(self) -> tuple[list[tuple[bytes, Any]], list[Any], list[Any], list[Any]]:
+        """(for the Python path, records, their contexts, devices heard)"""
+    def committed(self, ctx: Any, error: BaseException | None, /) -> None: ...
+    def tick(self, now: float, /) -> None: ...
+    def flush(self, fd: int, /) -> int:
+        """Send the lane's answers on `fd`; how many still wait."""
+    def take_outbox(self) -> list[tuple[bytes, Any]]: ...
+    def take_committed(self) -> dict[Any, int]: ...
+    def set_targets(self, tokens: dict[bytes, int], targets: list[tuple | None], /) -> None: ...
+    def counters(self) -> dict[str, Any]: ...
