@@ -9,6 +9,7 @@ setup(
         Extension(
             "corem.codec._speedups",
             ["corem/codec/_speedups.c"],
+            depends=["corem/codec/coap_options.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),
@@ -28,7 +29,7 @@ setup(
         Extension(
             "corem.fastlane._lane",
             ["corem/fastlane/_lane.c"],
-            depends=["corem/net/udp_batch.h"],
+            depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),

@@ -5,11 +5,14 @@
  * `decode_py`, which stays the reference: tests run every codec test against both and compare
  * them on random input.  Option values and the payload are memoryview slices of the datagram.
  *
- * Every read is bounds-checked against the datagram length before it happens; the buffer is held
+ * The option walk is coap_options.h, shared with the fast lane.  Every read is bounds-checked
+ * against the datagram length before it happens; the buffer is held
  * (PyObject_GetBuffer) for the whole parse and released on every path.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+
+#include "coap_options.h"
 
 static PyObject *MessageType;        /* corem.codec.message.Message */
 static PyObject *FormatError;        /* corem.codec.message.MessageFormatError */
@@ -106,81 +109,63 @@ static PyObject *decode(PyObject *self, PyObject *data) {
     if (!token || !options) goto done;
     payload = EmptyPayload;
     Py_INCREF(payload);
-    long number = 0;
-    while (pos < n) {
-        unsigned char byte = b[pos++];
-        if (byte == 0xFF) {
-            if (pos == n) {
-                fail("payload marker with no payload", mid, mtype);
-                goto done;
-            }
-            break;
-        }
-        long delta = byte >> 4, length = byte & 15;
-        if (delta == 13) {
-            if (pos + 1 > n) goto truncated_header;
-            delta = b[pos] + 13;
-            pos += 1;
-        } else if (delta == 14) {
-            if (pos + 2 > n) goto truncated_header;
-            delta = ((b[pos] << 8) | b[pos + 1]) + 269;
-            pos += 2;
-        } else if (delta == 15) {
+    uint64_t number = 0;
+    const uint8_t *p = b + pos, *end = b + n, *value;
+    size_t vlen;
+    for (;;) {
+        coap_option_status st = coap_next_option(&p, end, &number, &value, &vlen);
+        if (st == COAP_END) break;
+        if (st == COAP_DELTA_15) {
             fail("option delta nibble 15 without payload marker", mid, mtype);
             goto done;
         }
-        if (length == 13) {
-            if (pos + 1 > n) goto truncated_header;
-            length = b[pos] + 13;
-            pos += 1;
-        } else if (length == 14) {
-            if (pos + 2 > n) goto truncated_header;
-            length = ((b[pos] << 8) | b[pos + 1]) + 269;
-            pos += 2;
-        } else if (length == 15) {
+        if (st == COAP_LENGTH_15) {
             fail("option length nibble 15", mid, mtype);
             goto done;
         }
-        number += delta;
-        if (pos + length > n) {
-            snprintf(reason, sizeof reason, "truncated option %ld: value needs %ld bytes, have %zd", number,
-                     length, n - pos);
+        if (st == COAP_TRUNCATED_VALUE) {
+            snprintf(reason, sizeof reason, "truncated option %ld: value needs %ld bytes, have %zd", (long)number,
+                     (long)vlen, (Py_ssize_t)(end - p));
             fail(reason, mid, mtype);
             goto done;
         }
-        if (!mv && !(mv = PyMemoryView_FromObject(data))) goto done;
-        PyObject *value = PySequence_GetSlice(mv, pos, pos + length);
-        if (!value) goto done;
-        PyObject *num = PyLong_FromLong(number);
-        if (!num) {
-            Py_DECREF(value);
+        if (st != COAP_OPTION) {
+            fail("truncated option header", mid, mtype);
             goto done;
         }
-        PyObject *pair = PyTuple_Pack(2, num, value);
+        if (!mv && !(mv = PyMemoryView_FromObject(data))) goto done;
+        Py_ssize_t at = value - b;
+        PyObject *item = PySequence_GetSlice(mv, at, at + (Py_ssize_t)vlen);
+        if (!item) goto done;
+        PyObject *num = PyLong_FromUnsignedLongLong(number);
+        if (!num) {
+            Py_DECREF(item);
+            goto done;
+        }
+        PyObject *pair = PyTuple_Pack(2, num, item);
         Py_DECREF(num);
-        Py_DECREF(value);
+        Py_DECREF(item);
         if (!pair) goto done;
         int rc = PyList_Append(options, pair);
         Py_DECREF(pair);
         if (rc < 0) goto done;
-        pos += length;
     }
-    if (pos < n) { /* stopped at the payload marker */
+    if (p < end) { /* at the payload marker */
+        if (++p == end) {
+            fail("payload marker with no payload", mid, mtype);
+            goto done;
+        }
         if (!mv && !(mv = PyMemoryView_FromObject(data))) goto done;
         Py_DECREF(payload);
-        payload = PySequence_GetSlice(mv, pos, n);
+        payload = PySequence_GetSlice(mv, p - b, n);
         if (!payload) goto done;
     }
     if (number > 65535) {
-        snprintf(reason, sizeof reason, "option number %ld exceeds 65535", number);
+        snprintf(reason, sizeof reason, "option number %ld exceeds 65535", (long)number);
         fail(reason, mid, mtype);
         goto done;
     }
     result = make_message(mtype, code, mid, token, options, payload);
-    goto done;
-
-truncated_header:
-    fail("truncated option header", (b[2] << 8) | b[3], (b[0] >> 4) & 3);
 done:
     Py_XDECREF(mv);
     Py_XDECREF(token);

@@ -38,126 +38,15 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "../codec/coap_options.h"
 #include "../net/udp_batch.h"
 
 #define KEYLEN 24   /* addr (16, IPv4 mapped) | scope id (4) | port (2) | message id (2) */
 #define REPLY_MAX 48
 #define MAX_ITEMS 64 /* readings per map the lane decodes; more go to the Python path */
 
-/* ---------------------------------------------------------------- FIFO hash map ----------- */
-/* Entries live in a ring in insertion order (so the oldest is evicted or expired first); an
- * open-addressing index (linear probing, backward-shift deletion) finds them by key.  An index cell
- * holds the key's hash (low 32 bits) next to the ring slot, so probing and deleting compare and
- * move cells without touching the ring (each ring access is a likely cache miss at 100k entries). */
-typedef struct {
-    char *ring;
-    size_t esize, cap, head, count;
-    uint64_t *index; /* hash << 32 | (ring slot + 1); 0 = empty */
-    size_t mask;
-} fifomap;
-
-/* Each word is folded in with a multiply and its high half brought down, so that the bytes that
- * vary most (port and message id, the high half of the last word) reach the low bits the index
- * uses; murmur3's finalizer at the end. */
-static uint64_t hash_key(const uint8_t *k) {
-    uint64_t w, h = 0x9E3779B97F4A7C15ULL;
-    for (int i = 0; i < KEYLEN; i += 8) {
-        memcpy(&w, k + i, 8);
-        h = (h ^ w) * 0xC2B2AE3D27D4EB4FULL;
-        h ^= h >> 32;
-    }
-    h ^= h >> 33;
-    h *= 0xFF51AFD7ED558CCDULL;
-    h ^= h >> 33;
-    h *= 0xC4CEB9FE1A85EC53ULL;
-    return h ^ (h >> 33);
-}
-
-static void fm_free(fifomap *m) {
-    PyMem_Free(m->ring);
-    PyMem_Free(m->index);
-    m->ring = NULL;
-    m->index = NULL;
-}
-
-static int fm_init(fifomap *m, size_t cap, size_t esize) {
-    size_t n = 16;
-    while (n < cap * 2) n <<= 1;
-    m->ring = PyMem_Calloc(cap, esize);
-    m->index = PyMem_Calloc(n, sizeof(uint64_t));
-    if (!m->ring || !m->index) {
-        fm_free(m);
-        return -1;
-    }
-    m->esize = esize;
-    m->cap = cap;
-    m->head = m->count = 0;
-    m->mask = n - 1;
-    return 0;
-}
-
-
-static inline void *fm_entry(fifomap *m, size_t slot) { return m->ring + slot * m->esize; }
-
-#define CELL_SLOT(v) ((size_t)((uint32_t)(v)) - 1)
-#define CELL_HASH(v) ((uint32_t)((v) >> 32))
-
-static long fm_find(fifomap *m, const uint8_t *key) {
-    uint32_t h = (uint32_t)hash_key(key);
-    size_t i = h & m->mask;
-    for (;;) {
-        uint64_t v = m->index[i];
-        if (!v) return -1;
-        if (CELL_HASH(v) == h && memcmp(fm_entry(m, CELL_SLOT(v)), key, KEYLEN) == 0) return (long)CELL_SLOT(v);
-        i = (i + 1) & m->mask;
-    }
-}
-
-static void fm_unindex(fifomap *m, size_t slot) {
-    size_t i = (uint32_t)hash_key(fm_entry(m, slot)) & m->mask;
-    while (CELL_SLOT(m->index[i]) != slot) i = (i + 1) & m->mask;
-    m->index[i] = 0;
-    size_t j = i;
-    for (;;) {
-        j = (j + 1) & m->mask;
-        uint64_t v = m->index[j];
-        if (!v) return;
-        size_t k = CELL_HASH(v) & m->mask;
-        /* move v back to the hole unless its home k lies cyclically in (i, j] */
-        int stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
-        if (!stays) {
-            m->index[i] = v;
-            m->index[j] = 0;
-            i = j;
-        }
-    }
-}
-
-static void fm_pop_oldest(fifomap *m) {
-    fm_unindex(m, m->head);
-    m->head = (m->head + 1) % m->cap;
-    m->count--;
-}
-
-/* A new entry for `key` (which must not be present); evicts the oldest when full (returns 1 in
- * *evicted then).  The entry is zeroed but for its key. */
-static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
-    *evicted = 0;
-    if (m->count == m->cap) {
-        fm_pop_oldest(m);
-        *evicted = 1;
-    }
-    size_t slot = (m->head + m->count) % m->cap;
-    char *e = fm_entry(m, slot);
-    memset(e, 0, m->esize);
-    memcpy(e, key, KEYLEN);
-    uint32_t h = (uint32_t)hash_key(key);
-    size_t i = h & m->mask;
-    while (m->index[i]) i = (i + 1) & m->mask;
-    m->index[i] = (uint64_t)h << 32 | (slot + 1);
-    m->count++;
-    return slot;
-}
+#include "cbor_json.h"
+#include "fifomap.h"
 
 /* ---------------------------------------------------------------- state -------------------- */
 typedef struct {
@@ -286,208 +175,6 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
     return 0;
 }
 
-/* ---------------------------------------------------------------- CBOR -> JSON ------------- */
-typedef struct {
-    const uint8_t *key;
-    size_t klen;
-    int is_text;
-    double num;
-    const uint8_t *text;
-    size_t tlen;
-} item_t;
-
-/* The argument of a CBOR head at p (definite only); -1 if it is not one the lane takes. */
-static int cbor_arg(const uint8_t **p, const uint8_t *end, uint64_t *v) {
-    uint8_t ai = **p & 0x1f;
-    (*p)++;
-    if (ai < 24) {
-        *v = ai;
-        return 0;
-    }
-    int n = ai == 24 ? 1 : ai == 25 ? 2 : ai == 26 ? 4 : ai == 27 ? 8 : 0;
-    if (!n || end - *p < n) return -1;
-    uint64_t x = 0;
-    for (int i = 0; i < n; i++) x = x << 8 | (*p)[i];
-    *p += n;
-    *v = x;
-    return 0;
-}
-
-/* Strict UTF-8 (what Python's decoder accepts): no overlongs, no surrogates, <= U+10FFFF. */
-static int utf8_ok(const uint8_t *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t len;
-        uint32_t cp;
-        if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1f;
-        else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0f;
-        else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
-        else return 0;
-        if (n - i < len) return 0;
-        for (size_t k = 1; k < len; k++) {
-            if ((s[i + k] & 0xC0) != 0x80) return 0;
-            cp = cp << 6 | (s[i + k] & 0x3f);
-        }
-        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
-            return 0;
-        i += len;
-    }
-    return 1;
-}
-
-static double half_to_double(uint16_t h) {
-    int exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
-    double v;
-    if (exp == 0) v = ldexp(mant, -24);
-    else if (exp == 31) v = mant ? NAN : INFINITY;
-    else v = ldexp(mant + 1024, exp - 25);
-    return (h & 0x8000) ? -v : v;
-}
-
-#define TWO53 9007199254740992.0
-#define MAX_TS_MS 253402300799999ULL
-
-/* Parse the payload as the flat map the Python path accepts; 0 and the items if it is one the
- * lane is sure of, -1 otherwise (the Python path then decides, and explains). */
-static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts) {
-    if (p >= end || (*p >> 5) != 5) return -1;
-    uint64_t n;
-    if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > MAX_ITEMS) return -1;
-    int count = 0, readings = 0;
-    *ts = -1;
-    for (uint64_t i = 0; i < n; i++) {
-        if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31) return -1;
-        uint64_t klen;
-        if (cbor_arg(&p, end, &klen) < 0 || klen == 0 || klen > (uint64_t)(end - p)) return -1;
-        const uint8_t *key = p;
-        p += klen;
-        if (!utf8_ok(key, klen)) return -1;
-        for (int j = 0; j < count; j++)
-            if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
-        if (*ts >= 0 && klen == 2 && key[0] == 't' && key[1] == 's') return -1;
-        if (p >= end) return -1;
-        uint8_t major = *p >> 5, ai = *p & 0x1f;
-        item_t *it = &items[count];
-        it->key = key;
-        it->klen = klen;
-        it->is_text = 0;
-        uint64_t v;
-        if (klen == 2 && key[0] == 't' && key[1] == 's') {
-            if (major != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
-            *ts = (long long)v;
-            continue; /* not a reading; remembered apart (count unchanged, but ts set) */
-        }
-        if (major == 0 || major == 1) {
-            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v >= (uint64_t)TWO53) return -1;
-            it->num = major == 0 ? (double)v : -1.0 - (double)v;
-        } else if (major == 3) {
-            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v > (uint64_t)(end - p)) return -1;
-            if (!utf8_ok(p, v)) return -1;
-            it->is_text = 1;
-            it->text = p;
-            it->tlen = v;
-            p += v;
-        } else if (major == 7) {
-            p++;
-            if (ai == 20 || ai == 21) {
-                it->num = ai == 21 ? 1.0 : 0.0;
-            } else if (ai == 25 && end - p >= 2) {
-                it->num = half_to_double((uint16_t)(p[0] << 8 | p[1]));
-                p += 2;
-            } else if (ai == 26 && end - p >= 4) {
-                uint32_t bits = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-                float f;
-                memcpy(&f, &bits, 4);
-                it->num = f;
-                p += 4;
-            } else if (ai == 27 && end - p >= 8) {
-                uint64_t bits = 0;
-                for (int k = 0; k < 8; k++) bits = bits << 8 | p[k];
-                memcpy(&it->num, &bits, 8);
-                p += 8;
-            } else {
-                return -1;
-            }
-            if (!isfinite(it->num)) return -1;
-        } else {
-            return -1;
-        }
-        count++;
-        readings++;
-    }
-    if (p != end || readings == 0) return -1;
-    *nitems = count;
-    return 0;
-}
-
-static char *put_u64(char *o, unsigned long long v) {
-    char tmp[24];
-    int n = 0;
-    do {
-        tmp[n++] = '0' + v % 10;
-        v /= 10;
-    } while (v);
-    while (n) *o++ = tmp[--n];
-    return o;
-}
-
-static char *put_double(char *o, double v) {
-    if (v == floor(v) && fabs(v) < 1e15 && !(v == 0 && signbit(v))) {
-        if (v < 0) {
-            *o++ = '-';
-            v = -v;
-        }
-        o = put_u64(o, (unsigned long long)v);
-        *o++ = '.';
-        *o++ = '0';
-        return o;
-    }
-    char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (!s) return NULL;
-    size_t n = strlen(s);
-    memcpy(o, s, n);
-    PyMem_Free(s);
-    return o + n;
-}
-
-/* A JSON string as msgspec writes it: `"` and `\` escaped, control characters as \b \t \n \f \r
- * or \u00XX, everything else (UTF-8 already checked) as is. */
-static char *put_string(char *o, const uint8_t *s, size_t n) {
-    static const char hex[] = "0123456789abcdef";
-    *o++ = '"';
-    for (size_t i = 0; i < n; i++) {
-        uint8_t c = s[i];
-        if (c >= 0x20 && c != '"' && c != '\\') {
-            *o++ = (char)c;
-            continue;
-        }
-        *o++ = '\\';
-        switch (c) {
-        case '"': *o++ = '"'; break;
-        case '\\': *o++ = '\\'; break;
-        case '\b': *o++ = 'b'; break;
-        case '\t': *o++ = 't'; break;
-        case '\n': *o++ = 'n'; break;
-        case '\f': *o++ = 'f'; break;
-        case '\r': *o++ = 'r'; break;
-        default:
-            *o++ = 'u';
-            *o++ = '0';
-            *o++ = '0';
-            *o++ = hex[c >> 4];
-            *o++ = hex[c & 15];
-        }
-    }
-    *o++ = '"';
-    return o;
-}
-
-/* The TelemetryPoint's JSON (corem/ingest/point.py, field order as msgspec writes it). */
 static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long long ts, long long now_ms,
                             size_t payload_len) {
     size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 128 + 6 * payload_len + 40 * (size_t)n;
@@ -652,45 +339,18 @@ static int from_old_session(Lane *self, const addr_t *a, double at) {
     return slot >= 0 && at < ((session_t *)fm_entry(&self->sessions, slot))->began;
 }
 
-/* 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
-#define SEG_IS(i, lit) (seglen[i] == sizeof lit - 1 && memcmp(seg[i], lit, sizeof lit - 1) == 0)
-
 /* `session`: the target of the DTLS session the datagram came in (its index), NO_DEVICE for a
  * session that names no device, PLAIN for plain CoAP. */
 #define PLAIN -2
 #define NO_DEVICE -1
 
-/* An option header's delta or length nibble with its extension bytes (13: one more byte, 14: two). */
-static inline int extended(const uint8_t **pp, const uint8_t *end, unsigned *v) {
-    const uint8_t *p = *pp;
-    if (*v == 13) {
-        if (p >= end) return -1;
-        *v = 13 + *p++;
-    } else if (*v == 14) {
-        if (end - p < 2) return -1;
-        *v = 269 + (p[0] << 8 | p[1]);
-        p += 2;
-    }
-    *pp = p;
-    return 0;
-}
-
-/* The next option at *pp (before `end`): its number (from *number, the previous one) and value.
- * 1 at the payload marker or the end, 0 for an option, -1 if the codec would refuse it. */
-static int next_option(const uint8_t **pp, const uint8_t *end, unsigned *number, const uint8_t **value,
-                       size_t *vlen) {
-    const uint8_t *p = *pp;
-    if (p >= end || *p == 0xff) return 1;
-    unsigned delta = *p >> 4, len = *p & 15;
-    p++;
-    if (delta == 15 || len == 15 || extended(&p, end, &delta) < 0 || extended(&p, end, &len) < 0) return -1;
-    if ((size_t)(end - p) < len) return -1;
-    *number += delta;
-    if (*number > 65535) return -1; /* the codec refuses it */
-    *value = p;
-    *vlen = len;
-    *pp = p + len;
-    return 0;
+/* The next option at *pp (coap_options.h, the decoder's own walk): 0 for an option, 1 at the
+ * payload marker or the end, -1 for anything the codec would refuse (number included). */
+static inline int next_option(const uint8_t **pp, const uint8_t *end, uint64_t *number, const uint8_t **value,
+                              size_t *vlen) {
+    coap_option_status st = coap_next_option(pp, end, number, value, vlen);
+    if (st == COAP_END) return 1;
+    return st == COAP_OPTION && *number <= 65535 ? 0 : -1;
 }
 
 /* Over its source's rate, a request that names its device by a known token in its path
@@ -716,7 +376,7 @@ static int credentialed(Lane *self, const uint8_t *d, size_t n) {
     if (tkl > 8 || n < 4 + tkl) return 0;
     const uint8_t *p = d + 4 + tkl, *end = d + n, *v, *seg[3];
     size_t len, seglen[3];
-    unsigned number = 0;
+    uint64_t number = 0;
     int nseg = 0, r;
     while (nseg < 3 && (r = next_option(&p, end, &number, &v, &len)) == 0 && number <= 11) {
         if (number == 11) {
@@ -738,86 +398,112 @@ static int credentialed(Lane *self, const uint8_t *d, size_t n) {
     return found > 0;
 }
 
-static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
-                    double now, long long now_ms, Py_ssize_t session) {
-    if (n < 4 || (d[0] >> 6) != 1) return 1;
-    int type = (d[0] >> 4) & 3, tkl = d[0] & 15, code = d[1];
-    uint16_t mid = (uint16_t)(d[2] << 8 | d[3]);
-    /* A request code makes it a request whatever its type, as for the endpoint -- but only if the
-     * codec would take it: anything malformed (a RST with a code, here) is the Python path's to
-     * refuse, before the lane remembers or answers anything for it. */
-    if (tkl > 8 || code < 1 || code > 31 || type == 3 || n < (size_t)(4 + tkl)) return 1;
-    /* options: the fast shape is Uri-Path api/v1/TOKEN/telemetry and Content-Format 60 */
-    const uint8_t *p = d + 4 + tkl, *end = d + n;
+/* What the lane reads of a request before it decides: the header, the Uri-Path segments (up to
+ * four), the Content-Format, whether any other option is there, and the payload. */
+typedef struct {
+    int type, tkl, code;
+    uint16_t mid;
     const uint8_t *seg[4];
     size_t seglen[4];
-    int nseg = 0, cf = -1, other = 0, r;
-    unsigned number = 0;
-    const uint8_t *v;
+    int nseg, cf, other;
+    const uint8_t *payload, *end; /* payload NULL: none */
+} shape_t;
+
+#define SEG_IS(s, i, lit) ((s)->seglen[i] == sizeof lit - 1 && memcmp((s)->seg[i], lit, sizeof lit - 1) == 0)
+
+/* 1. The options (the one walk of coap_options.h): 0, or 1 if the datagram is not a request the
+ * codec would take -- the Python path refuses it, before the lane remembers or answers anything. */
+static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
+    if (n < 4 || (d[0] >> 6) != 1) return 1;
+    s->type = (d[0] >> 4) & 3;
+    s->tkl = d[0] & 15;
+    s->code = d[1];
+    s->mid = (uint16_t)(d[2] << 8 | d[3]);
+    /* A request code makes it a request whatever its type, as for the endpoint; a RST with a
+     * code is malformed. */
+    if (s->tkl > 8 || s->code < 1 || s->code > 31 || s->type == 3 || n < (size_t)(4 + s->tkl)) return 1;
+    const uint8_t *p = d + 4 + s->tkl, *end = d + n, *v;
     size_t len;
+    uint64_t number = 0;
+    int r;
+    s->nseg = s->other = 0;
+    s->cf = -1;
     while ((r = next_option(&p, end, &number, &v, &len)) == 0) {
-        if (number == 11 && nseg < 4) {
-            seg[nseg] = v;
-            seglen[nseg++] = len;
-        } else if (number == 12 && cf < 0 && len <= 2) {
-            cf = 0;
-            for (size_t k = 0; k < len; k++) cf = cf << 8 | v[k];
+        if (number == 11 && s->nseg < 4) {
+            s->seg[s->nseg] = v;
+            s->seglen[s->nseg++] = len;
+        } else if (number == 12 && s->cf < 0 && len <= 2) {
+            s->cf = 0;
+            for (size_t k = 0; k < len; k++) s->cf = s->cf << 8 | v[k];
         } else {
-            other = 1;
+            s->other = 1;
         }
     }
-    if (r < 0) return 1; /* malformed: the codec explains */
-    const uint8_t *payload = NULL;
+    if (r < 0) return 1;
+    s->end = end;
+    s->payload = NULL;
     if (p < end) { /* payload marker */
-        payload = p + 1;
-        if (payload == end) return 1; /* a marker and no payload: malformed, the codec explains */
+        s->payload = p + 1;
+        if (s->payload == end) return 1; /* a marker and no payload */
     }
-    /* The lane remembers every request's (peer, message id), with who took it: a duplicate of an
-     * exchange the lane owns is the lane's to answer, whatever its shape; one of the Python
-     * path's goes there (which also keeps a reused message id from being taken twice). */
-    uint8_t key[KEYLEN];
-    addr_key(a, mid, 1, key);
-    long slot = fm_find(&self->dedup, key), reuse = -1;
+    return 0;
+}
+
+/* 2. The exchange: the lane remembers every request's (peer, message id), with who took it.  A
+ * duplicate of an exchange the lane owns is the lane's to answer, whatever its shape; one of the
+ * Python path's goes there (which also keeps a reused message id from being taken twice).
+ * SEEN_NOT when the exchange is new (*reuse: a slot of the peer's previous DTLS session to
+ * reuse, or -1); else the result for classify. */
+#define SEEN_NOT 2
+static int seen_before(Lane *self, const shape_t *s, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
+                       const uint8_t *key, long *reuse) {
+    long slot = fm_find(&self->dedup, key);
+    *reuse = -1;
     if (slot >= 0 && from_old_session(self, a, ((exchange_t *)fm_entry(&self->dedup, slot))->at)) {
-        reuse = slot;
-        slot = -1;
+        *reuse = slot;
+        return SEEN_NOT;
     }
-    if (slot >= 0) {
-        exchange_t *x = fm_entry(&self->dedup, slot);
-        if (x->python) return 1;
-        self->datagrams_in++;
-        self->bytes_in += n;
-        self->duplicates++;
-        if (x->reply_len && type == 0 && n >= x->size)
-            return queue_out(self, a, alen, peer, x->reply, x->reply_len, x->reply[1]);
-        return 0;
-    }
-    if (type != 0 || code != 2 || other || cf != 60 || !payload) return python_path(self, key, now, reuse);
+    if (slot < 0) return SEEN_NOT;
+    exchange_t *x = fm_entry(&self->dedup, slot);
+    if (x->python) return 1;
+    self->datagrams_in++;
+    self->bytes_in += n;
+    self->duplicates++;
+    if (x->reply_len && s->type == 0 && n >= x->size)
+        return queue_out(self, a, alen, peer, x->reply, x->reply_len, x->reply[1]);
+    return 0;
+}
+
+/* 3. The route: the target of a CON POST of CBOR to /api/v1/{token}/telemetry (the token's
+ * device) or, over CoAPS, /telemetry or /api/v1/telemetry (the session's); NULL for anything
+ * else, or a device with its own decoder (the Python path); NULL with an exception on error. */
+static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
+    if (s->type != 0 || s->code != 2 || s->other || s->cf != 60 || !s->payload) return NULL;
     Py_ssize_t ti;
-    if (nseg == 4 && SEG_IS(0, "api") && SEG_IS(1, "v1") && SEG_IS(3, "telemetry") && seglen[2]) {
-        /* POST /api/v1/{token}/telemetry: the device is the token's */
-        PyObject *tok = PyBytes_FromStringAndSize((const char *)seg[2], seglen[2]);
-        if (!tok) return -1;
+    if (s->nseg == 4 && SEG_IS(s, 0, "api") && SEG_IS(s, 1, "v1") && SEG_IS(s, 3, "telemetry") && s->seglen[2]) {
+        PyObject *tok = PyBytes_FromStringAndSize((const char *)s->seg[2], s->seglen[2]);
+        if (!tok) return NULL;
         PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
         Py_DECREF(tok);
-        if (!idx) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
+        if (!idx) return NULL;
         ti = PyLong_AsSsize_t(idx);
-        if (ti == -1 && PyErr_Occurred()) return -1;
-    } else if (session >= 0 && ((nseg == 1 && SEG_IS(0, "telemetry")) ||
-                                (nseg == 3 && SEG_IS(0, "api") && SEG_IS(1, "v1") && SEG_IS(2, "telemetry")))) {
-        ti = session; /* POST /telemetry over CoAPS: the device is the session's */
+        if (ti == -1 && PyErr_Occurred()) return NULL;
+    } else if (session >= 0 && ((s->nseg == 1 && SEG_IS(s, 0, "telemetry")) ||
+                                (s->nseg == 3 && SEG_IS(s, 0, "api") && SEG_IS(s, 1, "v1") && SEG_IS(s, 2, "telemetry")))) {
+        ti = session;
     } else {
-        return python_path(self, key, now, reuse);
+        return NULL;
     }
-    if (ti < 0 || ti >= self->ntargets) return python_path(self, key, now, reuse);
-    target_t *t = &self->targets[ti];
-    if (!t->topic) return python_path(self, key, now, reuse); /* a device with its own decoder */
-    item_t items[MAX_ITEMS];
-    int nitems;
-    long long ts;
-    if (parse_map(payload, end, items, &nitems, &ts) < 0) return python_path(self, key, now, reuse);
-    /* accepted: from here on the lane owns the exchange */
-    PyObject *value = point_json(self, t, items, nitems, ts, now_ms, end - payload);
+    if (ti < 0 || ti >= self->ntargets || !self->targets[ti].topic) return NULL;
+    return &self->targets[ti];
+}
+
+/* 4. The reading, accepted: its record for the sink, and the exchange waiting for the commit.
+ * 0, or -1 with an exception set. */
+static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
+                        socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, item_t *items, int nitems,
+                        long long ts, double now, long long now_ms) {
+    PyObject *value = point_json(self, t, items, nitems, ts, now_ms, s->end - s->payload);
     if (!value) return -1;
     PyObject *record = self->record_type->tp_alloc(self->record_type, 4);
     if (!record) {
@@ -843,9 +529,9 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     memcpy(q->key, key, KEYLEN);
     q->at = now;
     q->size = (uint32_t)n;
-    q->mid = mid;
-    q->tkl = (uint8_t)tkl;
-    memcpy(q->token, d + 4, tkl);
+    q->mid = s->mid;
+    q->tkl = (uint8_t)s->tkl;
+    memcpy(q->token, d + 4, s->tkl);
     q->state = P_PENDING;
     Py_INCREF(t->device);
     q->device = t->device;
@@ -871,6 +557,26 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     self->bytes_in += n;
     self->requests++;
     return 0;
+}
+
+/* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
+static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
+                    double now, long long now_ms, Py_ssize_t session) {
+    shape_t s;
+    if (read_shape(d, n, &s)) return 1; /* malformed: the codec explains */
+    uint8_t key[KEYLEN];
+    long reuse;
+    addr_key(a, s.mid, 1, key);
+    int seen = seen_before(self, &s, n, a, alen, peer, key, &reuse);
+    if (seen != SEEN_NOT) return seen;
+    target_t *t = route(self, &s, session);
+    if (!t) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
+    item_t items[MAX_ITEMS];
+    int nitems;
+    long long ts;
+    if (parse_map(s.payload, s.end, items, &nitems, &ts) < 0) return python_path(self, key, now, reuse);
+    /* accepted: from here on the lane owns the exchange */
+    return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms);
 }
 
 static int ensure_lists(Lane *self) {

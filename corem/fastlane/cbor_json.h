@@ -1,0 +1,219 @@
+/*
+ * The fast lane's CBOR reader and JSON writer: a flat CBOR map of readings (RFC 8949, the subset
+ * the lane takes; anything else is "not mine" and goes to the Python path, which explains) into
+ * items, and the bits of a TelemetryPoint's JSON.  Header-only, for _lane.c, which defines
+ * MAX_ITEMS before including it.
+ */
+#ifndef COREM_CBOR_JSON_H
+#define COREM_CBOR_JSON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef MAX_ITEMS
+#error "define MAX_ITEMS before including cbor_json.h"
+#endif
+
+typedef struct {
+    const uint8_t *key;
+    size_t klen;
+    int is_text;
+    double num;
+    const uint8_t *text;
+    size_t tlen;
+} item_t;
+
+/* The argument of a CBOR head at p (definite only); -1 if it is not one the lane takes. */
+static int cbor_arg(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+    uint8_t ai = **p & 0x1f;
+    (*p)++;
+    if (ai < 24) {
+        *v = ai;
+        return 0;
+    }
+    int n = ai == 24 ? 1 : ai == 25 ? 2 : ai == 26 ? 4 : ai == 27 ? 8 : 0;
+    if (!n || end - *p < n) return -1;
+    uint64_t x = 0;
+    for (int i = 0; i < n; i++) x = x << 8 | (*p)[i];
+    *p += n;
+    *v = x;
+    return 0;
+}
+
+/* Strict UTF-8 (what Python's decoder accepts): no overlongs, no surrogates, <= U+10FFFF. */
+static int utf8_ok(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t len;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1f;
+        else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0f;
+        else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
+        else return 0;
+        if (n - i < len) return 0;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = cp << 6 | (s[i + k] & 0x3f);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
+static double half_to_double(uint16_t h) {
+    int exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+    double v;
+    if (exp == 0) v = ldexp(mant, -24);
+    else if (exp == 31) v = mant ? NAN : INFINITY;
+    else v = ldexp(mant + 1024, exp - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
+#define TWO53 9007199254740992.0
+#define MAX_TS_MS 253402300799999ULL
+
+/* Parse the payload as the flat map the Python path accepts; 0 and the items if it is one the
+ * lane is sure of, -1 otherwise (the Python path then decides, and explains). */
+static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts) {
+    if (p >= end || (*p >> 5) != 5) return -1;
+    uint64_t n;
+    if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > MAX_ITEMS) return -1;
+    int count = 0, readings = 0;
+    *ts = -1;
+    for (uint64_t i = 0; i < n; i++) {
+        if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31) return -1;
+        uint64_t klen;
+        if (cbor_arg(&p, end, &klen) < 0 || klen == 0 || klen > (uint64_t)(end - p)) return -1;
+        const uint8_t *key = p;
+        p += klen;
+        if (!utf8_ok(key, klen)) return -1;
+        for (int j = 0; j < count; j++)
+            if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
+        if (*ts >= 0 && klen == 2 && key[0] == 't' && key[1] == 's') return -1;
+        if (p >= end) return -1;
+        uint8_t major = *p >> 5, ai = *p & 0x1f;
+        item_t *it = &items[count];
+        it->key = key;
+        it->klen = klen;
+        it->is_text = 0;
+        uint64_t v;
+        if (klen == 2 && key[0] == 't' && key[1] == 's') {
+            if (major != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
+            *ts = (long long)v;
+            continue; /* not a reading; remembered apart (count unchanged, but ts set) */
+        }
+        if (major == 0 || major == 1) {
+            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v >= (uint64_t)TWO53) return -1;
+            it->num = major == 0 ? (double)v : -1.0 - (double)v;
+        } else if (major == 3) {
+            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v > (uint64_t)(end - p)) return -1;
+            if (!utf8_ok(p, v)) return -1;
+            it->is_text = 1;
+            it->text = p;
+            it->tlen = v;
+            p += v;
+        } else if (major == 7) {
+            p++;
+            if (ai == 20 || ai == 21) {
+                it->num = ai == 21 ? 1.0 : 0.0;
+            } else if (ai == 25 && end - p >= 2) {
+                it->num = half_to_double((uint16_t)(p[0] << 8 | p[1]));
+                p += 2;
+            } else if (ai == 26 && end - p >= 4) {
+                uint32_t bits = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+                float f;
+                memcpy(&f, &bits, 4);
+                it->num = f;
+                p += 4;
+            } else if (ai == 27 && end - p >= 8) {
+                uint64_t bits = 0;
+                for (int k = 0; k < 8; k++) bits = bits << 8 | p[k];
+                memcpy(&it->num, &bits, 8);
+                p += 8;
+            } else {
+                return -1;
+            }
+            if (!isfinite(it->num)) return -1;
+        } else {
+            return -1;
+        }
+        count++;
+        readings++;
+    }
+    if (p != end || readings == 0) return -1;
+    *nitems = count;
+    return 0;
+}
+
+static char *put_u64(char *o, unsigned long long v) {
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = '0' + v % 10;
+        v /= 10;
+    } while (v);
+    while (n) *o++ = tmp[--n];
+    return o;
+}
+
+static char *put_double(char *o, double v) {
+    if (v == floor(v) && fabs(v) < 1e15 && !(v == 0 && signbit(v))) {
+        if (v < 0) {
+            *o++ = '-';
+            v = -v;
+        }
+        o = put_u64(o, (unsigned long long)v);
+        *o++ = '.';
+        *o++ = '0';
+        return o;
+    }
+    char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (!s) return NULL;
+    size_t n = strlen(s);
+    memcpy(o, s, n);
+    PyMem_Free(s);
+    return o + n;
+}
+
+/* A JSON string as msgspec writes it: `"` and `\` escaped, control characters as \b \t \n \f \r
+ * or \u00XX, everything else (UTF-8 already checked) as is. */
+static char *put_string(char *o, const uint8_t *s, size_t n) {
+    static const char hex[] = "0123456789abcdef";
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        uint8_t c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = hex[c >> 4];
+            *o++ = hex[c & 15];
+        }
+    }
+    *o++ = '"';
+    return o;
+}
+
+/* The TelemetryPoint's JSON (corem/ingest/point.py, field order as msgspec writes it). */
+#endif

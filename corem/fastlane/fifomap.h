@@ -1,0 +1,131 @@
+/*
+ * The fast lane's FIFO hash map (deduplication, rate-limit buckets, DTLS session starts): fixed
+ * size entries whose first KEYLEN bytes are the key, in insertion order, found by key in O(1).
+ * Header-only, for _lane.c, which defines KEYLEN before including it.
+ */
+#ifndef COREM_FIFOMAP_H
+#define COREM_FIFOMAP_H
+
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef KEYLEN
+#error "define KEYLEN before including fifomap.h"
+#endif
+
+/* Entries live in a ring in insertion order (so the oldest is evicted or expired first); an
+ * open-addressing index (linear probing, backward-shift deletion) finds them by key.  An index cell
+ * holds the key's hash (low 32 bits) next to the ring slot, so probing and deleting compare and
+ * move cells without touching the ring (each ring access is a likely cache miss at 100k entries). */
+typedef struct {
+    char *ring;
+    size_t esize, cap, head, count;
+    uint64_t *index; /* hash << 32 | (ring slot + 1); 0 = empty */
+    size_t mask;
+} fifomap;
+
+/* Each word is folded in with a multiply and its high half brought down, so that the bytes that
+ * vary most (port and message id, the high half of the last word) reach the low bits the index
+ * uses; murmur3's finalizer at the end. */
+static uint64_t hash_key(const uint8_t *k) {
+    uint64_t w, h = 0x9E3779B97F4A7C15ULL;
+    for (int i = 0; i < KEYLEN; i += 8) {
+        memcpy(&w, k + i, 8);
+        h = (h ^ w) * 0xC2B2AE3D27D4EB4FULL;
+        h ^= h >> 32;
+    }
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ULL;
+    return h ^ (h >> 33);
+}
+
+static void fm_free(fifomap *m) {
+    PyMem_Free(m->ring);
+    PyMem_Free(m->index);
+    m->ring = NULL;
+    m->index = NULL;
+}
+
+static int fm_init(fifomap *m, size_t cap, size_t esize) {
+    size_t n = 16;
+    while (n < cap * 2) n <<= 1;
+    m->ring = PyMem_Calloc(cap, esize);
+    m->index = PyMem_Calloc(n, sizeof(uint64_t));
+    if (!m->ring || !m->index) {
+        fm_free(m);
+        return -1;
+    }
+    m->esize = esize;
+    m->cap = cap;
+    m->head = m->count = 0;
+    m->mask = n - 1;
+    return 0;
+}
+
+
+static inline void *fm_entry(fifomap *m, size_t slot) { return m->ring + slot * m->esize; }
+
+#define CELL_SLOT(v) ((size_t)((uint32_t)(v)) - 1)
+#define CELL_HASH(v) ((uint32_t)((v) >> 32))
+
+static long fm_find(fifomap *m, const uint8_t *key) {
+    uint32_t h = (uint32_t)hash_key(key);
+    size_t i = h & m->mask;
+    for (;;) {
+        uint64_t v = m->index[i];
+        if (!v) return -1;
+        if (CELL_HASH(v) == h && memcmp(fm_entry(m, CELL_SLOT(v)), key, KEYLEN) == 0) return (long)CELL_SLOT(v);
+        i = (i + 1) & m->mask;
+    }
+}
+
+static void fm_unindex(fifomap *m, size_t slot) {
+    size_t i = (uint32_t)hash_key(fm_entry(m, slot)) & m->mask;
+    while (CELL_SLOT(m->index[i]) != slot) i = (i + 1) & m->mask;
+    m->index[i] = 0;
+    size_t j = i;
+    for (;;) {
+        j = (j + 1) & m->mask;
+        uint64_t v = m->index[j];
+        if (!v) return;
+        size_t k = CELL_HASH(v) & m->mask;
+        /* move v back to the hole unless its home k lies cyclically in (i, j] */
+        int stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
+        if (!stays) {
+            m->index[i] = v;
+            m->index[j] = 0;
+            i = j;
+        }
+    }
+}
+
+static void fm_pop_oldest(fifomap *m) {
+    fm_unindex(m, m->head);
+    m->head = (m->head + 1) % m->cap;
+    m->count--;
+}
+
+/* A new entry for `key` (which must not be present); evicts the oldest when full (returns 1 in
+ * *evicted then).  The entry is zeroed but for its key. */
+static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
+    *evicted = 0;
+    if (m->count == m->cap) {
+        fm_pop_oldest(m);
+        *evicted = 1;
+    }
+    size_t slot = (m->head + m->count) % m->cap;
+    char *e = fm_entry(m, slot);
+    memset(e, 0, m->esize);
+    memcpy(e, key, KEYLEN);
+    uint32_t h = (uint32_t)hash_key(key);
+    size_t i = h & m->mask;
+    while (m->index[i]) i = (i + 1) & m->mask;
+    m->index[i] = (uint64_t)h << 32 | (slot + 1);
+    m->count++;
+    return slot;
+}
+
+#endif
