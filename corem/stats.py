@@ -9,7 +9,7 @@ No component imports Prometheus, and none writes into another's counters.
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Protocol, Union
+from typing import Iterable, Iterator, NamedTuple, Protocol, Union
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -43,3 +43,9 @@ def counter(name: str, value: float, **labels: str) -> Sample:
 
 
 gauge = counter
+
+
+def fields(stats: object, names: dict[str, str]) -> Iterator[Sample]:
+    """A sample per attribute of a Stats object: `names` maps each attribute to its metric."""
+    for attr, name in names.items():
+        yield Sample(name, getattr(stats, attr))

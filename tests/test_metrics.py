@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,3 +74,16 @@ def test_an_endpoint_shows_what_it_counted():
     assert got["corem_coap_requests_total"][udp] == 1 and got["corem_coap_format_errors_total"][udp] == 1
     assert got["corem_coap_responses_total"][(("code", "4.04"), ("transport", "udp"))] == 1
     assert got["corem_coap_datagrams_received_total"][udp] == 2
+
+
+def test_every_metric_is_in_the_readme():
+    """The README's Metrics table lists every family /metrics writes (`{a,b}` spells several)."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Metrics"):text.index("## The fast lane")]
+    listed = set()
+    for cell in re.findall(r"`(corem_[a-z_{},]+)`", section):
+        m = re.fullmatch(r"([a-z_]*)\{([a-z_,]+)\}([a-z_]*)", cell)
+        names = [m[1] + part + m[3] for part in m[2].split(",")] if m else [cell]
+        listed.update(n.removesuffix("_total") for n in names)
+    assert set(FAMILIES) - listed == set()
+    assert listed - set(FAMILIES) == set()  # and nothing that no longer exists

@@ -31,7 +31,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from ..codec import Code, Message, MessageFormatError, Options, Type, code_str, decode, encode
 from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
-from ..stats import Sample, counter, gauge
+from ..stats import Sample, counter, fields, gauge
 
 Peer = Hashable
 #: an exchange: (peer, message id)
@@ -513,8 +513,7 @@ class Endpoint:
     # -- introspection ---------------------------------------------------------------------
     def metrics(self) -> Iterator[Sample]:
         stats = self.stats
-        for attr, name in METRICS.items():
-            yield counter(name, getattr(stats, attr))
+        yield from fields(stats, METRICS)
         for code, n in enumerate(stats.responses):
             if n:
                 yield counter("corem_coap_responses", n, code=code_str(code))

@@ -32,7 +32,7 @@ from ..coap.observe import Observers
 from ..codec import Code, OptionNumber, Options, encode_uint
 from ..registry import Device
 from ..registry.management import Management
-from ..stats import Sample, counter, gauge
+from ..stats import Sample, fields, gauge
 
 #: idle queues looked at per tick at most
 SWEEP = 256
@@ -401,8 +401,7 @@ class Downlink:
         return len(self._queues)
 
     def metrics(self) -> Iterator[Sample]:
-        for attr, name in METRICS.items():
-            yield counter(name, getattr(self.stats, attr))
+        yield from fields(self.stats, METRICS)
         yield gauge("corem_downlink_devices_queued", len(self._queues))
 
     def queued(self, device: Device) -> dict[str, int]:

@@ -28,7 +28,7 @@ from mbedtls import tls
 from mbedtls.exceptions import TLSError
 
 from ..registry import Device
-from ..stats import Sample, counter, gauge
+from ..stats import Sample, counter, fields, gauge
 from .certs import load_certificates, load_key, peer_der
 from .errors import CLOSE_NOTIFY, error_code
 from .errors import reason as tls_reason
@@ -519,8 +519,7 @@ class DtlsServer:
 
     def metrics(self) -> Iterator[Sample]:
         d = self.stats
-        for attr, name in DTLS_METRICS.items():
-            yield counter(name, getattr(d, attr))
+        yield from fields(d, DTLS_METRICS)
         for reason, n in sorted(d.handshakes_failed.items()):
             yield counter("corem_dtls_handshakes_failed", n, reason=reason)
         yield gauge("corem_dtls_sessions", len(self.sessions), state="live")

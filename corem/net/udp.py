@@ -28,7 +28,7 @@ import trio
 
 from ..coap.endpoint import Endpoint, Event
 from ..coap.resources import Router
-from ..stats import Sample, counter, gauge
+from ..stats import Sample, counter, fields, gauge
 from .batch import reader, sender
 from .limits import SourceLimiter
 from .security import PlainUdp, SecurityLayer
@@ -183,8 +183,7 @@ class UdpEdge:
 
     def metrics(self) -> Iterator[Sample]:
         """The edge's counters, its rate limit's, and how many exchanges are remembered."""
-        for attr, name in METRICS.items():
-            yield counter(name, getattr(self.stats, attr))
+        yield from fields(self.stats, METRICS)
         yield gauge("corem_coap_dedup_entries", self.dedup_entries)
         limiter = self.limiter
         if limiter is not None:
