@@ -1,14 +1,18 @@
-"""`corem serve`, `corem devices add|list|remove`, `corem telemetry tail`, and the runtime
+"""`corem serve`, `corem devices add|list|remove`, `corem profiles add|list|show|remove|decode`,
+`corem telemetry tail`, and the runtime
 commands that go through the admin API (`attributes`, `rpc`, `command`, `firmware`, `provisioning`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import time
+from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 
 import msgspec
 import trio
@@ -17,6 +21,9 @@ from .bus import read_records
 from .config import ConfigError, Settings
 from .errors import StorageUnavailable
 from .ingest.point import decode_point
+from .profiles.spec import DEFAULT as DEFAULT_PROFILE
+from .profiles.spec import Profile, ProfileError, parse_profile
+from .profiles.trial import SampleError, decode_sample, sample_bytes
 from .registry import Registry, RegistryError
 from .registry.nudge import nudge
 from .registry.store import parse_psk
@@ -160,6 +167,101 @@ def cmd_devices_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- profiles ----------------------------------------------------------------------------------
+def _profile_text(args: argparse.Namespace) -> str:
+    if (args.file is None) == (args.json is None):
+        raise RegistryError("profile: give it with --file FILE or --json TEXT (one of them)")
+    if args.json is not None:
+        return args.json
+    try:
+        return Path(args.file).read_text()
+    except OSError as e:
+        raise RegistryError(f"file: cannot read {args.file}: {e.strerror or e}") from None
+
+
+def cmd_profiles_add(args: argparse.Namespace) -> int:
+    try:
+        profile = parse_profile(_profile_text(args))
+    except ProfileError as e:
+        raise RegistryError(str(e)) from None
+    reg = _registry(args)
+    try:
+        created = reg.put_profile(args.name, profile)
+    finally:
+        reg.close()
+    nudge(reg.path.parent)  # devices naming it decode with it when this returns
+    print(f"{'added' if created else 'replaced'} profile {args.name} format={profile.format} "
+          f"rules={len(profile.fields)}")
+    return 0
+
+
+def cmd_profiles_list(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        profiles = reg.list_profiles()
+        used = Counter(d.profile for d in reg.list_devices())
+    finally:
+        reg.close()
+    if args.json:
+        for name, p in profiles.items():
+            print(msgspec.json.encode({"name": name, "devices": used.get(name, 0), "profile": p}).decode())
+        return 0
+    print(f"{'PROFILE':<24} {'FORMAT':<12} {'RULES':>5} {'DEVICES':>8}")
+    print(f"{'default':<24} {'flat':<12} {0:>5} {used.get('default', 0):>8}  (built in)")
+    for name, p in profiles.items():
+        print(f"{name:<24} {p.format:<12} {len(p.fields):>5} {used.get(name, 0):>8}")
+    return 0
+
+
+def _stored_profile(reg: Registry, name: str) -> Profile | None:
+    if name == DEFAULT_PROFILE:
+        return None
+    profile = reg.list_profiles().get(name)
+    if profile is None:
+        raise RegistryError(f"profile: {name!r} does not exist")
+    return profile
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        profile = _stored_profile(reg, args.name) or Profile()
+    finally:
+        reg.close()
+    print(json.dumps(msgspec.to_builtins(profile), indent=2))
+    return 0
+
+
+def cmd_profiles_remove(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    try:
+        removed = reg.remove_profile(args.name)
+    finally:
+        reg.close()
+    if not removed:
+        print(f"corem: profile {args.name} not found", file=sys.stderr)
+        return 1
+    nudge(reg.path.parent)
+    print(f"removed profile {args.name}")
+    return 0
+
+
+def cmd_profiles_decode(args: argparse.Namespace) -> int:
+    """Decode a sample offline, with the profile as stored: what the device would be answered."""
+    reg = _registry(args)
+    try:
+        profile = _stored_profile(reg, args.name)
+    finally:
+        reg.close()
+    try:
+        payload = Path(args.file).read_bytes() if args.file else sample_bytes(args.hex, args.base64)
+    except (SampleError, OSError) as e:
+        raise RegistryError(str(e)) from None
+    result = decode_sample(profile, args.content_format, payload, int(time.time() * 1000))
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 1 if "error" in result else 0
+
+
 # -- telemetry ---------------------------------------------------------------------------------
 def cmd_telemetry_tail(args: argparse.Namespace) -> int:
     settings = _settings(args, _REGISTRY_KEYS)
@@ -233,6 +335,35 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--tenant", required=True)
     rm.add_argument("--device", required=True)
     rm.set_defaults(func=cmd_devices_remove)
+
+    profiles = sub.add_parser("profiles", help="manage device profiles (payload formats and rules)").add_subparsers(
+        dest="action", required=True)
+    padd = profiles.add_parser("add", help="add or replace a profile (JSON: format, nested, fields)")
+    _add_settings_flags(padd, _REGISTRY_KEYS)
+    padd.add_argument("name")
+    padd.add_argument("--file", help="the profile's JSON in a file")
+    padd.add_argument("--json", help="the profile's JSON")
+    padd.set_defaults(func=cmd_profiles_add)
+    pls = profiles.add_parser("list", help="list profiles and how many devices use each")
+    _add_settings_flags(pls, _REGISTRY_KEYS)
+    pls.add_argument("--json", action="store_true", help="one JSON object per line")
+    pls.set_defaults(func=cmd_profiles_list)
+    pshow = profiles.add_parser("show", help="print a profile's JSON")
+    _add_settings_flags(pshow, _REGISTRY_KEYS)
+    pshow.add_argument("name")
+    pshow.set_defaults(func=cmd_profiles_show)
+    prm = profiles.add_parser("remove", help="remove a profile no device uses")
+    _add_settings_flags(prm, _REGISTRY_KEYS)
+    prm.add_argument("name")
+    prm.set_defaults(func=cmd_profiles_remove)
+    pdec = profiles.add_parser("decode", help="decode a sample payload with a profile (exit 1 if refused)")
+    _add_settings_flags(pdec, _REGISTRY_KEYS)
+    pdec.add_argument("name")
+    pdec.add_argument("--content-format", "-t", type=int, help="the CoAP Content-Format number (50, 60, 110, 112)")
+    pdec.add_argument("--hex", help="the payload as hex")
+    pdec.add_argument("--base64", help="the payload as base64")
+    pdec.add_argument("--file", help="the payload in a file (raw bytes)")
+    pdec.set_defaults(func=cmd_profiles_decode)
 
     telemetry = sub.add_parser("telemetry", help="read stored telemetry").add_subparsers(dest="action", required=True)
     tail = telemetry.add_parser("tail", help="print stored points, oldest first")

@@ -13,14 +13,21 @@ import logging
 import re
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Sequence
+
+import msgspec
 
 from ..devices.commands import assign_package
 from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
 from ..metrics import gather, total
+from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
+from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
+from ..profiles.spec import Profile, ProfileError, profile_from
+from ..profiles.trial import SampleError, decode_sample, sample_bytes
 from ..registry import Device, RegistryError
 from ..registry.management import KINDS, LABEL_RE
 from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_psk
@@ -52,7 +59,20 @@ def _like(pattern: re.Pattern, **extra: Any) -> dict[str, Any]:
     return {"type": "string", "pattern": f"^{pattern.pattern}$", **extra}
 
 
-NAMES = {"tenant": _like(TENANT_RE), "device": _like(DEVICE_RE)}
+NAMES = {"tenant": _like(TENANT_RE), "device": _like(DEVICE_RE), "name": _like(PROFILE_NAME_RE)}
+SAMPLE_FIELDS = {"content_format": {"type": "integer", "minimum": 0, "maximum": 65535},
+                 "hex": {"type": "string", "description": "the payload as hex"},
+                 "base64": {"type": "string", "description": "the payload as base64"}}
+#: a profile's JSON (corem/profiles/spec.py checks it whole; the schema says its shape)
+PROFILE_SCHEMA = {"type": "object", "properties": {
+    "format": {"type": "string", "enum": ["flat", "thingsboard", "senml"]},
+    "nested": {"type": "string", "enum": ["reject", "flatten", "json"]},
+    "description": STR,
+    "fields": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+        "rename": STR, "scale": {"type": "number"}, "offset": {"type": "number"}, "unit": STR,
+        "type": {"type": "string", "enum": ["number", "string"]}, "min": {"type": "number"},
+        "max": {"type": "number"}, "required": {"type": "boolean"},
+        "allowed": {"type": "array", "items": STR}}}}}}
 QUERY = {"limit": {"type": "integer", "minimum": 1}, "kind": {"type": "string", "enum": list(KINDS)},
          "title": _like(LABEL_RE), "version": _like(LABEL_RE)}
 DEVICE_FIELDS = {
@@ -333,6 +353,65 @@ class AdminApi:
             "samples": len(s.diagnostics.samples),
         })
 
+    # -- profiles --------------------------------------------------------------------------------
+    def _profile(self, req: HttpRequest) -> Profile | None:
+        """The profile the path names (None: the built-in default); 404 if there is none."""
+        name = req.params["name"]
+        if name == DEFAULT_PROFILE:
+            return None
+        profile = self.parts.directory.profiles.get(name)
+        if profile is None:
+            raise HttpError(404, f"profile: {name!r} does not exist")
+        return profile
+
+    def list_profiles(self, req: HttpRequest) -> Reply:
+        stored = self.parts.directory.profiles
+        used = Counter(d.profile for d in self.parts.directory.by_name.values())
+        return json_reply([{"name": DEFAULT_PROFILE, "builtin": True, "devices": used.get(DEFAULT_PROFILE, 0)}]
+                          + [{"name": n, "builtin": False, "devices": used.get(n, 0), "profile": msgspec.to_builtins(p)}
+                             for n, p in sorted(stored.items())])
+
+    def get_profile(self, req: HttpRequest) -> Reply:
+        profile = self._profile(req)
+        if profile is None:
+            return json_reply({"name": DEFAULT_PROFILE, "builtin": True, "profile": msgspec.to_builtins(Profile())})
+        return json_reply({"name": req.params["name"], "builtin": False, "profile": msgspec.to_builtins(profile)})
+
+    def put_profile(self, req: HttpRequest) -> Reply:
+        try:
+            profile = profile_from(req.json())
+            created = self.parts.registry.put_profile(req.params["name"], profile)
+        except (ProfileError, RegistryError) as e:
+            raise HttpError(400, str(e)) from None
+        self.parts.directory.refresh(force=True)
+        log.info("profile %s %s through the admin API", req.params["name"], "added" if created else "changed")
+        return json_reply({"name": req.params["name"], "builtin": False, "profile": msgspec.to_builtins(profile)},
+                          201 if created else 200)
+
+    def remove_profile(self, req: HttpRequest) -> Reply:
+        if self._profile(req) is None:
+            raise HttpError(409, f"profile: {DEFAULT_PROFILE!r} is built in")
+        try:
+            self.parts.registry.remove_profile(req.params["name"])
+        except RegistryError as e:
+            raise HttpError(409, str(e)) from None
+        self.parts.directory.refresh(force=True)
+        return Reply(204, b"", "application/json")
+
+    def decode(self, req: HttpRequest) -> Reply:
+        """Try the profile on a sample: 200 with the points, or 422 with the error the device gets."""
+        profile = self._profile(req)
+        body = _fields(req.json(), SAMPLE_FIELDS)
+        cf = body.get("content_format")
+        if cf is not None and not 0 <= cf <= 65535:
+            raise HttpError(400, "content_format: 0-65535")
+        try:
+            payload = sample_bytes(body.get("hex"), body.get("base64"))
+        except SampleError as e:
+            raise HttpError(400, str(e)) from None
+        result = decode_sample(profile, cf, payload, int(time.time() * 1000))
+        return json_reply(result, 422 if "error" in result else 200)
+
     # -- the page --------------------------------------------------------------------------------
     def ui(self, req: HttpRequest) -> Reply:
         page = resources.files("corem.admin").joinpath("ui.html").read_bytes()
@@ -344,6 +423,7 @@ class AdminApi:
     # -- the table -------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
         dev = "/api/devices/{tenant}/{device}"
+        prof = "/api/profiles/{name}"
         obj = {"type": "object"}
         return [
             Route("GET", "/api/openapi.json", self.openapi, auth=False, doc={"summary": "This document"}),
@@ -396,6 +476,18 @@ class AdminApi:
             Route("GET", "/api/diagnostics/samples", self.samples, doc={
                 "summary": "Rejected samples, newest first", "query": ["tenant", "device", "protocol", "reason", "limit"]}),
             Route("GET", "/api/status", self.status, doc={"summary": "Counters, devices, DTLS sessions (the UI's data)"}),
+            Route("GET", "/api/profiles", self.list_profiles, doc={"summary": "Device profiles (the built-in default first)"}),
+            Route("GET", prof, self.get_profile, doc={"summary": "One profile", "errors": {404: "No such profile"}}),
+            Route("PUT", prof, self.put_profile, doc={
+                "summary": "Add or replace a profile; devices naming it use it from now on", "ok": 200,
+                "errors": {201: "Created", 404: "No such profile"}, "body": PROFILE_SCHEMA}),
+            Route("DELETE", prof, self.remove_profile, doc={
+                "summary": "Remove a profile no device uses", "ok": 204,
+                "errors": {404: "No such profile", 409: "Built in, or devices use it"}}),
+            Route("POST", prof + "/decode", self.decode, doc={
+                "summary": "Decode a sample payload with the profile: the points, or the error the device would get",
+                "errors": {404: "No such profile", 422: "The sample is refused; the error names the field"},
+                "body": {"type": "object", "properties": SAMPLE_FIELDS}}),
         ]
 
 

@@ -10,7 +10,7 @@ import io
 import json
 import math
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import cbor2
 import msgspec
@@ -36,19 +36,23 @@ class Readings(NamedTuple):
     numeric: dict[str, float]
     strings: dict[str, str]
     ts: int | None
+    #: field -> unit (SenML `u`, a profile's `unit`), when the payload or the profile says
+    units: dict[str, str] | None = None
 
 
 #: Largest accepted `ts`: year 9999 in ms.  Anything beyond is a unit mistake (µs or ns).
 MAX_TS_MS = 253_402_300_799_999
 
 
-def decode_cbor(payload: bytes | bytearray | memoryview) -> dict:
+def decode_cbor(payload: bytes | bytearray | memoryview, depth: int = 0) -> Any:
+    """One CBOR data item, nested at most `depth` maps or arrays deep (DECODE_DEPTH: a flat map
+    and one level more, so that a nested field can be named)."""
+    depth = depth or DECODE_DEPTH
     fp = io.BytesIO(payload)
     try:
-        # max_depth 3 lets one level of nesting through so that the field can be named below
-        value = cbor2.CBORDecoder(fp, max_depth=DECODE_DEPTH, allow_duplicate_keys=False).decode()
+        value = cbor2.CBORDecoder(fp, max_depth=depth, allow_duplicate_keys=False).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise PayloadError(f"invalid CBOR: {_cbor_problem(payload, e)}") from None
+        raise PayloadError(f"invalid CBOR: {_cbor_problem(payload, e, depth)}") from None
     if fp.tell() != len(payload):
         raise PayloadError(f"invalid CBOR: {len(payload) - fp.tell()} trailing bytes after the map")
     return value
@@ -58,15 +62,15 @@ def decode_cbor(payload: bytes | bytearray | memoryview) -> dict:
 DECODE_DEPTH = 3
 
 
-def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException) -> str:
+def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException, depth: int) -> str:
     """Why cbor2 refused `payload`, in corem's words: cbor2's messages change between releases,
     and a device (and its developer's tests) should see the same reason whichever is installed.
     Found by trying again with one restriction lifted; runs on the error path only."""
     if isinstance(error, cbor2.CBORDecodeEOF):
         return "the data ends before the value is complete"
     for depth, duplicates, reason in (
-        (DECODE_DEPTH, True, "a map repeats a key"),
-        (64, False, f"nested deeper than {DECODE_DEPTH} maps or arrays"),
+        (depth, True, "a map repeats a key"),
+        (64, False, f"nested deeper than {depth} maps or arrays"),
     ):
         try:
             cbor2.CBORDecoder(io.BytesIO(payload), max_depth=depth, allow_duplicate_keys=duplicates).decode()
@@ -81,7 +85,7 @@ def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException)
 _json = msgspec.json.Decoder()
 
 
-def decode_json(payload: bytes | bytearray | memoryview) -> dict:
+def decode_json(payload: bytes | bytearray | memoryview) -> Any:
     try:
         return _json.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec < 0.23 let UnicodeDecodeError through
@@ -114,7 +118,7 @@ DECODERS = {CF_CBOR: decode_cbor, CF_JSON: decode_json}
 def flat_readings(value: object) -> Readings:
     """Split a decoded map into numeric and string readings; `ts` is the point's time."""
     if not isinstance(value, dict):
-        raise PayloadError(f"expected a map of metric -> value, got {_kind(value)}")
+        raise PayloadError(f"expected a map of metric -> value, got {kind(value)}")
     if not value:
         raise PayloadError("the map has no readings")
     numeric: dict[str, float] = {}
@@ -122,36 +126,42 @@ def flat_readings(value: object) -> Readings:
     ts = None
     for key, v in value.items():
         if type(key) is not str:
-            raise PayloadError(f"map keys must be text strings, got {_kind(key)}",
-                               repr(key) if type(key) in _SCALARS or type(key) is bytes else f"<{_kind(key)}>")
+            raise PayloadError(f"map keys must be text strings, got {kind(key)}",
+                               repr(key) if type(key) in _SCALARS or type(key) is bytes else f"<{kind(key)}>")
         if not key:
             raise PayloadError("metric name is empty", key)
-        t = type(v)
         if key == "ts":
-            if t is not int or not 0 <= v <= MAX_TS_MS:
+            if type(v) is not int or not 0 <= v <= MAX_TS_MS:
                 raise PayloadError("ts must be an integer of milliseconds since the epoch", key)
             ts = v
-        elif t is float:
-            if not math.isfinite(v):
-                raise PayloadError(f"{v} is not a finite number", key)
-            numeric[key] = v
-        elif t is int:
-            try:
-                numeric[key] = float(v)
-            except OverflowError:
-                raise PayloadError("integer too large for a float", key) from None
-        elif t is str:
-            strings[key] = v
-        elif t is bool:
-            numeric[key] = 1.0 if v else 0.0
-        else:
-            raise PayloadError(f"{_kind(v)} values are not allowed; send numbers, booleans or text", key)
+        elif not put_scalar(key, v, numeric, strings):
+            raise PayloadError(f"{kind(v)} values are not allowed; send numbers, booleans or text", key)
     if not numeric and not strings:
         raise PayloadError("the map has no readings, only ts")
     return Readings(numeric, strings, ts)
 
 
-def _kind(value: object) -> str:
+def put_scalar(key: str, v: object, numeric: dict[str, float], strings: dict[str, str]) -> bool:
+    """A number, boolean (1.0 / 0.0) or text value into its readings; False for anything else."""
+    if isinstance(v, bool):  # (before int: a bool is one)
+        numeric[key] = 1.0 if v else 0.0
+    elif isinstance(v, float):
+        if not math.isfinite(v):
+            raise PayloadError(f"{v} is not a finite number", key)
+        numeric[key] = v
+    elif isinstance(v, int):
+        try:
+            numeric[key] = float(v)
+        except OverflowError:
+            raise PayloadError("integer too large for a float", key) from None
+    elif isinstance(v, str):
+        strings[key] = v
+    else:
+        return False
+    return True
+
+
+def kind(value: object) -> str:
     """A decoded value's kind in CBOR's and JSON's terms (never a Python or cbor2 class name)."""
     if value is None:
         return "null"
@@ -177,7 +187,7 @@ REASONS = tuple(re.compile(p) for p in (
     r"content-format \d+ is not supported; send application/cbor \(60\) or application/json \(50\)",
     r"empty payload",
     r"invalid CBOR: (the data ends before the value is complete|a map repeats a key|not well-formed"
-    r"|nested deeper than 3 maps or arrays|a tagged or special value does not decode|\d+ trailing bytes after the map)",
+    r"|nested deeper than \d+ maps or arrays|a tagged or special value does not decode|\d+ trailing bytes after the map)",
     r"invalid JSON: (text is not UTF-8 at byte \d+|not well-formed at byte \d+"
     r"|NaN and Infinity are not JSON numbers|a number is out of range)",
     rf"expected a map of metric -> value, got {_KIND}",

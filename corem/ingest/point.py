@@ -16,6 +16,8 @@ class TelemetryPoint(msgspec.Struct, frozen=True, kw_only=True):
     protocol: str
     received_at: int
     profile: str = "default"
+    #: field -> unit, when the payload (SenML) or the device's profile gives units; absent otherwise
+    units: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
 
 
 _encoder = msgspec.json.Encoder()

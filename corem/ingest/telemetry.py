@@ -13,21 +13,29 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
+import msgspec
+
 from ..bus.base import Record, Sink
 from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..coap.response import retry_later
 from ..codec import Code
+from ..profiles.compile import Decoder as PointsDecoder
+from ..profiles.compile import compile_profile
+from ..profiles.rules import RuleViolation
+from ..profiles.spec import Profile
 from ..registry import Device, Directory
 from ..stats import Sample, counter
 from .diagnostics import Diagnostics
-from .payload import PayloadError, UnsupportedFormat
+from .payload import PayloadError, Readings, UnsupportedFormat
 from .point import TelemetryPoint, encode_point, telemetry_topic
 from .presence import Presence
 from .profiles import Decoder, get_decoder
 
 #: The answer when the bus cannot take a message (full, failing, shutting down): retry later.
 BUSY = retry_later(b"bus unavailable; retry later")
+#: Why a request with several points is answered 5.03 when the sink took only some of them.
+SINK_FULL = RuntimeError("the bus took only some of the points")
 
 
 def answer_committed(req: Request, error: BaseException | None) -> None:
@@ -69,10 +77,24 @@ class Target(NamedTuple):
     """Everything per-device the hot path needs, computed once per registry reload."""
 
     device: Device
-    decode: Decoder
+    #: one point per payload (the built-in `default`, a Python hook), or None when
+    decode: Decoder | None
+    #: the device's stored profile decodes: any number of points, all or nothing
+    decode_points: PointsDecoder | None
     topic: str
     key: bytes
     headers: dict[str, str]
+
+
+class Points:
+    """A request whose payload became several records: answered once all of them are durable,
+    5.03 if any failed (each record is one point; a retry may store the others again)."""
+
+    __slots__ = ("req", "device", "points", "left", "error", "then")
+
+    def __init__(self, req: Request, device: Device, points: int, then: Callable[[Request], None] | None) -> None:
+        self.req, self.device, self.points, self.left, self.then = req, device, points, points, then
+        self.error: BaseException | None = None
 
 
 class TelemetryIngest:
@@ -99,6 +121,8 @@ class TelemetryIngest:
         self._targets: dict[str, Target] = {}
         self._name_targets: dict[tuple[str, str], Target] = {}
         self._targets_version = -1
+        #: profile name -> (the Profile it was compiled from, its decoder)
+        self._compiled: dict[str, tuple[Profile, PointsDecoder]] = {}
 
     def install(self, router: Router, session_device: Callable[[object], Device | None] | None = None) -> None:
         """Add the telemetry front doors; with `session_device` (CoAPS) also `POST /telemetry`,
@@ -120,15 +144,24 @@ class TelemetryIngest:
                        link={"rt": "corem.telemetry", "if": "core.p", "ct": "60 50"})
             router.add("api/v1/telemetry", {Code.POST: post_in_session})  # ThingsBoard's x509 path
 
-    @staticmethod
-    def target(device: Device, protocol: str = "coap") -> Target:
-        try:
-            decode = get_decoder(device.profile)
-        except KeyError as e:  # this device only: the others keep being served
-            decode = _unknown_profile(str(e.args[0]))
+    def target(self, device: Device, protocol: str = "coap") -> Target:
+        decode: Decoder | None = None
+        decode_points = None
+        profile = self.directory.profiles.get(device.profile)
+        if profile is not None:  # a stored profile (corem profiles add ...)
+            cached = self._compiled.get(device.profile)
+            if cached is None or cached[0] is not profile:
+                cached = self._compiled[device.profile] = (profile, compile_profile(profile))
+            decode_points = cached[1]
+        else:
+            try:
+                decode = get_decoder(device.profile)
+            except KeyError as e:  # this device only: the others keep being served
+                decode = _unknown_profile(str(e.args[0]))
         return Target(
             device,
             decode,
+            decode_points,
             telemetry_topic(device.tenant),
             device.device.encode(),
             {"protocol": protocol, "profile": device.profile},
@@ -185,6 +218,10 @@ class TelemetryIngest:
         content_format = msg.content_format
         device = target.device
         try:
+            if target.decode is None:
+                assert target.decode_points is not None
+                return self._ingest_points(req, target, protocol, then, received_at,
+                                           target.decode_points(content_format, msg.payload, received_at))
             readings = target.decode(content_format, msg.payload)
         except UnknownProfile as e:  # the server's configuration, not the device's fault: 5.00
             self.stats.rejections[protocol, "unknown_profile"] += 1
@@ -214,6 +251,41 @@ class TelemetryIngest:
             self.stats.bus_refusals += 1
             return BUSY
         return None
+
+    def _ingest_points(self, req: Request, target: Target, protocol: str, then: Callable[[Request], None] | None,
+                       received_at: int, points: list[Readings]) -> Response | None:
+        """A stored profile's points: one record each, submitted together, one answer."""
+        device = target.device
+        records = [Record(target.topic, target.key, encode_point(TelemetryPoint(
+            tenant=device.tenant, device=device.device, ts=received_at if r.ts is None else r.ts,
+            numeric_values=r.numeric, string_values=r.strings, protocol=protocol, received_at=received_at,
+            profile=device.profile, units=r.units or msgspec.UNSET)), target.headers) for r in points]
+        many = Points(req, device, len(records), then)
+        taken = self.sink.submit_many(records, self._committed_point, [many] * len(records))
+        if taken < len(records):
+            self.stats.bus_refusals += 1
+            if not taken:
+                return BUSY
+            many.left, many.error = taken, SINK_FULL  # the ones taken are stored; the answer is 5.03
+        return None
+
+    def _committed_point(self, many: Points, error: BaseException | None) -> None:
+        if error is not None and many.error is None:
+            many.error = error
+        many.left -= 1
+        req = many.req
+        if many.left or req.answered:
+            return
+        if many.error is not None:
+            if many.error is not SINK_FULL:  # (a partial refusal was counted when it happened)
+                self.stats.bus_refusals += 1
+            answer_committed(req, many.error)
+            return
+        self.accepted(many.device, many.points)
+        if many.then is not None:
+            many.then(req)
+        else:
+            answer_committed(req, None)
 
     def _committed(self, req: Request, error: BaseException | None) -> None:
         """The sink's verdict on one point: 2.04 once durable, 5.03 with a retry hint if not."""
@@ -270,14 +342,15 @@ class TelemetryIngest:
         content_format: int | None,
         received_at: int,
     ) -> None:
-        self.stats.rejections[protocol, "decode_error"] += 1
+        reason = "rule_violation" if isinstance(error, RuleViolation) else "decode_error"
+        self.stats.rejections[protocol, reason] += 1
         self.stats.device_rejections[device.tenant, device.device] += 1
         msg = req.message
         assert msg is not None
         self.diagnostics.add(
             at=received_at,
             protocol=protocol,
-            reason="decode_error",
+            reason=reason,
             detail=error.reason,
             field=error.field,
             tenant=device.tenant,

@@ -8,6 +8,7 @@ up exactly (access tokens); the database file is created mode 0600.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sqlite3
@@ -18,7 +19,12 @@ from typing import Iterator
 import msgspec
 
 from ..errors import StorageUnavailable
+from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
+from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
+from ..profiles.spec import Profile, ProfileError, encode_profile, parse_profile
 from ..stats import Sample, gauge
+
+log = logging.getLogger("corem.registry")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -34,6 +40,11 @@ CREATE TABLE IF NOT EXISTS devices (
     topics       TEXT NOT NULL DEFAULT '#',
     gateways     TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, device)
+);
+CREATE TABLE IF NOT EXISTS profiles (
+    name       TEXT PRIMARY KEY,
+    spec       TEXT NOT NULL,       -- the profile's JSON (corem/profiles/spec.py)
+    updated_at INTEGER NOT NULL
 );
 """
 #: Columns added after the first release of the table, for data dirs created before them.
@@ -194,6 +205,46 @@ class Registry:
             raise StorageUnavailable(f"storage: {e}") from None
         return cur.rowcount > 0
 
+    # -- profiles (corem/profiles): stored checked, so a stored one always compiles ------------------
+    def put_profile(self, name: str, profile: Profile) -> bool:
+        """Add or replace the profile `name`; True if it is new.  Devices that name it use the new
+        one from the next reload."""
+        check_field("profile", name, PROFILE_NAME_RE, "1-64 of A-Z a-z 0-9 . _ -")
+        if name == DEFAULT_PROFILE:
+            raise RegistryError(f"profile: {DEFAULT_PROFILE!r} is built in; give yours another name")
+        existed = self._conn.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
+        try:
+            self._conn.execute(
+                "INSERT INTO profiles (name, spec, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
+                (name, encode_profile(profile).decode(), int(time.time() * 1000)))
+        except sqlite3.OperationalError as e:
+            raise StorageUnavailable(f"storage: {e}") from None
+        return not existed
+
+    def remove_profile(self, name: str) -> bool:
+        """Remove a profile no device names (RegistryError says which devices still do)."""
+        users = self._conn.execute("SELECT tenant, device FROM devices WHERE profile = ? LIMIT 4", (name,)).fetchall()
+        if users:
+            shown = ", ".join(f"{t}/{d}" for t, d in users[:3]) + (" and more" if len(users) > 3 else "")
+            raise RegistryError(f"profile: {name!r} is used by {shown}; move them to another profile first")
+        try:
+            cur = self._conn.execute("DELETE FROM profiles WHERE name = ?", (name,))
+        except sqlite3.OperationalError as e:
+            raise StorageUnavailable(f"storage: {e}") from None
+        return cur.rowcount > 0
+
+    def list_profiles(self) -> dict[str, Profile]:
+        """Every stored profile by name (one that no longer parses -- written by a newer corem,
+        say -- is left out and logged)."""
+        out = {}
+        for name, spec in self._conn.execute("SELECT name, spec FROM profiles ORDER BY name"):
+            try:
+                out[name] = parse_profile(spec)
+            except ProfileError as e:
+                log.warning("profile %r in the registry does not parse (%s): devices naming it get 5.00", name, e)
+        return out
+
     def list_devices(self, tenant: str | None = None) -> list[Device]:
         sql = f"SELECT {_COLUMNS} FROM devices"
         args: tuple = ()
@@ -226,6 +277,8 @@ class Directory:
         self.by_psk_identity: dict[str, Device] = {}
         self.by_cert: dict[str, Device] = {}
         self.by_name: dict[tuple[str, str], Device] = {}
+        #: the stored profiles by name (the built-in `default` is not among them)
+        self.profiles: dict[str, Profile] = {}
         self._version: int | None = None
         self.reloads = 0
 
@@ -255,6 +308,7 @@ class Directory:
         self.by_psk_identity = {d.psk_identity: d for d in devices if d.psk_identity is not None}
         self.by_cert = {d.cert_sha256: d for d in devices if d.cert_sha256 is not None}
         self.by_name = {(d.tenant, d.device): d for d in devices}
+        self.profiles = self.registry.list_profiles()
         self._version = version
         self.reloads += 1
         return True

@@ -1,0 +1,260 @@
+"""Payload formats a profile can decode: one request becomes one or more points, all or nothing.
+
+Each decoder takes `(content_format, payload)` and returns a list of `Readings` (one per point) or
+raises `PayloadError` naming the field; the first bad record rejects the whole payload.
+
+- `thingsboard` (ThingsBoard's CoAP device API, JSON 50 or CBOR 60): a flat map
+  `{"temperature": 25.5}`, a timestamped one `{"ts": 1672531200000, "values": {...}}`, or an array
+  of either.  As in ThingsBoard, every key of a flat map is a value (`ts` only means the time in
+  the `{"ts", "values"}` form).  A nested map (or an array) in the values is flattened to
+  `outer.inner` fields, kept as JSON text, or refused: the profile's `nested`.
+- `senml` (RFC 8428: JSON 110 / 111, CBOR 112 / 113; application/json and application/cbor are
+  read as SenML too): base name, time, unit, value and sum resolved over the pack (§4.6),
+  `v` / `vs` / `vb` / `vd` (base64url text), a sum `s` as the field `{name}.sum`, relative times (below 2**28 s, §4.5.3) from the moment it came,
+  records grouped into one point per resolved time, units kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from typing import Any, Callable
+
+from ..ingest.payload import (
+    CF_CBOR,
+    CF_JSON,
+    MAX_TS_MS,
+    PayloadError,
+    Readings,
+    UnsupportedFormat,
+    decode_cbor,
+    decode_json,
+    kind,
+    put_scalar,
+)
+
+#: (content_format, payload, now_ms) -> the points' readings
+FormatDecoder = Callable[[int | None, bytes | bytearray | memoryview, int], list[Readings]]
+
+#: Points one payload may carry (a bound: a request is one reply, whatever it holds).
+MAX_POINTS = 1000
+#: Nesting a ThingsBoard or SenML payload may have (an array of maps of values of maps ...).
+MAX_DEPTH = 16
+
+CF_SENML_JSON, CF_SENSML_JSON, CF_SENML_CBOR, CF_SENSML_CBOR = 110, 111, 112, 113
+
+
+def _document(content_format: int | None, payload: bytes | bytearray | memoryview, json_formats: tuple[int, ...],
+              cbor_formats: tuple[int, ...], names: str) -> Any:
+    if content_format is None:
+        raise PayloadError(f"content-format: missing; send {names}")
+    if not payload:
+        raise PayloadError("empty payload")
+    if content_format in json_formats:
+        return decode_json(payload)
+    if content_format in cbor_formats:
+        return decode_cbor(payload, MAX_DEPTH)
+    raise UnsupportedFormat(f"content-format {content_format} is not supported by this profile; send {names}")
+
+
+# -- ThingsBoard -----------------------------------------------------------------------------------
+def thingsboard(nested: str) -> FormatDecoder:
+    """A decoder for ThingsBoard's telemetry payloads; `nested`: "reject", "flatten" or "json"."""
+
+    def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
+        doc = _document(content_format, payload, (CF_JSON,), (CF_CBOR,),
+                        "application/json (50) or application/cbor (60)")
+        entries = doc if isinstance(doc, list) else [doc]
+        if not entries:
+            raise PayloadError("the array has no points")
+        if len(entries) > MAX_POINTS:
+            raise PayloadError(f"{len(entries)} points in one payload; at most {MAX_POINTS}")
+        return [_tb_entry(e, i if isinstance(doc, list) else None, nested) for i, e in enumerate(entries)]
+
+    return decode
+
+
+def _tb_entry(entry: object, index: int | None, nested: str) -> Readings:
+    where = "" if index is None else f"[{index}]."
+    if not isinstance(entry, dict):
+        raise PayloadError(f"expected a map of key -> value or {{\"ts\", \"values\"}}, got {kind(entry)}",
+                           where.rstrip(".") or None)
+    ts = None
+    values: object = entry
+    if "values" in entry and set(entry) <= {"ts", "values"}:
+        values = entry["values"]
+        if "ts" in entry:
+            ts = entry["ts"]
+            if type(ts) is not int or not 0 <= ts <= MAX_TS_MS:
+                raise PayloadError("ts must be an integer of milliseconds since the epoch", f"{where}ts")
+        if not isinstance(values, dict):
+            raise PayloadError(f"values must be a map of key -> value, got {kind(values)}", f"{where}values")
+        where += "values."
+    numeric: dict[str, float] = {}
+    strings: dict[str, str] = {}
+    assert isinstance(values, dict)
+    for key, value in values.items():
+        _tb_value(key, value, where, nested, numeric, strings)
+    if not numeric and not strings:
+        raise PayloadError("the map has no readings", where.rstrip(".") or None)
+    return Readings(numeric, strings, ts)
+
+
+def _tb_value(key: object, value: object, where: str, nested: str, numeric: dict[str, float],
+              strings: dict[str, str], prefix: str = "") -> None:
+    if type(key) is not str or not key:
+        raise PayloadError("keys must be non-empty text strings", f"{where}{prefix}{key!r}")
+    name = prefix + key
+    if value is None:
+        raise PayloadError("null values are not allowed", where + name)
+    if put_scalar(name, value, numeric, strings):
+        return
+    if isinstance(value, (dict, list)):
+        if nested == "json":
+            strings[name] = json.dumps(_plain(value, where + name), separators=(",", ":"), ensure_ascii=False)
+            return
+        if nested == "flatten":
+            items = value.items() if isinstance(value, dict) else ((str(i), v) for i, v in enumerate(value))
+            for inner, v in items:
+                _tb_value(inner, v, where, nested, numeric, strings, name + ".")
+            return
+        raise PayloadError(f"{kind(value)} values are not allowed (the profile's nested is reject; "
+                           "flatten or json take them)", where + name)
+    raise PayloadError(f"{kind(value)} values are not allowed; send numbers, booleans, text or maps", where + name)
+
+
+def _plain(value: object, field: str) -> object:
+    """`value` as JSON can say it (CBOR may hold what JSON cannot: refused, naming the field)."""
+    if isinstance(value, dict):
+        if not all(type(k) is str for k in value):
+            raise PayloadError("keys must be text strings", field)
+        return {k: _plain(v, f"{field}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, f"{field}.{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    raise PayloadError(f"{kind(value)} values cannot be kept as JSON", field)
+
+
+# -- SenML (RFC 8428) ------------------------------------------------------------------------------
+#: CBOR labels (RFC 8428 §6, Table 4)
+LABELS = {-1: "bver", -2: "bn", -3: "bt", -4: "bu", -5: "bv", -6: "bs", 0: "n", 1: "u", 2: "v", 3: "vs",
+          4: "vb", 5: "s", 6: "t", 7: "ut", 8: "vd"}
+#: a resolved name (§4.5.1)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-:./_]*")
+#: times below this are relative to now (§4.5.3)
+RELATIVE_BELOW = 2 ** 28
+SENML_VERSION = 10
+
+
+def senml(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
+    doc = _document(content_format, payload, (CF_SENML_JSON, CF_SENSML_JSON, CF_JSON),
+                    (CF_SENML_CBOR, CF_SENSML_CBOR, CF_CBOR),
+                    "application/senml+json (110) or application/senml+cbor (112)")
+    if not isinstance(doc, list):
+        raise PayloadError(f"a SenML pack is an array of records, got {kind(doc)}")
+    if not doc:
+        raise PayloadError("the pack has no records")
+    if len(doc) > MAX_POINTS:
+        raise PayloadError(f"{len(doc)} records in one pack; at most {MAX_POINTS}")
+    base: dict[str, Any] = {"bn": "", "bt": 0.0, "bu": None, "bv": 0.0, "bs": 0.0}
+    points: dict[int, Readings] = {}
+    for i, raw in enumerate(doc):
+        record = _record(raw, i)
+        for label in ("bn", "bt", "bu", "bv", "bs"):
+            if label in record:
+                base[label] = record[label]
+        name = base["bn"] + record.get("n", "")
+        field = name or f"[{i}]"
+        if not NAME_RE.fullmatch(name):
+            raise PayloadError("the resolved name (bn + n) must start with a letter or digit and hold only "
+                               "A-Z a-z 0-9 - : . / _", field)
+        t = base["bt"] + record.get("t", 0.0)
+        seconds = now_ms / 1000 + t if t < RELATIVE_BELOW else t
+        ts = round(seconds * 1000)
+        if not 0 <= ts <= MAX_TS_MS:
+            raise PayloadError("the resolved time is outside year 1970 to 9999", field)
+        point = points.get(ts)
+        if point is None:
+            point = points[ts] = Readings({}, {}, ts, {})
+        values = [k for k in ("v", "vs", "vb", "vd") if k in record]
+        if len(values) > 1:
+            raise PayloadError(f"a record has one value; this one has {', '.join(values)}", field)
+        if not values and "s" not in record:
+            raise PayloadError("the record has no value (v, vs, vb, vd or s)", field)
+        unit = record.get("u", base["bu"])
+        if values:
+            _put(point, name, _value(values[0], record[values[0]], base, field), unit, field)
+        if "s" in record:
+            _put(point, name + ".sum", base["bs"] + record["s"], unit, field + ".sum")
+    return [p if p.units else p._replace(units=None) for p in points.values()]
+
+
+def _record(raw: object, index: int) -> dict[str, Any]:
+    """One record with its labels as names, each checked for its type (§4.3, §6)."""
+    if not isinstance(raw, dict):
+        raise PayloadError(f"a record is a map, got {kind(raw)}", f"[{index}]")
+    record: dict[str, Any] = {}
+    for key, value in raw.items():
+        label = LABELS.get(key) if type(key) is int else key if type(key) is str else None
+        if label is None:
+            raise PayloadError(f"{key!r} is not a SenML label", f"[{index}]")
+        if label.endswith("_"):  # §4.4: must-understand labels corem does not know
+            raise PayloadError("a label ending in _ must be understood; corem does not know this one",
+                               f"[{index}].{label}")
+        if label not in _TYPES:
+            continue  # an extension corem may ignore (§4.4)
+        want, what = _TYPES[label]
+        if not want(value):
+            raise PayloadError(f"{label} must be {what}, got {kind(value)}", f"[{index}].{label}")
+        record[label] = value
+    version = record.get("bver", SENML_VERSION)
+    if version > SENML_VERSION:
+        raise PayloadError(f"bver {version}: corem reads SenML version {SENML_VERSION} and below", f"[{index}].bver")
+    return record
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "bn": (lambda v: isinstance(v, str), "text"), "n": (lambda v: isinstance(v, str), "text"),
+    "bu": (lambda v: isinstance(v, str), "text"), "u": (lambda v: isinstance(v, str), "text"),
+    "vs": (lambda v: isinstance(v, str), "text"), "vb": (lambda v: isinstance(v, bool), "true or false"),
+    "vd": (lambda v: isinstance(v, (str, bytes)), "data (base64url text in JSON, bytes in CBOR)"),
+    "bver": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+    **{k: (_number, "a finite number") for k in ("bt", "bv", "bs", "v", "s", "t", "ut")},
+}
+
+
+def _value(label: str, value: Any, base: dict[str, Any], field: str) -> float | str:
+    if label == "v":
+        return float(base["bv"] + value)
+    if label == "vb":
+        return 1.0 if value else 0.0
+    if label == "vd":
+        if isinstance(value, bytes):
+            return base64.urlsafe_b64encode(value).rstrip(b"=").decode()
+        if not re.fullmatch(r"[A-Za-z0-9_-]*", value):
+            raise PayloadError("vd must be base64url without padding (RFC 8428 §5)", field)
+        return str(value)
+    return str(value)
+
+
+def _put(point: Readings, name: str, value: float | str, unit: str | None, field: str) -> None:
+    if name in point.numeric or name in point.strings:
+        raise PayloadError("the pack gives this name twice at the same time", field)
+    if isinstance(value, str):
+        point.strings[name] = value
+    else:
+        if not math.isfinite(value):
+            raise PayloadError(f"{value} is not a finite number", field)
+        point.numeric[name] = value
+    if unit:
+        assert point.units is not None
+        point.units[name] = unit

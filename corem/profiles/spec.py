@@ -1,0 +1,143 @@
+"""A device profile as data: how a device's payloads decode, and the rules its readings obey.
+
+A profile is a JSON object, stored in the registry under its name and named by each device that
+uses it.  Everything in it is checked when it is written (`parse_profile`), with the offending
+field named, so a profile that is stored is one that compiles:
+
+    {"format": "thingsboard", "nested": "flatten",
+     "fields": {"temperature": {"min": -40, "max": 85, "unit": "Cel", "required": true},
+                "t_raw": {"rename": "temperature_c", "scale": 0.1},
+                "state": {"allowed": ["idle", "running"]}}}
+
+`format` says how the payload reads (corem/profiles/formats.py): `flat` (a map of metric -> value,
+the built-in `default`), `thingsboard` (a flat map, `{"ts", "values"}`, or an array of either),
+`senml` (RFC 8428, JSON or CBOR).  `fields` are the mapping and validation rules
+(corem/profiles/rules.py), applied to every point the payload decodes to.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+#: Profile names are typed on command lines and travel in URLs: a short, safe alphabet.
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The built-in profile every device starts on; it cannot be changed or removed.
+DEFAULT = "default"
+
+FORMATS = ("flat", "thingsboard", "senml")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be stored; the message names the field and why."""
+
+
+class Rule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """What one incoming field becomes and must satisfy.  Checks apply to the value after `scale`
+    and `offset` (the physical value); `rename` applies last."""
+
+    rename: str | None = None
+    scale: float | None = None
+    offset: float | None = None
+    unit: str | None = None
+    type: Literal["number", "string"] | None = None
+    min: float | None = None
+    max: float | None = None
+    required: bool = False
+    allowed: list[str] | None = None
+
+
+class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    format: Literal["flat", "thingsboard", "senml"] = "flat"
+    #: thingsboard: what a nested map in `values` becomes -- its leaves as `outer.inner` fields
+    #: ("flatten"), the map as JSON text in one string field ("json"), or a 4.00 ("reject")
+    nested: Literal["reject", "flatten", "json"] = "reject"
+    fields: dict[str, Rule] = {}
+    description: str = ""
+
+
+_encoder = msgspec.json.Encoder()
+CHOICES = {"format": FORMATS, "nested": ("reject", "flatten", "json"), "type": ("number", "string")}
+
+
+def parse_profile(data: bytes | str) -> Profile:
+    """A profile from its JSON text, checked whole (ProfileError names the field)."""
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError as e:
+        raise ProfileError(f"profile: not valid JSON ({e})") from None
+    return profile_from(raw)
+
+
+def profile_from(raw: object) -> Profile:
+    """A profile from decoded JSON (the admin API's body), checked whole."""
+    if not isinstance(raw, dict):
+        raise ProfileError("profile: expected an object")
+    fields = raw.get("fields", {})
+    if not isinstance(fields, dict):
+        raise ProfileError("fields: expected an object of field name -> rule")
+    rules = {str(name): _convert(rule, Rule, f"fields.{name}") for name, rule in fields.items()}
+    top = _convert({k: v for k, v in raw.items() if k != "fields"}, Profile, "")
+    profile = msgspec.structs.replace(top, fields=rules)
+    check(profile)
+    return profile
+
+
+def encode_profile(profile: Profile) -> bytes:
+    return _encoder.encode(profile)
+
+
+def _convert(raw: object, kind: type[msgspec.Struct], where: str) -> Any:
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as e:
+        raise ProfileError(_explain(str(e), where)) from None
+
+
+def _explain(message: str, where: str) -> str:
+    """msgspec's "Expected `float | null`, got `str` - at `$.scale`" in corem's words, with the
+    whole path: "fields.t.scale: expected a number, got text"."""
+    text, sep, path = message.partition(" - at `$")
+    path = ".".join(p for p in (where, path.rstrip("`").lstrip(".") if sep else "") if p) or "profile"
+    unknown = re.fullmatch(r"Object contains unknown field `([^`]*)`", text)
+    if unknown:
+        return f"{path}: unknown field {unknown[1]!r}"
+    enum = re.fullmatch(r"Invalid enum value (.*)", text)
+    if enum:
+        key = path.rpartition(".")[2]
+        return f"{path}: {enum[1]} is not allowed; use one of {', '.join(CHOICES.get(key, ()))}"
+    for theirs, ours in (("`float | null`", "a number"), ("`float`", "a number"), ("`str | null`", "text"),
+                         ("`str`", "text"), ("`bool`", "true or false"), ("`object`", "an object"),
+                         ("`array`", "an array"), ("`array | null`", "an array"), ("`int`", "an integer"),
+                         ("`null`", "null"), ("Expected", "expected")):
+        text = text.replace(theirs, ours)
+    return f"{path}: {text}"
+
+
+def check(profile: Profile) -> None:
+    """The rules that JSON types alone do not say."""
+    renamed: dict[str, str] = {}
+    for name, rule in profile.fields.items():
+        where = f"fields.{name}"
+        if not name:
+            raise ProfileError("fields: a field name is empty")
+        if rule.rename is not None:
+            if not rule.rename:
+                raise ProfileError(f"{where}.rename: must not be empty")
+            if rule.rename in renamed:
+                raise ProfileError(f"{where}.rename: {rule.rename!r} is also what {renamed[rule.rename]!r} becomes")
+            renamed[rule.rename] = name
+        numeric = rule.scale is not None or rule.offset is not None or rule.min is not None or rule.max is not None
+        if numeric and (rule.type == "string" or rule.allowed is not None):
+            raise ProfileError(f"{where}: scale, offset, min and max are for numbers; allowed and type string "
+                               "are for text")
+        if rule.scale == 0:
+            raise ProfileError(f"{where}.scale: 0 would make every value 0")
+        if rule.min is not None and rule.max is not None and rule.min > rule.max:
+            raise ProfileError(f"{where}: min {rule.min} is above max {rule.max}")
+        if rule.allowed is not None and not rule.allowed:
+            raise ProfileError(f"{where}.allowed: an empty list allows nothing")
+    if profile.nested != "reject" and profile.format != "thingsboard":
+        raise ProfileError(f"nested: only the thingsboard format has nested values (format is {profile.format!r})")
