@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 UV     := uv==0.13.9
 
-.PHONY: run test deps sysdeps bench bench-codec bench-load bench-dtls fuzz soak clean lock test-latest
+.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls fuzz soak clean lock test-latest
 
 $(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c
 	$(PYTHON) -m venv $(VENV)
@@ -68,10 +68,13 @@ test: sysdeps $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-bench: sysdeps $(STAMP) bench-codec bench-load bench-dtls
+bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-dtls
 
 bench-codec: $(STAMP)
 	$(PY) bench/codec_bench.py
+
+bench-formats: $(STAMP)
+	$(PY) bench/formats_bench.py
 
 bench-load: $(STAMP)
 	$(PY) bench/load_bench.py
@@ -86,7 +89,7 @@ bench-dtls: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	@mkdir -p fuzz/corpus fuzz/artifacts
-	@for t in codec payload endpoint dtls frontdoors http lane; do \
+	@for t in codec payload formats endpoint dtls frontdoors http lane; do \
 	  echo "== fuzz_$$t ($(FUZZ_SECONDS) s)"; mkdir -p fuzz/corpus/$$t; \
 	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
 	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \

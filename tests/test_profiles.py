@@ -202,7 +202,7 @@ def test_rules_map_every_point_and_leave_other_fields_alone():
 ])
 def test_a_reading_that_breaks_a_rule_is_refused_whole_naming_field_and_rule(reading, field, reason):
     e = refused(RULES, 50, [{"state": "idle"}, reading])  # the first point is fine: still nothing is taken
-    assert isinstance(e, RuleViolation) and (e.field, e.reason) == (field, reason)
+    assert isinstance(e, RuleViolation) and (e.field, e.reason) == (f"[1].{field}", reason)  # its place in the array
 
 
 # -- properties ---------------------------------------------------------------------------------------

@@ -29,8 +29,19 @@ def compile_profile(profile: Profile) -> Decoder:
     if not profile.fields:
         return decode
     fields = profile.fields
+    # a ThingsBoard array's points are named by their place in it, as its decode errors are
+    indexed = profile.format == "thingsboard"
 
     def with_rules(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
-        return [rules.apply(r, fields) for r in decode(content_format, payload, now_ms)]
+        points = decode(content_format, payload, now_ms)
+        if not indexed or len(points) == 1:
+            return [rules.apply(r, fields) for r in points]
+        out = []
+        for i, r in enumerate(points):
+            try:
+                out.append(rules.apply(r, fields))
+            except rules.RuleViolation as e:
+                raise rules.RuleViolation(e.reason, f"[{i}].{e.field}") from None
+        return out
 
     return with_rules

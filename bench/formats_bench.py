@@ -1,0 +1,72 @@
+"""Payload decode cost per profile format, the same reading in each, against the built-in flat map.
+
+    python bench/formats_bench.py [--json]
+
+The flat map is what the default profile decodes (in C on the fast lane; here the Python path's
+decoder, which every other format runs beside).  Each row: ns per payload and its cost relative to
+the flat map's.  Rules are measured separately (a profile with four of them on the same reading).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import timeit
+
+import cbor2
+
+from corem.profiles.compile import compile_profile
+from corem.profiles.spec import parse_profile
+
+READING = {"temperature": 22.5, "humidity": 65, "state": "running"}
+TS = 1_700_000_000_000
+SENML = [{"bn": "dev/", "bt": TS / 1000, "n": "temperature", "u": "Cel", "v": 22.5},
+         {"n": "humidity", "u": "%RH", "v": 65}, {"n": "state", "vs": "running"}]
+SENML_CBOR = [{-2: "dev/", -3: TS / 1000, 0: "temperature", 1: "Cel", 2: 22.5}, {0: "humidity", 1: "%RH", 2: 65},
+              {0: "state", 3: "running"}]
+RULES = ('{"format": "thingsboard", "fields": {"temperature": {"min": -40, "max": 85, "unit": "Cel"}, '
+         '"humidity": {"scale": 1, "max": 100}, "state": {"allowed": ["idle", "running"]}, '
+         '"rssi": {"required": false}}}')
+
+CASES = [
+    ("flat map, CBOR (default)", '{"format": "flat"}', 60, cbor2.dumps(READING)),
+    ("flat map, JSON (default)", '{"format": "flat"}', 50, json.dumps(READING).encode()),
+    ("ThingsBoard {ts, values}, CBOR", '{"format": "thingsboard"}', 60, cbor2.dumps({"ts": TS, "values": READING})),
+    ("ThingsBoard {ts, values}, JSON", '{"format": "thingsboard"}', 50,
+     json.dumps({"ts": TS, "values": READING}).encode()),
+    ("ThingsBoard array of 10, JSON", '{"format": "thingsboard"}', 50,
+     json.dumps([{"ts": TS + i, "values": READING} for i in range(10)]).encode()),
+    ("ThingsBoard nested, flattened, JSON", '{"format": "thingsboard", "nested": "flatten"}', 50,
+     json.dumps({**READING, "meta": {"fw": "1.2", "hw": 3}}).encode()),
+    ("SenML JSON (110)", '{"format": "senml"}', 110, json.dumps(SENML).encode()),
+    ("SenML CBOR (112)", '{"format": "senml"}', 112, cbor2.dumps(SENML_CBOR)),
+    ("ThingsBoard + 4 rules, JSON", RULES, 50, json.dumps(READING).encode()),
+]
+
+
+def per_call_ns(fn, number: int = 20_000) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e9
+
+
+def main() -> None:
+    rows = []
+    base = None
+    for name, spec, cf, payload in CASES:
+        decode = compile_profile(parse_profile(spec))
+        points = decode(cf, payload, TS)
+        ns = per_call_ns(lambda: decode(cf, payload, TS))
+        base = base or ns
+        rows.append({"format": name, "bytes": len(payload), "points": len(points), "ns": round(ns),
+                     "ns_per_point": round(ns / len(points)), "vs_flat": round(ns / base, 2)})
+    if "--json" in sys.argv:
+        print(json.dumps(rows, indent=2))
+        return
+    print("| payload | bytes | points | decode | per point | vs flat CBOR |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['format']} | {r['bytes']} | {r['points']} | {r['ns']} ns | {r['ns_per_point']} ns "
+              f"| {r['vs_flat']}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Fuzz the profile formats (ThingsBoard JSON/CBOR, SenML JSON/CBOR) with a profile's rules on top:
+nothing but PayloadError escapes, every point has readings, finite numbers and a time in range."""
+
+import math
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from corem.ingest.payload import MAX_TS_MS, PayloadError
+    from corem.profiles.compile import compile_profile
+    from corem.profiles.spec import parse_profile
+
+PROFILES = [compile_profile(parse_profile(text)) for text in (
+    '{"format": "thingsboard"}',
+    '{"format": "thingsboard", "nested": "flatten"}',
+    '{"format": "thingsboard", "nested": "json", "fields": {"t": {"scale": 0.5, "max": 100, "rename": "temp"},'
+    ' "s": {"allowed": ["a", "b"]}}}',
+    '{"format": "senml", "fields": {"x": {"required": false, "unit": "Cel"}}}',
+)]
+CONTENT_FORMATS = [50, 60, 110, 111, 112, 113, None, 0]
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    decode = PROFILES[fdp.ConsumeIntInRange(0, len(PROFILES) - 1)]
+    cf = CONTENT_FORMATS[fdp.ConsumeIntInRange(0, len(CONTENT_FORMATS) - 1)]
+    body = fdp.ConsumeBytes(fdp.remaining_bytes())
+    try:
+        points = decode(cf, body, 1_700_000_000_000)
+    except PayloadError as e:
+        assert e.reason and (e.field is None or type(e.field) is str), e
+        return
+    assert 1 <= len(points) <= 1000
+    for p in points:
+        assert p.numeric or p.strings
+        assert all(type(k) is str and type(v) is float and math.isfinite(v) for k, v in p.numeric.items())
+        assert all(type(k) is str and type(v) is str for k, v in p.strings.items())
+        assert p.ts is None or 0 <= p.ts <= MAX_TS_MS
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()

@@ -1,0 +1,144 @@
+"""Profiles end to end: `corem serve` on loopback, profiles written with the CLI and the admin API,
+readings from libcoap's coap-client (plain, OpenSSL, GnuTLS) and aiocoap through the doors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from .conftest import DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, corem_cli, needs_libcoap, start_corem
+
+pytestmark = [needs_libcoap]
+
+TB_PROFILE = {"format": "thingsboard", "nested": "flatten",
+              "fields": {"temperature": {"min": -40, "max": 85, "unit": "Cel"}}}
+
+
+@pytest.fixture
+def server(tmp_path):
+    d = tmp_path / "data"
+    corem_cli("profiles", "add", "tb", "--json", json.dumps(TB_PROFILE), data_dir=d)
+    corem_cli("profiles", "add", "senml", "--json", '{"format": "senml"}', data_dir=d)
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "tb-1", "--token", "TB-TOKEN", "--profile", "tb",
+              data_dir=d)
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "meter-1", "--token", "SENML-TOKEN",
+              "--profile", "senml", "--psk-identity", SPEC_IDENTITY, "--psk", SPEC_KEY, data_dir=d)
+    s = start_corem(d)
+    yield s
+    s.stop()
+
+
+def post(server, token: str, cf: str, payload: bytes, tmp_path: Path):
+    f = tmp_path / "payload.bin"
+    f.write_bytes(payload)
+    return coap_client(f"{server.coap}/api/v1/{token}/telemetry", "-m", "post", "-t", cf, "-f", str(f), timeout=20)
+
+
+def test_thingsboard_devices_send_their_documented_payloads_unchanged(server, tmp_path):
+    """ThingsBoard's own telemetry formats on its door, which the default profile refuses."""
+    sent = [
+        json.dumps({"ts": 1672531200000, "values": {"temperature": 25.5}}),
+        json.dumps([{"ts": 1672531201000, "values": {"temperature": 25.6}}, {"ts": 1672531202000,
+                                                                             "values": {"temperature": 25.7}}]),
+        json.dumps({"temperature": 25.8, "meta": {"fw": "1.2"}}),
+    ]
+    for payload in sent:
+        r = post(server, "TB-TOKEN", "50", payload.encode(), tmp_path)
+        assert r.code == "2.04", r.output
+    r = post(server, "TB-TOKEN", "60", cbor2.dumps({"ts": 1672531203000, "values": {"temperature": 26.0}}), tmp_path)
+    assert r.code == "2.04", r.output
+    points = server.points("acme")
+    assert [(p["ts"], p["numeric_values"], p["string_values"]) for p in points[:3] + points[4:]] == [
+        (1672531200000, {"temperature": 25.5}, {}), (1672531201000, {"temperature": 25.6}, {}),
+        (1672531202000, {"temperature": 25.7}, {}), (1672531203000, {"temperature": 26.0}, {})]
+    assert points[3]["numeric_values"] == {"temperature": 25.8} and points[3]["string_values"] == {"meta.fw": "1.2"}
+    assert {p["profile"] for p in points} == {"tb"} and all(p["units"] == {"temperature": "Cel"} for p in points)
+    m = server.metrics()
+    assert m['corem_telemetry_points_total{tenant="acme"}'] == 5  # four requests, five points
+
+
+def test_a_reading_that_breaks_its_profile_is_refused_whole_and_kept_as_a_sample(server, tmp_path):
+    r = post(server, "TB-TOKEN", "50", json.dumps([{"temperature": 20}, {"temperature": 120}]).encode(), tmp_path)
+    assert r.code == "4.00" and "max: 120 is above 85" in r.output, r.output
+    assert post(server, "TB-TOKEN", "110", b'[{"n":"t","v":1}]', tmp_path).code == "4.15"
+    assert server.points() == []  # nothing of it: not the first point either
+    m = server.metrics()
+    assert m['corem_protocol_payload_rejections_total{protocol="coap",reason="rule_violation"}'] == 1
+    status, samples = server.api("GET", "/api/diagnostics/samples")
+    assert samples[-1]["reason"] == "rule_violation" and samples[-1]["field"] == "[1].temperature"
+    # ... and the sample decodes against a changed profile before the device sends again
+    status, result = server.api("POST", "/api/profiles/tb/decode", {"content_format": 50,
+                                                                    "hex": samples[-1]["payload_hex"]})
+    assert status == 422 and result["field"] == "[1].temperature"
+    changed = {**TB_PROFILE, "fields": {"temperature": {"max": 150}}}
+    assert server.api("PUT", "/api/profiles/tb", changed)[0] == 200
+    status, result = server.api("POST", "/api/profiles/tb/decode", {"content_format": 50,
+                                                                    "hex": samples[-1]["payload_hex"]})
+    assert status == 200 and [p["numeric_values"] for p in result["points"]] == [{"temperature": 20.0},
+                                                                                 {"temperature": 120.0}]
+    r = post(server, "TB-TOKEN", "50", json.dumps([{"temperature": 20}, {"temperature": 120}]).encode(), tmp_path)
+    assert r.code == "2.04", r.output  # the running server decodes with the changed profile at once
+
+
+def test_senml_json_and_cbor_from_libcoap(server, tmp_path):
+    pack = [{"bn": "meter-1/", "bt": 1.7e9, "bu": "W", "n": "power", "v": 120.5},
+            {"n": "power", "t": 10, "v": 121.0}, {"n": "energy", "u": "kWh", "s": 42.0}]
+    assert post(server, "SENML-TOKEN", "110", json.dumps(pack).encode(), tmp_path).code == "2.04"
+    cbor_pack = [{-2: "meter-1/", -3: 1.7e9 + 20, 0: "power", 2: 122.0, 1: "W"}, {0: "on", 4: True}]
+    assert post(server, "SENML-TOKEN", "112", cbor2.dumps(cbor_pack), tmp_path).code == "2.04"
+    got = [(p["ts"], p["numeric_values"], p.get("units")) for p in server.points("acme")]
+    assert got == [
+        (1_700_000_000_000, {"meter-1/power": 120.5, "meter-1/energy.sum": 42.0},
+         {"meter-1/power": "W", "meter-1/energy.sum": "kWh"}),
+        (1_700_000_010_000, {"meter-1/power": 121.0}, {"meter-1/power": "W"}),
+        (1_700_000_020_000, {"meter-1/power": 122.0, "meter-1/on": 1.0}, {"meter-1/power": "W"}),
+    ]
+
+
+@pytest.mark.parametrize("client", DTLS_CLIENTS)
+def test_senml_over_coaps_names_the_device_by_its_session(server, tmp_path, client):
+    f = tmp_path / "pack.cbor"
+    f.write_bytes(cbor2.dumps([{0: "temp", 2: 21.5, 1: "Cel"}]))
+    r = coap_client(f"coaps://127.0.0.1:{server.coaps_port}/telemetry", "-m", "post", "-u", SPEC_IDENTITY,
+                    "-k", SPEC_KEY, "-t", "112", "-f", str(f), binary=client, timeout=30)
+    assert r.code == "2.04", r.output
+    [point] = server.points()
+    assert (point["device"], point["numeric_values"], point["units"]) == ("meter-1", {"temp": 21.5}, {"temp": "Cel"})
+
+
+def test_drogue_door_and_aiocoap_decode_with_the_devices_profile(server, tmp_path):
+    auth = base64.b64encode(b"tb-1@acme:TB-TOKEN").decode()
+    r = coap_client(f"{server.coap}/v1/telemetry", "-m", "post", "-t", "50",
+                    "-e", '{"ts":1672531200000,"values":{"temperature":1.5}}', "-O", f"4209,Basic {auth}")
+    assert r.code == "2.04", r.output
+    f = tmp_path / "pack.json"
+    f.write_text(json.dumps([{"n": "x", "v": 2.5}]))
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("aiocoap_client.py")), "post",
+                          f"{server.coap}/api/v1/SENML-TOKEN/telemetry", str(f), "110"],
+                         capture_output=True, text=True, timeout=90)
+    assert "2.04" in out.stdout, out.stdout + out.stderr
+    assert [p["numeric_values"] for p in server.points("acme")] == [{"temperature": 1.5}, {"x": 2.5}]
+
+
+def test_profiles_through_the_admin_api(server):
+    status, listed = server.api("GET", "/api/profiles")
+    assert status == 200 and [(p["name"], p["devices"]) for p in listed] == [("default", 0), ("senml", 1), ("tb", 1)]
+    assert server.api("GET", "/api/profiles/nope")[0] == 404
+    status, body = server.api("PUT", "/api/profiles/lpp", {"format": "senml", "fields": {"t": {"scale": "x"}}})
+    assert status == 400 and body["error"] == "fields.t.scale: expected a number, got text"
+    assert server.api("PUT", "/api/profiles/new", {"format": "senml"})[0] == 201
+    assert server.api("DELETE", "/api/profiles/tb")[0] == 409  # tb-1 uses it
+    assert server.api("DELETE", "/api/profiles/default")[0] == 409
+    assert server.api("DELETE", "/api/profiles/new")[0] == 204
+    status, body = server.api("POST", "/api/profiles/default/decode", {"content_format": 60,
+                                                                       "base64": base64.b64encode(
+                                                                           cbor2.dumps({"t": 1})).decode()})
+    assert status == 200 and body["points"][0]["numeric_values"] == {"t": 1.0}
+    assert server.api("POST", "/api/profiles/tb/decode", {"content_format": 50, "hex": "zz"})[1]["error"] \
+        .startswith("hex:")
