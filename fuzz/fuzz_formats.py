@@ -1,4 +1,4 @@
-"""Fuzz the profile formats (ThingsBoard JSON/CBOR, SenML JSON/CBOR) with a profile's rules on top:
+"""Fuzz the profile formats (ThingsBoard, SenML, positional arrays, binary layouts, Cayenne LPP) with rules on top:
 nothing but PayloadError escapes, every point has readings, finite numbers and a time in range."""
 
 import math
@@ -17,8 +17,12 @@ PROFILES = [compile_profile(parse_profile(text)) for text in (
     '{"format": "thingsboard", "nested": "json", "fields": {"t": {"scale": 0.5, "max": 100, "rename": "temp"},'
     ' "s": {"allowed": ["a", "b"]}}}',
     '{"format": "senml", "fields": {"x": {"required": false, "unit": "Cel"}}}',
+    '{"format": "array", "positions": ["ts", "t", null, "s"]}',
+    '{"format": "binary", "layout": [{"name": "a", "type": "int16be"}, {"type": "skip", "bytes": 2},'
+    ' {"name": "b", "type": "float32le"}, {"name": "c", "type": "float64be"}]}',
+    '{"format": "cayenne-lpp", "fields": {"temperature_1": {"max": 50}}}',
 )]
-CONTENT_FORMATS = [50, 60, 110, 111, 112, 113, None, 0]
+CONTENT_FORMATS = [50, 60, 110, 111, 112, 113, 42, None, 0]
 
 
 def test_one_input(data: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 
 import cbor2
 import pytest
@@ -177,6 +178,61 @@ def test_senml_ignores_labels_it_may_ignore():
     assert decode(SENML, 110, [{"n": "x", "v": 1, "ut": 30, "vendor": {"any": "thing"}}])[0].numeric == {"x": 1.0}
 
 
+# -- positional arrays, binary layouts, Cayenne LPP --------------------------------------------------------
+ARRAY = {"format": "array", "positions": ["ts", "temperature", None, "state"]}
+
+
+@pytest.mark.parametrize("cf", [50, 60])
+def test_positional_arrays_name_their_places_and_an_array_of_them_is_several_points(cf):
+    assert decode(ARRAY, cf, [1700000000000, 22.5, "skipped", "ok"]) == [
+        Readings({"temperature": 22.5}, {"state": "ok"}, 1700000000000)]
+    assert decode(ARRAY, cf, [[1, 2, 0, "a"], [3, 4, 0, "b"]]) == [
+        Readings({"temperature": 2.0}, {"state": "a"}, 1), Readings({"temperature": 4.0}, {"state": "b"}, 3)]
+    assert (refused(ARRAY, cf, [1, 2, 3]).reason) == "3 values; the profile names 4 positions"
+    e = refused(ARRAY, cf, [[1, 2, 0, "a"], [3, [4], 0, "b"]])
+    assert (e.field, e.reason) == ("[1].temperature", "array values are not allowed; send numbers, booleans or text")
+
+
+LAYOUT = {"format": "binary", "layout": [{"name": "temperature", "type": "int16be"}, {"type": "skip", "bytes": 1},
+                                          {"name": "humidity", "type": "uint8"}, {"name": "battery", "type": "float32le"}],
+          "fields": {"temperature": {"scale": 0.1, "unit": "Cel"}}}
+
+
+def test_a_fixed_binary_layout_reads_exactly_its_bytes():
+    payload = bytes.fromhex("00e1" "ff" "41") + struct.pack("<f", 3.5)
+    assert decode(LAYOUT, 42, payload) == [
+        Readings({"temperature": 22.5, "humidity": 65.0, "battery": 3.5}, {}, None, {"temperature": "Cel"})]
+    assert refused(LAYOUT, 42, payload[:-1]).reason == "the payload is 7 bytes; the profile's layout reads 8"
+    assert refused(LAYOUT, 42, bytes.fromhex("00e1ff41") + struct.pack("<f", math.inf)).reason == "inf is not a finite number"
+    with pytest.raises(UnsupportedFormat):
+        decode(LAYOUT, 60, payload)
+
+
+def test_binary_payloads_may_come_without_a_content_format():
+    spec = {"format": "binary", "layout": [{"name": "t", "type": "int8"}]}
+    raw = compile_profile(parse_profile(json.dumps(spec)))
+    assert raw(None, b"\xff", NOW) == [Readings({"t": -1.0}, {}, None)]
+
+
+def test_cayenne_lpp_as_its_documentation_gives_it():
+    lpp = {"format": "cayenne-lpp"}
+    # the Cayenne LPP documentation's examples: two temperatures; an accelerometer; GPS
+    assert decode(lpp, 42, bytes.fromhex("03670110056700FF")) == [Readings(
+        {"temperature_3": 27.2, "temperature_5": 25.5}, {}, None, {"temperature_3": "Cel", "temperature_5": "Cel"})]
+    assert decode(lpp, 42, bytes.fromhex("067104D2FB2E0000"))[0].numeric == {
+        "accelerometer_6.x": 1.234, "accelerometer_6.y": -1.234, "accelerometer_6.z": 0.0}
+    assert decode(lpp, 42, bytes.fromhex("018806765ff2960a0003e8"))[0].numeric == {
+        "gps_1.latitude": 42.3519, "gps_1.longitude": -87.9094, "gps_1.altitude": 10.0}
+    assert decode(lpp, 42, bytes.fromhex("016801" "02020164"))[0].numeric == {"humidity_1": 0.5, "analog_in_2": 3.56}
+    for payload, field, reason in ((b"\x01", None, "byte 0: a channel without a type"),
+                                   (b"\x01\x09\x00", "channel 1", "byte 1: type 9 is not a Cayenne LPP type"),
+                                   (b"\x01\x67\x01", "temperature_1", "byte 2: temperature needs 2 bytes, 1 left"),
+                                   (b"\x01\x68\x01\x01\x68\x02", "humidity_1",
+                                    "the payload gives this channel and type twice")):
+        e = refused(lpp, 42, payload)
+        assert (e.field, e.reason) == (field, reason)
+
+
 # -- the rules ---------------------------------------------------------------------------------------
 RULES = {"format": "thingsboard", "fields": {
     "t_raw": {"scale": 0.1, "offset": -40, "min": -40, "max": 85, "unit": "Cel", "rename": "temperature"},
@@ -211,7 +267,7 @@ values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=20)
 formats = st.sampled_from([{"format": "thingsboard", "nested": n} for n in ("reject", "flatten", "json")]
-                          + [{"format": "senml"}, {"format": "flat"}])
+                          + [{"format": "senml"}, {"format": "flat"}, ARRAY])
 
 
 @settings(max_examples=400, deadline=None)

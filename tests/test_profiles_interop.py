@@ -126,6 +126,30 @@ def test_drogue_door_and_aiocoap_decode_with_the_devices_profile(server, tmp_pat
     assert [p["numeric_values"] for p in server.points("acme")] == [{"temperature": 1.5}, {"x": 2.5}]
 
 
+def test_binary_layouts_cayenne_lpp_and_positional_arrays_from_libcoap(server, tmp_path):
+    for name, spec in (("lpp", {"format": "cayenne-lpp"}),
+                       ("raw", {"format": "binary", "layout": [{"name": "temperature", "type": "int16be"},
+                                                               {"name": "humidity", "type": "uint8"}],
+                                "fields": {"temperature": {"scale": 0.1}}}),
+                       ("pos", {"format": "array", "positions": ["temperature", "state"]})):
+        assert server.api("PUT", f"/api/profiles/{name}", spec)[0] == 201
+        assert server.api("POST", "/api/devices", {"tenant": "lora", "device": name, "token": f"{name}-T",
+                                                   "profile": name})[0] == 201
+    (tmp_path / "lpp.bin").write_bytes(bytes.fromhex("03670110056700FF"))
+    r = coap_client(f"{server.coap}/api/v1/lpp-T/telemetry", "-m", "post", "-t", "42", "-f", str(tmp_path / "lpp.bin"))
+    assert r.code == "2.04", r.output
+    (tmp_path / "raw.bin").write_bytes(bytes.fromhex("00e141"))
+    r = coap_client(f"{server.coap}/api/v1/raw-T/telemetry", "-m", "post", "-f", str(tmp_path / "raw.bin"))
+    assert r.code == "2.04", r.output  # no Content-Format: a binary layout takes it
+    assert post(server, "pos-T", "60", cbor2.dumps([21.5, "ok"]), tmp_path).code == "2.04"
+    assert post(server, "raw-T", "42", b"\x00", tmp_path).code == "4.00"
+    got = {p["device"]: (p["numeric_values"], p["string_values"], p.get("units")) for p in server.points("lora")}
+    assert got == {"lpp": ({"temperature_3": 27.2, "temperature_5": 25.5}, {},
+                           {"temperature_3": "Cel", "temperature_5": "Cel"}),
+                   "raw": ({"temperature": 22.5, "humidity": 65.0}, {}, None),
+                   "pos": ({"temperature": 21.5}, {"state": "ok"}, None)}
+
+
 def test_profiles_through_the_admin_api(server):
     status, listed = server.api("GET", "/api/profiles")
     assert status == 200 and [(p["name"], p["devices"]) for p in listed] == [("default", 0), ("senml", 1), ("tb", 1)]

@@ -65,8 +65,11 @@ SAMPLE_FIELDS = {"content_format": {"type": "integer", "minimum": 0, "maximum": 
                  "base64": {"type": "string", "description": "the payload as base64"}}
 #: a profile's JSON (corem/profiles/spec.py checks it whole; the schema says its shape)
 PROFILE_SCHEMA = {"type": "object", "properties": {
-    "format": {"type": "string", "enum": ["flat", "thingsboard", "senml"]},
+    "format": {"type": "string", "enum": ["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp"]},
     "nested": {"type": "string", "enum": ["reject", "flatten", "json"]},
+    "positions": {"type": "array", "items": {"type": ["string", "null"]}},
+    "layout": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": ["string", "null"]}, "type": STR, "bytes": {"type": "integer"}}}},
     "description": STR,
     "fields": {"type": "object", "additionalProperties": {"type": "object", "properties": {
         "rename": STR, "scale": {"type": "number"}, "offset": {"type": "number"}, "unit": STR,

@@ -6,7 +6,7 @@ from typing import Callable
 
 from ..ingest.payload import Readings, decode_readings
 from . import formats, rules
-from .spec import Profile
+from .spec import BINARY_TYPES, Profile
 
 #: (content_format, payload, now_ms) -> one Readings per point
 Decoder = Callable[[int | None, bytes | bytearray | memoryview, int], list[Readings]]
@@ -24,13 +24,20 @@ def compile_profile(profile: Profile) -> Decoder:
         decode = formats.thingsboard(profile.nested)
     elif profile.format == "senml":
         decode = formats.senml
+    elif profile.format == "array":
+        decode = formats.positional(profile.positions)
+    elif profile.format == "binary":
+        decode = formats.binary([(p.name, "skip" if p.type == "skip" else BINARY_TYPES[p.type], p.bytes)
+                                 for p in profile.layout])
+    elif profile.format == "cayenne-lpp":
+        decode = formats.cayenne_lpp
     else:
         decode = _flat
     if not profile.fields:
         return decode
     fields = profile.fields
     # a ThingsBoard array's points are named by their place in it, as its decode errors are
-    indexed = profile.format == "thingsboard"
+    indexed = profile.format in ("thingsboard", "array")
 
     def with_rules(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         points = decode(content_format, payload, now_ms)

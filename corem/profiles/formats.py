@@ -8,6 +8,11 @@ raises `PayloadError` naming the field; the first bad record rejects the whole p
   of either.  As in ThingsBoard, every key of a flat map is a value (`ts` only means the time in
   the `{"ts", "values"}` form).  A nested map (or an array) in the values is flattened to
   `outer.inner` fields, kept as JSON text, or refused: the profile's `nested`.
+- `array` (JSON 50 / CBOR 60): positional values, `[22.5, 65, "ok"]`, named by the profile's
+  `positions`; an array of such arrays is one point each.
+- `binary` (application/octet-stream 42, or no Content-Format): a fixed layout of numbers
+  (`int16be`, `uint8`, `float32le`, ... and `skip`), exactly as long as the payload.
+- `cayenne-lpp` (42, or none): Cayenne Low Power Payload, fields `{type}_{channel}` with units.
 - `senml` (RFC 8428: JSON 110 / 111, CBOR 112 / 113; application/json and application/cbor are
   read as SenML too): base name, time, unit, value and sum resolved over the pack (§4.6),
   `v` / `vs` / `vb` / `vd` (base64url text), a sum `s` as the field `{name}.sum`, relative times (below 2**28 s, §4.5.3) from the moment it came,
@@ -20,6 +25,7 @@ import base64
 import json
 import math
 import re
+import struct
 from typing import Any, Callable
 
 from ..ingest.payload import (
@@ -258,3 +264,144 @@ def _put(point: Readings, name: str, value: float | str, unit: str | None, field
     if unit:
         assert point.units is not None
         point.units[name] = unit
+
+
+# -- positional arrays ------------------------------------------------------------------------------
+def positional(positions: list[str | None]) -> FormatDecoder:
+    """A CBOR or JSON array whose places are the profile's `positions` (`[22.5, 65, "ok"]`);
+    an array of such arrays is one point each.  A place named `ts` is the point's time (ms)."""
+
+    def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
+        doc = _document(content_format, payload, (CF_JSON,), (CF_CBOR,),
+                        "application/cbor (60) or application/json (50)")
+        if not isinstance(doc, list):
+            raise PayloadError(f"expected an array of {len(positions)} values, got {kind(doc)}")
+        rows = doc if doc and all(isinstance(r, list) for r in doc) else [doc]
+        if len(rows) > MAX_POINTS:
+            raise PayloadError(f"{len(rows)} points in one payload; at most {MAX_POINTS}")
+        return [_row(row, positions, None if rows is not doc else i) for i, row in enumerate(rows)]
+
+    return decode
+
+
+def _row(row: list[Any], positions: list[str | None], index: int | None) -> Readings:
+    where = "" if index is None else f"[{index}]"
+    if len(row) != len(positions):
+        raise PayloadError(f"{len(row)} values; the profile names {len(positions)} positions", where or None)
+    numeric: dict[str, float] = {}
+    strings: dict[str, str] = {}
+    ts = None
+    for name, value in zip(positions, row):
+        if name is None:
+            continue
+        if name == "ts":
+            if type(value) is not int or not 0 <= value <= MAX_TS_MS:
+                raise PayloadError("ts must be an integer of milliseconds since the epoch", f"{where}ts" if where else "ts")
+            ts = value
+        elif not put_scalar(name, value, numeric, strings):
+            raise PayloadError(f"{kind(value)} values are not allowed; send numbers, booleans or text",
+                               f"{where}.{name}" if where else name)
+    if not numeric and not strings:
+        raise PayloadError("the array has no readings", where or None)
+    return Readings(numeric, strings, ts)
+
+
+# -- fixed binary layouts ---------------------------------------------------------------------------
+CF_OCTETS = 42
+
+
+def _binary_payload(content_format: int | None, payload: bytes | bytearray | memoryview) -> bytes:
+    if content_format not in (None, CF_OCTETS):
+        raise UnsupportedFormat(f"content-format {content_format} is not supported by this profile; send "
+                                "application/octet-stream (42) or no Content-Format")
+    if not payload:
+        raise PayloadError("empty payload")
+    return bytes(payload)
+
+
+def binary(layout: list[tuple[str | None, str, int]]) -> FormatDecoder:
+    """A fixed layout of numbers (`int16be temperature, uint8 humidity, ...`): the payload is
+    exactly as long as the layout; `layout` is (name, struct format or "skip", skip bytes)."""
+    # a struct per field: byte order is per field
+    parts = [(name, struct.Struct(f if f != "skip" else f"{n}x")) for name, f, n in layout]
+    size = sum(s.size for _, s in parts)
+
+    def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
+        data = _binary_payload(content_format, payload)
+        if len(data) != size:
+            raise PayloadError(f"the payload is {len(data)} bytes; the profile's layout reads {size}")
+        numeric: dict[str, float] = {}
+        at = 0
+        for name, s in parts:
+            if name is not None:
+                value = float(s.unpack_from(data, at)[0])
+                if not math.isfinite(value):
+                    raise PayloadError(f"{value} is not a finite number", name)
+                numeric[name] = value
+            at += s.size
+        return [Readings(numeric, {}, None)]
+
+    return decode
+
+
+# -- Cayenne LPP ------------------------------------------------------------------------------------
+#: LPP type -> (name, bytes, signed, divisor, unit, axes); multi-axis types give one field per axis
+LPP_TYPES: dict[int, tuple[str, int, bool, float, str | None, tuple[str, ...]]] = {
+    0: ("digital_in", 1, False, 1, None, ()), 1: ("digital_out", 1, False, 1, None, ()),
+    2: ("analog_in", 2, True, 100, None, ()), 3: ("analog_out", 2, True, 100, None, ()),
+    100: ("generic", 4, False, 1, None, ()), 101: ("illuminance", 2, False, 1, "lx", ()),
+    102: ("presence", 1, False, 1, None, ()), 103: ("temperature", 2, True, 10, "Cel", ()),
+    104: ("humidity", 1, False, 2, "%RH", ()), 113: ("accelerometer", 6, True, 1000, "g", ("x", "y", "z")),
+    115: ("barometer", 2, False, 10, "hPa", ()), 116: ("voltage", 2, False, 100, "V", ()),
+    117: ("current", 2, False, 1000, "A", ()), 118: ("frequency", 4, False, 1, "Hz", ()),
+    120: ("percentage", 1, False, 1, "%", ()), 121: ("altitude", 2, True, 1, "m", ()),
+    125: ("concentration", 2, False, 1, "ppm", ()), 128: ("power", 2, False, 1, "W", ()),
+    130: ("distance", 4, False, 1000, "m", ()), 131: ("energy", 4, False, 1000, "kWh", ()),
+    132: ("direction", 2, False, 1, "deg", ()), 133: ("unixtime", 4, False, 1, "s", ()),
+    134: ("gyrometer", 6, True, 100, "deg/s", ("x", "y", "z")), 135: ("colour", 3, False, 1, None, ("r", "g", "b")),
+    136: ("gps", 9, True, 1, None, ("latitude", "longitude", "altitude")), 142: ("switch", 1, False, 1, None, ()),
+}
+#: GPS packs three 3-byte values with their own divisors
+GPS = ((3, 10000, "lat"), (3, 10000, "lon"), (3, 100, "m"))
+
+
+def cayenne_lpp(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
+    """Cayenne Low Power Payload: [channel, type, value...]*; fields are `{type}_{channel}`
+    (`temperature_1`), as The Things Stack's LPP decoder names them, with their units."""
+    data = _binary_payload(content_format, payload)
+    numeric: dict[str, float] = {}
+    units: dict[str, str] = {}
+    at = 0
+    while at < len(data):
+        if len(data) - at < 2:
+            raise PayloadError(f"byte {at}: a channel without a type")
+        channel, code = data[at], data[at + 1]
+        spec = LPP_TYPES.get(code)
+        if spec is None:
+            raise PayloadError(f"byte {at + 1}: type {code} is not a Cayenne LPP type", f"channel {channel}")
+        name, size, signed, divisor, unit, axes = spec
+        field = f"{name}_{channel}"
+        body = data[at + 2: at + 2 + size]
+        if len(body) < size:
+            raise PayloadError(f"byte {at + 2}: {name} needs {size} bytes, {len(body)} left", field)
+        if field in numeric or f"{field}.{axes[0] if axes else ''}" in numeric:
+            raise PayloadError("the payload gives this channel and type twice", field)
+        if code == 136:
+            offset = 0
+            for (n, div, u), axis in zip(GPS, axes):
+                numeric[f"{field}.{axis}"] = int.from_bytes(body[offset:offset + n], "big", signed=True) / div
+                units[f"{field}.{axis}"] = u
+                offset += n
+        elif axes:
+            step = size // len(axes)
+            for i, axis in enumerate(axes):
+                raw = int.from_bytes(body[i * step:(i + 1) * step], "big", signed=signed)
+                numeric[f"{field}.{axis}"] = raw / divisor
+                if unit:
+                    units[f"{field}.{axis}"] = unit
+        else:
+            numeric[field] = int.from_bytes(body, "big", signed=signed) / divisor
+            if unit:
+                units[field] = unit
+        at += 2 + size
+    return [Readings(numeric, {}, None, units or None)]

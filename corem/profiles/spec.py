@@ -27,7 +27,15 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The built-in profile every device starts on; it cannot be changed or removed.
 DEFAULT = "default"
 
-FORMATS = ("flat", "thingsboard", "senml")
+FORMATS = ("flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp")
+#: the binary layout's field types: struct format, size
+BINARY_TYPES = {
+    "int8": "b", "uint8": "B", "bool": "?",
+    **{f"{k}{e}": f"{'>' if e == 'be' else '<'}{c}" for k, c in (("int16", "h"), ("uint16", "H"), ("int32", "i"),
+                                                                   ("uint32", "I"), ("int64", "q"), ("uint64", "Q"),
+                                                                   ("float32", "f"), ("float64", "d"))
+       for e in ("be", "le")},
+}
 
 
 class ProfileError(ValueError):
@@ -49,12 +57,26 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True
     allowed: list[str] | None = None
 
 
+class Part(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """One field of a fixed binary layout, in order: its name (None: bytes to skip) and type."""
+
+    name: str | None = None
+    type: str = "uint8"
+    #: for type "skip": how many bytes
+    bytes: int = 0
+
+
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    format: Literal["flat", "thingsboard", "senml"] = "flat"
+    format: Literal["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp"] = "flat"
     #: thingsboard: what a nested map in `values` becomes -- its leaves as `outer.inner` fields
     #: ("flatten"), the map as JSON text in one string field ("json"), or a 4.00 ("reject")
     nested: Literal["reject", "flatten", "json"] = "reject"
     fields: dict[str, Rule] = {}
+    #: array: the name of each position of a CBOR or JSON array (None: a position to skip; "ts":
+    #: the point's time, ms)
+    positions: list[str | None] = []
+    #: binary: the payload's fields in order (types: int8, uint8, bool, int16be ... float64le, skip)
+    layout: list[Part] = []
     description: str = ""
 
 
@@ -139,5 +161,22 @@ def check(profile: Profile) -> None:
             raise ProfileError(f"{where}: min {rule.min} is above max {rule.max}")
         if rule.allowed is not None and not rule.allowed:
             raise ProfileError(f"{where}.allowed: an empty list allows nothing")
+    if (profile.format == "array") != bool(profile.positions):
+        raise ProfileError("positions: the array format needs them, and only it" if profile.positions
+                           else "positions: name each position of the array (null skips one)")
+    if (profile.format == "binary") != bool(profile.layout):
+        raise ProfileError("layout: the binary format needs one, and only it" if profile.layout
+                           else "layout: give the payload's fields in order, e.g. [{\"name\": \"t\", \"type\": \"int16be\"}]")
+    names = [n for n in profile.positions if n is not None] + [p.name for p in profile.layout if p.name is not None]
+    if len(names) != len(set(names)):
+        raise ProfileError(f"{'positions' if profile.positions else 'layout'}: a name is given twice")
+    for i, part in enumerate(profile.layout):
+        if part.type == "skip":
+            if part.bytes < 1 or part.name is not None:
+                raise ProfileError(f"layout[{i}]: skip takes bytes >= 1 and no name")
+        elif part.type not in BINARY_TYPES:
+            raise ProfileError(f"layout[{i}].type: {part.type!r} is not one of {', '.join(BINARY_TYPES)}, skip")
+        elif not part.name:
+            raise ProfileError(f"layout[{i}].name: required (use type skip for bytes to leave out)")
     if profile.nested != "reject" and profile.format != "thingsboard":
         raise ProfileError(f"nested: only the thingsboard format has nested values (format is {profile.format!r})")
