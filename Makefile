@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 UV     := uv==0.13.9
 
-.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls fuzz soak clean lock test-latest
+.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls bench-import fuzz soak clean lock test-latest
 
 $(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +68,7 @@ test: sysdeps $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-dtls
+bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-dtls bench-import
 
 bench-codec: $(STAMP)
 	$(PY) bench/codec_bench.py
@@ -81,6 +81,9 @@ bench-load: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .hypothesis .mypy_cache test-artifacts
+
+bench-import: $(STAMP)
+	$(PY) bench/import_bench.py
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py

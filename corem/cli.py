@@ -1,4 +1,4 @@
-"""`corem serve`, `corem devices add|list|remove`, `corem profiles add|list|show|remove|decode`,
+"""`corem serve`, `corem devices add|import|list|remove`, `corem profiles add|list|show|remove|decode`,
 `corem telemetry tail`, and the runtime
 commands that go through the admin API (`attributes`, `rpc`, `command`, `firmware`, `provisioning`)."""
 
@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import trio
@@ -24,7 +25,7 @@ from .ingest.point import decode_point
 from .profiles.spec import DEFAULT as DEFAULT_PROFILE
 from .profiles.spec import Profile, ProfileError, parse_profile
 from .profiles.trial import SampleError, decode_sample, sample_bytes
-from .registry import Registry, RegistryError
+from .registry import Registry, RegistryError, bulk
 from .registry.nudge import nudge
 from .registry.store import parse_psk
 
@@ -165,6 +166,40 @@ def cmd_devices_remove(args: argparse.Namespace) -> int:
         return 1
     print(f"removed {args.tenant}/{args.device}")
     return 0
+
+
+def cmd_devices_import(args: argparse.Namespace) -> int:
+    """Many devices from a .csv or .jsonl file; a progress bar on a terminal."""
+    path = Path(args.file)
+    kind = bulk.kind_of(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RegistryError(f"file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    total = sum(1 for line in text.splitlines() if line.strip()) - (1 if kind == "csv" else 0)
+    started = time.monotonic()
+    bar = _progress(total) if sys.stderr.isatty() else None
+    reg = _registry(args)
+    try:
+        result = bulk.import_devices(reg, bulk.read_lines(text, kind), replace=args.replace, progress=bar)
+    finally:
+        reg.close()
+        if bar is not None:
+            print(file=sys.stderr)
+    nudge(reg.path.parent)  # a running server reloads (off its event loop) before this returns
+    print(f"imported {total} devices in {time.monotonic() - started:.1f} s: {result.added} added, "
+          f"{result.replaced} replaced, {result.unchanged} unchanged")
+    return 0
+
+
+def _progress(total: int) -> Callable[[int], None]:
+    def show(done: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        print(f"\rimporting [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}", end="", file=sys.stderr,
+              flush=True)
+
+    return show
 
 
 # -- profiles ----------------------------------------------------------------------------------
@@ -330,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--tenant")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
     ls.set_defaults(func=cmd_devices_list)
+    imp = devices.add_parser("import", help="register many devices from a .csv or .jsonl file (idempotent)")
+    _add_settings_flags(imp, _REGISTRY_KEYS)
+    imp.add_argument("file", help="CSV with a header, or JSON Lines; fields: " + ", ".join(bulk.FIELDS))
+    imp.add_argument("--replace", action="store_true", help="overwrite devices that exist with other settings")
+    imp.set_defaults(func=cmd_devices_import)
     rm = devices.add_parser("remove", help="remove a device and its credentials")
     _add_settings_flags(rm, _REGISTRY_KEYS)
     rm.add_argument("--tenant", required=True)

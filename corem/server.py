@@ -32,13 +32,13 @@ from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
 from .dtls import DtlsServer, PskStore, SessionStore
 from .errors import StorageUnavailable
-from .fastlane import FastLane, Lane
+from .fastlane import FastLane, Lane, LaneTargets
 from .frontdoors.drogue import Drogue
 from .frontdoors.emqx import Emqx
 from .frontdoors.thingsboard import ThingsBoard
 from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
-from .ingest.telemetry import TelemetryIngest
+from .ingest.telemetry import Targets, TelemetryIngest
 from .metrics import render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter, lane_networks
@@ -46,6 +46,7 @@ from .net.security import PlainUdp
 from .registry import Directory, Registry
 from .registry import nudge as registry_nudge
 from .registry.management import Management
+from .registry.store import Snapshot
 from .stats import Measured
 
 log = logging.getLogger("corem")
@@ -157,6 +158,7 @@ class Server:
         self.site = Site(clock=trio.current_time, after_notify=self._after_batch)
         self.bound = Bound()
         self._stop = trio.Event()
+        self._reloading = trio.Lock()
         self._ready = False
         try:
             self._bind()  # before Trio starts: a bad certificate or a busy port is a plain ConfigError
@@ -167,6 +169,7 @@ class Server:
         self.admin = AdminApi(AdminParts(
             self.registry, self.directory, self.management, self.downlink, self.presence, self.diagnostics,
             self.ingest, self.sink, [t.dtls for t in self.transports if t.dtls is not None], self.components,
+            self.reload_registry,
         ))
 
     def new_endpoint(self, *, verified_peers: bool = False) -> Endpoint:
@@ -419,11 +422,36 @@ class Server:
         """The fallback for writers that do not nudge (registry_nudge): another process, a tool."""
         while True:
             await trio.sleep(REGISTRY_POLL)
-            self._registry_changed()
+            await self._registry_changed()
 
-    def _registry_changed(self) -> None:
-        if self.directory.refresh():
-            log.info(
-                "registry changed: %d devices with tokens, %d with PSK identities",
-                len(self.directory.by_token), len(self.directory.by_psk_identity),
-            )
+    async def reload_registry(self) -> None:
+        """After a change on the server's own registry connection (the admin API), which
+        `data_version` does not count: reload now, off the event loop."""
+        await self._registry_changed(force=True)
+
+    async def _registry_changed(self, force: bool = False) -> None:
+        """Reload a changed registry without a pause in serving: reading it, the ingest's targets
+        and the lanes' tables are made in a worker thread (100,000 devices: ~0.5 s there), and
+        the event loop only swaps them in.  One reload at a time; if another path reloaded
+        meanwhile (the admin API, provisioning), this one's result is stale and it starts again."""
+        directory, ingest = self.directory, self.ingest
+        lanes = [t.lane for t in self.transports if t.lane is not None]
+        async with self._reloading:
+            while force or directory.changed():
+                force = False
+                reloads, version = directory.reloads, directory.registry.data_version()
+
+                def build() -> tuple[Snapshot, Targets, list[LaneTargets]]:
+                    snap = directory.load(version)
+                    targets = ingest.prepare(snap.by_name, snap.by_token, snap.profiles)
+                    return snap, targets, [lane.prepare(targets.by_name, targets.by_token) for lane in lanes]
+
+                snap, targets, tables = await trio.to_thread.run_sync(build)
+                if directory.reloads != reloads:
+                    continue  # someone installed a newer view meanwhile
+                directory.install(snap)
+                ingest.install_targets(targets, directory.reloads)
+                for lane, table in zip(lanes, tables):
+                    lane.install(table, directory.reloads)
+                log.info("registry changed: %d devices with tokens, %d with PSK identities, %d profiles",
+                         len(directory.by_token), len(directory.by_psk_identity), len(directory.profiles))

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -28,7 +28,7 @@ from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, profile_from
 from ..profiles.trial import SampleError, decode_sample, sample_bytes
-from ..registry import Device, RegistryError
+from ..registry import Device, RegistryError, bulk
 from ..registry.management import KINDS, LABEL_RE
 from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_psk
 from .http import HttpError, HttpRequest, Reply, Route, json_reply
@@ -76,7 +76,8 @@ PROFILE_SCHEMA = {"type": "object", "properties": {
         "type": {"type": "string", "enum": ["number", "string"]}, "min": {"type": "number"},
         "max": {"type": "number"}, "required": {"type": "boolean"},
         "allowed": {"type": "array", "items": STR}}}}}}
-QUERY = {"limit": {"type": "integer", "minimum": 1}, "kind": {"type": "string", "enum": list(KINDS)},
+QUERY = {"limit": {"type": "integer", "minimum": 1}, "format": {"type": "string", "enum": ["csv", "jsonl"]},
+         "replace": {"type": "string", "enum": ["true", "false"]}, "kind": {"type": "string", "enum": list(KINDS)},
          "title": _like(LABEL_RE), "version": _like(LABEL_RE)}
 DEVICE_FIELDS = {
     "tenant": NAMES["tenant"], "device": NAMES["device"], "profile": {"type": "string", "minLength": 1},
@@ -125,6 +126,8 @@ class AdminParts:
     dtls: Sequence[DtlsServer]
     #: every component's counters (corem/metrics.py), for the status page's totals
     components: Components
+    #: reload the registry after a write (off the event loop: a large fleet costs no pause)
+    reload: Callable[[], Awaitable[None]]
 
 
 class AdminApi:
@@ -162,7 +165,7 @@ class AdminApi:
         seen = self.parts.presence.last_seen()  # once, not per device
         return json_reply([self._describe(d, seen, detail=False) for d in devices])
 
-    def add_device(self, req: HttpRequest) -> Reply:
+    async def add_device(self, req: HttpRequest) -> Reply:
         body = _fields(req.json(), DEVICE_FIELDS, ("tenant", "device"))
         cert = None
         if body.get("cert_pem"):
@@ -183,18 +186,18 @@ class AdminApi:
             )
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
-        self.parts.directory.refresh(force=True)
+        await self.parts.reload()
         log.info("device %s/%s added through the admin API", d.tenant, d.device)
         return json_reply({**self._describe(d), "token": token}, 201)
 
     def get_device(self, req: HttpRequest) -> Reply:
         return json_reply(self._describe(self._device(req)))
 
-    def remove_device(self, req: HttpRequest) -> Reply:
+    async def remove_device(self, req: HttpRequest) -> Reply:
         d = self._device(req)
         self.parts.registry.remove_device(d.tenant, d.device)
         self.parts.management.forget(d.tenant, d.device)
-        self.parts.directory.refresh(force=True)
+        await self.parts.reload()
         log.info("device %s/%s removed through the admin API", d.tenant, d.device)
         return Reply(204)
 
@@ -356,6 +359,24 @@ class AdminApi:
             "samples": len(s.diagnostics.samples),
         })
 
+    async def import_devices(self, req: HttpRequest) -> Reply:
+        """Many devices at once (CSV with a header, or JSON Lines), one transaction per chunk."""
+        kind = req.query.get("format", "csv")
+        if kind not in ("csv", "jsonl"):
+            raise HttpError(400, "format: csv or jsonl")
+        try:
+            text = req.body.decode()
+        except UnicodeDecodeError:
+            raise HttpError(400, "body: not UTF-8 text") from None
+        try:
+            result = bulk.import_devices(self.parts.registry, bulk.read_lines(text, kind),
+                                         replace=req.query.get("replace") == "true")
+        except RegistryError as e:
+            raise HttpError(409 if "already used" in str(e) or "exists with other" in str(e) else 400, str(e)) from None
+        finally:
+            await self.parts.reload()  # (chunks before an error are written)
+        return json_reply(result._asdict())
+
     # -- profiles --------------------------------------------------------------------------------
     def _profile(self, req: HttpRequest) -> Profile | None:
         """The profile the path names (None: the built-in default); 404 if there is none."""
@@ -380,25 +401,25 @@ class AdminApi:
             return json_reply({"name": DEFAULT_PROFILE, "builtin": True, "profile": msgspec.to_builtins(Profile())})
         return json_reply({"name": req.params["name"], "builtin": False, "profile": msgspec.to_builtins(profile)})
 
-    def put_profile(self, req: HttpRequest) -> Reply:
+    async def put_profile(self, req: HttpRequest) -> Reply:
         try:
             profile = profile_from(req.json())
             created = self.parts.registry.put_profile(req.params["name"], profile)
         except (ProfileError, RegistryError) as e:
             raise HttpError(400, str(e)) from None
-        self.parts.directory.refresh(force=True)
+        await self.parts.reload()
         log.info("profile %s %s through the admin API", req.params["name"], "added" if created else "changed")
         return json_reply({"name": req.params["name"], "builtin": False, "profile": msgspec.to_builtins(profile)},
                           201 if created else 200)
 
-    def remove_profile(self, req: HttpRequest) -> Reply:
+    async def remove_profile(self, req: HttpRequest) -> Reply:
         if self._profile(req) is None:
             raise HttpError(409, f"profile: {DEFAULT_PROFILE!r} is built in")
         try:
             self.parts.registry.remove_profile(req.params["name"])
         except RegistryError as e:
             raise HttpError(409, str(e)) from None
-        self.parts.directory.refresh(force=True)
+        await self.parts.reload()
         return Reply(204, b"", "application/json")
 
     def decode(self, req: HttpRequest) -> Reply:
@@ -440,6 +461,12 @@ class AdminApi:
                 "body": {"type": "object", "required": ["tenant", "device"], "properties": DEVICE_FIELDS,
                          "dependentRequired": {"psk": ["psk_identity"], "psk_hex": ["psk_identity"],
                                                "psk_identity": []}}}),
+            Route("POST", "/api/devices/import", self.import_devices, doc={
+                "summary": "Register many devices: CSV with a header, or JSON Lines (?format=jsonl); idempotent; "
+                           "?replace=true overwrites devices that exist with other settings",
+                "raw_body": True, "query": ["format", "replace"], "optional": ["format", "replace"],
+                "errors": {409: "A device exists with other settings, or a credential is used by another",
+                           413: "Larger than admin_max_body (the CLI imports any size)"}}),
             Route("GET", dev, self.get_device, doc={"summary": "One device, with presence and queues"}),
             Route("DELETE", dev, self.remove_device, doc={"summary": "Remove a device and its state", "ok": 204}),
             Route("GET", dev + "/attributes", self.get_attributes, doc={"summary": "Client and shared attributes"}),
@@ -512,7 +539,8 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
             op["responses"][str(code)] = {"description": text}
         params = [{"name": p[1:-1], "in": "path", "required": True, "schema": NAMES.get(p[1:-1], STR)}
                   for p in r.pattern.split("/") if p.startswith("{")]
-        params += [{"name": q, "in": "query", "required": r.doc.get("raw_body", False),
+        params += [{"name": q, "in": "query", "required": r.doc.get("raw_body", False) and q not in r.doc.get(
+                        "optional", ()),
                     "schema": QUERY.get(q, STR)} for q in r.doc.get("query", [])]
         if params:
             op["parameters"] = params

@@ -19,14 +19,14 @@ Without a C compiler the lane is not built and `Lane` is None: corem then runs o
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from ..bus.base import Record, Sink
 from ..coap.endpoint import Endpoint
 from ..codec import code_str
 from ..ingest.payload import decode_readings
 from ..ingest.point import TelemetryPoint, encode_point
-from ..ingest.telemetry import BUSY, TelemetryIngest
+from ..ingest.telemetry import BUSY, Target, TelemetryIngest
 from ..stats import Sample, counter
 
 try:
@@ -59,6 +59,15 @@ def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_
         endpoint.answer_late(peer, token, code, BUSY.options, BUSY.payload, request_size)
     else:
         endpoint.answer_late(peer, token, code, None, b"", request_size)
+
+
+class LaneTargets(NamedTuple):
+    """The C lane's tables for one set of targets (`FastLane.prepare`)."""
+
+    tokens: dict[bytes, int]
+    table: list[tuple | None]
+    positions: dict[tuple[str, str], int]
+    entries: dict[tuple[str, str], tuple[Target, tuple | None]]
 
 
 class FastLane:
@@ -100,6 +109,8 @@ class FastLane:
         self._version = -1
         self._now_ms = 0
         self._index: dict[tuple[str, str], int] = {}  # (tenant, device) -> the lane's target
+        #: (tenant, device) -> (the ingest's Target, the lane's table entry made from it)
+        self._entries: dict[tuple[str, str], tuple[Target, tuple | None]] = {}
         self._refusals = 0  # the lane's refusals the ingest was told of
 
     def begin(self) -> None:
@@ -107,22 +118,36 @@ class FastLane:
         ingest = self.ingest
         self._now_ms = ingest.clock_ms()
         by_name = ingest.targets_by_name()
-        if self._version == ingest.targets_version:
-            return
+        if self._version != ingest.targets_version:
+            self.install(self.prepare(by_name, ingest.targets_by_token()), ingest.targets_version)
+
+    def prepare(self, by_name: dict[tuple[str, str], Target], by_token: dict[str, Target]) -> LaneTargets:
+        """The lane's tables for these targets, reusing the entries of unchanged ones; writes
+        nothing (the server runs it in a worker thread, beside `TelemetryIngest.prepare`)."""
         table: list[tuple | None] = []
         index: dict[tuple[str, str], int] = {}
+        entries = self._entries
+        fresh: dict[tuple[str, str], tuple[Target, tuple | None]] = {}
         for name, target in by_name.items():
-            device = target.device
-            frame = json_frame(device.tenant, device.device, device.profile) \
-                if target.decode is decode_readings else None
+            known = entries.get(name)
+            if known is not None and known[0] is target:  # (unchanged since the last reload: reused)
+                entry = known[1]
+            else:
+                device = target.device
+                frame = json_frame(device.tenant, device.device, device.profile) \
+                    if target.decode is decode_readings else None
+                # a device with its own decoder, or a point layout the lane does not know: Python's
+                entry = None if frame is None else (target.topic, target.key, target.headers, *frame, device)
+            fresh[name] = (target, entry)
             index[name] = len(table)
-            # a device with its own decoder, or a point layout the lane does not know: Python's
-            table.append(None if frame is None else (target.topic, target.key, target.headers, *frame, device))
-        tokens = {token.encode(): index[(t.device.tenant, t.device.device)]
-                  for token, t in ingest.targets_by_token().items()}
-        self.lane.set_targets(tokens, table)
-        self._index = index
-        self._version = ingest.targets_version
+            table.append(entry)
+        tokens = {token.encode(): index[(t.device.tenant, t.device.device)] for token, t in by_token.items()}
+        return LaneTargets(tokens, table, index, fresh)
+
+    def install(self, targets: LaneTargets, version: int) -> None:
+        self.lane.set_targets(targets.tokens, targets.table)
+        self._index, self._entries = targets.positions, targets.entries
+        self._version = version
 
     def drain(self, fd: int, now: float, budget: int) -> list[tuple[bytes, Any]]:
         """Read up to `budget` datagrams from the socket `fd`; submit what the lane accepted;

@@ -86,6 +86,15 @@ class Target(NamedTuple):
     headers: dict[str, str]
 
 
+class Targets(NamedTuple):
+    """Every device's Target for one registry snapshot (`TelemetryIngest.prepare`)."""
+
+    by_name: dict[tuple[str, str], Target]
+    by_token: dict[str, Target]
+    profiles: dict[str, Profile]
+    compiled: dict[str, tuple[Profile, PointsDecoder]]
+
+
 class Points:
     """A request whose payload became several records: answered once all of them are durable,
     5.03 if any failed (each record is one point; a retry may store the others again)."""
@@ -121,6 +130,8 @@ class TelemetryIngest:
         self._targets: dict[str, Target] = {}
         self._name_targets: dict[tuple[str, str], Target] = {}
         self._targets_version = -1
+        #: the stored profiles as of the last reload of the targets
+        self._profiles: dict[str, Profile] = {}
         #: profile name -> (the Profile it was compiled from, its decoder)
         self._compiled: dict[str, tuple[Profile, PointsDecoder]] = {}
 
@@ -144,14 +155,16 @@ class TelemetryIngest:
                        link={"rt": "corem.telemetry", "if": "core.p", "ct": "60 50"})
             router.add("api/v1/telemetry", {Code.POST: post_in_session})  # ThingsBoard's x509 path
 
-    def target(self, device: Device, protocol: str = "coap") -> Target:
+    @staticmethod
+    def _target(device: Device, profiles: dict[str, Profile], compiled: dict[str, tuple[Profile, PointsDecoder]],
+                protocol: str = "coap") -> Target:
         decode: Decoder | None = None
         decode_points = None
-        profile = self.directory.profiles.get(device.profile)
+        profile = profiles.get(device.profile)
         if profile is not None:  # a stored profile (corem profiles add ...)
-            cached = self._compiled.get(device.profile)
-            if cached is None or cached[0] is not profile:
-                cached = self._compiled[device.profile] = (profile, compile_profile(profile))
+            cached = compiled.get(device.profile)
+            if cached is None or cached[0] != profile:
+                cached = compiled[device.profile] = (profile, compile_profile(profile))
             decode_points = cached[1]
         else:
             try:
@@ -191,10 +204,31 @@ class TelemetryIngest:
         return self.targets_by_name().get((tenant, device))
 
     def _reload_targets(self) -> None:
-        directory = self.directory
-        self._name_targets = {name: self.target(d) for name, d in directory.by_name.items()}
-        self._targets = {t: self._name_targets[(d.tenant, d.device)] for t, d in directory.by_token.items()}
-        self._targets_version = directory.reloads
+        d = self.directory
+        self.install_targets(self.prepare(d.by_name, d.by_token, d.profiles), d.reloads)
+
+    def prepare(self, by_name: dict[tuple[str, str], Device], by_token: dict[str, Device],
+                profiles: dict[str, Profile]) -> Targets:
+        """The targets for a registry snapshot, keeping each one whose device and profile did not
+        change.  Reads the current targets and writes nothing: the server runs it in a worker
+        thread, so that a reload of a large fleet costs the event loop only `install_targets`."""
+        compiled = dict(self._compiled)
+        before = self._profiles
+        changed = {n for n in set(profiles) | set(before) if profiles.get(n) != before.get(n)}
+        old = self._name_targets
+        targets = {}
+        for name, d in by_name.items():
+            t = old.get(name)
+            if t is None or t.device != d or d.profile in changed:
+                t = self._target(d, profiles, compiled)
+            targets[name] = t
+        return Targets(targets, {t: targets[(d.tenant, d.device)] for t, d in by_token.items()}, profiles, compiled)
+
+    def install_targets(self, targets: Targets, version: int) -> None:
+        """Swap in what `prepare` made, as of the directory's reload `version`."""
+        self._name_targets, self._targets = targets.by_name, targets.by_token
+        self._profiles, self._compiled = targets.profiles, targets.compiled
+        self._targets_version = version
 
     # -- front doors ---------------------------------------------------------------------------
     def post_with_token(self, req: Request, params: list[str]) -> Response | None:

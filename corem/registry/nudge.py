@@ -16,7 +16,7 @@ import hashlib
 import os
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -43,7 +43,7 @@ def nudge(data_dir: Path) -> bool:
         return False
 
 
-async def serve(data_dir: Path, refresh: Callable[[], object],
+async def serve(data_dir: Path, refresh: Callable[[], Awaitable[object]],
                 task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer nudges for `data_dir` until cancelled: `refresh()`, then "done"."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -60,7 +60,7 @@ async def serve(data_dir: Path, refresh: Callable[[], object],
         async with stream:
             with trio.move_on_after(WAIT):
                 if await stream.receive_some(16) == REQUEST:
-                    refresh()
+                    await refresh()
                     await stream.send_all(DONE)
 
     task_status.started(True)

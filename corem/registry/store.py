@@ -14,7 +14,7 @@ import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, NamedTuple
 
 import msgspec
 
@@ -119,7 +119,76 @@ def parse_psk(text: str | None, hex_text: str | None) -> bytes | None:
     return None if text is None else text.encode()
 
 
+def new_device(
+    tenant: str,
+    device: str,
+    *,
+    token: str | None = None,
+    profile: str = "default",
+    psk_identity: str | None = None,
+    psk: bytes | None = None,
+    cert_sha256: str | None = None,
+    power_mode: str = "drx",
+    topics: str = "#",
+    gateways: str = "",
+    created_at: int | None = None,
+) -> Device:
+    """A device, every field checked (RegistryError names the field and what is allowed)."""
+    check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
+    check_field("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
+    if token is not None:
+        check_field("token", token, TOKEN_RE, "1-255 printable ASCII characters except '/' and space", secret=True)
+    if (psk_identity is None) != (psk is None):
+        raise RegistryError("psk: a PSK identity and a key go together; give both or neither")
+    if psk_identity is not None:
+        check_field("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
+        assert psk is not None  # (checked above: they go together)
+        if not PSK_MIN <= len(psk) <= PSK_MAX:
+            raise RegistryError(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
+    if cert_sha256 is not None and not SHA256_RE.fullmatch(cert_sha256):
+        raise RegistryError("cert_sha256: not a lowercase hex SHA-256 fingerprint")
+    if not profile:
+        raise RegistryError("profile: must not be empty")
+    if power_mode not in POWER_MODES:
+        raise RegistryError(f"power_mode: {power_mode!r} is not valid; allowed: {', '.join(POWER_MODES)}")
+    filters = topics.split()
+    if not filters or not all(TOPIC_FILTER_RE.fullmatch(f) for f in filters):
+        raise RegistryError(f"topics: {topics!r} is not valid; allowed: space-separated MQTT topic filters")
+    for gateway in gateways.split():
+        check_field("gateways", gateway, DEVICE_RE, "space-separated device ids")
+    return Device(
+        tenant=tenant, device=device, profile=profile, token=token,
+        created_at=int(time.time() * 1000) if created_at is None else created_at,
+        psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256, power_mode=power_mode,
+        topics=" ".join(filters), gateways=" ".join(gateways.split()),
+    )
+
+
+def row(d: Device) -> tuple[Any, ...]:
+    """A device as the devices table's row, in `_COLUMNS` order."""
+    return (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256,
+            d.power_mode, d.topics, d.gateways)
+
+
+def _conflict(e: sqlite3.IntegrityError, d: Device) -> RegistryError:
+    """Which unique credential a refused INSERT collided with."""
+    if "token" in str(e):
+        return RegistryError("token: already used by another device")
+    if "psk_identity" in str(e):
+        return RegistryError("psk_identity: already used by another device")
+    if "cert_sha256" in str(e):
+        return RegistryError("cert: this certificate is already registered to another device")
+    return RegistryError(f"device: {d.tenant}/{d.device} already exists")
+
+
 class Registry:
+    @classmethod
+    def reading(cls, conn: sqlite3.Connection, path: Path) -> Registry:
+        """A Registry on an open connection, for reads only (no schema work)."""
+        reg = cls.__new__(cls)
+        reg.path, reg._conn = Path(path), conn
+        return reg
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,63 +208,15 @@ class Registry:
     def close(self) -> None:
         self._conn.close()
 
-    def add_device(
-        self,
-        tenant: str,
-        device: str,
-        *,
-        token: str | None = None,
-        profile: str = "default",
-        psk_identity: str | None = None,
-        psk: bytes | None = None,
-        cert_sha256: str | None = None,
-        power_mode: str = "drx",
-        topics: str = "#",
-        gateways: str = "",
-    ) -> Device:
-        check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
-        check_field("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
-        if token is not None:
-            check_field("token", token, TOKEN_RE, "1-255 printable ASCII characters except '/' and space", secret=True)
-        if (psk_identity is None) != (psk is None):
-            raise RegistryError("psk: a PSK identity and a key go together; give both or neither")
-        if psk_identity is not None:
-            check_field("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
-            assert psk is not None  # (checked above: they go together)
-            if not PSK_MIN <= len(psk) <= PSK_MAX:
-                raise RegistryError(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
-        if cert_sha256 is not None and not SHA256_RE.fullmatch(cert_sha256):
-            raise RegistryError("cert_sha256: not a lowercase hex SHA-256 fingerprint")
-        if not profile:
-            raise RegistryError("profile: must not be empty")
-        if power_mode not in POWER_MODES:
-            raise RegistryError(f"power_mode: {power_mode!r} is not valid; allowed: {', '.join(POWER_MODES)}")
-        filters = topics.split()
-        if not filters or not all(TOPIC_FILTER_RE.fullmatch(f) for f in filters):
-            raise RegistryError(f"topics: {topics!r} is not valid; allowed: space-separated MQTT topic filters")
-        for gateway in gateways.split():
-            check_field("gateways", gateway, DEVICE_RE, "space-separated device ids")
-        d = Device(
-            tenant=tenant, device=device, profile=profile, token=token, created_at=int(time.time() * 1000),
-            psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256, power_mode=power_mode,
-            topics=" ".join(filters), gateways=" ".join(gateways.split()),
-        )
+    def add_device(self, tenant: str, device: str, **settings: Any) -> Device:
+        """Register a device (the settings of `new_device`); RegistryError names what is wrong."""
+        d = new_device(tenant, device, **settings)
         try:
-            self._conn.execute(
-                f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256,
-                 d.power_mode, d.topics, d.gateways),
-            )
+            self._conn.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row(d))
         except sqlite3.OperationalError as e:  # a full or failing disk: retry later
             raise StorageUnavailable(f"storage: {e}") from None
         except sqlite3.IntegrityError as e:
-            if "token" in str(e):
-                raise RegistryError("token: already used by another device") from None
-            if "psk_identity" in str(e):
-                raise RegistryError("psk_identity: already used by another device") from None
-            if "cert_sha256" in str(e):
-                raise RegistryError("cert: this certificate is already registered to another device") from None
-            raise RegistryError(f"device: {tenant}/{device} already exists") from None
+            raise _conflict(e, d) from None
         return d
 
     def remove_device(self, tenant: str, device: str) -> bool:
@@ -268,6 +289,18 @@ class Registry:
         return self._conn.execute("PRAGMA data_version").fetchone()[0]
 
 
+class Snapshot(NamedTuple):
+    """The registry as read at one moment, indexed, for `Directory.install`."""
+
+    #: the registry connection's `data_version` before the read (what `changed` compares)
+    version: int
+    by_token: dict[str, Device]
+    by_psk_identity: dict[str, Device]
+    by_cert: dict[str, Device]
+    by_name: dict[tuple[str, str], Device]
+    profiles: dict[str, Profile]
+
+
 class Directory:
     """The server's in-memory view of the registry: credential -> Device, swapped whole on reload."""
 
@@ -300,15 +333,40 @@ class Directory:
     def refresh(self, force: bool = False) -> bool:
         """Reload if the registry changed since the last look; True if it did.  `force` after a
         change made on this process's own connection, which `data_version` does not count."""
-        version = self.registry.data_version()
-        if version == self._version and not force:
+        if not force and not self.changed():
             return False
-        devices = self.registry.list_devices()
-        self.by_token = {d.token: d for d in devices if d.token is not None}
-        self.by_psk_identity = {d.psk_identity: d for d in devices if d.psk_identity is not None}
-        self.by_cert = {d.cert_sha256: d for d in devices if d.cert_sha256 is not None}
-        self.by_name = {(d.tenant, d.device): d for d in devices}
-        self.profiles = self.registry.list_profiles()
-        self._version = version
-        self.reloads += 1
+        self.install(self.load())
         return True
+
+    def changed(self) -> bool:
+        return self.registry.data_version() != self._version
+
+    def load(self, version: int | None = None) -> Snapshot:
+        """Everything the directory holds, read on a connection of its own: safe in a worker
+        thread, so that a server reloading a large fleet keeps serving meanwhile.  `version`: the
+        registry's `data_version`, read before (on the event loop: the registry's connection is
+        the loop's); a change made between the two is read now and reloaded once more later."""
+        if version is None:
+            version = self.registry.data_version()
+        conn = sqlite3.connect(self.registry.path, timeout=30)
+        try:
+            reader = Registry.reading(conn, self.registry.path)
+            devices = reader.list_devices()
+            profiles = reader.list_profiles()
+        finally:
+            conn.close()
+        return Snapshot(
+            version,
+            {d.token: d for d in devices if d.token is not None},
+            {d.psk_identity: d for d in devices if d.psk_identity is not None},
+            {d.cert_sha256: d for d in devices if d.cert_sha256 is not None},
+            {(d.tenant, d.device): d for d in devices},
+            profiles,
+        )
+
+    def install(self, snapshot: Snapshot) -> None:
+        """Swap the view whole (on the event loop: assignments only)."""
+        self.by_token, self.by_psk_identity = snapshot.by_token, snapshot.by_psk_identity
+        self.by_cert, self.by_name, self.profiles = snapshot.by_cert, snapshot.by_name, snapshot.profiles
+        self._version = snapshot.version
+        self.reloads += 1

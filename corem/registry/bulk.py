@@ -1,0 +1,160 @@
+"""Fleet onboarding: many devices from a CSV or JSON Lines file, one transaction per chunk.
+
+Each line is a device with the fields of `corem devices add` (`tenant`, `device`, `profile`,
+`token`, `psk_identity`, `psk` or `psk_hex`, `cert_sha256`, `power_mode`, `topics`,
+`gateways`); CSV has them as its header.  Every line is checked before its chunk is written, and
+an error names the line and the field.  The import is idempotent: a device that is already there
+with the same settings is counted `unchanged`; with other settings it is an error, or replaced
+with `replace`.  Chunks before an error stay written, so the same import run again after a fix
+goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+from ..errors import StorageUnavailable
+from .store import _COLUMNS, Device, Registry, RegistryError, new_device, parse_psk, row
+
+#: Devices written per transaction: large enough that the commit's fsync is paid rarely, small
+#: enough that a running server's registry poll never waits long for the write lock.
+CHUNK = 5000
+FIELDS = ("tenant", "device", "profile", "token", "psk_identity", "psk", "psk_hex", "cert_sha256", "power_mode",
+          "topics", "gateways")
+#: what makes two registrations the same device with the same settings (not created_at)
+_SAME = slice(0, 4), slice(5, 11)
+
+
+class Imported(NamedTuple):
+    added: int
+    unchanged: int
+    replaced: int
+
+
+def read_lines(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, fields) of a CSV (header first) or JSON Lines document."""
+    if kind == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as e:
+                raise RegistryError(f"line {n}: not a JSON object ({e.args[0]})") from None
+            if not isinstance(value, dict):
+                raise RegistryError(f"line {n}: not a JSON object")
+            yield n, value
+        return
+    reader = csv.DictReader(io.StringIO(text))
+    unknown = [f for f in reader.fieldnames or () if f not in FIELDS]
+    if unknown or not reader.fieldnames:
+        raise RegistryError(f"line 1: the header names {', '.join(unknown) or 'nothing'}; columns: {', '.join(FIELDS)}")
+    for fields in reader:
+        yield reader.line_num, {k: v for k, v in fields.items() if v not in ("", None)}
+
+
+def kind_of(path: Path) -> str:
+    if path.suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if path.suffix == ".csv":
+        return "csv"
+    raise RegistryError(f"file: {path.name}: give a .csv or a .jsonl file")
+
+
+def device_of(n: int, fields: dict[str, Any]) -> Device:
+    unknown = [k for k in fields if k not in FIELDS]
+    if unknown:
+        raise RegistryError(f"line {n}: {unknown[0]}: unknown field; fields: {', '.join(FIELDS)}")
+    text = {k: v for k, v in fields.items() if k not in ("psk", "psk_hex")}
+    for key, value in text.items():
+        if not isinstance(value, str):
+            raise RegistryError(f"line {n}: {key}: expected text")
+    try:
+        psk = parse_psk(fields.get("psk"), fields.get("psk_hex"))
+        tenant, device = text.pop("tenant", None), text.pop("device", None)
+        if tenant is None or device is None:
+            raise RegistryError(f"{'tenant' if tenant is None else 'device'}: required")
+        return new_device(tenant, device, psk=psk, **text)
+    except (RegistryError, ValueError) as e:
+        raise RegistryError(f"line {n}: {e}") from None
+
+
+def import_devices(
+    registry: Registry, lines: Iterable[tuple[int, dict[str, Any]]], *, replace: bool = False, chunk: int = CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> Imported:
+    """Write the devices of `lines`, a transaction per `chunk` (see the module docstring)."""
+    conn = registry.conn
+    existing = {(r[0], r[1]): r for r in conn.execute(f"SELECT {_COLUMNS} FROM devices")}
+    owners = {}  # credential -> the device that has it, to name a clash by its line
+    for r in existing.values():
+        for i, what in ((3, "token"), (5, "psk_identity"), (7, "cert_sha256")):
+            if r[i] is not None:
+                owners[what, r[i]] = (r[0], r[1])
+    added = unchanged = replaced = done = 0
+    batch: list[tuple[int, Device, bool]] = []
+
+    def write() -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [row(d) for _, d, update in batch if not update])
+            conn.executemany(
+                "UPDATE devices SET profile = ?, token = ?, psk_identity = ?, psk = ?, cert_sha256 = ?, "
+                "power_mode = ?, topics = ?, gateways = ? WHERE tenant = ? AND device = ?",
+                [(d.profile, d.token, d.psk_identity, d.psk, d.cert_sha256, d.power_mode, d.topics, d.gateways,
+                  d.tenant, d.device) for _, d, update in batch if update])
+            conn.execute("COMMIT")
+        except sqlite3.IntegrityError as e:  # (clashes were looked for above: this is a race with a writer)
+            conn.execute("ROLLBACK")
+            raise RegistryError(f"lines {batch[0][0]}-{batch[-1][0]}: {e}; nothing of them was written") from None
+        except sqlite3.OperationalError as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageUnavailable(f"storage: {e}") from None
+
+    for n, fields in lines:
+        d = device_of(n, fields)
+        key = (d.tenant, d.device)
+        old = existing.get(key)
+        new = row(d)
+        if old is not None and old[_SAME[0]] + old[_SAME[1]] == new[_SAME[0]] + new[_SAME[1]]:
+            unchanged += 1
+            done += 1
+            continue
+        if old is not None and not replace:
+            raise RegistryError(f"line {n}: device {d.tenant}/{d.device} exists with other settings "
+                                "(import with replace to overwrite)")
+        for what, value in (("token", d.token), ("psk_identity", d.psk_identity), ("cert_sha256", d.cert_sha256)):
+            owner = owners.get((what, value)) if value is not None else None
+            if owner is not None and owner != key:
+                raise RegistryError(f"line {n}: {what}: already used by {owner[0]}/{owner[1]}")
+            if value is not None:
+                owners[what, value] = key
+        if old is not None:
+            for i, what in ((3, "token"), (5, "psk_identity"), (7, "cert_sha256")):
+                if old[i] is not None and old[i] != new[i]:
+                    owners.pop((what, old[i]), None)
+        existing[key] = new
+        batch.append((n, d, old is not None))
+        if old is None:
+            added += 1
+        else:
+            replaced += 1
+        if len(batch) >= chunk:
+            write()
+            done += len(batch)
+            batch.clear()
+            if progress is not None:
+                progress(done)
+    if batch:
+        write()
+        done += len(batch)
+    if progress is not None:
+        progress(done)
+    return Imported(added, unchanged, replaced)
