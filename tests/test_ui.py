@@ -110,3 +110,48 @@ def test_ui_asks_for_the_token_when_it_has_none(corem, browser):
     browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
     browser.find_element(By.CSS_SELECTOR, "#login button").click()
     wait_until(browser, lambda d: d.find_element(By.ID, "c-online").text.endswith("/ 2"), what="status with the token")
+
+
+def test_a_rejected_sample_decodes_again_against_the_changed_profile(tmp_path, browser):
+    """The try panel: a sample the device's profile refused, decoded again in the page after the
+    profile changed; and a payload pasted by hand."""
+    import base64
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    from .conftest import corem_cli
+
+    d = tmp_path / "data"
+    corem_cli("profiles", "add", "tb", "--json", json.dumps({"format": "thingsboard", "fields": {
+        "temperature": {"max": 50}}}), data_dir=d)
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "tb-1", "--token", "TB", "--profile", "tb", data_dir=d)
+    server = start_corem(d)
+    try:
+        hot = coap_client(f"{server.coap}/api/v1/TB/telemetry", "-m", "post", "-t", "50", "-e", '{"temperature": 70}')
+        assert hot.code == "4.00"
+        assert server.api("PUT", "/api/profiles/tb", {"format": "thingsboard", "fields": {"temperature": {"max": 90}}})[0] == 200
+        browser.get(f"http://127.0.0.1:{server.http_port}/ui#token={ADMIN_TOKEN}")
+        first = "#samples tbody tr[data-i]"
+        wait_until(browser, lambda d: d.find_element(By.CSS_SELECTOR, first).click() or True, what="a sample")
+        wait_until(browser, lambda d: d.find_element(By.ID, "detail-try").click() or True, what="the try button")
+        result = lambda d: d.find_element(By.ID, "t-result")  # noqa: E731
+        wait_until(browser, lambda d: result(d).get_attribute("data-ok") == "yes", what="the decoded points")
+        assert '"temperature": 70' in result(browser).text
+        assert browser.find_element(By.ID, "t-profile").get_attribute("value") == "tb"
+        # a payload pasted by hand, base64, against the built-in default: refused with its field
+        browser.find_element(By.ID, "t-profile").send_keys("default")
+        browser.find_element(By.ID, "t-enc").send_keys("base64")
+        box = browser.find_element(By.ID, "t-payload")
+        box.clear()
+        box.send_keys(base64.b64encode(b'{"t": {"nested": 1}}').decode())
+        cf = browser.find_element(By.ID, "t-cf")
+        cf.clear()
+        cf.send_keys("50")
+        browser.find_element(By.ID, "t-go").click()
+        wait_until(browser, lambda d: result(d).get_attribute("data-ok") == "no", what="the refusal")
+        assert "field: t" in result(browser).text and "4.00" in result(browser).text
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "ui-try-profile.png"))
+    finally:
+        server.stop()
