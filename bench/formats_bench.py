@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import timeit
+from pathlib import Path
 
 import cbor2
 
@@ -24,6 +25,7 @@ SENML = [{"bn": "dev/", "bt": TS / 1000, "n": "temperature", "u": "Cel", "v": 22
          {"n": "humidity", "u": "%RH", "v": 65}, {"n": "state", "vs": "running"}]
 SENML_CBOR = [{-2: "dev/", -3: TS / 1000, 0: "temperature", 1: "Cel", 2: 22.5}, {0: "humidity", 1: "%RH", 2: 65},
               {0: "state", 3: "running"}]
+LHT65 = (Path(__file__).resolve().parent.parent / "tests" / "codecs" / "lht65.js").read_text()
 RULES = ('{"format": "thingsboard", "fields": {"temperature": {"min": -40, "max": 85, "unit": "Cel"}, '
          '"humidity": {"scale": 1, "max": 100}, "state": {"allowed": ["idle", "running"]}, '
          '"rssi": {"required": false}}}')
@@ -41,6 +43,11 @@ CASES = [
     ("SenML JSON (110)", '{"format": "senml"}', 110, json.dumps(SENML).encode()),
     ("SenML CBOR (112)", '{"format": "senml"}', 112, cbor2.dumps(SENML_CBOR)),
     ("ThingsBoard + 4 rules, JSON", RULES, 50, json.dumps(READING).encode()),
+    ("Cayenne LPP, 2 temperatures", '{"format": "cayenne-lpp"}', 42, bytes.fromhex("03670110056700FF")),
+    ("binary layout, 3 fields", '{"format": "binary", "layout": [{"name": "t", "type": "int16be"}, '
+     '{"name": "h", "type": "uint8"}, {"name": "b", "type": "uint16le"}]}', 42, bytes.fromhex("00e141f00f")),
+    ("JavaScript TS013 codec (LHT65 style)", json.dumps({"format": "js", "script": LHT65}), 42,
+     bytes.fromhex("CBF60B0D0376010ADD7FFF")),
 ]
 
 

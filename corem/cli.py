@@ -22,6 +22,7 @@ from .bus import read_records
 from .config import ConfigError, Settings
 from .errors import StorageUnavailable
 from .ingest.point import decode_point
+from .profiles.compile import compile_profile
 from .profiles.spec import DEFAULT as DEFAULT_PROFILE
 from .profiles.spec import Profile, ProfileError, parse_profile
 from .profiles.trial import SampleError, decode_sample, sample_bytes
@@ -217,6 +218,7 @@ def _profile_text(args: argparse.Namespace) -> str:
 def cmd_profiles_add(args: argparse.Namespace) -> int:
     try:
         profile = parse_profile(_profile_text(args))
+        compile_profile(profile)  # a script that does not load is refused now, not at the first reading
     except ProfileError as e:
         raise RegistryError(str(e)) from None
     reg = _registry(args)

@@ -21,6 +21,11 @@ PROFILES = [compile_profile(parse_profile(text)) for text in (
     '{"format": "binary", "layout": [{"name": "a", "type": "int16be"}, {"type": "skip", "bytes": 2},'
     ' {"name": "b", "type": "float32le"}, {"name": "c", "type": "float64be"}]}',
     '{"format": "cayenne-lpp", "fields": {"temperature_1": {"max": 50}}}',
+    # a TS013 codec in its sandbox: whatever it returns for whatever bytes, corem stays in its words
+    '{"format": "js", "timeout_ms": 50, "script": "function decodeUplink(i) { var b = i.bytes; if (b[0] === 1) '
+    'throw new Error(\'x\'); if (b[0] === 2) return {errors: [\'bad\']}; var d = {}; '
+    'for (var k = 1; k < b.length; k++) d[\'f\' + (k % 5)] = b[0] === 3 ? null : b[k] === 4 ? {n: b[k]} : '
+    'b[k] > 200 ? String(b[k]) : b[k] / 7; return {data: d}; }"}',
 )]
 CONTENT_FORMATS = [50, 60, 110, 111, 112, 113, 42, None, 0]
 

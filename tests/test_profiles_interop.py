@@ -150,6 +150,32 @@ def test_binary_layouts_cayenne_lpp_and_positional_arrays_from_libcoap(server, t
                    "pos": ({"temperature": 21.5}, {"state": "ok"}, None)}
 
 
+def test_a_ts013_javascript_codec_from_libcoap_and_a_bad_codec_harms_no_one_else(server, tmp_path):
+    lht65 = (Path(__file__).with_name("codecs") / "lht65.js").read_text()
+    assert server.api("PUT", "/api/profiles/lht65", {"format": "js", "script": lht65})[0] == 201
+    assert server.api("PUT", "/api/profiles/stuck", {"format": "js", "timeout_ms": 20,
+                                                     "script": "function decodeUplink(i) { while (true) {} }"})[0] == 201
+    status, body = server.api("PUT", "/api/profiles/broken", {"format": "js", "script": "function decodeUplink( {"})
+    assert status == 400 and body["error"].startswith("script: does not load: SyntaxError")
+    for name in ("lht65", "stuck"):
+        assert server.api("POST", "/api/devices", {"tenant": "js", "device": name, "token": f"{name}-T",
+                                                   "profile": name})[0] == 201
+    (tmp_path / "up.bin").write_bytes(bytes.fromhex("CBF60B0D0376010ADD7FFF"))
+    stuck = coap_client(f"{server.coap}/api/v1/stuck-T/telemetry", "-m", "post", "-t", "42",
+                        "-f", str(tmp_path / "up.bin"))
+    # (the reason is cut to the request's size on plain UDP: no amplification)
+    assert stuck.code == "5.03" and "codec: ran longer" in stuck.output, stuck.output
+    r = coap_client(f"{server.coap}/api/v1/lht65-T/telemetry", "-m", "post", "-t", "42", "-f", str(tmp_path / "up.bin"))
+    assert r.code == "2.04", r.output
+    assert post(server, "TB-TOKEN", "50", b'{"temperature": 20}', tmp_path).code == "2.04"  # other profiles, too
+    [point] = server.points("js")
+    assert point["numeric_values"] == {"battery_v": 3.062, "temperature": 28.29, "humidity": 88.6,
+                                       "probe.temperature": 27.81}
+    assert point["string_values"] == {"battery_status": "good"}
+    m = server.metrics()
+    assert m['corem_protocol_payload_rejections_total{protocol="coap",reason="codec_limit"}'] == 1
+
+
 def test_profiles_through_the_admin_api(server):
     status, listed = server.api("GET", "/api/profiles")
     assert status == 200 and [(p["name"], p["devices"]) for p in listed] == [("default", 0), ("senml", 1), ("tb", 1)]

@@ -24,6 +24,7 @@ from ..devices.commands import assign_package
 from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
 from ..metrics import gather, total
+from ..profiles.compile import compile_profile
 from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, profile_from
@@ -65,7 +66,7 @@ SAMPLE_FIELDS = {"content_format": {"type": "integer", "minimum": 0, "maximum": 
                  "base64": {"type": "string", "description": "the payload as base64"}}
 #: a profile's JSON (corem/profiles/spec.py checks it whole; the schema says its shape)
 PROFILE_SCHEMA = {"type": "object", "properties": {
-    "format": {"type": "string", "enum": ["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp"]},
+    "format": {"type": "string", "enum": ["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js"]},
     "nested": {"type": "string", "enum": ["reject", "flatten", "json"]},
     "positions": {"type": "array", "items": {"type": ["string", "null"]}},
     "layout": {"type": "array", "items": {"type": "object", "properties": {
@@ -75,7 +76,11 @@ PROFILE_SCHEMA = {"type": "object", "properties": {
         "rename": STR, "scale": {"type": "number"}, "offset": {"type": "number"}, "unit": STR,
         "type": {"type": "string", "enum": ["number", "string"]}, "min": {"type": "number"},
         "max": {"type": "number"}, "required": {"type": "boolean"},
-        "allowed": {"type": "array", "items": STR}}}}}}
+        "allowed": {"type": "array", "items": STR}}}},
+    "script": {"type": "string", "description": "js: a TS013 codec, function decodeUplink(input)"},
+    "fport": {"type": "integer", "minimum": 1, "maximum": 255}, "variables": {"type": "object"},
+    "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "max_memory_mb": {"type": "integer", "minimum": 8, "maximum": 512}}}
 QUERY = {"limit": {"type": "integer", "minimum": 1}, "format": {"type": "string", "enum": ["csv", "jsonl"]},
          "replace": {"type": "string", "enum": ["true", "false"]}, "kind": {"type": "string", "enum": list(KINDS)},
          "title": _like(LABEL_RE), "version": _like(LABEL_RE)}
@@ -404,6 +409,7 @@ class AdminApi:
     async def put_profile(self, req: HttpRequest) -> Reply:
         try:
             profile = profile_from(req.json())
+            compile_profile(profile)  # a script that does not load is refused now
             created = self.parts.registry.put_profile(req.params["name"], profile)
         except (ProfileError, RegistryError) as e:
             raise HttpError(400, str(e)) from None

@@ -28,6 +28,11 @@ class PayloadError(ValueError):
         super().__init__(f"field {field!r}: {reason}" if field is not None else reason)
 
 
+class Overloaded(PayloadError):
+    """The decoder could not finish within its limits (a JavaScript codec's CPU time or memory):
+    not the device's fault and maybe not the next try's either -- 5.03 with Max-Age."""
+
+
 class UnsupportedFormat(PayloadError):
     """The Content-Format is not one the profile decodes (CoAP 4.15)."""
 

@@ -23,11 +23,11 @@ from ..codec import Code
 from ..profiles.compile import Decoder as PointsDecoder
 from ..profiles.compile import compile_profile
 from ..profiles.rules import RuleViolation
-from ..profiles.spec import Profile
+from ..profiles.spec import Profile, ProfileError
 from ..registry import Device, Directory
 from ..stats import Sample, counter
 from .diagnostics import Diagnostics
-from .payload import PayloadError, Readings, UnsupportedFormat
+from .payload import Overloaded, PayloadError, Readings, UnsupportedFormat
 from .point import TelemetryPoint, encode_point, telemetry_topic
 from .presence import Presence
 from .profiles import Decoder, get_decoder
@@ -68,6 +68,13 @@ class UnknownProfile(Exception):
 
 def _unknown_profile(reason: str):
     def decode(content_format, payload):
+        raise UnknownProfile(reason)
+
+    return decode
+
+
+def _broken(reason: str) -> PointsDecoder:
+    def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         raise UnknownProfile(reason)
 
     return decode
@@ -164,7 +171,10 @@ class TelemetryIngest:
         if profile is not None:  # a stored profile (corem profiles add ...)
             cached = compiled.get(device.profile)
             if cached is None or cached[0] != profile:
-                cached = compiled[device.profile] = (profile, compile_profile(profile))
+                try:
+                    cached = compiled[device.profile] = (profile, compile_profile(profile))
+                except ProfileError as e:  # (checked when written: a codec that stopped loading) 5.00
+                    cached = compiled[device.profile] = (profile, _broken(f"profile {device.profile!r}: {e}"))
             decode_points = cached[1]
         else:
             try:
@@ -262,6 +272,8 @@ class TelemetryIngest:
             return Response(Code.INTERNAL_SERVER_ERROR, str(e).encode())
         except PayloadError as e:
             self._reject(req, device, protocol, e, content_format, received_at)
+            if isinstance(e, Overloaded):  # the codec's limits, not the payload's fault: later
+                return retry_later(str(e).encode()[:512])
             code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(e, UnsupportedFormat) else Code.BAD_REQUEST
             return Response(code, str(e).encode()[:512])  # the field first: it survives the size cap
         point = TelemetryPoint(
@@ -376,7 +388,8 @@ class TelemetryIngest:
         content_format: int | None,
         received_at: int,
     ) -> None:
-        reason = "rule_violation" if isinstance(error, RuleViolation) else "decode_error"
+        reason = ("rule_violation" if isinstance(error, RuleViolation) else
+                  "codec_limit" if isinstance(error, Overloaded) else "decode_error")
         self.stats.rejections[protocol, reason] += 1
         self.stats.device_rejections[device.tenant, device.device] += 1
         msg = req.message

@@ -31,6 +31,11 @@ def compile_profile(profile: Profile) -> Decoder:
                                  for p in profile.layout])
     elif profile.format == "cayenne-lpp":
         decode = formats.cayenne_lpp
+    elif profile.format == "js":
+        from .js import JsCodec
+
+        decode = JsCodec(profile.script, fport=profile.fport, variables=profile.variables,
+                         timeout_ms=profile.timeout_ms, max_memory_mb=profile.max_memory_mb)
     else:
         decode = _flat
     if not profile.fields:

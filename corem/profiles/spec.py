@@ -27,7 +27,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The built-in profile every device starts on; it cannot be changed or removed.
 DEFAULT = "default"
 
-FORMATS = ("flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp")
+FORMATS = ("flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js")
 #: the binary layout's field types: struct format, size
 BINARY_TYPES = {
     "int8": "b", "uint8": "B", "bool": "?",
@@ -67,7 +67,7 @@ class Part(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    format: Literal["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp"] = "flat"
+    format: Literal["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js"] = "flat"
     #: thingsboard: what a nested map in `values` becomes -- its leaves as `outer.inner` fields
     #: ("flatten"), the map as JSON text in one string field ("json"), or a 4.00 ("reject")
     nested: Literal["reject", "flatten", "json"] = "reject"
@@ -77,6 +77,14 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
     positions: list[str | None] = []
     #: binary: the payload's fields in order (types: int8, uint8, bool, int16be ... float64le, skip)
     layout: list[Part] = []
+    #: js: a LoRa Alliance TS013 codec (`function decodeUplink(input) {...}`), run in a sandbox
+    script: str = ""
+    #: js: what the codec gets as `input.fPort` (CoAP has no port) and `input.variables`
+    fport: int = 1
+    variables: dict[str, Any] = {}
+    #: js: the limits of one call: CPU time and heap; past them the reading is answered 5.03
+    timeout_ms: int = 50
+    max_memory_mb: int = 32
     description: str = ""
 
 
@@ -178,5 +186,14 @@ def check(profile: Profile) -> None:
             raise ProfileError(f"layout[{i}].type: {part.type!r} is not one of {', '.join(BINARY_TYPES)}, skip")
         elif not part.name:
             raise ProfileError(f"layout[{i}].name: required (use type skip for bytes to leave out)")
+    if (profile.format == "js") != bool(profile.script):
+        raise ProfileError("script: the js format needs a TS013 codec (function decodeUplink(input) {...}), and only "
+                           "it" if not profile.script else "script: only the js format runs a script")
+    if not 1 <= profile.timeout_ms <= 1000:
+        raise ProfileError("timeout_ms: 1-1000 (one call's CPU time; the event loop waits for it)")
+    if not 8 <= profile.max_memory_mb <= 512:
+        raise ProfileError("max_memory_mb: 8-512")
+    if not 1 <= profile.fport <= 255:
+        raise ProfileError("fport: 1-255")
     if profile.nested != "reject" and profile.format != "thingsboard":
         raise ProfileError(f"nested: only the thingsboard format has nested values (format is {profile.format!r})")

@@ -8,7 +8,7 @@ import binascii
 import re
 from typing import Any
 
-from ..ingest.payload import PayloadError, UnsupportedFormat, decode_readings
+from ..ingest.payload import Overloaded, PayloadError, UnsupportedFormat, decode_readings
 from .compile import compile_profile
 from .rules import RuleViolation
 from .spec import Profile
@@ -44,8 +44,9 @@ def decode_sample(profile: Profile | None, content_format: int | None, payload: 
             readings = compile_profile(profile)(content_format, payload, now_ms)
     except PayloadError as e:
         kind = ("rule_violation" if isinstance(e, RuleViolation) else
-                "unsupported_format" if isinstance(e, UnsupportedFormat) else "decode_error")
+                "unsupported_format" if isinstance(e, UnsupportedFormat) else
+                "codec_limit" if isinstance(e, Overloaded) else "decode_error")
         return {"error": str(e), "reason": e.reason, "field": e.field, "kind": kind,
-                "code": "4.15" if kind == "unsupported_format" else "4.00"}
+                "code": {"unsupported_format": "4.15", "codec_limit": "5.03"}.get(kind, "4.00")}
     return {"points": [{"ts": now_ms if r.ts is None else r.ts, "numeric_values": r.numeric,
                         "string_values": r.strings, **({"units": r.units} if r.units else {})} for r in readings]}
