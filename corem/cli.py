@@ -5,6 +5,7 @@ commands that go through the admin API (`attributes`, `rpc`, `command`, `firmwar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import msgspec
 import trio
@@ -105,6 +106,16 @@ def _registry(args: argparse.Namespace) -> Registry:
     return Registry(_settings(args, _REGISTRY_KEYS).data_path / "registry.db")
 
 
+@contextlib.contextmanager
+def _opened(args: argparse.Namespace) -> Iterator[Registry]:
+    """The registry for one command, closed however the command ends."""
+    reg = _registry(args)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
 def cmd_devices_add(args: argparse.Namespace) -> int:
     psk = parse_psk(args.psk, args.psk_hex)
     cert = None
@@ -115,14 +126,11 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
             cert = certificate_sha256(args.cert)
         except (OSError, ValueError) as e:
             raise RegistryError(f"cert: {e}") from None
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         d = reg.add_device(
             args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
             cert_sha256=cert, power_mode=args.power_mode, topics=args.topics, gateways=args.gateways,
         )
-    finally:
-        reg.close()
     nudge(reg.path.parent)  # a running server has it when this returns
     creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256)) if have]
     print(f"added {d.tenant}/{d.device} profile={d.profile} credentials={','.join(creds) or 'none'}")
@@ -130,11 +138,8 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         devices = reg.list_devices(args.tenant)
-    finally:
-        reg.close()
     if args.json:
         for d in devices:  # secrets stay in the registry: say that a key exists, not what it is
             print(msgspec.json.encode(msgspec.structs.replace(d, psk=None)).decode())
@@ -155,11 +160,8 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 
 
 def cmd_devices_remove(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         removed = reg.remove_device(args.tenant, args.device)
-    finally:
-        reg.close()
     if removed:
         nudge(reg.path.parent)
     if not removed:
@@ -180,13 +182,12 @@ def cmd_devices_import(args: argparse.Namespace) -> int:
     total = sum(1 for line in text.splitlines() if line.strip()) - (1 if kind == "csv" else 0)
     started = time.monotonic()
     bar = _progress(total) if sys.stderr.isatty() else None
-    reg = _registry(args)
     try:
-        result = bulk.import_devices(reg, bulk.read_lines(text, kind), replace=args.replace, progress=bar)
+        with _opened(args) as reg:
+            result = bulk.import_devices(reg, bulk.read_lines(text, kind), replace=args.replace, progress=bar)
     finally:
-        reg.close()
         if bar is not None:
-            print(file=sys.stderr)
+            print(file=sys.stderr)  # (past the progress bar's line)
     nudge(reg.path.parent)  # a running server reloads (off its event loop) before this returns
     print(f"imported {total} devices in {time.monotonic() - started:.1f} s: {result.added} added, "
           f"{result.replaced} replaced, {result.unchanged} unchanged")
@@ -221,11 +222,8 @@ def cmd_profiles_add(args: argparse.Namespace) -> int:
         compile_profile(profile)  # a script that does not load is refused now, not at the first reading
     except ProfileError as e:
         raise RegistryError(str(e)) from None
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         created = reg.put_profile(args.name, profile)
-    finally:
-        reg.close()
     nudge(reg.path.parent)  # devices naming it decode with it when this returns
     print(f"{'added' if created else 'replaced'} profile {args.name} format={profile.format} "
           f"rules={len(profile.fields)}")
@@ -233,12 +231,9 @@ def cmd_profiles_add(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles_list(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         profiles = reg.list_profiles()
         used = Counter(d.profile for d in reg.list_devices())
-    finally:
-        reg.close()
     if args.json:
         for name, p in profiles.items():
             print(msgspec.json.encode({"name": name, "devices": used.get(name, 0), "profile": p}).decode())
@@ -260,21 +255,15 @@ def _stored_profile(reg: Registry, name: str) -> Profile | None:
 
 
 def cmd_profiles_show(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         profile = _stored_profile(reg, args.name) or Profile()
-    finally:
-        reg.close()
     print(json.dumps(msgspec.to_builtins(profile), indent=2))
     return 0
 
 
 def cmd_profiles_remove(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         removed = reg.remove_profile(args.name)
-    finally:
-        reg.close()
     if not removed:
         print(f"corem: profile {args.name} not found", file=sys.stderr)
         return 1
@@ -285,11 +274,8 @@ def cmd_profiles_remove(args: argparse.Namespace) -> int:
 
 def cmd_profiles_decode(args: argparse.Namespace) -> int:
     """Decode a sample offline, with the profile as stored: what the device would be answered."""
-    reg = _registry(args)
-    try:
+    with _opened(args) as reg:
         profile = _stored_profile(reg, args.name)
-    finally:
-        reg.close()
     try:
         payload = Path(args.file).read_bytes() if args.file else sample_bytes(args.hex, args.base64)
     except (SampleError, OSError) as e:
