@@ -73,8 +73,9 @@ class Side:
 
     def commit(self, error: BaseException | None = None) -> None:
         self.sink.commit(error)
-        if self.lane is not None:
+        if self.lane is not None:  # what the edge does: settle at the flush, count refusals at the tick
             self.lane.settle()
+            self.lane.tick(self.clock[0])
 
     def tick(self) -> None:
         now = self.clock[0]

@@ -101,7 +101,6 @@ class FastLane:
         self.lane.on_late = functools.partial(answer_late, endpoint)
         # the lane's own calls, for the edge: timers, a new DTLS session, its answers (sent on
         # the socket `fd`, or taken as (bytes, peer) for the security layer to wrap)
-        self.tick = self.lane.tick
         self.new_session = self.lane.new_session
         self.send = self.lane.flush
         self.take_outbox = self.lane.take_outbox
@@ -186,11 +185,17 @@ class FastLane:
         return slow
 
     def settle(self) -> None:
-        """Tell the ingest which of the lane's readings became durable since the last call, and
-        how many it answered 5.03 (the bus could not take them): the ingest owns those counts."""
+        """Tell the ingest which of the lane's readings became durable since the last call (the
+        ingest owns that count; the refusals are told at `tick`)."""
         accepted = self.ingest.accepted
         for device, n in self.lane.take_committed().items():
             accepted(device, n)
+
+    def tick(self, now: float) -> None:
+        """The lane's timers; and the readings it answered 5.03 since the last tick, for the
+        ingest's count (here, ten times a second, not at every flush: reading the lane's
+        counters builds a dict)."""
+        self.lane.tick(now)
         refusals = self.lane.counters()["refusals"]
         if refusals != self._refusals:
             self.ingest.refused(refusals - self._refusals)

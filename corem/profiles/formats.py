@@ -102,14 +102,16 @@ def _tb_entry(entry: object, index: int | None, nested: str) -> Readings:
     strings: dict[str, str] = {}
     assert isinstance(values, dict)
     for key, value in values.items():
-        _tb_value(key, value, where, nested, numeric, strings)
+        put_value(key, value, where, nested, numeric, strings)
     if not numeric and not strings:
         raise PayloadError("the map has no readings", where.rstrip(".") or None)
     return Readings(numeric, strings, ts)
 
 
-def _tb_value(key: object, value: object, where: str, nested: str, numeric: dict[str, float],
+def put_value(key: object, value: object, where: str, nested: str, numeric: dict[str, float],
               strings: dict[str, str], prefix: str = "") -> None:
+    """One key's value into the readings: a scalar as it is, a map or an array as `nested` says
+    (ThingsBoard's values, a JavaScript codec's data)."""
     if type(key) is not str or not key:
         raise PayloadError("keys must be non-empty text strings", f"{where}{prefix}{key!r}")
     name = prefix + key
@@ -124,7 +126,7 @@ def _tb_value(key: object, value: object, where: str, nested: str, numeric: dict
         if nested == "flatten":
             items = value.items() if isinstance(value, dict) else ((str(i), v) for i, v in enumerate(value))
             for inner, v in items:
-                _tb_value(inner, v, where, nested, numeric, strings, name + ".")
+                put_value(inner, v, where, nested, numeric, strings, name + ".")
             return
         raise PayloadError(f"{kind(value)} values are not allowed (the profile's nested is reject; "
                            "flatten or json take them)", where + name)

@@ -24,7 +24,7 @@ import re
 from typing import Any
 
 from ..ingest.payload import Overloaded, PayloadError, Readings
-from .formats import _tb_value
+from .formats import put_value
 from .spec import ProfileError
 
 #: called with the payload as an array of numbers; JSON text back, so one conversion each way
@@ -94,7 +94,7 @@ def _point(result: Any) -> Readings:
     numeric: dict[str, float] = {}
     strings: dict[str, str] = {}
     for key, value in data.items():
-        _tb_value(key, value, "", "flatten", numeric, strings)
+        put_value(key, value, "", "flatten", numeric, strings)
     if not numeric and not strings:
         raise PayloadError("codec: data has no readings", "codec.data")
     return Readings(numeric, strings, None)
