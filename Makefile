@@ -25,8 +25,9 @@ deps: $(STAMP)
 
 # Debian packages the interop tests and benchmarks use: libcoap's real clients and servers, the
 # openssl CLI (test certificates), gcc (the C decoder and the load generator), chromium and its
-# chromedriver (the diagnostics UI's browser test).
-DEBS := libcoap3-bin openssl gcc chromium chromium-driver
+# chromedriver (the diagnostics UI's browser test), protoc (the protobuf profiles' schemas are
+# checked against the descriptors it makes, and its classes encode the test payloads).
+DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
@@ -34,6 +35,7 @@ sysdeps:
 	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (Debian)"; \
@@ -92,7 +94,7 @@ bench-dtls: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	@mkdir -p fuzz/corpus fuzz/artifacts
-	@for t in codec payload formats endpoint dtls frontdoors http lane; do \
+	@for t in codec payload formats proto_schema endpoint dtls frontdoors http lane; do \
 	  echo "== fuzz_$$t ($(FUZZ_SECONDS) s)"; mkdir -p fuzz/corpus/$$t; \
 	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
 	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \

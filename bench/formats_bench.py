@@ -17,6 +17,7 @@ from pathlib import Path
 import cbor2
 
 from corem.profiles.compile import compile_profile
+from corem.profiles.proto_schema import message_class
 from corem.profiles.spec import parse_profile
 
 READING = {"temperature": 22.5, "humidity": 65, "state": "running"}
@@ -29,6 +30,12 @@ LHT65 = (Path(__file__).resolve().parent.parent / "tests" / "codecs" / "lht65.js
 RULES = ('{"format": "thingsboard", "fields": {"temperature": {"min": -40, "max": 85, "unit": "Cel"}, '
          '"humidity": {"scale": 1, "max": 100}, "state": {"allowed": ["idle", "running"]}, '
          '"rssi": {"required": false}}}')
+PROTO = """syntax = "proto3";
+message Values { double temperature = 1; int32 humidity = 2; string state = 3; }
+message Reading { int64 ts = 1; Values values = 2; }
+"""
+PROTO_READING = message_class(PROTO, "Values")(**READING).SerializeToString()
+PROTO_TS = message_class(PROTO)(ts=TS, values=READING).SerializeToString()
 
 CASES = [
     ("flat map, CBOR (default)", '{"format": "flat"}', 60, cbor2.dumps(READING)),
@@ -46,6 +53,9 @@ CASES = [
     ("Cayenne LPP, 2 temperatures", '{"format": "cayenne-lpp"}', 42, bytes.fromhex("03670110056700FF")),
     ("binary layout, 3 fields", '{"format": "binary", "layout": [{"name": "t", "type": "int16be"}, '
      '{"name": "h", "type": "uint8"}, {"name": "b", "type": "uint16le"}]}', 42, bytes.fromhex("00e141f00f")),
+    ("protobuf message (ThingsBoard-style schema)", json.dumps({"format": "protobuf", "schema": PROTO,
+                                                                "message": "Values"}), 42, PROTO_READING),
+    ("protobuf {ts, values}", json.dumps({"format": "protobuf", "schema": PROTO}), 42, PROTO_TS),
     ("JavaScript TS013 codec (LHT65 style)", json.dumps({"format": "js", "script": LHT65}), 42,
      bytes.fromhex("CBF60B0D0376010ADD7FFF")),
 ]

@@ -25,7 +25,7 @@ from .errors import StorageUnavailable
 from .ingest.point import decode_point
 from .profiles.compile import compile_profile
 from .profiles.spec import DEFAULT as DEFAULT_PROFILE
-from .profiles.spec import Profile, ProfileError, parse_profile
+from .profiles.spec import Profile, ProfileError, parse_profile, profile_from
 from .profiles.trial import SampleError, decode_sample, sample_bytes
 from .registry import Registry, RegistryError, bulk
 from .registry.nudge import nudge
@@ -205,20 +205,40 @@ def _progress(total: int) -> Callable[[int], None]:
 
 
 # -- profiles ----------------------------------------------------------------------------------
-def _profile_text(args: argparse.Namespace) -> str:
-    if (args.file is None) == (args.json is None):
-        raise RegistryError("profile: give it with --file FILE or --json TEXT (one of them)")
-    if args.json is not None:
-        return args.json
+def _read_text(path: str, what: str) -> str:
     try:
-        return Path(args.file).read_text()
-    except OSError as e:
-        raise RegistryError(f"file: cannot read {args.file}: {e.strerror or e}") from None
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RegistryError(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _profile(args: argparse.Namespace) -> Profile:
+    """The profile from --file or --json, with a .proto from --proto (which alone is a protobuf
+    profile of ThingsBoard's defaults)."""
+    if args.file is not None and args.json is not None or (args.file is None and args.json is None
+                                                               and args.proto is None):
+        raise RegistryError("profile: give it with --file FILE or --json TEXT (one of them), or --proto FILE")
+    text = args.json if args.json is not None else _read_text(args.file, "file") if args.file else "{}"
+    if args.proto is None:
+        if args.message:
+            raise RegistryError("message: names a message of the schema given with --proto")
+        return parse_profile(text)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ProfileError(f"profile: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ProfileError("profile: expected an object")
+    raw.setdefault("format", "protobuf")
+    raw["schema"] = _read_text(args.proto, "proto")
+    if args.message:
+        raw["message"] = args.message
+    return profile_from(raw)
 
 
 def cmd_profiles_add(args: argparse.Namespace) -> int:
     try:
-        profile = parse_profile(_profile_text(args))
+        profile = _profile(args)
         compile_profile(profile)  # a script that does not load is refused now, not at the first reading
     except ProfileError as e:
         raise RegistryError(str(e)) from None
@@ -371,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     padd.add_argument("name")
     padd.add_argument("--file", help="the profile's JSON in a file")
     padd.add_argument("--json", help="the profile's JSON")
+    padd.add_argument("--proto", metavar="FILE", help="a proto3 schema: the profile decodes protobuf payloads with "
+                                                      "its last message (ThingsBoard's rule) or --message")
+    padd.add_argument("--message", help="with --proto: the message a payload is")
     padd.set_defaults(func=cmd_profiles_add)
     pls = profiles.add_parser("list", help="list profiles and how many devices use each")
     _add_settings_flags(pls, _REGISTRY_KEYS)

@@ -1,8 +1,11 @@
-"""Fuzz the profile formats (ThingsBoard, SenML, positional arrays, binary layouts, Cayenne LPP) with rules on top:
+"""Fuzz the profile formats (ThingsBoard, SenML, positional arrays, binary layouts, Cayenne LPP, a
+JavaScript codec, protobuf with ThingsBoard's schema and one of every construct) with rules on top:
 nothing but PayloadError escapes, every point has readings, finite numbers and a time in range."""
 
+import json
 import math
 import sys
+from pathlib import Path
 
 import atheris
 
@@ -10,6 +13,8 @@ with atheris.instrument_imports():
     from corem.ingest.payload import MAX_TS_MS, PayloadError
     from corem.profiles.compile import compile_profile
     from corem.profiles.spec import parse_profile
+
+PROTOS = Path(__file__).resolve().parent.parent / "tests" / "protos"
 
 PROFILES = [compile_profile(parse_profile(text)) for text in (
     '{"format": "thingsboard"}',
@@ -26,6 +31,10 @@ PROFILES = [compile_profile(parse_profile(text)) for text in (
     'throw new Error(\'x\'); if (b[0] === 2) return {errors: [\'bad\']}; var d = {}; '
     'for (var k = 1; k < b.length; k++) d[\'f\' + (k % 5)] = b[0] === 3 ? null : b[k] === 4 ? {n: b[k]} : '
     'b[k] > 200 ? String(b[k]) : b[k] / 7; return {data: d}; }"}',
+    json.dumps({"format": "protobuf", "nested": "json", "schema": (PROTOS / "thingsboard.proto").read_text()}),
+    json.dumps({"format": "protobuf", "nested": "flatten", "message": "Outer",
+                "schema": (PROTOS / "kitchen_sink.proto").read_text(), "fields": {"seq": {"max": 10}}}),
+    json.dumps({"format": "protobuf", "schema": (PROTOS / "timestamped.proto").read_text()}),
 )]
 CONTENT_FORMATS = [50, 60, 110, 111, 112, 113, 42, None, 0]
 

@@ -45,7 +45,7 @@ def refused(spec: dict, content_format: int, payload: bytes | object) -> Payload
     ('{"fields": {"t": {"allowed": ["a"], "max": 1}}}',
      "fields.t: scale, offset, min and max are for numbers; allowed and type string are for text"),
     ('{"fields": {"a": {"rename": "x"}, "b": {"rename": "x"}}}', "fields.b.rename: 'x' is also what 'a' becomes"),
-    ('{"nested": "flatten"}', "nested: only the thingsboard format has nested values (format is 'flat')"),
+    ('{"nested": "flatten"}', "nested: only the thingsboard and protobuf formats have nested values (format is 'flat')"),
     ('{"fields": []}', "fields: expected an object of field name -> rule"),
     ("[]", "profile: expected an object"),
     ("{nope", "profile: not valid JSON"),

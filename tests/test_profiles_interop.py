@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,57 @@ def test_profiles_through_the_admin_api(server):
     assert status == 200 and body["points"][0]["numeric_values"] == {"t": 1.0}
     assert server.api("POST", "/api/profiles/tb/decode", {"content_format": 50, "hex": "zz"})[1]["error"] \
         .startswith("hex:")
+
+
+def _sensor_reading(temperature: float, humidity: float, key1: str) -> bytes:
+    """ThingsBoard's documented SensorDataReading, encoded as a device's firmware would
+    (tests/test_protobuf.py checks such bytes against protoc's classes)."""
+    inner = b"\x0a" + bytes([len(key1)]) + key1.encode()
+    return (b"\x09" + struct.pack("<d", temperature) + b"\x11" + struct.pack("<d", humidity)
+            + b"\x1a" + bytes([len(inner)]) + inner)
+
+
+@pytest.mark.parametrize("client", DTLS_CLIENTS)
+def test_a_protobuf_profile_with_its_proto_through_every_door(server, tmp_path, client):
+    """A .proto uploaded with the profile (the admin API), then readings from coap-client on the
+    ThingsBoard door (-t 42 and no Content-Format), over CoAPS, on the Drogue door, and aiocoap."""
+    schema = (Path(__file__).with_name("protos") / "thingsboard.proto").read_text()
+    status, body = server.api("PUT", "/api/profiles/pb", {"format": "protobuf", "schema": schema, "nested": "json",
+                                                          "fields": {"temperature": {"unit": "Cel", "max": 85}}})
+    assert status == 201, body
+    status, body = server.api("PUT", "/api/profiles/bad", {"format": "protobuf", "schema": "syntax = 'proto2';"})
+    assert status == 400 and body["error"].startswith("schema: line 1:10: only proto3 schemas"), body
+    assert server.api("POST", "/api/devices", {"tenant": "pb", "device": "pb-1", "token": "PB-TOKEN", "profile": "pb",
+                                               "psk_identity": "pb-identity", "psk": "pb-pre-shared-key"})[0] == 201
+    assert post(server, "PB-TOKEN", "42", _sensor_reading(21.5, 40.0, "a"), tmp_path).code == "2.04"
+    (tmp_path / "r.bin").write_bytes(_sensor_reading(22.0, 41.0, "b"))
+    r = coap_client(f"{server.coap}/api/v1/PB-TOKEN/telemetry", "-m", "post", "-f", str(tmp_path / "r.bin"))
+    assert r.code == "2.04", r.output
+    (tmp_path / "s.bin").write_bytes(_sensor_reading(22.5, 42.0, "c"))
+    r = coap_client(f"coaps://127.0.0.1:{server.coaps_port}/telemetry", "-m", "post", "-u", "pb-identity",
+                    "-k", "pb-pre-shared-key", "-t", "42", "-f", str(tmp_path / "s.bin"), binary=client, timeout=30)
+    assert r.code == "2.04", r.output
+    auth = base64.b64encode(b"pb-1@pb:PB-TOKEN").decode()
+    (tmp_path / "d.bin").write_bytes(_sensor_reading(23.0, 43.0, "d"))
+    r = coap_client(f"{server.coap}/v1/telemetry", "-m", "post", "-t", "42", "-f", str(tmp_path / "d.bin"),
+                    "-O", f"4209,Basic {auth}")
+    assert r.code == "2.04", r.output
+    (tmp_path / "e.bin").write_bytes(_sensor_reading(23.5, 44.0, "e"))
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("aiocoap_client.py")), "post",
+                          f"{server.coap}/api/v1/PB-TOKEN/telemetry", str(tmp_path / "e.bin"), "42"],
+                         capture_output=True, text=True, timeout=90)
+    assert "2.04" in out.stdout, out.stdout + out.stderr
+    # refused: a rule broken, bytes that are not the message, JSON to a protobuf profile
+    r = post(server, "PB-TOKEN", "42", _sensor_reading(99.0, 1.0, "x"), tmp_path)
+    assert r.code == "4.00" and "temperature" in r.output, r.output
+    r = post(server, "PB-TOKEN", "42", b"\x1a\x03\x0a\x01\xff", tmp_path)
+    assert r.code == "4.00", r.output
+    assert post(server, "PB-TOKEN", "50", b'{"temperature": 1}', tmp_path).code == "4.15"
+    got = [(p["numeric_values"], p["string_values"], p["units"], p["profile"]) for p in server.points("pb")]
+    assert got == [({"temperature": t, "humidity": h}, {"innerObject": json.dumps({"key1": k})
+                                                        .replace(" ", "")}, {"temperature": "Cel"}, "pb")
+                   for t, h, k in ((21.5, 40.0, "a"), (22.0, 41.0, "b"), (22.5, 42.0, "c"), (23.0, 43.0, "d"),
+                                   (23.5, 44.0, "e"))]
+    status, samples = server.api("GET", "/api/diagnostics/samples")
+    assert (samples[-2]["reason"], samples[-2]["field"]) == ("decode_error", "innerObject.key1")
+    assert samples[-2]["detail"].endswith("not UTF-8 text")

@@ -25,7 +25,9 @@ from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
 from ..metrics import gather, total
 from ..profiles.compile import compile_profile
+from ..profiles.proto_schema import MAX_SCHEMA_BYTES
 from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
+from ..profiles.spec import FORMATS as PROFILE_FORMATS
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, profile_from
 from ..profiles.trial import SampleError, decode_sample, sample_bytes
@@ -66,7 +68,7 @@ SAMPLE_FIELDS = {"content_format": {"type": "integer", "minimum": 0, "maximum": 
                  "base64": {"type": "string", "description": "the payload as base64"}}
 #: a profile's JSON (corem/profiles/spec.py checks it whole; the schema says its shape)
 PROFILE_SCHEMA = {"type": "object", "properties": {
-    "format": {"type": "string", "enum": ["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js"]},
+    "format": {"type": "string", "enum": list(PROFILE_FORMATS)},
     "nested": {"type": "string", "enum": ["reject", "flatten", "json"]},
     "positions": {"type": "array", "items": {"type": ["string", "null"]}},
     "layout": {"type": "array", "items": {"type": "object", "properties": {
@@ -80,7 +82,10 @@ PROFILE_SCHEMA = {"type": "object", "properties": {
     "script": {"type": "string", "description": "js: a TS013 codec, function decodeUplink(input)"},
     "fport": {"type": "integer", "minimum": 1, "maximum": 255}, "variables": {"type": "object"},
     "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 1000},
-    "max_memory_mb": {"type": "integer", "minimum": 8, "maximum": 512}}}
+    "max_memory_mb": {"type": "integer", "minimum": 8, "maximum": 512},
+    "schema": {"type": "string", "description": "protobuf: a proto3 schema (ThingsBoard's telemetry proto schema)",
+               "maxLength": MAX_SCHEMA_BYTES},
+    "message": {"type": "string", "description": "protobuf: the message a payload is (default: the last one)"}}}
 QUERY = {"limit": {"type": "integer", "minimum": 1}, "format": {"type": "string", "enum": ["csv", "jsonl"]},
          "replace": {"type": "string", "enum": ["true", "false"]}, "kind": {"type": "string", "enum": list(KINDS)},
          "title": _like(LABEL_RE), "version": _like(LABEL_RE)}

@@ -31,6 +31,10 @@ def compile_profile(profile: Profile) -> Decoder:
                                  for p in profile.layout])
     elif profile.format == "cayenne-lpp":
         decode = formats.cayenne_lpp
+    elif profile.format == "protobuf":
+        from .protobuf import protobuf
+
+        decode = protobuf(profile.schema, profile.message, profile.nested)
     elif profile.format == "js":
         from .js import JsCodec
 
@@ -41,12 +45,10 @@ def compile_profile(profile: Profile) -> Decoder:
     if not profile.fields:
         return decode
     fields = profile.fields
-    # a ThingsBoard array's points are named by their place in it, as its decode errors are
-    indexed = profile.format in ("thingsboard", "array")
 
     def with_rules(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         points = decode(content_format, payload, now_ms)
-        if not indexed or len(points) == 1:
+        if not isinstance(points, formats.Series):
             return [rules.apply(r, fields) for r in points]
         out = []
         for i, r in enumerate(points):

@@ -52,6 +52,11 @@ MAX_DEPTH = 16
 CF_SENML_JSON, CF_SENSML_JSON, CF_SENML_CBOR, CF_SENSML_CBOR = 110, 111, 112, 113
 
 
+class Series(list[Readings]):
+    """The points of a payload that was an array of them: a rule broken by one is named by its
+    place (`[0].temperature`), as the format's own errors are, even in an array of one."""
+
+
 def _document(content_format: int | None, payload: bytes | bytearray | memoryview, json_formats: tuple[int, ...],
               cbor_formats: tuple[int, ...], names: str) -> Any:
     if content_format is None:
@@ -77,12 +82,15 @@ def thingsboard(nested: str) -> FormatDecoder:
             raise PayloadError("the array has no points")
         if len(entries) > MAX_POINTS:
             raise PayloadError(f"{len(entries)} points in one payload; at most {MAX_POINTS}")
-        return [_tb_entry(e, i if isinstance(doc, list) else None, nested) for i, e in enumerate(entries)]
+        if not isinstance(doc, list):
+            return [thingsboard_entry(doc, None, nested)]
+        return Series(thingsboard_entry(e, i, nested) for i, e in enumerate(entries))
 
     return decode
 
 
-def _tb_entry(entry: object, index: int | None, nested: str) -> Readings:
+def thingsboard_entry(entry: object, index: int | None, nested: str) -> Readings:
+    """One ThingsBoard point (a flat map or `{ts, values}`; a decoded protobuf message too)."""
     where = "" if index is None else f"[{index}]."
     if not isinstance(entry, dict):
         raise PayloadError(f"expected a map of key -> value or {{\"ts\", \"values\"}}, got {kind(entry)}",
@@ -281,7 +289,9 @@ def positional(positions: list[str | None]) -> FormatDecoder:
         rows = doc if doc and all(isinstance(r, list) for r in doc) else [doc]
         if len(rows) > MAX_POINTS:
             raise PayloadError(f"{len(rows)} points in one payload; at most {MAX_POINTS}")
-        return [_row(row, positions, None if rows is not doc else i) for i, row in enumerate(rows)]
+        if rows is not doc:
+            return [_row(doc, positions, None)]
+        return Series(_row(row, positions, i) for i, row in enumerate(rows))
 
     return decode
 
@@ -312,7 +322,8 @@ def _row(row: list[Any], positions: list[str | None], index: int | None) -> Read
 CF_OCTETS = 42
 
 
-def _binary_payload(content_format: int | None, payload: bytes | bytearray | memoryview) -> bytes:
+def binary_payload(content_format: int | None, payload: bytes | bytearray | memoryview) -> bytes:
+    """The bytes of a payload sent as application/octet-stream or with no Content-Format."""
     if content_format not in (None, CF_OCTETS):
         raise UnsupportedFormat(f"content-format {content_format} is not supported by this profile; send "
                                 "application/octet-stream (42) or no Content-Format")
@@ -329,7 +340,7 @@ def binary(layout: list[tuple[str | None, str, int]]) -> FormatDecoder:
     size = sum(s.size for _, s in parts)
 
     def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
-        data = _binary_payload(content_format, payload)
+        data = binary_payload(content_format, payload)
         if len(data) != size:
             raise PayloadError(f"the payload is {len(data)} bytes; the profile's layout reads {size}")
         numeric: dict[str, float] = {}
@@ -370,7 +381,7 @@ GPS = ((3, 10000, "lat"), (3, 10000, "lon"), (3, 100, "m"))
 def cayenne_lpp(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
     """Cayenne Low Power Payload: [channel, type, value...]*; fields are `{type}_{channel}`
     (`temperature_1`), as The Things Stack's LPP decoder names them, with their units."""
-    data = _binary_payload(content_format, payload)
+    data = binary_payload(content_format, payload)
     numeric: dict[str, float] = {}
     units: dict[str, str] = {}
     at = 0

@@ -11,7 +11,8 @@ field named, so a profile that is stored is one that compiles:
 
 `format` says how the payload reads (corem/profiles/formats.py): `flat` (a map of metric -> value,
 the built-in `default`), `thingsboard` (a flat map, `{"ts", "values"}`, or an array of either),
-`senml` (RFC 8428, JSON or CBOR).  `fields` are the mapping and validation rules
+`senml` (RFC 8428, JSON or CBOR), `array`, `binary`, `cayenne-lpp`, `js` (a TS013 codec, js.py)
+and `protobuf` (a proto3 `schema`, proto.py).  `fields` are the mapping and validation rules
 (corem/profiles/rules.py), applied to every point the payload decodes to.
 """
 
@@ -27,7 +28,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The built-in profile every device starts on; it cannot be changed or removed.
 DEFAULT = "default"
 
-FORMATS = ("flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js")
+FORMATS = ("flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js", "protobuf")
 #: the binary layout's field types: struct format, size
 BINARY_TYPES = {
     "int8": "b", "uint8": "B", "bool": "?",
@@ -67,8 +68,8 @@ class Part(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    format: Literal["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js"] = "flat"
-    #: thingsboard: what a nested map in `values` becomes -- its leaves as `outer.inner` fields
+    format: Literal["flat", "thingsboard", "senml", "array", "binary", "cayenne-lpp", "js", "protobuf"] = "flat"
+    #: thingsboard, protobuf: what a nested map in `values` becomes -- its leaves as `outer.inner` fields
     #: ("flatten"), the map as JSON text in one string field ("json"), or a 4.00 ("reject")
     nested: Literal["reject", "flatten", "json"] = "reject"
     fields: dict[str, Rule] = {}
@@ -85,6 +86,10 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
     #: js: the limits of one call: CPU time and heap; past them the reading is answered 5.03
     timeout_ms: int = 50
     max_memory_mb: int = 32
+    #: protobuf: the proto3 schema (ThingsBoard's telemetry schema), and the message a payload is
+    #: (its name; "": the schema's last top-level message, as ThingsBoard takes it)
+    schema: str = ""
+    message: str = ""
     description: str = ""
 
 
@@ -195,5 +200,11 @@ def check(profile: Profile) -> None:
         raise ProfileError("max_memory_mb: 8-512")
     if not 1 <= profile.fport <= 255:
         raise ProfileError("fport: 1-255")
-    if profile.nested != "reject" and profile.format != "thingsboard":
-        raise ProfileError(f"nested: only the thingsboard format has nested values (format is {profile.format!r})")
+    if profile.nested != "reject" and profile.format not in ("thingsboard", "protobuf"):
+        raise ProfileError("nested: only the thingsboard and protobuf formats have nested values "
+                           f"(format is {profile.format!r})")
+    if (profile.format == "protobuf") != bool(profile.schema):
+        raise ProfileError("schema: the protobuf format needs a proto3 schema, and only it" if not profile.schema
+                           else "schema: only the protobuf format takes a schema")
+    if profile.message and profile.format != "protobuf":
+        raise ProfileError("message: only the protobuf format names a message")
