@@ -66,6 +66,7 @@ REFUSED = [
     (H + "message A { int32 a = 1; int32 a = 2; }", "line 2:32: field 'a' is defined twice in A"),
     (H + "message A { int32 a = 0; }", "line 2:23: field 'a': numbers are 1 to 536870911, not 0"),
     (H + "message A { int32 a = 19000; }", "line 2:23: field 'a': 19000-19999 are reserved"),
+    (H + "message A { int32 a = 018; }", "line 2:23: the field number: 018 starts with 0, so it is octal"),
     (H + "message A { B a = 1; }", "line 2:13: field 'a': type 'B' is not defined"),
     (H + "message A { map<float, int32> m = 1; }", "line 2:17: a map's key is an integer type, bool or string"),
     (H + "message A { map<string, int32> m = 1; message MEntry {} }", "line 2:47: 'MEntry' is already defined"),

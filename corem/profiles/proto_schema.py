@@ -187,7 +187,11 @@ class _Reader:
             raise self.fail(tok, f"{what}: {text[:20]}... is too large")
         if text.startswith(("0x", "0X")):
             return sign * int(text, 16)
-        return sign * (int(text, 8) if len(text) > 1 and text[0] == "0" else int(text))
+        if len(text) > 1 and text[0] == "0":  # octal, as in C and protoc
+            if not set(text) <= set("01234567"):
+                raise self.fail(tok, f"{what}: {text} starts with 0, so it is octal, and has a digit 8 or 9")
+            return sign * int(text, 8)
+        return sign * int(text)
 
     def boolean(self, what: str) -> bool:
         tok = self.take()
