@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import msgspec
 import trio
@@ -68,32 +68,46 @@ class JsonFormatter(logging.Formatter):
 
 
 # -- serve -------------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args, Settings.keys())
+def setup_logging(settings: Settings, worker: int | None = None) -> None:
+    """Log lines to stderr as key=value or JSON (`log_format`); a worker's name its index."""
     handler = logging.StreamHandler(sys.stderr)
+    tag = "" if worker is None else f" worker={worker}"
     handler.setFormatter(
         JsonFormatter() if settings.log_format == "json"
-        else logging.Formatter("ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s")
+        else logging.Formatter(f"ts=%(asctime)s level=%(levelname)s logger=%(name)s{tag} msg=%(message)s")
     )
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
-    from .server import Server
 
-    async def main() -> None:
-        server = Server(settings)
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                bound = await nursery.start(server.run)
-                if bound.coap:
-                    print(f"corem: coap listening on udp {_fmt_addr(bound.coap)}", flush=True)
-                if bound.coaps:
-                    print(f"corem: coaps listening on udp {_fmt_addr(bound.coaps)}", flush=True)
-                if bound.http:
-                    print(f"corem: http listening on http://{_fmt_addr(bound.http)}", flush=True)
-                async for _ in signals:
-                    server.stop()
-                    break
 
-    trio.run(main)
+async def run_until_signalled(server: Any, announce: bool = True) -> None:
+    """Run a Server (or the workers' Supervisor) until SIGINT or SIGTERM, then stop it gracefully."""
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            bound = await nursery.start(server.run)
+            for name, addr in (("coap", bound.coap), ("coaps", bound.coaps)):
+                if addr and announce:
+                    print(f"corem: {name} listening on udp {_fmt_addr(addr)}", flush=True)
+            if bound.http and announce:
+                print(f"corem: http listening on http://{_fmt_addr(bound.http)}", flush=True)
+            async for _ in signals:
+                server.stop()
+                break
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args, Settings.keys())
+    setup_logging(settings)
+    n = settings.worker_count()
+    if n > 1:
+        from .workers.supervisor import Supervisor
+
+        supervisor = Supervisor(settings, n)
+        print(f"corem: {n} workers", flush=True)
+        trio.run(run_until_signalled, supervisor)
+    else:
+        from .server import Server
+
+        trio.run(run_until_signalled, Server(settings))
     print("corem: stopped", flush=True)
     return 0
 

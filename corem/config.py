@@ -114,6 +114,17 @@ def _thresholds(key: str, v: Any) -> None:
     parse_thresholds(v, key)
 
 
+def _workers(key: str, v: Any) -> None:
+    if str(v).strip().lower() == "auto":
+        return
+    try:
+        n = int(v)
+    except ValueError:
+        raise ConfigError(f"{key}: {v!r} is not a number of processes or 'auto'") from None
+    if not 1 <= n <= 1024:
+        raise ConfigError(f"{key}: {n} must be 1 to 1024")
+
+
 def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -140,6 +151,15 @@ class Settings:
     dtls_offload_after: float = _opt(
         60.0, "seconds of idleness after which a DTLS session is serialized (~1 KB) and its live context freed",
         _positive,
+    )
+    workers: str = _opt(
+        "1", "worker processes serving the same CoAP/CoAPS ports (SO_REUSEPORT, each peer kept on one); "
+        "'auto' = one per CPU", _workers,
+    )
+    dtls_checkpoint: str = _opt(
+        "on", "save each DTLS session to the session store once it carries data, so that a crash, a killed "
+        "worker or another node takes it up without a handshake; 'off': saved only when idle or at shutdown",
+        _choice("on", "off"),
     )
     http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
     data_dir: str = _opt("data", "directory for the registry and the embedded bus")
@@ -297,6 +317,12 @@ class Settings:
                 raise ConfigError(str(e)) from None
         return self
 
+    def worker_count(self) -> int:
+        """`workers` as a number: 'auto' is the CPUs this process may run on."""
+        if self.workers.strip().lower() == "auto":
+            return len(os.sched_getaffinity(0))
+        return int(self.workers)
+
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
@@ -341,6 +367,7 @@ class Settings:
             handshake_timeout=self.dtls_handshake_timeout,
             session_timeout=self.dtls_session_inactivity_timeout,
             offload_after=self.dtls_offload_after,
+            checkpoint=self.dtls_checkpoint == "on",
             cert_file=self.dtls_cert or None,
             key_file=self.dtls_key or None,
             ca_file=self.dtls_ca or None,

@@ -80,6 +80,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_sessions_offloaded": (C, "Idle sessions serialized and freed."),
     "corem_dtls_sessions_restored": (C, "Offloaded sessions brought back by a datagram."),
     "corem_dtls_sessions_lost": (C, "Sessions that failed to serialize or restore."),
+    "corem_dtls_sessions_checkpointed": (
+        C, "Live DTLS sessions saved to the session store (dtls_checkpoint): a crash costs them no handshake."),
     "corem_dtls_sessions_offload_failed": (
         C, "Idle sessions the session store refused (a full or failing disk): kept in memory, offloaded at a "
            "later sweep."),
@@ -133,7 +135,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_registry_devices": (G, "Devices registered."),
     "corem_registry_devices_with_token": (G, "Devices with an access token."),
     "corem_rejected_samples": (G, "Rejected samples kept for diagnostics."),
+    # `corem serve --workers N` (corem/workers): the supervisor's own
+    "corem_workers": (G, "Worker processes serving now."),
+    "corem_worker_up": (G, "1 while the worker serves, 0 while it starts again."),
+    "corem_worker_restarts": (C, "Workers started again after they exited."),
+    "corem_worker_requests": (G, "CoAP requests the worker has served since it started (how the peers spread)."),
 }
+
+#: families every worker reports alike (the shared registry): with --workers, counted once, not summed
+SHARED = frozenset({"corem_registry_devices", "corem_registry_devices_with_token"})
 
 #: what the collector is given at each scrape: each component with the labels of its mount
 Components = Callable[[], Iterable[tuple[Measured, dict[str, str]]]]
@@ -152,6 +162,9 @@ def gather(components: Iterable[tuple[Measured, dict[str, str]]]) -> Gathered:
             family = values[m.name]
             key = extra + m.labels
             if isinstance(m, Histogram):
+                had = family.get(key)
+                if isinstance(had, Histogram) and had.bounds == m.bounds:  # the same histogram, elsewhere
+                    m = m._replace(counts=[a + b for a, b in zip(had.counts, m.counts)], total=had.total + m.total)
                 family[key] = m
             else:
                 family[key] = family.get(key, 0.0) + m.value  # type: ignore[operator]

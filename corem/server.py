@@ -6,6 +6,7 @@ import fcntl
 import gc
 import logging
 import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import trio
 
 from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
-from .admin.http import HttpRequest, HttpServer, Reply, Route
+from .admin.http import HttpRequest, HttpServer, Reply, Route, json_reply
 from .bus import EmbeddedBus, Sink
 from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
@@ -39,7 +40,7 @@ from .frontdoors.thingsboard import ThingsBoard
 from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import Targets, TelemetryIngest
-from .metrics import render
+from .metrics import gather, render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
@@ -48,6 +49,7 @@ from .registry import nudge as registry_nudge
 from .registry.management import Management
 from .registry.store import Snapshot
 from .stats import Measured
+from .workers.link import Link, WorkerSpec
 
 log = logging.getLogger("corem")
 
@@ -88,11 +90,11 @@ class Transport:
 SESSIONS_FILE = "dtls-sessions.db"
 
 
-def make_sink(s: Settings, after_batch: Callable[[], None] | None = None) -> Sink:
-    """The embedded SQLite bus, or Kafka for `--bus kafka://…`."""
+def make_sink(s: Settings, after_batch: Callable[[], None] | None = None, *, shared: bool = False) -> Sink:
+    """The embedded SQLite bus (`shared` by the workers of one server), or Kafka for `--bus kafka://…`."""
     if s.bus == "embedded":
         return EmbeddedBus(s.data_path / "bus.db", synchronous=s.store_synchronous, max_pending=s.sink_max_pending,
-                           max_batch=s.sink_max_batch, after_batch=after_batch)
+                           max_batch=s.sink_max_batch, after_batch=after_batch, shared=shared)
     return KafkaSink(s.kafka_settings(), max_pending=s.sink_max_pending, max_batch=s.sink_max_batch,
                      after_batch=after_batch)
 
@@ -117,18 +119,21 @@ def lock_data_dir(data: Path) -> int:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerSpec | None = None) -> None:
+        """`worker`: this server is one of `corem serve --workers N` (corem/workers): its sockets
+        are inherited, the data dir is the supervisor's, and it shares the embedded bus."""
         self.settings = settings
+        self.worker = worker
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_data_dir(data)
+        self._lock = lock_data_dir(data) if worker is None else -1
         try:
             self.registry = Registry(data / "registry.db")
         except (sqlite3.Error, OSError) as e:  # a full or read-only disk: one line, not a traceback
-            os.close(self._lock)
+            self._unlock()
             raise ConfigError(f"data_dir: cannot open {data / 'registry.db'}: {e}") from None
         self.directory = Directory(self.registry)
-        self.sink = make_sink(settings, after_batch=self._after_batch)
+        self.sink = make_sink(settings, after_batch=self._after_batch, shared=worker is not None)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
         tenants, profiles = settings.presence_thresholds()
         self.presence = Presence(self.sink, settings.presence_offline_after, tenants=tenants, profiles=profiles)
@@ -145,11 +150,18 @@ class Server:
         self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
         self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
                          max_retained=settings.pubsub_max_retained)
+        self.link: Link | None = None
+        if worker is not None:
+            self.link = Link(worker, self)
+            self.downlink.on_first_sight = self.link.first_sight
+            self.downlink.number_ids(worker.index + 1, worker.count)
         #: downlink requests from other systems on `commands.{tenant}` (Kafka only: the embedded
-        #: bus has no other writers; there the admin API and CLI are the way in)
-        self.command_reader = None if settings.bus == "embedded" else KafkaCommandReader(
+        #: bus has no other writers; there the admin API and CLI are the way in).  With workers,
+        #: worker 0 reads them and the supervisor hands each to the worker that holds its device.
+        self.command_reader = None if settings.bus == "embedded" or (worker and worker.index) else KafkaCommandReader(
             settings.kafka_settings(), lambda: {t for t, _ in self.directory.by_name}, self.management.positions,
-            self._command_record, refresh=settings.kafka_commands_refresh,
+            self._command_record if worker is None else self._route_command_record,
+            refresh=settings.kafka_commands_refresh,
         )
         self.admin_token = settings.admin_token or admin_token.read_or_create(data)
         self.http: HttpServer | None = None
@@ -164,7 +176,7 @@ class Server:
             self._bind()  # before Trio starts: a bad certificate or a busy port is a plain ConfigError
         except BaseException:
             self._close_listeners()
-            os.close(self._lock)
+            self._unlock()
             raise
         self.admin = AdminApi(AdminParts(
             self.registry, self.directory, self.management, self.downlink, self.presence, self.diagnostics,
@@ -218,7 +230,27 @@ class Server:
             ("/healthz", self._healthz, "Alive"),
             ("/readyz", self._readyz, "Listeners bound and the bus reachable"),
         )]
+        if self.worker is not None:  # for the supervisor's front (corem/workers/front.py)
+            ops.append(Route("GET", "/_worker/metrics", self._worker_metrics))
         return ops + self.admin.routes()
+
+    def _worker_metrics(self, req: HttpRequest) -> Reply:
+        from .workers.front import encode_samples
+
+        return json_reply(encode_samples(gather(self.components())))
+
+    def _unlock(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+
+    def _route_command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
+        """Worker 0 with `--workers`: the supervisor gives the record to the worker holding its device."""
+        assert self.link is not None
+        self.link.post({"command": {"topic": topic, "partition": partition, "offset": offset, "value": value.hex()}})
+
+    def apply_command_record(self, topic: str, partition: int, offset: int, value: str) -> None:
+        """A record routed here by the supervisor (value in hex, as it travels)."""
+        self._command_record(topic, partition, offset, bytes.fromhex(value))
 
     def _command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
         tenant = topic[len(COMMANDS_PREFIX):]
@@ -243,7 +275,7 @@ class Server:
             lane = self._fast_lane(endpoint, behind_dtls=False)
             observers = self._observers(endpoint)
             edge = UdpEdge(
-                _bind_or_explain("coap", *coap), endpoint, router, security=PlainUdp(self._names_a_known_token),
+                self._socket("coap", coap), endpoint, router, security=PlainUdp(self._names_a_known_token),
                 max_datagram=s.max_datagram, limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain,
                 on_event=observers.handle,
             )
@@ -260,11 +292,16 @@ class Server:
             self.ingest.install(router, session_device=dtls.device)
             observers = self._observers(endpoint)
             edge = UdpEdge(
-                _bind_or_explain("coaps", *coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
+                self._socket("coaps", coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
                 limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
             )
             self.bound.coaps = edge.address
             self._add_transport(Transport("dtls", endpoint, router, observers, edge, dtls, lane))
+
+    def _socket(self, key: str, address: tuple[str, int]) -> socket.socket:
+        """The listener's socket: bound here, or a worker's, inherited from the supervisor."""
+        inherited = self.worker.socket(key) if self.worker is not None else None
+        return inherited if inherited is not None else _bind_or_explain(key, *address)
 
     def _observers(self, endpoint: Endpoint) -> Observers:
         s = self.settings
@@ -367,7 +404,8 @@ class Server:
                     if http is not None:
                         inner.start_soon(http.serve)
                     inner.start_soon(self._poll_registry)
-                    await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
+                    if self.link is None:  # workers: the supervisor answers nudges and relays them
+                        await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
                     inner.start_soon(self._sweep_presence)
                     inner.start_soon(self._tick_downlink)
                     if self.command_reader is not None:
@@ -386,6 +424,8 @@ class Server:
                         self.bound.coap, self.bound.coaps, self.bound.http, s.data_dir,
                     )
                     task_status.started(self.bound)
+                    if self.link is not None:
+                        inner.start_soon(self.link.run, self.bound.http)
                     await self._stop.wait()
                     log.info("stopping: no new datagrams; committing and answering in-flight readings")
                     self._ready = False
@@ -400,7 +440,7 @@ class Server:
         finally:
             self._close_listeners()
             self.registry.close()
-            os.close(self._lock)
+            self._unlock()
             log.info("stopped")
 
     async def _tick_downlink(self) -> None:

@@ -86,6 +86,8 @@ class Route:
     doc: dict[str, Any] = field(default_factory=dict)
 
     def match(self, segments: list[str]) -> dict[str, str] | None:
+        if self.pattern == "*":  # any path (the workers' front forwards what it does not serve)
+            return {}
         want = self.pattern.strip("/").split("/")
         if len(want) != len(segments):
             return None
@@ -162,7 +164,7 @@ class HttpServer:
             params = route.match(segments)
             if params is None:
                 continue
-            if route.method != method and not (method == "HEAD" and route.method == "GET"):
+            if route.method not in (method, "*") and not (method == "HEAD" and route.method == "GET"):
                 allowed.append(route.method)
                 continue
             self.requests += 1

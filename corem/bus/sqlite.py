@@ -43,8 +43,12 @@ _decode = msgspec.msgpack.Decoder(list[tuple[bytes | None, bytes, dict[str, str]
 class EmbeddedBus(BatchingSink):
     name = "embedded"
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL", **kw) -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL", shared: bool = False, **kw) -> None:
         super().__init__(**kw)
+        #: several writers on one file (`--workers`): offsets are taken under SQLite's write lock
+        #: at commit, so the log stays one sequence in commit order (a device's readings come
+        #: through one worker, so they keep their order in it)
+        self.shared = shared
         if synchronous not in SYNC_MODES:
             raise ValueError(f"store synchronous must be one of {', '.join(SYNC_MODES)}, got {synchronous!r}")
         self.path = Path(path)
@@ -82,8 +86,10 @@ class EmbeddedBus(BatchingSink):
         conn = self._conn
         if conn is None:
             raise RuntimeError("embedded bus is not open")
-        conn.execute("BEGIN")
+        conn.execute("BEGIN IMMEDIATE" if self.shared else "BEGIN")
         try:
+            if self.shared:
+                rows = _rebased(rows, conn.execute("SELECT max(base_offset + count) FROM batches").fetchone()[0] or 1)
             conn.executemany(
                 "INSERT INTO batches (base_offset, topic, count, records, appended_at) VALUES (?, ?, ?, ?, ?)", rows
             )
@@ -99,6 +105,12 @@ class EmbeddedBus(BatchingSink):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _rebased(rows: list[tuple[int, str, int, bytes, int]], base: int) -> list[tuple[int, str, int, bytes, int]]:
+    """The rows with offsets from `base` on (another writer may have appended since `prepare`)."""
+    shift = base - rows[0][0]
+    return rows if shift == 0 else [(offset + shift, *rest) for offset, *rest in rows]  # type: ignore[misc]
 
 
 class StoredRecord(NamedTuple):

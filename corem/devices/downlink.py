@@ -142,11 +142,22 @@ class Downlink:
         self._deadlines: list[tuple[float, int]] = []
         self._ids = itertools.count(1)
         self.stats = DownlinkStats()
+        #: with `--workers`: told once of each device first heard here, so that the supervisor can
+        #: route this device's downlink here (corem/workers); None in a single process
+        self.on_first_sight: Callable[[Device], None] | None = None
+        self._seen: set[tuple[str, str]] = set()
+
+    def number_ids(self, first: int, step: int) -> None:
+        """RPC ids `first`, `first + step`, ...: workers number apart, so ids stay unique per server."""
+        self._ids = itertools.count(first, step)
 
     # -- device side -----------------------------------------------------------------------------
     def uplink(self, device: Device) -> None:
         """The device talked: it is awake; what waits for it goes out on the next tick."""
         key = (device.tenant, device.device)
+        if self.on_first_sight is not None and key not in self._seen:
+            self._seen.add(key)
+            self.on_first_sight(device)
         q = self._queues.get(key)
         if q is None:
             if device.power_mode == "drx":
@@ -279,6 +290,37 @@ class Downlink:
         q.commands.append(cmd)
         self._timed.add(key)
         return "queued"
+
+    # -- between workers ---------------------------------------------------------------------------
+    def moved(self, tenant: str, device: str) -> dict[str, Any] | None:
+        """The device is heard by another worker now: forget it was seen here (if it comes back,
+        it is announced again) and give up what waits for it -- shared attributes and commands,
+        with their remaining lifetimes -- for `adopt` there.  RPCs stay: their callers wait here."""
+        key = (tenant, device)
+        self._seen.discard(key)
+        q = self._queues.get(key)
+        if q is None or not (q.attributes or q.commands):
+            return None
+        now = self.clock()
+        state = {"attributes": q.attributes,
+                 "commands": [[name, payload.hex(), deadline - now] for name, payload, deadline in q.commands
+                              if deadline > now]}
+        q.attributes, q.commands = {}, deque()
+        return state
+
+    def adopt(self, device: Device, state: dict[str, Any]) -> None:
+        """Take over what another worker kept for the device (`moved` there)."""
+        key = (device.tenant, device.device)
+        q = self._queues.get(key) or self._queue(key)
+        if q is None:
+            return
+        now = self.clock()
+        q.attributes = {**state.get("attributes", {}), **q.attributes}
+        q.commands.extend((name, bytes.fromhex(payload), now + ttl) for name, payload, ttl in state.get("commands", []))
+        if q.commands:
+            self._timed.add(key)
+        if q.attributes and self._reachable(device, now):
+            self._due.add(key)
 
     # -- timers ----------------------------------------------------------------------------------
     def tick(self, now: float) -> None:

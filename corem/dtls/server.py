@@ -32,7 +32,7 @@ from ..stats import Sample, counter, fields, gauge
 from .certs import load_certificates, load_key, peer_der
 from .errors import CLOSE_NOTIFY, error_code
 from .errors import reason as tls_reason
-from .store import Row, SessionStore, Unsaved, freeze, peer_key, thaw
+from .store import Row, SessionStore, Unsaved, freeze, peer_key, step_sequence, thaw
 
 log = logging.getLogger("corem.dtls")
 
@@ -72,6 +72,10 @@ class DtlsParams:
     key_file: str | None = None
     ca_file: str | None = None
     client_auth: str = "required"
+    #: Save each session to the store once it carries data (and again every half
+    #: `session_timeout`), so that a crash, a killed worker or another node restores it without
+    #: a handshake (`dtls_checkpoint`); store.py says what a restore does to sequence numbers.
+    checkpoint: bool = True
 
     def __post_init__(self) -> None:
         available = set(tls.ciphers_available())
@@ -128,8 +132,7 @@ def _no_device(identity: str) -> None:
 
 
 class Session:
-    __slots__ = ("buf", "device", "established", "started", "last_seen")
-
+    __slots__ = ("buf", "device", "established", "started", "last_seen", "checkpoint_due")
 
     def __init__(self, buf: tls.TLSWrappedBuffer, now: float) -> None:
         self.buf = buf
@@ -137,6 +140,8 @@ class Session:
         self.established = False
         self.started = now
         self.last_seen = now
+        #: when the session is next saved to the store (0: at the first tick after a record)
+        self.checkpoint_due = 0.0
 
 
 @dataclass(slots=True)
@@ -147,6 +152,7 @@ class DtlsStats:
     hello_verify_sent: int = 0
     offloaded: int = 0
     offload_failed: int = 0  # sessions the store refused (disk full): kept in memory
+    checkpoints: int = 0  # live sessions saved to the store (dtls_checkpoint)
     restored: int = 0
     sessions_lost: int = 0
     handshakes_started: int = 0
@@ -167,6 +173,7 @@ DTLS_METRICS = {
     "sessions_closed": "corem_dtls_sessions_closed", "sessions_expired": "corem_dtls_sessions_expired",
     "offloaded": "corem_dtls_sessions_offloaded", "restored": "corem_dtls_sessions_restored",
     "sessions_lost": "corem_dtls_sessions_lost", "offload_failed": "corem_dtls_sessions_offload_failed",
+    "checkpoints": "corem_dtls_sessions_checkpointed",
 }
 
 
@@ -226,6 +233,8 @@ class DtlsServer:
         #: A callback, not an event: it must reach the message layer before the next datagram.
         self.on_new_session = on_new_session
         self._next_sweep = 0.0
+        #: live sessions to save at the next tick (dtls_checkpoint)
+        self._checkpoints: set[Peer] = set()
 
     # -- input ---------------------------------------------------------------------------------
     def receive(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
@@ -253,6 +262,8 @@ class DtlsServer:
         else:
             self.sessions.move_to_end(peer)
         session.last_seen = now
+        if session.checkpoint_due <= now and self.params.checkpoint:
+            self._checkpoints.add(peer)
         return self._read(session, peer, data)
 
     def _hello(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
@@ -278,10 +289,10 @@ class DtlsServer:
         except TLSError as e:
             self._fail(session, peer, e)
             return []
-        # the cookie was valid: the peer has a handshake in progress (replacing an old session)
-        self.sessions.pop(peer, None)
+        # the cookie was valid: the peer has a handshake in progress (replacing an old session,
+        # and its saved copy, offloaded or a checkpoint)
         key = peer_key(peer)
-        if key in self.offloaded:
+        if self.sessions.pop(peer, None) is not None or key in self.offloaded:
             self.offloaded.discard(key)
             self.store.discard(key)
         self.handshakes[peer] = session
@@ -424,9 +435,41 @@ class DtlsServer:
                 del self.handshakes[peer]
             else:
                 self._step(session, peer, None)  # Mbed TLS resends its flight if its timer expired
+        if self._checkpoints:
+            self.checkpoint(now)
         if now >= self._next_sweep:
             self._next_sweep = now + min(self.SWEEP_INTERVAL, p.offload_after / 2)
             self.sweep(now)
+
+    def checkpoint(self, now: float) -> int:
+        """Save the sessions that had a record since they were due, in one transaction, and go on
+        with each from its saved copy (Mbed TLS resets a context it saves).  A session that cannot
+        be saved yet (no data since its handshake) is tried again after its next record."""
+        due, self._checkpoints = self._checkpoints, set()
+        wall_offset = self.wall() - now
+        rows: list[Row] = []
+        for peer in due:
+            session = self.sessions.get(peer)
+            if session is None:
+                continue
+            blob = freeze(session.buf)
+            buf = thaw(blob) if isinstance(blob, bytes) else None
+            if blob is Unsaved.NOT_YET:
+                continue
+            if buf is None:
+                log.warning("lost the session of %s while saving it", peer)
+                self.stats.sessions_lost += 1
+                del self.sessions[peer]
+                continue
+            assert isinstance(blob, bytes)
+            session.buf = buf
+            session.checkpoint_due = now + self.params.session_timeout / 2
+            device = session.device
+            tenant, name = (device.tenant, device.device) if device is not None else ("", "")
+            rows.append((peer_key(peer), blob, tenant, name, session.last_seen + wall_offset))
+        if rows and self.store.put(rows):
+            self.stats.checkpoints += len(rows)
+        return len(rows)
 
     def sweep(self, now: float, *, everything: bool = False) -> int:
         """Offload sessions idle past `offload_after` (all of them with `everything`, at shutdown)
@@ -506,7 +549,9 @@ class DtlsServer:
         if tenant and device is None:  # the device was removed while its session slept
             self.stats.sessions_expired += 1
             return None
-        buf = thaw(blob)
+        # the copy may be older than what this peer last heard from us (a checkpoint, before a
+        # crash): our record numbers must start past any we sent since (store.step_sequence)
+        buf = thaw(step_sequence(blob, self.wall()))
         if buf is None:  # a blob that does not restore is a lost session, no more
             self.stats.sessions_lost += 1
             return None

@@ -72,6 +72,45 @@ def thaw(blob: bytes) -> Any | None:
         return None
 
 
+#: record sequence numbers given per millisecond of wall clock at most (see `step_sequence`)
+SEQUENCE_PER_MS = 16
+_CONNECTION = b"\x8c\nconnection\x94"  # the pickled state's key before the saved context
+
+
+def step_sequence(blob: bytes, wall: float) -> bytes:
+    """The blob with its next outgoing record number moved up to 16 x (milliseconds since the
+    epoch), if that is more.
+
+    A session saved at a checkpoint and restored after a crash would number its records from the
+    checkpoint on, and the peer has seen higher numbers since: DTLS replay protection drops
+    those records (RFC 6347 4.1.2.6), so the device would hear nothing until it handshakes
+    again.  Numbers tied to the clock are past any this session sent before, at any restore,
+    as long as it sent fewer than 16 records per millisecond; 2^48 lasts until the year 2527.
+
+    Mbed TLS 2.28's saved context (`mbedtls_ssl_context_save`) ends with the outgoing counter
+    (epoch, 2 bytes; number, 6), the MTU (2) and the ALPN name (1 length byte, 0: CoAP uses
+    none).  A blob of another shape is returned as it is."""
+    at = blob.find(_CONNECTION)
+    if at < 0:
+        return blob
+    op = at + len(_CONNECTION)
+    if blob[op:op + 1] == b"C":
+        start, length = op + 2, blob[op + 1]
+    elif blob[op:op + 1] == b"B":
+        start, length = op + 5, int.from_bytes(blob[op + 1:op + 5], "little")
+    else:
+        return blob
+    end = start + length
+    if length < 11 or end > len(blob) or blob[end - 1] != 0:
+        return blob
+    counter = end - 11
+    number = int.from_bytes(blob[counter + 2:counter + 8], "big")
+    stepped = min(int(wall * 1000) * SEQUENCE_PER_MS, (1 << 48) - 1)
+    if stepped <= number:
+        return blob
+    return blob[:counter + 2] + stepped.to_bytes(6, "big") + blob[counter + 8:]
+
+
 def peer_key(peer: object) -> bytes:
     """A compact key for an address: packed IP + port (6 bytes for IPv4, 18 for IPv6)."""
     if isinstance(peer, tuple) and len(peer) >= 2:

@@ -250,7 +250,10 @@ class Management:
         return {(t, p): o for t, p, o in self._conn.execute("SELECT topic, partition, next_offset FROM bus_positions")}
 
     def set_position(self, topic: str, partition: int, next_offset: int) -> None:
-        self._write("INSERT OR REPLACE INTO bus_positions VALUES (?, ?, ?)", (topic, partition, next_offset))
+        """Never backwards: with `--workers` the records of one partition are applied by the workers
+        that hold their devices, and may finish out of order."""
+        self._write("INSERT INTO bus_positions VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE "
+                    "SET next_offset = max(next_offset, excluded.next_offset)", (topic, partition, next_offset))
 
     def forget(self, tenant: str, device: str) -> None:
         """A removed device's attributes, assignments and claim go with it."""

@@ -1,0 +1,252 @@
+"""The one admin HTTP port of `corem serve --workers N`, in front of the workers' private ones.
+
+- `/metrics`: every worker's samples (`GET /_worker/metrics`, JSON), summed by name and labels --
+  counters, gauges and histogram buckets alike -- except the families that describe the shared
+  registry (`metrics.SHARED`), taken from one worker; plus the supervisor's own (`corem_workers*`).
+- `/healthz`: the supervisor runs; `/readyz`: every worker is ready (each one's own /readyz).
+- `/api/devices/{tenant}/{device}...`: to the worker that holds the device (supervisor.py).  An
+  RPC for a device no worker has heard waits here, up to its timeout, for one to hear it.
+- `/api/status` and `/api/diagnostics/samples`: gathered from every worker into one answer.
+- everything else (registry, profiles, packages, the UI): to the first ready worker; after a
+  change that worked, every worker reloads the registry before the answer goes back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import unquote, urlencode
+
+import trio
+
+from ..admin import token as admin_token
+from ..admin.http import HttpError, HttpRequest, HttpServer, Reply, Route, json_reply
+from ..metrics import SHARED, render
+from ..stats import Histogram, Labels, Measurement, Sample, counter, gauge
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor, Worker
+
+log = logging.getLogger("corem.workers.front")
+
+#: seconds a forwarded request may take (an RPC waits for its device: the API caps that at 60 s)
+FORWARD_TIMEOUT = 90.0
+#: seconds a request waits for a worker to be ready (one that is starting again)
+READY_WAIT = 10.0
+#: headers of a worker's answer passed on
+PASSED = ("location", "retry-after", "www-authenticate")
+
+
+class Front:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.sup = supervisor
+        s = supervisor.settings
+        self.token = s.admin_token or admin_token.read_or_create(s.data_path)
+        self.http = HttpServer([
+            Route("GET", "/metrics", self.metrics, auth=False),
+            Route("GET", "/healthz", lambda r: Reply(200, b"ok\n", "text/plain"), auth=False),
+            Route("GET", "/readyz", self.readyz, auth=False),
+            Route("GET", "/api/status", self.status),
+            Route("GET", "/api/diagnostics/samples", self.samples),
+            Route("*", "*", self.forward, auth=False),  # the worker checks the token
+        ], admin_token=self.token, max_body=s.admin_max_body)
+
+    async def bind(self, host: str, port: int) -> tuple:
+        return await self.http.bind(host, port)
+
+    async def serve(self) -> None:
+        await self.http.serve()
+
+    # -- forwarding ------------------------------------------------------------------------------
+    async def _ready(self, index: int) -> Worker:
+        w = self.sup.workers[index]
+        with trio.move_on_after(READY_WAIT):
+            await w.ready.wait()
+        if w.http is None:
+            raise HttpError(503, f"worker {index} is starting again; retry")
+        return w
+
+    async def _first_ready(self) -> Worker:
+        for w in self.sup.workers:
+            if w.ready.is_set() and w.http is not None:
+                return w
+        return await self._ready(0)
+
+    async def forward(self, req: HttpRequest) -> Reply:
+        segments = [unquote(s) for s in req.path.strip("/").split("/")]
+        if len(segments) >= 4 and segments[:2] == ["api", "devices"]:
+            key = (segments[2], segments[3])
+            if req.method == "POST" and segments[4:] == ["rpc"] and key not in self.sup.homes:
+                await self._until_heard(key, req)
+            w = await self._ready(self.sup.holder(key, park=req.method not in ("GET", "HEAD")))
+        else:
+            w = await self._first_ready()
+        reply = await call(w.http, req.method, _target(req), req.body, _passed_request_headers(req.headers))
+        if req.method not in ("GET", "HEAD") and reply.status < 300:
+            await self.sup.refresh_all()  # every worker has the change before the caller goes on
+        return reply
+
+    async def _until_heard(self, key: tuple[str, str], req: HttpRequest) -> None:
+        """An RPC waits for its device, which only the worker that hears it can reach: wait here
+        (up to the RPC's own timeout) for a worker to hear it, then forward what is left."""
+        try:
+            timeout = float(json.loads(req.body).get("timeout", 10.0))
+        except (ValueError, AttributeError, TypeError):
+            return  # the worker names what is wrong with the body
+        waiter = self.sup.heard_waiters.setdefault(key, trio.Event())
+        with trio.move_on_after(max(0.0, min(timeout, FORWARD_TIMEOUT))):
+            await waiter.wait()
+
+    # -- gathered answers ------------------------------------------------------------------------
+    async def _from_all(self, method: str, target: str) -> list[Reply]:
+        """One answer from each ready worker (those that fail are left out), by worker index."""
+        return [r for _, r in sorted(await self._from_each(method, target), key=lambda ir: ir[0])]
+
+    async def _from_each(self, method: str, target: str) -> list[tuple[int, Reply]]:
+        replies: list[tuple[int, Reply]] = []
+
+        async def one(w: Worker) -> None:
+            try:
+                replies.append((w.index, await call(w.http, method, target, b"", {"authorization": f"Bearer {self.token}"})))
+            except (OSError, HttpError, trio.TooSlowError) as e:
+                log.warning("worker %d did not answer %s: %s", w.index, target, e)
+
+        async with trio.open_nursery() as nursery:
+            for w in self.sup.workers:
+                if w.http is not None:
+                    nursery.start_soon(one, w)
+        return [(i, r) for i, r in replies if r.status == 200]
+
+    async def metrics(self, req: HttpRequest) -> Reply:
+        each = sorted(await self._from_each("GET", "/_worker/metrics"), key=lambda ir: ir[0])
+        sources = [decode_samples(json.loads(r.body)) for _, r in each]
+        own = _Listed(list(self.own_metrics()))
+        for (index, _), samples in zip(each, sources):  # how the load spreads: labelled, not summed
+            own.samples.append(gauge("corem_worker_requests", sum(
+                m.value for m in samples if isinstance(m, Sample) and m.name == "corem_coap_requests"),
+                worker=str(index)))
+        parts: list[tuple[Any, dict[str, str]]] = [(_Listed(list(merge_shared(sources))), {}), (own, {})]
+        return Reply(200, render(lambda: parts), "text/plain; version=0.0.4; charset=utf-8")
+
+    def own_metrics(self) -> Iterator[Sample]:
+        yield gauge("corem_workers", sum(w.http is not None for w in self.sup.workers))
+        yield counter("corem_worker_restarts", self.sup.restarts)
+        for w in self.sup.workers:
+            yield gauge("corem_worker_up", float(w.http is not None), worker=str(w.index))
+
+    async def readyz(self, req: HttpRequest) -> Reply:
+        replies = await self._from_all("GET", "/readyz")
+        missing = self.sup.count - len(replies)
+        if missing:
+            return Reply(503, f"{missing} of {self.sup.count} workers not ready\n".encode(), "text/plain")
+        return Reply(200, b"ready\n", "text/plain")
+
+    async def status(self, req: HttpRequest) -> Reply:
+        return json_reply(merge_status([json.loads(r.body) for r in await self._from_all("GET", _target(req))]))
+
+    async def samples(self, req: HttpRequest) -> Reply:
+        got = [json.loads(r.body) for r in await self._from_all("GET", _target(req))]
+        limit = int(req.query.get("limit", "200")) if req.query.get("limit", "200").isdigit() else 200
+        merged = sorted((s for g in got for s in g.get("samples", [])), key=lambda s: s.get("at", 0), reverse=True)
+        return json_reply({**(got[0] if got else {}), "samples": merged[:limit]})
+
+
+class _Listed:
+    """Samples already gathered, as a component for `metrics.render`."""
+
+    def __init__(self, samples: list[Measurement]) -> None:
+        self.samples = samples
+
+    def metrics(self) -> list[Measurement]:
+        return self.samples
+
+
+def encode_samples(values: dict[str, dict[Labels, Any]]) -> list[list[Any]]:
+    """`metrics.gather`'s result as JSON: [name, labels, value] or [name, labels, bounds, counts, sum]."""
+    out: list[list[Any]] = []
+    for name, family in values.items():
+        for labels, v in family.items():
+            if isinstance(v, Histogram):
+                out.append([name, labels, list(v.bounds), list(v.counts), v.total])
+            else:
+                out.append([name, labels, v])
+    return out
+
+
+def decode_samples(rows: list[list[Any]]) -> list[Measurement]:
+    out: list[Measurement] = []
+    for row in rows:
+        name, labels = row[0], tuple((k, v) for k, v in row[1])
+        if len(row) == 5:
+            out.append(Histogram(name, tuple(row[2]), list(row[3]), row[4], labels))
+        else:
+            out.append(Sample(name, row[2], labels))
+    return out
+
+
+def merge_shared(sources: list[list[Measurement]]) -> Iterator[Measurement]:
+    """All workers' samples, but those of `SHARED` families from the first worker only (every
+    worker reads the same registry: a sum would count each device N times)."""
+    for i, samples in enumerate(sources):
+        for m in samples:
+            if i == 0 or m.name not in SHARED:
+                yield m
+
+
+def merge_status(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' `/api/status` as one: counts added, devices from all (most recent first), the
+    registry's size once."""
+    if not parts:
+        return {}
+    out = dict(parts[0])
+    for key in ("points", "rejections", "auth_failures", "bus_refusals", "requests", "online", "samples"):
+        out[key] = sum(p.get(key, 0) for p in parts)
+    out["bus"] = dict(parts[0]["bus"], pending=sum(p["bus"]["pending"] for p in parts),
+                      error=next((p["bus"]["error"] for p in parts if p["bus"]["error"]), None))
+    devices = sorted((d for p in parts for d in p["devices"]), key=lambda d: d.get("last_seen") or 0, reverse=True)
+    out["devices"] = devices[:max(len(p["devices"]) for p in parts)] if devices else []
+    dtls = [p["dtls"] for p in parts if p.get("dtls")]
+    if dtls:
+        failed: dict[str, int] = {}
+        for d in dtls:
+            for reason, n in d["failed"].items():
+                failed[reason] = failed.get(reason, 0) + n
+        out["dtls"] = {k: sum(d[k] for d in dtls) for k in ("live", "offloaded", "handshaking", "completed")}
+        out["dtls"]["failed"] = failed
+    out["workers"] = len(parts)
+    return out
+
+
+def _target(req: HttpRequest) -> str:
+    return req.path + ("?" + urlencode(req.query) if req.query else "")
+
+
+def _passed_request_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k in ("authorization", "content-type", "accept")}
+
+
+async def call(port: int | None, method: str, target: str, body: bytes, headers: dict[str, str]) -> Reply:
+    """One request to a worker's private HTTP port (HTTP/1.1, one per connection, as it serves)."""
+    if port is None:
+        raise HttpError(503, "worker not ready")
+    head = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with trio.fail_after(FORWARD_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(head.encode() + body)
+            chunks = []
+            while chunk := await stream.receive_some(1 << 16):
+                chunks.append(chunk)
+    raw = b"".join(chunks)
+    top, _, payload = raw.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ")[1])
+    except (IndexError, ValueError):
+        raise HttpError(503, "a worker gave no answer (restarting?); retry") from None
+    got = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return Reply(status, payload, got.get("content-type", "application/octet-stream"),
+                 {k.title(): v for k, v in got.items() if k in PASSED})
+

@@ -1,0 +1,137 @@
+"""A worker's side of `corem serve --workers N`: what it inherits and what it tells the supervisor.
+
+A worker is a whole corem `Server` on sockets it inherits (the supervisor binds them, so they and
+their queued datagrams outlive the worker) and with its admin HTTP on a private loopback port that
+only the supervisor's front uses.  Between the two runs one SOCK_SEQPACKET pair, one JSON object
+per packet:
+
+  worker -> supervisor   {"ready": {"http": port}}         serving
+                         {"here": [[tenant, device], ...]}  first heard here (downlink routing)
+                         {"refreshed": n}                   registry reloaded for request n
+                         {"handover": {"device", "to", "state"}}   queues of a device that moved
+                         {"command": {...}}                 a commands.{tenant} record (worker 0)
+  supervisor -> worker   {"refresh": n}                     reload the registry now, answer n
+                         {"moved": [tenant, device], "to": k}   the device is heard by worker k now
+                         {"adopt": {"device", "state"}}     take these queues over
+                         {"command": {...}}                 apply a commands record for its device
+
+If the supervisor goes away (its end of the pair closes) the worker stops as on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from ..registry import Device
+    from ..server import Server
+
+log = logging.getLogger("corem.worker")
+
+#: the environment variable that carries a worker's spec
+ENV = "COREM_WORKER"
+#: how often a worker tells the supervisor of the devices it heard first (seconds)
+ANNOUNCE_EVERY = 0.02
+#: devices per "here" packet (a packet stays well under the socket's buffer)
+ANNOUNCE_CHUNK = 2000
+
+
+@dataclass
+class WorkerSpec:
+    index: int
+    count: int
+    control: int  # fd of this worker's end of the pair
+    fds: dict[str, int] = field(default_factory=dict)  # "coap" / "coaps" -> fd of its UDP socket
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def loads(cls, text: str) -> WorkerSpec:
+        return cls(**json.loads(text))
+
+    def socket(self, listener: str) -> socket.socket | None:
+        """The inherited UDP socket of `listener` ("coap", "coaps"), if this server has it."""
+        fd = self.fds.get(listener)
+        if fd is None:
+            return None
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        return sock
+
+
+class Link:
+    """The worker's end of the control pair."""
+
+    def __init__(self, spec: WorkerSpec, server: Server) -> None:
+        self.spec = spec
+        self.server = server
+        self.sock = trio.socket.from_stdlib_socket(socket.socket(fileno=spec.control))
+        self._heard: list[list[str]] = []
+        self._outbox: list[dict[str, Any]] = []
+        self._sending = trio.Lock()
+
+    def first_sight(self, device: Device) -> None:
+        """Downlink's hook: this device was heard here for the first time (sent in a batch)."""
+        self._heard.append([device.tenant, device.device])
+
+    def post(self, message: dict[str, Any]) -> None:
+        """Send `message` soon (from synchronous code on the event loop)."""
+        self._outbox.append(message)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self._sending:
+            await self.sock.send(json.dumps(message, separators=(",", ":")).encode())
+
+    async def run(self, http: tuple | None) -> None:
+        """Say ready, then announce and obey until cancelled or the supervisor goes."""
+        await self.send({"ready": {"http": http[1] if http else None, "pid": os.getpid()}})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._announce)
+            await self._obey()
+            nursery.cancel_scope.cancel()
+
+    async def _announce(self) -> None:
+        while True:
+            await trio.sleep(ANNOUNCE_EVERY)
+            outbox, self._outbox = self._outbox, []
+            for message in outbox:
+                await self.send(message)
+            while self._heard:
+                chunk, self._heard = self._heard[:ANNOUNCE_CHUNK], self._heard[ANNOUNCE_CHUNK:]
+                await self.send({"here": chunk})
+
+    async def _obey(self) -> None:
+        server = self.server
+        while True:
+            try:
+                data = await self.sock.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                log.warning("worker %d: the supervisor is gone; stopping", self.spec.index)
+                server.stop()
+                return
+            message = json.loads(data)
+            if "refresh" in message:
+                await server.reload_registry()
+                await self.send({"refreshed": message["refresh"]})
+            elif "moved" in message:
+                tenant, device = message["moved"]
+                state = server.downlink.moved(tenant, device)
+                if state is not None:
+                    await self.send({"handover": {"device": [tenant, device], "to": message["to"], "state": state}})
+            elif "adopt" in message:
+                tenant, name = message["adopt"]["device"]
+                device = server.directory.named(tenant, name)
+                if device is not None:
+                    server.downlink.adopt(device, message["adopt"]["state"])
+            elif "command" in message:
+                server.apply_command_record(**message["command"])

@@ -1,0 +1,296 @@
+"""`corem serve --workers N`: N worker processes, one server to the outside.
+
+The supervisor
+- binds every UDP listener N times on one port (SO_REUSEPORT) and steers each peer to one socket
+  (steer.py).  It keeps all the sockets for its whole life and hands socket i to worker i: a
+  worker that dies and restarts gets the same socket back, with the datagrams that queued on it
+  meanwhile, and so the same peers;
+- starts the workers (`python -m corem.workers`), restarts one that exits (0.1 s, doubling to 5 s
+  while it keeps dying young), and stops them on SIGTERM -- each commits and answers what it
+  accepted and saves its DTLS sessions, as a single `corem serve` does;
+- serves the one admin HTTP port (front.py): /metrics summed over the workers, the admin API and
+  the UI forwarded to them, each device's downlink to the worker that holds the device;
+- answers the CLI's registry nudges for the data dir and relays them to every worker.
+
+Which worker holds a device: the one that last announced hearing it first (link.py).  When a
+device's datagrams move to another worker (its address changed), that worker announces it, and
+the supervisor tells the old one, which hands over what it queued for the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from ..config import ConfigError, Settings
+from ..net.udp import bind_udp
+from ..registry import nudge as registry_nudge
+from ..server import Bound, lock_data_dir
+from . import steer
+from .link import ENV, WorkerSpec
+
+log = logging.getLogger("corem.workers")
+
+#: seconds a worker is given to finish (commit, answer, save sessions) after SIGTERM
+STOP_GRACE = 30.0
+#: a worker that ran at least this long before exiting is restarted at once (not backed off)
+HEALTHY_UPTIME = 10.0
+MAX_BACKOFF = 5.0
+
+Key = tuple[str, str]
+
+
+@dataclass
+class Worker:
+    index: int
+    process: trio.Process | None = None
+    control: trio.socket.SocketType | None = None
+    raw: socket.socket | None = None  # the same socket, for sends that do not wait
+    http: int | None = None  # its private admin port, once ready
+    pid: int | None = None
+    starts: int = 0
+    ready: trio.Event = field(default_factory=trio.Event)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        data = settings.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_data_dir(data)
+        self.groups: dict[str, list[socket.socket]] = {}
+        self.steered: dict[str, bool] = {}
+        self.bound = Bound()
+        try:
+            for key in ("coap", "coaps"):
+                address = settings.listener(key)
+                if address is not None:
+                    self.groups[key] = self._group(key, *address)
+                    setattr(self.bound, key, self.groups[key][0].getsockname())
+        except BaseException:
+            self._close()
+            raise
+        self.workers = [Worker(i) for i in range(count)]
+        #: which worker holds each device it heard (see the module docstring)
+        self.homes: dict[Key, int] = {}
+        #: devices not heard by any worker when a downlink came for them: it went to worker 0
+        self.parked: set[Key] = set()
+        #: devices an RPC waits to hear from (front.py parks RPCs for devices nobody heard)
+        self.heard_waiters: dict[Key, trio.Event] = {}
+        self.restarts = 0
+        self._refreshes: dict[int, tuple[set[int], trio.Event]] = {}
+        self._refresh_ids = 0
+        self._stopping = False
+        self._stop = trio.Event()
+        from .front import Front
+
+        self.front = Front(self)
+
+    def _group(self, key: str, host: str, port: int) -> list[socket.socket]:
+        """N sockets on one port (the first may pick it), steered by peer."""
+        group: list[socket.socket] = []
+        try:
+            for _ in range(self.count):
+                group.append(bind_udp(host, port, reuse_port=True))
+                port = group[0].getsockname()[1]
+        except OSError as e:
+            for s in group:
+                s.close()
+            raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+        self.steered[key] = steer.attach(group[0], self.count)
+        if not self.steered[key]:
+            log.warning("%s: the kernel refused the steering program; its own hash steers peers", key)
+        return group
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the workers -----------------------------------------------------------------------------
+    def _spec(self, w: Worker, control: int) -> WorkerSpec:
+        return WorkerSpec(w.index, self.count, control, {k: g[w.index].fileno() for k, g in self.groups.items()})
+
+    def _environment(self, spec: WorkerSpec) -> dict[str, str]:
+        settings = asdict(self.settings)
+        settings.update(http="127.0.0.1:0", workers="1")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COREM_")}
+        env[ENV] = spec.dumps()
+        env["COREM_WORKER_SETTINGS"] = json.dumps(settings)
+        return env
+
+    async def _keep(self, w: Worker) -> None:
+        """Run worker `w`; start it again whenever it exits, until the supervisor stops."""
+        backoff = 0.1
+        while not self._stopping:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            spec = self._spec(w, theirs.fileno())
+            try:
+                w.process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "corem.workers"], env=self._environment(spec),
+                    pass_fds=(theirs.fileno(), *spec.fds.values()))
+            finally:
+                theirs.close()
+            w.starts += 1
+            w.raw, w.control = mine, trio.socket.from_stdlib_socket(mine)
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, w)
+                await w.process.wait()
+                nursery.cancel_scope.cancel()
+            w.control.close()
+            w.control, w.raw, w.http, w.pid, w.ready = None, None, None, None, trio.Event()
+            for waiting, done in list(self._refreshes.values()):  # nobody to wait for there now
+                waiting.discard(w.index)
+                if not waiting:
+                    done.set()
+            if self._stopping:
+                return
+            self.restarts += 1
+            code = w.process.returncode or 0
+            backoff = 0.1 if trio.current_time() - started >= HEALTHY_UPTIME else min(backoff * 2, MAX_BACKOFF)
+            log.warning("worker %d exited (%s); starting it again in %.1f s", w.index,
+                        f"signal {-code}" if code < 0 else f"status {code}", backoff)
+            await trio.sleep(backoff)
+
+    async def _listen(self, w: Worker) -> None:
+        assert w.control is not None
+        while True:
+            data = await w.control.recv(1 << 20)
+            if not data:
+                return
+            self._heard_from(w, json.loads(data))
+
+    def _heard_from(self, w: Worker, message: dict[str, Any]) -> None:
+        if "ready" in message:
+            w.http, w.pid = message["ready"]["http"], message["ready"]["pid"]
+            w.ready.set()
+            log.info("worker %d ready (pid %d)", w.index, w.pid)
+        elif "here" in message:
+            for tenant, device in message["here"]:
+                self._arrived((tenant, device), w.index)
+        elif "refreshed" in message:
+            pending = self._refreshes.get(message["refreshed"])
+            if pending is not None:
+                pending[0].discard(w.index)
+                if not pending[0]:
+                    pending[1].set()
+        elif "handover" in message:
+            handover = message["handover"]
+            self.post(handover["to"], {"adopt": {"device": handover["device"], "state": handover["state"]}})
+        elif "command" in message:
+            record = message["command"]
+            self.post(self.holder(_command_device(record), park=True), {"command": record})
+
+    def _arrived(self, key: Key, index: int) -> None:
+        before = self.homes.get(key)
+        self.homes[key] = index
+        if before is None and key in self.parked:
+            self.parked.discard(key)
+            before = 0
+        if before is not None and before != index:
+            self.post(before, {"moved": list(key), "to": index})
+        waiter = self.heard_waiters.pop(key, None)
+        if waiter is not None:
+            waiter.set()
+
+    def holder(self, key: Key | None, *, park: bool) -> int:
+        """The worker that holds the device; worker 0 for one nobody heard (with `park`, it is
+        remembered, so that what worker 0 queues follows the device when another worker hears it)."""
+        if key is None:
+            return 0
+        index = self.homes.get(key)
+        if index is None:
+            if park:
+                self.parked.add(key)
+            return 0
+        return index
+
+    def post(self, index: int, message: dict[str, Any]) -> None:
+        """Send `message` to worker `index` if it runs (a worker that is starting again lost what
+        it held anyway)."""
+        raw = self.workers[index].raw
+        if raw is None:
+            return
+        try:
+            raw.send(json.dumps(message, separators=(",", ":")).encode(), socket.MSG_DONTWAIT)
+        except OSError as e:
+            log.warning("worker %d: could not pass a message on (%s)", index, e)
+
+    async def refresh_all(self) -> None:
+        """Every running worker reloads the registry; returns when all have (or have exited)."""
+        self._refresh_ids += 1
+        n = self._refresh_ids
+        waiting = {w.index for w in self.workers if w.control is not None and w.ready.is_set()}
+        done = trio.Event()
+        if not waiting:
+            return
+        self._refreshes[n] = (waiting, done)
+        for i in list(waiting):
+            self.post(i, {"refresh": n})
+        with trio.move_on_after(registry_nudge.WAIT):
+            await done.wait()
+        del self._refreshes[n]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for w in self.workers:
+                    nursery.start_soon(self._keep, w)
+                http = self.settings.listener("http")
+                if http is not None:
+                    self.bound.http = await self.front.bind(*http)
+                    nursery.start_soon(self.front.serve)
+                await nursery.start(registry_nudge.serve, self.settings.data_path, self._nudged)
+                for w in self.workers:
+                    await w.ready.wait()
+                log.info("started %d workers coap=%s coaps=%s http=%s (peers steered by %s)", self.count,
+                         self.bound.coap, self.bound.coaps, self.bound.http,
+                         "corem's program" if all(self.steered.values()) else "the kernel's hash")
+                task_status.started(self.bound)
+                await self._stop.wait()
+                log.info("stopping %d workers", self.count)
+                self._stopping = True
+                with trio.move_on_after(STOP_GRACE) as grace:
+                    for w in self.workers:
+                        if w.process is not None and w.process.returncode is None:
+                            w.process.send_signal(signal.SIGTERM)
+                    for w in self.workers:
+                        if w.process is not None:
+                            await w.process.wait()
+                if grace.cancelled_caught:
+                    for w in self.workers:
+                        if w.process is not None and w.process.returncode is None:
+                            log.error("worker %d did not stop in %.0f s: killed", w.index, STOP_GRACE)
+                            w.process.kill()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._close()
+            log.info("stopped")
+
+    async def _nudged(self, force: bool = False) -> None:
+        await self.refresh_all()
+
+    def _close(self) -> None:
+        for group in self.groups.values():
+            for s in group:
+                s.close()
+        os.close(self._lock)
+
+
+def _command_device(record: dict[str, Any]) -> Key | None:
+    """The device a commands.{tenant} record is for (None if it names none: any worker answers)."""
+    try:
+        device = json.loads(bytes.fromhex(record["value"])).get("device")
+    except (ValueError, AttributeError):
+        return None
+    tenant = record["topic"].split(".", 1)[-1]
+    return (tenant, device) if isinstance(device, str) else None
