@@ -154,6 +154,7 @@ class Server:
         if worker is not None:
             self.link = Link(worker, self)
             self.downlink.on_first_sight = self.link.first_sight
+            self.downlink.forward_reply = self.link.forward_reply
             self.downlink.number_ids(worker.index + 1, worker.count)
         #: downlink requests from other systems on `commands.{tenant}` (Kafka only: the embedded
         #: bus has no other writers; there the admin API and CLI are the way in).  With workers,

@@ -201,7 +201,8 @@ def exchange(endpoint, router, msg, peer=("192.0.2.9", 5683)):
     return decode(data)
 
 
-def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 8.0) -> bytes | None:
+def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 8.0,
+         sock: socket.socket | None = None) -> bytes | None:
     """One CON POST /api/v1/{token}/telemetry as a device would send it: retransmitted every
     second, answered piggybacked (ACK, same mid) or separately (CON with our CoAP token, which
     is ACKed).  Returns the response message."""
@@ -209,7 +210,7 @@ def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 8.0) 
     ctoken = mid.to_bytes(4, "big")
     msg = (bytes((0x44, 0x02, (mid >> 8) & 0xFF, mid & 0xFF)) + ctoken + b"\xb3api\x02v1" + bytes((len(tok),)) + tok
            + b"\x09telemetry\x11\x3c\xff" + payload)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1.0)
     try:
         deadline = time.monotonic() + timeout
@@ -232,4 +233,5 @@ def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 8.0) 
                     break
         return None
     finally:
-        s.close()
+        if sock is None:
+            s.close()

@@ -9,7 +9,7 @@ from mbedtls import tls
 from mbedtls.exceptions import TLSError
 
 from corem.dtls import DtlsParams, DtlsServer, PskStore, SessionStore
-from corem.dtls.store import peer_key
+from corem.dtls.store import freeze, peer_key, step_sequence, thaw
 from corem.registry import Device
 
 from .dtls_udp_client import psk_client_buffer
@@ -289,3 +289,67 @@ def test_offloaded_blob_carries_no_key_material_of_the_store():
     srv.sweep(100.0)
     [blob] = srv.store.blobs()
     assert b"another-devices-key" not in blob and KEY not in blob and b"other" not in blob
+
+
+def _crash_after_a_checkpoint(tmp_path, step):
+    """A session saved at its first record, used on, then its server gone without a word (a
+    crash, a killed worker): a new server on the same store takes it up."""
+    import corem.dtls.server as server_module
+
+    path = tmp_path / "sessions.db"
+    lookup = lambda t, d: DEVICE  # noqa: E731
+    old = DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(path), device_lookup=lookup)
+    c = Client()
+    assert c.handshake(old)
+    assert c.send(old, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
+    old.tick(1.1)
+    assert old.stats.checkpoints == 1 and len(old.store) == 1
+    for i in range(5):  # the device hears record numbers past the checkpoint's
+        assert c.send(old, b"\x40\x02\x00\x02b", now=2.0 + i) == [b"\x40\x02\x00\x02b"]
+        assert c.receive(old.wrap(b"\x60\x44\x00\x02", PEER)) == b"\x60\x44\x00\x02"
+    new = DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(path), device_lookup=lookup)
+    if not step:
+        server_module.step_sequence = lambda blob, wall: blob
+    try:
+        assert c.send(new, b"\x40\x02\x00\x03c", now=10.0) == [b"\x40\x02\x00\x03c"]
+        assert new.stats.restored == 1 and new.stats.handshakes_completed == 0
+        record = new.wrap(b"\x60\x44\x00\x03", PEER)
+    finally:
+        server_module.step_sequence = step_sequence
+    try:
+        return c.receive(record)
+    except tls.WantReadError:
+        return None  # Mbed TLS dropped the record
+
+
+def test_a_session_checkpointed_before_a_crash_is_taken_up_and_the_device_hears_us(tmp_path):
+    assert _crash_after_a_checkpoint(tmp_path, step=True) == b"\x60\x44\x00\x03"
+
+
+def test_without_the_sequence_step_the_device_would_drop_our_records_as_replays(tmp_path):
+    """Why `step_sequence` exists: the checkpoint numbers records from before what the device saw."""
+    assert _crash_after_a_checkpoint(tmp_path, step=False) in (None, b"")
+
+
+def test_the_sequence_step_moves_only_the_outgoing_counter_and_never_back():
+    srv = server()
+    c = Client()
+    assert c.handshake(srv)
+    c.send(srv, b"\x40\x02\x00\x01a")
+    blob = freeze(srv.sessions[PEER].buf)
+    stepped = step_sequence(blob, 1_800_000_000.0)
+    assert len(stepped) == len(blob) and stepped != blob
+    diff = [i for i in range(len(blob)) if blob[i] != stepped[i]]
+    assert max(diff) - min(diff) < 6  # within the 6-byte record number
+    assert step_sequence(stepped, 1_700_000_000.0) == stepped  # an earlier clock: unchanged
+    assert step_sequence(b"not a session", 1e9) == b"not a session"
+    assert thaw(stepped) is not None
+
+
+def test_checkpoints_can_be_turned_off():
+    srv = server(checkpoint=False)
+    c = Client()
+    assert c.handshake(srv)
+    c.send(srv, b"\x40\x02\x00\x01a")
+    srv.tick(2.0)
+    assert srv.stats.checkpoints == 0 and len(srv.store) == 0

@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlencode
 import trio
 
 from ..admin import token as admin_token
+from ..admin.api import STATUS_DEVICES
 from ..admin.http import HttpError, HttpRequest, HttpServer, Reply, Route, json_reply
 from ..metrics import SHARED, render
 from ..stats import Histogram, Labels, Measurement, Sample, counter, gauge
@@ -205,7 +206,7 @@ def merge_status(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out["bus"] = dict(parts[0]["bus"], pending=sum(p["bus"]["pending"] for p in parts),
                       error=next((p["bus"]["error"] for p in parts if p["bus"]["error"]), None))
     devices = sorted((d for p in parts for d in p["devices"]), key=lambda d: d.get("last_seen") or 0, reverse=True)
-    out["devices"] = devices[:max(len(p["devices"]) for p in parts)] if devices else []
+    out["devices"] = devices[:STATUS_DEVICES]
     dtls = [p["dtls"] for p in parts if p.get("dtls")]
     if dtls:
         failed: dict[str, int] = {}

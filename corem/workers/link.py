@@ -10,10 +10,12 @@ per packet:
                          {"refreshed": n}                   registry reloaded for request n
                          {"handover": {"device", "to", "state"}}   queues of a device that moved
                          {"command": {...}}                 a commands.{tenant} record (worker 0)
+                         {"rpc_reply": {"device", "id", "response"}}  a reply to another worker's RPC
   supervisor -> worker   {"refresh": n}                     reload the registry now, answer n
                          {"moved": [tenant, device], "to": k}   the device is heard by worker k now
                          {"adopt": {"device", "state"}}     take these queues over
                          {"command": {...}}                 apply a commands record for its device
+                         {"rpc_reply": {...}}               the reply to one of this worker's RPCs
 
 If the supervisor goes away (its end of the pair closes) the worker stops as on SIGTERM.
 """
@@ -82,6 +84,11 @@ class Link:
         """Downlink's hook: this device was heard here for the first time (sent in a batch)."""
         self._heard.append([device.tenant, device.device])
 
+    def forward_reply(self, device: Device, rpc_id: int, response: Any) -> None:
+        """Downlink's hook: a device answered an RPC that another worker sent (it talks to us from
+        another address now); the supervisor passes it to that worker."""
+        self.post({"rpc_reply": {"device": [device.tenant, device.device], "id": rpc_id, "response": response}})
+
     def post(self, message: dict[str, Any]) -> None:
         """Send `message` soon (from synchronous code on the event loop)."""
         self._outbox.append(message)
@@ -135,3 +142,8 @@ class Link:
                     server.downlink.adopt(device, message["adopt"]["state"])
             elif "command" in message:
                 server.apply_command_record(**message["command"])
+            elif "rpc_reply" in message:
+                reply = message["rpc_reply"]
+                device = server.directory.named(*reply["device"])
+                if device is not None:
+                    server.downlink.reply(device, reply["id"], reply["response"])

@@ -185,6 +185,8 @@ class Supervisor:
         elif "handover" in message:
             handover = message["handover"]
             self.post(handover["to"], {"adopt": {"device": handover["device"], "state": handover["state"]}})
+        elif "rpc_reply" in message:  # to the worker that numbered the RPC (downlink.number_ids)
+            self.post((message["rpc_reply"]["id"] - 1) % self.count, message)
         elif "command" in message:
             record = message["command"]
             self.post(self.holder(_command_device(record), park=True), {"command": record})

@@ -1,0 +1,331 @@
+"""`corem serve --workers N` with real processes: the steering program on real sockets, two
+workers on one port, a worker killed with SIGKILL and started again (no acknowledged reading lost,
+no new DTLS handshake), downlink through the one admin port to whichever worker holds the device."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import cbor2
+import pytest
+
+from corem.bus.sqlite import EmbeddedBus, read_records
+from corem.bus.base import Record
+from corem.net.udp import bind_udp
+from corem.workers import steer
+from corem.workers.front import decode_samples, encode_samples, merge_shared, merge_status
+from corem.metrics import gather
+from corem.stats import Histogram, Sample
+
+from .conftest import COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, needs_libcoap, post, start_corem
+
+CBOR = 60
+
+
+# -- the steering program ----------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_kernel_steers_each_peer_to_the_socket_the_model_names(host):
+    n = 3
+    first = bind_udp(host, 0, reuse_port=True)
+    port = first.getsockname()[1]
+    group = [first] + [bind_udp(host, port, reuse_port=True) for _ in range(n - 1)]
+    clients = []
+    try:
+        assert steer.attach(first, n)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(90):
+            c = socket.socket(family, socket.SOCK_DGRAM)
+            c.bind((host, 0))
+            clients.append(c)
+            for _ in range(2):  # twice: a peer lands where it landed before
+                c.sendto(b"x", (host, port))
+        time.sleep(0.2)
+        landed: dict[tuple, list[int]] = {}
+        for i, s in enumerate(group):
+            while True:
+                try:
+                    _, peer = s.recvfrom(16)
+                except BlockingIOError:
+                    break
+                landed.setdefault(peer[:2], []).append(i)
+        assert len(landed) == 90
+        assert all(where == [steer.worker_for(peer, n)] * 2 for peer, where in landed.items())
+        spread = Counter(where[0] for where in landed.values())
+        assert len(spread) == n and min(spread.values()) >= 15  # every socket serves
+    finally:
+        for s in group + clients:
+            s.close()
+
+
+def test_the_model_reads_v4_mapped_addresses_as_ipv4():
+    assert steer.worker_for(("::ffff:10.1.2.3", 5683, 0, 0), 7) == steer.worker_for(("10.1.2.3", 5683), 7)
+
+
+def port_for(worker: int, n: int, family=socket.AF_INET) -> socket.socket:
+    """A client socket on loopback whose datagrams the server gives to `worker`."""
+    while True:
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        if steer.worker_for(s.getsockname(), n) == worker:
+            return s
+        s.close()
+
+
+# -- pieces of the front, alone ------------------------------------------------------------------
+def test_samples_travel_as_json_and_add_up_histograms_included():
+    h = Histogram("corem_sink_batch_size", (1.0, 10.0), [1, 2, 3], 40.0)
+    one = gather([(_Fixed([Sample("corem_coap_requests", 5, (("code", "2.04"),)), h]), {"transport": "udp"})])
+    two = gather([(_Fixed([Sample("corem_coap_requests", 7, (("code", "2.04"),)), h]), {"transport": "udp"})])
+    sources = [decode_samples(encode_samples(one)), decode_samples(encode_samples(two))]
+    merged = gather([(_Fixed(list(merge_shared(sources))), {})])
+    assert merged["corem_coap_requests"] == {(("transport", "udp"), ("code", "2.04")): 12.0}
+    [hist] = merged["corem_sink_batch_size"].values()
+    assert isinstance(hist, Histogram) and hist.counts == [2, 4, 6] and hist.total == 80.0
+
+
+def test_the_registry_size_is_counted_once_not_per_worker():
+    a = [Sample("corem_registry_devices", 100), Sample("corem_coap_requests", 1)]
+    b = [Sample("corem_registry_devices", 100), Sample("corem_coap_requests", 2)]
+    merged = gather([(_Fixed(list(merge_shared([a, b]))), {})])
+    assert merged["corem_registry_devices"] == {(): 100.0} and merged["corem_coap_requests"] == {(): 3.0}
+
+
+def test_status_of_the_workers_merges_into_one():
+    def part(points, devices, live, failed):
+        return {"points": points, "rejections": 0, "auth_failures": 1, "bus_refusals": 0, "requests": points,
+                "online": len(devices), "samples": 0, "registered": 5, "bus": {"name": "embedded", "pending": 1,
+                                                                                  "error": None},
+                "devices": devices, "dtls": {"live": live, "offloaded": 0, "handshaking": 0, "completed": live,
+                                             "failed": failed}}
+    merged = merge_status([part(3, [{"device": "a", "last_seen": 5}], 1, {"bad_mac": 1}),
+                           part(4, [{"device": "b", "last_seen": 9}], 2, {"bad_mac": 2, "timeout": 1})])
+    assert merged["points"] == 7 and merged["auth_failures"] == 2 and merged["registered"] == 5
+    assert [d["device"] for d in merged["devices"]] == ["b", "a"] and merged["bus"]["pending"] == 2
+    assert merged["dtls"] == {"live": 3, "offloaded": 0, "handshaking": 0, "completed": 3,
+                              "failed": {"bad_mac": 3, "timeout": 1}}
+    assert merged["workers"] == 2
+
+
+class _Fixed:
+    def __init__(self, samples):
+        self.samples = samples
+
+    def metrics(self):
+        return self.samples
+
+
+def test_writers_sharing_the_embedded_bus_keep_one_sequence_of_offsets(tmp_path):
+    """Two workers' buses on one file: offsets are taken at commit, so none repeats or is skipped."""
+    buses = [EmbeddedBus(tmp_path / "bus.db", synchronous="NORMAL", shared=True) for _ in range(2)]
+    for b in buses:
+        b.open()
+    for i in range(10):
+        bus = buses[i % 2]
+        rows = bus.prepare([Record(f"telemetry.raw.t{i % 3}", b"d", b"v%d" % i, {}) for _ in range(1 + i % 4)])
+        bus.write_prepared(rows)
+    for b in buses:
+        b.close_sync()
+    offsets = [r.offset for r in read_records(tmp_path / "bus.db")]
+    assert offsets == list(range(1, 1 + sum(1 + i % 4 for i in range(10))))
+
+
+# -- real processes ----------------------------------------------------------------------------
+def worker_pids(server) -> dict[int, int]:
+    """Each worker's latest pid, from the supervisor's log."""
+    return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) ready \(pid (\d+)\)", server.stderr())}
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def workers(data_dir):
+    server = start_corem(data_dir, "--workers", "2")
+    yield server
+    server.stop()
+
+
+def test_two_workers_serve_one_port_and_keep_each_peer(workers):
+    devices = [port_for(i % 2, 2) for i in range(16)]
+    try:
+        for rnd in range(2):
+            for i, s in enumerate(devices):
+                answer = post(workers.coap_port, "T0KEN-1", cbor2.dumps({"n": i, "round": rnd}), 100 * rnd + i, sock=s)
+                assert answer is not None and answer[1] == 0x44  # 2.04
+        m = workers.metrics()
+        # each worker served exactly its peers' requests, both rounds: no peer moved
+        assert m['corem_worker_requests{worker="0"}'] == 16 and m['corem_worker_requests{worker="1"}'] == 16
+        assert m['corem_coap_requests_total{transport="udp"}'] == 32
+        assert m["corem_registry_devices"] == 2  # the shared registry, counted once
+        assert m["corem_workers"] == 2 and m["corem_worker_restarts_total"] == 0
+        points = workers.points("acme")
+        assert sorted((p["numeric_values"]["round"], p["numeric_values"]["n"]) for p in points) == [
+            (r, n) for r in (0.0, 1.0) for n in map(float, range(16))]
+        offsets = [r.offset for r in read_records(workers.data_dir / "bus.db", "telemetry.raw.")]
+        assert len(offsets) == 32 and len(set(offsets)) == 32  # one log, no offset given twice
+        status, body = workers.api("GET", "/api/status")
+        assert status == 200 and body["workers"] == 2 and body["points"] == 32
+    finally:
+        for s in devices:
+            s.close()
+
+
+def test_a_device_added_through_the_api_is_known_to_every_worker_at_once(workers):
+    status, _ = workers.api("POST", "/api/devices", {"tenant": "acme", "device": "new-1", "token": "NEW-TOKEN"})
+    assert status == 201
+    for w in (0, 1):  # straight away, on both: the front reloads every worker before it answers
+        s = port_for(w, 2)
+        try:
+            answer = post(workers.coap_port, "NEW-TOKEN", cbor2.dumps({"w": w}), 7, sock=s, timeout=1.5)
+            assert answer is not None and answer[1] == 0x44
+        finally:
+            s.close()
+
+
+def test_a_killed_worker_is_started_again_and_no_acknowledged_reading_is_lost(workers):
+    devices = [port_for(i % 2, 2) for i in range(8)]
+    acked: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def device(i: int, s: socket.socket) -> None:
+        n = 0
+        while not stop.is_set() and n < 40:
+            answer = post(workers.coap_port, "T0KEN-1", cbor2.dumps({"d": i, "n": n}), 1000 + n, sock=s, timeout=20)
+            if answer is not None and answer[1] == 0x44:
+                acked.append((i, n))
+            n += 1
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=device, args=(i, s)) for i, s in enumerate(devices)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(acked) >= 40, what="readings before the kill")
+        victim = worker_pids(workers)[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: worker_pids(workers).get(1) not in (None, victim), what="worker 1 started again")
+        for t in threads:
+            t.join(120)
+        assert len(acked) == 8 * 40  # every device got every answer: the restarted worker took them up
+        stored = {(int(p["numeric_values"]["d"]), int(p["numeric_values"]["n"])) for p in workers.points("acme")}
+        assert set(acked) <= stored  # no reading answered 2.04 is missing
+        m = workers.metrics()
+        assert m["corem_worker_restarts_total"] == 1 and m["corem_workers"] == 2
+        assert "worker 1 exited (signal 9)" in workers.stderr()
+    finally:
+        stop.set()
+        for s in devices:
+            s.close()
+
+
+def test_a_dtls_session_on_a_killed_worker_goes_on_without_a_handshake(workers):
+    from .dtls_udp_client import DtlsUdpClient
+
+    probe = port_for(1, 2)
+    source = probe.getsockname()[1]
+    probe.close()
+    client = DtlsUdpClient(workers.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode(), source_port=source)
+    try:
+        client.handshake()
+        assert client.post(["telemetry"], cbor2.dumps({"seq": 1})).code == 68
+        wait_for(lambda: workers.metrics()["corem_dtls_sessions_checkpointed_total"] >= 1, what="a checkpoint")
+        assert client.post(["telemetry"], cbor2.dumps({"seq": 2})).code == 68  # after it: newer numbers
+        victim = worker_pids(workers)[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: worker_pids(workers).get(1) not in (None, victim), what="worker 1 started again")
+        # the same session, restored from the store by the new process: we can read its answers
+        assert client.post(["telemetry"], cbor2.dumps({"seq": 3})).code == 68
+        assert client.post(["telemetry"], cbor2.dumps({"seq": 4})).code == 68
+        m = workers.metrics()
+        assert m["corem_dtls_handshakes_completed_total"] == 0  # (the dead worker's one is gone with it)
+        assert m["corem_dtls_sessions_restored_total"] == 1
+        assert sorted(p["numeric_values"]["seq"] for p in workers.points("acme")) == [1.0, 2.0, 3.0, 4.0]
+    finally:
+        client.close()
+
+
+@needs_libcoap
+@pytest.mark.parametrize("binary", DTLS_CLIENTS)
+def test_libcoap_dtls_devices_keep_their_session_across_a_killed_worker(workers, tmp_path, binary):
+    """coap-client with -G: one DTLS session, a reading a second; its worker is killed midway."""
+    payload = tmp_path / "r.cbor"
+    payload.write_bytes(cbor2.dumps({"t": 21.5}))
+    probe = port_for(1, 2)
+    source = probe.getsockname()[1]
+    probe.close()
+    device = subprocess.Popen(
+        [binary, "-v", "6", "-B", "60", "-G", "8", "-p", str(source), "-u", SPEC_IDENTITY, "-k", SPEC_KEY,
+         "-m", "post", "-t", "60", "-f", str(payload), f"coaps://127.0.0.1:{workers.coaps_port}/telemetry"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(workers.points("acme")) >= 3 and workers.metrics()[
+            "corem_dtls_sessions_checkpointed_total"] >= 1, what="readings and a checkpoint")
+        victim = worker_pids(workers)[1]
+        os.kill(victim, signal.SIGKILL)
+        out, _ = device.communicate(timeout=90)
+    finally:
+        if device.poll() is None:
+            device.kill()
+    assert len(re.findall(r"c:2\.04", out)) == 8, out[-2000:]
+    assert len(workers.points("acme")) == 8
+    m = workers.metrics()
+    assert m["corem_dtls_handshakes_completed_total"] == 0 and m["corem_dtls_sessions_restored_total"] == 1
+
+
+@needs_libcoap
+def test_downlink_reaches_the_worker_that_holds_the_device(workers):
+    """A device observing its attributes and RPCs from a peer on worker 1; the API call goes in at
+    the one admin port; the device answers the RPC from a new port (another worker)."""
+    probe = port_for(1, 2)
+    source = probe.getsockname()[1]
+    probe.close()
+    base = f"{workers.coap}/api/v1/T0KEN-1"
+    observer = subprocess.Popen([COAP_CLIENT, "-s", "8", "-p", str(source), "-m", "get", f"{base}/rpc"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: sum(v for k, v in workers.metrics().items()
+                             if k.startswith("corem_coap_observers{")) >= 1, what="the observation")
+        result = {}
+        caller = threading.Thread(target=lambda: result.update(r=workers.api(
+            "POST", "/api/devices/acme/sensor-1/rpc", {"method": "reboot", "timeout": 20})))
+        caller.start()
+        wait_for(lambda: workers.metrics().get("corem_downlink_rpc_delivered_total", 0) >= 1, what="delivery")
+        out, _ = observer.communicate(timeout=30)
+        rpc_id = int(re.search(r'\{"id":(\d+),"method":"reboot"', out).group(1))
+        assert (rpc_id - 1) % 2 == 1  # numbered by worker 1, which holds the device
+        for w in (0, 1):  # answered from the other worker's side, then its own: both reach worker 1
+            replier = port_for(1 - w, 2) if w == 0 else port_for(1, 2)
+            port = replier.getsockname()[1]
+            replier.close()
+            reply = subprocess.run([COAP_CLIENT, "-B", "10", "-p", str(port), "-m", "post", "-t", "50", "-e",
+                                    '{"ok":true}', f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
+            assert reply.returncode == 0
+            if w == 0:
+                caller.join(30)
+                assert result["r"] == (200, {"id": rpc_id, "status": "replied", "response": {"ok": True}})
+    finally:
+        if observer.poll() is None:
+            observer.kill()
+
+
+def test_sigterm_stops_every_worker_and_the_supervisor(data_dir):
+    server = start_corem(data_dir, "--workers", "2")
+    pids = wait_for(lambda: len(worker_pids(server)) == 2 and worker_pids(server), what="two workers")
+    assert server.stop() == 0
+    for pid in pids.values():
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert "corem: stopped" in server.proc.stdout.read().decode()
