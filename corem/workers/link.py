@@ -27,13 +27,24 @@ import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Protocol
 
 import trio
 
 if TYPE_CHECKING:
-    from ..registry import Device
-    from ..server import Server
+    from ..devices.downlink import Downlink
+    from ..registry import Device, Directory
+
+
+class Served(Protocol):
+    """What the link needs of its worker's server (corem.server.Server)."""
+
+    downlink: Downlink
+    directory: Directory
+
+    def stop(self) -> None: ...
+    def reload_registry(self) -> Awaitable[None]: ...
+    def apply_command_record(self, topic: str, partition: int, offset: int, value: str) -> None: ...
 
 log = logging.getLogger("corem.worker")
 
@@ -72,7 +83,7 @@ class WorkerSpec:
 class Link:
     """The worker's end of the control pair."""
 
-    def __init__(self, spec: WorkerSpec, server: Server) -> None:
+    def __init__(self, spec: WorkerSpec, server: Served) -> None:
         self.spec = spec
         self.server = server
         self.sock = trio.socket.from_stdlib_socket(socket.socket(fileno=spec.control))
