@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 UV     := uv==0.13.9
 
-.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls bench-import fuzz soak clean lock test-latest
+.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers fuzz soak clean lock test-latest
 
 $(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,10 @@ deps: $(STAMP)
 # Debian packages the interop tests and benchmarks use: libcoap's real clients and servers, the
 # openssl CLI (test certificates), gcc (the C decoder and the load generator), chromium and its
 # chromedriver (the diagnostics UI's browser test), protoc (the protobuf profiles' schemas are
-# checked against the descriptors it makes, and its classes encode the test payloads).
-DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler
+# checked against the descriptors it makes, and its classes encode the test payloads), PostgreSQL
+# (the shared DTLS session store of several nodes), nftables and conntrack (the kernel's UDP load
+# balancer in front of two nodes).
+DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
@@ -36,6 +38,9 @@ sysdeps:
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	command -v protoc >/dev/null 2>&1 || missing="$$missing protobuf-compiler"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
+	command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || missing="$$missing conntrack"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (Debian)"; \
@@ -86,6 +91,9 @@ clean:
 
 bench-import: $(STAMP)
 	$(PY) bench/import_bench.py
+
+bench-workers: $(STAMP)
+	$(PY) bench/workers_bench.py --kafka
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py

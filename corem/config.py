@@ -125,6 +125,11 @@ def _workers(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {n} must be 1 to 1024")
 
 
+def _session_store(key: str, v: Any) -> None:
+    if v and not str(v).startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{key}: {v!r} is not a postgresql:// URL (empty: SQLite in the data dir)")
+
+
 def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -160,6 +165,11 @@ class Settings:
         "on", "save each DTLS session to the session store once it carries data, so that a crash, a killed "
         "worker or another node takes it up without a handshake; 'off': saved only when idle or at shutdown",
         _choice("on", "off"),
+    )
+    dtls_session_store: str = _opt(
+        "", "where DTLS sessions are saved: empty = data_dir/dtls-sessions.db (SQLite, this node); "
+        "postgresql://user@host/db = shared by every node, so a device keeps its session when its node is lost",
+        _session_store,
     )
     http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
     data_dir: str = _opt("data", "directory for the registry and the embedded bus")

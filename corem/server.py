@@ -6,6 +6,7 @@ import fcntl
 import gc
 import logging
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -104,6 +105,11 @@ def _bind_or_explain(key: str, host: str, port: int):
         return bind_udp(host, port)
     except OSError as e:
         raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password, for messages."""
+    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def lock_data_dir(data: Path) -> int:
@@ -336,13 +342,22 @@ class Server:
             PskStore(self.directory.psk_device),
             s.dtls_params(),
             cert_lookup=self.directory.cert_device,
-            store=SessionStore(self.settings.data_path / SESSIONS_FILE),
+            store=self._session_store(),
             device_lookup=self.directory.named,
             on_new_session=new_session,
         )
         if dtls.offloaded:
             log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
         return dtls
+
+    def _session_store(self) -> SessionStore:
+        where = self.settings.dtls_session_store
+        try:
+            return SessionStore(where or self.settings.data_path / SESSIONS_FILE)
+        except Exception as e:  # psycopg's OperationalError: the database is not there
+            if not where:
+                raise
+            raise ConfigError(f"dtls_session_store: cannot use {_redacted(where)}: {e}") from None
 
     def _close_listeners(self) -> None:
         for t in self.transports:

@@ -41,6 +41,7 @@ Peer = Hashable
 #: (the stubs say `_handshake_state` is an int; it is this enum member)
 HANDSHAKE_OVER: Any = tls.HandshakeStep.HANDSHAKE_OVER
 CONTENT_HANDSHAKE = 22
+CONTENT_APPLICATION_DATA = 23
 CLIENT_HELLO = 1  # handshake message type, the byte after the 13-byte record header
 
 #: Bytes asked of Mbed TLS per read; a record's plaintext is read in as many as it takes.
@@ -131,6 +132,12 @@ def _no_device(identity: str) -> None:
     return None
 
 
+#: shared store: seconds before a peer with no saved session is asked for again, and how many
+#: such peers are remembered at most
+MISS_TTL = 5.0
+MAX_MISSES = 100_000
+
+
 class Session:
     __slots__ = ("buf", "device", "established", "started", "last_seen", "checkpoint_due")
 
@@ -204,7 +211,12 @@ class DtlsServer:
         self._next_store_warning = 0.0
         self.device_lookup = device_lookup or (lambda tenant, device: None)
         self.wall = wall
-        self.offloaded: set[bytes] = set(self.store.keys())
+        #: (a shared store -- PostgreSQL, several nodes -- is asked per unknown peer instead:
+        #: another node may have saved a session for it at any time)
+        self.offloaded: set[bytes] = set() if self.store.shared else set(self.store.keys())
+        #: shared store: peers just asked for in vain, and when to ask again (a flood of records
+        #: from unknown addresses costs one query per address per MISS_TTL, not one per datagram)
+        self._missed: OrderedDict[bytes, float] = OrderedDict()
         self._now = 0.0
         extra: dict[str, Any] = {}
         if p.cert_file is not None:
@@ -255,7 +267,10 @@ class DtlsServer:
             return self._hello(data, peer, now)  # a new handshake (replacing any old session)
         session = self.sessions.get(peer)
         if session is None:
-            session = self._restore(peer, now) if self.offloaded else None
+            if self.store.shared:
+                session = self._fetch(peer, now) if data[0] == CONTENT_APPLICATION_DATA else None
+            else:
+                session = self._restore(peer, now) if self.offloaded else None
             if session is None:
                 stats.records_dropped += 1  # no session to decrypt it with
                 return []
@@ -292,7 +307,7 @@ class DtlsServer:
         # the cookie was valid: the peer has a handshake in progress (replacing an old session,
         # and its saved copy, offloaded or a checkpoint)
         key = peer_key(peer)
-        if self.sessions.pop(peer, None) is not None or key in self.offloaded:
+        if self.sessions.pop(peer, None) is not None or key in self.offloaded or self.store.shared:
             self.offloaded.discard(key)
             self.store.discard(key)
         self.handshakes[peer] = session
@@ -536,9 +551,25 @@ class DtlsServer:
             self.sessions[peer] = session
             self.sessions.move_to_end(peer, last=False)
 
-    def _restore(self, peer: Peer, now: float | None) -> Session | None:
+    def _fetch(self, peer: Peer, now: float) -> Session | None:
+        """A shared store: the session another node (or this one) saved for this peer, if any."""
         key = peer_key(peer)
-        if key not in self.offloaded:
+        missed = self._missed
+        if missed.get(key, 0.0) > now:
+            return None
+        session = self._restore(peer, now, known=False)
+        if session is None:
+            missed[key] = now + MISS_TTL
+            missed.move_to_end(key)
+            while len(missed) > MAX_MISSES or (missed and next(iter(missed.values())) <= now):
+                missed.popitem(last=False)
+        else:
+            missed.pop(key, None)
+        return session
+
+    def _restore(self, peer: Peer, now: float | None, known: bool = True) -> Session | None:
+        key = peer_key(peer)
+        if known and key not in self.offloaded:
             return None
         self.offloaded.discard(key)
         row = self.store.take(key)

@@ -1,0 +1,202 @@
+"""Several nodes sharing a real PostgreSQL session store: a DTLS session saved by one node is
+taken up by another -- in process (two DtlsServers), and as real processes behind nginx's UDP
+load balancer (the kernel's NAT, which keeps the device's address) with libcoap's
+coap-client-openssl, one node killed while the device posts."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import cbor2
+import pytest
+
+from corem.dtls import DtlsServer, PskStore, SessionStore
+
+from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, start_corem
+from .postgres_server import Postgres, binaries
+from .test_dtls import DEVICE, IDENTITY, PEER, Client
+
+pytestmark = pytest.mark.skipif(
+    binaries() is None and os.environ.get("CI") != "true",
+    reason="PostgreSQL is not installed (Debian's postgresql; `make test` installs it as root)",
+)
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = Postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store_url(pg):
+    import psycopg
+
+    with psycopg.connect(pg.url, autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS corem_dtls_sessions")
+    return pg.url
+
+
+def test_the_postgresql_store_keeps_takes_and_expires_sessions(store_url):
+    store = SessionStore(store_url)
+    try:
+        assert store.shared and len(store) == 0
+        assert store.put([(b"peer-1", b"blob-1", "acme", "d1", 100.0), (b"peer-2", b"blob-2", "acme", "d2", 200.0)])
+        assert store.put([(b"peer-1", b"blob-1b", "acme", "d1", 150.0)])  # the newer one replaces it
+        assert sorted(store.keys()) == [b"peer-1", b"peer-2"] and sorted(store.blob_sizes()) == [6, 7]
+        assert store.take(b"peer-1") == (b"peer-1", b"blob-1b", "acme", "d1", 150.0)
+        assert store.take(b"peer-1") is None
+        assert store.expire(250.0) == [b"peer-2"] and len(store) == 0
+    finally:
+        store.close()
+
+
+def test_a_lost_database_connection_is_counted_and_made_again(store_url):
+    import psycopg
+
+    store = SessionStore(store_url)
+    try:
+        pid = store._conn.info.backend_pid
+        with psycopg.connect(store_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)
+        assert not store.put([(b"p", b"b", "t", "d", 1.0)])  # the write that found it gone
+        assert store.errors == 1 and store.last_error
+        assert store.put([(b"p", b"b", "t", "d", 1.0)])  # on a new connection
+        assert store.last_error is None and len(store) == 1
+    finally:
+        store.close()
+
+
+def node(store_url: str) -> DtlsServer:
+    return DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(store_url),
+                      device_lookup=lambda t, d: DEVICE)
+
+
+def test_a_session_saved_by_one_node_is_taken_up_by_another(store_url):
+    a, b = node(store_url), node(store_url)
+    c = Client()
+    assert c.handshake(a)
+    assert c.send(a, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
+    a.tick(1.1)  # the checkpoint
+    assert c.receive(a.wrap(b"\x60\x44\x00\x01", PEER)) == b"\x60\x44\x00\x01"
+    # node a is gone; the balancer sends the device's next record to node b
+    assert c.send(b, b"\x40\x02\x00\x02b", now=5.0) == [b"\x40\x02\x00\x02b"]
+    assert b.stats.restored == 1 and b.stats.handshakes_completed == 0 and b.device(PEER) == DEVICE
+    assert c.receive(b.wrap(b"\x60\x44\x00\x02", PEER)) == b"\x60\x44\x00\x02"
+
+
+def test_records_from_unknown_peers_cost_one_query_per_address_not_per_datagram(store_url):
+    b = node(store_url)
+    record = bytes([23, 0xFE, 0xFD, 0, 1]) + bytes(6) + b"\x00\x10" + bytes(16)
+    calls = []
+    take = b.store.take
+    b.store.take = lambda key: calls.append(key) or take(key)  # type: ignore[method-assign]
+    for _ in range(50):
+        assert b.receive(record, ("192.0.2.1", 4000), now=1.0) == []
+    assert len(calls) == 1 and b.stats.records_dropped == 50
+    b.receive(record, ("192.0.2.1", 4000), now=7.0)  # past MISS_TTL: asked again
+    assert len(calls) == 2
+
+
+NFT = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+CONNTRACK = shutil.which("conntrack") or ("/usr/sbin/conntrack" if os.path.exists("/usr/sbin/conntrack") else None)
+
+
+class Balancer:
+    """A UDP load balancer in the kernel's NAT (nftables; LVS-NAT does the same): a virtual port
+    whose flows are spread over the nodes by a hash of the device's address and port, which the
+    nodes see unchanged.  `lose(port)` is what a health check does when a node dies: its flows go
+    to the nodes left (the rule is rewritten and the node's conntrack entries dropped)."""
+
+    def __init__(self, listen: int, nodes: list[int]) -> None:
+        self.table = f"corem_test_{os.getpid()}_{listen}"
+        self.listen = listen
+        self._apply(nodes, create=True)
+
+    def _apply(self, nodes: list[int], create: bool = False) -> None:
+        targets = ", ".join(f"{i} : 127.0.0.1 . {p}" for i, p in enumerate(nodes))
+        rules = ("" if create else f"flush table ip {self.table}\n") + f"""
+table ip {self.table} {{
+  chain out {{
+    type nat hook output priority -100; policy accept;
+    ip daddr 127.0.0.1 udp dport {self.listen} dnat ip to jhash ip saddr . udp sport mod {len(nodes)} map {{ {targets} }}
+  }}
+}}
+"""
+        subprocess.run([NFT, "-f", "-"], input=rules, text=True, check=True, capture_output=True)
+
+    def lose(self, dead: int, left: list[int]) -> None:
+        self._apply(left)
+        subprocess.run([CONNTRACK, "-D", "-p", "udp", "--reply-port-src", str(dead)], capture_output=True)
+
+    def close(self) -> None:
+        subprocess.run([NFT, "delete", "table", "ip", self.table], capture_output=True)
+
+
+def _nft_works() -> bool:
+    if NFT is None or CONNTRACK is None:
+        return False
+    probe = subprocess.run([NFT, "add", "table", "ip", f"corem_probe_{os.getpid()}"], capture_output=True)
+    subprocess.run([NFT, "delete", "table", "ip", f"corem_probe_{os.getpid()}"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _nft_works(), reason="nftables and conntrack (Debian: nftables, conntrack) as root are needed")
+@pytest.mark.skipif(shutil.which("coap-client-openssl") is None and os.environ.get("CI") != "true",
+                    reason="libcoap3-bin is not installed")
+def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
+    """Two corem nodes behind the kernel's UDP balancer; coap-client-openssl posts a reading a
+    second in one DTLS session; the node holding it is killed (SIGKILL: no last save); the
+    readings go on through the other node with no handshake."""
+    from tests.kafka_broker import free_tcp_port
+
+    nodes = []
+    for name in ("a", "b"):
+        data = tmp_path / name
+        corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-7", "--psk-identity", SPEC_IDENTITY,
+                  "--psk", SPEC_KEY, data_dir=data)
+        nodes.append(start_corem(data, "--dtls-session-store", store_url))
+    listen = free_tcp_port()  # (a free TCP port number is as good a guess for UDP on loopback)
+    balancer = Balancer(listen, [n.coaps_port for n in nodes])
+    payload = tmp_path / "r.cbor"
+    payload.write_bytes(cbor2.dumps({"t": 21.5}))
+    device = None
+    try:
+        device = subprocess.Popen(
+            ["coap-client-openssl", "-v", "6", "-B", "90", "-G", "10", "-u", SPEC_IDENTITY, "-k", SPEC_KEY,
+             "-m", "post", "-t", "60", "-f", str(payload), f"coaps://127.0.0.1:{listen}/telemetry"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        holder = None
+        while holder is None and time.monotonic() < deadline:
+            for n in nodes:
+                if n.metrics()["corem_dtls_sessions_checkpointed_total"] >= 1 and len(n.points("acme")) >= 3:
+                    holder = n
+            time.sleep(0.2)
+        assert holder is not None, "no node took the device's readings"
+        other = nodes[1 - nodes.index(holder)]
+        assert holder.metrics()["corem_dtls_handshakes_completed_total"] == 1
+        holder.proc.send_signal(signal.SIGKILL)  # the node is lost: no shutdown, no last save
+        holder.proc.wait(10)
+        balancer.lose(holder.coaps_port, [other.coaps_port])
+        out, _ = device.communicate(timeout=120)
+        assert len(re.findall(r"c:2\.04", out)) == 10, out[-3000:]
+        assert "Identity Hint" not in out.split("c:2.04", 4)[-1]  # (no second handshake in the client's log)
+        m = other.metrics()
+        assert m["corem_dtls_handshakes_completed_total"] == 0  # the session went on: no handshake
+        assert m["corem_dtls_sessions_restored_total"] == 1
+        assert len(holder.points("acme")) + len(other.points("acme")) >= 10  # all in one node's bus or the other's
+    finally:
+        if device is not None and device.poll() is None:
+            device.kill()
+        balancer.close()
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.stop()
