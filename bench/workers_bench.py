@@ -39,12 +39,13 @@ TICK = os.sysconf("SC_CLK_TCK")
 def tree(pid: int) -> list[int]:
     """`pid` and its descendants (the supervisor and its workers)."""
     out = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return out
-    for c in children:
-        out += tree(int(c))
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # any thread may have started a child (Trio's do)
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for c in children:
+            out += tree(int(c))
     return out
 
 

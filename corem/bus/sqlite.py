@@ -63,8 +63,7 @@ class EmbeddedBus(BatchingSink):
         conn.execute(f"PRAGMA synchronous={self.synchronous}")  # validated in __init__
         conn.executescript(SCHEMA)
         self._conn = conn
-        row = self._conn.execute("SELECT max(base_offset + count) FROM batches").fetchone()
-        self._next_offset = row[0] or 1
+        self._next_offset = _next_offset(conn)
 
     def prepare(self, records: list[Record]) -> list[tuple[int, str, int, bytes, int]]:
         """Group by topic and encode each group as one batch row (runs on the event loop: cheap)."""
@@ -89,7 +88,7 @@ class EmbeddedBus(BatchingSink):
         conn.execute("BEGIN IMMEDIATE" if self.shared else "BEGIN")
         try:
             if self.shared:
-                rows = _rebased(rows, conn.execute("SELECT max(base_offset + count) FROM batches").fetchone()[0] or 1)
+                rows = _rebased(rows, _next_offset(conn))
             conn.executemany(
                 "INSERT INTO batches (base_offset, topic, count, records, appended_at) VALUES (?, ?, ?, ?, ?)", rows
             )
@@ -105,6 +104,12 @@ class EmbeddedBus(BatchingSink):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _next_offset(conn: sqlite3.Connection) -> int:
+    """The offset the next record gets: the last batch's end (found by the rowid, not a scan)."""
+    row = conn.execute("SELECT base_offset + count FROM batches ORDER BY base_offset DESC LIMIT 1").fetchone()
+    return row[0] if row else 1
 
 
 def _rebased(rows: list[tuple[int, str, int, bytes, int]], base: int) -> list[tuple[int, str, int, bytes, int]]:

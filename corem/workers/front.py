@@ -63,14 +63,14 @@ class Front:
     async def _ready(self, index: int) -> Worker:
         w = self.sup.workers[index]
         with trio.move_on_after(READY_WAIT):
-            await w.ready.wait()
+            await w.wait_ready()
         if w.http is None:
             raise HttpError(503, f"worker {index} is starting again; retry")
         return w
 
     async def _first_ready(self) -> Worker:
         for w in self.sup.workers:
-            if w.ready.is_set() and w.http is not None:
+            if w.ready:
                 return w
         return await self._ready(0)
 

@@ -25,7 +25,7 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import trio
@@ -57,7 +57,15 @@ class Worker:
     http: int | None = None  # its private admin port, once ready
     pid: int | None = None
     starts: int = 0
-    ready: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def ready(self) -> bool:
+        return self.http is not None
+
+    async def wait_ready(self) -> None:
+        """Until this worker -- this process or the one started after it -- serves."""
+        while self.http is None:
+            await trio.sleep(0.02)
 
 
 class Supervisor:
@@ -67,6 +75,11 @@ class Supervisor:
         data = settings.data_path
         data.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(data)
+        try:
+            _prepare_files(settings)
+        except BaseException:
+            os.close(self._lock)
+            raise
         self.groups: dict[str, list[socket.socket]] = {}
         self.steered: dict[str, bool] = {}
         self.bound = Bound()
@@ -146,7 +159,7 @@ class Supervisor:
                 await w.process.wait()
                 nursery.cancel_scope.cancel()
             w.control.close()
-            w.control, w.raw, w.http, w.pid, w.ready = None, None, None, None, trio.Event()
+            w.control, w.raw, w.http, w.pid = None, None, None, None
             for waiting, done in list(self._refreshes.values()):  # nobody to wait for there now
                 waiting.discard(w.index)
                 if not waiting:
@@ -171,7 +184,6 @@ class Supervisor:
     def _heard_from(self, w: Worker, message: dict[str, Any]) -> None:
         if "ready" in message:
             w.http, w.pid = message["ready"]["http"], message["ready"]["pid"]
-            w.ready.set()
             log.info("worker %d ready (pid %d)", w.index, w.pid)
         elif "here" in message:
             for tenant, device in message["here"]:
@@ -230,7 +242,7 @@ class Supervisor:
         """Every running worker reloads the registry; returns when all have (or have exited)."""
         self._refresh_ids += 1
         n = self._refresh_ids
-        waiting = {w.index for w in self.workers if w.control is not None and w.ready.is_set()}
+        waiting = {w.index for w in self.workers if w.control is not None and w.ready}
         done = trio.Event()
         if not waiting:
             return
@@ -253,7 +265,7 @@ class Supervisor:
                     nursery.start_soon(self.front.serve)
                 await nursery.start(registry_nudge.serve, self.settings.data_path, self._nudged)
                 for w in self.workers:
-                    await w.ready.wait()
+                    await w.wait_ready()
                 log.info("started %d workers coap=%s coaps=%s http=%s (peers steered by %s)", self.count,
                          self.bound.coap, self.bound.coaps, self.bound.http,
                          "corem's program" if all(self.steered.values()) else "the kernel's hash")
@@ -286,6 +298,29 @@ class Supervisor:
             for s in group:
                 s.close()
         os.close(self._lock)
+
+
+def _prepare_files(settings: Settings) -> None:
+    """Create the data dir's databases (and switch them to WAL) before the workers start: N
+    processes making one new SQLite file at once collide ('database is locked')."""
+    import sqlite3
+
+    from ..bus.sqlite import EmbeddedBus
+    from ..dtls.store import SessionStore
+    from ..registry import Registry
+    from ..server import SESSIONS_FILE
+
+    data = settings.data_path
+    try:
+        Registry(data / "registry.db").close()
+        if not settings.dtls_session_store:
+            SessionStore(data / SESSIONS_FILE).close()
+        if settings.bus == "embedded":
+            bus = EmbeddedBus(data / "bus.db", synchronous=settings.store_synchronous)
+            bus.open()
+            bus.close_sync()
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"data_dir: cannot prepare {data}: {e}") from None
 
 
 def _command_device(record: dict[str, Any]) -> Key | None:
