@@ -392,3 +392,41 @@ def test_readiness_and_metrics_come_from_librdkafka(broker, data_dir):
         wait_for(200)
     finally:
         server.stop()
+
+
+def test_with_workers_a_commands_record_reaches_the_worker_holding_its_device(broker, tmp_path):
+    """`--workers 2` on Kafka: worker 0 reads commands.{tenant}; a shared attribute for a device
+    observing through worker 1 is applied by worker 1, and the result is on the results topic."""
+    import subprocess
+
+    from corem.workers import steer
+
+    from .conftest import COAP_CLIENT, corem_cli
+    from .test_workers import port_for
+
+    if COAP_CLIENT is None:
+        pytest.skip("libcoap3-bin is not installed")
+    tenant = unique_topic_tenant()
+    data = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", tenant, "--device", "d1", "--token", f"tok-{tenant}", data_dir=data)
+    server = start_corem(data, "--bus", f"kafka://{broker.bootstrap}", "--kafka-commands-refresh", "0.3",
+                         "--workers", "2")
+    probe = port_for(1, 2)
+    source = probe.getsockname()[1]
+    probe.close()
+    assert steer.worker_for(("127.0.0.1", source), 2) == 1
+    try:
+        observer = subprocess.Popen([COAP_CLIENT, "-s", "6", "-p", str(source), "-m", "get",
+                                     f"{server.coap}/api/v1/tok-{tenant}/attributes"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 10
+        while not server.metrics().get('corem_coap_observers{transport="udp"}') and time.monotonic() < deadline:
+            time.sleep(0.05)
+        produce(broker.bootstrap, f"commands.{tenant}", [json.dumps(
+            {"device": "d1", "type": "attributes", "values": {"interval": 15}, "request_id": "w1"}).encode()])
+        [result] = [json.loads(m.value) for m in consume(broker.bootstrap, f"commands.results.{tenant}", 1, timeout=20)]
+        assert result["request_id"] == "w1" and result["delivery"] == "delivered"  # by the worker it observes
+        out, _ = observer.communicate(timeout=20)
+        assert '{"interval":15}' in out
+    finally:
+        server.stop()

@@ -329,3 +329,40 @@ def test_sigterm_stops_every_worker_and_the_supervisor(data_dir):
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
     assert "corem: stopped" in server.proc.stdout.read().decode()
+
+
+@needs_libcoap
+def test_an_rpc_for_a_device_no_worker_has_heard_waits_for_one_to_hear_it(workers):
+    base = f"{workers.coap}/api/v1/T0KEN-1"
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(r=workers.api(
+        "POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 20})))
+    caller.start()
+    time.sleep(1.0)  # the call waits at the front: no worker has heard the device
+    assert "r" not in result
+    probe = port_for(1, 2)
+    source = probe.getsockname()[1]
+    probe.close()
+    observer = subprocess.Popen([COAP_CLIENT, "-s", "5", "-p", str(source), "-m", "get", f"{base}/rpc"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = observer.communicate(timeout=30)
+        rpc_id = int(re.search(r'\{"id":(\d+),"method":"ping"', out).group(1))
+        assert (rpc_id - 1) % 2 == 1  # sent by worker 1, which heard the device
+        reply = subprocess.run([COAP_CLIENT, "-B", "10", "-m", "post", "-t", "50", "-e", '"pong"',
+                                f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
+        assert reply.returncode == 0
+        caller.join(30)
+        assert result["r"] == (200, {"id": rpc_id, "status": "replied", "response": "pong"})
+    finally:
+        if observer.poll() is None:
+            observer.kill()
+
+
+def test_an_rpc_for_a_silent_device_expires_after_its_own_timeout(workers):
+    started = time.monotonic()
+    status, body = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 1})
+    assert status == 504 and body["status"] == "expired"
+    assert time.monotonic() - started < 2.5  # once, at the front; not again at the worker
+    status, _ = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 1}, token="bad")
+    assert status == 401  # an unauthenticated call is not held at the front

@@ -168,7 +168,7 @@ class HttpServer:
                 allowed.append(route.method)
                 continue
             self.requests += 1
-            if route.auth and not self._authorized(headers):  # before reading a body it may not send
+            if route.auth and not self.authorized(headers):  # before reading a body it may not send
                 self.unauthorized += 1
                 return _error(401, "authorization: missing or wrong admin token (Authorization: Bearer TOKEN)",
                               {"WWW-Authenticate": "Bearer"}), method
@@ -200,7 +200,8 @@ class HttpServer:
         yield counter("corem_admin_requests", self.requests)
         yield counter("corem_admin_unauthorized", self.unauthorized)
 
-    def _authorized(self, headers: dict[str, str]) -> bool:
+    def authorized(self, headers: dict[str, str]) -> bool:
+        """Does the request carry the admin token?"""
         scheme, _, token = headers.get("authorization", "").partition(" ")
         return bool(self.admin_token) and scheme.lower() == "bearer" and secrets.compare_digest(
             token.strip().encode(), self.admin_token.encode()

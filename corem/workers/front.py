@@ -76,28 +76,38 @@ class Front:
 
     async def forward(self, req: HttpRequest) -> Reply:
         segments = [unquote(s) for s in req.path.strip("/").split("/")]
+        body = req.body
         if len(segments) >= 4 and segments[:2] == ["api", "devices"]:
             key = (segments[2], segments[3])
-            if req.method == "POST" and segments[4:] == ["rpc"] and key not in self.sup.homes:
-                await self._until_heard(key, req)
+            if (req.method == "POST" and segments[4:] == ["rpc"] and key not in self.sup.homes
+                    and self.http.authorized(req.headers)):
+                body = await self._until_heard(key, body)
             w = await self._ready(self.sup.holder(key, park=req.method not in ("GET", "HEAD")))
         else:
             w = await self._first_ready()
-        reply = await call(w.http, req.method, _target(req), req.body, _passed_request_headers(req.headers))
+        try:
+            reply = await call(w.http, req.method, _target(req), body, _passed_request_headers(req.headers))
+        except (OSError, trio.TooSlowError) as e:  # the worker died meanwhile, or hangs
+            raise HttpError(503, f"worker {w.index} did not answer ({e}); retry") from None
         if req.method not in ("GET", "HEAD") and reply.status < 300:
             await self.sup.refresh_all()  # every worker has the change before the caller goes on
         return reply
 
-    async def _until_heard(self, key: tuple[str, str], req: HttpRequest) -> None:
+    async def _until_heard(self, key: tuple[str, str], body: bytes) -> bytes:
         """An RPC waits for its device, which only the worker that hears it can reach: wait here
-        (up to the RPC's own timeout) for a worker to hear it, then forward what is left."""
+        (up to the RPC's own timeout) for a worker to hear it; the body then says what is left
+        of the timeout (nothing left: the worker expires the RPC, as it would have)."""
         try:
-            timeout = float(json.loads(req.body).get("timeout", 10.0))
+            request = json.loads(body)
+            timeout = float(request.get("timeout", 10.0))
         except (ValueError, AttributeError, TypeError):
-            return  # the worker names what is wrong with the body
+            return body  # the worker names what is wrong with the body
         waiter = self.sup.heard_waiters.setdefault(key, trio.Event())
+        started = trio.current_time()
         with trio.move_on_after(max(0.0, min(timeout, FORWARD_TIMEOUT))):
             await waiter.wait()
+        request["timeout"] = max(0.001, timeout - (trio.current_time() - started))
+        return json.dumps(request).encode()
 
     # -- gathered answers ------------------------------------------------------------------------
     async def _from_all(self, method: str, target: str) -> list[Reply]:
