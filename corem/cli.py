@@ -113,11 +113,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # -- devices -----------------------------------------------------------------------------------
-_REGISTRY_KEYS = ["data_dir"]
+_REGISTRY_KEYS = ["data_dir", "registry"]
 
 
 def _registry(args: argparse.Namespace) -> Registry:
-    return Registry(_settings(args, _REGISTRY_KEYS).data_path / "registry.db")
+    return Registry(_settings(args, _REGISTRY_KEYS).registry_location())
+
+
+def _nudge(reg: Registry) -> None:
+    """A running server on this registry reloads now (PostgreSQL: its NOTIFY has told every node)."""
+    if reg.path is not None:
+        nudge(reg.path.parent)
 
 
 @contextlib.contextmanager
@@ -145,7 +151,7 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
             args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
             cert_sha256=cert, power_mode=args.power_mode, topics=args.topics, gateways=args.gateways,
         )
-    nudge(reg.path.parent)  # a running server has it when this returns
+    _nudge(reg)  # a running server has it when this returns
     creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256)) if have]
     print(f"added {d.tenant}/{d.device} profile={d.profile} credentials={','.join(creds) or 'none'}")
     return 0
@@ -177,7 +183,7 @@ def cmd_devices_remove(args: argparse.Namespace) -> int:
     with _opened(args) as reg:
         removed = reg.remove_device(args.tenant, args.device)
     if removed:
-        nudge(reg.path.parent)
+        _nudge(reg)
     if not removed:
         print(f"corem: device {args.tenant}/{args.device} not found", file=sys.stderr)
         return 1
@@ -202,7 +208,7 @@ def cmd_devices_import(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             print(file=sys.stderr)  # (past the progress bar's line)
-    nudge(reg.path.parent)  # a running server reloads (off its event loop) before this returns
+    _nudge(reg)  # a running server reloads (off its event loop) before this returns
     print(f"imported {total} devices in {time.monotonic() - started:.1f} s: {result.added} added, "
           f"{result.replaced} replaced, {result.unchanged} unchanged")
     return 0
@@ -258,7 +264,7 @@ def cmd_profiles_add(args: argparse.Namespace) -> int:
         raise RegistryError(str(e)) from None
     with _opened(args) as reg:
         created = reg.put_profile(args.name, profile)
-    nudge(reg.path.parent)  # devices naming it decode with it when this returns
+    _nudge(reg)  # devices naming it decode with it when this returns
     print(f"{'added' if created else 'replaced'} profile {args.name} format={profile.format} "
           f"rules={len(profile.fields)}")
     return 0
@@ -301,7 +307,7 @@ def cmd_profiles_remove(args: argparse.Namespace) -> int:
     if not removed:
         print(f"corem: profile {args.name} not found", file=sys.stderr)
         return 1
-    nudge(reg.path.parent)
+    _nudge(reg)
     print(f"removed profile {args.name}")
     return 0
 

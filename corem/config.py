@@ -125,7 +125,7 @@ def _workers(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {n} must be 1 to 1024")
 
 
-def _session_store(key: str, v: Any) -> None:
+def _database_url(key: str, v: Any) -> None:
     if v and not str(v).startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{key}: {v!r} is not a postgresql:// URL (empty: SQLite in the data dir)")
 
@@ -169,10 +169,14 @@ class Settings:
     dtls_session_store: str = _opt(
         "", "where DTLS sessions are saved: empty = data_dir/dtls-sessions.db (SQLite, this node); "
         "postgresql://user@host/db = shared by every node, so a device keeps its session when its node is lost",
-        _session_store,
+        _database_url,
     )
     http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
     data_dir: str = _opt("data", "directory for the registry and the embedded bus")
+    registry: str = _opt(
+        "", "the device registry: empty = data_dir/registry.db (SQLite, this node); postgresql://user@host/db = "
+        "one registry for every node (devices, credentials, profiles, attributes, packages)", _database_url,
+    )
     bus: str = _opt(
         "embedded", "where accepted points go: 'embedded' (SQLite log in data_dir) or kafka://host:port[,host:port]",
         _bus,
@@ -332,6 +336,10 @@ class Settings:
         if self.workers.strip().lower() == "auto":
             return len(os.sched_getaffinity(0))
         return int(self.workers)
+
+    def registry_location(self) -> Path | str:
+        """The registry's SQLite file, or its PostgreSQL URL."""
+        return self.registry or self.data_path / "registry.db"
 
     @property
     def data_path(self) -> Path:

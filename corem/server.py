@@ -47,6 +47,7 @@ from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
 from .registry import Directory, Registry
 from .registry import nudge as registry_nudge
+from .registry.db import listen
 from .registry.management import Management
 from .registry.store import Snapshot
 from .stats import Measured
@@ -134,10 +135,13 @@ class Server:
         data.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(data) if worker is None else -1
         try:
-            self.registry = Registry(data / "registry.db")
+            self.registry = Registry(settings.registry_location())
         except (sqlite3.Error, OSError) as e:  # a full or read-only disk: one line, not a traceback
             self._unlock()
             raise ConfigError(f"data_dir: cannot open {data / 'registry.db'}: {e}") from None
+        except Exception as e:  # psycopg's errors: the database is not reachable
+            self._unlock()
+            raise ConfigError(f"registry: cannot use {_redacted(settings.registry)}: {e}") from None
         self.directory = Directory(self.registry)
         self.sink = make_sink(settings, after_batch=self._after_batch, shared=worker is not None)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
@@ -420,6 +424,8 @@ class Server:
                     if http is not None:
                         inner.start_soon(http.serve)
                     inner.start_soon(self._poll_registry)
+                    if self.registry.shared:
+                        inner.start_soon(self._listen_registry)
                     if self.link is None:  # workers: the supervisor answers nudges and relays them
                         await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
                     inner.start_soon(self._sweep_presence)
@@ -479,6 +485,26 @@ class Server:
         while True:
             await trio.sleep(REGISTRY_POLL)
             await self._registry_changed()
+
+    async def _listen_registry(self) -> None:
+        """A PostgreSQL registry: reload at each NOTIFY (a change by another node, the CLI, or an
+        admin API), in a thread of its own; the poll stays as the fallback."""
+        stopping = False
+
+        def run() -> None:
+            for _ in listen(self.settings.registry, lambda: trio.from_thread.run(self._registry_changed),
+                            lambda: stopping):
+                pass
+
+        try:
+            while True:
+                try:
+                    await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+                except Exception as e:  # noqa: BLE001 - psycopg's: the database went away; the poll goes on
+                    log.warning("registry: not listening for changes (%s); trying again in 2 s", e)
+                await trio.sleep(2.0)
+        finally:
+            stopping = True
 
     async def reload_registry(self) -> None:
         """After a change on the server's own registry connection (the admin API), which

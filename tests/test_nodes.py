@@ -36,11 +36,64 @@ def pg():
 
 @pytest.fixture
 def store_url(pg):
+    """The database, empty: every test starts from no tables."""
     import psycopg
 
     with psycopg.connect(pg.url, autocommit=True) as c:
-        c.execute("DROP TABLE IF EXISTS corem_dtls_sessions")
+        c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     return pg.url
+
+
+def test_the_registry_on_postgresql_keeps_devices_profiles_and_management_state(store_url):
+    from corem.profiles.spec import parse_profile
+    from corem.registry import Registry, RegistryError
+    from corem.registry.bulk import import_devices
+    from corem.registry.management import Management
+
+    reg = Registry(store_url)
+    mgmt = Management(reg)
+    try:
+        assert reg.shared and reg.path is None
+        v0 = reg.data_version()
+        reg.add_device("acme", "d1", token="T1", psk_identity="id-1", psk=b"0123456789")
+        assert reg.data_version() > v0  # the trigger moved the counter
+        with pytest.raises(RegistryError, match="^token: already used"):
+            reg.add_device("acme", "d2", token="T1")
+        with pytest.raises(RegistryError, match="^psk_identity: already used"):
+            reg.add_device("acme", "d2", psk_identity="id-1", psk=b"0123456789")
+        with pytest.raises(RegistryError, match="already exists"):
+            reg.add_device("acme", "d1")
+        [d] = reg.list_devices("acme")
+        assert d.psk == b"0123456789" and d.token == "T1" and d.created_at > 2**31  # ms: a 64-bit column
+        profile = parse_profile('{"format": "thingsboard"}')
+        assert reg.put_profile("tb", profile) and not reg.put_profile("tb", profile)
+        assert list(reg.list_profiles()) == ["tb"]
+        assert mgmt.set_attributes("acme", "d1", "shared", {"a": 1, "b": "x"}) == {"a": 1, "b": "x"}
+        mgmt.set_attributes("acme", "d1", "shared", {"a": 2, "b": None})
+        assert mgmt.attributes("acme", "d1", "shared") == {"a": 2}
+        p = mgmt.add_package("firmware", "fw", "1.0", b"\x00\x01binary")
+        assert mgmt.package_data(p.id) == b"\x00\x01binary" and [q.id for q in mgmt.packages()] == [p.id]
+        with pytest.raises(RegistryError, match="already exists"):
+            mgmt.add_package("firmware", "fw", "1.0", b"again")
+        assert mgmt.assign("acme", "d1", "firmware", p.id) == p and mgmt.assigned("acme", "d1", "firmware") == p
+        mgmt.add_provision_key("pk", "ps", "acme")
+        tenant, name, token = mgmt.provision("pk", "ps", "d9")
+        assert (tenant, name) == ("acme", "d9") and token
+        mgmt.open_claim("acme", "d1", "s3cret", 60_000)
+        mgmt.claim("acme", "d1", "s3cret", "owner-1")
+        mgmt.open_claim("acme", "d1", "again", 60_000)  # a new claim keeps the owner until claimed
+        assert mgmt.owner("acme", "d1") == "owner-1"
+        mgmt.set_position("commands.acme", 0, 10)
+        mgmt.set_position("commands.acme", 0, 7)  # never backwards
+        assert mgmt.positions() == {("commands.acme", 0): 10}
+        lines = [(i, {"tenant": "fleet", "device": f"m{i}", "token": f"tok-{i}"}) for i in range(2000)]
+        assert import_devices(reg, lines).added == 2000
+        assert import_devices(reg, lines).unchanged == 2000  # idempotent
+        assert reg.remove_device("acme", "d1") and not reg.remove_device("acme", "d1")
+        mgmt.forget("acme", "d1")
+        assert mgmt.attributes("acme", "d1", "shared") == {}
+    finally:
+        reg.close()
 
 
 def test_the_postgresql_store_keeps_takes_and_expires_sessions(store_url):
@@ -157,12 +210,10 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
     readings go on through the other node with no handshake."""
     from tests.kafka_broker import free_tcp_port
 
-    nodes = []
-    for name in ("a", "b"):
-        data = tmp_path / name
-        corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-7", "--psk-identity", SPEC_IDENTITY,
-                  "--psk", SPEC_KEY, data_dir=data)
-        nodes.append(start_corem(data, "--dtls-session-store", store_url))
+    corem_cli("devices", "add", "--registry", store_url, "--tenant", "acme", "--device", "sensor-7",
+              "--psk-identity", SPEC_IDENTITY, "--psk", SPEC_KEY, data_dir=tmp_path / "cli")
+    nodes = [start_corem(tmp_path / name, "--registry", store_url, "--dtls-session-store", store_url)
+             for name in ("a", "b")]
     listen = free_tcp_port()  # (a free TCP port number is as good a guess for UDP on loopback)
     balancer = Balancer(listen, [n.coaps_port for n in nodes])
     payload = tmp_path / "r.cbor"
@@ -200,3 +251,33 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
         for n in nodes:
             if n.proc.poll() is None:
                 n.stop()
+
+
+def test_two_nodes_share_one_registry_and_see_its_changes_at_once(store_url, tmp_path):
+    """Devices, attributes, packages and profiles written through one node's API are the other's."""
+    from .conftest import post
+
+    a, b = (start_corem(tmp_path / name, "--registry", store_url, "--dtls-session-store", store_url)
+            for name in ("a", "b"))
+    try:
+        assert a.api("POST", "/api/devices", {"tenant": "acme", "device": "n1", "token": "NODE-TOKEN"})[0] == 201
+        started = time.monotonic()
+        answer = None
+        while answer is None or answer[1] != 0x44:  # node b serves it as soon as it is told (NOTIFY)
+            answer = post(b.coap_port, "NODE-TOKEN", cbor2.dumps({"t": 1}), 1, timeout=0.3)
+            assert time.monotonic() - started < 3, "node b did not learn of the device"
+        assert a.api("PUT", "/api/devices/acme/n1/attributes", {"mode": "eco"})[0] == 200
+        assert b.api("GET", "/api/devices/acme/n1/attributes")[1]["shared"] == {"mode": "eco"}
+        status, _ = a.api("PUT", "/api/profiles/tb", {"format": "thingsboard"})
+        assert status in (200, 201)
+        assert "tb" in {p["name"] for p in b.api("GET", "/api/profiles")[1]}
+        assert b.api("POST", "/api/devices", {"tenant": "acme", "device": "n2", "token": "NODE-TOKEN"})[0] == 409
+        assert b.api("DELETE", "/api/devices/acme/n1")[0] == 204
+        deadline = time.monotonic() + 3
+        while a.api("GET", "/api/devices/acme/n1")[0] != 404:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "not listening" not in a.stderr() + b.stderr()  # both LISTENed all along
+    finally:
+        a.stop()
+        b.stop()

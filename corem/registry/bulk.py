@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -101,7 +100,7 @@ def import_devices(
 
     def write() -> None:
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN" if conn.shared else "BEGIN IMMEDIATE")
             conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              [row(d) for _, d, update in batch if not update])
             conn.executemany(
@@ -110,12 +109,11 @@ def import_devices(
                 [(d.profile, d.token, d.psk_identity, d.psk, d.cert_sha256, d.power_mode, d.topics, d.gateways,
                   d.tenant, d.device) for _, d, update in batch if update])
             conn.execute("COMMIT")
-        except sqlite3.IntegrityError as e:  # (clashes were looked for above: this is a race with a writer)
-            conn.execute("ROLLBACK")
+        except conn.IntegrityError as e:  # (clashes were looked for above: this is a race with a writer)
+            conn.rollback()
             raise RegistryError(f"lines {batch[0][0]}-{batch[-1][0]}: {e}; nothing of them was written") from None
-        except sqlite3.OperationalError as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        except conn.Error as e:
+            conn.rollback()
             raise StorageUnavailable(f"storage: {e}") from None
 
     for n, fields in lines:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import secrets
-import sqlite3
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
@@ -74,14 +73,18 @@ def _now_ms() -> int:
 class Management:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._conn: sqlite3.Connection = registry.conn
-        self._conn.executescript(SCHEMA)
+        self._conn = db = registry.conn
+        db.schema(SCHEMA)
+        self._integrity, self._error = db.IntegrityError, db.Error
 
-    def _write(self, sql: str, args: tuple) -> sqlite3.Cursor:
-        """One statement that writes (autocommitted): a disk that refuses it is StorageUnavailable."""
+    def _write(self, sql: str, args: tuple[Any, ...]) -> Any:
+        """One statement that writes (autocommitted): a disk that refuses it (or a database that
+        is gone) is StorageUnavailable; a broken constraint goes to the caller as it is."""
         try:
             return self._conn.execute(sql, args)
-        except sqlite3.OperationalError as e:
+        except self._integrity:
+            raise
+        except self._error as e:
             raise StorageUnavailable(f"storage: {e}") from None
 
     @contextmanager
@@ -95,10 +98,11 @@ class Management:
                 yield
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:  # (SQLite may have rolled back by itself)
-                    conn.execute("ROLLBACK")
+                conn.rollback()
                 raise
-        except sqlite3.OperationalError as e:
+        except self._integrity:
+            raise
+        except self._error as e:
             raise StorageUnavailable(f"storage: {e}") from None
 
     # -- attributes ------------------------------------------------------------------------------
@@ -131,7 +135,8 @@ class Management:
                     )
                 else:
                     self._conn.execute(
-                        "INSERT OR REPLACE INTO attributes VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO attributes VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, device, scope, key) "
+                        "DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                         (tenant, device, scope, key, text, now),
                     )
             count = self._conn.execute(
@@ -152,13 +157,12 @@ class Management:
         digest = hashlib.sha256(data).hexdigest()
         try:
             cur = self._write(
-                "INSERT INTO packages (kind, title, version, sha256, size, data, created_at) VALUES (?,?,?,?,?,?,?)",
-                (kind, title, version, digest, len(data), data, _now_ms()),
+                "INSERT INTO packages (kind, title, version, sha256, size, data, created_at) VALUES (?,?,?,?,?,?,?) "
+                "RETURNING id", (kind, title, version, digest, len(data), data, _now_ms()),
             )
-        except sqlite3.IntegrityError:
+        except self._integrity:
             raise RegistryError(f"version: {kind} {title} {version} already exists") from None
-        assert cur.lastrowid is not None  # (an INSERT that worked)
-        return Package(cur.lastrowid, kind, title, version, digest, len(data))
+        return Package(int(cur.fetchone()[0]), kind, title, version, digest, len(data))
 
     def packages(self) -> list[Package]:
         rows = self._conn.execute("SELECT id, kind, title, version, sha256, size FROM packages ORDER BY id")
@@ -184,7 +188,8 @@ class Management:
             raise RegistryError(f"package: no package with id {package_id}")
         if package.kind != kind:
             raise RegistryError(f"package: {package_id} is {package.kind}, not {kind}")
-        self._write("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?, ?)", (tenant, device, kind, package_id))
+        self._write("INSERT INTO assignments VALUES (?, ?, ?, ?) ON CONFLICT (tenant, device, kind) "
+                    "DO UPDATE SET package = excluded.package", (tenant, device, kind, package_id))
         return package
 
     def assigned(self, tenant: str, device: str, kind: str) -> Package | None:
@@ -202,7 +207,7 @@ class Management:
             self._write(
                 "INSERT INTO provision_keys VALUES (?, ?, ?, ?, ?)", (key, secret, tenant, profile, _now_ms())
             )
-        except sqlite3.IntegrityError:
+        except self._integrity:
             raise RegistryError(f"key: provisioning key {key!r} already exists") from None
 
     def provision(self, key: str, secret: str, device: str | None) -> tuple[str, str, str]:
@@ -222,9 +227,9 @@ class Management:
             raise RegistryError("durationMs: must be between 1 ms and 30 days")
         expires = _now_ms() + duration_ms
         self._write(
-            "INSERT OR REPLACE INTO claims (tenant, device, secret, expires_at, owner) VALUES (?, ?, ?, ?, "
-            "(SELECT owner FROM claims WHERE tenant = ? AND device = ?))",
-            (tenant, device, secret, expires, tenant, device),
+            "INSERT INTO claims (tenant, device, secret, expires_at, owner) VALUES (?, ?, ?, ?, NULL) "
+            "ON CONFLICT (tenant, device) DO UPDATE SET secret = excluded.secret, expires_at = excluded.expires_at",
+            (tenant, device, secret, expires),
         )
         return expires
 
@@ -253,7 +258,7 @@ class Management:
         """Never backwards: with `--workers` the records of one partition are applied by the workers
         that hold their devices, and may finish out of order."""
         self._write("INSERT INTO bus_positions VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE "
-                    "SET next_offset = max(next_offset, excluded.next_offset)", (topic, partition, next_offset))
+                    "SET next_offset = excluded.next_offset WHERE excluded.next_offset > bus_positions.next_offset", (topic, partition, next_offset))
 
     def forget(self, tenant: str, device: str) -> None:
         """A removed device's attributes, assignments and claim go with it."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -23,6 +22,7 @@ from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, encode_profile, parse_profile
 from ..stats import Sample, gauge
+from .db import Db
 
 log = logging.getLogger("corem.registry")
 
@@ -170,7 +170,7 @@ def row(d: Device) -> tuple[Any, ...]:
             d.power_mode, d.topics, d.gateways)
 
 
-def _conflict(e: sqlite3.IntegrityError, d: Device) -> RegistryError:
+def _conflict(e: Exception, d: Device) -> RegistryError:
     """Which unique credential a refused INSERT collided with."""
     if "token" in str(e):
         return RegistryError("token: already used by another device")
@@ -183,46 +183,48 @@ def _conflict(e: sqlite3.IntegrityError, d: Device) -> RegistryError:
 
 class Registry:
     @classmethod
-    def reading(cls, conn: sqlite3.Connection, path: Path) -> Registry:
+    def reading(cls, db: Db) -> Registry:
         """A Registry on an open connection, for reads only (no schema work)."""
         reg = cls.__new__(cls)
-        reg.path, reg._conn = Path(path), conn
+        reg.db = db
+        reg.path = Path(db.where) if not db.shared else None
         return reg
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(SCHEMA)
-        have = {row[1] for row in self._conn.execute("PRAGMA table_info(devices)")}
+    def __init__(self, where: Path | str) -> None:
+        """`where`: the SQLite file, or a postgresql:// URL (db.py)."""
+        self.db = Db(where)
+        self.path: Path | None = None if self.db.shared else Path(where)
+        self.db.schema(SCHEMA, watched=("devices", "profiles"))
+        have = self.db.columns("devices")
         for column, sql in MIGRATIONS.items():
             if column not in have:
-                self._conn.execute(sql)
+                self.db.execute(sql)
                 if column in _UNIQUE:
-                    self._conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
+                    self.db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
+
+    @property
+    def shared(self) -> bool:
+        """PostgreSQL: other nodes read and write it too."""
+        return self.db.shared
 
     def close(self) -> None:
-        self._conn.close()
+        self.db.close()
 
     def add_device(self, tenant: str, device: str, **settings: Any) -> Device:
         """Register a device (the settings of `new_device`); RegistryError names what is wrong."""
         d = new_device(tenant, device, **settings)
         try:
-            self._conn.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row(d))
-        except sqlite3.OperationalError as e:  # a full or failing disk: retry later
-            raise StorageUnavailable(f"storage: {e}") from None
-        except sqlite3.IntegrityError as e:
+            self.db.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row(d))
+        except self.db.IntegrityError as e:
             raise _conflict(e, d) from None
+        except self.db.Error as e:  # a full or failing disk, a lost database: retry later
+            raise StorageUnavailable(f"storage: {e}") from None
         return d
 
     def remove_device(self, tenant: str, device: str) -> bool:
         try:
-            cur = self._conn.execute("DELETE FROM devices WHERE tenant = ? AND device = ?", (tenant, device))
-        except sqlite3.OperationalError as e:
+            cur = self.db.execute("DELETE FROM devices WHERE tenant = ? AND device = ?", (tenant, device))
+        except self.db.Error as e:
             raise StorageUnavailable(f"storage: {e}") from None
         return cur.rowcount > 0
 
@@ -233,25 +235,25 @@ class Registry:
         check_field("profile", name, PROFILE_NAME_RE, "1-64 of A-Z a-z 0-9 . _ -")
         if name == DEFAULT_PROFILE:
             raise RegistryError(f"profile: {DEFAULT_PROFILE!r} is built in; give yours another name")
-        existed = self._conn.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
+        existed = self.db.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
         try:
-            self._conn.execute(
+            self.db.execute(
                 "INSERT INTO profiles (name, spec, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
                 (name, encode_profile(profile).decode(), int(time.time() * 1000)))
-        except sqlite3.OperationalError as e:
+        except self.db.Error as e:
             raise StorageUnavailable(f"storage: {e}") from None
         return not existed
 
     def remove_profile(self, name: str) -> bool:
         """Remove a profile no device names (RegistryError says which devices still do)."""
-        users = self._conn.execute("SELECT tenant, device FROM devices WHERE profile = ? LIMIT 4", (name,)).fetchall()
+        users = self.db.execute("SELECT tenant, device FROM devices WHERE profile = ? LIMIT 4", (name,)).fetchall()
         if users:
             shown = ", ".join(f"{t}/{d}" for t, d in users[:3]) + (" and more" if len(users) > 3 else "")
             raise RegistryError(f"profile: {name!r} is used by {shown}; move them to another profile first")
         try:
-            cur = self._conn.execute("DELETE FROM profiles WHERE name = ?", (name,))
-        except sqlite3.OperationalError as e:
+            cur = self.db.execute("DELETE FROM profiles WHERE name = ?", (name,))
+        except self.db.Error as e:
             raise StorageUnavailable(f"storage: {e}") from None
         return cur.rowcount > 0
 
@@ -259,7 +261,7 @@ class Registry:
         """Every stored profile by name (one that no longer parses -- written by a newer corem,
         say -- is left out and logged)."""
         out = {}
-        for name, spec in self._conn.execute("SELECT name, spec FROM profiles ORDER BY name"):
+        for name, spec in self.db.execute("SELECT name, spec FROM profiles ORDER BY name"):
             try:
                 out[name] = parse_profile(spec)
             except ProfileError as e:
@@ -272,21 +274,23 @@ class Registry:
         if tenant is not None:
             sql += " WHERE tenant = ?"
             args = (tenant,)
-        rows = self._conn.execute(sql + " ORDER BY tenant, device", args)
+        rows = self.db.execute(sql + " ORDER BY tenant, device", args)
         return [
-            Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i, psk=s, cert_sha256=f,
+            Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i,
+                   psk=None if s is None else bytes(s), cert_sha256=f,
                    power_mode=m, topics=o, gateways=g)
             for t, d, p, k, c, i, s, f, m, o, g in rows
         ]
 
     @property
-    def conn(self) -> sqlite3.Connection:
-        """The connection, for the management tables that live in the same file."""
-        return self._conn
+    def conn(self) -> Db:
+        """The connection, for the management tables that live in the same database."""
+        return self.db
 
     def data_version(self) -> int:
-        """Moves whenever another connection commits a change."""
-        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+        """Moves whenever the devices or profiles change (db.py: SQLite counts other connections'
+        commits only)."""
+        return self.db.data_version()
 
 
 class Snapshot(NamedTuple):
@@ -348,13 +352,13 @@ class Directory:
         the loop's); a change made between the two is read now and reloaded once more later."""
         if version is None:
             version = self.registry.data_version()
-        conn = sqlite3.connect(self.registry.path, timeout=30)
+        db = self.registry.db.reopen()
         try:
-            reader = Registry.reading(conn, self.registry.path)
+            reader = Registry.reading(db)
             devices = reader.list_devices()
             profiles = reader.list_profiles()
         finally:
-            conn.close()
+            db.close()
         return Snapshot(
             version,
             {d.token: d for d in devices if d.token is not None},

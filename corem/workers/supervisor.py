@@ -312,7 +312,8 @@ def _prepare_files(settings: Settings) -> None:
 
     data = settings.data_path
     try:
-        Registry(data / "registry.db").close()
+        if not settings.registry:
+            Registry(data / "registry.db").close()
         if not settings.dtls_session_store:
             SessionStore(data / SESSIONS_FILE).close()
         if settings.bus == "embedded":
