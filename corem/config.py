@@ -172,6 +172,10 @@ class Settings:
         _database_url,
     )
     http: str = _opt("127.0.0.1:8080", "admin HTTP listener (/metrics, /healthz); 'off' disables", _hostport(True))
+    node_url: str = _opt(
+        "", "this node's admin URL as the other nodes reach it (nodes sharing a PostgreSQL registry forward "
+        "a device's downlink to the node that holds it); empty: http:// and the http listener's address",
+    )
     data_dir: str = _opt("data", "directory for the registry and the embedded bus")
     registry: str = _opt(
         "", "the device registry: empty = data_dir/registry.db (SQLite, this node); postgresql://user@host/db = "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import inspect
 import gc
 import logging
 import os
@@ -18,7 +20,7 @@ import trio
 
 from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
-from .admin.http import HttpRequest, HttpServer, Reply, Route, json_reply
+from .admin.http import HttpError, HttpRequest, HttpServer, Reply, Route, call, json_reply
 from .bus import EmbeddedBus, Sink
 from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
@@ -45,9 +47,10 @@ from .metrics import gather, render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
-from .registry import Directory, Registry
+from .registry import Device, Directory, Registry
 from .registry import nudge as registry_nudge
 from .registry.db import listen
+from .registry.homes import Homes
 from .registry.management import Management
 from .registry.store import Snapshot
 from .stats import Measured
@@ -108,9 +111,27 @@ def _bind_or_explain(key: str, host: str, port: int):
         raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def url_host(address: tuple) -> str:
+    """host:port of a bound address for a URL (an unspecified host: this machine's name)."""
+    host = address[0]
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
 def _redacted(url: str) -> str:
     """A database URL without its password, for messages."""
     return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+#: the admin routes that reach a device, which only the node holding it can carry out
+DOWNLINK_ROUTES = {("PUT", "attributes"), ("POST", "rpc"), ("POST", "commands"), ("PUT", "firmware"),
+                   ("PUT", "software")}
+
+
+def _is_downlink(route: Route) -> bool:
+    return (route.pattern.startswith("/api/devices/{tenant}/{device}/")
+            and (route.method, route.pattern.rsplit("/", 1)[-1]) in DOWNLINK_ROUTES)
 
 
 def lock_data_dir(data: Path) -> int:
@@ -163,9 +184,12 @@ class Server:
         self.link: Link | None = None
         if worker is not None:
             self.link = Link(worker, self)
-            self.downlink.on_first_sight = self.link.first_sight
+            self.downlink.on_first_sight = self._first_sight
             self.downlink.forward_reply = self.link.forward_reply
             self.downlink.number_ids(worker.index + 1, worker.count)
+        #: nodes sharing a PostgreSQL registry: which node holds each device (made once the
+        #: admin port is bound: its address names this node)
+        self.homes: Homes | None = None
         #: downlink requests from other systems on `commands.{tenant}` (Kafka only: the embedded
         #: bus has no other writers; there the admin API and CLI are the way in).  With workers,
         #: worker 0 reads them and the supervisor hands each to the worker that holds its device.
@@ -243,12 +267,43 @@ class Server:
         )]
         if self.worker is not None:  # for the supervisor's front (corem/workers/front.py)
             ops.append(Route("GET", "/_worker/metrics", self._worker_metrics))
-        return ops + self.admin.routes()
+        return ops + [self._at_home(r) if _is_downlink(r) else r for r in self.admin.routes()]
 
     def _worker_metrics(self, req: HttpRequest) -> Reply:
         from .workers.front import encode_samples
 
         return json_reply(encode_samples(gather(self.components())))
+
+    def _first_sight(self, device: Device) -> None:
+        """A device heard here for the first time: tell the supervisor (workers) and the other
+        nodes (a shared registry), so that its downlink comes here."""
+        if self.link is not None:
+            self.link.first_sight(device)
+        if self.homes is not None:
+            self.homes.heard(device.tenant, device.device)
+
+    def _at_home(self, route: Route) -> Route:
+        """A device's downlink route that another node may have to carry out: the one that holds
+        the device (registry/homes.py).  Forwarded once (a forwarded request is served where it
+        lands); a node that does not answer leaves it here, as if the device were unknown."""
+        handler = route.handler
+
+        async def at_home(req: HttpRequest) -> Reply:
+            homes = self.homes
+            if homes is not None and "x-corem-forwarded" not in req.headers:
+                home = homes.home(req.params["tenant"], req.params["device"])
+                if home is not None and home != homes.node:
+                    try:
+                        return await call(home, req.method, req.path, req.body, {
+                            **{k: v for k, v in req.headers.items() if k in ("authorization", "content-type")},
+                            "x-corem-forwarded": homes.node})
+                    except (OSError, HttpError, trio.TooSlowError) as e:
+                        log.warning("downlink for %s/%s: its node %s did not answer (%s); kept here",
+                                    req.params["tenant"], req.params["device"], home, e)
+            reply = handler(req)
+            return await reply if inspect.isawaitable(reply) else reply
+
+        return dataclasses.replace(route, handler=at_home)
 
     def _unlock(self) -> None:
         if self._lock >= 0:
@@ -415,6 +470,10 @@ class Server:
                 http = HttpServer(self.http_routes(), admin_token=self.admin_token, max_body=s.admin_max_body)
                 self.bound.http = await http.bind(*http_addr)
                 self.http = http
+            if self.registry.shared and (s.node_url or self.bound.http is not None):
+                node = s.node_url or f"http://{url_host(self.bound.http)}"  # type: ignore[arg-type]
+                self.homes = Homes(self.registry.db, node)
+                self.downlink.on_first_sight = self._first_sight
             async with trio.open_nursery() as outer:
                 await outer.start(self.sink.run)
                 async with trio.open_nursery() as inner:
@@ -426,6 +485,8 @@ class Server:
                     inner.start_soon(self._poll_registry)
                     if self.registry.shared:
                         inner.start_soon(self._listen_registry)
+                    if self.homes is not None:
+                        inner.start_soon(self.homes.run)
                     if self.link is None:  # workers: the supervisor answers nudges and relays them
                         await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
                     inner.start_soon(self._sweep_presence)

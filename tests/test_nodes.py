@@ -205,14 +205,21 @@ def _nft_works() -> bool:
 @pytest.mark.skipif(shutil.which("coap-client-openssl") is None and os.environ.get("CI") != "true",
                     reason="libcoap3-bin is not installed")
 def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
-    """Two corem nodes behind the kernel's UDP balancer; coap-client-openssl posts a reading a
-    second in one DTLS session; the node holding it is killed (SIGKILL: no last save); the
-    readings go on through the other node with no handshake."""
+    """Two corem nodes on one PostgreSQL registry and session store, producing to the Tansu broker,
+    behind the kernel's UDP balancer; coap-client-openssl posts a reading a second in one DTLS
+    session; the node holding it is killed (SIGKILL: no last save); the readings go on through
+    the other node with no handshake, and every one answered 2.04 is in the topic."""
     from tests.kafka_broker import free_tcp_port
+
+    from tests.kafka_broker import Broker, tansu_binary
 
     corem_cli("devices", "add", "--registry", store_url, "--tenant", "acme", "--device", "sensor-7",
               "--psk-identity", SPEC_IDENTITY, "--psk", SPEC_KEY, data_dir=tmp_path / "cli")
-    nodes = [start_corem(tmp_path / name, "--registry", store_url, "--dtls-session-store", store_url)
+    # the Tansu broker (Kafka protocol) when its binary is there: both nodes produce to one topic
+    tansu = tansu_binary()
+    broker = Broker(tansu) if tansu else None
+    bus = ("--bus", f"kafka://{broker.bootstrap}") if broker else ()
+    nodes = [start_corem(tmp_path / name, "--registry", store_url, "--dtls-session-store", store_url, *bus)
              for name in ("a", "b")]
     listen = free_tcp_port()  # (a free TCP port number is as good a guess for UDP on loopback)
     balancer = Balancer(listen, [n.coaps_port for n in nodes])
@@ -228,7 +235,9 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
         holder = None
         while holder is None and time.monotonic() < deadline:
             for n in nodes:
-                if n.metrics()["corem_dtls_sessions_checkpointed_total"] >= 1 and len(n.points("acme")) >= 3:
+                m = n.metrics()
+                if m["corem_dtls_sessions_checkpointed_total"] >= 1 and m.get(
+                        'corem_coap_requests_total{transport="dtls"}', 0) >= 3:
                     holder = n
             time.sleep(0.2)
         assert holder is not None, "no node took the device's readings"
@@ -243,7 +252,12 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
         m = other.metrics()
         assert m["corem_dtls_handshakes_completed_total"] == 0  # the session went on: no handshake
         assert m["corem_dtls_sessions_restored_total"] == 1
-        assert len(holder.points("acme")) + len(other.points("acme")) >= 10  # all in one node's bus or the other's
+        if broker is not None:  # every reading answered 2.04 is in the topic, from one node or the other
+            from .test_kafka import consume
+
+            assert len(consume(broker.bootstrap, "telemetry.raw.acme", 10, timeout=20)) >= 10
+        else:
+            assert len(holder.points("acme")) + len(other.points("acme")) >= 10
     finally:
         if device is not None and device.poll() is None:
             device.kill()
@@ -251,6 +265,8 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
         for n in nodes:
             if n.proc.poll() is None:
                 n.stop()
+        if broker is not None:
+            broker.stop()
 
 
 def test_two_nodes_share_one_registry_and_see_its_changes_at_once(store_url, tmp_path):
@@ -279,5 +295,66 @@ def test_two_nodes_share_one_registry_and_see_its_changes_at_once(store_url, tmp
             time.sleep(0.1)
         assert "not listening" not in a.stderr() + b.stderr()  # both LISTENed all along
     finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.skipif(shutil.which("coap-client-notls") is None and os.environ.get("CI") != "true",
+                    reason="libcoap3-bin is not installed")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_downlink_sent_to_any_node_reaches_the_device_through_its_own(store_url, tmp_path, workers):
+    """A device observes its RPC and attribute resources through node b; the operator calls node a."""
+    import threading
+
+    a, b = (start_corem(tmp_path / name, "--registry", store_url, "--workers", workers) for name in ("a", "b"))
+    try:
+        assert a.api("POST", "/api/devices", {"tenant": "acme", "device": "n1", "token": "NODE-TOKEN"})[0] == 201
+        deadline = time.monotonic() + 5
+        while b.api("GET", "/api/devices/acme/n1")[0] != 200:  # node b has it (NOTIFY)
+            assert time.monotonic() < deadline, "node b did not learn of the device"
+            time.sleep(0.05)
+        base = f"{b.coap}/api/v1/NODE-TOKEN"
+        # the device's two observations from ports that node b gives one worker (a device has one
+        # socket; coap-client needs one per observation)
+        from .test_workers import port_for
+
+        probes = [port_for(0, int(workers)) for _ in range(2)]
+        ports = [p.getsockname()[1] for p in probes]
+        for p in probes:
+            p.close()
+        observers = [subprocess.Popen(["coap-client-notls", "-s", "12", "-p", str(port), "-m", "get",
+                                       f"{base}/{what}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for what, port in zip(("rpc", "attributes"), ports)]
+        deadline = time.monotonic() + 10
+        while sum(v for k, v in b.metrics().items() if k.startswith("corem_coap_observers{")) < 2:
+            assert time.monotonic() < deadline, "the device's observations"
+            time.sleep(0.05)
+        import psycopg
+
+        with psycopg.connect(store_url, autocommit=True) as db:  # node b says it holds the device
+            while db.execute("SELECT node FROM device_homes WHERE device = 'n1'").fetchone() is None:
+                assert time.monotonic() < deadline + 5, "node b did not write where the device is"
+                time.sleep(0.05)
+        status, body = a.api("PUT", "/api/devices/acme/n1/attributes", {"mode": "eco"})
+        assert (status, body) == (200, {"delivery": "delivered"})  # by node b, to its observer
+        result = {}
+        caller = threading.Thread(target=lambda: result.update(r=a.api(
+            "POST", "/api/devices/acme/n1/rpc", {"method": "reboot", "timeout": 20})))
+        caller.start()
+        out = observers[0].communicate(timeout=30)[0]
+        found = re.search(r'\{"id":(\d+),"method":"reboot"', out)
+        caller.join(1) if found is None else None
+        assert found is not None, (out[-1500:], result, a.stderr()[-2000:], b.stderr()[-2000:])
+        rpc_id = int(found.group(1))
+        reply = subprocess.run(["coap-client-notls", "-B", "10", "-m", "post", "-t", "50", "-e", '"done"',
+                                f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
+        assert reply.returncode == 0
+        caller.join(30)
+        assert result["r"] == (200, {"id": rpc_id, "status": "replied", "response": "done"})
+        assert '{"mode":"eco"}' in observers[1].communicate(timeout=30)[0]
+    finally:
+        for o in observers:
+            if o.poll() is None:
+                o.kill()
         a.stop()
         b.stop()

@@ -221,3 +221,35 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     reply = json_reply({"error": message}, status)
     reply.headers.update(headers or {})
     return reply
+
+
+#: seconds a forwarded request may take (an RPC waits for its device: the API caps that at 60 s)
+FORWARD_TIMEOUT = 90.0
+#: headers of a forwarded request's answer passed on
+PASSED = ("location", "retry-after", "www-authenticate")
+
+
+async def call(base: str, method: str, target: str, body: bytes, headers: dict[str, str]) -> Reply:
+    """One request to another corem HTTP server (`base`: http://host:port), as this one serves:
+    HTTP/1.1, one per connection.  For the workers' front and for nodes forwarding downlink."""
+    hostport = base.removeprefix("http://").rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    head = f"{method} {target} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    with trio.fail_after(FORWARD_TIMEOUT):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(head.encode() + body)
+            chunks = []
+            while chunk := await stream.receive_some(1 << 16):
+                chunks.append(chunk)
+    top, _, payload = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ")[1])
+    except (IndexError, ValueError):
+        raise HttpError(503, f"{base} gave no answer; retry") from None
+    got = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return Reply(status, payload, got.get("content-type", "application/octet-stream"),
+                 {k.title(): v for k, v in got.items() if k in PASSED})

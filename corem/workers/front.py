@@ -22,8 +22,11 @@ import trio
 
 from ..admin import token as admin_token
 from ..admin.api import STATUS_DEVICES
-from ..admin.http import HttpError, HttpRequest, HttpServer, Reply, Route, json_reply
+from ..admin.http import FORWARD_TIMEOUT, HttpError, HttpRequest, HttpServer, Reply, Route, call, json_reply
 from ..metrics import SHARED, render
+from ..registry.db import Db
+from ..registry.homes import Homes
+from ..server import url_host
 from ..stats import Histogram, Labels, Measurement, Sample, counter, gauge
 
 if TYPE_CHECKING:
@@ -31,12 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corem.workers.front")
 
-#: seconds a forwarded request may take (an RPC waits for its device: the API caps that at 60 s)
-FORWARD_TIMEOUT = 90.0
 #: seconds a request waits for a worker to be ready (one that is starting again)
 READY_WAIT = 10.0
-#: headers of a worker's answer passed on
-PASSED = ("location", "retry-after", "www-authenticate")
 
 
 class Front:
@@ -44,6 +43,9 @@ class Front:
         self.sup = supervisor
         s = supervisor.settings
         self.token = s.admin_token or admin_token.read_or_create(s.data_path)
+        #: this node's admin URL, and the devices' nodes (a shared registry), once bound
+        self.node = ""
+        self.homes: Homes | None = None
         self.http = HttpServer([
             Route("GET", "/metrics", self.metrics, auth=False),
             Route("GET", "/healthz", lambda r: Reply(200, b"ok\n", "text/plain"), auth=False),
@@ -54,7 +56,12 @@ class Front:
         ], admin_token=self.token, max_body=s.admin_max_body)
 
     async def bind(self, host: str, port: int) -> tuple:
-        return await self.http.bind(host, port)
+        address = await self.http.bind(host, port)
+        s = self.sup.settings
+        self.node = s.node_url or f"http://{url_host(address)}"
+        if s.registry:  # nodes sharing a registry: where the devices other nodes hold are
+            self.homes = Homes(Db(s.registry), self.node)
+        return address
 
     async def serve(self) -> None:
         await self.http.serve()
@@ -79,6 +86,10 @@ class Front:
         body = req.body
         if len(segments) >= 4 and segments[:2] == ["api", "devices"]:
             key = (segments[2], segments[3])
+            elsewhere = self._held_elsewhere(key, req)
+            if elsewhere is not None:  # another node's (a shared registry): it carries it out
+                return await call(elsewhere, req.method, _target(req), body,
+                                  {**_passed_request_headers(req.headers), "x-corem-forwarded": self.node})
             if (req.method == "POST" and segments[4:] == ["rpc"] and key not in self.sup.homes
                     and self.http.authorized(req.headers)):
                 body = await self._until_heard(key, body)
@@ -86,12 +97,22 @@ class Front:
         else:
             w = await self._first_ready()
         try:
-            reply = await call(w.http, req.method, _target(req), body, _passed_request_headers(req.headers))
+            reply = await call(_local(w.http), req.method, _target(req), body, _passed_request_headers(req.headers))
         except (OSError, trio.TooSlowError) as e:  # the worker died meanwhile, or hangs
             raise HttpError(503, f"worker {w.index} did not answer ({e}); retry") from None
         if req.method not in ("GET", "HEAD") and reply.status < 300:
             await self.sup.refresh_all()  # every worker has the change before the caller goes on
         return reply
+
+    def _held_elsewhere(self, key: tuple[str, str], req: HttpRequest) -> str | None:
+        """The admin URL of the node that holds the device, if it is another node (nodes sharing
+        a PostgreSQL registry: registry/homes.py); None for this node or no other."""
+        if self.homes is None or req.method in ("GET", "HEAD") or "x-corem-forwarded" in req.headers:
+            return None
+        if key in self.sup.homes:  # one of this node's workers holds it
+            return None
+        home = self.homes.home(*key)
+        return home if home is not None and home != self.node else None
 
     async def _until_heard(self, key: tuple[str, str], body: bytes) -> bytes:
         """An RPC waits for its device, which only the worker that hears it can reach: wait here
@@ -119,7 +140,7 @@ class Front:
 
         async def one(w: Worker) -> None:
             try:
-                replies.append((w.index, await call(w.http, method, target, b"", {"authorization": f"Bearer {self.token}"})))
+                replies.append((w.index, await call(_local(w.http), method, target, b"", {"authorization": f"Bearer {self.token}"})))
             except (OSError, HttpError, trio.TooSlowError) as e:
                 log.warning("worker %d did not answer %s: %s", w.index, target, e)
 
@@ -229,35 +250,16 @@ def merge_status(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _local(port: int | None) -> str:
+    """A worker's private admin port as the base of a URL."""
+    if port is None:
+        raise HttpError(503, "worker not ready")
+    return f"http://127.0.0.1:{port}"
+
+
 def _target(req: HttpRequest) -> str:
     return req.path + ("?" + urlencode(req.query) if req.query else "")
 
 
 def _passed_request_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k in ("authorization", "content-type", "accept")}
-
-
-async def call(port: int | None, method: str, target: str, body: bytes, headers: dict[str, str]) -> Reply:
-    """One request to a worker's private HTTP port (HTTP/1.1, one per connection, as it serves)."""
-    if port is None:
-        raise HttpError(503, "worker not ready")
-    head = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
-    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    with trio.fail_after(FORWARD_TIMEOUT):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(head.encode() + body)
-            chunks = []
-            while chunk := await stream.receive_some(1 << 16):
-                chunks.append(chunk)
-    raw = b"".join(chunks)
-    top, _, payload = raw.partition(b"\r\n\r\n")
-    lines = top.decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split(" ")[1])
-    except (IndexError, ValueError):
-        raise HttpError(503, "a worker gave no answer (restarting?); retry") from None
-    got = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return Reply(status, payload, got.get("content-type", "application/octet-stream"),
-                 {k.title(): v for k, v in got.items() if k in PASSED})
-
+    return {k: v for k, v in headers.items() if k in ("authorization", "content-type", "accept", "x-corem-forwarded")}

@@ -134,6 +134,8 @@ class Supervisor:
     def _environment(self, spec: WorkerSpec) -> dict[str, str]:
         settings = asdict(self.settings)
         settings.update(http="127.0.0.1:0", workers="1")
+        if self.settings.registry and self.front.node:
+            settings["node_url"] = self.front.node  # the node is its front
         env = {k: v for k, v in os.environ.items() if not k.startswith("COREM_")}
         env[ENV] = spec.dumps()
         env["COREM_WORKER_SETTINGS"] = json.dumps(settings)
@@ -257,12 +259,12 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                for w in self.workers:
-                    nursery.start_soon(self._keep, w)
                 http = self.settings.listener("http")
-                if http is not None:
+                if http is not None:  # first: the workers are told its address (node_url)
                     self.bound.http = await self.front.bind(*http)
                     nursery.start_soon(self.front.serve)
+                for w in self.workers:
+                    nursery.start_soon(self._keep, w)
                 await nursery.start(registry_nudge.serve, self.settings.data_path, self._nudged)
                 for w in self.workers:
                     await w.wait_ready()
