@@ -286,7 +286,10 @@ def test_two_nodes_share_one_registry_and_see_its_changes_at_once(store_url, tmp
         assert b.api("GET", "/api/devices/acme/n1/attributes")[1]["shared"] == {"mode": "eco"}
         status, _ = a.api("PUT", "/api/profiles/tb", {"format": "thingsboard"})
         assert status in (200, 201)
-        assert "tb" in {p["name"] for p in b.api("GET", "/api/profiles")[1]}
+        deadline = time.monotonic() + 3  # node b reloads at the NOTIFY
+        while "tb" not in {p["name"] for p in b.api("GET", "/api/profiles")[1]}:
+            assert time.monotonic() < deadline, "node b did not learn of the profile"
+            time.sleep(0.05)
         assert b.api("POST", "/api/devices", {"tenant": "acme", "device": "n2", "token": "NODE-TOKEN"})[0] == 409
         assert b.api("DELETE", "/api/devices/acme/n1")[0] == 204
         deadline = time.monotonic() + 3
