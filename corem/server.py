@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import inspect
+import json
 import gc
 import logging
 import os
@@ -49,7 +50,7 @@ from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
 from .registry import Device, Directory, Registry
 from .registry import nudge as registry_nudge
-from .registry.db import listen
+from .registry.db import Lease, listen
 from .registry.homes import Homes
 from .registry.management import Management
 from .registry.store import Snapshot
@@ -190,6 +191,7 @@ class Server:
         #: nodes sharing a PostgreSQL registry: which node holds each device (made once the
         #: admin port is bound: its address names this node)
         self.homes: Homes | None = None
+        self._nursery: trio.Nursery | None = None  # for records forwarded to other nodes
         #: downlink requests from other systems on `commands.{tenant}` (Kafka only: the embedded
         #: bus has no other writers; there the admin API and CLI are the way in).  With workers,
         #: worker 0 reads them and the supervisor hands each to the worker that holds its device.
@@ -197,6 +199,7 @@ class Server:
             settings.kafka_settings(), lambda: {t for t, _ in self.directory.by_name}, self.management.positions,
             self._command_record if worker is None else self._route_command_record,
             refresh=settings.kafka_commands_refresh,
+            leader=Lease(settings.registry).held if self.registry.shared else None,
         )
         self.admin_token = settings.admin_token or admin_token.read_or_create(data)
         self.http: HttpServer | None = None
@@ -267,6 +270,8 @@ class Server:
         )]
         if self.worker is not None:  # for the supervisor's front (corem/workers/front.py)
             ops.append(Route("GET", "/_worker/metrics", self._worker_metrics))
+        if self.registry.shared:  # for the other nodes' commands readers
+            ops.append(Route("POST", "/_node/commands/{tenant}", self._node_command))
         return ops + [self._at_home(r) if _is_downlink(r) else r for r in self.admin.routes()]
 
     def _worker_metrics(self, req: HttpRequest) -> Reply:
@@ -312,15 +317,58 @@ class Server:
     def _route_command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
         """Worker 0 with `--workers`: the supervisor gives the record to the worker holding its device."""
         assert self.link is not None
+        if self._to_other_node(topic, partition, offset, value):
+            return
         self.link.post({"command": {"topic": topic, "partition": partition, "offset": offset, "value": value.hex()}})
+
+    def _to_other_node(self, topic: str, partition: int, offset: int, value: bytes) -> bool:
+        """Several nodes: a record for a device another node holds is carried out there
+        (`POST /_node/commands/{tenant}`), and its result published here, in the background."""
+        if self.homes is None or self._nursery is None:
+            return False
+        tenant = topic[len(COMMANDS_PREFIX):]
+        try:
+            device = json.loads(value).get("device")
+        except (ValueError, AttributeError):
+            return False
+        home = self.homes.home(tenant, device) if isinstance(device, str) else None
+        if home is None or home == self.homes.node:
+            return False
+        self._nursery.start_soon(self._forward_command, home, topic, partition, offset, value)
+        return True
+
+    async def _forward_command(self, home: str, topic: str, partition: int, offset: int, value: bytes) -> None:
+        tenant = topic[len(COMMANDS_PREFIX):]
+        try:
+            reply = await call(home, "POST", f"/_node/commands/{tenant}", value, {
+                "authorization": f"Bearer {self.admin_token}", "x-corem-forwarded": home})
+            result = json.loads(reply.body) if reply.status == 200 else None
+        except (OSError, HttpError, trio.TooSlowError, ValueError) as e:
+            log.warning("commands: %s did not take %s[%d]@%d (%s); carried out here", home, topic, partition,
+                        offset, e)
+            result = None
+        if result is None:
+            result = apply_command(tenant, value, self.directory, self.downlink, self.management)
+        self._command_done(topic, partition, offset, result)
+
+    def _node_command(self, req: HttpRequest) -> Reply:
+        """Another node's commands reader hands over a record for a device this node holds."""
+        return json_reply(apply_command(req.params["tenant"], req.body, self.directory, self.downlink, self.management))
 
     def apply_command_record(self, topic: str, partition: int, offset: int, value: str) -> None:
         """A record routed here by the supervisor (value in hex, as it travels)."""
         self._command_record(topic, partition, offset, bytes.fromhex(value))
 
     def _command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
+        if self.worker is None and self._to_other_node(topic, partition, offset, value):
+            return
         tenant = topic[len(COMMANDS_PREFIX):]
-        result = apply_command(tenant, value, self.directory, self.downlink, self.management)
+        self._command_done(topic, partition, offset,
+                           apply_command(tenant, value, self.directory, self.downlink, self.management))
+
+    def _command_done(self, topic: str, partition: int, offset: int, result: dict) -> None:
+        """Publish a record's result on commands.results.{tenant} and move past it."""
+        tenant = topic[len(COMMANDS_PREFIX):]
         result.update(at=int(time.time() * 1000), source={"topic": topic, "partition": partition, "offset": offset})
         publish_json(self.sink, results_topic(tenant), result.get("device") or "", result)
         try:
@@ -477,6 +525,7 @@ class Server:
             async with trio.open_nursery() as outer:
                 await outer.start(self.sink.run)
                 async with trio.open_nursery() as inner:
+                    self._nursery = inner
                     for t in self.transports:
                         inner.start_soon(t.edge.serve)
                         inner.start_soon(t.edge.run_timers)

