@@ -81,17 +81,23 @@ def setup_logging(settings: Settings, worker: int | None = None) -> None:
 
 async def run_until_signalled(server: Any, announce: bool = True) -> None:
     """Run a Server (or the workers' Supervisor) until SIGINT or SIGTERM, then stop it gracefully."""
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            bound = await nursery.start(server.run)
-            for name, addr in (("coap", bound.coap), ("coaps", bound.coaps)):
-                if addr and announce:
-                    print(f"corem: {name} listening on udp {_fmt_addr(addr)}", flush=True)
-            if bound.http and announce:
-                print(f"corem: http listening on http://{_fmt_addr(bound.http)}", flush=True)
-            async for _ in signals:
-                server.stop()
-                break
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as outer:
+
+            async def stop_at_a_signal() -> None:  # from the start: a start that hangs stops too
+                async for _ in signals:
+                    server.stop()
+                    return
+
+            outer.start_soon(stop_at_a_signal)
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(server.run)
+                for name, addr in (("coap", bound.coap), ("coaps", bound.coaps)):
+                    if addr and announce:
+                        print(f"corem: {name} listening on udp {_fmt_addr(addr)}", flush=True)
+                if bound.http and announce:
+                    print(f"corem: http listening on http://{_fmt_addr(bound.http)}", flush=True)
+            outer.cancel_scope.cancel()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -103,7 +109,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         supervisor = Supervisor(settings, n)
         print(f"corem: {n} workers", flush=True)
-        trio.run(run_until_signalled, supervisor)
+        try:
+            trio.run(run_until_signalled, supervisor)
+        except BaseExceptionGroup as group:  # a setting only the workers check: one line, status 2
+            found = group.subgroup(ConfigError)
+            if found is None:
+                raise
+            refused: BaseException = found
+            while isinstance(refused, BaseExceptionGroup):
+                refused = refused.exceptions[0]
+            raise refused from None
     else:
         from .server import Server
 

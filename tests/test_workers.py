@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -366,3 +367,16 @@ def test_an_rpc_for_a_silent_device_expires_after_its_own_timeout(workers):
     assert time.monotonic() - started < 2.5  # once, at the front; not again at the worker
     status, _ = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 1}, token="bad")
     assert status == 401  # an unauthenticated call is not held at the front
+
+
+def test_a_setting_only_the_workers_check_stops_the_supervisor_with_one_line(tmp_path):
+    """A cipher name Mbed TLS does not know is found when a worker builds its CoAPS listener: the
+    supervisor does not start them again and again, it stops with the reason and status 2."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "corem", "serve", "--data-dir", str(tmp_path / "d"),
+                           "--coap", "127.0.0.1:0", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0",
+                           "--workers", "2", "--dtls-ciphers", "NOPE"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and time.monotonic() - started < 30
+    assert "'NOPE' is not a cipher suite" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1] == "corem: worker 0 refused the settings (status 2)" or \
+        proc.stderr.rstrip().splitlines()[-1] == "corem: worker 1 refused the settings (status 2)"

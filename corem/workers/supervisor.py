@@ -103,6 +103,9 @@ class Supervisor:
         self._refreshes: dict[int, tuple[set[int], trio.Event]] = {}
         self._refresh_ids = 0
         self._stopping = False
+        self._started = False
+        #: why the workers could not start (a setting only a worker checks, e.g. a cipher name)
+        self.failed: str | None = None
         self._stop = trio.Event()
         from .front import Front
 
@@ -168,8 +171,12 @@ class Supervisor:
                     done.set()
             if self._stopping:
                 return
-            self.restarts += 1
             code = w.process.returncode or 0
+            if code == 2 and not self._started:  # it refused the settings (its message is above)
+                self.failed = f"worker {w.index} refused the settings (status 2)"
+                self._stop.set()
+                return
+            self.restarts += 1
             backoff = 0.1 if trio.current_time() - started >= HEALTHY_UPTIME else min(backoff * 2, MAX_BACKOFF)
             log.warning("worker %d exited (%s); starting it again in %.1f s", w.index,
                         f"signal {-code}" if code < 0 else f"status {code}", backoff)
@@ -266,31 +273,39 @@ class Supervisor:
                 for w in self.workers:
                     nursery.start_soon(self._keep, w)
                 await nursery.start(registry_nudge.serve, self.settings.data_path, self._nudged)
-                for w in self.workers:
-                    await w.wait_ready()
+                while not all(w.ready for w in self.workers) and not self._stop.is_set():
+                    await trio.sleep(0.02)
+                if self.failed is not None:
+                    await self._stop_workers()
+                    raise ConfigError(self.failed)
                 log.info("started %d workers coap=%s coaps=%s http=%s (peers steered by %s)", self.count,
                          self.bound.coap, self.bound.coaps, self.bound.http,
                          "corem's program" if all(self.steered.values()) else "the kernel's hash")
                 task_status.started(self.bound)
+                self._started = True
                 await self._stop.wait()
-                log.info("stopping %d workers", self.count)
-                self._stopping = True
-                with trio.move_on_after(STOP_GRACE) as grace:
-                    for w in self.workers:
-                        if w.process is not None and w.process.returncode is None:
-                            w.process.send_signal(signal.SIGTERM)
-                    for w in self.workers:
-                        if w.process is not None:
-                            await w.process.wait()
-                if grace.cancelled_caught:
-                    for w in self.workers:
-                        if w.process is not None and w.process.returncode is None:
-                            log.error("worker %d did not stop in %.0f s: killed", w.index, STOP_GRACE)
-                            w.process.kill()
+                await self._stop_workers()
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
             log.info("stopped")
+
+    async def _stop_workers(self) -> None:
+        """SIGTERM to every worker; SIGKILL to one still running after STOP_GRACE."""
+        log.info("stopping %d workers", self.count)
+        self._stopping = True
+        with trio.move_on_after(STOP_GRACE) as grace:
+            for w in self.workers:
+                if w.process is not None and w.process.returncode is None:
+                    w.process.send_signal(signal.SIGTERM)
+            for w in self.workers:
+                if w.process is not None:
+                    await w.process.wait()
+        if grace.cancelled_caught:
+            for w in self.workers:
+                if w.process is not None and w.process.returncode is None:
+                    log.error("worker %d did not stop in %.0f s: killed", w.index, STOP_GRACE)
+                    w.process.kill()
 
     async def _nudged(self, force: bool = False) -> None:
         await self.refresh_all()
