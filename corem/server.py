@@ -21,7 +21,7 @@ import trio
 
 from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
-from .admin.http import HttpError, HttpRequest, HttpServer, Reply, Route, call, json_reply
+from .admin.http import FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply
 from .bus import EmbeddedBus, Sink
 from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
@@ -272,7 +272,10 @@ class Server:
             ops.append(Route("GET", "/_worker/metrics", self._worker_metrics))
         if self.registry.shared:  # for the other nodes' commands readers
             ops.append(Route("POST", "/_node/commands/{tenant}", self._node_command))
-        return ops + [self._at_home(r) if _is_downlink(r) else r for r in self.admin.routes()]
+        routes = self.admin.routes()
+        if self.worker is None:  # (with workers, the supervisor's front routes between nodes)
+            routes = [self._at_home(r) if _is_downlink(r) else r for r in routes]
+        return ops + routes
 
     def _worker_metrics(self, req: HttpRequest) -> Reply:
         from .workers.front import encode_samples
@@ -295,16 +298,16 @@ class Server:
 
         async def at_home(req: HttpRequest) -> Reply:
             homes = self.homes
-            if homes is not None and "x-corem-forwarded" not in req.headers:
-                home = homes.home(req.params["tenant"], req.params["device"])
-                if home is not None and home != homes.node:
-                    try:
-                        return await call(home, req.method, req.path, req.body, {
-                            **{k: v for k, v in req.headers.items() if k in ("authorization", "content-type")},
-                            "x-corem-forwarded": homes.node})
-                    except (OSError, HttpError, trio.TooSlowError) as e:
-                        log.warning("downlink for %s/%s: its node %s did not answer (%s); kept here",
-                                    req.params["tenant"], req.params["device"], home, e)
+            home = None
+            if homes is not None and FORWARDED not in req.headers:
+                home = homes.elsewhere(req.params["tenant"], req.params["device"])
+            if home is not None:
+                assert homes is not None
+                try:
+                    return await forward(home, req, node=homes.node)
+                except (OSError, HttpError, trio.TooSlowError) as e:
+                    log.warning("downlink for %s/%s: its node %s did not answer (%s); kept here",
+                                req.params["tenant"], req.params["device"], home, e)
             reply = handler(req)
             return await reply if inspect.isawaitable(reply) else reply
 
@@ -331,8 +334,8 @@ class Server:
             device = json.loads(value).get("device")
         except (ValueError, AttributeError):
             return False
-        home = self.homes.home(tenant, device) if isinstance(device, str) else None
-        if home is None or home == self.homes.node:
+        home = self.homes.elsewhere(tenant, device) if isinstance(device, str) else None
+        if home is None:
             return False
         self._nursery.start_soon(self._forward_command, home, topic, partition, offset, value)
         return True
@@ -340,8 +343,9 @@ class Server:
     async def _forward_command(self, home: str, topic: str, partition: int, offset: int, value: bytes) -> None:
         tenant = topic[len(COMMANDS_PREFIX):]
         try:
+            assert self.homes is not None
             reply = await call(home, "POST", f"/_node/commands/{tenant}", value, {
-                "authorization": f"Bearer {self.admin_token}", "x-corem-forwarded": home})
+                "authorization": f"Bearer {self.admin_token}", FORWARDED: self.homes.node})
             result = json.loads(reply.body) if reply.status == 200 else None
         except (OSError, HttpError, trio.TooSlowError, ValueError) as e:
             log.warning("commands: %s did not take %s[%d]@%d (%s); carried out here", home, topic, partition,

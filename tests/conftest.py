@@ -183,6 +183,17 @@ def coap_client(url: str, *args: str, timeout: float = 90, binary: str | None = 
     return CoapResult(codes[-1] if codes else None, out)
 
 
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def write_cbor(path: Path, value) -> Path:
     path.write_bytes(cbor2.dumps(value))
     return path

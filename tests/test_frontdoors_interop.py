@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
-    COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem,
+    COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, wait_for,
 )
 
 pytestmark = [needs_libcoap, pytest.mark.interop]
@@ -27,16 +27,6 @@ AIOCOAP_CLIENT = [sys.executable, str(Path(__file__).with_name("aiocoap_client.p
 def background(*args: str) -> subprocess.Popen:
     """A client left running (an observer, a device waiting for a command)."""
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def observers(server) -> float:

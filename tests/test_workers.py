@@ -25,7 +25,7 @@ from corem.workers.front import decode_samples, encode_samples, merge_shared, me
 from corem.metrics import gather
 from corem.stats import Histogram, Sample
 
-from .conftest import COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, needs_libcoap, post, start_corem
+from .conftest import COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, needs_libcoap, post, start_corem, wait_for
 
 CBOR = 60
 
@@ -141,16 +141,6 @@ def test_writers_sharing_the_embedded_bus_keep_one_sequence_of_offsets(tmp_path)
 def worker_pids(server) -> dict[int, int]:
     """Each worker's latest pid, from the supervisor's log."""
     return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) ready \(pid (\d+)\)", server.stderr())}
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import trio
 
@@ -227,6 +227,25 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 FORWARD_TIMEOUT = 90.0
 #: headers of a forwarded request's answer passed on
 PASSED = ("location", "retry-after", "www-authenticate")
+#: a request one corem passed to another (the node or worker that holds a device): served
+#: where it lands, never passed on again; the value names the node it came from
+FORWARDED = "x-corem-forwarded"
+#: headers of a request passed on with it
+PASSED_ON = ("authorization", "content-type", "accept", FORWARDED)
+
+
+def target(req: HttpRequest) -> str:
+    """The request's path and query, as it came."""
+    return req.path + ("?" + urlencode(req.query) if req.query else "")
+
+
+async def forward(base: str, req: HttpRequest, *, node: str | None = None, body: bytes | None = None) -> Reply:
+    """Pass `req` on to another corem (`node`: this one's URL, when it goes to another node;
+    `body`: instead of the request's own)."""
+    headers = {k: v for k, v in req.headers.items() if k in PASSED_ON}
+    if node is not None:
+        headers[FORWARDED] = node
+    return await call(base, req.method, target(req), req.body if body is None else body, headers)
 
 
 async def call(base: str, method: str, target: str, body: bytes, headers: dict[str, str]) -> Reply:

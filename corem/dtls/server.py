@@ -468,9 +468,9 @@ class DtlsServer:
             if session is None:
                 continue
             blob = freeze(session.buf)
-            buf = thaw(blob) if isinstance(blob, bytes) else None
             if blob is Unsaved.NOT_YET:
                 continue
+            buf = None if blob is Unsaved.LOST else thaw(blob)
             if buf is None:
                 log.warning("lost the session of %s while saving it", peer)
                 self.stats.sessions_lost += 1
@@ -479,9 +479,7 @@ class DtlsServer:
             assert isinstance(blob, bytes)
             session.buf = buf
             session.checkpoint_due = now + self.params.session_timeout / 2
-            device = session.device
-            tenant, name = (device.tenant, device.device) if device is not None else ("", "")
-            rows.append((peer_key(peer), blob, tenant, name, session.last_seen + wall_offset))
+            rows.append(_stored(peer, session, blob, wall_offset))
         if rows and self.store.put(rows):
             self.stats.checkpoints += len(rows)
         return len(rows)
@@ -515,9 +513,7 @@ class DtlsServer:
                 log.warning("lost the session of %s while serializing it", peer)
                 self.stats.sessions_lost += 1
             else:
-                device = session.device
-                tenant, name = (device.tenant, device.device) if device is not None else ("", "")
-                row = (peer_key(peer), blob, tenant, name, session.last_seen + wall_offset)
+                row = _stored(peer, session, blob, wall_offset)
                 rows.append(row)
                 saving.append((peer, session, row))
         for peer, session in keep:
@@ -613,6 +609,14 @@ class DtlsServer:
         saved = self.sweep(now, everything=True)
         self.store.close()
         return saved
+
+
+def _stored(peer: Peer, session: Session, blob: bytes, wall_offset: float) -> Row:
+    """A session as the store keeps it: peer key, blob, its device, and when it was last seen
+    (wall clock)."""
+    device = session.device
+    tenant, name = (device.tenant, device.device) if device is not None else ("", "")
+    return peer_key(peer), blob, tenant, name, session.last_seen + wall_offset
 
 
 def _peer_bytes(peer: Peer) -> bytes:

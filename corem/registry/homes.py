@@ -47,11 +47,11 @@ class Homes:
         """A device heard here for the first time (Downlink's first-sight hook)."""
         self._pending.append((tenant, device))
 
-    def home(self, tenant: str, device: str) -> str | None:
-        """The node that last heard the device first, or None."""
+    def elsewhere(self, tenant: str, device: str) -> str | None:
+        """The admin URL of the node that last heard the device first, if that is another node."""
         row = self.db.execute("SELECT node FROM device_homes WHERE tenant = ? AND device = ?",
                               (tenant, device)).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None or row[0] == self.node else str(row[0])
 
     async def run(self) -> None:
         self._writer = self.db.reopen()

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import logging
 from typing import TYPE_CHECKING, Any, Iterator
-from urllib.parse import unquote, urlencode
+from urllib.parse import unquote
 
 import trio
 
 from ..admin import token as admin_token
 from ..admin.api import STATUS_DEVICES
-from ..admin.http import FORWARD_TIMEOUT, HttpError, HttpRequest, HttpServer, Reply, Route, call, json_reply
+from ..admin.http import (
+    FORWARD_TIMEOUT, FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply, target,
+)
 from ..metrics import SHARED, render
 from ..registry.db import Db
 from ..registry.homes import Homes
@@ -88,8 +90,7 @@ class Front:
             key = (segments[2], segments[3])
             elsewhere = self._held_elsewhere(key, req)
             if elsewhere is not None:  # another node's (a shared registry): it carries it out
-                return await call(elsewhere, req.method, _target(req), body,
-                                  {**_passed_request_headers(req.headers), "x-corem-forwarded": self.node})
+                return await forward(elsewhere, req, node=self.node)
             if (req.method == "POST" and segments[4:] == ["rpc"] and key not in self.sup.homes
                     and self.http.authorized(req.headers)):
                 body = await self._until_heard(key, body)
@@ -104,7 +105,7 @@ class Front:
         else:
             w = await self._first_ready()
         try:
-            reply = await call(_local(w.http), req.method, _target(req), body, _passed_request_headers(req.headers))
+            reply = await forward(_local(w.http), req, body=body)
         except (OSError, trio.TooSlowError) as e:  # the worker died meanwhile, or hangs
             raise HttpError(503, f"worker {w.index} did not answer ({e}); retry") from None
         if req.method not in ("GET", "HEAD") and reply.status < 300:
@@ -114,12 +115,11 @@ class Front:
     def _held_elsewhere(self, key: tuple[str, str], req: HttpRequest) -> str | None:
         """The admin URL of the node that holds the device, if it is another node (nodes sharing
         a PostgreSQL registry: registry/homes.py); None for this node or no other."""
-        if self.homes is None or req.method in ("GET", "HEAD") or "x-corem-forwarded" in req.headers:
+        if self.homes is None or req.method in ("GET", "HEAD") or FORWARDED in req.headers:
             return None
         if key in self.sup.homes:  # one of this node's workers holds it
             return None
-        home = self.homes.home(*key)
-        return home if home is not None and home != self.node else None
+        return self.homes.elsewhere(*key)
 
     async def _until_heard(self, key: tuple[str, str], body: bytes) -> bytes:
         """An RPC waits for its device, which only the worker that hears it can reach: wait here
@@ -138,18 +138,18 @@ class Front:
         return json.dumps(request).encode()
 
     # -- gathered answers ------------------------------------------------------------------------
-    async def _from_all(self, method: str, target: str) -> list[Reply]:
+    async def _from_all(self, method: str, path: str) -> list[Reply]:
         """One answer from each ready worker (those that fail are left out), by worker index."""
-        return [r for _, r in sorted(await self._from_each(method, target), key=lambda ir: ir[0])]
+        return [r for _, r in sorted(await self._from_each(method, path), key=lambda ir: ir[0])]
 
-    async def _from_each(self, method: str, target: str) -> list[tuple[int, Reply]]:
+    async def _from_each(self, method: str, path: str) -> list[tuple[int, Reply]]:
         replies: list[tuple[int, Reply]] = []
 
         async def one(w: Worker) -> None:
             try:
-                replies.append((w.index, await call(_local(w.http), method, target, b"", {"authorization": f"Bearer {self.token}"})))
+                replies.append((w.index, await call(_local(w.http), method, path, b"", {"authorization": f"Bearer {self.token}"})))
             except (OSError, HttpError, trio.TooSlowError) as e:
-                log.warning("worker %d did not answer %s: %s", w.index, target, e)
+                log.warning("worker %d did not answer %s: %s", w.index, path, e)
 
         async with trio.open_nursery() as nursery:
             for w in self.sup.workers:
@@ -182,10 +182,10 @@ class Front:
         return Reply(200, b"ready\n", "text/plain")
 
     async def status(self, req: HttpRequest) -> Reply:
-        return json_reply(merge_status([json.loads(r.body) for r in await self._from_all("GET", _target(req))]))
+        return json_reply(merge_status([json.loads(r.body) for r in await self._from_all("GET", target(req))]))
 
     async def samples(self, req: HttpRequest) -> Reply:
-        got = [json.loads(r.body) for r in await self._from_all("GET", _target(req))]
+        got = [json.loads(r.body) for r in await self._from_all("GET", target(req))]
         limit = int(req.query.get("limit", "200")) if req.query.get("limit", "200").isdigit() else 200
         merged = sorted((s for g in got for s in g.get("samples", [])), key=lambda s: s.get("at", 0), reverse=True)
         return json_reply({**(got[0] if got else {}), "samples": merged[:limit]})
@@ -263,10 +263,3 @@ def _local(port: int | None) -> str:
         raise HttpError(503, "worker not ready")
     return f"http://127.0.0.1:{port}"
 
-
-def _target(req: HttpRequest) -> str:
-    return req.path + ("?" + urlencode(req.query) if req.query else "")
-
-
-def _passed_request_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k in ("authorization", "content-type", "accept", "x-corem-forwarded")}
