@@ -127,6 +127,25 @@ def test_a_lost_database_connection_is_counted_and_made_again(store_url):
         store.close()
 
 
+def test_the_registry_makes_a_lost_database_connection_again(store_url):
+    import psycopg
+
+    from corem.registry import Registry
+
+    reg = Registry(store_url)
+    try:
+        reg.add_device("acme", "d1", token="T1")
+        with psycopg.connect(store_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (reg.db._conn.info.backend_pid,))
+        time.sleep(0.2)
+        with pytest.raises(Exception):
+            reg.add_device("acme", "d2", token="T2")  # the write that found it gone
+        reg.add_device("acme", "d3", token="T3")  # on a new connection
+        assert [d.device for d in reg.list_devices("acme")] == ["d1", "d3"]
+    finally:
+        reg.close()
+
+
 def node(store_url: str) -> DtlsServer:
     return DtlsServer(PskStore({IDENTITY: DEVICE}.get), store=SessionStore(store_url),
                       device_lookup=lambda t, d: DEVICE)

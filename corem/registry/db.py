@@ -60,6 +60,7 @@ class Db:
             self.IntegrityError: type[Exception] = psycopg.IntegrityError
             self.OperationalError: type[Exception] = psycopg.OperationalError
             self._conn: Any = psycopg.connect(str(where), autocommit=True, connect_timeout=10)
+            self._in_transaction = False
             return
         self.Error, self.IntegrityError, self.OperationalError = (
             sqlite3.Error, sqlite3.IntegrityError, sqlite3.OperationalError)
@@ -78,12 +79,31 @@ class Db:
         return sql.replace("%", "%%").replace("?", "%s") if self.shared else sql
 
     def execute(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> Any:
+        if self.shared:
+            self._alive(sql)
         return self._conn.execute(self._sql(sql), args)
+
+    def _alive(self, sql: str) -> None:
+        """Make a lost PostgreSQL connection again (a restarted server, a failover): the statement
+        that found it lost failed; the next one outside a transaction runs on a new connection.
+        Inside a transaction it fails too, so no statement of it lands outside it."""
+        word = sql.lstrip()[:8].upper()
+        if self._conn.closed:
+            if self._in_transaction and not word.startswith("ROLLBACK"):
+                raise self.OperationalError("the connection to the registry's database was lost in a transaction")
+            import psycopg
+
+            self._conn, self._in_transaction = psycopg.connect(str(self.where), autocommit=True, connect_timeout=10), False
+        if word.startswith("BEGIN"):
+            self._in_transaction = True
+        elif word.startswith(("COMMIT", "ROLLBACK")):
+            self._in_transaction = False
 
     def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
         if self.shared:
+            self._alive(sql)
             with self._conn.cursor() as cur:
                 cur.executemany(self._sql(sql), rows)
         else:
@@ -118,7 +138,11 @@ class Db:
     def rollback(self) -> None:
         """End the transaction if one is open (SQLite may have ended it already)."""
         try:
-            if self.shared or self._conn.in_transaction:
+            if self.shared:
+                self._in_transaction = False
+                if not self._conn.closed:
+                    self._conn.execute("ROLLBACK")
+            elif self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
         except Exception:  # noqa: BLE001 - nothing to roll back, or the connection is gone
             pass
@@ -127,7 +151,7 @@ class Db:
         """Moves when the registry's devices or profiles change (SQLite: when another connection
         commits anything)."""
         if self.shared:
-            return int(self._conn.execute("SELECT v FROM corem_registry_version WHERE id = 1").fetchone()[0])
+            return int(self.execute("SELECT v FROM corem_registry_version WHERE id = 1").fetchone()[0])
         return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
