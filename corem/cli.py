@@ -29,7 +29,7 @@ from .profiles.spec import Profile, ProfileError, parse_profile, profile_from
 from .profiles.trial import SampleError, decode_sample, sample_bytes
 from .registry import Registry, RegistryError, bulk
 from .registry.nudge import nudge
-from .registry.store import parse_psk
+from .registry.store import parse_oscore, parse_psk
 
 
 def _add_settings_flags(p: argparse.ArgumentParser, keys: list[str]) -> None:
@@ -153,6 +153,8 @@ def _opened(args: argparse.Namespace) -> Iterator[Registry]:
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
     psk = parse_psk(args.psk, args.psk_hex)
+    oscore = parse_oscore(args.oscore_sender_id, args.oscore_recipient_id, args.oscore_secret, args.oscore_secret_hex,
+                          args.oscore_salt, args.oscore_id_context)
     cert = None
     if args.cert is not None:
         from .dtls import certificate_sha256
@@ -164,10 +166,11 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
     with _opened(args) as reg:
         d = reg.add_device(
             args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
-            cert_sha256=cert, power_mode=args.power_mode, topics=args.topics, gateways=args.gateways,
+            cert_sha256=cert, power_mode=args.power_mode, topics=args.topics, gateways=args.gateways, oscore=oscore,
         )
     _nudge(reg)  # a running server has it when this returns
-    creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256)) if have]
+    creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256),
+                               ("oscore", d.oscore)) if have]
     print(f"added {d.tenant}/{d.device} profile={d.profile} credentials={','.join(creds) or 'none'}")
     return 0
 
@@ -177,7 +180,8 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
         devices = reg.list_devices(args.tenant)
     if args.json:
         for d in devices:  # secrets stay in the registry: say that a key exists, not what it is
-            print(msgspec.json.encode(msgspec.structs.replace(d, psk=None)).decode())
+            oscore = d.oscore and {"sender_id": d.oscore.sender_id.hex(), "recipient_id": d.oscore.recipient_id.hex()}
+            print(msgspec.json.encode({**msgspec.structs.asdict(d), "psk": None, "oscore": oscore}).decode())
         return 0
     print(f"{'TENANT':<20} {'DEVICE':<28} {'PROFILE':<12} CREDENTIALS")
     for d in devices:
@@ -187,6 +191,7 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
                 ("token", d.token),
                 (f"psk:{d.psk_identity}", d.psk_identity),
                 (f"cert:{(d.cert_sha256 or '')[:16]}", d.cert_sha256),
+                (f"oscore:{d.oscore.recipient_id.hex() if d.oscore else ''}", d.oscore),
             )
             if have
         ]
@@ -398,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--psk", help="DTLS pre-shared key as text")
     add.add_argument("--psk-hex", help="DTLS pre-shared key as hex")
     add.add_argument("--cert", metavar="PEM", help="the device's X.509 certificate (registered by SHA-256)")
+    add.add_argument("--oscore-sender-id", metavar="HEX",
+                     help="OSCORE: corem's Sender ID (the device's Recipient ID), hex; may be empty ('')")
+    add.add_argument("--oscore-recipient-id", metavar="HEX",
+                     help="OSCORE: the device's Sender ID (the kid of its requests), hex")
+    add.add_argument("--oscore-secret", help="OSCORE master secret as text (16-64 bytes)")
+    add.add_argument("--oscore-secret-hex", help="OSCORE master secret as hex")
+    add.add_argument("--oscore-salt", metavar="HEX", help="OSCORE master salt, hex (default: empty)")
+    add.add_argument("--oscore-id-context", metavar="HEX", help="OSCORE ID context, hex (default: none)")
     add.add_argument("--power-mode", choices=["drx", "psm"], default="drx",
                      help="psm: reachable only psm_activity_timer after it talks; downlink queues meanwhile")
     add.add_argument("--topics", default="#", help="MQTT filters the device may use on /ps and /mqtt (default: #)")

@@ -77,6 +77,14 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_sessions_closed": (C, "Sessions ended by close_notify."),
     "corem_dtls_sessions_expired": (C, "Sessions forgotten after the inactivity timeout."),
     "corem_dtls_sessions": (G, "Sessions by state."),
+    # OSCORE (corem/oscore)
+    "corem_oscore_requests": (C, "Requests with the OSCORE option (RFC 8613)."),
+    "corem_oscore_sealed": (C, "Answers and notifications sealed with a device's OSCORE context."),
+    "corem_oscore_echo_challenges": (
+        C, "4.01 answers with Echo (RFC 9175): a context's first request after a start, before its replay window opens."),
+    "corem_oscore_refused": (C, "OSCORE requests refused, by reason (RFC 8613 §8.2: bad_option, unknown_context, "
+                                "decrypt, replay; method, storage)."),
+    "corem_oscore_contexts": (G, "OSCORE security contexts in memory."),
     "corem_dtls_sessions_offloaded": (C, "Idle sessions serialized and freed."),
     "corem_dtls_sessions_restored": (C, "Offloaded sessions brought back by a datagram."),
     "corem_dtls_sessions_lost": (C, "Sessions that failed to serialize or restore."),

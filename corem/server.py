@@ -29,9 +29,11 @@ from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
 from .coap import Endpoint, Router, discovery
 from .coap.blockwise import Block1Uploads
+from .coap.endpoint import Request
 from .coap.observe import Observers
 from .coap.site import Site
 from .codec import MessageFormatError, OptionNumber, decode
+from .codec.options import UNDERSTOOD_CRITICAL
 from .config import ConfigError, Settings
 from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
@@ -48,11 +50,13 @@ from .metrics import gather, render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
+from .oscore import Oscore
 from .registry import Device, Directory, Registry
 from .registry import nudge as registry_nudge
 from .registry.db import Lease, listen
 from .registry.homes import Homes
 from .registry.management import Management
+from .registry.oscore import OscoreState
 from .registry.store import Snapshot
 from .stats import Measured
 from .workers.link import Link, WorkerSpec
@@ -103,6 +107,14 @@ def make_sink(s: Settings, after_batch: Callable[[], None] | None = None, *, sha
                            max_batch=s.sink_max_batch, after_batch=after_batch, shared=shared)
     return KafkaSink(s.kafka_settings(), max_pending=s.sink_max_pending, max_batch=s.sink_max_batch,
                      after_batch=after_batch)
+
+
+def identity(dtls: DtlsServer | None) -> Callable[[Request], Device | None]:
+    """Who sent a request, by the security below CoAP: its OSCORE context, else its DTLS session."""
+    if dtls is None:
+        return lambda req: req.identity
+    session = dtls.device
+    return lambda req: req.identity or session(req.peer)
 
 
 def _bind_or_explain(key: str, host: str, port: int):
@@ -178,6 +190,8 @@ class Server:
             self.directory, self.sink, self.diagnostics, presence=self.presence, on_uplink=self.downlink.uplink,
             now=trio.current_time,
         )
+        self.oscore = Oscore(self.directory.oscore_device, OscoreState(self.registry.db),
+                             UNDERSTOOD_CRITICAL - {OptionNumber.OSCORE})
         self.thingsboard = ThingsBoard(self.directory, self.ingest, self.management, self.downlink, trio.current_time)
         self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
         self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
@@ -238,7 +252,7 @@ class Server:
             if t.dtls is not None:
                 yield t.dtls, {}
         parts: list[Measured | None] = [self.ingest, self.sink, self.command_reader, self.presence, self.downlink,
-                                        self.emqx, self.thingsboard, self.http, self.directory, self.diagnostics]
+                                        self.oscore, self.emqx, self.thingsboard, self.http, self.directory, self.diagnostics]
         for part in parts:
             if part is not None:
                 yield part, {}
@@ -389,7 +403,7 @@ class Server:
         coap = s.listener("coap")
         if coap is not None:
             endpoint, router = self.new_endpoint(), self._router()
-            self.ingest.install(router)
+            self.ingest.install(router, session_device=identity(None))
             lane = self._fast_lane(endpoint, behind_dtls=False)
             observers = self._observers(endpoint)
             edge = UdpEdge(
@@ -407,7 +421,7 @@ class Server:
                 dtls = self._dtls(endpoint, lane)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"dtls: {e}") from None
-            self.ingest.install(router, session_device=dtls.device)
+            self.ingest.install(router, session_device=identity(dtls))
             observers = self._observers(endpoint)
             edge = UdpEdge(
                 self._socket("coaps", coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
@@ -428,10 +442,12 @@ class Server:
 
     def _router(self) -> Router:
         s = self.settings
-        return Router(Block1Uploads(max_transfers=s.max_uploads, max_body=s.max_upload_size))
+        router = Router(Block1Uploads(max_transfers=s.max_uploads, max_body=s.max_upload_size))
+        router.unwrap = self.oscore.unwrap  # OSCORE on every transport (RFC 8613 allows it inside DTLS too)
+        return router
 
     def _add_transport(self, t: Transport) -> None:
-        session = t.dtls.device if t.dtls is not None else None
+        session = identity(t.dtls)
         self.thingsboard.install(t.router, t.observers, session)
         self.drogue.install(t.router, session)
         self.emqx.install(t.router, t.observers, session)

@@ -33,7 +33,7 @@ from ..profiles.spec import Profile, ProfileError, profile_from
 from ..profiles.trial import SampleError, decode_sample, sample_bytes
 from ..registry import Device, RegistryError, bulk
 from ..registry.management import KINDS, LABEL_RE
-from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_psk
+from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_oscore, parse_psk
 from .http import HttpError, HttpRequest, Reply, Route, json_reply
 
 log = logging.getLogger("corem.admin")
@@ -98,7 +98,20 @@ DEVICE_FIELDS = {
     "power_mode": {"type": "string", "enum": ["drx", "psm"]},
     "topics": {"type": "string", "description": "space-separated MQTT filters for /ps and /mqtt"},
     "gateways": {"type": "string", "description": "space-separated devices that may publish for this one (as=)"},
+    "oscore_sender_id": {"type": "string", "description": "OSCORE: corem's Sender ID, hex (0-7 bytes)",
+                         "pattern": "^([0-9a-fA-F]{2}){0,7}$"},
+    "oscore_recipient_id": {"type": "string", "description": "OSCORE: the device's Sender ID (its kid), hex",
+                            "pattern": "^([0-9a-fA-F]{2}){0,7}$"},
+    "oscore_secret": {"type": "string", "description": "OSCORE master secret as text, 16-64 bytes",
+                      "minLength": 16, "maxLength": 64},
+    "oscore_secret_hex": {"type": "string", "description": "OSCORE master secret as hex, 16-64 bytes",
+                          "pattern": "^([0-9a-fA-F]{2}){16,64}$"},
+    "oscore_salt": {"type": "string", "description": "OSCORE master salt, hex", "pattern": "^([0-9a-fA-F]{2}){0,64}$"},
+    "oscore_id_context": {"type": "string", "description": "OSCORE ID context, hex",
+                          "pattern": "^([0-9a-fA-F]{2}){0,255}$"},
 }
+OSCORE_FIELDS = ("oscore_sender_id", "oscore_recipient_id", "oscore_secret", "oscore_secret_hex", "oscore_salt",
+                 "oscore_id_context")
 
 
 def _fields(body: Any, allowed: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -163,6 +176,8 @@ class AdminApi:
             "tenant": d.tenant, "device": d.device, "profile": d.profile, "created_at": d.created_at,
             "has_token": d.token is not None, "psk_identity": d.psk_identity, "cert_sha256": d.cert_sha256,
             "power_mode": d.power_mode, "topics": d.topics, "gateways": d.gateways,
+            "oscore": d.oscore and {"sender_id": d.oscore.sender_id.hex(), "recipient_id": d.oscore.recipient_id.hex(),
+                                    "id_context": None if d.oscore.id_context is None else d.oscore.id_context.hex()},
             "online": key in seen, "last_seen": seen.get(key),
             "points": s.ingest.stats.device_points.get(key, 0),
             "rejections": s.ingest.stats.device_rejections.get(key, 0),
@@ -184,15 +199,17 @@ class AdminApi:
             except ValueError as e:
                 raise HttpError(400, f"cert_pem: {e}") from None
         token = body.get("token")
-        if token is None and body.get("psk_identity") is None and cert is None:
+        oscore_given = any(body.get(k) is not None for k in OSCORE_FIELDS)
+        if token is None and body.get("psk_identity") is None and cert is None and not oscore_given:
             token = secrets.token_urlsafe(18)  # a device needs some credential: an access token by default
         try:
             psk = parse_psk(body.get("psk"), body.get("psk_hex"))
+            oscore = parse_oscore(*(body.get(k) for k in OSCORE_FIELDS))
             d = self.parts.registry.add_device(
                 body["tenant"], body["device"], token=token, profile=body.get("profile") or "default",
                 psk_identity=body.get("psk_identity"), psk=psk, cert_sha256=cert,
                 power_mode=body.get("power_mode") or "drx", topics=body.get("topics") or "#",
-                gateways=body.get("gateways") or "",
+                gateways=body.get("gateways") or "", oscore=oscore,
             )
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
@@ -468,10 +485,12 @@ class AdminApi:
             Route("GET", "/api/devices", self.list_devices, doc={"summary": "List devices (optionally ?tenant=)"}),
             Route("POST", "/api/devices", self.add_device, doc={
                 "summary": "Register a device; without credentials it gets a generated access token",
-                "ok": 201, "errors": {409: "The device, token, PSK identity or certificate exists already"},
+                "ok": 201, "errors": {409: "The device, token, PSK identity, certificate or OSCORE recipient ID exists already"},
                 "body": {"type": "object", "required": ["tenant", "device"], "properties": DEVICE_FIELDS,
                          "dependentRequired": {"psk": ["psk_identity"], "psk_hex": ["psk_identity"],
-                                               "psk_identity": []}}}),
+                                               "psk_identity": [],
+                                               **{k: ["oscore_sender_id", "oscore_recipient_id"]
+                                                  for k in OSCORE_FIELDS}}}}),
             Route("POST", "/api/devices/import", self.import_devices, doc={
                 "summary": "Register many devices: CSV with a header, or JSON Lines (?format=jsonl); idempotent; "
                            "?replace=true overwrites devices that exist with other settings",

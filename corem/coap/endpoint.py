@@ -39,6 +39,9 @@ Key = tuple[Peer, int]
 
 CON, NON, ACK, RST = Type.CON, Type.NON, Type.ACK, Type.RST
 
+#: How a message-level security layer seals an answer: (code, options, payload) -> the outer message's.
+Protect = Callable[[int, "Options | None", bytes], "tuple[int, Options, bytes]"]
+
 # Request states
 PENDING = 0  # received, handler has not answered, still inside the piggyback window
 SEPARATE = 1  # empty ACK sent; the answer will be a separate response
@@ -79,7 +82,7 @@ class Request:
 
     __slots__ = (
         "endpoint", "peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app",
-        "size", "echo",
+        "size", "echo", "identity", "protect",
     )
 
     def __init__(
@@ -103,6 +106,10 @@ class Request:
         self.size = size
         #: Options every answer to this request carries, whoever sends it (e.g. Block1, RFC 7959 §2.3).
         self.echo: Options | None = None
+        #: The device a message-level security context authenticated (OSCORE), or None.
+        self.identity: Any = None
+        #: Seals every answer (OSCORE): (code, options, payload) -> the outer (code, options, payload).
+        self.protect: Protect | None = None
 
     @property
     def answered(self) -> bool:
@@ -373,6 +380,8 @@ class Endpoint:
         token = req.token
         if req.echo:
             options = sorted([*(options or []), *req.echo], key=lambda o: o[0])
+        if req.protect is not None:
+            code, options, payload = req.protect(code, options, payload)
         if payload and code >= 0x80 and self.params.limit_error_size:
             payload = self._fit(req.size, req.mid, token, code, options, payload)
         if req.confirmable and state == PENDING:

@@ -20,21 +20,23 @@ from typing import Hashable, Iterator
 from ..codec import Message, OptionNumber, Options, Type, encode, encode_uint
 from ..stats import Sample, counter, gauge
 from .blockwise import first_block
-from .endpoint import Endpoint, Event, GaveUp, Request, Reset, StrayReset
+from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset
 from .response import Response
 
 Peer = Hashable
 
 
 class Observation:
-    __slots__ = ("resource", "peer", "token", "notifications", "last_con")
+    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect")
 
-    def __init__(self, resource: str, peer: Peer, token: bytes, now: float) -> None:
+    def __init__(self, resource: str, peer: Peer, token: bytes, now: float, protect: Protect | None = None) -> None:
         self.resource = resource
         self.peer = peer
         self.token = token
         self.notifications = 0
         self.last_con = now
+        #: the registering request's sealer (OSCORE): each notification is sealed for this observer
+        self.protect = protect
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,7 @@ class Observers:
         ):
             self.stats.refused += 1
             return None
-        obs = Observation(resource, req.peer, req.token, now)
+        obs = Observation(resource, req.peer, req.token, now, req.protect)
         self._by_key[key] = obs
         self._by_resource.setdefault(resource, {})[key] = obs
         self._per_source[host] += 1
@@ -161,7 +163,12 @@ class Observers:
             obs.notifications += 1
             mid = ep.next_mid()
             confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
-            data = encode(Message(Type.CON if confirmable else Type.NON, code, mid, obs.token, opts, payload))
+            mtype = Type.CON if confirmable else Type.NON
+            if obs.protect is None:
+                data = encode(Message(mtype, code, mid, obs.token, opts, payload))
+            else:
+                outer_code, outer, sealed = obs.protect(code, opts, payload)
+                data = encode(Message(mtype, outer_code, mid, obs.token, outer, sealed))
             if confirmable:
                 if not ep.send_confirmable(data, obs.peer, mid, obs.token, context=Notification(key), code=code):
                     continue  # too many messages awaiting ACK: this one is skipped, the next may go

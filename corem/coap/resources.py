@@ -51,6 +51,9 @@ class Router:
         self._next_error_log = 0.0
         #: Block1 uploads in progress (RFC 7959 §2.5), bounded
         self.uploads = Block1Uploads() if uploads is None else uploads
+        #: message-level security (corem/oscore): turns a sealed request into the device's request
+        #: (or answers it) before it is routed
+        self.unwrap: Callable[[Request], Response | None] | None = None
 
     def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None) -> None:
         """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`;
@@ -83,6 +86,10 @@ class Router:
         return sorted(self._links.items())
 
     def dispatch(self, req: Request) -> Response | None:
+        if self.unwrap is not None:
+            refused = self.unwrap(req)
+            if refused is not None:
+                return refused
         msg = req.message
         assert msg is not None
         bad = first_bad_text(msg.options)

@@ -91,8 +91,8 @@ def unauthorized(reason: str) -> Response:
     return Response(Code.UNAUTHORIZED, reason.encode()[:512])
 
 
-def session_owner(directory: Directory, session: Callable[[object], Device | None] | None, req: Request) -> Device | None:
-    """The registered device behind a DTLS session, as the registry has it now (None without a
-    session, for a one-way certificate session, or once the device was removed)."""
-    named = session(req.peer) if session is not None else None
+def session_owner(directory: Directory, session: Callable[[Request], Device | None] | None, req: Request) -> Device | None:
+    """The registered device behind a request's DTLS session or OSCORE context, as the registry has
+    it now (None without either, for a one-way certificate session, or once the device was removed)."""
+    named = session(req) if session is not None else None
     return named and directory.named(named.tenant, named.device)

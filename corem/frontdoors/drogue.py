@@ -39,7 +39,7 @@ class Drogue:
         self.downlink = downlink
         self.clock = clock
 
-    def install(self, router: Router, session_device: Callable[[object], Device | None] | None = None) -> None:
+    def install(self, router: Router, session_device: Callable[[Request], Device | None] | None = None) -> None:
         def publish(req: Request, params: list[str]) -> Response | None:
             return self.publish(req, params[0], session_device)
 

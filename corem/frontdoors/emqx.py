@@ -100,7 +100,7 @@ class Emqx:
     def __len__(self) -> int:
         return len(self._retained)
 
-    def install(self, router: Router, observers: Observers, session_device: Callable[[object], Device | None] | None = None) -> None:
+    def install(self, router: Router, observers: Observers, session_device: Callable[[Request], Device | None] | None = None) -> None:
         self.observers.append(observers)
 
         def door(handler):

@@ -67,7 +67,7 @@ class ThingsBoard:
         yield counter("corem_provisioning", self.provisioned, result="success")
         yield counter("corem_provisioning", self.provision_refused, result="refused")
 
-    def install(self, router: Router, observers: Observers, session_device: Callable[[object], Device | None] | None = None) -> None:
+    def install(self, router: Router, observers: Observers, session_device: Callable[[Request], Device | None] | None = None) -> None:
         doors: dict[str, dict[int, Handler]] = {
             "attributes": {Code.GET: self.get_attributes, Code.POST: self.post_attributes},
             "rpc": {Code.GET: self.get_rpc},

@@ -142,13 +142,13 @@ class TelemetryIngest:
         #: profile name -> (the Profile it was compiled from, its decoder)
         self._compiled: dict[str, tuple[Profile, PointsDecoder]] = {}
 
-    def install(self, router: Router, session_device: Callable[[object], Device | None] | None = None) -> None:
-        """Add the telemetry front doors; with `session_device` (CoAPS) also `POST /telemetry`,
-        whose tenant and device come from the authenticated DTLS session."""
+    def install(self, router: Router, session_device: Callable[[Request], Device | None] | None = None) -> None:
+        """Add the telemetry front doors; with `session_device` also `POST /telemetry`, whose tenant
+        and device come from the security below CoAP (a DTLS session, an OSCORE context)."""
         router.add("api/v1/{token}/telemetry", {Code.POST: self.post_with_token})
         if session_device is not None:
             def post_in_session(req: Request, params: list[str]) -> Response | None:
-                device = session_device(req.peer)
+                device = session_device(req)
                 if device is None:  # one-way certificate session: the device names itself by token
                     self.stats.auth_failures["coap", "no_session_identity"] += 1
                     return Response(Code.UNAUTHORIZED, b"no device identity in this session; use /api/v1/{token}/telemetry")

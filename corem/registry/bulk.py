@@ -2,7 +2,8 @@
 
 Each line is a device with the fields of `corem devices add` (`tenant`, `device`, `profile`,
 `token`, `psk_identity`, `psk` or `psk_hex`, `cert_sha256`, `power_mode`, `topics`,
-`gateways`); CSV has them as its header.  Every line is checked before its chunk is written, and
+`gateways`, and the OSCORE context's `oscore_sender_id`, `oscore_recipient_id`, `oscore_secret` or
+`oscore_secret_hex`, `oscore_salt`, `oscore_id_context`); CSV has them as its header.  Every line is checked before its chunk is written, and
 an error names the line and the field.  The import is idempotent: a device that is already there
 with the same settings is counted `unchanged`; with other settings it is an error, or replaced
 with `replace`.  Chunks before an error stay written, so the same import run again after a fix
@@ -18,15 +19,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ..errors import StorageUnavailable
-from .store import _COLUMNS, Device, Registry, RegistryError, new_device, parse_psk, row
+from .store import _COLUMNS, Device, Registry, RegistryError, new_device, parse_oscore, parse_psk, row
 
 #: Devices written per transaction: large enough that the commit's fsync is paid rarely, small
 #: enough that a running server's registry poll never waits long for the write lock.
 CHUNK = 5000
+OSCORE_FIELDS = ("oscore_sender_id", "oscore_recipient_id", "oscore_secret", "oscore_secret_hex", "oscore_salt",
+                 "oscore_id_context")
 FIELDS = ("tenant", "device", "profile", "token", "psk_identity", "psk", "psk_hex", "cert_sha256", "power_mode",
-          "topics", "gateways")
+          "topics", "gateways", *OSCORE_FIELDS)
 #: what makes two registrations the same device with the same settings (not created_at)
-_SAME = slice(0, 4), slice(5, 11)
+_SAME = slice(0, 4), slice(5, 13)
+#: the unique credentials: (column index in a row, field name)
+_UNIQUE = ((3, "token"), (5, "psk_identity"), (7, "cert_sha256"), (12, "oscore_recipient_id"))
 
 
 class Imported(NamedTuple):
@@ -69,16 +74,17 @@ def device_of(n: int, fields: dict[str, Any]) -> Device:
     unknown = [k for k in fields if k not in FIELDS]
     if unknown:
         raise RegistryError(f"line {n}: {unknown[0]}: unknown field; fields: {', '.join(FIELDS)}")
-    text = {k: v for k, v in fields.items() if k not in ("psk", "psk_hex")}
+    text = {k: v for k, v in fields.items() if k not in ("psk", "psk_hex") and k not in OSCORE_FIELDS}
     for key, value in text.items():
         if not isinstance(value, str):
             raise RegistryError(f"line {n}: {key}: expected text")
     try:
         psk = parse_psk(fields.get("psk"), fields.get("psk_hex"))
+        oscore = parse_oscore(*(fields.get(k) for k in OSCORE_FIELDS))
         tenant, device = text.pop("tenant", None), text.pop("device", None)
         if tenant is None or device is None:
             raise RegistryError(f"{'tenant' if tenant is None else 'device'}: required")
-        return new_device(tenant, device, psk=psk, **text)
+        return new_device(tenant, device, psk=psk, oscore=oscore, **text)
     except (RegistryError, ValueError) as e:
         raise RegistryError(f"line {n}: {e}") from None
 
@@ -92,7 +98,7 @@ def import_devices(
     existing = {(r[0], r[1]): r for r in conn.execute(f"SELECT {_COLUMNS} FROM devices")}
     owners = {}  # credential -> the device that has it, to name a clash by its line
     for r in existing.values():
-        for i, what in ((3, "token"), (5, "psk_identity"), (7, "cert_sha256")):
+        for i, what in _UNIQUE:
             if r[i] is not None:
                 owners[what, r[i]] = (r[0], r[1])
     added = unchanged = replaced = done = 0
@@ -101,13 +107,12 @@ def import_devices(
     def write() -> None:
         try:
             conn.execute("BEGIN" if conn.shared else "BEGIN IMMEDIATE")
-            conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              [row(d) for _, d, update in batch if not update])
             conn.executemany(
                 "UPDATE devices SET profile = ?, token = ?, psk_identity = ?, psk = ?, cert_sha256 = ?, "
-                "power_mode = ?, topics = ?, gateways = ? WHERE tenant = ? AND device = ?",
-                [(d.profile, d.token, d.psk_identity, d.psk, d.cert_sha256, d.power_mode, d.topics, d.gateways,
-                  d.tenant, d.device) for _, d, update in batch if update])
+                "power_mode = ?, topics = ?, gateways = ?, oscore = ?, oscore_kid = ? WHERE tenant = ? AND device = ?",
+                [(*row(d)[2:4], *row(d)[5:], d.tenant, d.device) for _, d, update in batch if update])
             conn.execute("COMMIT")
         except conn.IntegrityError as e:  # (clashes were looked for above: this is a race with a writer)
             conn.rollback()
@@ -128,14 +133,15 @@ def import_devices(
         if old is not None and not replace:
             raise RegistryError(f"line {n}: device {d.tenant}/{d.device} exists with other settings "
                                 "(import with replace to overwrite)")
-        for what, value in (("token", d.token), ("psk_identity", d.psk_identity), ("cert_sha256", d.cert_sha256)):
+        for i, what in _UNIQUE:
+            value = new[i]
             owner = owners.get((what, value)) if value is not None else None
             if owner is not None and owner != key:
                 raise RegistryError(f"line {n}: {what}: already used by {owner[0]}/{owner[1]}")
             if value is not None:
                 owners[what, value] = key
         if old is not None:
-            for i, what in ((3, "token"), (5, "psk_identity"), (7, "cert_sha256")):
+            for i, what in _UNIQUE:
                 if old[i] is not None and old[i] != new[i]:
                     owners.pop((what, old[i]), None)
         existing[key] = new

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS devices (
     power_mode   TEXT NOT NULL DEFAULT 'drx',
     topics       TEXT NOT NULL DEFAULT '#',
     gateways     TEXT NOT NULL DEFAULT '',
+    oscore       TEXT,
+    oscore_kid   TEXT UNIQUE,
     PRIMARY KEY (tenant, device)
 );
 CREATE TABLE IF NOT EXISTS profiles (
@@ -55,11 +57,13 @@ MIGRATIONS = {
     "power_mode": "ALTER TABLE devices ADD COLUMN power_mode TEXT NOT NULL DEFAULT 'drx'",
     "topics": "ALTER TABLE devices ADD COLUMN topics TEXT NOT NULL DEFAULT '#'",
     "gateways": "ALTER TABLE devices ADD COLUMN gateways TEXT NOT NULL DEFAULT ''",
+    "oscore": "ALTER TABLE devices ADD COLUMN oscore TEXT",
+    "oscore_kid": "ALTER TABLE devices ADD COLUMN oscore_kid TEXT",
 }
 #: Migrated columns that carry a UNIQUE constraint in SCHEMA (ALTER TABLE cannot add one: an index does).
-_UNIQUE = ("psk_identity", "cert_sha256")
+_UNIQUE = ("psk_identity", "cert_sha256", "oscore_kid")
 _COLUMNS = ("tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256, power_mode, topics, "
-            "gateways")
+            "gateways, oscore, oscore_kid")
 #: ThingsBoard's power modes: DRX is always reachable; PSM only for a while after each uplink.
 POWER_MODES = ("drx", "psm")
 #: MQTT-style topic filters (EMQX front door), space-separated; `+` one level, `#` the rest.
@@ -81,6 +85,67 @@ class RegistryError(ValueError):
     """A registry operation refused; the message names the field and why."""
 
 
+class OscoreKeys(msgspec.Struct, frozen=True, kw_only=True):
+    """A device's OSCORE security context input (RFC 8613 §3.1), seen from corem: `sender_id` is
+    corem's, `recipient_id` the device's own Sender ID (the kid its requests carry)."""
+
+    sender_id: bytes
+    recipient_id: bytes
+    secret: bytes
+    salt: bytes = b""
+    id_context: bytes | None = None
+
+    @property
+    def kid(self) -> tuple[bytes, bytes]:
+        """How a request finds it: (its kid context or b'', its kid)."""
+        return (self.id_context or b"", self.recipient_id)
+
+    def key_text(self) -> str:
+        """The unique registry key for `kid`, as text (hex)."""
+        return f"{(self.id_context or b'').hex()}/{self.recipient_id.hex()}"
+
+
+#: OSCORE IDs are at most 7 bytes with AES-CCM-16-64-128 (RFC 8613 §3.3); RFC 8613 asks for a
+#: master secret of at least the key length (16 bytes)
+OSCORE_ID_MAX, OSCORE_SECRET_MIN, OSCORE_SECRET_MAX = 7, 16, 64
+_OSCORE_CODEC = (msgspec.json.Encoder(), msgspec.json.Decoder(OscoreKeys))
+
+
+def parse_oscore(sender_id: str | None, recipient_id: str | None, secret: str | None, secret_hex: str | None,
+                 salt: str | None = None, id_context: str | None = None) -> OscoreKeys | None:
+    """OSCORE keys from the CLI's or API's text (IDs, salt and ID context in hex, the secret as
+    text or hex); None if none is given.  RegistryError names the field."""
+    given = [v is not None for v in (sender_id, recipient_id, secret, secret_hex, salt, id_context)]
+    if not any(given):
+        return None
+    if sender_id is None or recipient_id is None or (secret is None and secret_hex is None):
+        raise RegistryError("oscore: a sender ID, a recipient ID and a secret go together; give all three")
+    if secret is not None and secret_hex is not None:
+        raise RegistryError("oscore_secret: give it as text or as hex, not both")
+
+    def unhex(name: str, text: str) -> bytes:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise RegistryError(f"{name}: not hexadecimal") from None
+
+    keys = OscoreKeys(
+        sender_id=unhex("oscore_sender_id", sender_id), recipient_id=unhex("oscore_recipient_id", recipient_id),
+        secret=secret.encode() if secret is not None else unhex("oscore_secret_hex", secret_hex or ""),
+        salt=unhex("oscore_salt", salt or ""), id_context=None if id_context is None else unhex("oscore_id_context", id_context))
+    for name in ("sender_id", "recipient_id"):
+        if len(getattr(keys, name)) > OSCORE_ID_MAX:
+            raise RegistryError(f"oscore_{name}: {len(getattr(keys, name))} bytes; at most {OSCORE_ID_MAX}")
+    if keys.sender_id == keys.recipient_id:
+        raise RegistryError("oscore_recipient_id: must differ from the sender ID (RFC 8613 §3.3)")
+    if not OSCORE_SECRET_MIN <= len(keys.secret) <= OSCORE_SECRET_MAX:
+        raise RegistryError(f"oscore_secret: {len(keys.secret)} bytes; a master secret must be "
+                            f"{OSCORE_SECRET_MIN}-{OSCORE_SECRET_MAX} bytes")
+    if keys.id_context is not None and len(keys.id_context) > 255:
+        raise RegistryError("oscore_id_context: at most 255 bytes")
+    return keys
+
+
 class Device(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str
     device: str
@@ -97,6 +162,8 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     topics: str = "#"
     #: devices of the same tenant allowed to publish for this one (Drogue's `as=`), space-separated
     gateways: str = ""
+    #: the OSCORE security context's input (corem/oscore), or None
+    oscore: OscoreKeys | None = None
 
 
 def check_field(name: str, value: object, pattern: re.Pattern, allowed: str, *, secret: bool = False) -> None:
@@ -131,6 +198,7 @@ def new_device(
     power_mode: str = "drx",
     topics: str = "#",
     gateways: str = "",
+    oscore: OscoreKeys | None = None,
     created_at: int | None = None,
 ) -> Device:
     """A device, every field checked (RegistryError names the field and what is allowed)."""
@@ -160,14 +228,16 @@ def new_device(
         tenant=tenant, device=device, profile=profile, token=token,
         created_at=int(time.time() * 1000) if created_at is None else created_at,
         psk_identity=psk_identity, psk=psk, cert_sha256=cert_sha256, power_mode=power_mode,
-        topics=" ".join(filters), gateways=" ".join(gateways.split()),
+        topics=" ".join(filters), gateways=" ".join(gateways.split()), oscore=oscore,
     )
 
 
 def row(d: Device) -> tuple[Any, ...]:
     """A device as the devices table's row, in `_COLUMNS` order."""
+    oscore = d.oscore
     return (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256,
-            d.power_mode, d.topics, d.gateways)
+            d.power_mode, d.topics, d.gateways, None if oscore is None else _OSCORE_CODEC[0].encode(oscore).decode(),
+            None if oscore is None else oscore.key_text())
 
 
 def _conflict(e: Exception, d: Device) -> RegistryError:
@@ -178,6 +248,8 @@ def _conflict(e: Exception, d: Device) -> RegistryError:
         return RegistryError("psk_identity: already used by another device")
     if "cert_sha256" in str(e):
         return RegistryError("cert: this certificate is already registered to another device")
+    if "oscore_kid" in str(e):
+        return RegistryError("oscore_recipient_id: already used by another device (with this ID context)")
     return RegistryError(f"device: {d.tenant}/{d.device} already exists")
 
 
@@ -214,7 +286,7 @@ class Registry:
         """Register a device (the settings of `new_device`); RegistryError names what is wrong."""
         d = new_device(tenant, device, **settings)
         try:
-            self.db.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row(d))
+            self.db.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row(d))
         except self.db.IntegrityError as e:
             raise _conflict(e, d) from None
         except self.db.Error as e:  # a full or failing disk, a lost database: retry later
@@ -278,8 +350,8 @@ class Registry:
         return [
             Device(tenant=t, device=d, profile=p, token=k, created_at=c, psk_identity=i,
                    psk=None if s is None else bytes(s), cert_sha256=f,
-                   power_mode=m, topics=o, gateways=g)
-            for t, d, p, k, c, i, s, f, m, o, g in rows
+                   power_mode=m, topics=o, gateways=g, oscore=None if x is None else _OSCORE_CODEC[1].decode(x))
+            for t, d, p, k, c, i, s, f, m, o, g, x, _ in rows
         ]
 
     @property
@@ -303,6 +375,7 @@ class Snapshot(NamedTuple):
     by_cert: dict[str, Device]
     by_name: dict[tuple[str, str], Device]
     profiles: dict[str, Profile]
+    by_oscore_kid: dict[tuple[bytes, bytes], Device]
 
 
 class Directory:
@@ -314,6 +387,8 @@ class Directory:
         self.by_psk_identity: dict[str, Device] = {}
         self.by_cert: dict[str, Device] = {}
         self.by_name: dict[tuple[str, str], Device] = {}
+        #: (kid context or b'', kid) -> the device whose OSCORE requests carry them
+        self.by_oscore_kid: dict[tuple[bytes, bytes], Device] = {}
         #: the stored profiles by name (the built-in `default` is not among them)
         self.profiles: dict[str, Profile] = {}
         self._version: int | None = None
@@ -330,6 +405,10 @@ class Directory:
     def cert_device(self, sha256: str) -> Device | None:
         """The device whose certificate has this SHA-256 fingerprint."""
         return self.by_cert.get(sha256)
+
+    def oscore_device(self, kid_context: bytes | None, kid: bytes) -> Device | None:
+        """The device whose OSCORE context has this kid (and kid context)."""
+        return self.by_oscore_kid.get((kid_context or b"", kid))
 
     def named(self, tenant: str, device: str) -> Device | None:
         return self.by_name.get((tenant, device))
@@ -366,11 +445,13 @@ class Directory:
             {d.cert_sha256: d for d in devices if d.cert_sha256 is not None},
             {(d.tenant, d.device): d for d in devices},
             profiles,
+            {d.oscore.kid: d for d in devices if d.oscore is not None},
         )
 
     def install(self, snapshot: Snapshot) -> None:
         """Swap the view whole (on the event loop: assignments only)."""
         self.by_token, self.by_psk_identity = snapshot.by_token, snapshot.by_psk_identity
         self.by_cert, self.by_name, self.profiles = snapshot.by_cert, snapshot.by_name, snapshot.profiles
+        self.by_oscore_kid = snapshot.by_oscore_kid
         self._version = snapshot.version
         self.reloads += 1

@@ -1,0 +1,146 @@
+"""OSCORE on the router (RFC 8613 §8.2, §8.3): a request with the OSCORE option is verified and
+decrypted before it is routed, so every resource serves it as the request the device sealed, with
+the device's identity from its security context (like a DTLS session, but bound to the kid, not to
+an address: a device whose address changed is served at once).  Its answers are sealed on their
+way out (`Request.protect`), and so are the notifications of an observation it registered.
+
+Freshness: the replay window of a context that was used before this process started is unknown, so
+the first request gets a sealed 4.01 with an Echo option (RFC 9175, RFC 8613 Appendix B.1.2),
+and the window starts at the request that returns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import Counter
+from typing import Callable, Iterator
+
+from ..codec import Code, Message, OptionNumber, Options
+from ..codec.message import OptionValue
+from ..coap.endpoint import Request
+from ..coap.response import Response, retry_later
+from ..errors import StorageUnavailable
+from ..registry.oscore import OscoreState, fingerprint
+from ..registry.store import Device, OscoreKeys
+from ..stats import Sample, counter, gauge
+from .context import Context, InvalidTag
+from .protect import OscoreError, aad, bad_option, inner_message, parse_option, protect
+
+log = logging.getLogger("corem.oscore")
+
+#: The critical options an inner request may carry (RFC 7252 §5.4.1 applies inside too).
+Known = frozenset[int]
+MAX_CONTEXTS = 100_000
+
+
+class Sealer:
+    """Seals the answers to one request (and the notifications of the observation it made): the
+    first answer with the request's nonce, every later one -- and any notification -- with a
+    Partial IV of corem's own (a nonce is never used twice)."""
+
+    __slots__ = ("ctx", "kid", "piv", "fetch", "fresh", "stats")
+
+    def __init__(self, ctx: Context, kid: bytes, piv: bytes, fetch: bool, fresh: bool, stats: Counter[str]) -> None:
+        self.ctx, self.kid, self.piv, self.fetch, self.fresh, self.stats = ctx, kid, piv, fetch, fresh, stats
+
+    def __call__(self, code: int, options: Options | None, payload: bytes) -> tuple[int, Options, bytes]:
+        own = not self.fresh or any(n == OptionNumber.OBSERVE for n, _ in options or ())
+        self.fresh = False
+        self.stats["sealed"] += 1
+        return protect(self.ctx, self.kid, self.piv, code, options, payload, own_piv=own, fetch=self.fetch)
+
+
+class Oscore:
+    """The server side of OSCORE for one process: contexts built from the registry on first use."""
+
+    def __init__(self, lookup: Callable[[bytes | None, bytes], Device | None], state: OscoreState,
+                 known_critical: Known) -> None:
+        self._lookup = lookup
+        self._state = state
+        self._known = known_critical
+        #: fingerprint -> Context (keys derived once; the replay window and sequence numbers live here)
+        self._contexts: dict[str, Context] = {}
+        self.stats: Counter[str] = Counter()
+
+    def metrics(self) -> Iterator[Sample]:
+        st = self.stats
+        yield counter("corem_oscore_requests", st["requests"])
+        yield counter("corem_oscore_sealed", st["sealed"])
+        yield counter("corem_oscore_echo_challenges", st["echo"])
+        for reason in ("bad_option", "unknown_context", "decrypt", "replay", "method", "storage"):
+            yield counter("corem_oscore_refused", st["refused_" + reason], reason=reason)
+        yield gauge("corem_oscore_contexts", len(self._contexts))
+
+    def _context(self, keys: OscoreKeys) -> Context:
+        name = fingerprint(keys)
+        ctx = self._contexts.get(name)
+        if ctx is None:
+            if len(self._contexts) >= MAX_CONTEXTS:  # bounded: the oldest is rebuilt (with Echo) if it comes back
+                self._contexts.pop(next(iter(self._contexts)))
+            ctx = Context(keys.secret, keys.salt, keys.sender_id, keys.recipient_id, keys.id_context,
+                          reserve=lambda n: self._state.reserve(name, n), window_ready=not self._state.used(name))
+            self._contexts[name] = ctx
+        return ctx
+
+    def unwrap(self, req: Request) -> Response | None:
+        """A request with the OSCORE option becomes the request the device sealed (`req.message`,
+        `req.identity`, `req.protect` set), and None is returned; or the answer it gets instead
+        (§8.2's errors unsealed, the Echo challenge sealed)."""
+        outer = req.message
+        assert outer is not None
+        value = outer.opt(OptionNumber.OSCORE)
+        if value is None:
+            return None
+        self.stats["requests"] += 1
+        try:
+            return self._unwrap(req, outer, value)
+        except OscoreError as e:
+            self.stats["refused_" + e.reason] += 1
+            return Response(e.code, e.diagnostic.encode(), [(OptionNumber.MAX_AGE, b"")] if e.code == Code.UNAUTHORIZED else None)
+        except StorageUnavailable as e:
+            self.stats["refused_storage"] += 1
+            log.warning("oscore: %s", e)
+            return retry_later(b"oscore: storage unavailable; retry later")
+
+    def _unwrap(self, req: Request, outer: Message, value: OptionValue) -> Response | None:
+        if outer.code not in (Code.POST, Code.FETCH):
+            raise OscoreError(Code.METHOD_NOT_ALLOWED, "oscore: the outer code must be POST or FETCH", "method")
+        option = parse_option(value)
+        if option.kid is None or option.piv is None:
+            raise bad_option("a request needs a kid and a partial IV")
+        device = self._lookup(option.kid_context, option.kid)
+        if device is None or device.oscore is None:
+            raise OscoreError(Code.UNAUTHORIZED, "Security context not found", "unknown_context")
+        ctx = self._context(device.oscore)
+        seq = int.from_bytes(option.piv, "big")
+        window = ctx.window
+        if window.ready and not window.fresh(seq):
+            raise OscoreError(Code.UNAUTHORIZED, "Replay detected", "replay")
+        try:
+            plain = ctx.decrypt(ctx.nonce(option.kid, option.piv), bytes(outer.payload), aad(option.kid, option.piv))
+        except InvalidTag:
+            raise OscoreError(Code.BAD_REQUEST, "Decryption failed", "decrypt") from None
+        inner = inner_message(outer, plain)
+        fetch = outer.code == Code.FETCH
+        if not window.ready:
+            echo = inner.opt(OptionNumber.ECHO)
+            if ctx.echo is None or echo is None or bytes(echo) != ctx.echo:
+                # B.1.2: the request may be a replay from before the restart; its nonce must not be used
+                ctx.echo = ctx.echo or secrets.token_bytes(8)
+                self.stats["echo"] += 1
+                req.protect = Sealer(ctx, option.kid, option.piv, fetch, False, self.stats)
+                return Response(Code.UNAUTHORIZED, b"", [(OptionNumber.MAX_AGE, b""), (OptionNumber.ECHO, ctx.echo)])
+            window.start_at(seq)
+            ctx.echo = None
+        else:
+            if window.top < 0:
+                self._state.mark_used(fingerprint(device.oscore))  # the first request this context ever took
+            window.accept(seq)
+        req.message = inner
+        req.identity = device
+        req.protect = Sealer(ctx, option.kid, option.piv, fetch, True, self.stats)
+        for number, _ in inner.options:
+            if number & 1 and number not in self._known:
+                return Response(Code.BAD_OPTION, f"option {number}: critical option not supported".encode())
+        return None
