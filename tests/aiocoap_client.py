@@ -3,11 +3,15 @@
     python tests/aiocoap_client.py observe URL COUNT     print the first COUNT payloads (response + notifications)
     python tests/aiocoap_client.py get URL OUTFILE        GET (Block2 handled by aiocoap), body to OUTFILE
     python tests/aiocoap_client.py post URL INFILE CF     POST INFILE (Block1 when large), print the code
+
+With `--credentials FILE` first, requests go through the credentials file's OSCORE contexts
+(aiocoap-client's format); aiocoap-client itself ends an observation after the first answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
 import aiocoap
@@ -15,6 +19,9 @@ import aiocoap
 
 async def main(argv: list[str]) -> int:
     ctx = await aiocoap.Context.create_client_context()
+    if argv[0] == "--credentials":
+        ctx.client_credentials.load_from_dict(json.load(open(argv[1])))
+        argv = argv[2:]
     try:
         action, url = argv[0], argv[1]
         if action == "observe":
