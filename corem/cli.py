@@ -95,6 +95,9 @@ async def run_until_signalled(server: Any, announce: bool = True) -> None:
                 for name, addr in (("coap", bound.coap), ("coaps", bound.coaps)):
                     if addr and announce:
                         print(f"corem: {name} listening on udp {_fmt_addr(addr)}", flush=True)
+                for name, addr in (("coap+tcp", bound.coap_tcp), ("coaps+tcp", bound.coaps_tcp)):
+                    if addr and announce:
+                        print(f"corem: {name} listening on tcp {_fmt_addr(addr)}", flush=True)
                 if bound.http and announce:
                     print(f"corem: http listening on http://{_fmt_addr(bound.http)}", flush=True)
             outer.cancel_scope.cancel()

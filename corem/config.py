@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .coap import Params
     from .dtls import DtlsParams
     from .net.limits import Network
+    from .net.tcp import TcpParams
 
 
 class ConfigError(ValueError):
@@ -138,6 +139,14 @@ def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = Non
 class Settings:
     coap: str = _opt("0.0.0.0:5683", "CoAP (UDP) listener HOST:PORT; port 0 picks one; 'off' disables", _hostport(True))
     coaps: str = _opt("0.0.0.0:5684", "CoAPS (DTLS 1.2) listener HOST:PORT; port 0 picks one; 'off' disables", _hostport(True))
+    coap_tcp: str = _opt("off", "CoAP over TCP (RFC 8323) listener HOST:PORT (e.g. 0.0.0.0:5683); 'off' disables",
+                         _hostport(True))
+    coaps_tcp: str = _opt("off", "CoAP over TLS (RFC 8323) listener HOST:PORT (e.g. 0.0.0.0:5684), with the DTLS "
+                          "listener's PSK and certificate settings; 'off' disables", _hostport(True))
+    tcp_max_connections: int = _opt(10_000, "CoAP over TCP/TLS connections at once, per listener", _positive)
+    tcp_max_message: int = _opt(9216, "the Max-Message-Size corem's CSM announces (bytes): a larger message "
+                                "aborts its connection", _positive)
+    tcp_idle_timeout: float = _opt(600.0, "seconds a silent TCP/TLS connection is kept before a Release", _positive)
     dtls_ciphers: str = _opt(
         "TLS-PSK-WITH-AES-128-CCM-8,TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8",
         "comma-separated DTLS cipher suites (Mbed TLS names; checked when the CoAPS listener starts)",
@@ -350,7 +359,7 @@ class Settings:
         return Path(self.data_dir)
 
     def listener(self, key: str) -> tuple[str, int] | None:
-        """The address `coap`, `coaps` or `http` listens on, or None when it is off."""
+        """The address `coap`, `coaps`, `coap_tcp`, `coaps_tcp` or `http` listens on, or None when it is off."""
         return parse_hostport(getattr(self, key), key, allow_off=True)
 
     def presence_thresholds(self) -> tuple[dict[str, float], dict[str, float]]:
@@ -377,6 +386,12 @@ class Settings:
             dedup_max_entries=self.dedup_max_entries,
             limit_error_size=not verified_peers,
         )
+
+    def tcp_params(self) -> TcpParams:
+        from .net.tcp import TcpParams
+
+        return TcpParams(max_connections=self.tcp_max_connections, max_message=self.tcp_max_message,
+                         idle_timeout=self.tcp_idle_timeout, handshake_timeout=self.dtls_handshake_timeout)
 
     def dtls_params(self) -> DtlsParams:
         """The DTLS layer's parameters (cipher names are checked when the listener starts)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Hashable, Iterator
 
 import trio
+from mbedtls.exceptions import TLSError
 
 from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
@@ -32,6 +33,7 @@ from .coap.blockwise import Block1Uploads
 from .coap.endpoint import Request
 from .coap.observe import Observers
 from .coap.site import Site
+from .coap.stream import StreamEndpoint
 from .codec import MessageFormatError, OptionNumber, decode
 from .codec.options import UNDERSTOOD_CRITICAL
 from .config import ConfigError, Settings
@@ -50,6 +52,7 @@ from .metrics import gather, render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
+from .net.tcp import TcpEdge, Tls, bind_tcp
 from .oscore import Oscore
 from .registry import Device, Directory, Registry
 from .registry import nudge as registry_nudge
@@ -77,6 +80,8 @@ class Bound:
 
     coap: tuple | None = None
     coaps: tuple | None = None
+    coap_tcp: tuple | None = None
+    coaps_tcp: tuple | None = None
     http: tuple | None = None
 
 
@@ -84,11 +89,11 @@ class Bound:
 class Transport:
     """One listener: its message layer, its resources, its observers and its edge."""
 
-    name: str  # "udp" or "dtls": the metric label
+    name: str  # "udp", "dtls", "tcp" or "tls": the metric label
     endpoint: Endpoint
     router: Router
     observers: Observers
-    edge: UdpEdge
+    edge: UdpEdge | TcpEdge
     dtls: DtlsServer | None = None
     lane: FastLane | None = None
 
@@ -429,6 +434,34 @@ class Server:
             )
             self.bound.coaps = edge.address
             self._add_transport(Transport("dtls", endpoint, router, observers, edge, dtls, lane))
+        for key, name in (("coap_tcp", "tcp"), ("coaps_tcp", "tls")):
+            address = s.listener(key)
+            if address is not None:
+                self._bind_tcp(key, name, address)
+
+    def _bind_tcp(self, key: str, name: str, address: tuple[str, int]) -> None:
+        """CoAP over TCP, or over TLS with the DTLS listener's credentials (RFC 8323)."""
+        s = self.settings
+        tls_server = None
+        if name == "tls":
+            try:
+                tls_server = Tls(PskStore(self.directory.psk_device), s.dtls_params(), self.directory.cert_device)
+            except (ValueError, OSError, TLSError) as e:
+                raise ConfigError(f"{key}: {e}") from None
+        endpoint, router = StreamEndpoint(), self._router()
+        observers = self._observers(endpoint)
+        try:
+            sock = bind_tcp(*address)
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot listen on tcp {address[0]}:{address[1]}: {e.strerror}") from None
+        edge = TcpEdge(sock, endpoint, router, observers, s.tcp_params(), tls_server=tls_server,
+                       after_dispatch=self.sink.after_drain)
+        session: Callable[[Request], Device | None] = identity(None)
+        if tls_server is not None:
+            session = lambda req: req.identity or edge.session_device(req)  # noqa: E731
+        self.ingest.install(router, session_device=session)
+        setattr(self.bound, key, edge.address)
+        self._add_transport(Transport(name, endpoint, router, observers, edge), session)
 
     def _socket(self, key: str, address: tuple[str, int]) -> socket.socket:
         """The listener's socket: bound here, or a worker's, inherited from the supervisor."""
@@ -446,8 +479,8 @@ class Server:
         router.unwrap = self.oscore.unwrap  # OSCORE on every transport (RFC 8613 allows it inside DTLS too)
         return router
 
-    def _add_transport(self, t: Transport) -> None:
-        session = identity(t.dtls)
+    def _add_transport(self, t: Transport, session: Callable[[Request], Device | None] | None = None) -> None:
+        session = session or identity(t.dtls)
         self.thingsboard.install(t.router, t.observers, session)
         self.drogue.install(t.router, session)
         self.emqx.install(t.router, t.observers, session)

@@ -126,6 +126,14 @@ class Observers:
             return True
         return False
 
+    def forget(self, peer: Peer) -> int:
+        """End every observation of `peer` (a connection that closed, RFC 8323 §7.1)."""
+        keys = [key for key in self._by_key if key[0] == peer]
+        for key in keys:
+            self._remove(key)
+        self.stats.deregistered += len(keys)
+        return len(keys)
+
     def _remove(self, key: tuple[Peer, bytes]) -> bool:
         obs = self._by_key.pop(key, None)
         if obs is None:
