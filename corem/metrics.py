@@ -77,6 +77,17 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_sessions_closed": (C, "Sessions ended by close_notify."),
     "corem_dtls_sessions_expired": (C, "Sessions forgotten after the inactivity timeout."),
     "corem_dtls_sessions": (G, "Sessions by state."),
+    # CoAP over TCP and TLS (RFC 8323; corem/net/tcp.py), per listener (transport tcp or tls)
+    "corem_tcp_connections": (G, "Open connections."),
+    "corem_tcp_connections_accepted": (C, "Connections accepted."),
+    "corem_tcp_connections_refused": (C, "Connections closed at once: tcp_max_connections were open."),
+    "corem_tcp_connections_aborted": (
+        C, "Connections ended by corem, by reason (frame, too_large, bad_message, idle, slow_reader, handshake, "
+           "unregistered_certificate) or by the peer's Abort (peer_abort)."),
+    "corem_tcp_pings": (C, "Pings (7.02) answered with Pong."),
+    "corem_tcp_internal_errors": (C, "Connections ended by an error in corem (logged)."),
+    "corem_tcp_bytes_received": (C, "Bytes received on connections (TLS records included)."),
+    "corem_tcp_bytes_sent": (C, "Bytes sent on connections (TLS records included)."),
     # OSCORE (corem/oscore)
     "corem_oscore_requests": (C, "Requests with the OSCORE option (RFC 8613)."),
     "corem_oscore_sealed": (C, "Answers and notifications sealed with a device's OSCORE context."),

@@ -52,6 +52,9 @@ class CoremProcess:
     http_port: int
     stderr_path: Path
     extra_args: list[str] = field(default_factory=list)
+    #: the RFC 8323 listeners, when started with --coap-tcp / --coaps-tcp
+    coap_tcp_port: int | None = None
+    coaps_tcp_port: int | None = None
 
     @property
     def coap(self) -> str:
@@ -140,7 +143,10 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 20) -> CoremProces
             coaps = int(m.group(1))
         if m := re.search(r"http listening on http://127\.0\.0\.1:(\d+)", text):
             http = int(m.group(1))
-    return CoremProcess(data_dir, proc, coap, coaps, http, stderr_path, list(extra))
+    text = seen.decode()
+    tcp = [int(m.group(1)) if (m := re.search(rf"{name} listening on tcp 127\.0\.0\.1:(\d+)", text)) else None
+           for name in (r"coap\+tcp", r"coaps\+tcp")]
+    return CoremProcess(data_dir, proc, coap, coaps, http, stderr_path, list(extra), *tcp)
 
 
 @pytest.fixture

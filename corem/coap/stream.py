@@ -84,7 +84,7 @@ class Framer:
                 raise FrameError(f"token length {tkl}; at most 8")
             ext = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4)[length]
             head = 1 + ext + 1
-            if pos + head > n:
+            if pos + 1 + ext > n:
                 break
             if ext:
                 raw = int.from_bytes(buf[pos + 1:pos + 1 + ext], "big")

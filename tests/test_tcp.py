@@ -1,0 +1,190 @@
+"""CoAP over TCP and TLS (RFC 8323): the framing (sans-IO), and a running corem with
+`--coap-tcp` / `--coaps-tcp` against libcoap's coap-client (coap+tcp://, coaps+tcp:// with PSK on
+OpenSSL and GnuTLS) and a raw socket for the signals and the limits."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corem.coap.stream import (ABORT, CSM, PING, PONG, RELEASE, FrameError, Framer, csm_max_message, frame, message,
+                               signal, to_frame)
+from corem.codec import Code, Message, OptionNumber, Type, encode
+
+from .conftest import needs_libcoap, start_corem, wait_for, write_cbor
+
+OPENSSL = shutil.which("coap-client-openssl")
+GNUTLS = shutil.which("coap-client-gnutls")
+
+
+@given(st.lists(st.tuples(st.integers(1, 255), st.binary(max_size=8), st.binary(max_size=70000)), max_size=4),
+       st.integers(1, 97))
+def test_frames_cut_anywhere_come_out_whole_and_in_order(frames, cut):
+    stream = b"".join(frame(c, t, b) for c, t, b in frames)
+    framer, out = Framer(1 << 20), []
+    for i in range(0, len(stream), cut):
+        out += framer.feed(stream[i:i + cut])
+    assert out == frames and framer.buffered == 0
+
+
+def test_every_length_form_is_read_and_written_minimally():
+    for n, header_len in ((12, 2), (13, 3), (268, 3), (269, 4), (65804, 4), (65805, 6)):
+        data = frame(Code.CHANGED, b"t", bytes(n))
+        assert len(data) == header_len + 1 + n
+        assert Framer(1 << 20).feed(data) == [(Code.CHANGED, b"t", bytes(n))]
+
+
+def test_a_udp_message_is_reframed_with_its_token_options_and_payload():
+    udp = encode(Message(Type.CON, Code.CONTENT, 0x1234, b"tok", [(OptionNumber.CONTENT_FORMAT, b"\x3c")], b"hi"))
+    [(code, token, body)] = Framer(100).feed(to_frame(udp))
+    m = message(code, token, body)
+    assert (m.code, m.token, m.content_format, bytes(m.payload)) == (Code.CONTENT, b"tok", 60, b"hi")
+
+
+def test_oversized_and_malformed_frames_are_refused_before_they_are_buffered():
+    with pytest.raises(FrameError, match="at most 100"):
+        Framer(100).feed(bytes((14 << 4, 0xFF, 0xFF)))  # announces 65804 bytes: refused from 3 bytes
+    with pytest.raises(FrameError, match="token length 9"):
+        Framer(100).feed(bytes((0x09, 0x45)))
+    f = Framer(100)
+    assert f.feed(frame(Code.POST, b"", b"\xb1t")[:2]) == [] and f.buffered == 2  # truncated: waits
+
+
+def test_csm_options_are_read():
+    data = signal(CSM, [(2, (4096).to_bytes(2, "big")), (4, b"")])
+    [(code, token, body)] = Framer(100).feed(data)
+    assert code == CSM and csm_max_message(body) == 4096 and csm_max_message(b"") == 1152
+
+
+# -- a running corem ---------------------------------------------------------------------------------
+@pytest.fixture
+def tcp(data_dir):
+    server = start_corem(data_dir, "--coap-tcp", "127.0.0.1:0", "--coaps-tcp", "127.0.0.1:0",
+                         "--tcp-idle-timeout", "2", "--tcp-max-connections", "8", "--tcp-max-message", "2048")
+    yield server
+    server.stop()
+
+
+def ports(server) -> tuple[int, int]:
+    assert server.coap_tcp_port and server.coaps_tcp_port
+    return server.coap_tcp_port, server.coaps_tcp_port
+
+
+def connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(signal(CSM, [(2, (1152).to_bytes(2, "big"))]))
+    return s
+
+
+def read_frames(s: socket.socket, want: int, timeout: float = 5.0) -> list[tuple[int, bytes, bytes]]:
+    framer, out = Framer(1 << 16), []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        data = s.recv(65536)
+        if not data:
+            break
+        out += framer.feed(data)
+    return out
+
+
+@needs_libcoap
+def test_libcoap_posts_readings_over_tcp_and_over_tls_with_psk(tcp, tmp_path):
+    plain, secure = ports(tcp)
+    reading = write_cbor(tmp_path / "r.cbor", {"temperature": 21.5})
+    r = subprocess.run(["coap-client-notls", "-m", "post", "-t", "60", "-f", str(reading), "-v", "6", "-B", "20",
+                        f"coap+tcp://127.0.0.1:{plain}/api/v1/T0KEN-1/telemetry"], capture_output=True, text=True,
+                       timeout=40)
+    assert "c:2.04" in r.stdout + r.stderr, r.stdout + r.stderr
+    clients = [c for c in (OPENSSL, GNUTLS) if c]
+    if not clients:
+        pytest.skip("coap-client-openssl/-gnutls not installed")
+    for n, client in enumerate(clients):
+        r = subprocess.run([client, "-m", "post", "-u", "psk-identity-d7b1c0e2", "-k", "s3cr3t-pre-shared-key",
+                            "-t", "60", "-f", str(write_cbor(tmp_path / f"s{n}.cbor", {"humidity": 60 + n})),
+                            "-v", "6", "-B", "20", f"coaps+tcp://127.0.0.1:{secure}/telemetry"],
+                           capture_output=True, text=True, timeout=40)
+        assert "c:2.04" in r.stdout + r.stderr, (client, r.stdout + r.stderr)
+    points = tcp.points("acme")
+    assert [p["device"] for p in points] == ["sensor-1"] + ["sensor-7"] * len(clients)
+    assert [p["numeric_values"] for p in points[1:]] == [{"humidity": 60 + n} for n in range(len(clients))]
+    # a wrong key: the handshake fails, nothing is stored, and the listener is still there
+    if OPENSSL:
+        r = subprocess.run([OPENSSL, "-m", "post", "-u", "psk-identity-d7b1c0e2", "-k", "wrong-key-wrong-key",
+                            "-t", "60", "-f", str(reading), "-B", "5", f"coaps+tcp://127.0.0.1:{secure}/telemetry"],
+                           capture_output=True, text=True, timeout=30)
+        assert "2.04" not in r.stdout
+        wait_for(lambda: tcp.metrics().get('corem_tcp_connections_aborted_total{reason="handshake",transport="tls"}'),
+                 what="the failed handshake counted")
+    assert len(tcp.points("acme")) == 1 + len(clients)
+
+
+@needs_libcoap
+def test_libcoap_observes_attributes_over_tcp(tcp, tmp_path):
+    plain, _ = ports(tcp)
+    proc = subprocess.Popen(["coap-client-notls", "-s", "6", "-v", "6", "-B", "8",
+                             f"coap+tcp://127.0.0.1:{plain}/api/v1/T0KEN-1/attributes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: tcp.metrics().get('corem_coap_observers{transport="tcp"}'), what="the observer")
+        assert tcp.api("PUT", "/api/devices/acme/sensor-1/attributes", {"fw": "2.0"})[0] == 200
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert '"fw":"2.0"' in out.replace(" ", ""), out
+
+
+def test_signals_limits_and_bad_frames_on_a_raw_connection(tcp):
+    plain, _ = ports(tcp)
+    s = connect(plain)
+    [(code, _, body)] = read_frames(s, 1)
+    assert code == CSM and csm_max_message(body) == 2048  # corem's CSM first, with its limit
+    s.sendall(signal(PING, token=b"pi"))
+    assert read_frames(s, 1) == [(PONG, b"pi", b"")]
+    # a request split across writes is served whole
+    req = frame(Code.POST, b"r1", encode(Message(Type.CON, Code.POST, 0, b"", [
+        (OptionNumber.URI_PATH, b"api"), (OptionNumber.URI_PATH, b"v1"), (OptionNumber.URI_PATH, b"T0KEN-1"),
+        (OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")], b"\xa1\x61t\x05"))[4:])
+    s.sendall(req[:5])
+    time.sleep(0.1)
+    s.sendall(req[5:])
+    [(code, token, _)] = read_frames(s, 1)
+    assert (code, token) == (Code.CHANGED, b"r1")
+    # a frame larger than corem's CSM allows: Abort, and the connection ends
+    s.sendall(bytes((14 << 4, 0x10, 0x00, Code.POST)))
+    frames = read_frames(s, 1)
+    assert frames and frames[0][0] == ABORT and b"at most 2048" in frames[0][2]
+    assert s.recv(100) == b""
+    s.close()
+    # a truncated frame, then the peer goes: nothing of it is served
+    s = connect(plain)
+    s.sendall(req[:-3])
+    s.close()
+    # idle: Release after tcp_idle_timeout (2 s)
+    s = connect(plain)
+    frames = read_frames(s, 2, timeout=6)
+    assert [c for c, _, _ in frames] == [CSM, RELEASE]
+    s.close()
+    m = tcp.metrics()
+    assert m['corem_tcp_connections_aborted_total{reason="too_large",transport="tcp"}'] == 1
+    assert m['corem_tcp_connections_aborted_total{reason="idle",transport="tcp"}'] >= 1
+    assert m['corem_tcp_pings_total{transport="tcp"}'] == 1
+    assert [p["numeric_values"] for p in tcp.points("acme")] == [{"t": 5}]
+
+
+def test_connections_beyond_the_limit_are_closed_and_counted(tcp):
+    plain, _ = ports(tcp)
+    held = [connect(plain) for _ in range(8)]
+    for s in held:
+        assert read_frames(s, 1)[0][0] == CSM
+    extra = socket.create_connection(("127.0.0.1", plain), timeout=5)
+    assert extra.recv(100) == b""  # closed at once
+    assert tcp.metrics()['corem_tcp_connections_refused_total{transport="tcp"}'] == 1
+    for s in held:
+        s.close()
+    extra.close()
