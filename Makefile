@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 UV     := uv==0.13.9
 
-.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers fuzz soak clean lock test-latest
+.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers bench-transports fuzz soak clean lock test-latest
 
 $(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c
 	$(PYTHON) -m venv $(VENV)
@@ -75,7 +75,7 @@ test: sysdeps $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-dtls bench-import
+bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-dtls bench-import bench-transports
 
 bench-codec: $(STAMP)
 	$(PY) bench/codec_bench.py
@@ -97,6 +97,9 @@ bench-workers: $(STAMP)
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py
+
+bench-transports: $(STAMP)
+	$(PY) bench/transports_bench.py
 
 # Coverage-guided fuzzing of every parser that reads network bytes (atheris), FUZZ_SECONDS each.
 FUZZ_SECONDS ?= 60

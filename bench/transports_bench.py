@@ -1,0 +1,195 @@
+"""One corem, every way a reading comes in, in one run: plain CoAP (the C fast lane), CoAPS (DTLS),
+OSCORE on plain CoAP, and CoAP over TCP (RFC 8323).
+
+    python bench/transports_bench.py [--seconds 5] [--json]
+
+corem runs pinned to CPU 0 with all four listeners (embedded bus, store NORMAL); each generator
+runs alone on CPU 1, 64 requests in flight: the C generators for UDP and DTLS (bench/loadgen.c,
+bench/dtls_loadgen.c), Python ones here for OSCORE (sealing with corem's own context code) and
+TCP (pipelined frames).  Besides readings/s -- which the Python generators may cap -- each row
+shows readings per CPU-second of corem's process (utime + stime from /proc over the run): what a
+reading costs corem on that transport, whoever sends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.dtls_bench import IDENTITY, KEY  # noqa: E402
+from bench.dtls_bench import build as build_dtls_loadgen  # noqa: E402
+from bench.load_bench import PAYLOAD, TOKEN, build_loadgen, free_port, pin, wait_udp  # noqa: E402
+
+INFLIGHT = 64
+OSCORE_ARGS = ["--oscore-sender-id", "01", "--oscore-recipient-id", "02", "--oscore-secret", "bench-oscore-secret-16"]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the Python generators (run as `--gen KIND PORT SECONDS` on CPU 1) ------------------------------
+def gen_oscore(port: int, seconds: float, first_seq: int) -> dict:
+    from corem.codec import Code, Message, OptionNumber, Type, encode
+    from corem.oscore.context import Context
+    from corem.oscore.protect import aad, plaintext
+
+    ctx = Context(b"bench-oscore-secret-16", b"", b"\x02", b"\x01", None, reserve=lambda n: 0, window_ready=True)
+    inner = plaintext(Code.POST, [(OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")],
+                      PAYLOAD)
+    seq = [first_seq]  # above the warm-up's: corem's replay window refuses a number twice
+
+    def request(mid: int) -> bytes:
+        seq[0] += 1
+        piv = seq[0].to_bytes(5, "big").lstrip(b"\0")
+        sealed = ctx.encrypt(ctx.nonce(b"\x02", piv), inner, aad(b"\x02", piv))
+        option = bytes((0x08 | len(piv),)) + piv + b"\x02"
+        return encode(Message(Type.CON, Code.POST, mid, mid.to_bytes(2, "big"), [(OptionNumber.OSCORE, option)],
+                              sealed))
+
+    return _udp_loop(port, seconds, request)
+
+
+def _udp_loop(port: int, seconds: float, request) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(0.5)
+    mid, sent, ok, other, timeouts = 0, 0, 0, 0, 0
+    outstanding: dict[int, float] = {}
+    start = time.monotonic()
+    while (now := time.monotonic()) - start < seconds:
+        while len(outstanding) < INFLIGHT:
+            mid = (mid + 1) & 0xFFFF
+            s.send(request(mid))
+            outstanding[mid] = now
+            sent += 1
+        try:
+            data = s.recv(2048)
+        except socket.timeout:
+            timeouts += len(outstanding)
+            outstanding.clear()
+            continue
+        if len(data) >= 4 and outstanding.pop(data[2] << 8 | data[3], None) is not None:
+            if data[1] == 0x44:  # 2.04 (the sealed answer's outer code)
+                ok += 1
+            else:
+                other += 1
+    elapsed = time.monotonic() - start
+    return {"sent": sent, "ok_2xx": ok, "other": other, "timeouts": timeouts, "rps": ok / elapsed}
+
+
+def gen_tcp(port: int, seconds: float) -> dict:
+    from corem.coap.stream import CSM, Framer, frame, signal
+    from corem.codec import Code, Message, OptionNumber, Type, encode
+
+    body = encode(Message(Type.CON, Code.POST, 0, b"", [
+        (OptionNumber.URI_PATH, b"api"), (OptionNumber.URI_PATH, b"v1"), (OptionNumber.URI_PATH, TOKEN.encode()),
+        (OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")], PAYLOAD))[4:]
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(signal(CSM))
+    framer = Framer(1 << 20)
+    n, ok, other, inflight = 0, 0, 0, 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        batch = []
+        while inflight < INFLIGHT:
+            n += 1
+            batch.append(frame(Code.POST, (n & 0xFFFFFFFF).to_bytes(4, "big"), body))
+            inflight += 1
+        if batch:
+            s.sendall(b"".join(batch))
+        for code, _, _ in framer.feed(s.recv(65536)):
+            if code >= 0xE0:
+                continue
+            inflight -= 1
+            if code == Code.CHANGED:
+                ok += 1
+            else:
+                other += 1
+    elapsed = time.monotonic() - start
+    s.close()
+    return {"sent": n, "ok_2xx": ok, "other": other, "timeouts": 0, "rps": ok / elapsed}
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--gen", nargs=3, metavar=("KIND", "PORT", "SECONDS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.gen:
+        kind, port, seconds = args.gen
+        if kind.startswith("oscore:"):
+            print(json.dumps(gen_oscore(int(port), float(seconds), int(kind[7:]))))
+        else:
+            print(json.dumps(gen_tcp(int(port), float(seconds))))
+        return
+    loadgen, dtls_loadgen = build_loadgen(), build_dtls_loadgen()
+    payload = PAYLOAD.hex()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="corem-transports-") as tmp:
+        data = Path(tmp) / "data"
+        for device, creds in (("d-token", ["--token", TOKEN]), ("d-psk", ["--psk-identity", IDENTITY, "--psk", KEY]),
+                              ("d-oscore", OSCORE_ARGS)):
+            subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data), "--tenant",
+                            "bench", "--device", device, *creds], check=True, capture_output=True)
+        udp, dtls, tcp = free_port(), free_port(), free_port()
+        proc = subprocess.Popen([*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data),
+                                 "--coap", f"127.0.0.1:{udp}", "--coaps", f"127.0.0.1:{dtls}",
+                                 "--coap-tcp", f"127.0.0.1:{tcp}", "--http", "off", "--store-synchronous", "NORMAL",
+                                 "--rate-limit-per-source", "0", "--log-level", "warning"], stdout=subprocess.DEVNULL)
+        try:
+            wait_udp(udp)
+            runs = [
+                ("CoAP, UDP (token, C fast lane)", [str(loadgen), "127.0.0.1", str(udp), "64", "1", "{s}", "2",
+                                                    f"api/v1/{TOKEN}/telemetry", payload, "60"]),
+                ("CoAPS, DTLS 1.2 PSK", [str(dtls_loadgen), "127.0.0.1", str(dtls), "64", "1", "0.5", "{s}", IDENTITY,
+                                        KEY, "2", "telemetry", payload, "60"]),
+                ("OSCORE on CoAP, UDP (Python path)", [sys.executable, __file__, "--gen", "oscore:{q}", str(udp), "{s}"]),
+                ("CoAP over TCP (token, Python path)", [sys.executable, __file__, "--gen", "tcp", str(tcp), "{s}"]),
+            ]
+            for name, cmd in runs:
+                warm = [c.replace("{s}", "1").replace("{q}", "0") for c in cmd]
+                subprocess.run([*pin(1), *warm], capture_output=True, check=True, timeout=60)
+                before = cpu_seconds(proc.pid)
+                out = subprocess.run([*pin(1), *[c.replace("{s}", str(args.seconds)).replace("{q}", "100000000") for c in cmd]],
+                                     capture_output=True, text=True, check=True, timeout=args.seconds + 60)
+                cpu = cpu_seconds(proc.pid) - before
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                ok = r["ok_2xx"]
+                r.update(target=name, corem_cpu_s=round(cpu, 2), readings_per_cpu_s=round(ok / cpu) if cpu else None)
+                rows.append(r)
+                print(f"  {name}: {r['rps']:.0f} readings/s, {r['readings_per_cpu_s']} per corem CPU-s, "
+                      f"2.04 {ok}, other {r.get('other', 0)}, timeouts {r.get('timeouts', 0)}", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    base = {r["target"]: r for r in rows}
+    udp_row, dtls_row = rows[0], rows[1]
+    print("\n| transport | readings/s | readings per corem CPU-s | cost vs UDP fast lane | cost vs DTLS |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        per = r["readings_per_cpu_s"] or 0
+        vs_udp = (udp_row["readings_per_cpu_s"] or 0) / per if per else 0
+        vs_dtls = (dtls_row["readings_per_cpu_s"] or 0) / per if per else 0
+        print(f"| {r['target']} | {r['rps']:,.0f} | {per:,} | {vs_udp:.2f}x | {vs_dtls:.2f}x |")
+    if args.json:
+        print(json.dumps(list(base.values()), indent=2))
+
+
+if __name__ == "__main__":
+    main()
