@@ -107,10 +107,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, Settings.keys())
     setup_logging(settings)
     n = settings.worker_count()
-    if n > 1 and (settings.listener("coap_tcp") or settings.listener("coaps_tcp")):
-        # the supervisor steers datagrams; connections would need a listener of their own per
-        # worker and the front's routing of downlink by connection: not built yet
-        raise ConfigError("coap_tcp, coaps_tcp: not available with --workers yet; serve TCP/TLS with --workers 1")
     if n > 1:
         from .workers.supervisor import Supervisor
 

@@ -450,10 +450,12 @@ class Server:
                 raise ConfigError(f"{key}: {e}") from None
         endpoint, router = StreamEndpoint(), self._router()
         observers = self._observers(endpoint)
-        try:
-            sock = bind_tcp(*address)
-        except OSError as e:
-            raise ConfigError(f"{key}: cannot listen on tcp {address[0]}:{address[1]}: {e.strerror}") from None
+        sock = self.worker.socket(key) if self.worker is not None else None
+        if sock is None:
+            try:
+                sock = bind_tcp(*address)
+            except OSError as e:
+                raise ConfigError(f"{key}: cannot listen on tcp {address[0]}:{address[1]}: {e.strerror}") from None
         edge = TcpEdge(sock, endpoint, router, observers, s.tcp_params(), tls_server=tls_server,
                        after_dispatch=self.sink.after_drain)
         session: Callable[[Request], Device | None] = identity(None)

@@ -188,3 +188,24 @@ def test_connections_beyond_the_limit_are_closed_and_counted(tcp):
     for s in held:
         s.close()
     extra.close()
+
+
+def test_with_workers_every_worker_accepts_connections_on_the_one_listener(data_dir):
+    server = start_corem(data_dir, "--workers", "2", "--coap-tcp", "127.0.0.1:0")
+    try:
+        port = server.coap_tcp_port
+        assert port
+        conns = [connect(port) for _ in range(12)]
+        for n, s in enumerate(conns):
+            assert read_frames(s, 1)[0][0] == CSM
+            s.sendall(frame(Code.POST, b"%d" % n, encode(Message(Type.CON, Code.POST, 0, b"", [
+                (OptionNumber.URI_PATH, b"api"), (OptionNumber.URI_PATH, b"v1"), (OptionNumber.URI_PATH, b"T0KEN-1"),
+                (OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")],
+                bytes((0xA1, 0x61, 0x6E, n))))[4:]))
+            assert read_frames(s, 1) == [(Code.CHANGED, b"%d" % n, b"")]
+        for s in conns:
+            s.close()
+        assert sorted(p["numeric_values"]["n"] for p in server.points("acme")) == list(range(12))
+        assert server.metrics()['corem_tcp_connections_accepted_total{transport="tcp"}'] == 12
+    finally:
+        server.stop()

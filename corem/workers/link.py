@@ -61,7 +61,8 @@ class WorkerSpec:
     index: int
     count: int
     control: int  # fd of this worker's end of the pair
-    fds: dict[str, int] = field(default_factory=dict)  # "coap" / "coaps" -> fd of its UDP socket
+    #: "coap" / "coaps" -> fd of its UDP socket; "coap_tcp" / "coaps_tcp" -> the shared listening socket
+    fds: dict[str, int] = field(default_factory=dict)
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -71,7 +72,7 @@ class WorkerSpec:
         return cls(**json.loads(text))
 
     def socket(self, listener: str) -> socket.socket | None:
-        """The inherited UDP socket of `listener` ("coap", "coaps"), if this server has it."""
+        """The inherited socket of `listener` ("coap", "coaps", "coap_tcp", "coaps_tcp"), if this server has it."""
         fd = self.fds.get(listener)
         if fd is None:
             return None

@@ -2,6 +2,7 @@
 
 The supervisor
 - binds every UDP listener N times on one port (SO_REUSEPORT) and steers each peer to one socket
+  (a TCP listener once: every worker accepts connections on it, the kernel spreads them)
   (steer.py).  It keeps all the sockets for its whole life and hands socket i to worker i: a
   worker that dies and restarts gets the same socket back, with the datagrams that queued on it
   meanwhile, and so the same peers;
@@ -31,6 +32,7 @@ from typing import Any
 import trio
 
 from ..config import ConfigError, Settings
+from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
 from ..registry import nudge as registry_nudge
 from ..server import Bound, lock_data_dir
@@ -89,6 +91,16 @@ class Supervisor:
                 if address is not None:
                     self.groups[key] = self._group(key, *address)
                     setattr(self.bound, key, self.groups[key][0].getsockname())
+            for key in ("coap_tcp", "coaps_tcp"):  # one listening socket: every worker accepts on it
+                address = settings.listener(key)
+                if address is not None:
+                    try:
+                        listening = bind_tcp(*address)
+                    except OSError as e:
+                        raise ConfigError(f"{key}: cannot listen on tcp {address[0]}:{address[1]}: "
+                                          f"{e.strerror or e}") from None
+                    self.groups[key] = [listening] * count
+                    setattr(self.bound, key, listening.getsockname())
         except BaseException:
             self._close()
             raise
