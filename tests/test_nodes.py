@@ -115,7 +115,7 @@ def test_a_lost_database_connection_is_counted_and_made_again(store_url):
 
     store = SessionStore(store_url)
     try:
-        pid = store._conn.info.backend_pid
+        pid = store.db._conn.info.backend_pid
         with psycopg.connect(store_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         time.sleep(0.2)

@@ -16,12 +16,12 @@ read back while its row cannot be deleted is read with a SELECT and its row dele
 from __future__ import annotations
 
 import enum
-import os
 import pickle
 import socket
-import sqlite3
 from pathlib import Path
 from typing import Any
+
+from ..registry.db import Db
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -123,67 +123,30 @@ def peer_key(peer: object) -> bytes:
     return repr(peer).encode()
 
 
-#: the same table in PostgreSQL (`dtls_session_store = postgresql://…`), shared by every node
-PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS corem_dtls_sessions (
-    peer      BYTEA PRIMARY KEY,
-    blob      BYTEA NOT NULL,
-    tenant    TEXT NOT NULL,
-    device    TEXT NOT NULL,
-    last_seen DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS corem_dtls_sessions_last_seen ON corem_dtls_sessions (last_seen);
-"""
-_UPSERT = ("INSERT INTO sessions VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, "
+_UPSERT = ("INSERT INTO {t} VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, "
            "tenant = excluded.tenant, device = excluded.device, last_seen = excluded.last_seen")
-
-
-def is_url(where: object) -> bool:
-    return isinstance(where, str) and where.startswith(("postgresql://", "postgres://"))
 
 
 class SessionStore:
     """Saved sessions by peer key: SQLite in the data dir (one node), or PostgreSQL (`shared`:
-    several nodes, each restoring what another saved).  The SQL is the same but for the
-    placeholders and the table's name."""
+    several nodes, each restoring what another saved), through the registry's `Db` (which makes a
+    lost PostgreSQL connection again).  In PostgreSQL the table is `corem_dtls_sessions`: it may
+    share a database with the registry."""
 
     def __init__(self, where: Path | str = ":memory:") -> None:
+        self.db = Db(where)
         #: every node reads and writes the same sessions: a peer this process never saw may have one
-        self.shared = is_url(where)
-        self._where = where
-        self._errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
-        self._conn: Any = self._connect()
+        self.shared = self.db.shared
+        self.table = "corem_dtls_sessions" if self.shared else "sessions"
+        if not self.shared:
+            self.db.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
+        self.db.schema(SCHEMA.replace("sessions", self.table))
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet
 
-    def _connect(self) -> Any:
-        where = self._where
-        if self.shared:
-            import psycopg
-
-            self._errors = (psycopg.Error,)
-            pg = psycopg.connect(str(where), autocommit=True, connect_timeout=5)
-            pg.execute(PG_SCHEMA)
-            return pg
-        if where != ":memory:":
-            path = Path(where)
-            if not path.exists():
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
-        conn.executescript(SCHEMA)
-        return conn
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s").replace("sessions", "corem_dtls_sessions") if self.shared else sql
-
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
-        """One statement; a PostgreSQL connection that was lost is made again first."""
-        if self.shared and self._conn.closed:
-            self._conn = self._connect()
-        return self._conn.execute(self._sql(sql), args)
+        return self.db.execute(sql.format(t=self.table), args)
 
     def put(self, rows: list[Row]) -> bool:
         """Store sessions (replacing older ones for the same peer), in one transaction; False if
@@ -192,13 +155,9 @@ class SessionStore:
             return True
         try:
             self._run("BEGIN")
-            if self.shared:
-                with self._conn.cursor() as cur:
-                    cur.executemany(self._sql(_UPSERT), rows)
-            else:
-                self._conn.executemany(_UPSERT, rows)
+            self.db.executemany(_UPSERT.format(t=self.table), rows)
             self._run("COMMIT")
-        except self._errors as e:
+        except self.db.Error as e:
             self._failed(e)
             return False
         self._stale.difference_update(row[0] for row in rows)
@@ -210,14 +169,14 @@ class SessionStore:
         and deleted at the next write that works)."""
         try:
             row = self._run(
-                "DELETE FROM sessions WHERE peer = ? RETURNING peer, blob, tenant, device, last_seen", (key,)
+                "DELETE FROM {t} WHERE peer = ? RETURNING peer, blob, tenant, device, last_seen", (key,)
             ).fetchone()
-        except self._errors as e:
+        except self.db.Error as e:
             self._failed(e)
             try:
                 row = self._run(
-                    "SELECT peer, blob, tenant, device, last_seen FROM sessions WHERE peer = ?", (key,)).fetchone()
-            except self._errors:
+                    "SELECT peer, blob, tenant, device, last_seen FROM {t} WHERE peer = ?", (key,)).fetchone()
+            except self.db.Error:
                 return None
             if row is not None:
                 self._stale.add(key)
@@ -226,20 +185,15 @@ class SessionStore:
 
     def discard(self, key: bytes) -> None:
         try:
-            self._run("DELETE FROM sessions WHERE peer = ?", (key,))
-        except self._errors as e:
+            self._run("DELETE FROM {t} WHERE peer = ?", (key,))
+        except self.db.Error as e:
             self._failed(e)
             self._stale.add(key)
 
     def _failed(self, error: BaseException) -> None:
         self.errors += 1
         self.last_error = f"{type(error).__name__}: {error}"
-        try:
-            self._conn.execute("ROLLBACK")
-        except self._errors:
-            pass  # no transaction open (SQLite rolled back by itself, or the connection is gone)
-        except Exception:  # noqa: BLE001 - psycopg warns through an exception on no transaction
-            pass
+        self.db.rollback()
 
     def _ok(self) -> None:
         """A write worked: the rows that could not be deleted before go now."""
@@ -252,26 +206,26 @@ class SessionStore:
     def keys(self) -> list[bytes]:
         """Every saved session's key (one node's store: the set it restores from; a shared
         store is asked per peer instead, so this is for tests and the shutdown count)."""
-        return [bytes(k) for (k,) in self._run("SELECT peer FROM sessions")]
+        return [bytes(k) for (k,) in self._run("SELECT peer FROM {t}")]
 
     def expire(self, before: float) -> list[bytes]:
         """Forget sessions idle since before `before` (wall clock); return their keys (none while
         the disk refuses: they are forgotten at a later sweep)."""
         try:
-            return [bytes(k) for (k,) in self._run("DELETE FROM sessions WHERE last_seen < ? RETURNING peer",
+            return [bytes(k) for (k,) in self._run("DELETE FROM {t} WHERE last_seen < ? RETURNING peer",
                                                    (before,))]
-        except self._errors as e:
+        except self.db.Error as e:
             self._failed(e)
             return []
 
     def blob_sizes(self) -> list[int]:
-        return [n for (n,) in self._run("SELECT length(blob) FROM sessions")]
+        return [n for (n,) in self._run("SELECT length(blob) FROM {t}")]
 
     def blobs(self) -> list[bytes]:
-        return [bytes(b) for (b,) in self._run("SELECT blob FROM sessions")]
+        return [bytes(b) for (b,) in self._run("SELECT blob FROM {t}")]
 
     def __len__(self) -> int:
-        return int(self._run("SELECT count(*) FROM sessions").fetchone()[0])
+        return int(self._run("SELECT count(*) FROM {t}").fetchone()[0])
 
     def close(self) -> None:
-        self._conn.close()
+        self.db.close()

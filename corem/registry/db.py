@@ -41,14 +41,18 @@ def is_url(where: object) -> bool:
 
 
 def pg_types(schema: str) -> str:
-    """A SQLite schema in PostgreSQL's types: 64-bit integers (ms timestamps), BYTEA, a serial id."""
+    """A SQLite schema in PostgreSQL's types: 64-bit integers (ms timestamps), BYTEA, a serial id,
+    8-byte floats (PostgreSQL's REAL has 4 bytes: seconds since the epoch would lose minutes)."""
     schema = re.sub(r"\bid INTEGER PRIMARY KEY\b", "id BIGSERIAL PRIMARY KEY", schema)
     schema = re.sub(r"\bINTEGER\b", "BIGINT", schema)
+    schema = re.sub(r"\bREAL\b", "DOUBLE PRECISION", schema)
+    schema = re.sub(r"\s*WITHOUT ROWID", "", schema)
     return re.sub(r"\bBLOB\b", "BYTEA", schema)
 
 
 class Db:
-    """One connection, SQLite's or PostgreSQL's, with sqlite3's surface."""
+    """One connection, SQLite's or PostgreSQL's, with sqlite3's surface (the registry's, and the
+    DTLS session store's: dtls/store.py)."""
 
     def __init__(self, where: Path | str) -> None:
         self.where = where
@@ -64,6 +68,9 @@ class Db:
             return
         self.Error, self.IntegrityError, self.OperationalError = (
             sqlite3.Error, sqlite3.IntegrityError, sqlite3.OperationalError)
+        if str(where) == ":memory:":
+            self._conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            return
         path = Path(where)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():  # mode 0600: it holds credentials
