@@ -4,6 +4,7 @@ a missing or wrong admin token (401), the OpenAPI document, /readyz and the bus.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
@@ -74,8 +75,13 @@ def test_devices_add_list_get_remove(server, tmp_path):
     status, d3 = server.api("POST", "/api/devices", {"tenant": "acme", "device": "api-3", "cert_pem": cert.read_text()})
     der = subprocess.run(["openssl", "x509", "-in", str(cert), "-outform", "DER"], capture_output=True, check=True).stdout
     assert status == 201 and d3["cert_sha256"] == hashlib.sha256(der).hexdigest()
+    status, d4 = server.api("POST", "/api/devices", {"tenant": "acme", "device": "api-4", "oscore_sender_id": "",
+                                                     "oscore_recipient_id": "0a", "oscore_secret": "0123456789abcdef"})
+    assert status == 201 and d4["token"] is None  # an OSCORE context is a credential: no token made up
+    assert d4["oscore"] == {"sender_id": "", "recipient_id": "0a", "id_context": None}
     listed = server.api("GET", "/api/devices?tenant=acme")[1]
-    assert {"api-1", "api-2", "api-3", "sensor-1"} <= {d["device"] for d in listed}
+    assert {"api-1", "api-2", "api-3", "api-4", "sensor-1"} <= {d["device"] for d in listed}
+    assert "0123456789abcdef" not in json.dumps(listed)
     assert all("psk" not in d and "token" not in d for d in listed)  # secrets are not listed
     # the new token works on CoAP at once (no registry poll needed)
     status, got = server.api("GET", "/api/devices/acme/api-1")
@@ -101,6 +107,11 @@ def test_devices_add_list_get_remove(server, tmp_path):
     ({"tenant": "acme", "device": 5}, 400, "device: expected a string"),
     ({"tenant": "acme", "device": "sensor-1"}, 409, "device: acme/sensor-1 already exists"),
     ({"tenant": "acme", "device": "x", "token": "T0KEN-1"}, 409, "token: already used"),
+    ({"tenant": "acme", "device": "x", "oscore_sender_id": "01", "oscore_recipient_id": "02"}, 400, "oscore:"),
+    ({"tenant": "acme", "device": "x", "oscore_sender_id": "01", "oscore_recipient_id": "02",
+      "oscore_secret": "short"}, 400, "oscore_secret:"),
+    ({"tenant": "acme", "device": "x", "oscore_sender_id": "01", "oscore_recipient_id": "0x",
+      "oscore_secret": "0123456789abcdef"}, 400, "oscore_recipient_id: not hexadecimal"),
 ])
 def test_add_device_bad_input_names_the_field(server, body, status, field):
     got, answer = server.api("POST", "/api/devices", body)

@@ -34,6 +34,24 @@ def test_import_is_idempotent_and_written_a_chunk_at_a_time(tmp_path):
         reg.close()
 
 
+def test_oscore_contexts_are_imported_and_their_recipient_ids_are_unique(tmp_path):
+    reg = Registry(tmp_path / "registry.db")
+    try:
+        lines = [{"tenant": "fleet", "device": f"o{i}", "oscore_sender_id": "", "oscore_recipient_id": f"{i:02x}",
+                  "oscore_secret_hex": "00" * 16} for i in range(3)]
+        text = "".join(json.dumps(x) + "\n" for x in lines)
+        assert import_devices(reg, read_lines(text, "jsonl")) == (3, 0, 0)
+        assert import_devices(reg, read_lines(text, "jsonl")) == (0, 3, 0)
+        d = {x.device: x for x in reg.list_devices("fleet")}["o2"]
+        assert (d.oscore.sender_id, d.oscore.recipient_id, d.oscore.secret) == (b"", b"\x02", bytes(16))
+        clash = json.dumps({"tenant": "fleet", "device": "o9", "oscore_sender_id": "", "oscore_recipient_id": "01",
+                            "oscore_secret_hex": "11" * 16})
+        with pytest.raises(RegistryError, match="line 1: oscore_recipient_id: already used by fleet/o1"):
+            import_devices(reg, read_lines(clash, "jsonl"))
+    finally:
+        reg.close()
+
+
 @pytest.mark.parametrize("text, kind, error", [
     ("tenant,device,tokn\nx,y,z\n", "csv", "line 1: the header names tokn"),
     ("tenant,device\nacme,bad device\n", "csv", "line 2: device: 'bad device' is not valid"),

@@ -125,3 +125,20 @@ def test_aiocoap_observes_attributes_through_oscore(oscore_dir, tmp_path):
         assert server.metrics()["corem_oscore_sealed_total"] >= 3
     finally:
         server.stop()
+
+
+def test_aiocoap_client_posts_through_oscore_over_tcp(oscore_dir, tmp_path):
+    server = start_corem(oscore_dir, "--coap-tcp", "127.0.0.1:0")
+    try:
+        port = server.coap_tcp_port
+        creds = tmp_path / "tcp.json"
+        credentials(tmp_path, port)
+        creds.write_text(json.dumps({f"coap+tcp://127.0.0.1:{port}/*": {"oscore": {"contextfile": str(tmp_path / "ctx") + "/"}}}))
+        r = subprocess.run([AIOCOAP_CLIENT, "--credentials", str(creds), "-m", "POST", "--content-format",
+                            "application/cbor", "--payload", f"@{write_cbor(tmp_path / 't.cbor', {'tcp': 1})}",
+                            f"coap+tcp://127.0.0.1:{port}/telemetry"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert [p["numeric_values"] for p in server.points("acme") if p["device"] == "d-osc"] == [{"tcp": 1}]
+        assert server.metrics()["corem_oscore_sealed_total"] == 1
+    finally:
+        server.stop()
