@@ -155,6 +155,10 @@ def test_signals_limits_and_bad_frames_on_a_raw_connection(tcp):
     s.sendall(req[5:])
     [(code, token, _)] = read_frames(s, 1)
     assert (code, token) == (Code.CHANGED, b"r1")
+    # a critical option corem does not implement: 4.02, as over UDP
+    s.sendall(frame(Code.GET, b"c1", encode(Message(Type.CON, Code.GET, 0, b"", [(65001, b"x")]))[4:]))
+    [(code, token, body)] = read_frames(s, 1)
+    assert (code, token, body) == (Code.BAD_OPTION, b"c1", b"\xff65001: critical option not supported")  # (marker + payload)
     # a frame larger than corem's CSM allows: Abort, and the connection ends
     s.sendall(bytes((14 << 4, 0x10, 0x00, Code.POST)))
     frames = read_frames(s, 1)

@@ -320,6 +320,15 @@ class Endpoint:
             dedup.popitem(last=False)
             self.stats.dedup_evictions += 1
         self.stats.requests += 1
+        if self._refused(req, msg):
+            return None
+        if req.confirmable:
+            self._piggyback.append((now, key))
+        return req
+
+    def _refused(self, req: Request, msg: Message) -> bool:
+        """Answer a request with a critical option corem does not implement (True), or leave it
+        to the application (False)."""
         for number, _ in msg.options:
             if number & 1 and number not in self._known_critical:
                 req.message = None
@@ -331,10 +340,8 @@ class Endpoint:
                     self.stats.bad_options += 1
                     self._answer(req, Code.BAD_OPTION, None,
                                  f"{option_label(number)}: critical option not supported".encode())
-                return None
-        if req.confirmable:
-            self._piggyback.append((now, key))
-        return req
+                return True
+        return False
 
     def _before_session(self, peer: Peer, at: float) -> bool:
         """Did a message received at `at` come in `peer`'s previous DTLS session?"""

@@ -127,13 +127,14 @@ class StreamEndpoint(Endpoint):
     def __init__(self) -> None:
         super().__init__()
         self.params = self.params.__class__(limit_error_size=False)  # a connection proved its address
-        self.frames_in = 0
 
-    def request(self, msg: Message, peer: Any, now: float, size: int) -> Request:
+    def request(self, msg: Message, peer: Any, now: float, size: int) -> Request | None:
+        """A request frame's `Request`, or None when the message layer answered it itself (a
+        critical option corem does not implement: 4.02, or 5.05 for a proxy option)."""
         self._now_hint = now
-        self.frames_in += 1
         self.stats.requests += 1
-        return Request(self, peer, (peer, 0), msg, now, size)
+        req = Request(self, peer, (peer, 0), msg, now, size)
+        return None if self._refused(req, msg) else req
 
     def _answer(self, req: Request, code: int, options: Options | None, payload: bytes, context: Any = None) -> None:
         req.state = DONE
@@ -160,6 +161,8 @@ class StreamEndpoint(Endpoint):
 
     def metrics(self) -> Iterator[Sample]:
         yield counter("corem_coap_requests", self.stats.requests)
+        yield counter("corem_coap_bad_options", self.stats.bad_options)
+        yield counter("corem_coap_proxy_refused", self.stats.proxy_refused)
         for code, n in enumerate(self.stats.responses):
             if n:
                 yield counter("corem_coap_responses", n, code=code_str(code))

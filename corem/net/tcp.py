@@ -25,7 +25,7 @@ from mbedtls.exceptions import TLSError
 from ..codec import MessageFormatError
 from ..coap import Router
 from ..coap.observe import Observers
-from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, MAX_MESSAGE_SIZE, PING, PONG, RELEASE, FrameError, Framer,
+from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, DEFAULT_MAX_MESSAGE, MAX_MESSAGE_SIZE, PING, PONG, RELEASE, FrameError, Framer,
                            StreamEndpoint, csm_max_message, message, signal)
 from ..dtls.certs import peer_der
 from ..dtls.server import HANDSHAKE_OVER, DtlsParams, PskStore
@@ -81,8 +81,7 @@ class Connection:
         self.stream = stream
         self.peer = peer
         self.framer = Framer(max_message)
-        self.peer_max_message = 1152
-        self.csm_seen = False
+        self.peer_max_message = DEFAULT_MAX_MESSAGE
         self.device: Any = None
         self.buf: Any = None  # TLSWrappedBuffer, coaps+tcp
         self.queued = bytearray()
@@ -105,6 +104,7 @@ class TcpEdge:
         self.after_dispatch = after_dispatch
         self.clock = clock
         self.connections: dict[Any, Connection] = {}
+        self._serial = 0
         self.stats: Counter[str] = Counter()
         sockname = sock.getsockname()
         self.address: tuple[str, int] = (sockname[0], sockname[1])
@@ -141,7 +141,10 @@ class TcpEdge:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         name = stream.socket.getpeername()
-        peer = ("tcp", name[0], name[1])
+        self._serial += 1
+        # (host, port, n): the host first, as Observe's per-source bound reads it; n, because a new
+        # connection may come from the same port before the old one's task has ended
+        peer = (name[0], name[1], self._serial)
         if len(self.connections) >= self.params.max_connections:
             self.stats["refused"] += 1
             await stream.aclose()
@@ -167,7 +170,17 @@ class TcpEdge:
             self.observers.forget(peer)
             with trio.move_on_after(1) as scope:
                 scope.shield = True
-                await stream.aclose()
+                await self._close(conn)
+
+    async def _close(self, conn: Connection) -> None:
+        """TLS's close_notify if the connection still takes it, then the socket's end."""
+        if conn.buf is not None and not conn.stream.socket.fileno() < 0:
+            try:
+                conn.buf.shutdown()
+                await conn.stream.send_all(self._tls_out(conn))
+            except GONE:
+                pass
+        await conn.stream.aclose()
 
     async def _reader(self, conn: Connection) -> None:
         p = self.params
@@ -235,11 +248,7 @@ class TcpEdge:
             if not 1 <= code <= 31:
                 continue  # a response we did not ask for: nothing to do with it
             req = endpoint.request(msg, conn.peer, now, len(body) + len(token))
-            for number, _ in msg.options:
-                if number & 1 and number not in endpoint._known_critical:
-                    req.respond(0x82, None, f"option {number}: critical option not supported".encode())
-                    break
-            else:
+            if req is not None:
                 response = router.dispatch(req)
                 if response is not None:
                     req.respond(response.code, response.options, response.payload)
@@ -256,7 +265,6 @@ class TcpEdge:
                 self.stats["aborted_bad_message"] += 1
                 self._write(conn, signal(ABORT, payload=b"bad CSM"))
                 return False
-            conn.csm_seen = True
         elif code == PING:
             self.stats["pings"] += 1
             self._write(conn, signal(PONG, token=token))
@@ -279,8 +287,12 @@ class TcpEdge:
         if conn.closing:
             return
         if conn.buf is not None:
-            conn.buf.write(data)
-            data = self._tls_out(conn)
+            sealed = bytearray()
+            view = memoryview(data)
+            while view:  # (a record holds at most 16 KiB: Mbed TLS takes what fits, and says how much)
+                view = view[conn.buf.write(view):]
+                sealed += self._tls_out(conn)
+            data = bytes(sealed)
         conn.queued += data
         if len(conn.queued) > MAX_QUEUED:
             self.stats["aborted_slow_reader"] += 1
