@@ -42,50 +42,83 @@ def cpu_seconds(pid: int) -> float:
 
 # -- the Python generators (run as `--gen KIND PORT SECONDS` on CPU 1) ------------------------------
 def gen_oscore(port: int, seconds: float, first_seq: int) -> dict:
-    from corem.codec import Code, Message, OptionNumber, Type, encode
+    from corem.codec import Code, Message, OptionNumber, Type, decode, encode
     from corem.oscore.context import Context
     from corem.oscore.protect import aad, plaintext
 
+    # the device's side: it seals with the key corem opens with, and opens corem's answers
     ctx = Context(b"bench-oscore-secret-16", b"", b"\x02", b"\x01", None, reserve=lambda n: 0, window_ready=True)
     inner = plaintext(Code.POST, [(OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")],
                       PAYLOAD)
     seq = [first_seq]  # above the warm-up's: corem's replay window refuses a number twice
+    pivs: dict[int, bytes] = {}  # (socket << 16 | message ID) -> the request's partial IV
 
-    def request(mid: int) -> bytes:
+    def request(key: int, mid: int) -> bytes:
         seq[0] += 1
-        piv = seq[0].to_bytes(5, "big").lstrip(b"\0")
+        piv = pivs[key] = seq[0].to_bytes(5, "big").lstrip(b"\0")
         sealed = ctx.encrypt(ctx.nonce(b"\x02", piv), inner, aad(b"\x02", piv))
         option = bytes((0x08 | len(piv),)) + piv + b"\x02"
         return encode(Message(Type.CON, Code.POST, mid, mid.to_bytes(2, "big"), [(OptionNumber.OSCORE, option)],
                               sealed))
 
-    return _udp_loop(port, seconds, request)
+    def changed(data: bytes, key: int) -> bool:
+        """The answer opened (the outer 2.04 seals any inner code): is it 2.04 inside?"""
+        msg = decode(data)
+        piv = pivs.pop(key)
+        if msg.code != Code.CHANGED or msg.opt(OptionNumber.OSCORE) != b"":
+            return False
+        plain = ctx.decrypt(ctx.nonce(b"\x02", piv), bytes(msg.payload), aad(b"\x02", piv))
+        return plain[0] == Code.CHANGED
+
+    return _udp_loop(port, seconds, request, changed)
 
 
-def _udp_loop(port: int, seconds: float, request) -> dict:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.connect(("127.0.0.1", port))
-    s.settimeout(0.5)
-    mid, sent, ok, other, timeouts = 0, 0, 0, 0, 0
-    outstanding: dict[int, float] = {}
+def _udp_loop(port: int, seconds: float, request, changed) -> dict:
+    """INFLIGHT sockets, one request in flight on each: like devices, each with its own message
+    IDs (one socket at 60k requests/s would reuse an ID within a second, and corem would rightly
+    answer it from its deduplication cache as a retransmission)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    socks = []
+    for i in range(INFLIGHT):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, i)
+        socks.append(s)
+    mids = [0] * INFLIGHT
+    sent_at = [0.0] * INFLIGHT
+    sent = ok = other = timeouts = 0
     start = time.monotonic()
+
+    def send(i: int, now: float) -> None:
+        nonlocal sent
+        mids[i] = (mids[i] + 1) & 0xFFFF
+        socks[i].send(request(i << 16 | mids[i], mids[i]))
+        sent_at[i] = now
+        sent += 1
+
+    for i in range(INFLIGHT):
+        send(i, start)
     while (now := time.monotonic()) - start < seconds:
-        while len(outstanding) < INFLIGHT:
-            mid = (mid + 1) & 0xFFFF
-            s.send(request(mid))
-            outstanding[mid] = now
-            sent += 1
-        try:
-            data = s.recv(2048)
-        except socket.timeout:
-            timeouts += len(outstanding)
-            outstanding.clear()
-            continue
-        if len(data) >= 4 and outstanding.pop(data[2] << 8 | data[3], None) is not None:
-            if data[1] == 0x44:  # 2.04 (the sealed answer's outer code)
+        for key, _ in sel.select(0.5):
+            i = key.data
+            try:
+                data = socks[i].recv(2048)
+            except BlockingIOError:
+                continue
+            if len(data) < 4 or (data[2] << 8 | data[3]) != mids[i]:
+                continue  # (a late answer to a request given up on)
+            if changed(data, i << 16 | mids[i]):
                 ok += 1
             else:
                 other += 1
+            send(i, now)
+        for i in range(INFLIGHT):
+            if now - sent_at[i] > 2.0:
+                timeouts += 1
+                send(i, now)
     elapsed = time.monotonic() - start
     return {"sent": sent, "ok_2xx": ok, "other": other, "timeouts": timeouts, "rps": ok / elapsed}
 

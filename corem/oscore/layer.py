@@ -59,8 +59,9 @@ class Oscore:
         self._lookup = lookup
         self._state = state
         self._known = known_critical
-        #: fingerprint -> Context (keys derived once; the replay window and sequence numbers live here)
-        self._contexts: dict[str, Context] = {}
+        #: a device's keys -> its Context (keys derived once; the replay window and sequence numbers
+        #: live here).  Keyed by the keys themselves: new keys for a device are a new context.
+        self._contexts: dict[OscoreKeys, Context] = {}
         self.stats: Counter[str] = Counter()
 
     def metrics(self) -> Iterator[Sample]:
@@ -73,14 +74,14 @@ class Oscore:
         yield gauge("corem_oscore_contexts", len(self._contexts))
 
     def _context(self, keys: OscoreKeys) -> Context:
-        name = fingerprint(keys)
-        ctx = self._contexts.get(name)
+        ctx = self._contexts.get(keys)
         if ctx is None:
             if len(self._contexts) >= MAX_CONTEXTS:  # bounded: the oldest is rebuilt (with Echo) if it comes back
                 self._contexts.pop(next(iter(self._contexts)))
+            name = fingerprint(keys)
             ctx = Context(keys.secret, keys.salt, keys.sender_id, keys.recipient_id, keys.id_context,
                           reserve=lambda n: self._state.reserve(name, n), window_ready=not self._state.used(name))
-            self._contexts[name] = ctx
+            self._contexts[keys] = ctx
         return ctx
 
     def unwrap(self, req: Request) -> Response | None:

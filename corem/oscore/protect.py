@@ -88,6 +88,8 @@ def aad(request_kid: bytes, request_piv: bytes) -> bytes:
 
 def plaintext(code: int, options: Options | None, payload: bytes) -> bytes:
     """§5.3: the code, the inner options (CoAP's encoding), and 0xFF + payload if any."""
+    if not options and not payload:
+        return bytes((code,))  # (the common answer: a bare 2.04)
     inner = [o for o in options or () if o[0] not in OUTER_ONLY]
     # the codec writes a 4-byte header and no token before the options; that is all there is to strip
     return bytes((code,)) + encode(Message(Type.NON, code, 0, b"", inner, payload))[4:]
