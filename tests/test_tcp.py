@@ -213,3 +213,40 @@ def test_with_workers_every_worker_accepts_connections_on_the_one_listener(data_
         assert server.metrics()['corem_tcp_connections_accepted_total{transport="tcp"}'] == 12
     finally:
         server.stop()
+
+
+def test_garbage_on_many_connections_costs_only_those_connections(tcp):
+    """A bounded live attack: random bytes and random frames on 150 TCP and 50 TLS connections;
+    corem stays up, no connection ends in an internal error, and a valid request is served after."""
+    import random
+
+    plain, secure = ports(tcp)
+    rng = random.Random(18)
+    for n in range(200):
+        port = plain if n < 150 else secure
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.settimeout(2)
+        if n % 3 == 0:
+            junk = rng.randbytes(rng.randrange(1, 3000))
+        else:  # frames that parse, with random codes, tokens and bodies
+            junk = b"".join(frame(rng.randrange(256), rng.randbytes(rng.randrange(9)), rng.randbytes(rng.randrange(64)))
+                            for _ in range(rng.randrange(1, 20)))
+        try:
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass  # reset by corem: fine
+        s.close()
+    m = tcp.metrics()
+    assert m['corem_tcp_internal_errors_total{transport="tcp"}'] == 0
+    assert m['corem_tcp_internal_errors_total{transport="tls"}'] == 0
+    assert m['corem_tcp_connections_accepted_total{transport="tcp"}'] == 150
+    wait_for(lambda: tcp.metrics()['corem_tcp_connections{transport="tcp"}'] == 0, what="every connection closed")
+    s = connect(plain)
+    assert read_frames(s, 1)[0][0] == CSM
+    s.sendall(signal(PING, token=b"ok"))
+    assert read_frames(s, 1) == [(PONG, b"ok", b"")]
+    s.close()
+    assert tcp.proc.poll() is None and "Traceback" not in tcp.stderr()
