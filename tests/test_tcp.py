@@ -137,6 +137,8 @@ def test_libcoap_observes_attributes_over_tcp(tcp, tmp_path):
     finally:
         proc.kill()
     assert '"fw":"2.0"' in out.replace(" ", ""), out
+    # the connection's end ends its observation (RFC 8323 §7.1)
+    wait_for(lambda: tcp.metrics()['corem_coap_observers{transport="tcp"}'] == 0, what="the observation ended")
 
 
 def test_signals_limits_and_bad_frames_on_a_raw_connection(tcp):

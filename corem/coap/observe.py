@@ -78,6 +78,8 @@ class Observers:
         self._by_key: dict[tuple[Peer, bytes], Observation] = {}
         self._by_resource: dict[str, dict[tuple[Peer, bytes], Observation]] = {}
         self._per_source: Counter[Hashable] = Counter()
+        #: peer -> its observations' tokens (a closed connection ends them: `forget`)
+        self._by_peer: dict[Peer, set[bytes]] = {}
         #: (peer, mid) of recent NON notifications -> observer key, so that a RST answering one
         #: cancels the observation (the message layer forgets NON messages once sent)
         self._recent_non: OrderedDict[tuple[Peer, int], tuple[Peer, bytes]] = OrderedDict()
@@ -117,6 +119,7 @@ class Observers:
         self._by_key[key] = obs
         self._by_resource.setdefault(resource, {})[key] = obs
         self._per_source[host] += 1
+        self._by_peer.setdefault(req.peer, set()).add(req.token)
         self.stats.registered += 1
         return self._next_seq()
 
@@ -128,11 +131,11 @@ class Observers:
 
     def forget(self, peer: Peer) -> int:
         """End every observation of `peer` (a connection that closed, RFC 8323 §7.1)."""
-        keys = [key for key in self._by_key if key[0] == peer]
-        for key in keys:
-            self._remove(key)
-        self.stats.deregistered += len(keys)
-        return len(keys)
+        tokens = list(self._by_peer.get(peer, ()))
+        for token in tokens:
+            self._remove((peer, token))
+        self.stats.deregistered += len(tokens)
+        return len(tokens)
 
     def _remove(self, key: tuple[Peer, bytes]) -> bool:
         obs = self._by_key.pop(key, None)
@@ -142,6 +145,10 @@ class Observers:
         del observers[key]
         if not observers:
             del self._by_resource[obs.resource]
+        tokens = self._by_peer[obs.peer]
+        tokens.discard(obs.token)
+        if not tokens:
+            del self._by_peer[obs.peer]
         host = _host(obs.peer)
         self._per_source[host] -= 1
         if not self._per_source[host]:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..codec import Message, MessageFormatError, Options, Type, code_str, decode, encode
 from ..stats import Sample, counter
-from .endpoint import DONE, Endpoint, Request
+from .endpoint import DONE, Endpoint, Params, Request
 
 CSM, PING, PONG, RELEASE, ABORT = 0xE1, 0xE2, 0xE3, 0xE4, 0xE5
 #: CSM options (§5.3): Max-Message-Size (2), Block-Wise-Transfer (4)
@@ -125,8 +125,7 @@ class StreamEndpoint(Endpoint):
     ACK and nothing is retransmitted; no exchange is remembered once answered."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.params = self.params.__class__(limit_error_size=False)  # a connection proved its address
+        super().__init__(Params(limit_error_size=False))  # a connection proved its address
 
     def request(self, msg: Message, peer: Any, now: float, size: int) -> Request | None:
         """A request frame's `Request`, or None when the message layer answered it itself (a

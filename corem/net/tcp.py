@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 from collections import Counter
 from dataclasses import dataclass
-import socket
 from typing import Any, Callable, Iterator
 
 import trio
@@ -25,8 +25,8 @@ from mbedtls.exceptions import TLSError
 from ..codec import MessageFormatError
 from ..coap import Router
 from ..coap.observe import Observers
-from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, DEFAULT_MAX_MESSAGE, MAX_MESSAGE_SIZE, PING, PONG, RELEASE, FrameError, Framer,
-                           StreamEndpoint, csm_max_message, message, signal)
+from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, DEFAULT_MAX_MESSAGE, MAX_MESSAGE_SIZE, PING, PONG,
+                           RELEASE, FrameError, Framer, StreamEndpoint, csm_max_message, message, signal)
 from ..dtls.certs import peer_der
 from ..dtls.server import HANDSHAKE_OVER, DtlsParams, PskStore
 from ..stats import Sample, counter, gauge
