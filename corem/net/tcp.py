@@ -140,7 +140,11 @@ class TcpEdge:
         self.sock.close()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        name = stream.socket.getpeername()
+        try:
+            name = stream.socket.getpeername()
+        except OSError:  # reset before it was served
+            await stream.aclose()
+            return
         self._serial += 1
         # (host, port, n): the host first, as Observe's per-source bound reads it; n, because a new
         # connection may come from the same port before the old one's task has ended
@@ -164,7 +168,7 @@ class TcpEdge:
                     conn.wake.set()
         except Exception:  # a bug must cost this connection, not the listener
             self.stats["internal_errors"] += 1
-            log.exception("coap over tcp: connection from %s failed", peer[1:])
+            log.exception("coap over tcp: connection from %s:%s failed", peer[0], peer[1])
         finally:
             del self.connections[peer]
             self.observers.forget(peer)
