@@ -63,9 +63,15 @@ class DtlsUdpClient:
             Type.CON, Code.POST, self.mid, b"\x07",
             make_options([(O.URI_PATH, p) for p in path] + [(O.CONTENT_FORMAT, content_format)]), payload,
         )
+        return self.exchange(encode(msg), timeout)
+
+    def exchange(self, data: bytes, timeout: float = 10.0) -> Message:
+        """A CON message (already encoded) over the session, retransmitted every second until the
+        ACK with its message ID comes."""
+        self.mid = data[2] << 8 | data[3]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.buf.write(encode(msg))
+            self.buf.write(data)
             self._flush()
             end = time.monotonic() + 1.0
             while time.monotonic() < end:

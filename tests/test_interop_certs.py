@@ -110,3 +110,28 @@ def test_certificate_registration_errors(data_dir, pki):
     dup = corem_cli("devices", "add", "--tenant", "a", "--device", "y", "--cert", str(pki / "dev1.pem"),
                     data_dir=data_dir, check=False)
     assert dup.returncode == 2 and "already registered" in dup.stderr
+
+
+@needs_libcoap
+@pytest.mark.parametrize("client", DTLS_CLIENTS)
+def test_coaps_over_tcp_takes_the_same_certificates(data_dir, pki, tmp_path, client):
+    """RFC 8323's TLS listener with the DTLS settings: a registered certificate names its device,
+    an unregistered one gets no connection."""
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
+              data_dir=data_dir)
+    server = start(data_dir, pki, "--coaps-tcp", "127.0.0.1:0")
+    try:
+        reading = write_cbor(tmp_path / "r.cbor", {"temperature": 18.5})
+        url = f"coaps+tcp://127.0.0.1:{server.coaps_tcp_port}/telemetry"
+        args = ["-m", "post", "-C", str(pki / "ca.pem"), "-t", "application/cbor", "-f", str(reading)]
+        ok = coap_client(url, *args, "-c", str(pki / "dev1.pem"), "-j", str(pki / "dev1.key.pem"), binary=client,
+                         timeout=20)
+        assert ok.code == "2.04", ok.output
+        refused = coap_client(url, *args, "-c", str(pki / "dev2.pem"), "-j", str(pki / "dev2.key.pem"), binary=client,
+                              timeout=3)
+        assert refused.code is None
+        assert [(p["tenant"], p["device"]) for p in server.points()] == [("acme", "cert-dev-1")]
+        m = server.metrics()
+        assert m['corem_tcp_connections_aborted_total{reason="unregistered_certificate",transport="tls"}'] == 1
+    finally:
+        server.stop()

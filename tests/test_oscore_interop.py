@@ -142,3 +142,36 @@ def test_aiocoap_client_posts_through_oscore_over_tcp(oscore_dir, tmp_path):
         assert server.metrics()["corem_oscore_sealed_total"] == 1
     finally:
         server.stop()
+
+
+def test_oscore_inside_dtls_names_the_device_by_its_context(oscore_dir, tmp_path):
+    """OSCORE is allowed inside CoAPS: the context's device is the one the reading is for, whoever
+    the DTLS session belongs to (here sensor-7's PSK session carries d-osc's sealed reading)."""
+    import aiocoap
+    from aiocoap import oscore as aio
+
+    from corem.codec import Code, encode
+
+    from .conftest import SPEC_IDENTITY, SPEC_KEY
+    from .dtls_udp_client import DtlsUdpClient
+
+    server = start_corem(oscore_dir)
+    client = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode())
+    try:
+        client.handshake()
+        credentials(tmp_path, 0)
+        ctx = aio.FilesystemSecurityContext(str(tmp_path / "ctx"))
+        msg = aiocoap.Message(code=aiocoap.POST, uri="coaps://127.0.0.1/telemetry", content_format=60,
+                              payload=bytes.fromhex("a1616401"))  # {"d": 1}
+        msg.direction = aio.Direction.OUTGOING
+        outer, request_id = ctx.protect(msg)
+        outer.mtype, outer.mid, outer.token = aiocoap.CON, 4242, b"os"
+        reply = client.exchange(outer.encode())
+        assert reply.code == Code.CHANGED and reply.opt(9) is not None  # sealed
+        answer = aiocoap.Message.decode(encode(reply))
+        answer.direction = aio.Direction.INCOMING
+        assert ctx.unprotect(answer, request_id)[0].code == aiocoap.CHANGED
+        assert [(p["device"], p["numeric_values"]) for p in server.points("acme")] == [("d-osc", {"d": 1})]
+    finally:
+        client.close()
+        server.stop()

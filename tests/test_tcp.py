@@ -167,9 +167,16 @@ def test_signals_limits_and_bad_frames_on_a_raw_connection(tcp):
     assert frames and frames[0][0] == ABORT and b"at most 2048" in frames[0][2]
     assert s.recv(100) == b""
     s.close()
-    # a truncated frame, then the peer goes: nothing of it is served
+    # a truncated frame, then the peer goes: nothing of it is served, and it is counted
     s = connect(plain)
     s.sendall(req[:-3])
+    s.close()
+    wait_for(lambda: tcp.metrics()['corem_tcp_truncated_frames_total{transport="tcp"}'] == 1, what="the count")
+    # the peer's Release ends the connection
+    s = connect(plain)
+    assert read_frames(s, 1)[0][0] == CSM
+    s.sendall(signal(RELEASE))
+    assert s.recv(100) == b""
     s.close()
     # idle: Release after tcp_idle_timeout (2 s)
     s = connect(plain)

@@ -119,6 +119,7 @@ class TcpEdge:
                        "unregistered_certificate"):
             yield counter("corem_tcp_connections_aborted", st["aborted_" + reason], reason=reason)
         yield counter("corem_tcp_pings", st["pings"])
+        yield counter("corem_tcp_truncated_frames", st["truncated"])
         yield counter("corem_tcp_internal_errors", st["internal_errors"])
         yield counter("corem_tcp_bytes_received", st["bytes_in"])
         yield counter("corem_tcp_bytes_sent", st["bytes_out"])
@@ -166,6 +167,8 @@ class TcpEdge:
                 finally:
                     conn.closing = True
                     conn.wake.set()
+                    if conn.framer.buffered:  # the connection ended inside a frame: nothing of it served
+                        self.stats["truncated"] += 1
         except Exception:  # a bug must cost this connection, not the listener
             self.stats["internal_errors"] += 1
             log.exception("coap over tcp: connection from %s:%s failed", peer[0], peer[1])
