@@ -87,6 +87,7 @@ class Connection:
         self.queued = bytearray()
         self.wake = trio.Event()
         self.closing = False
+        self.aborted = False  # corem sent Abort
 
 
 class TcpEdge:
@@ -167,7 +168,7 @@ class TcpEdge:
                 finally:
                     conn.closing = True
                     conn.wake.set()
-                    if conn.framer.buffered:  # the connection ended inside a frame: nothing of it served
+                    if conn.framer.buffered and not conn.aborted:  # the peer left inside a frame: not served
                         self.stats["truncated"] += 1
         except Exception:  # a bug must cost this connection, not the listener
             self.stats["internal_errors"] += 1
@@ -206,7 +207,7 @@ class TcpEdge:
                             return
                     except FrameError as e:
                         self.stats["aborted_too_large" if "at most" in str(e) and "token" not in str(e) else "aborted_frame"] += 1
-                        self._write(conn, signal(ABORT, payload=str(e).encode()[:128]))
+                        self._abort(conn, str(e))
                         return
                 continue
             self.stats["aborted_idle"] += 1
@@ -250,7 +251,7 @@ class TcpEdge:
                 msg = message(code, token, body)
             except MessageFormatError as e:
                 self.stats["aborted_bad_message"] += 1
-                self._write(conn, signal(ABORT, payload=f"bad message: {e}".encode()[:128]))
+                self._abort(conn, f"bad message: {e}")
                 return False
             if not 1 <= code <= 31:
                 continue  # a response we did not ask for: nothing to do with it
@@ -270,7 +271,7 @@ class TcpEdge:
                 conn.peer_max_message = csm_max_message(body)
             except MessageFormatError:
                 self.stats["aborted_bad_message"] += 1
-                self._write(conn, signal(ABORT, payload=b"bad CSM"))
+                self._abort(conn, "bad CSM")
                 return False
         elif code == PING:
             self.stats["pings"] += 1
@@ -281,6 +282,11 @@ class TcpEdge:
             self.stats["aborted_peer_abort"] += 1
             return False
         return True
+
+    def _abort(self, conn: Connection, reason: str) -> None:
+        """Abort (7.05) with the reason; what is left of the stream is not the peer's truncation."""
+        self._write(conn, signal(ABORT, payload=reason.encode()[:128]))
+        conn.aborted = True
 
     # -- output ------------------------------------------------------------------------------
     def flush(self) -> None:
