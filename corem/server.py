@@ -577,8 +577,11 @@ class Server:
                 node = s.node_url or f"http://{url_host(self.bound.http)}"  # type: ignore[arg-type]
                 self.homes = Homes(self.registry.db, node)
                 self.downlink.on_first_sight = self._first_sight
+            streams = [t.edge for t in self.transports if isinstance(t.edge, TcpEdge)]
             async with trio.open_nursery() as outer:
                 await outer.start(self.sink.run)
+                for edge in streams:  # connections outlive the accepting task: their last answers
+                    await outer.start(edge.hold)
                 async with trio.open_nursery() as inner:
                     self._nursery = inner
                     for t in self.transports:
@@ -616,10 +619,14 @@ class Server:
                     await self._stop.wait()
                     log.info("stopping: no new datagrams; committing and answering in-flight readings")
                     self._ready = False
+                    for edge in streams:
+                        edge.stop_reading()
                     inner.cancel_scope.cancel()
                 # every reading accepted before the stop is committed and answered here
                 await self.sink.close()
                 self._after_batch()
+                for edge in streams:
+                    await edge.finish()
                 for t in self.transports:
                     if t.dtls is not None:
                         n = t.dtls.close(trio.current_time())

@@ -260,3 +260,23 @@ def test_garbage_on_many_connections_costs_only_those_connections(tcp):
     assert read_frames(s, 1) == [(PONG, b"ok", b"")]
     s.close()
     assert tcp.proc.poll() is None and "Traceback" not in tcp.stderr()
+
+
+def test_a_stop_answers_every_reading_it_stored_on_its_connection(data_dir):
+    """SIGTERM while 600 pipelined readings are in flight: every reading corem stored was answered
+    2.04 on its connection before it closed (the last commits' answers are not cut off)."""
+    server = start_corem(data_dir, "--coap-tcp", "127.0.0.1:0", "--store-synchronous", "FULL")
+    s = connect(server.coap_tcp_port)
+    assert read_frames(s, 1)[0][0] == CSM
+    body = encode(Message(Type.CON, Code.POST, 0, b"", [
+        (OptionNumber.URI_PATH, b"api"), (OptionNumber.URI_PATH, b"v1"), (OptionNumber.URI_PATH, b"T0KEN-1"),
+        (OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")], b"\xa1\x61t\x01"))[4:]
+    s.sendall(b"".join(frame(Code.POST, n.to_bytes(2, "big"), body) for n in range(600)))
+    server.stop()  # at once: most readings are still being committed
+    framer, answered = Framer(1 << 20), set()
+    s.settimeout(10)
+    while data := s.recv(65536):
+        answered.update(int.from_bytes(t, "big") for c, t, _ in framer.feed(data) if c == Code.CHANGED)
+    s.close()
+    stored = len(server.points("acme"))
+    assert stored > 0 and len(answered) == stored, (stored, len(answered))

@@ -88,6 +88,7 @@ class Connection:
         self.wake = trio.Event()
         self.closing = False
         self.aborted = False  # corem sent Abort
+        self.reading = trio.CancelScope()  # cancelled at a stop (`TcpEdge.stop_reading`)
 
 
 class TcpEdge:
@@ -106,6 +107,9 @@ class TcpEdge:
         self.clock = clock
         self.connections: dict[Any, Connection] = {}
         self._serial = 0
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._finished = trio.Event()
         self.stats: Counter[str] = Counter()
         sockname = sock.getsockname()
         self.address: tuple[str, int] = (sockname[0], sockname[1])
@@ -131,9 +135,40 @@ class TcpEdge:
         return None if conn is None else conn.device
 
     # -- serving -----------------------------------------------------------------------------
+    async def hold(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Where the connections live, from the start until `finish`: beyond the accepting task, so
+        that at a stop the answers of the last commits still reach their connections."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._finished.wait()
+            nursery.cancel_scope.cancel()
+
     async def serve(self) -> None:
+        """Accept connections (into `hold`'s nursery) until cancelled."""
+        assert self._nursery is not None, "hold() runs first"
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
-        await trio.serve_listeners(self._connection, [listener])
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # out of file descriptors, say: wait, as trio.serve_listeners does
+                log.warning("coap over tcp: accept failed (%s); trying again in 0.1 s", e)
+                await trio.sleep(0.1)
+                continue
+            self._nursery.start_soon(self._connection, stream)
+
+    def stop_reading(self) -> None:
+        """At a stop: no more requests; each connection waits for `finish` (its last answers)."""
+        self._stopping = True
+        for conn in self.connections.values():
+            conn.reading.cancel()
+
+    async def finish(self, timeout: float = 2.0) -> None:
+        """After the last commits were answered: let the writers send what is queued, then close."""
+        with trio.move_on_after(timeout):
+            while any(conn.queued for conn in self.connections.values()):
+                await trio.sleep(0.01)
+        self._finished.set()
 
     async def run_timers(self) -> None:
         """Nothing to time here: each connection times its own idleness and handshake."""
@@ -162,7 +197,12 @@ class TcpEdge:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, conn)
                 try:
-                    await self._reader(conn)
+                    with conn.reading:
+                        if self._stopping:
+                            conn.reading.cancel()
+                        await self._reader(conn)
+                    if conn.reading.cancelled_caught:  # a stop: the last answers, then the end
+                        await self._finished.wait()
                 except GONE:
                     pass
                 finally:
