@@ -240,3 +240,16 @@ def test_notifications_of_a_sealed_observation_are_sealed_with_corem_s_own_parti
         pivs.add(bytes(decode(note).opt(OptionNumber.OSCORE)))
         assert opened(dev, note, rid).payload == b"v%d" % (n + 2)
     assert len(pivs) == 4  # each with a partial IV of its own
+
+
+def test_a_restart_takes_sequence_numbers_past_every_block_used_before(tmp_path):
+    dev = device_context(tmp_path / "dev")
+    first = Server(tmp_path / "r.db")
+    data, _ = sealed(dev, aiocoap.GET, "state", observe=0)
+    [answer] = first.send(data)
+    first_piv = parse_option(decode(answer).opt(OptionNumber.OSCORE)).piv
+    assert first_piv == b"\x00"  # corem's first own number: 0, from the block 0-999
+    again = Server(tmp_path / "r.db")  # a restart
+    data, _ = sealed(dev, aiocoap.POST, "telemetry", b"\xa0", mid=2, content_format=60)
+    [challenge] = again.send(data)  # the Echo answer: sealed with a number of corem's own
+    assert int.from_bytes(parse_option(decode(challenge).opt(OptionNumber.OSCORE)).piv, "big") == 1000
