@@ -44,7 +44,7 @@ def request(mid: int, token: str, payload: bytes, ctoken: bytes = b"") -> bytes:
 def door_request(rng: random.Random, mid: int) -> bytes:
     """A well-formed request to one of the peers' doors, with credentials and bodies that are wrong."""
     junk = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
     code, opts, payload = Code.POST, [], junk
     if kind == 0:  # ThingsBoard attributes / rpc with a forged token, some observing
         code = rng.choice((Code.GET, Code.POST))
@@ -69,6 +69,10 @@ def door_request(rng: random.Random, mid: int) -> bytes:
         opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, TOKEN), (O.URI_PATH, "telemetry"),
                 (O.CONTENT_FORMAT, 60), (O.BLOCK1, (rng.randrange(4) << 4) | 0x08 | 2), (O.REQUEST_TAG, junk[:4])]
         payload = bytes(64)
+    elif kind == 6:  # OSCORE requests: kids nobody has, partial IVs replayed, ciphertext that is junk
+        code = rng.choice((Code.POST, Code.FETCH))
+        piv = bytes((rng.randrange(4),))
+        opts = [(O.OSCORE, bytes((0x08 | len(piv),)) + piv + bytes((rng.randrange(4),)))]
     else:  # attribute bodies that are not what they claim
         opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, TOKEN), (O.URI_PATH, "attributes"),
                 (O.CONTENT_FORMAT, rng.choice((50, 60, 42)))]
@@ -239,7 +243,8 @@ def attack(server, seconds: float, max_datagrams: int, devices: int = 4) -> dict
     counted = {k: after.get(k, 0) - before_metrics.get(k, 0) for k in after
                if any(w in k for w in ("format_errors", "oversized", "rate_limited_datagrams", "hello_verify",
                                         "handshakes_refused", "records_dropped", "duplicates", "auth_failures",
-                                        "observe_refused", "provisioning", "uploads_refused", "handler_errors"))}
+                                        "observe_refused", "provisioning", "uploads_refused", "handler_errors",
+                                        "oscore_refused", "internal_errors"))}
     return {
         "seconds": seconds,
         "attack": {a.kind: {"datagrams": a.sent, "bytes": a.bytes} for a in attackers},
