@@ -29,8 +29,7 @@ from .protect import OscoreError, aad, bad_option, inner_message, parse_option, 
 
 log = logging.getLogger("corem.oscore")
 
-#: The critical options an inner request may carry (RFC 7252 §5.4.1 applies inside too).
-Known = frozenset[int]
+#: contexts kept in memory at most (the oldest goes; it is rebuilt, with an Echo, if it comes back)
 MAX_CONTEXTS = 100_000
 
 
@@ -55,7 +54,9 @@ class Oscore:
     """The server side of OSCORE for one process: contexts built from the registry on first use."""
 
     def __init__(self, lookup: Callable[[bytes | None, bytes], Device | None], state: OscoreState,
-                 known_critical: Known) -> None:
+                 known_critical: frozenset[int]) -> None:
+        """`known_critical`: the critical options an inner request may carry (RFC 7252 §5.4.1
+        applies inside too)."""
         self._lookup = lookup
         self._state = state
         self._known = known_critical
@@ -76,7 +77,7 @@ class Oscore:
     def _context(self, keys: OscoreKeys) -> Context:
         ctx = self._contexts.get(keys)
         if ctx is None:
-            if len(self._contexts) >= MAX_CONTEXTS:  # bounded: the oldest is rebuilt (with Echo) if it comes back
+            if len(self._contexts) >= MAX_CONTEXTS:
                 self._contexts.pop(next(iter(self._contexts)))
             name = fingerprint(keys)
             ctx = Context(keys.secret, keys.salt, keys.sender_id, keys.recipient_id, keys.id_context,
