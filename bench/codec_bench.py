@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import sys
 import timeit
+from pathlib import Path
 
 import aiocoap
 import cbor2
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.table import markdown  # noqa: E402
 from corem.codec import DECODER, Code, Message, OptionNumber as O, Type, decode, decode_py, encode, make_options
 
 READING = cbor2.dumps({"temperature": 22.5, "humidity": 65, "state": "running"})
@@ -76,13 +79,14 @@ def main() -> None:
         print(json.dumps({"decoder": DECODER, "rows": rows}, indent=2))
         return
     print(f"corem decoder: {DECODER} (decode_py is the pure-Python reference)\n")
-    print("| message | bytes | corem decode | pure-Python decode | aiocoap decode | ratio (C / Py) "
-          "| corem encode | aiocoap encode | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['message']} | {r['bytes']} | {r['decode_ns']} ns | {r['decode_py_ns']} ns "
-              f"| {r['aiocoap_decode_ns']} ns | {r['decode_ratio']}x / {r['decode_py_ratio']}x "
-              f"| {r['encode_ns']} ns | {r['aiocoap_encode_ns']} ns | {r['encode_ratio']}x |")
+    print(markdown([
+        ("message", lambda r: r["message"]), ("bytes", lambda r: r["bytes"]),
+        ("corem decode", lambda r: f"{r['decode_ns']} ns"), ("pure-Python decode", lambda r: f"{r['decode_py_ns']} ns"),
+        ("aiocoap decode", lambda r: f"{r['aiocoap_decode_ns']} ns"),
+        ("ratio (C / Py)", lambda r: f"{r['decode_ratio']}x / {r['decode_py_ratio']}x"),
+        ("corem encode", lambda r: f"{r['encode_ns']} ns"), ("aiocoap encode", lambda r: f"{r['aiocoap_encode_ns']} ns"),
+        ("ratio", lambda r: f"{r['encode_ratio']}x"),
+    ], rows))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.load_bench import free_port, kafka_broker, kafka_vs_embedded, pin  # noqa: E402
+from bench.table import markdown  # noqa: E402
 
 SRC = HERE / "dtls_loadgen.c"
 BIN = HERE / "build" / "dtls_loadgen"
@@ -152,19 +153,19 @@ def main() -> None:
         print(json.dumps({"throughput": results, "memory": [live, offloaded]}, indent=2))
         return
     ref = next((r for r in results if r["target"].startswith("libcoap")), None)
-    print("\n| target | handshakes/s | encrypted requests/s | p50 | p99 | vs libcoap (hs / req) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        ratio = (f"{r['handshakes_per_s'] / ref['handshakes_per_s']:.2f}x / {r['rps'] / ref['rps']:.2f}x"
-                 if ref else "-")
-        print(f"| {r['target']} | {r['handshakes_per_s']:,.0f} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} ms "
-              f"| {r['p99_us'] / 1000:.2f} ms | {ratio} |")
-    print("\n| sessions | state | RSS per session | serialized size | 1,000,000 sessions |")
-    print("|---:|---|---:|---:|---:|")
-    for m in (live, offloaded):
-        per = m["bytes_per_session"]
-        print(f"| {m['sessions']:,} | {m['mode']} | {per / 1024:.1f} KiB | "
-              f"{(str(m['mean_blob_bytes']) + ' B') if m['mean_blob_bytes'] else '-'} | {per * 1e6 / 2**30:.2f} GiB |")
+    print("\n" + markdown([
+        ("target", lambda r: r["target"]), ("handshakes/s", lambda r: f"{r['handshakes_per_s']:,.0f}"),
+        ("encrypted requests/s", lambda r: f"{r['rps']:,.0f}"), ("p50", lambda r: f"{r['p50_us'] / 1000:.2f} ms"),
+        ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"),
+        ("vs libcoap (hs / req)", lambda r: "-" if ref is None else
+         f"{r['handshakes_per_s'] / ref['handshakes_per_s']:.2f}x / {r['rps'] / ref['rps']:.2f}x"),
+    ], results))
+    print("\n" + markdown([
+        ("sessions", lambda m: f"{m['sessions']:,}"), ("state", lambda m: m["mode"]),
+        ("RSS per session", lambda m: f"{m['bytes_per_session'] / 1024:.1f} KiB"),
+        ("serialized size", lambda m: f"{m['mean_blob_bytes']} B" if m["mean_blob_bytes"] else "-"),
+        ("1,000,000 sessions", lambda m: f"{m['bytes_per_session'] * 1e6 / 2**30:.2f} GiB"),
+    ], (live, offloaded), text=(1,)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import cbor2
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.table import markdown  # noqa: E402
 from corem.profiles.compile import compile_profile
 from corem.profiles.proto_schema import message_class
 from corem.profiles.spec import parse_profile
@@ -78,11 +80,11 @@ def main() -> None:
     if "--json" in sys.argv:
         print(json.dumps(rows, indent=2))
         return
-    print("| payload | bytes | points | decode | per point | vs flat CBOR |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['format']} | {r['bytes']} | {r['points']} | {r['ns']} ns | {r['ns_per_point']} ns "
-              f"| {r['vs_flat']}x |")
+    print(markdown([
+        ("payload", lambda r: r["format"]), ("bytes", lambda r: r["bytes"]), ("points", lambda r: r["points"]),
+        ("decode", lambda r: f"{r['ns']} ns"), ("per point", lambda r: f"{r['ns_per_point']} ns"),
+        ("vs flat CBOR", lambda r: f"{r['vs_flat']}x"),
+    ], rows))
 
 
 if __name__ == "__main__":

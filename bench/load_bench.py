@@ -33,6 +33,8 @@ import cbor2
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from bench.table import markdown  # noqa: E402
+
 LOADGEN_SRC = HERE / "loadgen.c"
 LOADGEN = HERE / "build" / "loadgen"
 PAYLOAD = cbor2.dumps({"temperature": 22.5, "humidity": 65, "state": "running"})
@@ -199,11 +201,12 @@ def main() -> None:
         return
     print(f"\nclosed loop: {args.devices} devices x {args.inflight} CON requests in flight, "
           f"{args.seconds:.0f} s, CBOR payload of {len(PAYLOAD)} bytes\n")
-    print("| target | requests/s | p50 | p99 | vs aiocoap | vs libcoap |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['target']} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} ms | {r['p99_us'] / 1000:.2f} ms "
-              f"| {r['vs_aiocoap']}x | {r['vs_libcoap'] if r['vs_libcoap'] is not None else '-'}x |")
+    print(markdown([
+        ("target", lambda r: r["target"]), ("requests/s", lambda r: f"{r['rps']:,.0f}"),
+        ("p50", lambda r: f"{r['p50_us'] / 1000:.2f} ms"), ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"),
+        ("vs aiocoap", lambda r: f"{r['vs_aiocoap']}x"),
+        ("vs libcoap", lambda r: "-" if r["vs_libcoap"] is None else f"{r['vs_libcoap']}x"),
+    ], results))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench.dtls_bench import IDENTITY, KEY  # noqa: E402
 from bench.dtls_bench import build as build_dtls_loadgen  # noqa: E402
 from bench.load_bench import PAYLOAD, TOKEN, build_loadgen, free_port, pin, wait_udp  # noqa: E402
+from bench.table import markdown  # noqa: E402
 
 INFLIGHT = 64
 #: libcoap 4.3.1 resets a TCP connection when a burst of frames spans one of its 1472-byte reads
@@ -236,17 +237,19 @@ def main() -> None:
             finally:
                 lib.terminate()
                 lib.wait(20)
-    base = {r["target"]: r for r in rows}
-    udp_row, dtls_row = rows[0], rows[1]
-    print("\n| transport | readings/s | readings per server CPU-s | cost vs UDP fast lane | cost vs DTLS |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        per = r["readings_per_cpu_s"] or 0
-        vs_udp = (udp_row["readings_per_cpu_s"] or 0) / per if per else 0
-        vs_dtls = (dtls_row["readings_per_cpu_s"] or 0) / per if per else 0
-        print(f"| {r['target']} | {r['rps']:,.0f} | {per:,} | {vs_udp:.2f}x | {vs_dtls:.2f}x |")
     if args.json:
-        print(json.dumps(list(base.values()), indent=2))
+        print(json.dumps(rows, indent=2))
+        return
+
+    def cost(r: dict, base: dict) -> str:
+        """CPU per reading against `base`'s (readings per CPU-second, inverted)."""
+        return f"{base['readings_per_cpu_s'] / r['readings_per_cpu_s']:.2f}x" if r["readings_per_cpu_s"] else "-"
+
+    print("\n" + markdown([
+        ("transport", lambda r: r["target"]), ("readings/s", lambda r: f"{r['rps']:,.0f}"),
+        ("readings per server CPU-s", lambda r: f"{r['readings_per_cpu_s']:,}"),
+        ("CPU per reading vs UDP fast lane", lambda r: cost(r, rows[0])), ("vs DTLS", lambda r: cost(r, rows[1])),
+    ], rows))
 
 
 if __name__ == "__main__":

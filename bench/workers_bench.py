@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.table import markdown  # noqa: E402
 from bench.load_bench import TOKEN, build_loadgen, free_port, kafka_broker, run_load, wait_udp  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -119,11 +120,11 @@ def main() -> None:
         return
     print(f"\ncorem on CPUs {args.cpus}, load generator on CPU 1: {args.devices} peers x {args.inflight} in flight, "
           f"{args.seconds:.0f} s\n")
-    print("| workers | bus | readings/s | CPU-s | readings per CPU-s | efficiency | p99 |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['workers']} | {r['bus']} | {r['rps']:,.0f} | {r['cpu_seconds']:.2f} | {r['per_cpu_second']:,} "
-              f"| {r['efficiency']} | {r['p99_us'] / 1000:.2f} ms |")
+    print(markdown([
+        ("workers", lambda r: r["workers"]), ("bus", lambda r: r["bus"]), ("readings/s", lambda r: f"{r['rps']:,.0f}"),
+        ("CPU-s", lambda r: f"{r['cpu_seconds']:.2f}"), ("readings per CPU-s", lambda r: f"{r['per_cpu_second']:,}"),
+        ("efficiency", lambda r: r["efficiency"]), ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"),
+    ], results, text=(1,)))
 
 
 if __name__ == "__main__":

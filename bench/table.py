@@ -1,0 +1,17 @@
+"""The benchmarks' tables, in Markdown (the README's tables are pasted from what they print)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Collection, Iterable, Sequence
+
+#: (heading, the cell of a row)
+Column = tuple[str, Callable[[Any], object]]
+
+
+def markdown(columns: Sequence[Column], rows: Iterable[Any], *, text: Collection[int] = (0,)) -> str:
+    """The table of `rows`; the columns at the indices in `text` are left-aligned, the others
+    (numbers) right-aligned."""
+    lines = ["| " + " | ".join(heading for heading, _ in columns) + " |",
+             "|" + "|".join("---" if i in text else "---:" for i in range(len(columns))) + "|"]
+    lines += ["| " + " | ".join(str(cell(row)) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines)
