@@ -114,11 +114,11 @@ def make_sink(s: Settings, after_batch: Callable[[], None] | None = None, *, sha
                      after_batch=after_batch)
 
 
-def identity(dtls: DtlsServer | None) -> Callable[[Request], Device | None]:
-    """Who sent a request, by the security below CoAP: its OSCORE context, else its DTLS session."""
-    if dtls is None:
+def identity(session: Callable[[Hashable], Device | None] | None) -> Callable[[Request], Device | None]:
+    """Who sent a request, by the security below CoAP: its OSCORE context, else the device of its
+    peer's DTLS or TLS session (`session`, when the transport has sessions)."""
+    if session is None:
         return lambda req: req.identity
-    session = dtls.device
     return lambda req: req.identity or session(req.peer)
 
 
@@ -408,7 +408,6 @@ class Server:
         coap = s.listener("coap")
         if coap is not None:
             endpoint, router = self.new_endpoint(), self._router()
-            self.ingest.install(router, session_device=identity(None))
             lane = self._fast_lane(endpoint, behind_dtls=False)
             observers = self._observers(endpoint)
             edge = UdpEdge(
@@ -417,7 +416,7 @@ class Server:
                 on_event=observers.handle,
             )
             self.bound.coap = edge.address
-            self._add_transport(Transport("udp", endpoint, router, observers, edge, lane=lane))
+            self._add_transport(Transport("udp", endpoint, router, observers, edge, lane=lane), identity(None))
         coaps = s.listener("coaps")
         if coaps is not None:
             endpoint, router = self.new_endpoint(verified_peers=True), self._router()
@@ -426,14 +425,13 @@ class Server:
                 dtls = self._dtls(endpoint, lane)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"dtls: {e}") from None
-            self.ingest.install(router, session_device=identity(dtls))
             observers = self._observers(endpoint)
             edge = UdpEdge(
                 self._socket("coaps", coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
                 limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
             )
             self.bound.coaps = edge.address
-            self._add_transport(Transport("dtls", endpoint, router, observers, edge, dtls, lane))
+            self._add_transport(Transport("dtls", endpoint, router, observers, edge, dtls, lane), identity(dtls.device))
         for key, name in (("coap_tcp", "tcp"), ("coaps_tcp", "tls")):
             address = s.listener(key)
             if address is not None:
@@ -458,12 +456,9 @@ class Server:
                 raise ConfigError(f"{key}: cannot listen on tcp {address[0]}:{address[1]}: {e.strerror}") from None
         edge = TcpEdge(sock, endpoint, router, observers, s.tcp_params(), tls_server=tls_server,
                        after_dispatch=self.sink.after_drain)
-        session: Callable[[Request], Device | None] = identity(None)
-        if tls_server is not None:
-            session = lambda req: req.identity or edge.session_device(req)  # noqa: E731
-        self.ingest.install(router, session_device=session)
         setattr(self.bound, key, edge.address)
-        self._add_transport(Transport(name, endpoint, router, observers, edge), session)
+        self._add_transport(Transport(name, endpoint, router, observers, edge),
+                            identity(edge.device if tls_server is not None else None))
 
     def _socket(self, key: str, address: tuple[str, int]) -> socket.socket:
         """The listener's socket: bound here, or a worker's, inherited from the supervisor."""
@@ -481,8 +476,9 @@ class Server:
         router.unwrap = self.oscore.unwrap  # OSCORE on every transport (RFC 8613 allows it inside DTLS too)
         return router
 
-    def _add_transport(self, t: Transport, session: Callable[[Request], Device | None] | None = None) -> None:
-        session = session or identity(t.dtls)
+    def _add_transport(self, t: Transport, session: Callable[[Request], Device | None]) -> None:
+        """Mount every door on the transport's router; `session` names a request's device."""
+        self.ingest.install(t.router, session_device=session)
         self.thingsboard.install(t.router, t.observers, session)
         self.drogue.install(t.router, session)
         self.emqx.install(t.router, t.observers, session)
@@ -586,7 +582,8 @@ class Server:
                     self._nursery = inner
                     for t in self.transports:
                         inner.start_soon(t.edge.serve)
-                        inner.start_soon(t.edge.run_timers)
+                        if isinstance(t.edge, UdpEdge):  # (a TCP connection times itself)
+                            inner.start_soon(t.edge.run_timers)
                     if http is not None:
                         inner.start_soon(http.serve)
                     inner.start_soon(self._poll_registry)

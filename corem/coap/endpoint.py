@@ -128,6 +128,15 @@ class Request:
         """
         self.endpoint._respond(self, code, options, payload, now, context)
 
+    def final(self, code: int, options: Options | None, payload: bytes) -> tuple[int, Options | None, bytes]:
+        """The answer as it goes out, whichever message layer sends it: with the options every
+        answer carries (`echo`), then sealed (`protect`)."""
+        if self.echo:
+            options = sorted([*(options or []), *self.echo], key=lambda o: o[0])
+        if self.protect is not None:
+            return self.protect(code, options, payload)
+        return code, options, payload
+
     def __repr__(self) -> str:
         return f"Request({self.peer!r} mid={self.mid} state={self.state})"
 
@@ -385,10 +394,7 @@ class Endpoint:
             self._settle(req)  # its session is gone: no answer (see new_session)
             return
         token = req.token
-        if req.echo:
-            options = sorted([*(options or []), *req.echo], key=lambda o: o[0])
-        if req.protect is not None:
-            code, options, payload = req.protect(code, options, payload)
+        code, options, payload = req.final(code, options, payload)
         if payload and code >= 0x80 and self.params.limit_error_size:
             payload = self._fit(req.size, req.mid, token, code, options, payload)
         if req.confirmable and state == PENDING:

@@ -29,7 +29,11 @@ DEFAULT_MAX_MESSAGE = 1152
 
 class FrameError(ValueError):
     """A byte stream that is not RFC 8323 framing (or a frame over the size limit): the
-    connection is aborted with this reason."""
+    connection is aborted with this message; `reason` is the metric label."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _header(length: int, tkl: int, code: int) -> bytes:
@@ -81,7 +85,7 @@ class Framer:
             b0 = buf[pos]
             length, tkl = b0 >> 4, b0 & 0x0F
             if tkl > 8:
-                raise FrameError(f"token length {tkl}; at most 8")
+                raise FrameError(f"token length {tkl}; at most 8", "frame")
             ext = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 4)[length]
             head = 1 + ext + 1
             if pos + 1 + ext > n:
@@ -90,7 +94,7 @@ class Framer:
                 raw = int.from_bytes(buf[pos + 1:pos + 1 + ext], "big")
                 length = raw + (13, 269, 0, 65805)[ext - 1]
             if length + tkl > self.max_message:
-                raise FrameError(f"message of {length + tkl} bytes; at most {self.max_message} (our CSM)")
+                raise FrameError(f"message of {length + tkl} bytes; at most {self.max_message} (our CSM)", "too_large")
             end = pos + head + tkl + length
             if end > n:
                 break
@@ -137,10 +141,7 @@ class StreamEndpoint(Endpoint):
 
     def _answer(self, req: Request, code: int, options: Options | None, payload: bytes, context: Any = None) -> None:
         req.state = DONE
-        if req.echo:
-            options = sorted([*(options or []), *req.echo], key=lambda o: o[0])
-        if req.protect is not None:
-            code, options, payload = req.protect(code, options, payload)
+        code, options, payload = req.final(code, options, payload)
         self.send(encode(Message(Type.NON, code, 0, req.token, options or [], payload)), req.peer, code)
 
     def send(self, data: bytes, peer: Any, code: int) -> None:

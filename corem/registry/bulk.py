@@ -102,17 +102,18 @@ def import_devices(
             if r[i] is not None:
                 owners[what, r[i]] = (r[0], r[1])
     added = unchanged = replaced = done = 0
-    batch: list[tuple[int, Device, bool]] = []
+    #: (line, the device's row, whether it replaces one)
+    batch: list[tuple[int, tuple[Any, ...], bool]] = []
 
     def write() -> None:
         try:
             conn.execute("BEGIN" if conn.shared else "BEGIN IMMEDIATE")
             conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             [row(d) for _, d, update in batch if not update])
+                             [r for _, r, update in batch if not update])
             conn.executemany(
                 "UPDATE devices SET profile = ?, token = ?, psk_identity = ?, psk = ?, cert_sha256 = ?, "
                 "power_mode = ?, topics = ?, gateways = ?, oscore = ?, oscore_kid = ? WHERE tenant = ? AND device = ?",
-                [(*row(d)[2:4], *row(d)[5:], d.tenant, d.device) for _, d, update in batch if update])
+                [(*r[2:4], *r[5:], r[0], r[1]) for _, r, update in batch if update])
             conn.execute("COMMIT")
         except conn.IntegrityError as e:  # (clashes were looked for above: this is a race with a writer)
             conn.rollback()
@@ -145,7 +146,7 @@ def import_devices(
                 if old[i] is not None and old[i] != new[i]:
                     owners.pop((what, old[i]), None)
         existing[key] = new
-        batch.append((n, d, old is not None))
+        batch.append((n, new, old is not None))
         if old is None:
             added += 1
         else:
