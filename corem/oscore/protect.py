@@ -100,12 +100,12 @@ def inner_message(outer: Message, plain: bytes) -> Message:
     message's type, message ID and token (the message layer's, untouched by OSCORE)."""
     if not plain:
         raise bad_option("empty plaintext")
-    code = plain[0]
+    token = outer.token
+    header = bytes((0x40 | outer.type << 4 | len(token), plain[0], outer.mid >> 8, outer.mid & 0xFF))
     try:
-        msg = decode(bytes((0x40 | 0, code, 0, 0)) + plain[1:])
+        return decode(header + token + plain[1:])  # the plaintext is a message without its header and token
     except MessageFormatError as e:
         raise bad_option(f"inner message: {e}") from None
-    return Message(outer.type, code, outer.mid, outer.token, msg.options, msg.payload)
 
 
 def protect(ctx: Context, request_kid: bytes, request_piv: bytes, code: int, options: Options | None, payload: bytes,
