@@ -17,7 +17,7 @@ from pathlib import Path
 import cbor2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.table import markdown  # noqa: E402
+from bench.table import report  # noqa: E402
 from corem.profiles.compile import compile_profile
 from corem.profiles.proto_schema import message_class
 from corem.profiles.spec import parse_profile
@@ -77,14 +77,11 @@ def main() -> None:
         base = base or ns
         rows.append({"format": name, "bytes": len(payload), "points": len(points), "ns": round(ns),
                      "ns_per_point": round(ns / len(points)), "vs_flat": round(ns / base, 2)})
-    if "--json" in sys.argv:
-        print(json.dumps(rows, indent=2))
-        return
-    print(markdown([
+    report(rows, [
         ("payload", lambda r: r["format"]), ("bytes", lambda r: r["bytes"]), ("points", lambda r: r["points"]),
         ("decode", lambda r: f"{r['ns']} ns"), ("per point", lambda r: f"{r['ns_per_point']} ns"),
         ("vs flat CBOR", lambda r: f"{r['vs_flat']}x"),
-    ], rows))
+    ], as_json="--json" in sys.argv)
 
 
 if __name__ == "__main__":

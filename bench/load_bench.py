@@ -33,7 +33,7 @@ import cbor2
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from bench.table import markdown  # noqa: E402
+from bench.table import report  # noqa: E402
 
 LOADGEN_SRC = HERE / "loadgen.c"
 LOADGEN = HERE / "build" / "loadgen"
@@ -196,17 +196,13 @@ def main() -> None:
     for r in results:
         r["vs_aiocoap"] = round(r["rps"] / aio["rps"], 2) if aio["rps"] else None
         r["vs_libcoap"] = round(r["rps"] / libcoap["rps"], 2) if libcoap and libcoap["rps"] else None
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    print(f"\nclosed loop: {args.devices} devices x {args.inflight} CON requests in flight, "
-          f"{args.seconds:.0f} s, CBOR payload of {len(PAYLOAD)} bytes\n")
-    print(markdown([
+    report(results, [
         ("target", lambda r: r["target"]), ("requests/s", lambda r: f"{r['rps']:,.0f}"),
         ("p50", lambda r: f"{r['p50_us'] / 1000:.2f} ms"), ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"),
         ("vs aiocoap", lambda r: f"{r['vs_aiocoap']}x"),
         ("vs libcoap", lambda r: "-" if r["vs_libcoap"] is None else f"{r['vs_libcoap']}x"),
-    ], results))
+    ], as_json=args.json, title=f"closed loop: {args.devices} devices x {args.inflight} CON requests in flight, "
+                                f"{args.seconds:.0f} s, CBOR payload of {len(PAYLOAD)} bytes")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench.dtls_bench import IDENTITY, KEY  # noqa: E402
 from bench.dtls_bench import build as build_dtls_loadgen  # noqa: E402
 from bench.load_bench import PAYLOAD, TOKEN, build_loadgen, free_port, pin, wait_udp  # noqa: E402
-from bench.table import markdown  # noqa: E402
+from bench.table import report  # noqa: E402
 
 INFLIGHT = 64
 #: libcoap 4.3.1 resets a TCP connection when a burst of frames spans one of its 1472-byte reads
@@ -237,19 +237,15 @@ def main() -> None:
             finally:
                 lib.terminate()
                 lib.wait(20)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-
     def cost(r: dict, base: dict) -> str:
         """CPU per reading against `base`'s (readings per CPU-second, inverted)."""
         return f"{base['readings_per_cpu_s'] / r['readings_per_cpu_s']:.2f}x" if r["readings_per_cpu_s"] else "-"
 
-    print("\n" + markdown([
+    report(rows, [
         ("transport", lambda r: r["target"]), ("readings/s", lambda r: f"{r['rps']:,.0f}"),
         ("readings per server CPU-s", lambda r: f"{r['readings_per_cpu_s']:,}"),
         ("CPU per reading vs UDP fast lane", lambda r: cost(r, rows[0])), ("vs DTLS", lambda r: cost(r, rows[1])),
-    ], rows))
+    ], as_json=args.json, title="readings through each transport, one corem")
 
 
 if __name__ == "__main__":

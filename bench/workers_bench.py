@@ -20,7 +20,6 @@ and the generator gets the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.table import markdown  # noqa: E402
+from bench.table import report  # noqa: E402
 from bench.load_bench import TOKEN, build_loadgen, free_port, kafka_broker, run_load, wait_udp  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -115,16 +114,12 @@ def main() -> None:
     for r in results:
         base = next(b for b in results if b["bus"] == r["bus"] and b["workers"] == counts[0])
         r["efficiency"] = round(r["per_cpu_second"] / base["per_cpu_second"], 2) if base["per_cpu_second"] else None
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    print(f"\ncorem on CPUs {args.cpus}, load generator on CPU 1: {args.devices} peers x {args.inflight} in flight, "
-          f"{args.seconds:.0f} s\n")
-    print(markdown([
+    report(results, [
         ("workers", lambda r: r["workers"]), ("bus", lambda r: r["bus"]), ("readings/s", lambda r: f"{r['rps']:,.0f}"),
         ("CPU-s", lambda r: f"{r['cpu_seconds']:.2f}"), ("readings per CPU-s", lambda r: f"{r['per_cpu_second']:,}"),
         ("efficiency", lambda r: r["efficiency"]), ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"),
-    ], results, text=(1,)))
+    ], as_json=args.json, text=(1,), title=f"corem on CPUs {args.cpus}, load generator on CPU 1: {args.devices} "
+              f"peers x {args.inflight} in flight, {args.seconds:.0f} s")
 
 
 if __name__ == "__main__":
