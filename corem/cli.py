@@ -31,6 +31,8 @@ from .registry import Registry, RegistryError, bulk
 from .registry.nudge import nudge
 from .registry.store import parse_oscore, parse_psk
 
+log = logging.getLogger("corem")
+
 
 def _add_settings_flags(p: argparse.ArgumentParser, keys: list[str]) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file (env COREM_CONFIG)")
@@ -80,12 +82,19 @@ def setup_logging(settings: Settings, worker: int | None = None) -> None:
 
 
 async def run_until_signalled(server: Any, announce: bool = True) -> None:
-    """Run a Server (or the workers' Supervisor) until SIGINT or SIGTERM, then stop it gracefully."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Run a Server (or the workers' Supervisor) until SIGINT or SIGTERM, then stop it gracefully.
+
+    SIGHUP (a closed terminal, or an operator expecting a reload) is logged and ignored: its
+    default action would end corem at once, with no graceful stop and no DTLS sessions saved.
+    (There is no reload yet; a registry change reaches a running corem by itself.)"""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as outer:
 
             async def stop_at_a_signal() -> None:  # from the start: a start that hangs stops too
-                async for _ in signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.warning("SIGHUP ignored: corem has no reload; SIGTERM stops it")
+                        continue
                     server.stop()
                     return
 
@@ -112,22 +121,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         supervisor = Supervisor(settings, n)
         print(f"corem: {n} workers", flush=True)
-        try:
-            trio.run(run_until_signalled, supervisor)
-        except BaseExceptionGroup as group:  # a setting only the workers check: one line, status 2
-            found = group.subgroup(ConfigError)
-            if found is None:
-                raise
-            refused: BaseException = found
-            while isinstance(refused, BaseExceptionGroup):
-                refused = refused.exceptions[0]
-            raise refused from None
+        _run_or_refuse(supervisor)
     else:
         from .server import Server
 
-        trio.run(run_until_signalled, Server(settings))
+        _run_or_refuse(Server(settings))
     print("corem: stopped", flush=True)
     return 0
+
+
+def _run_or_refuse(server: Any) -> None:
+    """Run until signalled; a ConfigError raised once Trio runs (a port another process holds, a
+    setting only the workers check) leaves its nurseries as an exception group: one line, status 2."""
+    try:
+        trio.run(run_until_signalled, server)
+    except BaseExceptionGroup as group:
+        found = group.subgroup(ConfigError)
+        if found is None:
+            raise
+        refused: BaseException = found
+        while isinstance(refused, BaseExceptionGroup):
+            refused = refused.exceptions[0]
+        raise refused from None
 
 
 # -- devices -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 import trio
 from mbedtls.exceptions import TLSError
@@ -127,6 +127,14 @@ def _bind_or_explain(key: str, host: str, port: int):
         return bind_udp(host, port)
     except OSError as e:
         raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+async def bind_http(server: Any, host: str, port: int) -> tuple:
+    """The admin HTTP listener; a port another process holds is one line at start, as for CoAP."""
+    try:
+        return await server.bind(host, port)
+    except OSError as e:
+        raise ConfigError(f"http: cannot listen on tcp {host}:{port}: {e.strerror or e}") from None
 
 
 def url_host(address: tuple) -> str:
@@ -567,7 +575,7 @@ class Server:
         try:
             if http_addr is not None:
                 http = HttpServer(self.http_routes(), admin_token=self.admin_token, max_body=s.admin_max_body)
-                self.bound.http = await http.bind(*http_addr)
+                self.bound.http = await bind_http(http, *http_addr)
                 self.http = http
             if self.registry.shared and (s.node_url or self.bound.http is not None):
                 node = s.node_url or f"http://{url_host(self.bound.http)}"  # type: ignore[arg-type]

@@ -70,10 +70,13 @@ METRICS = {
 
 def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket on host:port with 4 MB buffers; `reuse_port` joins (or starts) a
-    SO_REUSEPORT group on that port (corem/workers/steer.py)."""
+    SO_REUSEPORT group on that port (corem/workers/steer.py).
+
+    No SO_REUSEADDR: on UDP it lets a second process bind the very port and take the fleet's
+    datagrams (issue 26: a second `corem serve` answered every device 4.01).  A plain bind of a
+    port another socket holds fails with EADDRINUSE, which the callers turn into one line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):

@@ -35,7 +35,7 @@ from ..config import ConfigError, Settings
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
 from ..registry import nudge as registry_nudge
-from ..server import Bound, lock_data_dir
+from ..server import Bound, bind_http, lock_data_dir
 from . import steer
 from .link import ENV, WorkerSpec
 
@@ -124,9 +124,18 @@ class Supervisor:
         self.front = Front(self)
 
     def _group(self, key: str, host: str, port: int) -> list[socket.socket]:
-        """N sockets on one port (the first may pick it), steered by peer."""
+        """N sockets on one port (the first may pick it), steered by peer.
+
+        A SO_REUSEPORT group admits any socket of the same user that asks to join, so the port is
+        first bound plainly: if another process holds it (a second corem, with or without
+        --workers), that bind fails and the start ends with one line.  Once the group is bound,
+        corem's steering program only ever picks indices below N: a socket that joins later
+        (index N or more) is never handed a datagram."""
         group: list[socket.socket] = []
         try:
+            probe = bind_udp(host, port)
+            port = probe.getsockname()[1]
+            probe.close()
             for _ in range(self.count):
                 group.append(bind_udp(host, port, reuse_port=True))
                 port = group[0].getsockname()[1]
@@ -197,7 +206,10 @@ class Supervisor:
     async def _listen(self, w: Worker) -> None:
         assert w.control is not None
         while True:
-            data = await w.control.recv(1 << 20)
+            try:
+                data = await w.control.recv(1 << 20)
+            except ConnectionResetError:  # it exited with our messages unread: the same end
+                return
             if not data:
                 return
             self._heard_from(w, json.loads(data))
@@ -280,7 +292,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 http = self.settings.listener("http")
                 if http is not None:  # first: the workers are told its address (node_url)
-                    self.bound.http = await self.front.bind(*http)
+                    self.bound.http = await bind_http(self.front, *http)
                     nursery.start_soon(self.front.serve)
                 for w in self.workers:
                     nursery.start_soon(self._keep, w)
