@@ -28,6 +28,7 @@ from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
 from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
+from .bus.recovery import RecoveryStats, recover_embedded, recover_kafka
 from .coap import Endpoint, Router, discovery
 from .coap.blockwise import Block1Uploads
 from .coap.endpoint import Request
@@ -41,6 +42,7 @@ from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
 from .dtls import DtlsServer, PskStore, SessionStore
 from .errors import StorageUnavailable
+from .net import fdlimit
 from .fastlane import FastLane, Lane, LaneTargets
 from .frontdoors.drogue import Drogue
 from .frontdoors.emqx import Emqx
@@ -60,6 +62,7 @@ from .registry.db import Lease, listen
 from .registry.homes import Homes
 from .registry.management import Management
 from .registry.oscore import OscoreState
+from .registry.presence import open_table as open_presence
 from .registry.store import Snapshot
 from .stats import Measured
 from .workers.link import Link, WorkerSpec
@@ -176,6 +179,7 @@ class Server:
     def __init__(self, settings: Settings, worker: WorkerSpec | None = None) -> None:
         """`worker`: this server is one of `corem serve --workers N` (corem/workers): its sockets
         are inherited, the data dir is the supervisor's, and it shares the embedded bus."""
+        fdlimit.raise_limit()  # first: the connection caps are derived from it (issue 26)
         self.settings = settings
         self.worker = worker
         data = settings.data_path
@@ -193,7 +197,10 @@ class Server:
         self.sink = make_sink(settings, after_batch=self._after_batch, shared=worker is not None)
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
         tenants, profiles = settings.presence_thresholds()
-        self.presence = Presence(self.sink, settings.presence_offline_after, tenants=tenants, profiles=profiles)
+        # presence per device across workers and nodes: its state in a table they share
+        # (corem/registry/presence.py), a single process included (one code path)
+        self.presence = Presence(self.sink, settings.presence_offline_after, tenants=tenants, profiles=profiles,
+                                 table=open_presence(settings.registry_location(), data))
         self.management = Management(self.registry)
         self.downlink = Downlink(
             self.management, self.sink, psm_activity_timer=settings.psm_activity_timer,
@@ -204,7 +211,8 @@ class Server:
             now=trio.current_time,
         )
         self.oscore = Oscore(self.directory.oscore_device, OscoreState(self.registry.db),
-                             UNDERSTOOD_CRITICAL - {OptionNumber.OSCORE})
+                             UNDERSTOOD_CRITICAL - {OptionNumber.OSCORE},
+                             shared=worker is not None or self.registry.shared)
         self.thingsboard = ThingsBoard(self.directory, self.ingest, self.management, self.downlink, trio.current_time)
         self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
         self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
@@ -234,6 +242,8 @@ class Server:
         #: Users' own resources (see corem.coap.site): `server.site.add("path", resource)`
         self.site = Site(clock=trio.current_time, after_notify=self._after_batch)
         self.bound = Bound()
+        #: what the start read back from the bus for deduplication (`_recover_exchanges`)
+        self.recovery = RecoveryStats()
         self._stop = trio.Event()
         self._reloading = trio.Lock()
         self._ready = False
@@ -264,7 +274,8 @@ class Server:
                 yield c, {"transport": t.name}
             if t.dtls is not None:
                 yield t.dtls, {}
-        parts: list[Measured | None] = [self.ingest, self.sink, self.command_reader, self.presence, self.downlink,
+        parts: list[Measured | None] = [self.ingest, self.sink, self.recovery, self.command_reader, self.presence,
+                                        self.downlink,
                                         self.oscore, self.emqx, self.thingsboard, self.http, self.directory, self.diagnostics]
         for part in parts:
             if part is not None:
@@ -428,6 +439,7 @@ class Server:
         coaps = s.listener("coaps")
         if coaps is not None:
             endpoint, router = self.new_endpoint(verified_peers=True), self._router()
+            endpoint.transport = "dtls"  # (named so in bus records: corem/bus/recovery.py)
             lane = self._fast_lane(endpoint, behind_dtls=True)
             try:
                 dtls = self._dtls(endpoint, lane)
@@ -582,6 +594,7 @@ class Server:
                 self.homes = Homes(self.registry.db, node)
                 self.downlink.on_first_sight = self._first_sight
             streams = [t.edge for t in self.transports if isinstance(t.edge, TcpEdge)]
+            await self._recover_exchanges()  # before the UDP edges read a datagram
             async with trio.open_nursery() as outer:
                 await outer.start(self.sink.run)
                 for edge in streams:  # connections outlive the accepting task: their last answers
@@ -642,6 +655,53 @@ class Server:
             self._unlock()
             log.info("stopped")
 
+    async def _recover_exchanges(self) -> None:
+        """Exactly once across a crash: the exchanges of the readings the bus committed within
+        EXCHANGE_LIFETIME (newest first, at most the dedup map's capacity) go into each UDP
+        transport's dedup map -- the lane's, which sees every datagram first, or the endpoint's --
+        so that a device retransmitting a CON whose 2.04 died with the last process gets its 2.04
+        and no second point (corem/bus/recovery.py).  With workers, only the peers steered here.
+        A bus that cannot be read is logged and counted, and corem starts anyway."""
+        udp = {t.name: t for t in self.transports if isinstance(t.edge, UdpEdge)}
+        if not udp:
+            return
+        p = self.settings.endpoint_params()
+        keep = None
+        if self.worker is not None and self.worker.count > 1:
+            from .workers.steer import worker_for
+
+            index, count = self.worker.index, self.worker.count
+            keep = lambda peer: worker_for(peer, count) == index  # noqa: E731
+        since_ms = int((time.time() - p.exchange_lifetime) * 1000)
+        sink = self.sink
+        try:
+            if isinstance(sink, EmbeddedBus):
+                found = await trio.to_thread.run_sync(
+                    lambda: recover_embedded(sink.path, since_ms, p.dedup_max_entries, keep=keep))
+            elif isinstance(sink, KafkaSink):
+                found = await trio.to_thread.run_sync(
+                    lambda: recover_kafka(sink.settings, since_ms, p.dedup_max_entries, keep=keep))
+            else:
+                return
+        except Exception as e:  # noqa: BLE001 - the bus's own errors: serve anyway, said and counted
+            self.recovery.failures += 1
+            log.warning("could not read back the exchanges of committed readings from the bus (%s): starting "
+                        "without them; a retransmission of a reading committed before the stop may be stored "
+                        "twice", e)
+            return
+        now, wall_ms = trio.current_time(), time.time() * 1000
+        for name, keys in found.keys.items():
+            t = udp.get(name)
+            if t is None:
+                continue
+            remember = t.lane.remember if t.lane is not None else t.endpoint.remember
+            for peer, mid, at_ms in keys:  # oldest first, on this process's clock
+                remember(peer, mid, now - max(0.0, (wall_ms - at_ms) / 1000))
+        self.recovery.keys, self.recovery.records = found.total(), found.records
+        self.recovery.seconds = found.seconds
+        log.info("recovered %d exchanges of committed readings from %d records in %.2f s",
+                 found.total(), found.records, found.seconds)
+
     async def _tick_downlink(self) -> None:
         n = 0
         while True:
@@ -652,10 +712,7 @@ class Server:
                 self.emqx.sweep()
 
     async def _sweep_presence(self) -> None:
-        interval = min(1.0, self.presence.shortest / 4)
-        while True:
-            await trio.sleep(interval)
-            self.presence.sweep(trio.current_time())
+        await self.presence.run(trio.current_time)
 
     async def _poll_registry(self) -> None:
         """The fallback for writers that do not nudge (registry_nudge): another process, a tool."""

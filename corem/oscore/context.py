@@ -96,7 +96,7 @@ class Context:
     numbers that no other process and no later start will use (persisted first, §7.5.1)."""
 
     __slots__ = ("sender_id", "recipient_id", "id_context", "_send", "_recv", "_iv", "window", "_seq", "_limit",
-                 "_reserve", "echo")
+                 "_reserve", "echo", "name", "marked")
 
     def __init__(self, secret: bytes, salt: bytes, sender_id: bytes, recipient_id: bytes, id_context: bytes | None,
                  *, reserve: Callable[[int], int], window_ready: bool) -> None:
@@ -111,6 +111,10 @@ class Context:
         self._reserve = reserve
         #: the Echo value (RFC 9175) this context's device must return before its window opens
         self.echo: bytes | None = None
+        #: its row in the registry's oscore_state (registry/oscore.py), and whether this process
+        #: has told that row it took a request (a window kept in memory: once per process)
+        self.name = ""
+        self.marked = False
 
     def nonce(self, id_piv: bytes, piv: bytes) -> bytes:
         """§5.2: [size of ID_PIV][ID_PIV, left-padded][PIV, left-padded to 5] XOR the common IV."""

@@ -6,7 +6,11 @@ way out (`Request.protect`), and so are the notifications of an observation it r
 
 Freshness: the replay window of a context that was used before this process started is unknown, so
 the first request gets a sealed 4.01 with an Echo option (RFC 9175, RFC 8613 Appendix B.1.2),
-and the window starts at the request that returns it.
+and the window starts at the request that returns it.  Where several processes serve the same
+contexts (`shared`: `--workers`, or nodes on one PostgreSQL registry) the window they all check is
+the registry's row (registry/oscore.py), moved by one atomic statement per accepted request: a
+request replayed to another worker or node is refused there too.  The process's own window is then
+a cache of what it took (a replay it saw itself is refused without a query).
 """
 
 from __future__ import annotations
@@ -54,11 +58,13 @@ class Oscore:
     """The server side of OSCORE for one process: contexts built from the registry on first use."""
 
     def __init__(self, lookup: Callable[[bytes | None, bytes], Device | None], state: OscoreState,
-                 known_critical: frozenset[int]) -> None:
+                 known_critical: frozenset[int], *, shared: bool = False) -> None:
         """`known_critical`: the critical options an inner request may carry (RFC 7252 §5.4.1
-        applies inside too)."""
+        applies inside too); `shared`: other processes serve the same contexts (the module
+        docstring)."""
         self._lookup = lookup
         self._state = state
+        self.shared = shared
         self._known = known_critical
         #: a device's keys -> its Context (keys derived once; the replay window and sequence numbers
         #: live here).  Keyed by the keys themselves: new keys for a device are a new context.
@@ -80,8 +86,10 @@ class Oscore:
             if len(self._contexts) >= MAX_CONTEXTS:
                 self._contexts.pop(next(iter(self._contexts)))
             name = fingerprint(keys)
+            ready = self._state.window_known(name) if self.shared else not self._state.used(name)
             ctx = Context(keys.secret, keys.salt, keys.sender_id, keys.recipient_id, keys.id_context,
-                          reserve=lambda n: self._state.reserve(name, n), window_ready=not self._state.used(name))
+                          reserve=lambda n: self._state.reserve(name, n), window_ready=ready)
+            ctx.name = name
             self._contexts[keys] = ctx
         return ctx
 
@@ -125,6 +133,9 @@ class Oscore:
             raise OscoreError(Code.BAD_REQUEST, "Decryption failed", "decrypt") from None
         inner = inner_message(outer, plain)
         fetch = outer.code == Code.FETCH
+        if not self.shared and not ctx.marked:  # once per process, before it takes a request
+            self._state.mark_used(ctx.name)  # (a restart must ask Echo)
+            ctx.marked = True
         if not window.ready:
             echo = inner.opt(OptionNumber.ECHO)
             if ctx.echo is None or echo is None or bytes(echo) != ctx.echo:
@@ -133,11 +144,13 @@ class Oscore:
                 self.stats["echo"] += 1
                 req.protect = Sealer(ctx, option.kid, option.piv, fetch, False, self.stats)
                 return Response(Code.UNAUTHORIZED, b"", [(OptionNumber.MAX_AGE, b""), (OptionNumber.ECHO, ctx.echo)])
+            if self.shared and not self._state.start_window(ctx.name, seq):
+                raise OscoreError(Code.UNAUTHORIZED, "Replay detected", "replay")  # another process is past it
             window.start_at(seq)
             ctx.echo = None
+        elif self.shared and not self._state.accept(ctx.name, seq):  # another worker or node took it
+            raise OscoreError(Code.UNAUTHORIZED, "Replay detected", "replay")
         else:
-            if window.top < 0:
-                self._state.mark_used(fingerprint(device.oscore))  # the first request this context ever took
             window.accept(seq)
         req.message = inner
         req.identity = device

@@ -3,6 +3,13 @@ numbers corem has used, and whether the device's requests were ever accepted (th
 restart, the replay window is unknown and Echo re-establishes it; a context never used starts with
 an empty window).
 
+When more than one process serves the same contexts (`--workers`, or nodes sharing a PostgreSQL
+registry), the replay window itself lives here (`top`, `bits`): each accepted request moves it in
+one atomic statement (`accept`), so a request replayed to another worker or node -- whose address
+steers it elsewhere -- finds its number already taken.  One process alone keeps its window in
+memory (no write per request) and, after a restart, re-establishes it with Echo; it marks the row's
+window unknown (`top` -1) when it starts using a context, so a later shared start asks Echo too.
+
 Rows are keyed by a hash of the whole context input (secret, salt, IDs, ID context): a nonce is a
 function of exactly that, so a device removed and added again with the same keys keeps its
 numbers, and new keys start at 0.  Numbers are reserved in blocks with one atomic statement, so
@@ -24,6 +31,23 @@ CREATE TABLE IF NOT EXISTS oscore_state (
     used     INTEGER NOT NULL DEFAULT 0
 );
 """
+#: columns added after the first release (a registry made before them gains them at start)
+WINDOW_COLUMNS = (("top", "INTEGER NOT NULL DEFAULT -1"), ("bits", "INTEGER NOT NULL DEFAULT 0"))
+#: RFC 8613 §7.4's default window (corem/oscore/context.py's WINDOW), and all of its bits set
+WINDOW = 32
+FULL = (1 << WINDOW) - 1
+
+#: one atomic step of the shared window (RFC 8613 §7.4): the number is taken if it is above the
+#: top, or within the window and not seen; otherwise no row changes and nothing is returned.  Every
+#: SET expression reads the row as it was (SQL's rule, in SQLite and PostgreSQL alike).
+_ACCEPT = (
+    "UPDATE oscore_state SET "
+    "bits = CASE WHEN ? > top THEN (CASE WHEN ? - top < {w} THEN ((bits << CAST(? - top AS INTEGER)) | 1) & {full} "
+    "ELSE 1 END) ELSE bits | (CAST(1 AS BIGINT) << CAST(top - ? AS INTEGER)) END, "
+    "top = CASE WHEN ? > top THEN ? ELSE top END, used = 1 "
+    "WHERE context = ? AND top >= 0 AND (? > top OR (top - ? < {w} AND "
+    "((bits >> CAST(top - ? AS INTEGER)) & 1) = 0)) RETURNING top"
+).format(w=WINDOW, full=FULL)
 
 
 def fingerprint(keys: OscoreKeys) -> str:
@@ -38,6 +62,11 @@ class OscoreState:
     def __init__(self, db: Db) -> None:
         self.db = db
         db.schema(SCHEMA)
+        have = db.columns("oscore_state")
+        for name, kind in WINDOW_COLUMNS:
+            if name not in have:
+                exists = "IF NOT EXISTS " if db.shared else ""  # (nodes may add it at once)
+                db.schema(f"ALTER TABLE oscore_state ADD COLUMN {exists}{name} {kind};")
 
     def reserve(self, context: str, n: int) -> int:
         """The first of `n` sender sequence numbers now reserved for this process."""
@@ -54,9 +83,45 @@ class OscoreState:
         return bool(row and row[0])
 
     def mark_used(self, context: str) -> None:
-        """The context's first accepted request: from now on a restart must not trust an empty window."""
+        """A process that keeps its window in memory took its first request for this context: from
+        now on a restart must not trust an empty window, nor a shared one (its top is unknown)."""
         try:
-            self.db.execute("INSERT INTO oscore_state (context, seq_next, used) VALUES (?, 0, 1) "
-                            "ON CONFLICT (context) DO UPDATE SET used = 1", (context,))
+            self.db.execute("INSERT INTO oscore_state (context, seq_next, used, top, bits) VALUES (?, 0, 1, -1, 0) "
+                            "ON CONFLICT (context) DO UPDATE SET used = 1, top = -1, bits = 0", (context,))
         except self.db.Error as e:
             raise StorageUnavailable(f"storage: oscore state: {e}") from None
+
+    # -- the shared replay window (several processes) ------------------------------------------
+    def window_known(self, context: str) -> bool:
+        """Can the shared window be trusted?  Yes for a context never used (it starts empty, at
+        top 0 here), or one whose window processes sharing it keep; no for one used by a process
+        that kept its window in memory (then Echo starts it: `start_window`)."""
+        try:
+            self.db.execute("INSERT INTO oscore_state (context, seq_next, top) VALUES (?, 0, 0) "
+                            "ON CONFLICT (context) DO UPDATE SET top = 0 WHERE oscore_state.used = 0 "
+                            "AND oscore_state.top < 0", (context,))
+            row = self.db.execute("SELECT top FROM oscore_state WHERE context = ?", (context,)).fetchone()
+        except self.db.Error as e:
+            raise StorageUnavailable(f"storage: oscore state: {e}") from None
+        return row is not None and int(row[0]) >= 0
+
+    def accept(self, context: str, seq: int) -> bool:
+        """Take the device's request numbered `seq` (after it decrypted): False if this or any
+        process sharing the window took it before, or it is older than the window covers.  A
+        never-used context's window starts at top 0 with bit 0 clear (number 0 not yet taken)."""
+        try:
+            row = self.db.execute(_ACCEPT, (seq, seq, seq, seq, seq, seq, context, seq, seq, seq)).fetchone()
+        except self.db.Error as e:
+            raise StorageUnavailable(f"storage: oscore replay window: {e}") from None
+        return row is not None
+
+    def start_window(self, context: str, seq: int) -> bool:
+        """Echo proved the request numbered `seq` fresh: nothing at or before it is taken again
+        (False if another process already started the window past it)."""
+        try:
+            row = self.db.execute(
+                "UPDATE oscore_state SET top = ?, bits = ?, used = 1 WHERE context = ? AND top < ? RETURNING top",
+                (seq, FULL, context, seq)).fetchone()
+        except self.db.Error as e:
+            raise StorageUnavailable(f"storage: oscore replay window: {e}") from None
+        return row is not None

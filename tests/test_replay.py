@@ -1,0 +1,174 @@
+"""No replay accepted anywhere (issue 26, item 4): an OSCORE request replayed to another worker or
+node, and DTLS records replayed into a session restored after a crash, are refused and counted.
+
+The OSCORE replay window of processes that share contexts lives in the registry's row
+(registry/oscore.py); a restored DTLS session refuses every record at or below the highest number
+its session took before the crash (dtls/server.py, the record marks)."""
+
+from __future__ import annotations
+
+
+import json
+import socket
+
+import cbor2
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corem.oscore.context import ReplayWindow
+from corem.registry.db import Db
+from corem.registry.oscore import OscoreState, fingerprint
+
+from .conftest import corem_cli, start_corem, wait_for
+
+pytest.importorskip("aiocoap.oscore")
+import aiocoap  # noqa: E402
+from aiocoap import oscore as aio  # noqa: E402
+
+from .test_oscore import KEYS, Server, device_context, opened, sealed  # noqa: E402
+from .test_workers import port_for  # noqa: E402
+
+
+# -- the shared window, alone ----------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 200), max_size=60))
+def test_the_shared_window_takes_what_the_in_memory_window_takes(tmp_path_factory, seqs):
+    """registry/oscore.py's one statement is RFC 8613 §7.4's window, number for number."""
+    state = OscoreState(Db(tmp_path_factory.mktemp("w") / "r.db"))
+    assert state.window_known("ctx")  # a context never used: an empty window, known
+    memory = ReplayWindow(True)
+    for seq in seqs:
+        expected = memory.fresh(seq)
+        if expected:
+            memory.accept(seq)
+        assert state.accept("ctx", seq) == expected, (seqs, seq)
+
+
+def test_the_shared_window_on_postgresql_is_the_same_window(tmp_path):
+    """Nodes share the window in PostgreSQL: the same statement, PostgreSQL's integer types."""
+    import os
+
+    from .postgres_server import Postgres, binaries
+
+    if binaries() is None and os.environ.get("CI") != "true":
+        pytest.skip("PostgreSQL is not installed (`make test` installs it as root)")
+    pg = Postgres()
+    try:
+        a, b = OscoreState(Db(pg.url)), OscoreState(Db(pg.url))  # two nodes
+        assert a.window_known("ctx") and b.window_known("ctx")
+        memory = ReplayWindow(True)
+        import random
+
+        rng = random.Random(7)
+        for i in range(400):
+            seq = rng.randrange(0, 2**40 - 1) if i == 399 else rng.randrange(0, 300)
+            expected = memory.fresh(seq)
+            if expected:
+                memory.accept(seq)
+            assert (a if i % 2 else b).accept("ctx", seq) == expected, (i, seq)
+        a.mark_used("ctx")  # a process alone used it: its window is unknown to the nodes
+        assert not b.window_known("ctx") and not b.accept("ctx", 2**40)
+        assert b.start_window("ctx", 10) and not a.start_window("ctx", 9) and a.accept("ctx", 11)
+        assert not a.accept("ctx", 10)
+    finally:
+        pg.stop()
+
+
+def test_two_processes_share_one_window_and_a_junk_request_opens_nothing(tmp_path):
+    """Worker B hears a junk request with the device's kid first (it builds the context then); the
+    device's requests go to worker A; each replayed to B is refused and counted there."""
+    a, b = Server(tmp_path / "r.db"), Server(tmp_path / "r.db")
+    for s in (a, b):
+        s.oscore.shared = True
+    dev = device_context(tmp_path / "dev")
+    junk, _ = sealed(device_context(tmp_path / "other", msgspec.structs.replace(KEYS, secret=b"x" * 20)), aiocoap.POST,
+                     "telemetry", b"\xa0", mid=50, content_format=60)
+    [refused] = b.send(junk)
+    assert aiocoap.Message.decode(refused).code == aiocoap.BAD_REQUEST  # Decryption failed
+    captured = []
+    for n in range(3):
+        data, _ = sealed(dev, aiocoap.POST, "telemetry", cbor2.dumps({"n": n}), mid=100 + n, content_format=60)
+        [answer] = a.send(data)
+        assert aiocoap.Message.decode(answer).code == aiocoap.CHANGED
+        captured.append(data)
+    for data in captured:
+        [answer] = b.send(data, ("198.51.100.9", 7))
+        msg = aiocoap.Message.decode(answer)
+        assert msg.code == aiocoap.UNAUTHORIZED and msg.payload == b"Replay detected"
+    assert len(a.seen) == 3 and b.seen == [] and b.oscore.stats["refused_replay"] == 3
+    # and the other way round: what B takes, A refuses
+    data, _ = sealed(dev, aiocoap.POST, "telemetry", b"\xa0", mid=200, content_format=60)
+    [answer] = b.send(data)
+    assert aiocoap.Message.decode(answer).code == aiocoap.CHANGED
+    [answer] = a.send(data, ("198.51.100.10", 7))
+    assert aiocoap.Message.decode(answer).code == aiocoap.UNAUTHORIZED and len(a.seen) == 3
+
+
+def test_a_window_kept_in_memory_makes_a_later_shared_start_ask_echo(tmp_path):
+    """One process alone keeps its window in memory; the row then says its top is unknown, so
+    workers started later (sharing the row) ask Echo before taking a request."""
+    alone = Server(tmp_path / "r.db")
+    dev = device_context(tmp_path / "dev")
+    data, rid = sealed(dev, aiocoap.POST, "telemetry", b"\xa0", mid=1, content_format=60)
+    [answer] = alone.send(data)
+    assert aiocoap.Message.decode(answer).code == aiocoap.CHANGED
+    assert not alone.state.window_known(fingerprint(KEYS))
+    shared = Server(tmp_path / "r.db")
+    shared.oscore.shared = True
+    [challenge] = shared.send(data, ("198.51.100.11", 7))  # the captured request: Echo, not served
+    assert shared.seen == [] and shared.oscore.stats["echo"] == 1
+    inner = opened(dev, challenge, rid)  # (sealed: the outer code is 2.04)
+    assert inner.code == aiocoap.UNAUTHORIZED and inner.opt.echo
+
+
+# -- through `corem serve --workers 2` ----------------------------------------------------------------
+def aiocoap_context(tmp_path, name="dev"):
+    """The device d-osc's side of its context (aiocoap's OSCORE), sealing requests in this test."""
+    ctx = tmp_path / name
+    ctx.mkdir()
+    (ctx / "settings.json").write_text(json.dumps({"sender-id_hex": "02", "recipient-id_hex": "01",
+                                                   "secret_ascii": "0123456789abcdef0123"}))
+    return aio.FilesystemSecurityContext(str(ctx))
+
+
+def exchange(sock: socket.socket, port: int, data: bytes) -> aiocoap.Message:
+    sock.settimeout(30)
+    sock.sendto(data, ("127.0.0.1", port))
+    answer, _ = sock.recvfrom(2048)
+    return aiocoap.Message.decode(answer)
+
+
+def test_an_oscore_request_replayed_to_the_other_worker_is_refused_and_counted(data_dir, tmp_path):
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "d-osc", "--oscore-sender-id", "01",
+              "--oscore-recipient-id", "02", "--oscore-secret", "0123456789abcdef0123", data_dir=data_dir)
+    server = start_corem(data_dir, "--workers", "2", timeout=60)
+    home, other = port_for(0, 2), port_for(1, 2)
+    try:
+        dev = aiocoap_context(tmp_path)
+        # junk with the device's kid reaches worker 1 first
+        junk_ctx = tmp_path / "junk"
+        junk_ctx.mkdir()
+        (junk_ctx / "settings.json").write_text(json.dumps({"sender-id_hex": "02", "recipient-id_hex": "01",
+                                                            "secret_ascii": "another-secret-of-20"}))
+        junk, _ = sealed(aio.FilesystemSecurityContext(str(junk_ctx)), aiocoap.POST, "telemetry", b"\xa0",
+                         mid=9, content_format=60)
+        assert exchange(other, server.coap_port, junk).code == aiocoap.BAD_REQUEST
+        captured = []
+        for n in range(3):
+            data, _ = sealed(dev, aiocoap.POST, "telemetry", cbor2.dumps({"osc": n}), mid=10 + n, content_format=60)
+            assert exchange(home, server.coap_port, data).code == aiocoap.CHANGED
+            captured.append(data)
+        for data in captured:  # the same bytes from a port the kernel steers to worker 1
+            answer = exchange(other, server.coap_port, data)
+            assert answer.code == aiocoap.UNAUTHORIZED and answer.payload == b"Replay detected"
+        m = server.metrics()
+        assert m['corem_oscore_refused_total{reason="replay"}'] == 3
+        assert m['corem_worker_requests{worker="1"}'] == 4  # the replays did reach the other worker
+        stored = sorted(p["numeric_values"]["osc"] for p in server.points("acme") if p["device"] == "d-osc")
+        assert stored == [0.0, 1.0, 2.0]  # each reading once
+    finally:
+        home.close()
+        other.close()
+        server.stop()
