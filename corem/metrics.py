@@ -134,6 +134,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_devices_online": (G, "Devices online (an accepted reading within presence_offline_after)."),
     "corem_presence_transitions": (C, "Presence transitions published."),
     "corem_presence_publish_failures": (C, "Presence transitions the bus did not take."),
+    "corem_presence_store_errors": (C, "Presence flushes the shared presence table refused (tried again)."),
     "corem_downlink_attribute_updates": (C, "Shared attribute updates sent or stored."),
     "corem_downlink_attributes_queued": (C, "Updates queued (merged) for sleeping devices."),
     "corem_downlink_rpc_delivered": (C, "RPC requests delivered to devices."),

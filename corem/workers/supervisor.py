@@ -349,12 +349,14 @@ def _prepare_files(settings: Settings) -> None:
     from ..bus.sqlite import EmbeddedBus
     from ..dtls.store import SessionStore
     from ..registry import Registry
+    from ..registry.presence import open_table as open_presence
     from ..server import SESSIONS_FILE
 
     data = settings.data_path
     try:
         if not settings.registry:
             Registry(data / "registry.db").close()
+            open_presence(data / "registry.db", data).close()
         if not settings.dtls_session_store:
             SessionStore(data / SESSIONS_FILE).close()
         if settings.bus == "embedded":
