@@ -74,12 +74,19 @@ class Rot:
     def __init__(self) -> None:
         self.ticks: list[float] = []
         self.hellos: list[tuple[bytes, tuple]] = []
+        self.unsettled = 0  # messages received since the last settle
+        self.settled: list[int] = []
 
     def receive(self, datagram, peer, now):
         if datagram == b"hello":  # a "handshake": answered by the layer itself, no message
             self.hellos.append((b"welcome", peer))
             return ()
+        self.unsettled += 1
         return (bytes((x - 1) & 0xFF for x in datagram),)
+
+    def settle(self, now):
+        self.settled.append(self.unsettled)
+        self.unsettled = 0
 
     def wrap(self, message, peer):
         return bytes((x + 1) & 0xFF for x in message)
@@ -128,6 +135,22 @@ def router() -> Router:
     r = Router()
     r.add("hello", {Code.GET: lambda req, params: Response(Code.CONTENT, b"hi")})
     return r
+
+
+async def test_a_batch_is_settled_by_the_security_layer_before_any_of_its_messages_is_handled(udp_pair):
+    """DTLS writes the batch's record numbers before its requests are served (replays after a
+    crash): at every request the handler sees, nothing received is left unsettled."""
+    client, server_sock = udp_pair
+    layer = Rot()
+    seen: list[int] = []
+    r = Router()
+    r.add("hello", {Code.GET: lambda req, params: seen.append(layer.unsettled) or Response(Code.CONTENT, b"hi")})
+    edge = UdpEdge(server_sock, Endpoint(), r, security=layer)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(edge.serve)
+        got = await exchange(client, server_sock.getsockname(), [rot(request(i)) for i in range(20)], 20)
+        nursery.cancel_scope.cancel()
+    assert len(got) == 20 and seen == [0] * 20 and sum(layer.settled) == 20
 
 
 async def test_the_edge_serves_requests_through_its_security_layer_and_ticks_it(udp_pair):

@@ -100,11 +100,13 @@ def test_the_postgresql_store_keeps_takes_and_expires_sessions(store_url):
     store = SessionStore(store_url)
     try:
         assert store.shared and len(store) == 0
-        assert store.put([(b"peer-1", b"blob-1", "acme", "d1", 100.0), (b"peer-2", b"blob-2", "acme", "d2", 200.0)])
-        assert store.put([(b"peer-1", b"blob-1b", "acme", "d1", 150.0)])  # the newer one replaces it
+        assert store.put([(b"peer-1", b"blob-1", "acme", "d1", 100.0, -1), (b"peer-2", b"blob-2", "acme", "d2", 200.0, 7)])
+        assert store.put([(b"peer-1", b"blob-1b", "acme", "d1", 150.0, 3)])  # the newer one replaces it
         assert sorted(store.keys()) == [b"peer-1", b"peer-2"] and sorted(store.blob_sizes()) == [6, 7]
-        assert store.take(b"peer-1") == (b"peer-1", b"blob-1b", "acme", "d1", 150.0)
+        assert store.take(b"peer-1") == (b"peer-1", b"blob-1b", "acme", "d1", 150.0, 3)
         assert store.take(b"peer-1") is None
+        assert store.put([(b"peer-3", b"blob-3", "acme", "d3", 300.0, 5)])
+        assert store.mark([(42, b"peer-3")]) and store.take(b"peer-3")[5] == 42  # the records it took since
         assert store.expire(250.0) == [b"peer-2"] and len(store) == 0
     finally:
         store.close()
@@ -119,9 +121,9 @@ def test_a_lost_database_connection_is_counted_and_made_again(store_url):
         with psycopg.connect(store_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         time.sleep(0.2)
-        assert not store.put([(b"p", b"b", "t", "d", 1.0)])  # the write that found it gone
+        assert not store.put([(b"p", b"b", "t", "d", 1.0, -1)])  # the write that found it gone
         assert store.errors == 1 and store.last_error
-        assert store.put([(b"p", b"b", "t", "d", 1.0)])  # on a new connection
+        assert store.put([(b"p", b"b", "t", "d", 1.0, -1)])  # on a new connection
         assert store.last_error is None and len(store) == 1
     finally:
         store.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 
 import json
+import os
+import signal
 import socket
 
 import cbor2
@@ -171,4 +173,82 @@ def test_an_oscore_request_replayed_to_the_other_worker_is_refused_and_counted(d
     finally:
         home.close()
         other.close()
+        server.stop()
+
+
+# -- DTLS: records replayed into a session restored after a crash ----------------------------------
+class CapturingClient:
+    """A CoAPS device (tests/dtls_udp_client.py) whose datagrams an attacker on the path keeps."""
+
+    def __init__(self, port: int, source_port: int = 0) -> None:
+        from .conftest import SPEC_IDENTITY, SPEC_KEY
+        from .dtls_udp_client import DtlsUdpClient
+
+        self.client = DtlsUdpClient(port, SPEC_IDENTITY, SPEC_KEY.encode(), source_port=source_port)
+        self.captured: list[bytes] = []
+        send = self.client.sock.send
+
+        def capture(data: bytes) -> int:
+            self.captured.append(bytes(data))
+            return send(data)
+
+        self.client.sock = _Tapped(self.client.sock, capture)
+
+
+class _Tapped:
+    """A socket whose `send` goes through `tap` (the rest is the socket's)."""
+
+    def __init__(self, sock: socket.socket, tap) -> None:
+        self._sock, self.send = sock, tap
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("crash", ["corem", "worker"])
+def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session(data_dir, crash):
+    """The checkpoint is taken after the session's first reading; the device then sends 20 more,
+    all captured.  After a SIGKILL (of corem, or of the device's worker) the session comes back from
+    the checkpoint without a handshake -- and refuses every captured record, counted; each reading
+    is stored once; the device goes on in the same session."""
+    from .conftest import SPEC_IDENTITY  # noqa: F401 - (the device sensor-7 of the data_dir fixture)
+    from .test_workers import worker_pids
+
+    workers = ("--workers", "2") if crash == "worker" else ()
+    server = start_corem(data_dir, *workers, timeout=60)
+    source = 0
+    if crash == "worker":
+        probe = port_for(1, 2)
+        source = probe.getsockname()[1]
+        probe.close()
+    device = CapturingClient(server.coaps_port, source)
+    client = device.client
+    try:
+        client.handshake(timeout=30)
+        assert client.post(["telemetry"], cbor2.dumps({"r": 0}), timeout=30).code == 68
+        wait_for(lambda: server.metrics()["corem_dtls_sessions_checkpointed_total"] >= 1, 60, "a checkpoint")
+        device.captured.clear()
+        for n in range(1, 21):
+            assert client.post(["telemetry"], cbor2.dumps({"r": n}), timeout=30).code == 68
+        captured = list(device.captured)
+        assert len(captured) >= 20
+        if crash == "corem":
+            server.stop(signal.SIGKILL)
+            server = start_corem(data_dir, timeout=60)
+            client.sock.connect(("127.0.0.1", server.coaps_port))
+        else:
+            victim = worker_pids(server)[1]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: worker_pids(server).get(1) not in (None, victim), 60, "worker 1 started again")
+        for data in captured:  # the attacker replays them, from the device's own address
+            client.sock.send(data)
+        # the device goes on in the same session: its next record is newer than any it sent
+        assert client.post(["telemetry"], cbor2.dumps({"r": 21}), timeout=30).code == 68
+        m = server.metrics()
+        assert m["corem_dtls_records_replayed_total"] == len(captured)
+        assert m["corem_dtls_sessions_restored_total"] == 1 and m["corem_dtls_handshakes_completed_total"] == 0
+        stored = sorted(p["numeric_values"]["r"] for p in server.points("acme") if p["device"] == "sensor-7")
+        assert stored == [float(n) for n in range(22)]  # each once: no replayed reading stored
+    finally:
+        client.close()
         server.stop()

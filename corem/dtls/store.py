@@ -33,8 +33,13 @@ CREATE TABLE IF NOT EXISTS sessions (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_last_seen ON sessions (last_seen);
 """
+#: added after the first release (a store made before it gains it at start): the highest record
+#: number the session took from its device -- a restored session refuses every record at or
+#: below it (`DtlsServer.settle`: replays of what the device sent after a checkpoint)
+RX_TOP = "rx_top INTEGER NOT NULL DEFAULT -1"
 
-Row = tuple[bytes, bytes, str, str, float]
+#: peer key, blob, tenant, device, last seen (wall clock), rx_top
+Row = tuple[bytes, bytes, str, str, float, int]
 
 
 class Unsaved(enum.Enum):
@@ -52,8 +57,8 @@ def _row(row: Any) -> Row | None:
     """A row as SQLite gave it (untyped), as a Row."""
     if row is None:
         return None
-    peer, blob, tenant, device, last_seen = row
-    return bytes(peer), bytes(blob), str(tenant), str(device), float(last_seen)
+    peer, blob, tenant, device, last_seen, rx_top = row
+    return bytes(peer), bytes(blob), str(tenant), str(device), float(last_seen), int(rx_top)
 
 
 def freeze(buf: Any) -> bytes | Unsaved:
@@ -123,8 +128,10 @@ def peer_key(peer: object) -> bytes:
     return repr(peer).encode()
 
 
-_UPSERT = ("INSERT INTO {t} VALUES (?, ?, ?, ?, ?) ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, "
-           "tenant = excluded.tenant, device = excluded.device, last_seen = excluded.last_seen")
+_UPSERT = ("INSERT INTO {t} (peer, blob, tenant, device, last_seen, rx_top) VALUES (?, ?, ?, ?, ?, ?) "
+           "ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, tenant = excluded.tenant, "
+           "device = excluded.device, last_seen = excluded.last_seen, rx_top = excluded.rx_top")
+_COLUMNS = "peer, blob, tenant, device, last_seen, rx_top"
 
 
 class SessionStore:
@@ -141,6 +148,9 @@ class SessionStore:
         if not self.shared:
             self.db.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
         self.db.schema(SCHEMA.replace("sessions", self.table))
+        if "rx_top" not in self.db.columns(self.table):
+            exists = "IF NOT EXISTS " if self.shared else ""  # (nodes may add it at once)
+            self.db.schema(f"ALTER TABLE {self.table} ADD COLUMN {exists}{RX_TOP};")
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet
@@ -168,20 +178,29 @@ class SessionStore:
         """Remove and return the session of `key` (if its row cannot be deleted now, it is read
         and deleted at the next write that works)."""
         try:
-            row = self._run(
-                "DELETE FROM {t} WHERE peer = ? RETURNING peer, blob, tenant, device, last_seen", (key,)
-            ).fetchone()
+            row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
         except self.db.Error as e:
             self._failed(e)
             try:
-                row = self._run(
-                    "SELECT peer, blob, tenant, device, last_seen FROM {t} WHERE peer = ?", (key,)).fetchone()
+                row = self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone()
             except self.db.Error:
                 return None
             if row is not None:
                 self._stale.add(key)
             return _row(row)
         return _row(row)
+
+    def mark(self, marks: list[tuple[int, bytes]]) -> bool:
+        """Record (rx_top, peer key) for saved sessions that took records, in one transaction,
+        before those records are handled (DtlsServer.settle); False if the disk refused."""
+        try:
+            self._run("BEGIN")
+            self.db.executemany(f"UPDATE {self.table} SET rx_top = ? WHERE peer = ?", marks)
+            self._run("COMMIT")
+        except self.db.Error as e:
+            self._failed(e)
+            return False
+        return True
 
     def discard(self, key: bytes) -> None:
         try:

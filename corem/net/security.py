@@ -31,6 +31,10 @@ class SecurityLayer(Protocol):
     def tick(self, now: float) -> None:
         """Run the layer's timers (handshake retransmission, idle sessions)."""
 
+    def settle(self, now: float) -> None:
+        """Called once per batch, after `receive` decrypted it and before its messages are handled:
+        make durable what the batch's records used up (DTLS: their numbers, against replay)."""
+
     def credentialed(self, datagram: bytes, peer: Peer) -> bool:
         """Does `datagram` prove who sent it, well enough to pass a source over its rate?"""
 
@@ -57,6 +61,9 @@ class PlainUdp:
         return []
 
     def tick(self, now: float) -> None:
+        pass
+
+    def settle(self, now: float) -> None:
         pass
 
     def credentialed(self, datagram: bytes, peer: Peer) -> bool:

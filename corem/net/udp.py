@@ -51,6 +51,10 @@ def _nothing(*args: object) -> None:
     return None
 
 
+def _as_is(message: bytes, peer: Peer, now: float) -> tuple[bytes]:
+    return (message,)
+
+
 @dataclass(slots=True)
 class EdgeStats:
     oversized: int = 0
@@ -143,11 +147,14 @@ class UdpEdge:
         #: datagrams for the security layer; messages for the Python path; what the lane kept
         #: back during a batch; the messages to send; the lane's timers
         self._read: Callable[[float], Iterable[tuple[bytes, Peer]]] = self._read_limited
+        self._receive: Callable[[bytes, Peer, float], Iterable[bytes]] = security.receive
         self._take: Callable[[bytes, Peer, float], None] = handle
         self._collect: Callable[[], Iterable[tuple[bytes, Peer]]] = tuple
         self._outgoing: Callable[[], Datagrams] = endpoint.datagrams_to_send
         self._tick_lane: Callable[[float], object] = _nothing
         if lane is None:
+            if not security.transparent:
+                self._decrypt_first()
             return
         self._tick_lane = lane.tick
         if security.transparent:
@@ -170,6 +177,7 @@ class UdpEdge:
                 return read(now)
 
             self._read = read_batch
+            self._decrypt_first()
             self._take = lambda message, peer, now: offer(message, peer, device(peer), now)
             self._collect = lane.collect
 
@@ -181,6 +189,20 @@ class UdpEdge:
             return outgoing()
 
         self._outgoing = outgoing_settled
+
+    def _decrypt_first(self) -> None:
+        """Behind a security layer that is not transparent (DTLS), a batch is decrypted whole and
+        settled (`SecurityLayer.settle`: its record numbers made durable) before any of its
+        messages is handled; the loop then reads messages, and `_receive` passes them on."""
+        read, receive, settle = self._read, self.security.receive, self.security.settle
+
+        def read_messages(now: float) -> Datagrams:
+            messages = [(message, peer) for data, peer in read(now) for message in receive(data, peer, now)]
+            settle(now)
+            return messages
+
+        self._read = read_messages
+        self._receive = _as_is
 
     @property
     def dedup_entries(self) -> int:
@@ -205,7 +227,7 @@ class UdpEdge:
     async def serve(self) -> None:
         """Receive until cancelled."""
         sock = self.sock
-        read, receive, take, collect = self._read, self.security.receive, self._take, self._collect
+        read, receive, take, collect = self._read, self._receive, self._take, self._collect
         handle = self._handle
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
