@@ -49,6 +49,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_coap_gave_up": (C, "Confirmable messages of ours never acknowledged."),
     "corem_coap_resets_received": (C, "RSTs matching a message of ours."),
     "corem_coap_dedup_evictions": (C, "Exchanges forgotten before EXCHANGE_LIFETIME."),
+    "corem_coap_dedup_recovered": (
+        C, "Exchanges of committed readings read back from the bus at start (deduplication across a crash)."),
+    "corem_coap_recovered_answers": (
+        C, "Retransmissions of readings committed before the start, answered 2.04 without a second point."),
     "corem_coap_outstanding_refused": (
         C, "Separate responses not sent because max_outstanding were awaiting their ACK."),
     "corem_coap_handler_errors": (C, "Handlers that raised (answered 5.00)."),
@@ -122,6 +126,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_sink_batch_seconds": (H, "Time from handing a batch to the bus to its acknowledgement."),
     "corem_sink_batch_size": (H, "Records per batch."),
     "corem_sink_pending": (G, "Records taken by the sink and not answered yet."),
+    "corem_bus_recovery_failures": (
+        C, "Starts at which the bus could not be read back for deduplication (served anyway)."),
+    "corem_bus_recovery_records": (C, "Records read back from the bus at start for deduplication."),
     "corem_kafka_in_flight": (G, "Records handed to librdkafka without a delivery report yet."),
     "corem_kafka_queue_messages": (G, "Messages and requests in librdkafka's queues (len(producer))."),
     "corem_kafka_delivery_seconds": (H, "Per record: from produce() to its delivery report."),

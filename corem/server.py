@@ -699,6 +699,9 @@ class Server:
                 remember(peer, mid, now - max(0.0, (wall_ms - at_ms) / 1000))
         self.recovery.keys, self.recovery.records = found.total(), found.records
         self.recovery.seconds = found.seconds
+        if found.error is not None:
+            self.recovery.failures += 1
+            log.warning("read back only part of the exchanges of committed readings (%s)", found.error)
         log.info("recovered %d exchanges of committed readings from %d records in %.2f s",
                  found.total(), found.records, found.seconds)
 

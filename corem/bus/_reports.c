@@ -42,6 +42,7 @@ typedef struct {
     double latency_sum;
     unsigned long long acked, failures;
     Ticket *head;                           /* armed tickets not reported yet (a list, for fail_all) */
+    Ticket *tail;                           /* the oldest of them (for readiness: deliveries stalled) */
 } Reports;
 
 struct Ticket {
@@ -74,6 +75,7 @@ static void unlink_ticket(Ticket *t) {
     Reports *r = t->reports;
     t->reported = 1;
     r->outstanding--;
+    if (r->tail == t) r->tail = t->prev;
     if (t->prev) t->prev->next = t->next; else r->head = t->next;
     if (t->next) t->next->prev = t->prev;
     t->prev = t->next = NULL;
@@ -251,6 +253,7 @@ static PyObject *Reports_submit(Reports *self, PyObject *const *args, Py_ssize_t
         t->next = self->head;
         if (self->head) self->head->prev = t;
         self->head = t;
+        if (!self->tail) self->tail = t;
         PyObject *res = minus1 && zero ? PyObject_Vectorcall(produce, call_args, 8, NULL) : NULL;
         Py_XDECREF(minus1);
         Py_XDECREF(zero);
@@ -330,6 +333,12 @@ static PyObject *Reports_get_outstanding(Reports *self, void *closure) {
     return PyLong_FromSsize_t(self->outstanding);
 }
 
+/* When the oldest record still waiting for its report was produced (time.monotonic()), or None. */
+static PyObject *Reports_get_oldest(Reports *self, void *closure) {
+    if (!self->tail) Py_RETURN_NONE;
+    return PyFloat_FromDouble(self->tail->made);
+}
+
 static PyMethodDef Reports_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))Reports_submit, METH_FASTCALL,
      "submit(produce, records, done, ctxs) -> how many records produce() took"},
@@ -344,6 +353,8 @@ static PyMethodDef Reports_methods[] = {
 
 static PyGetSetDef Reports_getset[] = {
     {"outstanding", (getter)Reports_get_outstanding, NULL, "records produced and not reported yet", NULL},
+    {"oldest", (getter)Reports_get_oldest, NULL,
+     "when the oldest record not reported yet was produced (monotonic seconds), or None", NULL},
     {NULL},
 };
 

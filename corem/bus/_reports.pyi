@@ -7,6 +7,9 @@ class Reports:
     @property
     def outstanding(self) -> int:
         """Records produced and not reported yet."""
+    @property
+    def oldest(self) -> float | None:
+        """When the oldest record not reported yet was produced (time.monotonic()), or None."""
     def submit(self, produce: Callable[..., Any], records: list[Any], done: Callable[[Any, BaseException | None], Any],
                ctxs: list[Any], /) -> int:
         """Produce each record with a ticket as its callback; how many produce() took."""

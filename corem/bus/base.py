@@ -51,6 +51,12 @@ def _logged(topic: object, error: BaseException | None) -> None:
         log.warning("a record for %s was not written: %s", topic, error)
 
 
+#: Readiness: a sink whose oldest record has waited this long for the bus to take it (a batch
+#: write, a delivery report) is stalled, and /readyz says not ready until it moves again.  Far
+#: above a healthy commit or delivery (milliseconds; a loaded disk's fsync, under a second), well
+#: below kafka_timeout (10 s), after which the failures themselves say it.
+STALLED_AFTER = 5.0
+
 #: Histogram bucket bounds: batch write latency (seconds) and batch size (records).
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
@@ -118,8 +124,24 @@ class Sink:
     after_drain: Callable[[], object] | None = None
 
     def probe(self) -> str | None:
-        """Can the bus be reached?  None if so, else why not (cheap: /readyz calls it)."""
-        return None if self.last_error is None else str(self.last_error)
+        """Can the bus be reached?  None if so, else why not (cheap: /readyz calls it): failing
+        (the last records answered failed, and none succeeded since) or stalled (`stalled`)."""
+        return str(self.last_error) if self.last_error is not None else self.stalled()
+
+    def waiting_since(self) -> float | None:
+        """When (time.monotonic()) the oldest record still waiting for the bus was taken, or None."""
+        return None
+
+    def stalled(self) -> str | None:
+        """Why deliveries count as stalled (the oldest waiting record is older than
+        STALLED_AFTER), or None."""
+        since = self.waiting_since()
+        if since is None:
+            return None
+        age = time.monotonic() - since
+        if age <= STALLED_AFTER:
+            return None
+        return f"deliveries stalled: the oldest record has waited {age:.1f} s for the bus ({self.pending} waiting)"
 
     def metrics(self) -> Iterator[Measurement]:
         """The `corem_sink_*` samples, labelled with the sink's name; a sink adds its own."""
@@ -146,8 +168,14 @@ class BatchingSink(Sink):
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._stopped = trio.Event()
+        #: when the batch being written began (time.monotonic()), None between batches
+        self._writing_since: float | None = None
 
     # -- called on the event loop ------------------------------------------------------------
+    def waiting_since(self) -> float | None:
+        """The batch being written holds the oldest records (what waits behind it is younger)."""
+        return self._writing_since
+
     def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
         room = 0 if self._closing else max(0, self.max_pending - len(self._records))
         n = min(room, len(records))
@@ -197,12 +225,15 @@ class BatchingSink(Sink):
         start = time.perf_counter()
         errors: list[BaseException | None] | None = None
         error: BaseException | None = None
+        self._writing_since = time.monotonic()
         try:
             prepared = self.prepare(records)
             with trio.CancelScope(shield=True):  # a batch once started is finished and answered
                 errors = await trio.to_thread.run_sync(self.write_prepared, prepared)
         except Exception as e:  # noqa: BLE001 - any write failure is reported to every waiter
             error = e
+        finally:
+            self._writing_since = None
         if errors is None:
             errors = [error] * len(records)
         failed = [e for e in errors if e is not None]

@@ -280,6 +280,14 @@ class PyReports:
     def ready(self) -> bool:
         return bool(self._ok or self._failed)
 
+    @property
+    def oldest(self) -> float | None:
+        """When the oldest record not reported yet was produced (time.monotonic()), or None."""
+        with self._lock:
+            for _done, _ctx, made in self._waiting.values():  # (tickets in the order made)
+                return made
+        return None
+
     def fail_all(self, error: Any) -> int:
         with self._lock:
             waiting, self._waiting = self._waiting, {}
@@ -541,14 +549,21 @@ class KafkaSink(Sink):
         self._wake.set()
         await self._stopped.wait()
 
+    def waiting_since(self) -> float | None:
+        return self._reports.oldest
+
     def probe(self) -> str | None:
-        """From librdkafka's own state: a fatal error, the last deliveries failing, or no broker
+        """From librdkafka's own state: a fatal error, the last deliveries failing, deliveries
+        stalled (a record waiting longer than STALLED_AFTER for its report: a broker that holds the
+        connection and answers nothing, frozen or overloaded -- librdkafka sees it UP), or no broker
         up in its latest statistics."""
         k = self.kafka
         if k.fatal is not None:
             return f"kafka: {k.fatal}"
         if self.last_error is not None:
             return str(self.last_error)
+        if (stalled := self.stalled()) is not None:
+            return f"kafka: {stalled}"
         if not k.stats_at:
             return "kafka: no statistics from librdkafka yet (connecting)"
         if not any(state == "UP" for state in k.brokers.values()):

@@ -216,6 +216,9 @@ class Stats:
     resets: int = 0
     dedup_evictions: int = 0
     outstanding_refused: int = 0
+    #: exchanges read back from the bus at start (`remember`), and their retransmissions answered
+    recovered: int = 0
+    recovered_answers: int = 0
     #: messages sent, indexed by code (0..255)
     responses: list[int] = field(default_factory=lambda: [0] * 256)
 
@@ -229,7 +232,13 @@ METRICS = {
     "retransmissions": "corem_coap_retransmissions", "gave_up": "corem_coap_gave_up",
     "resets": "corem_coap_resets_received", "dedup_evictions": "corem_coap_dedup_evictions",
     "outstanding_refused": "corem_coap_outstanding_refused",
+    "recovered": "corem_coap_dedup_recovered", "recovered_answers": "corem_coap_recovered_answers",
 }
+
+#: The cached reply of an exchange read back from the bus (`Endpoint.remember`): its answer is made
+#: from the retransmission's own token.
+RECOVERED = b""
+
 
 
 _KNOWN_CRITICAL = UNDERSTOOD_CRITICAL
@@ -237,6 +246,10 @@ _KNOWN_CRITICAL = UNDERSTOOD_CRITICAL
 
 class Endpoint:
     """One CoAP endpoint's message layer; see the module docstring for how it is driven."""
+
+    #: The transport its exchanges are named by in bus records (corem/bus/recovery.py): "udp", or
+    #: "dtls" (the server sets it); None for one without retransmissions (TCP: `StreamEndpoint`).
+    transport: str | None = "udp"
 
     def __init__(
         self,
@@ -318,6 +331,12 @@ class Endpoint:
                 reply, original = seen.reply, seen.size
             else:
                 _, reply, original = seen
+                if reply is RECOVERED:  # committed before a restart: 2.04, with this message's token
+                    if msg.type == CON:
+                        self.stats.recovered_answers += 1
+                        self.send(bytes((0x60 | len(msg.token), Code.CHANGED, msg.mid >> 8, msg.mid & 0xFF))
+                                  + msg.token, peer, Code.CHANGED)
+                    return None
             # a real retransmission is the original datagram again; a smaller "duplicate" could be
             # forged to pull a bigger cached answer at a spoofed address, so it gets nothing
             if reply is not None and msg.type == CON and size >= original:
@@ -334,6 +353,20 @@ class Endpoint:
         if req.confirmable:
             self._piggyback.append((now, key))
         return req
+
+    def remember(self, peer: Peer, mid: int, at: float) -> bool:
+        """An exchange whose reading was committed before a restart (corem/bus/recovery.py; given
+        oldest first, `at` on this endpoint's clock): a CON retransmission of it is answered 2.04
+        (an ACK with its own token: never larger than it) and not handed on.  False if known."""
+        key = (peer, mid)
+        if key in self._dedup:
+            return False
+        self._dedup[key] = (at, RECOVERED, 0)
+        if len(self._dedup) > self.params.dedup_max_entries:
+            self._dedup.popitem(last=False)
+            self.stats.dedup_evictions += 1
+        self.stats.recovered += 1
+        return True
 
     def _refused(self, req: Request, msg: Message) -> bool:
         """Answer a request with a critical option corem does not implement (True), or leave it

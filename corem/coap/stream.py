@@ -128,6 +128,9 @@ class StreamEndpoint(Endpoint):
     (`send`, `send_confirmable`) are reframed.  The transport is reliable, so nothing waits for an
     ACK and nothing is retransmitted; no exchange is remembered once answered."""
 
+    #: no retransmissions (RFC 8323), so no exchange to name in bus records (corem/bus/recovery.py)
+    transport = None
+
     def __init__(self) -> None:
         super().__init__(Params(limit_error_size=False))  # a connection proved its address
 

@@ -93,7 +93,7 @@ class FastLane:
             Record, max_datagram=max_datagram, piggyback_timeout=p.piggyback_timeout,
             exchange_lifetime=p.exchange_lifetime, dedup_max_entries=p.dedup_max_entries,
             rate=rate, burst=2 * rate, max_sources=max_sources, limit_error_size=p.limit_error_size,
-            exempt=exempt or [],
+            exempt=exempt or [], scope=endpoint.transport or "udp",
         )
         self.ingest = ingest
         self.sink = sink
@@ -102,6 +102,8 @@ class FastLane:
         # the lane's own calls, for the edge: timers, a new DTLS session, its answers (sent on
         # the socket `fd`, or taken as (bytes, peer) for the security layer to wrap)
         self.new_session = self.lane.new_session
+        #: an exchange committed before a restart (corem/bus/recovery.py): remember(peer, mid, at)
+        self.remember = self.lane.remember
         self.send = self.lane.flush
         self.take_outbox = self.lane.take_outbox
         self.rate_limited = rate > 0
@@ -214,6 +216,7 @@ class FastLane:
             ("corem_coap_dedup_evictions", "dedup_evictions"), ("corem_coap_datagrams_oversized", "oversized"),
             ("corem_coap_datagrams_sent", "datagrams_out"), ("corem_coap_bytes_sent", "bytes_out"),
             ("corem_coap_send_blocked", "send_blocked"), ("corem_coap_send_errors", "send_errors"),
+            ("corem_coap_dedup_recovered", "recovered"), ("corem_coap_recovered_answers", "recovered_answers"),
         ):
             yield counter(name, c[key])
         for code, n in c["responses"].items():

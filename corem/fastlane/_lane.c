@@ -22,8 +22,9 @@
  * answer if it is not smaller than the original; message IDs are scoped to a peer's DTLS
  * session), a FIFO hash map of token buckets for the per-source rate limit (corem/net/limits.py's
  * rules), one of when each peer's DTLS session began, the exchanges waiting for the sink, and the
- * outbox.  Per accepted reading it makes only the record, its JSON value, the token's bytes for
- * the lookup and the small int the sink hands back.
+ * outbox.  Per accepted reading it makes only the record, its JSON value, its headers (the
+ * device's, copied, and the exchange's `coap-exchange` text: corem/bus/recovery.py reads it back
+ * after a crash), the token's bytes for the lookup and the small int the sink hands back.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -54,6 +55,7 @@ typedef struct {
     double at;
     uint32_t size;      /* bytes the request took: a smaller "duplicate" gets nothing */
     uint8_t python;     /* the Python path's exchange: its duplicates go there too */
+    uint8_t recovered;  /* read back from the bus at start (`remember`): a CON duplicate gets 2.04 */
     uint8_t reply_len;  /* 0: no answer yet (a duplicate gets nothing) */
     uint8_t reply[REPLY_MAX];
 } exchange_t;
@@ -122,6 +124,7 @@ typedef struct {
     size_t out_len, out_cap;
     /* what a drain produced, taken by Python */
     PyObject *slow, *records, *ctxs, *touched, *committed, *on_late;
+    char scope[8]; /* the transport in each record's exchange header: "udp", or "dtls" */
     uint64_t epoch;
     /* buffers */
     uint8_t *rxbuf;
@@ -129,7 +132,8 @@ typedef struct {
     size_t json_cap;
     /* counters */
     unsigned long long datagrams_in, bytes_in, requests, duplicates, oversized, dropped, evicted,
-        dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted;
+        dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted,
+        recovered, recovered_answers;
     unsigned long long responses[256];
 } Lane;
 
@@ -319,6 +323,7 @@ static size_t remember(Lane *self, const uint8_t *key, double now, uint32_t size
     x->at = now;
     x->size = size;
     x->python = (uint8_t)python;
+    x->recovered = 0;
     return (size_t)((char *)x - m->ring) / m->esize;
 }
 
@@ -455,8 +460,8 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
  * SEEN_NOT when the exchange is new (*reuse: a slot of the peer's previous DTLS session to
  * reuse, or -1); else the result for classify. */
 #define SEEN_NOT 2
-static int seen_before(Lane *self, const shape_t *s, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
-                       const uint8_t *key, long *reuse) {
+static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n, const addr_t *a, socklen_t alen,
+                       PyObject *peer, const uint8_t *key, long *reuse) {
     long slot = fm_find(&self->dedup, key);
     *reuse = -1;
     if (slot >= 0 && from_old_session(self, a, ((exchange_t *)fm_entry(&self->dedup, slot))->at)) {
@@ -469,6 +474,16 @@ static int seen_before(Lane *self, const shape_t *s, size_t n, const addr_t *a, 
     self->datagrams_in++;
     self->bytes_in += n;
     self->duplicates++;
+    if (x->recovered) {
+        /* committed before a restart (`remember`), its 2.04 lost with the old process: the
+         * retransmission carries the same token, so the ACK is made from it (4 + token bytes:
+         * never larger than the request) */
+        if (s->type != 0) return 0;
+        uint8_t ack[12] = {0x60 | s->tkl, 0x44, s->mid >> 8, s->mid & 0xff};
+        memcpy(ack + 4, d + 4, s->tkl);
+        self->recovered_answers++;
+        return queue_out(self, a, alen, peer, ack, 4 + s->tkl, 0x44);
+    }
     if (x->reply_len && s->type == 0 && n >= x->size)
         return queue_out(self, a, alen, peer, x->reply, x->reply_len, x->reply[1]);
     return 0;
@@ -498,6 +513,48 @@ static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
     return &self->targets[ti];
 }
 
+/* The record's headers: the device's (shared by its records) and `coap-exchange`, the exchange
+ * this reading came in -- "{transport} {host} {port} {message id}", as corem/bus/recovery.py reads
+ * and writes it -- so that a restart can read back which exchanges were committed.  One small
+ * dict copy and one ASCII string per reading; the text is written here, no printf. */
+static PyObject *EXCHANGE; /* the header's name, interned */
+
+static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, uint16_t mid) {
+    char buf[8 + INET6_ADDRSTRLEN + 32], *o = buf;
+    size_t sl = strlen(self->scope);
+    memcpy(o, self->scope, sl);
+    o += sl;
+    *o++ = ' ';
+    unsigned port, scope = 0;
+    if (a->sa.sa_family == AF_INET) {
+        inet_ntop(AF_INET, &a->v4.sin_addr, o, INET6_ADDRSTRLEN);
+        port = ntohs(a->v4.sin_port);
+    } else {
+        inet_ntop(AF_INET6, &a->v6.sin6_addr, o, INET6_ADDRSTRLEN);
+        port = ntohs(a->v6.sin6_port);
+        scope = a->v6.sin6_scope_id;
+    }
+    o += strlen(o);
+    if (scope) {
+        *o++ = '%';
+        o = put_u64(o, scope);
+    }
+    *o++ = ' ';
+    o = put_u64(o, port);
+    *o++ = ' ';
+    o = put_u64(o, mid);
+    PyObject *value = PyUnicode_DecodeASCII(buf, o - buf, NULL);
+    if (!value) return NULL;
+    PyObject *headers = PyDict_Copy(base);
+    if (!headers || PyDict_SetItem(headers, EXCHANGE, value) < 0) {
+        Py_XDECREF(headers);
+        Py_DECREF(value);
+        return NULL;
+    }
+    Py_DECREF(value);
+    return headers;
+}
+
 /* 4. The reading, accepted: its record for the sink, and the exchange waiting for the commit.
  * 0, or -1 with an exception set. */
 static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
@@ -505,18 +562,19 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
                         long long ts, double now, long long now_ms) {
     PyObject *value = point_json(self, t, items, nitems, ts, now_ms, s->end - s->payload);
     if (!value) return -1;
-    PyObject *record = self->record_type->tp_alloc(self->record_type, 4);
+    PyObject *headers = exchange_headers(self, t->headers, a, s->mid);
+    PyObject *record = headers ? self->record_type->tp_alloc(self->record_type, 4) : NULL;
     if (!record) {
         Py_DECREF(value);
+        Py_XDECREF(headers);
         return -1;
     }
     Py_INCREF(t->topic);
     Py_INCREF(t->key);
-    Py_INCREF(t->headers);
     PyTuple_SET_ITEM(record, 0, t->topic);
     PyTuple_SET_ITEM(record, 1, t->key);
     PyTuple_SET_ITEM(record, 2, value);
-    PyTuple_SET_ITEM(record, 3, t->headers);
+    PyTuple_SET_ITEM(record, 3, headers);
     int h = pending_new(self);
     if (h < 0) {
         Py_DECREF(record);
@@ -567,7 +625,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     uint8_t key[KEYLEN];
     long reuse;
     addr_key(a, s.mid, 1, key);
-    int seen = seen_before(self, &s, n, a, alen, peer, key, &reuse);
+    int seen = seen_before(self, d, &s, n, a, alen, peer, key, &reuse);
     if (seen != SEEN_NOT) return seen;
     target_t *t = route(self, &s, session);
     if (!t) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
@@ -684,6 +742,30 @@ static PyObject *Lane_new_session(Lane *self, PyObject *args) {
     session_t *e = fm_entry(&self->sessions, slot >= 0 ? (size_t)slot : fm_push(&self->sessions, key, &evicted));
     e->began = now;
     Py_RETURN_NONE;
+}
+
+/* remember(peer, mid, at): an exchange whose reading was committed before a restart (read back
+ * from the bus by corem/bus/recovery.py; given oldest first, `at` on the lane's clock): a CON
+ * retransmission of it is answered 2.04 without a second reading.  False if it is known already. */
+static PyObject *Lane_remember(Lane *self, PyObject *args) {
+    PyObject *peer;
+    int mid;
+    double at;
+    if (!PyArg_ParseTuple(args, "Oid", &peer, &mid, &at)) return NULL;
+    if (mid < 0 || mid > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "remember: a message id is 0-65535");
+        return NULL;
+    }
+    addr_t a;
+    socklen_t alen;
+    if (addr_from_tuple(peer, &a, &alen) < 0) return NULL;
+    uint8_t key[KEYLEN];
+    addr_key(&a, (uint16_t)mid, 1, key);
+    if (fm_find(&self->dedup, key) >= 0) Py_RETURN_FALSE;
+    size_t slot = remember(self, key, at, 0, 0, -1);
+    ((exchange_t *)fm_entry(&self->dedup, slot))->recovered = 1;
+    self->recovered++;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *Lane_take(Lane *self, PyObject *unused) {
@@ -937,7 +1019,8 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         Py_DECREF(v);
     }
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsN}", "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsN}", "recovered", self->recovered, "recovered_answers",
+        self->recovered_answers, "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
         "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
         self->dropped, "evicted", self->evicted, "dedup_evictions", self->dedup_evictions, "datagrams_out",
         self->datagrams_out, "bytes_out", self->bytes_out, "send_blocked", self->send_blocked, "send_errors",
@@ -951,8 +1034,9 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
 static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"record_type", "max_datagram", "piggyback_timeout", "exchange_lifetime",
                             "dedup_max_entries", "rate", "burst", "max_sources", "limit_error_size",
-                            "exempt", NULL};
+                            "exempt", "scope", NULL};
     PyObject *record_type, *exempt = NULL;
+    const char *scope = "udp";
     Py_ssize_t dedup_max = 100000, max_sources = 100000;
     if (self->record_type) { /* the buffers are sized by the first settings: no second ones */
         PyErr_SetString(PyExc_TypeError, "Lane is already initialised");
@@ -964,10 +1048,16 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->rate = 0;
     self->burst = 0;
     self->limit_error_size = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnpO", names, &PyType_Type, &record_type,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnpOs", names, &PyType_Type, &record_type,
                                      &self->max_datagram, &self->piggyback, &self->lifetime, &dedup_max,
-                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size, &exempt))
+                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size, &exempt,
+                                     &scope))
         return -1;
+    if (strlen(scope) >= sizeof self->scope || strchr(scope, ' ')) {
+        PyErr_SetString(PyExc_ValueError, "scope: a transport name of at most 7 characters, no space");
+        return -1;
+    }
+    strcpy(self->scope, scope);
     if (exempt && exempt != Py_None) { /* [(16 address bytes, prefix length)] */
         PyObject *seq = PySequence_Fast(exempt, "exempt: a sequence of (16 bytes, prefix length)");
         if (!seq) return -1;
@@ -1081,6 +1171,8 @@ static PyMethodDef Lane_methods[] = {
     {"receive_plain", (PyCFunction)(void (*)(void))Lane_receive_plain, METH_FASTCALL,
      "receive_plain(data, peer, session_target, now, now_ms): one message DTLS decrypted"},
     {"new_session", (PyCFunction)Lane_new_session, METH_VARARGS, "new_session(peer, now): a new DTLS session"},
+    {"remember", (PyCFunction)Lane_remember, METH_VARARGS,
+     "remember(peer, mid, at) -> bool: an exchange committed before a restart (2.04 to its retransmission)"},
     {"take", (PyCFunction)Lane_take, METH_NOARGS, "take() -> (for_python, records, ctxs, devices_heard)"},
     {"committed", (PyCFunction)(void (*)(void))Lane_committed, METH_FASTCALL, "committed(ctx, error)"},
     {"tick", (PyCFunction)Lane_tick, METH_O, "tick(now)"},
@@ -1114,6 +1206,7 @@ static PyTypeObject LaneType = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__lane(void) {
+    if (!EXCHANGE && !(EXCHANGE = PyUnicode_InternFromString("coap-exchange"))) return NULL;
     if (PyType_Ready(&LaneType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;

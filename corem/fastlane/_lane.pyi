@@ -9,7 +9,10 @@ class Lane:
         self, record_type: type, *, max_datagram: int = 1500, piggyback_timeout: float = 0.5,
         exchange_lifetime: float = 247.0, dedup_max_entries: int = 100_000, rate: float = 0.0, burst: float = 0.0,
         max_sources: int = 100_000, limit_error_size: bool = True, exempt: list[tuple[bytes, int]] = ...,
+        scope: str = "udp",
     ) -> None: ...
+    def remember(self, peer: Any, mid: int, at: float, /) -> bool:
+        """An exchange committed before a restart: its CON retransmission is answered 2.04."""
     def drain(self, fd: int, now: float, now_ms: int, budget: int, /) -> int:
         """Read up to `budget` datagrams from the socket `fd`."""
     def receive(self, data: bytes, peer: Any, now: float, now_ms: int, /) -> None:

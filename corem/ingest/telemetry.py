@@ -16,6 +16,7 @@ from typing import Callable, Iterator, NamedTuple
 import msgspec
 
 from ..bus.base import Record, Sink
+from ..bus.recovery import HEADER as EXCHANGE, exchange_header
 from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..coap.response import retry_later
@@ -286,7 +287,7 @@ class TelemetryIngest:
             received_at=received_at,
             profile=device.profile,
         )
-        record = Record(target.topic, target.key, encode_point(point), target.headers)
+        record = Record(target.topic, target.key, encode_point(point), _headers(req, target.headers))
         if then is None:
             req.app = device
             accepted = self.sink.submit(record, self._committed, req)
@@ -302,10 +303,11 @@ class TelemetryIngest:
                        received_at: int, points: list[Readings]) -> Response | None:
         """A stored profile's points: one record each, submitted together, one answer."""
         device = target.device
+        headers = _headers(req, target.headers)
         records = [Record(target.topic, target.key, encode_point(TelemetryPoint(
             tenant=device.tenant, device=device.device, ts=received_at if r.ts is None else r.ts,
             numeric_values=r.numeric, string_values=r.strings, protocol=protocol, received_at=received_at,
-            profile=device.profile, units=r.units or msgspec.UNSET)), target.headers) for r in points]
+            profile=device.profile, units=r.units or msgspec.UNSET)), headers) for r in points]
         many = Points(req, device, len(records), then)
         taken = self.sink.submit_many(records, self._committed_point, [many] * len(records))
         if taken < len(records):
@@ -406,6 +408,19 @@ class TelemetryIngest:
             content_format=content_format,
             payload=msg.payload,
         )
+
+
+def _headers(req: Request, device: dict[str, str]) -> dict[str, str]:
+    """A reading's record headers: its device's, and the exchange it came in (`coap-exchange`,
+    as the fast lane writes it), so that a restart can tell its retransmission from a new reading
+    (corem/bus/recovery.py).  None over TCP (no retransmissions); an OSCORE request's transport is
+    marked, as its answer must be sealed (not recovered)."""
+    transport = req.endpoint.transport
+    if transport is None:
+        return device
+    if req.protect is not None:
+        transport += "+oscore"
+    return {**device, EXCHANGE: exchange_header(transport, req.peer, req.mid)}
 
 
 def _peer_str(peer: object) -> str:

