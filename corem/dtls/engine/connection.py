@@ -1,0 +1,481 @@
+"""One DTLS 1.2 association, either role, sans-IO: the handshake as a state machine over whole
+messages (reassembled from fragments, in message_seq order), the record protection of its epochs,
+its flights and their retransmission.  The engine (engine.py) owns many of these (the server
+role); `client.Client` owns one.
+
+What the peer sends arrives as `Record`s (`receive_record`); what this side sends piles up as
+datagrams (`flush`).  A handshake that must fail queues its fatal alert and goes to FAILED; a
+record that does not authenticate, or repeats one, raises DtlsDecodeError and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from . import messages as m
+from .crypto import IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret, psk_premaster, \
+    verify_data
+from .errors import BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL, HANDSHAKE_FAILURE, \
+    ILLEGAL_PARAMETER, INTERNAL_ERROR, PROTOCOL_VERSION, UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, \
+    DtlsDecodeError, HandshakeFailed, alert_name
+from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, DTLS_1_2, HANDSHAKE, HEADER, TLS12_CID, Record, \
+    RecordProtection, ReplayWindow, plaintext_record
+
+# states
+WAIT_SERVER_HELLO = "wait_server_hello"  # client: sent a ClientHello
+WAIT_SERVER_HELLO_DONE = "wait_server_hello_done"
+WAIT_CLIENT_KEY_EXCHANGE = "wait_client_key_exchange"  # server: sent ServerHello..ServerHelloDone
+WAIT_CCS = "wait_change_cipher_spec"  # either: the peer's CCS (keys derived, read epoch pending)
+WAIT_FINISHED = "wait_finished"
+ESTABLISHED = "established"
+FAILED = "failed"  # a fatal alert sent or received
+CLOSED = "closed"  # close_notify
+
+#: retransmission (RFC 6347 §4.2.4.1): 1 s doubling up to 60 s; a handshake gives up after this many
+INITIAL_RTO = 1.0
+MAX_RTO = 60.0
+MAX_RETRANSMITS = 6
+#: handshake messages buffered ahead of the next one expected
+MAX_AHEAD = 4
+#: epoch-1 records kept while the peer's ChangeCipherSpec has not come (reordered)
+MAX_EARLY = 4
+
+PskLookup = Callable[[bytes], "bytes | None"]
+
+
+@dataclass(frozen=True)
+class Params:
+    """What both roles are configured with."""
+    suites: tuple[Suite, ...] = IMPLEMENTED
+    #: RFC 7627: refuse a ClientHello (or ServerHello) without extended_master_secret
+    require_ems: bool = True
+    #: the largest datagram this side sends (flights are fragmented to fit)
+    mtu: int = 1200
+
+
+class Connection:
+    def __init__(self, role: str, params: Params, peer: object, now: float) -> None:
+        self.role = role
+        self.params = params
+        self.peer = peer
+        self.state = ""
+        self.started = now
+        self.last_seen = now
+        self.reason = ""  # why it failed or closed (a name for counters)
+        # handshake
+        self.transcript = bytearray()
+        self.recv_seq = 0
+        self.send_seq = 0
+        self.pending: dict[int, tuple[int, m.Reassembly]] = {}  # message_seq -> (epoch, reassembly)
+        self.flight: list[tuple[int, int, bytes]] = []  # (epoch, content type, payload)
+        self.retransmit_at = float("inf")
+        self.rto = INITIAL_RTO
+        self.retransmits = 0
+        self.resend = False  # the peer repeated its last flight: resend ours at the next flush
+        #: the message_seq the peer's current flight starts at: a message below it repeats the
+        #: peer's previous flight, so ours was lost (RFC 6347 §4.2.4); one inside it does not
+        self.peer_flight_start = 0
+        self.client_random = b""
+        self.server_random = b""
+        self.suite: Suite | None = None
+        self.ems = False
+        self.secure_renegotiation = False
+        self.master = b""
+        self.identity = b""
+        self.psk: bytes | None = None  # the client's own
+        self.psk_for: PskLookup | None = None  # the server's callback
+        self.offered: tuple[int, ...] = ()
+        self.offer_cid: bytes | None = None  # the client's offer (None: none)
+        # records
+        self.write_epoch = 0
+        self.write_seq = [0, 0]
+        self.write_prot: RecordProtection | None = None
+        self.read_prot: RecordProtection | None = None
+        self.pending_read: RecordProtection | None = None
+        self.window = ReplayWindow()  # epoch 1 (epoch 0 is not authenticated: no window)
+        self.early: list[tuple[int, bytes]] = []
+        self.cid_in = b""  # the CID records to this side carry (this side chose it)
+        self.cid_out = b""  # the CID records from this side carry (the peer chose it)
+        self.newest = -1  # epoch << 48 | seq of the newest authenticated record (RFC 9146 §6)
+        self.out: list[bytes] = []
+        self.app: list[bytes] = []
+
+    # -- the server role -------------------------------------------------------------------------
+
+    def server_start(self, hello: m.ClientHello, raw: bytes, message_seq: int, record_seq: int,
+                     psk_for: PskLookup, new_cid: Callable[[], bytes] | None, now: float) -> None:
+        """A ClientHello whose cookie was valid: answer with ServerHello, ServerHelloDone."""
+        self.psk_for = psk_for
+        self.client_random = hello.random
+        self.recv_seq = message_seq + 1
+        self.send_seq = message_seq  # (as Mbed TLS and OpenSSL: the server's numbering follows the hello's)
+        self.write_seq[0] = record_seq  # RFC 6347 §4.2.1's suggestion for the records after a cookie
+        self.transcript += raw
+        try:
+            if hello.version > DTLS_1_2:  # (DTLS versions count down: 0xfeff is 1.0)
+                raise HandshakeFailed(PROTOCOL_VERSION, "protocol_version")
+            if 0 not in hello.compression:
+                raise HandshakeFailed(ILLEGAL_PARAMETER, "compression")
+            offered = set(hello.suites)
+            suite = next((s for s in self.params.suites if s.code in offered), None)
+            if suite is None:
+                raise HandshakeFailed(HANDSHAKE_FAILURE, "no_shared_suite")
+            self.suite = suite
+            self.ems = m.EXT_EXTENDED_MASTER_SECRET in hello.extensions
+            if not self.ems and self.params.require_ems:
+                raise HandshakeFailed(HANDSHAKE_FAILURE, "no_extended_master_secret")
+            reneg = hello.extensions.get(m.EXT_RENEGOTIATION_INFO)
+            if reneg is not None and reneg != b"\x00":
+                raise HandshakeFailed(HANDSHAKE_FAILURE, "renegotiation_info")
+            self.secure_renegotiation = reneg is not None or SCSV_RENEGOTIATION in offered
+            try:
+                offer = hello.cid_offered()
+            except DtlsDecodeError as e:
+                raise HandshakeFailed(e.alert, e.reason) from None
+            self.server_random = os.urandom(32)
+            extensions: list[tuple[int, bytes]] = []
+            if self.ems:
+                extensions.append((m.EXT_EXTENDED_MASTER_SECRET, b""))
+            if self.secure_renegotiation:
+                extensions.append((m.EXT_RENEGOTIATION_INFO, b"\x00"))
+            if offer is not None and new_cid is not None:
+                self.cid_in = new_cid()
+                self.cid_out = offer
+                extensions.append((m.EXT_CONNECTION_ID, m.cid_extension(self.cid_in)))
+        except HandshakeFailed as e:
+            self._fail(e.alert, e.reason)
+            return
+        hello_msg = self._next_message(m.SERVER_HELLO, m.server_hello(self.server_random, suite.code, extensions))
+        done = self._next_message(m.SERVER_HELLO_DONE, b"")
+        self.transcript += hello_msg + done
+        self.state = WAIT_CLIENT_KEY_EXCHANGE
+        self._send_flight([(0, HANDSHAKE, hello_msg), (0, HANDSHAKE, done)], now, timer=True)
+
+    # -- the client role -------------------------------------------------------------------------
+
+    def client_start(self, identity: bytes, psk: bytes, cid: bytes | None, now: float) -> None:
+        self.identity = identity
+        self.psk = psk
+        self.offer_cid = cid
+        self.client_random = os.urandom(32)
+        self.offered = tuple(s.code for s in self.params.suites)
+        self.state = WAIT_SERVER_HELLO
+        self._send_hello(b"", now)
+
+    def _send_hello(self, cookie: bytes, now: float) -> None:
+        extensions = [(m.EXT_EXTENDED_MASTER_SECRET, b""), (m.EXT_RENEGOTIATION_INFO, b"\x00")]
+        if self.offer_cid is not None:
+            extensions.append((m.EXT_CONNECTION_ID, m.cid_extension(self.offer_cid)))
+        msg = self._next_message(m.CLIENT_HELLO, m.client_hello(self.client_random, cookie, self.offered, extensions))
+        self.transcript = bytearray(msg)  # (the first hello and the HelloVerifyRequest are not hashed)
+        self._send_flight([(0, HANDSHAKE, msg)], now, timer=True)
+
+    # -- records in ------------------------------------------------------------------------------
+
+    def receive_record(self, rec: Record, now: float) -> bool:
+        """Take one record.  True when it was protected, authenticated and newer than every record
+        before it (RFC 9146 §6: the peer's address may move to where it came from).
+        DtlsDecodeError: dropped (not authentic, a replay, not for this epoch); nothing changed."""
+        if self.state in (FAILED, CLOSED):
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "connection_closed")
+        if rec.epoch == 0:
+            if rec.type == TLS12_CID:
+                raise DtlsDecodeError(UNEXPECTED_MESSAGE, "cid_in_epoch_0")
+            self.last_seen = now
+            self._content(rec.type, rec.fragment, 0, now)
+            return False
+        if rec.epoch != 1:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "epoch")
+        prot = self.read_prot or self.pending_read
+        if prot is None:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "no_keys_yet")
+        if (rec.type == TLS12_CID) != bool(self.cid_in) or rec.cid != self.cid_in:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "cid_mismatch")
+        if not self.window.fresh(rec.seq):
+            raise DtlsDecodeError(BAD_RECORD_MAC, "replayed")
+        ctype, plain = prot.open_untrusted(rec)
+        self.window.mark(rec.seq)
+        self.last_seen = now
+        newest = rec.number > self.newest
+        if newest:
+            self.newest = rec.number
+        if self.read_prot is None:  # before the peer's ChangeCipherSpec: keep it for then
+            if len(self.early) < MAX_EARLY:
+                self.early.append((ctype, plain))
+            return newest
+        self._content(ctype, plain, 1, now)
+        return newest
+
+    def _content(self, ctype: int, data: bytes, epoch: int, now: float) -> None:
+        if ctype == HANDSHAKE:
+            try:
+                frags = m.parse_fragments_untrusted(data)
+            except DtlsDecodeError as e:
+                if epoch == 0:
+                    raise  # (unauthenticated: dropped)
+                self._fail(e.alert, e.reason)
+                return
+            for f in frags:
+                self._fragment(f, epoch, now)
+                if self.state in (FAILED, CLOSED):
+                    return
+        elif ctype == CHANGE_CIPHER_SPEC:
+            if data != b"\x01":
+                raise DtlsDecodeError(DECODE_ERROR, "change_cipher_spec")
+            self._change_cipher_spec(now)
+        elif ctype == ALERT:
+            self._alert(data, epoch)
+        elif ctype == APPLICATION_DATA:
+            if epoch == 1 and self.state == ESTABLISHED:
+                self.app.append(data)
+                if self.role == "server":
+                    self.flight = []  # the client has our Finished: no more reason to resend it
+            else:
+                raise DtlsDecodeError(UNEXPECTED_MESSAGE, "early_application_data")
+
+    def _alert(self, data: bytes, epoch: int) -> None:
+        if len(data) != 2:
+            raise DtlsDecodeError(DECODE_ERROR, "alert_length")
+        if epoch == 0 and self.state == ESTABLISHED:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "plaintext_alert")  # (anyone could send it)
+        level, description = data
+        if description == CLOSE_NOTIFY:
+            self.state = CLOSED
+            self.reason = "close_notify"
+        elif level == FATAL or self.state != ESTABLISHED:
+            self.state = FAILED
+            self.reason = f"peer_alert_{alert_name(description)}"
+
+    def _fragment(self, f: m.Fragment, epoch: int, now: float) -> None:
+        if f.message_seq < self.recv_seq:
+            if f.message_seq < self.peer_flight_start:
+                self.resend = bool(self.flight)  # the peer did not hear our last flight
+            return
+        if f.message_seq >= self.recv_seq + MAX_AHEAD:
+            return
+        entry = self.pending.get(f.message_seq)
+        if entry is None:
+            entry = self.pending[f.message_seq] = (epoch, m.Reassembly(f))
+        if entry[0] != epoch or not entry[1].add(f):
+            return
+        while (entry := self.pending.get(self.recv_seq)) is not None and entry[1].complete:
+            del self.pending[self.recv_seq]
+            ep, r = entry
+            body = bytes(r.body)
+            raw = m.message(r.msg_type, self.recv_seq, body)
+            self.recv_seq += 1
+            try:
+                self._message(r.msg_type, body, raw, ep, now)
+            except HandshakeFailed as e:
+                self._fail(e.alert, e.reason)
+            except DtlsDecodeError as e:
+                self._fail(e.alert, e.reason)
+            if self.state in (FAILED, CLOSED):
+                return
+
+    def _message(self, msg_type: int, body: bytes, raw: bytes, epoch: int, now: float) -> None:
+        want_epoch = 1 if msg_type == m.FINISHED else 0
+        if epoch != want_epoch:
+            raise HandshakeFailed(UNEXPECTED_MESSAGE, "message_epoch")
+        if self.role == "server":
+            self._server_message(msg_type, body, raw, now)
+        else:
+            self._client_message(msg_type, body, raw, now)
+
+    def _server_message(self, msg_type: int, body: bytes, raw: bytes, now: float) -> None:
+        if self.state == WAIT_CLIENT_KEY_EXCHANGE and msg_type == m.CLIENT_KEY_EXCHANGE:
+            identity = m.parse_psk_client_key_exchange_untrusted(body)
+            assert self.psk_for is not None
+            try:
+                psk = self.psk_for(identity)
+            except Exception:
+                raise HandshakeFailed(INTERNAL_ERROR, "psk_lookup_error") from None
+            if not psk:
+                raise HandshakeFailed(UNKNOWN_PSK_IDENTITY, "unknown_psk_identity")
+            self.identity = identity
+            self.transcript += raw
+            self._derive(psk)
+            self.state = WAIT_CCS
+            self.retransmit_at = float("inf")  # (the rest of the client's flight is on its way)
+        elif self.state == WAIT_FINISHED and msg_type == m.FINISHED:
+            got = m.parse_finished_untrusted(body)
+            if got != verify_data(self.master, b"client finished", bytes(self.transcript)):
+                raise HandshakeFailed(DECRYPT_ERROR, "bad_finished")
+            self.transcript += raw
+            mine = self._next_message(m.FINISHED, verify_data(self.master, b"server finished", bytes(self.transcript)))
+            self.state = ESTABLISHED
+            self._send_flight([(0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, mine)], now, timer=False)
+            self.transcript = bytearray()
+        elif msg_type == m.CLIENT_HELLO:
+            raise HandshakeFailed(UNEXPECTED_MESSAGE, "renegotiation")  # (a new hello goes through the engine)
+        else:
+            raise HandshakeFailed(UNEXPECTED_MESSAGE, f"unexpected_{msg_type}_in_{self.state}")
+
+    def _client_message(self, msg_type: int, body: bytes, raw: bytes, now: float) -> None:
+        if self.state == WAIT_SERVER_HELLO and msg_type == m.HELLO_VERIFY_REQUEST:
+            cookie = m.parse_hello_verify_request_untrusted(body)
+            self._send_hello(cookie, now)
+        elif self.state == WAIT_SERVER_HELLO and msg_type == m.SERVER_HELLO:
+            sh = m.parse_server_hello_untrusted(body)
+            if sh.version != DTLS_1_2:
+                raise HandshakeFailed(PROTOCOL_VERSION, "protocol_version")
+            if sh.suite not in self.offered or sh.compression != 0:
+                raise HandshakeFailed(ILLEGAL_PARAMETER, "server_hello_suite")
+            self.suite = SUITES[sh.suite]
+            self.ems = m.EXT_EXTENDED_MASTER_SECRET in sh.extensions
+            if not self.ems and self.params.require_ems:
+                raise HandshakeFailed(HANDSHAKE_FAILURE, "no_extended_master_secret")
+            if m.EXT_CONNECTION_ID in sh.extensions:
+                if self.offer_cid is None:
+                    raise HandshakeFailed(UNEXPECTED_MESSAGE, "unsolicited_cid")
+                self.cid_out = m.parse_cid_extension_untrusted(sh.extensions[m.EXT_CONNECTION_ID])
+                self.cid_in = self.offer_cid
+            self.server_random = sh.random
+            self.transcript += raw
+            self.state = WAIT_SERVER_HELLO_DONE
+            self.retransmit_at = float("inf")
+        elif self.state == WAIT_SERVER_HELLO_DONE and msg_type == m.SERVER_KEY_EXCHANGE:
+            self.transcript += raw  # (a PSK identity hint: not used)
+        elif self.state == WAIT_SERVER_HELLO_DONE and msg_type == m.SERVER_HELLO_DONE:
+            self.transcript += raw
+            assert self.psk is not None
+            cke = self._next_message(m.CLIENT_KEY_EXCHANGE, m.psk_client_key_exchange(self.identity))
+            self.transcript += cke
+            self._derive(self.psk)
+            fin = self._next_message(m.FINISHED, verify_data(self.master, b"client finished", bytes(self.transcript)))
+            self.transcript += fin
+            self.state = WAIT_CCS
+            self._send_flight([(0, HANDSHAKE, cke), (0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, fin)], now,
+                              timer=True)
+        elif self.state == WAIT_FINISHED and msg_type == m.FINISHED:
+            got = m.parse_finished_untrusted(body)
+            if got != verify_data(self.master, b"server finished", bytes(self.transcript)):
+                raise HandshakeFailed(DECRYPT_ERROR, "bad_finished")
+            self.state = ESTABLISHED
+            self.flight = []
+            self.retransmit_at = float("inf")
+            self.transcript = bytearray()
+        else:
+            raise HandshakeFailed(UNEXPECTED_MESSAGE, f"unexpected_{msg_type}_in_{self.state}")
+
+    def _change_cipher_spec(self, now: float) -> None:
+        if self.state != WAIT_CCS or self.pending_read is None:
+            return  # out of order or repeated: the peer's retransmission brings it again
+        self.read_prot = self.pending_read
+        self.pending_read = None
+        self.state = WAIT_FINISHED
+        early, self.early = self.early, []
+        for ctype, plain in early:
+            self._content(ctype, plain, 1, now)
+            if self.state in (FAILED, CLOSED):
+                return
+
+    def _derive(self, psk: bytes) -> None:
+        assert self.suite is not None
+        session_hash = _sha256(bytes(self.transcript)) if self.ems else None
+        self.master = master_secret(psk_premaster(psk), self.client_random, self.server_random, session_hash)
+        keys = key_block(self.suite, self.master, self.client_random, self.server_random)
+        self.install(keys)
+
+    def install(self, keys: Keys) -> None:
+        """The epoch-1 protections: the write side at once (used from our CCS on), the read side
+        pending until the peer's CCS."""
+        assert self.suite is not None
+        client = RecordProtection(self.suite.cipher, keys.client_key, keys.client_iv)
+        server = RecordProtection(self.suite.cipher, keys.server_key, keys.server_iv)
+        self.write_prot, self.pending_read = (server, client) if self.role == "server" else (client, server)
+
+    # -- records out -----------------------------------------------------------------------------
+
+    def _next_message(self, msg_type: int, body: bytes) -> bytes:
+        msg = m.message(msg_type, self.send_seq, body)
+        self.send_seq += 1
+        return msg
+
+    def _record(self, epoch: int, ctype: int, payload: bytes) -> bytes:
+        seq = self.write_seq[epoch]
+        self.write_seq[epoch] = seq + 1
+        if epoch == 0:
+            return plaintext_record(ctype, 0, seq, payload)
+        assert self.write_prot is not None
+        return self.write_prot.seal(ctype, 1, seq, payload, self.cid_out)
+
+    def _send_flight(self, flight: list[tuple[int, int, bytes]], now: float, *, timer: bool) -> None:
+        self.flight = flight
+        self.peer_flight_start = self.recv_seq
+        self.retransmits = 0
+        self.rto = INITIAL_RTO
+        self.retransmit_at = now + self.rto if timer else float("inf")
+        self._emit_flight()
+
+    def _emit_flight(self) -> None:
+        mtu = self.params.mtu
+        records: list[bytes] = []
+        for epoch, ctype, payload in self.flight:
+            if ctype != HANDSHAKE:
+                records.append(self._record(epoch, ctype, payload))
+                continue
+            overhead = HEADER + (0 if epoch == 0 else self.write_prot.overhead + len(self.cid_out) + 1
+                                 if self.write_prot is not None else 0)
+            for frag in m.fragments(payload, mtu - overhead):
+                records.append(self._record(epoch, ctype, frag))
+        datagram = b""
+        for rec in records:
+            if datagram and len(datagram) + len(rec) > mtu:
+                self.out.append(datagram)
+                datagram = b""
+            datagram += rec
+        if datagram:
+            self.out.append(datagram)
+
+    def _fail(self, alert: int, reason: str) -> None:
+        self.state = FAILED
+        self.reason = reason
+        self.flight = []
+        self.retransmit_at = float("inf")
+        self.send_alert(FATAL, alert)
+
+    def send_alert(self, level: int, description: int) -> None:
+        epoch = 1 if self.write_epoch_active() else 0
+        self.out.append(self._record(epoch, ALERT, bytes((level, description))))
+
+    def write_epoch_active(self) -> bool:
+        """Has this side sent its ChangeCipherSpec (its records are protected)?"""
+        return self.write_prot is not None and self.state in (ESTABLISHED, WAIT_FINISHED, WAIT_CCS) and (
+            self.role == "client" or self.state == ESTABLISHED)
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """An application data record (ESTABLISHED only)"""
+        return self._record(1, APPLICATION_DATA, plaintext)
+
+    def close(self) -> None:
+        if self.state == ESTABLISHED:
+            self.send_alert(WARNING, CLOSE_NOTIFY)
+        self.state = CLOSED
+
+    def flush(self) -> list[bytes]:
+        if self.resend and self.flight and self.state not in (FAILED, CLOSED):
+            self._emit_flight()
+        self.resend = False
+        out, self.out = self.out, []
+        return out
+
+    def tick(self, now: float) -> None:
+        if now < self.retransmit_at or self.state in (FAILED, CLOSED, ESTABLISHED):
+            return
+        if self.retransmits >= MAX_RETRANSMITS:
+            self.state = FAILED
+            self.reason = "timeout"
+            self.retransmit_at = float("inf")
+            return
+        self.retransmits += 1
+        self.rto = min(self.rto * 2, MAX_RTO)
+        self.retransmit_at = now + self.rto
+        self._emit_flight()
+
+
+def _sha256(data: bytes) -> bytes:
+    import hashlib
+    return hashlib.sha256(data).digest()

@@ -1,0 +1,300 @@
+"""The server engine: many peers' DTLS 1.2 associations on one socket, sans-IO, under the shape
+of corem's security layer (corem/net/security.py): `receive(datagram, peer, now)` -> the
+application data it carried, `wrap(plaintext, peer)`, `datagrams_to_send()`, `tick(now)`.
+
+Stateless until proven (RFC 6347 §4.2.1): a ClientHello without a valid cookie is answered by a
+HelloVerifyRequest built from the hello alone and nothing is kept; the cookie is an HMAC of the
+peer's address and the hello's parameters under a secret that rotates (`CookieJar`).  Only a
+hello with a valid cookie gets a `Connection`.
+
+Connection IDs (RFC 9146): offered by a client, the server picks `cid_length` random bytes; records
+carrying a CID are found by it, whatever their source address, and the session's address moves to
+the source of a record only when that record authenticated and is newer than every record before
+it (§6).  A record with an unknown CID, or one that does not authenticate, is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+from . import messages as m
+from .connection import ESTABLISHED, FAILED, Connection, Params
+from .errors import DtlsDecodeError
+from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrusted, plaintext_record
+
+Peer = Hashable
+
+COOKIE_LENGTH = 16
+
+
+class CookieJar:
+    """Cookies that need no state: HMAC-SHA256(secret, peer, the hello's version, random,
+    session_id, cipher suites, compression methods), 16 bytes.  The secret is replaced every
+    `rotate_every` seconds; a cookie made under the one before still passes (a client answers its
+    HelloVerifyRequest within a round trip: at most two periods' cookies are good)."""
+
+    def __init__(self, rotate_every: float = 60.0, now: float = 0.0) -> None:
+        self.rotate_every = rotate_every
+        self.secrets = [os.urandom(32), os.urandom(32)]
+        self.rotated = now
+
+    def rotate(self, now: float) -> None:
+        if now - self.rotated >= self.rotate_every:
+            self.secrets = [os.urandom(32), self.secrets[0]]
+            self.rotated = now
+
+    @staticmethod
+    def _input(peer: Peer, hello: m.ClientHello) -> bytes:
+        addr = repr(peer).encode()
+        suites = b"".join(s.to_bytes(2, "big") for s in hello.suites)
+        return b"".join((
+            len(addr).to_bytes(2, "big"), addr, hello.version.to_bytes(2, "big"), hello.random,
+            bytes((len(hello.session_id),)), hello.session_id, len(suites).to_bytes(2, "big"), suites,
+            bytes((len(hello.compression),)), hello.compression,
+        ))
+
+    def make(self, peer: Peer, hello: m.ClientHello) -> bytes:
+        return hmac.digest(self.secrets[0], self._input(peer, hello), "sha256")[:COOKIE_LENGTH]
+
+    def valid(self, peer: Peer, hello: m.ClientHello) -> bool:
+        if len(hello.cookie) != COOKIE_LENGTH:
+            return False
+        data = self._input(peer, hello)
+        return any(hmac.compare_digest(hmac.digest(s, data, "sha256")[:COOKIE_LENGTH], hello.cookie)
+                   for s in self.secrets)
+
+
+@dataclass(frozen=True)
+class EngineParams(Params):
+    #: the length of the CIDs this server hands out (0: never negotiate RFC 9146)
+    cid_length: int = 6
+    max_handshakes: int = 1000
+    max_sessions: int = 100_000
+    handshake_timeout: float = 60.0
+    session_timeout: float = 24 * 3600.0
+    cookie_rotation: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cid_length <= 32:
+            raise ValueError("cid_length must be 0..32")
+
+
+@dataclass
+class EngineStats:
+    datagrams_in: int = 0
+    bytes_in: int = 0
+    bytes_out_unauthenticated: int = 0
+    hello_verify_sent: int = 0
+    handshakes_started: int = 0
+    handshakes_completed: int = 0
+    handshakes_failed: Counter[str] = field(default_factory=Counter)
+    records_dropped: Counter[str] = field(default_factory=Counter)
+    address_changes: int = 0
+    sessions_closed: int = 0
+    sessions_expired: int = 0
+
+
+class Engine:
+    """`psk_for(identity) -> key | None` is called (synchronously) once per ClientKeyExchange."""
+
+    transparent = False
+
+    def __init__(self, psk_for: Callable[[bytes], bytes | None], params: EngineParams | None = None,
+                 now: float = 0.0) -> None:
+        self.psk_for = psk_for
+        self.params = params or EngineParams()
+        self.cookies = CookieJar(self.params.cookie_rotation, now)
+        self.handshakes: dict[Peer, Connection] = {}
+        self.sessions: dict[Peer, Connection] = {}
+        self.by_cid: dict[bytes, Connection] = {}
+        self.outbox: list[tuple[bytes, Peer]] = []
+        self.stats = EngineStats()
+
+    # -- in --------------------------------------------------------------------------------------
+
+    def receive(self, datagram: bytes, peer: Peer, now: float) -> list[bytes]:
+        """The application data records of one datagram (decrypted); handshake answers queued."""
+        self.stats.datagrams_in += 1
+        self.stats.bytes_in += len(datagram)
+        touched: list[Connection] = []
+        app: list[bytes] = []
+        offset = 0
+        while offset < len(datagram):
+            try:
+                rec, offset = parse_record_untrusted(datagram, offset, self.params.cid_length)
+            except DtlsDecodeError as e:
+                self.stats.records_dropped[e.reason] += 1
+                break  # (the rest of the datagram cannot be framed)
+            try:
+                conn = self._record(rec, peer, now)
+            except DtlsDecodeError as e:
+                self.stats.records_dropped[e.reason] += 1
+                continue
+            if conn is not None:
+                if conn not in touched:
+                    touched.append(conn)
+                if conn.app:
+                    app.extend(conn.app)
+                    conn.app = []
+        for conn in touched:
+            self._settle(conn)
+        return app
+
+    def _record(self, rec: Record, peer: Peer, now: float) -> Connection | None:
+        if rec.type == TLS12_CID:
+            conn = self.by_cid.get(rec.cid)
+            if conn is None:
+                raise DtlsDecodeError(0, "unknown_cid")
+            newest = conn.receive_record(rec, now)
+            if newest and peer != conn.peer and conn.state == ESTABLISHED:
+                self._move(conn, peer)
+            return conn
+        if rec.epoch == 0:
+            if rec.type == HANDSHAKE and rec.fragment[:1] == bytes((m.CLIENT_HELLO,)):
+                return self._hello(rec, peer, now)
+            conn = self.handshakes.get(peer) or self.sessions.get(peer)
+            if conn is None:
+                raise DtlsDecodeError(0, "no_session")
+            conn.receive_record(rec, now)
+            return conn
+        hs = self.handshakes.get(peer)
+        session = self.sessions.get(peer)
+        if hs is not None and (hs.pending_read or hs.read_prot):
+            try:
+                hs.receive_record(rec, now)
+                return hs
+            except DtlsDecodeError:
+                if session is None:
+                    raise
+        if session is None:
+            raise DtlsDecodeError(0, "no_session")
+        session.receive_record(rec, now)
+        return session
+
+    def _hello(self, rec: Record, peer: Peer, now: float) -> Connection | None:
+        """A ClientHello (whole, in one record: RFC 6347 lets a server require it; as Mbed TLS)."""
+        [f, *_] = m.parse_fragments_untrusted(rec.fragment)
+        if not f.whole:
+            raise DtlsDecodeError(0, "fragmented_client_hello")
+        hello = m.parse_client_hello_untrusted(f.body)
+        if not self.cookies.valid(peer, hello):
+            cookie = self.cookies.make(peer, hello)
+            hvr = plaintext_record(HANDSHAKE, 0, rec.seq, m.message(m.HELLO_VERIFY_REQUEST, f.message_seq,
+                                                                     m.hello_verify_request(cookie)), DTLS_1_2)
+            self.outbox.append((hvr, peer))
+            self.stats.hello_verify_sent += 1
+            self.stats.bytes_out_unauthenticated += len(hvr)
+            return None
+        current = self.handshakes.get(peer)
+        if current is not None and current.client_random == hello.random and current.state != FAILED:
+            current.resend = True  # its retransmitted hello: our ServerHello flight was lost
+            return current
+        if current is None and len(self.handshakes) >= self.params.max_handshakes:
+            raise DtlsDecodeError(0, "too_many_handshakes")
+        if current is not None:
+            self._forget(current)
+        conn = Connection("server", self.params, peer, now)
+        self.handshakes[peer] = conn
+        self.stats.handshakes_started += 1
+        new_cid = self._new_cid if self.params.cid_length else None
+        conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, rec.seq,
+                          self.psk_for, new_cid, now)
+        if conn.cid_in:
+            self.by_cid[conn.cid_in] = conn
+        return conn
+
+    def _new_cid(self) -> bytes:
+        while True:
+            cid = os.urandom(self.params.cid_length)
+            if cid not in self.by_cid:
+                return cid
+
+    def _settle(self, conn: Connection) -> None:
+        """After a datagram: send what it queued; a finished handshake becomes the session (the one
+        it replaces, if any, goes); a failed one goes."""
+        for d in conn.flush():
+            self.outbox.append((d, conn.peer))
+        if self.handshakes.get(conn.peer) is conn:
+            if conn.state == ESTABLISHED:
+                del self.handshakes[conn.peer]
+                old = self.sessions.pop(conn.peer, None)
+                if old is not None:
+                    self._forget(old)
+                if len(self.sessions) >= self.params.max_sessions:
+                    self._forget(conn)
+                    self.stats.handshakes_failed["too_many_sessions"] += 1
+                    return
+                self.sessions[conn.peer] = conn
+                self.stats.handshakes_completed += 1
+            elif conn.state == FAILED:
+                self.stats.handshakes_failed[conn.reason] += 1
+                self._forget(conn)
+        elif conn.state not in (ESTABLISHED, ""):
+            if self.sessions.get(conn.peer) is conn:
+                self.stats.sessions_closed += 1
+            self._forget(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        if self.handshakes.get(conn.peer) is conn:
+            del self.handshakes[conn.peer]
+        if self.sessions.get(conn.peer) is conn:
+            del self.sessions[conn.peer]
+        if conn.cid_in and self.by_cid.get(conn.cid_in) is conn:
+            del self.by_cid[conn.cid_in]
+
+    def _move(self, conn: Connection, peer: Peer) -> None:
+        """RFC 9146 §6: the newest authenticated record came from `peer`: answer there from now on"""
+        if self.sessions.get(conn.peer) is conn:
+            del self.sessions[conn.peer]
+        displaced = self.sessions.get(peer)
+        if displaced is not None and displaced is not conn:
+            self._forget(displaced)  # (a session by address at that address is superseded)
+        conn.peer = peer
+        self.sessions[peer] = conn
+        self.stats.address_changes += 1
+
+    # -- out -------------------------------------------------------------------------------------
+
+    def wrap(self, plaintext: bytes, peer: Peer) -> bytes | None:
+        conn = self.sessions.get(peer)
+        if conn is None or conn.state != ESTABLISHED:
+            return None
+        return conn.seal(plaintext)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Peer]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def tick(self, now: float) -> None:
+        self.cookies.rotate(now)
+        for conn in list(self.handshakes.values()):
+            conn.tick(now)
+            if now - conn.started > self.params.handshake_timeout and conn.state != FAILED:
+                conn.state = FAILED
+                conn.reason = "timeout"
+            self._settle(conn)
+        for conn in [c for c in self.sessions.values() if now - c.last_seen > self.params.session_timeout]:
+            self.stats.sessions_expired += 1
+            self._forget(conn)
+
+    def settle(self, now: float) -> None:
+        pass
+
+    def credentialed(self, datagram: bytes, peer: Peer) -> bool:
+        return peer in self.sessions or (datagram[:1] == bytes((TLS12_CID,)) and
+                                         datagram[11:11 + self.params.cid_length] in self.by_cid)
+
+    def device(self, peer: Peer) -> bytes | None:
+        """The PSK identity the session with `peer` authenticated"""
+        conn = self.sessions.get(peer)
+        return conn.identity if conn is not None else None
+
+    def close(self, peer: Peer) -> None:
+        conn = self.sessions.get(peer)
+        if conn is not None:
+            conn.close()
+            self._settle(conn)

@@ -1,0 +1,288 @@
+"""Handshake messages (RFC 6347 §4.2.2, RFC 5246 §7.4, RFC 4279, RFC 7627, RFC 5746, RFC 9146 §3):
+their fragments, the messages the engine reads (`parse_*_untrusted`, raising only DtlsDecodeError)
+and the ones it writes."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .errors import DECODE_ERROR, ILLEGAL_PARAMETER, DtlsDecodeError
+
+HELLO_REQUEST = 0
+CLIENT_HELLO = 1
+SERVER_HELLO = 2
+HELLO_VERIFY_REQUEST = 3
+CERTIFICATE = 11
+SERVER_KEY_EXCHANGE = 12
+CERTIFICATE_REQUEST = 13
+SERVER_HELLO_DONE = 14
+CERTIFICATE_VERIFY = 15
+CLIENT_KEY_EXCHANGE = 16
+FINISHED = 20
+
+EXT_EXTENDED_MASTER_SECRET = 23  # RFC 7627
+EXT_CONNECTION_ID = 54  # RFC 9146 (the drafts' 53 is not read: their record layouts differ)
+EXT_RENEGOTIATION_INFO = 0xFF01  # RFC 5746
+
+HS_HEADER = 12
+_HS = struct.Struct("!B3sH3s3s")
+#: the largest handshake message the engine reassembles (a certificate chain fits, later)
+MAX_MESSAGE = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    msg_type: int
+    length: int
+    message_seq: int
+    offset: int
+    body: bytes
+
+    @property
+    def whole(self) -> bool:
+        return self.offset == 0 and len(self.body) == self.length
+
+
+def parse_fragments_untrusted(payload: bytes) -> list[Fragment]:
+    """The handshake fragments one record carries (one or more, back to back)."""
+    out = []
+    pos = 0
+    while pos < len(payload):
+        if len(payload) - pos < HS_HEADER:
+            raise DtlsDecodeError(DECODE_ERROR, "handshake_truncated")
+        msg_type, length, seq, offset, flen = _HS.unpack_from(payload, pos)
+        length = int.from_bytes(length, "big")
+        offset = int.from_bytes(offset, "big")
+        flen = int.from_bytes(flen, "big")
+        pos += HS_HEADER
+        if offset + flen > length or pos + flen > len(payload):
+            raise DtlsDecodeError(DECODE_ERROR, "handshake_fragment")
+        if length > MAX_MESSAGE:
+            raise DtlsDecodeError(ILLEGAL_PARAMETER, "handshake_too_long")
+        out.append(Fragment(msg_type, length, seq, offset, bytes(payload[pos:pos + flen])))
+        pos += flen
+    return out
+
+
+def message(msg_type: int, seq: int, body: bytes) -> bytes:
+    """A whole handshake message with its DTLS header (as the transcript holds it, RFC 6347 §4.2.6)"""
+    n = len(body).to_bytes(3, "big")
+    return _HS.pack(msg_type, n, seq, b"\0\0\0", n) + body
+
+
+def fragments(msg: bytes, room: int) -> list[bytes]:
+    """A whole message (header included) cut into fragments of at most `room` bytes each"""
+    body = msg[HS_HEADER:]
+    if len(msg) <= room:
+        return [msg]
+    step = max(1, room - HS_HEADER)
+    out = []
+    for off in range(0, len(body), step):
+        chunk = body[off:off + step]
+        out.append(msg[:6] + off.to_bytes(3, "big") + len(chunk).to_bytes(3, "big") + chunk)
+    return out
+
+
+class Reassembly:
+    """One message's fragments as they come (any order, overlapping allowed, consistent or dropped)"""
+
+    __slots__ = ("msg_type", "length", "body", "ranges")
+
+    def __init__(self, first: Fragment) -> None:
+        self.msg_type = first.msg_type
+        self.length = first.length
+        self.body = bytearray(first.length)
+        self.ranges: list[tuple[int, int]] = []
+
+    def add(self, f: Fragment) -> bool:
+        """False when `f` contradicts what came before; the message is complete when `complete`"""
+        if f.msg_type != self.msg_type or f.length != self.length:
+            return False
+        self.body[f.offset:f.offset + len(f.body)] = f.body
+        ranges = sorted(self.ranges + [(f.offset, f.offset + len(f.body))])
+        merged: list[tuple[int, int]] = []
+        for a, b in ranges:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.ranges = merged
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return self.length == 0 or self.ranges == [(0, self.length)]
+
+
+class _Reader:
+    """A cursor over untrusted bytes; every short read is a decode_error"""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise DtlsDecodeError(DECODE_ERROR, "message_truncated")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def vector(self, length_bytes: int) -> bytes:
+        return self.take(self.uint(length_bytes))
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def end(self) -> None:
+        if self.left:
+            raise DtlsDecodeError(DECODE_ERROR, "trailing_bytes")
+
+
+def parse_extensions_untrusted(r: _Reader) -> dict[int, bytes]:
+    if not r.left:
+        return {}
+    block = _Reader(r.vector(2))
+    out: dict[int, bytes] = {}
+    while block.left:
+        ext = block.uint(2)
+        data = block.vector(2)
+        if ext in out:
+            raise DtlsDecodeError(ILLEGAL_PARAMETER, "duplicate_extension")
+        out[ext] = data
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    version: int
+    random: bytes
+    session_id: bytes
+    cookie: bytes
+    suites: tuple[int, ...]
+    compression: bytes
+    extensions: dict[int, bytes]
+
+    def cid_offered(self) -> bytes | None:
+        """The CID the client asks for in records to it (b"": none needed), or None: not offered"""
+        data = self.extensions.get(EXT_CONNECTION_ID)
+        if data is None:
+            return None
+        r = _Reader(data)
+        cid = r.vector(1)
+        r.end()
+        return cid
+
+
+def parse_client_hello_untrusted(body: bytes) -> ClientHello:
+    r = _Reader(body)
+    version = r.uint(2)
+    random = r.take(32)
+    session_id = r.vector(1)
+    if len(session_id) > 32:
+        raise DtlsDecodeError(ILLEGAL_PARAMETER, "session_id_length")
+    cookie = r.vector(1)
+    raw = r.vector(2)
+    if not raw or len(raw) % 2:
+        raise DtlsDecodeError(DECODE_ERROR, "cipher_suites")
+    suites = struct.unpack(f"!{len(raw) // 2}H", raw)
+    compression = r.vector(1)
+    if not compression:
+        raise DtlsDecodeError(DECODE_ERROR, "compression_methods")
+    extensions = parse_extensions_untrusted(r)
+    r.end()
+    hello = ClientHello(version, random, session_id, cookie, suites, compression, extensions)
+    if EXT_CONNECTION_ID in extensions:
+        hello.cid_offered()  # (well-formed, or a decode error now)
+    return hello
+
+
+def client_hello(random: bytes, cookie: bytes, suites: tuple[int, ...], extensions: list[tuple[int, bytes]]) -> bytes:
+    return b"".join((
+        (0xFEFD).to_bytes(2, "big"), random, b"\x00", bytes((len(cookie),)), cookie,
+        (2 * len(suites)).to_bytes(2, "big"), struct.pack(f"!{len(suites)}H", *suites), b"\x01\x00",
+        _extensions(extensions),
+    ))
+
+
+def _extensions(extensions: list[tuple[int, bytes]]) -> bytes:
+    if not extensions:
+        return b""
+    block = b"".join(ext.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data for ext, data in extensions)
+    return len(block).to_bytes(2, "big") + block
+
+
+def hello_verify_request(cookie: bytes) -> bytes:
+    """RFC 6347 §4.2.1: server_version is DTLS 1.0 whatever is negotiated later"""
+    return (0xFEFF).to_bytes(2, "big") + bytes((len(cookie),)) + cookie
+
+
+def parse_hello_verify_request_untrusted(body: bytes) -> bytes:
+    r = _Reader(body)
+    r.uint(2)
+    cookie = r.vector(1)
+    r.end()
+    return cookie
+
+
+def server_hello(random: bytes, suite: int, extensions: list[tuple[int, bytes]]) -> bytes:
+    """(an empty session_id: this server does not resume sessions)"""
+    return (0xFEFD).to_bytes(2, "big") + random + b"\x00" + suite.to_bytes(2, "big") + b"\x00" + _extensions(extensions)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHello:
+    version: int
+    random: bytes
+    session_id: bytes
+    suite: int
+    compression: int
+    extensions: dict[int, bytes]
+
+
+def parse_server_hello_untrusted(body: bytes) -> ServerHello:
+    r = _Reader(body)
+    version = r.uint(2)
+    random = r.take(32)
+    session_id = r.vector(1)
+    suite = r.uint(2)
+    compression = r.uint(1)
+    extensions = parse_extensions_untrusted(r)
+    r.end()
+    return ServerHello(version, random, session_id, suite, compression, extensions)
+
+
+def parse_psk_client_key_exchange_untrusted(body: bytes) -> bytes:
+    """RFC 4279 §2: the PSK identity"""
+    r = _Reader(body)
+    identity = r.vector(2)
+    r.end()
+    return identity
+
+
+def psk_client_key_exchange(identity: bytes) -> bytes:
+    return len(identity).to_bytes(2, "big") + identity
+
+
+def parse_finished_untrusted(body: bytes) -> bytes:
+    if len(body) != 12:
+        raise DtlsDecodeError(DECODE_ERROR, "finished_length")
+    return bytes(body)
+
+
+def cid_extension(cid: bytes) -> bytes:
+    return bytes((len(cid),)) + cid
+
+
+def parse_cid_extension_untrusted(data: bytes) -> bytes:
+    r = _Reader(data)
+    cid = r.vector(1)
+    r.end()
+    return cid

@@ -1,0 +1,199 @@
+"""The DTLS 1.2 record layer (RFC 6347 §4.1) with Connection IDs (RFC 9146 §4-5).
+
+Records are parsed by `parse_record_untrusted` (one record at an offset of a datagram: a datagram
+may hold several), protected and opened by `RecordProtection` (AEAD: AES-128-CCM-8, AES-128-CCM,
+AES-128-GCM, through `cryptography`), and checked against replay by `ReplayWindow` (§4.1.2.6).
+
+AEAD records (RFC 5246 §6.2.3.3, RFC 5288, RFC 6655): the fragment is an 8-byte explicit nonce
+(this engine writes epoch + sequence number, as every stack does) and the ciphertext with its tag;
+nonce = the 4-byte implicit IV (client or server write IV) + the explicit nonce.
+
+  - without CID: additional_data = epoch(2) + seq(6) + type(1) + version(2) + length(2), the length
+    of the plaintext;
+  - with CID (RFC 9146 §5, content type tls12_cid = 25): the plaintext is the DTLSInnerPlaintext
+    (content + real type + zero padding) and additional_data = seq_num_placeholder (8 x 0xff) +
+    tls12_cid(1) + cid_length(1) + tls12_cid(1) + version(2) + epoch(2) + seq(6) + cid +
+    length_of_DTLSInnerPlaintext(2).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
+
+from .errors import BAD_RECORD_MAC, DECODE_ERROR, PROTOCOL_VERSION, RECORD_OVERFLOW, UNEXPECTED_MESSAGE, \
+    DtlsDecodeError
+
+CHANGE_CIPHER_SPEC = 20
+ALERT = 21
+HANDSHAKE = 22
+APPLICATION_DATA = 23
+TLS12_CID = 25
+CONTENT_TYPES = frozenset((CHANGE_CIPHER_SPEC, ALERT, HANDSHAKE, APPLICATION_DATA))
+
+DTLS_1_2 = 0xFEFD
+DTLS_1_0 = 0xFEFF  # (ClientHellos and HelloVerifyRequests may carry it in their record header)
+
+HEADER = 13  # type, version, epoch, sequence number, length
+SEQ_MAX = (1 << 48) - 1
+EXPLICIT_NONCE = 8
+#: RFC 6347 §4.1: a record's fragment is at most 2^14 bytes plus the cipher's expansion (2048)
+MAX_FRAGMENT = (1 << 14) + 2048
+SEQ_NUM_PLACEHOLDER = b"\xff" * 8
+
+_HEADER = struct.Struct("!BHHHIH")  # type, version, epoch, seq (16 high + 32 low bits), length
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    type: int
+    version: int
+    epoch: int
+    seq: int
+    cid: bytes  # b"" unless type is TLS12_CID
+    fragment: bytes
+
+    @property
+    def number(self) -> int:
+        """epoch and sequence number as one integer (RFC 9146 §6 compares records by it)"""
+        return self.epoch << 48 | self.seq
+
+
+def parse_record_untrusted(datagram: bytes, offset: int, cid_length: int) -> tuple[Record, int]:
+    """The record at `offset` and the offset after it.  `cid_length` is the length of the CID this
+    side chose (records with content type tls12_cid carry it; the length is not on the wire)."""
+    if len(datagram) - offset < HEADER:
+        raise DtlsDecodeError(DECODE_ERROR, "record_truncated")
+    ctype = datagram[offset]
+    if ctype == TLS12_CID:
+        if cid_length == 0:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "cid_not_negotiated")
+        if len(datagram) - offset < HEADER + cid_length:
+            raise DtlsDecodeError(DECODE_ERROR, "record_truncated")
+        _, version, epoch, hi, lo, _ = _HEADER.unpack_from(datagram, offset)
+        cid = bytes(datagram[offset + 11:offset + 11 + cid_length])
+        start = offset + 11 + cid_length + 2
+        length = int.from_bytes(datagram[start - 2:start], "big")
+    elif ctype in CONTENT_TYPES:
+        _, version, epoch, hi, lo, length = _HEADER.unpack_from(datagram, offset)
+        cid = b""
+        start = offset + HEADER
+    else:
+        raise DtlsDecodeError(UNEXPECTED_MESSAGE, "unknown_content_type")
+    if version != DTLS_1_2 and not (version == DTLS_1_0 and epoch == 0):
+        raise DtlsDecodeError(PROTOCOL_VERSION, "record_version")
+    if length > MAX_FRAGMENT:
+        raise DtlsDecodeError(RECORD_OVERFLOW, "record_overflow")
+    end = start + length
+    if end > len(datagram):
+        raise DtlsDecodeError(DECODE_ERROR, "record_truncated")
+    return Record(ctype, version, epoch, hi << 32 | lo, cid, bytes(datagram[start:end])), end
+
+
+def plaintext_record(ctype: int, epoch: int, seq: int, fragment: bytes, version: int = DTLS_1_2) -> bytes:
+    return _HEADER.pack(ctype, version, epoch, seq >> 32, seq & 0xFFFFFFFF, len(fragment)) + fragment
+
+
+def aad(ctype: int, epoch: int, seq: int, length: int, version: int = DTLS_1_2) -> bytes:
+    """RFC 5246 §6.2.3.3 with DTLS's seq_num = epoch + sequence number (RFC 6347 §4.1.2.1)"""
+    return struct.pack("!HHIBHH", epoch, seq >> 32, seq & 0xFFFFFFFF, ctype, version, length)
+
+
+def aad_cid(cid: bytes, epoch: int, seq: int, inner_length: int, version: int = DTLS_1_2) -> bytes:
+    """RFC 9146 §5 (AEAD ciphers), byte for byte"""
+    return b"".join((
+        SEQ_NUM_PLACEHOLDER, bytes((TLS12_CID, len(cid), TLS12_CID)), version.to_bytes(2, "big"),
+        epoch.to_bytes(2, "big"), seq.to_bytes(6, "big"), cid, inner_length.to_bytes(2, "big"),
+    ))
+
+
+class RecordProtection:
+    """One direction's AEAD state for one epoch: the key and the 4-byte implicit IV."""
+
+    __slots__ = ("aead", "iv", "tag")
+
+    def __init__(self, cipher: str, key: bytes, iv: bytes) -> None:
+        self.iv = iv
+        if cipher == "ccm8":
+            self.aead: AESCCM | AESGCM = AESCCM(key, tag_length=8)
+            self.tag = 8
+        elif cipher == "ccm":
+            self.aead = AESCCM(key, tag_length=16)
+            self.tag = 16
+        elif cipher == "gcm":
+            self.aead = AESGCM(key)
+            self.tag = 16
+        else:
+            raise ValueError(f"unknown AEAD {cipher!r}")
+
+    @property
+    def overhead(self) -> int:
+        return EXPLICIT_NONCE + self.tag
+
+    def seal(self, ctype: int, epoch: int, seq: int, plaintext: bytes, cid: bytes = b"", padding: int = 0) -> bytes:
+        """The whole record.  With `cid` (the peer's, non-empty) a tls12_cid record (RFC 9146)."""
+        explicit = epoch.to_bytes(2, "big") + seq.to_bytes(6, "big")
+        if cid:
+            inner = plaintext + bytes((ctype,)) + bytes(padding)
+            sealed = explicit + self.aead.encrypt(self.iv + explicit, inner, aad_cid(cid, epoch, seq, len(inner)))
+            return b"".join((
+                bytes((TLS12_CID,)), DTLS_1_2.to_bytes(2, "big"), explicit, cid, len(sealed).to_bytes(2, "big"), sealed,
+            ))
+        sealed = explicit + self.aead.encrypt(self.iv + explicit, plaintext, aad(ctype, epoch, seq, len(plaintext)))
+        return plaintext_record(ctype, epoch, seq, sealed)
+
+    def open_untrusted(self, record: Record) -> tuple[int, bytes]:
+        """(content type, plaintext) of a protected record; DtlsDecodeError(bad_record_mac) when it
+        does not authenticate."""
+        fragment = record.fragment
+        n = len(fragment) - EXPLICIT_NONCE - self.tag
+        if n < 0:
+            raise DtlsDecodeError(BAD_RECORD_MAC, "record_too_short")
+        nonce = self.iv + fragment[:EXPLICIT_NONCE]
+        if record.type == TLS12_CID:
+            extra = aad_cid(record.cid, record.epoch, record.seq, n, record.version)
+        else:
+            extra = aad(record.type, record.epoch, record.seq, n, record.version)
+        try:
+            plain = self.aead.decrypt(nonce, fragment[EXPLICIT_NONCE:], extra)
+        except InvalidTag:
+            raise DtlsDecodeError(BAD_RECORD_MAC, "bad_record_mac") from None
+        if record.type != TLS12_CID:
+            return record.type, plain
+        inner = plain.rstrip(b"\x00")  # DTLSInnerPlaintext: content, real type, zeros
+        if not inner or inner[-1] not in CONTENT_TYPES:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "inner_content_type")
+        return inner[-1], inner[:-1]
+
+
+WINDOW = 64
+_MASK = (1 << WINDOW) - 1
+
+
+class ReplayWindow:
+    """RFC 6347 §4.1.2.6: the highest sequence number authenticated so far and a bitmap of the 64
+    below it (bit i: top - i was seen).  `fresh` before decryption, `mark` only after the record
+    authenticated (a forged record must not move the window)."""
+
+    __slots__ = ("top", "bits")
+
+    def __init__(self, top: int = -1, bits: int = 0) -> None:
+        self.top = top
+        self.bits = bits
+
+    def fresh(self, seq: int) -> bool:
+        if seq > self.top:
+            return True
+        d = self.top - seq
+        return d < WINDOW and not (self.bits >> d) & 1
+
+    def mark(self, seq: int) -> None:
+        if seq > self.top:
+            shift = seq - self.top
+            self.bits = ((self.bits << shift) | 1) & _MASK if shift < WINDOW else 1
+            self.top = seq
+        else:
+            self.bits |= 1 << (self.top - seq)
