@@ -35,7 +35,13 @@ Transitions:
   margin is larger than how late a live holder's `last_seen` can be (a quarter threshold and two
   sweeps) plus slack for clocks and a slow database, so it never fires while a live holder hears
   the device; a holder that was killed leaves its count behind, and its devices go offline this
-  way, `margin` later than the usual way.
+  way, `margin` later than the usual way.  (A database slower than the slack for longer -- an
+  outage -- can have the way out take a device a live holder hears; that holder's next write of
+  `last_seen` finds the row offline and takes it online again: an extra pair, never a device left
+  offline while it talks.)
+
+Rows stay after a device goes offline (one per device ever heard); a removed device's row is not
+removed with it (it is offline, and harmless).
 """
 
 from __future__ import annotations
