@@ -382,8 +382,7 @@ def test_a_handler_that_raises_is_counted_every_time_and_logged_once_a_while(cap
 
 @pytest.mark.parametrize("number,label", [
     (O.EDHOC, b"edhoc"), (O.Q_BLOCK1, b"q-block1"), (O.Q_BLOCK2, b"q-block2"),
-    (O.IF_MATCH, b"if-match"), (O.IF_NONE_MATCH, b"if-none-match"),
-])
+])  # (If-Match / If-None-Match are implemented: tests/test_conditional.py)
 def test_a_critical_option_corem_does_not_implement_is_4_02_not_ignored(number, label):
     """RFC 7252 §5.4.1: known to the codec is not understood by the server."""
     ep = endpoint(limit_error_size=False)

@@ -107,7 +107,7 @@ def test_drogue_device_waiting_with_ct_receives_a_command(corem):
 
 def test_emqx_pubsub_retains_publishes_and_notifies_subscribers(corem):
     q = "?c=client-1&u=sensor-1&p=T0KEN-1"
-    assert coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "put", "-e", "21.5").code == "2.04"
+    assert coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "put", "-e", "21.5").code == "2.01"  # created
     got = coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "get")
     assert got.code == "2.05" and "21.5" in got.output
     sub = background(COAP_CLIENT, "-s", "4", "-m", "get", f"{corem.coap}/mqtt/room/temp{q}")

@@ -59,10 +59,12 @@ def _block(response: Response, asked: Block | None, size2_asked: bool) -> Respon
     if offset % size or (offset >= len(payload) and payload):
         return make(Code.BAD_OPTION, b"block2: no such block")
     more = offset + size < len(payload)
+    given = [v for n, v in (response.options or []) if n == OptionNumber.ETAG]
     options = [o for o in (response.options or []) if o[0] not in (OptionNumber.BLOCK2, OptionNumber.SIZE2,
                                                                      OptionNumber.ETAG)]
     options.append((OptionNumber.BLOCK2, encode_uint(Block(num, more, szx).to_uint())))
-    options.append((OptionNumber.ETAG, etag(payload)))
+    # the handler's own ETag if it gave one (what If-Match compares, coap/conditional.py)
+    options.append((OptionNumber.ETAG, bytes(given[0]) if given else etag(payload)))
     if num == 0 or size2_asked:
         options.append((OptionNumber.SIZE2, encode_uint(len(payload))))
     options.sort(key=lambda o: o[0])

@@ -16,6 +16,7 @@ from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
 from ..errors import StorageUnavailable
 from ..stats import Sample, counter
+from .conditional import conditional as has_conditions, evaluate as evaluate_conditions
 from .blockwise import Block1Uploads, Upload, block2
 from .response import Response, retry_later
 
@@ -54,10 +55,17 @@ class Router:
         #: message-level security (corem/oscore): turns a sealed request into the device's request
         #: (or answers it) before it is routed
         self.unwrap: Callable[[Request], Response | None] | None = None
+        #: handlers that evaluate If-Match / If-None-Match themselves (`add(..., conditional=True)`)
+        self._conditional: set[Handler] = set()
 
-    def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None) -> None:
+    def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None,
+            *, conditional: bool = False) -> None:
         """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`;
-        `link` attributes (rt, if, ct, obs, title) list a literal path in /.well-known/core."""
+        `link` attributes (rt, if, ct, obs, title) list a literal path in /.well-known/core.
+        `conditional`: the handlers evaluate If-Match / If-None-Match against their own state
+        (`corem.coap.conditional.evaluate`); otherwise the router does, for a resource without ETags."""
+        if conditional:
+            self._conditional.update(methods.values())
         if link is not None and "{" not in path:
             self._links[path.strip("/")] = link
         segments = tuple(
@@ -113,6 +121,11 @@ class Router:
         handler = methods.get(msg.code)
         if handler is None:
             return METHOD_NOT_ALLOWED
+        if has_conditions(msg) and handler not in self._conditional:
+            # no ETags here: a current representation iff it can be read (corem/coap/conditional.py)
+            refused = evaluate_conditions(msg, Code.GET in methods)
+            if refused is not None:
+                return refused
         block1 = msg.opt(OptionNumber.BLOCK1) if msg.code in (Code.POST, Code.PUT) else None
         if block1 is not None:
             return self._upload(req, msg, path, handler, params)

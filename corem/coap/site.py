@@ -19,6 +19,14 @@
 
 A method the resource does not define is answered 4.05.  Handlers run on the event loop: keep them
 quick, or answer later through `req.respond`.
+
+Conditional requests (RFC 7252 §5.10.8) are the site's, not the resource's: the current
+representation is what `get(None)` renders (`Resource.current`); its ETag is the one `get` gives,
+or corem's (`conditional.etag_for`: its payload and Content-Format).  A GET's 2.05 and every
+notification carry that ETag, and so does a 2.01/2.04 to a PUT or POST (the new state's).  A
+request with If-Match / If-None-Match is evaluated against the current state right before the
+method is called, in the same step (no `await` between): one that does not hold is 4.12 and the
+method is not called -- so of two clients updating with the same `If-Match`, one wins.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import time
 from typing import Any, Callable
 
 from ..codec import Code
+from .conditional import conditional, etag_of, evaluate, with_etag
 from .endpoint import Request
 from .observe import Observers, answer_observe
 from .resources import Handler, Router
@@ -37,7 +46,8 @@ METHODS = {Code.GET: "get", Code.POST: "post", Code.PUT: "put", Code.DELETE: "de
 
 class Resource:
     """Subclass and define any of get/post/put/delete(req) -> Response.  `get` is also called with
-    `req=None` to render the state sent to observers."""
+    `req=None` to render the current state: what observers are sent, what If-Match and
+    If-None-Match are evaluated against (override `current` if `get` needs its request)."""
 
     #: Observable resources accept GET with Observe and notify on `changed()`.
     observable = False
@@ -56,6 +66,12 @@ class Resource:
 
     def __init__(self) -> None:
         self._sites: list[tuple[Site, str]] = []
+
+    def current(self) -> Response | None:
+        """The current representation (a 2.05), or anything else when there is none (a 4.04, or
+        None): `get(None)`, or None for a resource without `get`."""
+        get = getattr(self, "get", None)
+        return None if get is None else get(None)
 
     def changed(self) -> None:
         """Send the current state (what `get` returns) to every observer, on every transport."""
@@ -89,16 +105,20 @@ class Site:
 
     def _install(self, router: Router, observers: Observers, path: str, resource: Resource) -> None:
         handlers: dict[int, Handler] = {
-            code: _adapt(getattr(resource, name)) for code, name in METHODS.items() if hasattr(resource, name)}
+            code: _method(resource, getattr(resource, name), code) for code, name in METHODS.items()
+            if hasattr(resource, name)}
         if resource.observable and Code.GET in handlers:
             handlers[Code.GET] = self._observed(resource, observers, path)
-        router.add(path, handlers, link=resource.link())
+        router.add(path, handlers, link=resource.link(), conditional=True)
 
     def _observed(self, resource: Resource, observers: Observers, path: str) -> Handler:
         """GET with the Observe option: register (0) or deregister (1) the requester (§3.1, §3.6)."""
 
         def get(req: Request, params: list[str]) -> Response | None:
-            response: Response | None = resource.get(req)  # type: ignore[attr-defined]
+            refused = _precondition(resource, req)
+            if refused is not None:
+                return refused
+            response: Response | None = _tagged(resource, Code.GET, resource.get(req))  # type: ignore[attr-defined]
             return None if response is None else answer_observe(observers, req, path, response, self.clock())
 
         return get
@@ -107,6 +127,8 @@ class Site:
         state: Response | None = resource.get(None)  # type: ignore[attr-defined]  # the representation observers get (no request behind it)
         if state is None:
             return
+        if state.code == Code.CONTENT:
+            state = with_etag(state, etag_of(state))
         now = self.clock()
         for _router, observers in self._mounts:
             observers.notify(path, state.code, state.options, state.payload, now)
@@ -114,6 +136,39 @@ class Site:
             self.after_notify()
 
 
-def _adapt(handler: Callable[[Request], Any]) -> Handler:
-    """Resource methods take (req); the router passes (req, params)."""
-    return lambda req, params: handler(req)
+def _method(resource: Resource, method: Callable[[Request], Any], code: int) -> Handler:
+    """A resource method as the router calls it (with `params`, which it does not take), behind the
+    preconditions and giving its answer the ETag."""
+
+    def call(req: Request, params: list[str]) -> Response | None:
+        refused = _precondition(resource, req)
+        if refused is not None:
+            return refused
+        return _tagged(resource, code, method(req))
+
+    return call
+
+
+def _precondition(resource: Resource, req: Request) -> Response | None:
+    """4.12 (or 4.02) when the request's If-Match / If-None-Match do not hold for the resource's
+    current state; None otherwise, and for a request without them."""
+    msg = req.message
+    if msg is None or not conditional(msg):
+        return None
+    current = resource.current()
+    if current is None or current.code != Code.CONTENT:
+        return evaluate(msg, False)
+    return evaluate(msg, True, etag_of(current))
+
+
+def _tagged(resource: Resource, code: int, response: Response | None) -> Response | None:
+    """A 2.05 with its ETag; a 2.01 / 2.04 to a PUT or POST with the new state's."""
+    if response is None:
+        return None
+    if response.code == Code.CONTENT and code == Code.GET:
+        return with_etag(response, etag_of(response))
+    if response.code in (Code.CREATED, Code.CHANGED) and code in (Code.PUT, Code.POST):
+        current = resource.current()
+        if current is not None and current.code == Code.CONTENT:
+            return with_etag(response, etag_of(current))
+    return response

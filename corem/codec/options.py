@@ -97,12 +97,12 @@ del N
 
 #: Critical options corem knows but does not implement: a request carrying one is refused (RFC
 #: 7252 §5.4.1: 4.02; §5.7.2: 5.05 for the proxy options), never served as if it were absent.
-#: If-Match / If-None-Match: no conditional requests; EDHOC: no key exchange (OSCORE contexts are
-#: provisioned);
+#: EDHOC: no key exchange (OSCORE contexts are provisioned);
 #: Q-Block1/Q-Block2 (RFC 9177): block-wise is RFC 7959's Block1/Block2 only.
+#: (If-Match / If-None-Match are implemented: conditional requests, corem/coap/conditional.py.)
 UNSUPPORTED_CRITICAL = frozenset({
-    OptionNumber.IF_MATCH, OptionNumber.IF_NONE_MATCH, OptionNumber.Q_BLOCK1,
-    OptionNumber.EDHOC, OptionNumber.Q_BLOCK2, OptionNumber.PROXY_URI, OptionNumber.PROXY_SCHEME,
+    OptionNumber.Q_BLOCK1, OptionNumber.EDHOC, OptionNumber.Q_BLOCK2, OptionNumber.PROXY_URI,
+    OptionNumber.PROXY_SCHEME,
 })
 PROXY_OPTIONS = frozenset({OptionNumber.PROXY_URI, OptionNumber.PROXY_SCHEME})
 #: The critical options corem serves requests with.

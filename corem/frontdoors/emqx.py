@@ -1,9 +1,10 @@
 """EMQX's CoAP gateway (spec 003): topics as resources, credentials in the query.
 
     /ps/{topic}?c=ClientId&u=Username&p=Password        PubSub mode
-        PUT     retain the message (for Max-Age seconds, default 60; 0 deletes) and publish it
+        PUT     retain the message (for Max-Age seconds, default 60; 0 deletes) and publish it:
+                2.01 when there was no retained message, else 2.04, with the new one's ETag
         POST    publish without retaining
-        GET     the retained message (4.04 when none), with its remaining Max-Age
+        GET     the retained message (4.04 when none), with its ETag and remaining Max-Age
         GET + Observe 0   subscribe: every later publish on the topic is a notification
         DELETE  remove the retained message
     /mqtt/{topic}?c=&u=&p=                              MQTT mode: PUT/POST publish, GET+Observe subscribe
@@ -14,15 +15,22 @@ of one tenant never see another's.  Each device may use only the topics its regi
 (`topics`, MQTT filters; default `#`): a publish or subscription outside them is 4.03.
 Every publish is also a record on `pubsub.{tenant}` (key = topic), answered 2.04 once it is on the
 bus like a reading.  Retained messages are bounded in count and bytes (oldest dropped first).
+
+Conditional requests (RFC 7252 §5.10.8) on `/ps/{topic}` are evaluated against the retained
+message, after the credentials and the topic ACL, in the same step as the write (no `await`
+between): `If-Match: <etag>` updates (or deletes, or publishes) only while that message is the
+retained one, `If-None-Match` only while there is none (ETSI TD_COAP_CORE_22/23); else 4.12.
+`/mqtt/{topic}` keeps no representation: the router evaluates it as a resource without ETags.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from ..bus.base import Record
+from ..coap.conditional import conditional, etag_for, evaluate
 from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
@@ -55,6 +63,8 @@ class Retained(NamedTuple):
     payload: bytes
     content_format: int | None
     expires: float
+    #: its ETag (`etag_for` its payload and Content-Format): what If-Match compares
+    etag: bytes
 
 
 @dataclass(slots=True)
@@ -103,7 +113,10 @@ class Emqx:
     def install(self, router: Router, observers: Observers, session_device: Callable[[Request], Device | None] | None = None) -> None:
         self.observers.append(observers)
 
-        def door(handler):
+        def door(handler, retained: bool = False):
+            """`retained`: a `/ps` method, whose If-Match / If-None-Match are evaluated here
+            against the topic's retained message, right before `handler` (no await between)."""
+
             def call(req: Request, params: list[str]) -> Response | None:
                 device = self.authenticate(req, session_device)
                 if isinstance(device, Response):
@@ -115,12 +128,18 @@ class Emqx:
                     self.stats.denied += 1
                     return Response(Code.FORBIDDEN, f"topic: {topic!r} is not allowed for this device".encode())
                 self.downlink.uplink(device)
+                if retained and req.message is not None and conditional(req.message):
+                    found = self._current(device.tenant, topic)
+                    refused = evaluate(req.message, found is not None, None if found is None else found.etag)
+                    if refused is not None:
+                        return refused
                 return handler(req, device, topic, observers)
 
             return call
 
-        router.add("ps/{topic*}", {Code.GET: door(self.get), Code.PUT: door(self.put), Code.POST: door(self.post),
-                                   Code.DELETE: door(self.delete)})
+        router.add("ps/{topic*}", {Code.GET: door(self.get, True), Code.PUT: door(self.put, True),
+                                   Code.POST: door(self.post, True), Code.DELETE: door(self.delete, True)},
+                   conditional=True)
         router.add("mqtt/{topic*}", {Code.GET: door(self.subscribe), Code.PUT: door(self.post),
                                      Code.POST: door(self.post)})
 
@@ -149,17 +168,22 @@ class Emqx:
         return Response(Code.CONTENT, found.payload, self._options(found))
 
     def put(self, req: Request, device: Device, topic: str, observers: Observers) -> Response | None:
-        """Retain and publish: refused (5.03) before anything changes if the bus cannot take it."""
+        """Retain and publish: refused (5.03) before anything changes if the bus cannot take it.
+        Answered once on the bus: 2.01 if it created the retained message, else 2.04; with its ETag."""
         msg = req.message
         assert msg is not None
-        answer = self.post(req, device, topic, observers)
-        if answer is BUSY:
-            return answer
         max_age = msg.max_age if msg.opt(OptionNumber.MAX_AGE) is not None else DEFAULT_MAX_AGE
         key = (device.tenant, topic)
+        payload, cf = bytes(msg.payload), msg.content_format
+        etag = etag_for(payload, cf)
+        created = max_age > 0 and self._current(*key) is None
+        answer = self._publish(req, device, topic, _answer_put, (req, Code.CREATED if created else Code.CHANGED,
+                                                                 [(OptionNumber.ETAG, etag)] if max_age > 0 else None))
+        if answer is BUSY:
+            return answer
         self._drop(key)
         if max_age > 0:
-            value = Retained(bytes(msg.payload), msg.content_format, self.clock() + max_age)
+            value = Retained(payload, cf, self.clock() + max_age, etag)
             self._retained[key] = value
             self._retained_bytes += len(value.payload)
             self.stats.retained += 1
@@ -186,6 +210,12 @@ class Emqx:
     def post(self, req: Request, device: Device, topic: str, observers: Observers) -> Response | None:
         """Publish: answered 2.04 once the record is on the bus; subscribers are notified as soon
         as the bus has taken it (a refused publish, 5.03, reaches nobody)."""
+        return self._publish(req, device, topic, answer_committed, req)
+
+    def _publish(self, req: Request, device: Device, topic: str, done: Callable[[Any, BaseException | None], None],
+                 ctx: Any) -> Response | None:
+        """Submit the request's message to the bus (`done(ctx, error)` answers it) and notify the
+        topic's subscribers: None, or BUSY if the bus cannot take it."""
         msg = req.message
         assert msg is not None
         payload = bytes(msg.payload)
@@ -194,7 +224,7 @@ class Emqx:
         if cf is not None:
             headers["content_format"] = str(cf)
         if not self.ingest.sink.submit(Record(pubsub_topic(device.tenant), topic.encode(), payload, headers),
-                                       answer_committed, req):
+                                       done, ctx):
             return BUSY
         opts: Options = [] if cf is None else [(OptionNumber.CONTENT_FORMAT, encode_uint(cf))]
         now = self.clock()
@@ -212,7 +242,7 @@ class Emqx:
         return found
 
     def _options(self, found: Retained) -> list:
-        opts = []
+        opts = [(OptionNumber.ETAG, found.etag)]
         if found.content_format is not None:
             opts.append((OptionNumber.CONTENT_FORMAT, encode_uint(found.content_format)))
         opts.append((OptionNumber.MAX_AGE, encode_uint(max(0, int(found.expires - self.clock())))))
@@ -230,6 +260,17 @@ class Emqx:
         now = self.clock()
         for key in [k for k, v in self._retained.items() if v.expires <= now]:
             self._drop(key)
+
+
+def _answer_put(ctx: tuple[Request, int, Options | None], error: BaseException | None) -> None:
+    """A sink `done` for a retaining PUT: its 2.01 / 2.04 with the ETag once durable, or 5.03."""
+    req, code, options = ctx
+    if req.answered:  # answered already (e.g. shutdown gave up on it)
+        return
+    if error is None:
+        req.respond(code, options)
+    else:
+        req.respond(BUSY.code, BUSY.options, BUSY.payload)
 
 
 def _resource(tenant: str, topic: str) -> str:

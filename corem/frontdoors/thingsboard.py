@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Callable, Iterator
 
 from ..bus.base import publish_json
+from ..coap.conditional import conditional, etag_of, evaluate, with_etag
 from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
@@ -78,10 +79,12 @@ class ThingsBoard:
         }
         for suffix, handlers in doors.items():
             by_token = {code: self._with_token(h, observers) for code, h in handlers.items()}
-            router.add(f"api/v1/{{token}}/{suffix}", by_token)
+            # the packages have ETags: their handlers evaluate If-Match / If-None-Match (get_package)
+            owned = suffix in ("firmware", "software")
+            router.add(f"api/v1/{{token}}/{suffix}", by_token, conditional=owned)
             if session_device is not None:
                 in_session = {code: self._in_session(h, observers, session_device) for code, h in handlers.items()}
-                router.add(f"api/v1/{suffix}", in_session)
+                router.add(f"api/v1/{suffix}", in_session, conditional=owned)
         router.add("api/v1/provision", {Code.POST: self.provision}, link={"rt": "tb.provision", "if": "core.p", "ct": "50 60"})
 
     # -- device resolution -----------------------------------------------------------------------
@@ -215,5 +218,18 @@ class ThingsBoard:
                 self._packages.move_to_end(package.id)
             return Response(Code.CONTENT, data, [(OptionNumber.CONTENT_FORMAT, encode_uint(OCTETS))])
 
-        return get
+        def tagged(req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+            """The package with its ETag (every block carries it), judged by If-Match / If-None-Match
+            (RFC 7252 §5.10.8) once rendered: reading a package changes nothing."""
+            response = get(req, device, params, observers)
+            etag = etag_of(response) if response.code == Code.CONTENT else None
+            if etag is not None:
+                response = with_etag(response, etag)
+            if req.message is not None and conditional(req.message):
+                refused = evaluate(req.message, etag is not None, etag)
+                if refused is not None:
+                    return refused
+            return response
+
+        return tagged
 
