@@ -10,10 +10,12 @@ from .records import parse_record_untrusted
 
 
 class Client:
-    def __init__(self, identity: bytes, psk: bytes, *, cid: bytes | None = b"", params: Params | None = None) -> None:
+    def __init__(self, identity: bytes, psk: bytes, *, cid: bytes | None = b"", params: Params | None = None,
+                 ems: bool = True) -> None:
         """`cid`: the CID this client asks the server to put in records to it (b"": offer RFC 9146
         but need none, the usual device; None: do not offer it)."""
         self.conn = Connection("client", params or Params(), None, 0.0)
+        self.conn.offer_ems = ems
         self.identity = identity
         self.psk = psk
         self.cid = cid
@@ -46,9 +48,10 @@ class Client:
         return app
 
     def wrap(self, plaintext: bytes) -> bytes:
-        if self.conn.state != ESTABLISHED:
+        sealed = self.conn.seal(plaintext) if self.conn.state == ESTABLISHED else None
+        if sealed is None:
             raise RuntimeError("not established")
-        return self.conn.seal(plaintext)
+        return sealed
 
     def datagrams_to_send(self) -> list[bytes]:
         return self.conn.flush()

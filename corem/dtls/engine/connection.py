@@ -21,7 +21,7 @@ from .errors import BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, F
     ILLEGAL_PARAMETER, INTERNAL_ERROR, PROTOCOL_VERSION, UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, \
     DtlsDecodeError, HandshakeFailed, alert_name
 from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, DTLS_1_2, HANDSHAKE, HEADER, TLS12_CID, Record, \
-    RecordProtection, ReplayWindow, plaintext_record
+    RecordProtection, ReplayWindow, SEQ_MAX, plaintext_record
 
 # states
 WAIT_SERVER_HELLO = "wait_server_hello"  # client: sent a ClientHello
@@ -92,12 +92,16 @@ class Connection:
         self.write_epoch = 0
         self.write_seq = [0, 0]
         self.write_prot: RecordProtection | None = None
+        self.write_limit = SEQ_MAX  # (state.export caps it: sequence numbers reserved by a stored copy)
+        self.keys: Keys | None = None
         self.read_prot: RecordProtection | None = None
         self.pending_read: RecordProtection | None = None
         self.window = ReplayWindow()  # epoch 1 (epoch 0 is not authenticated: no window)
         self.early: list[tuple[int, bytes]] = []
         self.cid_in = b""  # the CID records to this side carry (this side chose it)
         self.cid_out = b""  # the CID records from this side carry (the peer chose it)
+        self.auth_failures = 0  # epoch-1 records that did not authenticate during the handshake
+        self.offer_ems = True  # (the client role; False only to test a server's refusal)
         self.newest = -1  # epoch << 48 | seq of the newest authenticated record (RFC 9146 §6)
         self.out: list[bytes] = []
         self.app: list[bytes] = []
@@ -165,7 +169,9 @@ class Connection:
         self._send_hello(b"", now)
 
     def _send_hello(self, cookie: bytes, now: float) -> None:
-        extensions = [(m.EXT_EXTENDED_MASTER_SECRET, b""), (m.EXT_RENEGOTIATION_INFO, b"\x00")]
+        extensions = [(m.EXT_RENEGOTIATION_INFO, b"\x00")]
+        if self.offer_ems:
+            extensions.insert(0, (m.EXT_EXTENDED_MASTER_SECRET, b""))
         if self.offer_cid is not None:
             extensions.append((m.EXT_CONNECTION_ID, m.cid_extension(self.offer_cid)))
         msg = self._next_message(m.CLIENT_HELLO, m.client_hello(self.client_random, cookie, self.offered, extensions))
@@ -195,7 +201,12 @@ class Connection:
             raise DtlsDecodeError(UNEXPECTED_MESSAGE, "cid_mismatch")
         if not self.window.fresh(rec.seq):
             raise DtlsDecodeError(BAD_RECORD_MAC, "replayed")
-        ctype, plain = prot.open_untrusted(rec)
+        try:
+            ctype, plain = prot.open_untrusted(rec)
+        except DtlsDecodeError:
+            if self.state != ESTABLISHED:
+                self.auth_failures += 1  # (most likely the wrong PSK: the keys differ)
+            raise
         self.window.mark(rec.seq)
         self.last_seen = now
         newest = rec.number > self.newest
@@ -383,6 +394,7 @@ class Connection:
         """The epoch-1 protections: the write side at once (used from our CCS on), the read side
         pending until the peer's CCS."""
         assert self.suite is not None
+        self.keys = keys
         client = RecordProtection(self.suite.cipher, keys.client_key, keys.client_iv)
         server = RecordProtection(self.suite.cipher, keys.server_key, keys.server_iv)
         self.write_prot, self.pending_read = (server, client) if self.role == "server" else (client, server)
@@ -446,9 +458,19 @@ class Connection:
         return self.write_prot is not None and self.state in (ESTABLISHED, WAIT_FINISHED, WAIT_CCS) and (
             self.role == "client" or self.state == ESTABLISHED)
 
-    def seal(self, plaintext: bytes) -> bytes:
-        """An application data record (ESTABLISHED only)"""
+    def seal(self, plaintext: bytes) -> bytes | None:
+        """An application data record (ESTABLISHED only); None once the sequence numbers reserved
+        by the last export are used up (export again first: state.py)"""
+        if self.write_seq[1] >= self.write_limit:
+            return None
         return self._record(1, APPLICATION_DATA, plaintext)
+
+    def restored_keys(self, read_key: bytes, read_iv: bytes, write_key: bytes, write_iv: bytes) -> None:
+        """(state.restore: the keys as the exporting side's `keys` holds them)"""
+        if self.role == "server":
+            self.keys = Keys(read_key, write_key, read_iv, write_iv)
+        else:
+            self.keys = Keys(write_key, read_key, write_iv, read_iv)
 
     def close(self) -> None:
         if self.state == ESTABLISHED:
@@ -462,12 +484,18 @@ class Connection:
         out, self.out = self.out, []
         return out
 
+    def give_up(self) -> None:
+        """The handshake ran out of time: no alert (the peer is not answering), a reason named"""
+        self.state = FAILED
+        # the peer's Finished came but never authenticated: the keys differ, the PSK was wrong
+        self.reason = "finished_not_authentic" if self.auth_failures else "timeout"
+        self.retransmit_at = float("inf")
+
     def tick(self, now: float) -> None:
         if now < self.retransmit_at or self.state in (FAILED, CLOSED, ESTABLISHED):
             return
         if self.retransmits >= MAX_RETRANSMITS:
-            self.state = FAILED
-            self.reason = "timeout"
+            self.give_up()
             self.retransmit_at = float("inf")
             return
         self.retransmits += 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 from . import messages as m
+from . import state
 from .connection import ESTABLISHED, FAILED, Connection, Params
 from .errors import DtlsDecodeError
 from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrusted, plaintext_record
@@ -274,8 +275,7 @@ class Engine:
         for conn in list(self.handshakes.values()):
             conn.tick(now)
             if now - conn.started > self.params.handshake_timeout and conn.state != FAILED:
-                conn.state = FAILED
-                conn.reason = "timeout"
+                conn.give_up()
             self._settle(conn)
         for conn in [c for c in self.sessions.values() if now - c.last_seen > self.params.session_timeout]:
             self.stats.sessions_expired += 1
@@ -292,6 +292,28 @@ class Engine:
         """The PSK identity the session with `peer` authenticated"""
         conn = self.sessions.get(peer)
         return conn.identity if conn is not None else None
+
+    def export(self, peer: Peer, reserve: int = state.DEFAULT_RESERVE) -> state.SessionState | None:
+        """The session with `peer` as data (state.py), or None"""
+        conn = self.sessions.get(peer)
+        if conn is None or conn.state != ESTABLISHED:
+            return None
+        return state.export(conn, reserve)
+
+    def restore(self, saved: state.SessionState, peer: Peer, now: float) -> None:
+        """Take over a session another process (or node) exported"""
+        if saved.role != "server" or (saved.cid_in and len(saved.cid_in) != self.params.cid_length):
+            raise ValueError("not a session of a server with this CID length")
+        conn = state.restore(saved, peer, now, self.params)
+        old = self.sessions.get(peer)
+        if old is not None:
+            self._forget(old)
+        if conn.cid_in:
+            other = self.by_cid.get(conn.cid_in)
+            if other is not None:
+                self._forget(other)
+            self.by_cid[conn.cid_in] = conn
+        self.sessions[peer] = conn
 
     def close(self, peer: Peer) -> None:
         conn = self.sessions.get(peer)

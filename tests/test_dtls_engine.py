@@ -1,0 +1,739 @@
+"""corem's own DTLS 1.2 engine (corem/dtls/engine, issue 27): record layouts checked byte for byte
+against computations written here from the RFCs, the replay window and the parsers as properties,
+the handshake against python-mbedtls's client in memory and libcoap's OpenSSL and GnuTLS clients
+over loopback UDP, the engine's own client with Connection IDs across changing source ports, the
+handshake as a state machine under loss, reordering, duplication, fragmentation and forgery, and
+sessions as data."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
+from hypothesis import given, settings, strategies as st
+
+from corem.codec import Code, Message, Type, decode, encode
+from corem.dtls.engine import Client, DtlsDecodeError, Engine, EngineParams, Params
+from corem.dtls.engine import messages as m
+from corem.dtls.engine import state as session_state
+from corem.dtls.engine.connection import ESTABLISHED
+from corem.dtls.engine.crypto import ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, prf
+from corem.dtls.engine.records import (
+    ALERT, APPLICATION_DATA, HANDSHAKE, TLS12_CID, RecordProtection, ReplayWindow, parse_record_untrusted,
+    plaintext_record,
+)
+
+PSK = b"0123456789abcdef"
+KEYS = {b"device-1": PSK}
+PEER = ("192.0.2.10", 40000)
+
+
+# -- records: layouts against independent computations ----------------------------------------------
+
+KEY = bytes(range(16))
+IV = bytes.fromhex("a0a1a2a3")
+
+
+@pytest.mark.parametrize("cipher,tag", [("ccm8", 8), ("ccm", 16), ("gcm", 16)])
+def test_aead_record_without_cid_is_rfc_5246_and_6655(cipher, tag):
+    prot = RecordProtection(cipher, KEY, IV)
+    rec = prot.seal(APPLICATION_DATA, 1, 0x0102030405, b"hello coap")
+    # header: type, version {254,253}, epoch, 48-bit sequence number, length
+    assert rec[:11] == bytes.fromhex("17 fefd 0001 000102030405".replace(" ", ""))
+    assert int.from_bytes(rec[11:13], "big") == len(rec) - 13 == 8 + len(b"hello coap") + tag
+    explicit = rec[13:21]
+    assert explicit == bytes.fromhex("0001000102030405")  # epoch + seq as the explicit nonce
+    # RFC 5246 §6.2.3.3: additional_data = seq_num + type + version + length (of the plaintext)
+    additional = bytes.fromhex("0001000102030405") + b"\x17" + b"\xfe\xfd" + len(b"hello coap").to_bytes(2, "big")
+    aead = AESGCM(KEY) if cipher == "gcm" else AESCCM(KEY, tag_length=tag)
+    assert aead.decrypt(IV + explicit, rec[21:], additional) == b"hello coap"  # nonce = salt(4) + explicit(8)
+    parsed, end = parse_record_untrusted(rec, 0, 0)
+    assert end == len(rec) and prot.open_untrusted(parsed) == (APPLICATION_DATA, b"hello coap")
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_cid_record_is_rfc_9146_byte_for_byte(padding):
+    """RFC 9146 §4: outer type tls12_cid (25), the CID after the sequence number, DTLSInnerPlaintext
+    = content + real type + zeros; §5: additional_data = seq_num_placeholder + tls12_cid +
+    cid_length + tls12_cid + version + epoch + sequence_number + cid + length_of_DTLSInnerPlaintext."""
+    cid = bytes.fromhex("c1d2e3f4a5b6")
+    prot = RecordProtection("ccm8", KEY, IV)
+    rec = prot.seal(APPLICATION_DATA, 1, 7, b"reading", cid=cid, padding=padding)
+    assert rec[0] == 25 and rec[1:3] == b"\xfe\xfd" and rec[3:5] == b"\x00\x01" and rec[5:11] == (7).to_bytes(6, "big")
+    assert rec[11:17] == cid
+    length = int.from_bytes(rec[17:19], "big")
+    assert length == len(rec) - 19
+    inner_len = len(b"reading") + 1 + padding
+    additional = (b"\xff" * 8 + bytes([25, len(cid), 25]) + b"\xfe\xfd" + b"\x00\x01" + (7).to_bytes(6, "big")
+                  + cid + inner_len.to_bytes(2, "big"))
+    assert len(additional) == 8 + 1 + 1 + 1 + 2 + 2 + 6 + 6 + 2
+    explicit = rec[19:27]
+    inner = AESCCM(KEY, tag_length=8).decrypt(IV + explicit, rec[27:], additional)
+    assert inner == b"reading" + bytes([APPLICATION_DATA]) + bytes(padding)
+    parsed, _ = parse_record_untrusted(rec, 0, len(cid))
+    assert parsed.cid == cid and prot.open_untrusted(parsed) == (APPLICATION_DATA, b"reading")
+
+
+def test_cid_records_in_the_drafts_layouts_do_not_open():
+    """draft-ietf-tls-dtls-connection-id before the RFC authenticated another additional_data
+    (seq_num + tls12_cid + version + cid + cid_length + length): such a record is refused."""
+    cid = b"\x01\x02\x03\x04\x05\x06"
+    explicit = (1).to_bytes(2, "big") + (9).to_bytes(6, "big")
+    inner = b"old" + bytes([APPLICATION_DATA])
+    draft_aad = explicit + bytes([25]) + b"\xfe\xfd" + cid + bytes([len(cid)]) + len(inner).to_bytes(2, "big")
+    body = explicit + AESCCM(KEY, tag_length=8).encrypt(IV + explicit, inner, draft_aad)
+    rec = bytes([25]) + b"\xfe\xfd" + explicit + cid + len(body).to_bytes(2, "big") + body
+    parsed, _ = parse_record_untrusted(rec, 0, len(cid))
+    with pytest.raises(DtlsDecodeError) as e:
+        RecordProtection("ccm8", KEY, IV).open_untrusted(parsed)
+    assert e.value.reason == "bad_record_mac"
+
+
+def test_prf_sha256_known_answer():
+    """The TLS 1.2 PRF test vector (SHA-256) published with the IETF TLS list's vectors"""
+    secret = bytes.fromhex("9bbe436ba940f017b17652849a71db35")
+    seed = bytes.fromhex("a0ba9f936cda311827a6f796ffd5198c")
+    out = prf(secret, b"test label", seed, 100)
+    assert out.hex().startswith("e3f229ba727be17b8d122620557cd453c2aab21d07c3d495329b52d4e61edb5a")
+
+
+# -- the replay window and the parsers as properties -------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=200))
+def test_replay_window_against_a_model(seqs):
+    """Accept a number never accepted before and no more than 63 below the highest accepted."""
+    w = ReplayWindow()
+    seen: set[int] = set()
+    for s in seqs:
+        expected = s not in seen and (not seen or s > max(seen) - 64)
+        assert w.fresh(s) == expected, (s, sorted(seen)[-5:])
+        if expected:
+            w.mark(s)
+            seen.add(s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([0, 6]))
+def test_record_parser_raises_only_its_error(data, cid_length):
+    offset = 0
+    while offset < len(data):
+        try:
+            rec, offset = parse_record_untrusted(data, offset, cid_length)
+        except DtlsDecodeError:
+            break
+        assert 0 <= rec.seq < 1 << 48 and len(rec.fragment) <= len(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([20, 21, 22, 23]), st.integers(0, 0xFFFF), st.integers(0, (1 << 48) - 1), st.binary(max_size=60))
+def test_records_round_trip(ctype, epoch, seq, fragment):
+    rec = plaintext_record(ctype, epoch, seq, fragment)
+    parsed, end = parse_record_untrusted(rec + rec, len(rec), 0)
+    assert (parsed.type, parsed.epoch, parsed.seq, parsed.fragment, end) == (ctype, epoch, seq, fragment, 2 * len(rec))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_message_parsers_raise_only_their_error(data):
+    for parse in (m.parse_fragments_untrusted, m.parse_client_hello_untrusted, m.parse_server_hello_untrusted,
+                  m.parse_psk_client_key_exchange_untrusted, m.parse_finished_untrusted,
+                  m.parse_hello_verify_request_untrusted, m.parse_cid_extension_untrusted,
+                  session_state.SessionState.from_bytes_untrusted):
+        try:
+            parse(data)
+        except DtlsDecodeError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=120), max_size=6))
+def test_engine_takes_any_datagrams_without_an_exception_or_state(datagrams):
+    eng = Engine(KEYS.get)
+    for i, d in enumerate(datagrams):
+        assert eng.receive(d, ("198.51.100.1", i), 0.0) == []
+        eng.tick(float(i))
+    assert not eng.handshakes and not eng.sessions
+    assert eng.stats.bytes_out_unauthenticated <= eng.stats.bytes_in
+
+
+# -- the engine's client against its server, in memory ----------------------------------------------
+
+def pump(eng, client, peer=PEER, now=0.0, rounds=10, to_server=None, to_client=None):
+    """Deliver datagrams both ways until nothing moves (`to_server`/`to_client` may drop, reorder or
+    repeat: they map a list of datagrams to what is delivered)."""
+    for _ in range(rounds):
+        up = client.datagrams_to_send()
+        if to_server:
+            up = to_server(up)
+        for d in up:
+            eng.receive(d, peer, now)
+        down = [d for d, p in eng.datagrams_to_send() if p == peer]
+        if to_client:
+            down = to_client(down)
+        for d in down:
+            client.receive(d, now)
+        if not up and not down:
+            return
+
+
+def handshake(eng=None, client=None, peer=PEER, **kw):
+    eng = eng or Engine(KEYS.get)
+    client = client or Client(b"device-1", PSK)
+    client.start(0.0)
+    pump(eng, client, peer, **kw)
+    return eng, client
+
+
+@pytest.mark.parametrize("suite", IMPLEMENTED, ids=lambda s: s.name)
+@pytest.mark.parametrize("cid", [None, b"", b"\x0a\x0b\x0c"], ids=["no-cid", "cid-server-only", "cid-both-ways"])
+def test_engine_client_and_server(suite, cid):
+    eng, cl = handshake(client=Client(b"device-1", PSK, cid=cid, params=Params(suites=(suite,))))
+    assert cl.established and eng.stats.handshakes_completed == 1
+    [conn] = eng.sessions.values()
+    assert conn.suite == suite and eng.device(PEER) == b"device-1"
+    assert bool(conn.cid_in) == (cid is not None) and conn.cid_out == (cid or b"")
+    up = cl.wrap(b"POST /telemetry")
+    assert up[0] == (TLS12_CID if cid is not None else APPLICATION_DATA)
+    assert eng.receive(up, PEER, 1.0) == [b"POST /telemetry"]
+    down = eng.wrap(b"2.04", PEER)
+    assert down[0] == (TLS12_CID if cid else APPLICATION_DATA)
+    assert cl.receive(down, 1.0) == [b"2.04"]
+    assert eng.receive(up, PEER, 1.0) == []  # a replay
+    assert eng.stats.records_dropped["replayed"] == 1
+
+
+def test_a_thousand_requests_each_from_a_new_port_need_no_new_handshake():
+    """RFC 9146: records are found by CID; the answer goes to the port the newest record came from."""
+    eng, cl = handshake()
+    assert eng.stats.handshakes_completed == 1
+    stored = []
+    for i in range(1000):
+        peer = ("203.0.113.5", 20000 + i)
+        got = eng.receive(cl.wrap(b"reading %d" % i), peer, 1.0 + i)
+        stored.extend(got)
+        answer = eng.wrap(b"ack %d" % i, peer)
+        assert answer is not None, i
+        assert cl.receive(answer, 1.0 + i) == [b"ack %d" % i]
+        assert eng.wrap(b"x", ("203.0.113.5", 20000 + i - 1)) is None or i == 0
+    assert stored == [b"reading %d" % i for i in range(1000)]
+    assert eng.stats.handshakes_started == 1 and eng.stats.handshakes_completed == 1
+    assert eng.stats.address_changes == 1000 and len(eng.sessions) == 1
+    assert eng.stats.hello_verify_sent == 1
+
+
+def test_an_older_record_from_a_new_address_is_taken_but_does_not_move_the_session():
+    eng, cl = handshake()
+    held = cl.wrap(b"older")
+    newer = cl.wrap(b"newer")
+    a, b = ("203.0.113.9", 1), ("203.0.113.9", 2)
+    assert eng.receive(newer, a, 1.0) == [b"newer"]
+    assert eng.receive(held, b, 1.0) == [b"older"]  # inside the window, authentic, but not the newest
+    assert eng.wrap(b"x", a) is not None and eng.wrap(b"x", b) is None
+
+
+def test_a_forged_or_unknown_cid_is_dropped_and_counted():
+    eng, cl = handshake()
+    [conn] = eng.sessions.values()
+    rec = bytearray(cl.wrap(b"data"))
+    forged = bytes(rec[:11]) + bytes(b ^ 0xFF for b in rec[11:17]) + bytes(rec[17:])
+    assert eng.receive(forged, ("198.51.100.66", 1), 1.0) == []
+    assert eng.stats.records_dropped["unknown_cid"] == 1
+    tampered = bytes(rec[:-1]) + bytes([rec[-1] ^ 1])  # the right CID, a broken tag
+    assert eng.receive(tampered, ("198.51.100.66", 1), 1.0) == []
+    assert eng.stats.records_dropped["bad_record_mac"] == 1
+    assert conn.peer == PEER and eng.datagrams_to_send() == []
+    assert eng.receive(bytes(rec), ("198.51.100.66", 1), 1.0) == [b"data"]  # the genuine one still opens
+
+
+# -- the handshake as a state machine: loss, reordering, duplication, fragmentation ------------------
+
+def test_lost_flights_are_retransmitted_on_the_timer_and_on_the_peers_repeat():
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    lost = {"server_hello": 1, "final": 1}
+
+    def drop_server(ds):
+        out = []
+        for d in ds:
+            if d[0] == HANDSHAKE and d[13] == m.SERVER_HELLO and lost["server_hello"]:
+                lost["server_hello"] -= 1
+                continue
+            if d[0] == 20 and lost["final"]:  # the server's ChangeCipherSpec + Finished
+                lost["final"] -= 1
+                continue
+            out.append(d)
+        return out
+
+    pump(eng, cl, to_client=drop_server)
+    assert not cl.established
+    for t in (1.5, 4.0, 8.0):  # the client's timer: it repeats its flight, the server repeats its own
+        cl.tick(t)
+        eng.tick(t)
+        pump(eng, cl, now=t, to_client=drop_server)
+    assert cl.established and eng.stats.handshakes_completed == 1 and eng.stats.handshakes_started == 1
+
+
+def refragment(ds, size=7):
+    """Every epoch-0 handshake message but a ClientHello re-cut into fragments of `size` bytes,
+    one record each, delivered in reverse (a server may require a whole ClientHello, as Mbed TLS)"""
+    out = []
+    for d in ds:
+        off = 0
+        while off < len(d):
+            rec, end = parse_record_untrusted(d, off, 6 if d[off] == TLS12_CID else 0)
+            raw = d[off:end]
+            off = end
+            if rec.type != HANDSHAKE or rec.epoch != 0 or rec.fragment[0] == m.CLIENT_HELLO:
+                out.append(raw)
+                continue
+            pieces = []
+            for f in m.parse_fragments_untrusted(rec.fragment):
+                for at in range(0, max(len(f.body), 1), size):
+                    chunk = f.body[at:at + size]
+                    frag = (bytes([f.msg_type]) + f.length.to_bytes(3, "big") + f.message_seq.to_bytes(2, "big")
+                            + (f.offset + at).to_bytes(3, "big") + len(chunk).to_bytes(3, "big") + chunk)
+                    pieces.append(plaintext_record(HANDSHAKE, 0, rec.seq, frag))
+            out.extend(reversed(pieces))
+    return out
+
+
+@pytest.mark.parametrize("mtu", [60, 90])
+def test_fragmented_flights_reassemble_in_any_order(mtu):
+    """The server's MTU cuts its flight into fragments; the test cuts the client's into 7-byte
+    ones; both arrive in reverse"""
+    eng = Engine(KEYS.get, EngineParams(mtu=mtu))
+    cl = Client(b"device-1", PSK)
+    handshake(eng, cl, to_server=refragment, to_client=refragment)
+    for t in (1.5, 4.0, 8.0, 16.0):
+        if cl.established:
+            break
+        cl.tick(t)
+        eng.tick(t)
+        pump(eng, cl, now=t, to_server=refragment, to_client=refragment)
+    assert cl.established and eng.stats.handshakes_completed == 1 and eng.stats.handshakes_started == 1
+    assert eng.receive(cl.wrap(b"x" * 40), PEER, 20.0) == [b"x" * 40]
+
+
+def test_a_fragmented_client_hello_is_dropped():
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    [hello] = cl.datagrams_to_send()
+    rec, _ = parse_record_untrusted(hello, 0, 0)
+    [f] = m.parse_fragments_untrusted(rec.fragment)
+    for frag in m.fragments(m.message(f.msg_type, f.message_seq, f.body), 40):
+        eng.receive(plaintext_record(HANDSHAKE, 0, 0, frag), PEER, 0.0)
+    assert eng.datagrams_to_send() == [] and eng.stats.records_dropped["fragmented_client_hello"] >= 1
+
+
+def test_every_datagram_twice():
+    twice = lambda ds: [d for d in ds for _ in range(2)]  # noqa: E731
+    eng, cl = handshake(to_server=twice, to_client=twice)
+    assert cl.established and eng.stats.handshakes_started == 1 and eng.stats.handshakes_completed == 1
+    assert len(eng.sessions) == 1 and not eng.handshakes
+
+
+def test_the_clients_last_flight_reversed_still_completes():
+    """Finished (epoch 1) before ChangeCipherSpec before ClientKeyExchange: the Finished record is
+    kept until the CCS that opens its epoch"""
+    def reverse_records(ds):
+        out = []
+        for d in ds:
+            recs, off = [], 0
+            while off < len(d):
+                _, end = parse_record_untrusted(d, off, 6 if d[off] == TLS12_CID else 0)
+                recs.append(d[off:end])
+                off = end
+            out.extend(reversed(recs))
+        return out
+
+    eng, cl = handshake(client=Client(b"device-1", PSK, cid=None), to_server=reverse_records)
+    for t in (1.5, 4.0):
+        if cl.established:
+            break
+        cl.tick(t)
+        pump(eng, cl, now=t, to_server=reverse_records)
+    assert cl.established and eng.stats.handshakes_started == 1
+
+
+# -- negative: the right alert, or silence; never an exception ---------------------------------------
+
+def alerts(eng):
+    """The alert descriptions of plaintext alert records the engine queued"""
+    out = []
+    for d, _ in eng.datagrams_to_send():
+        off = 0
+        while off < len(d):
+            rec, off = parse_record_untrusted(d, off, 0)
+            if rec.type == ALERT and rec.epoch == 0:
+                out.append(tuple(rec.fragment))
+    return out
+
+
+def run_to_alert(eng, cl):
+    """The handshake up to the server's answer, the server's output kept for `alerts`"""
+    cl.start(0.0)
+    for _ in range(6):
+        up = cl.datagrams_to_send()
+        if not up:
+            break
+        for d in up:
+            eng.receive(d, PEER, 0.0)
+        down = eng.datagrams_to_send()
+        if any(d[0] == ALERT for d, _ in down):
+            eng.outbox = down
+            return
+        for d, _ in down:
+            cl.receive(d, 0.0)
+
+
+def test_unknown_psk_identity():
+    eng = Engine(KEYS.get)
+    run_to_alert(eng, Client(b"who-knows", PSK))
+    assert alerts(eng) == [(2, 115)]  # fatal unknown_psk_identity
+    assert eng.stats.handshakes_failed["unknown_psk_identity"] == 1 and not eng.handshakes and not eng.sessions
+
+
+def test_no_cipher_suite_in_common():
+    eng = Engine(KEYS.get)
+    run_to_alert(eng, Client(b"device-1", PSK, params=Params(suites=(ECDHE_ECDSA_AES_128_CCM_8,))))
+    assert alerts(eng) == [(2, 40)]  # handshake_failure
+    assert eng.stats.handshakes_failed["no_shared_suite"] == 1
+
+
+def test_a_hello_without_extended_master_secret_is_refused():
+    eng = Engine(KEYS.get)
+    run_to_alert(eng, Client(b"device-1", PSK, ems=False, params=Params(require_ems=False)))
+    assert alerts(eng) == [(2, 40)]
+    assert eng.stats.handshakes_failed["no_extended_master_secret"] == 1
+
+
+def test_without_extended_master_secret_when_the_server_allows_it():
+    eng, cl = handshake(Engine(KEYS.get, EngineParams(require_ems=False)),
+                        Client(b"device-1", PSK, ems=False, params=Params(require_ems=False)))
+    assert cl.established and not next(iter(eng.sessions.values())).ems
+
+
+def hello_record(version, cookie=b"", seq=0):
+    body = m.client_hello(b"\x11" * 32, cookie, (PSK_AES_128_CCM_8.code,), [(m.EXT_EXTENDED_MASTER_SECRET, b"")])
+    body = version.to_bytes(2, "big") + body[2:]
+    return plaintext_record(HANDSHAKE, 0, seq, m.message(m.CLIENT_HELLO, seq, body))
+
+
+def test_a_dtls_1_0_hello_gets_protocol_version_after_its_cookie():
+    eng = Engine(KEYS.get)
+    eng.receive(hello_record(0xFEFF), PEER, 0.0)
+    [(hvr, _)] = eng.datagrams_to_send()
+    cookie = m.parse_hello_verify_request_untrusted(parse_record_untrusted(hvr, 0, 0)[0].fragment[12:])
+    eng.receive(hello_record(0xFEFF, cookie, 1), PEER, 0.0)
+    assert alerts(eng) == [(2, 70)] and eng.stats.handshakes_failed["protocol_version"] == 1
+
+
+def test_a_wrong_client_finished_is_decrypt_error(monkeypatch):
+    from corem.dtls.engine import connection
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    for _ in range(2):  # hello, cookie, ServerHello...ServerHelloDone
+        for d in cl.datagrams_to_send():
+            eng.receive(d, PEER, 0.0)
+        down = eng.datagrams_to_send()
+        if _ == 1:
+            real = connection.verify_data
+            monkeypatch.setattr(connection, "verify_data", lambda *a: bytes(12))  # the client's Finished only
+            for d, _p in down:
+                cl.receive(d, 0.0)
+            monkeypatch.setattr(connection, "verify_data", real)
+        else:
+            for d, _p in down:
+                cl.receive(d, 0.0)
+    for d in cl.datagrams_to_send():
+        eng.receive(d, PEER, 0.0)
+    assert alerts(eng) == [(2, 51)]  # decrypt_error
+    assert eng.stats.handshakes_failed["bad_finished"] == 1 and not eng.sessions
+
+
+def test_a_wrong_psk_is_silence_then_a_named_failure():
+    """The client's Finished does not authenticate under the server's keys: dropped, as every
+    record that does not authenticate (RFC 6347 §4.1.2.7); the handshake ends on its timer,
+    counted as finished_not_authentic"""
+    eng, cl = handshake(client=Client(b"device-1", b"not the right key"))
+    assert not cl.established and not eng.sessions
+    assert eng.stats.records_dropped["bad_record_mac"] >= 1
+    for t in (2.0, 5.0, 11.0, 30.0, 61.0, 125.0):
+        eng.tick(t)
+    assert eng.stats.handshakes_failed["finished_not_authentic"] == 1 and not eng.handshakes
+
+
+def test_hellos_without_a_cookie_leave_no_state_and_get_less_than_they_sent():
+    eng = Engine(KEYS.get)
+    for i in range(200):
+        cl = Client(b"device-1", PSK)
+        cl.start(0.0)
+        for d in cl.datagrams_to_send():
+            eng.receive(d, ("198.51.100.3", i), 0.0)
+    assert not eng.handshakes and eng.stats.hello_verify_sent == 200
+    assert eng.stats.bytes_out_unauthenticated < eng.stats.bytes_in / 1.5
+
+
+def test_a_cookie_is_bound_to_the_address_and_outlives_one_rotation_only():
+    eng = Engine(KEYS.get, EngineParams(cookie_rotation=60.0))
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    [hello] = cl.datagrams_to_send()
+    eng.receive(hello, PEER, 0.0)
+    [(hvr, _)] = eng.datagrams_to_send()
+    cl.receive(hvr, 0.0)
+    [hello2] = cl.datagrams_to_send()
+    eng.receive(hello2, ("192.0.2.99", 1), 0.0)  # another address: another HelloVerifyRequest, no state
+    assert not eng.handshakes and len(eng.datagrams_to_send()) == 1
+    eng.tick(61.0)  # one rotation: still good
+    eng.receive(hello2, PEER, 61.0)
+    assert PEER in eng.handshakes
+    eng.handshakes.clear()
+    eng.datagrams_to_send()
+    eng.tick(122.0)  # two: stale
+    eng.receive(hello2, PEER, 122.0)
+    assert not eng.handshakes and eng.stats.hello_verify_sent == 3
+
+
+def test_a_new_hello_on_an_established_session_needs_a_cookie_and_replaces_it_only_when_done():
+    eng, cl = handshake()
+    old = eng.sessions[PEER]
+    cl2 = Client(b"device-1", PSK)
+    cl2.start(1.0)
+    for d in cl2.datagrams_to_send():
+        eng.receive(d, PEER, 1.0)
+    assert eng.sessions[PEER] is old and not eng.handshakes  # HelloVerifyRequest only
+    assert eng.receive(cl.wrap(b"still here"), PEER, 1.0) == [b"still here"]
+    for d, _ in eng.datagrams_to_send():
+        cl2.receive(d, 1.0)
+    pump(eng, cl2, now=1.0)
+    assert cl2.established and eng.sessions[PEER] is not old and eng.stats.handshakes_completed == 2
+    assert eng.receive(cl2.wrap(b"new"), PEER, 2.0) == [b"new"]
+
+
+def test_random_mutations_of_real_flights_never_escape():
+    rng = random.Random(7)
+    for _ in range(300):
+        eng = Engine(KEYS.get)
+        cl = Client(b"device-1", PSK)
+        cl.start(0.0)
+
+        def mutate(ds):
+            out = []
+            for d in ds:
+                d = bytearray(d)
+                for _ in range(rng.randint(0, 3)):
+                    d[rng.randrange(len(d))] = rng.randrange(256)
+                out.append(bytes(d))
+            return out
+
+        pump(eng, cl, to_server=mutate, to_client=mutate)
+        for t in (1.5, 4.0):
+            cl.tick(t)
+            eng.tick(t)
+            pump(eng, cl, now=t, to_server=mutate, to_client=mutate)
+
+
+# -- sessions as data ---------------------------------------------------------------------------------
+
+def test_a_session_moves_to_another_engine_as_sealed_data():
+    eng, cl = handshake()
+    assert eng.receive(cl.wrap(b"one"), PEER, 1.0) == [b"one"]
+    st_ = eng.export(PEER)
+    raw = st_.to_bytes()
+    assert len(raw) < 100 and session_state.SessionState.from_bytes_untrusted(raw) == st_
+    key = os.urandom(16)
+    blob = session_state.seal(st_, key, b"row-1")
+    other = Engine(KEYS.get)
+    other.restore(session_state.open_sealed_untrusted(blob, key, b"row-1"), PEER, 2.0)
+    assert other.receive(cl.wrap(b"two"), ("198.51.100.8", 9), 2.0) == [b"two"]  # found by CID
+    assert cl.receive(other.wrap(b"answer", ("198.51.100.8", 9)), 2.0) == [b"answer"]
+    assert other.device(("198.51.100.8", 9)) == b"device-1"
+    # the restored side sends above every number the original could use before its next export
+    first = parse_record_untrusted(other.wrap(b"x", ("198.51.100.8", 9)), 0, 0)[0]
+    assert first.seq >= session_state.DEFAULT_RESERVE
+
+
+def test_the_original_stops_at_its_reservation():
+    eng, cl = handshake()
+    saved = eng.export(PEER, reserve=3)
+    numbers = []
+    while (rec := eng.wrap(b"a", PEER)) is not None:
+        numbers.append(parse_record_untrusted(rec, 0, 0)[0].seq)
+    assert len(numbers) == 3 and max(numbers) < saved.write_seq  # (a restored copy starts at write_seq)
+
+
+def test_a_sealed_session_opens_only_whole_under_its_key_and_row():
+    eng, _ = handshake()
+    key = os.urandom(16)
+    blob = session_state.seal(eng.export(PEER), key, b"row-1")
+    for bad_blob, bad_key, ctx in [(blob, os.urandom(16), b"row-1"), (blob, key, b"row-2"),
+                                   (blob[:-1] + bytes([blob[-1] ^ 1]), key, b"row-1"), (blob[:20], key, b"row-1")]:
+        with pytest.raises(DtlsDecodeError):
+            session_state.open_sealed_untrusted(bad_blob, bad_key, ctx)
+
+
+# -- interop: python-mbedtls's client, in memory --------------------------------------------------------
+
+mbedtls_tls = pytest.importorskip("mbedtls.tls")
+
+MBEDTLS_SUITES = ["TLS-PSK-WITH-AES-128-CCM-8", "TLS-PSK-WITH-AES-128-CCM", "TLS-PSK-WITH-AES-128-GCM-SHA256"]
+
+
+def mbedtls_client(suite, identity="device-1", key=PSK):
+    tls = mbedtls_tls
+    conf = tls.DTLSConfiguration(
+        pre_shared_key=(identity, key), ciphers=[suite], validate_certificates=False,
+        lowest_supported_version=tls.DTLSVersion.DTLSv1_2, highest_supported_version=tls.DTLSVersion.DTLSv1_2,
+    )
+    return tls.ClientContext(conf).wrap_buffers(None)
+
+
+def mbedtls_handshake(eng, buf, peer=PEER, drop=lambda i, d: False):
+    tls = mbedtls_tls
+    sent = 0
+    for i in range(40):
+        try:
+            buf.do_handshake()
+        except (tls.WantReadError, tls.WantWriteError):
+            pass
+        out = buf.peek_outgoing(65536)
+        if out:
+            buf.consume_outgoing(len(out))
+            eng.receive(out, peer, 0.0)
+        for d, p in eng.datagrams_to_send():
+            sent += 1
+            if not drop(sent, d):
+                buf.receive_from_network(d)
+        if buf._handshake_state is tls.HandshakeStep.HANDSHAKE_OVER:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("suite", MBEDTLS_SUITES)
+def test_python_mbedtls_client_in_memory(suite):
+    eng = Engine(KEYS.get)
+    buf = mbedtls_client(suite)
+    assert mbedtls_handshake(eng, buf)
+    assert eng.sessions[PEER].suite.name == suite.replace("-", "_")
+    assert eng.sessions[PEER].ems  # Mbed TLS 2.28 offers extended_master_secret
+    for i in range(5):
+        buf.write(b"reading %d" % i)
+        out = buf.peek_outgoing(65536)
+        buf.consume_outgoing(len(out))
+        assert eng.receive(out, PEER, 1.0) == [b"reading %d" % i]
+        buf.receive_from_network(eng.wrap(b"2.04 %d" % i, PEER))
+        assert buf.read(100) == b"2.04 %d" % i
+
+
+def test_python_mbedtls_client_with_the_wrong_psk_gets_nothing_established():
+    eng = Engine(KEYS.get)
+    buf = mbedtls_client(MBEDTLS_SUITES[0], key=b"wrong key 123456")
+    with pytest.raises(Exception):  # (Mbed TLS gives up on our silence or our alert: either way not established)
+        assert not mbedtls_handshake(eng, buf)
+        raise RuntimeError("not established")
+    assert not eng.sessions
+
+
+def test_python_mbedtls_client_unknown_identity_gets_the_alert():
+    eng = Engine(KEYS.get)
+    buf = mbedtls_client(MBEDTLS_SUITES[0], identity="stranger")
+    with pytest.raises(Exception) as e:
+        mbedtls_handshake(eng, buf)
+    assert "ALERT" in str(e.value).upper() or "alert" in repr(e.value)
+    assert eng.stats.handshakes_failed["unknown_psk_identity"] == 1
+
+
+# -- interop: libcoap's clients over loopback UDP -------------------------------------------------------
+
+class CoapLoop:
+    """Test only: a UDP socket in a thread that runs the engine and answers every CoAP CON with an
+    ACK 2.04 (decoded and encoded by corem.codec)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.02)
+        self.port = self.sock.getsockname()[1]
+        self.requests = []
+        self.suites = []
+        self.errors = []
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                try:
+                    data, peer = self.sock.recvfrom(4096)
+                except socket.timeout:
+                    data = None
+                if data is not None:
+                    for app in self.engine.receive(data, peer, now):
+                        msg = decode(app)
+                        self.requests.append((peer, msg))
+                        self.suites.append(self.engine.sessions[peer].suite.name)
+                        if msg.type == Type.CON:
+                            out = self.engine.wrap(encode(Message(Type.ACK, Code.CHANGED, msg.mid, msg.token)), peer)
+                            self.sock.sendto(out, peer)
+                self.engine.tick(now)
+                for d, p in self.engine.datagrams_to_send():
+                    self.sock.sendto(d, p)
+        except Exception as e:  # pragma: no cover (the test reads it)
+            self.errors.append(e)
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("suite", IMPLEMENTED, ids=lambda s: s.name)
+@pytest.mark.parametrize("client", ["coap-client-openssl", "coap-client-gnutls"])
+def test_libcoap_clients_over_udp(client, suite):
+    """libcoap's own command (-u identity -k key, a CoAP POST); the server offers one suite at a time"""
+    if not shutil.which(client):
+        pytest.skip(f"{client} not installed")
+    loop = CoapLoop(Engine({b"libcoap-id": b"libcoap-secret-key"}.get, EngineParams(suites=(suite,))))
+    try:
+        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-u", "libcoap-id", "-k", "libcoap-secret-key",
+                            "-t", "application/cbor", "-e", "reading", f"coaps://127.0.0.1:{loop.port}/telemetry"],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        loop.close()
+    out = r.stdout + r.stderr
+    assert "c:2.04" in out, out[-3000:]
+    assert not loop.errors
+    [(peer, msg)] = loop.requests
+    assert msg.code == Code.POST and bytes(msg.payload) == b"reading"
+    assert loop.engine.stats.handshakes_completed == 1 and loop.suites == [suite.name]
+
+
+@pytest.mark.parametrize("client", ["coap-client-openssl", "coap-client-gnutls"])
+def test_libcoap_clients_with_the_wrong_key_get_no_answer(client):
+    if not shutil.which(client):
+        pytest.skip(f"{client} not installed")
+    loop = CoapLoop(Engine({b"libcoap-id": b"libcoap-secret-key"}.get))
+    try:
+        r = subprocess.run([client, "-v", "6", "-B", "3", "-m", "post", "-u", "libcoap-id", "-k", "another-key",
+                            "-e", "reading", f"coaps://127.0.0.1:{loop.port}/telemetry"],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        loop.close()
+    assert "c:2.04" not in r.stdout + r.stderr
+    assert not loop.requests and not loop.errors and not loop.engine.sessions
