@@ -159,7 +159,13 @@ def test_readings_reach_kafka_with_the_right_topic_key_and_values(broker, data_d
         assert len(msgs) == 103
         points = [decode_point(m.value) for m in msgs]
         assert {m.key for m in msgs} == {b"sensor-1"}
-        assert all(dict(m.headers) == {"protocol": b"coap", "profile": b"default"} for m in msgs)
+        headers = [dict(m.headers) for m in msgs]
+        assert all({k: v for k, v in h.items() if k != "coap-exchange"} == {"protocol": b"coap", "profile": b"default"}
+                   for h in headers)
+        # each names its exchange (corem/bus/recovery.py): the peer and the message id
+        exchanges = [h["coap-exchange"].decode().split(" ") for h in headers]
+        assert all(e[:2] == ["udp", "127.0.0.1"] for e in exchanges)
+        assert {int(e[3]) for e in exchanges} >= set(range(1000, 1100))
         assert [p.string_values for p in points if p.string_values] == [{"state": f"s{i}"} for i in range(3)]
         assert sorted(p.numeric_values["seq"] for p in points if "seq" in p.numeric_values) == list(range(100))
         assert all((p.tenant, p.device) == ("acme", "sensor-1") for p in points)
