@@ -261,7 +261,9 @@ class Connection:
 
     def _fragment(self, f: m.Fragment, epoch: int, now: float) -> None:
         if f.message_seq < self.recv_seq:
-            if f.message_seq < self.peer_flight_start:
+            # (established, only the peer's repeated Finished, authenticated, asks for our last
+            # flight again: a plaintext record anyone could send does not)
+            if f.message_seq < self.peer_flight_start and (epoch == 1 or self.state != ESTABLISHED):
                 self.resend = bool(self.flight)  # the peer did not hear our last flight
             return
         if f.message_seq >= self.recv_seq + MAX_AHEAD:

@@ -217,8 +217,11 @@ class Engine:
     def _settle(self, conn: Connection) -> None:
         """After a datagram: send what it queued; a finished handshake becomes the session (the one
         it replaces, if any, goes); a failed one goes."""
-        for d in conn.flush():
-            self.outbox.append((d, conn.peer))
+        if conn.out or conn.resend:
+            for d in conn.flush():
+                self.outbox.append((d, conn.peer))
+        if conn.state == ESTABLISHED and self.sessions.get(conn.peer) is conn:
+            return  # (a session's record: the common case)
         if self.handshakes.get(conn.peer) is conn:
             if conn.state == ESTABLISHED:
                 del self.handshakes[conn.peer]

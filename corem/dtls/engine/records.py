@@ -19,7 +19,6 @@ nonce = the 4-byte implicit IV (client or server write IV) + the explicit nonce.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
@@ -47,19 +46,26 @@ SEQ_NUM_PLACEHOLDER = b"\xff" * 8
 _HEADER = struct.Struct("!BHHHIH")  # type, version, epoch, seq (16 high + 32 low bits), length
 
 
-@dataclass(frozen=True, slots=True)
 class Record:
-    type: int
-    version: int
-    epoch: int
-    seq: int
-    cid: bytes  # b"" unless type is TLS12_CID
-    fragment: bytes
+    """One record as parsed (a plain slotted class: built once per record on the hot path)"""
+
+    __slots__ = ("type", "version", "epoch", "seq", "cid", "fragment")
+
+    def __init__(self, type: int, version: int, epoch: int, seq: int, cid: bytes, fragment: bytes) -> None:
+        self.type = type
+        self.version = version
+        self.epoch = epoch
+        self.seq = seq
+        self.cid = cid  # b"" unless type is TLS12_CID
+        self.fragment = fragment
 
     @property
     def number(self) -> int:
         """epoch and sequence number as one integer (RFC 9146 §6 compares records by it)"""
         return self.epoch << 48 | self.seq
+
+    def __repr__(self) -> str:
+        return f"Record(type={self.type}, epoch={self.epoch}, seq={self.seq}, cid={self.cid.hex()}, {len(self.fragment)} B)"
 
 
 def parse_record_untrusted(datagram: bytes, offset: int, cid_length: int) -> tuple[Record, int]:
