@@ -23,7 +23,9 @@ quick, or answer later through `req.respond`.
 Conditional requests (RFC 7252 §5.10.8) are the site's, not the resource's: the current
 representation is what `get(None)` renders (`Resource.current`); its ETag is the one `get` gives,
 or corem's (`conditional.etag_for`: its payload and Content-Format).  A GET's 2.05 and every
-notification carry that ETag, and so does a 2.01/2.04 to a PUT or POST (the new state's).  A
+notification carry that ETag, and so does a 2.01/2.04 to a PUT or POST (the new state's) of an
+observable resource, or one with a conditional request (others are not asked to render themselves
+after every write).  A
 request with If-Match / If-None-Match is evaluated against the current state right before the
 method is called, in the same step (no `await` between): one that does not hold is 4.12 and the
 method is not called -- so of two clients updating with the same `If-Match`, one wins.
@@ -118,7 +120,7 @@ class Site:
             refused = _precondition(resource, req)
             if refused is not None:
                 return refused
-            response: Response | None = _tagged(resource, Code.GET, resource.get(req))  # type: ignore[attr-defined]
+            response: Response | None = _tagged(resource, Code.GET, resource.get(req), req)  # type: ignore[attr-defined]
             return None if response is None else answer_observe(observers, req, path, response, self.clock())
 
         return get
@@ -144,7 +146,7 @@ def _method(resource: Resource, method: Callable[[Request], Any], code: int) -> 
         refused = _precondition(resource, req)
         if refused is not None:
             return refused
-        return _tagged(resource, code, method(req))
+        return _tagged(resource, code, method(req), req)
 
     return call
 
@@ -161,13 +163,17 @@ def _precondition(resource: Resource, req: Request) -> Response | None:
     return evaluate(msg, True, etag_of(current))
 
 
-def _tagged(resource: Resource, code: int, response: Response | None) -> Response | None:
+def _tagged(resource: Resource, code: int, response: Response | None, req: Request) -> Response | None:
     """A 2.05 with its ETag; a 2.01 / 2.04 to a PUT or POST with the new state's."""
     if response is None:
         return None
     if response.code == Code.CONTENT and code == Code.GET:
         return with_etag(response, etag_of(response))
-    if response.code in (Code.CREATED, Code.CHANGED) and code in (Code.PUT, Code.POST):
+    if response.code in (Code.CREATED, Code.CHANGED) and code in (Code.PUT, Code.POST) and (
+            resource.observable or (req.message is not None and conditional(req.message))):
+        # `get(None)` is promised by an observable resource (its notifications call it), and was
+        # just called for a conditional request; any other resource is not asked to render itself
+        # after every write (it might need its request, and the change is already made)
         current = resource.current()
         if current is not None and current.code == Code.CONTENT:
             return with_etag(response, etag_of(current))
