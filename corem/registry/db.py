@@ -116,6 +116,21 @@ class Db:
         else:
             self._conn.executemany(sql, rows)
 
+    def each_returning(self, sql: str, rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+        """Run a statement with RETURNING once per row of arguments; what each run returned.  On
+        PostgreSQL in one pipeline (no round trip per row: ~3x the rows per second on loopback)."""
+        if not rows:
+            return []
+        if not self.shared:
+            return [self._conn.execute(sql, r).fetchall() for r in rows]
+        self._alive(sql)
+        out = []
+        with self._conn.cursor() as cur:
+            cur.executemany(self._sql(sql), rows, returning=True)
+            for _ in cur.results():
+                out.append(cur.fetchall())
+        return out
+
     def schema(self, sql: str, *, watched: tuple[str, ...] = ()) -> None:
         """Create the tables of a SQLite `sql` schema; in PostgreSQL, with its types, one node at a
         time (concurrent CREATE IF NOT EXISTS can collide), and with the change trigger on

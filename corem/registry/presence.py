@@ -173,29 +173,27 @@ class PresenceTable:
         self.open()
         db = self._writer
         assert db is not None
-        ops: list[tuple[Key, int, tuple[int, ...]]] = []
-        # one order of rows for every process (PostgreSQL row locks: no deadlock between two
-        # nodes' batches); a device's join before its refresh before its leave
-        ops += [(k, 0, v) for k, v in batch.joined.items()]
-        ops += [(k, 1, v) for k, v in batch.refreshed.items()]
-        ops += [(k, 2, v) for k, v in batch.left.items()]
-        ops.sort(key=lambda op: (op[0], op[1]))
+        # a device's join before its refresh before its leave; within each, one order of rows for
+        # every process (fewer PostgreSQL deadlocks between two nodes' batches: one is rolled
+        # back and tried again at the next sweep)
+        heard = [(k, 1, v) for k, v in sorted(batch.joined.items())] + [
+            (k, 0, v) for k, v in sorted(batch.refreshed.items())]
+        left = sorted(batch.left.items())
+        claims = [_claim() for _ in range(len(heard) + len(left))]
         out: list[Transition] = []
         db.execute("BEGIN" if db.shared else "BEGIN IMMEDIATE")
         try:
-            for (tenant, device), kind, args in ops:
-                claim = _claim()
-                if kind < 2:
-                    last, stale_at = args
-                    rows = db.execute(HEARD, (tenant, device, last, stale_at, now, claim, 1 - kind)).fetchall()
-                    if rows and rows[0][0] == claim:
-                        out.append((tenant, device, "online", int(rows[0][1])))
-                else:
-                    last, limit, stale_at = args
-                    rows = db.execute(LEFT, (limit, limit, now, limit, claim, last, last, stale_at, stale_at,
-                                             tenant, device)).fetchall()
-                    if rows and rows[0][0] == claim:
-                        out.append((tenant, device, "offline", int(rows[0][1])))
+            done = db.each_returning(HEARD, [(t, d, last, stale_at, now, claim, joined)
+                                             for ((t, d), joined, (last, stale_at)), claim in zip(heard, claims)])
+            for ((tenant, device), _, _), claim, rows in zip(heard, claims, done):
+                if rows and rows[0][0] == claim:
+                    out.append((tenant, device, "online", int(rows[0][1])))
+            claims = claims[len(heard):]
+            done = db.each_returning(LEFT, [(limit, limit, now, limit, claim, last, last, stale_at, stale_at, t, d)
+                                            for ((t, d), (last, limit, stale_at)), claim in zip(left, claims)])
+            for ((tenant, device), _), claim, rows in zip(left, claims, done):
+                if rows and rows[0][0] == claim:
+                    out.append((tenant, device, "offline", int(rows[0][1])))
             db.execute("COMMIT")
         except BaseException:
             db.rollback()
