@@ -475,6 +475,57 @@ def test_a_wrong_psk_is_silence_then_a_named_failure():
     assert eng.stats.handshakes_failed["finished_not_authentic"] == 1 and not eng.handshakes
 
 
+def test_a_non_empty_renegotiation_info_is_refused():
+    """RFC 5746: an initial handshake carries renegotiated_connection empty"""
+    eng = Engine(KEYS.get)
+
+    def hello(cookie, seq):
+        body = m.client_hello(b"\x22" * 32, cookie, (PSK_AES_128_CCM_8.code,),
+                              [(m.EXT_EXTENDED_MASTER_SECRET, b""), (m.EXT_RENEGOTIATION_INFO, b"\x0c" + bytes(12))])
+        return plaintext_record(HANDSHAKE, 0, seq, m.message(m.CLIENT_HELLO, seq, body))
+
+    eng.receive(hello(b"", 0), PEER, 0.0)
+    [(hvr, _)] = eng.datagrams_to_send()
+    cookie = m.parse_hello_verify_request_untrusted(parse_record_untrusted(hvr, 0, 0)[0].fragment[12:])
+    eng.receive(hello(cookie, 1), PEER, 0.0)
+    assert alerts(eng) == [(2, 40)] and eng.stats.handshakes_failed["renegotiation_info"] == 1
+
+
+def test_a_client_that_goes_silent_is_given_up_on_its_timer():
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    for _ in range(2):
+        for d in cl.datagrams_to_send():
+            eng.receive(d, PEER, 0.0)
+        for d, _p in eng.datagrams_to_send():
+            cl.receive(d, 0.0)
+    cl.datagrams_to_send()  # (flight 5 lost for good)
+    resent = 0
+    t = 0.0
+    while eng.handshakes and t < 200:
+        t += 0.5
+        eng.tick(t)
+        resent += len(eng.datagrams_to_send())
+    # ServerHello flight again at 1, 3, 7, 15 and 31 s (the timer doubles), gone at the 60 s handshake timeout
+    assert resent == 5 and 60 < t <= 61 and eng.stats.handshakes_failed["timeout"] == 1
+
+
+def test_close_notify_ends_the_session():
+    eng, cl = handshake()
+    cl.conn.close()
+    for d in cl.datagrams_to_send():
+        eng.receive(d, PEER, 1.0)
+    assert not eng.sessions and not eng.by_cid and eng.stats.sessions_closed == 1
+    assert eng.wrap(b"x", PEER) is None
+
+
+def test_a_plaintext_alert_does_not_end_an_established_session():
+    eng, cl = handshake()
+    eng.receive(plaintext_record(ALERT, 0, 99, bytes([2, 40])), PEER, 1.0)
+    assert PEER in eng.sessions and eng.receive(cl.wrap(b"on"), PEER, 1.0) == [b"on"]
+
+
 def test_hellos_without_a_cookie_leave_no_state_and_get_less_than_they_sent():
     eng = Engine(KEYS.get)
     for i in range(200):

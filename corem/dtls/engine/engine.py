@@ -30,6 +30,8 @@ from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrus
 Peer = Hashable
 
 COOKIE_LENGTH = 16
+#: seconds between two walks over the sessions for idle ones
+SWEEP_EVERY = 10.0
 
 
 class CookieJar:
@@ -114,6 +116,7 @@ class Engine:
         self.by_cid: dict[bytes, Connection] = {}
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = EngineStats()
+        self._next_sweep = now
 
     # -- in --------------------------------------------------------------------------------------
 
@@ -280,9 +283,11 @@ class Engine:
             if now - conn.started > self.params.handshake_timeout and conn.state != FAILED:
                 conn.give_up()
             self._settle(conn)
-        for conn in [c for c in self.sessions.values() if now - c.last_seen > self.params.session_timeout]:
-            self.stats.sessions_expired += 1
-            self._forget(conn)
+        if now >= self._next_sweep:  # (idle sessions: a walk of them all, so not at every tick)
+            self._next_sweep = now + SWEEP_EVERY
+            for conn in [c for c in self.sessions.values() if now - c.last_seen > self.params.session_timeout]:
+                self.stats.sessions_expired += 1
+                self._forget(conn)
 
     def settle(self, now: float) -> None:
         pass
