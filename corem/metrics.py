@@ -85,6 +85,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_tcp_connections": (G, "Open connections."),
     "corem_tcp_connections_accepted": (C, "Connections accepted."),
     "corem_tcp_connections_refused": (C, "Connections closed at once: tcp_max_connections were open."),
+    "corem_tcp_connections_refused_no_fds": (
+        C, "Connections refused at accept: the process was out of file descriptors (EMFILE/ENFILE)."),
     "corem_tcp_connections_aborted": (
         C, "Connections ended by corem, by reason (frame, too_large, bad_message, idle, slow_reader, handshake, "
            "unregistered_certificate) or by the peer's Abort (peer_abort)."),
@@ -160,6 +162,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
     # the admin side and the registry
     "corem_admin_requests": (C, "Admin HTTP requests routed."),
     "corem_admin_unauthorized": (C, "Admin API requests refused 401."),
+    "corem_admin_bad_requests": (C, "Admin HTTP requests refused 400 or 431: not HTTP/1.1 as h11 reads it."),
+    "corem_admin_connections": (G, "Admin HTTP connections open."),
+    "corem_admin_connections_evicted": (
+        C, "Admin HTTP connections closed before their request head, to make room for a new one (at the cap)."),
+    "corem_admin_connections_refused": (
+        C, "Admin HTTP connections refused: busy (every slot serving a request: 503), no_fds (out of file descriptors)."),
+    "corem_admin_timeouts": (
+        C, "Admin HTTP connections dropped by a timeout: head (not sent in time), body or answer (no progress), "
+           "handler (504)."),
     "corem_registry_devices": (G, "Devices registered."),
     "corem_registry_devices_with_token": (G, "Devices with an access token."),
     "corem_rejected_samples": (G, "Rejected samples kept for diagnostics."),

@@ -1,8 +1,29 @@
 """A small HTTP/1.1 server on Trio for the operator's side: metrics, health, the admin API, the UI.
 
-Deliberately small (one request per connection, bounded head, body and time): it serves
-operators, Prometheus and the diagnostics page, not the internet.  Routes are (method, pattern)
-with `{name}` segments; a route marked `auth` needs `Authorization: Bearer <admin token>`.
+It serves operators, Prometheus and the diagnostics page, not the internet, and must stay up for
+them whatever else connects (issue 26):
+
+- Parsing is h11's (sans-IO, what Trio's own examples use): the request line and headers, a
+  mandatory Host, one well-formed Content-Length (`3_1`, `+31` or two that differ are a 400), chunked
+  bodies decoded, 16 KiB of head at most (431).  corem adds one refusal h11 lets through: both
+  Content-Length and Transfer-Encoding (RFC 9112 §6.1: the request-smuggling shape).
+- One request per connection (`Connection: close`): Prometheus, curl, the CLI and the workers'
+  front open one for each call anyway; a kept-alive connection would be one more way to hold a
+  slot while idle, and pipelining one more parser state to get right, for nothing on loopback.
+- `Expect: 100-continue` is answered 100 only once the head passed the admin token and the
+  declared size fits `max_body`; otherwise the final 401 or 413 goes at once and the body is never
+  read (nor is it waited for: the connection closes after a short lingering drain).
+- Time: the whole head within `HEAD_TIMEOUT` of the connection; then the body and the answer may
+  take as long as they keep moving: the connection is dropped only after `IDLE_TIMEOUT` without a
+  byte (a 3 MB upload at 64 KB/s completes).  A handler's own wait is bounded by `HANDLER_TIMEOUT`.
+- Never starved: at most `max_connections` at once (`fdlimit.admin_cap()`: below the open files
+  limit with room for the databases); a new connection beyond them evicts the one that has waited
+  longest for its head (idle connections cannot keep /healthz out), and is refused 503 only if
+  every connection is past its head (being served).  Out of file descriptors, accept() refuses
+  (`fdlimit.Acceptor`) and the listener goes on.
+
+Routes are (method, pattern) with `{name}` segments; a route marked `auth` needs
+`Authorization: Bearer <admin token>`.
 """
 
 from __future__ import annotations
@@ -15,22 +36,40 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
 from urllib.parse import parse_qsl, unquote, urlencode
 
+import h11
 import trio
 
 from ..errors import StorageUnavailable
-from ..stats import Sample, counter
+from ..net.fdlimit import Acceptor, admin_cap
+from ..stats import Sample, counter, gauge
 
 log = logging.getLogger("corem.http")
 
+#: bytes of request line and headers at most (more: 431)
 MAX_HEAD = 16 * 1024
-REQUEST_TIMEOUT = 30.0
-#: Connections served at once; more wait in the kernel's backlog (memory stays bounded).
-MAX_CONNECTIONS = 64
+#: seconds from the connection to the end of its request head: an honest client sends it at once;
+#: one that does not is either idle or feeding it a byte at a time to hold the slot
+HEAD_TIMEOUT = 10.0
+#: seconds without a byte of the body arriving, or of the answer leaving, before the connection is
+#: dropped: progress, not size, decides (a 3 MB firmware at 64 KB/s takes ~47 s and completes)
+IDLE_TIMEOUT = 30.0
+#: seconds a handler may take: longer than the longest wait a route has (an RPC waits for its
+#: device up to admin.api.MAX_RPC_TIMEOUT, 300 s; the workers' front forwards for up to 90 s)
+HANDLER_TIMEOUT = 330.0
+#: after an answer given without reading the whole body (401, 413, a bad request): seconds and
+#: bytes of the client's unread data drained before closing, so that the close is not a reset
+#: that destroys the answer in the client's buffers before it reads it
+LINGER_TIME = 1.0
+LINGER_BYTES = 1 << 20
+#: seconds to tell a refused connection 503 (all slots serving requests) before closing it
+REFUSE_TIME = 1.0
+READ_SIZE = 65536
 
 REASONS = {
-    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-    404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
-    415: "Unsupported Media Type", 429: "Too Many Requests", 500: "Internal Server Error",
+    100: "Continue", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request",
+    401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
     503: "Service Unavailable", 504: "Gateway Timeout",
 }
 
@@ -100,64 +139,151 @@ class Route:
         return params
 
 
+class _Gone(Exception):
+    """The client closed the connection, or stopped sending: nothing more to answer."""
+
+
 class HttpServer:
-    def __init__(self, routes: list[Route], *, admin_token: str = "", max_body: int = 1024 * 1024) -> None:
+    def __init__(self, routes: list[Route], *, admin_token: str = "", max_body: int = 1024 * 1024,
+                 max_connections: int | None = None, head_timeout: float = HEAD_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        """`max_connections`: default `fdlimit.admin_cap()` (the open files limit as it is now:
+        corem raises it first); the timeouts are settable for tests."""
         self.routes = routes
         self.admin_token = admin_token
         self.max_body = max_body
+        self.max_connections = admin_cap() if max_connections is None else max_connections
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
         self.listeners: list[trio.SocketListener] = []
-        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._acceptors: list[Acceptor] = []
+        #: connections being served (evicted ones until their task closes them)
+        self.open = 0
+        #: connections still waiting for their request head, oldest first: who is evicted
+        self._heads: dict[object, trio.CancelScope] = {}
         self.requests = 0
         self.unauthorized = 0
+        self.bad_requests = 0
+        self.evicted = 0
+        self.refused_busy = 0
+        self.timeouts = {"head": 0, "body": 0, "answer": 0, "handler": 0}
 
     async def bind(self, host: str, port: int) -> tuple:
         self.listeners = await trio.open_tcp_listeners(port, host=host)
         return self.listeners[0].socket.getsockname()
 
     async def serve(self) -> None:
-        await trio.serve_listeners(self.handle, self.listeners)
+        async with trio.open_nursery() as nursery:
+            for listener in self.listeners:
+                nursery.start_soon(self._accept, listener)
+
+    async def _accept(self, listener: trio.SocketListener) -> None:
+        acceptor = Acceptor(listener.socket, "admin http")
+        self._acceptors.append(acceptor)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    stream = await acceptor.accept()
+                    nursery.start_soon(self.handle, stream)
+        finally:
+            acceptor.close()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection (one request: `Connection: close`); any Trio stream will do."""
-        async with self._slots:
+        if self.open >= self.max_connections:
+            if not self._heads:  # every connection is being served: this one is told so
+                self.refused_busy += 1
+                with trio.move_on_after(REFUSE_TIME):
+                    await self._refuse(stream)
+                await trio.aclose_forcefully(stream)
+                return
+            oldest = next(iter(self._heads))
+            self._heads.pop(oldest).cancel()  # its task closes it at once
+            self.evicted += 1
+        self.open += 1
+        try:
             await self._serve_one(stream)
+        finally:
+            self.open -= 1
+
+    async def _refuse(self, stream: trio.abc.Stream) -> None:
+        reply = _error(503, f"busy: {self.max_connections} admin connections are being served; retry",
+                       {"Retry-After": "1"})
+        try:
+            await stream.send_all(_raw(reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def _serve_one(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        key = object()
         try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                reply, method = await self._answer(stream)
-                await self._send(stream, reply, head_only=method == "HEAD")
+            with trio.move_on_after(self.head_timeout) as head:
+                self._heads[key] = head
+                try:
+                    request = await self._head(conn, stream)
+                finally:
+                    self._heads.pop(key, None)
+            if head.cancelled_caught:  # idle, too slow, or evicted for a newer connection
+                if trio.current_time() >= head.deadline:  # (evicted: counted as such)
+                    self.timeouts["head"] += 1
+                return
+            try:
+                reply, method = await self._answer(conn, stream, request)
+            except h11.RemoteProtocolError as e:  # in the body (chunk framing)
+                reply, method = self._bad(e), "GET"
+            await self._send(conn, stream, reply, head_only=method == "HEAD")
+            if not _complete(conn):
+                await self._linger(stream)
+        except _Gone:
+            pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            await stream.aclose()
+            await trio.aclose_forcefully(stream)
 
-    async def _answer(self, stream: trio.abc.Stream) -> tuple[Reply, str]:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                raise trio.BrokenResourceError
-            data += chunk
-            if len(data) > MAX_HEAD and b"\r\n\r\n" not in data[:MAX_HEAD]:
-                return _error(400, "request head too large"), "GET"
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3:
-            return _error(400, "bad request line"), "GET"
-        method, target, _ = parts
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            return _error(400, "content-length: not a number"), method
-        if length < 0 or length > self.max_body:
+    async def _head(self, conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | Reply:
+        """The request head; a Reply (400, 431) when it is not one; `_Gone` if the peer left."""
+        fed = 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                return self._bad(e)
+            if event is h11.NEED_DATA:
+                data = bytes(await stream.receive_some(READ_SIZE))
+                fed += len(data)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                # (h11 bounds a head still incomplete; one that came whole in a read is measured here)
+                if fed - len(conn.trailing_data[0]) > MAX_HEAD:
+                    return self._bad(h11.RemoteProtocolError("request head larger than 16 KiB", 431))
+                return event
+            raise _Gone  # ConnectionClosed: the peer left before a whole head
+
+    def _bad(self, e: h11.RemoteProtocolError) -> Reply:
+        self.bad_requests += 1
+        status = e.error_status_hint if e.error_status_hint in REASONS else 400
+        return _error(status, f"request: {str(e)[:200]}")
+
+    async def _answer(self, conn: h11.Connection, stream: trio.abc.Stream,
+                      request: h11.Request | Reply) -> tuple[Reply, str]:
+        if isinstance(request, Reply):
+            return request, "GET"
+        method = request.method.decode("ascii", "replace")
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            key = name.decode("latin-1")
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
+        chunked = "transfer-encoding" in headers
+        if chunked and "content-length" in headers:
+            self.bad_requests += 1
+            return _error(400, "request: both Content-Length and Transfer-Encoding (send one)"), method
+        length = int(headers.get("content-length", "0").partition(",")[0] or 0)  # h11 checked it (equal repeats)
+        if length > self.max_body:
             return _error(413, f"body: {length} bytes; at most {self.max_body}"), method
-        path, _, qs = target.partition("?")
+        path, _, qs = request.target.decode("latin-1").partition("?")
         segments = [s for s in path.strip("/").split("/")] if path.strip("/") else []
         allowed = []
         for route in self.routes:
@@ -172,33 +298,70 @@ class HttpServer:
                 self.unauthorized += 1
                 return _error(401, "authorization: missing or wrong admin token (Authorization: Bearer TOKEN)",
                               {"WWW-Authenticate": "Bearer"}), method
-            body = bytearray(rest)
-            while len(body) < length:
-                chunk = await stream.receive_some(min(1 << 20, length - len(body)))
-                if not chunk:
-                    raise trio.BrokenResourceError
-                body += chunk
-            request = HttpRequest(method, path, params, dict(parse_qsl(qs)), headers, bytes(body[:length]))
-            try:
-                reply = route.handler(request)
-                if inspect.isawaitable(reply):
-                    reply = await reply
-            except HttpError as e:
-                return _error(e.status, e.message), method
-            except StorageUnavailable as e:
-                return _error(503, str(e), {"Retry-After": "5"}), method
-            except Exception:
-                log.exception("%s %s failed", method, path)
-                return _error(500, "internal error (see the server log)"), method
-            return reply, method
+            body = await self._body(conn, stream)
+            if isinstance(body, Reply):
+                return body, method
+            http_request = HttpRequest(method, path, params, dict(parse_qsl(qs)), headers, body)
+            return await self._call(route, http_request), method
         if allowed:
             return _error(405, f"method: {method} not allowed; use {', '.join(sorted(set(allowed)))}",
                           {"Allow": ", ".join(sorted(set(allowed)))}), method
         return _error(404, f"path: {path} not found"), method
 
+    async def _body(self, conn: h11.Connection, stream: trio.abc.Stream) -> bytes | Reply:
+        """The whole body (h11 undoes chunking), at most `max_body`; `_Gone` if the client stops
+        sending for `idle_timeout` or leaves."""
+        if conn.they_are_waiting_for_100_continue:  # the head passed: now it may send the body
+            await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) or b"")
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.move_on_after(self.idle_timeout):
+                    data = await stream.receive_some(READ_SIZE)
+                    if not data:
+                        raise _Gone  # it left mid-body: nothing to answer
+                    conn.receive_data(bytes(data))
+                    continue
+                self.timeouts["body"] += 1
+                raise _Gone
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.max_body:  # chunked: the size shows only as it comes
+                    return _error(413, f"body: more than {self.max_body} bytes; at most {self.max_body}")
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                raise _Gone
+
+    async def _call(self, route: Route, request: HttpRequest) -> Reply:
+        try:
+            with trio.fail_after(HANDLER_TIMEOUT):
+                reply = route.handler(request)
+                if inspect.isawaitable(reply):
+                    reply = await reply
+                return reply
+        except HttpError as e:
+            return _error(e.status, e.message)
+        except StorageUnavailable as e:
+            return _error(503, str(e), {"Retry-After": "5"})
+        except trio.TooSlowError:
+            self.timeouts["handler"] += 1
+            return _error(504, f"no answer within {HANDLER_TIMEOUT:g} s")
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal error (see the server log)")
+
     def metrics(self) -> Iterator[Sample]:
         yield counter("corem_admin_requests", self.requests)
         yield counter("corem_admin_unauthorized", self.unauthorized)
+        yield counter("corem_admin_bad_requests", self.bad_requests)
+        yield gauge("corem_admin_connections", self.open)
+        yield counter("corem_admin_connections_evicted", self.evicted)
+        yield counter("corem_admin_connections_refused", self.refused_busy, reason="busy")
+        yield counter("corem_admin_connections_refused", sum(a.refused for a in self._acceptors), reason="no_fds")
+        for phase, n in self.timeouts.items():
+            yield counter("corem_admin_timeouts", n, phase=phase)
 
     def authorized(self, headers: dict[str, str]) -> bool:
         """Does the request carry the admin token?"""
@@ -207,14 +370,60 @@ class HttpServer:
             token.strip().encode(), self.admin_token.encode()
         )
 
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, reply: Reply, head_only: bool = False) -> None:
+        """The answer, through h11 when it can still frame one, else as bytes; each piece must
+        leave within `idle_timeout` (a client that stops reading is dropped)."""
+        headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
+                   *reply.headers.items(), ("Connection", "close")]
+        try:
+            data = conn.send(h11.Response(status_code=reply.status, headers=headers,
+                                          reason=REASONS.get(reply.status, "").encode()))
+            data = (data or b"") + (b"" if head_only else conn.send(h11.Data(data=reply.body)) or b"")
+            conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:  # h11 cannot frame it (its state): the same bytes by hand
+            data = _raw(reply, head_only)
+        view = memoryview(data)
+        for start in range(0, len(view), READ_SIZE):
+            with trio.move_on_after(self.idle_timeout):
+                await stream.send_all(view[start:start + READ_SIZE])
+                continue
+            self.timeouts["answer"] += 1
+            raise _Gone
+
     @staticmethod
-    async def _send(stream: trio.abc.Stream, reply: Reply, head_only: bool = False) -> None:
-        extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
-        head = (
-            f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, '')}\r\nContent-Type: {reply.content_type}\r\n"
-            f"Content-Length: {len(reply.body)}\r\n{extra}Connection: close\r\n\r\n"
-        ).encode()
-        await stream.send_all(head if head_only else head + reply.body)
+    async def _linger(stream: trio.abc.Stream) -> None:
+        """Half-close, then drain what the client still sends for a moment (see `LINGER_TIME`)."""
+        if not isinstance(stream, trio.abc.HalfCloseableStream):
+            return
+        with trio.move_on_after(LINGER_TIME):
+            await stream.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES:
+                data = await stream.receive_some(READ_SIZE)
+                if not data:
+                    return
+                drained += len(data)
+
+
+def _complete(conn: h11.Connection) -> bool:
+    """Has the client sent all of its request (what is buffered ends it)?  If not, and the answer
+    did not wait for it, the close is lingering."""
+    try:
+        while conn.their_state is h11.SEND_BODY:
+            if conn.next_event() is h11.NEED_DATA:
+                return False
+    except h11.RemoteProtocolError:
+        return False
+    return conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)  # (MUST_CLOSE: done, and we said close)
+
+
+def _raw(reply: Reply, head_only: bool = False) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
+    head = (
+        f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, '')}\r\nContent-Type: {reply.content_type}\r\n"
+        f"Content-Length: {len(reply.body)}\r\n{extra}Connection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + reply.body
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:

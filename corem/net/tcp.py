@@ -3,7 +3,9 @@ frames and dispatches, a writer that drains the connection's queue), a `StreamEn
 the listener's connections, TLS on python-mbedtls's buffers with the DTLS listener's credentials
 (PSK identities and certificates from the registry).
 
-Bounded: connections (`max_connections`, more are closed at once and counted), message size (what
+Bounded: connections (`max_connections`, lowered to this listener's share of the open files limit by
+`fdlimit.tcp_cap`; more are closed at once and counted; out of descriptors, accept() refuses and
+the listener goes on: `fdlimit.Acceptor`), message size (what
 corem's CSM announces; a larger frame aborts the connection), bytes queued to a connection that
 does not read (`MAX_QUEUED`: it is closed), idle time (`idle_timeout`: a connection silent that long
 gets a Release and is closed), and the TLS handshake's time.
@@ -30,6 +32,7 @@ from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, MAX_MESSAGE_SIZE, PI
 from ..dtls.certs import peer_der
 from ..dtls.server import HANDSHAKE_OVER, DtlsParams, PskStore
 from ..stats import Sample, counter, gauge
+from .fdlimit import Acceptor, tcp_cap
 
 log = logging.getLogger("corem.tcp")
 
@@ -105,6 +108,9 @@ class TcpEdge:
         self.after_dispatch = after_dispatch
         self.clock = clock
         self.connections: dict[Any, Connection] = {}
+        #: `params.max_connections`, or less: what fits below the open files limit (raised at start)
+        self.max_connections = tcp_cap(params.max_connections)
+        self._acceptor: Acceptor | None = None
         self._serial = 0
         self._nursery: trio.Nursery | None = None
         self._stopping = False
@@ -119,6 +125,7 @@ class TcpEdge:
         yield gauge("corem_tcp_connections", len(self.connections))
         yield counter("corem_tcp_connections_accepted", st["accepted"])
         yield counter("corem_tcp_connections_refused", st["refused"])
+        yield counter("corem_tcp_connections_refused_no_fds", 0 if self._acceptor is None else self._acceptor.refused)
         for reason in ("frame", "too_large", "bad_message", "idle", "slow_reader", "handshake", "peer_abort",
                        "unregistered_certificate"):
             yield counter("corem_tcp_connections_aborted", st["aborted_" + reason], reason=reason)
@@ -146,15 +153,18 @@ class TcpEdge:
     async def serve(self) -> None:
         """Accept connections (into `hold`'s nursery) until cancelled."""
         assert self._nursery is not None, "hold() runs first"
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as e:  # out of file descriptors, say: wait, as trio.serve_listeners does
-                log.warning("coap over tcp: accept failed (%s); trying again in 0.1 s", e)
-                await trio.sleep(0.1)
-                continue
-            self._nursery.start_soon(self._connection, stream)
+        acceptor = self._acceptor = Acceptor(trio.socket.from_stdlib_socket(self.sock), "coap over tcp")
+        try:
+            while True:
+                try:  # (out of file descriptors: the Acceptor refuses and goes on)
+                    stream = await acceptor.accept()
+                except OSError as e:  # anything else the kernel says: never the end of corem
+                    log.warning("coap over tcp: accept failed (%s); trying again in 0.1 s", e)
+                    await trio.sleep(0.1)
+                    continue
+                self._nursery.start_soon(self._connection, stream)
+        finally:
+            acceptor.close()
 
     def stop_reading(self) -> None:
         """At a stop: no more requests; each connection waits for `finish` (its last answers)."""
@@ -182,7 +192,7 @@ class TcpEdge:
         # (host, port, n): the host first, as Observe's per-source bound reads it; n, because a new
         # connection may come from the same port before the old one's task has ended
         peer = (name[0], name[1], self._serial)
-        if len(self.connections) >= self.params.max_connections:
+        if len(self.connections) >= self.max_connections:
             self.stats["refused"] += 1
             await stream.aclose()
             return

@@ -32,6 +32,7 @@ from typing import Any
 import trio
 
 from ..config import ConfigError, Settings
+from ..net import fdlimit
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
 from ..registry import nudge as registry_nudge
@@ -72,6 +73,7 @@ class Worker:
 
 class Supervisor:
     def __init__(self, settings: Settings, count: int) -> None:
+        fdlimit.raise_limit()  # first: the front's connection cap is derived from it (issue 26)
         self.settings = settings
         self.count = count
         data = settings.data_path
