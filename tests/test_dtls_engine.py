@@ -31,6 +31,8 @@ from corem.dtls.engine.records import (
     plaintext_record,
 )
 
+PSK_SUITES = [s for s in IMPLEMENTED if s.kx == "psk"]
+ECDHE_SUITES = [s for s in IMPLEMENTED if s.kx == "ecdhe_ecdsa"]
 PSK = b"0123456789abcdef"
 KEYS = {b"device-1": PSK}
 PEER = ("192.0.2.10", 40000)
@@ -193,7 +195,7 @@ def handshake(eng=None, client=None, peer=PEER, **kw):
     return eng, client
 
 
-@pytest.mark.parametrize("suite", IMPLEMENTED, ids=lambda s: s.name)
+@pytest.mark.parametrize("suite", PSK_SUITES, ids=lambda s: s.name)
 @pytest.mark.parametrize("cid", [None, b"", b"\x0a\x0b\x0c"], ids=["no-cid", "cid-server-only", "cid-both-ways"])
 def test_engine_client_and_server(suite, cid):
     eng, cl = handshake(client=Client(b"device-1", PSK, cid=cid, params=Params(suites=(suite,))))
@@ -539,7 +541,7 @@ def test_hellos_without_a_cookie_leave_no_state_and_get_less_than_they_sent():
 
 def test_a_cookie_is_bound_to_the_address_and_outlives_one_rotation_only():
     eng = Engine(KEYS.get, EngineParams(cookie_rotation=60.0))
-    cl = Client(b"device-1", PSK)
+    cl = Client(b"device-1", PSK, params=Params(suites=tuple(PSK_SUITES)))
     cl.start(0.0)
     [hello] = cl.datagrams_to_send()
     eng.receive(hello, PEER, 0.0)
@@ -721,6 +723,7 @@ class CoapLoop:
         self.port = self.sock.getsockname()[1]
         self.requests = []
         self.suites = []
+        self.identities = []
         self.errors = []
         self.stopping = False
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -739,6 +742,7 @@ class CoapLoop:
                         msg = decode(app)
                         self.requests.append((peer, msg))
                         self.suites.append(self.engine.sessions[peer].suite.name)
+                        self.identities.append(self.engine.device(peer))
                         if msg.type == Type.CON:
                             out = self.engine.wrap(encode(Message(Type.ACK, Code.CHANGED, msg.mid, msg.token)), peer)
                             self.sock.sendto(out, peer)
@@ -754,7 +758,7 @@ class CoapLoop:
         self.sock.close()
 
 
-@pytest.mark.parametrize("suite", IMPLEMENTED, ids=lambda s: s.name)
+@pytest.mark.parametrize("suite", PSK_SUITES, ids=lambda s: s.name)
 @pytest.mark.parametrize("client", ["coap-client-openssl", "coap-client-gnutls"])
 def test_libcoap_clients_over_udp(client, suite):
     """libcoap's own command (-u identity -k key, a CoAP POST); the server offers one suite at a time"""
@@ -788,3 +792,163 @@ def test_libcoap_clients_with_the_wrong_key_get_no_answer(client):
         loop.close()
     assert "c:2.04" not in r.stdout + r.stderr
     assert not loop.requests and not loop.errors and not loop.engine.sessions
+
+
+# -- ECDHE-ECDSA on P-256, certificates ------------------------------------------------------------------
+
+from datetime import datetime, timedelta, timezone  # noqa: E402
+
+from cryptography import x509 as cx509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+from corem.dtls.engine import certs as engine_certs  # noqa: E402
+
+
+class Pki:
+    """A CA with a server and a device certificate, and a rogue CA with its own device (P-256)"""
+
+    def __init__(self, d):
+        self.dir = d
+        self.ca, self.ca_key = self._cert("ca", None, None, ca=True)
+        self.server, self.server_key = self._cert("server", self.ca, self.ca_key)
+        self.dev, self.dev_key = self._cert("dev1", self.ca, self.ca_key)
+        self.rogue_ca, rogue_key = self._cert("rogueca", None, None, ca=True)
+        self.rogue, self.rogue_key = self._cert("rogue", self.rogue_ca, rogue_key)
+
+    def _cert(self, name, issuer, issuer_key, ca=False):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = cx509.Name([cx509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.now(timezone.utc)
+        b = (cx509.CertificateBuilder().subject_name(subject)
+             .issuer_name(issuer.subject if issuer is not None else subject).public_key(key.public_key())
+             .serial_number(cx509.random_serial_number()).not_valid_before(now - timedelta(hours=1))
+             .not_valid_after(now + timedelta(days=2))
+             .add_extension(cx509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        cert = b.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
+        (self.dir / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (self.dir / f"{name}.key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+        return cert, key
+
+    @staticmethod
+    def der(cert):
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    def server_params(self, client_auth="none", **kw):
+        return EngineParams(certificate_chain=(self.der(self.server),), private_key=self.server_key,
+                            verify_peer=engine_certs.chain_verifier([self.ca]), client_auth=client_auth, **kw)
+
+    def client_params(self, suite, cert=None, key=None):
+        return Params(suites=(suite,), verify_peer=engine_certs.chain_verifier([self.ca]),
+                      certificate_chain=(self.der(cert),) if cert is not None else (), private_key=key)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize("suite", ECDHE_SUITES, ids=lambda s: s.name)
+@pytest.mark.parametrize("auth", ["none", "optional", "required"])
+def test_ecdhe_ecdsa_engine_client_and_server(pki, suite, auth):
+    eng = Engine(KEYS.get, pki.server_params(auth))
+    cl = Client(b"", b"", params=pki.client_params(suite, pki.dev, pki.dev_key))
+    handshake(eng, cl)
+    assert cl.established, (cl.state, cl.conn.reason, eng.stats.handshakes_failed)
+    conn = eng.sessions[PEER]
+    assert conn.suite == suite and conn.ems
+    assert eng.device(PEER) == (engine_certs.fingerprint(pki.der(pki.dev)) if auth != "none" else b"")
+    assert eng.receive(cl.wrap(b"reading"), ("198.51.100.4", 1), 1.0) == [b"reading"]  # CID here too
+    assert cl.receive(eng.wrap(b"2.04", ("198.51.100.4", 1)), 1.0) == [b"2.04"]
+
+
+def test_ecdhe_optional_client_auth_takes_a_device_without_a_certificate(pki):
+    eng = Engine(KEYS.get, pki.server_params("optional"))
+    cl = Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0]))
+    handshake(eng, cl)
+    assert cl.established and eng.device(PEER) == b""  # (it names itself later, with a token)
+
+
+def test_ecdhe_required_client_auth_refuses_a_device_without_a_certificate(pki):
+    eng = Engine(KEYS.get, pki.server_params("required"))
+    run_to_alert(eng, Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0])))
+    assert alerts(eng) == [(2, 40)] and eng.stats.handshakes_failed["no_client_certificate"] == 1
+
+
+@pytest.mark.parametrize("auth", ["optional", "required"])
+def test_ecdhe_a_certificate_of_another_ca_is_bad_certificate(pki, auth):
+    eng = Engine(KEYS.get, pki.server_params(auth))
+    run_to_alert(eng, Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0], pki.rogue, pki.rogue_key)))
+    assert alerts(eng) == [(2, 42)] and eng.stats.handshakes_failed["bad_certificate"] == 1
+
+
+def test_ecdhe_a_certificate_verify_by_another_key_is_decrypt_error(pki):
+    """The device shows dev1's certificate but signs with another key"""
+    eng = Engine(KEYS.get, pki.server_params("required"))
+    run_to_alert(eng, Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0], pki.dev, pki.rogue_key)))
+    assert alerts(eng) == [(2, 51)] and eng.stats.handshakes_failed["bad_certificate_verify"] == 1
+
+
+def test_ecdhe_client_refuses_a_server_certificate_of_another_ca(pki):
+    eng = Engine(KEYS.get, EngineParams(certificate_chain=(pki.der(pki.rogue),), private_key=pki.rogue_key))
+    cl = Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0]))
+    handshake(eng, cl)
+    assert not cl.established and cl.conn.reason == "bad_certificate"
+
+
+def test_ecdhe_is_not_chosen_by_a_server_without_a_certificate():
+    eng = Engine(KEYS.get)
+    run_to_alert(eng, Client(b"", b"", params=Params(suites=tuple(ECDHE_SUITES))))
+    assert alerts(eng) == [(2, 40)] and eng.stats.handshakes_failed["no_shared_suite"] == 1
+
+
+MBEDTLS_ECDHE = ["TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8", "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256"]
+
+
+@pytest.mark.parametrize("suite", MBEDTLS_ECDHE)
+@pytest.mark.parametrize("with_cert", [True, False], ids=["device-cert", "no-device-cert"])
+def test_python_mbedtls_ecdhe_ecdsa_client_in_memory(pki, suite, with_cert):
+    from mbedtls import pk as mpk
+    from mbedtls import x509 as mx509
+    tls = mbedtls_tls
+    extra = {}
+    if with_cert:
+        extra["certificate_chain"] = ([mx509.CRT.from_file(str(pki.dir / "dev1.pem"))],
+                                      mpk.ECC.from_file(str(pki.dir / "dev1.key.pem")))
+    conf = tls.DTLSConfiguration(
+        ciphers=[suite], validate_certificates=True,
+        trust_store=tls.TrustStore([mx509.CRT.from_file(str(pki.dir / "ca.pem"))]),
+        lowest_supported_version=tls.DTLSVersion.DTLSv1_2, highest_supported_version=tls.DTLSVersion.DTLSv1_2,
+        **extra,
+    )
+    buf = tls.ClientContext(conf).wrap_buffers(None)  # (no server_hostname: Mbed TLS checks the chain)
+    eng = Engine(KEYS.get, pki.server_params("optional"))
+    assert mbedtls_handshake(eng, buf)
+    assert eng.sessions[PEER].suite.name == suite.replace("-", "_")
+    assert eng.device(PEER) == (engine_certs.fingerprint(pki.der(pki.dev)) if with_cert else b"")
+    buf.write(b"reading")
+    out = buf.peek_outgoing(65536)
+    buf.consume_outgoing(len(out))
+    assert eng.receive(out, PEER, 1.0) == [b"reading"]
+
+
+@pytest.mark.parametrize("client", ["coap-client-openssl", "coap-client-gnutls"])
+@pytest.mark.parametrize("auth", ["none", "required"])
+def test_libcoap_clients_with_certificates_over_udp(pki, client, auth):
+    if not shutil.which(client):
+        pytest.skip(f"{client} not installed")
+    loop = CoapLoop(Engine(KEYS.get, pki.server_params(auth)))
+    d = pki.dir
+    try:
+        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-C", str(d / "ca.pem"), "-c", str(d / "dev1.pem"),
+                            "-j", str(d / "dev1.key.pem"), "-e", "reading", f"coaps://127.0.0.1:{loop.port}/telemetry"],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        loop.close()
+    out = r.stdout + r.stderr
+    assert "c:2.04" in out, out[-3000:]
+    assert not loop.errors and len(loop.requests) == 1 and loop.suites[0].startswith("TLS_ECDHE_ECDSA")
+    assert loop.engine.stats.handshakes_completed == 1
+    assert loop.identities == [engine_certs.fingerprint(pki.der(pki.dev)) if auth == "required" else b""]

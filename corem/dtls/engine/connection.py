@@ -14,10 +14,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from . import certs
 from . import messages as m
 from .crypto import IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret, psk_premaster, \
     verify_data
-from .errors import BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL, HANDSHAKE_FAILURE, \
+from .errors import BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL, HANDSHAKE_FAILURE, \
     ILLEGAL_PARAMETER, INTERNAL_ERROR, PROTOCOL_VERSION, UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, \
     DtlsDecodeError, HandshakeFailed, alert_name
 from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, DTLS_1_2, HANDSHAKE, HEADER, TLS12_CID, Record, \
@@ -26,7 +29,9 @@ from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, DTLS_1_2, HAND
 # states
 WAIT_SERVER_HELLO = "wait_server_hello"  # client: sent a ClientHello
 WAIT_SERVER_HELLO_DONE = "wait_server_hello_done"
+WAIT_CLIENT_CERTIFICATE = "wait_client_certificate"  # server: sent ServerHello..ServerHelloDone with a request
 WAIT_CLIENT_KEY_EXCHANGE = "wait_client_key_exchange"  # server: sent ServerHello..ServerHelloDone
+WAIT_CERTIFICATE_VERIFY = "wait_certificate_verify"  # server: the client's certificate came
 WAIT_CCS = "wait_change_cipher_spec"  # either: the peer's CCS (keys derived, read epoch pending)
 WAIT_FINISHED = "wait_finished"
 ESTABLISHED = "established"
@@ -53,6 +58,24 @@ class Params:
     require_ems: bool = True
     #: the largest datagram this side sends (flights are fragmented to fit)
     mtu: int = 1200
+    #: ECDHE-ECDSA: this side's certificate chain (DER, leaf first) and its P-256 key; without
+    #: them the ECDHE suites are never negotiated (server) or answered with no certificate (client)
+    certificate_chain: tuple[bytes, ...] = ()
+    private_key: ec.EllipticCurvePrivateKey | None = None
+    #: the peer's chain -> the identity it proves, or None (certs.chain_verifier); a client
+    #: without one takes any server certificate (tests only)
+    verify_peer: certs.Verifier | None = None
+    #: server: ask ECDHE clients for a certificate: "none", "optional" (one sent must verify; a
+    #: device without one names itself later, with a token) or "required"
+    client_auth: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.client_auth not in ("none", "optional", "required"):
+            raise ValueError(f"client_auth must be none, optional or required, got {self.client_auth!r}")
+        if self.client_auth != "none" and self.verify_peer is None:
+            raise ValueError("client_auth needs verify_peer (certs.chain_verifier of the CA)")
+        if (self.private_key is None) != (not self.certificate_chain):
+            raise ValueError("certificate_chain and private_key go together")
 
 
 class Connection:
@@ -88,6 +111,11 @@ class Connection:
         self.psk_for: PskLookup | None = None  # the server's callback
         self.offered: tuple[int, ...] = ()
         self.offer_cid: bytes | None = None  # the client's offer (None: none)
+        self.ephemeral: ec.EllipticCurvePrivateKey | None = None  # ECDHE
+        self.peer_key: ec.EllipticCurvePublicKey | None = None  # from the peer's certificate
+        self.peer_point = b""  # the server's ephemeral point (client)
+        self.certificate_requested = False
+        self.peer_chain: list[bytes] = []
         # records
         self.write_epoch = 0
         self.write_seq = [0, 0]
@@ -123,7 +151,11 @@ class Connection:
             if 0 not in hello.compression:
                 raise HandshakeFailed(ILLEGAL_PARAMETER, "compression")
             offered = set(hello.suites)
-            suite = next((s for s in self.params.suites if s.code in offered), None)
+            try:
+                ecdhe_ok = self._ecdhe_possible(hello)
+            except DtlsDecodeError as e:
+                raise HandshakeFailed(e.alert, e.reason) from None
+            suite = next((s for s in self.params.suites if s.code in offered and (s.kx == "psk" or ecdhe_ok)), None)
             if suite is None:
                 raise HandshakeFailed(HANDSHAKE_FAILURE, "no_shared_suite")
             self.suite = suite
@@ -148,14 +180,41 @@ class Connection:
                 self.cid_in = new_cid()
                 self.cid_out = offer
                 extensions.append((m.EXT_CONNECTION_ID, m.cid_extension(self.cid_in)))
+            if suite.kx == "ecdhe_ecdsa" and m.EXT_EC_POINT_FORMATS in hello.extensions:
+                extensions.append((m.EXT_EC_POINT_FORMATS, b"\x01\x00"))
         except HandshakeFailed as e:
             self._fail(e.alert, e.reason)
             return
-        hello_msg = self._next_message(m.SERVER_HELLO, m.server_hello(self.server_random, suite.code, extensions))
-        done = self._next_message(m.SERVER_HELLO_DONE, b"")
-        self.transcript += hello_msg + done
+        msgs = [self._next_message(m.SERVER_HELLO, m.server_hello(self.server_random, suite.code, extensions))]
         self.state = WAIT_CLIENT_KEY_EXCHANGE
-        self._send_flight([(0, HANDSHAKE, hello_msg), (0, HANDSHAKE, done)], now, timer=True)
+        if suite.kx == "ecdhe_ecdsa":
+            assert self.params.private_key is not None
+            msgs.append(self._next_message(m.CERTIFICATE, m.certificate(self.params.certificate_chain)))
+            self.ephemeral, point = certs.ephemeral()
+            params = m.ecdhe_params(point)
+            signature = certs.sign(self.params.private_key, self.client_random + self.server_random + params)
+            msgs.append(self._next_message(m.SERVER_KEY_EXCHANGE, m.server_key_exchange_ecdhe(params, signature)))
+            if self.params.client_auth != "none":
+                msgs.append(self._next_message(m.CERTIFICATE_REQUEST, m.certificate_request()))
+                self.certificate_requested = True
+                self.state = WAIT_CLIENT_CERTIFICATE
+        msgs.append(self._next_message(m.SERVER_HELLO_DONE, b""))
+        for msg in msgs:
+            self.transcript += msg
+        self._send_flight([(0, HANDSHAKE, msg) for msg in msgs], now, timer=True)
+
+    def _ecdhe_possible(self, hello: m.ClientHello) -> bool:
+        """A certificate to show, and a client that takes P-256, uncompressed points and ECDSA-SHA256"""
+        if self.params.private_key is None:
+            return False
+        ext = hello.extensions
+        groups = m.parse_supported_groups_untrusted(ext[m.EXT_SUPPORTED_GROUPS]) \
+            if m.EXT_SUPPORTED_GROUPS in ext else (m.SECP256R1,)
+        formats = m.parse_point_formats_untrusted(ext[m.EXT_EC_POINT_FORMATS]) \
+            if m.EXT_EC_POINT_FORMATS in ext else b"\x00"
+        algs = m.parse_signature_algorithms_untrusted(ext[m.EXT_SIGNATURE_ALGORITHMS]) \
+            if m.EXT_SIGNATURE_ALGORITHMS in ext else ()
+        return m.SECP256R1 in groups and 0 in formats and m.ECDSA_SECP256R1_SHA256 in algs
 
     # -- the client role -------------------------------------------------------------------------
 
@@ -174,6 +233,9 @@ class Connection:
             extensions.insert(0, (m.EXT_EXTENDED_MASTER_SECRET, b""))
         if self.offer_cid is not None:
             extensions.append((m.EXT_CONNECTION_ID, m.cid_extension(self.offer_cid)))
+        if any(s.kx == "ecdhe_ecdsa" for s in self.params.suites):
+            extensions += [(m.EXT_SUPPORTED_GROUPS, m.u16_list((m.SECP256R1,))), (m.EXT_EC_POINT_FORMATS, b"\x01\x00"),
+                           (m.EXT_SIGNATURE_ALGORITHMS, m.u16_list((m.ECDSA_SECP256R1_SHA256,)))]
         msg = self._next_message(m.CLIENT_HELLO, m.client_hello(self.client_random, cookie, self.offered, extensions))
         self.transcript = bytearray(msg)  # (the first hello and the HelloVerifyRequest are not hashed)
         self._send_flight([(0, HANDSHAKE, msg)], now, timer=True)
@@ -298,7 +360,38 @@ class Connection:
             self._client_message(msg_type, body, raw, now)
 
     def _server_message(self, msg_type: int, body: bytes, raw: bytes, now: float) -> None:
-        if self.state == WAIT_CLIENT_KEY_EXCHANGE and msg_type == m.CLIENT_KEY_EXCHANGE:
+        assert self.suite is not None
+        if self.state == WAIT_CLIENT_CERTIFICATE and msg_type == m.CERTIFICATE:
+            chain = m.parse_certificate_untrusted(body)
+            if chain:
+                self.peer_key = certs.leaf_key_untrusted(chain[0])
+                assert self.params.verify_peer is not None
+                identity = self.params.verify_peer(chain)
+                if identity is None:
+                    raise HandshakeFailed(BAD_CERTIFICATE, "bad_certificate")
+                self.identity = identity
+                self.peer_chain = chain
+            elif self.params.client_auth == "required":
+                raise HandshakeFailed(HANDSHAKE_FAILURE, "no_client_certificate")
+            self.transcript += raw
+            self.state = WAIT_CLIENT_KEY_EXCHANGE
+        elif self.state == WAIT_CLIENT_KEY_EXCHANGE and msg_type == m.CLIENT_KEY_EXCHANGE \
+                and self.suite.kx == "ecdhe_ecdsa":
+            point = m.parse_ecdhe_client_key_exchange_untrusted(body)
+            assert self.ephemeral is not None
+            premaster = certs.ecdh_untrusted(self.ephemeral, point)
+            self.ephemeral = None
+            self.transcript += raw
+            self._derive_from(premaster)
+            self.state = WAIT_CERTIFICATE_VERIFY if self.peer_key is not None else WAIT_CCS
+            self.retransmit_at = float("inf")
+        elif self.state == WAIT_CERTIFICATE_VERIFY and msg_type == m.CERTIFICATE_VERIFY:
+            signature = m.parse_certificate_verify_untrusted(body)
+            assert self.peer_key is not None
+            certs.verify_untrusted(self.peer_key, signature, bytes(self.transcript), "bad_certificate_verify")
+            self.transcript += raw
+            self.state = WAIT_CCS
+        elif self.state == WAIT_CLIENT_KEY_EXCHANGE and msg_type == m.CLIENT_KEY_EXCHANGE:
             identity = m.parse_psk_client_key_exchange_untrusted(body)
             assert self.psk_for is not None
             try:
@@ -349,19 +442,59 @@ class Connection:
             self.transcript += raw
             self.state = WAIT_SERVER_HELLO_DONE
             self.retransmit_at = float("inf")
+        elif self.state == WAIT_SERVER_HELLO_DONE and msg_type == m.CERTIFICATE and self._ecdhe():
+            chain = m.parse_certificate_untrusted(body)
+            if not chain:
+                raise HandshakeFailed(BAD_CERTIFICATE, "no_server_certificate")
+            self.peer_key = certs.leaf_key_untrusted(chain[0])
+            if self.params.verify_peer is not None and self.params.verify_peer(chain) is None:
+                raise HandshakeFailed(BAD_CERTIFICATE, "bad_certificate")
+            self.peer_chain = chain
+            self.transcript += raw
+        elif self.state == WAIT_SERVER_HELLO_DONE and msg_type == m.SERVER_KEY_EXCHANGE and self._ecdhe():
+            if self.peer_key is None:
+                raise HandshakeFailed(UNEXPECTED_MESSAGE, "key_exchange_before_certificate")
+            params, point, signature = m.parse_server_key_exchange_ecdhe_untrusted(body)
+            certs.verify_untrusted(self.peer_key, signature, self.client_random + self.server_random + params,
+                                   "bad_server_key_exchange")
+            self.peer_point = point
+            self.transcript += raw
         elif self.state == WAIT_SERVER_HELLO_DONE and msg_type == m.SERVER_KEY_EXCHANGE:
             self.transcript += raw  # (a PSK identity hint: not used)
+        elif self.state == WAIT_SERVER_HELLO_DONE and msg_type == m.CERTIFICATE_REQUEST and self._ecdhe():
+            m.parse_certificate_request_untrusted(body)
+            self.certificate_requested = True
+            self.transcript += raw
         elif self.state == WAIT_SERVER_HELLO_DONE and msg_type == m.SERVER_HELLO_DONE:
             self.transcript += raw
-            assert self.psk is not None
-            cke = self._next_message(m.CLIENT_KEY_EXCHANGE, m.psk_client_key_exchange(self.identity))
-            self.transcript += cke
-            self._derive(self.psk)
+            flight: list[tuple[int, int, bytes]] = []
+            if self.certificate_requested:
+                cert = self._next_message(m.CERTIFICATE, m.certificate(self.params.certificate_chain))
+                self.transcript += cert
+                flight.append((0, HANDSHAKE, cert))
+            if self._ecdhe():
+                if not self.peer_point:
+                    raise HandshakeFailed(UNEXPECTED_MESSAGE, "no_server_key_exchange")
+                key, point = certs.ephemeral()
+                premaster = certs.ecdh_untrusted(key, self.peer_point)
+                cke = self._next_message(m.CLIENT_KEY_EXCHANGE, m.ecdhe_client_key_exchange(point))
+                self.transcript += cke
+                self._derive_from(premaster)
+            else:
+                assert self.psk is not None
+                cke = self._next_message(m.CLIENT_KEY_EXCHANGE, m.psk_client_key_exchange(self.identity))
+                self.transcript += cke
+                self._derive(self.psk)
+            flight.append((0, HANDSHAKE, cke))
+            if self.certificate_requested and self.params.private_key is not None:
+                cv = self._next_message(m.CERTIFICATE_VERIFY,
+                                        m.certificate_verify(certs.sign(self.params.private_key, bytes(self.transcript))))
+                self.transcript += cv
+                flight.append((0, HANDSHAKE, cv))
             fin = self._next_message(m.FINISHED, verify_data(self.master, b"client finished", bytes(self.transcript)))
             self.transcript += fin
             self.state = WAIT_CCS
-            self._send_flight([(0, HANDSHAKE, cke), (0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, fin)], now,
-                              timer=True)
+            self._send_flight(flight + [(0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, fin)], now, timer=True)
         elif self.state == WAIT_FINISHED and msg_type == m.FINISHED:
             got = m.parse_finished_untrusted(body)
             if got != verify_data(self.master, b"server finished", bytes(self.transcript)):
@@ -385,10 +518,18 @@ class Connection:
             if self.state in (FAILED, CLOSED):
                 return
 
+    def _ecdhe(self) -> bool:
+        return self.suite is not None and self.suite.kx == "ecdhe_ecdsa"
+
     def _derive(self, psk: bytes) -> None:
+        self._derive_from(psk_premaster(psk))
+
+    def _derive_from(self, premaster: bytes) -> None:
+        """(called with the transcript up to and including the ClientKeyExchange: RFC 7627's
+        session hash)"""
         assert self.suite is not None
         session_hash = _sha256(bytes(self.transcript)) if self.ems else None
-        self.master = master_secret(psk_premaster(psk), self.client_random, self.server_random, session_hash)
+        self.master = master_secret(premaster, self.client_random, self.server_random, session_hash)
         keys = key_block(self.suite, self.master, self.client_random, self.server_random)
         self.install(keys)
 

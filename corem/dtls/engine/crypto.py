@@ -24,15 +24,16 @@ class Suite:
 PSK_AES_128_CCM_8 = Suite(0xC0A8, "TLS_PSK_WITH_AES_128_CCM_8", "psk", "ccm8")
 PSK_AES_128_CCM = Suite(0xC0A4, "TLS_PSK_WITH_AES_128_CCM", "psk", "ccm")
 PSK_AES_128_GCM_SHA256 = Suite(0x00A8, "TLS_PSK_WITH_AES_128_GCM_SHA256", "psk", "gcm")
-#: designed for, not implemented yet (a later step): the key exchange is the only difference the
-#: engine sees; records and state are the same
+#: ECDHE on P-256 with ECDSA certificates (RFC 8422, RFC 7251 for CCM-8): negotiated only by a
+#: server that has a certificate and key (connection.Params)
 ECDHE_ECDSA_AES_128_CCM_8 = Suite(0xC0AE, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", "ecdhe_ecdsa", "ccm8")
 ECDHE_ECDSA_AES_128_GCM_SHA256 = Suite(0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ecdhe_ecdsa", "gcm")
 
 SUITES = {s.code: s for s in (PSK_AES_128_CCM_8, PSK_AES_128_CCM, PSK_AES_128_GCM_SHA256,
                               ECDHE_ECDSA_AES_128_CCM_8, ECDHE_ECDSA_AES_128_GCM_SHA256)}
-#: what the engine negotiates today, in the server's order of preference
-IMPLEMENTED = (PSK_AES_128_CCM_8, PSK_AES_128_CCM, PSK_AES_128_GCM_SHA256)
+#: what the engine negotiates, in the server's order of preference (PSK first: no signatures)
+IMPLEMENTED = (PSK_AES_128_CCM_8, PSK_AES_128_CCM, PSK_AES_128_GCM_SHA256, ECDHE_ECDSA_AES_128_CCM_8,
+               ECDHE_ECDSA_AES_128_GCM_SHA256)
 SCSV_RENEGOTIATION = 0x00FF  # TLS_EMPTY_RENEGOTIATION_INFO_SCSV (RFC 5746)
 
 

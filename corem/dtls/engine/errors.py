@@ -18,6 +18,9 @@ UNEXPECTED_MESSAGE = 10
 BAD_RECORD_MAC = 20
 RECORD_OVERFLOW = 22
 HANDSHAKE_FAILURE = 40
+BAD_CERTIFICATE = 42
+UNSUPPORTED_CERTIFICATE = 43
+CERTIFICATE_UNKNOWN = 46
 ILLEGAL_PARAMETER = 47
 DECODE_ERROR = 50
 DECRYPT_ERROR = 51
@@ -30,7 +33,8 @@ UNKNOWN_PSK_IDENTITY = 115
 
 ALERT_NAMES = {
     CLOSE_NOTIFY: "close_notify", UNEXPECTED_MESSAGE: "unexpected_message", BAD_RECORD_MAC: "bad_record_mac",
-    RECORD_OVERFLOW: "record_overflow", HANDSHAKE_FAILURE: "handshake_failure",
+    RECORD_OVERFLOW: "record_overflow", HANDSHAKE_FAILURE: "handshake_failure", BAD_CERTIFICATE: "bad_certificate",
+    UNSUPPORTED_CERTIFICATE: "unsupported_certificate", CERTIFICATE_UNKNOWN: "certificate_unknown",
     ILLEGAL_PARAMETER: "illegal_parameter", DECODE_ERROR: "decode_error", DECRYPT_ERROR: "decrypt_error",
     PROTOCOL_VERSION: "protocol_version", INSUFFICIENT_SECURITY: "insufficient_security",
     INTERNAL_ERROR: "internal_error", NO_RENEGOTIATION: "no_renegotiation",

@@ -286,3 +286,123 @@ def parse_cid_extension_untrusted(data: bytes) -> bytes:
     cid = r.vector(1)
     r.end()
     return cid
+
+
+# -- certificates and ECDHE (RFC 5246 §7.4.2-7.4.8, RFC 8422) --------------------------------------
+
+EXT_SUPPORTED_GROUPS = 10
+EXT_EC_POINT_FORMATS = 11
+EXT_SIGNATURE_ALGORITHMS = 13
+SECP256R1 = 23
+ECDSA_SECP256R1_SHA256 = 0x0403
+NAMED_CURVE = 3
+ECDSA_SIGN = 64  # ClientCertificateType ecdsa_sign
+
+
+def _u16_list_untrusted(data: bytes) -> tuple[int, ...]:
+    r = _Reader(data)
+    raw = r.vector(2)
+    r.end()
+    if len(raw) % 2:
+        raise DtlsDecodeError(DECODE_ERROR, "odd_length_list")
+    return struct.unpack(f"!{len(raw) // 2}H", raw)
+
+
+def parse_supported_groups_untrusted(data: bytes) -> tuple[int, ...]:
+    return _u16_list_untrusted(data)
+
+
+def parse_signature_algorithms_untrusted(data: bytes) -> tuple[int, ...]:
+    return _u16_list_untrusted(data)
+
+
+def parse_point_formats_untrusted(data: bytes) -> bytes:
+    r = _Reader(data)
+    formats = r.vector(1)
+    r.end()
+    return formats
+
+
+def u16_list(values: tuple[int, ...]) -> bytes:
+    return (2 * len(values)).to_bytes(2, "big") + struct.pack(f"!{len(values)}H", *values)
+
+
+def certificate(chain: tuple[bytes, ...]) -> bytes:
+    block = b"".join(len(c).to_bytes(3, "big") + c for c in chain)
+    return len(block).to_bytes(3, "big") + block
+
+
+def parse_certificate_untrusted(body: bytes) -> list[bytes]:
+    r = _Reader(body)
+    block = _Reader(r.vector(3))
+    r.end()
+    chain = []
+    while block.left:
+        cert = block.vector(3)
+        if not cert:
+            raise DtlsDecodeError(DECODE_ERROR, "empty_certificate")
+        chain.append(cert)
+    return chain
+
+
+def ecdhe_params(point: bytes) -> bytes:
+    """ServerECDHParams: named_curve secp256r1 and the server's ephemeral point"""
+    return bytes((NAMED_CURVE,)) + SECP256R1.to_bytes(2, "big") + bytes((len(point),)) + point
+
+
+def server_key_exchange_ecdhe(params: bytes, signature: bytes) -> bytes:
+    return params + ECDSA_SECP256R1_SHA256.to_bytes(2, "big") + len(signature).to_bytes(2, "big") + signature
+
+
+def parse_server_key_exchange_ecdhe_untrusted(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """(the signed params, the point, the signature)"""
+    r = _Reader(body)
+    if r.uint(1) != NAMED_CURVE or r.uint(2) != SECP256R1:
+        raise DtlsDecodeError(ILLEGAL_PARAMETER, "curve")
+    point = r.vector(1)
+    params = body[:r.pos]
+    if r.uint(2) != ECDSA_SECP256R1_SHA256:
+        raise DtlsDecodeError(ILLEGAL_PARAMETER, "signature_algorithm")
+    signature = r.vector(2)
+    r.end()
+    return params, point, signature
+
+
+def certificate_request() -> bytes:
+    """ecdsa_sign, ecdsa_secp256r1_sha256, no CA names"""
+    return bytes((1, ECDSA_SIGN)) + u16_list((ECDSA_SECP256R1_SHA256,)) + b"\x00\x00"
+
+
+def parse_certificate_request_untrusted(body: bytes) -> tuple[bytes, tuple[int, ...]]:
+    r = _Reader(body)
+    types = r.vector(1)
+    algs = r.vector(2)
+    r.vector(2)  # certificate_authorities (not used)
+    r.end()
+    if len(algs) % 2:
+        raise DtlsDecodeError(DECODE_ERROR, "odd_length_list")
+    return types, struct.unpack(f"!{len(algs) // 2}H", algs)
+
+
+def ecdhe_client_key_exchange(point: bytes) -> bytes:
+    return bytes((len(point),)) + point
+
+
+def parse_ecdhe_client_key_exchange_untrusted(body: bytes) -> bytes:
+    r = _Reader(body)
+    point = r.vector(1)
+    r.end()
+    return point
+
+
+def certificate_verify(signature: bytes) -> bytes:
+    return ECDSA_SECP256R1_SHA256.to_bytes(2, "big") + len(signature).to_bytes(2, "big") + signature
+
+
+def parse_certificate_verify_untrusted(body: bytes) -> bytes:
+    r = _Reader(body)
+    if r.uint(2) != ECDSA_SECP256R1_SHA256:
+        raise DtlsDecodeError(ILLEGAL_PARAMETER, "signature_algorithm")
+    signature = r.vector(2)
+    r.end()
+    return signature
