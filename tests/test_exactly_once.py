@@ -364,5 +364,12 @@ def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_b
         twin.receive(con(0x2000, b"\x07", "T1", 2), peer)
         twin.commit()
         assert len(twin.check()[1]) == 1
+        # the lane writes the header as the Python path does (twin.check compares them), IPv6 too
+        for source, text in ((("10.20.30.40", 65535), "udp 10.20.30.40 65535 65535"),
+                             (("2001:db8::7", 5683, 0, 0), "udp 2001:db8::7 5683 65535")):
+            twin.receive(con(0xFFFF, b"\x08", "T1", 3), source)
+            twin.commit()
+            [(_topic, _key, _point, headers)] = twin.check()[1]
+            assert headers["coap-exchange"] == text
     finally:
         twin.close()

@@ -526,15 +526,19 @@ static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, u
     o += sl;
     *o++ = ' ';
     unsigned port, scope = 0;
-    if (a->sa.sa_family == AF_INET) {
-        inet_ntop(AF_INET, &a->v4.sin_addr, o, INET6_ADDRSTRLEN);
+    if (a->sa.sa_family == AF_INET) { /* (glibc's inet_ntop formats IPv4 with sprintf: 3x slower) */
+        const uint8_t *q = (const uint8_t *)&a->v4.sin_addr;
+        for (int i = 0; i < 4; i++) {
+            if (i) *o++ = '.';
+            o = put_u64(o, q[i]);
+        }
         port = ntohs(a->v4.sin_port);
     } else {
         inet_ntop(AF_INET6, &a->v6.sin6_addr, o, INET6_ADDRSTRLEN);
+        o += strlen(o);
         port = ntohs(a->v6.sin6_port);
         scope = a->v6.sin6_scope_id;
     }
-    o += strlen(o);
     if (scope) {
         *o++ = '%';
         o = put_u64(o, scope);
