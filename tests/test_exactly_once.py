@@ -373,3 +373,76 @@ def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_b
             assert headers["coap-exchange"] == text
     finally:
         twin.close()
+
+
+# -- readiness: stalled deliveries, both sinks -------------------------------------------------------
+@pytest.mark.parametrize("kind", ["Reports", "PyReports"])
+def test_the_oldest_record_waiting_for_its_delivery_report_is_known(kind):
+    """What /readyz's stall check reads on Kafka: when the oldest record still without a report was
+    produced, whichever order the reports come in."""
+    from corem.bus import Record
+    from corem.bus import kafka
+
+    cls = getattr(kafka, kind)
+    if cls is None:
+        pytest.skip("the C tickets are not built")
+    reports = cls((1.0,))
+    held: list = []
+
+    def produce(topic, value, key, partition, callback, on_delivery, ts, headers):
+        held.append(callback)
+
+    assert reports.oldest is None
+    t0 = time.monotonic()
+    reports.submit(produce, [Record("t", b"k", b"v", {})], lambda ctx, err: None, [0])
+    time.sleep(0.01)
+    t1 = time.monotonic()
+    reports.submit(produce, [Record("t", b"k", b"v", {}), Record("t", b"k", b"v", {})], lambda ctx, err: None, [1, 2])
+    first = reports.oldest
+    assert first is not None and t0 <= first < t1
+
+    def deliver(i: int) -> None:  # as librdkafka does: C tickets by being let go of, Python ones called
+        if kind == "Reports":
+            held[i] = None
+        else:
+            held[i](None, None)
+
+    deliver(0)
+    assert reports.oldest is not None and reports.oldest >= t1
+    held[2]("an error", None)  # a failure is a report too
+    assert reports.oldest is not None and reports.oldest >= t1
+    deliver(1)
+    assert reports.oldest is None and reports.outstanding == 0
+    reports.answer()
+
+
+async def test_a_batch_write_that_hangs_makes_the_embedded_bus_stalled_until_it_ends(monkeypatch):
+    import trio
+
+    from corem.bus import base
+    from corem.bus.base import BatchingSink, Record
+
+    monkeypatch.setattr(base, "STALLED_AFTER", 0.2)
+    release = threading.Event()
+
+    class Hanging(BatchingSink):
+        def write_prepared(self, prepared):
+            release.wait(30)  # a disk that does not answer
+            return None
+
+    sink = Hanging()
+    answered: list = []
+    async with trio.open_nursery() as n:
+        await n.start(sink.run)
+        assert sink.probe() is None
+        sink.submit(Record("telemetry.raw.a", b"d", b"{}", {}), lambda ctx, err: answered.append(err))
+        with trio.fail_after(10):
+            while sink.probe() is None:
+                await trio.sleep(0.05)
+        assert "stalled" in sink.probe()
+        release.set()
+        with trio.fail_after(10):
+            while not answered:
+                await trio.sleep(0.05)
+        assert answered == [None] and sink.probe() is None  # ready again by itself
+        await sink.close()
