@@ -1,24 +1,57 @@
 """Fuzz corem's own DTLS engine (corem/dtls/engine) at every parser of untrusted bytes: records
-(with and without CID), handshake fragments and messages, extensions, stored sessions (plain and
-sealed); and the engine itself, fed a real handshake from its client role with fuzzer-chosen
+(with and without CID), handshake fragments and messages, extensions, certificates, EC points and
+signatures, stored sessions (plain and sealed); and the engine itself, fed a real handshake (PSK,
+or ECDHE-ECDSA with a device certificate) from its client role with fuzzer-chosen
 mutations, drops, repeats and injected datagrams at any step, and an established session fed
 arbitrary records.  Nothing but DtlsDecodeError leaves a parser; nothing at all leaves the
 engine; no session exists without the key; no unauthenticated peer is sent more than it sent."""
 
 import sys
+from datetime import datetime, timedelta, timezone
 
 import atheris
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 with atheris.instrument_imports():
-    from corem.dtls.engine import Client, DtlsDecodeError, Engine
+    from corem.dtls.engine import Client, DtlsDecodeError, Engine, EngineParams, Params
+    from corem.dtls.engine import certs
     from corem.dtls.engine import messages as m
     from corem.dtls.engine import state as session_state
+    from corem.dtls.engine.crypto import IMPLEMENTED
     from corem.dtls.engine.records import parse_record_untrusted
 
 PSK = b"0123456789abcdef"
 KEYS = {b"device-1": PSK}
 PEER = ("192.0.2.10", 40000)
 SEAL_KEY = bytes(range(16))
+
+
+def _certificate(name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, ca: bool
+                 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer[0].subject if issuer else subject)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=3650)).add_extension(x509.BasicConstraints(ca, None), critical=True)
+            .sign(issuer[1] if issuer else key, hashes.SHA256()))
+    return cert, key
+
+
+CA = _certificate("ca", None, True)
+SERVER = _certificate("server", CA, False)
+DEVICE = _certificate("device", CA, False)
+DER = serialization.Encoding.DER
+SERVER_PARAMS = EngineParams(certificate_chain=(SERVER[0].public_bytes(DER),), private_key=SERVER[1],
+                             verify_peer=certs.chain_verifier([CA[0]]), client_auth="optional")
+ECDHE_CLIENT = Params(suites=tuple(s for s in IMPLEMENTED if s.kx == "ecdhe_ecdsa"),
+                      certificate_chain=(DEVICE[0].public_bytes(DER),), private_key=DEVICE[1],
+                      verify_peer=certs.chain_verifier([CA[0]]))
+VERIFY = certs.chain_verifier([CA[0]])
+EPHEMERAL, _ = certs.ephemeral()
 
 
 def _established() -> tuple[bytes, bytes]:
@@ -43,6 +76,12 @@ PARSERS = (
     m.parse_psk_client_key_exchange_untrusted, m.parse_finished_untrusted, m.parse_hello_verify_request_untrusted,
     m.parse_cid_extension_untrusted, session_state.SessionState.from_bytes_untrusted,
     lambda b: session_state.open_sealed_untrusted(b, SEAL_KEY),
+    m.parse_supported_groups_untrusted, m.parse_signature_algorithms_untrusted, m.parse_point_formats_untrusted,
+    m.parse_certificate_untrusted, m.parse_server_key_exchange_ecdhe_untrusted,
+    m.parse_certificate_request_untrusted, m.parse_ecdhe_client_key_exchange_untrusted,
+    m.parse_certificate_verify_untrusted, certs.leaf_key_untrusted,
+    lambda b: certs.ecdh_untrusted(EPHEMERAL, b),
+    lambda b: certs.verify_untrusted(EPHEMERAL.public_key(), b, b"data", "fuzz"),
 )
 
 
@@ -66,6 +105,7 @@ def parsers(fdp: atheris.FuzzedDataProvider) -> None:
         hello.cid_offered()
     except DtlsDecodeError:
         pass
+    assert VERIFY([data]) is None  # (a certificate chain the fuzzer wrote never verifies)
 
 
 def mutate(fdp: atheris.FuzzedDataProvider, d: bytes) -> bytes:
@@ -83,8 +123,12 @@ def mutate(fdp: atheris.FuzzedDataProvider, d: bytes) -> bytes:
 
 
 def handshake(fdp: atheris.FuzzedDataProvider) -> None:
-    eng = Engine(KEYS.get)
-    cl = Client(b"device-1", PSK, cid=None if fdp.ConsumeBool() else b"")
+    ecdhe = fdp.ConsumeBool()
+    eng = Engine(KEYS.get, SERVER_PARAMS)
+    if ecdhe:
+        cl = Client(b"", b"", cid=None if fdp.ConsumeBool() else b"", params=ECDHE_CLIENT)
+    else:
+        cl = Client(b"device-1", PSK, cid=None if fdp.ConsumeBool() else b"")
     cl.start(0.0)
     now = 0.0
     for _ in range(fdp.ConsumeIntInRange(1, 8)):
@@ -100,7 +144,7 @@ def handshake(fdp: atheris.FuzzedDataProvider) -> None:
         eng.tick(now)
         cl.tick(now)
     for conn in eng.sessions.values():
-        assert conn.identity == b"device-1"
+        assert conn.identity in (b"device-1", certs.fingerprint(DEVICE[0].public_bytes(DER)), b"")
     st = eng.stats
     assert st.bytes_out_unauthenticated <= st.bytes_in
 

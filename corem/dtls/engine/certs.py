@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -44,7 +44,7 @@ def leaf_key_untrusted(der: bytes) -> ec.EllipticCurvePublicKey:
     try:
         cert = x509.load_der_x509_certificate(der)
         key = cert.public_key()
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise DtlsDecodeError(BAD_CERTIFICATE, "certificate_syntax") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise DtlsDecodeError(UNSUPPORTED_CERTIFICATE, "not_a_p256_key")
@@ -76,10 +76,10 @@ def chain_verifier(cas: list[x509.Certificate], clock: Callable[[], float] = tim
         if not certs:
             return None
         now = datetime.fromtimestamp(clock(), timezone.utc)
-        for c in certs:
-            if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
-                return None
         try:
+            for c in certs:
+                if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
+                    return None
             for child, parent in zip(certs, certs[1:]):
                 if not _is_ca(parent):
                     return None
@@ -87,7 +87,7 @@ def chain_verifier(cas: list[x509.Certificate], clock: Callable[[], float] = tim
             top = certs[-1]
             if not any(top == ca or _issued(top, ca) for ca in trusted):
                 return None
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             return None
         return fingerprint(chain[0])
 
@@ -106,6 +106,6 @@ def _issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True

@@ -365,8 +365,7 @@ class Connection:
             chain = m.parse_certificate_untrusted(body)
             if chain:
                 self.peer_key = certs.leaf_key_untrusted(chain[0])
-                assert self.params.verify_peer is not None
-                identity = self.params.verify_peer(chain)
+                identity = self._verify(chain)
                 if identity is None:
                     raise HandshakeFailed(BAD_CERTIFICATE, "bad_certificate")
                 self.identity = identity
@@ -447,7 +446,7 @@ class Connection:
             if not chain:
                 raise HandshakeFailed(BAD_CERTIFICATE, "no_server_certificate")
             self.peer_key = certs.leaf_key_untrusted(chain[0])
-            if self.params.verify_peer is not None and self.params.verify_peer(chain) is None:
+            if self.params.verify_peer is not None and self._verify(chain) is None:
                 raise HandshakeFailed(BAD_CERTIFICATE, "bad_certificate")
             self.peer_chain = chain
             self.transcript += raw
@@ -517,6 +516,13 @@ class Connection:
             self._content(ctype, plain, 1, now)
             if self.state in (FAILED, CLOSED):
                 return
+
+    def _verify(self, chain: list[bytes]) -> bytes | None:
+        assert self.params.verify_peer is not None
+        try:
+            return self.params.verify_peer(chain)
+        except Exception:
+            raise HandshakeFailed(INTERNAL_ERROR, "certificate_check_error") from None
 
     def _ecdhe(self) -> bool:
         return self.suite is not None and self.suite.kx == "ecdhe_ecdsa"
