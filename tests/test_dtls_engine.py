@@ -528,6 +528,29 @@ def test_a_plaintext_alert_does_not_end_an_established_session():
     assert PEER in eng.sessions and eng.receive(cl.wrap(b"on"), PEER, 1.0) == [b"on"]
 
 
+@pytest.mark.parametrize("msg_type", [m.FINISHED, m.CLIENT_KEY_EXCHANGE, m.SERVER_HELLO, m.HELLO_REQUEST])
+@pytest.mark.parametrize("seq", [0, 2, 3, 4, 100])
+def test_an_injected_plaintext_handshake_message_does_not_touch_an_established_session(msg_type, seq):
+    eng, cl = handshake()
+    forged = plaintext_record(HANDSHAKE, 0, 1000, m.message(msg_type, seq, bytes(12)))
+    assert eng.receive(forged, PEER, 1.0) == [] and eng.datagrams_to_send() == []
+    assert eng.receive(cl.wrap(b"alive"), PEER, 1.0) == [b"alive"]
+    assert cl.receive(forged, 1.0) == [] and cl.established and cl.datagrams_to_send() == []
+
+
+def test_an_authenticated_renegotiation_gets_no_renegotiation_and_the_session_stays():
+    eng, cl = handshake(client=Client(b"device-1", PSK, cid=None))
+    conn = cl.conn
+    hello = m.message(m.CLIENT_HELLO, conn.send_seq, m.client_hello(b"\x33" * 32, b"", (PSK_AES_128_CCM_8.code,), []))
+    eng.receive(conn._record(1, HANDSHAKE, hello), PEER, 1.0)
+    [(d, _)] = eng.datagrams_to_send()
+    assert cl.receive(d, 1.0) == [] and cl.established  # (a warning: the client goes on)
+    assert eng.receive(cl.wrap(b"still"), PEER, 1.0) == [b"still"]
+    opened = RecordProtection(conn.suite.cipher, conn.keys.server_key, conn.keys.server_iv).open_untrusted(
+        parse_record_untrusted(d, 0, 0)[0])
+    assert opened == (ALERT, bytes([1, 100]))  # warning no_renegotiation
+
+
 def test_hellos_without_a_cookie_leave_no_state_and_get_less_than_they_sent():
     eng = Engine(KEYS.get)
     for i in range(200):

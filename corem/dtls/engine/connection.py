@@ -21,7 +21,7 @@ from . import messages as m
 from .crypto import IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret, psk_premaster, \
     verify_data
 from .errors import BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL, HANDSHAKE_FAILURE, \
-    ILLEGAL_PARAMETER, INTERNAL_ERROR, PROTOCOL_VERSION, UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, \
+    ILLEGAL_PARAMETER, INTERNAL_ERROR, NO_RENEGOTIATION, PROTOCOL_VERSION, UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, \
     DtlsDecodeError, HandshakeFailed, alert_name
 from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, DTLS_1_2, HANDSHAKE, HEADER, TLS12_CID, Record, \
     RecordProtection, ReplayWindow, SEQ_MAX, plaintext_record
@@ -251,6 +251,11 @@ class Connection:
         if rec.epoch == 0:
             if rec.type == TLS12_CID:
                 raise DtlsDecodeError(UNEXPECTED_MESSAGE, "cid_in_epoch_0")
+            if self.state == ESTABLISHED:
+                # anyone can write a plaintext record with the peer's address on it: it must not
+                # touch the session (the peer's own repeats of its last flight are ignored too;
+                # its repeated Finished, at epoch 1, is what brings ours again)
+                raise DtlsDecodeError(UNEXPECTED_MESSAGE, "plaintext_after_handshake")
             self.last_seen = now
             self._content(rec.type, rec.fragment, 0, now)
             return False
@@ -327,6 +332,11 @@ class Connection:
             # flight again: a plaintext record anyone could send does not)
             if f.message_seq < self.peer_flight_start and (epoch == 1 or self.state != ESTABLISHED):
                 self.resend = bool(self.flight)  # the peer did not hear our last flight
+            return
+        if self.state == ESTABLISHED:
+            # (authenticated: the peer asks for a renegotiation, which this engine does not do;
+            # RFC 5746 §4.4 lets it say so and keep the session)
+            self.send_alert(WARNING, NO_RENEGOTIATION)
             return
         if f.message_seq >= self.recv_seq + MAX_AHEAD:
             return
