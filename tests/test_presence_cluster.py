@@ -293,6 +293,28 @@ def test_a_device_moving_between_two_workers_is_online_once_and_offline_once(dat
     assert offline["at"] >= last + THRESHOLD * 1000  # not while worker 1 still heard it
 
 
+def test_a_worker_killed_while_it_holds_the_device_repeats_no_online(data_dir):
+    """The worker is started again and gets the device back (same source port): no second online;
+    the killed process's count stays in the table, so the offline comes by the way out, once."""
+    from .test_workers import port_for, worker_pids
+
+    server = start_corem(data_dir, "--workers", "2", "--presence-offline-after", str(THRESHOLD))
+    sock = port_for(1, 2)
+    try:
+        send_from(server.coap_port, sock, 4, 100)
+        wait_for(lambda: presence_events(data_dir), timeout=30, what="the online")
+        victim = wait_for(lambda: worker_pids(server).get(1), what="worker 1")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: worker_pids(server).get(1) not in (None, victim), timeout=60, what="worker 1 started again")
+        last = send_from(server.coap_port, sock, 6, 200)
+        events = wait_settled([data_dir])
+    finally:
+        sock.close()
+        server.stop()
+    assert [e["state"] for e in events] == ["online", "offline"], events
+    assert events[1]["at"] >= last + THRESHOLD * 1000
+
+
 @pytest.fixture
 def registry_url(pg_url, tmp_path):
     corem_cli("devices", "add", "--registry", pg_url, "--tenant", "acme", "--device", "sensor-1",
