@@ -242,6 +242,30 @@ def test_an_older_record_from_a_new_address_is_taken_but_does_not_move_the_sessi
     assert eng.wrap(b"x", a) is not None and eng.wrap(b"x", b) is None
 
 
+def test_a_client_finished_from_another_port_completes_the_handshake_where_the_cookie_was():
+    """The plaintext part of the client's last flight comes from the cookie's address, its Finished
+    (found by CID) from another port: the session starts at the cookie's address, nothing stale
+    stays behind, and the next record moves it"""
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    for step in range(4):
+        for d in cl.datagrams_to_send():
+            off = 0
+            while off < len(d):
+                rec, end = parse_record_untrusted(d, off, 6 if d[off] == TLS12_CID else 0)
+                eng.receive(d[off:end], ("192.0.2.10", 40001) if rec.type == TLS12_CID else PEER, 0.0)
+                off = end
+        for d, p in eng.datagrams_to_send():
+            assert p == PEER
+            cl.receive(d, 0.0)
+    assert cl.established and list(eng.sessions) == [PEER] and not eng.handshakes
+    assert eng.stats.handshakes_completed == 1
+    eng.tick(100.0)  # (nothing stale left to time out)
+    assert eng.receive(cl.wrap(b"later"), ("192.0.2.10", 40002), 100.0) == [b"later"]
+    assert list(eng.sessions) == [("192.0.2.10", 40002)]
+
+
 def test_a_forged_or_unknown_cid_is_dropped_and_counted():
     eng, cl = handshake()
     [conn] = eng.sessions.values()

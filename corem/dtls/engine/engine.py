@@ -154,8 +154,8 @@ class Engine:
             if conn is None:
                 raise DtlsDecodeError(0, "unknown_cid")
             newest = conn.receive_record(rec, now)
-            if newest and peer != conn.peer and conn.state == ESTABLISHED:
-                self._move(conn, peer)
+            if newest and peer != conn.peer and self.sessions.get(conn.peer) is conn:
+                self._move(conn, peer)  # (a session's: a handshake finishes where its cookie was)
             return conn
         if rec.epoch == 0:
             if rec.type == HANDSHAKE and rec.fragment[:1] == bytes((m.CLIENT_HELLO,)):
@@ -280,7 +280,7 @@ class Engine:
         self.cookies.rotate(now)
         for conn in list(self.handshakes.values()):
             conn.tick(now)
-            if now - conn.started > self.params.handshake_timeout and conn.state != FAILED:
+            if now - conn.started > self.params.handshake_timeout and conn.state not in (FAILED, ESTABLISHED):
                 conn.give_up()
             self._settle(conn)
         if now >= self._next_sweep:  # (idle sessions: a walk of them all, so not at every tick)
