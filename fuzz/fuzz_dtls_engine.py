@@ -34,9 +34,11 @@ def _certificate(name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePriv
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer[0].subject if issuer else subject)
+    cert = (x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(issuer[0].subject if issuer else subject)
             .public_key(key.public_key()).serial_number(1).not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=3650)).add_extension(x509.BasicConstraints(ca, None), critical=True)
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca, None), critical=True)
             .sign(issuer[1] if issuer else key, hashes.SHA256()))
     return cert, key
 
@@ -73,10 +75,12 @@ STATE, RECORD = _established()
 
 PARSERS = (
     m.parse_fragments_untrusted, m.parse_client_hello_untrusted, m.parse_server_hello_untrusted,
-    m.parse_psk_client_key_exchange_untrusted, m.parse_finished_untrusted, m.parse_hello_verify_request_untrusted,
+    m.parse_psk_client_key_exchange_untrusted, m.parse_finished_untrusted,
+    m.parse_hello_verify_request_untrusted,
     m.parse_cid_extension_untrusted, session_state.SessionState.from_bytes_untrusted,
     lambda b: session_state.open_sealed_untrusted(b, SEAL_KEY),
-    m.parse_supported_groups_untrusted, m.parse_signature_algorithms_untrusted, m.parse_point_formats_untrusted,
+    m.parse_supported_groups_untrusted, m.parse_signature_algorithms_untrusted,
+    m.parse_point_formats_untrusted,
     m.parse_certificate_untrusted, m.parse_server_key_exchange_ecdhe_untrusted,
     m.parse_certificate_request_untrusted, m.parse_ecdhe_client_key_exchange_untrusted,
     m.parse_certificate_verify_untrusted, certs.leaf_key_untrusted,

@@ -11,20 +11,24 @@ import os
 import random
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
+from cryptography import x509 as cx509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
+from cryptography.x509.oid import NameOID
 from hypothesis import given, settings, strategies as st
 
 from corem.codec import Code, Message, Type, decode, encode
 from corem.dtls.engine import Client, DtlsDecodeError, Engine, EngineParams, Params
+from corem.dtls.engine import certs as engine_certs
 from corem.dtls.engine import messages as m
 from corem.dtls.engine import state as session_state
-from corem.dtls.engine.connection import ESTABLISHED
 from corem.dtls.engine.crypto import ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, prf
 from corem.dtls.engine.records import (
     ALERT, APPLICATION_DATA, HANDSHAKE, TLS12_CID, RecordProtection, ReplayWindow, parse_record_untrusted,
@@ -54,7 +58,8 @@ def test_aead_record_without_cid_is_rfc_5246_and_6655(cipher, tag):
     explicit = rec[13:21]
     assert explicit == bytes.fromhex("0001000102030405")  # epoch + seq as the explicit nonce
     # RFC 5246 §6.2.3.3: additional_data = seq_num + type + version + length (of the plaintext)
-    additional = bytes.fromhex("0001000102030405") + b"\x17" + b"\xfe\xfd" + len(b"hello coap").to_bytes(2, "big")
+    additional = (bytes.fromhex("0001000102030405") + b"\x17" + b"\xfe\xfd"
+                  + len(b"hello coap").to_bytes(2, "big"))
     aead = AESGCM(KEY) if cipher == "gcm" else AESCCM(KEY, tag_length=tag)
     assert aead.decrypt(IV + explicit, rec[21:], additional) == b"hello coap"  # nonce = salt(4) + explicit(8)
     parsed, end = parse_record_untrusted(rec, 0, 0)
@@ -69,7 +74,8 @@ def test_cid_record_is_rfc_9146_byte_for_byte(padding):
     cid = bytes.fromhex("c1d2e3f4a5b6")
     prot = RecordProtection("ccm8", KEY, IV)
     rec = prot.seal(APPLICATION_DATA, 1, 7, b"reading", cid=cid, padding=padding)
-    assert rec[0] == 25 and rec[1:3] == b"\xfe\xfd" and rec[3:5] == b"\x00\x01" and rec[5:11] == (7).to_bytes(6, "big")
+    assert rec[0] == 25 and rec[1:3] == b"\xfe\xfd" and rec[3:5] == b"\x00\x01"
+    assert rec[5:11] == (7).to_bytes(6, "big")
     assert rec[11:17] == cid
     length = int.from_bytes(rec[17:19], "big")
     assert length == len(rec) - 19
@@ -136,11 +142,13 @@ def test_record_parser_raises_only_its_error(data, cid_length):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([20, 21, 22, 23]), st.integers(0, 0xFFFF), st.integers(0, (1 << 48) - 1), st.binary(max_size=60))
+@given(st.sampled_from([20, 21, 22, 23]), st.integers(0, 0xFFFF), st.integers(0, (1 << 48) - 1),
+       st.binary(max_size=60))
 def test_records_round_trip(ctype, epoch, seq, fragment):
     rec = plaintext_record(ctype, epoch, seq, fragment)
     parsed, end = parse_record_untrusted(rec + rec, len(rec), 0)
-    assert (parsed.type, parsed.epoch, parsed.seq, parsed.fragment, end) == (ctype, epoch, seq, fragment, 2 * len(rec))
+    got = (parsed.type, parsed.epoch, parsed.seq, parsed.fragment, end)
+    assert got == (ctype, epoch, seq, fragment, 2 * len(rec))
 
 
 @settings(max_examples=300, deadline=None)
@@ -196,7 +204,8 @@ def handshake(eng=None, client=None, peer=PEER, **kw):
 
 
 @pytest.mark.parametrize("suite", PSK_SUITES, ids=lambda s: s.name)
-@pytest.mark.parametrize("cid", [None, b"", b"\x0a\x0b\x0c"], ids=["no-cid", "cid-server-only", "cid-both-ways"])
+@pytest.mark.parametrize("cid", [None, b"", b"\x0a\x0b\x0c"],
+                         ids=["no-cid", "cid-server-only", "cid-both-ways"])
 def test_engine_client_and_server(suite, cid):
     eng, cl = handshake(client=Client(b"device-1", PSK, cid=cid, params=Params(suites=(suite,))))
     assert cl.established and eng.stats.handshakes_completed == 1
@@ -326,8 +335,9 @@ def refragment(ds, size=7):
             for f in m.parse_fragments_untrusted(rec.fragment):
                 for at in range(0, max(len(f.body), 1), size):
                     chunk = f.body[at:at + size]
-                    frag = (bytes([f.msg_type]) + f.length.to_bytes(3, "big") + f.message_seq.to_bytes(2, "big")
-                            + (f.offset + at).to_bytes(3, "big") + len(chunk).to_bytes(3, "big") + chunk)
+                    frag = (bytes([f.msg_type]) + f.length.to_bytes(3, "big")
+                            + f.message_seq.to_bytes(2, "big") + (f.offset + at).to_bytes(3, "big")
+                            + len(chunk).to_bytes(3, "big") + chunk)
                     pieces.append(plaintext_record(HANDSHAKE, 0, rec.seq, frag))
             out.extend(reversed(pieces))
     return out
@@ -427,7 +437,8 @@ def test_unknown_psk_identity():
     eng = Engine(KEYS.get)
     run_to_alert(eng, Client(b"who-knows", PSK))
     assert alerts(eng) == [(2, 115)]  # fatal unknown_psk_identity
-    assert eng.stats.handshakes_failed["unknown_psk_identity"] == 1 and not eng.handshakes and not eng.sessions
+    assert eng.stats.handshakes_failed["unknown_psk_identity"] == 1
+    assert not eng.handshakes and not eng.sessions
 
 
 def test_no_cipher_suite_in_common():
@@ -451,7 +462,8 @@ def test_without_extended_master_secret_when_the_server_allows_it():
 
 
 def hello_record(version, cookie=b"", seq=0):
-    body = m.client_hello(b"\x11" * 32, cookie, (PSK_AES_128_CCM_8.code,), [(m.EXT_EXTENDED_MASTER_SECRET, b"")])
+    body = m.client_hello(b"\x11" * 32, cookie, (PSK_AES_128_CCM_8.code,),
+                          [(m.EXT_EXTENDED_MASTER_SECRET, b"")])
     body = version.to_bytes(2, "big") + body[2:]
     return plaintext_record(HANDSHAKE, 0, seq, m.message(m.CLIENT_HELLO, seq, body))
 
@@ -506,8 +518,8 @@ def test_a_non_empty_renegotiation_info_is_refused():
     eng = Engine(KEYS.get)
 
     def hello(cookie, seq):
-        body = m.client_hello(b"\x22" * 32, cookie, (PSK_AES_128_CCM_8.code,),
-                              [(m.EXT_EXTENDED_MASTER_SECRET, b""), (m.EXT_RENEGOTIATION_INFO, b"\x0c" + bytes(12))])
+        extensions = [(m.EXT_EXTENDED_MASTER_SECRET, b""), (m.EXT_RENEGOTIATION_INFO, b"\x0c" + bytes(12))]
+        body = m.client_hello(b"\x22" * 32, cookie, (PSK_AES_128_CCM_8.code,), extensions)
         return plaintext_record(HANDSHAKE, 0, seq, m.message(m.CLIENT_HELLO, seq, body))
 
     eng.receive(hello(b"", 0), PEER, 0.0)
@@ -565,7 +577,8 @@ def test_an_injected_plaintext_handshake_message_does_not_touch_an_established_s
 def test_an_authenticated_renegotiation_gets_no_renegotiation_and_the_session_stays():
     eng, cl = handshake(client=Client(b"device-1", PSK, cid=None))
     conn = cl.conn
-    hello = m.message(m.CLIENT_HELLO, conn.send_seq, m.client_hello(b"\x33" * 32, b"", (PSK_AES_128_CCM_8.code,), []))
+    body = m.client_hello(b"\x33" * 32, b"", (PSK_AES_128_CCM_8.code,), [])
+    hello = m.message(m.CLIENT_HELLO, conn.send_seq, body)
     eng.receive(conn._record(1, HANDSHAKE, hello), PEER, 1.0)
     [(d, _)] = eng.datagrams_to_send()
     assert cl.receive(d, 1.0) == [] and cl.established  # (a warning: the client goes on)
@@ -680,7 +693,8 @@ def test_a_sealed_session_opens_only_whole_under_its_key_and_row():
     key = os.urandom(16)
     blob = session_state.seal(eng.export(PEER), key, b"row-1")
     for bad_blob, bad_key, ctx in [(blob, os.urandom(16), b"row-1"), (blob, key, b"row-2"),
-                                   (blob[:-1] + bytes([blob[-1] ^ 1]), key, b"row-1"), (blob[:20], key, b"row-1")]:
+                                   (blob[:-1] + bytes([blob[-1] ^ 1]), key, b"row-1"),
+                                   (blob[:20], key, b"row-1")]:
         with pytest.raises(DtlsDecodeError):
             session_state.open_sealed_untrusted(bad_blob, bad_key, ctx)
 
@@ -741,10 +755,13 @@ def test_python_mbedtls_client_in_memory(suite):
 def test_python_mbedtls_client_with_the_wrong_psk_gets_nothing_established():
     eng = Engine(KEYS.get)
     buf = mbedtls_client(MBEDTLS_SUITES[0], key=b"wrong key 123456")
-    with pytest.raises(Exception):  # (Mbed TLS gives up on our silence or our alert: either way not established)
-        assert not mbedtls_handshake(eng, buf)
-        raise RuntimeError("not established")
-    assert not eng.sessions
+    from mbedtls.exceptions import TLSError
+    try:
+        established = mbedtls_handshake(eng, buf)
+    except TLSError:  # (Mbed TLS gives up on our silence, or it does not: not established either way)
+        established = False
+    assert not established and not eng.sessions
+    assert eng.stats.records_dropped["bad_record_mac"] >= 1  # its Finished, under other keys
 
 
 def test_python_mbedtls_client_unknown_identity_gets_the_alert():
@@ -843,7 +860,8 @@ class CoapLoop:
                         self.suites.append(self.engine.sessions[peer].suite.name)
                         self.identities.append(self.engine.device(peer))
                         if msg.type == Type.CON:
-                            out = self.engine.wrap(encode(Message(Type.ACK, Code.CHANGED, msg.mid, msg.token)), peer)
+                            ack = Message(Type.ACK, Code.CHANGED, msg.mid, msg.token)
+                            out = self.engine.wrap(encode(ack), peer)
                             self.sock.sendto(out, peer)
                 self.engine.tick(now)
                 for d, p in self.engine.datagrams_to_send():
@@ -865,8 +883,9 @@ def test_libcoap_clients_over_udp(client, suite):
         pytest.skip(f"{client} not installed")
     loop = CoapLoop(Engine({b"libcoap-id": b"libcoap-secret-key"}.get, EngineParams(suites=(suite,))))
     try:
-        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-u", "libcoap-id", "-k", "libcoap-secret-key",
-                            "-t", "application/cbor", "-e", "reading", f"coaps://127.0.0.1:{loop.port}/telemetry"],
+        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-u", "libcoap-id",
+                            "-k", "libcoap-secret-key", "-t", "application/cbor", "-e", "reading",
+                            f"coaps://127.0.0.1:{loop.port}/telemetry"],
                            capture_output=True, text=True, timeout=30)
     finally:
         loop.close()
@@ -884,8 +903,8 @@ def test_libcoap_clients_with_the_wrong_key_get_no_answer(client):
         pytest.skip(f"{client} not installed")
     loop = CoapLoop(Engine({b"libcoap-id": b"libcoap-secret-key"}.get))
     try:
-        r = subprocess.run([client, "-v", "6", "-B", "3", "-m", "post", "-u", "libcoap-id", "-k", "another-key",
-                            "-e", "reading", f"coaps://127.0.0.1:{loop.port}/telemetry"],
+        r = subprocess.run([client, "-v", "6", "-B", "3", "-m", "post", "-u", "libcoap-id",
+                            "-k", "another-key", "-e", "reading", f"coaps://127.0.0.1:{loop.port}/telemetry"],
                            capture_output=True, text=True, timeout=30)
     finally:
         loop.close()
@@ -895,14 +914,6 @@ def test_libcoap_clients_with_the_wrong_key_get_no_answer(client):
 
 # -- ECDHE-ECDSA on P-256, certificates ------------------------------------------------------------------
 
-from datetime import datetime, timedelta, timezone  # noqa: E402
-
-from cryptography import x509 as cx509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-
-from corem.dtls.engine import certs as engine_certs  # noqa: E402
 
 
 class Pki:
@@ -928,7 +939,8 @@ class Pki:
         cert = b.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
         (self.dir / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         (self.dir / f"{name}.key.pem").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()))
         return cert, key
 
     @staticmethod
@@ -1041,8 +1053,9 @@ def test_libcoap_clients_with_certificates_over_udp(pki, client, auth):
     loop = CoapLoop(Engine(KEYS.get, pki.server_params(auth)))
     d = pki.dir
     try:
-        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-C", str(d / "ca.pem"), "-c", str(d / "dev1.pem"),
-                            "-j", str(d / "dev1.key.pem"), "-e", "reading", f"coaps://127.0.0.1:{loop.port}/telemetry"],
+        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-C", str(d / "ca.pem"),
+                            "-c", str(d / "dev1.pem"), "-j", str(d / "dev1.key.pem"), "-e", "reading",
+                            f"coaps://127.0.0.1:{loop.port}/telemetry"],
                            capture_output=True, text=True, timeout=30)
     finally:
         loop.close()

@@ -14,7 +14,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .errors import BAD_CERTIFICATE, DECRYPT_ERROR, ILLEGAL_PARAMETER, UNSUPPORTED_CERTIFICATE, DtlsDecodeError
+from .errors import (BAD_CERTIFICATE, DECRYPT_ERROR, ILLEGAL_PARAMETER, UNSUPPORTED_CERTIFICATE,
+                     DtlsDecodeError)
 
 #: a verifier: the peer's chain (DER, leaf first) -> the identity it proves (None: refused)
 Verifier = Callable[[list[bytes]], "bytes | None"]
@@ -22,7 +23,9 @@ Verifier = Callable[[list[bytes]], "bytes | None"]
 
 def ephemeral() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
-    return key, key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    point = key.public_key().public_bytes(serialization.Encoding.X962,
+                                          serialization.PublicFormat.UncompressedPoint)
+    return key, point
 
 
 def ecdh_untrusted(key: ec.EllipticCurvePrivateKey, point: bytes) -> bytes:

@@ -18,18 +18,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import certs
 from . import messages as m
-from .crypto import IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret, psk_premaster, \
-    verify_data
-from .errors import BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL, HANDSHAKE_FAILURE, \
-    ILLEGAL_PARAMETER, INTERNAL_ERROR, NO_RENEGOTIATION, PROTOCOL_VERSION, UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, \
-    DtlsDecodeError, HandshakeFailed, alert_name
-from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, DTLS_1_2, HANDSHAKE, HEADER, TLS12_CID, Record, \
-    RecordProtection, ReplayWindow, SEQ_MAX, plaintext_record
+from .crypto import (IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret,
+                     psk_premaster, verify_data)
+from .errors import (BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL,
+                     HANDSHAKE_FAILURE, ILLEGAL_PARAMETER, INTERNAL_ERROR, NO_RENEGOTIATION, PROTOCOL_VERSION,
+                     UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, DtlsDecodeError, HandshakeFailed,
+                     alert_name)
+from .records import (ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, DTLS_1_2, HANDSHAKE, HEADER, SEQ_MAX,
+                      TLS12_CID, Record, RecordProtection, ReplayWindow, plaintext_record)
 
 # states
 WAIT_SERVER_HELLO = "wait_server_hello"  # client: sent a ClientHello
 WAIT_SERVER_HELLO_DONE = "wait_server_hello_done"
-WAIT_CLIENT_CERTIFICATE = "wait_client_certificate"  # server: sent ServerHello..ServerHelloDone with a request
+WAIT_CLIENT_CERTIFICATE = "wait_client_certificate"  # server: the same, with a CertificateRequest
 WAIT_CLIENT_KEY_EXCHANGE = "wait_client_key_exchange"  # server: sent ServerHello..ServerHelloDone
 WAIT_CERTIFICATE_VERIFY = "wait_certificate_verify"  # server: the client's certificate came
 WAIT_CCS = "wait_change_cipher_spec"  # either: the peer's CCS (keys derived, read epoch pending)
@@ -155,7 +156,8 @@ class Connection:
                 ecdhe_ok = self._ecdhe_possible(hello)
             except DtlsDecodeError as e:
                 raise HandshakeFailed(e.alert, e.reason) from None
-            suite = next((s for s in self.params.suites if s.code in offered and (s.kx == "psk" or ecdhe_ok)), None)
+            suite = next((s for s in self.params.suites
+                          if s.code in offered and (s.kx == "psk" or ecdhe_ok)), None)
             if suite is None:
                 raise HandshakeFailed(HANDSHAKE_FAILURE, "no_shared_suite")
             self.suite = suite
@@ -185,7 +187,8 @@ class Connection:
         except HandshakeFailed as e:
             self._fail(e.alert, e.reason)
             return
-        msgs = [self._next_message(m.SERVER_HELLO, m.server_hello(self.server_random, suite.code, extensions))]
+        hello_body = m.server_hello(self.server_random, suite.code, extensions)
+        msgs = [self._next_message(m.SERVER_HELLO, hello_body)]
         self.state = WAIT_CLIENT_KEY_EXCHANGE
         if suite.kx == "ecdhe_ecdsa":
             assert self.params.private_key is not None
@@ -193,7 +196,8 @@ class Connection:
             self.ephemeral, point = certs.ephemeral()
             params = m.ecdhe_params(point)
             signature = certs.sign(self.params.private_key, self.client_random + self.server_random + params)
-            msgs.append(self._next_message(m.SERVER_KEY_EXCHANGE, m.server_key_exchange_ecdhe(params, signature)))
+            ske = m.server_key_exchange_ecdhe(params, signature)
+            msgs.append(self._next_message(m.SERVER_KEY_EXCHANGE, ske))
             if self.params.client_auth != "none":
                 msgs.append(self._next_message(m.CERTIFICATE_REQUEST, m.certificate_request()))
                 self.certificate_requested = True
@@ -234,9 +238,11 @@ class Connection:
         if self.offer_cid is not None:
             extensions.append((m.EXT_CONNECTION_ID, m.cid_extension(self.offer_cid)))
         if any(s.kx == "ecdhe_ecdsa" for s in self.params.suites):
-            extensions += [(m.EXT_SUPPORTED_GROUPS, m.u16_list((m.SECP256R1,))), (m.EXT_EC_POINT_FORMATS, b"\x01\x00"),
+            extensions += [(m.EXT_SUPPORTED_GROUPS, m.u16_list((m.SECP256R1,))),
+                           (m.EXT_EC_POINT_FORMATS, b"\x01\x00"),
                            (m.EXT_SIGNATURE_ALGORITHMS, m.u16_list((m.ECDSA_SECP256R1_SHA256,)))]
-        msg = self._next_message(m.CLIENT_HELLO, m.client_hello(self.client_random, cookie, self.offered, extensions))
+        body = m.client_hello(self.client_random, cookie, self.offered, extensions)
+        msg = self._next_message(m.CLIENT_HELLO, body)
         self.transcript = bytearray(msg)  # (the first hello and the HelloVerifyRequest are not hashed)
         self._send_flight([(0, HANDSHAKE, msg)], now, timer=True)
 
@@ -419,12 +425,13 @@ class Connection:
             if got != verify_data(self.master, b"client finished", bytes(self.transcript)):
                 raise HandshakeFailed(DECRYPT_ERROR, "bad_finished")
             self.transcript += raw
-            mine = self._next_message(m.FINISHED, verify_data(self.master, b"server finished", bytes(self.transcript)))
+            mine = self._next_message(m.FINISHED,
+                                      verify_data(self.master, b"server finished", bytes(self.transcript)))
             self.state = ESTABLISHED
             self._send_flight([(0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, mine)], now, timer=False)
             self.transcript = bytearray()
         elif msg_type == m.CLIENT_HELLO:
-            raise HandshakeFailed(UNEXPECTED_MESSAGE, "renegotiation")  # (a new hello goes through the engine)
+            raise HandshakeFailed(UNEXPECTED_MESSAGE, "renegotiation")  # (new hellos: through the engine)
         else:
             raise HandshakeFailed(UNEXPECTED_MESSAGE, f"unexpected_{msg_type}_in_{self.state}")
 
@@ -496,14 +503,16 @@ class Connection:
                 self._derive(self.psk)
             flight.append((0, HANDSHAKE, cke))
             if self.certificate_requested and self.params.private_key is not None:
-                cv = self._next_message(m.CERTIFICATE_VERIFY,
-                                        m.certificate_verify(certs.sign(self.params.private_key, bytes(self.transcript))))
+                signature = certs.sign(self.params.private_key, bytes(self.transcript))
+                cv = self._next_message(m.CERTIFICATE_VERIFY, m.certificate_verify(signature))
                 self.transcript += cv
                 flight.append((0, HANDSHAKE, cv))
-            fin = self._next_message(m.FINISHED, verify_data(self.master, b"client finished", bytes(self.transcript)))
+            fin = self._next_message(m.FINISHED,
+                                     verify_data(self.master, b"client finished", bytes(self.transcript)))
             self.transcript += fin
             self.state = WAIT_CCS
-            self._send_flight(flight + [(0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, fin)], now, timer=True)
+            flight += [(0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, fin)]
+            self._send_flight(flight, now, timer=True)
         elif self.state == WAIT_FINISHED and msg_type == m.FINISHED:
             got = m.parse_finished_untrusted(body)
             if got != verify_data(self.master, b"server finished", bytes(self.transcript)):

@@ -27,7 +27,8 @@ PSK_AES_128_GCM_SHA256 = Suite(0x00A8, "TLS_PSK_WITH_AES_128_GCM_SHA256", "psk",
 #: ECDHE on P-256 with ECDSA certificates (RFC 8422, RFC 7251 for CCM-8): negotiated only by a
 #: server that has a certificate and key (connection.Params)
 ECDHE_ECDSA_AES_128_CCM_8 = Suite(0xC0AE, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", "ecdhe_ecdsa", "ccm8")
-ECDHE_ECDSA_AES_128_GCM_SHA256 = Suite(0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ecdhe_ecdsa", "gcm")
+ECDHE_ECDSA_AES_128_GCM_SHA256 = Suite(0xC02B, "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ecdhe_ecdsa",
+                                       "gcm")
 
 SUITES = {s.code: s for s in (PSK_AES_128_CCM_8, PSK_AES_128_CCM, PSK_AES_128_GCM_SHA256,
                               ECDHE_ECDSA_AES_128_CCM_8, ECDHE_ECDSA_AES_128_GCM_SHA256)}
@@ -61,7 +62,8 @@ def psk_premaster(psk: bytes) -> bytes:
     return n + bytes(len(psk)) + n + psk
 
 
-def master_secret(premaster: bytes, client_random: bytes, server_random: bytes, session_hash: bytes | None) -> bytes:
+def master_secret(premaster: bytes, client_random: bytes, server_random: bytes,
+                  session_hash: bytes | None) -> bytes:
     """RFC 7627 §4 when `session_hash` (the hash of the handshake up to and including the
     ClientKeyExchange) is given, else RFC 5246 §8.1"""
     if session_hash is not None:

@@ -187,8 +187,8 @@ class Engine:
         hello = m.parse_client_hello_untrusted(f.body)
         if not self.cookies.valid(peer, hello):
             cookie = self.cookies.make(peer, hello)
-            hvr = plaintext_record(HANDSHAKE, 0, rec.seq, m.message(m.HELLO_VERIFY_REQUEST, f.message_seq,
-                                                                     m.hello_verify_request(cookie)), DTLS_1_2)
+            msg = m.message(m.HELLO_VERIFY_REQUEST, f.message_seq, m.hello_verify_request(cookie))
+            hvr = plaintext_record(HANDSHAKE, 0, rec.seq, msg, DTLS_1_2)
             self.outbox.append((hvr, peer))
             self.stats.hello_verify_sent += 1
             self.stats.bytes_out_unauthenticated += len(hvr)
@@ -285,7 +285,8 @@ class Engine:
             self._settle(conn)
         if now >= self._next_sweep:  # (idle sessions: a walk of them all, so not at every tick)
             self._next_sweep = now + SWEEP_EVERY
-            for conn in [c for c in self.sessions.values() if now - c.last_seen > self.params.session_timeout]:
+            idle = self.params.session_timeout
+            for conn in [c for c in self.sessions.values() if now - c.last_seen > idle]:
                 self.stats.sessions_expired += 1
                 self._forget(conn)
 

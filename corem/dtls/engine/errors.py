@@ -33,7 +33,8 @@ UNKNOWN_PSK_IDENTITY = 115
 
 ALERT_NAMES = {
     CLOSE_NOTIFY: "close_notify", UNEXPECTED_MESSAGE: "unexpected_message", BAD_RECORD_MAC: "bad_record_mac",
-    RECORD_OVERFLOW: "record_overflow", HANDSHAKE_FAILURE: "handshake_failure", BAD_CERTIFICATE: "bad_certificate",
+    RECORD_OVERFLOW: "record_overflow", HANDSHAKE_FAILURE: "handshake_failure",
+    BAD_CERTIFICATE: "bad_certificate",
     UNSUPPORTED_CERTIFICATE: "unsupported_certificate", CERTIFICATE_UNKNOWN: "certificate_unknown",
     ILLEGAL_PARAMETER: "illegal_parameter", DECODE_ERROR: "decode_error", DECRYPT_ERROR: "decrypt_error",
     PROTOCOL_VERSION: "protocol_version", INSUFFICIENT_SECURITY: "insufficient_security",

@@ -204,7 +204,8 @@ def parse_client_hello_untrusted(body: bytes) -> ClientHello:
     return hello
 
 
-def client_hello(random: bytes, cookie: bytes, suites: tuple[int, ...], extensions: list[tuple[int, bytes]]) -> bytes:
+def client_hello(random: bytes, cookie: bytes, suites: tuple[int, ...],
+                 extensions: list[tuple[int, bytes]]) -> bytes:
     return b"".join((
         (0xFEFD).to_bytes(2, "big"), random, b"\x00", bytes((len(cookie),)), cookie,
         (2 * len(suites)).to_bytes(2, "big"), struct.pack(f"!{len(suites)}H", *suites), b"\x01\x00",
@@ -234,7 +235,8 @@ def parse_hello_verify_request_untrusted(body: bytes) -> bytes:
 
 def server_hello(random: bytes, suite: int, extensions: list[tuple[int, bytes]]) -> bytes:
     """(an empty session_id: this server does not resume sessions)"""
-    return (0xFEFD).to_bytes(2, "big") + random + b"\x00" + suite.to_bytes(2, "big") + b"\x00" + _extensions(extensions)
+    return b"".join(((0xFEFD).to_bytes(2, "big"), random, b"\x00", suite.to_bytes(2, "big"), b"\x00",
+                     _extensions(extensions)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,8 @@ class Record:
         return self.epoch << 48 | self.seq
 
     def __repr__(self) -> str:
-        return f"Record(type={self.type}, epoch={self.epoch}, seq={self.seq}, cid={self.cid.hex()}, {len(self.fragment)} B)"
+        return (f"Record(type={self.type}, epoch={self.epoch}, seq={self.seq}, cid={self.cid.hex()}, "
+                f"{len(self.fragment)} B)")
 
 
 def parse_record_untrusted(datagram: bytes, offset: int, cid_length: int) -> tuple[Record, int]:
@@ -139,16 +140,20 @@ class RecordProtection:
     def overhead(self) -> int:
         return EXPLICIT_NONCE + self.tag
 
-    def seal(self, ctype: int, epoch: int, seq: int, plaintext: bytes, cid: bytes = b"", padding: int = 0) -> bytes:
+    def seal(self, ctype: int, epoch: int, seq: int, plaintext: bytes, cid: bytes = b"",
+             padding: int = 0) -> bytes:
         """The whole record.  With `cid` (the peer's, non-empty) a tls12_cid record (RFC 9146)."""
         explicit = epoch.to_bytes(2, "big") + seq.to_bytes(6, "big")
         if cid:
             inner = plaintext + bytes((ctype,)) + bytes(padding)
-            sealed = explicit + self.aead.encrypt(self.iv + explicit, inner, aad_cid(cid, epoch, seq, len(inner)))
+            extra = aad_cid(cid, epoch, seq, len(inner))
+            sealed = explicit + self.aead.encrypt(self.iv + explicit, inner, extra)
             return b"".join((
-                bytes((TLS12_CID,)), DTLS_1_2.to_bytes(2, "big"), explicit, cid, len(sealed).to_bytes(2, "big"), sealed,
+                bytes((TLS12_CID,)), DTLS_1_2.to_bytes(2, "big"), explicit, cid,
+                len(sealed).to_bytes(2, "big"), sealed,
             ))
-        sealed = explicit + self.aead.encrypt(self.iv + explicit, plaintext, aad(ctype, epoch, seq, len(plaintext)))
+        extra = aad(ctype, epoch, seq, len(plaintext))
+        sealed = explicit + self.aead.encrypt(self.iv + explicit, plaintext, extra)
         return plaintext_record(ctype, epoch, seq, sealed)
 
     def open_untrusted(self, record: Record) -> tuple[int, bytes]:

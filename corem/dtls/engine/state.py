@@ -110,8 +110,8 @@ class SessionState:
         identity = take(int.from_bytes(take(2), "big"))
         if pos != len(data):
             raise DtlsDecodeError(DECODE_ERROR, "state_trailing_bytes")
-        return cls(ROLES[role], suite, epoch, int.from_bytes(seq, "big"), top, bits, read_key, write_key, read_iv,
-                   write_iv, cid_in, cid_out, identity)
+        return cls(ROLES[role], suite, epoch, int.from_bytes(seq, "big"), top, bits, read_key, write_key,
+                   read_iv, write_iv, cid_in, cid_out, identity)
 
 
 #: write sequence numbers a live session may use between two exports
@@ -128,11 +128,13 @@ def export(conn: Connection, reserve: int = DEFAULT_RESERVE) -> SessionState:
     limit = min(conn.write_seq[1] + reserve, SEQ_MAX)
     conn.write_limit = limit
     if conn.role == "server":
-        read_key, read_iv, write_key, write_iv = keys.client_key, keys.client_iv, keys.server_key, keys.server_iv
+        read_key, read_iv = keys.client_key, keys.client_iv
+        write_key, write_iv = keys.server_key, keys.server_iv
     else:
-        read_key, read_iv, write_key, write_iv = keys.server_key, keys.server_iv, keys.client_key, keys.client_iv
-    return SessionState(conn.role, conn.suite.code, 1, limit, conn.window.top, conn.window.bits, read_key, write_key,
-                        read_iv, write_iv, conn.cid_in, conn.cid_out, conn.identity)
+        read_key, read_iv = keys.server_key, keys.server_iv
+        write_key, write_iv = keys.client_key, keys.client_iv
+    return SessionState(conn.role, conn.suite.code, 1, limit, conn.window.top, conn.window.bits, read_key,
+                        write_key, read_iv, write_iv, conn.cid_in, conn.cid_out, conn.identity)
 
 
 def restore(state: SessionState, peer: object, now: float, params: Params | None = None,
