@@ -27,6 +27,7 @@ from hypothesis import given, settings, strategies as st
 from corem.codec import Code, Message, Type, decode, encode
 from corem.dtls.engine import Client, DtlsDecodeError, Engine, EngineParams, Params
 from corem.dtls.engine import certs as engine_certs
+from corem.dtls.engine.connection import Connection
 from corem.dtls.engine import messages as m
 from corem.dtls.engine import state as session_state
 from corem.dtls.engine.crypto import ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, prf
@@ -959,6 +960,26 @@ class Pki:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_a_certificate_the_x509_parser_refuses_in_any_way_is_a_decode_error(pki):
+    """fuzz/fuzz_dtls_engine.py found x509.InvalidVersion (not a ValueError) escaping"""
+    der = pki.der(pki.dev)
+    at = der.index(b"\xa0\x03\x02\x01\x02")
+    bad = der[:at + 4] + b"\x25" + der[at + 5:]  # version 37
+    for chain in ([bad], [der[:40]], [b"\x30\x03\x02\x01\x01"]):
+        with pytest.raises(DtlsDecodeError):
+            engine_certs.leaf_key_untrusted(chain[0])
+        assert engine_certs.chain_verifier([pki.ca])(chain) is None
+    body = m.certificate((bad,))
+    eng = Engine(KEYS.get, pki.server_params("required"))  # (for its parameters)
+    conn = Connection("server", eng.params, PEER, 0.0)  # (as after its ServerHelloDone)
+    conn.state = "wait_client_certificate"
+    conn.suite = ECDHE_SUITES[0]
+    conn.recv_seq = 2
+    conn.receive_record(parse_record_untrusted(
+        plaintext_record(HANDSHAKE, 0, 5, m.message(m.CERTIFICATE, 2, body)), 0, 0)[0], 0.0)
+    assert conn.state == "failed" and conn.reason == "certificate_syntax"
 
 
 @pytest.mark.parametrize("suite", ECDHE_SUITES, ids=lambda s: s.name)

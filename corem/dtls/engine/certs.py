@@ -47,7 +47,7 @@ def leaf_key_untrusted(der: bytes) -> ec.EllipticCurvePublicKey:
     try:
         cert = x509.load_der_x509_certificate(der)
         key = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm):
+    except Exception:  # (the X.509 parser's errors are not all ValueErrors: InvalidVersion, found by fuzzing)
         raise DtlsDecodeError(BAD_CERTIFICATE, "certificate_syntax") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise DtlsDecodeError(UNSUPPORTED_CERTIFICATE, "not_a_p256_key")
@@ -72,6 +72,12 @@ def chain_verifier(cas: list[x509.Certificate], clock: Callable[[], float] = tim
     trusted = list(cas)
 
     def verify(chain: list[bytes]) -> bytes | None:
+        try:
+            return _verify(chain)
+        except Exception:  # (untrusted DER through the X.509 parser: any of its errors is a refusal)
+            return None
+
+    def _verify(chain: list[bytes]) -> bytes | None:
         try:
             certs = [x509.load_der_x509_certificate(d) for d in chain]
         except ValueError:
