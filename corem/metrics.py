@@ -73,7 +73,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_handshakes_started": (C, "Handshakes past the cookie exchange."),
     "corem_dtls_handshakes_completed": (C, "Handshakes completed."),
     "corem_dtls_handshakes_failed": (C, "Handshakes failed, by reason."),
-    "corem_dtls_handshakes_refused": (C, "ClientHellos refused by the handshake or session bound."),
+    "corem_dtls_handshakes_refused": (
+        C, "ClientHellos with a cookie refused, by reason: the source's address or prefix holds its share of the "
+        "handshake slots, the slots are full, or the session bound."),
+    "corem_dtls_handshakes_evicted": (
+        C, "Half-open handshakes dropped for a newcomer from a source holding less than half as many."),
     "corem_dtls_hello_verify_sent": (C, "Stateless HelloVerifyRequests sent."),
     "corem_dtls_records_dropped": (C, "Records with no session or that did not decrypt."),
     "corem_dtls_bytes_received": (C, "Bytes received on the DTLS socket."),

@@ -32,6 +32,7 @@ from ..stats import Sample, counter, fields, gauge
 from .certs import load_certificates, load_key, peer_der
 from .errors import CLOSE_NOTIFY, error_code
 from .errors import reason as tls_reason
+from .slots import FLOOR, HandshakeSlots
 from .store import Row, SessionStore, Unsaved, freeze, peer_key, step_sequence, thaw
 
 log = logging.getLogger("corem.dtls")
@@ -58,8 +59,11 @@ class DtlsParams:
     max_handshakes: int = 1000
     #: Established sessions at once; a handshake beyond it is refused.
     max_sessions: int = 100_000
-    #: A handshake that has not finished after this many seconds is dropped.
+    #: A handshake that has not finished after this many seconds is dropped; when more than half
+    #: the handshake slots are taken the timeout shrinks, to `handshake_floor` when all are
+    #: (slots.py: who gets a slot, and why the floor is 5 s).
     handshake_timeout: float = 30.0
+    handshake_floor: float = FLOOR
     #: Sessions idle longer than this are forgotten (`dtls_session_inactivity_timeout`).
     session_timeout: float = 24 * 3600.0
     #: Sessions idle longer than this are serialized (~1 KB) and their live context freed.
@@ -165,7 +169,8 @@ class DtlsStats:
     handshakes_started: int = 0
     handshakes_completed: int = 0
     handshakes_failed: Counter[str] = field(default_factory=Counter)  # reason -> count
-    handshakes_refused: int = 0
+    handshakes_refused: Counter[str] = field(default_factory=Counter)  # reason -> count (slots.py)
+    handshakes_evicted: int = 0  # half-open handshakes dropped for a fairer newcomer (slots.py)
     records_dropped: int = 0
     sessions_closed: int = 0
     sessions_expired: int = 0
@@ -174,7 +179,7 @@ class DtlsStats:
 #: DtlsStats field -> metric name
 DTLS_METRICS = {
     "handshakes_started": "corem_dtls_handshakes_started", "handshakes_completed": "corem_dtls_handshakes_completed",
-    "handshakes_refused": "corem_dtls_handshakes_refused", "hello_verify_sent": "corem_dtls_hello_verify_sent",
+    "handshakes_evicted": "corem_dtls_handshakes_evicted", "hello_verify_sent": "corem_dtls_hello_verify_sent",
     "records_dropped": "corem_dtls_records_dropped", "bytes_in": "corem_dtls_bytes_received",
     "bytes_out_unauthenticated": "corem_dtls_bytes_sent_unauthenticated",
     "sessions_closed": "corem_dtls_sessions_closed", "sessions_expired": "corem_dtls_sessions_expired",
@@ -238,6 +243,8 @@ class DtlsServer:
         #: the cookie exchange (stepped by tick)
         self.sessions: OrderedDict[Peer, Session] = OrderedDict()
         self.handshakes: dict[Peer, Session] = {}
+        #: who holds the handshake slots (`handshakes` has exactly their peers)
+        self.slots = HandshakeSlots(p.max_handshakes, p.handshake_timeout, p.handshake_floor)
         self._outbox: list[tuple[bytes, Peer]] = []
         self.stats = DtlsStats()
         #: told `(peer, now)` when a handshake completes: a new session, in which the peer's
@@ -260,6 +267,9 @@ class DtlsServer:
             return []
         handshake = self.handshakes.get(peer)
         if handshake is not None:
+            if self.slots.repeats(peer, data):  # a flooder's hello again: a replay (slots.py)
+                stats.records_dropped += 1
+                return []
             handshake.last_seen = now
             self._step(handshake, peer, data)
             return []
@@ -282,11 +292,17 @@ class DtlsServer:
         return self._read(session, peer, data)
 
     def _hello(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
-        """A ClientHello from a peer without a handshake in progress: cookie exchange first."""
-        if len(self.handshakes) >= self.params.max_handshakes or (
-            len(self.sessions) >= self.params.max_sessions and peer not in self.sessions
-        ):
-            self.stats.handshakes_refused += 1
+        """A ClientHello from a peer without a handshake in progress: cookie exchange first, then
+        a handshake slot (slots.py), shared fairly by source address and prefix."""
+        if len(self.sessions) >= self.params.max_sessions and peer not in self.sessions:
+            self.stats.handshakes_refused["sessions"] += 1
+            return []
+        # A hello without a cookie always gets its stateless HelloVerifyRequest, whatever the
+        # slots hold (a full table must not keep new devices from even starting).  One with a
+        # cookie asks for a slot first: a source over its share costs a lookup, no cryptography.
+        verdict = self.slots.consider(peer, now) if _has_cookie(data) else None
+        if verdict is not None and verdict.reason is not None:
+            self.stats.handshakes_refused[verdict.reason] += 1
             return []
         buf = self._ctx.wrap_buffers()
         buf.setcookieparam(_peer_bytes(peer))
@@ -304,8 +320,15 @@ class DtlsServer:
         except TLSError as e:
             self._fail(session, peer, e)
             return []
-        # the cookie was valid: the peer has a handshake in progress (replacing an old session,
-        # and its saved copy, offloaded or a checkpoint)
+        # the cookie was valid: the peer takes a slot (maybe evicting a heavier source's oldest
+        # half-open handshake) and has a handshake in progress (replacing an old session, and its
+        # saved copy, offloaded or a checkpoint)
+        verdict = self.slots.admit(peer, now, verdict, data)
+        if verdict.reason is not None:
+            self.stats.handshakes_refused[verdict.reason] += 1
+            return []
+        if verdict.evict is not None and self.handshakes.pop(verdict.evict, None) is not None:
+            self.stats.handshakes_evicted += 1
         key = peer_key(peer)
         if self.sessions.pop(peer, None) is not None or key in self.offloaded or self.store.shared:
             self.offloaded.discard(key)
@@ -348,6 +371,7 @@ class DtlsServer:
         if session.established or session.buf._handshake_state is not HANDSHAKE_OVER:
             return
         self.handshakes.pop(peer, None)
+        self.slots.release(peer)
         if session.device is None:  # not PSK: a certificate maps to a device, or nothing does
             der = peer_der(session.buf)
             if der is not None:
@@ -375,6 +399,7 @@ class DtlsServer:
         self._flush(session.buf, peer, unauthenticated=True)  # the alert, if Mbed TLS wrote one
         if self.handshakes.get(peer) is session:
             del self.handshakes[peer]
+            self.slots.release(peer)
 
     def _read(self, session: Session, peer: Peer, data: bytes) -> list[bytes]:
         buf = session.buf
@@ -444,12 +469,11 @@ class DtlsServer:
         then offload idle sessions and forget those idle past the inactivity timeout."""
         self._now = now
         p = self.params
-        for peer, session in list(self.handshakes.items()):
-            if now - session.started > p.handshake_timeout:
+        for peer in self.slots.expire(now):  # past the timeout, which shrinks as the slots fill
+            if self.handshakes.pop(peer, None) is not None:
                 self.stats.handshakes_failed["timeout"] += 1
-                del self.handshakes[peer]
-            else:
-                self._step(session, peer, None)  # Mbed TLS resends its flight if its timer expired
+        for peer, session in list(self.handshakes.items()):
+            self._step(session, peer, None)  # Mbed TLS resends its flight if its timer expired
         if self._checkpoints:
             self.checkpoint(now)
         if now >= self._next_sweep:
@@ -594,6 +618,8 @@ class DtlsServer:
         yield from fields(d, DTLS_METRICS)
         for reason, n in sorted(d.handshakes_failed.items()):
             yield counter("corem_dtls_handshakes_failed", n, reason=reason)
+        for reason, n in sorted(d.handshakes_refused.items()):
+            yield counter("corem_dtls_handshakes_refused", n, reason=reason)
         yield gauge("corem_dtls_sessions", len(self.sessions), state="live")
         yield gauge("corem_dtls_sessions", len(self.offloaded), state="offloaded")
         yield gauge("corem_dtls_sessions", len(self.handshakes), state="handshaking")
@@ -617,6 +643,17 @@ def _stored(peer: Peer, session: Session, blob: bytes, wall_offset: float) -> Ro
     device = session.device
     tenant, name = (device.tenant, device.device) if device is not None else ("", "")
     return peer_key(peer), blob, tenant, name, session.last_seen + wall_offset
+
+
+def _has_cookie(hello: bytes) -> bool:
+    """Whether a ClientHello (one record, one message) carries a cookie: after the 13-byte record
+    header, the 12-byte handshake header, the version (2) and the random (32) come the session id
+    and the cookie, each with a length byte (RFC 6347 §4.2.1).  A fragment, or a hello too short to
+    tell, counts as having one: it asks the slots, as any hello that may start a handshake."""
+    if hello[19:22] != b"\0\0\0" or len(hello) < 61:
+        return True
+    at = 60 + hello[59]
+    return at >= len(hello) or hello[at] != 0
 
 
 def _peer_bytes(peer: Peer) -> bytes:
