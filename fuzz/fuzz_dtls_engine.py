@@ -53,6 +53,7 @@ ECDHE_CLIENT = Params(suites=tuple(s for s in IMPLEMENTED if s.kx == "ecdhe_ecds
                       certificate_chain=(DEVICE[0].public_bytes(DER),), private_key=DEVICE[1],
                       verify_peer=certs.chain_verifier([CA[0]]))
 VERIFY = certs.chain_verifier([CA[0]])
+DEVICE_DER = DEVICE[0].public_bytes(DER)
 EPHEMERAL, _ = certs.ephemeral()
 
 
@@ -110,6 +111,17 @@ def parsers(fdp: atheris.FuzzedDataProvider) -> None:
     except DtlsDecodeError:
         pass
     assert VERIFY([data]) is None  # (a certificate chain the fuzzer wrote never verifies)
+
+
+def certificate(fdp: atheris.FuzzedDataProvider) -> None:
+    """A real device certificate, mutated, through the X.509 checks"""
+    der = mutate(fdp, DEVICE_DER)
+    try:
+        certs.leaf_key_untrusted(der)
+    except DtlsDecodeError:
+        pass
+    identity = VERIFY([der])
+    assert identity is None or der == DEVICE_DER or identity == certs.fingerprint(der)
 
 
 def mutate(fdp: atheris.FuzzedDataProvider, d: bytes) -> bytes:
@@ -172,8 +184,10 @@ def session(fdp: atheris.FuzzedDataProvider) -> None:
 
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    mode = fdp.ConsumeIntInRange(0, 3)
-    if mode <= 1:
+    mode = fdp.ConsumeIntInRange(0, 4)
+    if mode == 4:
+        certificate(fdp)
+    elif mode <= 1:
         parsers(fdp)
     elif mode == 2:
         handshake(fdp)
