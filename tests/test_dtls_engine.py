@@ -600,6 +600,25 @@ def test_hellos_without_a_cookie_leave_no_state_and_get_less_than_they_sent():
     assert eng.stats.bytes_out_unauthenticated < eng.stats.bytes_in / 1.5
 
 
+def test_a_hello_at_the_last_record_number_does_not_run_the_servers_numbers_out():
+    """The server's flight goes on from the hello's record number (RFC 6347 §4.2.1): not from 2^48 - 1"""
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+
+    def renumber(ds):
+        out = []
+        for d in ds:
+            rec, _ = parse_record_untrusted(d, 0, 0)
+            if rec.epoch == 0 and rec.fragment[0] == m.CLIENT_HELLO:
+                d = plaintext_record(rec.type, 0, (1 << 48) - 1, rec.fragment)
+            out.append(d)
+        return out
+
+    pump(eng, cl, to_server=renumber)
+    assert cl.established and eng.stats.handshakes_completed == 1
+
+
 def test_a_cookie_is_bound_to_the_address_and_outlives_one_rotation_only():
     eng = Engine(KEYS.get, EngineParams(cookie_rotation=60.0))
     cl = Client(b"device-1", PSK, params=Params(suites=tuple(PSK_SUITES)))
@@ -687,6 +706,18 @@ def test_the_original_stops_at_its_reservation():
     while (rec := eng.wrap(b"a", PEER)) is not None:
         numbers.append(parse_record_untrusted(rec, 0, 0)[0].seq)
     assert len(numbers) == 3 and max(numbers) < saved.write_seq  # (a restored copy starts at write_seq)
+
+
+def test_a_restored_session_at_the_end_of_its_numbers_sends_nothing_more():
+    eng, cl = handshake()
+    saved = eng.export(PEER)
+    from dataclasses import replace
+    other = Engine(KEYS.get)
+    other.restore(replace(saved, write_seq=(1 << 48) - 2), PEER, 1.0)
+    assert other.wrap(b"a", PEER) is not None
+    assert other.wrap(b"b", PEER) is None  # (2^48 - 1, the last number, is what a later copy would start at)
+    other.close(PEER)  # (its close_notify has no number left either: nothing raised, nothing sent)
+    assert other.datagrams_to_send() == []
 
 
 def test_a_sealed_session_opens_only_whole_under_its_key_and_row():

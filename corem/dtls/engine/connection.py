@@ -144,7 +144,9 @@ class Connection:
         self.client_random = hello.random
         self.recv_seq = message_seq + 1
         self.send_seq = message_seq  # (as Mbed TLS and OpenSSL: the server's numbering follows the hello's)
-        self.write_seq[0] = record_seq  # RFC 6347 §4.2.1's suggestion for the records after a cookie
+        # RFC 6347 §4.2.1 suggests going on from the hello's record number (the client chose it:
+        # not so close to 2^48 that a retransmitted flight would run out of numbers)
+        self.write_seq[0] = record_seq if record_seq < 1 << 32 else 0
         self.transcript += raw
         try:
             if hello.version > DTLS_1_2:  # (DTLS versions count down: 0xfeff is 1.0)
@@ -575,7 +577,16 @@ class Connection:
         return msg
 
     def _record(self, epoch: int, ctype: int, payload: bytes) -> bytes:
+        """The next record of `epoch`; b"" when there is no number for it: its 2^48 are used up (the
+        connection is over), or the rest are reserved by a stored copy of the session (state.py:
+        export it again first)"""
         seq = self.write_seq[epoch]
+        if seq > SEQ_MAX:
+            self.state = FAILED
+            self.reason = "sequence_numbers_exhausted"
+            return b""
+        if epoch == 1 and seq >= self.write_limit:
+            return b""
         self.write_seq[epoch] = seq + 1
         if epoch == 0:
             return plaintext_record(ctype, 0, seq, payload)
@@ -603,6 +614,8 @@ class Connection:
                 records.append(self._record(epoch, ctype, frag))
         datagram = b""
         for rec in records:
+            if not rec:
+                continue
             if datagram and len(datagram) + len(rec) > mtu:
                 self.out.append(datagram)
                 datagram = b""
@@ -619,7 +632,8 @@ class Connection:
 
     def send_alert(self, level: int, description: int) -> None:
         epoch = 1 if self.write_epoch_active() else 0
-        self.out.append(self._record(epoch, ALERT, bytes((level, description))))
+        if rec := self._record(epoch, ALERT, bytes((level, description))):
+            self.out.append(rec)
 
     def write_epoch_active(self) -> bool:
         """Has this side sent its ChangeCipherSpec (its records are protected)?"""
@@ -629,9 +643,7 @@ class Connection:
     def seal(self, plaintext: bytes) -> bytes | None:
         """An application data record (ESTABLISHED only); None once the sequence numbers reserved
         by the last export are used up (export again first: state.py)"""
-        if self.write_seq[1] >= self.write_limit:
-            return None
-        return self._record(1, APPLICATION_DATA, plaintext)
+        return self._record(1, APPLICATION_DATA, plaintext) or None
 
     def restored_keys(self, read_key: bytes, read_iv: bytes, write_key: bytes, write_iv: bytes) -> None:
         """(state.restore: the keys as the exporting side's `keys` holds them)"""
