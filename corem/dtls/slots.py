@@ -298,7 +298,7 @@ class HandshakeSlots:
         fill before this sweep), oldest first, as many as the turnover budget allows."""
         timeout = self.current_timeout()
         budget = self._turnover_burst if self._turnover_at is None else min(
-            self._turnover_burst, self._turnover + (now - self._turnover_at) * self._turnover_rate)
+            self._turnover_burst, self._turnover + max(0.0, now - self._turnover_at) * self._turnover_rate)
         out = []
         slots = self._slots
         while slots and budget >= 1.0:
