@@ -80,6 +80,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
         C, "Half-open handshakes dropped for a newcomer from a source holding less than half as many."),
     "corem_dtls_hello_verify_sent": (C, "Stateless HelloVerifyRequests sent."),
     "corem_dtls_records_dropped": (C, "Records with no session or that did not decrypt."),
+    "corem_dtls_records_replayed": (C, "Records at or below what a restored session took before (replays after a crash), dropped."),
+    "corem_dtls_record_marks_failed": (C, "Batches whose record numbers the session store refused (those records could be replayed after a crash)."),
     "corem_dtls_bytes_received": (C, "Bytes received on the DTLS socket."),
     "corem_dtls_bytes_sent_unauthenticated": (C, "Bytes sent to peers before their handshake completed."),
     "corem_dtls_sessions_closed": (C, "Sessions ended by close_notify."),

@@ -143,7 +143,8 @@ MAX_MISSES = 100_000
 
 
 class Session:
-    __slots__ = ("buf", "device", "established", "started", "last_seen", "checkpoint_due")
+    __slots__ = ("buf", "device", "established", "started", "last_seen", "checkpoint_due", "rx_top", "floor",
+                 "saved")
 
     def __init__(self, buf: tls.TLSWrappedBuffer, now: float) -> None:
         self.buf = buf
@@ -153,6 +154,13 @@ class Session:
         self.last_seen = now
         #: when the session is next saved to the store (0: at the first tick after a record)
         self.checkpoint_due = 0.0
+        #: the highest record number taken from the device, and the number at or below which
+        #: every record is a replay (a session restored from the store: what it took before)
+        self.rx_top = -1
+        self.floor = -1
+        #: the store holds a copy of it (a checkpoint) that a crash would restore: its records'
+        #: numbers are written there before they are handled (`DtlsServer.settle`)
+        self.saved = False
 
 
 @dataclass(slots=True)
@@ -172,6 +180,8 @@ class DtlsStats:
     handshakes_refused: Counter[str] = field(default_factory=Counter)  # reason -> count (slots.py)
     handshakes_evicted: int = 0  # half-open handshakes dropped for a fairer newcomer (slots.py)
     records_dropped: int = 0
+    records_replayed: int = 0  # at or below a restored session's floor (see Session.floor)
+    marks_failed: int = 0  # batches whose record numbers the store refused (disk full)
     sessions_closed: int = 0
     sessions_expired: int = 0
 
@@ -181,6 +191,7 @@ DTLS_METRICS = {
     "handshakes_started": "corem_dtls_handshakes_started", "handshakes_completed": "corem_dtls_handshakes_completed",
     "handshakes_evicted": "corem_dtls_handshakes_evicted", "hello_verify_sent": "corem_dtls_hello_verify_sent",
     "records_dropped": "corem_dtls_records_dropped", "bytes_in": "corem_dtls_bytes_received",
+    "records_replayed": "corem_dtls_records_replayed", "marks_failed": "corem_dtls_record_marks_failed",
     "bytes_out_unauthenticated": "corem_dtls_bytes_sent_unauthenticated",
     "sessions_closed": "corem_dtls_sessions_closed", "sessions_expired": "corem_dtls_sessions_expired",
     "offloaded": "corem_dtls_sessions_offloaded", "restored": "corem_dtls_sessions_restored",
@@ -254,6 +265,8 @@ class DtlsServer:
         self._next_sweep = 0.0
         #: live sessions to save at the next tick (dtls_checkpoint)
         self._checkpoints: set[Peer] = set()
+        #: saved sessions that took records in this batch: their numbers go to the store (`settle`)
+        self._marks: dict[bytes, Session] = {}
 
     # -- input ---------------------------------------------------------------------------------
     def receive(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
@@ -289,7 +302,33 @@ class DtlsServer:
         session.last_seen = now
         if session.checkpoint_due <= now and self.params.checkpoint:
             self._checkpoints.add(peer)
-        return self._read(session, peer, data)
+        top = _newest_record(data, session.floor)
+        if top <= REPLAYED:  # a replay into a restored session, or not DTLS records at all
+            if top == REPLAYED:
+                stats.records_replayed += 1
+            else:
+                stats.records_dropped += 1
+            return []
+        out = self._read(session, peer, data)
+        if out and top > session.rx_top:
+            session.rx_top = top
+            if session.saved:
+                self._marks[peer_key(peer)] = session
+        return out
+
+    def settle(self, now: float) -> None:
+        """Write the record numbers that saved sessions took in this batch to the store, before
+        their messages are handled: a session restored from its copy after a crash then refuses
+        every record the device sent before (a replay would be a reading stored twice, or an
+        actuation done twice).  The edge calls it once per batch, between decrypting and handling.
+        If the disk refuses, the batch is still served (it is counted, and /readyz says the store
+        fails): only records taken while the store refuses writes could be replayed after a crash."""
+        if not self._marks:
+            return
+        marks = [(max(s.rx_top, s.floor), key) for key, s in self._marks.items()]
+        self._marks.clear()
+        if not self.store.mark(marks):
+            self.stats.marks_failed += 1
 
     def _hello(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
         """A ClientHello from a peer without a handshake in progress: cookie exchange first, then
@@ -506,6 +545,10 @@ class DtlsServer:
             rows.append(_stored(peer, session, blob, wall_offset))
         if rows and self.store.put(rows):
             self.stats.checkpoints += len(rows)
+            for peer in due:
+                session = self.sessions.get(peer)
+                if session is not None:
+                    session.saved = True
         return len(rows)
 
     def sweep(self, now: float, *, everything: bool = False) -> int:
@@ -595,7 +638,7 @@ class DtlsServer:
         row = self.store.take(key)
         if row is None:
             return None
-        _, blob, tenant, name, _ = row
+        _, blob, tenant, name, _, rx_top = row
         device = self.device_lookup(tenant, name) if tenant else None
         if tenant and device is None:  # the device was removed while its session slept
             self.stats.sessions_expired += 1
@@ -609,6 +652,7 @@ class DtlsServer:
         session = Session(buf, self._now if now is None else now)
         session.established = True
         session.device = device
+        session.floor = session.rx_top = rx_top  # the copy may be older than the records it took
         self.sessions[peer] = session
         self.stats.restored += 1
         return session
@@ -642,7 +686,28 @@ def _stored(peer: Peer, session: Session, blob: bytes, wall_offset: float) -> Ro
     (wall clock)."""
     device = session.device
     tenant, name = (device.tenant, device.device) if device is not None else ("", "")
-    return peer_key(peer), blob, tenant, name, session.last_seen + wall_offset
+    return peer_key(peer), blob, tenant, name, session.last_seen + wall_offset, max(session.rx_top, session.floor)
+
+
+#: `_newest_record`'s answers that are not a record number
+REPLAYED, MALFORMED = -2, -3
+
+
+def _newest_record(data: bytes, floor: int) -> int:
+    """The highest record number among the datagram's records of epoch 1 and above (-1 if none);
+    REPLAYED if any is at or below `floor`; MALFORMED if the records do not fill the datagram.
+    Read before the records decrypt: the number is only kept (`rx_top`) once they did."""
+    top, at, end = -1, 0, len(data)
+    while at + 13 <= end:
+        epoch = data[at + 3] << 8 | data[at + 4]
+        if epoch:
+            seq = int.from_bytes(data[at + 5:at + 11], "big")
+            if seq <= floor:
+                return REPLAYED
+            if seq > top:
+                top = seq
+        at += 13 + (data[at + 11] << 8 | data[at + 12])
+    return top if at == end else MALFORMED
 
 
 def _has_cookie(hello: bytes) -> bool:
