@@ -456,3 +456,47 @@ async def test_a_batch_write_that_hangs_makes_the_embedded_bus_stalled_until_it_
                 await trio.sleep(0.05)
         assert answered == [None] and sink.probe() is None  # ready again by itself
         await sink.close()
+
+
+def test_over_dtls_a_killed_worker_answers_a_retransmission_in_the_restored_session(data_dir):
+    """CoAPS: the session outlives its worker (restored from the session store), and so does the
+    deduplication: a CON sent again in that session after the kill is answered 2.04, stored once."""
+    from corem.codec import Code, Message, Type, encode, make_options
+    from corem.codec import OptionNumber as O
+
+    from .conftest import SPEC_IDENTITY, SPEC_KEY
+    from .dtls_udp_client import DtlsUdpClient
+    from .test_workers import port_for, worker_pids
+
+    server = start_corem(data_dir, "--workers", "2")
+    probe = port_for(1, 2)
+    source = probe.getsockname()[1]
+    probe.close()
+    client = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode(), source_port=source)
+
+    def reading(mid: int, value: int) -> bytes:
+        return encode(Message(Type.CON, Code.POST, mid, bytes((mid & 0xFF,)),
+                              make_options([(O.URI_PATH, "telemetry"), (O.CONTENT_FORMAT, 60)]),
+                              cbor2.dumps({"v": value})))
+
+    try:
+        client.handshake()
+        assert client.exchange(reading(500, 1)).code == Code.CHANGED
+        wait_for(lambda: server.metrics()["corem_dtls_sessions_checkpointed_total"] >= 1, 30, "a checkpoint")
+        sent = [reading(500 + n, n + 1) for n in range(1, 4)]
+        for msg in sent:
+            assert client.exchange(msg).code == Code.CHANGED
+        victim = worker_pids(server)[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: worker_pids(server).get(1) not in (None, victim), 60, "worker 1 started again")
+        for msg in sent:  # byte for byte, in the restored session
+            answer = client.exchange(msg)
+            assert answer.code == Code.CHANGED and answer.token == msg[4:5]
+        stored = [int(p["numeric_values"]["v"]) for p in server.points("acme")]
+        assert sorted(stored) == [1, 2, 3, 4]
+        m = server.metrics()
+        assert m['corem_coap_recovered_answers_total{transport="dtls"}'] >= 3
+        assert m["corem_dtls_handshakes_completed_total"] == 0  # the same session, not a new one
+    finally:
+        client.close()
+        server.stop()
