@@ -619,6 +619,31 @@ def test_a_hello_at_the_last_record_number_does_not_run_the_servers_numbers_out(
     assert cl.established and eng.stats.handshakes_completed == 1
 
 
+@pytest.mark.parametrize("message_seq", [2, 255, 256, 65535])
+def test_a_hellos_message_seq_leaves_room_for_the_handshake(message_seq):
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+
+    def renumber(ds):
+        out = []
+        for d in ds:
+            rec, _ = parse_record_untrusted(d, 0, 0)
+            if rec.epoch == 0 and rec.fragment[0] == m.CLIENT_HELLO:
+                [f] = m.parse_fragments_untrusted(rec.fragment)
+                if m.parse_client_hello_untrusted(f.body).cookie:  # (the hello the server keeps state for)
+                    hello = m.message(m.CLIENT_HELLO, message_seq, f.body)
+                    d = plaintext_record(HANDSHAKE, 0, rec.seq, hello)
+            out.append(d)
+        return out
+
+    pump(eng, cl, to_server=renumber)
+    if message_seq <= 255:
+        assert PEER in eng.handshakes  # (the client waits for message 1, the server sent message_seq on)
+    else:
+        assert not eng.handshakes and eng.stats.records_dropped["client_hello_message_seq"] >= 1
+
+
 def test_a_cookie_is_bound_to_the_address_and_outlives_one_rotation_only():
     eng = Engine(KEYS.get, EngineParams(cookie_rotation=60.0))
     cl = Client(b"device-1", PSK, params=Params(suites=tuple(PSK_SUITES)))

@@ -30,6 +30,9 @@ from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrus
 Peer = Hashable
 
 COOKIE_LENGTH = 16
+#: the highest message_seq a ClientHello may carry (a client's second hello is 1; the messages of
+#: the handshake it starts are numbered on from it, within 16 bits)
+MAX_HELLO_SEQ = 255
 #: seconds between two walks over the sessions for idle ones
 SWEEP_EVERY = 10.0
 
@@ -184,6 +187,8 @@ class Engine:
         [f, *_] = m.parse_fragments_untrusted(rec.fragment)
         if not f.whole:
             raise DtlsDecodeError(0, "fragmented_client_hello")
+        if f.message_seq > MAX_HELLO_SEQ:  # (the numbers of a handshake go on from it: room for them)
+            raise DtlsDecodeError(0, "client_hello_message_seq")
         hello = m.parse_client_hello_untrusted(f.body)
         if not self.cookies.valid(peer, hello):
             cookie = self.cookies.make(peer, hello)
