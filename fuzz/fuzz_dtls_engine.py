@@ -124,10 +124,16 @@ def certificate(fdp: atheris.FuzzedDataProvider) -> None:
     assert identity is None or der == DEVICE_DER or identity == certs.fingerprint(der)
 
 
+EXTREMES = (b"\x00\x00", b"\x00\x01", b"\x00\xff", b"\x01\x00", b"\x7f\xff", b"\xff\xfe", b"\xff\xff")
+
+
 def mutate(fdp: atheris.FuzzedDataProvider, d: bytes) -> bytes:
-    how = fdp.ConsumeIntInRange(0, 3)
+    how = fdp.ConsumeIntInRange(0, 4)
     if how == 0 or not d:
         return d
+    if how == 4:  # a length, a number, an epoch or a message_seq at its edges
+        at = fdp.ConsumeIntInRange(0, max(0, len(d) - 2))
+        return d[:at] + EXTREMES[fdp.ConsumeIntInRange(0, len(EXTREMES) - 1)] + d[at + 2:]
     if how == 1:
         b = bytearray(d)
         for _ in range(fdp.ConsumeIntInRange(1, 4)):
