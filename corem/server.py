@@ -666,8 +666,8 @@ class Server:
         if not udp:
             return
         p = self.settings.endpoint_params()
-        keep = None
-        if self.worker is not None and self.worker.count > 1:
+        keep = None  # (where the kernel's hash steers, any peer may be this worker's: all are kept)
+        if self.worker is not None and self.worker.count > 1 and self.worker.steered:
             from .workers.steer import worker_for
 
             index, count = self.worker.index, self.worker.count

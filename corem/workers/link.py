@@ -63,6 +63,9 @@ class WorkerSpec:
     control: int  # fd of this worker's end of the pair
     #: "coap" / "coaps" -> fd of its UDP socket; "coap_tcp" / "coaps_tcp" -> the shared listening socket
     fds: dict[str, int] = field(default_factory=dict)
+    #: peers are steered by corem's program (steer.worker_for names a peer's worker), not the
+    #: kernel's hash: the worker keeps only its own peers' recovered exchanges (bus/recovery.py)
+    steered: bool = True
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
