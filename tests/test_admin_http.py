@@ -315,6 +315,29 @@ async def test_at_the_cap_the_longest_idle_connection_makes_room_for_a_new_one()
     assert samples["corem_admin_connections_evicted"][()] == 2 and samples["corem_admin_connections"][()] == 0
 
 
+async def test_a_body_sent_without_the_token_can_be_evicted_one_with_it_cannot():
+    """A route open to all (the workers' front passes requests on; the worker checks the token):
+    a client dribbling a body without the token holds no slot against a newcomer."""
+    http = HttpServer([Route("POST", "/open", echo, auth=False), Route("GET", "/open/{name}", echo, auth=False)],
+                      admin_token=TOKEN, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        clients = []
+        for token in (TOKEN, None):
+            client, server_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(http.handle, server_side)
+            await client.send_all(post("/open", b"x" * 100, token)[:-50])  # half the body
+            clients.append(client)
+            await trio.testing.wait_all_tasks_blocked()
+        status, _, _ = await ask(http, b"GET /open/b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+        assert await clients[1].receive_some(100) == b""  # the one without the token went
+        await clients[0].send_all(b"x" * 50)  # the one with it is served
+        reply = await clients[0].receive_some(65536)
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        nursery.cancel_scope.cancel()
+    assert gather([(http, {})])["corem_admin_connections_evicted"][()] == 1
+
+
 async def test_when_every_slot_serves_a_request_a_new_connection_is_told_503():
     release = trio.Event()
 

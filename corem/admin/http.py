@@ -18,8 +18,9 @@ them whatever else connects (issue 26):
   byte (a 3 MB upload at 64 KB/s completes).  A handler's own wait is bounded by `HANDLER_TIMEOUT`.
 - Never starved: at most `max_connections` at once (`fdlimit.admin_cap()`: below the open files
   limit with room for the databases); a new connection beyond them evicts the one that has waited
-  longest for its head (idle connections cannot keep /healthz out), and is refused 503 only if
-  every connection is past its head (being served).  Out of file descriptors, accept() refuses
+  longest for its head, or that sends a body or reads an answer without the admin token (idle or
+  dribbling connections cannot keep /healthz out), and is refused 503 only if every connection is
+  being served for a client with the token.  Out of file descriptors, accept() refuses
   (`fdlimit.Acceptor`) and the listener goes on.
 
 Routes are (method, pattern) with `{name}` segments; a route marked `auth` needs
@@ -159,8 +160,11 @@ class HttpServer:
         self._acceptors: list[Acceptor] = []
         #: connections being served (evicted ones until their task closes them)
         self.open = 0
-        #: connections still waiting for their request head, oldest first: who is evicted
-        self._heads: dict[object, trio.CancelScope] = {}
+        #: who is evicted at the cap, oldest first (by when each entered its phase): connections
+        #: still waiting for their request head, and those without the admin token sending a body
+        #: (a route open to all, such as the workers' front passing requests on: the worker checks
+        #: the token) or being sent their answer
+        self._evictable: dict[object, trio.CancelScope] = {}
         self.requests = 0
         self.unauthorized = 0
         self.bad_requests = 0
@@ -191,14 +195,14 @@ class HttpServer:
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection (one request: `Connection: close`); any Trio stream will do."""
         if self.open >= self.max_connections:
-            if not self._heads:  # every connection is being served: this one is told so
+            if not self._evictable:  # every connection is being served: this one is told so
                 self.refused_busy += 1
                 with trio.move_on_after(REFUSE_TIME):
                     await self._refuse(stream)
                 await trio.aclose_forcefully(stream)
                 return
-            oldest = next(iter(self._heads))
-            self._heads.pop(oldest).cancel()  # its task closes it at once
+            oldest = next(iter(self._evictable))
+            self._evictable.pop(oldest).cancel()  # its task closes it at once
             self.evicted += 1
         self.open += 1
         try:
@@ -219,22 +223,28 @@ class HttpServer:
         key = object()
         try:
             with trio.move_on_after(self.head_timeout) as head:
-                self._heads[key] = head
+                self._evictable[key] = head
                 try:
                     request = await self._head(conn, stream)
                 finally:
-                    self._heads.pop(key, None)
+                    self._evictable.pop(key, None)
             if head.cancelled_caught:  # idle, too slow, or evicted for a newer connection
                 if trio.current_time() >= head.deadline:  # (evicted: counted as such)
                     self.timeouts["head"] += 1
                 return
             try:
-                reply, method = await self._answer(conn, stream, request)
+                reply, method = await self._answer(conn, stream, request, key)
             except h11.RemoteProtocolError as e:  # in the body (chunk framing)
                 reply, method = self._bad(e), "GET"
-            await self._send(conn, stream, reply, head_only=method == "HEAD")
-            if not _complete(conn):
-                await self._linger(stream)
+            with trio.CancelScope() as sending:
+                if not (isinstance(request, h11.Request) and self._vouched(request)):
+                    self._evictable[key] = sending  # (an open route's answer to one that does not read)
+                try:
+                    await self._send(conn, stream, reply, head_only=method == "HEAD")
+                    if not _complete(conn):
+                        await self._linger(stream)
+                finally:
+                    self._evictable.pop(key, None)
         except _Gone:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -268,7 +278,7 @@ class HttpServer:
         return _error(status, f"request: {str(e)[:200]}")
 
     async def _answer(self, conn: h11.Connection, stream: trio.abc.Stream,
-                      request: h11.Request | Reply) -> tuple[Reply, str]:
+                      request: h11.Request | Reply, key: object) -> tuple[Reply, str]:
         if isinstance(request, Reply):
             return request, "GET"
         method = request.method.decode("ascii", "replace")
@@ -298,7 +308,15 @@ class HttpServer:
                 self.unauthorized += 1
                 return _error(401, "authorization: missing or wrong admin token (Authorization: Bearer TOKEN)",
                               {"WWW-Authenticate": "Bearer"}), method
-            body = await self._body(conn, stream)
+            with trio.CancelScope() as reading:
+                if not self.authorized(headers):  # no token: it may be evicted until its body is in
+                    self._evictable[key] = reading
+                try:
+                    body = await self._body(conn, stream)
+                finally:
+                    self._evictable.pop(key, None)
+            if reading.cancelled_caught:
+                raise _Gone
             if isinstance(body, Reply):
                 return body, method
             http_request = HttpRequest(method, path, params, dict(parse_qsl(qs)), headers, body)
@@ -362,6 +380,11 @@ class HttpServer:
         yield counter("corem_admin_connections_refused", sum(a.refused for a in self._acceptors), reason="no_fds")
         for phase, n in self.timeouts.items():
             yield counter("corem_admin_timeouts", n, phase=phase)
+
+    def _vouched(self, request: h11.Request) -> bool:
+        """Did the request carry the admin token (its connection is not evicted)?"""
+        return self.authorized({k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers
+                                if k == b"authorization"})
 
     def authorized(self, headers: dict[str, str]) -> bool:
         """Does the request carry the admin token?"""
