@@ -159,7 +159,8 @@ def test_cid_records_round_trip(cipher, cid, epoch, seq, ctype, plaintext, paddi
     prot = RecordProtection(cipher, KEY, IV)
     rec = prot.seal(ctype, epoch, seq, plaintext, cid=cid, padding=padding)
     parsed, end = parse_record_untrusted(rec, 0, len(cid))
-    assert (parsed.type, parsed.epoch, parsed.seq, parsed.cid, end) == (TLS12_CID, epoch, seq, cid, len(rec))
+    got = (parsed.type, parsed.epoch, parsed.seq, parsed.cid, end)
+    assert got == (TLS12_CID, epoch, seq, cid, len(rec))
     assert prot.open_untrusted(parsed) == (ctype, plaintext)
     with pytest.raises(DtlsDecodeError):  # read with a CID one byte longer: another header, no tag match
         wrong, _ = parse_record_untrusted(rec + b"\0", 0, len(cid) + 1)
