@@ -154,7 +154,8 @@ def test_records_round_trip(ctype, epoch, seq, fragment):
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(["ccm8", "ccm", "gcm"]), st.binary(min_size=1, max_size=20), st.integers(1, 0xFFFF),
-       st.integers(0, (1 << 48) - 1), st.sampled_from([21, 22, 23]), st.binary(max_size=80), st.integers(0, 16))
+       st.integers(0, (1 << 48) - 1), st.sampled_from([21, 22, 23]), st.binary(max_size=80),
+       st.integers(0, 16))
 def test_cid_records_round_trip(cipher, cid, epoch, seq, ctype, plaintext, padding):
     prot = RecordProtection(cipher, KEY, IV)
     rec = prot.seal(ctype, epoch, seq, plaintext, cid=cid, padding=padding)
