@@ -143,7 +143,8 @@ class Settings:
                          _hostport(True))
     coaps_tcp: str = _opt("off", "CoAP over TLS (RFC 8323) listener HOST:PORT (e.g. 0.0.0.0:5684), with the DTLS "
                           "listener's PSK and certificate settings; 'off' disables", _hostport(True))
-    tcp_max_connections: int = _opt(10_000, "CoAP over TCP/TLS connections at once, per listener", _positive)
+    tcp_max_connections: int = _opt(10_000, "CoAP over TCP/TLS connections at once, per listener (lowered at "
+                                    "start to what fits below the open files limit)", _positive)
     tcp_max_message: int = _opt(9216, "the Max-Message-Size corem's CSM announces (bytes): a larger message "
                                 "aborts its connection", _positive)
     tcp_idle_timeout: float = _opt(600.0, "seconds a silent TCP/TLS connection is kept before a Release", _positive)
