@@ -1121,6 +1121,36 @@ def test_ecdhe_client_refuses_a_server_certificate_of_another_ca(pki):
     assert not cl.established and cl.conn.reason == "bad_certificate"
 
 
+def test_ecdhe_a_server_key_exchange_changed_in_transit_is_refused_by_the_client(pki):
+    """The server signs its ephemeral point with the randoms: a point swapped on the way (a
+    man in the middle) does not verify"""
+    eng = Engine(KEYS.get, pki.server_params())
+    cl = Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0]))
+
+    def swap_point(ds):
+        out = []
+        for d in ds:
+            off, recs = 0, []
+            while off < len(d):
+                rec, end = parse_record_untrusted(d, off, 0)
+                raw = d[off:end]
+                off = end
+                if rec.type == HANDSHAKE and rec.epoch == 0:
+                    at = 0
+                    for f in m.parse_fragments_untrusted(rec.fragment):
+                        if f.msg_type == m.SERVER_KEY_EXCHANGE:
+                            frag = bytearray(rec.fragment)
+                            frag[at + 12 + 4 + 10] ^= 1  # (header, curve type and name, length: in the point)
+                            raw = plaintext_record(HANDSHAKE, 0, rec.seq, bytes(frag))
+                        at += 12 + len(f.body)
+                recs.append(raw)
+            out.append(b"".join(recs))
+        return out
+
+    handshake(eng, cl, to_client=swap_point)
+    assert not cl.established and cl.conn.reason == "bad_server_key_exchange"
+
+
 def test_ecdhe_is_not_chosen_by_a_server_without_a_certificate():
     eng = Engine(KEYS.get)
     run_to_alert(eng, Client(b"", b"", params=Params(suites=tuple(ECDHE_SUITES))))
