@@ -320,10 +320,10 @@ async def test_a_body_sent_without_the_token_can_be_evicted_one_with_it_cannot()
     """A route open to all (the workers' front passes requests on; the worker checks the token):
     a client dribbling a body without the token holds no slot against a newcomer."""
     http = HttpServer([Route("POST", "/open", echo, auth=False), Route("GET", "/open/{name}", echo, auth=False)],
-                      admin_token=TOKEN, max_connections=2)
+                      admin_token=TOKEN, max_connections=3)
     async with trio.open_nursery() as nursery:
         clients = []
-        for token in (TOKEN, None):
+        for token in (TOKEN, None, None):
             client, server_side = trio.testing.memory_stream_pair()
             nursery.start_soon(http.handle, server_side)
             await client.send_all(post("/open", b"x" * 100, token)[:-50])  # half the body
@@ -331,7 +331,9 @@ async def test_a_body_sent_without_the_token_can_be_evicted_one_with_it_cannot()
             await trio.testing.wait_all_tasks_blocked()
         status, _, _ = await ask(http, b"GET /open/b HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200
-        assert await clients[1].receive_some(100) == b""  # the one without the token went
+        assert await clients[1].receive_some(100) == b""  # the oldest one without the token went
+        with trio.move_on_after(0.5):  # (only if it were wrongly closed; the newer one stays)
+            assert await clients[2].receive_some(100) != b""
         await clients[0].send_all(b"x" * 50)  # the one with it is served
         reply = await clients[0].receive_some(65536)
         assert reply.startswith(b"HTTP/1.1 200 ")

@@ -283,9 +283,9 @@ class HttpServer:
             return request, "GET"
         method = request.method.decode("ascii", "replace")
         headers: dict[str, str] = {}
-        for name, value in request.headers:
-            key = name.decode("latin-1")
-            headers[key] = f"{headers[key]}, {value.decode('latin-1')}" if key in headers else value.decode("latin-1")
+        for raw_name, raw_value in request.headers:  # (h11 lowercased the names)
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         chunked = "transfer-encoding" in headers
         if chunked and "content-length" in headers:
             self.bad_requests += 1
