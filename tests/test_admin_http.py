@@ -533,3 +533,18 @@ def test_a_low_open_files_limit_bounds_the_connections_and_corem_lives(data_dir,
         assert corem.proc.poll() is None
     finally:
         assert corem.stop() == 0
+
+
+def test_the_connection_caps_stay_below_the_open_files_limit(caplog):
+    from corem.net import fdlimit
+
+    for fds in (64, 300, 1024, 4096, 20000, 1 << 20):
+        admin, tcp = fdlimit.admin_cap(fds), fdlimit.tcp_cap(10_000, fds)
+        assert admin <= fdlimit.ADMIN_MAX and tcp <= 10_000
+        if fds >= 1024:  # (below, every listener keeps its floor of 8 and the headroom shrinks)
+            assert admin + fdlimit.TCP_LISTENERS * tcp <= fds - fdlimit.HEADROOM
+    assert (fdlimit.admin_cap(1024), fdlimit.tcp_cap(10_000, 1024)) == (192, 288)
+    assert (fdlimit.admin_cap(20000), fdlimit.tcp_cap(10_000, 20000)) == (512, 9616)
+    assert fdlimit.tcp_cap(100, 20000) == 100
+    assert "tcp_max_connections 10000 lowered to 9616" in caplog.text
+    assert fdlimit.raise_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
