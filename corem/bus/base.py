@@ -141,7 +141,8 @@ class Sink:
         age = time.monotonic() - since
         if age <= STALLED_AFTER:
             return None
-        return f"deliveries stalled: the oldest record has waited {age:.1f} s for the bus ({self.pending} waiting)"
+        return (f"deliveries stalled: the oldest record has waited {age:.1f} s for the bus "
+                f"({self.pending} waiting)")
 
     def metrics(self) -> Iterator[Measurement]:
         """The `corem_sink_*` samples, labelled with the sink's name; a sink adds its own."""

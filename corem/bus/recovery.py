@@ -130,7 +130,9 @@ class Collector:
     def full(self) -> bool:
         """Every transport has its `limit`, or SCAN_FACTOR x `limit` records were read (a transport
         with few exchanges among so many does not make a start read the whole window)."""
-        return self.records >= SCAN_FACTOR * self.limit or all(len(v) >= self.limit for v in self.found.values())
+        if self.records >= SCAN_FACTOR * self.limit:
+            return True
+        return all(len(v) >= self.limit for v in self.found.values())
 
     def result(self, started: float) -> Recovered:
         # found newest first: oldest first now (the order the dedup maps take them in)
@@ -152,7 +154,8 @@ def recover_embedded(path: Path, since_ms: int, limit: int, *, keep: Callable[[P
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         rows = conn.execute(
-            "SELECT records, appended_at FROM batches WHERE topic LIKE 'telemetry.raw.%' ORDER BY base_offset DESC")
+            "SELECT records, appended_at FROM batches WHERE topic LIKE 'telemetry.raw.%' "
+            "ORDER BY base_offset DESC")
         late = False
         for blob, appended_at in rows:
             if appended_at < since_ms - SLACK_MS or found.full:
@@ -183,8 +186,8 @@ def recover_kafka(settings: Any, since_ms: int, limit: int, *, keep: Callable[[P
 
     started = time.monotonic()
     found = Collector(limit, keep)
-    cfg = {**settings.client_config(), "group.id": f"{settings.client_id}-recovery", "enable.auto.commit": False,
-           "enable.auto.offset.store": False, "enable.partition.eof": True}
+    cfg = {**settings.client_config(), "group.id": f"{settings.client_id}-recovery",
+           "enable.auto.commit": False, "enable.auto.offset.store": False, "enable.partition.eof": True}
     consumer = Consumer(cfg)
 
     def left() -> float:
@@ -213,8 +216,8 @@ def recover_kafka(settings: Any, since_ms: int, limit: int, *, keep: Callable[[P
                     elif tp.error is None:  # nothing at or after the time: nothing to read
                         starts[at] = ends[at]
             except KafkaException as e:  # a broker without timestamp lookups: the last `limit`, by time
-                log.info("kafka: offsets_for_times failed (%s); reading the last %d records of each partition",
-                         e, limit)
+                log.info("kafka: offsets_for_times failed (%s); reading the last %d records of each "
+                         "partition", e, limit)
         todo = {at for at in ends if starts[at] < ends[at]}
         keys: list[tuple[int, Any]] = []  # (record time, header) of every record read
         if todo:

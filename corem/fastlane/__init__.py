@@ -216,7 +216,8 @@ class FastLane:
             ("corem_coap_dedup_evictions", "dedup_evictions"), ("corem_coap_datagrams_oversized", "oversized"),
             ("corem_coap_datagrams_sent", "datagrams_out"), ("corem_coap_bytes_sent", "bytes_out"),
             ("corem_coap_send_blocked", "send_blocked"), ("corem_coap_send_errors", "send_errors"),
-            ("corem_coap_dedup_recovered", "recovered"), ("corem_coap_recovered_answers", "recovered_answers"),
+            ("corem_coap_dedup_recovered", "recovered"),
+            ("corem_coap_recovered_answers", "recovered_answers"),
         ):
             yield counter(name, c[key])
         for code, n in c["responses"].items():

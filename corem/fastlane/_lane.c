@@ -460,8 +460,8 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
  * SEEN_NOT when the exchange is new (*reuse: a slot of the peer's previous DTLS session to
  * reuse, or -1); else the result for classify. */
 #define SEEN_NOT 2
-static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n, const addr_t *a, socklen_t alen,
-                       PyObject *peer, const uint8_t *key, long *reuse) {
+static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n, const addr_t *a,
+                       socklen_t alen, PyObject *peer, const uint8_t *key, long *reuse) {
     long slot = fm_find(&self->dedup, key);
     *reuse = -1;
     if (slot >= 0 && from_old_session(self, a, ((exchange_t *)fm_entry(&self->dedup, slot))->at)) {
@@ -1054,8 +1054,8 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->limit_error_size = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnpOs", names, &PyType_Type, &record_type,
                                      &self->max_datagram, &self->piggyback, &self->lifetime, &dedup_max,
-                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size, &exempt,
-                                     &scope))
+                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size,
+                                     &exempt, &scope))
         return -1;
     if (strlen(scope) >= sizeof self->scope || strchr(scope, ' ')) {
         PyErr_SetString(PyExc_ValueError, "scope: a transport name of at most 7 characters, no space");

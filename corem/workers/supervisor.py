@@ -155,8 +155,8 @@ class Supervisor:
 
     # -- the workers -----------------------------------------------------------------------------
     def _spec(self, w: Worker, control: int) -> WorkerSpec:
-        return WorkerSpec(w.index, self.count, control, {k: g[w.index].fileno() for k, g in self.groups.items()},
-                          steered=all(self.steered.values()))
+        fds = {k: g[w.index].fileno() for k, g in self.groups.items()}
+        return WorkerSpec(w.index, self.count, control, fds, steered=all(self.steered.values()))
 
     def _environment(self, spec: WorkerSpec) -> dict[str, str]:
         settings = asdict(self.settings)
