@@ -16,8 +16,8 @@ from typing import Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from . import certs
-from . import messages as m
+import corem.dtls.engine.certs as certs  # (the module, not the package: no cycle through __init__)
+import corem.dtls.engine.messages as m
 from .crypto import (IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret,
                      psk_premaster, verify_data)
 from .errors import (BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL,

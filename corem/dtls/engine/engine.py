@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-from . import messages as m
-from . import state
+import corem.dtls.engine.messages as m  # (the modules, not the package: no cycle through __init__)
+import corem.dtls.engine.state as state
 from .connection import ESTABLISHED, FAILED, Connection, Params
 from .errors import DtlsDecodeError
 from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrusted, plaintext_record
