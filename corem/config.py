@@ -156,8 +156,19 @@ class Settings:
     dtls_key: str = _opt("", "PEM private key of dtls_cert", _file)
     dtls_ca: str = _opt("", "PEM CA certificate(s) device certificates must chain to", _file)
     dtls_client_auth: str = _opt(
-        "required", "certificate mode: 'required' (device certificate, registered) or 'none' (one-way)",
-        _choice("required", "none"),
+        "required", "certificate mode: 'required' (device certificate, registered), 'none' (one-way) or, with "
+        "dtls_engine = corem, 'optional' (a certificate, when sent, must verify; without one a device names "
+        "itself with a token)", _choice("required", "none", "optional"),
+    )
+    dtls_engine: str = _opt(
+        "mbedtls", "the DTLS implementation CoAPS runs on: 'mbedtls' (python-mbedtls, Mbed TLS 2.28) or 'corem' "
+        "(corem's own engine on cryptography: Connection ID, sessions stored as sealed data; opt-in this release)",
+        _choice("mbedtls", "corem"),
+    )
+    dtls_state_key: str = _opt(
+        "", "dtls_engine = corem: the key (hex, 32 or 64 digits) stored DTLS sessions are sealed under; empty = "
+        "one kept in data_dir/dtls-state.key (mode 0600); required when dtls_session_store is shared "
+        "(PostgreSQL: every node must open what the others saved)",
     )
     dtls_max_handshakes: int = _opt(1000, "DTLS handshakes in progress at most (past the cookie exchange)", _positive)
     dtls_max_sessions: int = _opt(100_000, "established DTLS sessions at most", _positive)
@@ -332,6 +343,19 @@ class Settings:
 
     def check(self) -> Settings:
         """Rules that involve several keys."""
+        if self.dtls_client_auth == "optional" and self.dtls_engine != "corem":
+            raise ConfigError("dtls_client_auth: 'optional' needs dtls_engine = corem (Mbed TLS 2.28, through "
+                              "python-mbedtls, can only require a device certificate or not ask for one)")
+        if self.dtls_engine == "corem" and self.dtls_session_store and not self.dtls_state_key:
+            raise ConfigError("dtls_state_key: needed with dtls_engine = corem and a shared dtls_session_store "
+                              "(every node seals and opens the stored sessions with it)")
+        if self.dtls_state_key:
+            try:
+                key = bytes.fromhex(self.dtls_state_key.strip())
+            except ValueError:
+                raise ConfigError("dtls_state_key: not hex") from None
+            if len(key) not in (16, 32):
+                raise ConfigError("dtls_state_key: 32 or 64 hex digits (a 16- or 32-byte key)")
         if self.kafka_idempotence == "on" and self.kafka_acks != "all":
             raise ConfigError(f"kafka_idempotence: 'on' needs kafka_acks = all (it is {self.kafka_acks!r})")
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
@@ -409,7 +433,9 @@ class Settings:
             cert_file=self.dtls_cert or None,
             key_file=self.dtls_key or None,
             ca_file=self.dtls_ca or None,
-            client_auth=self.dtls_client_auth,
+            # ('optional' is the corem engine's alone, checked above; DtlsParams, python-mbedtls's, knows
+            # two modes: the engine is given the setting itself, corem/server.py)
+            client_auth="required" if self.dtls_client_auth == "optional" else self.dtls_client_auth,
         )
 
     def kafka_settings(self) -> KafkaSettings:

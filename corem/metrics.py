@@ -80,6 +80,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
         C, "Half-open handshakes dropped for a newcomer from a source holding less than half as many."),
     "corem_dtls_hello_verify_sent": (C, "Stateless HelloVerifyRequests sent."),
     "corem_dtls_records_dropped": (C, "Records with no session or that did not decrypt."),
+    "corem_dtls_cid_moves": (C, "Sessions moved to a new address by an authenticated record with their Connection ID (RFC 9146 §6; dtls_engine = corem)."),
+    "corem_dtls_records_unknown_cid": (C, "Records with a Connection ID no session has (unknown or forged), dropped (dtls_engine = corem)."),
     "corem_dtls_records_replayed": (C, "Records at or below what a restored session took before (replays after a crash), dropped."),
     "corem_dtls_record_marks_failed": (C, "Batches whose record numbers the session store refused (those records could be replayed after a crash)."),
     "corem_dtls_bytes_received": (C, "Bytes received on the DTLS socket."),

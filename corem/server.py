@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator, cast
 
 import trio
 from mbedtls.exceptions import TLSError
@@ -41,6 +41,7 @@ from .config import ConfigError, Settings
 from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
 from .dtls import DtlsServer, PskStore, SessionStore
+from .dtls.layer import EngineServer, load_state_key
 from .errors import StorageUnavailable
 from .net import fdlimit
 from .fastlane import FastLane, Lane, LaneTargets
@@ -97,7 +98,7 @@ class Transport:
     router: Router
     observers: Observers
     edge: UdpEdge | TcpEdge
-    dtls: DtlsServer | None = None
+    dtls: DtlsServer | EngineServer | None = None
     lane: FastLane | None = None
 
     def components(self) -> list[Measured]:
@@ -255,7 +256,10 @@ class Server:
             raise
         self.admin = AdminApi(AdminParts(
             self.registry, self.directory, self.management, self.downlink, self.presence, self.diagnostics,
-            self.ingest, self.sink, [t.dtls for t in self.transports if t.dtls is not None], self.components,
+            # (either DTLS layer: the admin summary reads sessions, offloaded, handshakes and the two
+            # handshake counts, which EngineServer names as DtlsServer does)
+            self.ingest, self.sink, cast("list[DtlsServer]", [t.dtls for t in self.transports if t.dtls is not None]),
+            self.components,
             self.reload_registry,
         ))
 
@@ -507,7 +511,7 @@ class Server:
         self.site.mount(t.router, t.observers)
         self.transports.append(t)
 
-    def _dtls(self, endpoint: Endpoint, lane: FastLane | None) -> DtlsServer:
+    def _dtls(self, endpoint: Endpoint, lane: FastLane | None) -> DtlsServer | EngineServer:
         s = self.settings
 
         def new_session(peer: Hashable, now: float) -> None:
@@ -516,6 +520,17 @@ class Server:
             if lane is not None:
                 lane.new_session(peer, now)
 
+        if s.dtls_engine == "corem":
+            store = self._session_store()
+            engine = EngineServer(
+                self.directory.psk_device, s.dtls_params(), cert_lookup=self.directory.cert_device,
+                state_key=load_state_key(s.dtls_state_key, None if store.shared else s.data_path),
+                store=store, device_lookup=self.directory.named, on_new_session=new_session,
+                client_auth=s.dtls_client_auth,
+            )
+            if engine.offloaded:
+                log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), SESSIONS_FILE)
+            return engine
         dtls = DtlsServer(
             PskStore(self.directory.psk_device),
             s.dtls_params(),

@@ -5,12 +5,23 @@ from __future__ import annotations
 import cbor2
 import pytest
 
-from .conftest import DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, write_cbor
+from .conftest import DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, write_cbor
 
 pytestmark = [needs_libcoap]
 
 READING = {"temperature": 22.5, "humidity": 65}
 clients = pytest.mark.parametrize("client", DTLS_CLIENTS)
+#: both implementations of CoAPS's security layer (dtls_engine): python-mbedtls and corem's own
+ENGINES = ("mbedtls", "corem")
+engines = pytest.mark.parametrize("engine", ENGINES)
+
+
+@pytest.fixture(params=ENGINES)
+def corem(data_dir, request):
+    """`corem serve` on loopback, on each DTLS engine"""
+    server = start_corem(data_dir, "--dtls-engine", request.param)
+    yield server
+    server.stop()
 
 
 def spec_command(corem, client, reading, identity=SPEC_IDENTITY, key=SPEC_KEY):
@@ -109,11 +120,11 @@ def test_client_hello_flood_from_many_ports_creates_no_state_and_no_amplificatio
     assert m["corem_dtls_bytes_sent_unauthenticated_total"] <= m["corem_dtls_bytes_received_total"]
 
 
-def test_offloaded_session_keeps_working_without_a_new_handshake(data_dir):
-    from .conftest import start_corem
+@engines
+def test_offloaded_session_keeps_working_without_a_new_handshake(data_dir, engine):
     from .dtls_udp_client import DtlsUdpClient
 
-    server = start_corem(data_dir, "--dtls-offload-after", "0.3")
+    server = start_corem(data_dir, "--dtls-offload-after", "0.3", "--dtls-engine", engine)
     client = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode())
     try:
         client.handshake()
@@ -135,11 +146,11 @@ def test_offloaded_session_keeps_working_without_a_new_handshake(data_dir):
         server.stop()
 
 
-def test_session_carried_across_a_restart_of_corem(data_dir):
-    from .conftest import start_corem
+@engines
+def test_session_carried_across_a_restart_of_corem(data_dir, engine):
     from .dtls_udp_client import DtlsUdpClient
 
-    first = start_corem(data_dir)
+    first = start_corem(data_dir, "--dtls-engine", engine)
     port = first.coaps_port
     client = DtlsUdpClient(port, SPEC_IDENTITY, SPEC_KEY.encode())
     try:
@@ -147,7 +158,7 @@ def test_session_carried_across_a_restart_of_corem(data_dir):
         assert client.post(["telemetry"], cbor2.dumps({"seq": 1})).code == 68
         assert first.stop() == 0
         assert "saved 1 DTLS sessions" in first.stderr()
-        second = start_corem(data_dir, "--coaps", f"127.0.0.1:{port}")
+        second = start_corem(data_dir, "--coaps", f"127.0.0.1:{port}", "--dtls-engine", engine)
         try:
             assert second.coaps_port == port
             assert client.post(["telemetry"], cbor2.dumps({"seq": 2})).code == 68
@@ -162,15 +173,15 @@ def test_session_carried_across_a_restart_of_corem(data_dir):
         client.close()
 
 
+@engines
 @pytest.mark.parametrize("lane", ["on", "off"])
-def test_a_new_session_from_the_same_address_starts_message_ids_afresh(data_dir, lane):
+def test_a_new_session_from_the_same_address_starts_message_ids_afresh(data_dir, lane, engine):
     """A device that reboots handshakes again from the same address and port and starts its
     message IDs where it started before: its first reading is new, not a duplicate of the one the
     old session sent with that ID (which would be answered 2.04 from the cache and never stored)."""
-    from .conftest import start_corem
     from .dtls_udp_client import DtlsUdpClient
 
-    server = start_corem(data_dir, "--fast-lane", lane)
+    server = start_corem(data_dir, "--fast-lane", lane, "--dtls-engine", engine)
     first = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode())
     try:
         first.handshake()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -134,6 +134,8 @@ class Connection:
         self.newest = -1  # epoch << 48 | seq of the newest authenticated record (RFC 9146 §6)
         self.out: list[bytes] = []
         self.app: list[bytes] = []
+        #: what the security layer driving the engine keeps beside the session (layer.py)
+        self.layer: Any = None
 
     # -- the server role -------------------------------------------------------------------------
 
@@ -629,6 +631,10 @@ class Connection:
         self.flight = []
         self.retransmit_at = float("inf")
         self.send_alert(FATAL, alert)
+
+    def fail(self, alert: int, reason: str) -> None:
+        """End the handshake: a fatal `alert`, FAILED for `reason` (the engine's caller decides)"""
+        self._fail(alert, reason)
 
     def send_alert(self, level: int, description: int) -> None:
         epoch = 1 if self.write_epoch_active() else 0

@@ -120,6 +120,19 @@ class Engine:
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = EngineStats()
         self._next_sweep = now
+        #: the connections the last `receive` touched (the security layer reads their numbers)
+        self.touched: list[Connection] = []
+        # hooks for the security layer that drives this engine (corem/dtls/layer.py):
+        #: `admit(peer, now)`: a ClientHello with a valid cookie may start a handshake (False: it
+        #: is dropped, nothing kept; the caller counts why)
+        self.admit: Callable[[Peer, float], bool] | None = None
+        #: `established(conn)`: a handshake completed; a reason (str) refuses the session
+        #: (e.g. an unregistered certificate: it is closed and counted as a failed handshake)
+        self.established: Callable[[Connection], str | None] | None = None
+        #: `handshake_over(peer)`: a handshake left `handshakes` (completed, failed, replaced)
+        self.handshake_over: Callable[[Peer], None] | None = None
+        #: `moved(conn, old_peer)`: RFC 9146 §6, a session now answers at `conn.peer`
+        self.moved: Callable[[Connection, Peer], None] | None = None
 
     # -- in --------------------------------------------------------------------------------------
 
@@ -149,6 +162,7 @@ class Engine:
                     conn.app = []
         for conn in touched:
             self._settle(conn)
+        self.touched = touched
         return app
 
     def _record(self, rec: Record, peer: Peer, now: float) -> Connection | None:
@@ -202,10 +216,13 @@ class Engine:
         if current is not None and current.client_random == hello.random and current.state != FAILED:
             current.resend = True  # its retransmitted hello: our ServerHello flight was lost
             return current
-        if current is None and len(self.handshakes) >= self.params.max_handshakes:
-            raise DtlsDecodeError(0, "too_many_handshakes")
         if current is not None:
-            self._forget(current)
+            self._forget(current)  # (a new hello, a new handshake: it asks for a slot afresh)
+        if self.admit is not None:
+            if not self.admit(peer, now):
+                return None
+        elif len(self.handshakes) >= self.params.max_handshakes:
+            raise DtlsDecodeError(0, "too_many_handshakes")
         conn = Connection("server", self.params, peer, now)
         self.handshakes[peer] = conn
         self.stats.handshakes_started += 1
@@ -233,6 +250,17 @@ class Engine:
         if self.handshakes.get(conn.peer) is conn:
             if conn.state == ESTABLISHED:
                 del self.handshakes[conn.peer]
+                if self.handshake_over is not None:
+                    self.handshake_over(conn.peer)
+                refused = self.established(conn) if self.established is not None else None
+                if refused is not None:
+                    self.stats.handshakes_failed[refused] += 1
+                    conn.close()
+                    for d in conn.flush():
+                        self.outbox.append((d, conn.peer))
+                        self.stats.bytes_out_unauthenticated += len(d)
+                    self._forget(conn)
+                    return
                 old = self.sessions.pop(conn.peer, None)
                 if old is not None:
                     self._forget(old)
@@ -253,6 +281,8 @@ class Engine:
     def _forget(self, conn: Connection) -> None:
         if self.handshakes.get(conn.peer) is conn:
             del self.handshakes[conn.peer]
+            if self.handshake_over is not None:
+                self.handshake_over(conn.peer)
         if self.sessions.get(conn.peer) is conn:
             del self.sessions[conn.peer]
         if conn.cid_in and self.by_cid.get(conn.cid_in) is conn:
@@ -265,9 +295,36 @@ class Engine:
         displaced = self.sessions.get(peer)
         if displaced is not None and displaced is not conn:
             self._forget(displaced)  # (a session by address at that address is superseded)
-        conn.peer = peer
+        old, conn.peer = conn.peer, peer
         self.sessions[peer] = conn
         self.stats.address_changes += 1
+        if self.moved is not None:
+            self.moved(conn, old)
+
+    def drop_handshake(self, peer: Peer) -> bool:
+        """Forget the handshake in progress with `peer` (its slot was taken back: timeout,
+        eviction); nothing is sent"""
+        conn = self.handshakes.get(peer)
+        if conn is None:
+            return False
+        self._forget(conn)
+        return True
+
+    def fail_handshake(self, peer: Peer, alert: int, reason: str) -> bool:
+        """End the handshake in progress with `peer` with a fatal alert (sent), counted by `reason`"""
+        conn = self.handshakes.get(peer)
+        if conn is None:
+            return False
+        conn.fail(alert, reason)
+        self._settle(conn)
+        return True
+
+    def forget(self, peer: Peer) -> Connection | None:
+        """Drop the session with `peer` (offloaded, expired, replaced); nothing is sent"""
+        conn = self.sessions.get(peer)
+        if conn is not None:
+            self._forget(conn)
+        return conn
 
     # -- out -------------------------------------------------------------------------------------
 

@@ -1,0 +1,545 @@
+"""CoAPS's security layer on corem's own DTLS engine (`corem.dtls.engine`, issue 27): the second
+implementation of the interface `DtlsServer` (server.py, python-mbedtls) offers, selected by
+`dtls_engine = "corem"`.
+
+What it adds to the sans-IO `Engine` is what DtlsServer adds to Mbed TLS, with the same settings,
+the same metric names and the same store:
+
+- credentials: the PSK callback store (identity -> the registry's device and key), X.509 client
+  certificates against `dtls_ca` and the registry (`dtls_client_auth` required | none | optional),
+  the server's certificate and key;
+- admission: a ClientHello with a valid cookie takes a handshake slot (slots.py) exactly as under
+  DtlsServer; the cookie exchange itself stays stateless (the engine's CookieJar);
+- sessions: at most `max_sessions` live; idle ones offloaded to the SessionStore (store.py) and
+  restored by the next datagram, checkpoints, the save at shutdown, expiry.  The blob is the
+  engine's state record (engine/state.py), sealed with AES-GCM under `dtls_state_key`, bound to
+  its row's key, behind a 4-byte tag no pickle starts with.  It is never unpickled: a row this
+  layer cannot open (an mbedtls pickle, another key, a forgery) is a lost session, and the device
+  handshakes again.  Sessions with a Connection ID are stored under their CID (so a device that
+  comes back from a new address is restored by it), the others under their peer's address;
+- replays: `settle` writes the record numbers saved sessions took in the batch to the store
+  before the batch is handled (SessionStore.mark), and a restored session's replay window
+  refuses everything at or below that number (the window carries the floor);
+- Connection ID moves (RFC 9146 §6): the engine moves a session to the address of its newest
+  authenticated record; the layer counts it and tells `on_moved(old, new, now)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Iterator
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import corem.dtls.engine.state as state
+from ..registry import Device
+from ..stats import Sample, counter, fields, gauge
+from .engine.certs import chain_verifier
+from .engine.connection import ESTABLISHED, Connection
+from .engine.crypto import suite_by_name
+from .engine.engine import Engine, EngineParams, EngineStats
+from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
+from .engine.records import TLS12_CID, ReplayWindow
+from .server import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, _has_cookie
+from .slots import HandshakeSlots
+from .store import Row, SessionStore, peer_key
+
+log = logging.getLogger("corem.dtls")
+
+Peer = Hashable
+
+CONTENT_HANDSHAKE = 22
+CONTENT_APPLICATION_DATA = 23
+#: what a stored blob of this layer starts with: 0x00 is no pickle opcode (the mbedtls engine's
+#: `thaw` refuses it at once), then the format's name and version
+BLOB_TAG = b"\x00cD1"
+#: a row key for a session found by its Connection ID (peer keys are 6 or 18 bytes, or repr text)
+CID_KEY = b"\x00cid"
+STATE_KEY_FILE = "dtls-state.key"
+#: epoch-1 records of a handshake that did not authenticate before it is failed as bad_mac
+FINISHED_FAILURES = 2
+
+#: the engine's failure names -> the names corem_dtls_handshakes_failed_total has used since
+#: DtlsServer (docs: errors.py); the rest keep the engine's own name
+REASONS = {
+    "unknown_psk_identity": "unknown_identity",
+    "bad_finished": "bad_mac",
+    "finished_not_authentic": "bad_mac",
+    "no_shared_suite": "no_cipher_in_common",
+    "bad_certificate": "certificate_not_trusted",
+    "protocol_version": "bad_protocol_version",
+    "timeout": "timeout",
+    "no_client_certificate": "no_client_certificate",
+}
+
+
+def reason_name(reason: str) -> str:
+    if reason.startswith("peer_alert_"):
+        return "alert_received"
+    return REASONS.get(reason, reason)
+
+
+def load_state_key(setting: str, data_dir: Path | None) -> bytes:
+    """`dtls_state_key` (hex, 16 or 32 bytes), or the one kept in data_dir (made, mode 0600, the
+    first time) when the setting is empty and `data_dir` is given."""
+    if setting:
+        try:
+            key = bytes.fromhex(setting.strip())
+        except ValueError:
+            raise ValueError("dtls_state_key: not hex") from None
+        if len(key) not in (16, 32):
+            raise ValueError("dtls_state_key: 16 or 32 bytes (32 or 64 hex digits)")
+        return key
+    if data_dir is None:
+        return os.urandom(32)
+    path = data_dir / STATE_KEY_FILE
+    try:
+        return load_state_key(path.read_text().strip(), None)
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    return key
+
+
+def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = None) -> EngineParams:
+    """DtlsParams (the settings) as the engine's parameters; ValueError names what the engine
+    cannot do."""
+    suites = []
+    for name in p.ciphers:
+        try:
+            suites.append(suite_by_name(name))
+        except ValueError:
+            raise ValueError(f"dtls_ciphers: {name!r} is not a suite the corem engine implements "
+                             "(TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, TLS-PSK-WITH-AES-128-GCM-SHA256, "
+                             "TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256)") from None
+    chain: tuple[bytes, ...] = ()
+    key: ec.EllipticCurvePrivateKey | None = None
+    verify = None
+    mode = "none"
+    if p.cert_file is not None:
+        assert p.key_file is not None
+        chain = tuple(c.public_bytes(serialization.Encoding.DER) for c in _pem_certificates(p.cert_file))
+        try:
+            loaded = serialization.load_pem_private_key(Path(p.key_file).read_bytes(), None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{p.key_file}: not a PEM private key ({e})") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey) or not isinstance(loaded.curve, ec.SECP256R1):
+            raise ValueError(f"{p.key_file}: the corem engine signs with P-256 ECDSA keys only")
+        key = loaded
+        mode = client_auth or p.client_auth
+        if mode != "none":
+            if p.ca_file is None:
+                raise ValueError("dtls_ca is needed to verify device certificates (or set dtls_client_auth = none)")
+            verify = chain_verifier(_pem_certificates(p.ca_file))
+    return EngineParams(suites=tuple(suites), certificate_chain=chain, private_key=key, verify_peer=verify,
+                        client_auth=mode, cid_length=cid_length, max_handshakes=p.max_handshakes,
+                        max_sessions=p.max_sessions, handshake_timeout=p.handshake_timeout,
+                        session_timeout=float("inf"))
+
+
+def _pem_certificates(path: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: not a valid PEM certificate ({e})") from None
+    if not certs:
+        raise ValueError(f"{path}: no PEM certificate in it")
+    return certs
+
+
+@dataclass
+class LayerStats:
+    hello_verify_sent: int = 0
+    offloaded: int = 0
+    offload_failed: int = 0
+    checkpoints: int = 0
+    restored: int = 0
+    sessions_lost: int = 0
+    handshakes_refused: Counter[str] = field(default_factory=Counter)
+    handshakes_evicted: int = 0
+    own_failures: Counter[str] = field(default_factory=Counter)  # (the layer's own: timeout)
+    records_replayed: int = 0
+    marks_failed: int = 0
+    sessions_expired: int = 0
+    cid_moves: int = 0
+    engine: EngineStats = field(default_factory=EngineStats)
+
+    # (as DtlsStats names them: the admin API's summary reads these two)
+    @property
+    def handshakes_completed(self) -> int:
+        return self.engine.handshakes_completed
+
+    @property
+    def handshakes_failed(self) -> Counter[str]:
+        failed: Counter[str] = Counter()
+        for reason, n in self.engine.handshakes_failed.items():
+            failed[reason_name(reason)] += n
+        failed.update(self.own_failures)
+        return failed
+
+
+class Session:
+    """What the layer keeps beside a live Connection (attached as `conn.layer`)."""
+
+    __slots__ = ("device", "checkpoint_due", "marked", "saved", "key")
+
+    def __init__(self, device: Device | None, key: bytes) -> None:
+        self.device = device
+        self.checkpoint_due = 0.0
+        #: the highest record number written to the store for it (-1: none)
+        self.marked = -1
+        #: the store holds a copy a crash would restore: record numbers go there first (settle)
+        self.saved = False
+        #: its row's key in the store
+        self.key = key
+
+
+class EngineServer:
+    """CoAPS's security layer (corem/net/security.py) on corem's DTLS engine."""
+
+    SWEEP_INTERVAL = 60.0
+    transparent = False
+
+    def __init__(
+        self,
+        psk_lookup: Callable[[str], Device | None],
+        params: DtlsParams | None = None,
+        cert_lookup: Callable[[str], Device | None] | None = None,
+        *,
+        state_key: bytes,
+        store: SessionStore | None = None,
+        device_lookup: Callable[[str, str], Device | None] | None = None,
+        wall: Callable[[], float] = time.time,
+        on_new_session: Callable[[Peer, float], None] | None = None,
+        on_moved: Callable[[Peer, Peer, float], None] | None = None,
+        cid_length: int = 6,
+        client_auth: str | None = None,
+    ) -> None:
+        """`client_auth`: the setting, when it says more than `params` can ("optional")"""
+        self.params = p = params or DtlsParams()
+        self.psk_lookup = psk_lookup
+        self.cert_lookup = cert_lookup or (lambda sha256: None)
+        self.device_lookup = device_lookup or (lambda tenant, device: None)
+        self.state_key = state_key
+        self.store = store if store is not None else SessionStore()
+        self.wall = wall
+        self.on_new_session = on_new_session
+        self.on_moved = on_moved
+        self.engine = e = Engine(self._psk, engine_params(p, cid_length, client_auth))
+        e.admit = self._admit
+        e.established = self._established
+        e.handshake_over = self._handshake_over
+        e.moved = self._moved
+        self.slots = HandshakeSlots(p.max_handshakes, p.handshake_timeout, p.handshake_floor)
+        self.stats = LayerStats(engine=e.stats)
+        self.offloaded: set[bytes] = set() if self.store.shared else set(self.store.keys())
+        self._missed: dict[bytes, float] = {}
+        self._now = 0.0
+        self._next_sweep = 0.0
+        self._next_store_warning = 0.0
+        self._checkpoints: set[Connection] = set()
+        self._marks: dict[bytes, Connection] = {}
+        self._cid_length = cid_length
+        self._hello_cookie = False  # (the ClientHello being handled carries a cookie)
+        self._pending_device: Device | None = None
+
+    # -- the engine's hooks ----------------------------------------------------------------------
+    def _psk(self, identity: bytes) -> bytes | None:
+        try:
+            name = identity.decode()
+        except UnicodeDecodeError:
+            return None
+        device = self.psk_lookup(name)
+        if device is None or device.psk is None:
+            return None
+        return device.psk
+
+    def _admit(self, peer: Peer, now: float) -> bool:
+        """A hello with a valid cookie: a handshake slot, as DtlsServer takes one (slots.py)."""
+        if len(self.engine.sessions) >= self.params.max_sessions and peer not in self.engine.sessions:
+            self.stats.handshakes_refused["sessions"] += 1
+            return False
+        verdict = self.slots.admit(peer, now)
+        if verdict.reason is not None:
+            self.stats.handshakes_refused[verdict.reason] += 1
+            return False
+        if verdict.evict is not None and self.engine.drop_handshake(verdict.evict):
+            self.stats.handshakes_evicted += 1
+        # a new handshake replaces the peer's old session and its saved copy
+        key = peer_key(peer)
+        if key in self.offloaded or self.store.shared:
+            self.offloaded.discard(key)
+            self.store.discard(key)
+        return True
+
+    def _handshake_over(self, peer: Peer) -> None:
+        self.slots.release(peer)
+
+    def _established(self, conn: Connection) -> str | None:
+        device: Device | None = None
+        if conn.peer_chain:  # a certificate (verified against dtls_ca by the engine)
+            device = self.cert_lookup(conn.identity.decode())
+            if device is None:
+                log.debug("dtls peer %s presented an unregistered certificate", conn.peer)
+                return "unregistered_certificate"
+        elif conn.suite is not None and conn.suite.kx == "psk":
+            device = self.psk_lookup(conn.identity.decode(errors="replace"))
+        conn.layer = Session(device, self._key_of(conn))
+        if self.on_new_session is not None:
+            self.on_new_session(conn.peer, self._now)
+        return None
+
+    def _moved(self, conn: Connection, old: Peer) -> None:
+        self.stats.cid_moves += 1
+        if self.on_moved is not None:
+            self.on_moved(old, conn.peer, self._now)
+
+    def _key_of(self, conn: Connection) -> bytes:
+        return CID_KEY + conn.cid_in if conn.cid_in else peer_key(conn.peer)
+
+    # -- input -----------------------------------------------------------------------------------
+    def receive(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
+        self._now = now
+        e = self.engine
+        if len(data) < 14:
+            e.stats.datagrams_in += 1
+            e.stats.bytes_in += len(data)
+            e.stats.records_dropped["short"] += 1
+            return []
+        first = data[0]
+        if first == TLS12_CID:
+            if data[11:11 + self._cid_length] not in e.by_cid:
+                self._restore_key(CID_KEY + data[11:11 + self._cid_length], peer, now)
+        elif first == CONTENT_APPLICATION_DATA and peer not in e.sessions and peer not in e.handshakes:
+            self._restore_key(peer_key(peer), peer, now)
+        if first == CONTENT_HANDSHAKE and data[3] == 0 and data[4] == 0 and data[13] == 1:
+            if not _has_cookie(data):
+                pass  # (the engine answers it statelessly: no slot asked)
+            elif (v := self.slots.consider(peer, now)).reason is not None and peer not in e.handshakes:
+                e.stats.datagrams_in += 1
+                e.stats.bytes_in += len(data)
+                self.stats.handshakes_refused[v.reason] += 1
+                return []
+        out = e.receive(data, peer, now)
+        hs = e.handshakes.get(peer)
+        if hs is not None and hs.auth_failures >= FINISHED_FAILURES:
+            # the device's Finished flight, sent again, still does not authenticate: the keys
+            # differ (a wrong PSK).  Mbed TLS fails at the first; one forged record does not here.
+            e.fail_handshake(peer, BAD_RECORD_MAC, "finished_not_authentic")
+        for conn in e.touched:
+            s: Session | None = conn.layer
+            if s is None or conn.state != ESTABLISHED:
+                continue
+            if s.checkpoint_due <= now and self.params.checkpoint:
+                self._checkpoints.add(conn)
+            if s.saved and conn.window.top > s.marked:
+                self._marks[s.key] = conn
+        return out
+
+    def settle(self, now: float) -> None:
+        """As DtlsServer.settle: the record numbers saved sessions took in this batch go to the
+        store before the batch's messages are handled."""
+        if not self._marks:
+            return
+        marks = []
+        for key, conn in self._marks.items():
+            s: Session = conn.layer
+            s.marked = conn.window.top
+            marks.append((s.marked, key))
+        self._marks.clear()
+        if not self.store.mark(marks):
+            self.stats.marks_failed += 1
+
+    # -- output ----------------------------------------------------------------------------------
+    def wrap(self, plaintext: bytes, peer: Peer) -> bytes | None:
+        conn = self.engine.sessions.get(peer)
+        if conn is None:
+            conn = self._restore_key(peer_key(peer), peer, self._now)
+            if conn is None:
+                return None
+        sealed = conn.seal(plaintext)
+        if sealed is None and conn.state == ESTABLISHED:
+            # the sequence numbers the stored copy reserved are used up: save it again (a new
+            # reservation), then send
+            self._save([conn], self._now, checkpoint=True)
+            sealed = conn.seal(plaintext)
+        return sealed
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Peer]]:
+        return self.engine.datagrams_to_send()
+
+    def credentialed(self, datagram: bytes, peer: Peer) -> bool:
+        return self.engine.credentialed(datagram, peer)
+
+    def device(self, peer: Peer) -> Device | None:
+        conn = self.engine.sessions.get(peer)
+        s: Session | None = None if conn is None else conn.layer
+        return None if s is None else s.device
+
+    # -- time ------------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        self._now = now
+        e = self.engine
+        for peer in self.slots.expire(now):
+            if e.drop_handshake(peer):
+                self.stats.own_failures["timeout"] += 1
+        e.tick(now)
+        if self._checkpoints:
+            self.checkpoint(now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(self.SWEEP_INTERVAL, self.params.offload_after / 2)
+            self.sweep(now)
+
+    def checkpoint(self, now: float) -> int:
+        due, self._checkpoints = self._checkpoints, set()
+        live = [c for c in due if c.state == ESTABLISHED and self.engine.sessions.get(c.peer) is c]
+        return self._save(live, now, checkpoint=True)
+
+    def _save(self, conns: list[Connection], now: float, *, checkpoint: bool) -> int:
+        wall_offset = self.wall() - now
+        rows = [self._row(c, wall_offset) for c in conns]
+        if not rows or not self.store.put(rows):
+            return 0
+        if checkpoint:
+            self.stats.checkpoints += len(rows)
+            for c in conns:
+                s: Session = c.layer
+                s.saved = True
+                s.marked = max(s.marked, c.window.top)
+                s.checkpoint_due = now + self.params.session_timeout / 2
+        return len(rows)
+
+    def _row(self, conn: Connection, wall_offset: float) -> Row:
+        s: Session = conn.layer
+        saved = state.export(conn)
+        blob = BLOB_TAG + state.seal(saved, self.state_key, s.key)
+        device = s.device
+        tenant, name = (device.tenant, device.device) if device is not None else ("", "")
+        return s.key, blob, tenant, name, conn.last_seen + wall_offset, max(conn.window.top, s.marked)
+
+    def sweep(self, now: float, *, everything: bool = False) -> int:
+        """Offload sessions idle past `offload_after` (all of them at shutdown), forget those idle
+        past the inactivity timeout.  Returns how many were offloaded."""
+        p = self.params
+        e = self.engine
+        expire_before = now - p.session_timeout
+        offload_before = float("inf") if everything else now - p.offload_after
+        wall_offset = self.wall() - now
+        idle = [c for c in e.sessions.values() if c.last_seen < offload_before]
+        saving: list[Connection] = []
+        for conn in idle:
+            if conn.last_seen < expire_before:
+                self.stats.sessions_expired += 1
+                e.forget(conn.peer)
+            elif conn.layer is not None:
+                saving.append(conn)
+        rows = [self._row(c, wall_offset) for c in saving]
+        if not self.store.put(rows):
+            self.stats.offload_failed += len(rows)
+            t = time.monotonic()
+            if rows and t >= self._next_store_warning:
+                self._next_store_warning = t + 60.0
+                log.warning("could not offload %d DTLS sessions (%s): they stay in memory", len(rows),
+                            self.store.last_error)
+            return 0
+        for conn in saving:
+            e.forget(conn.peer)
+            self._checkpoints.discard(conn)
+        self.offloaded.update(row[0] for row in rows)
+        self.stats.offloaded += len(rows)
+        expired = self.store.expire(expire_before + wall_offset)
+        self.offloaded.difference_update(expired)
+        self.stats.sessions_expired += len(expired)
+        return len(rows)
+
+    def _restore_key(self, key: bytes, peer: Peer, now: float) -> Connection | None:
+        if self.store.shared:
+            if self._missed.get(key, 0.0) > now:
+                return None
+        elif key not in self.offloaded:
+            return None
+        self.offloaded.discard(key)
+        row = self.store.take(key)
+        if row is None:
+            if self.store.shared:
+                if len(self._missed) >= MAX_MISSES:
+                    self._missed = {k: t for k, t in self._missed.items() if t > now}
+                self._missed[key] = now + MISS_TTL
+            return None
+        self._missed.pop(key, None)
+        _, blob, tenant, name, _, rx_top = row
+        device = self.device_lookup(tenant, name) if tenant else None
+        if tenant and device is None:  # the device was removed while its session slept
+            self.stats.sessions_expired += 1
+            return None
+        if not blob.startswith(BLOB_TAG):  # e.g. an mbedtls pickle: never unpickled here
+            self.stats.sessions_lost += 1
+            return None
+        try:
+            saved = state.open_sealed_untrusted(blob[len(BLOB_TAG):], self.state_key, key)
+            self.engine.restore(saved, peer, now)
+        except (DtlsDecodeError, ValueError):
+            self.stats.sessions_lost += 1
+            return None
+        conn = self.engine.sessions[peer]
+        if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
+            conn.window = ReplayWindow(rx_top, (1 << 64) - 1)
+            conn.newest = max(conn.newest, 1 << 48 | rx_top)
+        s = Session(device, key)
+        s.marked = rx_top
+        s.saved = False  # (its row was taken: the next checkpoint saves it again)
+        s.checkpoint_due = 0.0
+        conn.layer = s
+        self.stats.restored += 1
+        return conn
+
+    # -- the rest --------------------------------------------------------------------------------
+    @property
+    def sessions(self) -> dict[Peer, Connection]:
+        return self.engine.sessions
+
+    @property
+    def handshakes(self) -> dict[Peer, Connection]:
+        return self.engine.handshakes
+
+    def metrics(self) -> Iterator[Sample]:
+        e, d = self.engine.stats, self.stats
+        yield counter("corem_dtls_handshakes_started", e.handshakes_started)
+        yield counter("corem_dtls_handshakes_completed", e.handshakes_completed)
+        yield counter("corem_dtls_hello_verify_sent", e.hello_verify_sent)
+        yield counter("corem_dtls_bytes_received", e.bytes_in)
+        yield counter("corem_dtls_bytes_sent_unauthenticated", e.bytes_out_unauthenticated)
+        replayed = e.records_dropped.get("replayed", 0)  # (the window, with a restored session's floor)
+        yield counter("corem_dtls_records_dropped", sum(e.records_dropped.values()) - replayed)
+        yield counter("corem_dtls_records_replayed", replayed)
+        yield counter("corem_dtls_sessions_closed", e.sessions_closed)
+        yield counter("corem_dtls_sessions_expired", e.sessions_expired + d.sessions_expired)
+        yield from fields(d, {k: v for k, v in DTLS_METRICS.items() if k in (
+            "handshakes_evicted", "marks_failed", "offloaded", "restored", "sessions_lost",
+            "offload_failed", "checkpoints")})
+        yield counter("corem_dtls_cid_moves", d.cid_moves)
+        yield counter("corem_dtls_records_unknown_cid", e.records_dropped.get("unknown_cid", 0))
+        for reason, n in sorted(d.handshakes_failed.items()):
+            yield counter("corem_dtls_handshakes_failed", n, reason=reason)
+        for reason, n in sorted(d.handshakes_refused.items()):
+            yield counter("corem_dtls_handshakes_refused", n, reason=reason)
+        yield gauge("corem_dtls_sessions", len(self.engine.sessions), state="live")
+        yield gauge("corem_dtls_sessions", len(self.offloaded), state="offloaded")
+        yield gauge("corem_dtls_sessions", len(self.engine.handshakes), state="handshaking")
+        yield counter("corem_dtls_session_store_errors", self.store.errors)
+
+    def close(self, now: float) -> int:
+        saved = self.sweep(now, everything=True)
+        self.store.close()
+        return saved
