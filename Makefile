@@ -13,7 +13,8 @@ UV     := uv==0.13.9
 
 .PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers bench-transports fuzz soak clean lock test-latest
 
-$(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c
+$(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c \
+	  corem/dtls/engine/_records.c corem/dtls/engine/dtls_records.h
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned dependencies from $(LOCK) ($$(grep -c '^[a-z]' $(LOCK)) packages, hash-checked)"
 	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
@@ -28,8 +29,9 @@ deps: $(STAMP)
 # chromedriver (the diagnostics UI's browser test), protoc (the protobuf profiles' schemas are
 # checked against the descriptors it makes, and its classes encode the test payloads), PostgreSQL
 # (the shared DTLS session store of several nodes), nftables and conntrack (the kernel's UDP load
-# balancer in front of two nodes).
-DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack
+# balancer in front of two nodes), libssl-dev (OpenSSL's libcrypto and its headers: the DTLS engine's
+# record protection in C, corem/dtls/engine/_records.c).
+DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack libssl-dev
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
@@ -41,6 +43,7 @@ sysdeps:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
 	command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || missing="$$missing conntrack"; \
+	[ -f /usr/include/openssl/evp.h ] || missing="$$missing libssl-dev"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (Debian)"; \
@@ -105,7 +108,7 @@ bench-transports: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	@mkdir -p fuzz/corpus fuzz/artifacts
-	@for t in codec payload formats proto_schema endpoint dtls frontdoors http lane oscore tcp_frame; do \
+	@for t in codec payload formats proto_schema endpoint dtls frontdoors http lane oscore tcp_frame dtls_records; do \
 	  echo "== fuzz_$$t ($(FUZZ_SECONDS) s)"; mkdir -p fuzz/corpus/$$t; \
 	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
 	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \

@@ -1,5 +1,5 @@
 """Builds the optional C parts (the decoder, the batched socket calls, the fast lane, the Kafka sink's
-delivery tickets);
+delivery tickets, DTLS record protection);
 without them corem runs on Python alone."""
 
 from setuptools import Extension, setup
@@ -30,6 +30,15 @@ setup(
             "corem.fastlane._lane",
             ["corem/fastlane/_lane.c"],
             depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
+        # DTLS record protection on the system's OpenSSL libcrypto (Debian: libssl-dev)
+        Extension(
+            "corem.dtls.engine._records",
+            ["corem/dtls/engine/_records.c"],
+            depends=["corem/dtls/engine/dtls_records.h"],
+            libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),

@@ -2,7 +2,14 @@
 
 Records are parsed by `parse_record_untrusted` (one record at an offset of a datagram: a datagram
 may hold several), protected and opened by `RecordProtection` (AEAD: AES-128-CCM-8, AES-128-CCM,
-AES-128-GCM, through `cryptography`), and checked against replay by `ReplayWindow` (§4.1.2.6).
+AES-128-GCM), and checked against replay by `ReplayWindow` (§4.1.2.6).
+
+`RecordProtection` and `ReplayWindow` are the C ones (`_records.c` on the system's OpenSSL
+libcrypto, its work in `dtls_records.h`) when they are built and COREM_PURE_PYTHON is not set;
+`RecordProtectionPy` and `ReplayWindowPy` (through `cryptography`) are the reference, the same
+records byte for byte and the same refusals (tests/test_dtls_records_c.py).  `RECORDS` says which.
+`open_record_untrusted` is the receive path of an established session in one call: framing,
+epoch, CID, replay window, AEAD, the window's update.
 
 AEAD records (RFC 5246 §6.2.3.3, RFC 5288, RFC 6655): the fragment is an 8-byte explicit nonce
 (this engine writes epoch + sequence number, as every stack does) and the ciphertext with its tag;
@@ -18,7 +25,9 @@ nonce = the 4-byte implicit IV (client or server write IV) + the explicit nonce.
 
 from __future__ import annotations
 
+import os
 import struct
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
@@ -41,6 +50,7 @@ SEQ_MAX = (1 << 48) - 1
 EXPLICIT_NONCE = 8
 #: RFC 6347 §4.1: a record's fragment is at most 2^14 bytes plus the cipher's expansion (2048)
 MAX_FRAGMENT = (1 << 14) + 2048
+MAX_PLAINTEXT = 1 << 14
 SEQ_NUM_PLACEHOLDER = b"\xff" * 8
 
 _HEADER = struct.Struct("!BHHHIH")  # type, version, epoch, seq (16 high + 32 low bits), length
@@ -117,13 +127,17 @@ def aad_cid(cid: bytes, epoch: int, seq: int, inner_length: int, version: int = 
     ))
 
 
-class RecordProtection:
-    """One direction's AEAD state for one epoch: the key and the 4-byte implicit IV."""
+class RecordProtectionPy:
+    """One direction's AEAD state for one epoch: the key and the 4-byte implicit IV (the reference;
+    `RecordProtection` is the C one when it is built)."""
 
-    __slots__ = ("aead", "iv", "tag")
+    __slots__ = ("aead", "iv", "tag", "cipher")
 
     def __init__(self, cipher: str, key: bytes, iv: bytes) -> None:
-        self.iv = iv
+        if len(key) != 16 or len(iv) != 4:
+            raise ValueError("AES-128 takes a 16-byte key and a 4-byte implicit IV")
+        self.iv = bytes(iv)
+        self.cipher = cipher
         if cipher == "ccm8":
             self.aead: AESCCM | AESGCM = AESCCM(key, tag_length=8)
             self.tag = 8
@@ -142,7 +156,15 @@ class RecordProtection:
 
     def seal(self, ctype: int, epoch: int, seq: int, plaintext: bytes, cid: bytes = b"",
              padding: int = 0) -> bytes:
-        """The whole record.  With `cid` (the peer's, non-empty) a tls12_cid record (RFC 9146)."""
+        """The whole record.  With `cid` (the peer's, non-empty) a tls12_cid record (RFC 9146).
+        OverflowError past the last sequence number (2^48 - 1); ValueError for a record over DTLS's
+        limits (a plaintext over 2^14 bytes, a fragment over MAX_FRAGMENT, a CID over 255 bytes)."""
+        if seq < 0 or seq > SEQ_MAX:
+            raise OverflowError("sequence number over 2^48 - 1 (exhausted)")
+        inner_length = len(plaintext) + (1 + padding if cid else 0)
+        if (len(plaintext) > MAX_PLAINTEXT or len(cid) > 255 or padding < 0
+                or EXPLICIT_NONCE + inner_length + self.tag > MAX_FRAGMENT):
+            raise ValueError("record_overflow: the record would be over DTLS's limits")
         explicit = epoch.to_bytes(2, "big") + seq.to_bytes(6, "big")
         if cid:
             inner = plaintext + bytes((ctype,)) + bytes(padding)
@@ -160,6 +182,8 @@ class RecordProtection:
         """(content type, plaintext) of a protected record; DtlsDecodeError(bad_record_mac) when it
         does not authenticate."""
         fragment = record.fragment
+        if len(fragment) > MAX_FRAGMENT:
+            raise DtlsDecodeError(RECORD_OVERFLOW, "record_overflow")
         n = len(fragment) - EXPLICIT_NONCE - self.tag
         if n < 0:
             raise DtlsDecodeError(BAD_RECORD_MAC, "record_too_short")
@@ -179,15 +203,35 @@ class RecordProtection:
             raise DtlsDecodeError(UNEXPECTED_MESSAGE, "inner_content_type")
         return inner[-1], inner[:-1]
 
+    def open_record_untrusted(self, datagram: bytes, offset: int, cid: bytes, window: ReplayWindowPy,
+                              epoch: int = 1) -> tuple[int, bytes, int, int]:
+        """The record at `offset` of `datagram`, of an established session whose records carry
+        `cid` (the CID this side chose; b"": none), opened in one call: (content type, plaintext,
+        epoch << 48 | seq, the offset after the record).  Refused (DtlsDecodeError), in this
+        order: what `parse_record_untrusted` refuses, another epoch ("epoch"), another CID or none
+        ("cid_mismatch"), a replay ("replayed"), what `open_untrusted` refuses.  `window` is marked
+        only once the record authenticated."""
+        rec, end = parse_record_untrusted(datagram, offset, len(cid))
+        if rec.epoch != epoch:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "epoch")
+        if (rec.type == TLS12_CID) != bool(cid) or rec.cid != cid:
+            raise DtlsDecodeError(UNEXPECTED_MESSAGE, "cid_mismatch")
+        if not window.fresh(rec.seq):
+            raise DtlsDecodeError(BAD_RECORD_MAC, "replayed")
+        ctype, plain = self.open_untrusted(rec)
+        window.mark(rec.seq)
+        return ctype, plain, rec.number, end
+
 
 WINDOW = 64
 _MASK = (1 << WINDOW) - 1
 
 
-class ReplayWindow:
+class ReplayWindowPy:
     """RFC 6347 §4.1.2.6: the highest sequence number authenticated so far and a bitmap of the 64
     below it (bit i: top - i was seen).  `fresh` before decryption, `mark` only after the record
-    authenticated (a forged record must not move the window)."""
+    authenticated (a forged record must not move the window).  The reference: `ReplayWindow` is
+    the C one when it is built (top and bits there are a signed and an unsigned 64-bit number)."""
 
     __slots__ = ("top", "bits")
 
@@ -206,5 +250,25 @@ class ReplayWindow:
             shift = seq - self.top
             self.bits = ((self.bits << shift) | 1) & _MASK if shift < WINDOW else 1
             self.top = seq
-        else:
+        elif self.top - seq < WINDOW:
             self.bits |= 1 << (self.top - seq)
+
+
+def _select() -> tuple[type[RecordProtectionPy], type[ReplayWindowPy], str]:
+    """The C record layer unless it is missing or COREM_PURE_PYTHON is set."""
+    if os.environ.get("COREM_PURE_PYTHON"):
+        return RecordProtectionPy, ReplayWindowPy, "python"
+    try:
+        from . import _records
+    except ImportError:
+        return RecordProtectionPy, ReplayWindowPy, "python"
+    _records.configure(DtlsDecodeError)
+    return _records.Protection, _records.Window, "c"  # type: ignore[return-value]  # (the same API)
+
+
+if TYPE_CHECKING:
+    RecordProtection = RecordProtectionPy
+    ReplayWindow = ReplayWindowPy
+    RECORDS: str
+else:
+    RecordProtection, ReplayWindow, RECORDS = _select()

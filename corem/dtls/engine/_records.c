@@ -1,0 +1,499 @@
+/*
+ * corem.dtls.engine._records: DTLS 1.2 record protection in C on OpenSSL's libcrypto (the
+ * system's: Debian's libssl3), the record layer of records.py in one C call per record.
+ *
+ * Protection(cipher, key, iv) is records.RecordProtection (one direction of one epoch: its
+ * EVP_CIPHER_CTX is made and keyed once, re-initialised per record with the nonce), Window(top,
+ * bits) is records.ReplayWindow.  Besides their methods, Protection.open_record_untrusted is the
+ * whole receive path of an established session in one call: framing, epoch, CID, the window,
+ * the AEAD, the window's update.  A record that is refused raises the configured DtlsDecodeError
+ * (alert, reason) with the reason records.py gives; nothing else is raised for network bytes.
+ * The work itself is in dtls_records.h, which the fast lane can include.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <openssl/crypto.h>
+#include <openssl/opensslv.h>
+
+#include "dtls_records.h"
+
+static PyObject *DecodeError; /* errors.DtlsDecodeError, from configure() */
+static PyObject *str_type, *str_version, *str_epoch, *str_seq, *str_cid, *str_fragment;
+
+static PyObject *refuse(dtls_status s) {
+    if (DecodeError == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_records.configure() was not called");
+        return NULL;
+    }
+    PyObject *e = PyObject_CallFunction(DecodeError, "is", dtls_status_alert(s), dtls_status_reason(s));
+    if (e != NULL) {
+        PyErr_SetObject(DecodeError, e);
+        Py_DECREF(e);
+    }
+    return NULL;
+}
+
+/* -- Window ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    dtls_window w;
+} WindowObject;
+
+static PyTypeObject WindowType;
+
+static int window_init(WindowObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"top", "bits", NULL};
+    long long top = -1;
+    unsigned long long bits = 0;
+    PyObject *bits_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|LO:ReplayWindow", kwlist, &top, &bits_obj)) return -1;
+    if (bits_obj != NULL) {
+        if (!PyLong_Check(bits_obj)) {
+            PyErr_SetString(PyExc_TypeError, "bits must be an int");
+            return -1;
+        }
+        bits = PyLong_AsUnsignedLongLong(bits_obj);
+        if (bits == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    }
+    self->w.top = top;
+    self->w.bits = bits;
+    return 0;
+}
+
+static int seq_arg(PyObject *o, int64_t *seq) {
+    long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *seq = v;
+    return 0;
+}
+
+static PyObject *window_fresh(WindowObject *self, PyObject *arg) {
+    int64_t seq;
+    if (seq_arg(arg, &seq) < 0) return NULL;
+    return PyBool_FromLong(dtls_window_fresh(&self->w, seq));
+}
+
+static PyObject *window_mark(WindowObject *self, PyObject *arg) {
+    int64_t seq;
+    if (seq_arg(arg, &seq) < 0) return NULL;
+    dtls_window_mark(&self->w, seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *window_get_top(WindowObject *self, void *closure) { return PyLong_FromLongLong(self->w.top); }
+
+static int window_set_top(WindowObject *self, PyObject *v, void *closure) {
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete top");
+        return -1;
+    }
+    long long top = PyLong_AsLongLong(v);
+    if (top == -1 && PyErr_Occurred()) return -1;
+    self->w.top = top;
+    return 0;
+}
+
+static PyObject *window_get_bits(WindowObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->w.bits);
+}
+
+static int window_set_bits(WindowObject *self, PyObject *v, void *closure) {
+    if (v == NULL || !PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "bits must be an int");
+        return -1;
+    }
+    unsigned long long bits = PyLong_AsUnsignedLongLong(v);
+    if (bits == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    self->w.bits = bits;
+    return 0;
+}
+
+static PyObject *window_repr(WindowObject *self) {
+    char text[80];
+    snprintf(text, sizeof text, "ReplayWindow(top=%lld, bits=0x%016llx)", (long long)self->w.top,
+             (unsigned long long)self->w.bits);
+    return PyUnicode_FromString(text);
+}
+
+static PyMethodDef window_methods[] = {
+    {"fresh", (PyCFunction)window_fresh, METH_O, "Not seen, and not below the window."},
+    {"mark", (PyCFunction)window_mark, METH_O, "Note an authenticated sequence number."},
+    {NULL},
+};
+
+static PyGetSetDef window_getset[] = {
+    {"top", (getter)window_get_top, (setter)window_set_top, NULL, NULL},
+    {"bits", (getter)window_get_bits, (setter)window_set_bits, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject WindowType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "corem.dtls.engine._records.Window",
+    .tp_basicsize = sizeof(WindowObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The anti-replay window of RFC 6347 §4.1.2.6 (records.ReplayWindowPy is the reference).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)window_init,
+    .tp_repr = (reprfunc)window_repr,
+    .tp_methods = window_methods,
+    .tp_getset = window_getset,
+};
+
+/* -- Protection ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    dtls_prot p;
+    PyObject *iv;
+} ProtObject;
+
+static int prot_init(ProtObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"cipher", "key", "iv", NULL};
+    const char *cipher;
+    Py_buffer key, iv;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sy*y*:RecordProtection", kwlist, &cipher, &key, &iv))
+        return -1;
+    int rc = -1;
+    dtls_aead a;
+    if (strcmp(cipher, "ccm8") == 0) a = DTLS_CCM8;
+    else if (strcmp(cipher, "ccm") == 0) a = DTLS_CCM;
+    else if (strcmp(cipher, "gcm") == 0) a = DTLS_GCM;
+    else {
+        PyErr_Format(PyExc_ValueError, "unknown AEAD '%s'", cipher);
+        goto out;
+    }
+    if (key.len != 16 || iv.len != 4) {
+        PyErr_SetString(PyExc_ValueError, "AES-128 takes a 16-byte key and a 4-byte implicit IV");
+        goto out;
+    }
+    if (self->p.ctx != NULL) dtls_prot_free(&self->p);
+    if (dtls_prot_init(&self->p, a, key.buf, iv.buf) < 0) {
+        PyErr_SetString(PyExc_MemoryError, "libcrypto could not make the AEAD context");
+        goto out;
+    }
+    Py_XSETREF(self->iv, PyBytes_FromStringAndSize(iv.buf, 4));
+    if (self->iv == NULL) goto out;
+    rc = 0;
+out:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&iv);
+    return rc;
+}
+
+static void prot_dealloc(ProtObject *self) {
+    dtls_prot_free(&self->p);
+    Py_XDECREF(self->iv);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int ready(ProtObject *self) {
+    if (self->p.ctx == NULL) {
+        PyErr_SetString(PyExc_ValueError, "RecordProtection is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+/* seal(ctype, epoch, seq, plaintext, cid=b"", padding=0) -> bytes */
+static PyObject *prot_seal(ProtObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"ctype", "epoch", "seq", "plaintext", "cid", "padding", NULL};
+    int ctype, epoch;
+    PyObject *seq_obj;
+    Py_buffer plain, cid = {0};
+    Py_ssize_t padding = 0;
+    if (!ready(self)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*|y*n:seal", kwlist, &ctype, &epoch, &seq_obj, &plain, &cid,
+                                     &padding))
+        return NULL;
+    PyObject *out = NULL;
+    unsigned long long seq;
+    if (!PyLong_Check(seq_obj)) {
+        PyErr_SetString(PyExc_TypeError, "seq must be an int");
+        goto done;
+    }
+    if (_PyLong_Sign(seq_obj) < 0) {
+        PyErr_SetString(PyExc_OverflowError, "a negative sequence number");
+        goto done;
+    }
+    seq = PyLong_AsUnsignedLongLong(seq_obj);
+    if (PyErr_Occurred()) goto done;
+    if (seq > DTLS_SEQ_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "sequence number over 2^48 - 1 (exhausted)");
+        goto done;
+    }
+    if (ctype < 0 || ctype > 255) {
+        PyErr_SetString(PyExc_ValueError, "content type out of range");
+        goto done;
+    }
+    if (epoch < 0 || epoch > 0xFFFF) {
+        PyErr_SetString(PyExc_OverflowError, "epoch out of range");
+        goto done;
+    }
+    if (padding < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative padding");
+        goto done;
+    }
+    size_t cid_len = cid.buf ? (size_t)cid.len : 0;
+    size_t total = dtls_sealed_size(&self->p, (size_t)plain.len, cid_len, (size_t)padding);
+    if (total == 0) {
+        PyErr_SetString(PyExc_ValueError, "record_overflow: the record would be over DTLS's limits");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out == NULL) goto done;
+    if (dtls_seal(&self->p, (uint8_t)ctype, (uint16_t)epoch, seq, plain.buf, (size_t)plain.len,
+                  cid_len ? cid.buf : NULL, cid_len, (size_t)padding, (uint8_t *)PyBytes_AS_STRING(out)) < 0) {
+        Py_CLEAR(out);
+        PyErr_SetString(PyExc_RuntimeError, "libcrypto failed to seal a record");
+    }
+done:
+    PyBuffer_Release(&plain);
+    if (cid.buf) PyBuffer_Release(&cid);
+    return out;
+}
+
+/* the plaintext of an opened record: `out` resized to its length */
+static PyObject *opened(PyObject *out, size_t plain_len, uint8_t ctype) {
+    if ((size_t)PyBytes_GET_SIZE(out) != plain_len && _PyBytes_Resize(&out, (Py_ssize_t)plain_len) < 0) return NULL;
+    PyObject *t = PyTuple_New(2);
+    if (t == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, PyLong_FromLong(ctype));
+    PyTuple_SET_ITEM(t, 1, out);
+    return t;
+}
+
+static int attr_long(PyObject *rec, PyObject *name, long long lo, long long hi, long long *v) {
+    PyObject *o = PyObject_GetAttr(rec, name);
+    if (o == NULL) return -1;
+    *v = PyLong_AsLongLong(o);
+    Py_DECREF(o);
+    if (*v == -1 && PyErr_Occurred()) return -1;
+    if (*v < lo || *v > hi) {
+        PyErr_Format(PyExc_ValueError, "record field %S out of range", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* open_untrusted(record) -> (content type, plaintext) */
+static PyObject *prot_open_untrusted(ProtObject *self, PyObject *rec) {
+    if (!ready(self)) return NULL;
+    long long type, version, epoch, seq;
+    if (attr_long(rec, str_type, 0, 255, &type) < 0 || attr_long(rec, str_version, 0, 0xFFFF, &version) < 0 ||
+        attr_long(rec, str_epoch, 0, 0xFFFF, &epoch) < 0 || attr_long(rec, str_seq, 0, DTLS_SEQ_MAX, &seq) < 0)
+        return NULL;
+    PyObject *cid = PyObject_GetAttr(rec, str_cid);
+    if (cid == NULL) return NULL;
+    PyObject *frag = PyObject_GetAttr(rec, str_fragment);
+    if (frag == NULL) {
+        Py_DECREF(cid);
+        return NULL;
+    }
+    PyObject *result = NULL, *out = NULL;
+    Py_buffer cb = {0}, fb = {0};
+    if (PyObject_GetBuffer(cid, &cb, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(frag, &fb, PyBUF_SIMPLE) < 0) goto done;
+    if (cb.len > DTLS_MAX_CID) {
+        PyErr_SetString(PyExc_ValueError, "a CID over 255 bytes");
+        goto done;
+    }
+    dtls_record r = {.type = (uint8_t)type, .version = (uint16_t)version, .epoch = (uint16_t)epoch,
+                     .seq = (uint64_t)seq, .cid = cb.buf, .cid_len = (size_t)cb.len, .fragment = fb.buf,
+                     .length = (size_t)fb.len};
+    if (r.length > DTLS_MAX_FRAGMENT) {
+        refuse(DTLS_R_OVERFLOW);
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)r.length);
+    if (out == NULL) goto done;
+    size_t plain_len = 0;
+    uint8_t ctype = 0;
+    dtls_status s = dtls_open(&self->p, &r, (uint8_t *)PyBytes_AS_STRING(out), &plain_len, &ctype);
+    if (s != DTLS_OK) {
+        refuse(s);
+        goto done;
+    }
+    result = opened(out, plain_len, ctype);
+    out = NULL;
+done:
+    Py_XDECREF(out);
+    if (cb.obj) PyBuffer_Release(&cb);
+    if (fb.obj) PyBuffer_Release(&fb);
+    Py_DECREF(cid);
+    Py_DECREF(frag);
+    return result;
+}
+
+/* open_record_untrusted(datagram, offset, cid, window, epoch=1) -> (ctype, plaintext, number, end) */
+static PyObject *prot_open_record(ProtObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!ready(self)) return NULL;
+    if (nargs < 4 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "open_record_untrusted(datagram, offset, cid, window, epoch=1)");
+        return NULL;
+    }
+    if (Py_TYPE(args[3]) != &WindowType) {
+        PyErr_SetString(PyExc_TypeError, "window must be a records.ReplayWindow");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred()) return NULL;
+    long epoch = 1;
+    if (nargs == 5) {
+        epoch = PyLong_AsLong(args[4]);
+        if (epoch == -1 && PyErr_Occurred()) return NULL;
+    }
+    if (offset < 0 || epoch < 0 || epoch > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "offset or epoch out of range");
+        return NULL;
+    }
+    Py_buffer db, cb;
+    if (PyObject_GetBuffer(args[0], &db, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[2], &cb, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&db);
+        return NULL;
+    }
+    PyObject *result = NULL, *out = NULL;
+    if (cb.len > DTLS_MAX_CID) {
+        PyErr_SetString(PyExc_ValueError, "a CID over 255 bytes");
+        goto done;
+    }
+    /* (the plaintext is at most the fragment: at most what is left of the datagram) */
+    size_t left = (size_t)offset < (size_t)db.len ? (size_t)db.len - (size_t)offset : 0;
+    size_t room = left < DTLS_MAX_FRAGMENT ? left : DTLS_MAX_FRAGMENT;
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)room);
+    if (out == NULL) goto done;
+    size_t off = (size_t)offset, plain_len = 0;
+    uint8_t ctype = 0;
+    uint64_t number = 0;
+    dtls_status s = dtls_open_record(&self->p, &((WindowObject *)args[3])->w, db.buf, (size_t)db.len, &off, cb.buf,
+                                     (size_t)cb.len, (uint16_t)epoch, (uint8_t *)PyBytes_AS_STRING(out), &plain_len,
+                                     &ctype, &number);
+    if (s != DTLS_OK) {
+        refuse(s);
+        goto done;
+    }
+    PyObject *pair = opened(out, plain_len, ctype);
+    out = NULL;
+    if (pair == NULL) goto done;
+    result = PyTuple_New(4);
+    if (result != NULL) {
+        PyObject *t = PyTuple_GET_ITEM(pair, 0), *plain = PyTuple_GET_ITEM(pair, 1);
+        Py_INCREF(t);
+        Py_INCREF(plain);
+        PyTuple_SET_ITEM(result, 0, t);
+        PyTuple_SET_ITEM(result, 1, plain);
+        PyTuple_SET_ITEM(result, 2, PyLong_FromUnsignedLongLong(number));
+        PyTuple_SET_ITEM(result, 3, PyLong_FromSize_t(off));
+        if (PyErr_Occurred()) Py_CLEAR(result);
+    }
+    Py_DECREF(pair);
+done:
+    Py_XDECREF(out);
+    PyBuffer_Release(&db);
+    PyBuffer_Release(&cb);
+    return result;
+}
+
+static PyObject *prot_get_iv(ProtObject *self, void *closure) {
+    if (!ready(self)) return NULL;
+    Py_INCREF(self->iv);
+    return self->iv;
+}
+
+static PyObject *prot_get_tag(ProtObject *self, void *closure) {
+    if (!ready(self)) return NULL;
+    return PyLong_FromLong(self->p.tag);
+}
+
+static PyObject *prot_get_overhead(ProtObject *self, void *closure) {
+    if (!ready(self)) return NULL;
+    return PyLong_FromLong(DTLS_EXPLICIT_NONCE + self->p.tag);
+}
+
+static PyObject *prot_get_cipher(ProtObject *self, void *closure) {
+    if (!ready(self)) return NULL;
+    static const char *names[] = {"ccm8", "ccm", "gcm"};
+    return PyUnicode_FromString(names[self->p.aead]);
+}
+
+static PyMethodDef prot_methods[] = {
+    {"seal", (PyCFunction)(void (*)(void))prot_seal, METH_VARARGS | METH_KEYWORDS,
+     "seal(ctype, epoch, seq, plaintext, cid=b'', padding=0) -> the whole record"},
+    {"open_untrusted", (PyCFunction)prot_open_untrusted, METH_O,
+     "open_untrusted(record) -> (content type, plaintext); DtlsDecodeError when refused"},
+    {"open_record_untrusted", (PyCFunction)(void (*)(void))prot_open_record, METH_FASTCALL,
+     "open_record_untrusted(datagram, offset, cid, window, epoch=1) -> (content type, plaintext, "
+     "epoch << 48 | seq, the offset after the record); DtlsDecodeError when refused"},
+    {NULL},
+};
+
+static PyGetSetDef prot_getset[] = {
+    {"iv", (getter)prot_get_iv, NULL, NULL, NULL},
+    {"tag", (getter)prot_get_tag, NULL, NULL, NULL},
+    {"overhead", (getter)prot_get_overhead, NULL, NULL, NULL},
+    {"cipher", (getter)prot_get_cipher, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject ProtType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "corem.dtls.engine._records.Protection",
+    .tp_basicsize = sizeof(ProtObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One direction's AEAD state for one epoch on libcrypto (records.RecordProtectionPy is the "
+              "reference).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)prot_init,
+    .tp_dealloc = (destructor)prot_dealloc,
+    .tp_methods = prot_methods,
+    .tp_getset = prot_getset,
+};
+
+/* -- the module ------------------------------------------------------------------------------ */
+
+static PyObject *configure(PyObject *module, PyObject *error_type) {
+    Py_INCREF(error_type);
+    Py_XSETREF(DecodeError, error_type);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", (PyCFunction)configure, METH_O, "configure(DtlsDecodeError): the error refusals raise"},
+    {NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.dtls.engine._records", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__records(void) {
+    if (dtls_cipher(DTLS_CCM) == NULL || dtls_cipher(DTLS_GCM) == NULL) {
+        ERR_clear_error();
+        PyErr_SetString(PyExc_ImportError, "libcrypto offers no AES-128-CCM or AES-128-GCM");
+        return NULL;
+    }
+    if (PyType_Ready(&WindowType) < 0 || PyType_Ready(&ProtType) < 0) return NULL;
+#define INTERN(v, s) if ((v = PyUnicode_InternFromString(s)) == NULL) return NULL
+    INTERN(str_type, "type");
+    INTERN(str_version, "version");
+    INTERN(str_epoch, "epoch");
+    INTERN(str_seq, "seq");
+    INTERN(str_cid, "cid");
+    INTERN(str_fragment, "fragment");
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&WindowType);
+    Py_INCREF(&ProtType);
+    if (PyModule_AddObject(m, "Window", (PyObject *)&WindowType) < 0 ||
+        PyModule_AddObject(m, "Protection", (PyObject *)&ProtType) < 0 ||
+        PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
+        PyModule_AddStringConstant(m, "OPENSSL_HEADERS", OPENSSL_VERSION_TEXT) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
