@@ -205,8 +205,9 @@ class _Tapped:
         return getattr(self._sock, name)
 
 
+@pytest.mark.parametrize("engine", ["mbedtls", "corem"])
 @pytest.mark.parametrize("crash", ["corem", "worker"])
-def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session(data_dir, crash):
+def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session(data_dir, crash, engine):
     """The checkpoint is taken after the session's first reading; the device then sends 20 more,
     all captured.  After a SIGKILL (of corem, or of the device's worker) the session comes back from
     the checkpoint without a handshake -- and refuses every captured record, counted; each reading
@@ -215,7 +216,7 @@ def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session
     from .test_workers import worker_pids
 
     workers = ("--workers", "2") if crash == "worker" else ()
-    server = start_corem(data_dir, *workers, timeout=60)
+    server = start_corem(data_dir, *workers, "--dtls-engine", engine, timeout=60)
     source = 0
     if crash == "worker":
         probe = port_for(1, 2)
@@ -234,7 +235,7 @@ def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session
         assert len(captured) >= 20
         if crash == "corem":
             server.stop(signal.SIGKILL)
-            server = start_corem(data_dir, timeout=60)
+            server = start_corem(data_dir, "--dtls-engine", engine, timeout=60)
             client.sock.connect(("127.0.0.1", server.coaps_port))
         else:
             victim = worker_pids(server)[1]

@@ -104,12 +104,23 @@ def load_state_key(setting: str, data_dir: Path | None) -> bytes:
         return load_state_key(path.read_text().strip(), None)
     except FileNotFoundError:
         pass
+    # made whole under another name, then linked into place: of workers starting at once, one
+    # link wins and every one reads the winner's key (never a half-written file)
     key = os.urandom(32)
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = data_dir / f".{STATE_KEY_FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key.hex() + "\n")
-    return key
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return load_state_key(path.read_text().strip(), None)
 
 
 def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = None) -> EngineParams:
