@@ -223,8 +223,18 @@ def test_a_killed_worker_is_started_again_and_no_acknowledged_reading_is_lost(wo
             s.close()
 
 
-def test_a_dtls_session_on_a_killed_worker_goes_on_without_a_handshake(workers):
+@pytest.fixture(params=["mbedtls", "corem"])
+def dtls_workers(data_dir, request):
+    """`corem serve --workers 2` on each DTLS engine (dtls_engine)"""
+    server = start_corem(data_dir, "--workers", "2", "--dtls-engine", request.param)
+    yield server
+    server.stop()
+
+
+def test_a_dtls_session_on_a_killed_worker_goes_on_without_a_handshake(dtls_workers):
     from .dtls_udp_client import DtlsUdpClient
+
+    workers = dtls_workers
 
     probe = port_for(1, 2)
     source = probe.getsockname()[1]
@@ -251,8 +261,9 @@ def test_a_dtls_session_on_a_killed_worker_goes_on_without_a_handshake(workers):
 
 @needs_libcoap
 @pytest.mark.parametrize("binary", DTLS_CLIENTS)
-def test_libcoap_dtls_devices_keep_their_session_across_a_killed_worker(workers, tmp_path, binary):
+def test_libcoap_dtls_devices_keep_their_session_across_a_killed_worker(dtls_workers, tmp_path, binary):
     """coap-client with -G: one DTLS session, a reading a second; its worker is killed midway."""
+    workers = dtls_workers
     payload = tmp_path / "r.cbor"
     payload.write_bytes(cbor2.dumps({"t": 21.5}))
     probe = port_for(1, 2)
