@@ -196,6 +196,12 @@ def test_bad_arguments_are_python_errors_not_refusals():
     c = _records.Protection("ccm8", KEY, IV)
     with pytest.raises(TypeError):
         c.open_record_untrusted(b"", 0, b"", R.ReplayWindowPy())
+    for args, kwargs in [((23, 1, 0), {}), ((23, 1, 0, b""), {"cid": b"", "colour": 1}),
+                         ((23, 1, 0, b"", b""), {"cid": b""}), (("23", 1, 0, b""), {})]:
+        with pytest.raises(TypeError):
+            c.seal(*args, **kwargs)
+    assert c.seal(plaintext=b"p", seq=3, epoch=1, ctype=23, padding=2, cid=b"\x01") == \
+        R.RecordProtectionPy("ccm8", KEY, IV).seal(23, 1, 3, b"p", b"\x01", 2)
     with pytest.raises(ValueError):
         c.open_record_untrusted(b"", -1, b"", _records.Window())
     assert outcome(c.open_record_untrusted, b"\x17", 5, b"", _records.Window()) == \

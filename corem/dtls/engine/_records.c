@@ -198,17 +198,49 @@ static int ready(ProtObject *self) {
     return 1;
 }
 
-/* seal(ctype, epoch, seq, plaintext, cid=b"", padding=0) -> bytes */
-static PyObject *prot_seal(ProtObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"ctype", "epoch", "seq", "plaintext", "cid", "padding", NULL};
-    int ctype, epoch;
-    PyObject *seq_obj;
-    Py_buffer plain, cid = {0};
-    Py_ssize_t padding = 0;
+/* seal(ctype, epoch, seq, plaintext, cid=b"", padding=0) -> bytes (vectorcall: the argument
+ * parsing of PyArg_ParseTupleAndKeywords cost as much as the AEAD) */
+static PyObject *seal_names[6];
+
+static PyObject *prot_seal(ProtObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *a[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
     if (!ready(self)) return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiOy*|y*n:seal", kwlist, &ctype, &epoch, &seq_obj, &plain, &cid,
-                                     &padding))
+    if (nargs > 6) goto usage;
+    for (Py_ssize_t i = 0; i < nargs; i++) a[i] = args[i];
+    if (kwnames != NULL) {
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+            int j = 0;
+            while (j < 6 && name != seal_names[j] && PyUnicode_Compare(name, seal_names[j]) != 0) j++;
+            if (j == 6 || a[j] != NULL) goto usage;
+            a[j] = args[nargs + k];
+        }
+    }
+    if (a[0] == NULL || a[1] == NULL || a[2] == NULL || a[3] == NULL) goto usage;
+    if (!PyLong_Check(a[0]) || !PyLong_Check(a[1]) || (a[5] != NULL && !PyLong_Check(a[5]))) {
+        PyErr_SetString(PyExc_TypeError, "ctype, epoch and padding are ints");
         return NULL;
+    }
+    int ctype_overflow = 0;
+    long ctype = PyLong_AsLongAndOverflow(a[0], &ctype_overflow);
+    if (ctype_overflow) ctype = -1;
+    int epoch_overflow = 0;
+    long epoch = PyLong_AsLongAndOverflow(a[1], &epoch_overflow);
+    Py_ssize_t padding = 0;
+    if (a[5] != NULL) {
+        padding = PyLong_AsSsize_t(a[5]);
+        if (padding == -1 && PyErr_Occurred()) return NULL;
+    }
+    if (PyErr_Occurred()) return NULL;
+    PyObject *seq_obj = a[2];
+    Py_buffer plain, cid = {0};
+    if (PyObject_GetBuffer(a[3], &plain, PyBUF_SIMPLE) < 0) return NULL;
+    if (a[4] != NULL && PyObject_GetBuffer(a[4], &cid, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&plain);
+        return NULL;
+    }
+    if (epoch_overflow) epoch = -1;
     PyObject *out = NULL;
     unsigned long long seq;
     if (!PyLong_Check(seq_obj)) {
@@ -237,7 +269,7 @@ static PyObject *prot_seal(ProtObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_ValueError, "negative padding");
         goto done;
     }
-    size_t cid_len = cid.buf ? (size_t)cid.len : 0;
+    size_t cid_len = cid.obj ? (size_t)cid.len : 0;
     size_t total = dtls_sealed_size(&self->p, (size_t)plain.len, cid_len, (size_t)padding);
     if (total == 0) {
         PyErr_SetString(PyExc_ValueError, "record_overflow: the record would be over DTLS's limits");
@@ -252,8 +284,11 @@ static PyObject *prot_seal(ProtObject *self, PyObject *args, PyObject *kwds) {
     }
 done:
     PyBuffer_Release(&plain);
-    if (cid.buf) PyBuffer_Release(&cid);
+    if (cid.obj) PyBuffer_Release(&cid);
     return out;
+usage:
+    PyErr_SetString(PyExc_TypeError, "seal(ctype, epoch, seq, plaintext, cid=b'', padding=0)");
+    return NULL;
 }
 
 /* the plaintext of an opened record: `out` resized to its length */
@@ -423,7 +458,7 @@ static PyObject *prot_get_cipher(ProtObject *self, void *closure) {
 }
 
 static PyMethodDef prot_methods[] = {
-    {"seal", (PyCFunction)(void (*)(void))prot_seal, METH_VARARGS | METH_KEYWORDS,
+    {"seal", (PyCFunction)(void (*)(void))prot_seal, METH_FASTCALL | METH_KEYWORDS,
      "seal(ctype, epoch, seq, plaintext, cid=b'', padding=0) -> the whole record"},
     {"open_untrusted", (PyCFunction)prot_open_untrusted, METH_O,
      "open_untrusted(record) -> (content type, plaintext); DtlsDecodeError when refused"},
@@ -484,6 +519,8 @@ PyMODINIT_FUNC PyInit__records(void) {
     INTERN(str_seq, "seq");
     INTERN(str_cid, "cid");
     INTERN(str_fragment, "fragment");
+    static const char *const names[6] = {"ctype", "epoch", "seq", "plaintext", "cid", "padding"};
+    for (int i = 0; i < 6; i++) INTERN(seal_names[i], names[i]);
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&WindowType);
