@@ -46,7 +46,7 @@ from .engine.connection import ESTABLISHED, Connection
 from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
-from .engine.records import TLS12_CID, ReplayWindow
+from .engine.records import TLS12_CID
 from .server import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, _has_cookie
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, peer_key
@@ -403,8 +403,10 @@ class EngineServer:
         self._now = now
         e = self.engine
         for peer in self.slots.expire(now):
-            if e.drop_handshake(peer):
-                self.stats.own_failures["timeout"] += 1
+            conn = e.handshakes.get(peer)
+            if conn is not None and e.drop_handshake(peer):
+                # (the device's Finished came but never authenticated: its keys differ, a wrong PSK)
+                self.stats.own_failures["bad_mac" if conn.auth_failures else "timeout"] += 1
         e.tick(now)
         if self._checkpoints:
             self.checkpoint(now)
@@ -505,7 +507,7 @@ class EngineServer:
             return None
         conn = self.engine.sessions[peer]
         if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
-            conn.window = ReplayWindow(rx_top, (1 << 64) - 1)
+            conn.floor = rx_top
             conn.newest = max(conn.newest, 1 << 48 | rx_top)
         s = Session(device, key)
         s.marked = rx_top
@@ -531,7 +533,9 @@ class EngineServer:
         yield counter("corem_dtls_hello_verify_sent", e.hello_verify_sent)
         yield counter("corem_dtls_bytes_received", e.bytes_in)
         yield counter("corem_dtls_bytes_sent_unauthenticated", e.bytes_out_unauthenticated)
-        replayed = e.records_dropped.get("replayed", 0)  # (the window, with a restored session's floor)
+        # (as DtlsServer counts them: replays into a restored session, at or below its floor; the
+        # replay window's ordinary duplicates are dropped records)
+        replayed = e.records_dropped.get("below_floor", 0)
         yield counter("corem_dtls_records_dropped", sum(e.records_dropped.values()) - replayed)
         yield counter("corem_dtls_records_replayed", replayed)
         yield counter("corem_dtls_sessions_closed", e.sessions_closed)

@@ -134,6 +134,9 @@ class Connection:
         self.newest = -1  # epoch << 48 | seq of the newest authenticated record (RFC 9146 §6)
         self.out: list[bytes] = []
         self.app: list[bytes] = []
+        #: every record numbered at or below it is refused (a session restored from a copy older
+        #: than the records it took since: the numbers the store was told, layer.py's `settle`)
+        self.floor = -1
         #: what the security layer driving the engine keeps beside the session (layer.py)
         self.layer: Any = None
 
@@ -276,6 +279,8 @@ class Connection:
             raise DtlsDecodeError(UNEXPECTED_MESSAGE, "no_keys_yet")
         if (rec.type == TLS12_CID) != bool(self.cid_in) or rec.cid != self.cid_in:
             raise DtlsDecodeError(UNEXPECTED_MESSAGE, "cid_mismatch")
+        if rec.seq <= self.floor:
+            raise DtlsDecodeError(BAD_RECORD_MAC, "below_floor")
         if not self.window.fresh(rec.seq):
             raise DtlsDecodeError(BAD_RECORD_MAC, "replayed")
         try:
