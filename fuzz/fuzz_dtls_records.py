@@ -1,7 +1,7 @@
 """Fuzz the DTLS record layer in C (corem/dtls/engine/_records.c, OpenSSL's libcrypto) against its
 reference in records.py: datagrams of arbitrary bytes, and of records sealed with a fuzzer-chosen
-key, content, CID and padding then mutated (bytes flipped, cut, repeated, appended), opened record
-by record through `open_record_untrusted` by both with a fuzzer-chosen replay window.  Nothing but
+key, content, CID and padding then mutated (bytes flipped, cut, repeated, appended), framed and opened record
+by record (`parse_record_untrusted`, `open_untrusted`, `open_record_untrusted`) by both with a fuzzer-chosen replay window.  Nothing but
 DtlsDecodeError leaves either; both accept and refuse the same records for the same reason, hand
 out the same plaintexts and leave their windows equal; sealing is byte-identical."""
 
@@ -72,11 +72,16 @@ def test_one_input(data: bytes) -> None:
         got_c = outcome(c.open_record_untrusted, datagram, offset, cid, wc, epoch)
         assert got_c == got_py, (got_c, got_py)
         assert (wc.top, wc.bits) == (wp.top, wp.bits)
+        parsed_c = outcome(_records.parse_record_untrusted, datagram, offset, len(cid))
         try:
-            rec, end = R.parse_record_untrusted(datagram, offset, len(cid))
-        except DtlsDecodeError:
+            rec, end = R.parse_record_untrusted_py(datagram, offset, len(cid))
+        except DtlsDecodeError as e:
+            assert parsed_c == ("refused", e.alert, e.reason)
             break
-        assert outcome(c.open_untrusted, rec) == outcome(py.open_untrusted, rec)
+        rec_c, end_c = parsed_c[1]
+        assert end_c == end and (rec_c.type, rec_c.version, rec_c.epoch, rec_c.seq, rec_c.cid, rec_c.fragment) == \
+            (rec.type, rec.version, rec.epoch, rec.seq, rec.cid, rec.fragment)
+        assert outcome(c.open_untrusted, rec) == outcome(py.open_untrusted, rec) == outcome(c.open_untrusted, rec_c)
         if got_c[0] == "ok":
             assert got_c[1][3] == end
         offset = end

@@ -1,7 +1,8 @@
 """The DTLS record layer in C (corem/dtls/engine/_records.c on OpenSSL's libcrypto) against its
 reference in records.py (`RecordProtectionPy`, `ReplayWindowPy`, on `cryptography`): the same
-records byte for byte, the same accept/refuse decisions with the same reasons (the replay window,
-CID layouts, tampered records, lengths and limits), and sequence number exhaustion."""
+records byte for byte, the same framing, the same accept/refuse decisions with the same reasons
+(the replay window, CID layouts, tampered records, lengths and limits), and sequence number
+exhaustion."""
 
 from __future__ import annotations
 
@@ -39,7 +40,43 @@ def outcome(f, *args):
 
 def test_the_c_layer_is_the_default_and_uses_the_systems_libcrypto():
     assert R.RECORDS == "c" and R.RecordProtection is _records.Protection and R.ReplayWindow is _records.Window
+    assert R.Record is _records.Record and R.parse_record_untrusted is _records.parse_record_untrusted
     assert _records.OPENSSL_VERSION.startswith("OpenSSL 3.")
+
+
+def fields(rec):
+    return (rec.type, rec.version, rec.epoch, rec.seq, rec.cid, rec.fragment, rec.number)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=120), st.integers(0, 130), st.sampled_from([0, 1, 6, 20]), st.data())
+def test_parsers_agree(data, offset, cid_length, draw):
+    """the C framing against parse_record_untrusted_py, on arbitrary bytes and on real records"""
+    if draw.draw(st.booleans()):
+        cid = bytes(range(cid_length))
+        prot = R.RecordProtectionPy(draw.draw(st.sampled_from(CIPHERS)), KEY, IV)
+        data = data[:offset] + prot.seal(draw.draw(st.sampled_from([20, 21, 22, 23])), draw.draw(st.integers(0, 3)),
+                                         draw.draw(SEQ), data, cid) + data
+        offset = min(offset, len(data))
+    got_c = outcome(_records.parse_record_untrusted, data, offset, cid_length)
+    got_py = outcome(R.parse_record_untrusted_py, data, offset, cid_length)
+    if got_c[0] == "ok":
+        assert got_py[0] == "ok" and fields(got_c[1][0]) == fields(got_py[1][0]) and got_c[1][1] == got_py[1][1]
+        rec_c, rec_py = got_c[1][0], got_py[1][0]
+        for cipher in CIPHERS:
+            c, py = pair(cipher)
+            assert outcome(c.open_untrusted, rec_c) == outcome(c.open_untrusted, rec_py) == \
+                outcome(py.open_untrusted, rec_py)
+    else:
+        assert got_c == got_py
+
+
+def test_records_of_either_kind_are_alike():
+    rec = _records.Record(25, 0xFEFD, 1, 9, b"\x01", b"frag")
+    ref = R.RecordPy(25, 0xFEFD, 1, 9, b"\x01", b"frag")
+    assert fields(rec) == fields(ref) and repr(rec) == repr(ref)
+    rec.seq = 10
+    assert rec.number == 1 << 48 | 10
 
 
 def test_pure_python_switch():
@@ -91,10 +128,12 @@ def test_tampered_records_are_refused_by_both_alike(cipher, cid, epoch, seq, pla
     assert got_c[0] == "refused" or (i in (1, 2) and got_c[1][2] >> 48 == epoch)  # (only the version may vary)
     assert (wc.top, wc.bits) == (wp.top, wp.bits)
     try:
-        rec, _ = R.parse_record_untrusted(tampered, 0, len(cid))
+        rec, _ = R.parse_record_untrusted_py(tampered, 0, len(cid))
     except DtlsDecodeError:
         return
     assert outcome(c.open_untrusted, rec) == outcome(py.open_untrusted, rec)
+    rec_c, _ = _records.parse_record_untrusted(tampered, 0, len(cid))
+    assert outcome(c.open_untrusted, rec_c) == outcome(py.open_untrusted, rec)
 
 
 @settings(max_examples=300, deadline=None)

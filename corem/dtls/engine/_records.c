@@ -2,7 +2,8 @@
  * corem.dtls.engine._records: DTLS 1.2 record protection in C on OpenSSL's libcrypto (the
  * system's: Debian's libssl3), the record layer of records.py in one C call per record.
  *
- * Protection(cipher, key, iv) is records.RecordProtection (one direction of one epoch: its
+ * parse_record_untrusted and Record are records.py's (the framing), Protection(cipher, key, iv) is
+ * records.RecordProtection (one direction of one epoch: its
  * EVP_CIPHER_CTX is made and keyed once, re-initialised per record with the nonce), Window(top,
  * bits) is records.ReplayWindow.  Besides their methods, Protection.open_record_untrusted is the
  * whole receive path of an established session in one call: framing, epoch, CID, the window,
@@ -142,6 +143,146 @@ static PyTypeObject WindowType = {
     .tp_methods = window_methods,
     .tp_getset = window_getset,
 };
+
+/* -- Record and parse_record_untrusted -------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    long long type, version, epoch, seq;
+    PyObject *cid;      /* bytes: b"" unless type is tls12_cid */
+    PyObject *fragment; /* bytes */
+} RecordObject;
+
+static PyTypeObject RecordType;
+static PyObject *empty_bytes;
+
+static int record_init(RecordObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"type", "version", "epoch", "seq", "cid", "fragment", NULL};
+    long long type, version, epoch, seq;
+    PyObject *cid, *fragment;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LLLLSS:Record", kwlist, &type, &version, &epoch, &seq, &cid,
+                                     &fragment))
+        return -1;
+    self->type = type;
+    self->version = version;
+    self->epoch = epoch;
+    self->seq = seq;
+    Py_INCREF(cid);
+    Py_XSETREF(self->cid, cid);
+    Py_INCREF(fragment);
+    Py_XSETREF(self->fragment, fragment);
+    return 0;
+}
+
+static void record_dealloc(RecordObject *self) {
+    Py_XDECREF(self->cid);
+    Py_XDECREF(self->fragment);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *record_number(RecordObject *self, void *closure) {
+    PyObject *e = PyLong_FromLongLong(self->epoch), *sh = NULL, *n = NULL, *s = NULL, *r = NULL;
+    if (e == NULL) return NULL;
+    sh = PyLong_FromLong(48);
+    if (sh != NULL) n = PyNumber_Lshift(e, sh);
+    if (n != NULL) s = PyLong_FromLongLong(self->seq);
+    if (s != NULL) r = PyNumber_Or(n, s);
+    Py_DECREF(e);
+    Py_XDECREF(sh);
+    Py_XDECREF(n);
+    Py_XDECREF(s);
+    return r;
+}
+
+static PyObject *record_repr(RecordObject *self) {
+    PyObject *hex = PyObject_CallMethod(self->cid ? self->cid : empty_bytes, "hex", NULL);
+    if (hex == NULL) return NULL;
+    PyObject *r = PyUnicode_FromFormat("Record(type=%lld, epoch=%lld, seq=%lld, cid=%U, %zd B)", self->type,
+                                       self->epoch, self->seq, hex,
+                                       self->fragment ? PyObject_Length(self->fragment) : (Py_ssize_t)0);
+    Py_DECREF(hex);
+    return r;
+}
+
+static PyMemberDef record_members[] = {
+    {"type", T_LONGLONG, offsetof(RecordObject, type), 0, NULL},
+    {"version", T_LONGLONG, offsetof(RecordObject, version), 0, NULL},
+    {"epoch", T_LONGLONG, offsetof(RecordObject, epoch), 0, NULL},
+    {"seq", T_LONGLONG, offsetof(RecordObject, seq), 0, NULL},
+    {"cid", T_OBJECT_EX, offsetof(RecordObject, cid), 0, NULL},
+    {"fragment", T_OBJECT_EX, offsetof(RecordObject, fragment), 0, NULL},
+    {NULL},
+};
+
+static PyGetSetDef record_getset[] = {
+    {"number", (getter)record_number, NULL, "epoch and sequence number as one integer (RFC 9146 §6)", NULL},
+    {NULL},
+};
+
+static PyTypeObject RecordType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "corem.dtls.engine._records.Record",
+    .tp_basicsize = sizeof(RecordObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One record as parsed (records.RecordPy is the reference).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)record_init,
+    .tp_dealloc = (destructor)record_dealloc,
+    .tp_repr = (reprfunc)record_repr,
+    .tp_members = record_members,
+    .tp_getset = record_getset,
+};
+
+/* parse_record_untrusted(datagram, offset, cid_length) -> (Record, the offset after it) */
+static PyObject *parse_record(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "parse_record_untrusted(datagram, offset, cid_length)");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if (offset == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t cid_length = PyLong_AsSsize_t(args[2]);
+    if (cid_length == -1 && PyErr_Occurred()) return NULL;
+    if (offset < 0 || cid_length < 0 || cid_length > DTLS_MAX_CID) {
+        PyErr_SetString(PyExc_ValueError, "offset or cid_length out of range");
+        return NULL;
+    }
+    Py_buffer db;
+    if (PyObject_GetBuffer(args[0], &db, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *result = NULL;
+    size_t off = (size_t)offset;
+    dtls_record r;
+    dtls_status st = dtls_parse(db.buf, (size_t)db.len, &off, (size_t)cid_length, &r);
+    if (st != DTLS_OK) {
+        refuse(st);
+        goto done;
+    }
+    RecordObject *rec = PyObject_New(RecordObject, &RecordType);
+    if (rec == NULL) goto done;
+    rec->type = r.type;
+    rec->version = r.version;
+    rec->epoch = r.epoch;
+    rec->seq = (long long)r.seq;
+    rec->cid = r.cid_len ? PyBytes_FromStringAndSize((const char *)r.cid, (Py_ssize_t)r.cid_len)
+                         : Py_NewRef(empty_bytes);
+    rec->fragment = PyBytes_FromStringAndSize((const char *)r.fragment, (Py_ssize_t)r.length);
+    if (rec->cid == NULL || rec->fragment == NULL) {
+        Py_DECREF(rec);
+        goto done;
+    }
+    result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(rec);
+        goto done;
+    }
+    PyTuple_SET_ITEM(result, 0, (PyObject *)rec);
+    PyObject *end = PyLong_FromSize_t(off);
+    if (end == NULL) Py_CLEAR(result);
+    else PyTuple_SET_ITEM(result, 1, end);
+done:
+    PyBuffer_Release(&db);
+    return result;
+}
 
 /* -- Protection ------------------------------------------------------------------------------ */
 
@@ -321,15 +462,31 @@ static int attr_long(PyObject *rec, PyObject *name, long long lo, long long hi, 
 static PyObject *prot_open_untrusted(ProtObject *self, PyObject *rec) {
     if (!ready(self)) return NULL;
     long long type, version, epoch, seq;
-    if (attr_long(rec, str_type, 0, 255, &type) < 0 || attr_long(rec, str_version, 0, 0xFFFF, &version) < 0 ||
-        attr_long(rec, str_epoch, 0, 0xFFFF, &epoch) < 0 || attr_long(rec, str_seq, 0, DTLS_SEQ_MAX, &seq) < 0)
-        return NULL;
-    PyObject *cid = PyObject_GetAttr(rec, str_cid);
-    if (cid == NULL) return NULL;
-    PyObject *frag = PyObject_GetAttr(rec, str_fragment);
-    if (frag == NULL) {
-        Py_DECREF(cid);
-        return NULL;
+    PyObject *cid, *frag;
+    if (Py_TYPE(rec) == &RecordType) { /* (the C parser's: no attribute lookups) */
+        RecordObject *ro = (RecordObject *)rec;
+        type = ro->type;
+        version = ro->version;
+        epoch = ro->epoch;
+        seq = ro->seq;
+        if (type < 0 || type > 255 || version < 0 || version > 0xFFFF || epoch < 0 || epoch > 0xFFFF || seq < 0 ||
+            seq > (long long)DTLS_SEQ_MAX || ro->cid == NULL || ro->fragment == NULL) {
+            PyErr_SetString(PyExc_ValueError, "record field out of range");
+            return NULL;
+        }
+        cid = Py_NewRef(ro->cid);
+        frag = Py_NewRef(ro->fragment);
+    } else {
+        if (attr_long(rec, str_type, 0, 255, &type) < 0 || attr_long(rec, str_version, 0, 0xFFFF, &version) < 0 ||
+            attr_long(rec, str_epoch, 0, 0xFFFF, &epoch) < 0 || attr_long(rec, str_seq, 0, DTLS_SEQ_MAX, &seq) < 0)
+            return NULL;
+        cid = PyObject_GetAttr(rec, str_cid);
+        if (cid == NULL) return NULL;
+        frag = PyObject_GetAttr(rec, str_fragment);
+        if (frag == NULL) {
+            Py_DECREF(cid);
+            return NULL;
+        }
     }
     PyObject *result = NULL, *out = NULL;
     Py_buffer cb = {0}, fb = {0};
@@ -500,6 +657,8 @@ static PyObject *configure(PyObject *module, PyObject *error_type) {
 
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_O, "configure(DtlsDecodeError): the error refusals raise"},
+    {"parse_record_untrusted", (PyCFunction)(void (*)(void))parse_record, METH_FASTCALL,
+     "parse_record_untrusted(datagram, offset, cid_length) -> (Record, the offset after it)"},
     {NULL},
 };
 
@@ -511,7 +670,8 @@ PyMODINIT_FUNC PyInit__records(void) {
         PyErr_SetString(PyExc_ImportError, "libcrypto offers no AES-128-CCM or AES-128-GCM");
         return NULL;
     }
-    if (PyType_Ready(&WindowType) < 0 || PyType_Ready(&ProtType) < 0) return NULL;
+    if (PyType_Ready(&WindowType) < 0 || PyType_Ready(&ProtType) < 0 || PyType_Ready(&RecordType) < 0) return NULL;
+    if ((empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL) return NULL;
 #define INTERN(v, s) if ((v = PyUnicode_InternFromString(s)) == NULL) return NULL
     INTERN(str_type, "type");
     INTERN(str_version, "version");
@@ -525,7 +685,9 @@ PyMODINIT_FUNC PyInit__records(void) {
     if (m == NULL) return NULL;
     Py_INCREF(&WindowType);
     Py_INCREF(&ProtType);
-    if (PyModule_AddObject(m, "Window", (PyObject *)&WindowType) < 0 ||
+    Py_INCREF(&RecordType);
+    if (PyModule_AddObject(m, "Record", (PyObject *)&RecordType) < 0 ||
+        PyModule_AddObject(m, "Window", (PyObject *)&WindowType) < 0 ||
         PyModule_AddObject(m, "Protection", (PyObject *)&ProtType) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_HEADERS", OPENSSL_VERSION_TEXT) < 0) {

@@ -3,10 +3,27 @@
 
 from typing import Any
 
-from .records import Record
+from .records import RecordPy
 
 OPENSSL_VERSION: str
 OPENSSL_HEADERS: str
+
+class Record:
+    """records.Record"""
+
+    type: int
+    version: int
+    epoch: int
+    seq: int
+    cid: bytes
+    fragment: bytes
+
+    def __init__(self, type: int, version: int, epoch: int, seq: int, cid: bytes, fragment: bytes) -> None: ...
+    @property
+    def number(self) -> int: ...
+
+def parse_record_untrusted(datagram: bytes | bytearray | memoryview, offset: int, cid_length: int, /
+                           ) -> tuple[Record, int]: ...
 
 class Window:
     """records.ReplayWindow: top and bits are a signed and an unsigned 64-bit number."""
@@ -32,7 +49,7 @@ class Protection:
     def __init__(self, cipher: str, key: bytes, iv: bytes) -> None: ...
     def seal(self, ctype: int, epoch: int, seq: int, plaintext: bytes, cid: bytes = b"",
              padding: int = 0) -> bytes: ...
-    def open_untrusted(self, record: Record, /) -> tuple[int, bytes]: ...
+    def open_untrusted(self, record: RecordPy | Record, /) -> tuple[int, bytes]: ...
     def open_record_untrusted(self, datagram: bytes | bytearray | memoryview, offset: int, cid: bytes,
                               window: Window, epoch: int = 1, /) -> tuple[int, bytes, int, int]: ...
 

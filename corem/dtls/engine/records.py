@@ -4,10 +4,11 @@ Records are parsed by `parse_record_untrusted` (one record at an offset of a dat
 may hold several), protected and opened by `RecordProtection` (AEAD: AES-128-CCM-8, AES-128-CCM,
 AES-128-GCM), and checked against replay by `ReplayWindow` (§4.1.2.6).
 
-`RecordProtection` and `ReplayWindow` are the C ones (`_records.c` on the system's OpenSSL
-libcrypto, its work in `dtls_records.h`) when they are built and COREM_PURE_PYTHON is not set;
-`RecordProtectionPy` and `ReplayWindowPy` (through `cryptography`) are the reference, the same
-records byte for byte and the same refusals (tests/test_dtls_records_c.py).  `RECORDS` says which.
+`parse_record_untrusted`, `Record`, `RecordProtection` and `ReplayWindow` are the C ones
+(`_records.c` on the system's OpenSSL libcrypto, its work in `dtls_records.h`) when they are built
+and COREM_PURE_PYTHON is not set; the `...Py` names (through `cryptography`) are the reference, the
+same records byte for byte and the same refusals (tests/test_dtls_records_c.py).  `RECORDS` says
+which.
 `open_record_untrusted` is the receive path of an established session in one call: framing,
 epoch, CID, replay window, AEAD, the window's update.
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
@@ -56,8 +57,9 @@ SEQ_NUM_PLACEHOLDER = b"\xff" * 8
 _HEADER = struct.Struct("!BHHHIH")  # type, version, epoch, seq (16 high + 32 low bits), length
 
 
-class Record:
-    """One record as parsed (a plain slotted class: built once per record on the hot path)"""
+class RecordPy:
+    """One record as parsed (a plain slotted class: built once per record on the hot path; the
+    reference: `Record` is the C one when it is built)"""
 
     __slots__ = ("type", "version", "epoch", "seq", "cid", "fragment")
 
@@ -79,9 +81,10 @@ class Record:
                 f"{len(self.fragment)} B)")
 
 
-def parse_record_untrusted(datagram: bytes, offset: int, cid_length: int) -> tuple[Record, int]:
+def parse_record_untrusted_py(datagram: bytes, offset: int, cid_length: int) -> tuple[RecordPy, int]:
     """The record at `offset` and the offset after it.  `cid_length` is the length of the CID this
-    side chose (records with content type tls12_cid carry it; the length is not on the wire)."""
+    side chose (records with content type tls12_cid carry it; the length is not on the wire).
+    (The reference: `parse_record_untrusted` is the C one when it is built.)"""
     if len(datagram) - offset < HEADER:
         raise DtlsDecodeError(DECODE_ERROR, "record_truncated")
     ctype = datagram[offset]
@@ -107,7 +110,7 @@ def parse_record_untrusted(datagram: bytes, offset: int, cid_length: int) -> tup
     end = start + length
     if end > len(datagram):
         raise DtlsDecodeError(DECODE_ERROR, "record_truncated")
-    return Record(ctype, version, epoch, hi << 32 | lo, cid, bytes(datagram[start:end])), end
+    return RecordPy(ctype, version, epoch, hi << 32 | lo, cid, bytes(datagram[start:end])), end
 
 
 def plaintext_record(ctype: int, epoch: int, seq: int, fragment: bytes, version: int = DTLS_1_2) -> bytes:
@@ -178,7 +181,7 @@ class RecordProtectionPy:
         sealed = explicit + self.aead.encrypt(self.iv + explicit, plaintext, extra)
         return plaintext_record(ctype, epoch, seq, sealed)
 
-    def open_untrusted(self, record: Record) -> tuple[int, bytes]:
+    def open_untrusted(self, record: RecordPy) -> tuple[int, bytes]:
         """(content type, plaintext) of a protected record; DtlsDecodeError(bad_record_mac) when it
         does not authenticate."""
         fragment = record.fragment
@@ -211,7 +214,7 @@ class RecordProtectionPy:
         order: what `parse_record_untrusted` refuses, another epoch ("epoch"), another CID or none
         ("cid_mismatch"), a replay ("replayed"), what `open_untrusted` refuses.  `window` is marked
         only once the record authenticated."""
-        rec, end = parse_record_untrusted(datagram, offset, len(cid))
+        rec, end = parse_record_untrusted_py(datagram, offset, len(cid))
         if rec.epoch != epoch:
             raise DtlsDecodeError(UNEXPECTED_MESSAGE, "epoch")
         if (rec.type == TLS12_CID) != bool(cid) or rec.cid != cid:
@@ -254,21 +257,31 @@ class ReplayWindowPy:
             self.bits |= 1 << (self.top - seq)
 
 
-def _select() -> tuple[type[RecordProtectionPy], type[ReplayWindowPy], str]:
-    """The C record layer unless it is missing or COREM_PURE_PYTHON is set."""
+def _load_c() -> Any:
+    """The C record layer, unless it is missing or COREM_PURE_PYTHON is set."""
     if os.environ.get("COREM_PURE_PYTHON"):
-        return RecordProtectionPy, ReplayWindowPy, "python"
+        return None
     try:
         from . import _records
     except ImportError:
-        return RecordProtectionPy, ReplayWindowPy, "python"
+        return None
     _records.configure(DtlsDecodeError)
-    return _records.Protection, _records.Window, "c"  # type: ignore[return-value]  # (the same API)
+    return _records
 
 
 if TYPE_CHECKING:
+    Record = RecordPy
     RecordProtection = RecordProtectionPy
     ReplayWindow = ReplayWindowPy
+    parse_record_untrusted = parse_record_untrusted_py
     RECORDS: str
 else:
-    RecordProtection, ReplayWindow, RECORDS = _select()
+    _c = _load_c()
+    if _c is None:
+        RECORDS = "python"
+        Record, RecordProtection, ReplayWindow = RecordPy, RecordProtectionPy, ReplayWindowPy
+        parse_record_untrusted = parse_record_untrusted_py
+    else:
+        RECORDS = "c"
+        Record, RecordProtection, ReplayWindow = _c.Record, _c.Protection, _c.Window
+        parse_record_untrusted = _c.parse_record_untrusted
