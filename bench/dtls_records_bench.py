@@ -8,9 +8,12 @@ Per record, best of `repeat` runs over `records` records of `size` bytes of plai
 telemetry POST is ~40-60 bytes):
   - open: the receive path of an established session: framing, the replay window (check, then
     mark), the AEAD.  "C, one call" is `open_record_untrusted`; "C in today's engine path" is
-    records.parse_record_untrusted (Python) then the C window and `open_untrusted`, what
-    connection.receive_record does now; "Python" is RecordProtectionPy.open_record_untrusted
-    (the same steps in Python).  python-mbedtls: `receive_from_network` + `read` on the server's
+    records.parse_record_untrusted, the window's `fresh`, `open_untrusted`, the window's `mark`
+    (all C, called from Python: what connection.receive_record does now); "Python" is
+    RecordProtectionPy.open_record_untrusted (the same steps in Python); "C core alone" is
+    dtls_records.h called from C (compiled here: what the fast lane will pay); "cryptography's
+    AEAD call alone" is AESCCM/AESGCM.decrypt and .encrypt with everything else precomputed (its
+    OpenSSL is the one it bundles).  python-mbedtls: `receive_from_network` + `read` on the server's
     buffer of a session made in memory with its client (TLS_PSK_WITH_AES_128_CCM_8 only).
   - seal: the whole record from the plaintext (`seal`; python-mbedtls: `write` + `peek_outgoing` +
     `consume_outgoing`).
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -86,14 +90,94 @@ def corem_rows(n: int, size: int, repeat: int) -> list[dict]:
                         s(23, 1, seq, plain, cid)
                 return run
 
+            aead = py.aead
+            nonce, body = IV + recs[0][13 + len(cid):21 + len(cid)], recs[0][21 + len(cid):]
+            extra = (R.aad_cid(cid, 1, 0, len(plain) + 1) if cid else R.aad(23, 1, 0, len(plain)))
+            inner = plain + b"\x17" if cid else plain
+            aead.decrypt(nonce, body, extra)
+
+            def aead_open() -> None:
+                d = aead.decrypt
+                for _ in range(n):
+                    d(nonce, body, extra)
+
+            def aead_seal() -> None:
+                e = aead.encrypt
+                for _ in range(n):
+                    e(nonce, inner, extra)
+
             label = f"{cipher}{' + CID' if cid else ''}"
             rows.append({"implementation": "C, one call (_records.c, " + _records.OPENSSL_VERSION.split()[1] + ")",
                          "record": label, "open_us": best(repeat, n, c_one_call),
                          "seal_us": best(repeat, n, seal_with(c))})
-            rows.append({"implementation": "C in today's engine path (Python framing)", "record": label,
+            rows.append({"implementation": "C, today's engine path (4 calls)", "record": label,
                          "open_us": best(repeat, n, c_engine_path), "seal_us": None})
             rows.append({"implementation": "Python reference (cryptography)", "record": label,
                          "open_us": best(repeat, n, python), "seal_us": best(repeat, n, seal_with(py))})
+            rows.append({"implementation": "cryptography's AEAD call alone (no framing, no window)",
+                         "record": label, "open_us": best(repeat, n, aead_open), "seal_us": best(repeat, n, aead_seal)})
+    return rows
+
+
+FLOOR_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include "dtls_records.h"
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]), repeat = atoi(argv[3]); size_t size = (size_t)atoi(argv[2]);
+    uint8_t key[16], iv[4] = {0xa0, 0xa1, 0xa2, 0xa3}, cid[6] = {0xc1, 0xd2, 0xe3, 0xf4, 0xa5, 0xb6};
+    uint8_t *pt = malloc(size + 1), *out = malloc(DTLS_MAX_FRAGMENT);
+    for (int i = 0; i < 16; i++) key[i] = (uint8_t)i;
+    memset(pt, 'x', size);
+    for (int a = 0; a < 3; a++) for (int c = 0; c < 2; c++) {
+        dtls_prot s, r;
+        if (dtls_prot_init(&s, a, key, iv) || dtls_prot_init(&r, a, key, iv)) return 1;
+        size_t cl = c ? 6 : 0, rs = dtls_sealed_size(&s, size, cl, 0);
+        uint8_t *recs = malloc(rs * (size_t)n);
+        double bs = 1e9, bo = 1e9;
+        for (int k = 0; k < repeat; k++) {
+            double t = now();
+            for (int i = 0; i < n; i++) dtls_seal(&s, 23, 1, (uint64_t)i, pt, size, cid, cl, 0, recs + rs * i);
+            if (now() - t < bs) bs = now() - t;
+            dtls_window w = {-1, 0};
+            size_t pl; uint8_t ct; uint64_t num;
+            t = now();
+            for (int i = 0; i < n; i++) {
+                size_t off = 0;
+                if (dtls_open_record(&r, &w, recs + rs * i, rs, &off, cid, cl, 1, out, &pl, &ct, &num)) return 2;
+            }
+            if (now() - t < bo) bo = now() - t;
+        }
+        printf("%d %d %.4f %.4f\n", a, c, bo / n * 1e6, bs / n * 1e6);
+        free(recs);
+    }
+    return 0;
+}
+"""
+
+
+def floor_rows(n: int, size: int, repeat: int) -> list[dict]:
+    """dtls_records.h from C, no Python (gcc and libssl-dev: `make sysdeps`)"""
+    build = HERE / "build"
+    build.mkdir(exist_ok=True)
+    src, exe = build / "dtls_records_floor.c", build / "dtls_records_floor"
+    src.write_text(FLOOR_C)
+    try:
+        subprocess.run(["gcc", "-O2", "-Wall", "-I", str(HERE.parent / "corem" / "dtls" / "engine"), "-o", str(exe),
+                        str(src), "-lcrypto"], check=True)
+        out = subprocess.run([str(exe), str(n), str(size), str(repeat)], check=True, capture_output=True,
+                             text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"(the C core alone was not measured: {e})", file=sys.stderr)
+        return []
+    rows = []
+    for line in out.strip().splitlines():
+        a, c, open_us, seal_us = line.split()
+        rows.append({"implementation": "C core alone (dtls_records.h from C)",
+                     "record": ("ccm8", "ccm", "gcm")[int(a)] + (" + CID" if c == "1" else ""),
+                     "open_us": float(open_us), "seal_us": float(seal_us)})
     return rows
 
 
@@ -140,6 +224,10 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.pop("COREM_PURE_PYTHON", None)
     rows = corem_rows(a.records, a.size, a.repeat)
+    floor = {r["record"]: r for r in floor_rows(a.records, a.size, a.repeat)}
+    if floor:  # (beside the rows of the same record)
+        rows = [x for r in rows for x in ([r, floor[r["record"]]] if r["implementation"].startswith("crypto")
+                                           else [r])]
     m = mbedtls_row(a.records, a.size, a.repeat)
     if m is not None:
         rows.append(m)
