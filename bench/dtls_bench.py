@@ -52,14 +52,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_worker(n: int, mode: str) -> None:
+def memory_worker(n: int, mode: str, engine: str = "mbedtls") -> None:
     """Make n sessions (live or offloaded) and print the RSS growth per session."""
     from corem.dtls import DtlsParams, DtlsServer, PskStore, SessionStore
+    from corem.dtls.layer import EngineServer
     from tests.test_dtls import DEVICE, IDENTITY, Client
 
     tmp = tempfile.mkdtemp(prefix="corem-dtls-mem-")
-    srv = DtlsServer(PskStore({IDENTITY: DEVICE}.get), DtlsParams(offload_after=1.0),
-                     store=SessionStore(Path(tmp) / "sessions.db"))
+    store = SessionStore(Path(tmp) / "sessions.db")
+    srv: DtlsServer | EngineServer
+    if engine == "corem":
+        srv = EngineServer({IDENTITY: DEVICE}.get, DtlsParams(offload_after=1.0, checkpoint=False),
+                           state_key=os.urandom(32), store=store)
+    else:
+        srv = DtlsServer(PskStore({IDENTITY: DEVICE}.get), DtlsParams(offload_after=1.0), store=store)
     gc.collect()
     base = rss_bytes()
     for i in range(n):
@@ -75,14 +81,14 @@ def memory_worker(n: int, mode: str) -> None:
     grown = rss_bytes() - base
     blobs = srv.store.blob_sizes()
     print(json.dumps({
-        "mode": mode, "sessions": n, "live": len(srv.sessions), "offloaded": len(srv.offloaded),
+        "mode": mode if engine == "mbedtls" else f"{mode} (dtls_engine = corem)", "sessions": n, "live": len(srv.sessions), "offloaded": len(srv.offloaded),
         "rss_growth_bytes": grown, "bytes_per_session": round(grown / n),
         "mean_blob_bytes": round(sum(blobs) / len(blobs)) if blobs else None,
     }))
 
 
-def memory(n: int, mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", str(n), mode],
+def memory(n: int, mode: str, engine: str = "mbedtls") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-worker", str(n), mode, engine],
                          capture_output=True, text=True, check=True, timeout=3600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -98,7 +104,8 @@ def throughput(args) -> list[dict]:
                         "--device", "d1", "--psk-identity", IDENTITY, "--psk", KEY], check=True, capture_output=True)
         port = free_port()
         broker = kafka_broker()
-        buses = [("corem", "on", "embedded"), ("corem (fast lane off)", "off", "embedded")]
+        buses = [("corem", "on", "embedded"), ("corem (fast lane off)", "off", "embedded"),
+                 ("corem (dtls_engine = corem)", "on", "embedded")]
         if broker is not None:
             stack.callback(broker.stop)
             kafka = f"kafka://{broker.bootstrap}"
@@ -107,6 +114,7 @@ def throughput(args) -> list[dict]:
             (name, [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
                     "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
                     "--rate-limit-per-source", "0", "--fast-lane", lane, "--bus", bus,
+                    "--dtls-engine", "corem" if "dtls_engine = corem" in name else "mbedtls",
                     "--log-level", "warning"], port, 2, "telemetry")
             for name, lane, bus in buses
         ]
@@ -136,8 +144,8 @@ def throughput(args) -> list[dict]:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
-        memory_worker(int(sys.argv[2]), sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--memory-worker":
+        memory_worker(int(sys.argv[2]), sys.argv[3], *sys.argv[4:])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -149,8 +157,9 @@ def main() -> None:
     results = throughput(args)
     live = memory(min(args.sessions, 20000), "live")
     offloaded = memory(args.sessions, "offloaded")
+    engine = [memory(min(args.sessions, 20000), "live", "corem"), memory(args.sessions, "offloaded", "corem")]
     if args.json:
-        print(json.dumps({"throughput": results, "memory": [live, offloaded]}, indent=2))
+        print(json.dumps({"throughput": results, "memory": [live, offloaded, *engine]}, indent=2))
         return
     ref = next((r for r in results if r["target"].startswith("libcoap")), None)
     print("\n" + markdown([
@@ -165,7 +174,7 @@ def main() -> None:
         ("RSS per session", lambda m: f"{m['bytes_per_session'] / 1024:.1f} KiB"),
         ("serialized size", lambda m: f"{m['mean_blob_bytes']} B" if m["mean_blob_bytes"] else "-"),
         ("1,000,000 sessions", lambda m: f"{m['bytes_per_session'] * 1e6 / 2**30:.2f} GiB"),
-    ], (live, offloaded), text=(1,)))
+    ], (live, offloaded, *engine), text=(1,)))
 
 
 if __name__ == "__main__":
