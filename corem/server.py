@@ -526,6 +526,10 @@ class Server:
                 self.directory.psk_device, s.dtls_params(), cert_lookup=self.directory.cert_device,
                 state_key=load_state_key(s.dtls_state_key, None if store.shared else s.data_path),
                 store=store, device_lookup=self.directory.named, on_new_session=new_session,
+                # a session moved to a new address by its Connection ID (RFC 9146 §6): message IDs at
+                # that address are its own from now on (not a duplicate of what another device, or
+                # a NAT's earlier mapping, sent from there); the lane and the endpoint key by address
+                on_moved=lambda old, new, now: new_session(new, now),
                 client_auth=s.dtls_client_auth,
             )
             if engine.offloaded:

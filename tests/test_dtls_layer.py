@@ -1,0 +1,81 @@
+"""The corem engine's security layer (corem/dtls/layer.py, dtls_engine = corem) with what no
+client reachable here does: Connection ID (RFC 9146), from the engine's own client role."""
+
+from __future__ import annotations
+
+from corem.dtls import DtlsParams, SessionStore
+from corem.dtls.engine import Client
+from corem.dtls.layer import CID_KEY, EngineServer, load_state_key
+
+from .test_dtls import DEVICE, IDENTITY, KEY
+
+A, B, C = ("192.0.2.10", 40000), ("192.0.2.10", 40001), ("198.51.100.7", 5000)
+STATE_KEY = bytes(range(32))
+
+
+def layer(store=None, **params):
+    moves = []
+    srv = EngineServer({IDENTITY: DEVICE}.get, DtlsParams(**params), state_key=STATE_KEY, store=store,
+                       device_lookup=lambda t, d: DEVICE if (t, d) == ("acme", "sensor-7") else None,
+                       on_moved=lambda old, new, now: moves.append((old, new)))
+    return srv, moves
+
+
+def handshake(srv, peer=A, cid=b""):
+    c = Client(IDENTITY.encode(), KEY, cid=cid)
+    c.start(0.0)
+    for _ in range(10):
+        for d in c.datagrams_to_send():
+            srv.receive(d, peer, 0.0)
+        for d, to in srv.datagrams_to_send():
+            assert to == peer
+            c.receive(d, 0.0)
+        if c.established and peer in srv.sessions:
+            return c
+    raise AssertionError("no handshake")
+
+
+def metric(srv, name):
+    return sum(s.value for s in srv.metrics() if s.name == name)
+
+
+def test_a_device_that_changes_address_keeps_its_session_and_is_answered_at_the_new_one():
+    srv, moves = layer()
+    c = handshake(srv)
+    assert srv.sessions[A].cid_in  # the server gave it a CID
+    for n, peer in enumerate((B, C, A), 1):
+        assert srv.receive(c.wrap(b"\x40\x02\x00" + bytes((n,))), peer, float(n)) == [b"\x40\x02\x00" + bytes((n,))]
+        assert srv.device(peer) == DEVICE and list(srv.sessions) == [peer]
+        assert c.receive(srv.wrap(b"\x60\x44\x00" + bytes((n,)), peer), float(n)) == [b"\x60\x44\x00" + bytes((n,))]
+    assert moves == [(A, B), (B, C), (C, A)] and metric(srv, "corem_dtls_cid_moves") == 3
+    assert metric(srv, "corem_dtls_handshakes_completed") == 1
+
+
+def test_a_forged_or_unknown_cid_is_dropped_and_counted_and_moves_nothing():
+    srv, moves = layer()
+    c = handshake(srv)
+    record = bytearray(c.wrap(b"\x40\x02\x00\x01"))
+    record[-1] ^= 1  # the right CID, not authentic
+    assert srv.receive(bytes(record), B, 1.0) == [] and moves == [] and list(srv.sessions) == [A]
+    record = bytearray(c.wrap(b"\x40\x02\x00\x02"))
+    record[11] ^= 0xFF  # a CID nobody has
+    assert srv.receive(bytes(record), B, 1.0) == []
+    assert metric(srv, "corem_dtls_records_unknown_cid") == 1
+
+
+def test_an_offloaded_cid_session_is_restored_by_its_cid_from_a_new_address():
+    srv, moves = layer(SessionStore(), offload_after=10.0, checkpoint=False)
+    c = handshake(srv)
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x01"), A, 1.0)
+    srv.sweep(20.0)
+    assert not srv.sessions and srv.store.keys() == [CID_KEY + c.conn.cid_out]
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x02"), C, 21.0) == [b"\x40\x02\x00\x02"]
+    assert srv.device(C) == DEVICE and metric(srv, "corem_dtls_sessions_restored") == 1
+    assert c.receive(srv.wrap(b"\x60\x44\x00\x02", C), 21.0) == [b"\x60\x44\x00\x02"]
+
+
+def test_the_state_key_is_made_once_in_the_data_dir_mode_0600(tmp_path):
+    key = load_state_key("", tmp_path)
+    assert len(key) == 32 and load_state_key("", tmp_path) == key
+    assert (tmp_path / "dtls-state.key").stat().st_mode & 0o777 == 0o600
+    assert load_state_key("00" * 16, tmp_path) == bytes(16)
