@@ -23,6 +23,10 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
+#if OPENSSL_VERSION_NUMBER < 0x30000000L
+#error "dtls_records.h needs OpenSSL 3.0 or later (EVP_CipherInit_ex2, EVP_CIPHER_fetch)"
+#endif
+
 #define DTLS_HEADER 13
 #define DTLS_EXPLICIT_NONCE 8
 #define DTLS_MAX_PLAINTEXT (1 << 14)
