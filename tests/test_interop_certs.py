@@ -160,57 +160,6 @@ def start_corem_failing(data_dir: Path, pki: Path) -> str:
     return r.stderr
 
 
-@pytest.mark.parametrize("client", DTLS_CLIENTS)
-def test_optional_mode_a_sent_certificate_must_verify_a_device_without_one_names_itself_by_token(
-        data_dir, pki, tmp_path, client):
-    """dtls_client_auth = optional (the corem engine only): a registered certificate names its
-    device; a device that sends none is let in and names itself by its token; a certificate that
-    does not verify (another CA) or is not registered is refused."""
-    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
-              data_dir=data_dir)
-    server = start(data_dir, pki, "--dtls-client-auth", "optional", "--dtls-engine", "corem")
-    try:
-        reading = write_cbor(tmp_path / "r.cbor", {"temperature": 19.5})
-        r = post_with_cert(server, pki, "dev1", reading, client)
-        assert r.code == "2.04", r.output
-        assert post_with_cert(server, pki, None, reading, client).code == "4.01"  # no identity in the session
-        r = post_with_cert(server, pki, None, reading, client, path="api/v1/T0KEN-1/telemetry")
-        assert r.code == "2.04", r.output
-        refused = dict(timeout=3)
-        assert post_with_cert(server, pki, "dev2", reading, client, **refused).code is None  # unregistered
-        assert [(p["tenant"], p["device"]) for p in server.points()] == [("acme", "cert-dev-1"), ("acme", "sensor-1")]
-
-        def failed(reason: str) -> float:
-            return server.metrics().get(f'corem_dtls_handshakes_failed_total{{reason="{reason}"}}', 0)
-
-        wait_for(lambda: failed("unregistered_certificate") >= 1, what="the unregistered certificate's refusal")
-        # OpenSSL's client sends the rogue certificate (refused: not trusted); GnuTLS's sends none (it
-        # matches the CA names of the CertificateRequest), which optional lets in: no identity, 4.01
-        rogue = post_with_cert(server, pki, "rogue", reading, client, **refused)
-        assert rogue.code in (None, "4.01")
-        if rogue.code is None:
-            wait_for(lambda: failed("certificate_not_trusted") >= 1, what="the untrusted certificate's refusal")
-        assert len(server.points()) == 2
-    finally:
-        server.stop()
-
-
-def test_optional_client_auth_needs_the_corem_engine(data_dir, pki):
-    bad = start_corem_failing(data_dir, pki)
-    assert "'optional' needs dtls_engine = corem" in bad
-
-
-def start_corem_failing(data_dir: Path, pki: Path) -> str:
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "corem", "serve", "--data-dir", str(data_dir), "--coap", "off",
-                        "--coaps", "127.0.0.1:0", "--http", "off", "--dtls-client-auth", "optional",
-                        "--dtls-cert", str(pki / "server.pem"), "--dtls-key", str(pki / "server.key.pem"),
-                        "--dtls-ca", str(pki / "ca.pem")], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0
-    return r.stderr
-
-
 def test_certificate_registration_errors(data_dir, pki):
     bad = corem_cli("devices", "add", "--tenant", "a", "--device", "x", "--cert", str(pki / "dev1.key.pem"),
                     data_dir=data_dir, check=False)
