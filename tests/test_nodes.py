@@ -225,7 +225,8 @@ def _nft_works() -> bool:
 @pytest.mark.skipif(not _nft_works(), reason="nftables and conntrack (Debian: nftables, conntrack) as root are needed")
 @pytest.mark.skipif(shutil.which("coap-client-openssl") is None and os.environ.get("CI") != "true",
                     reason="libcoap3-bin is not installed")
-def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
+@pytest.mark.parametrize("engine", ["mbedtls", "corem"])
+def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path, engine):
     """Two corem nodes on one PostgreSQL registry and session store, producing to the Tansu broker,
     behind the kernel's UDP balancer; coap-client-openssl posts a reading a second in one DTLS
     session; the node holding it is killed (SIGKILL: no last save); the readings go on through
@@ -240,7 +241,9 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
     tansu = tansu_binary()
     broker = Broker(tansu) if tansu else None
     bus = ("--bus", f"kafka://{broker.bootstrap}") if broker else ()
-    nodes = [start_corem(tmp_path / name, "--registry", store_url, "--dtls-session-store", store_url, *bus)
+    # (the corem engine seals the sessions it shares: every node opens them with one key)
+    sealed = ("--dtls-engine", "corem", "--dtls-state-key", "ab" * 32) if engine == "corem" else ()
+    nodes = [start_corem(tmp_path / name, "--registry", store_url, "--dtls-session-store", store_url, *bus, *sealed)
              for name in ("a", "b")]
     listen = free_tcp_port()  # (a free TCP port number is as good a guess for UDP on loopback)
     balancer = Balancer(listen, [n.coaps_port for n in nodes])
