@@ -79,3 +79,18 @@ def test_the_state_key_is_made_once_in_the_data_dir_mode_0600(tmp_path):
     assert len(key) == 32 and load_state_key("", tmp_path) == key
     assert (tmp_path / "dtls-state.key").stat().st_mode & 0o777 == 0o600
     assert load_state_key("00" * 16, tmp_path) == bytes(16)
+
+
+def test_the_settings_say_what_the_corem_engine_needs():
+    import pytest
+
+    from corem.config import ConfigError, Settings
+
+    with pytest.raises(ConfigError, match="'optional' needs dtls_engine = corem"):
+        Settings(dtls_client_auth="optional").check()
+    Settings(dtls_client_auth="optional", dtls_engine="corem").check()
+    with pytest.raises(ConfigError, match="dtls_state_key: needed"):
+        Settings(dtls_engine="corem", dtls_session_store="postgresql://corem@db/corem").check()
+    with pytest.raises(ConfigError, match="dtls_state_key: 32 or 64 hex digits"):
+        Settings(dtls_engine="corem", dtls_state_key="abcd").check()
+    Settings(dtls_engine="corem", dtls_session_store="postgresql://corem@db/corem", dtls_state_key="ab" * 32).check()
