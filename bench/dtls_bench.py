@@ -81,7 +81,8 @@ def memory_worker(n: int, mode: str, engine: str = "mbedtls") -> None:
     grown = rss_bytes() - base
     blobs = srv.store.blob_sizes()
     print(json.dumps({
-        "mode": mode if engine == "mbedtls" else f"{mode} (dtls_engine = corem)", "sessions": n, "live": len(srv.sessions), "offloaded": len(srv.offloaded),
+        "mode": mode if engine == "mbedtls" else f"{mode} (dtls_engine = corem)", "sessions": n,
+        "live": len(srv.sessions), "offloaded": len(srv.offloaded),
         "rss_growth_bytes": grown, "bytes_per_session": round(grown / n),
         "mean_blob_bytes": round(sum(blobs) / len(blobs)) if blobs else None,
     }))

@@ -36,9 +36,11 @@ def both(scenario, **params):
 
 def counts(srv) -> dict:
     m = {s.name: s.value for s in srv.metrics() if not s.labels}
-    failed = {dict(s.labels)["reason"]: s.value for s in srv.metrics() if s.name == "corem_dtls_handshakes_failed"}
+    failed = {dict(s.labels)["reason"]: s.value for s in srv.metrics()
+              if s.name == "corem_dtls_handshakes_failed"}
     sessions = {dict(s.labels)["state"]: s.value for s in srv.metrics() if s.name == "corem_dtls_sessions"}
-    keep = ("corem_dtls_handshakes_started", "corem_dtls_handshakes_completed", "corem_dtls_hello_verify_sent",
+    keep = ("corem_dtls_handshakes_started", "corem_dtls_handshakes_completed",
+            "corem_dtls_hello_verify_sent",
             "corem_dtls_sessions_offloaded", "corem_dtls_sessions_restored", "corem_dtls_sessions_closed",
             "corem_dtls_sessions_expired", "corem_dtls_records_replayed", "corem_dtls_sessions_checkpointed")
     return {"counters": {k: m.get(k, 0) for k in keep}, "failed": failed, "sessions": sessions}
@@ -134,7 +136,8 @@ def test_an_idle_session_is_offloaded_and_restored_by_its_next_record():
         answer = c.receive(srv.wrap(b"\x60\x44\x00\x02", PEER))
         return before, kept, offloaded, after, answer, srv.device(PEER), len(srv.store), counts(srv)
 
-    before, kept, offloaded, after, answer, device, left, c = both(scenario, offload_after=10.0, checkpoint=False)
+    outcome = both(scenario, offload_after=10.0, checkpoint=False)
+    before, kept, offloaded, after, answer, device, left, c = outcome
     assert kept and offloaded == (False, 1) and after == [b"\x40\x02\x00\x02b"] and device == DEVICE
     assert answer == b"\x60\x44\x00\x02" and left == 0 and c["counters"]["corem_dtls_sessions_restored"] == 1
 
@@ -166,7 +169,8 @@ def test_a_session_restored_from_a_checkpoint_refuses_what_it_took_after_it(tmp_
     assert outcomes["mbedtls"] == outcomes["corem"], outcomes
     replayed, fresh, c = outcomes["corem"]
     assert replayed == [[]] * 4 and fresh == [b"\x40\x02\x00\x09"]
-    assert c["counters"]["corem_dtls_records_replayed"] == 4 and c["counters"]["corem_dtls_sessions_restored"] == 1
+    assert c["counters"]["corem_dtls_records_replayed"] == 4
+    assert c["counters"]["corem_dtls_sessions_restored"] == 1
 
 
 def test_rows_one_engine_wrote_are_lost_sessions_to_the_other_never_code(tmp_path):

@@ -44,9 +44,10 @@ def test_a_device_that_changes_address_keeps_its_session_and_is_answered_at_the_
     c = handshake(srv)
     assert srv.sessions[A].cid_in  # the server gave it a CID
     for n, peer in enumerate((B, C, A), 1):
-        assert srv.receive(c.wrap(b"\x40\x02\x00" + bytes((n,))), peer, float(n)) == [b"\x40\x02\x00" + bytes((n,))]
+        request, answer = b"\x40\x02\x00" + bytes((n,)), b"\x60\x44\x00" + bytes((n,))
+        assert srv.receive(c.wrap(request), peer, float(n)) == [request]
         assert srv.device(peer) == DEVICE and list(srv.sessions) == [peer]
-        assert c.receive(srv.wrap(b"\x60\x44\x00" + bytes((n,)), peer), float(n)) == [b"\x60\x44\x00" + bytes((n,))]
+        assert c.receive(srv.wrap(answer, peer), float(n)) == [answer]
     assert moves == [(A, B), (B, C), (C, A)] and metric(srv, "corem_dtls_cid_moves") == 3
     assert metric(srv, "corem_dtls_handshakes_completed") == 1
 
@@ -93,4 +94,5 @@ def test_the_settings_say_what_the_corem_engine_needs():
         Settings(dtls_engine="corem", dtls_session_store="postgresql://corem@db/corem").check()
     with pytest.raises(ConfigError, match="dtls_state_key: 32 or 64 hex digits"):
         Settings(dtls_engine="corem", dtls_state_key="abcd").check()
-    Settings(dtls_engine="corem", dtls_session_store="postgresql://corem@db/corem", dtls_state_key="ab" * 32).check()
+    Settings(dtls_engine="corem", dtls_session_store="postgresql://corem@db/corem",
+             dtls_state_key="ab" * 32).check()

@@ -132,8 +132,9 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
             suites.append(suite_by_name(name))
         except ValueError:
             raise ValueError(f"dtls_ciphers: {name!r} is not a suite the corem engine implements "
-                             "(TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, TLS-PSK-WITH-AES-128-GCM-SHA256, "
-                             "TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256)") from None
+                             "(TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, "
+                             "TLS-PSK-WITH-AES-128-GCM-SHA256, TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, "
+                             "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256)") from None
     chain: tuple[bytes, ...] = ()
     key: ec.EllipticCurvePrivateKey | None = None
     verify = None
@@ -151,7 +152,8 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
         mode = client_auth or p.client_auth
         if mode != "none":
             if p.ca_file is None:
-                raise ValueError("dtls_ca is needed to verify device certificates (or set dtls_client_auth = none)")
+                raise ValueError("dtls_ca is needed to verify device certificates "
+                                 "(or set dtls_client_auth = none)")
             verify = chain_verifier(_pem_certificates(p.ca_file))
     return EngineParams(suites=tuple(suites), certificate_chain=chain, private_key=key, verify_peer=verify,
                         client_auth=mode, cid_length=cid_length, max_handshakes=p.max_handshakes,
