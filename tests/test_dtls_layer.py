@@ -96,3 +96,62 @@ def test_the_settings_say_what_the_corem_engine_needs():
         Settings(dtls_engine="corem", dtls_state_key="abcd").check()
     Settings(dtls_engine="corem", dtls_session_store="postgresql://corem@db/corem",
              dtls_state_key="ab" * 32).check()
+
+
+def test_through_corem_serve_a_device_whose_port_changes_at_every_reading_needs_one_handshake(data_dir):
+    """`corem serve --dtls-engine corem` on loopback; the engine's client (no other client reachable
+    here offers RFC 9146) sends 1,000 readings, each from a new source port, in one session: one
+    handshake, each reading answered 2.04 at its new port and stored once."""
+    import socket
+
+    import cbor2
+
+    from .conftest import SPEC_IDENTITY, SPEC_KEY, start_corem
+
+    server = start_corem(data_dir, "--dtls-engine", "corem")
+    c = Client(SPEC_IDENTITY.encode(), SPEC_KEY.encode(), cid=b"")
+    socks: list[socket.socket] = []
+
+    def exchange(datagrams, sock, want):
+        for d in datagrams:
+            sock.send(d)
+        got = []
+        while not want(got):
+            got += c.receive(sock.recv(2048), 0.0)  # (the socket's timeout only detects a lost answer)
+        return got
+
+    def new_socket():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.connect(("127.0.0.1", server.coaps_port))
+        s.settimeout(30)
+        socks.append(s)
+        return s
+
+    try:
+        first = new_socket()
+        c.start(0.0)
+        while True:  # (the client answers the HelloVerifyRequest, then the server's flight)
+            for d in c.datagrams_to_send():
+                first.send(d)
+            if c.established:
+                break
+            c.receive(first.recv(2048), 0.0)
+        n = 1000
+        for i in range(n):
+            s = new_socket() if i else first
+            mid = (i + 1).to_bytes(2, "big")
+            message = b"\x40\x02" + mid + b"\xb9telemetry\x11\x3c\xff" + cbor2.dumps({"seq": i})
+            [answer] = exchange([c.wrap(message)], s, lambda got: bool(got))
+            assert answer[1] == 0x44 and answer[2:4] == mid, answer
+            if i:
+                s.close()
+        m = server.metrics()
+        assert m["corem_dtls_handshakes_completed_total"] == 1
+        assert m["corem_dtls_cid_moves_total"] == n - 1
+        stored = sorted(p["numeric_values"]["seq"] for p in server.points("acme"))
+        assert stored == [float(i) for i in range(n)]
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
