@@ -28,7 +28,7 @@ async def main(argv: list[str]) -> int:
             count = int(argv[2])
             req = aiocoap.Message(code=aiocoap.GET, uri=url, observe=0)
             pr = ctx.request(req)
-            first = await asyncio.wait_for(pr.response, 10)
+            first = await asyncio.wait_for(pr.response, 60)
             print(f"{first.code} {first.payload.decode()}", flush=True)
             seen = 1
             async for note in pr.observation:

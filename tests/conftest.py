@@ -19,6 +19,12 @@ from pathlib import Path
 
 import cbor2
 import pytest
+from hypothesis import HealthCheck, settings
+
+# A busy CI machine gives a test a fraction of a core: hypothesis's 200 ms deadline per example and
+# its data-generation speed check would fail tests on wall-clock time alone, not on what they test.
+settings.register_profile("corem", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("corem")
 
 COAP_CLIENT = shutil.which("coap-client-notls")
 DTLS_CLIENTS = [c for c in ("coap-client-openssl", "coap-client-gnutls") if shutil.which(c) or os.environ.get("CI") == "true"]
@@ -62,7 +68,7 @@ class CoremProcess:
 
     def metrics(self) -> dict[str, float]:
         """Prometheus text parsed into {'name{labels}': value}."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=30) as r:
             text = r.read().decode()
         out = {}
         for line in text.splitlines():
@@ -94,7 +100,7 @@ class CoremProcess:
             status, text = e.code, e.read()
         return status, (json.loads(text) if text.strip() else None)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -109,8 +115,9 @@ class CoremProcess:
         return self.stderr_path.read_text()
 
 
-def start_corem(data_dir: Path, *extra: str, timeout: float = 20) -> CoremProcess:
-    """Start `corem serve` on loopback ports the OS picks; return once both listeners are up."""
+def start_corem(data_dir: Path, *extra: str, timeout: float = 60) -> CoremProcess:
+    """Start `corem serve` on loopback ports the OS picks; return once both listeners are up.
+    `timeout` only detects a start that never comes: sized for a busy CI machine, not an idle one."""
     stderr_path = data_dir.parent / f"corem-{time.monotonic_ns()}.stderr"
     proc = subprocess.Popen(
         [
@@ -189,8 +196,9 @@ def coap_client(url: str, *args: str, timeout: float = 90, binary: str | None = 
     return CoapResult(codes[-1] if codes else None, out)
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what`.
+    The bound only detects an event that never comes: generous, so a busy machine still passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -198,6 +206,34 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_until(proc: subprocess.Popen, *wanted: str, timeout: float = 60.0) -> str:
+    """The output of a client left running (an observer: text mode, stdout a pipe), read until every
+    `wanted` text is in it or the client ends; a client still running is then stopped (SIGTERM, on
+    which libcoap's coap-client ends cleanly) and what it said is returned.  An observer waits for
+    its notification this way, not for `-s` seconds sized for an idle machine; `timeout` only
+    detects a notification that never comes."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while not all(w in seen.decode(errors="replace") for w in wanted):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"no {wanted!r} from the client within {timeout:.0f} s: {seen.decode()[-2000:]}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:  # it ended
+                break
+            seen += chunk
+    if proc.poll() is None:
+        proc.terminate()
+    rest, _ = proc.communicate(timeout=60)
+    return seen.decode(errors="replace") + (rest or "")
 
 
 def write_cbor(path: Path, value) -> Path:
@@ -218,7 +254,7 @@ def exchange(endpoint, router, msg, peer=("192.0.2.9", 5683)):
     return decode(data)
 
 
-def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 8.0,
+def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 30.0,
          sock: socket.socket | None = None) -> bytes | None:
     """One CON POST /api/v1/{token}/telemetry as a device would send it: retransmitted every
     second, answered piggybacked (ACK, same mid) or separately (CON with our CoAP token, which

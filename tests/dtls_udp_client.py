@@ -39,7 +39,7 @@ class DtlsUdpClient:
             self.buf.consume_outgoing(len(chunk))
             self.sock.send(chunk)
 
-    def handshake(self, timeout: float = 10.0) -> None:
+    def handshake(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while self.buf._handshake_state is not tls.HandshakeStep.HANDSHAKE_OVER:
             if time.monotonic() > deadline:
@@ -56,7 +56,7 @@ class DtlsUdpClient:
                     pass
         self._flush()
 
-    def post(self, path: list[str], payload: bytes, content_format: int = 60, timeout: float = 10.0) -> Message:
+    def post(self, path: list[str], payload: bytes, content_format: int = 60, timeout: float = 30.0) -> Message:
         """A CON POST over the session; retransmitted every second until the ACK comes."""
         self.mid += 1
         msg = Message(
@@ -65,7 +65,7 @@ class DtlsUdpClient:
         )
         return self.exchange(encode(msg), timeout)
 
-    def exchange(self, data: bytes, timeout: float = 10.0) -> Message:
+    def exchange(self, data: bytes, timeout: float = 30.0) -> Message:
         """A CON message (already encoded) over the session, retransmitted every second until the
         ACK with its message ID comes."""
         self.mid = data[2] << 8 | data[3]

@@ -39,7 +39,7 @@ class Broker:
             [*prefix, binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # (only detects a broker that never starts)
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
@@ -65,6 +65,6 @@ class Broker:
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()

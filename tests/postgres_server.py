@@ -47,7 +47,7 @@ class Postgres:
 
     def _run(self, tool: str, *args: str) -> None:
         subprocess.run([*self.as_user, os.path.join(self.bindir, tool), *args], check=True, capture_output=True,
-                       timeout=60)
+                       timeout=180)  # (pg_ctl -w itself waits up to 60 s)
 
     @property
     def url(self) -> str:

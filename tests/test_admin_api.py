@@ -186,7 +186,7 @@ def test_diagnostics_samples_filter_and_status(server):
                   make_options([*((O.URI_PATH, p) for p in ("api", "v1", "T0KEN-1", "telemetry")),
                                 (O.CONTENT_FORMAT, 60)]), bad)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(5)
+        s.settimeout(30)
         s.sendto(encode(msg), ("127.0.0.1", server.coap_port))
         s.recvfrom(2048)
     samples = server.api("GET", "/api/diagnostics/samples?tenant=acme&reason=decode_error")[1]
@@ -200,9 +200,9 @@ def test_diagnostics_samples_filter_and_status(server):
 
 
 def test_ui_page_and_health_need_no_token(server):
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/ui", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/ui", timeout=30) as r:
         assert r.status == 200 and b"corem diagnostics" in r.read()
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=30) as r:
         assert r.read() == b"ready\n"
 
 
@@ -212,10 +212,10 @@ def test_readyz_reports_an_unreachable_bus(tmp_path):
         port = s.getsockname()[1]
     server = start_corem(tmp_path / "data", "--bus", f"kafka://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # (a bound for a busy machine)
         while True:  # librdkafka's first statistics come a second after start
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=10)
+                urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=30)
                 raise AssertionError("ready without a bus")
             except urllib.error.HTTPError as e:
                 body = e.read()

@@ -118,7 +118,7 @@ def request(mid: int, path: bytes = b"hello", mtype: Type = Type.CON) -> bytes:
 
 
 async def exchange(client: socket.socket, server: tuple, datagrams: list[bytes], want: int,
-                   timeout: float = 5.0) -> list[bytes]:
+                   timeout: float = 30.0) -> list[bytes]:
     """Send `datagrams` from `client` and collect `want` answers (or what came within `timeout`)."""
     sock = trio.socket.from_stdlib_socket(client)
     for d in datagrams:
@@ -129,6 +129,13 @@ async def exchange(client: socket.socket, server: tuple, datagrams: list[bytes],
             data, _ = await sock.recvfrom(2048)
             got.append(data)
     return got
+
+
+async def until(predicate, timeout: float = 30.0) -> None:
+    """Until `predicate()` is true (the bound only detects what never happens)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
 
 
 def router() -> Router:
@@ -162,7 +169,7 @@ async def test_the_edge_serves_requests_through_its_security_layer_and_ticks_it(
         nursery.start_soon(edge.serve)
         nursery.start_soon(edge.run_timers)
         got = await exchange(client, server, [b"hello", rot(request(1)), rot(request(2, b"nowhere"))], 3)
-        await trio.sleep(0.15)  # past one timer period
+        await until(lambda: layer.ticks)  # (a timer period is 0.1 s)
         nursery.cancel_scope.cancel()
     assert got[0] == b"welcome"  # the layer's own datagram
     answers = sorted((decode(unrot(d)) for d in got[1:]), key=lambda m: m.mid)
@@ -193,14 +200,15 @@ async def test_the_endpoints_events_reach_on_event(udp_pair):
         [late] = await exchange(client, server, [], 1)
         con = decode(late)
         assert (con.type, con.code, bytes(con.payload)) == (Type.CON, Code.CONTENT, b"late")
-        await exchange(client, server, [encode(Message(Type.ACK, 0, con.mid, b""))], 0, timeout=0.3)
+        await exchange(client, server, [encode(Message(Type.ACK, 0, con.mid, b""))], 0)
+        await until(lambda: events)  # the edge has read the ACK
         nursery.cancel_scope.cancel()
     assert [type(e) for e in events] == [Acked] and events[0].context == "mine"
 
 
 async def test_over_the_rate_only_credentialed_datagrams_pass_and_oversized_ones_never(udp_pair):
     client, server_sock = udp_pair
-    limiter = SourceLimiter(1.0)  # burst 2, then one per second
+    limiter = SourceLimiter(0.1, burst=2)  # burst 2, then one per 10 s (however slowly they are read)
     layer = PlainUdp(credentialed=lambda data, peer: data.endswith(b"!"))
     r = router()
     r.add("vip", {Code.GET: lambda req, params: Response(Code.CONTENT, b"ok")})
@@ -209,8 +217,8 @@ async def test_over_the_rate_only_credentialed_datagrams_pass_and_oversized_ones
     vip = encode(Message(Type.CON, Code.GET, 9, b"t", [(O.URI_PATH, b"vip")], b"!"))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(edge.serve)
-        got = await exchange(client, server, [request(1), request(2), request(3), request(4), vip, b"\x40" * 65], 3,
-                             timeout=1.0)
+        got = await exchange(client, server, [request(1), request(2), request(3), request(4), vip, b"\x40" * 65], 3)
+        await until(lambda: edge.stats.oversized)  # the last datagram, read after the answers
         nursery.cancel_scope.cancel()
     assert sorted(decode(d).mid for d in got) == [1, 2, 9]
     assert (limiter.dropped, limiter.exempted, edge.stats.oversized) == (2, 1, 1)

@@ -362,7 +362,7 @@ def test_drain_and_flush_on_a_real_socket(family, host):
         except OSError:
             pytest.skip(f"no {host} here")
         server.setblocking(False)
-        client.settimeout(2)
+        client.settimeout(30)
         addr = server.getsockname()
         for mid in range(100):
             client.sendto(post(mid=mid), addr)

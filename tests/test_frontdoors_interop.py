@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import (
-    COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, wait_for,
+    COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, read_until, start_corem,
+    wait_for,
 )
 
 pytestmark = [needs_libcoap, pytest.mark.interop]
@@ -33,7 +34,7 @@ def observers(server) -> float:
     return sum(v for k, v in server.metrics().items() if k.startswith("corem_coap_observers{"))
 
 
-def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
     out, _ = proc.communicate(timeout=timeout)
     return out
 
@@ -41,24 +42,25 @@ def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
 def test_shared_attributes_and_rpc_reach_observing_libcoap_devices(corem):
     base = f"{corem.coap}/api/v1/T0KEN-1"
     assert coap_client(f"{base}/attributes", "-m", "post", "-t", "50", "-e", '{"fw_state":"idle"}').code == "2.04"
-    attrs = background(COAP_CLIENT, "-s", "6", "-m", "get", f"{base}/attributes")
-    rpc = background(COAP_CLIENT, "-s", "6", "-m", "get", f"{base}/rpc")
+    attrs = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{base}/attributes")  # (until read_until ends them)
+    rpc = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{base}/rpc")
     wait_for(lambda: observers(corem) >= 2, what="two observe registrations")
     status, body = corem.api("PUT", "/api/devices/acme/sensor-1/attributes", {"interval": 30})
     assert status == 200 and body == {"delivery": "delivered"}
 
     result = {}
     caller = threading.Thread(target=lambda: result.update(r=corem.api(
-        "POST", "/api/devices/acme/sensor-1/rpc", {"method": "reboot", "params": {"delay": 2}, "timeout": 20})))
+        "POST", "/api/devices/acme/sensor-1/rpc", {"method": "reboot", "params": {"delay": 2}, "timeout": 60},
+        timeout=120)))
     caller.start()
-    time.sleep(0.5)  # the request reaches the observer; the API call waits for the answer
+    rpc_out = read_until(rpc, '"method":"reboot"')  # the request reaches the observer; the API call waits
     # a fresh server numbers RPC requests from 1
     reply = coap_client(f"{base}/rpc/1", "-m", "post", "-t", "50", "-e", '{"rebooting":true}')
     assert reply.code == "2.04"
-    caller.join(30)
+    caller.join(120)
     assert result["r"] == (200, {"id": 1, "status": "replied", "response": {"rebooting": True}})
-    assert '{"interval":30}' in finish(attrs)
-    assert '{"id":1,"method":"reboot","params":{"delay":2}}' in finish(rpc)
+    assert '{"interval":30}' in read_until(attrs, '{"interval":30}')
+    assert '{"id":1,"method":"reboot","params":{"delay":2}}' in rpc_out
     status, body = corem.api("GET", "/api/devices/acme/sensor-1/attributes")
     assert body == {"client": {"fw_state": "idle"}, "shared": {"interval": 30}}
 
@@ -74,7 +76,7 @@ def test_shared_attributes_changed_while_a_psm_device_sleeps_arrive_merged_when_
         status, dev = server.api("POST", "/api/devices", {"tenant": "acme", "device": "sleeper", "power_mode": "psm"})
         assert status == 201
         base = f"{server.coap}/api/v1/{dev['token']}"
-        watcher = background(COAP_CLIENT, "-s", "8", "-m", "get", f"{base}/attributes")
+        watcher = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{base}/attributes")  # (until read_until ends it)
         wait_for(lambda: observers(server) >= 1, what="the sleeper's observation")
         time.sleep(1.5)  # past the PSM activity timer: asleep
         assert server.api("PUT", "/api/devices/acme/sleeper/attributes", {"a": 1, "c": "x"})[1] == {"delivery": "queued"}
@@ -83,7 +85,7 @@ def test_shared_attributes_changed_while_a_psm_device_sleeps_arrive_merged_when_
         time.sleep(0.5)
         # it wakes and sends a reading; what waited arrives as one notification
         assert coap_client(f"{base}/telemetry", "-m", "post", "-t", "50", "-e", '{"t":1}').code == "2.04"
-        out = finish(watcher)
+        out = read_until(watcher, '{"a":2,"c":"x","b":3}')  # (one notification: "a":1 would have come first)
         assert '{"a":2,"c":"x","b":3}' in out and '"a":1' not in out
     finally:
         server.stop()
@@ -110,10 +112,10 @@ def test_emqx_pubsub_retains_publishes_and_notifies_subscribers(corem):
     assert coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "put", "-e", "21.5").code == "2.01"  # created
     got = coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "get")
     assert got.code == "2.05" and "21.5" in got.output
-    sub = background(COAP_CLIENT, "-s", "4", "-m", "get", f"{corem.coap}/mqtt/room/temp{q}")
+    sub = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{corem.coap}/mqtt/room/temp{q}")
     wait_for(lambda: observers(corem) >= 1, what="the subscription")
     assert coap_client(f"{corem.coap}/mqtt/room/temp{q}", "-m", "post", "-e", "22.25").code == "2.04"
-    assert "22.25" in finish(sub)
+    assert "22.25" in read_until(sub, "22.25")
     bad = coap_client(f"{corem.coap}/ps/room/temp?c=x&u=sensor-1&p=wrong", "-m", "get")
     assert bad.code == "4.01"
 

@@ -17,7 +17,7 @@ import pytest
 
 from corem.dtls import DtlsServer, PskStore, SessionStore
 
-from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, start_corem
+from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, read_until, start_corem
 from .postgres_server import Postgres, binaries
 from .test_dtls import DEVICE, IDENTITY, PEER, Client
 
@@ -119,8 +119,7 @@ def test_a_lost_database_connection_is_counted_and_made_again(store_url):
     try:
         pid = store.db._conn.info.backend_pid
         with psycopg.connect(store_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        time.sleep(0.2)
+            admin.execute("SELECT pg_terminate_backend(%s, 60000)", (pid,))  # (returns once it is gone)
         assert not store.put([(b"p", b"b", "t", "d", 1.0, -1)])  # the write that found it gone
         assert store.errors == 1 and store.last_error
         assert store.put([(b"p", b"b", "t", "d", 1.0, -1)])  # on a new connection
@@ -138,8 +137,7 @@ def test_the_registry_makes_a_lost_database_connection_again(store_url):
     try:
         reg.add_device("acme", "d1", token="T1")
         with psycopg.connect(store_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (reg.db._conn.info.backend_pid,))
-        time.sleep(0.2)
+            admin.execute("SELECT pg_terminate_backend(%s, 60000)", (reg.db._conn.info.backend_pid,))
         with pytest.raises(Exception):
             reg.add_device("acme", "d2", token="T2")  # the write that found it gone
         reg.add_device("acme", "d3", token="T3")  # on a new connection
@@ -255,7 +253,7 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path, e
             ["coap-client-openssl", "-v", "6", "-B", "90", "-G", "10", "-u", SPEC_IDENTITY, "-k", SPEC_KEY,
              "-m", "post", "-t", "60", "-f", str(payload), f"coaps://127.0.0.1:{listen}/telemetry"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90  # (only detects readings that never come)
         holder = None
         while holder is None and time.monotonic() < deadline:
             for n in nodes:
@@ -268,9 +266,9 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path, e
         other = nodes[1 - nodes.index(holder)]
         assert holder.metrics()["corem_dtls_handshakes_completed_total"] == 1
         holder.proc.send_signal(signal.SIGKILL)  # the node is lost: no shutdown, no last save
-        holder.proc.wait(10)
+        holder.proc.wait(60)
         balancer.lose(holder.coaps_port, [other.coaps_port])
-        out, _ = device.communicate(timeout=120)
+        out, _ = device.communicate(timeout=180)
         assert len(re.findall(r"c:2\.04", out)) == 10, out[-3000:]
         assert "Identity Hint" not in out.split("c:2.04", 4)[-1]  # (no second handshake in the client's log)
         m = other.metrics()
@@ -279,7 +277,7 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path, e
         if broker is not None:  # every reading answered 2.04 is in the topic, from one node or the other
             from .test_kafka import consume
 
-            assert len(consume(broker.bootstrap, "telemetry.raw.acme", 10, timeout=20)) >= 10
+            assert len(consume(broker.bootstrap, "telemetry.raw.acme", 10)) >= 10
         else:
             assert len(holder.points("acme")) + len(other.points("acme")) >= 10
     finally:
@@ -305,18 +303,19 @@ def test_two_nodes_share_one_registry_and_see_its_changes_at_once(store_url, tmp
         answer = None
         while answer is None or answer[1] != 0x44:  # node b serves it as soon as it is told (NOTIFY)
             answer = post(b.coap_port, "NODE-TOKEN", cbor2.dumps({"t": 1}), 1, timeout=0.3)
-            assert time.monotonic() - started < 3, "node b did not learn of the device"
+            # (a bound for a busy machine: the NOTIFY, or the 0.5 s poll behind it, takes a moment)
+            assert time.monotonic() - started < 30, "node b did not learn of the device"
         assert a.api("PUT", "/api/devices/acme/n1/attributes", {"mode": "eco"})[0] == 200
         assert b.api("GET", "/api/devices/acme/n1/attributes")[1]["shared"] == {"mode": "eco"}
         status, _ = a.api("PUT", "/api/profiles/tb", {"format": "thingsboard"})
         assert status in (200, 201)
-        deadline = time.monotonic() + 3  # node b reloads at the NOTIFY
+        deadline = time.monotonic() + 30  # node b reloads at the NOTIFY
         while "tb" not in {p["name"] for p in b.api("GET", "/api/profiles")[1]}:
             assert time.monotonic() < deadline, "node b did not learn of the profile"
             time.sleep(0.05)
         assert b.api("POST", "/api/devices", {"tenant": "acme", "device": "n2", "token": "NODE-TOKEN"})[0] == 409
         assert b.api("DELETE", "/api/devices/acme/n1")[0] == 204
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 30
         while a.api("GET", "/api/devices/acme/n1")[0] != 404:
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -336,7 +335,7 @@ def test_downlink_sent_to_any_node_reaches_the_device_through_its_own(store_url,
     a, b = (start_corem(tmp_path / name, "--registry", store_url, "--workers", workers) for name in ("a", "b"))
     try:
         assert a.api("POST", "/api/devices", {"tenant": "acme", "device": "n1", "token": "NODE-TOKEN"})[0] == 201
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while b.api("GET", "/api/devices/acme/n1")[0] != 200:  # node b has it (NOTIFY)
             assert time.monotonic() < deadline, "node b did not learn of the device"
             time.sleep(0.05)
@@ -347,14 +346,40 @@ def test_downlink_sent_to_any_node_reaches_the_device_through_its_own(store_url,
 
         probes = [port_for(0, int(workers)) for _ in range(2)]
         ports = [p.getsockname()[1] for p in probes]
+        # node b's API has the device, but each of its workers hears the NOTIFY itself: until the one
+        # the observers talk to knows the token, they would be answered 4.01 (a busy machine widens that)
+        import itertools
+        import socket
+
+        from corem.codec import Code, Message, OptionNumber, Type, decode, encode
+
+        from .conftest import wait_for
+
+        mids = itertools.count(0x7000)
+        probes[0].settimeout(1.0)
+
+        def served() -> bool:
+            probes[0].sendto(encode(Message(Type.CON, Code.GET, next(mids), b"k", [
+                (OptionNumber.URI_PATH, p) for p in (b"api", b"v1", b"NODE-TOKEN", b"attributes")])),
+                ("127.0.0.1", b.coap_port))
+            try:
+                return decode(probes[0].recv(2048)).code == Code.CONTENT
+            except socket.timeout:
+                return False
+
+        wait_for(served, what="node b's worker serving the device")
         for p in probes:
             p.close()
-        observers = [subprocess.Popen(["coap-client-notls", "-s", "12", "-p", str(port), "-m", "get",
+        observers = [subprocess.Popen(["coap-client-notls", "-s", "90", "-p", str(port), "-m", "get",
                                        f"{base}/{what}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                      for what, port in zip(("rpc", "attributes"), ports)]
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while sum(v for k, v in b.metrics().items() if k.startswith("corem_coap_observers{")) < 2:
-            assert time.monotonic() < deadline, "the device's observations"
+            if time.monotonic() > deadline:
+                for o in observers:
+                    o.kill()
+                raise AssertionError(("the device's observations", [o.communicate()[0][-800:] for o in observers],
+                                      b.stderr()[-2000:]))
             time.sleep(0.05)
         import psycopg
 
@@ -366,19 +391,19 @@ def test_downlink_sent_to_any_node_reaches_the_device_through_its_own(store_url,
         assert (status, body) == (200, {"delivery": "delivered"})  # by node b, to its observer
         result = {}
         caller = threading.Thread(target=lambda: result.update(r=a.api(
-            "POST", "/api/devices/acme/n1/rpc", {"method": "reboot", "timeout": 20})))
+            "POST", "/api/devices/acme/n1/rpc", {"method": "reboot", "timeout": 60}, timeout=120)))
         caller.start()
-        out = observers[0].communicate(timeout=30)[0]
+        out = read_until(observers[0], '"method":"reboot"')
         found = re.search(r'\{"id":(\d+),"method":"reboot"', out)
         caller.join(1) if found is None else None
         assert found is not None, (out[-1500:], result, a.stderr()[-2000:], b.stderr()[-2000:])
         rpc_id = int(found.group(1))
-        reply = subprocess.run(["coap-client-notls", "-B", "10", "-m", "post", "-t", "50", "-e", '"done"',
+        reply = subprocess.run(["coap-client-notls", "-B", "30", "-m", "post", "-t", "50", "-e", '"done"',
                                 f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
         assert reply.returncode == 0
-        caller.join(30)
+        caller.join(120)
         assert result["r"] == (200, {"id": rpc_id, "status": "replied", "response": "done"})
-        assert '{"mode":"eco"}' in observers[1].communicate(timeout=30)[0]
+        assert '{"mode":"eco"}' in read_until(observers[1], '{"mode":"eco"}')
     finally:
         for o in observers:
             if o.poll() is None:
@@ -413,17 +438,17 @@ def test_one_node_reads_the_commands_topic_and_the_device_s_node_carries_each_re
     observer = None
     try:
         produce(broker.bootstrap, f"commands.{tenant}", [b'{"device": "d1", "type": "command", "command": "warm"}'])
-        consume(broker.bootstrap, f"commands.results.{tenant}", 1, timeout=20)  # a reader is at work
+        consume(broker.bootstrap, f"commands.results.{tenant}", 1)  # a reader is at work
         probe = port_for(0, int(workers))
         port = probe.getsockname()[1]
         probe.close()
         for holder in nodes:  # the device observes through one node: the reader's, or the other
             if observer is not None:
                 observer.kill()
-            observer = subprocess.Popen(["coap-client-notls", "-s", "6", "-p", str(port), "-m", "get",
+            observer = subprocess.Popen(["coap-client-notls", "-s", "90", "-p", str(port), "-m", "get",
                                          f"{holder.coap}/api/v1/tok-{tenant}/attributes"],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while sum(v for k, v in holder.metrics().items() if k.startswith("corem_coap_observers{")) < 1:
                 assert time.monotonic() < deadline, "the observation"
                 time.sleep(0.05)
@@ -435,14 +460,14 @@ def test_one_node_reads_the_commands_topic_and_the_device_s_node_carries_each_re
                     assert time.monotonic() < deadline + 5, "the node did not write where the device is"
                     time.sleep(0.05)
             request_id = f"via-{nodes.index(holder)}"
-            before = len(consume(broker.bootstrap, f"commands.results.{tenant}", 99, timeout=2))
+            before = len(consume(broker.bootstrap, f"commands.results.{tenant}", None))  # every one there is
             produce(broker.bootstrap, f"commands.{tenant}", [jsonlib.dumps(
                 {"device": "d1", "type": "attributes", "values": {"n": request_id}, "request_id": request_id}).encode()])
             results = [jsonlib.loads(m.value) for m in consume(broker.bootstrap, f"commands.results.{tenant}",
-                                                             before + 1, timeout=20)]
+                                                             before + 1)]
             mine = [r for r in results if r.get("request_id") == request_id]
             assert len(mine) == 1 and mine[0]["delivery"] == "delivered", results  # once, by the device's node
-            assert f'{{"n":"{request_id}"}}' in observer.communicate(timeout=20)[0]
+            assert f'{{"n":"{request_id}"}}' in read_until(observer, f'{{"n":"{request_id}"}}')
             observer = None
     finally:
         if observer is not None and observer.poll() is None:

@@ -117,7 +117,8 @@ def test_every_nth_notification_is_confirmable_and_rst_or_silence_end_the_observ
 
 async def observe_with_libcoap(tmp_path, path: str, resource: Resource, change, seconds: int):
     """A real corem serving `resource` at `path`, libcoap's client observing it for `seconds`
-    while `change()` runs; returns the client's output and the transport's observers."""
+    while `change()` runs (from the moment the client is registered: on a busy machine that
+    moment comes late); returns the client's output and the transport's observers."""
     from corem.config import Settings
     from corem.server import Server
 
@@ -127,9 +128,16 @@ async def observe_with_libcoap(tmp_path, path: str, resource: Resource, change, 
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.run)
         url = f"coap://127.0.0.1:{bound.coap[1]}/{path}"
-        nursery.start_soon(change)
+
+        async def once_observed() -> None:
+            with trio.fail_after(60):
+                while not len(server.transports[0].observers):
+                    await trio.sleep(0.02)
+            await change()
+
+        nursery.start_soon(once_observed)
         result = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [COAP_CLIENT, "-s", str(seconds), "-v", "6", url], capture_output=True, text=True, timeout=30))
+            [COAP_CLIENT, "-s", str(seconds), "-v", "6", url], capture_output=True, text=True, timeout=90))
         observers = server.transports[0].observers
         server.stop()
     return result.stdout + result.stderr, observers
@@ -145,7 +153,7 @@ async def test_libcoap_observer_receives_every_change(tmp_path):
             thermo.value = v
             thermo.changed()
 
-    out, _ = await observe_with_libcoap(tmp_path, "sensors/thermo", thermo, change, 3)
+    out, _ = await observe_with_libcoap(tmp_path, "sensors/thermo", thermo, change, 6)
     for v in ("20", "31", "32", "33"):  # the first answer, then one notification per change
         assert v in out, out
     assert "Observe" in out
@@ -215,7 +223,7 @@ async def test_libcoap_follows_a_large_state_block_wise_and_learns_when_it_is_go
         big.value = b"AFTER"
         big.changed()
 
-    out, observers = await observe_with_libcoap(tmp_path, "big", big, change, 4)
+    out, observers = await observe_with_libcoap(tmp_path, "big", big, change, 7)
     assert "-FIRST-CHANGE-END" in out, out  # libcoap fetched the blocks after the first
     assert "Block2" in out and "4.04" in out, out
     assert "AFTER" not in out and len(observers) == 0

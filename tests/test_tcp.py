@@ -77,12 +77,12 @@ def ports(server) -> tuple[int, int]:
 
 
 def connect(port: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)  # (a bound for each recv: a busy machine)
     s.sendall(signal(CSM, [(2, (1152).to_bytes(2, "big"))]))
     return s
 
 
-def read_frames(s: socket.socket, want: int, timeout: float = 5.0) -> list[tuple[int, bytes, bytes]]:
+def read_frames(s: socket.socket, want: int, timeout: float = 30.0) -> list[tuple[int, bytes, bytes]]:
     framer, out = Framer(1 << 16), []
     deadline = time.monotonic() + timeout
     while len(out) < want and time.monotonic() < deadline:
@@ -97,9 +97,9 @@ def read_frames(s: socket.socket, want: int, timeout: float = 5.0) -> list[tuple
 def test_libcoap_posts_readings_over_tcp_and_over_tls_with_psk(tcp, tmp_path):
     plain, secure = ports(tcp)
     reading = write_cbor(tmp_path / "r.cbor", {"temperature": 21.5})
-    r = subprocess.run(["coap-client-notls", "-m", "post", "-t", "60", "-f", str(reading), "-v", "6", "-B", "20",
+    r = subprocess.run(["coap-client-notls", "-m", "post", "-t", "60", "-f", str(reading), "-v", "6", "-B", "30",
                         f"coap+tcp://127.0.0.1:{plain}/api/v1/T0KEN-1/telemetry"], capture_output=True, text=True,
-                       timeout=40)
+                       timeout=60)
     assert "c:2.04" in r.stdout + r.stderr, r.stdout + r.stderr
     clients = [c for c in (OPENSSL, GNUTLS) if c]
     if not clients:
@@ -107,8 +107,8 @@ def test_libcoap_posts_readings_over_tcp_and_over_tls_with_psk(tcp, tmp_path):
     for n, client in enumerate(clients):
         r = subprocess.run([client, "-m", "post", "-u", "psk-identity-d7b1c0e2", "-k", "s3cr3t-pre-shared-key",
                             "-t", "60", "-f", str(write_cbor(tmp_path / f"s{n}.cbor", {"humidity": 60 + n})),
-                            "-v", "6", "-B", "20", f"coaps+tcp://127.0.0.1:{secure}/telemetry"],
-                           capture_output=True, text=True, timeout=40)
+                            "-v", "6", "-B", "30", f"coaps+tcp://127.0.0.1:{secure}/telemetry"],
+                           capture_output=True, text=True, timeout=60)
         assert "c:2.04" in r.stdout + r.stderr, (client, r.stdout + r.stderr)
     points = tcp.points("acme")
     assert [p["device"] for p in points] == ["sensor-1"] + ["sensor-7"] * len(clients)
@@ -116,8 +116,8 @@ def test_libcoap_posts_readings_over_tcp_and_over_tls_with_psk(tcp, tmp_path):
     # a wrong key: the handshake fails, nothing is stored, and the listener is still there
     if OPENSSL:
         r = subprocess.run([OPENSSL, "-m", "post", "-u", "psk-identity-d7b1c0e2", "-k", "wrong-key-wrong-key",
-                            "-t", "60", "-f", str(reading), "-B", "5", f"coaps+tcp://127.0.0.1:{secure}/telemetry"],
-                           capture_output=True, text=True, timeout=30)
+                            "-t", "60", "-f", str(reading), "-B", "15", f"coaps+tcp://127.0.0.1:{secure}/telemetry"],
+                           capture_output=True, text=True, timeout=60)
         assert "2.04" not in r.stdout
         wait_for(lambda: tcp.metrics().get('corem_tcp_connections_aborted_total{reason="handshake",transport="tls"}'),
                  what="the failed handshake counted")
@@ -127,13 +127,13 @@ def test_libcoap_posts_readings_over_tcp_and_over_tls_with_psk(tcp, tmp_path):
 @needs_libcoap
 def test_libcoap_observes_attributes_over_tcp(tcp, tmp_path):
     plain, _ = ports(tcp)
-    proc = subprocess.Popen(["coap-client-notls", "-s", "6", "-v", "6", "-B", "8",
+    proc = subprocess.Popen(["coap-client-notls", "-s", "12", "-v", "6", "-B", "15",
                              f"coap+tcp://127.0.0.1:{plain}/api/v1/T0KEN-1/attributes"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: tcp.metrics().get('corem_coap_observers{transport="tcp"}'), what="the observer")
         assert tcp.api("PUT", "/api/devices/acme/sensor-1/attributes", {"fw": "2.0"})[0] == 200
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert '"fw":"2.0"' in out.replace(" ", ""), out
@@ -181,7 +181,7 @@ def test_signals_limits_and_bad_frames_on_a_raw_connection(tcp):
     s.close()
     # idle: Release after tcp_idle_timeout (2 s)
     s = connect(plain)
-    frames = read_frames(s, 2, timeout=6)
+    frames = read_frames(s, 2)
     assert [c for c, _, _ in frames] == [CSM, RELEASE]
     s.close()
     m = tcp.metrics()
@@ -196,7 +196,7 @@ def test_connections_beyond_the_limit_are_closed_and_counted(tcp):
     held = [connect(plain) for _ in range(8)]
     for s in held:
         assert read_frames(s, 1)[0][0] == CSM
-    extra = socket.create_connection(("127.0.0.1", plain), timeout=5)
+    extra = socket.create_connection(("127.0.0.1", plain), timeout=30)
     assert extra.recv(100) == b""  # closed at once
     assert tcp.metrics()['corem_tcp_connections_refused_total{transport="tcp"}'] == 1
     for s in held:
@@ -234,8 +234,7 @@ def test_garbage_on_many_connections_costs_only_those_connections(tcp):
     rng = random.Random(18)
     for n in range(200):
         port = plain if n < 150 else secure
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.settimeout(2)
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)  # (corem closes it: the bound is for a busy machine)
         if n % 3 == 0:
             junk = rng.randbytes(rng.randrange(1, 3000))
         else:  # frames that parse, with random codes, tokens and bodies
@@ -274,7 +273,7 @@ def test_a_stop_answers_every_reading_it_stored_on_its_connection(data_dir):
     s.sendall(b"".join(frame(Code.POST, n.to_bytes(2, "big"), body) for n in range(600)))
     server.stop()  # at once: most readings are still being committed
     framer, answered = Framer(1 << 20), set()
-    s.settimeout(10)
+    s.settimeout(60)
     while data := s.recv(65536):
         answered.update(int.from_bytes(t, "big") for c, t, _ in framer.feed(data) if c == Code.CHANGED)
     s.close()

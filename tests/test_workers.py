@@ -25,7 +25,8 @@ from corem.workers.front import decode_samples, encode_samples, merge_shared, me
 from corem.metrics import gather
 from corem.stats import Histogram, Sample
 
-from .conftest import COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, needs_libcoap, post, start_corem, wait_for
+from .conftest import (COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, needs_libcoap, post, read_until, start_corem,
+                       wait_for)
 
 CBOR = 60
 
@@ -181,7 +182,8 @@ def test_a_device_added_through_the_api_is_known_to_every_worker_at_once(workers
     for w in (0, 1):  # straight away, on both: the front reloads every worker before it answers
         s = port_for(w, 2)
         try:
-            answer = post(workers.coap_port, "NEW-TOKEN", cbor2.dumps({"w": w}), 7, sock=s, timeout=1.5)
+            # (a worker that did not know the token would answer 4.01: the bound only waits out a busy machine)
+            answer = post(workers.coap_port, "NEW-TOKEN", cbor2.dumps({"w": w}), 7, sock=s, timeout=30)
             assert answer is not None and answer[1] == 0x44
         finally:
             s.close()
@@ -195,7 +197,8 @@ def test_a_killed_worker_is_started_again_and_no_acknowledged_reading_is_lost(wo
     def device(i: int, s: socket.socket) -> None:
         n = 0
         while not stop.is_set() and n < 40:
-            answer = post(workers.coap_port, "T0KEN-1", cbor2.dumps({"d": i, "n": n}), 1000 + n, sock=s, timeout=20)
+            # (waits out worker 1's restart, which a busy machine can make take many seconds)
+            answer = post(workers.coap_port, "T0KEN-1", cbor2.dumps({"d": i, "n": n}), 1000 + n, sock=s, timeout=90)
             if answer is not None and answer[1] == 0x44:
                 acked.append((i, n))
             n += 1
@@ -210,7 +213,7 @@ def test_a_killed_worker_is_started_again_and_no_acknowledged_reading_is_lost(wo
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: worker_pids(workers).get(1) not in (None, victim), what="worker 1 started again")
         for t in threads:
-            t.join(120)
+            t.join(300)
         assert len(acked) == 8 * 40  # every device got every answer: the restarted worker took them up
         stored = {(int(p["numeric_values"]["d"]), int(p["numeric_values"]["n"])) for p in workers.points("acme")}
         assert set(acked) <= stored  # no reading answered 2.04 is missing
@@ -270,7 +273,7 @@ def test_libcoap_dtls_devices_keep_their_session_across_a_killed_worker(dtls_wor
     source = probe.getsockname()[1]
     probe.close()
     device = subprocess.Popen(
-        [binary, "-v", "6", "-B", "60", "-G", "8", "-p", str(source), "-u", SPEC_IDENTITY, "-k", SPEC_KEY,
+        [binary, "-v", "6", "-B", "120", "-G", "8", "-p", str(source), "-u", SPEC_IDENTITY, "-k", SPEC_KEY,
          "-m", "post", "-t", "60", "-f", str(payload), f"coaps://127.0.0.1:{workers.coaps_port}/telemetry"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -278,7 +281,7 @@ def test_libcoap_dtls_devices_keep_their_session_across_a_killed_worker(dtls_wor
             "corem_dtls_sessions_checkpointed_total"] >= 1, what="readings and a checkpoint")
         victim = worker_pids(workers)[1]
         os.kill(victim, signal.SIGKILL)
-        out, _ = device.communicate(timeout=90)
+        out, _ = device.communicate(timeout=180)
     finally:
         if device.poll() is None:
             device.kill()
@@ -296,28 +299,28 @@ def test_downlink_reaches_the_worker_that_holds_the_device(workers):
     source = probe.getsockname()[1]
     probe.close()
     base = f"{workers.coap}/api/v1/T0KEN-1"
-    observer = subprocess.Popen([COAP_CLIENT, "-s", "8", "-p", str(source), "-m", "get", f"{base}/rpc"],
+    observer = subprocess.Popen([COAP_CLIENT, "-s", "90", "-p", str(source), "-m", "get", f"{base}/rpc"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: sum(v for k, v in workers.metrics().items()
                              if k.startswith("corem_coap_observers{")) >= 1, what="the observation")
         result = {}
         caller = threading.Thread(target=lambda: result.update(r=workers.api(
-            "POST", "/api/devices/acme/sensor-1/rpc", {"method": "reboot", "timeout": 20})))
+            "POST", "/api/devices/acme/sensor-1/rpc", {"method": "reboot", "timeout": 60}, timeout=120)))
         caller.start()
         wait_for(lambda: workers.metrics().get("corem_downlink_rpc_delivered_total", 0) >= 1, what="delivery")
-        out, _ = observer.communicate(timeout=30)
+        out = read_until(observer, '"method":"reboot"')
         rpc_id = int(re.search(r'\{"id":(\d+),"method":"reboot"', out).group(1))
         assert (rpc_id - 1) % 2 == 1  # numbered by worker 1, which holds the device
         for w in (0, 1):  # answered from the other worker's side, then its own: both reach worker 1
             replier = port_for(1 - w, 2) if w == 0 else port_for(1, 2)
             port = replier.getsockname()[1]
             replier.close()
-            reply = subprocess.run([COAP_CLIENT, "-B", "10", "-p", str(port), "-m", "post", "-t", "50", "-e",
+            reply = subprocess.run([COAP_CLIENT, "-B", "30", "-p", str(port), "-m", "post", "-t", "50", "-e",
                                     '{"ok":true}', f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
             assert reply.returncode == 0
             if w == 0:
-                caller.join(30)
+                caller.join(120)
                 assert result["r"] == (200, {"id": rpc_id, "status": "replied", "response": {"ok": True}})
     finally:
         if observer.poll() is None:
@@ -338,23 +341,23 @@ def test_an_rpc_for_a_device_no_worker_has_heard_waits_for_one_to_hear_it(worker
     base = f"{workers.coap}/api/v1/T0KEN-1"
     result = {}
     caller = threading.Thread(target=lambda: result.update(r=workers.api(
-        "POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 20})))
+        "POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 60}, timeout=120)))
     caller.start()
     time.sleep(1.0)  # the call waits at the front: no worker has heard the device
     assert "r" not in result
     probe = port_for(1, 2)
     source = probe.getsockname()[1]
     probe.close()
-    observer = subprocess.Popen([COAP_CLIENT, "-s", "5", "-p", str(source), "-m", "get", f"{base}/rpc"],
+    observer = subprocess.Popen([COAP_CLIENT, "-s", "90", "-p", str(source), "-m", "get", f"{base}/rpc"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out, _ = observer.communicate(timeout=30)
+        out = read_until(observer, '"method":"ping"')
         rpc_id = int(re.search(r'\{"id":(\d+),"method":"ping"', out).group(1))
         assert (rpc_id - 1) % 2 == 1  # sent by worker 1, which heard the device
-        reply = subprocess.run([COAP_CLIENT, "-B", "10", "-m", "post", "-t", "50", "-e", '"pong"',
+        reply = subprocess.run([COAP_CLIENT, "-B", "30", "-m", "post", "-t", "50", "-e", '"pong"',
                                 f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
         assert reply.returncode == 0
-        caller.join(30)
+        caller.join(120)
         assert result["r"] == (200, {"id": rpc_id, "status": "replied", "response": "pong"})
     finally:
         if observer.poll() is None:
@@ -363,9 +366,10 @@ def test_an_rpc_for_a_device_no_worker_has_heard_waits_for_one_to_hear_it(worker
 
 def test_an_rpc_for_a_silent_device_expires_after_its_own_timeout(workers):
     started = time.monotonic()
-    status, body = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 1})
+    status, body = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 3})
     assert status == 504 and body["status"] == "expired"
-    assert time.monotonic() - started < 2.5  # once, at the front; not again at the worker
+    # once, at the front; not again at the worker (that would take 2 x 3 s): 2.5 s to spare for a busy machine
+    assert time.monotonic() - started < 5.5
     status, _ = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 1}, token="bad")
     assert status == 401  # an unauthenticated call is not held at the front
 
@@ -376,8 +380,8 @@ def test_a_setting_only_the_workers_check_stops_the_supervisor_with_one_line(tmp
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "corem", "serve", "--data-dir", str(tmp_path / "d"),
                            "--coap", "127.0.0.1:0", "--coaps", "127.0.0.1:0", "--http", "127.0.0.1:0",
-                           "--workers", "2", "--dtls-ciphers", "NOPE"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and time.monotonic() - started < 30
+                           "--workers", "2", "--dtls-ciphers", "NOPE"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - started < 60  # (not started again and again)
     assert "'NOPE' is not a cipher suite" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == "corem: worker 0 refused the settings (status 2)" or \
         proc.stderr.rstrip().splitlines()[-1] == "corem: worker 1 refused the settings (status 2)"
