@@ -181,23 +181,68 @@ class ClientHello:
         return cid
 
 
+def _truncated() -> DtlsDecodeError:
+    return DtlsDecodeError(DECODE_ERROR, "message_truncated")
+
+
 def parse_client_hello_untrusted(body: bytes) -> ClientHello:
-    r = _Reader(body)
-    version = r.uint(2)
-    random = r.take(32)
-    session_id = r.vector(1)
+    # (every hello, the cookie-less first ones included, comes through here: plain slicing, not
+    # `_Reader`, which made it ~3x slower; the same checks in the same order, the same errors)
+    body = bytes(body)
+    n = len(body)
+    if n < 35:
+        raise _truncated()
+    version = body[0] << 8 | body[1]
+    random = body[2:34]
+    end = 35 + body[34]
+    if end > n:
+        raise _truncated()
+    session_id = body[35:end]
     if len(session_id) > 32:
         raise DtlsDecodeError(ILLEGAL_PARAMETER, "session_id_length")
-    cookie = r.vector(1)
-    raw = r.vector(2)
+    if end >= n:
+        raise _truncated()
+    pos, end = end + 1, end + 1 + body[end]
+    if end > n:
+        raise _truncated()
+    cookie = body[pos:end]
+    if end + 2 > n:
+        raise _truncated()
+    pos, end = end + 2, end + 2 + (body[end] << 8 | body[end + 1])
+    if end > n:
+        raise _truncated()
+    raw = body[pos:end]
     if not raw or len(raw) % 2:
         raise DtlsDecodeError(DECODE_ERROR, "cipher_suites")
     suites = struct.unpack(f"!{len(raw) // 2}H", raw)
-    compression = r.vector(1)
+    if end >= n:
+        raise _truncated()
+    pos, end = end + 1, end + 1 + body[end]
+    if end > n:
+        raise _truncated()
+    compression = body[pos:end]
     if not compression:
         raise DtlsDecodeError(DECODE_ERROR, "compression_methods")
-    extensions = parse_extensions_untrusted(r)
-    r.end()
+    extensions: dict[int, bytes] = {}
+    if end < n:  # (extensions: as parse_extensions_untrusted, then nothing after them)
+        if end + 2 > n:
+            raise _truncated()
+        pos, end = end + 2, end + 2 + (body[end] << 8 | body[end + 1])
+        if end > n:
+            raise _truncated()
+        while pos < end:
+            if pos + 4 > end:
+                raise _truncated()
+            ext = body[pos] << 8 | body[pos + 1]
+            stop = pos + 4 + (body[pos + 2] << 8 | body[pos + 3])
+            if stop > end:
+                raise _truncated()
+            if ext in extensions:
+                raise DtlsDecodeError(ILLEGAL_PARAMETER, "duplicate_extension")
+            extensions[ext] = body[pos + 4:stop]
+            pos = stop
+        if end != n:
+            raise DtlsDecodeError(DECODE_ERROR, "trailing_bytes")
     hello = ClientHello(version, random, session_id, cookie, suites, compression, extensions)
     if EXT_CONNECTION_ID in extensions:
         hello.cid_offered()  # (well-formed, or a decode error now)
