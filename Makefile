@@ -11,13 +11,19 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 UV     := uv==0.13.9
 
-.PHONY: run test deps sysdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers bench-transports fuzz soak clean lock test-latest
+.PHONY: run test deps sysdeps jsdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers bench-transports fuzz soak clean lock test-latest
 
 $(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c \
 	  corem/dtls/engine/_records.c corem/dtls/engine/dtls_records.h
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing the pinned dependencies from $(LOCK) ($$(grep -c '^[a-z]' $(LOCK)) packages, hash-checked)"
-	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
+	@# (the lock less dtlssocket, then dtlssocket: a test-only sdist that builds with autoconf and
+	@# automake; without them it is left out and its interop tests skip, the rest installs as ever)
+	@awk '/^[a-z0-9]/ { sdist = ($$0 ~ /^dtlssocket==/) } !sdist' $(LOCK) > $(VENV)/lock-wheels.txt
+	@awk '/^[a-z0-9]/ { sdist = ($$0 ~ /^dtlssocket==/) } sdist' $(LOCK) > $(VENV)/lock-sdists.txt
+	$(PIP) install -q --require-hashes --no-deps -r $(VENV)/lock-wheels.txt
+	$(PIP) install -q --require-hashes --no-deps -r $(VENV)/lock-sdists.txt || \
+	  echo "dtlssocket (tinydtls, tests only) did not build: it needs Debian's autoconf and automake (make sysdeps)"
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PIP) check
 	touch $(STAMP)
@@ -30,8 +36,10 @@ deps: $(STAMP)
 # checked against the descriptors it makes, and its classes encode the test payloads), PostgreSQL
 # (the shared DTLS session store of several nodes), nftables and conntrack (the kernel's UDP load
 # balancer in front of two nodes), libssl-dev (OpenSSL's libcrypto and its headers: the DTLS engine's
-# record protection in C, corem/dtls/engine/_records.c).
-DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack libssl-dev
+# record protection in C, corem/dtls/engine/_records.c), autoconf and automake (the lock's dtlssocket,
+# tinydtls for the DTLS interop tests, is an sdist whose build runs tinydtls's autogen.sh).
+DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack libssl-dev \
+	autoconf automake
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
@@ -44,6 +52,8 @@ sysdeps:
 	command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
 	command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || missing="$$missing conntrack"; \
 	[ -f /usr/include/openssl/evp.h ] || missing="$$missing libssl-dev"; \
+	command -v autoreconf >/dev/null 2>&1 || missing="$$missing autoconf"; \
+	command -v automake >/dev/null 2>&1 || missing="$$missing automake"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (Debian)"; \
@@ -74,9 +84,18 @@ test-latest: sysdeps
 run: $(STAMP)
 	$(VENV)/bin/corem serve
 
-test: sysdeps $(STAMP)
+# The npm DTLS clients of tests/test_interop_dtls_stacks.py (tests/js, package-lock.json), when npm is
+# there; without it those tests skip and say why.
+jsdeps:
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd tests/js && npm ci --no-audit --no-fund --loglevel=error; \
+	else \
+	  echo "npm is not installed: the npm DTLS clients' interop tests are skipped"; \
+	fi
+
+test: sysdeps $(STAMP) jsdeps
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-dtls bench-import bench-transports
 
