@@ -356,24 +356,32 @@ class Connection:
         if f.message_seq >= self.recv_seq + MAX_AHEAD:
             return
         entry = self.pending.get(f.message_seq)
-        if entry is None:
-            entry = self.pending[f.message_seq] = (epoch, m.Reassembly(f))
-        if entry[0] != epoch or not entry[1].add(f):
-            return
+        if entry is None and f.message_seq == self.recv_seq and f.whole:
+            # the usual case, the next message whole in one fragment: no reassembly needed
+            if not self._take_message(f.msg_type, f.body, epoch, now):
+                return
+        else:
+            if entry is None:
+                entry = self.pending[f.message_seq] = (epoch, m.Reassembly(f))
+            if entry[0] != epoch or not entry[1].add(f):
+                return
         while (entry := self.pending.get(self.recv_seq)) is not None and entry[1].complete:
             del self.pending[self.recv_seq]
             ep, r = entry
-            body = bytes(r.body)
-            raw = m.message(r.msg_type, self.recv_seq, body)
-            self.recv_seq += 1
-            try:
-                self._message(r.msg_type, body, raw, ep, now)
-            except HandshakeFailed as e:
-                self._fail(e.alert, e.reason)
-            except DtlsDecodeError as e:
-                self._fail(e.alert, e.reason)
-            if self.state in (FAILED, CLOSED):
+            if not self._take_message(r.msg_type, bytes(r.body), ep, now):
                 return
+
+    def _take_message(self, msg_type: int, body: bytes, epoch: int, now: float) -> bool:
+        """The whole message numbered `recv_seq`: handled; False when the connection is over"""
+        raw = m.message(msg_type, self.recv_seq, body)
+        self.recv_seq += 1
+        try:
+            self._message(msg_type, body, raw, epoch, now)
+        except HandshakeFailed as e:
+            self._fail(e.alert, e.reason)
+        except DtlsDecodeError as e:
+            self._fail(e.alert, e.reason)
+        return self.state not in (FAILED, CLOSED)
 
     def _message(self, msg_type: int, body: bytes, raw: bytes, epoch: int, now: float) -> None:
         want_epoch = 1 if msg_type == m.FINISHED else 0

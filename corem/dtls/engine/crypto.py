@@ -45,14 +45,14 @@ def suite_by_name(name: str) -> Suite:
     raise ValueError(f"unknown cipher suite {name!r}")
 
 
-def _hmac_sha256(key: bytes, msg: bytes) -> bytes:
+def hmac_sha256(key: bytes, msg: bytes) -> bytes:
     return hmac.digest(key, msg, SHA256)
 
 
 try:  # the standard library's OpenSSL HMAC object: ~30% faster than its one-shot `hmac.digest`
     from _hashlib import hmac_new as _hmac_new  # (which looks the digest up by name at every call)
 
-    def _hmac_sha256(key: bytes, msg: bytes) -> bytes:
+    def hmac_sha256(key: bytes, msg: bytes) -> bytes:
         return _hmac_new(key, msg, SHA256).digest()
 except ImportError:  # pragma: no cover (CPython without OpenSSL)
     pass
@@ -61,7 +61,7 @@ except ImportError:  # pragma: no cover (CPython without OpenSSL)
 def prf(secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
     """P_SHA256(secret, label + seed), RFC 5246 §5"""
     seed = label + seed
-    mac = _hmac_sha256
+    mac = hmac_sha256
     out = b""
     a = seed
     while len(out) < length:

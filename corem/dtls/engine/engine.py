@@ -24,6 +24,7 @@ from typing import Callable, Hashable
 import corem.dtls.engine.messages as m  # (the modules, not the package: no cycle through __init__)
 import corem.dtls.engine.state as state
 from .connection import ESTABLISHED, FAILED, Connection, Params
+from .crypto import hmac_sha256
 from .errors import DtlsDecodeError
 from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrusted, plaintext_record
 
@@ -64,13 +65,13 @@ class CookieJar:
         ))
 
     def make(self, peer: Peer, hello: m.ClientHello) -> bytes:
-        return hmac.digest(self.secrets[0], self._input(peer, hello), "sha256")[:COOKIE_LENGTH]
+        return hmac_sha256(self.secrets[0], self._input(peer, hello))[:COOKIE_LENGTH]
 
     def valid(self, peer: Peer, hello: m.ClientHello) -> bool:
         if len(hello.cookie) != COOKIE_LENGTH:
             return False
         data = self._input(peer, hello)
-        return any(hmac.compare_digest(hmac.digest(s, data, "sha256")[:COOKIE_LENGTH], hello.cookie)
+        return any(hmac.compare_digest(hmac_sha256(s, data)[:COOKIE_LENGTH], hello.cookie)
                    for s in self.secrets)
 
 
