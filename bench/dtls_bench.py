@@ -1,6 +1,7 @@
 """CoAPS: corem against libcoap's coap-server-openssl, and memory per DTLS session.
 
     python bench/dtls_bench.py [--seconds 5] [--handshake-seconds 3] [--sessions 20000] [--json]
+                               [--only TEXT ...]   (only the targets named so; no memory measurement)
 
 Throughput: bench/dtls_loadgen.c (OpenSSL, compiled here) does sequential full handshakes
 (cookie exchange included) for HS seconds, then drives 64 sessions x 4 confirmable POSTs in flight.
@@ -124,6 +125,8 @@ def throughput(args) -> list[dict]:
             targets.append(("libcoap coap-server-openssl (C)",
                             [*pin(0), "coap-server-openssl", "-A", "127.0.0.1", "-p", str(lp - 1), "-k", KEY],
                             lp, 3, "example_data"))
+        if args.only:
+            targets = [t for t in targets if any(w in t[0] for w in args.only)]
         for name, cmd, p, method, path in targets:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
@@ -153,9 +156,16 @@ def main() -> None:
     ap.add_argument("--handshake-seconds", type=float, default=3.0)
     ap.add_argument("--sessions", type=int, default=20000, help="sessions for the memory measurement")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the targets whose name contains TEXT (repeatable: e.g. --only "
+                         "'dtls_engine = corem' --only libcoap); skips the memory measurement")
     args = ap.parse_args()
     build()
     results = throughput(args)
+    if args.only:
+        print(json.dumps(results, indent=2) if args.json else "\n".join(
+            f"{r['target']}: {r['handshakes_per_s']:,.0f} handshakes/s, {r['rps']:,.0f} req/s" for r in results))
+        return
     live = memory(min(args.sessions, 20000), "live")
     offloaded = memory(args.sessions, "offloaded")
     engine = [memory(min(args.sessions, 20000), "live", "corem"), memory(args.sessions, "offloaded", "corem")]
