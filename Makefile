@@ -37,9 +37,10 @@ deps: $(STAMP)
 # (the shared DTLS session store of several nodes), nftables and conntrack (the kernel's UDP load
 # balancer in front of two nodes), libssl-dev (OpenSSL's libcrypto and its headers: the DTLS engine's
 # record protection in C, corem/dtls/engine/_records.c), autoconf and automake (the lock's dtlssocket,
-# tinydtls for the DTLS interop tests, is an sdist whose build runs tinydtls's autogen.sh).
+# tinydtls for the DTLS interop tests, is an sdist whose build runs tinydtls's autogen.sh), golang-go
+# and golang-github-pion-dtls.v2-dev (pion/dtls, another DTLS client of those tests, built from source).
 DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack libssl-dev \
-	autoconf automake
+	autoconf automake golang-go golang-github-pion-dtls.v2-dev
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
@@ -54,6 +55,8 @@ sysdeps:
 	[ -f /usr/include/openssl/evp.h ] || missing="$$missing libssl-dev"; \
 	command -v autoreconf >/dev/null 2>&1 || missing="$$missing autoconf"; \
 	command -v automake >/dev/null 2>&1 || missing="$$missing automake"; \
+	command -v go >/dev/null 2>&1 || missing="$$missing golang-go"; \
+	[ -d /usr/share/gocode/src/github.com/pion/dtls/v2 ] || missing="$$missing golang-github-pion-dtls.v2-dev"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (Debian)"; \

@@ -17,9 +17,12 @@ engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
   Content-Format 50, so its reading is JSON.
 - npm `werift-dtls` 0.5.8: not tested: no PSK suite (TLS_ECDHE_ECDSA/RSA_WITH_AES_128_GCM_SHA256 only,
   for WebRTC).
-- Go `github.com/pion/dtls/v4`: not tested: there is no Go toolchain here (the Go module proxy is not
-  used to bring one). Debian offers pion/dtls v2 as source (golang-github-pion-dtls.v2-dev) and Bouncy
-  Castle's DTLS API (libbctls-java); neither is a client program, and neither is tested yet.
+- Debian `golang-github-pion-dtls.v2-dev` (pion/dtls 2.2.6, Go, the stack under go-coap): tested below
+  with each PSK suite, through a small client (tests/go/dtls_post) built in GOPATH mode with Debian's
+  golang-go against /usr/share/gocode; it requires extended_master_secret itself. pion/dtls v4 from the
+  Go module proxy was not used: there was no Go toolchain here before Debian's, and Debian has the stack.
+- Debian `libbctls-java` (Bouncy Castle's DTLS API): not tested yet (no client program; a Java one
+  would need a JDK).
 - Debian's own DTLS clients are libcoap's (test_interop_dtls.py); tinydtls and wolfSSL have no client
   tools there. PyPI `dtls` and `python3-dtls` (PyDTLS, last released 2017 and 2020) and `aio-dtls`
   (0.0.4) were not tried.
@@ -139,6 +142,40 @@ def test_tinydtls_through_aiocoap_posts_a_reading(data_dir, engine, suite):
                  cbor2.dumps(READING).hex()])
         assert r.returncode == 0 and r.stdout.split() == ["2.04"], r.stdout + r.stderr
         assert_stored(server, "sensor-8")
+    finally:
+        server.stop()
+
+
+# -- pion/dtls v2 (Debian golang-github-pion-dtls.v2-dev) ------------------------------------------------
+
+GOPATH = Path("/usr/share/gocode")  # where Debian's Go library packages put their source
+GO = shutil.which("go")
+
+
+@pytest.fixture(scope="module")
+def pion_client(tmp_path_factory) -> str:
+    need("Go with pion/dtls v2", GO is not None and (GOPATH / "src/github.com/pion/dtls/v2").is_dir(),
+         "Debian's golang-go and golang-github-pion-dtls.v2-dev (make sysdeps installs them as root)")
+    assert GO is not None
+    out = tmp_path_factory.mktemp("pion")
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(GOPATH), "GOCACHE": str(out / "cache"),
+           "GOFLAGS": ""}
+    r = subprocess.run([GO, "build", "-o", str(out / "dtls_post"), "."], cwd=Path(__file__).parent / "go" /
+                       "dtls_post", env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(out / "dtls_post")
+
+
+@pytest.mark.parametrize("suite", PSK_SUITES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pion_dtls_posts_a_reading(data_dir, pion_client, engine, suite):
+    server = serve(data_dir, engine)
+    try:
+        r = run([pion_client, str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY, suite.replace("-", "_"),
+                 cbor2.dumps(READING).hex()])
+        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        assert out == {"code": "2.04", "suite": suite.replace("-", "_")}, (out, r.stderr)
+        assert_stored(server)
     finally:
         server.stop()
 
