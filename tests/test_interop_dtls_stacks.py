@@ -1,5 +1,6 @@
 """CoAPS with the other independent DTLS client stacks PyPI, npm and Debian offer (issue 27's proof), each
-against `corem serve` on both DTLS engines: a reading POSTed to /telemetry over DTLS-PSK, 2.04 and stored.
+against `corem serve` on both DTLS engines: a reading POSTed to /telemetry over DTLS-PSK (a certificate
+where a stack has no PSK), 2.04 and stored.
 
 The stacks looked for, and what came of each (libcoap on OpenSSL and GnuTLS, python-mbedtls and the
 engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
@@ -15,8 +16,9 @@ engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
   `no_extended_master_secret`, and no setting of `corem serve` turns that off.
 - npm `node-coap-client` 2.1.0 (CoAP on node-dtls-client 1.x): tested below, as above; it always sends
   Content-Format 50, so its reading is JSON.
-- npm `werift-dtls` 0.5.8: not tested: no PSK suite (TLS_ECDHE_ECDSA/RSA_WITH_AES_128_GCM_SHA256 only,
-  for WebRTC).
+- npm `werift-dtls` 0.5.8 (TypeScript, WebRTC's DTLS): no PSK suite (TLS_ECDHE_ECDSA/RSA_WITH_AES_128_
+  GCM_SHA256 only), so it is tested below with certificates: a registered device certificate from a CA
+  the openssl CLI makes, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, client authentication required.
 - Debian `golang-github-pion-dtls.v2-dev` (pion/dtls 2.2.6, Go, the stack under go-coap): tested below
   with each PSK suite, through a small client (tests/go/dtls_post) built in GOPATH mode with Debian's
   golang-go against /usr/share/gocode; it requires extended_master_secret itself. pion/dtls v4 from the
@@ -215,5 +217,48 @@ def test_node_coap_client_posts_a_json_reading(data_dir, engine):
         else:
             assert out == {"code": "2.04"}, (out, r.stderr)
             assert_stored(server)
+    finally:
+        server.stop()
+
+
+# -- werift-dtls (npm): certificates, its only mode -------------------------------------------------------
+
+def _ssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """ECDSA P-256: a CA, the server's certificate and a device's (its key also as PKCS#8, for werift)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key.pem", cwd=d)
+    _ssl("req", "-x509", "-new", "-key", "ca.key.pem", "-subj", "/CN=ca", "-days", "2", "-out", "ca.pem",
+         cwd=d)
+    for name in ("server", "dev1"):
+        _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key.pem", cwd=d)
+        _ssl("req", "-new", "-key", f"{name}.key.pem", "-subj", f"/CN={name}", "-out", f"{name}.csr", cwd=d)
+        _ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key.pem", "-CAcreateserial",
+             "-days", "2", "-out", f"{name}.pem", cwd=d)
+    _ssl("pkcs8", "-topk8", "-nocrypt", "-in", "dev1.key.pem", "-out", "dev1.p8.pem", cwd=d)
+    return d
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_werift_dtls_posts_a_reading_with_a_registered_certificate(data_dir, pki, engine):
+    need_node_package("werift-dtls")
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
+              data_dir=data_dir)
+    server = start_corem(data_dir, "--dtls-engine", engine, "--dtls-cert", str(pki / "server.pem"),
+                         "--dtls-key", str(pki / "server.key.pem"), "--dtls-ca", str(pki / "ca.pem"),
+                         "--dtls-client-auth", "required",
+                         "--dtls-ciphers", "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256")
+    try:
+        r = run([NODE, str(JS / "werift_post.js"), str(server.coaps_port), str(pki / "dev1.pem"),
+                 str(pki / "dev1.p8.pem"), cbor2.dumps(READING).hex()])
+        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        assert out == {"code": "2.04"}, (out, r.stderr)
+        assert_stored(server, "cert-dev-1")
     finally:
         server.stop()
