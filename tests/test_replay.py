@@ -48,6 +48,21 @@ def test_the_shared_window_takes_what_the_in_memory_window_takes(tmp_path_factor
         assert state.accept("ctx", seq) == expected, (seqs, seq)
 
 
+def test_workers_starting_together_both_add_the_window_columns(tmp_path):
+    """A registry from before the shared window gains its columns once; a second worker that saw
+    them missing a moment before finds them added by the first (CI caught one dying of it)."""
+    path = tmp_path / "r.db"
+    old = Db(path)
+    old.execute("CREATE TABLE oscore_state (context TEXT PRIMARY KEY, seq_next INTEGER NOT NULL, "
+                "used INTEGER NOT NULL DEFAULT 0)")
+    first, second = Db(path), Db(path)
+    stale = second.columns("oscore_state")
+    OscoreState(first)
+    second.columns = lambda table: stale  # what it read before the first one's ALTER
+    state = OscoreState(second)
+    assert {"top", "bits"} <= first.columns("oscore_state") and state.window_known("ctx")
+
+
 def test_the_shared_window_on_postgresql_is_the_same_window(tmp_path):
     """Nodes share the window in PostgreSQL: the same statement, PostgreSQL's integer types."""
     import os

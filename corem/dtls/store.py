@@ -36,7 +36,7 @@ CREATE INDEX IF NOT EXISTS sessions_last_seen ON sessions (last_seen);
 #: added after the first release (a store made before it gains it at start): the highest record
 #: number the session took from its device -- a restored session refuses every record at or
 #: below it (`DtlsServer.settle`: replays of what the device sent after a checkpoint)
-RX_TOP = "rx_top INTEGER NOT NULL DEFAULT -1"
+RX_TOP = ("rx_top", "INTEGER NOT NULL DEFAULT -1")
 
 #: peer key, blob, tenant, device, last seen (wall clock), rx_top
 Row = tuple[bytes, bytes, str, str, float, int]
@@ -148,9 +148,7 @@ class SessionStore:
         if not self.shared:
             self.db.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
         self.db.schema(SCHEMA.replace("sessions", self.table))
-        if "rx_top" not in self.db.columns(self.table):
-            exists = "IF NOT EXISTS " if self.shared else ""  # (nodes may add it at once)
-            self.db.schema(f"ALTER TABLE {self.table} ADD COLUMN {exists}{RX_TOP};")
+        self.db.add_columns(self.table, (RX_TOP,))
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet

@@ -151,6 +151,28 @@ class Db:
             self.rollback()
             raise
 
+    def add_columns(self, table: str, columns: tuple[tuple[str, str], ...]) -> list[str]:
+        """Columns added to `table` after its first release (name, SQLite declaration), if missing;
+        returns those this call added.  Processes that start together (workers, nodes) may add one
+        at once: in PostgreSQL under the schema lock with IF NOT EXISTS; in SQLite the loser's
+        'duplicate column' is the same outcome as the winner's, and is taken as such."""
+        have = self.columns(table)
+        added = []
+        for name, declaration in columns:
+            if name in have:
+                continue
+            if self.shared:
+                self.schema(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {declaration};")
+            else:
+                try:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):
+                        raise
+                    continue
+            added.append(name)
+        return added
+
     def columns(self, table: str) -> set[str]:
         if self.shared:
             return {r[0] for r in self.execute(

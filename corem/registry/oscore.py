@@ -62,11 +62,7 @@ class OscoreState:
     def __init__(self, db: Db) -> None:
         self.db = db
         db.schema(SCHEMA)
-        have = db.columns("oscore_state")
-        for name, kind in WINDOW_COLUMNS:
-            if name not in have:
-                exists = "IF NOT EXISTS " if db.shared else ""  # (nodes may add it at once)
-                db.schema(f"ALTER TABLE oscore_state ADD COLUMN {exists}{name} {kind};")
+        db.add_columns("oscore_state", WINDOW_COLUMNS)
         #: the shared window's statements run on a connection of their own that does not wait for
         #: the disk at each commit (SQLite: synchronous NORMAL, in WAL the commit is in the log once
         #: written, so a killed process loses nothing; PostgreSQL: synchronous_commit off, the

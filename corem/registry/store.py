@@ -50,16 +50,11 @@ CREATE TABLE IF NOT EXISTS profiles (
 );
 """
 #: Columns added after the first release of the table, for data dirs created before them.
-MIGRATIONS = {
-    "psk_identity": "ALTER TABLE devices ADD COLUMN psk_identity TEXT",
-    "psk": "ALTER TABLE devices ADD COLUMN psk BLOB",
-    "cert_sha256": "ALTER TABLE devices ADD COLUMN cert_sha256 TEXT",
-    "power_mode": "ALTER TABLE devices ADD COLUMN power_mode TEXT NOT NULL DEFAULT 'drx'",
-    "topics": "ALTER TABLE devices ADD COLUMN topics TEXT NOT NULL DEFAULT '#'",
-    "gateways": "ALTER TABLE devices ADD COLUMN gateways TEXT NOT NULL DEFAULT ''",
-    "oscore": "ALTER TABLE devices ADD COLUMN oscore TEXT",
-    "oscore_kid": "ALTER TABLE devices ADD COLUMN oscore_kid TEXT",
-}
+MIGRATIONS = (
+    ("psk_identity", "TEXT"), ("psk", "BLOB"), ("cert_sha256", "TEXT"),
+    ("power_mode", "TEXT NOT NULL DEFAULT 'drx'"), ("topics", "TEXT NOT NULL DEFAULT '#'"),
+    ("gateways", "TEXT NOT NULL DEFAULT ''"), ("oscore", "TEXT"), ("oscore_kid", "TEXT"),
+)
 #: Migrated columns that carry a UNIQUE constraint in SCHEMA (ALTER TABLE cannot add one: an index does).
 _UNIQUE = ("psk_identity", "cert_sha256", "oscore_kid")
 _COLUMNS = ("tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256, power_mode, topics, "
@@ -267,12 +262,9 @@ class Registry:
         self.db = Db(where)
         self.path: Path | None = None if self.db.shared else Path(where)
         self.db.schema(SCHEMA, watched=("devices", "profiles"))
-        have = self.db.columns("devices")
-        for column, sql in MIGRATIONS.items():
-            if column not in have:
-                self.db.execute(sql)
-                if column in _UNIQUE:
-                    self.db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
+        for column in self.db.add_columns("devices", MIGRATIONS):
+            if column in _UNIQUE:
+                self.db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
 
     @property
     def shared(self) -> bool:
