@@ -158,9 +158,9 @@ class Session:
         #: every record is a replay (a session restored from the store: what it took before)
         self.rx_top = -1
         self.floor = -1
-        #: the store holds a copy of it (a checkpoint) that a crash would restore: its records'
-        #: numbers are written there before they are handled (`DtlsServer.settle`)
-        self.saved = False
+        #: the store's key of its copy (a checkpoint) that a crash would restore, or None: its
+        #: records' numbers are written there before they are handled (`DtlsServer.settle`)
+        self.saved: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -312,8 +312,8 @@ class DtlsServer:
         out = self._read(session, peer, data)
         if out and top > session.rx_top:
             session.rx_top = top
-            if session.saved:
-                self._marks[peer_key(peer)] = session
+            if session.saved is not None:
+                self._marks[session.saved] = session
         return out
 
     def settle(self, now: float) -> None:
@@ -526,6 +526,7 @@ class DtlsServer:
         due, self._checkpoints = self._checkpoints, set()
         wall_offset = self.wall() - now
         rows: list[Row] = []
+        saving: list[Session] = []
         for peer in due:
             session = self.sessions.get(peer)
             if session is None:
@@ -543,12 +544,11 @@ class DtlsServer:
             session.buf = buf
             session.checkpoint_due = now + self.params.session_timeout / 2
             rows.append(_stored(peer, session, blob, wall_offset))
+            saving.append(session)
         if rows and self.store.put(rows):
             self.stats.checkpoints += len(rows)
-            for peer in due:
-                session = self.sessions.get(peer)
-                if session is not None:
-                    session.saved = True
+            for session, row in zip(saving, rows):  # (only those saved: not one NOT_YET)
+                session.saved = row[0]
         return len(rows)
 
     def sweep(self, now: float, *, everything: bool = False) -> int:

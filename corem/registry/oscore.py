@@ -68,8 +68,8 @@ class OscoreState:
         #: written, so a killed process loses nothing; PostgreSQL: synchronous_commit off, the
         #: server flushes within a fraction of a second).  Only a crash of the machine (or of
         #: PostgreSQL) can forget the last moves of a window -- measured on SQLite: 2.8 ms per
-        #: request with a flush per commit, 14-45 us without (an idle and a busy machine).  Sequence number reservations stay on `db`, flushed:
-        #: a forgotten one would reuse a nonce.
+        #: request with a flush per commit, 14-45 us without (an idle and a busy machine).
+        #: Sequence number reservations stay on `db`, flushed: a forgotten one would reuse a nonce.
         self._window_db: Db | None = None
 
     @property
