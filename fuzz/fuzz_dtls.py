@@ -1,6 +1,6 @@
 """Fuzz the DTLS record handling with arbitrary datagrams and mutated real ClientHellos: nothing
 escapes, no session or handshake exists without a valid cookie, and no unauthenticated peer is
-sent more bytes than it sent; the record walk that guards restored sessions (`_newest_record`)
+sent more bytes than it sent; the record walk that guards restored sessions (`newest_record`)
 answers a number above the floor, or says replayed or malformed."""
 
 import sys
@@ -9,7 +9,7 @@ import atheris
 
 with atheris.instrument_imports():
     from corem.dtls import DtlsServer, PskStore
-    from corem.dtls.server import MALFORMED, REPLAYED, _newest_record
+    from corem.dtls.server import MALFORMED, REPLAYED, newest_record
 
 from mbedtls import tls
 
@@ -42,7 +42,7 @@ def test_one_input(data: bytes) -> None:
     else:
         datagram = fdp.ConsumeBytes(fdp.remaining_bytes())
     floor = fdp.ConsumeIntInRange(-1, (1 << 48) - 1) if fdp.ConsumeBool() else -1
-    top = _newest_record(datagram, floor)  # the record walk in front of a restored session
+    top = newest_record(datagram, floor)  # the record walk in front of a restored session
     assert top in (REPLAYED, MALFORMED) or floor < top < (1 << 48) or top == -1
     assert SERVER.receive(datagram, peer, 0.0) == []
     SERVER.datagrams_to_send()

@@ -47,7 +47,7 @@ from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import TLS12_CID
-from .server import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, _has_cookie
+from .server import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, peer_key
 
@@ -337,7 +337,7 @@ class EngineServer:
         elif first == CONTENT_APPLICATION_DATA and peer not in e.sessions and peer not in e.handshakes:
             self._restore_key(peer_key(peer), peer, now)
         if first == CONTENT_HANDSHAKE and data[3] == 0 and data[4] == 0 and data[13] == 1:
-            if not _has_cookie(data):
+            if not has_cookie(data):
                 pass  # (the engine answers it statelessly: no slot asked)
             elif (v := self.slots.consider(peer, now)).reason is not None and peer not in e.handshakes:
                 e.stats.datagrams_in += 1

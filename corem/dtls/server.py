@@ -302,7 +302,7 @@ class DtlsServer:
         session.last_seen = now
         if session.checkpoint_due <= now and self.params.checkpoint:
             self._checkpoints.add(peer)
-        top = _newest_record(data, session.floor)
+        top = newest_record(data, session.floor)
         if top <= REPLAYED:  # a replay into a restored session, or not DTLS records at all
             if top == REPLAYED:
                 stats.records_replayed += 1
@@ -339,7 +339,7 @@ class DtlsServer:
         # A hello without a cookie always gets its stateless HelloVerifyRequest, whatever the
         # slots hold (a full table must not keep new devices from even starting).  One with a
         # cookie asks for a slot first: a source over its share costs a lookup, no cryptography.
-        verdict = self.slots.consider(peer, now) if _has_cookie(data) else None
+        verdict = self.slots.consider(peer, now) if has_cookie(data) else None
         if verdict is not None and verdict.reason is not None:
             self.stats.handshakes_refused[verdict.reason] += 1
             return []
@@ -689,11 +689,11 @@ def _stored(peer: Peer, session: Session, blob: bytes, wall_offset: float) -> Ro
     return peer_key(peer), blob, tenant, name, session.last_seen + wall_offset, max(session.rx_top, session.floor)
 
 
-#: `_newest_record`'s answers that are not a record number
+#: `newest_record`'s answers that are not a record number
 REPLAYED, MALFORMED = -2, -3
 
 
-def _newest_record(data: bytes, floor: int) -> int:
+def newest_record(data: bytes, floor: int) -> int:
     """The highest record number among the datagram's records of epoch 1 and above (-1 if none);
     REPLAYED if any is at or below `floor`; MALFORMED if the records do not fill the datagram.
     Read before the records decrypt: the number is only kept (`rx_top`) once they did."""
@@ -710,7 +710,7 @@ def _newest_record(data: bytes, floor: int) -> int:
     return top if at == end else MALFORMED
 
 
-def _has_cookie(hello: bytes) -> bool:
+def has_cookie(hello: bytes) -> bool:
     """Whether a ClientHello (one record, one message) carries a cookie: after the 13-byte record
     header, the 12-byte handshake header, the version (2) and the random (32) come the session id
     and the cookie, each with a length byte (RFC 6347 §4.2.1).  A fragment, or a hello too short to
