@@ -18,7 +18,7 @@ import pytest
 from corem.dtls import DtlsServer, PskStore, SessionStore
 
 from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, read_until, start_corem
-from .postgres_server import Postgres, binaries
+from .postgres_server import Postgres, binaries, empty
 from .test_dtls import DEVICE, IDENTITY, PEER, Client
 
 pytestmark = pytest.mark.skipif(
@@ -37,11 +37,7 @@ def pg():
 @pytest.fixture
 def store_url(pg):
     """The database, empty: every test starts from no tables."""
-    import psycopg
-
-    with psycopg.connect(pg.url, autocommit=True) as c:
-        c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    return pg.url
+    return empty(pg.url)
 
 
 def test_the_registry_on_postgresql_keeps_devices_profiles_and_management_state(store_url):

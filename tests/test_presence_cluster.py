@@ -23,7 +23,7 @@ from corem.registry.db import Db
 from corem.registry.presence import PresenceTable
 
 from .conftest import corem_cli, post, start_corem, wait_for
-from .postgres_server import Postgres, binaries
+from .postgres_server import Postgres, binaries, empty
 
 THRESHOLD = 2.0
 
@@ -55,11 +55,7 @@ def postgres():
 
 @pytest.fixture
 def pg_url(postgres):
-    import psycopg
-
-    with psycopg.connect(postgres.url, autocommit=True) as c:
-        c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
-    return postgres.url
+    return empty(postgres.url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -315,6 +311,17 @@ def test_a_worker_killed_while_it_holds_the_device_repeats_no_online(data_dir):
     assert events[1]["at"] >= last + THRESHOLD * 1000
 
 
+def two_nodes(registry_url, tmp_path):
+    """Nodes a and b sharing registry_url, and the device's UDP socket."""
+    import socket
+
+    nodes = [start_corem(tmp_path / name, "--registry", registry_url, "--presence-offline-after", str(THRESHOLD))
+             for name in ("a", "b")]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return nodes, sock, [n.data_dir for n in nodes]
+
+
 @pytest.fixture
 def registry_url(pg_url, tmp_path):
     corem_cli("devices", "add", "--registry", pg_url, "--tenant", "acme", "--device", "sensor-1",
@@ -323,13 +330,7 @@ def registry_url(pg_url, tmp_path):
 
 
 def test_a_device_moving_between_two_nodes_is_online_once_and_offline_once(registry_url, tmp_path):
-    import socket
-
-    nodes = [start_corem(tmp_path / name, "--registry", registry_url, "--presence-offline-after", str(THRESHOLD))
-             for name in ("a", "b")]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    dirs = [n.data_dir for n in nodes]
+    nodes, sock, dirs = two_nodes(registry_url, tmp_path)
     try:
         send_from(nodes[0].coap_port, sock, 4, 100)  # node a hears it
         wait_for(lambda: presence_events(*dirs), timeout=30, what="the online")
@@ -345,13 +346,7 @@ def test_a_device_moving_between_two_nodes_is_online_once_and_offline_once(regis
 
 
 def test_the_devices_of_a_killed_node_go_offline_once_by_another_node(registry_url, tmp_path):
-    import socket
-
-    nodes = [start_corem(tmp_path / name, "--registry", registry_url, "--presence-offline-after", str(THRESHOLD))
-             for name in ("a", "b")]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    dirs = [n.data_dir for n in nodes]
+    nodes, sock, dirs = two_nodes(registry_url, tmp_path)
     try:
         last = send_from(nodes[0].coap_port, sock, 3, 100)
         wait_for(lambda: presence_events(dirs[0]), timeout=30, what="the online")
