@@ -231,6 +231,20 @@ def pump(eng, client, peer=PEER, now=0.0, rounds=10, to_server=None, to_client=N
             return
 
 
+def client_hellos(rewrite):
+    """A `to_server` mapper for pump: each epoch-0 ClientHello record goes through `rewrite`
+    (its datagram replaced by what it returns, kept as it is for None)."""
+    def mapper(ds):
+        out = []
+        for d in ds:
+            rec, _ = parse_record_untrusted(d, 0, 0)
+            if rec.epoch == 0 and rec.fragment[0] == m.CLIENT_HELLO:
+                d = rewrite(rec) or d
+            out.append(d)
+        return out
+    return mapper
+
+
 def handshake(eng=None, client=None, peer=PEER, **kw):
     eng = eng or Engine(KEYS.get)
     client = client or Client(b"device-1", PSK)
@@ -641,16 +655,8 @@ def test_a_hello_at_the_last_record_number_does_not_run_the_servers_numbers_out(
     cl = Client(b"device-1", PSK)
     cl.start(0.0)
 
-    def renumber(ds):
-        out = []
-        for d in ds:
-            rec, _ = parse_record_untrusted(d, 0, 0)
-            if rec.epoch == 0 and rec.fragment[0] == m.CLIENT_HELLO:
-                d = plaintext_record(rec.type, 0, (1 << 48) - 1, rec.fragment)
-            out.append(d)
-        return out
-
-    pump(eng, cl, to_server=renumber)
+    pump(eng, cl, to_server=client_hellos(
+        lambda rec: plaintext_record(rec.type, 0, (1 << 48) - 1, rec.fragment)))
     assert cl.established and eng.stats.handshakes_completed == 1
 
 
@@ -660,19 +666,13 @@ def test_a_hellos_message_seq_leaves_room_for_the_handshake(message_seq):
     cl = Client(b"device-1", PSK)
     cl.start(0.0)
 
-    def renumber(ds):
-        out = []
-        for d in ds:
-            rec, _ = parse_record_untrusted(d, 0, 0)
-            if rec.epoch == 0 and rec.fragment[0] == m.CLIENT_HELLO:
-                [f] = m.parse_fragments_untrusted(rec.fragment)
-                if m.parse_client_hello_untrusted(f.body).cookie:  # (the hello the server keeps state for)
-                    hello = m.message(m.CLIENT_HELLO, message_seq, f.body)
-                    d = plaintext_record(HANDSHAKE, 0, rec.seq, hello)
-            out.append(d)
-        return out
+    def renumber(rec):
+        [f] = m.parse_fragments_untrusted(rec.fragment)
+        if not m.parse_client_hello_untrusted(f.body).cookie:  # (the hello the server keeps state for)
+            return None
+        return plaintext_record(HANDSHAKE, 0, rec.seq, m.message(m.CLIENT_HELLO, message_seq, f.body))
 
-    pump(eng, cl, to_server=renumber)
+    pump(eng, cl, to_server=client_hellos(renumber))
     if message_seq <= 255:
         assert PEER in eng.handshakes  # (the client waits for message 1, the server sent message_seq on)
     else:
@@ -963,7 +963,8 @@ class CoapLoop:
 
     def close(self):
         self.stopping = True
-        self.thread.join(5)
+        self.thread.join(120)  # (the loop notices within one 0.02 s receive timeout: bounded for a loaded machine)
+        assert not self.thread.is_alive(), "the engine's UDP loop did not stop"
         self.sock.close()
 
 
