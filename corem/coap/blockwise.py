@@ -10,20 +10,16 @@ early negotiation, §2.4) or `DEFAULT_SZX`, never larger than `MAX_SZX`.
 from __future__ import annotations
 
 import enum
-import hashlib
 from typing import Iterator
 
 from ..codec import Block, Code, Message, OptionNumber, encode_uint
 from ..stats import Sample, counter, gauge
+from .conditional import etag_of
 from .response import Response
 
 #: 1024-byte blocks unless the client asks for smaller: fits a 1280-byte IPv6 MTU with headers.
 DEFAULT_SZX = 6
 MAX_SZX = 6
-
-
-def etag(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, digest_size=8).digest()
 
 
 def first_block(response: Response) -> Response:
@@ -59,12 +55,11 @@ def _block(response: Response, asked: Block | None, size2_asked: bool) -> Respon
     if offset % size or (offset >= len(payload) and payload):
         return make(Code.BAD_OPTION, b"block2: no such block")
     more = offset + size < len(payload)
-    given = [v for n, v in (response.options or []) if n == OptionNumber.ETAG]
     options = [o for o in (response.options or []) if o[0] not in (OptionNumber.BLOCK2, OptionNumber.SIZE2,
                                                                      OptionNumber.ETAG)]
     options.append((OptionNumber.BLOCK2, encode_uint(Block(num, more, szx).to_uint())))
-    # the handler's own ETag if it gave one (what If-Match compares, coap/conditional.py)
-    options.append((OptionNumber.ETAG, bytes(given[0]) if given else etag(payload)))
+    # the handler's own ETag if it gave one (what If-Match compares), else the one corem gives it
+    options.append((OptionNumber.ETAG, etag_of(response)))
     if num == 0 or size2_asked:
         options.append((OptionNumber.SIZE2, encode_uint(len(payload))))
     options.sort(key=lambda o: o[0])
