@@ -206,6 +206,11 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
     scoped = ("fe80::1", 5684, 0, 3)
     assert parse_exchange(exchange_header("dtls", scoped, 1)) == ("dtls", scoped, 1)
     assert parse_exchange("udp 10.1.2.3 70000 1") is None and parse_exchange("nonsense") is None
+    # bytes from the bus that are not a header: None, never an exception
+    for bad in (b"\xff\xfe", "", "udp 10.1.2.3 5683 1 extra", "udp host 5683 1", "udp ::1%x 5683 1",
+                "udp 10.1.2.3 -1 1", "udp 10.1.2.3 5683 65536", "udp 10.1.2.3 port 1", b"udp \x00 1 1",
+                "udp fe80::1%-1 5683 1", "udp fe80::1%4294967296 5683 1", "udp 10.1.2.3%2 5683 1"):
+        assert parse_exchange(bad) is None, bad
     path = tmp_path / "bus.db"
 
     async def write(records: list[Record]) -> None:
@@ -230,6 +235,17 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
     only = recover_embedded(path, 0, 100, keep=lambda peer: peer[1] == 2000)
     assert only.total() == 1
     assert recover_embedded(tmp_path / "none.db", 0, 10).total() == 0
+    # a batch in the log that does not decode (another process writes it) is skipped, not fatal
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        row = conn.execute("SELECT * FROM batches ORDER BY base_offset DESC LIMIT 1").fetchone()
+        cols = [d[0] for d in conn.execute("SELECT * FROM batches LIMIT 0").description]
+        bad = dict(zip(cols, row), base_offset=row[cols.index("base_offset")] + 1000, records=b"\xc1garbage")
+        conn.execute(f"INSERT INTO batches ({', '.join(bad)}) VALUES ({', '.join('?' * len(bad))})",
+                     list(bad.values()))
+    again = recover_embedded(path, int(time.time() * 1000) - 60_000, 4)
+    assert again.keys["udp"] == found.keys["udp"] and again.error is None
 
 
 # -- Kafka -----------------------------------------------------------------------------------------

@@ -81,8 +81,8 @@ def parse_exchange(value: str | bytes) -> tuple[str, Peer, int] | None:
         p, m = int(port), int(mid)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not (0 <= p < 65536 and 0 <= m < 65536):
-        return None
+    if not (0 <= p < 65536 and 0 <= m < 65536 and 0 <= scope < 1 << 32) or (scope and address.version == 4):
+        return None  # (a scope id is a uint32, and IPv6's only: what the edges give)
     peer: Peer = (host, p) if address.version == 4 else (host, p, 0, scope)
     return transport, peer, m
 
@@ -165,7 +165,12 @@ def recover_embedded(path: Path, since_ms: int, limit: int, *, keep: Callable[[P
                 break
             if appended_at < since_ms:
                 continue
-            for _key, _value, headers in reversed(_rows(blob)):
+            try:  # (another process writes the log: a batch that does not decode is skipped, not fatal)
+                batch = _rows(blob)
+            except (msgspec.DecodeError, TypeError) as e:
+                log.warning("recovery: skipped a telemetry batch of %s that does not decode (%s)", path, e)
+                continue
+            for _key, _value, headers in reversed(batch):
                 found.add(headers.get(HEADER), appended_at)
     finally:
         conn.close()
