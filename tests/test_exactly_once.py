@@ -205,6 +205,8 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
     assert parse_exchange(exchange_header("udp", ("10.1.2.3", 5683), 77)) == ("udp", ("10.1.2.3", 5683), 77)
     scoped = ("fe80::1", 5684, 0, 3)
     assert parse_exchange(exchange_header("dtls", scoped, 1)) == ("dtls", scoped, 1)
+    # the socket module's link-local host names its interface; the header numbers it, as the C lane does
+    assert exchange_header("udp", ("fe80::1%eth0", 5684, 0, 3), 1) == "udp fe80::1%3 5684 1"
     assert parse_exchange("udp 10.1.2.3 70000 1") is None and parse_exchange("nonsense") is None
     # bytes from the bus that are not a header: None, never an exception
     for bad in (b"\xff\xfe", "", "udp 10.1.2.3 5683 1 extra", "udp host 5683 1", "udp ::1%x 5683 1",

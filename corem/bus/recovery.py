@@ -62,8 +62,8 @@ Key = tuple[Peer, int, int]
 def exchange_header(transport: str, peer: Any, mid: int) -> str:
     """The header value of an exchange (the C lane writes the same, byte for byte)."""
     host, port = peer[0], peer[1]
-    if len(peer) >= 4 and peer[3] and "%" not in host:
-        host = f"{host}%{peer[3]}"
+    if len(peer) >= 4 and peer[3]:  # (Python's socket names a scope, `fe80::1%eth0`; the C lane numbers it)
+        host = f"{host.partition('%')[0]}%{peer[3]}"
     return f"{transport} {host} {port} {mid}"
 
 
