@@ -716,8 +716,7 @@ class Server:
             remember = t.lane.remember if t.lane is not None else t.endpoint.remember
             for peer, mid, at_ms in keys:  # oldest first, on this process's clock
                 remember(peer, mid, now - max(0.0, (wall_ms - at_ms) / 1000))
-        self.recovery.keys, self.recovery.records = found.total(), found.records
-        self.recovery.seconds = found.seconds
+        self.recovery.records = found.records  # (the keys: corem_coap_dedup_recovered, the dedup maps')
         if found.error is not None:
             self.recovery.failures += 1
             log.warning("read back only part of the exchanges of committed readings (%s)", found.error)

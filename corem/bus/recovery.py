@@ -263,10 +263,8 @@ def _header(headers: Any) -> str | bytes | None:
 class RecoveryStats:
     """The start's recovery, for /metrics (a component of the server)."""
 
-    keys: int = 0
     records: int = 0
     failures: int = 0
-    seconds: float = 0.0
 
     def metrics(self) -> Iterator[Sample]:
         yield counter("corem_bus_recovery_failures", self.failures)

@@ -25,10 +25,10 @@ representation is what `get(None)` renders (`Resource.current`); its ETag is the
 or corem's (`conditional.etag_for`: its payload and Content-Format).  A GET's 2.05 and every
 notification carry that ETag, and so does a 2.01/2.04 to a PUT or POST (the new state's) of an
 observable resource, or one with a conditional request (others are not asked to render themselves
-after every write).  A
-request with If-Match / If-None-Match is evaluated against the current state right before the
-method is called, in the same step (no `await` between): one that does not hold is 4.12 and the
-method is not called -- so of two clients updating with the same `If-Match`, one wins.
+after every write).  A request with If-Match / If-None-Match is evaluated against the current state
+right before the method is called, in the same step (no `await` between): one that does not hold
+is 4.12 and the method is not called -- so of two clients updating with the same `If-Match`, one
+wins.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class Site:
         return get
 
     def notify(self, path: str, resource: Resource) -> None:
-        state: Response | None = resource.get(None)  # type: ignore[attr-defined]  # the representation observers get (no request behind it)
+        state = resource.current()  # the representation observers get (no request behind it), as preconditions see it
         if state is None:
             return
         if state.code == Code.CONTENT:
