@@ -520,16 +520,21 @@ class Server:
             if lane is not None:
                 lane.new_session(peer, now)
 
+        def moved(old: Hashable, new: Hashable, now: float) -> None:
+            """A session moved to a new address by its Connection ID (RFC 9146 §6): message IDs at
+            that address are its own from now on (not a duplicate of what another device, or a NAT's
+            earlier mapping, sent from there), and the endpoint follows it (what it owes the old
+            address goes to the new; a retransmission from the new one is a duplicate)."""
+            new_session(new, now)
+            endpoint.moved(old, new, now)
+
         if s.dtls_engine == "corem":
             store = self._session_store()
             engine = EngineServer(
                 self.directory.psk_device, s.dtls_params(), cert_lookup=self.directory.cert_device,
                 state_key=load_state_key(s.dtls_state_key, None if store.shared else s.data_path),
                 store=store, device_lookup=self.directory.named, on_new_session=new_session,
-                # a session moved to a new address by its Connection ID (RFC 9146 §6): message IDs at
-                # that address are its own from now on (not a duplicate of what another device, or
-                # a NAT's earlier mapping, sent from there); the lane and the endpoint key by address
-                on_moved=lambda old, new, now: new_session(new, now),
+                on_moved=moved,
                 client_auth=s.dtls_client_auth,
             )
             if engine.offloaded:

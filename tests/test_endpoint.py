@@ -408,3 +408,66 @@ def test_proxy_options_are_5_05_cut_to_the_request_on_plain_udp(number):
             assert len(data) <= len(datagram)
         else:
             assert bytes(rsp.payload).endswith(b": corem is not a proxy")
+
+
+# -- a DTLS session with a Connection ID that moves (RFC 9146 §6: Endpoint.moved) -------------------
+
+NEW = ("198.51.100.7", 40000)
+NEWER = ("198.51.100.7", 40001)
+
+
+def test_a_moved_session_owes_its_answers_at_the_new_address():
+    ep = endpoint()
+    req = ep.receive(post(mid=7), PEER, 0.0)
+    ep.new_session(NEW, 0.1)  # (as the server does on a move: NEW's earlier message ids are not its)
+    ep.moved(PEER, NEW, 0.1)
+    # its retransmission from the new address is the same exchange, not a second request
+    assert ep.receive(post(mid=7), NEW, 0.2) is None and ep.stats.duplicates == 1
+    req.respond(Code.CHANGED, now=0.3)
+    [(data, to)] = ep.datagrams_to_send()
+    assert to == NEW and decode(data).code == Code.CHANGED
+    # and a further retransmission from there gets the cached answer, there
+    assert ep.receive(post(mid=7), NEW, 0.4) is None
+    [(again, to)] = ep.datagrams_to_send()
+    assert to == NEW and again == data
+    # a new message id from the new address is a new request
+    assert isinstance(ep.receive(post(mid=8), NEW, 0.5), Request)
+
+
+def test_a_moved_session_gets_our_retransmissions_and_its_ack_settles_them():
+    ep = endpoint()
+    assert ep.send_confirmable(b"\x40\x45\x00\x09", PEER, 9, b"")
+    ep.datagrams_to_send()
+    ep.moved(PEER, NEW, 1.0)
+    ep.moved(NEW, NEWER, 1.5)  # (twice within the exchange: everything goes to the newest)
+    ep.tick(2.0)
+    [(_, to)] = ep.datagrams_to_send()
+    assert to == NEWER
+    assert ep.receive(bytes((0x60, 0, 0, 9)), NEWER, 2.1) is None
+    assert isinstance(ep.next_event(), Acked) and ep.outstanding == 0
+
+
+def test_a_new_session_at_an_address_a_session_left_is_its_own():
+    ep = endpoint()
+    old = ep.receive(post(mid=7), PEER, 0.0)
+    ep.moved(PEER, NEW, 0.1)
+    ep.new_session(PEER, 0.2)  # another device handshakes at the old address
+    old.respond(Code.CHANGED, now=0.3)
+    assert ep.datagrams_to_send() == []  # (never to the other device; see Endpoint.moved)
+    ep.send(b"\x50\x45\x00\x01", PEER, Code.CONTENT)
+    [(_, to)] = ep.datagrams_to_send()
+    assert to == PEER  # the new session at the old address is answered there
+    # the moved session's message id 7, sent again from the old address by the new device: new
+    assert isinstance(ep.receive(post(mid=7), PEER, 0.4), Request)
+
+
+def test_a_move_is_forgotten_after_the_exchange_lifetime():
+    ep = endpoint()
+    ep.receive(post(mid=7), PEER, 0.0).respond(Code.CHANGED, now=0.0)
+    ep.datagrams_to_send()
+    ep.moved(PEER, NEW, 1.0)
+    ep.tick(1.0 + ep.params.exchange_lifetime + 1)
+    ep.send(b"\x50\x45\x00\x01", PEER, Code.CONTENT)
+    [(_, to)] = ep.datagrams_to_send()
+    assert to == PEER
+    assert isinstance(ep.receive(post(mid=7), NEW, 300.0), Request)

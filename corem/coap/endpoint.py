@@ -269,6 +269,10 @@ class Endpoint:
         self._outstanding: dict[tuple[Peer, int], Outgoing] = {}
         #: peer -> when its current security association (DTLS session) began, oldest first
         self._sessions: OrderedDict[Peer, float] = OrderedDict()
+        #: a DTLS session with a Connection ID that moved (RFC 9146 §6, `moved`): old address ->
+        #: (its current one, when), and new -> (the one before it, when); EXCHANGE_LIFETIME each
+        self._forward: dict[Peer, tuple[Peer, float]] = {}
+        self._previous: dict[Peer, tuple[Peer, float]] = {}
         self._retx: list[tuple[float, int, Outgoing]] = []
         self._seq = 0
         self._mid = int(rng() * 0x10000) & 0xFFFF
@@ -296,6 +300,10 @@ class Endpoint:
             return self._request(msg, peer, now, len(data))
         if mtype == ACK or mtype == RST:
             out = self._outstanding.pop((peer, msg.mid), None)
+            if out is None and self._previous:
+                earlier = self._earlier(peer, msg.mid, self._outstanding)
+                if earlier is not None:  # (an ACK from where the session moved to)
+                    out = self._outstanding.pop(earlier)
             if out is None:
                 if mtype == RST:
                     self._events.append(StrayReset(peer, msg.mid))
@@ -324,6 +332,12 @@ class Endpoint:
         if seen is not None and self._before_session(peer, seen.received_at if isinstance(seen, Request) else seen[0]):
             del dedup[key]  # from the peer's previous session: not a duplicate of this one
             seen = None
+        if seen is None and self._previous:
+            earlier = self._earlier(peer, msg.mid, dedup)
+            if earlier is not None:  # sent before its session moved here: the same exchange
+                seen = dedup[earlier]
+                if self._before_session(earlier[0], seen.received_at if isinstance(seen, Request) else seen[0]):
+                    seen = None  # (another device's, at that address before this session began)
         if seen is not None:
             self.stats.duplicates += 1
             if isinstance(seen, Request):
@@ -391,6 +405,40 @@ class Endpoint:
         began = self._sessions.get(peer)
         return began is not None and at < began
 
+    def moved(self, old: Peer, new: Peer, now: float) -> None:
+        """A DTLS session with a Connection ID now answers at `new` (RFC 9146 §6).  It is the same
+        endpoint: what is still owed to `old` (a late answer, a retransmitted CON, a notification)
+        goes to `new`, a retransmission from `new` of a request first sent from `old` is a
+        duplicate, and an ACK from `new` settles a CON sent to `old`.  Nothing is re-keyed (the
+        dedup map may be large): the two maps are read only when a lookup misses, or when sending,
+        and live EXCHANGE_LIFETIME.  Should another session begin at `old` meanwhile (a NAT gave
+        the address to another device), `new_session(old)` ends the forwarding: an answer still
+        owed from before is then dropped, as for a session that ended, and never goes to the
+        other device."""
+        forward = self._forward
+        for earlier, (to, _) in list(forward.items()):
+            if to == old:
+                forward[earlier] = (new, now)  # (a chain of moves: everything owed goes to the newest)
+        forward.pop(new, None)  # (back where it once was)
+        if old != new:
+            forward[old] = (new, now)
+            self._previous[new] = (old, now)
+        for table in (forward, self._previous):
+            if len(table) > self.params.dedup_max_entries:
+                del table[next(iter(table))]
+
+    def _earlier(self, peer: Peer, mid: int, table: dict) -> tuple[Peer, int] | None:
+        """The key under which `table` knows (peer, mid) from an address its session moved from."""
+        previous = self._previous
+        for _ in range(4):  # (a few moves within one exchange's lifetime at most)
+            entry = previous.get(peer)
+            if entry is None:
+                return None
+            peer = entry[0]
+            if (peer, mid) in table:
+                return (peer, mid)
+        return None
+
     def new_session(self, peer: Peer, now: float) -> None:
         """`peer` began a new security association (a DTLS handshake).  Message IDs are scoped to
         the endpoint, which under DTLS is the session (RFC 7252 §4.5, §9.1): what the peer sent in
@@ -401,6 +449,8 @@ class Endpoint:
         sessions = self._sessions
         sessions[peer] = now
         sessions.move_to_end(peer)
+        if self._forward:
+            self._forward.pop(peer, None)  # (another session at an address one moved away from)
         if len(sessions) > self.params.dedup_max_entries:
             sessions.popitem(last=False)
 
@@ -492,6 +542,8 @@ class Endpoint:
 
     def send(self, data: bytes, peer: Peer, code: int) -> None:
         """Send a message of ours that needs no ACK (a NON notification), counted by its code."""
+        if self._forward:
+            peer = self._forward.get(peer, (peer,))[0]
         self._outbox.append((data, peer))
         self.stats.responses[code] += 1
 
@@ -521,6 +573,9 @@ class Endpoint:
                 req.reply = bytes((0x60, 0, req.mid >> 8, req.mid & 0xFF))  # empty ACK
                 self.send(req.reply, req.peer, 0)
         limit = now - p.exchange_lifetime
+        for table in (self._forward, self._previous):
+            while table and next(iter(table.values()))[1] <= limit:
+                del table[next(iter(table))]
         sessions = self._sessions
         while sessions and next(iter(sessions.values())) <= limit:
             sessions.popitem(last=False)  # older than any exchange still remembered
@@ -543,7 +598,7 @@ class Endpoint:
             out.tries += 1
             out.timeout *= 2
             self.stats.retransmissions += 1
-            self._outbox.append((out.data, out.peer))
+            self._outbox.append((out.data, self._forward.get(out.peer, (out.peer,))[0]))
             self._schedule(out, now + out.timeout)
 
     def get_timer(self) -> float | None:
