@@ -427,7 +427,7 @@ class Endpoint:
             if len(table) > self.params.dedup_max_entries:
                 del table[next(iter(table))]
 
-    def _earlier(self, peer: Peer, mid: int, table: dict) -> tuple[Peer, int] | None:
+    def _earlier(self, peer: Peer, mid: int, table: dict[tuple[Peer, int], Any]) -> tuple[Peer, int] | None:
         """The key under which `table` knows (peer, mid) from an address its session moved from."""
         previous = self._previous
         for _ in range(4):  # (a few moves within one exchange's lifetime at most)
