@@ -509,8 +509,7 @@ class EngineServer:
             return None
         conn = self.engine.sessions[peer]
         if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
-            conn.floor = rx_top
-            conn.newest = max(conn.newest, 1 << 48 | rx_top)
+            conn.floor = rx_top  # (conn.newest counts it)
         s = Session(device, key)
         s.marked = rx_top
         s.saved = False  # (its row was taken: the next checkpoint saves it again)

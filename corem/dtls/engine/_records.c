@@ -290,6 +290,9 @@ typedef struct {
     PyObject_HEAD
     dtls_prot p;
     PyObject *iv;
+    /* a write protection's sequence numbers (RFC 6347 §4.1): the next one, and the first one it may
+     * not use (state.export's reservation); one counter for Python's Connection and the lane */
+    uint64_t next_seq, limit;
 } ProtObject;
 
 static int prot_init(ProtObject *self, PyObject *args, PyObject *kwds) {
@@ -318,6 +321,8 @@ static int prot_init(ProtObject *self, PyObject *args, PyObject *kwds) {
     }
     Py_XSETREF(self->iv, PyBytes_FromStringAndSize(iv.buf, 4));
     if (self->iv == NULL) goto out;
+    self->next_seq = 0;
+    self->limit = DTLS_SEQ_MAX;
     rc = 0;
 out:
     PyBuffer_Release(&key);
@@ -592,6 +597,122 @@ done:
     return result;
 }
 
+/* The next record under this (write) protection: next_seq is used, then counted.  0 (nothing
+ * consumed) when it is at or past `limit`; -1 (nothing consumed) when the numbers are exhausted or
+ * libcrypto failed; -2 when it would not fit in `room`. */
+static Py_ssize_t seal_next_into(ProtObject *self, uint8_t ctype, const uint8_t *plain, size_t plain_len,
+                                 const uint8_t *cid, size_t cid_len, uint8_t *out, size_t room) {
+    uint64_t seq = self->next_seq;
+    if (seq >= self->limit) return 0;
+    if (seq > DTLS_SEQ_MAX || self->p.ctx == NULL) return -1;
+    size_t total = dtls_sealed_size(&self->p, plain_len, cid_len, 0);
+    if (total == 0 || total > room) return -2;
+    if (dtls_seal(&self->p, ctype, 1, seq, plain, plain_len, cid, cid_len, 0, out) < 0) return -1;
+    self->next_seq = seq + 1;
+    return (Py_ssize_t)total;
+}
+
+/* seal_next(ctype, plaintext, cid=b"") -> the record of epoch 1 with the next sequence number, or
+ * None when the reservation is used up (the number is at `limit`: nothing consumed) */
+static PyObject *prot_seal_next(ProtObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!ready(self)) return NULL;
+    if (nargs < 2 || nargs > 3 || !PyLong_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "seal_next(ctype, plaintext, cid=b'')");
+        return NULL;
+    }
+    long ctype = PyLong_AsLong(args[0]);
+    if (ctype == -1 && PyErr_Occurred()) return NULL;
+    if (ctype < 0 || ctype > 255) {
+        PyErr_SetString(PyExc_ValueError, "content type out of range");
+        return NULL;
+    }
+    if (self->next_seq >= self->limit) Py_RETURN_NONE;
+    if (self->next_seq > DTLS_SEQ_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "sequence number over 2^48 - 1 (exhausted)");
+        return NULL;
+    }
+    Py_buffer plain, cid = {0};
+    if (PyObject_GetBuffer(args[1], &plain, PyBUF_SIMPLE) < 0) return NULL;
+    if (nargs == 3 && PyObject_GetBuffer(args[2], &cid, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&plain);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    size_t cid_len = cid.obj ? (size_t)cid.len : 0;
+    size_t total = dtls_sealed_size(&self->p, (size_t)plain.len, cid_len, 0);
+    if (total == 0) {
+        PyErr_SetString(PyExc_ValueError, "record_overflow: the record would be over DTLS's limits");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (out == NULL) goto done;
+    if (seal_next_into(self, (uint8_t)ctype, plain.buf, (size_t)plain.len, cid_len ? cid.buf : NULL, cid_len,
+                       (uint8_t *)PyBytes_AS_STRING(out), total) != (Py_ssize_t)total) {
+        Py_CLEAR(out);
+        PyErr_SetString(PyExc_RuntimeError, "libcrypto failed to seal a record");
+    }
+done:
+    PyBuffer_Release(&plain);
+    if (cid.obj) PyBuffer_Release(&cid);
+    return out;
+}
+
+static PyObject *prot_get_seq(ProtObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(closure ? self->limit : self->next_seq);
+}
+
+static int prot_set_seq(ProtObject *self, PyObject *v, void *closure) {
+    if (v == NULL || !PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "a sequence number is an int");
+        return -1;
+    }
+    if (_PyLong_Sign(v) < 0) {
+        PyErr_SetString(PyExc_OverflowError, "a negative sequence number");
+        return -1;
+    }
+    unsigned long long n = PyLong_AsUnsignedLongLong(v);
+    if (n == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (n > DTLS_SEQ_MAX + 1) {
+        PyErr_SetString(PyExc_OverflowError, "a sequence number is at most 2^48");
+        return -1;
+    }
+    if (closure) self->limit = n;
+    else self->next_seq = n;
+    return 0;
+}
+
+/* -- the fast lane's table (dtls_lane_api, in dtls_records.h) ---------------------------------- */
+
+static int api_open_one(PyObject *prot, PyObject *window, const uint8_t *buf, size_t len, const uint8_t *cid,
+                        size_t cid_len, uint8_t *out, size_t *plain_len, uint8_t *ctype, uint64_t *seq) {
+    ProtObject *p = (ProtObject *)prot;
+    dtls_window *w = &((WindowObject *)window)->w;
+    if (p->p.ctx == NULL) return DTLS_R_INTERNAL;
+    size_t off = 0;
+    dtls_record r;
+    dtls_status s = dtls_parse(buf, len, &off, cid_len, &r);
+    if (s != DTLS_OK) return s;
+    if (off != len) return -1;
+    if (r.epoch != 1) return DTLS_R_EPOCH;
+    if (r.type != (cid_len ? DTLS_TLS12_CID : 23) || (cid_len && memcmp(r.cid, cid, cid_len) != 0))
+        return DTLS_R_CID_MISMATCH;
+    if (!dtls_window_fresh(w, (int64_t)r.seq)) return DTLS_R_REPLAYED;
+    s = dtls_open(&p->p, &r, out, plain_len, ctype);
+    if (s != DTLS_OK) return s;
+    *seq = r.seq;
+    return 0;
+}
+
+static void api_mark(PyObject *window, uint64_t seq) { dtls_window_mark(&((WindowObject *)window)->w, (int64_t)seq); }
+
+static Py_ssize_t api_seal_next(PyObject *prot, uint8_t ctype, const uint8_t *plain, size_t plain_len,
+                                const uint8_t *cid, size_t cid_len, uint8_t *out, size_t room) {
+    Py_ssize_t n = seal_next_into((ProtObject *)prot, ctype, plain, plain_len, cid, cid_len, out, room);
+    return n == -2 ? 0 : n;
+}
+
+static dtls_lane_api lane_api = {DTLS_LANE_API_VERSION, NULL, NULL, api_open_one, api_mark, api_seal_next};
+
 static PyObject *prot_get_iv(ProtObject *self, void *closure) {
     if (!ready(self)) return NULL;
     Py_INCREF(self->iv);
@@ -619,6 +740,9 @@ static PyMethodDef prot_methods[] = {
      "seal(ctype, epoch, seq, plaintext, cid=b'', padding=0) -> the whole record"},
     {"open_untrusted", (PyCFunction)prot_open_untrusted, METH_O,
      "open_untrusted(record) -> (content type, plaintext); DtlsDecodeError when refused"},
+    {"seal_next", (PyCFunction)(void (*)(void))prot_seal_next, METH_FASTCALL,
+     "seal_next(ctype, plaintext, cid=b'') -> the next record of epoch 1 (next_seq used, then counted), "
+     "or None at `limit`"},
     {"open_record_untrusted", (PyCFunction)(void (*)(void))prot_open_record, METH_FASTCALL,
      "open_record_untrusted(datagram, offset, cid, window, epoch=1) -> (content type, plaintext, "
      "epoch << 48 | seq, the offset after the record); DtlsDecodeError when refused"},
@@ -630,6 +754,9 @@ static PyGetSetDef prot_getset[] = {
     {"tag", (getter)prot_get_tag, NULL, NULL, NULL},
     {"overhead", (getter)prot_get_overhead, NULL, NULL, NULL},
     {"cipher", (getter)prot_get_cipher, NULL, NULL, NULL},
+    {"next_seq", (getter)prot_get_seq, (setter)prot_set_seq, "the next write sequence number", NULL},
+    {"limit", (getter)prot_get_seq, (setter)prot_set_seq, "the first write sequence number not to use",
+     (void *)1},
     {NULL},
 };
 
@@ -681,6 +808,8 @@ PyMODINIT_FUNC PyInit__records(void) {
     INTERN(str_fragment, "fragment");
     static const char *const names[6] = {"ctype", "epoch", "seq", "plaintext", "cid", "padding"};
     for (int i = 0; i < 6; i++) INTERN(seal_names[i], names[i]);
+    lane_api.protection = &ProtType;
+    lane_api.window = &WindowType;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&WindowType);
@@ -690,7 +819,8 @@ PyMODINIT_FUNC PyInit__records(void) {
         PyModule_AddObject(m, "Window", (PyObject *)&WindowType) < 0 ||
         PyModule_AddObject(m, "Protection", (PyObject *)&ProtType) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0 ||
-        PyModule_AddStringConstant(m, "OPENSSL_HEADERS", OPENSSL_VERSION_TEXT) < 0) {
+        PyModule_AddStringConstant(m, "OPENSSL_HEADERS", OPENSSL_VERSION_TEXT) < 0 ||
+        PyModule_AddObject(m, "_LANE_API", PyCapsule_New(&lane_api, DTLS_LANE_API_NAME, NULL)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -119,9 +119,12 @@ class Connection:
         self.peer_chain: list[bytes] = []
         # records
         self.write_epoch = 0
-        self.write_seq = [0, 0]
+        # the write sequence numbers: epoch 0's here; epoch 1's in the write protection once there is
+        # one (`write_seq`, `write_limit`: one counter with the fast lane, which seals through it)
+        self._seq0 = 0
+        self._seq1 = 0
+        self._limit1 = SEQ_MAX  # (state.export caps it: sequence numbers reserved by a stored copy)
         self.write_prot: RecordProtection | None = None
-        self.write_limit = SEQ_MAX  # (state.export caps it: sequence numbers reserved by a stored copy)
         self.keys: Keys | None = None
         self.read_prot: RecordProtection | None = None
         self.pending_read: RecordProtection | None = None
@@ -131,7 +134,6 @@ class Connection:
         self.cid_out = b""  # the CID records from this side carry (the peer chose it)
         self.auth_failures = 0  # epoch-1 records that did not authenticate during the handshake
         self.offer_ems = True  # (the client role; False only to test a server's refusal)
-        self.newest = -1  # epoch << 48 | seq of the newest authenticated record (RFC 9146 §6)
         self.out: list[bytes] = []
         self.app: list[bytes] = []
         #: every record numbered at or below it is refused (a session restored from a copy older
@@ -139,6 +141,42 @@ class Connection:
         self.floor = -1
         #: what the security layer driving the engine keeps beside the session (layer.py)
         self.layer: Any = None
+
+    @property
+    def write_seq(self) -> tuple[int, int]:
+        """The next sequence number of each epoch (epoch 1's is the write protection's `next_seq`:
+        the fast lane seals through the same object).  Assigned as a pair."""
+        prot = self.write_prot
+        return self._seq0, (prot.next_seq if prot is not None else self._seq1)
+
+    @write_seq.setter
+    def write_seq(self, value: tuple[int, int] | list[int]) -> None:
+        self._seq0 = value[0]
+        if self.write_prot is not None:
+            self.write_prot.next_seq = value[1]
+        else:
+            self._seq1 = value[1]
+
+    @property
+    def write_limit(self) -> int:
+        """Epoch 1's first sequence number not to use (state.export's reservation)."""
+        prot = self.write_prot
+        return prot.limit if prot is not None else self._limit1
+
+    @write_limit.setter
+    def write_limit(self, value: int) -> None:
+        if self.write_prot is not None:
+            self.write_prot.limit = value
+        else:
+            self._limit1 = value
+
+    @property
+    def newest(self) -> int:
+        """epoch << 48 | seq of the newest authenticated record (RFC 9146 §6): the replay window's
+        top in epoch 1 (whoever opened the record: this connection or the fast lane), or the floor
+        a restored session refuses up to; -1 before any"""
+        top = max(self.window.top, self.floor)
+        return 1 << 48 | top if top >= 0 else -1
 
     # -- the server role -------------------------------------------------------------------------
 
@@ -151,7 +189,7 @@ class Connection:
         self.send_seq = message_seq  # (as Mbed TLS and OpenSSL: the server's numbering follows the hello's)
         # RFC 6347 §4.2.1 suggests going on from the hello's record number (the client chose it:
         # not so close to 2^48 that a retransmitted flight would run out of numbers)
-        self.write_seq[0] = record_seq if record_seq < 1 << 32 else 0
+        self._seq0 = record_seq if record_seq < 1 << 32 else 0
         self.transcript += raw
         try:
             if hello.version > DTLS_1_2:  # (DTLS versions count down: 0xfeff is 1.0)
@@ -289,11 +327,9 @@ class Connection:
             if self.state != ESTABLISHED:
                 self.auth_failures += 1  # (most likely the wrong PSK: the keys differ)
             raise
+        newest = rec.number > self.newest
         self.window.mark(rec.seq)
         self.last_seen = now
-        newest = rec.number > self.newest
-        if newest:
-            self.newest = rec.number
         if self.read_prot is None:  # before the peer's ChangeCipherSpec: keep it for then
             if len(self.early) < MAX_EARLY:
                 self.early.append((ctype, plain))
@@ -582,7 +618,9 @@ class Connection:
         self.keys = keys
         client = RecordProtection(self.suite.cipher, keys.client_key, keys.client_iv)
         server = RecordProtection(self.suite.cipher, keys.server_key, keys.server_iv)
-        self.write_prot, self.pending_read = (server, client) if self.role == "server" else (client, server)
+        write, self.pending_read = (server, client) if self.role == "server" else (client, server)
+        write.next_seq, write.limit = self.write_seq[1], self.write_limit
+        self.write_prot = write
 
     # -- records out -----------------------------------------------------------------------------
 
@@ -595,18 +633,22 @@ class Connection:
         """The next record of `epoch`; b"" when there is no number for it: its 2^48 are used up (the
         connection is over), or the rest are reserved by a stored copy of the session (state.py:
         export it again first)"""
-        seq = self.write_seq[epoch]
-        if seq > SEQ_MAX:
+        if epoch == 0:
+            seq = self._seq0
+            if seq > SEQ_MAX:
+                self.state = FAILED
+                self.reason = "sequence_numbers_exhausted"
+                return b""
+            self._seq0 = seq + 1
+            return plaintext_record(ctype, 0, seq, payload)
+        prot = self.write_prot
+        assert prot is not None
+        if prot.next_seq > SEQ_MAX:
             self.state = FAILED
             self.reason = "sequence_numbers_exhausted"
             return b""
-        if epoch == 1 and seq >= self.write_limit:
-            return b""
-        self.write_seq[epoch] = seq + 1
-        if epoch == 0:
-            return plaintext_record(ctype, 0, seq, payload)
-        assert self.write_prot is not None
-        return self.write_prot.seal(ctype, 1, seq, payload, self.cid_out)
+        # (the protection numbers it: the fast lane seals this session's answers through it too)
+        return prot.seal_next(ctype, payload, self.cid_out) or b""
 
     def _send_flight(self, flight: list[tuple[int, int, bytes]], now: float, *, timer: bool) -> None:
         self.flight = flight

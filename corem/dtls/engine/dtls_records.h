@@ -11,7 +11,39 @@
  * (dtls_status_alert / dtls_status_reason name it as records.py does), never a partial result:
  * the window moves only after a record authenticated, and a plaintext is only handed out whole.
  */
-#ifndef COREM_DTLS_RECORDS_H
+/* -- the C API _records exports to the fast lane (issue 27) --------------------------------------
+ * A capsule (PyCapsule_Import(DTLS_LANE_API_NAME)) holding this table: the lane opens and seals
+ * the records of established sessions with the session's own Protection and Window objects (the
+ * ones records.py's Connection holds), so the replay window and the write sequence number stay
+ * ONE state whichever side takes a record.  A reader that wants only this table (the lane: it does
+ * not link libcrypto) defines DTLS_RECORDS_API_ONLY before including this file, after Python.h. */
+#if defined(Py_PYTHON_H) && !defined(COREM_DTLS_LANE_API)
+#define COREM_DTLS_LANE_API
+#include <stdint.h>
+#define DTLS_LANE_API_NAME "corem.dtls.engine._records._LANE_API"
+#define DTLS_LANE_API_VERSION 1
+typedef struct {
+    int version;
+    PyTypeObject *protection, *window; /* the types the objects given must be (exactly) */
+    /* The datagram buf[0..len) when it is exactly one record of epoch 1 (application_data, or
+     * tls12_cid carrying `cid`, cid_len bytes; application_data when cid_len is 0) whose number
+     * is fresh in `window` and which authenticates under `prot`: 0, with its content type, its
+     * plaintext in `out` (room for `len` bytes) and its sequence number; the window is NOT marked
+     * (`mark` it once the record is taken).  Anything else: a dtls_status > 0, or -1 when the
+     * datagram is not one whole record; nothing changed. */
+    int (*open_one)(PyObject *prot, PyObject *window, const uint8_t *buf, size_t len, const uint8_t *cid,
+                    size_t cid_len, uint8_t *out, size_t *plain_len, uint8_t *ctype, uint64_t *seq);
+    void (*mark)(PyObject *window, uint64_t seq);
+    /* The next record of epoch 1 sealed into `out` (room bytes) under `prot` with its own next
+     * sequence number (then counted): its size; 0 when that number is at or past the protection's
+     * limit (a stored copy reserved the rest: nothing consumed) or the record would not fit in
+     * `room`; -1 when the numbers are exhausted or libcrypto failed (nothing consumed). */
+    Py_ssize_t (*seal_next)(PyObject *prot, uint8_t ctype, const uint8_t *plain, size_t plain_len,
+                            const uint8_t *cid, size_t cid_len, uint8_t *out, size_t room);
+} dtls_lane_api;
+#endif
+
+#if !defined(DTLS_RECORDS_API_ONLY) && !defined(COREM_DTLS_RECORDS_H)
 #define COREM_DTLS_RECORDS_H
 
 #include <stddef.h>

@@ -134,12 +134,17 @@ class RecordProtectionPy:
     """One direction's AEAD state for one epoch: the key and the 4-byte implicit IV (the reference;
     `RecordProtection` is the C one when it is built)."""
 
-    __slots__ = ("aead", "iv", "tag", "cipher")
+    __slots__ = ("aead", "iv", "tag", "cipher", "next_seq", "limit")
 
     def __init__(self, cipher: str, key: bytes, iv: bytes) -> None:
         if len(key) != 16 or len(iv) != 4:
             raise ValueError("AES-128 takes a 16-byte key and a 4-byte implicit IV")
         self.iv = bytes(iv)
+        #: a write protection's sequence numbers: the next one, and the first one it may not use
+        #: (state.export's reservation).  One counter, whoever seals: the Connection (`seal_next`)
+        #: and, with the C records, the fast lane (through _records' capsule)
+        self.next_seq = 0
+        self.limit = SEQ_MAX
         self.cipher = cipher
         if cipher == "ccm8":
             self.aead: AESCCM | AESGCM = AESCCM(key, tag_length=8)
@@ -180,6 +185,16 @@ class RecordProtectionPy:
         extra = aad(ctype, epoch, seq, len(plaintext))
         sealed = explicit + self.aead.encrypt(self.iv + explicit, plaintext, extra)
         return plaintext_record(ctype, epoch, seq, sealed)
+
+    def seal_next(self, ctype: int, plaintext: bytes, cid: bytes = b"") -> bytes | None:
+        """The next record of epoch 1, numbered `next_seq` (then counted); None, nothing consumed,
+        once the number is at `limit` (the reservation is used up); OverflowError past 2^48 - 1."""
+        seq = self.next_seq
+        if seq >= self.limit:
+            return None
+        record = self.seal(ctype, 1, seq, plaintext, cid)
+        self.next_seq = seq + 1
+        return record
 
     def open_untrusted(self, record: RecordPy) -> tuple[int, bytes]:
         """(content type, plaintext) of a protected record; DtlsDecodeError(bad_record_mac) when it

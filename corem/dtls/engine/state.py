@@ -149,9 +149,8 @@ def restore(state: SessionState, peer: object, now: float, params: Params | None
     conn.cid_in, conn.cid_out = state.cid_in, state.cid_out
     conn.read_prot = RecordProtection(suite.cipher, state.read_key, state.read_iv)
     conn.write_prot = RecordProtection(suite.cipher, state.write_key, state.write_iv)
-    conn.window = ReplayWindow(state.window_top, state.window_bits)
-    conn.newest = (1 << 48 | state.window_top) if state.window_top >= 0 else -1
-    conn.write_seq = [0, state.write_seq]
+    conn.window = ReplayWindow(state.window_top, state.window_bits)  # (conn.newest reads its top)
+    conn.write_seq = (0, state.write_seq)
     conn.write_limit = min(state.write_seq + reserve, SEQ_MAX)
     conn.restored_keys(state.read_key, state.read_iv, state.write_key, state.write_iv)
     return conn
