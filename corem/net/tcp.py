@@ -1,7 +1,9 @@
 """CoAP over TCP and TLS (RFC 8323), the Trio edge: one task pair per connection (a reader that
 frames and dispatches, a writer that drains the connection's queue), a `StreamEndpoint` shared by
-the listener's connections, TLS on python-mbedtls's buffers with the DTLS listener's credentials
-(PSK identities and certificates from the registry).
+the listener's connections, TLS 1.2 on corem's own engine (`corem.dtls.engine.tls`: the DTLS
+engine's handshake in TLS's framing; that module says why) with the DTLS listener's credentials
+and settings (`dtls.layer.engine_params`: PSK identities and certificates from the registry,
+`dtls_ca`, `dtls_client_auth`).
 
 Bounded: connections (`max_connections`, lowered to this listener's share of the open files limit by
 `fdlimit.tcp_cap`; more are closed at once and counted; out of descriptors, accept() refuses and
@@ -13,31 +15,32 @@ gets a Release and is closed), and the TLS handshake's time.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import trio
-from mbedtls import tls
-from mbedtls.exceptions import TLSError
 
 from ..codec import MessageFormatError
 from ..coap import Router
 from ..coap.observe import Observers
 from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, MAX_MESSAGE_SIZE, PING, PONG,
                            RELEASE, FrameError, Framer, StreamEndpoint, csm_max_message, message, signal)
-from ..dtls.certs import peer_der
-from ..dtls.server import HANDSHAKE_OVER, DtlsParams, PskStore
+from ..dtls.engine.connection import Params
+from ..dtls.engine.crypto import suite_by_name
+from ..dtls.engine.tls import TlsConnection
 from ..stats import Sample, counter, gauge
 from .fdlimit import Acceptor, tcp_cap
+
+if TYPE_CHECKING:
+    from ..dtls.server import DtlsParams
 
 log = logging.getLogger("corem.tcp")
 
 #: what ends a connection from the other side (or a broken network)
-GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, TLSError)
+GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: bytes waiting for a connection that does not read, before it is closed
 MAX_QUEUED = 1 << 20
 READ_SIZE = 65536
@@ -54,27 +57,54 @@ class TcpParams:
     handshake_timeout: float = 30.0
 
 
+class PskSource(Protocol):
+    """What the server hands `Tls` for PSKs (dtls.server.PskStore): identity -> the device"""
+
+    @property
+    def lookup(self) -> Callable[[str], Any]: ...
+
+
 class Tls:
-    """The coaps+tcp server side: a python-mbedtls TLS 1.2 context with the DTLS credentials."""
+    """The coaps+tcp server side: the engine's TLS 1.2 with the CoAPS layer's credentials and
+    settings (`engine_params`, as `dtls.layer.EngineServer` builds them: the suites of
+    `dtls_ciphers` and the GCM ones TLS clients usually prefer, the certificate and key, `dtls_ca`
+    and `dtls_client_auth` required | none | optional); PSKs and certificates name devices in the
+    registry."""
 
-    def __init__(self, psk_store: PskStore, params: DtlsParams, cert_lookup: Callable[[str], Any]) -> None:
-        from ..dtls.certs import load_certificates, load_key
+    def __init__(self, psk_store: PskSource, params: DtlsParams, cert_lookup: Callable[[str], Any],
+                 client_auth: str | None = None) -> None:
+        """`client_auth`: the `dtls_client_auth` setting itself when it is "optional" (DtlsParams,
+        python-mbedtls's, carries it as "required"), as EngineServer is given it"""
+        from ..dtls.layer import engine_params  # (the CoAPS layer's: not imported with the plain edge)
 
-        self.psk_store = psk_store
+        self.psk_lookup = psk_store.lookup
         self.cert_lookup = cert_lookup
-        extra: dict[str, Any] = {}
-        if params.cert_file is not None:
-            assert params.key_file is not None
-            extra["certificate_chain"] = (load_certificates(params.cert_file), load_key(params.key_file))
-            if params.ca_file is not None:
-                extra["trust_store"] = tls.TrustStore(load_certificates(params.ca_file))
-        available = set(tls.ciphers_available())
-        ciphers = tuple(dict.fromkeys(c for c in (*params.ciphers, *TLS_EXTRA_CIPHERS) if c in available))
-        self.ctx = tls.ServerContext(tls.TLSConfiguration(
-            pre_shared_key_store=psk_store, ciphers=ciphers,
-            validate_certificates=params.cert_file is not None and params.client_auth == "required",
-            lowest_supported_version=tls.TLSVersion.TLSv1_2, highest_supported_version=tls.TLSVersion.TLSv1_2,
-            inner_protocols=(b"coap",), **extra))
+        ep = engine_params(params, cid_length=0, client_auth=client_auth)
+        suites = tuple(dict.fromkeys((*ep.suites, *(suite_by_name(n) for n in TLS_EXTRA_CIPHERS))))
+        self.params = Params(suites=suites, require_ems=ep.require_ems, certificate_chain=ep.certificate_chain,
+                             private_key=ep.private_key, verify_peer=ep.verify_peer, client_auth=ep.client_auth)
+
+    def psk_for(self, identity: bytes) -> bytes | None:
+        try:
+            name = identity.decode()
+        except UnicodeDecodeError:
+            return None
+        device = self.psk_lookup(name)
+        psk: bytes | None = None if device is None else device.psk
+        return psk
+
+    def connection(self, peer: Any, now: float) -> TlsConnection:
+        return TlsConnection("server", self.params, peer, now, psk_for=self.psk_for)
+
+    def device(self, conn: TlsConnection) -> tuple[Any, bool]:
+        """The device the handshake authenticated (None: none, a device that names itself later
+        with a token), and False for a certificate that verified but is not registered"""
+        if conn.peer_chain:
+            device = self.cert_lookup(conn.identity.decode())
+            return device, device is not None
+        if conn.suite is not None and conn.suite.kx == "psk":
+            return self.psk_lookup(conn.identity.decode(errors="replace")), True
+        return None, True
 
 
 class Connection:
@@ -85,7 +115,9 @@ class Connection:
         self.peer = peer
         self.framer = Framer(max_message)
         self.device: Any = None
-        self.buf: Any = None  # TLSWrappedBuffer, coaps+tcp
+        self.tls: TlsConnection | None = None  # coaps+tcp
+        self.tls_over = False  # the TLS connection ended (close_notify, a fault): read no more
+        self.early = b""  # plaintext that came with the end of the handshake
         self.queued = bytearray()
         self.wake = trio.Event()
         self.closing = False
@@ -228,10 +260,10 @@ class TcpEdge:
 
     async def _close(self, conn: Connection) -> None:
         """TLS's close_notify if the connection still takes it, then the socket's end."""
-        if conn.buf is not None and not conn.stream.socket.fileno() < 0:
+        if conn.tls is not None and conn.tls.established and not conn.stream.socket.fileno() < 0:
             try:
-                conn.buf.shutdown()
-                await conn.stream.send_all(self._tls_out(conn))
+                conn.tls.close()
+                await conn.stream.send_all(conn.tls.data_to_send())
             except GONE:
                 pass
         await conn.stream.aclose()
@@ -242,19 +274,15 @@ class TcpEdge:
             return
         self._write(conn, signal(CSM, [(MAX_MESSAGE_SIZE, p.max_message.to_bytes(4, "big").lstrip(b"\0")),
                                        (BLOCK_WISE_TRANSFER, b"")]))
+        if conn.early and not self._take(conn, conn.early):
+            return
         while True:
             with trio.move_on_after(p.idle_timeout):
                 data = await self._receive(conn)
                 if data is None:
                     return
-                if data:
-                    try:
-                        if not self._frames(conn, data):
-                            return
-                    except FrameError as e:
-                        self.stats["aborted_" + e.reason] += 1
-                        self._abort(conn, str(e))
-                        return
+                if data and not self._take(conn, data):
+                    return
                 continue
             self.stats["aborted_idle"] += 1
             self._write(conn, signal(RELEASE))
@@ -262,25 +290,40 @@ class TcpEdge:
 
     async def _receive(self, conn: Connection) -> bytes | None:
         """The next plaintext bytes (b'' if a TLS record is not complete yet); None at the end."""
+        if conn.tls_over:
+            return None
         data = await conn.stream.receive_some(READ_SIZE)
         if not data:
             return None
         self.stats["bytes_in"] += len(data)
-        if conn.buf is None:
+        if conn.tls is None:
             return bytes(data)
-        conn.buf.receive_from_network(bytes(data))
-        out = bytearray()
-        while True:
-            try:
-                chunk = conn.buf.read(READ_SIZE)
-            except tls.WantReadError:
-                break
-            except TLSError:  # close_notify, or a record that does not authenticate: the end
-                return bytes(out) if out else None
-            if not chunk:
-                return bytes(out) if out else None  # close_notify
-            out += chunk
-        return bytes(out)
+        return self._tls_in(conn, bytes(data))
+
+    def _tls_in(self, conn: Connection, data: bytes) -> bytes | None:
+        """The plaintext of TLS records; None once the connection is over (close_notify, or a
+        fault: its fatal alert is sent)"""
+        t = conn.tls
+        assert t is not None
+        t.receive_untrusted(data, self.clock())
+        out = t.take_app()
+        alert = t.data_to_send()  # (a fault's fatal alert, or a refused renegotiation's warning)
+        if alert and not conn.closing:
+            conn.queued += alert
+            conn.wake.set()
+        if t.over:
+            conn.tls_over = True  # (what came before the end is served, then the end)
+            return out or None
+        return out
+
+    def _take(self, conn: Connection, data: bytes) -> bool:
+        """`_frames`, a framing error answered with Abort; False once the connection is to end."""
+        try:
+            return self._frames(conn, data)
+        except FrameError as e:
+            self.stats["aborted_" + e.reason] += 1
+            self._abort(conn, str(e))
+            return False
 
     def _frames(self, conn: Connection, data: bytes) -> bool:
         """Dispatch every complete frame; False once the connection is to end."""
@@ -345,13 +388,11 @@ class TcpEdge:
     def _write(self, conn: Connection, data: bytes) -> None:
         if conn.closing:
             return
-        if conn.buf is not None:
-            sealed = bytearray()
-            view = memoryview(data)
-            while view:  # (a record holds at most 16 KiB: Mbed TLS takes what fits, and says how much)
-                view = view[conn.buf.write(view):]
-                sealed += self._tls_out(conn)
-            data = bytes(sealed)
+        if conn.tls is not None:
+            sealed = conn.tls.seal(data)  # (records of at most 16 KiB each)
+            if sealed is None:
+                return
+            data = sealed
         conn.queued += data
         if len(conn.queued) > MAX_QUEUED:
             self.stats["aborted_slow_reader"] += 1
@@ -359,12 +400,6 @@ class TcpEdge:
             conn.queued.clear()
             conn.stream.socket.close()
         conn.wake.set()
-
-    @staticmethod
-    def _tls_out(conn: Connection) -> bytes:
-        out = conn.buf.peek_outgoing(1 << 20)
-        conn.buf.consume_outgoing(len(out))
-        return bytes(out)
 
     async def _writer(self, conn: Connection) -> None:
         try:
@@ -382,47 +417,37 @@ class TcpEdge:
             conn.closing = True
 
     async def _handshake(self, conn: Connection) -> bool:
-        """The TLS handshake, bounded in time; the device from its PSK identity or certificate."""
+        """The TLS handshake, bounded in time; the device from its PSK identity or certificate.
+        What the client sent after its Finished waits in `conn.early`."""
         assert self.tls is not None
-        buf = conn.buf = self.tls.ctx.wrap_buffers()
-        store = self.tls.psk_store
+        t = conn.tls = self.tls.connection(conn.peer, self.clock())
         with trio.move_on_after(self.params.handshake_timeout):
-            try:
-                while buf._handshake_state is not HANDSHAKE_OVER:
-                    store.resolved = None
-                    try:
-                        buf.do_handshake()
-                    except tls.WantReadError:
-                        out = self._tls_out(conn)
-                        if out:
-                            await conn.stream.send_all(out)
-                        data = await conn.stream.receive_some(READ_SIZE)
-                        if not data:
-                            return False
-                        buf.receive_from_network(bytes(data))
-                    except tls.WantWriteError:
-                        pass
-                    finally:
-                        if store.resolved is not None:
-                            conn.device = store.resolved
-                out = self._tls_out(conn)
+            while not t.established:
+                out = t.data_to_send()
                 if out:
+                    self.stats["bytes_out"] += len(out)
                     await conn.stream.send_all(out)
-            except TLSError as e:
-                self.stats["aborted_handshake"] += 1
-                log.debug("coaps+tcp handshake with %s failed: %s", conn.peer, e)
+                if t.over:
+                    self.stats["aborted_handshake"] += 1
+                    log.debug("coaps+tcp handshake with %s failed: %s", conn.peer, t.reason)
+                    return False
+                data = await conn.stream.receive_some(READ_SIZE)
+                if not data:
+                    return False
+                self.stats["bytes_in"] += len(data)
+                t.receive_untrusted(bytes(data), self.clock())
+            out = t.data_to_send()  # (the server's Finished)
+            if out:
+                self.stats["bytes_out"] += len(out)
+                await conn.stream.send_all(out)
+            conn.early = t.take_app()
+            conn.device, registered = self.tls.device(t)
+            if not registered:
+                self.stats["aborted_unregistered_certificate"] += 1
                 return False
-            if conn.device is None:
-                der = peer_der(buf)
-                if der is not None:
-                    conn.device = self.tls.cert_lookup(hashlib.sha256(der).hexdigest())
-                    if conn.device is None:
-                        self.stats["aborted_unregistered_certificate"] += 1
-                        return False
             return True
         self.stats["aborted_handshake"] += 1
         return False
-
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
