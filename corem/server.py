@@ -66,6 +66,7 @@ from .registry.oscore import OscoreState
 from .registry.presence import open_table as open_presence
 from .registry.store import Snapshot
 from .stats import Measured
+from .workers import steer
 from .workers.link import Link, WorkerSpec
 
 log = logging.getLogger("corem")
@@ -527,6 +528,8 @@ class Server:
             address goes to the new; a retransmission from the new one is a duplicate)."""
             new_session(new, now)
             endpoint.moved(old, new, now)
+            if lane is not None:
+                lane.moved(old, new, now)
 
         if s.dtls_engine == "corem":
             store = self._session_store()
@@ -536,6 +539,8 @@ class Server:
                 store=store, device_lookup=self.directory.named, on_new_session=new_session,
                 on_moved=moved,
                 client_auth=s.dtls_client_auth,
+                # with workers, CIDs name this worker: its records come here from any address
+                cid_prefix=steer.cid_prefix(self.worker.index) if self.worker and self.worker.steered else b"",
             )
             if engine.offloaded:
                 log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), SESSIONS_FILE)

@@ -102,31 +102,56 @@ def test_through_corem_serve_a_device_whose_port_changes_at_every_reading_needs_
     """`corem serve --dtls-engine corem` on loopback; the engine's client (no other client reachable
     here offers RFC 9146) sends 1,000 readings, each from a new source port, in one session: one
     handshake, each reading answered 2.04 at its new port and stored once."""
+    from .conftest import start_corem
+
+    server = start_corem(data_dir, "--dtls-engine", "corem")
+    try:
+        moving_device(server, 1000)
+    finally:
+        server.stop()
+
+
+def test_with_workers_a_moving_device_stays_with_its_session_and_a_retransmission_is_not_stored_twice(data_dir):
+    """`corem serve --workers 2`: a record with a CID goes to the worker whose index its CID starts
+    with (corem/workers/steer.py), whatever port it comes from, so the session is never lost to the
+    other worker; and a reading sent again from yet another port after the move (its answer lost)
+    is the same exchange: answered 2.04 again, stored once (Endpoint.moved, and the lane's twin)."""
+    from .conftest import start_corem
+
+    server = start_corem(data_dir, "--workers", "2", "--dtls-engine", "corem")
+    try:
+        moving_device(server, 200, again_every=5)
+    finally:
+        server.stop()
+
+
+def moving_device(server, n: int, again_every: int = 0) -> None:
+    """n readings of one CID session, each from a new source port (and every `again_every`th once
+    more from another one); every answer 2.04 at the port it was sent from, each stored once."""
     import socket
 
     import cbor2
 
-    from .conftest import SPEC_IDENTITY, SPEC_KEY, start_corem
+    from .conftest import SPEC_IDENTITY, SPEC_KEY
 
-    server = start_corem(data_dir, "--dtls-engine", "corem")
     c = Client(SPEC_IDENTITY.encode(), SPEC_KEY.encode(), cid=b"")
     socks: list[socket.socket] = []
-
-    def exchange(datagrams, sock, want):
-        for d in datagrams:
-            sock.send(d)
-        got = []
-        while not want(got):
-            got += c.receive(sock.recv(2048), 0.0)  # (the socket's timeout only detects a lost answer)
-        return got
 
     def new_socket():
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(("127.0.0.1", 0))
         s.connect(("127.0.0.1", server.coaps_port))
-        s.settimeout(30)
+        s.settimeout(30)  # (only detects a lost answer)
         socks.append(s)
         return s
+
+    def post(s, message):
+        s.send(c.wrap(message))
+        got: list[bytes] = []
+        while not got:
+            got += c.receive(s.recv(2048), 0.0)
+        [answer] = got
+        return answer
 
     try:
         first = new_socket()
@@ -137,21 +162,23 @@ def test_through_corem_serve_a_device_whose_port_changes_at_every_reading_needs_
             if c.established:
                 break
             c.receive(first.recv(2048), 0.0)
-        n = 1000
+        sends = 0
         for i in range(n):
-            s = new_socket() if i else first
             mid = (i + 1).to_bytes(2, "big")
             message = b"\x40\x02" + mid + b"\xb9telemetry\x11\x3c\xff" + cbor2.dumps({"seq": i})
-            [answer] = exchange([c.wrap(message)], s, lambda got: bool(got))
-            assert answer[1] == 0x44 and answer[2:4] == mid, answer
-            if i:
-                s.close()
+            for _ in range(2 if again_every and i % again_every == 0 else 1):
+                s = new_socket() if sends else first
+                sends += 1
+                answer = post(s, message)
+                assert answer[1] == 0x44 and answer[2:4] == mid, answer
+                if s is not first:
+                    socks.remove(s)
+                    s.close()
         m = server.metrics()
         assert m["corem_dtls_handshakes_completed_total"] == 1
-        assert m["corem_dtls_cid_moves_total"] == n - 1
+        assert m["corem_dtls_cid_moves_total"] == sends - 1
         stored = sorted(p["numeric_values"]["seq"] for p in server.points("acme"))
         assert stored == [float(i) for i in range(n)]
     finally:
         for s in socks:
             s.close()
-        server.stop()

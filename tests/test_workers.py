@@ -66,6 +66,48 @@ def test_the_kernel_steers_each_peer_to_the_socket_the_model_names(host):
             s.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_record_with_a_connection_id_goes_to_the_worker_its_cid_names(host):
+    """RFC 9146: the device's NAT may give it a new address at any time; its session is the
+    worker's whose index its CID starts with (the CoAPS group's program), so every address lands
+    there.  Other datagrams, and a CID naming no worker, are steered by address as before."""
+    n = 3
+    first = bind_udp(host, 0, reuse_port=True)
+    port = first.getsockname()[1]
+    group = [first] + [bind_udp(host, port, reuse_port=True) for _ in range(n - 1)]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    clients = []
+    expected: dict[bytes, int] = {}
+    try:
+        assert steer.attach(first, n, cid=True)
+        for k in range(60):
+            c = socket.socket(family, socket.SOCK_DGRAM)
+            c.bind((host, 0))
+            clients.append(c)
+            worker = k % (n + 1)  # (n: a first byte that names no worker)
+            header = bytes((25, 0xFE, 0xFD, 0, 1)) + k.to_bytes(6, "big")
+            record = header + steer.cid_prefix(worker) + b"\x01\x02\x03\x04\x05" + b"\x00\x08" + bytes(8)
+            plain = b"\x40\x02" + k.to_bytes(2, "big")
+            c.sendto(record, (host, port))
+            c.sendto(plain, (host, port))
+            by_address = steer.worker_for(c.getsockname(), n)
+            expected[record] = worker if worker < n else by_address
+            expected[plain] = by_address
+        time.sleep(0.2)
+        landed: dict[bytes, int] = {}
+        for i, s in enumerate(group):
+            while True:
+                try:
+                    data, _ = s.recvfrom(64)
+                except BlockingIOError:
+                    break
+                landed[data] = i
+        assert landed == expected
+    finally:
+        for s in group + clients:
+            s.close()
+
+
 def test_the_model_reads_v4_mapped_addresses_as_ipv4():
     assert steer.worker_for(("::ffff:10.1.2.3", 5683, 0, 0), 7) == steer.worker_for(("10.1.2.3", 5683), 7)
 

@@ -123,7 +123,8 @@ def load_state_key(setting: str, data_dir: Path | None) -> bytes:
     return load_state_key(path.read_text().strip(), None)
 
 
-def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = None) -> EngineParams:
+def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = None,
+                  cid_prefix: bytes = b"") -> EngineParams:
     """DtlsParams (the settings) as the engine's parameters; ValueError names what the engine
     cannot do."""
     suites = []
@@ -156,7 +157,7 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
                                  "(or set dtls_client_auth = none)")
             verify = chain_verifier(_pem_certificates(p.ca_file))
     return EngineParams(suites=tuple(suites), certificate_chain=chain, private_key=key, verify_peer=verify,
-                        client_auth=mode, cid_length=cid_length, max_handshakes=p.max_handshakes,
+                        client_auth=mode, cid_length=cid_length, cid_prefix=cid_prefix, max_handshakes=p.max_handshakes,
                         max_sessions=p.max_sessions, handshake_timeout=p.handshake_timeout,
                         session_timeout=float("inf"))
 
@@ -238,8 +239,10 @@ class EngineServer:
         on_moved: Callable[[Peer, Peer, float], None] | None = None,
         cid_length: int = 6,
         client_auth: str | None = None,
+        cid_prefix: bytes = b"",
     ) -> None:
-        """`client_auth`: the setting, when it says more than `params` can ("optional")"""
+        """`client_auth`: the setting, when it says more than `params` can ("optional");
+        `cid_prefix`: what every CID starts with (a worker's index, corem/workers/steer.py)"""
         self.params = p = params or DtlsParams()
         self.psk_lookup = psk_lookup
         self.cert_lookup = cert_lookup or (lambda sha256: None)
@@ -249,7 +252,7 @@ class EngineServer:
         self.wall = wall
         self.on_new_session = on_new_session
         self.on_moved = on_moved
-        self.engine = e = Engine(self._psk, engine_params(p, cid_length, client_auth))
+        self.engine = e = Engine(self._psk, engine_params(p, cid_length, client_auth, cid_prefix))
         e.admit = self._admit
         e.established = self._established
         e.handshake_over = self._handshake_over

@@ -102,6 +102,8 @@ class FastLane:
         # the lane's own calls, for the edge: timers, a new DTLS session, its answers (sent on
         # the socket `fd`, or taken as (bytes, peer) for the security layer to wrap)
         self.new_session = self.lane.new_session
+        #: a CID session moved (old, new, now): the new address's retransmissions of the old's exchanges
+        self.moved = self.lane.moved
         #: an exchange committed before a restart (corem/bus/recovery.py): remember(peer, mid, at)
         self.remember = self.lane.remember
         self.send = self.lane.flush

@@ -48,6 +48,10 @@
 
 #include "cbor_json.h"
 #include "fifomap.h"
+/* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
+#define DTLS_RECORDS_API_ONLY
+#include "../dtls/engine/dtls_records.h"
+#include "dtls_sessions.h"
 
 /* ---------------------------------------------------------------- state -------------------- */
 typedef struct {
@@ -69,6 +73,12 @@ typedef struct {
     uint8_t key[KEYLEN]; /* the peer: address and port */
     double began;
 } session_t;
+
+typedef struct {
+    uint8_t key[KEYLEN]; /* where a DTLS session with a Connection ID moved to: address and port */
+    addr_t old;          /* where it was before */
+    double at;
+} moved_t;
 
 enum { P_FREE, P_PENDING, P_SEPARATE };
 
@@ -110,6 +120,7 @@ typedef struct {
     /* tables */
     fifomap dedup, buckets;
     fifomap sessions; /* peer -> when its DTLS session began (made on the first new_session) */
+    fifomap moved;    /* peer -> the address its CID session moved from (made on the first `moved`) */
     int limit;
     PyObject *tokens; /* dict: token bytes -> index into targets */
     uint8_t (*exempt)[17]; /* networks never rate-limited: 16 address bytes (IPv4 mapped) + prefix length */
@@ -124,6 +135,19 @@ typedef struct {
     size_t out_len, out_cap;
     /* what a drain produced, taken by Python */
     PyObject *slow, *records, *ctxs, *touched, *committed, *on_late;
+    /* CoAPS on corem's engine (drain_records): the established sessions the lane opens and seals
+     * records for, what it decrypted but did not take ((message, peer): for the endpoint), the
+     * sessions it took records of in this batch (their owners), and the records sealed, waiting
+     * for the socket */
+    dsessions ds;
+    PyObject *positions; /* (tenant, device) -> target index, for the sessions' devices */
+    uint64_t targets_gen;
+    PyObject *plain, *dtouched;
+    uint64_t depoch;
+    unsigned long long rec_datagrams, rec_bytes; /* records opened since the last take_records */
+    uint8_t *plainbuf;
+    wire_t *wire;
+    size_t wire_len, wire_cap;
     char scope[8]; /* the transport in each record's exchange header: "udp", or "dtls" */
     uint64_t epoch;
     /* buffers */
@@ -133,7 +157,7 @@ typedef struct {
     /* counters */
     unsigned long long datagrams_in, bytes_in, requests, duplicates, oversized, dropped, evicted,
         dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted,
-        recovered, recovered_answers;
+        recovered, recovered_answers, records_opened, records_sealed, records_to_python;
     unsigned long long responses[256];
 } Lane;
 
@@ -344,6 +368,25 @@ static int from_old_session(Lane *self, const addr_t *a, double at) {
     return slot >= 0 && at < ((session_t *)fm_entry(&self->sessions, slot))->began;
 }
 
+/* The dedup slot of (peer, mid) sent from an address the peer's DTLS session moved from by its
+ * Connection ID (RFC 9146 §6, `Lane.moved`; a few moves back at most), or -1: a retransmission
+ * from the new address of a request first sent from the old one is the same exchange. */
+static long moved_from(Lane *self, const addr_t *a, uint16_t mid) {
+    uint8_t key[KEYLEN], old[KEYLEN];
+    addr_key(a, 0, 1, key);
+    for (int hop = 0; hop < 4; hop++) {
+        long m = fm_find(&self->moved, key);
+        if (m < 0) return -1;
+        moved_t *e = fm_entry(&self->moved, m);
+        addr_key(&e->old, mid, 1, old);
+        long slot = fm_find(&self->dedup, old);
+        if (slot >= 0)  /* (unless another device's, at that address before this session began) */
+            return from_old_session(self, &e->old, ((exchange_t *)fm_entry(&self->dedup, slot))->at) ? -1 : slot;
+        addr_key(&e->old, 0, 1, key);
+    }
+    return -1;
+}
+
 /* `session`: the target of the DTLS session the datagram came in (its index), NO_DEVICE for a
  * session that names no device, PLAIN for plain CoAP. */
 #define PLAIN -2
@@ -466,8 +509,9 @@ static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n,
     *reuse = -1;
     if (slot >= 0 && from_old_session(self, a, ((exchange_t *)fm_entry(&self->dedup, slot))->at)) {
         *reuse = slot;
-        return SEEN_NOT;
+        slot = -1;
     }
+    if (slot < 0 && self->moved.count) slot = moved_from(self, a, s->mid);
     if (slot < 0) return SEEN_NOT;
     exchange_t *x = fm_entry(&self->dedup, slot);
     if (x->python) return 1;
@@ -748,6 +792,27 @@ static PyObject *Lane_new_session(Lane *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* moved(old, new, now): a DTLS session with a Connection ID now answers at `new` (RFC 9146 §6):
+ * for EXCHANGE_LIFETIME, a request from `new` whose message id the lane saw from `old` is its
+ * duplicate (moved_from).  Call new_session(new) too: `new`'s earlier exchanges are not its. */
+static PyObject *Lane_moved(Lane *self, PyObject *args) {
+    PyObject *old, *new;
+    double now;
+    if (!PyArg_ParseTuple(args, "OOd", &old, &new, &now)) return NULL;
+    addr_t a, b;
+    socklen_t alen, blen;
+    if (addr_from_tuple(old, &a, &alen) < 0 || addr_from_tuple(new, &b, &blen) < 0) return NULL;
+    if (!self->moved.ring && fm_init(&self->moved, self->dedup.cap, sizeof(moved_t)) < 0) return PyErr_NoMemory();
+    uint8_t key[KEYLEN];
+    addr_key(&b, 0, 1, key);
+    long slot = fm_find(&self->moved, key);
+    int evicted;
+    moved_t *e = fm_entry(&self->moved, slot >= 0 ? (size_t)slot : fm_push(&self->moved, key, &evicted));
+    e->old = a;
+    e->at = now;
+    Py_RETURN_NONE;
+}
+
 /* remember(peer, mid, at): an exchange whose reading was committed before a restart (read back
  * from the bus by corem/bus/recovery.py; given oldest first, `at` on the lane's clock): a CON
  * retransmission of it is answered 2.04 without a second reading.  False if it is known already. */
@@ -894,6 +959,8 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
     while (self->sessions.count &&
            ((session_t *)fm_entry(&self->sessions, self->sessions.head))->began <= now - self->lifetime)
         fm_pop_oldest(&self->sessions);
+    while (self->moved.count && ((moved_t *)fm_entry(&self->moved, self->moved.head))->at <= now - self->lifetime)
+        fm_pop_oldest(&self->moved);
     Py_RETURN_NONE;
 }
 
@@ -1161,6 +1228,7 @@ static void Lane_dealloc(Lane *self) {
     fm_free(&self->buckets);
     PyMem_Free(self->exempt);
     fm_free(&self->sessions);
+    fm_free(&self->moved);
     PyMem_Free(self->pending);
     PyMem_Free(self->fifo);
     PyMem_Free(self->out);
@@ -1175,6 +1243,7 @@ static PyMethodDef Lane_methods[] = {
     {"receive_plain", (PyCFunction)(void (*)(void))Lane_receive_plain, METH_FASTCALL,
      "receive_plain(data, peer, session_target, now, now_ms): one message DTLS decrypted"},
     {"new_session", (PyCFunction)Lane_new_session, METH_VARARGS, "new_session(peer, now): a new DTLS session"},
+    {"moved", (PyCFunction)Lane_moved, METH_VARARGS, "moved(old, new, now): a CID session moved (RFC 9146)"},
     {"remember", (PyCFunction)Lane_remember, METH_VARARGS,
      "remember(peer, mid, at) -> bool: an exchange committed before a restart (2.04 to its retransmission)"},
     {"take", (PyCFunction)Lane_take, METH_NOARGS, "take() -> (for_python, records, ctxs, devices_heard)"},

@@ -20,6 +20,8 @@ class Lane:
     def receive_plain(self, message: bytes, peer: Any, target: int, now: float, now_ms: int, /) -> None:
         """One message a security layer decrypted, from a session bound to `target` (-1: none)."""
     def new_session(self, peer: Any, now: float, /) -> None: ...
+    def moved(self, old: Any, new: Any, now: float, /) -> None:
+        """A DTLS session with a Connection ID moved from `old` to `new` (RFC 9146 §6)."""
     def take(self) -> tuple[list[tuple[bytes, Any]], list[Any], list[Any], list[Any]]:
         """(for the Python path, records, their contexts, devices heard)"""
     def committed(self, ctx: Any, error: BaseException | None, /) -> None: ...

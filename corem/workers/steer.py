@@ -37,7 +37,7 @@ W, H, B = 0x00, 0x08, 0x10
 ABS, IND, MEM, MSH = 0x20, 0x40, 0x60, 0xA0
 MUL, RSH, MOD, XOR = 0x20, 0x70, 0x90, 0xA0
 K, X = 0x00, 0x08
-JEQ = 0x10
+JEQ, JGE = 0x10, 0x30
 RET_A = 0x10
 TAX = 0x00
 
@@ -56,9 +56,34 @@ def worker_for(peer: tuple, n: int) -> int:
     return (h ^ (h >> 16)) % n
 
 
-def program(n: int) -> list[tuple[int, int, int, int]]:
-    """The classic BPF program of `worker_for` for a group of `n` sockets: (code, jt, jf, k)."""
+#: a DTLS 1.2 record with a Connection ID (RFC 9146 content type tls12_cid) and where its CID
+#: starts (after type, version, epoch and sequence number)
+TLS12_CID = 25
+CID_AT = 11
+
+
+def cid_prefix(index: int) -> bytes:
+    """The first byte of every Connection ID that worker `index` hands out (`program(cid=True)`)."""
+    return bytes((index,))
+
+
+def program(n: int, *, cid: bool = False) -> list[tuple[int, int, int, int]]:
+    """The classic BPF program of `worker_for` for a group of `n` sockets: (code, jt, jf, k).
+
+    `cid` (the CoAPS group): a record with a Connection ID goes to the worker its CID's first byte
+    names (`cid_prefix`: each worker's engine starts its CIDs with its index), wherever it comes
+    from, so that a device whose NAT gave it a new address stays with its session (RFC 9146); a
+    first byte of n or more, and everything else, is steered by address.  The payload starts at
+    offset 0 (the kernel has pulled the UDP header); a load past a datagram's end ends the program
+    with 0 (worker 0): such a datagram is no record anyway."""
     net = SKF_NET_OFF
+    by_cid = [
+        (LD | B | ABS, 0, 0, 0),  # A = the record's content type
+        (JMP | JEQ | K, 0, 3, TLS12_CID),  # not tls12_cid: on to the address
+        (LD | B | ABS, 0, 0, CID_AT),  # A = the CID's first byte
+        (JMP | JGE | K, 1, 0, n),  # n or more: no worker's, on to the address
+        (RET | RET_A, 0, 0, 0),
+    ] if cid else []
     v4 = [
         (LD | W | ABS, 0, 0, net + 12),  # A = source address
         (ST, 0, 0, 0),  # M[0] = A
@@ -85,7 +110,7 @@ def program(n: int) -> list[tuple[int, int, int, int]]:
         (ALU | RSH | K, 0, 0, 4),
         (JMP | JEQ | K, 0, len(v4) + 1, 4),  # IPv4: on; else jump over it and its jump
     ]
-    return head + v4 + [(JMP | 0x00, 0, 0, len(v6))] + v6 + mix
+    return by_cid + head + v4 + [(JMP | 0x00, 0, 0, len(v6))] + v6 + mix
 
 
 class _Filter(ctypes.Structure):
@@ -96,10 +121,10 @@ class _Prog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Filter))]
 
 
-def attach(sock: socket.socket, n: int) -> bool:
+def attach(sock: socket.socket, n: int, *, cid: bool = False) -> bool:
     """Give the reuseport group of `sock` the steering program; False if the kernel refused it
     (then its own hash steers)."""
-    insns = program(n)
+    insns = program(n, cid=cid)
     array = (_Filter * len(insns))(*(_Filter(*i) for i in insns))
     prog = _Prog(len(insns), ctypes.cast(array, ctypes.POINTER(_Filter)))
     try:

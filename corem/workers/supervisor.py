@@ -145,7 +145,8 @@ class Supervisor:
             for s in group:
                 s.close()
             raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
-        self.steered[key] = steer.attach(group[0], self.count)
+        # (CoAPS: a record with a Connection ID goes to the worker its CID names, steer.program)
+        self.steered[key] = steer.attach(group[0], self.count, cid=key == "coaps")
         if not self.steered[key]:
             log.warning("%s: the kernel refused the steering program; its own hash steers peers", key)
         return group

@@ -79,6 +79,9 @@ class CookieJar:
 class EngineParams(Params):
     #: the length of the CIDs this server hands out (0: never negotiate RFC 9146)
     cid_length: int = 6
+    #: the first bytes of every CID (a worker's index: corem/workers/steer.py steers by it); the
+    #: rest of `cid_length` is random
+    cid_prefix: bytes = b""
     max_handshakes: int = 1000
     max_sessions: int = 100_000
     handshake_timeout: float = 60.0
@@ -88,6 +91,8 @@ class EngineParams(Params):
     def __post_init__(self) -> None:
         if not 0 <= self.cid_length <= 32:
             raise ValueError("cid_length must be 0..32")
+        if self.cid_length and len(self.cid_prefix) + 4 > self.cid_length:
+            raise ValueError("cid_prefix leaves fewer than 4 random bytes of cid_length")
 
 
 @dataclass
@@ -236,7 +241,7 @@ class Engine:
 
     def _new_cid(self) -> bytes:
         while True:
-            cid = os.urandom(self.params.cid_length)
+            cid = self.params.cid_prefix + os.urandom(self.params.cid_length - len(self.params.cid_prefix))
             if cid not in self.by_cid:
                 return cid
 
