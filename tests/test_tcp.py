@@ -1,11 +1,14 @@
 """CoAP over TCP and TLS (RFC 8323): the framing (sans-IO), and a running corem with
-`--coap-tcp` / `--coaps-tcp` against libcoap's coap-client (coap+tcp://, coaps+tcp:// with PSK on
-OpenSSL and GnuTLS) and a raw socket for the signals and the limits."""
+`--coap-tcp` / `--coaps-tcp` against libcoap's coap-client (coap+tcp://, coaps+tcp:// with PSK and
+with certificates on OpenSSL and GnuTLS), python-mbedtls's TLS client (PSK), Python's ssl
+(certificates), and a raw socket for the signals and the limits.  TLS is corem's engine
+(corem/dtls/engine/tls.py; tests/test_tls_engine.py holds its sans-IO tests)."""
 
 from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 
@@ -17,7 +20,7 @@ from corem.coap.stream import (ABORT, CSM, PING, PONG, RELEASE, FrameError, Fram
                                signal, to_frame)
 from corem.codec import Code, Message, OptionNumber, Type, encode
 
-from .conftest import needs_libcoap, start_corem, wait_for, write_cbor
+from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, needs_libcoap, start_corem, wait_for, write_cbor
 
 OPENSSL = shutil.which("coap-client-openssl")
 GNUTLS = shutil.which("coap-client-gnutls")
@@ -279,3 +282,121 @@ def test_a_stop_answers_every_reading_it_stored_on_its_connection(data_dir):
     s.close()
     stored = len(server.points("acme"))
     assert stored > 0 and len(answered) == stored, (stored, len(answered))
+
+
+# -- coaps+tcp on corem's engine (corem/dtls/engine/tls.py): other TLS stacks, certificates ------------
+READING = encode(Message(Type.CON, Code.POST, 0, b"", [
+    (OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")], b"\xa1\x61t\x05"))[4:]
+
+
+def tls_exchange(s, token: bytes = b"p1") -> list[tuple[int, bytes, bytes]]:
+    """Over an open TLS connection: CSM, then POST /telemetry {"t": 5}; corem's CSM and answer"""
+    s.sendall(signal(CSM, [(2, (1152).to_bytes(2, "big"))]) + frame(Code.POST, token, READING))
+    return read_frames(s, 2)
+
+
+def test_python_mbedtls_tls_client_posts_a_reading_with_psk(tcp):
+    """python-mbedtls's TLS client (Mbed TLS 2.28, PSK): the device from its identity"""
+    tls = pytest.importorskip("mbedtls.tls")
+    _, secure = ports(tcp)
+    for n, cipher in enumerate(("TLS-PSK-WITH-AES-128-CCM-8", "TLS-PSK-WITH-AES-128-GCM-SHA256")):
+        ctx = tls.ClientContext(tls.TLSConfiguration(
+            pre_shared_key=(SPEC_IDENTITY, SPEC_KEY.encode()), ciphers=(cipher,), validate_certificates=False,
+            lowest_supported_version=tls.TLSVersion.TLSv1_2, highest_supported_version=tls.TLSVersion.TLSv1_2))
+        s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", secure), timeout=30), None)
+        s.do_handshake()
+        frames = tls_exchange(s, b"m%d" % n)
+        assert [(c, t) for c, t, _ in frames] == [(CSM, b""), (Code.CHANGED, b"m%d" % n)], frames
+        s.close()
+    assert [p["device"] for p in tcp.points("acme")] == ["sensor-7", "sensor-7"]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from .test_tls_engine import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tcp_certs(data_dir, pki):
+    """coaps+tcp with the DTLS listener's certificate, CA and dtls_client_auth = required; dev1 is
+    registered, dev2 (the same CA) is not"""
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
+              data_dir=data_dir)
+    server = start_corem(data_dir, "--coaps-tcp", "127.0.0.1:0", "--dtls-cert", str(pki / "server.pem"),
+                         "--dtls-key", str(pki / "server.key.pem"), "--dtls-ca", str(pki / "ca.pem"))
+    yield server
+    server.stop()
+
+
+def ssl_context(pki, cert: str | None, cipher: str = "ECDHE-ECDSA-AES128-GCM-SHA256") -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(pki / "ca.pem")
+    ctx.check_hostname = False  # (the server's certificate is checked against the CA: its name is "server")
+    ctx.set_ciphers(cipher)
+    ctx.set_alpn_protocols(["coap"])
+    if cert is not None:
+        ctx.load_cert_chain(pki / f"{cert}.pem", pki / f"{cert}.key.pem")
+    return ctx
+
+
+def tls_metric(server, reason: str) -> float:
+    return server.metrics().get(f'corem_tcp_connections_aborted_total{{reason="{reason}",transport="tls"}}', 0)
+
+
+def test_python_ssl_client_with_certificates(tcp_certs, pki):
+    """OpenSSL through Python's ssl (ECDHE-ECDSA, TLS 1.2): a registered certificate names its
+    device; an unregistered one, a missing one and one of another CA are refused and counted"""
+    server = tcp_certs
+    for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES128-CCM8"):
+        try:
+            ctx = ssl_context(pki, "dev1", cipher)
+        except ssl.SSLError:
+            continue  # (an OpenSSL without CCM-8)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.coaps_tcp_port), timeout=30)) as s:
+            assert s.version() == "TLSv1.2" and s.cipher()[0] == cipher and s.selected_alpn_protocol() == "coap"
+            frames = tls_exchange(s)
+            assert [c for c, _, _ in frames] == [CSM, Code.CHANGED], frames
+    points = server.points("acme")
+    assert points and {p["device"] for p in points} == {"cert-dev-1"}
+    stored = len(points)
+    # dev2: the same CA, not registered: the handshake completes, the connection is closed at once
+    with ssl_context(pki, "dev2").wrap_socket(socket.create_connection(("127.0.0.1", server.coaps_tcp_port),
+                                                                       timeout=30)) as s:
+        try:
+            s.sendall(frame(Code.POST, b"x", READING))
+            assert s.recv(100) == b""
+        except (ssl.SSLError, OSError):
+            pass
+    wait_for(lambda: tls_metric(server, "unregistered_certificate") == 1, what="the unregistered certificate")
+    for cert in (None, "rogue"):  # no certificate at all (required), another CA: refused in the handshake
+        with pytest.raises((ssl.SSLError, OSError)):
+            with ssl_context(pki, cert).wrap_socket(socket.create_connection(("127.0.0.1", server.coaps_tcp_port),
+                                                                             timeout=30)) as s:
+                s.sendall(frame(Code.POST, b"x", READING))
+                s.recv(100)
+    wait_for(lambda: tls_metric(server, "handshake") == 2, what="the two refused handshakes")
+    assert len(server.points("acme")) == stored
+    assert server.metrics()['corem_tcp_internal_errors_total{transport="tls"}'] == 0
+
+
+@needs_libcoap
+@pytest.mark.parametrize("client", [c for c in (OPENSSL, GNUTLS) if c] or [None])
+def test_libcoap_posts_over_tls_with_a_certificate(tcp_certs, pki, tmp_path, client):
+    if client is None:
+        pytest.skip("coap-client-openssl/-gnutls not installed")
+    reading = write_cbor(tmp_path / "r.cbor", {"temperature": 19.5})
+    r = subprocess.run([client, "-m", "post", "-C", str(pki / "ca.pem"), "-c", str(pki / "dev1.pem"),
+                        "-j", str(pki / "dev1.key.pem"), "-t", "60", "-f", str(reading), "-v", "6", "-B", "30",
+                        f"coaps+tcp://127.0.0.1:{tcp_certs.coaps_tcp_port}/telemetry"],
+                       capture_output=True, text=True, timeout=60)
+    assert "c:2.04" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert [p["device"] for p in tcp_certs.points("acme")] == ["cert-dev-1"]
+    # PSK devices beside certificate ones, on the same listener
+    r = subprocess.run([client, "-m", "post", "-u", SPEC_IDENTITY, "-k", SPEC_KEY, "-t", "60", "-f", str(reading),
+                        "-v", "6", "-B", "30", f"coaps+tcp://127.0.0.1:{tcp_certs.coaps_tcp_port}/telemetry"],
+                       capture_output=True, text=True, timeout=60)
+    assert "c:2.04" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert [p["device"] for p in tcp_certs.points("acme")] == ["cert-dev-1", "sensor-7"]
