@@ -29,7 +29,10 @@ setup(
         Extension(
             "corem.fastlane._lane",
             ["corem/fastlane/_lane.c"],
-            depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h"],
+            # (dtls_records.h: only the table of _records' capsule, read at run time; no libcrypto here)
+            depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h", "corem/fastlane/fifomap.h",
+                     "corem/fastlane/cbor_json.h", "corem/fastlane/dtls_sessions.h",
+                     "corem/dtls/engine/dtls_records.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -46,7 +46,7 @@ from .engine.connection import ESTABLISHED, Connection
 from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
-from .engine.records import TLS12_CID
+from .engine.records import RECORDS, TLS12_CID
 from .server import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, peer_key
@@ -203,6 +203,16 @@ class LayerStats:
         return failed
 
 
+class LaneSessions(Protocol):
+    """The fast lane's table of the sessions whose records it opens and seals itself
+    (corem/fastlane: `FastLane.add_session`, `drop_session`)."""
+
+    def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
+                    write: Any, device: Device | None, floor: int) -> None: ...
+
+    def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None: ...
+
+
 class Session:
     """What the layer keeps beside a live Connection (attached as `conn.layer`)."""
 
@@ -269,6 +279,7 @@ class EngineServer:
         self._cid_length = cid_length
         self._hello_cookie = False  # (the ClientHello being handled carries a cookie)
         self._pending_device: Device | None = None
+        self._lane: LaneSessions | None = None  # (attach_lane)
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def _psk(self, identity: bytes) -> bytes | None:
@@ -323,6 +334,52 @@ class EngineServer:
 
     def _key_of(self, conn: Connection) -> bytes:
         return CID_KEY + conn.cid_in if conn.cid_in else peer_key(conn.peer)
+
+    # -- the fast lane (issue 27) -------------------------------------------------------------------
+    def attach_lane(self, lane: LaneSessions) -> bool:
+        """Let the C lane open and seal the records of established sessions itself: every session
+        is registered with it from now on (established, restored, moved) and dropped when it ends
+        here (forgotten, offloaded, expired, closed, replaced).  False (nothing done) when the
+        records are not the C ones (COREM_PURE_PYTHON): the lane shares their objects."""
+        if RECORDS != "c":
+            return False
+        self._lane = lane
+        self.engine.on_session = self._on_session
+        for conn in list(self.engine.sessions.values()):
+            self._on_session(conn, True)
+        return True
+
+    def _on_session(self, conn: Connection, live: bool) -> None:
+        lane = self._lane
+        assert lane is not None
+        if not live:
+            lane.drop_session(conn, conn.peer, conn.cid_in)
+        elif conn.state == ESTABLISHED and conn.read_prot is not None and conn.write_prot is not None:
+            s: Session | None = conn.layer
+            lane.add_session(conn, conn.peer, conn.cid_in, conn.cid_out, conn.read_prot, conn.window,
+                             conn.write_prot, None if s is None else s.device, conn.floor)
+
+    def lane_touched(self, conns: list[Connection], datagrams: int, nbytes: int, now: float) -> None:
+        """The lane opened `datagrams` records (`nbytes`) of these sessions in this batch: counted as
+        the engine counts what it receives, the sessions seen (idle expiry, checkpoints), and their
+        record numbers written to the store before the batch's readings are submitted (`settle`)."""
+        self._now = now
+        e = self.engine
+        e.stats.datagrams_in += datagrams
+        e.stats.bytes_in += nbytes
+        checkpoint = self.params.checkpoint
+        for conn in conns:
+            conn.last_seen = now
+            if conn.flight:
+                conn.flight = []  # (as Connection does for application data: the client has our Finished)
+            s: Session | None = conn.layer
+            if s is None or conn.state != ESTABLISHED:
+                continue
+            if checkpoint and s.checkpoint_due <= now:
+                self._checkpoints.add(conn)
+            if s.saved and conn.window.top > s.marked:
+                self._marks[s.key] = conn
+        self.settle(now)
 
     # -- input -----------------------------------------------------------------------------------
     def receive(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
@@ -518,6 +575,8 @@ class EngineServer:
         s.saved = False  # (its row was taken: the next checkpoint saves it again)
         s.checkpoint_due = 0.0
         conn.layer = s
+        if self._lane is not None:
+            self._on_session(conn, True)  # (again: now with its device and its floor)
         self.stats.restored += 1
         return conn
 

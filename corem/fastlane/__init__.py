@@ -5,7 +5,12 @@ The C lane takes the one request shape that is nearly all of a fleet's traffic -
 `/api/v1/telemetry`) from a session that names its device -- and hands every other datagram back
 to the Python path (`UdpEdge` -> `Endpoint` -> `Router`), which remains the one place that rejects
 and explains.  On plain CoAP it reads the socket itself (recvmmsg) and sends its answers
-(sendmmsg); behind DTLS it gets the decrypted messages and its answers are encrypted by the edge.
+(sendmmsg).  Behind corem's own DTLS engine it does so too (`drain_records`, `send_records`): it
+opens the records of the established sessions the security layer registered (`add_session`) with
+their own Protection and Window objects (`_records.c`'s capsule) and seals its answers with their
+write Protection -- one replay window and one write sequence number, whichever side takes a
+record; the handshake, and every record it does not take, stay Python's.  Behind python-mbedtls it
+gets the decrypted messages (`offer`) and its answers are encrypted by the edge.
 
 `FastLane` is the glue around it: it gives the lane the registry's devices (the
 TelemetryPoint's JSON head and tail are cut from `encode_point` itself, so the two cannot drift),
@@ -19,7 +24,7 @@ Without a C compiler the lane is not built and `Lane` is None: corem then runs o
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from ..bus.base import Record, Sink
 from ..coap.endpoint import Endpoint
@@ -148,7 +153,7 @@ class FastLane:
         return LaneTargets(tokens, table, index, fresh)
 
     def install(self, targets: LaneTargets, version: int) -> None:
-        self.lane.set_targets(targets.tokens, targets.table)
+        self.lane.set_targets(targets.tokens, targets.table, targets.positions)
         self._index, self._entries = targets.positions, targets.entries
         self._version = version
 
@@ -170,6 +175,56 @@ class FastLane:
         None): the lane keeps it, or keeps it back for `collect`."""
         target = -1 if device is None else self._index.get((device.tenant, device.device), -1)
         self.lane.receive_plain(message, peer, target, now, self._now_ms)
+
+    # -- CoAPS records (corem's DTLS engine: corem/dtls/layer.py `attach_lane`) --------------------
+    def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
+                    write: Any, device: Any, floor: int) -> None:
+        """An established session whose records the lane opens (`read`, `window`) and seals
+        (`write`) itself: C `Protection`s and `Window` of corem.dtls.engine._records, shared with
+        the Connection `owner`; `floor`: records numbered at or below it are Python's."""
+        name = None if device is None else (device.tenant, device.device)
+        self.lane.add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor)
+
+    def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None:
+        self.lane.drop_session(owner, peer, cid_in)
+
+    def limit(self, rate: float, burst: float, max_sources: int) -> None:
+        """The per-source rate limit, when the lane reads a CoAPS socket itself."""
+        self.lane.limit(rate, burst, max_sources)
+        self.rate_limited = True
+
+    def drain_records(self, fd: int, now: float, budget: int,
+                      touched: Callable[[list[Any], int, int, float], None]
+                      ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
+        """CoAPS: read up to `budget` datagrams from `fd`, open and take what the lane can; tell
+        `touched(owners, datagrams, bytes, now)` whose records it took (the security layer writes
+        their record numbers to its store) BEFORE the batch's readings go to the sink.  Returns
+        the datagrams for the security layer (untouched) and the messages the lane decrypted but
+        does not take (for the endpoint), each with its peer."""
+        self.begin()
+        lane = self.lane
+        lane.drain_records(fd, now, self._now_ms, budget)
+        declined, owners, datagrams, nbytes = lane.take_records()
+        if datagrams:
+            touched(owners, datagrams, nbytes, now)
+        return self._submit(), declined
+
+    def receive_record(self, data: bytes, peer: Any, now: float,
+                       touched: Callable[[list[Any], int, int, float], None]
+                       ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
+        """`drain_records` for one datagram given by the caller (sans-IO: tests, fuzzing)."""
+        self.begin()
+        lane = self.lane
+        lane.receive_record(data, peer, now, self._now_ms)
+        declined, owners, datagrams, nbytes = lane.take_records()
+        if datagrams:
+            touched(owners, datagrams, nbytes, now)
+        return self._submit(), declined
+
+    def send_records(self, fd: int) -> None:
+        """Seal the lane's answers to registered sessions and send them on `fd`; what is left
+        (no session, or its reservation of sequence numbers used up) is `take_outbox`'s."""
+        self.lane.send_records(fd)
 
     def collect(self) -> list[tuple[bytes, Any]]:
         """After a batch of `offer`: submit what the lane took; the rest, for Python."""

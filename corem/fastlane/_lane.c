@@ -774,6 +774,365 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- CoAPS records ------------ */
+/* CoAPS on corem's own DTLS engine (issue 27): the lane reads the socket (drain_records), opens
+ * the one-record datagrams of the sessions Python registered (add_session) with their own read
+ * Protection and Window, offers the plaintext to classify as receive_plain would, and seals its
+ * answers with their write Protection (send_records).  Everything else -- handshakes, alerts,
+ * several records in a datagram, unknown sessions, a CID record from a new address (the engine
+ * moves the session: RFC 9146 §6), a replay, a record that does not authenticate -- goes to
+ * Python as the datagram itself, untouched: the window is marked only once the lane took the
+ * record, so Python can still open it (and counts what it drops, as before). */
+static dtls_lane_api *DTLS; /* _records' table, imported at the first add_session */
+#define DTLS_TLS12_CID_TYPE 25
+
+static uint64_t dtls_be48_lane(const uint8_t *p) {
+    return (uint64_t)p[0] << 40 | (uint64_t)p[1] << 32 | (uint64_t)p[2] << 24 | (uint64_t)p[3] << 16 |
+           (uint64_t)p[4] << 8 | p[5];
+}
+
+static int dtls_api(void) {
+    if (DTLS) return 0;
+    dtls_lane_api *api = PyCapsule_Import(DTLS_LANE_API_NAME, 0);
+    if (!api) return -1;
+    if (api->version != DTLS_LANE_API_VERSION) {
+        PyErr_SetString(PyExc_ImportError, "corem.dtls.engine._records: another version of its lane API");
+        return -1;
+    }
+    DTLS = api;
+    return 0;
+}
+
+static dsess_t *session_by_addr(Lane *self, const addr_t *a) {
+    if (!self->ds.count) return NULL;
+    uint8_t key[KEYLEN];
+    addr_key(a, 0, 1, key);
+    long i = ds_find(&self->ds, 0, key, KEYLEN);
+    return i < 0 ? NULL : &self->ds.e[i];
+}
+
+/* A tls12_cid record's session, by the CID this side chose (at d[11]), or NULL. */
+static dsess_t *session_by_cid(Lane *self, const uint8_t *d, size_t n) {
+    size_t cl = self->ds.cid_len;
+    if (!self->ds.count || !cl || n < 13 + cl || d[0] != DTLS_TLS12_CID_TYPE) return NULL;
+    long i = ds_find(&self->ds, 1, d + 11, cl);
+    return i < 0 ? NULL : &self->ds.e[i];
+}
+
+static Py_ssize_t session_target(Lane *self, dsess_t *s) {
+    if (s->targets_gen != self->targets_gen) {
+        s->targets_gen = self->targets_gen;
+        s->target = -1;
+        if (s->name != Py_None && self->positions) {
+            PyObject *i = PyDict_GetItemWithError(self->positions, s->name);
+            if (i) s->target = PyLong_AsSsize_t(i);
+            if (PyErr_Occurred()) {
+                PyErr_Clear(); /* (not the lane's: Python's path serves it) */
+                s->target = -1;
+            }
+        }
+    }
+    return s->target;
+}
+
+static int to_python(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
+    self->records_to_python++;
+    return append_pair(self->slow, d, n, a, alen);
+}
+
+static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now,
+                       long long now_ms) {
+    if ((Py_ssize_t)n > self->max_datagram) {
+        self->oversized++;
+        return 0;
+    }
+    dsess_t *s = n < 13 ? NULL : d[0] == DTLS_TLS12_CID_TYPE ? session_by_cid(self, d, n) : session_by_addr(self, a);
+    if (self->limit && !rate_allow(self, a, now)) {
+        /* over its source's rate: a datagram of a known session still passes (as
+         * EngineServer.credentialed: the peer has a session, or the record's CID names one) */
+        if (!s && !(d[0] == DTLS_TLS12_CID_TYPE && session_by_addr(self, a)) &&
+            !(self->nexempt && in_exempt_network(self, a))) {
+            self->dropped++;
+            return 0;
+        }
+        self->exempted++;
+    }
+    if (!s) return to_python(self, d, n, a, alen);
+    if (s->alen != alen || memcmp(&s->addr, a, alen) != 0) {
+        /* a CID record from another address: the engine moves the session if it is the newest.
+         * (compared as keys: the port and address, not the sockaddr's padding) */
+        uint8_t key[KEYLEN];
+        addr_key(a, 0, 1, key);
+        if (memcmp(key, s->akey, KEYLEN) != 0) return to_python(self, d, n, a, alen);
+    }
+    if ((int64_t)dtls_be48_lane(d + 5) <= s->floor) return to_python(self, d, n, a, alen);
+    size_t plain_len = 0;
+    uint8_t ctype = 0;
+    uint64_t seq = 0;
+    int r = DTLS->open_one(s->read, s->window, d, n, s->cid_in, s->cid_in_len, self->plainbuf, &plain_len, &ctype,
+                           &seq);
+    if (r != 0 || ctype != 23) return to_python(self, d, n, a, alen); /* (an alert: Python's, window untouched) */
+    DTLS->mark(s->window, seq);
+    self->records_opened++;
+    self->rec_datagrams++;
+    self->rec_bytes += n;
+    if (s->epoch != self->depoch) {
+        s->epoch = self->depoch;
+        if (PyList_Append(self->dtouched, s->owner) < 0) return -1;
+    }
+    Py_ssize_t target = session_target(self, s);
+    PyObject *peer = s->peer;
+    Py_INCREF(peer); /* (the session may be dropped by what classify calls into) */
+    int c = classify(self, self->plainbuf, plain_len, a, alen, peer, now, now_ms, target < 0 ? NO_DEVICE : target);
+    if (c == 1) { /* decrypted, not the lane's: the endpoint's, as a message */
+        PyObject *m = PyBytes_FromStringAndSize((const char *)self->plainbuf, (Py_ssize_t)plain_len);
+        PyObject *pair = m ? PyTuple_Pack(2, m, peer) : NULL;
+        c = pair ? PyList_Append(self->plain, pair) : -1;
+        Py_XDECREF(m);
+        Py_XDECREF(pair);
+    }
+    Py_DECREF(peer);
+    return c < 0 ? -1 : 0;
+}
+
+static int drain_record(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
+    drain_ctx *c = ctx;
+    return feed_record(c->lane, d, n, a, alen, c->now, c->now_ms);
+}
+
+static int ensure_record_lists(Lane *self) {
+    if (ensure_lists(self) < 0) return -1;
+    if (!self->plain && !(self->plain = PyList_New(0))) return -1;
+    if (!self->dtouched && !(self->dtouched = PyList_New(0))) return -1;
+    if (!self->plainbuf && !(self->plainbuf = PyMem_Malloc((size_t)self->max_datagram + 1))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* drain_records(fd, now, now_ms, budget) -> datagrams read */
+static PyObject *Lane_drain_records(Lane *self, PyObject *args) {
+    int fd, budget;
+    drain_ctx c = {self, 0, 0};
+    if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
+    if (ensure_record_lists(self) < 0 || dtls_api() < 0) return NULL;
+    long total = read_datagrams(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_record, &c);
+    return total < 0 ? NULL : PyLong_FromLong(total);
+}
+
+/* receive_record(datagram, peer, now, now_ms): one datagram given by the caller (sans-IO) */
+static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
+    Py_buffer data;
+    PyObject *peer;
+    double now;
+    long long now_ms;
+    if (!PyArg_ParseTuple(args, "y*OdL", &data, &peer, &now, &now_ms)) return NULL;
+    addr_t a;
+    socklen_t alen;
+    int r = ensure_record_lists(self);
+    if (r == 0 && !DTLS) r = dtls_api();
+    if (r == 0) r = addr_from_tuple(peer, &a, &alen);
+    if (r == 0) r = feed_record(self, data.buf, data.len, &a, alen, now, now_ms);
+    PyBuffer_Release(&data);
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* take_records() -> (decrypted messages not taken [(bytes, peer)], owners of the sessions whose
+ * records were taken since the last call, their datagrams, their bytes) */
+static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
+    if (ensure_record_lists(self) < 0) return NULL;
+    PyObject *r = Py_BuildValue("(OOKK)", self->plain, self->dtouched, self->rec_datagrams, self->rec_bytes);
+    if (!r) return NULL;
+    Py_CLEAR(self->plain);
+    Py_CLEAR(self->dtouched);
+    self->rec_datagrams = self->rec_bytes = 0;
+    self->depoch++;
+    return r;
+}
+
+/* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor): an established
+ * session whose records the lane may open and seal (replacing any at its address or CID). */
+static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor)");
+        return NULL;
+    }
+    if (dtls_api() < 0) return NULL;
+    PyObject *owner = args[0], *peer = args[1], *read = args[4], *window = args[5], *write = args[6];
+    if (Py_TYPE(read) != DTLS->protection || Py_TYPE(write) != DTLS->protection || Py_TYPE(window) != DTLS->window) {
+        PyErr_SetString(PyExc_TypeError, "add_session: read and write are _records.Protection, window a _records.Window");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[2]) || !PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "add_session: the CIDs are bytes");
+        return NULL;
+    }
+    Py_ssize_t cin = PyBytes_GET_SIZE(args[2]), cout = PyBytes_GET_SIZE(args[3]);
+    if (cin > DS_MAX_CID || cout > DS_MAX_PEER_CID || (cin && self->ds.cid_len && (size_t)cin != self->ds.cid_len)) {
+        PyErr_SetString(PyExc_ValueError, "add_session: a CID of another length");
+        return NULL;
+    }
+    long long floor = PyLong_AsLongLong(args[8]);
+    if (floor == -1 && PyErr_Occurred()) return NULL;
+    addr_t a;
+    socklen_t alen;
+    if (addr_from_tuple(peer, &a, &alen) < 0) return NULL;
+    uint8_t key[KEYLEN];
+    addr_key(&a, 0, 1, key);
+    long old = ds_find(&self->ds, 0, key, KEYLEN);
+    if (old >= 0) ds_remove(&self->ds, (int32_t)old);
+    if (cin && (old = ds_find(&self->ds, 1, (const uint8_t *)PyBytes_AS_STRING(args[2]), (size_t)cin)) >= 0)
+        ds_remove(&self->ds, (int32_t)old);
+    int32_t i = ds_new(&self->ds);
+    if (i < 0) return PyErr_NoMemory();
+    dsess_t *s = &self->ds.e[i];
+    s->owner = Py_NewRef(owner);
+    s->peer = Py_NewRef(peer);
+    s->read = Py_NewRef(read);
+    s->window = Py_NewRef(window);
+    s->write = Py_NewRef(write);
+    s->name = Py_NewRef(args[7]);
+    s->addr = a;
+    s->alen = alen;
+    memcpy(s->akey, key, KEYLEN);
+    s->cid_in_len = (uint8_t)cin;
+    memcpy(s->cid_in, PyBytes_AS_STRING(args[2]), (size_t)cin);
+    s->cid_out_len = (uint8_t)cout;
+    memcpy(s->cid_out, PyBytes_AS_STRING(args[3]), (size_t)cout);
+    s->floor = floor;
+    s->target = -1;
+    s->targets_gen = self->targets_gen - 1; /* (resolved at its first record) */
+    s->epoch = self->depoch - 1;
+    s->live = 1;
+    self->ds.count++;
+    if (cin) self->ds.cid_len = (size_t)cin;
+    if (ds_index_add(&self->ds, 0, i) < 0 || (cin && ds_index_add(&self->ds, 1, i) < 0)) {
+        ds_remove(&self->ds, i);
+        return PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
+}
+
+/* drop_session(owner, peer, cid_in): the session is no longer the lane's (only if `owner` is the one
+ * registered there) */
+static PyObject *Lane_drop_session(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "drop_session(owner, peer, cid_in: bytes)");
+        return NULL;
+    }
+    if (!self->ds.count) Py_RETURN_FALSE;
+    int dropped = 0;
+    addr_t a;
+    socklen_t alen;
+    if (addr_from_tuple(args[1], &a, &alen) < 0) return NULL;
+    dsess_t *s = session_by_addr(self, &a);
+    if (s && s->owner == args[0]) {
+        ds_remove(&self->ds, (int32_t)(s - self->ds.e));
+        dropped = 1;
+    }
+    Py_ssize_t cin = PyBytes_GET_SIZE(args[2]);
+    if (cin && self->ds.count) {
+        long i = ds_find(&self->ds, 1, (const uint8_t *)PyBytes_AS_STRING(args[2]), (size_t)cin);
+        if (i >= 0 && self->ds.e[i].owner == args[0]) {
+            ds_remove(&self->ds, (int32_t)i);
+            dropped = 1;
+        }
+    }
+    return PyBool_FromLong(dropped);
+}
+
+static int wire_push(Lane *self) {
+    if (self->wire_len == self->wire_cap) {
+        size_t cap = self->wire_cap ? self->wire_cap * 2 : 64;
+        wire_t *w = PyMem_Realloc(self->wire, cap * sizeof(wire_t));
+        if (!w) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->wire = w;
+        self->wire_cap = cap;
+    }
+    return 0;
+}
+
+/* send_records(fd) -> answers left for Python: the outbox's answers to registered sessions sealed
+ * with their write Protection (its next sequence number, below its limit) and sent (sendmmsg);
+ * the rest -- no session, or the reservation used up -- stays in the outbox for take_outbox
+ * (Python's wrap saves the session again, or drops it, as for any answer). */
+static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    size_t keep = 0;
+    for (size_t i = 0; i < self->out_len; i++) {
+        out_t *o = &self->out[i];
+        dsess_t *s = DTLS ? session_by_addr(self, &o->addr) : NULL;
+        if (s) {
+            if (wire_push(self) < 0) return NULL;
+            wire_t *w = &self->wire[self->wire_len];
+            Py_ssize_t n = DTLS->seal_next(s->write, 23, o->data, o->len, s->cid_out, s->cid_out_len, w->data,
+                                           sizeof w->data);
+            if (n > 0) {
+                w->addr = o->addr;
+                w->alen = o->alen;
+                w->len = (uint16_t)n;
+                self->wire_len++;
+                self->records_sealed++;
+                Py_CLEAR(o->peer);
+                continue;
+            }
+        }
+        if (keep != i) self->out[keep] = *o;
+        keep++;
+    }
+    self->out_len = keep;
+    size_t done = 0;
+    int blocked = 0;
+    struct mmsghdr msgs[VLEN];
+    struct iovec iov[VLEN];
+    while (done < self->wire_len && !blocked) {
+        int want = self->wire_len - done < VLEN ? (int)(self->wire_len - done) : VLEN;
+        for (int i = 0; i < want; i++) {
+            wire_t *w = &self->wire[done + i];
+            set_msg(&msgs[i], &iov[i], w->data, w->len, &w->addr, w->alen);
+        }
+        int sent = send_datagrams(fd, msgs, want, &blocked);
+        if (sent < 0) {
+            self->send_errors++;
+            sent = 1; /* skipped, not sent */
+        } else {
+            self->datagrams_out += sent;
+            for (int i = 0; i < sent; i++) self->bytes_out += self->wire[done + i].len;
+        }
+        done += sent;
+    }
+    self->send_blocked += blocked;
+    if (done) {
+        memmove(self->wire, self->wire + done, (self->wire_len - done) * sizeof(wire_t));
+        self->wire_len -= done;
+    }
+    return PyLong_FromSize_t(self->out_len);
+}
+
+/* limit(rate, burst, max_sources): the per-source rate limit (the edge's settings, when the lane
+ * reads a CoAPS socket itself) */
+static PyObject *Lane_limit(Lane *self, PyObject *args) {
+    double rate, burst;
+    Py_ssize_t max_sources;
+    if (!PyArg_ParseTuple(args, "ddn", &rate, &burst, &max_sources)) return NULL;
+    if (rate <= 0 || burst < 1 || max_sources < 1) {
+        PyErr_SetString(PyExc_ValueError, "limit: rate > 0, burst >= 1, max_sources >= 1");
+        return NULL;
+    }
+    if (!self->buckets.ring && fm_init(&self->buckets, (size_t)max_sources, sizeof(bucket_t)) < 0)
+        return PyErr_NoMemory();
+    self->rate = rate;
+    self->burst = burst;
+    self->limit = 1;
+    Py_RETURN_NONE;
+}
+
 /* new_session(peer, now): the peer began a new DTLS session (see from_old_session). */
 static PyObject *Lane_new_session(Lane *self, PyObject *args) {
     PyObject *peer;
@@ -1039,10 +1398,12 @@ static void clear_targets(Lane *self) {
     Py_CLEAR(self->tokens);
 }
 
-/* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device) | None]) */
+/* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device) | None],
+ *             positions: dict[(tenant, device), int] = None: the DTLS sessions' devices' targets) */
 static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
-    PyObject *tokens, *list;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyDict_Type, &tokens, &PyList_Type, &list)) return NULL;
+    PyObject *tokens, *list, *positions = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!|O!", &PyDict_Type, &tokens, &PyList_Type, &list, &PyDict_Type, &positions))
+        return NULL;
     Py_ssize_t n = PyList_GET_SIZE(list);
     target_t *ts = PyMem_Calloc(n ? n : 1, sizeof(target_t));
     if (!ts) return PyErr_NoMemory();
@@ -1069,6 +1430,9 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
     clear_targets(self);
     self->targets = ts;
     self->ntargets = n;
+    Py_XINCREF(positions);
+    Py_XSETREF(self->positions, positions);
+    self->targets_gen++;
     Py_INCREF(tokens);
     self->tokens = tokens;
     Py_RETURN_NONE;
@@ -1090,7 +1454,7 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         Py_DECREF(v);
     }
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsN}", "recovered", self->recovered, "recovered_answers",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsn}", "recovered", self->recovered, "recovered_answers",
         self->recovered_answers, "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
         "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
         self->dropped, "evicted", self->evicted, "dedup_evictions", self->dedup_evictions, "datagrams_out",
@@ -1098,7 +1462,8 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         self->send_errors, "refusals", self->refusals, "accepted", self->accepted, "exempted", self->exempted,
         "dedup_entries",
         (Py_ssize_t)self->dedup.count, "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
-        "responses", responses);
+        "responses", responses, "records_opened", self->records_opened, "records_sealed", self->records_sealed,
+        "records_to_python", self->records_to_python, "dtls_sessions", (Py_ssize_t)self->ds.count);
 }
 
 /* ---------------------------------------------------------------- type --------------------- */
@@ -1171,6 +1536,9 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->limit = self->rate > 0;
     if (self->burst <= 0) self->burst = 2 * self->rate;
     self->free_head = -1;
+    self->ds.free_head = -1;
+    self->targets_gen = 1;
+    self->depoch = 1;
     self->epoch = 1; /* (targets start at 0: not yet reported in any batch) */
     self->json_cap = 4096;
     self->json = PyMem_Malloc(self->json_cap);
@@ -1201,6 +1569,19 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
         Py_VISIT(self->pending[i].peer);
     }
     for (size_t i = 0; i < self->out_len; i++) Py_VISIT(self->out[i].peer);
+    Py_VISIT(self->positions);
+    Py_VISIT(self->plain);
+    Py_VISIT(self->dtouched);
+    for (int32_t i = 0; i < self->ds.cap; i++) {
+        dsess_t *d = &self->ds.e[i];
+        if (!d->live) continue;
+        Py_VISIT(d->owner);
+        Py_VISIT(d->peer);
+        Py_VISIT(d->read);
+        Py_VISIT(d->window);
+        Py_VISIT(d->write);
+        Py_VISIT(d->name);
+    }
     return 0;
 }
 
@@ -1217,6 +1598,10 @@ static int Lane_clear(Lane *self) {
         Py_CLEAR(self->pending[i].peer);
     }
     for (size_t i = 0; i < self->out_len; i++) Py_CLEAR(self->out[i].peer);
+    Py_CLEAR(self->positions);
+    Py_CLEAR(self->plain);
+    Py_CLEAR(self->dtouched);
+    for (int32_t i = 0; i < self->ds.cap; i++) ds_remove(&self->ds, i);
     return 0;
 }
 
@@ -1234,6 +1619,9 @@ static void Lane_dealloc(Lane *self) {
     PyMem_Free(self->out);
     PyMem_Free(self->rxbuf);
     PyMem_Free(self->json);
+    ds_free(&self->ds);
+    PyMem_Free(self->wire);
+    PyMem_Free(self->plainbuf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1254,6 +1642,19 @@ static PyMethodDef Lane_methods[] = {
     {"take_committed", (PyCFunction)Lane_take_committed, METH_NOARGS, "take_committed() -> {device: points committed since the last call}"},
     {"set_targets", (PyCFunction)Lane_set_targets, METH_VARARGS, "set_targets(tokens, targets)"},
     {"counters", (PyCFunction)Lane_counters, METH_NOARGS, "counters() -> dict"},
+    {"drain_records", (PyCFunction)Lane_drain_records, METH_VARARGS,
+     "drain_records(fd, now, now_ms, budget) -> datagrams read: CoAPS on corem's engine"},
+    {"receive_record", (PyCFunction)Lane_receive_record, METH_VARARGS,
+     "receive_record(datagram, peer, now, now_ms): one CoAPS datagram, sans-IO"},
+    {"take_records", (PyCFunction)Lane_take_records, METH_NOARGS,
+     "take_records() -> (decrypted messages not taken, owners of sessions touched, datagrams, bytes)"},
+    {"add_session", (PyCFunction)(void (*)(void))Lane_add_session, METH_FASTCALL,
+     "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor)"},
+    {"drop_session", (PyCFunction)(void (*)(void))Lane_drop_session, METH_FASTCALL,
+     "drop_session(owner, peer, cid_in) -> bool"},
+    {"send_records", (PyCFunction)Lane_send_records, METH_O,
+     "send_records(fd) -> answers left for Python (take_outbox): the rest sealed and sent"},
+    {"limit", (PyCFunction)Lane_limit, METH_VARARGS, "limit(rate, burst, max_sources)"},
     {NULL},
 };
 

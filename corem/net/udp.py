@@ -168,6 +168,8 @@ class UdpEdge:
             def outgoing() -> Datagrams:
                 lane.send(fd)
                 return endpoint.datagrams_to_send()
+        elif self._lane_opens_records(lane, limiter):
+            return
         else:
             # behind DTLS: the lane is offered each decrypted message, with its session's device
             device, offer, read = security.device, lane.offer, self._read_limited
@@ -189,6 +191,43 @@ class UdpEdge:
             return outgoing()
 
         self._outgoing = outgoing_settled
+
+    def _lane_opens_records(self, lane: FastLane, limiter: SourceLimiter | None) -> bool:
+        """Behind corem's DTLS engine (a security layer with `attach_lane`, C records): the lane
+        reads the socket, opens the records of established sessions and seals its answers itself;
+        the datagrams it leaves go through the security layer (then settled, then offered to the
+        lane as behind any DTLS), the messages it decrypted but does not take go to the endpoint."""
+        security, endpoint = self.security, self.endpoint
+        attach = getattr(security, "attach_lane", None)
+        if attach is None or not attach(lane):
+            return False
+        fd = self.sock.fileno()
+        if limiter is not None:  # (the lane applies it to every datagram, as on plain CoAP)
+            lane.limit(limiter.rate, limiter.burst, limiter.max_sources)
+            self.limiter = LaneLimits(lane)  # type: ignore[assignment]
+        receive, settle, device, offer = security.receive, security.settle, security.device, lane.offer
+        touched = security.lane_touched  # type: ignore[attr-defined]
+        drain, collect = lane.drain_records, lane.collect
+
+        def read_records(now: float) -> Datagrams:
+            datagrams, messages = drain(fd, now, BATCH, touched)
+            if datagrams:
+                decrypted = [(m, peer) for data, peer in datagrams for m in receive(data, peer, now)]
+                settle(now)
+                for message, peer in decrypted:
+                    offer(message, peer, device(peer), now)
+                messages += collect()
+            return messages
+
+        def outgoing() -> Datagrams:
+            lane.settle()
+            lane.send_records(fd)
+            return endpoint.datagrams_to_send() + lane.take_outbox()
+
+        self._read = read_records
+        self._receive = _as_is
+        self._outgoing = outgoing
+        return True
 
     def _decrypt_first(self) -> None:
         """Behind a security layer that is not transparent (DTLS), a batch is decrypted whole and

@@ -139,6 +139,10 @@ class Engine:
         self.handshake_over: Callable[[Peer], None] | None = None
         #: `moved(conn, old_peer)`: RFC 9146 §6, a session now answers at `conn.peer`
         self.moved: Callable[[Connection, Peer], None] | None = None
+        #: `on_session(conn, live)`: `conn` became a session at `conn.peer` (live) or is no longer
+        #: one there (False; also said of connections that never were, harmlessly): the fast lane's
+        #: table of the sessions whose records it opens (layer.py `attach_lane`)
+        self.on_session: Callable[[Connection, bool], None] | None = None
 
     # -- in --------------------------------------------------------------------------------------
 
@@ -276,6 +280,8 @@ class Engine:
                     return
                 self.sessions[conn.peer] = conn
                 self.stats.handshakes_completed += 1
+                if self.on_session is not None:
+                    self.on_session(conn, True)
             elif conn.state == FAILED:
                 self.stats.handshakes_failed[conn.reason] += 1
                 self._forget(conn)
@@ -285,6 +291,8 @@ class Engine:
             self._forget(conn)
 
     def _forget(self, conn: Connection) -> None:
+        if self.on_session is not None:
+            self.on_session(conn, False)
         if self.handshakes.get(conn.peer) is conn:
             del self.handshakes[conn.peer]
             if self.handshake_over is not None:
@@ -296,6 +304,8 @@ class Engine:
 
     def _move(self, conn: Connection, peer: Peer) -> None:
         """RFC 9146 §6: the newest authenticated record came from `peer`: answer there from now on"""
+        if self.on_session is not None:
+            self.on_session(conn, False)
         if self.sessions.get(conn.peer) is conn:
             del self.sessions[conn.peer]
         displaced = self.sessions.get(peer)
@@ -303,6 +313,8 @@ class Engine:
             self._forget(displaced)  # (a session by address at that address is superseded)
         old, conn.peer = conn.peer, peer
         self.sessions[peer] = conn
+        if self.on_session is not None:
+            self.on_session(conn, True)
         self.stats.address_changes += 1
         if self.moved is not None:
             self.moved(conn, old)
@@ -391,6 +403,8 @@ class Engine:
                 self._forget(other)
             self.by_cid[conn.cid_in] = conn
         self.sessions[peer] = conn
+        if self.on_session is not None:
+            self.on_session(conn, True)
 
     def close(self, peer: Peer) -> None:
         conn = self.sessions.get(peer)

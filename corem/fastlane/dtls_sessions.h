@@ -1,0 +1,210 @@
+/*
+ * The fast lane's table of DTLS sessions (corem's own engine, issue 27): the established sessions
+ * whose records the lane opens and seals itself, found by the peer's address and by the Connection
+ * ID this side chose.  Registered and dropped by corem/dtls/layer.py (`Lane.add_session`,
+ * `drop_session`); each holds references to the session's Python objects (its owner, the
+ * Connection; its read and write Protection and its replay Window: the very objects Python uses,
+ * so the window and the write sequence number stay one state).  Header-only, for _lane.c (which
+ * defines KEYLEN and includes udp_batch.h first).
+ *
+ * Entries live in an array with a free list; two open-addressing indexes (linear probing,
+ * tombstones, rebuilt when half full) find them.  A table of at most the engine's max_sessions.
+ */
+#ifndef COREM_DTLS_SESSIONS_H
+#define COREM_DTLS_SESSIONS_H
+
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define DS_MAX_CID 32   /* the CIDs this side chooses (the engine's cid_length: at most 32) */
+#define DS_MAX_PEER_CID 255
+#define WIRE_MAX 384    /* a sealed answer: 13 + 255 (the peer's CID) + 8 + 48 + 1 + 16 < 384 */
+
+typedef struct {
+    PyObject *owner;  /* what Python registered (the Connection): reported by take_records */
+    PyObject *peer;   /* the peer as Python spells it */
+    PyObject *read, *window, *write;
+    PyObject *name;   /* (tenant, device) of the session's device, or None */
+    addr_t addr;
+    socklen_t alen;
+    uint8_t akey[KEYLEN];
+    uint8_t cid_in[DS_MAX_CID];
+    uint8_t cid_out[DS_MAX_PEER_CID];
+    uint8_t cid_in_len, cid_out_len, live;
+    int64_t floor;     /* records numbered at or below it go to Python (a restored session's) */
+    Py_ssize_t target; /* the lane's target of its device (-1: none), as of targets_gen */
+    uint64_t targets_gen;
+    uint64_t epoch;    /* the batch that last reported it touched */
+    int32_t next_free;
+} dsess_t;
+
+typedef struct {
+    uint32_t *cells; /* entry + 1; 0 empty; DS_TOMB deleted */
+    uint32_t *hashes;
+    size_t mask, used; /* used: cells not empty (tombstones included) */
+} dsindex;
+
+#define DS_TOMB UINT32_MAX
+
+typedef struct {
+    dsess_t *e;
+    int32_t cap, free_head, count;
+    dsindex by_addr, by_cid;
+    size_t cid_len; /* the length of every CID this side chose (0: none registered yet) */
+} dsessions;
+
+typedef struct {
+    addr_t addr;
+    socklen_t alen;
+    uint16_t len;
+    uint8_t data[WIRE_MAX];
+} wire_t;
+
+static uint32_t ds_hash(const uint8_t *k, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ k[i]) * 0x100000001b3ULL;
+    h ^= h >> 29;
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+static const uint8_t *ds_key(const dsess_t *s, int by_cid, size_t *n) {
+    if (by_cid) {
+        *n = s->cid_in_len;
+        return s->cid_in;
+    }
+    *n = KEYLEN;
+    return s->akey;
+}
+
+static long ds_find(dsessions *t, int by_cid, const uint8_t *key, size_t n) {
+    dsindex *x = by_cid ? &t->by_cid : &t->by_addr;
+    if (!x->cells || !t->count) return -1;
+    uint32_t h = ds_hash(key, n);
+    for (size_t i = h & x->mask;; i = (i + 1) & x->mask) {
+        uint32_t c = x->cells[i];
+        if (c == 0) return -1;
+        if (c != DS_TOMB && x->hashes[i] == h) {
+            size_t kn;
+            const uint8_t *k = ds_key(&t->e[c - 1], by_cid, &kn);
+            if (kn == n && memcmp(k, key, n) == 0) return (long)(c - 1);
+        }
+    }
+}
+
+static int ds_index_init(dsindex *x, size_t size) {
+    x->cells = PyMem_Calloc(size, sizeof(uint32_t));
+    x->hashes = PyMem_Calloc(size, sizeof(uint32_t));
+    if (!x->cells || !x->hashes) {
+        PyMem_Free(x->cells);
+        PyMem_Free(x->hashes);
+        x->cells = x->hashes = NULL;
+        return -1;
+    }
+    x->mask = size - 1;
+    x->used = 0;
+    return 0;
+}
+
+static void ds_index_put(dsindex *x, uint32_t h, uint32_t entry) {
+    size_t i = h & x->mask;
+    while (x->cells[i] != 0) i = (i + 1) & x->mask;
+    x->cells[i] = entry + 1;
+    x->hashes[i] = h;
+    x->used++;
+}
+
+/* The index rebuilt (tombstones gone) at twice the live entries' room, at least 64 cells. */
+static int ds_rebuild(dsessions *t, int by_cid) {
+    dsindex *x = by_cid ? &t->by_cid : &t->by_addr, fresh;
+    size_t size = 64;
+    while (size < (size_t)(t->count + 1) * 4) size <<= 1;
+    if (ds_index_init(&fresh, size) < 0) return -1;
+    for (int32_t i = 0; i < t->cap; i++) {
+        dsess_t *s = &t->e[i];
+        if (!s->live || (by_cid && !s->cid_in_len)) continue;
+        size_t n;
+        const uint8_t *k = ds_key(s, by_cid, &n);
+        ds_index_put(&fresh, ds_hash(k, n), (uint32_t)i);
+    }
+    PyMem_Free(x->cells);
+    PyMem_Free(x->hashes);
+    *x = fresh;
+    return 0;
+}
+
+static int ds_index_add(dsessions *t, int by_cid, int32_t entry) {
+    dsindex *x = by_cid ? &t->by_cid : &t->by_addr;
+    if ((!x->cells || (x->used + 1) * 2 > x->mask + 1) && ds_rebuild(t, by_cid) < 0) return -1;
+    size_t n;
+    const uint8_t *k = ds_key(&t->e[entry], by_cid, &n);
+    /* (a rebuild may have put it there already: it is live) */
+    if (ds_find(t, by_cid, k, n) == entry) return 0;
+    ds_index_put(x, ds_hash(k, n), (uint32_t)entry);
+    return 0;
+}
+
+static void ds_index_remove(dsessions *t, int by_cid, int32_t entry) {
+    dsindex *x = by_cid ? &t->by_cid : &t->by_addr;
+    if (!x->cells) return;
+    size_t n;
+    const uint8_t *k = ds_key(&t->e[entry], by_cid, &n);
+    uint32_t h = ds_hash(k, n);
+    for (size_t i = h & x->mask;; i = (i + 1) & x->mask) {
+        uint32_t c = x->cells[i];
+        if (c == 0) return;
+        if (c == (uint32_t)entry + 1) {
+            x->cells[i] = DS_TOMB;
+            return;
+        }
+    }
+}
+
+/* A free entry (zeroed, not yet live), or -1 (no memory). */
+static int32_t ds_new(dsessions *t) {
+    if (t->free_head < 0) {
+        int32_t cap = t->cap ? t->cap * 2 : 64;
+        dsess_t *e = PyMem_Realloc(t->e, (size_t)cap * sizeof(dsess_t));
+        if (!e) return -1;
+        for (int32_t i = t->cap; i < cap; i++) {
+            memset(&e[i], 0, sizeof(dsess_t));
+            e[i].next_free = i + 1 < cap ? i + 1 : -1;
+        }
+        t->e = e;
+        t->free_head = t->cap;
+        t->cap = cap;
+    }
+    int32_t i = t->free_head;
+    t->free_head = t->e[i].next_free;
+    return i;
+}
+
+static void ds_remove(dsessions *t, int32_t i) {
+    dsess_t *s = &t->e[i];
+    if (!s->live) return;
+    ds_index_remove(t, 0, i);
+    if (s->cid_in_len) ds_index_remove(t, 1, i);
+    Py_CLEAR(s->owner);
+    Py_CLEAR(s->peer);
+    Py_CLEAR(s->read);
+    Py_CLEAR(s->window);
+    Py_CLEAR(s->write);
+    Py_CLEAR(s->name);
+    s->live = 0;
+    s->next_free = t->free_head;
+    t->free_head = i;
+    t->count--;
+}
+
+static void ds_free(dsessions *t) {
+    for (int32_t i = 0; i < t->cap; i++) ds_remove(t, i);
+    PyMem_Free(t->e);
+    PyMem_Free(t->by_addr.cells);
+    PyMem_Free(t->by_addr.hashes);
+    PyMem_Free(t->by_cid.cells);
+    PyMem_Free(t->by_cid.hashes);
+    memset(t, 0, sizeof *t);
+    t->free_head = -1;
+}
+
+#endif
