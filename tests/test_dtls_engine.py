@@ -25,12 +25,12 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings, strategies as st
 
 from corem.codec import Code, Message, Type, decode, encode
-from corem.dtls.engine import Client, DtlsDecodeError, Engine, EngineParams, Params
+from corem.dtls.engine import Client, CookieJar, DtlsDecodeError, Engine, EngineParams, Params
 from corem.dtls.engine import certs as engine_certs
 from corem.dtls.engine.connection import Connection
 from corem.dtls.engine import messages as m
 from corem.dtls.engine import state as session_state
-from corem.dtls.engine.crypto import ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, prf
+from corem.dtls.engine.crypto import ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, hmac_sha256, prf
 from corem.dtls.engine.records import (
     ALERT, APPLICATION_DATA, HANDSHAKE, TLS12_CID, RecordProtection, ReplayWindow, parse_record_untrusted,
     plaintext_record,
@@ -698,6 +698,97 @@ def test_a_cookie_is_bound_to_the_address_and_outlives_one_rotation_only():
     eng.tick(122.0)  # two: stale
     eng.receive(hello2, PEER, 122.0)
     assert not eng.handshakes and eng.stats.hello_verify_sent == 3
+
+
+def _hello_body(session_id, cookie, suites, compression, extensions=b""):
+    """A ClientHello body written here from RFC 6347 §4.2.1, field by field"""
+    body = (b"\xfe\xfd" + bytes(range(32)) + bytes((len(session_id),)) + session_id + bytes((len(cookie),)) +
+            cookie + (2 * len(suites)).to_bytes(2, "big") + b"".join(x.to_bytes(2, "big") for x in suites) +
+            bytes((len(compression),)) + compression)
+    return body + (len(extensions).to_bytes(2, "big") + extensions if extensions else b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=32), st.binary(max_size=32), st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=20),
+       st.binary(min_size=1, max_size=4), st.booleans(), st.sampled_from([PEER, ("2001:db8::1", 5684, 0, 0)]))
+def test_the_cookie_is_made_over_the_hellos_own_bytes_as_over_its_fields(sid, cookie, suites, compression,
+                                                                        with_ext, peer):
+    """A parsed hello's cookie input is sliced from its bytes (ClientHello.cookie_input): byte for
+    byte the fields' encoding, so the cookie (and the HelloVerifyRequest) is the one the fields make,
+    and the cookie the hello carries is not part of it"""
+    ext = (23).to_bytes(2, "big") + b"\x00\x00" if with_ext else b""
+    hello = m.parse_client_hello_untrusted(_hello_body(sid, cookie, suites, compression, ext))
+    other = m.parse_client_hello_untrusted(_hello_body(sid, b"\x01" * 16, suites, compression, ext))
+    assert hello.cookie_input == other.cookie_input
+    jar = CookieJar()
+    addr = repr(peer).encode()
+    fields = (len(addr).to_bytes(2, "big") + addr + b"\xfe\xfd" + bytes(range(32)) + bytes((len(sid),)) + sid +
+              (2 * len(suites)).to_bytes(2, "big") + b"".join(x.to_bytes(2, "big") for x in suites) +
+              bytes((len(compression),)) + compression)
+    assert jar._input(peer, hello) == fields == jar._input(peer, hello._replace(cookie_input=b""))
+    assert jar.make(peer, hello) == hmac_sha256(jar.secrets[0], fields)[:16]
+    assert jar.valid(peer, other._replace(cookie=jar.make(peer, hello)))
+
+
+def test_a_replayed_client_hello_gets_no_flight_a_retransmitted_one_does():
+    """A retransmission is a new record (RFC 6347 §4.1); the very record again is a replay (a flood
+    keeping a slot): it is dropped, our ServerHello flight is not sent for it"""
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    [hello] = cl.datagrams_to_send()
+    eng.receive(hello, PEER, 0.0)
+    [(hvr, _)] = eng.datagrams_to_send()
+    cl.receive(hvr, 0.0)
+    [hello2] = cl.datagrams_to_send()
+    eng.receive(hello2, PEER, 0.0)
+    [(flight, _)] = eng.datagrams_to_send()
+    for t in (0.1, 0.2):
+        assert eng.receive(hello2, PEER, t) == [] and eng.datagrams_to_send() == []
+    assert eng.stats.records_dropped["replayed_client_hello"] == 2
+    rec, _ = parse_record_untrusted(hello2, 0, 0)
+    again = plaintext_record(HANDSHAKE, 0, rec.seq + 1, rec.fragment)
+    eng.receive(again, PEER, 1.0)
+    [(resent, _)] = eng.datagrams_to_send()  # (the same messages in new records)
+    assert len(resent) == len(flight) and resent != flight
+    eng.receive(again, PEER, 1.1)
+    assert eng.datagrams_to_send() == [] and eng.stats.records_dropped["replayed_client_hello"] == 3
+    cl.receive(flight, 1.2)
+    pump(eng, cl, now=1.2)
+    assert cl.established and eng.stats.handshakes_started == 1 and eng.stats.handshakes_completed == 1
+
+
+def test_the_layer_drops_the_datagram_that_took_a_slot_when_it_comes_again():
+    """A flood resends its cookie'd hello, byte for byte, to keep its slot (tests/handshake_flood.py):
+    the layer drops it for a comparison (slots.repeats, as DtlsServer), before the engine"""
+    from corem.dtls import DtlsParams
+    from corem.dtls.layer import EngineServer
+
+    from .test_dtls import DEVICE, IDENTITY, KEY as DEVICE_KEY
+
+    srv = EngineServer({IDENTITY: DEVICE}.get, DtlsParams(), state_key=os.urandom(32))
+    cl = Client(IDENTITY.encode(), DEVICE_KEY)
+    cl.start(0.0)
+    [hello] = cl.datagrams_to_send()
+    srv.receive(hello, PEER, 0.0)
+    [(hvr, _)] = srv.datagrams_to_send()
+    cl.receive(hvr, 0.0)
+    [hello2] = cl.datagrams_to_send()
+    srv.receive(hello2, PEER, 0.0)
+    [(flight, _)] = srv.datagrams_to_send()
+    assert PEER in srv.slots and srv.slots.repeats(PEER, hello2)
+    datagrams_in = srv.engine.stats.datagrams_in
+    for t in (0.1, 0.2, 0.3):
+        assert srv.receive(hello2, PEER, t) == [] and srv.datagrams_to_send() == []
+    assert srv.engine.stats.records_dropped["replayed"] == 3
+    assert srv.engine.stats.datagrams_in == datagrams_in + 3
+    cl.receive(flight, 0.4)
+    for _ in range(5):
+        for d in cl.datagrams_to_send():
+            srv.receive(d, PEER, 0.5)
+        for d, _ in srv.datagrams_to_send():
+            cl.receive(d, 0.5)
+    assert cl.established and srv.stats.handshakes_completed == 1 and PEER not in srv.slots
 
 
 def test_a_new_hello_on_an_established_session_needs_a_cookie_and_replaces_it_only_when_done():

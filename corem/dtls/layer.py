@@ -278,6 +278,7 @@ class EngineServer:
         self._marks: dict[bytes, Connection] = {}
         self._cid_length = cid_length
         self._hello_cookie = False  # (the ClientHello being handled carries a cookie)
+        self._datagram = b""  # (the datagram being handled)
         self._pending_device: Device | None = None
         self._lane: LaneSessions | None = None  # (attach_lane)
 
@@ -297,7 +298,7 @@ class EngineServer:
         if len(self.engine.sessions) >= self.params.max_sessions and peer not in self.engine.sessions:
             self.stats.handshakes_refused["sessions"] += 1
             return False
-        verdict = self.slots.admit(peer, now)
+        verdict = self.slots.admit(peer, now, hello=self._datagram)
         if verdict.reason is not None:
             self.stats.handshakes_refused[verdict.reason] += 1
             return False
@@ -399,11 +400,20 @@ class EngineServer:
         if first == CONTENT_HANDSHAKE and data[3] == 0 and data[4] == 0 and data[13] == 1:
             if not has_cookie(data):
                 pass  # (the engine answers it statelessly: no slot asked)
+            elif self.slots.repeats(peer, data):
+                # the very datagram that took this peer's slot, again: a flooder keeping its slot
+                # (a client's retransmitted hello has a new record number).  Dropped for the cost
+                # of a comparison, as DtlsServer does; the engine would resend its flight to it.
+                e.stats.datagrams_in += 1
+                e.stats.bytes_in += len(data)
+                e.stats.records_dropped["replayed"] += 1
+                return []
             elif (v := self.slots.consider(peer, now)).reason is not None and peer not in e.handshakes:
                 e.stats.datagrams_in += 1
                 e.stats.bytes_in += len(data)
                 self.stats.handshakes_refused[v.reason] += 1
                 return []
+        self._datagram = data  # (the hello that takes a slot is remembered: `_admit`)
         out = e.receive(data, peer, now)
         hs = e.handshakes.get(peer)
         if hs is not None and hs.auth_failures >= FINISHED_FAILURES:

@@ -103,6 +103,7 @@ class Connection:
         self.peer_flight_start = 0
         self.client_random = b""
         self.server_random = b""
+        self.hello_seq = -1  # (server) the record number of the newest ClientHello taken
         self.suite: Suite | None = None
         self.ems = False
         self.secure_renegotiation = False
@@ -190,6 +191,7 @@ class Connection:
         # RFC 6347 §4.2.1 suggests going on from the hello's record number (the client chose it:
         # not so close to 2^48 that a retransmitted flight would run out of numbers)
         self._seq0 = record_seq if record_seq < 1 << 32 else 0
+        self.hello_seq = record_seq
         self.transcript += raw
         try:
             if hello.version > DTLS_1_2:  # (DTLS versions count down: 0xfeff is 1.0)

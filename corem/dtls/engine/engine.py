@@ -57,6 +57,8 @@ class CookieJar:
     @staticmethod
     def _input(peer: Peer, hello: m.ClientHello) -> bytes:
         addr = repr(peer).encode()
+        if hello.cookie_input:  # (a parsed hello: these very bytes, as they came)
+            return len(addr).to_bytes(2, "big") + addr + hello.cookie_input
         suites = b"".join(s.to_bytes(2, "big") for s in hello.suites)
         return b"".join((
             len(addr).to_bytes(2, "big"), addr, hello.version.to_bytes(2, "big"), hello.random,
@@ -71,8 +73,10 @@ class CookieJar:
         if len(hello.cookie) != COOKIE_LENGTH:
             return False
         data = self._input(peer, hello)
-        return any(hmac.compare_digest(hmac_sha256(s, data)[:COOKIE_LENGTH], hello.cookie)
-                   for s in self.secrets)
+        for s in self.secrets:
+            if hmac.compare_digest(hmac_sha256(s, data)[:COOKIE_LENGTH], hello.cookie):
+                return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,11 @@ class Engine:
             return None
         current = self.handshakes.get(peer)
         if current is not None and current.client_random == hello.random and current.state != FAILED:
+            if rec.seq <= current.hello_seq:
+                # the very record again (a retransmission is a new record, RFC 6347 §4.1): a
+                # replay, e.g. a flood keeping a slot; our flight is not sent for it
+                raise DtlsDecodeError(0, "replayed_client_hello")
+            current.hello_seq = rec.seq
             current.resend = True  # its retransmitted hello: our ServerHello flight was lost
             return current
         if current is not None:

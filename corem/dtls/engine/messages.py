@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import DECODE_ERROR, ILLEGAL_PARAMETER, DtlsDecodeError
 
@@ -27,12 +28,16 @@ EXT_RENEGOTIATION_INFO = 0xFF01  # RFC 5746
 
 HS_HEADER = 12
 _HS = struct.Struct("!B3sH3s3s")
+#: the same header read with each 24-bit field's low 16 bits as an integer (its high byte is added
+#: from the payload: no int.from_bytes calls)
+_HS2 = struct.Struct("!BxHHxHxH")
 #: the largest handshake message the engine reassembles (a certificate chain fits, later)
 MAX_MESSAGE = 8192
 
 
-@dataclass(frozen=True, slots=True)
-class Fragment:
+class Fragment(NamedTuple):
+    """(a tuple: one is made per handshake message received, and a frozen dataclass's __init__
+    cost ~3x as much)"""
     msg_type: int
     length: int
     message_seq: int
@@ -48,15 +53,16 @@ def parse_fragments_untrusted(payload: bytes) -> list[Fragment]:
     """The handshake fragments one record carries (one or more, back to back)."""
     out = []
     pos = 0
-    while pos < len(payload):
-        if len(payload) - pos < HS_HEADER:
+    n = len(payload)
+    while pos < n:
+        if n - pos < HS_HEADER:
             raise DtlsDecodeError(DECODE_ERROR, "handshake_truncated")
-        msg_type, length, seq, offset, flen = _HS.unpack_from(payload, pos)
-        length = int.from_bytes(length, "big")
-        offset = int.from_bytes(offset, "big")
-        flen = int.from_bytes(flen, "big")
+        msg_type, length, seq, offset, flen = _HS2.unpack_from(payload, pos)
+        length = payload[pos + 1] << 16 | length
+        offset = payload[pos + 6] << 16 | offset
+        flen = payload[pos + 9] << 16 | flen
         pos += HS_HEADER
-        if offset + flen > length or pos + flen > len(payload):
+        if offset + flen > length or pos + flen > n:
             raise DtlsDecodeError(DECODE_ERROR, "handshake_fragment")
         if length > MAX_MESSAGE:
             raise DtlsDecodeError(ILLEGAL_PARAMETER, "handshake_too_long")
@@ -160,8 +166,8 @@ def parse_extensions_untrusted(r: _Reader) -> dict[int, bytes]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ClientHello:
+class ClientHello(NamedTuple):
+    """(a tuple, as Fragment: every hello, the cookie-less ones of a flood included, makes one)"""
     version: int
     random: bytes
     session_id: bytes
@@ -169,6 +175,10 @@ class ClientHello:
     suites: tuple[int, ...]
     compression: bytes
     extensions: dict[int, bytes]
+    #: the hello's bytes a cookie is made over (engine.CookieJar), as they came: version, random,
+    #: session_id, cipher_suites and compression_methods with their length prefixes (b"": not
+    #: parsed from the wire, CookieJar encodes the fields)
+    cookie_input: bytes = b""
 
     def cid_offered(self) -> bytes | None:
         """The CID the client asks for in records to it (b"": none needed), or None: not offered"""
@@ -202,10 +212,12 @@ def parse_client_hello_untrusted(body: bytes) -> ClientHello:
         raise DtlsDecodeError(ILLEGAL_PARAMETER, "session_id_length")
     if end >= n:
         raise _truncated()
+    session_end = end
     pos, end = end + 1, end + 1 + body[end]
     if end > n:
         raise _truncated()
     cookie = body[pos:end]
+    cookie_end = end
     if end + 2 > n:
         raise _truncated()
     pos, end = end + 2, end + 2 + (body[end] << 8 | body[end + 1])
@@ -223,6 +235,7 @@ def parse_client_hello_untrusted(body: bytes) -> ClientHello:
     compression = body[pos:end]
     if not compression:
         raise DtlsDecodeError(DECODE_ERROR, "compression_methods")
+    cookie_input = body[:session_end] + body[cookie_end:end]
     extensions: dict[int, bytes] = {}
     if end < n:  # (extensions: as parse_extensions_untrusted, then nothing after them)
         if end + 2 > n:
@@ -243,7 +256,7 @@ def parse_client_hello_untrusted(body: bytes) -> ClientHello:
             pos = stop
         if end != n:
             raise DtlsDecodeError(DECODE_ERROR, "trailing_bytes")
-    hello = ClientHello(version, random, session_id, cookie, suites, compression, extensions)
+    hello = ClientHello(version, random, session_id, cookie, suites, compression, extensions, cookie_input)
     if EXT_CONNECTION_ID in extensions:
         hello.cid_offered()  # (well-formed, or a decode error now)
     return hello
