@@ -45,5 +45,13 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),
+        # the TLS 1.2 PRF on the same libcrypto (crypto.py's `prf` is its pure-Python twin)
+        Extension(
+            "corem.dtls.engine._prf",
+            ["corem/dtls/engine/_prf.c"],
+            libraries=["crypto"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
     ]
 )

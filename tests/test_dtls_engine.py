@@ -30,7 +30,8 @@ from corem.dtls.engine import certs as engine_certs
 from corem.dtls.engine.connection import Connection
 from corem.dtls.engine import messages as m
 from corem.dtls.engine import state as session_state
-from corem.dtls.engine.crypto import ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, hmac_sha256, prf
+from corem.dtls.engine.crypto import (ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, hmac_sha256, prf,
+                                      prf_py)
 from corem.dtls.engine.records import (
     ALERT, APPLICATION_DATA, HANDSHAKE, TLS12_CID, RecordProtection, ReplayWindow, parse_record_untrusted,
     plaintext_record,
@@ -106,12 +107,32 @@ def test_cid_records_in_the_drafts_layouts_do_not_open():
     assert e.value.reason == "bad_record_mac"
 
 
-def test_prf_sha256_known_answer():
-    """The TLS 1.2 PRF test vector (SHA-256) published with the IETF TLS list's vectors"""
+@pytest.mark.parametrize("impl", [prf, prf_py], ids=["prf", "prf_py"])
+def test_prf_sha256_known_answer(impl):
+    """The TLS 1.2 PRF test vector (SHA-256) published with the IETF TLS list's vectors, whole
+    (`prf` is the C one, _prf.c, where it is built; `prf_py` its pure-Python twin)"""
     secret = bytes.fromhex("9bbe436ba940f017b17652849a71db35")
     seed = bytes.fromhex("a0ba9f936cda311827a6f796ffd5198c")
-    out = prf(secret, b"test label", seed, 100)
-    assert out.hex().startswith("e3f229ba727be17b8d122620557cd453c2aab21d07c3d495329b52d4e61edb5a")
+    out = impl(secret, b"test label", seed, 100)
+    assert out.hex() == (
+        "e3f229ba727be17b8d122620557cd453c2aab21d07c3d495329b52d4e61edb5a6b301791e90d35c9c9a46b4e14baf9af"
+        "0fa022f7077def17abfd3797c0564bab4fbc91666e9def9b97fce34f796789baa48082d122ee42c5a72e5a5110fff701"
+        "87347b66")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=100), st.binary(max_size=20), st.binary(max_size=100), st.integers(0, 200))
+def test_prf_is_its_python_twin_and_hmac_by_hand(secret, label, seed, length):
+    """The PRF against P_SHA256 written here from RFC 5246 §5 on `hmac`, and the C one (when built)
+    against its twin"""
+    import hashlib
+    import hmac as std_hmac
+
+    a, out = label + seed, b""
+    while len(out) < length:
+        a = std_hmac.new(secret, a, hashlib.sha256).digest()
+        out += std_hmac.new(secret, a + label + seed, hashlib.sha256).digest()
+    assert prf(secret, label, seed, length) == prf_py(secret, label, seed, length) == out[:length]
 
 
 # -- the replay window and the parsers as properties -------------------------------------------------

@@ -1,12 +1,15 @@
 """Cipher suites, the TLS 1.2 PRF (RFC 5246 §5, SHA-256), the master secret (RFC 5246 §8.1, or the
 extended master secret of RFC 7627 §4) and the key block (RFC 5246 §6.3).  HMAC is the standard
-library's (OpenSSL's); the ciphers are `cryptography`'s (records.py)."""
+library's (OpenSSL's), the PRF's C (_prf.c, on libcrypto) with `prf_py` its twin; the ciphers are
+`cryptography`'s (records.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from dataclasses import dataclass
+from typing import Callable
 
 SHA256 = "sha256"
 
@@ -58,8 +61,9 @@ except ImportError:  # pragma: no cover (CPython without OpenSSL)
     pass
 
 
-def prf(secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
-    """P_SHA256(secret, label + seed), RFC 5246 §5"""
+def prf_py(secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
+    """P_SHA256(secret, label + seed), RFC 5246 §5 (the reference: `prf` is the C one, _prf.c,
+    when it is built and COREM_PURE_PYTHON is not set)"""
     seed = label + seed
     mac = hmac_sha256
     out = b""
@@ -68,6 +72,26 @@ def prf(secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
         a = mac(secret, a)
         out += mac(secret, a + seed)
     return out[:length]
+
+
+def _load_prf() -> Callable[[bytes, bytes, bytes, int], bytes]:
+    """The C PRF (~2.4x faster: one call, the key set up once), unless it is missing or
+    COREM_PURE_PYTHON is set"""
+    if os.environ.get("COREM_PURE_PYTHON"):
+        return prf_py
+    try:
+        from ._prf import prf_sha256
+    except ImportError:
+        return prf_py
+
+    def prf(secret: bytes, label: bytes, seed: bytes, length: int) -> bytes:
+        """P_SHA256(secret, label + seed), RFC 5246 §5"""
+        return prf_sha256(secret, label + seed, length)
+
+    return prf
+
+
+prf = _load_prf()
 
 
 def psk_premaster(psk: bytes) -> bytes:
