@@ -150,7 +150,9 @@ class Settings:
     tcp_idle_timeout: float = _opt(600.0, "seconds a silent TCP/TLS connection is kept before a Release", _positive)
     dtls_ciphers: str = _opt(
         "TLS-PSK-WITH-AES-128-CCM-8,TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8",
-        "comma-separated DTLS cipher suites (Mbed TLS names; checked when the CoAPS listener starts)",
+        "comma-separated DTLS cipher suites: TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, "
+        "TLS-PSK-WITH-AES-128-GCM-SHA256, TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256 "
+        "(checked when the CoAPS listener starts)",
     )
     dtls_cert: str = _opt("", "PEM certificate chain the server presents (certificate mode)", _file)
     dtls_key: str = _opt("", "PEM private key of dtls_cert", _file)
@@ -161,9 +163,11 @@ class Settings:
         "itself with a token)", _choice("required", "none", "optional"),
     )
     dtls_engine: str = _opt(
-        "mbedtls", "the DTLS implementation CoAPS runs on: 'mbedtls' (python-mbedtls, Mbed TLS 2.28) or 'corem' "
-        "(corem's own engine on cryptography: Connection ID, sessions stored as sealed data; opt-in this release)",
-        _choice("mbedtls", "corem"),
+        "corem", "the DTLS implementation CoAPS runs on: 'corem' (corem's own engine on cryptography: Connection "
+        "ID, sessions stored as sealed data) or, deprecated, 'mbedtls' (python-mbedtls, Mbed TLS 2.28, out of "
+        "support; only with the optional package installed: pip install 'corem[mbedtls]'; never with a shared "
+        "dtls_session_store)",
+        _choice("corem", "mbedtls"),
     )
     dtls_state_key: str = _opt(
         "", "dtls_engine = corem: the key (hex, 32 or 64 digits) stored DTLS sessions are sealed under; empty = "
@@ -346,6 +350,16 @@ class Settings:
         if self.dtls_client_auth == "optional" and self.dtls_engine != "corem":
             raise ConfigError("dtls_client_auth: 'optional' needs dtls_engine = corem (Mbed TLS 2.28, through "
                               "python-mbedtls, can only require a device certificate or not ask for one)")
+        if self.dtls_engine == "mbedtls":
+            try:
+                importlib.import_module("mbedtls")
+            except ImportError:
+                raise ConfigError("dtls_engine: 'mbedtls' needs python-mbedtls, an optional package (pip install "
+                                  "'corem[mbedtls]'); it bundles Mbed TLS 2.28, out of support: prefer 'corem'") from None
+            if self.dtls_session_store:
+                # (its stored sessions are pickles: a row another node wrote would run code here)
+                raise ConfigError("dtls_session_store: a shared store needs dtls_engine = corem (the mbedtls "
+                                  "engine stores sessions as pickles, which no process may read from another)")
         if self.dtls_engine == "corem" and self.dtls_session_store and not self.dtls_state_key:
             raise ConfigError("dtls_state_key: needed with dtls_engine = corem and a shared dtls_session_store "
                               "(every node seals and opens the stored sessions with it)")

@@ -15,10 +15,9 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, cast
 
 import trio
-from mbedtls.exceptions import TLSError
 
 from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
@@ -40,7 +39,7 @@ from .codec.options import UNDERSTOOD_CRITICAL
 from .config import ConfigError, Settings
 from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
-from .dtls import DtlsServer, PskStore, SessionStore
+from .dtls import SessionStore
 from .dtls.layer import EngineServer, load_state_key
 from .errors import StorageUnavailable
 from .net import fdlimit
@@ -68,6 +67,9 @@ from .registry.store import Snapshot
 from .stats import Measured
 from .workers import steer
 from .workers.link import Link, WorkerSpec
+
+if TYPE_CHECKING:
+    from .dtls.server import DtlsServer
 
 log = logging.getLogger("corem")
 
@@ -468,8 +470,9 @@ class Server:
         tls_server = None
         if name == "tls":
             try:
-                tls_server = Tls(PskStore(self.directory.psk_device), s.dtls_params(), self.directory.cert_device)
-            except (ValueError, OSError, TLSError) as e:
+                tls_server = Tls(self.directory.psk_device, s.dtls_params(), self.directory.cert_device,
+                                 client_auth=s.dtls_client_auth)
+            except (ValueError, OSError) as e:
                 raise ConfigError(f"{key}: {e}") from None
         endpoint, router = StreamEndpoint(), self._router()
         observers = self._observers(endpoint)
@@ -545,6 +548,12 @@ class Server:
             if engine.offloaded:
                 log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), SESSIONS_FILE)
             return engine
+        # python-mbedtls's engine (optional, deprecated: Mbed TLS 2.28 is out of support), imported
+        # only when chosen (Settings.check made sure it is installed)
+        from .dtls.server import DtlsServer, PskStore
+
+        log.warning("dtls_engine = mbedtls: CoAPS runs on Mbed TLS 2.28 (python-mbedtls), out of support since "
+                    "the end of 2024 and to be removed; dtls_engine = corem is the default")
         dtls = DtlsServer(
             PskStore(self.directory.psk_device),
             s.dtls_params(),

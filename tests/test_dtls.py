@@ -209,8 +209,15 @@ def test_idle_sessions_expire():
 
 
 def test_unknown_cipher_is_refused():
-    with pytest.raises(ValueError, match="not a cipher suite"):
-        DtlsParams(ciphers=("TLS-NOPE",))
+    """DtlsParams is both engines'; each names the suites it knows (engine_params for corem's)."""
+    from corem.dtls.layer import engine_params
+
+    with pytest.raises(ValueError, match="'TLS-NOPE' is not a cipher suite Mbed TLS offers"):
+        DtlsServer(PskStore({}.get), DtlsParams(ciphers=("TLS-NOPE",)))
+    with pytest.raises(ValueError, match="'TLS-NOPE' is not a cipher suite the corem engine implements"):
+        engine_params(DtlsParams(ciphers=("TLS-NOPE",)))
+    with pytest.raises(ValueError, match="no cipher suite given"):
+        DtlsParams(ciphers=())
 
 
 def test_idle_session_is_offloaded_and_restored_without_a_new_handshake():

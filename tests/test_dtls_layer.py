@@ -88,8 +88,13 @@ def test_the_settings_say_what_the_corem_engine_needs():
     from corem.config import ConfigError, Settings
 
     with pytest.raises(ConfigError, match="'optional' needs dtls_engine = corem"):
-        Settings(dtls_client_auth="optional").check()
-    Settings(dtls_client_auth="optional", dtls_engine="corem").check()
+        Settings(dtls_client_auth="optional", dtls_engine="mbedtls").check()
+    Settings(dtls_client_auth="optional").check()  # (corem is the default engine)
+    assert Settings().dtls_engine == "corem"
+    # the deprecated engine: never on a shared store (its sessions are pickles), and only installed
+    with pytest.raises(ConfigError, match="a shared store needs dtls_engine = corem"):
+        Settings(dtls_engine="mbedtls", dtls_session_store="postgresql://corem@db/corem").check()
+    # (without python-mbedtls installed: tests/test_interop_dtls.py, test_coaps_runs_without_python_mbedtls)
     with pytest.raises(ConfigError, match="dtls_state_key: needed"):
         Settings(dtls_engine="corem", dtls_session_store="postgresql://corem@db/corem").check()
     with pytest.raises(ConfigError, match="dtls_state_key: 32 or 64 hex digits"):

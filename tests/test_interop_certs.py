@@ -155,7 +155,7 @@ def start_corem_failing(data_dir: Path, pki: Path) -> str:
     import sys
 
     r = subprocess.run([sys.executable, "-m", "corem", "serve", "--data-dir", str(data_dir), "--coap", "off",
-                        "--coaps", "127.0.0.1:0", "--http", "off", "--dtls-client-auth", "optional",
+                        "--coaps", "127.0.0.1:0", "--http", "off", "--dtls-client-auth", "optional", "--dtls-engine", "mbedtls",
                         "--dtls-cert", str(pki / "server.pem"), "--dtls-key", str(pki / "server.key.pem"),
                         "--dtls-ca", str(pki / "ca.pem")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0

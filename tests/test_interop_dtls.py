@@ -200,3 +200,27 @@ def test_a_new_session_from_the_same_address_starts_message_ids_afresh(data_dir,
         assert server.metrics()["corem_dtls_handshakes_completed_total"] == 2
     finally:
         server.stop()
+
+
+def test_coaps_runs_without_python_mbedtls(data_dir, tmp_path, monkeypatch):
+    """python-mbedtls is an optional package now (the deprecated engine's): `corem serve` on its
+    defaults, with `import mbedtls` failing, serves the spec's command; asking for the mbedtls
+    engine then ends the start with one line saying what to install."""
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "shadow" / "mbedtls"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('python-mbedtls is not installed (test)')\n")
+    monkeypatch.setenv("PYTHONPATH", str(shadow.parent))
+    server = start_corem(data_dir)
+    try:
+        r = spec_command(server, DTLS_CLIENTS[0], write_cbor(tmp_path / "reading.cbor", READING))
+        assert r.code == "2.04", r.output
+        assert len(server.points()) == 1
+    finally:
+        server.stop()
+    r = subprocess.run([sys.executable, "-m", "corem", "serve", "--data-dir", str(tmp_path / "d2"), "--coap", "off",
+                        "--coaps", "127.0.0.1:0", "--http", "off", "--dtls-engine", "mbedtls"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "'mbedtls' needs python-mbedtls, an optional package" in r.stderr, r.stderr

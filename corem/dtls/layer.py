@@ -47,7 +47,7 @@ from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import RECORDS, TLS12_CID
-from .server import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie
+from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, peer_key
 
@@ -132,7 +132,7 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
         try:
             suites.append(suite_by_name(name))
         except ValueError:
-            raise ValueError(f"dtls_ciphers: {name!r} is not a suite the corem engine implements "
+            raise ValueError(f"dtls_ciphers: {name!r} is not a cipher suite the corem engine implements "
                              "(TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, "
                              "TLS-PSK-WITH-AES-128-GCM-SHA256, TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, "
                              "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256)") from None

@@ -19,7 +19,7 @@ import logging
 import socket
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import trio
 
@@ -35,7 +35,7 @@ from ..stats import Sample, counter, gauge
 from .fdlimit import Acceptor, tcp_cap
 
 if TYPE_CHECKING:
-    from ..dtls.server import DtlsParams
+    from ..dtls.params import DtlsParams
 
 log = logging.getLogger("corem.tcp")
 
@@ -57,13 +57,6 @@ class TcpParams:
     handshake_timeout: float = 30.0
 
 
-class PskSource(Protocol):
-    """What the server hands `Tls` for PSKs (dtls.server.PskStore): identity -> the device"""
-
-    @property
-    def lookup(self) -> Callable[[str], Any]: ...
-
-
 class Tls:
     """The coaps+tcp server side: the engine's TLS 1.2 with the CoAPS layer's credentials and
     settings (`engine_params`, as `dtls.layer.EngineServer` builds them: the suites of
@@ -71,13 +64,13 @@ class Tls:
     and `dtls_client_auth` required | none | optional); PSKs and certificates name devices in the
     registry."""
 
-    def __init__(self, psk_store: PskSource, params: DtlsParams, cert_lookup: Callable[[str], Any],
+    def __init__(self, psk_lookup: Callable[[str], Any], params: DtlsParams, cert_lookup: Callable[[str], Any],
                  client_auth: str | None = None) -> None:
         """`client_auth`: the `dtls_client_auth` setting itself when it is "optional" (DtlsParams,
         python-mbedtls's, carries it as "required"), as EngineServer is given it"""
         from ..dtls.layer import engine_params  # (the CoAPS layer's: not imported with the plain edge)
 
-        self.psk_lookup = psk_store.lookup
+        self.psk_lookup = psk_lookup
         self.cert_lookup = cert_lookup
         ep = engine_params(params, cid_length=0, client_auth=client_auth)
         suites = tuple(dict.fromkeys((*ep.suites, *(suite_by_name(n) for n in TLS_EXTRA_CIPHERS))))
