@@ -53,5 +53,13 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),
+        # the HelloVerifyRequest to a cookie-less ClientHello (engine.py `_hello` is its Python twin)
+        Extension(
+            "corem.dtls.engine._hello",
+            ["corem/dtls/engine/_hello.c"],
+            libraries=["crypto"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
     ]
 )

@@ -751,6 +751,92 @@ def test_the_cookie_is_made_over_the_hellos_own_bytes_as_over_its_fields(sid, co
     assert jar.valid(peer, other._replace(cookie=jar.make(peer, hello)))
 
 
+def _engines_c_and_python(monkeypatch):
+    """Two engines with the same cookie secrets: the first answers cookie-less hellos through
+    _hello.c (where it is built), the second through Python alone"""
+    import corem.dtls.engine.engine as engine_module
+
+    c_path = engine_module._hello_verify
+    if c_path is None:
+        pytest.skip("_hello.c is not built (or COREM_PURE_PYTHON)")
+    fast, slow = Engine(KEYS.get), Engine(KEYS.get)
+    slow.cookies.secrets = fast.cookies.secrets
+    return engine_module, c_path, fast, slow
+
+
+def _same_answer(engine_module, c_path, fast, slow, datagram, peer, monkeypatch):
+    monkeypatch.setattr(engine_module, "_hello_verify", c_path)
+    fast.receive(datagram, peer, 0.0)
+    monkeypatch.setattr(engine_module, "_hello_verify", None)
+    slow.receive(datagram, peer, 0.0)
+    assert fast.datagrams_to_send() == slow.datagrams_to_send()
+    assert fast.stats == slow.stats
+    assert list(fast.handshakes) == list(slow.handshakes)
+
+
+_EXTENSION = st.one_of(
+    st.tuples(st.sampled_from([23, 0xFF01, 54, 10, 11, 13, 0x1234]), st.binary(max_size=8)),
+    st.tuples(st.just(54), st.binary(max_size=6).map(lambda c: bytes((len(c),)) + c)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=34), st.sampled_from([b"", b"\x07" * 15, b"\x07" * 16, b"\x07" * 17, b"\x01"]),
+       st.lists(st.integers(0, 0xFFFF), max_size=8), st.binary(max_size=3), st.lists(_EXTENSION, max_size=5),
+       st.integers(0, 300), st.integers(0, (1 << 48) - 1), st.binary(max_size=3), st.booleans(), st.integers(-1, 40))
+def test_the_hello_verify_request_in_c_is_the_pythons_byte_for_byte(sid, cookie, suites, compression, exts,
+                                                                     message_seq, record_seq, after, more, cut):
+    """A cookie-less hello is answered by _hello.c in one call: for any hello, well-formed or not
+    (lengths, duplicate or malformed extensions, a cookie of the cookie's length, fragments after
+    it, a cut), the engine answers exactly as its Python path does: the same datagrams, the same
+    counters, no state"""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        engine_module, c_path, fast, slow = _engines_c_and_python(monkeypatch)
+        block = b"".join(e.to_bytes(2, "big") + len(d).to_bytes(2, "big") + d for e, d in exts)
+        body = _hello_body(sid, cookie, suites, compression, block)
+        if cut >= 0:
+            body = body[:cut] if cut < len(body) else body + after
+        msg = m.message(m.CLIENT_HELLO, message_seq, body)
+        if more:  # (another fragment after it in the same record)
+            msg += m.message(m.CLIENT_HELLO, message_seq + 1, after)[:12 + len(after) - (cut % 2)]
+        datagram = plaintext_record(HANDSHAKE, 0, record_seq, msg)
+        for peer in (PEER, ("2001:db8::7", 5684, 0, 0)):
+            _same_answer(engine_module, c_path, fast, slow, datagram, peer, monkeypatch)
+        assert not fast.handshakes
+
+
+def test_the_hello_verify_request_in_c_for_real_and_mutated_hellos(monkeypatch):
+    """The engine's own client's hellos, python-mbedtls's, and random byte flips of them"""
+    engine_module, c_path, fast, slow = _engines_c_and_python(monkeypatch)
+    hellos = []
+    for cid in (None, b"", b"\x01\x02"):
+        cl = Client(b"device-1", PSK, cid=cid)
+        cl.start(0.0)
+        hellos += cl.datagrams_to_send()
+    buf = mbedtls_client(MBEDTLS_SUITES[0])
+    for _ in range(10):  # (one step at a time, until it waits for the server)
+        try:
+            buf.do_handshake()
+        except mbedtls_tls.WantWriteError:
+            continue
+        except mbedtls_tls.WantReadError:
+            break
+    hellos.append(bytes(buf.peek_outgoing(4096)))
+    rnd = random.Random(27)
+    answered = 0
+    for hello in hellos:
+        _same_answer(engine_module, c_path, fast, slow, hello, PEER, monkeypatch)
+        answered += c_path(parse_record_untrusted(hello, 0, 0)[0].fragment, 0, b"x", b"k") is not None
+        for _ in range(300):
+            d = bytearray(hello)
+            for _ in range(rnd.randint(1, 3)):
+                d[rnd.randrange(13, len(d))] = rnd.randrange(256)
+            _same_answer(engine_module, c_path, fast, slow, bytes(d), ("198.51.100.9", rnd.randrange(65536)),
+                         monkeypatch)
+    assert answered == len(hellos)  # (every real hello is answered in C)
+    assert fast.stats.hello_verify_sent > 100 and not fast.handshakes
+
+
 def test_a_replayed_client_hello_gets_no_flight_a_retransmitted_one_does():
     """A retransmission is a new record (RFC 6347 §4.1); the very record again is a replay (a flood
     keeping a slot): it is dropped, our ServerHello flight is not sent for it"""

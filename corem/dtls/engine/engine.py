@@ -30,6 +30,21 @@ from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrus
 
 Peer = Hashable
 
+
+def _load_hello_verify() -> Callable[[bytes, int, bytes, bytes], bytes | None] | None:
+    """_hello.c's `hello_verify` (the HelloVerifyRequest to a cookie-less hello; None: the Python
+    path decides), unless it is missing or COREM_PURE_PYTHON is set"""
+    if os.environ.get("COREM_PURE_PYTHON"):
+        return None
+    try:
+        from ._hello import hello_verify
+    except ImportError:
+        return None
+    return hello_verify
+
+
+_hello_verify = _load_hello_verify()
+
 COOKIE_LENGTH = 16
 #: the highest message_seq a ClientHello may carry (a client's second hello is 1; the messages of
 #: the handshake it starts are numbered on from it, within 16 bits)
@@ -199,12 +214,17 @@ class Engine:
         hs = self.handshakes.get(peer)
         session = self.sessions.get(peer)
         if hs is not None and (hs.pending_read or hs.read_prot):
+            failures = hs.auth_failures
             try:
                 hs.receive_record(rec, now)
                 return hs
             except DtlsDecodeError:
                 if session is None:
                     raise
+            # (a new handshake with the peer of a live session: the record may be the session's)
+            session.receive_record(rec, now)
+            hs.auth_failures = failures  # it was: no sign of a wrong PSK in the new handshake
+            return session
         if session is None:
             raise DtlsDecodeError(0, "no_session")
         session.receive_record(rec, now)
@@ -212,6 +232,13 @@ class Engine:
 
     def _hello(self, rec: Record, peer: Peer, now: float) -> Connection | None:
         """A ClientHello (whole, in one record: RFC 6347 lets a server require it; as Mbed TLS)."""
+        if _hello_verify is not None:  # (the cookie-less hello's answer in one C call, or None)
+            hvr = _hello_verify(rec.fragment, rec.seq, repr(peer).encode(), self.cookies.secrets[0])
+            if hvr is not None:
+                self.outbox.append((hvr, peer))
+                self.stats.hello_verify_sent += 1
+                self.stats.bytes_out_unauthenticated += len(hvr)
+                return None
         [f, *_] = m.parse_fragments_untrusted(rec.fragment)
         if not f.whole:
             raise DtlsDecodeError(0, "fragmented_client_hello")

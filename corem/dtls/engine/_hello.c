@@ -1,0 +1,146 @@
+/* The stateless answer to a cookie-less ClientHello in C (engine.py `_hello`, RFC 6347 §4.2.1): the
+ * record's handshake fragments framed, the hello parsed with every check
+ * messages.parse_client_hello_untrusted makes, the cookie (CookieJar: HMAC-SHA256 over the peer's
+ * address and the hello's version, random, session_id, suites and compression methods) and the
+ * 44-byte HelloVerifyRequest record, in one call on the system's OpenSSL libcrypto.
+ *
+ *   hello_verify(fragment, record_seq, addr, secret) -> bytes | None
+ *
+ * None whenever the Python path is to decide: anything malformed (it raises the named error), a
+ * hello carrying a cookie of the cookie's length (it may be valid), an unusual shape (a fragment,
+ * a message_seq past 255, many extensions).  So the C path only ever answers what the Python one
+ * answers, byte for byte (tests/test_dtls_engine.py checks it against it). */
+
+#define PY_SSIZE_T_CLEAN
+#define OPENSSL_SUPPRESS_DEPRECATED
+#include <Python.h>
+
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#define HS_HEADER 12
+#define MAX_MESSAGE 8192
+#define MAX_HELLO_SEQ 255
+#define COOKIE_LENGTH 16
+#define MAX_EXTENSIONS 64
+#define EXT_CONNECTION_ID 54
+
+static unsigned u24(const unsigned char *p) { return (unsigned)p[0] << 16 | (unsigned)p[1] << 8 | p[2]; }
+static unsigned u16(const unsigned char *p) { return (unsigned)p[0] << 8 | p[1]; }
+
+/* 1: a well-formed hello without a cookie of COOKIE_LENGTH; sets the two spans of the cookie input */
+static int plain_hello(const unsigned char *b, size_t n, size_t *session_end, size_t *cookie_end,
+                       size_t *comp_end) {
+    if (n < 35) return 0;
+    size_t end = 35 + (size_t)b[34];
+    if (end > n || b[34] > 32 || end >= n) return 0;
+    *session_end = end;
+    size_t cookie_len = b[end];
+    end = end + 1 + cookie_len;
+    if (end > n || cookie_len == COOKIE_LENGTH) return 0;
+    *cookie_end = end;
+    if (end + 2 > n) return 0;
+    size_t suites = u16(b + end);
+    end = end + 2 + suites;
+    if (end > n || suites == 0 || suites % 2) return 0;
+    if (end >= n) return 0;
+    size_t comp = b[end];
+    end = end + 1 + comp;
+    if (end > n || comp == 0) return 0;
+    *comp_end = end;
+    if (end == n) return 1;
+    if (end + 2 > n) return 0;
+    size_t pos = end + 2;
+    end = pos + u16(b + end);
+    if (end != n) return 0; /* (past the block: truncated; short of it: trailing bytes) */
+    unsigned seen[MAX_EXTENSIONS];
+    int count = 0;
+    while (pos < end) {
+        if (pos + 4 > end || count == MAX_EXTENSIONS) return 0;
+        unsigned ext = u16(b + pos);
+        size_t stop = pos + 4 + u16(b + pos + 2);
+        if (stop > end) return 0;
+        for (int i = 0; i < count; i++)
+            if (seen[i] == ext) return 0;
+        seen[count++] = ext;
+        /* ClientHello.cid_offered: one length byte, then exactly that many bytes */
+        if (ext == EXT_CONNECTION_ID && (stop == pos + 4 || (size_t)b[pos + 4] + 1 != stop - pos - 4))
+            return 0;
+        pos = stop;
+    }
+    return 1;
+}
+
+static PyObject *hello_verify(PyObject *self, PyObject *args) {
+    Py_buffer frag, addr, secret;
+    unsigned long long seq;
+    if (!PyArg_ParseTuple(args, "y*Ky*y*", &frag, &seq, &addr, &secret))
+        return NULL;
+    PyObject *out = NULL;
+    const unsigned char *p = frag.buf;
+    size_t n = (size_t)frag.len, pos = 0;
+    const unsigned char *body = NULL;
+    size_t body_len = 0;
+    unsigned message_seq = 0;
+    /* every fragment framed as parse_fragments_untrusted frames it; the first one whole */
+    while (pos < n) {
+        if (n - pos < HS_HEADER) goto none;
+        unsigned length = u24(p + pos + 1), offset = u24(p + pos + 6), flen = u24(p + pos + 9);
+        if ((size_t)offset + flen > length || pos + HS_HEADER + flen > n || length > MAX_MESSAGE) goto none;
+        if (body == NULL) {
+            if (offset != 0 || flen != length) goto none;
+            message_seq = u16(p + pos + 4);
+            body = p + pos + HS_HEADER;
+            body_len = flen;
+        }
+        pos += HS_HEADER + flen;
+    }
+    size_t session_end, cookie_end, comp_end;
+    if (body == NULL || message_seq > MAX_HELLO_SEQ || seq >> 48 || addr.len > 0xFFFF ||
+        !plain_hello(body, body_len, &session_end, &cookie_end, &comp_end))
+        goto none;
+    /* the cookie: HMAC-SHA256(secret, len(addr) addr version random session_id suites compression) */
+    unsigned char mac[EVP_MAX_MD_SIZE], prefix[2] = {(unsigned char)(addr.len >> 8), (unsigned char)addr.len};
+    unsigned maclen = 0;
+    HMAC_CTX *ctx = HMAC_CTX_new();
+    int ok = ctx != NULL && HMAC_Init_ex(ctx, secret.buf, (int)secret.len, EVP_sha256(), NULL) &&
+             HMAC_Update(ctx, prefix, 2) && HMAC_Update(ctx, addr.buf, addr.len) &&
+             HMAC_Update(ctx, body, session_end) &&
+             HMAC_Update(ctx, body + cookie_end, comp_end - cookie_end) && HMAC_Final(ctx, mac, &maclen);
+    HMAC_CTX_free(ctx);
+    if (!ok) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL HMAC failed");
+        goto done;
+    }
+    /* record header (13) + handshake header (12) + server_version 0xfeff, cookie length, cookie */
+    unsigned char r[13 + 12 + 3 + COOKIE_LENGTH];
+    const unsigned hvr_len = 3 + COOKIE_LENGTH, msg_len = HS_HEADER + hvr_len;
+    r[0] = 22; r[1] = 0xFE; r[2] = 0xFD; r[3] = 0; r[4] = 0;
+    for (int i = 0; i < 6; i++) r[5 + i] = (unsigned char)(seq >> (8 * (5 - i)));
+    r[11] = (unsigned char)(msg_len >> 8); r[12] = (unsigned char)msg_len;
+    unsigned char *h = r + 13;
+    h[0] = 3; h[1] = 0; h[2] = 0; h[3] = (unsigned char)hvr_len;
+    h[4] = (unsigned char)(message_seq >> 8); h[5] = (unsigned char)message_seq;
+    h[6] = h[7] = h[8] = 0; h[9] = 0; h[10] = 0; h[11] = (unsigned char)hvr_len;
+    h[12] = 0xFE; h[13] = 0xFF; h[14] = COOKIE_LENGTH;
+    memcpy(h + 15, mac, COOKIE_LENGTH);
+    out = PyBytes_FromStringAndSize((const char *)r, sizeof r);
+    goto done;
+none:
+    out = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&frag);
+    PyBuffer_Release(&addr);
+    PyBuffer_Release(&secret);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"hello_verify", hello_verify, METH_VARARGS,
+     "hello_verify(fragment, record_seq, addr, secret) -> the HelloVerifyRequest record, or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hello", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__hello(void) { return PyModule_Create(&module); }
