@@ -914,6 +914,38 @@ def test_a_new_hello_on_an_established_session_needs_a_cookie_and_replaces_it_on
     assert eng.receive(cl2.wrap(b"new"), PEER, 2.0) == [b"new"]
 
 
+def test_the_old_session_s_records_during_a_new_handshake_are_not_counted_against_it():
+    """A device handshakes again while its session lives (a reboot that kept the address): records
+    of the old session that come between the new handshake's key exchange and its Finished are the
+    session's, and no sign of a wrong PSK in the new one (the layer fails a handshake as bad_mac
+    after two epoch-1 records that do not authenticate)."""
+    from corem.dtls.engine.records import parse_record_untrusted
+
+    eng, cl = handshake()
+    cl2 = Client(b"device-1", PSK)
+    cl2.start(1.0)
+    for _ in range(2):  # (the hello, its HelloVerifyRequest, the hello with the cookie, our flight)
+        for d in cl2.datagrams_to_send():
+            eng.receive(d, PEER, 1.0)
+        for d, _ in eng.datagrams_to_send():
+            cl2.receive(d, 1.0)
+    [flight] = cl2.datagrams_to_send()  # ClientKeyExchange, ChangeCipherSpec, Finished
+    records, at = [], 0
+    while at < len(flight):
+        _, end = parse_record_untrusted(flight, at, eng.params.cid_length)
+        records.append(flight[at:end])
+        at = end
+    eng.receive(records[0], PEER, 1.1)  # the key exchange: the new keys are pending
+    new = eng.handshakes[PEER]
+    assert new.pending_read is not None
+    for i in range(3):
+        assert eng.receive(cl.wrap(b"old %d" % i), PEER, 1.2) == [b"old %d" % i]
+    assert new.auth_failures == 0
+    for r in records[1:]:
+        eng.receive(r, PEER, 1.3)
+    assert eng.sessions[PEER] is new and eng.stats.handshakes_completed == 2
+
+
 def test_random_mutations_of_real_flights_never_escape():
     rng = random.Random(7)
     for _ in range(300):
