@@ -186,6 +186,12 @@ class Settings:
         "1", "worker processes serving the same CoAP/CoAPS ports (SO_REUSEPORT, each peer kept on one); "
         "'auto' = one per CPU", _workers,
     )
+    dtls_extended_master_secret: str = _opt(
+        "required", "dtls_engine = corem: 'required' (a ClientHello without RFC 7627's extended master secret "
+        "gets handshake_failure, counted as no_extended_master_secret) or 'optional' (such a device is served on "
+        "RFC 5246's master secret: only for a fleet whose DTLS stack cannot send it, e.g. node-dtls-client); "
+        "TLS over TCP alike", _choice("required", "optional"),
+    )
     dtls_checkpoint: str = _opt(
         "on", "save each DTLS session to the session store once it carries data, so that a crash, a killed "
         "worker or another node takes it up without a handshake; 'off': saved only when idle or at shutdown",
@@ -444,6 +450,7 @@ class Settings:
             session_timeout=self.dtls_session_inactivity_timeout,
             offload_after=self.dtls_offload_after,
             checkpoint=self.dtls_checkpoint == "on",
+            require_ems=self.dtls_extended_master_secret == "required",
             cert_file=self.dtls_cert or None,
             key_file=self.dtls_key or None,
             ca_file=self.dtls_ca or None,

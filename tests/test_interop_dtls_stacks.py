@@ -13,7 +13,7 @@ engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
   ClientHello with no extensions at all, so no extended_master_secret (RFC 7627): the Mbed TLS engine
   serves it; the corem engine refuses it by design (`require_ems`, corem/dtls/engine/__init__.py) with a
   fatal handshake_failure (40) answering its cookie-bearing ClientHello, counted as
-  `no_extended_master_secret`, and no setting of `corem serve` turns that off.
+  `no_extended_master_secret`, unless `dtls_extended_master_secret = optional` says to serve such a fleet.
 - npm `node-coap-client` 2.1.0 (CoAP on node-dtls-client 1.x): tested below, as above; it always sends
   Content-Format 50, so its reading is JSON.
 - npm `werift-dtls` 0.5.8 (TypeScript, WebRTC's DTLS): no PSK suite (TLS_ECDHE_ECDSA/RSA_WITH_AES_128_
@@ -217,6 +217,29 @@ def test_node_coap_client_posts_a_json_reading(data_dir, engine):
         else:
             assert out == {"code": "2.04"}, (out, r.stderr)
             assert_stored(server)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("client", ["node-dtls-client", "node-coap-client"])
+def test_clients_without_ems_are_served_by_the_corem_engine_when_the_setting_allows(data_dir, client):
+    """`dtls_extended_master_secret = optional`: the npm clients' hellos carry no extended master
+    secret; such a fleet is served on RFC 5246's master secret (counted as handshakes like any)."""
+    need_node_package(client)
+    server = serve(data_dir, "corem", "--dtls-extended-master-secret", "optional")
+    try:
+        if client == "node-dtls-client":
+            suite = PSK_SUITES[0]
+            r = run([NODE, str(JS / "dtls_post.js"), str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY,
+                     suite.replace("-", "_"), cbor2.dumps(READING).hex()])
+            want = {"code": "2.04", "suite": suite.replace("-", "_")}
+        else:
+            r = run([NODE, str(JS / "coap_post.js"), str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY,
+                     json.dumps(READING)])
+            want = {"code": "2.04"}
+        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        assert out == want, (out, r.stderr)
+        assert_stored(server)
     finally:
         server.stop()
 

@@ -157,7 +157,8 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
                                  "(or set dtls_client_auth = none)")
             verify = chain_verifier(_pem_certificates(p.ca_file))
     return EngineParams(suites=tuple(suites), certificate_chain=chain, private_key=key, verify_peer=verify,
-                        client_auth=mode, cid_length=cid_length, cid_prefix=cid_prefix, max_handshakes=p.max_handshakes,
+                        client_auth=mode, require_ems=p.require_ems, cid_length=cid_length, cid_prefix=cid_prefix,
+                        max_handshakes=p.max_handshakes,
                         max_sessions=p.max_sessions, handshake_timeout=p.handshake_timeout,
                         session_timeout=float("inf"))
 

@@ -41,6 +41,9 @@ class DtlsParams:
     #: `session_timeout`), so that a crash, a killed worker or another node restores it without
     #: a handshake (`dtls_checkpoint`); store.py says what a restore does to sequence numbers.
     checkpoint: bool = True
+    #: corem's engine: refuse a hello without the extended master secret (RFC 7627); python-mbedtls's
+    #: serves both kinds whatever this says
+    require_ems: bool = True
 
     def __post_init__(self) -> None:
         # (which suite names are known is the engine's to say: layer.engine_params, server.DtlsServer)
