@@ -49,6 +49,7 @@ setup(
         Extension(
             "corem.dtls.engine._prf",
             ["corem/dtls/engine/_prf.c"],
+            depends=["corem/dtls/engine/hmac256.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
@@ -57,6 +58,7 @@ setup(
         Extension(
             "corem.dtls.engine._hello",
             ["corem/dtls/engine/_hello.c"],
+            depends=["corem/dtls/engine/hmac256.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],

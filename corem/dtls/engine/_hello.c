@@ -12,11 +12,9 @@
  * answers, byte for byte (tests/test_dtls_engine.py checks it against it). */
 
 #define PY_SSIZE_T_CLEAN
-#define OPENSSL_SUPPRESS_DEPRECATED
 #include <Python.h>
 
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include "hmac256.h"
 
 #define HS_HEADER 12
 #define MAX_MESSAGE 8192
@@ -100,16 +98,20 @@ static PyObject *hello_verify(PyObject *self, PyObject *args) {
         !plain_hello(body, body_len, &session_end, &cookie_end, &comp_end))
         goto none;
     /* the cookie: HMAC-SHA256(secret, len(addr) addr version random session_id suites compression) */
-    unsigned char mac[EVP_MAX_MD_SIZE], prefix[2] = {(unsigned char)(addr.len >> 8), (unsigned char)addr.len};
-    unsigned maclen = 0;
-    HMAC_CTX *ctx = HMAC_CTX_new();
-    int ok = ctx != NULL && HMAC_Init_ex(ctx, secret.buf, (int)secret.len, EVP_sha256(), NULL) &&
-             HMAC_Update(ctx, prefix, 2) && HMAC_Update(ctx, addr.buf, addr.len) &&
-             HMAC_Update(ctx, body, session_end) &&
-             HMAC_Update(ctx, body + cookie_end, comp_end - cookie_end) && HMAC_Final(ctx, mac, &maclen);
-    HMAC_CTX_free(ctx);
+    unsigned char mac[HMAC256_LEN], inner[HMAC256_LEN];
+    unsigned char prefix[2] = {(unsigned char)(addr.len >> 8), (unsigned char)addr.len};
+    unsigned int maclen = 0;
+    hmac256_key key = {NULL, NULL, NULL};
+    int ok = hmac256_init(&key, secret.buf, (size_t)secret.len);
+    EVP_MD_CTX *w = key.work;
+    ok = ok && EVP_MD_CTX_copy_ex(w, key.inner) && EVP_DigestUpdate(w, prefix, 2) &&
+         EVP_DigestUpdate(w, addr.buf, addr.len) && EVP_DigestUpdate(w, body, session_end) &&
+         EVP_DigestUpdate(w, body + cookie_end, comp_end - cookie_end) && EVP_DigestFinal_ex(w, inner, &maclen) &&
+         EVP_MD_CTX_copy_ex(w, key.outer) && EVP_DigestUpdate(w, inner, sizeof inner) &&
+         EVP_DigestFinal_ex(w, mac, &maclen);
+    hmac256_free(&key);
     if (!ok) {
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL HMAC failed");
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
         goto done;
     }
     /* record header (13) + handshake header (12) + server_version 0xfeff, cookie length, cookie */
@@ -143,4 +145,10 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hello", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__hello(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__hello(void) {
+    if (!hmac256_fetch()) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA2-256");
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}

@@ -1,19 +1,16 @@
 /* The TLS 1.2 PRF (RFC 5246 §5, P_SHA256) on the system's OpenSSL libcrypto: one call instead of
- * one HMAC object per iteration from Python (crypto.py `prf`, its pure-Python twin, the reference;
- * tests/test_dtls_engine.py checks both against the published vector and each other).
+ * one HMAC object per iteration from Python (crypto.py `prf_py`, its pure-Python twin, the
+ * reference; tests/test_dtls_engine.py checks both against the published vector and each other).
  *
  *   prf_sha256(secret, label_and_seed, length) -> bytes
  *
- * The key is set up once (HMAC_Init_ex with a NULL key afterwards reuses it). */
+ * The key's pads are hashed once per call (hmac256.h). */
 
 #define PY_SSIZE_T_CLEAN
-#define OPENSSL_SUPPRESS_DEPRECATED /* HMAC_CTX: the shortest way to keep one key across calls */
 #include <Python.h>
 
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include "hmac256.h"
 
-#define SHA256_LEN 32
 #define MAX_PRF 4096
 
 static PyObject *prf_sha256(PyObject *self, PyObject *args) {
@@ -22,7 +19,7 @@ static PyObject *prf_sha256(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*n", &secret, &seed, &length))
         return NULL;
     PyObject *out = NULL;
-    HMAC_CTX *ctx = NULL;
+    hmac256_key key = {NULL, NULL, NULL};
     if (length < 0 || length > MAX_PRF) {
         PyErr_SetString(PyExc_ValueError, "length must be 0..4096");
         goto done;
@@ -31,31 +28,26 @@ static PyObject *prf_sha256(PyObject *self, PyObject *args) {
     if (out == NULL)
         goto done;
     unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
-    unsigned char a[SHA256_LEN], block[SHA256_LEN];
-    unsigned int n;
-    ctx = HMAC_CTX_new();
+    unsigned char a[HMAC256_LEN], block[HMAC256_LEN];
     /* A(1) = HMAC(secret, seed) */
-    if (ctx == NULL || !HMAC_Init_ex(ctx, secret.buf, (int)secret.len, EVP_sha256(), NULL) ||
-        !HMAC_Update(ctx, seed.buf, seed.len) || !HMAC_Final(ctx, a, &n))
+    if (!hmac256_init(&key, secret.buf, (size_t)secret.len) || !hmac256(&key, seed.buf, seed.len, NULL, 0, a))
         goto fail;
     for (Py_ssize_t filled = 0; filled < length;) {
         /* HMAC(secret, A(i) + seed), then A(i+1) = HMAC(secret, A(i)) */
-        if (!HMAC_Init_ex(ctx, NULL, 0, NULL, NULL) || !HMAC_Update(ctx, a, SHA256_LEN) ||
-            !HMAC_Update(ctx, seed.buf, seed.len) || !HMAC_Final(ctx, block, &n))
+        if (!hmac256(&key, a, sizeof a, seed.buf, seed.len, block))
             goto fail;
-        Py_ssize_t take = length - filled < SHA256_LEN ? length - filled : SHA256_LEN;
+        Py_ssize_t take = length - filled < HMAC256_LEN ? length - filled : HMAC256_LEN;
         memcpy(dst + filled, block, take);
         filled += take;
-        if (filled < length && (!HMAC_Init_ex(ctx, NULL, 0, NULL, NULL) || !HMAC_Update(ctx, a, SHA256_LEN) ||
-                              !HMAC_Final(ctx, a, &n)))
+        if (filled < length && !hmac256(&key, a, sizeof a, NULL, 0, a))
             goto fail;
     }
     goto done;
 fail:
     Py_CLEAR(out);
-    PyErr_SetString(PyExc_RuntimeError, "OpenSSL HMAC failed");
+    PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
 done:
-    HMAC_CTX_free(ctx);
+    hmac256_free(&key);
     PyBuffer_Release(&secret);
     PyBuffer_Release(&seed);
     return out;
@@ -69,4 +61,10 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_prf", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__prf(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__prf(void) {
+    if (!hmac256_fetch()) {
+        PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA2-256");
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}
