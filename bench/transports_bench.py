@@ -1,5 +1,7 @@
 """One corem, every way a reading comes in, in one run: plain CoAP (the C fast lane), CoAPS (DTLS),
-OSCORE on plain CoAP, and CoAP over TCP (RFC 8323).
+OSCORE on plain CoAP, CoAP over TCP and over TLS (RFC 8323; TLS 1.2 PSK, python-mbedtls's client as
+the device: readings pipelined on one connection, and handshakes/s, each connection closed once
+corem's CSM came).
 
     python bench/transports_bench.py [--seconds 5] [--json]
 
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -128,15 +131,115 @@ def _udp_loop(port: int, seconds: float, request, changed) -> dict:
     return {"sent": sent, "ok_2xx": ok, "other": other, "timeouts": timeouts, "rps": ok / elapsed}
 
 
-def gen_tcp(port: int, seconds: float, method: int, path: str, pipelined: int) -> dict:
+def _tls_context(cipher: str = "TLS-PSK-WITH-AES-128-CCM-8") -> Any:
+    from mbedtls import tls
+
+    return tls.ClientContext(tls.TLSConfiguration(
+        pre_shared_key=(IDENTITY, KEY.encode()), ciphers=(cipher,), validate_certificates=False,
+        lowest_supported_version=tls.TLSVersion.TLSv1_2, highest_supported_version=tls.TLSVersion.TLSv1_2))
+
+
+class MbedTlsClient:
+    """python-mbedtls's TLS client on its buffers over a socket (its own socket wrapper reads the
+    socket before its buffer: records that came with the handshake's last flight would wait there)"""
+
+    def __init__(self, ctx: Any, port: int) -> None:
+        from mbedtls import tls
+
+        self.tls = tls
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = ctx.wrap_buffers(None)
+        while self.buf._handshake_state.name != "HANDSHAKE_OVER":
+            try:
+                self.buf.do_handshake()
+            except tls.WantWriteError:
+                pass
+            except tls.WantReadError:
+                self._flush()
+                self._read()
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.buf.peek_outgoing(1 << 20)
+        self.buf.consume_outgoing(len(out))
+        if out:
+            self.sock.sendall(out)
+
+    def _read(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        self.buf.receive_from_network(data)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self.buf.write(view):]
+            self._flush()
+
+    def recv(self, n: int) -> bytes:
+        """What the buffer holds, else what the socket brings next (b"": the end)"""
+        while True:
+            try:
+                data = self.buf.read(n)  # (b"" or WantReadError: nothing whole in the buffer)
+            except self.tls.WantReadError:
+                data = b""
+            if data:
+                return bytes(data)
+            try:
+                self._read()
+            except ConnectionError:
+                return b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _tls_connect(ctx: Any, port: int) -> MbedTlsClient:
+    return MbedTlsClient(ctx, port)
+
+
+def gen_tls_handshakes(port: int, seconds: float) -> dict:
+    """A connection, its TLS handshake (PSK), corem's CSM read, closed; again"""
+    from corem.coap.stream import CSM, Framer, signal
+
+    ctx = _tls_context()
+    n = failed = 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            s = _tls_connect(ctx, port)
+            s.sendall(signal(CSM))
+            framer, frames = Framer(1 << 16), []
+            while not frames:
+                data = s.recv(4096)
+                if not data:
+                    break
+                frames = framer.feed(data)
+            s.close()
+            if frames and frames[0][0] == CSM:
+                n += 1
+            else:
+                failed += 1
+        except OSError:
+            failed += 1
+    elapsed = time.monotonic() - start
+    return {"sent": n + failed, "ok_2xx": n, "other": failed, "timeouts": 0, "rps": n / elapsed}
+
+
+def gen_tcp(port: int, seconds: float, method: int, path: str, pipelined: int, tls: bool = False) -> dict:
     from corem.coap.stream import CSM, Framer, frame, signal
     from corem.codec import Code, Message, OptionNumber, Type, encode
 
     body = encode(Message(Type.CON, method, 0, b"", [
-        *((OptionNumber.URI_PATH, seg.encode()) for seg in path.split("/")),
+        *((OptionNumber.URI_PATH, seg.encode()) for seg in path.split("/") if seg),
         (OptionNumber.CONTENT_FORMAT, b"\x3c")], PAYLOAD))[4:]
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        s = _tls_connect(_tls_context(), port)
+    else:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.sendall(signal(CSM))
     framer = Framer(1 << 20)
     n, ok, other, inflight = 0, 0, 0, 0
@@ -183,15 +286,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", default="", help="run only the rows whose name contains this (e.g. 'TLS 1.2')")
     ap.add_argument("--gen", nargs=3, metavar=("KIND", "PORT", "SECONDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gen:
         kind, port, seconds = args.gen
         if kind.startswith("oscore:"):
             print(json.dumps(gen_oscore(int(port), float(seconds), int(kind[7:]))))
+        elif kind == "tls-handshakes":
+            print(json.dumps(gen_tls_handshakes(int(port), float(seconds))))
         else:
-            _, method, pipelined, path = kind.split(":", 3)
-            print(json.dumps(gen_tcp(int(port), float(seconds), int(method), path, int(pipelined))))
+            transport, method, pipelined, path = kind.split(":", 3)
+            print(json.dumps(gen_tcp(int(port), float(seconds), int(method), path, int(pipelined),
+                                     tls=transport == "tls")))
         return
     loadgen, dtls_loadgen = build_loadgen(), build_dtls_loadgen()
     payload = PAYLOAD.hex()
@@ -202,10 +309,11 @@ def main() -> None:
                               ("d-oscore", OSCORE_ARGS)):
             subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data), "--tenant",
                             "bench", "--device", device, *creds], check=True, capture_output=True)
-        udp, dtls, tcp = free_port(), free_port(), free_port()
+        udp, dtls, tcp, tls = free_port(), free_port(), free_port(), free_port()
         proc = subprocess.Popen([*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data),
                                  "--coap", f"127.0.0.1:{udp}", "--coaps", f"127.0.0.1:{dtls}",
-                                 "--coap-tcp", f"127.0.0.1:{tcp}", "--http", "off", "--store-synchronous", "NORMAL",
+                                 "--coap-tcp", f"127.0.0.1:{tcp}", "--coaps-tcp", f"127.0.0.1:{tls}",
+                                 "--http", "off", "--store-synchronous", "NORMAL",
                                  "--rate-limit-per-source", "0", "--log-level", "warning"], stdout=subprocess.DEVNULL)
         try:
             wait_udp(udp)
@@ -218,13 +326,18 @@ def main() -> None:
                 *((f"CoAP over TCP (token, Python path; {n} pipelined)",
                    [sys.executable, __file__, "--gen", f"tcp:2:{n}:api/v1/{TOKEN}/telemetry", str(tcp), "{s}"])
                   for n in (INFLIGHT, INFLIGHT_LIBCOAP_TCP)),
+                (f"CoAP over TLS 1.2 PSK CCM-8 (identity, Python path; {INFLIGHT} pipelined)",
+                 [sys.executable, __file__, "--gen", f"tls:2:{INFLIGHT}:telemetry", str(tls), "{s}"]),
+                ("TLS 1.2 PSK handshakes over TCP (connect, handshake, CSM, close; a row of handshakes/s)",
+                 [sys.executable, __file__, "--gen", "tls-handshakes", str(tls), "{s}"]),
             ]
             for name, cmd in runs:
-                rows.append(run(proc.pid, name, cmd, args))
+                if args.only in name:
+                    rows.append(run(proc.pid, name, cmd, args))
         finally:
             proc.terminate()
             proc.wait(20)
-        if shutil.which("coap-server-notls"):  # libcoap serves TCP on its UDP port number too
+        if shutil.which("coap-server-notls") and args.only in "libcoap":  # libcoap serves TCP on its UDP port number too
             lp = free_port()
             lib = subprocess.Popen([*pin(0), "coap-server-notls", "-A", "127.0.0.1", "-p", str(lp)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -237,14 +350,18 @@ def main() -> None:
             finally:
                 lib.terminate()
                 lib.wait(20)
-    def cost(r: dict, base: dict) -> str:
+    def cost(r: dict, base: dict | None) -> str:
         """CPU per reading against `base`'s (readings per CPU-second, inverted)."""
-        return f"{base['readings_per_cpu_s'] / r['readings_per_cpu_s']:.2f}x" if r["readings_per_cpu_s"] else "-"
+        return f"{base['readings_per_cpu_s'] / r['readings_per_cpu_s']:.2f}x" \
+            if base is not None and r["readings_per_cpu_s"] else "-"
+
+    udp_row = next((r for r in rows if r["target"].startswith("CoAP, UDP")), None)
+    dtls_row = next((r for r in rows if r["target"].startswith("CoAPS")), None)
 
     report(rows, [
         ("transport", lambda r: r["target"]), ("readings/s", lambda r: f"{r['rps']:,.0f}"),
         ("readings per server CPU-s", lambda r: f"{r['readings_per_cpu_s']:,}"),
-        ("CPU per reading vs UDP fast lane", lambda r: cost(r, rows[0])), ("vs DTLS", lambda r: cost(r, rows[1])),
+        ("CPU per reading vs UDP fast lane", lambda r: cost(r, udp_row)), ("vs DTLS", lambda r: cost(r, dtls_row)),
     ], as_json=args.json, title="readings through each transport, one corem")
 
 

@@ -429,10 +429,7 @@ class TcpEdge:
                     return False
                 self.stats["bytes_in"] += len(data)
                 t.receive_untrusted(bytes(data), self.clock())
-            out = t.data_to_send()  # (the server's Finished)
-            if out:
-                self.stats["bytes_out"] += len(out)
-                await conn.stream.send_all(out)
+            conn.queued += t.data_to_send()  # (the server's Finished: the writer sends it with the CSM)
             conn.early = t.take_app()
             conn.device, registered = self.tls.device(t)
             if not registered:
