@@ -7,7 +7,10 @@ Throughput: bench/dtls_loadgen.c (OpenSSL, compiled here) does sequential full h
 (cookie exchange included) for HS seconds, then drives 64 sessions x 4 confirmable POSTs in flight.
 corem answers `POST /telemetry` (tenant and device from the PSK session, CBOR decode, group commit,
 2.04 after commit, store NORMAL); libcoap answers PUT /example_data (payload kept in memory).
-Servers are pinned to CPU 0, the generator to CPU 1.
+Servers are pinned to CPU 0, the generator to CPU 1.  The row "corem plain CoAP (fast lane)" is
+the same reading without DTLS (`POST /api/v1/{token}/telemetry`, bench/loadgen.c, 64 x 4): the
+yardstick of issue 27 (CoAPS on corem's engine, whose records the lane opens and seals itself,
+at >= 0.9x of it); each CoAPS row says its ratio to it.
 
 Memory: a fresh process makes N sessions through DtlsServer with in-memory Mbed TLS clients
 (each client freed after its handshake and one request) and reports the growth of its RSS per
@@ -95,6 +98,35 @@ def memory(n: int, mode: str, engine: str = "mbedtls") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PLAIN = "corem plain CoAP (fast lane)"
+
+
+def plain_lane(args, payload: str) -> dict:
+    """corem's plain CoAP lane under the same load (64 devices x 4 in flight, the same payload)."""
+    from bench.load_bench import TOKEN, build_loadgen, start_corem, wait_udp
+
+    loadgen = build_loadgen()
+
+    def load(port: int, seconds: float) -> dict:
+        cmd = [*pin(1), str(loadgen), "127.0.0.1", str(port), "64", "4", str(seconds), "2",
+               f"api/v1/{TOKEN}/telemetry", payload, "60"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
+        return json.loads(out.stdout)
+
+    with tempfile.TemporaryDirectory(prefix="corem-dtls-bench-plain-") as tmp:
+        proc, port = start_corem("NORMAL")(Path(tmp))
+        try:
+            wait_udp(port)
+            load(port, args.handshake_seconds)  # (a warm-up, as long as the CoAPS rows' handshakes)
+            r = load(port, args.seconds)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    r.update(target=PLAIN, handshakes_per_s=0.0)
+    print(f"  {PLAIN}: {r['rps']:.0f} req/s", file=sys.stderr)
+    return r
+
+
 def throughput(args) -> list[dict]:
     import cbor2
 
@@ -143,8 +175,17 @@ def throughput(args) -> list[dict]:
             r["target"] = name
             print(f"  {name}: {r['handshakes_per_s']:.0f} handshakes/s, {r['rps']:.0f} req/s", file=sys.stderr)
             results.append(r)
+    if not args.only or any(w in PLAIN for w in args.only):
+        results.append(plain_lane(args, payload))
     kafka_vs_embedded(results, "corem", "corem (bus Kafka")
     return results
+
+
+def vs_plain(r: dict, results: list[dict]) -> str:
+    plain = next((p for p in results if p["target"] == PLAIN), None)
+    if plain is None or r is plain or not plain["rps"]:
+        return "-"
+    return f"{r['rps'] / plain['rps']:.2f}x"
 
 
 def main() -> None:
@@ -164,7 +205,8 @@ def main() -> None:
     results = throughput(args)
     if args.only:
         print(json.dumps(results, indent=2) if args.json else "\n".join(
-            f"{r['target']}: {r['handshakes_per_s']:,.0f} handshakes/s, {r['rps']:,.0f} req/s" for r in results))
+            f"{r['target']}: {r['handshakes_per_s']:,.0f} handshakes/s, {r['rps']:,.0f} req/s"
+            f" ({vs_plain(r, results)} of the plain lane)" for r in results))
         return
     live = memory(min(args.sessions, 20000), "live")
     offloaded = memory(args.sessions, "offloaded")
@@ -177,8 +219,9 @@ def main() -> None:
         ("target", lambda r: r["target"]), ("handshakes/s", lambda r: f"{r['handshakes_per_s']:,.0f}"),
         ("encrypted requests/s", lambda r: f"{r['rps']:,.0f}"), ("p50", lambda r: f"{r['p50_us'] / 1000:.2f} ms"),
         ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"),
-        ("vs libcoap (hs / req)", lambda r: "-" if ref is None else
+        ("vs libcoap (hs / req)", lambda r: "-" if ref is None or r["target"] == PLAIN else
          f"{r['handshakes_per_s'] / ref['handshakes_per_s']:.2f}x / {r['rps'] / ref['rps']:.2f}x"),
+        ("vs plain lane (req)", lambda r: vs_plain(r, results)),
     ], results))
     print("\n" + markdown([
         ("sessions", lambda m: f"{m['sessions']:,}"), ("state", lambda m: m["mode"]),
