@@ -346,6 +346,8 @@ def test_python_ssl_client_with_certificates(pki, cipher, client_auth):
         pass
     srv.receive_untrusted(obj.outgoing.read(), 0.0)
     assert srv.state == CLOSED and srv.reason == "close_notify"
+    obj.incoming.write(srv.data_to_send())  # (answered by corem's close_notify, RFC 5246 §7.2.1)
+    obj.unwrap()
 
 
 def test_python_ssl_client_without_a_certificate_when_one_is_required(pki):

@@ -1,7 +1,9 @@
 """A DTLS 1.2 engine corem owns (issue 27), sans-IO, on `cryptography`: records (records.py),
 handshake messages (messages.py), one association in either role (connection.py), the server
 engine under the security-layer interface (engine.py), certificates for ECDHE-ECDSA (certs.py),
-the client role for tests and benchmarks (client.py), and a session as data (state.py).
+the client role for tests and benchmarks (client.py), and a session as data (state.py); the same
+handshake in TLS 1.2's framing for CoAP over TLS (tls.py: `TlsConnection`, `TlsClient`; its
+docstring says why coaps+tcp runs on this engine).
 
 Every function that reads bytes from the network is named `*_untrusted` and raises only
 `DtlsDecodeError` (errors.py); the engine catches it once per record.
@@ -37,6 +39,7 @@ from .connection import Params
 from .crypto import IMPLEMENTED, SUITES, Suite
 from .engine import CookieJar, Engine, EngineParams, EngineStats
 from .errors import DtlsDecodeError
+from .tls import TlsClient, TlsConnection
 
 __all__ = ["Client", "CookieJar", "DtlsDecodeError", "Engine", "EngineParams", "EngineStats", "IMPLEMENTED",
-           "Params", "SUITES", "Suite"]
+           "Params", "SUITES", "Suite", "TlsClient", "TlsConnection"]

@@ -51,7 +51,7 @@ import corem.dtls.engine.messages as m  # (the modules, not the package: no cycl
 from .connection import (CLOSED, ESTABLISHED, FAILED, WAIT_CCS, WAIT_FINISHED, WAIT_SERVER_HELLO, Connection,
                          Params)
 from .crypto import Keys
-from .errors import (BAD_RECORD_MAC, DECODE_ERROR, ILLEGAL_PARAMETER, INTERNAL_ERROR,
+from .errors import (BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, ILLEGAL_PARAMETER, INTERNAL_ERROR,
                      NO_RENEGOTIATION, PROTOCOL_VERSION, RECORD_OVERFLOW, UNEXPECTED_MESSAGE, WARNING,
                      DtlsDecodeError, HandshakeFailed)
 from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, CONTENT_TYPES, DTLS_1_2, HANDSHAKE
@@ -365,6 +365,13 @@ class TlsConnection(Connection):
             self._fail(INTERNAL_ERROR, "no_psk_lookup")
             return
         self.server_start(hello, handshake_message(msg_type, body), 0, 0, self.psk_for, None, now)
+
+    def _alert(self, data: bytes, epoch: int) -> None:
+        """(RFC 5246 §7.2.1: a close_notify is answered by one)"""
+        was = self.state
+        super()._alert(data, epoch)
+        if was == ESTABLISHED and self.state == CLOSED:
+            self.send_alert(WARNING, CLOSE_NOTIFY)
 
     def _client_message(self, msg_type: int, body: bytes, raw: bytes, now: float) -> None:
         if msg_type == m.HELLO_VERIFY_REQUEST:
