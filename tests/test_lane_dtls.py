@@ -204,3 +204,279 @@ def test_the_lane_takes_a_coaps_reading_and_answers_it_sealed_once_it_is_durable
     [(topic, key, point, headers)] = srv.stored()
     assert point.device == "d1" and point.numeric_values == {"t": 21.5, "n": 7.0}
     assert headers["coap-exchange"].startswith("dtls 127.0.0.1 ")
+
+
+def plain(m: bytes) -> tuple:
+    d = decode(m)
+    return d.type, d.code, d.mid, d.token, [(n, bytes(v)) for n, v in d.options], bytes(d.payload)
+
+
+def without_port(stored: list[tuple]) -> list[tuple]:
+    """The exchange header names the device's port: each server's device has its own socket."""
+    out = []
+    for topic, key, point, headers in stored:
+        h = dict(headers)
+        scope, host, _port, mid = h["coap-exchange"].split(" ")
+        h["coap-exchange"] = f"{scope} {host} {mid}"
+        out.append((topic, key, point, h))
+    return out
+
+
+def exchange(srv: Coaps, dev: Device, messages: list[bytes]) -> tuple[list, list]:
+    """Each message sealed by the device, a batch, the sink's commit: (answers, stored)."""
+    answers = []
+    for m in messages:
+        dev.post(m)
+        srv.pump()
+        srv.commit()
+        answers += [plain(a) for a in dev.answers()]
+    return answers, without_port(srv.stored())
+
+
+def test_lane_on_and_lane_off_answer_store_and_count_the_same(coaps):
+    """Differential: what the lane opens and takes, and what it hands back (a NON, another path, a
+    payload it does not decode, a duplicate, a token path), is answered and stored as the Python
+    path alone would, and the engine's counters read the same."""
+    messages = [
+        reading(1), reading(2, path=(b"api", b"v1", b"T1", b"telemetry")), reading(3, mtype=Type.NON),
+        reading(4, path=(b"nowhere",)), encode(Message(Type.CON, Code.POST, 5, b"\x05", [(O.URI_PATH, b"telemetry"),
+                                                                                          (O.CONTENT_FORMAT, b"\x3c")],
+                                                      b"\xff\xff")),
+        reading(1),  # a duplicate of the first (another record): the cached 2.04, stored once
+        encode(Message(Type.CON, Code.GET, 6, b"\x06", [(O.URI_PATH, b".well-known"), (O.URI_PATH, b"core")])),
+        reading(7, {"s": "on", "v": 1}),
+    ]
+    results = {}
+    for lane in (True, False):
+        srv = coaps(lane=lane)
+        dev = Device(srv.address)
+        srv.handshake(dev)
+        answers, stored = exchange(srv, dev, messages)
+        counts = {name: srv.count(name) for name in (
+            "corem_dtls_bytes_received", "corem_dtls_records_dropped", "corem_coap_requests",
+            "corem_coap_duplicates")}
+        results[lane] = answers, stored, counts
+        if lane:
+            assert srv.lane.counters["records_opened"] == len(messages)
+            assert srv.lane.counters["records_sealed"] >= 3  # (the lane's own answers)
+    assert results[True][0] == results[False][0]
+    assert results[True][1] == results[False][1] and len(results[True][1]) == 4
+    assert results[True][2] == results[False][2]
+
+
+def test_a_replayed_record_is_not_taken_twice_and_is_counted_as_dropped(coaps):
+    srv = coaps()
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    record = dev.post(reading(1))
+    srv.pump()
+    srv.commit()
+    assert len(dev.answers()) == 1 and len(srv.stored()) == 1
+    dropped = srv.count("corem_dtls_records_dropped")
+    dev.send(record)  # captured and sent again
+    srv.pump()
+    srv.commit()
+    assert dev.answers() == [] and srv.stored() == []
+    assert srv.count("corem_dtls_records_dropped") == dropped + 1
+    assert srv.lane.counters["records_opened"] == 1 and srv.lane.counters["records_to_python"] >= 1
+
+
+def test_a_forged_cid_is_dropped_and_counted_and_a_forged_record_does_not_move_the_window(coaps):
+    srv = coaps()
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    assert conn.cid_in
+    forged = bytearray(dev.client.wrap(reading(1)))
+    forged[11] ^= 0xFF  # a CID nobody has
+    dev.send(bytes(forged))
+    srv.pump()
+    assert srv.count("corem_dtls_records_unknown_cid") == 1 and srv.count("corem_dtls_records_dropped") == 1
+    top = conn.window.top
+    bad = bytearray(dev.client.wrap(reading(2)))
+    bad[-1] ^= 1  # the right CID, not authentic
+    dev.send(bytes(bad))
+    srv.pump()
+    srv.commit()
+    assert conn.window.top == top and srv.stored() == [] and dev.answers() == []
+    assert srv.count("corem_dtls_records_dropped") == 2
+    dev.post(reading(3))  # the device goes on: the lane takes it
+    srv.pump()
+    srv.commit()
+    assert len(dev.answers()) == 1 and len(srv.stored()) == 1
+    assert srv.lane.counters["records_opened"] == 1
+
+
+def test_a_cid_record_from_a_new_address_moves_the_session_through_python_then_the_lane_serves_it(coaps):
+    srv = coaps()
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    old = dev.address
+    dev.post(reading(1))
+    srv.pump()
+    srv.commit()
+    assert len(dev.answers()) == 1 and srv.lane.counters["records_opened"] == 1
+    dev.move()  # a NAT gave the device another port
+    assert dev.address != old
+    dev.post(reading(2))
+    srv.pump()  # the lane hands it to Python, whose engine moves the session (RFC 9146 §6)
+    assert list(srv.layer.sessions) == [dev.address] and srv.count("corem_dtls_cid_moves") == 1
+    assert srv.lane.counters["records_opened"] == 1
+    srv.commit()
+    assert [plain(a)[:3] for a in dev.answers()] == [(Type.ACK, Code.CHANGED, 2)]
+    dev.post(reading(3))
+    srv.pump()  # the lane has the session at its new address
+    srv.commit()
+    assert srv.lane.counters["records_opened"] == 2
+    assert [plain(a)[:3] for a in dev.answers()] == [(Type.ACK, Code.CHANGED, 3)]
+    assert [p.numeric_values["n"] for _, _, p, _ in srv.stored()] == [1.0, 2.0, 3.0]
+
+
+def sequence_numbers(datagrams: list[bytes], cid_length: int) -> list[int]:
+    out = []
+    for d in datagrams:
+        offset = 0
+        while offset < len(d):
+            rec, offset = parse_record_untrusted(d, offset, cid_length)
+            if rec.epoch == 1:
+                out.append(rec.seq)
+    return out
+
+
+def test_the_lane_and_python_seal_with_one_sequence_counter(coaps):
+    """Answers sealed by the lane (its readings) and by Python (the endpoint's answers, a late
+    answer, a close_notify) come from one counter: strictly increasing, every record opens."""
+    srv = coaps()
+    dev = Device(srv.address, cid=None)  # (no CID: records by address)
+    srv.handshake(dev)
+    get = encode(Message(Type.CON, Code.GET, 50, b"\x50", [(O.URI_PATH, b"nowhere")]))
+    sealed_by_lane = []
+    got = []
+    for mid in range(1, 7):
+        dev.post(reading(mid) if mid % 2 else get[:2] + bytes((0, mid)) + get[4:])
+        srv.pump()
+        srv.commit()
+        sealed_by_lane.append(srv.lane.counters["records_sealed"])
+        got += dev.datagrams()
+    srv.layer.engine.close(dev.address)  # a close_notify: Python's
+    srv.edge.flush()
+    got += dev.datagrams()
+    assert srv.lane.counters["dtls_sessions"] == 0  # (closed: the lane forgot it)
+    assert sealed_by_lane == [1, 1, 2, 2, 3, 3]
+    numbers = sequence_numbers(got, 0)
+    assert len(numbers) == 7 and numbers == sorted(set(numbers))
+    answers = [plain(m) for d in got for m in dev.client.receive(d, 0.0)]
+    assert [a[1] for a in answers] == [Code.CHANGED, Code.NOT_FOUND] * 3 and dev.client.dropped == 0
+    assert dev.client.state == "closed"
+
+
+def test_the_lane_never_seals_past_the_reservation_python_saves_the_session_again_first(coaps):
+    srv = coaps()
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    limit = conn.write_seq[1]
+    conn.write_limit = limit  # a stored copy reserved every number up to here: none left
+    assert conn.write_prot.seal_next(23, b"x") is None and conn.write_seq[1] == limit  # nothing consumed
+    dev.post(reading(1))
+    srv.pump()
+    checkpoints = srv.layer.stats.checkpoints
+    srv.commit()  # the lane's 2.04 cannot be sealed by it: Python's wrap saves the session, then seals
+    assert srv.lane.counters["records_sealed"] == 0 and srv.layer.stats.checkpoints == checkpoints + 1
+    datagrams = dev.datagrams()
+    assert sequence_numbers(datagrams, len(dev.client.conn.cid_in)) == [limit]
+    assert conn.write_limit > limit
+    assert [plain(m)[:3] for d in datagrams for m in dev.client.receive(d, 0.0)] == [(Type.ACK, Code.CHANGED, 1)]
+    dev.post(reading(2))  # a new reservation: the lane seals again
+    srv.pump()
+    srv.commit()
+    assert srv.lane.counters["records_sealed"] == 1 and len(dev.answers()) == 1
+
+
+def test_the_record_numbers_of_a_saved_session_are_in_the_store_before_its_readings_reach_the_sink(coaps, tmp_path):
+    store = SessionStore(tmp_path / "sessions.db")
+    srv = coaps(store=store)
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    assert srv.layer._save([conn], srv.now, checkpoint=True) == 1  # (a checkpoint: the session is saved)
+    events = []
+    mark, submit = store.mark, srv.sink.submit_many
+
+    def marking(marks):
+        events.append(("mark", [top for top, _ in marks]))
+        return mark(marks)
+
+    def submitting(records, done, ctxs):
+        events.append(("submit", len(records)))
+        return submit(records, done, ctxs)
+
+    store.mark, srv.sink.submit_many = marking, submitting
+    for mid in (1, 2):
+        dev.post(reading(mid))
+    srv.pump()
+    assert srv.lane.counters["records_opened"] == 2
+    assert events == [("mark", [conn.window.top]), ("submit", 2)]
+    key = srv.layer._key_of(conn)
+    assert store.take(key)[5] == conn.window.top  # (the row's rx_top: what a restore refuses up to)
+
+
+def test_a_restored_session_is_the_lanes_again_and_refuses_what_its_store_marked(coaps, tmp_path):
+    """A crash after readings were marked: the session restored from its older copy must refuse
+    those records (issue 26), in the lane as in Python."""
+    where = tmp_path / "sessions.db"
+    srv = coaps(store=SessionStore(where))
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    srv.layer._save([conn], srv.now, checkpoint=True)
+    captured = [dev.post(reading(mid)) for mid in (1, 2)]
+    srv.pump()
+    srv.commit()
+    assert len(srv.stored()) == 2 and len(dev.answers()) == 2
+    srv.sock.close()  # the process dies: a new one on the same store, the device's session there
+    again = coaps(store=SessionStore(where))
+    dev.server = again.address
+    for record in captured:  # the records already taken, sent again: refused (below the floor)
+        dev.send(record)
+        again.pump()
+    again.commit()
+    assert again.stored() == [] and dev.answers() == []
+    assert again.count("corem_dtls_records_replayed") == 2 and again.layer.stats.restored == 1
+    assert again.lane.counters["dtls_sessions"] == 1 and again.lane.counters["records_opened"] == 0
+    dev.post(reading(3))  # the next one: Python restored the session, the lane serves it
+    again.pump()
+    again.commit()
+    dev.post(reading(4))
+    again.pump()
+    again.commit()
+    assert [p.numeric_values["n"] for _, _, p, _ in again.stored()] == [3.0, 4.0]
+    assert again.lane.counters["records_opened"] >= 1 and len(dev.answers()) == 2
+
+
+def test_sessions_leave_the_lane_with_the_engine(coaps):
+    srv = coaps(offload_after=10.0, checkpoint=False)
+    devices = [Device(srv.address) for _ in range(3)]
+    for d in devices:
+        srv.handshake(d)
+    assert srv.lane.counters["dtls_sessions"] == 3
+    srv.layer.close(srv.now)  # (every session to the store) -- the sweep
+    assert srv.lane.counters["dtls_sessions"] == 0
+
+
+def test_without_the_c_records_the_edge_keeps_the_python_path(monkeypatch):
+    import corem.dtls.layer as layer
+
+    monkeypatch.setattr(layer, "RECORDS", "python")
+    srv = Coaps()
+    try:
+        assert not srv.lane_opens_records
+        dev = Device(srv.address)
+        srv.handshake(dev)
+        dev.post(reading(1))
+        srv.pump()
+        srv.commit()
+        assert len(dev.answers()) == 1 and len(srv.stored()) == 1
+        assert srv.lane.counters["records_opened"] == 0
+    finally:
+        srv.close()
