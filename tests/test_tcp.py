@@ -451,3 +451,76 @@ def test_libcoap_posts_over_tls_with_a_certificate(tcp_certs, pki, tmp_path, cli
                        capture_output=True, text=True, timeout=60)
     assert "c:2.04" in r.stdout + r.stderr, r.stdout + r.stderr
     assert [p["device"] for p in tcp_certs.points("acme")] == ["cert-dev-1", "sensor-7"]
+
+
+def engine_tls(port: int, identity: bytes, key: bytes):
+    """The engine's own TLS client over a socket: (client, socket, every byte corem sent, plaintext)"""
+    from corem.dtls.engine.tls import TlsClient
+
+    c = TlsClient(identity, key)
+    c.start(0.0)
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    raw = app = b""
+    while not c.established and c.state != "failed":
+        s.sendall(c.data_to_send())
+        data = s.recv(65536)
+        if not data:
+            break
+        raw += data
+        app += c.receive(data, 0.0)
+    return c, s, raw, app
+
+
+def test_coaps_tcp_refuses_renegotiation_and_answers_a_wrong_key_with_its_alert(tcp):
+    """A ClientHello inside an established session: a warning no_renegotiation, and the session
+    goes on; a wrong PSK: a fatal bad_record_mac, counted as a failed handshake"""
+    from corem.dtls.engine.tls import RecordReader, TlsClient
+
+    _, secure = ports(tcp)
+    c, s, _, early = engine_tls(secure, SPEC_IDENTITY.encode(), SPEC_KEY.encode())
+    assert c.established
+    fresh = TlsClient(SPEC_IDENTITY.encode(), SPEC_KEY.encode())
+    fresh.start(0.0)
+    assert c.conn._write_record(True, 22, fresh.data_to_send()[5:])  # (a ClientHello, under the session's keys)
+    s.sendall(c.data_to_send())
+    s.sendall(c.wrap(signal(CSM, [(2, (1152).to_bytes(2, "big"))]) + frame(Code.POST, b"r1", READING)))
+    framer, raw = Framer(1 << 16), b""
+    frames = framer.feed(early)  # (corem's CSM may come with its Finished)
+    while len(frames) < 2:
+        data = s.recv(65536)
+        assert data, "corem closed the session"
+        raw += data
+        frames += framer.feed(c.receive(data, 0.0))
+    assert [(code, token) for code, token, _ in frames] == [(CSM, b""), (Code.CHANGED, b"r1")]
+    assert 21 in [t for t, _ in RecordReader().feed_untrusted(raw)]  # the warning (protected: not read here)
+    assert c.established
+    s.close()
+    c, s, raw, _ = engine_tls(secure, SPEC_IDENTITY.encode(), b"not-the-key")
+    s.close()
+    assert (21, b"\x02\x14") in RecordReader().feed_untrusted(raw)  # fatal bad_record_mac, in the clear
+    wait_for(lambda: tls_metric(tcp, "handshake") == 1, what="the failed handshake counted")
+    assert [p["device"] for p in tcp.points("acme")] == ["sensor-7"]
+
+
+def test_optional_client_auth_over_tls(data_dir, pki):
+    """dtls_client_auth = optional reaches coaps+tcp as it reaches CoAPS: a registered certificate
+    names its device, a device without one is let in and names itself by its token"""
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
+              data_dir=data_dir)
+    server = start_corem(data_dir, "--coaps-tcp", "127.0.0.1:0", "--dtls-cert", str(pki / "server.pem"),
+                         "--dtls-key", str(pki / "server.key.pem"), "--dtls-ca", str(pki / "ca.pem"),
+                         "--dtls-client-auth", "optional")
+    try:
+        port = server.coaps_tcp_port
+        with ssl_context(pki, "dev1").wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30)) as s:
+            assert [c for c, _, _ in tls_exchange(s)] == [CSM, Code.CHANGED]
+        token = encode(Message(Type.CON, Code.POST, 0, b"", [
+            (OptionNumber.URI_PATH, b"api"), (OptionNumber.URI_PATH, b"v1"), (OptionNumber.URI_PATH, b"T0KEN-1"),
+            (OptionNumber.URI_PATH, b"telemetry"), (OptionNumber.CONTENT_FORMAT, b"\x3c")], b"\xa1\x61t\x06"))[4:]
+        with ssl_context(pki, None).wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30)) as s:
+            assert [c for c, _, _ in tls_exchange(s)] == [CSM, Code.UNAUTHORIZED]  # no identity in the session
+            s.sendall(frame(Code.POST, b"t1", token))
+            assert [(c, t) for c, t, _ in read_frames(s, 1)] == [(Code.CHANGED, b"t1")]
+        assert [p["device"] for p in server.points("acme")] == ["cert-dev-1", "sensor-1"]
+    finally:
+        server.stop()
