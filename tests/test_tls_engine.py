@@ -182,6 +182,26 @@ def test_bytes_cut_anywhere_and_a_flight_in_one_record():
     assert client.established and srv.established
 
 
+def test_a_message_may_span_records():
+    """The client's ClientHello re-cut into records of 7 bytes, its ClientKeyExchange into 3:
+    the server reassembles both (RFC 5246 §6.2.1: handshake messages may be fragmented)"""
+    client = TlsClient(b"dev-1", PSKS[b"dev-1"])
+    srv = server()
+    client.start(0.0)
+
+    def recut(fragment: bytes, size: int) -> bytes:
+        return b"".join(record(22, fragment[i:i + size]) for i in range(0, len(fragment), size))
+
+    [(ctype, hello)] = RecordReader().feed_untrusted(client.data_to_send())
+    srv.receive_untrusted(recut(hello, 7), 0.0)
+    client.receive(srv.data_to_send(), 0.0)
+    records = RecordReader().feed_untrusted(client.data_to_send())
+    assert [t for t, _ in records] == [22, 20, 22]  # ClientKeyExchange, ChangeCipherSpec, Finished (protected)
+    srv.receive_untrusted(recut(records[0][1], 3) + record(*records[1]) + record(*records[2]), 0.0)
+    client.receive(srv.data_to_send(), 0.0)
+    assert srv.established and client.established
+
+
 def test_one_record_byte_for_byte_against_rfc_5246_and_5288():
     """The server's first application data record under TLS_PSK_WITH_AES_128_GCM_SHA256: header
     type 23, version 3.3, length; the explicit nonce is the sequence number (1: its Finished was 0);
