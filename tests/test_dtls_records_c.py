@@ -260,3 +260,33 @@ def test_inner_plaintext_without_a_content_type_is_refused_alike():
         got = outcome(c.open_record_untrusted, rec, 0, cid, _records.Window())
         assert got == outcome(py.open_record_untrusted, rec, 0, cid, R.ReplayWindowPy()) == \
             ("refused", 10, "inner_content_type")
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_seal_next_numbers_its_own_records_up_to_the_limit_alike(cipher):
+    """A write protection carries its sequence numbers (issue 27: one counter for the Connection
+    and the fast lane): seal_next seals at next_seq and counts it, returns None at `limit` (nothing
+    consumed; the limit is at most 2^48, so 2^48 - 1 is the last number sealed); the same in C and
+    in Python."""
+    for p in pair(cipher):
+        assert (p.next_seq, p.limit) == (0, R.SEQ_MAX)
+        p.next_seq, p.limit = 5, 7
+        records = [p.seal_next(23, b"reading", b"\x01\x02\x03") for _ in range(3)]
+        assert records[2] is None and p.next_seq == 7
+        assert [R.parse_record_untrusted(r, 0, 3)[0].seq for r in records[:2]] == [5, 6]
+        other = type(p)(cipher, KEY, IV)
+        assert records[0] == other.seal(23, 1, 5, b"reading", b"\x01\x02\x03")  # byte for byte
+        p.limit = R.SEQ_MAX + 1
+        p.next_seq = R.SEQ_MAX
+        assert R.parse_record_untrusted(p.seal_next(21, b"\x01\x00"), 0, 0)[0].seq == R.SEQ_MAX
+        assert p.seal_next(23, b"one too many") is None and p.next_seq == R.SEQ_MAX + 1
+    c = _records.Protection(cipher, KEY, IV)
+    with pytest.raises((OverflowError, ValueError)):
+        c.next_seq = -1
+    with pytest.raises(OverflowError):
+        c.limit = R.SEQ_MAX + 2
+
+
+def test_the_lane_api_capsule_is_exported():
+    assert type(_records._LANE_API).__name__ == "PyCapsule"
+    assert "corem.dtls.engine._records._LANE_API" in repr(_records._LANE_API)

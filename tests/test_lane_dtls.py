@@ -8,6 +8,7 @@ The edge is driven here without Trio, one batch at a time (`Coaps.pump`: the bod
 
 from __future__ import annotations
 
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -30,6 +31,7 @@ from corem.metrics import gather
 from corem.net.udp import UdpEdge
 from corem.registry import Directory, Registry
 
+from .conftest import SPEC_IDENTITY, SPEC_KEY, coap_client, start_corem, write_cbor
 from .lane_twin import RecordingSink
 
 pytestmark = pytest.mark.skipif(RECORDS != "c", reason="the lane opens records with the C records only")
@@ -480,3 +482,25 @@ def test_without_the_c_records_the_edge_keeps_the_python_path(monkeypatch):
         assert srv.lane.counters["records_opened"] == 0
     finally:
         srv.close()
+
+
+@pytest.mark.skipif(not shutil.which("coap-client-openssl"), reason="libcoap's coap-client-openssl is not installed")
+def test_libcoap_openssl_clients_post_through_the_lane_of_corem_serve(data_dir, tmp_path):
+    """A real client (libcoap on OpenSSL, PSK) to `corem serve --dtls-engine corem`: the handshake is
+    Python's, the readings the lane's; each answered 2.04 once stored."""
+    server = start_corem(data_dir, "--dtls-engine", "corem")
+    try:
+        reading_file = write_cbor(tmp_path / "reading.cbor", {"temperature": 22.5, "humidity": 65})
+        for path in ("telemetry", "api/v1/telemetry", "telemetry"):
+            r = coap_client(f"coaps://127.0.0.1:{server.coaps_port}/{path}", "-m", "post", "-u", SPEC_IDENTITY,
+                            "-k", SPEC_KEY, "-t", "application/cbor", "-f", str(reading_file),
+                            binary="coap-client-openssl", timeout=30)
+            assert r.code == "2.04", r.output
+        points = server.points()
+        assert [(p["tenant"], p["device"]) for p in points] == [("acme", "sensor-7")] * 3
+        m = server.metrics()
+        assert m['corem_coap_responses_total{code="2.04",transport="dtls"}'] == 3
+        assert m["corem_dtls_handshakes_completed_total"] == 3 and m["corem_dtls_bytes_received_total"] > 0
+        assert "the fast lane opens and seals the records of established sessions" in server.stderr()
+    finally:
+        server.stop()

@@ -20,6 +20,7 @@ once, in the constructor; the loops themselves do not branch on it.
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -35,6 +36,8 @@ from .security import PlainUdp, SecurityLayer
 
 if TYPE_CHECKING:
     from ..fastlane import FastLane
+
+log = logging.getLogger("corem.net")
 
 #: Datagrams handled per wake-up before yielding to other tasks (timers, the sink's callbacks).
 BATCH = 256
@@ -227,6 +230,7 @@ class UdpEdge:
         self._read = read_records
         self._receive = _as_is
         self._outgoing = outgoing
+        log.info("coaps: the fast lane opens and seals the records of established sessions itself")
         return True
 
     def _decrypt_first(self) -> None:
