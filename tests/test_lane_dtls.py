@@ -100,7 +100,7 @@ class Device:
 class Coaps:
     """One CoAPS server as `corem serve` wires it (dtls_engine = corem), lane on or off, sans Trio."""
 
-    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, **params) -> None:
+    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, limiter=None, **params) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="corem-lane-dtls-")
         self.registry = Registry(Path(self.tmp.name) / "registry.db")
         self.registry.add_device("acme", "d1", token="T1", psk_identity=IDENTITY, psk=KEY)
@@ -121,7 +121,7 @@ class Coaps:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setblocking(False)
-        self.edge = UdpEdge(self.sock, self.endpoint, self.router, security=self.layer, lane=self.lane)
+        self.edge = UdpEdge(self.sock, self.endpoint, self.router, security=self.layer, lane=self.lane, limiter=limiter)
         self.address = self.sock.getsockname()
 
     def _new_session(self, peer, now) -> None:
@@ -150,11 +150,11 @@ class Coaps:
         self.sink.commit()
         self.edge.flush()
 
-    def handshake(self, device: Device) -> None:
+    def handshake(self, device: Device, advance: float = 0.001) -> None:
         device.client.start(0.0)
         for _ in range(10):
             device.flush()
-            self.pump()
+            self.pump(advance)
             for d in device.datagrams():
                 device.client.receive(d, 0.0)
             if device.client.established and device.address in self.layer.sessions:
@@ -454,6 +454,28 @@ def test_a_restored_session_is_the_lanes_again_and_refuses_what_its_store_marked
     again.commit()
     assert [p.numeric_values["n"] for _, _, p, _ in again.stored()] == [3.0, 4.0]
     assert again.lane.counters["records_opened"] >= 1 and len(dev.answers()) == 2
+
+
+def test_over_its_rate_a_source_passes_with_a_session_and_is_dropped_without(coaps):
+    """The lane applies the edge's rate limit to every datagram, as on plain CoAP; a datagram of a
+    known session is exempted (as EngineServer.credentialed says)."""
+    from corem.net.limits import SourceLimiter
+
+    srv = coaps(limiter=SourceLimiter(1.0, burst=3.0))
+    dev = Device(srv.address)
+    srv.handshake(dev, advance=5.0)  # (the bucket refills between the flights)
+    srv.pump(5.0)
+    for mid in range(1, 7):
+        dev.post(reading(mid))
+    srv.pump(0.0)  # six records at once from one source: over its rate, but a session's
+    srv.commit()
+    assert len(srv.stored()) == 6 and len(dev.answers()) == 6
+    assert srv.count("corem_rate_limit_exempted") >= 3 and srv.count("corem_rate_limited_datagrams") == 0
+    stranger = Device(srv.address)  # (the same host: its bucket is empty; limits are per host)
+    for _ in range(6):
+        stranger.send(b"\x16\xfe\xfd" + bytes(20))  # no session: dropped
+    srv.pump(0.0)
+    assert srv.count("corem_rate_limited_datagrams") == 6 and srv.count("corem_dtls_bytes_received") > 0
 
 
 def test_sessions_leave_the_lane_with_the_engine(coaps):
