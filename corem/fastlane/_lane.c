@@ -7,9 +7,11 @@
  * `POST /api/v1/{token}/telemetry`, Content-Format 60, a flat CBOR map, a known token -- it does
  * the message layer's and the ingest's work itself: rate limit, deduplication, the TelemetryPoint's
  * JSON and the sink Record.  The 2.04 goes out (sendmmsg) only when the sink says the record is
- * durable (`committed`), as on the Python path.  Behind DTLS the edge hands it the decrypted
- * messages instead (`receive_plain`, where `POST /telemetry` names its device by the session) and
- * encrypts what it answers.
+ * durable (`committed`), as on the Python path.  Behind corem's own DTLS engine it reads the socket
+ * too and opens and seals the records of established sessions itself (`drain_records`,
+ * `send_records`: see "CoAPS records" below), where `POST /telemetry` names its device by the
+ * session; behind python-mbedtls the edge hands it the decrypted messages instead (`receive_plain`)
+ * and encrypts what it answers.
  *
  * It only ever ACCEPTS.  Every datagram it is not sure about -- other paths, methods, options,
  * NON requests, malformed messages, CBOR that is invalid or merely unusual (tags, indefinite

@@ -14,7 +14,8 @@ One drain loop for CoAP and CoAPS: the security layer (`security.py`: `PlainUdp`
 `corem.dtls.DtlsServer`) turns datagrams into messages and messages into datagrams.  A
 `FastLane` (corem/fastlane), when there is one, is a pre-filter in front of the Python path: on
 plain CoAP it reads the socket itself (recvmmsg) and gives the edge the datagrams it does not
-answer; behind DTLS it is offered each decrypted message first.  Which of these applies is decided
+answer; behind corem's DTLS engine it does so too, opening and sealing the records of established
+sessions itself; behind python-mbedtls it is offered each decrypted message first.  Which of these applies is decided
 once, in the constructor; the loops themselves do not branch on it.
 """
 
