@@ -5,8 +5,9 @@ issue 27), sans-IO: `TlsConnection` is a `connection.Connection` whose framing i
 Why corem's own engine, and not another stack: coaps+tcp serves the same devices with the same
 credentials as CoAPS -- PSK identities looked up in the registry while the handshake runs, and
 ECDSA certificates checked against `dtls_ca` and the registry (`dtls_client_auth`).  Python
-3.11's `ssl` has no PSK server callback (3.13 has one), pyOpenSSL has none either, and the stack
-tcp.py used, python-mbedtls on Mbed TLS 2.28, is past its end of life.  The engine already holds
+3.11's `ssl` has no PSK server callback (3.13 has one), pyOpenSSL has none either (only a
+third-party monkey patch, pyopenssl-psk, adds one), and the stack tcp.py used, python-mbedtls on
+Mbed TLS 2.28, is past its end of life.  The engine already holds
 the whole TLS 1.2 handshake for our suites (DTLS 1.2 is TLS 1.2's handshake in another framing):
 one implementation of the key schedule, the PSK and ECDHE-ECDSA exchanges, extended master
 secret, the checks and the alerts serves both transports, and is tested by both.
