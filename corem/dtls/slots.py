@@ -141,6 +141,8 @@ class Verdict:
 
 
 ADMIT = Verdict()
+#: the refusals, made once (a flood is refused hundreds of thousands of times a minute)
+_REFUSED = {reason: Verdict(reason) for reason in (ADDRESS, PREFIX, FULL)}
 
 
 def _outweighs(theirs: int, ours: int) -> bool:
@@ -219,12 +221,12 @@ class HandshakeSlots:
         peers = self._by_address.get(address)
         mine = 0 if peers is None else len(peers)
         if mine >= self.per_address:
-            return Verdict(ADDRESS)
+            return _REFUSED[ADDRESS]
         prefix = prefix_of(address)
         ours = self._prefixes.get(prefix)
         if ours >= self.per_prefix:
             victim = self._heaviest_in(prefix, mine)
-            return Verdict(PREFIX) if victim is None else Verdict(evict=victim)
+            return _REFUSED[PREFIX] if victim is None else Verdict(evict=victim)
         if len(self._slots) < self.capacity:
             return ADMIT
         top = self._prefixes.heaviest()
@@ -236,7 +238,7 @@ class HandshakeSlots:
             victim = self._heaviest_in(prefix, mine)
             if victim is not None:
                 return Verdict(evict=victim)
-        return Verdict(FULL)
+        return _REFUSED[FULL]
 
     def _heaviest_in(self, prefix: Hashable, mine: int) -> Peer | None:
         """The oldest peer of the prefix's heaviest address, if that address `_outweighs` `mine`."""
