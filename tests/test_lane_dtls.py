@@ -194,9 +194,11 @@ def test_the_lane_takes_a_coaps_reading_and_answers_it_sealed_once_it_is_durable
     assert srv.lane_opens_records
     dev = Device(srv.address)
     srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
     dev.post(reading(7))
     srv.pump()
     assert srv.lane.counters["records_opened"] == 1 and len(srv.sink.waiting) == 1
+    assert conn.last_seen == srv.now  # (the layer was told: idle offload and expiry count it)
     assert dev.answers() == []  # not durable yet: no answer
     srv.commit()
     [answer] = dev.answers()

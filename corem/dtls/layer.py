@@ -209,7 +209,7 @@ class LaneSessions(Protocol):
     (corem/fastlane: `FastLane.add_session`, `drop_session`)."""
 
     def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
-                    write: Any, device: Device | None, floor: int) -> None: ...
+                    write: Any, device: Device | None, floor: int, eager: bool) -> None: ...
 
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None: ...
 
@@ -358,13 +358,17 @@ class EngineServer:
             lane.drop_session(conn, conn.peer, conn.cid_in)
         elif conn.state == ESTABLISHED and conn.read_prot is not None and conn.write_prot is not None:
             s: Session | None = conn.layer
+            # (eager: a saved session's record numbers go to the store in every batch, `lane_touched`)
             lane.add_session(conn, conn.peer, conn.cid_in, conn.cid_out, conn.read_prot, conn.window,
-                             conn.write_prot, None if s is None else s.device, conn.floor)
+                             conn.write_prot, None if s is None else s.device, conn.floor,
+                             s is not None and s.saved)
 
     def lane_touched(self, conns: list[Connection], datagrams: int, nbytes: int, now: float) -> None:
-        """The lane opened `datagrams` records (`nbytes`) of these sessions in this batch: counted as
-        the engine counts what it receives, the sessions seen (idle expiry, checkpoints), and their
-        record numbers written to the store before the batch's readings are submitted (`settle`)."""
+        """The lane opened `datagrams` records (`nbytes`) in this batch, of these sessions (the saved
+        ones each batch, the others at most once a second): counted as the engine counts what it
+        receives, the sessions seen (idle offload and expiry, checkpoints: a second late at most),
+        and the saved ones' record numbers written to the store before the batch's readings are
+        submitted (`settle`)."""
         self._now = now
         e = self.engine
         e.stats.datagrams_in += datagrams
@@ -504,6 +508,8 @@ class EngineServer:
                 s.saved = True
                 s.marked = max(s.marked, c.window.top)
                 s.checkpoint_due = now + self.params.session_timeout / 2
+                if self._lane is not None:
+                    self._on_session(c, True)  # (saved: the lane reports it in every batch now)
         return len(rows)
 
     def _row(self, conn: Connection, wall_offset: float) -> Row:

@@ -178,12 +178,14 @@ class FastLane:
 
     # -- CoAPS records (corem's DTLS engine: corem/dtls/layer.py `attach_lane`) --------------------
     def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
-                    write: Any, device: Any, floor: int) -> None:
+                    write: Any, device: Any, floor: int, eager: bool) -> None:
         """An established session whose records the lane opens (`read`, `window`) and seals
         (`write`) itself: C `Protection`s and `Window` of corem.dtls.engine._records, shared with
-        the Connection `owner`; `floor`: records numbered at or below it are Python's."""
+        the Connection `owner`; `floor`: records numbered at or below it are Python's; `eager`:
+        `owner` is reported to `drain_records`'s `touched` in every batch the lane took a record of
+        it (a saved session: its numbers go to the store first), else at most once a second."""
         name = None if device is None else (device.tenant, device.device)
-        self.lane.add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor)
+        self.lane.add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager)
 
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None:
         self.lane.drop_session(owner, peer, cid_in)

@@ -786,6 +786,7 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
  * Python as the datagram itself, untouched: the window is marked only once the lane took the
  * record, so Python can still open it (and counts what it drops, as before). */
 static dtls_lane_api *DTLS; /* _records' table, imported at the first add_session */
+#define REPORT_EVERY 1.0     /* seconds between two reports of a session that is not eager */
 #define DTLS_TLS12_CID_TYPE 25
 
 static uint64_t dtls_be48_lane(const uint8_t *p) {
@@ -878,8 +879,12 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
     self->records_opened++;
     self->rec_datagrams++;
     self->rec_bytes += n;
-    if (s->epoch != self->depoch) {
+    /* reported to Python (take_records): an eager session (its record numbers go to the store
+     * before its readings go to the sink) once per batch, the others once per REPORT_EVERY (their
+     * last_seen, the checkpoint due: no Python per batch for each of thousands of sessions) */
+    if (s->epoch != self->depoch && (s->eager || now - s->reported >= REPORT_EVERY)) {
         s->epoch = self->depoch;
+        s->reported = now;
         if (PyList_Append(self->dtouched, s->owner) < 0) return -1;
     }
     Py_ssize_t target = session_target(self, s);
@@ -954,13 +959,17 @@ static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
     return r;
 }
 
-/* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor): an established
- * session whose records the lane may open and seal (replacing any at its address or CID). */
+/* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager): an established
+ * session whose records the lane may open and seal (replacing any at its address or CID); `eager`:
+ * report it in every batch whose records it took (else at most once a second). */
 static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor)");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError,
+                        "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager)");
         return NULL;
     }
+    int eager = PyObject_IsTrue(args[9]);
+    if (eager < 0) return NULL;
     if (dtls_api() < 0) return NULL;
     PyObject *owner = args[0], *peer = args[1], *read = args[4], *window = args[5], *write = args[6];
     if (Py_TYPE(read) != DTLS->protection || Py_TYPE(write) != DTLS->protection || Py_TYPE(window) != DTLS->window) {
@@ -1004,6 +1013,8 @@ static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t 
     s->cid_out_len = (uint8_t)cout;
     memcpy(s->cid_out, PyBytes_AS_STRING(args[3]), (size_t)cout);
     s->floor = floor;
+    s->eager = (uint8_t)eager;
+    s->reported = -INFINITY;
     s->target = -1;
     s->targets_gen = self->targets_gen - 1; /* (resolved at its first record) */
     s->epoch = self->depoch - 1;
@@ -1651,7 +1662,7 @@ static PyMethodDef Lane_methods[] = {
     {"take_records", (PyCFunction)Lane_take_records, METH_NOARGS,
      "take_records() -> (decrypted messages not taken, owners of sessions touched, datagrams, bytes)"},
     {"add_session", (PyCFunction)(void (*)(void))Lane_add_session, METH_FASTCALL,
-     "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor)"},
+     "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager)"},
     {"drop_session", (PyCFunction)(void (*)(void))Lane_drop_session, METH_FASTCALL,
      "drop_session(owner, peer, cid_in) -> bool"},
     {"send_records", (PyCFunction)Lane_send_records, METH_O,

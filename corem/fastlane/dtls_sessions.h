@@ -32,6 +32,8 @@ typedef struct {
     uint8_t cid_in[DS_MAX_CID];
     uint8_t cid_out[DS_MAX_PEER_CID];
     uint8_t cid_in_len, cid_out_len, live;
+    uint8_t eager;     /* reported in every batch (a saved session: its record numbers to the store) */
+    double reported;   /* when it was last reported to Python */
     int64_t floor;     /* records numbered at or below it go to Python (a restored session's) */
     Py_ssize_t target; /* the lane's target of its device (-1: none), as of targets_gen */
     uint64_t targets_gen;
