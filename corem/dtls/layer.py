@@ -209,7 +209,7 @@ class LaneSessions(Protocol):
     (corem/fastlane: `FastLane.add_session`, `drop_session`)."""
 
     def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
-                    write: Any, device: Device | None, floor: int, eager: bool) -> None: ...
+                    write: Any, device: Device | None, floor: int, mark_key: bytes | None) -> None: ...
 
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None: ...
 
@@ -358,18 +358,21 @@ class EngineServer:
             lane.drop_session(conn, conn.peer, conn.cid_in)
         elif conn.state == ESTABLISHED and conn.read_prot is not None and conn.write_prot is not None:
             s: Session | None = conn.layer
-            # (eager: a saved session's record numbers go to the store in every batch, `lane_touched`)
+            # (a saved session's record numbers go to the store in every batch: `lane_touched`)
             lane.add_session(conn, conn.peer, conn.cid_in, conn.cid_out, conn.read_prot, conn.window,
                              conn.write_prot, None if s is None else s.device, conn.floor,
-                             s is not None and s.saved)
+                             s.key if s is not None and s.saved else None)
 
-    def lane_touched(self, conns: list[Connection], datagrams: int, nbytes: int, now: float) -> None:
-        """The lane opened `datagrams` records (`nbytes`) in this batch, of these sessions (the saved
-        ones each batch, the others at most once a second): counted as the engine counts what it
-        receives, the sessions seen (idle offload and expiry, checkpoints: a second late at most),
-        and the saved ones' record numbers written to the store before the batch's readings are
-        submitted (`settle`)."""
+    def lane_touched(self, conns: list[Connection], marks: list[tuple[int, bytes]], datagrams: int, nbytes: int,
+                     now: float) -> None:
+        """The lane opened `datagrams` records (`nbytes`) in this batch: counted as the engine counts
+        what it receives; the saved sessions' record numbers (`marks`: [(their window's top, their
+        row's key)]) written to the store before the batch's readings are submitted (as `settle`);
+        the sessions seen (`conns`, each at most once a second: idle offload and expiry,
+        checkpoints)."""
         self._now = now
+        if marks and not self.store.mark(marks):
+            self.stats.marks_failed += 1
         e = self.engine
         e.stats.datagrams_in += datagrams
         e.stats.bytes_in += nbytes
@@ -383,9 +386,6 @@ class EngineServer:
                 continue
             if checkpoint and s.checkpoint_due <= now:
                 self._checkpoints.add(conn)
-            if s.saved and conn.window.top > s.marked:
-                self._marks[s.key] = conn
-        self.settle(now)
 
     # -- input -----------------------------------------------------------------------------------
     def receive(self, data: bytes, peer: Peer, now: float) -> list[bytes]:
@@ -509,7 +509,7 @@ class EngineServer:
                 s.marked = max(s.marked, c.window.top)
                 s.checkpoint_due = now + self.params.session_timeout / 2
                 if self._lane is not None:
-                    self._on_session(c, True)  # (saved: the lane reports it in every batch now)
+                    self._on_session(c, True)  # (saved: the lane gives its record numbers now)
         return len(rows)
 
     def _row(self, conn: Connection, wall_offset: float) -> Row:

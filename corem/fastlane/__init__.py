@@ -39,6 +39,10 @@ try:
 except ImportError:  # pragma: no cover - only without a C compiler
     Lane = None  # type: ignore[assignment,misc]
 
+#: `touched(owners, marks, datagrams, bytes, now)`: what `FastLane.drain_records` tells the security
+#: layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
+Touched = Callable[[list[Any], list[tuple[int, bytes]], int, int, float], None]
+
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
 
@@ -178,14 +182,14 @@ class FastLane:
 
     # -- CoAPS records (corem's DTLS engine: corem/dtls/layer.py `attach_lane`) --------------------
     def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
-                    write: Any, device: Any, floor: int, eager: bool) -> None:
+                    write: Any, device: Any, floor: int, mark_key: bytes | None) -> None:
         """An established session whose records the lane opens (`read`, `window`) and seals
         (`write`) itself: C `Protection`s and `Window` of corem.dtls.engine._records, shared with
-        the Connection `owner`; `floor`: records numbered at or below it are Python's; `eager`:
-        `owner` is reported to `drain_records`'s `touched` in every batch the lane took a record of
-        it (a saved session: its numbers go to the store first), else at most once a second."""
+        the Connection `owner`; `floor`: records numbered at or below it are Python's; `mark_key`:
+        a saved session's key in the session store (its record numbers are given to `touched` in
+        every batch the lane took records of it); `owner` itself at most once a second."""
         name = None if device is None else (device.tenant, device.device)
-        self.lane.add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager)
+        self.lane.add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)
 
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None:
         self.lane.drop_session(owner, peer, cid_in)
@@ -195,32 +199,31 @@ class FastLane:
         self.lane.limit(rate, burst, max_sources)
         self.rate_limited = True
 
-    def drain_records(self, fd: int, now: float, budget: int,
-                      touched: Callable[[list[Any], int, int, float], None]
+    def drain_records(self, fd: int, now: float, budget: int, touched: Touched
                       ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """CoAPS: read up to `budget` datagrams from `fd`, open and take what the lane can; tell
-        `touched(owners, datagrams, bytes, now)` whose records it took (the security layer writes
-        their record numbers to its store) BEFORE the batch's readings go to the sink.  Returns
-        the datagrams for the security layer (untouched) and the messages the lane decrypted but
-        does not take (for the endpoint), each with its peer."""
+        `touched(owners, marks, datagrams, bytes, now)` which sessions' records it took (`owners`:
+        each at most once a second) and the saved ones' record numbers (`marks`: [(window top, row
+        key)], every batch: the security layer writes them to its store) BEFORE the batch's
+        readings go to the sink.  Returns the datagrams for the security layer (untouched) and the
+        messages the lane decrypted but does not take (for the endpoint), each with its peer."""
         self.begin()
         lane = self.lane
         lane.drain_records(fd, now, self._now_ms, budget)
-        declined, owners, datagrams, nbytes = lane.take_records()
+        declined, owners, marks, datagrams, nbytes = lane.take_records()
         if datagrams:
-            touched(owners, datagrams, nbytes, now)
+            touched(owners, marks, datagrams, nbytes, now)
         return self._submit(), declined
 
-    def receive_record(self, data: bytes, peer: Any, now: float,
-                       touched: Callable[[list[Any], int, int, float], None]
+    def receive_record(self, data: bytes, peer: Any, now: float, touched: Touched
                        ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """`drain_records` for one datagram given by the caller (sans-IO: tests, fuzzing)."""
         self.begin()
         lane = self.lane
         lane.receive_record(data, peer, now, self._now_ms)
-        declined, owners, datagrams, nbytes = lane.take_records()
+        declined, owners, marks, datagrams, nbytes = lane.take_records()
         if datagrams:
-            touched(owners, datagrams, nbytes, now)
+            touched(owners, marks, datagrams, nbytes, now)
         return self._submit(), declined
 
     def send_records(self, fd: int) -> None:

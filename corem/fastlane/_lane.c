@@ -144,7 +144,7 @@ typedef struct {
     dsessions ds;
     PyObject *positions; /* (tenant, device) -> target index, for the sessions' devices */
     uint64_t targets_gen;
-    PyObject *plain, *dtouched;
+    PyObject *plain, *dtouched, *dmarks;
     uint64_t depoch;
     unsigned long long rec_datagrams, rec_bytes; /* records opened since the last take_records */
     uint8_t *plainbuf;
@@ -786,7 +786,7 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
  * Python as the datagram itself, untouched: the window is marked only once the lane took the
  * record, so Python can still open it (and counts what it drops, as before). */
 static dtls_lane_api *DTLS; /* _records' table, imported at the first add_session */
-#define REPORT_EVERY 1.0     /* seconds between two reports of a session that is not eager */
+#define REPORT_EVERY 1.0     /* seconds between two reports of a session to Python */
 #define DTLS_TLS12_CID_TYPE 25
 
 static uint64_t dtls_be48_lane(const uint8_t *p) {
@@ -879,10 +879,18 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
     self->records_opened++;
     self->rec_datagrams++;
     self->rec_bytes += n;
-    /* reported to Python (take_records): an eager session (its record numbers go to the store
-     * before its readings go to the sink) once per batch, the others once per REPORT_EVERY (their
-     * last_seen, the checkpoint due: no Python per batch for each of thousands of sessions) */
-    if (s->epoch != self->depoch && (s->eager || now - s->reported >= REPORT_EVERY)) {
+    /* reported to Python (take_records): a saved session's record numbers in every batch (they
+     * go to the store before its readings go to the sink: issue 26), the session itself at most
+     * once per REPORT_EVERY (its last_seen, the checkpoint due: no Python per batch for each of
+     * thousands of sessions) */
+    if (s->mark_key != Py_None && s->marked != self->depoch) {
+        s->marked = self->depoch;
+        PyObject *pair = PyTuple_Pack(2, s->window, s->mark_key);
+        int r = pair ? PyList_Append(self->dmarks, pair) : -1;
+        Py_XDECREF(pair);
+        if (r < 0) return -1;
+    }
+    if (s->epoch != self->depoch && now - s->reported >= REPORT_EVERY) {
         s->epoch = self->depoch;
         s->reported = now;
         if (PyList_Append(self->dtouched, s->owner) < 0) return -1;
@@ -911,6 +919,7 @@ static int ensure_record_lists(Lane *self) {
     if (ensure_lists(self) < 0) return -1;
     if (!self->plain && !(self->plain = PyList_New(0))) return -1;
     if (!self->dtouched && !(self->dtouched = PyList_New(0))) return -1;
+    if (!self->dmarks && !(self->dmarks = PyList_New(0))) return -1;
     if (!self->plainbuf && !(self->plainbuf = PyMem_Malloc((size_t)self->max_datagram + 1))) {
         PyErr_NoMemory();
         return -1;
@@ -947,29 +956,45 @@ static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
 }
 
 /* take_records() -> (decrypted messages not taken [(bytes, peer)], owners of the sessions whose
- * records were taken since the last call, their datagrams, their bytes) */
+ * records were taken since the last call (each at most once a second), the marks of the saved ones
+ * among them [(their window's top, their row's key)], the datagrams taken, their bytes) */
 static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
     if (ensure_record_lists(self) < 0) return NULL;
-    PyObject *r = Py_BuildValue("(OOKK)", self->plain, self->dtouched, self->rec_datagrams, self->rec_bytes);
+    Py_ssize_t n = PyList_GET_SIZE(self->dmarks);
+    for (Py_ssize_t i = 0; i < n; i++) { /* (window, key) -> (top, key): the top after the batch */
+        PyObject *pair = PyList_GET_ITEM(self->dmarks, i);
+        PyObject *top = PyLong_FromLongLong(DTLS->window_top(PyTuple_GET_ITEM(pair, 0)));
+        PyObject *mark = top ? PyTuple_Pack(2, top, PyTuple_GET_ITEM(pair, 1)) : NULL;
+        Py_XDECREF(top);
+        if (!mark) return NULL;
+        PyList_SET_ITEM(self->dmarks, i, mark); /* (steals; the pair goes) */
+        Py_DECREF(pair);
+    }
+    PyObject *r = Py_BuildValue("(OOOKK)", self->plain, self->dtouched, self->dmarks, self->rec_datagrams,
+                                self->rec_bytes);
     if (!r) return NULL;
     Py_CLEAR(self->plain);
     Py_CLEAR(self->dtouched);
+    Py_CLEAR(self->dmarks);
     self->rec_datagrams = self->rec_bytes = 0;
     self->depoch++;
     return r;
 }
 
-/* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager): an established
- * session whose records the lane may open and seal (replacing any at its address or CID); `eager`:
- * report it in every batch whose records it took (else at most once a second). */
+/* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key): an
+ * established session whose records the lane may open and seal (replacing any at its address or
+ * CID); `mark_key` (bytes, or None): a saved session's key in the session store, whose record
+ * numbers take_records reports in every batch the lane took records of it. */
 static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 10) {
         PyErr_SetString(PyExc_TypeError,
-                        "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager)");
+                        "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)");
         return NULL;
     }
-    int eager = PyObject_IsTrue(args[9]);
-    if (eager < 0) return NULL;
+    if (args[9] != Py_None && !PyBytes_Check(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "add_session: mark_key is bytes or None");
+        return NULL;
+    }
     if (dtls_api() < 0) return NULL;
     PyObject *owner = args[0], *peer = args[1], *read = args[4], *window = args[5], *write = args[6];
     if (Py_TYPE(read) != DTLS->protection || Py_TYPE(write) != DTLS->protection || Py_TYPE(window) != DTLS->window) {
@@ -1013,7 +1038,8 @@ static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t 
     s->cid_out_len = (uint8_t)cout;
     memcpy(s->cid_out, PyBytes_AS_STRING(args[3]), (size_t)cout);
     s->floor = floor;
-    s->eager = (uint8_t)eager;
+    s->mark_key = Py_NewRef(args[9]);
+    s->marked = self->depoch - 1;
     s->reported = -INFINITY;
     s->target = -1;
     s->targets_gen = self->targets_gen - 1; /* (resolved at its first record) */
@@ -1585,6 +1611,7 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->positions);
     Py_VISIT(self->plain);
     Py_VISIT(self->dtouched);
+    Py_VISIT(self->dmarks);
     for (int32_t i = 0; i < self->ds.cap; i++) {
         dsess_t *d = &self->ds.e[i];
         if (!d->live) continue;
@@ -1594,6 +1621,7 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
         Py_VISIT(d->window);
         Py_VISIT(d->write);
         Py_VISIT(d->name);
+        Py_VISIT(d->mark_key);
     }
     return 0;
 }
@@ -1614,6 +1642,7 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->positions);
     Py_CLEAR(self->plain);
     Py_CLEAR(self->dtouched);
+    Py_CLEAR(self->dmarks);
     for (int32_t i = 0; i < self->ds.cap; i++) ds_remove(&self->ds, i);
     return 0;
 }
@@ -1660,9 +1689,9 @@ static PyMethodDef Lane_methods[] = {
     {"receive_record", (PyCFunction)Lane_receive_record, METH_VARARGS,
      "receive_record(datagram, peer, now, now_ms): one CoAPS datagram, sans-IO"},
     {"take_records", (PyCFunction)Lane_take_records, METH_NOARGS,
-     "take_records() -> (decrypted messages not taken, owners of sessions touched, datagrams, bytes)"},
+     "take_records() -> (decrypted messages not taken, owners of sessions touched, marks, datagrams, bytes)"},
     {"add_session", (PyCFunction)(void (*)(void))Lane_add_session, METH_FASTCALL,
-     "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, eager)"},
+     "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)"},
     {"drop_session", (PyCFunction)(void (*)(void))Lane_drop_session, METH_FASTCALL,
      "drop_session(owner, peer, cid_in) -> bool"},
     {"send_records", (PyCFunction)Lane_send_records, METH_O,

@@ -32,8 +32,9 @@ typedef struct {
     uint8_t cid_in[DS_MAX_CID];
     uint8_t cid_out[DS_MAX_PEER_CID];
     uint8_t cid_in_len, cid_out_len, live;
-    uint8_t eager;     /* reported in every batch (a saved session: its record numbers to the store) */
-    double reported;   /* when it was last reported to Python */
+    PyObject *mark_key; /* a saved session: its row's key in the session store (else None) */
+    double reported;    /* when it was last reported to Python */
+    uint64_t marked;    /* the batch that last put it in the marks */
     int64_t floor;     /* records numbered at or below it go to Python (a restored session's) */
     Py_ssize_t target; /* the lane's target of its device (-1: none), as of targets_gen */
     uint64_t targets_gen;
@@ -192,6 +193,7 @@ static void ds_remove(dsessions *t, int32_t i) {
     Py_CLEAR(s->window);
     Py_CLEAR(s->write);
     Py_CLEAR(s->name);
+    Py_CLEAR(s->mark_key);
     s->live = 0;
     s->next_free = t->free_head;
     t->free_head = i;

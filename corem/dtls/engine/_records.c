@@ -711,7 +711,10 @@ static Py_ssize_t api_seal_next(PyObject *prot, uint8_t ctype, const uint8_t *pl
     return n == -2 ? 0 : n;
 }
 
-static dtls_lane_api lane_api = {DTLS_LANE_API_VERSION, NULL, NULL, api_open_one, api_mark, api_seal_next};
+static int64_t api_window_top(PyObject *window) { return ((WindowObject *)window)->w.top; }
+
+static dtls_lane_api lane_api = {DTLS_LANE_API_VERSION, NULL, NULL, api_open_one, api_mark, api_seal_next,
+                                 api_window_top};
 
 static PyObject *prot_get_iv(ProtObject *self, void *closure) {
     if (!ready(self)) return NULL;

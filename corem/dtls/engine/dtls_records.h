@@ -40,6 +40,8 @@ typedef struct {
      * `room`; -1 when the numbers are exhausted or libcrypto failed (nothing consumed). */
     Py_ssize_t (*seal_next)(PyObject *prot, uint8_t ctype, const uint8_t *plain, size_t plain_len,
                             const uint8_t *cid, size_t cid_len, uint8_t *out, size_t room);
+    /* The window's top: the highest sequence number authenticated (-1: none); it only grows. */
+    int64_t (*window_top)(PyObject *window);
 } dtls_lane_api;
 #endif
 
