@@ -853,7 +853,7 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
     if (self->limit && !rate_allow(self, a, now)) {
         /* over its source's rate: a datagram of a known session still passes (as
          * EngineServer.credentialed: the peer has a session, or the record's CID names one) */
-        if (!s && !(d[0] == DTLS_TLS12_CID_TYPE && session_by_addr(self, a)) &&
+        if (!s && !(n >= 13 && d[0] == DTLS_TLS12_CID_TYPE && session_by_addr(self, a)) &&
             !(self->nexempt && in_exempt_network(self, a))) {
             self->dropped++;
             return 0;
