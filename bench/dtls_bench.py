@@ -159,6 +159,8 @@ def throughput(args) -> list[dict]:
                             lp, 3, "example_data"))
         if args.only:
             targets = [t for t in targets if any(w in t[0] for w in args.only)]
+        if not args.only or any(w in PLAIN for w in args.only):
+            results.append(plain_lane(args, payload))  # (first: the yardstick)
         for name, cmd, p, method, path in targets:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
@@ -175,8 +177,6 @@ def throughput(args) -> list[dict]:
             r["target"] = name
             print(f"  {name}: {r['handshakes_per_s']:.0f} handshakes/s, {r['rps']:.0f} req/s", file=sys.stderr)
             results.append(r)
-    if not args.only or any(w in PLAIN for w in args.only):
-        results.append(plain_lane(args, payload))
     kafka_vs_embedded(results, "corem", "corem (bus Kafka")
     return results
 
