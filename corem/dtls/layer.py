@@ -47,7 +47,7 @@ from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import RECORDS, TLS12_CID
-from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie
+from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registry_psk
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, peer_key
 
@@ -285,14 +285,7 @@ class EngineServer:
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def _psk(self, identity: bytes) -> bytes | None:
-        try:
-            name = identity.decode()
-        except UnicodeDecodeError:
-            return None
-        device = self.psk_lookup(name)
-        if device is None or device.psk is None:
-            return None
-        return device.psk
+        return registry_psk(self.psk_lookup, identity)
 
     def _admit(self, peer: Peer, now: float) -> bool:
         """A hello with a valid cookie: a handshake slot, as DtlsServer takes one (slots.py)."""

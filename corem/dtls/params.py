@@ -5,6 +5,7 @@ TLS library is imported here, so corem runs on its own engine without python-mbe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from .slots import FLOOR
 
@@ -76,6 +77,19 @@ DTLS_METRICS = {
     "sessions_lost": "corem_dtls_sessions_lost", "offload_failed": "corem_dtls_sessions_offload_failed",
     "checkpoints": "corem_dtls_sessions_checkpointed",
 }
+
+
+def registry_psk(lookup: Callable[[str], Any], identity: bytes) -> bytes | None:
+    """The PSK of the device a handshake's identity names (`lookup`: the registry's, identity ->
+    device or None), or None: an unknown identity, one that is not UTF-8, a device without a PSK.
+    The one rule for CoAPS and coaps+tcp alike."""
+    try:
+        name = identity.decode()
+    except UnicodeDecodeError:
+        return None
+    device = lookup(name)
+    psk: bytes | None = None if device is None else device.psk
+    return psk
 
 
 def has_cookie(hello: bytes) -> bool:

@@ -31,6 +31,7 @@ from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, MAX_MESSAGE_SIZE, PI
 from ..dtls.engine.connection import Params
 from ..dtls.engine.crypto import suite_by_name
 from ..dtls.engine.tls import TlsConnection
+from ..dtls.params import registry_psk
 from ..stats import Sample, counter, gauge
 from .fdlimit import Acceptor, tcp_cap
 
@@ -78,13 +79,7 @@ class Tls:
                              private_key=ep.private_key, verify_peer=ep.verify_peer, client_auth=ep.client_auth)
 
     def psk_for(self, identity: bytes) -> bytes | None:
-        try:
-            name = identity.decode()
-        except UnicodeDecodeError:
-            return None
-        device = self.psk_lookup(name)
-        psk: bytes | None = None if device is None else device.psk
-        return psk
+        return registry_psk(self.psk_lookup, identity)
 
     def connection(self, peer: Any, now: float) -> TlsConnection:
         return TlsConnection("server", self.params, peer, now, psk_for=self.psk_for)
