@@ -13,7 +13,7 @@ from corem.profiles.compile import compile_profile
 from corem.profiles.spec import ProfileError, parse_profile
 from corem.profiles.trial import decode_sample
 
-pytest.importorskip("py_mini_racer")
+pytest.importorskip("quickjs")
 
 CODECS = Path(__file__).resolve().parent / "codecs"
 LHT65 = (CODECS / "lht65.js").read_text()
