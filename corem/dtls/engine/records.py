@@ -130,6 +130,18 @@ def aad_cid(cid: bytes, epoch: int, seq: int, inner_length: int, version: int = 
     ))
 
 
+def aead_for(cipher: str, key: bytes) -> tuple[AESCCM | AESGCM, int]:
+    """The AEAD of a suite's cipher ("ccm8", "ccm", "gcm") under `key`, and its tag length: DTLS's
+    records and TLS's (tls.py) alike."""
+    if cipher == "ccm8":
+        return AESCCM(key, tag_length=8), 8
+    if cipher == "ccm":
+        return AESCCM(key, tag_length=16), 16
+    if cipher == "gcm":
+        return AESGCM(key), 16
+    raise ValueError(f"unknown AEAD {cipher!r}")
+
+
 class RecordProtectionPy:
     """One direction's AEAD state for one epoch: the key and the 4-byte implicit IV (the reference;
     `RecordProtection` is the C one when it is built)."""
@@ -146,17 +158,7 @@ class RecordProtectionPy:
         self.next_seq = 0
         self.limit = SEQ_MAX
         self.cipher = cipher
-        if cipher == "ccm8":
-            self.aead: AESCCM | AESGCM = AESCCM(key, tag_length=8)
-            self.tag = 8
-        elif cipher == "ccm":
-            self.aead = AESCCM(key, tag_length=16)
-            self.tag = 16
-        elif cipher == "gcm":
-            self.aead = AESGCM(key)
-            self.tag = 16
-        else:
-            raise ValueError(f"unknown AEAD {cipher!r}")
+        self.aead, self.tag = aead_for(cipher, key)
 
     @property
     def overhead(self) -> int:

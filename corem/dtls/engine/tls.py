@@ -46,7 +46,6 @@ from __future__ import annotations
 from typing import Callable
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 
 import corem.dtls.engine.messages as m  # (the modules, not the package: no cycle through __init__)
 from .connection import (CLOSED, ESTABLISHED, FAILED, WAIT_CCS, WAIT_FINISHED, WAIT_SERVER_HELLO, Connection,
@@ -55,7 +54,7 @@ from .crypto import Keys
 from .errors import (BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, ILLEGAL_PARAMETER, INTERNAL_ERROR,
                      NO_RENEGOTIATION, PROTOCOL_VERSION, RECORD_OVERFLOW, UNEXPECTED_MESSAGE, WARNING,
                      DtlsDecodeError, HandshakeFailed)
-from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, CONTENT_TYPES, DTLS_1_2, HANDSHAKE
+from .records import ALERT, APPLICATION_DATA, CHANGE_CIPHER_SPEC, CONTENT_TYPES, DTLS_1_2, HANDSHAKE, aead_for
 
 TLS_1_2 = 0x0303
 HEADER = 5
@@ -93,17 +92,7 @@ class TlsProtection:
         if len(key) != 16 or len(iv) != 4:
             raise ValueError("AES-128 takes a 16-byte key and a 4-byte implicit IV")
         self.iv = bytes(iv)
-        if cipher == "ccm8":
-            self.aead: AESCCM | AESGCM = AESCCM(key, tag_length=8)
-            self.tag = 8
-        elif cipher == "ccm":
-            self.aead = AESCCM(key, tag_length=16)
-            self.tag = 16
-        elif cipher == "gcm":
-            self.aead = AESGCM(key)
-            self.tag = 16
-        else:
-            raise ValueError(f"unknown AEAD {cipher!r}")
+        self.aead, self.tag = aead_for(cipher, key)
 
     @property
     def overhead(self) -> int:
