@@ -58,7 +58,7 @@ CASES = [
     ("protobuf message (ThingsBoard-style schema)", json.dumps({"format": "protobuf", "schema": PROTO,
                                                                 "message": "Values"}), 42, PROTO_READING),
     ("protobuf {ts, values}", json.dumps({"format": "protobuf", "schema": PROTO}), 42, PROTO_TS),
-    ("JavaScript TS013 codec (LHT65 style)", json.dumps({"format": "js", "script": LHT65}), 42,
+    ("JavaScript TS013 codec (LHT65 style), QuickJS", json.dumps({"format": "js", "script": LHT65}), 42,
      bytes.fromhex("CBF60B0D0376010ADD7FFF")),
 ]
 

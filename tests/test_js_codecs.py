@@ -1,9 +1,11 @@
 """JavaScript codecs (LoRa Alliance TS013) as a profile format: a real codec's own examples, and
-codecs that misbehave -- an endless loop, a huge allocation, a throw, a reach for I/O."""
+codecs that misbehave -- an endless loop, a huge allocation, a throw, a reach for I/O, a reach for
+another profile's globals or for corem's own wrapper, a thrown value that would run code when printed."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,10 +63,10 @@ def test_the_codec_gets_the_ts013_input():
 
 def test_an_endless_loop_or_a_huge_allocation_is_5_03_and_the_codec_starts_clean():
     looping = codec("var calls = 0; function decodeUplink(i) { calls++; if (i.bytes[0]) while (true) {} "
-                    "return {data: {calls: calls}}; }", timeout_ms=200)  # (the second call, a fresh isolate's
+                    "return {data: {calls: calls}}; }", timeout_ms=200)  # (the second call, a fresh runtime's
     with pytest.raises(Overloaded, match="codec: ran longer than its 200 ms"):  # first, must fit on a busy machine)
         looping(42, b"\x01", NOW)
-    # a fresh isolate: the state the run left behind is gone, and the codec works again
+    # a fresh runtime: the state the run left behind is gone, and the codec works again
     assert looping(42, b"\x00", NOW)[0].numeric == {"calls": 1.0}
     hungry = codec("function decodeUplink(i) { var a = []; while (true) a.push(new Array(1e6).fill(1)); }",
                    max_memory_mb=16, timeout_ms=1000)  # (the memory bound, not the clock: a busy machine is slow)
@@ -82,6 +84,16 @@ def test_an_endless_loop_or_a_huge_allocation_is_5_03_and_the_codec_starts_clean
      "codec: threw ReferenceError: require is not defined"),
     ("function decodeUplink(i) { return fetch('http://example.com'); }",
      "codec: threw ReferenceError: fetch is not defined"),
+    ("function decodeUplink(i) { return process.env; }", "codec: threw ReferenceError: process is not defined"),
+    ("function decodeUplink(i) { throw 'oops'; }", "codec: threw oops"),
+    ("function decodeUplink(i) { throw undefined; }", "codec: threw undefined"),
+    ("function decodeUplink(i) { throw {reason: 1}; }", "codec: threw [object Object]"),
+    ("function decodeUplink(i) { throw new Error('two\\nlines'); }", "codec: threw Error: two"),
+    ("function f() { return f() + 1; } function decodeUplink(i) { return f(); }",
+     "codec: threw RangeError: Maximum call stack size exceeded"),
+    ("function decodeUplink(i) { Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0); }",
+     "codec: threw TypeError"),  # the one call that could block: it may not
+    ("function decodeUplink(i) { return function () {}; }", "codec: decodeUplink returned no object"),
     ("function decodeUplink(i) { return 5; }", "codec: decodeUplink returned no object"),
     ("function decodeUplink(i) { return {warnings: ['x']}; }", "codec: decodeUplink returned no data object"),
     ("function decodeUplink(i) { return {data: {t: null}}; }", "null values are not allowed"),
@@ -100,3 +112,128 @@ def test_a_script_that_does_not_load_is_refused_when_the_profile_is_written(scri
     with pytest.raises(ProfileError) as e:
         codec(script)
     assert str(e.value).startswith(error), e.value
+
+
+def test_what_the_sandbox_offers_no_require_no_io_no_timers_no_python():
+    [point] = codec("""function decodeUplink(i) {
+      var names = ["require", "process", "fetch", "XMLHttpRequest", "setTimeout", "setInterval", "console",
+                   "print", "std", "os", "module", "exports", "Deno", "Bun"];
+      var data = {};
+      names.forEach(function (n) { data[n] = typeof globalThis[n]; });
+      data.dynamic_import = String(import("fs"));  // (no loader: a promise whose job never runs)
+      return {data: data};
+    }""")(42, b"\x01", NOW)
+    assert point.strings.pop("dynamic_import") == "[object Promise]"
+    assert set(point.strings.values()) == {"undefined"}, point.strings
+
+
+def test_one_profile_cannot_see_or_touch_another_profiles_globals():
+    writer = codec("var secret = 42; globalThis.shared = 'mine'; Object.prototype.polluted = 1; "
+                   "function decodeUplink(i) { secret++; return {data: {secret: secret}}; }")
+    reader = codec("function decodeUplink(i) { return {data: {secret: typeof secret, shared: typeof shared, "
+                   "polluted: typeof ({}).polluted}}; }")
+    assert writer(42, b"\x01", NOW)[0].numeric == {"secret": 43.0}
+    assert reader(42, b"\x01", NOW)[0].strings == {"secret": "undefined", "shared": "undefined",
+                                                   "polluted": "undefined"}
+    assert writer(42, b"\x01", NOW)[0].numeric == {"secret": 44.0}  # its own state stays its own
+
+
+@pytest.mark.parametrize("script", [
+    # a thrown value whose printing loops: printed inside the call, so within its limit
+    "function decodeUplink(i) { throw {toString: function () { while (true) {} }}; }",
+    # a stack trace that would loop when printed: Error.prepareStackTrace is pinned
+    "try { Error.prepareStackTrace = function () { return {toString: function () { while (true) {} }}; }; } "
+    "catch (e) {} function decodeUplink(i) { while (true) {} }",
+    # what printing the engine's own 'interrupted' error reads: locked before the codec loads
+    "Object.prototype[Symbol.toPrimitive] = function () { while (true) {} }; "
+    "Object.defineProperty(Object.prototype, 'stack', {get: function () { while (true) {} }}); "
+    "Error.prototype.toString = function () { while (true) {} }; Error.stackTraceLimit = 0; "
+    "try { InternalError.prototype.toString = Error.prototype.toString; } catch (e) {} "
+    "function decodeUplink(i) { while (true) {} }",
+    # a fake 'out of memory' whose every property loops
+    "function decodeUplink(i) { throw new Proxy(new InternalError('out of memory'), "
+    "{get: function () { while (true) {} }, getPrototypeOf: function () { while (true) {} }}); }",
+])
+def test_a_codec_cannot_run_code_outside_its_limits(script):
+    decode = codec(script, timeout_ms=50)
+    with pytest.raises(Overloaded, match="codec: ran longer than its 50 ms"):
+        decode(42, b"\x01", NOW)
+
+
+def test_a_loop_of_heavy_builtin_calls_is_stopped_too():
+    """QuickJS asks whether to stop every 10,000 or so operations, and a built-in call is one however
+    long it runs: such a loop overruns its limit by up to 10,000 calls' time (bench/js_engines_bench.py,
+    `busy stop`), bounded by the memory limit, which bounds what one call can work on."""
+    decode = codec("var a = new Array(1e4).fill(0); function decodeUplink(i) { while (true) a.fill(1); }",
+                   timeout_ms=50)
+    with pytest.raises(Overloaded, match="codec: ran longer than its 50 ms"):
+        decode(42, b"\x01", NOW)
+
+
+def test_a_codec_cannot_replace_corems_wrapper():
+    decode = codec("__corem_decode = function () { throw {toString: function () { while (true) {} }}; }; "
+                   "function decodeUplink(i) { return {data: {ok: 1}}; }")
+    assert decode(42, b"\x01", NOW)[0].numeric == {"ok": 1.0}
+    with pytest.raises(ProfileError, match="script: does not load: TypeError"):  # strict: the write throws
+        codec("'use strict'; __corem_decode = null; function decodeUplink(i) { return {data: {ok: 1}}; }")
+
+
+def test_a_script_that_loops_or_hogs_while_loading_is_refused():
+    with pytest.raises(ProfileError, match="script: does not load: ran longer than its 1000 ms"):
+        codec("while (true) {} function decodeUplink(i) {}")
+    with pytest.raises(ProfileError, match="script: does not load: used more than its 16 MB"):
+        codec("var a = []; while (true) a.push(new Array(1e6).fill(1)); function decodeUplink(i) {}",
+              max_memory_mb=16)
+
+
+def test_a_codec_made_on_one_thread_runs_on_another():
+    """As corem does: compiled on a worker thread (the registry's reload), called on the event loop's;
+    the engine's stack bound follows the calling thread (a deep recursion is a RangeError, not a crash)."""
+    made: list = []
+    script = ("function depth(n) { return n ? 1 + depth(n - 1) : 0; } "
+              "function decodeUplink(i) { return {data: {depth: depth(i.bytes[0] * 100)}}; }")
+    worker = threading.Thread(target=lambda: made.append(codec(script)))
+    worker.start()
+    worker.join()
+    assert made[0](42, b"\x05", NOW)[0].numeric == {"depth": 500.0}
+    with pytest.raises(PayloadError, match="Maximum call stack size exceeded"):
+        made[0](42, b"\xff", NOW)  # 25,500 frames deep
+    results: list = []
+
+    def calls() -> None:
+        for _ in range(200):
+            results.append(made[0](42, b"\x02", NOW)[0].numeric["depth"])
+
+    threads = [threading.Thread(target=calls) for _ in range(4)]  # the codec's lock: one call at a time
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200.0] * 800
+
+
+def test_the_codec_gets_its_payload_byte_for_byte_and_large_times_exactly():
+    [point] = codec("function decodeUplink(i) { return {data: {bytes: i.bytes.join(','), "
+                    "array: Array.isArray(i.bytes), at: i.recvTime.getTime(), text: 'a\\u0000b\\ud800\u00e9'}}; }")(
+        42, bytes([0, 1, 127, 128, 255]), 4_102_444_800_123)
+    assert point.strings == {"bytes": "0,1,127,128,255", "text": "a\x00b\ud800\u00e9"}
+    assert point.numeric == {"array": 1.0, "at": 4_102_444_800_123.0}
+
+
+def test_a_runtime_that_does_not_load_again_after_a_limit_is_retried_at_the_next_call(monkeypatch):
+    from corem.profiles.js import JsCodec
+
+    decode = JsCodec("var calls = 0; function decodeUplink(i) { calls++; if (i.bytes[0]) while (true) {} "
+                     "return {data: {calls: calls}}; }", timeout_ms=50)
+    start = decode._start
+
+    def refused() -> None:
+        raise ProfileError("script: does not load: ran longer than its 1000 ms")
+
+    monkeypatch.setattr(decode, "_start", refused)
+    with pytest.raises(Overloaded, match="ran longer than its 50 ms"):
+        decode(42, b"\x01", NOW)
+    with pytest.raises(Overloaded, match="codec: script: does not load"):  # 5.03, not a crash
+        decode(42, b"\x00", NOW)
+    monkeypatch.setattr(decode, "_start", start)
+    assert decode(42, b"\x00", NOW)[0].numeric == {"calls": 1.0}

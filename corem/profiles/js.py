@@ -5,8 +5,8 @@ for The Things Stack or ChirpStack runs unchanged:
       return {data: {temperature: ...}, warnings: [], errors: []};
     }
 
-Each profile's codec runs in its own QuickJS runtime (quickjs-ng, the engine ChirpStack runs TS013
-codecs on, through the `quickjs-ng` wheel: no Node, so no `require`, no `process`, no `fetch`, no
+Each profile's codec runs in its own QuickJS runtime (the engine ChirpStack runs TS013 codecs on;
+here its maintained fork quickjs-ng, through the `quickjs-ng` wheel, module `quickjs`: no Node, so no `require`, no `process`, no `fetch`, no
 files, no timers, no callback into Python -- only the language), with a CPU-time and a memory limit
 per call.  A codec that throws, or returns `errors`, refuses the reading (4.00, field `codec`); one
 that runs past its limits is answered 5.03 and its runtime is made anew, so the next call -- and
@@ -18,10 +18,14 @@ the binding's handler compares `clock()`, the process's CPU time, with the call'
 is stopped once the process has spent `timeout_ms` of CPU since the call began: time the machine
 spends on other processes does not count (mini-racer's limit was the wall clock, which a loaded
 machine ran out for codecs that had done nothing wrong), while CPU the process's other threads burn
-meanwhile does (the call runs without the GIL): the limit can only come early, never late.  Memory:
-QuickJS's allocator refuses past `max_memory_mb` for the whole runtime (the codec, its globals and
-the call's garbage).  A codec stuck in native code between two checks is not possible: the only
-blocking call, `Atomics.wait`, throws (the runtime may not block).
+meanwhile does (the call runs without the GIL): that part can only make the limit come early.  What
+can make it come late: a built-in call is one operation however long it runs, so a loop of heavy
+built-in calls (`while (true) a.fill(1)` over a large array) runs up to 10,000 of them before it is
+asked -- measured 3.2 s for a 100,000-element array at a 50 ms limit (bench/js_engines_bench.py,
+`busy stop`; V8 stops it at 50 ms), bounded by the memory limit, which bounds what one call can work
+on.  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
+`max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage).  The one call
+that could block, `Atomics.wait`, throws (the runtime may not block).
 
 What never runs outside those limits: a thrown value is turned into text inside the call, by the
 wrapper below; what leaves the engine as an exception is only ever the engine's own InternalError
@@ -32,9 +36,10 @@ Threads: a runtime is not thread-safe.  Codecs are compiled on a worker thread (
 reload) and called on the event loop's; every use of one codec's runtime holds its lock, and the
 binding moves QuickJS's stack bound to the calling thread on every entry (`JS_UpdateStackTop`).
 
-Why QuickJS (bench/js_engines_bench.py, tests/codecs/lht65.js through this wrapper): ~12 µs a call
-against ~170 µs for mini-racer's V8 isolate, ~0.3 ms to start a codec's runtime against ~10 ms, and
-a 2.5 MB wheel against 85 MB installed.
+Why QuickJS (bench/js_engines_bench.py: tests/codecs/lht65.js through this wrapper, against the
+mini-racer path corem had): 12 µs a call against 97 µs; 0.25 ms to make a codec's runtime against
+5 ms for an isolate (the first: 0.4 ms against 58 ms); ~160 KB of RSS a profile against ~700 KB, and
+the first 0.9 MB against 58 MB; 8 MB installed against 85 MB.  The price is the late stop above.
 """
 
 from __future__ import annotations
@@ -139,6 +144,15 @@ class JsCodec:
         ctx.set_time_limit(self.timeout_ms / 1000)
         return ctx, ctx.get("__corem_decode")
 
+    def _restart(self) -> None:
+        """A fresh runtime after a limit: the state the run left behind is gone (if the codec does
+        not load this time -- its load has a CPU limit too -- the next call tries again)."""
+        self._ctx = self._decode = None
+        try:
+            self._ctx, self._decode = self._start()
+        except ProfileError:
+            pass
+
     def _limit(self, e: Exception, ms: int) -> str:
         """What stopped the engine: its time or its memory (the only exceptions that escape)."""
         if str(e).startswith("InternalError: interrupted"):
@@ -150,17 +164,22 @@ class JsCodec:
             raise PayloadError("empty payload")
         text = bytes(payload).decode("latin-1")  # one char a byte: the wrapper makes them numbers
         with self._lock:
+            if self._decode is None:  # the runtime made anew after a limit did not load: try again
+                try:
+                    self._ctx, self._decode = self._start()
+                except ProfileError as e:
+                    raise Overloaded(f"codec: {e}", "codec") from None
             try:
                 # (a float: the binding cuts an int past 32 bits to int32, as a JS_TAG_INT)
                 result = self._decode(text, self.fport, float(int(now_ms)), self.variables)
             except quickjs.JSException as e:
                 reason = self._limit(e, self.timeout_ms)
-                self._ctx, self._decode = self._start()
+                self._restart()
                 raise Overloaded(f"codec: {reason}", "codec") from None
             if not isinstance(result, str):  # JSON.stringify's undefined: a function, a symbol
                 result = "null"
             if result[:1] == "#":
-                self._ctx, self._decode = self._start()
+                self._restart()
                 raise Overloaded(f"codec: used more than its {self.max_memory >> 20} MB", "codec")
         if result[:1] == "!":
             raise PayloadError(f"codec: threw {_first_line(json.loads(result[1:]))}", "codec")
