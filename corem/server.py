@@ -547,6 +547,8 @@ class Server:
             )
             if engine.offloaded:
                 log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), SESSIONS_FILE)
+            # the marks of the lane's readings written by the embedded bus just before it commits them
+            engine.defer_marks(self.sink)
             return engine
         # python-mbedtls's engine (optional, deprecated: Mbed TLS 2.28 is out of support), imported
         # only when chosen (Settings.check made sure it is installed)

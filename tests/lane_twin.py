@@ -31,6 +31,7 @@ class RecordingSink:
         self.room = room
         self.waiting: list[tuple[Any, Any, Any]] = []
         self.stored: list[Any] = []
+        self.before: list[Any] = []  # (`defer`)
 
     def submit(self, record, done, ctx=None) -> bool:
         if len(self.waiting) >= self.room:
@@ -43,7 +44,14 @@ class RecordingSink:
         self.waiting += [(r, done, c) for r, c in zip(records[:n], ctxs[:n])]
         return n
 
+    def defer(self, write) -> bool:
+        """As BatchingSink.defer: `write` runs at each commit, before the records are stored."""
+        self.before.append(write)
+        return True
+
     def commit(self, error: BaseException | None = None) -> None:
+        for write in self.before:
+            write()
         waiting, self.waiting = self.waiting, []
         for record, done, ctx in waiting:
             if error is None:

@@ -425,6 +425,39 @@ def test_the_record_numbers_of_a_saved_session_are_in_the_store_before_its_readi
     assert store.take(key)[5] == conn.window.top  # (the row's rx_top: what a restore refuses up to)
 
 
+def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commits_them(coaps, tmp_path):
+    """With the embedded bus (`defer_marks`, as corem serve wires it) the marks of records that were
+    all readings wait for the sink's next batch, coalesced, and are in the store before it is
+    durable; a record the lane hands on (not a reading) is marked at once, as before."""
+    store = SessionStore(tmp_path / "sessions.db")
+    srv = coaps(store=store)
+    assert srv.layer.defer_marks(srv.sink)
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    key = srv.layer._key_of(conn)
+    assert srv.layer._save([conn], srv.now, checkpoint=True) == 1
+    saved_top = conn.window.top
+
+    def stored_top() -> int:
+        [(top,)] = store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchall()
+        return int(top)
+
+    assert stored_top() == saved_top
+    for mid in (1, 2, 3):
+        dev.post(reading(mid))
+    srv.pump()
+    assert stored_top() == saved_top  # (not yet: the readings are not durable either)
+    at_commit = []
+    srv.sink.before.append(lambda: at_commit.append(stored_top()))  # (after the layer's write)
+    srv.commit()
+    assert at_commit == [conn.window.top] and len(srv.stored()) == 3
+    # a GET is no reading: the lane hands it on, and its record's number is written at once
+    dev.post(encode(Message(Type.CON, Code.GET, 9, b"g", [(11, b"telemetry")], b"")))
+    srv.pump()
+    assert stored_top() == conn.window.top
+
+
 def test_a_restored_session_is_the_lanes_again_and_refuses_what_its_store_marked(coaps, tmp_path):
     """A crash after readings were marked: the session restored from its older copy must refuse
     those records (issue 26), in the lane as in Python."""

@@ -108,6 +108,11 @@ class Sink:
         returns how many were taken -- the first ones, in order."""
         raise NotImplementedError
 
+    def defer(self, write: Callable[[], object]) -> bool:
+        """Have `write` run before each batch of records is made durable (BatchingSink); False for
+        a sink that cannot (Kafka: each record goes out as it comes), whose callers write first."""
+        return False
+
     @property
     def pending(self) -> int:
         """Records taken and not answered yet."""
@@ -171,6 +176,8 @@ class BatchingSink(Sink):
         self._stopped = trio.Event()
         #: when the batch being written began (time.monotonic()), None between batches
         self._writing_since: float | None = None
+        #: writes that must be durable before a batch is (`defer`), run first in the worker thread
+        self._before_write: list[Callable[[], object]] = []
 
     # -- called on the event loop ------------------------------------------------------------
     def waiting_since(self) -> float | None:
@@ -196,6 +203,18 @@ class BatchingSink(Sink):
     @property
     def pending(self) -> int:
         return len(self._records)
+
+    def defer(self, write: Callable[[], object]) -> bool:
+        """Run `write` in the worker thread before each batch is written: what it writes is durable
+        before any record submitted after it was asked for (the DTLS record marks of issue 26,
+        coalesced and off the event loop).  `write` must not raise."""
+        self._before_write.append(write)
+        return True
+
+    def _write_after_deferred(self, prepared: Any) -> list[BaseException | None] | None:
+        for write in self._before_write:
+            write()
+        return self.write_prepared(prepared)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher. Returns after `close()` once everything submitted has been answered."""
@@ -230,7 +249,7 @@ class BatchingSink(Sink):
         try:
             prepared = self.prepare(records)
             with trio.CancelScope(shield=True):  # a batch once started is finished and answered
-                errors = await trio.to_thread.run_sync(self.write_prepared, prepared)
+                errors = await trio.to_thread.run_sync(self._write_after_deferred, prepared)
         except Exception as e:  # noqa: BLE001 - any write failure is reported to every waiter
             error = e
         finally:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Protocol
@@ -63,6 +63,9 @@ BLOB_TAG = b"\x00cD1"
 #: a row key for a session found by its Connection ID (peer keys are 6 or 18 bytes, or repr text)
 CID_KEY = b"\x00cid"
 STATE_KEY_FILE = "dtls-state.key"
+#: batches of marks waiting for the sink at most (`defer_marks`; past it, written at once: a sink
+#: that writes no batch for long, because only duplicates came, must not make them pile up)
+MAX_DEFERRED = 10_000
 #: epoch-1 records of a handshake that did not authenticate before it is failed as bad_mac
 FINISHED_FAILURES = 2
 
@@ -282,6 +285,10 @@ class EngineServer:
         self._datagram = b""  # (the datagram being handled)
         self._pending_device: Device | None = None
         self._lane: LaneSessions | None = None  # (attach_lane)
+        #: marks of the lane's readings waiting for the sink's next batch (`defer_marks`), and the
+        #: store connection of the sink's worker thread that writes them
+        self._deferred: deque[list[tuple[int, bytes]]] | None = None
+        self._mark_writer: SessionStore | None = None
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def _psk(self, identity: bytes) -> bytes | None:
@@ -357,15 +364,19 @@ class EngineServer:
                              s.key if s is not None and s.saved else None)
 
     def lane_touched(self, conns: list[Connection], marks: list[tuple[int, bytes]], datagrams: int, nbytes: int,
-                     now: float) -> None:
+                     now: float, readings_only: bool = False) -> None:
         """The lane opened `datagrams` records (`nbytes`) in this batch: counted as the engine counts
         what it receives; the saved sessions' record numbers (`marks`: [(their window's top, their
         row's key)]) written to the store before the batch's readings are submitted (as `settle`);
         the sessions seen (`conns`, each at most once a second: idle offload and expiry,
-        checkpoints)."""
+        checkpoints).  `readings_only`: every record the lane opened was a reading it took (none
+        went on to the endpoint), so with `defer_marks` the marks may wait for the sink's batch."""
         self._now = now
-        if marks and not self.store.mark(marks):
-            self.stats.marks_failed += 1
+        if marks:
+            if readings_only and self._deferred is not None and len(self._deferred) < MAX_DEFERRED:
+                self._deferred.append(marks)
+            elif not self.store.mark(marks):
+                self.stats.marks_failed += 1
         e = self.engine
         e.stats.datagrams_in += datagrams
         e.stats.bytes_in += nbytes
@@ -627,7 +638,46 @@ class EngineServer:
         yield gauge("corem_dtls_sessions", len(self.engine.handshakes), state="handshaking")
         yield counter("corem_dtls_session_store_errors", self.store.errors)
 
+    def defer_marks(self, sink: Any) -> bool:
+        """Have the marks of the lane's readings written by `sink` in its worker thread before
+        each batch it makes durable (`Sink.defer`), instead of one transaction on the event loop
+        per batch of datagrams: a reading is durable only after the numbers of the records that
+        carried it (so a restore refuses them, as issue 26 requires), and the writes are coalesced
+        (the highest number per session per bus commit).  Not for a shared store (other nodes
+        restore from it at any time) nor an in-memory one; False then, or if the sink cannot (Kafka:
+        records go out as they come), and marks are written at once as before.  Records that are not
+        readings (anything the lane hands on) are marked at once in any case: their effects do not
+        wait for the sink."""
+        where = self.store.db.where
+        if self.store.shared or self._deferred is not None or str(where) == ":memory:":
+            return False
+        writer = SessionStore(where)  # (its own connection: used by the sink's worker thread only)
+        if not sink.defer(self._write_deferred):
+            writer.close()
+            return False
+        self._mark_writer, self._deferred = writer, deque()
+        return True
+
+    def _write_deferred(self) -> None:
+        """(the sink's worker thread, before a batch) the deferred marks, the highest per session, in
+        one transaction.  Appended on the event loop before their readings were submitted, they are
+        all here by the time the batch holding those readings is written (deque: thread-safe)."""
+        deferred, writer = self._deferred, self._mark_writer
+        if not deferred or writer is None:
+            return
+        tops: dict[bytes, int] = {}
+        while deferred:
+            for top, key in deferred.popleft():
+                if top > tops.get(key, -1):
+                    tops[key] = top
+        if not writer.mark([(top, key) for key, top in tops.items()]):
+            self.stats.marks_failed += 1
+            self.store.errors += 1
+            self.store.last_error = writer.last_error  # (/readyz says so, as for the loop's own writes)
+
     def close(self, now: float) -> int:
         saved = self.sweep(now, everything=True)
         self.store.close()
+        if self._mark_writer is not None:
+            self._mark_writer.close()
         return saved

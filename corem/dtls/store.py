@@ -193,7 +193,10 @@ class SessionStore:
         before those records are handled (DtlsServer.settle); False if the disk refused."""
         try:
             self._run("BEGIN")
-            self.db.executemany(f"UPDATE {self.table} SET rx_top = ? WHERE peer = ?", marks)
+            # (only ever up: marks written later may be older ones, deferred to the bus's batch --
+            # layer.defer_marks -- while the session's own save wrote a newer number)
+            self.db.executemany(f"UPDATE {self.table} SET rx_top = ? WHERE peer = ? AND rx_top < ?",
+                                [(top, key, top) for top, key in marks])
             self._run("COMMIT")
         except self.db.Error as e:
             self._failed(e)

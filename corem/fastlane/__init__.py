@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - only without a C compiler
 
 #: `touched(owners, marks, datagrams, bytes, now)`: what `FastLane.drain_records` tells the security
 #: layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
-Touched = Callable[[list[Any], list[tuple[int, bytes]], int, int, float], None]
+Touched = Callable[[list[Any], list[tuple[int, bytes]], int, int, float, bool], None]
 
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
@@ -212,7 +212,7 @@ class FastLane:
         lane.drain_records(fd, now, self._now_ms, budget)
         declined, owners, marks, datagrams, nbytes = lane.take_records()
         if datagrams:
-            touched(owners, marks, datagrams, nbytes, now)
+            touched(owners, marks, datagrams, nbytes, now, not declined)
         return self._submit(), declined
 
     def receive_record(self, data: bytes, peer: Any, now: float, touched: Touched
@@ -223,7 +223,7 @@ class FastLane:
         lane.receive_record(data, peer, now, self._now_ms)
         declined, owners, marks, datagrams, nbytes = lane.take_records()
         if datagrams:
-            touched(owners, marks, datagrams, nbytes, now)
+            touched(owners, marks, datagrams, nbytes, now, not declined)
         return self._submit(), declined
 
     def send_records(self, fd: int) -> None:
