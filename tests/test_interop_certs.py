@@ -60,9 +60,11 @@ def post_with_cert(
 
 #: both implementations of CoAPS's security layer (dtls_engine)
 engines = pytest.mark.parametrize("engine", ["mbedtls", "corem"])
+#: the longer one on the default engine alone (the suite's time)
+default_engine = pytest.mark.parametrize("engine", ["corem"])
 
 
-@engines
+@default_engine
 @pytest.mark.parametrize("client", DTLS_CLIENTS)
 def test_registered_certificate_connects_others_do_not(data_dir, pki, tmp_path, client, engine):
     corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),

@@ -268,7 +268,7 @@ def test_a_killed_worker_is_started_again_and_no_acknowledged_reading_is_lost(wo
             s.close()
 
 
-@pytest.fixture(params=["mbedtls", "corem"])
+@pytest.fixture(params=["corem"])  # (the deprecated mbedtls engine: test_replay's worker case)
 def dtls_workers(data_dir, request):
     """`corem serve --workers 2` on each DTLS engine (dtls_engine)"""
     server = start_corem(data_dir, "--workers", "2", "--dtls-engine", request.param)
