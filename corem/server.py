@@ -543,7 +543,8 @@ class Server:
                 on_moved=moved,
                 client_auth=s.dtls_client_auth,
                 # with workers, CIDs name this worker: its records come here from any address
-                cid_prefix=steer.cid_prefix(self.worker.index) if self.worker and self.worker.steered else b"",
+                cid_prefix=steer.cid_prefix(self.worker.index, self.worker.count) if self.worker and self.worker.steered
+                else b"",
             )
             if engine.offloaded:
                 log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), SESSIONS_FILE)

@@ -86,7 +86,7 @@ def test_a_record_with_a_connection_id_goes_to_the_worker_its_cid_names(host):
             clients.append(c)
             worker = k % (n + 1)  # (n: a first byte that names no worker)
             header = bytes((25, 0xFE, 0xFD, 0, 1)) + k.to_bytes(6, "big")
-            record = header + steer.cid_prefix(worker) + b"\x01\x02\x03\x04\x05" + b"\x00\x08" + bytes(8)
+            record = header + steer.cid_prefix(worker, n) + b"\x01\x02\x03\x04\x05" + b"\x00\x08" + bytes(8)
             plain = b"\x40\x02" + k.to_bytes(2, "big")
             c.sendto(record, (host, port))
             c.sendto(plain, (host, port))
@@ -106,6 +106,12 @@ def test_a_record_with_a_connection_id_goes_to_the_worker_its_cid_names(host):
     finally:
         for s in group + clients:
             s.close()
+
+
+def test_with_more_workers_than_one_byte_names_cid_records_are_steered_by_address():
+    assert steer.cid_prefix(7, 255) == b"\x07" and steer.cid_prefix(7, 256) == b""
+    assert steer.program(256, cid=True) == steer.program(256)
+    assert len(steer.program(255, cid=True)) == len(steer.program(255)) + 4
 
 
 def test_the_model_reads_v4_mapped_addresses_as_ipv4():

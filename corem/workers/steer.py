@@ -62,9 +62,14 @@ TLS12_CID = 25
 CID_AT = 11
 
 
-def cid_prefix(index: int) -> bytes:
-    """The first byte of every Connection ID that worker `index` hands out (`program(cid=True)`)."""
-    return bytes((index,))
+#: CIDs name a worker in one byte: with more workers than this, CID records are steered by address
+MAX_CID_WORKERS = 255
+
+
+def cid_prefix(index: int, n: int) -> bytes:
+    """The first byte of every Connection ID that worker `index` of `n` hands out
+    (`program(n, cid=True)`); none when one byte cannot name them all."""
+    return bytes((index,)) if n <= MAX_CID_WORKERS else b""
 
 
 def program(n: int, *, cid: bool = False) -> list[tuple[int, int, int, int]]:
@@ -77,6 +82,7 @@ def program(n: int, *, cid: bool = False) -> list[tuple[int, int, int, int]]:
     offset 0 (the kernel has pulled the UDP header); a load past a datagram's end ends the program
     with 0 (worker 0): such a datagram is no record anyway."""
     net = SKF_NET_OFF
+    cid = cid and n <= MAX_CID_WORKERS
     by_cid = [
         (LD | B | ABS, 0, 0, 0),  # A = the record's content type
         (JMP | JEQ | K, 0, 3, TLS12_CID),  # not tls12_cid: on to the address
