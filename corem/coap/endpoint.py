@@ -416,9 +416,15 @@ class Endpoint:
         owed from before is then dropped, as for a session that ended, and never goes to the
         other device."""
         forward = self._forward
-        for earlier, (to, _) in list(forward.items()):
-            if to == old:
-                forward[earlier] = (new, now)  # (a chain of moves: everything owed goes to the newest)
+        step = old
+        for _ in range(4):  # (a chain of moves, walked back: everything owed goes to the newest)
+            entry = self._previous.get(step)
+            if entry is None:
+                break
+            earlier = entry[0]
+            if forward.get(earlier, (None,))[0] == step:
+                forward[earlier] = (new, now)
+            step = earlier
         forward.pop(new, None)  # (back where it once was)
         if old != new:
             forward[old] = (new, now)
