@@ -1096,6 +1096,43 @@ static int wire_push(Lane *self) {
     return 0;
 }
 
+/* One queue of datagrams out through sendmmsg, VLEN at a time, until the kernel would block: the
+ * answers (`out_t`) and the sealed records (`wire_t`) alike, each read through `at`.  Returns how
+ * many left the queue (sent, or skipped after a send error), from its start; counted here. */
+typedef void (*datagram_at)(void *queue, size_t i, struct mmsghdr *msg, struct iovec *iov);
+
+static void out_at(void *queue, size_t i, struct mmsghdr *msg, struct iovec *iov) {
+    out_t *o = (out_t *)queue + i;
+    set_msg(msg, iov, o->data, o->len, &o->addr, o->alen);
+}
+
+static void wire_at(void *queue, size_t i, struct mmsghdr *msg, struct iovec *iov) {
+    wire_t *w = (wire_t *)queue + i;
+    set_msg(msg, iov, w->data, w->len, &w->addr, w->alen);
+}
+
+static size_t send_queue(Lane *self, int fd, void *queue, size_t n, datagram_at at) {
+    size_t done = 0;
+    int blocked = 0;
+    struct mmsghdr msgs[VLEN];
+    struct iovec iov[VLEN];
+    while (done < n && !blocked) {
+        int want = n - done < VLEN ? (int)(n - done) : VLEN;
+        for (int i = 0; i < want; i++) at(queue, done + i, &msgs[i], &iov[i]);
+        int sent = send_datagrams(fd, msgs, want, &blocked);
+        if (sent < 0) {
+            self->send_errors++;
+            sent = 1; /* skipped, not sent */
+        } else {
+            self->datagrams_out += sent;
+            for (int i = 0; i < sent; i++) self->bytes_out += iov[i].iov_len;
+        }
+        done += sent;
+    }
+    self->send_blocked += blocked;
+    return done;
+}
+
 /* send_records(fd) -> answers left for Python: the outbox's answers to registered sessions sealed
  * with their write Protection (its next sequence number, below its limit) and sent (sendmmsg);
  * the rest -- no session, or the reservation used up -- stays in the outbox for take_outbox
@@ -1126,27 +1163,7 @@ static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
         keep++;
     }
     self->out_len = keep;
-    size_t done = 0;
-    int blocked = 0;
-    struct mmsghdr msgs[VLEN];
-    struct iovec iov[VLEN];
-    while (done < self->wire_len && !blocked) {
-        int want = self->wire_len - done < VLEN ? (int)(self->wire_len - done) : VLEN;
-        for (int i = 0; i < want; i++) {
-            wire_t *w = &self->wire[done + i];
-            set_msg(&msgs[i], &iov[i], w->data, w->len, &w->addr, w->alen);
-        }
-        int sent = send_datagrams(fd, msgs, want, &blocked);
-        if (sent < 0) {
-            self->send_errors++;
-            sent = 1; /* skipped, not sent */
-        } else {
-            self->datagrams_out += sent;
-            for (int i = 0; i < sent; i++) self->bytes_out += self->wire[done + i].len;
-        }
-        done += sent;
-    }
-    self->send_blocked += blocked;
+    size_t done = send_queue(self, fd, self->wire, self->wire_len, wire_at);
     if (done) {
         memmove(self->wire, self->wire + done, (self->wire_len - done) * sizeof(wire_t));
         self->wire_len -= done;
@@ -1365,28 +1382,8 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
 static PyObject *Lane_flush(Lane *self, PyObject *arg) {
     int fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
-    size_t done = 0;
-    int blocked = 0;
-    struct mmsghdr msgs[VLEN];
-    struct iovec iov[VLEN];
-    while (done < self->out_len && !blocked) {
-        int want = self->out_len - done < VLEN ? (int)(self->out_len - done) : VLEN;
-        for (int i = 0; i < want; i++) {
-            out_t *o = &self->out[done + i];
-            set_msg(&msgs[i], &iov[i], o->data, o->len, &o->addr, o->alen);
-        }
-        int sent = send_datagrams(fd, msgs, want, &blocked);
-        if (sent < 0) {
-            self->send_errors++;
-            sent = 1; /* skipped, not sent */
-        } else {
-            self->datagrams_out += sent;
-            for (int i = 0; i < sent; i++) self->bytes_out += self->out[done + i].len;
-        }
-        for (int i = 0; i < sent; i++) Py_CLEAR(self->out[done + i].peer);
-        done += sent;
-    }
-    self->send_blocked += blocked;
+    size_t done = send_queue(self, fd, self->out, self->out_len, out_at);
+    for (size_t i = 0; i < done; i++) Py_CLEAR(self->out[i].peer);
     if (done) {
         memmove(self->out, self->out + done, (self->out_len - done) * sizeof(out_t));
         self->out_len -= done;
