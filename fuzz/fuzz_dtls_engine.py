@@ -7,13 +7,9 @@ arbitrary records.  Nothing but DtlsDecodeError leaves a parser; nothing at all 
 engine; no session exists without the key; no unauthenticated peer is sent more than it sent."""
 
 import sys
-from datetime import datetime, timedelta, timezone
 
 import atheris
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki import CA, DER, DEVICE, SERVER
 
 with atheris.instrument_imports():
     from corem.dtls.engine import Client, DtlsDecodeError, Engine, EngineParams, Params
@@ -29,24 +25,6 @@ PEER = ("192.0.2.10", 40000)
 SEAL_KEY = bytes(range(16))
 
 
-def _certificate(name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, ca: bool
-                 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject)
-            .issuer_name(issuer[0].subject if issuer else subject)
-            .public_key(key.public_key()).serial_number(1).not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca, None), critical=True)
-            .sign(issuer[1] if issuer else key, hashes.SHA256()))
-    return cert, key
-
-
-CA = _certificate("ca", None, True)
-SERVER = _certificate("server", CA, False)
-DEVICE = _certificate("device", CA, False)
-DER = serialization.Encoding.DER
 SERVER_PARAMS = EngineParams(certificate_chain=(SERVER[0].public_bytes(DER),), private_key=SERVER[1],
                              verify_peer=certs.chain_verifier([CA[0]]), client_auth="optional")
 ECDHE_CLIENT = Params(suites=tuple(s for s in IMPLEMENTED if s.kx == "ecdhe_ecdsa"),
