@@ -266,8 +266,8 @@ def test_inner_plaintext_without_a_content_type_is_refused_alike():
 def test_seal_next_numbers_its_own_records_up_to_the_limit_alike(cipher):
     """A write protection carries its sequence numbers (issue 27: one counter for the Connection
     and the fast lane): seal_next seals at next_seq and counts it, returns None at `limit` (nothing
-    consumed; the limit is at most 2^48, so 2^48 - 1 is the last number sealed); the same in C and
-    in Python."""
+    consumed; the limit is at most 2^48, so 2^48 - 1 is the last number sealed, and past it
+    OverflowError says the numbers are exhausted); the same in C and in Python."""
     for p in pair(cipher):
         assert (p.next_seq, p.limit) == (0, R.SEQ_MAX)
         p.next_seq, p.limit = 5, 7
@@ -279,7 +279,9 @@ def test_seal_next_numbers_its_own_records_up_to_the_limit_alike(cipher):
         p.limit = R.SEQ_MAX + 1
         p.next_seq = R.SEQ_MAX
         assert R.parse_record_untrusted(p.seal_next(21, b"\x01\x00"), 0, 0)[0].seq == R.SEQ_MAX
-        assert p.seal_next(23, b"one too many") is None and p.next_seq == R.SEQ_MAX + 1
+        with pytest.raises(OverflowError):  # exhausted, not "reserved": no new reservation helps
+            p.seal_next(23, b"one too many")
+        assert p.next_seq == R.SEQ_MAX + 1
     c = _records.Protection(cipher, KEY, IV)
     with pytest.raises((OverflowError, ValueError)):
         c.next_seq = -1

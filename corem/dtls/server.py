@@ -158,6 +158,11 @@ class DtlsServer:
         self.cert_lookup = cert_lookup or _no_device
         #: offloaded sessions live in the store; `offloaded` is the set of their peer keys
         self.store = store if store is not None else SessionStore()
+        if self.store.shared:
+            # its sessions are pickles (store.freeze/thaw): a row another node wrote would run code
+            # here.  Settings.check refuses the setting; this refuses the object, whoever makes it
+            raise ValueError("the mbedtls engine never takes a shared session store (its sessions are pickles); "
+                             "use dtls_engine = corem")
         self._next_store_warning = 0.0
         self.device_lookup = device_lookup or (lambda tenant, device: None)
         self.wall = wall

@@ -39,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - only without a C compiler
     Lane = None  # type: ignore[assignment,misc]
 
-#: `touched(owners, marks, datagrams, bytes, now)`: what `FastLane.drain_records` tells the security
+#: `touched(owners, marks, datagrams, bytes, now, readings_only)`: what `FastLane.drain_records` tells the security
 #: layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
 Touched = Callable[[list[Any], list[tuple[int, bytes]], int, int, float, bool], None]
 

@@ -960,18 +960,24 @@ static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
  * among them [(their window's top, their row's key)], the datagrams taken, their bytes) */
 static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
     if (ensure_record_lists(self) < 0) return NULL;
+    /* (window, key) -> (top, key): the top after the batch, in a new list, so that a failure on
+     * the way leaves `dmarks` whole (windows only) for the next call */
     Py_ssize_t n = PyList_GET_SIZE(self->dmarks);
-    for (Py_ssize_t i = 0; i < n; i++) { /* (window, key) -> (top, key): the top after the batch */
+    PyObject *marks = PyList_New(n);
+    if (!marks) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = PyList_GET_ITEM(self->dmarks, i);
         PyObject *top = PyLong_FromLongLong(DTLS->window_top(PyTuple_GET_ITEM(pair, 0)));
         PyObject *mark = top ? PyTuple_Pack(2, top, PyTuple_GET_ITEM(pair, 1)) : NULL;
         Py_XDECREF(top);
-        if (!mark) return NULL;
-        PyList_SET_ITEM(self->dmarks, i, mark); /* (steals; the pair goes) */
-        Py_DECREF(pair);
+        if (!mark) {
+            Py_DECREF(marks);
+            return NULL;
+        }
+        PyList_SET_ITEM(marks, i, mark); /* (steals) */
     }
-    PyObject *r = Py_BuildValue("(OOOKK)", self->plain, self->dtouched, self->dmarks, self->rec_datagrams,
-                                self->rec_bytes);
+    PyObject *r = Py_BuildValue("(OONKK)", self->plain, self->dtouched, marks, self->rec_datagrams,
+                                self->rec_bytes); /* (N: the tuple takes `marks`, also on failure) */
     if (!r) return NULL;
     Py_CLEAR(self->plain);
     Py_CLEAR(self->dtouched);

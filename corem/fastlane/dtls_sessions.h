@@ -187,17 +187,15 @@ static void ds_remove(dsessions *t, int32_t i) {
     if (!s->live) return;
     ds_index_remove(t, 0, i);
     if (s->cid_in_len) ds_index_remove(t, 1, i);
-    Py_CLEAR(s->owner);
-    Py_CLEAR(s->peer);
-    Py_CLEAR(s->read);
-    Py_CLEAR(s->window);
-    Py_CLEAR(s->write);
-    Py_CLEAR(s->name);
-    Py_CLEAR(s->mark_key);
+    /* the table in order first, the references after: dropping one may run Python code (a
+     * Connection's last reference) that adds a session, and so moves `t->e` */
+    PyObject *refs[7] = {s->owner, s->peer, s->read, s->window, s->write, s->name, s->mark_key};
+    s->owner = s->peer = s->read = s->window = s->write = s->name = s->mark_key = NULL;
     s->live = 0;
     s->next_free = t->free_head;
     t->free_head = i;
     t->count--;
+    for (int k = 0; k < 7; k++) Py_XDECREF(refs[k]);
 }
 
 static void ds_free(dsessions *t) {

@@ -603,8 +603,8 @@ done:
 static Py_ssize_t seal_next_into(ProtObject *self, uint8_t ctype, const uint8_t *plain, size_t plain_len,
                                  const uint8_t *cid, size_t cid_len, uint8_t *out, size_t room) {
     uint64_t seq = self->next_seq;
+    if (seq > DTLS_SEQ_MAX || self->p.ctx == NULL) return -1; /* (exhausted first: no reservation helps) */
     if (seq >= self->limit) return 0;
-    if (seq > DTLS_SEQ_MAX || self->p.ctx == NULL) return -1;
     size_t total = dtls_sealed_size(&self->p, plain_len, cid_len, 0);
     if (total == 0 || total > room) return -2;
     if (dtls_seal(&self->p, ctype, 1, seq, plain, plain_len, cid, cid_len, 0, out) < 0) return -1;
@@ -626,11 +626,11 @@ static PyObject *prot_seal_next(ProtObject *self, PyObject *const *args, Py_ssiz
         PyErr_SetString(PyExc_ValueError, "content type out of range");
         return NULL;
     }
-    if (self->next_seq >= self->limit) Py_RETURN_NONE;
-    if (self->next_seq > DTLS_SEQ_MAX) {
+    if (self->next_seq > DTLS_SEQ_MAX) { /* (exhausted first: no reservation helps) */
         PyErr_SetString(PyExc_OverflowError, "sequence number over 2^48 - 1 (exhausted)");
         return NULL;
     }
+    if (self->next_seq >= self->limit) Py_RETURN_NONE;
     Py_buffer plain, cid = {0};
     if (PyObject_GetBuffer(args[1], &plain, PyBUF_SIMPLE) < 0) return NULL;
     if (nargs == 3 && PyObject_GetBuffer(args[2], &cid, PyBUF_SIMPLE) < 0) {

@@ -267,11 +267,13 @@ def client_hello(random: bytes, cookie: bytes, suites: tuple[int, ...],
     return b"".join((
         (0xFEFD).to_bytes(2, "big"), random, b"\x00", bytes((len(cookie),)), cookie,
         (2 * len(suites)).to_bytes(2, "big"), struct.pack(f"!{len(suites)}H", *suites), b"\x01\x00",
-        _extensions(extensions),
+        extensions_block(extensions),
     ))
 
 
-def _extensions(extensions: list[tuple[int, bytes]]) -> bytes:
+def extensions_block(extensions: list[tuple[int, bytes]]) -> bytes:
+    """A hello's extensions as the wire has them (nothing at all when there are none); DTLS's and
+    TLS's (tls.py)"""
     if not extensions:
         return b""
     block = b"".join(ext.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data for ext, data in extensions)
@@ -294,7 +296,7 @@ def parse_hello_verify_request_untrusted(body: bytes) -> bytes:
 def server_hello(random: bytes, suite: int, extensions: list[tuple[int, bytes]]) -> bytes:
     """(an empty session_id: this server does not resume sessions)"""
     return b"".join(((0xFEFD).to_bytes(2, "big"), random, b"\x00", suite.to_bytes(2, "big"), b"\x00",
-                     _extensions(extensions)))
+                     extensions_block(extensions)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,8 @@ class RecordProtectionPy:
         """The next record of epoch 1, numbered `next_seq` (then counted); None, nothing consumed,
         once the number is at `limit` (the reservation is used up); OverflowError past 2^48 - 1."""
         seq = self.next_seq
+        if seq > SEQ_MAX:  # (exhausted first: no reservation helps)
+            raise OverflowError("sequence number over 2^48 - 1 (exhausted)")
         if seq >= self.limit:
             return None
         record = self.seal(ctype, 1, seq, plaintext, cid)

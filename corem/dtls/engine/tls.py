@@ -224,11 +224,6 @@ def alpn_extension(protocol: bytes) -> bytes:
     return (len(protocol) + 1).to_bytes(2, "big") + bytes((len(protocol),)) + protocol
 
 
-def _extensions(extensions: list[tuple[int, bytes]]) -> bytes:
-    block = b"".join(ext.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data for ext, data in extensions)
-    return len(block).to_bytes(2, "big") + block if extensions else b""
-
-
 # -- one connection ------------------------------------------------------------------------------
 
 class TlsConnection(Connection):
@@ -400,7 +395,7 @@ class TlsConnection(Connection):
             extensions.append((EXT_ALPN, alpn_extension(self.alpn)))
         suites = b"".join(code.to_bytes(2, "big") for code in self.offered)
         body = b"".join((TLS_1_2.to_bytes(2, "big"), self.client_random, b"\x00",
-                         len(suites).to_bytes(2, "big"), suites, b"\x01\x00", _extensions(extensions)))
+                         len(suites).to_bytes(2, "big"), suites, b"\x01\x00", m.extensions_block(extensions)))
         msg = self._next_message(m.CLIENT_HELLO, body)
         self.transcript = bytearray(msg)
         self._send_flight([(0, HANDSHAKE, msg)], now, timer=False)
