@@ -1437,3 +1437,16 @@ def test_libcoap_clients_with_certificates_over_udp(pki, client, auth):
     assert not loop.errors and len(loop.requests) == 1 and loop.suites[0].startswith("TLS_ECDHE_ECDSA")
     assert loop.engine.stats.handshakes_completed == 1
     assert loop.identities == [engine_certs.fingerprint(pki.der(pki.dev)) if auth == "required" else b""]
+
+
+def test_the_engines_c_parts_are_built_in_ci():
+    """CI must exercise the C records, cookie answer and PRF: if one silently failed to build (its
+    tests would skip, the Python twins would serve), say so here."""
+    import corem.dtls.engine.crypto as crypto_module
+    import corem.dtls.engine.engine as engine_module
+    from corem.dtls.engine.records import RECORDS
+
+    if os.environ.get("CI") == "true" and not os.environ.get("COREM_PURE_PYTHON"):
+        assert RECORDS == "c", "corem/dtls/engine/_records.c did not build"
+        assert engine_module._hello_verify is not None, "corem/dtls/engine/_hello.c did not build"
+        assert crypto_module.prf is not crypto_module.prf_py, "corem/dtls/engine/_prf.c did not build"

@@ -473,3 +473,16 @@ def test_one_node_reads_the_commands_topic_and_the_device_s_node_carries_each_re
         for n in nodes:
             n.stop()
         broker.stop()
+
+
+def test_the_mbedtls_engine_never_takes_a_shared_store(store_url):
+    """Its sessions are pickles: a row another node wrote would run code here (Settings.check refuses
+    the setting; the object refuses too, whoever makes it)."""
+    from corem.dtls.server import DtlsServer, PskStore
+
+    store = SessionStore(store_url)
+    try:
+        with pytest.raises(ValueError, match="never takes a shared session store"):
+            DtlsServer(PskStore({}.get), store=store)
+    finally:
+        store.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import select
 import socket
 import subprocess
 import sys
@@ -48,15 +49,9 @@ def test_the_kernel_steers_each_peer_to_the_socket_the_model_names(host):
             clients.append(c)
             for _ in range(2):  # twice: a peer lands where it landed before
                 c.sendto(b"x", (host, port))
-        time.sleep(0.2)
         landed: dict[tuple, list[int]] = {}
-        for i, s in enumerate(group):
-            while True:
-                try:
-                    _, peer = s.recvfrom(16)
-                except BlockingIOError:
-                    break
-                landed.setdefault(peer[:2], []).append(i)
+        for (_, peer), i in drain(group, 180, 16):
+            landed.setdefault(peer[:2], []).append(i)
         assert len(landed) == 90
         assert all(where == [steer.worker_for(peer, n)] * 2 for peer, where in landed.items())
         spread = Counter(where[0] for where in landed.values())
@@ -93,16 +88,8 @@ def test_a_record_with_a_connection_id_goes_to_the_worker_its_cid_names(host):
             by_address = steer.worker_for(c.getsockname(), n)
             expected[record] = worker if worker < n else by_address
             expected[plain] = by_address
-        time.sleep(0.2)
-        landed: dict[bytes, int] = {}
-        for i, s in enumerate(group):
-            while True:
-                try:
-                    data, _ = s.recvfrom(64)
-                except BlockingIOError:
-                    break
-                landed[data] = i
-        assert landed == expected
+        landed = drain(group, len(expected), 64)
+        assert {data: i for (data, _), i in landed} == expected
     finally:
         for s in group + clients:
             s.close()
@@ -112,6 +99,18 @@ def test_with_more_workers_than_one_byte_names_cid_records_are_steered_by_addres
     assert steer.cid_prefix(7, 255) == b"\x07" and steer.cid_prefix(7, 256) == b""
     assert steer.program(256, cid=True) == steer.program(256)
     assert len(steer.program(255, cid=True)) == len(steer.program(255)) + 5  # (the CID prelude)
+
+
+def drain(group: list[socket.socket], n: int, size: int) -> list[tuple[tuple[bytes, tuple], int]]:
+    """The first `n` datagrams the sockets of `group` receive, each with its socket's index: read
+    until all came (60 s at most, only to notice one lost), not after a pause sized for an idle machine."""
+    got: list[tuple[tuple[bytes, tuple], int]] = []
+    deadline = time.monotonic() + 60
+    while len(got) < n and time.monotonic() < deadline:
+        ready, _, _ = select.select(group, [], [], 1.0)
+        for s in ready:
+            got.append((s.recvfrom(size), group.index(s)))
+    return got
 
 
 def test_the_model_reads_v4_mapped_addresses_as_ipv4():
@@ -414,10 +413,10 @@ def test_an_rpc_for_a_device_no_worker_has_heard_waits_for_one_to_hear_it(worker
 
 def test_an_rpc_for_a_silent_device_expires_after_its_own_timeout(workers):
     started = time.monotonic()
-    status, body = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 3})
+    status, body = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 10})
     assert status == 504 and body["status"] == "expired"
-    # once, at the front; not again at the worker (that would take 2 x 3 s): 2.5 s to spare for a busy machine
-    assert time.monotonic() - started < 5.5
+    # once, at the front; not again at the worker (that would take 2 x 10 s): 9 s to spare for a busy machine
+    assert time.monotonic() - started < 19
     status, _ = workers.api("POST", "/api/devices/acme/sensor-1/rpc", {"method": "ping", "timeout": 1}, token="bad")
     assert status == 401  # an unauthenticated call is not held at the front
 
