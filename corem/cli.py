@@ -169,10 +169,36 @@ def _opened(args: argparse.Namespace) -> Iterator[Registry]:
         reg.close()
 
 
+def secret_file(path: str, key: str) -> bytes:
+    """A key from a file (`--psk-file`, `--oscore-secret-file`): its bytes without a trailing
+    newline, so that neither the command line (`ps`) nor the shell's history holds it."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise RegistryError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+    raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+    if not raw:
+        raise RegistryError(f"{key}: {path} is empty")
+    return raw
+
+
+def _from_file(args: argparse.Namespace, name: str) -> str | None:
+    """`--NAME-file`'s key as the hex `--NAME-hex` takes; None without the flag.  Only one of
+    `--NAME`, `--NAME-hex`, `--NAME-file`."""
+    path = getattr(args, name + "_file")
+    if path is None:
+        return None
+    if getattr(args, name) is not None or getattr(args, name + "_hex") is not None:
+        flag = "--" + name.replace("_", "-")
+        raise RegistryError(f"{name}: give {flag}, {flag}-hex or {flag}-file, not two of them")
+    return secret_file(path, name + "_file").hex()
+
+
 def cmd_devices_add(args: argparse.Namespace) -> int:
-    psk = parse_psk(args.psk, args.psk_hex)
-    oscore = parse_oscore(args.oscore_sender_id, args.oscore_recipient_id, args.oscore_secret, args.oscore_secret_hex,
-                          args.oscore_salt, args.oscore_id_context)
+    psk_hex, secret_hex = _from_file(args, "psk"), _from_file(args, "oscore_secret")
+    psk = parse_psk(args.psk, psk_hex or args.psk_hex)
+    oscore = parse_oscore(args.oscore_sender_id, args.oscore_recipient_id, args.oscore_secret,
+                          secret_hex or args.oscore_secret_hex, args.oscore_salt, args.oscore_id_context)
     cert = None
     if args.cert is not None:
         from .dtls import certificate_sha256
@@ -420,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--psk-identity", help="DTLS-PSK identity (CoAPS)")
     add.add_argument("--psk", help="DTLS pre-shared key as text")
     add.add_argument("--psk-hex", help="DTLS pre-shared key as hex")
+    add.add_argument("--psk-file", metavar="FILE", help="DTLS pre-shared key: the file's bytes, without a trailing "
+                                                        "newline (kept out of the command line)")
     add.add_argument("--cert", metavar="PEM", help="the device's X.509 certificate (registered by SHA-256)")
     add.add_argument("--oscore-sender-id", metavar="HEX",
                      help="OSCORE: corem's Sender ID (the device's Recipient ID), hex; may be empty ('')")
@@ -427,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OSCORE: the device's Sender ID (the kid of its requests), hex")
     add.add_argument("--oscore-secret", help="OSCORE master secret as text (16-64 bytes)")
     add.add_argument("--oscore-secret-hex", help="OSCORE master secret as hex")
+    add.add_argument("--oscore-secret-file", metavar="FILE",
+                     help="OSCORE master secret: the file's bytes, without a trailing newline")
     add.add_argument("--oscore-salt", metavar="HEX", help="OSCORE master salt, hex (default: empty)")
     add.add_argument("--oscore-id-context", metavar="HEX", help="OSCORE ID context, hex (default: none)")
     add.add_argument("--power-mode", choices=["drx", "psm"], default="drx",

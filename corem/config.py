@@ -2,12 +2,15 @@
 
 Precedence: flag > environment (`COREM_<KEY>`) > config file (`--config`, `COREM_CONFIG`) > default.
 Every value is validated when corem starts; a bad one stops it with `ConfigError` naming the key
-and what is allowed.
+and what is allowed.  A TOML file may use TOML's own types (`workers = 4`, `fast_lane = false`,
+`dtls_ciphers = [...]`, `[presence_tenants]`); numbers must be finite.  Each secret (`SECRETS`)
+may instead be read from a file (`<key>_file`, `--<key>-file`, `COREM_<KEY>_FILE`).
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -58,6 +61,7 @@ def _choice(*allowed: str) -> Callable[[str, Any], None]:
         if v not in allowed:
             raise ConfigError(f"{key}: {v!r} is not allowed; use one of {', '.join(a or repr(a) for a in allowed)}")
 
+    check.allowed = allowed  # type: ignore[attr-defined]  # (TOML's true/false: on/off where allowed)
     return check
 
 
@@ -106,8 +110,8 @@ def parse_thresholds(value: str, key: str = "presence_tenants") -> dict[str, flo
             out[tenant.strip()] = float(seconds)
         except ValueError:
             out[tenant.strip()] = -1.0
-        if not sep or not tenant.strip() or out[tenant.strip()] <= 0:
-            raise ConfigError(f"{key}: {item!r} is not TENANT=SECONDS with SECONDS > 0")
+        if not sep or not tenant.strip() or not 0 < out[tenant.strip()] < math.inf:
+            raise ConfigError(f"{key}: {item!r} is not TENANT=SECONDS with SECONDS a finite number > 0")
     return out
 
 
@@ -131,8 +135,20 @@ def _database_url(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {v!r} is not a postgresql:// URL (empty: SQLite in the data dir)")
 
 
-def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "check": check})
+def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = None, form: str = "") -> Any:
+    """A setting; `form`: "list" (a comma-separated list: a TOML array too) or "table" (KEY=VALUE
+    pairs, comma-separated: a TOML table too)."""
+    return field(default=default, metadata={"help": help, "check": check, "form": form})
+
+
+#: the settings that are secrets: each may come from a file instead (`<key>_file`: the file's text,
+#: without a trailing newline), kept out of `ps`, the environment and the config file
+SECRETS = ("admin_token", "kafka_sasl_password", "dtls_state_key")
+
+
+def _secret_file(secret: str) -> Any:
+    return _opt("", f"a file holding {secret} (its text, without a trailing newline): the secret stays out of "
+                    f"the command line, the environment and the config file; not with {secret} itself")
 
 
 @dataclass
@@ -152,7 +168,7 @@ class Settings:
         "TLS-PSK-WITH-AES-128-CCM-8,TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8",
         "comma-separated DTLS cipher suites: TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, "
         "TLS-PSK-WITH-AES-128-GCM-SHA256, TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256 "
-        "(checked when the CoAPS listener starts)",
+        "(checked when the CoAPS listener starts)", form="list",
     )
     dtls_cert: str = _opt("", "PEM certificate chain the server presents (certificate mode)", _file)
     dtls_key: str = _opt("", "PEM private key of dtls_cert", _file)
@@ -174,6 +190,7 @@ class Settings:
         "one kept in data_dir/dtls-state.key (mode 0600); required when dtls_session_store is shared "
         "(PostgreSQL: every node must open what the others saved)",
     )
+    dtls_state_key_file: str = _secret_file("dtls_state_key")
     dtls_max_handshakes: int = _opt(1000, "DTLS handshakes in progress at most (past the cookie exchange)", _positive)
     dtls_max_sessions: int = _opt(100_000, "established DTLS sessions at most", _positive)
     dtls_handshake_timeout: float = _opt(30.0, "seconds a DTLS handshake may take before it is dropped", _positive)
@@ -234,7 +251,7 @@ class Settings:
     )
     kafka_config: str = _opt(
         "", "any other librdkafka property: 'key=value,key=value' or a TOML table; checked by librdkafka at start",
-        _parses(".bus.kafka", "parse_kafka_config"),
+        _parses(".bus.kafka", "parse_kafka_config"), form="table",
     )
     kafka_security_protocol: str = _opt(
         "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", _choice("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -242,7 +259,8 @@ class Settings:
     kafka_sasl_mechanism: str = _opt("", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (managed clusters)",
                                      _choice("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
     kafka_sasl_username: str = _opt("", "SASL user name")
-    kafka_sasl_password: str = _opt("", "SASL password (prefer the environment variable)")
+    kafka_sasl_password: str = _opt("", "SASL password (prefer kafka_sasl_password_file)")
+    kafka_sasl_password_file: str = _secret_file("kafka_sasl_password")
     kafka_ssl_cafile: str = _opt("", "CA file to verify the brokers (SSL)", _file)
     kafka_ssl_certfile: str = _opt("", "client certificate for the brokers (SSL)", _file)
     kafka_ssl_keyfile: str = _opt("", "client key for the brokers (SSL)", _file)
@@ -271,7 +289,7 @@ class Settings:
     rate_limit_sources: int = _opt(100_000, "source addresses tracked by the rate limit at most", _positive)
     rate_limit_exempt: str = _opt(
         "", "networks never rate-limited, e.g. '10.0.0.0/8,2001:db8::/32' (your own gateways)",
-        _parses(".net.limits", "parse_networks"),
+        _parses(".net.limits", "parse_networks"), form="list",
     )
     max_datagram: int = _opt(1500, "largest datagram accepted, bytes (larger ones are dropped and counted)", _positive)
     presence_offline_after: float = _opt(
@@ -279,15 +297,16 @@ class Settings:
     )
     presence_tenants: str = _opt(
         "", "per-tenant offline thresholds overriding presence_offline_after, e.g. 'acme=30,globex=600'",
-        _thresholds,
+        _thresholds, form="table",
     )
     presence_profiles: str = _opt(
         "", "per-profile offline thresholds (they win over presence_tenants), e.g. 'meter=7200,tracker=60'",
-        _thresholds,
+        _thresholds, form="table",
     )
     admin_token: str = _opt(
         "", "bearer token for the admin REST API and UI; empty: one is generated into data_dir/admin-token"
     )
+    admin_token_file: str = _secret_file("admin_token")
     admin_max_body: int = _opt(256 * 1024 * 1024, "largest admin API request body, bytes (firmware uploads)", _positive)
     psm_activity_timer: float = _opt(
         10.0, "seconds a PSM device stays reachable after it talks (updates for it queue otherwise)", _positive
@@ -329,26 +348,24 @@ class Settings:
                 raise ConfigError(f"config: file {path} not found") from None
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
-            for key, value in data.items():
+            for key in data:
                 if key not in cls.keys():
                     raise ConfigError(f"{key}: unknown key in {path}; known keys: {', '.join(cls.keys())}")
-                if key == "kafka_config" and isinstance(value, dict):  # a TOML table: the same, as text
-                    value = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in value.items())
-                values[key] = value
-        for key in cls.keys():
-            name = "COREM_" + key.upper()
-            if name in env:
-                values[key] = env[name]
-        for key, value in (flags or {}).items():
-            if value is not None:
-                values[key] = value
+            _take(values, data, f"the config file {path}")
+        _take(values, {key: env[name] for key in cls.keys() if (name := "COREM_" + key.upper()) in env},
+              "the environment")
+        _take(values, {key: value for key, value in (flags or {}).items() if value is not None}, "the flags")
         settings = cls()
         for opt in fields(cls):
             if opt.name in values:
-                setattr(settings, opt.name, _coerce(opt.name, values[opt.name], type(opt.default)))
+                setattr(settings, opt.name, _coerce(opt.name, values[opt.name], type(opt.default), opt.metadata["form"]))
             check = opt.metadata["check"]
             if check is not None:
                 check(opt.name, getattr(settings, opt.name))
+        for secret in SECRETS:
+            where = getattr(settings, secret + "_file")
+            if where:
+                setattr(settings, secret, read_secret(where, secret + "_file"))
         return settings.check()
 
     def check(self) -> Settings:
@@ -483,16 +500,85 @@ class Settings:
         )
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def _given(value: Any) -> bool:
+    return value is not None and value != ""
+
+
+def _take(values: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
+    """`source`'s values over `values` (the sources are taken from the lowest precedence up).  A
+    secret and its file are one setting: a source that gives either replaces both, and one that
+    gives both is refused."""
+    for secret in SECRETS:
+        inline, in_file = source.get(secret), source.get(secret + "_file")
+        if _given(inline) and _given(in_file):
+            raise ConfigError(f"{secret}: {secret} and {secret}_file are both given in {where}; give one of them")
+        if _given(inline) or _given(in_file):
+            values.pop(secret, None)
+            values.pop(secret + "_file", None)
+    values.update(source)
+
+
+def read_secret(path: str, key: str) -> str:
+    """A secret from a file: its text without a trailing newline (`echo secret > file` writes one)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ConfigError(f"{key}: {path} is empty")
+    return text
+
+
+def _finite(key: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number (nan and inf are refused)")
+    return value
+
+
+def _item(key: str, value: Any) -> str:
+    """One element of a TOML array or value of a TOML table, as the setting's text spells it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        _finite(key, value)
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, (int, str)):
+        return str(value)
+    raise ConfigError(f"{key}: expected text or a number in it, got {type(value).__name__} {value!r}")
+
+
+def _coerce(key: str, value: Any, kind: type, form: str = "") -> Any:
+    """A value from the file (TOML's types), the environment or a flag (text) as the setting's type."""
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        check = getattr(Settings.__dataclass_fields__[key].metadata["check"], "allowed", ())
+        if isinstance(value, bool) and "on" in check and "off" in check:  # fast_lane = false
+            return "on" if value else "off"
+        if isinstance(value, int) and not isinstance(value, bool):  # workers = 4, kafka_acks = 1
+            return str(value)
+        if isinstance(value, list) and form == "list":  # dtls_ciphers = ["...", "..."]
+            return ",".join(_item(key, v) for v in value)
+        if isinstance(value, dict) and form == "table":  # [presence_tenants] acme = 30
+            return ",".join(f"{k}={_item(key, v)}" for k, v in value.items())
+        what = {"list": "text or an array", "table": "text or a table"}.get(form, "text")
+        raise ConfigError(f"{key}: expected {what}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and kind is float:
+        return _finite(key, value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and kind in (int, float):
         try:
-            return kind(value)
+            number = kind(value)
         except ValueError:
             raise ConfigError(f"{key}: {value!r} is not a{'n integer' if kind is int else ' number'}") from None
-    if kind is str and isinstance(value, str):
-        return value
+        return _finite(key, number) if kind is float else number
     raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")

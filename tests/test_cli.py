@@ -151,3 +151,29 @@ def test_a_device_added_while_the_server_runs_is_served_the_moment_the_cli_retur
         assert r.code == "4.01", r.output
     finally:
         server.stop()
+
+
+def test_device_keys_from_files(tmp_path):
+    """--psk-file and --oscore-secret-file: the keys stay out of the command line (issue 30)."""
+    d = tmp_path / "data"
+    psk = tmp_path / "psk"
+    psk.write_text("secretPSK123\n")  # the trailing newline is not part of the key
+    secret = tmp_path / "oscore"
+    secret.write_bytes(bytes(range(16)) + b"\n")  # any bytes
+    corem_cli("devices", "add", "--tenant", "t", "--device", "a", "--psk-identity", "id-a", "--psk-file", str(psk),
+              "--oscore-sender-id", "01", "--oscore-recipient-id", "02", "--oscore-secret-file", str(secret),
+              data_dir=d)
+    from corem.registry import Registry
+
+    reg = Registry(d / "registry.db")
+    try:
+        device = reg.list_devices("t")[0]
+    finally:
+        reg.close()
+    assert device.psk == b"secretPSK123" and device.oscore is not None and device.oscore.secret == bytes(range(16))
+    for args, message in [
+        (["--psk-identity", "i", "--psk", "x" * 8, "--psk-file", str(psk)], "psk: give --psk, --psk-hex or --psk-file"),
+        (["--psk-identity", "i", "--psk-file", str(tmp_path / "none")], "psk_file: cannot read"),
+    ]:
+        r = corem_cli("devices", "add", "--tenant", "t", "--device", "b", *args, data_dir=d, check=False)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -129,3 +129,123 @@ def test_the_readme_table_lists_every_setting_with_its_default():
         want = shown(getattr(defaults, f.name))
         got = documented[f.name]
         assert got == want or (f.name == "admin_token" and got == "(generated)"), (f.name, got, want)
+
+
+# -- TOML's own types, finite numbers, secrets from files (issue 30) -------------------------------
+def test_toml_native_types(tmp_path):
+    f = tmp_path / "corem.toml"
+    f.write_text('workers = 4\nfast_lane = false\ndtls_checkpoint = true\nkafka_acks = 1\npiggyback_timeout = 1\n'
+                 'kafka_linger_ms = 0\nrate_limit_per_source = 2.5\nmax_retransmit = 3\n'
+                 'dtls_ciphers = ["TLS-PSK-WITH-AES-128-CCM-8", "TLS-PSK-WITH-AES-128-CCM"]\n'
+                 'rate_limit_exempt = ["10.0.0.0/8", "2001:db8::/32"]\n'
+                 '[presence_tenants]\nacme = 30\nglobex = 600.5\n[presence_profiles]\nmeter = 7200\n')
+    s = Settings.load({}, env={}, config_file=str(f))
+    assert (s.workers, s.worker_count(), s.fast_lane, s.dtls_checkpoint, s.kafka_acks) == ("4", 4, "off", "on", "1")
+    assert (s.piggyback_timeout, s.kafka_linger_ms, s.rate_limit_per_source, s.max_retransmit) == (1.0, 0.0, 2.5, 3)
+    assert s.dtls_ciphers == "TLS-PSK-WITH-AES-128-CCM-8,TLS-PSK-WITH-AES-128-CCM"
+    assert s.dtls_params().ciphers == ("TLS-PSK-WITH-AES-128-CCM-8", "TLS-PSK-WITH-AES-128-CCM")
+    assert len(s.exempt_networks()) == 2
+    assert s.presence_thresholds() == ({"acme": 30.0, "globex": 600.5}, {"meter": 7200.0})
+    # the same as text, as before
+    f.write_text('workers = "auto"\nfast_lane = "off"\n')
+    s = Settings.load({}, env={}, config_file=str(f))
+    assert (s.workers, s.fast_lane) == ("auto", "off")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("fast_lane = 1", "fast_lane: '1' is not allowed; use one of on, off"),
+    ("log_level = true", "log_level: expected text, got bool True"),  # no on/off to map it to
+    ("coap = 5683", "coap: '5683' is not HOST:PORT"),
+    ("workers = 4.5", "workers: expected text, got float 4.5"),
+    ("workers = 0", "workers: 0 must be 1 to 1024"),
+    ("http = [\"a\"]", "http: expected text, got list"),
+    ("dtls_ciphers = [[\"x\"]]", "dtls_ciphers: expected text or a number in it, got list"),
+    ("presence_tenants = [\"acme\"]", "presence_tenants: expected text or a table, got list"),
+    ("[presence_tenants]\nacme = \"soon\"", "presence_tenants: 'acme=soon' is not TENANT=SECONDS"),
+    ("max_retransmit = 4.0", "max_retransmit: expected int, got float 4.0"),
+])
+def test_toml_types_that_do_not_fit_name_the_key(tmp_path, text, message):
+    f = tmp_path / "corem.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load({}, env={}, config_file=str(f))
+    assert message in str(info.value)
+
+
+def _numeric_keys() -> list[str]:
+    from dataclasses import fields
+
+    return [f.name for f in fields(Settings) if type(f.default) in (int, float)]
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_non_finite_numbers_are_refused_for_every_numeric_setting(tmp_path, key):
+    f = tmp_path / "corem.toml"
+    for toml, text in (("nan", "nan"), ("inf", "inf"), ("-inf", "-Infinity")):
+        f.write_text(f"{key} = {toml}\n")
+        with pytest.raises(ConfigError) as info:
+            Settings.load({}, env={}, config_file=str(f))
+        assert str(info.value).startswith(f"{key}: "), info.value
+        assert "finite" in str(info.value) or "expected int" in str(info.value), info.value
+        for where in ({"flags": {key: text}}, {"env": {"COREM_" + key.upper(): text}}):
+            with pytest.raises(ConfigError) as info:
+                Settings.load(where.get("flags", {}), env=where.get("env", {}))
+            assert str(info.value).startswith(f"{key}: "), info.value
+            assert "not a finite number" in str(info.value) or "is not an integer" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["presence_tenants", "presence_profiles"])
+def test_non_finite_thresholds_are_refused(key):
+    for value in ("a=inf", "a=nan"):
+        with pytest.raises(ConfigError, match=f"{key}: .* a finite number"):
+            Settings.load({key: value}, env={})
+
+
+def test_secrets_from_files(tmp_path):
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret-token\n")  # as `echo` writes it: the newline is not part of it
+    password = tmp_path / "password"
+    password.write_bytes(b"pass word\r\n")
+    key = tmp_path / "state-key"
+    key.write_text("00" * 32)
+    f = tmp_path / "corem.toml"
+    f.write_text(f'admin_token_file = "{token}"\nkafka_sasl_password_file = "{password}"\n')
+    s = Settings.load({}, env={}, config_file=str(f))
+    assert (s.admin_token, s.admin_token_file, s.kafka_sasl_password) == ("s3cret-token", str(token), "pass word")
+    s = Settings.load({"dtls_state_key_file": str(key)}, env={"COREM_ADMIN_TOKEN_FILE": str(token)})
+    assert (s.admin_token, s.dtls_state_key) == ("s3cret-token", "00" * 32)
+    # a higher source's secret replaces a lower source's file, and the other way round
+    s = Settings.load({"admin_token": "from-flag"}, env={}, config_file=str(f))
+    assert (s.admin_token, s.admin_token_file) == ("from-flag", "")
+    s = Settings.load({"admin_token_file": str(token)}, env={"COREM_ADMIN_TOKEN": "from-env"})
+    assert s.admin_token == "s3cret-token"
+    # what the file holds is checked as the secret itself
+    key.write_text("not hex\n")
+    with pytest.raises(ConfigError, match="dtls_state_key: not hex"):
+        Settings.load({"dtls_state_key_file": str(key)}, env={})
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    ({"admin_token_file": "/nonexistent/token"}, {}, "admin_token_file: cannot read /nonexistent/token: No such file"),
+    ({}, {"COREM_KAFKA_SASL_PASSWORD_FILE": "/nonexistent/pw"}, "kafka_sasl_password_file: cannot read /nonexistent/pw"),
+    ({"admin_token": "a", "admin_token_file": "/x"}, {}, "admin_token: admin_token and admin_token_file are both given "
+                                                       "in the flags; give one of them"),
+    ({}, {"COREM_DTLS_STATE_KEY": "00" * 16, "COREM_DTLS_STATE_KEY_FILE": "/x"}, "dtls_state_key: dtls_state_key and "
+                                                                              "dtls_state_key_file are both given in the environment"),
+])
+def test_secret_file_errors(flags, env, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.load(flags, env=env)
+    assert message in str(info.value)
+
+
+def test_secret_file_errors_in_the_config_file(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    f = tmp_path / "corem.toml"
+    f.write_text(f'admin_token = "x"\nadmin_token_file = "{empty}"\n')
+    with pytest.raises(ConfigError, match=f"both given in the config file {f}"):
+        Settings.load({}, env={}, config_file=str(f))
+    f.write_text(f'admin_token_file = "{empty}"\n')
+    with pytest.raises(ConfigError, match=f"admin_token_file: {empty} is empty"):
+        Settings.load({}, env={}, config_file=str(f))

@@ -1,5 +1,6 @@
 """The CLI's runtime commands: they call the running server's admin API (the same operations the
-REST clients use), with the token from `--admin-token`, COREM_ADMIN_TOKEN or data_dir/admin-token.
+REST clients use), with the token from `--admin-token` (or `--admin-token-file`), COREM_ADMIN_TOKEN
+(COREM_ADMIN_TOKEN_FILE) or data_dir/admin-token.
 
     corem attributes get|set   corem rpc   corem command   corem firmware upload|assign
     corem provisioning add
@@ -16,11 +17,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ..config import ConfigError, Settings, parse_hostport
+from ..config import ConfigError, Settings, parse_hostport, read_secret
 from ..registry.management import KINDS
 from . import token as admin_token
 
-KEYS = ["data_dir", "http", "admin_token"]
+KEYS = ["data_dir", "http", "admin_token", "admin_token_file"]
 
 
 def call(args: argparse.Namespace, method: str, path: str, body: Any = None, raw: bytes | None = None,
@@ -108,8 +109,15 @@ def firmware_assign(args: argparse.Namespace) -> int:
 
 
 def provisioning_add(args: argparse.Namespace) -> int:
+    secret = args.secret
+    if args.secret_file is not None:
+        if secret is not None:
+            raise ConfigError("secret: give --secret or --secret-file, not both")
+        secret = read_secret(args.secret_file, "secret_file")
+    if secret is None:
+        raise ConfigError("secret: give --secret or --secret-file")
     return call(args, "POST", "/api/provisioning-keys",
-                {"key": args.key, "secret": args.secret, "tenant": args.tenant, "profile": args.profile})
+                {"key": args.key, "secret": secret, "tenant": args.tenant, "profile": args.profile})
 
 
 def add_parsers(sub, add_flags) -> None:
@@ -160,7 +168,9 @@ def add_parsers(sub, add_flags) -> None:
     p = prov.add_parser("add", help="add a provisioning key and secret")
     add_flags(p, KEYS)
     p.add_argument("--key", required=True)
-    p.add_argument("--secret", required=True)
+    p.add_argument("--secret", help="the provisioning secret (or --secret-file)")
+    p.add_argument("--secret-file", metavar="FILE", help="the provisioning secret: the file's text, without a "
+                                                         "trailing newline (kept out of the command line)")
     p.add_argument("--tenant", required=True)
     p.add_argument("--profile", default="default")
     p.set_defaults(func=provisioning_add)

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from ..config import ConfigError, Settings
+from ..config import SECRETS, ConfigError, Settings
 from ..net import fdlimit
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
@@ -162,6 +162,9 @@ class Supervisor:
     def _environment(self, spec: WorkerSpec) -> dict[str, str]:
         settings = asdict(self.settings)
         settings.update(http="127.0.0.1:0", workers="1")
+        for secret in SECRETS:  # (a secret from a file: the worker reads the file, not the environment)
+            if settings[secret + "_file"]:
+                settings[secret] = ""
         if self.settings.registry and self.front.node:
             settings["node_url"] = self.front.node  # the node is its front
         env = {k: v for k, v in os.environ.items() if not k.startswith("COREM_")}
