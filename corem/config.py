@@ -271,6 +271,14 @@ class Settings:
         "FULL", "SQLite synchronous mode of the embedded bus: FULL survives power loss, NORMAL a crash",
         _choice("FULL", "NORMAL", "EXTRA", "OFF"),
     )
+    bus_retention_age: str = _opt(
+        "7d", "embedded bus: records older than this are pruned, oldest first (s, m, h, d, w; e.g. 7d); 'off' "
+        "keeps them", _parses(".bus.retention", "parse_age"),
+    )
+    bus_retention_size: str = _opt(
+        "off", "embedded bus: the oldest records are pruned while the log uses more than this (B, kB, MB, GB, "
+        "KiB, MiB, GiB, TiB; e.g. 2GiB); 'off' sets no bound", _parses(".bus.retention", "parse_size"),
+    )
     fast_lane: str = _opt(
         "on", "CBOR telemetry POSTs handled in C (token path on CoAP, session on CoAPS); 'off': all in Python",
         _choice("on", "off"),

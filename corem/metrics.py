@@ -27,6 +27,10 @@ C, G, H = "counter", "gauge", "histogram"
 
 #: name -> (kind, help): every metric corem exposes (the names are a contract: README, DESIGN).
 FAMILIES: dict[str, tuple[str, str]] = {
+    # what this corem is (corem/build.py)
+    "corem_build_info": (
+        G, "1, labelled with corem's version, the Python version and whether the C fast lane is built "
+           "(c_lane: built or missing)."),
     # the message layer and the edge, per transport (the endpoint, the edge, the fast lane)
     "corem_coap_datagrams_received": (C, "Datagrams received (after DTLS: CoAP messages)."),
     "corem_coap_bytes_received": (C, "Bytes received."),
@@ -139,6 +143,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_bus_recovery_failures": (
         C, "Starts at which the bus could not be read back for deduplication (served anyway)."),
     "corem_bus_recovery_records": (C, "Records read back from the bus at start for deduplication."),
+    "corem_bus_pruned_records": (
+        C, "Embedded bus: records pruned by retention, by reason (age: bus_retention_age, size: bus_retention_size)."),
+    "corem_bus_prune_errors": (C, "Embedded bus: retention passes that failed (tried again a second later)."),
+    "corem_bus_size_bytes": (G, "Embedded bus: bytes of bus.db's pages in use (what bus_retention_size bounds)."),
     "corem_kafka_in_flight": (G, "Records handed to librdkafka without a delivery report yet."),
     "corem_kafka_queue_messages": (G, "Messages and requests in librdkafka's queues (len(producer))."),
     "corem_kafka_delivery_seconds": (H, "Per record: from produce() to its delivery report."),
@@ -190,7 +198,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 #: families every worker reports alike (the shared registry): with --workers, counted once, not summed
-SHARED = frozenset({"corem_registry_devices", "corem_registry_devices_with_token"})
+SHARED = frozenset({"corem_registry_devices", "corem_registry_devices_with_token", "corem_build_info"})
 
 #: what the collector is given at each scrape: each component with the labels of its mount
 Components = Callable[[], Iterable[tuple[Measured, dict[str, str]]]]

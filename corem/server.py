@@ -23,11 +23,13 @@ from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
 from .admin.http import FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply
 from .bus import EmbeddedBus, Sink
+from .build import BuildInfo
 from .bus.base import publish_json
 from .bus.commands import PREFIX as COMMANDS_PREFIX
 from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
 from .bus.recovery import RecoveryStats, recover_embedded, recover_kafka
+from .bus.retention import Pruner, parse_age, parse_size
 from .coap import Endpoint, Router, discovery
 from .coap.blockwise import Block1Uploads
 from .coap.endpoint import Request
@@ -121,6 +123,13 @@ def make_sink(s: Settings, after_batch: Callable[[], None] | None = None, *, sha
                      after_batch=after_batch)
 
 
+def make_pruner(s: Settings) -> Pruner | None:
+    """The embedded bus's retention (corem/bus/retention.py); None with Kafka, which keeps its own."""
+    if s.bus != "embedded":
+        return None
+    return Pruner(s.data_path / "bus.db", age=parse_age(s.bus_retention_age), size=parse_size(s.bus_retention_size))
+
+
 def identity(session: Callable[[Hashable], Device | None] | None) -> Callable[[Request], Device | None]:
     """Who sent a request, by the security below CoAP: its OSCORE context, else the device of its
     peer's DTLS or TLS session (`session`, when the transport has sessions)."""
@@ -199,6 +208,8 @@ class Server:
             raise ConfigError(f"registry: cannot use {_redacted(settings.registry)}: {e}") from None
         self.directory = Directory(self.registry)
         self.sink = make_sink(settings, after_batch=self._after_batch, shared=worker is not None)
+        #: with workers, the supervisor prunes the bus (one pruner per data dir)
+        self.pruner = make_pruner(settings) if worker is None else None
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
         tenants, profiles = settings.presence_thresholds()
         # presence per device across workers and nodes: its state in a table they share
@@ -281,12 +292,13 @@ class Server:
                 yield c, {"transport": t.name}
             if t.dtls is not None:
                 yield t.dtls, {}
-        parts: list[Measured | None] = [self.ingest, self.sink, self.recovery, self.command_reader, self.presence,
-                                        self.downlink,
+        parts: list[Measured | None] = [self.ingest, self.sink, self.pruner, self.recovery, self.command_reader,
+                                        self.presence, self.downlink,
                                         self.oscore, self.emqx, self.thingsboard, self.http, self.directory, self.diagnostics]
         for part in parts:
             if part is not None:
                 yield part, {}
+        yield BuildInfo(), {}
 
     def _metrics(self, req: HttpRequest) -> Reply:
         return Reply(200, render(self.components), "text/plain; version=0.0.4; charset=utf-8")
@@ -657,6 +669,8 @@ class Server:
                         await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
                     inner.start_soon(self._sweep_presence)
                     inner.start_soon(self._tick_downlink)
+                    if self.pruner is not None:
+                        inner.start_soon(self.pruner.run)
                     if self.command_reader is not None:
                         inner.start_soon(self.command_reader.run)
                     # everything allocated so far lives as long as the process: take it out of

@@ -173,6 +173,8 @@ class Front:
         yield counter("corem_worker_restarts", self.sup.restarts)
         for w in self.sup.workers:
             yield gauge("corem_worker_up", float(w.http is not None), worker=str(w.index))
+        if self.sup.pruner is not None:  # (the bus's retention runs in the supervisor)
+            yield from self.sup.pruner.metrics()
 
     async def readyz(self, req: HttpRequest) -> Reply:
         replies = await self._from_all("GET", "/readyz")

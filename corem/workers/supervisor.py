@@ -36,7 +36,7 @@ from ..net import fdlimit
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
 from ..registry import nudge as registry_nudge
-from ..server import Bound, bind_http, lock_data_dir
+from ..server import Bound, bind_http, lock_data_dir, make_pruner
 from . import steer
 from .link import ENV, WorkerSpec
 
@@ -124,6 +124,8 @@ class Supervisor:
         from .front import Front
 
         self.front = Front(self)
+        #: the embedded bus's retention: here, not in a worker (one pruner per data dir)
+        self.pruner = make_pruner(settings)
 
     def _group(self, key: str, host: str, port: int) -> list[socket.socket]:
         """N sockets on one port (the first may pick it), steered by peer.
@@ -304,6 +306,8 @@ class Supervisor:
                 for w in self.workers:
                     nursery.start_soon(self._keep, w)
                 await nursery.start(registry_nudge.serve, self.settings.data_path, self._nudged)
+                if self.pruner is not None:
+                    nursery.start_soon(self.pruner.run)
                 while not all(w.ready for w in self.workers) and not self._stop.is_set():
                     await trio.sleep(0.02)
                 if self.failed is not None:
