@@ -20,6 +20,8 @@ import msgspec
 import trio
 
 from .bus import read_records
+from . import config_doc
+from .build import version
 from .config import ConfigError, Settings
 from .errors import StorageUnavailable
 from .ingest.point import decode_point
@@ -35,14 +37,21 @@ log = logging.getLogger("corem")
 
 
 def _add_settings_flags(p: argparse.ArgumentParser, keys: list[str]) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML config file (env COREM_CONFIG)")
-    for key in keys:
-        p.add_argument(
-            "--" + key.replace("_", "-"),
-            dest=key,
-            metavar=key.upper(),
-            help=f"{Settings.help(key)} (env COREM_{key.upper()})",
-        )
+    """A flag per setting, in argument groups by area (corem/config_doc.py), each with its
+    default and its environment variable; the defaults themselves stay None (not given: the
+    environment and the config file decide)."""
+    p.add_argument("--config", metavar="FILE", help="TOML config file (env COREM_CONFIG); `corem config show` "
+                                                    "prints a complete one")
+    for title, about, group_keys in config_doc.grouped(keys):
+        group = p.add_argument_group(f"{title} settings", about or None)
+        for key in group_keys:
+            text = f"{Settings.help(key)} [default: {config_doc.shown_default(key)}; env COREM_{key.upper()}]"
+            group.add_argument(
+                "--" + key.replace("_", "-"),
+                dest=key,
+                metavar=config_doc.metavar(key),
+                help=text.replace("%", "%%"),
+            )
 
 
 def _settings(args: argparse.Namespace, keys: list[str]) -> Settings:
@@ -427,14 +436,41 @@ def _num(v: float) -> str:
     return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
 
 
+# -- config ------------------------------------------------------------------------------------
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """A complete commented corem.toml: the settings corem would run with here (the config file,
+    COREM_* and the flags given), or with --defaults the defaults."""
+    settings = Settings() if args.defaults else _settings(args, Settings.keys())
+    sys.stdout.write(config_doc.show(settings, defaults=args.defaults, secrets=args.secrets))
+    return 0
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corem", description="the CORE-M device-link CoAP adapter")
+    parser.add_argument("--version", action="version", version=f"corem {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the server (embedded defaults need no arguments)")
+    serve = sub.add_parser(
+        "serve", help="run the server (embedded defaults need no arguments)",
+        usage="corem serve [-h] [--config FILE] [--SETTING VALUE ...]",
+        description="Run corem. Every setting is a flag, an environment variable COREM_<KEY> or a key of the "
+                    "--config file (flags win over the environment, which wins over the file). SIGTERM or SIGINT "
+                    "stop it gracefully; SIGHUP reloads the config file and what can change without dropping a "
+                    "device (log level, rate limit, DTLS certificates and keys, admin token, registry).")
     _add_settings_flags(serve, Settings.keys())
     serve.set_defaults(func=cmd_serve)
+
+    config = sub.add_parser("config", help="the configuration").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", usage="corem config show [-h] [--defaults] [--secrets] [--config FILE] "
+                                           "[--SETTING VALUE ...]", help="print a complete commented corem.toml: every setting, its help and its "
+                                          "current value (or --defaults)")
+    _add_settings_flags(show, Settings.keys())
+    show.add_argument("--defaults", action="store_true", help="the defaults, not the current settings")
+    show.add_argument("--secrets", action="store_true",
+                      help="print secrets given as themselves (withheld otherwise; a secret from a file is shown as "
+                           "its file)")
+    show.set_defaults(func=cmd_config_show)
 
     devices = sub.add_parser("devices", help="manage registered devices").add_subparsers(dest="action", required=True)
     add = devices.add_parser("add", help="register a device")
