@@ -20,10 +20,10 @@ import msgspec
 import trio
 
 from .bus import read_records
-from . import config_doc
+from . import config_doc, datadir
 from .build import version
 from .config import ConfigError, Settings
-from .errors import StorageUnavailable
+from .errors import NewerFormat, StorageUnavailable
 from .ingest.point import decode_point
 from .profiles.compile import compile_profile
 from .profiles.spec import DEFAULT as DEFAULT_PROFILE
@@ -159,7 +159,10 @@ _REGISTRY_KEYS = ["data_dir", "registry"]
 
 
 def _registry(args: argparse.Namespace) -> Registry:
-    return Registry(_settings(args, _REGISTRY_KEYS).registry_location())
+    settings = _settings(args, _REGISTRY_KEYS)
+    if not settings.registry:  # (SQLite in the data dir: made, or refused if a newer corem wrote it)
+        datadir.prepare(settings.data_path)
+    return Registry(settings.registry_location())
 
 
 def _nudge(reg: Registry) -> None:
@@ -401,6 +404,7 @@ def cmd_profiles_decode(args: argparse.Namespace) -> int:
 # -- telemetry ---------------------------------------------------------------------------------
 def cmd_telemetry_tail(args: argparse.Namespace) -> int:
     settings = _settings(args, _REGISTRY_KEYS)
+    datadir.check(settings.data_path)
     path = settings.data_path / "bus.db"
     prefix = "telemetry.raw." + (args.tenant if args.tenant else "")
     after = 0
@@ -567,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RegistryError, StorageUnavailable) as e:
+    except (ConfigError, RegistryError, StorageUnavailable, NewerFormat) as e:
         print(f"corem: {e}", file=sys.stderr)
         return 2
 

@@ -38,12 +38,13 @@ from .coap.site import Site
 from .coap.stream import StreamEndpoint
 from .codec import MessageFormatError, OptionNumber, decode
 from .codec.options import UNDERSTOOD_CRITICAL
+from . import datadir
 from .config import ConfigError, Settings
 from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
 from .dtls import SessionStore
 from .dtls.layer import EngineServer, load_state_key
-from .errors import StorageUnavailable
+from .errors import NewerFormat, StorageUnavailable
 from .net import fdlimit
 from .fastlane import FastLane, Lane, LaneTargets
 from .frontdoors.drogue import Drogue
@@ -196,10 +197,15 @@ class Server:
         self.settings = settings
         self.worker = worker
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        datadir.make(data)
         self._lock = lock_data_dir(data) if worker is None else -1
         try:
+            if worker is None:  # (the supervisor prepared it for its workers)
+                datadir.prepare(data)
             self.registry = Registry(settings.registry_location())
+        except (ConfigError, NewerFormat):  # a data dir (or a table) a newer corem wrote
+            self._unlock()
+            raise
         except (sqlite3.Error, OSError) as e:  # a full or read-only disk: one line, not a traceback
             self._unlock()
             raise ConfigError(f"data_dir: cannot open {data / 'registry.db'}: {e}") from None

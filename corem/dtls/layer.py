@@ -110,7 +110,7 @@ def load_state_key(setting: str, data_dir: Path | None) -> bytes:
     # made whole under another name, then linked into place: of workers starting at once, one
     # link wins and every one reads the winner's key (never a half-written file)
     key = os.urandom(32)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = data_dir / f".{STATE_KEY_FILE}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..registry.db import Db
+from ..registry.db import Db, add_columns
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -148,7 +148,7 @@ class SessionStore:
         if not self.shared:
             self.db.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
         self.db.schema(SCHEMA.replace("sessions", self.table))
-        self.db.add_columns(self.table, (RX_TOP,))
+        self.db.migrate("dtls_sessions", (add_columns(self.table, (RX_TOP,)),))  # 1: rx_top, from before versions
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet

@@ -9,7 +9,9 @@ connection that otherwise commits each statement, on both.
 Changes: SQLite counts other connections' commits in `PRAGMA data_version`.  In PostgreSQL a
 statement trigger on the tables the directory caches (devices, profiles) moves a counter in
 `corem_registry_version` and sends `NOTIFY corem_registry`, which every node LISTENs to
-(`listen`), so a device added on one node is served by all at once.
+(`listen`), so a device added on one node is served by all at once.  What changed is in the
+change log, `registry_changes` (store.py has SQLite's, VERSION_SCHEMA PostgreSQL's): triggers
+write it in the writing transaction, so that a node reads the changed rows only (directory.py).
 """
 
 from __future__ import annotations
@@ -20,20 +22,55 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .. import __version__
+from ..errors import NewerFormat
+
 #: the channel a PostgreSQL registry notifies on when devices or profiles change
 CHANNEL = "corem_registry"
 VERSION_SCHEMA = """
 CREATE TABLE IF NOT EXISTS corem_registry_version (id INT PRIMARY KEY, v BIGINT NOT NULL);
 INSERT INTO corem_registry_version VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS registry_changes (seq BIGSERIAL PRIMARY KEY, tenant TEXT, device TEXT, at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS registry_log (one INT PRIMARY KEY CHECK (one = 1), pruned BIGINT NOT NULL);
+INSERT INTO registry_log VALUES (1, 0) ON CONFLICT (one) DO NOTHING;
 CREATE OR REPLACE FUNCTION corem_registry_changed() RETURNS trigger AS $$
 BEGIN
+    IF TG_OP = 'TRUNCATE' THEN  -- every row at once: the change log says "everything"
+        PERFORM pg_advisory_xact_lock(7236452);
+        INSERT INTO registry_changes (tenant, device, at) VALUES (NULL, NULL, extract(epoch FROM now())::BIGINT);
+    END IF;
     UPDATE corem_registry_version SET v = v + 1 WHERE id = 1;
     PERFORM pg_notify('corem_registry', '');
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
+CREATE OR REPLACE FUNCTION corem_registry_row_changed() RETURNS trigger AS $$
+DECLARE
+    at BIGINT := extract(epoch FROM now())::BIGINT;
+BEGIN
+    -- Writers of the change log take turns until they commit, so its numbers are in commit order:
+    -- a reader that has read up to n never finds n + 1 committed while a lower number is not yet.
+    PERFORM pg_advisory_xact_lock(7236452);
+    IF TG_TABLE_NAME = 'profiles' THEN
+        INSERT INTO registry_changes (tenant, device, at)
+            VALUES (NULL, CASE WHEN TG_OP = 'DELETE' THEN OLD.name ELSE NEW.name END, at);
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO registry_changes (tenant, device, at) VALUES (NEW.tenant, NEW.device, at);
+    END IF;
+    IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND (OLD.tenant, OLD.device) IS DISTINCT FROM (NEW.tenant, NEW.device)) THEN
+        INSERT INTO registry_changes (tenant, device, at) VALUES (OLD.tenant, OLD.device, at);
+    END IF;
+    RETURN NULL;
+END $$ LANGUAGE plpgsql;
 """
+#: each component's schema version (`Db.migrate`): the numbered migrations applied to its tables
+VERSIONS = ("CREATE TABLE IF NOT EXISTS corem_schema (component TEXT PRIMARY KEY, version INTEGER NOT NULL, "
+            "written_by TEXT NOT NULL)")
 TRIGGER = ("CREATE OR REPLACE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} "
-           "FOR EACH STATEMENT EXECUTE FUNCTION corem_registry_changed();")
+           "FOR EACH STATEMENT EXECUTE FUNCTION corem_registry_changed();"
+           "CREATE OR REPLACE TRIGGER {table}_row_changed AFTER INSERT OR UPDATE OR DELETE ON {table} "
+           "FOR EACH ROW EXECUTE FUNCTION corem_registry_row_changed();")
 
 
 def is_url(where: object) -> bool:
@@ -48,6 +85,25 @@ def pg_types(schema: str) -> str:
     schema = re.sub(r"\bREAL\b", "DOUBLE PRECISION", schema)
     schema = re.sub(r"\s*WITHOUT ROWID", "", schema)
     return re.sub(r"\bBLOB\b", "BYTEA", schema)
+
+
+#: one numbered migration of a component's tables: run inside `Db.migrate`'s transaction
+Migration = Callable[["Db"], None]
+
+
+def add_columns(table: str, columns: tuple[tuple[str, str], ...], unique: tuple[str, ...] = ()) -> Migration:
+    """A migration that adds the `columns` (name, SQLite declaration) `table` lacks, and a unique
+    index on each of those in `unique` (ALTER TABLE cannot add a UNIQUE constraint)."""
+
+    def migration(db: Db) -> None:
+        have = db.columns(table)
+        for name, declaration in columns:
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {pg_types(declaration) if db.shared else declaration}")
+                if name in unique:
+                    db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {table}_{name} ON {table} ({name})")
+
+    return migration
 
 
 class Db:
@@ -72,7 +128,7 @@ class Db:
             self._conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             return
         path = Path(where)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (the data dir, when made here: 0700)
         if not path.exists():  # mode 0600: it holds credentials
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -131,6 +187,18 @@ class Db:
                 out.append(cur.fetchall())
         return out
 
+    def stream(self, sql: str, args: tuple[Any, ...] = (), size: int = 10_000) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query, a few at a time, so that a large table is never all in memory at
+        once (PostgreSQL: a server-side cursor, so inside a transaction)."""
+        if not self.shared:
+            yield from self._conn.execute(sql, args)
+            return
+        self._alive(sql)
+        with self._conn.cursor(name="corem_stream") as cur:
+            cur.itersize = size
+            cur.execute(self._sql(sql), args)
+            yield from cur
+
     def schema(self, sql: str, *, watched: tuple[str, ...] = ()) -> None:
         """Create the tables of a SQLite `sql` schema; in PostgreSQL, with its types, one node at a
         time (concurrent CREATE IF NOT EXISTS can collide), and with the change trigger on
@@ -151,27 +219,53 @@ class Db:
             self.rollback()
             raise
 
-    def add_columns(self, table: str, columns: tuple[tuple[str, str], ...]) -> list[str]:
-        """Columns added to `table` after its first release (name, SQLite declaration), if missing;
-        returns those this call added.  Processes that start together (workers, nodes) may add one
-        at once: in PostgreSQL under the schema lock with IF NOT EXISTS; in SQLite the loser's
-        'duplicate column' is the same outcome as the winner's, and is taken as such."""
-        have = self.columns(table)
-        added = []
-        for name, declaration in columns:
-            if name in have:
-                continue
+    def migrate(self, component: str, migrations: tuple[Migration, ...]) -> int:
+        """Bring `component`'s tables to version len(migrations): each migration past the version
+        `corem_schema` holds for it runs once, in order, in one transaction with the version it
+        reaches -- on PostgreSQL under the schema lock (the one table creation takes), on SQLite
+        under its write lock -- so processes starting together (workers, nodes) never run one
+        twice.  A version above len(migrations) was written by a newer corem: `NewerFormat`, and
+        nothing is changed.  Returns the version found.  (Migration 1 of a component whose
+        columns were added before there were versions adds only those missing: a table made by
+        a newer release before versioning has them already.)"""
+        target = len(migrations)
+        found = self._schema_version(component)
+        if found is not None and found >= target:
+            self._refuse_newer(component, found, target)
+            return found
+        self.execute("BEGIN" if self.shared else "BEGIN IMMEDIATE")
+        try:
             if self.shared:
-                self.schema(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {declaration};")
-            else:
-                try:
-                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
-                except sqlite3.OperationalError as e:
-                    if "duplicate column" not in str(e):
-                        raise
-                    continue
-            added.append(name)
-        return added
+                self._conn.execute("SELECT pg_advisory_xact_lock(7236450)")  # the schema lock (`schema`)
+            self._conn.execute(pg_types(VERSIONS) if self.shared else VERSIONS)
+            found = self._schema_version(component) or 0
+            self._refuse_newer(component, found, target)
+            for migration in migrations[found:]:
+                migration(self)
+            self.execute("INSERT INTO corem_schema (component, version, written_by) VALUES (?, ?, ?) "
+                         "ON CONFLICT (component) DO UPDATE SET version = excluded.version, "
+                         "written_by = excluded.written_by", (component, target, f"corem {__version__}"))
+            self.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+        return found
+
+    def _schema_version(self, component: str) -> int | None:
+        """The version `corem_schema` holds for `component`; None if it holds none (or no table)."""
+        try:
+            row = self.execute("SELECT version FROM corem_schema WHERE component = ?", (component,)).fetchone()
+        except self.Error:  # no table yet (PostgreSQL: the failed statement ended nothing: autocommit)
+            return None
+        return None if row is None else int(row[0])
+
+    def _refuse_newer(self, component: str, found: int, target: int) -> None:
+        if found > target:
+            row = self.execute("SELECT written_by FROM corem_schema WHERE component = ?", (component,)).fetchone()
+            where = "the registry's database" if self.shared else str(self.where)
+            raise NewerFormat(f"{where}: {component} is at schema version {found}, written by "
+                              f"{row[0] if row else 'a newer corem'}; this corem ({__version__}) knows versions up to "
+                              f"{target}: run the newer corem, or a copy of the data from before it")
 
     def columns(self, table: str) -> set[str]:
         if self.shared:

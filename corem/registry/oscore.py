@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 
 from ..errors import StorageUnavailable
-from .db import Db
+from .db import Db, add_columns
 from .store import OscoreKeys
 
 SCHEMA = """
@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS oscore_state (
 """
 #: columns added after the first release (a registry made before them gains them at start)
 WINDOW_COLUMNS = (("top", "INTEGER NOT NULL DEFAULT -1"), ("bits", "INTEGER NOT NULL DEFAULT 0"))
+#: numbered migrations (`Db.migrate`): 1 = the replay window's columns, added before there were versions
+SCHEMA_MIGRATIONS = (add_columns("oscore_state", WINDOW_COLUMNS),)
 #: RFC 8613 §7.4's default window (corem/oscore/context.py's WINDOW), and all of its bits set
 WINDOW = 32
 FULL = (1 << WINDOW) - 1
@@ -62,7 +64,7 @@ class OscoreState:
     def __init__(self, db: Db) -> None:
         self.db = db
         db.schema(SCHEMA)
-        db.add_columns("oscore_state", WINDOW_COLUMNS)
+        db.migrate("oscore_state", SCHEMA_MIGRATIONS)
         #: the shared window's statements run on a connection of their own that does not wait for
         #: the disk at each commit (SQLite: synchronous NORMAL, in WAL the commit is in the log once
         #: written, so a killed process loses nothing; PostgreSQL: synchronous_commit off, the

@@ -22,7 +22,7 @@ from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, encode_profile, parse_profile
 from ..stats import Sample, gauge
-from .db import Db
+from .db import Db, add_columns
 
 log = logging.getLogger("corem.registry")
 
@@ -57,6 +57,9 @@ MIGRATIONS = (
 )
 #: Migrated columns that carry a UNIQUE constraint in SCHEMA (ALTER TABLE cannot add one: an index does).
 _UNIQUE = ("psk_identity", "cert_sha256", "oscore_kid")
+#: The registry's numbered migrations (`Db.migrate`; a new one goes at the end, SCHEMA gets its change too):
+#: 1 = the columns added before there were versions.
+SCHEMA_MIGRATIONS = (add_columns("devices", MIGRATIONS, _UNIQUE),)
 _COLUMNS = ("tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256, power_mode, topics, "
             "gateways, oscore, oscore_kid")
 #: ThingsBoard's power modes: DRX is always reachable; PSM only for a while after each uplink.
@@ -262,9 +265,7 @@ class Registry:
         self.db = Db(where)
         self.path: Path | None = None if self.db.shared else Path(where)
         self.db.schema(SCHEMA, watched=("devices", "profiles"))
-        for column in self.db.add_columns("devices", MIGRATIONS):
-            if column in _UNIQUE:
-                self.db.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS devices_{column} ON devices ({column})")
+        self.db.migrate("registry", SCHEMA_MIGRATIONS)
 
     @property
     def shared(self) -> bool:

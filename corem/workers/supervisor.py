@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from .. import datadir
 from ..config import SECRETS, ConfigError, Settings
 from ..net import fdlimit
 from ..net.tcp import bind_tcp
@@ -77,9 +78,10 @@ class Supervisor:
         self.settings = settings
         self.count = count
         data = settings.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        datadir.make(data)
         self._lock = lock_data_dir(data)
         try:
+            datadir.prepare(data)
             _prepare_files(settings)
         except BaseException:
             os.close(self._lock)
