@@ -32,6 +32,7 @@ from .profiles.trial import SampleError, decode_sample, sample_bytes
 from .registry import Registry, RegistryError, bulk
 from .registry.nudge import nudge
 from .registry.store import parse_oscore, parse_psk
+from .reload import reread as reread_settings
 
 log = logging.getLogger("corem")
 
@@ -90,19 +91,38 @@ def setup_logging(settings: Settings, worker: int | None = None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
 
 
-async def run_until_signalled(server: Any, announce: bool = True) -> None:
+async def run_until_signalled(server: Any, announce: bool = True,
+                              reread: Callable[[], Settings] | None = None) -> None:
     """Run a Server (or the workers' Supervisor) until SIGINT or SIGTERM, then stop it gracefully.
 
-    SIGHUP (a closed terminal, or an operator expecting a reload) is logged and ignored: its
-    default action would end corem at once, with no graceful stop and no DTLS sessions saved.
-    (There is no reload yet; a registry change reaches a running corem by itself.)"""
+    SIGHUP reloads (corem/reload.py): the settings are read again -- `reread()`, the config file,
+    the environment and the flags as at start; without it, the running settings with their
+    secrets' files -- and the server applies what can change without dropping a device.  A
+    configuration that no longer loads is one error line, and nothing changes.  A SIGHUP before
+    the start completed is ignored (its default action would end corem at once)."""
+    started = trio.Event()
+
+    async def reload() -> None:
+        try:
+            new = reread() if reread is not None else reread_settings(server.settings)
+        except ConfigError as e:
+            log.error("SIGHUP: the configuration is refused, nothing reloaded: %s", e)
+            return
+        try:
+            await server.reload(new)
+        except Exception:  # noqa: BLE001 - a reload must not end a serving corem
+            log.exception("SIGHUP: the reload failed; corem goes on as before")
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as outer:
 
             async def stop_at_a_signal() -> None:  # from the start: a start that hangs stops too
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        log.warning("SIGHUP ignored: corem has no reload; SIGTERM stops it")
+                        if started.is_set():
+                            outer.start_soon(reload)
+                        else:
+                            log.warning("SIGHUP before corem started: ignored (send it again once it serves)")
                         continue
                     server.stop()
                     return
@@ -110,6 +130,7 @@ async def run_until_signalled(server: Any, announce: bool = True) -> None:
             outer.start_soon(stop_at_a_signal)
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(server.run)
+                started.set()
                 for name, addr in (("coap", bound.coap), ("coaps", bound.coaps)):
                     if addr and announce:
                         print(f"corem: {name} listening on udp {_fmt_addr(addr)}", flush=True)
@@ -123,6 +144,10 @@ async def run_until_signalled(server: Any, announce: bool = True) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, Settings.keys())
+
+    def reread() -> Settings:  # (SIGHUP: the same sources, read again)
+        return _settings(args, Settings.keys())
+
     setup_logging(settings)
     n = settings.worker_count()
     if n > 1:
@@ -130,20 +155,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         supervisor = Supervisor(settings, n)
         print(f"corem: {n} workers", flush=True)
-        _run_or_refuse(supervisor)
+        _run_or_refuse(supervisor, reread)
     else:
         from .server import Server
 
-        _run_or_refuse(Server(settings))
+        _run_or_refuse(Server(settings), reread)
     print("corem: stopped", flush=True)
     return 0
 
 
-def _run_or_refuse(server: Any) -> None:
+def _run_or_refuse(server: Any, reread: Callable[[], Settings] | None = None) -> None:
     """Run until signalled; a ConfigError raised once Trio runs (a port another process holds, a
     setting only the workers check) leaves its nurseries as an exception group: one line, status 2."""
     try:
-        trio.run(run_until_signalled, server)
+        trio.run(run_until_signalled, server, True, reread)
     except BaseExceptionGroup as group:
         found = group.subgroup(ConfigError)
         if found is None:

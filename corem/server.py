@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import inspect
 import json
 import gc
@@ -67,6 +68,7 @@ from .registry.management import Management
 from .registry.oscore import OscoreState
 from .registry.presence import open_table as open_presence
 from .registry.store import Snapshot
+from .reload import Report, applied, apply_log_level, changed, describe, restart_needed
 from .stats import Measured
 from .workers import steer
 from .workers.link import Link, WorkerSpec
@@ -267,6 +269,7 @@ class Server:
         self.recovery = RecoveryStats()
         self._stop = trio.Event()
         self._reloading = trio.Lock()
+        self._reload_settings = trio.Lock()
         self._ready = False
         try:
             self._bind()  # before Trio starts: a bad certificate or a busy port is a plain ConfigError
@@ -285,6 +288,78 @@ class Server:
 
     def new_endpoint(self, *, verified_peers: bool = False) -> Endpoint:
         return Endpoint(self.settings.endpoint_params(verified_peers=verified_peers))
+
+    # -- SIGHUP ------------------------------------------------------------------------------------
+    async def reload(self, new: Settings, *, quiet: bool = False) -> Report:
+        """Apply what of `new` can change without dropping a device (corem/reload.py): the log
+        level, the rate limit, the DTLS/TLS credentials (read again), the admin token and the
+        registry (read again); the other changed settings are reported as needing a restart and
+        keep their running values.  Logs the one line that says so, unless `quiet` (a worker: the
+        supervisor says it for all).  One reload at a time."""
+        async with self._reload_settings:
+            old, report = self.settings, Report()
+            keys = changed(old, new)
+            taken: list[str] = []
+            apply_log_level(old, new, report)
+            if "log_level" in keys:
+                taken.append("log_level")
+            if "rate_limit_per_source" in keys:
+                if old.rate_limit_per_source and new.rate_limit_per_source:
+                    self._set_rate(new.rate_limit_per_source)
+                    report.done.append(describe("rate_limit_per_source", old, new))
+                    taken.append("rate_limit_per_source")
+                else:  # (on <-> off rewires the edges)
+                    report.restart.append("rate_limit_per_source")
+            if any(getattr(s, k) for s in (old, new) for k in ("dtls_cert", "dtls_key", "dtls_ca")):
+                try:
+                    swaps = self._credentials(new)
+                except (ValueError, OSError) as e:
+                    report.failed.append(f"dtls credentials ({e})")
+                else:
+                    for swap in swaps:
+                        swap()
+                    if swaps:  # (no CoAPS nor coaps+tcp listener: nothing uses them)
+                        report.done.append("dtls credentials (dtls_cert, dtls_key, dtls_ca read again)")
+                    taken += [k for k in ("dtls_cert", "dtls_key", "dtls_ca") if k in keys]
+            if "admin_token" in keys or "admin_token_file" in keys:
+                self.admin_token = new.admin_token or admin_token.read_or_create(new.data_path)
+                if self.http is not None:
+                    self.http.admin_token = self.admin_token
+                report.done.append("admin_token")
+                taken += ["admin_token", "admin_token_file"]
+            await self.reload_registry()
+            report.done.append("registry (read again)")
+            report.restart += [k for k in restart_needed(keys) if k not in report.restart]
+            self.settings = applied(old, new, taken)
+            if not quiet:
+                log.log(report.level, "%s", report.line())
+            return report
+
+    def _set_rate(self, rate: float) -> None:
+        """`rate_limit_per_source` on every UDP edge: its Python limiter's or its lane's (the
+        sources tracked and the exempt networks stay)."""
+        for t in self.transports:
+            limiter = t.edge.limiter if isinstance(t.edge, UdpEdge) else None
+            if isinstance(limiter, SourceLimiter):
+                limiter.rate, limiter.burst = rate, 2 * rate
+            if t.lane is not None and t.lane.rate_limited:
+                t.lane.limit(rate, 2 * rate, self.settings.rate_limit_sources)
+
+    def _credentials(self, new: Settings) -> list[Callable[[], None]]:
+        """The DTLS and TLS layers' new credentials, every file read and checked before any layer
+        changes (ValueError or OSError: none does); `dtls_client_auth` stays as it runs."""
+        params = dataclasses.replace(new, dtls_client_auth=self.settings.dtls_client_auth).dtls_params()
+        auth = self.settings.dtls_client_auth
+        swaps: list[Callable[[], None]] = []
+        for t in self.transports:
+            if isinstance(t.dtls, EngineServer):
+                swaps.append(functools.partial(t.dtls.use, t.dtls.with_credentials(params, auth)))
+            elif t.dtls is not None:
+                raise ValueError("dtls_engine = mbedtls reads its credentials at start only: restart corem")
+            tls = t.edge.tls if isinstance(t.edge, TcpEdge) else None
+            if tls is not None:
+                swaps.append(functools.partial(setattr, tls, "params", tls.with_credentials(params, auth)))
+        return swaps
 
     def stop(self) -> None:
         """Begin a graceful shutdown (safe to call from a signal-watching task)."""

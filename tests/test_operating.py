@@ -106,3 +106,178 @@ def test_serve_help_is_grouped_with_defaults_and_address_metavars():
     # and in its area: --dtls-cert under DTLS, --log-level under logs
     assert text.index("DTLS settings:") < text.index("--dtls-cert") < text.index("CoAP settings:")
     assert text.index("logs settings:") < text.index("--log-level")
+
+
+# -- SIGHUP: a reload, not an end ------------------------------------------------------------------------
+def _line(text: str, marker: str) -> str:
+    return next((line for line in text.splitlines() if marker in line), "")
+
+
+def _pings(port: int, n: int, answers: int | None = None) -> int:
+    """`n` CoAP pings from one socket at once; the RSTs that come back (waiting for `answers` of
+    them, each within 30 s: a failure detector, not a pace)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for mid in range(n):
+            s.sendto(bytes((0x40, 0x00, 0x70, mid)), ("127.0.0.1", port))
+        got = 0
+        s.settimeout(30 if answers else 0.5)
+        try:
+            while got < (answers or n):
+                s.recvfrom(64)
+                got += 1
+        except TimeoutError:
+            pass
+        return got
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_reloads_without_dropping_a_device(data_dir, tmp_path, workers):
+    """SIGHUP reads the config file again: the log level and the rate limit change in the running
+    process (its workers too), what needs a restart is named, a DTLS session made before carries
+    readings after, and a configuration that no longer loads changes nothing."""
+    import signal
+
+    import cbor2
+
+    from corem.codec import Code
+
+    from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, post, start_corem, wait_for
+    from .dtls_udp_client import DtlsUdpClient
+
+    cfg = tmp_path / "corem.toml"
+    cfg.write_text('log_level = "warning"\nrate_limit_per_source = 1000\ncoap_tcp = "off"\n')
+    server = start_corem(data_dir, "--config", str(cfg), "--workers", workers, timeout=60)
+    device = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode())
+    try:
+        assert "msg=started" not in server.stderr()  # at warning, the start's info lines are not logged
+        device.handshake()
+        assert device.post(["telemetry"], cbor2.dumps({"before": 1})).code == Code.CHANGED
+        assert _pings(server.coap_port, 20, answers=20) == 20  # (1000/s, a burst of 2000: all answered)
+        cfg.write_text('log_level = "info"\nrate_limit_per_source = 1\ncoap_tcp = "127.0.0.1:0"\n'
+                       'max_observers = 7\n')
+        server.proc.send_signal(signal.SIGHUP)
+        line = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        assert "log_level warning -> info" in line and "rate_limit_per_source 1000.0 -> 1.0" in line, line
+        assert "registry (read again)" in line, line
+        assert "coap_tcp (listen addresses need a restart)" in line and "max_observers (need a restart)" in line
+        assert ("(2 of 2 workers)" in line) == (workers == "2"), line
+        assert len([x for x in server.stderr().splitlines() if "reloaded on SIGHUP" in x]) == 1  # one line
+        # the new level in the process that serves (a worker with --workers): its info lines now show
+        corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-9", "--token", "T0KEN-9",
+                  data_dir=data_dir)
+        wait_for(lambda: "msg=registry changed: 2 devices with tokens" in server.stderr(), 60,
+                 "an info line from the server after the reload")
+        # the new rate (1/s, a burst of 2) on the running listener: most of 20 pings are dropped and counted
+        assert _pings(server.coap_port, 20) < 20
+        assert server.metrics()['corem_rate_limited_datagrams_total{transport="udp"}'] > 0
+        # nothing dropped: the session made before the reload, a plain reading, the new device
+        # (over its source's rate, a live DTLS session and a known token still go through)
+        assert device.post(["telemetry"], cbor2.dumps({"after": 1})).code == Code.CHANGED
+        for token, n in (("T0KEN-1", 1), ("T0KEN-9", 2)):
+            answer = post(server.coap_port, token, cbor2.dumps({"n": n}), 4200 + n, timeout=30)
+            assert answer is not None and answer[1] == 0x44
+        assert server.proc.poll() is None
+        # a file that no longer loads: one error line, nothing changed, still serving
+        cfg.write_text("log_level = \n")
+        server.proc.send_signal(signal.SIGHUP)
+        refused = wait_for(lambda: _line(server.stderr(), "SIGHUP: the configuration is refused"), 60, "the refusal")
+        assert "nothing reloaded" in refused and "not valid TOML" in refused
+        answer = post(server.coap_port, "T0KEN-1", cbor2.dumps({"n": 3}), 4203, timeout=30)
+        assert answer is not None and answer[1] == 0x44
+        build = [k for k in server.metrics() if k.startswith("corem_build_info{")]
+        assert len(build) == 1 and 'c_lane="' in build[0], build  # one series, with --workers too
+    finally:
+        device.close()
+        assert server.stop() == 0  # SIGTERM: still the graceful stop, status 0
+    values = [p["numeric_values"] for p in server.points("acme")]
+    assert {"before": 1.0} in values and {"after": 1.0} in values and len(values) == 5
+
+
+def test_sighup_reads_the_certificates_again(data_dir, tmp_path):
+    """dtls_cert, dtls_key and dtls_ca rewritten in place (a renewal, a new CA) and SIGHUP: the
+    handshakes from then on -- TLS on coaps+tcp, DTLS on coaps -- present and verify with the new
+    ones, while a connection made before goes on."""
+    import shutil
+    import signal
+    import socket
+    import ssl
+
+    from corem.coap.stream import CSM
+    from corem.codec import Code
+
+    from .conftest import DTLS_CLIENTS, corem_cli, start_corem, wait_for, write_cbor
+    from .test_tcp import READING, frame, read_frames, ssl_context, tls_exchange
+    from .test_tls_engine import der, make_pki
+
+    old, new, live = make_pki(tmp_path / "old"), make_pki(tmp_path / "new"), tmp_path / "live"
+    live.mkdir()
+
+    def install(pki):
+        for name in ("server.pem", "server.key.pem", "ca.pem"):
+            shutil.copyfile(pki / name, live / f".{name}")
+            os.replace(live / f".{name}", live / name)  # (each file whole, as a renewal tool writes it)
+
+    install(old)
+    for name, pki in (("old-dev", old), ("new-dev", new)):
+        corem_cli("devices", "add", "--tenant", "acme", "--device", name, "--cert", str(pki / "dev1.pem"),
+                  data_dir=data_dir)
+    server = start_corem(data_dir, "--coaps-tcp", "127.0.0.1:0", "--dtls-cert", str(live / "server.pem"),
+                         "--dtls-key", str(live / "server.key.pem"), "--dtls-ca", str(live / "ca.pem"))
+
+    def connect(pki) -> ssl.SSLSocket:
+        return ssl_context(pki, "dev1").wrap_socket(
+            socket.create_connection(("127.0.0.1", server.coaps_tcp_port), timeout=30))
+
+    try:
+        before = connect(old)
+        assert before.getpeercert(binary_form=True) == der(old, "server")
+        assert [c for c, _, _ in tls_exchange(before, b"b1")] == [CSM, Code.CHANGED]
+        with pytest.raises((ssl.SSLError, OSError)):  # the new CA does not know the old server certificate
+            connect(new).close()
+        install(new)
+        server.proc.send_signal(signal.SIGHUP)
+        line = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        assert "dtls credentials (dtls_cert, dtls_key, dtls_ca read again)" in line and "failed" not in line, line
+        after = connect(new)
+        assert after.getpeercert(binary_form=True) == der(new, "server")
+        assert [c for c, _, _ in tls_exchange(after, b"a1")] == [CSM, Code.CHANGED]
+        after.close()
+        with pytest.raises((ssl.SSLError, OSError)):  # a device of the old CA: not verified any more
+            s = connect(old)
+            s.sendall(frame(Code.POST, b"x", READING))
+            assert s.recv(100)
+        # the connection made before the reload carries readings still
+        before.sendall(frame(Code.POST, b"b2", READING))
+        assert [c for c, _, _ in read_frames(before, 1)] == [Code.CHANGED]
+        before.close()
+        # DTLS: a new handshake with the new CA's device (libcoap on OpenSSL or GnuTLS)
+        reading = write_cbor(tmp_path / "r.cbor", {"t": 5})
+        for client in DTLS_CLIENTS:
+            r = subprocess.run([client, "-m", "post", "-C", str(new / "ca.pem"), "-c", str(new / "dev1.pem"),
+                                "-j", str(new / "dev1.key.pem"), "-t", "60", "-f", str(reading), "-v", "6", "-B",
+                                "30", f"coaps://127.0.0.1:{server.coaps_port}/telemetry"],
+                               capture_output=True, text=True, timeout=90)
+            assert "c:2.04" in r.stdout + r.stderr, r.stdout + r.stderr
+        # a broken key file: refused at the reload, the credentials in use stay
+        (live / "server.key.pem").write_text("not a key\n")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "failed, kept as before: dtls credentials" in server.stderr(), 60, "the refused key")
+        with connect(new) as again:
+            assert again.getpeercert(binary_form=True) == der(new, "server")
+    finally:
+        assert server.stop() == 0
+    devices = [p["device"] for p in server.points("acme")]
+    assert devices.count("old-dev") == 2 and devices.count("new-dev") == 1 + len(DTLS_CLIENTS)
+
+
+def test_the_reload_line():
+    from corem.reload import Report
+
+    r = Report(done=["log_level info -> debug", "registry (read again)"], restart=["coap", "workers", "http"],
+               failed=["dtls credentials (server.key.pem: not a PEM private key)"], where="2 of 2 workers")
+    assert r.line() == ("reloaded on SIGHUP (2 of 2 workers): log_level info -> debug, registry (read again); "
+                        "failed, kept as before: dtls credentials (server.key.pem: not a PEM private key); changed "
+                        "but not applied: coap, http (listen addresses need a restart); workers (need a restart)")
+    assert Report(done=["registry (read again)"]).line() == "reloaded on SIGHUP: registry (read again)"

@@ -98,11 +98,12 @@ def test_nothing_joins_the_workers_port_group(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sighup_is_logged_and_ignored(data_dir, workers):
+def test_sighup_does_not_end_corem(data_dir, workers):
+    """(Since issue 30 SIGHUP reloads: tests/test_operating.py.)"""
     server = start_corem(data_dir, "--workers", workers, timeout=60)
     try:
         server.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "SIGHUP ignored" in server.stderr(), 30, "the SIGHUP log line")
+        wait_for(lambda: "reloaded on SIGHUP" in server.stderr(), 60, "the SIGHUP log line")
         answer = post(server.coap_port, "T0KEN-1", cbor2.dumps({"after_hup": 1}), 4242, timeout=30)
         assert server.proc.poll() is None
         assert answer is not None and answer[1] == 0x44

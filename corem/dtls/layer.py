@@ -26,6 +26,7 @@ the same metric names and the same store:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -289,6 +290,20 @@ class EngineServer:
         #: store connection of the sink's worker thread that writes them
         self._deferred: deque[list[tuple[int, bytes]]] | None = None
         self._mark_writer: SessionStore | None = None
+
+    def with_credentials(self, params: DtlsParams, client_auth: str | None = None) -> EngineParams:
+        """The engine's parameters with the certificate, key and CA of `params` read now (SIGHUP,
+        corem/reload.py; ValueError or OSError if they do not load), everything else as it runs;
+        `use` them for the handshakes that start from then on."""
+        running = self.engine.params
+        fresh = engine_params(params, running.cid_length, client_auth, running.cid_prefix)
+        return dataclasses.replace(running, certificate_chain=fresh.certificate_chain, private_key=fresh.private_key,
+                                   verify_peer=fresh.verify_peer, client_auth=fresh.client_auth)
+
+    def use(self, params: EngineParams) -> None:
+        """New handshakes (and sessions restored from the store) on `params`; established sessions
+        keep what they were made with."""
+        self.engine.params = params
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def _psk(self, identity: bytes) -> bytes | None:

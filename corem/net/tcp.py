@@ -69,14 +69,21 @@ class Tls:
                  client_auth: str | None = None) -> None:
         """`client_auth`: the `dtls_client_auth` setting itself when it is "optional" (DtlsParams,
         python-mbedtls's, carries it as "required"), as EngineServer is given it"""
-        from ..dtls.layer import engine_params  # (the CoAPS layer's: not imported with the plain edge)
-
         self.psk_lookup = psk_lookup
         self.cert_lookup = cert_lookup
+        self.params = self.with_credentials(params, client_auth)
+
+    @staticmethod
+    def with_credentials(params: DtlsParams, client_auth: str | None = None) -> Params:
+        """The TLS parameters of these settings, their certificate, key and CA read now (at start,
+        and at SIGHUP: corem/reload.py; ValueError or OSError if they do not load).  Assigned to
+        `params`, they are what the connections accepted from then on use."""
+        from ..dtls.layer import engine_params  # (the CoAPS layer's: not imported with the plain edge)
+
         ep = engine_params(params, cid_length=0, client_auth=client_auth)
         suites = tuple(dict.fromkeys((*ep.suites, *(suite_by_name(n) for n in TLS_EXTRA_CIPHERS))))
-        self.params = Params(suites=suites, require_ems=ep.require_ems, certificate_chain=ep.certificate_chain,
-                             private_key=ep.private_key, verify_peer=ep.verify_peer, client_auth=ep.client_auth)
+        return Params(suites=suites, require_ems=ep.require_ems, certificate_chain=ep.certificate_chain,
+                      private_key=ep.private_key, verify_peer=ep.verify_peer, client_auth=ep.client_auth)
 
     def psk_for(self, identity: bytes) -> bytes | None:
         return registry_psk(self.psk_lookup, identity)

@@ -12,6 +12,8 @@ per packet:
                          {"command": {...}}                 a commands.{tenant} record (worker 0)
                          {"rpc_reply": {"device", "id", "response"}}  a reply to another worker's RPC
   supervisor -> worker   {"refresh": n}                     reload the registry now, answer n
+                         {"reload": n, "settings": {...}}   SIGHUP: reload with these settings, answer
+                                                            {"reloaded": n, "report": {...}} (corem/reload.py)
                          {"moved": [tenant, device], "to": k}   the device is heard by worker k now
                          {"adopt": {"device", "state"}}     take these queues over
                          {"command": {...}}                 apply a commands record for its device
@@ -32,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Awaitable, Protocol
 import trio
 
 if TYPE_CHECKING:
+    from ..config import Settings
     from ..devices.downlink import Downlink
+    from ..reload import Report
     from ..registry import Device, Directory
 
 
@@ -44,6 +48,7 @@ class Served(Protocol):
 
     def stop(self) -> None: ...
     def reload_registry(self) -> Awaitable[None]: ...
+    def reload(self, new: Settings, *, quiet: bool = False) -> Awaitable[Report]: ...
     def apply_command_record(self, topic: str, partition: int, offset: int, value: str) -> None: ...
 
 log = logging.getLogger("corem.worker")
@@ -130,6 +135,15 @@ class Link:
                 chunk, self._heard = self._heard[:ANNOUNCE_CHUNK], self._heard[ANNOUNCE_CHUNK:]
                 await self.send({"here": chunk})
 
+    async def _reload(self, values: dict[str, Any]) -> dict[str, list[str]]:
+        from ..config import ConfigError, Settings
+
+        try:
+            new = Settings.load(values, env={})
+        except ConfigError as e:  # (a secret's file gone since the supervisor read it)
+            return {"done": [], "restart": [], "failed": [str(e)]}
+        return asdict(await self.server.reload(new, quiet=True))
+
     async def _obey(self) -> None:
         server = self.server
         while True:
@@ -145,6 +159,8 @@ class Link:
             if "refresh" in message:
                 await server.reload_registry()
                 await self.send({"refreshed": message["refresh"]})
+            elif "reload" in message:  # SIGHUP, passed on by the supervisor with the settings it read
+                await self.send({"reloaded": message["reload"], "report": await self._reload(message["settings"])})
             elif "moved" in message:
                 tenant, device = message["moved"]
                 state = server.downlink.moved(tenant, device)

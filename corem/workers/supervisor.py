@@ -32,11 +32,13 @@ from typing import Any
 import trio
 
 from .. import datadir
+from ..admin import token as admin_token
 from ..config import SECRETS, ConfigError, Settings
 from ..net import fdlimit
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
 from ..registry import nudge as registry_nudge
+from ..reload import RELOADED, Report, applied, apply_log_level, changed, restart_needed
 from ..server import Bound, bind_http, lock_data_dir, make_pruner
 from . import steer
 from .link import ENV, WorkerSpec
@@ -117,6 +119,9 @@ class Supervisor:
         self.heard_waiters: dict[Key, trio.Event] = {}
         self.restarts = 0
         self._refreshes: dict[int, tuple[set[int], trio.Event]] = {}
+        #: SIGHUP: the workers not done reloading, set when all are, and their reports
+        self._reloads: dict[int, tuple[set[int], trio.Event, dict[int, dict[str, list[str]]]]] = {}
+        self._reload_lock = trio.Lock()
         self._refresh_ids = 0
         self._stopping = False
         self._started = False
@@ -163,17 +168,21 @@ class Supervisor:
         fds = {k: g[w.index].fileno() for k, g in self.groups.items()}
         return WorkerSpec(w.index, self.count, control, fds, steered=all(self.steered.values()))
 
-    def _environment(self, spec: WorkerSpec) -> dict[str, str]:
-        settings = asdict(self.settings)
-        settings.update(http="127.0.0.1:0", workers="1")
+    def _worker_settings(self, settings: Settings) -> dict[str, Any]:
+        """A worker's settings: the supervisor's, with its private admin port."""
+        values = asdict(settings)
+        values.update(http="127.0.0.1:0", workers="1")
         for secret in SECRETS:  # (a secret from a file: the worker reads the file, not the environment)
-            if settings[secret + "_file"]:
-                settings[secret] = ""
-        if self.settings.registry and self.front.node:
-            settings["node_url"] = self.front.node  # the node is its front
+            if values[secret + "_file"]:
+                values[secret] = ""
+        if settings.registry and self.front.node:
+            values["node_url"] = self.front.node  # the node is its front
+        return values
+
+    def _environment(self, spec: WorkerSpec) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COREM_")}
         env[ENV] = spec.dumps()
-        env["COREM_WORKER_SETTINGS"] = json.dumps(settings)
+        env["COREM_WORKER_SETTINGS"] = json.dumps(self._worker_settings(self.settings))
         return env
 
     async def _keep(self, w: Worker) -> None:
@@ -238,6 +247,13 @@ class Supervisor:
                 pending[0].discard(w.index)
                 if not pending[0]:
                     pending[1].set()
+        elif "reloaded" in message:
+            reloading = self._reloads.get(message["reloaded"])
+            if reloading is not None:
+                reloading[0].discard(w.index)
+                reloading[2][w.index] = message["report"]
+                if not reloading[0]:
+                    reloading[1].set()
         elif "handover" in message:
             handover = message["handover"]
             self.post(handover["to"], {"adopt": {"device": handover["device"], "state": handover["state"]}})
@@ -296,6 +312,48 @@ class Supervisor:
         with trio.move_on_after(registry_nudge.WAIT):
             await done.wait()
         del self._refreshes[n]
+
+    async def reload(self, new: Settings, *, quiet: bool = False) -> Report:
+        """SIGHUP (corem/reload.py): the supervisor's own log level and admin token, then every
+        running worker reloads with the new settings (the credentials' files and the registry read
+        again in each); one line for all.  What the workers applied is kept for the workers that
+        start later; the rest needs a restart."""
+        async with self._reload_lock:
+            old, report = self.settings, Report()
+            keys = changed(old, new)
+            apply_log_level(old, new, report)
+            if "admin_token" in keys or "admin_token_file" in keys:
+                self.front.token = new.admin_token or admin_token.read_or_create(new.data_path)
+                self.front.http.admin_token = self.front.token
+            self._refresh_ids += 1
+            n = self._refresh_ids
+            waiting = {w.index for w in self.workers if w.control is not None and w.ready}
+            reports: dict[int, dict[str, list[str]]] = {}
+            done = trio.Event()
+            self._reloads[n] = (waiting, done, reports)
+            values = self._worker_settings(new)
+            for i in sorted(waiting):
+                self.post(i, {"reload": n, "settings": values})
+            with trio.move_on_after(registry_nudge.WAIT) as late:
+                if waiting:
+                    await done.wait()
+            del self._reloads[n]
+            for i in sorted(reports):
+                report.merge(reports[i], prefix=f"worker {i}: ")
+            if late.cancelled_caught:
+                report.failed.append(f"workers {', '.join(map(str, sorted(waiting)))} did not answer in "
+                                     f"{registry_nudge.WAIT:.0f} s")
+            report.restart += [k for k in restart_needed(keys) if k not in report.restart]
+            keep = [k for k in keys if k in RELOADED and k not in report.restart]
+            if any("dtls credentials" in f for f in report.failed):
+                keep = [k for k in keep if k not in ("dtls_cert", "dtls_key", "dtls_ca")]
+            self.settings = applied(old, new, keep)
+            if "admin_token" in keys or "admin_token_file" in keys:
+                report.done.insert(0, "admin_token")
+            report.where = f"{len(reports)} of {self.count} workers"
+            if not quiet:
+                log.log(report.level, "%s", report.line())
+            return report
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:

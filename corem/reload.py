@@ -1,0 +1,109 @@
+"""SIGHUP: what a running corem takes from its configuration again without dropping a device.
+
+On SIGHUP corem reads its settings again (the `--config` file, `COREM_*`, the flags it was started
+with, and every `*_file` secret) and applies, without a restart and without ending a session or a
+connection:
+
+- `log_level`;
+- `rate_limit_per_source` (from one rate to another: turning the limit on or off needs a restart);
+- the DTLS and TLS credentials: `dtls_cert`, `dtls_key` and `dtls_ca` are read again (changed paths
+  or changed files), for the handshakes that start from then on; established sessions keep theirs;
+- `admin_token` (`admin_token_file` read again);
+- the registry, read again whole.
+
+Any other changed setting is named in the reload's line as needing a restart (listen addresses,
+workers, the bus, ...), and the running corem keeps its value.  A configuration that no longer
+loads is refused whole: one line, nothing changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .config import SECRETS, Settings
+
+log = logging.getLogger("corem")
+
+#: settings a reload applies (besides those, the credentials' files and the registry are read again)
+RELOADED = frozenset({"log_level", "rate_limit_per_source", "dtls_cert", "dtls_key", "dtls_ca", "admin_token",
+                      "admin_token_file"})
+LISTENERS = ("coap", "coaps", "coap_tcp", "coaps_tcp", "http")
+#: settings that stay secret in the reload's line (their names only)
+_QUIET = frozenset(SECRETS) | {s + "_file" for s in SECRETS}
+
+
+@dataclass
+class Report:
+    """What one reload did: `done` (what it applied, in words), `restart` (changed settings it could
+    not apply), `failed` (what it tried and could not, in words: the old value stays)."""
+
+    done: list[str] = field(default_factory=list)
+    restart: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    #: where it was applied, when not in this process alone ("2 of 2 workers")
+    where: str = ""
+
+    def merge(self, other: dict[str, list[str]], prefix: str = "") -> None:
+        """Another process's report (a worker's, as its dict) into this one."""
+        for item in other.get("done", []):
+            if item not in self.done:
+                self.done.append(item)
+        for key in other.get("restart", []):
+            if key not in self.restart:
+                self.restart.append(key)
+        self.failed.extend(prefix + f for f in other.get("failed", []))
+
+    def line(self, signal: str = "SIGHUP") -> str:
+        """The one log line: what was reloaded, what was not and why."""
+        text = f"reloaded on {signal}{f' ({self.where})' if self.where else ''}: " + (", ".join(self.done) or "nothing")
+        if self.failed:
+            text += "; failed, kept as before: " + "; ".join(self.failed)
+        if self.restart:
+            listeners = [k for k in self.restart if k in LISTENERS]
+            others = [k for k in self.restart if k not in LISTENERS]
+            reasons = ([f"{', '.join(listeners)} (listen addresses need a restart)"] if listeners else []) + (
+                [f"{', '.join(others)} (need a restart)"] if others else [])
+            text += "; changed but not applied: " + "; ".join(reasons)
+        return text
+
+    @property
+    def level(self) -> int:
+        return logging.WARNING if self.failed or self.restart else logging.INFO
+
+
+def changed(old: Settings, new: Settings) -> list[str]:
+    return [k for k in Settings.keys() if getattr(old, k) != getattr(new, k)]
+
+
+def restart_needed(keys: list[str]) -> list[str]:
+    return [k for k in keys if k not in RELOADED]
+
+
+def describe(key: str, old: Settings, new: Settings) -> str:
+    if key in _QUIET:
+        return key
+    return f"{key} {getattr(old, key)} -> {getattr(new, key)}"
+
+
+def apply_log_level(old: Settings, new: Settings, report: Report) -> None:
+    """The process's log level (every logger of corem inherits the root's)."""
+    if new.log_level != old.log_level:
+        logging.getLogger().setLevel(new.log_level.upper())
+        report.done.append(describe("log_level", old, new))
+
+
+def reread(settings: Settings) -> Settings:
+    """`settings` loaded again as they are (a worker's, or a process started without a way to
+    read its sources again): the secrets' files are read again."""
+    values: dict[str, Any] = asdict(settings)
+    for secret in SECRETS:
+        if values[secret + "_file"]:
+            values[secret] = ""
+    return Settings.load(values, env={})
+
+
+def applied(old: Settings, new: Settings, keys: list[str]) -> Settings:
+    """`old` with the values of `keys` (those the reload applied) from `new`."""
+    return replace(old, **{k: getattr(new, k) for k in keys})
