@@ -281,3 +281,19 @@ def test_the_reload_line():
                         "failed, kept as before: dtls credentials (server.key.pem: not a PEM private key); changed "
                         "but not applied: coap, http (listen addresses need a restart); workers (need a restart)")
     assert Report(done=["registry (read again)"]).line() == "reloaded on SIGHUP: registry (read again)"
+
+
+# -- a listen address that cannot be had: one line, not a traceback ----------------------------------------
+@pytest.mark.parametrize("key", ["coap", "coaps", "coap_tcp", "coaps_tcp", "http"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_listen_address_that_cannot_be_bound_is_one_line(tmp_path, key, workers):
+    """(A port another process holds: tests/test_ports_and_signals.py.)  An address this machine
+    does not have, on any listener, with or without workers: one line naming the setting and the
+    address, status 2."""
+    listeners = {"coap": "127.0.0.1:0", "coaps": "127.0.0.1:0", "http": "127.0.0.1:0", key: "192.0.2.1:5999"}
+    flags = [arg for k, v in listeners.items() for arg in (f"--{k.replace('_', '-')}", v)]
+    r = cli("serve", "--data-dir", str(tmp_path / "d"), "--workers", workers, *flags, check=False)
+    said = [line for line in r.stderr.splitlines() if line.startswith("corem")]
+    tcp = "tcp " if key not in ("coap", "coaps") else ""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert said == [f"corem: {key}: cannot listen on {tcp}192.0.2.1:5999: Cannot assign requested address"], r.stderr
