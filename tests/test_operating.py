@@ -297,3 +297,43 @@ def test_a_listen_address_that_cannot_be_bound_is_one_line(tmp_path, key, worker
     tcp = "tcp " if key not in ("coap", "coaps") else ""
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert said == [f"corem: {key}: cannot listen on {tcp}192.0.2.1:5999: Cannot assign requested address"], r.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_admin_token_from_a_file_and_rotated_by_sighup(data_dir, tmp_path, workers):
+    """admin_token_file: the token never on the command line; rewritten and SIGHUP, the new one
+    opens the API (the front's own routes and those its workers serve) and the old one no longer."""
+    import signal
+
+    from .conftest import start_corem, wait_for
+
+    token = tmp_path / "admin-token"
+    token.write_text("first-t0ken\n")
+    cfg = tmp_path / "corem.toml"
+    cfg.write_text(f'admin_token_file = "{token}"\n')
+    server = start_corem(data_dir, "--config", str(cfg), "--admin-token", "", "--workers", workers, timeout=60)
+    try:
+        assert "first-t0ken" not in " ".join(server.proc.args)  # type: ignore[arg-type]
+        for path in ("/api/devices", "/api/status"):
+            assert server.api("GET", path, token="first-t0ken")[0] == 200
+            assert server.api("GET", path, token="second-t0ken")[0] == 401
+        token.write_text("second-t0ken\n")
+        server.proc.send_signal(signal.SIGHUP)
+        line = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        assert "admin_token" in line and "t0ken" not in line, line  # named, never shown
+        for path in ("/api/devices", "/api/status"):
+            assert server.api("GET", path, token="second-t0ken")[0] == 200
+            assert server.api("GET", path, token="first-t0ken")[0] == 401
+    finally:
+        assert server.stop() == 0
+
+
+def test_provisioning_secret_file_errors(tmp_path):
+    r = cli("provisioning", "add", "--key", "k", "--tenant", "t", "--data-dir", str(tmp_path), check=False)
+    assert r.returncode == 2 and r.stderr.strip() == "corem: secret: give --secret or --secret-file"
+    r = cli("provisioning", "add", "--key", "k", "--tenant", "t", "--secret", "s", "--secret-file", "/nonexistent",
+            "--data-dir", str(tmp_path), check=False)
+    assert r.returncode == 2 and "secret: give --secret or --secret-file, not both" in r.stderr
+    r = cli("provisioning", "add", "--key", "k", "--tenant", "t", "--secret-file", str(tmp_path / "none"),
+            "--data-dir", str(tmp_path), check=False)
+    assert r.returncode == 2 and f"corem: secret_file: cannot read {tmp_path / 'none'}" in r.stderr
