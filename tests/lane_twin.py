@@ -44,9 +44,11 @@ class RecordingSink:
         self.waiting += [(r, done, c) for r, c in zip(records[:n], ctxs[:n])]
         return n
 
-    def defer(self, write) -> bool:
-        """As BatchingSink.defer: `write` runs at each commit, before the records are stored."""
+    def defer(self, write, wal=None) -> bool:
+        """As BatchingSink.defer: `write` runs at each commit, before the records are stored (the
+        file it writes is remembered in `wal`, where BatchingSink checkpoints it)."""
         self.before.append(write)
+        self.wal = wal
         return True
 
     def commit(self, error: BaseException | None = None) -> None:

@@ -433,6 +433,7 @@ def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commit
     store = SessionStore(tmp_path / "sessions.db")
     srv = coaps(store=store)
     assert srv.layer.defer_marks(srv.sink)
+    assert srv.sink.wal == tmp_path / "sessions.db"  # (the marks' file, checkpointed off the commit path)
     dev = Device(srv.address)
     srv.handshake(dev)
     conn = srv.layer.sessions[dev.address]

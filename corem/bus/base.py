@@ -18,11 +18,13 @@ import logging
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
 import trio
 
 from ..stats import Histogram, Measurement, counter, gauge
+from ..wal import Checkpointer
 
 log = logging.getLogger("corem.bus")
 
@@ -108,9 +110,10 @@ class Sink:
         returns how many were taken -- the first ones, in order."""
         raise NotImplementedError
 
-    def defer(self, write: Callable[[], object]) -> bool:
+    def defer(self, write: Callable[[], object], wal: Path | None = None) -> bool:
         """Have `write` run before each batch of records is made durable (BatchingSink); False for
-        a sink that cannot (Kafka: each record goes out as it comes), whose callers write first."""
+        a sink that cannot (Kafka: each record goes out as it comes), whose callers write first.
+        `wal`: the SQLite file `write` writes to, checkpointed off the commit path (corem/wal.py)."""
         return False
 
     @property
@@ -178,6 +181,8 @@ class BatchingSink(Sink):
         self._writing_since: float | None = None
         #: writes that must be durable before a batch is (`defer`), run first in the worker thread
         self._before_write: list[Callable[[], object]] = []
+        #: the SQLite files written in the worker thread, their WAL copied by another (corem/wal.py)
+        self.checkpointer = Checkpointer()
 
     # -- called on the event loop ------------------------------------------------------------
     def waiting_since(self) -> float | None:
@@ -204,11 +209,14 @@ class BatchingSink(Sink):
     def pending(self) -> int:
         return len(self._records)
 
-    def defer(self, write: Callable[[], object]) -> bool:
+    def defer(self, write: Callable[[], object], wal: Path | None = None) -> bool:
         """Run `write` in the worker thread before each batch is written: what it writes is durable
         before any record submitted after it was asked for (the DTLS record marks of issue 26,
-        coalesced and off the event loop).  `write` must not raise."""
+        coalesced and off the event loop).  `write` must not raise; `wal`: the SQLite file it
+        writes (its writer connection `wal.defer_checkpoints`), checkpointed in the background."""
         self._before_write.append(write)
+        if wal is not None:
+            self.checkpointer.watch(wal)
         return True
 
     def _write_after_deferred(self, prepared: Any) -> list[BaseException | None] | None:
@@ -219,7 +227,15 @@ class BatchingSink(Sink):
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher. Returns after `close()` once everything submitted has been answered."""
         await trio.to_thread.run_sync(self.open)
-        task_status.started()
+        async with trio.open_nursery() as background:
+            background.start_soon(self.checkpointer.run)
+            task_status.started()
+            try:
+                await self._flush_until_closed()
+            finally:
+                background.cancel_scope.cancel()
+
+    async def _flush_until_closed(self) -> None:
         try:
             while True:
                 if not self._records:

@@ -22,6 +22,7 @@ from typing import Iterator, NamedTuple
 
 import msgspec
 
+from ..wal import defer_checkpoints
 from .base import BatchingSink, Record
 
 SCHEMA = """
@@ -64,6 +65,8 @@ class EmbeddedBus(BatchingSink):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")  # validated in __init__
+        defer_checkpoints(conn)  # (copied by self.checkpointer, off the commit path: corem/wal.py)
+        self.checkpointer.watch(self.path, self.synchronous)
         conn.executescript(SCHEMA)
         self._conn = conn
         self._next_offset = _next_offset(conn)

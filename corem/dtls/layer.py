@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import corem.dtls.engine.state as state
 from ..registry import Device
 from ..stats import Sample, counter, fields, gauge
+from ..wal import defer_checkpoints
 from .engine.certs import chain_verifier
 from .engine.connection import ESTABLISHED, Connection
 from .engine.crypto import suite_by_name
@@ -667,7 +668,8 @@ class EngineServer:
         if self.store.shared or self._deferred is not None or str(where) == ":memory:":
             return False
         writer = SessionStore(where)  # (its own connection: used by the sink's worker thread only)
-        if not sink.defer(self._write_deferred):
+        defer_checkpoints(writer.db)  # (its WAL copied by the sink's checkpointer, not in a commit)
+        if not sink.defer(self._write_deferred, wal=Path(where)):
             writer.close()
             return False
         self._mark_writer, self._deferred = writer, deque()
