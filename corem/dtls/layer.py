@@ -672,6 +672,7 @@ class EngineServer:
         if not sink.defer(self._write_deferred, wal=Path(where)):
             writer.close()
             return False
+        defer_checkpoints(self.store.db)  # (nor in a save on the event loop)
         self._mark_writer, self._deferred = writer, deque()
         return True
 
