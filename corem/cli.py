@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from .bus import read_records
-from . import config_doc, datadir
+from . import config_doc, datadir, logs
 from .build import version
 from .config import ConfigError, Settings
 from .errors import NewerFormat, StorageUnavailable
@@ -35,6 +35,8 @@ from .registry.store import parse_oscore, parse_psk
 from .reload import reread as reread_settings
 
 log = logging.getLogger("corem")
+#: the start and stop lines, logged whatever log_level says (corem/logs.py)
+serve_log = logging.getLogger(logs.SERVE)
 
 
 def _add_settings_flags(p: argparse.ArgumentParser, keys: list[str]) -> None:
@@ -59,36 +61,10 @@ def _settings(args: argparse.Namespace, keys: list[str]) -> Settings:
     return Settings.load({k: getattr(args, k) for k in keys}, config_file=args.config)
 
 
-def _fmt_addr(addr: tuple) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg (and the exception, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return msgspec.json.encode(line).decode()
-
-
 # -- serve -------------------------------------------------------------------------------------
 def setup_logging(settings: Settings, worker: int | None = None) -> None:
-    """Log lines to stderr as key=value or JSON (`log_format`); a worker's name its index."""
-    handler = logging.StreamHandler(sys.stderr)
-    tag = "" if worker is None else f" worker={worker}"
-    handler.setFormatter(
-        JsonFormatter() if settings.log_format == "json"
-        else logging.Formatter(f"ts=%(asctime)s level=%(levelname)s logger=%(name)s{tag} msg=%(message)s")
-    )
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
+    """Log lines to stderr as logfmt or JSON (`log_format`, corem/logs.py); in a worker, `worker=N`."""
+    logs.setup_logging(settings.log_level, settings.log_format, worker)
 
 
 async def run_until_signalled(server: Any, announce: bool = True,
@@ -131,14 +107,12 @@ async def run_until_signalled(server: Any, announce: bool = True,
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(server.run)
                 started.set()
-                for name, addr in (("coap", bound.coap), ("coaps", bound.coaps)):
-                    if addr and announce:
-                        print(f"corem: {name} listening on udp {_fmt_addr(addr)}", flush=True)
-                for name, addr in (("coap+tcp", bound.coap_tcp), ("coaps+tcp", bound.coaps_tcp)):
-                    if addr and announce:
-                        print(f"corem: {name} listening on tcp {_fmt_addr(addr)}", flush=True)
-                if bound.http and announce:
-                    print(f"corem: http listening on http://{_fmt_addr(bound.http)}", flush=True)
+                for name, on, addr in (("coap", "udp ", bound.coap), ("coaps", "udp ", bound.coaps),
+                                       ("coap+tcp", "tcp ", bound.coap_tcp), ("coaps+tcp", "tcp ", bound.coaps_tcp),
+                                       ("http", "http://", bound.http)):
+                    if addr and announce:  # e.g. "coap listening on udp 0.0.0.0:5683", "http listening on http://…"
+                        serve_log.info("%s listening on %s%s", name, on, addr,
+                                       extra=logs.fields(listener=name, address=addr))
             outer.cancel_scope.cancel()
 
 
@@ -154,13 +128,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .workers.supervisor import Supervisor
 
         supervisor = Supervisor(settings, n)
-        print(f"corem: {n} workers", flush=True)
+        serve_log.info("%d workers", n, extra=logs.fields(workers=n))
         _run_or_refuse(supervisor, reread)
     else:
         from .server import Server
 
         _run_or_refuse(Server(settings), reread)
-    print("corem: stopped", flush=True)
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 from . import __version__
 from .config import ConfigError
 from .errors import NewerFormat
+from .logs import fields
 
 log = logging.getLogger("corem")
 
@@ -100,7 +101,8 @@ def prepare(data: Path) -> None:
         except OSError as e:
             raise ConfigError(f"data_dir: {data}: migrating to format {number} ({what}) failed: {e}") from None
         if old:  # (a new data dir is made in the newest format: nothing to say)
-            log.info("data dir %s migrated to format %d: %s", data, number, what)
+            log.info("data dir %s migrated to format %d: %s", data, number, what,
+                     extra=fields(data_dir=data, format=number, change=what))
     write_format(data)
 
 

@@ -54,6 +54,7 @@ from .frontdoors.thingsboard import ThingsBoard
 from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import Targets, TelemetryIngest
+from .logs import SERVE, fields
 from .metrics import gather, render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter, lane_networks
@@ -720,7 +721,8 @@ class Server:
         http = None
         try:
             if http_addr is not None:
-                http = HttpServer(self.http_routes(), admin_token=self.admin_token, max_body=s.admin_max_body)
+                http = HttpServer(self.http_routes(), admin_token=self.admin_token, max_body=s.admin_max_body,
+                                  access_log=self.worker is None)  # (with workers, the front logs each request)
                 self.bound.http = await bind_http(http, *http_addr)
                 self.http = http
             if self.registry.shared and (s.node_url or self.bound.http is not None):
@@ -763,10 +765,8 @@ class Server:
                     # (44.0k -> 47.2k, store NORMAL), within 1% of running with the GC disabled
                     gc.set_threshold(GC_YOUNG, 20, 100)
                     self._ready = True
-                    log.info(
-                        "started coap=%s coaps=%s http=%s data_dir=%s",
-                        self.bound.coap, self.bound.coaps, self.bound.http, s.data_dir,
-                    )
+                    log.info("started", extra=fields(**{k: v for k, v in vars(self.bound).items() if v is not None},
+                                                     data_dir=s.data_dir))
                     task_status.started(self.bound)
                     if self.link is not None:
                         inner.start_soon(self.link.run, self.bound.http)
@@ -784,12 +784,12 @@ class Server:
                 for t in self.transports:
                     if t.dtls is not None:
                         n = t.dtls.close(trio.current_time())
-                        log.info("saved %d DTLS sessions for the next start", n)
+                        log.info("saved %d DTLS sessions for the next start", n, extra=fields(sessions=n))
         finally:
             self._close_listeners()
             self.registry.close()
             self._unlock()
-            log.info("stopped")
+            (log if self.worker is not None else logging.getLogger(SERVE)).info("stopped")  # (corem/logs.py)
 
     async def _recover_exchanges(self) -> None:
         """Exactly once across a crash: the exchanges of the readings the bus committed within
@@ -838,7 +838,8 @@ class Server:
             self.recovery.failures += 1
             log.warning("read back only part of the exchanges of committed readings (%s)", found.error)
         log.info("recovered %d exchanges of committed readings from %d records in %.2f s",
-                 found.total(), found.records, found.seconds)
+                 found.total(), found.records, found.seconds,
+                 extra=fields(exchanges=found.total(), records=found.records, seconds=round(found.seconds, 3)))
 
     async def _tick_downlink(self) -> None:
         n = 0

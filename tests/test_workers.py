@@ -380,7 +380,7 @@ def test_sigterm_stops_every_worker_and_the_supervisor(data_dir):
     assert server.stop() == 0
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
-    assert "corem: stopped" in server.proc.stdout.read().decode()
+    assert "level=info logger=corem.serve msg=stopped" in server.stderr()  # (the supervisor's, the last)
 
 
 @needs_libcoap

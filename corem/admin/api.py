@@ -23,6 +23,7 @@ import msgspec
 from ..devices.commands import assign_package
 from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
+from ..logs import fields
 from ..metrics import gather, total
 from ..profiles.compile import compile_profile
 from ..profiles.proto_schema import MAX_SCHEMA_BYTES
@@ -214,7 +215,8 @@ class AdminApi:
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
         await self.parts.reload()
-        log.info("device %s/%s added through the admin API", d.tenant, d.device)
+        log.info("device %s/%s added through the admin API", d.tenant, d.device,
+                 extra=fields(tenant=d.tenant, device=d.device))
         return json_reply({**self._describe(d), "token": token}, 201)
 
     def get_device(self, req: HttpRequest) -> Reply:
@@ -225,7 +227,8 @@ class AdminApi:
         self.parts.registry.remove_device(d.tenant, d.device)
         self.parts.management.forget(d.tenant, d.device)
         await self.parts.reload()
-        log.info("device %s/%s removed through the admin API", d.tenant, d.device)
+        log.info("device %s/%s removed through the admin API", d.tenant, d.device,
+                 extra=fields(tenant=d.tenant, device=d.device))
         return Reply(204)
 
     # -- attributes ------------------------------------------------------------------------------
@@ -292,7 +295,8 @@ class AdminApi:
             p = self.parts.management.add_package(q["kind"], q["title"], q["version"], req.body)
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
-        log.info("%s package %s %s uploaded: %d bytes, sha256 %s", p.kind, p.title, p.version, p.size, p.sha256)
+        log.info("%s package %s %s uploaded: %d bytes, sha256 %s", p.kind, p.title, p.version, p.size, p.sha256,
+                 extra=fields(kind=p.kind, title=p.title, version=p.version, size=p.size, sha256=p.sha256))
         return json_reply(p._asdict(), 201)
 
     def list_packages(self, req: HttpRequest) -> Reply:
@@ -306,7 +310,9 @@ class AdminApi:
                 p, delivery = assign_package(self.parts.management, self.parts.downlink, d, kind, body["package"])
             except RegistryError as e:
                 raise HttpError(400, str(e)) from None
-            log.info("%s %s %s assigned to %s/%s (%s)", kind, p.title, p.version, d.tenant, d.device, delivery)
+            log.info("%s %s %s assigned to %s/%s (%s)", kind, p.title, p.version, d.tenant, d.device, delivery,
+                     extra=fields(kind=kind, title=p.title, version=p.version, tenant=d.tenant, device=d.device,
+                                  delivery=delivery))
             return json_reply({**p._asdict(), "delivery": delivery})
 
         return handler
@@ -329,7 +335,8 @@ class AdminApi:
             self.parts.management.claim(d.tenant, d.device, body["secret_key"], body["owner"])
         except PermissionError as e:
             raise HttpError(400, str(e)) from None
-        log.info("device %s/%s claimed by %s", d.tenant, d.device, body["owner"])
+        log.info("device %s/%s claimed by %s", d.tenant, d.device, body["owner"],
+                 extra=fields(tenant=d.tenant, device=d.device, owner=body["owner"]))
         return json_reply({"tenant": d.tenant, "device": d.device, "owner": body["owner"]})
 
     # -- diagnostics -----------------------------------------------------------------------------
@@ -436,7 +443,8 @@ class AdminApi:
         except (ProfileError, RegistryError) as e:
             raise HttpError(400, str(e)) from None
         await self.parts.reload()
-        log.info("profile %s %s through the admin API", req.params["name"], "added" if created else "changed")
+        log.info("profile %s %s through the admin API", req.params["name"], "added" if created else "changed",
+                 extra=fields(profile=req.params["name"], change="added" if created else "changed"))
         return json_reply({"name": req.params["name"], "builtin": False, "profile": msgspec.to_builtins(profile)},
                           201 if created else 200)
 

@@ -41,10 +41,13 @@ import h11
 import trio
 
 from ..errors import StorageUnavailable
+from ..logs import fields
 from ..net.fdlimit import Acceptor, admin_cap
 from ..stats import Sample, counter, gauge
 
 log = logging.getLogger("corem.http")
+#: one line per request answered, at info (`access_log`): method, path, status, duration, peer
+access = logging.getLogger("corem.http.access")
 
 #: bytes of request line and headers at most (more: 431)
 MAX_HEAD = 16 * 1024
@@ -147,10 +150,12 @@ class _Gone(Exception):
 class HttpServer:
     def __init__(self, routes: list[Route], *, admin_token: str = "", max_body: int = 1024 * 1024,
                  max_connections: int | None = None, head_timeout: float = HEAD_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, access_log: bool = True) -> None:
         """`max_connections`: default `fdlimit.admin_cap()` (the open files limit as it is now:
-        corem raises it first); the timeouts are settable for tests."""
+        corem raises it first); the timeouts are settable for tests.  `access_log`: a line per
+        request answered (off for a worker's private port: the front logs what the client asked)."""
         self.routes = routes
+        self.access_log = access_log
         self.admin_token = admin_token
         self.max_body = max_body
         self.max_connections = admin_cap() if max_connections is None else max_connections
@@ -221,6 +226,7 @@ class HttpServer:
     async def _serve_one(self, stream: trio.abc.Stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         key = object()
+        started = trio.current_time()
         try:
             with trio.move_on_after(self.head_timeout) as head:
                 self._evictable[key] = head
@@ -241,6 +247,8 @@ class HttpServer:
                     self._evictable[key] = sending  # (an open route's answer to one that does not read)
                 try:
                     await self._send(conn, stream, reply, head_only=method == "HEAD")
+                    if self.access_log:
+                        self._log_access(stream, request, method, reply, trio.current_time() - started)
                     if not _complete(conn):
                         await self._linger(stream)
                 finally:
@@ -251,6 +259,26 @@ class HttpServer:
             pass
         finally:
             await trio.aclose_forcefully(stream)
+
+    @staticmethod
+    def _log_access(stream: trio.abc.Stream, request: h11.Request | Reply, method: str, reply: Reply,
+                    seconds: float) -> None:
+        """The access log's line: the answer is sent (its last byte handed to the kernel)."""
+        if not access.isEnabledFor(logging.INFO):
+            return
+        try:
+            peer = stream.socket.getpeername()  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            peer = None
+        if isinstance(request, h11.Request):
+            path, _, query = request.target.decode("latin-1").partition("?")
+        else:  # (a head that did not parse: no method or path to tell)
+            method, path, query = "-", "-", ""
+        line = fields(method=method, path=path, status=reply.status, bytes=len(reply.body),
+                      duration_ms=round(seconds * 1000, 3), peer=peer)
+        if query:
+            line["fields"]["query"] = query
+        access.info("%s %s %d", method, path, reply.status, extra=line)
 
     async def _head(self, conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | Reply:
         """The request head; a Reply (400, 431) when it is not one; `_Gone` if the peer left."""

@@ -43,6 +43,7 @@ from typing import Any, Iterator
 
 import trio
 
+from ..logs import fields
 from ..stats import Histogram, Measurement, counter, gauge
 from .base import LATENCY_BUCKETS, Done, Record, Sink
 
@@ -517,7 +518,9 @@ class KafkaSink(Sink):
         self.kafka.fatal = None
         self.kafka.producers += 1
         log.info("kafka producer for %s (acks=%s, idempotent=%s)", ",".join(self.settings.bootstrap),
-                 self.settings.acks, self.settings.idempotent)
+                 self.settings.acks, self.settings.idempotent,
+                 extra=fields(bootstrap=",".join(self.settings.bootstrap), acks=self.settings.acks,
+                              idempotent=self.settings.idempotent))
 
     def _restart_after_fatal(self) -> None:
         """The idempotent producer cannot go on: fail what it holds (5.03), start a fresh one."""

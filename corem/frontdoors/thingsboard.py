@@ -29,6 +29,7 @@ from ..coap.resources import Response, Router
 from ..codec import Code, OptionNumber, encode_uint
 from ..devices.downlink import Downlink, attributes_resource, rpc_resource
 from ..ingest.telemetry import TelemetryIngest
+from ..logs import fields
 from ..registry import Device, Directory, RegistryError
 from ..registry.management import Management
 from ..stats import Sample, counter
@@ -195,7 +196,8 @@ class ThingsBoard:
             return content({"status": "FAILURE", "errorMsg": str(e)}, req, Code.UNAUTHORIZED)
         self.directory.refresh(force=True)  # the new token works at once
         self.provisioned += 1
-        log.info("device %s/%s provisioned with key %s", tenant, device, key)
+        log.info("device %s/%s provisioned with key %s", tenant, device, key,
+                 extra=fields(tenant=tenant, device=device, provisioning_key=key))
         return content({"status": "SUCCESS", "deviceName": device, "credentialsType": "ACCESS_TOKEN",
                         "credentialsValue": token}, req, Code.CREATED)
 

@@ -34,6 +34,7 @@ import trio
 from .. import datadir
 from ..admin import token as admin_token
 from ..config import SECRETS, ConfigError, Settings
+from ..logs import SERVE, fields
 from ..net import fdlimit
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
@@ -219,8 +220,9 @@ class Supervisor:
                 return
             self.restarts += 1
             backoff = 0.1 if trio.current_time() - started >= HEALTHY_UPTIME else min(backoff * 2, MAX_BACKOFF)
-            log.warning("worker %d exited (%s); starting it again in %.1f s", w.index,
-                        f"signal {-code}" if code < 0 else f"status {code}", backoff)
+            exited = f"signal {-code}" if code < 0 else f"status {code}"
+            log.warning("worker %d exited (%s); starting it again in %.1f s", w.index, exited, backoff,
+                        extra=fields(index=w.index, exit=exited, restart_in=backoff))
             await trio.sleep(backoff)
 
     async def _listen(self, w: Worker) -> None:
@@ -237,7 +239,7 @@ class Supervisor:
     def _heard_from(self, w: Worker, message: dict[str, Any]) -> None:
         if "ready" in message:
             w.http, w.pid = message["ready"]["http"], message["ready"]["pid"]
-            log.info("worker %d ready (pid %d)", w.index, w.pid)
+            log.info("worker %d ready (pid %d)", w.index, w.pid, extra=fields(index=w.index, pid=w.pid))
         elif "here" in message:
             for tenant, device in message["here"]:
                 self._arrived((tenant, device), w.index)
@@ -373,9 +375,9 @@ class Supervisor:
                 if self.failed is not None:
                     await self._stop_workers()
                     raise ConfigError(self.failed)
-                log.info("started %d workers coap=%s coaps=%s http=%s (peers steered by %s)", self.count,
-                         self.bound.coap, self.bound.coaps, self.bound.http,
-                         "corem's program" if all(self.steered.values()) else "the kernel's hash")
+                log.info("started %d workers", self.count, extra=fields(
+                    workers=self.count, **{k: v for k, v in vars(self.bound).items() if v is not None},
+                    data_dir=self.settings.data_dir, steering="corem" if all(self.steered.values()) else "kernel"))
                 task_status.started(self.bound)
                 self._started = True
                 await self._stop.wait()
@@ -383,7 +385,7 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
-            log.info("stopped")
+            logging.getLogger(SERVE).info("stopped")  # (corem/logs.py)
 
     async def _stop_workers(self) -> None:
         """SIGTERM to every worker; SIGKILL to one still running after STOP_GRACE."""
