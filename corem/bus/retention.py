@@ -17,7 +17,8 @@ Pruning runs in the background (`Pruner.run`, in a worker thread) on a connectio
 small transactions (at most `STEP_ROWS` batches and `STEP_BYTES` of records each, a pause between
 them): the group-commit writer waits for the write lock at most one such step (milliseconds),
 never for a whole catch-up.  The pruner's commits do not fsync (`synchronous=NORMAL`: a prune lost
-to a power cut is done again), and deleted records are not overwritten on the pages SQLite frees
+to a power cut is done again) and leave the log's checkpoints to the bus's `Checkpointer`, as the
+writer's do (corem/wal.py); deleted records are not overwritten on the pages SQLite frees
 (`secure_delete=FAST`; Debian builds SQLite with it on, which would write every freed page again):
 like the blocks of a deleted Kafka segment, they stay on disk until reused, in a file only its
 owner reads (0600).
@@ -42,6 +43,7 @@ from typing import Callable, Iterator
 import trio
 
 from ..stats import Sample, counter, gauge
+from ..wal import defer_checkpoints
 
 log = logging.getLogger("corem.bus")
 
@@ -132,6 +134,7 @@ class Pruner:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA secure_delete=FAST")
+            defer_checkpoints(conn)  # (the bus's checkpointer copies the log: corem/wal.py)
             self._conn = conn
         return self._conn
 
