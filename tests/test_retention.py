@@ -184,9 +184,9 @@ def test_a_running_corem_prunes_its_bus_past_the_retention_and_tail_still_works(
             m = server.metrics()
             return {r: m.get(f'corem_bus_pruned_records_total{{reason="{r}"}}', 0.0) for r in ("age", "size")}
 
-        wait_for(lambda: (p := pruned())["age"] == old and p["size"] > 0, what="the bus pruned by age and size")
-        m = server.metrics()
-        assert m["corem_bus_size_bytes"] <= 1 << 20 and m["corem_bus_prune_errors_total"] == 0
+        wait_for(lambda: (p := pruned())["age"] == old and p["size"] > 0 and server.metrics()["corem_bus_size_bytes"]
+                 <= 1 << 20, what="the bus pruned by age and size")
+        assert server.metrics()["corem_bus_prune_errors_total"] == 0
         # readings go on being taken, and `tail` reads what is kept: the newest history and them
         for n in range(3):
             answer = post(server.coap_port, "T0KEN-1", cbor2.dumps({"after": n}), 300 + n)

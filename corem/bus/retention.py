@@ -194,6 +194,7 @@ class Pruner:
         stats.longest_step = max(stats.longest_step, took)
         for reason, n in records.items():
             stats.records[reason] += n
+        stats.size = self.used_bytes()  # (what the gauge shows: the log as this step left it)
         return records["age"] + records["size"]
 
     def prune(self) -> int:
