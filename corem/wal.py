@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import trio
 
@@ -48,30 +48,35 @@ def defer_checkpoints(conn: Executes) -> None:
     conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP}")
 
 
+#: work on a watched file from the checkpointer's connection before each pass (the DTLS marks'
+#: fold: dtls/store.py), in its worker thread
+Tidy = Callable[[sqlite3.Connection], None]
+
+
 class Checkpointer:
     """PASSIVE checkpoints of some SQLite files in WAL mode, from connections of its own, in a
     worker thread (`run`).  A file is added with `watch` (before or while it runs)."""
 
     def __init__(self) -> None:
-        self._files: list[tuple[Path, str]] = []
+        self._files: list[tuple[Path, str, Tidy | None]] = []
         self._conns: dict[Path, sqlite3.Connection] = {}
         #: passes that ran, and passes that failed (a full disk, a lock held: the writers'
         #: BACKSTOP bounds the log meanwhile)
         self.passes = 0
         self.errors = 0
 
-    def watch(self, path: Path, synchronous: str = "NORMAL") -> None:
+    def watch(self, path: Path, synchronous: str = "NORMAL", tidy: Tidy | None = None) -> None:
         """Checkpoint `path`, syncing as its writer does (`synchronous`: NORMAL or FULL sync a
-        checkpoint alike; OFF syncs nothing)."""
-        if all(p != path for p, _ in self._files):
-            self._files.append((Path(path), synchronous))
+        checkpoint alike; OFF syncs nothing), after `tidy` at each pass."""
+        if all(p != path for p, _, _ in self._files):
+            self._files.append((Path(path), synchronous, tidy))
 
     def __len__(self) -> int:
         return len(self._files)
 
     def pass_sync(self) -> None:
         """One PASSIVE checkpoint of each file (in a worker thread: it may fsync)."""
-        for path, synchronous in list(self._files):
+        for path, synchronous, tidy in list(self._files):
             try:
                 conn = self._conns.get(path)
                 if conn is None:
@@ -80,6 +85,8 @@ class Checkpointer:
                     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.1)
                     conn.execute(f"PRAGMA synchronous={synchronous}")
                     self._conns[path] = conn
+                if tidy is not None:
+                    tidy(conn)
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 self.passes += 1
             except sqlite3.Error as e:

@@ -21,6 +21,7 @@ from corem.codec import Code, Message, Type, decode, encode
 from corem.codec import OptionNumber as O
 from corem.coap import Endpoint, Params, Router
 from corem.dtls import DtlsParams, SessionStore
+from corem.dtls.store import fold_marks
 from corem.dtls.engine import Client
 from corem.dtls.engine.records import RECORDS, parse_record_untrusted
 from corem.dtls.layer import EngineServer
@@ -442,6 +443,12 @@ def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commit
     saved_top = conn.window.top
 
     def stored_top() -> int:
+        """What a restore would read: the row's rx_top, or a higher mark in the log (store.take)."""
+        [(top,)] = store.db.execute("SELECT max(rx_top) FROM (SELECT rx_top FROM sessions WHERE peer = ? "
+                                    "UNION ALL SELECT rx_top FROM rx_log WHERE peer = ?)", (key, key)).fetchall()
+        return int(top)
+
+    def row_top() -> int:
         [(top,)] = store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchall()
         return int(top)
 
@@ -454,10 +461,15 @@ def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commit
     srv.sink.before.append(lambda: at_commit.append(stored_top()))  # (after the layer's write)
     srv.commit()
     assert at_commit == [conn.window.top] and len(srv.stored()) == 3
+    # appended to the log, not written in the row; the checkpointer's fold moves it there
+    assert row_top() == saved_top < conn.window.top
+    fold_marks(store.db)
+    assert row_top() == conn.window.top
+    assert store.db.execute("SELECT count(*) FROM rx_log").fetchone()[0] == 0
     # a GET is no reading: the lane hands it on, and its record's number is written at once
     dev.post(encode(Message(Type.CON, Code.GET, 9, b"g", [(11, b"telemetry")], b"")))
     srv.pump()
-    assert stored_top() == conn.window.top
+    assert stored_top() == row_top() == conn.window.top
 
 
 def test_a_restored_session_is_the_lanes_again_and_refuses_what_its_store_marked(coaps, tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import trio
 
 from ..stats import Histogram, Measurement, counter, gauge
-from ..wal import Checkpointer
+from ..wal import Checkpointer, Tidy
 
 log = logging.getLogger("corem.bus")
 
@@ -110,10 +110,11 @@ class Sink:
         returns how many were taken -- the first ones, in order."""
         raise NotImplementedError
 
-    def defer(self, write: Callable[[], object], wal: Path | None = None) -> bool:
+    def defer(self, write: Callable[[], object], wal: Path | None = None, tidy: Tidy | None = None) -> bool:
         """Have `write` run before each batch of records is made durable (BatchingSink); False for
         a sink that cannot (Kafka: each record goes out as it comes), whose callers write first.
-        `wal`: the SQLite file `write` writes to, checkpointed off the commit path (corem/wal.py)."""
+        `wal`: the SQLite file `write` writes to, checkpointed off the commit path, `tidy` run on
+        it before each checkpoint (corem/wal.py)."""
         return False
 
     @property
@@ -209,14 +210,15 @@ class BatchingSink(Sink):
     def pending(self) -> int:
         return len(self._records)
 
-    def defer(self, write: Callable[[], object], wal: Path | None = None) -> bool:
+    def defer(self, write: Callable[[], object], wal: Path | None = None, tidy: Tidy | None = None) -> bool:
         """Run `write` in the worker thread before each batch is written: what it writes is durable
         before any record submitted after it was asked for (the DTLS record marks of issue 26,
         coalesced and off the event loop).  `write` must not raise; `wal`: the SQLite file it
-        writes (its writer connection `wal.defer_checkpoints`), checkpointed in the background."""
+        writes (its writer connection `wal.defer_checkpoints`), checkpointed in the background,
+        after `tidy` (the marks' fold)."""
         self._before_write.append(write)
         if wal is not None:
-            self.checkpointer.watch(wal)
+            self.checkpointer.watch(wal, tidy=tidy)
         return True
 
     def _write_after_deferred(self, prepared: Any) -> list[BaseException | None] | None:

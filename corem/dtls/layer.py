@@ -51,7 +51,7 @@ from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import RECORDS, TLS12_CID
 from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registry_psk
 from .slots import HandshakeSlots
-from .store import Row, SessionStore, peer_key
+from .store import Row, SessionStore, fold_marks, peer_key
 
 log = logging.getLogger("corem.dtls")
 
@@ -669,7 +669,7 @@ class EngineServer:
             return False
         writer = SessionStore(where)  # (its own connection: used by the sink's worker thread only)
         defer_checkpoints(writer.db)  # (its WAL copied by the sink's checkpointer, not in a commit)
-        if not sink.defer(self._write_deferred, wal=Path(where)):
+        if not sink.defer(self._write_deferred, wal=Path(where), tidy=fold_marks):
             writer.close()
             return False
         defer_checkpoints(self.store.db)  # (nor in a save on the event loop)
@@ -688,7 +688,7 @@ class EngineServer:
             for top, key in deferred.popleft():
                 if top > tops.get(key, -1):
                     tops[key] = top
-        if not writer.mark([(top, key) for key, top in tops.items()]):
+        if not writer.log_marks([(top, key) for key, top in tops.items()]):
             self.stats.marks_failed += 1
             self.store.errors += 1
             self.store.last_error = writer.last_error  # (/readyz says so, as for the loop's own writes)
