@@ -102,7 +102,7 @@ test: sysdeps $(STAMP) jsdeps
 	$(PY) -m mypy
 	$(PY) -m pytest -q --durations=15
 
-bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-dtls bench-import bench-transports
+bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-formats-load bench-dtls bench-import bench-transports
 
 bench-codec: $(STAMP)
 	$(PY) bench/codec_bench.py
@@ -117,6 +117,9 @@ clean:
 	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .hypothesis .mypy_cache test-artifacts
 
 bench-import: $(STAMP)
+bench-formats-load: $(STAMP)
+	$(PY) bench/formats_load_bench.py
+
 	$(PY) bench/import_bench.py
 
 bench-workers: $(STAMP)

@@ -6,9 +6,12 @@
  * answer within the timeout are sent again as new requests and counted.  Written in C so that
  * the client is never the bottleneck when the servers are compared on a 2-core machine.
  *
- *   loadgen HOST PORT DEVICES INFLIGHT SECONDS METHOD PATH PAYLOAD_HEX [CONTENT_FORMAT]
+ *   loadgen HOST PORT DEVICES INFLIGHT SECONDS METHOD PATH PAYLOAD_HEX [CONTENT_FORMAT [TYPE]]
  *
- * PATH is a '/'-separated Uri-Path; METHOD is 1 (GET), 2 (POST), 3 (PUT).
+ * PATH is a '/'-separated Uri-Path; METHOD is 1 (GET), 2 (POST), 3 (PUT); TYPE is con (the
+ * default: answered by a piggybacked ACK, matched by message id) or non (answered by a NON
+ * response with its own message id, matched by the request's 2-byte token, which carries the
+ * request's message id).
  * Prints one JSON object: sent, responses by class, timeouts, requests/s, latency percentiles.
  */
 #include <arpa/inet.h>
@@ -49,6 +52,7 @@ typedef struct {
 } device_t;
 
 static int64_t *samples;
+static int non; /* NON requests (TYPE non) */
 static size_t nsamples;
 static long long n_sent, n_timeouts, n_2xx, n_4xx, n_5xx, n_other, n_send_errors;
 
@@ -59,6 +63,10 @@ static void send_one(device_t *d) {
     memcpy(msg, tmpl, tmpl_len);
     msg[2] = mid >> 8;
     msg[3] = mid & 0xff;
+    if (non) { /* the token (2 bytes, right after the header) is the message id too */
+        msg[4] = mid >> 8;
+        msg[5] = mid & 0xff;
+    }
     d->sent_at[slot] = now_ns();
     d->mid_of[slot] = mid;
     d->outstanding++;
@@ -73,7 +81,7 @@ static int cmp64(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc < 9) {
-        fprintf(stderr, "usage: %s HOST PORT DEVICES INFLIGHT SECONDS METHOD PATH PAYLOAD_HEX [CF]\n", argv[0]);
+        fprintf(stderr, "usage: %s HOST PORT DEVICES INFLIGHT SECONDS METHOD PATH PAYLOAD_HEX [CF [con|non]]\n", argv[0]);
         return 2;
     }
     const char *host = argv[1];
@@ -85,7 +93,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bad DEVICES or INFLIGHT\n");
         return 2;
     }
+    non = argc > 10 && strcmp(argv[10], "non") == 0;
     build_template(method, argv[7], argv[8], cf);
+    if (non) { /* NON (type 1), a 2-byte token: the header's byte 0 and room for the token */
+        memmove(tmpl + 6, tmpl + 4, tmpl_len - 4);
+        tmpl[0] = 0x52;
+        tmpl_len += 2;
+    }
     samples = malloc(sizeof(int64_t) * MAX_SAMPLES);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, host, &sa.sin_addr);
@@ -113,8 +127,17 @@ int main(int argc, char **argv) {
                 if (r < 0) break;
                 if (r < 4) continue;
                 uint16_t mid = (buf[2] << 8) | buf[3];
-                int slot = mid & (SLOTS - 1);
                 int type = (buf[0] >> 4) & 3;
+                if (non) { /* a NON (or CON) response: the request's message id is in its token */
+                    if ((buf[0] & 15) != 2 || r < 6 || (type != 1 && type != 0)) continue;
+                    if (type == 0) { /* a CON response: its empty ACK */
+                        uint8_t ack[4] = {0x60, 0, buf[2], buf[3]};
+                        if (send(d->fd, ack, sizeof ack, 0) < 0) n_send_errors++;
+                    }
+                    mid = (buf[4] << 8) | buf[5];
+                    type = 2;
+                }
+                int slot = mid & (SLOTS - 1);
                 if (type != 2 || d->sent_at[slot] == 0 || d->mid_of[slot] != mid) continue;
                 if (buf[1] == 0) continue; /* empty ACK: the separate response will follow; not measured */
                 int64_t lat = now_ns() - d->sent_at[slot];

@@ -1,0 +1,158 @@
+"""Issue 28's table: every built-in payload format under load, as CoAP CON, CoAP NON and CoAPS
+(CON), beside libcoap's C servers, in one run.
+
+    python bench/formats_load_bench.py [--seconds 4] [--only TEXT ...] [--json]
+
+One corem (pinned to CPU 0; embedded bus, store NORMAL, no rate limit) holds one device per format,
+each on the profile and with the payload of bench/formats_bench.py's CASES (the same reading in
+every format that can carry it).  The C load generators run on CPU 1 with 64 devices x 4 requests
+in flight: bench/loadgen.c (CON, or NON answered by a NON response matched by token) to
+`/api/v1/{token}/telemetry`, and bench/dtls_loadgen.c (64 DTLS sessions, PSK, CON) to
+`/telemetry`.  libcoap's coap-server-notls / coap-server-openssl answer PUT /example_data under
+the same load (the payload kept in memory): the yardstick of each transport.
+
+Each row: 2.xx/s, p50, p99, its ratio to libcoap's requests/s on the same transport and message
+type, and to the flat CBOR row of its column (issue 28's targets: >= 1.0x libcoap, >= 0.8x flat
+CBOR, p99 <= 2x libcoap's).  A row whose answers are not all 2.xx says how many were not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.dtls_bench import KEY  # noqa: E402
+from bench.dtls_bench import build as build_dtls_loadgen  # noqa: E402
+from bench.formats_bench import CASES  # noqa: E402
+from bench.load_bench import build_loadgen, free_port, pin, wait_udp  # noqa: E402
+from bench.table import report  # noqa: E402
+
+DEVICES, INFLIGHT = 64, 4
+MODES = ("CoAP CON", "CoAP NON", "CoAPS CON")
+LIBCOAP = "libcoap (C), PUT kept in memory"
+
+
+def corem_cli(data: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "corem", *args, "--data-dir", str(data)], check=True, capture_output=True)
+
+
+def provision(data: Path) -> list[tuple[str, str, str, int, bytes]]:
+    """A profile and a device per case: (name, token, PSK identity, content format, payload)."""
+    rows = []
+    for i, (name, spec, cf, payload) in enumerate(CASES):
+        profile = "default" if json.loads(spec) == {"format": "flat"} else f"p{i}"  # (the built-in one)
+        if profile != "default":
+            corem_cli(data, "profiles", "add", profile, "--json", spec)
+        token, identity = f"FMT-{i}", f"fmt-{i}"
+        corem_cli(data, "devices", "add", "--tenant", "bench", "--device", f"d{i}", "--token", token,
+                  "--profile", profile, "--psk-identity", identity, "--psk", KEY)
+        rows.append((name, token, identity, cf, payload))
+    return rows
+
+
+def udp_load(port: int, seconds: float, method: int, path: str, payload: bytes, cf: int, kind: str) -> dict:
+    cmd = [*pin(1), str(build_loadgen()), "127.0.0.1", str(port), str(DEVICES), str(INFLIGHT), str(seconds),
+           str(method), path, payload.hex(), str(cf), kind]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    return json.loads(out.stdout)
+
+
+def dtls_load(port: int, seconds: float, identity: str, method: int, path: str, payload: bytes, cf: int) -> dict:
+    cmd = [*pin(1), str(build_dtls_loadgen()), "127.0.0.1", str(port), str(DEVICES), str(INFLIGHT), "0.5",
+           str(seconds), identity, KEY, str(method), path, payload.hex(), str(cf)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60)
+    return json.loads(out.stdout)
+
+
+def measure(mode: str, coap: int, coaps: int, seconds: float, token: str, identity: str, cf: int,
+            payload: bytes, libcoap: bool = False) -> dict:
+    method = 3 if libcoap else 2
+    if mode == "CoAPS CON":
+        return dtls_load(coaps, seconds, identity, method, "example_data" if libcoap else "telemetry", payload, cf)
+    path = "example_data" if libcoap else f"api/v1/{token}/telemetry"
+    return udp_load(coap, seconds, method, path, payload, cf, "non" if mode == "CoAP NON" else "con")
+
+
+def libcoap_rows(seconds: float, payload: bytes) -> list[dict]:
+    rows = []
+    for mode in MODES:
+        binary = "coap-server-openssl" if mode.startswith("CoAPS") else "coap-server-notls"
+        if not shutil.which(binary):
+            continue
+        port = free_port()  # (libcoap serves CoAPS on its -p port + 1)
+        args = ["-A", "127.0.0.1", "-p", str(port - 1 if mode.startswith("CoAPS") else port)]
+        proc = subprocess.Popen([*pin(0), binary, *args, "-k", KEY], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)
+            r = measure(mode, port, port, seconds, "", "psk-identity", 60, payload, libcoap=True)
+        finally:
+            proc.terminate()
+            proc.wait(20)
+        r.update(format=LIBCOAP, mode=mode)
+        print(f"  {LIBCOAP} / {mode}: {r['rps']:.0f}/s", file=sys.stderr)
+        rows.append(r)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT", help="only the formats named so")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="corem-formats-load-") as tmp:
+        data = Path(tmp) / "data"
+        cases = provision(data)
+        if args.only:
+            cases = [c for c in cases if any(w in c[0] for w in args.only)]
+        coap, coaps = free_port(), free_port()
+        proc = subprocess.Popen(
+            [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", f"127.0.0.1:{coap}",
+             "--coaps", f"127.0.0.1:{coaps}", "--http", "off", "--store-synchronous", "NORMAL",
+             "--rate-limit-per-source", "0", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_udp(coap)
+            for name, token, identity, cf, payload in cases:
+                for mode in MODES:
+                    r = measure(mode, coap, coaps, args.seconds, token, identity, cf, payload)
+                    r.update(format=name, mode=mode)
+                    print(f"  {name} / {mode}: {r['rps']:.0f}/s, p99 {r['p99_us'] / 1000:.1f} ms", file=sys.stderr)
+                    results.append(r)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    results += libcoap_rows(args.seconds, CASES[0][3])
+    yardstick = {r["mode"]: r for r in results if r["format"] == LIBCOAP}
+    flat = {r["mode"]: r for r in results if r["format"] == CASES[0][0]}
+
+    def ratio(r: dict, to: dict) -> str:
+        other = to.get(r["mode"])
+        return f"{r['rps'] / other['rps']:.2f}x" if other and other["rps"] else "-"
+
+    def not_ok(r: dict) -> str:
+        bad = r["answered"] - r["ok_2xx"] + r.get("timeouts", 0)
+        return str(bad) if bad else ""
+
+    report(results, [
+        ("payload (Content-Format)", lambda r: r["format"]), ("transport", lambda r: r["mode"]),
+        ("2.xx/s", lambda r: f"{r['ok_2xx'] / r['seconds']:,.0f}"), ("p50", lambda r: f"{r['p50_us'] / 1000:.2f} ms"),
+        ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"), ("vs libcoap", lambda r: ratio(r, yardstick)),
+        ("vs flat CBOR", lambda r: ratio(r, flat)), ("not 2.xx", not_ok),
+    ], as_json=args.json, title=f"Every payload format under load ({DEVICES} devices x {INFLIGHT} in flight, "
+                                 f"{args.seconds:g} s a row)", text=(0, 1))
+
+
+if __name__ == "__main__":
+    main()
