@@ -1,5 +1,5 @@
 """Builds the optional C parts (the decoder, the batched socket calls, the fast lane, the Kafka sink's
-delivery tickets, DTLS record protection);
+delivery tickets, the registry's index, DTLS record protection);
 without them corem runs on Python alone."""
 
 from setuptools import Extension, setup
@@ -33,6 +33,13 @@ setup(
             depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h", "corem/fastlane/fifomap.h",
                      "corem/fastlane/cbor_json.h", "corem/fastlane/dtls_sessions.h",
                      "corem/dtls/engine/dtls_records.h"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
+        # the registry's compact hash index (corem/registry/compact.py's PyIndex is its Python twin)
+        Extension(
+            "corem.registry._index",
+            ["corem/registry/_index.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),
