@@ -125,6 +125,7 @@ typedef struct {
     fifomap moved;    /* peer -> the address its CID session moved from (made on the first `moved`) */
     int limit;
     PyObject *tokens; /* dict: token bytes -> index into targets */
+    PyObject *known;  /* known(token bytes) -> bool, for a token not in `tokens` (or NULL/None) */
     uint8_t (*exempt)[17]; /* networks never rate-limited: 16 address bytes (IPv4 mapped) + prefix length */
     Py_ssize_t nexempt;
     target_t *targets;
@@ -443,6 +444,11 @@ static int credentialed(Lane *self, const uint8_t *d, size_t n) {
         return 0;
     }
     int found = PyDict_Contains(self->tokens, tok);
+    if (found == 0 && self->known && self->known != Py_None) { /* a device that is not one of the lane's */
+        PyObject *r = PyObject_CallOneArg(self->known, tok);
+        found = r ? PyObject_IsTrue(r) : -1;
+        Py_XDECREF(r);
+    }
     Py_DECREF(tok);
     if (found < 0) PyErr_Clear();
     return found > 0;
@@ -1480,6 +1486,46 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_target(index, entry | None): one target of the table added, replaced or removed (the table
+ * grows to take `index`); the tokens and positions dicts given to set_targets stay the caller's,
+ * read at each lookup, so it changes them itself.  (corem/fastlane: the lane's working set.) */
+static PyObject *Lane_set_target(Lane *self, PyObject *args) {
+    Py_ssize_t i;
+    PyObject *item;
+    if (!PyArg_ParseTuple(args, "nO", &i, &item)) return NULL;
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "set_target: index must not be negative");
+        return NULL;
+    }
+    target_t t = {0};
+    if (item != Py_None && !PyArg_ParseTuple(item, "UO!O!SSO", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
+                                             &t.headers, &t.head, &t.tail, &t.device))
+        return NULL;
+    if (i >= self->ntargets) {
+        if (item == Py_None) Py_RETURN_NONE;
+        Py_ssize_t n = 2 * self->ntargets > i + 1 ? 2 * self->ntargets : (i + 16);
+        target_t *ts = PyMem_Realloc(self->targets, n * sizeof(target_t));
+        if (!ts) return PyErr_NoMemory();
+        memset(ts + self->ntargets, 0, (n - self->ntargets) * sizeof(target_t));
+        self->targets = ts;
+        self->ntargets = n;
+    }
+    target_t *slot = &self->targets[i];
+    PyObject *old[6] = {slot->topic, slot->key, slot->headers, slot->head, slot->tail, slot->device};
+    if (item != Py_None) {
+        Py_INCREF(t.topic);
+        Py_INCREF(t.key);
+        Py_INCREF(t.headers);
+        Py_INCREF(t.head);
+        Py_INCREF(t.tail);
+        Py_INCREF(t.device);
+    }
+    *slot = t; /* (epoch 0: reported at its first reading) */
+    self->targets_gen++;
+    for (int k = 0; k < 6; k++) Py_XDECREF(old[k]); /* (last: a release may run code) */
+    Py_RETURN_NONE;
+}
+
 static PyObject *Lane_counters(Lane *self, PyObject *unused) {
     PyObject *responses = PyDict_New();
     if (!responses) return NULL;
@@ -1596,6 +1642,7 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
 
 static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->tokens);
+    Py_VISIT(self->known);
     Py_VISIT(self->slow);
     Py_VISIT(self->records);
     Py_VISIT(self->ctxs);
@@ -1636,6 +1683,7 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->touched);
     Py_CLEAR(self->committed);
     Py_CLEAR(self->on_late);
+    Py_CLEAR(self->known);
     clear_targets(self);
     for (int32_t i = 0; i < self->npending_cap; i++) {
         Py_CLEAR(self->pending[i].device);
@@ -1686,6 +1734,7 @@ static PyMethodDef Lane_methods[] = {
     {"take_outbox", (PyCFunction)Lane_take_outbox, METH_NOARGS, "take_outbox() -> [(bytes, peer)]"},
     {"take_committed", (PyCFunction)Lane_take_committed, METH_NOARGS, "take_committed() -> {device: points committed since the last call}"},
     {"set_targets", (PyCFunction)Lane_set_targets, METH_VARARGS, "set_targets(tokens, targets)"},
+    {"set_target", (PyCFunction)Lane_set_target, METH_VARARGS, "set_target(index, entry | None)"},
     {"counters", (PyCFunction)Lane_counters, METH_NOARGS, "counters() -> dict"},
     {"drain_records", (PyCFunction)Lane_drain_records, METH_VARARGS,
      "drain_records(fd, now, now_ms, budget) -> datagrams read: CoAPS on corem's engine"},
@@ -1705,6 +1754,8 @@ static PyMethodDef Lane_methods[] = {
 
 static PyMemberDef Lane_members[] = {
     {"on_late", T_OBJECT, offsetof(Lane, on_late), 0, "on_late(peer, token, code, request_size): a separate answer"},
+    {"known", T_OBJECT, offsetof(Lane, known), 0,
+     "known(token) -> bool: a token not among the lane's names a registered device (its rate-limit exemption)"},
     {NULL},
 };
 

@@ -5,6 +5,8 @@ from typing import Any, Callable
 class Lane:
     #: on_late(peer, token, code, request_size): a reading whose commit outlasted the piggyback timeout
     on_late: Callable[[Any, bytes, int, int], Any] | None
+    #: known(token): a token not among the lane's names a registered device (exempt from the rate limit)
+    known: Callable[[bytes], bool] | None
     def __init__(
         self, record_type: type, *, max_datagram: int = 1500, piggyback_timeout: float = 0.5,
         exchange_lifetime: float = 247.0, dedup_max_entries: int = 100_000, rate: float = 0.0, burst: float = 0.0,
@@ -32,6 +34,8 @@ class Lane:
     def take_committed(self) -> dict[Any, int]: ...
     def set_targets(self, tokens: dict[bytes, int], targets: list[tuple | None],
                     positions: dict[tuple[str, str], int] = ..., /) -> None: ...
+    def set_target(self, index: int, entry: tuple | None, /) -> None:
+        """One target added, replaced or removed (the tokens and positions dicts stay the caller's)."""
     # CoAPS on corem's DTLS engine: the lane opens and seals the records of registered sessions
     def drain_records(self, fd: int, now: float, now_ms: int, budget: int, /) -> int: ...
     def receive_record(self, data: bytes, peer: Any, now: float, now_ms: int, /) -> None: ...
