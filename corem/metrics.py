@@ -5,13 +5,23 @@ this module knows no component.  It is given `(component, labels)` pairs -- the 
 each is mounted, e.g. `transport="udp"` -- sums the samples of one name and label set (the fast
 lane and the Python path count the same things) and writes every family of `FAMILIES`, the one
 table of metric names, kinds and help texts (a family nobody counted yet is still listed).
+
+The process's own families (`process_*`, `python_*`: prometheus_client's process, platform and GC
+collectors) come in as a component too, `ProcessMetrics`.  With `--workers N` the front sums the
+workers' samples by name and labels; summing would make nonsense of these (a start time, a file
+descriptor limit, a Python version counted N times) and hide the one process that grows, so each
+process labels its own with `worker` ("0".."N-1", and "supervisor" for the front's process):
+one series per process, which a query adds up when it wants the service's total
+(`sum(rate(process_cpu_seconds_total[1m]))`, `sum(process_resident_memory_bytes)`).  python_info
+is the same in every process: it comes from the first worker only (`SHARED`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
+from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -21,7 +31,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
-from .stats import Histogram, Labels, Measured
+from prometheus_client.gc_collector import GCCollector
+
+from .stats import Histogram, Labels, Measured, Sample
 
 C, G, H = "counter", "gauge", "histogram"
 
@@ -73,6 +85,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_coap_responses": (C, "Messages sent by code (0.00 = empty ACK/RST)."),
     "corem_coap_dedup_entries": (G, "Exchanges remembered for deduplication."),
     "corem_coap_outstanding": (G, "Confirmable messages of ours awaiting ACK."),
+    "corem_request_duration_seconds": (
+        H, "From a request's receipt (the read of its datagram's batch, or its frame) to its answer queued for the "
+           "socket -- for a reading, the bus's commit included -- by transport and front door (door: thingsboard "
+           "/api/v1/..., corem /telemetry, emqx /ps and /mqtt, drogue /v1/..., discovery, site; none: no route); "
+           "the fast lane's readings included."),
     # DTLS
     "corem_dtls_handshakes_started": (C, "Handshakes past the cookie exchange."),
     "corem_dtls_handshakes_completed": (C, "Handshakes completed."),
@@ -140,6 +157,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_sink_batch_seconds": (H, "Time from handing a batch to the bus to its acknowledgement."),
     "corem_sink_batch_size": (H, "Records per batch."),
     "corem_sink_pending": (G, "Records taken by the sink and not answered yet."),
+    "corem_bus_not_ready": (
+        G, "1 while this process cannot reach its bus, as /readyz judges it (failing, stalled, no Kafka broker up), "
+           "else 0; with --workers, how many workers cannot."),
     "corem_bus_recovery_failures": (
         C, "Starts at which the bus could not be read back for deduplication (served anyway)."),
     "corem_bus_recovery_records": (C, "Records read back from the bus at start for deduplication."),
@@ -195,10 +215,22 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_worker_up": (G, "1 while the worker serves, 0 while it starts again."),
     "corem_worker_restarts": (C, "Workers started again after they exited."),
     "corem_worker_requests": (G, "CoAP requests the worker has served since it started (how the peers spread)."),
+    # the process (prometheus_client's collectors: ProcessMetrics); with --workers one series per
+    # process, labelled worker ("0".., "supervisor"), python_info once
+    "process_cpu_seconds": (C, "Total user and system CPU time spent in seconds."),
+    "process_resident_memory_bytes": (G, "Resident memory size in bytes."),
+    "process_virtual_memory_bytes": (G, "Virtual memory size in bytes."),
+    "process_start_time_seconds": (G, "Start time of the process since unix epoch in seconds."),
+    "process_open_fds": (G, "Number of open file descriptors."),
+    "process_max_fds": (G, "Maximum number of open file descriptors."),
+    "python_info": (G, "Python platform information"),
+    "python_gc_objects_collected": (C, "Objects collected during gc"),
+    "python_gc_objects_uncollectable": (C, "Uncollectable objects found during GC"),
+    "python_gc_collections": (C, "Number of times this generation was collected"),
 }
 
 #: families every worker reports alike (the shared registry): with --workers, counted once, not summed
-SHARED = frozenset({"corem_registry_devices", "corem_registry_devices_with_token", "corem_build_info"})
+SHARED = frozenset({"corem_registry_devices", "corem_registry_devices_with_token", "corem_build_info", "python_info"})
 
 #: what the collector is given at each scrape: each component with the labels of its mount
 Components = Callable[[], Iterable[tuple[Measured, dict[str, str]]]]
@@ -206,6 +238,29 @@ Components = Callable[[], Iterable[tuple[Measured, dict[str, str]]]]
 
 #: name -> label set -> value: a number (the sum of its samples), or a histogram
 Gathered = dict[str, dict[Labels, "float | Histogram"]]
+
+
+class ProcessMetrics:
+    """This process's CPU, memory, file descriptors and start time (/proc/self), its garbage
+    collections, and the Python it runs (`platform`: python_info), from prometheus_client's
+    collectors, as samples (`worker` labels the process's own families; see the module's docstring)."""
+
+    def __init__(self, worker: str | None = None, *, platform: bool = True) -> None:
+        self.labels: Labels = (("worker", worker),) if worker is not None else ()
+        # (a registry of their own: the collectors register themselves, and not in the global one)
+        self.collectors = [ProcessCollector(registry=None), GCCollector(registry=CollectorRegistry())]
+        self.platform = PlatformCollector(registry=None) if platform else None
+
+    def metrics(self) -> Iterator[Sample]:
+        for collector in self.collectors:
+            for family in collector.collect():
+                for s in family.samples:
+                    if not s.name.endswith("_created"):
+                        yield Sample(family.name, s.value, self.labels + tuple(s.labels.items()))
+        if self.platform is not None:
+            for family in self.platform.collect():
+                for s in family.samples:
+                    yield Sample(family.name, s.value, tuple(s.labels.items()))
 
 
 def gather(components: Iterable[tuple[Measured, dict[str, str]]]) -> Gathered:

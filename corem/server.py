@@ -55,7 +55,7 @@ from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import Targets, TelemetryIngest
 from .logs import SERVE, fields
-from .metrics import gather, render
+from .metrics import ProcessMetrics, gather, render
 from .net import UdpEdge, bind_udp
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
@@ -70,7 +70,7 @@ from .registry.oscore import OscoreState
 from .registry.presence import open_table as open_presence
 from .registry.store import Snapshot
 from .reload import Report, applied, apply_log_level, changed, describe, restart_needed
-from .stats import Measured
+from .stats import Measured, Sample, gauge
 from .workers import steer
 from .workers.link import Link, WorkerSpec
 
@@ -219,6 +219,8 @@ class Server:
         self.sink = make_sink(settings, after_batch=self._after_batch, shared=worker is not None)
         #: with workers, the supervisor prunes the bus (one pruner per data dir)
         self.pruner = make_pruner(settings) if worker is None else None
+        #: this process's process_* and python_* families (with workers: labelled by its index)
+        self.process = ProcessMetrics(None if worker is None else str(worker.index))
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
         tenants, profiles = settings.presence_thresholds()
         # presence per device across workers and nodes: its state in a table they share
@@ -381,6 +383,12 @@ class Server:
             if part is not None:
                 yield part, {}
         yield BuildInfo(), {}
+        yield self.process, {}
+        yield self, {}
+
+    def metrics(self) -> Iterator[Sample]:
+        """The server's own: whether its bus is reachable now, as /readyz judges it."""
+        yield gauge("corem_bus_not_ready", float(self.sink.probe() is not None))
 
     def _metrics(self, req: HttpRequest) -> Reply:
         return Reply(200, render(self.components), "text/plain; version=0.0.4; charset=utf-8")
@@ -600,6 +608,7 @@ class Server:
 
     def _add_transport(self, t: Transport, session: Callable[[Request], Device | None]) -> None:
         """Mount every door on the transport's router; `session` names a request's device."""
+        t.endpoint.clock = trio.current_time  # (the edges' clock: receive-to-answer durations, corem/latency.py)
         self.ingest.install(t.router, session_device=session)
         self.thingsboard.install(t.router, t.observers, session)
         self.drogue.install(t.router, session)

@@ -81,7 +81,7 @@ def test_every_metric_is_in_the_readme():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = text[text.index("## Metrics"):text.index("## The fast lane")]
     listed = set()
-    for cell in re.findall(r"`(corem_[a-z_{},]+)`", section):
+    for cell in re.findall(r"`((?:corem|process|python)_[a-z_{},]+)`", section):
         m = re.fullmatch(r"([a-z_]*)\{([a-z_,]+)\}([a-z_]*)", cell)
         names = [m[1] + part + m[3] for part in m[2].split(",")] if m else [cell]
         listed.update(n.removesuffix("_total") for n in names)

@@ -31,7 +31,8 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from ..codec import Code, Message, MessageFormatError, Options, Type, code_str, decode, encode
 from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
-from ..stats import Sample, counter, fields, gauge
+from ..latency import Latency
+from ..stats import Histogram, Sample, counter, fields, gauge
 
 Peer = Hashable
 #: an exchange: (peer, message id)
@@ -82,7 +83,7 @@ class Request:
 
     __slots__ = (
         "endpoint", "peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app",
-        "size", "echo", "identity", "protect",
+        "size", "echo", "identity", "protect", "door",
     )
 
     def __init__(
@@ -110,6 +111,8 @@ class Request:
         self.identity: Any = None
         #: Seals every answer (OSCORE): (code, options, payload) -> the outer (code, options, payload).
         self.protect: Protect | None = None
+        #: The front door whose route took it (the Router sets it; corem/latency.py): its metric label.
+        self.door = "none"
 
     @property
     def answered(self) -> bool:
@@ -277,6 +280,10 @@ class Endpoint:
         self._seq = 0
         self._mid = int(rng() * 0x10000) & 0xFFFF
         self.stats = Stats()
+        #: receive-to-answer durations by door (corem/latency.py), measured once `clock` is set --
+        #: the clock of the `now` the edge gives (the server sets trio's); none without it (sans-IO)
+        self.latency = Latency()
+        self.clock: Callable[[], float] | None = None
 
     # -- input -----------------------------------------------------------------------------
     def receive(self, data: bytes, peer: Peer, now: float) -> Request | None:
@@ -469,6 +476,8 @@ class Endpoint:
             raise RuntimeError(f"{req!r} was already answered")
         if now is not None:
             self._now_hint = now
+        if self.clock is not None:
+            self.latency.observe(req.door, self.clock() - req.received_at)
         req.message = None  # the exchange no longer needs the datagram; let it go
         req.app = None
         self._answer(req, code, options, payload, context)
@@ -626,13 +635,14 @@ class Endpoint:
         return min(candidates) if candidates else None
 
     # -- introspection ---------------------------------------------------------------------
-    def metrics(self) -> Iterator[Sample]:
+    def metrics(self) -> Iterator[Sample | Histogram]:
         stats = self.stats
         yield from fields(stats, METRICS)
         for code, n in enumerate(stats.responses):
             if n:
                 yield counter("corem_coap_responses", n, code=code_str(code))
         yield gauge("corem_coap_outstanding", len(self._outstanding))
+        yield from self.latency.metrics()
 
     @property
     def dedup_entries(self) -> int:

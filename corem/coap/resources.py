@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator
 from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
 from ..errors import StorageUnavailable
+from ..latency import door_of
 from ..stats import Sample, counter
 from .conditional import conditional as has_conditions, evaluate as evaluate_conditions
 from .blockwise import Block1Uploads, Upload, block2
@@ -37,12 +38,23 @@ STORAGE_BUSY = retry_later(b"storage unavailable; retry later")
 METHOD_NOT_ALLOWED = Response(Code.METHOD_NOT_ALLOWED)
 
 
+class Methods(dict[int, Handler]):
+    """One route's handlers by method code, and the front door the route belongs to (the `door`
+    label of corem_request_duration_seconds: corem/latency.py)."""
+
+    __slots__ = ("door",)
+
+    def __init__(self, methods: dict[int, Handler], door: str) -> None:
+        super().__init__(methods)
+        self.door = door
+
+
 class Router:
     def __init__(self, uploads: Block1Uploads | None = None) -> None:
         # segment count -> [(pattern, {method: handler})]; pattern items are str or None (wildcard)
-        self._routes: dict[int, list[tuple[tuple[str | None, ...], dict[int, Handler]]]] = {}
+        self._routes: dict[int, list[tuple[tuple[str | None, ...], Methods]]] = {}
         #: patterns ending in `{name*}`: (leading segments, {method: handler}), longest first
-        self._prefixes: list[tuple[tuple[str | None, ...], dict[int, Handler]]] = []
+        self._prefixes: list[tuple[tuple[str | None, ...], Methods]] = []
         self._links: dict[str, dict[str, str | bool]] = {}
         self.handler_errors = 0
         #: requests refused 4.00 for a text option (Uri-Path, Uri-Query, ...) that is not UTF-8
@@ -59,11 +71,13 @@ class Router:
         self._conditional: set[Handler] = set()
 
     def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None,
-            *, conditional: bool = False) -> None:
+            *, conditional: bool = False, door: str | None = None) -> None:
         """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`;
         `link` attributes (rt, if, ct, obs, title) list a literal path in /.well-known/core.
         `conditional`: the handlers evaluate If-Match / If-None-Match against their own state
-        (`corem.coap.conditional.evaluate`); otherwise the router does, for a resource without ETags."""
+        (`corem.coap.conditional.evaluate`); otherwise the router does, for a resource without ETags.
+        `door`: the front door it belongs to (default: by its first segment, `latency.door_of`)."""
+        door = door or door_of(path)
         if conditional:
             self._conditional.update(methods.values())
         if link is not None and "{" not in path:
@@ -72,7 +86,7 @@ class Router:
             None if s.startswith("{") and s.endswith("}") else s for s in path.strip("/").split("/")
         ) if path.strip("/") else ()
         if path.rstrip("/").endswith("*}"):
-            self._prefixes.append((segments[:-1], dict(methods)))
+            self._prefixes.append((segments[:-1], Methods(methods, door)))
             self._prefixes.sort(key=lambda r: -len(r[0]))
             return
         routes = self._routes.setdefault(len(segments), [])
@@ -80,7 +94,7 @@ class Router:
             if pattern == segments:
                 existing.update(methods)
                 return
-        routes.append((segments, dict(methods)))
+        routes.append((segments, Methods(methods, door)))
         # literal segments before wildcards, so /a/b wins over /a/{x}
         routes.sort(key=lambda r: tuple(s is None for s in r[0]))
 
@@ -118,6 +132,7 @@ class Router:
         if found is None:
             return NOT_FOUND
         methods, params = found
+        req.door = methods.door
         handler = methods.get(msg.code)
         if handler is None:
             return METHOD_NOT_ALLOWED
@@ -170,8 +185,8 @@ class Router:
 
 
 def _match(
-    routes: Iterable[tuple[tuple[str | None, ...], dict[int, Handler]]], path: list[str]
-) -> tuple[dict[int, Handler], list[str]] | None:
+    routes: Iterable[tuple[tuple[str | None, ...], Methods]], path: list[str]
+) -> tuple[Methods, list[str]] | None:
     """The first route whose pattern matches `path` segment for segment, with its parameters."""
     for pattern, methods in routes:
         params = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from ..codec import Message, MessageFormatError, Options, Type, code_str, decode, encode
-from ..stats import Sample, counter
+from ..stats import Histogram, Sample, counter
 from .endpoint import DONE, Endpoint, Params, Request
 
 CSM, PING, PONG, RELEASE, ABORT = 0xE1, 0xE2, 0xE3, 0xE4, 0xE5
@@ -162,13 +162,14 @@ class StreamEndpoint(Endpoint):
     def get_timer(self) -> float | None:
         return None
 
-    def metrics(self) -> Iterator[Sample]:
+    def metrics(self) -> Iterator[Sample | Histogram]:
         yield counter("corem_coap_requests", self.stats.requests)
         yield counter("corem_coap_bad_options", self.stats.bad_options)
         yield counter("corem_coap_proxy_refused", self.stats.proxy_refused)
         for code, n in enumerate(self.stats.responses):
             if n:
                 yield counter("corem_coap_responses", n, code=code_str(code))
+        yield from self.latency.metrics()
 
 
 __all__ = ["ABORT", "CSM", "DEFAULT_MAX_MESSAGE", "FrameError", "Framer", "MessageFormatError", "PING", "PONG",

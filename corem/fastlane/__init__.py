@@ -32,7 +32,10 @@ from ..codec import code_str
 from ..ingest.payload import decode_readings
 from ..ingest.point import TelemetryPoint, encode_point
 from ..ingest.telemetry import BUSY, Target, TelemetryIngest
-from ..stats import Sample, counter
+from ..latency import BOUNDS as LATENCY_BOUNDS
+from ..latency import LANE_DOORS
+from ..latency import NAME as LATENCY
+from ..stats import Histogram, Sample, counter
 
 try:
     from ._lane import Lane
@@ -269,7 +272,7 @@ class FastLane:
     def counters(self) -> dict[str, Any]:
         return self.lane.counters()
 
-    def metrics(self) -> Iterator[Sample]:
+    def metrics(self) -> Iterator[Sample | Histogram]:
         """The lane's share of the endpoint's and the edge's counters (same names: summed)."""
         c = self.lane.counters()
         for name, key in (
@@ -284,6 +287,9 @@ class FastLane:
             yield counter(name, c[key])
         for code, n in c["responses"].items():
             yield counter("corem_coap_responses", n, code=code_str(code))
+        for door, (counts, seconds) in zip(LANE_DOORS, c["latency"]):  # (the endpoint's own buckets: summed)
+            if any(counts):
+                yield Histogram(LATENCY, LATENCY_BOUNDS, list(counts), seconds, (("door", door),))
 
     def __len__(self) -> int:
         """Exchanges the lane remembers for deduplication."""

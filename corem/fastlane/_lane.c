@@ -40,6 +40,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #include "../codec/coap_options.h"
 #include "../net/udp_batch.h"
@@ -47,6 +48,14 @@
 #define KEYLEN 24   /* addr (16, IPv4 mapped) | scope id (4) | port (2) | message id (2) */
 #define REPLY_MAX 48
 #define MAX_ITEMS 64 /* readings per map the lane decodes; more go to the Python path */
+
+/* corem_request_duration_seconds for the readings the lane answers: from the receipt of the batch
+ * they came in to the answer queued, on CLOCK_MONOTONIC; corem/latency.py's BOUNDS (a test holds
+ * them equal) and a last bucket for +Inf, per door: 0 /api/v1/..., 1 /telemetry (LANE_DOORS). */
+static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015,
+                                    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
+#define LAT_N (sizeof LAT_BOUNDS / sizeof LAT_BOUNDS[0] + 1)
+#define LAT_DOORS 2
 
 #include "cbor_json.h"
 #include "fifomap.h"
@@ -94,6 +103,8 @@ typedef struct {
     uint16_t mid;
     uint8_t tkl, state;
     uint8_t token[8];
+    double rx;    /* its batch's receipt, CLOCK_MONOTONIC (the latency histogram) */
+    uint8_t door; /* of the histogram: 0 /api/v1/..., 1 /telemetry */
     PyObject *device; /* for accounting once committed */
     PyObject *peer;   /* the peer as Python gave it (CoAPS), or NULL (plain: the lane read it) */
     int32_t next_free;
@@ -162,6 +173,10 @@ typedef struct {
         dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted,
         recovered, recovered_answers, records_opened, records_sealed, records_to_python;
     unsigned long long responses[256];
+    /* the latency histogram: counts per door and bucket, their sums; the receipt of the batch
+     * being read (rx_at, CLOCK_MONOTONIC) and the `now` it came with (rx_for) */
+    unsigned long long lat[LAT_DOORS][LAT_N];
+    double lat_sum[LAT_DOORS], rx_for, rx_at;
 } Lane;
 
 /* ---------------------------------------------------------------- addresses ---------------- */
@@ -642,6 +657,14 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     q->alen = alen;
     memcpy(q->key, key, KEYLEN);
     q->at = now;
+    if (now != self->rx_for || !self->rx_at) { /* a new batch (each comes with its own `now`): its receipt */
+        struct timespec ts_rx;
+        clock_gettime(CLOCK_MONOTONIC, &ts_rx);
+        self->rx_for = now;
+        self->rx_at = ts_rx.tv_sec + ts_rx.tv_nsec * 1e-9;
+    }
+    q->rx = self->rx_at;
+    q->door = s->nseg == 1; /* /telemetry: corem's own; the others are ThingsBoard's /api/v1/... */
     q->size = (uint32_t)n;
     q->mid = s->mid;
     q->tkl = (uint8_t)s->tkl;
@@ -1276,6 +1299,18 @@ static PyObject *Lane_take(Lane *self, PyObject *unused) {
     return r;
 }
 
+/* The answer to a reading is queued: its time since its batch's receipt in the latency histogram. */
+static void lat_observe(Lane *self, const pending_t *q) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    double d = t.tv_sec + t.tv_nsec * 1e-9 - q->rx;
+    if (d < 0) d = 0;
+    size_t b = 0;
+    while (b < LAT_N - 1 && d > LAT_BOUNDS[b]) b++;
+    self->lat[q->door][b]++;
+    self->lat_sum[q->door] += d;
+}
+
 static pending_t *pending_of(Lane *self, PyObject *ctx) {
     long long v = PyLong_AsLongLong(ctx);
     if (v == -1 && PyErr_Occurred()) return NULL;
@@ -1343,6 +1378,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             x->reply_len = (uint8_t)len;
         }
         if (queue_out(self, &q->addr, q->alen, q->peer, reply, len, code) < 0) return NULL;
+        lat_observe(self, q);
     } else if (self->on_late && self->on_late != Py_None) {
         /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
         PyObject *peer = q->peer ? Py_NewRef(q->peer) : addr_tuple(&q->addr, q->alen);
@@ -1353,6 +1389,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
         Py_DECREF(r);
+        lat_observe(self, q);
     }
     pending_free(self, (int32_t)(q - self->pending));
     Py_RETURN_NONE;
@@ -1526,6 +1563,30 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* counters()'s "latency": per door, ((counts per bucket, +Inf last), sum of seconds); and
+ * "latency_bounds", the buckets' upper bounds. */
+static int lat_counters(Lane *self, PyObject *into) {
+    PyObject *doors = PyTuple_New(LAT_DOORS), *bounds = PyTuple_New(LAT_N - 1);
+    int ok = doors && bounds;
+    for (size_t b = 0; ok && b < LAT_N - 1; b++) {
+        PyObject *v = PyFloat_FromDouble(LAT_BOUNDS[b]);
+        if (v) PyTuple_SET_ITEM(bounds, b, v); else ok = 0;
+    }
+    for (int d = 0; ok && d < LAT_DOORS; d++) {
+        PyObject *counts = PyTuple_New(LAT_N);
+        for (size_t b = 0; counts && b < LAT_N; b++) {
+            PyObject *v = PyLong_FromUnsignedLongLong(self->lat[d][b]);
+            if (!v) Py_CLEAR(counts); else PyTuple_SET_ITEM(counts, b, v);
+        }
+        PyObject *pair = counts ? Py_BuildValue("(Nd)", counts, self->lat_sum[d]) : NULL;
+        if (pair) PyTuple_SET_ITEM(doors, d, pair); else ok = 0;
+    }
+    ok = ok && PyDict_SetItemString(into, "latency", doors) == 0 && PyDict_SetItemString(into, "latency_bounds", bounds) == 0;
+    Py_XDECREF(doors);
+    Py_XDECREF(bounds);
+    return ok ? 0 : -1;
+}
+
 static PyObject *Lane_counters(Lane *self, PyObject *unused) {
     PyObject *responses = PyDict_New();
     if (!responses) return NULL;
@@ -1541,7 +1602,7 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         Py_DECREF(k);
         Py_DECREF(v);
     }
-    return Py_BuildValue(
+    PyObject *c = Py_BuildValue(
         "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsn}", "recovered", self->recovered, "recovered_answers",
         self->recovered_answers, "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
         "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
@@ -1552,6 +1613,8 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         (Py_ssize_t)self->dedup.count, "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
         "responses", responses, "records_opened", self->records_opened, "records_sealed", self->records_sealed,
         "records_to_python", self->records_to_python, "dtls_sessions", (Py_ssize_t)self->ds.count);
+    if (c && lat_counters(self, c) < 0) Py_CLEAR(c);
+    return c;
 }
 
 /* ---------------------------------------------------------------- type --------------------- */

@@ -3,6 +3,8 @@
 - `/metrics`: every worker's samples (`GET /_worker/metrics`, JSON), summed by name and labels --
   counters, gauges and histogram buckets alike -- except the families that describe the shared
   registry (`metrics.SHARED`), taken from one worker; plus the supervisor's own (`corem_workers*`).
+  Each process's process_* and python_gc_* are labelled with its `worker` (the supervisor's
+  "supervisor"), so they stay one series per process (corem/metrics.py says why).
 - `/healthz`: the supervisor runs; `/readyz`: every worker is ready (each one's own /readyz).
 - `/api/devices/{tenant}/{device}...`: to the worker that holds the device (supervisor.py).  An
   RPC for a device no worker has heard waits here, up to its timeout, for one to hear it.
@@ -25,7 +27,7 @@ from ..admin.api import STATUS_DEVICES
 from ..admin.http import (
     FORWARD_TIMEOUT, FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply, target,
 )
-from ..metrics import SHARED, render
+from ..metrics import SHARED, ProcessMetrics, render
 from ..registry.db import Db
 from ..registry.homes import Homes
 from ..server import url_host
@@ -45,6 +47,8 @@ class Front:
         self.sup = supervisor
         s = supervisor.settings
         self.token = s.admin_token or admin_token.read_or_create(s.data_path)
+        #: the supervisor's own process_* families (python_info comes from the first worker)
+        self.process = ProcessMetrics("supervisor", platform=False)
         #: this node's admin URL, and the devices' nodes (a shared registry), once bound
         self.node = ""
         self.homes: Homes | None = None
@@ -175,6 +179,7 @@ class Front:
             yield gauge("corem_worker_up", float(w.http is not None), worker=str(w.index))
         if self.sup.pruner is not None:  # (the bus's retention runs in the supervisor)
             yield from self.sup.pruner.metrics()
+        yield from self.process.metrics()
 
     async def readyz(self, req: HttpRequest) -> Reply:
         replies = await self._from_all("GET", "/readyz")
