@@ -22,6 +22,7 @@ import trio
 
 from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
+from .admin.history import History, Totals
 from .admin.http import FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply
 from .bus import EmbeddedBus, Sink
 from .build import BuildInfo
@@ -221,6 +222,8 @@ class Server:
         self.pruner = make_pruner(settings) if worker is None else None
         #: this process's process_* and python_* families (with workers: labelled by its index)
         self.process = ProcessMetrics(None if worker is None else str(worker.index))
+        #: the UI's charts (with workers: the supervisor's front samples them all)
+        self.history = History() if worker is None else None
         self.diagnostics = Diagnostics(settings.diagnostics_samples)
         tenants, profiles = settings.presence_thresholds()
         # presence per device across workers and nodes: its state in a table they share
@@ -287,6 +290,7 @@ class Server:
             self.ingest, self.sink, cast("list[DtlsServer]", [t.dtls for t in self.transports if t.dtls is not None]),
             self.components,
             self.reload_registry,
+            self.history,
         ))
 
     def new_endpoint(self, *, verified_peers: bool = False) -> Endpoint:
@@ -389,6 +393,10 @@ class Server:
     def metrics(self) -> Iterator[Sample]:
         """The server's own: whether its bus is reachable now, as /readyz judges it."""
         yield gauge("corem_bus_not_ready", float(self.sink.probe() is not None))
+
+    async def _totals(self) -> dict[Hashable, Totals]:
+        """What the UI's charts sample (corem/admin/history.py): this process's counters."""
+        return {"": Totals.of(gather(self.components()))}
 
     def _metrics(self, req: HttpRequest) -> Reply:
         return Reply(200, render(self.components), "text/plain; version=0.0.4; charset=utf-8")
@@ -761,6 +769,8 @@ class Server:
                         await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
                     inner.start_soon(self._sweep_presence)
                     inner.start_soon(self._tick_downlink)
+                    if self.history is not None:
+                        inner.start_soon(self.history.run, self._totals)
                     if self.pruner is not None:
                         inner.start_soon(self.pruner.run)
                     if self.command_reader is not None:

@@ -1,7 +1,7 @@
 """Metrics for operators (issue 30): the receive-to-answer histogram (Python path and C lane), the
-process and platform families (one process and --workers), the Grafana dashboard and the
-Prometheus alert rules -- `promtool check metrics` on a real scrape of a running `corem serve`,
-`promtool check rules` and `promtool test rules` on the rules."""
+process and platform families (one process and --workers), the diagnostics UI's ring of the last
+hour, the Grafana dashboard and the Prometheus alert rules -- `promtool check metrics` on a real
+scrape of a running `corem serve`, `promtool check rules` and `promtool test rules` on the rules."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import cbor2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from corem.admin.history import BUS_REFUSED, History, Totals
 from corem.coap import Endpoint, Router
 from corem.coap.response import Response
 from corem.codec import Code, Message, Type, encode
@@ -156,6 +157,48 @@ def test_process_families_are_labelled_by_worker_and_python_info_is_not():
     assert one["process_resident_memory_bytes"][0].labels == {} and one["process_resident_memory_bytes"][0].value > 1e6
 
 
+# -- the ring ----------------------------------------------------------------------------------------
+def test_the_ring_keeps_what_each_source_counted_since_its_last_sample():
+    now = [1000.0]
+    h = History(interval=10, size=3, clock=lambda: now[0])
+    a = Totals(readings=100, rejections={"decode_error": 2}, handshakes=5, handshake_failures={"bad_mac": 1}, backlog=7)
+    h.record({"w0": a})
+    now[0] += 10
+    a2 = Totals(readings=160, rejections={"decode_error": 5, "range": 1}, handshakes=5,
+                handshake_failures={"bad_mac": 1}, backlog=3)
+    b = Totals(readings=20, rejections={}, backlog=1)  # a worker started again: all it counted
+    s = h.record({"w0": a2, "w1-new": b})
+    assert (s["seconds"], s["readings"], s["rejections"], s["handshakes"], s["handshake_failures"], s["backlog"]) == (
+        10, 80, {"decode_error": 3, "range": 1}, 0, {}, 4)
+    now[0] += 10
+    s = h.record({"w1-new": Totals(readings=25)})  # w0 did not answer: its counts come next time
+    assert s["readings"] == 5 and s["backlog"] == 0
+    now[0] += 4
+    snap = h.snapshot({"w0": Totals(readings=170), "w1-new": Totals(readings=25)})
+    assert snap["current"]["readings"] == 10 and snap["current"]["seconds"] == 4
+    h.record({})
+    assert len(h.samples) == 3 and snap["interval"] == 10  # bounded: the oldest went
+
+
+def test_totals_read_the_same_families_as_metrics():
+    class Part:
+        def metrics(self):
+            from corem.stats import counter, gauge
+
+            yield counter("corem_telemetry_points", 7, tenant="a")
+            yield counter("corem_telemetry_points", 3, tenant="b")
+            yield counter("corem_protocol_payload_rejections", 2, protocol="coap", reason="decode_error")
+            yield counter("corem_auth_failures", 4, protocol="coap", reason="unknown_token")
+            yield counter("corem_telemetry_bus_refusals", 1)
+            yield counter("corem_dtls_handshakes_completed", 9)
+            yield counter("corem_dtls_handshakes_failed", 2, reason="bad_mac")
+            yield gauge("corem_sink_pending", 11, sink="embedded")
+
+    t = Totals.of(gather([(Part(), {})]))
+    assert t == Totals(readings=10, rejections={"decode_error": 2, "unknown_token": 4, BUS_REFUSED: 1},
+                       handshakes=9, handshake_failures={"bad_mac": 2}, backlog=11)
+
+
 # -- a running corem serve -----------------------------------------------------------------------------
 def json_post(port: int, token: str, body: bytes, mid: int) -> int:
     """A CON POST of JSON (Content-Format 50: the Python path's, not the lane's); the answer's code."""
@@ -235,12 +278,20 @@ def test_a_running_corem_times_its_answers_shows_its_process_and_passes_promtool
         # promtool lints the real scrape (names, help, counter suffixes, histogram shape)
         r = promtool("check", "metrics", stdin=text)
         assert r.returncode == 0, r.stdout + r.stderr
+        # the charts' data: the interval under way holds what came since the last sample
+        status, h = server.api("GET", "/api/diagnostics/history")
+        assert status == 200 and h["interval"] == 10 and h["samples"]
+        seen = h["samples"] + [h["current"]]
+        assert sum(s["readings"] for s in seen) == 5  # (the rejected one is not a reading)
+        assert sum(s["rejections"].get("decode_error", 0) for s in seen) == 1
+        assert sum(s["handshakes"] for s in seen) >= 1 and sum(sum(s["handshake_failures"].values()) for s in seen) >= 1
+        assert server.api("GET", "/api/diagnostics/history", token=None)[0] == 401
     finally:
         server.stop()
 
 
 @needs_promtool
-def test_with_workers_each_process_is_its_own_series(data_dir):
+def test_with_workers_each_process_is_its_own_series_and_the_front_keeps_the_ring(data_dir):
     server = start_corem(data_dir, "--workers", "2")
     try:
         traffic(server)
@@ -253,6 +304,15 @@ def test_with_workers_each_process_is_its_own_series(data_dir):
         assert counts[("udp", "thingsboard")] == 5 and counts[("dtls", "corem")] == 1, counts
         r = promtool("check", "metrics", stdin=text)
         assert r.returncode == 0, r.stdout + r.stderr
+
+        def history():
+            status, h = server.api("GET", "/api/diagnostics/history")
+            assert status == 200
+            seen = h["samples"] + [h["current"]]
+            return sum(s["readings"] for s in seen) == 5 and h
+
+        h = wait_for(history, what="every worker's readings in the front's ring")
+        assert sum(s["rejections"].get("decode_error", 0) for s in h["samples"] + [h["current"]]) == 1
     finally:
         server.stop()
 

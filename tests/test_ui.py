@@ -6,6 +6,7 @@ test-artifacts/ui-diagnostics.png."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -155,5 +156,49 @@ def test_a_rejected_sample_decodes_again_against_the_changed_profile(tmp_path, b
         assert "field: t" in result(browser).text and "4.00" in result(browser).text
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "ui-try-profile.png"))
+    finally:
+        server.stop()
+
+
+def test_the_last_hour_as_charts_drawn_in_the_page(data_dir, browser):
+    """Readings/s, refusals/s by reason, handshakes and their failures, the bus's backlog: inline
+    SVG from the server's ring (/api/diagnostics/history), nothing loaded from elsewhere."""
+    from selenium.webdriver.common.by import By
+
+    from .test_observability import traffic
+
+    server = start_corem(data_dir)
+    try:
+        traffic(server)  # readings (lane and Python path), a rejected one, a good and a failed handshake
+        origin = f"http://127.0.0.1:{server.http_port}"
+        browser.get(f"{origin}/ui#token={ADMIN_TOKEN}")
+
+        def series(chart: str, css: str = "[data-series]"):
+            return browser.find_elements(By.CSS_SELECTOR, f"#chart-{chart} {css}")
+
+        def peak(chart: str, name: str) -> float:
+            found = series(chart, f'[data-series="{name}"]')
+            return max((float(e.get_attribute("data-max")) for e in found), default=0.0)
+
+        wait_until(browser, lambda d: peak("readings", "readings") > 0, what="readings/s above zero")
+        wait_until(browser, lambda d: series("rejections", '[data-series="decode_error"]'), what="the decode_error refusals")
+        wait_until(browser, lambda d: peak("handshakes", "completed") > 0, what="a completed handshake")
+        wait_until(browser, lambda d: [e for e in series("handshakes") if e.get_attribute("data-series").startswith("failed: ")],
+                   what="the failed handshake, by its reason")
+        assert series("backlog", '[data-series="backlog"]')
+        legend = browser.find_element(By.ID, "legend-rejections").text
+        assert "decode_error" in legend
+        # an axis and its time labels are drawn: the last hour, "now" at the right
+        assert "now" in browser.find_element(By.ID, "chart-readings").text
+        # no CDN, no script from elsewhere: every resource the page loaded is the server's own
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")
+        assert loaded and all(name.startswith(origin) for name in loaded), loaded
+        page = (Path(__file__).resolve().parent.parent / "corem" / "admin" / "ui.html").read_text()
+        assert "<script src" not in page and "<link" not in page
+        assert set(re.findall(r"https?://[^\s\"'`]+", page)) == {"http://www.w3.org/2000/svg"}  # (a namespace, not fetched)
+        browser.execute_script("document.getElementById('history').scrollIntoView()")
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "ui-charts.png"))
+        assert (ARTIFACTS / "ui-charts.png").stat().st_size > 10_000
     finally:
         server.stop()

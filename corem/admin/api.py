@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ..devices.downlink import Downlink
     from ..dtls import DtlsServer
     from ..ingest.diagnostics import Diagnostics
+    from .history import History
     from ..ingest.presence import Presence
     from ..ingest.telemetry import TelemetryIngest
     from ..metrics import Components
@@ -152,6 +153,8 @@ class AdminParts:
     components: Components
     #: reload the registry after a write (off the event loop: a large fleet costs no pause)
     reload: Callable[[], Awaitable[None]]
+    #: the charts' ring (corem/admin/history.py); with workers the supervisor's front keeps it
+    history: History | None = None
 
 
 class AdminApi:
@@ -340,6 +343,14 @@ class AdminApi:
         return json_reply({"tenant": d.tenant, "device": d.device, "owner": body["owner"]})
 
     # -- diagnostics -----------------------------------------------------------------------------
+    def history(self, req: HttpRequest) -> Reply:
+        from .history import Totals
+
+        h = self.parts.history
+        if h is None:
+            raise HttpError(404, "history: kept by the supervisor's front (--workers)")
+        return json_reply(h.snapshot({"": Totals.of(gather(self.parts.components()))}))
+
     def samples(self, req: HttpRequest) -> Reply:
         q = req.query
         try:
@@ -544,6 +555,9 @@ class AdminApi:
             Route("GET", "/api/diagnostics/samples", self.samples, doc={
                 "summary": "Rejected samples, newest first", "query": ["tenant", "device", "protocol", "reason", "limit"]}),
             Route("GET", "/api/status", self.status, doc={"summary": "Counters, devices, DTLS sessions (the UI's data)"}),
+            Route("GET", "/api/diagnostics/history", self.history, doc={
+                "summary": "The last hour, one sample per 10 s: readings, refusals by reason, DTLS handshakes and "
+                           "failures by reason, bus backlog (the UI's charts)"}),
             Route("GET", "/api/profiles", self.list_profiles, doc={"summary": "Device profiles (the built-in default first)"}),
             Route("GET", prof, self.get_profile, doc={"summary": "One profile", "errors": {404: "No such profile"}}),
             Route("PUT", prof, self.put_profile, doc={

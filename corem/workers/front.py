@@ -9,6 +9,8 @@
 - `/api/devices/{tenant}/{device}...`: to the worker that holds the device (supervisor.py).  An
   RPC for a device no worker has heard waits here, up to its timeout, for one to hear it.
 - `/api/status` and `/api/diagnostics/samples`: gathered from every worker into one answer.
+- `/api/diagnostics/history`: the UI's charts, sampled here from every worker's counters
+  (corem/admin/history.py: a worker started again neither subtracts nor doubles anything).
 - everything else (registry, profiles, packages, the UI): to the first ready worker; after a
   change that worked, every worker reloads the registry before the answer goes back.
 """
@@ -27,7 +29,8 @@ from ..admin.api import STATUS_DEVICES
 from ..admin.http import (
     FORWARD_TIMEOUT, FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply, target,
 )
-from ..metrics import SHARED, ProcessMetrics, render
+from ..admin.history import History, Totals
+from ..metrics import SHARED, ProcessMetrics, gather, render
 from ..registry.db import Db
 from ..registry.homes import Homes
 from ..server import url_host
@@ -49,6 +52,7 @@ class Front:
         self.token = s.admin_token or admin_token.read_or_create(s.data_path)
         #: the supervisor's own process_* families (python_info comes from the first worker)
         self.process = ProcessMetrics("supervisor", platform=False)
+        self.history = History()
         #: this node's admin URL, and the devices' nodes (a shared registry), once bound
         self.node = ""
         self.homes: Homes | None = None
@@ -58,6 +62,7 @@ class Front:
             Route("GET", "/readyz", self.readyz, auth=False),
             Route("GET", "/api/status", self.status),
             Route("GET", "/api/diagnostics/samples", self.samples),
+            Route("GET", "/api/diagnostics/history", self.history_reply),
             Route("*", "*", self.forward, auth=False),  # the worker checks the token
         ], admin_token=self.token, max_body=s.admin_max_body)
 
@@ -70,7 +75,10 @@ class Front:
         return address
 
     async def serve(self) -> None:
-        await self.http.serve()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.history.run, self.totals)
+            await self.http.serve()
+            nursery.cancel_scope.cancel()
 
     # -- forwarding ------------------------------------------------------------------------------
     async def _ready(self, index: int) -> Worker:
@@ -160,6 +168,18 @@ class Front:
                 if w.http is not None:
                     nursery.start_soon(one, w)
         return [(i, r) for i, r in replies if r.status == 200]
+
+    async def totals(self) -> dict[Any, Totals]:
+        """Each worker's counters as the UI's charts read them, by (index, pid): a worker started
+        again is a new source (its counters began again at zero)."""
+        out: dict[Any, Totals] = {}
+        for index, reply in await self._from_each("GET", "/_worker/metrics"):
+            pid = self.sup.workers[index].pid
+            out[index, pid] = Totals.of(gather([(_Listed(decode_samples(json.loads(reply.body))), {})]))
+        return out
+
+    async def history_reply(self, req: HttpRequest) -> Reply:
+        return json_reply(self.history.snapshot(await self.totals()))
 
     async def metrics(self, req: HttpRequest) -> Reply:
         each = sorted(await self._from_each("GET", "/_worker/metrics"), key=lambda ir: ir[0])
