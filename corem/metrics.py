@@ -209,6 +209,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
            "handler (504)."),
     "corem_registry_devices": (G, "Devices registered."),
     "corem_registry_devices_with_token": (G, "Devices with an access token."),
+    "corem_registry_reads": (C, "Times the whole registry was read (at start, or when its change log could not say "
+                                "what changed)."),
+    "corem_registry_changes": (C, "Devices the server applied from the registry's change log (added, changed, "
+                                  "removed)."),
     "corem_rejected_samples": (G, "Rejected samples kept for diagnostics."),
     # `corem serve --workers N` (corem/workers): the supervisor's own
     "corem_workers": (G, "Worker processes serving now."),
@@ -230,7 +234,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 #: families every worker reports alike (the shared registry): with --workers, counted once, not summed
-SHARED = frozenset({"corem_registry_devices", "corem_registry_devices_with_token", "corem_build_info", "python_info"})
+SHARED = frozenset({"corem_registry_devices", "corem_registry_devices_with_token", "corem_registry_reads",
+                    "corem_registry_changes", "corem_build_info", "python_info"})
 
 #: what the collector is given at each scrape: each component with the labels of its mount
 Components = Callable[[], Iterable[tuple[Measured, dict[str, str]]]]

@@ -48,13 +48,13 @@ from .dtls import SessionStore
 from .dtls.layer import EngineServer, load_state_key
 from .errors import NewerFormat, StorageUnavailable
 from .net import fdlimit
-from .fastlane import FastLane, Lane, LaneTargets
+from .fastlane import FastLane, Lane
 from .frontdoors.drogue import Drogue
 from .frontdoors.emqx import Emqx
 from .frontdoors.thingsboard import ThingsBoard
 from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
-from .ingest.telemetry import Targets, TelemetryIngest
+from .ingest.telemetry import TelemetryIngest
 from .logs import SERVE, fields
 from .metrics import ProcessMetrics, gather, render
 from .net import UdpEdge, bind_udp
@@ -69,7 +69,6 @@ from .registry.homes import Homes
 from .registry.management import Management
 from .registry.oscore import OscoreState
 from .registry.presence import open_table as open_presence
-from .registry.store import Snapshot
 from .reload import Report, applied, apply_log_level, changed, describe, restart_needed
 from .stats import Measured, Sample, gauge
 from .workers import steer
@@ -260,7 +259,7 @@ class Server:
         #: bus has no other writers; there the admin API and CLI are the way in).  With workers,
         #: worker 0 reads them and the supervisor hands each to the worker that holds its device.
         self.command_reader = None if settings.bus == "embedded" or (worker and worker.index) else KafkaCommandReader(
-            settings.kafka_settings(), lambda: {t for t, _ in self.directory.by_name}, self.management.positions,
+            settings.kafka_settings(), self.directory.tenants, self.management.positions,
             self._command_record if worker is None else self._route_command_record,
             refresh=settings.kafka_commands_refresh,
             leader=Lease(settings.registry).held if self.registry.shared else None,
@@ -274,7 +273,6 @@ class Server:
         #: what the start read back from the bus for deduplication (`_recover_exchanges`)
         self.recovery = RecoveryStats()
         self._stop = trio.Event()
-        self._reloading = trio.Lock()
         self._reload_settings = trio.Lock()
         self._ready = False
         try:
@@ -703,10 +701,7 @@ class Server:
         path = [bytes(v) for n, v in msg.options if n == OptionNumber.URI_PATH][:3]
         if len(path) < 3 or path[0] != b"api" or path[1] != b"v1":
             return False
-        try:
-            return path[2].decode() in self.directory.by_token
-        except UnicodeDecodeError:
-            return False
+        return self.directory.knows_token(path[2])
 
     def _limiter(self) -> SourceLimiter | None:
         s = self.settings
@@ -806,6 +801,7 @@ class Server:
                         log.info("saved %d DTLS sessions for the next start", n, extra=fields(sessions=n))
         finally:
             self._close_listeners()
+            self.directory.close()
             self.registry.close()
             self._unlock()
             (log if self.worker is not None else logging.getLogger(SERVE)).info("stopped")  # (corem/logs.py)
@@ -904,28 +900,8 @@ class Server:
         await self._registry_changed(force=True)
 
     async def _registry_changed(self, force: bool = False) -> None:
-        """Reload a changed registry without a pause in serving: reading it, the ingest's targets
-        and the lanes' tables are made in a worker thread (100,000 devices: ~0.5 s there), and
-        the event loop only swaps them in.  One reload at a time; if another path reloaded
-        meanwhile (the admin API, provisioning), this one's result is stale and it starts again."""
-        directory, ingest = self.directory, self.ingest
-        lanes = [t.lane for t in self.transports if t.lane is not None]
-        async with self._reloading:
-            while force or directory.changed():
-                force = False
-                reloads, version = directory.reloads, directory.registry.data_version()
-
-                def build() -> tuple[Snapshot, Targets, list[LaneTargets]]:
-                    snap = directory.load(version)
-                    targets = ingest.prepare(snap.by_name, snap.by_token, snap.profiles)
-                    return snap, targets, [lane.prepare(targets.by_name, targets.by_token) for lane in lanes]
-
-                snap, targets, tables = await trio.to_thread.run_sync(build)
-                if directory.reloads != reloads:
-                    continue  # someone installed a newer view meanwhile
-                directory.install(snap)
-                ingest.install_targets(targets, directory.reloads)
-                for lane, table in zip(lanes, tables):
-                    lane.install(table, directory.reloads)
-                log.info("registry changed: %d devices with tokens, %d with PSK identities, %d profiles",
-                         len(directory.by_token), len(directory.by_psk_identity), len(directory.profiles))
+        """Apply the registry's changes without a pause in serving: the changed rows are read in
+        a worker thread and applied on the event loop a batch at a time (registry/directory.py);
+        the ingest's targets and the lanes' tables of the devices changed are made again as they
+        next talk.  One update at a time."""
+        await self.directory.update(force)

@@ -13,7 +13,6 @@ import logging
 import re
 import secrets
 import time
-from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
@@ -399,7 +398,7 @@ class AdminApi:
             "requests": total(totals, "corem_coap_requests"),
             "bus": {"name": s.sink.name, "pending": s.sink.pending,
                     "error": None if s.sink.last_error is None else str(s.sink.last_error)},
-            "online": sum(s.presence.online_by_tenant.values()), "registered": len(s.directory.by_name),
+            "online": sum(s.presence.online_by_tenant.values()), "registered": len(s.directory),
             "devices": devices, "dtls": dtls[0] if dtls else None,
             "samples": len(s.diagnostics.samples),
         })
@@ -435,7 +434,7 @@ class AdminApi:
 
     def list_profiles(self, req: HttpRequest) -> Reply:
         stored = self.parts.directory.profiles
-        used = Counter(d.profile for d in self.parts.directory.by_name.values())
+        used = self.parts.directory.profile_counts()
         return json_reply([{"name": DEFAULT_PROFILE, "builtin": True, "devices": used.get(DEFAULT_PROFILE, 0)}]
                           + [{"name": n, "builtin": False, "devices": used.get(n, 0), "profile": msgspec.to_builtins(p)}
                              for n, p in sorted(stored.items())])

@@ -12,10 +12,14 @@ write Protection -- one replay window and one write sequence number, whichever s
 record; the handshake, and every record it does not take, stay Python's.  Behind python-mbedtls it
 gets the decrypted messages (`offer`) and its answers are encrypted by the edge.
 
-`FastLane` is the glue around it: it gives the lane the registry's devices (the
-TelemetryPoint's JSON head and tail are cut from `encode_point` itself, so the two cannot drift),
-submits the lane's records to the sink, tells the downlink which devices talked and the ingest
-which readings are durable.  Its counters are its own (`metrics()`, under the same names as the
+`FastLane` is the glue around it: it gives the lane the devices it serves (the TelemetryPoint's
+JSON head and tail are cut from `encode_point` itself, so the two cannot drift), submits the
+lane's records to the sink, tells the downlink which devices talked and the ingest which
+readings are durable.  The lane holds the devices that talk, not the whole registry: a device
+is taken up when the Python path serves one of its readings on this endpoint (or it opens a
+DTLS session here), at most `HOT` of them, and dropped when the registry changes it -- so a
+million registered devices cost the lane nothing until they talk (the registry's directory
+answers `known` for the rate limit's exemption of a token the lane does not hold).  Its counters are its own (`metrics()`, under the same names as the
 endpoint's and the edge's: the metrics add them up per transport).
 
 Without a C compiler the lane is not built and `Lane` is None: corem then runs on the Python path.
@@ -24,7 +28,10 @@ Without a C compiler the lane is not built and `Lane` is None: corem then runs o
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator, NamedTuple
+import time
+import weakref
+from itertools import islice
+from typing import Any, Callable, Collection, Iterator
 
 from ..bus.base import Record, Sink
 from ..coap.endpoint import Endpoint
@@ -48,6 +55,13 @@ Touched = Callable[[list[Any], list[tuple[int, bytes]], int, int, float, bool], 
 
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
+#: Devices a lane holds at most (~1.3 KB each: its token, its table entry, its Device).  When it
+#: is full, the 1/64 taken up first are dropped, at most once a second (more than that and a
+#: device waits on the Python path): the devices that keep talking are taken up again.
+HOT = 100_000
+#: While the registry has at most this many devices, a lane takes them all up at once (and each
+#: one added or changed as it is), so that even their first readings are the lane's.
+WARM = 4096
 
 
 def json_frame(tenant: str, device: str, profile: str) -> tuple[bytes, bytes] | None:
@@ -73,13 +87,13 @@ def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_
         endpoint.answer_late(peer, token, code, None, b"", request_size)
 
 
-class LaneTargets(NamedTuple):
-    """The C lane's tables for one set of targets (`FastLane.prepare`)."""
+def _taker(lane: weakref.ref[FastLane]) -> Callable[[Target], None]:
+    def take_up(target: Target) -> None:
+        fast = lane()
+        if fast is not None:
+            fast.take_up(target)
 
-    tokens: dict[bytes, int]
-    table: list[tuple | None]
-    positions: dict[tuple[str, str], int]
-    entries: dict[tuple[str, str], tuple[Target, tuple | None]]
+    return take_up
 
 
 class FastLane:
@@ -121,48 +135,105 @@ class FastLane:
         self.send = self.lane.flush
         self.take_outbox = self.lane.take_outbox
         self.rate_limited = rate > 0
-        self._version = -1
         self._now_ms = 0
-        self._index: dict[tuple[str, str], int] = {}  # (tenant, device) -> the lane's target
-        #: (tenant, device) -> (the ingest's Target, the lane's table entry made from it)
-        self._entries: dict[tuple[str, str], tuple[Target, tuple | None]] = {}
         self._refusals = 0  # the lane's refusals the ingest was told of
+        # The lane's tables, changed in place (the lane reads these dicts at each lookup):
+        #: token -> its device's target in the lane
+        self._tokens: dict[bytes, int] = {}
+        #: (tenant, device) -> its target in the lane (the DTLS sessions' devices are found by name)
+        self._positions: dict[tuple[str, str], int] = {}
+        #: the devices taken up, oldest first: (tenant, device) -> (target or -1: not the lane's, token)
+        self._hot: dict[tuple[str, str], tuple[int, bytes | None]] = {}
+        self._free: list[int] = []  # targets dropped, to be used again
+        self._next = 0  # the next target never used
+        self._dropped_at = -1.0  # when the last round of drops was (monotonic)
+        self.hot_max, self.warm = HOT, WARM
+        self.lane.set_targets(self._tokens, [], self._positions)
+        directory = ingest.directory
+        self.lane.known = directory.knows_token
+        directory.listen(self._registry_changed)
+        ingest.lanes[endpoint] = _taker(weakref.ref(self))  # (no cycle through the ingest: freed at once)
+        self._warm()
 
     def begin(self) -> None:
-        """Before each batch: the batch's wall clock, and the registry's devices again if it changed."""
-        ingest = self.ingest
-        self._now_ms = ingest.clock_ms()
-        by_name = ingest.targets_by_name()
-        if self._version != ingest.targets_version:
-            self.install(self.prepare(by_name, ingest.targets_by_token()), ingest.targets_version)
+        """Before each batch: the batch's wall clock."""
+        self._now_ms = self.ingest.clock_ms()
 
-    def prepare(self, by_name: dict[tuple[str, str], Target], by_token: dict[str, Target]) -> LaneTargets:
-        """The lane's tables for these targets, reusing the entries of unchanged ones; writes
-        nothing (the server runs it in a worker thread, beside `TelemetryIngest.prepare`)."""
-        table: list[tuple | None] = []
-        index: dict[tuple[str, str], int] = {}
-        entries = self._entries
-        fresh: dict[tuple[str, str], tuple[Target, tuple | None]] = {}
-        for name, target in by_name.items():
-            known = entries.get(name)
-            if known is not None and known[0] is target:  # (unchanged since the last reload: reused)
-                entry = known[1]
-            else:
-                device = target.device
-                frame = json_frame(device.tenant, device.device, device.profile) \
-                    if target.decode is decode_readings else None
-                # a device with its own decoder, or a point layout the lane does not know: Python's
-                entry = None if frame is None else (target.topic, target.key, target.headers, *frame, device)
-            fresh[name] = (target, entry)
-            index[name] = len(table)
-            table.append(entry)
-        tokens = {token.encode(): index[(t.device.tenant, t.device.device)] for token, t in by_token.items()}
-        return LaneTargets(tokens, table, index, fresh)
+    # -- the devices the lane holds ----------------------------------------------------------------
+    def take_up(self, target: Target) -> None:
+        """The Python path served this device on the lane's endpoint: the lane takes its next
+        readings (if its profile is one the lane decodes), unless it holds `hot_max` devices and
+        dropped some less than a second ago."""
+        device = target.device
+        name = (device.tenant, device.device)
+        hot = self._hot
+        if name in hot:
+            return
+        if len(hot) >= self.hot_max:
+            now = time.monotonic()
+            if now - self._dropped_at < 1.0:
+                return
+            self._dropped_at = now
+            for old in list(islice(hot, max(1, self.hot_max // 64))):
+                self._drop(old)
+        frame = json_frame(device.tenant, device.device, device.profile) if target.decode is decode_readings else None
+        if frame is None:  # a device with its own decoder, or a point layout the lane does not know: Python's
+            hot[name] = (-1, None)
+            return
+        if self._free:
+            i = self._free.pop()
+        else:
+            i, self._next = self._next, self._next + 1
+        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device))
+        token = None if device.token is None else device.token.encode()
+        if token is not None:
+            self._tokens[token] = i
+        self._positions[name] = i
+        hot[name] = (i, token)
 
-    def install(self, targets: LaneTargets, version: int) -> None:
-        self.lane.set_targets(targets.tokens, targets.table, targets.positions)
-        self._index, self._entries = targets.positions, targets.entries
-        self._version = version
+    def _drop(self, name: tuple[str, str]) -> None:
+        i, token = self._hot.pop(name)
+        if i < 0:
+            return
+        if token is not None and self._tokens.get(token) == i:
+            del self._tokens[token]
+        if self._positions.get(name) == i:
+            del self._positions[name]
+        self.lane.set_target(i, None)
+        self._free.append(i)
+
+    def _registry_changed(self, names: Collection[tuple[str, str]] | None) -> None:
+        """The registry changed these devices (None: any of them): the lane lets them go, and the
+        Python path takes them up again as they are now (or refuses them)."""
+        if names is not None:
+            for name in names:
+                if name in self._hot:
+                    self._drop(name)
+            if len(self.ingest.directory) <= self.warm:
+                for name in names:
+                    target = self.ingest.by_name(*name)
+                    if target is not None:
+                        self.take_up(target)
+            return
+        self._tokens.clear()
+        self._positions.clear()
+        self._hot.clear()
+        self._free.clear()
+        self._next = 0
+        self.lane.set_targets(self._tokens, [], self._positions)
+        self._warm()
+
+    def _warm(self) -> None:
+        """Take every registered device up, if there are at most `warm` of them."""
+        directory = self.ingest.directory
+        if len(directory) <= self.warm:
+            for device in directory.fleet.devices():
+                self.take_up(self.ingest.target(device))
+
+    @property
+    def held(self) -> int:
+        """Devices the lane holds (taken up)."""
+        return len(self._hot)
 
     def drain(self, fd: int, now: float, budget: int) -> list[tuple[bytes, Any]]:
         """Read up to `budget` datagrams from the socket `fd`; submit what the lane accepted;
@@ -180,7 +251,7 @@ class FastLane:
     def offer(self, message: bytes, peer: Any, device: Any, now: float) -> None:
         """One CoAP message a security layer decrypted, from a session bound to `device` (or
         None): the lane keeps it, or keeps it back for `collect`."""
-        target = -1 if device is None else self._index.get((device.tenant, device.device), -1)
+        target = -1 if device is None else self._positions.get((device.tenant, device.device), -1)
         self.lane.receive_plain(message, peer, target, now, self._now_ms)
 
     # -- CoAPS records (corem's DTLS engine: corem/dtls/layer.py `attach_lane`) --------------------
@@ -192,6 +263,10 @@ class FastLane:
         a saved session's key in the session store (its record numbers are given to `touched` in
         every batch the lane took records of it); `owner` itself at most once a second."""
         name = None if device is None else (device.tenant, device.device)
+        if name is not None and name not in self._hot:
+            target = self.ingest.by_name(*name)
+            if target is not None:
+                self.take_up(target)
         self.lane.add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)
 
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None:

@@ -152,7 +152,7 @@ class Emqx:
         missing = [k for k in ("c", "u", "p") if not q.get(k)]
         if missing:
             return unauthorized(f"{', '.join(missing)}: required (?c=ClientId&u=Username&p=Password)")
-        device = self.directory.by_token.get(q["p"])
+        device = self.directory.token_device(q["p"])
         if device is None or device.device != q["u"]:
             self.ingest.stats.auth_failures["coap", "bad_password"] += 1
             return unauthorized("u/p: unknown username or wrong password")

@@ -91,7 +91,7 @@ class ThingsBoard:
     # -- device resolution -----------------------------------------------------------------------
     def _with_token(self, handler: Handler, observers: Observers):
         def call(req: Request, params: list[str]) -> Response | None:
-            device = self.directory.by_token.get(params[0])
+            device = self.directory.token_device(params[0])
             if device is None:
                 self.ingest.stats.auth_failures["coap", "unknown_token"] += 1
                 return unauthorized("unknown access token")

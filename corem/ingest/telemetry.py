@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from itertools import islice
+from typing import Callable, Collection, Iterator, NamedTuple
 
 import msgspec
 
@@ -81,8 +82,14 @@ def _broken(reason: str) -> PointsDecoder:
     return decode
 
 
+#: Targets kept made: those of the devices that talked most recently, roughly (a registered
+#: device that does not talk costs its packed row in the directory only)
+TARGETS = 16384
+
+
 class Target(NamedTuple):
-    """Everything per-device the hot path needs, computed once per registry reload."""
+    """Everything per-device the hot path needs, made when the device first talks and again after
+    it (or its profile) changed."""
 
     device: Device
     #: one point per payload (the built-in `default`, a Python hook), or None when
@@ -92,15 +99,6 @@ class Target(NamedTuple):
     topic: str
     key: bytes
     headers: dict[str, str]
-
-
-class Targets(NamedTuple):
-    """Every device's Target for one registry snapshot (`TelemetryIngest.prepare`)."""
-
-    by_name: dict[tuple[str, str], Target]
-    by_token: dict[str, Target]
-    profiles: dict[str, Profile]
-    compiled: dict[str, tuple[Profile, PointsDecoder]]
 
 
 class Points:
@@ -135,13 +133,13 @@ class TelemetryIngest:
         #: told of every authenticated request (the downlink learns that a sleeping device woke)
         self.on_uplink = on_uplink
         self.stats = IngestStats()
-        self._targets: dict[str, Target] = {}
-        self._name_targets: dict[tuple[str, str], Target] = {}
-        self._targets_version = -1
-        #: the stored profiles as of the last reload of the targets
-        self._profiles: dict[str, Profile] = {}
+        #: (tenant, device) -> its Target, for the devices that talked lately (at most TARGETS)
+        self._targets: dict[tuple[str, str], Target] = {}
         #: profile name -> (the Profile it was compiled from, its decoder)
         self._compiled: dict[str, tuple[Profile, PointsDecoder]] = {}
+        #: endpoint -> what its fast lane is told of a device served on the Python path (FastLane.take_up)
+        self.lanes: dict[object, Callable[[Target], None]] = {}
+        directory.listen(self._registry_changed)
 
     def install(self, router: Router, session_device: Callable[[Request], Device | None] | None = None) -> None:
         """Add the telemetry front doors; with `session_device` also `POST /telemetry`, whose tenant
@@ -191,55 +189,37 @@ class TelemetryIngest:
             {"protocol": protocol, "profile": device.profile},
         )
 
-    def targets_by_token(self) -> dict[str, Target]:
-        """Every device with an access token, by token (as of `targets_version`)."""
-        if self._targets_version != self.directory.reloads:
-            self._reload_targets()
-        return self._targets
+    def _registry_changed(self, names: Collection[tuple[str, str]] | None) -> None:
+        """The directory changed these devices (None: any of them): their Targets are made again."""
+        if names is None:
+            self._targets.clear()
+        else:
+            for name in names:
+                self._targets.pop(name, None)
 
-    def targets_by_name(self) -> dict[tuple[str, str], Target]:
-        """Every registered device, by (tenant, device) (as of `targets_version`)."""
-        if self._targets_version != self.directory.reloads:
-            self._reload_targets()
-        return self._name_targets
-
-    @property
-    def targets_version(self) -> int:
-        return self._targets_version
+    def target(self, device: Device) -> Target:
+        """The pipeline target of a registered device (made at its first use, then kept)."""
+        key = (device.tenant, device.device)
+        t = self._targets.get(key)
+        if t is None:
+            targets = self._targets
+            if len(targets) >= TARGETS:  # the older half goes (cheaper than an exact LRU)
+                for old in list(islice(targets, TARGETS // 2)):
+                    del targets[old]
+            t = targets[key] = self._target(device, self.directory.profiles, self._compiled)
+        return t
 
     def _by_token(self, token: str) -> Target | None:
-        return self.targets_by_token().get(token)
+        device = self.directory.token_device(token)
+        return None if device is None else self.target(device)
 
     def by_name(self, tenant: str, device: str) -> Target | None:
-        """The cached pipeline target of a registered device (None once it is removed)."""
-        return self.targets_by_name().get((tenant, device))
-
-    def _reload_targets(self) -> None:
-        d = self.directory
-        self.install_targets(self.prepare(d.by_name, d.by_token, d.profiles), d.reloads)
-
-    def prepare(self, by_name: dict[tuple[str, str], Device], by_token: dict[str, Device],
-                profiles: dict[str, Profile]) -> Targets:
-        """The targets for a registry snapshot, keeping each one whose device and profile did not
-        change.  Reads the current targets and writes nothing: the server runs it in a worker
-        thread, so that a reload of a large fleet costs the event loop only `install_targets`."""
-        compiled = dict(self._compiled)
-        before = self._profiles
-        changed = {n for n in set(profiles) | set(before) if profiles.get(n) != before.get(n)}
-        old = self._name_targets
-        targets = {}
-        for name, d in by_name.items():
-            t = old.get(name)
-            if t is None or t.device != d or d.profile in changed:
-                t = self._target(d, profiles, compiled)
-            targets[name] = t
-        return Targets(targets, {t: targets[(d.tenant, d.device)] for t, d in by_token.items()}, profiles, compiled)
-
-    def install_targets(self, targets: Targets, version: int) -> None:
-        """Swap in what `prepare` made, as of the directory's reload `version`."""
-        self._name_targets, self._targets = targets.by_name, targets.by_token
-        self._profiles, self._compiled = targets.profiles, targets.compiled
-        self._targets_version = version
+        """The pipeline target of a registered device (None once it is removed)."""
+        t = self._targets.get((tenant, device))
+        if t is not None:
+            return t
+        d = self.directory.named(tenant, device)
+        return None if d is None else self.target(d)
 
     # -- front doors ---------------------------------------------------------------------------
     def post_with_token(self, req: Request, params: list[str]) -> Response | None:
@@ -260,6 +240,10 @@ class TelemetryIngest:
         received_at = self.clock_ms()
         if self.on_uplink is not None:
             self.on_uplink(target.device)
+        if self.lanes:
+            take_up = self.lanes.get(req.endpoint)
+            if take_up is not None:  # the endpoint's fast lane may take this device's next readings
+                take_up(target)
         content_format = msg.content_format
         device = target.device
         try:

@@ -1,5 +1,6 @@
 """Tenants, devices, credentials and profiles (SQLite)."""
 
-from .store import Device, Directory, Registry, RegistryError
+from .directory import Directory
+from .store import Device, Registry, RegistryError
 
 __all__ = ["Device", "Directory", "Registry", "RegistryError"]

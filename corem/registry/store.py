@@ -1,7 +1,10 @@
 """The device registry: tenants, devices, their credentials and profiles, in SQLite.
 
-The CLI writes it; a running server polls `PRAGMA data_version` (a cheap per-connection counter
-that moves when another connection commits) and reloads its in-memory directory when it moves.
+The CLI writes it; a running server keeps it in memory (directory.py) and reads what changed from
+the change log, `registry_changes`: triggers number every change of a device or a profile in the
+transaction that makes it, whoever writes (the CLI, the admin API, another tool).  The server
+looks when SQLite's `PRAGMA data_version` (a cheap per-connection counter that moves when another
+connection commits) moves, when it is nudged (nudge.py), or at PostgreSQL's NOTIFY (db.py).
 Credentials are kept in clear text because they must be presented (PSKs to Mbed TLS) or looked
 up exactly (access tokens); the database file is created mode 0600.
 """
@@ -13,7 +16,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any
 
 import msgspec
 
@@ -21,7 +24,6 @@ from ..errors import StorageUnavailable
 from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, encode_profile, parse_profile
-from ..stats import Sample, gauge
 from .db import Db, add_columns
 
 log = logging.getLogger("corem.registry")
@@ -48,6 +50,42 @@ CREATE TABLE IF NOT EXISTS profiles (
     spec       TEXT NOT NULL,       -- the profile's JSON (corem/profiles/spec.py)
     updated_at INTEGER NOT NULL
 );
+"""
+#: The change log in SQLite (PostgreSQL's is db.py's CHANGES_PG): a row for each device added,
+#: changed or removed (tenant, device), each profile (tenant NULL, device: the profile's name),
+#: numbered by SQLite in commit order (writers take turns at the database's write lock), and
+#: written by triggers in the writing transaction itself.  `at` (seconds) is what it is pruned by
+#: (directory.py); `registry_log.pruned` is the highest number pruned, so that a reader that had
+#: not read that far knows to read everything again.
+CHANGES_SQLITE = """
+CREATE TABLE IF NOT EXISTS registry_changes (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT,
+    device TEXT,
+    at     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS registry_log (one INTEGER PRIMARY KEY CHECK (one = 1), pruned INTEGER NOT NULL);
+INSERT INTO registry_log VALUES (1, 0) ON CONFLICT (one) DO NOTHING;
+CREATE TRIGGER IF NOT EXISTS devices_added AFTER INSERT ON devices BEGIN
+    INSERT INTO registry_changes (tenant, device, at) VALUES (NEW.tenant, NEW.device, CAST(strftime('%s', 'now') AS INTEGER));
+END;
+CREATE TRIGGER IF NOT EXISTS devices_changed AFTER UPDATE ON devices BEGIN
+    INSERT INTO registry_changes (tenant, device, at) VALUES (NEW.tenant, NEW.device, CAST(strftime('%s', 'now') AS INTEGER));
+    INSERT INTO registry_changes (tenant, device, at) SELECT OLD.tenant, OLD.device, CAST(strftime('%s', 'now') AS INTEGER)
+        WHERE OLD.tenant IS NOT NEW.tenant OR OLD.device IS NOT NEW.device;
+END;
+CREATE TRIGGER IF NOT EXISTS devices_removed AFTER DELETE ON devices BEGIN
+    INSERT INTO registry_changes (tenant, device, at) VALUES (OLD.tenant, OLD.device, CAST(strftime('%s', 'now') AS INTEGER));
+END;
+CREATE TRIGGER IF NOT EXISTS profiles_added AFTER INSERT ON profiles BEGIN
+    INSERT INTO registry_changes (tenant, device, at) VALUES (NULL, NEW.name, CAST(strftime('%s', 'now') AS INTEGER));
+END;
+CREATE TRIGGER IF NOT EXISTS profiles_changed AFTER UPDATE ON profiles BEGIN
+    INSERT INTO registry_changes (tenant, device, at) VALUES (NULL, NEW.name, CAST(strftime('%s', 'now') AS INTEGER));
+END;
+CREATE TRIGGER IF NOT EXISTS profiles_removed AFTER DELETE ON profiles BEGIN
+    INSERT INTO registry_changes (tenant, device, at) VALUES (NULL, OLD.name, CAST(strftime('%s', 'now') AS INTEGER));
+END;
 """
 #: Columns added after the first release of the table, for data dirs created before them.
 MIGRATIONS = (
@@ -264,8 +302,10 @@ class Registry:
         """`where`: the SQLite file, or a postgresql:// URL (db.py)."""
         self.db = Db(where)
         self.path: Path | None = None if self.db.shared else Path(where)
-        self.db.schema(SCHEMA, watched=("devices", "profiles"))
+        self.db.schema(SCHEMA, watched=("devices", "profiles"))  # (PostgreSQL: with its change log, db.py)
         self.db.migrate("registry", SCHEMA_MIGRATIONS)
+        if not self.db.shared:
+            self.db.schema(CHANGES_SQLITE)
 
     @property
     def shared(self) -> bool:
@@ -356,95 +396,3 @@ class Registry:
         """Moves whenever the devices or profiles change (db.py: SQLite counts other connections'
         commits only)."""
         return self.db.data_version()
-
-
-class Snapshot(NamedTuple):
-    """The registry as read at one moment, indexed, for `Directory.install`."""
-
-    #: the registry connection's `data_version` before the read (what `changed` compares)
-    version: int
-    by_token: dict[str, Device]
-    by_psk_identity: dict[str, Device]
-    by_cert: dict[str, Device]
-    by_name: dict[tuple[str, str], Device]
-    profiles: dict[str, Profile]
-    by_oscore_kid: dict[tuple[bytes, bytes], Device]
-
-
-class Directory:
-    """The server's in-memory view of the registry: credential -> Device, swapped whole on reload."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.by_token: dict[str, Device] = {}
-        self.by_psk_identity: dict[str, Device] = {}
-        self.by_cert: dict[str, Device] = {}
-        self.by_name: dict[tuple[str, str], Device] = {}
-        #: (kid context or b'', kid) -> the device whose OSCORE requests carry them
-        self.by_oscore_kid: dict[tuple[bytes, bytes], Device] = {}
-        #: the stored profiles by name (the built-in `default` is not among them)
-        self.profiles: dict[str, Profile] = {}
-        self._version: int | None = None
-        self.reloads = 0
-
-    def metrics(self) -> Iterator[Sample]:
-        yield gauge("corem_registry_devices", len(self.by_name))
-        yield gauge("corem_registry_devices_with_token", len(self.by_token))
-
-    def psk_device(self, identity: str) -> Device | None:
-        """The device presenting this PSK identity, as of the latest reload."""
-        return self.by_psk_identity.get(identity)
-
-    def cert_device(self, sha256: str) -> Device | None:
-        """The device whose certificate has this SHA-256 fingerprint."""
-        return self.by_cert.get(sha256)
-
-    def oscore_device(self, kid_context: bytes | None, kid: bytes) -> Device | None:
-        """The device whose OSCORE context has this kid (and kid context)."""
-        return self.by_oscore_kid.get((kid_context or b"", kid))
-
-    def named(self, tenant: str, device: str) -> Device | None:
-        return self.by_name.get((tenant, device))
-
-    def refresh(self, force: bool = False) -> bool:
-        """Reload if the registry changed since the last look; True if it did.  `force` after a
-        change made on this process's own connection, which `data_version` does not count."""
-        if not force and not self.changed():
-            return False
-        self.install(self.load())
-        return True
-
-    def changed(self) -> bool:
-        return self.registry.data_version() != self._version
-
-    def load(self, version: int | None = None) -> Snapshot:
-        """Everything the directory holds, read on a connection of its own: safe in a worker
-        thread, so that a server reloading a large fleet keeps serving meanwhile.  `version`: the
-        registry's `data_version`, read before (on the event loop: the registry's connection is
-        the loop's); a change made between the two is read now and reloaded once more later."""
-        if version is None:
-            version = self.registry.data_version()
-        db = self.registry.db.reopen()
-        try:
-            reader = Registry.reading(db)
-            devices = reader.list_devices()
-            profiles = reader.list_profiles()
-        finally:
-            db.close()
-        return Snapshot(
-            version,
-            {d.token: d for d in devices if d.token is not None},
-            {d.psk_identity: d for d in devices if d.psk_identity is not None},
-            {d.cert_sha256: d for d in devices if d.cert_sha256 is not None},
-            {(d.tenant, d.device): d for d in devices},
-            profiles,
-            {d.oscore.kid: d for d in devices if d.oscore is not None},
-        )
-
-    def install(self, snapshot: Snapshot) -> None:
-        """Swap the view whole (on the event loop: assignments only)."""
-        self.by_token, self.by_psk_identity = snapshot.by_token, snapshot.by_psk_identity
-        self.by_cert, self.by_name, self.profiles = snapshot.by_cert, snapshot.by_name, snapshot.profiles
-        self.by_oscore_kid = snapshot.by_oscore_kid
-        self._version = snapshot.version
-        self.reloads += 1
