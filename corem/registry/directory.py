@@ -38,14 +38,15 @@ from .store import _COLUMNS, Device, Registry
 
 log = logging.getLogger("corem.registry")
 
-#: changes read and applied at a time (each batch costs the event loop a few ms per thousand)
-BATCH = 5000
+#: changes read and applied at a time (each costs the event loop 2-5 us: a batch at most ~10 ms)
+BATCH = 2000
 #: read everything again when more changes than this (and than half the fleet) wait
 FULL = 100_000
 #: seconds a change stays in the log; a reader that fell further behind reads everything again
 RETAIN = 3600
-#: seconds between prunings of the log
-PRUNE_EVERY = 300
+#: seconds between prunings of the log, and changes pruned per transaction (SQLite's write lock
+#: is held for ~10 ms at a time, not for the seconds a million changes take)
+PRUNE_EVERY, PRUNE_CHUNK = 300, 10_000
 #: names per `IN (VALUES ...)` query
 _NAMES_PER_QUERY = 400
 
@@ -319,19 +320,24 @@ class Directory:
 
     # -- the log's length --------------------------------------------------------------------------
     def prune(self, db: Db, retain: float = RETAIN) -> int:
-        """Drop the changes older than `retain` seconds; how many."""
+        """Drop the changes older than `retain` seconds, PRUNE_CHUNK per transaction; how many.
+        `registry_log.pruned` says how far, in the same transaction as each chunk."""
         cutoff = int(time.time() - retain)
-        db.execute("BEGIN" if db.shared else "BEGIN IMMEDIATE")
-        try:
-            top = db.execute("SELECT max(seq) FROM registry_changes WHERE at < ?", (cutoff,)).fetchone()[0]
-            n = 0
-            if top is not None:
-                n = db.execute("DELETE FROM registry_changes WHERE seq <= ?", (top,)).rowcount
-                db.execute("UPDATE registry_log SET pruned = ? WHERE one = 1 AND pruned < ?", (top, top))
-            db.execute("COMMIT")
-        except BaseException:
-            db.rollback()
-            raise
+        top = db.execute("SELECT max(seq) FROM registry_changes WHERE at < ?", (cutoff,)).fetchone()[0]
+        n = 0
+        while top is not None:
+            db.execute("BEGIN" if db.shared else "BEGIN IMMEDIATE")
+            try:
+                low = db.execute("SELECT min(seq) FROM registry_changes").fetchone()[0]
+                upto = top if low is None else min(top, low + PRUNE_CHUNK - 1)
+                n += db.execute("DELETE FROM registry_changes WHERE seq <= ?", (upto,)).rowcount
+                db.execute("UPDATE registry_log SET pruned = ? WHERE one = 1 AND pruned < ?", (upto, upto))
+                db.execute("COMMIT")
+            except BaseException:
+                db.rollback()
+                raise
+            if upto >= top:
+                break
         return n
 
     def _prune_quietly(self) -> None:
