@@ -77,9 +77,12 @@ def _row(tenant, device, token=None, psk_identity=None, psk=None, cert=None, kid
     return (tenant, device, profile, token, 1, psk_identity, psk, cert, "drx", "#", "", None, kid)
 
 
+@pytest.mark.parametrize("index", INDEXES, ids=lambda i: i.__module__)
 @pytest.mark.parametrize("hasher", [hash, lambda key: 7], ids=["hash", "every-key-collides"])
-def test_a_fleet_finds_each_device_by_each_key_and_forgets_the_old_ones(hasher):
+def test_a_fleet_finds_each_device_by_each_key_and_forgets_the_old_ones(hasher, index, monkeypatch):
+    monkeypatch.setattr(compact, "new_index", index)
     f = Fleet(hasher, cache=4)
+    assert all(isinstance(x, index) for x in f.indexes)
     for i in range(50):
         f.put(_row("t", f"d{i}", token=f"T{i}", psk_identity=f"id{i}" if i % 2 else None, psk=b"k" * 16 if i % 2 else None,
                    cert=f"{i:064x}" if i % 3 == 0 else None))
@@ -102,6 +105,14 @@ def test_a_fleet_finds_each_device_by_each_key_and_forgets_the_old_ones(hasher):
     assert f.find(TOKEN, "T4").device == "d4" and len(f.rows) == 50
     assert sorted(d.device for d in f.devices()) == sorted(f"d{i}" for i in range(50))
     assert f.tenants == {"t": 50} and f.profiles == {"default": 50}
+
+
+def test_a_fingerprint_another_tool_wrote_is_kept_as_written():
+    f = Fleet()
+    for i, cert in enumerate(["AB" * 32, "not hex", "ab" * 32]):
+        f.put(_row("t", f"d{i}", cert=cert))
+    assert [f.find(compact.CERT, c).device for c in ("AB" * 32, "not hex", "ab" * 32)] == ["d0", "d1", "d2"]
+    assert len(f.rows[2]) < len(f.rows[0])  # (the lowercase one packed as 32 bytes)
 
 
 def test_a_packed_device_is_the_device_as_stored(tmp_path):

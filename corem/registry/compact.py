@@ -88,6 +88,21 @@ _decode = msgspec.msgpack.Decoder().decode
 _oscore = msgspec.json.Decoder(OscoreKeys).decode
 
 
+def _pack_cert(text: str | None) -> bytes | str | None:
+    """A certificate fingerprint as its 32 bytes (half the text), if it reads back the same."""
+    if text is None:
+        return None
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:  # (written by another tool: kept as it is)
+        return text
+    return raw if raw.hex() == text else text
+
+
+def _unpack_cert(value: bytes | str | None) -> str | None:
+    return value.hex() if isinstance(value, bytes) else value
+
+
 def row_keys(r: Row) -> tuple[Any, ...]:
     """The keys a table row is found by, in kind order (None: it has none of that kind)."""
     return ((r[0], r[1]), r[3], r[5], r[7], r[12])
@@ -137,23 +152,21 @@ class Fleet:
         return n
 
     def pack(self, r: Row) -> bytes:
-        cert = r[7]
         return _encode((self._word(r[0]), r[1], self._word(r[2]), r[3], r[4], r[5],
-                        None if r[6] is None else bytes(r[6]), None if cert is None else bytes.fromhex(cert),
-                        r[8], r[9], r[10], r[11], r[12]))
+                        None if r[6] is None else bytes(r[6]), _pack_cert(r[7]), r[8], r[9], r[10], r[11], r[12]))
 
     def unpack(self, blob: bytes) -> Row:
         """A packed row as the table has it."""
         x = _decode(blob)
         words = self._words
-        return (words[x[0]], x[1], words[x[2]], x[3], x[4], x[5], x[6], None if x[7] is None else x[7].hex(),
+        return (words[x[0]], x[1], words[x[2]], x[3], x[4], x[5], x[6], _unpack_cert(x[7]),
                 x[8], x[9], x[10], x[11], x[12])
 
     def _make(self, blob: bytes) -> Device:
         x = _decode(blob)
         words = self._words
         return Device(tenant=words[x[0]], device=x[1], profile=words[x[2]], token=x[3], created_at=x[4],
-                      psk_identity=x[5], psk=x[6], cert_sha256=None if x[7] is None else x[7].hex(), power_mode=x[8],
+                      psk_identity=x[5], psk=x[6], cert_sha256=_unpack_cert(x[7]), power_mode=x[8],
                       topics=x[9], gateways=x[10], oscore=None if x[11] is None else _oscore(x[11]))
 
     def device(self, row: int) -> Device:

@@ -176,6 +176,7 @@ class Directory:
         """Call `changed(names)` after each apply: the (tenant, device) names that changed, or None
         when any device may have (everything read again, or a profile changed).  A method is held
         weakly: its object's end ends the listening."""
+        self._listeners = [ref for ref in self._listeners if ref() is not None]  # (the ended ones go)
         if isinstance(changed, types.MethodType):
             self._listeners.append(weakref.WeakMethod(changed))
         else:
