@@ -88,7 +88,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_request_duration_seconds": (
         H, "From a request's receipt (the read of its datagram's batch, or its frame) to its answer queued for the "
            "socket -- for a reading, the bus's commit included -- by transport and front door (door: thingsboard "
-           "/api/v1/..., corem /telemetry, emqx /ps and /mqtt, drogue /v1/..., discovery, site; none: no route); "
+           "/api/v1/..., corem /telemetry, emqx /ps and /mqtt, drogue /v1/..., efento /m /i /c /t and their aliases, "
+           "discovery, site; none: no route); "
            "the fast lane's readings included."),
     # DTLS
     "corem_dtls_handshakes_started": (C, "Handshakes past the cookie exchange."),
@@ -195,6 +196,13 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_pubsub_retained_dropped": (C, "Retained messages dropped by the bounds."),
     "corem_pubsub_retained": (G, "Retained /ps messages now."),
     "corem_provisioning": (C, "Provisioning requests by result."),
+    # Efento's NB-IoT sensors (corem/frontdoors/efento)
+    "corem_efento_messages": (
+        C, "Efento messages by kind (measurements, device_info, configuration, time) and result (accepted, refused)."),
+    "corem_efento_samples_skipped": (
+        C, "Samples of accepted Efento measurements that became no value, by reason (sensor_error: the sensor's "
+           "error code; unknown_type; unpaired: an accumulated counter's minor channel without its major; "
+           "invalid: a binary sample without a sign)."),
     # the admin side and the registry
     "corem_admin_requests": (C, "Admin HTTP requests routed."),
     "corem_admin_unauthorized": (C, "Admin API requests refused 401."),

@@ -50,6 +50,7 @@ from .errors import NewerFormat, StorageUnavailable
 from .net import fdlimit
 from .fastlane import FastLane, Lane
 from .frontdoors.drogue import Drogue
+from .frontdoors.efento import Efento
 from .frontdoors.emqx import Emqx
 from .frontdoors.thingsboard import ThingsBoard
 from .ingest.diagnostics import Diagnostics
@@ -247,6 +248,7 @@ class Server:
         self.drogue = Drogue(self.directory, self.ingest, self.downlink, trio.current_time)
         self.emqx = Emqx(self.directory, self.ingest, self.downlink, trio.current_time,
                          max_retained=settings.pubsub_max_retained)
+        self.efento = Efento(self.directory, self.ingest, self.management)
         self.link: Link | None = None
         if worker is not None:
             self.link = Link(worker, self)
@@ -382,7 +384,8 @@ class Server:
                 yield t.dtls, {}
         parts: list[Measured | None] = [self.ingest, self.sink, self.pruner, self.recovery, self.command_reader,
                                         self.presence, self.downlink,
-                                        self.oscore, self.emqx, self.thingsboard, self.http, self.directory, self.diagnostics]
+                                        self.oscore, self.emqx, self.thingsboard, self.efento, self.http, self.directory,
+                                        self.diagnostics]
         for part in parts:
             if part is not None:
                 yield part, {}
@@ -621,6 +624,7 @@ class Server:
         self.thingsboard.install(t.router, t.observers, session)
         self.drogue.install(t.router, session)
         self.emqx.install(t.router, t.observers, session)
+        self.efento.install(t.router, session)
         self.downlink.observers.append(t.observers)
         discovery.install(t.router)
         self.site.mount(t.router, t.observers)

@@ -283,15 +283,25 @@ class TelemetryIngest:
             return BUSY
         return None
 
+    def ingest_points(self, req: Request, target: Target, protocol: str, points: list[Readings], received_at: int,
+                      *, profile: str, then: Callable[[Request], None] | None = None) -> Response | None:
+        """Points a front door decoded itself (Efento's measurements), named as read by `profile`:
+        one record each, all or nothing, answered as `ingest` answers (2.04 once durable, or `then`)."""
+        if self.on_uplink is not None:
+            self.on_uplink(target.device)
+        return self._ingest_points(req, target, protocol, then, received_at, points, profile)
+
     def _ingest_points(self, req: Request, target: Target, protocol: str, then: Callable[[Request], None] | None,
-                       received_at: int, points: list[Readings]) -> Response | None:
+                       received_at: int, points: list[Readings], profile: str | None = None) -> Response | None:
         """A stored profile's points: one record each, submitted together, one answer."""
         device = target.device
         headers = _headers(req, target.headers)
+        if profile is not None:
+            headers = {**headers, "profile": profile}
         records = [Record(target.topic, target.key, encode_point(TelemetryPoint(
             tenant=device.tenant, device=device.device, ts=received_at if r.ts is None else r.ts,
             numeric_values=r.numeric, string_values=r.strings, protocol=protocol, received_at=received_at,
-            profile=device.profile, units=r.units or msgspec.UNSET)), headers) for r in points]
+            profile=profile or device.profile, units=r.units or msgspec.UNSET)), headers) for r in points]
         many = Points(req, device, len(records), then)
         taken = self.sink.submit_many(records, self._committed_point, [many] * len(records))
         if taken < len(records):

@@ -8,13 +8,17 @@ ourselves lets every error name its line and column.  It is what ThingsBoard acc
 one file (no `import`); no options except a field's `packed`, `deprecated` and `json_name` (and an
 enum's `allow_alias`); no services, extensions, groups, `required` or default values.  Messages,
 nested messages and enums, `optional`, `repeated`, `map`, `oneof` and `reserved` are all there.
+
+Schemas corem carries itself may be several files that import one another (Efento's published
+`.proto` files: corem/frontdoors/efento): `read_schemas` reads such a set, each file as protoc makes
+it, and `pool_of` puts them in one descriptor pool.  A profile's schema stays one file.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
@@ -116,14 +120,22 @@ class _Message:
     optionals: list[descriptor_pb2.FieldDescriptorProto] = field(default_factory=list)
 
 
+#: a set of files' reader asks for an imported file by name: its descriptor, None if not in the set
+Importer = Callable[[str], "descriptor_pb2.FileDescriptorProto | None"]
+
+
 class _Reader:
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, name: str = "profile.proto", importer: Importer | None = None) -> None:
         self.toks = tokens(text)
         self.at = 0
-        self.file = descriptor_pb2.FileDescriptorProto(name="profile.proto", syntax="proto3")
+        self.file = descriptor_pb2.FileDescriptorProto(name=name, syntax="proto3")
         self.pending: list[_Pending] = []
         #: every message's and enum's full name (".pkg.Outer.Inner") -> "message" / "enum"
         self.types: dict[str, str] = {}
+        #: None: one file, `import` refused (a profile's schema)
+        self.importer = importer
+        #: the packages of the imported files (a type's name may start with one)
+        self.imported_packages: set[str] = set()
 
     # tokens
     def peek(self, ahead: int = 0) -> Token | None:
@@ -225,6 +237,9 @@ class _Reader:
         package_tok: Token | None = None
         top: list[_Message] = []
         while (tok := self.peek()) is not None:
+            if tok.text == "import" and self.importer is not None:
+                self.import_(tok)
+                continue
             self.refuse(tok)
             if self.accept(";"):
                 continue
@@ -241,10 +256,34 @@ class _Reader:
                 self.enum(self.file.enum_type.add(), self._scope(""))
             else:
                 raise self.fail(tok, f"expected message, enum or package, got {tok.text!r}")
-        if not top:
+        if not top and self.importer is None:  # (a file of a set may hold only enums)
             raise SchemaError("line 1:1: the schema defines no message")
         self.resolve()
         return self.file
+
+    def import_(self, tok: Token) -> None:
+        """`import "name.proto";`: the file's types become visible here (not its own imports')."""
+        assert self.importer is not None
+        self.take()
+        if self.next_is(0, kind="ident") and self.here().text in ("public", "weak"):
+            raise self.fail(self.here(), f"import {self.here().text} is not supported")
+        name_tok = self.here()
+        name = self.string("the imported file's name")
+        self.expect(";")
+        if name in self.file.dependency:
+            raise self.fail(name_tok, f"{name!r} is imported twice")
+        imported = self.importer(name)
+        if imported is None:
+            raise self.fail(name_tok, f"{name!r} is not one of the files read with this one")
+        self.file.dependency.append(name)
+        package = f".{imported.package}" if imported.package else ""
+        if imported.package:
+            parts = imported.package.split(".")
+            self.imported_packages.update("." + ".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        for full, kind in _declared(imported.message_type, imported.enum_type, package):
+            if full in self.types:
+                raise self.fail(name_tok, f"{full.lstrip('.')!r} is defined in {name!r} and before it")
+            self.types[full] = kind
 
     def _scope(self, inner: str) -> str:
         package = f".{self.file.package}" if self.file.package else ""
@@ -503,7 +542,7 @@ class _Reader:
     # names
     def resolve(self) -> None:
         """Every field's message or enum type by protobuf's scoping: the innermost scope first."""
-        packages = set()
+        packages = set(self.imported_packages)
         parts = self.file.package.split(".") if self.file.package else []
         for i in range(1, len(parts) + 1):
             packages.add("." + ".".join(parts[:i]))
@@ -534,6 +573,18 @@ class _Reader:
             scope = scope.rpartition(".")[0]
 
 
+def _declared(messages: Any, enums: Any, scope: str) -> Iterator[tuple[str, str]]:
+    """Every message, enum and enum value an imported file declares: (full name, kind)."""
+    for e in enums:
+        yield f"{scope}.{e.name}", "enum"
+        for v in e.value:  # C++ scoping: an enum's values are its siblings
+            yield f"{scope}.{v.name}", "value"
+    for m in messages:
+        full = f"{scope}.{m.name}"
+        yield full, "message"
+        yield from _declared(m.nested_type, m.enum_type, full)
+
+
 def json_name(name: str) -> str:
     """protoc's JSON name of a field: underscores dropped, the letter after one upper-cased."""
     out, upper = [], False
@@ -557,6 +608,56 @@ def read_schema(text: str) -> descriptor_pb2.FileDescriptorProto:
     if len(text.encode()) > MAX_SCHEMA_BYTES:
         raise SchemaError(f"line 1:1: the schema is longer than {MAX_SCHEMA_BYTES // 1024} KiB")
     return _Reader(text).read()
+
+
+def read_schemas(texts: Mapping[str, str]) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    """Several files that import one another by the names they are given under (`import
+    "name.proto";`), each as protoc makes it; SchemaError names the file, line and column."""
+    done: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+    reading: list[str] = []
+
+    def read(name: str) -> descriptor_pb2.FileDescriptorProto | None:
+        if name in done:
+            return done[name]
+        if name not in texts:
+            return None
+        if name in reading:
+            raise SchemaError(f"{name}: imported by a file it imports ({' -> '.join([*reading, name])})")
+        reading.append(name)
+        text = texts[name]
+        if len(text.encode()) > MAX_SCHEMA_BYTES:
+            raise SchemaError(f"{name}: line 1:1: longer than {MAX_SCHEMA_BYTES // 1024} KiB")
+        try:
+            done[name] = _Reader(text, name, read).read()
+        except SchemaError as e:
+            raise e if str(e).startswith(tuple(texts)) else SchemaError(f"{name}: {e}") from None
+        reading.pop()
+        return done[name]
+
+    for name in texts:
+        read(name)
+    return {name: done[name] for name in texts}
+
+
+def pool_of(texts: Mapping[str, str]) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool holding a set of files (`read_schemas`), for `message_factory`."""
+    files = read_schemas(texts)
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(name: str) -> None:
+        if name not in added:
+            for dep in files[name].dependency:
+                add(dep)
+            try:
+                pool.Add(files[name])
+            except (TypeError, ValueError) as e:
+                raise SchemaError(f"{name}: {e}") from None
+            added.add(name)
+
+    for name in files:
+        add(name)
+    return pool
 
 
 def message_class(text: str, message: str = "") -> type[Message]:
