@@ -139,7 +139,7 @@ bench-transports: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	@mkdir -p fuzz/corpus fuzz/artifacts
-	@for t in codec payload formats proto_schema endpoint dtls frontdoors http lane oscore tcp_frame dtls_engine dtls_records dtls_state tls_stream; do \
+	@for t in codec payload formats proto_schema endpoint dtls frontdoors http lane oscore tcp_frame dtls_engine dtls_records dtls_state tls_stream efento; do \
 	  echo "== fuzz_$$t ($(FUZZ_SECONDS) s)"; mkdir -p fuzz/corpus/$$t; \
 	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
 	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["codec", "payload", "formats", "proto_schema", "endpoint", "dtls", "frontdoors", "http", "lane", "oscore",
-           "tcp_frame", "dtls_engine", "dtls_records", "dtls_state", "tls_stream"]
+           "tcp_frame", "dtls_engine", "dtls_records", "dtls_state", "tls_stream", "efento"]
 RUNS = int(os.environ.get("COREM_FUZZ_RUNS", "30000"))
 #: The two slowest targets (~1 ms an input: the lane runs beside the whole Python path, the HTTP
 #: target starts a Trio run per input) reach the same coverage in a third of the runs: measured
