@@ -254,6 +254,35 @@ def test_an_update_reads_off_the_event_loop_on_a_connection_of_its_own(where):
         server.close()
 
 
+def test_a_read_that_fails_is_logged_and_the_next_look_reads_again(tmp_path, monkeypatch, caplog):
+    import sqlite3
+
+    writer, server = Registry(tmp_path / "r.db"), Registry(tmp_path / "r.db")
+    d = Directory(server)
+    real, failures = Directory.read, [sqlite3.OperationalError("disk I/O error")]
+
+    def read(self, db):
+        if failures:
+            raise failures.pop()
+        return real(self, db)
+
+    monkeypatch.setattr(Directory, "read", read)
+
+    async def main():
+        writer.add_device("t", "a", token="A")
+        await d.update()
+        assert d.token_device("A") is None and "could not read its changes" in caplog.text
+        await d.update()
+        assert d.token_device("A")
+
+    try:
+        trio.run(main)
+    finally:
+        d.close()
+        writer.close()
+        server.close()
+
+
 def test_a_truncated_table_is_read_whole_again(pg):
     url = empty(pg.url)
     writer, server = Registry(url), Registry(url)

@@ -214,7 +214,12 @@ class Directory:
                 version = self.registry.data_version()
                 reloads, updates, began = self.reloads, self.updates, time.monotonic()
                 while True:
-                    plan = await trio.to_thread.run_sync(self.read, self._reader_db())
+                    try:
+                        plan = await trio.to_thread.run_sync(self.read, self._reader_db())
+                    except self.registry.db.Error as e:  # busy, or away: the next look tries again
+                        log.warning("registry: could not read its changes (%s); trying again at the next look", e)
+                        self.close()  # (a connection made anew then)
+                        return
                     if self.apply(plan) and not plan.more:
                         break
                     await trio.sleep(0)  # (between batches: the requests waiting meanwhile)
