@@ -5,6 +5,8 @@
 The flat map is what the default profile decodes (in C on the fast lane; here the Python path's
 decoder, which every other format runs beside).  Each row: ns per payload and its cost relative to
 the flat map's.  Rules are measured separately (a profile with four of them on the same reading).
+Last, `DOORS`: the front doors that decode a payload themselves (Efento's measurements: a message
+of 3 channels x 6 samples, 6 points), not a profile (formats_load_bench takes `CASES` only).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import cbor2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.table import report  # noqa: E402
+from corem.frontdoors.efento import decode as efento
 from corem.profiles.compile import compile_profile
 from corem.profiles.proto_schema import message_class
 from corem.profiles.spec import parse_profile
@@ -63,6 +66,29 @@ CASES = [
 ]
 
 
+
+def efento_measurements(channels: int = 3, samples: int = 6) -> bytes:
+    """What an Efento NB-IoT sensor posts: temperature, humidity and CO2 channels, `samples` each."""
+    m = efento.message_class("measurements")(
+        serial_number=bytes.fromhex("282c02424eed"), battery_status=True, measurement_period_base=60,
+        measurement_period_factor=5, cloud_token="EF-T0KEN-1", signal=23, next_transmission_at=TS // 1000 + 3600)
+    for i, (kind, start) in enumerate([(1, 215), (2, 45), (26, 1201)][:channels]):
+        m.channels.add(type=kind, timestamp=TS // 1000, start_point=start).sample_offsets.extend(
+            (j * (i + 1)) % 7 for j in range(samples))
+    return m.SerializeToString()
+
+
+def efento_decode(cf: int | None, payload: bytes, now_ms: int) -> list:
+    """The Efento door's decode (corem/frontdoors/efento): the message parsed, then its points."""
+    return efento.measurements(efento.parse(efento.message_class("measurements"), payload), now_ms).points
+
+
+#: the front doors that decode a payload themselves (not a profile): (name, decode, cf, payload)
+DOORS = [
+    ("Efento measurements, 3 channels x 6 samples (door)", efento_decode, 42, efento_measurements()),
+]
+
+
 def per_call_ns(fn, number: int = 20_000) -> float:
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e9
 
@@ -70,8 +96,8 @@ def per_call_ns(fn, number: int = 20_000) -> float:
 def main() -> None:
     rows = []
     base = None
-    for name, spec, cf, payload in CASES:
-        decode = compile_profile(parse_profile(spec))
+    for name, spec_or_decode, cf, payload in [*CASES, *DOORS]:
+        decode = compile_profile(parse_profile(spec_or_decode)) if isinstance(spec_or_decode, str) else spec_or_decode
         points = decode(cf, payload, TS)
         ns = per_call_ns(lambda: decode(cf, payload, TS))
         base = base or ns

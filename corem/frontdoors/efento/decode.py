@@ -52,7 +52,7 @@ FILES = ("proto_measurement_types.proto", "proto_measurements.proto", "proto_dev
 #: at most this many points from one message (a profile's payload has the same bound)
 MAX_POINTS = 1000
 #: a continuous sample offset in this range is the sensor's error code (proto_measurements.proto)
-SENSOR_ERRORS = range(8_355_840, 8_388_608)
+SENSOR_ERROR_LOW, SENSOR_ERROR_HIGH = 8_355_840, 8_388_607
 #: ... and this one on firmware before 06.00
 OLD_SENSOR_ERROR = -32768
 #: memory statistics' and timestamps' "undefined"
@@ -228,12 +228,11 @@ def measurements(msg: Any, now_ms: int) -> Measurements:
     minors: list[tuple[int, int, Accumulated, int, int]] = []  # (channel, ts, kind, minor value, major channel)
     for index, channel in enumerate(channels):
         n = index + 1  # the channel's number in the keys
-        where = f"channels[{index}]"
         offsets = channel.sample_offsets
         if not offsets or channel.type == 0:  # MEASUREMENT_TYPE_NO_SENSOR: the slot is empty
             continue
         if channel.timestamp < 0:
-            raise PayloadError(f"{channel.timestamp} is before 1970", f"{where}.timestamp")
+            raise PayloadError(f"{channel.timestamp} is before 1970", f"channels[{index}].timestamp")
         start_ms = channel.timestamp * 1000
         binary = BINARY.get(channel.type)
         if binary is not None:
@@ -255,31 +254,42 @@ def measurements(msg: Any, now_ms: int) -> Measurements:
         last = start_ms + (len(offsets) - 1) * period_ms
         if last > MAX_TS_MS:
             raise PayloadError(f"its samples run past the year 9999 (a period of {period_ms // 1000} s)",
-                               f"{where}.timestamp")
+                               f"channels[{index}].timestamp")
         out.number(start_ms, f"measurement_interval_{n}", period_ms // 1000, "s")
         start = channel.start_point
+        numeric, strings = out.numeric, out.strings
+        # (the hot loop: one key or two per sample, the units named once per channel)
+        if continuous is not None:
+            key, divisor, meta = f"{continuous.key}_{n}", continuous.divisor, continuous.meta
+            meta_key = f"{continuous.key}_metadata_{n}"
+            if continuous.unit is not None:
+                out.units[key] = continuous.unit
+        else:
+            assert accumulated is not None
+            key, divisor, meta = f"{accumulated.key}_{n}", 1, MAJOR_META if accumulated.major else 0
+            meta_key = f"{accumulated.key}_metadata_{n}"
+            if accumulated.major:
+                out.units[key] = accumulated.major_unit
         for i, offset in enumerate(offsets):
-            if offset in SENSOR_ERRORS or offset == OLD_SENSOR_ERROR:
+            if SENSOR_ERROR_LOW <= offset <= SENSOR_ERROR_HIGH or offset == OLD_SENSOR_ERROR:
                 skipped["sensor_error"] += 1
                 continue
             ts = start_ms + i * period_ms
             raw = start + offset
-            if continuous is not None:
-                if continuous.meta:
-                    value, meta = _split(raw, continuous.meta)
-                    out.number(ts, f"{continuous.key}_{n}", value, continuous.unit)
-                    out.number(ts, f"{continuous.key}_metadata_{n}", meta)
-                else:
-                    out.number(ts, f"{continuous.key}_{n}", raw / continuous.divisor, continuous.unit)
+            if accumulated is not None and not accumulated.major:
+                value, major = _split(raw, MINOR_META)
+                minors.append((n, ts, accumulated, value, major + 1))
+                continue
+            values = numeric.get(ts)
+            if values is None:
+                values = numeric[ts] = {}
+                strings[ts] = {}
+            if meta:
+                q, r = _split(raw, meta)
+                values[key] = float(q)
+                values[meta_key] = float(r)
             else:
-                assert accumulated is not None
-                if accumulated.major:
-                    value, meta = _split(raw, MAJOR_META)
-                    out.number(ts, f"{accumulated.key}_{n}", value, accumulated.major_unit)
-                    out.number(ts, f"{accumulated.key}_metadata_{n}", meta)
-                else:
-                    value, major = _split(raw, MINOR_META)
-                    minors.append((n, ts, accumulated, value, major + 1))
+                values[key] = raw / divisor
     combined: set[tuple[int, str]] = set()
     for n, ts, accumulated, minor, major in minors:  # after every channel: the major may come later
         major_key = f"{accumulated.key}_{major}"
