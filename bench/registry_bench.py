@@ -19,6 +19,8 @@ In a temporary data dir:
    notices by itself).  Then the server's VmRSS and peak again.
 
 Every process runs under `nice -n 19` (pass --no-nice for a quiet machine).  Only Linux (/proc).
+The targets (issue 28) are checked last: at most `--max-bytes` (300) of RSS a registered device,
+and each nudged add served within `--max-add-ms` (50) of its commit; the exit status is 1 if not.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=3.0, help="seconds before each memory reading")
     ap.add_argument("--no-nice", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--max-bytes", type=float, default=300.0, help="the target: RSS a registered device")
+    ap.add_argument("--max-add-ms", type=float, default=50.0, help="the target: a nudged add served after its commit")
     args = ap.parse_args()
     nice = [] if args.no_nice else ["nice", "-n", "19"]
     loadgen = build_loadgen()
@@ -248,9 +252,16 @@ def main() -> None:
     def ms(xs: list[float]) -> str:
         return ", ".join(f"{x * 1000:.1f}" for x in xs) + " ms"
 
+    missed = []
+    if result["bytes_per_device"] > args.max_bytes:
+        missed.append(f"{result['bytes_per_device']:.0f} B a device > {args.max_bytes:.0f} B")
+    slowest = max(result["adds_s"]["api_nudge"]) * 1000
+    if slowest > args.max_add_ms:
+        missed.append(f"a nudged add served {slowest:.1f} ms after its commit > {args.max_add_ms:.0f} ms")
+    result["targets_missed"] = missed
     if args.json:
         print(json.dumps(result, indent=2))
-        return
+        sys.exit(1 if missed else 0)
     mib = 2**20
     print(f"| devices | {args.devices:,} |")
     print(f"| import (`corem devices import`, no server) | {result['import_s']:.1f} s |")
@@ -266,6 +277,9 @@ def main() -> None:
     print(f"| add -> token accepted, from the commit, not nudged | {ms(result['adds_s']['api_no_nudge'])} |")
     print(f"| RSS after the adds | {result['after_adds']['VmRSS'] / mib:.0f} MiB "
           f"(peak {result['after_adds']['VmHWM'] / mib:.0f} MiB) |")
+    print(f"targets (<= {args.max_bytes:.0f} B a device, a nudged add <= {args.max_add_ms:.0f} ms): "
+          + ("met" if not missed else "NOT met: " + "; ".join(missed)))
+    sys.exit(1 if missed else 0)
 
 
 if __name__ == "__main__":
