@@ -511,3 +511,35 @@ def test_skipped_counts_add_up_across_messages(stack, pb):
         stack.send("m", measurements(pb, ("TEMPERATURE", 200, [8_355_840, 0])))
     assert Counter({r: stack.metric("corem_efento_samples_skipped", reason=r) for r in
                     ("sensor_error", "unknown_type", "unpaired", "invalid")}) == Counter(sensor_error=2)
+
+
+def test_over_oscore_the_context_names_the_device(tmp_path, pb):
+    """An OSCORE-protected POST /m whose message carries no token: the device of the context."""
+    pytest.importorskip("aiocoap.oscore")
+    import aiocoap
+
+    from corem.codec.options import UNDERSTOOD_CRITICAL
+    from corem.oscore import Oscore
+    from corem.registry.db import Db
+    from corem.registry.oscore import OscoreState
+    from corem.registry.store import Device
+    from corem.server import identity
+
+    from .test_oscore import KEYS, device_context, opened, sealed
+
+    stack = Stack(tmp_path)
+    context = Device(tenant="acme", device="efento-2", oscore=KEYS)
+    oscore = Oscore(lambda ctx, kid: context if (ctx or b"", kid) == KEYS.kid else None, OscoreState(Db(tmp_path / "o.db")),
+                    UNDERSTOOD_CRITICAL - {O.OSCORE})
+    stack.router = Router()
+    stack.router.unwrap = oscore.unwrap
+    stack.efento.install(stack.router, identity(None))
+    dev = device_context(tmp_path / "dev")
+    data, rid = sealed(dev, aiocoap.POST, "m", measurements(pb, ("TEMPERATURE", 215, [0]), token=""))
+    req = stack.endpoint.receive(data, PEER, 0.0)
+    assert stack.router.dispatch(req) is None  # answered once durable
+    stack.sink.commit()
+    [(answer, _)] = stack.endpoint.datagrams_to_send()
+    assert opened(dev, answer, rid).code == aiocoap.CREATED
+    [point] = stack.points()
+    assert point["device"] == "efento-2" and point["numeric_values"]["temperature_1"] == 21.5
