@@ -37,6 +37,8 @@ def test_measurements_device_info_and_the_time_over_plain_coap(corem, pb, tmp_pa
     metrics = corem.metrics()
     assert metrics['corem_efento_messages_total{kind="measurements",result="accepted"}'] == 2
     assert metrics['corem_efento_samples_skipped_total{reason="sensor_error"}'] == 2
+    assert any(k.startswith("corem_request_duration_seconds_count") and 'door="efento"' in k and v >= 2
+               for k, v in metrics.items())
 
     i = tmp_path / "i.bin"
     i.write_bytes(device_info(pb, token="T0KEN-1"))
