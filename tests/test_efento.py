@@ -572,3 +572,14 @@ def test_every_measurement_type_of_efentos_schema_is_tested_here(pb):
               | {a[0] for a in ACCUMULATED} | {a[1] for a in ACCUMULATED}
               | {"NO_SENSOR", "SHARED_MODEM"})  # an empty slot; reserved (tested as skipped)
     assert {name.removeprefix("MEASUREMENT_TYPE_") for name in pb.type} == tested
+
+
+def test_without_the_protobuf_runtime_the_door_says_which_extra_it_needs(stack, pb, monkeypatch):
+    import corem.frontdoors.efento as door
+
+    monkeypatch.setattr(door, "_decoder", lambda: None)
+    answer = stack.send("m", measurements(pb, ("TEMPERATURE", 200, [0])) + bytes(40))
+    assert answer.code == Code.NOT_IMPLEMENTED
+    assert bytes(answer.payload) == b"efento: needs the 'protobuf' extra: pip install 'corem[protobuf]'"
+    assert stack.send("t", code=Code.GET).code == Code.CONTENT  # the time needs no schema
+    assert stack.metric("corem_efento_messages", kind="measurements", result="refused") == 1

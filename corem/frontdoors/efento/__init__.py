@@ -14,6 +14,9 @@ message carries no token, or one corem does not know (a sensor's cloud token may
 Points are published as any reading is (`telemetry.{tenant}`, answered once durable), attributes
 stored as the device's client attributes and copied to `attributes.{tenant}`.  A message that does
 not decode is refused whole: 4.00 naming the field, counted, kept as a diagnostics sample.
+
+The schema needs Google's protobuf runtime (the `protobuf` extra, as protobuf profiles do): without
+it the door is there and says so, 5.01 naming the extra (`/t` needs nothing).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import struct
 import time
 from collections import Counter
+from types import ModuleType
 from typing import Any, Callable, Iterator
 
 from ...bus.base import publish_json
@@ -34,7 +38,6 @@ from ...registry.management import Management
 from ...stats import Sample, counter
 from ..common import OCTETS, session_owner, unauthorized
 from ..thingsboard import attributes_topic
-from . import decode
 
 SessionDevice = Callable[[Request], "Device | None"] | None
 
@@ -50,6 +53,17 @@ SKIPPED = ("sensor_error", "unknown_type", "unpaired", "invalid")
 #: the `profile` of the points (their record header and field): what read them
 PROFILE = "efento"
 PROTOCOL = "coap"
+#: the answer without Google's protobuf runtime (installed with the `protobuf` extra)
+NO_PROTOBUF = Response(Code.NOT_IMPLEMENTED, b"efento: needs the 'protobuf' extra: pip install 'corem[protobuf]'")
+
+
+def _decoder() -> ModuleType | None:
+    """decode.py, imported at the door's first message (None without the protobuf runtime)."""
+    try:
+        from . import decode
+    except ImportError:
+        return None
+    return decode
 
 
 class Efento:
@@ -99,8 +113,13 @@ class Efento:
         return Response(Code.CONTENT, struct.pack(">I", int(self.wall()) & 0xFFFFFFFF))
 
     # -- reading a message -------------------------------------------------------------------------
-    def _read(self, req: Request, kind: str, cls: Any, session_device: SessionDevice) -> tuple[Any, Device] | Response:
-        """The request's message and its device, or the answer refusing it (counted)."""
+    def _read(self, req: Request, kind: str, session_device: SessionDevice) -> tuple[ModuleType, Any, Device] | Response:
+        """decode.py, the request's message and its device, or the answer refusing it (counted)."""
+        decode = _decoder()
+        if decode is None:
+            self.messages[kind, "refused"] += 1
+            return NO_PROTOBUF
+        cls = decode.message_class(kind)
         msg = req.message
         assert msg is not None
         data = bytes(msg.payload)
@@ -123,7 +142,7 @@ class Efento:
                 return unauthorized("cloudToken: unknown access token")
             stats.auth_failures[PROTOCOL, "no_session_identity"] += 1
             return unauthorized("cloudToken: empty, and no registered device in this session")
-        return parsed, device
+        return decode, parsed, device
 
     def _refuse(self, req: Request, kind: str, device: Device | None, error: PayloadError) -> Response:
         """4.00 (4.15 for a Content-Format), counted and kept as a diagnostics sample."""
@@ -146,10 +165,10 @@ class Efento:
 
     # -- the three messages ------------------------------------------------------------------------
     def post_measurements(self, req: Request, session_device: SessionDevice) -> Response | None:
-        got = self._read(req, "measurements", decode.message_class("measurements"), session_device)
+        got = self._read(req, "measurements", session_device)
         if isinstance(got, Response):
             return got
-        parsed, device = got
+        decode, parsed, device = got
         received_at = self.ingest.clock_ms()
         try:
             result = decode.measurements(parsed, received_at)
@@ -166,17 +185,17 @@ class Efento:
                                          then=_created)
 
     def post_device_info(self, req: Request, session_device: SessionDevice) -> Response:
-        got = self._read(req, "device_info", decode.message_class("device_info"), session_device)
+        got = self._read(req, "device_info", session_device)
         if isinstance(got, Response):
             return got
-        parsed, device = got
+        decode, parsed, device = got
         return self._attributes(req, "device_info", device, decode.device_info(parsed))
 
     def post_configuration(self, req: Request, session_device: SessionDevice) -> Response:
-        got = self._read(req, "configuration", decode.message_class("configuration"), session_device)
+        got = self._read(req, "configuration", session_device)
         if isinstance(got, Response):
             return got
-        parsed, device = got
+        decode, parsed, device = got
         return self._attributes(req, "configuration", device, decode.configuration(parsed))
 
     def _attributes(self, req: Request, kind: str, device: Device, values: dict[str, Any]) -> Response:
