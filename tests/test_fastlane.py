@@ -110,7 +110,7 @@ def test_what_the_lane_is_not_sure_of_is_answered_by_the_python_path(twin, paylo
 
 
 @pytest.mark.parametrize("datagram", [
-    post(mtype=Type.NON), post(code=Code.PUT), post(cf=50, payload=b'{"a":1}'), post(cf=None), post(cf=0),
+    post(code=Code.PUT), post(cf=50, payload=b'{"a":1}'), post(cf=None), post(cf=0),
     post("T2"), post("nope"), post(extra=[(O.OBSERVE, b"")]), post(extra=[(O.URI_QUERY, b"x=1")]),
     post(extra=[(O.URI_PATH, b"more")]), post(extra=[(65001, b"x")]), post(tok=b""),
     # critical options corem does not implement: refused by the endpoint (5.05, 4.02), never stored
@@ -123,6 +123,57 @@ def test_other_requests_take_the_python_path(twin, datagram):
     twin.receive(datagram)
     twin.commit()
     twin.check()
+
+
+def test_a_non_reading_is_the_lanes_and_gets_a_non_answer_of_the_endpoints_next_message_id(twin):
+    """Frequent sensor data goes NON: the lane takes it as it takes a CON, and answers once it is
+    durable with a NON 2.04 (RFC 7252 5.2.3) whose message id the endpoint gives, as the Python
+    path does: one sequence for every message of ours, so no two collide at the device."""
+    before = twin.lane.endpoint.next_mid()
+    assert twin.python.endpoint.next_mid() == before  # (both sides' sequences in step)
+    twin.receive(post(mtype=Type.NON))
+    assert twin.check()[0] == []  # (nothing before it is durable)
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 1 and len(stored) == 1
+    reply = decode(answers[0][0])
+    assert (reply.type, reply.code, reply.token) == (Type.NON, Code.CHANGED, b"\x01\x02")
+    assert reply.mid == (before + 1) & 0xFFFF != 0x1234
+    assert twin.lane.endpoint.next_mid() == (before + 2) & 0xFFFF  # (the endpoint's next one is past it)
+
+
+def test_a_non_reading_waits_for_a_slow_bus_without_an_empty_ack_and_a_duplicate_gets_nothing(twin):
+    twin.receive(post(mtype=Type.NON))
+    twin.advance(0.6)  # past the piggyback timeout: a CON would have its empty ACK now
+    assert twin.check()[0] == []
+    twin.receive(post(mtype=Type.NON))  # a duplicate: dropped, counted
+    twin.commit()
+    answers, stored = twin.check()
+    assert [decode(a[0]).type for a in answers] == [Type.NON] and len(stored) == 1
+    twin.receive(post(mtype=Type.NON))  # and after the answer: still nothing, stored once
+    twin.commit()
+    assert twin.check() == ([], [])
+    assert twin.lane.count("corem_coap_duplicates") == twin.python.count("corem_coap_duplicates") == 2
+
+
+def test_a_non_reading_the_bus_refuses_gets_a_non_503_with_max_age():
+    t = Twin(room=0)
+    try:
+        t.receive(post(mtype=Type.NON, payload=cbor2.dumps({"a": 1}), tok=b""))
+        t.commit()
+        answers, stored = t.check()
+        reply = decode(answers[0][0])
+        assert (reply.type, reply.code, reply.max_age) == (Type.NON, Code.SERVICE_UNAVAILABLE, 5) and stored == []
+    finally:
+        t.close()
+
+
+def test_without_a_message_id_source_a_non_reading_goes_to_the_python_path(twin):
+    twin.lane.lane.lane.next_mid = None
+    twin.receive(post(mtype=Type.NON))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == 0
 
 
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
@@ -475,16 +526,22 @@ def test_a_running_server_with_the_lane_on_or_off_stores_and_counts_the_same(tmp
         r = coap_client(f"{server.coap}/api/v1/T0KEN-1/telemetry", "-m", "post", "-t", "60",
                         "-f", str(tmp_path / "bad.cbor"))
         assert r.code == "4.00" and "invalid CBOR" in r.output, r.output
+        # NON readings (-N), as frequent sensor data is sent: a NON 2.04 either way
+        r = coap_client(f"{server.coap}/api/v1/T0KEN-1/telemetry", "-N", "-m", "post", "-t", "60", "-f", str(f))
+        assert r.code == "2.04" and "t:NON c:2.04" in r.output, r.output
+        r = coap_client(f"coaps://127.0.0.1:{server.coaps_port}/telemetry", "-N", "-m", "post", "-t", "60",
+                        "-f", str(f), "-u", SPEC_IDENTITY, "-k", SPEC_KEY, binary="coap-client-openssl")
+        assert r.code == "2.04" and "t:NON c:2.04" in r.output, r.output
         points = server.points()
         assert sorted((p["device"], p["numeric_values"]["temperature"], p["string_values"]["state"]) for p in points) \
-            == [("sensor-1", 22.5, "ok"), ("sensor-7", 22.5, "ok")]
+            == [("sensor-1", 22.5, "ok")] * 2 + [("sensor-7", 22.5, "ok")] * 2
         m = server.metrics()
-        assert m['corem_telemetry_points_total{tenant="acme"}'] == 2
+        assert m['corem_telemetry_points_total{tenant="acme"}'] == 4
         for transport in ("udp", "dtls"):
-            assert m[f'corem_coap_responses_total{{code="2.04",transport="{transport}"}}'] == 1
-        assert m['corem_coap_requests_total{transport="udp"}'] == 2
+            assert m[f'corem_coap_responses_total{{code="2.04",transport="{transport}"}}'] == 2
+        assert m['corem_coap_requests_total{transport="udp"}'] == 3
         assert m['corem_coap_responses_total{code="4.00",transport="udp"}'] == 1
-        assert m['corem_coap_datagrams_sent_total{transport="udp"}'] == 2
+        assert m['corem_coap_datagrams_sent_total{transport="udp"}'] == 3
     finally:
         server.stop()
 

@@ -212,6 +212,20 @@ def test_the_lane_takes_a_coaps_reading_and_answers_it_sealed_once_it_is_durable
     assert headers["coap-exchange"].startswith("dtls 127.0.0.1 ")
 
 
+def test_the_lane_takes_a_coaps_non_reading_and_answers_it_non_sealed(coaps):
+    srv = coaps()
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    dev.post(reading(9, mtype=Type.NON))
+    srv.pump()
+    assert srv.lane.counters["records_opened"] == 1 and len(srv.sink.waiting) == 1
+    srv.commit()
+    [answer] = dev.answers()
+    m = decode(answer)
+    assert (m.type, m.code, m.token) == (Type.NON, Code.CHANGED, b"\x01\x02") and m.mid != 9
+    assert srv.lane.counters["records_sealed"] == 1 and len(srv.stored()) == 1
+
+
 def plain(m: bytes) -> tuple:
     d = decode(m)
     return d.type, d.code, d.mid, d.token, [(n, bytes(v)) for n, v in d.options], bytes(d.payload)
@@ -240,9 +254,9 @@ def exchange(srv: Coaps, dev: Device, messages: list[bytes]) -> tuple[list, list
 
 
 def test_lane_on_and_lane_off_answer_store_and_count_the_same(coaps):
-    """Differential: what the lane opens and takes, and what it hands back (a NON, another path, a
-    payload it does not decode, a duplicate, a token path), is answered and stored as the Python
-    path alone would, and the engine's counters read the same."""
+    """Differential: what the lane opens and takes (a CON, a NON, a token path), and what it hands
+    back (another path, a payload it does not decode, a GET), and a duplicate, is answered and
+    stored as the Python path alone would, and the engine's counters read the same."""
     messages = [
         reading(1), reading(2, path=(b"api", b"v1", b"T1", b"telemetry")), reading(3, mtype=Type.NON),
         reading(4, path=(b"nowhere",)), encode(Message(Type.CON, Code.POST, 5, b"\x05", [(O.URI_PATH, b"telemetry"),

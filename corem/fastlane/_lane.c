@@ -3,18 +3,19 @@
  *
  * The Python path (UdpEdge -> Endpoint -> Router -> TelemetryIngest) costs ~20 µs per reading;
  * most of a one-core budget of ~9 µs at 0.6x libcoap's rate.  This lane reads datagrams with
- * recvmmsg, and for the one request shape that is nearly all of a fleet's traffic -- a CON
+ * recvmmsg, and for the one request shape that is nearly all of a fleet's traffic -- a CON or NON
  * `POST /api/v1/{token}/telemetry`, Content-Format 60, a flat CBOR map, a known token -- it does
  * the message layer's and the ingest's work itself: rate limit, deduplication, the TelemetryPoint's
  * JSON and the sink Record.  The 2.04 goes out (sendmmsg) only when the sink says the record is
- * durable (`committed`), as on the Python path.  Behind corem's own DTLS engine it reads the socket
+ * durable (`committed`), as on the Python path (to a NON, a NON 2.04 of a message id the endpoint
+ * gives: `next_mid`).  Behind corem's own DTLS engine it reads the socket
  * too and opens and seals the records of established sessions itself (`drain_records`,
  * `send_records`: see "CoAPS records" below), where `POST /telemetry` names its device by the
  * session; behind python-mbedtls the edge hands it the decrypted messages instead (`receive_plain`)
  * and encrypts what it answers.
  *
  * It only ever ACCEPTS.  Every datagram it is not sure about -- other paths, methods, options,
- * NON requests, malformed messages, CBOR that is invalid or merely unusual (tags, indefinite
+ * malformed messages, CBOR that is invalid or merely unusual (tags, indefinite
  * lengths, big integers, null, duplicate keys) -- is handed back untouched to the Python path,
  * which stays the one place that rejects and explains.  So a reading the lane accepts is exactly
  * a reading the Python path would have accepted (tests compare the two on generated input).
@@ -101,7 +102,7 @@ typedef struct {
     double at;
     uint32_t size, gen;
     uint16_t mid;
-    uint8_t tkl, state;
+    uint8_t tkl, state, non; /* non: a NON request, answered by a NON response of a new message id */
     uint8_t token[8];
     double rx;    /* its batch's receipt, CLOCK_MONOTONIC (the latency histogram) */
     uint8_t door; /* of the histogram: 0 /api/v1/..., 1 /telemetry */
@@ -149,6 +150,7 @@ typedef struct {
     size_t out_len, out_cap;
     /* what a drain produced, taken by Python */
     PyObject *slow, *records, *ctxs, *touched, *committed, *on_late;
+    PyObject *next_mid; /* next_mid() -> the message id of a response of ours (the endpoint's) */
     /* CoAPS on corem's engine (drain_records): the established sessions the lane opens and seals
      * records for, what it decrypted but did not take ((message, peer): for the endpoint), the
      * sessions it took records of in this batch (their owners), and the records sealed, waiting
@@ -556,11 +558,12 @@ static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n,
     return 0;
 }
 
-/* 3. The route: the target of a CON POST of CBOR to /api/v1/{token}/telemetry (the token's
+/* 3. The route: the target of a CON or NON POST of CBOR to /api/v1/{token}/telemetry (the token's
  * device) or, over CoAPS, /telemetry or /api/v1/telemetry (the session's); NULL for anything
  * else, or a device with its own decoder (the Python path); NULL with an exception on error. */
 static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
-    if (s->type != 0 || s->code != 2 || s->other || s->cf != 60 || !s->payload) return NULL;
+    if (s->type > 1 || s->code != 2 || s->other || s->cf != 60 || !s->payload) return NULL;
+    if (s->type == 1 && (!self->next_mid || self->next_mid == Py_None)) return NULL; /* (a NON's answer needs one) */
     Py_ssize_t ti;
     if (s->nseg == 4 && SEG_IS(s, 0, "api") && SEG_IS(s, 1, "v1") && SEG_IS(s, 3, "telemetry") && s->seglen[2]) {
         PyObject *tok = PyBytes_FromStringAndSize((const char *)s->seg[2], s->seglen[2]);
@@ -668,6 +671,7 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     q->size = (uint32_t)n;
     q->mid = s->mid;
     q->tkl = (uint8_t)s->tkl;
+    q->non = s->type == 1;
     memcpy(q->token, d + 4, s->tkl);
     q->state = P_PENDING;
     Py_INCREF(t->device);
@@ -1354,10 +1358,21 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
     } else if (q->state == P_PENDING) {
         uint8_t reply[REPLY_MAX];
         size_t len = 4 + q->tkl;
-        reply[0] = 0x60 | q->tkl;
+        uint16_t mid = q->mid; /* (a CON's: the piggybacked ACK) */
+        if (q->non) { /* a NON response, of a message id of ours: the endpoint's, which gives every other */
+            PyObject *m = PyObject_CallNoArgs(self->next_mid);
+            long v = m ? PyLong_AsLong(m) : -1;
+            Py_XDECREF(m);
+            if (v == -1 && PyErr_Occurred()) {
+                pending_free(self, (int32_t)(q - self->pending));
+                return NULL;
+            }
+            mid = (uint16_t)v;
+        }
+        reply[0] = (q->non ? 0x50 : 0x60) | q->tkl;
         reply[1] = (uint8_t)code;
-        reply[2] = q->mid >> 8;
-        reply[3] = q->mid & 0xff;
+        reply[2] = mid >> 8;
+        reply[3] = mid & 0xff;
         memcpy(reply + 4, q->token, q->tkl);
         if (!ok) { /* Max-Age: 5, and as much of the reason as fits in the request's size */
             static const char why[] = "bus unavailable; retry later";
@@ -1372,7 +1387,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
                 len += room;
             }
         }
-        exchange_t *x = exchange_of(self, q);
+        exchange_t *x = q->non ? NULL : exchange_of(self, q); /* (a duplicate NON gets nothing, as from the endpoint) */
         if (x) {
             memcpy(x->reply, reply, len);
             x->reply_len = (uint8_t)len;
@@ -1407,7 +1422,7 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
         if (live && q->at > now - self->piggyback) break;
         self->fifo_head = (self->fifo_head + 1) % self->fifo_cap;
         self->fifo_count--;
-        if (!live) continue;
+        if (!live || q->non) continue; /* (a NON is answered when it is durable, whenever that is) */
         exchange_t *x = exchange_of(self, q);
         if (!x || from_old_session(self, &q->addr, q->at))
             continue; /* forgotten (bound): no empty ACK, as for the endpoint, the answer is piggybacked
@@ -1712,6 +1727,7 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->touched);
     Py_VISIT(self->committed);
     Py_VISIT(self->on_late);
+    Py_VISIT(self->next_mid);
     for (Py_ssize_t i = 0; i < self->ntargets; i++) {
         Py_VISIT(self->targets[i].headers);
         Py_VISIT(self->targets[i].device);
@@ -1746,6 +1762,7 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->touched);
     Py_CLEAR(self->committed);
     Py_CLEAR(self->on_late);
+    Py_CLEAR(self->next_mid);
     Py_CLEAR(self->known);
     clear_targets(self);
     for (int32_t i = 0; i < self->npending_cap; i++) {
@@ -1817,6 +1834,8 @@ static PyMethodDef Lane_methods[] = {
 
 static PyMemberDef Lane_members[] = {
     {"on_late", T_OBJECT, offsetof(Lane, on_late), 0, "on_late(peer, token, code, request_size): a separate answer"},
+    {"next_mid", T_OBJECT, offsetof(Lane, next_mid), 0,
+     "next_mid() -> int: the message id of a NON answer (the endpoint's: one sequence for every message of ours)"},
     {"known", T_OBJECT, offsetof(Lane, known), 0,
      "known(token) -> bool: a token not among the lane's names a registered device (its rate-limit exemption)"},
     {NULL},

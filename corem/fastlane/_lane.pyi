@@ -5,6 +5,8 @@ from typing import Any, Callable
 class Lane:
     #: on_late(peer, token, code, request_size): a reading whose commit outlasted the piggyback timeout
     on_late: Callable[[Any, bytes, int, int], Any] | None
+    #: next_mid(): the message id of a NON answer (the endpoint's; without it NON goes to Python)
+    next_mid: Callable[[], int] | None
     #: known(token): a token not among the lane's names a registered device (exempt from the rate limit)
     known: Callable[[bytes], bool] | None
     def __init__(
