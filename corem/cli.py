@@ -21,6 +21,8 @@ import trio
 
 from .bus import read_records
 from . import config_doc, datadir, logs
+from .admin import schemas as api_schemas
+from .bus import topics
 from .build import version
 from .config import ConfigError, Settings
 from .errors import NewerFormat, StorageUnavailable
@@ -159,14 +161,28 @@ _REGISTRY_KEYS = ["data_dir", "registry"]
 def _registry(args: argparse.Namespace) -> Registry:
     settings = _settings(args, _REGISTRY_KEYS)
     if not settings.registry:  # (SQLite in the data dir: made, or refused if a newer corem wrote it)
+        args.made_data_dir = not settings.data_path.exists()
         datadir.prepare(settings.data_path)
     return Registry(settings.registry_location())
 
 
-def _nudge(reg: Registry) -> None:
-    """A running server on this registry reloads now (PostgreSQL: its NOTIFY has told every node)."""
-    if reg.path is not None:
-        nudge(reg.path.parent)
+def _nudge(reg: Registry, args: argparse.Namespace | None = None) -> None:
+    """A running server on this registry reloads now (PostgreSQL: its NOTIFY has told every node).
+    When no corem serve runs on the data dir, the change waits there, and stderr says so -- naming
+    the data dirs the corem serve processes of this machine do run on: a CLI run from another
+    directory (its own ./data) writes a registry no server reads."""
+    if reg.path is None:
+        return
+    data = reg.path.parent
+    if nudge(data) or datadir.holder(data) is not None:
+        return
+    made = " (made now)" if getattr(args, "made_data_dir", False) else ""
+    others = [(pid, d) for pid, d in datadir.running() if d.resolve() != data.resolve()]
+    where = ", ".join(f"{d} (pid {pid})" for pid, d in others)
+    hint = (f"; corem serve runs here on {where}: use --data-dir "
+            f"{others[0][1] if len(others) == 1 else 'DIR'} (or COREM_DATA_DIR) to change what it serves")
+    print(f"corem: no corem serve runs on data dir {data.resolve()}{made}: the change is stored there, for a "
+          f"server started on it" + (hint if others else ""), file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -217,25 +233,28 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
             cert = certificate_sha256(args.cert)
         except (OSError, ValueError) as e:
             raise RegistryError(f"cert: {e}") from None
+    token = api_schemas.generated_token(args.token, args.psk_identity, cert, oscore is not None)
     with _opened(args) as reg:
         d = reg.add_device(
-            args.tenant, args.device, token=args.token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
+            args.tenant, args.device, token=token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
             cert_sha256=cert, power_mode=args.power_mode, topics=args.topics, gateways=args.gateways, oscore=oscore,
         )
-    _nudge(reg)  # a running server has it when this returns
+    _nudge(reg, args)  # a running server has it when this returns
     creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256),
                                ("oscore", d.oscore)) if have]
     print(f"added {d.tenant}/{d.device} profile={d.profile} credentials={','.join(creds) or 'none'}")
+    if token is not None and args.token is None:  # (generated: the only time it is shown)
+        print(f"token {token}")
     return 0
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
     with _opened(args) as reg:
         devices = reg.list_devices(args.tenant)
-    if args.json:
-        for d in devices:  # secrets stay in the registry: say that a key exists, not what it is
-            oscore = d.oscore and {"sender_id": d.oscore.sender_id.hex(), "recipient_id": d.oscore.recipient_id.hex()}
-            print(msgspec.json.encode({**msgspec.structs.asdict(d), "psk": None, "oscore": oscore}).decode())
+    if args.json:  # as the API shows a device (corem/admin/schemas.py): its secrets only with --secrets
+        view = api_schemas.DeviceSecrets if args.secrets else api_schemas.DeviceRecord
+        for d in devices:
+            sys.stdout.write(msgspec.json.encode(view.of(d)).decode() + "\n")
         return 0
     print(f"{'TENANT':<20} {'DEVICE':<28} {'PROFILE':<12} CREDENTIALS")
     for d in devices:
@@ -257,7 +276,7 @@ def cmd_devices_remove(args: argparse.Namespace) -> int:
     with _opened(args) as reg:
         removed = reg.remove_device(args.tenant, args.device)
     if removed:
-        _nudge(reg)
+        _nudge(reg, args)
     if not removed:
         print(f"corem: device {args.tenant}/{args.device} not found", file=sys.stderr)
         return 1
@@ -282,7 +301,7 @@ def cmd_devices_import(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             print(file=sys.stderr)  # (past the progress bar's line)
-    _nudge(reg)  # a running server reloads (off its event loop) before this returns
+    _nudge(reg, args)  # a running server reloads (off its event loop) before this returns
     print(f"imported {total} devices in {time.monotonic() - started:.1f} s: {result.added} added, "
           f"{result.replaced} replaced, {result.unchanged} unchanged")
     return 0
@@ -338,7 +357,7 @@ def cmd_profiles_add(args: argparse.Namespace) -> int:
         raise RegistryError(str(e)) from None
     with _opened(args) as reg:
         created = reg.put_profile(args.name, profile)
-    _nudge(reg)  # devices naming it decode with it when this returns
+    _nudge(reg, args)  # devices naming it decode with it when this returns
     print(f"{'added' if created else 'replaced'} profile {args.name} format={profile.format} "
           f"rules={len(profile.fields)}")
     return 0
@@ -381,7 +400,7 @@ def cmd_profiles_remove(args: argparse.Namespace) -> int:
     if not removed:
         print(f"corem: profile {args.name} not found", file=sys.stderr)
         return 1
-    _nudge(reg)
+    _nudge(reg, args)
     print(f"removed profile {args.name}")
     return 0
 
@@ -400,15 +419,45 @@ def cmd_profiles_decode(args: argparse.Namespace) -> int:
 
 
 # -- telemetry ---------------------------------------------------------------------------------
+_TAIL_KEYS = _REGISTRY_KEYS + ["bus", "topic_prefix"]
+
+
 def cmd_telemetry_tail(args: argparse.Namespace) -> int:
-    settings = _settings(args, _REGISTRY_KEYS)
-    datadir.check(settings.data_path)
-    path = settings.data_path / "bus.db"
-    prefix = "telemetry.raw." + (args.tenant if args.tenant else "")
-    after = 0
-    if not args.follow:
-        _print_records(list(read_records(path, prefix, 0, args.limit or None, newest=True)), args.json)
+    """The newest `--limit` points of the embedded bus (every one with 0), then with -f the new
+    ones as they come.  A data dir whose server writes to Kafka is said so (nothing is there)."""
+    settings = _settings(args, _TAIL_KEYS)
+    data = settings.data_path
+    datadir.check(data)
+    last = datadir.last_server(data)
+    bus = settings.bus if settings.bus != "embedded" else last.get("bus", "embedded")
+    if bus != "embedded":
+        pid = datadir.holder(data)
+        if settings.bus != "embedded":
+            whose = f"bus = {bus}"
+        elif pid:
+            whose = f"its corem serve (pid {pid}) writes to {bus}"
+        else:
+            whose = f"its last corem serve wrote to {bus}"
+        prefix = settings.topic_prefix or last.get("topic_prefix", "")
+        hosts = bus.removeprefix("kafka://")
+        print(f"corem: telemetry of data dir {data.resolve()} is not kept there ({whose}): read the topics "
+              f"{prefix}telemetry.raw.{{tenant}} there, e.g. kcat -C -b {hosts} -t {prefix}telemetry.raw."
+              f"{args.tenant or 'TENANT'}", file=sys.stderr)
+        return 1
+    path = data / "bus.db"
+    if not path.exists() and not args.follow:
+        servers = "; ".join(f"corem serve (pid {pid}) runs on {d}" for pid, d in datadir.running())
+        print(f"corem: no readings stored in data dir {data.resolve()} (no bus.db)" + (f"; {servers}" if servers else ""),
+              file=sys.stderr)
         return 0
+    # the topic prefix: the one given, else the one the data dir's server wrote with
+    topics.configure(settings.topic_prefix or last.get("topic_prefix", ""))
+    prefix = topics.telemetry(args.tenant) if args.tenant else topics.telemetry_all()
+    newest = list(read_records(path, prefix, 0, args.limit or None, newest=True))
+    _print_records(newest, args.json)
+    if not args.follow:
+        return 0
+    after = newest[-1].offset if newest else 0  # (none yet: every one that comes is new)
     try:
         while True:
             records = list(read_records(path, prefix, after, 1000))
@@ -448,6 +497,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 # -- main --------------------------------------------------------------------------------------
+DEFAULTS = api_schemas.DEVICE_DEFAULTS
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corem", description="the CORE-M device-link CoAP adapter")
     parser.add_argument("--version", action="version", version=f"corem {version()}")
@@ -479,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(add, _REGISTRY_KEYS)
     add.add_argument("--tenant", required=True)
     add.add_argument("--device", required=True)
-    add.add_argument("--token", help="access token for POST /api/v1/{token}/telemetry")
-    add.add_argument("--profile", default="default", help="payload decoder profile (default: default)")
+    add.add_argument("--token", help="access token for POST /api/v1/{token}/telemetry (without any credential, one "
+                                     "is generated and printed, as the API does)")
+    add.add_argument("--profile", default=DEFAULTS["profile"], help=f"payload decoder profile (default: {DEFAULTS['profile']})")
     add.add_argument("--psk-identity", help="DTLS-PSK identity (CoAPS)")
     add.add_argument("--psk", help="DTLS pre-shared key as text")
     add.add_argument("--psk-hex", help="DTLS pre-shared key as hex")
@@ -497,15 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="OSCORE master secret: the file's bytes, without a trailing newline")
     add.add_argument("--oscore-salt", metavar="HEX", help="OSCORE master salt, hex (default: empty)")
     add.add_argument("--oscore-id-context", metavar="HEX", help="OSCORE ID context, hex (default: none)")
-    add.add_argument("--power-mode", choices=["drx", "psm"], default="drx",
+    add.add_argument("--power-mode", choices=["drx", "psm"], default=DEFAULTS["power_mode"],
                      help="psm: reachable only psm_activity_timer after it talks; downlink queues meanwhile")
-    add.add_argument("--topics", default="#", help="MQTT filters the device may use on /ps and /mqtt (default: #)")
-    add.add_argument("--gateways", default="", help="devices (same tenant) that may publish for this one (Drogue as=)")
+    add.add_argument("--topics", default=DEFAULTS["topics"],
+                     help=f"MQTT filters the device may use on /ps and /mqtt (default: {DEFAULTS['topics']})")
+    add.add_argument("--gateways", default=DEFAULTS["gateways"],
+                     help="devices (same tenant) that may publish for this one (Drogue as=)")
     add.set_defaults(func=cmd_devices_add)
     ls = devices.add_parser("list", help="list devices")
     _add_settings_flags(ls, _REGISTRY_KEYS)
     ls.add_argument("--tenant")
-    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line, as the API shows a device")
+    ls.add_argument("--secrets", action="store_true", help="with --json: the token and keys too (hex)")
     ls.set_defaults(func=cmd_devices_list)
     imp = devices.add_parser("import", help="register many devices from a .csv or .jsonl file (idempotent)")
     _add_settings_flags(imp, _REGISTRY_KEYS)
@@ -551,12 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     pdec.set_defaults(func=cmd_profiles_decode)
 
     telemetry = sub.add_parser("telemetry", help="read stored telemetry").add_subparsers(dest="action", required=True)
-    tail = telemetry.add_parser("tail", help="print stored points, oldest first")
-    _add_settings_flags(tail, _REGISTRY_KEYS)
+    tail = telemetry.add_parser("tail", help="print the points stored in the embedded bus, oldest first")
+    _add_settings_flags(tail, _TAIL_KEYS)
     tail.add_argument("--tenant")
     tail.add_argument("--json", action="store_true", help="print each point as its JSON bus record")
-    tail.add_argument("--limit", type=int, default=20, help="how many of the newest points (0: all)")
-    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new points")
+    tail.add_argument("--limit", type=int, default=20, help="how many of the newest points (0: all); with -f, "
+                                                             "before the new ones")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new points (Ctrl-C ends)")
     tail.set_defaults(func=cmd_telemetry_tail)
 
     from .admin import client

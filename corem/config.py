@@ -233,6 +233,11 @@ class Settings:
         "embedded", "where accepted points go: 'embedded' (SQLite log in data_dir) or kafka://host:port[,host:port]",
         _bus,
     )
+    topic_prefix: str = _opt(
+        "", "put before the name of every topic corem writes and reads (telemetry.raw.{tenant}, attributes.{tenant}, "
+        "pubsub.{tenant}, device.presence.{tenant}, commands.{tenant}, commands.results.{tenant}), e.g. 'site-7.'; "
+        "empty: none", _parses(".bus.topics", "check_prefix"),
+    )
     kafka_client_id: str = _opt("corem", "Kafka client id")
     kafka_acks: str = _opt("all", "Kafka acks: all, 1 or 0 (2.04 waits for this acknowledgement)", _choice("all", "1", "0"))
     kafka_idempotence: str = _opt(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 import tomllib
 from pathlib import Path
 from typing import Callable
@@ -118,3 +119,102 @@ def write_format(data: Path) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, data / FORMAT_FILE)
+
+
+# -- the lock: which corem serve runs on a data dir ---------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+def lock(data: Path, about: dict[str, str] | None = None) -> int:
+    """Take the data dir's lock for this process (`flock`, released however the process ends) and
+    write into the lock file who holds it: its pid and `about` (the bus, the topic prefix), which
+    the CLI reads (`holder`, `last_server`).  ConfigError if another corem serve holds it."""
+    import fcntl
+
+    fd = os.open(data / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        held = holder(data)
+        by = f" (pid {held})" if held else ""
+        raise ConfigError(f"data_dir: {data} is in use by another corem serve{by}") from None
+    lines = {"pid": str(os.getpid()), "started": str(int(time.time())), "written_by": f"corem {__version__}",
+             **(about or {})}
+    text = "".join(f'{k} = "{_toml_escape(v)}"\n' for k, v in lines.items())
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+    except OSError as e:  # (a full disk: the lock is what matters)
+        log.warning("data dir: could not write %s: %s", data / LOCK_FILE, e.strerror)
+    return fd
+
+
+def _toml_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def last_server(data: Path) -> dict[str, str]:
+    """What the last corem serve on `data` wrote into its lock file ({} if none did): pid, started,
+    written_by, bus, topic_prefix.  It may have stopped since: `holder` says if it runs."""
+    try:
+        with open(data / LOCK_FILE, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    return {k: str(v) for k, v in doc.items()}
+
+
+def _flocks() -> dict[tuple[int, int, int], int]:
+    """The flock()s held on this machine: (major, minor, inode) -> pid (/proc/locks)."""
+    out: dict[tuple[int, int, int], int] = {}
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[3] == "WRITE":
+            try:
+                major, minor, inode = parts[5].split(":")
+                out[int(major, 16), int(minor, 16), int(inode)] = int(parts[4])
+            except ValueError:
+                continue
+    return out
+
+
+def _key(st: os.stat_result) -> tuple[int, int, int]:
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def holder(data: Path) -> int | None:
+    """The pid of the corem serve running on `data` now (it holds the lock), or None."""
+    try:
+        st = os.stat(data / LOCK_FILE)
+    except OSError:
+        return None
+    return _flocks().get(_key(st))
+
+
+def running() -> list[tuple[int, Path]]:
+    """The corem serve processes on this machine that this user may see, and their data dirs:
+    the holders of a data dir's lock (/proc/locks, then the lock file among each one's open files)."""
+    found = []
+    for key, pid in sorted(_flocks().items(), key=lambda item: item[1]):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"corem" not in f.read():
+                    continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # another user's, or gone
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.endswith("/" + LOCK_FILE) and _key(os.stat(target)) == key:
+                    found.append((pid, Path(target).parent))
+                    break
+            except OSError:
+                continue
+    return found

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import inspect
 import json
@@ -26,8 +25,8 @@ from .admin.history import History, Totals
 from .admin.http import FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply
 from .bus import EmbeddedBus, Sink
 from .build import BuildInfo
+from .bus import topics
 from .bus.base import publish_json
-from .bus.commands import PREFIX as COMMANDS_PREFIX
 from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
 from .bus.recovery import RecoveryStats, recover_embedded, recover_kafka
@@ -183,16 +182,12 @@ def _is_downlink(route: Route) -> bool:
             and (route.method, route.pattern.rsplit("/", 1)[-1]) in DOWNLINK_ROUTES)
 
 
-def lock_data_dir(data: Path) -> int:
+def lock_data_dir(data: Path, settings: Settings | None = None) -> int:
     """One server per data dir: the embedded bus assigns offsets in memory, so two writers would
-    interleave them.  The lock goes away with the process, however it ends."""
-    fd = os.open(data / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"data_dir: {data} is in use by another corem serve") from None
-    return fd
+    interleave them.  The lock goes away with the process, however it ends; the lock file says
+    who holds it, with the bus and the topic prefix (the CLI reads them: corem/datadir.py)."""
+    about = {} if settings is None else {"bus": settings.bus, "topic_prefix": settings.topic_prefix}
+    return datadir.lock(data, about)
 
 
 class Server:
@@ -202,9 +197,10 @@ class Server:
         fdlimit.raise_limit()  # first: the connection caps are derived from it (issue 26)
         self.settings = settings
         self.worker = worker
+        topics.configure(settings.topic_prefix)  # (every topic this process names)
         data = settings.data_path
         datadir.make(data)
-        self._lock = lock_data_dir(data) if worker is None else -1
+        self._lock = lock_data_dir(data, settings) if worker is None else -1
         try:
             if worker is None:  # (the supervisor prepared it for its workers)
                 datadir.prepare(data)
@@ -421,11 +417,16 @@ class Server:
         return Reply(200, b"ready\n", "text/plain")
 
     def http_routes(self) -> list[Route]:
-        ops = [Route("GET", path, fn, auth=False, doc={"summary": summary}) for path, fn, summary in (
-            ("/metrics", self._metrics, "Prometheus metrics"),
-            ("/healthz", self._healthz, "Alive"),
-            ("/readyz", self._readyz, "Listeners bound and the bus reachable"),
+        ops = [Route("GET", path, fn, auth=False, doc={"id": op, "tag": "operations", "summary": summary,
+                                                        "content": "text/plain", "error_content": "text/plain",
+                                                        "errors": errors})
+               for path, fn, op, summary, errors in (
+            ("/metrics", self._metrics, "getMetrics", "Prometheus metrics (text exposition format 0.0.4)", {}),
+            ("/healthz", self._healthz, "getHealth", "Alive: answers while the process runs", {}),
+            ("/readyz", self._readyz, "getReadiness", "Ready: every listener bound and the bus reachable",
+             {503: ("Starting, or what is not ready, one line each (e.g. the bus)", str)}),
         )]
+        self.admin.documented = ops  # (the OpenAPI document lists them)
         if self.worker is not None:  # for the supervisor's front (corem/workers/front.py)
             ops.append(Route("GET", "/_worker/metrics", self._worker_metrics))
         if self.registry.shared:  # for the other nodes' commands readers
@@ -487,7 +488,7 @@ class Server:
         (`POST /_node/commands/{tenant}`), and its result published here, in the background."""
         if self.homes is None or self._nursery is None:
             return False
-        tenant = topic[len(COMMANDS_PREFIX):]
+        tenant = topics.commands_tenant(topic)
         try:
             device = json.loads(value).get("device")
         except (ValueError, AttributeError):
@@ -499,7 +500,7 @@ class Server:
         return True
 
     async def _forward_command(self, home: str, topic: str, partition: int, offset: int, value: bytes) -> None:
-        tenant = topic[len(COMMANDS_PREFIX):]
+        tenant = topics.commands_tenant(topic)
         try:
             assert self.homes is not None
             reply = await call(home, "POST", f"/_node/commands/{tenant}", value, {
@@ -524,13 +525,13 @@ class Server:
     def _command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
         if self.worker is None and self._to_other_node(topic, partition, offset, value):
             return
-        tenant = topic[len(COMMANDS_PREFIX):]
+        tenant = topics.commands_tenant(topic)
         self._command_done(topic, partition, offset,
                            apply_command(tenant, value, self.directory, self.downlink, self.management))
 
     def _command_done(self, topic: str, partition: int, offset: int, result: dict) -> None:
         """Publish a record's result on commands.results.{tenant} and move past it."""
-        tenant = topic[len(COMMANDS_PREFIX):]
+        tenant = topics.commands_tenant(topic)
         result.update(at=int(time.time() * 1000), source={"topic": topic, "partition": partition, "offset": offset})
         publish_json(self.sink, results_topic(tenant), result.get("device") or "", result)
         try:

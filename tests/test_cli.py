@@ -22,9 +22,9 @@ def test_devices_add_list_remove(tmp_path):
     corem_cli("devices", "add", "--tenant", "t1", "--device", "b", "--psk-identity", "id-b", "--psk-hex",
               "00112233445566778899", data_dir=d)
     rows = [json.loads(line) for line in corem_cli("devices", "list", "--json", data_dir=d).stdout.splitlines()]
-    assert [(r["tenant"], r["device"], r["token"], r["psk_identity"]) for r in rows] == [
-        ("t1", "a", "tok-a", None), ("t1", "b", None, "id-b")]
-    assert all(r["psk"] is None for r in rows)  # keys are never printed
+    assert [(r["tenant"], r["device"], r["has_token"], r["psk_identity"]) for r in rows] == [
+        ("t1", "a", True, None), ("t1", "b", False, "id-b")]
+    assert all("psk" not in r and "token" not in r for r in rows)  # secrets only with --secrets
     table = corem_cli("devices", "list", data_dir=d).stdout
     assert "psk:id-b" in table and "00112233" not in table
     assert "removed t1/a" in corem_cli("devices", "remove", "--tenant", "t1", "--device", "a", data_dir=d).stdout

@@ -165,8 +165,11 @@ def test_readings_reach_kafka_with_the_right_topic_key_and_values(broker, data_d
         points = [decode_point(m.value) for m in msgs]
         assert {m.key for m in msgs} == {b"sensor-1"}
         headers = [dict(m.headers) for m in msgs]
-        assert all({k: v for k, v in h.items() if k != "coap-exchange"}
-                   == {"protocol": b"coap", "profile": b"default"} for h in headers)
+        assert all({k: v for k, v in h.items() if k not in ("coap-exchange", "creation-time")}
+                   == {"protocol": b"coap", "profile": b"default", "content-type": b"application/json",
+                       "device_id": b"sensor-1"} for h in headers)
+        # creation-time is each point's received_at (ms since the epoch, as text)
+        assert [int(h["creation-time"]) for h in headers] == [p.received_at for p in points]
         # each names its exchange (corem/bus/recovery.py): the peer and the message id
         exchanges = [h["coap-exchange"].decode().split(" ") for h in headers]
         assert all(e[:2] == ["udp", "127.0.0.1"] for e in exchanges)

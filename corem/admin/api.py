@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -19,13 +18,13 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import msgspec
 
+from .. import __version__
 from ..devices.commands import assign_package
 from ..dtls import pem_sha256
 from ..ingest.diagnostics import cbor_diagnostic
 from ..logs import fields
 from ..metrics import gather, total
 from ..profiles.compile import compile_profile
-from ..profiles.proto_schema import MAX_SCHEMA_BYTES
 from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import FORMATS as PROFILE_FORMATS
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
@@ -34,7 +33,8 @@ from ..profiles.trial import SampleError, decode_sample, sample_bytes
 from ..registry import Device, RegistryError, bulk
 from ..registry.management import KINDS, LABEL_RE
 from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_oscore, parse_psk
-from .http import HttpError, HttpRequest, Reply, Route, json_reply
+from . import schemas
+from .http import REASONS, HttpError, HttpRequest, Reply, Route, json_reply
 
 log = logging.getLogger("corem.admin")
 
@@ -67,26 +67,6 @@ NAMES = {"tenant": _like(TENANT_RE), "device": _like(DEVICE_RE), "name": _like(P
 SAMPLE_FIELDS = {"content_format": {"type": "integer", "minimum": 0, "maximum": 65535},
                  "hex": {"type": "string", "description": "the payload as hex"},
                  "base64": {"type": "string", "description": "the payload as base64"}}
-#: a profile's JSON (corem/profiles/spec.py checks it whole; the schema says its shape)
-PROFILE_SCHEMA = {"type": "object", "properties": {
-    "format": {"type": "string", "enum": list(PROFILE_FORMATS)},
-    "nested": {"type": "string", "enum": ["reject", "flatten", "json"]},
-    "positions": {"type": "array", "items": {"type": ["string", "null"]}},
-    "layout": {"type": "array", "items": {"type": "object", "properties": {
-        "name": {"type": ["string", "null"]}, "type": STR, "bytes": {"type": "integer"}}}},
-    "description": STR,
-    "fields": {"type": "object", "additionalProperties": {"type": "object", "properties": {
-        "rename": STR, "scale": {"type": "number"}, "offset": {"type": "number"}, "unit": STR,
-        "type": {"type": "string", "enum": ["number", "string"]}, "min": {"type": "number"},
-        "max": {"type": "number"}, "required": {"type": "boolean"},
-        "allowed": {"type": "array", "items": STR}}}},
-    "script": {"type": "string", "description": "js: a TS013 codec, function decodeUplink(input)"},
-    "fport": {"type": "integer", "minimum": 1, "maximum": 255}, "variables": {"type": "object"},
-    "timeout_ms": {"type": "integer", "minimum": 1, "maximum": 1000},
-    "max_memory_mb": {"type": "integer", "minimum": 8, "maximum": 512},
-    "schema": {"type": "string", "description": "protobuf: a proto3 schema (ThingsBoard's telemetry proto schema)",
-               "maxLength": MAX_SCHEMA_BYTES},
-    "message": {"type": "string", "description": "protobuf: the message a payload is (default: the last one)"}}}
 QUERY = {"limit": {"type": "integer", "minimum": 1}, "format": {"type": "string", "enum": ["csv", "jsonl"]},
          "replace": {"type": "string", "enum": ["true", "false"]}, "kind": {"type": "string", "enum": list(KINDS)},
          "title": _like(LABEL_RE), "version": _like(LABEL_RE)}
@@ -111,6 +91,28 @@ DEVICE_FIELDS = {
     "oscore_id_context": {"type": "string", "description": "OSCORE ID context, hex",
                           "pattern": "^([0-9a-fA-F]{2}){0,255}$"},
 }
+RPC_FIELDS = {"method": STR, "params": {}, "timeout": {"type": "number", "description": "seconds",
+                                                     "default": schemas.RPC_TIMEOUT},
+              "oneway": {"type": "boolean", "description": "wait for the delivery only, not a reply"}}
+COMMAND_FIELDS = {"command": STR, "payload": STR, "payload_base64": STR,
+                  "ttl": {"type": "number", "description": "seconds the command waits for the device",
+                          "default": schemas.COMMAND_TTL}}
+PACKAGE_FIELDS = {"package": {"type": "integer", "description": "the package's id (GET /api/packages)"}}
+PROVISION_FIELDS = {"key": STR, "secret": STR, "tenant": STR, "profile": STR}
+CLAIM_FIELDS = {"owner": STR, "secret_key": STR}
+#: each JSON request body: its fields (name -> JSON Schema) and the required ones -- what the
+#: handler checks (`_fields`) and what the OpenAPI document says (components/schemas/{name})
+BODIES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "DeviceNew": (DEVICE_FIELDS, ("tenant", "device")),
+    "RpcRequest": (RPC_FIELDS, ("method",)),
+    "CommandRequest": (COMMAND_FIELDS, ("command",)),
+    "PackageAssignment": (PACKAGE_FIELDS, ("package",)),
+    "ProvisioningKeyNew": (PROVISION_FIELDS, ("key", "secret", "tenant")),
+    "ClaimRequest": (CLAIM_FIELDS, ("owner", "secret_key")),
+    "SampleRequest": (SAMPLE_FIELDS, ()),
+}
+for _key, _default in schemas.DEVICE_DEFAULTS.items():  # (the document says what the API takes unsaid)
+    DEVICE_FIELDS[_key] = {**DEVICE_FIELDS[_key], "default": _default}
 OSCORE_FIELDS = ("oscore_sender_id", "oscore_recipient_id", "oscore_secret", "oscore_secret_hex", "oscore_salt",
                  "oscore_id_context")
 
@@ -132,6 +134,11 @@ def _fields(body: Any, allowed: dict[str, Any], required: tuple[str, ...] = ()) 
         if ok is not None and value is not None and (not isinstance(value, ok) or (kind != "boolean" and isinstance(value, bool))):
             raise HttpError(400, f"{key}: expected a {kind}")
     return body
+
+
+def struct_reply(value: Any, status: int = 200) -> Reply:
+    """A JSON answer from the Structs of corem/admin/schemas.py (what the document says it is)."""
+    return Reply(status, schemas.encode(value))
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,8 @@ class AdminParts:
 class AdminApi:
     def __init__(self, parts: AdminParts) -> None:
         self.parts = parts
+        #: the server's own routes the document lists beside the API's (/metrics, /healthz, /readyz)
+        self.documented: list[Route] = []
         self.started = time.time()
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -169,60 +178,55 @@ class AdminApi:
         return device
 
     def _describe(self, d: Device, seen: dict[tuple[str, str], int] | None = None,
-                  detail: bool = True) -> dict[str, Any]:
-        """A device as JSON (never its secrets); `detail` adds what costs a query (the owner)."""
+                  detail: bool = True) -> schemas.DeviceView:
+        """A device as the API shows it (never its secrets: corem/admin/schemas.py); `detail` adds
+        what costs a query (the owner)."""
         s = self.parts
         key = (d.tenant, d.device)
         if seen is None:
             seen = s.presence.last_seen()
-        return {
-            "tenant": d.tenant, "device": d.device, "profile": d.profile, "created_at": d.created_at,
-            "has_token": d.token is not None, "psk_identity": d.psk_identity, "cert_sha256": d.cert_sha256,
-            "power_mode": d.power_mode, "topics": d.topics, "gateways": d.gateways,
-            "oscore": d.oscore and {"sender_id": d.oscore.sender_id.hex(), "recipient_id": d.oscore.recipient_id.hex(),
-                                    "id_context": None if d.oscore.id_context is None else d.oscore.id_context.hex()},
-            "online": key in seen, "last_seen": seen.get(key),
-            "points": s.ingest.stats.device_points.get(key, 0),
-            "rejections": s.ingest.stats.device_rejections.get(key, 0),
-            "queued": s.downlink.queued(d), **({"owner": s.management.owner(*key)} if detail else {}),
-        }
+        return schemas.DeviceView(
+            **schemas.DeviceRecord.fields_of(d), online=key in seen, last_seen=seen.get(key),
+            points=s.ingest.stats.device_points.get(key, 0), rejections=s.ingest.stats.device_rejections.get(key, 0),
+            queued=schemas.Queued(**s.downlink.queued(d)),
+            owner=s.management.owner(*key) if detail else msgspec.UNSET)
 
     # -- devices ---------------------------------------------------------------------------------
     def list_devices(self, req: HttpRequest) -> Reply:
         devices = self.parts.registry.list_devices(req.query.get("tenant"))
         seen = self.parts.presence.last_seen()  # once, not per device
-        return json_reply([self._describe(d, seen, detail=False) for d in devices])
+        return struct_reply([self._describe(d, seen, detail=False) for d in devices])
 
     async def add_device(self, req: HttpRequest) -> Reply:
-        body = _fields(req.json(), DEVICE_FIELDS, ("tenant", "device"))
+        body = _fields(req.json(), *BODIES["DeviceNew"])
         cert = None
         if body.get("cert_pem"):
             try:
                 cert = pem_sha256(body["cert_pem"])
             except ValueError as e:
                 raise HttpError(400, f"cert_pem: {e}") from None
-        token = body.get("token")
-        oscore_given = any(body.get(k) is not None for k in OSCORE_FIELDS)
-        if token is None and body.get("psk_identity") is None and cert is None and not oscore_given:
-            token = secrets.token_urlsafe(18)  # a device needs some credential: an access token by default
+        token = schemas.generated_token(body.get("token"), body.get("psk_identity"), cert,
+                                        any(body.get(k) is not None for k in OSCORE_FIELDS))
+        defaults = schemas.DEVICE_DEFAULTS
         try:
             psk = parse_psk(body.get("psk"), body.get("psk_hex"))
             oscore = parse_oscore(*(body.get(k) for k in OSCORE_FIELDS))
             d = self.parts.registry.add_device(
-                body["tenant"], body["device"], token=token, profile=body.get("profile") or "default",
+                body["tenant"], body["device"], token=token, profile=body.get("profile") or defaults["profile"],
                 psk_identity=body.get("psk_identity"), psk=psk, cert_sha256=cert,
-                power_mode=body.get("power_mode") or "drx", topics=body.get("topics") or "#",
-                gateways=body.get("gateways") or "", oscore=oscore,
+                power_mode=body.get("power_mode") or defaults["power_mode"],
+                topics=body.get("topics") or defaults["topics"], gateways=body.get("gateways") or defaults["gateways"],
+                oscore=oscore,
             )
         except RegistryError as e:
             raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
         await self.parts.reload()
         log.info("device %s/%s added through the admin API", d.tenant, d.device,
                  extra=fields(tenant=d.tenant, device=d.device))
-        return json_reply({**self._describe(d), "token": token}, 201)
+        return struct_reply(schemas.DeviceCreated(**msgspec.structs.asdict(self._describe(d)), token=token), 201)
 
     def get_device(self, req: HttpRequest) -> Reply:
-        return json_reply(self._describe(self._device(req)))
+        return struct_reply(self._describe(self._device(req)))
 
     async def remove_device(self, req: HttpRequest) -> Reply:
         d = self._device(req)
@@ -251,9 +255,8 @@ class AdminApi:
     # -- RPC and commands ------------------------------------------------------------------------
     async def rpc(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        body = _fields(req.json(), {"method": STR, "params": {}, "timeout": {"type": "number"},
-                                    "oneway": {"type": "boolean"}}, ("method",))
-        timeout = body.get("timeout", 10.0)
+        body = _fields(req.json(), *BODIES["RpcRequest"])
+        timeout = body.get("timeout", schemas.RPC_TIMEOUT)
         if isinstance(timeout, (int, float)) and timeout > MAX_RPC_TIMEOUT:  # this call holds a connection
             raise HttpError(400, f"timeout: at most {MAX_RPC_TIMEOUT:g} seconds through the API")
         try:
@@ -270,8 +273,7 @@ class AdminApi:
 
     def command(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        body = _fields(req.json(), {"command": STR, "payload": STR, "payload_base64": STR, "ttl": {"type": "number"}},
-                       ("command",))
+        body = _fields(req.json(), *BODIES["CommandRequest"])
         if "payload" in body and "payload_base64" in body:
             raise HttpError(400, "payload: give payload or payload_base64, not both")
         try:
@@ -280,7 +282,7 @@ class AdminApi:
         except ValueError:  # binascii.Error, or text that is not even ASCII
             raise HttpError(400, "payload_base64: not base64") from None
         try:
-            delivery = self.parts.downlink.command(d, body["command"], payload, body.get("ttl", 300.0))
+            delivery = self.parts.downlink.command(d, body["command"], payload, body.get("ttl", schemas.COMMAND_TTL))
         except ValueError as e:
             raise HttpError(400, str(e)) from None
         except OverflowError as e:
@@ -307,7 +309,7 @@ class AdminApi:
     def assign(self, kind: str):
         def handler(req: HttpRequest) -> Reply:
             d = self._device(req)
-            body = _fields(req.json(), {"package": {"type": "integer"}}, ("package",))
+            body = _fields(req.json(), *BODIES["PackageAssignment"])
             try:
                 p, delivery = assign_package(self.parts.management, self.parts.downlink, d, kind, body["package"])
             except RegistryError as e:
@@ -321,8 +323,7 @@ class AdminApi:
 
     # -- provisioning and claiming ---------------------------------------------------------------
     def add_provision_key(self, req: HttpRequest) -> Reply:
-        body = _fields(req.json(), {"key": STR, "secret": STR, "tenant": STR, "profile": STR},
-                       ("key", "secret", "tenant"))
+        body = _fields(req.json(), *BODIES["ProvisioningKeyNew"])
         try:
             self.parts.management.add_provision_key(body["key"], body["secret"], body["tenant"],
                                                      body.get("profile") or "default")
@@ -332,7 +333,7 @@ class AdminApi:
 
     def claim(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        body = _fields(req.json(), {"owner": STR, "secret_key": STR}, ("owner", "secret_key"))
+        body = _fields(req.json(), *BODIES["ClaimRequest"])
         try:
             self.parts.management.claim(d.tenant, d.device, body["secret_key"], body["owner"])
         except PermissionError as e:
@@ -471,7 +472,7 @@ class AdminApi:
     def decode(self, req: HttpRequest) -> Reply:
         """Try the profile on a sample: 200 with the points, or 422 with the error the device gets."""
         profile = self._profile(req)
-        body = _fields(req.json(), SAMPLE_FIELDS)
+        body = _fields(req.json(), *BODIES["SampleRequest"])
         cf = body.get("content_format")
         if cf is not None and not 0 <= cf <= 65535:
             raise HttpError(400, "content_format: 0-65535")
@@ -488,126 +489,200 @@ class AdminApi:
         return Reply(200, page, "text/html; charset=utf-8", {"Cache-Control": "no-cache"})
 
     def openapi(self, req: HttpRequest) -> Reply:
-        return json_reply(openapi(self.routes()))
+        return json_reply(openapi(self.documented + self.routes()))
 
     # -- the table -------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
+        """Every route, with what the OpenAPI document says of it (`openapi`): its operationId and
+        tag, its body (a name of BODIES, or a schema), its answers (`ok`: the success codes, whose
+        body is `response`, a Struct of corem/admin/schemas.py; `errors`: code -> text, answered
+        with an Error, or (text, Struct))."""
         dev = "/api/devices/{tenant}/{device}"
         prof = "/api/profiles/{name}"
-        obj = {"type": "object"}
+        s = schemas
         return [
-            Route("GET", "/api/openapi.json", self.openapi, auth=False, doc={"summary": "This document"}),
-            Route("GET", "/ui", self.ui, auth=False, doc={"summary": "The diagnostics page (HTML)"}),
+            Route("GET", "/api/openapi.json", self.openapi, auth=False, doc={
+                "id": "getOpenApi", "tag": "documents", "summary": "This document", "response": dict[str, Any]}),
+            Route("GET", "/ui", self.ui, auth=False, doc={
+                "id": "getUi", "tag": "documents", "summary": "The diagnostics page (HTML)", "content": "text/html"}),
             Route("GET", "/", lambda r: Reply(302, b"", "text/plain", {"Location": "/ui"}), auth=False,
                   doc={"hidden": True}),
-            Route("GET", "/api/devices", self.list_devices, doc={"summary": "List devices (optionally ?tenant=)"}),
+            Route("GET", "/api/devices", self.list_devices, doc={
+                "id": "listDevices", "tag": "devices", "summary": "List devices (optionally ?tenant=)",
+                "query": ["tenant"], "response": list[s.DeviceView]}),
             Route("POST", "/api/devices", self.add_device, doc={
+                "id": "addDevice", "tag": "devices",
                 "summary": "Register a device; without credentials it gets a generated access token",
-                "ok": 201, "errors": {409: "The device, token, PSK identity, certificate or OSCORE recipient ID exists already"},
-                "body": {"type": "object", "required": ["tenant", "device"], "properties": DEVICE_FIELDS,
-                         "dependentRequired": {"psk": ["psk_identity"], "psk_hex": ["psk_identity"],
-                                               "psk_identity": [],
-                                               **{k: ["oscore_sender_id", "oscore_recipient_id"]
-                                                  for k in OSCORE_FIELDS}}}}),
+                "body": "DeviceNew", "ok": 201, "response": s.DeviceCreated,
+                "errors": {409: "The device, token, PSK identity, certificate or OSCORE recipient ID exists already"}}),
             Route("POST", "/api/devices/import", self.import_devices, doc={
+                "id": "importDevices", "tag": "devices",
                 "summary": "Register many devices: CSV with a header, or JSON Lines (?format=jsonl); idempotent; "
                            "?replace=true overwrites devices that exist with other settings",
-                "raw_body": True, "query": ["format", "replace"], "optional": ["format", "replace"],
+                "raw_body": "application/octet-stream", "query": ["format", "replace"], "optional": ["format", "replace"],
+                "response": s.Imported,
                 "errors": {409: "A device exists with other settings, or a credential is used by another",
                            413: "Larger than admin_max_body (the CLI imports any size)"}}),
-            Route("GET", dev, self.get_device, doc={"summary": "One device, with presence and queues"}),
-            Route("DELETE", dev, self.remove_device, doc={"summary": "Remove a device and its state", "ok": 204}),
-            Route("GET", dev + "/attributes", self.get_attributes, doc={"summary": "Client and shared attributes"}),
+            Route("GET", dev, self.get_device, doc={
+                "id": "getDevice", "tag": "devices", "summary": "One device, with presence and queues",
+                "response": s.DeviceView}),
+            Route("DELETE", dev, self.remove_device, doc={
+                "id": "removeDevice", "tag": "devices", "summary": "Remove a device and its state", "ok": 204}),
+            Route("GET", dev + "/attributes", self.get_attributes, doc={
+                "id": "getAttributes", "tag": "downlink", "summary": "Client and shared attributes",
+                "response": s.Attributes}),
             Route("PUT", dev + "/attributes", self.set_shared, doc={
+                "id": "setSharedAttributes", "tag": "downlink",
                 "summary": "Set shared attributes (null deletes); delivered, or queued merged while the device sleeps",
-                "body": obj}),
+                "body": {"type": "object", "description": "attribute name -> JSON value (null deletes it)"},
+                "response": s.Delivery}),
             Route("POST", dev + "/rpc", self.rpc, doc={
+                "id": "callRpc", "tag": "downlink",
                 "summary": "Send an RPC request and wait for the reply (504 when none within timeout)",
-                "errors": {429: "Too many requests queued for the device", 504: "No reply within the timeout"},
-                "body": {"type": "object", "required": ["method"], "properties": {
-                    "method": STR, "params": {}, "timeout": {"type": "number"}, "oneway": {"type": "boolean"}}}}),
+                "body": "RpcRequest", "response": s.RpcResult,
+                "errors": {429: "Too many requests queued for the device",
+                           504: ("No reply within the timeout", s.RpcResult)}}),
             Route("POST", dev + "/commands", self.command, doc={
-                "summary": "Send a Drogue-style command (delivered on a ct response)",
-                "ok": 202, "errors": {429: "Too many commands queued for the device"},
-                "body": {"type": "object", "required": ["command"], "properties": {
-                    "command": STR, "payload": STR, "payload_base64": STR, "ttl": {"type": "number"}}}}),
+                "id": "sendCommand", "tag": "downlink", "summary": "Send a Drogue-style command (delivered on a ct response)",
+                "body": "CommandRequest", "ok": 202, "response": s.Delivery,
+                "errors": {429: "Too many commands queued for the device"}}),
             Route("PUT", dev + "/firmware", self.assign("firmware"), doc={
-                "summary": "Assign a firmware package", "body": {"type": "object", "required": ["package"],
-                                                                 "properties": {"package": {"type": "integer"}}}}),
+                "id": "assignFirmware", "tag": "ota", "summary": "Assign a firmware package",
+                "body": "PackageAssignment", "response": s.PackageAssigned}),
             Route("PUT", dev + "/software", self.assign("software"), doc={
-                "summary": "Assign a software package", "body": {"type": "object", "required": ["package"],
-                                                                 "properties": {"package": {"type": "integer"}}}}),
+                "id": "assignSoftware", "tag": "ota", "summary": "Assign a software package",
+                "body": "PackageAssignment", "response": s.PackageAssigned}),
             Route("POST", dev + "/claim", self.claim, doc={
-                "summary": "Claim a device with the secret it published", "body": {
-                    "type": "object", "required": ["owner", "secret_key"],
-                    "properties": {"owner": STR, "secret_key": STR}}}),
-            Route("GET", "/api/packages", self.list_packages, doc={"summary": "OTA packages"}),
+                "id": "claimDevice", "tag": "provisioning", "summary": "Claim a device with the secret it published",
+                "body": "ClaimRequest", "response": s.Claimed}),
+            Route("GET", "/api/packages", self.list_packages, doc={
+                "id": "listPackages", "tag": "ota", "summary": "OTA packages", "response": list[s.Package]}),
             Route("POST", "/api/packages", self.upload_package, doc={
+                "id": "uploadPackage", "tag": "ota",
                 "summary": f"Upload an OTA package (raw body; ?kind={'|'.join(KINDS)}&title=&version=)",
-                "raw_body": True, "query": ["kind", "title", "version"], "ok": 201,
+                "raw_body": "application/octet-stream", "query": ["kind", "title", "version"], "ok": 201,
+                "response": s.Package,
                 "errors": {409: "This kind, title and version exists already", 413: "Larger than admin_max_body"}}),
             Route("POST", "/api/provisioning-keys", self.add_provision_key, doc={
+                "id": "addProvisioningKey", "tag": "provisioning",
                 "summary": "Add a provisioning key and secret devices can trade for credentials",
-                "ok": 201, "errors": {409: "The key exists already"},
-                "body": {"type": "object", "required": ["key", "secret", "tenant"],
-                         "properties": {"key": STR, "secret": STR, "tenant": STR, "profile": STR}}}),
+                "body": "ProvisioningKeyNew", "ok": 201, "response": s.ProvisioningKey,
+                "errors": {409: "The key exists already"}}),
             Route("GET", "/api/diagnostics/samples", self.samples, doc={
-                "summary": "Rejected samples, newest first", "query": ["tenant", "device", "protocol", "reason", "limit"]}),
-            Route("GET", "/api/status", self.status, doc={"summary": "Counters, devices, DTLS sessions (the UI's data)"}),
+                "id": "listSamples", "tag": "diagnostics", "summary": "Rejected samples, newest first",
+                "query": ["tenant", "device", "protocol", "reason", "limit"], "response": list[s.Sample]}),
+            Route("GET", "/api/status", self.status, doc={
+                "id": "getStatus", "tag": "diagnostics", "summary": "Counters, devices, DTLS sessions (the UI's data)",
+                "response": s.Status}),
             Route("GET", "/api/diagnostics/history", self.history, doc={
+                "id": "getHistory", "tag": "diagnostics",
                 "summary": "The last hour, one sample per 10 s: readings, refusals by reason, DTLS handshakes and "
-                           "failures by reason, bus backlog (the UI's charts)"}),
-            Route("GET", "/api/profiles", self.list_profiles, doc={"summary": "Device profiles (the built-in default first)"}),
-            Route("GET", prof, self.get_profile, doc={"summary": "One profile", "errors": {404: "No such profile"}}),
+                           "failures by reason, bus backlog (the UI's charts)", "response": s.History,
+                "errors": {404: "Kept by the supervisor's front (with --workers it answers this)"}}),
+            Route("GET", "/api/profiles", self.list_profiles, doc={
+                "id": "listProfiles", "tag": "profiles", "summary": "Device profiles (the built-in default first)",
+                "response": list[s.ProfileEntry]}),
+            Route("GET", prof, self.get_profile, doc={
+                "id": "getProfile", "tag": "profiles", "summary": "One profile", "response": s.ProfileEntry,
+                "errors": {404: "No such profile"}}),
             Route("PUT", prof, self.put_profile, doc={
-                "summary": "Add or replace a profile; devices naming it use it from now on", "ok": 200,
-                "errors": {201: "Created", 404: "No such profile"}, "body": PROFILE_SCHEMA}),
+                "id": "putProfile", "tag": "profiles",
+                "summary": "Add (201) or replace (200) a profile; devices naming it use it from now on",
+                "body": Profile, "ok": (200, 201), "response": s.ProfileEntry, "errors": {404: "No such profile"}}),
             Route("DELETE", prof, self.remove_profile, doc={
-                "summary": "Remove a profile no device uses", "ok": 204,
+                "id": "removeProfile", "tag": "profiles", "summary": "Remove a profile no device uses", "ok": 204,
                 "errors": {404: "No such profile", 409: "Built in, or devices use it"}}),
             Route("POST", prof + "/decode", self.decode, doc={
+                "id": "decodeSample", "tag": "profiles",
                 "summary": "Decode a sample payload with the profile: the points, or the error the device would get",
-                "errors": {404: "No such profile", 422: "The sample is refused; the error names the field"},
-                "body": {"type": "object", "properties": SAMPLE_FIELDS}}),
+                "body": "SampleRequest", "response": s.Decoded,
+                "errors": {404: "No such profile",
+                           422: ("The sample is refused; the error names the field", s.DecodeRefused)}}),
         ]
 
 
+TAGS = [
+    {"name": "devices", "description": "The registry: devices and their credentials"},
+    {"name": "downlink", "description": "What goes to a device: shared attributes, RPC, commands"},
+    {"name": "ota", "description": "Firmware and software packages"},
+    {"name": "provisioning", "description": "Provisioning keys and claiming"},
+    {"name": "profiles", "description": "Device profiles: payload formats and rules"},
+    {"name": "diagnostics", "description": "What the diagnostics page shows"},
+    {"name": "operations", "description": "For Prometheus and orchestrators: metrics, liveness, readiness"},
+    {"name": "documents", "description": "This document and the diagnostics page"},
+]
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
 def openapi(routes: list[Route]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `routes`: request bodies from BODIES and the Profile Struct (what
+    the handlers check with), answers from corem/admin/schemas.py's Structs."""
+    types: list[Any] = [schemas.Error, Profile]
+    for r in routes:
+        for t in (r.doc.get("response"), r.doc.get("body"), *(
+                e[1] for e in r.doc.get("errors", {}).values() if isinstance(e, tuple))):
+            if t is not None and not isinstance(t, (str, dict)) and t not in types:
+                types.append(t)
+    refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    ref = dict(zip(map(repr, types), refs))
+    for name, (allowed, required) in BODIES.items():
+        components[name] = {"type": "object", "properties": allowed, "additionalProperties": False,
+                            **({"required": list(required)} if required else {})}
+    components["DeviceNew"]["dependentRequired"] = {
+        "psk": ["psk_identity"], "psk_hex": ["psk_identity"],
+        **{k: ["oscore_sender_id", "oscore_recipient_id"] for k in OSCORE_FIELDS}}
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:
         if r.doc.get("hidden"):
             continue
-        ok = str(r.doc.get("ok", 200))
-        op: dict[str, Any] = {"summary": r.doc.get("summary", ""), "responses": {
-            ok: {"description": r.doc.get("ok_text", "OK")}}}
+        op: dict[str, Any] = {"operationId": r.doc["id"], "tags": [r.doc["tag"]], "summary": r.doc.get("summary", "")}
+        ok = r.doc.get("ok", 200)
+        responses: dict[str, Any] = {}
+        for code in ok if isinstance(ok, tuple) else (ok,):
+            answer: dict[str, Any] = {"description": r.doc.get("ok_text", REASONS.get(code, "OK"))}
+            if code != 204:
+                if "content" in r.doc:
+                    answer["content"] = {r.doc["content"]: {"schema": {"type": "string"}}}
+                elif r.doc.get("response") is not None:
+                    answer["content"] = {"application/json": {"schema": ref[repr(r.doc["response"])]}}
+            responses[str(code)] = answer
+        errors: dict[int, Any] = {}
+        if r.auth:
+            errors[400] = "Bad input; the error names the field"
+            errors[401] = "Missing or wrong admin token"
+        if "{device}" in r.pattern:
+            errors[404] = "The device is not registered"
+        errors.update(r.doc.get("errors", {}))
+        for code, about in sorted(errors.items()):
+            text, kind = about if isinstance(about, tuple) else (about, None)
+            schema = ERROR if kind is None else ref[repr(kind)]
+            responses[str(code)] = {"description": text, "content": {
+                r.doc.get("error_content", "application/json"): {"schema": schema}}}
+        op["responses"] = responses
         if r.auth:
             op["security"] = [{"admin": []}]
-            op["responses"]["400"] = {"description": "Bad input; the error names the field"}
-            op["responses"]["401"] = {"description": "Missing or wrong admin token"}
-        if "{device}" in r.pattern:
-            op["responses"]["404"] = {"description": "The device is not registered"}
-        for code, text in r.doc.get("errors", {}).items():
-            op["responses"][str(code)] = {"description": text}
         params = [{"name": p[1:-1], "in": "path", "required": True, "schema": NAMES.get(p[1:-1], STR)}
                   for p in r.pattern.split("/") if p.startswith("{")]
-        params += [{"name": q, "in": "query", "required": r.doc.get("raw_body", False) and q not in r.doc.get(
+        params += [{"name": q, "in": "query", "required": bool(r.doc.get("raw_body")) and q not in r.doc.get(
                         "optional", ()),
                     "schema": QUERY.get(q, STR)} for q in r.doc.get("query", [])]
         if params:
             op["parameters"] = params
-        if "body" in r.doc:
-            schema = r.doc["body"]
-            if "properties" in schema:  # unknown fields are refused (400 naming them)
-                schema = {**schema, "additionalProperties": False}
+        body = r.doc.get("body")
+        if body is not None:
+            schema = ({"$ref": f"#/components/schemas/{body}"} if isinstance(body, str)
+                      else body if isinstance(body, dict) else ref[repr(body)])
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
         elif r.doc.get("raw_body"):
-            op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
+            op["requestBody"] = {"required": True, "content": {r.doc["raw_body"]: {
                 "schema": {"type": "string", "format": "binary"}}}}
         paths.setdefault(r.pattern, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "corem admin API", "version": "1"},
-        "components": {"securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}},
+        "info": {"title": "corem admin API", "version": __version__,
+                 "description": "corem's admin API, metrics and health endpoints. Every /api route but this "
+                                "document needs `Authorization: Bearer <admin token>`."},
+        "tags": TAGS,
+        "components": {"securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}, "schemas": components},
         "paths": paths,
     }
-

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 from ..config import ConfigError, Settings, parse_hostport, read_secret
 from ..registry.management import KINDS
 from . import token as admin_token
+from .schemas import COMMAND_TTL, RPC_TIMEOUT
 
 KEYS = ["data_dir", "http", "admin_token", "admin_token_file"]
 
@@ -140,14 +141,15 @@ def add_parsers(sub, add_flags) -> None:
     p = device(sub.add_parser("rpc", help="send an RPC request to a device and wait for its answer"))
     p.add_argument("--method", required=True)
     p.add_argument("--params", help="JSON")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=RPC_TIMEOUT, help=f"seconds (default: {RPC_TIMEOUT:g})")
     p.add_argument("--oneway", action="store_true", help="wait only for delivery")
     p.set_defaults(func=rpc)
 
     p = device(sub.add_parser("command", help="send a Drogue-style command (delivered on a ct response)"))
     p.add_argument("--name", required=True)
     p.add_argument("--payload")
-    p.add_argument("--ttl", type=float, default=300.0)
+    p.add_argument("--ttl", type=float, default=COMMAND_TTL,
+                   help=f"seconds it waits for the device (default: {COMMAND_TTL:g})")
     p.set_defaults(func=command)
 
     fw = sub.add_parser("firmware", help="OTA packages (through the admin API)").add_subparsers(

@@ -25,6 +25,7 @@ import trio
 
 from ..stats import Histogram, Measurement, counter, gauge
 from ..wal import Checkpointer, Tidy
+from .headers import standard
 
 log = logging.getLogger("corem.bus")
 
@@ -39,9 +40,10 @@ class Record(NamedTuple):
 
 
 def publish_json(sink: "Sink", topic: str, key: str, value: Any) -> bool:
-    """A record no device waits for (attribute copies, downlink results): JSON, submitted without
-    an answer to give; a refusal or a failed batch is logged (and counted by the sink)."""
-    record = Record(topic, key.encode(), json.dumps(value, separators=(",", ":")).encode(), {})
+    """A record no device waits for (attribute copies, downlink results): JSON, with the standard
+    headers (corem/bus/headers.py; `key` is the device), submitted without an answer to give; a
+    refusal or a failed batch is logged (and counted by the sink)."""
+    record = Record(topic, key.encode(), json.dumps(value, separators=(",", ":")).encode(), standard(key))
     if not sink.submit(record, _logged, topic):
         log.warning("a record for %s was refused: the bus is full", topic)
         return False

@@ -17,11 +17,11 @@ from typing import Any, Callable, Iterator
 import trio
 
 from ..stats import Sample, counter
+from . import topics
 from .kafka import KafkaSettings
 
 log = logging.getLogger("corem.bus.commands")
 
-PREFIX = "commands."
 
 
 class KafkaCommandReader:
@@ -74,11 +74,11 @@ class KafkaCommandReader:
                     consumer = Consumer(self.settings.consumer_config())
                     assigned, next_refresh = set(), 0.0
                 if time.monotonic() >= next_refresh:
-                    topics = {PREFIX + t for t in trio.from_thread.run_sync(self.tenants)}
+                    wanted_topics = {topics.commands(t) for t in trio.from_thread.run_sync(self.tenants)}
                     # one metadata request for every topic: asking for a topic by name could
                     # create it on brokers that auto-create
                     metadata = consumer.list_topics(timeout=5)
-                    wanted = {(name, p) for name, t in metadata.topics.items() if name in topics and t.error is None
+                    wanted = {(name, p) for name, t in metadata.topics.items() if name in wanted_topics and t.error is None
                               for p in t.partitions}
                     if wanted != assigned:
                         known = trio.from_thread.run_sync(self.positions)

@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterator
 import msgspec
 
 from ..stats import Sample, counter
+from . import topics
+from .sqlite import like_prefix
 
 log = logging.getLogger("corem.bus.recovery")
 
@@ -45,8 +47,6 @@ log = logging.getLogger("corem.bus.recovery")
 HEADER = "coap-exchange"
 #: Transports whose exchanges are recovered (a bare 2.04 answers their retransmissions).
 RECOVERABLE = ("udp", "dtls")
-#: The topics of readings (corem.ingest.point.telemetry_topic).
-TELEMETRY_PREFIX = "telemetry.raw."
 #: A batch row's time is taken before its commit; rows of several writers (`--workers`) may
 #: commit slightly out of time order: read this much further back than the window.
 SLACK_MS = 5_000
@@ -154,8 +154,8 @@ def recover_embedded(path: Path, since_ms: int, limit: int, *, keep: Callable[[P
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         rows = conn.execute(
-            "SELECT records, appended_at FROM batches WHERE topic LIKE 'telemetry.raw.%' "
-            "ORDER BY base_offset DESC")
+            "SELECT records, appended_at FROM batches WHERE topic LIKE ? ESCAPE '\\' "
+            "ORDER BY base_offset DESC", (like_prefix(topics.telemetry_all()),))
         late = False
         for blob, appended_at in rows:
             if appended_at < since_ms - SLACK_MS or found.full:
@@ -201,9 +201,9 @@ def recover_kafka(settings: Any, since_ms: int, limit: int, *, keep: Callable[[P
     todo: set[tuple[str, int]] = set()
 
     try:
-        topics = consumer.list_topics(timeout=left()).topics
-        parts = [TopicPartition(name, p) for name, t in sorted(topics.items())
-                 if name.startswith(TELEMETRY_PREFIX) and t.error is None for p in sorted(t.partitions)]
+        listed = consumer.list_topics(timeout=left()).topics
+        parts = [TopicPartition(name, p) for name, t in sorted(listed.items())
+                 if name.startswith(topics.telemetry_all()) and t.error is None for p in sorted(t.partitions)]
         ends: dict[tuple[str, int], int] = {}
         starts: dict[tuple[str, int], int] = {}
         for tp in parts:

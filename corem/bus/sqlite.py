@@ -133,6 +133,11 @@ class StoredRecord(NamedTuple):
     appended_at: int
 
 
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern (with ESCAPE '\\') for the topics that start with `prefix`."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def read_records(
     path: Path, topic_prefix: str = "", after: int = 0, limit: int | None = None, *, newest: bool = False
 ) -> Iterator[StoredRecord]:
@@ -142,9 +147,8 @@ def read_records(
         return
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        escaped = topic_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         where = "base_offset + count > ? AND topic LIKE ? ESCAPE '\\'"
-        args = (after, escaped + "%")
+        args = (after, like_prefix(topic_prefix))
         if newest and limit:
             # walk back from the end until `limit` records are covered
             rows, covered = [], 0

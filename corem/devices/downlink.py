@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import trio
 
+from ..bus import topics
 from ..bus.base import Sink, publish_json
 from ..coap.endpoint import Request
 from ..coap.observe import Observers
@@ -51,7 +52,7 @@ def rpc_resource(device: Device) -> str:
 
 
 def results_topic(tenant: str) -> str:
-    return "commands.results." + tenant
+    return topics.results(tenant)
 
 
 def dumps(value: Any) -> bytes:
@@ -454,7 +455,7 @@ class Downlink:
         yield from fields(self.stats, METRICS)
         yield gauge("corem_downlink_devices_queued", len(self._queues))
 
-    def queued(self, device: Device) -> dict[str, int]:
+    def queued(self, device: Device) -> dict[str, Any]:
         q = self._queues.get((device.tenant, device.device))
         if q is None:
             return {"attributes": 0, "rpc": 0, "commands": 0, "waiting": False}

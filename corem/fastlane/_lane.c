@@ -165,6 +165,8 @@ typedef struct {
     wire_t *wire;
     size_t wire_len, wire_cap;
     char scope[8]; /* the transport in each record's exchange header: "udp", or "dtls" */
+    PyObject *ctime;   /* the `creation-time` header's text for ctime_ms (a drain's records share it) */
+    long long ctime_ms;
     uint64_t epoch;
     /* buffers */
     uint8_t *rxbuf;
@@ -583,13 +585,27 @@ static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
     return &self->targets[ti];
 }
 
-/* The record's headers: the device's (shared by its records) and `coap-exchange`, the exchange
- * this reading came in -- "{transport} {host} {port} {message id}", as corem/bus/recovery.py reads
- * and writes it -- so that a restart can read back which exchanges were committed.  One small
- * dict copy and one ASCII string per reading; the text is written here, no printf. */
-static PyObject *EXCHANGE; /* the header's name, interned */
+/* The record's headers: the device's (shared by its records: with `content-type` and `device_id`),
+ * `creation-time` (the reading's received_at in ms, as Python's path writes it: corem/bus/headers.py)
+ * and `coap-exchange`, the exchange this reading came in -- "{transport} {host} {port} {message id}",
+ * as corem/bus/recovery.py reads and writes it -- so that a restart can read back which exchanges were
+ * committed.  One small dict copy and one ASCII string per reading (the creation time's text is
+ * made once per millisecond); the text is written here, no printf. */
+static PyObject *EXCHANGE, *CREATION; /* the headers' names, interned */
 
-static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, uint16_t mid) {
+static PyObject *creation_time(Lane *self, long long now_ms) {
+    if (!self->ctime || self->ctime_ms != now_ms) {
+        char buf[24];
+        char *end = put_u64(buf, (unsigned long long)(now_ms > 0 ? now_ms : 0));
+        PyObject *text = PyUnicode_DecodeASCII(buf, end - buf, NULL);
+        if (!text) return NULL;
+        Py_XSETREF(self->ctime, text);
+        self->ctime_ms = now_ms;
+    }
+    return self->ctime;
+}
+
+static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, uint16_t mid, long long now_ms) {
     char buf[8 + INET6_ADDRSTRLEN + 32], *o = buf;
     size_t sl = strlen(self->scope);
     memcpy(o, self->scope, sl);
@@ -617,10 +633,12 @@ static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, u
     o = put_u64(o, port);
     *o++ = ' ';
     o = put_u64(o, mid);
+    PyObject *created = creation_time(self, now_ms);
+    if (!created) return NULL;
     PyObject *value = PyUnicode_DecodeASCII(buf, o - buf, NULL);
     if (!value) return NULL;
     PyObject *headers = PyDict_Copy(base);
-    if (!headers || PyDict_SetItem(headers, EXCHANGE, value) < 0) {
+    if (!headers || PyDict_SetItem(headers, CREATION, created) < 0 || PyDict_SetItem(headers, EXCHANGE, value) < 0) {
         Py_XDECREF(headers);
         Py_DECREF(value);
         return NULL;
@@ -636,7 +654,7 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
                         long long ts, double now, long long now_ms) {
     PyObject *value = point_json(self, t, items, nitems, ts, now_ms, s->end - s->payload);
     if (!value) return -1;
-    PyObject *headers = exchange_headers(self, t->headers, a, s->mid);
+    PyObject *headers = exchange_headers(self, t->headers, a, s->mid, now_ms);
     PyObject *record = headers ? self->record_type->tp_alloc(self->record_type, 4) : NULL;
     if (!record) {
         Py_DECREF(value);
@@ -1756,6 +1774,7 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
 }
 
 static int Lane_clear(Lane *self) {
+    Py_CLEAR(self->ctime);
     Py_CLEAR(self->slow);
     Py_CLEAR(self->records);
     Py_CLEAR(self->ctxs);
@@ -1859,6 +1878,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane
 
 PyMODINIT_FUNC PyInit__lane(void) {
     if (!EXCHANGE && !(EXCHANGE = PyUnicode_InternFromString("coap-exchange"))) return NULL;
+    if (!CREATION && !(CREATION = PyUnicode_InternFromString("creation-time"))) return NULL;
     if (PyType_Ready(&LaneType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;

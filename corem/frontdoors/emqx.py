@@ -29,7 +29,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
+from ..bus import topics
 from ..bus.base import Record
+from ..bus.headers import media_type, standard
 from ..coap.conditional import conditional, etag_for, evaluate
 from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
@@ -45,7 +47,7 @@ DEFAULT_MAX_AGE = 60
 
 
 def pubsub_topic(tenant: str) -> str:
-    return "pubsub." + tenant
+    return topics.pubsub(tenant)
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -220,7 +222,7 @@ class Emqx:
         assert msg is not None
         payload = bytes(msg.payload)
         cf = msg.content_format
-        headers = {"topic": topic, "device": device.device}
+        headers = {"topic": topic, "device": device.device, **standard(device.device, media_type(cf))}
         if cf is not None:
             headers["content_format"] = str(cf)
         if not self.ingest.sink.submit(Record(pubsub_topic(device.tenant), topic.encode(), payload, headers),

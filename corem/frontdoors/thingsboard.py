@@ -21,6 +21,7 @@ import logging
 from collections import OrderedDict
 from typing import Callable, Iterator
 
+from ..bus import topics
 from ..bus.base import publish_json
 from ..coap.conditional import conditional, etag_of, evaluate, with_etag
 from ..coap.endpoint import Request
@@ -44,7 +45,7 @@ PACKAGE_CACHE = 4
 
 
 def attributes_topic(tenant: str) -> str:
-    return "attributes." + tenant
+    return topics.attributes(tenant)
 
 
 class ThingsBoard:

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from ..bus import topics
 
 
 class TelemetryPoint(msgspec.Struct, frozen=True, kw_only=True):
-    """One accepted reading.  `ts` and `received_at` are milliseconds since the Unix epoch."""
+    """One accepted reading, the value of a `telemetry.raw.{tenant}` record (JSON; its published
+    schema: docs/schemas/telemetry-point.schema.json, made from this class by corem/contracts.py)."""
 
-    tenant: str
-    device: str
-    ts: int
-    numeric_values: dict[str, float]
-    string_values: dict[str, str]
-    protocol: str
-    received_at: int
-    profile: str = "default"
+    tenant: Annotated[str, msgspec.Meta(description="the device's tenant (the topic's last part too)")]
+    device: Annotated[str, msgspec.Meta(description="the device id within its tenant (the record's key too)")]
+    ts: Annotated[int, msgspec.Meta(
+        description="when the reading was taken, ms since the Unix epoch: the payload's own time when it gives "
+                    "one, else received_at")]
+    numeric_values: Annotated[dict[str, float], msgspec.Meta(description="field -> number")]
+    string_values: Annotated[dict[str, str], msgspec.Meta(description="field -> text")]
+    protocol: Annotated[str, msgspec.Meta(description="the protocol the reading came in: coap")]
+    received_at: Annotated[int, msgspec.Meta(
+        description="when corem accepted it, ms since the Unix epoch (the record's creation-time header)")]
+    profile: Annotated[str, msgspec.Meta(description="the device profile that decoded it")] = "default"
     #: field -> unit, when the payload (SenML) or the device's profile gives units; absent otherwise
-    units: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    units: Annotated[dict[str, str], msgspec.Meta(
+        description="field -> unit, when the payload (SenML) or the profile gives units; absent otherwise")] \
+        | msgspec.UnsetType = msgspec.UNSET
 
 
 _encoder = msgspec.json.Encoder()
@@ -34,4 +44,4 @@ def decode_point(data: bytes) -> TelemetryPoint:
 
 
 def telemetry_topic(tenant: str) -> str:
-    return "telemetry.raw." + tenant
+    return topics.telemetry(tenant)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from typing import Callable, Iterator
+from typing import Annotated, Callable, Iterator, Literal
 
 import msgspec
 import trio
 
+from ..bus import topics
 from ..bus.base import Record, Sink
+from ..bus.headers import JSON, standard
 from ..registry.presence import Batch, PresenceTable
 from ..stats import Sample, counter, gauge
 
@@ -38,19 +40,24 @@ _NEVER = float("inf")
 SLACK = 2.0
 
 
+State = Literal["online", "offline"]
+
+
 class PresenceEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """The value of a `device.presence.{tenant}` record (docs/schemas/presence-event.schema.json)."""
+
     tenant: str
     device: str
-    state: str  # "online" | "offline"
-    at: int  # ms since the epoch, when corem noticed
-    last_seen: int  # ms since the epoch, the last accepted reading
+    state: State
+    at: Annotated[int, msgspec.Meta(description="when corem noticed, ms since the Unix epoch")]
+    last_seen: Annotated[int, msgspec.Meta(description="the device's last accepted reading, ms since the Unix epoch")]
 
 
 _encode = msgspec.json.Encoder().encode
 
 
 def presence_topic(tenant: str) -> str:
-    return "device.presence." + tenant
+    return topics.presence(tenant)
 
 
 class Presence:
@@ -229,7 +236,8 @@ class Presence:
             return
         now = self.wall_ms()
         for tenant, device, state, last in transitions:
-            self._publish(tenant, device, state, last if state == "online" else now, last)
+            self._publish(tenant, device, "online" if state == "online" else "offline",
+                          last if state == "online" else now, last)
 
     async def run(self, clock: Callable[[], float] = trio.current_time) -> None:
         """Sweep every `interval` (and flush to the table, at once when a device is heard first),
@@ -252,10 +260,11 @@ class Presence:
                 await self.flush(release=True, expire=False)
             self.table.close()
 
-    def _publish(self, tenant: str, device: str, state: str, at: int, last_seen: int) -> None:
+    def _publish(self, tenant: str, device: str, state: State, at: int, last_seen: int) -> None:
         self.transitions[state] += 1
         event = PresenceEvent(tenant=tenant, device=device, state=state, at=at, last_seen=last_seen)
-        record = Record(presence_topic(tenant), device.encode(), _encode(event), {"type": "presence"})
+        record = Record(presence_topic(tenant), device.encode(), _encode(event),
+                        {"type": "presence", **standard(device, JSON, at)})
         if not self.sink.submit(record, self._published):
             self.publish_failures += 1
 

@@ -17,6 +17,7 @@ from typing import Callable, Collection, Iterator, NamedTuple
 import msgspec
 
 from ..bus.base import Record, Sink
+from ..bus.headers import CREATION_TIME, device_headers
 from ..bus.recovery import HEADER as EXCHANGE, exchange_header
 from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
@@ -186,7 +187,7 @@ class TelemetryIngest:
             decode_points,
             telemetry_topic(device.tenant),
             device.device.encode(),
-            {"protocol": protocol, "profile": device.profile},
+            {"protocol": protocol, "profile": device.profile, **device_headers(device.device)},
         )
 
     def _registry_changed(self, names: Collection[tuple[str, str]] | None) -> None:
@@ -271,7 +272,7 @@ class TelemetryIngest:
             received_at=received_at,
             profile=device.profile,
         )
-        record = Record(target.topic, target.key, encode_point(point), _headers(req, target.headers))
+        record = Record(target.topic, target.key, encode_point(point), _headers(req, target.headers, received_at))
         if then is None:
             req.app = device
             accepted = self.sink.submit(record, self._committed, req)
@@ -295,7 +296,7 @@ class TelemetryIngest:
                        received_at: int, points: list[Readings], profile: str | None = None) -> Response | None:
         """A stored profile's points: one record each, submitted together, one answer."""
         device = target.device
-        headers = _headers(req, target.headers)
+        headers = _headers(req, target.headers, received_at)
         if profile is not None:
             headers = {**headers, "profile": profile}
         records = [Record(target.topic, target.key, encode_point(TelemetryPoint(
@@ -404,17 +405,18 @@ class TelemetryIngest:
         )
 
 
-def _headers(req: Request, device: dict[str, str]) -> dict[str, str]:
-    """A reading's record headers: its device's, and the exchange it came in (`coap-exchange`,
-    as the fast lane writes it), so that a restart can tell its retransmission from a new reading
-    (corem/bus/recovery.py).  None over TCP (no retransmissions); an OSCORE request's transport is
-    marked, as its answer must be sealed (not recovered)."""
+def _headers(req: Request, device: dict[str, str], received_at: int) -> dict[str, str]:
+    """A reading's record headers, as the fast lane writes them: its device's (with `content-type`
+    and `device_id`), `creation-time` (its `received_at`: corem/bus/headers.py) and the exchange it
+    came in (`coap-exchange`), so that a restart can tell its retransmission from a new reading
+    (corem/bus/recovery.py).  No exchange over TCP (no retransmissions); an OSCORE request's
+    transport is marked, as its answer must be sealed (not recovered)."""
     transport = req.endpoint.transport
     if transport is None:
-        return device
+        return {**device, CREATION_TIME: str(received_at)}
     if req.protect is not None:
         transport += "+oscore"
-    return {**device, EXCHANGE: exchange_header(transport, req.peer, req.mid)}
+    return {**device, CREATION_TIME: str(received_at), EXCHANGE: exchange_header(transport, req.peer, req.mid)}
 
 
 def _peer_str(peer: object) -> str:

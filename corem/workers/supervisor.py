@@ -33,6 +33,7 @@ import trio
 
 from .. import datadir
 from ..admin import token as admin_token
+from ..bus import topics
 from ..config import SECRETS, ConfigError, Settings
 from ..logs import SERVE, fields
 from ..net import fdlimit
@@ -79,10 +80,11 @@ class Supervisor:
     def __init__(self, settings: Settings, count: int) -> None:
         fdlimit.raise_limit()  # first: the front's connection cap is derived from it (issue 26)
         self.settings = settings
+        topics.configure(settings.topic_prefix)
         self.count = count
         data = settings.data_path
         datadir.make(data)
-        self._lock = lock_data_dir(data)
+        self._lock = lock_data_dir(data, settings)
         try:
             datadir.prepare(data)
             _prepare_files(settings)
@@ -446,5 +448,5 @@ def _command_device(record: dict[str, Any]) -> Key | None:
         device = json.loads(bytes.fromhex(record["value"])).get("device")
     except (ValueError, AttributeError):
         return None
-    tenant = record["topic"].split(".", 1)[-1]
+    tenant = topics.commands_tenant(record["topic"])
     return (tenant, device) if isinstance(device, str) else None
