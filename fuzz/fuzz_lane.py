@@ -1,5 +1,5 @@
 """Fuzz the fast lane (corem/fastlane/_lane.c) against the Python path: the fuzzer's bytes become a
-sequence of datagrams (a telemetry POST template it mutates, or raw bytes), bus verdicts, clock
+sequence of datagrams (a telemetry POST template, CBOR or JSON, it mutates, or raw bytes), bus verdicts, clock
 steps and new DTLS sessions, fed to the lane in front of the Python path and to the Python path
 alone; or (a quarter of the inputs) CoAPS records of a session of corem's DTLS engine, which the
 lane opens itself in front of the engine (`DtlsTwin`: replays, forgeries, cuts, two records in a
@@ -24,6 +24,12 @@ TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                           [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"T1"), (O.URI_PATH, b"telemetry"),
                            (O.CONTENT_FORMAT, b"\x3c")],
                           b"\xa3\x61a\xf9\x3e\x00\x61b\x18\x2a\x62ts\x1b\x00\x00\x01\x8b\xcf\xe5\x68\x00"))
+#: the same reading as JSON (Content-Format 50), which the lane decodes in C too: the fuzzer mutates
+#: either (a NON of it when the type bits flip)
+JSON_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                               [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"T1"),
+                                (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
+                               b'{"a": 1.5, "b": -42, "s": "on", "d": true, "ts": 1700000000000}'))
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 
@@ -190,8 +196,8 @@ def test_one_input(data: bytes) -> None:
         kind = fdp.ConsumeIntInRange(0, 3)
         if kind == 0:  # raw bytes
             datagram = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 120))
-        else:  # the template with bytes overwritten, cut or appended
-            datagram = bytearray(TEMPLATE)
+        else:  # a template (CBOR or JSON) with bytes overwritten, cut or appended
+            datagram = bytearray(JSON_TEMPLATE if fdp.ConsumeBool() else TEMPLATE)
             for _ in range(fdp.ConsumeIntInRange(0, 3)):
                 at = fdp.ConsumeIntInRange(0, len(datagram) - 1)
                 datagram[at] = fdp.ConsumeInt(1) & 0xFF

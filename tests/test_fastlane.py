@@ -112,7 +112,7 @@ def test_what_the_lane_is_not_sure_of_is_answered_by_the_python_path(twin, paylo
 
 
 @pytest.mark.parametrize("datagram", [
-    post(code=Code.PUT), post(cf=50, payload=b'{"a":1}'), post(cf=None), post(cf=0),
+    post(code=Code.PUT), post(cf=None), post(cf=0),
     post("T2"), post("nope"), post(extra=[(O.OBSERVE, b"")]), post(extra=[(O.URI_QUERY, b"x=1")]),
     post(extra=[(O.URI_PATH, b"more")]), post(extra=[(65001, b"x")]), post(tok=b""),
     # critical options corem does not implement: refused by the endpoint (5.05, 4.02), never stored
@@ -176,6 +176,98 @@ def test_without_a_message_id_source_a_non_reading_goes_to_the_python_path(twin)
     twin.commit()
     twin.check()
     assert lane_took(twin) == 0
+
+
+def test_a_flat_json_reading_is_the_lanes_and_stored_byte_for_byte_as_python_would(twin):
+    """ThingsBoard-style devices post JSON (Content-Format 50): the default profile's flat object
+    is decoded in C too, into the same record the Python path writes."""
+    body = b'{ "temperature" : 22.5,"humidity":65, "state":"running", "door":true,"ok":false, "ts":1700000000000 }'
+    twin.receive(post(payload=body, cf=50))
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 1 and [decode(a[0]).code for a in answers] == [Code.CHANGED]
+    point = stored[0][2]
+    assert point.numeric_values == {"temperature": 22.5, "humidity": 65.0, "door": 1.0, "ok": 0.0}
+    assert point.string_values == {"state": "running"} and point.ts == 1_700_000_000_000
+
+
+@pytest.mark.parametrize("body", [
+    b'{"a":-0}', b'{"a":-0.0}', b'{"a":0.1}', b'{"a":999999999999999}', b'{"a":-12345.678901234}',
+    b'{"a":0.00000000000001}', b'{"\xc3\xbc\xe2\x80\xa8":"\xf0\x9f\x98\x80 \x7f"}', b'\t\r\n{"a":1}\n',
+    b'{"a":1,"ts":0}', b'{"ts":253402300799999,"b":"x"}',
+])
+def test_awkward_but_valid_json_readings_go_through_the_lane_unchanged(twin, body):
+    twin.receive(post(payload=body, cf=50))
+    twin.commit()
+    _, stored = twin.check()
+    assert len(stored) == 1 and lane_took(twin) == 1
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"{}", b'{"ts":1}', b"[]", b'[{"a":1}]', b'"a"', b"1", b'{"a":null}', b'{"a":[1]}', b'{"a":{"b":1}}',
+    b'{"a":1e3}', b'{"a":1E3}', b'{"a":1.5e-3}', b'{"a":1234567890123456}', b'{"a":0.1234567890123456}',
+    b'{"a":01}', b'{"a":.5}', b'{"a":1.}', b'{"a":+1}', b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-}',
+    b'{"a":"x\\"y"}', b'{"a":"\\u00fc"}', b'{"a\\n":1}', b'{"a":"\x01"}', b'{"":1}',
+    b'{"a":1,"a":2}', b'{"ts":1,"ts":2,"a":1}', b'{"ts":1.0,"a":1}', b'{"ts":-1,"a":1}', b'{"ts":"1","a":1}',
+    b'{"ts":253402300800000,"a":1}', b'{"a":1,}', b'{"a":1 "b":2}', b'{"a" 1}', b'{a:1}', b'{"a":1}x',
+    b'{"a":1}{"b":2}', b'{"a":tru}', b'{"a":True}', b'{"a":"\xff"}', b'{"a":"\xed\xa0\x80"}', b'{"a":1',
+    b'\xef\xbb\xbf{"a":1}',
+])
+def test_json_the_lane_is_not_sure_of_is_answered_by_the_python_path(twin, body):
+    twin.receive(post(payload=body, cf=50))
+    twin.commit()
+    answers, _ = twin.check()
+    assert lane_took(twin) == 0
+    assert len(answers) == 1
+
+
+JSON_KEYS = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=6)
+JSON_VALUES = st.one_of(
+    st.integers(-10**15, 10**15), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=6), st.none(), st.lists(st.integers(), max_size=2),
+    st.decimals(allow_nan=False, allow_infinity=False, places=3).map(lambda d: float(d)),
+)
+JSON_MAPS = st.dictionaries(JSON_KEYS | st.just("ts"), JSON_VALUES | st.integers(0, 253_402_300_799_999), max_size=6)
+
+
+def json_text(m: dict, spaced: bool, ensure_ascii: bool) -> bytes:
+    import json as _json
+    sep = (", ", ": ") if spaced else (",", ":")
+    return _json.dumps(m, separators=sep, ensure_ascii=ensure_ascii).encode()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(JSON_MAPS, st.booleans(), st.booleans(), st.sampled_from(["commit", "fail", "slow"])),
+                min_size=1, max_size=6))
+def test_generated_json_is_stored_and_answered_the_same_with_and_without_the_lane(steps):
+    t = Twin()
+    try:
+        for i, (m, spaced, ascii_only, then) in enumerate(steps):
+            t.receive(post(payload=json_text(m, spaced, ascii_only), cf=50, mid=i, mtype=Type.CON if i % 2 else Type.NON))
+            if then == "commit":
+                t.commit()
+            elif then == "fail":
+                t.commit(RuntimeError("bus down"))
+            else:
+                t.advance(0.7)
+            t.check()
+        t.commit()
+        t.check()
+    finally:
+        t.close()
+
+
+def test_most_generated_valid_json_readings_are_the_lanes():
+    t = Twin()
+    try:
+        for i in range(200):
+            r = {"a": round(i * 0.37, 2), "b": -i, "c": f"s{i}", "d": i % 2 == 0, "ts": 1_700_000_000_000 + i}
+            t.receive(post(payload=json_text(r, i % 2 == 0, True), cf=50, mid=i))
+        t.commit()
+        _, stored = t.check()
+        assert len(stored) == 200 and lane_took(t) == 200
+    finally:
+        t.close()
 
 
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):

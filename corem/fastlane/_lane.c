@@ -4,7 +4,7 @@
  * The Python path (UdpEdge -> Endpoint -> Router -> TelemetryIngest) costs ~20 µs per reading;
  * most of a one-core budget of ~9 µs at 0.6x libcoap's rate.  This lane reads datagrams with
  * recvmmsg, and for the one request shape that is nearly all of a fleet's traffic -- a CON or NON
- * `POST /api/v1/{token}/telemetry`, Content-Format 60, a flat CBOR map, a known token -- it does
+ * `POST /api/v1/{token}/telemetry`, a flat CBOR map (60) or JSON object (50), a known token -- it does
  * the message layer's and the ingest's work itself: rate limit, deduplication, the TelemetryPoint's
  * JSON and the sink Record.  The 2.04 goes out (sendmmsg) only when the sink says the record is
  * durable (`committed`), as on the Python path (to a NON, a NON 2.04 of a message id the endpoint
@@ -560,11 +560,11 @@ static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n,
     return 0;
 }
 
-/* 3. The route: the target of a CON or NON POST of CBOR to /api/v1/{token}/telemetry (the token's
+/* 3. The route: the target of a CON or NON POST of CBOR or JSON to /api/v1/{token}/telemetry (the token's
  * device) or, over CoAPS, /telemetry or /api/v1/telemetry (the session's); NULL for anything
  * else, or a device with its own decoder (the Python path); NULL with an exception on error. */
 static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
-    if (s->type > 1 || s->code != 2 || s->other || s->cf != 60 || !s->payload) return NULL;
+    if (s->type > 1 || s->code != 2 || s->other || (s->cf != 60 && s->cf != 50) || !s->payload) return NULL;
     if (s->type == 1 && (!self->next_mid || self->next_mid == Py_None)) return NULL; /* (a NON's answer needs one) */
     Py_ssize_t ti;
     if (s->nseg == 4 && SEG_IS(s, 0, "api") && SEG_IS(s, 1, "v1") && SEG_IS(s, 3, "telemetry") && s->seglen[2]) {
@@ -733,7 +733,8 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     item_t items[MAX_ITEMS];
     int nitems;
     long long ts;
-    if (parse_map(s.payload, s.end, items, &nitems, &ts) < 0) return python_path(self, key, now, reuse);
+    if ((s.cf == 60 ? parse_map : parse_json_map)(s.payload, s.end, items, &nitems, &ts) < 0)
+        return python_path(self, key, now, reuse);
     /* accepted: from here on the lane owns the exchange */
     return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms);
 }

@@ -1,7 +1,7 @@
 /*
- * The fast lane's CBOR reader and JSON writer: a flat CBOR map of readings (RFC 8949, the subset
- * the lane takes; anything else is "not mine" and goes to the Python path, which explains) into
- * items, and the bits of a TelemetryPoint's JSON.  Header-only, for _lane.c, which defines
+ * The fast lane's CBOR and JSON readers and JSON writer: a flat CBOR map (RFC 8949) or JSON object
+ * (RFC 8259) of readings (the subset the lane takes; anything else is "not mine" and goes to the
+ * Python path, which explains) into items, and the bits of a TelemetryPoint's JSON.  Header-only, for _lane.c, which defines
  * MAX_ITEMS before including it.
  */
 #ifndef COREM_CBOR_JSON_H
@@ -149,6 +149,131 @@ static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *n
         readings++;
     }
     if (p != end || readings == 0) return -1;
+    *nitems = count;
+    return 0;
+}
+
+/* JSON whitespace (RFC 8259 §2) */
+static inline const uint8_t *json_ws(const uint8_t *p, const uint8_t *end) {
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
+    return p;
+}
+
+/* A JSON string at p (at its opening quote) without escapes: its bytes (checked UTF-8) and p past
+ * the closing quote; -1 for anything else (an escape or a control character: the Python path). */
+static int json_plain_string(const uint8_t **p, const uint8_t *end, const uint8_t **s, size_t *n) {
+    const uint8_t *q = *p + 1;
+    const uint8_t *start = q;
+    while (q < end && *q != '"') {
+        if (*q == '\\' || *q < 0x20) return -1;
+        q++;
+    }
+    if (q >= end || !utf8_ok(start, (size_t)(q - start))) return -1;
+    *s = start;
+    *n = (size_t)(q - start);
+    *p = q + 1;
+    return 0;
+}
+
+/* A JSON number at p of the shape -?(0|[1-9][0-9]*)(.[0-9]+)? with at most 15 digits in all (no
+ * exponent): then its value is one correctly rounded IEEE operation on an exact integer and a
+ * power of ten <= 10^15, the same for every decoder, msgspec's too; -1 for any other number.
+ * *integral: no fraction (the only shape a `ts` may have). */
+static int json_number(const uint8_t **p, const uint8_t *end, double *v, int *integral, uint64_t *whole) {
+    const uint8_t *q = *p;
+    int neg = 0, digits = 0, frac = 0;
+    uint64_t m = 0;
+    if (q < end && *q == '-') neg = 1, q++;
+    if (q >= end || *q < '0' || *q > '9') return -1;
+    if (*q == '0' && q + 1 < end && q[1] >= '0' && q[1] <= '9') return -1; /* (a leading zero: not JSON) */
+    while (q < end && *q >= '0' && *q <= '9') {
+        m = m * 10 + (uint64_t)(*q++ - '0');
+        if (++digits > 15) return -1;
+    }
+    if (q < end && *q == '.') {
+        q++;
+        if (q >= end || *q < '0' || *q > '9') return -1;
+        while (q < end && *q >= '0' && *q <= '9') {
+            m = m * 10 + (uint64_t)(*q++ - '0');
+            frac++;
+            if (++digits > 15) return -1;
+        }
+    }
+    if (q < end && (*q == 'e' || *q == 'E')) return -1;
+    static const double pow10[16] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15};
+    double x = (double)m / pow10[frac]; /* (m < 10^15 < 2^53: exact; one division, correctly rounded) */
+    *v = neg && !(frac == 0 && m == 0) ? -x : x; /* ("-0" is the integer 0, "-0.0" the float -0.0) */
+    *integral = frac == 0;
+    *whole = m;
+    *p = q;
+    return 0;
+}
+
+/* Parse a JSON payload as the flat object the Python path accepts (decode_json, flat_readings):
+ * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains).
+ * Sure means: an object of at most MAX_ITEMS members, keys and text without escapes, numbers of
+ * `json_number`'s shape, true and false, an integral `ts` in range, no key twice (msgspec would
+ * keep the last), at least one reading; null, arrays, nested objects and the rest are Python's. */
+static int parse_json_map(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts) {
+    p = json_ws(p, end);
+    if (p >= end || *p != '{') return -1;
+    p = json_ws(p + 1, end);
+    int count = 0;
+    *ts = -1;
+    if (p < end && *p == '}') return -1; /* (no readings) */
+    for (;;) {
+        if (p >= end || *p != '"') return -1;
+        const uint8_t *key;
+        size_t klen;
+        if (json_plain_string(&p, end, &key, &klen) < 0 || klen == 0) return -1;
+        for (int j = 0; j < count; j++)
+            if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
+        int is_ts = klen == 2 && key[0] == 't' && key[1] == 's';
+        if (is_ts && *ts >= 0) return -1;
+        p = json_ws(p, end);
+        if (p >= end || *p != ':') return -1;
+        p = json_ws(p + 1, end);
+        if (p >= end) return -1;
+        if (count == MAX_ITEMS) return -1;
+        item_t *it = &items[count];
+        it->key = key;
+        it->klen = klen;
+        it->is_text = 0;
+        if (is_ts) {
+            double v;
+            int integral;
+            uint64_t whole;
+            if (*p == '-' || json_number(&p, end, &v, &integral, &whole) < 0 || !integral || whole > MAX_TS_MS)
+                return -1;
+            *ts = (long long)whole;
+        } else if (*p == '"') {
+            if (json_plain_string(&p, end, &it->text, &it->tlen) < 0) return -1;
+            it->is_text = 1;
+            count++;
+        } else if (end - p >= 4 && memcmp(p, "true", 4) == 0) {
+            it->num = 1.0;
+            p += 4;
+            count++;
+        } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
+            it->num = 0.0;
+            p += 5;
+            count++;
+        } else {
+            int integral;
+            uint64_t whole;
+            if (json_number(&p, end, &it->num, &integral, &whole) < 0) return -1;
+            count++;
+        }
+        p = json_ws(p, end);
+        if (p < end && *p == ',') {
+            p = json_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}') break;
+        return -1;
+    }
+    p = json_ws(p + 1, end);
+    if (p != end || count == 0) return -1;
     *nitems = count;
     return 0;
 }
