@@ -5,13 +5,16 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-# Every dependency, runtime, test and bench, at the exact version and hash in requirements.lock
-# (pyproject.toml keeps lower bounds for people who install corem as a library). `make lock`
-# regenerates it; `make test-latest` runs the suite against the newest releases instead.
+# Every dependency, runtime, optional (the extras), test and bench, at the exact version and hash in
+# requirements.lock (pyproject.toml keeps lower bounds for people who install corem as a library);
+# requirements-runtime.lock, the same versions of only what every corem needs (a single node on
+# the embedded bus: 13 packages, for the wheel `make dist` builds).  `make lock` regenerates both;
+# `make test-latest` runs the suite against the newest releases instead.
 LOCK   := requirements.lock
+RUNTIME_LOCK := requirements-runtime.lock
 UV     := uv==0.13.9
 
-.PHONY: run test deps sysdeps jsdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers bench-transports fuzz soak clean lock test-latest
+.PHONY: dist run test deps sysdeps jsdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers bench-transports fuzz soak clean lock test-latest
 
 $(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c \
 	  corem/dtls/engine/_records.c corem/dtls/engine/dtls_records.h
@@ -70,12 +73,23 @@ sysdeps:
 	  fi; \
 	fi
 
-# Regenerate the lock from pyproject.toml (+ requirements-build.in): newest releases that satisfy
-# the bounds, every platform's hashes.  Review the diff, run `make test`, commit both.
+# Regenerate the locks from pyproject.toml (+ requirements-build.in): newest releases that satisfy
+# the bounds, every platform's hashes; the runtime lock takes the full one's versions.  Review the
+# diff, run `make test`, commit them.
 lock: $(STAMP)
 	$(PIP) install -q '$(UV)'
-	$(VENV)/bin/uv pip compile pyproject.toml requirements-build.in --extra test --extra bench \
+	$(VENV)/bin/uv pip compile pyproject.toml requirements-build.in --all-extras \
 	  --generate-hashes --universal --python-version 3.11 --upgrade -o $(LOCK)
+	$(VENV)/bin/uv pip compile pyproject.toml -c $(LOCK) \
+	  --generate-hashes --universal --python-version 3.11 -o $(RUNTIME_LOCK)
+
+# corem's wheel, with its C parts built here and made manylinux by auditwheel (the libcrypto they use
+# put in it: any glibc at least this machine's), in dist/.  Install it with the runtime lock (docs/operating.md):
+# `pip install --require-hashes -r requirements-runtime.lock && pip install --no-deps dist/corem-*.whl`.
+dist: $(STAMP)
+	rm -rf dist build/wheel && $(PIP) wheel -q --no-deps --no-build-isolation -w build/wheel .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair -w dist build/wheel/corem-*.whl
+	@ls dist/*.whl
 
 # The suite against the newest releases (unpinned, in its own virtualenv): an upgrade is a
 # deliberate, tested step -- green here, then `make lock`.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -128,6 +129,11 @@ def _workers(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {v!r} is not a number of processes or 'auto'") from None
     if not 1 <= n <= 1024:
         raise ConfigError(f"{key}: {n} must be 1 to 1024")
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password, for messages."""
+    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _database_url(key: str, v: Any) -> None:
@@ -382,7 +388,15 @@ class Settings:
         return settings.check()
 
     def check(self) -> Settings:
-        """Rules that involve several keys."""
+        """Rules that involve several keys, and the optional packages the settings need (one line
+        naming the extra to install: corem/extras.py)."""
+        from .extras import installed, needs
+
+        if self.bus != "embedded" and not installed("kafka"):
+            raise ConfigError(needs(f"bus: {self.bus}", "kafka"))
+        for setting in ("registry", "dtls_session_store"):
+            if getattr(self, setting) and not installed("postgres"):
+                raise ConfigError(needs(f"{setting}: {_redacted(getattr(self, setting))}", "postgres"))
         if self.dtls_client_auth == "optional" and self.dtls_engine != "corem":
             raise ConfigError("dtls_client_auth: 'optional' needs dtls_engine = corem (Mbed TLS 2.28, through "
                               "python-mbedtls, can only require a device certificate or not ask for one)")

@@ -115,15 +115,17 @@ class CoremProcess:
         return self.stderr_path.read_text()
 
 
-def start_corem(data_dir: Path, *extra: str, timeout: float = 60) -> CoremProcess:
+def start_corem(data_dir: Path, *extra: str, timeout: float = 60, python: str = sys.executable,
+                env: dict[str, str] | None = None) -> CoremProcess:
     """Start `corem serve` on loopback ports the OS picks; return once both listeners are up
     (their log lines: `coap listening on udp 127.0.0.1:PORT`, logged whatever --log-level says).
-    `timeout` only detects a start that never comes: sized for a busy CI machine, not an idle one."""
+    `timeout` only detects a start that never comes: sized for a busy CI machine, not an idle one.
+    `python`: another interpreter's corem (a clean virtualenv's); `env`: the process's environment."""
     stderr_path = data_dir.parent / f"corem-{time.monotonic_ns()}.stderr"
     log = open(stderr_path, "w")
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "corem", "serve",
+            python, "-m", "corem", "serve",
             "--data-dir", str(data_dir), "--coap", "127.0.0.1:0", "--coaps", "127.0.0.1:0",
             "--http", "127.0.0.1:0",
             *([] if "--admin-token" in extra else ["--admin-token", ADMIN_TOKEN]),
@@ -131,6 +133,7 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 60) -> CoremProces
         ],
         stdout=log,  # (nothing, as a rule: the log is on stderr)
         stderr=log,
+        env=env,
     )
     log.close()
     coap = coaps = http = None

@@ -6,7 +6,8 @@ from typing import Callable
 
 from ..ingest.payload import Readings, decode_readings
 from . import formats, rules
-from .spec import BINARY_TYPES, Profile
+from ..extras import needs
+from .spec import BINARY_TYPES, Profile, ProfileError
 
 #: (content_format, payload, now_ms) -> one Readings per point
 Decoder = Callable[[int | None, bytes | bytearray | memoryview, int], list[Readings]]
@@ -32,7 +33,10 @@ def compile_profile(profile: Profile) -> Decoder:
     elif profile.format == "cayenne-lpp":
         decode = formats.cayenne_lpp
     elif profile.format == "protobuf":
-        from .protobuf import protobuf
+        try:
+            from .protobuf import protobuf
+        except ImportError:  # (google's protobuf: an optional package)
+            raise ProfileError(needs("format: 'protobuf'", "protobuf")) from None
 
         decode = protobuf(profile.schema, profile.message, profile.nested)
     elif profile.format == "js":

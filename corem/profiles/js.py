@@ -50,11 +50,12 @@ from typing import Any
 
 from ..ingest.payload import Overloaded, PayloadError, Readings
 from .formats import put_value
+from ..extras import needs
 from .spec import ProfileError
 
 try:
     import quickjs  # type: ignore[import-untyped]  # (quickjs-ng ships no py.typed)
-except ImportError:  # pragma: no cover - quickjs-ng is a dependency
+except ImportError:  # quickjs-ng: an optional package (the 'js' extra)
     quickjs = None
 
 #: a codec's script gets this long (CPU) to load, whatever its per-call limit
@@ -125,8 +126,8 @@ class JsCodec:
 
     def _start(self) -> tuple[Any, Any]:
         """A fresh runtime with the codec loaded (ProfileError if it does not load)."""
-        if quickjs is None:  # pragma: no cover - quickjs-ng is a dependency
-            raise ProfileError("script: the js format needs quickjs-ng (pip install quickjs-ng)")
+        if quickjs is None:
+            raise ProfileError(needs("format: 'js'", "js"))
         ctx = quickjs.Context()
         ctx.set_memory_limit(self.max_memory)
         ctx.set_time_limit(LOAD_LIMIT_S)
