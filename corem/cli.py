@@ -35,6 +35,7 @@ from .registry import Registry, RegistryError, bulk
 from .registry.nudge import nudge
 from .registry.store import parse_oscore, parse_psk
 from .reload import reread as reread_settings
+from .sdnotify import Notifier
 
 log = logging.getLogger("corem")
 #: the start and stop lines, logged whatever log_level says (corem/logs.py)
@@ -70,26 +71,35 @@ def setup_logging(settings: Settings, worker: int | None = None) -> None:
 
 
 async def run_until_signalled(server: Any, announce: bool = True,
-                              reread: Callable[[], Settings] | None = None) -> None:
+                              reread: Callable[[], Settings] | None = None, notify: Notifier | None = None) -> None:
     """Run a Server (or the workers' Supervisor) until SIGINT or SIGTERM, then stop it gracefully.
 
     SIGHUP reloads (corem/reload.py): the settings are read again -- `reread()`, the config file,
     the environment and the flags as at start; without it, the running settings with their
     secrets' files -- and the server applies what can change without dropping a device.  A
     configuration that no longer loads is one error line, and nothing changes.  A SIGHUP before
-    the start completed is ignored (its default action would end corem at once)."""
+    the start completed is ignored (its default action would end corem at once).
+
+    `notify`: systemd is told (corem/sdnotify.py) READY=1 once every listener serves, RELOADING=1
+    then READY=1 around each reload, STOPPING=1 when the stop begins."""
     started = trio.Event()
+    notify = notify or Notifier(None)
+    status = ""
 
     async def reload() -> None:
+        notify.reloading()
         try:
             new = reread() if reread is not None else reread_settings(server.settings)
         except ConfigError as e:
             log.error("SIGHUP: the configuration is refused, nothing reloaded: %s", e)
+            notify.ready(status)
             return
         try:
             await server.reload(new)
         except Exception:  # noqa: BLE001 - a reload must not end a serving corem
             log.exception("SIGHUP: the reload failed; corem goes on as before")
+        finally:
+            notify.ready(status)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as outer:
@@ -102,6 +112,7 @@ async def run_until_signalled(server: Any, announce: bool = True,
                         else:
                             log.warning("SIGHUP before corem started: ignored (send it again once it serves)")
                         continue
+                    notify.stopping()
                     server.stop()
                     return
 
@@ -109,16 +120,22 @@ async def run_until_signalled(server: Any, announce: bool = True,
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(server.run)
                 started.set()
+                listening = []
                 for name, on, addr in (("coap", "udp ", bound.coap), ("coaps", "udp ", bound.coaps),
                                        ("coap+tcp", "tcp ", bound.coap_tcp), ("coaps+tcp", "tcp ", bound.coaps_tcp),
                                        ("http", "http://", bound.http)):
+                    if addr:
+                        listening.append(f"{name} {on}{logs.address(addr)}")
                     if addr and announce:  # e.g. "coap listening on udp 0.0.0.0:5683", "http listening on http://…"
                         serve_log.info("%s listening on %s%s", name, on, addr,
                                        extra=logs.fields(listener=name, address=addr))
+                status = "serving: " + ", ".join(listening)
+                notify.ready(status)
             outer.cancel_scope.cancel()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    notify = Notifier.from_environ()  # (taken out of the environment: the workers do not speak to systemd)
     settings = _settings(args, Settings.keys())
 
     def reread() -> Settings:  # (SIGHUP: the same sources, read again)
@@ -131,19 +148,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         supervisor = Supervisor(settings, n)
         serve_log.info("%d workers", n, extra=logs.fields(workers=n))
-        _run_or_refuse(supervisor, reread)
+        _run_or_refuse(supervisor, reread, notify)
     else:
         from .server import Server
 
-        _run_or_refuse(Server(settings), reread)
+        _run_or_refuse(Server(settings), reread, notify)
     return 0
 
 
-def _run_or_refuse(server: Any, reread: Callable[[], Settings] | None = None) -> None:
+def _run_or_refuse(server: Any, reread: Callable[[], Settings] | None = None, notify: Notifier | None = None) -> None:
     """Run until signalled; a ConfigError raised once Trio runs (a port another process holds, a
     setting only the workers check) leaves its nurseries as an exception group: one line, status 2."""
     try:
-        trio.run(run_until_signalled, server, True, reread)
+        trio.run(run_until_signalled, server, True, reread, notify)
     except BaseExceptionGroup as group:
         found = group.subgroup(ConfigError)
         if found is None:
