@@ -131,13 +131,13 @@ bench-formats: $(STAMP)
 bench-load: $(STAMP)
 	$(PY) bench/load_bench.py
 
+bench-formats-load: $(STAMP)
+	$(PY) bench/formats_load_bench.py
+
 clean:
 	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .hypothesis .mypy_cache test-artifacts
 
 bench-import: $(STAMP)
-bench-formats-load: $(STAMP)
-	$(PY) bench/formats_load_bench.py
-
 	$(PY) bench/import_bench.py
 
 bench-workers: $(STAMP)
