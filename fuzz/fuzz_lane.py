@@ -30,6 +30,12 @@ JSON_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                                [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"T1"),
                                 (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
                                b'{"a": 1.5, "b": -42, "s": "on", "d": true, "ts": 1700000000000}'))
+#: ThingsBoard's {ts, values} for a device on a `thingsboard` profile (the lane's MODE_THINGSBOARD)
+TB_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                             [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"TB"),
+                              (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
+                             b'{"ts": 1700000000000, "values": {"a": 1.5, "s": "on", "ts": 2}}'))
+TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 
@@ -197,7 +203,7 @@ def test_one_input(data: bytes) -> None:
         if kind == 0:  # raw bytes
             datagram = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 120))
         else:  # a template (CBOR or JSON) with bytes overwritten, cut or appended
-            datagram = bytearray(JSON_TEMPLATE if fdp.ConsumeBool() else TEMPLATE)
+            datagram = bytearray(TEMPLATES[fdp.ConsumeIntInRange(0, len(TEMPLATES) - 1)])
             for _ in range(fdp.ConsumeIntInRange(0, 3)):
                 at = fdp.ConsumeIntInRange(0, len(datagram) - 1)
                 datagram[at] = fdp.ConsumeInt(1) & 0xFF

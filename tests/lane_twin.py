@@ -17,6 +17,7 @@ from corem.ingest.point import decode_point
 from corem.ingest.profiles import register_profile
 from corem.ingest.telemetry import TelemetryIngest
 from corem.metrics import gather
+from corem.profiles.spec import parse_profile
 from corem.net.udp import deliver
 from corem.registry import Directory, Registry
 
@@ -122,6 +123,14 @@ class Twin:
         self.registry.add_device("acme", "d1", token="T1")
         self.registry.add_device("acme", "d2", token="T2", profile="twin-custom")
         self.registry.add_device("other.t", "d3:@x", token='T"3\\')
+        # stored profiles the lane also runs in C (LaneDecoder): ThingsBoard's (nested: flatten, so a
+        # nested value is the Python path's to flatten) and a flat one
+        self.registry.put_profile("tb", parse_profile('{"format": "thingsboard", "nested": "flatten"}'))
+        self.registry.put_profile("flat-too", parse_profile('{"format": "flat"}'))
+        self.registry.put_profile("tb-rules", parse_profile('{"format": "thingsboard", "fields": {"a": {"max": 10}}}'))
+        self.registry.add_device("acme", "tb-1", token="TB", profile="tb")
+        self.registry.add_device("acme", "flat-1", token="FL", profile="flat-too")
+        self.registry.add_device("acme", "tbr-1", token="TBR", profile="tb-rules")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

@@ -270,6 +270,82 @@ def test_most_generated_valid_json_readings_are_the_lanes():
         t.close()
 
 
+TB_BODIES = [  # (Content-Format, payload): ThingsBoard's telemetry shapes
+    (50, b'{"temperature": 22.5, "humidity": 65, "state": "running", "on": true}'),
+    (50, b'{"ts": 1700000000000, "values": {"temperature": 22.5, "state": "ok"}}'),
+    (50, b'{"values": {"temperature": 22.5}, "ts": 1700000000001}'),
+    (50, b'{"values": {"a": 1}}'),
+    (50, b'{"ts": 1700000000000, "a": 1}'),  # (flat: ts is one more value, as in ThingsBoard)
+    (60, cbor2.dumps({"temperature": 22.5, "state": "running"})),
+    (60, cbor2.dumps({"ts": 1_700_000_000_000, "values": {"temperature": 22.5, "ts": 3}})),
+    (60, cbor2.dumps({"values": {"a": -1.5}})),
+    (60, cbor2.dumps({"ts": 1.5, "b": 2})),
+]
+
+
+@pytest.mark.parametrize("cf, body", TB_BODIES)
+def test_a_thingsboard_profiles_readings_are_the_lanes_and_stored_as_python_would(twin, cf, body):
+    """A device on a `thingsboard` profile without rules (ThingsBoard's flat map or {ts, values},
+    JSON or CBOR) is decoded in C as its Python twin decodes it; so is a stored `flat` profile."""
+    twin.receive(post("TB", payload=body, cf=cf))
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 1 and [decode(a[0]).code for a in answers] == [Code.CHANGED]
+    assert stored[0][3]["profile"] == "tb" and stored[0][2].profile == "tb"
+
+
+@pytest.mark.parametrize("cf, body", [
+    (50, b'{"ts": 1700000000000, "values": {"a": {"b": 1}}}'),  # nested: flattened by Python
+    (50, b'{"a": {"b": 1}}'), (50, b'{"a": [1, 2]}'), (50, b'{"values": 5}'), (50, b'{"values": {}}'),
+    (50, b'{"ts": -1, "values": {"a": 1}}'), (50, b'{"ts": 1.5, "values": {"a": 1}}'),
+    (50, b'{"ts": 1, "ts": 2, "values": {"a": 1}}'), (50, b'{"values": {"a": 1}, "values": {"b": 1}}'),
+    (50, b'{"values": {"a": 1}, "x": 1}'), (50, b'{"values": 1, "x": 2}'), (50, b'[{"a": 1}, {"a": 2}]'),
+    (50, b'{"ts": 1, "values": {"a": null}}'), (50, b'{"values": {"a": 1}} x'),
+    (60, cbor2.dumps([{"a": 1}])), (60, cbor2.dumps({"values": {"a": {"b": 1}}})),
+    (60, cbor2.dumps({"ts": -5, "values": {"a": 1}})), (60, cbor2.dumps({"values": {}})),
+    (60, cbor2.dumps({"values": {"a": 1}}) + b"\x00"),
+])
+def test_thingsboard_payloads_the_lane_is_not_sure_of_are_the_python_paths(twin, cf, body):
+    twin.receive(post("TB", payload=body, cf=cf))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == 0
+
+
+def test_a_stored_flat_profile_is_the_lanes_and_rules_keep_a_profile_python_s(twin):
+    twin.receive(post("FL", payload=b'{"a": 1, "ts": 1700000000000}', cf=50))
+    twin.receive(post("TBR", payload=b'{"a": 1}', cf=50, mid=2))
+    twin.commit()
+    _, stored = twin.check()
+    assert lane_took(twin) == 1 and [p[2].device for p in stored] == ["flat-1", "tbr-1"]
+    assert stored[0][2].ts == 1_700_000_000_000
+
+
+TB_VALUES = st.one_of(st.integers(-10**15, 10**15), st.floats(allow_nan=False, allow_infinity=False),
+                      st.booleans(), st.text(max_size=4), st.none(), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                                     max_size=2))
+TB_FLAT = st.dictionaries(st.sampled_from(["a", "b", "ts", "values", "é"]), TB_VALUES, max_size=4)
+TB_DOCS = TB_FLAT | st.builds(lambda ts, v: {"ts": ts, "values": v} if ts is not None else {"values": v},
+                              st.none() | st.integers(-1, 253_402_300_800_000) | st.floats(0, 10), TB_FLAT | TB_VALUES)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(TB_DOCS, st.sampled_from([50, 60]), st.booleans()), min_size=1, max_size=5))
+def test_generated_thingsboard_payloads_are_stored_and_answered_the_same_with_and_without_the_lane(steps):
+    t = Twin()
+    try:
+        for i, (doc, cf, commit) in enumerate(steps):
+            body = cbor2.dumps(doc) if cf == 60 else json_text(doc, bool(i % 2), True)
+            t.receive(post("TB", payload=body, cf=cf, mid=i))
+            if commit:
+                t.commit()
+            t.check()
+        t.commit()
+        t.check()
+    finally:
+        t.close()
+
+
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
     twin.receive(post('T"3\\'))
     twin.commit()

@@ -42,6 +42,7 @@ from ..ingest.telemetry import BUSY, Target, TelemetryIngest
 from ..latency import BOUNDS as LATENCY_BOUNDS
 from ..latency import LANE_DOORS
 from ..latency import NAME as LATENCY
+from ..profiles.compile import LANE_FLAT, LaneDecoder
 from ..stats import Histogram, Sample, counter
 
 try:
@@ -76,6 +77,16 @@ def json_frame(tenant: str, device: str, profile: str) -> tuple[bytes, bytes] | 
     head = whole[: at + 5]
     tail = whole[at + 5 + len(middle):]
     return (head, tail) if head + middle + tail == whole else None
+
+
+def lane_mode(target: Target) -> int | None:
+    """How the lane decodes this device's payloads itself (LANE_FLAT, LANE_THINGSBOARD), or None:
+    the built-in default profile, or a stored profile compiled to a `LaneDecoder`; any other
+    decoder (rules, other formats, a hook) is the Python path's."""
+    if target.decode is decode_readings:
+        return LANE_FLAT
+    decode = target.decode_points
+    return decode.mode if isinstance(decode, LaneDecoder) else None
 
 
 def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_size: int) -> None:
@@ -177,15 +188,16 @@ class FastLane:
             self._dropped_at = now
             for old in list(islice(hot, max(1, self.hot_max // 64))):
                 self._drop(old)
-        frame = json_frame(device.tenant, device.device, device.profile) if target.decode is decode_readings else None
-        if frame is None:  # a device with its own decoder, or a point layout the lane does not know: Python's
+        mode = lane_mode(target)
+        frame = None if mode is None else json_frame(device.tenant, device.device, device.profile)
+        if mode is None or frame is None:  # a device with its own decoder, or a point layout the lane does not know: Python's
             hot[name] = (-1, None)
             return
         if self._free:
             i = self._free.pop()
         else:
             i, self._next = self._next, self._next + 1
-        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device))
+        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device, mode))
         token = None if device.token is None else device.token.encode()
         if token is not None:
             self._tokens[token] = i

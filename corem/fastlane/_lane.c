@@ -122,6 +122,7 @@ typedef struct {
 typedef struct {
     PyObject *topic, *key, *headers, *head, *tail, *device;
     uint64_t epoch; /* the drain that last told Python this device talked */
+    int mode;       /* its payloads' shape: MODE_FLAT (the default profile), MODE_THINGSBOARD */
 } target_t;
 
 typedef struct {
@@ -733,7 +734,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     item_t items[MAX_ITEMS];
     int nitems;
     long long ts;
-    if ((s.cf == 60 ? parse_map : parse_json_map)(s.payload, s.end, items, &nitems, &ts) < 0)
+    if (parse_payload(s.cf, t->mode, s.payload, s.end, items, &nitems, &ts) < 0)
         return python_path(self, key, now, reuse);
     /* accepted: from here on the lane owns the exchange */
     return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms);
@@ -1530,8 +1531,9 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         PyObject *item = PyList_GET_ITEM(list, i);
         if (item == Py_None) continue; /* not the lane's to serve */
         target_t *t = &ts[i];
-        if (!PyArg_ParseTuple(item, "UO!O!SSO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
-                              &t->head, &t->tail, &t->device)) {
+        if (!PyArg_ParseTuple(item, "UO!O!SSO|i", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
+                              &t->head, &t->tail, &t->device, &t->mode) || (t->mode != MODE_FLAT && t->mode != MODE_THINGSBOARD)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "set_targets: mode must be 0 (flat) or 1 (thingsboard)");
             PyMem_Free(ts);
             return NULL;
         }
@@ -1569,9 +1571,13 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
         return NULL;
     }
     target_t t = {0};
-    if (item != Py_None && !PyArg_ParseTuple(item, "UO!O!SSO", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
-                                             &t.headers, &t.head, &t.tail, &t.device))
+    if (item != Py_None && !PyArg_ParseTuple(item, "UO!O!SSO|i", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
+                                             &t.headers, &t.head, &t.tail, &t.device, &t.mode))
         return NULL;
+    if (t.mode != MODE_FLAT && t.mode != MODE_THINGSBOARD) {
+        PyErr_SetString(PyExc_ValueError, "set_target: mode must be 0 (flat) or 1 (thingsboard)");
+        return NULL;
+    }
     if (i >= self->ntargets) {
         if (item == Py_None) Py_RETURN_NONE;
         Py_ssize_t n = 2 * self->ntargets > i + 1 ? 2 * self->ntargets : (i + 16);

@@ -80,9 +80,11 @@ static double half_to_double(uint16_t h) {
 #define TWO53 9007199254740992.0
 #define MAX_TS_MS 253402300799999ULL
 
-/* Parse the payload as the flat map the Python path accepts; 0 and the items if it is one the
- * lane is sure of, -1 otherwise (the Python path then decides, and explains). */
-static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts) {
+/* A flat CBOR map at p of readings the lane is sure of: 0, the items, and *after past it; -1
+ * otherwise.  ts_special: a "ts" key is the point's time (the default profile's flat map), not a
+ * reading (ThingsBoard's). */
+static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts,
+                       int ts_special, const uint8_t **after) {
     if (p >= end || (*p >> 5) != 5) return -1;
     uint64_t n;
     if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > MAX_ITEMS) return -1;
@@ -97,7 +99,8 @@ static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *n
         if (!utf8_ok(key, klen)) return -1;
         for (int j = 0; j < count; j++)
             if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
-        if (*ts >= 0 && klen == 2 && key[0] == 't' && key[1] == 's') return -1;
+        int is_ts = ts_special && klen == 2 && key[0] == 't' && key[1] == 's';
+        if (is_ts && *ts >= 0) return -1;
         if (p >= end) return -1;
         uint8_t major = *p >> 5, ai = *p & 0x1f;
         item_t *it = &items[count];
@@ -105,7 +108,7 @@ static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *n
         it->klen = klen;
         it->is_text = 0;
         uint64_t v;
-        if (klen == 2 && key[0] == 't' && key[1] == 's') {
+        if (is_ts) {
             if (major != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
             *ts = (long long)v;
             continue; /* not a reading; remembered apart (count unchanged, but ts set) */
@@ -148,9 +151,18 @@ static int parse_map(const uint8_t *p, const uint8_t *end, item_t *items, int *n
         count++;
         readings++;
     }
-    if (p != end || readings == 0) return -1;
+    if (readings == 0) return -1;
     *nitems = count;
+    *after = p;
     return 0;
+}
+
+/* A CBOR text string at p equal to `lit` (p moved past it), or 0. */
+static int cbor_key_is(const uint8_t **p, const uint8_t *end, const char *lit) {
+    size_t n = strlen(lit);
+    if (n >= 24 || end - *p < (ptrdiff_t)(1 + n) || **p != (0x60 | n) || memcmp(*p + 1, lit, n) != 0) return 0;
+    *p += 1 + n;
+    return 1;
 }
 
 /* JSON whitespace (RFC 8259 §2) */
@@ -214,8 +226,8 @@ static int json_number(const uint8_t **p, const uint8_t *end, double *v, int *in
  * Sure means: an object of at most MAX_ITEMS members, keys and text without escapes, numbers of
  * `json_number`'s shape, true and false, an integral `ts` in range, no key twice (msgspec would
  * keep the last), at least one reading; null, arrays, nested objects and the rest are Python's. */
-static int parse_json_map(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts) {
-    p = json_ws(p, end);
+static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts,
+                       int ts_special, const uint8_t **after) {
     if (p >= end || *p != '{') return -1;
     p = json_ws(p + 1, end);
     int count = 0;
@@ -228,7 +240,7 @@ static int parse_json_map(const uint8_t *p, const uint8_t *end, item_t *items, i
         if (json_plain_string(&p, end, &key, &klen) < 0 || klen == 0) return -1;
         for (int j = 0; j < count; j++)
             if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
-        int is_ts = klen == 2 && key[0] == 't' && key[1] == 's';
+        int is_ts = ts_special && klen == 2 && key[0] == 't' && key[1] == 's';
         if (is_ts && *ts >= 0) return -1;
         p = json_ws(p, end);
         if (p >= end || *p != ':') return -1;
@@ -272,10 +284,93 @@ static int parse_json_map(const uint8_t *p, const uint8_t *end, item_t *items, i
         if (p < end && *p == '}') break;
         return -1;
     }
-    p = json_ws(p + 1, end);
-    if (p != end || count == 0) return -1;
+    if (count == 0) return -1;
     *nitems = count;
+    *after = p + 1;
     return 0;
+}
+
+/* A JSON integer ts at p (the ThingsBoard {ts, values} form's): 0 and *ts, or -1. */
+static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
+    double v;
+    int integral;
+    uint64_t whole;
+    if (*p >= end || **p == '-' || json_number(p, end, &v, &integral, &whole) < 0 || !integral || whole > MAX_TS_MS)
+        return -1;
+    *ts = (long long)whole;
+    return 0;
+}
+
+/* The payload modes of a lane target: the default profile's flat map, where "ts" is the time;
+ * ThingsBoard's (a `thingsboard` profile without rules): a flat map of values, "ts" among them,
+ * or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry). */
+enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1 };
+
+/* Parse a payload (Content-Format 60: CBOR, 50: JSON) in a target's mode: 0 and the items if the
+ * lane is sure of it, -1 otherwise (the Python path decides, and explains: it is the twin, and
+ * what the lane takes it would take alike). */
+static int parse_payload(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
+                         long long *ts) {
+    const uint8_t *after;
+    *ts = -1;
+    if (cf == 60) {
+        if (cbor_object(p, end, items, nitems, ts, mode == MODE_FLAT, &after) == 0 && after == end) {
+            if (mode == MODE_FLAT) return 0;
+            for (int i = 0; i < *nitems; i++) /* ("values" beside other keys: Python's to judge) */
+                if (items[i].klen == 6 && memcmp(items[i].key, "values", 6) == 0) return -1;
+            return 0;
+        }
+        if (mode != MODE_THINGSBOARD || p >= end || (*p != 0xA1 && *p != 0xA2)) return -1;
+        int members = *p++ & 0x1f, seen_values = 0;
+        uint64_t v;
+        for (int m = 0; m < members; m++) {
+            if (cbor_key_is(&p, end, "ts")) {
+                if (*ts >= 0 || p >= end || (*p >> 5) != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
+                *ts = (long long)v;
+            } else if (!seen_values && cbor_key_is(&p, end, "values")) {
+                if (cbor_object(p, end, items, nitems, &(long long){-1}, 0, &p) < 0) return -1;
+                seen_values = 1;
+            } else {
+                return -1;
+            }
+        }
+        return seen_values && p == end ? 0 : -1;
+    }
+    p = json_ws(p, end);
+    if (json_object(p, end, items, nitems, ts, mode == MODE_FLAT, &after) == 0 && json_ws(after, end) == end) {
+        if (mode == MODE_FLAT) return 0;
+        for (int i = 0; i < *nitems; i++)
+            if (items[i].klen == 6 && memcmp(items[i].key, "values", 6) == 0) return -1;
+        return 0;
+    }
+    if (mode != MODE_THINGSBOARD || p >= end || *p != '{') return -1;
+    p = json_ws(p + 1, end);
+    int seen_values = 0;
+    for (;;) {
+        const uint8_t *key;
+        size_t klen;
+        if (p >= end || *p != '"' || json_plain_string(&p, end, &key, &klen) < 0) return -1;
+        p = json_ws(p, end);
+        if (p >= end || *p != ':') return -1;
+        p = json_ws(p + 1, end);
+        if (klen == 2 && memcmp(key, "ts", 2) == 0 && *ts < 0) {
+            if (json_ts(&p, end, ts) < 0) return -1;
+        } else if (klen == 6 && memcmp(key, "values", 6) == 0 && !seen_values) {
+            long long inner = -1;
+            if (json_object(p, end, items, nitems, &inner, 0, &p) < 0) return -1;
+            seen_values = 1;
+        } else {
+            return -1;
+        }
+        p = json_ws(p, end);
+        if (p < end && *p == ',') {
+            p = json_ws(p + 1, end);
+            continue;
+        }
+        if (p < end && *p == '}') break;
+        return -1;
+    }
+    return seen_values && json_ws(p + 1, end) == end ? 0 : -1;
 }
 
 static char *put_u64(char *o, unsigned long long v) {
