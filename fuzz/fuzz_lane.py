@@ -35,7 +35,12 @@ TB_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                              [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"TB"),
                               (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
                              b'{"ts": 1700000000000, "values": {"a": 1.5, "s": "on", "ts": 2}}'))
-TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE)
+#: Cayenne LPP for a device on a `cayenne-lpp` profile (MODE_LPP): temperature, humidity, GPS
+LPP_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                              [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"LPP"),
+                               (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
+                              bytes.fromhex("03670110" "0268" "50" "0188" "06765ff2960a0003e8")))
+TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 

@@ -131,6 +131,8 @@ class Twin:
         self.registry.add_device("acme", "tb-1", token="TB", profile="tb")
         self.registry.add_device("acme", "flat-1", token="FL", profile="flat-too")
         self.registry.add_device("acme", "tbr-1", token="TBR", profile="tb-rules")
+        self.registry.put_profile("lpp", parse_profile('{"format": "cayenne-lpp"}'))
+        self.registry.add_device("acme", "lpp-1", token="LPP", profile="lpp")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

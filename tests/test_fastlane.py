@@ -346,6 +346,64 @@ def test_generated_thingsboard_payloads_are_stored_and_answered_the_same_with_an
         t.close()
 
 
+def lpp_value(code: int, rng) -> bytes:
+    from corem.profiles.formats import LPP_TYPES
+    return bytes(rng.getrandbits(8) for _ in range(LPP_TYPES[code][1]))
+
+
+def test_every_cayenne_lpp_type_is_the_lanes_and_stored_as_python_would(twin):
+    """A device on a `cayenne-lpp` profile: each LPP type (all of formats.LPP_TYPES, so the C
+    table is held to the Python one), multi-axis and GPS included, with units, decoded in C."""
+    import random
+
+    from corem.profiles.formats import LPP_TYPES
+    rng = random.Random(7)
+    for mid, code in enumerate(sorted(LPP_TYPES)):
+        for value in (b"\x00" * LPP_TYPES[code][1], b"\xff" * LPP_TYPES[code][1], lpp_value(code, rng)):
+            twin.receive(post("LPP", payload=bytes((mid % 4, code)) + value, cf=42, mid=mid * 3 + value[0] % 3))
+            twin.commit()
+            twin.check()
+    assert lane_took(twin) >= len(LPP_TYPES)
+    body = bytes.fromhex("03670110" "05670100" "0268" "50" "0671" "04d2fb2e0000" "0188" "06765ff2960a0003e8")
+    twin.receive(post("LPP", payload=body, cf=None, mid=999))
+    twin.commit()
+    _, stored = twin.check()
+    point = stored[0][2]
+    assert point.numeric_values["temperature_3"] == 27.2 and point.units["temperature_3"] == "Cel"
+    assert point.units["gps_1.latitude"] == "lat" and point.numeric_values["accelerometer_6.x"] == 1.234
+
+
+@pytest.mark.parametrize("body, cf", [
+    (b"", 42), (b"\x03", 42), (b"\x03\x99\x00", 42), (b"\x03\x67\x01", 42), (b"\x03\x67\x01\x10\x03\x67\x01\x11", 42),
+    (b"\x03\x67\x01\x10", 60), (b"\x03\x67\x01\x10", 50), (bytes(2) * 65, 42),
+])
+def test_cayenne_lpp_the_lane_is_not_sure_of_is_the_python_paths(twin, body, cf):
+    twin.receive(post("LPP", payload=body, cf=cf) if body else post("LPP", payload=b"", cf=cf))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == 0
+
+
+LPP_CHUNKS = st.one_of(
+    st.builds(lambda ch, code, data: bytes((ch, code)) + data, st.integers(0, 3),
+              st.sampled_from([0, 2, 103, 104, 113, 136, 135, 142, 131]), st.binary(min_size=0, max_size=10)),
+    st.binary(max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(LPP_CHUNKS, min_size=1, max_size=4).map(b"".join), min_size=1, max_size=4))
+def test_generated_cayenne_lpp_is_stored_and_answered_the_same_with_and_without_the_lane(bodies):
+    t = Twin()
+    try:
+        for i, body in enumerate(bodies):
+            t.receive(post("LPP", payload=body or b"\x00", cf=42, mid=i))
+            t.commit()
+            t.check()
+    finally:
+        t.close()
+
+
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
     twin.receive(post('T"3\\'))
     twin.commit()

@@ -59,6 +59,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 #define LAT_DOORS 2
 
 #include "cbor_json.h"
+#include "lpp.h"
 #include "fifomap.h"
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
 #define DTLS_RECORDS_API_ONLY
@@ -228,7 +229,9 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
 
 static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long long ts, long long now_ms,
                             size_t payload_len) {
-    size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 128 + 6 * payload_len + 40 * (size_t)n;
+    /* (6 bytes of JSON a payload byte at most, escapes included; a name the lane made -- LPP's, < 40
+     * bytes -- with its number and again with its unit, < 160) */
+    size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 128 + 6 * payload_len + 160 * (size_t)n;
     if (need > self->json_cap) {
         char *j = PyMem_Realloc(self->json, need);
         if (!j) return PyErr_NoMemory();
@@ -269,6 +272,26 @@ static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long 
     o = put_u64(o, (unsigned long long)now_ms);
     memcpy(o, PyBytes_AS_STRING(t->tail), PyBytes_GET_SIZE(t->tail));
     o += PyBytes_GET_SIZE(t->tail);
+    first = 1;
+    for (int i = 0; i < n; i++) { /* "units" after the tail's "profile" (the Struct's order), if any */
+        if (!items[i].unit) continue;
+        if (first) {
+            static const char un[] = ",\"units\":{";
+            o--; /* (the tail's closing brace) */
+            memcpy(o, un, sizeof un - 1);
+            o += sizeof un - 1;
+        } else {
+            *o++ = ',';
+        }
+        first = 0;
+        o = put_string(o, items[i].key, items[i].klen);
+        *o++ = ':';
+        o = put_string(o, (const uint8_t *)items[i].unit, strlen(items[i].unit));
+    }
+    if (!first) {
+        *o++ = '}';
+        *o++ = '}';
+    }
     return PyBytes_FromStringAndSize(self->json, o - self->json);
 }
 
@@ -565,7 +588,7 @@ static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n,
  * device) or, over CoAPS, /telemetry or /api/v1/telemetry (the session's); NULL for anything
  * else, or a device with its own decoder (the Python path); NULL with an exception on error. */
 static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
-    if (s->type > 1 || s->code != 2 || s->other || (s->cf != 60 && s->cf != 50) || !s->payload) return NULL;
+    if (s->type > 1 || s->code != 2 || s->other || !s->payload) return NULL; /* (its Content-Format: parse_payload) */
     if (s->type == 1 && (!self->next_mid || self->next_mid == Py_None)) return NULL; /* (a NON's answer needs one) */
     Py_ssize_t ti;
     if (s->nseg == 4 && SEG_IS(s, 0, "api") && SEG_IS(s, 1, "v1") && SEG_IS(s, 3, "telemetry") && s->seglen[2]) {
@@ -719,6 +742,17 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     return 0;
 }
 
+/* The payload in its target's mode: CBOR (60) or JSON (50) documents for the flat and ThingsBoard
+ * modes (cbor_json.h), Cayenne LPP (42 or none, lpp.h); 0 and the items, or -1: the Python path's. */
+static int parse_payload(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
+                         long long *ts, char (*names)[40]) {
+    if (mode == MODE_LPP) {
+        *ts = -1;
+        return cf == 42 || cf < 0 ? parse_lpp(p, end, items, nitems, names) : -1;
+    }
+    return cf == 60 || cf == 50 ? parse_document(cf, mode, p, end, items, nitems, ts) : -1;
+}
+
 /* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
 static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
                     double now, long long now_ms, Py_ssize_t session) {
@@ -732,9 +766,10 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     target_t *t = route(self, &s, session);
     if (!t) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
     item_t items[MAX_ITEMS];
+    char names[MAX_ITEMS][40]; /* (the names a binary format makes: LPP's) */
     int nitems;
     long long ts;
-    if (parse_payload(s.cf, t->mode, s.payload, s.end, items, &nitems, &ts) < 0)
+    if (parse_payload(s.cf, t->mode, s.payload, s.end, items, &nitems, &ts, names) < 0)
         return python_path(self, key, now, reuse);
     /* accepted: from here on the lane owns the exchange */
     return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms);
@@ -1532,8 +1567,8 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         if (item == Py_None) continue; /* not the lane's to serve */
         target_t *t = &ts[i];
         if (!PyArg_ParseTuple(item, "UO!O!SSO|i", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
-                              &t->head, &t->tail, &t->device, &t->mode) || (t->mode != MODE_FLAT && t->mode != MODE_THINGSBOARD)) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "set_targets: mode must be 0 (flat) or 1 (thingsboard)");
+                              &t->head, &t->tail, &t->device, &t->mode) || t->mode < MODE_FLAT || t->mode > MODE_LPP) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "set_targets: mode must be 0, 1 or 2");
             PyMem_Free(ts);
             return NULL;
         }
@@ -1574,8 +1609,8 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
     if (item != Py_None && !PyArg_ParseTuple(item, "UO!O!SSO|i", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
                                              &t.headers, &t.head, &t.tail, &t.device, &t.mode))
         return NULL;
-    if (t.mode != MODE_FLAT && t.mode != MODE_THINGSBOARD) {
-        PyErr_SetString(PyExc_ValueError, "set_target: mode must be 0 (flat) or 1 (thingsboard)");
+    if (t.mode < MODE_FLAT || t.mode > MODE_LPP) {
+        PyErr_SetString(PyExc_ValueError, "set_target: mode must be 0 (flat), 1 (thingsboard) or 2 (cayenne-lpp)");
         return NULL;
     }
     if (i >= self->ntargets) {

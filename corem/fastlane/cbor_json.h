@@ -22,6 +22,7 @@ typedef struct {
     double num;
     const uint8_t *text;
     size_t tlen;
+    const char *unit; /* its unit (Cayenne LPP's), or NULL */
 } item_t;
 
 /* The argument of a CBOR head at p (definite only); -1 if it is not one the lane takes. */
@@ -107,6 +108,7 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         it->key = key;
         it->klen = klen;
         it->is_text = 0;
+        it->unit = NULL;
         uint64_t v;
         if (is_ts) {
             if (major != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
@@ -251,6 +253,7 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         it->key = key;
         it->klen = klen;
         it->is_text = 0;
+        it->unit = NULL;
         if (is_ts) {
             double v;
             int integral;
@@ -304,12 +307,12 @@ static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
 /* The payload modes of a lane target: the default profile's flat map, where "ts" is the time;
  * ThingsBoard's (a `thingsboard` profile without rules): a flat map of values, "ts" among them,
  * or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry). */
-enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1 };
+enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */ };
 
-/* Parse a payload (Content-Format 60: CBOR, 50: JSON) in a target's mode: 0 and the items if the
- * lane is sure of it, -1 otherwise (the Python path decides, and explains: it is the twin, and
- * what the lane takes it would take alike). */
-static int parse_payload(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
+/* Parse a document (Content-Format 60: CBOR, 50: JSON) in a target's mode (flat or ThingsBoard):
+ * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains:
+ * it is the twin, and what the lane takes it would take alike). */
+static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
                          long long *ts) {
     const uint8_t *after;
     *ts = -1;

@@ -18,15 +18,15 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
     return [decode_readings(content_format, payload)]
 
 
-#: how the fast lane decodes a payload itself (corem/fastlane/cbor_json.h `parse_payload`): the
-#: built-in default's flat map, where "ts" is the time; ThingsBoard's map or {ts, values}
-LANE_FLAT, LANE_THINGSBOARD = 0, 1
+#: how the fast lane decodes a payload itself (corem/fastlane/_lane.c `parse_payload`): the
+#: built-in default's flat map, where "ts" is the time; ThingsBoard's map or {ts, values}; Cayenne LPP
+LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP = 0, 1, 2
 
 
 class LaneDecoder:
     """A profile's decoder that the fast lane can also run in C, in `mode` (LANE_*): a profile of
-    format `flat` or `thingsboard` without field rules.  Calling it is the Python twin, which
-    answers whatever the lane leaves (tests/test_fastlane.py holds the two to the same records)."""
+    format `flat`, `thingsboard` or `cayenne-lpp` without field rules.  Calling it is the Python
+    twin, which answers whatever the lane leaves (tests/test_fastlane.py holds the two alike)."""
 
     __slots__ = ("decode", "mode")
 
@@ -70,6 +70,8 @@ def compile_profile(profile: Profile) -> Decoder:
     if not profile.fields:
         if profile.format == "thingsboard":
             return LaneDecoder(decode, LANE_THINGSBOARD)
+        if profile.format == "cayenne-lpp":
+            return LaneDecoder(decode, LANE_CAYENNE_LPP)
         if decode is _flat:
             return LaneDecoder(decode, LANE_FLAT)
         return decode
