@@ -159,11 +159,15 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 60, python: str = 
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     d = tmp_path / "data"
-    corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-1", "--token", "T0KEN-1", data_dir=d)
-    corem_cli(
-        "devices", "add", "--tenant", "acme", "--device", "sensor-7",
-        "--psk-identity", SPEC_IDENTITY, "--psk", SPEC_KEY, data_dir=d,
-    )
+    # `corem devices add` in this process (its main(), as `python -m corem` runs it): a fixture of
+    # most end-to-end tests, where an interpreter started twice cost ~1 s each (test_cli runs the
+    # command as a process)
+    from corem.cli import main
+
+    assert main(["devices", "add", "--data-dir", str(d), "--tenant", "acme", "--device", "sensor-1",
+                 "--token", "T0KEN-1"]) == 0
+    assert main(["devices", "add", "--data-dir", str(d), "--tenant", "acme", "--device", "sensor-7",
+                 "--psk-identity", SPEC_IDENTITY, "--psk", SPEC_KEY]) == 0
     return d
 
 
