@@ -210,7 +210,8 @@ def test_readyz_reports_an_unreachable_bus(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = start_corem(tmp_path / "data", "--bus", f"kafka://127.0.0.1:{port}")
+    # (--kafka-timeout 1: corem waits that long, not 10 s, for the broker's metadata before it serves)
+    server = start_corem(tmp_path / "data", "--bus", f"kafka://127.0.0.1:{port}", "--kafka-timeout", "1")
     try:
         deadline = time.monotonic() + 60  # (a bound for a busy machine)
         while True:  # librdkafka's first statistics come a second after start

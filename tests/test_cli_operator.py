@@ -105,7 +105,7 @@ def test_tail_on_a_kafka_data_dir_says_so(tmp_path):
     printing nothing -- while it runs, after it stopped, and when told the bus itself."""
     data = tmp_path / "data"
     bus = f"kafka://127.0.0.1:{free_tcp_port()}"  # (no broker needed: corem starts and waits for it)
-    server = start_corem(data, "--bus", bus, "--topic-prefix", "x.")
+    server = start_corem(data, "--bus", bus, "--topic-prefix", "x.", "--kafka-timeout", "1")  # (serves after 1 s, not 10)
     try:
         r = corem_cli("telemetry", "tail", "--tenant", "acme", data_dir=data, check=False)
         assert r.returncode == 1 and r.stdout == ""

@@ -201,7 +201,9 @@ def recover_kafka(settings: Any, since_ms: int, limit: int, *, keep: Callable[[P
     todo: set[tuple[str, int]] = set()
 
     try:
-        listed = consumer.list_topics(timeout=left()).topics
+        # (a broker that does not answer within kafka_timeout, what a record is given, is not up:
+        # corem serves without the exchanges then, rather than after `deadline`)
+        listed = consumer.list_topics(timeout=min(left(), max(0.1, settings.timeout))).topics
         parts = [TopicPartition(name, p) for name, t in sorted(listed.items())
                  if name.startswith(topics.telemetry_all()) and t.error is None for p in sorted(t.partitions)]
         ends: dict[tuple[str, int], int] = {}
