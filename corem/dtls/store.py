@@ -44,20 +44,19 @@ Row = tuple[bytes, bytes, str, str, float, int]
 
 #: (one node's store: SQLite) the record marks of the fast lane's readings, appended at each bus
 #: commit (`log_marks`) and folded into the sessions' rx_top in the background (`fold_marks`, by
-#: the sink's checkpointer, FOLD_STEP rows a transaction).  Raising rx_top in place at each commit
-#: meant one UPDATE per session, each on its own page of the table, in the commit's path (measured
-#: on a loaded machine: 64 of 7,000 sessions, 378 us a commit; 125 of 7,000, ~1.3 ms): now the
-#: commit appends, the fold updates each session once per fold however many commits it was in,
-#: off the commit path.  `take` reads what is not folded yet, through the index on peer (the log
-#: holds ~25 ms of marks, so the index is a few hot pages); a save of the row (`put`) drops its
-#: peer's older marks.
+#: the sink's checkpointer every 25 ms).  Raising rx_top in place at each commit meant one UPDATE
+#: per session in the commit's path, each on its own page of the table with many devices; now the
+#: commit appends rows at the log's end and the fold updates each session once, however many
+#: commits it was in.  Measured (a loaded machine, µs a bus commit, its path + the fold's):
+#: 64 sessions of 64, 118 -> 76 + 32; 125 sessions of 7,000, 559 -> 148 + 266.  No index on peer:
+#: one (tried) costs more at each append than it saves, and `take` -- which reads the marks not
+#: folded yet -- scans what 25 ms appended.  A save of the row (`put`) drops its peer's older marks.
 RX_LOG = "CREATE TABLE IF NOT EXISTS rx_log (peer BLOB NOT NULL, rx_top INTEGER NOT NULL)"
-RX_LOG_INDEX = "CREATE INDEX IF NOT EXISTS rx_log_peer ON rx_log (peer)"
 _FOLD = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log WHERE rowid <= ? "
          "GROUP BY peer) AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
 #: log rows folded in one transaction: the writer appending marks (at each bus commit) waits for
-#: one such step at most, not for a whole fold (~1 ms, not ~20: 7,000 sessions, 25 commits)
-FOLD_STEP = 64
+#: one such step at most (25 ms of 125 marks a commit, 1,000 commits a second: ~3,000 rows, ~7 ms)
+FOLD_STEP = 8192
 
 
 def _rx_log(db: Db) -> None:
@@ -65,7 +64,6 @@ def _rx_log(db: Db) -> None:
     at once)."""
     if not db.shared:
         db.execute(RX_LOG)
-        db.execute(RX_LOG_INDEX)
 
 
 def _raised(row: Row | None, logged: list[int]) -> Row | None:
