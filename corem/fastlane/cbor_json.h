@@ -189,6 +189,18 @@ static int json_plain_string(const uint8_t **p, const uint8_t *end, const uint8_
     return 0;
 }
 
+/* After an object's member: 1 and p at the next member's key (a comma), 0 and p at the closing
+ * brace, or -1. */
+static int json_next_member(const uint8_t **p, const uint8_t *end) {
+    const uint8_t *q = json_ws(*p, end);
+    if (q < end && *q == ',') {
+        *p = json_ws(q + 1, end);
+        return 1;
+    }
+    *p = q;
+    return q < end && *q == '}' ? 0 : -1;
+}
+
 /* A JSON number at p of the shape -?(0|[1-9][0-9]*)(.[0-9]+)? with at most 15 digits in all (no
  * exponent): then its value is one correctly rounded IEEE operation on an exact integer and a
  * power of ten <= 10^15, the same for every decoder, msgspec's too; -1 for any other number.
@@ -279,13 +291,9 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
             if (json_number(&p, end, &it->num, &integral, &whole) < 0) return -1;
             count++;
         }
-        p = json_ws(p, end);
-        if (p < end && *p == ',') {
-            p = json_ws(p + 1, end);
-            continue;
-        }
-        if (p < end && *p == '}') break;
-        return -1;
+        int next = json_next_member(&p, end);
+        if (next < 0) return -1;
+        if (!next) break;
     }
     if (count == 0) return -1;
     *nitems = count;
@@ -365,13 +373,9 @@ static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end
         } else {
             return -1;
         }
-        p = json_ws(p, end);
-        if (p < end && *p == ',') {
-            p = json_ws(p + 1, end);
-            continue;
-        }
-        if (p < end && *p == '}') break;
-        return -1;
+        int next = json_next_member(&p, end);
+        if (next < 0) return -1;
+        if (!next) break;
     }
     return seen_values && json_ws(p + 1, end) == end ? 0 : -1;
 }
