@@ -26,6 +26,33 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("corem", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("corem")
 
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist (`make test`: a worker per core), a test marked `alone` runs with no other
+    test beside it -- one that judges time under a load it makes itself (the handshake flood) --
+    while the others share the machine: a run-wide lock, taken exclusively by `alone` and shared by
+    the rest, around the whole test (its fixtures too).  A turnstile taken first by both keeps an
+    `alone` test from waiting forever behind the others' stream of shared locks."""
+    basetemp = item.config.option.basetemp
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not basetemp:
+        yield
+        return
+    import fcntl
+
+    root = Path(basetemp).parent  # (the run's directory: every worker's basetemp is in it)
+    with open(root / "alone.lock", "a") as gate, open(root / "alone.turnstile", "a") as turnstile:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(gate, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
 COAP_CLIENT = shutil.which("coap-client-notls")
 DTLS_CLIENTS = [c for c in ("coap-client-openssl", "coap-client-gnutls") if shutil.which(c) or os.environ.get("CI") == "true"]
 
