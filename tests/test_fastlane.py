@@ -236,7 +236,7 @@ def json_text(m: dict, spaced: bool, ensure_ascii: bool) -> bytes:
     return _json.dumps(m, separators=sep, ensure_ascii=ensure_ascii).encode()
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(JSON_MAPS, st.booleans(), st.booleans(), st.sampled_from(["commit", "fail", "slow"])),
                 min_size=1, max_size=6))
 def test_generated_json_is_stored_and_answered_the_same_with_and_without_the_lane(steps):
@@ -329,7 +329,7 @@ TB_DOCS = TB_FLAT | st.builds(lambda ts, v: {"ts": ts, "values": v} if ts is not
                               st.none() | st.integers(-1, 253_402_300_800_000) | st.floats(0, 10), TB_FLAT | TB_VALUES)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(TB_DOCS, st.sampled_from([50, 60]), st.booleans()), min_size=1, max_size=5))
 def test_generated_thingsboard_payloads_are_stored_and_answered_the_same_with_and_without_the_lane(steps):
     t = Twin()
@@ -391,7 +391,7 @@ LPP_CHUNKS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(LPP_CHUNKS, min_size=1, max_size=4).map(b"".join), min_size=1, max_size=4))
 def test_generated_cayenne_lpp_is_stored_and_answered_the_same_with_and_without_the_lane(bodies):
     t = Twin()
