@@ -90,6 +90,11 @@ def test_the_embedded_bus_commits_without_copying_and_its_checkpointer_copies(tm
     value = os.urandom(1500)
 
     async def main() -> None:
+        # (a failure detector, not a timing: the whole test takes ~1 s on an idle machine)
+        with trio.fail_after(60):
+            await run()
+
+    async def run() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(bus.run)
             assert len(bus.checkpointer) == 1  # (the bus file, watched when it was opened)

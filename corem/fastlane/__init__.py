@@ -80,7 +80,7 @@ def json_frame(tenant: str, device: str, profile: str) -> tuple[bytes, bytes] | 
 
 
 def lane_mode(target: Target) -> int | None:
-    """How the lane decodes this device's payloads itself (LANE_FLAT, LANE_THINGSBOARD), or None:
+    """How the lane decodes this device's payloads itself (profiles/compile.py's LANE_*), or None:
     the built-in default profile, or a stored profile compiled to a `LaneDecoder`; any other
     decoder (rules, other formats, a hook) is the Python path's."""
     if target.decode is decode_readings:
@@ -190,7 +190,7 @@ class FastLane:
                 self._drop(old)
         mode = lane_mode(target)
         frame = None if mode is None else json_frame(device.tenant, device.device, device.profile)
-        if mode is None or frame is None:  # a device with its own decoder, or a point layout the lane does not know: Python's
+        if mode is None or frame is None:  # its own decoder, or a point layout the lane does not know: Python's
             hot[name] = (-1, None)
             return
         if self._free:

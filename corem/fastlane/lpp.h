@@ -2,12 +2,10 @@
  * The fast lane's Cayenne LPP reader: [channel, type, value...]* into items named `{type}_{channel}`
  * (and `.x`, `.latitude`, ... for multi-axis types) with their units, as corem/profiles/formats.py's
  * `cayenne_lpp` (the Python twin, whose table LPP_TYPES this one must equal: tests compare them) does.
- * Header-only, for _lane.c, after cbor_json.h (item_t).
+ * Header-only, for _lane.c, after cbor_json.h (item_t, put_u64).
  */
 #ifndef COREM_LPP_H
 #define COREM_LPP_H
-
-#include <stdio.h>
 
 typedef struct {
     uint8_t code;
@@ -75,12 +73,20 @@ static int parse_lpp(const uint8_t *p, const uint8_t *end, item_t *items, int *n
         if (count + fields > MAX_ITEMS) return -1;
         for (int a = 0; a < fields; a++) {
             item_t *it = &items[count];
-            char *name = names[count];
-            int len = t->naxes ? snprintf(name, 40, "%s_%u.%s", t->name, channel, t->axes[a])
-                               : snprintf(name, 40, "%s_%u", t->name, channel);
-            if (len < 0 || len >= 40) return -1;
+            char *name = names[count], *o = name; /* "{type}_{channel}[.{axis}]": < 40 bytes by the table */
+            size_t n = strlen(t->name);
+            memcpy(o, t->name, n);
+            o += n;
+            *o++ = '_';
+            o = put_u64(o, channel);
+            if (t->naxes) {
+                *o++ = '.';
+                n = strlen(t->axes[a]);
+                memcpy(o, t->axes[a], n);
+                o += n;
+            }
             it->key = (const uint8_t *)name;
-            it->klen = (size_t)len;
+            it->klen = (size_t)(o - name);
             it->is_text = 0;
             if (code == 136) {
                 it->num = lpp_int(body + 3 * a, 3, 1) / GPS_DIV[a];
