@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable, Iterator, Protocol
 
 import msgspec
 
-from .store import Device, OscoreKeys
+from .store import _OSCORE_CODEC, Device
 
 try:
     from ._index import Index as _CIndex
@@ -85,7 +85,7 @@ Row = tuple[Any, ...]
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-_oscore = msgspec.json.Decoder(OscoreKeys).decode
+_oscore = _OSCORE_CODEC[1].decode
 
 
 def _pack_cert(text: str | None) -> bytes | str | None:

@@ -21,6 +21,7 @@ it the door is there and says so, 5.01 naming the extra (`/t` needs nothing).
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections import Counter
@@ -87,8 +88,9 @@ class Efento:
             yield counter("corem_efento_samples_skipped", self.skipped[reason], reason=reason)
 
     def install(self, router: Router, session_device: SessionDevice = None) -> None:
-        handlers = {"measurements": self.post_measurements, "device_info": self.post_device_info,
-                    "configuration": self.post_configuration}
+        handlers: dict[str, Callable[[Request, SessionDevice], Response | None]] = {
+            kind: functools.partial(self.post_attributes, kind=kind) for kind in PATHS}
+        handlers["measurements"] = self.post_measurements
         for kind, (short, name) in PATHS.items():
             post = self._post(handlers[kind], session_device)
             for path in (f"api/v1/efento/{short}", f"coap/{name}", short):
@@ -184,19 +186,13 @@ class Efento:
         return self.ingest.ingest_points(req, target, PROTOCOL, result.points, received_at, profile=PROFILE,
                                          then=_created)
 
-    def post_device_info(self, req: Request, session_device: SessionDevice) -> Response:
-        got = self._read(req, "device_info", session_device)
+    def post_attributes(self, req: Request, session_device: SessionDevice, kind: str) -> Response:
+        """Device info or configuration (`kind`): decode.py's function of that name reads it."""
+        got = self._read(req, kind, session_device)
         if isinstance(got, Response):
             return got
         decode, parsed, device = got
-        return self._attributes(req, "device_info", device, decode.device_info(parsed))
-
-    def post_configuration(self, req: Request, session_device: SessionDevice) -> Response:
-        got = self._read(req, "configuration", session_device)
-        if isinstance(got, Response):
-            return got
-        decode, parsed, device = got
-        return self._attributes(req, "configuration", device, decode.configuration(parsed))
+        return self._attributes(req, kind, device, getattr(decode, kind)(parsed))
 
     def _attributes(self, req: Request, kind: str, device: Device, values: dict[str, Any]) -> Response:
         """Stored as the device's client attributes, then copied to `attributes.{tenant}`: 2.01."""
