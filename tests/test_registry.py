@@ -115,6 +115,17 @@ def test_a_fingerprint_another_tool_wrote_is_kept_as_written():
     assert len(f.rows[2]) < len(f.rows[0])  # (the lowercase one packed as 32 bytes)
 
 
+def test_oscore_keys_another_writer_broke_leave_the_device_without_oscore_not_a_5_00(caplog):
+    """A shared registry's row is written by whoever: keys that do not decode are said once, when
+    the row is packed, and the device is served without an OSCORE context (its lookups raise
+    nothing, where a request would have been answered 5.00)."""
+    f = Fleet()
+    bad = _row("t", "d1", token="T1")[:11] + ('{"sender_id": 5',) + (None,)
+    f.put(bad)
+    assert f.find(compact.TOKEN, "T1").oscore is None
+    assert "oscore keys do not read" in caplog.text
+
+
 def test_a_packed_device_is_the_device_as_stored(tmp_path):
     reg = Registry(tmp_path / "registry.db")
     try:

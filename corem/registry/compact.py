@@ -15,6 +15,7 @@ so the devices that talk cost their objects and the rest only their row.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from itertools import islice
 from typing import Any, Callable, Hashable, Iterator, Protocol
@@ -22,6 +23,8 @@ from typing import Any, Callable, Hashable, Iterator, Protocol
 import msgspec
 
 from .store import _OSCORE_CODEC, Device
+
+log = logging.getLogger("corem.registry")
 
 try:
     from ._index import Index as _CIndex
@@ -86,6 +89,22 @@ Row = tuple[Any, ...]
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 _oscore = _OSCORE_CODEC[1].decode
+
+
+def _checked_oscore(r: Row) -> str | None:
+    """The row's OSCORE keys (JSON text), or None if they do not decode: a row another writer of a
+    shared registry put there is read when the device is looked up (`_make`), where an error would
+    answer the device's request 5.00; here it is said once, and the device has no OSCORE context
+    (its OSCORE requests are refused as an unknown kid)."""
+    text = r[11]
+    if text is None:
+        return None
+    try:
+        _oscore(text)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        log.warning("device %s/%s: its oscore keys do not read (%s); it has no OSCORE context", r[0], r[1], e)
+        return None
+    return text
 
 
 def _pack_cert(text: str | None) -> bytes | str | None:
@@ -153,7 +172,8 @@ class Fleet:
 
     def pack(self, r: Row) -> bytes:
         return _encode((self._word(r[0]), r[1], self._word(r[2]), r[3], r[4], r[5],
-                        None if r[6] is None else bytes(r[6]), _pack_cert(r[7]), r[8], r[9], r[10], r[11], r[12]))
+                        None if r[6] is None else bytes(r[6]), _pack_cert(r[7]), r[8], r[9], r[10],
+                        _checked_oscore(r), r[12]))
 
     def unpack(self, blob: bytes) -> Row:
         """A packed row as the table has it."""
