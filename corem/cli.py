@@ -446,6 +446,8 @@ def cmd_telemetry_tail(args: argparse.Namespace) -> int:
     data = settings.data_path
     datadir.check(data)
     last = datadir.last_server(data)
+    # the topic prefix: the one given, else the one the data dir's server wrote with
+    topics.configure(settings.topic_prefix or last.get("topic_prefix", ""))
     bus = settings.bus if settings.bus != "embedded" else last.get("bus", "embedded")
     if bus != "embedded":
         pid = datadir.holder(data)
@@ -455,11 +457,10 @@ def cmd_telemetry_tail(args: argparse.Namespace) -> int:
             whose = f"its corem serve (pid {pid}) writes to {bus}"
         else:
             whose = f"its last corem serve wrote to {bus}"
-        prefix = settings.topic_prefix or last.get("topic_prefix", "")
         hosts = bus.removeprefix("kafka://")
         print(f"corem: telemetry of data dir {data.resolve()} is not kept there ({whose}): read the topics "
-              f"{prefix}telemetry.raw.{{tenant}} there, e.g. kcat -C -b {hosts} -t {prefix}telemetry.raw."
-              f"{args.tenant or 'TENANT'}", file=sys.stderr)
+              f"{topics.telemetry('{tenant}')} there, e.g. kcat -C -b {hosts} -t "
+              f"{topics.telemetry(args.tenant or 'TENANT')}", file=sys.stderr)
         return 1
     path = data / "bus.db"
     if not path.exists() and not args.follow:
@@ -467,8 +468,6 @@ def cmd_telemetry_tail(args: argparse.Namespace) -> int:
         print(f"corem: no readings stored in data dir {data.resolve()} (no bus.db)" + (f"; {servers}" if servers else ""),
               file=sys.stderr)
         return 0
-    # the topic prefix: the one given, else the one the data dir's server wrote with
-    topics.configure(settings.topic_prefix or last.get("topic_prefix", ""))
     prefix = topics.telemetry(args.tenant) if args.tenant else topics.telemetry_all()
     newest = list(read_records(path, prefix, 0, args.limit or None, newest=True))
     _print_records(newest, args.json)

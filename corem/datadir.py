@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .bus import topics
 from .config import ConfigError
 from .errors import NewerFormat
 from .logs import fields
@@ -161,9 +162,14 @@ def last_server(data: Path) -> dict[str, str]:
     try:
         with open(data / LOCK_FILE, "rb") as f:
             doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError):  # (TOMLDecodeError, or bytes that are not UTF-8: a file half written)
         return {}
-    return {k: str(v) for k, v in doc.items()}
+    out = {k: str(v) for k, v in doc.items()}
+    try:
+        topics.check_prefix(out.get("topic_prefix", ""))
+    except ValueError:  # (not one corem wrote: read as if it had not said)
+        out.pop("topic_prefix")
+    return out
 
 
 def _flocks() -> dict[tuple[int, int, int], int]:

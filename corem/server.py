@@ -55,6 +55,7 @@ from .frontdoors.thingsboard import ThingsBoard
 from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
+from . import logs
 from .logs import SERVE, fields
 from .metrics import ProcessMetrics, gather, render
 from .net import UdpEdge, bind_udp
@@ -164,7 +165,7 @@ def url_host(address: tuple) -> str:
     host = address[0]
     if host in ("0.0.0.0", "::"):
         host = socket.getfqdn()
-    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return logs.address((host, address[1]))
 
 
 def _redacted(url: str) -> str:

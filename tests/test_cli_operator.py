@@ -61,7 +61,10 @@ def test_tail_follow_prints_only_the_last_n_then_the_new_ones(tmp_path):
             assert post(server.coap_port, "TOK-1", cbor2.dumps({"seq": i}), 0x300 + i)[1] == 0x44
         wait_for(lambda: len(server.points()) == 5, what="5 points stored")
         tail = subprocess.Popen([sys.executable, "-m", "corem", "telemetry", "tail", "-f", "--limit", "2", "--json",
-                                 "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                # (Ctrl-C's default back: a shell's background job, or a runner, may
+                                # have started the tests with SIGINT ignored, which the child inherits)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         lines = Lines(tail)
         first = [json.loads(line)["numeric_values"]["seq"] for line in lines.take(2)]
         assert first == [3, 4]
@@ -69,10 +72,15 @@ def test_tail_follow_prints_only_the_last_n_then_the_new_ones(tmp_path):
         assert json.loads(lines.take(1)[0])["numeric_values"]["seq"] == 5
         assert lines.nothing_more()  # (and nothing of the history before the last 2)
     finally:
-        if tail is not None:
-            tail.send_signal(signal.SIGINT)
-            assert tail.wait(60) == 0
-        server.stop()
+        try:
+            if tail is not None:
+                tail.send_signal(signal.SIGINT)
+                try:
+                    assert tail.wait(60) == 0
+                finally:
+                    tail.kill()  # (gone already, unless it did not stop)
+        finally:
+            server.stop()
 
 
 def test_a_write_to_a_data_dir_no_server_uses_says_so_and_names_the_running_one(tmp_path):

@@ -13,6 +13,7 @@ import sys
 import threading
 import tomllib
 from pathlib import Path
+from typing import Callable
 
 import cbor2
 import pytest
@@ -157,6 +158,24 @@ def test_numbered_migrations_run_once_each_and_in_order(tmp_path):
     assert db.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchall() == []
 
 
+def _start_together(start: Callable[[], None], n: int = 4) -> list[BaseException]:
+    """Run `start` in `n` threads at once; what they raised."""
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            start()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_old_tables_gain_their_columns_once_with_processes_starting_together(tmp_path):
     path = tmp_path / "registry.db"
     with sqlite3.connect(path) as conn:
@@ -165,21 +184,12 @@ def test_old_tables_gain_their_columns_once_with_processes_starting_together(tmp
     sessions = tmp_path / "sessions.db"
     with sqlite3.connect(sessions) as conn:
         conn.execute(OLD_SESSIONS)
-    errors: list[BaseException] = []
 
     def start() -> None:
-        try:
-            Registry(path).close()
-            SessionStore(sessions).db.close()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        Registry(path).close()
+        SessionStore(sessions).db.close()
 
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert _start_together(start) == []
     reg = Registry(path)
     [d] = reg.list_devices()
     assert (d.device, d.token, d.power_mode, d.topics) == ("old-1", "OLD-TOKEN", "drx", "#")
@@ -213,20 +223,7 @@ def test_postgresql_migrations_run_under_the_schema_lock_once(pg):
     with psycopg.connect(url, autocommit=True) as c:
         c.execute(OLD_DEVICES.replace("INTEGER", "BIGINT"))
         c.execute("INSERT INTO devices VALUES ('acme', 'old-1', 'default', 'OLD-TOKEN', 1)")
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            Registry(url).close()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=start) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert _start_together(lambda: Registry(url).close()) == []
     reg = Registry(url)
     assert {"psk_identity", "oscore", "oscore_kid"} <= reg.db.columns("devices")
     assert reg.db.execute("SELECT version FROM corem_schema WHERE component = 'registry'").fetchone() == (1,)

@@ -60,38 +60,37 @@ ERROR_LOG_INTERVAL = 60.0
 _AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_AGE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+_AMOUNT_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
 _OFF = ("off", "none", "0", "")
+
+
+def _amount(value: object, key: str, units: dict[str, int], what: str) -> float | None:
+    """A number with one of `units` -> it times the unit's factor; `off` (or 0) -> None."""
+    text = str(value).strip().lower()
+    if text in _OFF:
+        return None
+    m = _AMOUNT_RE.fullmatch(text)
+    if m is None or m.group(2) not in units:
+        raise ValueError(f"{key}: {value!r} is not {what}, or 'off'")
+    amount = float(m.group(1)) * units[m.group(2)]
+    if not (0 < amount < math.inf):
+        raise ValueError(f"{key}: {value!r} must be more than 0 (or 'off')")
+    return amount
 
 
 def parse_age(value: object, key: str = "bus_retention_age") -> float | None:
     """`7d`, `12h`, `30m`, `90s`, `2w` (a plain number is seconds) -> seconds; `off` (or 0) -> None."""
-    text = str(value).strip().lower()
-    if text in _OFF:
-        return None
-    m = _AGE_RE.fullmatch(text)
-    if m is None or m.group(2) not in _AGE_UNITS:
-        raise ValueError(f"{key}: {value!r} is not an age: a number with s, m, h, d or w (e.g. 7d), or 'off'")
-    seconds = float(m.group(1)) * _AGE_UNITS[m.group(2)]
-    if seconds <= 0 or not math.isfinite(seconds):
-        raise ValueError(f"{key}: {value!r} must be more than 0 (or 'off')")
-    return seconds
+    return _amount(value, key, _AGE_UNITS, "an age: a number with s, m, h, d or w (e.g. 7d)")
 
 
 def parse_size(value: object, key: str = "bus_retention_size") -> int | None:
     """`2GiB`, `500MB`, `1TiB`, `64KiB` (a plain number is bytes) -> bytes; `off` (or 0) -> None."""
-    text = str(value).strip().lower()
-    if text in _OFF:
+    size = _amount(value, key, _SIZE_UNITS, "a size: a number with B, kB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 2GiB)")
+    if size is None:
         return None
-    m = _SIZE_RE.fullmatch(text)
-    if m is None or m.group(2) not in _SIZE_UNITS:
-        raise ValueError(f"{key}: {value!r} is not a size: a number with B, kB, MB, GB, TB, KiB, MiB, GiB or TiB "
-                         "(e.g. 2GiB), or 'off'")
-    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    if size <= 0:
+    if int(size) <= 0:  # (a fraction of a byte)
         raise ValueError(f"{key}: {value!r} must be more than 0 (or 'off')")
-    return size
+    return int(size)
 
 
 @dataclass
