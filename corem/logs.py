@@ -128,9 +128,27 @@ class JsonFormatter(_Lines):
         return msgspec.json.encode({k: plain(v) for k, v in self.pairs(record)}).decode()
 
 
+def formatter(log_format: str, worker: int | None = None) -> logging.Formatter:
+    """The formatter of `log_format` ("kv": logfmt, "json")."""
+    return JsonFormatter(worker) if log_format == "json" else LogfmtFormatter(worker)
+
+
+def use_format(log_format: str) -> int:
+    """SIGHUP's `log_format` (corem/reload.py): the formatter of every handler `setup_logging`
+    installed swapped, each keeping its `worker`; the next line is in the new format.  Returns how
+    many handlers changed (0: logging was set up by someone else, e.g. an embedding program)."""
+    n = 0
+    for handler in logging.getLogger().handlers:
+        old = handler.formatter
+        if isinstance(old, _Lines):
+            handler.setFormatter(formatter(log_format, old.worker))
+            n += 1
+    return n
+
+
 def setup_logging(log_level: str, log_format: str, worker: int | None = None) -> None:
     """Log lines to stderr as logfmt or JSON (`log_format`); in a worker, `worker=N` on each."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(worker) if log_format == "json" else LogfmtFormatter(worker))
+    handler.setFormatter(formatter(log_format, worker))
     logging.basicConfig(level=log_level.upper(), handlers=[handler])
     logging.getLogger(SERVE).setLevel(logging.INFO)

@@ -4,8 +4,13 @@ On SIGHUP corem reads its settings again (the `--config` file, `COREM_*`, the fl
 with, and every `*_file` secret) and applies, without a restart and without ending a session or a
 connection:
 
-- `log_level`;
-- `rate_limit_per_source` (from one rate to another: turning the limit on or off needs a restart);
+- `log_level`, and `log_format` (the handlers' formatter swapped: the next line is in the new format);
+- the per-source rate limit (corem/net/limits.py): `rate_limit_per_source` from one rate to another,
+  `rate_limit_sources` and `rate_limit_exempt` -- in place, every source keeping its bucket (fewer
+  sources tracked: the oldest go, as when the table is full).  Turning the limit on or off rewires
+  the edges and needs a restart; so do `rate_limit_sources` and `rate_limit_exempt` while the C
+  fast lane applies the limit (the default on plain CoAP and behind corem's DTLS engine): the lane
+  takes them at start (`Lane.limit` sets a new rate only);
 - the DTLS and TLS credentials: `dtls_cert`, `dtls_key` and `dtls_ca` are read again (changed paths
   or changed files), for the handshakes that start from then on; established sessions keep theirs;
 - `admin_token` (`admin_token_file` read again);
@@ -20,15 +25,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import logs
 from .config import SECRETS, Settings
+
+if TYPE_CHECKING:
+    from .fastlane import FastLane
+    from .net.limits import SourceLimiter
 
 log = logging.getLogger("corem")
 
 #: settings a reload applies (besides those, the credentials' files and the registry are read again)
-RELOADED = frozenset({"log_level", "rate_limit_per_source", "dtls_cert", "dtls_key", "dtls_ca", "admin_token",
-                      "admin_token_file"})
+RELOADED = frozenset({"log_level", "log_format", "rate_limit_per_source", "rate_limit_sources", "rate_limit_exempt",
+                      "dtls_cert", "dtls_key", "dtls_ca", "admin_token", "admin_token_file"})
+#: the rate limit's settings (`apply_limits`)
+LIMITS = ("rate_limit_per_source", "rate_limit_sources", "rate_limit_exempt")
 LISTENERS = ("coap", "coaps", "coap_tcp", "coaps_tcp", "http")
 #: settings that stay secret in the reload's line (their names only)
 _QUIET = frozenset(SECRETS) | {s + "_file" for s in SECRETS}
@@ -84,7 +96,13 @@ def restart_needed(keys: list[str]) -> list[str]:
 def describe(key: str, old: Settings, new: Settings) -> str:
     if key in _QUIET:
         return key
-    return f"{key} {getattr(old, key)} -> {getattr(new, key)}"
+    before, after = (_shown(getattr(s, key)) for s in (old, new))
+    return f"{key} {before} -> {after}"
+
+
+def _shown(value: Any) -> str:
+    """A setting's value in the reload's line: an empty one as `""`."""
+    return '""' if value == "" else str(value)
 
 
 def apply_log_level(old: Settings, new: Settings, report: Report) -> None:
@@ -92,6 +110,43 @@ def apply_log_level(old: Settings, new: Settings, report: Report) -> None:
     if new.log_level != old.log_level:
         logging.getLogger().setLevel(new.log_level.upper())
         report.done.append(describe("log_level", old, new))
+
+
+def apply_log_format(old: Settings, new: Settings, report: Report) -> None:
+    """The process's log lines as logfmt or JSON from the next one (corem/logs.py `use_format`)."""
+    if new.log_format != old.log_format:
+        logs.use_format(new.log_format)
+        report.done.append(describe("log_format", old, new))
+
+
+def apply_limits(old: Settings, new: Settings, limiters: list[SourceLimiter], lanes: list[FastLane],
+                 report: Report) -> list[str]:
+    """The per-source rate limit's settings on the running edges: `limiters`, the Python ones
+    (corem/net/limits.py), and `lanes`, the C lanes that apply the limit themselves.  Each key is
+    applied everywhere or nowhere (then named as needing a restart).  Returns the keys applied."""
+    keys = [k for k in LIMITS if getattr(old, k) != getattr(new, k)]
+    if not keys:
+        return []
+    if not old.rate_limit_per_source and not new.rate_limit_per_source:  # nothing limits: nothing to change
+        report.done += [describe(k, old, new) + " (the limit is off)" for k in keys]
+        return keys
+    if not (old.rate_limit_per_source and new.rate_limit_per_source):  # on <-> off rewires the edges
+        report.restart += keys
+        return []
+    taken = ["rate_limit_per_source"] if "rate_limit_per_source" in keys else []
+    if lanes:  # (the C lane takes its table's size and the exempt networks at start)
+        report.restart += [k for k in keys if k != "rate_limit_per_source"]
+    else:
+        taken += [k for k in keys if k != "rate_limit_per_source"]
+    sources = new.rate_limit_sources if "rate_limit_sources" in taken else old.rate_limit_sources
+    exempt = (new if "rate_limit_exempt" in taken else old).exempt_networks()
+    rate = new.rate_limit_per_source
+    for limiter in limiters:
+        limiter.retune(rate, sources, exempt)
+    for lane in lanes:
+        lane.limit(rate, 2 * rate, old.rate_limit_sources)
+    report.done += [describe(k, old, new) for k in taken]
+    return taken
 
 
 def reread(settings: Settings) -> Settings:

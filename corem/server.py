@@ -70,7 +70,7 @@ from .registry.homes import Homes
 from .registry.management import Management
 from .registry.oscore import OscoreState
 from .registry.presence import open_table as open_presence
-from .reload import Report, applied, apply_log_level, changed, describe, restart_needed
+from .reload import Report, applied, apply_limits, apply_log_format, apply_log_level, changed, restart_needed
 from .stats import Measured, Sample, gauge
 from .workers import steer
 from .workers.link import Link, WorkerSpec
@@ -298,7 +298,7 @@ class Server:
     # -- SIGHUP ------------------------------------------------------------------------------------
     async def reload(self, new: Settings, *, quiet: bool = False) -> Report:
         """Apply what of `new` can change without dropping a device (corem/reload.py): the log
-        level, the rate limit, the DTLS/TLS credentials (read again), the admin token and the
+        level and format, the rate limit, the DTLS/TLS credentials (read again), the admin token and the
         registry (read again); the other changed settings are reported as needing a restart and
         keep their running values.  Logs the one line that says so, unless `quiet` (a worker: the
         supervisor says it for all).  One reload at a time."""
@@ -307,15 +307,12 @@ class Server:
             keys = changed(old, new)
             taken: list[str] = []
             apply_log_level(old, new, report)
-            if "log_level" in keys:
-                taken.append("log_level")
-            if "rate_limit_per_source" in keys:
-                if old.rate_limit_per_source and new.rate_limit_per_source:
-                    self._set_rate(new.rate_limit_per_source)
-                    report.done.append(describe("rate_limit_per_source", old, new))
-                    taken.append("rate_limit_per_source")
-                else:  # (on <-> off rewires the edges)
-                    report.restart.append("rate_limit_per_source")
+            apply_log_format(old, new, report)
+            taken += [k for k in ("log_level", "log_format") if k in keys]
+            limiters = [t.edge.limiter for t in self.transports
+                        if isinstance(t.edge, UdpEdge) and isinstance(t.edge.limiter, SourceLimiter)]
+            lanes = [t.lane for t in self.transports if t.lane is not None and t.lane.rate_limited]
+            taken += apply_limits(old, new, limiters, lanes, report)
             if any(getattr(s, k) for s in (old, new) for k in ("dtls_cert", "dtls_key", "dtls_ca")):
                 try:
                     swaps = self._credentials(new)
@@ -340,16 +337,6 @@ class Server:
             if not quiet:
                 log.log(report.level, "%s", report.line())
             return report
-
-    def _set_rate(self, rate: float) -> None:
-        """`rate_limit_per_source` on every UDP edge: its Python limiter's or its lane's (the
-        sources tracked and the exempt networks stay)."""
-        for t in self.transports:
-            limiter = t.edge.limiter if isinstance(t.edge, UdpEdge) else None
-            if isinstance(limiter, SourceLimiter):
-                limiter.rate, limiter.burst = rate, 2 * rate
-            if t.lane is not None and t.lane.rate_limited:
-                t.lane.limit(rate, 2 * rate, self.settings.rate_limit_sources)
 
     def _credentials(self, new: Settings) -> list[Callable[[], None]]:
         """The DTLS and TLS layers' new credentials, every file read and checked before any layer

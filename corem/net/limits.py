@@ -81,6 +81,19 @@ class SourceLimiter:
         buckets[host] = (tokens - 1.0, now)
         return True
 
+    def retune(self, rate: float, max_sources: int, exempt_networks: list[Network]) -> None:
+        """SIGHUP's limits (corem/reload.py), in place: the buckets stay, so no source starts again
+        from a full one -- but when fewer sources are tracked now, the oldest go, as when full."""
+        if rate <= 0 or max_sources < 1:
+            raise ValueError(f"rate must be > 0 and max_sources >= 1, got {rate} and {max_sources}")
+        self.rate, self.burst = rate, float(2 * rate)
+        self.max_sources = max_sources
+        buckets = self._buckets
+        while len(buckets) > max_sources:
+            del buckets[next(iter(buckets))]
+            self.evicted += 1
+        self._networks = list(exempt_networks)
+
     def _exempt(self, host: str) -> bool:
         try:
             addr = ipaddress.ip_address(host.partition("%")[0])

@@ -40,7 +40,7 @@ from ..net import fdlimit
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
 from ..registry import nudge as registry_nudge
-from ..reload import RELOADED, Report, applied, apply_log_level, changed, restart_needed
+from ..reload import RELOADED, Report, applied, apply_log_format, apply_log_level, changed, restart_needed
 from ..server import Bound, bind_http, lock_data_dir, make_pruner
 from . import steer
 from .link import ENV, WorkerSpec
@@ -318,7 +318,7 @@ class Supervisor:
         del self._refreshes[n]
 
     async def reload(self, new: Settings, *, quiet: bool = False) -> Report:
-        """SIGHUP (corem/reload.py): the supervisor's own log level and admin token, then every
+        """SIGHUP (corem/reload.py): the supervisor's own log level, log format and admin token, then every
         running worker reloads with the new settings (the credentials' files and the registry read
         again in each); one line for all.  What the workers applied is kept for the workers that
         start later; the rest needs a restart."""
@@ -326,6 +326,7 @@ class Supervisor:
             old, report = self.settings, Report()
             keys = changed(old, new)
             apply_log_level(old, new, report)
+            apply_log_format(old, new, report)  # (its own lines: each worker swaps its own)
             if "admin_token" in keys or "admin_token_file" in keys:
                 self.front.token = new.admin_token or admin_token.read_or_create(new.data_path)
                 self.front.http.admin_token = self.front.token
