@@ -12,12 +12,17 @@ says how the directory is laid out, a component's version what its tables hold.
 
 A new format: add its migration to MIGRATIONS (a function of the data dir's path, which must be
 safe to run again should a start be cut short before the file is written).
+
+This module is also the one home of the data dir's file names (`FILES`) and of what a `corem serve`
+does to its data dir before it serves (`take`: made, locked, brought to FORMAT; `create_files`: its
+SQLite files made before N workers open them at once).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import time
 import tomllib
@@ -25,14 +30,38 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .admin.token import TOKEN_FILE
 from .bus import topics
-from .config import ConfigError
+from .bus.sqlite import EmbeddedBus
+from .config import ConfigError, Settings
+from .registry import Registry
+from .registry.presence import FILE as PRESENCE_FILE
+from .registry.presence import open_table as open_presence
 from .errors import NewerFormat
 from .logs import fields
 
 log = logging.getLogger("corem")
 
 FORMAT_FILE = "format.toml"
+LOCK_FILE = ".lock"
+#: the embedded bus (`bus = "embedded"`)
+BUS_FILE = "bus.db"
+#: the registry when `registry` is empty (SQLite; corem/config.py `registry_location` names it too)
+REGISTRY_FILE = "registry.db"
+#: the DTLS sessions when `dtls_session_store` is empty
+SESSIONS_FILE = "dtls-sessions.db"
+#: every file corem keeps in a data dir, and what it holds (the names of the last three are their
+#: owners': registry/presence.py, admin/token.py, dtls/layer.py)
+FILES = {
+    FORMAT_FILE: "the data dir's format and the corem that wrote it",
+    LOCK_FILE: "the lock of the corem serve running on it, and who that is",
+    BUS_FILE: "the embedded bus (with its -wal and -shm)",
+    REGISTRY_FILE: "devices, credentials, profiles (SQLite registry)",
+    SESSIONS_FILE: "saved DTLS sessions",
+    PRESENCE_FILE: "presence per device (SQLite registry)",
+    TOKEN_FILE: "the generated admin token",
+    "dtls-state.key": "the key that seals saved DTLS sessions' state",  # (dtls/layer.py STATE_KEY_FILE)
+}
 
 
 def _private(data: Path) -> None:
@@ -122,8 +151,61 @@ def write_format(data: Path) -> None:
     os.replace(tmp, data / FORMAT_FILE)
 
 
+# -- a corem serve's data dir -------------------------------------------------------------------------
+def bus_path(settings: Settings) -> Path:
+    return settings.data_path / BUS_FILE
+
+
+def sessions_path(settings: Settings) -> Path:
+    """The DTLS session store's SQLite file (when `dtls_session_store` names none elsewhere)."""
+    return settings.data_path / SESSIONS_FILE
+
+
+def take(settings: Settings) -> int:
+    """Before `corem serve` (or its supervisor) opens anything in its data dir: made if needed,
+    locked (one server per data dir: `lock`), refused if a newer corem wrote it and migrated if an
+    older one did.  Returns the lock's fd (held for the process's life; `release`)."""
+    data = settings.data_path
+    make(data)
+    fd = lock(data, {"bus": settings.bus, "topic_prefix": settings.topic_prefix})
+    try:
+        prepare(data)
+    except OSError as e:  # (writing the format file on a full or read-only disk: one line)
+        os.close(fd)
+        raise ConfigError(f"data_dir: cannot prepare {data}: {e}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release(fd: int) -> None:
+    """The lock `take` returned (-1: none taken, as in a worker, whose supervisor holds it)."""
+    if fd >= 0:
+        os.close(fd)
+
+
+def create_files(settings: Settings) -> None:
+    """Create the data dir's databases (and switch them to WAL) before the workers start: N
+    processes making one new SQLite file at once collide ('database is locked')."""
+    from .dtls.store import SessionStore  # (here: the CLI, which imports this module, needs no DTLS)
+
+    data = settings.data_path
+    try:
+        if not settings.registry:
+            Registry(data / REGISTRY_FILE).close()
+            open_presence(data / REGISTRY_FILE, data).close()
+        if not settings.dtls_session_store:
+            SessionStore(sessions_path(settings)).close()
+        if settings.bus == "embedded":
+            bus = EmbeddedBus(bus_path(settings), synchronous=settings.store_synchronous)
+            bus.open()
+            bus.close_sync()
+    except (sqlite3.Error, OSError) as e:
+        raise ConfigError(f"data_dir: cannot prepare {data}: {e}") from None
+
+
 # -- the lock: which corem serve runs on a data dir ---------------------------------------------------
-LOCK_FILE = ".lock"
 
 
 def lock(data: Path, about: dict[str, str] | None = None) -> int:

@@ -118,13 +118,10 @@ class Transport:
         return [c for c in (self.endpoint, self.edge, self.lane, self.router, self.observers) if c is not None]
 
 
-SESSIONS_FILE = "dtls-sessions.db"
-
-
 def make_sink(s: Settings, after_batch: Callable[[], None] | None = None, *, shared: bool = False) -> Sink:
     """The embedded SQLite bus (`shared` by the workers of one server), or Kafka for `--bus kafka://…`."""
     if s.bus == "embedded":
-        return EmbeddedBus(s.data_path / "bus.db", synchronous=s.store_synchronous, max_pending=s.sink_max_pending,
+        return EmbeddedBus(datadir.bus_path(s), synchronous=s.store_synchronous, max_pending=s.sink_max_pending,
                            max_batch=s.sink_max_batch, after_batch=after_batch, shared=shared)
     return KafkaSink(s.kafka_settings(), max_pending=s.sink_max_pending, max_batch=s.sink_max_batch,
                      after_batch=after_batch)
@@ -134,7 +131,7 @@ def make_pruner(s: Settings) -> Pruner | None:
     """The embedded bus's retention (corem/bus/retention.py); None with Kafka, which keeps its own."""
     if s.bus != "embedded":
         return None
-    return Pruner(s.data_path / "bus.db", age=parse_age(s.bus_retention_age), size=parse_size(s.bus_retention_size))
+    return Pruner(datadir.bus_path(s), age=parse_age(s.bus_retention_age), size=parse_size(s.bus_retention_size))
 
 
 def identity(session: Callable[[Hashable], Device | None] | None) -> Callable[[Request], Device | None]:
@@ -183,14 +180,6 @@ def _is_downlink(route: Route) -> bool:
             and (route.method, route.pattern.rsplit("/", 1)[-1]) in DOWNLINK_ROUTES)
 
 
-def lock_data_dir(data: Path, settings: Settings | None = None) -> int:
-    """One server per data dir: the embedded bus assigns offsets in memory, so two writers would
-    interleave them.  The lock goes away with the process, however it ends; the lock file says
-    who holds it, with the bus and the topic prefix (the CLI reads them: corem/datadir.py)."""
-    about = {} if settings is None else {"bus": settings.bus, "topic_prefix": settings.topic_prefix}
-    return datadir.lock(data, about)
-
-
 class Server:
     def __init__(self, settings: Settings, worker: WorkerSpec | None = None) -> None:
         """`worker`: this server is one of `corem serve --workers N` (corem/workers): its sockets
@@ -200,18 +189,18 @@ class Server:
         self.worker = worker
         topics.configure(settings.topic_prefix)  # (every topic this process names)
         data = settings.data_path
-        datadir.make(data)
-        self._lock = lock_data_dir(data, settings) if worker is None else -1
+        if worker is None:
+            self._lock = datadir.take(settings)
+        else:  # (the supervisor took the data dir for its workers)
+            self._lock = -1
         try:
-            if worker is None:  # (the supervisor prepared it for its workers)
-                datadir.prepare(data)
             self.registry = Registry(settings.registry_location())
-        except (ConfigError, NewerFormat):  # a data dir (or a table) a newer corem wrote
+        except (ConfigError, NewerFormat):  # a table a newer corem wrote
             self._unlock()
             raise
         except (sqlite3.Error, OSError) as e:  # a full or read-only disk: one line, not a traceback
             self._unlock()
-            raise ConfigError(f"data_dir: cannot open {data / 'registry.db'}: {e}") from None
+            raise ConfigError(f"data_dir: cannot open {data / datadir.REGISTRY_FILE}: {e}") from None
         except Exception as e:  # psycopg's errors: the database is not reachable
             self._unlock()
             raise ConfigError(f"registry: cannot use {_redacted(settings.registry)}: {e}") from None
@@ -461,8 +450,8 @@ class Server:
         return dataclasses.replace(route, handler=at_home)
 
     def _unlock(self) -> None:
-        if self._lock >= 0:
-            os.close(self._lock)
+        datadir.release(self._lock)
+        self._lock = -1
 
     def _route_command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
         """Worker 0 with `--workers`: the supervisor gives the record to the worker holding its device."""
@@ -651,7 +640,7 @@ class Server:
                 else b"",
             )
             if engine.offloaded:
-                log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), SESSIONS_FILE)
+                log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), datadir.SESSIONS_FILE)
             # the marks of the lane's readings written by the embedded bus just before it commits them
             engine.defer_marks(self.sink)
             return engine
@@ -670,13 +659,13 @@ class Server:
             on_new_session=new_session,
         )
         if dtls.offloaded:
-            log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), SESSIONS_FILE)
+            log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), datadir.SESSIONS_FILE)
         return dtls
 
     def _session_store(self) -> SessionStore:
         where = self.settings.dtls_session_store
         try:
-            return SessionStore(where or self.settings.data_path / SESSIONS_FILE)
+            return SessionStore(where or datadir.sessions_path(self.settings))
         except Exception as e:  # psycopg's OperationalError: the database is not there
             if not where:
                 raise

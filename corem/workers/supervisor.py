@@ -41,7 +41,7 @@ from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
 from ..registry import nudge as registry_nudge
 from ..reload import RELOADED, Report, applied, apply_log_format, apply_log_level, changed, restart_needed
-from ..server import Bound, bind_http, lock_data_dir, make_pruner
+from ..server import Bound, bind_http, make_pruner
 from . import steer
 from .link import ENV, WorkerSpec
 
@@ -82,14 +82,11 @@ class Supervisor:
         self.settings = settings
         topics.configure(settings.topic_prefix)
         self.count = count
-        data = settings.data_path
-        datadir.make(data)
-        self._lock = lock_data_dir(data, settings)
+        self._lock = datadir.take(settings)
         try:
-            datadir.prepare(data)
-            _prepare_files(settings)
+            datadir.create_files(settings)
         except BaseException:
-            os.close(self._lock)
+            datadir.release(self._lock)
             raise
         self.groups: dict[str, list[socket.socket]] = {}
         self.steered: dict[str, bool] = {}
@@ -414,33 +411,7 @@ class Supervisor:
         for group in self.groups.values():
             for s in group:
                 s.close()
-        os.close(self._lock)
-
-
-def _prepare_files(settings: Settings) -> None:
-    """Create the data dir's databases (and switch them to WAL) before the workers start: N
-    processes making one new SQLite file at once collide ('database is locked')."""
-    import sqlite3
-
-    from ..bus.sqlite import EmbeddedBus
-    from ..dtls.store import SessionStore
-    from ..registry import Registry
-    from ..registry.presence import open_table as open_presence
-    from ..server import SESSIONS_FILE
-
-    data = settings.data_path
-    try:
-        if not settings.registry:
-            Registry(data / "registry.db").close()
-            open_presence(data / "registry.db", data).close()
-        if not settings.dtls_session_store:
-            SessionStore(data / SESSIONS_FILE).close()
-        if settings.bus == "embedded":
-            bus = EmbeddedBus(data / "bus.db", synchronous=settings.store_synchronous)
-            bus.open()
-            bus.close_sync()
-    except (sqlite3.Error, OSError) as e:
-        raise ConfigError(f"data_dir: cannot prepare {data}: {e}") from None
+        datadir.release(self._lock)
 
 
 def _command_device(record: dict[str, Any]) -> Key | None:
