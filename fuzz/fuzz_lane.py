@@ -40,7 +40,12 @@ LPP_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                               [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"LPP"),
                                (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
                               bytes.fromhex("03670110" "0268" "50" "0188" "06765ff2960a0003e8")))
-TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE)
+#: a reading for a device whose profile has every kind of field rule (tests/lane_twin.py RULED: rules.h)
+RULED_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                                [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"RU"),
+                                 (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
+                                b'{"t_raw": 652, "hum": 40, "state": "idle", "x": 1, "label": "a", "same": 2}'))
+TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 

@@ -25,6 +25,14 @@ from corem.registry import Directory, Registry
 register_profile("twin-custom", lambda cf, payload: decode_readings(60 if cf == 0 else cf, payload))
 
 
+#: a flat profile with every kind of field rule (tests/test_fastlane.py, fuzz/fuzz_lane.py)
+RULED = ('{"format": "flat", "fields": {'
+         '"t_raw": {"scale": 0.1, "offset": -40, "min": -40, "max": 85, "unit": "Cel", "rename": "temperature",'
+         ' "required": true},'
+         ' "state": {"allowed": ["idle", "running"], "unit": "mode"}, "hum": {"type": "number", "unit": "%RH"},'
+         ' "x": {"rename": "y"}, "label": {"type": "string"}, "same": {"rename": "same"}}}')
+
+
 class RecordingSink:
     """The sink interface, committing when told to (`commit(error)`), with bounded room."""
 
@@ -133,6 +141,9 @@ class Twin:
         self.registry.add_device("acme", "tbr-1", token="TBR", profile="tb-rules")
         self.registry.put_profile("lpp", parse_profile('{"format": "cayenne-lpp"}'))
         self.registry.add_device("acme", "lpp-1", token="LPP", profile="lpp")
+        # a profile with every field rule, which the lane applies in C too (rules.h)
+        self.registry.put_profile("ruled", parse_profile(RULED))
+        self.registry.add_device("acme", "ruled-1", token="RU", profile="ruled")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

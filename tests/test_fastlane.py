@@ -17,6 +17,7 @@ from corem.codec import Code, Message, Type, decode, encode
 from corem.codec import OptionNumber as O
 from corem.fastlane import FastLane, Lane, json_frame
 from corem.ingest.point import TelemetryPoint, encode_point
+from corem.profiles.spec import parse_profile
 
 from .conftest import SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, write_cbor
 from .lane_twin import RecordingSink, Twin
@@ -312,13 +313,108 @@ def test_thingsboard_payloads_the_lane_is_not_sure_of_are_the_python_paths(twin,
     assert lane_took(twin) == 0
 
 
-def test_a_stored_flat_profile_is_the_lanes_and_rules_keep_a_profile_python_s(twin):
+def test_a_stored_flat_profile_and_a_profile_with_rules_are_the_lanes(twin):
     twin.receive(post("FL", payload=b'{"a": 1, "ts": 1700000000000}', cf=50))
     twin.receive(post("TBR", payload=b'{"a": 1}', cf=50, mid=2))
+    twin.receive(post("TBR", payload=b'{"a": 11}', cf=50, mid=3))  # max 10: Python's 4.00 names it
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 2 and [p[2].device for p in stored] == ["flat-1", "tbr-1"]
+    assert stored[0][2].ts == 1_700_000_000_000
+    assert sorted(decode(a[0]).code for a in answers) == [Code.CHANGED, Code.CHANGED, Code.BAD_REQUEST]
+    assert [bytes(decode(a[0]).payload) for a in answers if decode(a[0]).code == Code.BAD_REQUEST] == [b"field 'a': max: 11 is above 10"]
+
+
+# -- a profile's field rules in C (rules.h), against rules.py ------------------------------------
+@pytest.mark.parametrize("reading", [
+    {"t_raw": 652}, {"t_raw": 0, "hum": 40, "state": "idle", "x": 1, "label": "a", "same": 2, "z": 3},
+    {"x": "text", "t_raw": 1250, "state": "running"}, {"t_raw": 652.5, "ts": 1_700_000_000_000, "hum": True},
+])
+def test_readings_that_keep_their_profiles_rules_are_the_lanes_and_stored_as_rules_py_makes_them(twin, reading):
+    """Scale, offset, min/max, allowed, type, unit and rename in C: the point's values, names,
+    their order (a renamed field moves last, as a dict's pop and update do) and units byte for byte."""
+    for cf, body in ((60, cbor2.dumps(reading)), (50, json_text(reading, True, False))):
+        twin.receive(post("RU", payload=body, cf=cf, mid=cf))
+        twin.commit()
+        _, stored = twin.check()
+        point = stored[0][2]
+        assert "t_raw" not in point.numeric_values and point.units["temperature"] == "Cel"
+    assert lane_took(twin) == 2
+
+
+@pytest.mark.parametrize("reading", [
+    {"hum": 1},  # t_raw required
+    {"t_raw": 1260},  # max 85 (126 - 40 = 86)
+    {"t_raw": -1},  # min -40
+    {"t_raw": "hot"},  # a number wanted
+    {"t_raw": 600, "state": "off"},  # not allowed
+    {"t_raw": 600, "state": 1},  # allowed: text wanted
+    {"t_raw": 600, "hum": "wet"},  # type number
+    {"t_raw": 600, "label": 5},  # type string
+    {"t_raw": 600, "temperature": 1},  # a rename onto a name the reading has: refused
+    {"t_raw": 600, "x": 1, "y": 2},  # likewise
+    {"t_raw": 1e308},  # scaled: still finite, above max
+])
+def test_readings_that_break_a_rule_are_the_python_paths_and_answered_400_naming_it(twin, reading):
+    twin.receive(post("RU", payload=cbor2.dumps(reading), cf=60))
+    twin.commit()
+    answers, _ = twin.check()
+    assert lane_took(twin) == 0 and decode(answers[0][0]).code == Code.BAD_REQUEST
+
+
+def test_rules_on_cayenne_lpp_keep_the_formats_units_where_they_are(twin):
+    """LPP's own units come first, in the reading's order; a rule's unit replaces one in place or
+    comes after; a renamed field's unit moves last with it -- all as rules.py's dicts do."""
+    twin.registry.put_profile("lpp-ruled", parse_profile(
+        '{"format": "cayenne-lpp", "fields": {"humidity_2": {"unit": "pct", "rename": "rh"},'
+        ' "temperature_3": {"unit": "K", "offset": 273.15}, "digital_in_1": {"unit": "bit"}}}'))
+    twin.registry.add_device("acme", "lppr-1", token="LR", profile="lpp-ruled")
+    twin.directory.refresh(force=True)
+    body = bytes.fromhex("0268" "50" "03670110" "0100" "01")
+    twin.receive(post("LR", payload=body, cf=42))
     twin.commit()
     _, stored = twin.check()
-    assert lane_took(twin) == 1 and [p[2].device for p in stored] == ["flat-1", "tbr-1"]
-    assert stored[0][2].ts == 1_700_000_000_000
+    assert lane_took(twin) == 1
+    assert list(stored[0][2].units) == ["temperature_3", "digital_in_1", "rh"]
+
+
+NAMES = st.sampled_from(["a", "b", "c", "é"])
+RULES = st.builds(
+    dict, rename=st.none() | st.sampled_from(["a", "b", "c", "e", "f", "é"]),
+    scale=st.none() | st.floats(-10, 10, allow_nan=False), offset=st.none() | st.integers(-5, 5),
+    min=st.none() | st.integers(-5, 5), max=st.none() | st.integers(-5, 50), unit=st.none() | st.sampled_from(["u", "v"]),
+    type=st.none() | st.sampled_from(["number", "string"]), required=st.booleans(),
+    allowed=st.none() | st.just(["x", "yy"]),
+).map(lambda r: {k: v for k, v in r.items() if v is not None})
+READINGS = st.dictionaries(NAMES, st.integers(-20, 20) | st.floats(-100, 100) | st.sampled_from(["x", "yy", "z"]),
+                           min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(NAMES | st.just("d"), RULES, max_size=4), st.lists(READINGS, min_size=1, max_size=4),
+       st.sampled_from(["flat", "thingsboard"]))
+def test_generated_rules_and_readings_are_stored_and_answered_the_same_with_and_without_the_lane(fields, readings, fmt):
+    import json as _json
+
+    from hypothesis import assume
+
+    from corem.profiles.spec import ProfileError
+    try:
+        profile = parse_profile(_json.dumps({"format": fmt, "fields": fields}))
+    except ProfileError:
+        assume(False)
+    t = Twin()
+    try:
+        t.registry.put_profile("gen", profile)
+        t.registry.add_device("acme", "gen-1", token="G", profile="gen")
+        t.directory.refresh(force=True)
+        for i, reading in enumerate(readings):
+            t.receive(post("G", payload=cbor2.dumps(reading) if i % 2 else json_text(reading, False, False),
+                           cf=60 if i % 2 else 50, mid=i))
+            t.commit()
+            t.check()
+    finally:
+        t.close()
 
 
 TB_VALUES = st.one_of(st.integers(-10**15, 10**15), st.floats(allow_nan=False, allow_infinity=False),

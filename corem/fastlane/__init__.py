@@ -46,7 +46,7 @@ from ..profiles.compile import LANE_FLAT, LaneDecoder
 from ..stats import Histogram, Sample, counter
 
 try:
-    from ._lane import Lane
+    from ._lane import Lane, compile_rules
 except ImportError:  # pragma: no cover - only without a C compiler
     Lane = None  # type: ignore[assignment,misc]
 
@@ -87,6 +87,17 @@ def lane_mode(target: Target) -> int | None:
         return LANE_FLAT
     decode = target.decode_points
     return decode.mode if isinstance(decode, LaneDecoder) else None
+
+
+def lane_rules(target: Target) -> object:
+    """The C form of the target's profile's field rules (`_lane.compile_rules`), made once per
+    compiled profile and kept on its `LaneDecoder`; None: no rules."""
+    decode = target.decode_points
+    if not isinstance(decode, LaneDecoder) or not decode.rules:
+        return None
+    if decode.compiled is None:
+        decode.compiled = compile_rules(decode.rules)
+    return decode.compiled
 
 
 def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_size: int) -> None:
@@ -197,7 +208,8 @@ class FastLane:
             i = self._free.pop()
         else:
             i, self._next = self._next, self._next + 1
-        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device, mode))
+        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device, mode,
+                                 lane_rules(target)))
         token = None if device.token is None else device.token.encode()
         if token is not None:
             self._tokens[token] = i

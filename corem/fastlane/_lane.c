@@ -60,6 +60,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 
 #include "cbor_json.h"
 #include "lpp.h"
+#include "rules.h"
 #include "fifomap.h"
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
 #define DTLS_RECORDS_API_ONLY
@@ -122,6 +123,7 @@ typedef struct {
 
 typedef struct {
     PyObject *topic, *key, *headers, *head, *tail, *device;
+    PyObject *rules; /* its profile's field rules (rules.h's capsule), or NULL */
     uint64_t epoch; /* the drain that last told Python this device talked */
     int mode;       /* its payloads' shape: MODE_FLAT (the default profile), MODE_THINGSBOARD */
 } target_t;
@@ -227,11 +229,14 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
     return 0;
 }
 
+/* `order`: the items' order in the point, `uorder` (nu of them) the units' (rules.h), or NULL: as
+ * they came, and the units of those that have one. */
 static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long long ts, long long now_ms,
-                            size_t payload_len) {
+                            size_t payload_len, const uint8_t *order, const uint8_t *uorder, int nu) {
     /* (6 bytes of JSON a payload byte at most, escapes included; a name the lane made -- LPP's, < 40
-     * bytes -- with its number and again with its unit, < 160) */
+     * bytes -- with its number and again with its unit, < 160; what the rules' renames and units add) */
     size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 128 + 6 * payload_len + 160 * (size_t)n;
+    if (t->rules) need += ((rules_t *)PyCapsule_GetPointer(t->rules, RULES_CAPSULE))->extra;
     if (need > self->json_cap) {
         char *j = PyMem_Realloc(self->json, need);
         if (!j) return PyErr_NoMemory();
@@ -247,7 +252,8 @@ static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long 
     memcpy(o, nv, sizeof nv - 1);
     o += sizeof nv - 1;
     int first = 1;
-    for (int i = 0; i < n; i++) {
+    for (int k = 0; k < n; k++) {
+        int i = order ? order[k] : k;
         if (items[i].is_text) continue;
         if (!first) *o++ = ',';
         first = 0;
@@ -259,7 +265,8 @@ static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long 
     memcpy(o, sv, sizeof sv - 1);
     o += sizeof sv - 1;
     first = 1;
-    for (int i = 0; i < n; i++) {
+    for (int k = 0; k < n; k++) {
+        int i = order ? order[k] : k;
         if (!items[i].is_text) continue;
         if (!first) *o++ = ',';
         first = 0;
@@ -273,7 +280,8 @@ static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long 
     memcpy(o, PyBytes_AS_STRING(t->tail), PyBytes_GET_SIZE(t->tail));
     o += PyBytes_GET_SIZE(t->tail);
     first = 1;
-    for (int i = 0; i < n; i++) { /* "units" after the tail's "profile" (the Struct's order), if any */
+    for (int k = 0; k < (uorder ? nu : n); k++) { /* "units" after the tail's "profile" (the Struct's order) */
+        int i = uorder ? uorder[k] : k;
         if (!items[i].unit) continue;
         if (first) {
             static const char un[] = ",\"units\":{";
@@ -675,8 +683,9 @@ static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, u
  * 0, or -1 with an exception set. */
 static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
                         socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, item_t *items, int nitems,
-                        long long ts, double now, long long now_ms) {
-    PyObject *value = point_json(self, t, items, nitems, ts, now_ms, s->end - s->payload);
+                        long long ts, double now, long long now_ms, const uint8_t *order, const uint8_t *uorder,
+                        int nu) {
+    PyObject *value = point_json(self, t, items, nitems, ts, now_ms, s->end - s->payload, order, uorder, nu);
     if (!value) return -1;
     PyObject *headers = exchange_headers(self, t->headers, a, s->mid, now_ms);
     PyObject *record = headers ? self->record_type->tp_alloc(self->record_type, 4) : NULL;
@@ -771,8 +780,13 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     long long ts;
     if (parse_payload(s.cf, t->mode, s.payload, s.end, items, &nitems, &ts, names) < 0)
         return python_path(self, key, now, reuse);
+    uint8_t order[MAX_ITEMS], uorder[MAX_ITEMS];
+    int nu = 0;
+    if (t->rules && apply_rules(PyCapsule_GetPointer(t->rules, RULES_CAPSULE), items, nitems, order, uorder, &nu) < 0)
+        return python_path(self, key, now, reuse); /* a broken rule: Python's 4.00 names it */
     /* accepted: from here on the lane owns the exchange */
-    return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms);
+    return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms,
+                        t->rules ? order : NULL, t->rules ? uorder : NULL, nu);
 }
 
 static int ensure_lists(Lane *self) {
@@ -1546,6 +1560,7 @@ static void clear_targets(Lane *self) {
         Py_CLEAR(t->head);
         Py_CLEAR(t->tail);
         Py_CLEAR(t->device);
+        Py_CLEAR(t->rules);
     }
     PyMem_Free(self->targets);
     self->targets = NULL;
@@ -1553,7 +1568,18 @@ static void clear_targets(Lane *self) {
     Py_CLEAR(self->tokens);
 }
 
-/* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device) | None],
+/* A target's rules: None is none (NULL); else compile_rules' capsule.  0 if not one (exception set). */
+static int rules_ok(PyObject **rules) {
+    if (*rules == Py_None) *rules = NULL;
+    if (*rules && !PyCapsule_IsValid(*rules, RULES_CAPSULE)) {
+        PyErr_SetString(PyExc_TypeError, "a target's rules are compile_rules()'s");
+        return 0;
+    }
+    return 1;
+}
+
+/* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device[, mode[, rules]])
+ *             | None],
  *             positions: dict[(tenant, device), int] = None: the DTLS sessions' devices' targets) */
 static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
     PyObject *tokens, *list, *positions = NULL;
@@ -1566,8 +1592,9 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         PyObject *item = PyList_GET_ITEM(list, i);
         if (item == Py_None) continue; /* not the lane's to serve */
         target_t *t = &ts[i];
-        if (!PyArg_ParseTuple(item, "UO!O!SSO|i", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
-                              &t->head, &t->tail, &t->device, &t->mode) || t->mode < MODE_FLAT || t->mode > MODE_LPP) {
+        if (!PyArg_ParseTuple(item, "UO!O!SSO|iO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
+                              &t->head, &t->tail, &t->device, &t->mode, &t->rules) ||
+            t->mode < MODE_FLAT || t->mode > MODE_LPP || !rules_ok(&t->rules)) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "set_targets: mode must be 0, 1 or 2");
             PyMem_Free(ts);
             return NULL;
@@ -1582,6 +1609,7 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         Py_INCREF(t->head);
         Py_INCREF(t->tail);
         Py_INCREF(t->device);
+        Py_XINCREF(t->rules);
     }
     clear_targets(self);
     self->targets = ts;
@@ -1606,8 +1634,9 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
         return NULL;
     }
     target_t t = {0};
-    if (item != Py_None && !PyArg_ParseTuple(item, "UO!O!SSO|i", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
-                                             &t.headers, &t.head, &t.tail, &t.device, &t.mode))
+    if (item != Py_None && (!PyArg_ParseTuple(item, "UO!O!SSO|iO", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
+                                              &t.headers, &t.head, &t.tail, &t.device, &t.mode, &t.rules) ||
+                            !rules_ok(&t.rules)))
         return NULL;
     if (t.mode < MODE_FLAT || t.mode > MODE_LPP) {
         PyErr_SetString(PyExc_ValueError, "set_target: mode must be 0 (flat), 1 (thingsboard) or 2 (cayenne-lpp)");
@@ -1623,8 +1652,9 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
         self->ntargets = n;
     }
     target_t *slot = &self->targets[i];
-    PyObject *old[6] = {slot->topic, slot->key, slot->headers, slot->head, slot->tail, slot->device};
+    PyObject *old[7] = {slot->topic, slot->key, slot->headers, slot->head, slot->tail, slot->device, slot->rules};
     if (item != Py_None) {
+        Py_XINCREF(t.rules);
         Py_INCREF(t.topic);
         Py_INCREF(t.key);
         Py_INCREF(t.headers);
@@ -1634,7 +1664,7 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
     }
     *slot = t; /* (epoch 0: reported at its first reading) */
     self->targets_gen++;
-    for (int k = 0; k < 6; k++) Py_XDECREF(old[k]); /* (last: a release may run code) */
+    for (int k = 0; k < 7; k++) Py_XDECREF(old[k]); /* (last: a release may run code) */
     Py_RETURN_NONE;
 }
 
@@ -1916,7 +1946,11 @@ static PyTypeObject LaneType = {
     .tp_members = Lane_members,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, NULL};
+static PyMethodDef module_methods[] = {
+    {"compile_rules", compile_rules, METH_O, "compile_rules(rules) -> a capsule of a profile's field rules (rules.h)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, module_methods};
 
 PyMODINIT_FUNC PyInit__lane(void) {
     if (!EXCHANGE && !(EXCHANGE = PyUnicode_InternFromString("coap-exchange"))) return NULL;

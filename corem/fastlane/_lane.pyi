@@ -51,3 +51,8 @@ class Lane:
         """Seal and send the answers to registered sessions; how many answers are left for Python."""
     def limit(self, rate: float, burst: float, max_sources: int, /) -> None: ...
     def counters(self) -> dict[str, Any]: ...
+
+def compile_rules(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, float | None, float | None,
+                                     float | None, float | None, bool, tuple[bytes, ...] | None], ...], /) -> object:
+    """A profile's field rules for the lane's targets (rules.h): (name, rename, unit, type 0 any / 1
+    number / 2 string, scale, offset, min, max, required, allowed), in the profile's order."""

@@ -7,7 +7,7 @@ from typing import Callable
 from ..ingest.payload import Readings, decode_readings
 from . import formats, rules
 from ..extras import needs
-from .spec import BINARY_TYPES, Profile, ProfileError
+from .spec import BINARY_TYPES, Profile, ProfileError, Rule
 
 #: (content_format, payload, now_ms) -> one Readings per point
 Decoder = Callable[[int | None, bytes | bytearray | memoryview, int], list[Readings]]
@@ -23,16 +23,26 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP = 0, 1, 2
 
 
+#: a field rule as the lane's C takes it (corem/fastlane/rules.h `compile_rules`): name, rename,
+#: unit, type (0 any, 1 number, 2 string), scale, offset, min, max, required, allowed
+LaneRule = tuple[bytes, bytes | None, bytes | None, int, float | None, float | None, float | None, float | None,
+                 bool, tuple[bytes, ...] | None]
+
+
 class LaneDecoder:
-    """A profile's decoder that the fast lane can also run in C, in `mode` (LANE_*): a profile of
-    format `flat`, `thingsboard` or `cayenne-lpp` without field rules.  Calling it is the Python
-    twin, which answers whatever the lane leaves (tests/test_fastlane.py holds the two alike)."""
+    """A profile's decoder that the fast lane can also run in C, in `mode` (LANE_*), with its field
+    `rules` (rules.py's, as data: `lane_rules`): a profile of format `flat`, `thingsboard` or
+    `cayenne-lpp`.  Calling it is the Python twin, which answers whatever the lane leaves
+    (tests/test_fastlane.py holds the two alike).  `compiled` is the lane's own form of the rules,
+    made once per profile by corem/fastlane and shared by its devices."""
 
-    __slots__ = ("decode", "mode")
+    __slots__ = ("decode", "mode", "rules", "compiled")
 
-    def __init__(self, decode: Decoder, mode: int) -> None:
+    def __init__(self, decode: Decoder, mode: int, rules: tuple[LaneRule, ...] = ()) -> None:
         self.decode = decode
         self.mode = mode
+        self.rules = rules
+        self.compiled: object = None
 
     def __call__(self, content_format: int | None, payload: bytes | bytearray | memoryview,
                  now_ms: int) -> list[Readings]:
@@ -67,14 +77,10 @@ def compile_profile(profile: Profile) -> Decoder:
                          timeout_ms=profile.timeout_ms, max_memory_mb=profile.max_memory_mb)
     else:
         decode = _flat
+    mode = (LANE_THINGSBOARD if profile.format == "thingsboard" else LANE_CAYENNE_LPP
+            if profile.format == "cayenne-lpp" else LANE_FLAT if decode is _flat else None)
     if not profile.fields:
-        if profile.format == "thingsboard":
-            return LaneDecoder(decode, LANE_THINGSBOARD)
-        if profile.format == "cayenne-lpp":
-            return LaneDecoder(decode, LANE_CAYENNE_LPP)
-        if decode is _flat:
-            return LaneDecoder(decode, LANE_FLAT)
-        return decode
+        return decode if mode is None else LaneDecoder(decode, mode)
     fields = profile.fields
 
     def with_rules(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
@@ -89,4 +95,21 @@ def compile_profile(profile: Profile) -> Decoder:
                 raise rules.RuleViolation(e.reason, f"[{i}].{e.field}") from None
         return out
 
-    return with_rules
+    in_c = None if mode is None else lane_rules(fields)
+    return with_rules if in_c is None or mode is None else LaneDecoder(with_rules, mode, in_c)
+
+
+_TYPES = {None: 0, "number": 1, "string": 2}
+
+
+def lane_rules(fields: dict[str, Rule]) -> tuple[LaneRule, ...] | None:
+    """The rules as the lane's C takes them, in the profile's order (rules.py applies them in it);
+    None if one cannot be said in UTF-8 (a lone surrogate) or holds NUL in a unit: Python's alone."""
+    try:
+        out = tuple((name.encode(), None if r.rename is None else r.rename.encode(),
+                     None if r.unit is None else r.unit.encode(), _TYPES[r.type], r.scale, r.offset, r.min, r.max,
+                     r.required, None if r.allowed is None else tuple(a.encode() for a in r.allowed))
+                    for name, r in fields.items())
+    except UnicodeEncodeError:
+        return None
+    return None if any(r[2] is not None and b"\0" in r[2] for r in out) else out

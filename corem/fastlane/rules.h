@@ -1,0 +1,221 @@
+/*
+ * A profile's field rules, applied by the fast lane to the one point it decoded: the C twin of
+ * corem/profiles/rules.py `apply` (type, scale, offset, min/max, allowed, required, unit, rename,
+ * in that order, each rule in the profile's order).  The lane only accepts: a reading that breaks a
+ * rule, or a shape whose outcome the lane would have to guess (a rename onto a name the reading
+ * already has, a result that is not finite), goes to the Python path, which answers 4.00 naming
+ * the field -- the same reading, the same answer.  Header-only, for _lane.c (after cbor_json.h).
+ *
+ * The rules come from Python once per profile (`compile_rules`, a capsule the lane's targets
+ * share): the strings point into the bytes of the tuple the capsule keeps alive.
+ */
+#ifndef COREM_RULES_H
+#define COREM_RULES_H
+
+#define RULES_CAPSULE "corem.fastlane.rules"
+
+typedef struct {
+    const uint8_t *name, *rename, *unit; /* rename, unit: NULL if the rule has none */
+    size_t nlen, rlen;
+    int type; /* 0: any, 1: "number", 2: "string" */
+    int required, has_scale, has_offset, has_min, has_max;
+    double scale, offset, min, max;
+    Py_ssize_t nallowed; /* -1: no `allowed` */
+    const uint8_t **allowed;
+    size_t *alen;
+} rule_t;
+
+typedef struct {
+    Py_ssize_t n;
+    rule_t *r;
+    size_t extra; /* bytes of JSON the renames and units may add to a point, at most */
+    PyObject *source; /* the tuple the strings live in */
+} rules_t;
+
+static void rules_free(PyObject *capsule) {
+    rules_t *R = PyCapsule_GetPointer(capsule, RULES_CAPSULE);
+    if (!R) return;
+    for (Py_ssize_t i = 0; i < R->n; i++) {
+        PyMem_Free(R->r[i].allowed);
+        PyMem_Free(R->r[i].alen);
+    }
+    PyMem_Free(R->r);
+    Py_XDECREF(R->source);
+    PyMem_Free(R);
+}
+
+static int opt_double(PyObject *o, int *has, double *v) {
+    *has = o != Py_None;
+    if (!*has) return 0;
+    *v = PyFloat_AsDouble(o);
+    return *v == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int opt_bytes(PyObject *o, const uint8_t **s, size_t *n, int no_nul) {
+    if (o == Py_None) {
+        *s = NULL;
+        *n = 0;
+        return 0;
+    }
+    if (!PyBytes_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "compile_rules: names, renames and units are bytes");
+        return -1;
+    }
+    *s = (const uint8_t *)PyBytes_AS_STRING(o);
+    *n = (size_t)PyBytes_GET_SIZE(o);
+    if (no_nul && memchr(*s, 0, *n)) { /* (point_json writes a unit to its NUL) */
+        PyErr_SetString(PyExc_ValueError, "compile_rules: a unit with a NUL character");
+        return -1;
+    }
+    return 0;
+}
+
+/* compile_rules(rules: tuple[(name, rename, unit, type, scale, offset, min, max, required, allowed)])
+ * -> a capsule for set_target: name bytes; rename, unit bytes or None; type 0/1/2; scale ... max
+ * float or None; required bool; allowed tuple of bytes or None (profiles/compile.py `lane_rules`). */
+static PyObject *compile_rules(PyObject *module, PyObject *arg) {
+    if (!PyTuple_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "compile_rules: a tuple of rules");
+        return NULL;
+    }
+    rules_t *R = PyMem_Calloc(1, sizeof(rules_t));
+    Py_ssize_t n = PyTuple_GET_SIZE(arg);
+    if (R) R->r = PyMem_Calloc(n ? n : 1, sizeof(rule_t));
+    if (!R || !R->r) {
+        PyMem_Free(R);
+        return PyErr_NoMemory();
+    }
+    Py_INCREF(arg);
+    R->source = arg;
+    R->n = n;
+    PyObject *capsule = PyCapsule_New(R, RULES_CAPSULE, rules_free);
+    if (!capsule) {
+        Py_DECREF(arg);
+        PyMem_Free(R->r);
+        PyMem_Free(R);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        rule_t *r = &R->r[i];
+        r->nallowed = -1;
+        PyObject *name, *rename, *unit, *scale, *offset, *min, *max, *allowed;
+        int required;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(arg, i), "O!OOiOOOOpO", &PyBytes_Type, &name, &rename, &unit,
+                              &r->type, &scale, &offset, &min, &max, &required, &allowed))
+            goto fail;
+        r->required = required;
+        size_t ulen;
+        if (opt_bytes(name, &r->name, &r->nlen, 0) < 0 || opt_bytes(rename, &r->rename, &r->rlen, 0) < 0 ||
+            opt_bytes(unit, &r->unit, &ulen, 1) < 0 || opt_double(scale, &r->has_scale, &r->scale) < 0 ||
+            opt_double(offset, &r->has_offset, &r->offset) < 0 || opt_double(min, &r->has_min, &r->min) < 0 ||
+            opt_double(max, &r->has_max, &r->max) < 0)
+            goto fail;
+        if (r->type < 0 || r->type > 2) {
+            PyErr_SetString(PyExc_ValueError, "compile_rules: type is 0 (any), 1 (number) or 2 (string)");
+            goto fail;
+        }
+        R->extra += 6 * (r->rlen + ulen + r->nlen) + 8;
+        if (allowed != Py_None) {
+            if (!PyTuple_Check(allowed)) {
+                PyErr_SetString(PyExc_TypeError, "compile_rules: allowed is a tuple of bytes");
+                goto fail;
+            }
+            Py_ssize_t k = PyTuple_GET_SIZE(allowed);
+            r->allowed = PyMem_Calloc(k ? k : 1, sizeof(uint8_t *));
+            r->alen = PyMem_Calloc(k ? k : 1, sizeof(size_t));
+            if (!r->allowed || !r->alen) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            r->nallowed = k;
+            for (Py_ssize_t j = 0; j < k; j++) {
+                PyObject *a = PyTuple_GET_ITEM(allowed, j);
+                if (a == Py_None || opt_bytes(a, &r->allowed[j], &r->alen[j], 0) < 0) {
+                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "compile_rules: allowed is bytes");
+                    goto fail;
+                }
+            }
+        }
+    }
+    return capsule;
+fail:
+    Py_DECREF(capsule);
+    return NULL;
+}
+
+static int find_item(const item_t *items, int n, const uint8_t *name, size_t len) {
+    for (int i = 0; i < n; i++)
+        if (items[i].klen == len && memcmp(items[i].key, name, len) == 0) return i;
+    return -1;
+}
+
+/* The rules on the point's items: 0, with the items' values, units and names changed, `order`
+ * the items' order in the point (renamed ones move last, in the rules' order, as a Python dict's
+ * pop and update do) and `uorder`/`*nu` the units' order; -1: the Python path's. */
+static int apply_rules(const rules_t *R, item_t *items, int n, uint8_t *order, uint8_t *uorder, int *nu) {
+    uint8_t renamed[MAX_ITEMS], is_renamed[MAX_ITEMS] = {0};
+    const rule_t *by[MAX_ITEMS]; /* the rule that renames renamed[a] */
+    int nren = 0, m = 0;
+    for (int i = 0; i < n; i++)
+        if (items[i].unit) uorder[m++] = (uint8_t)i;
+    for (Py_ssize_t k = 0; k < R->n; k++) {
+        const rule_t *r = &R->r[k];
+        int i = find_item(items, n, r->name, r->nlen);
+        if (i < 0) {
+            if (r->required) return -1;
+            continue;
+        }
+        item_t *it = &items[i];
+        if (!it->is_text) {
+            if (r->type == 2 || r->nallowed >= 0) return -1;
+            double v = it->num;
+            if (r->has_scale) v *= r->scale;
+            if (r->has_offset) v += r->offset;
+            if (!isfinite(v) || (r->has_min && v < r->min) || (r->has_max && v > r->max)) return -1;
+            it->num = v;
+        } else {
+            if (r->type == 1 || r->has_scale || r->has_offset || r->has_min || r->has_max) return -1;
+            if (r->nallowed >= 0) {
+                Py_ssize_t j = 0;
+                while (j < r->nallowed && !(r->alen[j] == it->tlen && memcmp(r->allowed[j], it->text, it->tlen) == 0))
+                    j++;
+                if (j == r->nallowed) return -1;
+            }
+        }
+        if (r->unit) {
+            if (!it->unit) uorder[m++] = (uint8_t)i;
+            it->unit = (const char *)r->unit;
+        }
+        if (r->rename && !(r->rlen == r->nlen && memcmp(r->rename, r->name, r->nlen) == 0)) {
+            by[nren] = r;
+            renamed[nren++] = (uint8_t)i;
+            is_renamed[i] = 1;
+        }
+    }
+    int o = 0;
+    for (int i = 0; i < n; i++)
+        if (!is_renamed[i]) order[o++] = (uint8_t)i;
+    if (nren) {
+        /* a rename onto a name the reading holds (Python refuses it, or overwrites a value), or two
+         * onto one name: the Python path's */
+        for (int a = 0; a < nren; a++) {
+            if (find_item(items, n, by[a]->rename, by[a]->rlen) >= 0) return -1;
+            for (int b = 0; b < a; b++)
+                if (by[b]->rlen == by[a]->rlen && memcmp(by[b]->rename, by[a]->rename, by[a]->rlen) == 0) return -1;
+        }
+        for (int a = 0; a < nren; a++) {
+            items[renamed[a]].key = by[a]->rename;
+            items[renamed[a]].klen = by[a]->rlen;
+            order[o++] = renamed[a];
+        }
+        int u = 0; /* the units of renamed fields move last too */
+        for (int j = 0; j < m; j++)
+            if (!is_renamed[uorder[j]]) uorder[u++] = uorder[j];
+        for (int a = 0; a < nren; a++)
+            if (items[renamed[a]].unit) uorder[u++] = renamed[a];
+    }
+    *nu = m;
+    return 0;
+}
+
+#endif
