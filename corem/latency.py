@@ -14,6 +14,7 @@ from bisect import bisect_left
 from typing import Iterator
 
 from .stats import Histogram
+from .token_path import PREFIX, TELEMETRY
 
 NAME = "corem_request_duration_seconds"
 
@@ -25,8 +26,8 @@ BOUNDS: tuple[float, ...] = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075
 #: the first segment of a path -> its front door (the `door` label); any other path is the user's
 #: own resources (corem.coap.site), "site"; a request no route took (4.04, refused before routing) "none"
 DOORS = {
-    "api": "thingsboard",  # /api/v1/{token}/..., /api/v1/telemetry (x509), /api/v1/provision
-    "telemetry": "corem",  # corem's own POST /telemetry (the device named by its DTLS session or OSCORE context)
+    PREFIX[0]: "thingsboard",  # /api/v1/{token}/..., /api/v1/telemetry (x509), /api/v1/provision
+    TELEMETRY: "corem",  # corem's own POST /telemetry (the device named by its DTLS session or OSCORE context)
     "ps": "emqx",
     "mqtt": "emqx",
     "v1": "drogue",  # Drogue Cloud's /v1/{channel}

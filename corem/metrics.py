@@ -144,7 +144,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_session_store_errors": (C, "Writes the DTLS session store could not make."),
     # the ingest
     "corem_protocol_payload_rejections": (C, "Payloads rejected, nothing published."),
-    "corem_auth_failures": (C, "Requests refused 4.01."),
+    "corem_auth_failures": (
+        C, "Requests refused for who they speak for (corem/identity.py): 4.01 by reason (unknown_token, "
+           "no_session_identity, revoked, bad_password, no_credentials, malformed_credentials, device_mismatch), "
+           "4.03 not_a_gateway."),
     "corem_telemetry_points": (C, "Points acknowledged by the bus."),
     "corem_telemetry_bus_refusals": (C, "Readings answered 5.03 because the bus could not take them."),
     # the sink

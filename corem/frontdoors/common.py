@@ -1,9 +1,10 @@
-"""What the peers' front doors share: query parsing, JSON/CBOR bodies, device resolution."""
+"""What the peers' front doors share: query parsing, JSON/CBOR bodies, answers.  (Who a request
+speaks for is corem/identity.py's.)"""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 import cbor2
@@ -11,7 +12,6 @@ import cbor2
 from ..coap.endpoint import Request
 from ..coap.resources import Response
 from ..codec import Code, OptionNumber, encode_uint
-from ..registry import Device, Directory
 
 JSON, CBOR, OCTETS, TEXT = 50, 60, 42, 0
 MAX_BODY = 64 * 1024
@@ -85,14 +85,3 @@ def content(value: Any, req: Request, code: int = Code.CONTENT) -> Response:
 
 def bad_request(reason: str) -> Response:
     return Response(Code.BAD_REQUEST, reason.encode()[:512])
-
-
-def unauthorized(reason: str) -> Response:
-    return Response(Code.UNAUTHORIZED, reason.encode()[:512])
-
-
-def session_owner(directory: Directory, session: Callable[[Request], Device | None] | None, req: Request) -> Device | None:
-    """The registered device behind a request's DTLS session or OSCORE context, as the registry has
-    it now (None without either, for a one-way certificate session, or once the device was removed)."""
-    named = session(req) if session is not None else None
-    return named and directory.named(named.tenant, named.device)

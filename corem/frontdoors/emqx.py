@@ -10,7 +10,7 @@
     /mqtt/{topic}?c=&u=&p=                              MQTT mode: PUT/POST publish, GET+Observe subscribe
 
 `u` is the device id and `p` its access token (`c` is the client id, kept for the logs); over
-CoAPS the session names the device and the query may be left out.  Topics are per tenant: devices
+CoAPS the session names the device and the query may be left out (corem/identity.py decides).  Topics are per tenant: devices
 of one tenant never see another's.  Each device may use only the topics its registry entry allows
 (`topics`, MQTT filters; default `#`): a publish or subscription outside them is 4.03.
 Every publish is also a record on `pubsub.{tenant}` (key = topic), answered 2.04 once it is on the
@@ -38,10 +38,11 @@ from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
 from ..codec import Code, OptionNumber, Options, encode_uint
 from ..devices.downlink import Downlink
+from ..identity import Door, Refusal, SessionDevice
 from ..ingest.telemetry import BUSY, TelemetryIngest, answer_committed
 from ..registry import Device, Directory
 from ..stats import Sample, counter, gauge
-from .common import bad_request, query, session_owner, unauthorized
+from .common import bad_request, query
 
 DEFAULT_MAX_AGE = 60
 
@@ -112,17 +113,18 @@ class Emqx:
     def __len__(self) -> int:
         return len(self._retained)
 
-    def install(self, router: Router, observers: Observers, session_device: Callable[[Request], Device | None] | None = None) -> None:
+    def install(self, router: Router, observers: Observers, session_device: SessionDevice | None = None) -> None:
         self.observers.append(observers)
+        identify = self.ingest.identity.identify  # (credentials or session: corem/identity.py)
 
         def door(handler, retained: bool = False):
             """`retained`: a `/ps` method, whose If-Match / If-None-Match are evaluated here
             against the topic's retained message, right before `handler` (no await between)."""
 
             def call(req: Request, params: list[str]) -> Response | None:
-                device = self.authenticate(req, session_device)
-                if isinstance(device, Response):
-                    return device
+                device = identify(req, Door.EMQX, session=session_device, query=query(req))
+                if isinstance(device, Refusal):
+                    return device.response()
                 topic = params[0]
                 if "#" in topic or "+" in topic:
                     return bad_request(f"topic: {topic!r}; wildcards are not supported in a CoAP resource path")
@@ -144,21 +146,6 @@ class Emqx:
                    conditional=True)
         router.add("mqtt/{topic*}", {Code.GET: door(self.subscribe), Code.PUT: door(self.post),
                                      Code.POST: door(self.post)})
-
-    def authenticate(self, req: Request, session_device) -> Device | Response:
-        q = query(req)
-        if "p" not in q and session_device is not None:
-            device = session_owner(self.directory, session_device, req)
-            if device is not None:
-                return device
-        missing = [k for k in ("c", "u", "p") if not q.get(k)]
-        if missing:
-            return unauthorized(f"{', '.join(missing)}: required (?c=ClientId&u=Username&p=Password)")
-        device = self.directory.token_device(q["p"])
-        if device is None or device.device != q["u"]:
-            self.ingest.stats.auth_failures["coap", "bad_password"] += 1
-            return unauthorized("u/p: unknown username or wrong password")
-        return device
 
     # -- PubSub ----------------------------------------------------------------------------------
     def get(self, req: Request, device: Device, topic: str, observers: Observers) -> Response:

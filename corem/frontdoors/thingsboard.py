@@ -29,12 +29,14 @@ from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
 from ..codec import Code, OptionNumber, encode_uint
 from ..devices.downlink import Downlink, attributes_resource, rpc_resource
+from ..identity import Door, Refusal, SessionDevice
 from ..ingest.telemetry import TelemetryIngest
 from ..logs import fields
 from ..registry import Device, Directory, RegistryError
 from ..registry.management import Management
 from ..stats import Sample, counter
-from .common import OCTETS, BodyError, bad_request, body, content, query, session_owner, unauthorized
+from ..token_path import api_route, token_route
+from .common import OCTETS, BodyError, bad_request, body, content, query
 
 log = logging.getLogger("corem.thingsboard")
 
@@ -70,7 +72,7 @@ class ThingsBoard:
         yield counter("corem_provisioning", self.provisioned, result="success")
         yield counter("corem_provisioning", self.provision_refused, result="refused")
 
-    def install(self, router: Router, observers: Observers, session_device: Callable[[Request], Device | None] | None = None) -> None:
+    def install(self, router: Router, observers: Observers, session_device: SessionDevice | None = None) -> None:
         doors: dict[str, dict[int, Handler]] = {
             "attributes": {Code.GET: self.get_attributes, Code.POST: self.post_attributes},
             "rpc": {Code.GET: self.get_rpc},
@@ -83,30 +85,32 @@ class ThingsBoard:
             by_token = {code: self._with_token(h, observers) for code, h in handlers.items()}
             # the packages have ETags: their handlers evaluate If-Match / If-None-Match (get_package)
             owned = suffix in ("firmware", "software")
-            router.add(f"api/v1/{{token}}/{suffix}", by_token, conditional=owned)
+            router.add(token_route(suffix), by_token, conditional=owned)
             if session_device is not None:
                 in_session = {code: self._in_session(h, observers, session_device) for code, h in handlers.items()}
-                router.add(f"api/v1/{suffix}", in_session, conditional=owned)
-        router.add("api/v1/provision", {Code.POST: self.provision}, link={"rt": "tb.provision", "if": "core.p", "ct": "50 60"})
+                router.add(api_route(suffix), in_session, conditional=owned)
+        router.add(api_route("provision"), {Code.POST: self.provision}, link={"rt": "tb.provision", "if": "core.p", "ct": "50 60"})
 
-    # -- device resolution -----------------------------------------------------------------------
+    # -- device resolution (corem/identity.py decides, and counts the refusals) -------------------
     def _with_token(self, handler: Handler, observers: Observers):
+        identify = self.ingest.identity.identify
+
         def call(req: Request, params: list[str]) -> Response | None:
-            device = self.directory.token_device(params[0])
-            if device is None:
-                self.ingest.stats.auth_failures["coap", "unknown_token"] += 1
-                return unauthorized("unknown access token")
+            device = identify(req, Door.THINGSBOARD, token=params[0])
+            if isinstance(device, Refusal):
+                return device.response()
             self.downlink.uplink(device)
             return handler(req, device, params[1:], observers)
 
         return call
 
-    def _in_session(self, handler: Handler, observers: Observers, session_device):
+    def _in_session(self, handler: Handler, observers: Observers, session_device: SessionDevice):
+        identify = self.ingest.identity.identify
+
         def call(req: Request, params: list[str]) -> Response | None:
-            device = session_owner(self.directory, session_device, req)
-            if device is None:
-                self.ingest.stats.auth_failures["coap", "no_session_identity"] += 1
-                return unauthorized("no registered device in this session; use /api/v1/{token}/...")
+            device = identify(req, Door.THINGSBOARD, session=session_device)
+            if isinstance(device, Refusal):
+                return device.response()
             self.downlink.uplink(device)
             return handler(req, device, params, observers)
 

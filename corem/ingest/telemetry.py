@@ -23,12 +23,14 @@ from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..coap.response import retry_later
 from ..codec import Code
+from ..identity import Door, Identity, Refusal, SessionDevice
 from ..profiles.compile import Decoder as PointsDecoder
 from ..profiles.compile import compile_profile
 from ..profiles.rules import RuleViolation
 from ..profiles.spec import Profile, ProfileError
 from ..registry import Device, Directory
 from ..stats import Sample, counter
+from ..token_path import TELEMETRY, api_route, token_route
 from .diagnostics import Diagnostics
 from .payload import Overloaded, PayloadError, Readings, UnsupportedFormat
 from .point import TelemetryPoint, encode_point, telemetry_topic
@@ -57,6 +59,8 @@ class IngestStats:
     accepted: Counter[str] = field(default_factory=Counter)
     #: (protocol, reason) -> payloads rejected; reason is a stable metric label
     rejections: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: (protocol, reason) -> requests refused for who they speak for: counted by corem/identity.py
+    #: alone (its `Reason`s are the labels)
     auth_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
     bus_refusals: int = 0
     #: (tenant, device) -> points acknowledged / payloads rejected (authenticated devices only,
@@ -134,6 +138,8 @@ class TelemetryIngest:
         #: told of every authenticated request (the downlink learns that a sleeping device woke)
         self.on_uplink = on_uplink
         self.stats = IngestStats()
+        #: who each request speaks for, for every door: it alone counts `stats.auth_failures`
+        self.identity = Identity(directory, self.stats.auth_failures)
         #: (tenant, device) -> its Target, for the devices that talked lately (at most TARGETS)
         self._targets: dict[tuple[str, str], Target] = {}
         #: profile name -> (the Profile it was compiled from, its decoder)
@@ -142,25 +148,23 @@ class TelemetryIngest:
         self.lanes: dict[object, Callable[[Target], None]] = {}
         directory.listen(self._registry_changed)
 
-    def install(self, router: Router, session_device: Callable[[Request], Device | None] | None = None) -> None:
+    def install(self, router: Router, session_device: SessionDevice | None = None) -> None:
         """Add the telemetry front doors; with `session_device` also `POST /telemetry`, whose tenant
         and device come from the security below CoAP (a DTLS session, an OSCORE context)."""
-        router.add("api/v1/{token}/telemetry", {Code.POST: self.post_with_token})
+        router.add(token_route(TELEMETRY), {Code.POST: self.post_with_token})
         if session_device is not None:
-            def post_in_session(req: Request, params: list[str]) -> Response | None:
-                device = session_device(req)
-                if device is None:  # one-way certificate session: the device names itself by token
-                    self.stats.auth_failures["coap", "no_session_identity"] += 1
-                    return Response(Code.UNAUTHORIZED, b"no device identity in this session; use /api/v1/{token}/telemetry")
-                target = self.by_name(device.tenant, device.device)
-                if target is None:  # the device was removed after its handshake
-                    self.stats.auth_failures["coap", "revoked"] += 1
-                    return Response(Code.UNAUTHORIZED, b"device no longer registered")
-                return self.ingest(req, target, "coap")
+            identify = self.identity.identify
 
-            router.add("telemetry", {Code.POST: post_in_session},
+            def post_in_session(req: Request, params: list[str]) -> Response | None:
+                # (one-way certificate session: the device names itself by token; or removed since)
+                device = identify(req, Door.TELEMETRY, session=session_device)
+                if isinstance(device, Refusal):
+                    return device.response()
+                return self.ingest(req, self.target(device), "coap")
+
+            router.add(TELEMETRY, {Code.POST: post_in_session},
                        link={"rt": "corem.telemetry", "if": "core.p", "ct": "60 50"})
-            router.add("api/v1/telemetry", {Code.POST: post_in_session})  # ThingsBoard's x509 path
+            router.add(api_route(TELEMETRY), {Code.POST: post_in_session})  # ThingsBoard's x509 path
 
     @staticmethod
     def _target(device: Device, profiles: dict[str, Profile], compiled: dict[str, tuple[Profile, PointsDecoder]],
@@ -210,10 +214,6 @@ class TelemetryIngest:
             t = targets[key] = self._target(device, self.directory.profiles, self._compiled)
         return t
 
-    def _by_token(self, token: str) -> Target | None:
-        device = self.directory.token_device(token)
-        return None if device is None else self.target(device)
-
     def by_name(self, tenant: str, device: str) -> Target | None:
         """The pipeline target of a registered device (None once it is removed)."""
         t = self._targets.get((tenant, device))
@@ -225,11 +225,10 @@ class TelemetryIngest:
     # -- front doors ---------------------------------------------------------------------------
     def post_with_token(self, req: Request, params: list[str]) -> Response | None:
         """ThingsBoard-style `POST /api/v1/{token}/telemetry`."""
-        target = self._by_token(params[0])
-        if target is None:
-            self.stats.auth_failures["coap", "unknown_token"] += 1
-            return Response(Code.UNAUTHORIZED, b"unknown access token")
-        return self.ingest(req, target, "coap")
+        device = self.identity.identify(req, Door.TELEMETRY, token=params[0])
+        if isinstance(device, Refusal):
+            return device.response()
+        return self.ingest(req, self.target(device), "coap")
 
     # -- the pipeline --------------------------------------------------------------------------
     def ingest(
@@ -358,8 +357,7 @@ class TelemetryIngest:
             yield counter("corem_protocol_payload_rejections", n, protocol=protocol, reason=reason)
         if not st.rejections:
             yield counter("corem_protocol_payload_rejections", 0, protocol="coap", reason="decode_error")
-        for (protocol, reason), n in sorted(st.auth_failures.items()):
-            yield counter("corem_auth_failures", n, protocol=protocol, reason=reason)
+        yield from self.identity.metrics()
         for tenant, n in sorted(st.accepted.items()):
             yield counter("corem_telemetry_points", n, tenant=tenant)
         yield counter("corem_telemetry_bus_refusals", st.bus_refusals)

@@ -10,7 +10,8 @@ Integration"), on corem's registry, ingest and bus.
 ThingsBoard's paths, the spec's names and Efento's own short paths (its sensors' defaults).  The
 payload is one message of Efento's published schema (decode.py); the device is the one whose access
 token the message's `cloud_token` is.  Over CoAPS or OSCORE the session's device is taken when the
-message carries no token, or one corem does not know (a sensor's cloud token may be its IMEI).
+message carries no token, or one corem does not know (a sensor's cloud token may be its IMEI):
+corem/identity.py decides.
 Points are published as any reading is (`telemetry.{tenant}`, answered once durable), attributes
 stored as the device's client attributes and copied to `attributes.{tenant}`.  A message that does
 not decode is refused whole: 4.00 naming the field, counted, kept as a diagnostics sample.
@@ -32,15 +33,18 @@ from ...bus.base import publish_json
 from ...coap.endpoint import Request
 from ...coap.resources import Response, Router
 from ...codec import Code
+from ...identity import Door, Refusal
+from ...identity import SessionDevice as SessionLookup
 from ...ingest.payload import PayloadError, UnsupportedFormat
-from ...ingest.telemetry import IngestStats, TelemetryIngest
+from ...ingest.telemetry import TelemetryIngest
 from ...registry import Device, Directory, RegistryError
 from ...registry.management import Management
 from ...stats import Sample, counter
-from ..common import OCTETS, session_owner, unauthorized
+from ...token_path import api_route
+from ..common import OCTETS
 from ..thingsboard import attributes_topic
 
-SessionDevice = Callable[[Request], "Device | None"] | None
+SessionDevice = SessionLookup | None
 
 #: kind -> (ThingsBoard's and Efento's short segment, the spec's name)
 PATHS = {
@@ -93,10 +97,10 @@ class Efento:
         handlers["measurements"] = self.post_measurements
         for kind, (short, name) in PATHS.items():
             post = self._post(handlers[kind], session_device)
-            for path in (f"api/v1/efento/{short}", f"coap/{name}", short):
+            for path in (api_route(f"efento/{short}"), f"coap/{name}", short):
                 router.add(path, {Code.POST: post}, door="efento",
                            link={"rt": f"efento.{short}", "if": "core.p", "ct": "42"} if path == short else None)
-        for path in ("api/v1/efento/t", "t"):
+        for path in (api_route("efento/t"), "t"):
             router.add(path, {Code.GET: self.get_time, Code.POST: self.get_time}, door="efento",
                        link={"rt": "efento.t"} if path == "t" else None)
 
@@ -131,19 +135,11 @@ class Efento:
                                         "application/octet-stream (42) or no Content-Format")
             parsed = decode.parse(cls, data)
         except PayloadError as e:  # before the device is known: over CoAPS or OSCORE the session's
-            return self._refuse(req, kind, session_owner(self.directory, session_device, req), e)
-        token = parsed.cloud_token
-        device = self.directory.token_device(token) if token else None
-        if device is None:
-            device = session_owner(self.directory, session_device, req)
-        if device is None:
+            return self._refuse(req, kind, self.ingest.identity.owner(req, session_device), e)
+        device = self.ingest.identity.identify(req, Door.EFENTO, session=session_device, token=parsed.cloud_token)
+        if isinstance(device, Refusal):
             self.messages[kind, "refused"] += 1
-            stats: IngestStats = self.ingest.stats
-            if token:
-                stats.auth_failures[PROTOCOL, "unknown_token"] += 1
-                return unauthorized("cloudToken: unknown access token")
-            stats.auth_failures[PROTOCOL, "no_session_identity"] += 1
-            return unauthorized("cloudToken: empty, and no registered device in this session")
+            return device.response()
         return decode, parsed, device
 
     def _refuse(self, req: Request, kind: str, device: Device | None, error: PayloadError) -> Response:
@@ -176,9 +172,7 @@ class Efento:
             result = decode.measurements(parsed, received_at)
         except PayloadError as e:
             return self._refuse(req, "measurements", device, e)
-        target = self.ingest.by_name(device.tenant, device.device)
-        if target is None:  # removed since the directory was read
-            return unauthorized("device: no longer registered")
+        target = self.ingest.target(device)  # (read from the directory just now)
         self.messages["measurements", "accepted"] += 1
         self.skipped.update(result.skipped)
         if not result.points:  # (never: the device's status is a point of its own)
