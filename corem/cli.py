@@ -25,15 +25,16 @@ from .admin import schemas as api_schemas
 from .bus import topics
 from .build import version
 from .config import ConfigError, Settings
-from .errors import NewerFormat, StorageUnavailable
+from .errors import BadInput, CoremError, NotFound
+from .inputs import add_flags, names
 from .ingest.point import decode_point
 from .profiles.compile import compile_profile
 from .profiles.spec import DEFAULT as DEFAULT_PROFILE
 from .profiles.spec import Profile, ProfileError, parse_profile, profile_from
 from .profiles.trial import SampleError, decode_sample, sample_bytes
-from .registry import Registry, RegistryError, bulk
+from .registry import Registry, bulk
+from .registry.inputs import DeviceFields
 from .registry.nudge import nudge
-from .registry.store import parse_oscore, parse_psk
 from .reload import reread as reread_settings
 from .sdnotify import Notifier
 
@@ -218,10 +219,10 @@ def secret_file(path: str, key: str) -> bytes:
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
-        raise RegistryError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+        raise BadInput(f"{key}: cannot read {path}: {e.strerror or e}") from None
     raw = raw.removesuffix(b"\n").removesuffix(b"\r")
     if not raw:
-        raise RegistryError(f"{key}: {path} is empty")
+        raise BadInput(f"{key}: {path} is empty")
     return raw
 
 
@@ -233,15 +234,18 @@ def _from_file(args: argparse.Namespace, name: str) -> str | None:
         return None
     if getattr(args, name) is not None or getattr(args, name + "_hex") is not None:
         flag = "--" + name.replace("_", "-")
-        raise RegistryError(f"{name}: give {flag}, {flag}-hex or {flag}-file, not two of them")
+        raise BadInput(f"{name}: give {flag}, {flag}-hex or {flag}-file, not two of them")
     return secret_file(path, name + "_file").hex()
 
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
+    """The device of the flags (registry/inputs.py's DeviceFields, as the API and the import take
+    it), the keys of `--psk-file` and `--oscore-secret-file` as their hex."""
+    given = {name: getattr(args, name) for name in names(DeviceFields)}
     psk_hex, secret_hex = _from_file(args, "psk"), _from_file(args, "oscore_secret")
-    psk = parse_psk(args.psk, psk_hex or args.psk_hex)
-    oscore = parse_oscore(args.oscore_sender_id, args.oscore_recipient_id, args.oscore_secret,
-                          secret_hex or args.oscore_secret_hex, args.oscore_salt, args.oscore_id_context)
+    given["psk_hex"] = psk_hex or given["psk_hex"]
+    given["oscore_secret_hex"] = secret_hex or given["oscore_secret_hex"]
+    ask = DeviceFields(**given)
     cert = None
     if args.cert is not None:
         from .dtls import certificate_sha256
@@ -249,13 +253,10 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
         try:
             cert = certificate_sha256(args.cert)
         except (OSError, ValueError) as e:
-            raise RegistryError(f"cert: {e}") from None
-    token = api_schemas.generated_token(args.token, args.psk_identity, cert, oscore is not None)
+            raise BadInput(f"cert: {e}") from None
+    token = api_schemas.generated_token(ask, cert)
     with _opened(args) as reg:
-        d = reg.add_device(
-            args.tenant, args.device, token=token, profile=args.profile, psk_identity=args.psk_identity, psk=psk,
-            cert_sha256=cert, power_mode=args.power_mode, topics=args.topics, gateways=args.gateways, oscore=oscore,
-        )
+        d = reg.add_device(ask.tenant, ask.device, **ask.settings(cert_sha256=cert, token=token))
     _nudge(reg, args)  # a running server has it when this returns
     creds = [c for c, have in (("token", d.token), ("psk", d.psk_identity), ("cert", d.cert_sha256),
                                ("oscore", d.oscore)) if have]
@@ -308,7 +309,7 @@ def cmd_devices_import(args: argparse.Namespace) -> int:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise RegistryError(f"file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise BadInput(f"file: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     total = sum(1 for line in text.splitlines() if line.strip()) - (1 if kind == "csv" else 0)
     started = time.monotonic()
     bar = _progress(total) if sys.stderr.isatty() else None
@@ -339,7 +340,7 @@ def _read_text(path: str, what: str) -> str:
     try:
         return Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise RegistryError(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise BadInput(f"{what}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _profile(args: argparse.Namespace) -> Profile:
@@ -347,11 +348,11 @@ def _profile(args: argparse.Namespace) -> Profile:
     profile of ThingsBoard's defaults)."""
     if args.file is not None and args.json is not None or (args.file is None and args.json is None
                                                                and args.proto is None):
-        raise RegistryError("profile: give it with --file FILE or --json TEXT (one of them), or --proto FILE")
+        raise BadInput("profile: give it with --file FILE or --json TEXT (one of them), or --proto FILE")
     text = args.json if args.json is not None else _read_text(args.file, "file") if args.file else "{}"
     if args.proto is None:
         if args.message:
-            raise RegistryError("message: names a message of the schema given with --proto")
+            raise BadInput("message: names a message of the schema given with --proto")
         return parse_profile(text)
     try:
         raw = json.loads(text)
@@ -371,7 +372,7 @@ def cmd_profiles_add(args: argparse.Namespace) -> int:
         profile = _profile(args)
         compile_profile(profile)  # a script that does not load is refused now, not at the first reading
     except ProfileError as e:
-        raise RegistryError(str(e)) from None
+        raise BadInput(str(e)) from None
     with _opened(args) as reg:
         created = reg.put_profile(args.name, profile)
     _nudge(reg, args)  # devices naming it decode with it when this returns
@@ -400,7 +401,7 @@ def _stored_profile(reg: Registry, name: str) -> Profile | None:
         return None
     profile = reg.list_profiles().get(name)
     if profile is None:
-        raise RegistryError(f"profile: {name!r} does not exist")
+        raise NotFound(f"profile: {name!r} does not exist")
     return profile
 
 
@@ -429,7 +430,7 @@ def cmd_profiles_decode(args: argparse.Namespace) -> int:
     try:
         payload = Path(args.file).read_bytes() if args.file else sample_bytes(args.hex, args.base64)
     except (SampleError, OSError) as e:
-        raise RegistryError(str(e)) from None
+        raise BadInput(str(e)) from None
     result = decode_sample(profile, args.content_format, payload, int(time.time() * 1000))
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 1 if "error" in result else 0
@@ -513,9 +514,6 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 # -- main --------------------------------------------------------------------------------------
-DEFAULTS = api_schemas.DEVICE_DEFAULTS
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corem", description="the CORE-M device-link CoAP adapter")
     parser.add_argument("--version", action="version", version=f"corem {version()}")
@@ -545,33 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="manage registered devices").add_subparsers(dest="action", required=True)
     add = devices.add_parser("add", help="register a device")
     _add_settings_flags(add, _REGISTRY_KEYS)
-    add.add_argument("--tenant", required=True)
-    add.add_argument("--device", required=True)
-    add.add_argument("--token", help="access token for POST /api/v1/{token}/telemetry (without any credential, one "
-                                     "is generated and printed, as the API does)")
-    add.add_argument("--profile", default=DEFAULTS["profile"], help=f"payload decoder profile (default: {DEFAULTS['profile']})")
-    add.add_argument("--psk-identity", help="DTLS-PSK identity (CoAPS)")
-    add.add_argument("--psk", help="DTLS pre-shared key as text")
-    add.add_argument("--psk-hex", help="DTLS pre-shared key as hex")
+    add_flags(add, DeviceFields)  # (the device's fields: registry/inputs.py, as the API and the import take them)
     add.add_argument("--psk-file", metavar="FILE", help="DTLS pre-shared key: the file's bytes, without a trailing "
                                                         "newline (kept out of the command line)")
-    add.add_argument("--cert", metavar="PEM", help="the device's X.509 certificate (registered by SHA-256)")
-    add.add_argument("--oscore-sender-id", metavar="HEX",
-                     help="OSCORE: corem's Sender ID (the device's Recipient ID), hex; may be empty ('')")
-    add.add_argument("--oscore-recipient-id", metavar="HEX",
-                     help="OSCORE: the device's Sender ID (the kid of its requests), hex")
-    add.add_argument("--oscore-secret", help="OSCORE master secret as text (16-64 bytes)")
-    add.add_argument("--oscore-secret-hex", help="OSCORE master secret as hex")
     add.add_argument("--oscore-secret-file", metavar="FILE",
                      help="OSCORE master secret: the file's bytes, without a trailing newline")
-    add.add_argument("--oscore-salt", metavar="HEX", help="OSCORE master salt, hex (default: empty)")
-    add.add_argument("--oscore-id-context", metavar="HEX", help="OSCORE ID context, hex (default: none)")
-    add.add_argument("--power-mode", choices=["drx", "psm"], default=DEFAULTS["power_mode"],
-                     help="psm: reachable only psm_activity_timer after it talks; downlink queues meanwhile")
-    add.add_argument("--topics", default=DEFAULTS["topics"],
-                     help=f"MQTT filters the device may use on /ps and /mqtt (default: {DEFAULTS['topics']})")
-    add.add_argument("--gateways", default=DEFAULTS["gateways"],
-                     help="devices (same tenant) that may publish for this one (Drogue as=)")
+    add.add_argument("--cert", metavar="PEM", help="the device's X.509 certificate (registered by SHA-256)")
     add.set_defaults(func=cmd_devices_add)
     ls = devices.add_parser("list", help="list devices")
     _add_settings_flags(ls, _REGISTRY_KEYS)
@@ -642,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, RegistryError, StorageUnavailable, NewerFormat) as e:
+    except (ConfigError, CoremError) as e:  # a refusal of corem/errors.py, by its kind: one line, status 2
         print(f"corem: {e}", file=sys.stderr)
         return 2
 

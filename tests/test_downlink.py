@@ -11,6 +11,7 @@ from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode, 
 from corem.coap import Endpoint, Params, Router
 from corem.coap.observe import Observers
 from corem.devices.downlink import Downlink
+from corem.errors import BadInput, ClaimRefused, QueueFull
 from corem.frontdoors.drogue import Drogue
 from corem.frontdoors.emqx import Emqx, topic_matches
 from corem.frontdoors.thingsboard import ThingsBoard
@@ -158,7 +159,7 @@ def test_rpc_polling_expiry_and_queue_bound(tmp_path):
     awake = stack.device("awake")
     first = stack.downlink.send_rpc(awake, "a", None, timeout=5)
     stack.downlink.send_rpc(awake, "b", None, timeout=50)
-    with pytest.raises(OverflowError):
+    with pytest.raises(QueueFull):
         stack.downlink.send_rpc(awake, "c", None, timeout=5)
     stack.tick(6.0)
     assert first.status == "expired" and first.done.is_set()
@@ -288,11 +289,11 @@ def test_provisioning_and_claiming(stack):
     # claiming: the device opens a claim, an owner presents its secret
     [opened] = stack.send(Code.POST, "api/v1/TA/claim", payload=b'{"secretKey": "s3", "durationMs": 60000}', cf=50)
     assert opened.code == Code.CHANGED
-    with pytest.raises(PermissionError):
+    with pytest.raises(ClaimRefused):
         stack.management.claim("acme", "awake", "wrong", "bob")
     stack.management.claim("acme", "awake", "s3", "alice")
     assert stack.management.owner("acme", "awake") == "alice"
-    with pytest.raises(PermissionError):  # once only
+    with pytest.raises(ClaimRefused):  # once only
         stack.management.claim("acme", "awake", "s3", "mallory")
 
 
@@ -424,7 +425,7 @@ def test_attribute_bound_is_all_or_nothing_and_forget_removes_a_device_state(sta
     monkeypatch.setattr(m, "MAX_ATTRIBUTES", 3)
     mg = stack.management
     mg.set_attributes("acme", "awake", "shared", {"a": 1, "b": 2})
-    with pytest.raises(m.RegistryError, match="at most 3"):
+    with pytest.raises(BadInput, match="at most 3"):
         mg.set_attributes("acme", "awake", "shared", {"b": 20, "c": 3, "d": 4})
     assert mg.attributes("acme", "awake", "shared") == {"a": 1, "b": 2}  # b was not changed either
     mg.set_attributes("acme", "awake", "shared", {"a": None, "c": 3, "d": 4})  # a delete makes room

@@ -1,14 +1,15 @@
 """The admin REST API (JSON, OpenAPI 3.1 at /api/openapi.json) and the diagnostics UI's data.
 
 Every /api route except the OpenAPI document needs `Authorization: Bearer <admin token>`.  Bad
-input is answered 400 with the offending field named; a missing or wrong token 401.  The CLI's
+input is answered 400 with the offending field named; a missing or wrong token 401.  A handler
+raises the refusals of corem/errors.py (BadInput, Conflict, NotFound, QueueFull, ...) and the HTTP
+server answers each by its kind's status: no status is chosen from an error's text here.  The CLI's
 `devices` commands call the same registry operations; its runtime commands (`rpc`, `command`,
 `attributes`, `firmware`) call this API.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import time
@@ -19,8 +20,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 import msgspec
 
 from .. import __version__
+from ..content_format import CBOR
 from ..devices.commands import assign_package
+from ..devices.requests import CommandRequest, PackageAssignment, RpcRequest
 from ..dtls import pem_sha256
+from ..errors import BadInput, Conflict, NotFound
+from ..inputs import check, schema
 from ..ingest.diagnostics import cbor_diagnostic
 from ..logs import fields
 from ..metrics import gather, total
@@ -30,11 +35,12 @@ from ..profiles.spec import FORMATS as PROFILE_FORMATS
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, profile_from
 from ..profiles.trial import SampleError, decode_sample, sample_bytes
-from ..registry import Device, RegistryError, bulk
+from ..registry import Device, bulk
+from ..registry.inputs import OSCORE_FIELDS, ClaimRequest, DeviceNew, ProvisioningKeyNew
 from ..registry.management import KINDS, LABEL_RE
-from ..registry.store import DEVICE_RE, PSK_IDENTITY_RE, TENANT_RE, TOKEN_RE, parse_oscore, parse_psk
+from ..registry.store import DEVICE_RE, TENANT_RE
 from . import schemas
-from .http import REASONS, HttpError, HttpRequest, Reply, Route, json_reply
+from .http import REASONS, HttpRequest, Reply, Route, json_reply
 
 log = logging.getLogger("corem.admin")
 
@@ -64,76 +70,19 @@ def _like(pattern: re.Pattern, **extra: Any) -> dict[str, Any]:
 
 
 NAMES = {"tenant": _like(TENANT_RE), "device": _like(DEVICE_RE), "name": _like(PROFILE_NAME_RE)}
-SAMPLE_FIELDS = {"content_format": {"type": "integer", "minimum": 0, "maximum": 65535},
-                 "hex": {"type": "string", "description": "the payload as hex"},
-                 "base64": {"type": "string", "description": "the payload as base64"}}
 QUERY = {"limit": {"type": "integer", "minimum": 1}, "format": {"type": "string", "enum": ["csv", "jsonl"]},
          "replace": {"type": "string", "enum": ["true", "false"]}, "kind": {"type": "string", "enum": list(KINDS)},
          "title": _like(LABEL_RE), "version": _like(LABEL_RE)}
-DEVICE_FIELDS = {
-    "tenant": NAMES["tenant"], "device": NAMES["device"], "profile": {"type": "string", "minLength": 1},
-    "token": _like(TOKEN_RE), "psk_identity": _like(PSK_IDENTITY_RE),
-    "psk": {"type": "string", "description": "key as text, 8-64 bytes", "minLength": 8, "maxLength": 64},
-    "psk_hex": {"type": "string", "description": "key as hex, 8-64 bytes", "pattern": "^([0-9a-fA-F]{2}){8,64}$"},
-    "cert_pem": {"type": "string", "description": "device certificate (PEM); registers its SHA-256"},
-    "power_mode": {"type": "string", "enum": ["drx", "psm"]},
-    "topics": {"type": "string", "description": "space-separated MQTT filters for /ps and /mqtt"},
-    "gateways": {"type": "string", "description": "space-separated devices that may publish for this one (as=)"},
-    "oscore_sender_id": {"type": "string", "description": "OSCORE: corem's Sender ID, hex (0-7 bytes)",
-                         "pattern": "^([0-9a-fA-F]{2}){0,7}$"},
-    "oscore_recipient_id": {"type": "string", "description": "OSCORE: the device's Sender ID (its kid), hex",
-                            "pattern": "^([0-9a-fA-F]{2}){0,7}$"},
-    "oscore_secret": {"type": "string", "description": "OSCORE master secret as text, 16-64 bytes",
-                      "minLength": 16, "maxLength": 64},
-    "oscore_secret_hex": {"type": "string", "description": "OSCORE master secret as hex, 16-64 bytes",
-                          "pattern": "^([0-9a-fA-F]{2}){16,64}$"},
-    "oscore_salt": {"type": "string", "description": "OSCORE master salt, hex", "pattern": "^([0-9a-fA-F]{2}){0,64}$"},
-    "oscore_id_context": {"type": "string", "description": "OSCORE ID context, hex",
-                          "pattern": "^([0-9a-fA-F]{2}){0,255}$"},
+#: each JSON request body, by the name the OpenAPI document gives it: its Struct is the one
+#: definition the handler checks it with (`corem.inputs.check`) and the document shows
+#: (components/schemas/{name}), the CLI's flags and defaults and the import's columns come from
+BODY_TYPES: dict[str, type[msgspec.Struct]] = {
+    "DeviceNew": DeviceNew, "RpcRequest": RpcRequest, "CommandRequest": CommandRequest,
+    "PackageAssignment": PackageAssignment, "ProvisioningKeyNew": ProvisioningKeyNew, "ClaimRequest": ClaimRequest,
+    "SampleRequest": schemas.SampleRequest,
 }
-RPC_FIELDS = {"method": STR, "params": {}, "timeout": {"type": "number", "description": "seconds",
-                                                     "default": schemas.RPC_TIMEOUT},
-              "oneway": {"type": "boolean", "description": "wait for the delivery only, not a reply"}}
-COMMAND_FIELDS = {"command": STR, "payload": STR, "payload_base64": STR,
-                  "ttl": {"type": "number", "description": "seconds the command waits for the device",
-                          "default": schemas.COMMAND_TTL}}
-PACKAGE_FIELDS = {"package": {"type": "integer", "description": "the package's id (GET /api/packages)"}}
-PROVISION_FIELDS = {"key": STR, "secret": STR, "tenant": STR, "profile": STR}
-CLAIM_FIELDS = {"owner": STR, "secret_key": STR}
-#: each JSON request body: its fields (name -> JSON Schema) and the required ones -- what the
-#: handler checks (`_fields`) and what the OpenAPI document says (components/schemas/{name})
-BODIES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "DeviceNew": (DEVICE_FIELDS, ("tenant", "device")),
-    "RpcRequest": (RPC_FIELDS, ("method",)),
-    "CommandRequest": (COMMAND_FIELDS, ("command",)),
-    "PackageAssignment": (PACKAGE_FIELDS, ("package",)),
-    "ProvisioningKeyNew": (PROVISION_FIELDS, ("key", "secret", "tenant")),
-    "ClaimRequest": (CLAIM_FIELDS, ("owner", "secret_key")),
-    "SampleRequest": (SAMPLE_FIELDS, ()),
-}
-for _key, _default in schemas.DEVICE_DEFAULTS.items():  # (the document says what the API takes unsaid)
-    DEVICE_FIELDS[_key] = {**DEVICE_FIELDS[_key], "default": _default}
-OSCORE_FIELDS = ("oscore_sender_id", "oscore_recipient_id", "oscore_secret", "oscore_secret_hex", "oscore_salt",
-                 "oscore_id_context")
-
-
-def _fields(body: Any, allowed: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise HttpError(400, "body: expected a JSON object")
-    for key in body:
-        if key not in allowed:
-            raise HttpError(400, f"{key}: unknown field; allowed: {', '.join(allowed)}")
-    for key in required:
-        if body.get(key) in (None, ""):
-            raise HttpError(400, f"{key}: required")
-    for key, value in body.items():
-        kind = allowed[key].get("type")
-        types: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int, float), "integer": int,
-                                                     "boolean": bool}
-        ok = types.get(kind)
-        if ok is not None and value is not None and (not isinstance(value, ok) or (kind != "boolean" and isinstance(value, bool))):
-            raise HttpError(400, f"{key}: expected a {kind}")
-    return body
+#: each body's fields (name -> JSON Schema) and the required ones, as the document says them
+BODIES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {name: schema(t) for name, t in BODY_TYPES.items()}
 
 
 def struct_reply(value: Any, status: int = 200) -> Reply:
@@ -174,7 +123,7 @@ class AdminApi:
     def _device(self, req: HttpRequest) -> Device:
         device = self.parts.directory.named(req.params["tenant"], req.params["device"])
         if device is None:
-            raise HttpError(404, f"device: {req.params['tenant']}/{req.params['device']} is not registered")
+            raise NotFound(f"device: {req.params['tenant']}/{req.params['device']} is not registered")
         return device
 
     def _describe(self, d: Device, seen: dict[tuple[str, str], int] | None = None,
@@ -198,28 +147,16 @@ class AdminApi:
         return struct_reply([self._describe(d, seen, detail=False) for d in devices])
 
     async def add_device(self, req: HttpRequest) -> Reply:
-        body = _fields(req.json(), *BODIES["DeviceNew"])
+        ask = check(DeviceNew, req.json())
         cert = None
-        if body.get("cert_pem"):
+        if ask.cert_pem:
             try:
-                cert = pem_sha256(body["cert_pem"])
+                cert = pem_sha256(ask.cert_pem)
             except ValueError as e:
-                raise HttpError(400, f"cert_pem: {e}") from None
-        token = schemas.generated_token(body.get("token"), body.get("psk_identity"), cert,
-                                        any(body.get(k) is not None for k in OSCORE_FIELDS))
-        defaults = schemas.DEVICE_DEFAULTS
-        try:
-            psk = parse_psk(body.get("psk"), body.get("psk_hex"))
-            oscore = parse_oscore(*(body.get(k) for k in OSCORE_FIELDS))
-            d = self.parts.registry.add_device(
-                body["tenant"], body["device"], token=token, profile=body.get("profile") or defaults["profile"],
-                psk_identity=body.get("psk_identity"), psk=psk, cert_sha256=cert,
-                power_mode=body.get("power_mode") or defaults["power_mode"],
-                topics=body.get("topics") or defaults["topics"], gateways=body.get("gateways") or defaults["gateways"],
-                oscore=oscore,
-            )
-        except RegistryError as e:
-            raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
+                raise BadInput(f"cert_pem: {e}") from None
+        token = schemas.generated_token(ask, cert)
+        # (a device or a credential that exists is a Conflict: 409; any other refusal 400)
+        d = self.parts.registry.add_device(ask.tenant, ask.device, **ask.settings(cert_sha256=cert, token=token))
         await self.parts.reload()
         log.info("device %s/%s added through the admin API", d.tenant, d.device,
                  extra=fields(tenant=d.tenant, device=d.device))
@@ -246,26 +183,15 @@ class AdminApi:
 
     def set_shared(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        try:
-            delivery = self.parts.downlink.set_shared(d, req.json())
-        except RegistryError as e:
-            raise HttpError(400, str(e)) from None
-        return json_reply({"delivery": delivery})
+        return json_reply({"delivery": self.parts.downlink.set_shared(d, req.json())})
 
     # -- RPC and commands ------------------------------------------------------------------------
     async def rpc(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        body = _fields(req.json(), *BODIES["RpcRequest"])
-        timeout = body.get("timeout", schemas.RPC_TIMEOUT)
-        if isinstance(timeout, (int, float)) and timeout > MAX_RPC_TIMEOUT:  # this call holds a connection
-            raise HttpError(400, f"timeout: at most {MAX_RPC_TIMEOUT:g} seconds through the API")
-        try:
-            call = await self.parts.downlink.rpc(d, body["method"], body.get("params"), timeout,
-                                                  bool(body.get("oneway")))
-        except ValueError as e:
-            raise HttpError(400, str(e)) from None
-        except OverflowError as e:
-            raise HttpError(429, str(e)) from None
+        ask = check(RpcRequest, req.json())
+        if ask.timeout > MAX_RPC_TIMEOUT:  # this call holds a connection
+            raise BadInput(f"timeout: at most {MAX_RPC_TIMEOUT:g} seconds through the API")
+        call = await self.parts.downlink.rpc(d, ask.method, ask.params, ask.timeout, ask.oneway)  # (QueueFull: 429)
         result = {"id": call.id, "status": call.status}
         if call.status == "replied":
             result["response"] = call.response
@@ -273,20 +199,8 @@ class AdminApi:
 
     def command(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        body = _fields(req.json(), *BODIES["CommandRequest"])
-        if "payload" in body and "payload_base64" in body:
-            raise HttpError(400, "payload: give payload or payload_base64, not both")
-        try:
-            payload = base64.b64decode(body["payload_base64"], validate=True) if "payload_base64" in body \
-                else (body.get("payload") or "").encode()
-        except ValueError:  # binascii.Error, or text that is not even ASCII
-            raise HttpError(400, "payload_base64: not base64") from None
-        try:
-            delivery = self.parts.downlink.command(d, body["command"], payload, body.get("ttl", schemas.COMMAND_TTL))
-        except ValueError as e:
-            raise HttpError(400, str(e)) from None
-        except OverflowError as e:
-            raise HttpError(429, str(e)) from None
+        ask = check(CommandRequest, req.json())
+        delivery = self.parts.downlink.command(d, ask.command, ask.payload_bytes(), ask.ttl)  # (QueueFull: 429)
         return json_reply({"delivery": delivery}, 202)
 
     # -- OTA -------------------------------------------------------------------------------------
@@ -294,11 +208,8 @@ class AdminApi:
         q = req.query
         for key in ("kind", "title", "version"):
             if not q.get(key):
-                raise HttpError(400, f"{key}: required query parameter")
-        try:
-            p = self.parts.management.add_package(q["kind"], q["title"], q["version"], req.body)
-        except RegistryError as e:
-            raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
+                raise BadInput(f"{key}: required query parameter")
+        p = self.parts.management.add_package(q["kind"], q["title"], q["version"], req.body)  # (a Conflict: 409)
         log.info("%s package %s %s uploaded: %d bytes, sha256 %s", p.kind, p.title, p.version, p.size, p.sha256,
                  extra=fields(kind=p.kind, title=p.title, version=p.version, size=p.size, sha256=p.sha256))
         return json_reply(p._asdict(), 201)
@@ -309,11 +220,8 @@ class AdminApi:
     def assign(self, kind: str):
         def handler(req: HttpRequest) -> Reply:
             d = self._device(req)
-            body = _fields(req.json(), *BODIES["PackageAssignment"])
-            try:
-                p, delivery = assign_package(self.parts.management, self.parts.downlink, d, kind, body["package"])
-            except RegistryError as e:
-                raise HttpError(400, str(e)) from None
+            ask = check(PackageAssignment, req.json())
+            p, delivery = assign_package(self.parts.management, self.parts.downlink, d, kind, ask.package)
             log.info("%s %s %s assigned to %s/%s (%s)", kind, p.title, p.version, d.tenant, d.device, delivery,
                      extra=fields(kind=kind, title=p.title, version=p.version, tenant=d.tenant, device=d.device,
                                   delivery=delivery))
@@ -323,24 +231,17 @@ class AdminApi:
 
     # -- provisioning and claiming ---------------------------------------------------------------
     def add_provision_key(self, req: HttpRequest) -> Reply:
-        body = _fields(req.json(), *BODIES["ProvisioningKeyNew"])
-        try:
-            self.parts.management.add_provision_key(body["key"], body["secret"], body["tenant"],
-                                                     body.get("profile") or "default")
-        except RegistryError as e:
-            raise HttpError(409 if "already" in str(e) else 400, str(e)) from None
-        return json_reply({"key": body["key"], "tenant": body["tenant"]}, 201)
+        ask = check(ProvisioningKeyNew, req.json())
+        self.parts.management.add_provision_key(ask.key, ask.secret, ask.tenant, ask.profile or "default")
+        return json_reply({"key": ask.key, "tenant": ask.tenant}, 201)
 
     def claim(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        body = _fields(req.json(), *BODIES["ClaimRequest"])
-        try:
-            self.parts.management.claim(d.tenant, d.device, body["secret_key"], body["owner"])
-        except PermissionError as e:
-            raise HttpError(400, str(e)) from None
-        log.info("device %s/%s claimed by %s", d.tenant, d.device, body["owner"],
-                 extra=fields(tenant=d.tenant, device=d.device, owner=body["owner"]))
-        return json_reply({"tenant": d.tenant, "device": d.device, "owner": body["owner"]})
+        ask = check(ClaimRequest, req.json())
+        self.parts.management.claim(d.tenant, d.device, ask.secret_key, ask.owner)  # (ClaimRefused: 400)
+        log.info("device %s/%s claimed by %s", d.tenant, d.device, ask.owner,
+                 extra=fields(tenant=d.tenant, device=d.device, owner=ask.owner))
+        return json_reply({"tenant": d.tenant, "device": d.device, "owner": ask.owner})
 
     # -- diagnostics -----------------------------------------------------------------------------
     def history(self, req: HttpRequest) -> Reply:
@@ -348,7 +249,7 @@ class AdminApi:
 
         h = self.parts.history
         if h is None:
-            raise HttpError(404, "history: kept by the supervisor's front (--workers)")
+            raise NotFound("history: kept by the supervisor's front (--workers)")
         return json_reply(h.snapshot({"": Totals.of(gather(self.parts.components()))}))
 
     def samples(self, req: HttpRequest) -> Reply:
@@ -356,7 +257,7 @@ class AdminApi:
         try:
             limit = int(q.get("limit", "200"))
         except ValueError:
-            raise HttpError(400, "limit: not an integer") from None
+            raise BadInput("limit: not an integer") from None
         out = []
         for s in self.parts.diagnostics.newest(len(self.parts.diagnostics.samples)):
             if any(q.get(k) and getattr(s, k) != q[k] for k in ("tenant", "device", "protocol", "reason")):
@@ -365,7 +266,7 @@ class AdminApi:
                 "at": s.at, "protocol": s.protocol, "reason": s.reason, "detail": s.detail, "field": s.field,
                 "tenant": s.tenant, "device": s.device, "peer": s.peer, "content_format": s.content_format,
                 "payload_hex": s.payload.hex(),
-                "payload_diagnostic": cbor_diagnostic(s.payload) if s.content_format in (None, 60)
+                "payload_diagnostic": cbor_diagnostic(s.payload) if s.content_format in (None, CBOR)
                 else s.payload.decode("utf-8", "replace"),
             })
             if len(out) >= limit:
@@ -408,16 +309,14 @@ class AdminApi:
         """Many devices at once (CSV with a header, or JSON Lines), one transaction per chunk."""
         kind = req.query.get("format", "csv")
         if kind not in ("csv", "jsonl"):
-            raise HttpError(400, "format: csv or jsonl")
+            raise BadInput("format: csv or jsonl")
         try:
             text = req.body.decode()
         except UnicodeDecodeError:
-            raise HttpError(400, "body: not UTF-8 text") from None
-        try:
+            raise BadInput("body: not UTF-8 text") from None
+        try:  # (a device that exists with other settings, a credential another holds: a Conflict, 409)
             result = bulk.import_devices(self.parts.registry, bulk.read_lines(text, kind),
                                          replace=req.query.get("replace") == "true")
-        except RegistryError as e:
-            raise HttpError(409 if "already used" in str(e) or "exists with other" in str(e) else 400, str(e)) from None
         finally:
             await self.parts.reload()  # (chunks before an error are written)
         return json_reply(result._asdict())
@@ -430,7 +329,7 @@ class AdminApi:
             return None
         profile = self.parts.directory.profiles.get(name)
         if profile is None:
-            raise HttpError(404, f"profile: {name!r} does not exist")
+            raise NotFound(f"profile: {name!r} does not exist")
         return profile
 
     def list_profiles(self, req: HttpRequest) -> Reply:
@@ -450,9 +349,9 @@ class AdminApi:
         try:
             profile = profile_from(req.json())
             compile_profile(profile)  # a script that does not load is refused now
-            created = self.parts.registry.put_profile(req.params["name"], profile)
-        except (ProfileError, RegistryError) as e:
-            raise HttpError(400, str(e)) from None
+        except ProfileError as e:
+            raise BadInput(str(e)) from None
+        created = self.parts.registry.put_profile(req.params["name"], profile)
         await self.parts.reload()
         log.info("profile %s %s through the admin API", req.params["name"], "added" if created else "changed",
                  extra=fields(profile=req.params["name"], change="added" if created else "changed"))
@@ -461,25 +360,22 @@ class AdminApi:
 
     async def remove_profile(self, req: HttpRequest) -> Reply:
         if self._profile(req) is None:
-            raise HttpError(409, f"profile: {DEFAULT_PROFILE!r} is built in")
-        try:
-            self.parts.registry.remove_profile(req.params["name"])
-        except RegistryError as e:
-            raise HttpError(409, str(e)) from None
+            raise Conflict(f"profile: {DEFAULT_PROFILE!r} is built in")
+        self.parts.registry.remove_profile(req.params["name"])  # (devices use it: a Conflict, 409)
         await self.parts.reload()
         return Reply(204, b"", "application/json")
 
     def decode(self, req: HttpRequest) -> Reply:
         """Try the profile on a sample: 200 with the points, or 422 with the error the device gets."""
         profile = self._profile(req)
-        body = _fields(req.json(), *BODIES["SampleRequest"])
-        cf = body.get("content_format")
+        ask = check(schemas.SampleRequest, req.json())
+        cf = ask.content_format
         if cf is not None and not 0 <= cf <= 65535:
-            raise HttpError(400, "content_format: 0-65535")
+            raise BadInput("content_format: 0-65535")
         try:
-            payload = sample_bytes(body.get("hex"), body.get("base64"))
+            payload = sample_bytes(ask.hex, ask.base64)
         except SampleError as e:
-            raise HttpError(400, str(e)) from None
+            raise BadInput(str(e)) from None
         result = decode_sample(profile, cf, payload, int(time.time() * 1000))
         return json_reply(result, 422 if "error" in result else 200)
 

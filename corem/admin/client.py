@@ -18,9 +18,9 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ..config import ConfigError, Settings, parse_hostport, read_secret
+from ..devices.requests import COMMAND_TTL, RPC_TIMEOUT
 from ..registry.management import KINDS
 from . import token as admin_token
-from .schemas import COMMAND_TTL, RPC_TIMEOUT
 
 KEYS = ["data_dir", "http", "admin_token", "admin_token_file"]
 

@@ -40,7 +40,7 @@ from urllib.parse import parse_qsl, unquote, urlencode
 import h11
 import trio
 
-from ..errors import StorageUnavailable
+from ..errors import CoremError, http_headers
 from ..logs import fields
 from ..net.fdlimit import Acceptor, admin_cap
 from ..stats import Sample, counter, gauge
@@ -105,10 +105,13 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class HttpError(Exception):
+class HttpError(CoremError):
+    """A refusal only HTTP has (a method, a body, a forwarded answer), with its status; every
+    other kind of corem/errors.py is answered by its own `http` status alike."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.http = self.status = status
         self.message = message
 
 
@@ -387,10 +390,8 @@ class HttpServer:
                 if inspect.isawaitable(reply):
                     reply = await reply
                 return reply
-        except HttpError as e:
-            return _error(e.status, e.message)
-        except StorageUnavailable as e:
-            return _error(503, str(e), {"Retry-After": "5"})
+        except CoremError as e:  # any refusal, by its kind's status (never by its text)
+            return _error(e.http, str(e), http_headers(e))
         except trio.TooSlowError:
             self.timeouts["handler"] += 1
             return _error(504, f"no answer within {HANDLER_TIMEOUT:g} s")

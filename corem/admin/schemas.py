@@ -2,16 +2,17 @@
 from them (`msgspec.json.schema_components`), the device views are built with them (the API's and
 the CLI's `devices list --json` alike), and the tests hold every other answer to them.
 
-Light on purpose (msgspec only): the CLI imports it.
+Light on purpose (msgspec and the inputs' Structs): the CLI imports it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from ..profiles.spec import Profile
+from ..registry.inputs import DEFAULTS, DeviceFields
 
 if TYPE_CHECKING:
     from ..registry import Device
@@ -285,18 +286,23 @@ class History(msgspec.Struct, kw_only=True):
 
 
 # -- what the API and the CLI agree on ------------------------------------------------------------------
-#: a new device's settings when not given (POST /api/devices and `corem devices add`)
-DEVICE_DEFAULTS = {"profile": "default", "power_mode": "drx", "topics": "#", "gateways": ""}
-#: seconds an RPC waits for its reply, a command for its device (the API's bodies, `corem rpc|command`)
-RPC_TIMEOUT = 10.0
-COMMAND_TTL = 300.0
+#: a new device's settings when not given (POST /api/devices and `corem devices add`): the Struct's
+DEVICE_DEFAULTS = DEFAULTS
 
 
-def generated_token(token: str | None, psk_identity: str | None, cert_sha256: str | None, oscore: bool) -> str | None:
+class SampleRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /api/profiles/{name}/decode: a sample payload (hex or base64) and its Content-Format."""
+
+    content_format: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    hex: Annotated[str, msgspec.Meta(description="the payload as hex")] | None = None
+    base64: Annotated[str, msgspec.Meta(description="the payload as base64")] | None = None
+
+
+def generated_token(given: DeviceFields, cert_sha256: str | None) -> str | None:
     """A device needs some credential: given none, it gets an access token (random, 24 characters
-    of base64url), as the API and the CLI both do; else `token` as given."""
-    if token is None and psk_identity is None and cert_sha256 is None and not oscore:
+    of base64url), as the API and the CLI both do; else the token as given."""
+    if not given.credentials_given(cert_sha256):
         import secrets
 
         return secrets.token_urlsafe(18)
-    return token
+    return given.token

@@ -9,10 +9,9 @@ space-separated attribute values match if any value does.  Large answers go bloc
 from __future__ import annotations
 
 from ..codec import Code, OptionNumber, encode_uint
+from ..content_format import LINK_FORMAT
 from .endpoint import Request
 from .resources import Response, Router
-
-CF_LINK_FORMAT = 40
 
 
 def _link(path: str, attrs: dict[str, str | bool]) -> str:
@@ -53,6 +52,6 @@ def install(router: Router) -> None:
         if queries and not links:
             return Response(Code.NOT_FOUND)  # §4.1: a filter that matches nothing
         return Response(Code.CONTENT, ",".join(links).encode(),
-                        [(OptionNumber.CONTENT_FORMAT, encode_uint(CF_LINK_FORMAT))])
+                        [(OptionNumber.CONTENT_FORMAT, encode_uint(LINK_FORMAT))])
 
     router.add(".well-known/core", {Code.GET: core})

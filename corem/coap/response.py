@@ -1,14 +1,15 @@
 """What a handler answers: a code, a payload and options (its own module, so that the router and
-the block-wise layer both use it without importing each other)."""
+the block-wise layer both use it without importing each other); and the answer any refusal of
+corem/errors.py becomes (`refusal`)."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..codec import Code, OptionNumber, Options
+from ..codec import Code, OptionNumber, Options, encode_uint
+from ..errors import RETRY_AFTER, CoremError
 
-#: Seconds a device is told to wait (Max-Age on a 5.03) before it tries again.
-RETRY_AFTER = 5
+__all__ = ["RETRY_AFTER", "Response", "refusal", "retry_later"]
 
 
 class Response(NamedTuple):
@@ -21,3 +22,11 @@ def retry_later(reason: bytes) -> Response:
     """5.03 with Max-Age `RETRY_AFTER`: what corem needs for the request (the bus, the disk) cannot
     take it now; the same request may work later."""
     return Response(Code.SERVICE_UNAVAILABLE, reason, [(OptionNumber.MAX_AGE, bytes([RETRY_AFTER]))])
+
+
+def refusal(e: CoremError) -> Response:
+    """The answer an error of corem/errors.py becomes: its CoAP code, its text (the message, or
+    the kind's `device_text`), and Max-Age when the same request may work later."""
+    text = e.device_text if e.device_text is not None else str(e)
+    options: Options | None = None if e.retry_after is None else [(OptionNumber.MAX_AGE, encode_uint(e.retry_after))]
+    return Response(e.coap, text.encode(), options)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from ..codec import Message, MessageFormatError, Options, Type, code_str, decode, encode
+from ..errors import BadInput
 from ..stats import Histogram, Sample, counter
 from .endpoint import DONE, Endpoint, Params, Request
 
@@ -27,9 +28,10 @@ MAX_MESSAGE_SIZE, BLOCK_WISE_TRANSFER = 2, 4
 DEFAULT_MAX_MESSAGE = 1152
 
 
-class FrameError(ValueError):
+class FrameError(BadInput):
     """A byte stream that is not RFC 8323 framing (or a frame over the size limit): the
-    connection is aborted with this message; `reason` is the metric label."""
+    connection is aborted with this message; `reason` is the metric label (a BadInput of
+    corem/errors.py)."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)

@@ -12,6 +12,7 @@ import os
 from enum import IntEnum
 from typing import Callable, Iterable, Union
 
+from ..errors import BadInput
 from .options import Block, OptionNumber, decode_uint, encode_uint
 
 Buffer = Union[bytes, bytearray, memoryview]
@@ -20,8 +21,9 @@ OptionValue = Union[bytes, bytearray, memoryview]
 Options = list[tuple[int, OptionValue]]
 
 
-class MessageFormatError(ValueError):
-    """The datagram is not a well-formed CoAP message; `reason` says which rule it broke."""
+class MessageFormatError(BadInput):
+    """The datagram is not a well-formed CoAP message; `reason` says which rule it broke (a
+    BadInput of corem/errors.py: a ValueError as before)."""
 
     def __init__(self, reason: str, mid: int | None = None, mtype: int | None = None) -> None:
         super().__init__(reason)

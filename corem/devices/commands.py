@@ -5,9 +5,10 @@
     {"device": "d1", "type": "attributes", "values": {"interval": 30}}
     {"device": "d1", "type": "firmware", "package": 3}          (or "software")
 
-An optional `request_id` is echoed in the answer on `commands.results.{tenant}`: status
-`accepted` (with `rpc_id` for RPC, whose later results carry it as `id`) or `rejected` with the
-reason naming the field.  The same operations back the admin API.
+Beside `device`, `type` and an optional `request_id`, a record's fields are the request's, as the
+admin API takes them (requests.py: one definition, one parse).  `request_id` is echoed in the
+answer on `commands.results.{tenant}`: status `accepted` (with `rpc_id` for RPC, whose later
+results carry it as `id`) or `rejected` with the reason naming the field.
 """
 
 from __future__ import annotations
@@ -15,9 +16,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+
+from ..errors import BadInput, NotFound, Refused
+from ..inputs import check
 from ..registry import Device, Directory
 from ..registry.management import KINDS, Management, Package
 from .downlink import Downlink
+from .requests import AttributesUpdate, CommandRequest, PackageAssignment, RpcRequest
+
+#: a record's fields that are not the request's
+ENVELOPE = ("device", "type", "request_id")
+#: each type of record -> the request it carries
+REQUESTS: dict[str, type[msgspec.Struct]] = {"rpc": RpcRequest, "command": CommandRequest, "attributes": AttributesUpdate,
+                             **{kind: PackageAssignment for kind in KINDS}}
 
 
 def apply(tenant: str, value: bytes, directory: Directory, downlink: Downlink, management: Management) -> dict[str, Any]:
@@ -32,7 +44,7 @@ def apply(tenant: str, value: bytes, directory: Directory, downlink: Downlink, m
                               "request_id": request.get("request_id")}
     try:
         result.update(status="accepted", **_dispatch(tenant, request, directory, downlink, management))
-    except (ValueError, OverflowError) as e:  # RegistryError is a ValueError
+    except Refused as e:  # (by its kind: bad input, no such device, a full queue)
         result.update(status="rejected", reason=str(e))
     return result
 
@@ -41,22 +53,21 @@ def _dispatch(tenant: str, r: dict, directory: Directory, downlink: Downlink, ma
     name = r.get("device")
     device = directory.named(tenant, name) if isinstance(name, str) else None
     if device is None:
-        raise ValueError(f"device: {name!r} is not registered in tenant {tenant!r}")
+        raise NotFound(f"device: {name!r} is not registered in tenant {tenant!r}")
     kind = r.get("type")
-    if kind == "rpc":
-        call = downlink.send_rpc(device, r.get("method"), r.get("params"), r.get("timeout", 30), bool(r.get("oneway")))
+    if not isinstance(kind, str) or kind not in REQUESTS:
+        raise BadInput(f"type: {kind!r} is not one of rpc, command, attributes, firmware, software")
+    ask: msgspec.Struct = check(REQUESTS[kind], {k: v for k, v in r.items() if k not in ENVELOPE})
+    if isinstance(ask, RpcRequest):
+        call = downlink.send_rpc(device, ask.method, ask.params, ask.timeout, ask.oneway)
         return {"rpc_id": call.id}
-    if kind == "command":
-        payload = r.get("payload", "")
-        if not isinstance(payload, str):
-            raise ValueError("payload: must be a string")
-        return {"delivery": downlink.command(device, r.get("command"), payload.encode(), r.get("ttl", 300))}
-    if kind == "attributes":
-        return {"delivery": downlink.set_shared(device, r.get("values"))}
-    if kind in KINDS:
-        _, delivery = assign_package(management, downlink, device, kind, r.get("package"))
-        return {"delivery": delivery}
-    raise ValueError(f"type: {kind!r} is not one of rpc, command, attributes, firmware, software")
+    if isinstance(ask, CommandRequest):
+        return {"delivery": downlink.command(device, ask.command, ask.payload_bytes(), ask.ttl)}
+    if isinstance(ask, AttributesUpdate):
+        return {"delivery": downlink.set_shared(device, ask.values)}
+    assert isinstance(ask, PackageAssignment)
+    _, delivery = assign_package(management, downlink, device, kind, ask.package)
+    return {"delivery": delivery}
 
 
 def assign_package(management: Management, downlink: Downlink, device: Device, kind: str,

@@ -31,6 +31,8 @@ from ..bus.base import Sink, publish_json
 from ..coap.endpoint import Request
 from ..coap.observe import Observers
 from ..codec import Code, OptionNumber, Options, encode_uint
+from ..content_format import JSON
+from ..errors import BadInput, QueueFull
 from ..registry import Device
 from ..registry.management import Management
 from ..stats import Sample, fields, gauge
@@ -39,7 +41,6 @@ from ..stats import Sample, fields, gauge
 SWEEP = 256
 #: the longest an RPC may wait for its device, or a command be kept for it (seconds)
 MAX_WAIT = 86400.0
-JSON = 50
 JSON_OPTS: Options = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
 
 
@@ -251,16 +252,16 @@ class Downlink:
 
     def send_rpc(self, device: Device, method: Any, params: Any, timeout: Any, oneway: bool = False) -> RpcCall:
         """Queue an RPC request for the device; it goes out at once if the device listens.
-        ValueError names a bad argument; OverflowError says the device's queue is full."""
+        BadInput names a bad argument; QueueFull says the device's queue is full."""
         if not isinstance(method, str) or not method:
-            raise ValueError("method: a non-empty string is required")
+            raise BadInput("method: a non-empty string is required")
         _check_wait("timeout", timeout)
         now = self.clock()
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)
         if q is None or len(q.rpcs) >= self.max_queued:
             self.stats.queue_full += 1
-            raise OverflowError(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
+            raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
         call = RpcCall(next(self._ids), device, method, params, now + timeout, oneway)
         self._rpcs[call.id] = call
         heapq.heappush(self._deadlines, (call.deadline, call.id))
@@ -282,14 +283,14 @@ class Downlink:
         """A Drogue-style command: answered to a waiting request at once ('delivered'), or kept
         until the device next waits with `ct` ('queued')."""
         if not isinstance(name, str) or not 0 < len(name.encode()) <= 255:
-            raise ValueError("command: 1-255 bytes of text (it travels in option 4210)")
+            raise BadInput("command: 1-255 bytes of text (it travels in option 4210)")
         _check_wait("ttl", ttl)
         now = self.clock()
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)
         if q is None or len(q.commands) >= self.max_queued:
             self.stats.queue_full += 1
-            raise OverflowError(f"device {device.tenant}/{device.device}: {self.max_queued} commands queued already")
+            raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} commands queued already")
         cmd = (name, payload, now + ttl)
         if q.waiting is not None and not q.waiting[0].answered:
             req, _ = q.waiting
@@ -466,4 +467,4 @@ class Downlink:
 
 def _check_wait(name: str, seconds: object) -> None:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= MAX_WAIT:
-        raise ValueError(f"{name}: seconds, more than 0 and at most {MAX_WAIT:g}")
+        raise BadInput(f"{name}: seconds, more than 0 and at most {MAX_WAIT:g}")

@@ -1,9 +1,10 @@
 """Fleet onboarding: many devices from a CSV or JSON Lines file, one transaction per chunk.
 
-Each line is a device with the fields of `corem devices add` (`tenant`, `device`, `profile`,
-`token`, `psk_identity`, `psk` or `psk_hex`, `cert_sha256`, `power_mode`, `topics`,
-`gateways`, and the OSCORE context's `oscore_sender_id`, `oscore_recipient_id`, `oscore_secret` or
-`oscore_secret_hex`, `oscore_salt`, `oscore_id_context`); CSV has them as its header.  Every line is checked before its chunk is written, and
+Each line is a device with the fields of `corem devices add` (inputs.py's `DeviceLine`: `tenant`,
+`device`, `profile`, `token`, `psk_identity`, `psk` or `psk_hex`, `power_mode`, `topics`,
+`gateways`, the OSCORE context's `oscore_sender_id`, `oscore_recipient_id`, `oscore_secret` or
+`oscore_secret_hex`, `oscore_salt`, `oscore_id_context`, and `cert_sha256`); CSV has them as its
+header.  Every line is checked before its chunk is written, and
 an error names the line and the field.  The import is idempotent: a device that is already there
 with the same settings is counted `unchanged`; with other settings it is an error, or replaced
 with `replace`.  Chunks before an error stay written, so the same import run again after a fix
@@ -18,20 +19,28 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from ..errors import StorageUnavailable
-from .store import _COLUMNS, Device, Registry, RegistryError, new_device, parse_oscore, parse_psk, row
+from ..errors import BadInput, Conflict, StorageUnavailable
+from ..inputs import check, names
+from .inputs import DeviceLine
+from .store import _COLUMNS, COLUMNS, Device, Registry, new_device, row
 
 #: Devices written per transaction: large enough that the commit's fsync is paid rarely, small
 #: enough that a running server's registry poll never waits long for the write lock.
 CHUNK = 5000
-OSCORE_FIELDS = ("oscore_sender_id", "oscore_recipient_id", "oscore_secret", "oscore_secret_hex", "oscore_salt",
-                 "oscore_id_context")
-FIELDS = ("tenant", "device", "profile", "token", "psk_identity", "psk", "psk_hex", "cert_sha256", "power_mode",
-          "topics", "gateways", *OSCORE_FIELDS)
-#: what makes two registrations the same device with the same settings (not created_at)
-_SAME = slice(0, 4), slice(5, 13)
-#: the unique credentials: (column index in a row, field name)
-_UNIQUE = ((3, "token"), (5, "psk_identity"), (7, "cert_sha256"), (12, "oscore_recipient_id"))
+#: the columns of a CSV, the fields of a JSON line
+FIELDS = names(DeviceLine)
+_AT = {name: i for i, name in enumerate(COLUMNS)}
+#: what makes two registrations the same device with the same settings (every column but created_at)
+_SAME = tuple(i for i, name in enumerate(COLUMNS) if name != "created_at")
+#: the unique credentials: (column index in a row, the field that gives it)
+_UNIQUE = ((_AT["token"], "token"), (_AT["psk_identity"], "psk_identity"), (_AT["cert_sha256"], "cert_sha256"),
+           (_AT["oscore_kid"], "oscore_recipient_id"))
+#: what an import's UPDATE sets: every column but the key and created_at
+_SET = tuple(name for name in COLUMNS if name not in ("tenant", "device", "created_at"))
+
+
+def _same(r: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(r[i] for i in _SAME)
 
 
 class Imported(NamedTuple):
@@ -49,15 +58,15 @@ def read_lines(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 value = json.loads(line)
             except ValueError as e:
-                raise RegistryError(f"line {n}: not a JSON object ({e.args[0]})") from None
+                raise BadInput(f"line {n}: not a JSON object ({e.args[0]})") from None
             if not isinstance(value, dict):
-                raise RegistryError(f"line {n}: not a JSON object")
+                raise BadInput(f"line {n}: not a JSON object")
             yield n, value
         return
     reader = csv.DictReader(io.StringIO(text))
     unknown = [f for f in reader.fieldnames or () if f not in FIELDS]
     if unknown or not reader.fieldnames:
-        raise RegistryError(f"line 1: the header names {', '.join(unknown) or 'nothing'}; columns: {', '.join(FIELDS)}")
+        raise BadInput(f"line 1: the header names {', '.join(unknown) or 'nothing'}; columns: {', '.join(FIELDS)}")
     for fields in reader:
         yield reader.line_num, {k: v for k, v in fields.items() if v not in ("", None)}
 
@@ -67,26 +76,16 @@ def kind_of(path: Path) -> str:
         return "jsonl"
     if path.suffix == ".csv":
         return "csv"
-    raise RegistryError(f"file: {path.name}: give a .csv or a .jsonl file")
+    raise BadInput(f"file: {path.name}: give a .csv or a .jsonl file")
 
 
 def device_of(n: int, fields: dict[str, Any]) -> Device:
-    unknown = [k for k in fields if k not in FIELDS]
-    if unknown:
-        raise RegistryError(f"line {n}: {unknown[0]}: unknown field; fields: {', '.join(FIELDS)}")
-    text = {k: v for k, v in fields.items() if k not in ("psk", "psk_hex") and k not in OSCORE_FIELDS}
-    for key, value in text.items():
-        if not isinstance(value, str):
-            raise RegistryError(f"line {n}: {key}: expected text")
+    """Line `n`'s device, every field checked (BadInput names the line and the field)."""
     try:
-        psk = parse_psk(fields.get("psk"), fields.get("psk_hex"))
-        oscore = parse_oscore(*(fields.get(k) for k in OSCORE_FIELDS))
-        tenant, device = text.pop("tenant", None), text.pop("device", None)
-        if tenant is None or device is None:
-            raise RegistryError(f"{'tenant' if tenant is None else 'device'}: required")
-        return new_device(tenant, device, psk=psk, oscore=oscore, **text)
-    except (RegistryError, ValueError) as e:
-        raise RegistryError(f"line {n}: {e}") from None
+        line = check(DeviceLine, fields, listing="fields", words={"string": "text"})
+        return new_device(line.tenant, line.device, **line.settings())
+    except BadInput as e:
+        raise BadInput(f"line {n}: {e}") from None
 
 
 def import_devices(
@@ -111,13 +110,12 @@ def import_devices(
             conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              [r for _, r, update in batch if not update])
             conn.executemany(
-                "UPDATE devices SET profile = ?, token = ?, psk_identity = ?, psk = ?, cert_sha256 = ?, "
-                "power_mode = ?, topics = ?, gateways = ?, oscore = ?, oscore_kid = ? WHERE tenant = ? AND device = ?",
-                [(*r[2:4], *r[5:], r[0], r[1]) for _, r, update in batch if update])
+                f"UPDATE devices SET {', '.join(f'{c} = ?' for c in _SET)} WHERE tenant = ? AND device = ?",
+                [(*(r[_AT[c]] for c in _SET), r[0], r[1]) for _, r, update in batch if update])
             conn.execute("COMMIT")
         except conn.IntegrityError as e:  # (clashes were looked for above: this is a race with a writer)
             conn.rollback()
-            raise RegistryError(f"lines {batch[0][0]}-{batch[-1][0]}: {e}; nothing of them was written") from None
+            raise Conflict(f"lines {batch[0][0]}-{batch[-1][0]}: {e}; nothing of them was written") from None
         except conn.Error as e:
             conn.rollback()
             raise StorageUnavailable(f"storage: {e}") from None
@@ -127,18 +125,18 @@ def import_devices(
         key = (d.tenant, d.device)
         old = existing.get(key)
         new = row(d)
-        if old is not None and old[_SAME[0]] + old[_SAME[1]] == new[_SAME[0]] + new[_SAME[1]]:
+        if old is not None and _same(old) == _same(new):
             unchanged += 1
             done += 1
             continue
         if old is not None and not replace:
-            raise RegistryError(f"line {n}: device {d.tenant}/{d.device} exists with other settings "
+            raise Conflict(f"line {n}: device {d.tenant}/{d.device} exists with other settings "
                                 "(import with replace to overwrite)")
         for i, what in _UNIQUE:
             value = new[i]
             owner = owners.get((what, value)) if value is not None else None
             if owner is not None and owner != key:
-                raise RegistryError(f"line {n}: {what}: already used by {owner[0]}/{owner[1]}")
+                raise Conflict(f"line {n}: {what}: already used by {owner[0]}/{owner[1]}")
             if value is not None:
                 owners[what, value] = key
         if old is not None:

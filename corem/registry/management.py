@@ -15,8 +15,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
-from ..errors import StorageUnavailable
-from .store import TENANT_RE, Registry, RegistryError, check_field
+from ..errors import BadInput, ClaimRefused, Conflict, StorageUnavailable, Unauthorized
+from .store import TENANT_RE, Registry, check_field
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS attributes (
@@ -116,14 +116,14 @@ class Management:
     def set_attributes(self, tenant: str, device: str, scope: str, values: Any) -> dict[str, Any]:
         """Store `values` (key -> JSON value; None deletes the key); returns what was stored."""
         if not isinstance(values, dict) or not values:
-            raise RegistryError("attributes: expected a non-empty object of key -> value")
+            raise BadInput("attributes: expected a non-empty object of key -> value")
         encoded: list[tuple[str, str | None]] = []
         for key, value in values.items():
             if not isinstance(key, str) or not KEY_RE.fullmatch(key):
-                raise RegistryError(f"attributes.{key}: not a valid key; allowed: 1-128 of A-Z a-z 0-9 _ . : -")
+                raise BadInput(f"attributes.{key}: not a valid key; allowed: 1-128 of A-Z a-z 0-9 _ . : -")
             text = None if value is None else json.dumps(value, separators=(",", ":"))
             if text is not None and len(text) > MAX_VALUE:
-                raise RegistryError(f"attributes.{key}: value is {len(text)} bytes of JSON; at most {MAX_VALUE}")
+                raise BadInput(f"attributes.{key}: value is {len(text)} bytes of JSON; at most {MAX_VALUE}")
             encoded.append((key, text))
         now = _now_ms()
         with self._transaction():
@@ -143,17 +143,17 @@ class Management:
                 "SELECT count(*) FROM attributes WHERE tenant=? AND device=? AND scope=?", (tenant, device, scope)
             ).fetchone()[0]
             if count > MAX_ATTRIBUTES:  # the transaction rolls back
-                raise RegistryError(f"attributes: a device keeps at most {MAX_ATTRIBUTES} {scope} attributes")
+                raise BadInput(f"attributes: a device keeps at most {MAX_ATTRIBUTES} {scope} attributes")
         return dict(values)
 
     # -- OTA packages ----------------------------------------------------------------------------
     def add_package(self, kind: str, title: str, version: str, data: bytes) -> Package:
         if kind not in KINDS:
-            raise RegistryError(f"kind: {kind!r} is not valid; allowed: {', '.join(KINDS)}")
+            raise BadInput(f"kind: {kind!r} is not valid; allowed: {', '.join(KINDS)}")
         for name, value in (("title", title), ("version", version)):
             check_field(name, value, LABEL_RE, LABEL)
         if not data:
-            raise RegistryError("data: the package is empty")
+            raise BadInput("data: the package is empty")
         digest = hashlib.sha256(data).hexdigest()
         try:
             cur = self._write(
@@ -161,7 +161,7 @@ class Management:
                 "RETURNING id", (kind, title, version, digest, len(data), data, _now_ms()),
             )
         except self._integrity:
-            raise RegistryError(f"version: {kind} {title} {version} already exists") from None
+            raise Conflict(f"version: {kind} {title} {version} already exists") from None
         return Package(int(cur.fetchone()[0]), kind, title, version, digest, len(data))
 
     def packages(self) -> list[Package]:
@@ -182,12 +182,12 @@ class Management:
 
     def assign(self, tenant: str, device: str, kind: str, package_id: object) -> Package:
         if not isinstance(package_id, int) or isinstance(package_id, bool):
-            raise RegistryError("package: expected a package id (integer)")
+            raise BadInput("package: expected a package id (integer)")
         package = self.package(package_id)
         if package is None:
-            raise RegistryError(f"package: no package with id {package_id}")
+            raise BadInput(f"package: no package with id {package_id}")
         if package.kind != kind:
-            raise RegistryError(f"package: {package_id} is {package.kind}, not {kind}")
+            raise BadInput(f"package: {package_id} is {package.kind}, not {kind}")
         self._write("INSERT INTO assignments VALUES (?, ?, ?, ?) ON CONFLICT (tenant, device, kind) "
                     "DO UPDATE SET package = excluded.package", (tenant, device, kind, package_id))
         return package
@@ -208,14 +208,15 @@ class Management:
                 "INSERT INTO provision_keys VALUES (?, ?, ?, ?, ?)", (key, secret, tenant, profile, _now_ms())
             )
         except self._integrity:
-            raise RegistryError(f"key: provisioning key {key!r} already exists") from None
+            raise Conflict(f"key: provisioning key {key!r} already exists") from None
 
     def provision(self, key: str, secret: str, device: str | None) -> tuple[str, str, str]:
         """A device presents a provisioning key and secret: register it with a fresh access token.
-        Returns (tenant, device, token).  The secret is compared in constant time."""
+        Returns (tenant, device, token).  The secret is compared in constant time; a wrong key or
+        secret is Unauthorized, a device name that exists a Conflict."""
         row = self._conn.execute("SELECT secret, tenant, profile FROM provision_keys WHERE key = ?", (key,)).fetchone()
         if row is None or not secrets.compare_digest(row[0].encode(), secret.encode()):
-            raise PermissionError("provisionDeviceKey/provisionDeviceSecret: not valid")
+            raise Unauthorized("provisionDeviceKey/provisionDeviceSecret: not valid")
         name = device or "device-" + secrets.token_hex(6)
         token = secrets.token_urlsafe(18)
         self.registry.add_device(row[1], name, token=token, profile=row[2])
@@ -224,7 +225,7 @@ class Management:
     def open_claim(self, tenant: str, device: str, secret: Any, duration_ms: Any) -> int:
         check_field("secretKey", secret, LABEL_RE, LABEL, secret=True)
         if not isinstance(duration_ms, int) or not 0 < duration_ms <= 30 * 86400_000:
-            raise RegistryError("durationMs: must be between 1 ms and 30 days")
+            raise BadInput("durationMs: must be between 1 ms and 30 days")
         expires = _now_ms() + duration_ms
         self._write(
             "INSERT INTO claims (tenant, device, secret, expires_at, owner) VALUES (?, ?, ?, ?, NULL) "
@@ -239,9 +240,9 @@ class Management:
             "SELECT secret, expires_at, owner FROM claims WHERE tenant = ? AND device = ?", (tenant, device)
         ).fetchone()
         if row is None or row[1] < _now_ms():
-            raise PermissionError("secret_key: the device has no open claim (or it expired)")
+            raise ClaimRefused("secret_key: the device has no open claim (or it expired)")
         if not secrets.compare_digest(row[0].encode(), secret.encode()):
-            raise PermissionError("secret_key: does not match the device's claim")
+            raise ClaimRefused("secret_key: does not match the device's claim")
         self._write(
             "UPDATE claims SET owner = ?, expires_at = 0 WHERE tenant = ? AND device = ?", (owner, tenant, device)
         )

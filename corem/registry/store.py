@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import StorageUnavailable
+from ..errors import BadInput, Conflict, StorageUnavailable
 from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, encode_profile, parse_profile
@@ -98,8 +98,10 @@ _UNIQUE = ("psk_identity", "cert_sha256", "oscore_kid")
 #: The registry's numbered migrations (`Db.migrate`; a new one goes at the end, SCHEMA gets its change too):
 #: 1 = the columns added before there were versions.
 SCHEMA_MIGRATIONS = (add_columns("devices", MIGRATIONS, _UNIQUE),)
-_COLUMNS = ("tenant, device, profile, token, created_at, psk_identity, psk, cert_sha256, power_mode, topics, "
-            "gateways, oscore, oscore_kid")
+#: the devices table's columns, in the order of a row (`row`) and of every SELECT of a device
+COLUMNS = ("tenant", "device", "profile", "token", "created_at", "psk_identity", "psk", "cert_sha256", "power_mode",
+           "topics", "gateways", "oscore", "oscore_kid")
+_COLUMNS = ", ".join(COLUMNS)
 #: ThingsBoard's power modes: DRX is always reachable; PSM only for a while after each uplink.
 POWER_MODES = ("drx", "psm")
 #: MQTT-style topic filters (EMQX front door), space-separated; `+` one level, `#` the rest.
@@ -117,8 +119,9 @@ PSK_IDENTITY_RE = re.compile(r"[!-~]{1,128}")
 PSK_MIN, PSK_MAX = 8, 64
 
 
-class RegistryError(ValueError):
-    """A registry operation refused; the message names the field and why."""
+#: A registry operation refused; the message names the field and why.  The name callers knew for
+#: the kind corem/errors.py calls BadInput (`except RegistryError` still takes its Conflicts).
+RegistryError = BadInput
 
 
 class OscoreKeys(msgspec.Struct, frozen=True, kw_only=True):
@@ -150,20 +153,20 @@ _OSCORE_CODEC = (msgspec.json.Encoder(), msgspec.json.Decoder(OscoreKeys))
 def parse_oscore(sender_id: str | None, recipient_id: str | None, secret: str | None, secret_hex: str | None,
                  salt: str | None = None, id_context: str | None = None) -> OscoreKeys | None:
     """OSCORE keys from the CLI's or API's text (IDs, salt and ID context in hex, the secret as
-    text or hex); None if none is given.  RegistryError names the field."""
+    text or hex); None if none is given.  BadInput names the field."""
     given = [v is not None for v in (sender_id, recipient_id, secret, secret_hex, salt, id_context)]
     if not any(given):
         return None
     if sender_id is None or recipient_id is None or (secret is None and secret_hex is None):
-        raise RegistryError("oscore: a sender ID, a recipient ID and a secret go together; give all three")
+        raise BadInput("oscore: a sender ID, a recipient ID and a secret go together; give all three")
     if secret is not None and secret_hex is not None:
-        raise RegistryError("oscore_secret: give it as text or as hex, not both")
+        raise BadInput("oscore_secret: give it as text or as hex, not both")
 
     def unhex(name: str, text: str) -> bytes:
         try:
             return bytes.fromhex(text)
         except ValueError:
-            raise RegistryError(f"{name}: not hexadecimal") from None
+            raise BadInput(f"{name}: not hexadecimal") from None
 
     keys = OscoreKeys(
         sender_id=unhex("oscore_sender_id", sender_id), recipient_id=unhex("oscore_recipient_id", recipient_id),
@@ -171,14 +174,14 @@ def parse_oscore(sender_id: str | None, recipient_id: str | None, secret: str | 
         salt=unhex("oscore_salt", salt or ""), id_context=None if id_context is None else unhex("oscore_id_context", id_context))
     for name in ("sender_id", "recipient_id"):
         if len(getattr(keys, name)) > OSCORE_ID_MAX:
-            raise RegistryError(f"oscore_{name}: {len(getattr(keys, name))} bytes; at most {OSCORE_ID_MAX}")
+            raise BadInput(f"oscore_{name}: {len(getattr(keys, name))} bytes; at most {OSCORE_ID_MAX}")
     if keys.sender_id == keys.recipient_id:
-        raise RegistryError("oscore_recipient_id: must differ from the sender ID (RFC 8613 §3.3)")
+        raise BadInput("oscore_recipient_id: must differ from the sender ID (RFC 8613 §3.3)")
     if not OSCORE_SECRET_MIN <= len(keys.secret) <= OSCORE_SECRET_MAX:
-        raise RegistryError(f"oscore_secret: {len(keys.secret)} bytes; a master secret must be "
+        raise BadInput(f"oscore_secret: {len(keys.secret)} bytes; a master secret must be "
                             f"{OSCORE_SECRET_MIN}-{OSCORE_SECRET_MAX} bytes")
     if keys.id_context is not None and len(keys.id_context) > 255:
-        raise RegistryError("oscore_id_context: at most 255 bytes")
+        raise BadInput("oscore_id_context: at most 255 bytes")
     return keys
 
 
@@ -203,22 +206,22 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def check_field(name: str, value: object, pattern: re.Pattern, allowed: str, *, secret: bool = False) -> None:
-    """RegistryError naming `name` unless `value` is a string matching `pattern` whole (a secret's
+    """BadInput naming `name` unless `value` is a string matching `pattern` whole (a secret's
     value is not repeated in the message)."""
     if not isinstance(value, str) or not pattern.fullmatch(value):
         what = "not valid" if secret else f"{value!r} is not valid"
-        raise RegistryError(f"{name}: {what}; allowed: {allowed}")
+        raise BadInput(f"{name}: {what}; allowed: {allowed}")
 
 
 def parse_psk(text: str | None, hex_text: str | None) -> bytes | None:
     """A pre-shared key given as text or as hex (CLI `--psk`/`--psk-hex`, API `psk`/`psk_hex`)."""
     if text is not None and hex_text is not None:
-        raise RegistryError("psk: give it as text or as hex, not both")
+        raise BadInput("psk: give it as text or as hex, not both")
     if hex_text is not None:
         try:
             return bytes.fromhex(hex_text)
         except ValueError:
-            raise RegistryError("psk_hex: not hexadecimal") from None
+            raise BadInput("psk_hex: not hexadecimal") from None
     return None if text is None else text.encode()
 
 
@@ -237,27 +240,27 @@ def new_device(
     oscore: OscoreKeys | None = None,
     created_at: int | None = None,
 ) -> Device:
-    """A device, every field checked (RegistryError names the field and what is allowed)."""
+    """A device, every field checked (BadInput names the field and what is allowed)."""
     check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
     check_field("device", device, DEVICE_RE, "1-128 of A-Z a-z 0-9 . _ : @ -")
     if token is not None:
         check_field("token", token, TOKEN_RE, "1-255 printable ASCII characters except '/' and space", secret=True)
     if (psk_identity is None) != (psk is None):
-        raise RegistryError("psk: a PSK identity and a key go together; give both or neither")
+        raise BadInput("psk: a PSK identity and a key go together; give both or neither")
     if psk_identity is not None:
         check_field("psk_identity", psk_identity, PSK_IDENTITY_RE, "1-128 printable ASCII characters, no spaces")
         assert psk is not None  # (checked above: they go together)
         if not PSK_MIN <= len(psk) <= PSK_MAX:
-            raise RegistryError(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
+            raise BadInput(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
     if cert_sha256 is not None and not SHA256_RE.fullmatch(cert_sha256):
-        raise RegistryError("cert_sha256: not a lowercase hex SHA-256 fingerprint")
+        raise BadInput("cert_sha256: not a lowercase hex SHA-256 fingerprint")
     if not profile:
-        raise RegistryError("profile: must not be empty")
+        raise BadInput("profile: must not be empty")
     if power_mode not in POWER_MODES:
-        raise RegistryError(f"power_mode: {power_mode!r} is not valid; allowed: {', '.join(POWER_MODES)}")
+        raise BadInput(f"power_mode: {power_mode!r} is not valid; allowed: {', '.join(POWER_MODES)}")
     filters = topics.split()
     if not filters or not all(TOPIC_FILTER_RE.fullmatch(f) for f in filters):
-        raise RegistryError(f"topics: {topics!r} is not valid; allowed: space-separated MQTT topic filters")
+        raise BadInput(f"topics: {topics!r} is not valid; allowed: space-separated MQTT topic filters")
     for gateway in gateways.split():
         check_field("gateways", gateway, DEVICE_RE, "space-separated device ids")
     return Device(
@@ -269,24 +272,36 @@ def new_device(
 
 
 def row(d: Device) -> tuple[Any, ...]:
-    """A device as the devices table's row, in `_COLUMNS` order."""
+    """A device as the devices table's row, in `COLUMNS` order."""
     oscore = d.oscore
     return (d.tenant, d.device, d.profile, d.token, d.created_at, d.psk_identity, d.psk, d.cert_sha256,
             d.power_mode, d.topics, d.gateways, None if oscore is None else _OSCORE_CODEC[0].encode(oscore).decode(),
             None if oscore is None else oscore.key_text())
 
 
-def _conflict(e: Exception, d: Device) -> RegistryError:
-    """Which unique credential a refused INSERT collided with."""
-    if "token" in str(e):
-        return RegistryError("token: already used by another device")
-    if "psk_identity" in str(e):
-        return RegistryError("psk_identity: already used by another device")
-    if "cert_sha256" in str(e):
-        return RegistryError("cert: this certificate is already registered to another device")
-    if "oscore_kid" in str(e):
-        return RegistryError("oscore_recipient_id: already used by another device (with this ID context)")
-    return RegistryError(f"device: {d.tenant}/{d.device} already exists")
+#: The unique credentials of a device row, in the order a collision is named, with what each says
+#: (the primary key, (tenant, device), is looked at first: "it exists" says it all).
+UNIQUE_CREDENTIALS = (
+    ("token", "token: already used by another device"),
+    ("psk_identity", "psk_identity: already used by another device"),
+    ("cert_sha256", "cert: this certificate is already registered to another device"),
+    ("oscore_kid", "oscore_recipient_id: already used by another device (with this ID context)"),
+)
+
+
+def _conflict(db: Db, d: Device) -> Conflict:
+    """Which unique column a refused INSERT of `d` collided with, asked of the table itself (one
+    SELECT, the same SQL on SQLite and PostgreSQL) rather than read from the driver's message,
+    whose words differ between the two (and between versions)."""
+    values = dict(zip(COLUMNS, row(d)))
+    if db.execute("SELECT 1 FROM devices WHERE tenant = ? AND device = ?", (d.tenant, d.device)).fetchone():
+        return Conflict(f"device: {d.tenant}/{d.device} already exists")
+    for column, says in UNIQUE_CREDENTIALS:
+        value = values[column]
+        if value is not None and db.execute(f"SELECT 1 FROM devices WHERE {column} = ?", (value,)).fetchone():
+            return Conflict(says)
+    # (the row it collided with is gone since: a writer beside this one)
+    return Conflict(f"device: {d.tenant}/{d.device} collided with a device written meanwhile; try again")
 
 
 class Registry:
@@ -316,12 +331,12 @@ class Registry:
         self.db.close()
 
     def add_device(self, tenant: str, device: str, **settings: Any) -> Device:
-        """Register a device (the settings of `new_device`); RegistryError names what is wrong."""
+        """Register a device (the settings of `new_device`); BadInput names what is wrong."""
         d = new_device(tenant, device, **settings)
         try:
             self.db.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row(d))
-        except self.db.IntegrityError as e:
-            raise _conflict(e, d) from None
+        except self.db.IntegrityError:
+            raise _conflict(self.db, d) from None
         except self.db.Error as e:  # a full or failing disk, a lost database: retry later
             raise StorageUnavailable(f"storage: {e}") from None
         return d
@@ -339,7 +354,7 @@ class Registry:
         one from the next reload."""
         check_field("profile", name, PROFILE_NAME_RE, "1-64 of A-Z a-z 0-9 . _ -")
         if name == DEFAULT_PROFILE:
-            raise RegistryError(f"profile: {DEFAULT_PROFILE!r} is built in; give yours another name")
+            raise BadInput(f"profile: {DEFAULT_PROFILE!r} is built in; give yours another name")
         existed = self.db.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
         try:
             self.db.execute(
@@ -351,11 +366,11 @@ class Registry:
         return not existed
 
     def remove_profile(self, name: str) -> bool:
-        """Remove a profile no device names (RegistryError says which devices still do)."""
+        """Remove a profile no device names (Conflict says which devices still do)."""
         users = self.db.execute("SELECT tenant, device FROM devices WHERE profile = ? LIMIT 4", (name,)).fetchall()
         if users:
             shown = ", ".join(f"{t}/{d}" for t, d in users[:3]) + (" and more" if len(users) > 3 else "")
-            raise RegistryError(f"profile: {name!r} is used by {shown}; move them to another profile first")
+            raise Conflict(f"profile: {name!r} is used by {shown}; move them to another profile first")
         try:
             cur = self.db.execute("DELETE FROM profiles WHERE name = ?", (name,))
         except self.db.Error as e:
