@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import json
 import gc
 import logging
-import os
 import re
 import socket
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, cast
 
 import trio
@@ -22,11 +18,11 @@ import trio
 from .admin import token as admin_token
 from .admin.api import AdminApi, AdminParts
 from .admin.history import History, Totals
-from .admin.http import FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply
+from .admin.http import HttpRequest, HttpServer, Reply, Route, json_reply
 from .bus import EmbeddedBus, Sink
 from .build import BuildInfo
+from .cluster import Carrier, CommandRecord
 from .bus import topics
-from .bus.base import publish_json
 from .bus.commands import KafkaCommandReader
 from .bus.kafka import KafkaSink
 from .bus.recovery import RecoveryStats, recover_embedded, recover_kafka
@@ -41,11 +37,10 @@ from .codec import MessageFormatError, OptionNumber, decode
 from .codec.options import UNDERSTOOD_CRITICAL
 from . import datadir
 from .config import ConfigError, Settings
-from .devices.commands import apply as apply_command
-from .devices.downlink import Downlink, results_topic
+from .devices.downlink import Downlink
 from .dtls import SessionStore
 from .dtls.layer import EngineServer, load_state_key
-from .errors import NewerFormat, StorageUnavailable
+from .errors import NewerFormat
 from .net import fdlimit
 from .fastlane import FastLane, Lane
 from .frontdoors.drogue import Drogue
@@ -66,7 +61,6 @@ from .oscore import Oscore
 from .registry import Device, Directory, Registry
 from .registry import nudge as registry_nudge
 from .registry.db import Lease, listen
-from .registry.homes import Homes
 from .registry.management import Management
 from .registry.oscore import OscoreState
 from .registry.presence import open_table as open_presence
@@ -170,16 +164,6 @@ def _redacted(url: str) -> str:
     return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
-#: the admin routes that reach a device, which only the node holding it can carry out
-DOWNLINK_ROUTES = {("PUT", "attributes"), ("POST", "rpc"), ("POST", "commands"), ("PUT", "firmware"),
-                   ("PUT", "software")}
-
-
-def _is_downlink(route: Route) -> bool:
-    return (route.pattern.startswith("/api/devices/{tenant}/{device}/")
-            and (route.method, route.pattern.rsplit("/", 1)[-1]) in DOWNLINK_ROUTES)
-
-
 class Server:
     def __init__(self, settings: Settings, worker: WorkerSpec | None = None) -> None:
         """`worker`: this server is one of `corem serve --workers N` (corem/workers): its sockets
@@ -238,19 +222,18 @@ class Server:
         self.link: Link | None = None
         if worker is not None:
             self.link = Link(worker, self)
-            self.downlink.on_first_sight = self._first_sight
             self.downlink.forward_reply = self.link.forward_reply
             self.downlink.number_ids(worker.index + 1, worker.count)
-        #: nodes sharing a PostgreSQL registry: which node holds each device (made once the
-        #: admin port is bound: its address names this node)
-        self.homes: Homes | None = None
-        self._nursery: trio.Nursery | None = None  # for records forwarded to other nodes
+        #: where each device is served, and its downlink carried there (corem/cluster.py)
+        self.cluster = Carrier(self.directory, self.downlink, self.management, self.sink, lambda: self.admin_token,
+                               to_workers=self.link.to_workers if self.link else None,
+                               tell_workers=self.link.first_sight if self.link else None)
         #: downlink requests from other systems on `commands.{tenant}` (Kafka only: the embedded
         #: bus has no other writers; there the admin API and CLI are the way in).  With workers,
         #: worker 0 reads them and the supervisor hands each to the worker that holds its device.
         self.command_reader = None if settings.bus == "embedded" or (worker and worker.index) else KafkaCommandReader(
             settings.kafka_settings(), self.directory.tenants, self.management.positions,
-            self._command_record if worker is None else self._route_command_record,
+            self.cluster.record,
             refresh=settings.kafka_commands_refresh,
             leader=Lease(settings.registry).held if self.registry.shared else None,
         )
@@ -407,10 +390,10 @@ class Server:
         if self.worker is not None:  # for the supervisor's front (corem/workers/front.py)
             ops.append(Route("GET", "/_worker/metrics", self._worker_metrics))
         if self.registry.shared:  # for the other nodes' commands readers
-            ops.append(Route("POST", "/_node/commands/{tenant}", self._node_command))
+            ops.append(self.cluster.node_route())
         routes = self.admin.routes()
         if self.worker is None:  # (with workers, the supervisor's front routes between nodes)
-            routes = [self._at_home(r) if _is_downlink(r) else r for r in routes]
+            routes = self.cluster.routes(routes)
         return ops + routes
 
     def _worker_metrics(self, req: HttpRequest) -> Reply:
@@ -418,106 +401,13 @@ class Server:
 
         return json_reply(encode_samples(gather(self.components())))
 
-    def _first_sight(self, device: Device) -> None:
-        """A device heard here for the first time: tell the supervisor (workers) and the other
-        nodes (a shared registry), so that its downlink comes here."""
-        if self.link is not None:
-            self.link.first_sight(device)
-        if self.homes is not None:
-            self.homes.heard(device.tenant, device.device)
-
-    def _at_home(self, route: Route) -> Route:
-        """A device's downlink route that another node may have to carry out: the one that holds
-        the device (registry/homes.py).  Forwarded once (a forwarded request is served where it
-        lands); a node that does not answer leaves it here, as if the device were unknown."""
-        handler = route.handler
-
-        async def at_home(req: HttpRequest) -> Reply:
-            homes = self.homes
-            home = None
-            if homes is not None and FORWARDED not in req.headers:
-                home = homes.elsewhere(req.params["tenant"], req.params["device"])
-            if home is not None:
-                assert homes is not None
-                try:
-                    return await forward(home, req, node=homes.node)
-                except (OSError, HttpError, trio.TooSlowError) as e:
-                    log.warning("downlink for %s/%s: its node %s did not answer (%s); kept here",
-                                req.params["tenant"], req.params["device"], home, e)
-            reply = handler(req)
-            return await reply if inspect.isawaitable(reply) else reply
-
-        return dataclasses.replace(route, handler=at_home)
-
     def _unlock(self) -> None:
         datadir.release(self._lock)
         self._lock = -1
 
-    def _route_command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
-        """Worker 0 with `--workers`: the supervisor gives the record to the worker holding its device."""
-        assert self.link is not None
-        if self._to_other_node(topic, partition, offset, value):
-            return
-        self.link.post({"command": {"topic": topic, "partition": partition, "offset": offset, "value": value.hex()}})
-
-    def _to_other_node(self, topic: str, partition: int, offset: int, value: bytes) -> bool:
-        """Several nodes: a record for a device another node holds is carried out there
-        (`POST /_node/commands/{tenant}`), and its result published here, in the background."""
-        if self.homes is None or self._nursery is None:
-            return False
-        tenant = topics.commands_tenant(topic)
-        try:
-            device = json.loads(value).get("device")
-        except (ValueError, AttributeError):
-            return False
-        home = self.homes.elsewhere(tenant, device) if isinstance(device, str) else None
-        if home is None:
-            return False
-        self._nursery.start_soon(self._forward_command, home, topic, partition, offset, value)
-        return True
-
-    async def _forward_command(self, home: str, topic: str, partition: int, offset: int, value: bytes) -> None:
-        tenant = topics.commands_tenant(topic)
-        try:
-            assert self.homes is not None
-            reply = await call(home, "POST", f"/_node/commands/{tenant}", value, {
-                "authorization": f"Bearer {self.admin_token}", FORWARDED: self.homes.node})
-            result = json.loads(reply.body) if reply.status == 200 else None
-        except (OSError, HttpError, trio.TooSlowError, ValueError) as e:
-            log.warning("commands: %s did not take %s[%d]@%d (%s); carried out here", home, topic, partition,
-                        offset, e)
-            result = None
-        if result is None:
-            result = apply_command(tenant, value, self.directory, self.downlink, self.management)
-        self._command_done(topic, partition, offset, result)
-
-    def _node_command(self, req: HttpRequest) -> Reply:
-        """Another node's commands reader hands over a record for a device this node holds."""
-        return json_reply(apply_command(req.params["tenant"], req.body, self.directory, self.downlink, self.management))
-
-    def apply_command_record(self, topic: str, partition: int, offset: int, value: str) -> None:
-        """A record routed here by the supervisor (value in hex, as it travels)."""
-        self._command_record(topic, partition, offset, bytes.fromhex(value))
-
-    def _command_record(self, topic: str, partition: int, offset: int, value: bytes) -> None:
-        if self.worker is None and self._to_other_node(topic, partition, offset, value):
-            return
-        tenant = topics.commands_tenant(topic)
-        self._command_done(topic, partition, offset,
-                           apply_command(tenant, value, self.directory, self.downlink, self.management))
-
-    def _command_done(self, topic: str, partition: int, offset: int, result: dict) -> None:
-        """Publish a record's result on commands.results.{tenant} and move past it."""
-        tenant = topics.commands_tenant(topic)
-        result.update(at=int(time.time() * 1000), source={"topic": topic, "partition": partition, "offset": offset})
-        publish_json(self.sink, results_topic(tenant), result.get("device") or "", result)
-        try:
-            self.management.set_position(topic, partition, offset + 1)
-        except StorageUnavailable as e:  # the position is kept at the next write that works
-            log.warning("could not store the position of %s[%d] (%s): after a restart it is read again",
-                        topic, partition, e)
-        if result["status"] == "rejected":
-            log.info("rejected a downlink request from %s[%d]@%d: %s", topic, partition, offset, result["reason"])
+    def carry_out(self, record: CommandRecord) -> None:
+        """A commands record the supervisor routed here (corem/workers/link.py)."""
+        self.cluster.carry_out(record)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -723,8 +613,7 @@ class Server:
                 self.http = http
             if self.registry.shared and (s.node_url or self.bound.http is not None):
                 node = s.node_url or f"http://{url_host(self.bound.http)}"  # type: ignore[arg-type]
-                self.homes = Homes(self.registry.db, node)
-                self.downlink.on_first_sight = self._first_sight
+                self.cluster.join(self.registry.db, node)
             streams = [t.edge for t in self.transports if isinstance(t.edge, TcpEdge)]
             await self._recover_exchanges()  # before the UDP edges read a datagram
             async with trio.open_nursery() as outer:
@@ -732,7 +621,6 @@ class Server:
                 for edge in streams:  # connections outlive the accepting task: their last answers
                     await outer.start(edge.hold)
                 async with trio.open_nursery() as inner:
-                    self._nursery = inner
                     for t in self.transports:
                         inner.start_soon(t.edge.serve)
                         if isinstance(t.edge, UdpEdge):  # (a TCP connection times itself)
@@ -742,8 +630,7 @@ class Server:
                     inner.start_soon(self._poll_registry)
                     if self.registry.shared:
                         inner.start_soon(self._listen_registry)
-                    if self.homes is not None:
-                        inner.start_soon(self.homes.run)
+                    await inner.start(self.cluster.run)
                     if self.link is None:  # workers: the supervisor answers nudges and relays them
                         await inner.start(registry_nudge.serve, s.data_path, self._registry_changed)
                     inner.start_soon(self._sweep_presence)

@@ -4,7 +4,8 @@ Downlink (an RPC, a command, an attribute notification) can only go out through 
 device talks to: its observation, its address, its DTLS session are there.  Each node writes
 `device_homes` when it first hears a device (in batches, from a thread: a fleet arriving at once
 is one upsert per batch, not a query per device on the event loop), and the admin API of any
-node forwards a device's downlink to the node written there (server.py, `_at_home`).  The last
+node forwards a device's downlink to the node written there (corem/cluster.py, the one home of
+"where is this device served, carry this there").  The last
 node to hear a device first wins, as a device that moved is heard first by its new node.
 
 Why the registry and not a Kafka topic keyed by device: the admin call waits for the device's

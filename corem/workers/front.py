@@ -31,8 +31,8 @@ from ..admin.http import (
 )
 from ..admin.history import History, Totals
 from ..metrics import SHARED, ProcessMetrics, gather, render
+from ..cluster import Nodes, command_device
 from ..registry.db import Db
-from ..registry.homes import Homes
 from ..server import url_host
 from ..stats import Histogram, Labels, Measurement, Sample, counter, gauge
 
@@ -55,7 +55,7 @@ class Front:
         self.history = History()
         #: this node's admin URL, and the devices' nodes (a shared registry), once bound
         self.node = ""
-        self.homes: Homes | None = None
+        self.nodes: Nodes | None = None
         self.http = HttpServer([
             Route("GET", "/metrics", self.metrics, auth=False),
             Route("GET", "/healthz", lambda r: Reply(200, b"ok\n", "text/plain"), auth=False),
@@ -71,7 +71,7 @@ class Front:
         s = self.sup.settings
         self.node = s.node_url or f"http://{url_host(address)}"
         if s.registry:  # nodes sharing a registry: where the devices other nodes hold are
-            self.homes = Homes(Db(s.registry), self.node)
+            self.nodes = Nodes(Db(s.registry), self.node)
         return address
 
     async def serve(self) -> None:
@@ -96,24 +96,24 @@ class Front:
         return await self._ready(0)
 
     async def forward(self, req: HttpRequest) -> Reply:
+        """A request to the worker that carries it out (corem/cluster.py): a device's to the node
+        or the worker that holds the device, another node's commands record to the worker that
+        holds its device, anything else to the first worker ready."""
         segments = [unquote(s) for s in req.path.strip("/").split("/")]
         body = req.body
+        holders = self.sup.holders
         if len(segments) >= 4 and segments[:2] == ["api", "devices"]:
             key = (segments[2], segments[3])
             elsewhere = self._held_elsewhere(key, req)
             if elsewhere is not None:  # another node's (a shared registry): it carries it out
-                return await forward(elsewhere, req, node=self.node)
-            if (req.method == "POST" and segments[4:] == ["rpc"] and key not in self.sup.homes
+                assert self.nodes is not None
+                return await self.nodes.forward(elsewhere, req)
+            if (req.method == "POST" and segments[4:] == ["rpc"] and not holders.holds(key)
                     and self.http.authorized(req.headers)):
                 body = await self._until_heard(key, body)
-            w = await self._ready(self.sup.holder(key, park=req.method not in ("GET", "HEAD")))
+            w = await self._ready(holders.holder(key, park=req.method not in ("GET", "HEAD")))
         elif segments[:2] == ["_node", "commands"] and len(segments) == 3:  # another node's commands record
-            try:
-                device = json.loads(body).get("device")
-            except (ValueError, AttributeError):
-                device = None
-            record = (segments[2], device) if isinstance(device, str) else None
-            w = await self._ready(self.sup.holder(record, park=True))
+            w = await self._ready(holders.holder(command_device(segments[2], body), park=True))
         else:
             w = await self._first_ready()
         try:
@@ -126,12 +126,12 @@ class Front:
 
     def _held_elsewhere(self, key: tuple[str, str], req: HttpRequest) -> str | None:
         """The admin URL of the node that holds the device, if it is another node (nodes sharing
-        a PostgreSQL registry: registry/homes.py); None for this node or no other."""
-        if self.homes is None or req.method in ("GET", "HEAD") or FORWARDED in req.headers:
+        a PostgreSQL registry); None for this node or no other.  Reads are served here."""
+        if self.nodes is None or req.method in ("GET", "HEAD"):
             return None
-        if key in self.sup.homes:  # one of this node's workers holds it
+        if self.sup.holders.holds(key):  # one of this node's workers holds it
             return None
-        return self.homes.elsewhere(*key)
+        return self.nodes.elsewhere(key, req.headers)
 
     async def _until_heard(self, key: tuple[str, str], body: bytes) -> bytes:
         """An RPC waits for its device, which only the worker that hears it can reach: wait here
@@ -142,10 +142,8 @@ class Front:
             timeout = float(request.get("timeout", 10.0))
         except (ValueError, AttributeError, TypeError):
             return body  # the worker names what is wrong with the body
-        waiter = self.sup.heard_waiters.setdefault(key, trio.Event())
         started = trio.current_time()
-        with trio.move_on_after(max(0.0, min(timeout, FORWARD_TIMEOUT))):
-            await waiter.wait()
+        await self.sup.holders.until_heard(key, max(0.0, min(timeout, FORWARD_TIMEOUT)))
         request["timeout"] = max(0.001, timeout - (trio.current_time() - started))
         return json.dumps(request).encode()
 

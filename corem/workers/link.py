@@ -2,22 +2,8 @@
 
 A worker is a whole corem `Server` on sockets it inherits (the supervisor binds them, so they and
 their queued datagrams outlive the worker) and with its admin HTTP on a private loopback port that
-only the supervisor's front uses.  Between the two runs one SOCK_SEQPACKET pair, one JSON object
-per packet:
-
-  worker -> supervisor   {"ready": {"http": port}}         serving
-                         {"here": [[tenant, device], ...]}  first heard here (downlink routing)
-                         {"refreshed": n}                   registry reloaded for request n
-                         {"handover": {"device", "to", "state"}}   queues of a device that moved
-                         {"command": {...}}                 a commands.{tenant} record (worker 0)
-                         {"rpc_reply": {"device", "id", "response"}}  a reply to another worker's RPC
-  supervisor -> worker   {"refresh": n}                     reload the registry now, answer n
-                         {"reload": n, "settings": {...}}   SIGHUP: reload with these settings, answer
-                                                            {"reloaded": n, "report": {...}} (corem/reload.py)
-                         {"moved": [tenant, device], "to": k}   the device is heard by worker k now
-                         {"adopt": {"device", "state"}}     take these queues over
-                         {"command": {...}}                 apply a commands record for its device
-                         {"rpc_reply": {...}}               the reply to one of this worker's RPCs
+only the supervisor's front uses.  Between the two runs one SOCK_SEQPACKET pair, one typed message
+per packet (control.py lists them).
 
 If the supervisor goes away (its end of the pair closes) the worker stops as on SIGTERM.
 """
@@ -33,8 +19,12 @@ from typing import TYPE_CHECKING, Any, Awaitable, Protocol
 
 import trio
 
+from ..cluster import CommandRecord
+from ..config import ConfigError, Settings
+from . import control
+from .control import Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReply
+
 if TYPE_CHECKING:
-    from ..config import Settings
     from ..devices.downlink import Downlink
     from ..reload import Report
     from ..registry import Device, Directory
@@ -49,7 +39,7 @@ class Served(Protocol):
     def stop(self) -> None: ...
     def reload_registry(self) -> Awaitable[None]: ...
     def reload(self, new: Settings, *, quiet: bool = False) -> Awaitable[Report]: ...
-    def apply_command_record(self, topic: str, partition: int, offset: int, value: str) -> None: ...
+    def carry_out(self, record: CommandRecord) -> None: ...
 
 log = logging.getLogger("corem.worker")
 
@@ -96,30 +86,35 @@ class Link:
         self.spec = spec
         self.server = server
         self.sock = trio.socket.from_stdlib_socket(socket.socket(fileno=spec.control))
-        self._heard: list[list[str]] = []
-        self._outbox: list[dict[str, Any]] = []
+        self._heard: list[tuple[str, str]] = []
+        self._outbox: list[control.ToSupervisor] = []
         self._sending = trio.Lock()
 
     def first_sight(self, device: Device) -> None:
         """Downlink's hook: this device was heard here for the first time (sent in a batch)."""
-        self._heard.append([device.tenant, device.device])
+        self._heard.append((device.tenant, device.device))
 
     def forward_reply(self, device: Device, rpc_id: int, response: Any) -> None:
         """Downlink's hook: a device answered an RPC that another worker sent (it talks to us from
         another address now); the supervisor passes it to that worker."""
-        self.post({"rpc_reply": {"device": [device.tenant, device.device], "id": rpc_id, "response": response}})
+        self.post(RpcReply((device.tenant, device.device), rpc_id, response))
 
-    def post(self, message: dict[str, Any]) -> None:
+    def to_workers(self, record: CommandRecord) -> None:
+        """A commands record (worker 0 reads them): the supervisor gives it to the worker that
+        holds its device (corem/cluster.py)."""
+        self.post(Command.of(record))
+
+    def post(self, message: control.ToSupervisor) -> None:
         """Send `message` soon (from synchronous code on the event loop)."""
         self._outbox.append(message)
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: control.ToSupervisor) -> None:
         async with self._sending:
-            await self.sock.send(json.dumps(message, separators=(",", ":")).encode())
+            await self.sock.send(control.encode(message))
 
     async def run(self, http: tuple | None) -> None:
         """Say ready, then announce and obey until cancelled or the supervisor goes."""
-        await self.send({"ready": {"http": http[1] if http else None, "pid": os.getpid()}})
+        await self.send(Ready(http[1] if http else None, os.getpid()))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announce)
             await self._obey()
@@ -133,11 +128,9 @@ class Link:
                 await self.send(message)
             while self._heard:
                 chunk, self._heard = self._heard[:ANNOUNCE_CHUNK], self._heard[ANNOUNCE_CHUNK:]
-                await self.send({"here": chunk})
+                await self.send(Here(chunk))
 
     async def _reload(self, values: dict[str, Any]) -> dict[str, list[str]]:
-        from ..config import ConfigError, Settings
-
         try:
             new = Settings.load(values, env={})
         except ConfigError as e:  # (a secret's file gone since the supervisor read it)
@@ -155,26 +148,23 @@ class Link:
                 log.warning("worker %d: the supervisor is gone; stopping", self.spec.index)
                 server.stop()
                 return
-            message = json.loads(data)
-            if "refresh" in message:
+            message = control.to_worker(data)
+            if isinstance(message, Refresh):
                 await server.reload_registry()
-                await self.send({"refreshed": message["refresh"]})
-            elif "reload" in message:  # SIGHUP, passed on by the supervisor with the settings it read
-                await self.send({"reloaded": message["reload"], "report": await self._reload(message["settings"])})
-            elif "moved" in message:
-                tenant, device = message["moved"]
-                state = server.downlink.moved(tenant, device)
+                await self.send(Refreshed(message.n))
+            elif isinstance(message, Reload):  # SIGHUP, passed on by the supervisor with the settings it read
+                await self.send(Reloaded(message.n, await self._reload(message.settings)))
+            elif isinstance(message, Moved):
+                state = server.downlink.moved(*message.device)
                 if state is not None:
-                    await self.send({"handover": {"device": [tenant, device], "to": message["to"], "state": state}})
-            elif "adopt" in message:
-                tenant, name = message["adopt"]["device"]
-                device = server.directory.named(tenant, name)
+                    await self.send(Handover(message.device, message.to, state))
+            elif isinstance(message, Adopt):
+                device = server.directory.named(*message.device)
                 if device is not None:
-                    server.downlink.adopt(device, message["adopt"]["state"])
-            elif "command" in message:
-                server.apply_command_record(**message["command"])
-            elif "rpc_reply" in message:
-                reply = message["rpc_reply"]
-                device = server.directory.named(*reply["device"])
+                    server.downlink.adopt(device, message.state)
+            elif isinstance(message, Command):
+                server.carry_out(message.record())
+            elif isinstance(message, RpcReply):
+                device = server.directory.named(*message.device)
                 if device is not None:
-                    server.downlink.reply(device, reply["id"], reply["response"])
+                    server.downlink.reply(device, message.id, message.response)

@@ -13,9 +13,10 @@ The supervisor
   the UI forwarded to them, each device's downlink to the worker that holds the device;
 - answers the CLI's registry nudges for the data dir and relays them to every worker.
 
-Which worker holds a device: the one that last announced hearing it first (link.py).  When a
-device's datagrams move to another worker (its address changed), that worker announces it, and
-the supervisor tells the old one, which hands over what it queued for the device.
+Which worker holds a device: the one that last announced hearing it first (corem/cluster.py
+`Workers`).  When a device's datagrams move to another worker (its address changed), that worker
+announces it, and the supervisor tells the old one, which hands over what it queued for the
+device.  The messages between them: control.py.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from ..logs import SERVE, fields
 from ..net import fdlimit
 from ..net.tcp import bind_tcp
 from ..net.udp import bind_udp
+from ..cluster import Workers
 from ..registry import nudge as registry_nudge
 from ..reload import RELOADED, Report, applied, apply_log_format, apply_log_level, changed, restart_needed
 from ..server import Bound, bind_http, make_pruner
-from . import steer
+from . import control, steer
+from .control import Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReply
 from .link import ENV, WorkerSpec
 
 log = logging.getLogger("corem.workers")
@@ -52,9 +55,6 @@ STOP_GRACE = 30.0
 #: a worker that ran at least this long before exiting is restarted at once (not backed off)
 HEALTHY_UPTIME = 10.0
 MAX_BACKOFF = 5.0
-
-Key = tuple[str, str]
-
 
 @dataclass
 class Worker:
@@ -112,11 +112,7 @@ class Supervisor:
             raise
         self.workers = [Worker(i) for i in range(count)]
         #: which worker holds each device it heard (see the module docstring)
-        self.homes: dict[Key, int] = {}
-        #: devices not heard by any worker when a downlink came for them: it went to worker 0
-        self.parked: set[Key] = set()
-        #: devices an RPC waits to hear from (front.py parks RPCs for devices nobody heard)
-        self.heard_waiters: dict[Key, trio.Event] = {}
+        self.holders = Workers()
         self.restarts = 0
         self._refreshes: dict[int, tuple[set[int], trio.Event]] = {}
         #: SIGHUP: the workers not done reloading, set when all are, and their reports
@@ -233,69 +229,45 @@ class Supervisor:
                 return
             if not data:
                 return
-            self._heard_from(w, json.loads(data))
+            self._heard_from(w, control.to_supervisor(data))
 
-    def _heard_from(self, w: Worker, message: dict[str, Any]) -> None:
-        if "ready" in message:
-            w.http, w.pid = message["ready"]["http"], message["ready"]["pid"]
+    def _heard_from(self, w: Worker, message: control.ToSupervisor) -> None:
+        if isinstance(message, Ready):
+            w.http, w.pid = message.http, message.pid
             log.info("worker %d ready (pid %d)", w.index, w.pid, extra=fields(index=w.index, pid=w.pid))
-        elif "here" in message:
-            for tenant, device in message["here"]:
-                self._arrived((tenant, device), w.index)
-        elif "refreshed" in message:
-            pending = self._refreshes.get(message["refreshed"])
+        elif isinstance(message, Here):
+            for key in message.devices:
+                before = self.holders.arrived(key, w.index)
+                if before is not None:  # it hands over what it queued for the device
+                    self.post(before, Moved(key, w.index))
+        elif isinstance(message, Refreshed):
+            pending = self._refreshes.get(message.n)
             if pending is not None:
                 pending[0].discard(w.index)
                 if not pending[0]:
                     pending[1].set()
-        elif "reloaded" in message:
-            reloading = self._reloads.get(message["reloaded"])
+        elif isinstance(message, Reloaded):
+            reloading = self._reloads.get(message.n)
             if reloading is not None:
                 reloading[0].discard(w.index)
-                reloading[2][w.index] = message["report"]
+                reloading[2][w.index] = message.report
                 if not reloading[0]:
                     reloading[1].set()
-        elif "handover" in message:
-            handover = message["handover"]
-            self.post(handover["to"], {"adopt": {"device": handover["device"], "state": handover["state"]}})
-        elif "rpc_reply" in message:  # to the worker that numbered the RPC (downlink.number_ids)
-            self.post((message["rpc_reply"]["id"] - 1) % self.count, message)
-        elif "command" in message:
-            record = message["command"]
-            self.post(self.holder(_command_device(record), park=True), {"command": record})
+        elif isinstance(message, Handover):
+            self.post(message.to, Adopt(message.device, message.state))
+        elif isinstance(message, RpcReply):  # to the worker that numbered the RPC (downlink.number_ids)
+            self.post((message.id - 1) % self.count, message)
+        elif isinstance(message, Command):
+            self.post(self.holders.holder(message.device, park=True), message)
 
-    def _arrived(self, key: Key, index: int) -> None:
-        before = self.homes.get(key)
-        self.homes[key] = index
-        if before is None and key in self.parked:
-            self.parked.discard(key)
-            before = 0
-        if before is not None and before != index:
-            self.post(before, {"moved": list(key), "to": index})
-        waiter = self.heard_waiters.pop(key, None)
-        if waiter is not None:
-            waiter.set()
-
-    def holder(self, key: Key | None, *, park: bool) -> int:
-        """The worker that holds the device; worker 0 for one nobody heard (with `park`, it is
-        remembered, so that what worker 0 queues follows the device when another worker hears it)."""
-        if key is None:
-            return 0
-        index = self.homes.get(key)
-        if index is None:
-            if park:
-                self.parked.add(key)
-            return 0
-        return index
-
-    def post(self, index: int, message: dict[str, Any]) -> None:
+    def post(self, index: int, message: control.ToWorker) -> None:
         """Send `message` to worker `index` if it runs (a worker that is starting again lost what
         it held anyway)."""
         raw = self.workers[index].raw
         if raw is None:
             return
         try:
-            raw.send(json.dumps(message, separators=(",", ":")).encode(), socket.MSG_DONTWAIT)
+            raw.send(control.encode(message), socket.MSG_DONTWAIT)
         except OSError as e:
             log.warning("worker %d: could not pass a message on (%s)", index, e)
 
@@ -309,7 +281,7 @@ class Supervisor:
             return
         self._refreshes[n] = (waiting, done)
         for i in list(waiting):
-            self.post(i, {"refresh": n})
+            self.post(i, Refresh(n))
         with trio.move_on_after(registry_nudge.WAIT):
             await done.wait()
         del self._refreshes[n]
@@ -335,7 +307,7 @@ class Supervisor:
             self._reloads[n] = (waiting, done, reports)
             values = self._worker_settings(new)
             for i in sorted(waiting):
-                self.post(i, {"reload": n, "settings": values})
+                self.post(i, Reload(n, values))
             with trio.move_on_after(registry_nudge.WAIT) as late:
                 if waiting:
                     await done.wait()
@@ -412,13 +384,3 @@ class Supervisor:
             for s in group:
                 s.close()
         datadir.release(self._lock)
-
-
-def _command_device(record: dict[str, Any]) -> Key | None:
-    """The device a commands.{tenant} record is for (None if it names none: any worker answers)."""
-    try:
-        device = json.loads(bytes.fromhex(record["value"])).get("device")
-    except (ValueError, AttributeError):
-        return None
-    tenant = topics.commands_tenant(record["topic"])
-    return (tenant, device) if isinstance(device, str) else None
