@@ -111,11 +111,18 @@ def _row(row: Any) -> Row | None:
 
 
 def freeze(buf: Any) -> bytes | Unsaved:
-    """A session's Mbed TLS context as a blob (~0.9 KB; see the module docstring)."""
+    """A session's Mbed TLS context as a blob (~0.9 KB; see the module docstring).
+
+    Which `Unsaved` a refusal is comes from the context itself, not from the error: python-mbedtls
+    2.10 raises a bare TypeError whose only trace of Mbed TLS's code is its text (no `.err`, no
+    cause).  `mbedtls_ssl_context_save` resets the context it serialized (its state goes back to
+    HELLO_REQUEST); one it refused before touching it (MBEDTLS_ERR_SSL_BAD_INPUT_DATA: no
+    application record since the handshake) is still established -- which is what NOT_YET means."""
     try:
         return pickle.dumps(buf)
-    except TypeError as e:
-        return Unsaved.NOT_YET if "-0x7100" in str(e) else Unsaved.LOST
+    except TypeError:
+        state = getattr(getattr(buf, "_handshake_state", None), "name", None)
+        return Unsaved.NOT_YET if state == "HANDSHAKE_OVER" else Unsaved.LOST
 
 
 def thaw(blob: bytes) -> Any | None:
