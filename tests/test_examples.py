@@ -1,7 +1,7 @@
 """Every example in README.md and docs/*.md runs as written: the fenced blocks are taken out of the
 pages and run, page by page, against a corem server the test starts, with libcoap's real clients.
 
-The conventions a page follows (docs/README's "Examples are tested" says them to writers):
+The conventions a page follows (docs/development.md, "Examples are tested", says them to writers):
 
 - ```` ```sh ```` is a block a reader pastes into a shell: it is run (bash, `set -eo pipefail`) and
   must end with status 0; a CoAP error answer it prints (`4.01 …`, `5.03 …`) fails it unless its
@@ -91,15 +91,30 @@ def test_the_readme_is_short_and_maps_every_page():
         assert f"docs/{page.name}" in readme, f"README.md does not link docs/{page.name}"
 
 
+def test_make_run_is_what_the_test_runs_for_it():
+    """The pages say `make run`; the test runs `.venv/bin/corem serve`: the Makefile's rule must be that."""
+    assert re.search(r"^run: .*\n\t\$\(VENV\)/bin/corem serve$", (ROOT / "Makefile").read_text(), re.M)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_the_pages_speak_to_users_and_their_links_resolve(page):
     text = page.read_text()
     for word in (r"\bissue \d+", r"\bspecs? 00\d", r"\b(first|second|third|fourth|fifth|sixth) session",
                  r"\bsession'?s run\b", r"\bin the same session\b"):
         assert not re.search(word, text, re.I), f"{page.name}: internal word {re.search(word, text, re.I)[0]!r}"
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
-        if not re.match(r"[a-z]+:", target):
-            assert (page.parent / target).exists(), f"{page.name}: link to {target}, which does not exist"
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path = page.parent / target if target else page
+        assert path.exists(), f"{page.name}: link to {target}, which does not exist"
+        if anchor and path.suffix == ".md":
+            assert anchor in anchors(path), f"{page.name}: link to {target}#{anchor}, a heading that does not exist"
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings (lower case, punctuation dropped, spaces to '-')."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", page.read_text(), re.M)}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
