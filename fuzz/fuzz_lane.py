@@ -45,7 +45,15 @@ RULED_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                                 [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"RU"),
                                  (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
                                 b'{"t_raw": 652, "hum": 40, "state": "idle", "x": 1, "label": "a", "same": 2}'))
-TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE)
+#: a positional array and a binary layout (tests/lane_twin.py ARRAY, BINARY: layouts.h)
+ARRAY_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                                [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"AR"),
+                                 (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
+                                bytes.fromhex("85f93e00006131" "1b0000018bcfe56800" "6469646c65" "1841")))
+BINARY_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                                 [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"BIN"),
+                                  (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")], bytes(range(85))))
+TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE, ARRAY_TEMPLATE, BINARY_TEMPLATE)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 

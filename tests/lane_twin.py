@@ -33,6 +33,21 @@ RULED = ('{"format": "flat", "fields": {'
          ' "x": {"rename": "y"}, "label": {"type": "string"}, "same": {"rename": "same"}}}')
 
 
+ARRAY = '{"format": "array", "positions": ["temperature", null, "ts", "state", "humidity"]}'
+#: every binary type, both byte orders, and bytes to skip: 1+1+1+2+2+2+2+4+4+4+4+8+8+8+8+2+4+4+8+8 = 85 bytes
+BINARY = ('{"format": "binary", "layout": ['
+          '{"name": "i8", "type": "int8"}, {"name": "u8", "type": "uint8"}, {"name": "flag", "type": "bool"},'
+          '{"name": "i16b", "type": "int16be"}, {"name": "i16l", "type": "int16le"},'
+          '{"name": "u16b", "type": "uint16be"}, {"name": "u16l", "type": "uint16le"},'
+          '{"name": "i32b", "type": "int32be"}, {"name": "i32l", "type": "int32le"},'
+          '{"name": "u32b", "type": "uint32be"}, {"name": "u32l", "type": "uint32le"},'
+          '{"name": "i64b", "type": "int64be"}, {"name": "i64l", "type": "int64le"},'
+          '{"name": "u64b", "type": "uint64be"}, {"name": "u64l", "type": "uint64le"},'
+          '{"type": "skip", "bytes": 2},'
+          '{"name": "f32b", "type": "float32be"}, {"name": "f32l", "type": "float32le"},'
+          '{"name": "f64b", "type": "float64be"}, {"name": "f64l", "type": "float64le"}]}')
+
+
 class RecordingSink:
     """The sink interface, committing when told to (`commit(error)`), with bounded room."""
 
@@ -144,6 +159,11 @@ class Twin:
         # a profile with every field rule, which the lane applies in C too (rules.h)
         self.registry.put_profile("ruled", parse_profile(RULED))
         self.registry.add_device("acme", "ruled-1", token="RU", profile="ruled")
+        # a positional array (a skipped place, the time, text) and a binary layout of every type
+        self.registry.put_profile("array", parse_profile(ARRAY))
+        self.registry.add_device("acme", "array-1", token="AR", profile="array")
+        self.registry.put_profile("binary", parse_profile(BINARY))
+        self.registry.add_device("acme", "binary-1", token="BIN", profile="binary")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

@@ -500,6 +500,105 @@ def test_generated_cayenne_lpp_is_stored_and_answered_the_same_with_and_without_
         t.close()
 
 
+# -- positional arrays and binary layouts in C (layouts.h), against formats.py ---------------------
+@pytest.mark.parametrize("row", [
+    [22.5, None, 1_700_000_000_000, "idle", 65], [-1, {"any": "thing"}, 0, "", True], [0.1, 7, 5, "é", False],
+])
+def test_a_positional_array_is_the_lanes_and_stored_as_python_would(twin, row):
+    """Places named by the profile, one skipped, one the time, text, numbers and booleans; CBOR
+    and JSON.  (A non-scalar in a skipped place is the Python path's: it skips it unread.)"""
+    for cf, body in ((60, cbor2.dumps(row)), (50, json_text(row, True, False))):
+        twin.receive(post("AR", payload=body, cf=cf, mid=cf))
+        twin.commit()
+        _, stored = twin.check()
+        assert stored[0][2].ts == row[2] and set(stored[0][2].numeric_values) | set(stored[0][2].string_values) == {
+            "temperature", "state", "humidity"}
+    assert lane_took(twin) == (0 if isinstance(row[1], dict) or row[1] is None else 2)
+
+
+@pytest.mark.parametrize("cf, body", [
+    (60, cbor2.dumps([1, 2, 3, "s"])), (60, cbor2.dumps([1, 2, 3, "s", 5, 6])), (60, cbor2.dumps([[1, 2, 3, "s", 5]])),
+    (60, cbor2.dumps([1, 2, -3, "s", 5])), (60, cbor2.dumps([1, 2, 3.0, "s", 5])), (60, cbor2.dumps([None, 2, 3, "s", 5])),
+    (60, cbor2.dumps({"a": 1})), (60, cbor2.dumps([1, 2, 3, "s", 5]) + b"\x00"), (50, b"[1, 2, 3, \"s\", 5] x"),
+    (50, b"[1, 2, 3, \"s\"]"), (50, b"[1, 2, 3, \"s\", 5,]"), (50, b"[1, 2, 1e3, \"s\", 5]"), (42, b"\x01"),
+    (None, cbor2.dumps([1, 2, 3, "s", 5])), (50, b"[]"),
+])
+def test_arrays_the_lane_is_not_sure_of_are_the_python_paths(twin, cf, body):
+    twin.receive(post("AR", payload=body, cf=cf))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == 0
+
+
+def test_a_binary_layout_of_every_type_is_the_lanes_and_stored_as_python_would(twin):
+    import random
+    rng = random.Random(11)
+    bodies = [bytes(85), b"\xff" * 85, bytes(range(85))] + [bytes(rng.getrandbits(8) for _ in range(85)) for _ in range(20)]
+    took = 0
+    for mid, body in enumerate(bodies):
+        twin.receive(post("BIN", payload=body, cf=42 if mid % 2 else None, mid=mid))
+        twin.commit()
+        answers, _ = twin.check()
+        took += decode(answers[0][0]).code == Code.CHANGED
+    assert lane_took(twin) == took >= 3  # (random floats that are NaN or infinite: Python's 4.00)
+
+
+@pytest.mark.parametrize("cf, body", [(42, bytes(84)), (42, bytes(86)), (60, bytes(85)), (42, b""),
+                                      (42, bytes(61) + b"\x7f\xc0\x00\x00" + bytes(20))])  # f32b a NaN
+def test_binary_payloads_the_lane_is_not_sure_of_are_the_python_paths(twin, cf, body):
+    twin.receive(post("BIN", payload=body, cf=cf))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == 0
+
+
+PLACES = st.lists(st.none() | st.sampled_from(["a", "b", "ts", "é"]), min_size=1, max_size=5)
+ROW_VALUES = st.one_of(st.integers(-2**60, 2**60), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                       st.text(max_size=3), st.none(), st.lists(st.integers(), max_size=2))
+TYPES = st.sampled_from(["int8", "uint8", "bool", "int16be", "uint16le", "int32le", "uint32be", "int64be", "uint64le",
+                         "float32be", "float32le", "float64be", "float64le", "skip"])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(PLACES, st.lists(st.lists(ROW_VALUES, min_size=0, max_size=6), min_size=1, max_size=4),
+       st.lists(st.tuples(st.sampled_from(["a", "b", "c", "é"]), TYPES, st.integers(1, 3)), min_size=1, max_size=5),
+       st.lists(st.binary(min_size=0, max_size=40), min_size=1, max_size=4))
+def test_generated_arrays_and_binary_layouts_are_stored_and_answered_the_same_with_and_without_the_lane(
+        places, rows, parts, bodies):
+    import json as _json
+
+    from hypothesis import assume
+
+    from corem.profiles.spec import BINARY_TYPES, ProfileError
+    layout = [{"type": "skip", "bytes": n} if t == "skip" else {"name": name, "type": t} for name, t, n in parts]
+    try:
+        array = parse_profile(_json.dumps({"format": "array", "positions": places}))
+        binary = parse_profile(_json.dumps({"format": "binary", "layout": layout}))
+    except ProfileError:
+        assume(False)
+    t = Twin()
+    try:
+        t.registry.put_profile("gen-a", array)
+        t.registry.put_profile("gen-b", binary)
+        t.registry.add_device("acme", "gen-a", token="GA", profile="gen-a")
+        t.registry.add_device("acme", "gen-b", token="GB", profile="gen-b")
+        t.directory.refresh(force=True)
+        size = sum(n if kind == "skip" else struct.calcsize(BINARY_TYPES[kind]) for _, kind, n in parts)
+        for i, row in enumerate(rows):
+            row = row if i == 2 else (row + [1] * len(places))[:len(places)]  # (most as long as the places)
+            t.receive(post("GA", payload=cbor2.dumps(row) if i % 2 else _json.dumps(row).encode(),
+                           cf=60 if i % 2 else 50, mid=i))
+            t.commit()
+            t.check()
+        for i, body in enumerate(bodies):
+            body = body if i == 2 else (body + bytes(size))[:size]
+            t.receive(post("GB", payload=body, cf=42, mid=100 + i))
+            t.commit()
+            t.check()
+    finally:
+        t.close()
+
+
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
     twin.receive(post('T"3\\'))
     twin.commit()

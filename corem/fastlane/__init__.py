@@ -46,7 +46,7 @@ from ..profiles.compile import LANE_FLAT, LaneDecoder
 from ..stats import Histogram, Sample, counter
 
 try:
-    from ._lane import Lane, compile_rules
+    from ._lane import Lane, compile_profile
 except ImportError:  # pragma: no cover - only without a C compiler
     Lane = None  # type: ignore[assignment,misc]
 
@@ -89,14 +89,19 @@ def lane_mode(target: Target) -> int | None:
     return decode.mode if isinstance(decode, LaneDecoder) else None
 
 
-def lane_rules(target: Target) -> object:
-    """The C form of the target's profile's field rules (`_lane.compile_rules`), made once per
-    compiled profile and kept on its `LaneDecoder`; None: no rules."""
+def lane_profile(target: Target) -> object:
+    """The C form of the target's profile -- its field rules, array positions and binary layout
+    (`_lane.compile_profile`) -- made once per compiled profile and kept on its `LaneDecoder`;
+    None: the default profile, nothing to hold; False: one the lane cannot hold (a name twice in
+    its layout, more readings than it holds): the Python path's."""
     decode = target.decode_points
-    if not isinstance(decode, LaneDecoder) or not decode.rules:
+    if not isinstance(decode, LaneDecoder):
         return None
     if decode.compiled is None:
-        decode.compiled = compile_rules(decode.rules)
+        try:
+            decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout)
+        except ValueError:
+            decode.compiled = False
     return decode.compiled
 
 
@@ -201,15 +206,15 @@ class FastLane:
                 self._drop(old)
         mode = lane_mode(target)
         frame = None if mode is None else json_frame(device.tenant, device.device, device.profile)
-        if mode is None or frame is None:  # its own decoder, or a point layout the lane does not know: Python's
+        profile = None if mode is None else lane_profile(target)
+        if mode is None or frame is None or profile is False:  # its own decoder, or a layout the lane does not know
             hot[name] = (-1, None)
             return
         if self._free:
             i = self._free.pop()
         else:
             i, self._next = self._next, self._next + 1
-        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device, mode,
-                                 lane_rules(target)))
+        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device, mode, profile))
         token = None if device.token is None else device.token.encode()
         if token is not None:
             self._tokens[token] = i

@@ -61,11 +61,52 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 #include "cbor_json.h"
 #include "lpp.h"
 #include "rules.h"
+#include "layouts.h"
 #include "fifomap.h"
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
 #define DTLS_RECORDS_API_ONLY
 #include "../dtls/engine/dtls_records.h"
 #include "dtls_sessions.h"
+
+/* ---------------------------------------------------------------- profiles ----------------- */
+/* A profile's C form, shared by its devices' targets: its field rules and its layout */
+#define PROFILE_CAPSULE "corem.fastlane.profile"
+
+typedef struct {
+    rules_t rules;
+    layout_t layout;
+    PyObject *source; /* the tuples the strings live in */
+} lane_profile_t;
+
+static void profile_free(PyObject *capsule) {
+    lane_profile_t *P = PyCapsule_GetPointer(capsule, PROFILE_CAPSULE);
+    if (!P) return;
+    rules_free(&P->rules);
+    layout_free(&P->layout);
+    Py_XDECREF(P->source);
+    PyMem_Free(P);
+}
+
+/* compile_profile(rules, positions, layout): see rules.h `rules_from`, layouts.h `layout_from`. */
+static PyObject *compile_profile(PyObject *module, PyObject *args) {
+    PyObject *rules, *positions, *layout;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout))
+        return NULL;
+    lane_profile_t *P = PyMem_Calloc(1, sizeof(lane_profile_t));
+    if (!P) return PyErr_NoMemory();
+    P->source = Py_BuildValue("(OOO)", rules, positions, layout);
+    PyObject *capsule = P->source ? PyCapsule_New(P, PROFILE_CAPSULE, profile_free) : NULL;
+    if (!capsule) {
+        Py_XDECREF(P->source);
+        PyMem_Free(P);
+        return NULL;
+    }
+    if (rules_from(rules, &P->rules) < 0 || layout_from(positions, layout, &P->layout) < 0) {
+        Py_DECREF(capsule);
+        return NULL;
+    }
+    return capsule;
+}
 
 /* ---------------------------------------------------------------- state -------------------- */
 typedef struct {
@@ -123,7 +164,7 @@ typedef struct {
 
 typedef struct {
     PyObject *topic, *key, *headers, *head, *tail, *device;
-    PyObject *rules; /* its profile's field rules (rules.h's capsule), or NULL */
+    PyObject *profile; /* its profile's C form (compile_profile's capsule: rules, layout), or NULL */
     uint64_t epoch; /* the drain that last told Python this device talked */
     int mode;       /* its payloads' shape: MODE_FLAT (the default profile), MODE_THINGSBOARD */
 } target_t;
@@ -231,12 +272,16 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
 
 /* `order`: the items' order in the point, `uorder` (nu of them) the units' (rules.h), or NULL: as
  * they came, and the units of those that have one. */
+static inline lane_profile_t *profile_of(const target_t *t) {
+    return (lane_profile_t *)PyCapsule_GetPointer(t->profile, PROFILE_CAPSULE);
+}
+
 static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long long ts, long long now_ms,
                             size_t payload_len, const uint8_t *order, const uint8_t *uorder, int nu) {
     /* (6 bytes of JSON a payload byte at most, escapes included; a name the lane made -- LPP's, < 40
      * bytes -- with its number and again with its unit, < 160; what the rules' renames and units add) */
     size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 128 + 6 * payload_len + 160 * (size_t)n;
-    if (t->rules) need += ((rules_t *)PyCapsule_GetPointer(t->rules, RULES_CAPSULE))->extra;
+    if (t->profile) need += profile_of(t)->rules.extra;
     if (need > self->json_cap) {
         char *j = PyMem_Realloc(self->json, need);
         if (!j) return PyErr_NoMemory();
@@ -752,14 +797,17 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
 }
 
 /* The payload in its target's mode: CBOR (60) or JSON (50) documents for the flat and ThingsBoard
- * modes (cbor_json.h), Cayenne LPP (42 or none, lpp.h); 0 and the items, or -1: the Python path's. */
-static int parse_payload(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
-                         long long *ts, char (*names)[40]) {
-    if (mode == MODE_LPP) {
-        *ts = -1;
-        return cf == 42 || cf < 0 ? parse_lpp(p, end, items, nitems, names) : -1;
-    }
-    return cf == 60 || cf == 50 ? parse_document(cf, mode, p, end, items, nitems, ts) : -1;
+ * modes (cbor_json.h), Cayenne LPP (42 or none, lpp.h), the profile's positional array (60, 50) or
+ * binary layout (42 or none, layouts.h); 0 and the items, or -1: the Python path's. */
+static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint8_t *end, item_t *items,
+                         int *nitems, long long *ts, char (*names)[40]) {
+    int mode = t->mode;
+    *ts = -1;
+    if (mode == MODE_LPP) return cf == 42 || cf < 0 ? parse_lpp(p, end, items, nitems, names) : -1;
+    if (mode == MODE_BINARY) return cf == 42 || cf < 0 ? parse_binary(&profile_of(t)->layout, p, end, items, nitems) : -1;
+    if (cf != 60 && cf != 50) return -1;
+    if (mode == MODE_ARRAY) return parse_positional(&profile_of(t)->layout, cf, p, end, items, nitems, ts);
+    return parse_document(cf, mode, p, end, items, nitems, ts);
 }
 
 /* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
@@ -778,15 +826,15 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     char names[MAX_ITEMS][40]; /* (the names a binary format makes: LPP's) */
     int nitems;
     long long ts;
-    if (parse_payload(s.cf, t->mode, s.payload, s.end, items, &nitems, &ts, names) < 0)
+    if (parse_payload(s.cf, t, s.payload, s.end, items, &nitems, &ts, names) < 0)
         return python_path(self, key, now, reuse);
     uint8_t order[MAX_ITEMS], uorder[MAX_ITEMS];
-    int nu = 0;
-    if (t->rules && apply_rules(PyCapsule_GetPointer(t->rules, RULES_CAPSULE), items, nitems, order, uorder, &nu) < 0)
+    int nu = 0, ruled = t->profile && profile_of(t)->rules.n;
+    if (ruled && apply_rules(&profile_of(t)->rules, items, nitems, order, uorder, &nu) < 0)
         return python_path(self, key, now, reuse); /* a broken rule: Python's 4.00 names it */
     /* accepted: from here on the lane owns the exchange */
     return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms,
-                        t->rules ? order : NULL, t->rules ? uorder : NULL, nu);
+                        ruled ? order : NULL, ruled ? uorder : NULL, nu);
 }
 
 static int ensure_lists(Lane *self) {
@@ -1560,7 +1608,7 @@ static void clear_targets(Lane *self) {
         Py_CLEAR(t->head);
         Py_CLEAR(t->tail);
         Py_CLEAR(t->device);
-        Py_CLEAR(t->rules);
+        Py_CLEAR(t->profile);
     }
     PyMem_Free(self->targets);
     self->targets = NULL;
@@ -1568,11 +1616,20 @@ static void clear_targets(Lane *self) {
     Py_CLEAR(self->tokens);
 }
 
-/* A target's rules: None is none (NULL); else compile_rules' capsule.  0 if not one (exception set). */
-static int rules_ok(PyObject **rules) {
-    if (*rules == Py_None) *rules = NULL;
-    if (*rules && !PyCapsule_IsValid(*rules, RULES_CAPSULE)) {
-        PyErr_SetString(PyExc_TypeError, "a target's rules are compile_rules()'s");
+/* A target's mode and profile: None is no profile (NULL), else compile_profile's capsule, which
+ * the array and binary modes need.  1, or 0 with an exception set. */
+static int target_ok(target_t *t) {
+    if (t->profile == Py_None) t->profile = NULL;
+    if (t->mode < MODE_FLAT || t->mode > MODE_LAST) {
+        PyErr_SetString(PyExc_ValueError, "a target's mode is one of MODE_* (profiles/compile.py LANE_*)");
+        return 0;
+    }
+    if (t->profile && !PyCapsule_IsValid(t->profile, PROFILE_CAPSULE)) {
+        PyErr_SetString(PyExc_TypeError, "a target's profile is compile_profile()'s");
+        return 0;
+    }
+    if (!t->profile && (t->mode == MODE_ARRAY || t->mode == MODE_BINARY)) {
+        PyErr_SetString(PyExc_ValueError, "a target of an array or binary profile needs its compile_profile()");
         return 0;
     }
     return 1;
@@ -1593,9 +1650,7 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         if (item == Py_None) continue; /* not the lane's to serve */
         target_t *t = &ts[i];
         if (!PyArg_ParseTuple(item, "UO!O!SSO|iO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
-                              &t->head, &t->tail, &t->device, &t->mode, &t->rules) ||
-            t->mode < MODE_FLAT || t->mode > MODE_LPP || !rules_ok(&t->rules)) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "set_targets: mode must be 0, 1 or 2");
+                              &t->head, &t->tail, &t->device, &t->mode, &t->profile) || !target_ok(t)) {
             PyMem_Free(ts);
             return NULL;
         }
@@ -1609,7 +1664,7 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         Py_INCREF(t->head);
         Py_INCREF(t->tail);
         Py_INCREF(t->device);
-        Py_XINCREF(t->rules);
+        Py_XINCREF(t->profile);
     }
     clear_targets(self);
     self->targets = ts;
@@ -1635,13 +1690,9 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
     }
     target_t t = {0};
     if (item != Py_None && (!PyArg_ParseTuple(item, "UO!O!SSO|iO", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
-                                              &t.headers, &t.head, &t.tail, &t.device, &t.mode, &t.rules) ||
-                            !rules_ok(&t.rules)))
+                                              &t.headers, &t.head, &t.tail, &t.device, &t.mode, &t.profile) ||
+                            !target_ok(&t)))
         return NULL;
-    if (t.mode < MODE_FLAT || t.mode > MODE_LPP) {
-        PyErr_SetString(PyExc_ValueError, "set_target: mode must be 0 (flat), 1 (thingsboard) or 2 (cayenne-lpp)");
-        return NULL;
-    }
     if (i >= self->ntargets) {
         if (item == Py_None) Py_RETURN_NONE;
         Py_ssize_t n = 2 * self->ntargets > i + 1 ? 2 * self->ntargets : (i + 16);
@@ -1652,9 +1703,9 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
         self->ntargets = n;
     }
     target_t *slot = &self->targets[i];
-    PyObject *old[7] = {slot->topic, slot->key, slot->headers, slot->head, slot->tail, slot->device, slot->rules};
+    PyObject *old[7] = {slot->topic, slot->key, slot->headers, slot->head, slot->tail, slot->device, slot->profile};
     if (item != Py_None) {
-        Py_XINCREF(t.rules);
+        Py_XINCREF(t.profile);
         Py_INCREF(t.topic);
         Py_INCREF(t.key);
         Py_INCREF(t.headers);
@@ -1947,7 +1998,8 @@ static PyTypeObject LaneType = {
 };
 
 static PyMethodDef module_methods[] = {
-    {"compile_rules", compile_rules, METH_O, "compile_rules(rules) -> a capsule of a profile's field rules (rules.h)"},
+    {"compile_profile", compile_profile, METH_VARARGS,
+     "compile_profile(rules, positions, layout) -> a profile's C form for set_target (rules.h, layouts.h)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, module_methods};

@@ -81,6 +81,54 @@ static double half_to_double(uint16_t h) {
 #define TWO53 9007199254740992.0
 #define MAX_TS_MS 253402300799999ULL
 
+/* One CBOR value the lane takes as a reading at *pp: an integer below 2^53, UTF-8 text, true or
+ * false, a finite half, single or double float (what put_scalar keeps as it is); 0 and *pp past
+ * it, or -1 (anything else: null, bytes, tags, maps, arrays are the Python path's). */
+static int cbor_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
+    const uint8_t *p = *pp;
+    if (p >= end) return -1;
+    uint8_t major = *p >> 5, ai = *p & 0x1f;
+    uint64_t v;
+    it->is_text = 0;
+    if (major == 0 || major == 1) {
+        if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v >= (uint64_t)TWO53) return -1;
+        it->num = major == 0 ? (double)v : -1.0 - (double)v;
+    } else if (major == 3) {
+        if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v > (uint64_t)(end - p)) return -1;
+        if (!utf8_ok(p, v)) return -1;
+        it->is_text = 1;
+        it->text = p;
+        it->tlen = v;
+        p += v;
+    } else if (major == 7) {
+        p++;
+        if (ai == 20 || ai == 21) {
+            it->num = ai == 21 ? 1.0 : 0.0;
+        } else if (ai == 25 && end - p >= 2) {
+            it->num = half_to_double((uint16_t)(p[0] << 8 | p[1]));
+            p += 2;
+        } else if (ai == 26 && end - p >= 4) {
+            uint32_t bits = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+            float f;
+            memcpy(&f, &bits, 4);
+            it->num = f;
+            p += 4;
+        } else if (ai == 27 && end - p >= 8) {
+            uint64_t bits = 0;
+            for (int k = 0; k < 8; k++) bits = bits << 8 | p[k];
+            memcpy(&it->num, &bits, 8);
+            p += 8;
+        } else {
+            return -1;
+        }
+        if (!isfinite(it->num)) return -1;
+    } else {
+        return -1;
+    }
+    *pp = p;
+    return 0;
+}
+
 /* A flat CBOR map at p of readings the lane is sure of: 0, the items, and *after past it; -1
  * otherwise.  ts_special: a "ts" key is the point's time (the default profile's flat map), not a
  * reading (ThingsBoard's). */
@@ -103,7 +151,7 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         int is_ts = ts_special && klen == 2 && key[0] == 't' && key[1] == 's';
         if (is_ts && *ts >= 0) return -1;
         if (p >= end) return -1;
-        uint8_t major = *p >> 5, ai = *p & 0x1f;
+        uint8_t major = *p >> 5;
         item_t *it = &items[count];
         it->key = key;
         it->klen = klen;
@@ -115,41 +163,7 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
             *ts = (long long)v;
             continue; /* not a reading; remembered apart (count unchanged, but ts set) */
         }
-        if (major == 0 || major == 1) {
-            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v >= (uint64_t)TWO53) return -1;
-            it->num = major == 0 ? (double)v : -1.0 - (double)v;
-        } else if (major == 3) {
-            if (ai == 31 || cbor_arg(&p, end, &v) < 0 || v > (uint64_t)(end - p)) return -1;
-            if (!utf8_ok(p, v)) return -1;
-            it->is_text = 1;
-            it->text = p;
-            it->tlen = v;
-            p += v;
-        } else if (major == 7) {
-            p++;
-            if (ai == 20 || ai == 21) {
-                it->num = ai == 21 ? 1.0 : 0.0;
-            } else if (ai == 25 && end - p >= 2) {
-                it->num = half_to_double((uint16_t)(p[0] << 8 | p[1]));
-                p += 2;
-            } else if (ai == 26 && end - p >= 4) {
-                uint32_t bits = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-                float f;
-                memcpy(&f, &bits, 4);
-                it->num = f;
-                p += 4;
-            } else if (ai == 27 && end - p >= 8) {
-                uint64_t bits = 0;
-                for (int k = 0; k < 8; k++) bits = bits << 8 | p[k];
-                memcpy(&it->num, &bits, 8);
-                p += 8;
-            } else {
-                return -1;
-            }
-            if (!isfinite(it->num)) return -1;
-        } else {
-            return -1;
-        }
+        if (cbor_scalar(&p, end, it) < 0) return -1;
         count++;
         readings++;
     }
@@ -235,6 +249,30 @@ static int json_number(const uint8_t **p, const uint8_t *end, double *v, int *in
     return 0;
 }
 
+/* One JSON value the lane takes as a reading at *pp: text without escapes, true, false, or a
+ * number of json_number's shape; 0 and *pp past it, or -1 (null, arrays, objects: Python's). */
+static int json_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
+    const uint8_t *p = *pp;
+    it->is_text = 0;
+    if (p >= end) return -1;
+    if (*p == '"') {
+        if (json_plain_string(&p, end, &it->text, &it->tlen) < 0) return -1;
+        it->is_text = 1;
+    } else if (end - p >= 4 && memcmp(p, "true", 4) == 0) {
+        it->num = 1.0;
+        p += 4;
+    } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
+        it->num = 0.0;
+        p += 5;
+    } else {
+        int integral;
+        uint64_t whole;
+        if (json_number(&p, end, &it->num, &integral, &whole) < 0) return -1;
+    }
+    *pp = p;
+    return 0;
+}
+
 /* Parse a JSON payload as the flat object the Python path accepts (decode_json, flat_readings):
  * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains).
  * Sure means: an object of at most MAX_ITEMS members, keys and text without escapes, numbers of
@@ -273,22 +311,8 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
             if (*p == '-' || json_number(&p, end, &v, &integral, &whole) < 0 || !integral || whole > MAX_TS_MS)
                 return -1;
             *ts = (long long)whole;
-        } else if (*p == '"') {
-            if (json_plain_string(&p, end, &it->text, &it->tlen) < 0) return -1;
-            it->is_text = 1;
-            count++;
-        } else if (end - p >= 4 && memcmp(p, "true", 4) == 0) {
-            it->num = 1.0;
-            p += 4;
-            count++;
-        } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
-            it->num = 0.0;
-            p += 5;
-            count++;
         } else {
-            int integral;
-            uint64_t whole;
-            if (json_number(&p, end, &it->num, &integral, &whole) < 0) return -1;
+            if (json_scalar(&p, end, it) < 0) return -1;
             count++;
         }
         int next = json_next_member(&p, end);
@@ -315,7 +339,8 @@ static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
 /* The payload modes of a lane target: the default profile's flat map, where "ts" is the time;
  * ThingsBoard's (a `thingsboard` profile without rules): a flat map of values, "ts" among them,
  * or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry). */
-enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */ };
+enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */, MODE_ARRAY = 3, MODE_BINARY = 4 /* (layouts.h) */,
+       MODE_LAST = MODE_BINARY };
 
 /* Parse a document (Content-Format 60: CBOR, 50: JSON) in a target's mode (flat or ThingsBoard):
  * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains:

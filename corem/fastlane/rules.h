@@ -6,13 +6,11 @@
  * already has, a result that is not finite), goes to the Python path, which answers 4.00 naming
  * the field -- the same reading, the same answer.  Header-only, for _lane.c (after cbor_json.h).
  *
- * The rules come from Python once per profile (`compile_rules`, a capsule the lane's targets
- * share): the strings point into the bytes of the tuple the capsule keeps alive.
+ * The rules come from Python once per profile (in _lane.c's `compile_profile`, a capsule the
+ * lane's targets share): the strings point into the bytes of the tuple the capsule keeps alive.
  */
 #ifndef COREM_RULES_H
 #define COREM_RULES_H
-
-#define RULES_CAPSULE "corem.fastlane.rules"
 
 typedef struct {
     const uint8_t *name, *rename, *unit; /* rename, unit: NULL if the rule has none */
@@ -29,19 +27,16 @@ typedef struct {
     Py_ssize_t n;
     rule_t *r;
     size_t extra; /* bytes of JSON the renames and units may add to a point, at most */
-    PyObject *source; /* the tuple the strings live in */
 } rules_t;
 
-static void rules_free(PyObject *capsule) {
-    rules_t *R = PyCapsule_GetPointer(capsule, RULES_CAPSULE);
-    if (!R) return;
+static void rules_free(rules_t *R) {
     for (Py_ssize_t i = 0; i < R->n; i++) {
         PyMem_Free(R->r[i].allowed);
         PyMem_Free(R->r[i].alen);
     }
     PyMem_Free(R->r);
-    Py_XDECREF(R->source);
-    PyMem_Free(R);
+    R->r = NULL;
+    R->n = 0;
 }
 
 static int opt_double(PyObject *o, int *has, double *v) {
@@ -58,43 +53,34 @@ static int opt_bytes(PyObject *o, const uint8_t **s, size_t *n, int no_nul) {
         return 0;
     }
     if (!PyBytes_Check(o)) {
-        PyErr_SetString(PyExc_TypeError, "compile_rules: names, renames and units are bytes");
+        PyErr_SetString(PyExc_TypeError, "compile_profile: names, renames and units are bytes");
         return -1;
     }
     *s = (const uint8_t *)PyBytes_AS_STRING(o);
     *n = (size_t)PyBytes_GET_SIZE(o);
     if (no_nul && memchr(*s, 0, *n)) { /* (point_json writes a unit to its NUL) */
-        PyErr_SetString(PyExc_ValueError, "compile_rules: a unit with a NUL character");
+        PyErr_SetString(PyExc_ValueError, "compile_profile: a unit with a NUL character");
         return -1;
     }
     return 0;
 }
 
-/* compile_rules(rules: tuple[(name, rename, unit, type, scale, offset, min, max, required, allowed)])
- * -> a capsule for set_target: name bytes; rename, unit bytes or None; type 0/1/2; scale ... max
- * float or None; required bool; allowed tuple of bytes or None (profiles/compile.py `lane_rules`). */
-static PyObject *compile_rules(PyObject *module, PyObject *arg) {
+/* A profile's rules from Python: a tuple of (name, rename, unit, type, scale, offset, min, max,
+ * required, allowed) -- name bytes; rename, unit bytes or None; type 0/1/2; scale ... max float or
+ * None; required bool; allowed a tuple of bytes or None (profiles/compile.py `lane_rules`).  The
+ * strings point into the tuple, which the caller keeps alive.  0, or -1 with an exception set. */
+static int rules_from(PyObject *arg, rules_t *R) {
     if (!PyTuple_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "compile_rules: a tuple of rules");
-        return NULL;
+        PyErr_SetString(PyExc_TypeError, "compile_profile: the rules are a tuple");
+        return -1;
     }
-    rules_t *R = PyMem_Calloc(1, sizeof(rules_t));
     Py_ssize_t n = PyTuple_GET_SIZE(arg);
-    if (R) R->r = PyMem_Calloc(n ? n : 1, sizeof(rule_t));
-    if (!R || !R->r) {
-        PyMem_Free(R);
-        return PyErr_NoMemory();
+    R->r = PyMem_Calloc(n ? n : 1, sizeof(rule_t));
+    if (!R->r) {
+        PyErr_NoMemory();
+        return -1;
     }
-    Py_INCREF(arg);
-    R->source = arg;
     R->n = n;
-    PyObject *capsule = PyCapsule_New(R, RULES_CAPSULE, rules_free);
-    if (!capsule) {
-        Py_DECREF(arg);
-        PyMem_Free(R->r);
-        PyMem_Free(R);
-        return NULL;
-    }
     for (Py_ssize_t i = 0; i < n; i++) {
         rule_t *r = &R->r[i];
         r->nallowed = -1;
@@ -102,45 +88,42 @@ static PyObject *compile_rules(PyObject *module, PyObject *arg) {
         int required;
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(arg, i), "O!OOiOOOOpO", &PyBytes_Type, &name, &rename, &unit,
                               &r->type, &scale, &offset, &min, &max, &required, &allowed))
-            goto fail;
+            return -1;
         r->required = required;
         size_t ulen;
         if (opt_bytes(name, &r->name, &r->nlen, 0) < 0 || opt_bytes(rename, &r->rename, &r->rlen, 0) < 0 ||
             opt_bytes(unit, &r->unit, &ulen, 1) < 0 || opt_double(scale, &r->has_scale, &r->scale) < 0 ||
             opt_double(offset, &r->has_offset, &r->offset) < 0 || opt_double(min, &r->has_min, &r->min) < 0 ||
             opt_double(max, &r->has_max, &r->max) < 0)
-            goto fail;
+            return -1;
         if (r->type < 0 || r->type > 2) {
-            PyErr_SetString(PyExc_ValueError, "compile_rules: type is 0 (any), 1 (number) or 2 (string)");
-            goto fail;
+            PyErr_SetString(PyExc_ValueError, "compile_profile: a rule's type is 0 (any), 1 (number) or 2 (string)");
+            return -1;
         }
         R->extra += 6 * (r->rlen + ulen + r->nlen) + 8;
         if (allowed != Py_None) {
             if (!PyTuple_Check(allowed)) {
-                PyErr_SetString(PyExc_TypeError, "compile_rules: allowed is a tuple of bytes");
-                goto fail;
+                PyErr_SetString(PyExc_TypeError, "compile_profile: allowed is a tuple of bytes");
+                return -1;
             }
             Py_ssize_t k = PyTuple_GET_SIZE(allowed);
             r->allowed = PyMem_Calloc(k ? k : 1, sizeof(uint8_t *));
             r->alen = PyMem_Calloc(k ? k : 1, sizeof(size_t));
             if (!r->allowed || !r->alen) {
                 PyErr_NoMemory();
-                goto fail;
+                return -1;
             }
             r->nallowed = k;
             for (Py_ssize_t j = 0; j < k; j++) {
                 PyObject *a = PyTuple_GET_ITEM(allowed, j);
                 if (a == Py_None || opt_bytes(a, &r->allowed[j], &r->alen[j], 0) < 0) {
-                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "compile_rules: allowed is bytes");
-                    goto fail;
+                    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "compile_profile: allowed is bytes");
+                    return -1;
                 }
             }
         }
     }
-    return capsule;
-fail:
-    Py_DECREF(capsule);
-    return NULL;
+    return 0;
 }
 
 static int find_item(const item_t *items, int n, const uint8_t *name, size_t len) {

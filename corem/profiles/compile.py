@@ -19,8 +19,9 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 
 
 #: how the fast lane decodes a payload itself (corem/fastlane/_lane.c `parse_payload`): the
-#: built-in default's flat map, where "ts" is the time; ThingsBoard's map or {ts, values}; Cayenne LPP
-LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP = 0, 1, 2
+#: built-in default's flat map, where "ts" is the time; ThingsBoard's map or {ts, values}; Cayenne
+#: LPP; the profile's positional array; its fixed binary layout
+LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY = 0, 1, 2, 3, 4
 
 
 #: a field rule as the lane's C takes it (corem/fastlane/rules.h `compile_rules`): name, rename,
@@ -29,19 +30,28 @@ LaneRule = tuple[bytes, bytes | None, bytes | None, int, float | None, float | N
                  bool, tuple[bytes, ...] | None]
 
 
+#: a binary layout's field as the lane's C takes it (layouts.h): name (None: skip), struct format or
+#: b"skip", bytes to skip
+LanePart = tuple[bytes | None, bytes, int]
+
+
 class LaneDecoder:
     """A profile's decoder that the fast lane can also run in C, in `mode` (LANE_*), with its field
-    `rules` (rules.py's, as data: `lane_rules`): a profile of format `flat`, `thingsboard` or
-    `cayenne-lpp`.  Calling it is the Python twin, which answers whatever the lane leaves
-    (tests/test_fastlane.py holds the two alike).  `compiled` is the lane's own form of the rules,
-    made once per profile by corem/fastlane and shared by its devices."""
+    `rules` (rules.py's, as data: `lane_rules`), its array's `positions` and its binary `layout`:
+    a profile of format `flat`, `thingsboard`, `cayenne-lpp`, `array` or `binary`.  Calling it is
+    the Python twin, which answers whatever the lane leaves (tests/test_fastlane.py holds the two
+    alike).  `compiled` is the lane's own form of all that, made once per profile by corem/fastlane
+    and shared by its devices (False: the lane cannot hold it)."""
 
-    __slots__ = ("decode", "mode", "rules", "compiled")
+    __slots__ = ("decode", "mode", "rules", "positions", "layout", "compiled")
 
-    def __init__(self, decode: Decoder, mode: int, rules: tuple[LaneRule, ...] = ()) -> None:
+    def __init__(self, decode: Decoder, mode: int, rules: tuple[LaneRule, ...] = (),
+                 positions: tuple[bytes | None, ...] = (), layout: tuple[LanePart, ...] = ()) -> None:
         self.decode = decode
         self.mode = mode
         self.rules = rules
+        self.positions = positions
+        self.layout = layout
         self.compiled: object = None
 
     def __call__(self, content_format: int | None, payload: bytes | bytearray | memoryview,
@@ -77,10 +87,13 @@ def compile_profile(profile: Profile) -> Decoder:
                          timeout_ms=profile.timeout_ms, max_memory_mb=profile.max_memory_mb)
     else:
         decode = _flat
-    mode = (LANE_THINGSBOARD if profile.format == "thingsboard" else LANE_CAYENNE_LPP
-            if profile.format == "cayenne-lpp" else LANE_FLAT if decode is _flat else None)
+    mode = {"thingsboard": LANE_THINGSBOARD, "cayenne-lpp": LANE_CAYENNE_LPP, "array": LANE_ARRAY,
+            "binary": LANE_BINARY}.get(profile.format, LANE_FLAT if decode is _flat else None)
+    shape = _lane_shape(profile)
+    if shape is None:
+        mode = None
     if not profile.fields:
-        return decode if mode is None else LaneDecoder(decode, mode)
+        return decode if mode is None or shape is None else LaneDecoder(decode, mode, (), *shape)
     fields = profile.fields
 
     def with_rules(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
@@ -96,7 +109,22 @@ def compile_profile(profile: Profile) -> Decoder:
         return out
 
     in_c = None if mode is None else lane_rules(fields)
-    return with_rules if in_c is None or mode is None else LaneDecoder(with_rules, mode, in_c)
+    if in_c is None or mode is None or shape is None:
+        return with_rules
+    return LaneDecoder(with_rules, mode, in_c, *shape)
+
+
+def _lane_shape(profile: Profile) -> tuple[tuple[bytes | None, ...], tuple[LanePart, ...]] | None:
+    """An array's positions and a binary layout as the lane's C takes them; None if a name cannot
+    be said in UTF-8 (a lone surrogate): that profile is Python's alone."""
+    try:
+        positions = tuple(None if p is None else p.encode() for p in profile.positions)
+        layout = tuple((None, b"skip", p.bytes) if p.type == "skip" else
+                       (None if p.name is None else p.name.encode(), BINARY_TYPES[p.type].encode(), 0)
+                       for p in profile.layout)
+    except UnicodeEncodeError:
+        return None
+    return positions, layout
 
 
 _TYPES = {None: 0, "number": 1, "string": 2}
