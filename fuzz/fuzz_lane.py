@@ -53,7 +53,17 @@ ARRAY_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
 BINARY_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                                  [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"BIN"),
                                   (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")], bytes(range(85))))
-TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE, ARRAY_TEMPLATE, BINARY_TEMPLATE)
+#: a SenML pack of one time, JSON and CBOR (tests/lane_twin.py's senml device: senml.h)
+SENML_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                                [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"SML"),
+                                 (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x6e")],
+                                b'[{"bn":"d:","bt":1700000000,"bu":"V","n":"v","v":1.5,"s":2},{"n":"m","vs":"on"}]'))
+SENML_CBOR_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                                     [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"SML"),
+                                      (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x70")],
+                                     bytes.fromhex("82a52162643a221a6553f1000061740219015e016343656c" "a200616d04f5")))
+TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE, ARRAY_TEMPLATE, BINARY_TEMPLATE,
+             SENML_TEMPLATE, SENML_CBOR_TEMPLATE)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 

@@ -164,6 +164,8 @@ class Twin:
         self.registry.add_device("acme", "array-1", token="AR", profile="array")
         self.registry.put_profile("binary", parse_profile(BINARY))
         self.registry.add_device("acme", "binary-1", token="BIN", profile="binary")
+        self.registry.put_profile("senml", parse_profile('{"format": "senml"}'))
+        self.registry.add_device("acme", "senml-1", token="SML", profile="senml")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

@@ -599,6 +599,94 @@ def test_generated_arrays_and_binary_layouts_are_stored_and_answered_the_same_wi
         t.close()
 
 
+# -- SenML in C (senml.h), against formats.senml --------------------------------------------------
+SENML_PACKS = [
+    [{"n": "temperature", "v": 22.5, "u": "Cel"}],
+    [{"bn": "urn:dev:ow:10e2073a01080063:", "bt": 1_700_000_000, "bu": "A", "bver": 5, "n": "voltage", "u": "V",
+      "v": 120.1}, {"n": "current", "t": 0, "v": 1.2}, {"n": "on", "vb": True}, {"n": "mode", "vs": "eco", "u": ""}],
+    [{"bn": "d/", "bv": 10, "bs": 100, "n": "e", "v": 5, "s": 7}, {"n": "f", "s": 1, "t": 0}],
+    [{"n": "x", "v": 1, "t": -5}, {"n": "y", "v": 2, "t": -5}],  # relative: 5 s before it came
+    [{"n": "a", "v": 1, "ut": 60, "xyz": "ignored"}], [{"bt": 1_700_000_000.0005, "n": "z", "v": 0}],
+]
+
+
+@pytest.mark.parametrize("pack", SENML_PACKS)
+def test_a_senml_pack_of_one_time_is_the_lanes_and_stored_as_python_would(twin, pack):
+    for mid, (cf, body) in enumerate(((110, json_text(pack, True, False)), (112, cbor2.dumps(pack)),
+                                      (50, json_text(pack, False, True)), (60, cbor2.dumps(pack)))):
+        twin.receive(post("SML", payload=body, cf=cf, mid=mid))
+        twin.commit()
+        _, stored = twin.check()
+        assert len(stored) == 1
+    assert lane_took(twin) == 4
+
+
+def test_senml_cbor_labels_are_the_lanes():
+    t = Twin()
+    try:  # RFC 8428 Table 4: bn -2, bt -3, bu -4, n 0, u 1, v 2, vs 3, vb 4, s 5, t 6
+        pack = [{-2: "dev:", -3: 1_700_000_000, 0: "t", 2: 21.5, 1: "Cel"}, {0: "s", 3: "on"}, {0: "b", 4: False, 6: 0},
+                {0: "c", 5: 3}]
+        t.receive(post("SML", payload=cbor2.dumps(pack), cf=112))
+        t.commit()
+        _, stored = t.check()
+        assert lane_took(t) == 1 and stored[0][2].numeric_values == {"dev:t": 21.5, "dev:b": 0.0, "dev:c.sum": 3.0}
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("cf, pack", [
+    (110, [{"n": "a", "v": 1, "t": 1_700_000_000}, {"n": "b", "v": 2, "t": 1_700_000_001}]),  # two times: two points
+    (110, [{"n": "a", "v": 1}, {"n": "a", "v": 2}]),  # a name twice at one time
+    (110, [{"n": "a", "v": 1, "vs": "x"}]), (110, [{"n": "a"}]), (110, [{"n": "-a", "v": 1}]), (110, [{"v": 1}]),
+    (110, [{"n": "a", "v": True}]), (110, [{"n": 5, "v": 1}]), (110, [{"n": "a", "vd": "aGk"}]),
+    (110, [{"n": "a", "v": 1, "bver": 11}]), (110, [{"n": "a", "v": 1, "foo_": 1}]), (110, []), (110, {"n": "a"}),
+    (110, [{"n": "a", "v": 1e300, "bv": 1e300}]), (110, [{"n": "a", "v": 1, "bt": 1e300, "t": 1e300}]),
+    (110, [{"n": "a", "v": 1, "t": -2e12}]), (110, [{"n": "a", "v": None}]), (110, [{"n": "a", "v": [1]}]),
+    (112, [{99: 1, 0: "a", 2: 1}]), (112, [{0: "a", 2: 1, "n": "b"}]), (42, [{"n": "a", "v": 1}]),
+    (110, [{"n": "a" * 70, "v": 1}]), (110, [{"n": "a", "v": 1, "bver": 1.0}]),
+])
+def test_senml_the_lane_is_not_sure_of_is_the_python_paths(twin, cf, pack):
+    body = cbor2.dumps(pack) if cf == 112 else json_text(pack, True, False).replace(b"1e+300", b"1e300")
+    twin.receive(post("SML", payload=body, cf=cf))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == 0
+
+
+SENML_LABELS = {
+    "bn": st.sampled_from(["", "d:", "x/", "-"]), "bt": st.integers(-10, 10) | st.just(1_700_000_000) | st.floats(0, 2),
+    "bu": st.sampled_from(["", "V", "Cel"]), "bv": st.integers(-5, 5) | st.floats(-1, 1), "bs": st.integers(0, 3),
+    "u": st.sampled_from(["", "A"]), "t": st.integers(-2, 2) | st.floats(0, 1), "s": st.integers(0, 9) | st.floats(0, 1),
+    "bver": st.integers(0, 12), "ut": st.integers(0, 9), "other": st.integers(), "q_": st.just(1),
+}
+SENML_VALUES = st.sampled_from(["v", "vs", "vb"]).flatmap(lambda k: st.fixed_dictionaries({k: {
+    "v": st.integers(-100, 100) | st.floats(-1e6, 1e6), "vs": st.text(max_size=3), "vb": st.booleans()}[k]}))
+#: records most of which a device would send (a name, a value, a few labels), and wilder ones
+SENML_RECORDS = st.one_of(
+    st.builds(lambda n, value, extra: {"n": n, **value, **extra}, st.sampled_from(["a", "b", "c", "d", "é"]),
+              SENML_VALUES, st.dictionaries(st.sampled_from(["bn", "bu", "bv", "bs", "u", "s", "bver"]),
+                                            st.none(), max_size=2).flatmap(
+                  lambda keys: st.fixed_dictionaries({k: SENML_LABELS[k] for k in keys}))),
+    st.fixed_dictionaries({}, optional={**SENML_LABELS, "n": st.sampled_from(["a", "b", "é", ""]),
+                                        "v": st.integers(-100, 100), "vs": st.text(max_size=3), "vb": st.booleans()}),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(SENML_RECORDS, min_size=1, max_size=4), min_size=1, max_size=4),
+       st.sampled_from([110, 112, 50, 60, 111, 113]))
+def test_generated_senml_is_stored_and_answered_the_same_with_and_without_the_lane(packs, cf):
+    t = Twin()
+    try:
+        for i, pack in enumerate(packs):
+            body = cbor2.dumps(pack) if cf in (112, 113, 60) else json_text(pack, bool(i % 2), False)
+            t.receive(post("SML", payload=body, cf=cf, mid=i))
+            t.commit()
+            t.check()
+    finally:
+        t.close()
+
+
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
     twin.receive(post('T"3\\'))
     twin.commit()

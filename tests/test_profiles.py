@@ -168,10 +168,18 @@ def test_senml_absolute_and_relative_times():
     ([{"n": "x", "v": 1, "bver": 11}], "[0].bver", "bver 11: corem reads SenML version 10 and below"),
     ([{"n": "x", "v": 1, "foo_": 1}], "[0].foo_", "a label ending in _ must be understood; corem does not know this one"),
     ([{"n": "x", "vd": "a+b"}], "x", "vd must be base64url without padding (RFC 8428 §5)"),
+    # bt + t past the largest float: a refusal, not an OverflowError (a 5.00) from round(inf)
+    ([{"n": "x", "v": 1, "bt": 1.5e308, "t": 1.5e308}], "x", "the resolved time is outside year 1970 to 9999"),
 ])
 def test_senml_refusals_name_the_record(pack, field, reason):
     e = refused(SENML, 110, pack)
     assert (e.field, e.reason) == (field, reason)
+
+
+def test_senml_sums_are_numbers_as_values_are_even_of_two_integers():
+    # (bs + s of two integers was an int: the bus record said 8 where every other reading says 8.0)
+    [point] = decode(SENML, 110, [{"n": "x", "bs": 5, "s": 3}])
+    assert point.numeric == {"x.sum": 8.0} and type(point.numeric["x.sum"]) is float
 
 
 def test_senml_ignores_labels_it_may_ignore():

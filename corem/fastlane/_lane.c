@@ -62,6 +62,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 #include "lpp.h"
 #include "rules.h"
 #include "layouts.h"
+#include "senml.h"
 #include "fifomap.h"
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
 #define DTLS_RECORDS_API_ONLY
@@ -339,7 +340,7 @@ static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long 
         first = 0;
         o = put_string(o, items[i].key, items[i].klen);
         *o++ = ':';
-        o = put_string(o, (const uint8_t *)items[i].unit, strlen(items[i].unit));
+        o = put_string(o, (const uint8_t *)items[i].unit, items[i].ulen);
     }
     if (!first) {
         *o++ = '}';
@@ -798,11 +799,13 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
 
 /* The payload in its target's mode: CBOR (60) or JSON (50) documents for the flat and ThingsBoard
  * modes (cbor_json.h), Cayenne LPP (42 or none, lpp.h), the profile's positional array (60, 50) or
- * binary layout (42 or none, layouts.h); 0 and the items, or -1: the Python path's. */
-static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint8_t *end, item_t *items,
-                         int *nitems, long long *ts, char (*names)[40]) {
+ * binary layout (42 or none, layouts.h), a SenML pack of one time (110-113, 50, 60: senml.h); 0 and
+ * the items, or -1: the Python path's. */
+static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint8_t *end, long long now_ms,
+                         item_t *items, int *nitems, long long *ts, char (*names)[LANE_NAME]) {
     int mode = t->mode;
     *ts = -1;
+    if (mode == MODE_SENML) return parse_senml(cf, p, end, now_ms, items, nitems, ts, names);
     if (mode == MODE_LPP) return cf == 42 || cf < 0 ? parse_lpp(p, end, items, nitems, names) : -1;
     if (mode == MODE_BINARY) return cf == 42 || cf < 0 ? parse_binary(&profile_of(t)->layout, p, end, items, nitems) : -1;
     if (cf != 60 && cf != 50) return -1;
@@ -823,10 +826,10 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     target_t *t = route(self, &s, session);
     if (!t) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
     item_t items[MAX_ITEMS];
-    char names[MAX_ITEMS][40]; /* (the names a binary format makes: LPP's) */
+    char names[MAX_ITEMS][LANE_NAME]; /* (the names a format makes: LPP's, SenML's) */
     int nitems;
     long long ts;
-    if (parse_payload(s.cf, t, s.payload, s.end, items, &nitems, &ts, names) < 0)
+    if (parse_payload(s.cf, t, s.payload, s.end, now_ms, items, &nitems, &ts, names) < 0)
         return python_path(self, key, now, reuse);
     uint8_t order[MAX_ITEMS], uorder[MAX_ITEMS];
     int nu = 0, ruled = t->profile && profile_of(t)->rules.n;

@@ -22,8 +22,12 @@ typedef struct {
     double num;
     const uint8_t *text;
     size_t tlen;
-    const char *unit; /* its unit (Cayenne LPP's), or NULL */
+    const char *unit; /* its unit (Cayenne LPP's, SenML's, a rule's), or NULL */
+    size_t ulen;
 } item_t;
+
+/* the bytes of a name the lane makes (LPP's `{type}_{channel}.{axis}`, SenML's bn + n) */
+#define LANE_NAME 64
 
 /* The argument of a CBOR head at p (definite only); -1 if it is not one the lane takes. */
 static int cbor_arg(const uint8_t **p, const uint8_t *end, uint64_t *v) {
@@ -340,7 +344,7 @@ static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
  * ThingsBoard's (a `thingsboard` profile without rules): a flat map of values, "ts" among them,
  * or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry). */
 enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */, MODE_ARRAY = 3, MODE_BINARY = 4 /* (layouts.h) */,
-       MODE_LAST = MODE_BINARY };
+       MODE_SENML = 5 /* (senml.h) */, MODE_LAST = MODE_SENML };
 
 /* Parse a document (Content-Format 60: CBOR, 50: JSON) in a target's mode (flat or ThingsBoard):
  * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains:

@@ -54,7 +54,7 @@ static double lpp_int(const uint8_t *b, int n, int is_signed) {
 /* The LPP payload as items, names written into `names` (room for MAX_ITEMS names): 0, or -1 for
  * anything Python's twin refuses (an unknown type, a short value, a channel and type twice) or
  * more readings than MAX_ITEMS. */
-static int parse_lpp(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, char (*names)[40]) {
+static int parse_lpp(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, char (*names)[LANE_NAME]) {
     int count = 0;
     uint16_t seen[MAX_ITEMS]; /* channel << 8 | type */
     int nseen = 0;
@@ -91,10 +91,12 @@ static int parse_lpp(const uint8_t *p, const uint8_t *end, item_t *items, int *n
             if (code == 136) {
                 it->num = lpp_int(body + 3 * a, 3, 1) / GPS_DIV[a];
                 it->unit = GPS_UNIT[a];
+                it->ulen = strlen(it->unit);
             } else {
                 int step = t->size / fields;
                 it->num = lpp_int(body + step * a, step, t->is_signed) / t->divisor;
                 it->unit = t->unit;
+                it->ulen = t->unit ? strlen(t->unit) : 0;
             }
             count++;
         }

@@ -14,7 +14,7 @@
 
 typedef struct {
     const uint8_t *name, *rename, *unit; /* rename, unit: NULL if the rule has none */
-    size_t nlen, rlen;
+    size_t nlen, rlen, ulen;
     int type; /* 0: any, 1: "number", 2: "string" */
     int required, has_scale, has_offset, has_min, has_max;
     double scale, offset, min, max;
@@ -46,7 +46,7 @@ static int opt_double(PyObject *o, int *has, double *v) {
     return *v == -1.0 && PyErr_Occurred() ? -1 : 0;
 }
 
-static int opt_bytes(PyObject *o, const uint8_t **s, size_t *n, int no_nul) {
+static int opt_bytes(PyObject *o, const uint8_t **s, size_t *n) {
     if (o == Py_None) {
         *s = NULL;
         *n = 0;
@@ -58,10 +58,6 @@ static int opt_bytes(PyObject *o, const uint8_t **s, size_t *n, int no_nul) {
     }
     *s = (const uint8_t *)PyBytes_AS_STRING(o);
     *n = (size_t)PyBytes_GET_SIZE(o);
-    if (no_nul && memchr(*s, 0, *n)) { /* (point_json writes a unit to its NUL) */
-        PyErr_SetString(PyExc_ValueError, "compile_profile: a unit with a NUL character");
-        return -1;
-    }
     return 0;
 }
 
@@ -90,9 +86,8 @@ static int rules_from(PyObject *arg, rules_t *R) {
                               &r->type, &scale, &offset, &min, &max, &required, &allowed))
             return -1;
         r->required = required;
-        size_t ulen;
-        if (opt_bytes(name, &r->name, &r->nlen, 0) < 0 || opt_bytes(rename, &r->rename, &r->rlen, 0) < 0 ||
-            opt_bytes(unit, &r->unit, &ulen, 1) < 0 || opt_double(scale, &r->has_scale, &r->scale) < 0 ||
+        if (opt_bytes(name, &r->name, &r->nlen) < 0 || opt_bytes(rename, &r->rename, &r->rlen) < 0 ||
+            opt_bytes(unit, &r->unit, &r->ulen) < 0 || opt_double(scale, &r->has_scale, &r->scale) < 0 ||
             opt_double(offset, &r->has_offset, &r->offset) < 0 || opt_double(min, &r->has_min, &r->min) < 0 ||
             opt_double(max, &r->has_max, &r->max) < 0)
             return -1;
@@ -100,7 +95,7 @@ static int rules_from(PyObject *arg, rules_t *R) {
             PyErr_SetString(PyExc_ValueError, "compile_profile: a rule's type is 0 (any), 1 (number) or 2 (string)");
             return -1;
         }
-        R->extra += 6 * (r->rlen + ulen + r->nlen) + 8;
+        R->extra += 6 * (r->rlen + r->ulen + r->nlen) + 8;
         if (allowed != Py_None) {
             if (!PyTuple_Check(allowed)) {
                 PyErr_SetString(PyExc_TypeError, "compile_profile: allowed is a tuple of bytes");
@@ -116,7 +111,7 @@ static int rules_from(PyObject *arg, rules_t *R) {
             r->nallowed = k;
             for (Py_ssize_t j = 0; j < k; j++) {
                 PyObject *a = PyTuple_GET_ITEM(allowed, j);
-                if (a == Py_None || opt_bytes(a, &r->allowed[j], &r->alen[j], 0) < 0) {
+                if (a == Py_None || opt_bytes(a, &r->allowed[j], &r->alen[j]) < 0) {
                     if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "compile_profile: allowed is bytes");
                     return -1;
                 }
@@ -168,6 +163,7 @@ static int apply_rules(const rules_t *R, item_t *items, int n, uint8_t *order, u
         if (r->unit) {
             if (!it->unit) uorder[m++] = (uint8_t)i;
             it->unit = (const char *)r->unit;
+            it->ulen = r->ulen;
         }
         if (r->rename && !(r->rlen == r->nlen && memcmp(r->rename, r->name, r->nlen) == 0)) {
             by[nren] = r;

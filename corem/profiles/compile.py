@@ -20,8 +20,8 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 
 #: how the fast lane decodes a payload itself (corem/fastlane/_lane.c `parse_payload`): the
 #: built-in default's flat map, where "ts" is the time; ThingsBoard's map or {ts, values}; Cayenne
-#: LPP; the profile's positional array; its fixed binary layout
-LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY = 0, 1, 2, 3, 4
+#: LPP; the profile's positional array; its fixed binary layout; a SenML pack of one time
+LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML = 0, 1, 2, 3, 4, 5
 
 
 #: a field rule as the lane's C takes it (corem/fastlane/rules.h `compile_rules`): name, rename,
@@ -38,7 +38,7 @@ LanePart = tuple[bytes | None, bytes, int]
 class LaneDecoder:
     """A profile's decoder that the fast lane can also run in C, in `mode` (LANE_*), with its field
     `rules` (rules.py's, as data: `lane_rules`), its array's `positions` and its binary `layout`:
-    a profile of format `flat`, `thingsboard`, `cayenne-lpp`, `array` or `binary`.  Calling it is
+    a profile of format `flat`, `thingsboard`, `cayenne-lpp`, `array`, `binary` or `senml`.  Calling it is
     the Python twin, which answers whatever the lane leaves (tests/test_fastlane.py holds the two
     alike).  `compiled` is the lane's own form of all that, made once per profile by corem/fastlane
     and shared by its devices (False: the lane cannot hold it)."""
@@ -88,7 +88,7 @@ def compile_profile(profile: Profile) -> Decoder:
     else:
         decode = _flat
     mode = {"thingsboard": LANE_THINGSBOARD, "cayenne-lpp": LANE_CAYENNE_LPP, "array": LANE_ARRAY,
-            "binary": LANE_BINARY}.get(profile.format, LANE_FLAT if decode is _flat else None)
+            "binary": LANE_BINARY, "senml": LANE_SENML}.get(profile.format, LANE_FLAT if decode is _flat else None)
     shape = _lane_shape(profile)
     if shape is None:
         mode = None
@@ -132,7 +132,7 @@ _TYPES = {None: 0, "number": 1, "string": 2}
 
 def lane_rules(fields: dict[str, Rule]) -> tuple[LaneRule, ...] | None:
     """The rules as the lane's C takes them, in the profile's order (rules.py applies them in it);
-    None if one cannot be said in UTF-8 (a lone surrogate) or holds NUL in a unit: Python's alone."""
+    None if one cannot be said in UTF-8 (a lone surrogate): Python's alone."""
     try:
         out = tuple((name.encode(), None if r.rename is None else r.rename.encode(),
                      None if r.unit is None else r.unit.encode(), _TYPES[r.type], r.scale, r.offset, r.min, r.max,
@@ -140,4 +140,4 @@ def lane_rules(fields: dict[str, Rule]) -> tuple[LaneRule, ...] | None:
                     for name, r in fields.items())
     except UnicodeEncodeError:
         return None
-    return None if any(r[2] is not None and b"\0" in r[2] for r in out) else out
+    return out

@@ -191,7 +191,7 @@ def senml(content_format: int | None, payload: bytes | bytearray | memoryview, n
                                "A-Z a-z 0-9 - : . / _", field)
         t = base["bt"] + record.get("t", 0.0)
         seconds = now_ms / 1000 + t if t < RELATIVE_BELOW else t
-        ts = round(seconds * 1000)
+        ts = round(seconds * 1000) if math.isfinite(seconds * 1000) else -1  # (bt + t may overflow to inf)
         if not 0 <= ts <= MAX_TS_MS:
             raise PayloadError("the resolved time is outside year 1970 to 9999", field)
         point = points.get(ts)
@@ -206,7 +206,7 @@ def senml(content_format: int | None, payload: bytes | bytearray | memoryview, n
         if values:
             _put(point, name, _value(values[0], record[values[0]], base, field), unit, field)
         if "s" in record:
-            _put(point, name + ".sum", base["bs"] + record["s"], unit, field + ".sum")
+            _put(point, name + ".sum", float(base["bs"] + record["s"]), unit, field + ".sum")
     return [p if p.units else p._replace(units=None) for p in points.values()]
 
 
