@@ -687,6 +687,27 @@ def test_generated_senml_is_stored_and_answered_the_same_with_and_without_the_la
         t.close()
 
 
+def test_the_lane_takes_its_route_from_token_path(monkeypatch):
+    """One token-path definition (corem/token_path.py): the routes and the C lane both built from
+    it -- another prefix and resource, and the lane takes that path and no longer the old one."""
+    from corem import token_path
+    for name, value in (("PREFIX", ("dev",)), ("API_PATH", "dev"), ("TOKEN_PATH", "dev/{token}"), ("TELEMETRY", "t")):
+        monkeypatch.setattr(token_path, name, value)
+    monkeypatch.setattr("corem.ingest.telemetry.TELEMETRY", "t")  # (its name, imported)
+    t = Twin()
+    try:
+        moved = encode(Message(Type.CON, Code.POST, 7, b"\x01", [(O.URI_PATH, b"dev"), (O.URI_PATH, b"T1"),
+                                                                 (O.URI_PATH, b"t"), (O.CONTENT_FORMAT, b"\x3c")], READING))
+        t.receive(moved)
+        t.receive(post("T1", mid=8))
+        t.commit()
+        answers, stored = t.check()
+        assert lane_took(t) == 1 and len(stored) == 1
+        assert sorted(decode(a[0]).code for a in answers) == [Code.CHANGED, Code.NOT_FOUND]
+    finally:
+        t.close()
+
+
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
     twin.receive(post('T"3\\'))
     twin.commit()
@@ -888,6 +909,29 @@ def test_rate_limit_per_source_host_with_a_burst_of_twice_the_rate():
         for host in ("10.0.0.2", "10.0.0.3"):  # a third source evicts the oldest bucket
             lane.receive(post(mid=200), (host, 1), 0.5)
         assert lane.lane.counters()["sources"] == 2
+    finally:
+        t.close()
+
+
+def test_the_exempt_networks_are_replaced_whole_while_the_lane_runs():
+    """A SIGHUP's new rate_limit_exempt reaches the C lane (`FastLane.exempt`): a source over the
+    rate passes once its network is exempt, and is limited again once it no longer is."""
+    from corem.net.limits import lane_networks, parse_networks
+    t = Twin()
+    try:
+        lane = FastLane(t.lane.ingest, RecordingSink(), t.lane.endpoint, rate=1, max_sources=8)
+
+        def passed(host: str, first: int) -> int:
+            return sum(len(lane.receive(post("NOPE", mid=first + m), (host, 5), 1.0)) for m in range(5))
+
+        assert passed("10.9.3.4", 0) == 2  # the burst, then dropped
+        lane.exempt(lane_networks(parse_networks("10.9.0.0/16")))
+        assert passed("10.9.3.4", 10) == 5 and passed("10.10.0.1", 20) == 2
+        lane.exempt([])
+        assert passed("10.9.3.4", 30) == 0
+        with pytest.raises(ValueError):
+            lane.exempt([(b"short", 8)])
+        assert passed("10.9.3.4", 40) == 0  # (a bad table: the old one stays)
     finally:
         t.close()
 

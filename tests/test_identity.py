@@ -266,16 +266,6 @@ def test_only_a_datagram_naming_a_known_token_is_exempt_from_the_rate_limit(worl
     assert not knows(b"\x40", PEER)  # not a CoAP message
 
 
-def test_the_c_lane_reads_the_same_token_path():
-    """The lane's route and its rate-limit exemption spell the prefix in C (fastlane/_lane.c): the
-    same segments, until it takes them from corem/token_path.py."""
-    source = (Path(__file__).resolve().parent.parent / "corem" / "fastlane" / "_lane.c").read_text()
-    route = " && ".join(f'SEG_IS(s, {i}, "{seg}")' for i, seg in enumerate(PREFIX))
-    assert route in source
-    for seg in PREFIX:
-        assert f'memcmp(seg[{PREFIX.index(seg)}], "{seg}", {len(seg)})' in source
-
-
 def test_each_reason_is_reached_by_one_request(world):
     """One request per reason: no Reason that nothing can produce."""
     ident, req = world.identity, world.request

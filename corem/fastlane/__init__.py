@@ -44,6 +44,7 @@ from ..latency import LANE_DOORS
 from ..latency import NAME as LATENCY
 from ..profiles.compile import LANE_FLAT, LaneDecoder
 from ..stats import Histogram, Sample, counter
+from .. import token_path
 
 try:
     from ._lane import Lane, compile_profile
@@ -147,6 +148,7 @@ class FastLane:
             exchange_lifetime=p.exchange_lifetime, dedup_max_entries=p.dedup_max_entries,
             rate=rate, burst=2 * rate, max_sources=max_sources, limit_error_size=p.limit_error_size,
             exempt=exempt or [], scope=endpoint.transport or "udp",
+            path=tuple(s.encode() for s in (*token_path.PREFIX, token_path.TELEMETRY)),
         )
         self.ingest = ingest
         self.sink = sink
@@ -306,6 +308,11 @@ class FastLane:
         """The per-source rate limit, when the lane reads a CoAPS socket itself."""
         self.lane.limit(rate, burst, max_sources)
         self.rate_limited = True
+
+    def exempt(self, networks: list[tuple[bytes, int]]) -> None:
+        """The networks the rate limit never drops (net/limits.py `lane_networks`), replaced whole:
+        a SIGHUP's new `rate_limit_exempt`."""
+        self.lane.exempt(networks)
 
     def drain_records(self, fd: int, now: float, budget: int, touched: Touched
                       ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:

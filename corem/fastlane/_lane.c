@@ -211,6 +211,12 @@ typedef struct {
     wire_t *wire;
     size_t wire_len, wire_cap;
     char scope[8]; /* the transport in each record's exchange header: "udp", or "dtls" */
+    /* the token path (corem/token_path.py): its prefix's segments (api, v1) and the resource
+     * (telemetry), given at init: `{prefix}/{token}/{resource}`, or `{prefix}/{resource}` and
+     * `{resource}` in a session */
+    uint8_t path[3][16];
+    size_t pathlen[3];
+    int nprefix;
     PyObject *ctime;   /* the `creation-time` header's text for ctime_ms (a drain's records share it) */
     long long ctime_ms;
     uint64_t epoch;
@@ -525,17 +531,17 @@ static int credentialed(Lane *self, const uint8_t *d, size_t n) {
     const uint8_t *p = d + 4 + tkl, *end = d + n, *v, *seg[3];
     size_t len, seglen[3];
     uint64_t number = 0;
-    int nseg = 0, r;
-    while (nseg < 3 && (r = next_option(&p, end, &number, &v, &len)) == 0 && number <= 11) {
+    int nseg = 0, r, want = self->nprefix + 1;
+    while (nseg < want && (r = next_option(&p, end, &number, &v, &len)) == 0 && number <= 11) {
         if (number == 11) {
             seg[nseg] = v;
             seglen[nseg++] = len;
         }
     }
-    if (nseg < 3 || seglen[0] != 3 || memcmp(seg[0], "api", 3) || seglen[1] != 2 || memcmp(seg[1], "v1", 2) ||
-        !seglen[2])
-        return 0;
-    PyObject *tok = PyBytes_FromStringAndSize((const char *)seg[2], seglen[2]);
+    if (nseg < want || !seglen[self->nprefix]) return 0;
+    for (int i = 0; i < self->nprefix; i++)
+        if (seglen[i] != self->pathlen[i] || memcmp(seg[i], self->path[i], seglen[i])) return 0;
+    PyObject *tok = PyBytes_FromStringAndSize((const char *)seg[self->nprefix], seglen[self->nprefix]);
     if (!tok) {
         PyErr_Clear();
         return 0;
@@ -562,7 +568,16 @@ typedef struct {
     const uint8_t *payload, *end; /* payload NULL: none */
 } shape_t;
 
-#define SEG_IS(s, i, lit) ((s)->seglen[i] == sizeof lit - 1 && memcmp((s)->seg[i], lit, sizeof lit - 1) == 0)
+/* segment i of the shape is the token path's segment k (the prefix's, or the resource: nprefix) */
+#define SEG_IS(self, s, i, k) \
+    ((s)->seglen[i] == (self)->pathlen[k] && memcmp((s)->seg[i], (self)->path[k], (self)->pathlen[k]) == 0)
+
+/* the shape's first segments are the token path's prefix */
+static int prefixed(const Lane *self, const shape_t *s) {
+    for (int k = 0; k < self->nprefix; k++)
+        if (!SEG_IS(self, s, k, k)) return 0;
+    return 1;
+}
 
 /* 1. The options (the one walk of coap_options.h): 0, or 1 if the datagram is not a request the
  * codec would take -- the Python path refuses it, before the lane remembers or answers anything. */
@@ -645,16 +660,17 @@ static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
     if (s->type > 1 || s->code != 2 || s->other || !s->payload) return NULL; /* (its Content-Format: parse_payload) */
     if (s->type == 1 && (!self->next_mid || self->next_mid == Py_None)) return NULL; /* (a NON's answer needs one) */
     Py_ssize_t ti;
-    if (s->nseg == 4 && SEG_IS(s, 0, "api") && SEG_IS(s, 1, "v1") && SEG_IS(s, 3, "telemetry") && s->seglen[2]) {
-        PyObject *tok = PyBytes_FromStringAndSize((const char *)s->seg[2], s->seglen[2]);
+    int np = self->nprefix;
+    if (s->nseg == np + 2 && prefixed(self, s) && SEG_IS(self, s, np + 1, np) && s->seglen[np]) {
+        PyObject *tok = PyBytes_FromStringAndSize((const char *)s->seg[np], s->seglen[np]);
         if (!tok) return NULL;
         PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
         Py_DECREF(tok);
         if (!idx) return NULL;
         ti = PyLong_AsSsize_t(idx);
         if (ti == -1 && PyErr_Occurred()) return NULL;
-    } else if (session >= 0 && ((s->nseg == 1 && SEG_IS(s, 0, "telemetry")) ||
-                                (s->nseg == 3 && SEG_IS(s, 0, "api") && SEG_IS(s, 1, "v1") && SEG_IS(s, 2, "telemetry")))) {
+    } else if (session >= 0 && ((s->nseg == 1 && SEG_IS(self, s, 0, np)) ||
+                                (s->nseg == np + 1 && prefixed(self, s) && SEG_IS(self, s, np, np)))) {
         ti = session;
     } else {
         return NULL;
@@ -1777,11 +1793,83 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
 }
 
 /* ---------------------------------------------------------------- type --------------------- */
+/* exempt: the networks never rate-limited, [(16 address bytes (IPv4 mapped), prefix length)];
+ * the table replaced whole, or left as it was on an error (exception set, -1). */
+static int set_exempt(Lane *self, PyObject *exempt) {
+    PyObject *seq = PySequence_Fast(exempt, "exempt: a sequence of (16 bytes, prefix length)");
+    if (!seq) return -1;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    uint8_t (*table)[17] = m ? PyMem_Calloc((size_t)m, 17) : NULL;
+    if (m && !table) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        const char *addr;
+        Py_ssize_t alen;
+        int bits;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#i", &addr, &alen, &bits) || alen != 16 ||
+            bits < 0 || bits > 128) {
+            Py_DECREF(seq);
+            PyMem_Free(table);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "exempt: each network is (16 address bytes, prefix 0-128)");
+            return -1;
+        }
+        memcpy(table[i], addr, 16);
+        table[i][16] = (uint8_t)bits;
+    }
+    Py_DECREF(seq);
+    PyMem_Free(self->exempt);
+    self->exempt = table;
+    self->nexempt = m;
+    return 0;
+}
+
+static PyObject *Lane_exempt(Lane *self, PyObject *exempt) {
+    if (set_exempt(self, exempt) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* path: the token path's prefix segments and its resource, as bytes (token_path.PREFIX +
+ * (TELEMETRY,)); None: (b"api", b"v1", b"telemetry").  At most two prefix segments (the shape
+ * holds four), each of at most 15 bytes. */
+static int set_path(Lane *self, PyObject *path) {
+    static const char *const DEFAULT[3] = {"api", "v1", "telemetry"};
+    Py_ssize_t n = path ? PyTuple_GET_SIZE(path) : 3;
+    if (n < 1 || n > 3) {
+        PyErr_SetString(PyExc_ValueError, "path: up to two prefix segments and the resource");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *seg = DEFAULT[i];
+        Py_ssize_t len = (Py_ssize_t)strlen(seg);
+        if (path) {
+            PyObject *o = PyTuple_GET_ITEM(path, i);
+            if (!PyBytes_Check(o)) {
+                PyErr_SetString(PyExc_TypeError, "path: segments are bytes");
+                return -1;
+            }
+            seg = PyBytes_AS_STRING(o);
+            len = PyBytes_GET_SIZE(o);
+        }
+        if (len < 1 || len > 15) {
+            PyErr_SetString(PyExc_ValueError, "path: a segment of 1 to 15 bytes");
+            return -1;
+        }
+        memcpy(self->path[i], seg, (size_t)len);
+        self->pathlen[i] = (size_t)len;
+    }
+    self->nprefix = (int)n - 1;
+    return 0;
+}
+
 static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     static char *names[] = {"record_type", "max_datagram", "piggyback_timeout", "exchange_lifetime",
                             "dedup_max_entries", "rate", "burst", "max_sources", "limit_error_size",
-                            "exempt", "scope", NULL};
-    PyObject *record_type, *exempt = NULL;
+                            "exempt", "scope", "path", NULL};
+    PyObject *record_type, *exempt = NULL, *path = NULL;
     const char *scope = "udp";
     Py_ssize_t dedup_max = 100000, max_sources = 100000;
     if (self->record_type) { /* the buffers are sized by the first settings: no second ones */
@@ -1794,43 +1882,18 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->rate = 0;
     self->burst = 0;
     self->limit_error_size = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnpOs", names, &PyType_Type, &record_type,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnpOsO!", names, &PyType_Type, &record_type,
                                      &self->max_datagram, &self->piggyback, &self->lifetime, &dedup_max,
                                      &self->rate, &self->burst, &max_sources, &self->limit_error_size,
-                                     &exempt, &scope))
+                                     &exempt, &scope, &PyTuple_Type, &path))
         return -1;
+    if (set_path(self, path) < 0) return -1;
     if (strlen(scope) >= sizeof self->scope || strchr(scope, ' ')) {
         PyErr_SetString(PyExc_ValueError, "scope: a transport name of at most 7 characters, no space");
         return -1;
     }
     strcpy(self->scope, scope);
-    if (exempt && exempt != Py_None) { /* [(16 address bytes, prefix length)] */
-        PyObject *seq = PySequence_Fast(exempt, "exempt: a sequence of (16 bytes, prefix length)");
-        if (!seq) return -1;
-        Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
-        self->exempt = m ? PyMem_Calloc((size_t)m, 17) : NULL;
-        if (m && !self->exempt) {
-            Py_DECREF(seq);
-            PyErr_NoMemory();
-            return -1;
-        }
-        for (Py_ssize_t i = 0; i < m; i++) {
-            const char *addr;
-            Py_ssize_t alen;
-            int bits;
-            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#i", &addr, &alen, &bits) || alen != 16 ||
-                bits < 0 || bits > 128) {
-                Py_DECREF(seq);
-                if (!PyErr_Occurred())
-                    PyErr_SetString(PyExc_ValueError, "exempt: each network is (16 address bytes, prefix 0-128)");
-                return -1;
-            }
-            memcpy(self->exempt[i], addr, 16);
-            self->exempt[i][16] = (uint8_t)bits;
-        }
-        self->nexempt = m;
-        Py_DECREF(seq);
-    }
+    if (exempt && exempt != Py_None && set_exempt(self, exempt) < 0) return -1;
     if (!PyType_IsSubtype((PyTypeObject *)record_type, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "record_type: must be a tuple subclass (corem.bus.base.Record)");
         return -1;
@@ -1974,6 +2037,7 @@ static PyMethodDef Lane_methods[] = {
     {"send_records", (PyCFunction)Lane_send_records, METH_O,
      "send_records(fd) -> answers left for Python (take_outbox): the rest sealed and sent"},
     {"limit", (PyCFunction)Lane_limit, METH_VARARGS, "limit(rate, burst, max_sources)"},
+    {"exempt", (PyCFunction)Lane_exempt, METH_O, "exempt(networks): the rate limit's exempt networks, replaced whole"},
     {NULL},
 };
 

@@ -13,7 +13,7 @@ class Lane:
         self, record_type: type, *, max_datagram: int = 1500, piggyback_timeout: float = 0.5,
         exchange_lifetime: float = 247.0, dedup_max_entries: int = 100_000, rate: float = 0.0, burst: float = 0.0,
         max_sources: int = 100_000, limit_error_size: bool = True, exempt: list[tuple[bytes, int]] = ...,
-        scope: str = "udp",
+        scope: str = "udp", path: tuple[bytes, ...] = (b"api", b"v1", b"telemetry"),
     ) -> None: ...
     def remember(self, peer: Any, mid: int, at: float, /) -> bool:
         """An exchange committed before a restart: its CON retransmission is answered 2.04."""
@@ -50,6 +50,8 @@ class Lane:
     def send_records(self, fd: int, /) -> int:
         """Seal and send the answers to registered sessions; how many answers are left for Python."""
     def limit(self, rate: float, burst: float, max_sources: int, /) -> None: ...
+    def exempt(self, networks: list[tuple[bytes, int]], /) -> None:
+        """The rate limit's exempt networks, replaced whole (16 address bytes, prefix length)."""
     def counters(self) -> dict[str, Any]: ...
 
 def compile_profile(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, float | None, float | None,
