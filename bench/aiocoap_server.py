@@ -17,7 +17,7 @@ import time
 import aiocoap
 import aiocoap.resource as resource
 
-from corem.ingest.payload import PayloadError, decode_readings
+from corem.profiles.payload import PayloadError, decode_readings
 from corem.ingest.point import TelemetryPoint, encode_point
 
 

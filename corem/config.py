@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .errors import BadInput
+
 if TYPE_CHECKING:
     from .bus.kafka import KafkaSettings
     from .coap import Params
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from .net.tcp import TcpParams
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     pass
 
 

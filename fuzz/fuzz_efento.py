@@ -21,7 +21,7 @@ with atheris.instrument_imports():
     from corem.frontdoors.efento import Efento
     from corem.frontdoors.efento import decode as efento
     from corem.ingest.diagnostics import Diagnostics
-    from corem.ingest.payload import MAX_TS_MS
+    from corem.profiles.payload import MAX_TS_MS
     from corem.ingest.point import decode_point
     from corem.ingest.telemetry import TelemetryIngest
     from corem.registry import Directory, Registry

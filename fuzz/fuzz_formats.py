@@ -10,7 +10,7 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
-    from corem.ingest.payload import MAX_TS_MS, PayloadError
+    from corem.profiles.payload import MAX_TS_MS, PayloadError
     from corem.profiles.compile import compile_profile
     from corem.profiles.spec import parse_profile
 

@@ -7,7 +7,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from corem.ingest.payload import CF_CBOR, CF_JSON, PayloadError, decode_readings, is_corem_reason
+    from corem.profiles.payload import CF_CBOR, CF_JSON, PayloadError, decode_readings, is_corem_reason
 
 
 def test_one_input(data: bytes) -> None:

@@ -12,17 +12,17 @@ from typing import Any
 from corem.coap import Endpoint, Params, Router
 from corem.fastlane import FastLane
 from corem.ingest.diagnostics import Diagnostics
-from corem.ingest.payload import decode_readings
+from corem.profiles.payload import decode_readings
 from corem.ingest.point import decode_point
-from corem.ingest.profiles import register_profile
 from corem.ingest.telemetry import TelemetryIngest
 from corem.metrics import gather
 from corem.profiles.spec import parse_profile
 from corem.net.udp import deliver
 from corem.registry import Directory, Registry
 
-# a profile with a decoder of its own: its devices are the Python path's
-register_profile("twin-custom", lambda cf, payload: decode_readings(60 if cf == 0 else cf, payload))
+def custom(cf: int | None, payload: bytes | bytearray | memoryview):
+    """A profile with a decoder of its own (a Python hook): its devices are the Python path's."""
+    return decode_readings(60 if cf == 0 else cf, payload)
 
 
 #: a flat profile with every kind of field rule (tests/test_fastlane.py, fuzz/fuzz_lane.py)
@@ -94,6 +94,7 @@ class Side:
         self.sink = RecordingSink(room)
         self.ingest = TelemetryIngest(directory, self.sink, Diagnostics(16), clock_ms=lambda: int(clock[0] * 1000),
                                       now=lambda: clock[0])
+        self.ingest.register_profile("twin-custom", custom)
         self.endpoint = Endpoint(params, rng=lambda: 0.5)
         self.router = Router()
         self.ingest.install(self.router)

@@ -105,11 +105,7 @@ NOT_ROOTED = {
     "corem.bus.kafka.DeliveryFailed",  # a ConnectionError librdkafka's report becomes (the sink's)
     "corem.admin.http._Gone",  # control flow: the client left, nothing is answered
     "corem.dtls.engine.errors.DtlsDecodeError", "corem.dtls.engine.errors.HandshakeFailed",  # the engine's alerts
-    "corem.frontdoors.common.BodyError", "corem.config.ConfigError", "corem.profiles.rules.RuleViolation",
-    "corem.profiles.proto_schema.SchemaError", "corem.profiles.proto_schema.UnknownMessage",
-    "corem.profiles.spec.ProfileError", "corem.profiles.trial.SampleError", "corem.oscore.protect.OscoreError",
-    "corem.ingest.telemetry.UnknownProfile", "corem.ingest.payload.PayloadError", "corem.ingest.payload.Overloaded",
-    "corem.ingest.payload.UnsupportedFormat",
+    "corem.oscore.protect.OscoreError",
 }
 
 

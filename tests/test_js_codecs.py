@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corem.ingest.payload import Overloaded, PayloadError, Readings
+from corem.profiles.payload import Overloaded, PayloadError, Readings
 from corem.profiles.compile import compile_profile
 from corem.profiles.spec import ProfileError, parse_profile
 from corem.profiles.trial import decode_sample

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corem.ingest.payload import (
+from corem.profiles.payload import (
     CF_CBOR, CF_JSON, PayloadError, UnsupportedFormat, decode_readings, is_corem_reason,
 )
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corem.ingest.payload import PayloadError, Readings, UnsupportedFormat
+from corem.profiles.payload import PayloadError, Readings, UnsupportedFormat
 from corem.profiles.compile import compile_profile
 from corem.profiles.rules import RuleViolation
 from corem.profiles.spec import Profile, ProfileError, parse_profile

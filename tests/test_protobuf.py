@@ -14,7 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corem.ingest.payload import PayloadError, UnsupportedFormat
+from corem.profiles.payload import PayloadError, UnsupportedFormat
 from corem.profiles.compile import compile_profile
 from corem.profiles.proto_schema import SchemaError, read_schema
 from corem.profiles.rules import RuleViolation

@@ -36,13 +36,12 @@ from typing import Any, Callable, Collection, Iterator
 from ..bus.base import Record, Sink
 from ..coap.endpoint import Endpoint
 from ..codec import code_str
-from ..ingest.payload import decode_readings
 from ..ingest.point import TelemetryPoint, encode_point
 from ..ingest.telemetry import BUSY, Target, TelemetryIngest
 from ..latency import BOUNDS as LATENCY_BOUNDS
 from ..latency import LANE_DOORS
 from ..latency import NAME as LATENCY
-from ..profiles.compile import LANE_FLAT, LaneDecoder
+from ..profiles.compile import LaneDecoder
 from ..stats import Histogram, Sample, counter
 from .. import token_path
 
@@ -82,11 +81,9 @@ def json_frame(tenant: str, device: str, profile: str) -> tuple[bytes, bytes] | 
 
 def lane_mode(target: Target) -> int | None:
     """How the lane decodes this device's payloads itself (profiles/compile.py's LANE_*), or None:
-    the built-in default profile, or a stored profile compiled to a `LaneDecoder`; any other
-    decoder (rules, other formats, a hook) is the Python path's."""
-    if target.decode is decode_readings:
-        return LANE_FLAT
-    decode = target.decode_points
+    a profile compiled to a `LaneDecoder` (the built-in default, stored profiles of the formats
+    the lane reads, their rules); any other decoder (protobuf, js, a hook) is the Python path's."""
+    decode = target.decode
     return decode.mode if isinstance(decode, LaneDecoder) else None
 
 
@@ -95,7 +92,7 @@ def lane_profile(target: Target) -> object:
     (`_lane.compile_profile`) -- made once per compiled profile and kept on its `LaneDecoder`;
     None: the default profile, nothing to hold; False: one the lane cannot hold (a name twice in
     its layout, more readings than it holds): the Python path's."""
-    decode = target.decode_points
+    decode = target.decode
     if not isinstance(decode, LaneDecoder):
         return None
     if decode.compiled is None:

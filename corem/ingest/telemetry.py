@@ -23,19 +23,19 @@ from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..coap.response import retry_later
 from ..codec import Code
+from ..errors import CoremError
 from ..identity import Door, Identity, Refusal, SessionDevice
-from ..profiles.compile import Decoder as PointsDecoder
-from ..profiles.compile import compile_profile
+from ..profiles.compile import Decoder, compile_profile
 from ..profiles.rules import RuleViolation
+from ..profiles.spec import DEFAULT as DEFAULT_NAME
 from ..profiles.spec import Profile, ProfileError
 from ..registry import Device, Directory
 from ..stats import Sample, counter
 from ..token_path import TELEMETRY, api_route, token_route
 from .diagnostics import Diagnostics
-from .payload import Overloaded, PayloadError, Readings, UnsupportedFormat
+from ..profiles.payload import Overloaded, PayloadError, Readings, UnsupportedFormat
 from .point import TelemetryPoint, encode_point, telemetry_topic
 from .presence import Presence
-from .profiles import Decoder, get_decoder
 
 #: The answer when the bus cannot take a message (full, failing, shutting down): retry later.
 BUSY = retry_later(b"bus unavailable; retry later")
@@ -69,18 +69,28 @@ class IngestStats:
     device_rejections: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
-class UnknownProfile(Exception):
-    """The device names a profile this server has no decoder for."""
+#: a Python hook's decoder (`TelemetryIngest.register_profile`): one reading per payload
+Hook = Callable[[int | None, bytes | bytearray | memoryview], Readings]
+#: the built-in `default` profile: a compiled profile of format `flat` (profiles/compile.py), as
+#: every stored one is -- one decoder type, which the fast lane asks how it decodes in C
+DEFAULT = compile_profile(Profile())
 
 
-def _unknown_profile(reason: str):
-    def decode(content_format, payload):
-        raise UnknownProfile(reason)
+class UnknownProfile(CoremError):
+    """The device names a profile this server has no decoder for: the server's configuration, not
+    the device's fault (5.00)."""
+
+
+def _hooked(hook: Hook) -> Decoder:
+    """A Python hook as a profile's decoder: its one reading a list of one point."""
+
+    def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
+        return [hook(content_format, payload)]
 
     return decode
 
 
-def _broken(reason: str) -> PointsDecoder:
+def _broken(reason: str) -> Decoder:
     def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         raise UnknownProfile(reason)
 
@@ -97,10 +107,9 @@ class Target(NamedTuple):
     it (or its profile) changed."""
 
     device: Device
-    #: one point per payload (the built-in `default`, a Python hook), or None when
-    decode: Decoder | None
-    #: the device's stored profile decodes: any number of points, all or nothing
-    decode_points: PointsDecoder | None
+    #: its profile's decoder: any number of points, all or nothing (a `LaneDecoder` when the fast
+    #: lane can run it in C: the default profile, stored ones of its formats)
+    decode: Decoder
     topic: str
     key: bytes
     headers: dict[str, str]
@@ -143,7 +152,9 @@ class TelemetryIngest:
         #: (tenant, device) -> its Target, for the devices that talked lately (at most TARGETS)
         self._targets: dict[tuple[str, str], Target] = {}
         #: profile name -> (the Profile it was compiled from, its decoder)
-        self._compiled: dict[str, tuple[Profile, PointsDecoder]] = {}
+        self._compiled: dict[str, tuple[Profile, Decoder]] = {}
+        #: profile name -> a Python hook's decoder (`register_profile`): this ingest's, no module's
+        self._hooks: dict[str, Decoder] = {}
         #: endpoint -> what its fast lane is told of a device served on the Python path (FastLane.take_up)
         self.lanes: dict[object, Callable[[Target], None]] = {}
         directory.listen(self._registry_changed)
@@ -166,29 +177,37 @@ class TelemetryIngest:
                        link={"rt": "corem.telemetry", "if": "core.p", "ct": "60 50"})
             router.add(api_route(TELEMETRY), {Code.POST: post_in_session})  # ThingsBoard's x509 path
 
-    @staticmethod
-    def _target(device: Device, profiles: dict[str, Profile], compiled: dict[str, tuple[Profile, PointsDecoder]],
-                protocol: str = "coap") -> Target:
-        decode: Decoder | None = None
-        decode_points = None
-        profile = profiles.get(device.profile)
+    def register_profile(self, name: str, hook: Hook) -> None:
+        """A profile decoded by Python code (`hook(content_format, payload)` returns Readings or
+        raises PayloadError naming the field): for embedding corem; the devices naming `name`
+        are served by it unless the registry stores a profile of that name, which comes first."""
+        self._hooks[name] = _hooked(hook)
+        self._targets.clear()
+
+    def _decoder(self, name: str) -> Decoder:
+        """A profile's decoder: stored (compiled once per version), a hook, the built-in default,
+        or one that answers 5.00 naming it (this device only: the others keep being served)."""
+        profile = self.directory.profiles.get(name)
         if profile is not None:  # a stored profile (corem profiles add ...)
-            cached = compiled.get(device.profile)
+            cached = self._compiled.get(name)
             if cached is None or cached[0] != profile:
                 try:
-                    cached = compiled[device.profile] = (profile, compile_profile(profile))
+                    cached = self._compiled[name] = (profile, compile_profile(profile))
                 except ProfileError as e:  # (checked when written: a codec that stopped loading) 5.00
-                    cached = compiled[device.profile] = (profile, _broken(f"profile {device.profile!r}: {e}"))
-            decode_points = cached[1]
-        else:
-            try:
-                decode = get_decoder(device.profile)
-            except KeyError as e:  # this device only: the others keep being served
-                decode = _unknown_profile(str(e.args[0]))
+                    cached = self._compiled[name] = (profile, _broken(f"profile {name!r}: {e}"))
+            return cached[1]
+        hook = self._hooks.get(name)
+        if hook is not None:
+            return hook
+        if name == DEFAULT_NAME:
+            return DEFAULT
+        known = ", ".join(sorted({DEFAULT_NAME, *self._hooks, *self.directory.profiles}))
+        return _broken(f"profile {name!r} is not registered (known: {known})")
+
+    def _target(self, device: Device, protocol: str = "coap") -> Target:
         return Target(
             device,
-            decode,
-            decode_points,
+            self._decoder(device.profile),
             telemetry_topic(device.tenant),
             device.device.encode(),
             {"protocol": protocol, "profile": device.profile, **device_headers(device.device)},
@@ -211,7 +230,7 @@ class TelemetryIngest:
             if len(targets) >= TARGETS:  # the older half goes (cheaper than an exact LRU)
                 for old in list(islice(targets, TARGETS // 2)):
                     del targets[old]
-            t = targets[key] = self._target(device, self.directory.profiles, self._compiled)
+            t = targets[key] = self._target(device)
         return t
 
     def by_name(self, tenant: str, device: str) -> Target | None:
@@ -247,11 +266,7 @@ class TelemetryIngest:
         content_format = msg.content_format
         device = target.device
         try:
-            if target.decode is None:
-                assert target.decode_points is not None
-                return self._ingest_points(req, target, protocol, then, received_at,
-                                           target.decode_points(content_format, msg.payload, received_at))
-            readings = target.decode(content_format, msg.payload)
+            points = target.decode(content_format, msg.payload, received_at)
         except UnknownProfile as e:  # the server's configuration, not the device's fault: 5.00
             self.stats.rejections[protocol, "unknown_profile"] += 1
             return Response(Code.INTERNAL_SERVER_ERROR, str(e).encode())
@@ -261,6 +276,9 @@ class TelemetryIngest:
                 return retry_later(str(e).encode()[:512])
             code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(e, UnsupportedFormat) else Code.BAD_REQUEST
             return Response(code, str(e).encode()[:512])  # the field first: it survives the size cap
+        if len(points) != 1:
+            return self._ingest_points(req, target, protocol, then, received_at, points)
+        readings = points[0]
         point = TelemetryPoint(
             tenant=device.tenant,
             device=device.device,
@@ -270,6 +288,7 @@ class TelemetryIngest:
             protocol=protocol,
             received_at=received_at,
             profile=device.profile,
+            units=readings.units or msgspec.UNSET,
         )
         record = Record(target.topic, target.key, encode_point(point), _headers(req, target.headers, received_at))
         if then is None:

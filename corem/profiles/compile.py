@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..ingest.payload import Readings, decode_readings
+from .payload import Readings, decode_readings
 from . import formats, rules
 from ..extras import needs
 from .spec import BINARY_TYPES, Profile, ProfileError, Rule

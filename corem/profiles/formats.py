@@ -28,7 +28,7 @@ import re
 import struct
 from typing import Any, Callable
 
-from ..ingest.payload import (
+from .payload import (
     CF_CBOR,
     CF_JSON,
     MAX_TS_MS,

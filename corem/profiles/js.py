@@ -48,7 +48,7 @@ import json
 import threading
 from typing import Any
 
-from ..ingest.payload import Overloaded, PayloadError, Readings
+from .payload import Overloaded, PayloadError, Readings
 from .formats import put_value
 from ..extras import needs
 from .spec import ProfileError

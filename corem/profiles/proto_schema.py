@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, Mapping
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
+from ..errors import BadInput
+
 #: a schema is text a person wrote; this bounds what one upload costs to read
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_FIELD_NUMBER = 2 ** 29 - 1
@@ -50,11 +52,11 @@ NOT_SUPPORTED = {
 FIELD_OPTIONS = ("packed", "deprecated", "json_name")
 
 
-class SchemaError(ValueError):
+class SchemaError(BadInput):
     """A schema that cannot be used; the message starts with its line and column."""
 
 
-class UnknownMessage(ValueError):
+class UnknownMessage(BadInput):
     """The profile names a message the schema does not define."""
 
 

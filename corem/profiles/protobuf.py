@@ -31,7 +31,7 @@ from typing import Any, Callable
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from ..ingest.payload import PayloadError, Readings
+from .payload import PayloadError, Readings
 from .formats import FormatDecoder, binary_payload, thingsboard_entry
 from .proto_schema import SCALARS, SchemaError, UnknownMessage, message_class
 from .spec import ProfileError

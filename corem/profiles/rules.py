@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from ..ingest.payload import PayloadError, Readings
+from .payload import PayloadError, Readings
 from .spec import Rule
 
 V = TypeVar("V")

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from ..errors import BadInput
+
 #: Profile names are typed on command lines and travel in URLs: a short, safe alphabet.
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The built-in profile every device starts on; it cannot be changed or removed.
@@ -39,7 +41,7 @@ BINARY_TYPES = {
 }
 
 
-class ProfileError(ValueError):
+class ProfileError(BadInput):
     """A profile that cannot be stored; the message names the field and why."""
 
 

@@ -8,13 +8,14 @@ import binascii
 import re
 from typing import Any
 
-from ..ingest.payload import Overloaded, PayloadError, UnsupportedFormat, decode_readings
+from .payload import Overloaded, PayloadError, UnsupportedFormat, decode_readings
 from .compile import compile_profile
 from .rules import RuleViolation
 from .spec import Profile
+from ..errors import BadInput
 
 
-class SampleError(ValueError):
+class SampleError(BadInput):
     """The sample itself could not be read (not the device's payload: the request's)."""
 
 

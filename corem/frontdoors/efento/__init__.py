@@ -35,7 +35,7 @@ from ...coap.resources import Response, Router
 from ...codec import Code
 from ...identity import Door, Refusal
 from ...identity import SessionDevice as SessionLookup
-from ...ingest.payload import PayloadError, UnsupportedFormat
+from ...profiles.payload import PayloadError, UnsupportedFormat
 from ...ingest.telemetry import TelemetryIngest
 from ...registry import Device, Directory, RegistryError
 from ...registry.management import Management

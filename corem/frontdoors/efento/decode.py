@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
-from ...ingest.payload import MAX_TS_MS, PayloadError, Readings
+from ...profiles.payload import MAX_TS_MS, PayloadError, Readings
 from ...profiles.protobuf import Plan, wire_fault
 from ...profiles.proto_schema import pool_of
 

@@ -15,12 +15,15 @@ from typing import Any, NamedTuple
 import cbor2
 import msgspec
 
-CF_JSON = 50
-CF_CBOR = 60
+from .. import content_format
+from ..errors import RETRY_AFTER, BadInput, _code
+
+CF_JSON = content_format.JSON
+CF_CBOR = content_format.CBOR
 
 
-class PayloadError(ValueError):
-    """A payload that cannot become a TelemetryPoint. `field` is None when no field is to blame."""
+class PayloadError(BadInput):
+    """A payload that cannot become a TelemetryPoint (4.00). `field` is None when no field is to blame."""
 
     def __init__(self, reason: str, field: str | None = None) -> None:
         self.reason = reason
@@ -32,9 +35,16 @@ class Overloaded(PayloadError):
     """The decoder could not finish within its limits (a JavaScript codec's CPU time or memory):
     not the device's fault and maybe not the next try's either -- 5.03 with Max-Age."""
 
+    coap = _code(5, 3)
+    http = 503
+    retry_after = RETRY_AFTER
+
 
 class UnsupportedFormat(PayloadError):
     """The Content-Format is not one the profile decodes (CoAP 4.15)."""
+
+    coap = _code(4, 15)
+    http = 415
 
 
 class Readings(NamedTuple):
