@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import time
 
+from .. import content_format
+
 CONTENT_TYPE = "content-type"
 DEVICE_ID = "device_id"
 CREATION_TIME = "creation-time"
-JSON = "application/json"
-OCTETS = "application/octet-stream"
-
-#: CoAP Content-Format numbers (RFC 7252 §12.3 and the IANA registry) -> media type
-MEDIA_TYPES = {
-    0: "text/plain; charset=utf-8", 40: "application/link-format", 41: "application/xml", 42: OCTETS,
-    47: "application/exi", 50: JSON, 60: "application/cbor", 110: "application/senml+json",
-    111: "application/sensml+json", 112: "application/senml+cbor", 113: "application/sensml+cbor",
-}
-
-
-def media_type(content_format: int | None) -> str:
-    """The media type of a CoAP Content-Format (unknown or none: application/octet-stream)."""
-    return OCTETS if content_format is None else MEDIA_TYPES.get(content_format, OCTETS)
+JSON = content_format.MEDIA_TYPES[content_format.JSON]
+#: the media type of a CoAP Content-Format (corem/content_format.py, the one table of them)
+media_type = content_format.media_type
 
 
 def device_headers(device: str, content_type: str = JSON) -> dict[str, str]:

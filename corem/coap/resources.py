@@ -14,12 +14,12 @@ from typing import Callable, Iterable, Iterator
 
 from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
-from ..errors import StorageUnavailable
+from ..errors import CoremError, StorageUnavailable
 from ..latency import door_of
 from ..stats import Sample, counter
 from .conditional import conditional as has_conditions, evaluate as evaluate_conditions
 from .blockwise import Block1Uploads, Upload, block2
-from .response import Response, retry_later
+from .response import Response, refusal
 
 __all__ = ["Handler", "Response", "Router"]
 from .endpoint import Request
@@ -34,7 +34,6 @@ Handler = Callable[[Request, list[str]], "Response | None"]
 
 NOT_FOUND = Response(Code.NOT_FOUND)
 #: A handler whose write the disk refused: retry later (like the bus's 5.03, same Max-Age).
-STORAGE_BUSY = retry_later(b"storage unavailable; retry later")
 METHOD_NOT_ALLOWED = Response(Code.METHOD_NOT_ALLOWED)
 
 
@@ -151,9 +150,10 @@ class Router:
         assert msg is not None
         try:
             response = handler(req, params)
-        except StorageUnavailable:
-            self.storage_errors += 1
-            return STORAGE_BUSY
+        except CoremError as e:  # a kind of refusal (corem/errors.py): the answer it carries
+            if isinstance(e, StorageUnavailable):
+                self.storage_errors += 1
+            return refusal(e)
         except Exception:
             self.handler_errors += 1
             now = time.monotonic()

@@ -12,9 +12,9 @@ import cbor2
 from ..coap.endpoint import Request
 from ..coap.resources import Response
 from ..codec import Code, OptionNumber, encode_uint
+from ..content_format import CBOR, JSON, OCTETS, TEXT
 from ..errors import BadInput
 
-JSON, CBOR, OCTETS, TEXT = 50, 60, 42, 0
 MAX_BODY = 64 * 1024
 MAX_DEPTH = 32
 

@@ -32,7 +32,8 @@ from ..devices.downlink import Downlink, attributes_resource, rpc_resource
 from ..identity import Door, Refusal, SessionDevice
 from ..ingest.telemetry import TelemetryIngest
 from ..logs import fields
-from ..registry import Device, Directory, RegistryError
+from ..errors import BadInput, Unauthorized
+from ..registry import Device, Directory
 from ..registry.management import Management
 from ..stats import Sample, counter
 from ..token_path import api_route, token_route
@@ -142,7 +143,7 @@ class ThingsBoard:
             if not isinstance(values, dict):
                 raise BodyError("attributes: expected an object of key -> value")
             stored = self.management.set_attributes(device.tenant, device.device, "client", values)
-        except (BodyError, RegistryError) as e:
+        except BadInput as e:  # (the body's, or a value past the registry's bounds)
             return bad_request(str(e))
         # stored before the answer; the bus copy is for consumers that follow attribute changes
         publish_json(self.ingest.sink, attributes_topic(device.tenant), device.device,
@@ -177,7 +178,7 @@ class ThingsBoard:
                 raise BodyError("claim: expected an object with secretKey and durationMs")
             self.management.open_claim(device.tenant, device.device, claim.get("secretKey"),
                                        claim.get("durationMs", 60_000))
-        except (BodyError, RegistryError) as e:
+        except BadInput as e:
             return bad_request(str(e))
         return Response(Code.CHANGED)
 
@@ -193,10 +194,10 @@ class ThingsBoard:
             if name is not None and not isinstance(name, str):
                 raise BodyError("deviceName: must be a string")
             tenant, device, token = self.management.provision(key, secret, name)
-        except (BodyError, RegistryError) as e:
+        except BadInput as e:  # (a device that exists already too: 4.00 FAILURE, as ThingsBoard answers)
             self.provision_refused += 1
             return content({"status": "FAILURE", "errorMsg": str(e)}, req, Code.BAD_REQUEST)
-        except PermissionError as e:
+        except Unauthorized as e:
             self.provision_refused += 1
             return content({"status": "FAILURE", "errorMsg": str(e)}, req, Code.UNAUTHORIZED)
         self.directory.refresh(force=True)  # the new token works at once

@@ -22,6 +22,7 @@ from ..bus.recovery import HEADER as EXCHANGE, exchange_header
 from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..coap.response import retry_later
+from .. import content_format
 from ..codec import Code
 from ..errors import CoremError
 from ..identity import Door, Identity, Refusal, SessionDevice
@@ -174,7 +175,7 @@ class TelemetryIngest:
                 return self.ingest(req, self.target(device), "coap")
 
             router.add(TELEMETRY, {Code.POST: post_in_session},
-                       link={"rt": "corem.telemetry", "if": "core.p", "ct": "60 50"})
+                       link={"rt": "corem.telemetry", "if": "core.p", "ct": f"{content_format.CBOR} {content_format.JSON}"})
             router.add(api_route(TELEMETRY), {Code.POST: post_in_session})  # ThingsBoard's x509 path
 
     def register_profile(self, name: str, hook: Hook) -> None:

@@ -28,6 +28,7 @@ import re
 import struct
 from typing import Any, Callable
 
+from .. import content_format
 from .payload import (
     CF_CBOR,
     CF_JSON,
@@ -49,7 +50,8 @@ MAX_POINTS = 1000
 #: Nesting a ThingsBoard or SenML payload may have (an array of maps of values of maps ...).
 MAX_DEPTH = 16
 
-CF_SENML_JSON, CF_SENSML_JSON, CF_SENML_CBOR, CF_SENSML_CBOR = 110, 111, 112, 113
+CF_SENML_JSON, CF_SENSML_JSON = content_format.SENML_JSON, content_format.SENSML_JSON
+CF_SENML_CBOR, CF_SENSML_CBOR = content_format.SENML_CBOR, content_format.SENSML_CBOR
 
 
 class Series(list[Readings]):
@@ -319,7 +321,7 @@ def _row(row: list[Any], positions: list[str | None], index: int | None) -> Read
 
 
 # -- fixed binary layouts ---------------------------------------------------------------------------
-CF_OCTETS = 42
+CF_OCTETS = content_format.OCTETS
 
 
 def binary_payload(content_format: int | None, payload: bytes | bytearray | memoryview) -> bytes:

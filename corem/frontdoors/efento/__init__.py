@@ -37,7 +37,8 @@ from ...identity import Door, Refusal
 from ...identity import SessionDevice as SessionLookup
 from ...profiles.payload import PayloadError, UnsupportedFormat
 from ...ingest.telemetry import TelemetryIngest
-from ...registry import Device, Directory, RegistryError
+from ...errors import BadInput
+from ...registry import Device, Directory
 from ...registry.management import Management
 from ...stats import Sample, counter
 from ...token_path import api_route
@@ -194,7 +195,7 @@ class Efento:
             self.ingest.on_uplink(device)
         try:
             stored = self.management.set_attributes(device.tenant, device.device, "client", values)
-        except RegistryError as e:  # a value past the registry's bounds
+        except BadInput as e:  # a value past the registry's bounds
             return self._refuse(req, kind, device, PayloadError(str(e)))
         self.messages[kind, "accepted"] += 1
         publish_json(self.ingest.sink, attributes_topic(device.tenant), device.device,
