@@ -1,4 +1,4 @@
-"""The benchmarks' tables, in Markdown (the README's tables are pasted from what they print)."""
+"""The benchmarks' tables, in Markdown (docs/benchmarks.md's tables are pasted from what they print)."""
 
 from __future__ import annotations
 

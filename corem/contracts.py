@@ -10,7 +10,7 @@ published in the repository (docs/schemas/) for the systems that consume the rec
 | presence-event.schema.json       | `device.presence.{tenant}`      | corem.ingest.presence.PresenceEvent |
 
 The record headers (`content-type`, `device_id`, `creation-time`, ...) are described in
-corem/bus/headers.py and README.md, and the OpenAPI document of the admin API is served by corem
+corem/bus/headers.py and docs/bus.md, and the OpenAPI document of the admin API is served by corem
 itself (GET /api/openapi.json).
 """
 

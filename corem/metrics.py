@@ -37,7 +37,7 @@ from .stats import Histogram, Labels, Measured, Sample
 
 C, G, H = "counter", "gauge", "histogram"
 
-#: name -> (kind, help): every metric corem exposes (the names are a contract: README, DESIGN).
+#: name -> (kind, help): every metric corem exposes (the names are a contract: docs/operating.md, DESIGN).
 FAMILIES: dict[str, tuple[str, str]] = {
     # what this corem is (corem/build.py)
     "corem_build_info": (

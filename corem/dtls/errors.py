@@ -11,7 +11,7 @@ from __future__ import annotations
 
 CLOSE_NOTIFY = 0x7880  # MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY
 
-#: The names corem chose first (README) for the failures devices cause most.
+#: The names corem chose first (docs/operating.md) for the failures devices cause most.
 _CHOSEN = {
     0x7180: "bad_mac",  # INVALID_MAC: a wrong key (the Finished message does not verify)
     0x6C80: "unknown_identity",  # UNKNOWN_IDENTITY: the PSK store said KeyError

@@ -35,7 +35,7 @@ _decoder = msgspec.json.Decoder(TelemetryPoint)
 
 
 def encode_point(point: TelemetryPoint) -> bytes:
-    """The wire form on the bus (JSON; schema in README.md)."""
+    """The wire form on the bus (JSON; docs/bus.md, and its JSON Schema in docs/schemas/)."""
     return _encoder.encode(point)
 
 
