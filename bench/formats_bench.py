@@ -55,6 +55,8 @@ CASES = [
     ("SenML JSON (110)", '{"format": "senml"}', 110, json.dumps(SENML).encode()),
     ("SenML CBOR (112)", '{"format": "senml"}', 112, cbor2.dumps(SENML_CBOR)),
     ("ThingsBoard + 4 rules, JSON", RULES, 50, json.dumps(READING).encode()),
+    ("positional array, CBOR", '{"format": "array", "positions": ["ts", "temperature", "humidity", "state"]}', 60,
+     cbor2.dumps([TS, *READING.values()])),
     ("Cayenne LPP, 2 temperatures", '{"format": "cayenne-lpp"}', 42, bytes.fromhex("03670110056700FF")),
     ("binary layout, 3 fields", '{"format": "binary", "layout": [{"name": "t", "type": "int16be"}, '
      '{"name": "h", "type": "uint8"}, {"name": "b", "type": "uint16le"}]}', 42, bytes.fromhex("00e141f00f")),
