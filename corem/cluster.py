@@ -37,11 +37,13 @@ import trio
 from .admin.http import FORWARDED, HttpError, HttpRequest, Reply, Route, call, forward, json_reply
 from .bus import topics
 from .bus.base import Sink, publish_json
+from .bus.commands import KafkaCommandReader
+from .config import Settings
 from .devices.commands import apply as apply_command
 from .devices.downlink import Downlink, results_topic
 from .errors import StorageUnavailable
 from .registry import Device, Directory
-from .registry.db import Db
+from .registry.db import Db, Lease
 from .registry.homes import Homes
 from .registry.management import Management
 
@@ -190,6 +192,18 @@ class Carrier:
         self._nursery: trio.Nursery | None = None  # for records carried to other nodes
         if tell_workers is not None:
             downlink.on_first_sight = self.first_sight
+
+    def reader(self, settings: Settings, worker: int, tenants: Callable[[], set[str]], *,
+               shared: bool) -> KafkaCommandReader | None:
+        """The reader of downlink requests from other systems on `commands.{tenant}`: Kafka only
+        (the embedded bus has no other writers; there the admin API and CLI are the way in); with
+        workers, worker 0's (the supervisor hands each record to the worker that holds its device);
+        with nodes, the one whose lease on the registry is held."""
+        if settings.bus == "embedded" or worker:
+            return None
+        return KafkaCommandReader(settings.kafka_settings(), tenants, self.management.positions, self.record,
+                                  refresh=settings.kafka_commands_refresh,
+                                  leader=Lease(settings.registry).held if shared else None)
 
     def join(self, db: Db, node: str) -> Nodes:
         """Nodes sharing the registry `db`: this one is `node` (its admin URL)."""

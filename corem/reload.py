@@ -25,14 +25,33 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from . import logs
+from .admin import token as admin_token
 from .config import SECRETS, Settings
 
 if TYPE_CHECKING:
     from .fastlane import FastLane
     from .net.limits import SourceLimiter
+
+
+class Listening(Protocol):
+    """What `apply` changes in a server's transports (corem/transports.py `Transports`)."""
+
+    def limits(self) -> tuple[list[SourceLimiter], list[FastLane]]: ...
+    def credential_swaps(self, new: Settings) -> list[Callable[[], None]]: ...
+
+
+class Running(Protocol):
+    """What `apply` changes in a running server (corem/server.py `Server`)."""
+
+    settings: Settings
+
+    @property
+    def transports(self) -> Listening: ...
+    def use_admin_token(self, token: str) -> None: ...
+    async def reload_registry(self) -> None: ...
 
 log = logging.getLogger("corem")
 
@@ -147,6 +166,40 @@ def apply_limits(old: Settings, new: Settings, limiters: list[SourceLimiter], la
         lane.limit(rate, 2 * rate, old.rate_limit_sources)
     report.done += [describe(k, old, new) for k in taken]
     return taken
+
+
+async def apply(server: Running, new: Settings) -> Report:
+    """Apply to `server` what of `new` can change without dropping a device: the log level and
+    format, the rate limit, the DTLS/TLS credentials (read again), the admin token and the registry
+    (read again); the other changed settings are reported as needing a restart and keep their
+    running values (`server.settings` takes only what was applied)."""
+    old, report = server.settings, Report()
+    keys = changed(old, new)
+    apply_log_level(old, new, report)
+    apply_log_format(old, new, report)
+    taken: list[str] = [k for k in ("log_level", "log_format") if k in keys]
+    taken += apply_limits(old, new, *server.transports.limits(), report)
+    credentials = ("dtls_cert", "dtls_key", "dtls_ca")
+    if any(getattr(s, k) for s in (old, new) for k in credentials):
+        try:
+            swaps = server.transports.credential_swaps(new)
+        except (ValueError, OSError) as e:
+            report.failed.append(f"dtls credentials ({e})")
+        else:
+            for swap in swaps:
+                swap()
+            if swaps:  # (no CoAPS nor coaps+tcp listener: nothing uses them)
+                report.done.append("dtls credentials (dtls_cert, dtls_key, dtls_ca read again)")
+            taken += [k for k in credentials if k in keys]
+    if "admin_token" in keys or "admin_token_file" in keys:
+        server.use_admin_token(new.admin_token or admin_token.read_or_create(new.data_path))
+        report.done.append("admin_token")
+        taken += ["admin_token", "admin_token_file"]
+    await server.reload_registry()
+    report.done.append("registry (read again)")
+    report.restart += [k for k in restart_needed(keys) if k not in report.restart]
+    server.settings = applied(old, new, taken)
+    return report
 
 
 def reread(settings: Settings) -> Settings:

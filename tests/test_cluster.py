@@ -3,6 +3,8 @@ supervisor and its workers (corem/workers/control.py), without processes."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import msgspec
 import pytest
 import trio
@@ -11,7 +13,8 @@ import trio.testing
 from corem.cluster import CommandRecord, Workers, command_device, is_downlink
 from corem.admin.http import Route
 from corem.workers import control
-from corem.workers.control import Command, Here, Moved, Ready, Reload, RpcReply
+from corem.reload import Report
+from corem.workers.control import Command, Here, Moved, Ready, Reload, Reloaded, RpcReply
 
 
 def test_a_commands_record_names_its_device_in_one_place():
@@ -38,6 +41,8 @@ def test_control_messages_round_trip_typed_and_refuse_what_is_not_one():
     with pytest.raises(msgspec.ValidationError, match="kind"):  # the old text-matched form
         control.to_worker(b'{"here": [["acme", "d1"]]}')
     assert control.to_worker(control.encode(Moved(("a", "b"), 1))) == Moved(("a", "b"), 1)
+    report = asdict(Report(done=["log_level info -> debug"], restart=["coap"], where="2 of 2 workers"))
+    assert control.to_supervisor(control.encode(Reloaded(4, report))) == Reloaded(4, report)
 
 
 def test_workers_park_a_device_nobody_heard_on_worker_0_and_follow_it():

@@ -22,7 +22,8 @@ from corem.bus.sqlite import EmbeddedBus, read_records
 from corem.bus.base import Record
 from corem.net.udp import bind_udp
 from corem.workers import steer
-from corem.workers.front import decode_samples, encode_samples, merge_shared, merge_status
+from corem.workers.front import merge_shared, merge_status
+from corem.workers.samples import decode_samples, encode_samples
 from corem.metrics import gather
 from corem.stats import Histogram, Sample
 

@@ -1,7 +1,7 @@
 """The control messages between the supervisor and its workers: one typed message per packet of
 their SOCK_SEQPACKET pair, as JSON with its kind in `"kind"` (msgspec tagged structs): `encode`
 writes any of them, `to_supervisor` / `to_worker` read what each side may receive and refuse
-anything else (a packet that is not one of them is a bug: msgspec's error names the field).
+anything else (`Garbled`, naming the field: a bug, logged by the receiver, which goes on).
 
   worker -> supervisor   Ready       serving (its private admin port, its pid)
                          Here        devices first heard here (downlink routing: corem/cluster.py)
@@ -45,7 +45,7 @@ class Refreshed(msgspec.Struct, tag="refreshed", tag_field="kind"):
 
 class Reloaded(msgspec.Struct, tag="reloaded", tag_field="kind"):
     n: int
-    report: dict[str, list[str]]
+    report: dict[str, Any]  # (corem/reload.py `Report`, as its dict)
 
 
 class Handover(msgspec.Struct, tag="handover", tag_field="kind"):
@@ -94,6 +94,9 @@ class Adopt(msgspec.Struct, tag="adopt", tag_field="kind"):
     device: Key
     state: dict[str, Any]
 
+
+#: a packet that is not one of the messages its receiver takes
+Garbled = (msgspec.ValidationError, msgspec.DecodeError)
 
 ToSupervisor = Union[Ready, Here, Refreshed, Reloaded, Handover, Command, RpcReply]
 ToWorker = Union[Refresh, Reload, Moved, Adopt, Command, RpcReply]

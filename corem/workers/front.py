@@ -33,8 +33,9 @@ from ..admin.history import History, Totals
 from ..metrics import SHARED, ProcessMetrics, gather, render
 from ..cluster import Nodes, command_device
 from ..registry.db import Db
-from ..server import url_host
-from ..stats import Histogram, Labels, Measurement, Sample, counter, gauge
+from ..listeners import url_host
+from ..stats import Measurement, Sample, counter, gauge
+from .samples import decode_samples
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor, Worker
@@ -224,29 +225,6 @@ class _Listed:
 
     def metrics(self) -> list[Measurement]:
         return self.samples
-
-
-def encode_samples(values: dict[str, dict[Labels, Any]]) -> list[list[Any]]:
-    """`metrics.gather`'s result as JSON: [name, labels, value] or [name, labels, bounds, counts, sum]."""
-    out: list[list[Any]] = []
-    for name, family in values.items():
-        for labels, v in family.items():
-            if isinstance(v, Histogram):
-                out.append([name, labels, list(v.bounds), list(v.counts), v.total])
-            else:
-                out.append([name, labels, v])
-    return out
-
-
-def decode_samples(rows: list[list[Any]]) -> list[Measurement]:
-    out: list[Measurement] = []
-    for row in rows:
-        name, labels = row[0], tuple((k, v) for k, v in row[1])
-        if len(row) == 5:
-            out.append(Histogram(name, tuple(row[2]), list(row[3]), row[4], labels))
-        else:
-            out.append(Sample(name, row[2], labels))
-    return out
 
 
 def merge_shared(sources: list[list[Measurement]]) -> Iterator[Measurement]:

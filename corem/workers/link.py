@@ -130,7 +130,7 @@ class Link:
                 chunk, self._heard = self._heard[:ANNOUNCE_CHUNK], self._heard[ANNOUNCE_CHUNK:]
                 await self.send(Here(chunk))
 
-    async def _reload(self, values: dict[str, Any]) -> dict[str, list[str]]:
+    async def _reload(self, values: dict[str, Any]) -> dict[str, Any]:
         try:
             new = Settings.load(values, env={})
         except ConfigError as e:  # (a secret's file gone since the supervisor read it)
@@ -148,7 +148,11 @@ class Link:
                 log.warning("worker %d: the supervisor is gone; stopping", self.spec.index)
                 server.stop()
                 return
-            message = control.to_worker(data)
+            try:
+                message = control.to_worker(data)
+            except control.Garbled as e:  # (a bug: said, and the worker goes on)
+                log.error("worker %d: a message from the supervisor it does not take (%s)", self.spec.index, e)
+                continue
             if isinstance(message, Refresh):
                 await server.reload_registry()
                 await self.send(Refreshed(message.n))

@@ -38,12 +38,12 @@ from ..bus import topics
 from ..config import SECRETS, ConfigError, Settings
 from ..logs import SERVE, fields
 from ..net import fdlimit
-from ..net.tcp import bind_tcp
-from ..net.udp import bind_udp
 from ..cluster import Workers
 from ..registry import nudge as registry_nudge
 from ..reload import RELOADED, Report, applied, apply_log_format, apply_log_level, changed, restart_needed
-from ..server import Bound, bind_http, make_pruner
+from .. import listeners
+from ..listeners import Bound
+from ..stores import make_pruner
 from . import control, steer
 from .control import Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReply
 from .link import ENV, WorkerSpec
@@ -100,11 +100,7 @@ class Supervisor:
             for key in ("coap_tcp", "coaps_tcp"):  # one listening socket: every worker accepts on it
                 address = settings.listener(key)
                 if address is not None:
-                    try:
-                        listening = bind_tcp(*address)
-                    except OSError as e:
-                        raise ConfigError(f"{key}: cannot listen on tcp {address[0]}:{address[1]}: "
-                                          f"{e.strerror or e}") from None
+                    listening = listeners.tcp(key, *address)
                     self.groups[key] = [listening] * count
                     setattr(self.bound, key, listening.getsockname())
         except BaseException:
@@ -116,7 +112,7 @@ class Supervisor:
         self.restarts = 0
         self._refreshes: dict[int, tuple[set[int], trio.Event]] = {}
         #: SIGHUP: the workers not done reloading, set when all are, and their reports
-        self._reloads: dict[int, tuple[set[int], trio.Event, dict[int, dict[str, list[str]]]]] = {}
+        self._reloads: dict[int, tuple[set[int], trio.Event, dict[int, dict[str, Any]]]] = {}
         self._reload_lock = trio.Lock()
         self._refresh_ids = 0
         self._stopping = False
@@ -140,16 +136,16 @@ class Supervisor:
         (index N or more) is never handed a datagram."""
         group: list[socket.socket] = []
         try:
-            probe = bind_udp(host, port)
+            probe = listeners.udp(key, host, port)
             port = probe.getsockname()[1]
             probe.close()
             for _ in range(self.count):
-                group.append(bind_udp(host, port, reuse_port=True))
+                group.append(listeners.udp(key, host, port, reuse_port=True))
                 port = group[0].getsockname()[1]
-        except OSError as e:
+        except ConfigError:
             for s in group:
                 s.close()
-            raise ConfigError(f"{key}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+            raise
         # (CoAPS: a record with a Connection ID goes to the worker its CID names, steer.program)
         self.steered[key] = steer.attach(group[0], self.count, cid=key == "coaps")
         if not self.steered[key]:
@@ -229,7 +225,12 @@ class Supervisor:
                 return
             if not data:
                 return
-            self._heard_from(w, control.to_supervisor(data))
+            try:
+                message = control.to_supervisor(data)
+            except control.Garbled as e:  # (a bug: said, and the worker goes on)
+                log.error("worker %d sent a message the supervisor does not take (%s)", w.index, e)
+                continue
+            self._heard_from(w, message)
 
     def _heard_from(self, w: Worker, message: control.ToSupervisor) -> None:
         if isinstance(message, Ready):
@@ -335,7 +336,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 http = self.settings.listener("http")
                 if http is not None:  # first: the workers are told its address (node_url)
-                    self.bound.http = await bind_http(self.front, *http)
+                    self.bound.http = await listeners.http(self.front, *http)
                     nursery.start_soon(self.front.serve)
                 for w in self.workers:
                     nursery.start_soon(self._keep, w)
