@@ -62,8 +62,17 @@ SENML_CBOR_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                                      [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"SML"),
                                       (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x70")],
                                      bytes.fromhex("82a52162643a221a6553f1000061740219015e016343656c" "a200616d04f5")))
+#: readings a Python decoder gives the lane from its batch (pycodec.h): a JavaScript codec, a protobuf schema
+JS_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                             [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"JS"),
+                              (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
+                             bytes.fromhex("CBF60B0D0376010ADD0102")))
+PB_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                             [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"PB"),
+                              (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
+                             bytes.fromhex("0880d095ffbc311214090000000000803640" "10411a0772756e6e696e67")))
 TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE, ARRAY_TEMPLATE, BINARY_TEMPLATE,
-             SENML_TEMPLATE, SENML_CBOR_TEMPLATE)
+             SENML_TEMPLATE, SENML_CBOR_TEMPLATE, JS_TEMPLATE, PB_TEMPLATE)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 

@@ -5,6 +5,7 @@ change what is stored or answered; tests/test_fastlane.py and fuzz/fuzz_lane.py 
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ def custom(cf: int | None, payload: bytes | bytearray | memoryview):
     """A profile with a decoder of its own (a Python hook): its devices are the Python path's."""
     return decode_readings(60 if cf == 0 else cf, payload)
 
+
+LHT65 = (Path(__file__).resolve().parent / "codecs" / "lht65.js").read_text()
+PROTO = """syntax = "proto3";
+message Values { double temperature = 1; int32 humidity = 2; string state = 3; }
+message Reading { int64 ts = 1; Values values = 2; }
+"""
 
 #: a flat profile with every kind of field rule (tests/test_fastlane.py, fuzz/fuzz_lane.py)
 RULED = ('{"format": "flat", "fields": {'
@@ -167,6 +174,13 @@ class Twin:
         self.registry.add_device("acme", "binary-1", token="BIN", profile="binary")
         self.registry.put_profile("senml", parse_profile('{"format": "senml"}'))
         self.registry.add_device("acme", "senml-1", token="SML", profile="senml")
+        # decoders the lane calls from its batch (LANE_PYTHON): a JavaScript codec with a rule, a
+        # protobuf schema, and (T2, "twin-custom") a Python hook
+        self.registry.put_profile("js", parse_profile(json.dumps({
+            "format": "js", "script": LHT65, "fields": {"temperature": {"max": 60, "unit": "Cel"}}})))
+        self.registry.add_device("acme", "js-1", token="JS", profile="js")
+        self.registry.put_profile("proto", parse_profile(json.dumps({"format": "protobuf", "schema": PROTO})))
+        self.registry.add_device("acme", "proto-1", token="PB", profile="proto")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

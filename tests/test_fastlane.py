@@ -17,6 +17,7 @@ from corem.codec import Code, Message, Type, decode, encode
 from corem.codec import OptionNumber as O
 from corem.fastlane import FastLane, Lane, json_frame
 from corem.ingest.point import TelemetryPoint, encode_point
+from corem.profiles.payload import decode_readings
 from corem.profiles.spec import parse_profile
 
 from .conftest import SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, write_cbor
@@ -704,6 +705,70 @@ def test_the_lane_takes_its_route_from_token_path(monkeypatch):
         answers, stored = t.check()
         assert lane_took(t) == 1 and len(stored) == 1
         assert sorted(decode(a[0]).code for a in answers) == [Code.CHANGED, Code.NOT_FOUND]
+    finally:
+        t.close()
+
+
+# -- Python decoders called from the lane's batch (pycodec.h) ------------------------------------
+def proto_reading(ts: int | None = 1_700_000_000_000, **values) -> bytes:
+    from corem.profiles.proto_schema import message_class
+
+    from .lane_twin import PROTO
+    values = values or {"temperature": 22.5, "humidity": 65, "state": "running"}
+    return message_class(PROTO)(ts=ts, values=values).SerializeToString() if ts is not None else \
+        message_class(PROTO, "Values")(**values).SerializeToString()
+
+
+@pytest.mark.parametrize("token, cf, body", [
+    ("JS", 42, bytes.fromhex("CBF60B0D0376010ADD7FFF")), ("JS", None, bytes.fromhex("CBF60B0D0376010ADD7FFF")),
+    ("JS", 42, bytes.fromhex("CBF60B0D0376010ADD0102")),  # a probe: nested, flattened by the codec's wrapper
+    ("PB", 42, proto_reading()), ("PB", 42, proto_reading(1, temperature=-1.5, state="")),
+    ("T2", 60, READING), ("T2", 50, b'{"a": 1.5, "s": "x"}'),
+])
+def test_a_python_decoders_reading_is_taken_from_the_lanes_batch_and_stored_as_python_would(twin, token, cf, body):
+    """A JavaScript codec (with its profile's rule and unit), a protobuf schema, a Python hook:
+    the lane reads, deduplicates and routes in C, calls the decoder itself and writes the point:
+    byte for byte what the Python path stores, units and time included."""
+    twin.receive(post(token, payload=body, cf=cf))
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 1 and decode(answers[0][0]).code == Code.CHANGED and len(stored) == 1
+
+
+@pytest.mark.parametrize("token, cf, body", [
+    ("JS", 42, b"\x01\x02"),  # the codec's own error: 4.00
+    ("JS", 42, bytes.fromhex("CBF617710376010ADD7FFF")),  # temperature 60.01: above the profile's max
+    ("PB", 42, b"\xff\xff"), ("T2", 60, b"\xa0"), ("T2", 60, cbor2.dumps({"a": [1]})),
+])
+def test_what_a_python_decoder_refuses_is_the_python_paths_answer(twin, token, cf, body):
+    twin.receive(post(token, payload=body, cf=cf))
+    twin.commit()
+    answers, _ = twin.check()
+    assert lane_took(twin) == 0 and decode(answers[0][0]).code in (Code.BAD_REQUEST, Code.UNSUPPORTED_CONTENT_FORMAT)
+
+
+def test_a_python_decoders_points_the_lane_cannot_write_exactly_are_the_python_paths():
+    """Several points, an int where msgspec writes a float, a ts out of range, a unit of no
+    reading, a name both a number and a text: the Python path's, which stores what it stores."""
+    from corem.profiles.payload import Readings
+    outputs = [
+        [Readings({"a": 1.0}, {}, None), Readings({"a": 2.0}, {}, None)], [Readings({"a": 1}, {}, None)],
+        [Readings({"a": 1.0}, {}, -5)], [Readings({"a": 1.0}, {}, None, {"b": "V"})],
+        [Readings({"a": 1.0}, {"a": "x"}, None)],
+        [Readings({"a": 1.0}, {}, 1_700_000_000_000, {"a": "V"})],  # (this one is the lane's)
+    ]
+    t = Twin()
+    try:
+        for side in (t.lane, t.python):  # (a hook returning these as its decoder's points)
+            side.ingest.register_profile("twin-custom", decode_readings)
+            side.ingest._hooks["twin-custom"].decode = lambda cf, payload, now: outputs[payload[0]]
+        assert t.lane.lane is not None
+        t.lane.lane._registry_changed(None)  # (the lane takes its devices up again, with the new hook)
+        for i in range(len(outputs)):
+            t.receive(post("T2", payload=bytes([i]), cf=42, mid=i))
+            t.commit()
+            t.check()
+        assert lane_took(t) == 1
     finally:
         t.close()
 

@@ -41,7 +41,7 @@ from ..ingest.telemetry import BUSY, Target, TelemetryIngest
 from ..latency import BOUNDS as LATENCY_BOUNDS
 from ..latency import LANE_DOORS
 from ..latency import NAME as LATENCY
-from ..profiles.compile import LaneDecoder
+from ..profiles.compile import LANE_PYTHON, LaneDecoder
 from ..stats import Histogram, Sample, counter
 from .. import token_path
 
@@ -97,7 +97,8 @@ def lane_profile(target: Target) -> object:
         return None
     if decode.compiled is None:
         try:
-            decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout)
+            decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout,
+                                              decode.decode if decode.mode == LANE_PYTHON else None)
         except ValueError:
             decode.compiled = False
     return decode.compiled

@@ -63,6 +63,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 #include "rules.h"
 #include "layouts.h"
 #include "senml.h"
+#include "pycodec.h"
 #include "fifomap.h"
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
 #define DTLS_RECORDS_API_ONLY
@@ -77,6 +78,7 @@ typedef struct {
     rules_t rules;
     layout_t layout;
     PyObject *source; /* the tuples the strings live in */
+    PyObject *decode; /* MODE_PYTHON: the profile's Python decoder (pycodec.h), or NULL */
 } lane_profile_t;
 
 static void profile_free(PyObject *capsule) {
@@ -85,14 +87,22 @@ static void profile_free(PyObject *capsule) {
     rules_free(&P->rules);
     layout_free(&P->layout);
     Py_XDECREF(P->source);
+    Py_XDECREF(P->decode);
     PyMem_Free(P);
 }
 
-/* compile_profile(rules, positions, layout): see rules.h `rules_from`, layouts.h `layout_from`. */
+/* compile_profile(rules, positions, layout, decode=None): see rules.h `rules_from`, layouts.h
+ * `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's readings go through
+ * (pycodec.h).  (It must not refer to the capsule: a capsule is not followed by the GC.) */
 static PyObject *compile_profile(PyObject *module, PyObject *args) {
-    PyObject *rules, *positions, *layout;
-    if (!PyArg_ParseTuple(args, "O!O!O!", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout))
+    PyObject *rules, *positions, *layout, *decode = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!O!|O", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
+                          &decode))
         return NULL;
+    if (decode != Py_None && !PyCallable_Check(decode)) {
+        PyErr_SetString(PyExc_TypeError, "compile_profile: decode is callable or None");
+        return NULL;
+    }
     lane_profile_t *P = PyMem_Calloc(1, sizeof(lane_profile_t));
     if (!P) return PyErr_NoMemory();
     P->source = Py_BuildValue("(OOO)", rules, positions, layout);
@@ -101,6 +111,10 @@ static PyObject *compile_profile(PyObject *module, PyObject *args) {
         Py_XDECREF(P->source);
         PyMem_Free(P);
         return NULL;
+    }
+    if (decode != Py_None) {
+        Py_INCREF(decode);
+        P->decode = decode;
     }
     if (rules_from(rules, &P->rules) < 0 || layout_from(positions, layout, &P->layout) < 0) {
         Py_DECREF(capsule);
@@ -845,9 +859,23 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     char names[MAX_ITEMS][LANE_NAME]; /* (the names a format makes: LPP's, SenML's) */
     int nitems;
     long long ts;
+    uint8_t order[MAX_ITEMS], uorder[MAX_ITEMS];
+    if (t->mode == MODE_PYTHON) { /* (its rules are in the decoder) */
+        PyObject *keep;
+        int nu = 0, r;
+        uint64_t gen = self->targets_gen;
+        Py_ssize_t ti = t - self->targets;
+        if (parse_python(profile_of(t)->decode, s.cf, s.payload, s.end, now_ms, items, &nitems, &ts, uorder, &nu,
+                         &keep) < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
+            r = python_path(self, key, now, reuse);
+        else
+            r = take_reading(self, &self->targets[ti], &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now,
+                             now_ms, NULL, uorder, nu);
+        Py_XDECREF(keep); /* (last: the items point into it) */
+        return r;
+    }
     if (parse_payload(s.cf, t, s.payload, s.end, now_ms, items, &nitems, &ts, names) < 0)
         return python_path(self, key, now, reuse);
-    uint8_t order[MAX_ITEMS], uorder[MAX_ITEMS];
     int nu = 0, ruled = t->profile && profile_of(t)->rules.n;
     if (ruled && apply_rules(&profile_of(t)->rules, items, nitems, order, uorder, &nu) < 0)
         return python_path(self, key, now, reuse); /* a broken rule: Python's 4.00 names it */
@@ -1647,8 +1675,12 @@ static int target_ok(target_t *t) {
         PyErr_SetString(PyExc_TypeError, "a target's profile is compile_profile()'s");
         return 0;
     }
-    if (!t->profile && (t->mode == MODE_ARRAY || t->mode == MODE_BINARY)) {
-        PyErr_SetString(PyExc_ValueError, "a target of an array or binary profile needs its compile_profile()");
+    if (!t->profile && (t->mode == MODE_ARRAY || t->mode == MODE_BINARY || t->mode == MODE_PYTHON)) {
+        PyErr_SetString(PyExc_ValueError, "a target of an array, binary or Python profile needs its compile_profile()");
+        return 0;
+    }
+    if (t->mode == MODE_PYTHON && !profile_of(t)->decode) {
+        PyErr_SetString(PyExc_ValueError, "a target of a Python profile needs its decoder in compile_profile()");
         return 0;
     }
     return 1;

@@ -344,7 +344,7 @@ static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
  * ThingsBoard's (a `thingsboard` profile without rules): a flat map of values, "ts" among them,
  * or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry). */
 enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */, MODE_ARRAY = 3, MODE_BINARY = 4 /* (layouts.h) */,
-       MODE_SENML = 5 /* (senml.h) */, MODE_LAST = MODE_SENML };
+       MODE_SENML = 5 /* (senml.h) */, MODE_PYTHON = 6 /* (pycodec.h) */, MODE_LAST = MODE_PYTHON };
 
 /* Parse a document (Content-Format 60: CBOR, 50: JSON) in a target's mode (flat or ThingsBoard):
  * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains:

@@ -26,7 +26,7 @@ from .. import content_format
 from ..codec import Code
 from ..errors import CoremError
 from ..identity import Door, Identity, Refusal, SessionDevice
-from ..profiles.compile import Decoder, compile_profile
+from ..profiles.compile import LANE_PYTHON, Decoder, LaneDecoder, compile_profile
 from ..profiles.rules import RuleViolation
 from ..profiles.spec import DEFAULT as DEFAULT_NAME
 from ..profiles.spec import Profile, ProfileError
@@ -83,12 +83,13 @@ class UnknownProfile(CoremError):
 
 
 def _hooked(hook: Hook) -> Decoder:
-    """A Python hook as a profile's decoder: its one reading a list of one point."""
+    """A Python hook as a profile's decoder: its one reading a list of one point, which the fast
+    lane too calls from its batch (LANE_PYTHON)."""
 
     def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         return [hook(content_format, payload)]
 
-    return decode
+    return LaneDecoder(decode, LANE_PYTHON)
 
 
 def _broken(reason: str) -> Decoder:

@@ -20,8 +20,13 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 
 #: how the fast lane decodes a payload itself (corem/fastlane/_lane.c `parse_payload`): the
 #: built-in default's flat map, where "ts" is the time; ThingsBoard's map or {ts, values}; Cayenne
-#: LPP; the profile's positional array; its fixed binary layout; a SenML pack of one time
-LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML = 0, 1, 2, 3, 4, 5
+#: LPP; the profile's positional array; its fixed binary layout; a SenML pack of one time; and
+#: LANE_PYTHON: the lane calls the profile's Python decoder itself (protobuf, js, a Python hook),
+#: from its batch, without the CoAP request path (corem/fastlane/pycodec.h)
+LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML, LANE_PYTHON = range(7)
+#: the formats the lane decodes in C, and how
+LANES = {"flat": LANE_FLAT, "thingsboard": LANE_THINGSBOARD, "cayenne-lpp": LANE_CAYENNE_LPP, "array": LANE_ARRAY,
+         "binary": LANE_BINARY, "senml": LANE_SENML}
 
 
 #: a field rule as the lane's C takes it (corem/fastlane/rules.h `compile_rules`): name, rename,
@@ -87,14 +92,22 @@ def compile_profile(profile: Profile) -> Decoder:
                          timeout_ms=profile.timeout_ms, max_memory_mb=profile.max_memory_mb)
     else:
         decode = _flat
-    mode = {"thingsboard": LANE_THINGSBOARD, "cayenne-lpp": LANE_CAYENNE_LPP, "array": LANE_ARRAY,
-            "binary": LANE_BINARY, "senml": LANE_SENML}.get(profile.format, LANE_FLAT if decode is _flat else None)
+    if profile.format in ("protobuf", "js"):  # the lane calls the whole decoder, rules included
+        return LaneDecoder(_with_rules(decode, profile.fields) if profile.fields else decode, LANE_PYTHON)
+    mode = LANES.get(profile.format)
     shape = _lane_shape(profile)
     if shape is None:
         mode = None
     if not profile.fields:
         return decode if mode is None or shape is None else LaneDecoder(decode, mode, (), *shape)
-    fields = profile.fields
+    in_c = None if mode is None else lane_rules(profile.fields)
+    if in_c is None or mode is None or shape is None:
+        return _with_rules(decode, profile.fields)
+    return LaneDecoder(_with_rules(decode, profile.fields), mode, in_c, *shape)
+
+
+def _with_rules(decode: formats.FormatDecoder, fields: dict[str, Rule]) -> Decoder:
+    """`decode`, then the profile's rules on every point it gives."""
 
     def with_rules(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         points = decode(content_format, payload, now_ms)
@@ -108,10 +121,7 @@ def compile_profile(profile: Profile) -> Decoder:
                 raise rules.RuleViolation(e.reason, f"[{i}].{e.field}") from None
         return out
 
-    in_c = None if mode is None else lane_rules(fields)
-    if in_c is None or mode is None or shape is None:
-        return with_rules
-    return LaneDecoder(with_rules, mode, in_c, *shape)
+    return with_rules
 
 
 def _lane_shape(profile: Profile) -> tuple[tuple[bytes | None, ...], tuple[LanePart, ...]] | None:
