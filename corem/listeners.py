@@ -60,3 +60,9 @@ def url_host(bound: tuple) -> str:
     if host in ("0.0.0.0", "::"):
         host = socket.getfqdn()
     return str(address((host, bound[1])))
+
+
+def admin_url(bound: tuple) -> str:
+    """The base URL of an admin HTTP listener bound at `bound` (how other nodes, or the front,
+    reach it: corem/cluster.py)."""
+    return f"http://{url_host(bound)}"

@@ -6,11 +6,11 @@ connection:
 
 - `log_level`, and `log_format` (the handlers' formatter swapped: the next line is in the new format);
 - the per-source rate limit (corem/net/limits.py): `rate_limit_per_source` from one rate to another,
-  `rate_limit_sources` and `rate_limit_exempt` -- in place, every source keeping its bucket (fewer
-  sources tracked: the oldest go, as when the table is full).  Turning the limit on or off rewires
-  the edges and needs a restart; so do `rate_limit_sources` and `rate_limit_exempt` while the C
-  fast lane applies the limit (the default on plain CoAP and behind corem's DTLS engine): the lane
-  takes them at start (`Lane.limit` sets a new rate only);
+  `rate_limit_exempt`, and `rate_limit_sources` -- in place, every source keeping its bucket (fewer
+  sources tracked: the oldest go, as when the table is full), in the Python limiter and in the C
+  fast lane (`FastLane.limit`, `FastLane.exempt`), except `rate_limit_sources` while the lane
+  applies the limit (the default on plain CoAP and behind corem's DTLS engine): its table is sized
+  at start, so that one needs a restart, as does turning the limit on or off (it rewires the edges);
 - the DTLS and TLS credentials: `dtls_cert`, `dtls_key` and `dtls_ca` are read again (changed paths
   or changed files), for the handshakes that start from then on; established sessions keep theirs;
 - `admin_token` (`admin_token_file` read again);
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from . import logs
 from .admin import token as admin_token
 from .config import SECRETS, Settings
+from .net.limits import SourceLimiter, lane_networks
 
 if TYPE_CHECKING:
     from .fastlane import FastLane
-    from .net.limits import SourceLimiter
 
 
 class Listening(Protocol):
@@ -152,19 +152,21 @@ def apply_limits(old: Settings, new: Settings, limiters: list[SourceLimiter], la
     if not (old.rate_limit_per_source and new.rate_limit_per_source):  # on <-> off rewires the edges
         report.restart += keys
         return []
-    taken = ["rate_limit_per_source"] if "rate_limit_per_source" in keys else []
-    if lanes:  # (the C lane takes its table's size and the exempt networks at start)
-        report.restart += [k for k in keys if k != "rate_limit_per_source"]
-    else:
-        taken += [k for k in keys if k != "rate_limit_per_source"]
+    taken = [k for k in keys if k != "rate_limit_sources"]
+    if "rate_limit_sources" in keys:
+        if lanes:  # (the C lane's table of sources is sized at start)
+            report.restart.append("rate_limit_sources")
+        else:
+            taken.append("rate_limit_sources")
     sources = new.rate_limit_sources if "rate_limit_sources" in taken else old.rate_limit_sources
-    exempt = (new if "rate_limit_exempt" in taken else old).exempt_networks()
-    rate = new.rate_limit_per_source
-    for limiter in limiters:
-        limiter.retune(rate, sources, exempt)
+    exempt, rate = new.exempt_networks(), new.rate_limit_per_source
     for lane in lanes:
         lane.limit(rate, 2 * rate, old.rate_limit_sources)
-    report.done += [describe(k, old, new) for k in taken]
+        if "rate_limit_exempt" in taken:
+            lane.exempt(lane_networks(exempt))
+    for limiter in limiters:
+        limiter.retune(rate, sources, exempt)
+    report.done += [describe(k, old, new) for k in LIMITS if k in taken]
     return taken
 
 

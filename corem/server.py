@@ -43,13 +43,14 @@ from .registry.presence import open_table as open_presence
 from .registry_changes import RegistryChanges
 from .reload import Report
 from .stats import Measured
-from .transports import Identity, Transport, Transports, identity
+from .identity import session_identity as identity
+from .transports import Identity, Transport, Transports
 from .workers.link import Link, WorkerSpec
 
 if TYPE_CHECKING:
     from .dtls.server import DtlsServer
 
-__all__ = ["Bound", "Server", "Transport", "identity"]  # (what users and tests import from here)
+__all__ = ["Bound", "Server", "Transport", "identity"]  # (what users and tests import from here: identity.py's)
 
 log = logging.getLogger("corem")
 
@@ -222,7 +223,7 @@ class Server:
                 self.bound.http = await listeners.http(http, *http_addr)
                 self.http = http
             if self.registry.shared and (s.node_url or self.bound.http is not None):
-                node = s.node_url or f"http://{listeners.url_host(self.bound.http)}"  # type: ignore[arg-type]
+                node = s.node_url or listeners.admin_url(self.bound.http)  # type: ignore[arg-type]
                 self.cluster.join(self.registry.db, node)
             streams = self.transports.streams()
             await self.transports.recover_exchanges()  # before the UDP edges read a datagram

@@ -27,10 +27,10 @@ from .bus.recovery import RecoveryStats, recover_embedded, recover_kafka
 from .coap import Endpoint, Router
 from .coap.blockwise import Block1Uploads
 from .coap.endpoint import Request
+from .identity import SessionDevice, session_identity
 from .coap.response import Response
 from .coap.observe import Observers
 from .coap.stream import StreamEndpoint
-from .codec import MessageFormatError, OptionNumber, decode
 from .config import ConfigError, Settings
 from .dtls.layer import EngineServer, load_state_key
 from .fastlane import FastLane, Lane
@@ -41,7 +41,7 @@ from .net import UdpEdge
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
 from .net.tcp import TcpEdge, Tls
-from .registry import Device, Directory
+from .registry import Directory
 from .stats import Measured
 from .stores import session_store
 from .workers import steer
@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corem")
 
-#: who sent a request (its OSCORE context, else its DTLS or TLS session's device)
-Identity = Callable[[Request], Device | None]
+#: who sent a request, by the security below CoAP (corem/identity.py `session_identity`)
+Identity = SessionDevice
 
 
 @dataclass
@@ -71,14 +71,6 @@ class Transport:
     def components(self) -> list[Measured]:
         """What counts on this transport (labelled `transport=name` in /metrics)."""
         return [c for c in (self.endpoint, self.edge, self.lane, self.router, self.observers) if c is not None]
-
-
-def identity(session: Callable[[Hashable], Device | None] | None) -> Identity:
-    """Who sent a request, by the security below CoAP: its OSCORE context, else the device of its
-    peer's DTLS or TLS session (`session`, when the transport has sessions)."""
-    if session is None:
-        return lambda req: req.identity
-    return lambda req: req.identity or session(req.peer)
 
 
 class Transports:
@@ -130,13 +122,14 @@ class Transports:
             endpoint, router = Endpoint(s.endpoint_params()), self._router()
             lane = self._fast_lane(endpoint, behind_dtls=False)
             observers = self._observers(endpoint)
+            # (over its source's rate, a datagram naming a known token still goes through)
+            security = PlainUdp(self.ingest.identity.names_a_known_token)
             edge = UdpEdge(
-                self._socket("coap", coap), endpoint, router, security=PlainUdp(self._names_a_known_token),
-                max_datagram=s.max_datagram, limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain,
-                on_event=observers.handle,
+                self._socket("coap", coap), endpoint, router, security=security, max_datagram=s.max_datagram,
+                limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
             )
             self.bound.coap = edge.address
-            self._add(Transport("udp", endpoint, router, observers, edge, lane=lane), identity(None))
+            self._add(Transport("udp", endpoint, router, observers, edge, lane=lane), session_identity(None))
         coaps = s.listener("coaps")
         if coaps is not None:
             endpoint, router = Endpoint(s.endpoint_params(verified_peers=True)), self._router()
@@ -152,7 +145,7 @@ class Transports:
                 limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
             )
             self.bound.coaps = edge.address
-            self._add(Transport("dtls", endpoint, router, observers, edge, dtls, lane), identity(dtls.device))
+            self._add(Transport("dtls", endpoint, router, observers, edge, dtls, lane), session_identity(dtls.device))
         for key, name in (("coap_tcp", "tcp"), ("coaps_tcp", "tls")):
             address = s.listener(key)
             if address is not None:
@@ -182,7 +175,7 @@ class Transports:
                        after_dispatch=self.sink.after_drain)
         setattr(self.bound, key, edge.address)
         self._add(Transport(name, endpoint, router, observers, edge),
-                  identity(edge.device if tls_server is not None else None))
+                  session_identity(edge.device if tls_server is not None else None))
 
     def _socket(self, key: str, address: tuple[str, int]) -> socket.socket:
         """The listener's socket: bound here, or a worker's, inherited from the supervisor."""
@@ -246,18 +239,6 @@ class Transports:
         if dtls.offloaded:
             log.info("%d DTLS sessions waiting in %s from before", len(dtls.offloaded), datadir.SESSIONS_FILE)
         return dtls
-
-    def _names_a_known_token(self, data: bytes, peer: Hashable) -> bool:
-        """Over its source's rate: does this datagram name its device by a known token in its path
-        (`/api/v1/{token}/...`)?  Then it goes through (net/limits.py; the fast lane does the same)."""
-        try:
-            msg = decode(data)
-        except MessageFormatError:
-            return False
-        path = [bytes(v) for n, v in msg.options if n == OptionNumber.URI_PATH][:3]
-        if len(path) < 3 or path[0] != b"api" or path[1] != b"v1":
-            return False
-        return self.directory.knows_token(path[2])
 
     def _limiter(self) -> SourceLimiter | None:
         s = self.settings

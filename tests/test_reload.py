@@ -1,6 +1,6 @@
 """SIGHUP applies the rate limit's table size and exempt networks, and the log format, to a running
-`corem serve` without a restart (corem/reload.py); where the C lane applies the limit, the first two
-are named as needing a restart and the rest is applied all the same."""
+`corem serve` without a restart (corem/reload.py); where the C lane applies the limit, its table
+size is named as needing a restart and the rest is applied all the same."""
 
 from __future__ import annotations
 
@@ -75,25 +75,30 @@ def test_sighup_applies_the_sources_the_exempt_networks_and_the_log_format(data_
         json.loads(later)  # every line after the reload's: JSON (the stop's lines included)
 
 
-def test_with_workers_and_the_lane_the_lane_s_settings_are_named_as_needing_a_restart(data_dir, tmp_path):
-    """The C lane applies the limit (the default): it takes its table's size and the exempt
-    networks at start, so those two are named as needing a restart and kept; the rate and the log
-    format are applied in every worker."""
+def test_with_workers_and_the_lane_the_exempt_networks_apply_and_the_table_size_needs_a_restart(data_dir, tmp_path):
+    """The C lane applies the limit (the default): it takes the new rate and the new exempt
+    networks in every worker (`FastLane.limit`, `FastLane.exempt`); its table of sources is sized
+    at start, so `rate_limit_sources` is named as needing a restart and kept.  The log format too."""
     cfg = tmp_path / "corem.toml"
-    cfg.write_text('rate_limit_per_source = 1000\n')
+    cfg.write_text('rate_limit_per_source = 1\n')
     server = start_corem(data_dir, "--config", str(cfg), "--workers", "2", timeout=60)
     try:
-        assert _pings(server.coap_port, 20, answers=20) == 20
-        cfg.write_text('rate_limit_per_source = 1\nrate_limit_sources = 5\nrate_limit_exempt = "127.0.0.0/8"\n'
+        assert _pings(server.coap_port, 20) < 20  # 1/s, a burst of 2: limited
+        dropped = server.metrics()['corem_rate_limited_datagrams_total{transport="udp"}']
+        assert dropped > 0
+        cfg.write_text('rate_limit_per_source = 2\nrate_limit_sources = 5\nrate_limit_exempt = "127.0.0.0/8"\n'
                        'log_format = "json"\n')
         server.proc.send_signal(signal.SIGHUP)
         text = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
         msg = json.loads(text)["msg"]
         assert "(2 of 2 workers)" in msg and "log_format kv -> json" in msg, msg
-        assert "rate_limit_per_source 1000.0 -> 1.0" in msg, msg
-        assert "rate_limit_sources, rate_limit_exempt (need a restart)" in msg, msg
-        # the new rate, and no exemption (kept as it runs): pings are dropped
-        assert _pings(server.coap_port, 20) < 20
+        assert "rate_limit_per_source 1.0 -> 2.0" in msg and 'rate_limit_exempt "" -> 127.0.0.0/8' in msg, msg
+        assert "rate_limit_sources (need a restart)" in msg and "rate_limit_sources 100000" not in msg, msg
+        # the exempt network, in the lane of the worker this socket is steered to: all answered
+        assert _pings(server.coap_port, 20, answers=20) == 20
+        metrics = server.metrics()  # (over the rate, they were exempted, none dropped)
+        assert metrics['corem_rate_limited_datagrams_total{transport="udp"}'] == dropped
+        assert metrics['corem_rate_limit_exempted_total{transport="udp"}'] >= 10
         # a worker's line after the reload: JSON, with its worker
         corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-9", "--token", "T0KEN-9",
                   data_dir=data_dir)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol, Sequence
 from urllib.parse import unquote
 
 import trio
@@ -27,18 +27,50 @@ import trio
 from ..admin import token as admin_token
 from ..admin.api import STATUS_DEVICES
 from ..admin.http import (
-    FORWARD_TIMEOUT, FORWARDED, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply, target,
+    FORWARD_TIMEOUT, HttpError, HttpRequest, HttpServer, Reply, Route, call, forward, json_reply, target,
 )
 from ..admin.history import History, Totals
 from ..metrics import SHARED, ProcessMetrics, gather, render
-from ..cluster import Nodes, command_device
+from ..bus.retention import Pruner
+from ..cluster import Nodes, Workers, command_device
+from ..config import Settings
 from ..registry.db import Db
-from ..listeners import url_host
+from ..listeners import admin_url
 from ..stats import Measurement, Sample, counter, gauge
 from .samples import decode_samples
 
-if TYPE_CHECKING:
-    from .supervisor import Supervisor, Worker
+
+
+class Worker(Protocol):
+    """A worker as the front sees it (supervisor.py `Worker`)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def http(self) -> int | None: ...  # its private admin port, once ready
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def ready(self) -> bool: ...
+    async def wait_ready(self) -> None: ...
+
+
+class Supervisor(Protocol):
+    """What the front needs of its supervisor (supervisor.py `Supervisor`)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def restarts(self) -> int: ...
+    @property
+    def workers(self) -> Sequence[Worker]: ...
+    @property
+    def holders(self) -> Workers: ...
+    @property
+    def pruner(self) -> Pruner | None: ...
+    async def refresh_all(self) -> None: ...
 
 log = logging.getLogger("corem.workers.front")
 
@@ -70,7 +102,7 @@ class Front:
     async def bind(self, host: str, port: int) -> tuple:
         address = await self.http.bind(host, port)
         s = self.sup.settings
-        self.node = s.node_url or f"http://{url_host(address)}"
+        self.node = s.node_url or admin_url(address)
         if s.registry:  # nodes sharing a registry: where the devices other nodes hold are
             self.nodes = Nodes(Db(s.registry), self.node)
         return address
@@ -264,5 +296,5 @@ def _local(port: int | None) -> str:
     """A worker's private admin port as the base of a URL."""
     if port is None:
         raise HttpError(503, "worker not ready")
-    return f"http://127.0.0.1:{port}"
+    return admin_url(("127.0.0.1", port))
 

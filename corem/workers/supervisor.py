@@ -36,7 +36,7 @@ from .. import datadir
 from ..admin import token as admin_token
 from ..bus import topics
 from ..config import SECRETS, ConfigError, Settings
-from ..logs import SERVE, fields
+from ..logs import SERVE, address, fields
 from ..net import fdlimit
 from ..cluster import Workers
 from ..registry import nudge as registry_nudge
@@ -45,6 +45,7 @@ from .. import listeners
 from ..listeners import Bound
 from ..stores import make_pruner
 from . import control, steer
+from .front import Front
 from .control import Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReply
 from .link import ENV, WorkerSpec
 
@@ -120,8 +121,6 @@ class Supervisor:
         #: why the workers could not start (a setting only a worker checks, e.g. a cipher name)
         self.failed: str | None = None
         self._stop = trio.Event()
-        from .front import Front
-
         self.front = Front(self)
         #: the embedded bus's retention: here, not in a worker (one pruner per data dir)
         self.pruner = make_pruner(settings)
@@ -163,7 +162,7 @@ class Supervisor:
     def _worker_settings(self, settings: Settings) -> dict[str, Any]:
         """A worker's settings: the supervisor's, with its private admin port."""
         values = asdict(settings)
-        values.update(http="127.0.0.1:0", workers="1")
+        values.update(http=address(("127.0.0.1", 0)), workers="1")
         for secret in SECRETS:  # (a secret from a file: the worker reads the file, not the environment)
             if values[secret + "_file"]:
                 values[secret] = ""
