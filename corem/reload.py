@@ -8,9 +8,8 @@ connection:
 - the per-source rate limit (corem/net/limits.py): `rate_limit_per_source` from one rate to another,
   `rate_limit_exempt`, and `rate_limit_sources` -- in place, every source keeping its bucket (fewer
   sources tracked: the oldest go, as when the table is full), in the Python limiter and in the C
-  fast lane (`FastLane.limit`, `FastLane.exempt`), except `rate_limit_sources` while the lane
-  applies the limit (the default on plain CoAP and behind corem's DTLS engine): its table is sized
-  at start, so that one needs a restart, as does turning the limit on or off (it rewires the edges);
+  fast lane (`FastLane.limit`, whose table of sources is made again with the newest kept, and
+  `FastLane.exempt`); turning the limit on or off needs a restart (it rewires the edges);
 - the DTLS and TLS credentials: `dtls_cert`, `dtls_key` and `dtls_ca` are read again (changed paths
   or changed files), for the handshakes that start from then on; established sessions keep theirs;
 - `admin_token` (`admin_token_file` read again);
@@ -152,16 +151,11 @@ def apply_limits(old: Settings, new: Settings, limiters: list[SourceLimiter], la
     if not (old.rate_limit_per_source and new.rate_limit_per_source):  # on <-> off rewires the edges
         report.restart += keys
         return []
-    taken = [k for k in keys if k != "rate_limit_sources"]
-    if "rate_limit_sources" in keys:
-        if lanes:  # (the C lane's table of sources is sized at start)
-            report.restart.append("rate_limit_sources")
-        else:
-            taken.append("rate_limit_sources")
-    sources = new.rate_limit_sources if "rate_limit_sources" in taken else old.rate_limit_sources
+    taken = keys
+    sources = new.rate_limit_sources
     exempt, rate = new.exempt_networks(), new.rate_limit_per_source
-    for lane in lanes:
-        lane.limit(rate, 2 * rate, old.rate_limit_sources)
+    for lane in lanes:  # (a new bound of sources: the C table made again, the newest sources kept)
+        lane.limit(rate, 2 * rate, sources)
         if "rate_limit_exempt" in taken:
             lane.exempt(lane_networks(exempt))
     for limiter in limiters:

@@ -282,6 +282,9 @@ TB_BODIES = [  # (Content-Format, payload): ThingsBoard's telemetry shapes
     (60, cbor2.dumps({"ts": 1_700_000_000_000, "values": {"temperature": 22.5, "ts": 3}})),
     (60, cbor2.dumps({"values": {"a": -1.5}})),
     (60, cbor2.dumps({"ts": 1.5, "b": 2})),
+    # an array of entries: a point each (several records, one answer once all are durable)
+    (50, b'[{"a": 1}, {"a": 2}]'), (50, b' [ {"ts": 1700000000000, "values": {"a": 1}} , {"b": "x"} ] '),
+    (60, cbor2.dumps([{"a": 1}])), (60, cbor2.dumps([{"ts": 5, "values": {"a": 1}}, {"ts": 6, "values": {"a": 2}}])),
 ]
 
 
@@ -296,14 +299,43 @@ def test_a_thingsboard_profiles_readings_are_the_lanes_and_stored_as_python_woul
     assert stored[0][3]["profile"] == "tb" and stored[0][2].profile == "tb"
 
 
+def test_an_array_of_points_is_answered_once_all_are_durable_and_503_if_any_is_not():
+    """Several points of one request (a ThingsBoard array): one record each, one answer -- 2.04 once
+    every one is durable, 5.03 if the bus refuses or fails any (as the Python path's Points)."""
+    body = b'[{"ts": 1, "values": {"a": 1}}, {"ts": 2, "values": {"a": 2}}, {"ts": 3, "values": {"a": 3}}]'
+    t = Twin(room=2)  # the sink takes two records a batch: the third is refused
+    try:
+        t.receive(post("TB", payload=body, cf=50))
+        t.commit()
+        answers, stored = t.check()
+        assert lane_took(t) == 1 and [decode(a[0]).code for a in answers] == [Code.SERVICE_UNAVAILABLE]
+        assert len(stored) == 2  # (the two it took are stored: a retry may store them again)
+    finally:
+        t.close()
+    t = Twin()
+    try:
+        t.receive(post("TB", payload=body, cf=50))
+        t.commit(RuntimeError("bus down"))
+        answers, _ = t.check()
+        assert [decode(a[0]).code for a in answers] == [Code.SERVICE_UNAVAILABLE]
+        t.receive(post("TB", payload=body, cf=50, mid=9))
+        t.commit()
+        answers, stored = t.check()
+        assert [decode(a[0]).code for a in answers] == [Code.CHANGED] and [p[2].ts for p in stored] == [1, 2, 3]
+        assert t.lane.lane.lane.counters()["accepted"] == 3
+    finally:
+        t.close()
+
+
 @pytest.mark.parametrize("cf, body", [
     (50, b'{"ts": 1700000000000, "values": {"a": {"b": 1}}}'),  # nested: flattened by Python
     (50, b'{"a": {"b": 1}}'), (50, b'{"a": [1, 2]}'), (50, b'{"values": 5}'), (50, b'{"values": {}}'),
     (50, b'{"ts": -1, "values": {"a": 1}}'), (50, b'{"ts": 1.5, "values": {"a": 1}}'),
     (50, b'{"ts": 1, "ts": 2, "values": {"a": 1}}'), (50, b'{"values": {"a": 1}, "values": {"b": 1}}'),
-    (50, b'{"values": {"a": 1}, "x": 1}'), (50, b'{"values": 1, "x": 2}'), (50, b'[{"a": 1}, {"a": 2}]'),
+    (50, b'{"values": {"a": 1}, "x": 1}'), (50, b'{"values": 1, "x": 2}'), (50, b'[]'), (50, b'[{"a": 1},]'),
+    (50, b'[{"a": 1}, [1]]'), (50, b'[' + b'{"a": 1},' * 16 + b'{"a": 1}]'),  # (17 points: more than the lane's 16)
     (50, b'{"ts": 1, "values": {"a": null}}'), (50, b'{"values": {"a": 1}} x'),
-    (60, cbor2.dumps([{"a": 1}])), (60, cbor2.dumps({"values": {"a": {"b": 1}}})),
+    (60, cbor2.dumps([])), (60, cbor2.dumps([{"a": 1}, 5])), (60, cbor2.dumps({"values": {"a": {"b": 1}}})),
     (60, cbor2.dumps({"ts": -5, "values": {"a": 1}})), (60, cbor2.dumps({"values": {}})),
     (60, cbor2.dumps({"values": {"a": 1}}) + b"\x00"),
 ])
@@ -422,8 +454,9 @@ TB_VALUES = st.one_of(st.integers(-10**15, 10**15), st.floats(allow_nan=False, a
                       st.booleans(), st.text(max_size=4), st.none(), st.dictionaries(st.text(max_size=3), st.integers(),
                                                                                      max_size=2))
 TB_FLAT = st.dictionaries(st.sampled_from(["a", "b", "ts", "values", "é"]), TB_VALUES, max_size=4)
-TB_DOCS = TB_FLAT | st.builds(lambda ts, v: {"ts": ts, "values": v} if ts is not None else {"values": v},
-                              st.none() | st.integers(-1, 253_402_300_800_000) | st.floats(0, 10), TB_FLAT | TB_VALUES)
+TB_ENTRIES = TB_FLAT | st.builds(lambda ts, v: {"ts": ts, "values": v} if ts is not None else {"values": v},
+                                 st.none() | st.integers(-1, 253_402_300_800_000) | st.floats(0, 10), TB_FLAT | TB_VALUES)
+TB_DOCS = TB_ENTRIES | st.lists(TB_ENTRIES, max_size=4)  # (an array: a point an entry)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -636,8 +669,8 @@ def test_senml_cbor_labels_are_the_lanes():
 
 
 @pytest.mark.parametrize("cf, pack", [
-    (110, [{"n": "a", "v": 1, "t": 1_700_000_000}, {"n": "b", "v": 2, "t": 1_700_000_001}]),  # two times: two points
     (110, [{"n": "a", "v": 1}, {"n": "a", "v": 2}]),  # a name twice at one time
+    (110, [{"n": "a", "v": 1, "t": 1_700_000_000 + i} for i in range(17)]),  # 17 times: more than the lane's 16
     (110, [{"n": "a", "v": 1, "vs": "x"}]), (110, [{"n": "a"}]), (110, [{"n": "-a", "v": 1}]), (110, [{"v": 1}]),
     (110, [{"n": "a", "v": True}]), (110, [{"n": 5, "v": 1}]), (110, [{"n": "a", "vd": "aGk"}]),
     (110, [{"n": "a", "v": 1, "bver": 11}]), (110, [{"n": "a", "v": 1, "foo_": 1}]), (110, []), (110, {"n": "a"}),
@@ -997,6 +1030,29 @@ def test_the_exempt_networks_are_replaced_whole_while_the_lane_runs():
         with pytest.raises(ValueError):
             lane.exempt([(b"short", 8)])
         assert passed("10.9.3.4", 40) == 0  # (a bad table: the old one stays)
+    finally:
+        t.close()
+
+
+def test_a_new_bound_of_sources_keeps_the_newest_with_their_buckets():
+    """Lane.limit with another max_sources (a SIGHUP's rate_limit_sources): the table is made again
+    with the newest sources, each keeping what it had spent; the oldest go (a full bucket when seen
+    again, as an evicted one)."""
+    t = Twin()
+    try:
+        lane = FastLane(t.lane.ingest, RecordingSink(), t.lane.endpoint, rate=1, max_sources=8)
+
+        def passed(host: str, first: int, count: int = 3) -> int:
+            return sum(len(lane.receive(post("NOPE", mid=first + m), (host, 5), 1.0)) for m in range(count))
+
+        for i in range(6):  # six sources, each spends its burst of 2
+            assert passed(f"10.0.0.{i}", 10 * i) == 2
+        lane.limit(1, 2, 2)
+        assert lane.lane.counters()["sources"] == 2
+        assert passed("10.0.0.5", 100, 1) == 0 and passed("10.0.0.4", 110, 1) == 0  # the newest: still spent
+        assert passed("10.0.0.0", 120) == 2  # the oldest was dropped: a new bucket
+        lane.limit(1, 2, 64)
+        assert lane.lane.counters()["sources"] == 2  # (grown: the same ones)
     finally:
         t.close()
 

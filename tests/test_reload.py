@@ -75,10 +75,10 @@ def test_sighup_applies_the_sources_the_exempt_networks_and_the_log_format(data_
         json.loads(later)  # every line after the reload's: JSON (the stop's lines included)
 
 
-def test_with_workers_and_the_lane_the_exempt_networks_apply_and_the_table_size_needs_a_restart(data_dir, tmp_path):
-    """The C lane applies the limit (the default): it takes the new rate and the new exempt
-    networks in every worker (`FastLane.limit`, `FastLane.exempt`); its table of sources is sized
-    at start, so `rate_limit_sources` is named as needing a restart and kept.  The log format too."""
+def test_with_workers_and_the_lane_the_rate_the_sources_and_the_exempt_networks_apply(data_dir, tmp_path):
+    """The C lane applies the limit (the default): it takes the new rate, the new bound of sources
+    (its table made again, the newest kept) and the new exempt networks in every worker
+    (`FastLane.limit`, `FastLane.exempt`).  The log format too."""
     cfg = tmp_path / "corem.toml"
     cfg.write_text('rate_limit_per_source = 1\n')
     server = start_corem(data_dir, "--config", str(cfg), "--workers", "2", timeout=60)
@@ -93,7 +93,7 @@ def test_with_workers_and_the_lane_the_exempt_networks_apply_and_the_table_size_
         msg = json.loads(text)["msg"]
         assert "(2 of 2 workers)" in msg and "log_format kv -> json" in msg, msg
         assert "rate_limit_per_source 1.0 -> 2.0" in msg and 'rate_limit_exempt "" -> 127.0.0.0/8' in msg, msg
-        assert "rate_limit_sources (need a restart)" in msg and "rate_limit_sources 100000" not in msg, msg
+        assert "rate_limit_sources 100000 -> 5" in msg and "need a restart" not in msg, msg
         # the exempt network, in the lane of the worker this socket is steered to: all answered
         assert _pings(server.coap_port, 20, answers=20) == 20
         metrics = server.metrics()  # (over the rate, they were exempted, none dropped)

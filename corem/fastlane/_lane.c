@@ -161,6 +161,8 @@ typedef struct {
     uint32_t size, gen;
     uint16_t mid;
     uint8_t tkl, state, non; /* non: a NON request, answered by a NON response of a new message id */
+    uint8_t failed;          /* a point's commit failed: the answer is 5.03 */
+    uint16_t points, left;   /* its records, and those whose commit is not known yet */
     uint8_t token[8];
     double rx;    /* its batch's receipt, CLOCK_MONOTONIC (the latency histogram) */
     uint8_t door; /* of the histogram: 0 /api/v1/..., 1 /telemetry */
@@ -755,30 +757,71 @@ static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, u
     return headers;
 }
 
-/* 4. The reading, accepted: its record for the sink, and the exchange waiting for the commit.
- * 0, or -1 with an exception set. */
-static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
-                        socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, item_t *items, int nitems,
-                        long long ts, double now, long long now_ms, const uint8_t *order, const uint8_t *uorder,
-                        int nu) {
-    PyObject *value = point_json(self, t, items, nitems, ts, now_ms, s->end - s->payload, order, uorder, nu);
-    if (!value) return -1;
-    PyObject *headers = exchange_headers(self, t->headers, a, s->mid, now_ms);
-    PyObject *record = headers ? self->record_type->tp_alloc(self->record_type, 4) : NULL;
+/* One point's record: the point's JSON and the exchange's headers (shared by a request's points),
+ * or NULL with an exception set. */
+static PyObject *point_record(Lane *self, target_t *t, PyObject *headers, item_t *items, int n, long long ts,
+                              long long now_ms, size_t payload_len, const uint8_t *order, const uint8_t *uorder, int nu) {
+    PyObject *value = point_json(self, t, items, n, ts, now_ms, payload_len, order, uorder, nu);
+    PyObject *record = value ? self->record_type->tp_alloc(self->record_type, 4) : NULL;
     if (!record) {
-        Py_DECREF(value);
-        Py_XDECREF(headers);
-        return -1;
+        Py_XDECREF(value);
+        return NULL;
     }
     Py_INCREF(t->topic);
     Py_INCREF(t->key);
+    Py_INCREF(headers);
     PyTuple_SET_ITEM(record, 0, t->topic);
     PyTuple_SET_ITEM(record, 1, t->key);
     PyTuple_SET_ITEM(record, 2, value);
     PyTuple_SET_ITEM(record, 3, headers);
+    return record;
+}
+
+/* 4. The reading, accepted: a record a point for the sink (the profile's rules applied to each,
+ * `rules`, or the units' order a Python decoder gave, `uorder`), and the exchange waiting for
+ * their commits.  0; 1 if a point breaks a rule (the Python path's, nothing taken); or -1 with
+ * an exception set. */
+static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
+                        socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, item_t *items, int nitems,
+                        const long long *pts, int npts, double now, long long now_ms, const rules_t *rules,
+                        const uint8_t *uorder, int nu) {
+    PyObject *record[MAX_POINTS];
+    int made = 0;
+    PyObject *headers = exchange_headers(self, t->headers, a, s->mid, now_ms);
+    if (!headers) return -1;
+    for (int p = 0; p < npts; p++) {
+        item_t own[MAX_ITEMS], *pi = items;
+        int m = nitems;
+        if (npts > 1) { /* (this point's items, in their order) */
+            m = 0;
+            for (int i = 0; i < nitems; i++)
+                if (items[i].point == p) own[m++] = items[i];
+            pi = own;
+        }
+        uint8_t order[MAX_ITEMS], rorder[MAX_ITEMS];
+        const uint8_t *o = NULL, *u = uorder;
+        int nuu = nu;
+        if (rules) {
+            if (apply_rules(rules, pi, m, order, rorder, &nuu) < 0) { /* a broken rule: Python's 4.00 names it */
+                while (made) Py_DECREF(record[--made]);
+                Py_DECREF(headers);
+                return 1;
+            }
+            o = order;
+            u = rorder;
+        }
+        record[made] = point_record(self, t, headers, pi, m, pts[p], now_ms, s->end - s->payload, o, u, nuu);
+        if (!record[made]) {
+            while (made) Py_DECREF(record[--made]);
+            Py_DECREF(headers);
+            return -1;
+        }
+        made++;
+    }
+    Py_DECREF(headers);
     int h = pending_new(self);
     if (h < 0) {
-        Py_DECREF(record);
+        while (made) Py_DECREF(record[--made]);
         PyErr_NoMemory();
         return -1;
     }
@@ -801,21 +844,29 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     q->non = s->type == 1;
     memcpy(q->token, d + 4, s->tkl);
     q->state = P_PENDING;
+    q->left = q->points = (uint16_t)made; /* (answered once every point's commit is known) */
+    q->failed = 0;
     Py_INCREF(t->device);
     q->device = t->device;
     Py_XINCREF(peer);
     q->peer = peer;
     PyObject *ctx = PyLong_FromLongLong((long long)h << 32 | q->gen);
-    if (!ctx || PyList_Append(self->records, record) < 0 || PyList_Append(self->ctxs, ctx) < 0 ||
-        fifo_push(self, (uint64_t)h << 32 | q->gen) < 0) {
+    int bad = !ctx;
+    Py_ssize_t before = PyList_GET_SIZE(self->records);
+    for (int p = 0; p < made && !bad; p++)
+        bad = PyList_Append(self->records, record[p]) < 0 || PyList_Append(self->ctxs, ctx) < 0;
+    if (bad || fifo_push(self, (uint64_t)h << 32 | q->gen) < 0) {
+        /* (none of them stays: a record without its exchange would be answered by nobody) */
+        PyList_SetSlice(self->records, before, PyList_GET_SIZE(self->records), NULL);
+        PyList_SetSlice(self->ctxs, before, PyList_GET_SIZE(self->ctxs), NULL);
         Py_XDECREF(ctx);
-        Py_DECREF(record);
+        while (made) Py_DECREF(record[--made]);
         pending_free(self, h);
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return -1;
     }
     Py_DECREF(ctx);
-    Py_DECREF(record);
+    while (made) Py_DECREF(record[--made]);
     if (t->epoch != self->epoch) {
         t->epoch = self->epoch;
         if (PyList_Append(self->touched, t->device) < 0) return -1;
@@ -832,15 +883,16 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
  * binary layout (42 or none, layouts.h), a SenML pack of one time (110-113, 50, 60: senml.h); 0 and
  * the items, or -1: the Python path's. */
 static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint8_t *end, long long now_ms,
-                         item_t *items, int *nitems, long long *ts, char (*names)[LANE_NAME]) {
+                         item_t *items, int *nitems, long long *pts, int *npts, char (*names)[LANE_NAME]) {
     int mode = t->mode;
-    *ts = -1;
-    if (mode == MODE_SENML) return parse_senml(cf, p, end, now_ms, items, nitems, ts, names);
+    *npts = 1;
+    pts[0] = -1;
+    if (mode == MODE_SENML) return parse_senml(cf, p, end, now_ms, items, nitems, pts, npts, names);
     if (mode == MODE_LPP) return cf == 42 || cf < 0 ? parse_lpp(p, end, items, nitems, names) : -1;
     if (mode == MODE_BINARY) return cf == 42 || cf < 0 ? parse_binary(&profile_of(t)->layout, p, end, items, nitems) : -1;
     if (cf != 60 && cf != 50) return -1;
-    if (mode == MODE_ARRAY) return parse_positional(&profile_of(t)->layout, cf, p, end, items, nitems, ts);
-    return parse_document(cf, mode, p, end, items, nitems, ts);
+    if (mode == MODE_ARRAY) return parse_positional(&profile_of(t)->layout, cf, p, end, items, nitems, pts);
+    return parse_document(cf, mode, p, end, items, nitems, pts, npts);
 }
 
 /* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
@@ -858,30 +910,30 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
     item_t items[MAX_ITEMS];
     char names[MAX_ITEMS][LANE_NAME]; /* (the names a format makes: LPP's, SenML's) */
     int nitems;
-    long long ts;
-    uint8_t order[MAX_ITEMS], uorder[MAX_ITEMS];
+    long long pts[MAX_POINTS];
+    int npts = 1, r;
     if (t->mode == MODE_PYTHON) { /* (its rules are in the decoder) */
         PyObject *keep;
-        int nu = 0, r;
+        uint8_t uorder[MAX_ITEMS];
+        int nu = 0;
         uint64_t gen = self->targets_gen;
         Py_ssize_t ti = t - self->targets;
-        if (parse_python(profile_of(t)->decode, s.cf, s.payload, s.end, now_ms, items, &nitems, &ts, uorder, &nu,
+        if (parse_python(profile_of(t)->decode, s.cf, s.payload, s.end, now_ms, items, &nitems, &pts[0], uorder, &nu,
                          &keep) < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
-            r = python_path(self, key, now, reuse);
+            r = 1;
         else
-            r = take_reading(self, &self->targets[ti], &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now,
+            r = take_reading(self, &self->targets[ti], &s, d, n, a, alen, peer, key, reuse, items, nitems, pts, 1, now,
                              now_ms, NULL, uorder, nu);
         Py_XDECREF(keep); /* (last: the items point into it) */
-        return r;
+        return r == 1 ? python_path(self, key, now, reuse) : r;
     }
-    if (parse_payload(s.cf, t, s.payload, s.end, now_ms, items, &nitems, &ts, names) < 0)
+    if (parse_payload(s.cf, t, s.payload, s.end, now_ms, items, &nitems, pts, &npts, names) < 0)
         return python_path(self, key, now, reuse);
-    int nu = 0, ruled = t->profile && profile_of(t)->rules.n;
-    if (ruled && apply_rules(&profile_of(t)->rules, items, nitems, order, uorder, &nu) < 0)
-        return python_path(self, key, now, reuse); /* a broken rule: Python's 4.00 names it */
-    /* accepted: from here on the lane owns the exchange */
-    return take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, ts, now, now_ms,
-                        ruled ? order : NULL, ruled ? uorder : NULL, nu);
+    const rules_t *rules = t->profile && profile_of(t)->rules.n ? &profile_of(t)->rules : NULL;
+    /* accepted unless a rule is broken: from then on the lane owns the exchange */
+    r = take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, pts, npts, now, now_ms, rules,
+                     NULL, 0);
+    return r == 1 ? python_path(self, key, now, reuse) : r;
 }
 
 static int ensure_lists(Lane *self) {
@@ -1384,7 +1436,9 @@ static PyObject *Lane_limit(Lane *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "limit: rate > 0, burst >= 1, max_sources >= 1");
         return NULL;
     }
-    if (!self->buckets.ring && fm_init(&self->buckets, (size_t)max_sources, sizeof(bucket_t)) < 0)
+    if (!self->buckets.ring ? fm_init(&self->buckets, (size_t)max_sources, sizeof(bucket_t)) < 0
+                            : (size_t)max_sources != self->buckets.cap &&
+                                  fm_resize(&self->buckets, (size_t)max_sources) < 0) /* (a SIGHUP's new bound) */
         return PyErr_NoMemory();
     self->rate = rate;
     self->burst = burst;
@@ -1501,14 +1555,19 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
     }
     pending_t *q = pending_of(self, args[0]);
     if (!q) return NULL;
-    int ok = args[1] == Py_None;
+    if (args[1] != Py_None) q->failed = 1;
+    if (q->left > 1) { /* (a request of several points: answered at its last one's) */
+        q->left--;
+        Py_RETURN_NONE;
+    }
+    int ok = !q->failed;
     int code = ok ? 0x44 : 0xA3;
     if (ok) {
-        self->accepted++;
+        self->accepted += q->points;
         if (!self->committed && !(self->committed = PyDict_New())) return NULL;
         PyObject *n = PyDict_GetItemWithError(self->committed, q->device);
         long long c = n ? PyLong_AsLongLong(n) : 0;
-        PyObject *nn = PyLong_FromLongLong(c + 1);
+        PyObject *nn = PyLong_FromLongLong(c + q->points);
         if (!nn || PyDict_SetItem(self->committed, q->device, nn) < 0) {
             Py_XDECREF(nn);
             return NULL;

@@ -24,7 +24,11 @@ typedef struct {
     size_t tlen;
     const char *unit; /* its unit (Cayenne LPP's, SenML's, a rule's), or NULL */
     size_t ulen;
+    uint8_t point; /* of a payload of several points (a ThingsBoard array, SenML of several times): which */
 } item_t;
+
+/* the points one request may become in the lane (more: the Python path's) */
+#define MAX_POINTS 16
 
 /* the bytes of a name the lane makes (LPP's `{type}_{channel}.{axis}`, SenML's bn + n) */
 #define LANE_NAME 64
@@ -136,11 +140,11 @@ static int cbor_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
 /* A flat CBOR map at p of readings the lane is sure of: 0, the items, and *after past it; -1
  * otherwise.  ts_special: a "ts" key is the point's time (the default profile's flat map), not a
  * reading (ThingsBoard's). */
-static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts,
+static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int cap, int *nitems, long long *ts,
                        int ts_special, const uint8_t **after) {
     if (p >= end || (*p >> 5) != 5) return -1;
     uint64_t n;
-    if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > MAX_ITEMS) return -1;
+    if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > (uint64_t)cap) return -1;
     int count = 0, readings = 0;
     *ts = -1;
     for (uint64_t i = 0; i < n; i++) {
@@ -282,7 +286,7 @@ static int json_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
  * Sure means: an object of at most MAX_ITEMS members, keys and text without escapes, numbers of
  * `json_number`'s shape, true and false, an integral `ts` in range, no key twice (msgspec would
  * keep the last), at least one reading; null, arrays, nested objects and the rest are Python's. */
-static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int *nitems, long long *ts,
+static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int cap, int *nitems, long long *ts,
                        int ts_special, const uint8_t **after) {
     if (p >= end || *p != '{') return -1;
     p = json_ws(p + 1, end);
@@ -302,7 +306,7 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         if (p >= end || *p != ':') return -1;
         p = json_ws(p + 1, end);
         if (p >= end) return -1;
-        if (count == MAX_ITEMS) return -1;
+        if (count == cap) return -1;
         item_t *it = &items[count];
         it->key = key;
         it->klen = klen;
@@ -346,46 +350,44 @@ static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
 enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */, MODE_ARRAY = 3, MODE_BINARY = 4 /* (layouts.h) */,
        MODE_SENML = 5 /* (senml.h) */, MODE_PYTHON = 6 /* (pycodec.h) */, MODE_LAST = MODE_PYTHON };
 
-/* Parse a document (Content-Format 60: CBOR, 50: JSON) in a target's mode (flat or ThingsBoard):
- * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains:
- * it is the twin, and what the lane takes it would take alike). */
-static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
-                         long long *ts) {
-    const uint8_t *after;
+/* One entry at p (Content-Format 60: CBOR, 50: JSON, whitespace skipped) into at most `cap` items:
+ * the default profile's flat map where "ts" is the time (`flat`), or a ThingsBoard entry -- a flat
+ * map of values, "ts" among them, or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry).
+ * 0, the items, *ts (-1: none) and *after past it; -1 if the lane is not sure of it. */
+static int doc_entry(int cf, int flat, const uint8_t *p, const uint8_t *end, item_t *items, int cap, int *nitems,
+                     long long *ts, const uint8_t **after) {
     *ts = -1;
+    if (cf == 50) p = json_ws(p, end);
+    if ((cf == 60 ? cbor_object(p, end, items, cap, nitems, ts, flat, after)
+                  : json_object(p, end, items, cap, nitems, ts, flat, after)) == 0) {
+        if (flat) return 0;
+        for (int i = 0; i < *nitems; i++) /* ("values" beside other keys: Python's to judge) */
+            if (items[i].klen == 6 && memcmp(items[i].key, "values", 6) == 0) return -1;
+        return 0;
+    }
+    if (flat) return -1;
+    *ts = -1;
+    int seen_values = 0;
     if (cf == 60) {
-        if (cbor_object(p, end, items, nitems, ts, mode == MODE_FLAT, &after) == 0 && after == end) {
-            if (mode == MODE_FLAT) return 0;
-            for (int i = 0; i < *nitems; i++) /* ("values" beside other keys: Python's to judge) */
-                if (items[i].klen == 6 && memcmp(items[i].key, "values", 6) == 0) return -1;
-            return 0;
-        }
-        if (mode != MODE_THINGSBOARD || p >= end || (*p != 0xA1 && *p != 0xA2)) return -1;
-        int members = *p++ & 0x1f, seen_values = 0;
+        if (p >= end || (*p != 0xA1 && *p != 0xA2)) return -1;
+        int members = *p++ & 0x1f;
         uint64_t v;
         for (int m = 0; m < members; m++) {
             if (cbor_key_is(&p, end, "ts")) {
                 if (*ts >= 0 || p >= end || (*p >> 5) != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
                 *ts = (long long)v;
             } else if (!seen_values && cbor_key_is(&p, end, "values")) {
-                if (cbor_object(p, end, items, nitems, &(long long){-1}, 0, &p) < 0) return -1;
+                if (cbor_object(p, end, items, cap, nitems, &(long long){-1}, 0, &p) < 0) return -1;
                 seen_values = 1;
             } else {
                 return -1;
             }
         }
-        return seen_values && p == end ? 0 : -1;
+        *after = p;
+        return seen_values ? 0 : -1;
     }
-    p = json_ws(p, end);
-    if (json_object(p, end, items, nitems, ts, mode == MODE_FLAT, &after) == 0 && json_ws(after, end) == end) {
-        if (mode == MODE_FLAT) return 0;
-        for (int i = 0; i < *nitems; i++)
-            if (items[i].klen == 6 && memcmp(items[i].key, "values", 6) == 0) return -1;
-        return 0;
-    }
-    if (mode != MODE_THINGSBOARD || p >= end || *p != '{') return -1;
+    if (p >= end || *p != '{') return -1;
     p = json_ws(p + 1, end);
-    int seen_values = 0;
     for (;;) {
         const uint8_t *key;
         size_t klen;
@@ -397,7 +399,7 @@ static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end
             if (json_ts(&p, end, ts) < 0) return -1;
         } else if (klen == 6 && memcmp(key, "values", 6) == 0 && !seen_values) {
             long long inner = -1;
-            if (json_object(p, end, items, nitems, &inner, 0, &p) < 0) return -1;
+            if (json_object(p, end, items, cap, nitems, &inner, 0, &p) < 0) return -1;
             seen_values = 1;
         } else {
             return -1;
@@ -406,7 +408,57 @@ static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end
         if (next < 0) return -1;
         if (!next) break;
     }
-    return seen_values && json_ws(p + 1, end) == end ? 0 : -1;
+    *after = p + 1;
+    return seen_values ? 0 : -1;
+}
+
+/* The end of a document: nothing after it (JSON: but whitespace). */
+static inline int doc_ends(int cf, const uint8_t *p, const uint8_t *end) {
+    return cf == 60 ? p == end : json_ws(p, end) == end;
+}
+
+/* Parse a document (Content-Format 60: CBOR, 50: JSON) in a target's mode (flat or ThingsBoard):
+ * 0, the items and each point's time (pts, *npts of them: ThingsBoard's array is a point an
+ * entry, each item its point's index) if the lane is sure of it; -1 otherwise (the Python path
+ * decides, and explains: it is the twin, and what the lane takes it would take alike). */
+static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
+                          long long *pts, int *npts) {
+    const uint8_t *after;
+    *npts = 1;
+    if (doc_entry(cf, mode == MODE_FLAT, p, end, items, MAX_ITEMS, nitems, &pts[0], &after) == 0)
+        return doc_ends(cf, after, end) ? 0 : -1;
+    if (mode != MODE_THINGSBOARD) return -1;
+    uint64_t n = 0; /* an array of entries: a point each (CBOR: its length; JSON: up to its bracket) */
+    if (cf == 60) {
+        if (p >= end || (*p >> 5) != 4 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || !n || n > MAX_POINTS)
+            return -1;
+    } else {
+        p = json_ws(p, end);
+        if (p >= end || *p != '[') return -1;
+        p++;
+    }
+    int count = 0, k = 0;
+    for (;; k++) {
+        if (cf == 60 ? (uint64_t)k == n : 0) break;
+        if (cf == 50 && k) { /* a comma between entries, or the closing bracket */
+            p = json_ws(p, end);
+            if (p < end && *p == ']') {
+                p++;
+                break;
+            }
+            if (p >= end || *p != ',') return -1;
+            p++;
+        }
+        if (k == MAX_POINTS || count == MAX_ITEMS) return -1;
+        int got;
+        if (doc_entry(cf, 0, p, end, items + count, MAX_ITEMS - count, &got, &pts[k], &p) < 0) return -1;
+        for (int i = count; i < count + got; i++) items[i].point = (uint8_t)k;
+        count += got;
+    }
+    if (!doc_ends(cf, p, end)) return -1;
+    *nitems = count;
+    *npts = k;
+    return 0;
 }
 
 static char *put_u64(char *o, unsigned long long v) {

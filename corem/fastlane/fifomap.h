@@ -128,4 +128,20 @@ static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
     return slot;
 }
 
+/* The map made again with room for `cap` entries, the newest kept in their order (the oldest go
+ * when it shrinks): 0, or -1 (no memory; the map is as it was). */
+static int fm_resize(fifomap *m, size_t cap) {
+    fifomap n;
+    if (fm_init(&n, cap, m->esize) < 0) return -1;
+    size_t skip = m->count > cap ? m->count - cap : 0;
+    for (size_t k = skip; k < m->count; k++) {
+        const char *e = fm_entry(m, (m->head + k) % m->cap);
+        int evicted;
+        memcpy(fm_entry(&n, fm_push(&n, (const uint8_t *)e, &evicted)), e, m->esize);
+    }
+    fm_free(m);
+    *m = n;
+    return 0;
+}
+
 #endif

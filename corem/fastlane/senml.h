@@ -3,9 +3,10 @@
  * 60), resolved as corem/profiles/formats.py's `senml` (the Python twin) resolves it -- base name,
  * time, unit, value and sum carried over the pack (§4.6), relative times (below 2^28 s, §4.5.3)
  * from the moment it came, names checked (§4.5.1), `v` / `vs` / `vb` values and sums `s` as
- * `{name}.sum`, units kept.  The lane takes a pack whose records all resolve to one time (one
- * point) and whose values it is sure of; several times, `vd` data, escapes, exponents, labels of
- * other types, anything Python would refuse: the Python path's, which answers and explains.
+ * `{name}.sum`, units kept, a point for each time the records resolve to (in the order they first
+ * come, as Python's dict keeps them; at most MAX_POINTS).  The lane takes a pack whose values it
+ * is sure of; `vd` data, escapes, exponents, labels of other types, anything Python would refuse:
+ * the Python path's, which answers and explains.
  * Header-only, for _lane.c, after cbor_json.h.
  */
 #ifndef COREM_SENML_H
@@ -177,10 +178,10 @@ static int senml_record(int cbor, const uint8_t **pp, const uint8_t *end, uint8_
     return 0;
 }
 
-/* A resolved name into names[i] (bn + n, suffix appended): 0 and its length, or -1 (too long, not a
- * SenML name, or one the point has already). */
+/* A resolved name into names[count] (bn + n, suffix appended): 0 and its length, or -1 (too long,
+ * not a SenML name, or one its point -- `point` -- has already). */
 static int senml_name(const senml_base_t *b, const svalue_t *n, const char *suffix, char (*names)[LANE_NAME],
-                      const item_t *items, int count, size_t *len) {
+                      const item_t *items, int count, int point, size_t *len) {
     size_t nlen = n ? n->tlen : 0, slen = strlen(suffix), total = b->bnlen + nlen;
     if (total + slen >= LANE_NAME) return -1;
     char *o = names[count];
@@ -190,15 +191,16 @@ static int senml_name(const senml_base_t *b, const svalue_t *n, const char *suff
     memcpy(o + total, suffix, slen);
     total += slen;
     for (int j = 0; j < count; j++)
-        if (items[j].klen == total && memcmp(items[j].key, o, total) == 0) return -1;
+        if (items[j].point == point && items[j].klen == total && memcmp(items[j].key, o, total) == 0) return -1;
     *len = total;
     return 0;
 }
 
-/* A SenML pack (cf: 110, 111 or 50 JSON; 112, 113 or 60 CBOR) resolved to one point at `now_ms`:
- * 0, the items and *ts; -1 for anything the lane leaves to Python. */
+/* A SenML pack (cf: 110, 111 or 50 JSON; 112, 113 or 60 CBOR) resolved at `now_ms`: 0, the items
+ * (each with its point's index) and each point's time (pts, *npts of them); -1 for anything the
+ * lane leaves to Python. */
 static int parse_senml(int cf, const uint8_t *p, const uint8_t *end, long long now_ms, item_t *items, int *nitems,
-                       long long *ts, char (*names)[LANE_NAME]) {
+                       long long *pts, int *npts, char (*names)[LANE_NAME]) {
     int cbor = cf == 112 || cf == 113 || cf == 60;
     if (!cbor && cf != 110 && cf != 111 && cf != 50) return -1;
     uint64_t nrec = 0;
@@ -212,8 +214,7 @@ static int parse_senml(int cf, const uint8_t *p, const uint8_t *end, long long n
         p = json_ws(p + 1, end);
     }
     senml_base_t b = {(const uint8_t *)"", NULL, 0, 0, 0.0, 0.0, 0.0};
-    int count = 0;
-    *ts = -1;
+    int count = 0, points = 0;
     for (uint64_t r = 0; cbor ? r < nrec : 1; r++) {
         if (!cbor && r) { /* the comma between records, or the end */
             p = json_ws(p, end);
@@ -234,8 +235,12 @@ static int parse_senml(int cf, const uint8_t *p, const uint8_t *end, long long n
         if (!isfinite(ms)) return -1;
         double at = nearbyint(ms); /* (Python's round: half to even, the default rounding mode) */
         if (!(at >= 0 && at <= (double)MAX_TS_MS)) return -1;
-        if (*ts < 0) *ts = (long long)at;
-        else if ((long long)at != *ts) return -1; /* another time: another point, Python's */
+        int point = 0; /* the point of its time: one already, or a new one */
+        while (point < points && pts[point] != (long long)at) point++;
+        if (point == points) {
+            if (points == MAX_POINTS) return -1;
+            pts[points++] = (long long)at;
+        }
         int values = has[L_V] + has[L_VS] + has[L_VB];
         if (values > 1 || (!values && !has[L_S])) return -1;
         const uint8_t *unit = has[L_U] ? val[L_U].text : b.bu;
@@ -246,7 +251,7 @@ static int parse_senml(int cf, const uint8_t *p, const uint8_t *end, long long n
             if (count == MAX_ITEMS) return -1;
             item_t *it = &items[count];
             size_t len;
-            if (senml_name(&b, has[L_N] ? &val[L_N] : NULL, part ? ".sum" : "", names, items, count, &len) < 0)
+            if (senml_name(&b, has[L_N] ? &val[L_N] : NULL, part ? ".sum" : "", names, items, count, point, &len) < 0)
                 return -1;
             it->key = (const uint8_t *)names[count];
             it->klen = len;
@@ -263,12 +268,14 @@ static int parse_senml(int cf, const uint8_t *p, const uint8_t *end, long long n
             if (!it->is_text && !isfinite(it->num)) return -1;
             it->unit = (const char *)unit;
             it->ulen = ulen;
+            it->point = (uint8_t)point;
             count++;
         }
     }
     if (cbor ? p != end : json_ws(p + 1, end) != end) return -1;
     if (!count) return -1;
     *nitems = count;
+    *npts = points;
     return 0;
 }
 
