@@ -463,7 +463,7 @@ def cmd_telemetry_tail(args: argparse.Namespace) -> int:
               f"{topics.telemetry('{tenant}')} there, e.g. kcat -C -b {hosts} -t "
               f"{topics.telemetry(args.tenant or 'TENANT')}", file=sys.stderr)
         return 1
-    path = data / "bus.db"
+    path = data / datadir.BUS_FILE
     if not path.exists() and not args.follow:
         servers = "; ".join(f"corem serve (pid {pid}) runs on {d}" for pid, d in datadir.running())
         print(f"corem: no readings stored in data dir {data.resolve()} (no bus.db)" + (f"; {servers}" if servers else ""),

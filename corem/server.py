@@ -43,14 +43,13 @@ from .registry.presence import open_table as open_presence
 from .registry_changes import RegistryChanges
 from .reload import Report
 from .stats import Measured
-from .identity import session_identity as identity
 from .transports import Identity, Transport, Transports
 from .workers.link import Link, WorkerSpec
 
 if TYPE_CHECKING:
     from .dtls.server import DtlsServer
 
-__all__ = ["Bound", "Server", "Transport", "identity"]  # (what users and tests import from here: identity.py's)
+__all__ = ["Bound", "Server", "Transport"]
 
 log = logging.getLogger("corem")
 

@@ -523,7 +523,7 @@ def test_over_oscore_the_context_names_the_device(tmp_path, pb):
     from corem.registry.db import Db
     from corem.registry.oscore import OscoreState
     from corem.registry.store import Device
-    from corem.server import identity
+    from corem.identity import session_identity as identity
 
     from .test_oscore import KEYS, device_context, opened, sealed
 

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlencode
 from ..config import ConfigError, Settings, parse_hostport, read_secret
 from ..devices.requests import COMMAND_TTL, RPC_TIMEOUT
 from ..registry.management import KINDS
+from .. import logs
 from . import token as admin_token
 
 KEYS = ["data_dir", "http", "admin_token", "admin_token_file"]
@@ -32,14 +33,13 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, raw
     hostport = parse_hostport(settings.http, "http", allow_off=True)
     if hostport is None:
         raise ConfigError("http: the server's admin listener is off; these commands need it")
-    host = "127.0.0.1" if hostport[0] in ("0.0.0.0", "") else hostport[0]
-    host = f"[{host}]" if ":" in host else host
+    where = logs.address(("127.0.0.1" if hostport[0] in ("0.0.0.0", "") else hostport[0], hostport[1]))
     token = settings.admin_token or admin_token.read(settings.data_path)
     if not token:
         raise ConfigError(f"admin_token: not given and no {admin_token.TOKEN_FILE} in the data dir "
                           "(start corem serve once)")
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(f"http://{host}:{hostport[1]}{path}", data=data, method=method)
+    req = urllib.request.Request(f"http://{where}{path}", data=data, method=method)
     req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -47,7 +47,7 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None, raw
     except urllib.error.HTTPError as e:
         status, text = e.code, e.read()
     except OSError as e:
-        print(f"corem: cannot reach the admin API at {host}:{hostport[1]}: {e}", file=sys.stderr)
+        print(f"corem: cannot reach the admin API at {where}: {e}", file=sys.stderr)
         return 1
     if 200 <= status < 300:
         if text.strip():

@@ -22,7 +22,7 @@ from ..bus.recovery import HEADER as EXCHANGE, exchange_header
 from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..coap.response import retry_later
-from .. import content_format
+from .. import content_format, logs
 from ..codec import Code
 from ..errors import CoremError
 from ..identity import Door, Identity, Refusal, SessionDevice
@@ -439,7 +439,4 @@ def _headers(req: Request, device: dict[str, str], received_at: int) -> dict[str
 
 
 def _peer_str(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer)
+    return str(logs.address(peer))

@@ -29,6 +29,7 @@ from collections import Counter
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
+from ... import logs
 from ...bus.base import publish_json
 from ...coap.endpoint import Request
 from ...coap.resources import Response, Router
@@ -156,7 +157,7 @@ class Efento:
         self.ingest.diagnostics.add(
             at=self.ingest.clock_ms(), protocol=PROTOCOL, reason="decode_error", detail=error.reason,
             field=error.field, tenant=device and device.tenant, device=device and device.device,
-            peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer),
+            peer=str(logs.address(peer)),
             content_format=msg.content_format, payload=msg.payload,
         )
         code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(error, UnsupportedFormat) else Code.BAD_REQUEST
