@@ -150,8 +150,8 @@ def add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], *, 
             options["required"] = True
         elif f.default is not msgspec.NODEFAULT and f.default is not msgspec.UNSET:
             options["default"] = f.default
-        if isinstance(bare, msgspec.inspect.LiteralType):
-            options["choices"] = list(bare.values)
+        if isinstance(bare, msgspec.inspect.LiteralType):  # ("" too: the default, as in the API and the import)
+            options["choices"] = [*bare.values, *([""] if "" not in bare.values and not f.required else [])]
         help_text = extra.get("cli")
         if help_text is None:
             meta = f.type.types[0] if isinstance(f.type, msgspec.inspect.UnionType) else f.type

@@ -197,6 +197,15 @@ def test_the_cli_and_the_api_agree_on_defaults():
     assert _cli_default("rpc", dest="timeout") == rpc and _cli_default("command", dest="ttl") == ttl
 
 
+def test_an_empty_choice_on_the_command_line_is_the_default_as_in_the_api(data_dir):
+    """`--power-mode ''` (a Literal's flag) is the default, as an empty power_mode is in the API and
+    the import: not argparse's 'invalid choice'."""
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "e1", "--token", "TOK-E", "--power-mode", "",
+              "--profile", "", data_dir=data_dir)
+    [row] = json.loads(corem_cli("devices", "list", "--json", data_dir=data_dir).stdout.splitlines()[0].join("[]"))
+    assert (row["power_mode"], row["profile"]) == ("drx", "default")
+
+
 @pytest.mark.parametrize("made_by", ["cli", "api"])
 def test_a_device_added_with_nothing_but_its_name_is_the_same_through_both(tmp_path, made_by):
     data = tmp_path / "data"

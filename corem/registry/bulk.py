@@ -113,9 +113,10 @@ def import_devices(
                 f"UPDATE devices SET {', '.join(f'{c} = ?' for c in _SET)} WHERE tenant = ? AND device = ?",
                 [(*(r[_AT[c]] for c in _SET), r[0], r[1]) for _, r, update in batch if update])
             conn.execute("COMMIT")
-        except conn.IntegrityError as e:  # (clashes were looked for above: this is a race with a writer)
+        except conn.IntegrityError:  # (clashes were looked for above: this is a race with a writer)
             conn.rollback()
-            raise Conflict(f"lines {batch[0][0]}-{batch[-1][0]}: {e}; nothing of them was written") from None
+            raise Conflict(f"lines {batch[0][0]}-{batch[-1][0]}: a device, token or credential another writer "
+                           "stored meanwhile; nothing of them was written (import them again)") from None
         except conn.Error as e:
             conn.rollback()
             raise StorageUnavailable(f"storage: {e}") from None
