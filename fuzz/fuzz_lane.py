@@ -71,7 +71,12 @@ PB_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
                              [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"PB"),
                               (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
                              bytes.fromhex("0880d095ffbc311214090000000000803640" "10411a0772756e6e696e67")))
-TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE, ARRAY_TEMPLATE, BINARY_TEMPLATE,
+#: ThingsBoard's nested values, flattened (the twin's tb profile: nested flatten)
+TB_NESTED_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                                    [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"TB"),
+                                     (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
+                                    b'[{"ts": 1, "values": {"m": {"fw": "1.2", "hw": [3, {"r": true}]}}}, {"a": 1}]'))
+TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, TB_NESTED_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE, ARRAY_TEMPLATE, BINARY_TEMPLATE,
              SENML_TEMPLATE, SENML_CBOR_TEMPLATE, JS_TEMPLATE, PB_TEMPLATE)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 

@@ -285,6 +285,11 @@ TB_BODIES = [  # (Content-Format, payload): ThingsBoard's telemetry shapes
     # an array of entries: a point each (several records, one answer once all are durable)
     (50, b'[{"a": 1}, {"a": 2}]'), (50, b' [ {"ts": 1700000000000, "values": {"a": 1}} , {"b": "x"} ] '),
     (60, cbor2.dumps([{"a": 1}])), (60, cbor2.dumps([{"ts": 5, "values": {"a": 1}}, {"ts": 6, "values": {"a": 2}}])),
+    # nested values, flattened (the profile's nested: flatten): maps and arrays into their leaves
+    (50, b'{"ts": 1700000000000, "values": {"a": {"b": 1, "c": [true, "x", {"d": 2.5}]}, "e": 3}}'),
+    (50, b'{"a": {"b": 1}, "x": {}, "ts": 1.5}'), (50, b'{"a": [1, 2]}'), (50, b'{"values": {"a": 1}, "x": [1]}'),
+    (60, cbor2.dumps({"values": {"a": {"b": 1}}})), (60, cbor2.dumps({"m": {"fw": "1.2", "hw": [3, 4]}, "t": 1})),
+    (60, cbor2.dumps([{"ts": 5, "values": {"a": {"b": [1]}}}, {"c": {"d": 1}}])),
 ]
 
 
@@ -328,14 +333,15 @@ def test_an_array_of_points_is_answered_once_all_are_durable_and_503_if_any_is_n
 
 
 @pytest.mark.parametrize("cf, body", [
-    (50, b'{"ts": 1700000000000, "values": {"a": {"b": 1}}}'),  # nested: flattened by Python
-    (50, b'{"a": {"b": 1}}'), (50, b'{"a": [1, 2]}'), (50, b'{"values": 5}'), (50, b'{"values": {}}'),
+    (50, b'{"a": {"b": null}}'), (50, b'{"a.b": 1, "a": {"b": 2}}'),  # a leaf Python refuses; one name twice
+    (50, b'{"a": ' * 10 + b'1' + b'}' * 10), (50, b'{"a": {"": 1}}'), (50, b'{"a": {}}'),  # deeper than the lane's 8
+    (50, b'{"values": 5}'), (50, b'{"values": {}}'),
     (50, b'{"ts": -1, "values": {"a": 1}}'), (50, b'{"ts": 1.5, "values": {"a": 1}}'),
     (50, b'{"ts": 1, "ts": 2, "values": {"a": 1}}'), (50, b'{"values": {"a": 1}, "values": {"b": 1}}'),
-    (50, b'{"values": {"a": 1}, "x": 1}'), (50, b'{"values": 1, "x": 2}'), (50, b'[]'), (50, b'[{"a": 1},]'),
+    (50, b'{"values": 1, "x": 2}'), (50, b'[]'), (50, b'[{"a": 1},]'),
     (50, b'[{"a": 1}, [1]]'), (50, b'[' + b'{"a": 1},' * 16 + b'{"a": 1}]'),  # (17 points: more than the lane's 16)
     (50, b'{"ts": 1, "values": {"a": null}}'), (50, b'{"values": {"a": 1}} x'),
-    (60, cbor2.dumps([])), (60, cbor2.dumps([{"a": 1}, 5])), (60, cbor2.dumps({"values": {"a": {"b": 1}}})),
+    (60, cbor2.dumps([])), (60, cbor2.dumps([{"a": 1}, 5])), (60, cbor2.dumps({"values": {"a": {1: 1}}})),
     (60, cbor2.dumps({"ts": -5, "values": {"a": 1}})), (60, cbor2.dumps({"values": {}})),
     (60, cbor2.dumps({"values": {"a": 1}}) + b"\x00"),
 ])
@@ -452,7 +458,9 @@ def test_generated_rules_and_readings_are_stored_and_answered_the_same_with_and_
 
 TB_VALUES = st.one_of(st.integers(-10**15, 10**15), st.floats(allow_nan=False, allow_infinity=False),
                       st.booleans(), st.text(max_size=4), st.none(), st.dictionaries(st.text(max_size=3), st.integers(),
-                                                                                     max_size=2))
+                                                                                     max_size=2),
+                      st.lists(st.integers() | st.dictionaries(st.sampled_from(["x", "y"]), st.text(max_size=2)),
+                               max_size=3))  # (nested: flattened, the tb profile's nested)
 TB_FLAT = st.dictionaries(st.sampled_from(["a", "b", "ts", "values", "é"]), TB_VALUES, max_size=4)
 TB_ENTRIES = TB_FLAT | st.builds(lambda ts, v: {"ts": ts, "values": v} if ts is not None else {"values": v},
                                  st.none() | st.integers(-1, 253_402_300_800_000) | st.floats(0, 10), TB_FLAT | TB_VALUES)

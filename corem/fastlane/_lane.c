@@ -79,6 +79,7 @@ typedef struct {
     layout_t layout;
     PyObject *source; /* the tuples the strings live in */
     PyObject *decode; /* MODE_PYTHON: the profile's Python decoder (pycodec.h), or NULL */
+    int flatten;      /* ThingsBoard's `nested: flatten`: nested values read into their leaves */
 } lane_profile_t;
 
 static void profile_free(PyObject *capsule) {
@@ -91,13 +92,15 @@ static void profile_free(PyObject *capsule) {
     PyMem_Free(P);
 }
 
-/* compile_profile(rules, positions, layout, decode=None): see rules.h `rules_from`, layouts.h
- * `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's readings go through
- * (pycodec.h).  (It must not refer to the capsule: a capsule is not followed by the GC.) */
+/* compile_profile(rules, positions, layout, decode=None, flatten=False): see rules.h `rules_from`,
+ * layouts.h `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's readings go
+ * through (pycodec.h; it must not refer to the capsule: a capsule is not followed by the GC);
+ * `flatten`, a ThingsBoard profile's `nested: flatten` (cbor_json.h flat_t). */
 static PyObject *compile_profile(PyObject *module, PyObject *args) {
     PyObject *rules, *positions, *layout, *decode = Py_None;
-    if (!PyArg_ParseTuple(args, "O!O!O!|O", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
-                          &decode))
+    int flatten = 0;
+    if (!PyArg_ParseTuple(args, "O!O!O!|Op", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
+                          &decode, &flatten))
         return NULL;
     if (decode != Py_None && !PyCallable_Check(decode)) {
         PyErr_SetString(PyExc_TypeError, "compile_profile: decode is callable or None");
@@ -116,6 +119,7 @@ static PyObject *compile_profile(PyObject *module, PyObject *args) {
         Py_INCREF(decode);
         P->decode = decode;
     }
+    P->flatten = flatten;
     if (rules_from(rules, &P->rules) < 0 || layout_from(positions, layout, &P->layout) < 0) {
         Py_DECREF(capsule);
         return NULL;
@@ -892,7 +896,9 @@ static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint
     if (mode == MODE_BINARY) return cf == 42 || cf < 0 ? parse_binary(&profile_of(t)->layout, p, end, items, nitems) : -1;
     if (cf != 60 && cf != 50) return -1;
     if (mode == MODE_ARRAY) return parse_positional(&profile_of(t)->layout, cf, p, end, items, nitems, pts);
-    return parse_document(cf, mode, p, end, items, nitems, pts, npts);
+    flat_t fl = {names, items};
+    return parse_document(cf, mode, mode == MODE_THINGSBOARD && t->profile && profile_of(t)->flatten ? &fl : NULL, p,
+                          end, items, nitems, pts, npts);
 }
 
 /* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */

@@ -137,15 +137,30 @@ static int cbor_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
     return 0;
 }
 
+/* ThingsBoard's `nested: flatten` (formats.put_value): a map or array among the values is read
+ * into its leaves, named `outer.inner` (an array's by index: `outer.0`), in the order they come;
+ * the names the lane makes go to names[i] for the item at base + i.  NULL where a nested value is
+ * not the lane's (the default profile, `reject`, `json`: the Python path's). */
+typedef struct {
+    char (*names)[LANE_NAME];
+    const item_t *base;
+} flat_t;
+
+#define FLAT_DEPTH 8 /* nesting the lane flattens; deeper: the Python path's (MAX_DEPTH 16 there) */
+
+static char *put_u64(char *o, unsigned long long v);
+static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *prefix,
+                        size_t plen, item_t *items, int *count, int cap, int depth);
+
 /* A flat CBOR map at p of readings the lane is sure of: 0, the items, and *after past it; -1
  * otherwise.  ts_special: a "ts" key is the point's time (the default profile's flat map), not a
- * reading (ThingsBoard's). */
+ * reading (ThingsBoard's).  fl: a nested value flattened (see flat_t), or NULL. */
 static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int cap, int *nitems, long long *ts,
-                       int ts_special, const uint8_t **after) {
+                       int ts_special, const flat_t *fl, const uint8_t **after) {
     if (p >= end || (*p >> 5) != 5) return -1;
     uint64_t n;
     if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > (uint64_t)cap) return -1;
-    int count = 0, readings = 0;
+    int count = 0;
     *ts = -1;
     for (uint64_t i = 0; i < n; i++) {
         if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31) return -1;
@@ -158,8 +173,15 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
             if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
         int is_ts = ts_special && klen == 2 && key[0] == 't' && key[1] == 's';
         if (is_ts && *ts >= 0) return -1;
-        if (p >= end) return -1;
+        if (p >= end || count == cap) return -1;
         uint8_t major = *p >> 5;
+        if (fl && !is_ts && (major == 4 || major == 5)) {
+            char prefix[LANE_NAME];
+            if (klen >= LANE_NAME) return -1;
+            memcpy(prefix, key, klen);
+            if (nested_value(fl, 0, &p, end, prefix, klen, items, &count, cap, 1) < 0) return -1;
+            continue;
+        }
         item_t *it = &items[count];
         it->key = key;
         it->klen = klen;
@@ -173,9 +195,8 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         }
         if (cbor_scalar(&p, end, it) < 0) return -1;
         count++;
-        readings++;
     }
-    if (readings == 0) return -1;
+    if (count == 0) return -1;
     *nitems = count;
     *after = p;
     return 0;
@@ -281,13 +302,109 @@ static int json_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
     return 0;
 }
 
+/* Another key of an array or map in JSON: 1 and p at it (past the comma), 0 and p past the close
+ * (`close`: ']' or '}'), or -1. */
+static int json_next(const uint8_t **p, const uint8_t *end, uint8_t close) {
+    const uint8_t *q = json_ws(*p, end);
+    if (q < end && *q == ',') {
+        *p = json_ws(q + 1, end);
+        return 1;
+    }
+    if (q < end && *q == close) {
+        *p = q + 1;
+        return 0;
+    }
+    return -1;
+}
+
+/* The name `prefix.key` into the next item's slot of fl->names (0, its length), or -1. */
+static int flat_name(const flat_t *fl, const item_t *it, const char *prefix, size_t plen, const uint8_t *key,
+                     size_t klen, size_t *len) {
+    if (!klen || plen + 1 + klen >= LANE_NAME || !utf8_ok(key, klen)) return -1;
+    char *o = fl->names[it - fl->base];
+    memcpy(o, prefix, plen);
+    o[plen] = '.';
+    memcpy(o + plen + 1, key, klen);
+    *len = plen + 1 + klen;
+    return 0;
+}
+
+/* One leaf or nested value under `name` (its bytes in `nm`, nl long). */
+static int flat_member(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *nm, size_t nl,
+                       item_t *items, int *count, int cap, int depth) {
+    const uint8_t *p = *pp;
+    if (p < end && (json ? (*p == '{' || *p == '[') : ((*p >> 5) == 4 || (*p >> 5) == 5))) {
+        char prefix[LANE_NAME]; /* (its own copy: the children write their names where it was) */
+        memcpy(prefix, nm, nl);
+        return nested_value(fl, json, pp, end, prefix, nl, items, count, cap, depth + 1);
+    }
+    if (*count == cap) return -1;
+    item_t *it = &items[*count];
+    if ((json ? json_scalar(pp, end, it) : cbor_scalar(pp, end, it)) < 0) return -1;
+    it->key = (const uint8_t *)nm;
+    it->klen = nl;
+    it->unit = NULL;
+    (*count)++;
+    return 0;
+}
+
+/* A map or array at *pp (JSON or CBOR) flattened under `prefix`: its leaves appended to items. */
+static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *prefix,
+                        size_t plen, item_t *items, int *count, int cap, int depth) {
+    if (depth > FLAT_DEPTH) return -1;
+    const uint8_t *p = *pp;
+    int is_map = json ? *p == '{' : (*p >> 5) == 5;
+    uint64_t n = 0;
+    if (json) {
+        p = json_ws(p + 1, end);
+        if (p < end && *p == (is_map ? '}' : ']')) { /* (empty: no leaves, as in Python) */
+            *pp = p + 1;
+            return 0;
+        }
+    } else if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n > (uint64_t)MAX_ITEMS) {
+        return -1;
+    }
+    for (uint64_t i = 0; json || i < n; i++) {
+        const uint8_t *key;
+        size_t klen, len;
+        char index[24];
+        if (is_map && json) {
+            if (p >= end || *p != '"' || json_plain_string(&p, end, &key, &klen) < 0) return -1;
+            p = json_ws(p, end);
+            if (p >= end || *p != ':') return -1;
+            p = json_ws(p + 1, end);
+        } else if (is_map) {
+            uint64_t kl;
+            if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &kl) < 0 ||
+                kl > (uint64_t)(end - p))
+                return -1;
+            key = p;
+            klen = (size_t)kl;
+            p += klen;
+        } else {
+            key = (const uint8_t *)index;
+            klen = (size_t)(put_u64(index, i) - index);
+        }
+        if (*count == cap || flat_name(fl, &items[*count], prefix, plen, key, klen, &len) < 0) return -1;
+        if (flat_member(fl, json, &p, end, fl->names[&items[*count] - fl->base], len, items, count, cap, depth) < 0)
+            return -1;
+        if (json) {
+            int next = json_next(&p, end, is_map ? '}' : ']');
+            if (next < 0) return -1;
+            if (!next) break;
+        }
+    }
+    *pp = p;
+    return 0;
+}
+
 /* Parse a JSON payload as the flat object the Python path accepts (decode_json, flat_readings):
  * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains).
  * Sure means: an object of at most MAX_ITEMS members, keys and text without escapes, numbers of
  * `json_number`'s shape, true and false, an integral `ts` in range, no key twice (msgspec would
  * keep the last), at least one reading; null, arrays, nested objects and the rest are Python's. */
 static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int cap, int *nitems, long long *ts,
-                       int ts_special, const uint8_t **after) {
+                       int ts_special, const flat_t *fl, const uint8_t **after) {
     if (p >= end || *p != '{') return -1;
     p = json_ws(p + 1, end);
     int count = 0;
@@ -307,6 +424,16 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         p = json_ws(p + 1, end);
         if (p >= end) return -1;
         if (count == cap) return -1;
+        if (fl && !is_ts && (*p == '{' || *p == '[')) {
+            char prefix[LANE_NAME];
+            if (klen >= LANE_NAME) return -1;
+            memcpy(prefix, key, klen);
+            if (nested_value(fl, 1, &p, end, prefix, klen, items, &count, cap, 1) < 0) return -1;
+            int next = json_next_member(&p, end);
+            if (next < 0) return -1;
+            if (!next) break;
+            continue;
+        }
         item_t *it = &items[count];
         it->key = key;
         it->klen = klen;
@@ -350,41 +477,50 @@ static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
 enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */, MODE_ARRAY = 3, MODE_BINARY = 4 /* (layouts.h) */,
        MODE_SENML = 5 /* (senml.h) */, MODE_PYTHON = 6 /* (pycodec.h) */, MODE_LAST = MODE_PYTHON };
 
-/* One entry at p (Content-Format 60: CBOR, 50: JSON, whitespace skipped) into at most `cap` items:
- * the default profile's flat map where "ts" is the time (`flat`), or a ThingsBoard entry -- a flat
- * map of values, "ts" among them, or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry).
- * 0, the items, *ts (-1: none) and *after past it; -1 if the lane is not sure of it. */
-static int doc_entry(int cf, int flat, const uint8_t *p, const uint8_t *end, item_t *items, int cap, int *nitems,
-                     long long *ts, const uint8_t **after) {
-    *ts = -1;
-    if (cf == 50) p = json_ws(p, end);
-    if ((cf == 60 ? cbor_object(p, end, items, cap, nitems, ts, flat, after)
-                  : json_object(p, end, items, cap, nitems, ts, flat, after)) == 0) {
-        if (flat) return 0;
-        for (int i = 0; i < *nitems; i++) /* ("values" beside other keys: Python's to judge) */
-            if (items[i].klen == 6 && memcmp(items[i].key, "values", 6) == 0) return -1;
-        return 0;
-    }
-    if (flat) return -1;
-    *ts = -1;
-    int seen_values = 0;
+/* Flattened names unique among an entry's items: 0, or -1 (`{"a.b": 1, "a": {"b": 2}}` -- Python
+ * keeps one of them: not the lane's to guess). */
+static int unique(const item_t *items, int n, const flat_t *fl) {
+    if (!fl) return 0;
+    for (int i = 1; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (items[i].klen == items[j].klen && memcmp(items[i].key, items[j].key, items[i].klen) == 0) return -1;
+    return 0;
+}
+
+/* ThingsBoard's {"ts": ms, "values": {map}} at p (formats.thingsboard_entry: the form of a map
+ * whose keys are "values" and maybe "ts"): 0, the items, *ts and *after; 1 if the map is not of
+ * that form (a key besides ts and values, or no values: a flat map, every key a value); -1 if the
+ * lane is not sure (the Python path's). */
+static int ts_values(int cf, const flat_t *fl, const uint8_t *p, const uint8_t *end, item_t *items, int cap,
+                     int *nitems, long long *ts, const uint8_t **after) {
+    int seen_values = 0, bad_ts = 0; /* (a ts that is no time: the form's refusal, or a flat map's value) */
+    item_t scratch;
     if (cf == 60) {
-        if (p >= end || (*p != 0xA1 && *p != 0xA2)) return -1;
+        if (p >= end || (*p >> 5) != 5) return -1;
+        if (*p != 0xA1 && *p != 0xA2) return 1; /* (more keys: not the form; fewer: Python's) */
         int members = *p++ & 0x1f;
         uint64_t v;
         for (int m = 0; m < members; m++) {
             if (cbor_key_is(&p, end, "ts")) {
-                if (*ts >= 0 || p >= end || (*p >> 5) != 0 || cbor_arg(&p, end, &v) < 0 || v > MAX_TS_MS) return -1;
-                *ts = (long long)v;
+                if (*ts >= 0 || bad_ts || p >= end) return -1;
+                const uint8_t *q = p;
+                if ((*p >> 5) == 0 && cbor_arg(&q, end, &v) == 0 && v <= MAX_TS_MS) {
+                    *ts = (long long)v;
+                    p = q;
+                } else if (cbor_scalar(&p, end, &scratch) == 0) {
+                    bad_ts = 1;
+                } else {
+                    return -1;
+                }
             } else if (!seen_values && cbor_key_is(&p, end, "values")) {
-                if (cbor_object(p, end, items, cap, nitems, &(long long){-1}, 0, &p) < 0) return -1;
+                if (cbor_object(p, end, items, cap, nitems, &(long long){-1}, 0, fl, &p) < 0) return -1;
                 seen_values = 1;
             } else {
-                return -1;
+                return p < end && (*p >> 5) == 3 ? 1 : -1; /* (another text key: a flat map) */
             }
         }
         *after = p;
-        return seen_values ? 0 : -1;
+        return !seen_values ? 1 : bad_ts ? -1 : unique(items, *nitems, fl);
     }
     if (p >= end || *p != '{') return -1;
     p = json_ws(p + 1, end);
@@ -395,21 +531,50 @@ static int doc_entry(int cf, int flat, const uint8_t *p, const uint8_t *end, ite
         p = json_ws(p, end);
         if (p >= end || *p != ':') return -1;
         p = json_ws(p + 1, end);
-        if (klen == 2 && memcmp(key, "ts", 2) == 0 && *ts < 0) {
-            if (json_ts(&p, end, ts) < 0) return -1;
+        if (klen == 2 && memcmp(key, "ts", 2) == 0 && *ts < 0 && !bad_ts) {
+            const uint8_t *q = p;
+            if (json_ts(&q, end, ts) == 0) {
+                p = q;
+            } else {
+                *ts = -1;
+                if (json_scalar(&p, end, &scratch) < 0) return -1;
+                bad_ts = 1;
+            }
         } else if (klen == 6 && memcmp(key, "values", 6) == 0 && !seen_values) {
             long long inner = -1;
-            if (json_object(p, end, items, cap, nitems, &inner, 0, &p) < 0) return -1;
+            if (json_object(p, end, items, cap, nitems, &inner, 0, fl, &p) < 0) return -1;
             seen_values = 1;
         } else {
-            return -1;
+            return (klen == 2 && memcmp(key, "ts", 2) == 0) || (klen == 6 && memcmp(key, "values", 6) == 0) ? -1 : 1;
         }
         int next = json_next_member(&p, end);
         if (next < 0) return -1;
         if (!next) break;
     }
     *after = p + 1;
-    return seen_values ? 0 : -1;
+    return !seen_values ? 1 : bad_ts ? -1 : unique(items, *nitems, fl);
+}
+
+/* One entry at p (Content-Format 60: CBOR, 50: JSON, whitespace skipped) into at most `cap` items:
+ * the default profile's flat map where "ts" is the time (`flat`), or a ThingsBoard entry -- a flat
+ * map of values, "ts" among them, or {"ts": ms, "values": {map}} (`ts_values`); with `fl`, nested
+ * values flattened.  0, the items, *ts (-1: none) and *after past it; -1 if the lane is not sure. */
+static int doc_entry(int cf, int flat, const flat_t *fl, const uint8_t *p, const uint8_t *end, item_t *items, int cap,
+                     int *nitems, long long *ts, const uint8_t **after) {
+    *ts = -1;
+    if (cf == 50) p = json_ws(p, end);
+    if (!flat) {
+        int form = ts_values(cf, fl, p, end, items, cap, nitems, ts, after);
+        if (form <= 0) return form;
+        *ts = -1;
+    }
+    if ((cf == 60 ? cbor_object(p, end, items, cap, nitems, ts, flat, fl, after)
+                  : json_object(p, end, items, cap, nitems, ts, flat, fl, after)) < 0)
+        return -1;
+    if (flat) return 0;
+    for (int i = 0; i < *nitems; i++) /* ("values" beside other keys: Python's to judge) */
+        if (items[i].klen == 6 && memcmp(items[i].key, "values", 6) == 0) return -1;
+    return unique(items, *nitems, fl);
 }
 
 /* The end of a document: nothing after it (JSON: but whitespace). */
@@ -421,11 +586,11 @@ static inline int doc_ends(int cf, const uint8_t *p, const uint8_t *end) {
  * 0, the items and each point's time (pts, *npts of them: ThingsBoard's array is a point an
  * entry, each item its point's index) if the lane is sure of it; -1 otherwise (the Python path
  * decides, and explains: it is the twin, and what the lane takes it would take alike). */
-static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end, item_t *items, int *nitems,
-                          long long *pts, int *npts) {
+static int parse_document(int cf, int mode, const flat_t *fl, const uint8_t *p, const uint8_t *end, item_t *items,
+                          int *nitems, long long *pts, int *npts) {
     const uint8_t *after;
     *npts = 1;
-    if (doc_entry(cf, mode == MODE_FLAT, p, end, items, MAX_ITEMS, nitems, &pts[0], &after) == 0)
+    if (doc_entry(cf, mode == MODE_FLAT, fl, p, end, items, MAX_ITEMS, nitems, &pts[0], &after) == 0)
         return doc_ends(cf, after, end) ? 0 : -1;
     if (mode != MODE_THINGSBOARD) return -1;
     uint64_t n = 0; /* an array of entries: a point each (CBOR: its length; JSON: up to its bracket) */
@@ -451,7 +616,7 @@ static int parse_document(int cf, int mode, const uint8_t *p, const uint8_t *end
         }
         if (k == MAX_POINTS || count == MAX_ITEMS) return -1;
         int got;
-        if (doc_entry(cf, 0, p, end, items + count, MAX_ITEMS - count, &got, &pts[k], &p) < 0) return -1;
+        if (doc_entry(cf, 0, fl, p, end, items + count, MAX_ITEMS - count, &got, &pts[k], &p) < 0) return -1;
         for (int i = count; i < count + got; i++) items[i].point = (uint8_t)k;
         count += got;
     }

@@ -48,15 +48,18 @@ class LaneDecoder:
     alike).  `compiled` is the lane's own form of all that, made once per profile by corem/fastlane
     and shared by its devices (False: the lane cannot hold it)."""
 
-    __slots__ = ("decode", "mode", "rules", "positions", "layout", "compiled")
+    __slots__ = ("decode", "mode", "rules", "positions", "layout", "flatten", "compiled")
 
     def __init__(self, decode: Decoder, mode: int, rules: tuple[LaneRule, ...] = (),
-                 positions: tuple[bytes | None, ...] = (), layout: tuple[LanePart, ...] = ()) -> None:
+                 positions: tuple[bytes | None, ...] = (), layout: tuple[LanePart, ...] = (),
+                 flatten: bool = False) -> None:
         self.decode = decode
         self.mode = mode
         self.rules = rules
         self.positions = positions
         self.layout = layout
+        #: ThingsBoard's `nested: flatten`: the lane reads nested values into their leaves too
+        self.flatten = flatten
         self.compiled: object = None
 
     def __call__(self, content_format: int | None, payload: bytes | bytearray | memoryview,
@@ -98,12 +101,13 @@ def compile_profile(profile: Profile) -> Decoder:
     shape = _lane_shape(profile)
     if shape is None:
         mode = None
+    flatten = profile.format == "thingsboard" and profile.nested == "flatten"
     if not profile.fields:
-        return decode if mode is None or shape is None else LaneDecoder(decode, mode, (), *shape)
+        return decode if mode is None or shape is None else LaneDecoder(decode, mode, (), *shape, flatten)
     in_c = None if mode is None else lane_rules(profile.fields)
     if in_c is None or mode is None or shape is None:
         return _with_rules(decode, profile.fields)
-    return LaneDecoder(_with_rules(decode, profile.fields), mode, in_c, *shape)
+    return LaneDecoder(_with_rules(decode, profile.fields), mode, in_c, *shape, flatten)
 
 
 def _with_rules(decode: formats.FormatDecoder, fields: dict[str, Rule]) -> Decoder:
