@@ -221,6 +221,9 @@ class Twin:
         """Both sides answered and stored the same; returns (answers, stored)."""
         out_lane, out_python = self.lane.take_out(), self.python.take_out()
         assert out_lane == out_python, f"answers differ:\n lane   {out_lane}\n python {out_python}"
+        # (the bytes first: a decoded point hides how its numbers were written, 1e-07 or 1e-7)
+        raw_lane, raw_python = [r.value for r in self.lane.sink.stored], [r.value for r in self.python.sink.stored]
+        assert raw_lane == raw_python, f"bytes stored differ:\n lane   {raw_lane}\n python {raw_python}"
         stored_lane, stored_python = self.lane.take_stored(), self.python.take_stored()
         assert stored_lane == stored_python, f"stored differ:\n lane   {stored_lane}\n python {stored_python}"
         return out_lane, stored_lane

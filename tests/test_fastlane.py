@@ -814,6 +814,81 @@ def test_a_python_decoders_points_the_lane_cannot_write_exactly_are_the_python_p
         t.close()
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False) | st.floats(-1e-4, 1e-4) |
+                st.sampled_from([1e16, 1.5e16, 1e-5, 2.5e-5, -1e-5, 9.99e-6, 1e-7, 1e19, 1e22, 5e-324, -0.0]),
+                min_size=1, max_size=20))
+def test_numbers_are_written_as_msgspec_writes_them_byte_for_byte(values):
+    """The lane's number writer (cbor_json.h put_double) against msgspec's, over any double: the
+    shortest digits, an exponent without "+" or leading zeros, 1e-05's decade as a decimal."""
+    t = Twin()
+    try:
+        body = cbor2.dumps({f"v{i}": v for i, v in enumerate(values)})
+        t.receive(post(payload=body))
+        t.commit()
+        t.check()  # (the stored bytes compared: lane_twin.Twin.check)
+        assert lane_took(t) == 1
+    finally:
+        t.close()
+
+
+# -- points far larger than their payload: the JSON writer's room counted from what it writes ---
+def test_points_larger_than_their_payload_are_written_whole(twin):
+    """Found by review: the point's buffer was sized from the payload, but a flattened name repeats
+    its outer key (control characters: 6 bytes each), a SenML base unit is written for every
+    reading, a Python decoder's output has no bound in the payload -- heap overflows, each from
+    one datagram.  Each is stored whole now, as the Python path stores it."""
+    senml = [{"bn": "d" * 50, "bu": "U" * 400, "n": "a", "v": 1}] + [{"n": f"n{i}", "v": 1, "s": 1} for i in range(31)]
+    cases = [
+        ("TB", 60, cbor2.dumps({"\x01" * 60: [1] * 64})),  # 64 leaves named \x01...\x01.i
+        ("SML", 112, cbor2.dumps([{-2: "x", -4: "\x01" * 120, 0: "a", 2: 1}] +
+                                 [{0: f"b{i}", 2: 1, 5: 1} for i in range(31)])),
+        ("SML", 110, json_text(senml, False, False)),
+    ]
+    for mid, (token, cf, body) in enumerate(cases):
+        twin.receive(post(token, payload=body, cf=cf, mid=mid))
+        twin.commit()
+        _, stored = twin.check()
+        assert len(stored[0][2].numeric_values) + len(stored[0][2].string_values) >= 32
+    assert lane_took(twin) == 3
+
+
+def test_a_python_decoders_huge_point_is_written_whole():
+    from corem.profiles.payload import Readings
+    t = Twin()
+    try:
+        for side in (t.lane, t.python):
+            side.ingest.register_profile("twin-custom", lambda cf, payload: Readings({}, {"s": "x" * 100_000}, None))
+        assert t.lane.lane is not None
+        t.lane.lane._registry_changed(None)
+        t.receive(post("T2", payload=b"\xa1\x61a\x01", cf=60))
+        t.commit()
+        _, stored = t.check()
+        assert lane_took(t) == 1 and len(stored[0][2].string_values["s"]) == 100_000
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("body", [  # (found by review: the lane read these as flat maps)
+    b"\xb8\x02" + cbor2.dumps("ts") + cbor2.dumps(1_700_000_000_000) + cbor2.dumps("values") + cbor2.dumps({"a": 1}),
+    b"\xa1\x78\x06values" + cbor2.dumps({"a": 1}),
+    b"\xa2\x78\x02ts" + cbor2.dumps(1_700_000_000_000) + cbor2.dumps("values") + cbor2.dumps({"a": 1}),
+])
+def test_thingsboards_ts_values_form_is_known_in_any_cbor_encoding_of_its_keys(twin, body):
+    twin.receive(post("TB", payload=body, cf=60))
+    twin.commit()
+    _, stored = twin.check()
+    assert stored[0][2].numeric_values == {"a": 1.0}
+
+
+@pytest.mark.parametrize("pack", [[{-1: -1, 0: "a", 2: 1.5}], [{"bver": -3, "n": "a", "v": 1.5}]])
+def test_a_negative_senml_version_is_refused_by_both(twin, pack):
+    twin.receive(post("SML", payload=cbor2.dumps(pack), cf=112))
+    twin.commit()
+    answers, _ = twin.check()
+    assert lane_took(twin) == 0 and decode(answers[0][0]).code == Code.BAD_REQUEST
+
+
 def test_the_device_names_its_tenant_and_device_through_its_token_only(twin):
     twin.receive(post('T"3\\'))
     twin.commit()

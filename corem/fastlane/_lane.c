@@ -304,11 +304,17 @@ static inline lane_profile_t *profile_of(const target_t *t) {
 }
 
 static PyObject *point_json(Lane *self, target_t *t, item_t *items, int n, long long ts, long long now_ms,
-                            size_t payload_len, const uint8_t *order, const uint8_t *uorder, int nu) {
-    /* (6 bytes of JSON a payload byte at most, escapes included; a name the lane made -- LPP's, < 40
-     * bytes -- with its number and again with its unit, < 160; what the rules' renames and units add) */
-    size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 128 + 6 * payload_len + 160 * (size_t)n;
-    if (t->profile) need += profile_of(t)->rules.extra;
+                            const uint8_t *order, const uint8_t *uorder, int nu) {
+    /* The bytes it may take, counted from what it writes (not from the payload: a flattened name
+     * repeats its outer key, a SenML base unit is written for each reading, a Python decoder's
+     * output has no bound in the payload): a string at most 6 bytes a byte (\u00XX) and its
+     * quotes, a number at most 32, the punctuation between. */
+    size_t need = PyBytes_GET_SIZE(t->head) + PyBytes_GET_SIZE(t->tail) + 160;
+    for (int i = 0; i < n; i++) {
+        const item_t *it = &items[i];
+        need += 2 * (2 + 6 * it->klen) + 8 + (it->is_text ? 2 + 6 * it->tlen : 32);
+        if (it->unit) need += 2 + 6 * it->ulen;
+    }
     if (need > self->json_cap) {
         char *j = PyMem_Realloc(self->json, need);
         if (!j) return PyErr_NoMemory();
@@ -764,8 +770,8 @@ static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, u
 /* One point's record: the point's JSON and the exchange's headers (shared by a request's points),
  * or NULL with an exception set. */
 static PyObject *point_record(Lane *self, target_t *t, PyObject *headers, item_t *items, int n, long long ts,
-                              long long now_ms, size_t payload_len, const uint8_t *order, const uint8_t *uorder, int nu) {
-    PyObject *value = point_json(self, t, items, n, ts, now_ms, payload_len, order, uorder, nu);
+                              long long now_ms, const uint8_t *order, const uint8_t *uorder, int nu) {
+    PyObject *value = point_json(self, t, items, n, ts, now_ms, order, uorder, nu);
     PyObject *record = value ? self->record_type->tp_alloc(self->record_type, 4) : NULL;
     if (!record) {
         Py_XDECREF(value);
@@ -814,7 +820,7 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
             o = order;
             u = rorder;
         }
-        record[made] = point_record(self, t, headers, pi, m, pts[p], now_ms, s->end - s->payload, o, u, nuu);
+        record[made] = point_record(self, t, headers, pi, m, pts[p], now_ms, o, u, nuu);
         if (!record[made]) {
             while (made) Py_DECREF(record[--made]);
             Py_DECREF(headers);
@@ -924,8 +930,13 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         int nu = 0;
         uint64_t gen = self->targets_gen;
         Py_ssize_t ti = t - self->targets;
-        if (parse_python(profile_of(t)->decode, s.cf, s.payload, s.end, now_ms, items, &nitems, &pts[0], uorder, &nu,
-                         &keep) < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
+        int got = parse_python(profile_of(t)->decode, s.cf, s.payload, s.end, now_ms, items, &nitems, &pts[0], uorder,
+                               &nu, &keep);
+        if (got == -2) { /* (not the decoder's refusal: KeyboardInterrupt and the like go up) */
+            Py_XDECREF(keep);
+            return -1;
+        }
+        if (got < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
             r = 1;
         else
             r = take_reading(self, &self->targets[ti], &s, d, n, a, alen, peer, key, reuse, items, nitems, pts, 1, now,
@@ -1438,8 +1449,8 @@ static PyObject *Lane_limit(Lane *self, PyObject *args) {
     double rate, burst;
     Py_ssize_t max_sources;
     if (!PyArg_ParseTuple(args, "ddn", &rate, &burst, &max_sources)) return NULL;
-    if (rate <= 0 || burst < 1 || max_sources < 1) {
-        PyErr_SetString(PyExc_ValueError, "limit: rate > 0, burst >= 1, max_sources >= 1");
+    if (rate <= 0 || burst < 1 || max_sources < 1 || max_sources > FM_MAX) {
+        PyErr_SetString(PyExc_ValueError, "limit: rate > 0, burst >= 1, 1 <= max_sources <= 2**26");
         return NULL;
     }
     if (!self->buckets.ring ? fm_init(&self->buckets, (size_t)max_sources, sizeof(bucket_t)) < 0
@@ -1996,6 +2007,7 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     if (self->max_datagram < 4 || self->max_datagram > 65535 || dedup_max < 1 || max_sources < 1 ||
+        dedup_max > FM_MAX || max_sources > FM_MAX ||
         self->piggyback <= 0 || self->lifetime <= 0 || self->rate < 0) {
         PyErr_SetString(PyExc_ValueError, "max_datagram, dedup_max_entries, max_sources, piggyback_timeout and "
                                           "exchange_lifetime must be positive, rate not negative");

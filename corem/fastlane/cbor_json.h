@@ -202,14 +202,6 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
     return 0;
 }
 
-/* A CBOR text string at p equal to `lit` (p moved past it), or 0. */
-static int cbor_key_is(const uint8_t **p, const uint8_t *end, const char *lit) {
-    size_t n = strlen(lit);
-    if (n >= 24 || end - *p < (ptrdiff_t)(1 + n) || **p != (0x60 | n) || memcmp(*p + 1, lit, n) != 0) return 0;
-    *p += 1 + n;
-    return 1;
-}
-
 /* JSON whitespace (RFC 8259 §2) */
 static inline const uint8_t *json_ws(const uint8_t *p, const uint8_t *end) {
     while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
@@ -495,13 +487,18 @@ static int ts_values(int cf, const flat_t *fl, const uint8_t *p, const uint8_t *
                      int *nitems, long long *ts, const uint8_t **after) {
     int seen_values = 0, bad_ts = 0; /* (a ts that is no time: the form's refusal, or a flat map's value) */
     item_t scratch;
-    if (cf == 60) {
-        if (p >= end || (*p >> 5) != 5) return -1;
-        if (*p != 0xA1 && *p != 0xA2) return 1; /* (more keys: not the form; fewer: Python's) */
-        int members = *p++ & 0x1f;
-        uint64_t v;
-        for (int m = 0; m < members; m++) {
-            if (cbor_key_is(&p, end, "ts")) {
+    if (cf == 60) { /* (keys compared as the text they decode to, in whatever encoding of a head) */
+        uint64_t members, v, kl;
+        if (p >= end || (*p >> 5) != 5 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &members) < 0 || !members) return -1;
+        if (members > 2) return 1; /* (more keys than ts and values: a flat map; one twice: its reader refuses it) */
+        for (uint64_t m = 0; m < members; m++) {
+            if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &kl) < 0 ||
+                kl > (uint64_t)(end - p))
+                return -1;
+            const uint8_t *key = p;
+            p += kl;
+            int is_ts = kl == 2 && memcmp(key, "ts", 2) == 0, is_values = kl == 6 && memcmp(key, "values", 6) == 0;
+            if (is_ts) {
                 if (*ts >= 0 || bad_ts || p >= end) return -1;
                 const uint8_t *q = p;
                 if ((*p >> 5) == 0 && cbor_arg(&q, end, &v) == 0 && v <= MAX_TS_MS) {
@@ -512,11 +509,11 @@ static int ts_values(int cf, const flat_t *fl, const uint8_t *p, const uint8_t *
                 } else {
                     return -1;
                 }
-            } else if (!seen_values && cbor_key_is(&p, end, "values")) {
+            } else if (is_values && !seen_values) {
                 if (cbor_object(p, end, items, cap, nitems, &(long long){-1}, 0, fl, &p) < 0) return -1;
                 seen_values = 1;
             } else {
-                return p < end && (*p >> 5) == 3 ? 1 : -1; /* (another text key: a flat map) */
+                return is_values ? -1 : 1; /* (another key: a flat map) */
             }
         }
         *after = p;
@@ -648,12 +645,35 @@ static char *put_double(char *o, double v) {
         *o++ = '0';
         return o;
     }
+    /* the shortest digits that read back as v (repr's), written as msgspec writes them: an
+     * exponent without "+" or leading zeros (1e16, 1e-7), and 1e-05's decade as a decimal
+     * (0.000025) -- held to msgspec over random doubles by tests/test_fastlane.py */
     char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (!s) return NULL;
-    size_t n = strlen(s);
-    memcpy(o, s, n);
+    char *e = strchr(s, 'e');
+    if (!e) {
+        size_t n = strlen(s);
+        memcpy(o, s, n);
+        PyMem_Free(s);
+        return o + n;
+    }
+    int exp = atoi(e + 1);
+    if (exp == -5) {
+        const char *m = s;
+        if (*m == '-') *o++ = *m++;
+        memcpy(o, "0.0000", 6);
+        o += 6;
+        for (; m < e; m++)
+            if (*m != '.') *o++ = *m;
+    } else {
+        memcpy(o, s, (size_t)(e - s));
+        o += e - s;
+        *o++ = 'e';
+        if (exp < 0) *o++ = '-';
+        o = put_u64(o, (unsigned long long)(exp < 0 ? -exp : exp));
+    }
     PyMem_Free(s);
-    return o + n;
+    return o;
 }
 
 /* A JSON string as msgspec writes it: `"` and `\` escaped, control characters as \b \t \n \f \r

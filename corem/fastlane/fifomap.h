@@ -42,6 +42,9 @@ static uint64_t hash_key(const uint8_t *k) {
     return h ^ (h >> 33);
 }
 
+/* the most entries a map holds (its index keeps slots in 32 bits, its size doubles from 16) */
+#define FM_MAX (1 << 26)
+
 static void fm_free(fifomap *m) {
     PyMem_Free(m->ring);
     PyMem_Free(m->index);

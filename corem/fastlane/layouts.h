@@ -83,6 +83,10 @@ static int layout_from(PyObject *positions, PyObject *parts, layout_t *L) {
         Py_ssize_t flen;
         int skip;
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(parts, i), "Oy#i", &name, &fmt, &flen, &skip)) return -1;
+        if (flen < 1) {
+            PyErr_SetString(PyExc_ValueError, "compile_profile: a binary field's format is empty");
+            return -1;
+        }
         if (flen == 4 && memcmp(fmt, "skip", 4) == 0) {
             if (skip < 0 || skip > 65535) {
                 PyErr_SetString(PyExc_ValueError, "compile_profile: bytes to skip out of range");

@@ -28,17 +28,21 @@ static int utf8_of(PyObject *o, const uint8_t **s, size_t *n) {
 
 /* One point from `decode` at `now_ms`: 0, the items (pointing into the decoder's result, `keep`,
  * which the caller releases once the point is written), the time and the units' order (uorder, nu
- * of them); -1 otherwise (no exception left set). */
+ * of them); -1 otherwise (no exception left set); -2 with an exception that is not the decoder's
+ * refusal set (KeyboardInterrupt, SystemExit, ...: it propagates). */
 static int parse_python(PyObject *decode, int cf, const uint8_t *p, const uint8_t *end, long long now_ms,
                         item_t *items, int *nitems, long long *ts, uint8_t *uorder, int *nu, PyObject **keep) {
     *keep = NULL;
     PyObject *payload = PyBytes_FromStringAndSize((const char *)p, end - p);
     PyObject *args[3] = {cf < 0 ? Py_None : PyLong_FromLong(cf), payload, PyLong_FromLongLong(now_ms)};
+    Py_INCREF(decode); /* (its own: Python code may drop the target that holds it meanwhile) */
     PyObject *points = payload && args[0] && args[2] ? PyObject_Vectorcall(decode, args, 3, NULL) : NULL;
+    Py_DECREF(decode);
     if (cf >= 0) Py_XDECREF(args[0]);
     Py_XDECREF(payload);
     Py_XDECREF(args[2]);
     if (!points) { /* a refusal (PayloadError), or a bug: the Python path answers it */
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) return -2; /* (KeyboardInterrupt, SystemExit: theirs) */
         PyErr_Clear();
         return -1;
     }

@@ -26,7 +26,6 @@ typedef struct {
 typedef struct {
     Py_ssize_t n;
     rule_t *r;
-    size_t extra; /* bytes of JSON the renames and units may add to a point, at most */
 } rules_t;
 
 static void rules_free(rules_t *R) {
@@ -95,7 +94,6 @@ static int rules_from(PyObject *arg, rules_t *R) {
             PyErr_SetString(PyExc_ValueError, "compile_profile: a rule's type is 0 (any), 1 (number) or 2 (string)");
             return -1;
         }
-        R->extra += 6 * (r->rlen + r->ulen + r->nlen) + 8;
         if (allowed != Py_None) {
             if (!PyTuple_Check(allowed)) {
                 PyErr_SetString(PyExc_TypeError, "compile_profile: allowed is a tuple of bytes");

@@ -56,7 +56,7 @@ static int cbor_svalue(const uint8_t **pp, const uint8_t *end, svalue_t *v) {
     uint8_t major = *p >> 5;
     item_t it;
     if (cbor_scalar(pp, end, &it) < 0) return -1;
-    v->kind = it.is_text ? SV_TEXT : major <= 1 ? SV_INT : SV_NUM;
+    v->kind = it.is_text ? SV_TEXT : major == 0 ? SV_INT : SV_NUM; /* (SV_INT: what bver may be, >= 0) */
     v->num = it.num;
     v->text = it.text;
     v->tlen = it.tlen;
