@@ -106,7 +106,10 @@ class Nodes:
         (OSError, HttpError, trio.TooSlowError or ValueError: it did not answer, or not in JSON)."""
         reply = await call(home, "POST", NODE_COMMANDS.format(tenant=tenant), value,
                            {"authorization": f"Bearer {token}", FORWARDED: self.node})
-        return json.loads(reply.body) if reply.status == 200 else None
+        result = json.loads(reply.body) if reply.status == 200 else None
+        if result is not None and not isinstance(result, dict):
+            raise ValueError(f"{home} answered a commands record with {type(result).__name__}, not an object")
+        return result
 
 
 class Workers:

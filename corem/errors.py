@@ -108,6 +108,15 @@ class NewerFormat(CoremError, ValueError):
     not open it, and says so in one line naming both versions (corem/datadir.py)."""
 
 
+def utf8(text: str, field: str) -> bytes:
+    """`text` as UTF-8; a lone surrogate (JSON's "\\ud800" decodes to one) is the field's BadInput,
+    not a UnicodeEncodeError that no caller expects."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise BadInput(f"{field}: not valid Unicode text (a lone surrogate)") from None
+
+
 def http_headers(e: CoremError) -> dict[str, str]:
     """The HTTP headers an error's answer carries (Retry-After for the kinds that pass)."""
     return {} if e.retry_after is None else {"Retry-After": str(e.retry_after)}

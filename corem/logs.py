@@ -42,8 +42,9 @@ def fields(**values: Any) -> dict[str, Any]:
 
 
 def address(value: Any) -> Any:
-    """`(host, port)` (and IPv6's 4-tuple) as `host:port` / `[host]:port`; anything else as it is."""
-    if (isinstance(value, tuple) and len(value) in (2, 4) and isinstance(value[0], str)
+    """`(host, port, ...)` (IPv6's 4-tuple, a TCP connection's serial after them) as `host:port` /
+    `[host]:port`; anything else as it is."""
+    if (isinstance(value, tuple) and len(value) >= 2 and isinstance(value[0], str)
             and isinstance(value[1], int) and not isinstance(value[1], bool)):
         host = value[0]
         return f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"

@@ -52,10 +52,24 @@ def test_each_type_is_carried_out_and_answered(stack):
      "payload: give payload or payload_base64, not both"),
     ({"device": "awake", "type": "attributes", "values": {"bad key": 1}}, "attributes.bad key: not a valid key"),
     ({"device": "awake", "type": "firmware", "package": 99}, "package: no package with id 99"),
+    # (found by review: a lone surrogate raised UnicodeEncodeError out of the reader, which then
+    # ended corem -- and read the same record again at every start)
+    ({"device": "awake", "type": "command", "command": "\ud800"}, "command: not valid Unicode text"),
+    ({"device": "awake", "type": "command", "command": "c", "payload": "\ud800"}, "payload: not valid Unicode text"),
 ])
 def test_a_bad_record_is_rejected_naming_the_field(stack, record, reason):
     got = run(stack, record)
     assert got["status"] == "rejected" and got["reason"].startswith(reason), got
+
+
+def test_a_bug_a_record_finds_is_a_logged_rejection_not_the_readers_end(stack, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(stack.downlink, "send_rpc", broken)
+    got = run(stack, {"device": "awake", "type": "rpc", "method": "m"})
+    assert got["status"] == "rejected" and got["reason"] == "internal error (logged)"
+    assert "could not be carried out" in caplog.text
 
 
 def test_a_full_queue_is_a_rejection_not_a_crash(stack):

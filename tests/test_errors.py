@@ -54,6 +54,30 @@ def test_each_kind_becomes_its_coap_answer(kind, code, status, retry):
         assert OptionNumber.MAX_AGE not in options and answer.payload == b"field: why"
 
 
+@pytest.mark.parametrize("raised, code, counted", [
+    (BadInput("field: why"), Code.BAD_REQUEST, 0),  # the request's fault: answered, not a bug
+    (StorageUnavailable("disk full"), Code.SERVICE_UNAVAILABLE, 0),
+    (NewerFormat("data dir: format 9"), Code.INTERNAL_SERVER_ERROR, 1),  # the server's: counted and logged
+    (KeyError("a bug"), Code.INTERNAL_SERVER_ERROR, 1),
+])
+def test_the_router_answers_each_kind_and_counts_the_servers_faults_as_handler_errors(raised, code, counted, caplog):
+    from corem.coap import Endpoint, Params, Router
+    from corem.codec import Message, Type
+    from corem.codec import OptionNumber as O
+
+    from .conftest import exchange
+
+    def handler(req, params):
+        raise raised
+
+    router = Router()
+    router.add("x", {Code.POST: handler})
+    answer = exchange(Endpoint(Params(), rng=lambda: 0.0), router,
+                      Message(Type.CON, Code.POST, 1, b"k", [(O.URI_PATH, b"x")]), ("127.0.0.1", 5683))
+    assert answer.code == code and router.handler_errors == counted
+    assert ("handler for /x failed" in caplog.text) == bool(counted)
+
+
 async def _answer(route_raises: BaseException) -> tuple[int, dict[str, str], bytes]:
     def handler(req):
         raise route_raises

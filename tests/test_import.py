@@ -61,6 +61,9 @@ def test_oscore_contexts_are_imported_and_their_recipient_ids_are_unique(tmp_pat
     ('{"tenant": "acme"}\n', "jsonl", "line 1: device: required"),
     ('{"tenant": "acme", "device": "a", "colour": "red"}\n', "jsonl", "line 1: colour: unknown field"),
     ('{"tenant": "acme", "device": "a", "token": 5}\n', "jsonl", "line 1: token: expected text"),
+    # (found by review: a lone surrogate in a key was a UnicodeEncodeError, a 500 and a traceback)
+    ('{"tenant": "acme", "device": "a", "psk_identity": "i", "psk": "\\ud800abcdefgh"}\n', "jsonl",
+     "line 1: psk: not valid Unicode text"),
 ])
 def test_a_bad_line_is_named_and_the_chunks_before_it_stay(tmp_path, text, kind, error):
     reg = Registry(tmp_path / "registry.db")

@@ -182,3 +182,17 @@ def test_the_start_lines_are_logged_whatever_the_level(data_dir):
     lines = [logfmt(line) for line in server.stderr().splitlines()]
     assert {line["logger"] for line in lines} == {"corem.serve"}  # nothing else at info
     assert [line["msg"].split(" ")[0] for line in lines] == ["coap", "coaps", "http", "stopped"]
+
+
+@pytest.mark.parametrize("peer, text", [
+    (("127.0.0.1", 5683), "127.0.0.1:5683"), (("::1", 5683, 0, 0), "[::1]:5683"),
+    (("127.0.0.1", 40000, 7), "127.0.0.1:40000"),  # a CoAP-over-TCP peer: (host, port, connection serial)
+    ("session-1", "session-1"), (("a", "b"), ("a", "b")),
+])
+def test_one_host_port_formatter_for_every_peer(peer, text):
+    """logs.address, the one host:port formatter (admin URLs, log fields, diagnostics samples): a TCP
+    peer's serial was printed as a Python tuple in the diagnostics (found by review)."""
+    from corem.ingest.telemetry import _peer_str
+    from corem.logs import address
+    assert address(peer) == text
+    assert _peer_str(peer) == str(text)

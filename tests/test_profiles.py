@@ -170,6 +170,8 @@ def test_senml_absolute_and_relative_times():
     ([{"n": "x", "vd": "a+b"}], "x", "vd must be base64url without padding (RFC 8428 §5)"),
     # bt + t past the largest float: a refusal, not an OverflowError (a 5.00) from round(inf)
     ([{"n": "x", "v": 1, "bt": 1.5e308, "t": 1.5e308}], "x", "the resolved time is outside year 1970 to 9999"),
+    # an integer past the largest float: a refusal, not math.isfinite's OverflowError (found by review)
+    ([{"n": "x", "v": 10 ** 400}], "[0].v", "v must be a finite number, got integer"),
 ])
 def test_senml_refusals_name_the_record(pack, field, reason):
     e = refused(SENML, 110, pack)

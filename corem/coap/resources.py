@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 from ..codec import Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
-from ..errors import CoremError, StorageUnavailable
+from ..errors import CoremError, Refused, StorageUnavailable
 from ..latency import door_of
 from ..stats import Sample, counter
 from .conditional import conditional as has_conditions, evaluate as evaluate_conditions
@@ -33,7 +33,6 @@ ERROR_LOG_INTERVAL = 10
 Handler = Callable[[Request, list[str]], "Response | None"]
 
 NOT_FOUND = Response(Code.NOT_FOUND)
-#: A handler whose write the disk refused: retry later (like the bus's 5.03, same Max-Age).
 METHOD_NOT_ALLOWED = Response(Code.METHOD_NOT_ALLOWED)
 
 
@@ -150,18 +149,18 @@ class Router:
         assert msg is not None
         try:
             response = handler(req, params)
-        except CoremError as e:  # a kind of refusal (corem/errors.py): the answer it carries
+        except (Refused, StorageUnavailable) as e:  # the request's fault, or the disk's: the answer it carries
             if isinstance(e, StorageUnavailable):
                 self.storage_errors += 1
             return refusal(e)
-        except Exception:
+        except Exception as e:  # a bug (a 5.00 kind of corem/errors.py included): counted, logged, answered
             self.handler_errors += 1
             now = time.monotonic()
             if now >= self._next_error_log:  # a bug a device can trigger must not flood the log
                 self._next_error_log = now + ERROR_LOG_INTERVAL
                 log.exception("handler for /%s failed (%d handler errors so far; at most one logged every %d s)",
                               "/".join(path), self.handler_errors, ERROR_LOG_INTERVAL)
-            return Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
+            return refusal(e) if isinstance(e, CoremError) else Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
         if response is not None and msg.code == Code.GET:
             response = block2(msg, response)
         return response

@@ -9,6 +9,9 @@ from typing import NamedTuple
 from ..codec import Code, OptionNumber, Options, encode_uint
 from ..errors import RETRY_AFTER, CoremError
 
+#: the bytes of a refusal's text a device is sent at most (a datagram's room; the field comes first)
+MAX_TEXT = 512
+
 __all__ = ["RETRY_AFTER", "Response", "refusal", "retry_later"]
 
 
@@ -29,4 +32,4 @@ def refusal(e: CoremError) -> Response:
     the kind's `device_text`), and Max-Age when the same request may work later."""
     text = e.device_text if e.device_text is not None else str(e)
     options: Options | None = None if e.retry_after is None else [(OptionNumber.MAX_AGE, encode_uint(e.retry_after))]
-    return Response(e.coap, text.encode(), options)
+    return Response(e.coap, text.encode()[:MAX_TEXT], options)  # (the field first: it survives the cap)

@@ -14,6 +14,7 @@ results carry it as `id`) or `rejected` with the reason naming the field.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import msgspec
@@ -24,6 +25,8 @@ from ..registry import Device, Directory
 from ..registry.management import KINDS, Management, Package
 from .downlink import Downlink
 from .requests import AttributesUpdate, CommandRequest, PackageAssignment, RpcRequest
+
+log = logging.getLogger("corem.commands")
 
 #: a record's fields that are not the request's
 ENVELOPE = ("device", "type", "request_id")
@@ -46,6 +49,9 @@ def apply(tenant: str, value: bytes, directory: Directory, downlink: Downlink, m
         result.update(status="accepted", **_dispatch(tenant, request, directory, downlink, management))
     except Refused as e:  # (by its kind: bad input, no such device, a full queue)
         result.update(status="rejected", reason=str(e))
+    except Exception:  # a bug this record found: logged and answered, never the reader's end
+        log.exception("commands: a request of tenant %r could not be carried out", tenant)
+        result.update(status="rejected", reason="internal error (logged)")
     return result
 
 

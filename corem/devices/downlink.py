@@ -32,7 +32,7 @@ from ..coap.endpoint import Request
 from ..coap.observe import Observers
 from ..codec import Code, OptionNumber, Options, encode_uint
 from ..content_format import JSON
-from ..errors import BadInput, QueueFull
+from ..errors import BadInput, QueueFull, utf8
 from ..registry import Device
 from ..registry.management import Management
 from ..stats import Sample, fields, gauge
@@ -282,7 +282,7 @@ class Downlink:
     def command(self, device: Device, name: Any, payload: bytes, ttl: Any) -> str:
         """A Drogue-style command: answered to a waiting request at once ('delivered'), or kept
         until the device next waits with `ct` ('queued')."""
-        if not isinstance(name, str) or not 0 < len(name.encode()) <= 255:
+        if not isinstance(name, str) or not 0 < len(utf8(name, "command")) <= 255:
             raise BadInput("command: 1-255 bytes of text (it travels in option 4210)")
         _check_wait("ttl", ttl)
         now = self.clock()

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from ..errors import BadInput
+from ..errors import BadInput, utf8
 
 #: seconds an RPC waits for its reply, a command for its device, when not given
 RPC_TIMEOUT = 10.0
@@ -44,7 +44,7 @@ class CommandRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.payload is not None and self.payload_base64 is not None:
             raise BadInput("payload: give payload or payload_base64, not both")
         if self.payload_base64 is None:
-            return (self.payload or "").encode()
+            return utf8(self.payload or "", "payload")
         try:
             return base64.b64decode(self.payload_base64, validate=True)
         except ValueError:  # binascii.Error, or text that is not even ASCII

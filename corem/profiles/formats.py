@@ -26,6 +26,7 @@ import json
 import math
 import re
 import struct
+import sys
 from typing import Any, Callable
 
 from .. import content_format
@@ -237,7 +238,9 @@ def _record(raw: object, index: int) -> dict[str, Any]:
 
 
 def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, int) and not isinstance(v, bool):  # (a huge integer: not a finite float either)
+        return abs(v) <= sys.float_info.max
+    return isinstance(v, float) and math.isfinite(v)
 
 
 _TYPES: dict[str, tuple[Callable[[object], bool], str]] = {

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import BadInput, Conflict, StorageUnavailable
+from ..errors import BadInput, Conflict, StorageUnavailable, utf8
 from ..profiles.spec import DEFAULT as DEFAULT_PROFILE
 from ..profiles.spec import NAME_RE as PROFILE_NAME_RE
 from ..profiles.spec import Profile, ProfileError, encode_profile, parse_profile
@@ -170,7 +170,7 @@ def parse_oscore(sender_id: str | None, recipient_id: str | None, secret: str | 
 
     keys = OscoreKeys(
         sender_id=unhex("oscore_sender_id", sender_id), recipient_id=unhex("oscore_recipient_id", recipient_id),
-        secret=secret.encode() if secret is not None else unhex("oscore_secret_hex", secret_hex or ""),
+        secret=utf8(secret, "oscore_secret") if secret is not None else unhex("oscore_secret_hex", secret_hex or ""),
         salt=unhex("oscore_salt", salt or ""), id_context=None if id_context is None else unhex("oscore_id_context", id_context))
     for name in ("sender_id", "recipient_id"):
         if len(getattr(keys, name)) > OSCORE_ID_MAX:
@@ -222,7 +222,7 @@ def parse_psk(text: str | None, hex_text: str | None) -> bytes | None:
             return bytes.fromhex(hex_text)
         except ValueError:
             raise BadInput("psk_hex: not hexadecimal") from None
-    return None if text is None else text.encode()
+    return None if text is None else utf8(text, "psk")
 
 
 def new_device(
