@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping
 
 from .codec import Code, MessageFormatError, OptionNumber, decode
-from .coap.response import Response
+from .coap.response import MAX_TEXT, Response
 from .registry import Device, Directory
 from .stats import Sample, counter
 from .token_path import token_of, token_route
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 #: who sent a request, by the security below CoAP (None: no device named there)
 SessionDevice = Callable[["Request"], "Device | None"]
 
-#: the longest refusal text sent (the field first: it survives the cap)
-MAX_TEXT = 512
 
 
 class Reason(enum.Enum):

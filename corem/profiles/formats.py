@@ -30,6 +30,7 @@ import sys
 from typing import Any, Callable
 
 from .. import content_format
+from ..content_format import name as cf_name
 from .payload import (
     CF_CBOR,
     CF_JSON,
@@ -79,7 +80,7 @@ def thingsboard(nested: str) -> FormatDecoder:
 
     def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         doc = _document(content_format, payload, (CF_JSON,), (CF_CBOR,),
-                        "application/json (50) or application/cbor (60)")
+                        f"{cf_name(CF_JSON)} or {cf_name(CF_CBOR)}")
         entries = doc if isinstance(doc, list) else [doc]
         if not entries:
             raise PayloadError("the array has no points")
@@ -173,7 +174,7 @@ SENML_VERSION = 10
 def senml(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
     doc = _document(content_format, payload, (CF_SENML_JSON, CF_SENSML_JSON, CF_JSON),
                     (CF_SENML_CBOR, CF_SENSML_CBOR, CF_CBOR),
-                    "application/senml+json (110) or application/senml+cbor (112)")
+                    f"{cf_name(CF_SENML_JSON)} or {cf_name(CF_SENML_CBOR)}")
     if not isinstance(doc, list):
         raise PayloadError(f"a SenML pack is an array of records, got {kind(doc)}")
     if not doc:
@@ -288,7 +289,7 @@ def positional(positions: list[str | None]) -> FormatDecoder:
 
     def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
         doc = _document(content_format, payload, (CF_JSON,), (CF_CBOR,),
-                        "application/cbor (60) or application/json (50)")
+                        f"{cf_name(CF_CBOR)} or {cf_name(CF_JSON)}")
         if not isinstance(doc, list):
             raise PayloadError(f"expected an array of {len(positions)} values, got {kind(doc)}")
         rows = doc if doc and all(isinstance(r, list) for r in doc) else [doc]
@@ -331,7 +332,7 @@ def binary_payload(content_format: int | None, payload: bytes | bytearray | memo
     """The bytes of a payload sent as application/octet-stream or with no Content-Format."""
     if content_format not in (None, CF_OCTETS):
         raise UnsupportedFormat(f"content-format {content_format} is not supported by this profile; send "
-                                "application/octet-stream (42) or no Content-Format")
+                                f"{cf_name(CF_OCTETS)} or no Content-Format")
     if not payload:
         raise PayloadError("empty payload")
     return bytes(payload)

@@ -20,6 +20,8 @@ from ..errors import RETRY_AFTER, BadInput, _code
 
 CF_JSON = content_format.JSON
 CF_CBOR = content_format.CBOR
+#: what a flat map may be sent as, as a refusal names it
+SEND = f"{content_format.name(CF_CBOR)} or {content_format.name(CF_JSON)}"
 
 
 class PayloadError(BadInput):
@@ -223,11 +225,11 @@ def is_corem_reason(reason: str) -> bool:
 def decode_readings(content_format: int | None, payload: bytes | bytearray | memoryview) -> Readings:
     """Decode a telemetry payload of the given Content-Format into readings, or raise."""
     if content_format is None:
-        raise PayloadError("content-format: missing; send application/cbor (60) or application/json (50)")
+        raise PayloadError(f"content-format: missing; send {SEND}")
     decoder = DECODERS.get(content_format)
     if decoder is None:
         raise UnsupportedFormat(
-            f"content-format {content_format} is not supported; send application/cbor (60) or application/json (50)"
+            f"content-format {content_format} is not supported; send {SEND}"
         )
     if not payload:
         raise PayloadError("empty payload")

@@ -29,7 +29,7 @@ from collections import Counter
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
-from ... import logs
+from ... import content_format, logs
 from ...bus.base import publish_json
 from ...coap.endpoint import Request
 from ...coap.resources import Response, Router
@@ -134,7 +134,7 @@ class Efento:
         try:
             if msg.content_format not in (None, OCTETS):
                 raise UnsupportedFormat(f"content-format {msg.content_format} is not Efento's; send "
-                                        "application/octet-stream (42) or no Content-Format")
+                                        f"{content_format.name(OCTETS)} or no Content-Format")
             parsed = decode.parse(cls, data)
         except PayloadError as e:  # before the device is known: over CoAPS or OSCORE the session's
             return self._refuse(req, kind, self.ingest.identity.owner(req, session_device), e)
