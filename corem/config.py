@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from .datafiles import REGISTRY_FILE
 from .errors import BadInput
 
 if TYPE_CHECKING:
@@ -443,7 +444,7 @@ class Settings:
 
     def registry_location(self) -> Path | str:
         """The registry's SQLite file, or its PostgreSQL URL."""
-        return self.registry or self.data_path / "registry.db"
+        return self.registry or self.data_path / REGISTRY_FILE
 
     @property
     def data_path(self) -> Path:

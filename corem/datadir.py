@@ -30,38 +30,17 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .admin.token import TOKEN_FILE
 from .bus import topics
 from .bus.sqlite import EmbeddedBus
 from .config import ConfigError, Settings
 from .registry import Registry
-from .registry.presence import FILE as PRESENCE_FILE
 from .registry.presence import open_table as open_presence
+from .datafiles import BUS_FILE, FILES, FORMAT_FILE, LOCK_FILE, REGISTRY_FILE, SESSIONS_FILE
 from .errors import NewerFormat
 from .logs import fields
 
 log = logging.getLogger("corem")
 
-FORMAT_FILE = "format.toml"
-LOCK_FILE = ".lock"
-#: the embedded bus (`bus = "embedded"`)
-BUS_FILE = "bus.db"
-#: the registry when `registry` is empty (SQLite; corem/config.py `registry_location` names it too)
-REGISTRY_FILE = "registry.db"
-#: the DTLS sessions when `dtls_session_store` is empty
-SESSIONS_FILE = "dtls-sessions.db"
-#: every file corem keeps in a data dir, and what it holds (the names of the last three are their
-#: owners': registry/presence.py, admin/token.py, dtls/layer.py)
-FILES = {
-    FORMAT_FILE: "the data dir's format and the corem that wrote it",
-    LOCK_FILE: "the lock of the corem serve running on it, and who that is",
-    BUS_FILE: "the embedded bus (with its -wal and -shm)",
-    REGISTRY_FILE: "devices, credentials, profiles (SQLite registry)",
-    SESSIONS_FILE: "saved DTLS sessions",
-    PRESENCE_FILE: "presence per device (SQLite registry)",
-    TOKEN_FILE: "the generated admin token",
-    "dtls-state.key": "the key that seals saved DTLS sessions' state",  # (dtls/layer.py STATE_KEY_FILE)
-}
 
 
 def _private(data: Path) -> None:
@@ -124,7 +103,7 @@ def prepare(data: Path) -> None:
     fmt = check(data)
     if fmt == FORMAT:
         return
-    old = fmt > 0 or any(e.name != ".lock" for e in os.scandir(data))  # (not a data dir made just now)
+    old = fmt > 0 or any(e.name != LOCK_FILE for e in os.scandir(data))  # (not a data dir made just now)
     for number in range(fmt + 1, FORMAT + 1):
         what, migrate = MIGRATIONS[number]
         try:

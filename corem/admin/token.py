@@ -9,10 +9,9 @@ import secrets
 from pathlib import Path
 
 from ..config import ConfigError
+from ..datafiles import TOKEN_FILE
 
 log = logging.getLogger("corem.admin")
-
-TOKEN_FILE = "admin-token"
 
 
 def read(data_dir: Path) -> str | None:

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import corem.dtls.engine.state as state
+from ..datafiles import STATE_KEY_FILE
 from ..registry import Device
 from ..stats import Sample, counter, fields, gauge
 from ..wal import defer_checkpoints
@@ -64,7 +65,6 @@ CONTENT_APPLICATION_DATA = 23
 BLOB_TAG = b"\x00cD1"
 #: a row key for a session found by its Connection ID (peer keys are 6 or 18 bytes, or repr text)
 CID_KEY = b"\x00cid"
-STATE_KEY_FILE = "dtls-state.key"
 #: batches of marks waiting for the sink at most (`defer_marks`; past it, written at once: a sink
 #: that writes no batch for long, because only duplicates came, must not make them pile up)
 MAX_DEFERRED = 10_000

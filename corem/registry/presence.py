@@ -50,10 +50,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..datafiles import PRESENCE_FILE
 from .db import Db, is_url
 
 #: the table's SQLite file in the data dir (with a PostgreSQL registry: in that database)
-FILE = "presence.db"
+FILE = PRESENCE_FILE
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS presence (

@@ -1,0 +1,35 @@
+"""The names of the files corem keeps in a data dir, and what each holds: the one home of them.
+
+A leaf (it imports nothing of corem), so that every owner of a file -- the data dir's lock and
+format (datadir.py), the settings' default registry (config.py), presence (registry/presence.py),
+the admin token (admin/token.py), the DTLS state key (dtls/layer.py) -- names it from here.
+"""
+
+from __future__ import annotations
+
+FORMAT_FILE = "format.toml"
+LOCK_FILE = ".lock"
+#: the embedded bus (`bus = "embedded"`)
+BUS_FILE = "bus.db"
+#: the registry when `registry` is empty (SQLite)
+REGISTRY_FILE = "registry.db"
+#: the DTLS sessions when `dtls_session_store` is empty
+SESSIONS_FILE = "dtls-sessions.db"
+#: presence per device, with the SQLite registry
+PRESENCE_FILE = "presence.db"
+#: the generated admin token
+TOKEN_FILE = "admin-token"
+#: the key that seals saved DTLS sessions' state (`dtls_state_key` not given)
+STATE_KEY_FILE = "dtls-state.key"
+
+#: every file corem keeps in a data dir, and what it holds
+FILES = {
+    FORMAT_FILE: "the data dir's format and the corem that wrote it",
+    LOCK_FILE: "the lock of the corem serve running on it, and who that is",
+    BUS_FILE: "the embedded bus (with its -wal and -shm)",
+    REGISTRY_FILE: "devices, credentials, profiles (SQLite registry)",
+    SESSIONS_FILE: "saved DTLS sessions",
+    PRESENCE_FILE: "presence per device (SQLite registry)",
+    TOKEN_FILE: "the generated admin token",
+    STATE_KEY_FILE: "the key that seals saved DTLS sessions' state",
+}
