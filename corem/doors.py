@@ -17,7 +17,7 @@ from .ingest.telemetry import TelemetryIngest
 from .registry import Directory
 from .registry.management import Management
 from .stats import Measured
-from .transports import Identity
+from .identity import SessionDevice
 
 #: downlink ticks between two sweeps of EMQX's expired retained messages
 SWEEP_EVERY = 100
@@ -32,7 +32,7 @@ class Doors:
         self.efento = Efento(directory, ingest, management)
         self._ticks = 0
 
-    def mount(self, router: Router, observers: Observers, session: Identity) -> None:
+    def mount(self, router: Router, observers: Observers, session: SessionDevice) -> None:
         """Every door on a transport's router; `session` names a request's device."""
         self.thingsboard.install(router, observers, session)
         self.drogue.install(router, session)

@@ -27,6 +27,7 @@ from .config import Settings
 from .devices.downlink import Downlink
 from .doors import Doors
 from .health import Health
+from .identity import SessionDevice
 from .ingest.diagnostics import Diagnostics
 from .ingest.presence import Presence
 from .ingest.telemetry import TelemetryIngest
@@ -43,7 +44,7 @@ from .registry.presence import open_table as open_presence
 from .registry_changes import RegistryChanges
 from .reload import Report
 from .stats import Measured
-from .transports import Identity, Transport, Transports
+from .transports import Transport, Transports
 from .workers.link import Link, WorkerSpec
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Server:
             self.history,
         ))
 
-    def _mount(self, t: Transport, session: Identity) -> None:
+    def _mount(self, t: Transport, session: SessionDevice) -> None:
         """Every door on a transport's router; `session` names a request's device."""
         self.ingest.install(t.router, session_device=session)
         self.doors.mount(t.router, t.observers, session)

@@ -52,9 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corem")
 
-#: who sent a request, by the security below CoAP (corem/identity.py `session_identity`)
-Identity = SessionDevice
-
 
 @dataclass
 class Transport:
@@ -79,7 +76,7 @@ class Transports:
 
     def __init__(self, settings: Settings, worker: WorkerSpec | None, directory: Directory,
                  ingest: TelemetryIngest, sink: Sink, unwrap: Callable[[Request], Response | None],
-                 mount: Callable[[Transport, Identity], None]) -> None:
+                 mount: Callable[[Transport, SessionDevice], None]) -> None:
         """`unwrap`: OSCORE's, on every router; `mount`: the server's doors onto a transport."""
         self.settings, self.worker, self.directory, self.ingest, self.sink = settings, worker, directory, ingest, sink
         self.unwrap, self.mount = unwrap, mount
@@ -151,7 +148,7 @@ class Transports:
             if address is not None:
                 self._bind_tcp(key, name, address)
 
-    def _add(self, t: Transport, session: Identity) -> None:
+    def _add(self, t: Transport, session: SessionDevice) -> None:
         t.endpoint.clock = trio.current_time  # (the edges' clock: receive-to-answer durations, corem/latency.py)
         self.mount(t, session)
         self.all.append(t)
