@@ -21,7 +21,7 @@ from ..bus.headers import CREATION_TIME, device_headers
 from ..bus.recovery import HEADER as EXCHANGE, exchange_header
 from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
-from ..coap.response import retry_later
+from ..coap.response import refusal, retry_later
 from .. import content_format, logs
 from ..codec import Code
 from ..errors import CoremError
@@ -34,7 +34,7 @@ from ..registry import Device, Directory
 from ..stats import Sample, counter
 from ..token_path import TELEMETRY, api_route, token_route
 from .diagnostics import Diagnostics
-from ..profiles.payload import Overloaded, PayloadError, Readings, UnsupportedFormat
+from ..profiles.payload import Overloaded, PayloadError, Readings
 from .point import TelemetryPoint, encode_point, telemetry_topic
 from .presence import Presence
 
@@ -274,10 +274,7 @@ class TelemetryIngest:
             return Response(Code.INTERNAL_SERVER_ERROR, str(e).encode())
         except PayloadError as e:
             self._reject(req, device, protocol, e, content_format, received_at)
-            if isinstance(e, Overloaded):  # the codec's limits, not the payload's fault: later
-                return retry_later(str(e).encode()[:512])
-            code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(e, UnsupportedFormat) else Code.BAD_REQUEST
-            return Response(code, str(e).encode()[:512])  # the field first: it survives the size cap
+            return refusal(e)  # (its kind's answer: 4.00, 4.15, or the codec's limits' 5.03 with Max-Age)
         if len(points) != 1:
             return self._ingest_points(req, target, protocol, then, received_at, points)
         readings = points[0]

@@ -33,6 +33,7 @@ from ... import content_format, logs
 from ...bus.base import publish_json
 from ...coap.endpoint import Request
 from ...coap.resources import Response, Router
+from ...coap.response import refusal
 from ...codec import Code
 from ...identity import Door, Refusal
 from ...identity import SessionDevice as SessionLookup
@@ -160,8 +161,7 @@ class Efento:
             peer=str(logs.address(peer)),
             content_format=msg.content_format, payload=msg.payload,
         )
-        code = Code.UNSUPPORTED_CONTENT_FORMAT if isinstance(error, UnsupportedFormat) else Code.BAD_REQUEST
-        return Response(code, str(error).encode()[:512])  # the field first: it survives the size cap
+        return refusal(error)
 
     # -- the three messages ------------------------------------------------------------------------
     def post_measurements(self, req: Request, session_device: SessionDevice) -> Response | None:
