@@ -1,7 +1,7 @@
 """Issue 28's table: every built-in payload format under load, as CoAP CON, CoAP NON and CoAPS
 (CON), beside libcoap's C servers, in one run.
 
-    python bench/formats_load_bench.py [--seconds 4] [--only TEXT ...] [--json]
+    python bench/formats_load_bench.py [--seconds 4] [--only TEXT ...] [--kafka] [--json]
 
 One corem (pinned to CPU 0; embedded bus, store NORMAL, no rate limit) holds one device per format,
 each on the profile and with the payload of bench/formats_bench.py's CASES (the same reading in
@@ -13,12 +13,15 @@ the same load (the payload kept in memory): the yardstick of each transport.
 
 Each row: 2.xx/s, p50, p99, its ratio to libcoap's requests/s on the same transport and message
 type, and to the flat CBOR row of its column (issue 28's targets: >= 1.0x libcoap, >= 0.8x flat
-CBOR, p99 <= 2x libcoap's).  A row whose answers are not all 2.xx says how many were not.
+CBOR, p99 <= 2x libcoap's).  A row whose answers are not all 2.xx says how many were not.  With
+--kafka, corem's bus is Kafka (Tansu on CPU 1, corem's producer acks=all and idempotent, as by
+default) instead of the embedded one: 2.04 once the brokers acknowledged each reading.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -33,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench.dtls_bench import KEY  # noqa: E402
 from bench.dtls_bench import build as build_dtls_loadgen  # noqa: E402
 from bench.formats_bench import CASES  # noqa: E402
-from bench.load_bench import build_loadgen, free_port, pin, wait_udp  # noqa: E402
+from bench.load_bench import build_loadgen, free_port, kafka_broker, pin, wait_udp  # noqa: E402
 from bench.table import report  # noqa: E402
 
 DEVICES, INFLIGHT = 64, 4
@@ -109,9 +112,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--only", action="append", default=[], metavar="TEXT", help="only the formats named so")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--kafka", action="store_true", help="corem's bus on Kafka (Tansu) instead of the embedded one")
     args = ap.parse_args()
     results: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="corem-formats-load-") as tmp:
+    bus, broker = "embedded", None
+    if args.kafka:
+        broker = kafka_broker()
+        if broker is None:
+            sys.exit("formats_load_bench: --kafka needs Tansu (tests/kafka_broker.py): not installed here")
+        bus = f"kafka://{broker.bootstrap}"
+    with tempfile.TemporaryDirectory(prefix="corem-formats-load-") as tmp, contextlib.ExitStack() as stack:
+        if broker is not None:
+            stack.callback(broker.stop)
         data = Path(tmp) / "data"
         cases = provision(data)
         if args.only:
@@ -120,7 +132,7 @@ def main() -> None:
         proc = subprocess.Popen(
             [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", f"127.0.0.1:{coap}",
              "--coaps", f"127.0.0.1:{coaps}", "--http", "off", "--store-synchronous", "NORMAL",
-             "--rate-limit-per-source", "0", "--log-level", "warning"],
+             "--rate-limit-per-source", "0", "--log-level", "warning", "--bus", bus],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_udp(coap)
@@ -151,7 +163,8 @@ def main() -> None:
         ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"), ("vs libcoap", lambda r: ratio(r, yardstick)),
         ("vs flat CBOR", lambda r: ratio(r, flat)), ("not 2.xx", not_ok),
     ], as_json=args.json, title=f"Every payload format under load ({DEVICES} devices x {INFLIGHT} in flight, "
-                                 f"{args.seconds:g} s a row)", text=(0, 1))
+                                 f"{args.seconds:g} s a row, bus {'Kafka (Tansu)' if args.kafka else 'embedded'})",
+       text=(0, 1))
 
 
 if __name__ == "__main__":
