@@ -236,6 +236,17 @@ static int json_next_member(const uint8_t **p, const uint8_t *end) {
     return q < end && *q == '}' ? 0 : -1;
 }
 
+/* A JSON object's member key at p (a string without escapes) and its colon: 0, the key, and p at
+ * its value; -1 for anything else. */
+static int json_member_key(const uint8_t **pp, const uint8_t *end, const uint8_t **key, size_t *klen) {
+    const uint8_t *p = *pp;
+    if (p >= end || *p != '"' || json_plain_string(&p, end, key, klen) < 0) return -1;
+    p = json_ws(p, end);
+    if (p >= end || *p != ':') return -1;
+    *pp = json_ws(p + 1, end);
+    return 0;
+}
+
 /* A JSON number at p of the shape -?(0|[1-9][0-9]*)(.[0-9]+)? with at most 15 digits in all (no
  * exponent): then its value is one correctly rounded IEEE operation on an exact integer and a
  * power of ten <= 10^15, the same for every decoder, msgspec's too; -1 for any other number.
@@ -361,10 +372,7 @@ static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const ui
         size_t klen, len;
         char index[24];
         if (is_map && json) {
-            if (p >= end || *p != '"' || json_plain_string(&p, end, &key, &klen) < 0) return -1;
-            p = json_ws(p, end);
-            if (p >= end || *p != ':') return -1;
-            p = json_ws(p + 1, end);
+            if (json_member_key(&p, end, &key, &klen) < 0) return -1;
         } else if (is_map) {
             uint64_t kl;
             if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &kl) < 0 ||
@@ -403,17 +411,13 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
     *ts = -1;
     if (p < end && *p == '}') return -1; /* (no readings) */
     for (;;) {
-        if (p >= end || *p != '"') return -1;
         const uint8_t *key;
         size_t klen;
-        if (json_plain_string(&p, end, &key, &klen) < 0 || klen == 0) return -1;
+        if (json_member_key(&p, end, &key, &klen) < 0 || klen == 0) return -1;
         for (int j = 0; j < count; j++)
             if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
         int is_ts = ts_special && klen == 2 && key[0] == 't' && key[1] == 's';
         if (is_ts && *ts >= 0) return -1;
-        p = json_ws(p, end);
-        if (p >= end || *p != ':') return -1;
-        p = json_ws(p + 1, end);
         if (p >= end) return -1;
         if (count == cap) return -1;
         if (fl && !is_ts && (*p == '{' || *p == '[')) {
@@ -524,10 +528,7 @@ static int ts_values(int cf, const flat_t *fl, const uint8_t *p, const uint8_t *
     for (;;) {
         const uint8_t *key;
         size_t klen;
-        if (p >= end || *p != '"' || json_plain_string(&p, end, &key, &klen) < 0) return -1;
-        p = json_ws(p, end);
-        if (p >= end || *p != ':') return -1;
-        p = json_ws(p + 1, end);
+        if (json_member_key(&p, end, &key, &klen) < 0) return -1;
         if (klen == 2 && memcmp(key, "ts", 2) == 0 && *ts < 0 && !bad_ts) {
             const uint8_t *q = p;
             if (json_ts(&q, end, ts) == 0) {

@@ -156,10 +156,7 @@ static int senml_record(int cbor, const uint8_t **pp, const uint8_t *end, uint8_
         for (;;) {
             const uint8_t *key;
             size_t klen;
-            if (p >= end || *p != '"' || json_plain_string(&p, end, &key, &klen) < 0) return -1;
-            p = json_ws(p, end);
-            if (p >= end || *p != ':') return -1;
-            p = json_ws(p + 1, end);
+            if (json_member_key(&p, end, &key, &klen) < 0) return -1;
             int label = senml_label(key, klen);
             svalue_t v;
             if (label < 0 || json_svalue(&p, end, &v) < 0 || senml_typed(label, &v) < 0) return -1;
