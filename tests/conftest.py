@@ -319,3 +319,26 @@ def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 30.0,
     finally:
         if sock is None:
             s.close()
+
+
+def log_line(text: str, marker: str) -> str:
+    """The first line of `text` holding `marker` ("" if none)."""
+    return next((line for line in text.splitlines() if marker in line), "")
+
+
+def coap_pings(port: int, n: int, source: str = "127.0.0.1", answers: int | None = None) -> int:
+    """`n` CoAP pings at once from one socket bound to `source`; the RSTs that come back (waiting for
+    `answers` of them, 30 s each: a failure detector, not a pace; else 0.5 s after the last)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        for mid in range(n):
+            s.sendto(bytes((0x40, 0x00, 0x70, mid)), ("127.0.0.1", port))
+        got = 0
+        s.settimeout(30 if answers else 0.5)
+        try:
+            while got < (answers or n):
+                s.recvfrom(64)
+                got += 1
+        except TimeoutError:
+            pass
+        return got

@@ -15,6 +15,8 @@ import pytest
 from corem import config_doc
 from corem.config import SECRETS, Settings
 
+from .conftest import coap_pings, log_line
+
 
 def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("COREM_")}
@@ -109,29 +111,6 @@ def test_serve_help_is_grouped_with_defaults_and_address_metavars():
 
 
 # -- SIGHUP: a reload, not an end ------------------------------------------------------------------------
-def _line(text: str, marker: str) -> str:
-    return next((line for line in text.splitlines() if marker in line), "")
-
-
-def _pings(port: int, n: int, answers: int | None = None) -> int:
-    """`n` CoAP pings from one socket at once; the RSTs that come back (waiting for `answers` of
-    them, each within 30 s: a failure detector, not a pace)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for mid in range(n):
-            s.sendto(bytes((0x40, 0x00, 0x70, mid)), ("127.0.0.1", port))
-        got = 0
-        s.settimeout(30 if answers else 0.5)
-        try:
-            while got < (answers or n):
-                s.recvfrom(64)
-                got += 1
-        except TimeoutError:
-            pass
-        return got
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sighup_reloads_without_dropping_a_device(data_dir, tmp_path, workers):
     """SIGHUP reads the config file again: the log level and the rate limit change in the running
@@ -154,11 +133,11 @@ def test_sighup_reloads_without_dropping_a_device(data_dir, tmp_path, workers):
         assert "msg=started" not in server.stderr()  # at warning, the start's info lines are not logged
         device.handshake()
         assert device.post(["telemetry"], cbor2.dumps({"before": 1})).code == Code.CHANGED
-        assert _pings(server.coap_port, 20, answers=20) == 20  # (1000/s, a burst of 2000: all answered)
+        assert coap_pings(server.coap_port, 20, answers=20) == 20  # (1000/s, a burst of 2000: all answered)
         cfg.write_text('log_level = "info"\nrate_limit_per_source = 1\ncoap_tcp = "127.0.0.1:0"\n'
                        'max_observers = 7\n')
         server.proc.send_signal(signal.SIGHUP)
-        line = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        line = wait_for(lambda: log_line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
         assert "log_level warning -> info" in line and "rate_limit_per_source 1000.0 -> 1.0" in line, line
         assert "registry (read again)" in line, line
         assert "coap_tcp (listen addresses need a restart)" in line and "max_observers (need a restart)" in line
@@ -170,7 +149,7 @@ def test_sighup_reloads_without_dropping_a_device(data_dir, tmp_path, workers):
         wait_for(lambda: "registry changed" in server.stderr(), 60,  # (logfmt quotes the message: msg="…")
                  "an info line from the server after the reload")
         # the new rate (1/s, a burst of 2) on the running listener: most of 20 pings are dropped and counted
-        assert _pings(server.coap_port, 20) < 20
+        assert coap_pings(server.coap_port, 20) < 20
         assert server.metrics()['corem_rate_limited_datagrams_total{transport="udp"}'] > 0
         # nothing dropped: the session made before the reload, a plain reading, the new device
         # (over its source's rate, a live DTLS session and a known token still go through)
@@ -182,7 +161,7 @@ def test_sighup_reloads_without_dropping_a_device(data_dir, tmp_path, workers):
         # a file that no longer loads: one error line, nothing changed, still serving
         cfg.write_text("log_level = \n")
         server.proc.send_signal(signal.SIGHUP)
-        refused = wait_for(lambda: _line(server.stderr(), "SIGHUP: the configuration is refused"), 60, "the refusal")
+        refused = wait_for(lambda: log_line(server.stderr(), "SIGHUP: the configuration is refused"), 60, "the refusal")
         assert "nothing reloaded" in refused and "not valid TOML" in refused
         answer = post(server.coap_port, "T0KEN-1", cbor2.dumps({"n": 3}), 4203, timeout=30)
         assert answer is not None and answer[1] == 0x44
@@ -238,7 +217,7 @@ def test_sighup_reads_the_certificates_again(data_dir, tmp_path):
             connect(new).close()
         install(new)
         server.proc.send_signal(signal.SIGHUP)
-        line = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        line = wait_for(lambda: log_line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
         assert "dtls credentials (dtls_cert, dtls_key, dtls_ca read again)" in line and "failed" not in line, line
         after = connect(new)
         assert after.getpeercert(binary_form=True) == der(new, "server")
@@ -319,7 +298,7 @@ def test_the_admin_token_from_a_file_and_rotated_by_sighup(data_dir, tmp_path, w
             assert server.api("GET", path, token="second-t0ken")[0] == 401
         token.write_text("second-t0ken\n")
         server.proc.send_signal(signal.SIGHUP)
-        line = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        line = wait_for(lambda: log_line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
         assert "admin_token" in line and "t0ken" not in line, line  # named, never shown
         for path in ("/api/devices", "/api/status"):
             assert server.api("GET", path, token="second-t0ken")[0] == 200

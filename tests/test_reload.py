@@ -1,36 +1,12 @@
 """SIGHUP applies the rate limit's table size and exempt networks, and the log format, to a running
-`corem serve` without a restart (corem/reload.py); where the C lane applies the limit, its table
-size is named as needing a restart and the rest is applied all the same."""
+`corem serve` without a restart (corem/reload.py), in the Python limiter and the C lane alike."""
 
 from __future__ import annotations
 
 import json
 import signal
-import socket
 
-from .conftest import corem_cli, start_corem, wait_for
-
-
-def _line(text: str, marker: str) -> str:
-    return next((line for line in text.splitlines() if marker in line), "")
-
-
-def _pings(port: int, n: int, source: str = "127.0.0.1", answers: int | None = None) -> int:
-    """`n` CoAP pings from one socket bound to `source`; the RSTs that come back (waiting for
-    `answers` of them, 30 s each: a failure detector, not a pace; else 0.5 s after the last)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((source, 0))
-        for mid in range(n):
-            s.sendto(bytes((0x40, 0x00, 0x71, mid)), ("127.0.0.1", port))
-        got = 0
-        s.settimeout(30 if answers else 0.5)
-        try:
-            while got < (answers or n):
-                s.recvfrom(64)
-                got += 1
-        except TimeoutError:
-            pass
-        return got
+from .conftest import coap_pings, corem_cli, log_line, start_corem, wait_for
 
 
 def test_sighup_applies_the_sources_the_exempt_networks_and_the_log_format(data_dir, tmp_path):
@@ -41,31 +17,31 @@ def test_sighup_applies_the_sources_the_exempt_networks_and_the_log_format(data_
     cfg.write_text('fast_lane = "off"\nrate_limit_per_source = 1\n')
     server = start_corem(data_dir, "--config", str(cfg), timeout=60)
     try:
-        assert _pings(server.coap_port, 20) < 20  # 1/s, a burst of 2: limited
+        assert coap_pings(server.coap_port, 20) < 20  # 1/s, a burst of 2: limited
         dropped = server.metrics()['corem_rate_limited_datagrams_total{transport="udp"}']
         assert dropped > 0
         cfg.write_text('fast_lane = "off"\nrate_limit_per_source = 1\nrate_limit_sources = 5\n'
                        'rate_limit_exempt = "127.0.0.0/8"\nlog_format = "json"\n')
         server.proc.send_signal(signal.SIGHUP)
-        text = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        text = wait_for(lambda: log_line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
         line = json.loads(text)  # the reload's own line is in the new format
         msg = line["msg"]
         assert "log_format kv -> json" in msg and "rate_limit_sources 100000 -> 5" in msg, msg
         assert 'rate_limit_exempt "" -> 127.0.0.0/8' in msg and "need a restart" not in msg, msg
         assert line["level"] == "info" and line["logger"] == "corem"
         # the exempt network: 20 pings over the rate, all answered, none dropped since
-        assert _pings(server.coap_port, 20, answers=20) == 20
+        assert coap_pings(server.coap_port, 20, answers=20) == 20
         metrics = server.metrics()
         assert metrics['corem_rate_limited_datagrams_total{transport="udp"}'] == dropped
         assert metrics['corem_rate_limit_exempted_total{transport="udp"}'] >= 17
         # 8 more sources: the table keeps 5
         for i in range(2, 10):
-            assert _pings(server.coap_port, 1, source=f"127.0.0.{i}", answers=1) == 1
+            assert coap_pings(server.coap_port, 1, source=f"127.0.0.{i}", answers=1) == 1
         assert server.metrics()['corem_rate_limit_sources{transport="udp"}'] == 5
         # a line logged after the reload: JSON too
         corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-9", "--token", "T0KEN-9",
                   data_dir=data_dir)
-        changed = wait_for(lambda: _line(server.stderr().split(text, 1)[1], "registry changed"), 60,
+        changed = wait_for(lambda: log_line(server.stderr().split(text, 1)[1], "registry changed"), 60,
                            "a line after the reload")
         assert json.loads(changed)["logger"].startswith("corem")
     finally:
@@ -83,26 +59,26 @@ def test_with_workers_and_the_lane_the_rate_the_sources_and_the_exempt_networks_
     cfg.write_text('rate_limit_per_source = 1\n')
     server = start_corem(data_dir, "--config", str(cfg), "--workers", "2", timeout=60)
     try:
-        assert _pings(server.coap_port, 20) < 20  # 1/s, a burst of 2: limited
+        assert coap_pings(server.coap_port, 20) < 20  # 1/s, a burst of 2: limited
         dropped = server.metrics()['corem_rate_limited_datagrams_total{transport="udp"}']
         assert dropped > 0
         cfg.write_text('rate_limit_per_source = 2\nrate_limit_sources = 5\nrate_limit_exempt = "127.0.0.0/8"\n'
                        'log_format = "json"\n')
         server.proc.send_signal(signal.SIGHUP)
-        text = wait_for(lambda: _line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
+        text = wait_for(lambda: log_line(server.stderr(), "reloaded on SIGHUP"), 60, "the reload's line")
         msg = json.loads(text)["msg"]
         assert "(2 of 2 workers)" in msg and "log_format kv -> json" in msg, msg
         assert "rate_limit_per_source 1.0 -> 2.0" in msg and 'rate_limit_exempt "" -> 127.0.0.0/8' in msg, msg
         assert "rate_limit_sources 100000 -> 5" in msg and "need a restart" not in msg, msg
         # the exempt network, in the lane of the worker this socket is steered to: all answered
-        assert _pings(server.coap_port, 20, answers=20) == 20
+        assert coap_pings(server.coap_port, 20, answers=20) == 20
         metrics = server.metrics()  # (over the rate, they were exempted, none dropped)
         assert metrics['corem_rate_limited_datagrams_total{transport="udp"}'] == dropped
         assert metrics['corem_rate_limit_exempted_total{transport="udp"}'] >= 10
         # a worker's line after the reload: JSON, with its worker
         corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-9", "--token", "T0KEN-9",
                   data_dir=data_dir)
-        changed = wait_for(lambda: _line(server.stderr().split(text, 1)[1], "registry changed"), 60,
+        changed = wait_for(lambda: log_line(server.stderr().split(text, 1)[1], "registry changed"), 60,
                            "a worker's line")
         assert json.loads(changed)["worker"] in (0, 1)
     finally:
