@@ -20,64 +20,38 @@ with atheris.instrument_imports():
     from tests.lane_twin import Twin
 
 TWIN = Twin()
-TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                          [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"T1"), (O.URI_PATH, b"telemetry"),
-                           (O.CONTENT_FORMAT, b"\x3c")],
-                          b"\xa3\x61a\xf9\x3e\x00\x61b\x18\x2a\x62ts\x1b\x00\x00\x01\x8b\xcf\xe5\x68\x00"))
-#: the same reading as JSON (Content-Format 50), which the lane decodes in C too: the fuzzer mutates
-#: either (a NON of it when the type bits flip)
-JSON_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                               [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"T1"),
-                                (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
-                               b'{"a": 1.5, "b": -42, "s": "on", "d": true, "ts": 1700000000000}'))
-#: ThingsBoard's {ts, values} for a device on a `thingsboard` profile (the lane's MODE_THINGSBOARD)
-TB_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                             [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"TB"),
-                              (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
-                             b'{"ts": 1700000000000, "values": {"a": 1.5, "s": "on", "ts": 2}}'))
-#: Cayenne LPP for a device on a `cayenne-lpp` profile (MODE_LPP): temperature, humidity, GPS
-LPP_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                              [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"LPP"),
-                               (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
-                              bytes.fromhex("03670110" "0268" "50" "0188" "06765ff2960a0003e8")))
-#: a reading for a device whose profile has every kind of field rule (tests/lane_twin.py RULED: rules.h)
-RULED_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                                [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"RU"),
-                                 (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
-                                b'{"t_raw": 652, "hum": 40, "state": "idle", "x": 1, "label": "a", "same": 2}'))
-#: a positional array and a binary layout (tests/lane_twin.py ARRAY, BINARY: layouts.h)
-ARRAY_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                                [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"AR"),
-                                 (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
-                                bytes.fromhex("85f93e00006131" "1b0000018bcfe56800" "6469646c65" "1841")))
-BINARY_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                                 [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"BIN"),
-                                  (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")], bytes(range(85))))
-#: a SenML pack of one time, JSON and CBOR (tests/lane_twin.py's senml device: senml.h)
-SENML_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                                [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"SML"),
-                                 (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x6e")],
-                                b'[{"bn":"d:","bt":1700000000,"bu":"V","n":"v","v":1.5,"s":2},{"n":"m","vs":"on"}]'))
-SENML_CBOR_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                                     [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"SML"),
-                                      (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x70")],
-                                     bytes.fromhex("82a52162643a221a6553f1000061740219015e016343656c" "a200616d04f5")))
-#: readings a Python decoder gives the lane from its batch (pycodec.h): a JavaScript codec, a protobuf schema
-JS_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                             [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"JS"),
-                              (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
-                             bytes.fromhex("CBF60B0D0376010ADD0102")))
-PB_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                             [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"PB"),
-                              (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x2a")],
-                             bytes.fromhex("0880d095ffbc311214090000000000803640" "10411a0772756e6e696e67")))
-#: ThingsBoard's nested values, flattened (the twin's tb profile: nested flatten)
-TB_NESTED_TEMPLATE = encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
-                                    [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"TB"),
-                                     (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
-                                    b'[{"ts": 1, "values": {"m": {"fw": "1.2", "hw": [3, {"r": true}]}}}, {"a": 1}]'))
-TEMPLATES = (TEMPLATE, JSON_TEMPLATE, TB_TEMPLATE, TB_NESTED_TEMPLATE, LPP_TEMPLATE, RULED_TEMPLATE, ARRAY_TEMPLATE, BINARY_TEMPLATE,
-             SENML_TEMPLATE, SENML_CBOR_TEMPLATE, JS_TEMPLATE, PB_TEMPLATE)
+
+
+def post(token: bytes, cf: int, payload: bytes) -> bytes:
+    """A CON POST api/v1/{token}/telemetry of `payload` in Content-Format `cf`: a template."""
+    return encode(Message(Type.CON, Code.POST, 0x1234, b"\x01\x02",
+                          [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, token), (O.URI_PATH, b"telemetry"),
+                           (O.CONTENT_FORMAT, bytes([cf]))], payload))
+
+
+#: the templates the fuzzer mutates, one a shape the lane decodes in C (a NON of each when the
+#: type bits flip), each for a device of tests/lane_twin.py on the profile that reads it
+TEMPLATES = (
+    # the default profile's flat map, CBOR and JSON
+    post(b"T1", 60, b"\xa3\x61a\xf9\x3e\x00\x61b\x18\x2a\x62ts\x1b\x00\x00\x01\x8b\xcf\xe5\x68\x00"),
+    post(b"T1", 50, b'{"a": 1.5, "b": -42, "s": "on", "d": true, "ts": 1700000000000}'),
+    # ThingsBoard's {ts, values}, and an array of entries with nested values (flattened)
+    post(b"TB", 50, b'{"ts": 1700000000000, "values": {"a": 1.5, "s": "on", "ts": 2}}'),
+    post(b"TB", 50, b'[{"ts": 1, "values": {"m": {"fw": "1.2", "hw": [3, {"r": true}]}}}, {"a": 1}]'),
+    # Cayenne LPP: temperature, humidity, GPS (lpp.h)
+    post(b"LPP", 42, bytes.fromhex("03670110" "0268" "50" "0188" "06765ff2960a0003e8")),
+    # a profile with every kind of field rule (RULED: rules.h)
+    post(b"RU", 50, b'{"t_raw": 652, "hum": 40, "state": "idle", "x": 1, "label": "a", "same": 2}'),
+    # a positional array and a binary layout (ARRAY, BINARY: layouts.h)
+    post(b"AR", 60, bytes.fromhex("85f93e00006131" "1b0000018bcfe56800" "6469646c65" "1841")),
+    post(b"BIN", 42, bytes(range(85))),
+    # SenML, JSON and CBOR (senml.h)
+    post(b"SML", 110, b'[{"bn":"d:","bt":1700000000,"bu":"V","n":"v","v":1.5,"s":2},{"n":"m","vs":"on"}]'),
+    post(b"SML", 112, bytes.fromhex("82a52162643a221a6553f1000061740219015e016343656c" "a200616d04f5")),
+    # readings a Python decoder gives the lane from its batch (pycodec.h): a JS codec, a protobuf schema
+    post(b"JS", 42, bytes.fromhex("CBF60B0D0376010ADD0102")),
+    post(b"PB", 42, bytes.fromhex("0880d095ffbc311214090000000000803640" "10411a0772756e6e696e67")),
+)
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
 
@@ -119,8 +93,8 @@ class DtlsTwin:
         self.saved = server.engine.export(PEERS[0])
         self.cid_length = len(server.engine.sessions[PEERS[0]].cid_in)
         #: records the device sends: readings (lane), a NON, a GET, CBOR the lane leaves, a token path
-        messages = [TEMPLATE[:2] + bytes((0, mid)) + TEMPLATE[4:] for mid in range(1, 9)] + [
-            bytes((0x50,)) + TEMPLATE[1:], encode(Message(Type.CON, Code.GET, 77, b"\x07", [(O.URI_PATH, b"x")])),
+        messages = [TEMPLATES[0][:2] + bytes((0, mid)) + TEMPLATES[0][4:] for mid in range(1, 9)] + [
+            bytes((0x50,)) + TEMPLATES[0][1:], encode(Message(Type.CON, Code.GET, 77, b"\x07", [(O.URI_PATH, b"x")])),
             encode(Message(Type.CON, Code.POST, 78, b"\x08", [(O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
                            b"\xa1\x61a\x82\x01\x02")),
             encode(Message(Type.CON, Code.POST, 79, b"\x09", [(O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
