@@ -1,7 +1,7 @@
-"""The corem server composes -- stores, directory, ingest, doors, downlink, transports, admin HTTP
--- and starts and stops them.  Each part is its module's: the listeners (transports.py,
-listeners.py), where a device is served (cluster.py), the data dir (datadir.py), the stores
-(stores.py), the operations routes (health.py), SIGHUP (reload.py), registry_changes.py."""
+"""The corem server composes -- stores, directory, ingest, doors, downlink, transports, admin HTTP --
+and starts and stops them.  Each part is its module's: the listeners (transports.py, listeners.py),
+where a device is served (cluster.py), the data dir (datadir.py), the stores (stores.py), the
+operations routes (health.py), SIGHUP (reload.py), registry_changes.py."""
 
 from __future__ import annotations
 
@@ -68,14 +68,18 @@ class Server:
         self.settings = settings
         self.worker = worker
         topics.configure(settings.topic_prefix)  # (every topic this process names)
-        data = settings.data_path
         # the data dir made, locked and prepared (with workers, by the supervisor for them)
         self._lock = datadir.take(settings) if worker is None else -1
-        try:
-            self.registry = stores.open_registry(settings)
-        except BaseException:
+        try:  # (before Trio starts: a bad certificate or a busy port is a plain ConfigError)
+            self._build(settings, worker)
+        except BaseException:  # (a server that did not start holds nothing: no lock, no registry)
+            if hasattr(self, "registry"):
+                self.registry.close()
             self._unlock()
             raise
+
+    def _build(self, settings: Settings, worker: WorkerSpec | None) -> None:
+        self.registry = stores.open_registry(settings)
         self.directory = Directory(self.registry)
         self.sink = stores.make_sink(settings, after_batch=self._after_batch, shared=worker is not None)
         #: with workers, the supervisor prunes the bus (one pruner per data dir)
@@ -89,7 +93,7 @@ class Server:
         # presence per device across workers and nodes: its state in a table they share
         # (corem/registry/presence.py), a single process included (one code path)
         self.presence = Presence(self.sink, settings.presence_offline_after, tenants=tenants, profiles=profiles,
-                                 table=open_presence(settings.registry_location(), data))
+                                 table=open_presence(settings.registry_location(), settings.data_path))
         self.management = Management(self.registry)
         self.downlink = Downlink(
             self.management, self.sink, psm_activity_timer=settings.psm_activity_timer,
@@ -115,19 +119,15 @@ class Server:
         #: downlink requests from other systems on `commands.{tenant}` (corem/cluster.py)
         self.command_reader = self.cluster.reader(settings, worker.index if worker else 0, self.directory.tenants,
                                                   shared=self.registry.shared)
-        self.admin_token = settings.admin_token or admin_token.read_or_create(data)
+        self.admin_token = settings.admin_token or admin_token.read_or_create(settings.data_path)
         self.http: HttpServer | None = None
         #: Users' own resources (see corem.coap.site): `server.site.add("path", resource)`
         self.site = Site(clock=trio.current_time, after_notify=self._after_batch)
         self.changes = RegistryChanges(self.directory, shared_url=settings.registry if self.registry.shared else "")
         self._stop = trio.Event()
         self._reload_settings = trio.Lock()
-        try:  # (before Trio starts: a bad certificate or a busy port is a plain ConfigError)
-            self.transports = Transports(settings, worker, self.directory, self.ingest, self.sink,
-                                         self.oscore.unwrap, self._mount)
-        except BaseException:
-            self._unlock()
-            raise
+        self.transports = Transports(settings, worker, self.directory, self.ingest, self.sink, self.oscore.unwrap,
+                                     self._mount)
         self.bound: Bound = self.transports.bound
         self.health = Health(self.components, self.sink, self.transports)
         self.admin = AdminApi(AdminParts(

@@ -34,3 +34,28 @@ def test_take_locks_prepares_and_create_files_makes_the_databases(tmp_path):
     finally:
         datadir.release(fd)
     datadir.release(datadir.take(settings))  # released: another may take it
+
+
+@pytest.mark.parametrize("fails", ["sink", "port"])
+def test_a_server_that_does_not_start_leaves_the_data_dir_free(tmp_path, monkeypatch, fails):
+    """Found by review: a start that failed after the lock and the registry but before the listeners
+    (the bus, the admin token, ...) kept the data dir's lock and the registry for the rest of the
+    process: a second Server on the same data dir in it was refused."""
+    import socket
+
+    from corem import server as server_module
+    from corem.server import Server
+
+    def broken(*args, **kwargs):
+        raise ConfigError("bus: down")
+
+    if fails == "sink":
+        monkeypatch.setattr(server_module.stores, "make_sink", broken)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        coaps = f"127.0.0.1:{busy.getsockname()[1]}" if fails == "port" else "off"
+        settings = Settings.load({"data_dir": str(tmp_path / "d"), "coap": "127.0.0.1:0", "coaps": coaps,
+                                  "http": "off"}, env={})
+        with pytest.raises(ConfigError, match="bus: down" if fails == "sink" else "cannot listen"):
+            Server(settings)
+    datadir.release(datadir.take(settings))  # free again
