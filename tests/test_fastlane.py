@@ -484,6 +484,36 @@ def test_generated_thingsboard_payloads_are_stored_and_answered_the_same_with_an
         t.close()
 
 
+@pytest.mark.parametrize("cf, body, lanes", [
+    (50, b'{"m": {"fw": "1.2", "hw": [3, 4.50, -0, -0.0, 1e2], "ok": true, "n": null, "e": {}}, "t": 1}', False),
+    (50, b'{"m": {"fw": "1.2", "hw": [3, 4.50, -0, -0.0, 0.000001], "ok": true, "n": null, "e": {}, "l": []}}', True),
+    (50, b'{"ts": 1700000000000, "values": {"a": [{"b": "\xc3\xa9"}], "c": 1}}', True),
+    (50, b'[{"a": {"x": 1}}, {"b": [1, 2]}]', True),
+    (50, b'{"a": {"x": 1, "x": 2}}', False),  # a key twice: Python's to judge
+    (60, cbor2.dumps({"m": {"fw": "1.2"}}), False),  # CBOR kept as JSON: Python's
+])
+def test_nested_values_kept_as_json_text_are_written_as_json_dumps_writes_them(twin, cf, body, lanes):
+    """A `nested: json` profile: a nested value of a JSON payload is one text reading, its JSON as
+    json.dumps(separators=(",", ":"), ensure_ascii=False) writes it -- fractions as repr, -0 as 0."""
+    twin.receive(post("TBJ", payload=body, cf=cf))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == (1 if lanes else 0)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(TB_DOCS, st.booleans()), min_size=1, max_size=4))
+def test_generated_nested_json_is_stored_and_answered_the_same_with_and_without_the_lane(steps):
+    t = Twin()
+    try:
+        for i, (doc, spaced) in enumerate(steps):
+            t.receive(post("TBJ", payload=json_text(doc, spaced, False), cf=50, mid=i))
+            t.commit()
+            t.check()
+    finally:
+        t.close()
+
+
 def lpp_value(code: int, rng) -> bytes:
     from corem.profiles.formats import LPP_TYPES
     return bytes(rng.getrandbits(8) for _ in range(LPP_TYPES[code][1]))

@@ -79,7 +79,7 @@ typedef struct {
     layout_t layout;
     PyObject *source; /* the tuples the strings live in */
     PyObject *decode; /* MODE_PYTHON: the profile's Python decoder (pycodec.h), or NULL */
-    int flatten;      /* ThingsBoard's `nested: flatten`: nested values read into their leaves */
+    int nested;       /* ThingsBoard's `nested`: 0 reject (Python's), 1 flatten (their leaves), 2 json (their text) */
 } lane_profile_t;
 
 static void profile_free(PyObject *capsule) {
@@ -92,16 +92,20 @@ static void profile_free(PyObject *capsule) {
     PyMem_Free(P);
 }
 
-/* compile_profile(rules, positions, layout, decode=None, flatten=False): see rules.h `rules_from`,
+/* compile_profile(rules, positions, layout, decode=None, nested=0): see rules.h `rules_from`,
  * layouts.h `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's readings go
  * through (pycodec.h; it must not refer to the capsule: a capsule is not followed by the GC);
- * `flatten`, a ThingsBoard profile's `nested: flatten` (cbor_json.h flat_t). */
+ * `nested`, a ThingsBoard profile's: 1 flatten, 2 json (cbor_json.h flat_t), 0 reject. */
 static PyObject *compile_profile(PyObject *module, PyObject *args) {
     PyObject *rules, *positions, *layout, *decode = Py_None;
-    int flatten = 0;
-    if (!PyArg_ParseTuple(args, "O!O!O!|Op", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
-                          &decode, &flatten))
+    int nested = 0;
+    if (!PyArg_ParseTuple(args, "O!O!O!|Oi", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
+                          &decode, &nested))
         return NULL;
+    if (nested < 0 || nested > 2) {
+        PyErr_SetString(PyExc_ValueError, "compile_profile: nested is 0 (reject), 1 (flatten) or 2 (json)");
+        return NULL;
+    }
     if (decode != Py_None && !PyCallable_Check(decode)) {
         PyErr_SetString(PyExc_TypeError, "compile_profile: decode is callable or None");
         return NULL;
@@ -119,7 +123,7 @@ static PyObject *compile_profile(PyObject *module, PyObject *args) {
         Py_INCREF(decode);
         P->decode = decode;
     }
-    P->flatten = flatten;
+    P->nested = nested;
     if (rules_from(rules, &P->rules) < 0 || layout_from(positions, layout, &P->layout) < 0) {
         Py_DECREF(capsule);
         return NULL;
@@ -244,6 +248,8 @@ typedef struct {
     uint8_t *rxbuf;
     char *json;
     size_t json_cap;
+    char *nested; /* nested values' JSON text (`nested: json`), for the request being read */
+    size_t nested_cap;
     /* counters */
     unsigned long long datagrams_in, bytes_in, requests, duplicates, oversized, dropped, evicted,
         dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted,
@@ -893,7 +899,8 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
  * binary layout (42 or none, layouts.h), a SenML pack of one time (110-113, 50, 60: senml.h); 0 and
  * the items, or -1: the Python path's. */
 static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint8_t *end, long long now_ms,
-                         item_t *items, int *nitems, long long *pts, int *npts, char (*names)[LANE_NAME]) {
+                         item_t *items, int *nitems, long long *pts, int *npts, char (*names)[LANE_NAME],
+                         json_buf_t *jb) {
     int mode = t->mode;
     *npts = 1;
     pts[0] = -1;
@@ -902,9 +909,9 @@ static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint
     if (mode == MODE_BINARY) return cf == 42 || cf < 0 ? parse_binary(&profile_of(t)->layout, p, end, items, nitems) : -1;
     if (cf != 60 && cf != 50) return -1;
     if (mode == MODE_ARRAY) return parse_positional(&profile_of(t)->layout, cf, p, end, items, nitems, pts);
-    flat_t fl = {names, items};
-    return parse_document(cf, mode, mode == MODE_THINGSBOARD && t->profile && profile_of(t)->flatten ? &fl : NULL, p,
-                          end, items, nitems, pts, npts);
+    int nested = mode == MODE_THINGSBOARD && t->profile ? profile_of(t)->nested : 0;
+    flat_t fl = {names, items, nested == 2 ? jb : NULL};
+    return parse_document(cf, mode, nested ? &fl : NULL, p, end, items, nitems, pts, npts);
 }
 
 /* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
@@ -944,7 +951,19 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         Py_XDECREF(keep); /* (last: the items point into it) */
         return r == 1 ? python_path(self, key, now, reuse) : r;
     }
-    if (parse_payload(s.cf, t, s.payload, s.end, now_ms, items, &nitems, pts, &npts, names) < 0)
+    /* (the JSON text of nested values, `nested: json`: no longer than twice the payload) */
+    size_t room = 2 * (size_t)(s.end - s.payload) + 64;
+    if (room > self->nested_cap) {
+        char *b = PyMem_Realloc(self->nested, room);
+        if (!b) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->nested = b;
+        self->nested_cap = room;
+    }
+    json_buf_t jb = {self->nested, self->nested_cap, 0};
+    if (parse_payload(s.cf, t, s.payload, s.end, now_ms, items, &nitems, pts, &npts, names, &jb) < 0)
         return python_path(self, key, now, reuse);
     const rules_t *rules = t->profile && profile_of(t)->rules.n ? &profile_of(t)->rules : NULL;
     /* accepted unless a rule is broken: from then on the lane owns the exchange */
@@ -2109,6 +2128,7 @@ static void Lane_dealloc(Lane *self) {
     PyMem_Free(self->out);
     PyMem_Free(self->rxbuf);
     PyMem_Free(self->json);
+    PyMem_Free(self->nested);
     ds_free(&self->ds);
     PyMem_Free(self->wire);
     PyMem_Free(self->plainbuf);

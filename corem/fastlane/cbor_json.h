@@ -139,11 +139,18 @@ static int cbor_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
 
 /* ThingsBoard's `nested: flatten` (formats.put_value): a map or array among the values is read
  * into its leaves, named `outer.inner` (an array's by index: `outer.0`), in the order they come;
- * the names the lane makes go to names[i] for the item at base + i.  NULL where a nested value is
- * not the lane's (the default profile, `reject`, `json`: the Python path's). */
+ * the names the lane makes go to names[i] for the item at base + i.  With `json`, `nested: json`: a
+ * nested value of a JSON payload is one text reading, the value as json.dumps writes it (CBOR's:
+ * the Python path's).  NULL where a nested value is not the lane's (the default profile, `reject`). */
+typedef struct {
+    char *buf;  /* (the caller's: at least twice the payload's size, and 64) */
+    size_t cap, used;
+} json_buf_t;
+
 typedef struct {
     char (*names)[LANE_NAME];
     const item_t *base;
+    json_buf_t *json; /* `nested: json`: a nested value kept as its JSON text, written here; NULL: flattened */
 } flat_t;
 
 #define FLAT_DEPTH 8 /* nesting the lane flattens; deeper: the Python path's (MAX_DEPTH 16 there) */
@@ -176,6 +183,7 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         if (p >= end || count == cap) return -1;
         uint8_t major = *p >> 5;
         if (fl && !is_ts && (major == 4 || major == 5)) {
+            if (fl->json) return -1; /* (CBOR kept as JSON text: Python's, whose float and bytes rules it is) */
             char prefix[LANE_NAME];
             if (klen >= LANE_NAME) return -1;
             memcpy(prefix, key, klen);
@@ -398,6 +406,90 @@ static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const ui
     return 0;
 }
 
+/* Bytes into the buffer of nested values' JSON text: 0, or -1 (no room: the Python path's). */
+static int jb_put(json_buf_t *jb, const void *s, size_t n) {
+    if (jb->cap - jb->used < n) return -1;
+    memcpy(jb->buf + jb->used, s, n);
+    jb->used += n;
+    return 0;
+}
+
+/* A JSON value at *pp written again as Python's json.dumps(value, separators=(",", ":"),
+ * ensure_ascii=False) writes it (formats.put_value, `nested: json`): strings as they came (the lane
+ * takes none with an escape or a control character, which dumps would write otherwise), integers
+ * as they came ("-0" as 0), fractions as repr writes the double, true, false, null; a key twice in
+ * an object, or deeper than FLAT_DEPTH: -1. */
+static int json_text(json_buf_t *jb, const uint8_t **pp, const uint8_t *end, int depth) {
+    const uint8_t *p = *pp;
+    if (p >= end || depth > FLAT_DEPTH) return -1;
+    if (*p == '{' || *p == '[') {
+        int is_map = *p == '{';
+        uint8_t close = is_map ? '}' : ']';
+        const uint8_t *keys[MAX_ITEMS];
+        size_t klens[MAX_ITEMS];
+        int nkeys = 0;
+        if (jb_put(jb, p, 1) < 0) return -1;
+        p = json_ws(p + 1, end);
+        if (p < end && *p == close) {
+            *pp = p + 1;
+            return jb_put(jb, &close, 1);
+        }
+        for (;;) {
+            if (is_map) {
+                const uint8_t *key;
+                size_t klen;
+                if (json_member_key(&p, end, &key, &klen) < 0 || nkeys == MAX_ITEMS) return -1;
+                for (int k = 0; k < nkeys; k++)
+                    if (klens[k] == klen && memcmp(keys[k], key, klen) == 0) return -1;
+                keys[nkeys] = key;
+                klens[nkeys++] = klen;
+                if (jb_put(jb, "\"", 1) < 0 || jb_put(jb, key, klen) < 0 || jb_put(jb, "\":", 2) < 0) return -1;
+            }
+            if (json_text(jb, &p, end, depth + 1) < 0) return -1;
+            int next = json_next(&p, end, close);
+            if (next < 0) return -1;
+            if (jb_put(jb, next ? "," : (const char *)&close, 1) < 0) return -1;
+            if (!next) break;
+        }
+        *pp = p;
+        return 0;
+    }
+    if (*p == '"') {
+        const uint8_t *s;
+        size_t n;
+        if (json_plain_string(&p, end, &s, &n) < 0) return -1;
+        if (jb_put(jb, "\"", 1) < 0 || jb_put(jb, s, n) < 0 || jb_put(jb, "\"", 1) < 0) return -1;
+    } else if (end - p >= 4 && (memcmp(p, "true", 4) == 0 || memcmp(p, "null", 4) == 0)) {
+        if (jb_put(jb, p, 4) < 0) return -1;
+        p += 4;
+    } else if (end - p >= 5 && memcmp(p, "false", 5) == 0) {
+        if (jb_put(jb, p, 5) < 0) return -1;
+        p += 5;
+    } else {
+        const uint8_t *start = p;
+        double v;
+        int integral;
+        uint64_t whole;
+        if (json_number(&p, end, &v, &integral, &whole) < 0) return -1;
+        if (integral) { /* a Python int: its digits ("-0" is 0) */
+            if (whole == 0 ? jb_put(jb, "0", 1) < 0 : jb_put(jb, start, (size_t)(p - start)) < 0) return -1;
+        } else { /* a Python float: repr's digits (json.dumps writes float.__repr__) */
+            char tmp[40], *o = tmp;
+            char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+            if (!s) {
+                PyErr_Clear();
+                return -1;
+            }
+            size_t n = strlen(s);
+            if (n < sizeof tmp) memcpy(o, s, n);
+            PyMem_Free(s);
+            if (n >= sizeof tmp || jb_put(jb, tmp, n) < 0) return -1;
+        }
+    }
+    *pp = p;
+    return 0;
+}
+
 /* Parse a JSON payload as the flat object the Python path accepts (decode_json, flat_readings):
  * 0 and the items if the lane is sure of it, -1 otherwise (the Python path decides, and explains).
  * Sure means: an object of at most MAX_ITEMS members, keys and text without escapes, numbers of
@@ -421,6 +513,22 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         if (p >= end) return -1;
         if (count == cap) return -1;
         if (fl && !is_ts && (*p == '{' || *p == '[')) {
+            if (fl->json) { /* the nested value as one text reading, its JSON as Python writes it */
+                item_t *it = &items[count];
+                size_t start = fl->json->used;
+                if (json_text(fl->json, &p, end, 1) < 0) return -1;
+                it->key = key;
+                it->klen = klen;
+                it->is_text = 1;
+                it->unit = NULL;
+                it->text = (const uint8_t *)fl->json->buf + start;
+                it->tlen = fl->json->used - start;
+                count++;
+                int next = json_next_member(&p, end);
+                if (next < 0) return -1;
+                if (!next) break;
+                continue;
+            }
             char prefix[LANE_NAME];
             if (klen >= LANE_NAME) return -1;
             memcpy(prefix, key, klen);

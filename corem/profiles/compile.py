@@ -24,6 +24,10 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 #: LANE_PYTHON: the lane calls the profile's Python decoder itself (protobuf, js, a Python hook),
 #: from its batch, without the CoAP request path (corem/fastlane/pycodec.h)
 LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML, LANE_PYTHON = range(7)
+#: a ThingsBoard profile's `nested`, as the lane's C takes it: a nested value refused (the Python
+#: path's 4.00), flattened into its leaves, or kept as its JSON text
+NESTED_REJECT, NESTED_FLATTEN, NESTED_JSON = 0, 1, 2
+NESTED = {"reject": NESTED_REJECT, "flatten": NESTED_FLATTEN, "json": NESTED_JSON}
 #: the formats the lane decodes in C, and how
 LANES = {"flat": LANE_FLAT, "thingsboard": LANE_THINGSBOARD, "cayenne-lpp": LANE_CAYENNE_LPP, "array": LANE_ARRAY,
          "binary": LANE_BINARY, "senml": LANE_SENML}
@@ -48,18 +52,18 @@ class LaneDecoder:
     alike).  `compiled` is the lane's own form of all that, made once per profile by corem/fastlane
     and shared by its devices (False: the lane cannot hold it)."""
 
-    __slots__ = ("decode", "mode", "rules", "positions", "layout", "flatten", "compiled")
+    __slots__ = ("decode", "mode", "rules", "positions", "layout", "nested", "compiled")
 
     def __init__(self, decode: Decoder, mode: int, rules: tuple[LaneRule, ...] = (),
                  positions: tuple[bytes | None, ...] = (), layout: tuple[LanePart, ...] = (),
-                 flatten: bool = False) -> None:
+                 nested: int = NESTED_REJECT) -> None:
         self.decode = decode
         self.mode = mode
         self.rules = rules
         self.positions = positions
         self.layout = layout
-        #: ThingsBoard's `nested: flatten`: the lane reads nested values into their leaves too
-        self.flatten = flatten
+        #: ThingsBoard's `nested` (NESTED_*): the lane flattens nested values, or keeps their JSON text
+        self.nested = nested
         self.compiled: object = None
 
     def __call__(self, content_format: int | None, payload: bytes | bytearray | memoryview,
@@ -101,13 +105,13 @@ def compile_profile(profile: Profile) -> Decoder:
     shape = _lane_shape(profile)
     if shape is None:
         mode = None
-    flatten = profile.format == "thingsboard" and profile.nested == "flatten"
+    nested = NESTED[profile.nested] if profile.format == "thingsboard" else NESTED_REJECT
     if not profile.fields:
-        return decode if mode is None or shape is None else LaneDecoder(decode, mode, (), *shape, flatten)
+        return decode if mode is None or shape is None else LaneDecoder(decode, mode, (), *shape, nested)
     in_c = None if mode is None else lane_rules(profile.fields)
     if in_c is None or mode is None or shape is None:
         return _with_rules(decode, profile.fields)
-    return LaneDecoder(_with_rules(decode, profile.fields), mode, in_c, *shape, flatten)
+    return LaneDecoder(_with_rules(decode, profile.fields), mode, in_c, *shape, nested)
 
 
 def _with_rules(decode: formats.FormatDecoder, fields: dict[str, Rule]) -> Decoder:
