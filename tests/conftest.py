@@ -342,3 +342,13 @@ def coap_pings(port: int, n: int, source: str = "127.0.0.1", answers: int | None
         except TimeoutError:
             pass
         return got
+
+
+def serving_one_device(tmp_path_factory, name: str):
+    """A module's `corem serve` on a fresh data dir with one device, acme/sensor-1 of token
+    T0KEN-1 (a generator for a fixture: stopped when the module is done)."""
+    data = tmp_path_factory.mktemp(name) / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-1", "--token", "T0KEN-1", data_dir=data)
+    s = start_corem(data)
+    yield s
+    s.stop()

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import ADMIN_TOKEN, corem_cli, start_corem
+from .conftest import ADMIN_TOKEN, corem_cli, serving_one_device, start_corem
 
 DEV = "/api/devices/acme/sensor-1"
 CERT_SUBJ = "/CN=api-device"
@@ -21,11 +21,7 @@ CERT_SUBJ = "/CN=api-device"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("api") / "data"
-    corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-1", "--token", "T0KEN-1", data_dir=data)
-    s = start_corem(data)
-    yield s
-    s.stop()
+    yield from serving_one_device(tmp_path_factory, "api")
 
 
 def test_openapi_document_lists_every_route_and_needs_no_token(server):

@@ -20,7 +20,7 @@ from corem.bus import read_records
 from corem.ingest.point import TelemetryPoint
 from corem.ingest.presence import PresenceEvent
 
-from .conftest import coap_client, corem_cli, needs_libcoap, post, start_corem, wait_for
+from .conftest import coap_client, corem_cli, needs_libcoap, post, serving_one_device, start_corem, wait_for
 
 CI = os.environ.get("CI") == "true"
 jsonschema_rs = pytest.importorskip("jsonschema_rs") if not CI else __import__("jsonschema_rs")
@@ -39,11 +39,7 @@ def _openapi_validator():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("contracts") / "data"
-    corem_cli("devices", "add", "--tenant", "acme", "--device", "sensor-1", "--token", "T0KEN-1", data_dir=data)
-    s = start_corem(data)
-    yield s
-    s.stop()
+    yield from serving_one_device(tmp_path_factory, "contracts")
 
 
 # -- the OpenAPI document ---------------------------------------------------------------------------

@@ -158,6 +158,8 @@ typedef struct {
 static char *put_u64(char *o, unsigned long long v);
 static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *prefix,
                         size_t plen, item_t *items, int *count, int cap, int depth);
+static int flat_member(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *nm, size_t nl,
+                       item_t *items, int *count, int cap, int depth);
 
 /* A flat CBOR map at p of readings the lane is sure of: 0, the items, and *after past it; -1
  * otherwise.  ts_special: a "ts" key is the point's time (the default profile's flat map), not a
@@ -184,10 +186,7 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         uint8_t major = *p >> 5;
         if (fl && !is_ts && (major == 4 || major == 5)) {
             if (fl->json) return -1; /* (CBOR kept as JSON text: Python's, whose float and bytes rules it is) */
-            char prefix[LANE_NAME];
-            if (klen >= LANE_NAME) return -1;
-            memcpy(prefix, key, klen);
-            if (nested_value(fl, 0, &p, end, prefix, klen, items, &count, cap, 1) < 0) return -1;
+            if (flat_member(fl, 0, &p, end, (const char *)key, klen, items, &count, cap, 0) < 0) return -1;
             continue;
         }
         item_t *it = &items[count];
@@ -346,6 +345,7 @@ static int flat_member(const flat_t *fl, int json, const uint8_t **pp, const uin
     const uint8_t *p = *pp;
     if (p < end && (json ? (*p == '{' || *p == '[') : ((*p >> 5) == 4 || (*p >> 5) == 5))) {
         char prefix[LANE_NAME]; /* (its own copy: the children write their names where it was) */
+        if (nl >= LANE_NAME) return -1;
         memcpy(prefix, nm, nl);
         return nested_value(fl, json, pp, end, prefix, nl, items, count, cap, depth + 1);
     }
@@ -529,10 +529,7 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
                 if (!next) break;
                 continue;
             }
-            char prefix[LANE_NAME];
-            if (klen >= LANE_NAME) return -1;
-            memcpy(prefix, key, klen);
-            if (nested_value(fl, 1, &p, end, prefix, klen, items, &count, cap, 1) < 0) return -1;
+            if (flat_member(fl, 1, &p, end, (const char *)key, klen, items, &count, cap, 0) < 0) return -1;
             int next = json_next_member(&p, end);
             if (next < 0) return -1;
             if (!next) break;
