@@ -40,8 +40,9 @@ from .bus.base import Sink, publish_json
 from .bus.commands import KafkaCommandReader
 from .config import Settings
 from .devices.commands import apply as apply_command
+from .devices.commands import request_of
 from .devices.downlink import Downlink, results_topic
-from .errors import StorageUnavailable
+from .errors import BadInput, StorageUnavailable
 from .registry import Device, Directory
 from .registry.db import Db, Lease
 from .registry.homes import Homes
@@ -69,8 +70,8 @@ def command_device(tenant: str, value: bytes) -> Key | None:
     """The device a commands.{tenant} record's value names; None if it names none (any worker
     or node answers it: the result says what is wrong)."""
     try:
-        device = json.loads(value).get("device")
-    except (ValueError, AttributeError):
+        device = request_of(value).get("device")
+    except BadInput:
         return None
     return (tenant, device) if isinstance(device, str) else None
 

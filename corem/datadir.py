@@ -13,8 +13,8 @@ says how the directory is laid out, a component's version what its tables hold.
 A new format: add its migration to MIGRATIONS (a function of the data dir's path, which must be
 safe to run again should a start be cut short before the file is written).
 
-This module is also the one home of the data dir's file names (`FILES`) and of what a `corem serve`
-does to its data dir before it serves (`take`: made, locked, brought to FORMAT; `create_files`: its
+This module is also the home of what a `corem serve` does to its data dir before it serves (the
+file names are datafiles.py's) (`take`: made, locked, brought to FORMAT; `create_files`: its
 SQLite files made before N workers open them at once).
 """
 
@@ -35,7 +35,7 @@ from .bus.sqlite import EmbeddedBus
 from .config import ConfigError, Settings
 from .registry import Registry
 from .registry.presence import open_table as open_presence
-from .datafiles import BUS_FILE, FILES, FORMAT_FILE, LOCK_FILE, REGISTRY_FILE, SESSIONS_FILE
+from .datafiles import BUS_FILE, FORMAT_FILE, LOCK_FILE, REGISTRY_FILE, SESSIONS_FILE
 from .errors import NewerFormat
 from .logs import fields
 

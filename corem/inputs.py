@@ -15,6 +15,7 @@ Light on purpose (msgspec only): the CLI imports it.
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any, TypeVar
 
 import msgspec
@@ -27,6 +28,7 @@ T = TypeVar("T", bound=msgspec.Struct)
 _PYTHON: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int, float), "integer": int, "boolean": bool}
 
 
+@functools.cache  # (a Struct's fields do not change: inspected once, not at every request)
 def _info(struct: type[msgspec.Struct]) -> msgspec.inspect.StructType:
     info = msgspec.inspect.type_info(struct)
     assert isinstance(info, msgspec.inspect.StructType)

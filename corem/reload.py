@@ -151,17 +151,17 @@ def apply_limits(old: Settings, new: Settings, limiters: list[SourceLimiter], la
     if not (old.rate_limit_per_source and new.rate_limit_per_source):  # on <-> off rewires the edges
         report.restart += keys
         return []
-    taken = keys
     sources = new.rate_limit_sources
     exempt, rate = new.exempt_networks(), new.rate_limit_per_source
-    for lane in lanes:  # (a new bound of sources: the C table made again, the newest sources kept)
-        lane.limit(rate, 2 * rate, sources)
-        if "rate_limit_exempt" in taken:
+    for lane in lanes:
+        if keys != ["rate_limit_exempt"]:  # (a new rate or bound: the C table made again, the newest kept)
+            lane.limit(rate, 2 * rate, sources)
+        if "rate_limit_exempt" in keys:
             lane.exempt(lane_networks(exempt))
     for limiter in limiters:
         limiter.retune(rate, sources, exempt)
-    report.done += [describe(k, old, new) for k in LIMITS if k in taken]
-    return taken
+    report.done += [describe(k, old, new) for k in keys]
+    return keys
 
 
 async def apply(server: Running, new: Settings) -> Report:

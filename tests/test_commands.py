@@ -41,6 +41,7 @@ def test_each_type_is_carried_out_and_answered(stack):
 @pytest.mark.parametrize("record, reason", [
     (b"not json", "value: not valid JSON"),
     (b"[1]", "value: expected a JSON object"),
+    (b"[" * 100_000, "value: not valid JSON"),  # (past the parser's depth: RecursionError, found by review)
     ({"device": "ghost", "type": "rpc", "method": "m"}, "device: 'ghost' is not registered in tenant 'acme'"),
     ({"device": "awake", "type": "reboot"}, "type: 'reboot' is not one of rpc, command, attributes, firmware"),
     ({"device": "awake", "type": "rpc"}, "method: required"),
@@ -70,6 +71,11 @@ def test_a_bug_a_record_finds_is_a_logged_rejection_not_the_readers_end(stack, m
     got = run(stack, {"device": "awake", "type": "rpc", "method": "m"})
     assert got["status"] == "rejected" and got["reason"] == "internal error (logged)"
     assert "could not be carried out" in caplog.text
+
+
+def test_a_record_too_deep_to_parse_names_no_device_and_is_rejected():
+    from corem.cluster import command_device
+    assert command_device("acme", b"[" * 100_000) is None and command_device("acme", b'{"device": "d"}') == ("acme", "d")
 
 
 def test_a_full_queue_is_a_rejection_not_a_crash(stack):

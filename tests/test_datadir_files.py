@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from corem import datadir
+from corem.datafiles import FILES
 from corem.admin.token import TOKEN_FILE
 from corem.config import ConfigError, Settings
 from corem.dtls.layer import STATE_KEY_FILE
@@ -15,7 +16,7 @@ from corem.registry.presence import FILE as PRESENCE_FILE
 def test_every_file_name_is_in_the_table():
     for name in (datadir.FORMAT_FILE, datadir.LOCK_FILE, datadir.BUS_FILE, datadir.REGISTRY_FILE,
                  datadir.SESSIONS_FILE, PRESENCE_FILE, TOKEN_FILE, STATE_KEY_FILE):
-        assert name in datadir.FILES, name
+        assert name in FILES, name
     assert Settings.load({}, env={}).registry_location().name == datadir.REGISTRY_FILE
 
 
@@ -29,7 +30,7 @@ def test_take_locks_prepares_and_create_files_makes_the_databases(tmp_path):
         made = {p.name for p in settings.data_path.iterdir()}
         assert {datadir.FORMAT_FILE, datadir.LOCK_FILE, datadir.BUS_FILE, datadir.REGISTRY_FILE,
                 datadir.SESSIONS_FILE, PRESENCE_FILE} <= made, made
-        assert made <= set(datadir.FILES) | {f"{datadir.BUS_FILE}-wal", f"{datadir.BUS_FILE}-shm"} | {
+        assert made <= set(FILES) | {f"{datadir.BUS_FILE}-wal", f"{datadir.BUS_FILE}-shm"} | {
             f"{n}-{x}" for n in (datadir.REGISTRY_FILE, datadir.SESSIONS_FILE, PRESENCE_FILE) for x in ("wal", "shm")}
     finally:
         datadir.release(fd)

@@ -219,6 +219,13 @@ def test_two_workers_serve_one_port_and_keep_each_peer(workers):
         assert len(offsets) == 32 and len(set(offsets)) == 32  # one log, no offset given twice
         status, body = workers.api("GET", "/api/status")
         assert status == 200 and body["workers"] == 2 and body["points"] == 32
+        # a rejected sample on each worker: the front merges their lists (it read them as dicts: a 500)
+        for i in (0, 1):
+            answer = post(workers.coap_port, "T0KEN-1", b"\xff", 900 + i, sock=devices[i])
+            assert answer is not None and answer[1] == 0x80  # 4.00
+        status, samples = workers.api("GET", "/api/diagnostics/samples?limit=5")
+        assert status == 200 and len(samples) == 2 and samples[0]["at"] >= samples[1]["at"]
+        assert workers.api("GET", "/api/diagnostics/samples?limit=x")[1]["error"] == "limit: not an integer"
     finally:
         for s in devices:
             s.close()

@@ -35,14 +35,24 @@ REQUESTS: dict[str, type[msgspec.Struct]] = {"rpc": RpcRequest, "command": Comma
                              **{kind: PackageAssignment for kind in KINDS}}
 
 
+def request_of(value: bytes) -> dict[str, Any]:
+    """A record's value as the JSON object it must be (BadInput names what it is not: bytes that
+    are no JSON, nested past the parser's depth, or another JSON value)."""
+    try:
+        request = json.loads(value)
+    except (ValueError, RecursionError) as e:
+        raise BadInput(f"value: not valid JSON ({e})") from None
+    if not isinstance(request, dict):
+        raise BadInput("value: expected a JSON object")
+    return request
+
+
 def apply(tenant: str, value: bytes, directory: Directory, downlink: Downlink, management: Management) -> dict[str, Any]:
     """Carry out one request; returns the result record (always: a bad request is answered too)."""
     try:
-        request = json.loads(value)
-    except ValueError as e:
-        return {"tenant": tenant, "status": "rejected", "reason": f"value: not valid JSON ({e})"}
-    if not isinstance(request, dict):
-        return {"tenant": tenant, "status": "rejected", "reason": "value: expected a JSON object"}
+        request = request_of(value)
+    except BadInput as e:
+        return {"tenant": tenant, "status": "rejected", "reason": str(e)}
     result: dict[str, Any] = {"tenant": tenant, "device": request.get("device"), "type": request.get("type"),
                               "request_id": request.get("request_id")}
     try:

@@ -16,6 +16,7 @@ for a source over its rate, too.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -88,10 +89,10 @@ class SourceLimiter:
             raise ValueError(f"rate must be > 0 and max_sources >= 1, got {rate} and {max_sources}")
         self.rate, self.burst = rate, float(2 * rate)
         self.max_sources = max_sources
-        buckets = self._buckets
-        while len(buckets) > max_sources:
-            del buckets[next(iter(buckets))]
-            self.evicted += 1
+        excess = len(self._buckets) - max_sources
+        if excess > 0:  # (the oldest at once: deleting the first one by one walks the gaps, quadratic)
+            self._buckets = dict(itertools.islice(self._buckets.items(), excess, None))
+            self.evicted += excess
         self._networks = list(exempt_networks)
 
     def _exempt(self, host: str) -> bool:

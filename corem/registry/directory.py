@@ -216,8 +216,10 @@ class Directory:
                 while True:
                     try:
                         plan = await trio.to_thread.run_sync(self.read, self._reader_db())
-                    except self.registry.db.Error as e:  # busy, or away: the next look tries again
-                        log.warning("registry: could not read its changes (%s); trying again at the next look", e)
+                    except Exception as e:  # busy, away, or a row no reader expects: the next look tries again
+                        # (never the poll's end: one row another tool wrote must not stop the server)
+                        log.warning("registry: could not read its changes (%s: %s); trying again at the next look",
+                                    type(e).__name__, e)
                         self.close()  # (a connection made anew then)
                         return
                     if self.apply(plan) and not plan.more:

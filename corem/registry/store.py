@@ -294,12 +294,15 @@ def _conflict(db: Db, d: Device) -> Conflict:
     SELECT, the same SQL on SQLite and PostgreSQL) rather than read from the driver's message,
     whose words differ between the two (and between versions)."""
     values = dict(zip(COLUMNS, row(d)))
-    if db.execute("SELECT 1 FROM devices WHERE tenant = ? AND device = ?", (d.tenant, d.device)).fetchone():
-        return Conflict(f"device: {d.tenant}/{d.device} already exists")
-    for column, says in UNIQUE_CREDENTIALS:
-        value = values[column]
-        if value is not None and db.execute(f"SELECT 1 FROM devices WHERE {column} = ?", (value,)).fetchone():
-            return Conflict(says)
+    try:
+        if db.execute("SELECT 1 FROM devices WHERE tenant = ? AND device = ?", (d.tenant, d.device)).fetchone():
+            return Conflict(f"device: {d.tenant}/{d.device} already exists")
+        for column, says in UNIQUE_CREDENTIALS:
+            value = values[column]
+            if value is not None and db.execute(f"SELECT 1 FROM devices WHERE {column} = ?", (value,)).fetchone():
+                return Conflict(says)
+    except db.Error:  # (the database failing while it is asked: the collision stands, unnamed)
+        pass
     # (the row it collided with is gone since: a writer beside this one)
     return Conflict(f"device: {d.tenant}/{d.device} collided with a device written meanwhile; try again")
 

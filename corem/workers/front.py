@@ -34,6 +34,9 @@ from ..metrics import SHARED, ProcessMetrics, gather, render
 from ..bus.retention import Pruner
 from ..cluster import Nodes, Workers, command_device
 from ..config import Settings
+from ..devices.requests import RpcRequest
+from ..errors import BadInput
+from ..inputs import check
 from ..registry.db import Db
 from ..listeners import admin_url
 from ..stats import Measurement, Sample, counter, gauge
@@ -170,11 +173,11 @@ class Front:
         """An RPC waits for its device, which only the worker that hears it can reach: wait here
         (up to the RPC's own timeout) for a worker to hear it; the body then says what is left
         of the timeout (nothing left: the worker expires the RPC, as it would have)."""
-        try:
+        try:  # (the API's own rules for the body: RpcRequest's timeout, its default included)
             request = json.loads(body)
-            timeout = float(request.get("timeout", 10.0))
-        except (ValueError, AttributeError, TypeError):
-            return body  # the worker names what is wrong with the body
+            timeout = check(RpcRequest, request).timeout
+        except (ValueError, RecursionError):  # (BadInput too: the worker names what is wrong with the body)
+            return body
         started = trio.current_time()
         await self.sup.holders.until_heard(key, max(0.0, min(timeout, FORWARD_TIMEOUT)))
         request["timeout"] = max(0.001, timeout - (trio.current_time() - started))
@@ -243,10 +246,15 @@ class Front:
         return json_reply(merge_status([json.loads(r.body) for r in await self._from_all("GET", target(req))]))
 
     async def samples(self, req: HttpRequest) -> Reply:
-        got = [json.loads(r.body) for r in await self._from_all("GET", target(req))]
-        limit = int(req.query.get("limit", "200")) if req.query.get("limit", "200").isdigit() else 200
-        merged = sorted((s for g in got for s in g.get("samples", [])), key=lambda s: s.get("at", 0), reverse=True)
-        return json_reply({**(got[0] if got else {}), "samples": merged[:limit]})
+        """Every worker's rejected samples (each a JSON list, newest first), merged newest first
+        under the one limit (checked here as a worker checks it)."""
+        try:
+            limit = int(req.query.get("limit", "200"))
+        except ValueError:
+            raise BadInput("limit: not an integer") from None
+        replies = await self._from_all("GET", target(req))
+        merged = sorted((s for r in replies for s in json.loads(r.body)), key=lambda s: s["at"], reverse=True)
+        return json_reply(merged[:limit])
 
 
 class _Listed:

@@ -57,6 +57,11 @@ STOP_GRACE = 30.0
 HEALTHY_UPTIME = 10.0
 MAX_BACKOFF = 5.0
 
+#: how long a SIGHUP waits for every worker's report (nobody waits on a reload: a busy machine's
+#: worker is waited for, not reported as silent)
+RELOAD_WAIT = 30.0
+
+
 @dataclass
 class Worker:
     index: int
@@ -308,7 +313,7 @@ class Supervisor:
             values = self._worker_settings(new)
             for i in sorted(waiting):
                 self.post(i, Reload(n, values))
-            with trio.move_on_after(registry_nudge.WAIT) as late:
+            with trio.move_on_after(RELOAD_WAIT) as late:
                 if waiting:
                     await done.wait()
             del self._reloads[n]
@@ -316,7 +321,7 @@ class Supervisor:
                 report.merge(reports[i], prefix=f"worker {i}: ")
             if late.cancelled_caught:
                 report.failed.append(f"workers {', '.join(map(str, sorted(waiting)))} did not answer in "
-                                     f"{registry_nudge.WAIT:.0f} s")
+                                     f"{RELOAD_WAIT:.0f} s")
             report.restart += [k for k in restart_needed(keys) if k not in report.restart]
             keep = [k for k in keys if k in RELOADED and k not in report.restart]
             if any("dtls credentials" in f for f in report.failed):
