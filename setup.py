@@ -65,7 +65,18 @@ setup(
         Extension(
             "corem.dtls.engine._hello",
             ["corem/dtls/engine/_hello.c"],
-            depends=["corem/dtls/engine/hmac256.h"],
+            depends=["corem/dtls/engine/hmac256.h", "corem/dtls/engine/client_hello.h"],
+            libraries=["crypto"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
+        # the server's PSK flights (engine.py `_hello`'s ServerHello, the ClientKeyExchange..Finished
+        # answer; connection.py's state machine is their Python twin)
+        Extension(
+            "corem.dtls.engine._flights",
+            ["corem/dtls/engine/_flights.c"],
+            depends=["corem/dtls/engine/hmac256.h", "corem/dtls/engine/client_hello.h",
+                     "corem/dtls/engine/dtls_records.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],

@@ -67,6 +67,19 @@ PARSERS = (
     lambda b: certs.verify_untrusted(EPHEMERAL.public_key(), b, b"data", "fuzz"),
 )
 
+try:  # the server's PSK flights in C (_flights.c): any bytes in, None or an answer out, never an error
+    from corem.dtls.engine import _flights
+
+    PARSERS += (
+        lambda b: _flights.server_hello(b, 1, repr(PEER).encode(), [b"k" * 32, b"j" * 32], b"\xc0\xa8\x00\xc0\xae\x01",
+                                        True, b"r" * 32, b"c" * 6, 1200),
+        lambda b: _flights.psk_finish(b, KEYS.get, 2, b"t" * 100, b"c" * 32, b"s" * 32, 0, True, b"", b"", 2, 3, 1200),
+        lambda b: _flights.psk_finish(b, KEYS.get, 2, b"", b"c" * 32, b"s" * 32, 2, False, b"\x01" * 6, b"\x02",
+                                      2, 3, 1200),
+    )
+except ImportError:  # (not built, or a pure-Python run: the engine's own path is what is fuzzed)
+    pass
+
 
 def parsers(fdp: atheris.FuzzedDataProvider) -> None:
     data = fdp.ConsumeBytes(fdp.remaining_bytes())

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from cryptography import x509 as cx509
@@ -1440,7 +1441,7 @@ def test_libcoap_clients_with_certificates_over_udp(pki, client, auth):
 
 
 def test_the_engines_c_parts_are_built_in_ci():
-    """CI must exercise the C records, cookie answer and PRF: if one silently failed to build (its
+    """CI must exercise the C records, cookie answer, PSK flights and PRF: if one silently failed to build (its
     tests would skip, the Python twins would serve), say so here."""
     import corem.dtls.engine.crypto as crypto_module
     import corem.dtls.engine.engine as engine_module
@@ -1449,4 +1450,108 @@ def test_the_engines_c_parts_are_built_in_ci():
     if os.environ.get("CI") == "true" and not os.environ.get("COREM_PURE_PYTHON"):
         assert RECORDS == "c", "corem/dtls/engine/_records.c did not build"
         assert engine_module._hello_verify is not None, "corem/dtls/engine/_hello.c did not build"
+        assert engine_module._server_hello is not None, "corem/dtls/engine/_flights.c did not build"
         assert crypto_module.prf is not crypto_module.prf_py, "corem/dtls/engine/_prf.c did not build"
+
+
+# -- _flights.c: the PSK flights in C against the state machine ----------------------------------
+
+
+def _flights(monkeypatch, on: bool) -> tuple[Any, Any]:
+    """engine.py's `_server_hello` and connection.py's `_psk_finish`: the C ones (counted), or none
+    (the Python path alone)"""
+    import corem.dtls.engine.connection as conn_module
+    import corem.dtls.engine.engine as engine_module
+
+    sh, pf = engine_module._server_hello, conn_module._psk_finish
+    if sh is None or pf is None:
+        pytest.skip("_flights.c is not built (or COREM_PURE_PYTHON)")
+    used = {"server_hello": 0, "psk_finish": 0}
+
+    def counted(name, f):
+        def call(*args):
+            out = f(*args)
+            used[name] += out is not None
+            return out
+        return call
+
+    monkeypatch.setattr(engine_module, "_server_hello", counted("server_hello", sh) if on else None)
+    monkeypatch.setattr(conn_module, "_psk_finish", counted("psk_finish", pf) if on else None)
+    return used, (sh, pf)
+
+
+def _trace(monkeypatch, on: bool, *, cid, suite, ems=True, mtu=1200, keys=KEYS, mutate=None):
+    """One PSK handshake and an exchange, every byte of randomness fixed: what the server sent,
+    its counters, the session it keeps (as data), and how often the C flights answered"""
+    used, _ = _flights(monkeypatch, on)
+    # (the same bytes for the same size: the C path draws the server random and a CID before it
+    # knows whether it answers, the Python path only when it does)
+    monkeypatch.setattr(os, "urandom", lambda n: random.Random(n).randbytes(n))
+    eng = Engine(keys.get, EngineParams(suites=(suite,), require_ems=ems, mtu=mtu))
+    cl = Client(b"device-1", PSK, cid=cid, params=Params(suites=(suite,), require_ems=ems), ems=ems)
+    cl.start(0.0)
+    sent = []
+    for step in range(8):
+        for d in cl.datagrams_to_send():
+            eng.receive(mutate(step, d) if mutate else d, PEER, 0.0)
+        for d, _p in eng.datagrams_to_send():
+            sent.append(d)
+            cl.receive(d, 0.0)
+    if cl.established:
+        eng.receive(cl.wrap(b"ping"), PEER, 0.0)
+        reply = eng.wrap(b"pong", PEER)
+        sent.append(reply)
+        assert reply is None or cl.receive(reply, 0.0) == [b"pong"]
+    saved = eng.export(PEER)
+    return sent, eng.stats, saved.to_bytes() if saved else None, cl.established, used
+
+
+@pytest.mark.parametrize("suite", PSK_SUITES, ids=lambda s: s.name)
+@pytest.mark.parametrize("cid", [None, b"", b"\x01\x02\x03"], ids=["no-cid", "cid-offered", "cid-both-ways"])
+@pytest.mark.parametrize("ems", [True, False], ids=["ems", "no-ems"])
+def test_the_psk_flights_in_c_are_the_state_machines_byte_for_byte(monkeypatch, suite, cid, ems):
+    """The ServerHello flight and the answer to ClientKeyExchange..Finished come out of _flights.c
+    byte for byte as connection.py makes them: every datagram, the counters, the session as data"""
+    with pytest.MonkeyPatch.context() as mp:
+        fast = _trace(mp, True, cid=cid, suite=suite, ems=ems)
+    with pytest.MonkeyPatch.context() as mp:
+        slow = _trace(mp, False, cid=cid, suite=suite, ems=ems)
+    assert fast[3] and slow[3], "the handshake completed"
+    assert fast[4] == {"server_hello": 1, "psk_finish": 1}, "both flights were C's"
+    assert fast[:4] == slow[:4]
+
+
+def test_the_psk_flights_leave_what_c_does_not_answer_to_the_state_machine(monkeypatch):
+    """A flight that would not fit the MTU in one datagram, an unknown identity, a wrong PSK:
+    _flights.c answers none of them, and the engine answers as its Python path does (the
+    fragments; unknown_psk_identity and its alert; a Finished that does not authenticate)"""
+    suite = PSK_SUITES[0]
+    cases = [(dict(mtu=60), {"server_hello": 0, "psk_finish": 0}),
+             (dict(keys={b"other": PSK}), {"server_hello": 1, "psk_finish": 0}),
+             (dict(keys={b"device-1": b"not the device's key"}), {"server_hello": 1, "psk_finish": 0})]
+    for case, used in cases:
+        with pytest.MonkeyPatch.context() as mp:
+            fast = _trace(mp, True, cid=b"", suite=suite, **case)
+        with pytest.MonkeyPatch.context() as mp:
+            slow = _trace(mp, False, cid=b"", suite=suite, **case)
+        assert fast[:4] == slow[:4], case
+        assert fast[4] == used, case
+        assert fast[3] == ("mtu" in case), case  # (a wrong key: the Finished never authenticates)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 7), st.integers(0, 400), st.integers(1, 255), st.booleans())
+def test_the_psk_flights_in_c_with_a_mutated_client(step, where, flip, cut):
+    """Any byte of any client datagram flipped (or the datagram cut there): the C flights and the
+    state machine answer the same -- the same datagrams, counters and session"""
+    def mutate(s, d):
+        if s != step or not d:
+            return d
+        i = where % len(d)
+        return d[:i] if cut else d[:i] + bytes((d[i] ^ flip,)) + d[i + 1:]
+
+    with pytest.MonkeyPatch.context() as mp:
+        fast = _trace(mp, True, cid=b"\x05", suite=PSK_SUITES[0], mutate=mutate)
+    with pytest.MonkeyPatch.context() as mp:
+        slow = _trace(mp, False, cid=b"\x05", suite=PSK_SUITES[0], mutate=mutate)
+    assert fast[:4] == slow[:4]

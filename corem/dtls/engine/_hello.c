@@ -14,60 +14,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "client_hello.h"
 #include "hmac256.h"
 
 #define HS_HEADER 12
 #define MAX_MESSAGE 8192
 #define MAX_HELLO_SEQ 255
 #define COOKIE_LENGTH 16
-#define MAX_EXTENSIONS 64
-#define EXT_CONNECTION_ID 54
 
 static unsigned u24(const unsigned char *p) { return (unsigned)p[0] << 16 | (unsigned)p[1] << 8 | p[2]; }
-static unsigned u16(const unsigned char *p) { return (unsigned)p[0] << 8 | p[1]; }
-
-/* 1: a well-formed hello without a cookie of COOKIE_LENGTH; sets the two spans of the cookie input */
-static int plain_hello(const unsigned char *b, size_t n, size_t *session_end, size_t *cookie_end,
-                       size_t *comp_end) {
-    if (n < 35) return 0;
-    size_t end = 35 + (size_t)b[34];
-    if (end > n || b[34] > 32 || end >= n) return 0;
-    *session_end = end;
-    size_t cookie_len = b[end];
-    end = end + 1 + cookie_len;
-    if (end > n || cookie_len == COOKIE_LENGTH) return 0;
-    *cookie_end = end;
-    if (end + 2 > n) return 0;
-    size_t suites = u16(b + end);
-    end = end + 2 + suites;
-    if (end > n || suites == 0 || suites % 2) return 0;
-    if (end >= n) return 0;
-    size_t comp = b[end];
-    end = end + 1 + comp;
-    if (end > n || comp == 0) return 0;
-    *comp_end = end;
-    if (end == n) return 1;
-    if (end + 2 > n) return 0;
-    size_t pos = end + 2;
-    end = pos + u16(b + end);
-    if (end != n) return 0; /* (past the block: truncated; short of it: trailing bytes) */
-    unsigned seen[MAX_EXTENSIONS];
-    int count = 0;
-    while (pos < end) {
-        if (pos + 4 > end || count == MAX_EXTENSIONS) return 0;
-        unsigned ext = u16(b + pos);
-        size_t stop = pos + 4 + u16(b + pos + 2);
-        if (stop > end) return 0;
-        for (int i = 0; i < count; i++)
-            if (seen[i] == ext) return 0;
-        seen[count++] = ext;
-        /* ClientHello.cid_offered: one length byte, then exactly that many bytes */
-        if (ext == EXT_CONNECTION_ID && (stop == pos + 4 || (size_t)b[pos + 4] + 1 != stop - pos - 4))
-            return 0;
-        pos = stop;
-    }
-    return 1;
-}
 
 static PyObject *hello_verify(PyObject *self, PyObject *args) {
     Py_buffer frag, addr, secret;
@@ -87,16 +42,17 @@ static PyObject *hello_verify(PyObject *self, PyObject *args) {
         if ((size_t)offset + flen > length || pos + HS_HEADER + flen > n || length > MAX_MESSAGE) goto none;
         if (body == NULL) {
             if (offset != 0 || flen != length) goto none;
-            message_seq = u16(p + pos + 4);
+            message_seq = hello_u16(p + pos + 4);
             body = p + pos + HS_HEADER;
             body_len = flen;
         }
         pos += HS_HEADER + flen;
     }
-    size_t session_end, cookie_end, comp_end;
+    client_hello ch;
     if (body == NULL || message_seq > MAX_HELLO_SEQ || seq >> 48 || addr.len > 0xFFFF ||
-        !plain_hello(body, body_len, &session_end, &cookie_end, &comp_end))
-        goto none;
+        !client_hello_parse(body, body_len, &ch) || ch.cookie_end - ch.cookie_start == COOKIE_LENGTH)
+        goto none; /* (a cookie of the cookie's length may be valid: the Python path looks) */
+    size_t session_end = ch.session_end, cookie_end = ch.cookie_end, comp_end = ch.comp_end;
     /* the cookie: HMAC-SHA256(secret, len(addr) addr version random session_id suites compression) */
     unsigned char mac[HMAC256_LEN], inner[HMAC256_LEN];
     unsigned char prefix[2] = {(unsigned char)(addr.len >> 8), (unsigned char)addr.len};

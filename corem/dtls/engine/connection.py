@@ -51,6 +51,23 @@ MAX_EARLY = 4
 PskLookup = Callable[[bytes], "bytes | None"]
 
 
+def _load_psk_finish() -> Callable[..., tuple[Any, ...] | None] | None:
+    """_flights.c's `psk_finish` (the client's ClientKeyExchange..Finished answered in one call;
+    None: this state machine takes the datagram), unless it is missing or COREM_PURE_PYTHON is set"""
+    if os.environ.get("COREM_PURE_PYTHON"):
+        return None
+    try:
+        from ._flights import psk_finish
+    except ImportError:
+        return None
+    return psk_finish
+
+
+_psk_finish = _load_psk_finish()
+#: records.RecordProtection's cipher names as _flights.c numbers them (dtls_records.h `dtls_aead`)
+_AEAD = {"ccm8": 0, "ccm": 1, "gcm": 2}
+
+
 @dataclass(frozen=True)
 class Params:
     """What both roles are configured with."""
@@ -253,6 +270,61 @@ class Connection:
         for msg in msgs:
             self.transcript += msg
         self._send_flight([(0, HANDSHAKE, msg) for msg in msgs], now, timer=True)
+
+    def server_started(self, flight: tuple[Any, ...], server_random: bytes, record_seq: int, psk_for: PskLookup,
+                       now: float) -> None:
+        """`server_start`'s outcome as _flights.c's `server_hello` made it (engine.py `_hello`): the
+        same state, the ServerHello flight already in one datagram"""
+        (datagram, self.client_random, suite, self.ems, self.secure_renegotiation, self.cid_in, self.cid_out,
+         message_seq, hello, sh, shd) = flight
+        self.psk_for = psk_for
+        self.server_random = server_random
+        self.suite = SUITES[suite]
+        self.recv_seq = message_seq + 1
+        self.send_seq = message_seq + 2
+        self._seq0 = (record_seq if record_seq < 1 << 32 else 0) + 2
+        self.hello_seq = record_seq
+        self.transcript += hello + sh + shd
+        self.state = WAIT_CLIENT_KEY_EXCHANGE
+        self.flight = [(0, HANDSHAKE, sh), (0, HANDSHAKE, shd)]
+        self.peer_flight_start = self.recv_seq
+        self.retransmit_at = now + self.rto
+        self.out.append(datagram)
+
+    def psk_finished(self, datagram: bytes, now: float) -> bool:
+        """The client's ClientKeyExchange, ChangeCipherSpec and Finished (one datagram, the usual
+        PSK device) answered by _flights.c's `psk_finish`: the state `_server_message` leaves after
+        them.  False: nothing changed, the records go through this state machine (anything unusual,
+        an unknown identity, a Finished that does not verify: it names them)."""
+        suite = self.suite
+        if _psk_finish is None or suite is None or suite.kx != "psk" or self.pending or self.early \
+                or self.psk_for is None:
+            return False
+        done = _psk_finish(datagram, self.psk_for, self.recv_seq, self.transcript, self.client_random,
+                           self.server_random, _AEAD[suite.cipher], self.ems, self.cid_in, self.cid_out,
+                           self.send_seq, self._seq0, self.params.mtu)
+        if done is None:
+            return False
+        identity, client_key, server_key, client_iv, server_iv, finished_seq, mine, out = done
+        self.identity = identity
+        self.install(Keys(client_key, server_key, client_iv, server_iv))
+        self.read_prot, self.pending_read = self.pending_read, None
+        assert self.write_prot is not None
+        self.write_prot.next_seq += 1  # (our Finished: epoch 1's first record)
+        self._seq0 += 1  # (our ChangeCipherSpec)
+        self.window.mark(finished_seq)
+        self.recv_seq += 2
+        self.send_seq += 1
+        self.last_seen = now
+        self.state = ESTABLISHED
+        self.transcript = bytearray()
+        self.flight = [(0, CHANGE_CIPHER_SPEC, b"\x01"), (1, HANDSHAKE, mine)]
+        self.peer_flight_start = self.recv_seq
+        self.retransmits = 0
+        self.rto = INITIAL_RTO
+        self.retransmit_at = float("inf")
+        self.out.append(out)
+        return True
 
     def _ecdhe_possible(self, hello: m.ClientHello) -> bool:
         """A certificate to show, and a client that takes P-256, uncompressed points and ECDSA-SHA256"""

@@ -19,11 +19,11 @@ import hmac
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import corem.dtls.engine.messages as m  # (the modules, not the package: no cycle through __init__)
 import corem.dtls.engine.state as state
-from .connection import ESTABLISHED, FAILED, Connection, Params
+from .connection import ESTABLISHED, FAILED, WAIT_CLIENT_KEY_EXCHANGE, Connection, Params
 from .crypto import hmac_sha256
 from .errors import DtlsDecodeError
 from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrusted, plaintext_record
@@ -44,6 +44,22 @@ def _load_hello_verify() -> Callable[[bytes, int, bytes, bytes], bytes | None] |
 
 
 _hello_verify = _load_hello_verify()
+
+
+def _load_server_hello() -> Callable[..., tuple[Any, ...] | None] | None:
+    """_flights.c's `server_hello` (a hello with a valid cookie answered with the ServerHello flight
+    of a PSK suite in one call; None: the Python path decides), unless it is missing or
+    COREM_PURE_PYTHON is set"""
+    if os.environ.get("COREM_PURE_PYTHON"):
+        return None
+    try:
+        from ._flights import server_hello
+    except ImportError:
+        return None
+    return server_hello
+
+
+_server_hello = _load_server_hello()
 
 COOKIE_LENGTH = 16
 #: the highest message_seq a ClientHello may carry (a client's second hello is 1; the messages of
@@ -145,6 +161,10 @@ class Engine:
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = EngineStats()
         self._next_sweep = now
+        #: the suites `_flights.server_hello` may choose among, in order: (code, 0 PSK / 1 ECDHE), 3
+        #: bytes each (ECDHE only with a certificate: without one it is never chosen)
+        self._prefs = b"".join(s.code.to_bytes(2, "big") + bytes((s.kx != "psk",)) for s in self.params.suites
+                               if s.kx == "psk" or self.params.private_key is not None)
         #: the connections the last `receive` touched (the security layer reads their numbers)
         self.touched: list[Connection] = []
         # hooks for the security layer that drives this engine (corem/dtls/layer.py):
@@ -169,6 +189,12 @@ class Engine:
         """The application data records of one datagram (decrypted); handshake answers queued."""
         self.stats.datagrams_in += 1
         self.stats.bytes_in += len(datagram)
+        if datagram[:1] == b"\x16":  # (a handshake record first: maybe a PSK client's whole second flight)
+            hs = self.handshakes.get(peer)
+            if hs is not None and hs.state == WAIT_CLIENT_KEY_EXCHANGE and hs.psk_finished(datagram, now):
+                self.touched = [hs]
+                self._settle(hs)
+                return []
         touched: list[Connection] = []
         app: list[bytes] = []
         offset = 0
@@ -239,22 +265,32 @@ class Engine:
                 self.stats.hello_verify_sent += 1
                 self.stats.bytes_out_unauthenticated += len(hvr)
                 return None
-        [f, *_] = m.parse_fragments_untrusted(rec.fragment)
-        if not f.whole:
-            raise DtlsDecodeError(0, "fragmented_client_hello")
-        if f.message_seq > MAX_HELLO_SEQ:  # (the numbers of a handshake go on from it: room for them)
-            raise DtlsDecodeError(0, "client_hello_message_seq")
-        hello = m.parse_client_hello_untrusted(f.body)
-        if not self.cookies.valid(peer, hello):
-            cookie = self.cookies.make(peer, hello)
-            msg = m.message(m.HELLO_VERIFY_REQUEST, f.message_seq, m.hello_verify_request(cookie))
-            hvr = plaintext_record(HANDSHAKE, 0, rec.seq, msg, DTLS_1_2)
-            self.outbox.append((hvr, peer))
-            self.stats.hello_verify_sent += 1
-            self.stats.bytes_out_unauthenticated += len(hvr)
-            return None
+        flight: tuple[Any, ...] | None = None
+        if _server_hello is not None:  # (a valid cookie and a PSK suite: the ServerHello flight in one C call)
+            server_random = os.urandom(32)
+            cid = self._new_cid() if self.params.cid_length else b""
+            flight = _server_hello(rec.fragment, rec.seq, repr(peer).encode(), self.cookies.secrets, self._prefs,
+                                   self.params.require_ems, server_random, cid, self.params.mtu)
+        if flight is not None:
+            client_random = flight[1]
+        else:
+            [f, *_] = m.parse_fragments_untrusted(rec.fragment)
+            if not f.whole:
+                raise DtlsDecodeError(0, "fragmented_client_hello")
+            if f.message_seq > MAX_HELLO_SEQ:  # (the numbers of a handshake go on from it: room for them)
+                raise DtlsDecodeError(0, "client_hello_message_seq")
+            hello = m.parse_client_hello_untrusted(f.body)
+            if not self.cookies.valid(peer, hello):
+                cookie = self.cookies.make(peer, hello)
+                msg = m.message(m.HELLO_VERIFY_REQUEST, f.message_seq, m.hello_verify_request(cookie))
+                hvr = plaintext_record(HANDSHAKE, 0, rec.seq, msg, DTLS_1_2)
+                self.outbox.append((hvr, peer))
+                self.stats.hello_verify_sent += 1
+                self.stats.bytes_out_unauthenticated += len(hvr)
+                return None
+            client_random = hello.random
         current = self.handshakes.get(peer)
-        if current is not None and current.client_random == hello.random and current.state != FAILED:
+        if current is not None and current.client_random == client_random and current.state != FAILED:
             if rec.seq <= current.hello_seq:
                 # the very record again (a retransmission is a new record, RFC 6347 §4.1): a
                 # replay, e.g. a flood keeping a slot; our flight is not sent for it
@@ -272,9 +308,12 @@ class Engine:
         conn = Connection("server", self.params, peer, now)
         self.handshakes[peer] = conn
         self.stats.handshakes_started += 1
-        new_cid = self._new_cid if self.params.cid_length else None
-        conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, rec.seq,
-                          self.psk_for, new_cid, now)
+        if flight is not None:
+            conn.server_started(flight, server_random, rec.seq, self.psk_for, now)
+        else:
+            new_cid = self._new_cid if self.params.cid_length else None
+            conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, rec.seq,
+                              self.psk_for, new_cid, now)
         if conn.cid_in:
             self.by_cid[conn.cid_in] = conn
         return conn

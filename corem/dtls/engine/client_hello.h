@@ -1,0 +1,85 @@
+/* A ClientHello's body read as messages.parse_client_hello_untrusted reads it, for the C answers to
+ * hellos (_hello.c: the stateless HelloVerifyRequest; _flights.c: the ServerHello flight).  It only
+ * says "well-formed, here are its parts" or "let the Python path decide" (which names the error):
+ * so the C answers are never other than the Python ones. */
+#ifndef COREM_CLIENT_HELLO_H
+#define COREM_CLIENT_HELLO_H
+
+#include <stddef.h>
+
+#define HELLO_MAX_EXTENSIONS 64
+#define EXT_EXTENDED_MASTER_SECRET 23
+#define EXT_CONNECTION_ID 54
+#define EXT_RENEGOTIATION_INFO 0xFF01
+
+typedef struct {
+    /* body[0..session_end) = version, random, session_id; body[cookie_end..comp_end) = the suites and
+     * compression methods with their lengths: together the bytes a cookie is made over (CookieJar) */
+    size_t session_end, cookie_start, cookie_end, suites_start, suites_end, comp_start, comp_end;
+    int ems;                          /* extended_master_secret offered */
+    const unsigned char *reneg;       /* renegotiation_info's data (NULL: not sent) */
+    size_t reneg_len;
+    const unsigned char *cid;         /* connection_id's CID (NULL: not offered) */
+    size_t cid_len;
+} client_hello;
+
+static inline unsigned hello_u16(const unsigned char *p) { return (unsigned)p[0] << 8 | p[1]; }
+
+/* 1: well-formed (and at most HELLO_MAX_EXTENSIONS extensions), its parts in *h; 0: the Python path
+ * decides (it raises the named error, or takes an unusual hello) */
+static inline int client_hello_parse(const unsigned char *b, size_t n, client_hello *h) {
+    if (n < 35) return 0;
+    size_t end = 35 + (size_t)b[34];
+    if (end > n || b[34] > 32 || end >= n) return 0;
+    h->session_end = end;
+    h->cookie_start = end + 1;
+    end = end + 1 + (size_t)b[end];
+    if (end > n) return 0;
+    h->cookie_end = end;
+    if (end + 2 > n) return 0;
+    size_t suites = hello_u16(b + end);
+    h->suites_start = end + 2;
+    end = end + 2 + suites;
+    if (end > n || suites == 0 || suites % 2) return 0;
+    h->suites_end = end;
+    if (end >= n) return 0;
+    size_t comp = b[end];
+    h->comp_start = end + 1;
+    end = end + 1 + comp;
+    if (end > n || comp == 0) return 0;
+    h->comp_end = end;
+    h->ems = 0;
+    h->reneg = h->cid = NULL;
+    h->reneg_len = h->cid_len = 0;
+    if (end == n) return 1;
+    if (end + 2 > n) return 0;
+    size_t pos = end + 2;
+    end = pos + hello_u16(b + end);
+    if (end != n) return 0; /* (past the block: truncated; short of it: trailing bytes) */
+    unsigned seen[HELLO_MAX_EXTENSIONS];
+    int count = 0;
+    while (pos < end) {
+        if (pos + 4 > end || count == HELLO_MAX_EXTENSIONS) return 0;
+        unsigned ext = hello_u16(b + pos);
+        size_t len = hello_u16(b + pos + 2), stop = pos + 4 + len;
+        if (stop > end) return 0;
+        for (int i = 0; i < count; i++)
+            if (seen[i] == ext) return 0;
+        seen[count++] = ext;
+        if (ext == EXT_CONNECTION_ID) {
+            /* ClientHello.cid_offered: one length byte, then exactly that many bytes */
+            if (len == 0 || (size_t)b[pos + 4] + 1 != len) return 0;
+            h->cid = b + pos + 5;
+            h->cid_len = b[pos + 4];
+        } else if (ext == EXT_EXTENDED_MASTER_SECRET) {
+            h->ems = 1;
+        } else if (ext == EXT_RENEGOTIATION_INFO) {
+            h->reneg = b + pos + 4;
+            h->reneg_len = len;
+        }
+        pos = stop;
+    }
+    return 1;
+}
+
+#endif
