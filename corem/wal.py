@@ -8,13 +8,22 @@ database first (measured here: 3-4 ms each).  Every reading waiting for that com
 
 So the group-commit writers (the embedded bus, and the DTLS record marks written in its worker
 thread) hand the copying to a `Checkpointer`: its own connection, in a worker thread, a PASSIVE
-checkpoint every INTERVAL (writers go on while it copies and syncs).  Their own automatic
-checkpoint is moved to BACKSTOP pages (`defer_checkpoints`), and it is still needed: the log
-starts again from its beginning only when a checkpoint completed with no commit since, and with
-a commit every millisecond the background pass seldom finds such a moment.  When the writer's
-checkpoint comes, the background has copied and synced nearly everything, so it has little
-left to do.  Measured (bench/load_bench.py's shape, the plain lane, a loaded machine): p99
-10.7-11.2 ms -> 5.7-6.1 ms, readings/s unchanged.
+checkpoint every INTERVAL (writers go on while it copies and syncs), then an fsync of the
+database file.
+
+The log starts again from its beginning only when a checkpoint completed with no commit since,
+and with a commit every millisecond the background pass never finds such a moment: the log grew
+to the writer's own automatic checkpoint (8,000 pages), which ran inside a COMMIT and, because a
+pass that does not complete the log does not sync the database, synced everything copied since
+the last restart there -- 15-35 ms, twice a second at 150k readings/s: the plain lane's p999 of
+25 ms and part of its p99.  Now a background pass that finds the log past RESTART pages tells
+the writer (`restart_due`), and the writer completes the checkpoint itself between two of its
+commits (`before_commit`, from its own connection: no commit can come in between), just after
+that pass, with the database already synced by it: it copies and syncs the last few
+milliseconds of the log only (measured: 1.3-1.9 ms), and its next commit starts the log again.
+A writer's own automatic checkpoint is moved past that (`defer_checkpoints`: BACKSTOP, or
+WRITER_BACKSTOP for a writer that calls `before_commit`), a bound on the log's size should the
+background fall behind or fail, or readers keep old snapshots.
 
 Durability is unchanged: a checkpoint never decides what is committed, only when the log's
 pages reach the database file, and SQLite syncs both before it lets the log be reused.
@@ -23,6 +32,7 @@ pages reach the database file, and SQLite syncs both before it lets the log be r
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -34,6 +44,12 @@ log = logging.getLogger("corem.wal")
 #: the writers' own automatic checkpoint, in pages (SQLite's default is 1,000): a bound on the
 #: log's size should the background checkpointer fall behind or fail
 BACKSTOP = 8000
+#: the log's size, in pages, from which a writer that calls `before_commit` completes the
+#: checkpoint itself so that its next commit starts the log again (64 MiB of 4 KiB pages: at the
+#: plain lane's ~52 MB/s, a restart every ~1.3 s; each costs the next batch ~2 ms)
+RESTART = 16384
+#: such a writer's own automatic checkpoint: far past RESTART, only a bound
+WRITER_BACKSTOP = 4 * RESTART
 #: seconds between two background passes (a pass with nothing to copy costs a thread hop)
 INTERVAL = 0.025
 
@@ -42,10 +58,10 @@ class Executes(Protocol):
     def execute(self, sql: str, /) -> Any: ...
 
 
-def defer_checkpoints(conn: Executes) -> None:
+def defer_checkpoints(conn: Executes, pages: int = BACKSTOP) -> None:
     """Have a writer's connection (sqlite3's, or the registry's `Db`) checkpoint by itself only
-    past BACKSTOP pages."""
-    conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP}")
+    past `pages` (BACKSTOP; WRITER_BACKSTOP for one that calls `Checkpointer.before_commit`)."""
+    conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
 
 
 #: work on a watched file from the checkpointer's connection before each pass (the DTLS marks'
@@ -60,10 +76,18 @@ class Checkpointer:
     def __init__(self) -> None:
         self._files: list[tuple[Path, str, Tidy | None]] = []
         self._conns: dict[Path, sqlite3.Connection] = {}
+        #: each database file, open for its fsync after a pass (None: synchronous OFF)
+        self._fds: dict[Path, int | None] = {}
+        #: the files whose log a pass found past RESTART pages: their writer completes the
+        #: checkpoint before its next commit (`before_commit`)
+        self._due: set[Path] = set()
+        #: frames copied by each file's last pass (a pass that copied nothing syncs nothing)
+        self._copied: dict[Path, int] = {}
         #: passes that ran, and passes that failed (a full disk, a lock held: the writers'
-        #: BACKSTOP bounds the log meanwhile)
+        #: BACKSTOP bounds the log meanwhile); checkpoints a writer completed itself
         self.passes = 0
         self.errors = 0
+        self.restarts = 0
 
     def watch(self, path: Path, synchronous: str = "NORMAL", tidy: Tidy | None = None) -> None:
         """Checkpoint `path`, syncing as its writer does (`synchronous`: NORMAL or FULL sync a
@@ -85,18 +109,49 @@ class Checkpointer:
                     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.1)
                     conn.execute(f"PRAGMA synchronous={synchronous}")
                     self._conns[path] = conn
+                    self._fds[path] = None if synchronous == "OFF" else os.open(path, os.O_RDONLY)
                 if tidy is not None:
                     tidy(conn)
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                _busy, log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                # a pass that leaves frames behind (a commit came meanwhile: nearly always) does
+                # not sync the database; sync what it copied now, or the pass that completes the
+                # log syncs everything copied since the last restart, in a writer's commit
+                fd = self._fds.get(path)
+                if fd is not None and copied != self._copied.get(path):
+                    os.fdatasync(fd)
+                self._copied[path] = copied
+                if log_pages >= RESTART:
+                    self._due.add(path)
                 self.passes += 1
             except sqlite3.Error as e:
                 self.errors += 1
                 log.debug("checkpoint of %s: %s", path, e)
 
+    def restart_due(self, path: Path) -> bool:
+        """Has a pass found `path`'s log past RESTART pages since its writer last completed it?"""
+        return path in self._due
+
+    def before_commit(self, conn: sqlite3.Connection, path: Path) -> None:
+        """From `path`'s writer, in its thread, before a commit: complete the checkpoint if a
+        pass found the log past RESTART, so that this commit starts the log again (see the
+        module docstring).  Nothing is appended meanwhile: the writer is the one appending."""
+        if path not in self._due:
+            return
+        self._due.discard(path)
+        busy, log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if not busy and copied == log_pages:
+            self.restarts += 1
+
     def close(self) -> None:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+        self._due.clear()
+        self._copied.clear()
 
     async def run(self, interval: float = INTERVAL) -> None:
         """Checkpoint every `interval` seconds until cancelled."""

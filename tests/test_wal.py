@@ -11,6 +11,7 @@ import trio
 
 from corem.bus.base import Record
 from corem.bus.sqlite import EmbeddedBus, read_records
+from corem import wal
 from corem.wal import BACKSTOP, Checkpointer, defer_checkpoints
 
 PAGE = 4096
@@ -117,3 +118,55 @@ def test_the_embedded_bus_commits_without_copying_and_its_checkpointer_copies(tm
     trio.run(main)
     assert done == [None] * 3000
     assert sum(1 for _ in read_records(path)) == 3000
+
+
+def test_past_restart_pages_the_bus_completes_the_checkpoint_itself_and_starts_its_log_again(tmp_path, monkeypatch):
+    # A pass that cannot copy the whole log (here a reader's snapshot stops it; under load, the
+    # commits that come while it copies) finds it past RESTART: the writer completes the
+    # checkpoint before its next commit, which starts the log again from its beginning.
+    monkeypatch.setattr(wal, "RESTART", 200)
+    path = tmp_path / "bus.db"
+    bus = EmbeddedBus(path, synchronous="NORMAL")
+    bus.open()
+    value = os.urandom(3000)
+
+    def commit(n: int) -> None:
+        bus.write_prepared(bus.prepare([Record("telemetry.raw.t", b"d", value, {})] * n))
+
+    commit(300)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM batches").fetchone()  # (its snapshot: the first 300)
+    commit(100)
+    bus.checkpointer.pass_sync()
+    assert bus.checkpointer.restart_due(path)
+    reader.execute("COMMIT")
+    wal_file = path.with_name("bus.db-wal")
+    size = wal_file.stat().st_size
+    commit(50)  # completes the checkpoint first, then starts the log again
+    assert bus.checkpointer.restarts == 1 and not bus.checkpointer.restart_due(path)
+    assert wal_file.stat().st_size == size
+    assert pages_in_database(path) >= 400 * len(value) // PAGE  # (all of the log copied)
+    bus.checkpointer.close()
+    bus.close_sync()
+    assert sum(1 for _ in read_records(path)) == 450
+
+
+def test_a_writer_that_does_not_complete_the_checkpoint_grows_its_log(tmp_path, monkeypatch):
+    # the control of the test above: the same writes without the writer's completing checkpoint
+    monkeypatch.setattr(wal, "RESTART", 200)
+    path = tmp_path / "w.db"
+    conn = writer(path, True)
+    checkpointer = Checkpointer()
+    checkpointer.watch(path)
+    commit_rows(conn, 300)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchone()
+    commit_rows(conn, 100)
+    checkpointer.pass_sync()
+    reader.execute("COMMIT")
+    size = path.with_name("w.db-wal").stat().st_size
+    commit_rows(conn, 50)
+    assert path.with_name("w.db-wal").stat().st_size > size
+    checkpointer.close()

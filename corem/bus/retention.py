@@ -43,7 +43,7 @@ from typing import Callable, Iterator
 import trio
 
 from ..stats import Sample, counter, gauge
-from ..wal import defer_checkpoints
+from ..wal import WRITER_BACKSTOP, defer_checkpoints
 
 log = logging.getLogger("corem.bus")
 
@@ -133,7 +133,7 @@ class Pruner:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA secure_delete=FAST")
-            defer_checkpoints(conn)  # (the bus's checkpointer copies the log: corem/wal.py)
+            defer_checkpoints(conn, WRITER_BACKSTOP)  # (the bus's checkpointer copies the log: corem/wal.py)
             self._conn = conn
         return self._conn
 

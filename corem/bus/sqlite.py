@@ -22,7 +22,7 @@ from typing import Iterator, NamedTuple
 
 import msgspec
 
-from ..wal import defer_checkpoints
+from ..wal import WRITER_BACKSTOP, defer_checkpoints
 from .base import BatchingSink, Record
 
 SCHEMA = """
@@ -65,7 +65,9 @@ class EmbeddedBus(BatchingSink):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")  # validated in __init__
-        defer_checkpoints(conn)  # (copied by self.checkpointer, off the commit path: corem/wal.py)
+        # (copied by self.checkpointer, off the commit path; the log started again by
+        # write_prepared's before_commit: corem/wal.py)
+        defer_checkpoints(conn, WRITER_BACKSTOP)
         self.checkpointer.watch(self.path, self.synchronous)
         conn.executescript(SCHEMA)
         self._conn = conn
@@ -91,6 +93,7 @@ class EmbeddedBus(BatchingSink):
         conn = self._conn
         if conn is None:
             raise RuntimeError("embedded bus is not open")
+        self.checkpointer.before_commit(conn, self.path)
         conn.execute("BEGIN IMMEDIATE" if self.shared else "BEGIN")
         try:
             if self.shared:
