@@ -97,6 +97,15 @@ class Params:
 
 
 class Connection:
+    # (slots: a server makes one per handshake; its ~50 attributes in a dict cost ~4 us to set up)
+    __slots__ = ("role", "params", "peer", "state", "started", "last_seen", "reason", "transcript", "recv_seq",
+                 "send_seq", "pending", "flight", "retransmit_at", "rto", "retransmits", "resend",
+                 "peer_flight_start", "client_random", "server_random", "hello_seq", "suite", "ems",
+                 "secure_renegotiation", "master", "identity", "psk", "psk_for", "offered", "offer_cid", "ephemeral",
+                 "peer_key", "peer_point", "certificate_requested", "peer_chain", "write_epoch", "_seq0", "_seq1",
+                 "_limit1", "write_prot", "keys", "read_prot", "pending_read", "window", "early", "cid_in", "cid_out",
+                 "auth_failures", "offer_ems", "out", "app", "floor", "layer")
+
     def __init__(self, role: str, params: Params, peer: object, now: float) -> None:
         self.role = role
         self.params = params
