@@ -197,26 +197,24 @@ done:
     return out;
 }
 
-/* P_SHA256(secret, label + seed) into out (RFC 5246 §5; _prf.c's loop); 1, or 0 */
-static int prf(const unsigned char *secret, size_t secret_len, const char *label, const unsigned char *seed,
-               size_t seed_len, unsigned char *out, size_t length) {
+/* P_SHA256(key, label + seed) into out (RFC 5246 §5; _prf.c's loop), the key's pads hashed once by
+ * the caller (the master secret serves three); 1, or 0 */
+static int prf_keyed(hmac256_key *key, const char *label, const unsigned char *seed, size_t seed_len,
+                     unsigned char *out, size_t length) {
     unsigned char ls[64 + 64], a[HMAC256_LEN], block[HMAC256_LEN];
     size_t label_len = strlen(label);
     if (label_len + seed_len > sizeof ls) return 0;
     memcpy(ls, label, label_len);
     memcpy(ls + label_len, seed, seed_len);
     size_t n = label_len + seed_len;
-    hmac256_key key = {NULL, NULL, NULL};
-    if (!hmac256_init(&key, secret, secret_len)) return 0;
-    int ok = hmac256(&key, ls, n, NULL, 0, a);
+    int ok = hmac256(key, ls, n, NULL, 0, a);
     for (size_t filled = 0; ok && filled < length;) {
-        ok = hmac256(&key, a, sizeof a, ls, n, block);
+        ok = hmac256(key, a, sizeof a, ls, n, block);
         size_t take = length - filled < HMAC256_LEN ? length - filled : HMAC256_LEN;
         memcpy(out + filled, block, take);
         filled += take;
-        if (ok && filled < length) ok = hmac256(&key, a, sizeof a, NULL, 0, a);
+        if (ok && filled < length) ok = hmac256(key, a, sizeof a, NULL, 0, a);
     }
-    hmac256_free(&key);
     OPENSSL_cleanse(block, sizeof block);
     return ok;
 }
@@ -251,6 +249,7 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *out = NULL, *psk = NULL, *identity = NULL;
     dtls_prot rp = {NULL}, wp = {NULL};
+    hmac256_key pk = {NULL, NULL, NULL}, mk = {NULL, NULL, NULL}; /* the premaster's and the master's */
     unsigned char premaster[4 + 2 * MAX_PSK], master[48], block[40], hash[32], expect[12], plain[64];
     const unsigned char *buf = dg.buf;
     size_t len = (size_t)dg.len, off = 0;
@@ -291,12 +290,14 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
     unsigned char seed[64];
     memcpy(seed, cr.buf, 32);
     memcpy(seed + 32, sr.buf, 32);
-    if (!(ems ? prf(premaster, pm, "extended master secret", hash, 32, master, 48)
-              : prf(premaster, pm, "master secret", seed, 64, master, 48)))
+    if (!hmac256_init(&pk, premaster, pm)) goto crypto;
+    if (!(ems ? prf_keyed(&pk, "extended master secret", hash, 32, master, 48)
+              : prf_keyed(&pk, "master secret", seed, 64, master, 48)))
         goto crypto;
     memcpy(seed, sr.buf, 32);
     memcpy(seed + 32, cr.buf, 32);
-    if (!prf(master, 48, "key expansion", seed, 64, block, sizeof block)) goto crypto;
+    if (!hmac256_init(&mk, master, sizeof master) || !prf_keyed(&mk, "key expansion", seed, 64, block, sizeof block))
+        goto crypto;
     /* client_key | server_key | client_iv | server_iv */
     if (dtls_prot_init(&rp, (dtls_aead)cipher, block, block + 32) < 0 ||
         dtls_prot_init(&wp, (dtls_aead)cipher, block + 16, block + 36) < 0)
@@ -306,7 +307,7 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
     uint8_t ctype;
     if (dtls_open(&rp, &fin, plain, &plain_len, &ctype) != DTLS_OK || ctype != CT_HANDSHAKE) goto none;
     if (whole_message(plain, plain_len, FINISHED, recv_seq + 1) != 12) goto none;
-    if (!prf(master, 48, "client finished", hash, 32, expect, 12)) goto crypto;
+    if (!prf_keyed(&mk, "client finished", hash, 32, expect, 12)) goto crypto;
     if (CRYPTO_memcmp(expect, plain + HS_HEADER, 12) != 0) goto none; /* (Python: bad_finished, its alert) */
     /* ours: over the transcript with the client's Finished */
     EVP_MD_CTX *c = EVP_MD_CTX_new();
@@ -317,7 +318,7 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
     EVP_MD_CTX_free(c);
     unsigned char mine[HS_HEADER + 12];
     put_hs_header(mine, FINISHED, 12, send_seq);
-    if (!ok || !prf(master, 48, "server finished", hash, 32, mine + HS_HEADER, 12)) goto crypto;
+    if (!ok || !prf_keyed(&mk, "server finished", hash, 32, mine + HS_HEADER, 12)) goto crypto;
     /* our ChangeCipherSpec (epoch 0, its next number) and Finished (epoch 1, number 0) */
     unsigned char d[14 + DTLS_HEADER + 255 + DTLS_EXPLICIT_NONCE + sizeof mine + 1 + 16];
     put_record_header(d, CT_CCS, 0, seq0, 1);
@@ -342,6 +343,8 @@ done:
     OPENSSL_cleanse(master, sizeof master);
     OPENSSL_cleanse(block, sizeof block);
     OPENSSL_cleanse(plain, sizeof plain);
+    hmac256_free(&pk);
+    hmac256_free(&mk);
     if (rp.ctx) dtls_prot_free(&rp);
     if (wp.ctx) dtls_prot_free(&wp);
     Py_XDECREF(psk);

@@ -208,8 +208,10 @@ class Connection:
     # -- the server role -------------------------------------------------------------------------
 
     def server_start(self, hello: m.ClientHello, raw: bytes, message_seq: int, record_seq: int,
-                     psk_for: PskLookup, new_cid: Callable[[], bytes] | None, now: float) -> None:
-        """A ClientHello whose cookie was valid: answer with ServerHello, ServerHelloDone."""
+                     psk_for: PskLookup, cid: bytes | None, now: float, server_random: bytes | None = None) -> None:
+        """A ClientHello whose cookie was valid: answer with ServerHello, ServerHelloDone.  `cid`: the
+        CID to hand out if the client offers RFC 9146 (None: never); `server_random`: drawn by the
+        engine, which draws it with the CID in one call (None: drawn here)."""
         self.psk_for = psk_for
         self.client_random = hello.random
         self.recv_seq = message_seq + 1
@@ -245,14 +247,14 @@ class Connection:
                 offer = hello.cid_offered()
             except DtlsDecodeError as e:
                 raise HandshakeFailed(e.alert, e.reason) from None
-            self.server_random = os.urandom(32)
+            self.server_random = server_random or os.urandom(32)
             extensions: list[tuple[int, bytes]] = []
             if self.ems:
                 extensions.append((m.EXT_EXTENDED_MASTER_SECRET, b""))
             if self.secure_renegotiation:
                 extensions.append((m.EXT_RENEGOTIATION_INFO, b"\x00"))
-            if offer is not None and new_cid is not None:
-                self.cid_in = new_cid()
+            if offer is not None and cid is not None:
+                self.cid_in = cid
                 self.cid_out = offer
                 extensions.append((m.EXT_CONNECTION_ID, m.cid_extension(self.cid_in)))
             if suite.kx == "ecdhe_ecdsa" and m.EXT_EC_POINT_FORMATS in hello.extensions:

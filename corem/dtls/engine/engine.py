@@ -265,12 +265,12 @@ class Engine:
                 self.stats.hello_verify_sent += 1
                 self.stats.bytes_out_unauthenticated += len(hvr)
                 return None
+        # the server random and a CID (if it hands them out), one draw for either path
+        server_random, cid = self._randoms()
         flight: tuple[Any, ...] | None = None
         if _server_hello is not None:  # (a valid cookie and a PSK suite: the ServerHello flight in one C call)
-            server_random = os.urandom(32)
-            cid = self._new_cid() if self.params.cid_length else b""
             flight = _server_hello(rec.fragment, rec.seq, repr(peer).encode(), self.cookies.secrets, self._prefs,
-                                   self.params.require_ems, server_random, cid, self.params.mtu)
+                                   self.params.require_ems, server_random, cid or b"", self.params.mtu)
         if flight is not None:
             client_random = flight[1]
         else:
@@ -311,18 +311,22 @@ class Engine:
         if flight is not None:
             conn.server_started(flight, server_random, rec.seq, self.psk_for, now)
         else:
-            new_cid = self._new_cid if self.params.cid_length else None
             conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, rec.seq,
-                              self.psk_for, new_cid, now)
+                              self.psk_for, cid, now, server_random)
         if conn.cid_in:
             self.by_cid[conn.cid_in] = conn
         return conn
 
-    def _new_cid(self) -> bytes:
+    def _randoms(self) -> tuple[bytes, bytes | None]:
+        """A server random, and a CID no session holds (None: this server hands none out)"""
+        p = self.params
+        if not p.cid_length:
+            return os.urandom(32), None
         while True:
-            cid = self.params.cid_prefix + os.urandom(self.params.cid_length - len(self.params.cid_prefix))
+            drawn = os.urandom(32 + p.cid_length - len(p.cid_prefix))
+            cid = p.cid_prefix + drawn[32:]
             if cid not in self.by_cid:
-                return cid
+                return drawn[:32], cid
 
     def _settle(self, conn: Connection) -> None:
         """After a datagram: send what it queued; a finished handshake becomes the session (the one
