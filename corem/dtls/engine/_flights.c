@@ -65,24 +65,6 @@ static void put_record_header(unsigned char *r, unsigned type, uint16_t epoch, u
     r[11] = (unsigned char)(len >> 8); r[12] = (unsigned char)len;
 }
 
-/* HMAC-SHA256(secret, len(addr) addr cookie_input)[:16] == cookie (CookieJar.valid) */
-static int cookie_matches(const unsigned char *secret, size_t secret_len, const unsigned char *addr, size_t addr_len,
-                          const unsigned char *body, const client_hello *h) {
-    unsigned char mac[HMAC256_LEN], prefix[2] = {(unsigned char)(addr_len >> 8), (unsigned char)addr_len};
-    hmac256_key key = {NULL, NULL, NULL};
-    if (!hmac256_init(&key, secret, secret_len)) return -1;
-    unsigned char inner[HMAC256_LEN];
-    unsigned int n;
-    EVP_MD_CTX *w = key.work;
-    int ok = EVP_MD_CTX_copy_ex(w, key.inner) && EVP_DigestUpdate(w, prefix, 2) && EVP_DigestUpdate(w, addr, addr_len) &&
-             EVP_DigestUpdate(w, body, h->session_end) &&
-             EVP_DigestUpdate(w, body + h->cookie_end, h->comp_end - h->cookie_end) && EVP_DigestFinal_ex(w, inner, &n) &&
-             EVP_MD_CTX_copy_ex(w, key.outer) && EVP_DigestUpdate(w, inner, sizeof inner) && EVP_DigestFinal_ex(w, mac, &n);
-    hmac256_free(&key);
-    if (!ok) return -1;
-    return CRYPTO_memcmp(mac, body + h->cookie_start, COOKIE_LENGTH) == 0;
-}
-
 static PyObject *server_hello(PyObject *self, PyObject *args) {
     Py_buffer frag, addr, random, cid, prefs;
     unsigned long long seq;
@@ -112,13 +94,13 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < nsecrets && !valid; i++) {
         PyObject *s = PyList_GET_ITEM(secrets, i);
         if (!PyBytes_Check(s)) goto none;
-        int r = cookie_matches((const unsigned char *)PyBytes_AS_STRING(s), (size_t)PyBytes_GET_SIZE(s), addr.buf,
-                               (size_t)addr.len, body, &h);
-        if (r < 0) {
+        unsigned char mac[HMAC256_LEN];
+        if (!hello_cookie((const unsigned char *)PyBytes_AS_STRING(s), (size_t)PyBytes_GET_SIZE(s), addr.buf,
+                          (size_t)addr.len, body, &h, mac)) {
             PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
             goto done;
         }
-        valid = r;
+        valid = CRYPTO_memcmp(mac, body + h.cookie_start, COOKIE_LENGTH) == 0; /* (CookieJar.valid) */
     }
     if (!valid) goto none; /* (a HelloVerifyRequest: the Python path makes it) */
     /* Connection.server_start's checks: any refusal is the Python path's to send */

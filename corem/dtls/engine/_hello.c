@@ -15,7 +15,6 @@
 #include <Python.h>
 
 #include "client_hello.h"
-#include "hmac256.h"
 
 #define HS_HEADER 12
 #define MAX_MESSAGE 8192
@@ -52,21 +51,8 @@ static PyObject *hello_verify(PyObject *self, PyObject *args) {
     if (body == NULL || message_seq > MAX_HELLO_SEQ || seq >> 48 || addr.len > 0xFFFF ||
         !client_hello_parse(body, body_len, &ch) || ch.cookie_end - ch.cookie_start == COOKIE_LENGTH)
         goto none; /* (a cookie of the cookie's length may be valid: the Python path looks) */
-    size_t session_end = ch.session_end, cookie_end = ch.cookie_end, comp_end = ch.comp_end;
-    /* the cookie: HMAC-SHA256(secret, len(addr) addr version random session_id suites compression) */
-    unsigned char mac[HMAC256_LEN], inner[HMAC256_LEN];
-    unsigned char prefix[2] = {(unsigned char)(addr.len >> 8), (unsigned char)addr.len};
-    unsigned int maclen = 0;
-    hmac256_key key = {NULL, NULL, NULL};
-    int ok = hmac256_init(&key, secret.buf, (size_t)secret.len);
-    EVP_MD_CTX *w = key.work;
-    ok = ok && EVP_MD_CTX_copy_ex(w, key.inner) && EVP_DigestUpdate(w, prefix, 2) &&
-         EVP_DigestUpdate(w, addr.buf, addr.len) && EVP_DigestUpdate(w, body, session_end) &&
-         EVP_DigestUpdate(w, body + cookie_end, comp_end - cookie_end) && EVP_DigestFinal_ex(w, inner, &maclen) &&
-         EVP_MD_CTX_copy_ex(w, key.outer) && EVP_DigestUpdate(w, inner, sizeof inner) &&
-         EVP_DigestFinal_ex(w, mac, &maclen);
-    hmac256_free(&key);
-    if (!ok) {
+    unsigned char mac[HMAC256_LEN];
+    if (!hello_cookie(secret.buf, (size_t)secret.len, addr.buf, (size_t)addr.len, body, &ch, mac)) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
         goto done;
     }

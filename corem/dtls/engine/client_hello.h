@@ -7,6 +7,8 @@
 
 #include <stddef.h>
 
+#include "hmac256.h"
+
 #define HELLO_MAX_EXTENSIONS 64
 #define EXT_EXTENDED_MASTER_SECRET 23
 #define EXT_CONNECTION_ID 54
@@ -80,6 +82,23 @@ static inline int client_hello_parse(const unsigned char *b, size_t n, client_he
         pos = stop;
     }
     return 1;
+}
+
+/* The cookie of a hello (engine.CookieJar): HMAC-SHA256(secret, len(addr) addr version random
+ * session_id suites compression) into mac; 1, or 0 (libcrypto failed, or a secret over 64 bytes) */
+static inline int hello_cookie(const unsigned char *secret, size_t secret_len, const unsigned char *addr,
+                               size_t addr_len, const unsigned char *body, const client_hello *h,
+                               unsigned char mac[HMAC256_LEN]) {
+    unsigned char inner[HMAC256_LEN], prefix[2] = {(unsigned char)(addr_len >> 8), (unsigned char)addr_len};
+    unsigned int n;
+    hmac256_key *key = hmac256_cached(secret, secret_len);
+    if (key == NULL) return 0;
+    EVP_MD_CTX *w = key->work;
+    return EVP_MD_CTX_copy_ex(w, key->inner) && EVP_DigestUpdate(w, prefix, 2) && EVP_DigestUpdate(w, addr, addr_len) &&
+           EVP_DigestUpdate(w, body, h->session_end) &&
+           EVP_DigestUpdate(w, body + h->cookie_end, h->comp_end - h->cookie_end) &&
+           EVP_DigestFinal_ex(w, inner, &n) && EVP_MD_CTX_copy_ex(w, key->outer) &&
+           EVP_DigestUpdate(w, inner, sizeof inner) && EVP_DigestFinal_ex(w, mac, &n);
 }
 
 #endif

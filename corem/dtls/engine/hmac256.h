@@ -65,4 +65,27 @@ static inline int hmac256(hmac256_key *k, const void *a, size_t alen, const void
            EVP_DigestFinal_ex(k->work, out, &n);
 }
 
+/* The key of `secret` with its pads hashed, from a cache of the last two secrets seen (the cookie
+ * secrets: the current one and the one before, replaced once a minute), or NULL (libcrypto failed).
+ * Valid until the next call; the module's own cache (the GIL serializes its callers). */
+static inline hmac256_key *hmac256_cached(const unsigned char *secret, size_t len) {
+    static struct {
+        unsigned char secret[64];
+        size_t len;
+        hmac256_key key;
+    } cache[2];
+    static int next;
+    if (len > sizeof cache[0].secret) return NULL;
+    for (int i = 0; i < 2; i++)
+        if (cache[i].key.inner != NULL && cache[i].len == len && memcmp(cache[i].secret, secret, len) == 0)
+            return &cache[i].key;
+    int i = next;
+    next ^= 1;
+    hmac256_free(&cache[i].key);
+    if (!hmac256_init(&cache[i].key, secret, len)) return NULL;
+    memcpy(cache[i].secret, secret, len);
+    cache[i].len = len;
+    return &cache[i].key;
+}
+
 #endif
