@@ -70,6 +70,13 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),
+        # the offloaded DTLS sessions' keys as fingerprints (keyset.py `KeySetPy` is its twin)
+        Extension(
+            "corem.dtls._keyset",
+            ["corem/dtls/_keyset.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
         # the server's PSK flights (engine.py `_hello`'s ServerHello, the ClientKeyExchange..Finished
         # answer; connection.py's state machine is their Python twin)
         Extension(
