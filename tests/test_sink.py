@@ -14,8 +14,16 @@ def rec(i: int, tenant: str = "acme") -> Record:
     return Record(f"telemetry.raw.{tenant}", b"dev", f'{{"i":{i}}}'.encode(), {"protocol": "coap"})
 
 
-async def test_done_only_after_commit_and_batches_group(tmp_path):
-    bus = EmbeddedBus(tmp_path / "bus.db")
+@pytest.fixture(params=[False, True], ids=["thread", "inline"])
+def inline(request) -> bool:
+    """Each batch written in a worker thread, or on the event loop (`EmbeddedBus.inline`: store
+    NORMAL on one CPU): the same answers and the same log either way."""
+    return request.param
+
+
+async def test_done_only_after_commit_and_batches_group(tmp_path, inline):
+    bus = EmbeddedBus(tmp_path / "bus.db", synchronous="NORMAL")
+    bus.inline = inline
     results: list = []
     seen_in_db: list[int] = []
 
@@ -90,8 +98,9 @@ class FailingBus(EmbeddedBus):
         super().write_prepared(rows)
 
 
-async def test_failed_batch_reports_error_to_every_waiter_and_stores_nothing(tmp_path):
-    bus = FailingBus(tmp_path / "bus.db")
+async def test_failed_batch_reports_error_to_every_waiter_and_stores_nothing(tmp_path, inline):
+    bus = FailingBus(tmp_path / "bus.db", synchronous="NORMAL")
+    bus.inline = inline
     errors: list = []
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
@@ -110,8 +119,9 @@ async def test_failed_batch_reports_error_to_every_waiter_and_stores_nothing(tmp
     assert [r.value for r in read_records(tmp_path / "bus.db")] == [rec(99).value]
 
 
-async def test_close_flushes_pending_and_refuses_new(tmp_path):
-    bus = EmbeddedBus(tmp_path / "bus.db", max_batch=7)
+async def test_close_flushes_pending_and_refuses_new(tmp_path, inline):
+    bus = EmbeddedBus(tmp_path / "bus.db", max_batch=7, synchronous="NORMAL")
+    bus.inline = inline
     answered: list = []
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
@@ -121,6 +131,42 @@ async def test_close_flushes_pending_and_refuses_new(tmp_path):
         assert not bus.submit(rec(1000), lambda ctx, e: None)
     assert answered == [(i, None) for i in range(100)]  # in order, each with its own ctx
     assert bus.stats.batches >= 100 // 7
+
+
+async def test_a_batch_of_many_topics_is_one_transaction_of_several_inserts(tmp_path, inline, monkeypatch):
+    from corem.bus import sqlite
+
+    monkeypatch.setattr(sqlite, "ROWS_PER_INSERT", 2)  # (1,000 rows a statement: five topics here)
+    bus = EmbeddedBus(tmp_path / "bus.db", synchronous="NORMAL")
+    bus.inline = inline
+    answered: list = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        bus.submit_many([rec(i, f"t{i % 5}") for i in range(20)], lambda ctx, e: answered.append(e), list(range(20)))
+        await bus.close()
+    assert answered == [None] * 20 and bus.stats.batches == 1
+    stored = list(read_records(tmp_path / "bus.db"))
+    assert [r.offset for r in stored] == list(range(1, 21))  # each topic's records together
+    assert sorted(r.value for r in stored) == sorted(rec(i).value for i in range(20))
+    assert [r.topic for r in stored] == [f"telemetry.raw.t{i // 4}" for i in range(20)]
+
+
+def test_a_commit_is_made_on_the_event_loop_only_where_it_never_waits(tmp_path, monkeypatch):
+    from corem.bus import sqlite
+
+    monkeypatch.setattr(sqlite, "one_cpu", lambda: True)
+    assert EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL").commits_inline()
+    assert EmbeddedBus(tmp_path / "a.db", synchronous="OFF").commits_inline()
+    assert not EmbeddedBus(tmp_path / "a.db", synchronous="FULL").commits_inline()  # (an fsync each)
+    assert not EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL", shared=True).commits_inline()  # (a lock)
+    deferred = EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL")
+    deferred.defer(lambda: None)  # (the DTLS record marks, to a store that may be a network away)
+    assert not deferred.commits_inline()
+    due = EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL")
+    due.checkpointer._due.add(due.path)  # (the log to start again: a checkpoint's fsyncs first)
+    assert not due.commits_inline()
+    monkeypatch.setattr(sqlite, "one_cpu", lambda: False)  # (a thread runs beside the loop)
+    assert not EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL").commits_inline()
 
 
 def test_bad_sync_mode(tmp_path):

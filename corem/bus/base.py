@@ -7,7 +7,9 @@ request it answers, so submitting allocates no closure per record.
 
 `BatchingSink`: a single flusher task takes everything pending as one batch, writes it in a
 worker thread, then answers every record in it; while one batch is being written the next one
-accumulates, so batches grow with load.  The Kafka sink (`kafka.py`) pipelines instead: records
+accumulates, so batches grow with load.  A write that does not wait for the disk, in a process
+that may run on one CPU only, is made on the event loop itself (`commits_inline`): there a
+worker thread cannot run beside the loop, it only adds thread switches and waits for the GIL.  The Kafka sink (`kafka.py`) pipelines instead: records
 go to librdkafka as they come and each is answered by its own delivery report.
 """
 
@@ -268,8 +270,11 @@ class BatchingSink(Sink):
         self._writing_since = time.monotonic()
         try:
             prepared = self.prepare(records)
-            with trio.CancelScope(shield=True):  # a batch once started is finished and answered
-                errors = await trio.to_thread.run_sync(self._write_after_deferred, prepared)
+            if self.commits_inline():
+                errors = self._write_after_deferred(prepared)
+            else:
+                with trio.CancelScope(shield=True):  # a batch once started is finished and answered
+                    errors = await trio.to_thread.run_sync(self._write_after_deferred, prepared)
         except Exception as e:  # noqa: BLE001 - any write failure is reported to every waiter
             error = e
         finally:
@@ -296,6 +301,11 @@ class BatchingSink(Sink):
         self._closing = True
         self._lot.unpark_all()
         await self._stopped.wait()
+
+    def commits_inline(self) -> bool:
+        """Write the next batch on the event loop rather than in a worker thread?  Only a write
+        that never waits for the disk or a lock (BatchingSink: never)."""
+        return False
 
     # -- run in the worker thread ------------------------------------------------------------
     def open(self) -> None:

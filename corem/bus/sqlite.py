@@ -9,11 +9,16 @@ writer hold the GIL long enough to cut throughput by ~3x).
 
 WAL journal; `synchronous=FULL` by default, so a 2.04 means the reading survives a crash of the
 process and of the machine (one fsync per batch, shared by every reading in it).  `NORMAL`
-survives a crash of the process only and is faster.
+survives a crash of the process only and is faster: a commit appends to the log in the page
+cache (~0.13 ms for 200 readings), so in a process that may run on one CPU only it is made on
+the event loop (`commits_inline`).  Measured, the plain lane pinned to one core: 133k -> 162k
+readings/s, p50 1.8 -> 1.4 ms; in a worker thread each batch cost ~4 thread switches and waits
+for the GIL (the commit 0.13 ms, the round trip 0.5 ms).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
@@ -57,6 +62,9 @@ class EmbeddedBus(BatchingSink):
         self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
         self._next_offset = 0
+        #: commits that never wait for the disk (no fsync: NORMAL or OFF) nor for another writer's
+        #: lock (not shared), where a worker thread cannot run beside the event loop (one CPU)
+        self.inline = synchronous in ("OFF", "NORMAL") and not shared and one_cpu()
 
     def open(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -74,45 +82,89 @@ class EmbeddedBus(BatchingSink):
         self._next_offset = _next_offset(conn)
 
     def prepare(self, records: list[Record]) -> list[tuple[int, str, int, bytes, int]]:
-        """Group by topic and encode each group as one batch row (runs on the event loop: cheap)."""
+        """Group by topic and encode each group as one batch row (runs on the event loop: cheap).
+        A batch is nearly always one topic (one tenant's telemetry): then no grouping at all."""
+        now = int(time.time() * 1000)
+        offset = self._next_offset
+        topic = records[0].topic
+        if all(r.topic == topic for r in records):
+            # (a record without its topic, as a tuple: msgspec writes it as the [key, value,
+            # headers] array the readers expect)
+            return [(offset, topic, len(records), _encode([r[1:] for r in records]), now)]
         by_topic: dict[str, list] = {}
         for r in records:
             group = by_topic.get(r.topic)
             if group is None:
                 by_topic[r.topic] = group = []
-            group.append((r.key, r.value, r.headers))
-        now = int(time.time() * 1000)
+            group.append(r[1:])
         rows = []
-        offset = self._next_offset
         for topic, group in by_topic.items():
             rows.append((offset, topic, len(group), _encode(group), now))
             offset += len(group)
         return rows
 
+    def commits_inline(self) -> bool:
+        """On the event loop, unless other writes come first (`defer`: the DTLS record marks, to
+        a store that may be a network away) or the log is due to start again (`before_commit`:
+        a checkpoint's and the restart's fsyncs)."""
+        return self.inline and not self._before_write and not self.checkpointer.restart_due(self.path)
+
     def write_prepared(self, rows: list[tuple[int, str, int, bytes, int]]) -> None:
+        """One INSERT of every row: its own transaction, so one call into SQLite per batch, and in
+        a worker thread one wait for the GIL after it (BEGIN, INSERT, COMMIT were three: the
+        round trip to the thread 0.58 -> 0.51 ms a batch on one core)."""
         conn = self._conn
         if conn is None:
             raise RuntimeError("embedded bus is not open")
         self.checkpointer.before_commit(conn, self.path)
+        if self.shared or len(rows) > ROWS_PER_INSERT:
+            rows = self._write_in_transaction(conn, rows)
+        else:
+            conn.execute(_insert(len(rows)), [v for row in rows for v in row] if len(rows) > 1 else rows[0])
+        last = rows[-1]
+        self._next_offset = last[0] + last[2]
+
+    def _write_in_transaction(self, conn: sqlite3.Connection,
+                              rows: list[tuple[int, str, int, bytes, int]]) -> list[tuple[int, str, int, bytes, int]]:
+        """Several writers (the offsets taken under the write lock), or more rows than one
+        statement takes."""
         conn.execute("BEGIN IMMEDIATE" if self.shared else "BEGIN")
         try:
             if self.shared:
                 rows = _rebased(rows, _next_offset(conn))
-            conn.executemany(
-                "INSERT INTO batches (base_offset, topic, count, records, appended_at) VALUES (?, ?, ?, ?, ?)", rows
-            )
+            for i in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = rows[i:i + ROWS_PER_INSERT]
+                conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        last = rows[-1]
-        self._next_offset = last[0] + last[2]
+        return rows
 
     def close_sync(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+#: batch rows one INSERT writes at most (5 parameters each; SQLite allows 32,766 since 3.32)
+ROWS_PER_INSERT = 1000
+
+
+@functools.lru_cache(maxsize=64)
+def _insert(n: int) -> str:
+    """The INSERT of `n` batch rows in one statement."""
+    return ("INSERT INTO batches (base_offset, topic, count, records, appended_at) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?)"] * n))
+
+
+def one_cpu() -> bool:
+    """May this process run on one CPU only (its affinity: `taskset -c 0`, a one-CPU machine)?"""
+    try:
+        return len(os.sched_getaffinity(0)) == 1
+    except AttributeError:  # (no sched_getaffinity: not Linux)
+        return os.cpu_count() == 1
 
 
 def _next_offset(conn: sqlite3.Connection) -> int:
