@@ -105,9 +105,9 @@ class EmbeddedBus(BatchingSink):
 
     def commits_inline(self) -> bool:
         """On the event loop, unless other writes come first (`defer`: the DTLS record marks, to
-        a store that may be a network away) or the log is due to start again (`before_commit`:
-        a checkpoint's and the restart's fsyncs)."""
-        return self.inline and not self._before_write and not self.checkpointer.restart_due(self.path)
+        a store that may be a network away: unless they say they have nothing to write) or the
+        log is due to start again (`before_commit`: a checkpoint's and the restart's fsyncs)."""
+        return self.inline and not self.deferred_pending() and not self.checkpointer.restart_due(self.path)
 
     def write_prepared(self, rows: list[tuple[int, str, int, bytes, int]]) -> None:
         """One INSERT of every row: its own transaction, so one call into SQLite per batch, and in
