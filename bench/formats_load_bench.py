@@ -11,6 +11,14 @@ in flight: bench/loadgen.c (CON, or NON answered by a NON response matched by to
 `/telemetry`.  libcoap's coap-server-notls / coap-server-openssl answer PUT /example_data under
 the same load (the payload kept in memory): the yardstick of each transport.
 
+Each row runs against a corem of its own, started on a fresh copy of the provisioned data dir,
+after a WARMUP-second run of the same load: the bus is empty at every row's start (one corem for
+the whole table wrote several GB into one bus.db, and the later rows' p99 was that file's size,
+not their format's).  A CoAP row's corem listens on CoAP only, as coap-server-notls does: with a
+CoAPS listener, corem's DTLS layer has its record marks written before every commit, which keeps
+every commit in a worker thread, plain CoAP's too (corem/bus/base.py `defer`, until it says when
+it has none to write).
+
 Each row: 2.xx/s, p50, p99, its ratio to libcoap's requests/s on the same transport and message
 type, and to the flat CBOR row of its column (issue 28's targets: >= 1.0x libcoap, >= 0.8x flat
 CBOR, p99 <= 2x libcoap's).  A row whose answers are not all 2.xx says how many were not.  With
@@ -40,6 +48,8 @@ from bench.load_bench import build_loadgen, free_port, kafka_broker, pin, wait_u
 from bench.table import report  # noqa: E402
 
 DEVICES, INFLIGHT = 64, 4
+#: seconds of the same load before each row is measured (a fresh corem: its first batches)
+WARMUP = 1.0
 MODES = ("CoAP CON", "CoAP NON", "CoAPS CON")
 LIBCOAP = "libcoap (C), PUT kept in memory"
 
@@ -107,6 +117,23 @@ def libcoap_rows(seconds: float, payload: bytes) -> list[dict]:
     return rows
 
 
+def serve(data: Path, bus: str, dtls: bool) -> tuple[subprocess.Popen, int, int]:
+    """One corem on `data`, pinned to CPU 0, once it answers: (process, CoAP port, CoAPS port)."""
+    coap, coaps = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", f"127.0.0.1:{coap}",
+         "--coaps", f"127.0.0.1:{coaps}" if dtls else "off", "--http", "off", "--store-synchronous", "NORMAL",
+         "--rate-limit-per-source", "0", "--log-level", "warning", "--bus", bus],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_udp(coap)
+    except BaseException:
+        proc.kill()
+        proc.wait(30)
+        raise
+    return proc, coap, coaps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=4.0)
@@ -124,27 +151,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="corem-formats-load-") as tmp, contextlib.ExitStack() as stack:
         if broker is not None:
             stack.callback(broker.stop)
-        data = Path(tmp) / "data"
-        cases = provision(data)
+        template = Path(tmp) / "template"
+        cases = provision(template)
         if args.only:
             cases = [c for c in cases if any(w in c[0] for w in args.only)]
-        coap, coaps = free_port(), free_port()
-        proc = subprocess.Popen(
-            [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", f"127.0.0.1:{coap}",
-             "--coaps", f"127.0.0.1:{coaps}", "--http", "off", "--store-synchronous", "NORMAL",
-             "--rate-limit-per-source", "0", "--log-level", "warning", "--bus", bus],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_udp(coap)
-            for name, token, identity, cf, payload in cases:
-                for mode in MODES:
+        for name, token, identity, cf, payload in cases:
+            for mode in MODES:
+                data = Path(tmp) / "row"
+                shutil.copytree(template, data)
+                proc, coap, coaps = serve(data, bus, mode.startswith("CoAPS"))
+                try:
+                    measure(mode, coap, coaps, WARMUP, token, identity, cf, payload)
                     r = measure(mode, coap, coaps, args.seconds, token, identity, cf, payload)
-                    r.update(format=name, mode=mode)
-                    print(f"  {name} / {mode}: {r['rps']:.0f}/s, p99 {r['p99_us'] / 1000:.1f} ms", file=sys.stderr)
-                    results.append(r)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+                    shutil.rmtree(data)
+                r.update(format=name, mode=mode)
+                print(f"  {name} / {mode}: {r['rps']:.0f}/s, p99 {r['p99_us'] / 1000:.1f} ms", file=sys.stderr)
+                results.append(r)
     results += libcoap_rows(args.seconds, CASES[0][3])
     yardstick = {r["mode"]: r for r in results if r["format"] == LIBCOAP}
     flat = {r["mode"]: r for r in results if r["format"] == CASES[0][0]}
