@@ -73,6 +73,20 @@ def test_without_its_checkpointer_a_deferred_writer_still_bounds_the_log(tmp_pat
     assert (path.with_name("alone.db-wal")).stat().st_size <= 32 + (BACKSTOP + 60) * frame
 
 
+def test_a_pass_says_whether_it_copied_anything(tmp_path):
+    # (the checkpointer's thread passes every BUSY_INTERVAL while they copy, INTERVAL otherwise)
+    path = tmp_path / "w.db"
+    conn = writer(path, True)
+    checkpointer = Checkpointer()
+    checkpointer.watch(path)
+    commit_rows(conn, 50)
+    assert checkpointer.pass_sync() is True
+    assert checkpointer.pass_sync() is False  # (nothing committed since)
+    commit_rows(conn, 10)
+    assert checkpointer.pass_sync() is True
+    checkpointer.close()
+
+
 def test_a_file_not_made_yet_is_skipped_and_a_broken_one_counted(tmp_path):
     checkpointer = Checkpointer()
     checkpointer.watch(tmp_path / "later.db")
