@@ -7,6 +7,7 @@ sessions as data."""
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -1480,29 +1481,50 @@ def _flights(monkeypatch, on: bool) -> tuple[Any, Any]:
     return used, (sh, pf)
 
 
-def _trace(monkeypatch, on: bool, *, cid, suite, ems=True, mtu=1200, keys=KEYS, mutate=None):
+#: what two engines' connections are compared by (the C objects by what they hold; `master`: the C
+#: flight keeps no master secret once the keys are made, nothing reads it after the Finished)
+_STATE_SKIPPED = {"master", "psk_for", "params", "layer", "write_prot", "read_prot", "pending_read", "window"}
+
+
+def _state(eng) -> list[dict]:
+    out = []
+    for conn in [*eng.handshakes.values(), *eng.sessions.values()]:
+        d = copy.deepcopy({k: getattr(conn, k) for k in Connection.__slots__ if k not in _STATE_SKIPPED})
+        d.update(pending={seq: (ep, r.msg_type, r.length, bytes(r.body), r.ranges) for seq, (ep, r) in conn.pending.items()},
+                 window=(conn.window.top, conn.window.bits), write_seq=conn.write_seq,
+                 write_limit=conn.write_limit, reading=conn.read_prot is not None)
+        out.append(d)
+    return out
+
+
+def _trace(monkeypatch, on: bool, *, cid, suite, ems=True, mtu=1200, keys=KEYS, mutate=None, params=None):
     """One PSK handshake and an exchange, every byte of randomness fixed: what the server sent,
-    its counters, the session it keeps (as data), and how often the C flights answered"""
+    its counters, the session it keeps (as data), every connection's state, and how often the C
+    flights answered"""
     used, _ = _flights(monkeypatch, on)
     stream = random.Random(7)
     monkeypatch.setattr(os, "urandom", lambda n: stream.randbytes(n))
-    eng = Engine(keys.get, EngineParams(suites=(suite,), require_ems=ems, mtu=mtu))
+    eng = Engine(keys.get, params or EngineParams(suites=(suite,), require_ems=ems, mtu=mtu))
     cl = Client(b"device-1", PSK, cid=cid, params=Params(suites=(suite,), require_ems=ems), ems=ems)
     cl.start(0.0)
-    sent = []
-    for step in range(8):
+    sent, states = [], []
+    for step in range(4):
         for d in cl.datagrams_to_send():
             eng.receive(mutate(step, d) if mutate else d, PEER, 0.0)
         for d, _p in eng.datagrams_to_send():
             sent.append(d)
             cl.receive(d, 0.0)
+        states.append(_state(eng))
+    eng.tick(1.5)  # (a flight whose answer did not come: sent again)
+    sent += [d for d, _p in eng.datagrams_to_send()]
     if cl.established:
         eng.receive(cl.wrap(b"ping"), PEER, 0.0)
         reply = eng.wrap(b"pong", PEER)
         sent.append(reply)
         assert reply is None or cl.receive(reply, 0.0) == [b"pong"]
+    states.append(_state(eng))
     saved = eng.export(PEER)
-    return sent, eng.stats, saved.to_bytes() if saved else None, cl.established, used
+    return (sent, eng.stats, saved.to_bytes() if saved else None, cl.established, states), used
 
 
 @pytest.mark.parametrize("suite", PSK_SUITES, ids=lambda s: s.name)
@@ -1510,14 +1532,45 @@ def _trace(monkeypatch, on: bool, *, cid, suite, ems=True, mtu=1200, keys=KEYS, 
 @pytest.mark.parametrize("ems", [True, False], ids=["ems", "no-ems"])
 def test_the_psk_flights_in_c_are_the_state_machines_byte_for_byte(monkeypatch, suite, cid, ems):
     """The ServerHello flight and the answer to ClientKeyExchange..Finished come out of _flights.c
-    byte for byte as connection.py makes them: every datagram, the counters, the session as data"""
+    byte for byte as connection.py makes them: every datagram, the counters, the session as data,
+    every connection's state after each flight (and a retransmission by the timer)"""
     with pytest.MonkeyPatch.context() as mp:
-        fast = _trace(mp, True, cid=cid, suite=suite, ems=ems)
+        fast, used = _trace(mp, True, cid=cid, suite=suite, ems=ems)
     with pytest.MonkeyPatch.context() as mp:
-        slow = _trace(mp, False, cid=cid, suite=suite, ems=ems)
+        slow, _ = _trace(mp, False, cid=cid, suite=suite, ems=ems)
     assert fast[3] and slow[3], "the handshake completed"
-    assert fast[4] == {"server_hello": 1, "psk_finish": 1}, "both flights were C's"
-    assert fast[:4] == slow[:4]
+    assert used == {"server_hello": 1, "psk_finish": 1}, "both flights were C's"
+    assert fast == slow
+
+
+def test_the_psk_flights_of_a_server_with_a_certificate(monkeypatch, pki):
+    """A server that also offers ECDHE (it has a certificate) and a PSK device: C answers, the same"""
+    params = pki.server_params()
+    with pytest.MonkeyPatch.context() as mp:
+        fast, used = _trace(mp, True, cid=b"", suite=PSK_SUITES[0], params=params)
+    with pytest.MonkeyPatch.context() as mp:
+        slow, _ = _trace(mp, False, cid=b"", suite=PSK_SUITES[0], params=params)
+    assert fast[3] and used == {"server_hello": 1, "psk_finish": 1} and fast == slow
+
+
+@pytest.mark.parametrize("ext", [(10, b"\x00"), (10, b"\x00\x03\x00\x17\x00"), (11, b"\x02\x00"),
+                                 (13, b"\x00\x04\x04\x03")], ids=["groups-short", "groups-odd", "formats", "algs-len"])
+def test_a_malformed_ecdhe_extension_fails_the_hello_on_a_server_with_a_certificate(monkeypatch, pki, ext):
+    """connection.py reads the ECDHE extensions of every hello when it has a certificate, and refuses
+    a malformed one whatever suite it would pick: _flights.c leaves such a hello to it"""
+    answers = []
+    for on in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            used, _ = _flights(mp, on)
+            eng = Engine(KEYS.get, pki.server_params())
+            eng.cookies.secrets = [b"s" * 32, b"t" * 32]
+            exts = [(m.EXT_EXTENDED_MASTER_SECRET, b""), ext]
+            probe = m.parse_client_hello_untrusted(m.client_hello(b"\x44" * 32, b"", (PSK_AES_128_CCM_8.code,), exts))
+            body = m.client_hello(b"\x44" * 32, eng.cookies.make(PEER, probe), (PSK_AES_128_CCM_8.code,), exts)
+            eng.receive(plaintext_record(HANDSHAKE, 0, 1, m.message(m.CLIENT_HELLO, 1, body)), PEER, 0.0)
+            answers.append((eng.datagrams_to_send(), dict(eng.stats.handshakes_failed)))
+            assert used["server_hello"] == 0
+    assert answers[0] == answers[1] and answers[0][1], answers
 
 
 def test_the_psk_flights_leave_what_c_does_not_answer_to_the_state_machine(monkeypatch):
@@ -1528,21 +1581,88 @@ def test_the_psk_flights_leave_what_c_does_not_answer_to_the_state_machine(monke
     cases = [(dict(mtu=60), {"server_hello": 0, "psk_finish": 0}),
              (dict(keys={b"other": PSK}), {"server_hello": 1, "psk_finish": 0}),
              (dict(keys={b"device-1": b"not the device's key"}), {"server_hello": 1, "psk_finish": 0})]
-    for case, used in cases:
+    for case, expected in cases:
         with pytest.MonkeyPatch.context() as mp:
-            fast = _trace(mp, True, cid=b"", suite=suite, **case)
+            fast, used = _trace(mp, True, cid=b"", suite=suite, **case)
         with pytest.MonkeyPatch.context() as mp:
-            slow = _trace(mp, False, cid=b"", suite=suite, **case)
-        assert fast[:4] == slow[:4], case
-        assert fast[4] == used, case
+            slow, _ = _trace(mp, False, cid=b"", suite=suite, **case)
+        assert fast == slow, case
+        assert used == expected, case
         assert fast[3] == ("mtu" in case), case  # (a wrong key: the Finished never authenticates)
 
 
+class _Lookups:
+    """A PSK lookup that counts its calls and fails the first `failing` of them"""
+
+    def __init__(self, failing=0, exc=OSError):
+        self.calls, self.failing, self.exc = 0, failing, exc
+
+    def get(self, identity):
+        self.calls += 1
+        if self.calls <= self.failing:
+            raise self.exc("the registry is away")
+        return KEYS.get(identity)
+
+
+@pytest.mark.parametrize("failing", [0, 1], ids=["answers", "fails-once"])
+def test_the_psk_is_looked_up_once_a_handshake_whichever_path_answers(monkeypatch, failing):
+    """C asks `psk_for` first; when it leaves the datagram to the state machine (the lookup failed),
+    the state machine gets that same answer instead of asking again: one call, and a lookup that
+    fails once fails the handshake (psk_lookup_error) on both paths"""
+    outcomes = []
+    for on in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            _flights(mp, on)
+            lookups = _Lookups(failing)
+            eng = Engine(lookups.get)
+            cl = Client(b"device-1", PSK, cid=b"")
+            cl.start(0.0)
+            for _ in range(4):
+                for d in cl.datagrams_to_send():
+                    eng.receive(d, PEER, 0.0)
+                for d, _p in eng.datagrams_to_send():
+                    cl.receive(d, 0.0)
+            outcomes.append((lookups.calls, cl.established, dict(eng.stats.handshakes_failed)))
+    assert outcomes[0] == outcomes[1] == [(1, True, {}), (1, False, {"psk_lookup_error": 1})][failing]
+
+
+def test_a_psk_lookup_interrupted_is_raised_on_either_path(monkeypatch):
+    """(Only an Exception is a failed lookup: KeyboardInterrupt goes on up, from C as from Python.)"""
+    for on in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            _flights(mp, on)
+            eng = Engine(_Lookups(1, KeyboardInterrupt).get)
+            cl = Client(b"device-1", PSK, cid=b"")
+            cl.start(0.0)
+            with pytest.raises(KeyboardInterrupt):
+                for _ in range(4):
+                    for d in cl.datagrams_to_send():
+                        eng.receive(d, PEER, 0.0)
+                    for d, _p in eng.datagrams_to_send():
+                        cl.receive(d, 0.0)
+
+
+def test_a_hello_with_a_forged_cookie_is_answered_by_c_as_by_python(monkeypatch):
+    """A cookie of the cookie's length that is not valid: _flights.c sends the HelloVerifyRequest the
+    Python path sends (the cookie under the current secret), and keeps nothing"""
+    answers = []
+    for on in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            _flights(mp, on)
+            eng = Engine(KEYS.get)
+            eng.cookies.secrets = [b"s" * 32, b"t" * 32]
+            body = m.client_hello(b"\x55" * 32, b"\x07" * 16, (PSK_AES_128_CCM_8.code,),
+                                  [(m.EXT_EXTENDED_MASTER_SECRET, b"")])
+            eng.receive(plaintext_record(HANDSHAKE, 0, 9, m.message(m.CLIENT_HELLO, 3, body)), PEER, 0.0)
+            answers.append((eng.datagrams_to_send(), eng.stats.hello_verify_sent, len(eng.handshakes)))
+    assert answers[0] == answers[1] and answers[0][1:] == (1, 0) and len(answers[0][0][0][0]) == 44
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.integers(0, 7), st.integers(0, 400), st.integers(1, 255), st.booleans())
+@given(st.integers(0, 2), st.integers(0, 400), st.integers(1, 255), st.booleans())
 def test_the_psk_flights_in_c_with_a_mutated_client(step, where, flip, cut):
     """Any byte of any client datagram flipped (or the datagram cut there): the C flights and the
-    state machine answer the same -- the same datagrams, counters and session"""
+    state machine answer the same -- the same datagrams, counters, session and state"""
     def mutate(s, d):
         if s != step or not d:
             return d
@@ -1550,7 +1670,7 @@ def test_the_psk_flights_in_c_with_a_mutated_client(step, where, flip, cut):
         return d[:i] if cut else d[:i] + bytes((d[i] ^ flip,)) + d[i + 1:]
 
     with pytest.MonkeyPatch.context() as mp:
-        fast = _trace(mp, True, cid=b"\x05", suite=PSK_SUITES[0], mutate=mutate)
+        fast, _ = _trace(mp, True, cid=b"\x05", suite=PSK_SUITES[0], mutate=mutate)
     with pytest.MonkeyPatch.context() as mp:
-        slow = _trace(mp, False, cid=b"\x05", suite=PSK_SUITES[0], mutate=mutate)
-    assert fast[:4] == slow[:4]
+        slow, _ = _trace(mp, False, cid=b"\x05", suite=PSK_SUITES[0], mutate=mutate)
+    assert fast == slow

@@ -103,6 +103,12 @@ static int each(KeySet *s, PyObject *iterable, int adding) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
+static PyObject *KeySet_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    KeySet *s = (KeySet *)type->tp_alloc(type, 0);
+    if (s != NULL && resize(s, MIN_CAPACITY) < 0) Py_CLEAR(s); /* (a table from the start: __init__ may not run) */
+    return (PyObject *)s;
+}
+
 static int KeySet_init(KeySet *s, PyObject *args, PyObject *kwds) {
     PyObject *iterable = NULL;
     static char *kwlist[] = {"iterable", NULL};
@@ -174,7 +180,7 @@ static PyTypeObject KeySetType = {
     .tp_basicsize = sizeof(KeySet),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "KeySet(keys=()): session keys as 64-bit fingerprints (keyset.py)",
-    .tp_new = PyType_GenericNew,
+    .tp_new = KeySet_new,
     .tp_init = (initproc)KeySet_init,
     .tp_dealloc = (destructor)KeySet_dealloc,
     .tp_methods = KeySet_methods,

@@ -47,13 +47,14 @@ class KeySetPy:
 
 
 def _load() -> type[KeySetPy]:
+    """_keyset.c's KeySet (the same methods: _keyset.pyi), unless it is missing or COREM_PURE_PYTHON is set"""
     if os.environ.get("COREM_PURE_PYTHON"):
         return KeySetPy
     try:
         from ._keyset import KeySet as c_keyset
     except ImportError:
         return KeySetPy
-    return c_keyset  # type: ignore[no-any-return]
+    return c_keyset  # type: ignore[return-value]
 
 
 KeySet = _load()

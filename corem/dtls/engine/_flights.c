@@ -8,7 +8,8 @@
  *   server_hello(fragment, record_seq, addr, secrets, prefs, require_ems, server_random, cid, mtu)
  *       A ClientHello record with a valid cookie -> (datagram, client_random, suite, ems,
  *       secure_renegotiation, cid_in, cid_out, message_seq, hello, server_hello, server_hello_done)
- *       (engine.py `_hello` + Connection.server_start).  `prefs`: the server's suites in order, 3
+ *       (engine.py `_hello` + Connection.server_start); with a cookie of the cookie's length that
+ *       is not valid, the HelloVerifyRequest record (bytes), as the hello without one gets.  `prefs`: the server's suites in order, 3
  *       bytes each (code, 0 PSK / 1 ECDHE): the first one the client offers must be a PSK one.
  *       `cid`: the CID to hand out if the client offers RFC 9146 (b"": none).
  *
@@ -18,9 +19,9 @@
  *       (identity, client_key, server_key, client_iv, server_iv, finished_record_seq, our_finished,
  *       datagram): keys derived (RFC 5246 §8.1 / RFC 7627 §4, §6.3), the client's Finished opened
  *       and verified, ours made, our ChangeCipherSpec and Finished records (Connection's
- *       _server_message for CLIENT_KEY_EXCHANGE and FINISHED).  `psk_for(identity)` is called once;
- *       an unknown identity or a Finished that does not verify returns None (the Python path fails
- *       the handshake as it does). */
+ *       _server_message for CLIENT_KEY_EXCHANGE and FINISHED).  An unknown identity, `psk_for`
+ *       raising an Exception or a Finished that does not verify returns None: the Python path fails
+ *       the handshake as it does (with the same answer of `psk_for`: connection.py asks it once). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -88,9 +89,11 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
     client_hello h;
     if (!client_hello_parse(body, flen, &h) || h.cookie_end - h.cookie_start != COOKIE_LENGTH || addr.len > 0xFFFF)
         goto none;
-    /* the cookie, under either secret */
+    /* the cookie, under either secret (CookieJar.valid); none valid: a HelloVerifyRequest with the
+     * current secret's (CookieJar.make), as engine._hello answers it */
     int valid = 0;
     Py_ssize_t nsecrets = PyList_GET_SIZE(secrets);
+    unsigned char current[HMAC256_LEN] = {0};
     for (Py_ssize_t i = 0; i < nsecrets && !valid; i++) {
         PyObject *s = PyList_GET_ITEM(secrets, i);
         if (!PyBytes_Check(s)) goto none;
@@ -100,9 +103,16 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
             goto done;
         }
-        valid = CRYPTO_memcmp(mac, body + h.cookie_start, COOKIE_LENGTH) == 0; /* (CookieJar.valid) */
+        if (i == 0) memcpy(current, mac, sizeof mac);
+        valid = CRYPTO_memcmp(mac, body + h.cookie_start, COOKIE_LENGTH) == 0;
     }
-    if (!valid) goto none; /* (a HelloVerifyRequest: the Python path makes it) */
+    if (!valid) {
+        if (nsecrets == 0) goto none;
+        unsigned char r[HELLO_VERIFY_RECORD];
+        hello_verify_record(r, seq, message_seq, current);
+        out = PyBytes_FromStringAndSize((const char *)r, sizeof r);
+        goto done;
+    }
     /* Connection.server_start's checks: any refusal is the Python path's to send */
     unsigned version = hello_u16(body);
     if (version > 0xFEFD) goto none;
@@ -111,6 +121,9 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
     if (!null_compression) goto none;
     unsigned suite = 0;
     const unsigned char *pr = prefs.buf;
+    int ecdhe = 0; /* (the server has a certificate: it reads the ECDHE extensions of every hello) */
+    for (Py_ssize_t k = 0; k + 3 <= prefs.len; k += 3) ecdhe |= pr[k + 2] != 0;
+    if (ecdhe && !hello_ecdhe_extensions_ok(&h)) goto none;
     for (Py_ssize_t k = 0; k + 3 <= prefs.len && !suite; k += 3) {
         unsigned code = hello_u16(pr + k);
         for (size_t i = h.suites_start; i < h.suites_end; i += 2) {
@@ -256,7 +269,8 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
     if (identity == NULL) goto done;
     psk = PyObject_CallOneArg(psk_for, identity);
     if (psk == NULL) {
-        PyErr_Clear(); /* (the Python path calls it again and names the failure) */
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) goto done; /* (KeyboardInterrupt and the like: raised) */
+        PyErr_Clear(); /* (the Python path asks again: `psk_for` answers once, connection.py, and names it) */
         goto none;
     }
     if (!PyBytes_Check(psk) || PyBytes_GET_SIZE(psk) == 0 || PyBytes_GET_SIZE(psk) > MAX_PSK) goto none;

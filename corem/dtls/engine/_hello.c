@@ -56,18 +56,8 @@ static PyObject *hello_verify(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL digest failed");
         goto done;
     }
-    /* record header (13) + handshake header (12) + server_version 0xfeff, cookie length, cookie */
-    unsigned char r[13 + 12 + 3 + COOKIE_LENGTH];
-    const unsigned hvr_len = 3 + COOKIE_LENGTH, msg_len = HS_HEADER + hvr_len;
-    r[0] = 22; r[1] = 0xFE; r[2] = 0xFD; r[3] = 0; r[4] = 0;
-    for (int i = 0; i < 6; i++) r[5 + i] = (unsigned char)(seq >> (8 * (5 - i)));
-    r[11] = (unsigned char)(msg_len >> 8); r[12] = (unsigned char)msg_len;
-    unsigned char *h = r + 13;
-    h[0] = 3; h[1] = 0; h[2] = 0; h[3] = (unsigned char)hvr_len;
-    h[4] = (unsigned char)(message_seq >> 8); h[5] = (unsigned char)message_seq;
-    h[6] = h[7] = h[8] = 0; h[9] = 0; h[10] = 0; h[11] = (unsigned char)hvr_len;
-    h[12] = 0xFE; h[13] = 0xFF; h[14] = COOKIE_LENGTH;
-    memcpy(h + 15, mac, COOKIE_LENGTH);
+    unsigned char r[HELLO_VERIFY_RECORD];
+    hello_verify_record(r, seq, message_seq, mac);
     out = PyBytes_FromStringAndSize((const char *)r, sizeof r);
     goto done;
 none:

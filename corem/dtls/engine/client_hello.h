@@ -23,7 +23,16 @@ typedef struct {
     size_t reneg_len;
     const unsigned char *cid;         /* connection_id's CID (NULL: not offered) */
     size_t cid_len;
+    /* the extensions the ECDHE suites read (supported_groups, ec_point_formats, signature_algorithms),
+     * as sent: a server with a certificate refuses the hello when one is malformed (connection.py
+     * `_ecdhe_possible`) whichever suite it picks */
+    const unsigned char *ecdhe_ext[3];
+    size_t ecdhe_ext_len[3];
 } client_hello;
+
+#define EXT_SUPPORTED_GROUPS 10
+#define EXT_EC_POINT_FORMATS 11
+#define EXT_SIGNATURE_ALGORITHMS 13
 
 static inline unsigned hello_u16(const unsigned char *p) { return (unsigned)p[0] << 8 | p[1]; }
 
@@ -53,6 +62,10 @@ static inline int client_hello_parse(const unsigned char *b, size_t n, client_he
     h->ems = 0;
     h->reneg = h->cid = NULL;
     h->reneg_len = h->cid_len = 0;
+    for (int i = 0; i < 3; i++) {
+        h->ecdhe_ext[i] = NULL;
+        h->ecdhe_ext_len[i] = 0;
+    }
     if (end == n) return 1;
     if (end + 2 > n) return 0;
     size_t pos = end + 2;
@@ -78,10 +91,44 @@ static inline int client_hello_parse(const unsigned char *b, size_t n, client_he
         } else if (ext == EXT_RENEGOTIATION_INFO) {
             h->reneg = b + pos + 4;
             h->reneg_len = len;
+        } else if (ext == EXT_SUPPORTED_GROUPS || ext == EXT_EC_POINT_FORMATS || ext == EXT_SIGNATURE_ALGORITHMS) {
+            int i = ext == EXT_SUPPORTED_GROUPS ? 0 : ext == EXT_EC_POINT_FORMATS ? 1 : 2;
+            h->ecdhe_ext[i] = b + pos + 4;
+            h->ecdhe_ext_len[i] = len;
         }
         pos = stop;
     }
     return 1;
+}
+
+/* 1 when the ECDHE extensions sent are well-formed as messages.py reads them (a u16 list of an even
+ * length; a u8 list), each exactly filling its extension */
+static inline int hello_ecdhe_extensions_ok(const client_hello *h) {
+    for (int i = 0; i < 3; i++) {
+        const unsigned char *e = h->ecdhe_ext[i];
+        size_t n = h->ecdhe_ext_len[i];
+        if (e == NULL) continue;
+        if (i == 1 ? (n < 1 || (size_t)e[0] + 1 != n) : (n < 2 || (size_t)hello_u16(e) + 2 != n || n % 2)) return 0;
+    }
+    return 1;
+}
+
+/* The HelloVerifyRequest record (RFC 6347 §4.2.1) carrying `cookie` (16 bytes) into r (44 bytes):
+ * its record numbered as the hello's, its message as the hello's message_seq, server_version DTLS
+ * 1.0 whatever is negotiated later */
+#define HELLO_VERIFY_RECORD 44
+static inline void hello_verify_record(unsigned char *r, unsigned long long seq, unsigned message_seq,
+                                       const unsigned char *cookie) {
+    const unsigned hvr_len = 3 + 16, msg_len = 12 + hvr_len;
+    r[0] = 22; r[1] = 0xFE; r[2] = 0xFD; r[3] = 0; r[4] = 0;
+    for (int i = 0; i < 6; i++) r[5 + i] = (unsigned char)(seq >> (8 * (5 - i)));
+    r[11] = (unsigned char)(msg_len >> 8); r[12] = (unsigned char)msg_len;
+    unsigned char *h = r + 13;
+    h[0] = 3; h[1] = 0; h[2] = 0; h[3] = (unsigned char)hvr_len;
+    h[4] = (unsigned char)(message_seq >> 8); h[5] = (unsigned char)message_seq;
+    h[6] = h[7] = h[8] = 0; h[9] = 0; h[10] = 0; h[11] = (unsigned char)hvr_len;
+    h[12] = 0xFE; h[13] = 0xFF; h[14] = 16;
+    memcpy(h + 15, cookie, 16);
 }
 
 /* The cookie of a hello (engine.CookieJar): HMAC-SHA256(secret, len(addr) addr version random
@@ -91,14 +138,19 @@ static inline int hello_cookie(const unsigned char *secret, size_t secret_len, c
                                unsigned char mac[HMAC256_LEN]) {
     unsigned char inner[HMAC256_LEN], prefix[2] = {(unsigned char)(addr_len >> 8), (unsigned char)addr_len};
     unsigned int n;
-    hmac256_key *key = hmac256_cached(secret, secret_len);
-    if (key == NULL) return 0;
+    hmac256_key own = {NULL, NULL, NULL}, *key = hmac256_cached(secret, secret_len);
+    if (key == NULL) { /* (a secret the cache does not hold: over 64 bytes) */
+        if (!hmac256_init(&own, secret, secret_len)) return 0;
+        key = &own;
+    }
     EVP_MD_CTX *w = key->work;
-    return EVP_MD_CTX_copy_ex(w, key->inner) && EVP_DigestUpdate(w, prefix, 2) && EVP_DigestUpdate(w, addr, addr_len) &&
-           EVP_DigestUpdate(w, body, h->session_end) &&
-           EVP_DigestUpdate(w, body + h->cookie_end, h->comp_end - h->cookie_end) &&
-           EVP_DigestFinal_ex(w, inner, &n) && EVP_MD_CTX_copy_ex(w, key->outer) &&
-           EVP_DigestUpdate(w, inner, sizeof inner) && EVP_DigestFinal_ex(w, mac, &n);
+    int ok = EVP_MD_CTX_copy_ex(w, key->inner) && EVP_DigestUpdate(w, prefix, 2) && EVP_DigestUpdate(w, addr, addr_len) &&
+             EVP_DigestUpdate(w, body, h->session_end) &&
+             EVP_DigestUpdate(w, body + h->cookie_end, h->comp_end - h->cookie_end) &&
+             EVP_DigestFinal_ex(w, inner, &n) && EVP_MD_CTX_copy_ex(w, key->outer) &&
+             EVP_DigestUpdate(w, inner, sizeof inner) && EVP_DigestFinal_ex(w, mac, &n);
+    hmac256_free(&own);
+    return ok;
 }
 
 #endif

@@ -68,6 +68,30 @@ _psk_finish = _load_psk_finish()
 _AEAD = {"ccm8": 0, "ccm": 1, "gcm": 2}
 
 
+class _AskedOnce:
+    """A PSK lookup asked at most once per identity: `_flights.psk_finish` asks it, and when C leaves
+    the datagram to the state machine (an unknown identity, a lookup that failed) the state machine
+    gets the same answer, as if it alone had asked."""
+
+    __slots__ = ("lookup", "answers")
+
+    def __init__(self, lookup: PskLookup) -> None:
+        self.lookup = lookup
+        self.answers: dict[bytes, tuple[bytes | None, Exception | None]] = {}
+
+    def __call__(self, identity: bytes) -> bytes | None:
+        answer = self.answers.get(identity)
+        if answer is None:
+            try:
+                answer = (self.lookup(identity), None)
+            except Exception as e:
+                answer = (None, e)
+            self.answers[identity] = answer
+        if answer[1] is not None:
+            raise answer[1]
+        return answer[0]
+
+
 @dataclass(frozen=True)
 class Params:
     """What both roles are configured with."""
@@ -308,13 +332,17 @@ class Connection:
         them.  False: nothing changed, the records go through this state machine (anything unusual,
         an unknown identity, a Finished that does not verify: it names them)."""
         suite = self.suite
+        lookup = self.psk_for
         if _psk_finish is None or suite is None or suite.kx != "psk" or self.pending or self.early \
-                or self.psk_for is None:
+                or lookup is None or suite.key_length != 16 or suite.iv_length != 4:  # (_flights.c's keys)
             return False
-        done = _psk_finish(datagram, self.psk_for, self.recv_seq, self.transcript, self.client_random,
+        asked = lookup if isinstance(lookup, _AskedOnce) else _AskedOnce(lookup)
+        done = _psk_finish(datagram, asked, self.recv_seq, self.transcript, self.client_random,
                            self.server_random, _AEAD[suite.cipher], self.ems, self.cid_in, self.cid_out,
                            self.send_seq, self._seq0, self.params.mtu)
         if done is None:
+            if asked.answers:
+                self.psk_for = asked  # (the state machine takes the datagram: the same answer)
             return False
         identity, client_key, server_key, client_iv, server_iv, finished_seq, mine, out = done
         self.identity = identity

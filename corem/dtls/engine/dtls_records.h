@@ -197,6 +197,7 @@ typedef struct {
     uint8_t tag;   /* 8 or 16 */
     uint8_t aead;  /* dtls_aead */
     int8_t enc;    /* the direction the context is keyed for (CCM only: see dtls_aead_run) */
+    int8_t tls;    /* CCM: the context is in OpenSSL's TLS record mode (dtls_ccm_record) */
 } dtls_prot;
 
 /* the ciphers, fetched once (an EVP_aes_128_* would be fetched again at each context's init) */
@@ -227,6 +228,7 @@ static inline int dtls_prot_init(dtls_prot *p, dtls_aead a, const uint8_t key[16
     memcpy(p->iv, iv, 4);
     p->aead = (uint8_t)a;
     p->enc = 1;
+    p->tls = 0;
     p->tag = a == DTLS_CCM8 ? 8 : 16;
     if (!EVP_CipherInit_ex(p->ctx, c, NULL, NULL, NULL, 1)) goto fail;
     if (a != DTLS_GCM) {
@@ -242,9 +244,65 @@ fail:
     return -1;
 }
 
+/* A CCM context made again for one direction (`enc`) and mode (`tls`: OpenSSL's TLS record mode,
+ * whose state -- the saved AAD -- the general mode cannot share: a new provider context).  Only
+ * when a protection is first used, or used the other way round: a protection serves one
+ * direction, and a session's records have a CID or never.  0, or -1 (the context is gone). */
+static inline int dtls_ccm_rekey(dtls_prot *p, int enc, int tls) {
+    EVP_CIPHER_CTX *ctx = p->ctx;
+    if (!EVP_CipherInit_ex(ctx, dtls_cipher((dtls_aead)p->aead), NULL, NULL, NULL, enc) ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) <= 0 ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, p->tag, NULL) <= 0 ||
+        !EVP_CipherInit_ex(ctx, NULL, NULL, p->key, NULL, enc) ||
+        (tls && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_CCM_SET_IV_FIXED, 4, p->iv) <= 0)) {
+        ERR_clear_error();
+        dtls_prot_free(p); /* (dtls_prot's users take a NULL ctx for "not initialised") */
+        return -1;
+    }
+    p->enc = (int8_t)enc;
+    p->tls = (int8_t)tls;
+    return 0;
+}
+
+/* One CCM record without a CID (its AAD is TLS 1.2's 13 bytes) through OpenSSL's TLS record mode:
+ * one parameter and one EVP_Cipher call in place, as libssl seals and opens TLS 1.2's CCM records
+ * (the general EVP calls cost twice the AES itself on a small record: their parameter lookups).
+ * `rec` is the explicit nonce, the text and the tag (`len` bytes in all); `aad` the 13 bytes with
+ * the length OpenSSL expects there: the whole `len` when opening, without the tag when sealing
+ * (it takes the explicit nonce to write from the AAD's first 8 bytes: the epoch and sequence
+ * number, as DTLS's own nonce).  1 done, 0 the tag did not match (`rec` wiped), -1 failed. */
+static inline int dtls_ccm_record(dtls_prot *p, int enc, uint8_t aad[13], uint8_t *rec, size_t len) {
+    if ((p->enc != enc || !p->tls) && dtls_ccm_rekey(p, enc, 1) < 0) return -1;
+    OSSL_PARAM params[2] = {OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TLS1_AAD, aad, 13),
+                            OSSL_PARAM_END};
+    if (!EVP_CIPHER_CTX_set_params(p->ctx, params)) {
+        ERR_clear_error();
+        return -1;
+    }
+    if (EVP_Cipher(p->ctx, rec, rec, (unsigned int)len) <= 0) {
+        ERR_clear_error();
+        if (enc) return -1;
+        OPENSSL_cleanse(rec, len);
+        return 0;
+    }
+    return 1;
+}
+
+/* RFC 5246 §6.2.3.3's 13 bytes with DTLS's epoch + sequence number (no CID) */
+static inline void dtls_aad13(uint8_t a[13], uint8_t type, uint16_t version, uint16_t epoch, uint64_t seq,
+                              size_t length) {
+    a[0] = (uint8_t)(epoch >> 8);
+    a[1] = (uint8_t)epoch;
+    dtls_put48(a + 2, seq);
+    a[8] = type;
+    a[9] = (uint8_t)(version >> 8);
+    a[10] = (uint8_t)version;
+    a[11] = (uint8_t)(length >> 8);
+    a[12] = (uint8_t)length;
+}
+
 static inline size_t dtls_aad(uint8_t *a, uint8_t type, uint16_t version, uint16_t epoch, uint64_t seq,
                               const uint8_t *cid, size_t cid_len, size_t length) {
-    size_t n = 0;
     if (type == DTLS_TLS12_CID) { /* RFC 9146 §5 */
         memset(a, 0xff, 8);
         a[8] = DTLS_TLS12_CID;
@@ -256,19 +314,13 @@ static inline size_t dtls_aad(uint8_t *a, uint8_t type, uint16_t version, uint16
         a[14] = (uint8_t)epoch;
         dtls_put48(a + 15, seq);
         if (cid_len) memcpy(a + 21, cid, cid_len);
-        n = 21 + cid_len;
-    } else { /* RFC 5246 §6.2.3.3 with DTLS's epoch + sequence number */
-        a[0] = (uint8_t)(epoch >> 8);
-        a[1] = (uint8_t)epoch;
-        dtls_put48(a + 2, seq);
-        a[8] = type;
-        a[9] = (uint8_t)(version >> 8);
-        a[10] = (uint8_t)version;
-        n = 11;
+        size_t n = 21 + cid_len;
+        a[n] = (uint8_t)(length >> 8);
+        a[n + 1] = (uint8_t)length;
+        return n + 2;
     }
-    a[n] = (uint8_t)(length >> 8);
-    a[n + 1] = (uint8_t)length;
-    return n + 2;
+    dtls_aad13(a, type, version, epoch, seq, length);
+    return 13;
 }
 
 /* One AEAD operation: `n` bytes of `in` to `out` (in == out is fine), the tag read from or written
@@ -284,7 +336,10 @@ static inline int dtls_aead_run(dtls_prot *p, int enc, const uint8_t nonce[12], 
     /* OpenSSL's CCM picks its block function (AES-NI's ccm64 encrypt or decrypt) when it is keyed:
      * a context used the other way round is keyed again (once: a protection serves one direction) */
     const uint8_t *key = NULL;
-    if (p->aead != DTLS_GCM && p->enc != enc) {
+    if (p->aead != DTLS_GCM && p->tls) {
+        if (dtls_ccm_rekey(p, enc, 0) < 0) return -1;
+        ctx = p->ctx;
+    } else if (p->aead != DTLS_GCM && p->enc != enc) {
         key = p->key;
         p->enc = (int8_t)enc;
     }
@@ -323,6 +378,18 @@ static inline dtls_status dtls_open(dtls_prot *p, const dtls_record *r, uint8_t 
     if (r->length > DTLS_MAX_FRAGMENT) return DTLS_R_OVERFLOW;
     if (r->length < (size_t)DTLS_EXPLICIT_NONCE + p->tag) return DTLS_R_TOO_SHORT;
     size_t n = r->length - DTLS_EXPLICIT_NONCE - p->tag;
+    if (p->aead != DTLS_GCM && r->type != DTLS_TLS12_CID) {
+        uint8_t tls_aad[13];
+        dtls_aad13(tls_aad, r->type, r->version, r->epoch, r->seq, r->length); /* (OpenSSL's length) */
+        memcpy(out, r->fragment, r->length); /* (in place: the datagram stays as it came) */
+        int done = dtls_ccm_record(p, 0, tls_aad, out, r->length);
+        if (done < 0) return DTLS_R_INTERNAL;
+        if (done == 0) return DTLS_R_BAD_MAC;
+        memmove(out, out + DTLS_EXPLICIT_NONCE, n);
+        *ctype = r->type;
+        *plain_len = n;
+        return DTLS_OK;
+    }
     uint8_t nonce[12], aad[21 + DTLS_MAX_CID + 2], tag[16];
     memcpy(nonce, p->iv, 4);
     memcpy(nonce + 4, r->fragment, 8);
@@ -404,6 +471,11 @@ static inline int dtls_seal(dtls_prot *p, uint8_t ctype, uint16_t epoch, uint64_
     if (cid_len) {
         body[plain_len] = ctype;
         memset(body + plain_len + 1, 0, padding);
+    }
+    if (p->aead != DTLS_GCM && !cid_len) {
+        uint8_t tls_aad[13];
+        dtls_aad13(tls_aad, ctype, DTLS_1_2, epoch, seq, DTLS_EXPLICIT_NONCE + inner); /* (OpenSSL's length) */
+        return dtls_ccm_record(p, 1, tls_aad, explicit, fragment) == 1 ? 0 : -1;
     }
     uint8_t nonce[12], aad[21 + DTLS_MAX_CID + 2];
     memcpy(nonce, p->iv, 4);

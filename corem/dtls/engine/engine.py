@@ -46,7 +46,7 @@ def _load_hello_verify() -> Callable[[bytes, int, bytes, bytes], bytes | None] |
 _hello_verify = _load_hello_verify()
 
 
-def _load_server_hello() -> Callable[..., tuple[Any, ...] | None] | None:
+def _load_server_hello() -> Callable[..., tuple[Any, ...] | bytes | None] | None:
     """_flights.c's `server_hello` (a hello with a valid cookie answered with the ServerHello flight
     of a PSK suite in one call; None: the Python path decides), unless it is missing or
     COREM_PURE_PYTHON is set"""
@@ -267,10 +267,15 @@ class Engine:
                 return None
         # the server random and a CID (if it hands them out), one draw for either path
         server_random, cid = self._randoms()
-        flight: tuple[Any, ...] | None = None
+        flight: tuple[Any, ...] | bytes | None = None
         if _server_hello is not None:  # (a valid cookie and a PSK suite: the ServerHello flight in one C call)
             flight = _server_hello(rec.fragment, rec.seq, repr(peer).encode(), self.cookies.secrets, self._prefs,
                                    self.params.require_ems, server_random, cid or b"", self.params.mtu)
+        if type(flight) is bytes:  # (a cookie of the cookie's length that is not valid: C's HelloVerifyRequest)
+            self.outbox.append((flight, peer))
+            self.stats.hello_verify_sent += 1
+            self.stats.bytes_out_unauthenticated += len(flight)
+            return None
         if flight is not None:
             client_random = flight[1]
         else:
@@ -309,6 +314,7 @@ class Engine:
         self.handshakes[peer] = conn
         self.stats.handshakes_started += 1
         if flight is not None:
+            assert type(flight) is tuple
             conn.server_started(flight, server_random, rec.seq, self.psk_for, now)
         else:
             conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, rec.seq,

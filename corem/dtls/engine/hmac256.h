@@ -6,6 +6,7 @@
 
 #include <string.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #define HMAC256_LEN 32
@@ -49,8 +50,12 @@ static inline int hmac256_init(hmac256_key *k, const unsigned char *key, size_t 
     if (!EVP_DigestInit_ex2(k->inner, hmac256_md, NULL) || !EVP_DigestUpdate(k->inner, pad, sizeof pad)) goto fail;
     for (int i = 0; i < HMAC256_BLOCK; i++) pad[i] = block[i] ^ 0x5c;
     if (!EVP_DigestInit_ex2(k->outer, hmac256_md, NULL) || !EVP_DigestUpdate(k->outer, pad, sizeof pad)) goto fail;
+    OPENSSL_cleanse(block, sizeof block);
+    OPENSSL_cleanse(pad, sizeof pad);
     return 1;
 fail:
+    OPENSSL_cleanse(block, sizeof block);
+    OPENSSL_cleanse(pad, sizeof pad);
     hmac256_free(k);
     return 0;
 }
@@ -66,7 +71,8 @@ static inline int hmac256(hmac256_key *k, const void *a, size_t alen, const void
 }
 
 /* The key of `secret` with its pads hashed, from a cache of the last two secrets seen (the cookie
- * secrets: the current one and the one before, replaced once a minute), or NULL (libcrypto failed).
+ * secrets: the current one and the one before, replaced once a minute), or NULL (libcrypto failed, or
+ * a secret over 64 bytes: the caller keys one itself).
  * Valid until the next call; the module's own cache (the GIL serializes its callers). */
 static inline hmac256_key *hmac256_cached(const unsigned char *secret, size_t len) {
     static struct {
