@@ -58,10 +58,12 @@ WRITER_BACKSTOP = 4 * RESTART
 #: copy: short, so that each pass copies little.  At the plain lane's 165k readings/s, with 25 ms
 #: between passes each copied and synced for 1-2 ms of CPU, preempting the event loop on its
 #: core: in a trace, 51 of the loop's 54 passes over 1.5 ms (its p50 0.55 ms) overlapped a
-#: checkpoint pass; with 2 ms, the loop's p99 2.6 -> 1.4 ms, the readings' p99 4.3-4.6 ->
-#: 3.3-3.5 ms (and ~5% fewer readings/s: more passes, each with the log's fsync)
+#: checkpoint pass.  Each pass also syncs the log (SQLite's, before it copies: in a VM, an exit
+#: or two), so shorter costs readings/s.  Measured, alternating runs on one core (the clean
+#: ones): 25 ms 160-169k/s, p99 3.8-4.1 ms; 5 ms 141-160k/s, p99 3.2 ms (one 5.2); 2 ms
+#: 137-147k/s, p99 3.2-3.7 ms (the loop's own p99 2.6 -> 1.4 ms)
 INTERVAL = 0.025
-BUSY_INTERVAL = 0.002
+BUSY_INTERVAL = 0.005
 #: seconds between two fsyncs of a database file by the passes (each pass syncs the log itself)
 SYNC_INTERVAL = 0.025
 
