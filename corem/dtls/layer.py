@@ -50,6 +50,7 @@ from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import RECORDS, TLS12_CID
+from .keyset import KeySet
 from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registry_psk
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, fold_marks, peer_key
@@ -275,7 +276,8 @@ class EngineServer:
         e.moved = self._moved
         self.slots = HandshakeSlots(p.max_handshakes, p.handshake_timeout, p.handshake_floor)
         self.stats = LayerStats(engine=e.stats)
-        self.offloaded: set[bytes] = set() if self.store.shared else set(self.store.keys())
+        #: the keys of the sessions waiting in the store (as fingerprints: keyset.py, ~20 B each)
+        self.offloaded = KeySet() if self.store.shared else KeySet(self.store.keys())
         self._missed: dict[bytes, float] = {}
         self._now = 0.0
         self._next_sweep = 0.0
