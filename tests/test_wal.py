@@ -184,3 +184,24 @@ def test_a_writer_that_does_not_complete_the_checkpoint_grows_its_log(tmp_path, 
     commit_rows(conn, 50)
     assert path.with_name("w.db-wal").stat().st_size > size
     checkpointer.close()
+
+
+def test_a_checkpoint_that_fails_before_a_commit_does_not_fail_the_commit(tmp_path):
+    path = tmp_path / "bus.db"
+    bus = EmbeddedBus(path, synchronous="NORMAL")
+    bus.open()
+
+    class Refusing:
+        def execute(self, sql, *args):
+            if "wal_checkpoint" in sql:
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+    real = bus._conn
+    bus._conn = Refusing()  # type: ignore[assignment]
+    bus.checkpointer._due.add(path)
+    bus.write_prepared(bus.prepare([Record("telemetry.raw.t", b"d", b"{}", {})]))
+    assert bus.checkpointer.errors == 1 and bus.checkpointer.restarts == 0
+    bus._conn = real
+    bus.close_sync()
+    assert sum(1 for _ in read_records(path)) == 1
