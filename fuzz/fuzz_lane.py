@@ -39,6 +39,8 @@ TEMPLATES = (
     post(b"TB", 50, b'{"ts": 1700000000000, "values": {"a": 1.5, "s": "on", "ts": 2}}'),
     post(b"TB", 50, b'[{"ts": 1, "values": {"m": {"fw": "1.2", "hw": [3, {"r": true}]}}}, {"a": 1}]'),
     post(b"TBJ", 50, b'{"m": {"fw": "1.2", "hw": [3, 4.50, -0, {"r": true}], "n": null}, "t": 1}'),  # nested: json
+    post(b"TBJ", 60, bytes.fromhex("a2616da362667763312e32626877853b7ffffffffffffffff93c00fa3fc00000a16172f5fb80"
+                                   "00000000000000616ef6617401")),  # nested: json, CBOR (cbor_text)
     # Cayenne LPP: temperature, humidity, GPS (lpp.h)
     post(b"LPP", 42, bytes.fromhex("03670110" "0268" "50" "0188" "06765ff2960a0003e8")),
     # a profile with every kind of field rule (RULED: rules.h)

@@ -490,11 +490,21 @@ def test_generated_thingsboard_payloads_are_stored_and_answered_the_same_with_an
     (50, b'{"ts": 1700000000000, "values": {"a": [{"b": "\xc3\xa9"}], "c": 1}}', True),
     (50, b'[{"a": {"x": 1}}, {"b": [1, 2]}]', True),
     (50, b'{"a": {"x": 1, "x": 2}}', False),  # a key twice: Python's to judge
-    (60, cbor2.dumps({"m": {"fw": "1.2"}}), False),  # CBOR kept as JSON: Python's
+    (60, cbor2.dumps({"m": {"fw": "1.2"}}), True),
+    (60, cbor2.dumps({"m": {"hw": [3, 4.5, -0.0, 1e16, 1e-05, -1, -2**63, 2**64 - 1, True, None, "é"]}, "t": 1}), True),
+    (60, bytes.fromhex("a1616da3") + bytes.fromhex("6168f93c00" "6166fa3fc00000" "616efb3ff8000000000000"), True),
+    (60, cbor2.dumps({"m": {"x": {"y": {"z": [[[]], {}]}}}}), True),
+    (60, cbor2.dumps({"m": {"raw": b"\x01"}}), False),  # bytes: not JSON (Python refuses, naming it)
+    (60, cbor2.dumps({"m": {1: "one"}}), False),  # a key that is not text: Python's
+    (60, cbor2.dumps({"m": {"q": 'say "hi"'}}), False),  # text json.dumps escapes: Python's
+    (60, cbor2.dumps({"m": [float("inf")]}), False),  # not finite: Python's to refuse
+    (60, cbor2.dumps({"m": [-2**64]}), False),  # (-2^64: the one CBOR integer the lane leaves)
+    (60, bytes.fromhex("a1616dc11a514b67b0"), False),  # a tag (a date): Python's
 ])
 def test_nested_values_kept_as_json_text_are_written_as_json_dumps_writes_them(twin, cf, body, lanes):
-    """A `nested: json` profile: a nested value of a JSON payload is one text reading, its JSON as
-    json.dumps(separators=(",", ":"), ensure_ascii=False) writes it -- fractions as repr, -0 as 0."""
+    """A `nested: json` profile: a nested value of a JSON or CBOR payload is one text reading, its
+    JSON as json.dumps(separators=(",", ":"), ensure_ascii=False) writes it (CBOR's: the value cbor2
+    decodes) -- fractions as repr, -0 as 0, half and single floats as the double they are."""
     twin.receive(post("TBJ", payload=body, cf=cf))
     twin.commit()
     twin.check()
@@ -507,7 +517,8 @@ def test_generated_nested_json_is_stored_and_answered_the_same_with_and_without_
     t = Twin()
     try:
         for i, (doc, spaced) in enumerate(steps):
-            t.receive(post("TBJ", payload=json_text(doc, spaced, False), cf=50, mid=i))
+            body, cf = (cbor2.dumps(doc), 60) if i % 2 else (json_text(doc, spaced, False), 50)
+            t.receive(post("TBJ", payload=body, cf=cf, mid=i))
             t.commit()
             t.check()
     finally:

@@ -140,8 +140,8 @@ static int cbor_scalar(const uint8_t **pp, const uint8_t *end, item_t *it) {
 /* ThingsBoard's `nested: flatten` (formats.put_value): a map or array among the values is read
  * into its leaves, named `outer.inner` (an array's by index: `outer.0`), in the order they come;
  * the names the lane makes go to names[i] for the item at base + i.  With `json`, `nested: json`: a
- * nested value of a JSON payload is one text reading, the value as json.dumps writes it (CBOR's:
- * the Python path's).  NULL where a nested value is not the lane's (the default profile, `reject`). */
+ * nested value is one text reading, the value as json.dumps writes it (json_text, cbor_text).  NULL
+ * where a nested value is not the lane's (the default profile, `reject`). */
 typedef struct {
     char *buf;  /* (the caller's: at least twice the payload's size, and 64) */
     size_t cap, used;
@@ -156,6 +156,7 @@ typedef struct {
 #define FLAT_DEPTH 8 /* nesting the lane flattens; deeper: the Python path's (MAX_DEPTH 16 there) */
 
 static char *put_u64(char *o, unsigned long long v);
+static int cbor_text(json_buf_t *jb, const uint8_t **pp, const uint8_t *end, int depth);
 static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *prefix,
                         size_t plen, item_t *items, int *count, int cap, int depth);
 static int flat_member(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *nm, size_t nl,
@@ -185,7 +186,19 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         if (p >= end || count == cap) return -1;
         uint8_t major = *p >> 5;
         if (fl && !is_ts && (major == 4 || major == 5)) {
-            if (fl->json) return -1; /* (CBOR kept as JSON text: Python's, whose float and bytes rules it is) */
+            if (fl->json) { /* the nested value as one text reading: cbor2's value as json.dumps writes it */
+                item_t *it = &items[count];
+                size_t start = fl->json->used;
+                if (cbor_text(fl->json, &p, end, 1) < 0) return -1;
+                it->key = key;
+                it->klen = klen;
+                it->is_text = 1;
+                it->unit = NULL;
+                it->text = (const uint8_t *)fl->json->buf + start;
+                it->tlen = fl->json->used - start;
+                count++;
+                continue;
+            }
             if (flat_member(fl, 0, &p, end, (const char *)key, klen, items, &count, cap, 0) < 0) return -1;
             continue;
         }
@@ -414,6 +427,26 @@ static int jb_put(json_buf_t *jb, const void *s, size_t n) {
     return 0;
 }
 
+/* Text json.dumps writes as it is (ensure_ascii=False): UTF-8 without a quote, a backslash or a
+ * control character (those it escapes: the Python path's) */
+static int json_plain_text(const uint8_t *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '"' || s[i] == '\\' || s[i] < 0x20) return 0;
+    return utf8_ok(s, n);
+}
+
+/* A double as repr writes it (json.dumps writes float.__repr__): 0, or -1 */
+static int jb_put_repr(json_buf_t *jb, double v) {
+    char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    if (!s) {
+        PyErr_Clear();
+        return -1;
+    }
+    int r = jb_put(jb, s, strlen(s));
+    PyMem_Free(s);
+    return r;
+}
+
 /* A JSON value at *pp written again as Python's json.dumps(value, separators=(",", ":"),
  * ensure_ascii=False) writes it (formats.put_value, `nested: json`): strings as they came (the lane
  * takes none with an escape or a control character, which dumps would write otherwise), integers
@@ -473,18 +506,86 @@ static int json_text(json_buf_t *jb, const uint8_t **pp, const uint8_t *end, int
         if (json_number(&p, end, &v, &integral, &whole) < 0) return -1;
         if (integral) { /* a Python int: its digits ("-0" is 0) */
             if (whole == 0 ? jb_put(jb, "0", 1) < 0 : jb_put(jb, start, (size_t)(p - start)) < 0) return -1;
-        } else { /* a Python float: repr's digits (json.dumps writes float.__repr__) */
-            char tmp[40], *o = tmp;
-            char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-            if (!s) {
-                PyErr_Clear();
-                return -1;
-            }
-            size_t n = strlen(s);
-            if (n < sizeof tmp) memcpy(o, s, n);
-            PyMem_Free(s);
-            if (n >= sizeof tmp || jb_put(jb, tmp, n) < 0) return -1;
+        } else if (jb_put_repr(jb, v) < 0) { /* a Python float: repr's digits */
+            return -1;
         }
+    }
+    *pp = p;
+    return 0;
+}
+
+/* A CBOR value at *pp written as json.dumps(value, separators=(",", ":"), ensure_ascii=False) writes
+ * what cbor2 decodes it to (formats.put_value with `nested: json`, its `_plain`): maps with text keys
+ * (none twice), arrays, text json.dumps writes as it is, integers (Python's: every size CBOR holds
+ * but -2^64), finite half, single and double floats as repr writes the double, true, false, null.
+ * Anything else -- bytes, tags, undefined, a non-finite float, an indefinite length, more than
+ * MAX_ITEMS members, deeper than FLAT_DEPTH, no room left -- -1: the Python path decides. */
+static int cbor_text(json_buf_t *jb, const uint8_t **pp, const uint8_t *end, int depth) {
+    const uint8_t *p = *pp;
+    if (p >= end || depth > FLAT_DEPTH) return -1;
+    uint8_t major = *p >> 5, ai = *p & 0x1f;
+    uint64_t n;
+    if (ai == 31) return -1;
+    if (major == 4 || major == 5) {
+        if (cbor_arg(&p, end, &n) < 0 || n > (uint64_t)MAX_ITEMS) return -1;
+        const uint8_t *keys[MAX_ITEMS];
+        size_t klens[MAX_ITEMS];
+        if (jb_put(jb, major == 5 ? "{" : "[", 1) < 0) return -1;
+        for (uint64_t i = 0; i < n; i++) {
+            if (i && jb_put(jb, ",", 1) < 0) return -1;
+            if (major == 5) {
+                uint64_t kl;
+                if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &kl) < 0 ||
+                    kl > (uint64_t)(end - p) || !json_plain_text(p, (size_t)kl))
+                    return -1;
+                for (uint64_t k = 0; k < i; k++)
+                    if (klens[k] == kl && memcmp(keys[k], p, (size_t)kl) == 0) return -1;
+                keys[i] = p;
+                klens[i] = (size_t)kl;
+                if (jb_put(jb, "\"", 1) < 0 || jb_put(jb, p, (size_t)kl) < 0 || jb_put(jb, "\":", 2) < 0) return -1;
+                p += kl;
+            }
+            if (cbor_text(jb, &p, end, depth + 1) < 0) return -1;
+        }
+        if (jb_put(jb, major == 5 ? "}" : "]", 1) < 0) return -1;
+    } else if (major == 3) {
+        if (cbor_arg(&p, end, &n) < 0 || n > (uint64_t)(end - p) || !json_plain_text(p, (size_t)n)) return -1;
+        if (jb_put(jb, "\"", 1) < 0 || jb_put(jb, p, (size_t)n) < 0 || jb_put(jb, "\"", 1) < 0) return -1;
+        p += n;
+    } else if (major == 0 || major == 1) {
+        char digits[24], *o = digits;
+        if (cbor_arg(&p, end, &n) < 0 || (major == 1 && n == UINT64_MAX)) return -1;
+        if (major == 1) *o++ = '-';
+        o = put_u64(o, major == 1 ? n + 1 : n);
+        if (jb_put(jb, digits, (size_t)(o - digits)) < 0) return -1;
+    } else if (major == 7) {
+        double v;
+        p++;
+        if (ai == 20 || ai == 21 || ai == 22) {
+            const char *word = ai == 20 ? "false" : ai == 21 ? "true" : "null";
+            if (jb_put(jb, word, strlen(word)) < 0) return -1;
+            *pp = p;
+            return 0;
+        } else if (ai == 25 && end - p >= 2) {
+            v = half_to_double((uint16_t)(p[0] << 8 | p[1]));
+            p += 2;
+        } else if (ai == 26 && end - p >= 4) {
+            uint32_t bits = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+            float f;
+            memcpy(&f, &bits, 4);
+            v = f;
+            p += 4;
+        } else if (ai == 27 && end - p >= 8) {
+            uint64_t bits = 0;
+            for (int k = 0; k < 8; k++) bits = bits << 8 | p[k];
+            memcpy(&v, &bits, 8);
+            p += 8;
+        } else {
+            return -1;
+        }
+        if (!isfinite(v) || jb_put_repr(jb, v) < 0) return -1;
+    } else {
+        return -1; /* (bytes, tags: not JSON) */
     }
     *pp = p;
     return 0;
