@@ -99,17 +99,45 @@ class Device:
         self.sock.close()
 
 
+class DeferringSink(RecordingSink):
+    """RecordingSink with `defer`'s `pending`, committing as the embedded bus does: in a worker
+    thread, its deferred writes first; or, `inline` (pinned to one CPU at NORMAL:
+    corem/bus/sqlite.py `commits_inline`), on the loop when none of them says it is pending."""
+
+    def __init__(self, inline: bool = False) -> None:
+        super().__init__()
+        self.inline = inline
+        self.pending: list = []
+        self.at_commit: list = []  # (called as the records are stored, after any deferred write)
+        self.inline_commits = 0
+
+    def defer(self, write, wal=None, tidy=None, pending=None) -> bool:
+        self.pending.append(pending)
+        return super().defer(write, wal, tidy)
+
+    def commit(self, error: BaseException | None = None) -> None:
+        inline = self.inline and not any(p is None or p() for p in self.pending)
+        self.inline_commits += inline
+        writes = self.before
+        self.before = [*([] if inline else writes), *self.at_commit]
+        try:
+            super().commit(error)
+        finally:
+            self.before = writes
+
+
 class Coaps:
     """One CoAPS server as `corem serve` wires it (dtls_engine = corem), lane on or off, sans Trio."""
 
-    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, limiter=None, **params) -> None:
+    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, limiter=None, inline: bool = False,
+                 **params) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="corem-lane-dtls-")
         self.registry = Registry(Path(self.tmp.name) / "registry.db")
         self.registry.add_device("acme", "d1", token="T1", psk_identity=IDENTITY, psk=KEY)
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.now = 100.0
-        self.sink = RecordingSink()
+        self.sink = DeferringSink(inline)
         self.ingest = TelemetryIngest(self.directory, self.sink, Diagnostics(16), clock_ms=lambda: 1_700_000_000_000,
                                       now=lambda: self.now)
         self.endpoint = Endpoint(Params(), rng=lambda: 0.5)
@@ -484,6 +512,73 @@ def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commit
     dev.post(encode(Message(Type.CON, Code.GET, 9, b"g", [(11, b"telemetry")], b"")))
     srv.pump()
     assert stored_top() == row_top() == conn.window.top
+
+
+def test_deferred_marks_are_one_per_session_per_commit_and_outlive_the_sessions_place_in_the_lane(coaps, tmp_path):
+    """The lane notes a saved session's mark once however many batches of its records come before
+    the sink commits (one row, its top then); a session that leaves the lane meanwhile (saved
+    again, offloaded, moved) keeps its mark due, written before the readings it carried commit."""
+    store = SessionStore(tmp_path / "sessions.db")
+    srv = coaps(store=store)
+    assert srv.layer.defer_marks(srv.sink)
+    devices = [Device(srv.address) for _ in range(2)]
+    conns = []
+    for dev in devices:
+        srv.handshake(dev)
+        conns.append(srv.layer.sessions[dev.address])
+    assert srv.layer._save(conns, srv.now, checkpoint=True) == 2
+    writer = srv.layer._mark_writer
+    written, log_marks = [], writer.log_marks
+    writer.log_marks = lambda marks: written.append(sorted(marks)) or log_marks(marks)
+    keys = [srv.layer._key_of(c) for c in conns]
+    for mid in (1, 2, 3):  # three batches of both devices' readings, then one commit
+        for dev in devices:
+            dev.post(reading(mid))
+        srv.pump()
+    assert written == [] and srv.lane.counters["records_opened"] == 6
+    srv.commit()
+    assert written == [sorted((c.window.top, k) for c, k in zip(conns, keys))] and len(srv.stored()) == 6
+    # the first device's session leaves the lane with a reading not durable yet
+    devices[0].post(reading(4))
+    srv.pump()
+    srv.lane.drop_session(conns[0], conns[0].peer, conns[0].cid_in)
+    assert srv.lane.counters["dtls_sessions"] == 1
+    srv.commit()
+    assert written[1:] == [[(conns[0].window.top, keys[0])]] and len(srv.stored()) == 1
+    srv.commit()  # (nothing due: nothing written)
+    assert len(written) == 2
+
+
+def test_before_a_commit_on_the_loop_the_marks_are_written_on_the_loop_and_nothing_is_left_pending(coaps, tmp_path):
+    """The embedded bus pinned to one CPU at NORMAL commits on the event loop when no deferred write
+    is pending: it asks the layer, which writes the marks due right then -- before the readings
+    they carried are stored -- and leaves none pending, so no batch waits for a worker thread."""
+    store = SessionStore(tmp_path / "sessions.db")
+    srv = coaps(store=store, inline=True)
+    assert srv.layer.defer_marks(srv.sink)
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    key = srv.layer._key_of(conn)
+    assert srv.layer._save([conn], srv.now, checkpoint=True) == 1
+    saved_top = conn.window.top
+
+    def stored_top() -> int:
+        [(top,)] = store.db.execute("SELECT max(rx_top) FROM (SELECT rx_top FROM sessions WHERE peer = ? "
+                                    "UNION ALL SELECT rx_top FROM rx_log WHERE peer = ?)", (key, key)).fetchall()
+        return int(top)
+
+    for mid in (1, 2):
+        dev.post(reading(mid))
+    srv.pump()
+    assert stored_top() == saved_top  # (noted, not written: the readings are not durable either)
+    at_commit = []
+    srv.sink.at_commit.append(lambda: at_commit.append(stored_top()))
+    srv.commit()
+    assert srv.sink.inline_commits == 1 and at_commit == [conn.window.top] > [saved_top]
+    assert len(srv.stored()) == 2 and len(dev.answers()) == 2
+    srv.commit()  # (nothing due: on the loop again, nothing written)
+    assert srv.sink.inline_commits == 2 and at_commit[1:] == [conn.window.top]
 
 
 def test_a_restored_session_is_the_lanes_again_and_refuses_what_its_store_marked(coaps, tmp_path):

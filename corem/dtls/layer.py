@@ -29,8 +29,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Protocol
@@ -66,9 +67,6 @@ CONTENT_APPLICATION_DATA = 23
 BLOB_TAG = b"\x00cD1"
 #: a row key for a session found by its Connection ID (peer keys are 6 or 18 bytes, or repr text)
 CID_KEY = b"\x00cid"
-#: batches of marks waiting for the sink at most (`defer_marks`; past it, written at once: a sink
-#: that writes no batch for long, because only duplicates came, must not make them pile up)
-MAX_DEFERRED = 10_000
 #: epoch-1 records of a handshake that did not authenticate before it is failed as bad_mac
 FINISHED_FAILURES = 2
 
@@ -219,6 +217,8 @@ class LaneSessions(Protocol):
 
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None: ...
 
+    def take_marks(self) -> list[tuple[int, bytes]]: ...
+
 
 class Session:
     """What the layer keeps beside a live Connection (attached as `conn.layer`)."""
@@ -289,10 +289,11 @@ class EngineServer:
         self._datagram = b""  # (the datagram being handled)
         self._pending_device: Device | None = None
         self._lane: LaneSessions | None = None  # (attach_lane)
-        #: marks of the lane's readings waiting for the sink's next batch (`defer_marks`), and the
-        #: store connection of the sink's worker thread that writes them
-        self._deferred: deque[list[tuple[int, bytes]]] | None = None
+        #: the lane's marks of readings are taken and written by the sink just before each commit
+        #: (`defer_marks`), on a store connection of their own, one write at a time
+        self._marks_deferred = False
         self._mark_writer: SessionStore | None = None
+        self._mark_lock = threading.Lock()
 
     def with_credentials(self, params: DtlsParams, client_auth: str | None = None) -> EngineParams:
         """The engine's parameters with the certificate, key and CA of `params` read now (SIGHUP,
@@ -381,20 +382,17 @@ class EngineServer:
                              conn.write_prot, None if s is None else s.device, conn.floor,
                              s.key if s is not None and s.saved else None)
 
-    def lane_touched(self, conns: list[Connection], marks: list[tuple[int, bytes]], datagrams: int, nbytes: int,
+    def lane_touched(self, conns: list[Connection], marks_due: int, datagrams: int, nbytes: int,
                      now: float, readings_only: bool = False) -> None:
         """The lane opened `datagrams` records (`nbytes`) in this batch: counted as the engine counts
-        what it receives; the saved sessions' record numbers (`marks`: [(their window's top, their
-        row's key)]) written to the store before the batch's readings are submitted (as `settle`);
-        the sessions seen (`conns`, each at most once a second: idle offload and expiry,
-        checkpoints).  `readings_only`: every record the lane opened was a reading it took (none
-        went on to the endpoint), so with `defer_marks` the marks may wait for the sink's batch."""
+        what it receives; the saved sessions' record numbers (`marks_due` of them: the lane's
+        `take_marks`) written to the store before the batch's readings are submitted (as `settle`),
+        or -- `readings_only`: every record the lane opened was a reading it took, none went on to
+        the endpoint -- with `defer_marks`, by the sink just before it commits them; the sessions
+        seen (`conns`, each at most once a second: idle offload and expiry, checkpoints)."""
         self._now = now
-        if marks:
-            if readings_only and self._deferred is not None and len(self._deferred) < MAX_DEFERRED:
-                self._deferred.append(marks)
-            elif not self.store.mark(marks):
-                self.stats.marks_failed += 1
+        if marks_due and not (readings_only and self._marks_deferred) and self._lane is not None:
+            self._write_marks(self._lane.take_marks())
         e = self.engine
         e.stats.datagrams_in += datagrams
         e.stats.bytes_in += nbytes
@@ -657,43 +655,63 @@ class EngineServer:
         yield counter("corem_dtls_session_store_errors", self.store.errors)
 
     def defer_marks(self, sink: Any) -> bool:
-        """Have the marks of the lane's readings written by `sink` in its worker thread before
-        each batch it makes durable (`Sink.defer`), instead of one transaction on the event loop
-        per batch of datagrams: a reading is durable only after the numbers of the records that
-        carried it (so a restore refuses them, as issue 26 requires), and the writes are coalesced
-        (the highest number per session per bus commit).  Not for a shared store (other nodes
-        restore from it at any time) nor an in-memory one; False then, or if the sink cannot (Kafka:
-        records go out as they come), and marks are written at once as before.  Records that are not
-        readings (anything the lane hands on) are marked at once in any case: their effects do not
-        wait for the sink."""
+        """Have the marks of the lane's readings written by `sink` just before each batch it makes
+        durable (`Sink.defer`), instead of one transaction on the event loop per batch of
+        datagrams: a reading is durable only after the numbers of the records that carried it (so
+        a restore refuses them, as issue 26 requires), and the writes are coalesced (the highest
+        number per session per bus commit).  They are written in the sink's worker thread, or --
+        when the sink would commit the batch on the event loop (corem/bus/sqlite.py
+        `commits_inline`: one CPU, NORMAL) -- on the loop right before (`_marks_pending`), so that
+        the commit need not wait for a worker thread.  Not for a shared store (other nodes restore
+        from it at any time) nor an in-memory one; False then, or if the sink cannot (Kafka:
+        records go out as they come), and marks are written at once as before.  Records that are
+        not readings (anything the lane hands on) are marked at once in any case: their effects
+        do not wait for the sink."""
         where = self.store.db.where
-        if self.store.shared or self._deferred is not None or str(where) == ":memory:":
+        if self.store.shared or self._marks_deferred or str(where) == ":memory:":
             return False
-        writer = SessionStore(where)  # (its own connection: used by the sink's worker thread only)
+        writer = SessionStore(where)  # (its own connection: the sink's worker thread's, or the loop's)
         defer_checkpoints(writer.db)  # (its WAL copied by the sink's checkpointer, not in a commit)
-        if not sink.defer(self._write_deferred, wal=Path(where), tidy=fold_marks):
+        if not sink.defer(self._write_deferred, wal=Path(where), tidy=fold_marks, pending=self._marks_pending):
             writer.close()
             return False
         defer_checkpoints(self.store.db)  # (nor in a save on the event loop)
-        self._mark_writer, self._deferred = writer, deque()
+        self._mark_writer, self._marks_deferred = writer, True
         return True
 
-    def _write_deferred(self) -> None:
-        """(the sink's worker thread, before a batch) the deferred marks, the highest per session, in
-        one transaction.  Appended on the event loop before their readings were submitted, they are
-        all here by the time the batch holding those readings is written (deque: thread-safe)."""
-        deferred, writer = self._deferred, self._mark_writer
-        if not deferred or writer is None:
-            return
-        tops: dict[bytes, int] = {}
-        while deferred:
-            for top, key in deferred.popleft():
-                if top > tops.get(key, -1):
-                    tops[key] = top
-        if not writer.log_marks([(top, key) for key, top in tops.items()]):
+    def _write_marks(self, marks: list[tuple[int, bytes]]) -> None:
+        """(the event loop) the lane's marks taken now, written at once."""
+        if marks and not self.store.mark(marks):
             self.stats.marks_failed += 1
-            self.store.errors += 1
-            self.store.last_error = writer.last_error  # (/readyz says so, as for the loop's own writes)
+
+    def _marks_pending(self) -> bool:
+        """The sink's `pending`, asked on the event loop just before a batch it would commit there:
+        the marks due are written now, on the loop as that commit is (an append to the local log
+        at synchronous NORMAL, as cheap as the commit), and none is left pending -- the sink need
+        not hand the batch to a worker thread (a round trip of thread switches and GIL waits a
+        batch, on one CPU).  Asked at any other time, it writes them earlier than they must be."""
+        self._write_deferred()
+        return False
+
+    def _write_deferred(self) -> None:
+        """(before a batch: the sink's worker thread, or the loop) the lane's marks due, one per
+        session however many batches of records it took since, in one transaction.  Noted by the
+        lane before their readings were submitted, they are all taken here (`take_marks`, under the
+        GIL) by the time the batch holding those readings is written; what comes after waits for
+        the next batch."""
+        lane, writer = self._lane, self._mark_writer
+        if lane is None or writer is None:
+            return
+        with self._mark_lock:  # (one writer connection: one transaction at a time, whichever thread)
+            try:
+                marks = lane.take_marks()
+            except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; `write` must not raise)
+                self.stats.marks_failed += 1
+                return
+            if marks and not writer.log_marks(marks):
+                self.stats.marks_failed += 1
+                self.store.errors += 1
+                self.store.last_error = writer.last_error  # (/readyz says so, as for the loop's own writes)
 
     def close(self, now: float) -> int:
         saved = self.sweep(now, everything=True)

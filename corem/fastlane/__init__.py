@@ -50,9 +50,9 @@ try:
 except ImportError:  # pragma: no cover - only without a C compiler
     Lane = None  # type: ignore[assignment,misc]
 
-#: `touched(owners, marks, datagrams, bytes, now, readings_only)`: what `FastLane.drain_records` tells the security
-#: layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
-Touched = Callable[[list[Any], list[tuple[int, bytes]], int, int, float, bool], None]
+#: `touched(owners, marks_due, datagrams, bytes, now, readings_only)`: what `FastLane.drain_records` tells the
+#: security layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
+Touched = Callable[[list[Any], int, int, int, float, bool], None]
 
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
@@ -290,8 +290,8 @@ class FastLane:
         """An established session whose records the lane opens (`read`, `window`) and seals
         (`write`) itself: C `Protection`s and `Window` of corem.dtls.engine._records, shared with
         the Connection `owner`; `floor`: records numbered at or below it are Python's; `mark_key`:
-        a saved session's key in the session store (its record numbers are given to `touched` in
-        every batch the lane took records of it); `owner` itself at most once a second."""
+        a saved session's key in the session store (its record numbers are due there whenever the
+        lane took records of it: `take_marks`); `owner` itself at most once a second."""
         name = None if device is None else (device.tenant, device.device)
         if name is not None and name not in self._hot:
             target = self.ingest.by_name(*name)
@@ -301,6 +301,12 @@ class FastLane:
 
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes) -> None:
         self.lane.drop_session(owner, peer, cid_in)
+
+    def take_marks(self) -> list[tuple[int, bytes]]:
+        """The saved sessions' record numbers due in the store, taken: [(window top, row key)] for
+        each that took records since the last call (or was dropped since), however many batches
+        that spans -- on the event loop, or from the sink's worker thread just before a commit."""
+        return self.lane.take_marks()
 
     def limit(self, rate: float, burst: float, max_sources: int) -> None:
         """The per-source rate limit, when the lane reads a CoAPS socket itself."""
@@ -315,17 +321,18 @@ class FastLane:
     def drain_records(self, fd: int, now: float, budget: int, touched: Touched
                       ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """CoAPS: read up to `budget` datagrams from `fd`, open and take what the lane can; tell
-        `touched(owners, marks, datagrams, bytes, now)` which sessions' records it took (`owners`:
-        each at most once a second) and the saved ones' record numbers (`marks`: [(window top, row
-        key)], every batch: the security layer writes them to its store) BEFORE the batch's
-        readings go to the sink.  Returns the datagrams for the security layer (untouched) and the
-        messages the lane decrypted but does not take (for the endpoint), each with its peer."""
+        `touched(owners, marks_due, datagrams, bytes, now, readings_only)` which sessions' records it
+        took (`owners`: each at most once a second) and how many saved sessions' record numbers are
+        due in the store (`take_marks`: the security layer writes them there, at once or just before
+        the sink's next commit) BEFORE the batch's readings go to the sink.  Returns the datagrams
+        for the security layer (untouched) and the messages the lane decrypted but does not take
+        (for the endpoint), each with its peer."""
         self.begin()
         lane = self.lane
         lane.drain_records(fd, now, self._now_ms, budget)
-        declined, owners, marks, datagrams, nbytes = lane.take_records()
+        declined, owners, due, datagrams, nbytes = lane.take_records()
         if datagrams:
-            touched(owners, marks, datagrams, nbytes, now, not declined)
+            touched(owners, due, datagrams, nbytes, now, not declined)
         return self._submit(), declined
 
     def receive_record(self, data: bytes, peer: Any, now: float, touched: Touched
@@ -334,9 +341,9 @@ class FastLane:
         self.begin()
         lane = self.lane
         lane.receive_record(data, peer, now, self._now_ms)
-        declined, owners, marks, datagrams, nbytes = lane.take_records()
+        declined, owners, due, datagrams, nbytes = lane.take_records()
         if datagrams:
-            touched(owners, marks, datagrams, nbytes, now, not declined)
+            touched(owners, due, datagrams, nbytes, now, not declined)
         return self._submit(), declined
 
     def send_records(self, fd: int) -> None:

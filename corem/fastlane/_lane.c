@@ -228,7 +228,7 @@ typedef struct {
     dsessions ds;
     PyObject *positions; /* (tenant, device) -> target index, for the sessions' devices */
     uint64_t targets_gen;
-    PyObject *plain, *dtouched, *dmarks;
+    PyObject *plain, *dtouched;
     uint64_t depoch;
     unsigned long long rec_datagrams, rec_bytes; /* records opened since the last take_records */
     uint8_t *plainbuf;
@@ -1164,16 +1164,13 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
     self->records_opened++;
     self->rec_datagrams++;
     self->rec_bytes += n;
-    /* reported to Python (take_records): a saved session's record numbers in every batch (they
-     * go to the store before its readings go to the sink: issue 26), the session itself at most
-     * once per REPORT_EVERY (its last_seen, the checkpoint due: no Python per batch for each of
-     * thousands of sessions) */
-    if (s->mark_key != Py_None && s->marked != self->depoch) {
-        s->marked = self->depoch;
-        PyObject *pair = PyTuple_Pack(2, s->window, s->mark_key);
-        int r = pair ? PyList_Append(self->dmarks, pair) : -1;
-        Py_XDECREF(pair);
-        if (r < 0) return -1;
+    /* reported to Python: a saved session's record numbers are due in the store before its
+     * readings go to the sink (issue 26: noted here, taken by take_marks -- once per store write,
+     * not per batch), the session itself at most once per REPORT_EVERY (take_records: its
+     * last_seen, the checkpoint due; no Python per batch for each of thousands of sessions) */
+    if (s->mark_key != Py_None && ds_mark_due(&self->ds, (int32_t)(s - self->ds.e)) < 0) {
+        PyErr_NoMemory();
+        return -1;
     }
     if (s->epoch != self->depoch && now - s->reported >= REPORT_EVERY) {
         s->epoch = self->depoch;
@@ -1204,7 +1201,6 @@ static int ensure_record_lists(Lane *self) {
     if (ensure_lists(self) < 0) return -1;
     if (!self->plain && !(self->plain = PyList_New(0))) return -1;
     if (!self->dtouched && !(self->dtouched = PyList_New(0))) return -1;
-    if (!self->dmarks && !(self->dmarks = PyList_New(0))) return -1;
     if (!self->plainbuf && !(self->plainbuf = PyMem_Malloc((size_t)self->max_datagram + 1))) {
         PyErr_NoMemory();
         return -1;
@@ -1241,36 +1237,25 @@ static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
 }
 
 /* take_records() -> (decrypted messages not taken [(bytes, peer)], owners of the sessions whose
- * records were taken since the last call (each at most once a second), the marks of the saved ones
- * among them [(their window's top, their row's key)], the datagrams taken, their bytes) */
+ * records were taken since the last call (each at most once a second), how many saved sessions'
+ * marks are due (take_marks), the datagrams taken, their bytes) */
 static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
     if (ensure_record_lists(self) < 0) return NULL;
-    /* (window, key) -> (top, key): the top after the batch, in a new list, so that a failure on
-     * the way leaves `dmarks` whole (windows only) for the next call */
-    Py_ssize_t n = PyList_GET_SIZE(self->dmarks);
-    PyObject *marks = PyList_New(n);
-    if (!marks) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *pair = PyList_GET_ITEM(self->dmarks, i);
-        PyObject *top = PyLong_FromLongLong(DTLS->window_top(PyTuple_GET_ITEM(pair, 0)));
-        PyObject *mark = top ? PyTuple_Pack(2, top, PyTuple_GET_ITEM(pair, 1)) : NULL;
-        Py_XDECREF(top);
-        if (!mark) {
-            Py_DECREF(marks);
-            return NULL;
-        }
-        PyList_SET_ITEM(marks, i, mark); /* (steals) */
-    }
-    PyObject *r = Py_BuildValue("(OONKK)", self->plain, self->dtouched, marks, self->rec_datagrams,
-                                self->rec_bytes); /* (N: the tuple takes `marks`, also on failure) */
+    PyObject *r = Py_BuildValue("(OOnKK)", self->plain, self->dtouched, (Py_ssize_t)(self->ds.ndue + self->ds.nleft),
+                                self->rec_datagrams, self->rec_bytes);
     if (!r) return NULL;
     Py_CLEAR(self->plain);
     Py_CLEAR(self->dtouched);
-    Py_CLEAR(self->dmarks);
     self->rec_datagrams = self->rec_bytes = 0;
     self->depoch++;
     return r;
 }
+
+/* take_marks() -> [(window top, row key)]: the saved sessions' record numbers due in the store
+ * (every one that took records since the last call, and those of such sessions dropped since),
+ * taken.  Called on the event loop (written at once) or from the sink's worker thread just before
+ * a commit (under the GIL, as every call into the lane). */
+static PyObject *Lane_take_marks(Lane *self, PyObject *unused) { return ds_take_marks(&self->ds); }
 
 /* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key): an
  * established session whose records the lane may open and seal (replacing any at its address or
@@ -1287,6 +1272,7 @@ static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     if (dtls_api() < 0) return NULL;
+    self->ds.top = DTLS->window_top;
     PyObject *owner = args[0], *peer = args[1], *read = args[4], *window = args[5], *write = args[6];
     if (Py_TYPE(read) != DTLS->protection || Py_TYPE(write) != DTLS->protection || Py_TYPE(window) != DTLS->window) {
         PyErr_SetString(PyExc_TypeError, "add_session: read and write are _records.Protection, window a _records.Window");
@@ -1330,7 +1316,7 @@ static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t 
     memcpy(s->cid_out, PyBytes_AS_STRING(args[3]), (size_t)cout);
     s->floor = floor;
     s->mark_key = Py_NewRef(args[9]);
-    s->marked = self->depoch - 1;
+    s->due_at = -1;
     s->reported = -INFINITY;
     s->target = -1;
     s->targets_gen = self->targets_gen - 1; /* (resolved at its first record) */
@@ -2075,7 +2061,6 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->positions);
     Py_VISIT(self->plain);
     Py_VISIT(self->dtouched);
-    Py_VISIT(self->dmarks);
     for (int32_t i = 0; i < self->ds.cap; i++) {
         dsess_t *d = &self->ds.e[i];
         if (!d->live) continue;
@@ -2109,7 +2094,6 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->positions);
     Py_CLEAR(self->plain);
     Py_CLEAR(self->dtouched);
-    Py_CLEAR(self->dmarks);
     for (int32_t i = 0; i < self->ds.cap; i++) ds_remove(&self->ds, i);
     return 0;
 }
@@ -2158,7 +2142,9 @@ static PyMethodDef Lane_methods[] = {
     {"receive_record", (PyCFunction)Lane_receive_record, METH_VARARGS,
      "receive_record(datagram, peer, now, now_ms): one CoAPS datagram, sans-IO"},
     {"take_records", (PyCFunction)Lane_take_records, METH_NOARGS,
-     "take_records() -> (decrypted messages not taken, owners of sessions touched, marks, datagrams, bytes)"},
+     "take_records() -> (decrypted messages not taken, owners of sessions touched, marks due, datagrams, bytes)"},
+    {"take_marks", (PyCFunction)Lane_take_marks, METH_NOARGS,
+     "take_marks() -> [(window top, row key)]: the saved sessions' record numbers due in the store, taken"},
     {"add_session", (PyCFunction)(void (*)(void))Lane_add_session, METH_FASTCALL,
      "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)"},
     {"drop_session", (PyCFunction)(void (*)(void))Lane_drop_session, METH_FASTCALL,

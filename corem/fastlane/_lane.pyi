@@ -41,9 +41,11 @@ class Lane:
     # CoAPS on corem's DTLS engine: the lane opens and seals the records of registered sessions
     def drain_records(self, fd: int, now: float, now_ms: int, budget: int, /) -> int: ...
     def receive_record(self, data: bytes, peer: Any, now: float, now_ms: int, /) -> None: ...
-    def take_records(self) -> tuple[list[tuple[bytes, Any]], list[Any], list[tuple[int, bytes]], int, int]:
+    def take_records(self) -> tuple[list[tuple[bytes, Any]], list[Any], int, int, int]:
         """(decrypted messages not taken, owners of the sessions whose records were taken -- each
-        once a second at most --, the saved ones' marks [(window top, row key)], datagrams, bytes)"""
+        once a second at most --, how many saved sessions' marks are due, datagrams, bytes)"""
+    def take_marks(self) -> list[tuple[int, bytes]]:
+        """The saved sessions' marks due [(window top, row key)], taken."""
     def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
                     write: Any, name: tuple[str, str] | None, floor: int, mark_key: bytes | None, /) -> None: ...
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes, /) -> bool: ...

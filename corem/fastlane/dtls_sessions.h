@@ -34,7 +34,7 @@ typedef struct {
     uint8_t cid_in_len, cid_out_len, live;
     PyObject *mark_key; /* a saved session: its row's key in the session store (else None) */
     double reported;    /* when it was last reported to Python */
-    uint64_t marked;    /* the batch that last put it in the marks */
+    int32_t due_at;     /* its place in the marks due (dsessions.due), -1: none due */
     int64_t floor;     /* records numbered at or below it go to Python (a restored session's) */
     Py_ssize_t target; /* the lane's target of its device (-1: none), as of targets_gen */
     uint64_t targets_gen;
@@ -50,11 +50,26 @@ typedef struct {
 
 #define DS_TOMB UINT32_MAX
 
+/* a mark not written yet: a saved session's window top and its row's key (a reference) */
+typedef struct {
+    int64_t top;
+    PyObject *key;
+} dsmark_t;
+
+/* The marks (issue 26) are kept here until Python takes them (ds_take_marks): which saved
+ * sessions took records since -- one entry each however many records, so a batch costs no Python
+ * object per session, and a session's mark is written once per store write however many batches
+ * that spans -- and the marks of such sessions removed meanwhile (their top when they left). */
 typedef struct {
     dsess_t *e;
     int32_t cap, free_head, count;
     dsindex by_addr, by_cid;
     size_t cid_len; /* the length of every CID this side chose (0: none registered yet) */
+    int64_t (*top)(PyObject *window); /* the records API's window top (set with the first session) */
+    int32_t *due;   /* the entries whose mark is due (each knows its place: dsess_t.due_at) */
+    size_t ndue, due_cap;
+    dsmark_t *left; /* the due marks of entries removed since (room for every entry of `due`) */
+    size_t nleft, left_cap;
 } dsessions;
 
 typedef struct {
@@ -64,10 +79,22 @@ typedef struct {
     uint8_t data[WIRE_MAX];
 } wire_t;
 
+/* (8 bytes at a time: an address key is 24 bytes, looked up twice a request) */
 static uint32_t ds_hash(const uint8_t *k, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ULL;
-    for (size_t i = 0; i < n; i++) h = (h ^ k[i]) * 0x100000001b3ULL;
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ n, w;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&w, k + i, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+    }
+    if (i < n) {
+        w = 0;
+        memcpy(&w, k + i, n - i);
+        h = (h ^ w) * 0xc4ceb9fe1a85ec53ULL;
+    }
     h ^= h >> 29;
+    h *= 0xbf58476d1ce4e5b9ULL;
     return (uint32_t)(h ^ (h >> 32));
 }
 
@@ -179,7 +206,64 @@ static int32_t ds_new(dsessions *t) {
     }
     int32_t i = t->free_head;
     t->free_head = t->e[i].next_free;
+    t->e[i].due_at = -1;
     return i;
+}
+
+/* The session's mark is due (a saved session took a record): noted once until taken, with room
+ * made now for its mark should it be removed before (ds_remove cannot fail).  0, or -1 (no
+ * memory: nothing noted). */
+static int ds_mark_due(dsessions *t, int32_t i) {
+    if (t->e[i].due_at >= 0) return 0;
+    if (t->ndue == t->due_cap) {
+        size_t cap = t->due_cap ? t->due_cap * 2 : 64;
+        int32_t *due = PyMem_Realloc(t->due, cap * sizeof *due);
+        if (!due) return -1;
+        t->due = due;
+        t->due_cap = cap;
+    }
+    if (t->nleft + t->ndue + 1 > t->left_cap) {
+        size_t cap = t->left_cap ? t->left_cap * 2 : 64;
+        while (cap < t->nleft + t->ndue + 1) cap *= 2;
+        dsmark_t *left = PyMem_Realloc(t->left, cap * sizeof *left);
+        if (!left) return -1;
+        t->left = left;
+        t->left_cap = cap;
+    }
+    t->e[i].due_at = (int32_t)t->ndue;
+    t->due[t->ndue++] = i;
+    return 0;
+}
+
+/* The marks due, taken: [(window top, row key)] for every session that took records since the
+ * last take (its top now: at least that of every record it took) and every such session removed
+ * since; or NULL (an exception: the marks are lost, as a failed write loses them).  The table is
+ * emptied before any Python object is made (making one may run another thread, which may take
+ * records and note marks again: noted afresh, for the next take). */
+static PyObject *ds_take_marks(dsessions *t) {
+    size_t n = t->nleft + t->ndue;
+    if (!n) return PyList_New(0);
+    dsmark_t *taken = PyMem_Malloc(n * sizeof *taken);
+    if (!taken) return PyErr_NoMemory();
+    memcpy(taken, t->left, t->nleft * sizeof *taken); /* (their references with them) */
+    size_t k = t->nleft;
+    t->nleft = 0;
+    for (size_t j = 0; j < t->ndue; j++, k++) {
+        dsess_t *s = &t->e[t->due[j]];
+        taken[k].top = t->top(s->window);
+        taken[k].key = Py_NewRef(s->mark_key);
+        s->due_at = -1;
+    }
+    t->ndue = 0;
+    PyObject *marks = PyList_New((Py_ssize_t)n);
+    for (size_t j = 0; j < n; j++) {
+        PyObject *mark = marks ? Py_BuildValue("(LO)", (long long)taken[j].top, taken[j].key) : NULL;
+        if (mark) PyList_SET_ITEM(marks, (Py_ssize_t)j, mark);
+        else Py_CLEAR(marks);
+        Py_DECREF(taken[j].key);
+    }
+    PyMem_Free(taken);
+    return marks;
 }
 
 static void ds_remove(dsessions *t, int32_t i) {
@@ -187,6 +271,15 @@ static void ds_remove(dsessions *t, int32_t i) {
     if (!s->live) return;
     ds_index_remove(t, 0, i);
     if (s->cid_in_len) ds_index_remove(t, 1, i);
+    if (s->due_at >= 0) { /* its mark stays due (room made by ds_mark_due), its key with it */
+        int32_t last = t->due[--t->ndue];
+        t->due[s->due_at] = last;
+        t->e[last].due_at = s->due_at;
+        s->due_at = -1;
+        t->left[t->nleft].top = t->top(s->window);
+        t->left[t->nleft++].key = s->mark_key;
+        s->mark_key = NULL;
+    }
     /* the table in order first, the references after: dropping one may run Python code (a
      * Connection's last reference) that adds a session, and so moves `t->e` */
     PyObject *refs[7] = {s->owner, s->peer, s->read, s->window, s->write, s->name, s->mark_key};
@@ -200,6 +293,9 @@ static void ds_remove(dsessions *t, int32_t i) {
 
 static void ds_free(dsessions *t) {
     for (int32_t i = 0; i < t->cap; i++) ds_remove(t, i);
+    for (size_t j = 0; j < t->nleft; j++) Py_DECREF(t->left[j].key);
+    PyMem_Free(t->due);
+    PyMem_Free(t->left);
     PyMem_Free(t->e);
     PyMem_Free(t->by_addr.cells);
     PyMem_Free(t->by_addr.hashes);
