@@ -157,6 +157,22 @@ typedef struct {
 
 static char *put_u64(char *o, unsigned long long v);
 static int cbor_text(json_buf_t *jb, const uint8_t **pp, const uint8_t *end, int depth);
+static int json_text(json_buf_t *jb, const uint8_t **pp, const uint8_t *end, int depth);
+
+/* `nested: json`: the nested value at *pp (a JSON or a CBOR payload's) as one text reading under
+ * `key`, its JSON text written into fl->json as json.dumps writes it; 0, or -1 */
+static int kept_as_json(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const uint8_t *key,
+                        size_t klen, item_t *it) {
+    size_t start = fl->json->used;
+    if ((json ? json_text(fl->json, pp, end, 1) : cbor_text(fl->json, pp, end, 1)) < 0) return -1;
+    it->key = key;
+    it->klen = klen;
+    it->is_text = 1;
+    it->unit = NULL;
+    it->text = (const uint8_t *)fl->json->buf + start;
+    it->tlen = fl->json->used - start;
+    return 0;
+}
 static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *prefix,
                         size_t plen, item_t *items, int *count, int cap, int depth);
 static int flat_member(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *nm, size_t nl,
@@ -187,15 +203,7 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         uint8_t major = *p >> 5;
         if (fl && !is_ts && (major == 4 || major == 5)) {
             if (fl->json) { /* the nested value as one text reading: cbor2's value as json.dumps writes it */
-                item_t *it = &items[count];
-                size_t start = fl->json->used;
-                if (cbor_text(fl->json, &p, end, 1) < 0) return -1;
-                it->key = key;
-                it->klen = klen;
-                it->is_text = 1;
-                it->unit = NULL;
-                it->text = (const uint8_t *)fl->json->buf + start;
-                it->tlen = fl->json->used - start;
+                if (kept_as_json(fl, 0, &p, end, key, klen, &items[count]) < 0) return -1;
                 count++;
                 continue;
             }
@@ -615,15 +623,7 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         if (count == cap) return -1;
         if (fl && !is_ts && (*p == '{' || *p == '[')) {
             if (fl->json) { /* the nested value as one text reading, its JSON as Python writes it */
-                item_t *it = &items[count];
-                size_t start = fl->json->used;
-                if (json_text(fl->json, &p, end, 1) < 0) return -1;
-                it->key = key;
-                it->klen = klen;
-                it->is_text = 1;
-                it->unit = NULL;
-                it->text = (const uint8_t *)fl->json->buf + start;
-                it->tlen = fl->json->used - start;
+                if (kept_as_json(fl, 1, &p, end, key, klen, &items[count]) < 0) return -1;
                 count++;
                 int next = json_next_member(&p, end);
                 if (next < 0) return -1;
