@@ -11,8 +11,9 @@ COREM_PURE_PYTHON is set; `KeySetPy` is its twin (a set of the fingerprints)."""
 
 from __future__ import annotations
 
-import os
 from typing import Iterable
+
+from ..c_twins import c_twin
 
 
 def _fingerprint(key: bytes) -> int:
@@ -46,15 +47,5 @@ class KeySetPy:
         return len(self._fps)
 
 
-def _load() -> type[KeySetPy]:
-    """_keyset.c's KeySet (the same methods: _keyset.pyi), unless it is missing or COREM_PURE_PYTHON is set"""
-    if os.environ.get("COREM_PURE_PYTHON"):
-        return KeySetPy
-    try:
-        from ._keyset import KeySet as c_keyset
-    except ImportError:
-        return KeySetPy
-    return c_keyset  # type: ignore[return-value]
-
-
-KeySet = _load()
+#: _keyset.c's KeySet (the same methods: _keyset.pyi), or the twin
+KeySet: type[KeySetPy] = c_twin("._keyset", "KeySet", __package__) or KeySetPy

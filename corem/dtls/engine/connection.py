@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import corem.dtls.engine.certs as certs  # (the module, not the package: no cycle through __init__)
 import corem.dtls.engine.messages as m
+from ...c_twins import c_twin
 from .crypto import (IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret,
                      psk_premaster, verify_data)
 from .errors import (BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL,
@@ -51,19 +52,9 @@ MAX_EARLY = 4
 PskLookup = Callable[[bytes], "bytes | None"]
 
 
-def _load_psk_finish() -> Callable[..., tuple[Any, ...] | None] | None:
-    """_flights.c's `psk_finish` (the client's ClientKeyExchange..Finished answered in one call;
-    None: this state machine takes the datagram), unless it is missing or COREM_PURE_PYTHON is set"""
-    if os.environ.get("COREM_PURE_PYTHON"):
-        return None
-    try:
-        from ._flights import psk_finish
-    except ImportError:
-        return None
-    return psk_finish
-
-
-_psk_finish = _load_psk_finish()
+#: _flights.c's `psk_finish` (the client's ClientKeyExchange..Finished answered in one call; None:
+#: this state machine takes the datagram), None when not built
+_psk_finish: Callable[..., tuple[Any, ...] | None] | None = c_twin("._flights", "psk_finish", __package__)
 #: records.RecordProtection's cipher names as _flights.c numbers them (dtls_records.h `dtls_aead`)
 _AEAD = {"ccm8": 0, "ccm": 1, "gcm": 2}
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Hashable
 
 import corem.dtls.engine.messages as m  # (the modules, not the package: no cycle through __init__)
 import corem.dtls.engine.state as state
+from ...c_twins import c_twin
 from .connection import ESTABLISHED, FAILED, WAIT_CLIENT_KEY_EXCHANGE, Connection, Params
 from .crypto import hmac_sha256
 from .errors import DtlsDecodeError
@@ -31,35 +32,11 @@ from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrus
 Peer = Hashable
 
 
-def _load_hello_verify() -> Callable[[bytes, int, bytes, bytes], bytes | None] | None:
-    """_hello.c's `hello_verify` (the HelloVerifyRequest to a cookie-less hello; None: the Python
-    path decides), unless it is missing or COREM_PURE_PYTHON is set"""
-    if os.environ.get("COREM_PURE_PYTHON"):
-        return None
-    try:
-        from ._hello import hello_verify
-    except ImportError:
-        return None
-    return hello_verify
-
-
-_hello_verify = _load_hello_verify()
-
-
-def _load_server_hello() -> Callable[..., tuple[Any, ...] | bytes | None] | None:
-    """_flights.c's `server_hello` (a hello with a valid cookie answered with the ServerHello flight
-    of a PSK suite in one call; None: the Python path decides), unless it is missing or
-    COREM_PURE_PYTHON is set"""
-    if os.environ.get("COREM_PURE_PYTHON"):
-        return None
-    try:
-        from ._flights import server_hello
-    except ImportError:
-        return None
-    return server_hello
-
-
-_server_hello = _load_server_hello()
+#: _hello.c's `hello_verify` (the HelloVerifyRequest to a cookie-less hello in one call; None: the
+#: Python path decides) and _flights.c's `server_hello` (a hello with a valid cookie answered with the
+#: ServerHello flight of a PSK suite; None: the Python path decides); None when not built
+_hello_verify: Callable[[bytes, int, bytes, bytes], bytes | None] | None = c_twin("._hello", "hello_verify", __package__)
+_server_hello: Callable[..., tuple[Any, ...] | bytes | None] | None = c_twin("._flights", "server_hello", __package__)
 
 COOKIE_LENGTH = 16
 #: the highest message_seq a ClientHello may carry (a client's second hello is 1; the messages of
