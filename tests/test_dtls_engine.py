@@ -1591,6 +1591,16 @@ def test_the_psk_flights_leave_what_c_does_not_answer_to_the_state_machine(monke
         assert fast[3] == ("mtu" in case), case  # (a wrong key: the Finished never authenticates)
 
 
+def _exchange(eng, cl, rounds: int) -> None:
+    """The client started and its flights and the engine's answers delivered, `rounds` times"""
+    cl.start(0.0)
+    for _ in range(rounds):
+        for d in cl.datagrams_to_send():
+            eng.receive(d, PEER, 0.0)
+        for d, _p in eng.datagrams_to_send():
+            cl.receive(d, 0.0)
+
+
 class _Lookups:
     """A PSK lookup that counts its calls and fails the first `failing` of them"""
 
@@ -1616,12 +1626,7 @@ def test_the_psk_is_looked_up_once_a_handshake_whichever_path_answers(monkeypatc
             lookups = _Lookups(failing)
             eng = Engine(lookups.get)
             cl = Client(b"device-1", PSK, cid=b"")
-            cl.start(0.0)
-            for _ in range(4):
-                for d in cl.datagrams_to_send():
-                    eng.receive(d, PEER, 0.0)
-                for d, _p in eng.datagrams_to_send():
-                    cl.receive(d, 0.0)
+            _exchange(eng, cl, 4)
             outcomes.append((lookups.calls, cl.established, dict(eng.stats.handshakes_failed)))
     assert outcomes[0] == outcomes[1] == [(1, True, {}), (1, False, {"psk_lookup_error": 1})][failing]
 
@@ -1633,13 +1638,8 @@ def test_a_psk_lookup_interrupted_is_raised_on_either_path(monkeypatch):
             _flights(mp, on)
             eng = Engine(_Lookups(1, KeyboardInterrupt).get)
             cl = Client(b"device-1", PSK, cid=b"")
-            cl.start(0.0)
             with pytest.raises(KeyboardInterrupt):
-                for _ in range(4):
-                    for d in cl.datagrams_to_send():
-                        eng.receive(d, PEER, 0.0)
-                    for d, _p in eng.datagrams_to_send():
-                        cl.receive(d, 0.0)
+                _exchange(eng, cl, 4)
 
 
 def test_a_hello_with_a_forged_cookie_is_answered_by_c_as_by_python(monkeypatch):

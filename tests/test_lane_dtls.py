@@ -469,26 +469,35 @@ def test_the_record_numbers_of_a_saved_session_are_in_the_store_before_its_readi
     assert store.take(key)[5] == conn.window.top  # (the row's rx_top: what a restore refuses up to)
 
 
-def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commits_them(coaps, tmp_path):
-    """With the embedded bus (`defer_marks`, as corem serve wires it) the marks of records that were
-    all readings wait for the sink's next batch, coalesced, and are in the store before it is
-    durable; a record the lane hands on (not a reading) is marked at once, as before."""
-    store = SessionStore(tmp_path / "sessions.db")
-    srv = coaps(store=store)
+
+def _saved_session(coaps, store, **kw):
+    """A CoAPS server (from the `coaps` fixture) whose marks are deferred to the sink, a device's session on it, saved to
+    `store`; and what a restore would read of it: the row's rx_top, or a higher mark in the log"""
+    srv = coaps(store=store, **kw)
     assert srv.layer.defer_marks(srv.sink)
-    assert srv.sink.wal == tmp_path / "sessions.db"  # (the marks' file, checkpointed off the commit path)
     dev = Device(srv.address)
     srv.handshake(dev)
     conn = srv.layer.sessions[dev.address]
     key = srv.layer._key_of(conn)
     assert srv.layer._save([conn], srv.now, checkpoint=True) == 1
-    saved_top = conn.window.top
 
     def stored_top() -> int:
-        """What a restore would read: the row's rx_top, or a higher mark in the log (store.take)."""
         [(top,)] = store.db.execute("SELECT max(rx_top) FROM (SELECT rx_top FROM sessions WHERE peer = ? "
                                     "UNION ALL SELECT rx_top FROM rx_log WHERE peer = ?)", (key, key)).fetchall()
         return int(top)
+
+    return srv, dev, conn, stored_top
+
+
+def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commits_them(coaps, tmp_path):
+    """With the embedded bus (`defer_marks`, as corem serve wires it) the marks of records that were
+    all readings wait for the sink's next batch, coalesced, and are in the store before it is
+    durable; a record the lane hands on (not a reading) is marked at once, as before."""
+    store = SessionStore(tmp_path / "sessions.db")
+    srv, dev, conn, stored_top = _saved_session(coaps, store)
+    key = srv.layer._key_of(conn)
+    assert srv.sink.wal == tmp_path / "sessions.db"  # (the marks' file, checkpointed off the commit path)
+    saved_top = conn.window.top
 
     def row_top() -> int:
         [(top,)] = store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchall()
@@ -554,19 +563,8 @@ def test_before_a_commit_on_the_loop_the_marks_are_written_on_the_loop_and_nothi
     is pending: it asks the layer, which writes the marks due right then -- before the readings
     they carried are stored -- and leaves none pending, so no batch waits for a worker thread."""
     store = SessionStore(tmp_path / "sessions.db")
-    srv = coaps(store=store, inline=True)
-    assert srv.layer.defer_marks(srv.sink)
-    dev = Device(srv.address)
-    srv.handshake(dev)
-    conn = srv.layer.sessions[dev.address]
-    key = srv.layer._key_of(conn)
-    assert srv.layer._save([conn], srv.now, checkpoint=True) == 1
+    srv, dev, conn, stored_top = _saved_session(coaps, store, inline=True)
     saved_top = conn.window.top
-
-    def stored_top() -> int:
-        [(top,)] = store.db.execute("SELECT max(rx_top) FROM (SELECT rx_top FROM sessions WHERE peer = ? "
-                                    "UNION ALL SELECT rx_top FROM rx_log WHERE peer = ?)", (key, key)).fetchall()
-        return int(top)
 
     for mid in (1, 2):
         dev.post(reading(mid))
