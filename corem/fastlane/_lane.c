@@ -1255,7 +1255,11 @@ static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
  * (every one that took records since the last call, and those of such sessions dropped since),
  * taken.  Called on the event loop (written at once) or from the sink's worker thread just before
  * a commit (under the GIL, as every call into the lane). */
-static PyObject *Lane_take_marks(Lane *self, PyObject *unused) { return ds_take_marks(&self->ds); }
+static PyObject *Lane_take_marks(Lane *self, PyObject *unused) { return ds_take_marks(&self->ds, 0); }
+
+/* take_marks_packed() -> bytes: take_marks as one pack (dtls_sessions.h ds_pack_marks), the row the
+ * session store appends to its log at each bus write (store.py `log_marks`). */
+static PyObject *Lane_take_marks_packed(Lane *self, PyObject *unused) { return ds_take_marks(&self->ds, 1); }
 
 /* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key): an
  * established session whose records the lane may open and seal (replacing any at its address or
@@ -2145,6 +2149,8 @@ static PyMethodDef Lane_methods[] = {
      "take_records() -> (decrypted messages not taken, owners of sessions touched, marks due, datagrams, bytes)"},
     {"take_marks", (PyCFunction)Lane_take_marks, METH_NOARGS,
      "take_marks() -> [(window top, row key)]: the saved sessions' record numbers due in the store, taken"},
+    {"take_marks_packed", (PyCFunction)Lane_take_marks_packed, METH_NOARGS,
+     "take_marks_packed() -> bytes: take_marks as one pack for the session store's log"},
     {"add_session", (PyCFunction)(void (*)(void))Lane_add_session, METH_FASTCALL,
      "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)"},
     {"drop_session", (PyCFunction)(void (*)(void))Lane_drop_session, METH_FASTCALL,
@@ -2180,6 +2186,7 @@ static PyTypeObject LaneType = {
 };
 
 static PyMethodDef module_methods[] = {
+    {"fold_marks", ds_fold_marks, METH_O, "fold_marks(packs) -> [(top, key, top)]: each key's highest top over the packs"},
     {"compile_profile", compile_profile, METH_VARARGS,
      "compile_profile(rules, positions, layout) -> a profile's C form for set_target (rules.h, layouts.h)"},
     {NULL, NULL, 0, NULL}};

@@ -46,6 +46,8 @@ class Lane:
         once a second at most --, how many saved sessions' marks are due, datagrams, bytes)"""
     def take_marks(self) -> list[tuple[int, bytes]]:
         """The saved sessions' marks due [(window top, row key)], taken."""
+    def take_marks_packed(self) -> bytes:
+        """`take_marks` as one pack: per mark its key's length (1 byte), the key, the top (8 bytes)."""
     def add_session(self, owner: Any, peer: Any, cid_in: bytes, cid_out: bytes, read: Any, window: Any,
                     write: Any, name: tuple[str, str] | None, floor: int, mark_key: bytes | None, /) -> None: ...
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes, /) -> bool: ...
@@ -55,6 +57,9 @@ class Lane:
     def exempt(self, networks: list[tuple[bytes, int]], /) -> None:
         """The rate limit's exempt networks, replaced whole (16 address bytes, prefix length)."""
     def counters(self) -> dict[str, Any]: ...
+
+def fold_marks(packs: Any, /) -> list[tuple[int, bytes, int]]:
+    """Each key's highest top over the packs, as (top, key, top) in the order keys first appear."""
 
 def compile_profile(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, float | None, float | None,
                                        float | None, float | None, bool, tuple[bytes, ...] | None], ...],

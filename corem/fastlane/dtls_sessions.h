@@ -235,14 +235,106 @@ static int ds_mark_due(dsessions *t, int32_t i) {
     return 0;
 }
 
-/* The marks due, taken: [(window top, row key)] for every session that took records since the
- * last take (its top now: at least that of every record it took) and every such session removed
- * since; or NULL (an exception: the marks are lost, as a failed write loses them).  The table is
- * emptied before any Python object is made (making one may run another thread, which may take
- * records and note marks again: noted afresh, for the next take). */
-static PyObject *ds_take_marks(dsessions *t) {
+/* A pack of marks (`packed`, for the session store's log: one row a write, store.py MARKS_PACK):
+ * for each mark, its key's length (1 byte), the key, the top (8 bytes, big-endian, signed). */
+#define MARK_KEY_MAX 255
+
+/* `taken`'s n marks as one pack (their key references dropped, `taken` freed), or NULL: the
+ * marks are lost then, as a failed write loses them (a key that is not bytes of at most
+ * MARK_KEY_MAX: add_session takes bytes, and a peer's key is 6 or 18 of them). */
+static PyObject *ds_pack_marks(dsmark_t *taken, size_t n) {
+    size_t size = 0;
+    for (size_t j = 0; j < n; j++) size += 9 + (size_t)PyBytes_GET_SIZE(taken[j].key);
+    PyObject *pack = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    uint8_t *w = pack ? (uint8_t *)PyBytes_AS_STRING(pack) : NULL;
+    for (size_t j = 0; j < n; j++) {
+        Py_ssize_t klen = PyBytes_GET_SIZE(taken[j].key);
+        if (w && klen > MARK_KEY_MAX) {
+            PyErr_SetString(PyExc_ValueError, "take_marks: a mark's key is longer than 255 bytes");
+            Py_CLEAR(pack);
+            w = NULL;
+        }
+        if (w) {
+            *w++ = (uint8_t)klen;
+            memcpy(w, PyBytes_AS_STRING(taken[j].key), (size_t)klen);
+            w += klen;
+            uint64_t top = (uint64_t)taken[j].top;
+            for (int b = 7; b >= 0; b--) *w++ = (uint8_t)(top >> (8 * b));
+        }
+        Py_DECREF(taken[j].key);
+    }
+    PyMem_Free(taken);
+    return pack;
+}
+
+/* fold_marks(packs) -> [(top, key, top)]: the highest top of each key over the packs (in the order
+ * keys first appear), as the session store's UPDATE takes them; ValueError for a pack that is not
+ * one (an entry running past its end).  The twin of store.py `fold_packs`. */
+static PyObject *ds_fold_marks(PyObject *unused, PyObject *packs) {
+    PyObject *tops = PyDict_New(), *it = tops ? PyObject_GetIter(packs) : NULL, *pack;
+    if (!it) {
+        Py_XDECREF(tops);
+        return NULL;
+    }
+    while ((pack = PyIter_Next(it))) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(pack, &b, PyBUF_SIMPLE) < 0) goto fail_pack;
+        const uint8_t *p = b.buf, *end = p + b.len;
+        int bad = 0;
+        while (p < end && !bad) {
+            size_t klen = *p;
+            if ((size_t)(end - p) < 9 + klen) {
+                PyErr_Format(PyExc_ValueError, "a marks pack: the entry at byte %zd runs past its end (%zd bytes)",
+                             (Py_ssize_t)(p - (const uint8_t *)b.buf), b.len);
+                bad = 1;
+                break;
+            }
+            uint64_t u = 0;
+            for (size_t k = 0; k < 8; k++) u = u << 8 | p[1 + klen + k];
+            PyObject *key = PyBytes_FromStringAndSize((const char *)p + 1, (Py_ssize_t)klen);
+            PyObject *was = key ? PyDict_GetItemWithError(tops, key) : NULL;
+            PyObject *top = NULL;
+            if (key && !PyErr_Occurred() && (!was || PyLong_AsLongLong(was) < (long long)u))
+                top = PyLong_FromLongLong((long long)u);
+            bad = !key || PyErr_Occurred() || (top && PyDict_SetItem(tops, key, top) < 0);
+            Py_XDECREF(top);
+            Py_XDECREF(key);
+            p += 9 + klen;
+        }
+        PyBuffer_Release(&b);
+        if (bad) goto fail_pack;
+        Py_DECREF(pack);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) {
+        Py_DECREF(tops);
+        return NULL;
+    }
+    PyObject *out = PyList_New(0), *key, *top;
+    Py_ssize_t pos = 0;
+    while (out && PyDict_Next(tops, &pos, &key, &top)) {
+        PyObject *row = PyTuple_Pack(3, top, key, top);
+        if (!row || PyList_Append(out, row) < 0) Py_CLEAR(out);
+        Py_XDECREF(row);
+    }
+    Py_DECREF(tops);
+    return out;
+fail_pack:
+    Py_DECREF(pack);
+    Py_DECREF(it);
+    Py_DECREF(tops);
+    return NULL;
+}
+
+/* The marks due, taken: [(window top, row key)] (or, `packed`, one bytes pack of them) for every
+ * session that took records since the last take (its top now: at least that of every record it
+ * took) and every such session removed since; or NULL (an exception: the marks are lost, as a
+ * failed write loses them).  The table is emptied before any Python object is made (making one may
+ * run another thread, which may take records and note marks again: noted afresh, for the next
+ * take). */
+static PyObject *ds_take_marks(dsessions *t, int packed) {
     size_t n = t->nleft + t->ndue;
-    if (!n) return PyList_New(0);
+    if (!n) return packed ? PyBytes_FromStringAndSize(NULL, 0) : PyList_New(0);
     dsmark_t *taken = PyMem_Malloc(n * sizeof *taken);
     if (!taken) return PyErr_NoMemory();
     memcpy(taken, t->left, t->nleft * sizeof *taken); /* (their references with them) */
@@ -255,6 +347,7 @@ static PyObject *ds_take_marks(dsessions *t) {
         s->due_at = -1;
     }
     t->ndue = 0;
+    if (packed) return ds_pack_marks(taken, n);
     PyObject *marks = PyList_New((Py_ssize_t)n);
     for (size_t j = 0; j < n; j++) {
         PyObject *mark = marks ? Py_BuildValue("(LO)", (long long)taken[j].top, taken[j].key) : NULL;
