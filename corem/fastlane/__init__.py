@@ -308,6 +308,10 @@ class FastLane:
         that spans -- on the event loop, or from the sink's worker thread just before a commit."""
         return self.lane.take_marks()
 
+    def take_marks_packed(self) -> bytes:
+        """`take_marks` as one pack, the row the session store appends to its log (store.py)."""
+        return self.lane.take_marks_packed()
+
     def limit(self, rate: float, burst: float, max_sources: int) -> None:
         """The per-source rate limit, when the lane reads a CoAPS socket itself."""
         self.lane.limit(rate, burst, max_sources)
