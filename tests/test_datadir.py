@@ -200,8 +200,8 @@ def test_old_tables_gain_their_columns_once_with_processes_starting_together(tmp
     reg.close()
     store = SessionStore(sessions)
     assert "rx_top" in store.db.columns("sessions")
-    assert store.db.columns("rx_log") >= {"peer", "rx_top"}  # (2: the marks' log)
-    assert store.db.execute("SELECT version FROM corem_schema WHERE component = 'dtls_sessions'").fetchone() == (2,)
+    assert store.db.columns("rx_pack") == {"marks"} and not store.db.columns("rx_log")  # (3: the marks' log, packs)
+    assert store.db.execute("SELECT version FROM corem_schema WHERE component = 'dtls_sessions'").fetchone() == (3,)
     store.db.close()
 
 

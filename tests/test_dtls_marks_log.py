@@ -1,14 +1,20 @@
-"""The DTLS record marks' log (dtls/store.py): marks appended at each bus commit are what a restore
-reads until the checkpointer folds them into the rows; a row saved again says the top itself."""
+"""The DTLS record marks' log (dtls/store.py): marks appended at each bus commit, a pack a row, are
+what a restore reads until the checkpointer folds them into the rows; a row saved again says the top
+itself.  The lane's C pack and fold against their Python twins."""
 
 from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corem.dtls.store import SessionStore, fold_marks
+from corem.dtls.store import SessionStore, _fold_packs, fold_marks, pack_marks
+from corem.dtls.store import RX_TOP, SCHEMA, _rx_log
+from corem.registry.db import Db, add_columns
+
+_lane = pytest.importorskip("corem.fastlane._lane")
 
 A, B = b"\x0a\x00\x00\x01\x16\x33", b"\x0a\x00\x00\x02\x16\x33"
 
@@ -18,24 +24,25 @@ def row(key: bytes, top: int) -> tuple[bytes, bytes, str, str, float, int]:
 
 
 def logged(store: SessionStore) -> int:
-    return int(store.db.execute("SELECT count(*) FROM rx_log").fetchone()[0])
+    return int(store.db.execute("SELECT count(*) FROM rx_pack").fetchone()[0])
 
 
 def test_a_restore_reads_the_marks_not_folded_yet_and_takes_them(tmp_path):
     store = SessionStore(tmp_path / "s.db")
     assert store.put([row(A, 5), row(B, 5)])
-    assert store.log_marks([(9, A), (7, B)]) and store.log_marks([(12, A)])
-    assert logged(store) == 3
+    assert store.log_marks(pack_marks([(9, A), (7, B)])) and store.log_marks(pack_marks([(12, A)]))
+    assert logged(store) == 2  # (a row a write, whatever the marks in it)
     taken = store.take(A)
     assert taken is not None and taken[5] == 12  # (the row said 5)
-    assert logged(store) == 1  # (A's went with it; B's wait for the fold)
+    assert logged(store) == 0  # (folded first: B's row says 7 now)
+    assert store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (B,)).fetchone()[0] == 7
     assert store.take(A) is None
 
 
 def test_the_fold_raises_the_rows_and_empties_the_log_and_never_lowers(tmp_path):
     store = SessionStore(tmp_path / "s.db")
     assert store.put([row(A, 20), row(B, 5)])
-    assert store.log_marks([(9, A), (7, B), (6, B), (3, b"no-such-session")])
+    assert store.log_marks(pack_marks([(9, A), (7, B), (6, B), (3, b"no-such-session")]))
     fold_marks(store.db)
     tops = dict(store.db.execute("SELECT peer, rx_top FROM sessions").fetchall())
     assert tops == {A: 20, B: 7} and logged(store) == 0
@@ -48,7 +55,7 @@ def test_saving_a_row_again_drops_the_older_marks_of_its_peer(tmp_path):
     become its floor."""
     store = SessionStore(tmp_path / "s.db")
     assert store.put([row(A, 500)])
-    assert store.log_marks([(900, A), (3, B)])
+    assert store.log_marks(pack_marks([(900, A), (3, B)]))
     assert store.put([row(A, 2)])  # (a new handshake, saved at its first record)
     fold_marks(store.db)
     taken = store.take(A)
@@ -58,7 +65,7 @@ def test_saving_a_row_again_drops_the_older_marks_of_its_peer(tmp_path):
 
 def test_a_new_process_folds_what_a_stopped_one_left(tmp_path):
     first = SessionStore(tmp_path / "s.db")
-    assert first.put([row(A, 1)]) and first.log_marks([(40, A)])
+    assert first.put([row(A, 1)]) and first.log_marks(pack_marks([(40, A)]))
     first.close()  # (it stops before its checkpointer folded)
     again = SessionStore(tmp_path / "s.db")
     assert logged(again) == 0
@@ -68,9 +75,9 @@ def test_a_new_process_folds_what_a_stopped_one_left(tmp_path):
 def test_a_fold_from_another_connection_between_marks_and_take(tmp_path):
     store = SessionStore(tmp_path / "s.db")
     other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)  # (the checkpointer's own)
-    assert store.put([row(A, 1)]) and store.log_marks([(8, A)])
+    assert store.put([row(A, 1)]) and store.log_marks(pack_marks([(8, A)]))
     fold_marks(other)
-    assert store.log_marks([(11, A)])
+    assert store.log_marks(pack_marks([(11, A)]))
     taken = store.take(A)
     assert taken is not None and taken[5] == 11
     other.close()
@@ -86,10 +93,52 @@ def test_a_restore_always_reads_the_highest_mark(tmp_path_factory, steps):
     highest = 0
     for what, top in steps:
         if what == "mark":
-            assert store.log_marks([(top, A)])
+            assert store.log_marks(pack_marks([(top, A)]))
             highest = max(highest, top)
         else:
             fold_marks(store.db)
     taken = store.take(A)
     assert taken is not None and taken[5] == highest
     store.close()
+
+
+marks_lists = st.lists(st.tuples(st.integers(-1, 2**63 - 1), st.binary(max_size=20)), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(marks_lists, max_size=5), st.lists(st.binary(max_size=30), max_size=2))
+def test_the_c_fold_is_its_python_twin_for_packs_and_for_bytes_that_are_not(packs, junk):
+    """Each key's highest top, in the order keys first appear, from C and from Python alike; bytes
+    that are not a pack refused by both, with the same reason."""
+    packed = [pack_marks(marks) for marks in packs]
+    expected = {}
+    for marks in packs:
+        for top, key in marks:
+            expected[key] = max(top, expected.get(key, top))
+    assert _lane.fold_marks(packed) == _fold_packs(packed) == [(t, k, t) for k, t in expected.items()]
+    for extra in junk:
+        try:
+            want = _fold_packs([*packed, extra])
+        except ValueError as e:
+            with pytest.raises(ValueError) as c_error:
+                _lane.fold_marks([*packed, extra])
+            assert str(c_error.value) == str(e)
+        else:
+            assert _lane.fold_marks([*packed, extra]) == want
+
+
+def test_a_store_of_the_row_a_mark_log_is_folded_when_it_moves_to_packs(tmp_path):
+    """A session store written by a corem whose log held a row a mark (version 2): at start its
+    marks raise the rows, and the log is the packs' from then on."""
+    where = tmp_path / "s.db"
+    db = Db(where)
+    db.schema(SCHEMA)
+    db.migrate("dtls_sessions", (add_columns("sessions", (RX_TOP,)), _rx_log))
+    db.execute("INSERT INTO sessions (peer, blob, tenant, device, last_seen, rx_top) VALUES (?, ?, 't', 'd', 1.0, 5)",
+               (A, b"sealed-state"))
+    db.executemany("INSERT INTO rx_log (peer, rx_top) VALUES (?, ?)", [(A, 9), (A, 30), (B, 4)])
+    db.close()
+    store = SessionStore(where)
+    assert store.db.columns("rx_log") == set() and logged(store) == 0
+    taken = store.take(A)
+    assert taken is not None and taken[5] == 30

@@ -21,7 +21,7 @@ from corem.codec import Code, Message, Type, decode, encode
 from corem.codec import OptionNumber as O
 from corem.coap import Endpoint, Params, Router
 from corem.dtls import DtlsParams, SessionStore
-from corem.dtls.store import fold_marks
+from corem.dtls.store import fold_marks, fold_packs
 from corem.dtls.engine import Client
 from corem.dtls.engine.records import RECORDS, parse_record_untrusted
 from corem.dtls.layer import EngineServer
@@ -482,9 +482,9 @@ def _saved_session(coaps, store, **kw):
     assert srv.layer._save([conn], srv.now, checkpoint=True) == 1
 
     def stored_top() -> int:
-        [(top,)] = store.db.execute("SELECT max(rx_top) FROM (SELECT rx_top FROM sessions WHERE peer = ? "
-                                    "UNION ALL SELECT rx_top FROM rx_log WHERE peer = ?)", (key, key)).fetchall()
-        return int(top)
+        [(top,)] = store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchall()
+        packs = [marks for (marks,) in store.db.execute("SELECT marks FROM rx_pack")]
+        return max([int(top), *(t for t, k, _ in fold_packs(packs) if k == key)])
 
     return srv, dev, conn, stored_top
 
@@ -516,7 +516,7 @@ def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commit
     assert row_top() == saved_top < conn.window.top
     fold_marks(store.db)
     assert row_top() == conn.window.top
-    assert store.db.execute("SELECT count(*) FROM rx_log").fetchone()[0] == 0
+    assert store.db.execute("SELECT count(*) FROM rx_pack").fetchone()[0] == 0
     # a GET is no reading: the lane hands it on, and its record's number is written at once
     dev.post(encode(Message(Type.CON, Code.GET, 9, b"g", [(11, b"telemetry")], b"")))
     srv.pump()
@@ -538,7 +538,7 @@ def test_deferred_marks_are_one_per_session_per_commit_and_outlive_the_sessions_
     assert srv.layer._save(conns, srv.now, checkpoint=True) == 2
     writer = srv.layer._mark_writer
     written, log_marks = [], writer.log_marks
-    writer.log_marks = lambda marks: written.append(sorted(marks)) or log_marks(marks)
+    writer.log_marks = lambda pack: written.append(sorted((t, k) for t, k, _ in fold_packs([pack]))) or log_marks(pack)
     keys = [srv.layer._key_of(c) for c in conns]
     for mid in (1, 2, 3):  # three batches of both devices' readings, then one commit
         for dev in devices:

@@ -219,6 +219,8 @@ class LaneSessions(Protocol):
 
     def take_marks(self) -> list[tuple[int, bytes]]: ...
 
+    def take_marks_packed(self) -> bytes: ...
+
 
 class Session:
     """What the layer keeps beside a live Connection (attached as `conn.layer`)."""
@@ -695,8 +697,9 @@ class EngineServer:
 
     def _write_deferred(self) -> None:
         """(before a batch: the sink's worker thread, or the loop) the lane's marks due, one per
-        session however many batches of records it took since, in one transaction.  Noted by the
-        lane before their readings were submitted, they are all taken here (`take_marks`, under the
+        session however many batches of records it took since, as one row of the store's log (a
+        pack).  Noted by the lane before their readings were submitted, they are all taken here
+        (`take_marks_packed`, under the
         GIL) by the time the batch holding those readings is written; what comes after waits for
         the next batch."""
         lane, writer = self._lane, self._mark_writer
@@ -704,7 +707,7 @@ class EngineServer:
             return
         with self._mark_lock:  # (one writer connection: one transaction at a time, whichever thread)
             try:
-                marks = lane.take_marks()
+                marks = lane.take_marks_packed()
             except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; `write` must not raise)
                 self.stats.marks_failed += 1
                 return

@@ -20,8 +20,9 @@ import pickle
 import socket
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
+from ..c_twins import c_twin
 from ..registry.db import Db, add_columns
 
 SCHEMA = """
@@ -45,25 +46,63 @@ Row = tuple[bytes, bytes, str, str, float, int]
 #: (one node's store: SQLite) the record marks of the fast lane's readings, appended at each bus
 #: commit (`log_marks`) and folded into the sessions' rx_top in the background (`fold_marks`, by
 #: the sink's checkpointer every 25 ms).  Raising rx_top in place at each commit meant one UPDATE
-#: per session in the commit's path, each on its own page of the table with many devices; now the
-#: commit appends rows at the log's end and the fold updates each session once, however many
-#: commits it was in.  Measured (a loaded machine, µs a bus commit, its path + the fold's):
-#: 64 sessions of 64, 118 -> 76 + 32; 125 sessions of 7,000, 559 -> 148 + 266.  No index on peer:
-#: one (tried) costs more at each append than it saves, and `take` -- which reads the marks not
-#: folded yet -- scans what 25 ms appended.  A save of the row (`put`) drops its peer's older marks.
-RX_LOG = "CREATE TABLE IF NOT EXISTS rx_log (peer BLOB NOT NULL, rx_top INTEGER NOT NULL)"
-_FOLD = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log WHERE rowid <= ? "
-         "GROUP BY peer) AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
-#: log rows folded in one transaction: the writer appending marks (at each bus commit) waits for
-#: one such step at most (25 ms of 125 marks a commit, 1,000 commits a second: ~3,000 rows, ~7 ms)
-FOLD_STEP = 8192
+#: per session in the commit's path, each on its own page of the table with many devices; a row of
+#: the log per mark meant one B-tree insert each (64 marks: ~80 µs a commit, ~10% of the CoAPS
+#: lane's time).  Now a commit appends ONE row, the lane's pack of every mark due
+#: (`take_marks_packed`: per mark its key's length, the key, the top as 8 bytes big-endian; ~12 µs),
+#: and the fold -- or a `put` or `take`, before it reads or replaces rows -- folds the packs in C
+#: (`fold_packs`: each key's highest top) and updates each session once, however many commits it
+#: was in.  A save of a row (`put`) folds first, then writes its own top: older marks of its peer
+#: never become a new session's floor.
+MARKS_PACK = "CREATE TABLE IF NOT EXISTS rx_pack (marks BLOB NOT NULL)"
+_FOLD_ROWS = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log GROUP BY peer) "
+              "AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
+_RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
+#: packs folded in one transaction by the checkpointer: the writer appending marks (at each bus
+#: commit) waits for one such step at most (~1 ms: 64 commits of 125 marks)
+FOLD_STEP = 64
 
 
 def _rx_log(db: Db) -> None:
-    """Migration 2 of the session store: the marks' log (SQLite only: a shared store is marked
-    at once)."""
+    """Migration 2 of the session store: the marks' log, a row a mark (SQLite only: a shared store
+    is marked at once)."""
     if not db.shared:
-        db.execute(RX_LOG)
+        db.execute("CREATE TABLE IF NOT EXISTS rx_log (peer BLOB NOT NULL, rx_top INTEGER NOT NULL)")
+
+
+def _rx_pack(db: Db) -> None:
+    """Migration 3: the log as packs (`MARKS_PACK`); what the row-a-mark log held is folded first."""
+    if not db.shared:
+        db.execute(_FOLD_ROWS)
+        db.execute("DROP TABLE rx_log")
+        db.execute(MARKS_PACK)
+
+
+def pack_marks(marks: list[tuple[int, bytes]]) -> bytes:
+    """[(top, key)] as one pack, as the lane's `take_marks_packed` writes it (its twin)."""
+    return b"".join(bytes((len(key),)) + key + top.to_bytes(8, "big", signed=True) for top, key in marks)
+
+
+def _fold_packs(packs: Iterable[bytes]) -> list[tuple[int, bytes, int]]:
+    """Each key's highest top over the packs, as (top, key, top) in the order keys first appear
+    (the UPDATE's parameters); ValueError for a pack that is not one.  The twin of the lane's C
+    `fold_marks`."""
+    tops: dict[bytes, int] = {}
+    for pack in packs:
+        at, end = 0, len(pack)
+        while at < end:
+            stop = at + 9 + pack[at]
+            if stop > end:
+                raise ValueError(f"a marks pack: the entry at byte {at} runs past its end ({end} bytes)")
+            key, top = bytes(pack[at + 1:stop - 8]), int.from_bytes(pack[stop - 8:stop], "big", signed=True)
+            if key not in tops or tops[key] < top:
+                tops[key] = top
+            at = stop
+    return [(top, key, top) for key, top in tops.items()]
+
+
+fold_packs: Callable[[Iterable[bytes]], list[tuple[int, bytes, int]]] = (
+    c_twin("corem.fastlane._lane", "fold_marks", None) or _fold_packs)
 
 
 def _raised(row: Row | None, logged: list[int]) -> Row | None:
@@ -73,22 +112,30 @@ def _raised(row: Row | None, logged: list[int]) -> Row | None:
     return (*row[:5], max(logged))
 
 
+def _fold(conn: Db | sqlite3.Connection, limit: int | None = None) -> int:
+    """(in the caller's write transaction) Fold the oldest `limit` packs (all: None) into the
+    sessions' rx_top and delete them; the packs folded."""
+    sql = "SELECT rowid, marks FROM rx_pack ORDER BY rowid" + (f" LIMIT {limit}" if limit else "")
+    packs = conn.execute(sql).fetchall()
+    if packs:
+        conn.executemany(_RAISE, fold_packs(marks for _, marks in packs))
+        conn.execute("DELETE FROM rx_pack WHERE rowid <= ?", (packs[-1][0],))
+    return len(packs)
+
+
 def fold_marks(conn: Db | sqlite3.Connection) -> None:
-    """Fold the marks' log into the sessions' rx_top and empty it, FOLD_STEP rows a transaction
+    """Fold the marks' log into the sessions' rx_top and empty it, FOLD_STEP packs a transaction
     (the sink's checkpointer runs it before each pass on its own connection: corem/wal.py)."""
     while True:
-        [(upto,)] = conn.execute(f"SELECT max(rowid) FROM (SELECT rowid FROM rx_log ORDER BY rowid LIMIT {FOLD_STEP})"
-                                 ).fetchall()
-        if upto is None:
-            return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(_FOLD, (upto,))
-            conn.execute("DELETE FROM rx_log WHERE rowid <= ?", (upto,))
+            folded = _fold(conn, FOLD_STEP)
             conn.execute("COMMIT")
         except BaseException:
             conn.rollback()
             raise
+        if folded < FOLD_STEP:
+            return
 
 
 class Unsaved(enum.Enum):
@@ -205,7 +252,7 @@ class SessionStore:
             self.db.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
         self.db.schema(SCHEMA.replace("sessions", self.table))
         self.db.migrate("dtls_sessions", (add_columns(self.table, (RX_TOP,)),  # 1: rx_top, from before versions
-                                          _rx_log))
+                                          _rx_log, _rx_pack))
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet
@@ -221,11 +268,9 @@ class SessionStore:
             return True
         try:
             self._run("BEGIN")
+            if not self.shared:  # (folded first: the rows say the sessions' tops now, and older marks
+                _fold(self.db)  # of their peers would only lag, or, a new session's, be a previous one's)
             self.db.executemany(_UPSERT.format(t=self.table), rows)
-            if not self.shared:  # (the rows say the sessions' tops now: older marks would only lag, or,
-                for i in range(0, len(rows), 500):  # a new session's, be a previous one's)
-                    keys = [row[0] for row in rows[i:i + 500]]
-                    self._run(f"DELETE FROM rx_log WHERE peer IN ({', '.join('?' * len(keys))})", tuple(keys))
             self._run("COMMIT")
         except self.db.Error as e:
             self._failed(e)
@@ -245,34 +290,32 @@ class SessionStore:
                 return self._read_instead(key, e)
             return _row(row)
         try:
-            self._run("BEGIN IMMEDIATE")  # (the fold's transaction is before or after, not between)
+            self._run("BEGIN IMMEDIATE")  # (the checkpointer's fold is before or after, not between)
+            _fold(self.db)  # (the marks not folded yet: a later session of the peer starts again)
             row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
-            logged = [top for (top,) in self._run("DELETE FROM rx_log WHERE peer = ? RETURNING rx_top", (key,))]
             self._run("COMMIT")
         except self.db.Error as e:
             return self._read_instead(key, e)
-        return _raised(_row(row), logged)
+        return _row(row)
 
     def _read_instead(self, key: bytes, e: BaseException) -> Row | None:
         """(`take` when the disk refused) the row read, its deletion left for later."""
         self._failed(e)
         try:
             row = self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone()
-            logged = [] if self.shared else [t for (t,) in self._run("SELECT rx_top FROM rx_log WHERE peer = ?", (key,))]
+            logged = [] if self.shared else [
+                top for top, k, _ in fold_packs(m for (m,) in self._run("SELECT marks FROM rx_pack")) if k == key]
         except self.db.Error:
             return None
         if row is not None:
             self._stale.add(key)
         return _raised(_row(row), logged)
 
-    def log_marks(self, marks: list[tuple[int, bytes]]) -> bool:
-        """(one node's store) Append (rx_top, peer key) marks to the log in one transaction: as
-        durable as `mark`, and `take` reads them, but rows appended at the log's end instead of
-        one page of the table per session (`RX_LOG`); False if the disk refused."""
+    def log_marks(self, pack: bytes) -> bool:
+        """(one node's store) Append a pack of marks (the lane's `take_marks_packed`) to the log,
+        one row: as durable as `mark`, and `take` reads them; False if the disk refused."""
         try:
-            self._run("BEGIN")
-            self.db.executemany("INSERT INTO rx_log (rx_top, peer) VALUES (?, ?)", marks)
-            self._run("COMMIT")
+            self._run("INSERT INTO rx_pack (marks) VALUES (?)", (pack,))
         except self.db.Error as e:
             self._failed(e)
             return False
