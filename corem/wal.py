@@ -84,7 +84,6 @@ def defer_checkpoints(conn: Executes, pages: int = BACKSTOP) -> None:
 
 #: work on a watched file from the checkpointer's connection before each pass (the DTLS marks'
 #: fold: dtls/store.py), in its worker thread
-Tidy = Callable[[sqlite3.Connection], None]
 
 
 class Checkpointer:
@@ -92,7 +91,7 @@ class Checkpointer:
     worker thread (`run`).  A file is added with `watch` (before or while it runs)."""
 
     def __init__(self) -> None:
-        self._files: list[tuple[Path, str, Tidy | None]] = []
+        self._files: list[tuple[Path, str]] = []
         self._conns: dict[Path, sqlite3.Connection] = {}
         #: each database file, open for its fsync after a pass (None: synchronous OFF)
         self._fds: dict[Path, int | None] = {}
@@ -109,11 +108,11 @@ class Checkpointer:
         self.errors = 0
         self.restarts = 0
 
-    def watch(self, path: Path, synchronous: str = "NORMAL", tidy: Tidy | None = None) -> None:
+    def watch(self, path: Path, synchronous: str = "NORMAL") -> None:
         """Checkpoint `path`, syncing as its writer does (`synchronous`: NORMAL or FULL sync a
-        checkpoint alike; OFF syncs nothing), after `tidy` at each pass."""
-        if all(p != path for p, _, _ in self._files):
-            self._files.append((Path(path), synchronous, tidy))
+        checkpoint alike; OFF syncs nothing)."""
+        if all(p != path for p, _ in self._files):
+            self._files.append((Path(path), synchronous))
 
     def __len__(self) -> int:
         return len(self._files)
@@ -122,7 +121,7 @@ class Checkpointer:
         """One PASSIVE checkpoint of each file (in a worker thread: it may fsync); True if it
         copied anything."""
         busy = False
-        for path, synchronous, tidy in list(self._files):
+        for path, synchronous in list(self._files):
             try:
                 conn = self._conns.get(path)
                 if conn is None:
@@ -132,8 +131,6 @@ class Checkpointer:
                     conn.execute(f"PRAGMA synchronous={synchronous}")
                     self._conns[path] = conn
                     self._fds[path] = None if synchronous == "OFF" else os.open(path, os.O_RDONLY)
-                if tidy is not None:
-                    tidy(conn)
                 _busy, log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 # a pass that leaves frames behind (a commit came meanwhile: nearly always) does
                 # not sync the database; sync what it copied now, or the pass that completes the

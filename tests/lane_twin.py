@@ -75,7 +75,7 @@ class RecordingSink:
         self.waiting += [(r, done, c) for r, c in zip(records[:n], ctxs[:n])]
         return n
 
-    def defer(self, write, wal=None, tidy=None) -> bool:
+    def defer(self, write, wal=None) -> bool:
         """As BatchingSink.defer: `write` runs at each commit, before the records are stored (the
         file it writes is remembered in `wal`, where BatchingSink checkpoints it)."""
         self.before.append(write)

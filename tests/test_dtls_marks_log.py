@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corem.dtls.store import SessionStore, _fold_packs, fold_marks, pack_marks
-from corem.dtls.store import RX_TOP, SCHEMA, _rx_log
+from corem.dtls.store import FOLD_EVERY, RX_TOP, SCHEMA, _rx_log
 from corem.registry.db import Db, add_columns
 
 _lane = pytest.importorskip("corem.fastlane._lane")
@@ -142,3 +142,19 @@ def test_a_store_of_the_row_a_mark_log_is_folded_when_it_moves_to_packs(tmp_path
     assert store.db.columns("rx_log") == set() and logged(store) == 0
     taken = store.take(A)
     assert taken is not None and taken[5] == 30
+
+
+def test_the_writer_folds_every_so_many_appends_and_a_row_that_is_no_pack_is_dropped(tmp_path):
+    """The appender folds the log itself (no other connection's lock to wait for), every
+    FOLD_EVERY packs; a row that is not a pack (not the lane's) is dropped by the fold, the marks
+    beside it folded."""
+    store = SessionStore(tmp_path / "s.db")
+    assert store.put([row(A, 0), row(B, 0)])
+    store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (b"\x07not-a-pack",))
+    for top in range(1, FOLD_EVERY):
+        assert store.log_marks(pack_marks([(top, A)]))
+    assert logged(store) == FOLD_EVERY  # (the writer's own FOLD_EVERY - 1, and the stray row)
+    assert store.log_marks(pack_marks([(5, B)]))
+    assert logged(store) == 0
+    tops = dict(store.db.execute("SELECT peer, rx_top FROM sessions").fetchall())
+    assert tops == {A: FOLD_EVERY - 1, B: 5} and store.errors == 0

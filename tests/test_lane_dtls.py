@@ -111,9 +111,9 @@ class DeferringSink(RecordingSink):
         self.at_commit: list = []  # (called as the records are stored, after any deferred write)
         self.inline_commits = 0
 
-    def defer(self, write, wal=None, tidy=None, pending=None) -> bool:
+    def defer(self, write, wal=None, pending=None) -> bool:
         self.pending.append(pending)
-        return super().defer(write, wal, tidy)
+        return super().defer(write, wal)
 
     def commit(self, error: BaseException | None = None) -> None:
         inline = self.inline and not any(p is None or p() for p in self.pending)

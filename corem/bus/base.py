@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import trio
 
 from ..stats import Histogram, Measurement, counter, gauge
-from ..wal import Checkpointer, Tidy
+from ..wal import Checkpointer
 from .headers import standard
 
 log = logging.getLogger("corem.bus")
@@ -114,12 +114,12 @@ class Sink:
         returns how many were taken -- the first ones, in order."""
         raise NotImplementedError
 
-    def defer(self, write: Callable[[], object], wal: Path | None = None, tidy: Tidy | None = None,
+    def defer(self, write: Callable[[], object], wal: Path | None = None,
               pending: Callable[[], bool] | None = None) -> bool:
         """Have `write` run before each batch of records is made durable (BatchingSink); False for
         a sink that cannot (Kafka: each record goes out as it comes), whose callers write first.
-        `wal`: the SQLite file `write` writes to, checkpointed off the commit path, `tidy` run on
-        it before each checkpoint (corem/wal.py); `pending`: has `write` anything to write now?
+        `wal`: the SQLite file `write` writes to, checkpointed off the commit path (corem/wal.py);
+        `pending`: has `write` anything to write now?
         (None: always, as far as the sink knows)."""
         return False
 
@@ -218,20 +218,20 @@ class BatchingSink(Sink):
     def pending(self) -> int:
         return len(self._records)
 
-    def defer(self, write: Callable[[], object], wal: Path | None = None, tidy: Tidy | None = None,
+    def defer(self, write: Callable[[], object], wal: Path | None = None,
               pending: Callable[[], bool] | None = None) -> bool:
         """Run `write` in the worker thread before each batch is written: what it writes is durable
         before any record submitted after it was asked for (the DTLS record marks of issue 26,
         coalesced and off the event loop).  `write` must not raise; `wal`: the SQLite file it
-        writes (its writer connection `wal.defer_checkpoints`), checkpointed in the background,
-        after `tidy` (the marks' fold).  `pending`, cheap and on the event loop: has `write`
+        writes (its writer connection `wal.defer_checkpoints`), checkpointed in the background.
+        `pending`, cheap and on the event loop: has `write`
         anything to write before the next batch?  Without it, every batch is written in the
         worker thread; with it, a batch none of whose deferred writes is pending may be written on
         the event loop (`commits_inline`), without them."""
         self._before_write.append(write)
         self._pending_writes.append(pending)
         if wal is not None:
-            self.checkpointer.watch(wal, tidy=tidy)
+            self.checkpointer.watch(wal)
         return True
 
     def _write_after_deferred(self, prepared: Any) -> list[BaseException | None] | None:

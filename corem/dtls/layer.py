@@ -54,7 +54,7 @@ from .engine.records import RECORDS, TLS12_CID
 from .keyset import KeySet
 from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registry_psk
 from .slots import HandshakeSlots
-from .store import Row, SessionStore, fold_marks, peer_key
+from .store import Row, SessionStore, peer_key
 
 log = logging.getLogger("corem.dtls")
 
@@ -674,7 +674,7 @@ class EngineServer:
             return False
         writer = SessionStore(where)  # (its own connection: the sink's worker thread's, or the loop's)
         defer_checkpoints(writer.db)  # (its WAL copied by the sink's checkpointer, not in a commit)
-        if not sink.defer(self._write_deferred, wal=Path(where), tidy=fold_marks, pending=self._marks_pending):
+        if not sink.defer(self._write_deferred, wal=Path(where), pending=self._marks_pending):
             writer.close()
             return False
         defer_checkpoints(self.store.db)  # (nor in a save on the event loop)
