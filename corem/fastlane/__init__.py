@@ -54,6 +54,8 @@ except ImportError:  # pragma: no cover - only without a C compiler
 #: security layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
 Touched = Callable[[list[Any], int, int, int, float, bool], None]
 
+#: the lane's doors, by the index _lane.c counts them under (corem/latency.py's and Drogue's /v1/{channel})
+DOORS = (*LANE_DOORS, "drogue")
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
 #: Devices a lane holds at most (~1.3 KB each: its token, its table entry, its Device).  When it
@@ -113,13 +115,34 @@ def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_
         endpoint.answer_late(peer, token, code, None, b"", request_size)
 
 
-def _taker(lane: weakref.ref[FastLane]) -> Callable[[Target], None]:
-    def take_up(target: Target) -> None:
-        fast = lane()
+class LaneHook:
+    """What the Python path tells an endpoint's lane (`TelemetryIngest.lanes`): called with a Target,
+    a device it served (`FastLane.take_up`); `drogue(channel)`, a route of Drogue's door it served.
+    Holds the lane weakly: no cycle through the ingest, so a lane is freed at once."""
+
+    __slots__ = ("_lane",)
+
+    def __init__(self, lane: FastLane) -> None:
+        self._lane = weakref.ref(lane)
+
+    def __call__(self, target: Target) -> None:
+        fast = self._lane()
         if fast is not None:
             fast.take_up(target)
 
-    return take_up
+    def drogue(self, channel: str) -> None:
+        fast = self._lane()
+        if fast is not None:
+            fast.lane.drogue(channel)
+
+
+def drogue_served(lanes: dict[object, Callable[[Target], None]], endpoint: object, channel: str) -> None:
+    """Drogue's door served `/v1/{channel}` on `endpoint` (corem/frontdoors/drogue.py): that endpoint's
+    lane, if any, takes the channel's common requests from now on -- the router sends that path to
+    the door there (a site's own `v1/...` resource would win over it: learned per channel)."""
+    hook = lanes.get(endpoint)
+    if isinstance(hook, LaneHook):
+        hook.drogue(channel)
 
 
 class FastLane:
@@ -180,7 +203,7 @@ class FastLane:
         directory = ingest.directory
         self.lane.known = directory.knows_token
         directory.listen(self._registry_changed)
-        ingest.lanes[endpoint] = _taker(weakref.ref(self))  # (no cycle through the ingest: freed at once)
+        ingest.lanes[endpoint] = LaneHook(self)  # (no cycle through the ingest: freed at once)
         self._warm()
 
     def begin(self) -> None:
@@ -214,7 +237,8 @@ class FastLane:
             i = self._free.pop()
         else:
             i, self._next = self._next, self._next + 1
-        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device, mode, profile))
+        self.lane.set_target(i, (target.topic, target.key, target.headers, *frame, device, mode, profile,
+                                 device.tenant.encode()))
         token = None if device.token is None else device.token.encode()
         if token is not None:
             self._tokens[token] = i
@@ -408,7 +432,7 @@ class FastLane:
             yield counter(name, c[key])
         for code, n in c["responses"].items():
             yield counter("corem_coap_responses", n, code=code_str(code))
-        for door, (counts, seconds) in zip(LANE_DOORS, c["latency"]):  # (the endpoint's own buckets: summed)
+        for door, (counts, seconds) in zip(DOORS, c["latency"]):  # (the endpoint's own buckets: summed)
             if any(counts):
                 yield Histogram(LATENCY, LATENCY_BOUNDS, list(counts), seconds, (("door", door),))
 

@@ -52,11 +52,12 @@
 
 /* corem_request_duration_seconds for the readings the lane answers: from the receipt of the batch
  * they came in to the answer queued, on CLOCK_MONOTONIC; corem/latency.py's BOUNDS (a test holds
- * them equal) and a last bucket for +Inf, per door: 0 /api/v1/..., 1 /telemetry (LANE_DOORS). */
+ * them equal) and a last bucket for +Inf, per door: 0 /api/v1/..., 1 /telemetry (LANE_DOORS), 2 Drogue's
+ * /v1/{channel}. */
 static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015,
                                     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0};
 #define LAT_N (sizeof LAT_BOUNDS / sizeof LAT_BOUNDS[0] + 1)
-#define LAT_DOORS 2
+#define LAT_DOORS 3
 
 #include "cbor_json.h"
 #include "lpp.h"
@@ -64,6 +65,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 #include "layouts.h"
 #include "senml.h"
 #include "pycodec.h"
+#include "drogue.h"
 #include "fifomap.h"
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
 #define DTLS_RECORDS_API_ONLY
@@ -173,7 +175,7 @@ typedef struct {
     uint16_t points, left;   /* its records, and those whose commit is not known yet */
     uint8_t token[8];
     double rx;    /* its batch's receipt, CLOCK_MONOTONIC (the latency histogram) */
-    uint8_t door; /* of the histogram: 0 /api/v1/..., 1 /telemetry */
+    uint8_t door; /* of the histogram: 0 /api/v1/..., 1 /telemetry, 2 Drogue's /v1/{channel} */
     PyObject *device; /* for accounting once committed */
     PyObject *peer;   /* the peer as Python gave it (CoAPS), or NULL (plain: the lane read it) */
     int32_t next_free;
@@ -190,6 +192,7 @@ typedef struct {
 typedef struct {
     PyObject *topic, *key, *headers, *head, *tail, *device;
     PyObject *profile; /* its profile's C form (compile_profile's capsule: rules, layout), or NULL */
+    PyObject *tenant;  /* its tenant's name as bytes, or NULL (Drogue's credentials name it) */
     uint64_t epoch; /* the drain that last told Python this device talked */
     int mode;       /* its payloads' shape: MODE_FLAT (the default profile), MODE_THINGSBOARD */
 } target_t;
@@ -241,6 +244,14 @@ typedef struct {
     uint8_t path[3][16];
     size_t pathlen[3];
     int nprefix;
+    /* Drogue's door, /v1/{channel}: the channels whose route the Python path showed it serves
+     * (`drogue`), with the text each record's `channel` header holds */
+    struct {
+        uint8_t len;
+        uint8_t name[DROGUE_CHANNEL_MAX];
+        PyObject *text;
+    } channels[DROGUE_CHANNELS];
+    int nchannels;
     PyObject *ctime;   /* the `creation-time` header's text for ctime_ms (a drain's records share it) */
     long long ctime_ms;
     uint64_t epoch;
@@ -590,14 +601,25 @@ static int credentialed(Lane *self, const uint8_t *d, size_t n) {
 }
 
 /* What the lane reads of a request before it decides: the header, the Uri-Path segments (up to
- * four), the Content-Format, whether any other option is there, and the payload. */
+ * four), the Content-Format, the Uri-Query items and option 4209 (Drogue's door reads them; `extra`:
+ * either is there), whether any other option is there, and the payload.  `route` adds the door
+ * and, for Drogue's, the record's `channel` and `data_schema`. */
 typedef struct {
     int type, tkl, code;
     uint16_t mid;
     const uint8_t *seg[4];
     size_t seglen[4];
-    int nseg, cf, other;
+    int nseg, cf, other, extra;
+    const uint8_t *query[DROGUE_QUERIES];
+    size_t querylen[DROGUE_QUERIES];
+    int nquery;
+    const uint8_t *auth; /* option 4209's value, or NULL */
+    size_t authlen;
     const uint8_t *payload, *end; /* payload NULL: none */
+    int door;              /* the histogram's: 0 /api/v1/..., 1 /telemetry, 2 /v1/{channel} */
+    PyObject *channel;     /* Drogue: the `channel` header's text (borrowed from the lane's table) */
+    const uint8_t *schema; /* Drogue: the query's data_schema (ASCII), or NULL */
+    size_t schemalen;
 } shape_t;
 
 /* segment i of the shape is the token path's segment k (the prefix's, or the resource: nprefix) */
@@ -626,8 +648,9 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
     size_t len;
     uint64_t number = 0;
     int r;
-    s->nseg = s->other = 0;
+    s->nseg = s->other = s->extra = s->nquery = 0;
     s->cf = -1;
+    s->auth = NULL;
     while ((r = next_option(&p, end, &number, &v, &len)) == 0) {
         if (number == 11 && s->nseg < 4) {
             s->seg[s->nseg] = v;
@@ -635,6 +658,14 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
         } else if (number == 12 && s->cf < 0 && len <= 2) {
             s->cf = 0;
             for (size_t k = 0; k < len; k++) s->cf = s->cf << 8 | v[k];
+        } else if (number == 15 && s->nquery < DROGUE_QUERIES) {
+            s->query[s->nquery] = v;
+            s->querylen[s->nquery++] = len;
+            s->extra = 1;
+        } else if (number == 4209 && !s->auth) {
+            s->auth = v;
+            s->authlen = len;
+            s->extra = 1;
         } else {
             s->other = 1;
         }
@@ -685,12 +716,70 @@ static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n,
     return 0;
 }
 
+static inline int bytes_are(PyObject *b, const uint8_t *p, size_t n) {
+    return b && (size_t)PyBytes_GET_SIZE(b) == n && memcmp(PyBytes_AS_STRING(b), p, n) == 0;
+}
+
+/* Drogue's `POST|PUT /v1/{channel}` of a channel the lane knows the route of: the device of the
+ * credentials in option 4209 (the password is its token: the lane's token table; the name and
+ * application must be that device's), else of the DTLS session; the query's application and device,
+ * if there, must be that device's (drogue.h: what else goes to the Python path).  NULL: Python's. */
+static target_t *drogue_route(Lane *self, shape_t *s, Py_ssize_t session) {
+    int c = 0;
+    while (c < self->nchannels && !(self->channels[c].len == s->seglen[1] &&
+                                    memcmp(self->channels[c].name, s->seg[1], s->seglen[1]) == 0))
+        c++;
+    drogue_query_t q;
+    if (c == self->nchannels || drogue_query(s->query, s->querylen, s->nquery, &q) < 0) return NULL;
+    target_t *t;
+    if (s->auth) {
+        uint8_t buf[DROGUE_AUTH_MAX];
+        drogue_cred_t cred;
+        if (drogue_credentials(s->auth, s->authlen, buf, &cred) < 0) return NULL;
+        if (!cred.realm) { /* `device:password` with ?application= */
+            if (!q.app) return NULL;
+            cred.realm = q.app;
+            cred.realmlen = q.applen;
+        }
+        PyObject *tok = PyBytes_FromStringAndSize((const char *)cred.password, (Py_ssize_t)cred.passlen);
+        if (!tok) return NULL;
+        PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
+        Py_DECREF(tok);
+        if (!idx) return NULL;
+        Py_ssize_t ti = PyLong_AsSsize_t(idx);
+        if (ti == -1 && PyErr_Occurred()) return NULL;
+        if (ti < 0 || ti >= self->ntargets) return NULL;
+        t = &self->targets[ti];
+        if (!t->topic || !bytes_are(t->key, cred.name, cred.namelen) || !bytes_are(t->tenant, cred.realm, cred.realmlen))
+            return NULL;
+    } else {
+        if (session < 0 || session >= self->ntargets) return NULL;
+        t = &self->targets[session];
+        if (!t->topic) return NULL;
+    }
+    if ((q.app && !bytes_are(t->tenant, q.app, q.applen)) || (q.dev && !bytes_are(t->key, q.dev, q.devlen)))
+        return NULL; /* (Python's 4.01 names the one that differs) */
+    s->door = 2;
+    s->channel = self->channels[c].text;
+    s->schema = q.schema;
+    s->schemalen = q.schemalen;
+    return t;
+}
+
 /* 3. The route: the target of a CON or NON POST of CBOR or JSON to /api/v1/{token}/telemetry (the token's
- * device) or, over CoAPS, /telemetry or /api/v1/telemetry (the session's); NULL for anything
- * else, or a device with its own decoder (the Python path); NULL with an exception on error. */
-static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
-    if (s->type > 1 || s->code != 2 || s->other || !s->payload) return NULL; /* (its Content-Format: parse_payload) */
+ * device) or, over CoAPS, /telemetry or /api/v1/telemetry (the session's), or a POST or PUT to
+ * Drogue's /v1/{channel} (drogue_route); NULL for anything else, or a device with its own decoder
+ * (the Python path); NULL with an exception on error. */
+static target_t *route(Lane *self, shape_t *s, Py_ssize_t session) {
+    if (s->type > 1 || s->other || !s->payload) return NULL; /* (its Content-Format: parse_payload) */
     if (s->type == 1 && (!self->next_mid || self->next_mid == Py_None)) return NULL; /* (a NON's answer needs one) */
+    s->channel = NULL;
+    s->schema = NULL;
+    if (s->nseg == 2 && self->nchannels && (s->code == 2 || s->code == 3) && s->seglen[0] == 2 &&
+        memcmp(s->seg[0], "v1", 2) == 0)
+        return drogue_route(self, s, session);
+    if (s->code != 2 || s->extra) return NULL;
+    s->door = s->nseg == 1; /* /telemetry: corem's own; the others are ThingsBoard's /api/v1/... */
     Py_ssize_t ti;
     int np = self->nprefix;
     if (s->nseg == np + 2 && prefixed(self, s) && SEG_IS(self, s, np + 1, np) && s->seglen[np]) {
@@ -717,7 +806,7 @@ static target_t *route(Lane *self, const shape_t *s, Py_ssize_t session) {
  * as corem/bus/recovery.py reads and writes it -- so that a restart can read back which exchanges were
  * committed.  One small dict copy and one ASCII string per reading (the creation time's text is
  * made once per millisecond); the text is written here, no printf. */
-static PyObject *EXCHANGE, *CREATION; /* the headers' names, interned */
+static PyObject *EXCHANGE, *CREATION, *CHANNEL, *DATA_SCHEMA; /* the headers' names, interned */
 
 static PyObject *creation_time(Lane *self, long long now_ms) {
     if (!self->ctime || self->ctime_ms != now_ms) {
@@ -731,7 +820,8 @@ static PyObject *creation_time(Lane *self, long long now_ms) {
     return self->ctime;
 }
 
-static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, uint16_t mid, long long now_ms) {
+static PyObject *exchange_headers(Lane *self, PyObject *base, const shape_t *s, const addr_t *a, long long now_ms) {
+    uint16_t mid = s->mid;
     char buf[8 + INET6_ADDRSTRLEN + 32], *o = buf;
     size_t sl = strlen(self->scope);
     memcpy(o, self->scope, sl);
@@ -764,6 +854,14 @@ static PyObject *exchange_headers(Lane *self, PyObject *base, const addr_t *a, u
     PyObject *value = PyUnicode_DecodeASCII(buf, o - buf, NULL);
     if (!value) return NULL;
     PyObject *headers = PyDict_Copy(base);
+    if (headers && s->channel) { /* Drogue's, after the device's (as drogue.py adds them) */
+        PyObject *schema = s->schema ? PyUnicode_DecodeASCII((const char *)s->schema, (Py_ssize_t)s->schemalen, NULL)
+                                     : NULL;
+        if (PyDict_SetItem(headers, CHANNEL, s->channel) < 0 || (s->schema && !schema) ||
+            (schema && PyDict_SetItem(headers, DATA_SCHEMA, schema) < 0))
+            Py_CLEAR(headers);
+        Py_XDECREF(schema);
+    }
     if (!headers || PyDict_SetItem(headers, CREATION, created) < 0 || PyDict_SetItem(headers, EXCHANGE, value) < 0) {
         Py_XDECREF(headers);
         Py_DECREF(value);
@@ -803,7 +901,7 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
                         const uint8_t *uorder, int nu) {
     PyObject *record[MAX_POINTS];
     int made = 0;
-    PyObject *headers = exchange_headers(self, t->headers, a, s->mid, now_ms);
+    PyObject *headers = exchange_headers(self, t->headers, s, a, now_ms);
     if (!headers) return -1;
     for (int p = 0; p < npts; p++) {
         item_t own[MAX_ITEMS], *pi = items;
@@ -853,7 +951,7 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
         self->rx_at = ts_rx.tv_sec + ts_rx.tv_nsec * 1e-9;
     }
     q->rx = self->rx_at;
-    q->door = s->nseg == 1; /* /telemetry: corem's own; the others are ThingsBoard's /api/v1/... */
+    q->door = (uint8_t)s->door;
     q->size = (uint32_t)n;
     q->mid = s->mid;
     q->tkl = (uint8_t)s->tkl;
@@ -1741,6 +1839,7 @@ static void clear_targets(Lane *self) {
         Py_CLEAR(t->tail);
         Py_CLEAR(t->device);
         Py_CLEAR(t->profile);
+        Py_CLEAR(t->tenant);
     }
     PyMem_Free(self->targets);
     self->targets = NULL;
@@ -1752,6 +1851,11 @@ static void clear_targets(Lane *self) {
  * the array and binary modes need.  1, or 0 with an exception set. */
 static int target_ok(target_t *t) {
     if (t->profile == Py_None) t->profile = NULL;
+    if (t->tenant == Py_None) t->tenant = NULL;
+    if (t->tenant && !PyBytes_Check(t->tenant)) {
+        PyErr_SetString(PyExc_TypeError, "a target's tenant is bytes (its name, UTF-8) or None");
+        return 0;
+    }
     if (t->mode < MODE_FLAT || t->mode > MODE_LAST) {
         PyErr_SetString(PyExc_ValueError, "a target's mode is one of MODE_* (profiles/compile.py LANE_*)");
         return 0;
@@ -1771,7 +1875,7 @@ static int target_ok(target_t *t) {
     return 1;
 }
 
-/* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device[, mode[, rules]])
+/* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device[, mode[, rules[, tenant]]])
  *             | None],
  *             positions: dict[(tenant, device), int] = None: the DTLS sessions' devices' targets) */
 static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
@@ -1785,8 +1889,8 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         PyObject *item = PyList_GET_ITEM(list, i);
         if (item == Py_None) continue; /* not the lane's to serve */
         target_t *t = &ts[i];
-        if (!PyArg_ParseTuple(item, "UO!O!SSO|iO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
-                              &t->head, &t->tail, &t->device, &t->mode, &t->profile) || !target_ok(t)) {
+        if (!PyArg_ParseTuple(item, "UO!O!SSO|iOO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
+                              &t->head, &t->tail, &t->device, &t->mode, &t->profile, &t->tenant) || !target_ok(t)) {
             PyMem_Free(ts);
             return NULL;
         }
@@ -1801,6 +1905,7 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
         Py_INCREF(t->tail);
         Py_INCREF(t->device);
         Py_XINCREF(t->profile);
+        Py_XINCREF(t->tenant);
     }
     clear_targets(self);
     self->targets = ts;
@@ -1825,8 +1930,9 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
         return NULL;
     }
     target_t t = {0};
-    if (item != Py_None && (!PyArg_ParseTuple(item, "UO!O!SSO|iO", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
-                                              &t.headers, &t.head, &t.tail, &t.device, &t.mode, &t.profile) ||
+    if (item != Py_None && (!PyArg_ParseTuple(item, "UO!O!SSO|iOO", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
+                                              &t.headers, &t.head, &t.tail, &t.device, &t.mode, &t.profile,
+                                              &t.tenant) ||
                             !target_ok(&t)))
         return NULL;
     if (i >= self->ntargets) {
@@ -1839,9 +1945,11 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
         self->ntargets = n;
     }
     target_t *slot = &self->targets[i];
-    PyObject *old[7] = {slot->topic, slot->key, slot->headers, slot->head, slot->tail, slot->device, slot->profile};
+    PyObject *old[8] = {slot->topic, slot->key,    slot->headers, slot->head,
+                        slot->tail,  slot->device, slot->profile, slot->tenant};
     if (item != Py_None) {
         Py_XINCREF(t.profile);
+        Py_XINCREF(t.tenant);
         Py_INCREF(t.topic);
         Py_INCREF(t.key);
         Py_INCREF(t.headers);
@@ -1851,8 +1959,30 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
     }
     *slot = t; /* (epoch 0: reported at its first reading) */
     self->targets_gen++;
-    for (int k = 0; k < 7; k++) Py_XDECREF(old[k]); /* (last: a release may run code) */
+    for (int k = 0; k < 8; k++) Py_XDECREF(old[k]); /* (last: a release may run code) */
     Py_RETURN_NONE;
+}
+
+/* drogue(channel: str) -> bool: the Python path's Drogue door served /v1/{channel} on this lane's
+ * endpoint, so the router routes it there: the lane takes that channel's common requests from now
+ * on (at most DROGUE_CHANNELS of them, each of at most DROGUE_CHANNEL_MAX bytes; False: not taken). */
+static PyObject *Lane_drogue(Lane *self, PyObject *channel) {
+    Py_ssize_t n;
+    if (!PyUnicode_Check(channel)) {
+        PyErr_SetString(PyExc_TypeError, "drogue(channel): a str");
+        return NULL;
+    }
+    const char *utf8 = PyUnicode_AsUTF8AndSize(channel, &n);
+    if (!utf8) return NULL;
+    for (int c = 0; c < self->nchannels; c++)
+        if (self->channels[c].len == n && memcmp(self->channels[c].name, utf8, n) == 0) Py_RETURN_TRUE;
+    if (self->nchannels == DROGUE_CHANNELS || n > DROGUE_CHANNEL_MAX) Py_RETURN_FALSE;
+    int c = self->nchannels++;
+    self->channels[c].len = (uint8_t)n;
+    memcpy(self->channels[c].name, utf8, n);
+    Py_INCREF(channel);
+    self->channels[c].text = channel;
+    Py_RETURN_TRUE;
 }
 
 /* counters()'s "latency": per door, ((counts per bucket, +Inf last), sum of seconds); and
@@ -2081,6 +2211,8 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
 
 static int Lane_clear(Lane *self) {
     Py_CLEAR(self->ctime);
+    for (int c = 0; c < self->nchannels; c++) Py_CLEAR(self->channels[c].text);
+    self->nchannels = 0;
     Py_CLEAR(self->slow);
     Py_CLEAR(self->records);
     Py_CLEAR(self->ctxs);
@@ -2158,6 +2290,8 @@ static PyMethodDef Lane_methods[] = {
     {"send_records", (PyCFunction)Lane_send_records, METH_O,
      "send_records(fd) -> answers left for Python (take_outbox): the rest sealed and sent"},
     {"limit", (PyCFunction)Lane_limit, METH_VARARGS, "limit(rate, burst, max_sources)"},
+    {"drogue", (PyCFunction)Lane_drogue, METH_O,
+     "drogue(channel) -> bool: the Python path's Drogue door serves /v1/{channel} here; the lane takes it too"},
     {"exempt", (PyCFunction)Lane_exempt, METH_O, "exempt(networks): the rate limit's exempt networks, replaced whole"},
     {NULL},
 };
@@ -2196,6 +2330,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane
 PyMODINIT_FUNC PyInit__lane(void) {
     if (!EXCHANGE && !(EXCHANGE = PyUnicode_InternFromString("coap-exchange"))) return NULL;
     if (!CREATION && !(CREATION = PyUnicode_InternFromString("creation-time"))) return NULL;
+    if (!CHANNEL && !(CHANNEL = PyUnicode_InternFromString("channel"))) return NULL;
+    if (!DATA_SCHEMA && !(DATA_SCHEMA = PyUnicode_InternFromString("data_schema"))) return NULL;
     if (PyType_Ready(&LaneType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;

@@ -13,6 +13,10 @@ profile like any reading; the channel and data schema travel as record headers.
 With `ct` (seconds, at most 300) the answer waits: a command sent to the device meanwhile comes
 back as 2.05 with its name in option 4210 and its body as payload; otherwise 2.04 after `ct`.
 Errors are answered with the reason in the payload.
+
+The fast lane (corem/fastlane) takes the common request itself -- no `ct`, no `as`, credentials in
+4209 or the session -- once this door has served its channel on the lane's endpoint
+(`drogue_served`), and writes the same record; anything else still comes here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..coap.endpoint import Request
 from ..coap.resources import Response, Router
 from ..codec import Code, OptionNumber
 from ..devices.downlink import Downlink
+from ..fastlane import drogue_served
 from ..identity import Door, Refusal, SessionDevice
 from ..ingest.telemetry import TelemetryIngest
 from ..registry import Directory
@@ -46,6 +51,9 @@ class Drogue:
                    link={"rt": "drogue.publish", "if": "core.p"})
 
     def publish(self, req: Request, channel: str, session_device: SessionDevice | None) -> Response | None:
+        lanes = self.ingest.lanes
+        if lanes:  # the router sends /v1/{channel} here: the endpoint's fast lane may take it too
+            drogue_served(lanes, req.endpoint, channel)
         q = query(req)
         identity = self.ingest.identity
         device = identity.identify(req, Door.DROGUE, session=session_device, query=q)
