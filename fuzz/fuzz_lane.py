@@ -1,5 +1,6 @@
 """Fuzz the fast lane (corem/fastlane/_lane.c) against the Python path: the fuzzer's bytes become a
-sequence of datagrams (a telemetry POST template, CBOR or JSON, it mutates, or raw bytes), bus verdicts, clock
+sequence of datagrams (a telemetry POST template, CBOR or JSON, or a Drogue `/v1/{channel}` one with
+its query and option 4209, it mutates, or raw bytes), bus verdicts, clock
 steps and new DTLS sessions, fed to the lane in front of the Python path and to the Python path
 alone; or (a quarter of the inputs) CoAPS records of a session of corem's DTLS engine, which the
 lane opens itself in front of the engine (`DtlsTwin`: replays, forgeries, cuts, two records in a
@@ -17,9 +18,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 with atheris.instrument_imports():
     from corem.codec import Code, Message, Type, encode
     from corem.codec import OptionNumber as O
+    from corem.devices.downlink import Downlink
+    from corem.frontdoors.drogue import Drogue
+    from corem.registry.management import Management
     from tests.lane_twin import Twin
 
 TWIN = Twin()
+#: the Drogue channels the lane is told the door serves (as the door's first request tells it)
+CHANNELS = ("telemetry", "state")
+
+
+def mount_drogue(router, ingest, sink, lane, session=None) -> None:
+    """Drogue's door on a side's router (as `corem serve` mounts it), its channels the lane's."""
+    downlink = Downlink(Management(TWIN.registry), sink, clock=lambda: TWIN.clock[0])
+    Drogue(TWIN.directory, ingest, downlink, lambda: TWIN.clock[0]).install(router, session)
+    for channel in CHANNELS:
+        if lane is not None:
+            lane.lane.drogue(channel)
+
+
+def reset_twin() -> None:
+    TWIN.reset()
+    for side in (TWIN.lane, TWIN.python):
+        mount_drogue(side.router, side.ingest, side.sink, side.lane)
 
 
 def post(token: bytes, cf: int, payload: bytes) -> bytes:
@@ -54,6 +75,29 @@ TEMPLATES = (
     # readings a Python decoder gives the lane from its batch (pycodec.h): a JS codec, a protobuf schema
     post(b"JS", 42, bytes.fromhex("CBF60B0D0376010ADD0102")),
     post(b"PB", 42, bytes.fromhex("0880d095ffbc311214090000000000803640" "10411a0772756e6e696e67")),
+)
+
+
+def with_mid(datagram: bytes, mid: int) -> bytes:
+    return datagram[:2] + mid.to_bytes(2, "big") + datagram[4:]
+
+
+def drogue(channel: bytes, query: list[bytes], auth: bytes | None, cf: int, payload: bytes, *, code: int = Code.POST,
+           mtype: int = Type.CON) -> bytes:
+    """Drogue's `POST|PUT /v1/{channel}?query` with option 4209 `auth`: a template."""
+    options = [(O.URI_PATH, b"v1"), (O.URI_PATH, channel), (O.CONTENT_FORMAT, bytes([cf]))]
+    options += [(O.URI_QUERY, q) for q in query] + ([(O.DROGUE_AUTH, auth)] if auth is not None else [])
+    return encode(Message(mtype, code, 0x2345, b"\x03", options, payload))
+
+
+TEMPLATES += (
+    # Drogue's door: 4209 as Basic device@application:password, bare base64 with ?application=, a PUT,
+    # a NON, the query's data_schema, application and device (drogue.h)
+    drogue(b"telemetry", [b"data_schema=urn:s"], b"Basic ZDFAYWNtZTpUMQ==", 60, b"\xa2\x61a\xf9\x3e\x00\x61s\x62on"),
+    drogue(b"state", [b"application=acme"], b"dGItMTpUQg==", 50, b'{"ts": 1700000000000, "values": {"a": 1.5}}',
+           code=Code.PUT),
+    drogue(b"telemetry", [b"application=acme", b"device=lpp-1", b"x=1"], b"Basic bHBwLTFAYWNtZTpMUFA=", 42,
+           bytes.fromhex("03670110"), mtype=Type.NON),
 )
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
 
@@ -102,6 +146,9 @@ class DtlsTwin:
                            b"\xa1\x61a\x82\x01\x02")),
             encode(Message(Type.CON, Code.POST, 79, b"\x09", [(O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
                            b"\xa1\x61t\xf9\x3e\x00")),
+            # Drogue's door: the session's device, and 4209's over it
+            with_mid(TEMPLATES[-3], 80),
+            with_mid(drogue(b"telemetry", [b"device=d1"], None, 60, b"\xa1\x61t\xf9\x3e\x00"), 81),
         ]
         self.records = [client.wrap(m) for m in messages]
         self.alert = client.conn._record(1, 21, b"\x01\x00")  # a close_notify, sealed
@@ -127,6 +174,7 @@ class DtlsTwin:
         layer = self._layer()
         ingest.install(router, session_device=lambda req: req.identity or layer.device(req.peer))
         fast = FastLane(ingest, sink, endpoint) if lane else None
+        mount_drogue(router, ingest, sink, fast, lambda req: req.identity or layer.device(req.peer))
         layer.engine.restore(self.saved, PEERS[0], self.now[0])
         conn = layer.engine.sessions[PEERS[0]]
         conn.layer = Session(self.directory.psk_device("fuzz-psk"), b"fuzz")
@@ -216,7 +264,7 @@ def test_one_input(data: bytes) -> None:
     if fdp.ConsumeIntInRange(0, 3) == 0:  # a quarter of the inputs: CoAPS records (issue 27)
         dtls_input(fdp)
         return
-    TWIN.reset()  # (a fresh pair per input: what fails replays alone)
+    reset_twin()  # (a fresh pair per input: what fails replays alone)
     for _ in range(fdp.ConsumeIntInRange(1, 4)):
         kind = fdp.ConsumeIntInRange(0, 3)
         if kind == 0:  # raw bytes
