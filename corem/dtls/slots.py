@@ -84,6 +84,13 @@ def prefix_of(address: Hashable) -> Hashable:
     return ip.packed[:8]
 
 
+def _prefix(address: Hashable) -> Hashable:
+    """`prefix_of`, a dotted quad's without a call into ipaddress (the usual address)"""
+    if type(address) is str and ":" not in address:
+        return address.rpartition(".")[0]
+    return prefix_of(address)
+
+
 class Tally(Generic[K]):
     """How many each key holds, with the heaviest key in O(1) (counts move by one at a time)."""
 
@@ -176,8 +183,10 @@ class HandshakeSlots:
         self.per_prefix = min(capacity, max(self.per_address, prefix_share))
         #: peer -> slot, oldest admission first
         self._slots: OrderedDict[Peer, _Slot] = OrderedDict()
-        #: each address's peers, oldest first
-        self._by_address: dict[Hashable, OrderedDict[Peer, None]] = {}
+        #: each address's peers, oldest first (a few each: a dict keeps their order)
+        self._by_address: dict[Hashable, dict[Peer, None]] = {}
+        #: `consider`'s last (peer, verdict), until the slots change (None)
+        self._considered: tuple[Peer, Verdict] | None = None
         #: slots per prefix, and per address inside each prefix
         self._prefixes: Tally[Hashable] = Tally()
         self._addresses: dict[Hashable, Tally[Hashable]] = {}
@@ -217,13 +226,18 @@ class HandshakeSlots:
         """May `peer` start a handshake now, and at whose expense?  Changes nothing."""
         if peer in self._slots:
             return ADMIT  # (the caller steps an existing handshake instead; admitting is a no-op)
-        address = address_of(peer)
+        address = peer[0] if type(peer) is tuple else address_of(peer)
+        verdict = self._consider(peer, address, _prefix(address))
+        # (remembered until the slots change: the hello that asks is admitted right after, `admit`)
+        self._considered = (peer, verdict)
+        return verdict
+
+    def _consider(self, peer: Peer, address: Hashable, prefix: Hashable) -> Verdict:
         peers = self._by_address.get(address)
         mine = 0 if peers is None else len(peers)
         if mine >= self.per_address:
             return _REFUSED[ADDRESS]
-        prefix = prefix_of(address)
-        ours = self._prefixes.get(prefix)
+        ours = self._prefixes.counts.get(prefix, 0)
         if ours >= self.per_prefix:
             victim = self._heaviest_in(prefix, mine)
             return _REFUSED[PREFIX] if victim is None else Verdict(evict=victim)
@@ -252,17 +266,27 @@ class HandshakeSlots:
         """Take a slot for `peer` (its cookie was valid) as `verdict` (by default: `consider`
         again) says, remembering the datagram that took it (`repeats`).  Returns the verdict: the
         caller drops the handshake of `evict`, if any."""
+        if peer in self._slots:
+            return ADMIT if verdict is None else verdict
+        address = peer[0] if type(peer) is tuple else address_of(peer)
+        prefix = _prefix(address)
         if verdict is None:
-            verdict = self.consider(peer, now)
-        if verdict.reason is not None or peer in self._slots:
+            considered = self._considered
+            # (`consider` just said it, and nothing changed since: the usual hello, asked then admitted)
+            verdict = considered[1] if considered is not None and considered[0] == peer else \
+                self._consider(peer, address, prefix)
+        if verdict.reason is not None:
             return verdict
         if verdict.evict is not None:
             self.release(verdict.evict)
             self.evicted += 1
-        address = address_of(peer)
-        prefix = prefix_of(address)
+        self._considered = None
         self._slots[peer] = _Slot(now, address, prefix, hello)
-        self._by_address.setdefault(address, OrderedDict())[peer] = None
+        peers = self._by_address.get(address)
+        if peers is None:
+            self._by_address[address] = {peer: None}
+        else:
+            peers[peer] = None
         self._prefixes.add(prefix)
         tally = self._addresses.get(prefix)
         if tally is None:
@@ -283,6 +307,7 @@ class HandshakeSlots:
         slot = self._slots.pop(peer, None)
         if slot is None:
             return False
+        self._considered = None
         peers = self._by_address[slot.address]
         del peers[peer]
         if not peers:

@@ -218,9 +218,10 @@ class UdpEdge:
             if datagrams:
                 decrypted = [(m, peer) for data, peer in datagrams for m in receive(data, peer, now)]
                 settle(now)
-                for message, peer in decrypted:
-                    offer(message, peer, device(peer), now)
-                messages += collect()
+                if decrypted:  # (a handshake's datagrams decrypt to nothing: nothing offered, nothing to collect)
+                    for message, peer in decrypted:
+                        offer(message, peer, device(peer), now)
+                    messages += collect()
             return messages
 
         def outgoing() -> Datagrams:
@@ -272,7 +273,8 @@ class UdpEdge:
         """Receive until cancelled."""
         sock = self.sock
         read, receive, take, collect = self._read, self._receive, self._take, self._collect
-        handle = self._handle
+        handle, next_event, on_event = self._handle, self.endpoint.next_event, self.on_event
+        after_drain, flush = self.after_drain, self.flush
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         while True:
@@ -284,9 +286,12 @@ class UdpEdge:
                     take(message, peer, now)
             for message, peer in collect():
                 handle(message, peer, now)
-            self._dispatch_events()
-            self.after_drain()
-            self.flush()
+            event = next_event()  # (`_dispatch_events`, inline: once a wake-up)
+            while event is not None:
+                on_event(event)
+                event = next_event()
+            after_drain()
+            flush()
 
     def _read_limited(self, now: float) -> Datagrams:
         """The datagrams waiting (one batch), without the oversized ones and those over their

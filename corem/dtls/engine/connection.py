@@ -723,7 +723,11 @@ class Connection:
         client = RecordProtection(self.suite.cipher, keys.client_key, keys.client_iv)
         server = RecordProtection(self.suite.cipher, keys.server_key, keys.server_iv)
         write, self.pending_read = (server, client) if self.role == "server" else (client, server)
-        write.next_seq, write.limit = self.write_seq[1], self.write_limit
+        before = self.write_prot  # (`write_seq`'s and `write_limit`'s epoch 1, read without the properties)
+        if before is None:
+            write.next_seq, write.limit = self._seq1, self._limit1
+        else:
+            write.next_seq, write.limit = before.next_seq, before.limit
         self.write_prot = write
 
     # -- records out -----------------------------------------------------------------------------

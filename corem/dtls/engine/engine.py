@@ -27,7 +27,7 @@ from ...c_twins import c_twin
 from .connection import ESTABLISHED, FAILED, WAIT_CLIENT_KEY_EXCHANGE, Connection, Params
 from .crypto import hmac_sha256
 from .errors import DtlsDecodeError
-from .records import DTLS_1_2, HANDSHAKE, TLS12_CID, Record, parse_record_untrusted, plaintext_record
+from .records import DTLS_1_0, DTLS_1_2, HANDSHAKE, HEADER, MAX_FRAGMENT, TLS12_CID, Record, parse_record_untrusted, plaintext_record
 
 Peer = Hashable
 
@@ -39,6 +39,8 @@ _hello_verify: Callable[[bytes, int, bytes, bytes], bytes | None] | None = c_twi
 _server_hello: Callable[..., tuple[Any, ...] | bytes | None] | None = c_twin("._flights", "server_hello", __package__)
 
 COOKIE_LENGTH = 16
+#: the record versions a ClientHello's record may carry (records.py: 1.0 at epoch 0 too), low bytes
+_HELLO_VERSIONS = (DTLS_1_2 & 0xFF, DTLS_1_0 & 0xFF)
 #: the highest message_seq a ClientHello may carry (a client's second hello is 1; the messages of
 #: the handshake it starts are numbered on from it, within 16 bits)
 MAX_HELLO_SEQ = 255
@@ -164,10 +166,31 @@ class Engine:
 
     def receive(self, datagram: bytes, peer: Peer, now: float) -> list[bytes]:
         """The application data records of one datagram (decrypted); handshake answers queued."""
-        self.stats.datagrams_in += 1
-        self.stats.bytes_in += len(datagram)
-        if datagram[:1] == b"\x16":  # (a handshake record first: maybe a PSK client's whole second flight)
-            hs = self.handshakes.get(peer)
+        stats = self.stats
+        stats.datagrams_in += 1
+        n = len(datagram)
+        stats.bytes_in += n
+        if n > HEADER and datagram[0] == HANDSHAKE:
+            # the handshake's datagrams, decided once (anything else: the records one by one, below)
+            if datagram[13] == m.CLIENT_HELLO and datagram[3] == 0 == datagram[4] and datagram[1] == 0xFE and \
+                    datagram[2] in _HELLO_VERSIONS and datagram[11] << 8 | datagram[12] == n - HEADER <= MAX_FRAGMENT:
+                # a ClientHello, one record making up the datagram (what parse_record_untrusted and
+                # _record would find): no Record, no loop
+                try:
+                    conn = self._hello(datagram[HEADER:], int.from_bytes(datagram[5:11], "big"), peer, now)
+                except DtlsDecodeError as e:
+                    stats.records_dropped[e.reason] += 1
+                    conn = None
+                if conn is None:
+                    self.touched = []
+                    return []
+                self.touched = [conn]
+                got = conn.app
+                if got:
+                    conn.app = []
+                self._settle(conn)
+                return got
+            hs = self.handshakes.get(peer)  # (maybe a PSK client's whole second flight)
             if hs is not None and hs.state == WAIT_CLIENT_KEY_EXCHANGE and hs.psk_finished(datagram, now):
                 self.touched = [hs]
                 self._settle(hs)
@@ -208,7 +231,7 @@ class Engine:
             return conn
         if rec.epoch == 0:
             if rec.type == HANDSHAKE and rec.fragment[:1] == bytes((m.CLIENT_HELLO,)):
-                return self._hello(rec, peer, now)
+                return self._hello(rec.fragment, rec.seq, peer, now)
             conn = self.handshakes.get(peer) or self.sessions.get(peer)
             if conn is None:
                 raise DtlsDecodeError(0, "no_session")
@@ -233,21 +256,25 @@ class Engine:
         session.receive_record(rec, now)
         return session
 
-    def _hello(self, rec: Record, peer: Peer, now: float) -> Connection | None:
-        """A ClientHello (whole, in one record: RFC 6347 lets a server require it; as Mbed TLS)."""
+    def _hello(self, fragment: bytes, record_seq: int, peer: Peer, now: float) -> Connection | None:
+        """A ClientHello (whole, in one record: RFC 6347 lets a server require it; as Mbed TLS):
+        `fragment` is the record's, `record_seq` its number."""
+        addr = repr(peer).encode()
         if _hello_verify is not None:  # (the cookie-less hello's answer in one C call, or None)
-            hvr = _hello_verify(rec.fragment, rec.seq, repr(peer).encode(), self.cookies.secrets[0])
+            hvr = _hello_verify(fragment, record_seq, addr, self.cookies.secrets[0])
             if hvr is not None:
                 self.outbox.append((hvr, peer))
-                self.stats.hello_verify_sent += 1
-                self.stats.bytes_out_unauthenticated += len(hvr)
+                stats = self.stats
+                stats.hello_verify_sent += 1
+                stats.bytes_out_unauthenticated += len(hvr)
                 return None
         # the server random and a CID (if it hands them out), one draw for either path
         server_random, cid = self._randoms()
         flight: tuple[Any, ...] | bytes | None = None
         if _server_hello is not None:  # (a valid cookie and a PSK suite: the ServerHello flight in one C call)
-            flight = _server_hello(rec.fragment, rec.seq, repr(peer).encode(), self.cookies.secrets, self._prefs,
-                                   self.params.require_ems, server_random, cid or b"", self.params.mtu)
+            params = self.params
+            flight = _server_hello(fragment, record_seq, addr, self.cookies.secrets, self._prefs,
+                                   params.require_ems, server_random, cid or b"", params.mtu)
         if type(flight) is bytes:  # (a cookie of the cookie's length that is not valid: C's HelloVerifyRequest)
             self.outbox.append((flight, peer))
             self.stats.hello_verify_sent += 1
@@ -256,7 +283,7 @@ class Engine:
         if flight is not None:
             client_random = flight[1]
         else:
-            [f, *_] = m.parse_fragments_untrusted(rec.fragment)
+            [f, *_] = m.parse_fragments_untrusted(fragment)
             if not f.whole:
                 raise DtlsDecodeError(0, "fragmented_client_hello")
             if f.message_seq > MAX_HELLO_SEQ:  # (the numbers of a handshake go on from it: room for them)
@@ -265,7 +292,7 @@ class Engine:
             if not self.cookies.valid(peer, hello):
                 cookie = self.cookies.make(peer, hello)
                 msg = m.message(m.HELLO_VERIFY_REQUEST, f.message_seq, m.hello_verify_request(cookie))
-                hvr = plaintext_record(HANDSHAKE, 0, rec.seq, msg, DTLS_1_2)
+                hvr = plaintext_record(HANDSHAKE, 0, record_seq, msg, DTLS_1_2)
                 self.outbox.append((hvr, peer))
                 self.stats.hello_verify_sent += 1
                 self.stats.bytes_out_unauthenticated += len(hvr)
@@ -273,11 +300,11 @@ class Engine:
             client_random = hello.random
         current = self.handshakes.get(peer)
         if current is not None and current.client_random == client_random and current.state != FAILED:
-            if rec.seq <= current.hello_seq:
+            if record_seq <= current.hello_seq:
                 # the very record again (a retransmission is a new record, RFC 6347 §4.1): a
                 # replay, e.g. a flood keeping a slot; our flight is not sent for it
                 raise DtlsDecodeError(0, "replayed_client_hello")
-            current.hello_seq = rec.seq
+            current.hello_seq = record_seq
             current.resend = True  # its retransmitted hello: our ServerHello flight was lost
             return current
         if current is not None:
@@ -292,9 +319,9 @@ class Engine:
         self.stats.handshakes_started += 1
         if flight is not None:
             assert type(flight) is tuple
-            conn.server_started(flight, server_random, rec.seq, self.psk_for, now)
+            conn.server_started(flight, server_random, record_seq, self.psk_for, now)
         else:
-            conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, rec.seq,
+            conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, record_seq,
                               self.psk_for, cid, now, server_random)
         if conn.cid_in:
             self.by_cid[conn.cid_in] = conn
