@@ -1,8 +1,10 @@
 """The fast lane: the common telemetry request answered in C (`_lane.c`), datagram to sink record.
 
-The C lane takes the one request shape that is nearly all of a fleet's traffic -- a CON
-`POST /api/v1/{token}/telemetry` with a flat CBOR map, or over CoAPS `POST /telemetry` (and
-`/api/v1/telemetry`) from a session that names its device -- and hands every other datagram back
+The C lane takes the request shapes that are nearly all of a fleet's traffic -- a CON or NON
+`POST /api/v1/{token}/telemetry`, over CoAPS `POST /telemetry` (and `/api/v1/telemetry`) from a
+session that names its device, and Drogue's `POST|PUT /v1/{channel}` with its credentials in option
+4209 or the session (a channel once Drogue's door served it on the lane's endpoint:
+`drogue_served`), in the formats the device's profile reads -- and hands every other datagram back
 to the Python path (`UdpEdge` -> `Endpoint` -> `Router`), which remains the one place that rejects
 and explains.  On plain CoAP it reads the socket itself (recvmmsg) and sends its answers
 (sendmmsg).  Behind corem's own DTLS engine it does so too (`drain_records`, `send_records`): it

@@ -37,7 +37,11 @@ class Lane:
     def set_targets(self, tokens: dict[bytes, int], targets: list[tuple | None],
                     positions: dict[tuple[str, str], int] = ..., /) -> None: ...
     def set_target(self, index: int, entry: tuple | None, /) -> None:
-        """One target added, replaced or removed (the tokens and positions dicts stay the caller's)."""
+        """One target added, replaced or removed (the tokens and positions dicts stay the caller's):
+        (topic, key, headers, head, tail, device[, mode[, profile[, tenant bytes]]])."""
+    def drogue(self, channel: str, /) -> bool:
+        """Drogue's door serves /v1/{channel} on this endpoint: the lane takes its common requests
+        too (False: it holds as many channels as it can already, or the name is too long)."""
     # CoAPS on corem's DTLS engine: the lane opens and seals the records of registered sessions
     def drain_records(self, fd: int, now: float, now_ms: int, budget: int, /) -> int: ...
     def receive_record(self, data: bytes, peer: Any, now: float, now_ms: int, /) -> None: ...
