@@ -32,6 +32,7 @@ setup(
             # (dtls_records.h: only the table of _records' capsule, read at run time; no libcrypto here)
             depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h", "corem/fastlane/fifomap.h",
                      "corem/fastlane/cbor_json.h", "corem/fastlane/lpp.h", "corem/fastlane/rules.h", "corem/fastlane/layouts.h", "corem/fastlane/senml.h", "corem/fastlane/pycodec.h", "corem/fastlane/dtls_sessions.h",
+                     "corem/fastlane/drogue.h",
                      "corem/dtls/engine/dtls_records.h"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],

@@ -34,7 +34,7 @@ DOORS = {
     ".well-known": "discovery",
 }
 #: the fast lane's doors, by the index _lane.c counts them under
-LANE_DOORS = ("thingsboard", "corem")
+LANE_DOORS = ("thingsboard", "corem", "drogue")
 
 
 def door_of(path: str) -> str:

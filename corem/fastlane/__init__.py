@@ -57,7 +57,6 @@ except ImportError:  # pragma: no cover - only without a C compiler
 Touched = Callable[[list[Any], int, int, int, float, bool], None]
 
 #: the lane's doors, by the index _lane.c counts them under (corem/latency.py's and Drogue's /v1/{channel})
-DOORS = (*LANE_DOORS, "drogue")
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
 #: Devices a lane holds at most (~1.3 KB each: its token, its table entry, its Device).  When it
@@ -434,7 +433,7 @@ class FastLane:
             yield counter(name, c[key])
         for code, n in c["responses"].items():
             yield counter("corem_coap_responses", n, code=code_str(code))
-        for door, (counts, seconds) in zip(DOORS, c["latency"]):  # (the endpoint's own buckets: summed)
+        for door, (counts, seconds) in zip(LANE_DOORS, c["latency"]):  # (the endpoint's own buckets: summed)
             if any(counts):
                 yield Histogram(LATENCY, LATENCY_BOUNDS, list(counts), seconds, (("door", door),))
 
