@@ -1,7 +1,8 @@
 """Issue 28's table: every built-in payload format under load, as CoAP CON, CoAP NON and CoAPS
 (CON), beside libcoap's C servers, in one run.
 
-    python bench/formats_load_bench.py [--seconds 4] [--only TEXT ...] [--repeat N] [--kafka] [--json]
+    python bench/formats_load_bench.py [--seconds 4] [--only TEXT ...] [--repeat N] [--kafka]
+                                       [--door thingsboard|drogue] [--json]
 
 One corem (pinned to CPU 0; embedded bus, store NORMAL, no rate limit) holds one device per format,
 each on the profile and with the payload of bench/formats_bench.py's CASES (the same reading in
@@ -25,12 +26,16 @@ CBOR, p99 <= 2x libcoap's).  A row whose answers are not all 2.xx says how many 
 each row (libcoap's too) is run N times, each against a fresh corem, and the run with the median
 2.xx/s is the row: on a shared machine one run can fall on another's load.  With
 --kafka, corem's bus is Kafka (Tansu on CPU 1, corem's producer acks=all and idempotent, as by
-default) instead of the embedded one: 2.04 once the brokers acknowledged each reading.
+default) instead of the embedded one: 2.04 once the brokers acknowledged each reading.  With
+--door drogue the same readings go through Drogue Cloud's door instead: `POST
+/v1/telemetry?data_schema=bench` with the device's credentials in option 4209 (`Basic
+base64(device@bench:token)`) over CoAP, `POST /v1/telemetry` (the session's device) over CoAPS.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import shutil
@@ -88,12 +93,26 @@ def dtls_load(port: int, seconds: float, identity: str, method: int, path: str, 
     return json.loads(out.stdout)
 
 
+DOORS = ("thingsboard", "drogue")
+
+
+def door_path(door: str, mode: str, token: str) -> str:
+    """The path (bench/coap_template.h: `?query`, `#option=value`) of a reading through `door`."""
+    if door == "drogue":
+        if mode.startswith("CoAPS"):
+            return "v1/telemetry"
+        device = "d" + token.removeprefix("FMT-")  # (provision's names)
+        basic = base64.b64encode(f"{device}@bench:{token}".encode()).decode()
+        return f"v1/telemetry?data_schema=bench#4209=Basic {basic}"
+    return "telemetry" if mode.startswith("CoAPS") else f"api/v1/{token}/telemetry"
+
+
 def measure(mode: str, coap: int, coaps: int, seconds: float, token: str, identity: str, cf: int,
-            payload: bytes, libcoap: bool = False) -> dict:
+            payload: bytes, libcoap: bool = False, door: str = "thingsboard") -> dict:
     method = 3 if libcoap else 2
+    path = "example_data" if libcoap else door_path(door, mode, token)
     if mode == "CoAPS CON":
-        return dtls_load(coaps, seconds, identity, method, "example_data" if libcoap else "telemetry", payload, cf)
-    path = "example_data" if libcoap else f"api/v1/{token}/telemetry"
+        return dtls_load(coaps, seconds, identity, method, path, payload, cf)
     return udp_load(coap, seconds, method, path, payload, cf, "non" if mode == "CoAP NON" else "con")
 
 
@@ -151,6 +170,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, metavar="N", help="each row N times: the median by 2.xx/s")
     ap.add_argument("--kafka", action="store_true", help="corem's bus on Kafka (Tansu) instead of the embedded one")
+    ap.add_argument("--door", choices=DOORS, default="thingsboard", help="the door the readings go through")
     args = ap.parse_args()
     results: list[dict] = []
     bus, broker = "embedded", None
@@ -174,8 +194,9 @@ def main() -> None:
                     shutil.copytree(template, data)
                     proc, coap, coaps = serve(data, bus, mode.startswith("CoAPS"))
                     try:
-                        measure(mode, coap, coaps, WARMUP, token, identity, cf, payload)
-                        runs.append(measure(mode, coap, coaps, args.seconds, token, identity, cf, payload))
+                        measure(mode, coap, coaps, WARMUP, token, identity, cf, payload, door=args.door)
+                        runs.append(measure(mode, coap, coaps, args.seconds, token, identity, cf, payload,
+                                            door=args.door))
                     finally:
                         proc.terminate()
                         proc.wait(30)
@@ -202,7 +223,8 @@ def main() -> None:
         ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"), ("vs libcoap", lambda r: ratio(r, yardstick)),
         ("vs flat CBOR", lambda r: ratio(r, flat)), ("not 2.xx", not_ok),
     ], as_json=args.json, title=f"Every payload format under load ({DEVICES} devices x {INFLIGHT} in flight, "
-                                 f"{args.seconds:g} s a row, bus {'Kafka (Tansu)' if args.kafka else 'embedded'})",
+                                 f"{args.seconds:g} s a row, bus {'Kafka (Tansu)' if args.kafka else 'embedded'}, "
+                                 f"door {args.door})",
        text=(0, 1))
 
 
