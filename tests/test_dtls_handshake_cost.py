@@ -119,3 +119,35 @@ def test_admit_after_consider_of_another_peer_decides_for_its_own():
     assert s.admit(first, 0.0).reason is None and s.admit(second, 0.0).reason is None
     assert s.consider(("203.0.113.9", 1), 0.0).reason is None
     assert s.admit(("192.0.2.1", 3), 0.0).reason == ADDRESS
+
+
+def test_server_randoms_come_from_a_pool_drawn_now_and_then(monkeypatch):
+    """os.urandom is called once for many handshakes' server randoms and CIDs, each different"""
+    calls = []
+    real = __import__("os").urandom
+    monkeypatch.setattr("os.urandom", lambda n: calls.append(n) or real(n))
+    eng = Engine(KEYS.get, EngineParams())
+    calls.clear()
+    drawn = [eng._randoms() for _ in range(100)]
+    assert len(calls) == 2  # (64 handshakes' worth, then the next 64)
+    assert len({r for r, _ in drawn}) == 100 and len({c for _, c in drawn}) == 100
+    assert all(len(r) == 32 and c is not None and len(c) == EngineParams().cid_length for r, c in drawn)
+
+
+def test_a_forked_child_never_uses_the_randomness_its_parent_drew():
+    """Workers forked from one process: the pool drawn before the fork is used by neither side after"""
+    import os
+
+    eng = Engine(KEYS.get, EngineParams())
+    eng._randoms()  # (the pool drawn, most of it unused)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, eng._randoms()[0])
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64)
+    os.waitpid(pid, 0)
+    parent = eng._randoms()[0]
+    assert len(child) == 32 and child != parent
+    assert eng._pool.find(child) == -1, "the child drew its own"

@@ -46,6 +46,14 @@ _HELLO_VERSIONS = (DTLS_1_2 & 0xFF, DTLS_1_0 & 0xFF)
 MAX_HELLO_SEQ = 255
 #: seconds between two walks over the sessions for idle ones
 SWEEP_EVERY = 10.0
+#: server randoms (and CIDs) drawn from os.urandom this many handshakes' worth at a time: one
+#: getrandom call a handshake was a system call on its path (they are sent in the clear: no
+#: secret is kept ahead of its use)
+RANDOM_POOL = 64
+#: forks so far, as a child counts them: a pool drawn before a fork is used by neither side after it
+#: (two workers must never hand out the same server random or CID)
+_forks = [0]
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 
 class CookieJar:
@@ -140,6 +148,10 @@ class Engine:
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = EngineStats()
         self._next_sweep = now
+        #: randomness drawn ahead (`_random`): the bytes, where the next use starts, the fork they were drawn in
+        self._pool = b""
+        self._pool_at = 0
+        self._pool_fork = _forks[0]
         #: the suites `_flights.server_hello` may choose among, in order: (code, 0 PSK / 1 ECDHE), 3
         #: bytes each (ECDHE only with a certificate: without one it is never chosen)
         self._prefs = b"".join(s.code.to_bytes(2, "big") + bytes((s.kx != "psk",)) for s in self.params.suites
@@ -260,7 +272,11 @@ class Engine:
         """A ClientHello (whole, in one record: RFC 6347 lets a server require it; as Mbed TLS):
         `fragment` is the record's, `record_seq` its number."""
         addr = repr(peer).encode()
-        if _hello_verify is not None:  # (the cookie-less hello's answer in one C call, or None)
+        n = len(fragment)
+        at = 47 + fragment[46] if n > 47 else n  # (the cookie's length byte, after the session id)
+        if _hello_verify is not None and not (at < n and fragment[at] == COOKIE_LENGTH):
+            # (the cookie-less hello's answer in one C call, or None; a hello with a cookie of the
+            # cookie's length it leaves alone: `_server_hello` checks that cookie)
             hvr = _hello_verify(fragment, record_seq, addr, self.cookies.secrets[0])
             if hvr is not None:
                 self.outbox.append((hvr, peer))
@@ -331,12 +347,20 @@ class Engine:
         """A server random, and a CID no session holds (None: this server hands none out)"""
         p = self.params
         if not p.cid_length:
-            return os.urandom(32), None
+            return self._random(32), None
         while True:
-            drawn = os.urandom(32 + p.cid_length - len(p.cid_prefix))
+            drawn = self._random(32 + p.cid_length - len(p.cid_prefix))
             cid = p.cid_prefix + drawn[32:]
             if cid not in self.by_cid:
                 return drawn[:32], cid
+
+    def _random(self, n: int) -> bytes:
+        """`n` bytes of os.urandom's, from the pool (RANDOM_POOL)"""
+        at = self._pool_at
+        if at + n > len(self._pool) or self._pool_fork != _forks[0]:
+            self._pool, at, self._pool_fork = os.urandom(n * RANDOM_POOL), 0, _forks[0]
+        self._pool_at = at + n
+        return self._pool[at:at + n]
 
     def _settle(self, conn: Connection) -> None:
         """After a datagram: send what it queued; a finished handshake becomes the session (the one
