@@ -48,16 +48,16 @@ Row = tuple[bytes, bytes, str, str, float, int]
 
 #: (one node's store: SQLite) the record marks of the fast lane's readings, appended at each bus
 #: commit (`log_marks`) and folded into the sessions' rx_top every FOLD_EVERY appends by the writer
-#: itself (`fold_marks`).  (The sink's checkpointer folded them, on its own connection, at each of its
-#: passes: its write lock stalled the appender in SQLite's busy handler, >= 1 ms, in ~3% of commits.)  Raising rx_top in place at each commit meant one UPDATE
-#: per session in the commit's path, each on its own page of the table with many devices; a row of
-#: the log per mark meant one B-tree insert each (64 marks: ~80 µs a commit, ~10% of the CoAPS
-#: lane's time).  Now a commit appends ONE row, the lane's pack of every mark due
-#: (`take_marks_packed`: per mark its key's length, the key, the top as 8 bytes big-endian; ~12 µs),
-#: and the fold -- or a `put` or `take`, before it reads or replaces rows -- folds the packs in C
-#: (`fold_packs`: each key's highest top) and updates each session once, however many commits it
-#: was in.  A save of a row (`put`) folds first, then writes its own top: older marks of its peer
-#: never become a new session's floor.
+#: itself (`fold_marks`).  Raising rx_top in place at each commit meant one UPDATE per session in
+#: the commit's path, each on its own page of the table with many devices; a row of the log per
+#: mark meant one B-tree insert each (64 marks: ~80 µs a commit, ~10% of the CoAPS lane's time).
+#: Now a commit appends ONE row, the lane's pack of every mark due (`take_marks_packed`: per mark
+#: its key's length, the key, the top as 8 bytes big-endian; ~12 µs), and the fold -- or a `put` or
+#: `take`, before it reads or replaces rows -- folds the packs in C (`fold_packs`: each key's
+#: highest top) and updates each session once, however many commits it was in.  A save of a row
+#: (`put`) folds first, then writes its own top: older marks of its peer never become a new
+#: session's floor.  (The sink's checkpointer folded on its own connection at each of its passes:
+#: its write lock held the appender in SQLite's busy handler, >= 1 ms, in ~3% of commits.)
 MARKS_PACK = "CREATE TABLE IF NOT EXISTS rx_pack (marks BLOB NOT NULL)"
 _FOLD_ROWS = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log GROUP BY peer) "
               "AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
@@ -122,15 +122,19 @@ def _fold(conn: Db | sqlite3.Connection, limit: int | None = None) -> int:
     sql = "SELECT rowid, marks FROM rx_pack ORDER BY rowid" + (f" LIMIT {limit}" if limit else "")
     packs = conn.execute(sql).fetchall()
     if packs:
-        marks = [pack for _, pack in packs]
-        try:
-            raised = fold_packs(marks)
-        except ValueError as e:  # (not one of the lane's packs: dropped with the rest, said once)
-            log.warning("dtls session store: a row of the marks' log is not a pack, dropped: %s", e)
-            raised = fold_packs(pack for pack in marks if _is_pack(pack))
-        conn.executemany(_RAISE, raised)
+        conn.executemany(_RAISE, _fold_readable([pack for _, pack in packs]))
         conn.execute("DELETE FROM rx_pack WHERE rowid <= ?", (packs[-1][0],))
     return len(packs)
+
+
+def _fold_readable(packs: list[bytes]) -> list[tuple[int, bytes, int]]:
+    """`fold_packs` of the packs, without any row that is not one (not the lane's: said, and
+    dropped with the others by the fold)."""
+    try:
+        return fold_packs(packs)
+    except ValueError as e:
+        log.warning("dtls session store: a row of the marks' log is not a pack, dropped: %s", e)
+    return fold_packs(pack for pack in packs if _is_pack(pack))
 
 
 def _is_pack(pack: bytes) -> bool:
@@ -308,7 +312,7 @@ class SessionStore:
                 return self._read_instead(key, e)
             return _row(row)
         try:
-            self._run("BEGIN IMMEDIATE")  # (the checkpointer's fold is before or after, not between)
+            self._run("BEGIN IMMEDIATE")  # (the mark writer's fold is before or after, not between)
             _fold(self.db)  # (the marks not folded yet: a later session of the peer starts again)
             row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
             self._run("COMMIT")
@@ -322,7 +326,7 @@ class SessionStore:
         try:
             row = self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone()
             logged = [] if self.shared else [
-                top for top, k, _ in fold_packs(m for (m,) in self._run("SELECT marks FROM rx_pack")) if k == key]
+                top for top, k, _ in _fold_readable([m for (m,) in self._run("SELECT marks FROM rx_pack")]) if k == key]
         except self.db.Error:
             return None
         if row is not None:
