@@ -14,7 +14,9 @@ it came from, with a known suite, keys and IVs of that suite's lengths, epoch 1 
 in range -- or raises DtlsDecodeError, nothing else; a sealed blob opens only when it is the very
 blob sealed for that row under that key; the engine restores a valid session (or refuses a client's
 or another CID length's with ValueError) and what it restored then takes arbitrary records without
-an exception; the layer turns no row but a genuine one into a session, and raises nothing."""
+an exception; the layer turns no row but a genuine one into a session, and raises nothing.  The
+marks' log (rows of packs): the lane's C fold and its Python twin agree, on a refusal's reason too,
+and the store folds any rows at a restore without an exception."""
 
 import sys
 
@@ -27,7 +29,7 @@ with atheris.instrument_imports():
     from corem.dtls.engine.crypto import PSK_AES_128_CCM, PSK_AES_128_CCM_8, PSK_AES_128_GCM_SHA256, SUITES
     from corem.dtls.engine.records import SEQ_MAX
     from corem.dtls.layer import BLOB_TAG, EngineServer
-    from corem.dtls.store import SessionStore, peer_key
+    from corem.dtls.store import SessionStore, _fold_packs, fold_packs, pack_marks, peer_key
     from corem.registry import Device
 
 PSK = b"0123456789abcdef"
@@ -194,15 +196,45 @@ def layer(fdp: atheris.FuzzedDataProvider) -> None:
         assert srv.sessions[PEER].identity == b"device-1"
 
 
+def marks(fdp: atheris.FuzzedDataProvider) -> None:
+    """Rows of the session store's marks log (packs: store.py MARKS_PACK), genuine, mutated or
+    arbitrary, folded by the lane's C `fold_marks` and by its Python twin, and by the store's fold
+    and its restore."""
+    genuine = [pack_marks([(fdp.ConsumeIntInRange(-1, 2**63 - 1), fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 20)))
+                           for _ in range(fdp.ConsumeIntInRange(0, 4))]) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+    rows = [p if fdp.ConsumeBool() else mutate(fdp, p) for p in genuine]
+    if fdp.ConsumeBool():
+        rows.append(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 60)))
+    try:
+        want = _fold_packs(rows)
+    except ValueError as e:
+        try:
+            fold_packs(rows)
+        except ValueError as c_error:
+            assert str(c_error) == str(e)
+        else:
+            raise AssertionError("the C fold took what its twin refused")
+    else:
+        assert fold_packs(rows) == want
+    store = SessionStore()
+    store.put([(CONTEXT, b"row", "t", "device-1", 0.0, 0)])
+    for row in rows:
+        store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (row,))
+    taken = store.take(CONTEXT)  # (folds first, whatever the rows: never an exception)
+    assert taken is not None and taken[5] >= 0 and store.db.execute("SELECT count(*) FROM rx_pack").fetchone()[0] == 0
+
+
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    mode = fdp.ConsumeIntInRange(0, 3)
+    mode = fdp.ConsumeIntInRange(0, 4)
     if mode <= 1:
         plain(fdp)
     elif mode == 2:
         sealed(fdp)
-    else:
+    elif mode == 3:
         layer(fdp)
+    else:
+        marks(fdp)
 
 
 if __name__ == "__main__":
