@@ -151,3 +151,78 @@ def test_a_forked_child_never_uses_the_randomness_its_parent_drew():
     parent = eng._randoms()[0]
     assert len(child) == 32 and child != parent
     assert eng._pool.find(child) == -1, "the child drew its own"
+
+
+def test_the_engine_offers_each_answer_before_a_finished_handshakes_bookkeeping(monkeypatch):
+    """`eager` is told as soon as an answer is in the outbox -- the HelloVerifyRequest, the ServerHello
+    flight, our Finished -- and for the last, before the session's hooks run"""
+    eng = _engine(monkeypatch)
+    events: list[tuple[str, int]] = []
+    sent: list[bytes] = []
+
+    def eager() -> None:
+        out = [d for d, _ in eng.datagrams_to_send()]
+        sent.extend(out)
+        events.append(("eager", len(out)))
+
+    eng.eager = eager
+    eng.established = lambda conn: events.append(("established", 0)) and None
+    eng.on_session = lambda conn, live: events.append(("on_session", int(live)))
+    cl = Client(b"device-1", PSK, cid=b"")
+    cl.start(0.0)
+    for _ in range(4):
+        for d in cl.datagrams_to_send():
+            eng.receive(d, PEER, 0.0)
+        sent.extend(d for d, _ in eng.datagrams_to_send())
+        for d in sent:
+            cl.receive(d, 0.0)
+        sent.clear()
+    assert cl.established and PEER in eng.sessions
+    assert events == [("eager", 1), ("eager", 1), ("eager", 1), ("established", 0), ("on_session", 1)]
+
+
+def test_the_edge_sends_a_handshakes_last_flight_before_the_session_is_set_up():
+    """Behind the engine, the edge sends the answer to a batch's last datagram at once: when the
+    finished handshake's hooks run, our Finished is already on the wire"""
+    from tests.test_lane_dtls import Coaps, Device
+
+    c = Coaps()
+    try:
+        dev = Device(c.address)
+        engine = c.layer.engine
+        hook = engine.established
+        sent_by_then: list[int] = []
+
+        def established(conn):
+            sent_by_then.append(c.edge.stats.datagrams_out)
+            assert hook is not None
+            return hook(conn)
+
+        engine.established = established
+        c.handshake(dev)
+        # (the HelloVerifyRequest, the ServerHello flight and our ChangeCipherSpec + Finished)
+        assert sent_by_then == [3]
+        dev.close()
+    finally:
+        c.close()
+
+
+def test_the_edge_sends_the_answers_to_a_batch_once_after_its_last_datagram():
+    """Two devices' hellos in one batch: both answers go in one system call, after the second"""
+    from tests.test_lane_dtls import Coaps, Device
+
+    c = Coaps()
+    try:
+        a, b = Device(c.address), Device(c.address)
+        for dev in (a, b):
+            dev.client.start(0.0)
+            dev.flush()
+        calls: list[int] = []
+        send = c.edge._send
+        c.edge._send = lambda wire: calls.append(len(wire)) or send(wire)
+        c.pump()
+        assert calls == [2] and len(a.datagrams()) == len(b.datagrams()) == 1
+        a.close()
+        b.close()
+    finally:
+        c.close()

@@ -139,9 +139,14 @@ class UdpEdge:
         #: datagrams ready for the wire (already encrypted for CoAPS) that the kernel did not take yet
         self._wire: Datagrams = []
         self._closed = False
+        #: the batch's last datagram is with the security layer: what it answers may be sent at once
+        self._eager = False
         self._read_socket = reader(sock)
         self._send = sender(sock)
         self._wire_up(lane, limiter)
+        engine = getattr(self.security, "engine", None)  # (corem's DTLS engine: dtls/layer.py's EngineServer)
+        if engine is not None and hasattr(engine, "eager"):
+            engine.eager = self._send_early
 
     def _wire_up(self, lane: FastLane | None, limiter: SourceLimiter | None) -> None:
         """Choose, once, what the loops call: where datagrams come from, who is offered each
@@ -216,7 +221,13 @@ class UdpEdge:
         def read_records(now: float) -> Datagrams:
             datagrams, messages = drain(fd, now, BATCH, touched)
             if datagrams:
-                decrypted = [(m, peer) for data, peer in datagrams for m in receive(data, peer, now)]
+                *before, (last, at) = datagrams
+                decrypted = [(m, peer) for data, peer in before for m in receive(data, peer, now)]
+                self._eager = True  # (the batch's last datagram: its answer may go at once, `_send_early`)
+                try:
+                    decrypted += [(m, at) for m in receive(last, at, now)]
+                finally:
+                    self._eager = False
                 settle(now)
                 if decrypted:  # (a handshake's datagrams decrypt to nothing: nothing offered, nothing to collect)
                     for message, peer in decrypted:
@@ -235,6 +246,16 @@ class UdpEdge:
         log.info("coaps: the fast lane opens and seals the records of established sessions itself")
         return True
 
+    def _send_early(self) -> None:
+        """The security layer has an answer to the batch's last datagram (a handshake's flight): sent
+        now, with whatever it queued before, instead of at the batch's flush -- the peer's next flight
+        is on its way while the rest of the batch is done (a finished handshake's bookkeeping, the
+        flush).  Nothing comes later in the batch that could have gone in the same system call."""
+        if self._eager and not self._closed:
+            self._wire += self.security.datagrams_to_send()
+            if self._wire:
+                self._send_wire()
+
     def _decrypt_first(self) -> None:
         """Behind a security layer that is not transparent (DTLS), a batch is decrypted whole and
         settled (`SecurityLayer.settle`: its record numbers made durable) before any of its
@@ -242,7 +263,16 @@ class UdpEdge:
         read, receive, settle = self._read, self.security.receive, self.security.settle
 
         def read_messages(now: float) -> Datagrams:
-            messages = [(message, peer) for data, peer in read(now) for message in receive(data, peer, now)]
+            datagrams = read(now)
+            if not datagrams:
+                return []
+            *before, (last, at) = datagrams
+            messages = [(message, peer) for data, peer in before for message in receive(data, peer, now)]
+            self._eager = True  # (the batch's last datagram: its answer may go at once, `_send_early`)
+            try:
+                messages += [(message, at) for message in receive(last, at, now)]
+            finally:
+                self._eager = False
             settle(now)
             return messages
 
@@ -335,8 +365,12 @@ class UdpEdge:
             record = wrap(message, peer)
             if record is not None:
                 wire.append((record, peer))
-        if not wire:
-            return
+        if wire:
+            self._send_wire()
+
+    def _send_wire(self) -> None:
+        """`_wire` to the kernel, in order, as far as it takes it; the rest waits for the next flush"""
+        wire = self._wire
         taken, nbytes, errors, blocked = self._send(wire)
         stats = self.stats
         stats.datagrams_out += taken - errors

@@ -173,6 +173,12 @@ class Engine:
         #: one there (False; also said of connections that never were, harmlessly): the fast lane's
         #: table of the sessions whose records it opens (layer.py `attach_lane`)
         self.on_session: Callable[[Connection, bool], None] | None = None
+        #: `eager()`: an answer to a peer's flight is in the outbox (a HelloVerifyRequest, a flight),
+        #: before the bookkeeping that follows it (a finished handshake's hooks: the session, the
+        #: lane's table); the driver may send the outbox now (`datagrams_to_send`), so that the
+        #: peer's next flight is on its way while this side does the rest (net/udp.py: for the
+        #: last datagram of a batch)
+        self.eager: Callable[[], None] | None = None
 
     # -- in --------------------------------------------------------------------------------------
 
@@ -283,6 +289,8 @@ class Engine:
                 stats = self.stats
                 stats.hello_verify_sent += 1
                 stats.bytes_out_unauthenticated += len(hvr)
+                if self.eager is not None:
+                    self.eager()
                 return None
         # the server random and a CID (if it hands them out), one draw for either path
         server_random, cid = self._randoms()
@@ -366,8 +374,10 @@ class Engine:
         """After a datagram: send what it queued; a finished handshake becomes the session (the one
         it replaces, if any, goes); a failed one goes."""
         if conn.out or conn.resend:
-            for d in conn.flush():
-                self.outbox.append((d, conn.peer))
+            peer = conn.peer
+            self.outbox += [(d, peer) for d in conn.flush()]
+            if self.eager is not None:
+                self.eager()  # (before the hooks of a finished handshake, below)
         if conn.state == ESTABLISHED and self.sessions.get(conn.peer) is conn:
             return  # (a session's record: the common case)
         if self.handshakes.get(conn.peer) is conn:
