@@ -298,9 +298,10 @@ class Connection:
         self._send_flight([(0, HANDSHAKE, msg) for msg in msgs], now, timer=True)
 
     def server_started(self, flight: tuple[Any, ...], server_random: bytes, record_seq: int, psk_for: PskLookup,
-                       now: float) -> None:
+                       now: float, *, queued: bool = False) -> None:
         """`server_start`'s outcome as _flights.c's `server_hello` made it (engine.py `_hello`): the
-        same state, the ServerHello flight already in one datagram"""
+        same state, the ServerHello flight already in one datagram (`queued`: the engine sent it on
+        already, it is not in `out`)"""
         (datagram, self.client_random, suite, self.ems, self.secure_renegotiation, self.cid_in, self.cid_out,
          message_seq, hello, sh, shd) = flight
         self.psk_for = psk_for
@@ -315,13 +316,16 @@ class Connection:
         self.flight = [(0, HANDSHAKE, sh), (0, HANDSHAKE, shd)]
         self.peer_flight_start = self.recv_seq
         self.retransmit_at = now + self.rto
-        self.out.append(datagram)
+        if not queued:
+            self.out.append(datagram)
 
-    def psk_finished(self, datagram: bytes, now: float) -> bool:
+    def psk_finished(self, datagram: bytes, now: float, answer: Callable[[bytes, Any], None] | None = None) -> bool:
         """The client's ClientKeyExchange, ChangeCipherSpec and Finished (one datagram, the usual
         PSK device) answered by _flights.c's `psk_finish`: the state `_server_message` leaves after
         them.  False: nothing changed, the records go through this state machine (anything unusual,
-        an unknown identity, a Finished that does not verify: it names them)."""
+        an unknown identity, a Finished that does not verify: it names them).  `answer(datagram,
+        peer)`: given our ChangeCipherSpec and Finished as soon as C made them, before the state
+        here is brought up to date (the engine sends them on); without it they go to `out`."""
         suite = self.suite
         lookup = self.psk_for
         if _psk_finish is None or suite is None or suite.kx != "psk" or self.pending or self.early \
@@ -336,6 +340,10 @@ class Connection:
                 self.psk_for = asked  # (the state machine takes the datagram: the same answer)
             return False
         identity, client_key, server_key, client_iv, server_iv, finished_seq, mine, out = done
+        if answer is not None:
+            answer(out, self.peer)
+        else:
+            self.out.append(out)
         self.identity = identity
         self.install(Keys(client_key, server_key, client_iv, server_iv))
         self.read_prot, self.pending_read = self.pending_read, None
@@ -353,7 +361,6 @@ class Connection:
         self.retransmits = 0
         self.rto = INITIAL_RTO
         self.retransmit_at = float("inf")
-        self.out.append(out)
         return True
 
     def _ecdhe_possible(self, hello: m.ClientHello) -> bool:

@@ -209,7 +209,7 @@ class Engine:
                 self._settle(conn)
                 return got
             hs = self.handshakes.get(peer)  # (maybe a PSK client's whole second flight)
-            if hs is not None and hs.state == WAIT_CLIENT_KEY_EXCHANGE and hs.psk_finished(datagram, now):
+            if hs is not None and hs.state == WAIT_CLIENT_KEY_EXCHANGE and hs.psk_finished(datagram, now, self._answer):
                 self.touched = [hs]
                 self._settle(hs)
                 return []
@@ -338,18 +338,28 @@ class Engine:
                 return None
         elif len(self.handshakes) >= self.params.max_handshakes:
             raise DtlsDecodeError(0, "too_many_handshakes")
+        if flight is not None:
+            assert type(flight) is tuple
+            self._answer(flight[0], peer)  # (C's ServerHello flight: on its way before the connection is made)
         conn = Connection("server", self.params, peer, now)
         self.handshakes[peer] = conn
         self.stats.handshakes_started += 1
         if flight is not None:
             assert type(flight) is tuple
-            conn.server_started(flight, server_random, record_seq, self.psk_for, now)
+            conn.server_started(flight, server_random, record_seq, self.psk_for, now, queued=True)
         else:
             conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, record_seq,
                               self.psk_for, cid, now, server_random)
         if conn.cid_in:
             self.by_cid[conn.cid_in] = conn
         return conn
+
+    def _answer(self, datagram: bytes, peer: Peer) -> None:
+        """An answer C made (a flight): queued, and offered to the driver (`eager`) before the
+        connection's state is brought up to date"""
+        self.outbox.append((datagram, peer))
+        if self.eager is not None:
+            self.eager()
 
     def _randoms(self) -> tuple[bytes, bytes | None]:
         """A server random, and a CID no session holds (None: this server hands none out)"""
