@@ -29,11 +29,13 @@ setup(
         Extension(
             "corem.fastlane._lane",
             ["corem/fastlane/_lane.c"],
-            # (dtls_records.h: only the table of _records' capsule, read at run time; no libcrypto here)
+            # (dtls_records.h: only the table of _records' capsule, read at run time: the DTLS records
+            # are opened with _records' objects; libcrypto for OSCORE's AES-CCM, oscore.h)
             depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h", "corem/fastlane/fifomap.h",
                      "corem/fastlane/cbor_json.h", "corem/fastlane/lpp.h", "corem/fastlane/rules.h", "corem/fastlane/layouts.h", "corem/fastlane/senml.h", "corem/fastlane/pycodec.h", "corem/fastlane/dtls_sessions.h",
-                     "corem/fastlane/drogue.h",
+                     "corem/fastlane/drogue.h", "corem/fastlane/oscore.h",
                      "corem/dtls/engine/dtls_records.h"],
+            libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),

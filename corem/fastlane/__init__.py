@@ -4,7 +4,9 @@ The C lane takes the request shapes that are nearly all of a fleet's traffic -- 
 `POST /api/v1/{token}/telemetry`, over CoAPS `POST /telemetry` (and `/api/v1/telemetry`) from a
 session that names its device, and Drogue's `POST|PUT /v1/{channel}` with its credentials in option
 4209 or the session (a channel once Drogue's door served it on the lane's endpoint:
-`drogue_served`), in the formats the device's profile reads -- and hands every other datagram back
+`drogue_served`), an OSCORE request of a context corem/oscore gave it (`oscore_take`: opened, its
+inner `POST /telemetry` taken as the context's device's, its answer sealed, in C: oscore.h), in the
+formats the device's profile reads -- and hands every other datagram back
 to the Python path (`UdpEdge` -> `Endpoint` -> `Router`), which remains the one place that rejects
 and explains.  On plain CoAP it reads the socket itself (recvmmsg) and sends its answers
 (sendmmsg).  Behind corem's own DTLS engine it does so too (`drain_records`, `send_records`): it
@@ -33,11 +35,11 @@ import functools
 import time
 import weakref
 from itertools import islice
-from typing import Any, Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator
 
 from ..bus.base import Record, Sink
 from ..coap.endpoint import Endpoint
-from ..codec import code_str
+from ..codec import Code, OptionNumber, code_str
 from ..ingest.point import TelemetryPoint, encode_point
 from ..ingest.telemetry import BUSY, Target, TelemetryIngest
 from ..latency import BOUNDS as LATENCY_BOUNDS
@@ -48,9 +50,13 @@ from ..stats import Histogram, Sample, counter
 from .. import token_path
 
 try:
-    from ._lane import Lane, compile_profile
+    from ._lane import Lane, OscoreContext, OscoreWindow, compile_profile
 except ImportError:  # pragma: no cover - only without a C compiler
-    Lane = None  # type: ignore[assignment,misc]
+    Lane = OscoreContext = OscoreWindow = None  # type: ignore[assignment,misc]
+
+if TYPE_CHECKING:
+    from ..oscore.context import Context
+    from ..registry import Device
 
 #: `touched(owners, marks_due, datagrams, bytes, now, readings_only)`: what `FastLane.drain_records` tells the
 #: security layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
@@ -107,13 +113,38 @@ def lane_profile(target: Target) -> object:
     return decode.compiled
 
 
-def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_size: int) -> None:
+def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_size: int,
+                sealed: bytes | None = None) -> None:
     """A reading whose commit outlasted the piggyback timeout: the endpoint answers it with a
-    confirmable response of its own and retransmits it."""
-    if code == BUSY.code:
+    confirmable response of its own and retransmits it; `sealed`: an OSCORE request's answer, sealed
+    by the lane (a 2.04 outside, the OSCORE option empty: corem/oscore's first answer)."""
+    if sealed is not None:
+        endpoint.answer_late(peer, token, Code.CHANGED, [(OptionNumber.OSCORE, b"")], sealed, request_size)
+    elif code == BUSY.code:
         endpoint.answer_late(peer, token, code, BUSY.options, BUSY.payload, request_size)
     else:
         endpoint.answer_late(peer, token, code, None, b"", request_size)
+
+
+#: endpoint -> its fast lane (weakly both ways): how corem/oscore finds the lane to give a context
+#: to (`serving`), without a reference from the endpoint or the Oscore layer
+_SERVING: weakref.WeakKeyDictionary[Endpoint, weakref.ref[FastLane]] = weakref.WeakKeyDictionary()
+
+
+def serving(endpoint: object) -> FastLane | None:
+    """The fast lane in front of `endpoint`, if any (corem/oscore gives it the contexts it has ready)."""
+    try:
+        ref = _SERVING.get(endpoint)  # type: ignore[call-overload]
+    except TypeError:  # (not weakly referable: no lane made for it)
+        return None
+    return None if ref is None else ref()
+
+
+def oscore_key(keys_kid: tuple[bytes, bytes]) -> bytes:
+    """The lane's key of an OSCORE context (oscore.h `osc_key`): the length of its kid context, the
+    kid context, its kid -- a request without a kid context finds the same as one with an empty one."""
+    context, kid = keys_kid
+    return bytes((len(context),)) + context + kid
 
 
 class LaneHook:
@@ -205,6 +236,11 @@ class FastLane:
         self.lane.known = directory.knows_token
         directory.listen(self._registry_changed)
         ingest.lanes[endpoint] = LaneHook(self)  # (no cycle through the ingest: freed at once)
+        #: the OSCORE contexts given to the lane: its key -> (the Context, its device's name), and
+        #: each device's keys (a device changed or removed: its contexts are the Python path's again)
+        self._oscore: dict[bytes, tuple[Context, tuple[str, str]]] = {}
+        self._oscore_named: dict[tuple[str, str], set[bytes]] = {}
+        _SERVING[endpoint] = weakref.ref(self)
         self._warm()
 
     def begin(self) -> None:
@@ -257,13 +293,57 @@ class FastLane:
         self.lane.set_target(i, None)
         self._free.append(i)
 
+    # -- OSCORE (corem/oscore gives the lane its contexts) -------------------------------------------
+    def oscore_take(self, ctx: Context, device: Device, kid: tuple[bytes, bytes]) -> bool:
+        """The Python path has `ctx` ready (its window known) and unshared, for `device` (found by
+        `kid`: (kid context or b'', kid)): the lane opens its requests and seals their answers from
+        now on, with the same replay window.  False: not a context the lane can hold (the window is
+        the Python twin's)."""
+        if OscoreWindow is None or not isinstance(ctx.window, OscoreWindow):
+            return False
+        key = oscore_key(kid)
+        held = self._oscore.get(key)
+        if held is not None and held[0] is ctx:
+            return True
+        name = (device.tenant, device.device)
+        if name not in self._hot:  # (its readings are the lane's once its device is)
+            target = self.ingest.by_name(*name)
+            if target is not None:
+                self.take_up(target)
+        send, recv, iv = ctx.keys
+        if held is not None:
+            self._oscore_named.get(held[1], set()).discard(key)
+        self.lane.oscore_add(key, OscoreContext(recv, send, iv, ctx.window, name))
+        self._oscore[key] = (ctx, name)
+        self._oscore_named.setdefault(name, set()).add(key)
+        return True
+
+    def oscore_drop(self, ctx: Context, kid: tuple[bytes, bytes]) -> None:
+        """The context is gone from the Python path (evicted, or new keys): the lane lets it go."""
+        key = oscore_key(kid)
+        held = self._oscore.get(key)
+        if held is not None and held[0] is ctx:
+            self._oscore_drop_key(key)
+
+    def _oscore_drop_key(self, key: bytes) -> None:
+        _, name = self._oscore.pop(key)
+        keys = self._oscore_named.get(name)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._oscore_named[name]
+        self.lane.oscore_drop(key)
+
     def _registry_changed(self, names: Collection[tuple[str, str]] | None) -> None:
         """The registry changed these devices (None: any of them): the lane lets them go, and the
-        Python path takes them up again as they are now (or refuses them)."""
+        Python path takes them up again as they are now (or refuses them); their OSCORE contexts
+        too (new keys are a new context, and a device removed has none)."""
         if names is not None:
             for name in names:
                 if name in self._hot:
                     self._drop(name)
+                for key in list(self._oscore_named.get(name, ())):
+                    self._oscore_drop_key(key)
             if len(self.ingest.directory) <= self.warm:
                 for name in names:
                     target = self.ingest.by_name(*name)
@@ -273,6 +353,9 @@ class FastLane:
         self._tokens.clear()
         self._positions.clear()
         self._hot.clear()
+        self._oscore.clear()
+        self._oscore_named.clear()
+        self.lane.oscore_drop(None)
         self._free.clear()
         self._next = 0
         self.lane.set_targets(self._tokens, [], self._positions)
@@ -436,6 +519,12 @@ class FastLane:
         for door, (counts, seconds) in zip(LANE_DOORS, c["latency"]):  # (the endpoint's own buckets: summed)
             if any(counts):
                 yield Histogram(LATENCY, LATENCY_BOUNDS, list(counts), seconds, (("door", door),))
+
+    @property
+    def oscore_counts(self) -> tuple[int, int]:
+        """(OSCORE requests the lane took, answers it sealed): corem/oscore adds them to its own."""
+        c = self.lane.counters()
+        return c["oscore_requests"], c["oscore_sealed"]
 
     def __len__(self) -> int:
         """Exchanges the lane remembers for deduplication."""

@@ -47,7 +47,7 @@
 #include "../net/udp_batch.h"
 
 #define KEYLEN 24   /* addr (16, IPv4 mapped) | scope id (4) | port (2) | message id (2) */
-#define REPLY_MAX 48
+#define REPLY_MAX 64 /* a sealed OSCORE 5.03: 4 + 8 + 2 + 33 + 8 */
 #define MAX_ITEMS 64 /* readings per map the lane decodes; more go to the Python path */
 
 /* corem_request_duration_seconds for the readings the lane answers: from the receipt of the batch
@@ -71,6 +71,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 #define DTLS_RECORDS_API_ONLY
 #include "../dtls/engine/dtls_records.h"
 #include "dtls_sessions.h"
+#include "oscore.h"
 
 /* ---------------------------------------------------------------- profiles ----------------- */
 /* A profile's C form, shared by its devices' targets: its field rules and its layout */
@@ -178,6 +179,8 @@ typedef struct {
     uint8_t door; /* of the histogram: 0 /api/v1/..., 1 /telemetry, 2 Drogue's /v1/{channel} */
     PyObject *device; /* for accounting once committed */
     PyObject *peer;   /* the peer as Python gave it (CoAPS), or NULL (plain: the lane read it) */
+    OscContext *osc;  /* an OSCORE request's context (its answer is sealed), or NULL */
+    uint8_t nonce[OSC_NONCE], aad[OSC_AAD_MAX], aadlen; /* (the request's: its first answer uses them) */
     int32_t next_free;
 } pending_t;
 
@@ -238,6 +241,10 @@ typedef struct {
     wire_t *wire;
     size_t wire_len, wire_cap;
     char scope[8]; /* the transport in each record's exchange header: "udp", or "dtls" */
+    /* OSCORE (oscore.h): the contexts corem/oscore gave the lane, by key (osc_key), and the
+     * buffer an opened request's inner message is read from */
+    PyObject *oscs;
+    uint8_t *innerbuf;
     /* the token path (corem/token_path.py): its prefix's segments (api, v1) and the resource
      * (telemetry), given at init: `{prefix}/{token}/{resource}`, or `{prefix}/{resource}` and
      * `{resource}` in a session */
@@ -264,7 +271,8 @@ typedef struct {
     /* counters */
     unsigned long long datagrams_in, bytes_in, requests, duplicates, oversized, dropped, evicted,
         dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted,
-        recovered, recovered_answers, records_opened, records_sealed, records_to_python;
+        recovered, recovered_answers, records_opened, records_sealed, records_to_python, oscore_requests,
+        oscore_sealed;
     unsigned long long responses[256];
     /* the latency histogram: counts per door and bucket, their sums; the receipt of the batch
      * being read (rx_at, CLOCK_MONOTONIC) and the `now` it came with (rx_for) */
@@ -415,6 +423,7 @@ static int pending_new(Lane *self) {
             p[i].gen = 0;
             p[i].device = NULL;
             p[i].peer = NULL;
+            p[i].osc = NULL;
             p[i].next_free = i + 1 < cap ? i + 1 : -1;
         }
         self->pending = p;
@@ -432,6 +441,7 @@ static void pending_free(Lane *self, int32_t h) {
     pending_t *p = &self->pending[h];
     Py_CLEAR(p->device);
     Py_CLEAR(p->peer);
+    Py_CLEAR(p->osc);
     p->state = P_FREE;
     p->next_free = self->free_head;
     self->free_head = h;
@@ -616,6 +626,8 @@ typedef struct {
     const uint8_t *auth; /* option 4209's value, or NULL */
     size_t authlen;
     const uint8_t *payload, *end; /* payload NULL: none */
+    const uint8_t *osc;    /* the OSCORE option's value (RFC 8613), or NULL */
+    size_t osclen;
     int door;              /* the histogram's: 0 /api/v1/..., 1 /telemetry, 2 /v1/{channel} */
     PyObject *channel;     /* Drogue: the `channel` header's text (borrowed from the lane's table) */
     const uint8_t *schema; /* Drogue: the query's data_schema (ASCII), or NULL */
@@ -651,6 +663,8 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
     s->nseg = s->other = s->extra = s->nquery = 0;
     s->cf = -1;
     s->auth = NULL;
+    s->osc = NULL;
+    s->osclen = 0;
     while ((r = next_option(&p, end, &number, &v, &len)) == 0) {
         if (number == 11 && s->nseg < 4) {
             s->seg[s->nseg] = v;
@@ -662,6 +676,9 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
             s->query[s->nquery] = v;
             s->querylen[s->nquery++] = len;
             s->extra = 1;
+        } else if (number == OSC_OPTION && !s->osc) { /* (its request: classify's oscore branch) */
+            s->osc = v ? v : (const uint8_t *)"";
+            s->osclen = len;
         } else if (number == 4209 && !s->auth) {
             s->auth = v;
             s->authlen = len;
@@ -771,7 +788,7 @@ static target_t *drogue_route(Lane *self, shape_t *s, Py_ssize_t session) {
  * Drogue's /v1/{channel} (drogue_route); NULL for anything else, or a device with its own decoder
  * (the Python path); NULL with an exception on error. */
 static target_t *route(Lane *self, shape_t *s, Py_ssize_t session) {
-    if (s->type > 1 || s->other || !s->payload) return NULL; /* (its Content-Format: parse_payload) */
+    if (s->type > 1 || s->other || s->osc || !s->payload) return NULL; /* (its Content-Format: parse_payload) */
     if (s->type == 1 && (!self->next_mid || self->next_mid == Py_None)) return NULL; /* (a NON's answer needs one) */
     s->channel = NULL;
     s->schema = NULL;
@@ -820,12 +837,17 @@ static PyObject *creation_time(Lane *self, long long now_ms) {
     return self->ctime;
 }
 
-static PyObject *exchange_headers(Lane *self, PyObject *base, const shape_t *s, const addr_t *a, long long now_ms) {
+static PyObject *exchange_headers(Lane *self, PyObject *base, const shape_t *s, const addr_t *a, long long now_ms,
+                                  int oscore) {
     uint16_t mid = s->mid;
-    char buf[8 + INET6_ADDRSTRLEN + 32], *o = buf;
+    char buf[16 + INET6_ADDRSTRLEN + 32], *o = buf;
     size_t sl = strlen(self->scope);
     memcpy(o, self->scope, sl);
     o += sl;
+    if (oscore) { /* (its answer must be sealed: not recovered after a restart, telemetry.py `_headers`) */
+        memcpy(o, "+oscore", 7);
+        o += 7;
+    }
     *o++ = ' ';
     unsigned port, scope = 0;
     if (a->sa.sa_family == AF_INET) { /* (glibc's inet_ntop formats IPv4 with sprintf: 3x slower) */
@@ -895,13 +917,23 @@ static PyObject *point_record(Lane *self, target_t *t, PyObject *headers, item_t
  * `rules`, or the units' order a Python decoder gave, `uorder`), and the exchange waiting for
  * their commits.  0; 1 if a point breaks a rule (the Python path's, nothing taken); or -1 with
  * an exception set. */
+/* What an OSCORE request the lane opened leaves for its answer (oscore.h): its context (a
+ * reference, held while the request is read), the nonce and AAD its first answer is sealed with,
+ * its sequence number (accepted in the window once the lane took the request). */
+typedef struct {
+    OscContext *ctx;
+    uint8_t nonce[OSC_NONCE], aad[OSC_AAD_MAX];
+    size_t aadlen;
+    int64_t seq;
+} osc_req_t;
+
 static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
                         socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, item_t *items, int nitems,
                         const long long *pts, int npts, double now, long long now_ms, const rules_t *rules,
-                        const uint8_t *uorder, int nu) {
+                        const uint8_t *uorder, int nu, const osc_req_t *osc) {
     PyObject *record[MAX_POINTS];
     int made = 0;
-    PyObject *headers = exchange_headers(self, t->headers, s, a, now_ms);
+    PyObject *headers = exchange_headers(self, t->headers, s, a, now_ms, osc != NULL);
     if (!headers) return -1;
     for (int p = 0; p < npts; p++) {
         item_t own[MAX_ITEMS], *pi = items;
@@ -964,6 +996,13 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     q->device = t->device;
     Py_XINCREF(peer);
     q->peer = peer;
+    if (osc) {
+        Py_INCREF(osc->ctx);
+        q->osc = osc->ctx;
+        memcpy(q->nonce, osc->nonce, OSC_NONCE);
+        memcpy(q->aad, osc->aad, osc->aadlen);
+        q->aadlen = (uint8_t)osc->aadlen;
+    }
     PyObject *ctx = PyLong_FromLongLong((long long)h << 32 | q->gen);
     int bad = !ctx;
     Py_ssize_t before = PyList_GET_SIZE(self->records);
@@ -1012,18 +1051,11 @@ static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint
     return parse_document(cf, mode, nested ? &fl : NULL, p, end, items, nitems, pts, npts);
 }
 
-/* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
-static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
-                    double now, long long now_ms, Py_ssize_t session) {
-    shape_t s;
-    if (read_shape(d, n, &s)) return 1; /* malformed: the codec explains */
-    uint8_t key[KEYLEN];
-    long reuse;
-    addr_key(a, s.mid, 1, key);
-    int seen = seen_before(self, d, &s, n, a, alen, peer, key, &reuse);
-    if (seen != SEEN_NOT) return seen;
-    target_t *t = route(self, &s, session);
-    if (!t) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
+/* The routed request's payload read and taken (its shape `sp`: the datagram's own, or the inner
+ * message an OSCORE request sealed, `osc`): 0 taken, 1 the Python path's, -1 error. */
+static int take_request(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
+                        socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, double now, long long now_ms,
+                        const osc_req_t *osc) {
     item_t items[MAX_ITEMS];
     char names[MAX_ITEMS][LANE_NAME]; /* (the names a format makes: LPP's, SenML's) */
     int nitems;
@@ -1035,7 +1067,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         int nu = 0;
         uint64_t gen = self->targets_gen;
         Py_ssize_t ti = t - self->targets;
-        int got = parse_python(profile_of(t)->decode, s.cf, s.payload, s.end, now_ms, items, &nitems, &pts[0], uorder,
+        int got = parse_python(profile_of(t)->decode, s->cf, s->payload, s->end, now_ms, items, &nitems, &pts[0], uorder,
                                &nu, &keep);
         if (got == -2) { /* (not the decoder's refusal: KeyboardInterrupt and the like go up) */
             Py_XDECREF(keep);
@@ -1044,13 +1076,13 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         if (got < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
             r = 1;
         else
-            r = take_reading(self, &self->targets[ti], &s, d, n, a, alen, peer, key, reuse, items, nitems, pts, 1, now,
-                             now_ms, NULL, uorder, nu);
+            r = take_reading(self, &self->targets[ti], s, d, n, a, alen, peer, key, reuse, items, nitems, pts, 1, now,
+                             now_ms, NULL, uorder, nu, osc);
         Py_XDECREF(keep); /* (last: the items point into it) */
-        return r == 1 ? python_path(self, key, now, reuse) : r;
+        return r;
     }
     /* (the JSON text of nested values, `nested: json`: no longer than twice the payload) */
-    size_t room = 2 * (size_t)(s.end - s.payload) + 64;
+    size_t room = 2 * (size_t)(s->end - s->payload) + 64;
     if (room > self->nested_cap) {
         char *b = PyMem_Realloc(self->nested, room);
         if (!b) {
@@ -1061,12 +1093,111 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         self->nested_cap = room;
     }
     json_buf_t jb = {self->nested, self->nested_cap, 0};
-    if (parse_payload(s.cf, t, s.payload, s.end, now_ms, items, &nitems, pts, &npts, names, &jb) < 0)
-        return python_path(self, key, now, reuse);
+    if (parse_payload(s->cf, t, s->payload, s->end, now_ms, items, &nitems, pts, &npts, names, &jb) < 0) return 1;
     const rules_t *rules = t->profile && profile_of(t)->rules.n ? &profile_of(t)->rules : NULL;
     /* accepted unless a rule is broken: from then on the lane owns the exchange */
-    r = take_reading(self, t, &s, d, n, a, alen, peer, key, reuse, items, nitems, pts, npts, now, now_ms, rules,
-                     NULL, 0);
+    return take_reading(self, t, s, d, n, a, alen, peer, key, reuse, items, nitems, pts, npts, now, now_ms, rules,
+                        NULL, 0, osc);
+}
+
+/* An OSCORE request (RFC 8613 §8.2) the lane may take: an outer CON or NON POST with nothing but
+ * the OSCORE option and the ciphertext, whose option has a partial IV and a kid of a context
+ * corem/oscore gave the lane (`oscore_add`), whose number is fresh in the context's window, and
+ * which authenticates; its inner message (the outer header and token, the plaintext's code,
+ * options and payload: protect.py `inner_message`) read into `inner`.  0 with `o` set (o->ctx a
+ * reference), 1 the Python path's (nothing changed: the window is only moved once the lane took
+ * the request), -1 error. */
+static int oscore_open(Lane *self, const uint8_t *d, const shape_t *s, shape_t *inner, osc_req_t *o) {
+    if (!self->oscs || !PyDict_GET_SIZE(self->oscs)) return 1;
+    if (s->code != 2 || s->type > 1 || s->other || s->nseg || s->cf >= 0 || s->extra || !s->payload) return 1;
+    size_t ctlen = (size_t)(s->end - s->payload);
+    if (ctlen <= OSC_TAG) return 1; /* (an empty plaintext: Python's 4.02) */
+    osc_option_t opt;
+    if (osc_option(s->osc, s->osclen, &opt) < 0) return 1;
+    PyObject *k = osc_key(&opt);
+    if (!k) return -1;
+    OscContext *ctx = (OscContext *)PyDict_GetItemWithError(self->oscs, k);
+    Py_DECREF(k);
+    if (!ctx) return PyErr_Occurred() ? -1 : 1;
+    int64_t seq = 0;
+    for (size_t i = 0; i < opt.pivlen; i++) seq = seq << 8 | opt.piv[i];
+    if (!ctx->window || !osc_fresh(ctx->window, seq)) return 1; /* (Python's 4.01: a replay) */
+    if (!self->innerbuf && !(self->innerbuf = PyMem_Malloc((size_t)self->max_datagram + 16))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    osc_nonce(ctx->iv, opt.kid, opt.kidlen, opt.piv, opt.pivlen, o->nonce);
+    o->aadlen = osc_aad(opt.kid, opt.kidlen, opt.piv, opt.pivlen, o->aad);
+    size_t pl = ctlen - OSC_TAG;
+    uint8_t tag[OSC_TAG], *at = self->innerbuf + 3 + s->tkl; /* (the plaintext's code where the inner header ends) */
+    memcpy(tag, s->payload + pl, OSC_TAG);
+    if (osc_ccm(ctx->open, 0, o->nonce, o->aad, o->aadlen, s->payload, pl, at, tag) != 1)
+        return 1; /* (Python's 4.00, or libcrypto's failure: Python tries its own) */
+    uint8_t *h = self->innerbuf;
+    uint8_t code = at[0];
+    h[0] = (uint8_t)(0x40 | s->type << 4 | s->tkl);
+    h[1] = code;
+    h[2] = d[2];
+    h[3] = d[3];
+    memcpy(h + 4, d + 4, s->tkl);
+    if (read_shape(h, 3 + s->tkl + pl, inner) || inner->osc) return 1;
+    Py_INCREF(ctx);
+    o->ctx = ctx;
+    o->seq = seq;
+    return 0;
+}
+
+/* The target of the device an OSCORE context names (cached until the table changes), or -1. */
+static Py_ssize_t osc_target(Lane *self, OscContext *c) {
+    if (c->targets_gen != self->targets_gen) {
+        c->targets_gen = self->targets_gen;
+        c->target = -1;
+        if (self->positions) {
+            PyObject *i = PyDict_GetItemWithError(self->positions, c->name);
+            if (i) c->target = PyLong_AsSsize_t(i);
+            if (PyErr_Occurred()) {
+                PyErr_Clear(); /* (not the lane's: Python's path serves it) */
+                c->target = -1;
+            }
+        }
+    }
+    return c->target;
+}
+
+/* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
+static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
+                    double now, long long now_ms, Py_ssize_t session) {
+    shape_t s;
+    if (read_shape(d, n, &s)) return 1; /* malformed: the codec explains */
+    uint8_t key[KEYLEN];
+    long reuse;
+    addr_key(a, s.mid, 1, key);
+    int seen = seen_before(self, d, &s, n, a, alen, peer, key, &reuse);
+    if (seen != SEEN_NOT) return seen;
+    int r;
+    if (s.osc) {
+        /* OSCORE: the inner message routed as a request of the context's device (its session:
+         * /telemetry, /api/v1/telemetry), or of the token in its path; Drogue's door stays Python's */
+        shape_t inner;
+        osc_req_t o;
+        r = oscore_open(self, d, &s, &inner, &o);
+        if (r) return r < 0 ? -1 : python_path(self, key, now, reuse);
+        Py_ssize_t ot = osc_target(self, o.ctx);
+        target_t *t = NULL;
+        if (!(inner.nseg == 2 && inner.seglen[0] == 2 && memcmp(inner.seg[0], "v1", 2) == 0))
+            t = route(self, &inner, ot < 0 ? NO_DEVICE : ot);
+        r = t ? take_request(self, t, &inner, d, n, a, alen, peer, key, reuse, now, now_ms, &o)
+              : PyErr_Occurred() ? -1 : 1;
+        if (r == 0) { /* taken: the window moves (the Python path's Context shares it) */
+            osc_accept(o.ctx->window, o.seq);
+            self->oscore_requests++;
+        }
+        Py_DECREF(o.ctx);
+    } else {
+        target_t *t = route(self, &s, session);
+        if (!t) return PyErr_Occurred() ? -1 : python_path(self, key, now, reuse);
+        r = take_request(self, t, &s, d, n, a, alen, peer, key, reuse, now, now_ms, NULL);
+    }
     return r == 1 ? python_path(self, key, now, reuse) : r;
 }
 
@@ -1669,6 +1800,27 @@ static pending_t *pending_of(Lane *self, PyObject *ctx) {
     return &self->pending[h];
 }
 
+/* An OSCORE request's answer sealed (protect.py `protect` with the request's nonce: its first
+ * answer), the ciphertext and tag into `out`: 2.04 bare, or BUSY -- 5.03, Max-Age 5 and the reason,
+ * whole (outside it is a 2.04: no error to cut to the request's size).  Its length, or -1. */
+#define BUSY_WHY "bus unavailable; retry later"
+#define OSC_SEALED_MAX (5 + sizeof BUSY_WHY - 1 + OSC_TAG)
+static long osc_seal_answer(Lane *self, const pending_t *q, int ok, uint8_t *out) {
+    uint8_t plain[5 + sizeof BUSY_WHY];
+    size_t pl = 0;
+    if (ok) {
+        plain[pl++] = 0x44;
+    } else {
+        static const uint8_t head[] = {0xA3, 0xD1, 0x01, 5, 0xff}; /* 5.03, Max-Age 5, the payload marker */
+        memcpy(plain, head, sizeof head);
+        memcpy(plain + sizeof head, BUSY_WHY, sizeof BUSY_WHY - 1);
+        pl = sizeof head + sizeof BUSY_WHY - 1;
+    }
+    if (osc_ccm(q->osc->seal, 1, q->nonce, q->aad, q->aadlen, plain, pl, out, out + pl) != 1) return -1;
+    self->oscore_sealed++;
+    return (long)(pl + OSC_TAG);
+}
+
 /* The sink's verdict on one record: 2.04 once durable, 5.03 with Max-Age 5 if not; in the ACK, or
  * -- past the piggyback timeout -- as a separate response: `on_late(peer, token, code, request
  * size)` hands it to Python's endpoint, which sends and retransmits it. */
@@ -1721,7 +1873,18 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
         reply[2] = mid >> 8;
         reply[3] = mid & 0xff;
         memcpy(reply + 4, q->token, q->tkl);
-        if (!ok) { /* Max-Age: 5, and as much of the reason as fits in the request's size */
+        if (q->osc) { /* sealed, as the Sealer seals a first answer: 2.04 outside, the OSCORE option empty */
+            reply[1] = code = 0x44;
+            reply[len++] = OSC_OPTION << 4;
+            reply[len++] = 0xff;
+            long m = osc_seal_answer(self, q, ok, reply + len);
+            if (m < 0) {
+                pending_free(self, (int32_t)(q - self->pending));
+                PyErr_SetString(PyExc_RuntimeError, "oscore: libcrypto failed to seal an answer");
+                return NULL;
+            }
+            len += (size_t)m;
+        } else if (!ok) { /* Max-Age: 5, and as much of the reason as fits in the request's size */
             static const char why[] = "bus unavailable; retry later";
             reply[len++] = 0xD1;
             reply[len++] = 0x01;
@@ -1744,8 +1907,21 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
     } else if (self->on_late && self->on_late != Py_None) {
         /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
         PyObject *peer = q->peer ? Py_NewRef(q->peer) : addr_tuple(&q->addr, q->alen);
-        PyObject *r = peer ? PyObject_CallFunction(self->on_late, "Ny#iI", peer, (const char *)q->token,
-                                                   (Py_ssize_t)q->tkl, code, q->size) : NULL;
+        PyObject *r = NULL;
+        if (peer && q->osc) { /* (the sealed answer, for the endpoint to send with the OSCORE option) */
+            uint8_t sealed[OSC_SEALED_MAX];
+            long m = osc_seal_answer(self, q, ok, sealed);
+            if (m < 0) {
+                Py_DECREF(peer);
+                PyErr_SetString(PyExc_RuntimeError, "oscore: libcrypto failed to seal an answer");
+            } else {
+                r = PyObject_CallFunction(self->on_late, "Ny#iIy#", peer, (const char *)q->token, (Py_ssize_t)q->tkl,
+                                          code, q->size, (const char *)sealed, (Py_ssize_t)m);
+            }
+        } else if (peer) {
+            r = PyObject_CallFunction(self->on_late, "Ny#iI", peer, (const char *)q->token, (Py_ssize_t)q->tkl, code,
+                                      q->size);
+        }
         if (!r) {
             pending_free(self, (int32_t)(q - self->pending));
             return NULL;
@@ -1985,6 +2161,43 @@ static PyObject *Lane_drogue(Lane *self, PyObject *channel) {
     Py_RETURN_TRUE;
 }
 
+/* oscore_add(key, context): the lane takes the common requests of this OSCORE context from now on
+ * (corem/oscore gives it once the Python path has the context ready and unshared; `key`: osc_key's
+ * form of its kid context and kid), replacing any context there. */
+static PyObject *Lane_oscore_add(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyObject_TypeCheck(args[1], &OscContextType)) {
+        PyErr_SetString(PyExc_TypeError, "oscore_add(key: bytes, context: OscoreContext)");
+        return NULL;
+    }
+    if (!self->oscs && !(self->oscs = PyDict_New())) return NULL;
+    if (PyDict_SetItem(self->oscs, args[0], args[1]) < 0) return NULL;
+    ((OscContext *)args[1])->targets_gen = self->targets_gen - 1; /* (resolved at its first request) */
+    Py_RETURN_NONE;
+}
+
+/* oscore_drop(key, context=None) -> bool: the context at `key` is no longer the lane's (only if it is
+ * `context`, when given); oscore_drop(None) drops them all. */
+static PyObject *Lane_oscore_drop(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2 || (args[0] != Py_None && !PyBytes_Check(args[0]))) {
+        PyErr_SetString(PyExc_TypeError, "oscore_drop(key: bytes | None, context=None)");
+        return NULL;
+    }
+    if (!self->oscs) Py_RETURN_FALSE;
+    if (args[0] == Py_None) {
+        int any = PyDict_GET_SIZE(self->oscs) > 0;
+        PyDict_Clear(self->oscs);
+        return PyBool_FromLong(any);
+    }
+    PyObject *held = PyDict_GetItemWithError(self->oscs, args[0]);
+    if (!held) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_FALSE;
+    }
+    if (nargs == 2 && args[1] != Py_None && held != args[1]) Py_RETURN_FALSE;
+    if (PyDict_DelItem(self->oscs, args[0]) < 0) return NULL;
+    Py_RETURN_TRUE;
+}
+
 /* counters()'s "latency": per door, ((counts per bucket, +Inf last), sum of seconds); and
  * "latency_bounds", the buckets' upper bounds. */
 static int lat_counters(Lane *self, PyObject *into) {
@@ -2035,6 +2248,13 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         (Py_ssize_t)self->dedup.count, "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
         "responses", responses, "records_opened", self->records_opened, "records_sealed", self->records_sealed,
         "records_to_python", self->records_to_python, "dtls_sessions", (Py_ssize_t)self->ds.count);
+    if (c) {
+        PyObject *oc = Py_BuildValue("{sKsKsn}", "oscore_requests", self->oscore_requests, "oscore_sealed",
+                                     self->oscore_sealed, "oscore_contexts",
+                                     self->oscs ? PyDict_GET_SIZE(self->oscs) : (Py_ssize_t)0);
+        if (!oc || PyDict_Update(c, oc) < 0) Py_CLEAR(c);
+        Py_XDECREF(oc);
+    }
     if (c && lat_counters(self, c) < 0) Py_CLEAR(c);
     return c;
 }
@@ -2190,7 +2410,9 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     for (int32_t i = 0; i < self->npending_cap; i++) {
         Py_VISIT(self->pending[i].device);
         Py_VISIT(self->pending[i].peer);
+        Py_VISIT(self->pending[i].osc);
     }
+    Py_VISIT(self->oscs);
     for (size_t i = 0; i < self->out_len; i++) Py_VISIT(self->out[i].peer);
     Py_VISIT(self->positions);
     Py_VISIT(self->plain);
@@ -2225,7 +2447,9 @@ static int Lane_clear(Lane *self) {
     for (int32_t i = 0; i < self->npending_cap; i++) {
         Py_CLEAR(self->pending[i].device);
         Py_CLEAR(self->pending[i].peer);
+        Py_CLEAR(self->pending[i].osc);
     }
+    Py_CLEAR(self->oscs);
     for (size_t i = 0; i < self->out_len; i++) Py_CLEAR(self->out[i].peer);
     Py_CLEAR(self->positions);
     Py_CLEAR(self->plain);
@@ -2252,6 +2476,7 @@ static void Lane_dealloc(Lane *self) {
     ds_free(&self->ds);
     PyMem_Free(self->wire);
     PyMem_Free(self->plainbuf);
+    PyMem_Free(self->innerbuf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -2293,6 +2518,10 @@ static PyMethodDef Lane_methods[] = {
     {"drogue", (PyCFunction)Lane_drogue, METH_O,
      "drogue(channel) -> bool: the Python path's Drogue door serves /v1/{channel} here; the lane takes it too"},
     {"exempt", (PyCFunction)Lane_exempt, METH_O, "exempt(networks): the rate limit's exempt networks, replaced whole"},
+    {"oscore_add", (PyCFunction)(void (*)(void))Lane_oscore_add, METH_FASTCALL,
+     "oscore_add(key, context): the lane takes this OSCORE context's common requests"},
+    {"oscore_drop", (PyCFunction)(void (*)(void))Lane_oscore_drop, METH_FASTCALL,
+     "oscore_drop(key | None, context=None) -> bool: the context (or every one) is Python's again"},
     {NULL},
 };
 
@@ -2332,9 +2561,15 @@ PyMODINIT_FUNC PyInit__lane(void) {
     if (!CREATION && !(CREATION = PyUnicode_InternFromString("creation-time"))) return NULL;
     if (!CHANNEL && !(CHANNEL = PyUnicode_InternFromString("channel"))) return NULL;
     if (!DATA_SCHEMA && !(DATA_SCHEMA = PyUnicode_InternFromString("data_schema"))) return NULL;
-    if (PyType_Ready(&LaneType) < 0) return NULL;
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&OscWindowType) < 0 || PyType_Ready(&OscContextType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "OscoreWindow", (PyObject *)&OscWindowType) < 0 ||
+        PyModule_AddObjectRef(m, "OscoreContext", (PyObject *)&OscContextType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&LaneType);
     if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
         Py_DECREF(&LaneType);

@@ -60,7 +60,39 @@ class Lane:
     def limit(self, rate: float, burst: float, max_sources: int, /) -> None: ...
     def exempt(self, networks: list[tuple[bytes, int]], /) -> None:
         """The rate limit's exempt networks, replaced whole (16 address bytes, prefix length)."""
+    # OSCORE (oscore.h): the contexts corem/oscore has ready and unshared, by their key
+    def oscore_add(self, key: bytes, context: OscoreContext, /) -> None:
+        """The lane takes this context's common requests (key: len(kid context), kid context, kid)."""
+    def oscore_drop(self, key: bytes | None, context: OscoreContext | None = None, /) -> bool:
+        """The context at `key` (only if it is `context`, when given), or every one (None), is Python's again."""
     def counters(self) -> dict[str, Any]: ...
+
+class OscoreWindow:
+    """An OSCORE context's replay window (RFC 8613 §7.4): one per context, shared by the lane and
+    corem/oscore (context.py's ReplayWindow is its Python twin)."""
+    def __init__(self, ready: bool) -> None: ...
+    @property
+    def top(self) -> int: ...
+    @property
+    def bits(self) -> int: ...
+    @property
+    def ready(self) -> bool: ...
+    def fresh(self, seq: int, /) -> bool: ...
+    def accept(self, seq: int, /) -> None: ...
+    def start_at(self, seq: int, /) -> None: ...
+
+class OscoreContext:
+    """One context as a lane holds it (one per lane): its keys keyed into libcrypto, its window, its device."""
+    def __init__(self, recipient_key: bytes, sender_key: bytes, common_iv: bytes, window: OscoreWindow,
+                 name: tuple[str, str], /) -> None: ...
+    @property
+    def window(self) -> OscoreWindow: ...
+    @property
+    def name(self) -> tuple[str, str]: ...
+    def open(self, kid: bytes, piv: bytes, ciphertext: bytes, /) -> bytes | None:
+        """The plaintext, or None if it does not authenticate under the recipient key."""
+    def seal(self, kid: bytes, piv: bytes, plaintext: bytes, /) -> bytes:
+        """The ciphertext and tag under the sender key, with the request's nonce (a first answer)."""
 
 def fold_marks(packs: Any, /) -> list[tuple[int, bytes, int]]:
     """Each key's highest top over the packs, as (top, key, top) in the order keys first appear."""

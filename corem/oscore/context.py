@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..c_twins import c_twin
+
 __all__ = ["AEAD_ALG", "Context", "InvalidTag", "MAX_ID", "MAX_SEQ", "ReplayWindow", "cbor_bstr", "derive"]
 
 #: COSE algorithm AES-CCM-16-64-128
@@ -91,22 +93,31 @@ class ReplayWindow:
         self.top, self.bits, self.ready = seq, (1 << WINDOW) - 1, True
 
 
+#: the replay window a Context holds: the fast lane's C window (corem/fastlane/oscore.h), which the
+#: lane checks and moves itself for the requests it takes -- one window whichever path takes a
+#: request -- or, without the C lane (or with COREM_PURE_PYTHON), ReplayWindow, its twin
+Window: Callable[[bool], ReplayWindow] = c_twin("corem.fastlane._lane", "OscoreWindow", None) or ReplayWindow
+
+
 class Context:
     """One device's security context; `reserve(n)` gives corem a block of n sender sequence
     numbers that no other process and no later start will use (persisted first, §7.5.1)."""
 
     __slots__ = ("sender_id", "recipient_id", "id_context", "_send", "_recv", "_iv", "window", "_seq", "_limit",
-                 "_reserve", "echo", "name", "marked")
+                 "_reserve", "echo", "name", "marked", "keys")
 
     def __init__(self, secret: bytes, salt: bytes, sender_id: bytes, recipient_id: bytes, id_context: bytes | None,
                  *, reserve: Callable[[int], int], window_ready: bool) -> None:
         if len(sender_id) > MAX_ID or len(recipient_id) > MAX_ID:
             raise ValueError(f"oscore: sender and recipient IDs are at most {MAX_ID} bytes")
         send, recv, iv = derive(secret, salt, sender_id, recipient_id, id_context)
+        #: the derived (sender key, recipient key, common IV): what a fast lane holds to take the
+        #: device's requests itself (corem/fastlane `FastLane.oscore_take`)
+        self.keys = (send, recv, iv)
         self.sender_id, self.recipient_id, self.id_context = sender_id, recipient_id, id_context
         self._send, self._recv = AESCCM(send, TAG_LEN), AESCCM(recv, TAG_LEN)
         self._iv = int.from_bytes(iv, "big")
-        self.window = ReplayWindow(window_ready)
+        self.window = Window(window_ready)
         self._seq = self._limit = 0
         self._reserve = reserve
         #: the Echo value (RFC 9175) this context's device must return before its window opens
