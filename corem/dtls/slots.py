@@ -51,7 +51,7 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Final, Generic, Hashable, Iterator, TypeVar
 
 Peer = Hashable
 K = TypeVar("K", bound=Hashable)
@@ -105,24 +105,33 @@ class Tally(Generic[K]):
         return self.counts.get(key, 0)
 
     def add(self, key: K) -> None:
-        n = self.counts.get(key, 0)
+        counts, by_count = self.counts, self._by_count
+        n = counts.get(key, 0)
         if n:
             self._unfile(key, n)
-        self.counts[key] = n + 1
-        self._by_count.setdefault(n + 1, {})[key] = None
-        if n + 1 > self._top:
-            self._top = n + 1
+        n += 1
+        counts[key] = n
+        bucket = by_count.get(n)
+        if bucket is None:
+            by_count[n] = {key: None}
+        else:
+            bucket[key] = None
+        if n > self._top:
+            self._top = n
 
     def remove(self, key: K) -> None:
-        n = self.counts[key]
+        counts, by_count = self.counts, self._by_count
+        n = counts[key]
         self._unfile(key, n)
         if n == 1:
-            del self.counts[key]
+            del counts[key]
         else:
-            self.counts[key] = n - 1
-            self._by_count.setdefault(n - 1, {})[key] = None
-        while self._top and self._top not in self._by_count:
-            self._top -= 1
+            counts[key] = n - 1
+            by_count.setdefault(n - 1, {})[key] = None
+        top = self._top
+        while top and top not in by_count:
+            top -= 1
+        self._top = top
 
     def _unfile(self, key: K, n: int) -> None:
         bucket = self._by_count[n]
@@ -158,14 +167,11 @@ def _outweighs(theirs: int, ours: int) -> bool:
     return theirs > 2 * ours + 1
 
 
-class _Slot:
-    __slots__ = ("started", "address", "prefix", "hello")
-
-    def __init__(self, started: float, address: Hashable, prefix: Hashable, hello: bytes) -> None:
-        self.started = started
-        self.address = address
-        self.prefix = prefix
-        self.hello = hello
+#: a slot is a tuple (a handshake's slot is made and dropped once a handshake: no object of a
+#: class of its own): when it was taken, the peer's address and prefix, the datagram that took it
+_STARTED: Final = 0
+_HELLO: Final = 3
+_Slot = tuple[float, Hashable, Hashable, bytes]
 
 
 class HandshakeSlots:
@@ -281,7 +287,7 @@ class HandshakeSlots:
             self.release(verdict.evict)
             self.evicted += 1
         self._considered = None
-        self._slots[peer] = _Slot(now, address, prefix, hello)
+        self._slots[peer] = (now, address, prefix, hello)
         peers = self._by_address.get(address)
         if peers is None:
             self._by_address[address] = {peer: None}
@@ -300,7 +306,7 @@ class HandshakeSlots:
         record (a real client's retransmission has a new record number), which the TLS engine
         would drop after ~30 us of work.  Checked first, it costs a comparison."""
         slot = self._slots.get(peer)
-        return slot is not None and slot.hello == datagram
+        return slot is not None and slot[_HELLO] == datagram
 
     def release(self, peer: Peer) -> bool:
         """The handshake finished, failed or was dropped: its slot is free.  False if it had none."""
@@ -308,15 +314,16 @@ class HandshakeSlots:
         if slot is None:
             return False
         self._considered = None
-        peers = self._by_address[slot.address]
+        _, address, prefix, _ = slot
+        peers = self._by_address[address]
         del peers[peer]
         if not peers:
-            del self._by_address[slot.address]
-        self._prefixes.remove(slot.prefix)
-        tally = self._addresses[slot.prefix]
-        tally.remove(slot.address)
+            del self._by_address[address]
+        self._prefixes.remove(prefix)
+        tally = self._addresses[prefix]
+        tally.remove(address)
         if not tally:
-            del self._addresses[slot.prefix]
+            del self._addresses[prefix]
         return True
 
     # -- time ----------------------------------------------------------------------------------
@@ -330,7 +337,7 @@ class HandshakeSlots:
         slots = self._slots
         while slots and budget >= 1.0:
             peer, slot = next(iter(slots.items()))
-            if now - slot.started <= timeout:
+            if now - slot[_STARTED] <= timeout:
                 break
             self.release(peer)
             out.append(peer)
