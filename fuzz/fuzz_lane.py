@@ -4,7 +4,10 @@ its query and option 4209, it mutates, or raw bytes), bus verdicts, clock
 steps and new DTLS sessions, fed to the lane in front of the Python path and to the Python path
 alone; or (a quarter of the inputs) CoAPS records of a session of corem's DTLS engine, which the
 lane opens itself in front of the engine (`DtlsTwin`: replays, forgeries, cuts, two records in a
-datagram, an alert, another address).  Both must store and answer the same, and nothing may escape.  (Eviction under the dedup
+datagram, an alert, another address); or (another quarter) OSCORE requests of a device whose context
+the lane holds (`oscore_input`: sealed from the fuzzer's choices -- number, inner options, payload,
+type, method -- and then maybe mutated; forged, replayed, retransmitted).  Both must store and answer
+the same, and nothing may escape.  (Eviction under the dedup
 bound is tested in tests/test_fastlane.py: the lane also remembers datagrams the codec then
 refuses, so the two fill their bounds at different rates.)"""
 
@@ -18,12 +21,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 with atheris.instrument_imports():
     from corem.codec import Code, Message, Type, encode
     from corem.codec import OptionNumber as O
+    from corem.codec.options import UNDERSTOOD_CRITICAL
     from corem.devices.downlink import Downlink
     from corem.frontdoors.drogue import Drogue
+    from corem.identity import session_identity
+    from corem.oscore import Oscore
+    from corem.oscore import layer as oscore_layer
+    from corem.oscore.context import derive
+    from corem.oscore.protect import aad, plaintext
+    from corem.registry.db import Db
     from corem.registry.management import Management
+    from corem.registry.oscore import OscoreState
+    from corem.registry.store import OscoreKeys
     from tests.lane_twin import Twin
 
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+
 TWIN = Twin()
+#: an OSCORE device of the default profile, and one with a kid context of ThingsBoard's (oscore_input)
+OSCORE_KEYS = (OscoreKeys(sender_id=b"\x01", recipient_id=b"\x02", secret=b"0123456789abcdef0123", salt=b"\x9e\x7c"),
+               OscoreKeys(sender_id=b"", recipient_id=b"\x07" * 7, secret=bytes(range(16)), id_context=b"\x37\xcb"))
+TWIN.registry.add_device("acme", "os-1", oscore=OSCORE_KEYS[0])
+TWIN.registry.add_device("acme", "os-2", oscore=OSCORE_KEYS[1], profile="tb")
+TWIN.directory.refresh(force=True)
+oscore_layer.secrets.token_bytes = lambda n: b"E" * n  # (an Echo value both sides choose alike)
 #: the Drogue channels the lane is told the door serves (as the door's first request tells it)
 CHANNELS = ("telemetry", "state")
 
@@ -100,6 +121,41 @@ TEMPLATES += (
            bytes.fromhex("03670110"), mtype=Type.NON),
 )
 PEERS = [("127.0.0.1", 40000), ("127.0.0.1", 40001), ("::1", 40000, 0, 0)]
+
+
+class OscoreDevice:
+    """The device's side of a context: seals the requests the fuzzer describes."""
+
+    def __init__(self, keys: OscoreKeys) -> None:
+        _, corem_recv, iv = derive(keys.secret, keys.salt, keys.sender_id, keys.recipient_id, keys.id_context)
+        self.send, self.iv, self.kid, self.ctx = AESCCM(corem_recv, 8), int.from_bytes(iv, "big"), keys.recipient_id, keys.id_context
+
+    def seal(self, seq: int, inner: list, payload: bytes, *, code: int = Code.POST, mtype: int = Type.CON,
+             mid: int = 0x3456) -> bytes:
+        piv = seq.to_bytes(5, "big").lstrip(b"\x00") or b"\x00"
+        nonce = ((len(self.kid) << 96 | int.from_bytes(self.kid, "big") << 40 | seq) ^ self.iv).to_bytes(13, "big")
+        sealed = self.send.encrypt(nonce, plaintext(code, inner, payload), aad(self.kid, piv))
+        flags = len(piv) | 0x08 | (0x10 if self.ctx is not None else 0)
+        option = bytes((flags,)) + piv + (b"" if self.ctx is None else bytes((len(self.ctx),)) + self.ctx) + self.kid
+        return encode(Message(mtype, Code.POST, mid, b"\x0a\x0b", [(O.OSCORE, option)], sealed))
+
+
+OSCORE_DEVICES = [OscoreDevice(k) for k in OSCORE_KEYS]
+#: the inner requests' options: /telemetry (CBOR, JSON), ThingsBoard's x509 path, a token path, no
+#: Content-Format, another path, Drogue's, Observe, Echo, an unknown critical option
+OSCORE_INNER = (
+    [(O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
+    [(O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
+    [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x32")],
+    [(O.URI_PATH, b"api"), (O.URI_PATH, b"v1"), (O.URI_PATH, b"T1"), (O.URI_PATH, b"telemetry"),
+     (O.CONTENT_FORMAT, b"\x3c")],
+    [(O.URI_PATH, b"telemetry")],
+    [(O.URI_PATH, b"other"), (O.CONTENT_FORMAT, b"\x3c")],
+    [(O.URI_PATH, b"v1"), (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
+    [(O.OBSERVE, b""), (O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c")],
+    [(O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c"), (O.ECHO, b"EEEEEEEE")],
+    [(O.URI_PATH, b"telemetry"), (O.CONTENT_FORMAT, b"\x3c"), (2049, b"")],
+)
 
 
 class DtlsTwin:
@@ -259,12 +315,71 @@ def dtls_input(fdp: atheris.FuzzedDataProvider) -> None:
     DTLS.check()
 
 
+def mount_oscore() -> None:
+    """OSCORE on both sides' routers (each its own layer and state, as two processes), /telemetry
+    mounted as `corem serve` mounts it, and each device's first request served (by Python: from then
+    on its context is the lane's)."""
+    for side in (TWIN.lane, TWIN.python):
+        side.ingest.install(side.router, session_identity(None))
+        side.oscore = Oscore(TWIN.directory.oscore_device, OscoreState(Db(":memory:")),
+                             UNDERSTOOD_CRITICAL - {O.OSCORE})
+        side.router.unwrap = side.oscore.unwrap
+    for i, dev in enumerate(OSCORE_DEVICES):
+        TWIN.receive(dev.seal(0, OSCORE_INNER[1], b'{"a": 1}', mid=0xFF00 + i))
+        TWIN.commit()
+    TWIN.check()
+
+
+def oscore_input(fdp: atheris.FuzzedDataProvider) -> None:
+    """OSCORE requests sealed from the fuzzer's choices (and then maybe mutated: the option, the
+    ciphertext, the tag), committed, failed, late, or sent again."""
+    for _ in range(fdp.ConsumeIntInRange(1, 5)):
+        dev = OSCORE_DEVICES[fdp.ConsumeIntInRange(0, 1)]
+        kind = fdp.ConsumeIntInRange(0, 3)
+        # the inner request: most often /telemetry (CBOR or JSON), with a payload of a template's
+        inner = OSCORE_INNER[fdp.ConsumeIntInRange(0, len(OSCORE_INNER) + 5) % len(OSCORE_INNER)]
+        if kind == 2:
+            payload = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40))
+        else:
+            json = (O.CONTENT_FORMAT, b"\x32") in inner
+            template = TEMPLATES[1 + fdp.ConsumeIntInRange(0, 1) if json else 0]  # (flat; ThingsBoard's {ts, values})
+            payload = template[template.index(b"\xff") + 1:]
+        datagram = bytearray(dev.seal(fdp.ConsumeIntInRange(0, 40), inner, payload,
+                                      code=Code.POST if fdp.ConsumeIntInRange(0, 5) else Code.PUT,
+                                      mtype=Type.NON if fdp.ConsumeBool() else Type.CON,
+                                      mid=fdp.ConsumeIntInRange(0, 0xFFFF)))
+        if kind == 3:  # bytes overwritten
+            for _ in range(fdp.ConsumeIntInRange(1, 3)):
+                datagram[fdp.ConsumeIntInRange(0, len(datagram) - 1)] = fdp.ConsumeInt(1) & 0xFF
+        peer = PEERS[fdp.ConsumeIntInRange(0, 2)]
+        TWIN.receive(bytes(datagram), peer)
+        then = fdp.ConsumeIntInRange(0, 3)
+        if then == 0:
+            TWIN.commit()
+        elif then == 1:
+            TWIN.commit(RuntimeError("bus down"))
+        elif then == 2:
+            TWIN.advance(fdp.ConsumeIntInRange(0, 3000) / 1000)
+        elif then == 3:  # its retransmission
+            TWIN.receive(bytes(datagram), peer)
+        TWIN.check()
+    TWIN.commit()
+    TWIN.check()
+    counters = TWIN.lane.lane.lane.counters()
+    assert counters["waiting"] == 0, counters
+
+
 def test_one_input(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
-    if fdp.ConsumeIntInRange(0, 3) == 0:  # a quarter of the inputs: CoAPS records (issue 27)
+    which = fdp.ConsumeIntInRange(0, 3)
+    if which == 0:  # a quarter of the inputs: CoAPS records (issue 27)
         dtls_input(fdp)
         return
     reset_twin()  # (a fresh pair per input: what fails replays alone)
+    if which == 1:  # another quarter: OSCORE
+        mount_oscore()
+        oscore_input(fdp)
+        return
     for _ in range(fdp.ConsumeIntInRange(1, 4)):
         kind = fdp.ConsumeIntInRange(0, 3)
         if kind == 0:  # raw bytes
