@@ -319,6 +319,22 @@ def test_a_shared_context_stays_pythons():
         t.close()
 
 
+def test_with_the_python_window_no_context_is_the_lanes(monkeypatch):
+    """COREM_PURE_PYTHON (or no C lane): a Context holds ReplayWindow, which the lane cannot share."""
+    from corem.oscore import context
+
+    monkeypatch.setattr(context, "Window", ReplayWindow)
+    t = OscoreTwin()
+    try:
+        dev = Client(KEYS)
+        for mid in range(1, 4):
+            answers, stored = t.step(dev.request(mid=mid))
+            assert stored
+        assert t.took() == 0 and t.contexts() == 0
+    finally:
+        t.close()
+
+
 def bad_requests(dev: Client) -> list[dict]:
     """Requests the lane leaves to Python: malformed options, other methods, options, paths."""
     good = dev.option(b"\x30")
