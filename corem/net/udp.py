@@ -4,7 +4,10 @@ Trio's `await sock.recvfrom()` costs a trip through the scheduler per datagram. 
 waits for readability once (`trio.lowlevel.wait_readable`) and then drains the non-blocking socket
 in a batch (`batch.py`: recvmmsg), hands each datagram through the security layer to the sans-IO
 endpoint, and sends what they queued at the end of the batch (sendmmsg).  Measured on a 2-core
-machine: ~187k requests/s against ~74k for the naive loop (docs/architecture.md).
+machine: ~187k requests/s against ~74k for the naive loop (docs/architecture.md).  One exception:
+behind corem's DTLS engine, the engine's answer to the batch's last datagram (a handshake's flight)
+goes out as soon as the engine has it (`_send_early`, the engine's `eager`), with what the batch
+queued before it: the device's next flight is on its way while the server finishes the batch.
 
 Each datagram is received into a fresh `bytes` object, not a shared buffer, because the decoded
 message's option values and payload are views into it and may outlive the batch (a request
