@@ -82,10 +82,6 @@ def defer_checkpoints(conn: Executes, pages: int = BACKSTOP) -> None:
     conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
 
 
-#: work on a watched file from the checkpointer's connection before each pass (the DTLS marks'
-#: fold: dtls/store.py), in its worker thread
-
-
 class Checkpointer:
     """PASSIVE checkpoints of some SQLite files in WAL mode, from connections of its own, in a
     worker thread (`run`).  A file is added with `watch` (before or while it runs)."""
