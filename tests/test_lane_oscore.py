@@ -494,3 +494,46 @@ def test_aiocoaps_oscore_requests_are_the_lanes_and_it_opens_the_lanes_answers(t
         inner, _ = dev.unprotect(answer, request_id)
         assert inner.code == aiocoap.CHANGED and stored
     assert twin.took() == 3
+
+
+def test_a_request_the_lane_takes_is_taken_whole_even_when_memory_runs_out_after_it_is_queued():
+    """Whatever allocation fails while the lane takes a request, either nothing of it stays (Python's
+    path) or all of it does: its exchange remembered and its number accepted -- never a request
+    waiting for its answer whose number is still fresh (the same request would be taken, and its
+    answer sealed under its nonce, twice)."""
+    _testcapi = pytest.importorskip("_testcapi")
+    t = OscoreTwin()
+    dev = Client(KEYS)
+    t.step(dev.request(mid=1))  # (Python's: the lane holds the context from here)
+    fl = t.lane.lane
+    lane = fl.lane
+    ctx = next(iter(fl._oscore.values()))[0]
+    tried = 0
+    for k in range(1, 400):
+        fl.begin()  # (a new epoch: the device's first reading in it is noted as heard)
+        seq = 1000 + k
+        waiting = lane.counters()["waiting"]
+        _testcapi.set_nomemory(k, 0)
+        try:
+            lane.receive(dev.request(mid=0x2000 + k, seq=seq, mtype=Type.NON), ("127.0.0.1", 41000), t.clock[0],
+                         1_000_000)
+        except MemoryError:
+            tried += 1
+        finally:
+            _testcapi.remove_mem_hooks()
+        assert lane.counters()["waiting"] == waiting or not ctx.window.fresh(seq)
+    assert tried  # (some allocation did fail)
+
+
+def test_a_decrypted_message_larger_than_a_datagram_is_pythons_not_opened():
+    """(receive_plain: DTLS's plaintext) a message over max_datagram never reaches the OSCORE
+    opening, whose buffer holds a datagram: the Python path's, untouched."""
+    t = OscoreTwin()
+    dev = Client(KEYS)
+    t.step(dev.request(mid=1))
+    lane = t.lane.lane.lane
+    opt = bytes((0x09, 0x40)) + dev.kid  # (a fresh partial IV, the context's kid)
+    big = encode(Message(Type.CON, Code.POST, 7, b"", [(O.OSCORE, opt)], b"\x00" * 200_000))
+    lane.receive_plain(big, ("127.0.0.1", 40000), 0, 1000.0, 1_000_000)
+    slow, records, _, _ = lane.take()
+    assert [m for m, _ in slow] == [big] and not records

@@ -424,6 +424,8 @@ static int pending_new(Lane *self) {
             p[i].device = NULL;
             p[i].peer = NULL;
             p[i].osc = NULL;
+            p[i].slot = 0;
+            p[i].at = -1.0; /* (no exchange is its: exchange_of finds none until take_reading set it) */
             p[i].next_free = i + 1 < cap ? i + 1 : -1;
         }
         self->pending = p;
@@ -1020,14 +1022,21 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     }
     Py_DECREF(ctx);
     while (made) Py_DECREF(record[--made]);
-    if (t->epoch != self->epoch) {
-        t->epoch = self->epoch;
-        if (PyList_Append(self->touched, t->device) < 0) return -1;
-    }
+    /* taken from here on (its records queued, its exchange waiting): nothing may fail after this,
+     * or the request would be answered while its exchange is not remembered nor, for OSCORE, its
+     * number accepted -- the same request taken again, its answer sealed again under its nonce */
     q->slot = remember(self, key, now, (uint32_t)n, 0, reuse);
+    if (osc) { /* the window moves (the Python path's Context shares it) */
+        osc_accept(osc->ctx->window, osc->seq);
+        self->oscore_requests++;
+    }
     self->datagrams_in++;
     self->bytes_in += n;
     self->requests++;
+    if (t->epoch != self->epoch) {
+        if (PyList_Append(self->touched, t->device) == 0) t->epoch = self->epoch;
+        else PyErr_Clear(); /* (no memory: the device is heard at its next reading) */
+    }
     return 0;
 }
 
@@ -1129,6 +1138,7 @@ static int oscore_open(Lane *self, const uint8_t *d, const shape_t *s, shape_t *
     osc_nonce(ctx->iv, opt.kid, opt.kidlen, opt.piv, opt.pivlen, o->nonce);
     o->aadlen = osc_aad(opt.kid, opt.kidlen, opt.piv, opt.pivlen, o->aad);
     size_t pl = ctlen - OSC_TAG;
+    if (3 + (size_t)s->tkl + pl > (size_t)self->max_datagram + 16) return 1; /* (innerbuf's room: Python's) */
     uint8_t tag[OSC_TAG], *at = self->innerbuf + 3 + s->tkl; /* (the plaintext's code where the inner header ends) */
     memcpy(tag, s->payload + pl, OSC_TAG);
     if (osc_ccm(ctx->open, 0, o->nonce, o->aad, o->aadlen, s->payload, pl, at, tag) != 1)
@@ -1187,11 +1197,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         if (!(inner.nseg == 2 && inner.seglen[0] == 2 && memcmp(inner.seg[0], "v1", 2) == 0))
             t = route(self, &inner, ot < 0 ? NO_DEVICE : ot);
         r = t ? take_request(self, t, &inner, d, n, a, alen, peer, key, reuse, now, now_ms, &o)
-              : PyErr_Occurred() ? -1 : 1;
-        if (r == 0) { /* taken: the window moves (the Python path's Context shares it) */
-            osc_accept(o.ctx->window, o.seq);
-            self->oscore_requests++;
-        }
+              : PyErr_Occurred() ? -1 : 1; /* (taken: take_reading moved the window) */
         Py_DECREF(o.ctx);
     } else {
         target_t *t = route(self, &s, session);
@@ -1277,8 +1283,9 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
     long long now_ms = PyLong_AsLongLong(args[4]);
     int r = PyErr_Occurred() ? -1 : ensure_lists(self);
     if (r == 0) r = addr_from_tuple(args[1], &a, &alen);
-    if (r == 0) {
-        r = classify(self, data.buf, data.len, &a, alen, args[1], now, now_ms, session < 0 ? NO_DEVICE : session);
+    if (r == 0) { /* (larger than a datagram: the Python path's, as whatever the lane does not know) */
+        r = data.len > self->max_datagram ? 1
+            : classify(self, data.buf, data.len, &a, alen, args[1], now, now_ms, session < 0 ? NO_DEVICE : session);
         if (r == 1) {
             PyObject *pair = PyTuple_Pack(2, args[0], args[1]);
             r = pair ? PyList_Append(self->slow, pair) : -1;
