@@ -327,10 +327,11 @@ class EngineServer:
         if verdict.evict is not None and self.engine.drop_handshake(verdict.evict):
             self.stats.handshakes_evicted += 1
         # a new handshake replaces the peer's old session and its saved copy
-        key = peer_key(peer)
-        if key in self.offloaded or self.store.shared:
-            self.offloaded.discard(key)
-            self.store.discard(key)
+        if self.store.shared or self.offloaded:  # (no key made when there is none to drop)
+            key = peer_key(peer)
+            if key in self.offloaded or self.store.shared:
+                self.offloaded.discard(key)
+                self.store.discard(key)
         return True
 
     def _handshake_over(self, peer: Peer) -> None:
