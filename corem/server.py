@@ -26,6 +26,7 @@ from .codec.options import UNDERSTOOD_CRITICAL
 from .config import Settings
 from .devices.downlink import Downlink
 from .doors import Doors
+from .fastlane import serving
 from .health import Health
 from .identity import SessionDevice
 from .ingest.diagnostics import Diagnostics
@@ -105,7 +106,7 @@ class Server:
         )
         self.oscore = Oscore(self.directory.oscore_device, OscoreState(self.registry.db),
                              UNDERSTOOD_CRITICAL - {OptionNumber.OSCORE},
-                             shared=worker is not None or self.registry.shared)
+                             shared=worker is not None or self.registry.shared, lane_of=serving)
         self.doors = Doors(settings, self.directory, self.ingest, self.management, self.downlink)
         self.link: Link | None = None
         if worker is not None:

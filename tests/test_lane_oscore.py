@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from corem.codec import Code, Message, Type, decode, encode
 from corem.codec import OptionNumber as O
 from corem.codec.options import UNDERSTOOD_CRITICAL
-from corem.fastlane import FastLane, Lane
+from corem.fastlane import FastLane, Lane, serving
 from corem.identity import session_identity
 from corem.oscore import Oscore
 from corem.oscore import layer as oscore_layer
@@ -116,7 +116,7 @@ class OscoreTwin(Twin):
                 for keys in (KEYS, KEYS_CTX):
                     state.mark_used(fingerprint(keys))
             side.oscore = Oscore(self.directory.oscore_device, state, UNDERSTOOD_CRITICAL - {O.OSCORE},
-                                 shared=self.shared)
+                                 shared=self.shared, lane_of=serving)
             side.router.unwrap = side.oscore.unwrap
 
     def close(self) -> None:

@@ -13,7 +13,8 @@ request replayed to another worker or node is refused there too.  The process's 
 a cache of what it took (a replay it saw itself is refused without a query).
 
 The fast lane: once this layer has a context ready (its window known) and it is not `shared`, it
-gives it to the fast lane in front of the request's endpoint (corem/fastlane `FastLane.oscore_take`),
+gives it to the fast lane in front of the request's endpoint (`lane_of`: corem/fastlane `serving`;
+`FastLane.oscore_take`),
 which from then on opens the device's common requests -- an inner `POST /telemetry` of a reading --
 and seals their answers in C, with the same replay window object (a request taken by either path is
 a replay to the other).  Everything else it hands here untouched.  A context this layer lets go
@@ -26,14 +27,13 @@ import logging
 import secrets
 import weakref
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from ..codec import Code, Message, OptionNumber, Options
 from ..codec.message import OptionValue
 from ..coap.endpoint import Request
 from ..coap.response import Response, retry_later
 from ..errors import StorageUnavailable
-from ..fastlane import FastLane, serving
 from ..registry.oscore import OscoreState, fingerprint
 from ..registry.store import Device, OscoreKeys
 from ..stats import Sample, counter, gauge
@@ -63,14 +63,28 @@ class Sealer:
         return protect(self.ctx, self.kid, self.piv, code, options, payload, own_piv=own, fetch=self.fetch)
 
 
+class ContextLane(Protocol):
+    """What takes the common requests of a ready context off this layer, with its window (the fast
+    lane in front of an endpoint: corem/fastlane `FastLane`)."""
+
+    def oscore_take(self, ctx: Context, device: Device, kid: tuple[bytes, bytes]) -> bool: ...
+
+    def oscore_drop(self, ctx: Context, kid: tuple[bytes, bytes]) -> None: ...
+
+    @property
+    def oscore_counts(self) -> tuple[int, int]: ...
+
+
 class Oscore:
     """The server side of OSCORE for one process: contexts built from the registry on first use."""
 
     def __init__(self, lookup: Callable[[bytes | None, bytes], Device | None], state: OscoreState,
-                 known_critical: frozenset[int], *, shared: bool = False) -> None:
+                 known_critical: frozenset[int], *, shared: bool = False,
+                 lane_of: Callable[[object], ContextLane | None] | None = None) -> None:
         """`known_critical`: the critical options an inner request may carry (RFC 7252 §5.4.1
         applies inside too); `shared`: other processes serve the same contexts (the module
-        docstring)."""
+        docstring); `lane_of`: the lane in front of a request's endpoint, if any (corem/fastlane
+        `serving`: the server wires it, so this layer imports no lane)."""
         self._lookup = lookup
         self._state = state
         self.shared = shared
@@ -80,7 +94,8 @@ class Oscore:
         self._contexts: dict[OscoreKeys, Context] = {}
         self.stats: Counter[str] = Counter()
         #: the fast lanes given a context (told when one goes; their counts are added to ours)
-        self._lanes: weakref.WeakSet[FastLane] = weakref.WeakSet()
+        self._lanes: weakref.WeakSet[ContextLane] = weakref.WeakSet()
+        self._lane_of = lane_of
 
     def metrics(self) -> Iterator[Sample]:
         st = self.stats
@@ -171,8 +186,8 @@ class Oscore:
             raise OscoreError(Code.UNAUTHORIZED, "Replay detected", "replay")
         else:
             window.accept(seq)
-        if not self.shared:  # ready, and this process's alone: the endpoint's fast lane may take its next requests
-            lane = serving(req.endpoint)
+        if not self.shared and self._lane_of is not None:  # ready, and this process's alone: the
+            lane = self._lane_of(req.endpoint)  # endpoint's fast lane may take its next requests
             if lane is not None and lane.oscore_take(ctx, device, device.oscore.kid):
                 self._lanes.add(lane)
         req.message = inner
