@@ -21,7 +21,9 @@ every commit in a worker thread, plain CoAP's too (corem/bus/base.py `defer`, un
 it has none to write).
 
 Each row: 2.xx/s, p50, p99, its ratio to libcoap's requests/s on the same transport and message
-type, and to the flat CBOR row of its column (issue 28's targets: >= 1.0x libcoap, >= 0.8x flat
+type -- libcoap run under the same load right after each corem run, the ratio the median of those
+pairs' (this machine's speed drifts by up to 20% over minutes: a ratio is of two runs of the same
+minute) --, and to the flat CBOR row of its column (issue 28's targets: >= 1.0x libcoap, >= 0.8x flat
 CBOR, p99 <= 2x libcoap's).  A row whose answers are not all 2.xx says how many were not.  With --repeat N
 each row (libcoap's too) is run N times, each against a fresh corem, and the run with the median
 2.xx/s is the row: on a shared machine one run can fall on another's load.  With
@@ -121,29 +123,24 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["ok_2xx"] / r["seconds"])[(len(runs) - 1) // 2]
 
 
-def libcoap_rows(seconds: float, payload: bytes, repeat: int = 1) -> list[dict]:
-    rows = []
-    for mode in MODES:
-        binary = "coap-server-openssl" if mode.startswith("CoAPS") else "coap-server-notls"
-        if not shutil.which(binary):
-            continue
-        runs = []
-        for _ in range(repeat):
-            port = free_port()  # (libcoap serves CoAPS on its -p port + 1)
-            args = ["-A", "127.0.0.1", "-p", str(port - 1 if mode.startswith("CoAPS") else port)]
-            proc = subprocess.Popen([*pin(0), binary, *args, "-k", KEY], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            try:
-                time.sleep(1.0)
-                runs.append(measure(mode, port, port, seconds, "", "psk-identity", 60, payload, libcoap=True))
-            finally:
-                proc.terminate()
-                proc.wait(20)
-        r = median_run(runs)
-        r.update(format=LIBCOAP, mode=mode)
-        print(f"  {LIBCOAP} / {mode}: {r['rps']:.0f}/s", file=sys.stderr)
-        rows.append(r)
-    return rows
+def libcoap_run(mode: str, seconds: float, payload: bytes) -> dict | None:
+    """One run of libcoap's server for `mode` (None: not installed)."""
+    binary = "coap-server-openssl" if mode.startswith("CoAPS") else "coap-server-notls"
+    if not shutil.which(binary):
+        return None
+    port = free_port()  # (libcoap serves CoAPS on its -p port + 1)
+    args = ["-A", "127.0.0.1", "-p", str(port - 1 if mode.startswith("CoAPS") else port)]
+    proc = subprocess.Popen([*pin(0), binary, *args, "-k", KEY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        return measure(mode, port, port, seconds, "", "psk-identity", 60, payload, libcoap=True)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def rate(r: dict) -> float:
+    return r["ok_2xx"] / r["seconds"]
 
 
 def serve(data: Path, bus: str, dtls: bool) -> tuple[subprocess.Popen, int, int]:
@@ -186,9 +183,10 @@ def main() -> None:
         cases = provision(template)
         if args.only:
             cases = [c for c in cases if any(w in c[0] for w in args.only)]
+        yardsticks: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for name, token, identity, cf, payload in cases:
             for mode in MODES:
-                runs = []
+                runs, ratios = [], []
                 for _ in range(max(1, args.repeat)):
                     data = Path(tmp) / "row"
                     shutil.copytree(template, data)
@@ -201,17 +199,27 @@ def main() -> None:
                         proc.terminate()
                         proc.wait(30)
                         shutil.rmtree(data)
+                    # libcoap under the same load right after (the machine's speed drifts by 20%
+                    # over minutes: a ratio is of two runs of the same minute)
+                    yard = libcoap_run(mode, args.seconds, CASES[0][3])
+                    if yard is not None and rate(yard):
+                        yardsticks[mode].append(yard)
+                        ratios.append(rate(runs[-1]) / rate(yard))
                 r = median_run(runs)
-                r.update(format=name, mode=mode)
+                r.update(format=name, mode=mode, vs_libcoap=sorted(ratios)[(len(ratios) - 1) // 2] if ratios else None)
                 print(f"  {name} / {mode}: {r['rps']:.0f}/s, p99 {r['p99_us'] / 1000:.1f} ms", file=sys.stderr)
                 results.append(r)
-    results += libcoap_rows(args.seconds, CASES[0][3], max(1, args.repeat))
-    yardstick = {r["mode"]: r for r in results if r["format"] == LIBCOAP}
+    for mode, yards in yardsticks.items():  # (libcoap's rows: the median of its runs beside corem's)
+        if yards:
+            results.append({**median_run(yards), "format": LIBCOAP, "mode": mode, "vs_libcoap": 1.0})
     flat = {r["mode"]: r for r in results if r["format"] == CASES[0][0]}
 
     def ratio(r: dict, to: dict) -> str:
         other = to.get(r["mode"])
         return f"{r['rps'] / other['rps']:.2f}x" if other and other["rps"] else "-"
+
+    def vs_libcoap(r: dict) -> str:
+        return "-" if r.get("vs_libcoap") is None else f"{r['vs_libcoap']:.2f}x"
 
     def not_ok(r: dict) -> str:
         bad = r["answered"] - r["ok_2xx"] + r.get("timeouts", 0)
@@ -220,7 +228,7 @@ def main() -> None:
     report(results, [
         ("payload (Content-Format)", lambda r: r["format"]), ("transport", lambda r: r["mode"]),
         ("2.xx/s", lambda r: f"{r['ok_2xx'] / r['seconds']:,.0f}"), ("p50", lambda r: f"{r['p50_us'] / 1000:.2f} ms"),
-        ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"), ("vs libcoap", lambda r: ratio(r, yardstick)),
+        ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"), ("vs libcoap", vs_libcoap),
         ("vs flat CBOR", lambda r: ratio(r, flat)), ("not 2.xx", not_ok),
     ], as_json=args.json, title=f"Every payload format under load ({DEVICES} devices x {INFLIGHT} in flight, "
                                  f"{args.seconds:g} s a row, bus {'Kafka (Tansu)' if args.kafka else 'embedded'}, "
