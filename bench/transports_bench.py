@@ -322,7 +322,7 @@ def main() -> None:
                                                     f"api/v1/{TOKEN}/telemetry", payload, "60"]),
                 ("CoAPS, DTLS 1.2 PSK", [str(dtls_loadgen), "127.0.0.1", str(dtls), "64", "1", "0.5", "{s}", IDENTITY,
                                         KEY, "2", "telemetry", payload, "60"]),
-                ("OSCORE on CoAP, UDP (Python path)", [sys.executable, __file__, "--gen", "oscore:{q}", str(udp), "{s}"]),
+                ("OSCORE on CoAP, UDP (C fast lane; a Python generator)", [sys.executable, __file__, "--gen", "oscore:{q}", str(udp), "{s}"]),
                 *((f"CoAP over TCP (token, Python path; {n} pipelined)",
                    [sys.executable, __file__, "--gen", f"tcp:2:{n}:api/v1/{TOKEN}/telemetry", str(tcp), "{s}"])
                   for n in (INFLIGHT, INFLIGHT_LIBCOAP_TCP)),
