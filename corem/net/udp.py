@@ -217,20 +217,14 @@ class UdpEdge:
         if limiter is not None:  # (the lane applies it to every datagram, as on plain CoAP)
             lane.limit(limiter.rate, limiter.burst, limiter.max_sources)
             self.limiter = LaneLimits(lane)  # type: ignore[assignment]
-        receive, settle, device, offer = security.receive, security.settle, security.device, lane.offer
+        decrypt, settle, device, offer = self._decrypt, security.settle, security.device, lane.offer
         touched = security.lane_touched  # type: ignore[attr-defined]
         drain, collect = lane.drain_records, lane.collect
 
         def read_records(now: float) -> Datagrams:
             datagrams, messages = drain(fd, now, BATCH, touched)
             if datagrams:
-                *before, (last, at) = datagrams
-                decrypted = [(m, peer) for data, peer in before for m in receive(data, peer, now)]
-                self._eager = True  # (the batch's last datagram: its answer may go at once, `_send_early`)
-                try:
-                    decrypted += [(m, at) for m in receive(last, at, now)]
-                finally:
-                    self._eager = False
+                decrypted = decrypt(datagrams, now)
                 settle(now)
                 if decrypted:  # (a handshake's datagrams decrypt to nothing: nothing offered, nothing to collect)
                     for message, peer in decrypted:
@@ -249,6 +243,19 @@ class UdpEdge:
         log.info("coaps: the fast lane opens and seals the records of established sessions itself")
         return True
 
+    def _decrypt(self, datagrams: Iterable[tuple[bytes, Peer]], now: float) -> Datagrams:
+        """What a batch's datagrams decrypt to (maybe nothing), in order, each with its peer; the
+        answer to the batch's last datagram may go at once (`_send_early`)."""
+        receive = self.security.receive
+        *before, (last, at) = datagrams
+        messages = [(m, peer) for data, peer in before for m in receive(data, peer, now)]
+        self._eager = True
+        try:
+            messages += [(m, at) for m in receive(last, at, now)]
+        finally:
+            self._eager = False
+        return messages
+
     def _send_early(self) -> None:
         """The security layer has an answer to the batch's last datagram (a handshake's flight): sent
         now, with whatever it queued before, instead of at the batch's flush -- the peer's next flight
@@ -263,19 +270,13 @@ class UdpEdge:
         """Behind a security layer that is not transparent (DTLS), a batch is decrypted whole and
         settled (`SecurityLayer.settle`: its record numbers made durable) before any of its
         messages is handled; the loop then reads messages, and `_receive` passes them on."""
-        read, receive, settle = self._read, self.security.receive, self.security.settle
+        read, decrypt, settle = self._read, self._decrypt, self.security.settle
 
         def read_messages(now: float) -> Datagrams:
             datagrams = read(now)
             if not datagrams:
                 return []
-            *before, (last, at) = datagrams
-            messages = [(message, peer) for data, peer in before for message in receive(data, peer, now)]
-            self._eager = True  # (the batch's last datagram: its answer may go at once, `_send_early`)
-            try:
-                messages += [(message, at) for message in receive(last, at, now)]
-            finally:
-                self._eager = False
+            messages = decrypt(datagrams, now)
             settle(now)
             return messages
 
