@@ -30,11 +30,11 @@ setup(
             "corem.fastlane._lane",
             ["corem/fastlane/_lane.c"],
             # (dtls_records.h: only the table of _records' capsule, read at run time: the DTLS records
-            # are opened with _records' objects; libcrypto for OSCORE's AES-CCM, oscore.h)
+            # are opened with _records' objects; libcrypto for OSCORE's AES-CCM, oscore.h: aead_ccm.h)
             depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h", "corem/fastlane/fifomap.h",
                      "corem/fastlane/cbor_json.h", "corem/fastlane/lpp.h", "corem/fastlane/rules.h", "corem/fastlane/layouts.h", "corem/fastlane/senml.h", "corem/fastlane/pycodec.h", "corem/fastlane/dtls_sessions.h",
                      "corem/fastlane/drogue.h", "corem/fastlane/oscore.h",
-                     "corem/dtls/engine/dtls_records.h"],
+                     "corem/dtls/engine/dtls_records.h", "corem/dtls/engine/aead_ccm.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
@@ -50,7 +50,7 @@ setup(
         Extension(
             "corem.dtls.engine._records",
             ["corem/dtls/engine/_records.c"],
-            depends=["corem/dtls/engine/dtls_records.h"],
+            depends=["corem/dtls/engine/dtls_records.h", "corem/dtls/engine/aead_ccm.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
@@ -86,7 +86,7 @@ setup(
             "corem.dtls.engine._flights",
             ["corem/dtls/engine/_flights.c"],
             depends=["corem/dtls/engine/hmac256.h", "corem/dtls/engine/client_hello.h",
-                     "corem/dtls/engine/dtls_records.h"],
+                     "corem/dtls/engine/dtls_records.h", "corem/dtls/engine/aead_ccm.h"],
             libraries=["crypto"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],

@@ -26,6 +26,8 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
+#include "../dtls/engine/aead_ccm.h"
+
 #define OSC_WINDOW 32
 #define OSC_KEY 16
 #define OSC_NONCE 13
@@ -167,22 +169,7 @@ fail:
  * OpenSSL), -1 libcrypto failed otherwise. */
 static int osc_ccm(EVP_CIPHER_CTX *ctx, int enc, const uint8_t nonce[OSC_NONCE], const uint8_t *aad, size_t aadlen,
                    const uint8_t *in, size_t n, uint8_t *out, uint8_t tag[OSC_TAG]) {
-    int outl = 0;
-    OSSL_PARAM params[2] = {OSSL_PARAM_END, OSSL_PARAM_END};
-    if (!enc) params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, OSC_TAG);
-    if (!EVP_CipherInit_ex2(ctx, NULL, NULL, nonce, enc, params)) goto fail;
-    if (!EVP_CipherUpdate(ctx, NULL, &outl, NULL, (int)n)) goto fail; /* CCM: the length first */
-    if (!EVP_CipherUpdate(ctx, NULL, &outl, aad, (int)aadlen)) goto fail;
-    if (!EVP_CipherUpdate(ctx, out, &outl, in, (int)n)) {
-        if (enc) goto fail;
-        ERR_clear_error();
-        return 0;
-    }
-    if (enc && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, OSC_TAG, tag) <= 0) goto fail;
-    return 1;
-fail:
-    ERR_clear_error();
-    return -1;
+    return aead_ccm(ctx, enc, NULL, nonce, aad, aadlen, in, out, n, tag, OSC_TAG);
 }
 
 /* §5.2: [size of ID_PIV][ID_PIV, left-padded to 7][PIV, left-padded to 5] XOR the common IV */

@@ -57,6 +57,8 @@ typedef struct {
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
+#include "aead_ccm.h"
+
 #if OPENSSL_VERSION_NUMBER < 0x30000000L
 #error "dtls_records.h needs OpenSSL 3.0 or later (EVP_CipherInit_ex2, EVP_CIPHER_fetch)"
 #endif
@@ -327,12 +329,8 @@ static inline size_t dtls_aad(uint8_t *a, uint8_t type, uint16_t version, uint16
  * to `tag`.  1 done, 0 the tag did not match (decryption), -1 libcrypto failed otherwise. */
 static inline int dtls_aead_run(dtls_prot *p, int enc, const uint8_t nonce[12], const uint8_t *aad,
                                 size_t aad_len, const uint8_t *in, uint8_t *out, size_t n, uint8_t *tag) {
-    static const uint8_t none[1] = {0};
     EVP_CIPHER_CTX *ctx = p->ctx;
     int outl = 0;
-    OSSL_PARAM params[2] = {OSSL_PARAM_END, OSSL_PARAM_END};
-    if (in == NULL) in = none; /* (CCM: an update with no input would be taken for the final) */
-    if (!enc) params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, p->tag);
     /* OpenSSL's CCM picks its block function (AES-NI's ccm64 encrypt or decrypt) when it is keyed:
      * a context used the other way round is keyed again (once: a protection serves one direction) */
     const uint8_t *key = NULL;
@@ -343,18 +341,10 @@ static inline int dtls_aead_run(dtls_prot *p, int enc, const uint8_t nonce[12], 
         key = p->key;
         p->enc = (int8_t)enc;
     }
+    if (p->aead != DTLS_GCM) return aead_ccm(ctx, enc, key, nonce, aad, aad_len, in, out, n, tag, p->tag);
+    OSSL_PARAM params[2] = {OSSL_PARAM_END, OSSL_PARAM_END};
+    if (!enc) params[0] = OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, p->tag);
     if (!EVP_CipherInit_ex2(ctx, NULL, key, nonce, enc, params)) goto fail;
-    if (p->aead != DTLS_GCM) {
-        if (!EVP_CipherUpdate(ctx, NULL, &outl, NULL, (int)n)) goto fail; /* CCM: the length first */
-        if (!EVP_CipherUpdate(ctx, NULL, &outl, aad, (int)aad_len)) goto fail;
-        if (!EVP_CipherUpdate(ctx, out, &outl, in, (int)n)) {
-            if (enc) goto fail;
-            ERR_clear_error();
-            return 0; /* (OpenSSL has wiped `out`) */
-        }
-        if (enc && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, p->tag, tag) <= 0) goto fail;
-        return 1;
-    }
     if (!EVP_CipherUpdate(ctx, NULL, &outl, aad, (int)aad_len)) goto fail;
     if (n && !EVP_CipherUpdate(ctx, out, &outl, in, (int)n)) goto fail;
     int fin = 0;
