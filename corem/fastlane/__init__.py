@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 #: security layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
 Touched = Callable[[list[Any], int, int, int, float, bool], None]
 
-#: the lane's doors, by the index _lane.c counts them under (corem/latency.py's and Drogue's /v1/{channel})
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
 #: Devices a lane holds at most (~1.3 KB each: its token, its table entry, its Device).  When it

@@ -739,6 +739,24 @@ static inline int bytes_are(PyObject *b, const uint8_t *p, size_t n) {
     return b && (size_t)PyBytes_GET_SIZE(b) == n && memcmp(PyBytes_AS_STRING(b), p, n) == 0;
 }
 
+/* The target of the device whose token is `tok` (the lane's token table), NULL if none or not the
+ * lane's; NULL with an exception on error. */
+static target_t *token_target(Lane *self, const uint8_t *tok, size_t len) {
+    PyObject *key = PyBytes_FromStringAndSize((const char *)tok, (Py_ssize_t)len);
+    if (!key) return NULL;
+    PyObject *idx = PyDict_GetItemWithError(self->tokens, key);
+    Py_DECREF(key);
+    if (!idx) return NULL;
+    Py_ssize_t ti = PyLong_AsSsize_t(idx);
+    if (ti < 0 || ti >= self->ntargets || !self->targets[ti].topic) return NULL; /* (-1: maybe an error, set) */
+    return &self->targets[ti];
+}
+
+/* Drogue's door: /v1/{channel} (the route the Python path's router gives it). */
+static inline int is_drogue_path(const shape_t *s) {
+    return s->nseg == 2 && s->seglen[0] == 2 && memcmp(s->seg[0], "v1", 2) == 0;
+}
+
 /* Drogue's `POST|PUT /v1/{channel}` of a channel the lane knows the route of: the device of the
  * credentials in option 4209 (the password is its token: the lane's token table; the name and
  * application must be that device's), else of the DTLS session; the query's application and device,
@@ -760,16 +778,8 @@ static target_t *drogue_route(Lane *self, shape_t *s, Py_ssize_t session) {
             cred.realm = q.app;
             cred.realmlen = q.applen;
         }
-        PyObject *tok = PyBytes_FromStringAndSize((const char *)cred.password, (Py_ssize_t)cred.passlen);
-        if (!tok) return NULL;
-        PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
-        Py_DECREF(tok);
-        if (!idx) return NULL;
-        Py_ssize_t ti = PyLong_AsSsize_t(idx);
-        if (ti == -1 && PyErr_Occurred()) return NULL;
-        if (ti < 0 || ti >= self->ntargets) return NULL;
-        t = &self->targets[ti];
-        if (!t->topic || !bytes_are(t->key, cred.name, cred.namelen) || !bytes_are(t->tenant, cred.realm, cred.realmlen))
+        t = token_target(self, cred.password, cred.passlen);
+        if (!t || !bytes_are(t->key, cred.name, cred.namelen) || !bytes_are(t->tenant, cred.realm, cred.realmlen))
             return NULL;
     } else {
         if (session < 0 || session >= self->ntargets) return NULL;
@@ -794,29 +804,16 @@ static target_t *route(Lane *self, shape_t *s, Py_ssize_t session) {
     if (s->type == 1 && (!self->next_mid || self->next_mid == Py_None)) return NULL; /* (a NON's answer needs one) */
     s->channel = NULL;
     s->schema = NULL;
-    if (s->nseg == 2 && self->nchannels && (s->code == 2 || s->code == 3) && s->seglen[0] == 2 &&
-        memcmp(s->seg[0], "v1", 2) == 0)
-        return drogue_route(self, s, session);
+    if (is_drogue_path(s)) return self->nchannels && (s->code == 2 || s->code == 3) ? drogue_route(self, s, session) : NULL;
     if (s->code != 2 || s->extra) return NULL;
     s->door = s->nseg == 1; /* /telemetry: corem's own; the others are ThingsBoard's /api/v1/... */
-    Py_ssize_t ti;
     int np = self->nprefix;
-    if (s->nseg == np + 2 && prefixed(self, s) && SEG_IS(self, s, np + 1, np) && s->seglen[np]) {
-        PyObject *tok = PyBytes_FromStringAndSize((const char *)s->seg[np], s->seglen[np]);
-        if (!tok) return NULL;
-        PyObject *idx = PyDict_GetItemWithError(self->tokens, tok);
-        Py_DECREF(tok);
-        if (!idx) return NULL;
-        ti = PyLong_AsSsize_t(idx);
-        if (ti == -1 && PyErr_Occurred()) return NULL;
-    } else if (session >= 0 && ((s->nseg == 1 && SEG_IS(self, s, 0, np)) ||
-                                (s->nseg == np + 1 && prefixed(self, s) && SEG_IS(self, s, np, np)))) {
-        ti = session;
-    } else {
-        return NULL;
-    }
-    if (ti < 0 || ti >= self->ntargets || !self->targets[ti].topic) return NULL;
-    return &self->targets[ti];
+    if (s->nseg == np + 2 && prefixed(self, s) && SEG_IS(self, s, np + 1, np) && s->seglen[np])
+        return token_target(self, s->seg[np], s->seglen[np]);
+    if (session >= 0 && ((s->nseg == 1 && SEG_IS(self, s, 0, np)) ||
+                         (s->nseg == np + 1 && prefixed(self, s) && SEG_IS(self, s, np, np))))
+        return session < self->ntargets && self->targets[session].topic ? &self->targets[session] : NULL;
+    return NULL;
 }
 
 /* The record's headers: the device's (shared by its records: with `content-type` and `device_id`),
@@ -1157,22 +1154,26 @@ static int oscore_open(Lane *self, const uint8_t *d, const shape_t *s, shape_t *
     return 0;
 }
 
-/* The target of the device an OSCORE context names (cached until the table changes), or -1. */
-static Py_ssize_t osc_target(Lane *self, OscContext *c) {
-    if (c->targets_gen != self->targets_gen) {
-        c->targets_gen = self->targets_gen;
-        c->target = -1;
-        if (self->positions) {
-            PyObject *i = PyDict_GetItemWithError(self->positions, c->name);
-            if (i) c->target = PyLong_AsSsize_t(i);
+/* The target of the device `name` names ((tenant, device), or None), kept in *target until the
+ * lane's table changes (*gen: the table it was read from); -1 for none: the Python path's. */
+static Py_ssize_t cached_target(Lane *self, PyObject *name, Py_ssize_t *target, uint64_t *gen) {
+    if (*gen != self->targets_gen) {
+        *gen = self->targets_gen;
+        *target = -1;
+        if (name != Py_None && self->positions) {
+            PyObject *i = PyDict_GetItemWithError(self->positions, name);
+            if (i) *target = PyLong_AsSsize_t(i);
             if (PyErr_Occurred()) {
                 PyErr_Clear(); /* (not the lane's: Python's path serves it) */
-                c->target = -1;
+                *target = -1;
             }
         }
     }
-    return c->target;
+    return *target;
 }
+
+/* The target of the device an OSCORE context names, or -1. */
+static Py_ssize_t osc_target(Lane *self, OscContext *c) { return cached_target(self, c->name, &c->target, &c->targets_gen); }
 
 /* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
 static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
@@ -1193,9 +1194,7 @@ static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, soc
         r = oscore_open(self, d, &s, &inner, &o);
         if (r) return r < 0 ? -1 : python_path(self, key, now, reuse);
         Py_ssize_t ot = osc_target(self, o.ctx);
-        target_t *t = NULL;
-        if (!(inner.nseg == 2 && inner.seglen[0] == 2 && memcmp(inner.seg[0], "v1", 2) == 0))
-            t = route(self, &inner, ot < 0 ? NO_DEVICE : ot);
+        target_t *t = is_drogue_path(&inner) ? NULL : route(self, &inner, ot < 0 ? NO_DEVICE : ot);
         r = t ? take_request(self, t, &inner, d, n, a, alen, peer, key, reuse, now, now_ms, &o)
               : PyErr_Occurred() ? -1 : 1; /* (taken: take_reading moved the window) */
         Py_DECREF(o.ctx);
@@ -1343,21 +1342,7 @@ static dsess_t *session_by_cid(Lane *self, const uint8_t *d, size_t n) {
     return i < 0 ? NULL : &self->ds.e[i];
 }
 
-static Py_ssize_t session_target(Lane *self, dsess_t *s) {
-    if (s->targets_gen != self->targets_gen) {
-        s->targets_gen = self->targets_gen;
-        s->target = -1;
-        if (s->name != Py_None && self->positions) {
-            PyObject *i = PyDict_GetItemWithError(self->positions, s->name);
-            if (i) s->target = PyLong_AsSsize_t(i);
-            if (PyErr_Occurred()) {
-                PyErr_Clear(); /* (not the lane's: Python's path serves it) */
-                s->target = -1;
-            }
-        }
-    }
-    return s->target;
-}
+static Py_ssize_t session_target(Lane *self, dsess_t *s) { return cached_target(self, s->name, &s->target, &s->targets_gen); }
 
 static int to_python(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
     self->records_to_python++;
@@ -1892,7 +1877,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             }
             len += (size_t)m;
         } else if (!ok) { /* Max-Age: 5, and as much of the reason as fits in the request's size */
-            static const char why[] = "bus unavailable; retry later";
+            static const char why[] = BUSY_WHY;
             reply[len++] = 0xD1;
             reply[len++] = 0x01;
             reply[len++] = 5; /* (the reply buffer holds the whole reason: 4 + 8 + 3 + 1 + 28 bytes) */
