@@ -220,6 +220,8 @@ def marks(fdp: atheris.FuzzedDataProvider) -> None:
     store.put([(CONTEXT, b"row", "t", "device-1", 0.0, 0)])
     for row in rows:
         store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (row,))
+    if fdp.ConsumeBool():  # (a row that is no blob at all: TEXT stays TEXT in SQLite)
+        store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (fdp.ConsumeUnicodeNoSurrogates(20),))
     taken = store.take(CONTEXT)  # (folds first, whatever the rows: never an exception)
     assert taken is not None and taken[5] >= 0 and store.db.execute("SELECT count(*) FROM rx_pack").fetchone()[0] == 0
 

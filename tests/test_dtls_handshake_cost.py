@@ -135,16 +135,19 @@ def test_server_randoms_come_from_a_pool_drawn_now_and_then(monkeypatch):
 
 
 def test_a_forked_child_never_uses_the_randomness_its_parent_drew():
-    """Workers forked from one process: the pool drawn before the fork is used by neither side after"""
+    """Workers forked from one process: the child never uses the pool its parent drew before the
+    fork (the parent goes on with it: no other process has it)"""
     import os
 
     eng = Engine(KEYS.get, EngineParams())
     eng._randoms()  # (the pool drawn, most of it unused)
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.write(write, eng._randoms()[0])
-        os._exit(0)
+    if pid == 0:  # pragma: no cover - the child (whatever happens, it never goes on with the suite)
+        try:
+            os.write(write, eng._randoms()[0])
+        finally:
+            os._exit(0)
     os.close(write)
     child = os.read(read, 64)
     os.waitpid(pid, 0)

@@ -1,6 +1,6 @@
 """The DTLS record marks' log (dtls/store.py): marks appended at each bus commit, a pack a row, are
-what a restore reads until the checkpointer folds them into the rows; a row saved again says the top
-itself.  The lane's C pack and fold against their Python twins."""
+what a restore reads until their writer folds them into the rows (every FOLD_EVERY packs, or a save or
+a restore first); a row saved again says the top itself.  The lane's C fold against its Python twin."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from hypothesis import strategies as st
 from corem.dtls.store import SessionStore, _fold_packs, fold_marks, pack_marks
 from corem.dtls.store import FOLD_EVERY, RX_TOP, SCHEMA, _rx_log
 from corem.registry.db import Db, add_columns
-
-_lane = pytest.importorskip("corem.fastlane._lane")
 
 A, B = b"\x0a\x00\x00\x01\x16\x33", b"\x0a\x00\x00\x02\x16\x33"
 
@@ -74,7 +72,7 @@ def test_a_new_process_folds_what_a_stopped_one_left(tmp_path):
 
 def test_a_fold_from_another_connection_between_marks_and_take(tmp_path):
     store = SessionStore(tmp_path / "s.db")
-    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)  # (the checkpointer's own)
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)  # (another writer's: a worker's)
     assert store.put([row(A, 1)]) and store.log_marks(pack_marks([(8, A)]))
     fold_marks(other)
     assert store.log_marks(pack_marks([(11, A)]))
@@ -110,6 +108,7 @@ marks_lists = st.lists(st.tuples(st.integers(-1, 2**63 - 1), st.binary(max_size=
 def test_the_c_fold_is_its_python_twin_for_packs_and_for_bytes_that_are_not(packs, junk):
     """Each key's highest top, in the order keys first appear, from C and from Python alike; bytes
     that are not a pack refused by both, with the same reason."""
+    _lane = pytest.importorskip("corem.fastlane._lane")
     packed = [pack_marks(marks) for marks in packs]
     expected = {}
     for marks in packs:
@@ -151,10 +150,32 @@ def test_the_writer_folds_every_so_many_appends_and_a_row_that_is_no_pack_is_dro
     store = SessionStore(tmp_path / "s.db")
     assert store.put([row(A, 0), row(B, 0)])
     store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (b"\x07not-a-pack",))
+    store.db.execute("INSERT INTO rx_pack (marks) VALUES ('text, not a blob')")  # (SQLite keeps TEXT as TEXT)
     for top in range(1, FOLD_EVERY):
         assert store.log_marks(pack_marks([(top, A)]))
-    assert logged(store) == FOLD_EVERY  # (the writer's own FOLD_EVERY - 1, and the stray row)
+    assert logged(store) == FOLD_EVERY + 1  # (the writer's own FOLD_EVERY - 1, and the two stray rows)
     assert store.log_marks(pack_marks([(5, B)]))
     assert logged(store) == 0
     tops = dict(store.db.execute("SELECT peer, rx_top FROM sessions").fetchall())
     assert tops == {A: FOLD_EVERY - 1, B: 5} and store.errors == 0
+    assert store.take(A) is not None  # (a restore reads no stray row either)
+
+
+def test_a_save_waits_for_the_marks_writer_instead_of_failing(tmp_path):
+    """A save folds the log (a read) before it writes: it takes the write lock first, so a pack the
+    marks' writer (another connection) commits meanwhile makes it wait, not fail."""
+    store = SessionStore(tmp_path / "s.db")
+    writer = SessionStore(tmp_path / "s.db")
+    assert store.put([row(A, 1)])
+    real = store.db.executemany
+    appended = []
+
+    def executemany(sql, args):  # (the writer appends between the save's fold and its upsert)
+        if not appended and sql.startswith("INSERT INTO"):
+            appended.append(writer.log_marks(pack_marks([(9, B)])))
+        return real(sql, args)
+
+    store.db.executemany = executemany  # type: ignore[method-assign]
+    writer.db.execute("PRAGMA busy_timeout = 200")  # (it waits for the save's lock, then gives up)
+    assert store.put([row(A, 2)]) and store.errors == 0
+    assert appended == [False]  # (the save held the write lock: the append waited, then gave up)

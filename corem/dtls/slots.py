@@ -84,13 +84,6 @@ def prefix_of(address: Hashable) -> Hashable:
     return ip.packed[:8]
 
 
-def _prefix(address: Hashable) -> Hashable:
-    """`prefix_of`, a dotted quad's without a call into ipaddress (the usual address)"""
-    if type(address) is str and ":" not in address:
-        return address.rpartition(".")[0]
-    return prefix_of(address)
-
-
 class Tally(Generic[K]):
     """How many each key holds, with the heaviest key in O(1) (counts move by one at a time)."""
 
@@ -232,8 +225,8 @@ class HandshakeSlots:
         """May `peer` start a handshake now, and at whose expense?  Changes nothing."""
         if peer in self._slots:
             return ADMIT  # (the caller steps an existing handshake instead; admitting is a no-op)
-        address = peer[0] if type(peer) is tuple else address_of(peer)
-        verdict = self._consider(peer, address, _prefix(address))
+        address = address_of(peer)
+        verdict = self._consider(peer, address, prefix_of(address))
         # (remembered until the slots change: the hello that asks is admitted right after, `admit`)
         self._considered = (peer, verdict)
         return verdict
@@ -274,8 +267,8 @@ class HandshakeSlots:
         caller drops the handshake of `evict`, if any."""
         if peer in self._slots:
             return ADMIT if verdict is None else verdict
-        address = peer[0] if type(peer) is tuple else address_of(peer)
-        prefix = _prefix(address)
+        address = address_of(peer)
+        prefix = prefix_of(address)
         if verdict is None:
             considered = self._considered
             # (`consider` just said it, and nothing changed since: the usual hello, asked then admitted)

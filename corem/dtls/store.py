@@ -119,10 +119,10 @@ def _raised(row: Row | None, logged: list[int]) -> Row | None:
 def _fold(conn: Db | sqlite3.Connection, limit: int | None = None) -> int:
     """(in the caller's write transaction) Fold the oldest `limit` packs (all: None) into the
     sessions' rx_top and delete them; the packs folded."""
-    sql = "SELECT rowid, marks FROM rx_pack ORDER BY rowid" + (f" LIMIT {limit}" if limit else "")
+    sql = "SELECT rowid, typeof(marks) = 'blob', marks FROM rx_pack ORDER BY rowid" + (f" LIMIT {limit}" if limit else "")
     packs = conn.execute(sql).fetchall()
-    if packs:
-        conn.executemany(_RAISE, _fold_readable([pack for _, pack in packs]))
+    if packs:  # (a row that is no blob -- not the lane's -- is dropped with the rest, unread)
+        conn.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
         conn.execute("DELETE FROM rx_pack WHERE rowid <= ?", (packs[-1][0],))
     return len(packs)
 
@@ -289,7 +289,9 @@ class SessionStore:
         if not rows:
             return True
         try:
-            self._run("BEGIN")
+            # (a write lock first: the fold reads before it writes, and a read transaction another
+            # connection -- the marks' writer -- commits past cannot be upgraded: "database is locked")
+            self._run("BEGIN" if self.shared else "BEGIN IMMEDIATE")
             if not self.shared:  # (folded first: the rows say the sessions' tops now, and older marks
                 _fold(self.db)  # of their peers would only lag, or, a new session's, be a previous one's)
             self.db.executemany(_UPSERT.format(t=self.table), rows)
@@ -326,7 +328,8 @@ class SessionStore:
         try:
             row = self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone()
             logged = [] if self.shared else [
-                top for top, k, _ in _fold_readable([m for (m,) in self._run("SELECT marks FROM rx_pack")]) if k == key]
+                top for top, k, _ in _fold_readable(
+                    [m for (m,) in self._run("SELECT marks FROM rx_pack WHERE typeof(marks) = 'blob'")]) if k == key]
         except self.db.Error:
             return None
         if row is not None:

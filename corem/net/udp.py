@@ -247,7 +247,7 @@ class UdpEdge:
         """What a batch's datagrams decrypt to (maybe nothing), in order, each with its peer; the
         answer to the batch's last datagram may go at once (`_send_early`)."""
         receive = self.security.receive
-        *before, (last, at) = datagrams
+        *before, (last, at) = datagrams  # (a copy of up to a batch of pointers: nothing beside the decrypting)
         messages = [(m, peer) for data, peer in before for m in receive(data, peer, now)]
         self._eager = True
         try:
@@ -307,7 +307,7 @@ class UdpEdge:
         """Receive until cancelled."""
         sock = self.sock
         read, receive, take, collect = self._read, self._receive, self._take, self._collect
-        handle, next_event, on_event = self._handle, self.endpoint.next_event, self.on_event
+        handle = self._handle
         after_drain, flush = self.after_drain, self.flush
         current_time = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
@@ -320,10 +320,7 @@ class UdpEdge:
                     take(message, peer, now)
             for message, peer in collect():
                 handle(message, peer, now)
-            event = next_event()  # (`_dispatch_events`, inline: once a wake-up)
-            while event is not None:
-                on_event(event)
-                event = next_event()
+            self._dispatch_events()
             after_drain()
             flush()
 

@@ -285,12 +285,7 @@ class Engine:
             # cookie's length it leaves alone: `_server_hello` checks that cookie)
             hvr = _hello_verify(fragment, record_seq, addr, self.cookies.secrets[0])
             if hvr is not None:
-                self.outbox.append((hvr, peer))
-                stats = self.stats
-                stats.hello_verify_sent += 1
-                stats.bytes_out_unauthenticated += len(hvr)
-                if self.eager is not None:
-                    self.eager()
+                self._verify(hvr, peer)
                 return None
         # the server random and a CID (if it hands them out), one draw for either path
         server_random, cid = self._randoms()
@@ -300,9 +295,7 @@ class Engine:
             flight = _server_hello(fragment, record_seq, addr, self.cookies.secrets, self._prefs,
                                    params.require_ems, server_random, cid or b"", params.mtu)
         if type(flight) is bytes:  # (a cookie of the cookie's length that is not valid: C's HelloVerifyRequest)
-            self.outbox.append((flight, peer))
-            self.stats.hello_verify_sent += 1
-            self.stats.bytes_out_unauthenticated += len(flight)
+            self._verify(flight, peer)
             return None
         if flight is not None:
             client_random = flight[1]
@@ -316,10 +309,7 @@ class Engine:
             if not self.cookies.valid(peer, hello):
                 cookie = self.cookies.make(peer, hello)
                 msg = m.message(m.HELLO_VERIFY_REQUEST, f.message_seq, m.hello_verify_request(cookie))
-                hvr = plaintext_record(HANDSHAKE, 0, record_seq, msg, DTLS_1_2)
-                self.outbox.append((hvr, peer))
-                self.stats.hello_verify_sent += 1
-                self.stats.bytes_out_unauthenticated += len(hvr)
+                self._verify(plaintext_record(HANDSHAKE, 0, record_seq, msg, DTLS_1_2), peer)
                 return None
             client_random = hello.random
         current = self.handshakes.get(peer)
@@ -345,7 +335,6 @@ class Engine:
         self.handshakes[peer] = conn
         self.stats.handshakes_started += 1
         if flight is not None:
-            assert type(flight) is tuple
             conn.server_started(flight, server_random, record_seq, self.psk_for, now, queued=True)
         else:
             conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, record_seq,
@@ -353,6 +342,12 @@ class Engine:
         if conn.cid_in:
             self.by_cid[conn.cid_in] = conn
         return conn
+
+    def _verify(self, hvr: bytes, peer: Peer) -> None:
+        """A HelloVerifyRequest (C's or Python's), queued, counted and offered at once (`_answer`)"""
+        self.stats.hello_verify_sent += 1
+        self.stats.bytes_out_unauthenticated += len(hvr)
+        self._answer(hvr, peer)
 
     def _answer(self, datagram: bytes, peer: Peer) -> None:
         """An answer C made (a flight): queued, and offered to the driver (`eager`) before the
