@@ -1,7 +1,7 @@
 """CoAPS: corem against libcoap's coap-server-openssl, and memory per DTLS session.
 
     python bench/dtls_bench.py [--seconds 5] [--handshake-seconds 3] [--handshakers 32] [--sessions 20000] [--json]
-                               [--only TEXT ...]   (only the targets named so; no memory measurement)
+                               [--repeat N] [--only TEXT ...]   (only the targets named so; no memory measurement)
 
 Throughput: bench/dtls_loadgen.c (OpenSSL, compiled here) does sequential full handshakes
 (cookie exchange included) for HS seconds (the latency of one), then HANDSHAKERS clients
@@ -9,7 +9,12 @@ handshaking at once for HS seconds (what a server takes when a fleet reconnects)
 sessions x 4 confirmable POSTs in flight.
 corem answers `POST /telemetry` (tenant and device from the PSK session, CBOR decode, group commit,
 2.04 after commit, store NORMAL); libcoap answers PUT /example_data (payload kept in memory).
-Servers are pinned to CPU 0, the generator to CPU 1.  The row "corem plain CoAP (fast lane)" is
+Servers are pinned to CPU 0, the generator to CPU 1.  libcoap runs under the same load right after
+each corem run, and a row's ratios to libcoap are the medians of those pairs' (this machine's speed
+drifts by up to 20% over minutes: a ratio is of two runs of the same minute; libcoap measured once at
+the end put the drift into every ratio).  With --repeat N each corem row runs N times, each run
+followed by libcoap's: the row is the median of its runs (each figure apart), libcoap's row the median
+of all its runs.  The row "corem plain CoAP (fast lane)" is
 the same reading without DTLS (`POST /api/v1/{token}/telemetry`, bench/loadgen.c, 64 x 4): the
 yardstick of issue 27 (CoAPS on corem's engine, whose records the lane opens and seals itself,
 at >= 0.9x of it); each CoAPS row says its ratio to it.
@@ -101,6 +106,7 @@ def memory(n: int, mode: str, engine: str = "corem") -> dict:
 
 
 PLAIN = "corem plain CoAP (fast lane)"
+LIBCOAP = "libcoap coap-server-openssl (C)"
 MBEDTLS = "corem (dtls_engine = mbedtls, deprecated)"
 
 
@@ -130,6 +136,47 @@ def plain_lane(args, payload: str) -> dict:
     return r
 
 
+#: the figures a row has of each run, and that its ratios to libcoap are of
+FIGURES = ("handshakes_per_s", "concurrent_handshakes_per_s", "rps")
+
+
+def median(values: list[float]) -> float:
+    """The median (the lower of the two middle ones, as formats_load_bench)."""
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median requests/s (its latencies), each figure the median of the runs'."""
+    row = dict(sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2])
+    row.update({f: median([r[f] for r in runs]) for f in FIGURES})
+    return row
+
+
+def ratios(r: dict, ref: dict) -> tuple[float, ...]:
+    return tuple(r[f] / ref[f] if ref[f] else 0.0 for f in FIGURES)
+
+
+def run_target(args, cmd: list[str], port: int, method: int, path: str, payload: str) -> dict:
+    """One server started, the load generator's three phases against it, the server stopped."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        out = subprocess.run(
+            [*pin(1), str(BIN), "127.0.0.1", str(port), "64", "4", str(args.handshake_seconds), str(args.seconds),
+             IDENTITY, KEY, str(method), path, payload, "60", str(args.handshakers)],
+            capture_output=True, text=True, check=True, timeout=args.seconds + args.handshake_seconds + 60,
+        )
+        return json.loads(out.stdout)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def say(args, name: str, r: dict) -> None:
+    print(f"  {name}: {r['handshakes_per_s']:.0f} handshakes/s ({r['concurrent_handshakes_per_s']:.0f} "
+          f"with {args.handshakers} at once), {r['rps']:.0f} req/s", file=sys.stderr)
+
+
 def throughput(args) -> list[dict]:
     import cbor2
 
@@ -156,32 +203,40 @@ def throughput(args) -> list[dict]:
                     "--log-level", "warning"], port, 2, "telemetry")
             for name, lane, bus in buses
         ]
+        libcoap = None
         if shutil.which("coap-server-openssl"):
             lp = free_port()  # libcoap serves CoAPS on its -p port + 1
-            targets.append(("libcoap coap-server-openssl (C)",
-                            [*pin(0), "coap-server-openssl", "-A", "127.0.0.1", "-p", str(lp - 1), "-k", KEY],
-                            lp, 3, "example_data"))
+            libcoap = (LIBCOAP, [*pin(0), "coap-server-openssl", "-A", "127.0.0.1", "-p", str(lp - 1), "-k", KEY],
+                       lp, 3, "example_data")
         if args.only:
             targets = [t for t in targets if any(w in t[0] for w in args.only)]
+            if libcoap is not None and not any(w in LIBCOAP for w in args.only):
+                libcoap = None
         if not args.only or any(w in PLAIN for w in args.only):
             results.append(plain_lane(args, payload))  # (first: the yardstick)
+        yards: list[dict] = []
         for name, cmd, p, method, path in targets:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                time.sleep(1.5)
-                out = subprocess.run(
-                    [*pin(1), str(BIN), "127.0.0.1", str(p), "64", "4", str(args.handshake_seconds), str(args.seconds),
-                     IDENTITY, KEY, str(method), path, payload, "60", str(args.handshakers)],
-                    capture_output=True, text=True, check=True, timeout=args.seconds + args.handshake_seconds + 60,
-                )
-                r = json.loads(out.stdout)
-            finally:
-                proc.terminate()
-                proc.wait(20)
+            runs, pairs = [], []
+            for _ in range(max(1, args.repeat)):
+                runs.append(run_target(args, cmd, p, method, path, payload))
+                say(args, name, runs[-1])
+                if libcoap is not None:
+                    # libcoap under the same load right after (the machine's speed drifts by 20%
+                    # over minutes: a ratio is of two runs of the same minute)
+                    yards.append(run_target(args, *libcoap[1:], payload))
+                    say(args, libcoap[0], yards[-1])
+                    pairs.append(ratios(runs[-1], yards[-1]))
+            r = median_row(runs)
             r["target"] = name
-            print(f"  {name}: {r['handshakes_per_s']:.0f} handshakes/s ({r['concurrent_handshakes_per_s']:.0f} "
-                  f"with {args.handshakers} at once), {r['rps']:.0f} req/s", file=sys.stderr)
+            if pairs:
+                r["vs_libcoap"] = tuple(median([q[i] for q in pairs]) for i in range(len(FIGURES)))
             results.append(r)
+        if libcoap is not None and not yards:  # (libcoap alone: --only libcoap)
+            yards = [run_target(args, *libcoap[1:], payload) for _ in range(max(1, args.repeat))]
+            for y in yards:
+                say(args, libcoap[0], y)
+        if yards:  # (libcoap's row: the median of its runs beside corem's)
+            results.append({**median_row(yards), "target": LIBCOAP, "vs_libcoap": (1.0, 1.0, 1.0)})
     kafka_vs_embedded(results, "corem", "corem (bus Kafka")
     return results
 
@@ -191,6 +246,13 @@ def vs_plain(r: dict, results: list[dict]) -> str:
     if plain is None or r is plain or not plain["rps"]:
         return "-"
     return f"{r['rps'] / plain['rps']:.2f}x"
+
+
+def vs_libcoap(r: dict) -> str:
+    """The row's ratios to libcoap (handshakes one at a time / at once / requests), each the median
+    of its runs' paired with the libcoap run right after each"""
+    q = r.get("vs_libcoap")
+    return "-" if q is None else " / ".join(f"{x:.2f}x" for x in q)
 
 
 def main() -> None:
@@ -203,6 +265,8 @@ def main() -> None:
     ap.add_argument("--handshakers", type=int, default=32, help="clients handshaking at once (phase 1b)")
     ap.add_argument("--sessions", type=int, default=20000, help="sessions for the memory measurement")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="each corem row N times, each run followed by libcoap's: the medians")
     ap.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only the targets whose name contains TEXT (repeatable: e.g. --only "
                          "corem --only libcoap); skips the memory measurement")
@@ -213,7 +277,7 @@ def main() -> None:
         print(json.dumps(results, indent=2) if args.json else "\n".join(
             f"{r['target']}: {r['handshakes_per_s']:,.0f} handshakes/s one at a time, "
             f"{r.get('concurrent_handshakes_per_s', 0):,.0f} with {args.handshakers} at once, {r['rps']:,.0f} req/s"
-            f" ({vs_plain(r, results)} of the plain lane)" for r in results))
+            f" ({vs_plain(r, results)} of the plain lane; {vs_libcoap(r)} libcoap's, paired)" for r in results))
         return
     live = memory(min(args.sessions, 20000), "live")
     offloaded = memory(args.sessions, "offloaded")
@@ -221,15 +285,12 @@ def main() -> None:
     if args.json:
         print(json.dumps({"throughput": results, "memory": [live, offloaded, *engine]}, indent=2))
         return
-    ref = next((r for r in results if r["target"].startswith("libcoap")), None)
     print("\n" + markdown([
         ("target", lambda r: r["target"]), ("handshakes/s, one at a time", lambda r: f"{r['handshakes_per_s']:,.0f}"),
         (f"handshakes/s, {args.handshakers} at once", lambda r: f"{r.get('concurrent_handshakes_per_s', 0):,.0f}"),
         ("encrypted requests/s", lambda r: f"{r['rps']:,.0f}"), ("p50", lambda r: f"{r['p50_us'] / 1000:.2f} ms"),
         ("p99", lambda r: f"{r['p99_us'] / 1000:.2f} ms"),
-        ("vs libcoap (hs / hs at once / req)", lambda r: "-" if ref is None or r["target"] == PLAIN else
-         f"{r['handshakes_per_s'] / ref['handshakes_per_s']:.2f}x / "
-         f"{r['concurrent_handshakes_per_s'] / ref['concurrent_handshakes_per_s']:.2f}x / {r['rps'] / ref['rps']:.2f}x"),
+        ("vs libcoap (hs / hs at once / req)", vs_libcoap),
         ("vs plain lane (req)", lambda r: vs_plain(r, results)),
     ], results))
     print("\n" + markdown([
