@@ -10,6 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from corem.bus.base import PackedRecord, Record
+from corem.bus.sqlite import _batch as stored_form
 from corem.coap import Endpoint, Params, Router
 from corem.fastlane import FastLane
 from corem.ingest.diagnostics import Diagnostics
@@ -55,24 +59,37 @@ BINARY = ('{"format": "binary", "layout": ['
           '{"name": "f64b", "type": "float64be"}, {"name": "f64l", "type": "float64le"}]}')
 
 
-class RecordingSink:
-    """The sink interface, committing when told to (`commit(error)`), with bounded room."""
+def unpacked(record: Record | PackedRecord) -> Record:
+    """A record as a `Record` (a PackedRecord's msgpack read back)."""
+    if isinstance(record, PackedRecord):
+        key, value, headers = msgspec.msgpack.decode(record.packed)
+        return Record(record.topic, key, value, headers)
+    return record
 
-    def __init__(self, room: int = 1_000_000) -> None:
+
+class RecordingSink:
+    """The sink interface, committing when told to (`commit(error)`), with bounded room.  Like the
+    embedded bus it takes the lane's PackedRecords (`packed`: False, like Kafka's, it takes
+    Records only); `waiting` and `stored` hold them as Records, `stored_bytes` each as the
+    embedded bus stores it (sqlite.py `_batch`), so the twins compare what reaches the disk."""
+
+    def __init__(self, room: int = 1_000_000, packed: bool = True) -> None:
         self.room = room
+        self.packed = packed
         self.waiting: list[tuple[Any, Any, Any]] = []
         self.stored: list[Any] = []
+        self.stored_bytes: list[bytes] = []
+        self._waiting_bytes: list[bytes] = []
         self.before: list[Any] = []  # (`defer`)
 
     def submit(self, record, done, ctx=None) -> bool:
-        if len(self.waiting) >= self.room:
-            return False
-        self.waiting.append((record, done, ctx))
-        return True
+        return self.submit_many([record], done, [ctx]) == 1
 
     def submit_many(self, records, done, ctxs) -> int:
         n = max(0, min(len(records), self.room - len(self.waiting)))
-        self.waiting += [(r, done, c) for r, c in zip(records[:n], ctxs[:n])]
+        assert self.packed or not any(isinstance(r, PackedRecord) for r in records), "a packed record for a sink without"
+        self.waiting += [(unpacked(r), done, c) for r, c in zip(records[:n], ctxs[:n])]
+        self._waiting_bytes += [stored_form([r]) for r in records[:n]]
         return n
 
     def defer(self, write, wal=None) -> bool:
@@ -86,9 +103,11 @@ class RecordingSink:
         for write in self.before:
             write()
         waiting, self.waiting = self.waiting, []
-        for record, done, ctx in waiting:
+        waiting_bytes, self._waiting_bytes = self._waiting_bytes, []
+        for (record, done, ctx), raw in zip(waiting, waiting_bytes):
             if error is None:
                 self.stored.append(record)
+                self.stored_bytes.append(raw)
             done(ctx, error)
 
 
@@ -96,9 +115,9 @@ class Side:
     """One server: endpoint, router, ingest, sink -- and the lane in front when `lane`."""
 
     def __init__(self, directory: Directory, clock: list[float], *, lane: bool, params: Params, room: int,
-                 rate: float = 0.0) -> None:
+                 rate: float = 0.0, packed: bool = True) -> None:
         self.clock = clock
-        self.sink = RecordingSink(room)
+        self.sink = RecordingSink(room, packed)
         self.ingest = TelemetryIngest(directory, self.sink, Diagnostics(16), clock_ms=lambda: int(clock[0] * 1000),
                                       now=lambda: clock[0])
         self.ingest.register_profile("twin-custom", custom)
@@ -142,13 +161,16 @@ class Side:
 
     def take_stored(self) -> list[tuple]:
         stored, self.sink.stored = self.sink.stored, []
+        self.sink.stored_bytes = []
         return [(r.topic, r.key, decode_point(r.value), r.headers) for r in stored]
 
 
 class Twin:
     """The two sides over one registry: T1 (default profile, tenant acme), T2 (a custom decoder)."""
 
-    def __init__(self, *, room: int = 1_000_000, dedup_max_entries: int = 100_000) -> None:
+    def __init__(self, *, room: int = 1_000_000, dedup_max_entries: int = 100_000, packed: bool = True) -> None:
+        """`packed`: the sinks take the lane's PackedRecords, as the embedded bus does (False: as
+        Kafka's, Records only)."""
         self.tmp = tempfile.TemporaryDirectory(prefix="corem-twin-")
         self.registry = Registry(Path(self.tmp.name) / "registry.db")
         self.registry.add_device("acme", "d1", token="T1")
@@ -187,7 +209,7 @@ class Twin:
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]
-        self._sides = dict(params=Params(dedup_max_entries=dedup_max_entries), room=room)
+        self._sides = dict(params=Params(dedup_max_entries=dedup_max_entries), room=room, packed=packed)
         self.reset()
 
     def reset(self) -> None:
@@ -224,7 +246,10 @@ class Twin:
         """Both sides answered and stored the same; returns (answers, stored)."""
         out_lane, out_python = self.lane.take_out(), self.python.take_out()
         assert out_lane == out_python, f"answers differ:\n lane   {out_lane}\n python {out_python}"
-        # (the bytes first: a decoded point hides how its numbers were written, 1e-07 or 1e-7)
+        # (the bytes first: a decoded point hides how its numbers were written, 1e-07 or 1e-7;
+        # the records as the embedded bus stores them, the lane's packed ones beside Python's)
+        disk_lane, disk_python = self.lane.sink.stored_bytes, self.python.sink.stored_bytes
+        assert disk_lane == disk_python, f"stored forms differ:\n lane   {disk_lane}\n python {disk_python}"
         raw_lane, raw_python = [r.value for r in self.lane.sink.stored], [r.value for r in self.python.sink.stored]
         assert raw_lane == raw_python, f"bytes stored differ:\n lane   {raw_lane}\n python {raw_python}"
         stored_lane, stored_python = self.lane.take_stored(), self.python.take_stored()

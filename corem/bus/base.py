@@ -41,6 +41,15 @@ class Record(NamedTuple):
     headers: dict[str, str]
 
 
+class PackedRecord(NamedTuple):
+    """A record already in the embedded bus's stored form: `packed` is msgpack `[key, value,
+    headers]`, byte for byte what `msgspec` writes for the `Record` (corem/bus/sqlite.py).  The C
+    fast lane makes these for a sink that takes them (`Sink.packed`): no headers dict, exchange
+    string nor tuple to encode per reading."""
+    topic: str
+    packed: bytes
+
+
 def publish_json(sink: "Sink", topic: str, key: str, value: Any) -> bool:
     """A record no device waits for (attribute copies, downlink results): JSON, with the standard
     headers (corem/bus/headers.py; `key` is the device), submitted without an answer to give; a
@@ -91,6 +100,8 @@ class Sink:
     answered by its `done`; `run` is the sink's task, `close` drains it."""
 
     name = "sink"
+    #: takes `PackedRecord`s beside `Record`s (the embedded bus: they are what it stores)
+    packed = False
 
     def __init__(
         self, *, max_pending: int = 100_000, max_batch: int = 8192, after_batch: Callable[[], None] | None = None
@@ -109,7 +120,8 @@ class Sink:
         """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
         return self.submit_many([record], done, [ctx]) == 1
 
-    def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
+    def submit_many(self, records: list[Record] | list[Record | PackedRecord], done: Done,
+                    ctxs: list[Any]) -> int:
         """Take as many of `records` as there is room for (each answered by `done(ctx, error)`);
         returns how many were taken -- the first ones, in order."""
         raise NotImplementedError
@@ -198,7 +210,8 @@ class BatchingSink(Sink):
         """The batch being written holds the oldest records (what waits behind it is younger)."""
         return self._writing_since
 
-    def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
+    def submit_many(self, records: list[Record] | list[Record | PackedRecord], done: Done,
+                    ctxs: list[Any]) -> int:
         room = 0 if self._closing else max(0, self.max_pending - len(self._records))
         n = min(room, len(records))
         if n < len(records):

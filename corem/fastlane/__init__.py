@@ -37,7 +37,7 @@ import weakref
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator
 
-from ..bus.base import Record, Sink
+from ..bus.base import PackedRecord, Record, Sink
 from ..coap.endpoint import Endpoint
 from ..codec import Code, OptionNumber, code_str
 from ..ingest.point import TelemetryPoint, encode_point
@@ -201,6 +201,7 @@ class FastLane:
             rate=rate, burst=2 * rate, max_sources=max_sources, limit_error_size=p.limit_error_size,
             exempt=exempt or [], scope=endpoint.transport or "udp",
             path=tuple(s.encode() for s in (*token_path.PREFIX, token_path.TELEMETRY)),
+            packed_type=PackedRecord if sink.packed else None,
         )
         self.ingest = ingest
         self.sink = sink

@@ -14,6 +14,7 @@ class Lane:
         exchange_lifetime: float = 247.0, dedup_max_entries: int = 100_000, rate: float = 0.0, burst: float = 0.0,
         max_sources: int = 100_000, limit_error_size: bool = True, exempt: list[tuple[bytes, int]] = ...,
         scope: str = "udp", path: tuple[bytes, ...] = (b"api", b"v1", b"telemetry"),
+        packed_type: type | None = None,
     ) -> None: ...
     def remember(self, peer: Any, mid: int, at: float, /) -> bool:
         """An exchange committed before a restart: its CON retransmission is answered 2.04."""
