@@ -9,6 +9,7 @@ import socket
 import struct
 
 import cbor2
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -230,6 +231,19 @@ JSON_VALUES = st.one_of(
     st.decimals(allow_nan=False, allow_infinity=False, places=3).map(lambda d: float(d)),
 )
 JSON_MAPS = st.dictionaries(JSON_KEYS | st.just("ts"), JSON_VALUES | st.integers(0, 253_402_300_799_999), max_size=6)
+
+
+SHORT_DECIMALS = st.builds(lambda m, k: m / 10**k, st.integers(-10**16, 10**16), st.integers(0, 8))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(SHORT_DECIMALS, SHORT_DECIMALS.map(lambda x: math.nextafter(x, math.inf)),
+                 st.floats(allow_nan=False, allow_infinity=False), st.floats(-1e7, 1e7, width=32)))
+def test_a_number_is_written_as_msgspec_writes_it_short_decimals_without_dtoa_included(x):
+    """put_double: the lane's JSON numbers are msgspec's, byte for byte -- its own digits for a
+    reading of a few decimals (put_short_decimal: 22.5, 1013.25), the shortest digits otherwise."""
+    from corem.fastlane._lane import json_number
+    assert json_number(x) == msgspec.json.encode(x)
 
 
 def json_text(m: dict, spaced: bool, ensure_ascii: bool) -> bytes:

@@ -2719,7 +2719,18 @@ static PyTypeObject LaneType = {
     .tp_members = Lane_members,
 };
 
+/* json_number(x): a number as the lane writes it in a point's JSON (put_double), for the tests'
+ * comparison with msgspec over many doubles. */
+static PyObject *lane_json_number(PyObject *module, PyObject *arg) {
+    double v = PyFloat_AsDouble(arg);
+    if (v == -1.0 && PyErr_Occurred()) return NULL;
+    char buf[64];
+    char *end = put_double(buf, v);
+    return end ? PyBytes_FromStringAndSize(buf, end - buf) : NULL;
+}
+
 static PyMethodDef module_methods[] = {
+    {"json_number", lane_json_number, METH_O, "json_number(x) -> bytes: x as a point's JSON has it (put_double)"},
     {"fold_marks", ds_fold_marks, METH_O, "fold_marks(packs) -> [(top, key, top)]: each key's highest top over the packs"},
     {"compile_profile", compile_profile, METH_VARARGS,
      "compile_profile(rules, positions, layout) -> a profile's C form for set_target (rules.h, layouts.h)"},

@@ -95,6 +95,8 @@ class OscoreContext:
     def seal(self, kid: bytes, piv: bytes, plaintext: bytes, /) -> bytes:
         """The ciphertext and tag under the sender key, with the request's nonce (a first answer)."""
 
+def json_number(x: float, /) -> bytes:
+    """x as a point's JSON has it (the tests compare it with msgspec's)."""
 def fold_marks(packs: Any, /) -> list[tuple[int, bytes, int]]:
     """Each key's highest top over the packs, as (top, key, top) in the order keys first appear."""
 
