@@ -6,6 +6,8 @@ from __future__ import annotations
 from corem.dtls import DtlsParams, SessionStore
 from corem.dtls.engine import Client
 from corem.dtls.layer import CID_KEY, EngineServer, load_state_key
+from corem.dtls.store import peer_key
+from corem.registry import Device
 
 from .test_dtls import DEVICE, IDENTITY, KEY
 
@@ -193,3 +195,67 @@ def moving_device(server, n: int, again_every: int = 0) -> None:
     finally:
         for s in socks:
             s.close()
+
+
+def counted_layer(devices):
+    """A layer whose registry lookups are counted (and answered from `devices`, read at each ask)."""
+    asked = []
+
+    def lookup(identity):
+        asked.append(identity)
+        return devices.get(identity)
+
+    return EngineServer(lookup, DtlsParams(), state_key=STATE_KEY, cid_length=0), asked
+
+
+def test_a_psk_handshake_asks_the_registry_once_and_its_session_is_that_device():
+    srv, asked = counted_layer({IDENTITY: DEVICE})
+    handshake(srv, cid=None)
+    assert asked == [IDENTITY] and srv.device(A) == DEVICE
+
+
+def split_records(datagram):
+    """A datagram's records, each a datagram of its own (13-byte header, length at 11..13)"""
+    out = []
+    while datagram:
+        n = 13 + int.from_bytes(datagram[11:13], "big")
+        out.append(datagram[:n])
+        datagram = datagram[n:]
+    return out
+
+
+def test_a_session_whose_finished_comes_in_a_later_datagram_names_the_device_the_registry_says_then():
+    # (the answer of the ClientKeyExchange's lookup is the session's only within that datagram)
+    other = Device(tenant="acme", device="sensor-8", psk_identity=IDENTITY, psk=KEY)
+    devices = {IDENTITY: DEVICE}
+    srv, asked = counted_layer(devices)
+    c = Client(IDENTITY.encode(), KEY, cid=None)
+    c.start(0.0)
+    for _ in range(2):  # the hello, then the hello with its cookie
+        for d in c.datagrams_to_send():
+            srv.receive(d, A, 0.0)
+        for d, _to in srv.datagrams_to_send():
+            c.receive(d, 0.0)
+    [flight] = c.datagrams_to_send()
+    *first, finished = split_records(flight)
+    for d in first:  # ClientKeyExchange, ChangeCipherSpec: the keys, from the registry's answer
+        srv.receive(d, A, 0.0)
+    assert asked == [IDENTITY] and A not in srv.sessions
+    devices[IDENTITY] = other
+    srv.receive(finished, A, 0.0)
+    for d, _to in srv.datagrams_to_send():
+        c.receive(d, 0.0)
+    assert c.established and asked == [IDENTITY, IDENTITY] and srv.device(A) == other
+
+
+def test_a_session_makes_its_store_key_when_it_is_first_saved():
+    srv = EngineServer({IDENTITY: DEVICE}.get, DtlsParams(offload_after=10.0, checkpoint=False),
+                       state_key=STATE_KEY, store=SessionStore(), cid_length=0,
+                       device_lookup=lambda t, d: DEVICE if (t, d) == ("acme", "sensor-7") else None)
+    c = handshake(srv, cid=None)
+    assert srv.sessions[A].layer.key == b""  # (a session that ends before any save never needs one)
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x01"), A, 1.0)
+    srv.sweep(20.0)
+    assert srv.store.keys() == [peer_key(A)]
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x02"), A, 21.0) == [b"\x40\x02\x00\x02"]
+    assert srv.device(A) == DEVICE and srv.sessions[A].layer.key == peer_key(A)

@@ -52,7 +52,7 @@ from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import RECORDS, TLS12_CID
 from .keyset import KeySet
-from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registry_psk
+from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registry_device
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, peer_key
 
@@ -234,7 +234,8 @@ class Session:
         self.marked = -1
         #: the store holds a copy a crash would restore: record numbers go there first (settle)
         self.saved = False
-        #: its row's key in the store
+        #: its row's key in the store (b"": not made yet -- `EngineServer._row` makes it the first time
+        #: the session is saved; a session that ends before any save never needs one)
         self.key = key
 
 
@@ -274,10 +275,15 @@ class EngineServer:
         self.engine = e = Engine(self._psk, engine_params(p, cid_length, client_auth, cid_prefix))
         e.admit = self._admit
         e.established = self._established
-        e.handshake_over = self._handshake_over
+        #: the answer to the last PSK lookup (identity, device) while the datagram that asked is
+        #: handled: the session it establishes names the same device without a second lookup
+        self._looked_up: tuple[bytes, Device | None] | None = None
         e.moved = self._moved
         self.slots = HandshakeSlots(p.max_handshakes, p.handshake_timeout, p.handshake_floor)
+        e.handshake_over = self.slots.release  # (its slot is free; no frame of ours between)
         self.stats = LayerStats(engine=e.stats)
+        # (the edge calls it at every eager answer and every flush: the engine's, no frame between)
+        self.datagrams_to_send = e.datagrams_to_send  # type: ignore[method-assign]
         #: the keys of the sessions waiting in the store (as fingerprints: keyset.py, ~20 B each)
         self.offloaded = KeySet() if self.store.shared else KeySet(self.store.keys())
         self._missed: dict[bytes, float] = {}
@@ -289,7 +295,6 @@ class EngineServer:
         self._cid_length = cid_length
         self._hello_cookie = False  # (the ClientHello being handled carries a cookie)
         self._datagram = b""  # (the datagram being handled)
-        self._pending_device: Device | None = None
         self._lane: LaneSessions | None = None  # (attach_lane)
         #: the lane's marks of readings are taken and written by the sink just before each commit
         #: (`defer_marks`), on a store connection of their own, one write at a time
@@ -313,7 +318,9 @@ class EngineServer:
 
     # -- the engine's hooks ----------------------------------------------------------------------
     def _psk(self, identity: bytes) -> bytes | None:
-        return registry_psk(self.psk_lookup, identity)
+        device: Device | None = registry_device(self.psk_lookup, identity)
+        self._looked_up = (identity, device)
+        return None if device is None else device.psk
 
     def _admit(self, peer: Peer, now: float) -> bool:
         """A hello with a valid cookie: a handshake slot, as DtlsServer takes one (slots.py)."""
@@ -334,9 +341,6 @@ class EngineServer:
                 self.store.discard(key)
         return True
 
-    def _handshake_over(self, peer: Peer) -> None:
-        self.slots.release(peer)
-
     def _established(self, conn: Connection) -> str | None:
         device: Device | None = None
         if conn.peer_chain:  # a certificate (verified against dtls_ca by the engine)
@@ -345,8 +349,10 @@ class EngineServer:
                 log.debug("dtls peer %s presented an unregistered certificate", conn.peer)
                 return "unregistered_certificate"
         elif conn.suite is not None and conn.suite.kx == "psk":
-            device = self.psk_lookup(conn.identity.decode(errors="replace"))
-        conn.layer = Session(device, self._key_of(conn))
+            looked = self._looked_up  # (this datagram's ClientKeyExchange asked for it: the usual PSK flight)
+            device = looked[1] if looked is not None and looked[0] == conn.identity else \
+                self.psk_lookup(conn.identity.decode(errors="replace"))
+        conn.layer = Session(device, b"")  # (its store key made when first saved: `_row`)
         if self.on_new_session is not None:
             self.on_new_session(conn.peer, self._now)
         return None
@@ -442,6 +448,7 @@ class EngineServer:
                 self.stats.handshakes_refused[v.reason] += 1
                 return []
         self._datagram = data  # (the hello that takes a slot is remembered: `_admit`)
+        self._looked_up = None
         out = e.receive(data, peer, now)
         hs = e.handshakes.get(peer)
         if hs is not None and hs.auth_failures >= FINISHED_FAILURES:
@@ -488,7 +495,7 @@ class EngineServer:
         return sealed
 
     def datagrams_to_send(self) -> list[tuple[bytes, Peer]]:
-        return self.engine.datagrams_to_send()
+        return self.engine.datagrams_to_send()  # (an instance's is the engine's own: __init__)
 
     def credentialed(self, datagram: bytes, peer: Peer) -> bool:
         return self.engine.credentialed(datagram, peer)
@@ -537,6 +544,8 @@ class EngineServer:
 
     def _row(self, conn: Connection, wall_offset: float) -> Row:
         s: Session = conn.layer
+        if not s.key:
+            s.key = self._key_of(conn)
         saved = state.export(conn)
         blob = BLOB_TAG + state.seal(saved, self.state_key, s.key)
         device = s.device

@@ -79,15 +79,21 @@ DTLS_METRICS = {
 }
 
 
-def registry_psk(lookup: Callable[[str], Any], identity: bytes) -> bytes | None:
-    """The PSK of the device a handshake's identity names (`lookup`: the registry's, identity ->
-    device or None), or None: an unknown identity, one that is not UTF-8, a device without a PSK.
-    The one rule for CoAPS and coaps+tcp alike."""
+def registry_device(lookup: Callable[[str], Any], identity: bytes) -> Any:
+    """The device a handshake's identity names (`lookup`: the registry's, identity -> device or
+    None), or None: an unknown identity, one that is not UTF-8."""
     try:
         name = identity.decode()
     except UnicodeDecodeError:
         return None
-    device = lookup(name)
+    return lookup(name)
+
+
+def registry_psk(lookup: Callable[[str], Any], identity: bytes) -> bytes | None:
+    """The PSK of the device a handshake's identity names (`registry_device`), or None: an unknown
+    identity, one that is not UTF-8, a device without a PSK.  The one rule for CoAPS and coaps+tcp
+    alike."""
+    device = registry_device(lookup, identity)
     psk: bytes | None = None if device is None else device.psk
     return psk
 

@@ -166,7 +166,7 @@ class Engine:
         #: (e.g. an unregistered certificate: it is closed and counted as a failed handshake)
         self.established: Callable[[Connection], str | None] | None = None
         #: `handshake_over(peer)`: a handshake left `handshakes` (completed, failed, replaced)
-        self.handshake_over: Callable[[Peer], None] | None = None
+        self.handshake_over: Callable[[Peer], object] | None = None
         #: `moved(conn, old_peer)`: RFC 9146 §6, a session now answers at `conn.peer`
         self.moved: Callable[[Connection, Peer], None] | None = None
         #: `on_session(conn, live)`: `conn` became a session at `conn.peer` (live) or is no longer
