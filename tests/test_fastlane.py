@@ -1108,6 +1108,28 @@ def test_the_downlink_hears_each_device_once_per_batch_and_presence_sees_it_comm
         t.close()
 
 
+def test_each_devices_committed_points_are_counted_across_many_devices_in_a_batch():
+    """The lane counts committed points per device object (a table by address, grown as devices
+    come); settle hands them to the ingest, every device's own count, none lost or doubled."""
+    t = Twin()
+    try:
+        for i in range(150):
+            t.registry.add_device("acme", f"m{i}", token=f"M{i}")
+        t.directory.refresh(force=True)
+        t.reset()
+        for i in range(150):  # (each device's first reading is Python's: it takes the device up)
+            for k in range(1 + i % 3):
+                t.lane.receive(post(f"M{i}", mid=1000 * k + i), ("127.0.0.1", 40000))
+        t.lane.commit()
+        took = lane_took(t)
+        assert took >= 150
+        points = t.lane.ingest.stats.device_points
+        assert [points["acme", f"m{i}"] for i in range(150)] == [1 + i % 3 for i in range(150)]
+        assert t.lane.lane.lane.take_committed() == {}  # (handed over once)
+    finally:
+        t.close()
+
+
 def test_committed_refuses_an_unknown_or_repeated_verdict(twin):
     twin.lane.receive(post(), ("127.0.0.1", 1))
     _, done, ctx = twin.lane.sink.waiting[0]

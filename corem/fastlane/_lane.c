@@ -228,7 +228,15 @@ typedef struct {
     out_t *out;
     size_t out_len, out_cap;
     /* what a drain produced, taken by Python */
-    PyObject *slow, *records, *ctxs, *touched, *committed, *on_late;
+    PyObject *slow, *records, *ctxs, *touched, *on_late;
+    /* points committed per device since take_committed, by the device object's address (a
+     * device held: a reference each); a dict keyed by the device hashed its msgspec Struct,
+     * every field, twice a reading */
+    struct {
+        PyObject *device;
+        long long points;
+    } *committed;
+    size_t committed_cap, committed_len;
     PyObject *next_mid; /* next_mid() -> the message id of a response of ours (the endpoint's) */
     /* CoAPS on corem's engine (drain_records): the established sessions the lane opens and seals
      * records for, what it decrypted but did not take ((message, peer): for the endpoint), the
@@ -1965,6 +1973,38 @@ static long osc_seal_answer(Lane *self, const pending_t *q, int ok, uint8_t *out
     return (long)(pl + OSC_TAG);
 }
 
+/* `points` more of `device`'s readings committed (Lane_take_committed hands the counts over):
+ * 0, or -1 with an exception set.  An open-addressing table by address, at most half full. */
+static int count_committed(Lane *self, PyObject *device, long long points) {
+    if (2 * (self->committed_len + 1) > self->committed_cap) {
+        size_t cap = self->committed_cap ? 2 * self->committed_cap : 64, old = self->committed_cap;
+        __typeof__(self->committed) t = PyMem_Calloc(cap, sizeof *t), o = self->committed;
+        if (!t) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; i < old; i++) {
+            if (!o[i].device) continue;
+            size_t j = ((uintptr_t)o[i].device >> 4) * 0x9E3779B97F4A7C15ULL >> 32 & (cap - 1);
+            while (t[j].device) j = (j + 1) & (cap - 1);
+            t[j] = o[i];
+        }
+        PyMem_Free(o);
+        self->committed = t;
+        self->committed_cap = cap;
+    }
+    size_t mask = self->committed_cap - 1, j = ((uintptr_t)device >> 4) * 0x9E3779B97F4A7C15ULL >> 32 & mask;
+    while (self->committed[j].device && self->committed[j].device != device) j = (j + 1) & mask;
+    if (!self->committed[j].device) {
+        Py_INCREF(device);
+        self->committed[j].device = device;
+        self->committed[j].points = 0;
+        self->committed_len++;
+    }
+    self->committed[j].points += points;
+    return 0;
+}
+
 /* The sink's verdict on one record: 2.04 once durable, 5.03 with Max-Age 5 if not; in the ACK, or
  * -- past the piggyback timeout -- as a separate response: `on_late(peer, token, code, request
  * size)` hands it to Python's endpoint, which sends and retransmits it. */
@@ -1984,15 +2024,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
     int code = ok ? 0x44 : 0xA3;
     if (ok) {
         self->accepted += q->points;
-        if (!self->committed && !(self->committed = PyDict_New())) return NULL;
-        PyObject *n = PyDict_GetItemWithError(self->committed, q->device);
-        long long c = n ? PyLong_AsLongLong(n) : 0;
-        PyObject *nn = PyLong_FromLongLong(c + q->points);
-        if (!nn || PyDict_SetItem(self->committed, q->device, nn) < 0) {
-            Py_XDECREF(nn);
-            return NULL;
-        }
-        Py_DECREF(nn);
+        if (count_committed(self, q->device, q->points) < 0) return NULL;
     } else {
         self->refusals++;
     }
@@ -2144,9 +2176,26 @@ static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
 }
 
 static PyObject *Lane_take_committed(Lane *self, PyObject *unused) {
-    PyObject *d = self->committed;
-    self->committed = NULL;
-    return d ? d : PyDict_New();
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    if (!self->committed_len) return d;
+    for (size_t i = 0; i < self->committed_cap; i++) {
+        PyObject *dev = self->committed[i].device;
+        if (!dev) continue;
+        /* (two objects of one device, equal -- one replaced in the registry meanwhile: one count) */
+        PyObject *had = PyDict_GetItemWithError(d, dev);
+        long long before = had ? PyLong_AsLongLong(had) : 0;
+        PyObject *n = PyErr_Occurred() ? NULL : PyLong_FromLongLong(before + self->committed[i].points);
+        if (!n || PyDict_SetItem(d, dev, n) < 0) { /* (the counts kept for the next call) */
+            Py_XDECREF(n);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(n);
+    }
+    for (size_t i = 0; i < self->committed_cap; i++) Py_CLEAR(self->committed[i].device);
+    self->committed_len = 0;
+    return d;
 }
 
 static void clear_targets(Lane *self) {
@@ -2570,7 +2619,7 @@ static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->records);
     Py_VISIT(self->ctxs);
     Py_VISIT(self->touched);
-    Py_VISIT(self->committed);
+    for (size_t i = 0; i < self->committed_cap; i++) Py_VISIT(self->committed[i].device);
     Py_VISIT(self->on_late);
     Py_VISIT(self->next_mid);
     for (Py_ssize_t i = 0; i < self->ntargets; i++) {
@@ -2609,7 +2658,10 @@ static int Lane_clear(Lane *self) {
     Py_CLEAR(self->records);
     Py_CLEAR(self->ctxs);
     Py_CLEAR(self->touched);
-    Py_CLEAR(self->committed);
+    for (size_t i = 0; i < self->committed_cap; i++) Py_CLEAR(self->committed[i].device);
+    PyMem_Free(self->committed);
+    self->committed = NULL;
+    self->committed_cap = self->committed_len = 0;
     Py_CLEAR(self->on_late);
     Py_CLEAR(self->next_mid);
     Py_CLEAR(self->known);
