@@ -21,7 +21,7 @@ import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
 
 import trio
 
@@ -48,6 +48,10 @@ class PackedRecord(NamedTuple):
     string nor tuple to encode per reading."""
     topic: str
     packed: bytes
+
+
+#: what a sink is given: Records, and PackedRecords where the sink's `packed` says it takes them
+AnyRecord = Union[Record, PackedRecord]
 
 
 def publish_json(sink: "Sink", topic: str, key: str, value: Any) -> bool:
@@ -120,8 +124,7 @@ class Sink:
         """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
         return self.submit_many([record], done, [ctx]) == 1
 
-    def submit_many(self, records: list[Record] | list[Record | PackedRecord], done: Done,
-                    ctxs: list[Any]) -> int:
+    def submit_many(self, records: Sequence[AnyRecord], done: Done, ctxs: list[Any]) -> int:
         """Take as many of `records` as there is room for (each answered by `done(ctx, error)`);
         returns how many were taken -- the first ones, in order."""
         raise NotImplementedError
@@ -190,7 +193,7 @@ class BatchingSink(Sink):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self._records: list[Record] = []
+        self._records: list[AnyRecord] = []
         self._dones: list[Done] = []
         self._ctxs: list[Any] = []
         self._lot = trio.lowlevel.ParkingLot()
@@ -210,8 +213,7 @@ class BatchingSink(Sink):
         """The batch being written holds the oldest records (what waits behind it is younger)."""
         return self._writing_since
 
-    def submit_many(self, records: list[Record] | list[Record | PackedRecord], done: Done,
-                    ctxs: list[Any]) -> int:
+    def submit_many(self, records: Sequence[AnyRecord], done: Done, ctxs: list[Any]) -> int:
         room = 0 if self._closing else max(0, self.max_pending - len(self._records))
         n = min(room, len(records))
         if n < len(records):
@@ -284,7 +286,7 @@ class BatchingSink(Sink):
                 await trio.to_thread.run_sync(self.close_sync)
             self._stopped.set()
 
-    async def _write(self, records: list[Record], dones: list[Done], ctxs: list[Any]) -> None:
+    async def _write(self, records: list[AnyRecord], dones: list[Done], ctxs: list[Any]) -> None:
         stats = self.stats
         start = time.perf_counter()
         errors: list[BaseException | None] | None = None
@@ -337,7 +339,7 @@ class BatchingSink(Sink):
     def open(self) -> None:
         """Connect (runs in a worker thread before the first batch)."""
 
-    def prepare(self, records: list[Record]) -> Any:
+    def prepare(self, records: list[AnyRecord]) -> Any:
         """Turn a batch into what `write_prepared` writes; runs on the event loop, so keep it cheap
         (the point is to leave the worker thread little Python to run while it holds the GIL)."""
         return records

@@ -39,13 +39,13 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, cast
 
 import trio
 
 from ..logs import fields
 from ..stats import Histogram, Measurement, counter, gauge
-from .base import LATENCY_BUCKETS, Done, Record, Sink
+from .base import LATENCY_BUCKETS, AnyRecord, Done, Record, Sink
 
 try:
     from ._reports import Reports
@@ -352,14 +352,15 @@ class KafkaSink(Sink):
         self._stopped = trio.Event()
 
     # -- called on the event loop ------------------------------------------------------------
-    def submit_many(self, records: list[Record], done: Done, ctxs: list[Any]) -> int:
+    def submit_many(self, records: Sequence[AnyRecord], done: Done, ctxs: list[Any]) -> int:
+        # (Records only: `packed` is False, so the lane gives this sink no PackedRecord)
         produce = self._produce
         if produce is None or self._closing:
             self.stats.refused += len(records)
             return 0
         before = self._reports.outstanding
         try:
-            n = self._reports.submit(produce, records, done, ctxs)
+            n = self._reports.submit(produce, cast("list[Record]", records), done, ctxs)
         except Exception as e:  # noqa: BLE001 - a fatal producer, a bad topic: refused, noted
             n = self._reports.outstanding - before  # (no report is filed during submit)
             self.last_error = e

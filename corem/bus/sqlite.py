@@ -23,12 +23,12 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import msgspec
 
 from ..wal import WRITER_BACKSTOP, defer_checkpoints
-from .base import BatchingSink, PackedRecord, Record
+from .base import AnyRecord, BatchingSink, PackedRecord, Record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -84,7 +84,7 @@ class EmbeddedBus(BatchingSink):
     #: the fast lane's records come packed: what this bus stores (`_batch`)
     packed = True
 
-    def prepare(self, records: list[Record | PackedRecord]) -> list[tuple[int, str, int, bytes, int]]:
+    def prepare(self, records: list[AnyRecord]) -> list[tuple[int, str, int, bytes, int]]:
         """Group by topic and encode each group as one batch row (runs on the event loop: cheap).
         A batch is nearly always one topic (one tenant's telemetry): then no grouping at all."""
         now = int(time.time() * 1000)
@@ -92,7 +92,7 @@ class EmbeddedBus(BatchingSink):
         topic = records[0].topic
         if all(r.topic == topic for r in records):
             return [(offset, topic, len(records), _batch(records), now)]
-        by_topic: dict[str, list[Record | PackedRecord]] = {}
+        by_topic: dict[str, list[AnyRecord]] = {}
         for r in records:
             group = by_topic.get(r.topic)
             if group is None:
@@ -160,7 +160,7 @@ def _insert(n: int) -> str:
             + ", ".join(["(?, ?, ?, ?, ?)"] * n))
 
 
-def _batch(records: list[Record | PackedRecord]) -> bytes:
+def _batch(records: Sequence[AnyRecord]) -> bytes:
     """A batch row's records: the msgpack array of their `[key, value, headers]` triples, as
     msgspec writes the list -- its header, then each triple: a `PackedRecord`'s as it is, a
     `Record` without its topic encoded (msgspec writes a tuple as that array)."""
