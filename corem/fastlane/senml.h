@@ -31,8 +31,10 @@ typedef struct {
 /* A record's label from a text key; L_IGNORED for one Python ignores (§4.4), -1 for one ending in
  * "_" (must be understood: Python refuses it). */
 static int senml_label(const uint8_t *k, size_t n) {
-    for (int l = 0; l < L_COUNT; l++)
-        if (strlen(SENML_LABELS[l]) == n && memcmp(SENML_LABELS[l], k, n) == 0) return l;
+    static const uint8_t len[L_COUNT] = {4, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 1, 1, 2, 2}; /* (SENML_LABELS') */
+    if (n && n <= 4) /* (every label is 1-4 bytes: a longer key is none, without a scan) */
+        for (int l = 0; l < L_COUNT; l++)
+            if (len[l] == n && SENML_LABELS[l][0] == (char)k[0] && memcmp(SENML_LABELS[l], k, n) == 0) return l;
     return n && k[n - 1] == '_' ? -1 : L_IGNORED;
 }
 
