@@ -285,7 +285,9 @@ class Transports:
         EXCHANGE_LIFETIME (newest first, at most the dedup map's capacity) go into each UDP
         transport's dedup map -- the lane's, which sees every datagram first, or the endpoint's --
         so that a device retransmitting a CON whose 2.04 died with the last process gets its 2.04
-        and no second point (corem/bus/recovery.py).  With workers, only the peers steered here.
+        and no second point -- a request of that peer and message id with another token is a new
+        one, served (a device that rebooted: corem/bus/recovery.py).  With workers, only the peers
+        steered here.
         A bus that cannot be read is logged and counted, and corem starts anyway."""
         udp = {t.name: t for t in self.all if isinstance(t.edge, UdpEdge)}
         stats = self.recovery
@@ -320,8 +322,8 @@ class Transports:
             if t is None:
                 continue
             remember = t.lane.remember if t.lane is not None else t.endpoint.remember
-            for peer, mid, at_ms in keys:  # oldest first, on this process's clock
-                remember(peer, mid, now - max(0.0, (wall_ms - at_ms) / 1000))
+            for peer, mid, at_ms, token in keys:  # oldest first, on this process's clock
+                remember(peer, mid, now - max(0.0, (wall_ms - at_ms) / 1000), token)
         stats.records = found.records  # (the keys: corem_coap_dedup_recovered, the dedup maps')
         if found.error is not None:
             stats.failures += 1

@@ -194,6 +194,51 @@ def test_sigkill_under_load_then_retransmissions_are_answered_and_stored_once(da
             second.stop()
 
 
+def answered(answer: bytes | None) -> tuple[int, bytes]:
+    """(code, token) of an answer `exchange` returned."""
+    assert answer is not None, "no answer"
+    return answer[1], answer[4:4 + (answer[0] & 15)]
+
+
+@pytest.mark.parametrize("lane", ["on", "off"])
+def test_after_a_restart_a_rebooted_device_reusing_its_port_and_message_id_is_stored(data_dir, lane):
+    """A device that reboots within EXCHANGE_LIFETIME of a restart and sends a new reading from its
+    old port with an old message id, under a new token, is not retransmitting (a retransmission
+    carries its token unchanged, RFC 7252 §4.2, §5.3.1): its reading is stored and answered with
+    its own token.  A true retransmission of a committed exchange still gets its 2.04, once stored."""
+    port = free_udp_port()
+    args = ("--coap", f"127.0.0.1:{port}", "--fast-lane", lane)
+    server = start_corem(data_dir, *args)
+    rebooted, retrying = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET,
+                                                                                           socket.SOCK_DGRAM)
+    second = None
+    try:
+        for sock in (rebooted, retrying):
+            sock.bind(("127.0.0.1", 0))
+        kept = con(0x1234, b"\xb1", TOKEN, 2)
+        first = con(0x4321, b"\xa1\xa2", TOKEN, 1)
+        assert answered(exchange(rebooted, port, first, 30.0)) == (0x44, b"\xa1\xa2")
+        assert answered(exchange(retrying, port, kept, 30.0)) == (0x44, b"\xb1")
+        assert server.stop() == 0
+        second = start_corem(data_dir, *args)  # the same port, the same data dir
+        assert second.coap_port == port
+        # the rebooted device: its old port and message id, a new token, a new reading
+        assert answered(exchange(rebooted, port, con(0x4321, b"\xc1\xc2\xc3", TOKEN, 3), 30.0)) \
+            == (0x44, b"\xc1\xc2\xc3")
+        # the other one retransmits its committed CON byte for byte: answered from what was recovered
+        assert answered(exchange(retrying, port, kept, 30.0)) == (0x44, b"\xb1")
+        assert sorted(int(p["numeric_values"]["v"]) for p in second.points("acme")) == [1, 2, 3]
+        m = second.metrics()
+        assert counter_value(m, "corem_coap_dedup_recovered_total") == 2
+        assert counter_value(m, "corem_coap_recovered_answers_total") >= 1
+    finally:
+        rebooted.close()
+        retrying.close()
+        server.stop()
+        if second is not None:
+            second.stop()
+
+
 def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchanges(tmp_path):
     """The reading back itself: the header's round trip, the window (by record time), the bound
     (newest first), a worker's share, and records without a header (other topics, TCP)."""
@@ -202,14 +247,15 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
     from corem.bus import EmbeddedBus, Record
     from corem.bus.recovery import HEADER, exchange_header, parse_exchange, recover_embedded
 
-    assert parse_exchange(exchange_header("udp", ("10.1.2.3", 5683), 77)) == ("udp", ("10.1.2.3", 5683), 77)
+    peer4 = ("10.1.2.3", 5683)
+    assert parse_exchange(exchange_header("udp", peer4, 77, b"\x05")) == ("udp", peer4, 77, b"\x05")
     scoped = ("fe80::1", 5684, 0, 3)
-    assert parse_exchange(exchange_header("dtls", scoped, 1)) == ("dtls", scoped, 1)
+    assert parse_exchange(exchange_header("dtls", scoped, 1, b"")) == ("dtls", scoped, 1, b"")
     # the socket module's link-local host names its interface; the header numbers it, as the C lane does
-    assert exchange_header("udp", ("fe80::1%eth0", 5684, 0, 3), 1) == "udp fe80::1%3 5684 1"
-    assert parse_exchange("udp 10.1.2.3 70000 1") is None and parse_exchange("nonsense") is None
+    assert exchange_header("udp", ("fe80::1%eth0", 5684, 0, 3), 1, b"\xab") == "udp fe80::1%3 5684 1 ab"
+    assert parse_exchange("udp 10.1.2.3 70000 1 ab") is None and parse_exchange("nonsense") is None
     # bytes from the bus that are not a header: None, never an exception
-    for bad in (b"\xff\xfe", "", "udp 10.1.2.3 5683 1 extra", "udp host 5683 1", "udp ::1%x 5683 1",
+    for bad in (b"\xff\xfe", "", "udp 10.1.2.3 5683 1 ab extra", "udp host 5683 1", "udp ::1%x 5683 1",
                 "udp 10.1.2.3 -1 1", "udp 10.1.2.3 5683 65536", "udp 10.1.2.3 port 1", b"udp \x00 1 1",
                 "udp fe80::1%-1 5683 1", "udp fe80::1%4294967296 5683 1", "udp 10.1.2.3%2 5683 1"):
         assert parse_exchange(bad) is None, bad
@@ -223,15 +269,16 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
             await bus.close()
 
     def rec(transport: str, port: int, mid: int, topic: str = "telemetry.raw.acme") -> Record:
-        header = exchange_header(transport, ("127.0.0.1", port), mid)
+        header = exchange_header(transport, ("127.0.0.1", port), mid, bytes((mid,)))
         return Record(topic, b"d1", b"{}", {"protocol": "coap", HEADER: header})
 
     others = [rec("dtls", 2000, 5), rec("udp+oscore", 3000, 1), rec("udp", 4000, 1, "presence.acme"),
               Record("telemetry.raw.acme", b"d1", b"{}", {})]
     trio.run(write, [rec("udp", 1000, i) for i in range(10)] + others)
     found = recover_embedded(path, int(time.time() * 1000) - 60_000, 4)
-    assert [(p, m) for p, m, _ in found.keys["udp"]] == [(("127.0.0.1", 1000), i) for i in (6, 7, 8, 9)]
-    assert [(p, m) for p, m, _ in found.keys["dtls"]] == [(("127.0.0.1", 2000), 5)]
+    assert [(p, m, t) for p, m, _, t in found.keys["udp"]] == [(("127.0.0.1", 1000), i, bytes((i,)))
+                                                                for i in (6, 7, 8, 9)]
+    assert [(p, m, t) for p, m, _, t in found.keys["dtls"]] == [(("127.0.0.1", 2000), 5, b"\x05")]
     assert set(found.keys) == {"udp", "dtls"}  # OSCORE's are not answered bare; presence is no reading
     assert recover_embedded(path, int(time.time() * 1000) + 60_000, 4).total() == 0  # all older than that
     only = recover_embedded(path, 0, 100, keep=lambda peer: peer[1] == 2000)
@@ -248,6 +295,32 @@ def test_without_the_header_nothing_is_recovered_and_with_it_only_recent_exchang
                      list(bad.values()))
     again = recover_embedded(path, int(time.time() * 1000) - 60_000, 4)
     assert again.keys["udp"] == found.keys["udp"] and again.error is None
+
+
+def test_the_exchange_header_names_the_token_and_the_old_form_still_reads():
+    """`{transport} {host} {port} {message id} {token}`: the token in lowercase hex, `-` when empty;
+    a header of the four-field form (written before) reads with the token unknown (None)."""
+    from corem.bus.recovery import exchange_header, parse_exchange
+
+    peer = ("192.0.2.7", 40312)
+    assert exchange_header("udp", peer, 4660, bytes.fromhex("0a1bff")) == "udp 192.0.2.7 40312 4660 0a1bff"
+    assert exchange_header("dtls", peer, 0, b"") == "dtls 192.0.2.7 40312 0 -"
+    eight = bytes(range(0xf8, 0x100))
+    assert exchange_header("udp", peer, 1, eight) == "udp 192.0.2.7 40312 1 f8f9fafbfcfdfeff"
+    assert parse_exchange("udp 192.0.2.7 40312 4660 0a1bff") == ("udp", peer, 4660, b"\x0a\x1b\xff")
+    assert parse_exchange(b"dtls 192.0.2.7 40312 0 -") == ("dtls", peer, 0, b"")
+    assert parse_exchange("udp 192.0.2.7 40312 1 f8f9fafbfcfdfeff") == ("udp", peer, 1, eight)
+    v6 = ("2001:db8::7", 5683, 0, 0)
+    assert parse_exchange(exchange_header("udp", v6, 9, b"\x01")) == ("udp", v6, 9, b"\x01")
+    # the old form: the exchange is recovered, its token unknown
+    assert parse_exchange("udp 192.0.2.7 40312 4660") == ("udp", peer, 4660, None)
+    assert parse_exchange("udp fe80::1%3 5684 1") == ("udp", ("fe80::1", 5684, 0, 3), 1, None)
+    # a token field that is not one corem writes: not a header
+    for bad in ("udp 192.0.2.7 40312 1 ", "udp 192.0.2.7 40312 1 0A", "udp 192.0.2.7 40312 1 a",
+                "udp 192.0.2.7 40312 1 " + "00" * 9, "udp 192.0.2.7 40312 1 --", "udp 192.0.2.7 40312 1 0x01",
+                "udp 192.0.2.7 40312 1 zz", "udp 192.0.2.7 40312 1 -0", "udp 192.0.2.7 40312 1 ab cd",
+                "udp 192.0.2.7 40312 1 \u0661\u0662"):
+        assert parse_exchange(bad) is None, bad
 
 
 # -- Kafka -----------------------------------------------------------------------------------------
@@ -403,12 +476,111 @@ def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_b
         twin.commit()
         assert len(twin.check()[1]) == 1
         # the lane writes the header as the Python path does (twin.check compares them), IPv6 too
-        for source, text in ((("10.20.30.40", 65535), "udp 10.20.30.40 65535 65535"),
-                             (("2001:db8::7", 5683, 0, 0), "udp 2001:db8::7 5683 65535")):
+        for source, text in ((("10.20.30.40", 65535), "udp 10.20.30.40 65535 65535 08"),
+                             (("2001:db8::7", 5683, 0, 0), "udp 2001:db8::7 5683 65535 08")):
             twin.receive(con(0xFFFF, b"\x08", "T1", 3), source)
             twin.commit()
             [(_topic, _key, _point, headers)] = twin.check()[1]
             assert headers["coap-exchange"] == text
+    finally:
+        twin.close()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_recovered_exchange_answers_only_its_own_token_by_the_lane_and_by_python_alike(packed):
+    """A recovered exchange whose token is known answers a request with that token (its
+    retransmission: 2.04 with it, nothing stored); a request of the same peer and message id with
+    another token is a new one (a device that rebooted and reused both), stored and answered with
+    its own token.  An exchange of the old header (token unknown) answers any token, as before."""
+    from corem.codec import Code, Type, decode
+    from corem.fastlane import Lane
+
+    from .lane_twin import Twin
+
+    if Lane is None:
+        pytest.skip("the C lane is not built")
+    twin = Twin(packed=packed)
+    try:
+        peer = ("127.0.0.1", 40000)
+        at = twin.clock[0] - 10
+        for remember in (twin.lane.lane.remember, twin.python.endpoint.remember):
+            assert remember(peer, 0x1234, at, b"\x05\x06")
+            assert remember(peer, 0x1235, at, b"")  # a request without a token
+            assert remember(peer, 0x1236, at, None)  # the four-field header's: token unknown
+            assert remember(peer, 0x1237, at, b"\x09")
+            assert not remember(peer, 0x1234, at, b"\x07")
+
+        def step(msg: bytes) -> tuple[list, list]:
+            twin.receive(msg, peer)
+            twin.commit()
+            return twin.check()
+
+        def only_answer(answers: list) -> tuple[int, int, bytes]:
+            [(data, to)] = answers
+            a = decode(data)
+            assert to == peer
+            return a.type, a.code, a.token
+
+        # the same token: the original's retransmission
+        answers, stored = step(con(0x1234, b"\x05\x06", "T1", 1))
+        assert not stored and only_answer(answers) == (Type.ACK, Code.CHANGED, b"\x05\x06")
+        # another token: a new request, stored and answered with its own token
+        new = con(0x1234, b"\x0a", "T1", 2)
+        answers, stored = step(new)
+        assert only_answer(answers) == (Type.ACK, Code.CHANGED, b"\x0a")
+        [(_topic, _key, point, headers)] = stored
+        assert point.numeric_values == {"v": 2.0}
+        assert headers["coap-exchange"] == "udp 127.0.0.1 40000 4660 0a"
+        answers, stored = step(new)  # its own retransmission: the live exchange's duplicate now
+        assert not stored and only_answer(answers) == (Type.ACK, Code.CHANGED, b"\x0a")
+        # an empty token is a token: only a request without one is the retransmission
+        answers, stored = step(con(0x1235, b"", "T1", 3))
+        assert not stored and only_answer(answers) == (Type.ACK, Code.CHANGED, b"")
+        answers, stored = step(con(0x1235, b"\x01", "T1", 4))
+        assert len(stored) == 1 and only_answer(answers) == (Type.ACK, Code.CHANGED, b"\x01")
+        # token unknown: any token is answered, nothing stored (what a four-field header gives)
+        answers, stored = step(con(0x1236, b"\x77", "T1", 5))
+        assert not stored and only_answer(answers) == (Type.ACK, Code.CHANGED, b"\x77")
+        # a NON: with the exchange's token nothing (as before); with another, a new reading
+        non = con(0x1237, b"\x09", "T1", 6)
+        assert step(bytes((0x50 | (non[0] & 15),)) + non[1:]) == ([], [])
+        non = con(0x1237, b"\x0b", "T1", 7)
+        answers, stored = step(bytes((0x50 | (non[0] & 15),)) + non[1:])
+        assert len(stored) == 1 and only_answer(answers)[1:] == (Code.CHANGED, b"\x0b")
+        for name, want in (("corem_coap_recovered_answers", 3), ("corem_coap_dedup_recovered", 4),
+                           ("corem_coap_duplicates", 5)):
+            assert twin.lane.count(name) == twin.python.count(name) == want, name
+        # the header's token, as both paths write it: none, eight bytes (after the longest host), one
+        for source, token, text in (
+                (("10.20.30.40", 65535), b"", "udp 10.20.30.40 65535 65535 -"),
+                (("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe", 65535, 0, 0), bytes(range(0xf8, 0x100)),
+                 "udp ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe 65535 65535 f8f9fafbfcfdfeff"),
+                (("2001:db8::7", 5683, 0, 0), b"\x00", "udp 2001:db8::7 5683 65535 00")):
+            twin.receive(con(0xFFFF, token, "T1", 8), source)
+            twin.commit()
+            [(_topic, _key, _point, headers)] = twin.check()[1]
+            assert headers["coap-exchange"] == text
+    finally:
+        twin.close()
+
+
+def test_the_lane_remembers_a_token_of_at_most_eight_bytes():
+    from corem.fastlane import Lane
+
+    from .lane_twin import Twin
+
+    if Lane is None:
+        pytest.skip("the C lane is not built")
+    twin = Twin()
+    try:
+        lane = twin.lane.lane.lane
+        peer = ("127.0.0.1", 40000)
+        with pytest.raises(ValueError):
+            lane.remember(peer, 1, 0.0, bytes(9))
+        with pytest.raises(TypeError):
+            lane.remember(peer, 1, 0.0, "05")
+        assert lane.remember(peer, 1, 0.0, bytes(8)) and lane.remember(peer, 2, 0.0)
+        assert lane.remember(peer, 3, 0.0, None) and not lane.remember(peer, 3, 0.0, b"\x01")
     finally:
         twin.close()
 

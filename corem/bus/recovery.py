@@ -8,7 +8,14 @@ reading and store it twice.  So every telemetry record carries its exchange in a
 before the UDP edges serve, `recover_embedded` / `recover_kafka` read the exchanges of the records
 committed recently back from the bus; the server seeds the endpoint's and the lane's dedup maps
 with them (`Endpoint.remember`, `Lane.remember`), and a retransmission of one of them is answered
-2.04 (an ACK with the retransmission's own token) without a second point.
+2.04 (an ACK with its token, the original's) without a second point.
+
+Only a request with the exchange's token is its retransmission: a retransmission is the same
+message again, token unchanged (RFC 7252 §4.2, §5.3.1).  A device that rebooted within
+EXCHANGE_LIFETIME of the restart and reuses its port and a message id (many start their ids at
+the same value) sends a new request under another token; answering it 2.04 from the recovered
+exchange would acknowledge a reading never stored -- the device's client accepts the 2.04, as
+its token is the one it sent -- so it is served as a new request.  Hence the token in the header.
 
 How far back: EXCHANGE_LIFETIME (the endpoint's `exchange_lifetime`, 247 s by default), not
 MAX_TRANSMIT_SPAN (45 s).  The in-memory map remembers an exchange that long, because a
@@ -17,9 +24,13 @@ should not make corem forget sooner than it would have otherwise.  The count is 
 capacity (`dedup_max_entries` per transport), newest first -- what the map itself would hold -- and
 the reading by time (`deadline`): a start never waits long on a bus it cannot read.
 
-The header's value: `{transport} {host} {port} {message id}`, transport `udp` (plain CoAP) or
-`dtls` (CoAPS: the DTLS session's peer address; message ids are scoped to the session, and a new
-handshake makes the recovered ones void, as it does for live ones).  Over TCP there are no
+The header's value: `{transport} {host} {port} {message id} {token}`, transport `udp` (plain
+CoAP) or `dtls` (CoAPS: the DTLS session's peer address; message ids are scoped to the session,
+and a new handshake makes the recovered ones void, as it does for live ones); the token in
+lowercase hex, two digits a byte, and an empty token (a request may have none) written `-`, so
+that every field is non-empty and the value splits on single spaces.  corem before the token
+wrote the first four fields only: such a header is read with the token unknown (None), and its
+exchange answers a request of any token, as it did then.  Over TCP there are no
 retransmissions (RFC 8323), so no header; an OSCORE request's transport is written `udp+oscore` /
 `dtls+oscore` and not recovered: its answer must be sealed with the request's context, which a
 bare 2.04 is not (the OSCORE replay window is what guards those).
@@ -54,25 +65,43 @@ SLACK_MS = 5_000
 #: bus.db, so 100k entries -> at most ~4 s)
 SCAN_FACTOR = 10
 
+#: How an empty token is written in the header (a field of its own: never empty)
+NO_TOKEN = "-"
+#: The longest token (RFC 7252 §3: TKL 0-8)
+TOKEN_MAX = 8
+_HEX = frozenset("0123456789abcdef")
+
 Peer = tuple
-#: (peer, message id, record time in ms since the epoch)
-Key = tuple[Peer, int, int]
+#: (peer, message id, record time in ms since the epoch, token or None when the header had none)
+Key = tuple[Peer, int, int, bytes | None]
 
 
-def exchange_header(transport: str, peer: Any, mid: int) -> str:
+def exchange_header(transport: str, peer: Any, mid: int, token: bytes) -> str:
     """The header value of an exchange (the C lane writes the same, byte for byte)."""
     host, port = peer[0], peer[1]
     if len(peer) >= 4 and peer[3]:  # (Python's socket names a scope, `fe80::1%eth0`; the C lane numbers it)
         host = f"{host.partition('%')[0]}%{peer[3]}"
-    return f"{transport} {host} {port} {mid}"
+    return f"{transport} {host} {port} {mid} {token.hex() or NO_TOKEN}"
 
 
-def parse_exchange(value: str | bytes) -> tuple[str, Peer, int] | None:
-    """(transport, peer as the edge gives it, message id), or None if `value` is not one."""
+def _token(text: str) -> bytes:
+    """The token field as corem writes it (lowercase hex, `-` for none), else ValueError."""
+    if text == NO_TOKEN:
+        return b""
+    if not 0 < len(text) <= 2 * TOKEN_MAX or len(text) % 2 or not _HEX.issuperset(text):
+        raise ValueError(f"not a token: {text!r}")
+    return bytes.fromhex(text)
+
+
+def parse_exchange(value: str | bytes) -> tuple[str, Peer, int, bytes | None] | None:
+    """(transport, peer as the edge gives it, message id, token -- None for a header of the older
+    four-field form, which did not name it), or None if `value` is not one."""
     try:
         if isinstance(value, bytes):
             value = value.decode()
-        transport, host, port, mid = value.split(" ")
+        fields = value.split(" ")
+        token = _token(fields.pop()) if len(fields) == 5 else None
+        transport, host, port, mid = fields
         scope = 0
         if "%" in host:
             host, _, s = host.partition("%")
@@ -84,7 +113,7 @@ def parse_exchange(value: str | bytes) -> tuple[str, Peer, int] | None:
     if not (0 <= p < 65536 and 0 <= m < 65536 and 0 <= scope < 1 << 32) or (scope and address.version == 4):
         return None  # (a scope id is a uint32, and IPv6's only: what the edges give)
     peer: Peer = (host, p) if address.version == 4 else (host, p, 0, scope)
-    return transport, peer, m
+    return transport, peer, m, token
 
 
 @dataclass
@@ -117,14 +146,16 @@ class Collector:
         parsed = parse_exchange(header)
         if parsed is None:
             return
-        transport, peer, mid = parsed
+        transport, peer, mid, token = parsed
         keys = self.found.get(transport)
         if keys is None or len(keys) >= self.limit or (self.keep is not None and not self.keep(peer)):
             return
-        if (transport, peer, mid) in self.seen:  # an older record of the same exchange id: the newest counts
+        # an older record of the same (peer, message id): the newest counts, token and all (a later
+        # request reused the id; only it can still be retransmitted)
+        if (transport, peer, mid) in self.seen:
             return
         self.seen.add((transport, peer, mid))
-        keys.append((peer, mid, at_ms))
+        keys.append((peer, mid, at_ms, token))
 
     @property
     def full(self) -> bool:

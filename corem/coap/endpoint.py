@@ -238,9 +238,27 @@ METRICS = {
     "recovered": "corem_coap_dedup_recovered", "recovered_answers": "corem_coap_recovered_answers",
 }
 
-#: The cached reply of an exchange read back from the bus (`Endpoint.remember`): its answer is made
-#: from the retransmission's own token.
-RECOVERED = b""
+class Recovered:
+    """The reply slot of an exchange read back from the bus (`Endpoint.remember`): its answer, a
+    2.04, is made when a retransmission comes, with the exchange's token -- the retransmission's,
+    as only a request with that token is one (`answers`)."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: bytes | None) -> None:
+        #: the request's token, or None when the bus record did not name it (its older header)
+        self.token = token
+
+    def answers(self, token: bytes) -> bool:
+        """Is a request with `token` this exchange's retransmission?  A retransmission is the same
+        message again, its token unchanged (RFC 7252 §4.2, §5.3.1): one with another token reuses
+        the peer and message id -- a device that rebooted and starts its ids where it did before --
+        and is a new request.  (An unknown token answers any, as before the header named it.)"""
+        return self.token is None or self.token == token
+
+
+#: An exchange of a bus record that did not name its token
+RECOVERED = Recovered(None)
 
 
 _KNOWN_CRITICAL = UNDERSTOOD_CRITICAL
@@ -266,7 +284,8 @@ class Endpoint:
         self._outbox: list[tuple[bytes, Peer]] = []
         self._events: deque[Event] = deque()
         #: (peer, mid) -> Request while unanswered, then (received_at, reply bytes or None, request size)
-        self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | None, int]] = OrderedDict()
+        self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | Recovered | None, int]] = \
+            OrderedDict()
         #: (received_at, key) of confirmable requests, oldest first
         self._piggyback: deque[tuple[float, tuple[Peer, int]]] = deque()
         self._outstanding: dict[tuple[Peer, int], Outgoing] = {}
@@ -345,13 +364,21 @@ class Endpoint:
                 seen = dedup[earlier]
                 if self._before_session(earlier[0], seen.received_at if isinstance(seen, Request) else seen[0]):
                     seen = None  # (another device's, at that address before this session began)
+        if seen is not None and type(seen) is tuple and isinstance(seen[1], Recovered) \
+                and not seen[1].answers(msg.token):
+            # committed before a restart under another token: not its retransmission but a new
+            # request reusing the peer and message id (Recovered.answers): served, not answered 2.04
+            # from a reading that is not this one (its device would take that 2.04 as stored)
+            dedup.pop(key, None)  # (to be remembered anew, at the end: the map is oldest first)
+            seen = None
         if seen is not None:
             self.stats.duplicates += 1
+            reply: bytes | Recovered | None
             if isinstance(seen, Request):
                 reply, original = seen.reply, seen.size
             else:
                 _, reply, original = seen
-                if reply is RECOVERED:  # committed before a restart: 2.04, with this message's token
+                if isinstance(reply, Recovered):  # committed before a restart: 2.04, with its token
                     if msg.type == CON:
                         self.stats.recovered_answers += 1
                         self.send(bytes((0x60 | len(msg.token), Code.CHANGED, msg.mid >> 8, msg.mid & 0xFF))
@@ -374,14 +401,15 @@ class Endpoint:
             self._piggyback.append((now, key))
         return req
 
-    def remember(self, peer: Peer, mid: int, at: float) -> bool:
+    def remember(self, peer: Peer, mid: int, at: float, token: bytes | None = None) -> bool:
         """An exchange whose reading was committed before a restart (corem/bus/recovery.py; given
-        oldest first, `at` on this endpoint's clock): a CON retransmission of it is answered 2.04
-        (an ACK with its own token: never larger than it) and not handed on.  False if known."""
+        oldest first, `at` on this endpoint's clock): a CON retransmission of it -- a request with
+        its `token`, any when None -- is answered 2.04 (an ACK with that token: never larger than
+        it) and not handed on; one with another token is a new request.  False if known."""
         key = (peer, mid)
         if key in self._dedup:
             return False
-        self._dedup[key] = (at, RECOVERED, 0)
+        self._dedup[key] = (at, RECOVERED if token is None else Recovered(bytes(token)), 0)
         if len(self._dedup) > self.params.dedup_max_entries:
             self._dedup.popitem(last=False)
             self.stats.dedup_evictions += 1

@@ -213,7 +213,8 @@ class FastLane:
         self.new_session = self.lane.new_session
         #: a CID session moved (old, new, now): the new address's retransmissions of the old's exchanges
         self.moved = self.lane.moved
-        #: an exchange committed before a restart (corem/bus/recovery.py): remember(peer, mid, at)
+        #: an exchange committed before a restart (corem/bus/recovery.py): remember(peer, mid, at,
+        #: token) -- token None: the bus record did not name it, any token is a retransmission
         self.remember = self.lane.remember
         self.send = self.lane.flush
         self.take_outbox = self.lane.take_outbox

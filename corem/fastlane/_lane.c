@@ -140,10 +140,14 @@ typedef struct {
     double at;
     uint32_t size;      /* bytes the request took: a smaller "duplicate" gets nothing */
     uint8_t python;     /* the Python path's exchange: its duplicates go there too */
-    uint8_t recovered;  /* read back from the bus at start (`remember`): a CON duplicate gets 2.04 */
+    uint8_t recovered;  /* read back from the bus at start (`remember`): a CON duplicate gets 2.04 --
+                         * RECOVERED_ANY: whatever its token (the bus record did not name it);
+                         * RECOVERED_TOKEN: only with its token, `tkl` bytes kept in `reply` */
+    uint8_t tkl;
     uint8_t reply_len;  /* 0: no answer yet (a duplicate gets nothing) */
     uint8_t reply[REPLY_MAX];
 } exchange_t;
+enum { RECOVERED_ANY = 1, RECOVERED_TOKEN = 2 };
 
 typedef struct {
     uint8_t key[KEYLEN];
@@ -732,13 +736,23 @@ static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n,
     if (slot < 0) return SEEN_NOT;
     exchange_t *x = fm_entry(&self->dedup, slot);
     if (x->python) return 1;
+    if (x->recovered == RECOVERED_TOKEN && (x->tkl != s->tkl || memcmp(x->reply, d + 4, s->tkl) != 0)) {
+        /* committed before a restart under another token: not its retransmission, which is the
+         * same message again, token unchanged (RFC 7252 §4.2, §5.3.1), but a new request reusing
+         * the peer and message id -- a device that rebooted and starts its ids where it did
+         * before.  A 2.04 from the recovered exchange would carry this request's token and its
+         * device would take its reading as stored: it is served as new (in this slot when the
+         * slot is its key's: the key must not appear twice) */
+        if (memcmp(x->key, key, KEYLEN) == 0) *reuse = slot;
+        return SEEN_NOT;
+    }
     self->datagrams_in++;
     self->bytes_in += n;
     self->duplicates++;
     if (x->recovered) {
         /* committed before a restart (`remember`), its 2.04 lost with the old process: the
-         * retransmission carries the same token, so the ACK is made from it (4 + token bytes:
-         * never larger than the request) */
+         * retransmission carries the same token (or the record did not name it), so the ACK
+         * is made from it (4 + token bytes: never larger than the request) */
         if (s->type != 0) return 0;
         uint8_t ack[12] = {0x60 | s->tkl, 0x44, s->mid >> 8, s->mid & 0xff};
         memcpy(ack + 4, d + 4, s->tkl);
@@ -833,10 +847,12 @@ static target_t *route(Lane *self, shape_t *s, Py_ssize_t session) {
 
 /* The record's headers: the device's (shared by its records: with `content-type` and `device_id`),
  * `creation-time` (the reading's received_at in ms, as Python's path writes it: corem/bus/headers.py)
- * and `coap-exchange`, the exchange this reading came in -- "{transport} {host} {port} {message id}",
- * as corem/bus/recovery.py reads and writes it -- so that a restart can read back which exchanges were
- * committed.  One small dict copy and one ASCII string per reading (the creation time's text is
- * made once per millisecond); the text is written here, no printf. */
+ * and `coap-exchange`, the exchange this reading came in -- "{transport} {host} {port} {message id}
+ * {token}", the token in lowercase hex or "-" when empty, as corem/bus/recovery.py reads and writes
+ * it -- so that a restart can read back which exchanges were committed, and tell their
+ * retransmissions (the same token) from a rebooted device's new requests.  One small dict copy and
+ * one ASCII string per reading (the creation time's text is made once per millisecond); the text is
+ * written here, no printf. */
 static PyObject *EXCHANGE, *CREATION, *CHANNEL, *DATA_SCHEMA; /* the headers' names, interned */
 
 static PyObject *creation_time(Lane *self, long long now_ms) {
@@ -851,8 +867,12 @@ static PyObject *creation_time(Lane *self, long long now_ms) {
     return self->ctime;
 }
 
-/* `coap-exchange`'s text, written at `buf` (16 + INET6_ADDRSTRLEN + 32 bytes): its length. */
-static size_t exchange_text(const Lane *self, const addr_t *a, uint16_t mid, int oscore, char *buf) {
+/* `coap-exchange`'s text, written at `buf` (EXCHANGE_TEXT bytes): its length.  `tok`: the request's
+ * token, `tkl` (0-8) bytes.  At most 7 + 7 (the transport) + 1 + 45 + 11 (the host, its scope) + 6 +
+ * 6 (port, message id) + 17 (the token) = 100 bytes. */
+#define EXCHANGE_TEXT (16 + INET6_ADDRSTRLEN + 32 + 24)
+static size_t exchange_text(const Lane *self, const addr_t *a, uint16_t mid, const uint8_t *tok, int tkl,
+                            int oscore, char *buf) {
     char *o = buf;
     size_t sl = strlen(self->scope);
     memcpy(o, self->scope, sl);
@@ -884,13 +904,19 @@ static size_t exchange_text(const Lane *self, const addr_t *a, uint16_t mid, int
     o = put_u64(o, port);
     *o++ = ' ';
     o = put_u64(o, mid);
+    *o++ = ' ';
+    if (!tkl) *o++ = '-'; /* (no token: a field that is there all the same, recovery.py NO_TOKEN) */
+    for (int i = 0; i < tkl; i++) {
+        *o++ = "0123456789abcdef"[tok[i] >> 4];
+        *o++ = "0123456789abcdef"[tok[i] & 15];
+    }
     return (size_t)(o - buf);
 }
 
-static PyObject *exchange_headers(Lane *self, PyObject *base, const shape_t *s, const addr_t *a, long long now_ms,
-                                  int oscore) {
-    char buf[16 + INET6_ADDRSTRLEN + 32];
-    size_t len = exchange_text(self, a, s->mid, oscore, buf);
+static PyObject *exchange_headers(Lane *self, PyObject *base, const shape_t *s, const addr_t *a,
+                                  const uint8_t *tok, long long now_ms, int oscore) {
+    char buf[EXCHANGE_TEXT];
+    size_t len = exchange_text(self, a, s->mid, tok, s->tkl, oscore, buf);
     PyObject *created = creation_time(self, now_ms);
     if (!created) return NULL;
     PyObject *value = PyUnicode_DecodeASCII(buf, (Py_ssize_t)len, NULL);
@@ -983,8 +1009,8 @@ static PyObject *pack_headers(PyObject *dict, Py_ssize_t *count) {
  * msgpack map entries at `buf` (PACKED_EXTRA bytes): their length, their count in *count; or 0
  * when they would not fit (that request's records are dicts: a channel or schema that long). */
 #define PACKED_EXTRA 512
-static size_t exchange_packed(Lane *self, const shape_t *s, const addr_t *a, long long now_ms, int oscore,
-                              uint8_t *buf, Py_ssize_t *count) {
+static size_t exchange_packed(Lane *self, const shape_t *s, const addr_t *a, const uint8_t *tok,
+                              long long now_ms, int oscore, uint8_t *buf, Py_ssize_t *count) {
     uint8_t *o = buf;
     *count = 2;
     if (s->channel) {
@@ -994,7 +1020,7 @@ static size_t exchange_packed(Lane *self, const shape_t *s, const addr_t *a, lon
             PyErr_Clear();
             return 0;
         }
-        if ((size_t)cl + s->schemalen + 40 > PACKED_EXTRA - (16 + INET6_ADDRSTRLEN + 32 + 64)) return 0;
+        if ((size_t)cl + s->schemalen + 40 > PACKED_EXTRA - (EXCHANGE_TEXT + 64)) return 0;
         o = mp_str(o, "channel", 7);
         o = mp_str(o, c, (size_t)cl);
         ++*count;
@@ -1004,11 +1030,11 @@ static size_t exchange_packed(Lane *self, const shape_t *s, const addr_t *a, lon
             ++*count;
         }
     }
-    char text[16 + INET6_ADDRSTRLEN + 32];
+    char text[EXCHANGE_TEXT];
     char *end = put_u64(text, (unsigned long long)(now_ms > 0 ? now_ms : 0));
     o = mp_str(o, "creation-time", 13);
     o = mp_str(o, text, (size_t)(end - text));
-    size_t len = exchange_text(self, a, s->mid, oscore, text);
+    size_t len = exchange_text(self, a, s->mid, tok, s->tkl, oscore, text);
     o = mp_str(o, "coap-exchange", 13);
     o = mp_str(o, text, len);
     return (size_t)(o - buf);
@@ -1091,8 +1117,8 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     size_t xlen = 0;
     Py_ssize_t xcount = 0;
     if (self->packed_type && t->hpacked) /* (else, or when they do not fit: a dict of headers) */
-        xlen = exchange_packed(self, s, a, now_ms, osc != NULL, extra, &xcount);
-    if (!xlen && !(headers = exchange_headers(self, t->headers, s, a, now_ms, osc != NULL))) return -1;
+        xlen = exchange_packed(self, s, a, d + 4, now_ms, osc != NULL, extra, &xcount);
+    if (!xlen && !(headers = exchange_headers(self, t->headers, s, a, d + 4, now_ms, osc != NULL))) return -1;
     for (int p = 0; p < npts; p++) {
         item_t own[MAX_ITEMS], *pi = items;
         int m = nitems;
@@ -1892,16 +1918,26 @@ static PyObject *Lane_moved(Lane *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* remember(peer, mid, at): an exchange whose reading was committed before a restart (read back
- * from the bus by corem/bus/recovery.py; given oldest first, `at` on the lane's clock): a CON
- * retransmission of it is answered 2.04 without a second reading.  False if it is known already. */
+/* remember(peer, mid, at, token=None): an exchange whose reading was committed before a restart
+ * (read back from the bus by corem/bus/recovery.py; given oldest first, `at` on the lane's clock):
+ * a CON retransmission of it -- a request with `token`; any token when None, what a record that
+ * did not name it gives -- is answered 2.04 without a second reading, and a request with another
+ * token is a new one (seen_before).  False if it is known already. */
 static PyObject *Lane_remember(Lane *self, PyObject *args) {
-    PyObject *peer;
+    PyObject *peer, *token = Py_None;
     int mid;
     double at;
-    if (!PyArg_ParseTuple(args, "Oid", &peer, &mid, &at)) return NULL;
+    if (!PyArg_ParseTuple(args, "Oid|O", &peer, &mid, &at, &token)) return NULL;
     if (mid < 0 || mid > 0xffff) {
         PyErr_SetString(PyExc_ValueError, "remember: a message id is 0-65535");
+        return NULL;
+    }
+    if (token != Py_None && !PyBytes_Check(token)) {
+        PyErr_SetString(PyExc_TypeError, "remember: a token is bytes or None");
+        return NULL;
+    }
+    if (token != Py_None && PyBytes_GET_SIZE(token) > 8) {
+        PyErr_SetString(PyExc_ValueError, "remember: a token is at most 8 bytes");
         return NULL;
     }
     addr_t a;
@@ -1910,8 +1946,13 @@ static PyObject *Lane_remember(Lane *self, PyObject *args) {
     uint8_t key[KEYLEN];
     addr_key(&a, (uint16_t)mid, 1, key);
     if (fm_find(&self->dedup, key) >= 0) Py_RETURN_FALSE;
-    size_t slot = remember(self, key, at, 0, 0, -1);
-    ((exchange_t *)fm_entry(&self->dedup, slot))->recovered = 1;
+    exchange_t *x = fm_entry(&self->dedup, remember(self, key, at, 0, 0, -1));
+    x->recovered = RECOVERED_ANY;
+    if (token != Py_None) {
+        x->recovered = RECOVERED_TOKEN;
+        x->tkl = (uint8_t)PyBytes_GET_SIZE(token);
+        memcpy(x->reply, PyBytes_AS_STRING(token), x->tkl); /* (a recovered exchange has no reply) */
+    }
     self->recovered++;
     Py_RETURN_TRUE;
 }
@@ -2711,7 +2752,8 @@ static PyMethodDef Lane_methods[] = {
     {"new_session", (PyCFunction)Lane_new_session, METH_VARARGS, "new_session(peer, now): a new DTLS session"},
     {"moved", (PyCFunction)Lane_moved, METH_VARARGS, "moved(old, new, now): a CID session moved (RFC 9146)"},
     {"remember", (PyCFunction)Lane_remember, METH_VARARGS,
-     "remember(peer, mid, at) -> bool: an exchange committed before a restart (2.04 to its retransmission)"},
+     "remember(peer, mid, at, token=None) -> bool: an exchange committed before a restart (2.04 to its "
+     "retransmission: a request with its token, any when None)"},
     {"take", (PyCFunction)Lane_take, METH_NOARGS, "take() -> (for_python, records, ctxs, devices_heard)"},
     {"committed", (PyCFunction)(void (*)(void))Lane_committed, METH_FASTCALL, "committed(ctx, error)"},
     {"tick", (PyCFunction)Lane_tick, METH_O, "tick(now)"},

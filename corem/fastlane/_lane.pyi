@@ -16,8 +16,9 @@ class Lane:
         scope: str = "udp", path: tuple[bytes, ...] = (b"api", b"v1", b"telemetry"),
         packed_type: type | None = None,
     ) -> None: ...
-    def remember(self, peer: Any, mid: int, at: float, /) -> bool:
-        """An exchange committed before a restart: its CON retransmission is answered 2.04."""
+    def remember(self, peer: Any, mid: int, at: float, token: bytes | None = None, /) -> bool:
+        """An exchange committed before a restart: its CON retransmission (a request with `token`,
+        any when None) is answered 2.04; another token is a new request."""
     def drain(self, fd: int, now: float, now_ms: int, budget: int, /) -> int:
         """Read up to `budget` datagrams from the socket `fd`."""
     def receive(self, data: bytes, peer: Any, now: float, now_ms: int, /) -> None:

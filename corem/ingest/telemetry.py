@@ -424,15 +424,17 @@ class TelemetryIngest:
 def _headers(req: Request, device: dict[str, str], received_at: int) -> dict[str, str]:
     """A reading's record headers, as the fast lane writes them: its device's (with `content-type`
     and `device_id`), `creation-time` (its `received_at`: corem/bus/headers.py) and the exchange it
-    came in (`coap-exchange`), so that a restart can tell its retransmission from a new reading
-    (corem/bus/recovery.py).  No exchange over TCP (no retransmissions); an OSCORE request's
-    transport is marked, as its answer must be sealed (not recovered)."""
+    came in (`coap-exchange`: peer, message id and token), so that a restart can tell its
+    retransmission from a new reading (corem/bus/recovery.py).  No exchange over TCP (no
+    retransmissions); an OSCORE request's transport is marked, as its answer must be sealed (not
+    recovered)."""
     transport = req.endpoint.transport
     if transport is None:
         return {**device, CREATION_TIME: str(received_at)}
     if req.protect is not None:
         transport += "+oscore"
-    return {**device, CREATION_TIME: str(received_at), EXCHANGE: exchange_header(transport, req.peer, req.mid)}
+    exchange = exchange_header(transport, req.peer, req.mid, req.token)
+    return {**device, CREATION_TIME: str(received_at), EXCHANGE: exchange}
 
 
 def _peer_str(peer: object) -> str:
