@@ -394,7 +394,18 @@ def test_one_input(data: bytes) -> None:
             elif kind == 3:
                 datagram = datagram[:-16] + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40))
             datagram = bytes(datagram)
-        TWIN.receive(datagram, PEERS[fdp.ConsumeIntInRange(0, 2)])
+        peer = PEERS[fdp.ConsumeIntInRange(0, 2)]
+        if len(datagram) >= 4 and fdp.ConsumeIntInRange(0, 3) == 0:
+            # an exchange recovered from the bus at a restart with this datagram's message id:
+            # its token (a retransmission), another (a rebooted device: a new request) or unknown
+            tkl = min(datagram[0] & 0x0F, 8, len(datagram) - 4)
+            choice = fdp.ConsumeIntInRange(0, 2)
+            token = (datagram[4:4 + tkl] if choice == 0 else fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 8))
+                     if choice == 1 else None)
+            mid, at = int.from_bytes(datagram[2:4], "big"), TWIN.clock[0] - fdp.ConsumeIntInRange(0, 300)
+            lane_knew = TWIN.lane.lane.remember(peer, mid, at, token)
+            assert lane_knew == TWIN.python.endpoint.remember(peer, mid, at, token)
+        TWIN.receive(datagram, peer)
         then = fdp.ConsumeIntInRange(0, 4)
         if then == 0:
             TWIN.commit()

@@ -68,7 +68,7 @@ def test_a_common_reading_is_taken_by_the_lane_and_stored_byte_for_byte_as_pytho
     # the exchange it came in rides along (corem/bus/recovery.py reads it back after a crash)
     assert (topic, key) == ("telemetry.raw.acme", b"d1")
     # with the standard headers (corem/bus/headers.py): creation-time is the point's received_at
-    assert headers == {"protocol": "coap", "profile": "default", "coap-exchange": "udp 127.0.0.1 40000 4660",
+    assert headers == {"protocol": "coap", "profile": "default", "coap-exchange": "udp 127.0.0.1 40000 4660 0102",
                        "content-type": "application/json", "device_id": "d1", "creation-time": "1000000"}
     assert point.numeric_values == {"temperature": 22.5, "humidity": 65.0, "door": 1.0}
     assert point.string_values == {"state": "running"} and point.ts == point.received_at == 1_000_000

@@ -264,8 +264,8 @@ def without_port(stored: list[tuple]) -> list[tuple]:
     out = []
     for topic, key, point, headers in stored:
         h = dict(headers)
-        scope, host, _port, mid = h["coap-exchange"].split(" ")
-        h["coap-exchange"] = f"{scope} {host} {mid}"
+        scope, host, _port, mid, token = h["coap-exchange"].split(" ")
+        h["coap-exchange"] = f"{scope} {host} {mid} {token}"
         out.append((topic, key, point, h))
     return out
 
