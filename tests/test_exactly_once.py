@@ -564,6 +564,55 @@ def test_a_recovered_exchange_answers_only_its_own_token_by_the_lane_and_by_pyth
         twin.close()
 
 
+def test_a_request_served_as_new_over_a_recovered_exchange_is_the_newest_for_expiry_and_eviction():
+    """A recovered exchange replaced by a new request (another token) leaves its place in the lane's
+    map: the new exchange goes to the end, as the endpoint moves it.  Written in the old place it
+    was the newest at the oldest place: the exchanges behind it outlived EXCHANGE_LIFETIME (B's
+    next request with its message id and token, 250 s on, answered 2.04 from the stale exchange and
+    not stored), and it was evicted before older ones (its retransmission stored twice)."""
+    from corem.fastlane import Lane
+
+    from .lane_twin import Twin
+
+    if Lane is None:
+        pytest.skip("the C fast lane is not built")
+    a, b = ("127.0.0.1", 40001), ("127.0.0.1", 40002)
+    twin = Twin()
+    try:
+        now = twin.clock[0]
+        for remember in (twin.lane.lane.remember, twin.python.endpoint.remember):
+            assert remember(a, 1, now - 100, b"\x01") and remember(b, 2, now - 50, b"")
+        twin.receive(con(1, b"\x02", "T1", 1), a)  # a rebooted: a new request
+        twin.commit()
+        assert len(twin.check()[1]) == 1
+        twin.advance(200)  # b's exchange is 250 s old now: forgotten
+        twin.receive(con(2, b"", "T1", 2), b)
+        twin.commit()
+        assert len(twin.check()[1]) == 1  # (was: the lane answered 2.04 and stored nothing)
+    finally:
+        twin.close()
+    twin = Twin(dedup_max_entries=4)
+    try:
+        now = twin.clock[0]
+        for remember in (twin.lane.lane.remember, twin.python.endpoint.remember):
+            assert remember(a, 1, now - 100, b"\x01")
+            for i in range(3):
+                assert remember(("127.0.0.1", 41000 + i), 7, now - 90 + i, b"\x09")
+        twin.receive(con(1, b"\x02", "T1", 1), a)
+        twin.commit()
+        twin.check()
+        for i in range(2):  # two more exchanges: the map's oldest go, not a's new one
+            twin.receive(con(50 + i, b"\x03", "T1", 10 + i), ("127.0.0.1", 42000))
+            twin.commit()
+            twin.check()
+        twin.receive(con(1, b"\x02", "T1", 1), a)  # its retransmission
+        twin.commit()
+        assert twin.check()[1] == []  # (was: stored a second time by the lane)
+        assert twin.lane.lane.lane.counters()["dedup_entries"] == 4
+    finally:
+        twin.close()
+
+
 def test_the_lane_remembers_a_token_of_at_most_eight_bytes():
     from corem.fastlane import Lane
 

@@ -509,21 +509,23 @@ static int rate_allow(Lane *self, const addr_t *a, double now) {
     return 1;
 }
 
-/* Remembers `key` (in the slot `reuse` when >= 0: its exchange from the peer's previous DTLS
- * session, which the key must not appear twice beside); returns its ring slot. */
+/* Remembers `key` at the end of the map (`reuse` >= 0: the slot of the key's exchange it replaces --
+ * from the peer's previous DTLS session, or recovered under another token -- taken out first, so
+ * the key is never there twice and the new exchange is the newest, as the endpoint moves it: in
+ * that old place it would expire and be evicted before older ones, and keep them from expiring);
+ * returns its ring slot. */
 static size_t remember(Lane *self, const uint8_t *key, double now, uint32_t size, int python, long reuse) {
     int evicted;
     fifomap *m = &self->dedup;
     exchange_t *x;
     if (reuse >= 0) {
-        x = fm_entry(m, (size_t)reuse);
-        x->reply_len = 0;
-    } else {
-        /* (the endpoint counts the Python path's own evictions) */
-        int oldest_is_lanes = m->count == m->cap && !((exchange_t *)fm_entry(m, m->head))->python;
-        x = fm_entry(m, fm_push(m, key, &evicted));
-        self->dedup_evictions += evicted && oldest_is_lanes;
+        fm_kill(m, (size_t)reuse);
+        ((exchange_t *)fm_entry(m, (size_t)reuse))->at = -1; /* (expired: no waiting request finds it) */
     }
+    /* (the endpoint counts the Python path's own evictions) */
+    int oldest_is_lanes = m->count == m->cap && !m->dead[m->head] && !((exchange_t *)fm_entry(m, m->head))->python;
+    x = fm_entry(m, fm_push(m, key, &evicted));
+    self->dedup_evictions += evicted && oldest_is_lanes;
     x->at = now;
     x->size = size;
     x->python = (uint8_t)python;
@@ -2498,7 +2500,7 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         self->datagrams_out, "bytes_out", self->bytes_out, "send_blocked", self->send_blocked, "send_errors",
         self->send_errors, "refusals", self->refusals, "accepted", self->accepted, "exempted", self->exempted,
         "dedup_entries",
-        (Py_ssize_t)self->dedup.count, "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
+        (Py_ssize_t)(self->dedup.count - self->dedup.ndead), "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
         "responses", responses, "records_opened", self->records_opened, "records_sealed", self->records_sealed,
         "records_to_python", self->records_to_python, "dtls_sessions", (Py_ssize_t)self->ds.count);
     if (c) {

@@ -23,6 +23,8 @@ typedef struct {
     size_t esize, cap, head, count;
     uint64_t *index; /* hash << 32 | (ring slot + 1); 0 = empty */
     size_t mask;
+    uint8_t *dead;   /* per ring slot: taken out of the index (fm_kill), its ring place kept */
+    size_t ndead;    /* ... how many (count - ndead entries are found) */
 } fifomap;
 
 /* Each word is folded in with a multiply and its high half brought down, so that the bytes that
@@ -48,8 +50,10 @@ static uint64_t hash_key(const uint8_t *k) {
 static void fm_free(fifomap *m) {
     PyMem_Free(m->ring);
     PyMem_Free(m->index);
+    PyMem_Free(m->dead);
     m->ring = NULL;
     m->index = NULL;
+    m->dead = NULL;
 }
 
 static int fm_init(fifomap *m, size_t cap, size_t esize) {
@@ -57,13 +61,14 @@ static int fm_init(fifomap *m, size_t cap, size_t esize) {
     while (n < cap * 2) n <<= 1;
     m->ring = PyMem_Calloc(cap, esize);
     m->index = PyMem_Calloc(n, sizeof(uint64_t));
-    if (!m->ring || !m->index) {
+    m->dead = PyMem_Calloc(cap, 1);
+    if (!m->ring || !m->index || !m->dead) {
         fm_free(m);
         return -1;
     }
     m->esize = esize;
     m->cap = cap;
-    m->head = m->count = 0;
+    m->head = m->count = m->ndead = 0;
     m->mask = n - 1;
     return 0;
 }
@@ -106,9 +111,24 @@ static void fm_unindex(fifomap *m, size_t slot) {
 }
 
 static void fm_pop_oldest(fifomap *m) {
-    fm_unindex(m, m->head);
+    if (m->dead[m->head]) { /* (out of the index already) */
+        m->dead[m->head] = 0;
+        m->ndead--;
+    } else
+        fm_unindex(m, m->head);
     m->head = (m->head + 1) % m->cap;
     m->count--;
+}
+
+/* The entry in `slot` is no longer found (fm_find), but keeps its place in the ring until it is the
+ * oldest (then fm_pop_oldest drops it): a key that must be entered again, as new, goes to the end
+ * (fm_push) -- written again in place it would be the newest entry at an old place, and the oldest
+ * first order that expiry and eviction read the ring in would be broken. */
+static void fm_kill(fifomap *m, size_t slot) {
+    if (m->dead[slot]) return;
+    fm_unindex(m, slot);
+    m->dead[slot] = 1;
+    m->ndead++;
 }
 
 /* A new entry for `key` (which must not be present); evicts the oldest when full (returns 1 in
@@ -136,8 +156,15 @@ static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
 static int fm_resize(fifomap *m, size_t cap) {
     fifomap n;
     if (fm_init(&n, cap, m->esize) < 0) return -1;
-    size_t skip = m->count > cap ? m->count - cap : 0;
-    for (size_t k = skip; k < m->count; k++) {
+    size_t live = 0;
+    for (size_t k = 0; k < m->count; k++) live += !m->dead[(m->head + k) % m->cap];
+    size_t skip = live > cap ? live - cap : 0;
+    for (size_t k = 0; k < m->count; k++) {
+        if (m->dead[(m->head + k) % m->cap]) continue;
+        if (skip) {
+            skip--;
+            continue;
+        }
         const char *e = fm_entry(m, (m->head + k) % m->cap);
         int evicted;
         memcpy(fm_entry(&n, fm_push(&n, (const uint8_t *)e, &evicted)), e, m->esize);
