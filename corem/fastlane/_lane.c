@@ -2835,6 +2835,10 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, module_methods};
 
 PyMODINIT_FUNC PyInit__lane(void) {
+    if (!senml_labels_ok()) {
+        PyErr_SetString(PyExc_SystemError, "senml.h: SENML_LABEL_LEN does not match SENML_LABELS");
+        return NULL;
+    }
     if (!EXCHANGE && !(EXCHANGE = PyUnicode_InternFromString("coap-exchange"))) return NULL;
     if (!CREATION && !(CREATION = PyUnicode_InternFromString("creation-time"))) return NULL;
     if (!CHANNEL && !(CHANNEL = PyUnicode_InternFromString("channel"))) return NULL;

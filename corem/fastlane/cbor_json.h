@@ -7,6 +7,7 @@
 #ifndef COREM_CBOR_JSON_H
 #define COREM_CBOR_JSON_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -849,6 +850,11 @@ static char *put_u64(char *o, unsigned long long v) {
  * v's ulp, so at most one m reads back (two -- a tie -- go to dtoa).  |v| >= 1e-4: repr's and
  * msgspec's fixed notation.  (put_double's fallback costs ~1 us a number of the lane's ~5 a reading.) */
 static char *put_short_decimal(char *o, double v) {
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+    (void)o; /* (the exactness above needs double arithmetic in doubles, not x87's wider registers) */
+    (void)v;
+    return NULL;
+#endif
     static const double P10[] = {1, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6};
     double a = fabs(v);
     if (!(a >= 1e-4) || a * 1e6 >= 4503599627370496.0) return NULL; /* (2^52; NaN fails the first) */

@@ -16,6 +16,14 @@ enum { L_BVER, L_BN, L_BT, L_BU, L_BV, L_BS, L_N, L_U, L_V, L_VS, L_VB, L_S, L_T
 
 static const char *const SENML_LABELS[L_COUNT] = {"bver", "bn", "bt", "bu", "bv", "bs", "n", "u",
                                                   "v", "vs", "vb", "s", "t", "ut", "vd"};
+/* their lengths (checked against SENML_LABELS when the module loads: senml_labels_ok) */
+static const uint8_t SENML_LABEL_LEN[L_COUNT] = {4, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 1, 1, 2, 2};
+
+static int senml_labels_ok(void) {
+    for (int l = 0; l < L_COUNT; l++)
+        if (strlen(SENML_LABELS[l]) != SENML_LABEL_LEN[l]) return 0;
+    return 1;
+}
 #define SENML_VERSION 10
 #define SENML_RELATIVE_BELOW 268435456.0 /* 2^28 s */
 
@@ -31,10 +39,10 @@ typedef struct {
 /* A record's label from a text key; L_IGNORED for one Python ignores (§4.4), -1 for one ending in
  * "_" (must be understood: Python refuses it). */
 static int senml_label(const uint8_t *k, size_t n) {
-    static const uint8_t len[L_COUNT] = {4, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 1, 1, 2, 2}; /* (SENML_LABELS') */
     if (n && n <= 4) /* (every label is 1-4 bytes: a longer key is none, without a scan) */
         for (int l = 0; l < L_COUNT; l++)
-            if (len[l] == n && SENML_LABELS[l][0] == (char)k[0] && memcmp(SENML_LABELS[l], k, n) == 0) return l;
+            if (SENML_LABEL_LEN[l] == n && SENML_LABELS[l][0] == (char)k[0] && memcmp(SENML_LABELS[l], k, n) == 0)
+                return l;
     return n && k[n - 1] == '_' ? -1 : L_IGNORED;
 }
 
