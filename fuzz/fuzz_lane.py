@@ -330,6 +330,19 @@ def mount_oscore() -> None:
     TWIN.check()
 
 
+def then(fdp: atheris.FuzzedDataProvider, most: int) -> int:
+    """What follows a datagram, chosen in 0..most: 0 the bus commits, 1 it fails, 2 time passes
+    (the piggyback timeout, retransmissions); a higher choice is the caller's to act on."""
+    choice = fdp.ConsumeIntInRange(0, most)
+    if choice == 0:
+        TWIN.commit()
+    elif choice == 1:
+        TWIN.commit(RuntimeError("bus down"))
+    elif choice == 2:
+        TWIN.advance(fdp.ConsumeIntInRange(0, 3000) / 1000)
+    return choice
+
+
 def oscore_input(fdp: atheris.FuzzedDataProvider) -> None:
     """OSCORE requests sealed from the fuzzer's choices (and then maybe mutated: the option, the
     ciphertext, the tag), committed, failed, late, or sent again."""
@@ -353,14 +366,7 @@ def oscore_input(fdp: atheris.FuzzedDataProvider) -> None:
                 datagram[fdp.ConsumeIntInRange(0, len(datagram) - 1)] = fdp.ConsumeInt(1) & 0xFF
         peer = PEERS[fdp.ConsumeIntInRange(0, 2)]
         TWIN.receive(bytes(datagram), peer)
-        then = fdp.ConsumeIntInRange(0, 3)
-        if then == 0:
-            TWIN.commit()
-        elif then == 1:
-            TWIN.commit(RuntimeError("bus down"))
-        elif then == 2:
-            TWIN.advance(fdp.ConsumeIntInRange(0, 3000) / 1000)
-        elif then == 3:  # its retransmission
+        if then(fdp, 3) == 3:  # its retransmission
             TWIN.receive(bytes(datagram), peer)
         TWIN.check()
     TWIN.commit()
@@ -407,14 +413,7 @@ def test_one_input(data: bytes) -> None:
             datagram = bytes(datagram)
         peer = PEERS[fdp.ConsumeIntInRange(0, 2)]
         TWIN.receive(datagram, peer)
-        then = fdp.ConsumeIntInRange(0, 4)
-        if then == 0:
-            TWIN.commit()
-        elif then == 1:
-            TWIN.commit(RuntimeError("bus down"))
-        elif then == 2:
-            TWIN.advance(fdp.ConsumeIntInRange(0, 3000) / 1000)
-        elif then == 3:  # the peer handshakes again (CoAPS): its message ids start afresh
+        if then(fdp, 4) == 3:  # the peer handshakes again (CoAPS): its message ids start afresh
             TWIN.clock[0] += 0.001
             TWIN.new_session(PEERS[fdp.ConsumeIntInRange(0, 2)])
         TWIN.check()

@@ -23,10 +23,16 @@ from collections import Counter
 import cbor2
 import pytest
 
+from corem.codec import Code, Type, decode
+from corem.fastlane import Lane
 from corem.ingest.point import decode_point
 
 from .conftest import corem_cli, start_corem, wait_for
 from .kafka_broker import Broker, tansu_binary
+from .lane_twin import Twin
+
+#: the twins of the lane and the Python path need the C lane
+needs_lane = pytest.mark.skipif(Lane is None, reason="the C fast lane is not built")
 
 TOKEN = "T0KEN-1"
 #: CONs each device sends again after the restart: the one in flight at the kill and the ones before
@@ -431,14 +437,8 @@ def test_a_killed_worker_answers_retransmissions_of_what_it_committed_and_stores
 
 
 # -- the dedup maps, sans-IO: the lane and the Python path answer a recovered exchange alike ---------
+@needs_lane
 def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_by_python_alike():
-    from corem.codec import Code, Type, decode
-    from corem.fastlane import Lane
-
-    from .lane_twin import Twin
-
-    if Lane is None:
-        pytest.skip("the C lane is not built")
     twin = Twin()
     try:
         peer = ("127.0.0.1", 40000)
@@ -486,19 +486,13 @@ def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_b
         twin.close()
 
 
+@needs_lane
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_recovered_exchange_answers_only_its_own_token_by_the_lane_and_by_python_alike(packed):
     """A recovered exchange whose token is known answers a request with that token (its
     retransmission: 2.04 with it, nothing stored); a request of the same peer and message id with
     another token is a new one (a device that rebooted and reused both), stored and answered with
     its own token.  An exchange of the old header (token unknown) answers any token, as before."""
-    from corem.codec import Code, Type, decode
-    from corem.fastlane import Lane
-
-    from .lane_twin import Twin
-
-    if Lane is None:
-        pytest.skip("the C lane is not built")
     twin = Twin(packed=packed)
     try:
         peer = ("127.0.0.1", 40000)
@@ -564,18 +558,13 @@ def test_a_recovered_exchange_answers_only_its_own_token_by_the_lane_and_by_pyth
         twin.close()
 
 
+@needs_lane
 def test_a_request_served_as_new_over_a_recovered_exchange_is_the_newest_for_expiry_and_eviction():
     """A recovered exchange replaced by a new request (another token) leaves its place in the lane's
     map: the new exchange goes to the end, as the endpoint moves it.  Written in the old place it
     was the newest at the oldest place: the exchanges behind it outlived EXCHANGE_LIFETIME (B's
     next request with its message id and token, 250 s on, answered 2.04 from the stale exchange and
     not stored), and it was evicted before older ones (its retransmission stored twice)."""
-    from corem.fastlane import Lane
-
-    from .lane_twin import Twin
-
-    if Lane is None:
-        pytest.skip("the C fast lane is not built")
     a, b = ("127.0.0.1", 40001), ("127.0.0.1", 40002)
     twin = Twin()
     try:
@@ -613,13 +602,8 @@ def test_a_request_served_as_new_over_a_recovered_exchange_is_the_newest_for_exp
         twin.close()
 
 
+@needs_lane
 def test_the_lane_remembers_a_token_of_at_most_eight_bytes():
-    from corem.fastlane import Lane
-
-    from .lane_twin import Twin
-
-    if Lane is None:
-        pytest.skip("the C lane is not built")
     twin = Twin()
     try:
         lane = twin.lane.lane.lane
