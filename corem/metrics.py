@@ -128,6 +128,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     # OSCORE (corem/oscore)
     "corem_oscore_requests": (C, "Requests with the OSCORE option (RFC 8613)."),
     "corem_oscore_sealed": (C, "Answers and notifications sealed with a device's OSCORE context."),
+    "corem_oscore_lane_requests": (
+        C, "Of corem_oscore_requests, those the C fast lane opened, took and answered itself (no Python path)."),
     "corem_oscore_echo_challenges": (
         C, "4.01 answers with Echo (RFC 9175): a context's first request after a start, before its replay window opens."),
     "corem_oscore_refused": (C, "OSCORE requests refused, by reason (RFC 8613 §8.2: bad_option, unknown_context, "

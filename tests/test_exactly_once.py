@@ -603,17 +603,17 @@ def test_a_request_served_as_new_over_a_recovered_exchange_is_the_newest_for_exp
 
 
 @needs_lane
-def test_the_lane_remembers_a_token_of_at_most_eight_bytes():
+def test_the_lane_and_the_endpoint_remember_a_token_of_at_most_eight_bytes():
     twin = Twin()
     try:
-        lane = twin.lane.lane.lane
         peer = ("127.0.0.1", 40000)
-        with pytest.raises(ValueError):
-            lane.remember(peer, 1, 0.0, bytes(9))
+        for remember in (twin.lane.lane.lane.remember, twin.python.endpoint.remember):
+            with pytest.raises(ValueError):
+                remember(peer, 1, 0.0, bytes(9))
+            assert remember(peer, 1, 0.0, bytes(8)) and remember(peer, 2, 0.0)
+            assert remember(peer, 3, 0.0, None) and not remember(peer, 3, 0.0, b"\x01")
         with pytest.raises(TypeError):
-            lane.remember(peer, 1, 0.0, "05")
-        assert lane.remember(peer, 1, 0.0, bytes(8)) and lane.remember(peer, 2, 0.0)
-        assert lane.remember(peer, 3, 0.0, None) and not lane.remember(peer, 3, 0.0, b"\x01")
+            twin.lane.lane.lane.remember(peer, 4, 0.0, "05")
     finally:
         twin.close()
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from corem.fastlane import Lane
+
 from .conftest import corem_cli, start_corem, wait_for, write_cbor
 
 pytest.importorskip("aiocoap.oscore")
@@ -56,6 +58,11 @@ def test_aiocoap_client_posts_through_oscore_across_address_changes_and_a_restar
             assert r.returncode == 0, r.stderr
         m = server.metrics()
         assert m["corem_oscore_requests_total"] == 3 and m["corem_oscore_echo_challenges_total"] == 0
+        # the first request gave the ready context to the C fast lane, which served the next ones
+        # itself (`corem serve` wires corem/oscore to the lane: server.py `lane_of`)
+        assert m["corem_oscore_lane_requests_total"] == (0 if Lane is None else 2)
+        assert [p["numeric_values"]["temperature"] for p in server.points("acme") if p["device"] == "d-osc"] \
+            == [20, 21, 22]
     finally:
         server.stop()
     server = start_corem(oscore_dir)  # the replay window is unknown now: Echo

@@ -238,7 +238,7 @@ METRICS = {
     "recovered": "corem_coap_dedup_recovered", "recovered_answers": "corem_coap_recovered_answers",
 }
 
-class Recovered:
+class RecoveredReply:
     """The reply slot of an exchange read back from the bus (`Endpoint.remember`): its answer, a
     2.04, is made when a retransmission comes, with the exchange's token -- the retransmission's,
     as only a request with that token is one (`answers`)."""
@@ -258,7 +258,7 @@ class Recovered:
 
 
 #: An exchange of a bus record that did not name its token
-RECOVERED = Recovered(None)
+RECOVERED = RecoveredReply(None)
 
 
 _KNOWN_CRITICAL = UNDERSTOOD_CRITICAL
@@ -284,7 +284,7 @@ class Endpoint:
         self._outbox: list[tuple[bytes, Peer]] = []
         self._events: deque[Event] = deque()
         #: (peer, mid) -> Request while unanswered, then (received_at, reply bytes or None, request size)
-        self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | Recovered | None, int]] = \
+        self._dedup: OrderedDict[tuple[Peer, int], Request | tuple[float, bytes | RecoveredReply | None, int]] = \
             OrderedDict()
         #: (received_at, key) of confirmable requests, oldest first
         self._piggyback: deque[tuple[float, tuple[Peer, int]]] = deque()
@@ -364,21 +364,21 @@ class Endpoint:
                 seen = dedup[earlier]
                 if self._before_session(earlier[0], seen.received_at if isinstance(seen, Request) else seen[0]):
                     seen = None  # (another device's, at that address before this session began)
-        if seen is not None and type(seen) is tuple and isinstance(seen[1], Recovered) \
+        if seen is not None and type(seen) is tuple and isinstance(seen[1], RecoveredReply) \
                 and not seen[1].answers(msg.token):
             # committed before a restart under another token: not its retransmission but a new
-            # request reusing the peer and message id (Recovered.answers): served, not answered 2.04
+            # request reusing the peer and message id (RecoveredReply.answers): served, not answered 2.04
             # from a reading that is not this one (its device would take that 2.04 as stored)
             dedup.pop(key, None)  # (to be remembered anew, at the end: the map is oldest first)
             seen = None
         if seen is not None:
             self.stats.duplicates += 1
-            reply: bytes | Recovered | None
+            reply: bytes | RecoveredReply | None
             if isinstance(seen, Request):
                 reply, original = seen.reply, seen.size
             else:
                 _, reply, original = seen
-                if isinstance(reply, Recovered):  # committed before a restart: 2.04, with its token
+                if isinstance(reply, RecoveredReply):  # committed before a restart: 2.04, with its token
                     if msg.type == CON:
                         self.stats.recovered_answers += 1
                         self.send(bytes((0x60 | len(msg.token), Code.CHANGED, msg.mid >> 8, msg.mid & 0xFF))
@@ -406,10 +406,12 @@ class Endpoint:
         oldest first, `at` on this endpoint's clock): a CON retransmission of it -- a request with
         its `token`, any when None -- is answered 2.04 (an ACK with that token: never larger than
         it) and not handed on; one with another token is a new request.  False if known."""
+        if token is not None and len(token) > 8:  # (as the lane's: RFC 7252 §3, TKL 0-8)
+            raise ValueError("remember: a token is at most 8 bytes")
         key = (peer, mid)
         if key in self._dedup:
             return False
-        self._dedup[key] = (at, RECOVERED if token is None else Recovered(bytes(token)), 0)
+        self._dedup[key] = (at, RECOVERED if token is None else RecoveredReply(bytes(token)), 0)
         if len(self._dedup) > self.params.dedup_max_entries:
             self._dedup.popitem(last=False)
             self.stats.dedup_evictions += 1

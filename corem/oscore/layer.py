@@ -99,12 +99,13 @@ class Oscore:
 
     def metrics(self) -> Iterator[Sample]:
         st = self.stats
-        requests, sealed = st["requests"], st["sealed"]
+        requests, sealed, lane_requests = st["requests"], st["sealed"], 0
         for lane in self._lanes:  # (the requests the lanes took never came here)
             taken, lane_sealed = lane.oscore_counts
-            requests += taken
+            lane_requests += taken
             sealed += lane_sealed
-        yield counter("corem_oscore_requests", requests)
+        yield counter("corem_oscore_requests", requests + lane_requests)
+        yield counter("corem_oscore_lane_requests", lane_requests)
         yield counter("corem_oscore_sealed", sealed)
         yield counter("corem_oscore_echo_challenges", st["echo"])
         for reason in ("bad_option", "unknown_context", "decrypt", "replay", "method", "storage"):
