@@ -50,7 +50,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.dtls_bench import KEY  # noqa: E402
+from bench.dtls_bench import KEY, median  # noqa: E402
 from bench.dtls_bench import build as build_dtls_loadgen  # noqa: E402
 from bench.formats_bench import CASES  # noqa: E402
 from bench.load_bench import build_loadgen, free_port, kafka_broker, pin, wait_udp  # noqa: E402
@@ -119,7 +119,7 @@ def measure(mode: str, coap: int, coaps: int, seconds: float, token: str, identi
 
 
 def median_run(runs: list[dict]) -> dict:
-    """The run with the median 2.xx/s (the lower of the two middle ones)."""
+    """The run with the median 2.xx/s (the lower of the two middle ones, as `median`)."""
     return sorted(runs, key=lambda r: r["ok_2xx"] / r["seconds"])[(len(runs) - 1) // 2]
 
 
@@ -206,7 +206,7 @@ def main() -> None:
                         yardsticks[mode].append(yard)
                         ratios.append(rate(runs[-1]) / rate(yard))
                 r = median_run(runs)
-                r.update(format=name, mode=mode, vs_libcoap=sorted(ratios)[(len(ratios) - 1) // 2] if ratios else None)
+                r.update(format=name, mode=mode, vs_libcoap=median(ratios) if ratios else None)
                 print(f"  {name} / {mode}: {r['rps']:.0f}/s, p99 {r['p99_us'] / 1000:.1f} ms", file=sys.stderr)
                 results.append(r)
     for mode, yards in yardsticks.items():  # (libcoap's rows: the median of its runs beside corem's)

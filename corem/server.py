@@ -5,6 +5,8 @@ operations routes (health.py), SIGHUP (reload.py), registry_changes.py."""
 
 from __future__ import annotations
 
+import functools
+
 import gc
 import logging
 from typing import TYPE_CHECKING, Hashable, Iterator, cast
@@ -106,7 +108,8 @@ class Server:
         )
         self.oscore = Oscore(self.directory.oscore_device, OscoreState(self.registry.db),
                              UNDERSTOOD_CRITICAL - {OptionNumber.OSCORE},
-                             shared=worker is not None or self.registry.shared, lane_of=serving)
+                             shared=worker is not None or self.registry.shared,
+                             lane_of=functools.partial(serving, self.ingest.lanes))
         self.doors = Doors(settings, self.directory, self.ingest, self.management, self.downlink)
         self.link: Link | None = None
         if worker is not None:

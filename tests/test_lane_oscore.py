@@ -8,6 +8,8 @@ it always has."""
 
 from __future__ import annotations
 
+import functools
+
 import tempfile
 from pathlib import Path
 
@@ -116,7 +118,7 @@ class OscoreTwin(Twin):
                 for keys in (KEYS, KEYS_CTX):
                     state.mark_used(fingerprint(keys))
             side.oscore = Oscore(self.directory.oscore_device, state, UNDERSTOOD_CRITICAL - {O.OSCORE},
-                                 shared=self.shared, lane_of=serving)
+                                 shared=self.shared, lane_of=functools.partial(serving, side.ingest.lanes))
             side.router.unwrap = side.oscore.unwrap
 
     def close(self) -> None:

@@ -283,7 +283,7 @@ class EngineServer:
         e.handshake_over = self.slots.release  # (its slot is free; no frame of ours between)
         self.stats = LayerStats(engine=e.stats)
         # (the edge calls it at every eager answer and every flush: the engine's, no frame between)
-        self.datagrams_to_send = e.datagrams_to_send  # type: ignore[method-assign]
+        self.datagrams_to_send: Callable[[], list[tuple[bytes, Peer]]] = e.datagrams_to_send
         #: the keys of the sessions waiting in the store (as fingerprints: keyset.py, ~20 B each)
         self.offloaded = KeySet() if self.store.shared else KeySet(self.store.keys())
         self._missed: dict[bytes, float] = {}
@@ -493,9 +493,6 @@ class EngineServer:
             self._save([conn], self._now, checkpoint=True)
             sealed = conn.seal(plaintext)
         return sealed
-
-    def datagrams_to_send(self) -> list[tuple[bytes, Peer]]:
-        return self.engine.datagrams_to_send()  # (an instance's is the engine's own: __init__)
 
     def credentialed(self, datagram: bytes, peer: Peer) -> bool:
         return self.engine.credentialed(datagram, peer)

@@ -125,20 +125,6 @@ def answer_late(endpoint: Endpoint, peer: Any, token: bytes, code: int, request_
         endpoint.answer_late(peer, token, code, None, b"", request_size)
 
 
-#: endpoint -> its fast lane (weakly both ways): how corem/oscore finds the lane to give a context
-#: to (`serving`), without a reference from the endpoint or the Oscore layer
-_SERVING: weakref.WeakKeyDictionary[Endpoint, weakref.ref[FastLane]] = weakref.WeakKeyDictionary()
-
-
-def serving(endpoint: object) -> FastLane | None:
-    """The fast lane in front of `endpoint`, if any (corem/oscore gives it the contexts it has ready)."""
-    try:
-        ref = _SERVING.get(endpoint)  # type: ignore[call-overload]
-    except TypeError:  # (not weakly referable: no lane made for it)
-        return None
-    return None if ref is None else ref()
-
-
 def oscore_key(keys_kid: tuple[bytes, bytes]) -> bytes:
     """The lane's key of an OSCORE context (oscore.h `osc_key`): the length of its kid context, the
     kid context, its kid -- a request without a kid context finds the same as one with an empty one."""
@@ -165,6 +151,13 @@ class LaneHook:
         fast = self._lane()
         if fast is not None:
             fast.lane.drogue(channel)
+
+
+def serving(lanes: dict[object, Callable[[Target], None]], endpoint: object) -> FastLane | None:
+    """The fast lane in front of `endpoint` (`TelemetryIngest.lanes`: its LaneHook), if any:
+    corem/oscore gives it the contexts it has ready (`Oscore(lane_of=partial(serving, lanes))`)."""
+    hook = lanes.get(endpoint)
+    return hook._lane() if isinstance(hook, LaneHook) else None
 
 
 def drogue_served(lanes: dict[object, Callable[[Target], None]], endpoint: object, channel: str) -> None:
@@ -241,7 +234,6 @@ class FastLane:
         #: each device's keys (a device changed or removed: its contexts are the Python path's again)
         self._oscore: dict[bytes, tuple[Context, tuple[str, str]]] = {}
         self._oscore_named: dict[tuple[str, str], set[bytes]] = {}
-        _SERVING[endpoint] = weakref.ref(self)
         self._warm()
 
     def begin(self) -> None:
@@ -312,8 +304,8 @@ class FastLane:
             if target is not None:
                 self.take_up(target)
         send, recv, iv = ctx.keys
-        if held is not None:
-            self._oscore_named.get(held[1], set()).discard(key)
+        if held is not None:  # (new keys under the kid: the old context goes first)
+            self._oscore_drop_key(key)
         self.lane.oscore_add(key, OscoreContext(recv, send, iv, ctx.window, name))
         self._oscore[key] = (ctx, name)
         self._oscore_named.setdefault(name, set()).add(key)

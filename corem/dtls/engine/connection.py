@@ -298,11 +298,10 @@ class Connection:
         self._send_flight([(0, HANDSHAKE, msg) for msg in msgs], now, timer=True)
 
     def server_started(self, flight: tuple[Any, ...], server_random: bytes, record_seq: int, psk_for: PskLookup,
-                       now: float, *, queued: bool = False) -> None:
+                       now: float) -> None:
         """`server_start`'s outcome as _flights.c's `server_hello` made it (engine.py `_hello`): the
-        same state, the ServerHello flight already in one datagram (`queued`: the engine sent it on
-        already, it is not in `out`)"""
-        (datagram, self.client_random, suite, self.ems, self.secure_renegotiation, self.cid_in, self.cid_out,
+        same state; the ServerHello flight, one datagram, the engine sent on already (not in `out`)"""
+        (_datagram, self.client_random, suite, self.ems, self.secure_renegotiation, self.cid_in, self.cid_out,
          message_seq, hello, sh, shd) = flight
         self.psk_for = psk_for
         self.server_random = server_random
@@ -316,16 +315,14 @@ class Connection:
         self.flight = [(0, HANDSHAKE, sh), (0, HANDSHAKE, shd)]
         self.peer_flight_start = self.recv_seq
         self.retransmit_at = now + self.rto
-        if not queued:
-            self.out.append(datagram)
 
-    def psk_finished(self, datagram: bytes, now: float, answer: Callable[[bytes, Any], None] | None = None) -> bool:
+    def psk_finished(self, datagram: bytes, now: float, answer: Callable[[bytes, Any], None]) -> bool:
         """The client's ClientKeyExchange, ChangeCipherSpec and Finished (one datagram, the usual
         PSK device) answered by _flights.c's `psk_finish`: the state `_server_message` leaves after
         them.  False: nothing changed, the records go through this state machine (anything unusual,
         an unknown identity, a Finished that does not verify: it names them).  `answer(datagram,
         peer)`: given our ChangeCipherSpec and Finished as soon as C made them, before the state
-        here is brought up to date (the engine sends them on); without it they go to `out`."""
+        here is brought up to date (the engine sends them on)."""
         suite = self.suite
         lookup = self.psk_for
         if _psk_finish is None or suite is None or suite.kx != "psk" or self.pending or self.early \
@@ -340,10 +337,7 @@ class Connection:
                 self.psk_for = asked  # (the state machine takes the datagram: the same answer)
             return False
         identity, client_key, server_key, client_iv, server_iv, finished_seq, mine, out = done
-        if answer is not None:
-            answer(out, self.peer)
-        else:
-            self.out.append(out)
+        answer(out, self.peer)
         self.identity = identity
         self.install(Keys(client_key, server_key, client_iv, server_iv))
         self.read_prot, self.pending_read = self.pending_read, None
@@ -730,11 +724,7 @@ class Connection:
         client = RecordProtection(self.suite.cipher, keys.client_key, keys.client_iv)
         server = RecordProtection(self.suite.cipher, keys.server_key, keys.server_iv)
         write, self.pending_read = (server, client) if self.role == "server" else (client, server)
-        before = self.write_prot  # (`write_seq`'s and `write_limit`'s epoch 1, read without the properties)
-        if before is None:
-            write.next_seq, write.limit = self._seq1, self._limit1
-        else:
-            write.next_seq, write.limit = before.next_seq, before.limit
+        write.next_seq, write.limit = self.write_seq[1], self.write_limit
         self.write_prot = write
 
     # -- records out -----------------------------------------------------------------------------

@@ -335,7 +335,7 @@ class Engine:
         self.handshakes[peer] = conn
         self.stats.handshakes_started += 1
         if flight is not None:
-            conn.server_started(flight, server_random, record_seq, self.psk_for, now, queued=True)
+            conn.server_started(flight, server_random, record_seq, self.psk_for, now)
         else:
             conn.server_start(hello, m.message(m.CLIENT_HELLO, f.message_seq, f.body), f.message_seq, record_seq,
                               self.psk_for, cid, now, server_random)
