@@ -523,7 +523,7 @@ static size_t remember(Lane *self, const uint8_t *key, double now, uint32_t size
         ((exchange_t *)fm_entry(m, (size_t)reuse))->at = -1; /* (expired: no waiting request finds it) */
     }
     /* (the endpoint counts the Python path's own evictions) */
-    int oldest_is_lanes = m->count == m->cap && !m->dead[m->head] && !((exchange_t *)fm_entry(m, m->head))->python;
+    int oldest_is_lanes = fm_evicts_live(m) && !((exchange_t *)fm_entry(m, m->head))->python;
     x = fm_entry(m, fm_push(m, key, &evicted));
     self->dedup_evictions += evicted && oldest_is_lanes;
     x->at = now;
@@ -1326,7 +1326,7 @@ static int oscore_open(Lane *self, const uint8_t *d, const shape_t *s, shape_t *
     if (3 + (size_t)s->tkl + pl > (size_t)self->max_datagram + 16) return 1; /* (innerbuf's room: Python's) */
     uint8_t tag[OSC_TAG], *at = self->innerbuf + 3 + s->tkl; /* (the plaintext's code where the inner header ends) */
     memcpy(tag, s->payload + pl, OSC_TAG);
-    if (osc_ccm(ctx->open, 0, o->nonce, o->aad, o->aadlen, s->payload, pl, at, tag) != 1)
+    if (aead_ccm(ctx->open, 0, NULL, o->nonce, o->aad, o->aadlen, s->payload, at, pl, tag, OSC_TAG) != 1)
         return 1; /* (Python's 4.00, or libcrypto's failure: Python tries its own) */
     uint8_t *h = self->innerbuf;
     uint8_t code = at[0];
@@ -2011,7 +2011,7 @@ static long osc_seal_answer(Lane *self, const pending_t *q, int ok, uint8_t *out
         memcpy(plain + sizeof head, BUSY_WHY, sizeof BUSY_WHY - 1);
         pl = sizeof head + sizeof BUSY_WHY - 1;
     }
-    if (osc_ccm(q->osc->seal, 1, q->nonce, q->aad, q->aadlen, plain, pl, out, out + pl) != 1) return -1;
+    if (aead_ccm(q->osc->seal, 1, NULL, q->nonce, q->aad, q->aadlen, plain, out, pl, out + pl, OSC_TAG) != 1) return -1;
     self->oscore_sealed++;
     return (long)(pl + OSC_TAG);
 }
@@ -2493,23 +2493,17 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         Py_DECREF(v);
     }
     PyObject *c = Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsn}", "recovered", self->recovered, "recovered_answers",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsnsKsKsn}", "recovered", self->recovered, "recovered_answers",
         self->recovered_answers, "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
         "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
         self->dropped, "evicted", self->evicted, "dedup_evictions", self->dedup_evictions, "datagrams_out",
         self->datagrams_out, "bytes_out", self->bytes_out, "send_blocked", self->send_blocked, "send_errors",
         self->send_errors, "refusals", self->refusals, "accepted", self->accepted, "exempted", self->exempted,
-        "dedup_entries",
-        (Py_ssize_t)(self->dedup.count - self->dedup.ndead), "sources", (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live,
-        "responses", responses, "records_opened", self->records_opened, "records_sealed", self->records_sealed,
-        "records_to_python", self->records_to_python, "dtls_sessions", (Py_ssize_t)self->ds.count);
-    if (c) {
-        PyObject *oc = Py_BuildValue("{sKsKsn}", "oscore_requests", self->oscore_requests, "oscore_sealed",
-                                     self->oscore_sealed, "oscore_contexts",
-                                     self->oscs ? PyDict_GET_SIZE(self->oscs) : (Py_ssize_t)0);
-        if (!oc || PyDict_Update(c, oc) < 0) Py_CLEAR(c);
-        Py_XDECREF(oc);
-    }
+        "dedup_entries", (Py_ssize_t)(self->dedup.count - self->dedup.ndead), "sources",
+        (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live, "responses", responses, "records_opened",
+        self->records_opened, "records_sealed", self->records_sealed, "records_to_python", self->records_to_python,
+        "dtls_sessions", (Py_ssize_t)self->ds.count, "oscore_requests", self->oscore_requests, "oscore_sealed",
+        self->oscore_sealed, "oscore_contexts", self->oscs ? PyDict_GET_SIZE(self->oscs) : (Py_ssize_t)0);
     if (c && lat_counters(self, c) < 0) Py_CLEAR(c);
     return c;
 }
@@ -2835,10 +2829,6 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "corem.fastlane._lane", NULL, -1, module_methods};
 
 PyMODINIT_FUNC PyInit__lane(void) {
-    if (!senml_labels_ok()) {
-        PyErr_SetString(PyExc_SystemError, "senml.h: SENML_LABEL_LEN does not match SENML_LABELS");
-        return NULL;
-    }
     if (!EXCHANGE && !(EXCHANGE = PyUnicode_InternFromString("coap-exchange"))) return NULL;
     if (!CREATION && !(CREATION = PyUnicode_InternFromString("creation-time"))) return NULL;
     if (!CHANNEL && !(CHANNEL = PyUnicode_InternFromString("channel"))) return NULL;

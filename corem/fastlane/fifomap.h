@@ -120,6 +120,9 @@ static void fm_pop_oldest(fifomap *m) {
     m->count--;
 }
 
+/* Would a push now evict a live entry (a full map whose oldest is not a tombstone)? */
+static inline int fm_evicts_live(const fifomap *m) { return m->count == m->cap && !m->dead[m->head]; }
+
 /* The entry in `slot` is no longer found (fm_find), but keeps its place in the ring until it is the
  * oldest (then fm_pop_oldest drops it): a key that must be entered again, as new, goes to the end
  * (fm_push) -- written again in place it would be the newest entry at an old place, and the oldest
@@ -156,9 +159,7 @@ static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
 static int fm_resize(fifomap *m, size_t cap) {
     fifomap n;
     if (fm_init(&n, cap, m->esize) < 0) return -1;
-    size_t live = 0;
-    for (size_t k = 0; k < m->count; k++) live += !m->dead[(m->head + k) % m->cap];
-    size_t skip = live > cap ? live - cap : 0;
+    size_t live = m->count - m->ndead, skip = live > cap ? live - cap : 0;
     for (size_t k = 0; k < m->count; k++) {
         if (m->dead[(m->head + k) % m->cap]) continue;
         if (skip) {

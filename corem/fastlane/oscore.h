@@ -140,36 +140,14 @@ static PyTypeObject OscWindowType = {
 };
 
 /* -- AES-CCM-16-64-128 on EVP ------------------------------------------------------------------- */
-static const EVP_CIPHER *osc_cipher(void) {
-    static EVP_CIPHER *ccm; /* (fetched once: an EVP_aes_128_ccm() would be fetched at each init) */
-    if (!ccm) ccm = EVP_CIPHER_fetch(NULL, "AES-128-CCM", NULL);
-    return ccm;
-}
-
 /* A context keyed once for one direction (13-byte nonce: L = 2, 8-byte tag); NULL if libcrypto
  * could not (no exception set). */
 static EVP_CIPHER_CTX *osc_keyed(const uint8_t key[OSC_KEY], int enc) {
-    const EVP_CIPHER *c = osc_cipher();
-    EVP_CIPHER_CTX *ctx = c ? EVP_CIPHER_CTX_new() : NULL;
-    if (!ctx) goto fail;
-    if (!EVP_CipherInit_ex(ctx, c, NULL, NULL, NULL, enc) ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN, OSC_NONCE, NULL) <= 0 ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, OSC_TAG, NULL) <= 0 ||
-        !EVP_CipherInit_ex(ctx, NULL, NULL, key, NULL, enc))
-        goto fail;
-    return ctx;
-fail:
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (ctx && aead_ccm_init(ctx, enc, key, OSC_NONCE, OSC_TAG)) return ctx;
     ERR_clear_error();
     EVP_CIPHER_CTX_free(ctx);
     return NULL;
-}
-
-/* One AEAD operation with the context's own direction: `n` bytes (n >= 1) of `in` to `out`, the
- * tag read from (`enc` 0) or written to `tag`.  1 done, 0 the tag did not match (`out` wiped by
- * OpenSSL), -1 libcrypto failed otherwise. */
-static int osc_ccm(EVP_CIPHER_CTX *ctx, int enc, const uint8_t nonce[OSC_NONCE], const uint8_t *aad, size_t aadlen,
-                   const uint8_t *in, size_t n, uint8_t *out, uint8_t tag[OSC_TAG]) {
-    return aead_ccm(ctx, enc, NULL, nonce, aad, aadlen, in, out, n, tag, OSC_TAG);
 }
 
 /* §5.2: [size of ID_PIV][ID_PIV, left-padded to 7][PIV, left-padded to 5] XOR the common IV */
@@ -317,7 +295,8 @@ static PyObject *OscContext_open(OscContext *c, PyObject *args) {
     memcpy(tag, ct + n, OSC_TAG);
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
     if (!out) return NULL;
-    int r = osc_ccm(c->open, 0, nonce, aad, al, (const uint8_t *)ct, n, (uint8_t *)PyBytes_AS_STRING(out), tag);
+    int r = aead_ccm(c->open, 0, NULL, nonce, aad, al, (const uint8_t *)ct, (uint8_t *)PyBytes_AS_STRING(out), n, tag,
+                     OSC_TAG);
     if (r == 1) return out;
     Py_DECREF(out);
     if (r == 0) Py_RETURN_NONE;
@@ -340,7 +319,7 @@ static PyObject *OscContext_seal(OscContext *c, PyObject *args) {
     PyObject *out = PyBytes_FromStringAndSize(NULL, tl + OSC_TAG);
     if (!out) return NULL;
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
-    if (osc_ccm(c->seal, 1, nonce, aad, al, (const uint8_t *)pt, (size_t)tl, o, o + tl) != 1) {
+    if (aead_ccm(c->seal, 1, NULL, nonce, aad, al, (const uint8_t *)pt, o, (size_t)tl, o + tl, OSC_TAG) != 1) {
         Py_DECREF(out);
         PyErr_SetString(PyExc_RuntimeError, "libcrypto failed");
         return NULL;

@@ -14,16 +14,16 @@
 
 enum { L_BVER, L_BN, L_BT, L_BU, L_BV, L_BS, L_N, L_U, L_V, L_VS, L_VB, L_S, L_T, L_UT, L_VD, L_COUNT, L_IGNORED };
 
-static const char *const SENML_LABELS[L_COUNT] = {"bver", "bn", "bt", "bu", "bv", "bs", "n", "u",
-                                                  "v", "vs", "vb", "s", "t", "ut", "vd"};
-/* their lengths (checked against SENML_LABELS when the module loads: senml_labels_ok) */
-static const uint8_t SENML_LABEL_LEN[L_COUNT] = {4, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 1, 1, 2, 2};
-
-static int senml_labels_ok(void) {
-    for (int l = 0; l < L_COUNT; l++)
-        if (strlen(SENML_LABELS[l]) != SENML_LABEL_LEN[l]) return 0;
-    return 1;
-}
+/* the labels' names and lengths, in the enum's order (the lengths from the literals themselves) */
+#define SENML_LABEL(name) {name, sizeof name - 1}
+static const struct {
+    const char *name;
+    size_t len;
+} SENML_LABELS[L_COUNT] = {SENML_LABEL("bver"), SENML_LABEL("bn"), SENML_LABEL("bt"), SENML_LABEL("bu"),
+                           SENML_LABEL("bv"),   SENML_LABEL("bs"), SENML_LABEL("n"),  SENML_LABEL("u"),
+                           SENML_LABEL("v"),    SENML_LABEL("vs"), SENML_LABEL("vb"), SENML_LABEL("s"),
+                           SENML_LABEL("t"),    SENML_LABEL("ut"), SENML_LABEL("vd")};
+#undef SENML_LABEL
 #define SENML_VERSION 10
 #define SENML_RELATIVE_BELOW 268435456.0 /* 2^28 s */
 
@@ -41,8 +41,7 @@ typedef struct {
 static int senml_label(const uint8_t *k, size_t n) {
     if (n && n <= 4) /* (every label is 1-4 bytes: a longer key is none, without a scan) */
         for (int l = 0; l < L_COUNT; l++)
-            if (SENML_LABEL_LEN[l] == n && SENML_LABELS[l][0] == (char)k[0] && memcmp(SENML_LABELS[l], k, n) == 0)
-                return l;
+            if (SENML_LABELS[l].len == n && memcmp(SENML_LABELS[l].name, k, n) == 0) return l;
     return n && k[n - 1] == '_' ? -1 : L_IGNORED;
 }
 

@@ -1,6 +1,6 @@
 /*
- * One AES-CCM operation on libcrypto's EVP, the call sequence CCM needs (the length first, then the
- * AAD, then the data), for every CCM of corem's C: the DTLS records (dtls_records.h) and OSCORE in
+ * AES-CCM on libcrypto's EVP -- a context's set-up, and one operation in the call sequence CCM needs
+ * (the length first, then the AAD, then the data) -- for every CCM of corem's C: the DTLS records (dtls_records.h) and OSCORE in
  * the fast lane (corem/fastlane/oscore.h).  Header-only (static).
  */
 #ifndef COREM_AEAD_CCM_H
@@ -13,6 +13,24 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
+
+/* AES-128-CCM, fetched once (an EVP_aes_128_ccm() would be fetched again at each context's init). */
+static inline const EVP_CIPHER *aead_ccm_cipher(void) {
+    static EVP_CIPHER *ccm;
+    if (ccm == NULL) ccm = EVP_CIPHER_fetch(NULL, "AES-128-CCM", NULL);
+    return ccm;
+}
+
+/* `ctx` made (again) an AES-128-CCM context for one direction (`enc`): `ivlen`-byte nonces and
+ * `taglen`-byte tags (CCM wants both before the key), keyed with `key`.  1, or 0 (libcrypto could
+ * not; its error queue is the caller's to clear). */
+static inline int aead_ccm_init(EVP_CIPHER_CTX *ctx, int enc, const uint8_t *key, int ivlen, int taglen) {
+    const EVP_CIPHER *c = aead_ccm_cipher();
+    return c != NULL && EVP_CipherInit_ex(ctx, c, NULL, NULL, NULL, enc) &&
+           EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN, ivlen, NULL) > 0 &&
+           EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, taglen, NULL) > 0 &&
+           EVP_CipherInit_ex(ctx, NULL, NULL, key, NULL, enc);
+}
 
 /* One AES-CCM operation on `ctx` (keyed again with `key`, or NULL: as it is): `n` bytes of `in` to
  * `out` (in == out is fine) -- the length first, then the AAD, then the data --, the tag (`taglen`

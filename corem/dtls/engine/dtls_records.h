@@ -15,8 +15,9 @@
  * A capsule (PyCapsule_Import(DTLS_LANE_API_NAME)) holding this table: the lane opens and seals
  * the records of established sessions with the session's own Protection and Window objects (the
  * ones records.py's Connection holds), so the replay window and the write sequence number stay
- * ONE state whichever side takes a record.  A reader that wants only this table (the lane: it does
- * not link libcrypto) defines DTLS_RECORDS_API_ONLY before including this file, after Python.h. */
+ * ONE state whichever side takes a record.  A reader that wants only this table (the lane, which
+ * calls the records through it) defines DTLS_RECORDS_API_ONLY before including this file, after
+ * Python.h. */
 #if defined(Py_PYTHON_H) && !defined(COREM_DTLS_LANE_API)
 #define COREM_DTLS_LANE_API
 #include <stdint.h>
@@ -204,13 +205,12 @@ typedef struct {
 
 /* the ciphers, fetched once (an EVP_aes_128_* would be fetched again at each context's init) */
 static inline const EVP_CIPHER *dtls_cipher(dtls_aead a) {
-    static EVP_CIPHER *ccm, *gcm;
+    static EVP_CIPHER *gcm;
     if (a == DTLS_GCM) {
         if (gcm == NULL) gcm = EVP_CIPHER_fetch(NULL, "AES-128-GCM", NULL);
         return gcm;
     }
-    if (ccm == NULL) ccm = EVP_CIPHER_fetch(NULL, "AES-128-CCM", NULL);
-    return ccm;
+    return aead_ccm_cipher();
 }
 
 static inline void dtls_prot_free(dtls_prot *p) {
@@ -232,13 +232,9 @@ static inline int dtls_prot_init(dtls_prot *p, dtls_aead a, const uint8_t key[16
     p->enc = 1;
     p->tls = 0;
     p->tag = a == DTLS_CCM8 ? 8 : 16;
-    if (!EVP_CipherInit_ex(p->ctx, c, NULL, NULL, NULL, 1)) goto fail;
-    if (a != DTLS_GCM) {
-        /* a 12-byte nonce (L = 3) and the tag length M, before the key */
-        if (EVP_CIPHER_CTX_ctrl(p->ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) <= 0) goto fail;
-        if (EVP_CIPHER_CTX_ctrl(p->ctx, EVP_CTRL_AEAD_SET_TAG, p->tag, NULL) <= 0) goto fail;
-    }
-    if (!EVP_CipherInit_ex(p->ctx, NULL, NULL, key, NULL, 1)) goto fail;
+    if (a != DTLS_GCM ? !aead_ccm_init(p->ctx, 1, key, 12, p->tag) /* (a 12-byte nonce: L = 3) */
+                      : !EVP_CipherInit_ex(p->ctx, c, NULL, key, NULL, 1))
+        goto fail;
     return 0;
 fail:
     ERR_clear_error();
@@ -252,10 +248,7 @@ fail:
  * direction, and a session's records have a CID or never.  0, or -1 (the context is gone). */
 static inline int dtls_ccm_rekey(dtls_prot *p, int enc, int tls) {
     EVP_CIPHER_CTX *ctx = p->ctx;
-    if (!EVP_CipherInit_ex(ctx, dtls_cipher((dtls_aead)p->aead), NULL, NULL, NULL, enc) ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) <= 0 ||
-        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, p->tag, NULL) <= 0 ||
-        !EVP_CipherInit_ex(ctx, NULL, NULL, p->key, NULL, enc) ||
+    if (!aead_ccm_init(ctx, enc, p->key, 12, p->tag) ||
         (tls && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_CCM_SET_IV_FIXED, 4, p->iv) <= 0)) {
         ERR_clear_error();
         dtls_prot_free(p); /* (dtls_prot's users take a NULL ctx for "not initialised") */
