@@ -1674,3 +1674,25 @@ def test_the_psk_flights_in_c_with_a_mutated_client(step, where, flip, cut):
     with pytest.MonkeyPatch.context() as mp:
         slow, _ = _trace(mp, False, cid=b"\x05", suite=PSK_SUITES[0], mutate=mutate)
     assert fast == slow
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=40), st.sampled_from([0x16, 0x17]), st.sampled_from([0xFEFD, 0xFEFF, 0xFEFC, 0x0303]),
+       st.integers(0, 2), st.integers(0, 2**48 - 1), st.integers(-2, 2))
+def test_the_lone_record_shortcut_takes_exactly_what_parse_record_untrusted_takes_whole(body, ctype, version, epoch,
+                                                                                        seq, skew):
+    """engine.py's ClientHello shortcut (records.lone_epoch0_record_untrusted) is the record rules of
+    parse_record_untrusted, not a copy of them: it names a record exactly when that parser takes one
+    epoch-0 handshake record making up the whole datagram."""
+    from corem.dtls.engine.errors import DtlsDecodeError
+    from corem.dtls.engine.records import HANDSHAKE, lone_epoch0_record_untrusted, parse_record_untrusted
+
+    header = bytes([ctype]) + version.to_bytes(2, "big") + epoch.to_bytes(2, "big") + seq.to_bytes(6, "big")
+    datagram = header + max(0, len(body) + skew).to_bytes(2, "big") + body
+    try:
+        record, end = parse_record_untrusted(datagram, 0, 0)
+        whole = record.type == HANDSHAKE and record.epoch == 0 and end == len(datagram) and len(body) > 0
+    except DtlsDecodeError:
+        whole = False
+    got = lone_epoch0_record_untrusted(datagram, HANDSHAKE)
+    assert (got is not None) == whole and (got is None or got == seq)

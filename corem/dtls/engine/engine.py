@@ -27,7 +27,8 @@ from ...c_twins import c_twin
 from .connection import ESTABLISHED, FAILED, WAIT_CLIENT_KEY_EXCHANGE, Connection, Params
 from .crypto import hmac_sha256
 from .errors import DtlsDecodeError
-from .records import DTLS_1_0, DTLS_1_2, HANDSHAKE, HEADER, MAX_FRAGMENT, TLS12_CID, Record, parse_record_untrusted, plaintext_record
+from .records import DTLS_1_2, HANDSHAKE, HEADER, TLS12_CID, Record, lone_epoch0_record_untrusted, parse_record_untrusted, \
+    plaintext_record
 
 Peer = Hashable
 
@@ -39,8 +40,6 @@ _hello_verify: Callable[[bytes, int, bytes, bytes], bytes | None] | None = c_twi
 _server_hello: Callable[..., tuple[Any, ...] | bytes | None] | None = c_twin("._flights", "server_hello", __package__)
 
 COOKIE_LENGTH = 16
-#: the record versions a ClientHello's record may carry (records.py: 1.0 at epoch 0 too), low bytes
-_HELLO_VERSIONS = (DTLS_1_2 & 0xFF, DTLS_1_0 & 0xFF)
 #: the highest message_seq a ClientHello may carry (a client's second hello is 1; the messages of
 #: the handshake it starts are numbered on from it, within 16 bits)
 MAX_HELLO_SEQ = 255
@@ -190,12 +189,11 @@ class Engine:
         stats.bytes_in += n
         if n > HEADER and datagram[0] == HANDSHAKE:
             # the handshake's datagrams, decided once (anything else: the records one by one, below)
-            if datagram[13] == m.CLIENT_HELLO and datagram[3] == 0 == datagram[4] and datagram[1] == 0xFE and \
-                    datagram[2] in _HELLO_VERSIONS and datagram[11] << 8 | datagram[12] == n - HEADER <= MAX_FRAGMENT:
-                # a ClientHello, one record making up the datagram (what parse_record_untrusted and
-                # _record would find): no Record, no loop
+            seq = lone_epoch0_record_untrusted(datagram, HANDSHAKE)
+            if seq is not None and datagram[HEADER] == m.CLIENT_HELLO:
+                # a ClientHello, one record making up the datagram: no Record, no loop
                 try:
-                    conn = self._hello(datagram[HEADER:], int.from_bytes(datagram[5:11], "big"), peer, now)
+                    conn = self._hello(datagram[HEADER:], seq, peer, now)
                 except DtlsDecodeError as e:
                     stats.records_dropped[e.reason] += 1
                     conn = None

@@ -113,6 +113,21 @@ def parse_record_untrusted_py(datagram: bytes, offset: int, cid_length: int) -> 
     return RecordPy(ctype, version, epoch, hi << 32 | lo, cid, bytes(datagram[start:end])), end
 
 
+def lone_epoch0_record_untrusted(datagram: bytes, ctype: int) -> int | None:
+    """The sequence number of the record `datagram` is, when it is exactly one epoch-0 record of
+    `ctype` that parse_record_untrusted would take (its version, length and size rules); else None
+    (the caller parses it the long way, which names what is wrong).  The engine's shortcut for a
+    handshake's first datagram: no Record, no loop.  Never raises."""
+    n = len(datagram)
+    if n <= HEADER or datagram[0] != ctype or datagram[3] or datagram[4]:
+        return None
+    version = datagram[1] << 8 | datagram[2]
+    if (version != DTLS_1_2 and version != DTLS_1_0) or datagram[11] << 8 | datagram[12] != n - HEADER \
+            or n - HEADER > MAX_FRAGMENT:
+        return None
+    return int.from_bytes(datagram[5:11], "big")
+
+
 def plaintext_record(ctype: int, epoch: int, seq: int, fragment: bytes, version: int = DTLS_1_2) -> bytes:
     return _HEADER.pack(ctype, version, epoch, seq >> 32, seq & 0xFFFFFFFF, len(fragment)) + fragment
 
