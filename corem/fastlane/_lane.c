@@ -2301,6 +2301,29 @@ static int target_ok(target_t *t) {
     return 1;
 }
 
+/* One target from its entry (topic, key, headers, head, tail, device[, mode[, rules[, tenant]]]):
+ * borrowed references (target_hold takes them) but its packed headers (a new one, or NULL).  0, or
+ * -1 with an exception set. */
+static int target_parse(PyObject *item, target_t *t) {
+    if (!PyArg_ParseTuple(item, "UO!O!SSO|iOO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
+                          &t->head, &t->tail, &t->device, &t->mode, &t->profile, &t->tenant) ||
+        !target_ok(t))
+        return -1;
+    return target_pack(t);
+}
+
+/* The references a parsed target keeps (its packed headers it has already). */
+static void target_hold(target_t *t) {
+    Py_INCREF(t->topic);
+    Py_INCREF(t->key);
+    Py_INCREF(t->headers);
+    Py_INCREF(t->head);
+    Py_INCREF(t->tail);
+    Py_INCREF(t->device);
+    Py_XINCREF(t->profile);
+    Py_XINCREF(t->tenant);
+}
+
 /* set_targets(tokens: dict[bytes, int], targets: list[(topic, key, headers, head, tail, device[, mode[, rules[, tenant]]])
  *             | None],
  *             positions: dict[(tenant, device), int] = None: the DTLS sessions' devices' targets) */
@@ -2314,27 +2337,14 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(list, i);
         if (item == Py_None) continue; /* not the lane's to serve */
-        target_t *t = &ts[i];
-        if (!PyArg_ParseTuple(item, "UO!O!SSO|iOO", &t->topic, &PyBytes_Type, &t->key, &PyDict_Type, &t->headers,
-                              &t->head, &t->tail, &t->device, &t->mode, &t->profile, &t->tenant) || !target_ok(t) ||
-            target_pack(t) < 0) {
+        if (target_parse(item, &ts[i]) < 0) {
             for (Py_ssize_t k = 0; k < i; k++) Py_XDECREF(ts[k].hpacked);
             PyMem_Free(ts);
             return NULL;
         }
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        target_t *t = &ts[i];
-        if (!t->topic) continue;
-        Py_INCREF(t->topic);
-        Py_INCREF(t->key);
-        Py_INCREF(t->headers);
-        Py_INCREF(t->head);
-        Py_INCREF(t->tail);
-        Py_INCREF(t->device);
-        Py_XINCREF(t->profile);
-        Py_XINCREF(t->tenant);
-    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (ts[i].topic) target_hold(&ts[i]);
     clear_targets(self);
     self->targets = ts;
     self->ntargets = n;
@@ -2358,11 +2368,7 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
         return NULL;
     }
     target_t t = {0};
-    if (item != Py_None && (!PyArg_ParseTuple(item, "UO!O!SSO|iOO", &t.topic, &PyBytes_Type, &t.key, &PyDict_Type,
-                                              &t.headers, &t.head, &t.tail, &t.device, &t.mode, &t.profile,
-                                              &t.tenant) ||
-                            !target_ok(&t) || target_pack(&t) < 0))
-        return NULL;
+    if (item != Py_None && target_parse(item, &t) < 0) return NULL;
     if (i >= self->ntargets) {
         if (item == Py_None) Py_RETURN_NONE;
         Py_ssize_t n = 2 * self->ntargets > i + 1 ? 2 * self->ntargets : (i + 16);
@@ -2378,16 +2384,7 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
     target_t *slot = &self->targets[i];
     PyObject *old[9] = {slot->topic, slot->key,    slot->headers, slot->head,   slot->tail,
                         slot->device, slot->profile, slot->tenant, slot->hpacked};
-    if (item != Py_None) {
-        Py_XINCREF(t.profile);
-        Py_XINCREF(t.tenant);
-        Py_INCREF(t.topic);
-        Py_INCREF(t.key);
-        Py_INCREF(t.headers);
-        Py_INCREF(t.head);
-        Py_INCREF(t.tail);
-        Py_INCREF(t.device);
-    }
+    if (item != Py_None) target_hold(&t);
     *slot = t; /* (epoch 0: reported at its first reading) */
     self->targets_gen++;
     for (int k = 0; k < 9; k++) Py_XDECREF(old[k]); /* (last: a release may run code) */
