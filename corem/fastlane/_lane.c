@@ -1430,12 +1430,27 @@ static int drain_one(void *ctx, const uint8_t *d, size_t n, const addr_t *a, soc
     return feed(c->lane, d, n, a, alen, c->now, c->now_ms);
 }
 
+/* (read_datagrams_ahead) what taking a datagram will look up in the dedup map, fetched ahead: the
+ * exchange's index cell, and what its push will evict (every request is a push) */
+static int drain_ahead(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
+    Lane *self = ((drain_ctx *)ctx)->lane;
+    (void)alen;
+    if (n >= 4) {
+        uint8_t key[KEYLEN];
+        addr_key(a, (uint16_t)(d[2] << 8 | d[3]), 1, key);
+        fm_prefetch(&self->dedup, key);
+    }
+    fm_prefetch_evicted(&self->dedup, AHEAD);
+    return 0;
+}
+
 static PyObject *Lane_drain(Lane *self, PyObject *args) {
     int fd, budget;
     drain_ctx c = {self, 0, 0};
     if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
     if (ensure_lists(self) < 0) return NULL;
-    long total = read_datagrams(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_one, &c);
+    long total = read_datagrams_ahead(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_one,
+                                      drain_ahead, &c);
     return total < 0 ? NULL : PyLong_FromLong(total);
 }
 
@@ -1606,6 +1621,14 @@ static int drain_record(void *ctx, const uint8_t *d, size_t n, const addr_t *a, 
     return feed_record(c->lane, d, n, a, alen, c->now, c->now_ms);
 }
 
+/* (read_datagrams_ahead) a record's exchange is known once it is opened, but what its push will
+ * evict is known now (as drain_ahead) */
+static int drain_record_ahead(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
+    (void)d, (void)n, (void)a, (void)alen;
+    fm_prefetch_evicted(&((drain_ctx *)ctx)->lane->dedup, AHEAD);
+    return 0;
+}
+
 static int ensure_record_lists(Lane *self) {
     if (ensure_lists(self) < 0) return -1;
     if (!self->plain && !(self->plain = PyList_New(0))) return -1;
@@ -1623,7 +1646,8 @@ static PyObject *Lane_drain_records(Lane *self, PyObject *args) {
     drain_ctx c = {self, 0, 0};
     if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
     if (ensure_record_lists(self) < 0 || dtls_api() < 0) return NULL;
-    long total = read_datagrams(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_record, &c);
+    long total = read_datagrams_ahead(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_record,
+                                      drain_record_ahead, &c);
     return total < 0 ? NULL : PyLong_FromLong(total);
 }
 

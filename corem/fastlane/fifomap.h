@@ -90,6 +90,32 @@ static long fm_find(fifomap *m, const uint8_t *key) {
     }
 }
 
+/* A prefetch that stays: GCC 12 drops a __builtin_prefetch whose address is hashed from a local
+ * array (the key), as if it were dead code, and emits nothing. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FM_PREFETCH(p) __asm__ volatile("prefetcht0 %0" ::"m"(*(const char *)(p)))
+#else
+#define FM_PREFETCH(p) __builtin_prefetch(p)
+#endif
+
+/* Prefetches, for a batch that looks ahead (each index cell and ring entry is likely a cache miss
+ * at 100k entries: ~8% of a plain reading's time): the index cell a find of `key` starts at ... */
+static inline void fm_prefetch(const fifomap *m, const uint8_t *key) {
+    if (m->index) FM_PREFETCH(&m->index[(uint32_t)hash_key(key) & m->mask]);
+}
+
+/* ... and, in a full map, what the push `k` pushes from now evicts: the index cell of the entry
+ * k-th oldest (its key read now: brought in by the prefetch of the ring 3k pushes ago) and the
+ * ring entry 4k-th oldest. */
+static inline void fm_prefetch_evicted(const fifomap *m, size_t k) {
+    if (!m->index || m->count < m->cap || 4 * k >= m->cap) return;
+    size_t near = m->head + k, far = m->head + 4 * k;
+    if (near >= m->cap) near -= m->cap;
+    if (far >= m->cap) far -= m->cap;
+    FM_PREFETCH(fm_entry((fifomap *)m, far));
+    if (!m->dead[near]) FM_PREFETCH(&m->index[(uint32_t)hash_key(fm_entry((fifomap *)m, near)) & m->mask]);
+}
+
 static void fm_unindex(fifomap *m, size_t slot) {
     size_t i = (uint32_t)hash_key(fm_entry(m, slot)) & m->mask;
     while (CELL_SLOT(m->index[i]) != slot) i = (i + 1) & m->mask;

@@ -63,8 +63,11 @@ typedef int (*datagram_fn)(void *ctx, const uint8_t *data, size_t n, const addr_
 
 /* Up to `budget` datagrams from `fd` (recvmmsg, VLEN at a time, into `buf`: VLEN slots of
  * `bufsize` bytes; a longer datagram arrives cut to bufsize), each handed to `fn`; returns how
- * many, or -1 with an exception set. */
-static long read_datagrams(int fd, uint8_t *buf, size_t bufsize, long budget, datagram_fn fn, void *ctx) {
+ * many, or -1 with an exception set.  `ahead` (or NULL) is shown each datagram AHEAD datagrams
+ * before `fn` takes it, to bring what `fn` will look up toward the cache (it must not fail). */
+#define AHEAD 4
+static long read_datagrams_ahead(int fd, uint8_t *buf, size_t bufsize, long budget, datagram_fn fn,
+                                 datagram_fn ahead, void *ctx) {
     struct mmsghdr msgs[VLEN];
     struct iovec iov[VLEN];
     addr_t addrs[VLEN];
@@ -87,12 +90,22 @@ static long read_datagrams(int fd, uint8_t *buf, size_t bufsize, long budget, da
             PyErr_SetFromErrno(PyExc_OSError);
             return -1;
         }
-        for (int i = 0; i < got; i++)
+        if (ahead)
+            for (int i = 0; i < got && i < AHEAD; i++)
+                ahead(ctx, iov[i].iov_base, msgs[i].msg_len, &addrs[i], msgs[i].msg_hdr.msg_namelen);
+        for (int i = 0; i < got; i++) {
+            int k = i + AHEAD;
+            if (ahead && k < got) ahead(ctx, iov[k].iov_base, msgs[k].msg_len, &addrs[k], msgs[k].msg_hdr.msg_namelen);
             if (fn(ctx, iov[i].iov_base, msgs[i].msg_len, &addrs[i], msgs[i].msg_hdr.msg_namelen) < 0) return -1;
+        }
         total += got;
         if (got < want) break;
     }
     return total;
+}
+
+static inline long read_datagrams(int fd, uint8_t *buf, size_t bufsize, long budget, datagram_fn fn, void *ctx) {
+    return read_datagrams_ahead(fd, buf, bufsize, budget, fn, NULL, ctx);
 }
 
 /* One sendmmsg of msgs[0..want): how many the kernel took (0 with *blocked set when it takes no
