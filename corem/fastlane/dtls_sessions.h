@@ -32,6 +32,7 @@ typedef struct {
     uint8_t cid_in[DS_MAX_CID];
     uint8_t cid_out[DS_MAX_PEER_CID];
     uint8_t cid_in_len, cid_out_len, live;
+    uint16_t next_mid;  /* the message id its next request likely has (the last + 1: ids go up by one) */
     PyObject *mark_key; /* a saved session: its row's key in the session store (else None) */
     double reported;    /* when it was last reported to Python */
     int32_t due_at;     /* its place in the marks due (dsessions.due), -1: none due */
