@@ -259,3 +259,20 @@ def test_a_session_makes_its_store_key_when_it_is_first_saved():
     assert srv.store.keys() == [peer_key(A)]
     assert srv.receive(c.wrap(b"\x40\x02\x00\x02"), A, 21.0) == [b"\x40\x02\x00\x02"]
     assert srv.device(A) == DEVICE and srv.sessions[A].layer.key == peer_key(A)
+
+
+def test_a_session_is_checkpointed_once_it_carries_data_not_for_its_handshake_or_close():
+    """`dtls_checkpoint`: a session is saved once it carries data; one that handshakes and closes
+    (or sits idle) costs no write -- a reconnecting fleet's handshakes are not store writes."""
+    srv, _ = layer(SessionStore())
+    quiet = handshake(srv, peer=A, cid=None)
+    busy = handshake(srv, peer=B, cid=None)
+    srv.tick(0.5)
+    assert srv.stats.checkpoints == 0 and srv.store.keys() == []
+    assert srv.receive(busy.wrap(b"\x40\x02\x00\x01"), B, 1.0) == [b"\x40\x02\x00\x01"]
+    quiet.conn.close()  # (close_notify)
+    for d in quiet.datagrams_to_send():
+        assert srv.receive(d, A, 1.0) == []
+    srv.tick(1.1)
+    assert srv.stats.checkpoints == 1 and srv.store.keys() == [peer_key(B)]
+    assert A not in srv.sessions

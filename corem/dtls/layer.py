@@ -459,7 +459,9 @@ class EngineServer:
             s: Session | None = conn.layer
             if s is None or conn.state != ESTABLISHED:
                 continue
-            if s.checkpoint_due <= now and self.params.checkpoint:
+            # saved once it carries data (`dtls_checkpoint`): not for its Finished nor a
+            # close_notify -- a session that never carries any is not worth a write
+            if out and s.checkpoint_due <= now and self.params.checkpoint:
                 self._checkpoints.add(conn)
             if s.saved and conn.window.top > s.marked:
                 self._marks[s.key] = conn
