@@ -77,6 +77,24 @@ def test_an_offloaded_cid_session_is_restored_by_its_cid_from_a_new_address():
     assert c.receive(srv.wrap(b"\x60\x44\x00\x02", C), 21.0) == [b"\x60\x44\x00\x02"]
 
 
+def test_a_session_restored_by_a_record_that_does_not_authenticate_is_saved_again():
+    """A restore takes the session's row out of the store before the record that asked for it is
+    authenticated; a forged one (the right CID) must not leave the session unsaved until it idles
+    again: the next tick saves it, so a crash or another worker still finds it."""
+    srv, _ = layer(SessionStore(), offload_after=10.0)
+    c = handshake(srv)
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x01"), A, 1.0)
+    srv.sweep(20.0)
+    key = CID_KEY + c.conn.cid_out
+    assert not srv.sessions and srv.store.keys() == [key]
+    forged = bytearray(c.wrap(b"\x40\x02\x00\x02"))
+    forged[-1] ^= 1
+    assert srv.receive(bytes(forged), C, 21.0) == [] and metric(srv, "corem_dtls_sessions_restored") == 1
+    srv.tick(21.1)
+    assert srv.store.keys() == [key]
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x03"), A, 22.0) == [b"\x40\x02\x00\x03"]
+
+
 def test_the_state_key_is_made_once_in_the_data_dir_mode_0600(tmp_path):
     key = load_state_key("", tmp_path)
     assert len(key) == 32 and load_state_key("", tmp_path) == key

@@ -441,6 +441,23 @@ def test_the_lane_never_seals_past_the_reservation_python_saves_the_session_agai
     assert srv.lane.counters["records_sealed"] == 1 and len(dev.answers()) == 1
 
 
+def test_a_session_whose_data_only_the_lane_opens_is_checkpointed(coaps):
+    """`dtls_checkpoint` through the lane: nothing saved for the handshakes, the session that
+    sent a reading (opened by the lane, never by Python) saved at the next tick."""
+    srv = coaps(store=SessionStore())
+    quiet, busy = Device(srv.address), Device(srv.address)
+    srv.handshake(quiet)
+    srv.handshake(busy)
+    srv.layer.tick(srv.now + 0.5)
+    assert srv.layer.stats.checkpoints == 0
+    busy.post(reading(1))
+    srv.pump()
+    srv.commit()
+    assert srv.lane.counters["records_opened"] == 1
+    srv.layer.tick(srv.now + 0.5)
+    assert srv.layer.stats.checkpoints == 1 and len(srv.layer.store.keys()) == 1
+
+
 def test_the_record_numbers_of_a_saved_session_are_in_the_store_before_its_readings_reach_the_sink(coaps, tmp_path):
     store = SessionStore(tmp_path / "sessions.db")
     srv = coaps(store=store)

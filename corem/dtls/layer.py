@@ -623,6 +623,10 @@ class EngineServer:
         s.saved = False  # (its row was taken: the next checkpoint saves it again)
         s.checkpoint_due = 0.0
         conn.layer = s
+        if self.params.checkpoint:
+            # (at the next tick, whatever the record that asked for it turns out to be: a forged
+            # one is not authenticated, carries no data, and would leave the session unsaved)
+            self._checkpoints.add(conn)
         if self._lane is not None:
             self._on_session(conn, True)  # (again: now with its device and its floor)
         self.stats.restored += 1

@@ -1902,7 +1902,7 @@ static PyObject *Lane_limit(Lane *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "limit: rate > 0, burst >= 1, 1 <= max_sources <= 2**26");
         return NULL;
     }
-    if (!self->buckets.ring ? fm_init(&self->buckets, (size_t)max_sources, sizeof(bucket_t)) < 0
+    if (!self->buckets.ring ? fm_init(&self->buckets, (size_t)max_sources, sizeof(bucket_t), 0) < 0
                             : (size_t)max_sources != self->buckets.cap &&
                                   fm_resize(&self->buckets, (size_t)max_sources) < 0) /* (a SIGHUP's new bound) */
         return PyErr_NoMemory();
@@ -1920,7 +1920,7 @@ static PyObject *Lane_new_session(Lane *self, PyObject *args) {
     addr_t a;
     socklen_t alen;
     if (addr_from_tuple(peer, &a, &alen) < 0) return NULL;
-    if (!self->sessions.ring && fm_init(&self->sessions, self->dedup.cap, sizeof(session_t)) < 0) return PyErr_NoMemory();
+    if (!self->sessions.ring && fm_init(&self->sessions, self->dedup.cap, sizeof(session_t), 0) < 0) return PyErr_NoMemory();
     uint8_t key[KEYLEN];
     addr_key(&a, 0, 1, key);
     long slot = fm_find(&self->sessions, key);
@@ -1940,7 +1940,7 @@ static PyObject *Lane_moved(Lane *self, PyObject *args) {
     addr_t a, b;
     socklen_t alen, blen;
     if (addr_from_tuple(old, &a, &alen) < 0 || addr_from_tuple(new, &b, &blen) < 0) return NULL;
-    if (!self->moved.ring && fm_init(&self->moved, self->dedup.cap, sizeof(moved_t)) < 0) return PyErr_NoMemory();
+    if (!self->moved.ring && fm_init(&self->moved, self->dedup.cap, sizeof(moved_t), 0) < 0) return PyErr_NoMemory();
     uint8_t key[KEYLEN];
     addr_key(&b, 0, 1, key);
     long slot = fm_find(&self->moved, key);
@@ -2669,8 +2669,8 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->json = PyMem_Malloc(self->json_cap);
     self->rxbuf = PyMem_Malloc((size_t)VLEN * (self->max_datagram + 1));
     self->tokens = PyDict_New();
-    if (!self->json || !self->rxbuf || !self->tokens || fm_init(&self->dedup, dedup_max, sizeof(exchange_t)) < 0 ||
-        (self->limit && fm_init(&self->buckets, max_sources, sizeof(bucket_t)) < 0)) {
+    if (!self->json || !self->rxbuf || !self->tokens || fm_init(&self->dedup, dedup_max, sizeof(exchange_t), 1) < 0 ||
+        (self->limit && fm_init(&self->buckets, max_sources, sizeof(bucket_t), 0) < 0)) {
         PyErr_NoMemory();
         return -1;
     }

@@ -27,6 +27,7 @@ typedef struct {
     size_t mask;
     uint8_t *dead;   /* per ring slot: taken out of the index (fm_kill), its ring place kept */
     size_t ndead;    /* ... how many (count - ndead entries are found) */
+    int huge;        /* its arrays in transparent huge pages (fm_alloc) */
 } fifomap;
 
 /* Each word is folded in with a multiply and its high half brought down, so that the bytes that
@@ -49,50 +50,52 @@ static uint64_t hash_key(const uint8_t *k) {
 /* the most entries a map holds (its index keeps slots in 32 bits, its size doubles from 16) */
 #define FM_MAX (1 << 26)
 
-/* Zeroed memory for a map's arrays; from 2 MiB on, its own mapping (zero pages, resident only as
- * they are touched) aligned for transparent huge pages, asked for where the kernel gives them on
- * request (madvise mode, as Debian's): every lookup lands at a random place of the index and the
- * ring, and with 4 KiB pages most landed outside the TLB too (a page walk each, two levels of them
- * in a VM) -- a third of the lane's time in its dedup map went to them.  Freed by fm_release with
- * the same size. */
+/* Zeroed memory for a map's arrays.  A map that asks (`huge`: one that fills, the dedup map -- a
+ * sparse one would hold 2 MiB for each page it touches once the kernel merges them) gets, from
+ * 2 MiB on, a mapping of its own (zero pages, resident only as they are touched) aligned for
+ * transparent huge pages, asked for where the kernel gives them on request (madvise mode, as
+ * Debian's): every lookup lands at a random place of the index and the ring, and with 4 KiB pages
+ * most landed outside the TLB too (a page walk each, two levels of them in a VM) -- a third of the
+ * lane's time in its dedup map went to them.  Freed by fm_release with the same size and `huge`. */
 #define FM_HUGE ((size_t)2 << 20)
-static void *fm_alloc(size_t size) {
-    if (size < FM_HUGE) return calloc(1, size ? size : 1);
+static void *fm_alloc(size_t size, int huge) {
+    if (!huge || size < FM_HUGE) return calloc(1, size ? size : 1);
     size_t rounded = (size + FM_HUGE - 1) & ~(FM_HUGE - 1);
     uint8_t *p = mmap(NULL, rounded + FM_HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
     size_t lead = (FM_HUGE - ((uintptr_t)p & (FM_HUGE - 1))) & (FM_HUGE - 1);
     if (lead) munmap(p, lead);
-    if (FM_HUGE - lead) munmap(p + lead + rounded, FM_HUGE - lead);
+    munmap(p + lead + rounded, FM_HUGE - lead);
 #ifdef MADV_HUGEPAGE
     madvise(p + lead, rounded, MADV_HUGEPAGE); /* (a hint: refused, the map works the same) */
 #endif
     return p + lead;
 }
 
-static void fm_release(void *p, size_t size) {
+static void fm_release(void *p, size_t size, int huge) {
     if (!p) return;
-    if (size < FM_HUGE)
+    if (!huge || size < FM_HUGE)
         free(p);
     else
         munmap(p, (size + FM_HUGE - 1) & ~(FM_HUGE - 1));
 }
 
 static void fm_free(fifomap *m) {
-    fm_release(m->ring, m->cap * m->esize);
-    fm_release(m->index, (m->mask + 1) * sizeof(uint64_t));
-    fm_release(m->dead, m->cap);
+    fm_release(m->ring, m->cap * m->esize, m->huge);
+    fm_release(m->index, (m->mask + 1) * sizeof(uint64_t), m->huge);
+    fm_release(m->dead, m->cap, m->huge);
     m->ring = NULL;
     m->index = NULL;
     m->dead = NULL;
 }
 
-static int fm_init(fifomap *m, size_t cap, size_t esize) {
+static int fm_init(fifomap *m, size_t cap, size_t esize, int huge) {
     size_t n = 16;
     while (n < cap * 2) n <<= 1;
-    m->ring = fm_alloc(cap * esize);
-    m->index = fm_alloc(n * sizeof(uint64_t));
-    m->dead = fm_alloc(cap);
+    m->ring = fm_alloc(cap * esize, huge);
+    m->index = fm_alloc(n * sizeof(uint64_t), huge);
+    m->dead = fm_alloc(cap, huge);
+    m->huge = huge;
     m->esize = esize;
     m->cap = cap;
     m->mask = n - 1;
@@ -125,6 +128,8 @@ static long fm_find(fifomap *m, const uint8_t *key) {
  * array (the key), as if it were dead code, and emits nothing. */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FM_PREFETCH(p) __asm__ volatile("prefetcht0 %0" ::"m"(*(const char *)(p)))
+#elif defined(__GNUC__) && defined(__aarch64__)
+#define FM_PREFETCH(p) __asm__ volatile("prfm pldl1keep, %0" ::"Q"(*(const char *)(p)))
 #else
 #define FM_PREFETCH(p) __builtin_prefetch(p)
 #endif
@@ -215,7 +220,7 @@ static size_t fm_push(fifomap *m, const uint8_t *key, int *evicted) {
  * when it shrinks): 0, or -1 (no memory; the map is as it was). */
 static int fm_resize(fifomap *m, size_t cap) {
     fifomap n;
-    if (fm_init(&n, cap, m->esize) < 0) return -1;
+    if (fm_init(&n, cap, m->esize, m->huge) < 0) return -1;
     size_t live = m->count - m->ndead, skip = live > cap ? live - cap : 0;
     for (size_t k = 0; k < m->count; k++) {
         if (m->dead[(m->head + k) % m->cap]) continue;
