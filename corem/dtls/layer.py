@@ -221,6 +221,10 @@ class LaneSessions(Protocol):
 
     def take_marks_packed(self) -> bytes: ...
 
+    def cookie_secret(self, secret: bytes) -> None: ...
+
+    def hellos_answered(self) -> tuple[int, int]: ...
+
 
 class Session:
     """What the layer keeps beside a live Connection (attached as `conn.layer`)."""
@@ -296,6 +300,7 @@ class EngineServer:
         self._hello_cookie = False  # (the ClientHello being handled carries a cookie)
         self._datagram = b""  # (the datagram being handled)
         self._lane: LaneSessions | None = None  # (attach_lane)
+        self._lane_secret = b""  # (the cookie secret the lane was last given)
         #: the lane's marks of readings are taken and written by the sink just before each commit
         #: (`defer_marks`), on a store connection of their own, one write at a time
         self._marks_deferred = False
@@ -374,6 +379,8 @@ class EngineServer:
         if RECORDS != "c":
             return False
         self._lane = lane
+        self._lane_secret = self.engine.cookies.secrets[0]
+        lane.cookie_secret(self._lane_secret)  # (new peers' cookie-less hellos: the lane answers them)
         self.engine.on_session = self._on_session
         for conn in list(self.engine.sessions.values()):
             self._on_session(conn, True)
@@ -514,6 +521,9 @@ class EngineServer:
                 # (the device's Finished came but never authenticated: its keys differ, a wrong PSK)
                 self.stats.own_failures["bad_mac" if conn.auth_failures else "timeout"] += 1
         e.tick(now)
+        if self._lane is not None and e.cookies.secrets[0] is not self._lane_secret:  # (rotated)
+            self._lane_secret = e.cookies.secrets[0]
+            self._lane.cookie_secret(self._lane_secret)
         if self._checkpoints:
             self.checkpoint(now)
         if now >= self._next_sweep:
@@ -643,11 +653,12 @@ class EngineServer:
 
     def metrics(self) -> Iterator[Sample]:
         e, d = self.engine.stats, self.stats
+        hellos, hello_bytes = self._lane.hellos_answered() if self._lane is not None else (0, 0)
         yield counter("corem_dtls_handshakes_started", e.handshakes_started)
         yield counter("corem_dtls_handshakes_completed", e.handshakes_completed)
-        yield counter("corem_dtls_hello_verify_sent", e.hello_verify_sent)
+        yield counter("corem_dtls_hello_verify_sent", e.hello_verify_sent + hellos)
         yield counter("corem_dtls_bytes_received", e.bytes_in)
-        yield counter("corem_dtls_bytes_sent_unauthenticated", e.bytes_out_unauthenticated)
+        yield counter("corem_dtls_bytes_sent_unauthenticated", e.bytes_out_unauthenticated + hello_bytes)
         # (as DtlsServer counts them: replays into a restored session, at or below its floor; the
         # replay window's ordinary duplicates are dropped records)
         replayed = e.records_dropped.get("below_floor", 0)

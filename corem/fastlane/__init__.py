@@ -413,6 +413,16 @@ class FastLane:
         """`take_marks` as one pack, the row the session store appends to its log (store.py)."""
         return self.lane.take_marks_packed()
 
+    def cookie_secret(self, secret: bytes) -> None:
+        """The DTLS engine's current cookie secret (again at each rotation): the lane answers new
+        peers' cookie-less ClientHellos itself, as the engine would (b"": it leaves them to it)."""
+        self.lane.cookie_secret(secret)
+
+    def hellos_answered(self) -> tuple[int, int]:
+        """The HelloVerifyRequests the lane sent, and their bytes (the engine's metrics add them)."""
+        c = self.lane.counters()
+        return c["hello_verify"], c["hello_verify_bytes"]
+
     def limit(self, rate: float, burst: float, max_sources: int) -> None:
         """The per-source rate limit, when the lane reads a CoAPS socket itself."""
         self.lane.limit(rate, burst, max_sources)

@@ -70,6 +70,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
 #define DTLS_RECORDS_API_ONLY
 #include "../dtls/engine/dtls_records.h"
+#include "../dtls/engine/client_hello.h"
 #include "dtls_sessions.h"
 #include "oscore.h"
 
@@ -255,6 +256,12 @@ typedef struct {
     uint8_t *plainbuf;
     wire_t *wire;
     size_t wire_len, wire_cap;
+    /* corem's DTLS engine's cookie secret (cookie_secret): a new peer's cookie-less hello answered
+     * here (lane_hello_verify); none (0 bytes): Python's */
+    uint8_t cookie_secret[64];
+    size_t cookie_secret_len;
+    unsigned long long hello_verify, hello_verify_bytes;
+    int answered_hellos; /* HelloVerifyRequests queued in this drain: sent at its end */
     char scope[8]; /* the transport in each record's exchange header: "udp", or "dtls" */
     /* OSCORE (oscore.h): the contexts corem/oscore gave the lane, by key (osc_key), and the
      * buffer an opened request's inner message is read from */
@@ -1552,6 +1559,47 @@ static int to_python(Lane *self, const uint8_t *d, size_t n, const addr_t *a, so
     return append_pair(self->slow, d, n, a, alen);
 }
 
+static int wire_push(Lane *self);
+static void send_wire(Lane *self, int fd);
+#define HELLO_MAX_FRAGMENT ((1 << 14) + 2048) /* records.py MAX_FRAGMENT (dtls_records.h's, not included here) */
+
+/* A new peer's ClientHello without a cookie -- one epoch-0 handshake record making up the datagram,
+ * as the engine's shortcut takes it (records.py lone_epoch0_record_untrusted) -- answered here with
+ * the HelloVerifyRequest the engine would send (client_hello.h `hello_verify_answer`: the same
+ * secret, the peer named as the engine names it, repr(peer)), queued with the sealed records and
+ * sent at the end of the drain: a flood of hellos from spoofed addresses costs no Python, and a
+ * device's first round trip is shorter.  1 answered (counted as the engine counts it), 0 Python's
+ * (anything else, and what this cannot do: no memory, libcrypto failing -- Python says why). */
+static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
+    if (n <= 13 + 12 || d[0] != 22 || d[1] != 0xFE || (d[2] != 0xFD && d[2] != 0xFF) || d[3] || d[4] ||
+        (size_t)(d[11] << 8 | d[12]) != n - 13 || n - 13 > HELLO_MAX_FRAGMENT || d[13] != 1)
+        return 0;
+    PyObject *peer = addr_tuple(a, alen), *repr = peer ? PyObject_Repr(peer) : NULL;
+    Py_XDECREF(peer);
+    Py_ssize_t rlen = 0;
+    const char *r = repr ? PyUnicode_AsUTF8AndSize(repr, &rlen) : NULL;
+    int got = 0;
+    if (r && wire_push(self) == 0) {
+        wire_t *w = &self->wire[self->wire_len];
+        got = hello_verify_answer(d + 13, n - 13, dtls_be48_lane(d + 5), (const uint8_t *)r, (size_t)rlen,
+                                  self->cookie_secret, self->cookie_secret_len, w->data) > 0;
+        if (got) {
+            w->addr = *a;
+            w->alen = alen;
+            w->len = HELLO_VERIFY_RECORD;
+            self->wire_len++;
+            self->hello_verify++;
+            self->hello_verify_bytes += HELLO_VERIFY_RECORD;
+            self->rec_datagrams++;
+            self->rec_bytes += n;
+            self->answered_hellos = 1;
+        }
+    }
+    Py_XDECREF(repr);
+    PyErr_Clear();
+    return got;
+}
+
 static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now,
                        long long now_ms) {
     if ((Py_ssize_t)n > self->max_datagram) {
@@ -1569,7 +1617,7 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
         }
         self->exempted++;
     }
-    if (!s) return to_python(self, d, n, a, alen);
+    if (!s) return self->cookie_secret_len && lane_hello_verify(self, d, n, a, alen) ? 0 : to_python(self, d, n, a, alen);
     if (s->alen != alen || memcmp(&s->addr, a, alen) != 0) {
         /* a CID record from another address: the engine moves the session if it is the newest.
          * (compared as keys: the port and address, not the sockaddr's padding) */
@@ -1655,6 +1703,10 @@ static PyObject *Lane_drain_records(Lane *self, PyObject *args) {
     if (ensure_record_lists(self) < 0 || dtls_api() < 0) return NULL;
     long total = read_datagrams_ahead(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_record,
                                       drain_record_ahead, &c);
+    if (self->answered_hellos) { /* (at once: the device's next flight is on its way during the batch) */
+        self->answered_hellos = 0;
+        send_wire(self, fd);
+    }
     return total < 0 ? NULL : PyLong_FromLong(total);
 }
 
@@ -1858,6 +1910,16 @@ static size_t send_queue(Lane *self, int fd, void *queue, size_t n, datagram_at 
  * with their write Protection (its next sequence number, below its limit) and sent (sendmmsg);
  * the rest -- no session, or the reservation used up -- stays in the outbox for take_outbox
  * (Python's wrap saves the session again, or drops it, as for any answer). */
+/* The sealed records (and HelloVerifyRequests) queued, to the kernel as far as it takes them now;
+ * the rest stays queued, in order. */
+static void send_wire(Lane *self, int fd) {
+    size_t done = send_queue(self, fd, self->wire, self->wire_len, wire_at);
+    if (done) {
+        memmove(self->wire, self->wire + done, (self->wire_len - done) * sizeof(wire_t));
+        self->wire_len -= done;
+    }
+}
+
 static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
     int fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
@@ -1884,12 +1946,28 @@ static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
         keep++;
     }
     self->out_len = keep;
-    size_t done = send_queue(self, fd, self->wire, self->wire_len, wire_at);
-    if (done) {
-        memmove(self->wire, self->wire + done, (self->wire_len - done) * sizeof(wire_t));
-        self->wire_len -= done;
-    }
+    send_wire(self, fd);
     return PyLong_FromSize_t(self->out_len);
+}
+
+/* cookie_secret(secret): corem's DTLS engine's current cookie secret (at most 64 bytes; b"": the
+ * hellos go to Python), set again when it rotates: the lane answers new peers' cookie-less hellos
+ * with it (lane_hello_verify) */
+static PyObject *Lane_cookie_secret(Lane *self, PyObject *arg) {
+    char *b;
+    Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(arg, &b, &n) < 0) return NULL;
+    if (n > (Py_ssize_t)sizeof self->cookie_secret) {
+        PyErr_SetString(PyExc_ValueError, "cookie_secret: at most 64 bytes");
+        return NULL;
+    }
+    if (n && !hmac256_fetch()) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL has no SHA2-256");
+        return NULL;
+    }
+    memcpy(self->cookie_secret, b, (size_t)n);
+    self->cookie_secret_len = (size_t)n;
+    Py_RETURN_NONE;
 }
 
 /* limit(rate, burst, max_sources): the per-source rate limit (the edge's settings, when the lane
@@ -2521,7 +2599,7 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         Py_DECREF(v);
     }
     PyObject *c = Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsnsKsKsn}", "recovered", self->recovered, "recovered_answers",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsnsKsKsnsKsK}", "recovered", self->recovered, "recovered_answers",
         self->recovered_answers, "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
         "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
         self->dropped, "evicted", self->evicted, "dedup_evictions", self->dedup_evictions, "datagrams_out",
@@ -2531,7 +2609,8 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         (Py_ssize_t)self->buckets.count, "waiting", (Py_ssize_t)self->live, "responses", responses, "records_opened",
         self->records_opened, "records_sealed", self->records_sealed, "records_to_python", self->records_to_python,
         "dtls_sessions", (Py_ssize_t)self->ds.count, "oscore_requests", self->oscore_requests, "oscore_sealed",
-        self->oscore_sealed, "oscore_contexts", self->oscs ? PyDict_GET_SIZE(self->oscs) : (Py_ssize_t)0);
+        self->oscore_sealed, "oscore_contexts", self->oscs ? PyDict_GET_SIZE(self->oscs) : (Py_ssize_t)0, "hello_verify",
+        self->hello_verify, "hello_verify_bytes", self->hello_verify_bytes);
     if (c && lat_counters(self, c) < 0) Py_CLEAR(c);
     return c;
 }
@@ -2801,6 +2880,8 @@ static PyMethodDef Lane_methods[] = {
      "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)"},
     {"drop_session", (PyCFunction)(void (*)(void))Lane_drop_session, METH_FASTCALL,
      "drop_session(owner, peer, cid_in) -> bool"},
+    {"cookie_secret", (PyCFunction)Lane_cookie_secret, METH_O,
+     "cookie_secret(secret): the DTLS engine's cookie secret; new peers' cookie-less hellos answered here"},
     {"send_records", (PyCFunction)Lane_send_records, METH_O,
      "send_records(fd) -> answers left for Python (take_outbox): the rest sealed and sent"},
     {"limit", (PyCFunction)Lane_limit, METH_VARARGS, "limit(rate, burst, max_sources)"},

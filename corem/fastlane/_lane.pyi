@@ -59,6 +59,8 @@ class Lane:
     def drop_session(self, owner: Any, peer: Any, cid_in: bytes, /) -> bool: ...
     def send_records(self, fd: int, /) -> int:
         """Seal and send the answers to registered sessions; how many answers are left for Python."""
+    def cookie_secret(self, secret: bytes, /) -> None:
+        """The DTLS engine's cookie secret: new peers' cookie-less hellos answered by the lane."""
     def limit(self, rate: float, burst: float, max_sources: int, /) -> None: ...
     def exempt(self, networks: list[tuple[bytes, int]], /) -> None:
         """The rate limit's exempt networks, replaced whole (16 address bytes, prefix length)."""

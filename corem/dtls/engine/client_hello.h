@@ -153,4 +153,46 @@ static inline int hello_cookie(const unsigned char *secret, size_t secret_len, c
     return ok;
 }
 
+/* The stateless answer to a cookie-less ClientHello (RFC 6347 §4.2.1), the whole rule in one place
+ * for the engine (_hello.c) and the fast lane (which answers a new peer's hello without Python):
+ * `frag` (n bytes) is the epoch-0 handshake record's fragment, `seq` its record number, `addr` the
+ * peer as the engine names it (repr(peer), UTF-8) and `secret` the cookie secret.  Every fragment
+ * framed as parse_fragments_untrusted frames it, the first one whole; the hello parsed with every
+ * check messages.parse_client_hello_untrusted makes.  1: the HelloVerifyRequest record is in `out`;
+ * 0: the Python path decides (anything malformed -- it names the error --, a hello carrying a cookie
+ * of the cookie's length -- it may be valid --, an unusual shape); -1: libcrypto failed. */
+#define HELLO_HS_HEADER 12
+#define HELLO_MAX_MESSAGE 8192
+#define HELLO_MAX_SEQ 255
+#define HELLO_COOKIE_LENGTH 16
+static inline unsigned hello_u24(const unsigned char *p) { return (unsigned)p[0] << 16 | (unsigned)p[1] << 8 | p[2]; }
+
+static inline int hello_verify_answer(const unsigned char *p, size_t n, unsigned long long seq,
+                                      const unsigned char *addr, size_t addr_len, const unsigned char *secret,
+                                      size_t secret_len, unsigned char out[HELLO_VERIFY_RECORD]) {
+    size_t pos = 0, body_len = 0;
+    const unsigned char *body = NULL;
+    unsigned message_seq = 0;
+    while (pos < n) {
+        if (n - pos < HELLO_HS_HEADER) return 0;
+        unsigned length = hello_u24(p + pos + 1), offset = hello_u24(p + pos + 6), flen = hello_u24(p + pos + 9);
+        if ((size_t)offset + flen > length || pos + HELLO_HS_HEADER + flen > n || length > HELLO_MAX_MESSAGE) return 0;
+        if (body == NULL) {
+            if (offset != 0 || flen != length) return 0;
+            message_seq = hello_u16(p + pos + 4);
+            body = p + pos + HELLO_HS_HEADER;
+            body_len = flen;
+        }
+        pos += HELLO_HS_HEADER + flen;
+    }
+    client_hello ch;
+    if (body == NULL || message_seq > HELLO_MAX_SEQ || seq >> 48 || addr_len > 0xFFFF ||
+        !client_hello_parse(body, body_len, &ch) || ch.cookie_end - ch.cookie_start == HELLO_COOKIE_LENGTH)
+        return 0;
+    unsigned char mac[HMAC256_LEN];
+    if (!hello_cookie(secret, secret_len, addr, addr_len, body, &ch, mac)) return -1;
+    hello_verify_record(out, seq, message_seq, mac);
+    return 1;
+}
+
 #endif
