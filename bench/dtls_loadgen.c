@@ -215,7 +215,9 @@ int main(int argc, char **argv) {
     device_t *devs = calloc(ndev, sizeof(device_t));
     int ep = epoll_create1(0);
     for (int i = 0; i < ndev; i++) {
-        devs[i].fd = connect_dtls(ctx, &sa, &devs[i].ssl);
+        /* (a server may still be clearing the half-open handshakes of phase 1b: a few tries) */
+        for (int tries = 0; tries < 3; tries++)
+            if ((devs[i].fd = connect_dtls(ctx, &sa, &devs[i].ssl)) >= 0) break;
         if (devs[i].fd < 0) {
             fprintf(stderr, "session %d: handshake failed\n", i);
             return 1;
