@@ -254,18 +254,22 @@ def test_the_lane_takes_a_coaps_non_reading_and_answers_it_non_sealed(coaps):
     assert srv.lane.counters["records_sealed"] == 1 and len(srv.stored()) == 1
 
 
+def first_hello(srv) -> tuple[Device, bytes, list[bytes]]:
+    """A new device's first ClientHello sent and the batch served: the device, its hello, what came back."""
+    dev = Device(srv.address)
+    dev.client.start(0.0)
+    dev.flush()
+    srv.pump()
+    return dev, dev.sent[0], dev.datagrams()
+
+
 def test_the_lane_answers_a_new_peers_cookie_less_hello_as_the_engine_would(coaps):
     """A new peer's first ClientHello never reaches Python: the lane sends the HelloVerifyRequest
     the engine makes for it (the same bytes: the same secret, the peer named as the engine names
     it), counted as the engine counts it, and the handshake goes on through the engine on that
     cookie; after the secret rotates, the lane's cookies are the new secret's."""
     srv = coaps()
-    dev = Device(srv.address)
-    dev.client.start(0.0)
-    dev.flush()
-    [hello] = dev.sent
-    srv.pump()
-    [hvr] = dev.datagrams()
+    dev, hello, [hvr] = first_hello(srv)
     assert srv.lane.counters["hello_verify"] == 1 and srv.lane.counters["records_to_python"] == 0
     engine = srv.layer.engine
     assert engine.stats.hello_verify_sent == 0  # (Python did not see it)
@@ -283,23 +287,15 @@ def test_the_lane_answers_a_new_peers_cookie_less_hello_as_the_engine_would(coap
     engine.cookies.rotate(srv.now + 3600.0)
     assert engine.cookies.secrets[0] != before
     srv.layer.tick(srv.now)  # (the layer gives the lane the new secret)
-    other = Device(srv.address)
-    other.client.start(0.0)
-    other.flush()
-    srv.pump()
-    [hvr2] = other.datagrams()
-    assert engine.receive(other.sent[0], other.address, srv.now) == [] and engine.outbox == [(hvr2, other.address)]
+    other, hello, [hvr] = first_hello(srv)
+    assert engine.receive(hello, other.address, srv.now) == [] and engine.outbox == [(hvr, other.address)]
 
 
 def test_the_lane_leaves_hellos_it_does_not_answer_to_the_engine(coaps):
-    """A hello with a cookie, a fragment, or malformed: Python's, which decides and names why."""
+    """A hello whose record is not the whole datagram, or in fragments: Python's, which decides and
+    names why."""
     srv = coaps()
-    dev = Device(srv.address)
-    dev.client.start(0.0)
-    dev.flush()
-    [hello] = dev.sent
-    srv.pump()
-    dev.datagrams()
+    dev, hello, _ = first_hello(srv)
     truncated = hello[:-1]  # (its record length no longer the datagram's)
     fragment = hello[:13] + hello[13:14] + hello[14:22] + (1).to_bytes(3, "big") + hello[25:]
     for d in (truncated, fragment):
