@@ -1562,6 +1562,7 @@ static int to_python(Lane *self, const uint8_t *d, size_t n, const addr_t *a, so
 static int wire_push(Lane *self);
 static void send_wire(Lane *self, int fd);
 #define HELLO_MAX_FRAGMENT ((1 << 14) + 2048) /* records.py MAX_FRAGMENT (dtls_records.h's, not included here) */
+#define HELLO_QUEUE_MAX 1024 /* datagrams waiting for the kernel past which hellos are left to Python */
 
 /* A new peer's ClientHello without a cookie -- one epoch-0 handshake record making up the datagram,
  * as the engine's shortcut takes it (records.py lone_epoch0_record_untrusted) -- answered here with
@@ -1572,7 +1573,8 @@ static void send_wire(Lane *self, int fd);
  * (anything else, and what this cannot do: no memory, libcrypto failing -- Python says why). */
 static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
     if (n <= 13 + 12 || d[0] != 22 || d[1] != 0xFE || (d[2] != 0xFD && d[2] != 0xFF) || d[3] || d[4] ||
-        (size_t)(d[11] << 8 | d[12]) != n - 13 || n - 13 > HELLO_MAX_FRAGMENT || d[13] != 1)
+        (size_t)(d[11] << 8 | d[12]) != n - 13 || n - 13 > HELLO_MAX_FRAGMENT || d[13] != 1 ||
+        self->wire_len >= HELLO_QUEUE_MAX) /* (the kernel takes nothing now: no more queued here) */
         return 0;
     PyObject *peer = addr_tuple(a, alen), *repr = peer ? PyObject_Repr(peer) : NULL;
     Py_XDECREF(peer);
@@ -1906,10 +1908,6 @@ static size_t send_queue(Lane *self, int fd, void *queue, size_t n, datagram_at 
     return done;
 }
 
-/* send_records(fd) -> answers left for Python: the outbox's answers to registered sessions sealed
- * with their write Protection (its next sequence number, below its limit) and sent (sendmmsg);
- * the rest -- no session, or the reservation used up -- stays in the outbox for take_outbox
- * (Python's wrap saves the session again, or drops it, as for any answer). */
 /* The sealed records (and HelloVerifyRequests) queued, to the kernel as far as it takes them now;
  * the rest stays queued, in order. */
 static void send_wire(Lane *self, int fd) {
@@ -1920,6 +1918,10 @@ static void send_wire(Lane *self, int fd) {
     }
 }
 
+/* send_records(fd) -> answers left for Python: the outbox's answers to registered sessions sealed
+ * with their write Protection (its next sequence number, below its limit) and sent (sendmmsg);
+ * the rest -- no session, or the reservation used up -- stays in the outbox for take_outbox
+ * (Python's wrap saves the session again, or drops it, as for any answer). */
 static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
     int fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
