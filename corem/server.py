@@ -6,7 +6,6 @@ operations routes (health.py), SIGHUP (reload.py), registry_changes.py."""
 from __future__ import annotations
 
 import functools
-
 import gc
 import logging
 from typing import TYPE_CHECKING, Hashable, Iterator, cast

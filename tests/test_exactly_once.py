@@ -203,7 +203,8 @@ def test_sigkill_under_load_then_retransmissions_are_answered_and_stored_once(da
 def answered(answer: bytes | None) -> tuple[int, bytes]:
     """(code, token) of an answer `exchange` returned."""
     assert answer is not None, "no answer"
-    return answer[1], answer[4:4 + (answer[0] & 15)]
+    m = decode(answer)
+    return m.code, m.token
 
 
 @pytest.mark.parametrize("lane", ["on", "off"])
@@ -475,25 +476,18 @@ def test_a_recovered_exchange_is_answered_2_04_without_a_point_by_the_lane_and_b
         twin.receive(con(0x2000, b"\x07", "T1", 2), peer)
         twin.commit()
         assert len(twin.check()[1]) == 1
-        # the lane writes the header as the Python path does (twin.check compares them), IPv6 too
-        for source, text in ((("10.20.30.40", 65535), "udp 10.20.30.40 65535 65535 08"),
-                             (("2001:db8::7", 5683, 0, 0), "udp 2001:db8::7 5683 65535 08")):
-            twin.receive(con(0xFFFF, b"\x08", "T1", 3), source)
-            twin.commit()
-            [(_topic, _key, _point, headers)] = twin.check()[1]
-            assert headers["coap-exchange"] == text
+        # (the header both paths write, IPv6 and every token length: the test below)
     finally:
         twin.close()
 
 
 @needs_lane
-@pytest.mark.parametrize("packed", [True, False])
-def test_a_recovered_exchange_answers_only_its_own_token_by_the_lane_and_by_python_alike(packed):
+def test_a_recovered_exchange_answers_only_its_own_token_by_the_lane_and_by_python_alike():
     """A recovered exchange whose token is known answers a request with that token (its
     retransmission: 2.04 with it, nothing stored); a request of the same peer and message id with
     another token is a new one (a device that rebooted and reused both), stored and answered with
     its own token.  An exchange of the old header (token unknown) answers any token, as before."""
-    twin = Twin(packed=packed)
+    twin = Twin()
     try:
         peer = ("127.0.0.1", 40000)
         at = twin.clock[0] - 10

@@ -163,7 +163,10 @@ def _insert(n: int) -> str:
 def _batch(records: Sequence[AnyRecord]) -> bytes:
     """A batch row's records: the msgpack array of their `[key, value, headers]` triples, as
     msgspec writes the list -- its header, then each triple: a `PackedRecord`'s as it is, a
-    `Record` without its topic encoded (msgspec writes a tuple as that array)."""
+    `Record` without its topic encoded (msgspec writes a tuple as that array).  A batch without a
+    `PackedRecord` (the lane off, TCP, the other doors) is one call, as it was before they existed."""
+    if PackedRecord not in map(type, records):
+        return _encode([r[1:] for r in records])
     n = len(records)
     head = bytes((0x90 | n,)) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 0x10000
                                               else b"\xdd" + n.to_bytes(4, "big"))

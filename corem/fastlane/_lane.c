@@ -261,7 +261,6 @@ typedef struct {
     uint8_t cookie_secret[64];
     size_t cookie_secret_len;
     unsigned long long hello_verify, hello_verify_bytes;
-    int answered_hellos; /* HelloVerifyRequests queued in this drain: sent at its end */
     char scope[8]; /* the transport in each record's exchange header: "udp", or "dtls" */
     /* OSCORE (oscore.h): the contexts corem/oscore gave the lane, by key (osc_key), and the
      * buffer an opened request's inner message is read from */
@@ -975,6 +974,9 @@ static inline uint8_t *mp_str(uint8_t *o, const void *p, size_t n) {
     return o + n;
 }
 
+/* the bytes of a map's header (mp_map's) */
+static inline size_t mp_map_head(size_t n) { return n < 16 ? 1 : n < 0x10000 ? 3 : 5; }
+
 /* fixmap, map 16/32 */
 static inline uint8_t *mp_map(uint8_t *o, size_t n) {
     if (n < 16) {
@@ -1081,7 +1083,7 @@ static PyObject *point_packed(Lane *self, target_t *t, const uint8_t *extra, siz
     size_t jlen = (size_t)(end - self->json), klen = (size_t)PyBytes_GET_SIZE(t->key),
            hlen = (size_t)PyBytes_GET_SIZE(t->hpacked);
     size_t count = (size_t)(t->hcount + xcount), size = 1 + mp_bin_head(klen) + klen + mp_bin_head(jlen) + jlen +
-                   (count < 16 ? 1 : count < 0x10000 ? 3 : 5) + hlen + xlen;
+                   mp_map_head(count) + hlen + xlen;
     PyObject *packed = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
     PyObject *record = packed ? self->packed_type->tp_alloc(self->packed_type, 2) : NULL;
     if (!record) {
@@ -1519,11 +1521,6 @@ static dtls_lane_api *DTLS; /* _records' table, imported at the first add_sessio
 #define REPORT_EVERY 1.0     /* seconds between two reports of a session to Python */
 #define DTLS_TLS12_CID_TYPE 25
 
-static uint64_t dtls_be48_lane(const uint8_t *p) {
-    return (uint64_t)p[0] << 40 | (uint64_t)p[1] << 32 | (uint64_t)p[2] << 24 | (uint64_t)p[3] << 16 |
-           (uint64_t)p[4] << 8 | p[5];
-}
-
 static int dtls_api(void) {
     if (DTLS) return 0;
     dtls_lane_api *api = PyCapsule_Import(DTLS_LANE_API_NAME, 0);
@@ -1561,7 +1558,6 @@ static int to_python(Lane *self, const uint8_t *d, size_t n, const addr_t *a, so
 
 static int wire_push(Lane *self);
 static void send_wire(Lane *self, int fd);
-#define HELLO_MAX_FRAGMENT ((1 << 14) + 2048) /* records.py MAX_FRAGMENT (dtls_records.h's, not included here) */
 #define HELLO_QUEUE_MAX 1024 /* datagrams waiting for the kernel past which hellos are left to Python */
 
 /* A new peer's ClientHello without a cookie -- one epoch-0 handshake record making up the datagram,
@@ -1572,8 +1568,8 @@ static void send_wire(Lane *self, int fd);
  * device's first round trip is shorter.  1 answered (counted as the engine counts it), 0 Python's
  * (anything else, and what this cannot do: no memory, libcrypto failing -- Python says why). */
 static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
-    if (n <= 13 + 12 || d[0] != 22 || d[1] != 0xFE || (d[2] != 0xFD && d[2] != 0xFF) || d[3] || d[4] ||
-        (size_t)(d[11] << 8 | d[12]) != n - 13 || n - 13 > HELLO_MAX_FRAGMENT || d[13] != 1 ||
+    uint64_t seq;
+    if (!dtls_lone_epoch0(d, n, 22, &seq) || d[DTLS_HEADER] != 1 ||
         self->wire_len >= HELLO_QUEUE_MAX) /* (the kernel takes nothing now: no more queued here) */
         return 0;
     PyObject *peer = addr_tuple(a, alen), *repr = peer ? PyObject_Repr(peer) : NULL;
@@ -1583,7 +1579,7 @@ static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_
     int got = 0;
     if (r && wire_push(self) == 0) {
         wire_t *w = &self->wire[self->wire_len];
-        got = hello_verify_answer(d + 13, n - 13, dtls_be48_lane(d + 5), (const uint8_t *)r, (size_t)rlen,
+        got = hello_verify_answer(d + DTLS_HEADER, n - DTLS_HEADER, seq, (const uint8_t *)r, (size_t)rlen,
                                   self->cookie_secret, self->cookie_secret_len, w->data) > 0;
         if (got) {
             w->addr = *a;
@@ -1594,7 +1590,6 @@ static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_
             self->hello_verify_bytes += HELLO_VERIFY_RECORD;
             self->rec_datagrams++;
             self->rec_bytes += n;
-            self->answered_hellos = 1;
         }
     }
     Py_XDECREF(repr);
@@ -1627,7 +1622,7 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
         addr_key(a, 0, 1, key);
         if (memcmp(key, s->akey, KEYLEN) != 0) return to_python(self, d, n, a, alen);
     }
-    if ((int64_t)dtls_be48_lane(d + 5) <= s->floor) return to_python(self, d, n, a, alen);
+    if ((int64_t)dtls_be48(d + 5) <= s->floor) return to_python(self, d, n, a, alen);
     {   /* the exchange's place in the dedup map, fetched while the record is opened: its message
          * id is the session's next most of the time (a miss is a wasted prefetch, nothing else) */
         uint8_t key[KEYLEN];
@@ -1703,12 +1698,10 @@ static PyObject *Lane_drain_records(Lane *self, PyObject *args) {
     drain_ctx c = {self, 0, 0};
     if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
     if (ensure_record_lists(self) < 0 || dtls_api() < 0) return NULL;
+    size_t queued = self->wire_len; /* (what waits already: hellos answered now are what it grows by) */
     long total = read_datagrams_ahead(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_record,
                                       drain_record_ahead, &c);
-    if (self->answered_hellos) { /* (at once: the device's next flight is on its way during the batch) */
-        self->answered_hellos = 0;
-        send_wire(self, fd);
-    }
+    if (self->wire_len > queued) send_wire(self, fd); /* (at once: the device's next flight is on its way) */
     return total < 0 ? NULL : PyLong_FromLong(total);
 }
 
@@ -2129,6 +2122,10 @@ static long osc_seal_answer(Lane *self, const pending_t *q, int ok, uint8_t *out
 
 /* `points` more of `device`'s readings committed (Lane_take_committed hands the counts over):
  * 0, or -1 with an exception set.  An open-addressing table by address, at most half full. */
+static inline size_t committed_slot(PyObject *device, size_t mask) {
+    return ((uintptr_t)device >> 4) * 0x9E3779B97F4A7C15ULL >> 32 & mask;
+}
+
 static int count_committed(Lane *self, PyObject *device, long long points) {
     if (2 * (self->committed_len + 1) > self->committed_cap) {
         size_t cap = self->committed_cap ? 2 * self->committed_cap : 64, old = self->committed_cap;
@@ -2139,7 +2136,7 @@ static int count_committed(Lane *self, PyObject *device, long long points) {
         }
         for (size_t i = 0; i < old; i++) {
             if (!o[i].device) continue;
-            size_t j = ((uintptr_t)o[i].device >> 4) * 0x9E3779B97F4A7C15ULL >> 32 & (cap - 1);
+            size_t j = committed_slot(o[i].device, cap - 1);
             while (t[j].device) j = (j + 1) & (cap - 1);
             t[j] = o[i];
         }
@@ -2147,7 +2144,7 @@ static int count_committed(Lane *self, PyObject *device, long long points) {
         self->committed = t;
         self->committed_cap = cap;
     }
-    size_t mask = self->committed_cap - 1, j = ((uintptr_t)device >> 4) * 0x9E3779B97F4A7C15ULL >> 32 & mask;
+    size_t mask = self->committed_cap - 1, j = committed_slot(device, mask);
     while (self->committed[j].device && self->committed[j].device != device) j = (j + 1) & mask;
     if (!self->committed[j].device) {
         Py_INCREF(device);

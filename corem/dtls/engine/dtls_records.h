@@ -46,6 +46,36 @@ typedef struct {
 } dtls_lane_api;
 #endif
 
+/* -- the record header, for every reader of records (the lane too: no libcrypto needed) -------- */
+#ifndef COREM_DTLS_FRAMING
+#define COREM_DTLS_FRAMING
+#include <stddef.h>
+#include <stdint.h>
+
+#define DTLS_HEADER 13
+#define DTLS_MAX_FRAGMENT ((1 << 14) + 2048)
+#define DTLS_1_2 0xFEFD
+#define DTLS_1_0 0xFEFF
+
+static inline uint64_t dtls_be48(const uint8_t *p) {
+    return (uint64_t)p[0] << 40 | (uint64_t)p[1] << 32 | (uint64_t)p[2] << 24 | (uint64_t)p[3] << 16 |
+           (uint64_t)p[4] << 8 | p[5];
+}
+
+/* records.py lone_epoch0_record_untrusted: is the datagram d[0..n) exactly one epoch-0 record of
+ * `type` that the record parser would take (its version, length and size rules)?  1 with its
+ * sequence number in *seq, else 0 (the caller parses it the long way, which names what is wrong). */
+static inline int dtls_lone_epoch0(const uint8_t *d, size_t n, uint8_t type, uint64_t *seq) {
+    if (n <= DTLS_HEADER || d[0] != type || d[3] || d[4]) return 0;
+    unsigned version = (unsigned)d[1] << 8 | d[2];
+    if ((version != DTLS_1_2 && version != DTLS_1_0) || (size_t)(d[11] << 8 | d[12]) != n - DTLS_HEADER ||
+        n - DTLS_HEADER > DTLS_MAX_FRAGMENT)
+        return 0;
+    *seq = dtls_be48(d + 5);
+    return 1;
+}
+#endif
+
 #if !defined(DTLS_RECORDS_API_ONLY) && !defined(COREM_DTLS_RECORDS_H)
 #define COREM_DTLS_RECORDS_H
 
@@ -64,13 +94,9 @@ typedef struct {
 #error "dtls_records.h needs OpenSSL 3.0 or later (EVP_CipherInit_ex2, EVP_CIPHER_fetch)"
 #endif
 
-#define DTLS_HEADER 13
 #define DTLS_EXPLICIT_NONCE 8
 #define DTLS_MAX_PLAINTEXT (1 << 14)
-#define DTLS_MAX_FRAGMENT ((1 << 14) + 2048)
 #define DTLS_SEQ_MAX ((UINT64_C(1) << 48) - 1)
-#define DTLS_1_2 0xFEFD
-#define DTLS_1_0 0xFEFF
 #define DTLS_TLS12_CID 25
 #define DTLS_MAX_CID 255
 
@@ -146,11 +172,6 @@ typedef struct {
     const uint8_t *fragment;
     size_t length;
 } dtls_record;
-
-static inline uint64_t dtls_be48(const uint8_t *p) {
-    return (uint64_t)p[0] << 40 | (uint64_t)p[1] << 32 | (uint64_t)p[2] << 24 | (uint64_t)p[3] << 16 |
-           (uint64_t)p[4] << 8 | p[5];
-}
 
 static inline void dtls_put48(uint8_t *p, uint64_t v) {
     for (int i = 5; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v;
