@@ -33,7 +33,7 @@ setup(
             # are opened with _records' objects; libcrypto for OSCORE's AES-CCM, oscore.h: aead_ccm.h)
             depends=["corem/codec/coap_options.h", "corem/net/udp_batch.h", "corem/fastlane/fifomap.h",
                      "corem/fastlane/cbor_json.h", "corem/fastlane/lpp.h", "corem/fastlane/rules.h", "corem/fastlane/layouts.h", "corem/fastlane/senml.h", "corem/fastlane/pycodec.h", "corem/fastlane/dtls_sessions.h",
-                     "corem/fastlane/drogue.h", "corem/fastlane/oscore.h",
+                     "corem/fastlane/drogue.h", "corem/fastlane/oscore.h", "corem/fastlane/proto.h",
                      "corem/dtls/engine/dtls_records.h", "corem/dtls/engine/aead_ccm.h"],
             libraries=["crypto"],
             optional=True,

@@ -73,6 +73,11 @@ def post(token: bytes, cf: int, payload: bytes) -> bytes:
 
 #: the templates the fuzzer mutates, one a shape the lane decodes in C (a NON of each when the
 #: type bits flip), each for a device of tests/lane_twin.py on the profile that reads it
+#: a tests/lane_twin.py PROTO_ALL message: a double, int32 -7, uint64 max, sint32 -3, a bool, text, an
+#: enum, an optional, nested messages two deep and a ts
+PBA = ("09000000000080364018f9ffffffffffffffff0130ffffffffffffffffff013805680172026f6e78018101000000000000f83f"
+       "8a010b0a016110021a0408011001900180d095ffbc31")
+
 TEMPLATES = (
     # the default profile's flat map, CBOR and JSON
     post(b"T1", 60, b"\xa3\x61a\xf9\x3e\x00\x61b\x18\x2a\x62ts\x1b\x00\x00\x01\x8b\xcf\xe5\x68\x00"),
@@ -93,9 +98,12 @@ TEMPLATES = (
     # SenML, JSON and CBOR (senml.h)
     post(b"SML", 110, b'[{"bn":"d:","bt":1700000000,"bu":"V","n":"v","v":1.5,"s":2},{"n":"m","vs":"on"}]'),
     post(b"SML", 112, bytes.fromhex("82a52162643a221a6553f1000061740219015e016343656c" "a200616d04f5")),
-    # readings a Python decoder gives the lane from its batch (pycodec.h): a JS codec, a protobuf schema
+    # readings a Python decoder gives the lane from its batch (pycodec.h): a JS codec
     post(b"JS", 42, bytes.fromhex("CBF60B0D0376010ADD0102")),
+    # protobuf read in C (proto.h): {ts, values}; every kind, nested flattened (PBA) or refused (PBR)
     post(b"PB", 42, bytes.fromhex("0880d095ffbc311214090000000000803640" "10411a0772756e6e696e67")),
+    post(b"PBA", 42, bytes.fromhex(PBA)),
+    post(b"PBR", 42, bytes.fromhex(PBA)),
 )
 
 

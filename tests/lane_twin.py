@@ -35,6 +35,20 @@ PROTO = """syntax = "proto3";
 message Values { double temperature = 1; int32 humidity = 2; string state = 3; }
 message Reading { int64 ts = 1; Values values = 2; }
 """
+#: every scalar kind the lane reads in C (corem/fastlane/proto.h), an enum with an alias, presence,
+#: a nested message two deep, a `ts` that is a reading, a JSON name of its own, numbers out of order
+PROTO_ALL = """syntax = "proto3";
+message All {
+  int32 late = 30;
+  double d = 1; float f = 2; int32 i32 = 3; int64 i64 = 4; uint32 u32 = 5; uint64 u64 = 6;
+  sint32 s32 = 7; sint64 s64 = 8; fixed32 fx32 = 9; fixed64 fx64 = 10; sfixed32 sf32 = 11; sfixed64 sf64 = 12;
+  bool flag = 13; string text = 14; Mode mode = 15; optional double opt = 16; Inner inner = 17; int64 ts = 18;
+  optional string snake_case_name = 19; uint32 renamed = 20 [json_name = "other"];
+  enum Mode { option allow_alias = true; IDLE = 0; RUNNING = 1; BUSY = 1; }
+  message Inner { optional string label = 1; int32 level = 2; Deeper deeper = 3; }
+  message Deeper { bool on = 1; optional sint32 delta = 2; }
+}
+"""
 
 #: a flat profile with every kind of field rule (tests/test_fastlane.py, fuzz/fuzz_lane.py)
 RULED = ('{"format": "flat", "fields": {'
@@ -206,6 +220,12 @@ class Twin:
         self.registry.add_device("acme", "js-1", token="JS", profile="js")
         self.registry.put_profile("proto", parse_profile(json.dumps({"format": "protobuf", "schema": PROTO})))
         self.registry.add_device("acme", "proto-1", token="PB", profile="proto")
+        # protobuf read in C (proto.h): every kind, nested messages flattened (PBA) or refused (PBR)
+        self.registry.put_profile("proto-all", parse_profile(json.dumps(
+            {"format": "protobuf", "schema": PROTO_ALL, "nested": "flatten"})))
+        self.registry.add_device("acme", "proto-all-1", token="PBA", profile="proto-all")
+        self.registry.put_profile("proto-reject", parse_profile(json.dumps({"format": "protobuf", "schema": PROTO_ALL})))
+        self.registry.add_device("acme", "proto-reject-1", token="PBR", profile="proto-reject")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

@@ -4,6 +4,7 @@ limit, bounds).  Most tests run the lane and the Python path side by side (tests
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import struct
@@ -829,6 +830,149 @@ def test_a_python_decoders_reading_is_taken_from_the_lanes_batch_and_stored_as_p
     twin.commit()
     answers, stored = twin.check()
     assert lane_took(twin) == 1 and decode(answers[0][0]).code == Code.CHANGED and len(stored) == 1
+
+
+# -- protobuf read in C (proto.h), against protobuf.py's decoder -----------------------------------
+def all_message(**fields) -> bytes:
+    from corem.profiles.proto_schema import message_class
+
+    from .lane_twin import PROTO_ALL
+    return message_class(PROTO_ALL)(**fields).SerializeToString()
+
+
+I64, U64 = (-2 ** 63, 2 ** 63 - 1), (0, 2 ** 64 - 1)
+ALL_CASES = [
+    {"opt": 0.0},  # every other field its default (0, "", IDLE); ts 0: "not sent"
+    {"d": 22.5, "f": 1.1, "i32": -7, "i64": I64[0], "u32": 2 ** 32 - 1, "u64": U64[1], "s32": -2 ** 31, "s64": I64[0],
+     "fx32": 2 ** 32 - 1, "fx64": 2 ** 64 - 1, "sf32": -1, "sf64": I64[1], "flag": True, "text": "héllo \"x\"\n",
+     "mode": 1, "opt": 0.0, "ts": 1_700_000_000_000, "snake_case_name": "", "renamed": 5, "late": -1},
+    {"mode": 7, "inner": {}},  # an enum number the schema does not name; an empty nested message
+    {"inner": {"label": "a", "level": -3, "deeper": {"on": True, "delta": -9}}, "ts": -5},
+    {"inner": {"deeper": {}}, "u64": 2 ** 53 + 1, "i64": 2 ** 63 - 1, "d": -0.0, "f": 3.4e38},
+]
+
+
+@pytest.mark.parametrize("fields", ALL_CASES)
+def test_every_protobuf_kind_is_read_in_c_and_stored_as_python_would(twin, fields):
+    """Each scalar kind at its edges, defaults for fields not sent, presence, enums by name (an
+    alias's first; a number it does not name stays a number), JSON names, nested messages
+    flattened: the lane decodes the message itself, byte for byte what the Python path stores."""
+    twin.receive(post("PBA", payload=all_message(**fields), cf=42))
+    twin.commit()
+    answers, stored = twin.check()
+    assert lane_took(twin) == 1 and decode(answers[0][0]).code == Code.CHANGED
+    point = stored[0][2]
+    assert ("ts" in point.numeric_values) == bool(fields.get("ts"))  # (a ts of 0 without presence: not sent)
+    assert ("inner.label" in point.string_values) == ("label" in fields.get("inner", {}))
+
+
+def test_protobuf_ts_values_is_a_timed_point_read_in_c(twin):
+    """{ts, values}: the time from ts; ts 0 (not sent) the time it came; a negative ts and one
+    past year 9999 refused by the Python path, which answers."""
+    for mid, (ts, took) in enumerate([(1_700_000_000_000, 1), (0, 1), (-1, 0), (253402300800000, 0)]):
+        twin.receive(post("PB", payload=proto_reading(ts), cf=42, mid=mid))
+        twin.commit()
+        answers, stored = twin.check()
+        assert lane_took(twin) == 1 + mid - (mid >= 3) - (mid >= 2) if took else True
+        assert decode(answers[0][0]).code == (Code.CHANGED if took else Code.BAD_REQUEST)
+        if ts == 1_700_000_000_000:
+            assert stored[0][2].ts == ts
+    assert lane_took(twin) == 2
+
+
+@pytest.mark.parametrize("token, cf, body", [
+    ("PBA", 60, all_message(d=1.0)),                    # not octets: 4.15
+    ("PBA", 42, b"\x08"),                                # a varint that ends too soon
+    ("PBA", 42, b"\x09" + bytes(8)),                     # a double 0.0 sent (no presence: the same as not): the lane's
+    ("PBA", 42, b"\x08\x01"),                            # the double sent as a varint: upb keeps it as unknown
+    ("PBA", 42, b"\x0b\x0c"),                            # a group
+    ("PBA", 42, b"\x00\x01"),                            # field number 0
+    ("PBA", 42, all_message(text="ok") + b"\x72\x01\xff"),  # the same text field again, not UTF-8
+    ("PBA", 42, b"\x72\x01\xff" + all_message(text="ok")),  # ... the first one not UTF-8: upb refuses both
+    ("PBA", 42, all_message(inner={"level": 1}) * 2),     # a nested message twice: merged
+    ("PBA", 42, all_message(d=1.0)[:-1] + b"\x7f"),       # an infinite double: refused
+    ("PBA", 42, all_message(f=1.0)[:-1] + b"\xff"),       # an infinite float: refused
+    ("PBR", 42, all_message(inner={"level": 1})),         # a nested message the profile refuses
+    ("PBR", 42, all_message(d=2.5)),                      # (no nested message: the lane's)
+    ("PB", 42, proto_reading(None)),                      # a Values message where a Reading goes: refused
+])
+def test_protobuf_the_lane_is_not_sure_of_is_the_python_paths(twin, token, cf, body):
+    """What the lane does not read as upb would -- or refuses -- is handed to the Python path, and
+    both sides answer and store the same (refusals named by the Python path)."""
+    twin.receive(post(token, payload=body, cf=cf))
+    twin.commit()
+    answers, _ = twin.check()
+    assert lane_took(twin) == (body in (b"\x09" + bytes(8), all_message(d=2.5)))
+
+
+PB_VALUES = st.fixed_dictionaries({}, optional={
+    "d": st.floats(allow_nan=False, allow_infinity=False), "f": st.floats(width=32, allow_nan=False, allow_infinity=False),
+    "i32": st.integers(-2 ** 31, 2 ** 31 - 1), "i64": st.integers(*I64), "u32": st.integers(0, 2 ** 32 - 1),
+    "u64": st.integers(*U64), "s32": st.integers(-2 ** 31, 2 ** 31 - 1), "s64": st.integers(*I64),
+    "fx64": st.integers(*U64), "sf32": st.integers(-2 ** 31, 2 ** 31 - 1), "flag": st.booleans(),
+    "text": st.text(max_size=8), "mode": st.integers(-3, 3), "opt": st.floats(-1e6, 1e6),
+    "ts": st.integers(0, 2 ** 45), "snake_case_name": st.text(max_size=3),
+    "inner": st.fixed_dictionaries({}, optional={"label": st.text(max_size=4), "level": st.integers(-5, 5),
+                                                 "deeper": st.fixed_dictionaries({}, optional={
+                                                     "on": st.booleans(), "delta": st.integers(-5, 5)})}),
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(PB_VALUES, st.sampled_from(["PBA", "PBR"]),
+                          st.sampled_from(["whole", "twice", "cut", "flip", "junk"]), st.integers(0, 255)),
+                min_size=1, max_size=4))
+def test_generated_protobuf_is_stored_and_answered_the_same_with_and_without_the_lane(steps):
+    """Messages of every kind, then sent whole, twice (merged), cut short, with a byte flipped or
+    junk appended: whatever upb and protobuf.py make of them, the lane makes the same or leaves it."""
+    t = Twin()
+    try:
+        for i, (fields, token, how, x) in enumerate(steps):
+            body = all_message(**fields)
+            if how == "twice":
+                body += body
+            elif how == "cut" and body:
+                body = body[:x % len(body)]
+            elif how == "flip" and body:
+                body = body[:x % len(body)] + bytes([body[x % len(body)] ^ (1 + x % 255)]) + body[x % len(body) + 1:]
+            elif how == "junk":
+                body += bytes([x, (x * 7) & 0xff])
+            t.receive(post(token, payload=body or b"\x00", cf=42, mid=i))
+            t.commit()
+            t.check()
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("schema", [
+    'syntax = "proto3"; message M { repeated double v = 1; }',
+    'syntax = "proto3"; message M { bytes raw = 1; double v = 2; }',
+    'syntax = "proto3"; message M { map<string, double> v = 1; }',
+    'syntax = "proto3"; message M { oneof o { double a = 1; string b = 2; } }',
+    'syntax = "proto3"; message M { double ts = 1; double v = 2; }',
+    'syntax = "proto3"; message M { double v = 1; int64 ts = 2 [json_name = "when"]; }',
+])
+def test_a_protobuf_schema_the_lane_would_have_to_guess_at_stays_its_python_decoders(schema):
+    """Repeated and map fields, bytes (base64 in ThingsBoard's JSON), a oneof of several members
+    (one clears another), a ts that is not an integer or not the field named ts: no C form, the
+    profile's decoder called from the lane's batch as before (LANE_PYTHON)."""
+    from corem.profiles.compile import LANE_PYTHON, compile_profile
+    from corem.profiles.protobuf import lane_proto
+    from corem.profiles.spec import parse_profile as parse
+
+    assert lane_proto(schema, "") is None
+    decoder = compile_profile(parse(json.dumps({"format": "protobuf", "schema": schema})))
+    assert decoder.mode == LANE_PYTHON
+
+
+def test_a_ts_of_0_is_not_sent_only_for_the_field_named_ts():
+    """protobuf.py drops a 0 `ts` only for the field named ts (without presence); a field whose
+    JSON name alone is ts keeps its 0 as a reading, and so does the lane."""
+    from corem.profiles.protobuf import lane_proto
+    _, ts, zero_is_unset, _ = lane_proto('syntax = "proto3"; message M { double v = 1; int64 when = 2 [json_name = "ts"]; }', "")
+    assert ts == 1 and not zero_is_unset
+    _, ts, zero_is_unset, _ = lane_proto('syntax = "proto3"; message M { double v = 1; int64 ts = 2; }', "")
+    assert ts == 1 and zero_is_unset
 
 
 @pytest.mark.parametrize("token, cf, body", [

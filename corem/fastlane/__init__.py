@@ -106,7 +106,8 @@ def lane_profile(target: Target) -> object:
     if decode.compiled is None:
         try:
             decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout,
-                                              decode.decode if decode.mode == LANE_PYTHON else None, decode.nested)
+                                              decode.decode if decode.mode == LANE_PYTHON else None, decode.nested,
+                                              decode.proto)
         except ValueError:
             decode.compiled = False
     return decode.compiled

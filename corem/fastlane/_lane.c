@@ -65,6 +65,7 @@ static const double LAT_BOUNDS[] = {0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005,
 #include "layouts.h"
 #include "senml.h"
 #include "pycodec.h"
+#include "proto.h"
 #include "drogue.h"
 #include "fifomap.h"
 /* the records of corem's DTLS engine, opened and sealed through _records' capsule (no libcrypto here) */
@@ -84,6 +85,7 @@ typedef struct {
     PyObject *source; /* the tuples the strings live in */
     PyObject *decode; /* MODE_PYTHON: the profile's Python decoder (pycodec.h), or NULL */
     int nested;       /* ThingsBoard's `nested`: 0 reject (Python's), 1 flatten (their leaves), 2 json (their text) */
+    pb_plan_t proto;  /* MODE_PROTOBUF: the schema's messages (proto.h) */
 } lane_profile_t;
 
 static void profile_free(PyObject *capsule) {
@@ -91,21 +93,27 @@ static void profile_free(PyObject *capsule) {
     if (!P) return;
     rules_free(&P->rules);
     layout_free(&P->layout);
+    pb_free(&P->proto);
     Py_XDECREF(P->source);
     Py_XDECREF(P->decode);
     PyMem_Free(P);
 }
 
-/* compile_profile(rules, positions, layout, decode=None, nested=0): see rules.h `rules_from`,
- * layouts.h `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's readings go
- * through (pycodec.h; it must not refer to the capsule: a capsule is not followed by the GC);
- * `nested`, a ThingsBoard profile's: 1 flatten, 2 json (cbor_json.h flat_t), 0 reject. */
+/* compile_profile(rules, positions, layout, decode=None, nested=0, proto=None): see rules.h
+ * `rules_from`, layouts.h `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's
+ * readings go through (pycodec.h; it must not refer to the capsule: a capsule is not followed by
+ * the GC); `nested`, a ThingsBoard or protobuf profile's: 1 flatten, 2 json (cbor_json.h flat_t),
+ * 0 reject; `proto`, a MODE_PROTOBUF profile's schema (proto.h `pb_from`). */
 static PyObject *compile_profile(PyObject *module, PyObject *args) {
-    PyObject *rules, *positions, *layout, *decode = Py_None;
+    PyObject *rules, *positions, *layout, *decode = Py_None, *proto = Py_None;
     int nested = 0;
-    if (!PyArg_ParseTuple(args, "O!O!O!|Oi", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
-                          &decode, &nested))
+    if (!PyArg_ParseTuple(args, "O!O!O!|OiO", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
+                          &decode, &nested, &proto))
         return NULL;
+    if (proto != Py_None && !PyTuple_Check(proto)) {
+        PyErr_SetString(PyExc_TypeError, "compile_profile: proto is protobuf.py lane_proto's tuple or None");
+        return NULL;
+    }
     if (nested < 0 || nested > 2) {
         PyErr_SetString(PyExc_ValueError, "compile_profile: nested is 0 (reject), 1 (flatten) or 2 (json)");
         return NULL;
@@ -116,7 +124,7 @@ static PyObject *compile_profile(PyObject *module, PyObject *args) {
     }
     lane_profile_t *P = PyMem_Calloc(1, sizeof(lane_profile_t));
     if (!P) return PyErr_NoMemory();
-    P->source = Py_BuildValue("(OOO)", rules, positions, layout);
+    P->source = Py_BuildValue("(OOOO)", rules, positions, layout, proto);
     PyObject *capsule = P->source ? PyCapsule_New(P, PROFILE_CAPSULE, profile_free) : NULL;
     if (!capsule) {
         Py_XDECREF(P->source);
@@ -128,7 +136,8 @@ static PyObject *compile_profile(PyObject *module, PyObject *args) {
         P->decode = decode;
     }
     P->nested = nested;
-    if (rules_from(rules, &P->rules) < 0 || layout_from(positions, layout, &P->layout) < 0) {
+    if (rules_from(rules, &P->rules) < 0 || layout_from(positions, layout, &P->layout) < 0 ||
+        pb_from(proto, &P->proto) < 0) {
         Py_DECREF(capsule);
         return NULL;
     }
@@ -1236,8 +1245,8 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
 
 /* The payload in its target's mode: CBOR (60) or JSON (50) documents for the flat and ThingsBoard
  * modes (cbor_json.h), Cayenne LPP (42 or none, lpp.h), the profile's positional array (60, 50) or
- * binary layout (42 or none, layouts.h), a SenML pack of one time (110-113, 50, 60: senml.h); 0 and
- * the items, or -1: the Python path's. */
+ * binary layout (42 or none, layouts.h), a SenML pack of one time (110-113, 50, 60: senml.h), a
+ * protobuf message (42 or none, proto.h); 0 and the items, or -1: the Python path's. */
 static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint8_t *end, long long now_ms,
                          item_t *items, int *nitems, long long *pts, int *npts, char (*names)[LANE_NAME],
                          json_buf_t *jb) {
@@ -1247,6 +1256,8 @@ static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint
     if (mode == MODE_SENML) return parse_senml(cf, p, end, now_ms, items, nitems, pts, npts, names);
     if (mode == MODE_LPP) return cf == 42 || cf < 0 ? parse_lpp(p, end, items, nitems, names) : -1;
     if (mode == MODE_BINARY) return cf == 42 || cf < 0 ? parse_binary(&profile_of(t)->layout, p, end, items, nitems) : -1;
+    if (mode == MODE_PROTOBUF)
+        return parse_protobuf(&profile_of(t)->proto, profile_of(t)->nested == 1, cf, p, end, items, nitems, pts, names);
     if (cf != 60 && cf != 50) return -1;
     if (mode == MODE_ARRAY) return parse_positional(&profile_of(t)->layout, cf, p, end, items, nitems, pts);
     int nested = mode == MODE_THINGSBOARD && t->profile ? profile_of(t)->nested : 0;
@@ -2400,6 +2411,10 @@ static int target_ok(target_t *t) {
     }
     if (!t->profile && (t->mode == MODE_ARRAY || t->mode == MODE_BINARY || t->mode == MODE_PYTHON)) {
         PyErr_SetString(PyExc_ValueError, "a target of an array, binary or Python profile needs its compile_profile()");
+        return 0;
+    }
+    if (t->mode == MODE_PROTOBUF && (!t->profile || !profile_of(t)->proto.nmsgs)) {
+        PyErr_SetString(PyExc_ValueError, "a target of a protobuf profile needs its schema in compile_profile()");
         return 0;
     }
     if (t->mode == MODE_PYTHON && !profile_of(t)->decode) {

@@ -107,10 +107,12 @@ def compile_profile(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, f
                                        float | None, float | None, bool, tuple[bytes, ...] | None], ...],
                     positions: tuple[bytes | None, ...], layout: tuple[tuple[bytes | None, bytes, int], ...],
                     decode: Callable[[int | None, bytes, int], list[Any]] | None = None, nested: int = 0,
-                    /) -> object:
+                    proto: tuple[Any, ...] | None = None, /) -> object:
     """A profile's C form for set_target: its field rules (rules.h: name, rename, unit, type 0 any /
     1 number / 2 string, scale, offset, min, max, required, allowed, in the profile's order), an
     array's positions and a binary layout (layouts.h: name, struct format or b"skip", bytes to skip).
     ValueError for a layout the lane cannot hold.  `decode`: the Python decoder the lane calls
     itself for a target in the Python mode (pycodec.h); `nested`: a ThingsBoard profile's nested
-    values refused (0), read into their leaves, `outer.inner` (1), or kept as their JSON text (2)."""
+    values refused (0), read into their leaves, `outer.inner` (1), or kept as their JSON text (2)
+    (a protobuf profile's too); `proto`: a protobuf profile's schema (profiles/protobuf.py
+    `lane_proto`, proto.h)."""

@@ -678,7 +678,8 @@ static int json_ts(const uint8_t **p, const uint8_t *end, long long *ts) {
  * ThingsBoard's (a `thingsboard` profile without rules): a flat map of values, "ts" among them,
  * or {"ts": ms, "values": {flat map}} (formats.thingsboard_entry). */
 enum { MODE_FLAT = 0, MODE_THINGSBOARD = 1, MODE_LPP = 2 /* (lpp.h) */, MODE_ARRAY = 3, MODE_BINARY = 4 /* (layouts.h) */,
-       MODE_SENML = 5 /* (senml.h) */, MODE_PYTHON = 6 /* (pycodec.h) */, MODE_LAST = MODE_PYTHON };
+       MODE_SENML = 5 /* (senml.h) */, MODE_PYTHON = 6 /* (pycodec.h) */, MODE_PROTOBUF = 7 /* (proto.h) */,
+       MODE_LAST = MODE_PROTOBUF };
 
 /* Flattened names unique among an entry's items: 0, or -1 (`{"a.b": 1, "a": {"b": 2}}` -- Python
  * keeps one of them: not the lane's to guess). */

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from .payload import Readings, decode_readings
 from . import formats, rules
@@ -21,9 +21,10 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 #: how the fast lane decodes a payload itself (corem/fastlane/_lane.c `parse_payload`): the
 #: built-in default's flat map, where "ts" is the time; ThingsBoard's map or {ts, values}; Cayenne
 #: LPP; the profile's positional array; its fixed binary layout; a SenML pack of one time; and
-#: LANE_PYTHON: the lane calls the profile's Python decoder itself (protobuf, js, a Python hook),
-#: from its batch, without the CoAP request path (corem/fastlane/pycodec.h)
-LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML, LANE_PYTHON = range(7)
+#: LANE_PYTHON: the lane calls the profile's Python decoder itself (js, a Python hook, a protobuf
+#: schema the lane cannot hold), from its batch, without the CoAP request path
+#: (corem/fastlane/pycodec.h); LANE_PROTOBUF: a protobuf message (corem/fastlane/proto.h)
+LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML, LANE_PYTHON, LANE_PROTOBUF = range(8)
 #: a ThingsBoard profile's `nested`, as the lane's C takes it: a nested value refused (the Python
 #: path's 4.00), flattened into its leaves, or kept as its JSON text
 NESTED_REJECT, NESTED_FLATTEN, NESTED_JSON = 0, 1, 2
@@ -46,17 +47,18 @@ LanePart = tuple[bytes | None, bytes, int]
 
 class LaneDecoder:
     """A profile's decoder that the fast lane can also run in C, in `mode` (LANE_*), with its field
-    `rules` (rules.py's, as data: `lane_rules`), its array's `positions` and its binary `layout`:
-    a profile of format `flat`, `thingsboard`, `cayenne-lpp`, `array`, `binary` or `senml`.  Calling it is
+    `rules` (rules.py's, as data: `lane_rules`), its array's `positions`, its binary `layout` and
+    its protobuf schema (`proto`, protobuf.py `lane_proto`): a profile of format `flat`,
+    `thingsboard`, `cayenne-lpp`, `array`, `binary`, `senml` or `protobuf`.  Calling it is
     the Python twin, which answers whatever the lane leaves (tests/test_fastlane.py holds the two
     alike).  `compiled` is the lane's own form of all that, made once per profile by corem/fastlane
     and shared by its devices (False: the lane cannot hold it)."""
 
-    __slots__ = ("decode", "mode", "rules", "positions", "layout", "nested", "compiled")
+    __slots__ = ("decode", "mode", "rules", "positions", "layout", "nested", "proto", "compiled")
 
     def __init__(self, decode: Decoder, mode: int, rules: tuple[LaneRule, ...] = (),
                  positions: tuple[bytes | None, ...] = (), layout: tuple[LanePart, ...] = (),
-                 nested: int = NESTED_REJECT) -> None:
+                 nested: int = NESTED_REJECT, proto: tuple[Any, ...] | None = None) -> None:
         self.decode = decode
         self.mode = mode
         self.rules = rules
@@ -64,6 +66,7 @@ class LaneDecoder:
         self.layout = layout
         #: ThingsBoard's `nested` (NESTED_*): the lane flattens nested values, or keeps their JSON text
         self.nested = nested
+        self.proto = proto
         self.compiled: object = None
 
     def __call__(self, content_format: int | None, payload: bytes | bytearray | memoryview,
@@ -87,11 +90,16 @@ def compile_profile(profile: Profile) -> Decoder:
         decode = formats.cayenne_lpp
     elif profile.format == "protobuf":
         try:
-            from .protobuf import protobuf
+            from .protobuf import lane_proto, protobuf
         except ImportError:  # (google's protobuf: an optional package)
             raise ProfileError(needs("format: 'protobuf'", "protobuf")) from None
 
         decode = protobuf(profile.schema, profile.message, profile.nested)
+        proto = lane_proto(profile.schema, profile.message)
+        in_c = lane_rules(profile.fields) if profile.fields else ()
+        if proto is not None and in_c is not None:  # (the lane reads the message in C, and its rules)
+            return LaneDecoder(_with_rules(decode, profile.fields) if profile.fields else decode, LANE_PROTOBUF,
+                               in_c, nested=NESTED[profile.nested], proto=proto)
     elif profile.format == "js":
         from .js import JsCodec
 

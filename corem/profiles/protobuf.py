@@ -104,15 +104,20 @@ def _map_key(k: object) -> str:
     return ("true" if k else "false") if isinstance(k, bool) else str(k)
 
 
-def protobuf(schema: str, message: str, nested: str) -> FormatDecoder:
-    """A decoder of one protobuf message per payload (application/octet-stream 42, or none);
-    ProfileError if the schema cannot be used."""
+def message_of(schema: str, message: str) -> type[Message]:
+    """The message class a profile decodes payloads with; ProfileError if the schema cannot be used."""
     try:
-        cls = message_class(schema, message)
+        return message_class(schema, message)
     except SchemaError as e:
         raise ProfileError(f"schema: {e}") from None
     except UnknownMessage as e:
         raise ProfileError(f"message: {e}") from None
+
+
+def protobuf(schema: str, message: str, nested: str) -> FormatDecoder:
+    """A decoder of one protobuf message per payload (application/octet-stream 42, or none);
+    ProfileError if the schema cannot be used."""
+    cls = message_of(schema, message)
     plan = Plan()
     name = cls.DESCRIPTOR.name
     ts_field = cls.DESCRIPTOR.fields_by_name.get("ts")
@@ -132,6 +137,64 @@ def protobuf(schema: str, message: str, nested: str) -> FormatDecoder:
         return [thingsboard_entry(entry, None, nested)]
 
     return decode
+
+
+# -- the fast lane's form --------------------------------------------------------------------------
+#: a field's kind as the lane's C takes it (corem/fastlane/proto.h PB_*)
+LANE_KINDS = {FieldDescriptor.TYPE_DOUBLE: 1, FieldDescriptor.TYPE_FLOAT: 2, FieldDescriptor.TYPE_INT32: 3,
+              FieldDescriptor.TYPE_INT64: 4, FieldDescriptor.TYPE_UINT32: 5, FieldDescriptor.TYPE_UINT64: 6,
+              FieldDescriptor.TYPE_SINT32: 7, FieldDescriptor.TYPE_SINT64: 8, FieldDescriptor.TYPE_FIXED32: 9,
+              FieldDescriptor.TYPE_FIXED64: 10, FieldDescriptor.TYPE_SFIXED32: 11, FieldDescriptor.TYPE_SFIXED64: 12,
+              FieldDescriptor.TYPE_BOOL: 13, FieldDescriptor.TYPE_STRING: 14, FieldDescriptor.TYPE_ENUM: 15,
+              FieldDescriptor.TYPE_MESSAGE: 16}
+_INTEGRAL = {3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
+#: (number, kind, JSON name, presence, message index or -1, enum values ((number, name), ...))
+LaneField = tuple[int, int, bytes, bool, int, tuple[tuple[int, bytes], ...]]
+#: (message types, the first the payload's; the top message's `ts` field index, whether its 0 is
+#: "not sent"; its `values` field index) -- -1 where there is none
+LaneProto = tuple[tuple[tuple[LaneField, ...], ...], int, bool, int]
+MAX_LANE_FIELDS = 64  # (proto.h PB_MAX_FIELDS)
+
+
+def lane_proto(schema: str, message: str) -> LaneProto | None:
+    """The message's schema as the fast lane's C decodes it (corem/fastlane/proto.h), or None where
+    the lane would have to guess and `protobuf`'s decoder stays the only one: a repeated or map
+    field, bytes, a oneof of several members (one clears another), a `ts` that is not an integer, more fields
+    than the lane holds.  The lane still only accepts: a payload that is not plainly one of these
+    messages is the Python path's."""
+    top: Descriptor = message_of(schema, message).DESCRIPTOR
+    types: list[Descriptor] = [top]
+    index = {top.full_name: 0}
+    plans: list[tuple[LaneField, ...]] = []
+    at = 0
+    while at < len(types):
+        d = types[at]
+        at += 1
+        # (a oneof of one member -- a proto3 `optional`'s own among them -- is that field's presence)
+        if len(d.fields) > MAX_LANE_FIELDS or any(len(o.fields) > 1 for o in d.oneofs):
+            return None
+        fields = []
+        for f in d.fields:
+            if f.is_repeated or f.type not in LANE_KINDS:  # (bytes, groups)
+                return None
+            sub = -1
+            if f.message_type is not None:
+                sub = index.setdefault(f.message_type.full_name, len(types))
+                if sub == len(types):
+                    types.append(f.message_type)
+            values: dict[int, bytes] = {}
+            for v in f.enum_type.values if f.enum_type is not None else ():
+                values.setdefault(v.number, v.name.encode())  # (an alias's first name, as Plan says it)
+            fields.append((f.number, LANE_KINDS[f.type], f.json_name.encode(), bool(f.has_presence), sub,
+                           tuple(values.items())))
+        plans.append(tuple(fields))
+    by_json = {f.json_name: i for i, f in enumerate(top.fields)}
+    ts = by_json.get("ts", -1)
+    named = top.fields_by_name.get("ts")
+    if (named is not None and (ts < 0 or top.fields[ts] is not named)) or (ts >= 0 and plans[0][ts][1] not in _INTEGRAL):
+        return None  # (a `ts` the lane would have to read as `decode` does: not as a time)
+    # (a ts of 0 is "not sent" only for the field named ts, without presence: `protobuf`'s rule)
+    return tuple(plans), ts, named is not None and not named.has_presence, by_json.get("values", -1)
 
 
 # -- naming what broke ------------------------------------------------------------------------------

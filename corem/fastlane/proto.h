@@ -1,0 +1,355 @@
+/*
+ * The fast lane's protobuf reader: one message of a profile's proto3 schema (its form from
+ * corem/profiles/protobuf.py `lane_proto`) into items, as that file's `protobuf` decoder makes them
+ * -- Google's runtime (upb) parses, `Plan.to_dict` makes ThingsBoard's JSON of it, `thingsboard_entry`
+ * reads that: fields by their JSON names in the schema's order, a scalar without presence present
+ * with its default, enums by name, `{ts, values}` a timed point, nested messages flattened into
+ * `outer.inner` when the profile says so.  The schemas it holds have no repeated, map, bytes or
+ * oneof fields (lane_proto leaves those to Python).  It only accepts: a wire type not the schema's,
+ * a group, a message sent twice (merged), text that is not UTF-8, a nested message the profile
+ * rejects or keeps as JSON, a number that is not finite, a `ts` out of range, no readings -- all the
+ * Python path's, which decodes again and answers.  Header-only, for _lane.c, after cbor_json.h
+ * and rules.h (item_t, utf8_ok, find_item, MAX_TS_MS, FLAT_DEPTH).
+ */
+#ifndef COREM_PROTO_H
+#define COREM_PROTO_H
+
+/* a field's kind (protobuf.py LANE_KINDS) */
+enum {
+    PB_DOUBLE = 1, PB_FLOAT, PB_INT32, PB_INT64, PB_UINT32, PB_UINT64, PB_SINT32, PB_SINT64, PB_FIXED32,
+    PB_FIXED64, PB_SFIXED32, PB_SFIXED64, PB_BOOL, PB_STRING, PB_ENUM, PB_MESSAGE, PB_LAST = PB_MESSAGE
+};
+#define PB_MAX_FIELDS 64 /* a message's fields (protobuf.py MAX_LANE_FIELDS) */
+
+typedef struct {
+    int32_t number;
+    const uint8_t *name;
+    size_t nlen;
+} pb_enum_t;
+
+typedef struct {
+    uint32_t number;
+    uint8_t kind, presence, wire;
+    const uint8_t *name; /* its JSON name */
+    size_t nlen;
+    int32_t sub; /* PB_MESSAGE: its type's index */
+    pb_enum_t *values;
+    Py_ssize_t nvalues;
+} pb_field_t;
+
+typedef struct {
+    pb_field_t *fields;
+    Py_ssize_t nfields;
+} pb_message_t;
+
+typedef struct {
+    pb_message_t *msgs; /* [0]: the payload's */
+    Py_ssize_t nmsgs;
+    int ts, ts_zero, values; /* the top message's `ts` and `values` fields (-1: none); ts_zero: its 0 is "not sent" */
+} pb_plan_t;
+
+static void pb_free(pb_plan_t *P) {
+    for (Py_ssize_t i = 0; i < P->nmsgs; i++) {
+        for (Py_ssize_t j = 0; j < P->msgs[i].nfields; j++) PyMem_Free(P->msgs[i].fields[j].values);
+        PyMem_Free(P->msgs[i].fields);
+    }
+    PyMem_Free(P->msgs);
+    memset(P, 0, sizeof *P);
+}
+
+static int pb_bad(const char *why) {
+    PyErr_Format(PyExc_ValueError, "compile_profile: proto: %s (protobuf.py lane_proto)", why);
+    return -1;
+}
+
+/* The plan from lane_proto's tuple ((message, ...), ts, ts_zero, values), or None (no protobuf):
+ * the names point into it (the caller keeps it alive).  0, or -1 with an exception set. */
+static int pb_from(PyObject *proto, pb_plan_t *P) {
+    memset(P, 0, sizeof *P);
+    if (proto == Py_None) return 0;
+    PyObject *msgs;
+    if (!PyArg_ParseTuple(proto, "O!ipi", &PyTuple_Type, &msgs, &P->ts, &P->ts_zero, &P->values)) return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(msgs);
+    if (n < 1) return pb_bad("no message");
+    if (!(P->msgs = PyMem_Calloc((size_t)n, sizeof(pb_message_t)))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    P->nmsgs = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *fields = PyTuple_GET_ITEM(msgs, i);
+        if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) > PB_MAX_FIELDS) return pb_bad("a message is a tuple of <= 64 fields");
+        pb_message_t *m = &P->msgs[i];
+        m->nfields = PyTuple_GET_SIZE(fields);
+        if (!(m->fields = PyMem_Calloc((size_t)m->nfields + 1, sizeof(pb_field_t)))) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t j = 0; j < m->nfields; j++) {
+            pb_field_t *f = &m->fields[j];
+            PyObject *name, *values;
+            unsigned int number;
+            int kind, presence, sub;
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(fields, j), "IiO!piO!", &number, &kind, &PyBytes_Type, &name, &presence,
+                                  &sub, &PyTuple_Type, &values))
+                return -1;
+            if (number < 1 || number > 536870911 || kind < PB_DOUBLE || kind > PB_LAST || PyBytes_GET_SIZE(name) < 1 ||
+                PyBytes_GET_SIZE(name) >= LANE_NAME || (kind == PB_MESSAGE) != (sub >= 0 && sub < n))
+                return pb_bad("a field is (number, kind, JSON name, presence, message index, enum values)");
+            f->number = number;
+            f->kind = (uint8_t)kind;
+            f->presence = (uint8_t)presence;
+            f->wire = kind == PB_DOUBLE || kind == PB_FIXED64 || kind == PB_SFIXED64   ? 1
+                      : kind == PB_FLOAT || kind == PB_FIXED32 || kind == PB_SFIXED32 ? 5
+                      : kind == PB_STRING || kind == PB_MESSAGE                        ? 2
+                                                                                       : 0;
+            f->name = (const uint8_t *)PyBytes_AS_STRING(name);
+            f->nlen = (size_t)PyBytes_GET_SIZE(name);
+            f->sub = sub;
+            f->nvalues = PyTuple_GET_SIZE(values);
+            if (f->nvalues && !(f->values = PyMem_Calloc((size_t)f->nvalues, sizeof(pb_enum_t)))) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            for (Py_ssize_t k = 0; k < f->nvalues; k++) {
+                PyObject *vname;
+                int vnum;
+                if (!PyArg_ParseTuple(PyTuple_GET_ITEM(values, k), "iO!", &vnum, &PyBytes_Type, &vname)) return -1;
+                f->values[k].number = vnum;
+                f->values[k].name = (const uint8_t *)PyBytes_AS_STRING(vname);
+                f->values[k].nlen = (size_t)PyBytes_GET_SIZE(vname);
+            }
+        }
+    }
+    Py_ssize_t top = P->msgs[0].nfields;
+    if (P->ts >= top || P->values >= top || P->ts < -1 || P->values < -1 ||
+        (P->ts >= 0 && (P->msgs[0].fields[P->ts].kind < PB_INT32 || P->msgs[0].fields[P->ts].kind > PB_SFIXED64)))
+        return pb_bad("ts and values are the top message's field indexes, ts an integer's");
+    return 0;
+}
+
+/* where a field was last seen in one message's bytes */
+typedef struct {
+    const uint8_t *at; /* a length-delimited value's bytes */
+    uint64_t v;        /* a varint's or fixed value's bits; a length's bytes */
+    uint8_t seen;
+} pb_slot_t;
+
+/* A varint at *p (up to ten bytes, the tenth 0 or 1: what fits 64 bits); -1 if not one. */
+static int pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+    uint64_t x = 0;
+    for (int i = 0; i < 10 && *p < end; i++) {
+        uint8_t b = *(*p)++;
+        if (i == 9 && b > 1) return -1;
+        x |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) {
+            *v = x;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static uint64_t pb_le(const uint8_t *p, int n) {
+    uint64_t x = 0;
+    for (int i = n - 1; i >= 0; i--) x = x << 8 | p[i];
+    return x;
+}
+
+/* One message's bytes read into its fields' slots (the last value of each, as protobuf keeps it);
+ * unknown fields skipped.  0, or -1: not the lane's (see the top). */
+static int pb_scan(const pb_message_t *m, const uint8_t *p, const uint8_t *end, pb_slot_t *slots) {
+    memset(slots, 0, sizeof(pb_slot_t) * (size_t)m->nfields);
+    while (p < end) {
+        uint64_t tag, v;
+        if (pb_varint(&p, end, &tag) < 0 || tag > UINT32_MAX || tag >> 3 == 0) return -1;
+        unsigned wire = tag & 7;
+        const uint8_t *at = NULL;
+        if (wire == 0) {
+            if (pb_varint(&p, end, &v) < 0) return -1;
+        } else if (wire == 1 || wire == 5) {
+            int n = wire == 1 ? 8 : 4;
+            if (end - p < n) return -1;
+            v = pb_le(p, n);
+            p += n;
+        } else if (wire == 2) {
+            if (pb_varint(&p, end, &v) < 0 || v > (uint64_t)(end - p)) return -1;
+            at = p;
+            p += v;
+        } else
+            return -1; /* (a group, or no wire type at all) */
+        uint32_t number = (uint32_t)(tag >> 3);
+        for (Py_ssize_t i = 0; i < m->nfields; i++) {
+            const pb_field_t *f = &m->fields[i];
+            if (f->number != number) continue;
+            if (f->wire != wire || (f->kind == PB_MESSAGE && slots[i].seen)) return -1; /* (upb: unknown; merged) */
+            if (f->kind == PB_STRING && !utf8_ok(at, (size_t)v)) return -1; /* (each one: upb checks every one) */
+            slots[i].at = at;
+            slots[i].v = v;
+            slots[i].seen = 1;
+            break;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    const pb_plan_t *plan;
+    item_t *items;
+    int count;
+    char (*names)[LANE_NAME];
+    int flatten; /* the profile's nested is flatten (else a nested message is the Python path's) */
+} pb_out_t;
+
+static int pb_emit(pb_out_t *o, const pb_message_t *m, const pb_slot_t *slots, const char *prefix, size_t plen,
+                   int skip, int depth);
+
+/* One present field under its name (prefixed `prefix.` inside a flattened message): 0, or -1. */
+static int pb_put(pb_out_t *o, const pb_field_t *f, const pb_slot_t *s, const char *prefix, size_t plen, int depth) {
+    const uint8_t *key = f->name;
+    size_t klen = f->nlen;
+    if (plen) { /* the name made in names[count] (a nested message's made where its children will be) */
+        if (o->count == MAX_ITEMS || plen + 1 + klen >= LANE_NAME) return -1;
+        char *nm = o->names[o->count];
+        memcpy(nm, prefix, plen);
+        nm[plen] = '.';
+        memcpy(nm + plen + 1, f->name, klen);
+        key = (const uint8_t *)nm;
+        klen += plen + 1;
+    }
+    if (f->kind == PB_MESSAGE) {
+        if (!o->flatten || depth >= FLAT_DEPTH) return -1;
+        char inner[LANE_NAME]; /* (its own copy: the children write their names where it was) */
+        memcpy(inner, key, klen);
+        pb_slot_t sub[PB_MAX_FIELDS];
+        const pb_message_t *m = &o->plan->msgs[f->sub];
+        if (pb_scan(m, s->at, s->at + s->v, sub) < 0) return -1;
+        return pb_emit(o, m, sub, inner, klen, -1, depth + 1);
+    }
+    if (o->count == MAX_ITEMS) return -1;
+    item_t *it = &o->items[o->count];
+    uint64_t v = s->v; /* (0 when absent: every kind's default) */
+    double x;
+    it->key = key;
+    it->klen = klen;
+    it->is_text = 0;
+    it->unit = NULL;
+    it->point = 0;
+    switch (f->kind) {
+    case PB_DOUBLE: memcpy(&x, &v, 8); break;
+    case PB_FLOAT: {
+        uint32_t b = (uint32_t)v;
+        float g;
+        memcpy(&g, &b, 4);
+        x = g;
+        break;
+    }
+    case PB_INT32: case PB_SFIXED32: x = (int32_t)(uint32_t)v; break;
+    case PB_INT64: case PB_SFIXED64: x = (double)(int64_t)v; break;
+    case PB_UINT32: case PB_FIXED32: x = (uint32_t)v; break;
+    case PB_UINT64: case PB_FIXED64: x = (double)v; break;
+    case PB_SINT32: x = (int32_t)((uint32_t)v >> 1 ^ (uint32_t)-(int32_t)(v & 1)); break;
+    case PB_SINT64: x = (double)(int64_t)(v >> 1 ^ (uint64_t)-(int64_t)(v & 1)); break;
+    case PB_BOOL: x = v ? 1.0 : 0.0; break;
+    case PB_ENUM: { /* by name; a number the schema does not know stays a number */
+        int32_t n = (int32_t)(uint32_t)v;
+        x = n;
+        for (Py_ssize_t i = 0; i < f->nvalues; i++)
+            if (f->values[i].number == n) {
+                it->is_text = 1;
+                it->text = f->values[i].name;
+                it->tlen = f->values[i].nlen;
+                break;
+            }
+        break;
+    }
+    default: /* PB_STRING (checked UTF-8 as it was read) */
+        it->is_text = 1;
+        it->text = s->seen ? s->at : (const uint8_t *)"";
+        it->tlen = s->seen ? (size_t)v : 0;
+        x = 0;
+    }
+    if (!it->is_text) {
+        if (!isfinite(x)) return -1; /* (Python refuses it) */
+        it->num = x;
+    }
+    o->count++;
+    return 0;
+}
+
+/* A message's fields in the schema's order: those with presence only when sent, the others with
+ * their default; field `skip` left out (a `ts` of 0 that means "not sent"). */
+static int pb_emit(pb_out_t *o, const pb_message_t *m, const pb_slot_t *slots, const char *prefix, size_t plen,
+                   int skip, int depth) {
+    for (Py_ssize_t i = 0; i < m->nfields; i++) {
+        const pb_field_t *f = &m->fields[i];
+        if (i == skip || (!slots[i].seen && (f->presence || f->kind == PB_MESSAGE))) continue;
+        if (pb_put(o, f, &slots[i], prefix, plen, depth) < 0) return -1;
+    }
+    return 0;
+}
+
+/* An integer field's value as Python has it, into *out: 0, or -1 if negative. */
+static int pb_integer(const pb_field_t *f, uint64_t v, uint64_t *out) {
+    int64_t s;
+    switch (f->kind) {
+    case PB_UINT32: case PB_FIXED32: *out = (uint32_t)v; return 0;
+    case PB_UINT64: case PB_FIXED64: *out = v; return 0;
+    case PB_INT32: case PB_SFIXED32: s = (int32_t)(uint32_t)v; break;
+    case PB_SINT32: s = (int32_t)((uint32_t)v >> 1 ^ (uint32_t)-(int32_t)(v & 1)); break;
+    case PB_SINT64: s = (int64_t)(v >> 1 ^ (uint64_t)-(int64_t)(v & 1)); break;
+    default: s = (int64_t)v; /* INT64, SFIXED64 */
+    }
+    if (s < 0) return -1;
+    *out = (uint64_t)s;
+    return 0;
+}
+
+/* The payload (42 or no Content-Format) as one message of the plan: 0 and its items and time (*ts,
+ * -1: none), or -1: the Python path's. */
+static int parse_protobuf(const pb_plan_t *P, int flatten, int cf, const uint8_t *p, const uint8_t *end, item_t *items,
+                          int *nitems, long long *ts, char (*names)[LANE_NAME]) {
+    if ((cf != 42 && cf >= 0) || p == end || !P->nmsgs) return -1;
+    const pb_message_t *top = &P->msgs[0];
+    pb_slot_t slots[PB_MAX_FIELDS];
+    if (pb_scan(top, p, end, slots) < 0) return -1;
+    pb_out_t o = {P, items, 0, names, flatten};
+    *ts = -1;
+    int skip = -1; /* a ts of 0 without presence: not sent (protobuf.py `ts_unset_is_zero`) */
+    uint64_t t = 0;
+    int ts_sent = 0, ts_ok = 0; /* (ts_ok: not negative) */
+    if (P->ts >= 0) {
+        const pb_field_t *tf = &top->fields[P->ts];
+        ts_ok = pb_integer(tf, slots[P->ts].v, &t) == 0;
+        ts_sent = slots[P->ts].seen || !tf->presence;
+        if (P->ts_zero && ts_ok && t == 0) skip = P->ts, ts_sent = 0;
+    }
+    /* {ts, values}: `values` sent and no key but those two (thingsboard_entry) */
+    int timed = P->values >= 0;
+    for (Py_ssize_t i = 0; i < top->nfields && timed; i++) {
+        const pb_field_t *f = &top->fields[i];
+        int present = i != skip && (slots[i].seen || !(f->presence || f->kind == PB_MESSAGE));
+        if (i == P->values ? !present : present && i != P->ts) timed = 0;
+    }
+    int r;
+    if (timed) {
+        const pb_field_t *vf = &top->fields[P->values];
+        if (vf->kind != PB_MESSAGE) return -1; /* (values is not a map: Python's 4.00) */
+        if (ts_sent) {
+            if (!ts_ok || t > MAX_TS_MS) return -1; /* (Python's 4.00) */
+            *ts = (long long)t;
+        }
+        pb_slot_t sub[PB_MAX_FIELDS];
+        const pb_message_t *m = &P->msgs[vf->sub];
+        r = pb_scan(m, slots[P->values].at, slots[P->values].at + slots[P->values].v, sub) < 0 ? -1
+                                                                                             : pb_emit(&o, m, sub, NULL, 0, -1, 1);
+    } else
+        r = pb_emit(&o, top, slots, NULL, 0, skip, 0);
+    if (r < 0 || !o.count) return -1; /* (no readings: Python's 4.00) */
+    for (int i = 1; i < o.count; i++) /* (a JSON name twice: Python keeps one) */
+        if (find_item(items, i, items[i].key, items[i].klen) >= 0) return -1;
+    *nitems = o.count;
+    return 0;
+}
+
+#endif
