@@ -43,7 +43,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.load_bench import free_port, kafka_broker, kafka_vs_embedded, pin  # noqa: E402
+from bench.load_bench import free_port, kafka_broker, kafka_vs_embedded, pin, wait_udp  # noqa: E402
 from bench.table import markdown  # noqa: E402
 
 SRC = HERE / "dtls_loadgen.c"
@@ -113,7 +113,7 @@ MBEDTLS = "corem (dtls_engine = mbedtls, deprecated)"
 
 def plain_lane(args, payload: str) -> dict:
     """corem's plain CoAP lane under the same load (64 devices x 4 in flight, the same payload)."""
-    from bench.load_bench import TOKEN, build_loadgen, start_corem, wait_udp
+    from bench.load_bench import TOKEN, build_loadgen, start_corem
 
     loadgen = build_loadgen()
 
@@ -161,7 +161,7 @@ def run_target(args, cmd: list[str], port: int, method: int, path: str, payload:
     """One server started, the load generator's three phases against it, the server stopped."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1.5)
+        wait_udp(port, timeout=60, dtls=True)
         out = subprocess.run(
             [*pin(1), str(BIN), "127.0.0.1", str(port), "64", "4", str(args.handshake_seconds), str(args.seconds),
              IDENTITY, KEY, str(method), path, payload, "60", str(args.handshakers)],

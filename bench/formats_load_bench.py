@@ -132,7 +132,7 @@ def libcoap_run(mode: str, seconds: float, payload: bytes) -> dict | None:
     args = ["-A", "127.0.0.1", "-p", str(port - 1 if mode.startswith("CoAPS") else port)]
     proc = subprocess.Popen([*pin(0), binary, *args, "-k", KEY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1.0)
+        wait_udp(port, timeout=60, dtls=mode.startswith("CoAPS"))
         return measure(mode, port, port, seconds, "", "psk-identity", 60, payload, libcoap=True)
     finally:
         proc.terminate()

@@ -63,16 +63,26 @@ def pin(cpu: int) -> list[str]:
     return []
 
 
-def wait_udp(port: int, timeout: float = 15) -> None:
-    """Until something answers a CoAP ping on the port."""
+def client_hello() -> bytes:
+    """A DTLS 1.2 ClientHello without a cookie (TLS_PSK_WITH_AES_128_CCM_8 and _CCM, no
+    extensions): what a DTLS server answers with a HelloVerifyRequest, keeping no state."""
+    body = b"\xfe\xfd" + os.urandom(32) + b"\x00" + b"\x00" + b"\x00\x04\xc0\xa8\xc0\xa4" + b"\x01\x00"
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + b"\x00\x00" + bytes(3) + len(body).to_bytes(3, "big") + body
+    return b"\x16\xfe\xfd" + bytes(8) + len(handshake).to_bytes(2, "big") + handshake
+
+
+def wait_udp(port: int, timeout: float = 15, dtls: bool = False) -> None:
+    """Until the server on the port answers: a CoAP ping (an RST), or with `dtls` a ClientHello (a
+    HelloVerifyRequest) -- a server that is slow to start on a busy machine is waited for, not
+    timed with a fixed sleep."""
     deadline = time.monotonic() + timeout
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(0.2)
     try:
         while time.monotonic() < deadline:
-            s.sendto(b"\x40\x00\x00\x01", ("127.0.0.1", port))
+            s.sendto(client_hello() if dtls else b"\x40\x00\x00\x01", ("127.0.0.1", port))
             try:
-                s.recvfrom(64)
+                s.recvfrom(2048)
                 return
             except OSError:
                 continue

@@ -342,7 +342,7 @@ def main() -> None:
             lib = subprocess.Popen([*pin(0), "coap-server-notls", "-A", "127.0.0.1", "-p", str(lp)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                time.sleep(1.0)
+                wait_udp(lp, timeout=60)  # (it serves UDP on that port number too: up when that answers)
                 rows.append(run(lib.pid, f"libcoap 4.3.1 coap-server-notls over TCP (C; PUT, in memory; "
                                          f"{INFLIGHT_LIBCOAP_TCP} pipelined)",
                                 [sys.executable, __file__, "--gen", f"tcp:3:{INFLIGHT_LIBCOAP_TCP}:example_data", str(lp),
