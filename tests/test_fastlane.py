@@ -905,6 +905,27 @@ def test_protobuf_the_lane_is_not_sure_of_is_the_python_paths(twin, token, cf, b
     assert lane_took(twin) == (body in (b"\x09" + bytes(8), all_message(d=2.5)))
 
 
+@pytest.mark.parametrize("body, lanes", [
+    (b"\xe8\x80\x80\x80\x80\x00\x01", 0),         # a tag in six bytes: upb refuses it (five at most)
+    (b"\xe8\x80\x80\x80\x00\x01", 1),             # ... in five, overlong: upb reads it
+    (b"\xf8\xff\xff\xff\x1f\x01", 0),             # a tag past 32 bits
+    (b"\xf8\xff\xff\xff\x0f\x01\x68\x01", 1),     # the highest field number, unknown: skipped
+    (b"\x18" + b"\xff" * 9 + b"\x7f", 0),             # a varint's tenth byte past 64 bits (upb drops the bits)
+    (b"\x18" + b"\x80" * 10 + b"\x00", 0),            # a varint in eleven bytes
+    (b"\x18\x80\x80\x80\x80\x10", 1),             # an int32 sent in 64 bits: its low 32 (0)
+    (b"\x68\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", 1),  # a bool of any nonzero varint
+    (b"\x90\x01\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01\x68\x01", 1),  # ts 2**63 as int64: negative, a reading
+    (b"\x8a\x01\x00\x68\x01", 1),                   # an empty nested message: no readings of its own
+])
+def test_protobuf_wire_edges_are_read_as_upb_reads_them(twin, body, lanes):
+    """Tags and varints at upb's limits: what upb reads the lane reads alike, what it refuses (or
+    reads in a way the lane does not follow) is the Python path's."""
+    twin.receive(post("PBA", payload=body, cf=42))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == lanes
+
+
 PB_VALUES = st.fixed_dictionaries({}, optional={
     "d": st.floats(allow_nan=False, allow_infinity=False), "f": st.floats(width=32, allow_nan=False, allow_infinity=False),
     "i32": st.integers(-2 ** 31, 2 ** 31 - 1), "i64": st.integers(*I64), "u32": st.integers(0, 2 ** 32 - 1),

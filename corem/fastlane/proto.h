@@ -135,10 +135,11 @@ typedef struct {
     uint8_t seen;
 } pb_slot_t;
 
-/* A varint at *p (up to ten bytes, the tenth 0 or 1: what fits 64 bits); -1 if not one. */
-static int pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+/* A varint at *p of up to `most` bytes (a value: ten, the tenth 0 or 1, what fits 64 bits; a tag:
+ * five, as upb reads one); -1 if not one. */
+static int pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v, int most) {
     uint64_t x = 0;
-    for (int i = 0; i < 10 && *p < end; i++) {
+    for (int i = 0; i < most && *p < end; i++) {
         uint8_t b = *(*p)++;
         if (i == 9 && b > 1) return -1;
         x |= (uint64_t)(b & 0x7f) << (7 * i);
@@ -162,18 +163,18 @@ static int pb_scan(const pb_message_t *m, const uint8_t *p, const uint8_t *end, 
     memset(slots, 0, sizeof(pb_slot_t) * (size_t)m->nfields);
     while (p < end) {
         uint64_t tag, v;
-        if (pb_varint(&p, end, &tag) < 0 || tag > UINT32_MAX || tag >> 3 == 0) return -1;
+        if (pb_varint(&p, end, &tag, 5) < 0 || tag > UINT32_MAX || tag >> 3 == 0) return -1;
         unsigned wire = tag & 7;
         const uint8_t *at = NULL;
         if (wire == 0) {
-            if (pb_varint(&p, end, &v) < 0) return -1;
+            if (pb_varint(&p, end, &v, 10) < 0) return -1;
         } else if (wire == 1 || wire == 5) {
             int n = wire == 1 ? 8 : 4;
             if (end - p < n) return -1;
             v = pb_le(p, n);
             p += n;
         } else if (wire == 2) {
-            if (pb_varint(&p, end, &v) < 0 || v > (uint64_t)(end - p)) return -1;
+            if (pb_varint(&p, end, &v, 10) < 0 || v > (uint64_t)(end - p)) return -1;
             at = p;
             p += v;
         } else

@@ -12,7 +12,8 @@ top-level message (or the one the profile names) decoding every reading (applica
     }
 
 The schema is read by proto_schema.py; the wire format is decoded by Google's protobuf runtime (its
-C core, upb).  A decoded message becomes what ThingsBoard's JSON printer makes of it, so a device
+C core, upb) -- and by the fast lane in C (corem/fastlane/proto.h) for the schemas `lane_proto`
+gives it a form of, this decoder being its twin.  A decoded message becomes what ThingsBoard's JSON printer makes of it, so a device
 moved from ThingsBoard keeps its keys: fields by their JSON names (`inner_object` -> `innerObject`),
 scalars without presence present with their default (0 is a reading), unset `optional`, message and
 oneof fields absent, empty repeated and map fields absent, enums by name, bytes as base64.  Then the
