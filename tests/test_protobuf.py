@@ -97,6 +97,13 @@ NOT_THINGSBOARDS = [
 ]
 
 
+def test_a_json_name_no_utf8_can_say_is_refused_naming_it():
+    """Found by review: a lone surrogate escaped in a json_name raised UnicodeEncodeError out of
+    the schema reader (a profile that could not even be refused)."""
+    with pytest.raises(SchemaError, match=r"line 2:26: field 'x': json_name is not text UTF-8 can say"):
+        read_schema(H + 'message A { int32 x = 1 [json_name = "\\ud800"]; }')
+
+
 @pytest.mark.parametrize("schema,error", REFUSED + NOT_THINGSBOARDS)
 def test_a_schema_that_cannot_be_used_is_refused_naming_line_and_column(schema, error, tmp_path):
     with pytest.raises(SchemaError) as e:

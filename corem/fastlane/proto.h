@@ -80,23 +80,23 @@ static int pb_from(PyObject *proto, pb_plan_t *P) {
         PyObject *fields = PyTuple_GET_ITEM(msgs, i);
         if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) > PB_MAX_FIELDS) return pb_bad("a message is a tuple of <= 64 fields");
         pb_message_t *m = &P->msgs[i];
-        m->nfields = PyTuple_GET_SIZE(fields);
-        if (!(m->fields = PyMem_Calloc((size_t)m->nfields + 1, sizeof(pb_field_t)))) {
+        if (!(m->fields = PyMem_Calloc((size_t)PyTuple_GET_SIZE(fields) + 1, sizeof(pb_field_t)))) {
             PyErr_NoMemory();
             return -1;
         }
+        m->nfields = PyTuple_GET_SIZE(fields); /* (after: pb_free reads that many) */
         for (Py_ssize_t j = 0; j < m->nfields; j++) {
             pb_field_t *f = &m->fields[j];
             PyObject *name, *values;
-            unsigned int number;
+            long number; /* ("l": checked for overflow) */
             int kind, presence, sub;
-            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(fields, j), "IiO!piO!", &number, &kind, &PyBytes_Type, &name, &presence,
+            if (!PyArg_ParseTuple(PyTuple_GET_ITEM(fields, j), "liO!piO!", &number, &kind, &PyBytes_Type, &name, &presence,
                                   &sub, &PyTuple_Type, &values))
                 return -1;
             if (number < 1 || number > 536870911 || kind < PB_DOUBLE || kind > PB_LAST || PyBytes_GET_SIZE(name) < 1 ||
                 PyBytes_GET_SIZE(name) >= LANE_NAME || (kind == PB_MESSAGE) != (sub >= 0 && sub < n))
                 return pb_bad("a field is (number, kind, JSON name, presence, message index, enum values)");
-            f->number = number;
+            f->number = (uint32_t)number;
             f->kind = (uint8_t)kind;
             f->presence = (uint8_t)presence;
             f->wire = kind == PB_DOUBLE || kind == PB_FIXED64 || kind == PB_SFIXED64   ? 1

@@ -384,7 +384,11 @@ class _Reader:
             name = self.ident("an option")
             self.expect("=")
             if name == "json_name":
-                f.json_name = self.string("json_name")
+                text = self.string("json_name")
+                try:
+                    f.json_name = text
+                except (UnicodeEncodeError, ValueError):  # (a lone surrogate: no UTF-8 says it)
+                    raise self.fail(tok, f"field {f.name!r}: json_name is not text UTF-8 can say") from None
             elif name in ("packed", "deprecated"):
                 value = self.boolean(name)
                 if name == "packed" and (f.label != FDP.LABEL_REPEATED or f.type in UNPACKABLE):

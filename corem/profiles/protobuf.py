@@ -91,7 +91,8 @@ class Plan:
 
     def to_dict(self, msg: Message) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in self.fields(msg.DESCRIPTOR):
+        # (the class's: a field named DESCRIPTOR is what the message's own attribute reads)
+        for f in self.fields(type(msg).DESCRIPTOR):
             if f.presence and not msg.HasField(f.name):
                 continue
             value = getattr(msg, f.name)
@@ -151,6 +152,9 @@ LANE_KINDS = {FieldDescriptor.TYPE_DOUBLE: 1, FieldDescriptor.TYPE_FLOAT: 2, Fie
 _INTEGRAL = {3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
 #: (number, kind, JSON name, presence, message index or -1, enum values ((number, name), ...))
 LaneField = tuple[int, int, bytes, bool, int, tuple[tuple[int, bytes], ...]]
+#: the bytes of a name the lane makes (corem/fastlane/cbor_json.h LANE_NAME): a longer JSON name
+#: leaves the schema to `protobuf`'s decoder
+LANE_NAME = 64
 #: (message types, the first the payload's; the top message's `ts` field index, whether its 0 is
 #: "not sent"; its `values` field index) -- -1 where there is none
 LaneProto = tuple[tuple[tuple[LaneField, ...], ...], int, bool, int]
@@ -161,7 +165,7 @@ def lane_proto(schema: str, message: str) -> LaneProto | None:
     """The message's schema as the fast lane's C decodes it (corem/fastlane/proto.h), or None where
     the lane would have to guess and `protobuf`'s decoder stays the only one: a repeated or map
     field, bytes, a oneof of several members (one clears another), a `ts` that is not an integer, more fields
-    than the lane holds.  The lane still only accepts: a payload that is not plainly one of these
+    or longer names than the lane holds.  The lane still only accepts: a payload that is not plainly one of these
     messages is the Python path's."""
     top: Descriptor = message_of(schema, message).DESCRIPTOR
     types: list[Descriptor] = [top]
@@ -176,8 +180,8 @@ def lane_proto(schema: str, message: str) -> LaneProto | None:
             return None
         fields = []
         for f in d.fields:
-            if f.is_repeated or f.type not in LANE_KINDS:  # (bytes, groups)
-                return None
+            if f.is_repeated or f.type not in LANE_KINDS or not 0 < len(f.json_name.encode()) < LANE_NAME:
+                return None  # (bytes, groups; a name longer than the lane writes)
             sub = -1
             if f.message_type is not None:
                 sub = index.setdefault(f.message_type.full_name, len(types))
