@@ -100,10 +100,11 @@ TEMPLATES = (
     post(b"SML", 112, bytes.fromhex("82a52162643a221a6553f1000061740219015e016343656c" "a200616d04f5")),
     # readings a Python decoder gives the lane from its batch (pycodec.h): a JS codec
     post(b"JS", 42, bytes.fromhex("CBF60B0D0376010ADD0102")),
-    # protobuf read in C (proto.h): {ts, values}; every kind, nested flattened (PBA) or refused (PBR)
+    # protobuf read in C (proto.h): {ts, values}; every kind, nested flattened (PBA), refused (PBR), as JSON (PBJ)
     post(b"PB", 42, bytes.fromhex("0880d095ffbc311214090000000000803640" "10411a0772756e6e696e67")),
     post(b"PBA", 42, bytes.fromhex(PBA)),
     post(b"PBR", 42, bytes.fromhex(PBA)),
+    post(b"PBJ", 42, bytes.fromhex(PBA)),  # (nested: json -- the profile's decoder, from the lane's batch)
 )
 
 

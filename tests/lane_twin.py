@@ -220,12 +220,16 @@ class Twin:
         self.registry.add_device("acme", "js-1", token="JS", profile="js")
         self.registry.put_profile("proto", parse_profile(json.dumps({"format": "protobuf", "schema": PROTO})))
         self.registry.add_device("acme", "proto-1", token="PB", profile="proto")
-        # protobuf read in C (proto.h): every kind, nested messages flattened (PBA) or refused (PBR)
+        # protobuf read in C (proto.h): every kind, nested messages flattened (PBA), refused (PBR) or
+        # kept as their JSON text (PBJ: those messages the profile's Python decoder reads, from the lane's batch)
         self.registry.put_profile("proto-all", parse_profile(json.dumps(
             {"format": "protobuf", "schema": PROTO_ALL, "nested": "flatten"})))
         self.registry.add_device("acme", "proto-all-1", token="PBA", profile="proto-all")
         self.registry.put_profile("proto-reject", parse_profile(json.dumps({"format": "protobuf", "schema": PROTO_ALL})))
         self.registry.add_device("acme", "proto-reject-1", token="PBR", profile="proto-reject")
+        self.registry.put_profile("proto-json", parse_profile(json.dumps(
+            {"format": "protobuf", "schema": PROTO_ALL, "nested": "json"})))
+        self.registry.add_device("acme", "proto-json-1", token="PBJ", profile="proto-json")
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]

@@ -50,6 +50,11 @@ def lane_took(twin: Twin) -> int:
     return twin.lane.lane.lane.counters()["requests"]
 
 
+def python_decoded(twin: Twin) -> int:
+    """Of lane_took, the readings a profile's Python decoder read from the lane's batch (pycodec.h)."""
+    return twin.lane.lane.lane.counters()["python_decoded"]
+
+
 # -- the point ------------------------------------------------------------------------------------
 def test_json_frame_is_cut_from_encode_point():
     head, tail = json_frame("acme", 'd"1', "default")
@@ -860,10 +865,23 @@ def test_every_protobuf_kind_is_read_in_c_and_stored_as_python_would(twin, field
     twin.receive(post("PBA", payload=all_message(**fields), cf=42))
     twin.commit()
     answers, stored = twin.check()
-    assert lane_took(twin) == 1 and decode(answers[0][0]).code == Code.CHANGED
+    assert lane_took(twin) == 1 and python_decoded(twin) == 0 and decode(answers[0][0]).code == Code.CHANGED
     point = stored[0][2]
     assert ("ts" in point.numeric_values) == bool(fields.get("ts"))  # (a ts of 0 without presence: not sent)
     assert ("inner.label" in point.string_values) == ("label" in fields.get("inner", {}))
+
+
+def test_a_nested_message_kept_as_json_is_read_by_the_profiles_decoder_from_the_lanes_batch(twin):
+    """`nested: json` (ThingsBoard's own way): a message with a nested message is read by the
+    profile's Python decoder, called from the lane's batch (its JSON text as json.dumps writes it);
+    one without is read in C.  Both stored and answered as the Python path does."""
+    for mid, fields in enumerate([{"inner": {"label": "a", "deeper": {"on": True}}, "d": 1.5}, {"d": 1.5, "mode": 1}]):
+        twin.receive(post("PBJ", payload=all_message(**fields), cf=42, mid=mid))
+        twin.commit()
+        _, stored = twin.check()
+        assert lane_took(twin) == mid + 1 and python_decoded(twin) == 1
+        if not mid:
+            assert stored[0][2].string_values["inner"] == '{"label":"a","level":0,"deeper":{"on":true}}'
 
 
 def test_protobuf_ts_values_is_a_timed_point_read_in_c(twin):
@@ -877,7 +895,7 @@ def test_protobuf_ts_values_is_a_timed_point_read_in_c(twin):
         assert decode(answers[0][0]).code == (Code.CHANGED if took else Code.BAD_REQUEST)
         if ts == 1_700_000_000_000:
             assert stored[0][2].ts == ts
-    assert lane_took(twin) == 2
+    assert lane_took(twin) == 2 and python_decoded(twin) == 0
 
 
 @pytest.mark.parametrize("token, cf, body", [
@@ -897,15 +915,18 @@ def test_protobuf_ts_values_is_a_timed_point_read_in_c(twin):
     ("PB", 42, proto_reading(None)),                      # a Values message where a Reading goes: refused
 ])
 def test_protobuf_the_lane_is_not_sure_of_is_the_python_paths(twin, token, cf, body):
-    """What the lane does not read as upb would -- or refuses -- is handed to the Python path, and
-    both sides answer and store the same (refusals named by the Python path)."""
+    """What proto.h does not read as upb would is read by the profile's Python decoder from the
+    lane's batch; what that refuses is the Python path's, which names why: both sides answer and
+    store the same."""
     twin.receive(post(token, payload=body, cf=cf))
     twin.commit()
     answers, _ = twin.check()
-    assert lane_took(twin) == (body in (b"\x09" + bytes(8), all_message(d=2.5)))
+    in_c = body in (b"\x09" + bytes(8), all_message(d=2.5))
+    assert lane_took(twin) == (decode(answers[0][0]).code == Code.CHANGED)
+    assert lane_took(twin) - python_decoded(twin) == in_c
 
 
-@pytest.mark.parametrize("body, lanes", [
+@pytest.mark.parametrize("body, in_c", [
     (b"\xe8\x80\x80\x80\x80\x00\x01", 0),         # a tag in six bytes: upb refuses it (five at most)
     (b"\xe8\x80\x80\x80\x00\x01", 1),             # ... in five, overlong: upb reads it
     (b"\xf8\xff\xff\xff\x1f\x01", 0),             # a tag past 32 bits
@@ -917,13 +938,15 @@ def test_protobuf_the_lane_is_not_sure_of_is_the_python_paths(twin, token, cf, b
     (b"\x90\x01\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01\x68\x01", 1),  # ts 2**63 as int64: negative, a reading
     (b"\x8a\x01\x00\x68\x01", 1),                   # an empty nested message: no readings of its own
 ])
-def test_protobuf_wire_edges_are_read_as_upb_reads_them(twin, body, lanes):
-    """Tags and varints at upb's limits: what upb reads the lane reads alike, what it refuses (or
-    reads in a way the lane does not follow) is the Python path's."""
+def test_protobuf_wire_edges_are_read_as_upb_reads_them(twin, body, in_c):
+    """Tags and varints at upb's limits: what upb reads proto.h reads alike (`in_c`); what it reads
+    in a way proto.h does not follow goes to the profile's Python decoder, from the batch; what upb
+    refuses is the Python path's."""
     twin.receive(post("PBA", payload=body, cf=42))
     twin.commit()
-    twin.check()
-    assert lane_took(twin) == lanes
+    answers, _ = twin.check()
+    assert lane_took(twin) - python_decoded(twin) == in_c
+    assert lane_took(twin) == (decode(answers[0][0]).code == Code.CHANGED)
 
 
 PB_VALUES = st.fixed_dictionaries({}, optional={
@@ -940,7 +963,7 @@ PB_VALUES = st.fixed_dictionaries({}, optional={
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(PB_VALUES, st.sampled_from(["PBA", "PBR"]),
+@given(st.lists(st.tuples(PB_VALUES, st.sampled_from(["PBA", "PBR", "PBJ"]),
                           st.sampled_from(["whole", "twice", "cut", "flip", "junk"]), st.integers(0, 255)),
                 min_size=1, max_size=4))
 def test_generated_protobuf_is_stored_and_answered_the_same_with_and_without_the_lane(steps):
@@ -987,16 +1010,16 @@ def test_a_protobuf_schema_the_lane_would_have_to_guess_at_stays_its_python_deco
     assert decoder.mode == LANE_PYTHON
 
 
-@pytest.mark.parametrize("schema, body, lanes", [
+@pytest.mark.parametrize("schema, body, in_c", [
     # found by review: a field named DESCRIPTOR shadowed the class's descriptor in Plan.to_dict (the
     # Python path's 5.00 for every such message, which the lane would have stored); in a nested one too
     ('syntax = "proto3"; message M { optional double DESCRIPTOR = 1; double b = 2; }', "110000000000000840", 1),
     ('syntax = "proto3"; message I { double DESCRIPTOR = 1; } message M { I inner = 1; double b = 2; }',
      "0a09090000000000000040110000000000000840", 1),
     # a JSON name longer than the names the lane writes: the profile's Python decoder, from the lane's batch
-    ('syntax = "proto3"; message M { optional double ' + "a" * 70 + ' = 1; double b = 2; }', "110000000000000840", 1),
+    ('syntax = "proto3"; message M { optional double ' + "a" * 70 + ' = 1; double b = 2; }', "110000000000000840", 0),
 ])
-def test_protobuf_schemas_found_by_review_are_stored_and_answered_alike(twin, schema, body, lanes):
+def test_protobuf_schemas_found_by_review_are_stored_and_answered_alike(twin, schema, body, in_c):
     twin.registry.put_profile("proto-review", parse_profile(json.dumps(
         {"format": "protobuf", "schema": schema, "nested": "flatten"})))
     twin.registry.add_device("acme", "proto-review-1", token="PRV", profile="proto-review")
@@ -1004,7 +1027,7 @@ def test_protobuf_schemas_found_by_review_are_stored_and_answered_alike(twin, sc
     twin.receive(post("PRV", payload=bytes.fromhex(body), cf=42))
     twin.commit()
     answers, _ = twin.check()
-    assert lane_took(twin) == lanes and decode(answers[0][0]).code == Code.CHANGED
+    assert lane_took(twin) == 1 and python_decoded(twin) == 1 - in_c and decode(answers[0][0]).code == Code.CHANGED
 
 
 def test_a_ts_of_0_is_not_sent_only_for_the_field_named_ts():

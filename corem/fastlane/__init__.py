@@ -45,7 +45,7 @@ from ..ingest.telemetry import BUSY, Target, TelemetryIngest
 from ..latency import BOUNDS as LATENCY_BOUNDS
 from ..latency import LANE_DOORS
 from ..latency import NAME as LATENCY
-from ..profiles.compile import LANE_PYTHON, LaneDecoder
+from ..profiles.compile import LANE_PROTOBUF, LANE_PYTHON, LaneDecoder
 from ..stats import Histogram, Sample, counter
 from .. import token_path
 
@@ -96,8 +96,8 @@ def lane_mode(target: Target) -> int | None:
 
 
 def lane_profile(target: Target) -> object:
-    """The C form of the target's profile -- its field rules, array positions and binary layout
-    (`_lane.compile_profile`) -- made once per compiled profile and kept on its `LaneDecoder`;
+    """The C form of the target's profile -- its field rules, array positions, binary layout,
+    protobuf schema and Python decoder (`_lane.compile_profile`) -- made once per compiled profile and kept on its `LaneDecoder`;
     None: the default profile, nothing to hold; False: one the lane cannot hold (a name twice in
     its layout, more readings than it holds): the Python path's."""
     decode = target.decode
@@ -106,7 +106,8 @@ def lane_profile(target: Target) -> object:
     if decode.compiled is None:
         try:
             decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout,
-                                              decode.decode if decode.mode == LANE_PYTHON else None, decode.nested,
+                                              decode.decode if decode.mode in (LANE_PYTHON, LANE_PROTOBUF) else None,
+                                              decode.nested,
                                               decode.proto)
         except ValueError:
             decode.compiled = False

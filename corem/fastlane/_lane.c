@@ -83,7 +83,7 @@ typedef struct {
     rules_t rules;
     layout_t layout;
     PyObject *source; /* the tuples the strings live in */
-    PyObject *decode; /* MODE_PYTHON: the profile's Python decoder (pycodec.h), or NULL */
+    PyObject *decode; /* MODE_PYTHON, MODE_PROTOBUF: the profile's Python decoder (pycodec.h), or NULL */
     int nested;       /* ThingsBoard's `nested`: 0 reject (Python's), 1 flatten (their leaves), 2 json (their text) */
     pb_plan_t proto;  /* MODE_PROTOBUF: the schema's messages (proto.h) */
 } lane_profile_t;
@@ -101,8 +101,8 @@ static void profile_free(PyObject *capsule) {
 
 /* compile_profile(rules, positions, layout, decode=None, nested=0, proto=None): see rules.h
  * `rules_from`, layouts.h `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's
- * readings go through (pycodec.h; it must not refer to the capsule: a capsule is not followed by
- * the GC); `nested`, a ThingsBoard or protobuf profile's: 1 flatten, 2 json (cbor_json.h flat_t),
+ * readings go through, and a MODE_PROTOBUF target's that proto.h does not read (pycodec.h; it must
+ * not refer to the capsule: a capsule is not followed by the GC); `nested`, a ThingsBoard or protobuf profile's: 1 flatten, 2 json (cbor_json.h flat_t),
  * 0 reject; `proto`, a MODE_PROTOBUF profile's schema (proto.h `pb_from`). */
 static PyObject *compile_profile(PyObject *module, PyObject *args) {
     PyObject *rules, *positions, *layout, *decode = Py_None, *proto = Py_None;
@@ -302,7 +302,7 @@ typedef struct {
     unsigned long long datagrams_in, bytes_in, requests, duplicates, oversized, dropped, evicted,
         dedup_evictions, datagrams_out, bytes_out, send_blocked, send_errors, refusals, accepted, exempted,
         recovered, recovered_answers, records_opened, records_sealed, records_to_python, oscore_requests,
-        oscore_sealed;
+        oscore_sealed, python_decoded; /* (python_decoded: readings a profile's Python decoder read, from the batch) */
     unsigned long long responses[256];
     /* the latency histogram: counts per door and bucket, their sums; the receipt of the batch
      * being read (rx_at, CLOCK_MONOTONIC) and the `now` it came with (rx_for) */
@@ -1265,6 +1265,37 @@ static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint
     return parse_document(cf, mode, nested ? &fl : NULL, p, end, items, nitems, pts, npts);
 }
 
+/* The profile's Python decoder called from the batch (pycodec.h) and its point taken: a Python
+ * profile's way (its rules are in the decoder), and a protobuf profile's for a message proto.h does
+ * not read (a nested message kept as its JSON text, a wire type not the schema's, ...).  0 taken, 1
+ * the Python path's, -1 error. */
+static int take_decoded(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
+                        socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, double now, long long now_ms,
+                        const osc_req_t *osc) {
+    item_t items[MAX_ITEMS];
+    int nitems, r;
+    long long ts;
+    PyObject *keep;
+    uint8_t uorder[MAX_ITEMS];
+    int nu = 0;
+    uint64_t gen = self->targets_gen;
+    Py_ssize_t ti = t - self->targets;
+    int got = parse_python(profile_of(t)->decode, s->cf, s->payload, s->end, now_ms, items, &nitems, &ts, uorder, &nu,
+                           &keep);
+    if (got == -2) { /* (not the decoder's refusal: KeyboardInterrupt and the like go up) */
+        Py_XDECREF(keep);
+        return -1;
+    }
+    if (got < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
+        r = 1;
+    else
+        r = take_reading(self, &self->targets[ti], s, d, n, a, alen, peer, key, reuse, items, nitems, &ts, 1, now, now_ms,
+                         NULL, uorder, nu, osc);
+    if (r == 0) self->python_decoded++;
+    Py_XDECREF(keep); /* (last: the items point into it) */
+    return r;
+}
+
 /* The routed request's payload read and taken (its shape `sp`: the datagram's own, or the inner
  * message an OSCORE request sealed, `osc`): 0 taken, 1 the Python path's, -1 error. */
 static int take_request(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
@@ -1274,27 +1305,8 @@ static int take_request(Lane *self, target_t *t, const shape_t *s, const uint8_t
     char names[MAX_ITEMS][LANE_NAME]; /* (the names a format makes: LPP's, SenML's) */
     int nitems;
     long long pts[MAX_POINTS];
-    int npts = 1, r;
-    if (t->mode == MODE_PYTHON) { /* (its rules are in the decoder) */
-        PyObject *keep;
-        uint8_t uorder[MAX_ITEMS];
-        int nu = 0;
-        uint64_t gen = self->targets_gen;
-        Py_ssize_t ti = t - self->targets;
-        int got = parse_python(profile_of(t)->decode, s->cf, s->payload, s->end, now_ms, items, &nitems, &pts[0], uorder,
-                               &nu, &keep);
-        if (got == -2) { /* (not the decoder's refusal: KeyboardInterrupt and the like go up) */
-            Py_XDECREF(keep);
-            return -1;
-        }
-        if (got < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
-            r = 1;
-        else
-            r = take_reading(self, &self->targets[ti], s, d, n, a, alen, peer, key, reuse, items, nitems, pts, 1, now,
-                             now_ms, NULL, uorder, nu, osc);
-        Py_XDECREF(keep); /* (last: the items point into it) */
-        return r;
-    }
+    int npts = 1;
+    if (t->mode == MODE_PYTHON) return take_decoded(self, t, s, d, n, a, alen, peer, key, reuse, now, now_ms, osc);
     /* (the JSON text of nested values, `nested: json`: no longer than twice the payload) */
     size_t room = 2 * (size_t)(s->end - s->payload) + 64;
     if (room > self->nested_cap) {
@@ -1307,7 +1319,10 @@ static int take_request(Lane *self, target_t *t, const shape_t *s, const uint8_t
         self->nested_cap = room;
     }
     json_buf_t jb = {self->nested, self->nested_cap, 0};
-    if (parse_payload(s->cf, t, s->payload, s->end, now_ms, items, &nitems, pts, &npts, names, &jb) < 0) return 1;
+    if (parse_payload(s->cf, t, s->payload, s->end, now_ms, items, &nitems, pts, &npts, names, &jb) < 0)
+        return t->mode == MODE_PROTOBUF && profile_of(t)->decode
+                   ? take_decoded(self, t, s, d, n, a, alen, peer, key, reuse, now, now_ms, osc)
+                   : 1;
     const rules_t *rules = t->profile && profile_of(t)->rules.n ? &profile_of(t)->rules : NULL;
     /* accepted unless a rule is broken: from then on the lane owns the exchange */
     return take_reading(self, t, s, d, n, a, alen, peer, key, reuse, items, nitems, pts, npts, now, now_ms, rules,
@@ -2613,7 +2628,7 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         Py_DECREF(v);
     }
     PyObject *c = Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsnsKsKsnsKsK}", "recovered", self->recovered, "recovered_answers",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsnsNsKsKsKsnsKsKsnsKsKsK}", "recovered", self->recovered, "recovered_answers",
         self->recovered_answers, "datagrams_in", self->datagrams_in, "bytes_in", self->bytes_in,
         "requests", self->requests, "duplicates", self->duplicates, "oversized", self->oversized, "dropped",
         self->dropped, "evicted", self->evicted, "dedup_evictions", self->dedup_evictions, "datagrams_out",
@@ -2624,7 +2639,7 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
         self->records_opened, "records_sealed", self->records_sealed, "records_to_python", self->records_to_python,
         "dtls_sessions", (Py_ssize_t)self->ds.count, "oscore_requests", self->oscore_requests, "oscore_sealed",
         self->oscore_sealed, "oscore_contexts", self->oscs ? PyDict_GET_SIZE(self->oscs) : (Py_ssize_t)0, "hello_verify",
-        self->hello_verify, "hello_verify_bytes", self->hello_verify_bytes);
+        self->hello_verify, "hello_verify_bytes", self->hello_verify_bytes, "python_decoded", self->python_decoded);
     if (c && lat_counters(self, c) < 0) Py_CLEAR(c);
     return c;
 }

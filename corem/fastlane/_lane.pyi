@@ -112,7 +112,8 @@ def compile_profile(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, f
     1 number / 2 string, scale, offset, min, max, required, allowed, in the profile's order), an
     array's positions and a binary layout (layouts.h: name, struct format or b"skip", bytes to skip).
     ValueError for a layout the lane cannot hold.  `decode`: the Python decoder the lane calls
-    itself for a target in the Python mode (pycodec.h); `nested`: a ThingsBoard profile's nested
+    itself for a target in the Python mode, and in the protobuf mode for a message proto.h does not
+    read (pycodec.h); `nested`: a ThingsBoard profile's nested
     values refused (0), read into their leaves, `outer.inner` (1), or kept as their JSON text (2)
     (a protobuf profile's too); `proto`: a protobuf profile's schema (profiles/protobuf.py
     `lane_proto`, proto.h)."""

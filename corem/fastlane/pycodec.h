@@ -1,6 +1,6 @@
 /*
- * The fast lane calling a profile's Python decoder from its batch: a protobuf schema, a
- * JavaScript (TS013) codec, a Python hook -- what C does not decode itself.  The lane reads,
+ * The fast lane calling a profile's Python decoder from its batch: a JavaScript (TS013) codec, a
+ * Python hook, a protobuf schema or message proto.h does not read -- what C does not decode itself.  The lane reads,
  * deduplicates and routes the request in C as for any reading, calls the decoder with the payload
  * (`decode(content_format, payload, now_ms)` -> [Readings], the profile's rules applied by it),
  * and writes the point and the record itself: no Request, router or endpoint in between.  It

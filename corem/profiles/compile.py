@@ -23,7 +23,8 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 #: LPP; the profile's positional array; its fixed binary layout; a SenML pack of one time; and
 #: LANE_PYTHON: the lane calls the profile's Python decoder itself (js, a Python hook, a protobuf
 #: schema the lane cannot hold), from its batch, without the CoAP request path
-#: (corem/fastlane/pycodec.h); LANE_PROTOBUF: a protobuf message (corem/fastlane/proto.h)
+#: (corem/fastlane/pycodec.h); LANE_PROTOBUF: a protobuf message (corem/fastlane/proto.h), and
+#: one it does not read (a nested message kept as JSON, ...) by the profile's Python decoder, as LANE_PYTHON
 LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML, LANE_PYTHON, LANE_PROTOBUF = range(8)
 #: a ThingsBoard profile's `nested`, as the lane's C takes it: a nested value refused (the Python
 #: path's 4.00), flattened into its leaves, or kept as its JSON text
