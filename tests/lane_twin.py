@@ -46,7 +46,7 @@ message All {
   optional string snake_case_name = 19; uint32 renamed = 20 [json_name = "other"];
   enum Mode { option allow_alias = true; IDLE = 0; RUNNING = 1; BUSY = 1; }
   message Inner { optional string label = 1; int32 level = 2; Deeper deeper = 3; }
-  message Deeper { bool on = 1; optional sint32 delta = 2; }
+  message Deeper { bool on = 1; optional sint32 delta = 2; optional double ratio = 3; optional uint64 big = 4; }
 }
 """
 

@@ -871,17 +871,28 @@ def test_every_protobuf_kind_is_read_in_c_and_stored_as_python_would(twin, field
     assert ("inner.label" in point.string_values) == ("label" in fields.get("inner", {}))
 
 
-def test_a_nested_message_kept_as_json_is_read_by_the_profiles_decoder_from_the_lanes_batch(twin):
-    """`nested: json` (ThingsBoard's own way): a message with a nested message is read by the
-    profile's Python decoder, called from the lane's batch (its JSON text as json.dumps writes it);
-    one without is read in C.  Both stored and answered as the Python path does."""
-    for mid, fields in enumerate([{"inner": {"label": "a", "deeper": {"on": True}}, "d": 1.5}, {"d": 1.5, "mode": 1}]):
-        twin.receive(post("PBJ", payload=all_message(**fields), cf=42, mid=mid))
-        twin.commit()
-        _, stored = twin.check()
-        assert lane_took(twin) == mid + 1 and python_decoded(twin) == 1
-        if not mid:
-            assert stored[0][2].string_values["inner"] == '{"label":"a","level":0,"deeper":{"on":true}}'
+@pytest.mark.parametrize("fields, text, in_c", [
+    ({"inner": {"label": "a", "deeper": {"on": True}}, "d": 1.5}, '{"label":"a","level":0,"deeper":{"on":true}}', 1),
+    ({"inner": {"level": -7, "deeper": {"delta": -2}}}, '{"level":-7,"deeper":{"on":false,"delta":-2}}', 1),
+    ({"inner": {}, "mode": 1}, '{"level":0}', 1),
+    ({"inner": {"label": 'say "hi"'}}, '{"label":"say \\"hi\\"","level":0}', 0),  # (escaped: the decoder's)
+    ({"inner": {"label": "tab\there"}}, '{"label":"tab\\there","level":0}', 0),
+    ({"inner": {"label": "é€😀"}}, '{"label":"é€😀","level":0}', 1),  # (ensure_ascii=False: as it is)
+    ({"inner": {"deeper": {"ratio": 1e16, "big": 2 ** 64 - 1}}},
+     '{"level":0,"deeper":{"on":false,"ratio":1e+16,"big":18446744073709551615}}', 1),  # (repr's float, an int whole)
+    ({"inner": {"deeper": {"ratio": -0.0}}}, '{"level":0,"deeper":{"on":false,"ratio":-0.0}}', 1),
+    ({"inner": {"deeper": {"ratio": float("inf")}}}, None, 0),  # (not JSON: refused by both)
+])
+def test_a_nested_message_kept_as_json_is_written_as_json_dumps_writes_it(twin, fields, text, in_c):
+    """`nested: json` (ThingsBoard's own way): a nested message is one text reading, its JSON as
+    json.dumps writes Plan.to_dict's dict -- in C, but text JSON would escape, which the profile's
+    Python decoder writes, called from the lane's batch.  Stored and answered as the Python path does."""
+    twin.receive(post("PBJ", payload=all_message(**fields), cf=42))
+    twin.commit()
+    _, stored = twin.check()
+    assert lane_took(twin) - python_decoded(twin) == in_c and lane_took(twin) == (text is not None)
+    if text is not None:
+        assert stored[0][2].string_values["inner"] == text
 
 
 def test_protobuf_ts_values_is_a_timed_point_read_in_c(twin):
@@ -958,7 +969,9 @@ PB_VALUES = st.fixed_dictionaries({}, optional={
     "ts": st.integers(0, 2 ** 45), "snake_case_name": st.text(max_size=3),
     "inner": st.fixed_dictionaries({}, optional={"label": st.text(max_size=4), "level": st.integers(-5, 5),
                                                  "deeper": st.fixed_dictionaries({}, optional={
-                                                     "on": st.booleans(), "delta": st.integers(-5, 5)})}),
+                                                     "on": st.booleans(), "delta": st.integers(-5, 5),
+                                                     "ratio": st.floats(allow_nan=False, width=64),
+                                                     "big": st.integers(*U64)})}),
 })
 
 

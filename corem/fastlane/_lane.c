@@ -1257,7 +1257,7 @@ static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint
     if (mode == MODE_LPP) return cf == 42 || cf < 0 ? parse_lpp(p, end, items, nitems, names) : -1;
     if (mode == MODE_BINARY) return cf == 42 || cf < 0 ? parse_binary(&profile_of(t)->layout, p, end, items, nitems) : -1;
     if (mode == MODE_PROTOBUF)
-        return parse_protobuf(&profile_of(t)->proto, profile_of(t)->nested == 1, cf, p, end, items, nitems, pts, names);
+        return parse_protobuf(&profile_of(t)->proto, profile_of(t)->nested, jb, cf, p, end, items, nitems, pts, names);
     if (cf != 60 && cf != 50) return -1;
     if (mode == MODE_ARRAY) return parse_positional(&profile_of(t)->layout, cf, p, end, items, nitems, pts);
     int nested = mode == MODE_THINGSBOARD && t->profile ? profile_of(t)->nested : 0;

@@ -4,12 +4,14 @@
  * -- Google's runtime (upb) parses, `Plan.to_dict` makes ThingsBoard's JSON of it, `thingsboard_entry`
  * reads that: fields by their JSON names in the schema's order, a scalar without presence present
  * with its default, enums by name, `{ts, values}` a timed point, nested messages flattened into
- * `outer.inner` when the profile says so.  The schemas it holds have no repeated, map, bytes or
+ * `outer.inner` or kept as their JSON text, as the profile's `nested` says.  The schemas it holds have no repeated, map, bytes or
  * oneof fields (lane_proto leaves those to Python).  It only accepts: a wire type not the schema's,
- * a group, a message sent twice (merged), text that is not UTF-8, a nested message the profile
- * rejects or keeps as JSON, a number that is not finite, a `ts` out of range, no readings -- all the
- * Python path's, which decodes again and answers.  Header-only, for _lane.c, after cbor_json.h
- * and rules.h (item_t, utf8_ok, find_item, MAX_TS_MS, FLAT_DEPTH).
+ * a group, a message sent twice (merged), text that is not UTF-8 or that JSON would escape, a nested
+ * message the profile rejects, a number that is not finite, a `ts` out of range, no readings -- the
+ * profile's Python decoder's (called from the lane's batch, _lane.c `take_decoded`), which reads it
+ * or leaves it to the Python path to answer.  Header-only, for _lane.c, after cbor_json.h and
+ * rules.h (item_t, utf8_ok, find_item, json_buf_t, jb_put, jb_put_repr, json_plain_text, put_u64,
+ * MAX_TS_MS, FLAT_DEPTH).
  */
 #ifndef COREM_PROTO_H
 #define COREM_PROTO_H
@@ -194,12 +196,104 @@ static int pb_scan(const pb_message_t *m, const uint8_t *p, const uint8_t *end, 
     return 0;
 }
 
+/* An integer kind's value (an enum's too) as Python has it: its sign and magnitude (an int64's
+ * and a uint64's both whole). */
+static void pb_int(const pb_field_t *f, uint64_t v, int *neg, uint64_t *mag) {
+    int64_t s;
+    switch (f->kind) {
+    case PB_UINT32: case PB_FIXED32: *neg = 0; *mag = (uint32_t)v; return;
+    case PB_UINT64: case PB_FIXED64: *neg = 0; *mag = v; return;
+    case PB_INT32: case PB_SFIXED32: case PB_ENUM: s = (int32_t)(uint32_t)v; break;
+    case PB_SINT32: s = (int32_t)((uint32_t)v >> 1 ^ (uint32_t)-(int32_t)(v & 1)); break;
+    case PB_SINT64: s = (int64_t)(v >> 1 ^ (uint64_t)-(int64_t)(v & 1)); break;
+    default: s = (int64_t)v; /* INT64, SFIXED64 */
+    }
+    *neg = s < 0;
+    *mag = s < 0 ? 0 - (uint64_t)s : (uint64_t)s;
+}
+
+/* A number kind's value as the float Python makes of it (put_scalar's float(v); a bool 1.0 or 0.0). */
+static double pb_number(const pb_field_t *f, uint64_t v) {
+    if (f->kind == PB_DOUBLE) {
+        double x;
+        memcpy(&x, &v, 8);
+        return x;
+    }
+    if (f->kind == PB_FLOAT) {
+        uint32_t b = (uint32_t)v;
+        float g;
+        memcpy(&g, &b, 4);
+        return g;
+    }
+    if (f->kind == PB_BOOL) return v ? 1.0 : 0.0;
+    int neg;
+    uint64_t mag;
+    pb_int(f, v, &neg, &mag);
+    return neg ? -(double)mag : (double)mag; /* (rounding to nearest is symmetric) */
+}
+
+/* An enum value's name, or NULL (a number the schema does not name stays a number). */
+static const pb_enum_t *pb_enum_name(const pb_field_t *f, uint64_t v) {
+    int32_t n = (int32_t)(uint32_t)v;
+    for (Py_ssize_t i = 0; i < f->nvalues; i++)
+        if (f->values[i].number == n) return &f->values[i];
+    return NULL;
+}
+
+static int pb_json(json_buf_t *jb, const pb_plan_t *P, const pb_message_t *m, const uint8_t *p, const uint8_t *end,
+                   int depth);
+
+/* Text as json.dumps writes it, quoted; -1 if it would escape any of it (the Python decoder's). */
+static int pb_json_text(json_buf_t *jb, const uint8_t *s, size_t n) {
+    if (!json_plain_text(s, n) || jb_put(jb, "\"", 1) < 0 || jb_put(jb, s, n) < 0) return -1;
+    return jb_put(jb, "\"", 1);
+}
+
+/* One field's value as json.dumps writes what Plan.to_dict makes of it. */
+static int pb_json_value(json_buf_t *jb, const pb_plan_t *P, const pb_field_t *f, const pb_slot_t *s, int depth) {
+    if (f->kind == PB_MESSAGE) return pb_json(jb, P, &P->msgs[f->sub], s->at, s->at + s->v, depth + 1);
+    if (f->kind == PB_STRING) return pb_json_text(jb, s->seen ? s->at : (const uint8_t *)"", s->seen ? (size_t)s->v : 0);
+    if (f->kind == PB_BOOL) return s->v ? jb_put(jb, "true", 4) : jb_put(jb, "false", 5);
+    if (f->kind == PB_DOUBLE || f->kind == PB_FLOAT) {
+        double x = pb_number(f, s->v);
+        return isfinite(x) ? jb_put_repr(jb, x) : -1; /* (formats._plain refuses the others) */
+    }
+    const pb_enum_t *e = f->kind == PB_ENUM ? pb_enum_name(f, s->v) : NULL;
+    if (e) return pb_json_text(jb, e->name, e->nlen);
+    char digits[24], *o = digits;
+    int neg;
+    uint64_t mag;
+    pb_int(f, s->v, &neg, &mag);
+    if (neg) *o++ = '-';
+    o = put_u64(o, mag);
+    return jb_put(jb, digits, (size_t)(o - digits));
+}
+
+/* A nested message's JSON text, as formats.put_value keeps it with `nested: json`:
+ * json.dumps(Plan.to_dict(message), separators=(",", ":"), ensure_ascii=False). */
+static int pb_json(json_buf_t *jb, const pb_plan_t *P, const pb_message_t *m, const uint8_t *p, const uint8_t *end,
+                   int depth) {
+    pb_slot_t slots[PB_MAX_FIELDS];
+    if (depth >= FLAT_DEPTH || pb_scan(m, p, end, slots) < 0 || jb_put(jb, "{", 1) < 0) return -1;
+    int first = 1;
+    for (Py_ssize_t i = 0; i < m->nfields; i++) {
+        const pb_field_t *f = &m->fields[i];
+        if (!slots[i].seen && (f->presence || f->kind == PB_MESSAGE)) continue;
+        if ((!first && jb_put(jb, ",", 1) < 0) || pb_json_text(jb, f->name, f->nlen) < 0 || jb_put(jb, ":", 1) < 0 ||
+            pb_json_value(jb, P, f, &slots[i], depth) < 0)
+            return -1;
+        first = 0;
+    }
+    return jb_put(jb, "}", 1);
+}
+
 typedef struct {
     const pb_plan_t *plan;
     item_t *items;
     int count;
     char (*names)[LANE_NAME];
-    int flatten; /* the profile's nested is flatten (else a nested message is the Python path's) */
+    int nested;      /* the profile's: 1 flatten, 2 json (into `jb`), 0 reject (a nested message: not the lane's) */
+    json_buf_t *jb;
 } pb_out_t;
 
 static int pb_emit(pb_out_t *o, const pb_message_t *m, const pb_slot_t *slots, const char *prefix, size_t plen,
@@ -218,61 +312,40 @@ static int pb_put(pb_out_t *o, const pb_field_t *f, const pb_slot_t *s, const ch
         key = (const uint8_t *)nm;
         klen += plen + 1;
     }
-    if (f->kind == PB_MESSAGE) {
-        if (!o->flatten || depth >= FLAT_DEPTH) return -1;
+    if (o->count == MAX_ITEMS) return -1;
+    item_t *it = &o->items[o->count];
+    it->key = key;
+    it->klen = klen;
+    it->unit = NULL;
+    it->point = 0;
+    if (f->kind == PB_MESSAGE && o->nested == 2) { /* one text reading: its JSON text */
+        size_t start = o->jb->used;
+        if (pb_json_value(o->jb, o->plan, f, s, depth) < 0) return -1;
+        it->is_text = 1;
+        it->text = (const uint8_t *)o->jb->buf + start;
+        it->tlen = o->jb->used - start;
+    } else if (f->kind == PB_MESSAGE) {
+        if (o->nested != 1 || depth >= FLAT_DEPTH) return -1;
         char inner[LANE_NAME]; /* (its own copy: the children write their names where it was) */
         memcpy(inner, key, klen);
         pb_slot_t sub[PB_MAX_FIELDS];
         const pb_message_t *m = &o->plan->msgs[f->sub];
         if (pb_scan(m, s->at, s->at + s->v, sub) < 0) return -1;
         return pb_emit(o, m, sub, inner, klen, -1, depth + 1);
-    }
-    if (o->count == MAX_ITEMS) return -1;
-    item_t *it = &o->items[o->count];
-    uint64_t v = s->v; /* (0 when absent: every kind's default) */
-    double x;
-    it->key = key;
-    it->klen = klen;
-    it->is_text = 0;
-    it->unit = NULL;
-    it->point = 0;
-    switch (f->kind) {
-    case PB_DOUBLE: memcpy(&x, &v, 8); break;
-    case PB_FLOAT: {
-        uint32_t b = (uint32_t)v;
-        float g;
-        memcpy(&g, &b, 4);
-        x = g;
-        break;
-    }
-    case PB_INT32: case PB_SFIXED32: x = (int32_t)(uint32_t)v; break;
-    case PB_INT64: case PB_SFIXED64: x = (double)(int64_t)v; break;
-    case PB_UINT32: case PB_FIXED32: x = (uint32_t)v; break;
-    case PB_UINT64: case PB_FIXED64: x = (double)v; break;
-    case PB_SINT32: x = (int32_t)((uint32_t)v >> 1 ^ (uint32_t)-(int32_t)(v & 1)); break;
-    case PB_SINT64: x = (double)(int64_t)(v >> 1 ^ (uint64_t)-(int64_t)(v & 1)); break;
-    case PB_BOOL: x = v ? 1.0 : 0.0; break;
-    case PB_ENUM: { /* by name; a number the schema does not know stays a number */
-        int32_t n = (int32_t)(uint32_t)v;
-        x = n;
-        for (Py_ssize_t i = 0; i < f->nvalues; i++)
-            if (f->values[i].number == n) {
-                it->is_text = 1;
-                it->text = f->values[i].name;
-                it->tlen = f->values[i].nlen;
-                break;
-            }
-        break;
-    }
-    default: /* PB_STRING (checked UTF-8 as it was read) */
+    } else if (f->kind == PB_STRING) { /* (checked UTF-8 as it was read; "" when not sent) */
         it->is_text = 1;
         it->text = s->seen ? s->at : (const uint8_t *)"";
-        it->tlen = s->seen ? (size_t)v : 0;
-        x = 0;
-    }
-    if (!it->is_text) {
-        if (!isfinite(x)) return -1; /* (Python refuses it) */
-        it->num = x;
+        it->tlen = s->seen ? (size_t)s->v : 0;
+    } else {
+        const pb_enum_t *e = f->kind == PB_ENUM ? pb_enum_name(f, s->v) : NULL; /* (an enum by name) */
+        it->is_text = e != NULL;
+        if (e) {
+            it->text = e->name;
+            it->tlen = e->nlen;
+        } else {
+            it->num = pb_number(f, s->v); /* (s->v is 0 when not sent: every kind's default) */
+            if (!isfinite(it->num)) return -1; /* (Python refuses it) */
+        }
     }
     o->count++;
     return 0;
@@ -290,38 +363,24 @@ static int pb_emit(pb_out_t *o, const pb_message_t *m, const pb_slot_t *slots, c
     return 0;
 }
 
-/* An integer field's value as Python has it, into *out: 0, or -1 if negative. */
-static int pb_integer(const pb_field_t *f, uint64_t v, uint64_t *out) {
-    int64_t s;
-    switch (f->kind) {
-    case PB_UINT32: case PB_FIXED32: *out = (uint32_t)v; return 0;
-    case PB_UINT64: case PB_FIXED64: *out = v; return 0;
-    case PB_INT32: case PB_SFIXED32: s = (int32_t)(uint32_t)v; break;
-    case PB_SINT32: s = (int32_t)((uint32_t)v >> 1 ^ (uint32_t)-(int32_t)(v & 1)); break;
-    case PB_SINT64: s = (int64_t)(v >> 1 ^ (uint64_t)-(int64_t)(v & 1)); break;
-    default: s = (int64_t)v; /* INT64, SFIXED64 */
-    }
-    if (s < 0) return -1;
-    *out = (uint64_t)s;
-    return 0;
-}
-
 /* The payload (42 or no Content-Format) as one message of the plan: 0 and its items and time (*ts,
  * -1: none), or -1: the Python path's. */
-static int parse_protobuf(const pb_plan_t *P, int flatten, int cf, const uint8_t *p, const uint8_t *end, item_t *items,
-                          int *nitems, long long *ts, char (*names)[LANE_NAME]) {
+static int parse_protobuf(const pb_plan_t *P, int nested, json_buf_t *jb, int cf, const uint8_t *p, const uint8_t *end,
+                          item_t *items, int *nitems, long long *ts, char (*names)[LANE_NAME]) {
     if ((cf != 42 && cf >= 0) || p == end || !P->nmsgs) return -1;
     const pb_message_t *top = &P->msgs[0];
     pb_slot_t slots[PB_MAX_FIELDS];
     if (pb_scan(top, p, end, slots) < 0) return -1;
-    pb_out_t o = {P, items, 0, names, flatten};
+    pb_out_t o = {P, items, 0, names, nested, jb};
     *ts = -1;
     int skip = -1; /* a ts of 0 without presence: not sent (protobuf.py `ts_unset_is_zero`) */
     uint64_t t = 0;
     int ts_sent = 0, ts_ok = 0; /* (ts_ok: not negative) */
     if (P->ts >= 0) {
         const pb_field_t *tf = &top->fields[P->ts];
-        ts_ok = pb_integer(tf, slots[P->ts].v, &t) == 0;
+        int neg;
+        pb_int(tf, slots[P->ts].v, &neg, &t);
+        ts_ok = !neg;
         ts_sent = slots[P->ts].seen || !tf->presence;
         if (P->ts_zero && ts_ok && t == 0) skip = P->ts, ts_sent = 0;
     }
