@@ -40,6 +40,11 @@ message Values { double temperature = 1; int32 humidity = 2; string state = 3; }
 message Reading { int64 ts = 1; Values values = 2; }
 """
 PROTO_READING = message_class(PROTO, "Values")(**READING).SerializeToString()
+#: ThingsBoard's documented telemetry schema, its nested message kept as its JSON text (`nested: json`,
+#: ThingsBoard's own way)
+TB_PROTO = (Path(__file__).resolve().parent.parent / "tests" / "protos" / "thingsboard.proto").read_text()
+TB_PROTO_READING = message_class(TB_PROTO)(temperature=22.5, humidity=65, innerObject={
+    "key1": "value1", "key2": True, "key3": 3.5, "key4": 4}).SerializeToString()
 PROTO_TS = message_class(PROTO)(ts=TS, values=READING).SerializeToString()
 
 CASES = [
@@ -63,6 +68,8 @@ CASES = [
     ("protobuf message (ThingsBoard-style schema)", json.dumps({"format": "protobuf", "schema": PROTO,
                                                                 "message": "Values"}), 42, PROTO_READING),
     ("protobuf {ts, values}", json.dumps({"format": "protobuf", "schema": PROTO}), 42, PROTO_TS),
+    ("protobuf, ThingsBoard's schema, nested kept as JSON", json.dumps({"format": "protobuf", "schema": TB_PROTO,
+                                                                       "nested": "json"}), 42, TB_PROTO_READING),
     ("JavaScript TS013 codec (LHT65 style), QuickJS", json.dumps({"format": "js", "script": LHT65}), 42,
      bytes.fromhex("CBF60B0D0376010ADD7FFF")),
 ]
