@@ -937,6 +937,30 @@ def test_protobuf_the_lane_is_not_sure_of_is_the_python_paths(twin, token, cf, b
     assert lane_took(twin) - python_decoded(twin) == in_c
 
 
+@pytest.mark.parametrize("token, cf, body, hook", [
+    ("PBA", 42, b"\x08", "wire_fault"),                     # cut short
+    ("PBA", 42, b"\x72\x01\xff", "wire_fault"),               # text not UTF-8
+    ("PBA", 42, b"\x00\x01", "wire_fault"),                   # field number 0
+    ("PBA", 60, all_message(d=1.0), "binary_payload"),        # not octets
+    ("PBR", 42, all_message(inner={"level": 1}), "thingsboard_entry"),  # a nested message the profile refuses
+    ("PBA", 42, all_message(d=1.0)[:-1] + b"\x7f", "thingsboard_entry"),  # an infinite double
+])
+def test_what_upb_or_the_profile_refuses_is_decoded_once_by_each_side(twin, monkeypatch, token, cf, body, hook):
+    """Found by review: a protobuf message the lane's C knows to be refused went to the profile's
+    decoder from the batch and then to the Python path, which decoded it again -- twice the CPU for
+    each refused request.  Now the Python path alone decodes it (once a side), and answers."""
+    import corem.profiles.protobuf as pb
+
+    calls = []
+    original = getattr(pb, hook)
+    monkeypatch.setattr(pb, hook, lambda *a, **k: calls.append(1) or original(*a, **k))
+    twin.receive(post(token, payload=body, cf=cf))
+    twin.commit()
+    answers, _ = twin.check()
+    assert decode(answers[0][0]).code in (Code.BAD_REQUEST, Code.UNSUPPORTED_CONTENT_FORMAT)
+    assert len(calls) == 2 and lane_took(twin) == 0  # (the lane side's Python path, and the Python side's)
+
+
 @pytest.mark.parametrize("body, in_c", [
     (b"\xe8\x80\x80\x80\x80\x00\x01", 0),         # a tag in six bytes: upb refuses it (five at most)
     (b"\xe8\x80\x80\x80\x00\x01", 1),             # ... in five, overlong: upb reads it
@@ -1041,6 +1065,26 @@ def test_protobuf_schemas_found_by_review_are_stored_and_answered_alike(twin, sc
     twin.commit()
     answers, _ = twin.check()
     assert lane_took(twin) == 1 and python_decoded(twin) == 1 - in_c and decode(answers[0][0]).code == Code.CHANGED
+
+
+def test_a_nested_messages_json_longer_than_twice_its_payload_is_written_in_c(twin):
+    """Found by review: the room for nested JSON texts was twice the payload, as for JSON and CBOR
+    payloads; a protobuf float is 5 bytes on the wire and up to 24 characters in JSON, a field not
+    sent none and its default some.  The room now counts what the schema could add."""
+    from corem.profiles.proto_schema import message_class
+
+    schema = ('syntax = "proto3"; message I { ' + " ".join(f"float f{i} = {i};" for i in range(1, 11)) +
+              ' } message M { I inner = 1; double v = 2; }')
+    twin.registry.put_profile("proto-wide", parse_profile(json.dumps({"format": "protobuf", "schema": schema,
+                                                                      "nested": "json"})))
+    twin.registry.add_device("acme", "proto-wide-1", token="PWJ", profile="proto-wide")
+    twin.directory.refresh(force=True)
+    body = message_class(schema)(inner={f"f{i}": 0.1 * i for i in range(1, 7)}, v=1.5).SerializeToString()
+    twin.receive(post("PWJ", payload=body, cf=42))
+    twin.commit()
+    _, stored = twin.check()
+    assert len(stored[0][2].string_values["inner"]) > 2 * len(body) + 64
+    assert lane_took(twin) == 1 and python_decoded(twin) == 0
 
 
 def test_a_ts_of_0_is_not_sent_only_for_the_field_named_ts():

@@ -1246,7 +1246,8 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
 /* The payload in its target's mode: CBOR (60) or JSON (50) documents for the flat and ThingsBoard
  * modes (cbor_json.h), Cayenne LPP (42 or none, lpp.h), the profile's positional array (60, 50) or
  * binary layout (42 or none, layouts.h), a SenML pack of one time (110-113, 50, 60: senml.h), a
- * protobuf message (42 or none, proto.h); 0 and the items, or -1: the Python path's. */
+ * protobuf message (42 or none, proto.h); 0 and the items, or -1: the Python path's (a protobuf
+ * message: PB_PYTHON, the profile's decoder's, or PB_REFUSED). */
 static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint8_t *end, long long now_ms,
                          item_t *items, int *nitems, long long *pts, int *npts, char (*names)[LANE_NAME],
                          json_buf_t *jb) {
@@ -1307,8 +1308,9 @@ static int take_request(Lane *self, target_t *t, const shape_t *s, const uint8_t
     long long pts[MAX_POINTS];
     int npts = 1;
     if (t->mode == MODE_PYTHON) return take_decoded(self, t, s, d, n, a, alen, peer, key, reuse, now, now_ms, osc);
-    /* (the JSON text of nested values, `nested: json`: no longer than twice the payload) */
-    size_t room = 2 * (size_t)(s->end - s->payload) + 64;
+    /* (the JSON text of nested values, `nested: json`: no longer than twice the payload, and for a
+     * protobuf message what its schema's defaults and numbers could add: proto.h pb_json_most) */
+    size_t room = 2 * (size_t)(s->end - s->payload) + 64 + (t->mode == MODE_PROTOBUF ? profile_of(t)->proto.json_room : 0);
     if (room > self->nested_cap) {
         char *b = PyMem_Realloc(self->nested, room);
         if (!b) {
@@ -1319,8 +1321,9 @@ static int take_request(Lane *self, target_t *t, const shape_t *s, const uint8_t
         self->nested_cap = room;
     }
     json_buf_t jb = {self->nested, self->nested_cap, 0};
-    if (parse_payload(s->cf, t, s->payload, s->end, now_ms, items, &nitems, pts, &npts, names, &jb) < 0)
-        return t->mode == MODE_PROTOBUF && profile_of(t)->decode
+    int got = parse_payload(s->cf, t, s->payload, s->end, now_ms, items, &nitems, pts, &npts, names, &jb);
+    if (got < 0) /* (a protobuf message proto.h does not read: the profile's decoder, from the batch) */
+        return t->mode == MODE_PROTOBUF && got == PB_PYTHON && profile_of(t)->decode
                    ? take_decoded(self, t, s, d, n, a, alen, peer, key, reuse, now, now_ms, osc)
                    : 1;
     const rules_t *rules = t->profile && profile_of(t)->rules.n ? &profile_of(t)->rules : NULL;
