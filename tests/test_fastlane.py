@@ -1067,6 +1067,24 @@ def test_protobuf_schemas_found_by_review_are_stored_and_answered_alike(twin, sc
     assert lane_took(twin) == 1 and python_decoded(twin) == 1 - in_c and decode(answers[0][0]).code == Code.CHANGED
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False) | st.floats(-1e6, 1e6) |
+                st.sampled_from([1e16, 1e15, 999999999999999.0, 1e-4, 9.999e-5, 0.1, 22.5, -0.0, 5e-324, 1e22]),
+                min_size=1, max_size=8))
+def test_numbers_in_a_nested_json_text_are_written_as_repr_writes_them(ratios):
+    """The nested message's JSON text (`nested: json`) has each double as json.dumps writes it,
+    float.__repr__ -- whole numbers and a few decimals without dtoa, the rest by it."""
+    t = Twin()
+    try:
+        for i, ratio in enumerate(ratios):
+            t.receive(post("PBJ", payload=all_message(inner={"deeper": {"ratio": ratio}}), cf=42, mid=i))
+            t.commit()
+            t.check()
+        assert lane_took(t) == len(ratios) and python_decoded(t) == 0
+    finally:
+        t.close()
+
+
 def test_a_nested_messages_json_longer_than_twice_its_payload_is_written_in_c(twin):
     """Found by review: the room for nested JSON texts was twice the payload, as for JSON and CBOR
     payloads; a protobuf float is 5 bytes on the wire and up to 24 characters in JSON, a field not

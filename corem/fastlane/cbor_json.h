@@ -444,8 +444,12 @@ static int json_plain_text(const uint8_t *s, size_t n) {
     return utf8_ok(s, n);
 }
 
+static char *put_fixed(char *o, double v);
+
 /* A double as repr writes it (json.dumps writes float.__repr__): 0, or -1 */
 static int jb_put_repr(json_buf_t *jb, double v) {
+    char fast[40], *end = put_fixed(fast, v); /* (where repr's digits and msgspec's are the same) */
+    if (end) return jb_put(jb, fast, (size_t)(end - fast));
     char *s = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (!s) {
         PyErr_Clear();
@@ -885,7 +889,9 @@ static char *put_short_decimal(char *o, double v) {
     return NULL;
 }
 
-static char *put_double(char *o, double v) {
+/* A whole number below 1e15 (not -0.0) or one of a few decimals, as repr and msgspec both write
+ * it (fixed notation, "65.0"), without dtoa; NULL for any other double. */
+static char *put_fixed(char *o, double v) {
     if (v == floor(v) && fabs(v) < 1e15 && !(v == 0 && signbit(v))) {
         if (v < 0) {
             *o++ = '-';
@@ -896,8 +902,12 @@ static char *put_double(char *o, double v) {
         *o++ = '0';
         return o;
     }
-    char *short_end = put_short_decimal(o, v);
-    if (short_end) return short_end;
+    return put_short_decimal(o, v);
+}
+
+static char *put_double(char *o, double v) {
+    char *fixed_end = put_fixed(o, v);
+    if (fixed_end) return fixed_end;
     /* the shortest digits that read back as v (repr's), written as msgspec writes them: an
      * exponent without "+" or leading zeros (1e16, 1e-7), and 1e-05's decade as a decimal
      * (0.000025) -- held to msgspec over random doubles by tests/test_fastlane.py */
