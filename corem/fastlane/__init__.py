@@ -97,18 +97,17 @@ def lane_mode(target: Target) -> int | None:
 
 def lane_profile(target: Target) -> object:
     """The C form of the target's profile -- its field rules, array positions, binary layout,
-    protobuf schema and Python decoder (`_lane.compile_profile`) -- made once per compiled profile and kept on its `LaneDecoder`;
-    None: the default profile, nothing to hold; False: one the lane cannot hold (a name twice in
-    its layout, more readings than it holds): the Python path's."""
+    protobuf schema and Python decoder (`_lane.compile_profile`) -- made once per compiled profile
+    and kept on its `LaneDecoder`; None: the default profile, nothing to hold; False: one the lane
+    cannot hold (a name twice in its layout, more readings than it holds): the Python path's."""
     decode = target.decode
     if not isinstance(decode, LaneDecoder):
         return None
     if decode.compiled is None:
         try:
-            decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout,
-                                              decode.decode if decode.mode in (LANE_PYTHON, LANE_PROTOBUF) else None,
-                                              decode.nested,
-                                              decode.proto)
+            in_python = decode.decode if decode.mode in (LANE_PYTHON, LANE_PROTOBUF) else None
+            decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout, in_python,
+                                              decode.nested, decode.proto)
         except ValueError:
             decode.compiled = False
     return decode.compiled

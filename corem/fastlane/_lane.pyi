@@ -113,7 +113,6 @@ def compile_profile(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, f
     array's positions and a binary layout (layouts.h: name, struct format or b"skip", bytes to skip).
     ValueError for a layout the lane cannot hold.  `decode`: the Python decoder the lane calls
     itself for a target in the Python mode, and in the protobuf mode for a message proto.h does not
-    read (pycodec.h); `nested`: a ThingsBoard profile's nested
-    values refused (0), read into their leaves, `outer.inner` (1), or kept as their JSON text (2)
-    (a protobuf profile's too); `proto`: a protobuf profile's schema (profiles/protobuf.py
-    `lane_proto`, proto.h)."""
+    read (pycodec.h); `nested`: a ThingsBoard or protobuf profile's nested values refused (0), read
+    into their leaves, `outer.inner` (1), or kept as their JSON text (2); `proto`: a protobuf
+    profile's schema (profiles/protobuf.py `lane_proto`, proto.h)."""

@@ -24,8 +24,9 @@ def _flat(content_format: int | None, payload: bytes | bytearray | memoryview, n
 #: LANE_PYTHON: the lane calls the profile's Python decoder itself (js, a Python hook, a protobuf
 #: schema the lane cannot hold), from its batch, without the CoAP request path
 #: (corem/fastlane/pycodec.h); LANE_PROTOBUF: a protobuf message (corem/fastlane/proto.h), and
-#: one it does not read (a nested message kept as JSON, ...) by the profile's Python decoder, as LANE_PYTHON
-LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML, LANE_PYTHON, LANE_PROTOBUF = range(8)
+#: one proto.h does not read (text JSON would escape, ...) by the profile's Python decoder, as LANE_PYTHON
+(LANE_FLAT, LANE_THINGSBOARD, LANE_CAYENNE_LPP, LANE_ARRAY, LANE_BINARY, LANE_SENML, LANE_PYTHON,
+ LANE_PROTOBUF) = range(8)
 #: a ThingsBoard profile's `nested`, as the lane's C takes it: a nested value refused (the Python
 #: path's 4.00), flattened into its leaves, or kept as its JSON text
 NESTED_REJECT, NESTED_FLATTEN, NESTED_JSON = 0, 1, 2
@@ -99,8 +100,8 @@ def compile_profile(profile: Profile) -> Decoder:
         proto = lane_proto(profile.schema, profile.message)
         in_c = lane_rules(profile.fields) if profile.fields else ()
         if proto is not None and in_c is not None:  # (the lane reads the message in C, and its rules)
-            return LaneDecoder(_with_rules(decode, profile.fields) if profile.fields else decode, LANE_PROTOBUF,
-                               in_c, nested=NESTED[profile.nested], proto=proto)
+            whole = _with_rules(decode, profile.fields) if profile.fields else decode
+            return LaneDecoder(whole, LANE_PROTOBUF, in_c, nested=NESTED[profile.nested], proto=proto)
     elif profile.format == "js":
         from .js import JsCodec
 

@@ -13,10 +13,11 @@ top-level message (or the one the profile names) decoding every reading (applica
 
 The schema is read by proto_schema.py; the wire format is decoded by Google's protobuf runtime (its
 C core, upb) -- and by the fast lane in C (corem/fastlane/proto.h) for the schemas `lane_proto`
-gives it a form of, this decoder being its twin.  A decoded message becomes what ThingsBoard's JSON printer makes of it, so a device
-moved from ThingsBoard keeps its keys: fields by their JSON names (`inner_object` -> `innerObject`),
-scalars without presence present with their default (0 is a reading), unset `optional`, message and
-oneof fields absent, empty repeated and map fields absent, enums by name, bytes as base64.  Then the
+gives it a form of, this decoder being its twin.  A decoded message becomes what ThingsBoard's
+JSON printer makes of it, so a device moved from ThingsBoard keeps its keys: fields by their JSON
+names (`inner_object` -> `innerObject`), scalars without presence present with their default (0 is
+a reading), unset `optional`, message and oneof fields absent, empty repeated and map fields
+absent, enums by name, bytes as base64.  Then the
 ThingsBoard rules apply: `{ts, values}` is a timestamped point (a `ts` of 0 without presence is "not
 sent": the reading is timed when it comes) and nested messages, lists and maps go by the profile's
 `nested` (flatten, json or reject).  A payload that does not parse is refused naming the field where
@@ -143,12 +144,11 @@ def protobuf(schema: str, message: str, nested: str) -> FormatDecoder:
 
 # -- the fast lane's form --------------------------------------------------------------------------
 #: a field's kind as the lane's C takes it (corem/fastlane/proto.h PB_*)
-LANE_KINDS = {FieldDescriptor.TYPE_DOUBLE: 1, FieldDescriptor.TYPE_FLOAT: 2, FieldDescriptor.TYPE_INT32: 3,
-              FieldDescriptor.TYPE_INT64: 4, FieldDescriptor.TYPE_UINT32: 5, FieldDescriptor.TYPE_UINT64: 6,
-              FieldDescriptor.TYPE_SINT32: 7, FieldDescriptor.TYPE_SINT64: 8, FieldDescriptor.TYPE_FIXED32: 9,
-              FieldDescriptor.TYPE_FIXED64: 10, FieldDescriptor.TYPE_SFIXED32: 11, FieldDescriptor.TYPE_SFIXED64: 12,
-              FieldDescriptor.TYPE_BOOL: 13, FieldDescriptor.TYPE_STRING: 14, FieldDescriptor.TYPE_ENUM: 15,
-              FieldDescriptor.TYPE_MESSAGE: 16}
+_F = FieldDescriptor
+LANE_KINDS = {_F.TYPE_DOUBLE: 1, _F.TYPE_FLOAT: 2, _F.TYPE_INT32: 3, _F.TYPE_INT64: 4,
+              _F.TYPE_UINT32: 5, _F.TYPE_UINT64: 6, _F.TYPE_SINT32: 7, _F.TYPE_SINT64: 8,
+              _F.TYPE_FIXED32: 9, _F.TYPE_FIXED64: 10, _F.TYPE_SFIXED32: 11, _F.TYPE_SFIXED64: 12,
+              _F.TYPE_BOOL: 13, _F.TYPE_STRING: 14, _F.TYPE_ENUM: 15, _F.TYPE_MESSAGE: 16}
 _INTEGRAL = {3, 4, 5, 6, 7, 8, 9, 10, 11, 12}
 #: (number, kind, JSON name, presence, message index or -1, enum values ((number, name), ...))
 LaneField = tuple[int, int, bytes, bool, int, tuple[tuple[int, bytes], ...]]
@@ -164,9 +164,9 @@ MAX_LANE_FIELDS = 64  # (proto.h PB_MAX_FIELDS)
 def lane_proto(schema: str, message: str) -> LaneProto | None:
     """The message's schema as the fast lane's C decodes it (corem/fastlane/proto.h), or None where
     the lane would have to guess and `protobuf`'s decoder stays the only one: a repeated or map
-    field, bytes, a oneof of several members (one clears another), a `ts` that is not an integer, more fields
-    or longer names than the lane holds.  The lane still only accepts: a payload that is not plainly one of these
-    messages is the Python path's."""
+    field, bytes, a oneof of several members (one clears another), a `ts` that is not an integer,
+    more fields or longer names than the lane holds.  The lane still only accepts: a message it
+    does not plainly read is this decoder's (from the lane's batch), a refused one the Python path's."""
     top: Descriptor = message_of(schema, message).DESCRIPTOR
     types: list[Descriptor] = [top]
     index = {top.full_name: 0}
@@ -196,7 +196,8 @@ def lane_proto(schema: str, message: str) -> LaneProto | None:
     by_json = {f.json_name: i for i, f in enumerate(top.fields)}
     ts = by_json.get("ts", -1)
     named = top.fields_by_name.get("ts")
-    if (named is not None and (ts < 0 or top.fields[ts] is not named)) or (ts >= 0 and plans[0][ts][1] not in _INTEGRAL):
+    if (named is not None and (ts < 0 or top.fields[ts] is not named)) or \
+            (ts >= 0 and plans[0][ts][1] not in _INTEGRAL):
         return None  # (a `ts` the lane would have to read as `decode` does: not as a time)
     # (a ts of 0 is "not sent" only for the field named ts, without presence: `protobuf`'s rule)
     return tuple(plans), ts, named is not None and not named.has_presence, by_json.get("values", -1)
