@@ -1,15 +1,17 @@
 /*
  * The fast lane's protobuf reader: one message of a profile's proto3 schema (its form from
  * corem/profiles/protobuf.py `lane_proto`) into items, as that file's `protobuf` decoder makes them
- * -- Google's runtime (upb) parses, `Plan.to_dict` makes ThingsBoard's JSON of it, `thingsboard_entry`
- * reads that: fields by their JSON names in the schema's order, a scalar without presence present
- * with its default, enums by name, `{ts, values}` a timed point, nested messages flattened into
- * `outer.inner` or kept as their JSON text, as the profile's `nested` says.  The schemas it holds have no repeated, map, bytes or
- * oneof fields (lane_proto leaves those to Python).  It only accepts: a wire type not the schema's,
- * a group, a message sent twice (merged), text that is not UTF-8 or that JSON would escape, a nested
- * message the profile rejects, a number that is not finite, a `ts` out of range, no readings -- the
- * profile's Python decoder's (called from the lane's batch, _lane.c `take_decoded`), which reads it
- * or leaves it to the Python path to answer.  Header-only, for _lane.c, after cbor_json.h and
+ * -- Google's runtime (upb) parses, `Plan.to_dict` makes ThingsBoard's JSON of it,
+ * `thingsboard_entry` reads that: fields by their JSON names in the schema's order, a scalar
+ * without presence present with its default, enums by name, `{ts, values}` a timed point, nested
+ * messages flattened into `outer.inner` or kept as their JSON text, as the profile's `nested` says.
+ * The schemas it holds have no repeated, map, bytes or several-member oneof fields (lane_proto
+ * leaves those to Python).  It only accepts: what upb would read otherwise (a wire type not the
+ * schema's, a group, a message sent twice, merged) and what it would have to guess at (text JSON
+ * would escape, more than it holds) is the profile's Python decoder's, called from the lane's batch
+ * (_lane.c `take_decoded`); what upb or the profile refuses (cut short, text not UTF-8, a nested
+ * message rejected, a number that is not finite, a `ts` out of range, no readings) goes straight to
+ * the Python path, which answers it (PB_PYTHON, PB_REFUSED).  Header-only, for _lane.c, after cbor_json.h and
  * rules.h (item_t, utf8_ok, find_item, json_buf_t, jb_put, jb_put_repr, json_plain_text, put_u64,
  * MAX_TS_MS, FLAT_DEPTH).
  */
@@ -65,7 +67,8 @@ static int pb_bad(const char *why) {
     return -1;
 }
 
-#define PB_JSON_MOST 65536 /* (a schema whose texts could take more: the room stays at this, a longer text is the decoder's) */
+/* (a schema whose texts could take more: the room stays at this; a longer text is the decoder's) */
+#define PB_JSON_MOST 65536
 
 /* The longest JSON text the top message could be written as, but for its text fields' bytes (at most
  * the payload's): each field's name, quotes, colon and comma, and its longest value -- a number 25
@@ -112,7 +115,8 @@ static int pb_from(PyObject *proto, pb_plan_t *P) {
     P->nmsgs = n;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *fields = PyTuple_GET_ITEM(msgs, i);
-        if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) > PB_MAX_FIELDS) return pb_bad("a message is a tuple of <= 64 fields");
+        if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) > PB_MAX_FIELDS)
+            return pb_bad("a message is a tuple of <= 64 fields");
         pb_message_t *m = &P->msgs[i];
         if (!(m->fields = PyMem_Calloc((size_t)PyTuple_GET_SIZE(fields) + 1, sizeof(pb_field_t)))) {
             PyErr_NoMemory();
