@@ -1039,10 +1039,10 @@ def test_a_protobuf_schema_the_lane_would_have_to_guess_at_stays_its_python_deco
     (one clears another), a ts that is not an integer or not the field named ts: no C form, the
     profile's decoder called from the lane's batch as before (LANE_PYTHON)."""
     from corem.profiles.compile import LANE_PYTHON, compile_profile
-    from corem.profiles.protobuf import lane_proto
+    from corem.profiles.protobuf import lane_proto, message_of
     from corem.profiles.spec import parse_profile as parse
 
-    assert lane_proto(schema, "") is None
+    assert lane_proto(message_of(schema, "")) is None
     decoder = compile_profile(parse(json.dumps({"format": "protobuf", "schema": schema})))
     assert decoder.mode == LANE_PYTHON
 
@@ -1108,10 +1108,11 @@ def test_a_nested_messages_json_longer_than_twice_its_payload_is_written_in_c(tw
 def test_a_ts_of_0_is_not_sent_only_for_the_field_named_ts():
     """protobuf.py drops a 0 `ts` only for the field named ts (without presence); a field whose
     JSON name alone is ts keeps its 0 as a reading, and so does the lane."""
-    from corem.profiles.protobuf import lane_proto
-    _, ts, zero_is_unset, _ = lane_proto('syntax = "proto3"; message M { double v = 1; int64 when = 2 [json_name = "ts"]; }', "")
+    from corem.profiles.protobuf import lane_proto, message_of
+    schema = 'syntax = "proto3"; message M { double v = 1; int64 when = 2 [json_name = "ts"]; }'
+    _, ts, zero_is_unset, _ = lane_proto(message_of(schema, ""))
     assert ts == 1 and not zero_is_unset
-    _, ts, zero_is_unset, _ = lane_proto('syntax = "proto3"; message M { double v = 1; int64 ts = 2; }', "")
+    _, ts, zero_is_unset, _ = lane_proto(message_of('syntax = "proto3"; message M { double v = 1; int64 ts = 2; }', ""))
     assert ts == 1 and zero_is_unset
 
 

@@ -92,12 +92,13 @@ def compile_profile(profile: Profile) -> Decoder:
         decode = formats.cayenne_lpp
     elif profile.format == "protobuf":
         try:
-            from .protobuf import lane_proto, protobuf
+            from .protobuf import lane_proto, message_of, protobuf
         except ImportError:  # (google's protobuf: an optional package)
             raise ProfileError(needs("format: 'protobuf'", "protobuf")) from None
 
-        decode = protobuf(profile.schema, profile.message, profile.nested)
-        proto = lane_proto(profile.schema, profile.message)
+        cls = message_of(profile.schema, profile.message)  # (read once: the decoder's and the lane's)
+        decode = protobuf(cls, profile.nested)
+        proto = lane_proto(cls)
         in_c = lane_rules(profile.fields) if profile.fields else ()
         if proto is not None and in_c is not None:  # (the lane reads the message in C, and its rules)
             whole = _with_rules(decode, profile.fields) if profile.fields else decode

@@ -27,6 +27,7 @@ it breaks (`innerObject.key1: not UTF-8 text`).
 from __future__ import annotations
 
 import base64
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -107,8 +108,11 @@ def _map_key(k: object) -> str:
     return ("true" if k else "false") if isinstance(k, bool) else str(k)
 
 
+@functools.lru_cache(maxsize=256)
 def message_of(schema: str, message: str) -> type[Message]:
-    """The message class a profile decodes payloads with; ProfileError if the schema cannot be used."""
+    """The message class a profile decodes payloads with; ProfileError if the schema cannot be used.
+    One class per schema text and message (a class holds no state): profiles are compiled again at
+    every reload of the registry, in every worker, and reading a schema takes ~1.4 ms."""
     try:
         return message_class(schema, message)
     except SchemaError as e:
@@ -117,10 +121,9 @@ def message_of(schema: str, message: str) -> type[Message]:
         raise ProfileError(f"message: {e}") from None
 
 
-def protobuf(schema: str, message: str, nested: str) -> FormatDecoder:
-    """A decoder of one protobuf message per payload (application/octet-stream 42, or none);
-    ProfileError if the schema cannot be used."""
-    cls = message_of(schema, message)
+def protobuf(cls: type[Message], nested: str) -> FormatDecoder:
+    """A decoder of one `cls` message (`message_of`) per payload (application/octet-stream 42, or
+    none)."""
     plan = Plan()
     name = cls.DESCRIPTOR.name
     ts_field = cls.DESCRIPTOR.fields_by_name.get("ts")
@@ -161,13 +164,14 @@ LaneProto = tuple[tuple[tuple[LaneField, ...], ...], int, bool, int]
 MAX_LANE_FIELDS = 64  # (proto.h PB_MAX_FIELDS)
 
 
-def lane_proto(schema: str, message: str) -> LaneProto | None:
-    """The message's schema as the fast lane's C decodes it (corem/fastlane/proto.h), or None where
-    the lane would have to guess and `protobuf`'s decoder stays the only one: a repeated or map
-    field, bytes, a oneof of several members (one clears another), a `ts` that is not an integer,
-    more fields or longer names than the lane holds.  The lane still only accepts: a message it
-    does not plainly read is this decoder's (from the lane's batch), a refused one the Python path's."""
-    top: Descriptor = message_of(schema, message).DESCRIPTOR
+def lane_proto(cls: type[Message]) -> LaneProto | None:
+    """The schema of `cls` (`message_of`) as the fast lane's C decodes it (corem/fastlane/proto.h),
+    or None where the lane would have to guess and `protobuf`'s decoder stays the only one: a
+    repeated or map field, bytes, a oneof of several members (one clears another), a `ts` that is
+    not an integer, more fields or longer names than the lane holds.  The lane still only accepts:
+    a message it does not plainly read is `protobuf`'s (from the lane's batch), a refused one the
+    Python path's."""
+    top: Descriptor = cls.DESCRIPTOR
     types: list[Descriptor] = [top]
     index = {top.full_name: 0}
     plans: list[tuple[LaneField, ...]] = []
