@@ -71,12 +71,13 @@ def post(token: bytes, cf: int, payload: bytes) -> bytes:
                            (O.CONTENT_FORMAT, bytes([cf]))], payload))
 
 
-#: the templates the fuzzer mutates, one a shape the lane decodes in C (a NON of each when the
-#: type bits flip), each for a device of tests/lane_twin.py on the profile that reads it
 #: a tests/lane_twin.py PROTO_ALL message: a double, int32 -7, uint64 max, sint32 -3, a bool, text, an
 #: enum, an optional, nested messages two deep and a ts
 PBA = ("09000000000080364018f9ffffffffffffffff0130ffffffffffffffffff013805680172026f6e78018101000000000000f83f"
        "8a010b0a016110021a0408011001900180d095ffbc31")
+
+#: the templates the fuzzer mutates, one a shape the lane decodes in C (a NON of each when the
+#: type bits flip), each for a device of tests/lane_twin.py on the profile that reads it
 
 TEMPLATES = (
     # the default profile's flat map, CBOR and JSON

@@ -97,11 +97,18 @@ NOT_THINGSBOARDS = [
 ]
 
 
-def test_a_json_name_no_utf8_can_say_is_refused_naming_it():
-    """Found by review: a lone surrogate escaped in a json_name raised UnicodeEncodeError out of
-    the schema reader (a profile that could not even be refused)."""
-    with pytest.raises(SchemaError, match=r"line 2:26: field 'x': json_name is not text UTF-8 can say"):
-        read_schema(H + 'message A { int32 x = 1 [json_name = "\\ud800"]; }')
+@pytest.mark.parametrize("schema, error", [
+    (H + 'message A { int32 x = 1 [json_name = "\\ud800"]; }', "line 2:38: field 'x': json_name is not text UTF-8 can say"),
+    (H + 'message A { reserved "\\ud800"; int32 x = 1; }', "line 2:22: a reserved name is not text UTF-8 can say"),
+    (H + 'enum E { A = 0; reserved "\\udc00"; } message M {}', "line 2:26: a reserved name is not text UTF-8 can say"),
+])
+def test_text_no_utf8_can_say_is_refused_naming_it(schema, error):
+    """Found by review: a lone surrogate escaped in a json_name or a reserved name raised
+    UnicodeEncodeError out of the schema reader (a profile that could not even be refused); every
+    string of the schema is checked where it is read."""
+    with pytest.raises(SchemaError) as e:
+        read_schema(schema)
+    assert error in str(e.value)
 
 
 @pytest.mark.parametrize("schema,error", REFUSED + NOT_THINGSBOARDS)

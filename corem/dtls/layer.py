@@ -223,7 +223,6 @@ class LaneSessions(Protocol):
 
     def cookie_secret(self, secret: bytes) -> None: ...
 
-    def hellos_answered(self) -> tuple[int, int]: ...
 
 
 class Session:
@@ -399,9 +398,10 @@ class EngineServer:
                              s.key if s is not None and s.saved else None)
 
     def lane_touched(self, conns: list[Connection], marks_due: int, datagrams: int, nbytes: int,
-                     now: float, readings_only: bool = False) -> None:
-        """The lane opened `datagrams` records (`nbytes`) in this batch: counted as the engine counts
-        what it receives; the saved sessions' record numbers (`marks_due` of them: the lane's
+                     now: float, readings_only: bool = False, hellos: int = 0, hello_bytes: int = 0) -> None:
+        """The lane opened `datagrams` records (`nbytes`) in this batch, and answered `hellos` new
+        peers' ClientHellos (`hello_bytes` sent): counted as the engine counts what it receives and
+        sends; the saved sessions' record numbers (`marks_due` of them: the lane's
         `take_marks`) written to the store before the batch's readings are submitted (as `settle`),
         or -- `readings_only`: every record the lane opened was a reading it took, none went on to
         the endpoint -- with `defer_marks`, by the sink just before it commits them; the sessions
@@ -412,6 +412,8 @@ class EngineServer:
         e = self.engine
         e.stats.datagrams_in += datagrams
         e.stats.bytes_in += nbytes
+        e.stats.hello_verify_sent += hellos
+        e.stats.bytes_out_unauthenticated += hello_bytes
         checkpoint = self.params.checkpoint
         for conn in conns:
             conn.last_seen = now
@@ -653,12 +655,11 @@ class EngineServer:
 
     def metrics(self) -> Iterator[Sample]:
         e, d = self.engine.stats, self.stats
-        hellos, hello_bytes = self._lane.hellos_answered() if self._lane is not None else (0, 0)
         yield counter("corem_dtls_handshakes_started", e.handshakes_started)
         yield counter("corem_dtls_handshakes_completed", e.handshakes_completed)
-        yield counter("corem_dtls_hello_verify_sent", e.hello_verify_sent + hellos)
+        yield counter("corem_dtls_hello_verify_sent", e.hello_verify_sent)
         yield counter("corem_dtls_bytes_received", e.bytes_in)
-        yield counter("corem_dtls_bytes_sent_unauthenticated", e.bytes_out_unauthenticated + hello_bytes)
+        yield counter("corem_dtls_bytes_sent_unauthenticated", e.bytes_out_unauthenticated)
         # (as DtlsServer counts them: replays into a restored session, at or below its floor; the
         # replay window's ordinary duplicates are dropped records)
         replayed = e.records_dropped.get("below_floor", 0)

@@ -58,9 +58,10 @@ if TYPE_CHECKING:
     from ..oscore.context import Context
     from ..registry import Device
 
-#: `touched(owners, marks_due, datagrams, bytes, now, readings_only)`: what `FastLane.drain_records` tells the
-#: security layer about the records it took (corem/dtls/layer.py `EngineServer.lane_touched`)
-Touched = Callable[[list[Any], int, int, int, float, bool], None]
+#: `touched(owners, marks_due, datagrams, bytes, now, readings_only, hellos, hello_bytes)`: what
+#: `FastLane.drain_records` tells the security layer about the records it took and the new peers'
+#: hellos it answered (corem/dtls/layer.py `EngineServer.lane_touched`)
+Touched = Callable[[list[Any], int, int, int, float, bool, int, int], None]
 
 #: What the lane answers a record the sink refused (full or closing) with: 5.03, like BUSY.
 REFUSED = RuntimeError("the bus is full")
@@ -419,11 +420,6 @@ class FastLane:
         peers' cookie-less ClientHellos itself, as the engine would (b"": it leaves them to it)."""
         self.lane.cookie_secret(secret)
 
-    def hellos_answered(self) -> tuple[int, int]:
-        """The HelloVerifyRequests the lane sent, and their bytes (the engine's metrics add them)."""
-        c = self.lane.counters()
-        return c["hello_verify"], c["hello_verify_bytes"]
-
     def limit(self, rate: float, burst: float, max_sources: int) -> None:
         """The per-source rate limit, when the lane reads a CoAPS socket itself."""
         self.lane.limit(rate, burst, max_sources)
@@ -437,7 +433,8 @@ class FastLane:
     def drain_records(self, fd: int, now: float, budget: int, touched: Touched
                       ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
         """CoAPS: read up to `budget` datagrams from `fd`, open and take what the lane can; tell
-        `touched(owners, marks_due, datagrams, bytes, now, readings_only)` which sessions' records it
+        `touched(owners, marks_due, datagrams, bytes, now, readings_only, hellos, hello_bytes)` which
+        sessions' records it
         took (`owners`: each at most once a second) and how many saved sessions' record numbers are
         due in the store (`take_marks`: the security layer writes them there, at once or just before
         the sink's next commit) BEFORE the batch's readings go to the sink.  Returns the datagrams
@@ -446,9 +443,9 @@ class FastLane:
         self.begin()
         lane = self.lane
         lane.drain_records(fd, now, self._now_ms, budget)
-        declined, owners, due, datagrams, nbytes = lane.take_records()
+        declined, owners, due, datagrams, nbytes, hellos, hello_bytes = lane.take_records()
         if datagrams:
-            touched(owners, due, datagrams, nbytes, now, not declined)
+            touched(owners, due, datagrams, nbytes, now, not declined, hellos, hello_bytes)
         return self._submit(), declined
 
     def receive_record(self, data: bytes, peer: Any, now: float, touched: Touched
@@ -457,9 +454,9 @@ class FastLane:
         self.begin()
         lane = self.lane
         lane.receive_record(data, peer, now, self._now_ms)
-        declined, owners, due, datagrams, nbytes = lane.take_records()
+        declined, owners, due, datagrams, nbytes, hellos, hello_bytes = lane.take_records()
         if datagrams:
-            touched(owners, due, datagrams, nbytes, now, not declined)
+            touched(owners, due, datagrams, nbytes, now, not declined, hellos, hello_bytes)
         return self._submit(), declined
 
     def send_records(self, fd: int) -> None:

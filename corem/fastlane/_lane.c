@@ -262,6 +262,7 @@ typedef struct {
     PyObject *plain, *dtouched;
     uint64_t depoch;
     unsigned long long rec_datagrams, rec_bytes; /* records opened since the last take_records */
+    unsigned long long rec_hellos, rec_hello_bytes; /* ... and HelloVerifyRequests sent, their bytes */
     uint8_t *plainbuf;
     wire_t *wire;
     size_t wire_len, wire_cap;
@@ -1268,7 +1269,7 @@ static int parse_payload(int cf, const target_t *t, const uint8_t *p, const uint
 
 /* The profile's Python decoder called from the batch (pycodec.h) and its point taken: a Python
  * profile's way (its rules are in the decoder), and a protobuf profile's for a message proto.h does
- * not read (a nested message kept as its JSON text, a wire type not the schema's, ...).  0 taken, 1
+ * not read (text JSON would escape, a wire type not the schema's, ...).  0 taken, 1
  * the Python path's, -1 error. */
 static int take_decoded(Lane *self, target_t *t, const shape_t *s, const uint8_t *d, size_t n, const addr_t *a,
                         socklen_t alen, PyObject *peer, const uint8_t *key, long reuse, double now, long long now_ms,
@@ -1323,7 +1324,7 @@ static int take_request(Lane *self, target_t *t, const shape_t *s, const uint8_t
     json_buf_t jb = {self->nested, self->nested_cap, 0};
     int got = parse_payload(s->cf, t, s->payload, s->end, now_ms, items, &nitems, pts, &npts, names, &jb);
     if (got < 0) /* (a protobuf message proto.h does not read: the profile's decoder, from the batch) */
-        return t->mode == MODE_PROTOBUF && got == PB_PYTHON && profile_of(t)->decode
+        return t->mode == MODE_PROTOBUF && got == PB_PYTHON
                    ? take_decoded(self, t, s, d, n, a, alen, peer, key, reuse, now, now_ms, osc)
                    : 1;
     const rules_t *rules = t->profile && profile_of(t)->rules.n ? &profile_of(t)->rules : NULL;
@@ -1617,6 +1618,8 @@ static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_
             self->wire_len++;
             self->hello_verify++;
             self->hello_verify_bytes += HELLO_VERIFY_RECORD;
+            self->rec_hellos++;
+            self->rec_hello_bytes += HELLO_VERIFY_RECORD;
             self->rec_datagrams++;
             self->rec_bytes += n;
         }
@@ -1626,8 +1629,10 @@ static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_
     return got;
 }
 
+/* One datagram of the CoAPS socket; `hellos`: a new peer's ClientHello is answered here (only
+ * where the answers are sent at the end: drain_records on a socket). */
 static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now,
-                       long long now_ms) {
+                       long long now_ms, int hellos) {
     if ((Py_ssize_t)n > self->max_datagram) {
         self->oversized++;
         return 0;
@@ -1643,7 +1648,8 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
         }
         self->exempted++;
     }
-    if (!s) return self->cookie_secret_len && lane_hello_verify(self, d, n, a, alen) ? 0 : to_python(self, d, n, a, alen);
+    if (!s) return hellos && self->cookie_secret_len && lane_hello_verify(self, d, n, a, alen) ? 0
+                                                                                        : to_python(self, d, n, a, alen);
     if (s->alen != alen || memcmp(&s->addr, a, alen) != 0) {
         /* a CID record from another address: the engine moves the session if it is the newest.
          * (compared as keys: the port and address, not the sockaddr's padding) */
@@ -1699,7 +1705,7 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
 
 static int drain_record(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
     drain_ctx *c = ctx;
-    return feed_record(c->lane, d, n, a, alen, c->now, c->now_ms);
+    return feed_record(c->lane, d, n, a, alen, c->now, c->now_ms, 1);
 }
 
 /* (read_datagrams_ahead) a record's exchange is known once it is opened, but what its push will
@@ -1746,7 +1752,7 @@ static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
     int r = ensure_record_lists(self);
     if (r == 0 && !DTLS) r = dtls_api();
     if (r == 0) r = addr_from_tuple(peer, &a, &alen);
-    if (r == 0) r = feed_record(self, data.buf, data.len, &a, alen, now, now_ms);
+    if (r == 0) r = feed_record(self, data.buf, data.len, &a, alen, now, now_ms, 0); /* (no socket to answer on) */
     PyBuffer_Release(&data);
     if (r < 0) return NULL;
     Py_RETURN_NONE;
@@ -1754,15 +1760,16 @@ static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
 
 /* take_records() -> (decrypted messages not taken [(bytes, peer)], owners of the sessions whose
  * records were taken since the last call (each at most once a second), how many saved sessions'
- * marks are due (take_marks), the datagrams taken, their bytes) */
+ * marks are due (take_marks), the datagrams taken, their bytes, the HelloVerifyRequests sent, their
+ * bytes) */
 static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
     if (ensure_record_lists(self) < 0) return NULL;
-    PyObject *r = Py_BuildValue("(OOnKK)", self->plain, self->dtouched, (Py_ssize_t)(self->ds.ndue + self->ds.nleft),
-                                self->rec_datagrams, self->rec_bytes);
+    PyObject *r = Py_BuildValue("(OOnKKKK)", self->plain, self->dtouched, (Py_ssize_t)(self->ds.ndue + self->ds.nleft),
+                                self->rec_datagrams, self->rec_bytes, self->rec_hellos, self->rec_hello_bytes);
     if (!r) return NULL;
     Py_CLEAR(self->plain);
     Py_CLEAR(self->dtouched);
-    self->rec_datagrams = self->rec_bytes = 0;
+    self->rec_datagrams = self->rec_bytes = self->rec_hellos = self->rec_hello_bytes = 0;
     self->depoch++;
     return r;
 }
@@ -2431,8 +2438,8 @@ static int target_ok(target_t *t) {
         PyErr_SetString(PyExc_ValueError, "a target of an array, binary or Python profile needs its compile_profile()");
         return 0;
     }
-    if (t->mode == MODE_PROTOBUF && (!t->profile || !profile_of(t)->proto.nmsgs)) {
-        PyErr_SetString(PyExc_ValueError, "a target of a protobuf profile needs its schema in compile_profile()");
+    if (t->mode == MODE_PROTOBUF && (!t->profile || !profile_of(t)->proto.nmsgs || !profile_of(t)->decode)) {
+        PyErr_SetString(PyExc_ValueError, "a target of a protobuf profile needs its schema and decoder in compile_profile()");
         return 0;
     }
     if (t->mode == MODE_PYTHON && !profile_of(t)->decode) {

@@ -47,9 +47,10 @@ class Lane:
     # CoAPS on corem's DTLS engine: the lane opens and seals the records of registered sessions
     def drain_records(self, fd: int, now: float, now_ms: int, budget: int, /) -> int: ...
     def receive_record(self, data: bytes, peer: Any, now: float, now_ms: int, /) -> None: ...
-    def take_records(self) -> tuple[list[tuple[bytes, Any]], list[Any], int, int, int]:
+    def take_records(self) -> tuple[list[tuple[bytes, Any]], list[Any], int, int, int, int, int]:
         """(decrypted messages not taken, owners of the sessions whose records were taken -- each
-        once a second at most --, how many saved sessions' marks are due, datagrams, bytes)"""
+        once a second at most --, how many saved sessions' marks are due, datagrams, bytes,
+        HelloVerifyRequests sent, their bytes)"""
     def take_marks(self) -> list[tuple[int, bytes]]:
         """The saved sessions' marks due [(window top, row key)], taken."""
     def take_marks_packed(self) -> bytes:

@@ -209,9 +209,9 @@ static int pb_scan(const pb_message_t *m, const uint8_t *p, const uint8_t *end, 
     memset(slots, 0, sizeof(pb_slot_t) * (size_t)m->nfields);
     while (p < end) {
         uint64_t tag, v;
-        int r = pb_varint(&p, end, &tag, 5);
-        if (r < 0) return PB_REFUSED; /* (a tag is never past 32 bits: upb refuses a sixth byte) */
-        if (tag > UINT32_MAX || tag >> 3 == 0) return PB_REFUSED;
+        int r;
+        /* (a tag is never past 32 bits: upb refuses a sixth byte, a larger number and field 0) */
+        if (pb_varint(&p, end, &tag, 5) < 0 || tag > UINT32_MAX || tag >> 3 == 0) return PB_REFUSED;
         unsigned wire = tag & 7;
         const uint8_t *at = NULL;
         if (wire == 0) {

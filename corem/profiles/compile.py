@@ -98,11 +98,6 @@ def compile_profile(profile: Profile) -> Decoder:
 
         cls = message_of(profile.schema, profile.message)  # (read once: the decoder's and the lane's)
         decode = protobuf(cls, profile.nested)
-        proto = lane_proto(cls)
-        in_c = lane_rules(profile.fields) if profile.fields else ()
-        if proto is not None and in_c is not None:  # (the lane reads the message in C, and its rules)
-            whole = _with_rules(decode, profile.fields) if profile.fields else decode
-            return LaneDecoder(whole, LANE_PROTOBUF, in_c, nested=NESTED[profile.nested], proto=proto)
     elif profile.format == "js":
         from .js import JsCodec
 
@@ -110,8 +105,13 @@ def compile_profile(profile: Profile) -> Decoder:
                          timeout_ms=profile.timeout_ms, max_memory_mb=profile.max_memory_mb)
     else:
         decode = _flat
-    if profile.format in ("protobuf", "js"):  # the lane calls the whole decoder, rules included
-        return LaneDecoder(_with_rules(decode, profile.fields) if profile.fields else decode, LANE_PYTHON)
+    if profile.format in ("protobuf", "js"):  # the whole decoder, rules included, is the lane's twin
+        whole = _with_rules(decode, profile.fields) if profile.fields else decode
+        proto = lane_proto(cls) if profile.format == "protobuf" else None
+        in_c = lane_rules(profile.fields) if profile.fields else ()
+        if proto is not None and in_c is not None:  # (the lane reads the message in C, and its rules)
+            return LaneDecoder(whole, LANE_PROTOBUF, in_c, nested=NESTED[profile.nested], proto=proto)
+        return LaneDecoder(whole, LANE_PYTHON)  # (the lane calls it from its batch)
     mode = LANES.get(profile.format)
     shape = _lane_shape(profile)
     if shape is None:

@@ -217,7 +217,12 @@ class _Reader:
         tok = self.take()
         if tok.kind != "string":
             raise self.fail(tok, f"expected {what} (a quoted string), got {tok.text!r}")
-        return tok.text[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+        text = tok.text[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # (an escaped lone surrogate: no UTF-8, so no descriptor, says it)
+            raise self.fail(tok, f"{what} is not text UTF-8 can say") from None
+        return text
 
     def refuse(self, tok: Token) -> None:
         if tok.kind == "ident" and tok.text in NOT_SUPPORTED:
@@ -384,11 +389,7 @@ class _Reader:
             name = self.ident("an option")
             self.expect("=")
             if name == "json_name":
-                text = self.string("json_name")
-                try:
-                    f.json_name = text
-                except (UnicodeEncodeError, ValueError):  # (a lone surrogate: no UTF-8 says it)
-                    raise self.fail(tok, f"field {f.name!r}: json_name is not text UTF-8 can say") from None
+                f.json_name = self.string(f"field {f.name!r}: json_name")
             elif name in ("packed", "deprecated"):
                 value = self.boolean(name)
                 if name == "packed" and (f.label != FDP.LABEL_REPEATED or f.type in UNPACKABLE):

@@ -33,10 +33,7 @@
 #include "dtls_records.h"
 #include "hmac256.h"
 
-#define HS_HEADER 12
-#define MAX_MESSAGE 8192
-#define MAX_HELLO_SEQ 255
-#define COOKIE_LENGTH 16
+/* (the handshake header, a message's and a hello's limits and the cookie's length: client_hello.h's) */
 #define SCSV_RENEGOTIATION 0x00FF
 #define CLIENT_HELLO 1
 #define SERVER_HELLO 2
@@ -47,8 +44,6 @@
 #define CT_HANDSHAKE 22
 #define MAX_PSK 256
 #define MAX_TRANSCRIPT 4096
-
-static unsigned u24(const unsigned char *p) { return (unsigned)p[0] << 16 | (unsigned)p[1] << 8 | p[2]; }
 
 static void put_hs_header(unsigned char *h, unsigned type, size_t len, unsigned seq) {
     h[0] = (unsigned char)type;
@@ -80,14 +75,14 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
     size_t n = (size_t)frag.len;
     /* one record, one fragment: the hello whole (as engine._hello takes only the first fragment,
      * anything after it goes to the Python path) */
-    if (n < HS_HEADER || p[0] != CLIENT_HELLO || random.len != 32 || cid.len > 32 || seq >> 48) goto none;
-    size_t length = u24(p + 1), offset = u24(p + 6), flen = u24(p + 9);
+    if (n < HELLO_HS_HEADER || p[0] != CLIENT_HELLO || random.len != 32 || cid.len > 32 || seq >> 48) goto none;
+    size_t length = hello_u24(p + 1), offset = hello_u24(p + 6), flen = hello_u24(p + 9);
     unsigned message_seq = hello_u16(p + 4);
-    if (offset != 0 || flen != length || length > MAX_MESSAGE || HS_HEADER + flen != n || message_seq > MAX_HELLO_SEQ)
+    if (offset != 0 || flen != length || length > HELLO_MAX_MESSAGE || HELLO_HS_HEADER + flen != n || message_seq > HELLO_MAX_SEQ)
         goto none;
-    const unsigned char *body = p + HS_HEADER;
+    const unsigned char *body = p + HELLO_HS_HEADER;
     client_hello h;
-    if (!client_hello_parse(body, flen, &h) || h.cookie_end - h.cookie_start != COOKIE_LENGTH || addr.len > 0xFFFF)
+    if (!client_hello_parse(body, flen, &h) || h.cookie_end - h.cookie_start != HELLO_COOKIE_LENGTH || addr.len > 0xFFFF)
         goto none;
     /* the cookie, under either secret (CookieJar.valid); none valid: a HelloVerifyRequest with the
      * current secret's (CookieJar.make), as engine._hello answers it */
@@ -104,7 +99,7 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
             goto done;
         }
         if (i == 0) memcpy(current, mac, sizeof mac);
-        valid = CRYPTO_memcmp(mac, body + h.cookie_start, COOKIE_LENGTH) == 0;
+        valid = CRYPTO_memcmp(mac, body + h.cookie_start, HELLO_COOKIE_LENGTH) == 0;
     }
     if (!valid) {
         if (nsecrets == 0) goto none;
@@ -141,8 +136,8 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
     int give_cid = h.cid != NULL && cid.len > 0;
     /* ServerHello: version, random, empty session_id, suite, null compression, extensions
      * (extended_master_secret, renegotiation_info, connection_id: Connection.server_start's order) */
-    unsigned char sh[HS_HEADER + 38 + 2 + 4 + 5 + 5 + 32];
-    unsigned char *b = sh + HS_HEADER;
+    unsigned char sh[HELLO_HS_HEADER + 38 + 2 + 4 + 5 + 5 + 32];
+    unsigned char *b = sh + HELLO_HS_HEADER;
     size_t len = 0;
     b[len++] = 0xFE; b[len++] = 0xFD;
     memcpy(b + len, random.buf, 32); len += 32;
@@ -161,25 +156,25 @@ static PyObject *server_hello(PyObject *self, PyObject *args) {
         }
     }
     put_hs_header(sh, SERVER_HELLO, len, message_seq);
-    size_t sh_len = HS_HEADER + len;
-    unsigned char shd[HS_HEADER];
+    size_t sh_len = HELLO_HS_HEADER + len;
+    unsigned char shd[HELLO_HS_HEADER];
     put_hs_header(shd, SERVER_HELLO_DONE, 0, message_seq + 1);
     /* two records (the server's numbering goes on from the hello's record number, under 2^32) */
-    size_t total = 13 + sh_len + 13 + HS_HEADER;
+    size_t total = 13 + sh_len + 13 + HELLO_HS_HEADER;
     if ((Py_ssize_t)total > mtu) goto none; /* (fragments, or two datagrams: the Python path's) */
     uint64_t s0 = seq < (UINT64_C(1) << 32) ? seq : 0;
-    unsigned char d[13 + sizeof sh + 13 + HS_HEADER];
+    unsigned char d[13 + sizeof sh + 13 + HELLO_HS_HEADER];
     put_record_header(d, CT_HANDSHAKE, 0, s0, sh_len);
     memcpy(d + 13, sh, sh_len);
-    put_record_header(d + 13 + sh_len, CT_HANDSHAKE, 0, s0 + 1, HS_HEADER);
-    memcpy(d + 26 + sh_len, shd, HS_HEADER);
+    put_record_header(d + 13 + sh_len, CT_HANDSHAKE, 0, s0 + 1, HELLO_HS_HEADER);
+    memcpy(d + 26 + sh_len, shd, HELLO_HS_HEADER);
     /* (cid_out: the CID the client asked for in records to it, when one is handed out) */
     out = Py_BuildValue("(y#y#IOOy#y#Iy#y#y#)", (const char *)d, (Py_ssize_t)total, (const char *)body + 2,
                         (Py_ssize_t)32, suite, h.ems ? Py_True : Py_False, secure ? Py_True : Py_False,
                         (const char *)cid.buf, give_cid ? cid.len : (Py_ssize_t)0,
                         give_cid ? (const char *)h.cid : "", give_cid ? (Py_ssize_t)h.cid_len : (Py_ssize_t)0, message_seq,
                         (const char *)p, (Py_ssize_t)n, (const char *)sh, (Py_ssize_t)sh_len, (const char *)shd,
-                        (Py_ssize_t)HS_HEADER);
+                        (Py_ssize_t)HELLO_HS_HEADER);
     goto done;
 none:
     out = Py_NewRef(Py_None);
@@ -226,9 +221,9 @@ static int sha256_of(const unsigned char *a, size_t alen, const unsigned char *b
 /* a record whose fragment is exactly one whole handshake message of `type` numbered `seq`: its
  * body's length, or -1 */
 static long whole_message(const unsigned char *f, size_t n, unsigned type, unsigned seq) {
-    if (n < HS_HEADER || f[0] != type || hello_u16(f + 4) != seq) return -1;
-    size_t length = u24(f + 1);
-    if (u24(f + 6) != 0 || u24(f + 9) != length || HS_HEADER + length != n || length > MAX_MESSAGE) return -1;
+    if (n < HELLO_HS_HEADER || f[0] != type || hello_u16(f + 4) != seq) return -1;
+    size_t length = hello_u24(f + 1);
+    if (hello_u24(f + 6) != 0 || hello_u24(f + 9) != length || HELLO_HS_HEADER + length != n || length > HELLO_MAX_MESSAGE) return -1;
     return (long)length;
 }
 
@@ -264,8 +259,8 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
                    : fin.type != CT_HANDSHAKE)
         goto none;
     long body = whole_message(cke.fragment, cke.length, CLIENT_KEY_EXCHANGE, recv_seq);
-    if (body < 2 || (size_t)body != 2 + hello_u16(cke.fragment + HS_HEADER)) goto none;
-    identity = PyBytes_FromStringAndSize((const char *)cke.fragment + HS_HEADER + 2, body - 2);
+    if (body < 2 || (size_t)body != 2 + hello_u16(cke.fragment + HELLO_HS_HEADER)) goto none;
+    identity = PyBytes_FromStringAndSize((const char *)cke.fragment + HELLO_HS_HEADER + 2, body - 2);
     if (identity == NULL) goto done;
     psk = PyObject_CallOneArg(psk_for, identity);
     if (psk == NULL) {
@@ -304,7 +299,7 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
     if (dtls_open(&rp, &fin, plain, &plain_len, &ctype) != DTLS_OK || ctype != CT_HANDSHAKE) goto none;
     if (whole_message(plain, plain_len, FINISHED, recv_seq + 1) != 12) goto none;
     if (!prf_keyed(&mk, "client finished", hash, 32, expect, 12)) goto crypto;
-    if (CRYPTO_memcmp(expect, plain + HS_HEADER, 12) != 0) goto none; /* (Python: bad_finished, its alert) */
+    if (CRYPTO_memcmp(expect, plain + HELLO_HS_HEADER, 12) != 0) goto none; /* (Python: bad_finished, its alert) */
     /* ours: over the transcript with the client's Finished */
     EVP_MD_CTX *c = EVP_MD_CTX_new();
     unsigned int hn;
@@ -312,9 +307,9 @@ static PyObject *psk_finish(PyObject *self, PyObject *args) {
              EVP_DigestUpdate(c, cke.fragment, cke.length) && EVP_DigestUpdate(c, plain, plain_len) &&
              EVP_DigestFinal_ex(c, hash, &hn);
     EVP_MD_CTX_free(c);
-    unsigned char mine[HS_HEADER + 12];
+    unsigned char mine[HELLO_HS_HEADER + 12];
     put_hs_header(mine, FINISHED, 12, send_seq);
-    if (!ok || !prf_keyed(&mk, "server finished", hash, 32, mine + HS_HEADER, 12)) goto crypto;
+    if (!ok || !prf_keyed(&mk, "server finished", hash, 32, mine + HELLO_HS_HEADER, 12)) goto crypto;
     /* our ChangeCipherSpec (epoch 0, its next number) and Finished (epoch 1, number 0) */
     unsigned char d[14 + DTLS_HEADER + 255 + DTLS_EXPLICIT_NONCE + sizeof mine + 1 + 16];
     put_record_header(d, CT_CCS, 0, seq0, 1);
