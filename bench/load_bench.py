@@ -64,11 +64,16 @@ def pin(cpu: int) -> list[str]:
 
 
 def client_hello() -> bytes:
-    """A DTLS 1.2 ClientHello without a cookie (TLS_PSK_WITH_AES_128_CCM_8 and _CCM, no
-    extensions): what a DTLS server answers with a HelloVerifyRequest, keeping no state."""
-    body = b"\xfe\xfd" + os.urandom(32) + b"\x00" + b"\x00" + b"\x00\x04\xc0\xa8\xc0\xa4" + b"\x01\x00"
-    handshake = b"\x01" + len(body).to_bytes(3, "big") + b"\x00\x00" + bytes(3) + len(body).to_bytes(3, "big") + body
-    return b"\x16\xfe\xfd" + bytes(8) + len(handshake).to_bytes(2, "big") + handshake
+    """A DTLS 1.2 ClientHello without a cookie (TLS_PSK_WITH_AES_128_CCM_8 and _CCM), made by
+    corem's engine's own builders: what a DTLS server answers with a HelloVerifyRequest, keeping
+    no state."""
+    from corem.dtls.engine import messages as m
+    from corem.dtls.engine.crypto import PSK_AES_128_CCM, PSK_AES_128_CCM_8
+    from corem.dtls.engine.records import HANDSHAKE, plaintext_record
+
+    body = m.client_hello(os.urandom(32), b"", (PSK_AES_128_CCM_8.code, PSK_AES_128_CCM.code),
+                          [(m.EXT_EXTENDED_MASTER_SECRET, b"")])
+    return plaintext_record(HANDSHAKE, 0, 0, m.message(m.CLIENT_HELLO, 0, body))
 
 
 def wait_udp(port: int, timeout: float = 15, dtls: bool = False) -> None:
