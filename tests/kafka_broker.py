@@ -4,11 +4,13 @@ played by freezing it (SIGSTOP/SIGCONT): to corem it stops answering, and what i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 
 
 def tansu_binary() -> str | None:
@@ -30,25 +32,72 @@ def free_tcp_port() -> int:
     return port
 
 
+@contextlib.contextmanager
+def refused_tcp_port() -> Iterator[int]:
+    """A loopback port where connections are refused for as long as the block runs: bound by a
+    socket that never listens, so no other process (another test's broker) can take it meanwhile,
+    as it could a port picked free and released."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def listening_inode(port: int) -> int | None:
+    """The inode of the socket listening on 127.0.0.1:`port`, from /proc/net/tcp (None: nobody)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # TCP_LISTEN
+                return int(fields[9])
+    return None
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    """Whether process `pid` has socket `inode` open: who is listening, not just that someone is."""
+    target = f"socket:[{inode}]"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class Broker:
     def __init__(self, binary: str, prefix: tuple[str, ...] = ()) -> None:
-        """`prefix`: what runs the binary (the benchmarks pin it to a CPU with taskset)."""
-        self.port = free_tcp_port()
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [*prefix, binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60  # (only detects a broker that never starts)
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
+        """`prefix`: what runs the binary (the benchmarks pin it to a CPU with taskset).
+
+        Tansu cannot bind port 0 (it must advertise the port it has), so a free port is picked,
+        released and handed to it, and another process may take it in between: then Tansu exits
+        and a connection test would find the other listener (once another test's broker, which
+        SIGSTOP on ours did not freeze).  So the broker counts as up only when the listening
+        socket is our process's own, and a lost port is picked again."""
+        for _ in range(5):
+            self.port = free_tcp_port()
+            url = f"tcp://127.0.0.1:{self.port}"
+            self.proc = subprocess.Popen(
+                [*prefix, binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 60  # (only detects a broker that never starts)
+            while self.proc.poll() is None:
+                inode = listening_inode(self.port)
+                if inode is not None and holds_socket(self.proc.pid, inode):
+                    return
+                if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError("tansu did not start")
                 time.sleep(0.1)
+        raise RuntimeError("tansu exited five times: could it bind its port?")
 
     @property
     def bootstrap(self) -> str:

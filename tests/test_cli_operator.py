@@ -20,7 +20,7 @@ from corem.admin.api import AdminApi, openapi
 from corem.cli import build_parser
 
 from .conftest import coap_client, corem_cli, needs_libcoap, post, start_corem, wait_for
-from .kafka_broker import free_tcp_port
+from .kafka_broker import refused_tcp_port
 
 
 class Lines:
@@ -112,15 +112,16 @@ def test_tail_on_a_kafka_data_dir_says_so(tmp_path):
     """The server writes to Kafka: `tail` on its data dir says where the readings are instead of
     printing nothing -- while it runs, after it stopped, and when told the bus itself."""
     data = tmp_path / "data"
-    bus = f"kafka://127.0.0.1:{free_tcp_port()}"  # (no broker needed: corem starts and waits for it)
-    server = start_corem(data, "--bus", bus, "--topic-prefix", "x.", "--kafka-timeout", "1")  # (serves after 1 s, not 10)
-    try:
-        r = corem_cli("telemetry", "tail", "--tenant", "acme", data_dir=data, check=False)
-        assert r.returncode == 1 and r.stdout == ""
-        assert f"its corem serve (pid {server.proc.pid}) writes to {bus}" in r.stderr
-        assert "x.telemetry.raw.{tenant}" in r.stderr and "-t x.telemetry.raw.acme" in r.stderr
-    finally:
-        server.stop()
+    with refused_tcp_port() as port:  # (no broker needed: corem starts and waits for it)
+        bus = f"kafka://127.0.0.1:{port}"
+        server = start_corem(data, "--bus", bus, "--topic-prefix", "x.", "--kafka-timeout", "1")  # (serves after 1 s)
+        try:
+            r = corem_cli("telemetry", "tail", "--tenant", "acme", data_dir=data, check=False)
+            assert r.returncode == 1 and r.stdout == ""
+            assert f"its corem serve (pid {server.proc.pid}) writes to {bus}" in r.stderr
+            assert "x.telemetry.raw.{tenant}" in r.stderr and "-t x.telemetry.raw.acme" in r.stderr
+        finally:
+            server.stop()
     r = corem_cli("telemetry", "tail", data_dir=data, check=False)
     assert r.returncode == 1 and f"its last corem serve wrote to {bus}" in r.stderr
     r = corem_cli("telemetry", "tail", "--bus", bus, data_dir=tmp_path / "other", check=False)

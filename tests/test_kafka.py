@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -20,7 +21,7 @@ from corem.bus.kafka import KafkaSettings, KafkaSink, PyReports, Reports
 from corem.ingest.point import decode_point
 
 from .conftest import coap_client, needs_libcoap, post, read_until, start_corem, wait_for, write_cbor
-from .kafka_broker import Broker, free_tcp_port, tansu_binary
+from .kafka_broker import Broker, refused_tcp_port, tansu_binary
 
 EXTERNAL = os.environ.get("COREM_KAFKA_BOOTSTRAP")
 BINARY = tansu_binary()
@@ -58,6 +59,30 @@ def broker():
     b = Broker(BINARY)
     yield b
     b.stop()
+
+
+@pytest.mark.skipif(EXTERNAL or BINARY is None, reason="the test starts a Tansu of its own")
+def test_a_broker_whose_port_was_taken_meanwhile_starts_on_another(monkeypatch):
+    """Tansu must be told its port, picked free and released first; when another process binds it
+    in between, the test's broker is the one started again elsewhere, not the other listener
+    (which freezing ours would not stop: a reading answered 2.04 by a 'paused' broker in CI)."""
+    from . import kafka_broker
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks, real = iter([taken]), kafka_broker.free_tcp_port
+    monkeypatch.setattr(kafka_broker, "free_tcp_port", lambda: next(picks, None) or real())
+    b = Broker(BINARY)  # type: ignore[arg-type]
+    try:
+        assert b.port != taken
+        inode = kafka_broker.listening_inode(b.port)
+        assert inode is not None and kafka_broker.holds_socket(b.proc.pid, inode)
+        assert not kafka_broker.holds_socket(b.proc.pid, kafka_broker.listening_inode(taken) or -1)
+    finally:
+        b.stop()
+        squatter.close()
 
 
 class Consumed(NamedTuple):
@@ -157,13 +182,14 @@ async def test_sink_acknowledges_only_what_the_broker_took_and_batches(broker, k
 
 
 async def test_sink_refuses_every_record_when_no_broker_answers():
-    sink = KafkaSink(KafkaSettings(bootstrap=(f"127.0.0.1:{free_tcp_port()}",), timeout=1))
     errors: list = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(sink.run)
-        for i in range(5):
-            sink.submit(Record("telemetry.raw.x", b"d", b"{}", {}), lambda ctx, err: errors.append(err))
-        await sink.close()
+    with refused_tcp_port() as port:
+        sink = KafkaSink(KafkaSettings(bootstrap=(f"127.0.0.1:{port}",), timeout=1))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            for i in range(5):
+                sink.submit(Record("telemetry.raw.x", b"d", b"{}", {}), lambda ctx, err: errors.append(err))
+            await sink.close()
     assert len(errors) == 5 and all(e is not None for e in errors)
     assert sink.stats.acked == 0 and sink.stats.failed == 5 and sink.last_error is not None
 
@@ -258,17 +284,19 @@ def test_broker_away_means_5_03_then_recovery_and_every_2_04_is_in_the_topic(bro
 
 @needs_libcoap
 def test_no_broker_at_start_means_5_03_and_not_ready(data_dir, tmp_path):
-    server = start_corem(data_dir, "--bus", f"kafka://127.0.0.1:{free_tcp_port()}", "--kafka-timeout", "1")
-    try:
-        f = write_cbor(tmp_path / "r.cbor", {"temperature": 1.0})
-        r = coap_client(f"{server.coap}/api/v1/T0KEN-1/telemetry", "-m", "post", "-t", "application/cbor", "-f", str(f))
-        assert r.code == "5.03", r.output
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=30)
-        assert info.value.code == 503
-        assert server.metrics()["corem_telemetry_bus_refusals_total"] >= 1
-    finally:
-        server.stop()
+    with refused_tcp_port() as port:
+        server = start_corem(data_dir, "--bus", f"kafka://127.0.0.1:{port}", "--kafka-timeout", "1")
+        try:
+            f = write_cbor(tmp_path / "r.cbor", {"temperature": 1.0})
+            r = coap_client(f"{server.coap}/api/v1/T0KEN-1/telemetry", "-m", "post", "-t", "application/cbor",
+                            "-f", str(f))
+            assert r.code == "5.03", r.output
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=30)
+            assert info.value.code == 503
+            assert server.metrics()["corem_telemetry_bus_refusals_total"] >= 1
+        finally:
+            server.stop()
 
 
 def test_downlink_requests_on_the_commands_topic_reach_devices_and_are_answered(broker, tmp_path):

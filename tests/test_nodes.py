@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -186,9 +187,14 @@ class Balancer:
     nodes see unchanged.  `lose(port)` is what a health check does when a node dies: its flows go
     to the nodes left (the rule is rewritten and the node's conntrack entries dropped)."""
 
-    def __init__(self, listen: int, nodes: list[int]) -> None:
-        self.table = f"corem_test_{os.getpid()}_{listen}"
-        self.listen = listen
+    def __init__(self, nodes: list[int]) -> None:
+        # The virtual port is held by a bound socket of our own while the rule lives: the rule would
+        # otherwise take the datagrams of any other server that bound that port meanwhile (the NAT
+        # rewrites before delivery, so the held socket itself never receives).
+        self._held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._held.bind(("127.0.0.1", 0))
+        self.listen = self._held.getsockname()[1]
+        self.table = f"corem_test_{os.getpid()}_{self.listen}"
         self._apply(nodes, create=True)
 
     def _apply(self, nodes: list[int], create: bool = False) -> None:
@@ -209,6 +215,7 @@ table ip {self.table} {{
 
     def close(self) -> None:
         subprocess.run([NFT, "delete", "table", "ip", self.table], capture_output=True)
+        self._held.close()
 
 
 def _nft_works() -> bool:
@@ -227,8 +234,6 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
     behind the kernel's UDP balancer; coap-client-openssl posts a reading a second in one DTLS
     session; the node holding it is killed (SIGKILL: no last save); the readings go on through
     the other node with no handshake, and every one answered 2.04 is in the topic."""
-    from tests.kafka_broker import free_tcp_port
-
     from tests.kafka_broker import Broker, tansu_binary
 
     corem_cli("devices", "add", "--registry", store_url, "--tenant", "acme", "--device", "sensor-7",
@@ -241,8 +246,8 @@ def test_a_device_keeps_its_session_when_its_node_is_lost(store_url, tmp_path):
     sealed = ("--dtls-state-key", "ab" * 32)
     nodes = [start_corem(tmp_path / name, "--registry", store_url, "--dtls-session-store", store_url, *bus, *sealed)
              for name in ("a", "b")]
-    listen = free_tcp_port()  # (a free TCP port number is as good a guess for UDP on loopback)
-    balancer = Balancer(listen, [n.coaps_port for n in nodes])
+    balancer = Balancer([n.coaps_port for n in nodes])
+    listen = balancer.listen
     payload = tmp_path / "r.cbor"
     payload.write_bytes(cbor2.dumps({"t": 21.5}))
     device = None
