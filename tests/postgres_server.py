@@ -41,8 +41,15 @@ class Postgres:
             self.as_user = ["runuser", "-u", "postgres", "--"]
         data = os.path.join(self.base, "data")
         self._run("initdb", "-D", data, "-U", "corem", "--auth=trust", "-E", "UTF8")
-        self._run("pg_ctl", "-D", data, "-w", "-l", os.path.join(self.base, "log"), "-o",
-                  f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        for attempt in range(5):  # a port picked free and released can be taken before postgres binds it
+            try:
+                self._run("pg_ctl", "-D", data, "-w", "-l", os.path.join(self.base, "log"), "-o",
+                          f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 4:
+                    raise
+                self.port = _free_port()
         self.data = data
 
     def _run(self, tool: str, *args: str) -> None:
