@@ -28,7 +28,8 @@ class DtlsUdpClient:
     def __init__(self, port: int, identity: str, key: bytes, *, source_port: int = 0) -> None:
         self.buf = psk_client_buffer(identity, key)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if source_port:  # (a device back on its old port; with port 0, the kernel could pick one in use)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", source_port))
         self.sock.connect(("127.0.0.1", port))
         self.sock.settimeout(0.2)

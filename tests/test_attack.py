@@ -12,6 +12,7 @@ from .conftest import corem_cli, start_corem
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # (it judges the devices' service under a flood it makes: no other test's load beside it)
 def test_valid_devices_are_served_through_an_attack(tmp_path):
     data = tmp_path / "data"
     corem_cli("devices", "add", "--tenant", "fuzz", "--device", "d1", "--token", TOKEN, data_dir=data)

@@ -20,7 +20,7 @@ from corem.admin.api import AdminApi, openapi
 from corem.cli import build_parser
 
 from .conftest import coap_client, corem_cli, needs_libcoap, post, start_corem, wait_for
-from .kafka_broker import refused_tcp_port
+from .ports import refused_tcp_port
 
 
 class Lines:

@@ -1153,7 +1153,8 @@ def test_the_engines_client_against_python_mbedtls_server_in_memory(suite):
 
 class CoapLoop:
     """Test only: a UDP socket in a thread that runs the engine and answers every CoAP CON with an
-    ACK 2.04 (decoded and encoded by corem.codec)."""
+    ACK 2.04 (decoded and encoded by corem.codec); a request sent again (a loaded machine's client
+    did not see the ACK in time) is answered again and noted once."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -1180,9 +1181,10 @@ class CoapLoop:
                 if data is not None:
                     for app in self.engine.receive(data, peer, now):
                         msg = decode(app)
-                        self.requests.append((peer, msg))
-                        self.suites.append(self.engine.sessions[peer].suite.name)
-                        self.identities.append(self.engine.device(peer))
+                        if all((p, m.mid) != (peer, msg.mid) for p, m in self.requests):  # (not a CON sent again)
+                            self.requests.append((peer, msg))
+                            self.suites.append(self.engine.sessions[peer].suite.name)
+                            self.identities.append(self.engine.device(peer))
                         if msg.type == Type.CON:
                             ack = Message(Type.ACK, Code.CHANGED, msg.mid, msg.token)
                             out = self.engine.wrap(encode(ack), peer)
@@ -1208,10 +1210,10 @@ def test_libcoap_clients_over_udp(client, suite):
         pytest.skip(f"{client} not installed")
     loop = CoapLoop(Engine({b"libcoap-id": b"libcoap-secret-key"}.get, EngineParams(suites=(suite,))))
     try:
-        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-u", "libcoap-id",
+        r = subprocess.run([client, "-v", "6", "-B", "60", "-m", "post", "-u", "libcoap-id",
                             "-k", "libcoap-secret-key", "-t", "application/cbor", "-e", "reading",
                             f"coaps://127.0.0.1:{loop.port}/telemetry"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=90)
     finally:
         loop.close()
     out = r.stdout + r.stderr
@@ -1428,10 +1430,10 @@ def test_libcoap_clients_with_certificates_over_udp(pki, client, auth):
     loop = CoapLoop(Engine(KEYS.get, pki.server_params(auth)))
     d = pki.dir
     try:
-        r = subprocess.run([client, "-v", "6", "-B", "10", "-m", "post", "-C", str(d / "ca.pem"),
+        r = subprocess.run([client, "-v", "6", "-B", "60", "-m", "post", "-C", str(d / "ca.pem"),
                             "-c", str(d / "dev1.pem"), "-j", str(d / "dev1.key.pem"), "-e", "reading",
                             f"coaps://127.0.0.1:{loop.port}/telemetry"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=90)
     finally:
         loop.close()
     out = r.stdout + r.stderr

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import pytest
 
+from .ports import group_holds
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -158,6 +160,11 @@ def free_port(*kinds: int) -> int:
     raise AssertionError("no port free for UDP and TCP")
 
 
+class PortTaken(Exception):
+    """A port picked for the page was taken by another process before its server bound it: the
+    page runs again on new ports (pytest-xdist runs other tests' servers meanwhile)."""
+
+
 @dataclass
 class Run:
     """One page's run: its directory, ports, environment, server and background blocks."""
@@ -191,10 +198,17 @@ class Run:
         url = f"http://127.0.0.1:{self.ports['8080']}/readyz"
         deadline = time.monotonic() + 60
         while True:  # (a failure detector, not a timing assumption: ready is what is waited on)
-            assert self.server.poll() is None, f"{b.where}: the server exited: {self.server_log.read_text()[-3000:]}"
+            if self.server.poll() is not None:
+                log = self.server_log.read_text()
+                if "cannot listen on" in log:  # one of the ports picked was taken before the server bound it
+                    raise PortTaken(log[-500:])
+                raise AssertionError(f"{b.where}: the server exited: {log[-3000:]}")
+            holds = group_holds(self.ports["8080"], self.server.pid)
+            if holds is False:  # another process listens on the port picked: not this page's server
+                raise PortTaken(f"{self.ports['8080']} is another process's")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and holds:
                         break
             except (urllib.error.URLError, OSError):
                 pass
@@ -265,7 +279,20 @@ RUNNABLE = [p for p in PAGES if any(b.runnable for b in blocks(p))]
 @pytest.mark.skipif(NEEDS_LIBCOAP, reason="libcoap's clients (Debian libcoap3-bin) are not installed")
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: p.name)
 def test_the_examples_run(page, tmp_path):
-    work = tmp_path / "work"
+    for attempt in range(3):
+        try:
+            skipped = run_page(page, tmp_path / f"work-{attempt}")
+        except PortTaken:
+            if attempt == 2:
+                raise
+            continue
+        if skipped:
+            print("skipped:", *skipped, sep="\n  ")
+        return
+
+
+def run_page(page: Path, work: Path) -> list[str]:
+    """Every runnable block of the page, in order, in `work`; the blocks that need what is not here."""
     work.mkdir()
     (work / ".venv").symlink_to(ROOT / ".venv")
     (work / "examples").symlink_to(ROOT / "examples")
@@ -299,5 +326,4 @@ def test_the_examples_run(page, tmp_path):
         run.stop_server()
     finally:
         run.kill_all()
-    if skipped:
-        print("skipped:", *skipped, sep="\n  ")
+    return skipped

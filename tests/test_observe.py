@@ -209,13 +209,23 @@ def test_a_state_larger_than_a_block_is_notified_block_wise():
 
 @needs_libcoap
 async def test_libcoap_follows_a_large_state_block_wise_and_learns_when_it_is_gone(tmp_path):
-    big = Gone()
+    served: list[int] = []  # the Block2 numbers asked for
+
+    class Big(Gone):
+        def get(self, req):
+            block = req.message.block2 if req is not None and req.message is not None else None
+            served.append(block.num if block is not None else 0)
+            return super().get(req)
+
+    big = Big()
 
     async def change():
         await trio.sleep(0.7)
         big.value = b"x" * 2500 + b"-FIRST-CHANGE-END"
         big.changed()
-        await trio.sleep(0.7)
+        with trio.fail_after(30):  # the client fetches the blocks after the first (waited on, not timed)
+            while 2 not in served:
+                await trio.sleep(0.02)
         big.exists = False
         big.changed()
         await trio.sleep(0.3)

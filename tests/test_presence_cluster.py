@@ -26,6 +26,12 @@ from .conftest import corem_cli, post, start_corem, wait_for
 from .postgres_server import Postgres, binaries, empty
 
 THRESHOLD = 2.0
+#: The servers' threshold in the end-to-end tests: long enough that a loaded machine's pauses (a
+#: worker started again after SIGKILL, a slow answer between two readings) never leave the device
+#: unheard for longer, which would add an offline and an online to what the test expects.
+LIVE_THRESHOLD = 5.0
+#: Readings 0.25 s apart that keep a device heard for longer than the threshold.
+BEYOND_THRESHOLD = int(LIVE_THRESHOLD * 1.4 / 0.25)
 
 
 class Sink:
@@ -248,7 +254,7 @@ def wait_settled(data_dirs) -> list[dict]:
     come: the way-out margin (`Presence._stale_ms`) after that."""
     wait_for(lambda: any(e["state"] == "offline" for e in presence_events(*data_dirs)), timeout=60,
              what="the device's offline")
-    settle = time.time() + THRESHOLD * 1.25 + 2 * 0.5 + 2.0 + 1.0  # (after the offline: later than that)
+    settle = time.time() + LIVE_THRESHOLD * 1.25 + 2 * 0.5 + 2.0 + 1.0  # (after the offline: later than that)
     while time.time() < settle:
         time.sleep(0.1)
     return presence_events(*data_dirs)
@@ -269,15 +275,16 @@ def send_from(port: int, sock, n: int, start_mid: int, every: float = 0.25) -> i
 def test_a_device_moving_between_two_workers_is_online_once_and_offline_once(data_dir):
     from .test_workers import port_for
 
-    server = start_corem(data_dir, "--workers", "2", "--presence-offline-after", str(THRESHOLD))
+    server = start_corem(data_dir, "--workers", "2", "--presence-offline-after", str(LIVE_THRESHOLD))
     first, second = port_for(0, 2), port_for(1, 2)
     try:
         send_from(server.coap_port, first, 4, 100)  # worker 0 hears it
         wait_for(lambda: presence_events(data_dir), timeout=30, what="the online")
         # then it is heard by worker 1 only, for longer than the threshold: worker 0 stops hearing it
-        last = send_from(server.coap_port, second, 14, 200)
+        last = send_from(server.coap_port, second, BEYOND_THRESHOLD, 200)
         m = server.metrics()  # (each worker served its own source port: the device moved)
-        assert m['corem_worker_requests{worker="0"}'] >= 4 and m['corem_worker_requests{worker="1"}'] >= 14
+        assert m['corem_worker_requests{worker="0"}'] >= 4
+        assert m['corem_worker_requests{worker="1"}'] >= BEYOND_THRESHOLD
         events = wait_settled([data_dir])
     finally:
         first.close()
@@ -286,7 +293,7 @@ def test_a_device_moving_between_two_workers_is_online_once_and_offline_once(dat
     assert [e["state"] for e in events] == ["online", "offline"], events
     online, offline = events
     assert offline["last_seen"] >= last  # the last reading, on worker 1
-    assert offline["at"] >= last + THRESHOLD * 1000  # not while worker 1 still heard it
+    assert offline["at"] >= last + LIVE_THRESHOLD * 1000  # not while worker 1 still heard it
 
 
 def test_a_worker_killed_while_it_holds_the_device_repeats_no_online(data_dir):
@@ -294,7 +301,7 @@ def test_a_worker_killed_while_it_holds_the_device_repeats_no_online(data_dir):
     the killed process's count stays in the table, so the offline comes by the way out, once."""
     from .test_workers import port_for, worker_pids
 
-    server = start_corem(data_dir, "--workers", "2", "--presence-offline-after", str(THRESHOLD))
+    server = start_corem(data_dir, "--workers", "2", "--presence-offline-after", str(LIVE_THRESHOLD))
     sock = port_for(1, 2)
     try:
         send_from(server.coap_port, sock, 4, 100)
@@ -308,15 +315,15 @@ def test_a_worker_killed_while_it_holds_the_device_repeats_no_online(data_dir):
         sock.close()
         server.stop()
     assert [e["state"] for e in events] == ["online", "offline"], events
-    assert events[1]["at"] >= last + THRESHOLD * 1000
+    assert events[1]["at"] >= last + LIVE_THRESHOLD * 1000
 
 
 def two_nodes(registry_url, tmp_path):
     """Nodes a and b sharing registry_url, and the device's UDP socket."""
     import socket
 
-    nodes = [start_corem(tmp_path / name, "--registry", registry_url, "--presence-offline-after", str(THRESHOLD))
-             for name in ("a", "b")]
+    nodes = [start_corem(tmp_path / name, "--registry", registry_url,
+                         "--presence-offline-after", str(LIVE_THRESHOLD)) for name in ("a", "b")]
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     return nodes, sock, [n.data_dir for n in nodes]
@@ -334,7 +341,7 @@ def test_a_device_moving_between_two_nodes_is_online_once_and_offline_once(regis
     try:
         send_from(nodes[0].coap_port, sock, 4, 100)  # node a hears it
         wait_for(lambda: presence_events(*dirs), timeout=30, what="the online")
-        last = send_from(nodes[1].coap_port, sock, 14, 200)  # then node b (the balancer moved it)
+        last = send_from(nodes[1].coap_port, sock, BEYOND_THRESHOLD, 200)  # then node b (the balancer moved it)
         events = wait_settled(dirs)
     finally:
         sock.close()
@@ -342,7 +349,7 @@ def test_a_device_moving_between_two_nodes_is_online_once_and_offline_once(regis
             n.stop()
     assert [e["state"] for e in events] == ["online", "offline"], events
     assert presence_events(dirs[0])[0]["state"] == "online" and presence_events(dirs[1])[0]["state"] == "offline"
-    assert events[1]["last_seen"] >= last and events[1]["at"] >= last + THRESHOLD * 1000
+    assert events[1]["last_seen"] >= last and events[1]["at"] >= last + LIVE_THRESHOLD * 1000
 
 
 def test_the_devices_of_a_killed_node_go_offline_once_by_another_node(registry_url, tmp_path):
@@ -360,4 +367,4 @@ def test_the_devices_of_a_killed_node_go_offline_once_by_another_node(registry_u
     assert presence_events(dirs[1])[0]["state"] == "offline"  # by node b's sweep
     # the last reading node a wrote (it writes at most every quarter threshold; what it heard
     # after its last write died with it)
-    assert events[1]["last_seen"] >= last - (THRESHOLD / 4 + 2 * 0.5) * 1000 - 300
+    assert events[1]["last_seen"] >= last - (LIVE_THRESHOLD / 4 + 2 * 0.5) * 1000 - 300

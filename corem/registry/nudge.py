@@ -20,8 +20,10 @@ from typing import Awaitable, Callable
 
 import trio
 
-#: Seconds the CLI waits for the server's "done".
-WAIT = 2.0
+#: Seconds the CLI waits for the server's "done": what it promises is that the next request is
+#: served, so it waits out a loaded machine's reload (a reload takes milliseconds on an idle one);
+#: a wedged server costs a CLI run this long once, and the poll still catches the change.
+WAIT = 10.0
 REQUEST, DONE = b"refresh\n", b"done\n"
 
 

@@ -1,0 +1,79 @@
+"""Ports for the tests' servers, with who holds them.  A port picked free (bind 0) and released
+can be taken by another process before the server it is meant for binds it (pytest-xdist runs
+other tests' servers meanwhile); a test then talks to the wrong server without knowing it.  So:
+hold the port where nothing should listen, and where a server must be given a number, check in
+/proc that the listener is that server's own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
+
+def free_tcp_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@contextlib.contextmanager
+def refused_tcp_port() -> Iterator[int]:
+    """A loopback port where connections are refused for as long as the block runs: bound by a
+    socket that never listens, so no other process (another test's broker) can take it meanwhile,
+    as it could a port picked free and released."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def listening_inode(port: int) -> int | None:
+    """The inode of the socket listening on 127.0.0.1:`port`, from /proc/net/tcp (None: nobody)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # TCP_LISTEN
+                return int(fields[9])
+    return None
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    """Whether process `pid` has socket `inode` open: who is listening, not just that someone is."""
+    target = f"socket:[{inode}]"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def group_holds(port: int, pgid: int) -> bool | None:
+    """Whether the socket listening on 127.0.0.1:`port` (TCP) is held by a process of process group
+    `pgid` (a server started in a session of its own, with what it runs); None: nobody listens."""
+    inode = listening_inode(port)
+    if inode is None:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[2]) == pgid and holds_socket(int(entry), inode):
+            return True
+    return False
