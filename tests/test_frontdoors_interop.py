@@ -109,13 +109,13 @@ def test_drogue_device_waiting_with_ct_receives_a_command(corem):
 
 def test_emqx_pubsub_retains_publishes_and_notifies_subscribers(corem):
     q = "?c=client-1&u=sensor-1&p=T0KEN-1"
-    assert coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "put", "-e", "21.5").code == "2.01"  # created
+    assert coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "put", "-e", "t=21.5").code == "2.01"  # created
     got = coap_client(f"{corem.coap}/ps/room/temp{q}", "-m", "get")
-    assert got.code == "2.05" and "21.5" in got.output
+    assert got.code == "2.05" and "t=21.5" in got.output  # (text no log time contains)
     sub = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{corem.coap}/mqtt/room/temp{q}")
     wait_for(lambda: observers(corem) >= 1, what="the subscription")
-    assert coap_client(f"{corem.coap}/mqtt/room/temp{q}", "-m", "post", "-e", "22.25").code == "2.04"
-    assert "22.25" in read_until(sub, "22.25")
+    assert coap_client(f"{corem.coap}/mqtt/room/temp{q}", "-m", "post", "-e", "t=22.25").code == "2.04"
+    assert "t=22.25" in read_until(sub, "t=22.25")
     bad = coap_client(f"{corem.coap}/ps/room/temp?c=x&u=sensor-1&p=wrong", "-m", "get")
     assert bad.code == "4.01"
 
