@@ -374,11 +374,18 @@ def fds_for(n: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (n + 200, hard))
 
 
-def idle_connections(stack: ExitStack, port: int, n: int) -> list[socket.socket]:
-    """`n` connections that never send a byte (each connect returns once the kernel took it)."""
+def idle_connections(stack: ExitStack, port: int, n: int, refusable: bool = False) -> list[socket.socket]:
+    """`n` connections that never send a byte (each connect returns once the kernel took it).
+    `refusable`: the server refuses (closes) some, and may do so before a busy client's connect()
+    returns -- ECONNRESET from connect: such a one is left out of the list, not an error."""
     out = []
     for _ in range(n):
-        sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+        try:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+        except ConnectionResetError:
+            if not refusable:
+                raise
+            continue
         out.append(sock)
     return out
 
@@ -479,11 +486,11 @@ def test_out_of_file_descriptors_accept_refuses_and_the_server_goes_on(tmp_path)
     try:
         port = int(proc.stdout.readline())
         with ExitStack() as stack:
-            conns = idle_connections(stack, port, 100)  # 20 descriptors: most are refused
+            conns = idle_connections(stack, port, 100, refusable=True)  # 20 descriptors: most are refused
             with selectors.DefaultSelector() as sel:  # a refused one is closed by the server: readable
                 for sock in conns:
                     sel.register(sock, selectors.EVENT_READ)
-                assert sel.select(timeout=60), "no connection was refused"
+                assert len(conns) < 100 or sel.select(timeout=60), "no connection was refused"
             assert proc.poll() is None
         # every idle one closed: the server has descriptors again
         deadline = time.monotonic() + 60
@@ -521,8 +528,8 @@ def test_a_low_open_files_limit_bounds_the_connections_and_corem_lives(data_dir,
         assert "lowered to 8" in corem.stderr()  # tcp_max_connections 10,000, said once
         with ExitStack() as stack:
             for _ in range(4):
-                idle_connections(stack, corem.http_port, 100)
-                idle_connections(stack, corem.coap_tcp_port, 100)
+                idle_connections(stack, corem.http_port, 100, refusable=True)
+                idle_connections(stack, corem.coap_tcp_port, 100, refusable=True)
             status, body, took = timed_get(corem.http_port, "/healthz")
             assert (status, body) == (200, b"ok\n") and took < 20  # (stalled, it was 29.5 s)
             assert corem.api("GET", "/api/devices/acme/sensor-1")[0] == 200
