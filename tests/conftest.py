@@ -296,12 +296,13 @@ def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 30.0,
            + b"\x09telemetry\x11\x3c\xff" + payload)
     s = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1.0)
+    server = ("127.0.0.1", port)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            s.sendto(msg, ("127.0.0.1", port))
+            s.sendto(msg, server)
             try:
-                data, _ = s.recvfrom(2048)
+                data = from_server(s, server)
             except socket.timeout:
                 continue
             while True:
@@ -309,16 +310,27 @@ def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 30.0,
                 if mtype == 2 and data[2:4] == msg[2:4] and data[1] != 0:
                     return data  # piggybacked
                 if mtype == 0 and data[4:8] == ctoken:
-                    s.sendto(bytes((0x60, 0, data[2], data[3])), ("127.0.0.1", port))  # ACK it
+                    s.sendto(bytes((0x60, 0, data[2], data[3])), server)  # ACK it
                     return data  # separate response
                 try:  # an empty ACK: the answer follows separately
-                    data, _ = s.recvfrom(2048)
+                    data = from_server(s, server)
                 except socket.timeout:
                     break
         return None
     finally:
         if sock is None:
             s.close()
+
+
+def from_server(s: socket.socket, server: tuple[str, int]) -> bytes:
+    """The next datagram `server` sent to `s`, as a device takes only its server's answers.  Others
+    do come: a port the OS hands out was another test's client's a moment ago, and that test's
+    server may still be sending it a separate response again (CON, token and all) -- once taken
+    for this request's 2.04 while the bus it waited on was frozen."""
+    while True:
+        data, source = s.recvfrom(2048)
+        if source == server:
+            return data
 
 
 def log_line(text: str, marker: str) -> str:
@@ -337,8 +349,8 @@ def coap_pings(port: int, n: int, source: str = "127.0.0.1", answers: int | None
         s.settimeout(30 if answers else 0.5)
         try:
             while got < (answers or n):
-                s.recvfrom(64)
-                got += 1
+                if s.recvfrom(64)[1] == ("127.0.0.1", port):  # (not a stranger's datagram to a reused port)
+                    got += 1
         except TimeoutError:
             pass
         return got

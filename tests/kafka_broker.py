@@ -37,9 +37,12 @@ class Broker:
         for _ in range(5):
             self.port = free_tcp_port()
             url = f"tcp://127.0.0.1:{self.port}"
+            # (a session of its own: in CI every process of the run shares one process group, and
+            # the kernel sends SIGCONT to a whole orphaned group holding a stopped process when a
+            # member exits -- a frozen broker must stay frozen until the test resumes it)
             self.proc = subprocess.Popen(
                 [*prefix, binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )
             deadline = time.monotonic() + 60  # (only detects a broker that never starts)
             while self.proc.poll() is None:
@@ -57,7 +60,22 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def pause(self) -> None:
+        """Frozen, and returns once every thread of it is stopped (the state /proc shows)."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 60  # (only detects a stop that never takes)
+        while not self.stopped():
+            assert time.monotonic() < deadline, "the broker did not stop at SIGSTOP"
+            time.sleep(0.01)
+
+    def stopped(self) -> bool:
+        states = []
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{task}/stat") as f:
+                    states.append(f.read().rpartition(")")[2].split()[0])
+            except OSError:
+                continue
+        return bool(states) and all(state in ("T", "t") for state in states)
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)

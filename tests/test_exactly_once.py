@@ -65,11 +65,13 @@ def exchange(sock: socket.socket, port: int, msg: bytes, timeout: float, stop: t
         while time.monotonic() < resend:
             sock.settimeout(max(0.01, resend - time.monotonic()))
             try:
-                data, _ = sock.recvfrom(2048)
+                data, source = sock.recvfrom(2048)
             except (socket.timeout, BlockingIOError):
                 break
             except OSError:
                 return None
+            if source != ("127.0.0.1", port):  # another test's server's datagram to a reused port
+                continue
             kind = (data[0] >> 4) & 3
             if kind == 2 and data[2:4] == mid:
                 if data[1] != 0:
