@@ -78,7 +78,6 @@ PBA = ("09000000000080364018f9ffffffffffffffff0130ffffffffffffffffff013805680172
 
 #: the templates the fuzzer mutates, one a shape the lane decodes in C (a NON of each when the
 #: type bits flip), each for a device of tests/lane_twin.py on the profile that reads it
-
 TEMPLATES = (
     # the default profile's flat map, CBOR and JSON
     post(b"T1", 60, b"\xa3\x61a\xf9\x3e\x00\x61b\x18\x2a\x62ts\x1b\x00\x00\x01\x8b\xcf\xe5\x68\x00"),

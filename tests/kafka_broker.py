@@ -9,9 +9,7 @@ import signal
 import subprocess
 import time
 
-from .ports import free_tcp_port, holds_socket, listening_inode, refused_tcp_port
-
-__all__ = ["Broker", "free_tcp_port", "refused_tcp_port", "tansu_binary"]
+from .ports import free_tcp_port, holds_socket, listening_inode, proc_stat
 
 
 def tansu_binary() -> str | None:
@@ -68,13 +66,8 @@ class Broker:
             time.sleep(0.01)
 
     def stopped(self) -> bool:
-        states = []
-        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
-            try:
-                with open(f"/proc/{self.proc.pid}/task/{task}/stat") as f:
-                    states.append(f.read().rpartition(")")[2].split()[0])
-            except OSError:
-                continue
+        tasks = f"/proc/{self.proc.pid}/task"
+        states = [s[0] for s in (proc_stat(f"{tasks}/{t}/stat") for t in os.listdir(tasks)) if s]
         return bool(states) and all(state in ("T", "t") for state in states)
 
     def resume(self) -> None:

@@ -12,12 +12,26 @@ import socket
 from collections.abc import Iterator
 
 
+def free_port(*kinds: int) -> int:
+    """A port free for each socket kind asked (UDP and TCP: CoAP and CoAP over TCP share a number)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, kinds[0]) as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for kind in kinds[1:]:
+                    with socket.socket(socket.AF_INET, kind) as other:
+                        other.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no port free for every kind asked ({kinds})")
+
+
 def free_tcp_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A TCP port free now and released, for a server that must be told its number (whose listener
+    is then checked to be its own: `holds_socket`)."""
+    return free_port(socket.SOCK_STREAM)
 
 
 @contextlib.contextmanager
@@ -69,11 +83,17 @@ def group_holds(port: int, pgid: int) -> bool | None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[2]) == pgid and holds_socket(int(entry), inode):
+        stat = proc_stat(f"/proc/{entry}/stat")
+        if stat and int(stat[2]) == pgid and holds_socket(int(entry), inode):
             return True
     return False
+
+
+def proc_stat(path: str) -> list[str] | None:
+    """The fields of a /proc stat file after the command's name (state, ppid, pgrp, ...); None when
+    the process or thread is gone."""
+    try:
+        with open(path) as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None

@@ -7,21 +7,16 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
+
+from .ports import free_tcp_port
 
 
 def binaries() -> str | None:
     """The directory of initdb and pg_ctl (Debian keeps them out of PATH), or None."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return os.path.dirname(found[-1]) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Postgres:
@@ -32,7 +27,7 @@ class Postgres:
         assert bindir is not None
         self.bindir = bindir
         self.base = tempfile.mkdtemp(prefix="corem-pg-")
-        self.port = _free_port()
+        self.port = free_tcp_port()
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
@@ -49,7 +44,7 @@ class Postgres:
             except subprocess.CalledProcessError:
                 if attempt == 4:
                     raise
-                self.port = _free_port()
+                self.port = free_tcp_port()
         self.data = data
 
     def _run(self, tool: str, *args: str) -> None:

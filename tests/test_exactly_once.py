@@ -30,6 +30,7 @@ from corem.ingest.point import decode_point
 from .conftest import corem_cli, start_corem, wait_for
 from .kafka_broker import Broker, tansu_binary
 from .lane_twin import Twin
+from .ports import free_port
 
 #: the twins of the lane and the Python path need the C lane
 needs_lane = pytest.mark.skipif(Lane is None, reason="the C fast lane is not built")
@@ -37,14 +38,6 @@ needs_lane = pytest.mark.skipif(Lane is None, reason="the C fast lane is not bui
 TOKEN = "T0KEN-1"
 #: CONs each device sends again after the restart: the one in flight at the kill and the ones before
 AGAIN = 3
-
-
-def free_udp_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def con(mid: int, token: bytes, device_token: str, value: int) -> bytes:
@@ -180,7 +173,7 @@ def close_all(devices: list[Device]) -> None:
 
 # -- the embedded bus ------------------------------------------------------------------------------
 def test_sigkill_under_load_then_retransmissions_are_answered_and_stored_once(data_dir):
-    port = free_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     server = start_corem(data_dir, "--coap", f"127.0.0.1:{port}")
     devices = [Device(port, k) for k in range(4)]
     second = None
@@ -215,7 +208,7 @@ def test_after_a_restart_a_rebooted_device_reusing_its_port_and_message_id_is_st
     old port with an old message id, under a new token, is not retransmitting (a retransmission
     carries its token unchanged, RFC 7252 §4.2, §5.3.1): its reading is stored and answered with
     its own token.  A true retransmission of a committed exchange still gets its 2.04, once stored."""
-    port = free_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     args = ("--coap", f"127.0.0.1:{port}", "--fast-lane", lane)
     server = start_corem(data_dir, *args)
     rebooted, retrying = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), socket.socket(socket.AF_INET,
@@ -355,7 +348,7 @@ def test_sigkill_under_kafka_load_then_retransmissions_are_answered_and_stored_o
     tenant = f"eo{time.monotonic_ns()}"
     data_dir = tmp_path / "data"
     corem_cli("devices", "add", "--tenant", tenant, "--device", "d1", "--token", TOKEN, data_dir=data_dir)
-    port = free_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     bus = ("--bus", f"kafka://{broker.bootstrap}")
     server = start_corem(data_dir, *bus, "--coap", f"127.0.0.1:{port}")
     devices = [Device(port, k) for k in range(4)]

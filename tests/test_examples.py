@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from .ports import group_holds
+from .ports import free_port, group_holds
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -144,22 +144,6 @@ def test_example_files_are_the_blocks_that_show_them(page):
 
 
 # -- running them ----------------------------------------------------------------------------------
-def free_port(*kinds: int) -> int:
-    """A port free for each socket kind asked (UDP and TCP: CoAP and CoAP over TCP share a number)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, kinds[0]) as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            try:
-                for kind in kinds[1:]:
-                    with socket.socket(socket.AF_INET, kind) as other:
-                        other.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no port free for UDP and TCP")
-
-
 class PortTaken(Exception):
     """A port picked for the page was taken by another process before its server bound it: the
     page runs again on new ports (pytest-xdist runs other tests' servers meanwhile)."""

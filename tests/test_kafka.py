@@ -21,7 +21,8 @@ from corem.bus.kafka import KafkaSettings, KafkaSink, PyReports, Reports
 from corem.ingest.point import decode_point
 
 from .conftest import coap_client, needs_libcoap, post, read_until, start_corem, wait_for, write_cbor
-from .kafka_broker import Broker, refused_tcp_port, tansu_binary
+from .kafka_broker import Broker, tansu_binary
+from .ports import holds_socket, listening_inode, refused_tcp_port
 
 EXTERNAL = os.environ.get("COREM_KAFKA_BOOTSTRAP")
 BINARY = tansu_binary()
@@ -77,9 +78,9 @@ def test_a_broker_whose_port_was_taken_meanwhile_starts_on_another(monkeypatch):
     b = Broker(BINARY)  # type: ignore[arg-type]
     try:
         assert b.port != taken
-        inode = kafka_broker.listening_inode(b.port)
-        assert inode is not None and kafka_broker.holds_socket(b.proc.pid, inode)
-        assert not kafka_broker.holds_socket(b.proc.pid, kafka_broker.listening_inode(taken) or -1)
+        inode = listening_inode(b.port)
+        assert inode is not None and holds_socket(b.proc.pid, inode)
+        assert not holds_socket(b.proc.pid, listening_inode(taken) or -1)
     finally:
         b.stop()
         squatter.close()
@@ -456,8 +457,8 @@ def test_readiness_and_metrics_come_from_librdkafka(broker, data_dir):
         try:
             reply = post(server.coap_port, "T0KEN-1", cbor2.dumps({"t": 2}), 2)
             # 5.03: librdkafka gave the record up after kafka_timeout (what was sent and counted, if not)
-            assert reply is not None and reply[1] == 0xA3, (reply and reply.hex(), {
-                k: v for k, v in server.metrics().items() if any(w in k for w in ("kafka", "bus", "lane", "telemetry"))})
+            about = {k: v for k, v in server.metrics().items() if "kafka" in k or "bus" in k or "lane" in k}
+            assert reply is not None and reply[1] == 0xA3, (reply and reply.hex(), about)
             wait_ready(503)
             m = server.metrics()
             assert m['corem_kafka_delivery_errors_total{code="_MSG_TIMED_OUT"}'] >= 1

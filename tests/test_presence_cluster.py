@@ -30,8 +30,10 @@ THRESHOLD = 2.0
 #: worker started again after SIGKILL, a slow answer between two readings) never leave the device
 #: unheard for longer, which would add an offline and an online to what the test expects.
 LIVE_THRESHOLD = 5.0
-#: Readings 0.25 s apart that keep a device heard for longer than the threshold.
-BEYOND_THRESHOLD = int(LIVE_THRESHOLD * 1.4 / 0.25)
+#: Seconds between two of a test device's readings (`send_from`).
+EVERY = 0.25
+#: Readings EVERY apart that keep a device heard for longer than the threshold.
+BEYOND_THRESHOLD = int(LIVE_THRESHOLD * 1.4 / EVERY)
 
 
 class Sink:
@@ -260,7 +262,7 @@ def wait_settled(data_dirs) -> list[dict]:
     return presence_events(*data_dirs)
 
 
-def send_from(port: int, sock, n: int, start_mid: int, every: float = 0.25) -> int:
+def send_from(port: int, sock, n: int, start_mid: int, every: float = EVERY) -> int:
     """`n` readings from `sock`, each answered 2.04; the wall-clock ms just before the last was sent
     (the server took it after that, whatever its answer's delay on a loaded machine)."""
     last = 0

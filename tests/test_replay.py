@@ -23,7 +23,7 @@ from corem.oscore.context import ReplayWindow
 from corem.registry.db import Db
 from corem.registry.oscore import OscoreState, fingerprint
 
-from .conftest import corem_cli, start_corem, wait_for
+from .conftest import corem_cli, from_server, start_corem, wait_for
 
 pytest.importorskip("aiocoap.oscore")
 import aiocoap  # noqa: E402
@@ -153,10 +153,7 @@ def aiocoap_context(tmp_path, name="dev"):
 def exchange(sock: socket.socket, port: int, data: bytes) -> aiocoap.Message:
     sock.settimeout(30)
     sock.sendto(data, ("127.0.0.1", port))
-    while True:
-        answer, source = sock.recvfrom(2048)
-        if source == ("127.0.0.1", port):  # (not another test's server's datagram to a reused port)
-            return aiocoap.Message.decode(answer)
+    return aiocoap.Message.decode(from_server(sock, ("127.0.0.1", port)))
 
 
 def test_an_oscore_request_replayed_to_the_other_worker_is_refused_and_counted(data_dir, tmp_path):

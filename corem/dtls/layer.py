@@ -224,7 +224,6 @@ class LaneSessions(Protocol):
     def cookie_secret(self, secret: bytes) -> None: ...
 
 
-
 class Session:
     """What the layer keeps beside a live Connection (attached as `conn.layer`)."""
 

@@ -79,6 +79,7 @@ class LaneDecoder:
 def compile_profile(profile: Profile) -> Decoder:
     """The decoder a profile describes: its format, then its rules on every point."""
     decode: formats.FormatDecoder
+    proto: tuple[Any, ...] | None = None  # (a protobuf schema's form for the lane's C)
     if profile.format == "thingsboard":
         decode = formats.thingsboard(profile.nested)
     elif profile.format == "senml":
@@ -98,6 +99,7 @@ def compile_profile(profile: Profile) -> Decoder:
 
         cls = message_of(profile.schema, profile.message)  # (read once: the decoder's and the lane's)
         decode = protobuf(cls, profile.nested)
+        proto = lane_proto(cls)
     elif profile.format == "js":
         from .js import JsCodec
 
@@ -107,7 +109,6 @@ def compile_profile(profile: Profile) -> Decoder:
         decode = _flat
     if profile.format in ("protobuf", "js"):  # the whole decoder, rules included, is the lane's twin
         whole = _with_rules(decode, profile.fields) if profile.fields else decode
-        proto = lane_proto(cls) if profile.format == "protobuf" else None
         in_c = lane_rules(profile.fields) if profile.fields else ()
         if proto is not None and in_c is not None:  # (the lane reads the message in C, and its rules)
             return LaneDecoder(whole, LANE_PROTOBUF, in_c, nested=NESTED[profile.nested], proto=proto)
