@@ -1349,6 +1349,40 @@ def test_ecdhe_a_certificate_verify_by_another_key_is_decrypt_error(pki):
     assert alerts(eng) == [(2, 51)] and eng.stats.handshakes_failed["bad_certificate_verify"] == 1
 
 
+@pytest.mark.parametrize("auth", ["optional", "required"])
+def test_ecdhe_an_unregistered_certificate_is_access_denied_instead_of_the_servers_finished(pki, auth):
+    """A certificate of the CA that the registry does not know: refused in the handshake (RFC 5246
+    access_denied), once the device proved it holds the key, and before the server's CCS and
+    Finished -- the device's handshake fails; it does not complete and meet an alert at its first
+    request (wolfSSL's client showed that)"""
+    asked = []
+    eng = Engine(KEYS.get, pki.server_params(auth, admit_certificate=lambda ident: asked.append(ident) or False))
+    cl = Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0], pki.dev, pki.dev_key))
+    run_to_alert(eng, cl)
+    assert [d[0] for d, _ in eng.outbox] == [ALERT]  # (no ChangeCipherSpec, no Finished)
+    assert alerts(eng) == [(2, 49)] and eng.stats.handshakes_failed["unregistered_certificate"] == 1
+    assert asked == [engine_certs.fingerprint(pki.der(pki.dev))]
+    assert not cl.established and PEER not in eng.sessions and PEER not in eng.handshakes
+
+
+def test_ecdhe_registration_is_asked_only_of_a_device_that_holds_the_certificates_key(pki):
+    """Someone else's certificate (public) with a signature by another key: bad_certificate_verify,
+    and the registry is never asked -- no answer tells a stranger which certificates are registered"""
+    asked = []
+    eng = Engine(KEYS.get, pki.server_params("required", admit_certificate=lambda ident: asked.append(ident) or True))
+    run_to_alert(eng, Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0], pki.dev, pki.rogue_key)))
+    assert alerts(eng) == [(2, 51)] and asked == []
+
+
+def test_ecdhe_a_registry_that_fails_is_an_internal_error_not_an_exception(pki):
+    def broken(identity):
+        raise OSError("registry down")
+
+    eng = Engine(KEYS.get, pki.server_params("required", admit_certificate=broken))
+    run_to_alert(eng, Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0], pki.dev, pki.dev_key)))
+    assert alerts(eng) == [(2, 80)] and eng.stats.handshakes_failed["certificate_check_error"] == 1
+
+
 def test_ecdhe_client_refuses_a_server_certificate_of_another_ca(pki):
     eng = Engine(KEYS.get, EngineParams(certificate_chain=(pki.der(pki.rogue),), private_key=pki.rogue_key))
     cl = Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0]))

@@ -23,10 +23,15 @@ engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
   with each PSK suite, through a small client (tests/go/dtls_post) built in GOPATH mode with Debian's
   golang-go against /usr/share/gocode; it requires extended_master_secret itself. pion/dtls v4 from the
   Go module proxy was not used: there was no Go toolchain here before Debian's, and Debian has the stack.
+- Debian `libwolfssl-dev` (wolfSSL 5.5.4, C, the DTLS stack of many constrained devices): tested below
+  with certificates, through a small client (tests/c/wolfssl_post.c) built with gcc; Debian builds it
+  without the plain PSK suites (PSK only with DHE or ECDHE, which corem does not implement), so its
+  device has a registered certificate, on TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 and _GCM_SHA256. It
+  found that a certificate of the CA that was not registered completed its handshake and met an alert
+  at its first request: it is now refused in the handshake with access_denied (49).
 - Debian `libbctls-java` (Bouncy Castle's DTLS API): not tested yet (no client program; a Java one
   would need a JDK).
-- Debian's own DTLS clients are libcoap's (test_interop_dtls.py); tinydtls and wolfSSL have no client
-  tools there. PyPI `dtls` and `python3-dtls` (PyDTLS, last released 2017 and 2020) and `aio-dtls`
+- Debian's own DTLS client tools are libcoap's (test_interop_dtls.py); tinydtls has none there. PyPI `dtls` and `python3-dtls` (PyDTLS, last released 2017 and 2020) and `aio-dtls`
   (0.0.4) were not tried.
 
 A stack that is not installed skips with its reason, except under CI=true (`make test` installs them:
@@ -256,7 +261,7 @@ def pki(tmp_path_factory) -> Path:
     _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key.pem", cwd=d)
     _ssl("req", "-x509", "-new", "-key", "ca.key.pem", "-subj", "/CN=ca", "-days", "2", "-out", "ca.pem",
          cwd=d)
-    for name in ("server", "dev1"):
+    for name in ("server", "dev1", "dev2"):
         _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key.pem", cwd=d)
         _ssl("req", "-new", "-key", f"{name}.key.pem", "-subj", f"/CN={name}", "-out", f"{name}.csr", cwd=d)
         _ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key.pem", "-CAcreateserial",
@@ -280,5 +285,66 @@ def test_werift_dtls_posts_a_reading_with_a_registered_certificate(data_dir, pki
         out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
         assert out == {"code": "2.04"}, (out, r.stderr)
         assert_stored(server, "cert-dev-1")
+    finally:
+        server.stop()
+
+
+# -- wolfSSL (Debian libwolfssl-dev): certificates, the suites Debian's build has -------------------------
+
+WOLFSSL_HEADER = Path("/usr/include/wolfssl/ssl.h")
+#: wolfSSL's names of the two ECDHE-ECDSA suites corem implements
+WOLFSSL_SUITES = {"ECDHE-ECDSA-AES128-CCM-8": "TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8",
+                  "ECDHE-ECDSA-AES128-GCM-SHA256": "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256"}
+
+
+@pytest.fixture(scope="module")
+def wolfssl_client(tmp_path_factory) -> str:
+    need("wolfSSL", WOLFSSL_HEADER.is_file() and shutil.which("gcc") is not None,
+         "Debian's libwolfssl-dev and gcc (make sysdeps installs them as root)")
+    out = tmp_path_factory.mktemp("wolfssl") / "wolfssl_post"
+    r = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(Path(__file__).parent / "c" / "wolfssl_post.c"),
+                        "-lwolfssl"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return str(out)
+
+
+def serve_certificates(data_dir: Path, pki: Path):
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
+              data_dir=data_dir)
+    return start_corem(data_dir, "--dtls-cert", str(pki / "server.pem"), "--dtls-key", str(pki / "server.key.pem"),
+                       "--dtls-ca", str(pki / "ca.pem"), "--dtls-client-auth", "required",
+                       "--dtls-ciphers", ",".join(WOLFSSL_SUITES.values()))
+
+
+def wolfssl_post(client: str, server, pki: Path, suite: str, device: str) -> dict:
+    r = run([client, str(server.coaps_port), suite, cbor2.dumps(READING).hex(), str(pki / f"{device}.pem"),
+             str(pki / f"{device}.key.pem"), str(pki / "ca.pem")])
+    return json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+
+
+@pytest.mark.parametrize("suite", WOLFSSL_SUITES)
+def test_wolfssl_posts_a_reading_with_a_registered_certificate(data_dir, pki, wolfssl_client, suite):
+    server = serve_certificates(data_dir, pki)
+    try:
+        out = wolfssl_post(wolfssl_client, server, pki, suite, "dev1")
+        assert out == {"code": "2.04", "suite": suite}, out
+        assert_stored(server, "cert-dev-1")
+    finally:
+        server.stop()
+
+
+def test_wolfssl_with_an_unregistered_certificate_fails_its_handshake(data_dir, pki, wolfssl_client):
+    """dev2's certificate is of the CA but not registered: wolfSSL's handshake fails with corem's
+    access_denied (before this, it completed and the first request met an alert)"""
+    server = serve_certificates(data_dir, pki)
+    try:
+        out = wolfssl_post(wolfssl_client, server, pki, "ECDHE-ECDSA-AES128-CCM-8", "dev2")
+        assert out.get("error", "").startswith("handshake:"), out
+        assert server.points() == []
+        m = server.metrics()
+        assert m['corem_dtls_handshakes_failed_total{reason="unregistered_certificate"}'] == 1
+        assert m["corem_dtls_handshakes_completed_total"] == 0
+        # and the registered device beside it is served
+        assert wolfssl_post(wolfssl_client, server, pki, "ECDHE-ECDSA-AES128-CCM-8", "dev1")["code"] == "2.04"
     finally:
         server.stop()

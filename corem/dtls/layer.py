@@ -128,9 +128,10 @@ def load_state_key(setting: str, data_dir: Path | None) -> bytes:
 
 
 def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = None,
-                  cid_prefix: bytes = b"") -> EngineParams:
+                  cid_prefix: bytes = b"", admit_certificate: Callable[[bytes], bool] | None = None) -> EngineParams:
     """DtlsParams (the settings) as the engine's parameters; ValueError names what the engine
-    cannot do."""
+    cannot do.  `admit_certificate`: whether a verified certificate's identity is a registered
+    device's (refused in the handshake otherwise: Params.admit_certificate)."""
     suites = []
     for name in p.ciphers:
         try:
@@ -161,7 +162,8 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
                                  "(or set dtls_client_auth = none)")
             verify = chain_verifier(_pem_certificates(p.ca_file))
     return EngineParams(suites=tuple(suites), certificate_chain=chain, private_key=key, verify_peer=verify,
-                        client_auth=mode, require_ems=p.require_ems, cid_length=cid_length, cid_prefix=cid_prefix,
+                        client_auth=mode, admit_certificate=admit_certificate, require_ems=p.require_ems,
+                        cid_length=cid_length, cid_prefix=cid_prefix,
                         max_handshakes=p.max_handshakes,
                         max_sessions=p.max_sessions, handshake_timeout=p.handshake_timeout,
                         session_timeout=float("inf"))
@@ -274,7 +276,8 @@ class EngineServer:
         self.wall = wall
         self.on_new_session = on_new_session
         self.on_moved = on_moved
-        self.engine = e = Engine(self._psk, engine_params(p, cid_length, client_auth, cid_prefix))
+        self.engine = e = Engine(self._psk, engine_params(p, cid_length, client_auth, cid_prefix,
+                                                          self._certificate_registered))
         e.admit = self._admit
         e.established = self._established
         #: the answer to the last PSK lookup (identity, device) while the datagram that asked is
@@ -344,11 +347,16 @@ class EngineServer:
                 self.store.discard(key)
         return True
 
+    def _certificate_registered(self, identity: bytes) -> bool:
+        """(the engine, at a client's CertificateVerify) a certificate that is not a registered
+        device's is refused in the handshake, with access_denied"""
+        return self.cert_lookup(identity.decode()) is not None
+
     def _established(self, conn: Connection) -> str | None:
         device: Device | None = None
         if conn.peer_chain:  # a certificate (verified against dtls_ca by the engine)
             device = self.cert_lookup(conn.identity.decode())
-            if device is None:
+            if device is None:  # (removed from the registry since its CertificateVerify)
                 log.debug("dtls peer %s presented an unregistered certificate", conn.peer)
                 return "unregistered_certificate"
         elif conn.suite is not None and conn.suite.kx == "psk":

@@ -73,8 +73,7 @@ class Tls:
         self.cert_lookup = cert_lookup
         self.params = self.with_credentials(params, client_auth)
 
-    @staticmethod
-    def with_credentials(params: DtlsParams, client_auth: str | None = None) -> Params:
+    def with_credentials(self, params: DtlsParams, client_auth: str | None = None) -> Params:
         """The TLS parameters of these settings, their certificate, key and CA read now (at start,
         and at SIGHUP: corem/reload.py; ValueError or OSError if they do not load).  Assigned to
         `params`, they are what the connections accepted from then on use."""
@@ -83,7 +82,13 @@ class Tls:
         ep = engine_params(params, cid_length=0, client_auth=client_auth)
         suites = tuple(dict.fromkeys((*ep.suites, *(suite_by_name(n) for n in TLS_EXTRA_CIPHERS))))
         return Params(suites=suites, require_ems=ep.require_ems, certificate_chain=ep.certificate_chain,
-                      private_key=ep.private_key, verify_peer=ep.verify_peer, client_auth=ep.client_auth)
+                      private_key=ep.private_key, verify_peer=ep.verify_peer, client_auth=ep.client_auth,
+                      admit_certificate=self._certificate_registered)
+
+    def _certificate_registered(self, identity: bytes) -> bool:
+        """(the engine, at a client's CertificateVerify) an unregistered certificate is refused in
+        the handshake, with access_denied, as over CoAPS"""
+        return self.cert_lookup(identity.decode()) is not None
 
     def psk_for(self, identity: bytes) -> bytes | None:
         return registry_psk(self.psk_lookup, identity)
@@ -423,7 +428,9 @@ class TcpEdge:
                     self.stats["bytes_out"] += len(out)
                     await conn.stream.send_all(out)
                 if t.over:
-                    self.stats["aborted_handshake"] += 1
+                    # (a registry refusal counted apart, as a certificate removed since is below)
+                    self.stats["aborted_unregistered_certificate" if t.reason == "unregistered_certificate"
+                               else "aborted_handshake"] += 1
                     log.debug("coaps+tcp handshake with %s failed: %s", conn.peer, t.reason)
                     return False
                 data = await conn.stream.receive_some(READ_SIZE)
@@ -434,7 +441,7 @@ class TcpEdge:
             conn.queued += t.data_to_send()  # (the server's Finished: the writer sends it with the CSM)
             conn.early = t.take_app()
             conn.device, registered = self.tls.device(t)
-            if not registered:
+            if not registered:  # (removed from the registry since its CertificateVerify)
                 self.stats["aborted_unregistered_certificate"] += 1
                 return False
             return True

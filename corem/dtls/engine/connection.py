@@ -21,7 +21,7 @@ import corem.dtls.engine.messages as m
 from ...c_twins import c_twin
 from .crypto import (IMPLEMENTED, SCSV_RENEGOTIATION, SUITES, Keys, Suite, key_block, master_secret,
                      psk_premaster, verify_data)
-from .errors import (BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL,
+from .errors import (ACCESS_DENIED, BAD_CERTIFICATE, BAD_RECORD_MAC, CLOSE_NOTIFY, DECODE_ERROR, DECRYPT_ERROR, FATAL,
                      HANDSHAKE_FAILURE, ILLEGAL_PARAMETER, INTERNAL_ERROR, NO_RENEGOTIATION, PROTOCOL_VERSION,
                      UNEXPECTED_MESSAGE, UNKNOWN_PSK_IDENTITY, WARNING, DtlsDecodeError, HandshakeFailed,
                      alert_name)
@@ -101,6 +101,12 @@ class Params:
     #: server: ask ECDHE clients for a certificate: "none", "optional" (one sent must verify; a
     #: device without one names itself later, with a token) or "required"
     client_auth: str = "none"
+    #: server: whether the identity a client's verified certificate proves may connect (the
+    #: registry's word, corem/dtls/layer.py), asked once the client proved it holds the key
+    #: (CertificateVerify) and before this side's Finished: False is RFC 5246's access_denied,
+    #: "a valid certificate was received, but when access control was applied, the sender decided
+    #: not to proceed" -- the device learns it from its handshake, not from its first request
+    admit_certificate: Callable[[bytes], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.client_auth not in ("none", "optional", "required"):
@@ -562,6 +568,8 @@ class Connection:
             signature = m.parse_certificate_verify_untrusted(body)
             assert self.peer_key is not None
             certs.verify_untrusted(self.peer_key, signature, bytes(self.transcript), "bad_certificate_verify")
+            if not self._admitted(self.identity):
+                raise HandshakeFailed(ACCESS_DENIED, "unregistered_certificate")
             self.transcript += raw
             self.state = WAIT_CCS
         elif self.state == WAIT_CLIENT_KEY_EXCHANGE and msg_type == m.CLIENT_KEY_EXCHANGE:
@@ -698,6 +706,15 @@ class Connection:
         assert self.params.verify_peer is not None
         try:
             return self.params.verify_peer(chain)
+        except Exception:
+            raise HandshakeFailed(INTERNAL_ERROR, "certificate_check_error") from None
+
+    def _admitted(self, identity: bytes) -> bool:
+        admit = self.params.admit_certificate
+        if admit is None:
+            return True
+        try:
+            return admit(identity)
         except Exception:
             raise HandshakeFailed(INTERNAL_ERROR, "certificate_check_error") from None
 

@@ -22,6 +22,7 @@ BAD_CERTIFICATE = 42
 UNSUPPORTED_CERTIFICATE = 43
 CERTIFICATE_UNKNOWN = 46
 ILLEGAL_PARAMETER = 47
+ACCESS_DENIED = 49
 DECODE_ERROR = 50
 DECRYPT_ERROR = 51
 PROTOCOL_VERSION = 70
@@ -36,7 +37,8 @@ ALERT_NAMES = {
     RECORD_OVERFLOW: "record_overflow", HANDSHAKE_FAILURE: "handshake_failure",
     BAD_CERTIFICATE: "bad_certificate",
     UNSUPPORTED_CERTIFICATE: "unsupported_certificate", CERTIFICATE_UNKNOWN: "certificate_unknown",
-    ILLEGAL_PARAMETER: "illegal_parameter", DECODE_ERROR: "decode_error", DECRYPT_ERROR: "decrypt_error",
+    ILLEGAL_PARAMETER: "illegal_parameter", ACCESS_DENIED: "access_denied", DECODE_ERROR: "decode_error",
+    DECRYPT_ERROR: "decrypt_error",
     PROTOCOL_VERSION: "protocol_version", INSUFFICIENT_SECURITY: "insufficient_security",
     INTERNAL_ERROR: "internal_error", NO_RENEGOTIATION: "no_renegotiation",
     UNSUPPORTED_EXTENSION: "unsupported_extension", UNKNOWN_PSK_IDENTITY: "unknown_psk_identity",
