@@ -95,6 +95,50 @@ def test_a_session_restored_by_a_record_that_does_not_authenticate_is_saved_agai
     assert srv.receive(c.wrap(b"\x40\x02\x00\x03"), A, 22.0) == [b"\x40\x02\x00\x03"]
 
 
+def test_a_record_naming_a_sleeping_cid_session_moves_nothing_until_one_authenticates():
+    """A datagram with an offloaded session's CID wakes it, but proves nothing of its source: a
+    forgery -- or the device's own record again -- sent from the address of another device's live
+    session must neither end that session nor bind the sleeping one there (RFC 9146 §6).  Until a
+    record authenticates, the session is parked (found by its CID, at no address); the device's
+    next record places it wherever it comes from."""
+    srv, moves = layer(SessionStore(), offload_after=10.0, checkpoint=False)
+    v = handshake(srv, A)
+    old = v.wrap(b"\x40\x02\x00\x01")
+    assert srv.receive(old, A, 1.0)
+    srv.sweep(20.0)
+    assert not srv.sessions
+    handshake(srv, C, cid=None)  # another device, by address (no CID), live at C
+    other = srv.sessions[C]
+    assert not other.cid_in
+    forged = bytearray(v.wrap(b"\x40\x02\x00\x02"))
+    forged[-1] ^= 1
+    for datagram in (bytes(forged), old):
+        assert srv.receive(datagram, C, 21.0) == []
+        assert srv.sessions == {C: other} and list(srv.engine.parked) == [v.conn.cid_out]
+    assert metric(srv, "corem_dtls_sessions_restored") == 1 and moves == []
+    assert metric(srv, "corem_dtls_sessions") == 2  # (live 1 + asleep 1: the parked one counts as offloaded)
+    assert srv.wrap(b"\x60\x44\x00\x02", A) is None  # (answered nowhere while parked)
+    request, answer = b"\x40\x02\x00\x03", b"\x60\x44\x00\x03"
+    assert srv.receive(v.wrap(request), B, 22.0) == [request]  # the device, from its new address
+    assert srv.engine.parked == {} and srv.sessions[B].cid_in == v.conn.cid_out and srv.sessions[C] is other
+    assert v.receive(srv.wrap(answer, B), 22.0) == [answer]
+
+
+def test_a_parked_session_left_idle_is_offloaded_again_and_saved_at_shutdown(tmp_path):
+    srv, _ = layer(SessionStore(tmp_path / "sessions.db"), offload_after=10.0, checkpoint=False)
+    v = handshake(srv, A)
+    assert srv.receive(v.wrap(b"\x40\x02\x00\x01"), A, 1.0)
+    srv.sweep(20.0)
+    key = CID_KEY + v.conn.cid_out
+    forged = bytearray(v.wrap(b"\x40\x02\x00\x02"))
+    forged[-1] ^= 1
+    assert srv.receive(bytes(forged), C, 21.0) == [] and srv.store.keys() == []  # (taken: parked)
+    srv.sweep(40.0)
+    assert srv.engine.parked == {} and srv.store.keys() == [key] and srv.engine.by_cid == {}
+    assert srv.receive(bytes(forged), C, 41.0) == []  # parked again; the process stops
+    assert srv.close(42.0) == 1 and SessionStore(tmp_path / "sessions.db").keys() == [key]
+
+
 def test_the_state_key_is_made_once_in_the_data_dir_mode_0600(tmp_path):
     key = load_state_key("", tmp_path)
     assert len(key) == 32 and load_state_key("", tmp_path) == key

@@ -668,10 +668,13 @@ def test_a_restored_session_is_the_lanes_again_and_refuses_what_its_store_marked
     again.commit()
     assert again.stored() == [] and dev.answers() == []
     assert again.count("corem_dtls_records_replayed") == 2 and again.layer.stats.restored == 1
-    assert again.lane.counters["dtls_sessions"] == 1 and again.lane.counters["records_opened"] == 0
-    dev.post(reading(3))  # the next one: Python restored the session, the lane serves it
+    # (restored by its CID and parked: no record authenticated, so at no address and not the lane's)
+    assert again.lane.counters["dtls_sessions"] == 0 and again.lane.counters["records_opened"] == 0
+    assert list(again.layer.engine.parked) == [conn.cid_in] and again.layer.sessions == {}
+    dev.post(reading(3))  # the next one authenticates: Python places the session, the lane serves it
     again.pump()
     again.commit()
+    assert again.lane.counters["dtls_sessions"] == 1 and again.layer.engine.parked == {}
     dev.post(reading(4))
     again.pump()
     again.commit()

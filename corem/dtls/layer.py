@@ -541,7 +541,8 @@ class EngineServer:
 
     def checkpoint(self, now: float) -> int:
         due, self._checkpoints = self._checkpoints, set()
-        live = [c for c in due if c.state == ESTABLISHED and self.engine.sessions.get(c.peer) is c]
+        e = self.engine
+        live = [c for c in due if c.state == ESTABLISHED and (e.sessions.get(c.peer) is c or e.parked.get(c.cid_in) is c)]
         return self._save(live, now, checkpoint=True)
 
     def _save(self, conns: list[Connection], now: float, *, checkpoint: bool) -> int:
@@ -556,7 +557,7 @@ class EngineServer:
                 s.saved = True
                 s.marked = max(s.marked, c.window.top)
                 s.checkpoint_due = now + self.params.session_timeout / 2
-                if self._lane is not None:
+                if self._lane is not None and self.engine.sessions.get(c.peer) is c:  # (not a parked one)
                     self._on_session(c, True)  # (saved: the lane gives its record numbers now)
         return len(rows)
 
@@ -578,12 +579,12 @@ class EngineServer:
         expire_before = now - p.session_timeout
         offload_before = float("inf") if everything else now - p.offload_after
         wall_offset = self.wall() - now
-        idle = [c for c in e.sessions.values() if c.last_seen < offload_before]
+        idle = [c for c in (*e.sessions.values(), *e.parked.values()) if c.last_seen < offload_before]
         saving: list[Connection] = []
         for conn in idle:
             if conn.last_seen < expire_before:
                 self.stats.sessions_expired += 1
-                e.forget(conn.peer)
+                e.drop(conn)
             elif conn.layer is not None:
                 saving.append(conn)
         rows = [self._row(c, wall_offset) for c in saving]
@@ -596,7 +597,7 @@ class EngineServer:
                             self.store.last_error)
             return 0
         for conn in saving:
-            e.forget(conn.peer)
+            e.drop(conn)
             self._checkpoints.discard(conn)
         self.offloaded.update(row[0] for row in rows)
         self.stats.offloaded += len(rows)
@@ -628,13 +629,15 @@ class EngineServer:
         if not blob.startswith(BLOB_TAG):  # e.g. an mbedtls pickle: never unpickled here
             self.stats.sessions_lost += 1
             return None
+        # (by its CID: parked -- at no address, displacing nothing -- until a record authenticates:
+        # the datagram that asked may be anyone's, from anywhere)
+        parked = key.startswith(CID_KEY)
         try:
             saved = state.open_sealed_untrusted(blob[len(BLOB_TAG):], self.state_key, key)
-            self.engine.restore(saved, peer, now)
+            conn = self.engine.restore(saved, peer, now, parked=parked)
         except (DtlsDecodeError, ValueError):
             self.stats.sessions_lost += 1
             return None
-        conn = self.engine.sessions[peer]
         if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
             conn.floor = rx_top  # (conn.newest counts it)
         s = Session(device, key)
@@ -646,7 +649,7 @@ class EngineServer:
             # (at the next tick, whatever the record that asked for it turns out to be: a forged
             # one is not authenticated, carries no data, and would leave the session unsaved)
             self._checkpoints.add(conn)
-        if self._lane is not None:
+        if self._lane is not None and not parked:  # (a parked one: the engine's on_session once placed)
             self._on_session(conn, True)  # (again: now with its device and its floor)
         self.stats.restored += 1
         return conn
@@ -684,7 +687,9 @@ class EngineServer:
         for reason, n in sorted(d.handshakes_refused.items()):
             yield counter("corem_dtls_handshakes_refused", n, reason=reason)
         yield gauge("corem_dtls_sessions", len(self.engine.sessions), state="live")
-        yield gauge("corem_dtls_sessions", len(self.offloaded), state="offloaded")
+        # (a session restored by its CID and not yet placed by a record that authenticates -- engine
+        # `parked` -- is as asleep as an offloaded one)
+        yield gauge("corem_dtls_sessions", len(self.offloaded) + len(self.engine.parked), state="offloaded")
         yield gauge("corem_dtls_sessions", len(self.engine.handshakes), state="handshaking")
         yield counter("corem_dtls_session_store_errors", self.store.errors)
 

@@ -144,6 +144,9 @@ class Engine:
         self.handshakes: dict[Peer, Connection] = {}
         self.sessions: dict[Peer, Connection] = {}
         self.by_cid: dict[bytes, Connection] = {}
+        #: sessions restored by their CID that no record has authenticated since (`restore`,
+        #: parked): found by CID, bound to no address until a newest record authenticates
+        self.parked: dict[bytes, Connection] = {}
         self.outbox: list[tuple[bytes, Peer]] = []
         self.stats = EngineStats()
         self._next_sweep = now
@@ -244,6 +247,8 @@ class Engine:
             newest = conn.receive_record(rec, now)
             if newest and peer != conn.peer and self.sessions.get(conn.peer) is conn:
                 self._move(conn, peer)  # (a session's: a handshake finishes where its cookie was)
+            elif newest and self.parked.get(rec.cid) is conn:
+                self._place(conn, peer)
             return conn
         if rec.epoch == 0:
             if rec.type == HANDSHAKE and rec.fragment[:1] == bytes((m.CLIENT_HELLO,)):
@@ -427,6 +432,8 @@ class Engine:
             del self.sessions[conn.peer]
         if conn.cid_in and self.by_cid.get(conn.cid_in) is conn:
             del self.by_cid[conn.cid_in]
+            if self.parked.get(conn.cid_in) is conn:
+                del self.parked[conn.cid_in]
 
     def _move(self, conn: Connection, peer: Peer) -> None:
         """RFC 9146 §6: the newest authenticated record came from `peer`: answer there from now on"""
@@ -444,6 +451,18 @@ class Engine:
         self.stats.address_changes += 1
         if self.moved is not None:
             self.moved(conn, old)
+
+    def _place(self, conn: Connection, peer: Peer) -> None:
+        """A parked session's first newest record that authenticates came from `peer`: it is the
+        session there from now on, as a move would make it (RFC 9146 §6)"""
+        del self.parked[conn.cid_in]
+        displaced = self.sessions.get(peer)
+        if displaced is not None:
+            self._forget(displaced)  # (a session by address at that address is superseded)
+        conn.peer = peer
+        self.sessions[peer] = conn
+        if self.on_session is not None:
+            self.on_session(conn, True)
 
     def drop_handshake(self, peer: Peer) -> bool:
         """Forget the handshake in progress with `peer` (its slot was taken back: timeout,
@@ -469,6 +488,10 @@ class Engine:
         if conn is not None:
             self._forget(conn)
         return conn
+
+    def drop(self, conn: Connection) -> None:
+        """Drop `conn`, a session at its address or a parked one (offloaded, expired); nothing is sent"""
+        self._forget(conn)
 
     # -- out -------------------------------------------------------------------------------------
 
@@ -515,11 +538,23 @@ class Engine:
             return None
         return state.export(conn, reserve)
 
-    def restore(self, saved: state.SessionState, peer: Peer, now: float) -> None:
-        """Take over a session another process (or node) exported"""
+    def restore(self, saved: state.SessionState, peer: Peer, now: float, *, parked: bool = False) -> Connection:
+        """Take over a session another process (or node) exported, as the session with `peer`;
+        or `parked` (one with a CID, restored because a datagram named its CID): found by its CID
+        only, at no address and displacing no session, until a newest record authenticates --
+        the datagram that woke it proves nothing of its source (RFC 9146 §6), and a forged one
+        must not move it, nor end the session another device has at that source."""
         if saved.role != "server" or (saved.cid_in and len(saved.cid_in) != self.params.cid_length):
             raise ValueError("not a session of a server with this CID length")
         conn = state.restore(saved, peer, now, self.params)
+        if parked:
+            if not conn.cid_in:
+                raise ValueError("only a session with a CID is restored parked")
+            other = self.by_cid.get(conn.cid_in)
+            if other is not None:
+                self._forget(other)
+            self.by_cid[conn.cid_in] = self.parked[conn.cid_in] = conn
+            return conn
         old = self.sessions.get(peer)
         if old is not None:
             self._forget(old)
@@ -531,6 +566,7 @@ class Engine:
         self.sessions[peer] = conn
         if self.on_session is not None:
             self.on_session(conn, True)
+        return conn
 
     def close(self, peer: Peer) -> None:
         conn = self.sessions.get(peer)
