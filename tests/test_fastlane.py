@@ -372,6 +372,27 @@ def test_thingsboard_payloads_the_lane_is_not_sure_of_are_the_python_paths(twin,
     assert lane_took(twin) == 0
 
 
+@pytest.mark.parametrize("token, cf, body", [
+    ("TB", 60, bytes.fromhex("a2" "6161a1616202" "6161a1616303")),  # {"a": {"b": 2}, "a": {"c": 3}}
+    ("TB", 60, bytes.fromhex("a2" "6161a1616202" "616105")),  # {"a": {"b": 2}, "a": 5}
+    ("TB", 60, bytes.fromhex("a2" "6161a0" "616101")),  # {"a": {}, "a": 1}
+    ("TB", 60, bytes.fromhex("a2" "616180" "616101")),  # {"a": [], "a": 1}
+    ("TB", 60, bytes.fromhex("a16178a2" "6161a1616202" "6161a1616303")),  # {"x": {"a": {"b": 2}, "a": {"c": 3}}}
+    ("TB", 50, b'{"a": {"b": 2}, "a": {"c": 3}}'), ("TB", 50, b'{"a": {"b": 2}, "a": 5}'),
+    ("TB", 50, b'{"ts": 1, "values": {"a": {"b": 2}, "a": {"c": 3}}}'), ("TB", 50, b'{"x": {"a": {"b": 2}, "a": 1}}'),
+    ("SML", 112, bytes.fromhex("81a4" "616e6161" "617801" "617801" "02f93e00")),  # [{"n": "a", "x": 1, "x": 1, 2: 1.5}]
+    ("SML", 112, bytes.fromhex("81a4" "006161" "186301" "186302" "02f93e00")),  # [{0: "a", 99: 1, 99: 2, 2: 1.5}]
+])
+def test_a_key_a_map_gives_twice_is_the_python_paths_whatever_its_first_value(twin, token, cf, body):
+    """Found by a differential run: a repeated key whose first value was flattened (its items are
+    `a.b`, never `a`), or a SenML label the lane ignores, given twice, was the lane's -- 2.04 where
+    CBOR's decoder refuses the map (4.00), and both values where JSON's keeps the last"""
+    twin.receive(post(token, payload=body, cf=cf))
+    twin.commit()
+    twin.check()
+    assert lane_took(twin) == 0
+
+
 def test_a_stored_flat_profile_and_a_profile_with_rules_are_the_lanes(twin):
     twin.receive(post("FL", payload=b'{"a": 1, "ts": 1700000000000}', cf=50))
     twin.receive(post("TBR", payload=b'{"a": 1}', cf=50, mid=2))

@@ -271,6 +271,18 @@ def test_a_reading_that_breaks_a_rule_is_refused_whole_naming_field_and_rule(rea
     assert isinstance(e, RuleViolation) and (e.field, e.reason) == (f"[1].{field}", reason)  # its place in the array
 
 
+@pytest.mark.parametrize("rule, value, reason", [
+    ({"scale": 1e308}, 10, "scale: the result is out of a number's range"),
+    ({"offset": 1e308}, 1e308, "offset: the result is out of a number's range"),
+    ({"scale": -1e308, "max": 0}, 10, "scale: the result is out of a number's range"),  # (not "min: -inf ...")
+])
+def test_a_rule_whose_result_leaves_a_floats_range_refuses_the_reading(rule, value, reason):
+    """Found by a differential run: a point carried null for infinity onto the bus (which its own
+    reader refuses) where the lane, rightly, had left the reading to this path"""
+    e = refused({"format": "thingsboard", "fields": {"a": rule}}, 50, {"a": value})
+    assert isinstance(e, RuleViolation) and (e.field, e.reason) == ("a", reason)
+
+
 # -- properties ---------------------------------------------------------------------------------------
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),

@@ -176,6 +176,26 @@ static int kept_as_json(const flat_t *fl, int json, const uint8_t **pp, const ui
 }
 static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *prefix,
                         size_t plen, item_t *items, int *count, int cap, int depth);
+
+/* The keys one map has given so far, to find one it gives twice -- by its own keys, not by the
+ * items made of them: a flattened value's items are named `key.inner`, never `key`. */
+typedef struct {
+    const uint8_t *key[MAX_ITEMS];
+    size_t len[MAX_ITEMS];
+    int n;
+} keys_t;
+
+/* `key` noted as the map's next: 0, or -1 if the map gave it already (the Python path's: CBOR's
+ * decoder refuses the map, JSON's keeps the last value) or has given more than the lane reads. */
+static int new_key(keys_t *ks, const uint8_t *key, size_t klen) {
+    for (int j = 0; j < ks->n; j++)
+        if (ks->len[j] == klen && memcmp(ks->key[j], key, klen) == 0) return -1;
+    if (ks->n == MAX_ITEMS) return -1;
+    ks->key[ks->n] = key;
+    ks->len[ks->n++] = klen;
+    return 0;
+}
+
 static int flat_member(const flat_t *fl, int json, const uint8_t **pp, const uint8_t *end, const char *nm, size_t nl,
                        item_t *items, int *count, int cap, int depth);
 
@@ -188,6 +208,8 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
     uint64_t n;
     if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n == 0 || n > (uint64_t)cap) return -1;
     int count = 0;
+    keys_t ks;
+    ks.n = 0;
     *ts = -1;
     for (uint64_t i = 0; i < n; i++) {
         if (p >= end || (*p >> 5) != 3 || (*p & 0x1f) == 31) return -1;
@@ -195,9 +217,7 @@ static int cbor_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
         if (cbor_arg(&p, end, &klen) < 0 || klen == 0 || klen > (uint64_t)(end - p)) return -1;
         const uint8_t *key = p;
         p += klen;
-        if (!utf8_ok(key, klen)) return -1;
-        for (int j = 0; j < count; j++)
-            if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
+        if (!utf8_ok(key, klen) || new_key(&ks, key, klen) < 0) return -1;
         int is_ts = ts_special && klen == 2 && key[0] == 't' && key[1] == 's';
         if (is_ts && *ts >= 0) return -1;
         if (p >= end || count == cap) return -1;
@@ -397,6 +417,8 @@ static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const ui
     } else if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n > (uint64_t)MAX_ITEMS) {
         return -1;
     }
+    keys_t ks;
+    ks.n = 0;
     for (uint64_t i = 0; json || i < n; i++) {
         const uint8_t *key;
         size_t klen, len;
@@ -415,6 +437,7 @@ static int nested_value(const flat_t *fl, int json, const uint8_t **pp, const ui
             key = (const uint8_t *)index;
             klen = (size_t)(put_u64(index, i) - index);
         }
+        if (is_map && new_key(&ks, key, klen) < 0) return -1;
         if (*count == cap || flat_name(fl, &items[*count], prefix, plen, key, klen, &len) < 0) return -1;
         if (flat_member(fl, json, &p, end, fl->names[&items[*count] - fl->base], len, items, count, cap, depth) < 0)
             return -1;
@@ -614,14 +637,14 @@ static int json_object(const uint8_t *p, const uint8_t *end, item_t *items, int 
     if (p >= end || *p != '{') return -1;
     p = json_ws(p + 1, end);
     int count = 0;
+    keys_t ks;
+    ks.n = 0;
     *ts = -1;
     if (p < end && *p == '}') return -1; /* (no readings) */
     for (;;) {
         const uint8_t *key;
         size_t klen;
-        if (json_member_key(&p, end, &key, &klen) < 0 || klen == 0) return -1;
-        for (int j = 0; j < count; j++)
-            if (items[j].klen == klen && memcmp(items[j].key, key, klen) == 0) return -1;
+        if (json_member_key(&p, end, &key, &klen) < 0 || klen == 0 || new_key(&ks, key, klen) < 0) return -1;
         int is_ts = ts_special && klen == 2 && key[0] == 't' && key[1] == 's';
         if (is_ts && *ts >= 0) return -1;
         if (p >= end) return -1;

@@ -131,26 +131,43 @@ static int senml_record(int cbor, const uint8_t **pp, const uint8_t *end, uint8_
     if (cbor) {
         uint64_t n;
         if (p >= end || (*p >> 5) != 5 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n > 32) return -1;
+        /* the labels it ignores, by key: one given twice makes the map one CBOR's decoder refuses */
+        struct {
+            uint8_t major;
+            uint64_t k;
+            const uint8_t *text;
+        } ignored[32];
+        int nignored = 0;
         for (uint64_t i = 0; i < n; i++) {
             int label;
             if (p >= end) return -1;
             uint8_t major = *p >> 5;
+            uint64_t k;
+            const uint8_t *text = NULL;
             if (major == 0 || major == 1) {
-                uint64_t k;
                 if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &k) < 0 || k > 8) return -1;
                 label = senml_cbor_label(major == 0 ? (int64_t)k : -1 - (int64_t)k);
             } else if (major == 3) {
-                uint64_t k;
                 if ((*p & 0x1f) == 31 || cbor_arg(&p, end, &k) < 0 || k > (uint64_t)(end - p) || !utf8_ok(p, k))
                     return -1;
                 label = senml_label(p, k);
+                text = p;
                 p += k;
             } else {
                 return -1;
             }
             svalue_t v;
             if (label < 0 || cbor_svalue(&p, end, &v) < 0 || senml_typed(label, &v) < 0) return -1;
-            if (label == L_IGNORED) continue;
+            if (label == L_IGNORED) {
+                for (int j = 0; j < nignored; j++)
+                    if (ignored[j].major == major && ignored[j].k == k &&
+                        (!text || memcmp(ignored[j].text, text, k) == 0))
+                        return -1;
+                ignored[nignored].major = major;
+                ignored[nignored].k = k;
+                ignored[nignored++].text = text;
+                continue;
+            }
             if (has[label]) return -1; /* (a label twice: the decoder keeps one; not the lane's to guess) */
             has[label] = 1;
             val[label] = v;

@@ -8,6 +8,7 @@ For each field the profile names, in order: the type it must have; `scale` and `
 
 from __future__ import annotations
 
+import math
 from typing import TypeVar
 
 from .payload import PayloadError, Readings
@@ -55,13 +56,21 @@ def _number(name: str, value: float, rule: Rule) -> float:
     if rule.type == "string" or rule.allowed is not None:
         raise RuleViolation("type: expected text, got a number", name)
     if rule.scale is not None:
-        value *= rule.scale
+        value = _finite(value * rule.scale, "scale", name)
     if rule.offset is not None:
-        value += rule.offset
+        value = _finite(value + rule.offset, "offset", name)
     if rule.min is not None and value < rule.min:
         raise RuleViolation(f"min: {value:g} is below {rule.min:g}", name)
     if rule.max is not None and value > rule.max:
         raise RuleViolation(f"max: {value:g} is above {rule.max:g}", name)
+    return value
+
+
+def _finite(value: float, rule: str, name: str) -> float:
+    """A rule's result beyond a float's range is no number a point may carry (the bus's decoder
+    refuses one): the reading is refused, as the lane leaves it to this path to do."""
+    if not math.isfinite(value):
+        raise RuleViolation(f"{rule}: the result is out of a number's range", name)
     return value
 
 
