@@ -139,6 +139,28 @@ def test_a_parked_session_left_idle_is_offloaded_again_and_saved_at_shutdown(tmp
     assert srv.close(42.0) == 1 and SessionStore(tmp_path / "sessions.db").keys() == [key]
 
 
+def test_an_offloaded_session_is_replaced_when_a_new_handshake_completes_not_when_it_starts():
+    srv, _ = layer(SessionStore(), offload_after=10.0, checkpoint=False)
+    c = handshake(srv, A, cid=None)
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x01"), A, 1.0)
+    srv.sweep(20.0)
+    assert srv.store.keys() == [peer_key(A)]
+    new = Client(IDENTITY.encode(), KEY, cid=None)
+    new.start(21.0)
+    for _ in range(2):  # its hello, then the hello with the cookie: admitted, a handshake under way
+        for d in new.datagrams_to_send():
+            srv.receive(d, A, 21.0)
+        for d, _to in srv.datagrams_to_send():
+            new.receive(d, 21.0)
+    assert A in srv.handshakes and srv.store.keys() == [peer_key(A)]  # (it may never complete)
+    for _ in range(4):
+        for d in new.datagrams_to_send():
+            srv.receive(d, A, 21.0)
+        for d, _to in srv.datagrams_to_send():
+            new.receive(d, 21.0)
+    assert new.established and A in srv.sessions and srv.store.keys() == []
+
+
 def test_the_state_key_is_made_once_in_the_data_dir_mode_0600(tmp_path):
     key = load_state_key("", tmp_path)
     assert len(key) == 32 and load_state_key("", tmp_path) == key

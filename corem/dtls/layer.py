@@ -339,12 +339,6 @@ class EngineServer:
             return False
         if verdict.evict is not None and self.engine.drop_handshake(verdict.evict):
             self.stats.handshakes_evicted += 1
-        # a new handshake replaces the peer's old session and its saved copy
-        if self.store.shared or self.offloaded:  # (no key made when there is none to drop)
-            key = peer_key(peer)
-            if key in self.offloaded or self.store.shared:
-                self.offloaded.discard(key)
-                self.store.discard(key)
         return True
 
     def _certificate_registered(self, identity: bytes) -> bool:
@@ -363,6 +357,13 @@ class EngineServer:
             looked = self._looked_up  # (this datagram's ClientKeyExchange asked for it: the usual PSK flight)
             device = looked[1] if looked is not None and looked[0] == conn.identity else \
                 self.psk_lookup(conn.identity.decode(errors="replace"))
+        # a new session replaces the peer's old one and its saved copy -- once it is made, not when
+        # its hello came: a handshake that never completes (someone else's) leaves the old one be
+        if self.store.shared or self.offloaded:  # (no key made when there is none to drop)
+            key = peer_key(conn.peer)
+            if key in self.offloaded or self.store.shared:
+                self.offloaded.discard(key)
+                self.store.discard(key)
         conn.layer = Session(device, b"")  # (its store key made when first saved: `_row`)
         if self.on_new_session is not None:
             self.on_new_session(conn.peer, self._now)
