@@ -202,6 +202,11 @@ class Settings:
     dtls_state_key_file: str = _secret_file("dtls_state_key")
     dtls_max_handshakes: int = _opt(1000, "DTLS handshakes in progress at most (past the cookie exchange)", _positive)
     dtls_max_sessions: int = _opt(100_000, "established DTLS sessions at most", _positive)
+    dtls_max_sessions_per_device: int = _opt(
+        4, "dtls_engine = corem: established DTLS sessions one device may hold; its new handshake ends its oldest "
+        "beyond them (a device that comes back from a new port leaves a stale one; one credential, stolen or "
+        "misused, cannot take every session)", _positive,
+    )
     dtls_handshake_timeout: float = _opt(30.0, "seconds a DTLS handshake may take before it is dropped", _positive)
     dtls_session_inactivity_timeout: float = _opt(86400.0, "seconds an idle DTLS session is kept", _positive)
     dtls_offload_after: float = _opt(
@@ -493,6 +498,7 @@ class Settings:
             ciphers=tuple(c.strip() for c in self.dtls_ciphers.split(",") if c.strip()),
             max_handshakes=self.dtls_max_handshakes,
             max_sessions=self.dtls_max_sessions,
+            max_sessions_per_device=self.dtls_max_sessions_per_device,
             handshake_timeout=self.dtls_handshake_timeout,
             session_timeout=self.dtls_session_inactivity_timeout,
             offload_after=self.dtls_offload_after,

@@ -138,6 +138,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_sessions_offloaded": (C, "Idle sessions serialized and freed."),
     "corem_dtls_sessions_restored": (C, "Offloaded sessions brought back by a datagram."),
     "corem_dtls_sessions_lost": (C, "Sessions that failed to serialize or restore."),
+    "corem_dtls_sessions_superseded": (
+        C, "Sessions ended because their device made more than dtls_max_sessions_per_device (its oldest first)."),
     "corem_dtls_sessions_checkpointed": (
         C, "Live DTLS sessions saved to the session store (dtls_checkpoint): a crash costs them no handshake."),
     "corem_dtls_sessions_offload_failed": (

@@ -161,6 +161,29 @@ def test_an_offloaded_session_is_replaced_when_a_new_handshake_completes_not_whe
     assert new.established and A in srv.sessions and srv.store.keys() == []
 
 
+def test_one_device_holds_at_most_its_share_of_sessions_and_cannot_lock_others_out():
+    """A device (one credential) that handshakes from port after port: its oldest session ends
+    beyond dtls_max_sessions_per_device, so it cannot fill dtls_max_sessions and lock every other
+    device out (found by an adversarial run: 40 handshakes of one PSK took all 40 sessions)"""
+    other = Device(tenant="acme", device="sensor-8", psk=b"another-key")
+    srv = EngineServer({IDENTITY: DEVICE, "other": other}.get,
+                       DtlsParams(max_sessions=3, max_sessions_per_device=2), state_key=STATE_KEY)
+    ports = [("192.0.2.10", 41000 + n) for n in range(6)]
+    for peer in ports:
+        handshake(srv, peer, cid=None)
+    assert sorted(srv.sessions) == ports[-2:] and metric(srv, "corem_dtls_sessions_superseded") == 4
+    c = Client(b"other", b"another-key", cid=None)
+    c.start(0.0)
+    for _ in range(6):
+        for d in c.datagrams_to_send():
+            srv.receive(d, C, 0.0)
+        for d, _to in srv.datagrams_to_send():
+            c.receive(d, 0.0)
+    assert c.established and srv.device(C) == other
+    handshake(srv, ports[-1], cid=None)  # again from its newest address: that one is replaced, no other ends
+    assert sorted(srv.sessions) == sorted([*ports[-2:], C]) and metric(srv, "corem_dtls_sessions_superseded") == 4
+
+
 def test_the_state_key_is_made_once_in_the_data_dir_mode_0600(tmp_path):
     key = load_state_key("", tmp_path)
     assert len(key) == 32 and load_state_key("", tmp_path) == key

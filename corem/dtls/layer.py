@@ -194,6 +194,7 @@ class LayerStats:
     marks_failed: int = 0
     sessions_expired: int = 0
     cid_moves: int = 0
+    sessions_superseded: int = 0
     engine: EngineStats = field(default_factory=EngineStats)
 
     # (as DtlsStats names them: the admin API's summary reads these two)
@@ -296,6 +297,8 @@ class EngineServer:
         self._next_sweep = 0.0
         self._next_store_warning = 0.0
         self._checkpoints: set[Connection] = set()
+        #: each device's sessions its handshakes here made, oldest first (`_hold`; pruned by `sweep`)
+        self._held: dict[tuple[str, str], list[Connection]] = {}
         self._marks: dict[bytes, Connection] = {}
         self._cid_length = cid_length
         self._hello_cookie = False  # (the ClientHello being handled carries a cookie)
@@ -364,10 +367,26 @@ class EngineServer:
             if key in self.offloaded or self.store.shared:
                 self.offloaded.discard(key)
                 self.store.discard(key)
+        if device is not None:
+            self._hold(device, conn)
         conn.layer = Session(device, b"")  # (its store key made when first saved: `_row`)
         if self.on_new_session is not None:
             self.on_new_session(conn.peer, self._now)
         return None
+
+    def _hold(self, device: Device, conn: Connection) -> None:
+        """`conn`, a new session of `device`: its oldest beyond `max_sessions_per_device` ends (as
+        Scandium removes stale double principals) -- a device back from a new port without a CID
+        leaves its old session behind, and one credential must not take every session slot"""
+        e = self.engine
+        key = (device.tenant, device.device)
+        # (the one at conn's own address is about to be replaced by it: not counted)
+        held = [c for c in self._held.get(key, ()) if e.sessions.get(c.peer) is c and c.peer != conn.peer]
+        while len(held) >= self.params.max_sessions_per_device:
+            e.drop(held.pop(0))
+            self.stats.sessions_superseded += 1
+        held.append(conn)
+        self._held[key] = held
 
     def _moved(self, conn: Connection, old: Peer) -> None:
         self.stats.cid_moves += 1
@@ -602,6 +621,9 @@ class EngineServer:
             self._checkpoints.discard(conn)
         self.offloaded.update(row[0] for row in rows)
         self.stats.offloaded += len(rows)
+        if self._held:  # (the sessions that left: no device's list keeps them)
+            self._held = {k: live for k, held in self._held.items()
+                          if (live := [c for c in held if e.sessions.get(c.peer) is c])}
         expired = self.store.expire(expire_before + wall_offset)
         self.offloaded.difference_update(expired)
         self.stats.sessions_expired += len(expired)
@@ -682,6 +704,7 @@ class EngineServer:
             "handshakes_evicted", "marks_failed", "offloaded", "restored", "sessions_lost",
             "offload_failed", "checkpoints")})
         yield counter("corem_dtls_cid_moves", d.cid_moves)
+        yield counter("corem_dtls_sessions_superseded", d.sessions_superseded)
         yield counter("corem_dtls_records_unknown_cid", e.records_dropped.get("unknown_cid", 0))
         for reason, n in sorted(d.handshakes_failed.items()):
             yield counter("corem_dtls_handshakes_failed", n, reason=reason)

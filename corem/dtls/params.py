@@ -20,6 +20,9 @@ class DtlsParams:
     max_handshakes: int = 1000
     #: Established sessions at once; a handshake beyond it is refused.
     max_sessions: int = 100_000
+    #: Established sessions of one device (corem's engine): its new handshake ends its oldest
+    #: beyond them, as Scandium removes stale double principals.
+    max_sessions_per_device: int = 4
     #: A handshake that has not finished after this many seconds is dropped; when more than half
     #: the handshake slots are taken the timeout shrinks, to `handshake_floor` when all are
     #: (slots.py: who gets a slot, and why the floor is 5 s).
@@ -50,7 +53,7 @@ class DtlsParams:
         # (which suite names are known is the engine's to say: layer.engine_params, server.DtlsServer)
         if not self.ciphers:
             raise ValueError("dtls_ciphers: no cipher suite given")
-        for name in ("max_handshakes", "max_sessions"):
+        for name in ("max_handshakes", "max_sessions", "max_sessions_per_device"):
             if getattr(self, name) < 1:
                 raise ValueError(f"dtls {name} must be >= 1")
         if self.client_auth not in CLIENT_AUTH:
