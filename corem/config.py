@@ -55,6 +55,13 @@ def _positive(key: str, v: Any) -> None:
         raise ConfigError(f"{key}: {v} must be > 0")
 
 
+def _a_path(key: str, v: Any) -> None:
+    """(an empty path is the current directory: a data_dir there would make it 0700 and every file
+    in it 0600 -- never by accident)"""
+    if not str(v).strip():
+        raise ConfigError(f"{key}: empty; name a directory (the default is 'data')")
+
+
 def _non_negative(key: str, v: Any) -> None:
     if v < 0:
         raise ConfigError(f"{key}: {v} must be >= 0")
@@ -238,7 +245,7 @@ class Settings:
         "", "this node's admin URL as the other nodes reach it (nodes sharing a PostgreSQL registry forward "
         "a device's downlink to the node that holds it); empty: http:// and the http listener's address",
     )
-    data_dir: str = _opt("data", "directory for the registry and the embedded bus")
+    data_dir: str = _opt("data", "directory for the registry and the embedded bus", _a_path)
     registry: str = _opt(
         "", "the device registry: empty = data_dir/registry.db (SQLite, this node); postgresql://user@host/db = "
         "one registry for every node (devices, credentials, profiles, attributes, packages)", _database_url,

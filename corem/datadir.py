@@ -35,7 +35,7 @@ from .bus.sqlite import EmbeddedBus
 from .config import ConfigError, Settings
 from .registry import Registry
 from .registry.presence import open_table as open_presence
-from .datafiles import BUS_FILE, FORMAT_FILE, LOCK_FILE, REGISTRY_FILE, SESSIONS_FILE
+from .datafiles import BUS_FILE, FORMAT_FILE, LOCK_FILE, PRESENCE_FILE, REGISTRY_FILE, SESSIONS_FILE
 from .errors import NewerFormat
 from .logs import fields
 
@@ -66,8 +66,12 @@ FORMAT = max(MIGRATIONS)
 
 
 def make(data: Path) -> None:
-    """The data dir, made 0700 if it is not there (an existing one is left as it is until `prepare`)."""
-    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """The data dir, made 0700 if it is not there (an existing one is left as it is until `prepare`);
+    ConfigError naming it when it cannot be (a file there, a path under a file, no permission)."""
+    try:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data_dir: cannot make {data}: {e.strerror or e}") from None
 
 
 def read_format(data: Path) -> tuple[int, str]:
@@ -77,7 +81,7 @@ def read_format(data: Path) -> tuple[int, str]:
             doc = tomllib.load(f)
     except FileNotFoundError:
         return 0, ""
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, ValueError) as e:  # (TOMLDecodeError, or bytes that are not UTF-8)
         raise ConfigError(f"data_dir: {data / FORMAT_FILE} cannot be read: {e}") from None
     fmt = doc.get("format")
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 0:
@@ -165,23 +169,32 @@ def release(fd: int) -> None:
 
 
 def create_files(settings: Settings) -> None:
-    """Create the data dir's databases (and switch them to WAL) before the workers start: N
-    processes making one new SQLite file at once collide ('database is locked')."""
+    """Create the data dir's databases (and switch them to WAL), or open them once, before the
+    server starts -- before the workers start, N processes making one new SQLite file at once
+    collide ('database is locked') -- so that a damaged one is one line naming it, not an error
+    inside the running server."""
     from .dtls.store import SessionStore  # (here: the CLI, which imports this module, needs no DTLS)
 
     data = settings.data_path
-    try:
-        if not settings.registry:
-            Registry(data / REGISTRY_FILE).close()
-            open_presence(data / REGISTRY_FILE, data).close()
-        if not settings.dtls_session_store:
-            SessionStore(sessions_path(settings)).close()
-        if settings.bus == "embedded":
-            bus = EmbeddedBus(bus_path(settings), synchronous=settings.store_synchronous)
-            bus.open()
-            bus.close_sync()
-    except (sqlite3.Error, OSError) as e:
-        raise ConfigError(f"data_dir: cannot prepare {data}: {e}") from None
+
+    def bus() -> None:
+        b = EmbeddedBus(bus_path(settings), synchronous=settings.store_synchronous)
+        b.open()
+        b.close_sync()
+
+    opens: list[tuple[Path, Callable[[], object]]] = []
+    if not settings.registry:
+        opens += [(data / REGISTRY_FILE, lambda: Registry(data / REGISTRY_FILE).close()),
+                  (data / PRESENCE_FILE, lambda: open_presence(data / REGISTRY_FILE, data).close())]
+    if not settings.dtls_session_store:
+        opens.append((sessions_path(settings), lambda: SessionStore(sessions_path(settings)).close()))
+    if settings.bus == "embedded":
+        opens.append((bus_path(settings), bus))
+    for path, open_it in opens:
+        try:
+            open_it()
+        except (sqlite3.Error, OSError) as e:
+            raise ConfigError(f"data_dir: cannot open {path}: {e}") from None
 
 
 # -- the lock: which corem serve runs on a data dir ---------------------------------------------------

@@ -72,7 +72,9 @@ class Server:
         topics.configure(settings.topic_prefix)  # (every topic this process names)
         # the data dir made, locked and prepared (with workers, by the supervisor for them)
         self._lock = datadir.take(settings) if worker is None else -1
-        try:  # (before Trio starts: a bad certificate or a busy port is a plain ConfigError)
+        try:  # (before Trio starts: a bad certificate, a busy port or a damaged database is a plain ConfigError)
+            if worker is None:
+                datadir.create_files(settings)
             self._build(settings, worker)
         except BaseException:  # (a server that did not start holds nothing: no lock, no registry)
             if hasattr(self, "registry"):

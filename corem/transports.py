@@ -132,11 +132,11 @@ class Transports:
             endpoint, router = Endpoint(s.endpoint_params(verified_peers=True)), self._router()
             endpoint.transport = "dtls"  # (named so in bus records: corem/bus/recovery.py)
             lane = self._fast_lane(endpoint, behind_dtls=True)
+            observers = self._observers(endpoint)
             try:
-                dtls = self._dtls(endpoint, lane)
+                dtls = self._dtls(endpoint, lane, observers)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"dtls: {e}") from None
-            observers = self._observers(endpoint)
             edge = UdpEdge(
                 self._socket("coaps", coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
                 limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
@@ -190,12 +190,16 @@ class Transports:
         router.unwrap = self.unwrap  # OSCORE on every transport (RFC 8613 allows it inside DTLS too)
         return router
 
-    def _dtls(self, endpoint: Endpoint, lane: FastLane | None) -> DtlsServer | EngineServer:
+    def _dtls(self, endpoint: Endpoint, lane: FastLane | None, observers: Observers) -> DtlsServer | EngineServer:
         s, directory, worker = self.settings, self.directory, self.worker
 
         def new_session(peer: Hashable, now: float) -> None:
-            """A handshake completed: the peer's message IDs are scoped to its new session."""
+            """A handshake completed: the peer's message IDs are scoped to its new session, and the
+            observations made at that address end -- they were another session's, maybe another
+            device's (RFC 7252 §9.1.1: the DTLS session is the endpoint), and its downlink must not
+            reach whoever handshakes there next (a NAT gives an address to another device)."""
             endpoint.new_session(peer, now)
+            observers.forget(peer)
             if lane is not None:
                 lane.new_session(peer, now)
 
@@ -203,9 +207,11 @@ class Transports:
             """A session moved to a new address by its Connection ID (RFC 9146 §6): message IDs at
             that address are its own from now on (not a duplicate of what another device, or a NAT's
             earlier mapping, sent from there), and the endpoint follows it (what it owes the old
-            address goes to the new; a retransmission from the new one is a duplicate)."""
+            address goes to the new; a retransmission from the new one is a duplicate), and so do
+            its observations (notifications go where the session is)."""
             new_session(new, now)
             endpoint.moved(old, new, now)
+            observers.moved(old, new)
             if lane is not None:
                 lane.moved(old, new, now)
 

@@ -109,6 +109,10 @@ def test_runtime_commands_go_through_the_admin_api(tmp_path):
         pkg = json.loads(corem_cli("firmware", "upload", str(tmp_path / "fw.bin"), "--title", "fw", "--version", "3",
                                    *http, data_dir=d).stdout)
         assert pkg["size"] == 3000
+        for missing in (tmp_path / "nope.bin", tmp_path):  # (one line, as profiles add --file: no traceback)
+            bad = corem_cli("firmware", "upload", str(missing), "--title", "fw", "--version", "4", *http, data_dir=d,
+                            check=False)
+            assert bad.returncode == 2 and bad.stderr.startswith(f"corem: file: cannot read {missing}: "), bad.stderr
         corem_cli("firmware", "assign", "--tenant", "t1", "--device", "s", "--package", str(pkg["id"]), *http, data_dir=d)
         assert server.api("GET", "/api/devices/t1/s/attributes", token=(d / "admin-token").read_text().strip())[1][
             "shared"]["fw_version"] == "3"

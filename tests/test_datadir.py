@@ -232,3 +232,41 @@ def test_postgresql_migrations_run_under_the_schema_lock_once(pg):
     with pytest.raises(NewerFormat, match=r"^the registry's database: registry is at schema version 3, written by "
                                           r"corem .*; this corem \(.*\) knows versions up to 1"):
         Registry(url)
+
+
+@pytest.mark.parametrize("name", ["bus.db", "presence.db", "dtls-sessions.db", "registry.db"])
+def test_a_damaged_database_of_the_data_dir_is_one_line_naming_it(data_dir, name):
+    """An adversarial run found bus.db and presence.db ending the start in a traceback"""
+    from corem.config import Settings
+
+    datadir.create_files(Settings.load({"data_dir": str(data_dir)}, env={}))  # (every file, then garbage in one)
+    (data_dir / name).write_bytes(b"not a database, not at all: " * 100)
+    for suffix in ("-wal", "-shm"):
+        (data_dir / (name + suffix)).unlink(missing_ok=True)
+    for workers in ("1", "2"):
+        assert one_line(serve(data_dir, "--workers", workers)).startswith(
+            f"corem: data_dir: cannot open {data_dir / name}: file is not a database")
+
+
+@pytest.mark.parametrize("how", ["a file", "under a file"])
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path, how):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    data = target if how == "a file" else target / "sub"
+    line = one_line(serve(data))
+    assert line.startswith(f"corem: data_dir: cannot make {data}: "), line
+    assert one_line(corem_cli("devices", "list", data_dir=data, check=False)) == line
+
+
+def test_an_empty_data_dir_is_refused_and_the_current_directory_left_alone(tmp_path):
+    """An empty path is the current directory: corem made it 0700 and every file in it 0600 (an
+    adversarial run: a script lost its executable bit to `COREM_DATA_DIR= corem devices list`)"""
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    env = {**os.environ, "COREM_DATA_DIR": ""}
+    for args in (["serve", "--coap", "127.0.0.1:0", "--http", "off"], ["devices", "list"]):
+        run = subprocess.run([sys.executable, "-m", "corem", *args], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert one_line(run) == "corem: data_dir: empty; name a directory (the default is 'data')"
+    assert stat.S_IMODE(script.stat().st_mode) == 0o755 and sorted(p.name for p in tmp_path.iterdir()) == ["run.sh"]

@@ -215,6 +215,43 @@ def test_a_new_session_from_the_same_address_starts_message_ids_afresh(data_dir,
         server.stop()
 
 
+@engines
+def test_a_new_session_at_an_address_ends_the_observations_made_there(data_dir, engine):
+    """A device observes its shared attributes over CoAPS and goes away; another device handshakes
+    from the same address and port (a NAT gave it the mapping): the first device's attributes must
+    not reach it -- the observation was the old session's (RFC 7252 §9.1.1: the session is the
+    endpoint).  Found by an adversarial run: they did, encrypted in the newcomer's session."""
+    from corem.codec import Code, Message, OptionNumber as O, Type, encode, make_options
+
+    from .conftest import corem_cli
+    from .dtls_udp_client import DtlsUdpClient
+
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "dev-b", "--psk-identity", "id-b", "--psk",
+              "key-bbbbbbbbbbbb", data_dir=data_dir)
+    server = start_corem(data_dir, "--dtls-engine", engine)
+    a = DtlsUdpClient(server.coaps_port, SPEC_IDENTITY, SPEC_KEY.encode())
+    b = None
+    try:
+        a.handshake()
+        observe = Message(Type.CON, Code.GET, 500, b"\xa0", make_options(
+            [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, "attributes"), (O.OBSERVE, 0)]))
+        r = a.exchange(encode(observe))
+        assert r.code == Code.CONTENT and r.observe is not None
+        assert server.metrics()['corem_coap_observers{transport="dtls"}'] == 1
+        port = a.sock.getsockname()[1]
+        a.close()
+        b = DtlsUdpClient(server.coaps_port, "id-b", b"key-bbbbbbbbbbbb", source_port=port)
+        b.handshake()
+        assert b.post(["telemetry"], cbor2.dumps({"x": 1})).code == Code.CHANGED
+        assert server.metrics()['corem_coap_observers{transport="dtls"}'] == 0
+        status, body = server.api("PUT", "/api/devices/acme/sensor-7/attributes", {"secret": "hunter2"})
+        assert (status, body) == (200, {"delivery": "stored"})  # (no observer: its next GET reads it)
+    finally:
+        if b is not None:
+            b.close()
+        server.stop()
+
+
 def test_coaps_runs_without_python_mbedtls(data_dir, tmp_path, monkeypatch):
     """python-mbedtls is an optional package now (the deprecated engine's): `corem serve` on its
     defaults, with `import mbedtls` failing, serves the spec's command; asking for the mbedtls

@@ -72,6 +72,26 @@ def test_register_notify_and_deregister():
     assert ep.datagrams_to_send() == []
 
 
+def test_observations_follow_a_session_that_moved_and_end_where_another_began():
+    """A DTLS session moved by its Connection ID (RFC 9146 §6) keeps its observations at its new
+    address -- before, they stayed keyed on the old one and were lost once the endpoint's
+    forwarding expired; and a new session at an address ends the observations made there (the
+    wiring: corem/transports.py calls `moved` and `forget`)"""
+    ep, router, observers, thermo, clock = stack(max_per_source=1)
+    moved_to, other = ("192.0.2.5", 6000), ("198.51.100.9", 7000)
+    request(ep, router, Code.GET, "thermo", observe=0)
+    request(ep, router, Code.GET, "thermo", observe=0, token=b"o1", peer=other)
+    ep.datagrams_to_send()
+    assert observers.moved(PEER, moved_to) == 1 and observers.moved(("192.0.2.99", 1), moved_to) == 0
+    thermo.changed()
+    assert sorted(peer for _, peer in ep.datagrams_to_send()) == [moved_to, other]
+    request(ep, router, Code.GET, "thermo", observe=1, mid=2, peer=moved_to)  # its deregistration, from there
+    assert len(observers) == 1 and observers.stats.refused == 0
+    assert observers.forget(other) == 1 and len(observers) == 0
+    thermo.changed()
+    assert ep.datagrams_to_send() == []
+
+
 def test_a_plain_get_or_a_refused_registration_has_no_observe_option():
     ep, router, observers, thermo, clock = stack(max_per_source=1)
     assert request(ep, router, Code.GET, "thermo").observe is None  # no Observe asked

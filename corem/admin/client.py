@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 from ..config import ConfigError, Settings, parse_hostport, read_secret
 from ..devices.requests import COMMAND_TTL, RPC_TIMEOUT
+from ..errors import BadInput
 from ..registry.management import KINDS
 from .. import logs
 from . import token as admin_token
@@ -102,7 +103,11 @@ def command(args: argparse.Namespace) -> int:
 
 def firmware_upload(args: argparse.Namespace) -> int:
     query = urlencode({"kind": args.kind, "title": args.title, "version": args.version})
-    return call(args, "POST", f"/api/packages?{query}", raw=Path(args.file).read_bytes())
+    try:
+        package = Path(args.file).read_bytes()
+    except OSError as e:  # (missing, a directory, unreadable: one line, as `profiles add --file`)
+        raise BadInput(f"file: cannot read {args.file}: {e.strerror or e}") from None
+    return call(args, "POST", f"/api/packages?{query}", raw=package)
 
 
 def firmware_assign(args: argparse.Namespace) -> int:

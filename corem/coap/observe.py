@@ -137,6 +137,23 @@ class Observers:
         self.stats.deregistered += len(tokens)
         return len(tokens)
 
+    def moved(self, old: Peer, new: Peer) -> int:
+        """The session at `old` answers at `new` from now on (a DTLS Connection ID move, RFC 9146
+        §6): its observations follow it -- the same endpoint at another address -- keeping their
+        tokens and state; returns how many."""
+        tokens = list(self._by_peer.get(old, ()))
+        for token in tokens:
+            obs = self._by_key[(old, token)]
+            self._remove((old, token))
+            self._remove((new, token))  # (one the new address had with that token: superseded)
+            obs.peer = new
+            key = (new, token)
+            self._by_key[key] = obs
+            self._by_resource.setdefault(obs.resource, {})[key] = obs
+            self._per_source[_host(new)] += 1
+            self._by_peer.setdefault(new, set()).add(token)
+        return len(tokens)
+
     def _remove(self, key: tuple[Peer, bytes]) -> bool:
         obs = self._by_key.pop(key, None)
         if obs is None:
