@@ -351,6 +351,9 @@ class Settings:
     max_observers_per_resource: int = _opt(1_000, "Observe registrations per resource at most", _positive)
     max_observers_per_source: int = _opt(32, "Observe registrations per source address at most", _positive)
     max_uploads: int = _opt(1_000, "Block1 uploads in progress per transport at most", _positive)
+    max_uploads_per_source: int = _opt(
+        32, "Block1 uploads in progress per source address at most (their blocks come before the request is "
+        "authenticated)", _positive)
     max_upload_size: int = _opt(64 * 1024, "largest body a Block1 upload may reassemble, bytes (then 4.13)", _positive)
     diagnostics_samples: int = _opt(1000, "rejected samples kept for diagnostics", _positive)
     log_level: str = _opt("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))

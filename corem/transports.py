@@ -186,7 +186,8 @@ class Transports:
 
     def _router(self) -> Router:
         s = self.settings
-        router = Router(Block1Uploads(max_transfers=s.max_uploads, max_body=s.max_upload_size))
+        router = Router(Block1Uploads(max_transfers=s.max_uploads, max_body=s.max_upload_size,
+                                      max_per_source=s.max_uploads_per_source))
         router.unwrap = self.unwrap  # OSCORE on every transport (RFC 8613 allows it inside DTLS too)
         return router
 

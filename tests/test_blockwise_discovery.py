@@ -132,12 +132,14 @@ class Sink(Resource):
         return Response(Code.CHANGED)
 
 
-def post_block(ep, router, num, more, szx, chunk, mid, size1=None):
-    msg = Message(Type.CON, Code.POST, mid, b"u", [(O.URI_PATH, b"up")], chunk)
+def post_block(ep, router, num, more, szx, chunk, mid, size1=None, token=b"u", query=None, peer=PEER):
+    msg = Message(Type.CON, Code.POST, mid, token, [(O.URI_PATH, b"up")], chunk)
+    if query is not None:
+        msg.add(O.URI_QUERY, query)
     msg.add(O.BLOCK1, Block(num, more, szx))
     if size1 is not None:
         msg.add(O.SIZE1, size1)
-    return exchange(ep, router, msg, PEER)
+    return exchange(ep, router, msg, peer)
 
 
 def test_block1_upload_is_reassembled_and_bounded():
@@ -162,3 +164,63 @@ def test_block1_upload_is_reassembled_and_bounded():
     # too large: 4.13 with the limit in Size1
     too_big = post_block(ep, router, 0, True, 6, bytes(1024), mid=40, size1=10**6)
     assert too_big.code == Code.REQUEST_ENTITY_TOO_LARGE and too_big.size1 == 64 * 1024
+
+
+def upload_stack():
+    ep = Endpoint(Params(), rng=lambda: 0.0)
+    router = Router()
+    site = Site()
+    site.mount(router, Observers(ep))
+    sink = Sink()
+    site.add("up", sink)
+    return ep, router, sink
+
+
+def test_a_block_from_another_requester_never_joins_an_upload():
+    """The handler authenticates the last block alone: a block 0 from anyone else at the device's
+    address -- unprotected, under another OSCORE context, with other credentials in the query --
+    starts an upload of its own (an adversarial run stored such a block as another device's
+    reading, over OSCORE and through Drogue's door).  The security layer's device is `identity`
+    (OSCORE's unwrap sets it; here a stand-in by token)."""
+    from corem.registry import Device
+
+    ep, router, sink = upload_stack()
+    who = {b"a": Device(tenant="acme", device="a"), b"e": Device(tenant="evil", device="e")}
+    router.unwrap = lambda req: setattr(req, "identity", who.get(req.token))  # (None: not refused)
+    mine, theirs = [b"mine-" * 12 + b"1234", b"rest"], b"theirs" * 10 + b"1234"
+    assert post_block(ep, router, 0, True, 2, mine[0], 1, token=b"a").code == Code.CONTINUE
+    for n, token in enumerate((b"x", b"e")):  # unprotected, another device's context
+        assert post_block(ep, router, 0, True, 2, theirs, 2 + n, token=token).code == Code.CONTINUE
+    assert post_block(ep, router, 1, False, 2, mine[1], 5, token=b"a").code == Code.CHANGED
+    assert sink.bodies == [b"".join(mine)] and len(router.uploads) == 2
+    # the same with credentials in the query (EMQX's, Drogue's option alike): another query, another upload
+    assert post_block(ep, router, 0, True, 2, mine[0], 6, token=b"a", query=b"p=right").code == Code.CONTINUE
+    assert post_block(ep, router, 0, True, 2, theirs, 7, token=b"a", query=b"p=wrong").code == Code.CONTINUE
+    assert post_block(ep, router, 1, False, 2, mine[1], 8, token=b"a", query=b"p=right").code == Code.CHANGED
+    assert sink.bodies == [b"".join(mine)] * 2
+
+
+def test_uploads_are_bounded_per_source_and_expire_in_the_order_they_started():
+    from corem.coap.blockwise import Block1Uploads, Upload
+
+    def block0(mid):
+        msg = Message(Type.CON, Code.POST, mid, b"u", [(O.URI_PATH, b"up")], bytes(16))
+        msg.add(O.BLOCK1, Block(0, True, 0))
+        return msg
+
+    uploads = Block1Uploads(max_per_source=2, lifetime=60.0)
+    assert [uploads.receive(("k", n), block0(n), 0.0, "h1")[0] for n in range(3)] == [
+        Upload.CONTINUE, Upload.CONTINUE, Upload.REFUSED]  # (5.03: the source holds its share)
+    assert uploads.receive(("k", 9), block0(9), 0.0, "h2")[0] is Upload.CONTINUE  # another source is served
+    assert uploads.refused == 1
+    # the first one started again at 40 s: at 61 s the two others expire, it does not (before, an
+    # upload restarted kept its place at the head of the line and nothing behind it expired)
+    assert uploads.receive(("k", 0), block0(10), 40.0, "h1")[0] is Upload.CONTINUE
+    assert uploads.receive(("k", 5), block0(11), 61.0, "h3")[0] is Upload.CONTINUE
+    assert uploads.expired == 2 and len(uploads) == 2
+    # out of order: refused and counted (4.08)
+    late = Message(Type.CON, Code.POST, 12, b"u", [(O.URI_PATH, b"up")], bytes(16))
+    late.add(O.BLOCK1, Block(5, True, 0))
+    state, answer = uploads.receive(("k", 0), late, 62.0, "h1")
+    assert state is Upload.REFUSED and answer.code == Code.REQUEST_ENTITY_INCOMPLETE and uploads.refused == 2
+    assert uploads.receive(("k", 7), block0(13), 62.0, "h1")[0] is Upload.CONTINUE  # (its slot freed)

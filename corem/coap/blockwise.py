@@ -10,7 +10,8 @@ early negotiation, §2.4) or `DEFAULT_SZX`, never larger than `MAX_SZX`.
 from __future__ import annotations
 
 import enum
-from typing import Iterator
+from collections import Counter
+from typing import Hashable, Iterator
 
 from ..codec import Block, Code, Message, OptionNumber, encode_uint
 from ..stats import Sample, counter, gauge
@@ -71,14 +72,15 @@ MAX_BODY = 64 * 1024
 
 
 class Assembly:
-    __slots__ = ("parts", "size", "szx", "started", "content_format")
+    __slots__ = ("parts", "size", "szx", "started", "content_format", "source")
 
-    def __init__(self, szx: int, now: float, content_format: bytes | None) -> None:
+    def __init__(self, szx: int, now: float, content_format: bytes | None, source: Hashable) -> None:
         self.parts: list[bytes] = []
         self.size = 0
         self.szx = szx
         self.started = now
         self.content_format = content_format
+        self.source = source
 
 
 class Upload(enum.Enum):
@@ -100,14 +102,20 @@ class Block1Uploads:
     `receive(key, msg, now)` returns `(Upload.CONTINUE, response)` for an intermediate block,
     `(Upload.REFUSED, response)` for a bad one, `(Upload.COMPLETE, body)` when the last block
     completed the body, or `(Upload.NONE, None)` for a request without Block1.  Blocks must come
-    in order (atomic upload); a block 0 restarts the transfer.
+    in order (atomic upload); a block 0 restarts the transfer.  One source (`receive`'s: the
+    requester's host) holds at most `max_per_source` of them: the blocks before the last are taken
+    before any handler authenticates the request, so the bound is by where they come from.
     """
 
-    def __init__(self, *, max_transfers: int = 1000, max_body: int = MAX_BODY, lifetime: float = 60.0) -> None:
+    def __init__(self, *, max_transfers: int = 1000, max_body: int = MAX_BODY, lifetime: float = 60.0,
+                 max_per_source: int = 32) -> None:
         self.max_transfers = max_transfers
         self.max_body = max_body
         self.lifetime = lifetime
+        self.max_per_source = max_per_source
+        #: in the order they started (a block 0 that restarts one moves it to the end: `_expire`)
         self._transfers: dict[tuple[object, ...], Assembly] = {}
+        self._per_source: Counter[Hashable] = Counter()
         self.refused = 0
         self.expired = 0
 
@@ -119,7 +127,8 @@ class Block1Uploads:
         yield counter("corem_coap_uploads_refused", self.refused)
         yield counter("corem_coap_uploads_expired", self.expired)
 
-    def receive(self, key: tuple[object, ...], msg: Message, now: float) -> tuple[Upload, Response | bytes | None]:
+    def receive(self, key: tuple[object, ...], msg: Message, now: float,
+                source: Hashable = None) -> tuple[Upload, Response | bytes | None]:
         make = Response
         try:
             block = msg.block1
@@ -131,27 +140,39 @@ class Block1Uploads:
         transfers = self._transfers
         size1 = msg.size1
         if size1 is not None and size1 > self.max_body or block.offset + len(msg.payload) > self.max_body:
-            transfers.pop(key, None)
+            self._drop(key)
             self.refused += 1
             return Upload.REFUSED, make(Code.REQUEST_ENTITY_TOO_LARGE, b"",
                                  [(OptionNumber.SIZE1, encode_uint(self.max_body))])
         cf = msg.opt(OptionNumber.CONTENT_FORMAT)
         if block.num == 0:
-            if key not in transfers and len(transfers) >= self.max_transfers:
+            self._drop(key)  # (a restart: the upload starts again, at the end of the line to expire)
+            if len(transfers) >= self.max_transfers or self._per_source[source] >= self.max_per_source:
                 self.refused += 1
                 return Upload.REFUSED, make(Code.SERVICE_UNAVAILABLE, b"too many uploads in progress",
                                      [(OptionNumber.MAX_AGE, encode_uint(5))])
-            transfers[key] = Assembly(block.szx, now, None if cf is None else bytes(cf))
+            transfers[key] = Assembly(block.szx, now, None if cf is None else bytes(cf), source)
+            self._per_source[source] += 1
         assembly = transfers.get(key)
         if assembly is None or block.offset != assembly.size or (block.more and len(msg.payload) != block.size):
-            transfers.pop(key, None)
+            self._drop(key)
+            self.refused += 1
             return Upload.REFUSED, make(Code.REQUEST_ENTITY_INCOMPLETE, b"block1: blocks out of order or missing")
         assembly.parts.append(bytes(msg.payload))
         assembly.size += len(msg.payload)
         if block.more:
             return Upload.CONTINUE, make(Code.CONTINUE, b"", [(OptionNumber.BLOCK1, encode_uint(block.to_uint()))])
-        del transfers[key]
+        self._drop(key)
         return Upload.COMPLETE, b"".join(assembly.parts)
+
+    def _drop(self, key: tuple[object, ...]) -> None:
+        assembly = self._transfers.pop(key, None)
+        if assembly is not None:
+            left = self._per_source[assembly.source] - 1
+            if left:
+                self._per_source[assembly.source] = left
+            else:
+                del self._per_source[assembly.source]
 
     def _expire(self, now: float) -> None:
         transfers = self._transfers
@@ -159,5 +180,5 @@ class Block1Uploads:
             key, assembly = next(iter(transfers.items()))
             if now - assembly.started < self.lifetime:
                 break
-            del transfers[key]
+            self._drop(key)
             self.expired += 1

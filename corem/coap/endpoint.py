@@ -35,6 +35,11 @@ from ..latency import Latency
 from ..stats import Histogram, Sample, counter, fields, gauge
 
 Peer = Hashable
+
+
+def source_host(peer: Peer) -> Hashable:
+    """The host a peer address is from (its port left out): what per-source bounds count by."""
+    return peer[0] if isinstance(peer, tuple) else peer
 #: an exchange: (peer, message id)
 Key = tuple[Peer, int]
 

@@ -20,7 +20,7 @@ from typing import Hashable, Iterator
 from ..codec import Message, OptionNumber, Options, Type, encode, encode_uint
 from ..stats import Sample, counter, gauge
 from .blockwise import first_block
-from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset
+from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset, source_host
 from .response import Response
 
 Peer = Hashable
@@ -107,7 +107,7 @@ class Observers:
         key = (req.peer, req.token)
         if key in self._by_key:  # re-registration (§4.1): same observer, fresh state
             self._remove(key)
-        host = _host(req.peer)
+        host = source_host(req.peer)
         if (
             len(self._by_key) >= self.max_total
             or self.observers(resource) >= self.max_per_resource
@@ -150,7 +150,7 @@ class Observers:
             key = (new, token)
             self._by_key[key] = obs
             self._by_resource.setdefault(obs.resource, {})[key] = obs
-            self._per_source[_host(new)] += 1
+            self._per_source[source_host(new)] += 1
             self._by_peer.setdefault(new, set()).add(token)
         return len(tokens)
 
@@ -166,7 +166,7 @@ class Observers:
         tokens.discard(obs.token)
         if not tokens:
             del self._by_peer[obs.peer]
-        host = _host(obs.peer)
+        host = source_host(obs.peer)
         self._per_source[host] -= 1
         if not self._per_source[host]:
             del self._per_source[host]
@@ -250,8 +250,3 @@ def answer_observe(observers: Observers, req: Request, resource: str, response: 
             opts = sorted([*(response.options or []), (OptionNumber.OBSERVE, encode_uint(seq))], key=lambda o: o[0])
             response = Response(response.code, response.payload, opts)
     return response
-
-
-def _host(peer: Peer) -> Hashable:
-    """The source host of a peer address: what per-source bounds count by."""
-    return peer[0] if isinstance(peer, tuple) else peer

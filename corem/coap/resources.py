@@ -22,7 +22,7 @@ from .blockwise import Block1Uploads, Upload, block2
 from .response import Response, refusal
 
 __all__ = ["Handler", "Response", "Router"]
-from .endpoint import Request
+from .endpoint import Request, source_host
 
 log = logging.getLogger("corem.coap")
 
@@ -168,9 +168,18 @@ class Router:
     def _upload(
         self, req: Request, msg: Message, path: list[str], handler: Handler, params: list[str]
     ) -> Response | None:
-        """A Block1 request: 2.31 until the body is complete, then the handler sees it whole."""
-        key = (req.peer, tuple(path), bytes(msg.opt(OptionNumber.REQUEST_TAG) or b""))
-        state, result = self.uploads.receive(key, msg, req.received_at)
+        """A Block1 request: 2.31 until the body is complete, then the handler sees it whole.
+        Its blocks are one upload when they come from one requester -- the address, and whoever
+        the security layer says sent it (OSCORE's device) -- for one request: the path, the query
+        and the credentials option a door reads (Drogue's), and the Request-Tag.  The handler,
+        which authenticates, sees only the last block: a block from anyone else (unprotected, under
+        another context, without the credentials) must start an upload of its own, never join
+        this one (an adversarial run stored such a block as another device's reading)."""
+        identity = req.identity
+        key = (req.peer, None if identity is None else (identity.tenant, identity.device), tuple(path),
+               tuple(v for n, v in msg.options if n == OptionNumber.URI_QUERY or n == OptionNumber.DROGUE_AUTH),
+               bytes(msg.opt(OptionNumber.REQUEST_TAG) or b""))
+        state, result = self.uploads.receive(key, msg, req.received_at, source_host(req.peer))
         if state is not Upload.COMPLETE:
             assert isinstance(result, Response)  # (a Block1 option is there: never Upload.NONE)
             return result

@@ -53,6 +53,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final, Generic, Hashable, Iterator, TypeVar
 
+from ..coap.endpoint import source_host
+
 Peer = Hashable
 K = TypeVar("K", bound=Hashable)
 
@@ -62,10 +64,6 @@ ADDRESS, PREFIX, FULL = "address", "prefix", "full"
 #: see the module docstring
 ADDRESS_SHARE, PREFIX_SHARE = 0.02, 0.10
 FLOOR = 5.0
-
-
-def address_of(peer: Peer) -> Hashable:
-    return peer[0] if isinstance(peer, tuple) else peer
 
 
 def prefix_of(address: Hashable) -> Hashable:
@@ -225,7 +223,7 @@ class HandshakeSlots:
         """May `peer` start a handshake now, and at whose expense?  Changes nothing."""
         if peer in self._slots:
             return ADMIT  # (the caller steps an existing handshake instead; admitting is a no-op)
-        address = address_of(peer)
+        address = source_host(peer)
         verdict = self._consider(peer, address, prefix_of(address))
         # (remembered until the slots change: the hello that asks is admitted right after, `admit`)
         self._considered = (peer, verdict)
@@ -267,7 +265,7 @@ class HandshakeSlots:
         caller drops the handshake of `evict`, if any."""
         if peer in self._slots:
             return ADMIT if verdict is None else verdict
-        address = address_of(peer)
+        address = source_host(peer)
         prefix = prefix_of(address)
         if verdict is None:
             considered = self._considered
