@@ -12,7 +12,9 @@ them whatever else connects (issue 26):
   slot while idle, and pipelining one more parser state to get right, for nothing on loopback.
 - `Expect: 100-continue` is answered 100 only once the head passed the admin token and the
   declared size fits `max_body`; otherwise the final 401 or 413 goes at once and the body is never
-  read (nor is it waited for: the connection closes after a short lingering drain).
+  read (nor is it waited for: the connection closes after a short lingering drain).  A request
+  with a body needs the token on every route, the open ones included (they take none): no body is
+  buffered for someone without it.
 - Time: the whole head within `HEAD_TIMEOUT` of the connection; then the body and the answer may
   take as long as they keep moving: the connection is dropped only after `IDLE_TIMEOUT` without a
   byte (a 3 MB upload at 64 KB/s completes).  A handler's own wait is bounded by `HANDLER_TIMEOUT`.
@@ -335,19 +337,15 @@ class HttpServer:
                 allowed.append(route.method)
                 continue
             self.requests += 1
-            if route.auth and not self.authorized(headers):  # before reading a body it may not send
+            # before reading a body it may not send; and no body at all without the token: the open
+            # routes take none (GETs; the workers' front forwards to routes that check the token),
+            # and one buffered for them would be memory anyone could ask for (max_body a connection)
+            if (route.auth or chunked or length) and not self.authorized(headers):
                 self.unauthorized += 1
-                return _error(401, "authorization: missing or wrong admin token (Authorization: Bearer TOKEN)",
+                why = "missing or wrong admin token" if route.auth else "a request with a body needs the admin token"
+                return _error(401, f"authorization: {why} (Authorization: Bearer TOKEN)",
                               {"WWW-Authenticate": "Bearer"}), method
-            with trio.CancelScope() as reading:
-                if not self.authorized(headers):  # no token: it may be evicted until its body is in
-                    self._evictable[key] = reading
-                try:
-                    body = await self._body(conn, stream)
-                finally:
-                    self._evictable.pop(key, None)
-            if reading.cancelled_caught:
-                raise _Gone
+            body = await self._body(conn, stream)  # (without the token: none, at once)
             if isinstance(body, Reply):
                 return body, method
             http_request = HttpRequest(method, path, params, dict(parse_qsl(qs)), headers, body)
