@@ -300,6 +300,24 @@ def test_no_broker_at_start_means_5_03_and_not_ready(data_dir, tmp_path):
             server.stop()
 
 
+def test_librdkafkas_own_lines_are_corem_log_lines_and_repeats_are_held_back(data_dir):
+    """librdkafka says every failed connection itself; its lines went raw to stderr (`%3|...|FAIL|`),
+    hundreds a minute beside JSON or logfmt (an adversarial run: 325 of 333 lines in 15 s).  They go
+    through corem's logging now, each kind once a minute."""
+    with refused_tcp_port() as port:
+        server = start_corem(data_dir, "--bus", f"kafka://127.0.0.1:{port}", "--log-format", "json")
+        try:
+            wait_for(lambda: any('"corem.bus.kafka.librdkafka"' in line and "FAIL" in line
+                                 for line in server.stderr().splitlines()), 60, "librdkafka's FAIL line")
+            time.sleep(3)  # (its reconnections, every second or two, meanwhile: held back)
+        finally:
+            server.stop()
+    lines = [line for line in server.stderr().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line JSON: none raw
+    ours = [r for r in records if r.get("logger") == "corem.bus.kafka.librdkafka"]
+    assert ours and len([r for r in ours if "FAIL" in r["msg"]]) == 1, ours
+
+
 def test_downlink_requests_on_the_commands_topic_reach_devices_and_are_answered(broker, tmp_path):
     """Another system puts requests on commands.{tenant}; corem carries them out (a shared
     attribute reaches an observing libcoap device), answers each on commands.results.{tenant},

@@ -54,6 +54,33 @@ except ImportError:  # pragma: no cover - only without a C compiler
 
 log = logging.getLogger("corem.bus.kafka")
 
+
+class _Throttle(logging.Filter):
+    """librdkafka's own lines, one a facility (CONNECT, FAIL, ...) every `every` seconds: it says
+    each failed connection attempt, every few seconds for as long as a broker is away -- what
+    corem's metrics and /readyz say once (`KafkaStats`); the log keeps the news, not the repeats."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        super().__init__()
+        self.every = every
+        self._next: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        facility = str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.getMessage()
+        now = time.monotonic()
+        if now < self._next.get(facility, 0.0):
+            return False
+        if len(self._next) > 1000:  # (a bounded table whatever librdkafka names)
+            self._next.clear()
+        self._next[facility] = now + self.every
+        return True
+
+
+#: where librdkafka's log lines go (producers' and consumers'): through corem's logging, so in its
+#: format (logfmt or JSON) like every other line, never raw on stderr
+librdkafka_log = logging.getLogger("corem.bus.kafka.librdkafka")
+librdkafka_log.addFilter(_Throttle())
+
 #: How long the reporting thread's poll() blocks at most (it returns at once when reports come).
 WAIT_FOR_REPORTS = 0.05
 #: How often the sink's own task looks at closing, fatal errors and reports left unanswered.
@@ -73,7 +100,7 @@ OWNED = frozenset({
     "batch.size", "message.timeout.ms", "delivery.timeout.ms", "queue.buffering.max.messages",
     "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.password",
     "ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "error_cb", "stats_cb",
-    "statistics.interval.ms", "on_delivery", "group.id", "enable.auto.commit", "delivery.report.only.error",
+    "logger", "statistics.interval.ms", "on_delivery", "group.id", "enable.auto.commit", "delivery.report.only.error",
 })
 
 
@@ -150,6 +177,7 @@ class KafkaSettings:
             "client.id": self.client_id,
             "reconnect.backoff.max.ms": 2000,
             "security.protocol": self.security_protocol,
+            "logger": librdkafka_log,
         }
         if self.sasl_mechanism:
             cfg.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username or "",
