@@ -231,7 +231,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_rejected_samples": (G, "Rejected samples kept for diagnostics."),
     # `corem serve --workers N` (corem/workers): the supervisor's own
     "corem_workers": (G, "Worker processes serving now."),
-    "corem_worker_up": (G, "1 while the worker serves, 0 while it starts again."),
+    "corem_worker_up": (G, "1 while the worker serves, 0 while it starts again or does not answer the front in time."),
     "corem_worker_restarts": (C, "Workers started again after they exited."),
     "corem_worker_requests": (G, "CoAP requests the worker has served since it started (how the peers spread)."),
     # the process (prometheus_client's collectors: ProcessMetrics); with --workers one series per

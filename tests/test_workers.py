@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 
 import cbor2
@@ -287,6 +289,28 @@ def dtls_workers(data_dir, request):
     server = start_corem(data_dir, "--workers", "2", "--dtls-engine", request.param)
     yield server
     server.stop()
+
+
+def test_a_stuck_worker_is_down_in_the_metrics_and_not_ready_and_holds_neither(workers):
+    """A worker that stops answering (a wedged loop, a stopped process) made /metrics and /readyz
+    wait 90 s for it, showed it up, and dropped its counters from the sums (an adversarial run);
+    each worker now has GATHER_TIMEOUT to answer: the stuck one is down, its counters its last ones,
+    and /readyz says not ready."""
+    for n in range(4):
+        assert post(workers.coap_port, "T0KEN-1", cbor2.dumps({"n": n}), 700 + n)[1] == 0x44
+    before = workers.metrics()
+    victim = worker_pids(workers)[1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        after = workers.metrics()  # (answers: the front's gathering gives the worker 5 s)
+        assert after['corem_worker_up{worker="1"}'] == 0 and after["corem_workers"] == 1
+        assert after['corem_coap_requests_total{transport="udp"}'] >= before['corem_coap_requests_total{transport="udp"}']
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{workers.http_port}/readyz", timeout=60)
+        assert info.value.code == 503
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    wait_for(lambda: workers.metrics()['corem_worker_up{worker="1"}'] == 1, what="worker 1 answering again")
 
 
 def test_a_dtls_session_on_a_killed_worker_goes_on_without_a_handshake(dtls_workers):

@@ -507,7 +507,8 @@ async def forward(base: str, req: HttpRequest, *, node: str | None = None, body:
     return await call(base, req.method, target(req), req.body if body is None else body, headers)
 
 
-async def call(base: str, method: str, target: str, body: bytes, headers: dict[str, str]) -> Reply:
+async def call(base: str, method: str, target: str, body: bytes, headers: dict[str, str],
+               timeout: float = FORWARD_TIMEOUT) -> Reply:
     """One request to another corem HTTP server (`base`: http://host:port), as this one serves:
     HTTP/1.1, one per connection.  For the workers' front and for nodes forwarding downlink."""
     hostport = base.removeprefix("http://").rstrip("/")
@@ -515,7 +516,7 @@ async def call(base: str, method: str, target: str, body: bytes, headers: dict[s
     host = host.strip("[]")
     head = f"{method} {target} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    with trio.fail_after(FORWARD_TIMEOUT):
+    with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(host, int(port))
         async with stream:
             await stream.send_all(head.encode() + body)

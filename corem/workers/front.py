@@ -79,6 +79,10 @@ log = logging.getLogger("corem.workers.front")
 
 #: seconds a request waits for a worker to be ready (one that is starting again)
 READY_WAIT = 10.0
+#: seconds a worker has to answer what the front gathers from each (metrics, readiness, status):
+#: its own answer takes milliseconds; one that is stuck (a wedged loop, a stopped process) must
+#: not hold /metrics and /readyz past a scrape's timeout (Prometheus: 10 s) -- it counts as down
+GATHER_TIMEOUT = 5.0
 
 
 class Front:
@@ -89,6 +93,11 @@ class Front:
         #: the supervisor's own process_* families (python_info comes from the first worker)
         self.process = ProcessMetrics("supervisor", platform=False)
         self.history = History()
+        #: the workers that did not answer the last gathering in time (`_from_each`)
+        self.silent: set[int] = set()
+        #: each worker's last metrics, by index: (its pid, the answer) -- a silent worker's counters
+        #: are its last ones, not gone from the sums (which would read as a counter reset)
+        self._last_metrics: dict[int, tuple[int | None, Reply]] = {}
         #: this node's admin URL, and the devices' nodes (a shared registry), once bound
         self.node = ""
         self.nodes: Nodes | None = None
@@ -189,13 +198,18 @@ class Front:
         return [r for _, r in sorted(await self._from_each(method, path), key=lambda ir: ir[0])]
 
     async def _from_each(self, method: str, path: str) -> list[tuple[int, Reply]]:
+        """Each worker's answer within GATHER_TIMEOUT; one that gives none is left out and counts
+        as down (`corem_worker_up` 0) until it answers again."""
         replies: list[tuple[int, Reply]] = []
 
         async def one(w: Worker) -> None:
             try:
-                replies.append((w.index, await call(_local(w.http), method, path, b"", {"authorization": f"Bearer {self.token}"})))
+                replies.append((w.index, await call(_local(w.http), method, path, b"",
+                                                    {"authorization": f"Bearer {self.token}"}, GATHER_TIMEOUT)))
+                self.silent.discard(w.index)
             except (OSError, HttpError, trio.TooSlowError) as e:
-                log.warning("worker %d did not answer %s: %s", w.index, path, e)
+                self.silent.add(w.index)
+                log.warning("worker %d did not answer %s: %s", w.index, path, e or "no answer in time")
 
         async with trio.open_nursery() as nursery:
             for w in self.sup.workers:
@@ -216,7 +230,13 @@ class Front:
         return json_reply(self.history.snapshot(await self.totals()))
 
     async def metrics(self, req: HttpRequest) -> Reply:
-        each = sorted(await self._from_each("GET", "/_worker/metrics"), key=lambda ir: ir[0])
+        fresh = dict(await self._from_each("GET", "/_worker/metrics"))
+        for w in self.sup.workers:
+            if w.index in fresh:
+                self._last_metrics[w.index] = (w.pid, fresh[w.index])
+            elif w.http is not None and w.index in self._last_metrics and self._last_metrics[w.index][0] == w.pid:
+                fresh[w.index] = self._last_metrics[w.index][1]  # (silent: its last counters, up 0)
+        each = sorted(fresh.items(), key=lambda ir: ir[0])
         sources = [decode_samples(json.loads(r.body)) for _, r in each]
         own = _Listed(list(self.own_metrics()))
         for (index, _), samples in zip(each, sources):  # how the load spreads: labelled, not summed
@@ -227,10 +247,11 @@ class Front:
         return Reply(200, render(lambda: parts), "text/plain; version=0.0.4; charset=utf-8")
 
     def own_metrics(self) -> Iterator[Sample]:
-        yield gauge("corem_workers", sum(w.http is not None for w in self.sup.workers))
+        up = [w.http is not None and w.index not in self.silent for w in self.sup.workers]
+        yield gauge("corem_workers", sum(up))
         yield counter("corem_worker_restarts", self.sup.restarts)
-        for w in self.sup.workers:
-            yield gauge("corem_worker_up", float(w.http is not None), worker=str(w.index))
+        for w, is_up in zip(self.sup.workers, up):
+            yield gauge("corem_worker_up", float(is_up), worker=str(w.index))
         if self.sup.pruner is not None:  # (the bus's retention runs in the supervisor)
             yield from self.sup.pruner.metrics()
         yield from self.process.metrics()
