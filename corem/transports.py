@@ -118,7 +118,7 @@ class Transports:
         if coap is not None:
             endpoint, router = Endpoint(s.endpoint_params()), self._router()
             lane = self._fast_lane(endpoint, behind_dtls=False)
-            observers = self._observers(endpoint)
+            observers = self._observers(endpoint, router)
             # (over its source's rate, a datagram naming a known token still goes through)
             security = PlainUdp(self.ingest.identity.names_a_known_token)
             edge = UdpEdge(
@@ -132,7 +132,7 @@ class Transports:
             endpoint, router = Endpoint(s.endpoint_params(verified_peers=True)), self._router()
             endpoint.transport = "dtls"  # (named so in bus records: corem/bus/recovery.py)
             lane = self._fast_lane(endpoint, behind_dtls=True)
-            observers = self._observers(endpoint)
+            observers = self._observers(endpoint, router)
             try:
                 dtls = self._dtls(endpoint, lane, observers)
             except (ValueError, OSError) as e:
@@ -164,7 +164,7 @@ class Transports:
             except (ValueError, OSError) as e:
                 raise ConfigError(f"{key}: {e}") from None
         endpoint, router = StreamEndpoint(), self._router()
-        observers = self._observers(endpoint)
+        observers = self._observers(endpoint, router)
         sock = self.worker.socket(key) if self.worker is not None else None
         if sock is None:
             sock = listeners.tcp(key, *address)
@@ -179,10 +179,10 @@ class Transports:
         inherited = self.worker.socket(key) if self.worker is not None else None
         return inherited if inherited is not None else listeners.udp(key, *address)
 
-    def _observers(self, endpoint: Endpoint) -> Observers:
+    def _observers(self, endpoint: Endpoint, router: Router) -> Observers:
         s = self.settings
         return Observers(endpoint, max_total=s.max_observers, max_per_resource=s.max_observers_per_resource,
-                         max_per_source=s.max_observers_per_source)
+                         max_per_source=s.max_observers_per_source, representations=router.representations)
 
     def _router(self) -> Router:
         s = self.settings

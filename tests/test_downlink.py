@@ -63,7 +63,7 @@ class Stack:
         self.ingest.on_uplink = self.downlink.uplink
         self.endpoint = Endpoint(Params(), rng=lambda: 0.0)
         self.router = Router()
-        self.observers = Observers(self.endpoint)
+        self.observers = Observers(self.endpoint, representations=self.router.representations)
         self.downlink.observers.append(self.observers)
         self.ingest.install(self.router)
         ThingsBoard(self.directory, self.ingest, self.management, self.downlink, clock).install(self.router, self.observers)
@@ -167,6 +167,44 @@ def test_rpc_polling_expiry_and_queue_bound(tmp_path):
     assert json.loads(bytes(polled.payload))["method"] == "b"
     [empty] = stack.send(Code.GET, "api/v1/TA/rpc")
     assert empty.code == Code.CONTENT and bytes(empty.payload) == b""
+
+
+def test_an_rpc_larger_than_a_block_is_read_whole_by_polling_and_by_observing(stack):
+    """Block2 follow-ups are cut from what the device began to read (an adversarial run: a poll's
+    block 1 took the next RPC off the queue, a notification's tail was a new poll's, and both RPCs
+    were reported delivered while the device had neither whole)"""
+    from corem.codec import Block
+
+    awake = stack.device("awake")
+    big = {"blob": "x" * 1500}
+    first = stack.downlink.send_rpc(awake, "big", big, timeout=30)
+    second = stack.downlink.send_rpc(awake, "small", None, timeout=30)
+    blocks = []
+    for num in range(2):  # polling: GET, then GET Block2 1
+        opts = [] if num == 0 else [(O.BLOCK2, encode_uint(Block(num, False, 6).to_uint()))]
+        [part] = stack.send(Code.GET, "api/v1/TA/rpc", opts=opts)
+        blocks.append(part)
+    assert blocks[0].block2.more and not blocks[1].block2.more and blocks[0].etag == blocks[1].etag
+    assert json.loads(b"".join(bytes(b.payload) for b in blocks))["params"] == big
+    assert first.status == "delivered" and second.status == "queued"  # (the small one waits for its poll)
+
+
+def test_a_notification_larger_than_a_block_is_read_whole(stack):
+    """The notification carries block 0; the GET of block 1 gets the rest of that RPC (same
+    ETag), not a slice of a new poll's answer"""
+    from corem.codec import Block
+
+    awake = stack.device("awake")
+    [answer] = stack.send(Code.GET, "api/v1/TA/rpc", observe=0, token=b"ob")
+    assert answer.observe is not None
+    call = stack.downlink.send_rpc(awake, "big", {"blob": "y" * 1500}, timeout=30)
+    [note] = stack.tick(0.1)
+    assert note.block2 is not None and note.block2.more
+    [rest] = stack.send(Code.GET, "api/v1/TA/rpc", token=b"ob",
+                        opts=[(O.BLOCK2, encode_uint(Block(1, False, 6).to_uint()))])
+    assert rest.code == Code.CONTENT and rest.etag == note.etag and not rest.block2.more
+    whole = json.loads(bytes(note.payload) + bytes(rest.payload))
+    assert whole == {"id": call.id, "method": "big", "params": {"blob": "y" * 1500}} and call.status == "delivered"
 
 
 def test_drogue_command_is_piggybacked_on_a_waiting_request(stack):

@@ -1,17 +1,19 @@
-"""Block-wise responses (RFC 7959 Block2), stateless.
+"""Block-wise transfers (RFC 7959): Block2 responses and Block1 uploads.
 
-A 2.05 representation larger than one block is cut into blocks.  corem keeps no per-transfer state:
-each block request renders the representation again and answers the slice it asks for, with an
-ETag of the whole representation (so a client notices when it changed mid-transfer and restarts,
-§2.4) and Size2 on the first block (§4).  The block size is the client's (Block2 in its request,
-early negotiation, §2.4) or `DEFAULT_SZX`, never larger than `MAX_SZX`.
+A 2.05 representation larger than one block is cut into blocks, with an ETag of the whole
+representation (so a client notices when it changed mid-transfer and restarts, §2.4) and Size2 on
+the first block (§4).  The block size is the client's (Block2 in its request, early negotiation,
+§2.4) or `DEFAULT_SZX`, never larger than `MAX_SZX`.  The later blocks are cut from the
+representation its first block was cut from (`Representations`: a GET's answer, a notification),
+kept a while for whoever asked: a resource whose GET takes something (the RPC poll) or whose state
+moved on since a notification still gives the rest of what the client began to read.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import Counter
-from typing import Hashable, Iterator
+from typing import Any, Hashable, Iterator
 
 from ..codec import Block, Code, Message, OptionNumber, encode_uint
 from ..stats import Sample, counter, gauge
@@ -21,6 +23,48 @@ from .response import Response
 #: 1024-byte blocks unless the client asks for smaller: fits a 1280-byte IPv6 MTU with headers.
 DEFAULT_SZX = 6
 MAX_SZX = 6
+
+
+def requester(req: Any) -> tuple[Hashable, ...]:
+    """Who asks for what, as block-wise transfers tell requests apart: the address, the device the
+    security layer names (OSCORE's `identity`), the path and the query."""
+    msg = req.message
+    identity = req.identity
+    return (req.peer, None if identity is None else (identity.tenant, identity.device), tuple(msg.uri_path),
+            tuple(bytes(v) for n, v in msg.options if n == OptionNumber.URI_QUERY))
+
+
+class Representations:
+    """Representations larger than one block that went out as their first block (a GET's answer,
+    a notification), by `requester`, for `lifetime` seconds and `max_entries` at most (the oldest
+    forgotten first): a later Block2 request of the same requester is cut from what it began to
+    read, not from a new answer of the handler."""
+
+    def __init__(self, *, max_entries: int = 10_000, lifetime: float = 60.0) -> None:
+        self.max_entries = max_entries
+        self.lifetime = lifetime
+        self._kept: dict[tuple[Hashable, ...], tuple[float, Response]] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, key: tuple[Hashable, ...], response: Response, now: float) -> None:
+        kept = self._kept
+        kept.pop(key, None)  # (in the order kept: the oldest first)
+        kept[key] = (now, response)
+        while len(kept) > self.max_entries or (kept and now - next(iter(kept.values()))[0] >= self.lifetime):
+            del kept[next(iter(kept))]
+
+    def recall(self, key: tuple[Hashable, ...], now: float) -> Response | None:
+        entry = self._kept.get(key)
+        if entry is None or now - entry[0] >= self.lifetime:
+            return None
+        return entry[1]
+
+
+def larger_than_a_block(response: Response, asked: Block | None) -> bool:
+    szx = DEFAULT_SZX if asked is None else min(asked.szx, MAX_SZX)
+    return response.code == Code.CONTENT and len(response.payload) > 1 << (szx + 4)
 
 
 def first_block(response: Response) -> Response:

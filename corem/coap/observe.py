@@ -19,7 +19,7 @@ from typing import Hashable, Iterator
 
 from ..codec import Message, OptionNumber, Options, Type, encode, encode_uint
 from ..stats import Sample, counter, gauge
-from .blockwise import first_block
+from .blockwise import Representations, first_block, larger_than_a_block, requester
 from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset, source_host
 from .response import Response
 
@@ -27,12 +27,16 @@ Peer = Hashable
 
 
 class Observation:
-    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect")
+    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect", "request")
 
-    def __init__(self, resource: str, peer: Peer, token: bytes, now: float, protect: Protect | None = None) -> None:
+    def __init__(self, resource: str, peer: Peer, token: bytes, now: float, protect: Protect | None = None,
+                 request: tuple[Hashable, ...] = ()) -> None:
         self.resource = resource
         self.peer = peer
         self.token = token
+        #: who registered, for what, past the address (`blockwise.requester` without the peer): a
+        #: notification larger than a block is kept for its rest under it (`Representations`)
+        self.request = request
         self.notifications = 0
         self.last_con = now
         #: the registering request's sealer (OSCORE): each notification is sealed for this observer
@@ -68,8 +72,11 @@ class Observers:
         con_every: int = 20,
         con_interval: float = 24 * 3600.0,
         recent_non: int = 10_000,
+        representations: Representations | None = None,
     ) -> None:
         self.endpoint = endpoint
+        #: the router's: a notification cut to its first block is kept there for the rest
+        self.representations = representations
         self.max_total = max_total
         self.max_per_resource = max_per_resource
         self.max_per_source = max_per_source
@@ -115,7 +122,8 @@ class Observers:
         ):
             self.stats.refused += 1
             return None
-        obs = Observation(resource, req.peer, req.token, now, req.protect)
+        obs = Observation(resource, req.peer, req.token, now, req.protect,
+                          requester(req)[1:] if req.message is not None else ())
         self._by_key[key] = obs
         self._by_resource.setdefault(resource, {})[key] = obs
         self._per_source[host] += 1
@@ -187,8 +195,12 @@ class Observers:
             opts = list(options or [])
         else:
             # RFC 7959 §2.6 (and RFC 7641): a state larger than a block goes as its first block,
-            # with ETag and Size2; the observer GETs the rest
-            code, payload, options = first_block(Response(code, payload, options))
+            # with ETag and Size2; the observer GETs the rest -- of this state, kept for it
+            whole = Response(code, payload, options)
+            code, payload, options = first_block(whole)
+            if self.representations is not None and larger_than_a_block(whole, None):
+                for obs in observers.values():
+                    self.representations.keep((obs.peer, *obs.request), whole, now)
             seq = encode_uint(self._next_seq())
             opts = sorted([*(options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0])  # same for all
         for key, obs in list(observers.items()):

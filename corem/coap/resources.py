@@ -12,13 +12,13 @@ import logging
 import time
 from typing import Callable, Iterable, Iterator
 
-from ..codec import Code, Message, OptionNumber, encode_uint
+from ..codec import Block, Code, Message, OptionNumber, encode_uint
 from ..codec.options import first_bad_text, option_label
 from ..errors import CoremError, Refused, StorageUnavailable
 from ..latency import door_of
 from ..stats import Sample, counter
 from .conditional import conditional as has_conditions, evaluate as evaluate_conditions
-from .blockwise import Block1Uploads, Upload, block2
+from .blockwise import Block1Uploads, Representations, Upload, block2, larger_than_a_block, requester
 from .response import Response, refusal
 
 __all__ = ["Handler", "Response", "Router"]
@@ -62,6 +62,8 @@ class Router:
         self._next_error_log = 0.0
         #: Block1 uploads in progress (RFC 7959 §2.5), bounded
         self.uploads = Block1Uploads() if uploads is None else uploads
+        #: what a requester began to read block-wise (Observers keep their notifications' here too)
+        self.representations = Representations()
         #: message-level security (corem/oscore): turns a sealed request into the device's request
         #: (or answers it) before it is routed
         self.unwrap: Callable[[Request], Response | None] | None = None
@@ -147,6 +149,16 @@ class Router:
     def _call(self, handler: Handler, req: Request, params: list[str], path: list[str]) -> Response | None:
         msg = req.message
         assert msg is not None
+        asked: Block | None = None
+        if msg.code == Code.GET:
+            try:
+                asked = msg.block2
+            except ValueError:
+                pass  # (szx 7: `block2` answers it)
+            if asked is not None and asked.num > 0:  # the rest of what it began to read, if kept
+                kept = self.representations.recall(requester(req), req.received_at)
+                if kept is not None:
+                    return block2(msg, kept)
         try:
             response = handler(req, params)
         except (Refused, StorageUnavailable) as e:  # the request's fault, or the disk's: the answer it carries
@@ -162,6 +174,8 @@ class Router:
                               "/".join(path), self.handler_errors, ERROR_LOG_INTERVAL)
             return refusal(e) if isinstance(e, CoremError) else Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
         if response is not None and msg.code == Code.GET:
+            if larger_than_a_block(response, asked):
+                self.representations.keep(requester(req), response, req.received_at)
             response = block2(msg, response)
         return response
 
@@ -175,9 +189,7 @@ class Router:
         which authenticates, sees only the last block: a block from anyone else (unprotected, under
         another context, without the credentials) must start an upload of its own, never join
         this one (an adversarial run stored such a block as another device's reading)."""
-        identity = req.identity
-        key = (req.peer, None if identity is None else (identity.tenant, identity.device), tuple(path),
-               tuple(v for n, v in msg.options if n == OptionNumber.URI_QUERY or n == OptionNumber.DROGUE_AUTH),
+        key = (*requester(req), tuple(bytes(v) for n, v in msg.options if n == OptionNumber.DROGUE_AUTH),
                bytes(msg.opt(OptionNumber.REQUEST_TAG) or b""))
         state, result = self.uploads.receive(key, msg, req.received_at, source_host(req.peer))
         if state is not Upload.COMPLETE:
