@@ -8,7 +8,7 @@ import trio
 
 from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
 from corem.coap import Endpoint, Params, Response, Router
-from corem.coap.observe import Observers
+from corem.coap.observe import Observers, answer_observe
 from corem.coap.site import Resource, Site
 
 from .conftest import COAP_CLIENT, exchange, needs_libcoap
@@ -90,6 +90,20 @@ def test_observations_follow_a_session_that_moved_and_end_where_another_began():
     assert observers.forget(other) == 1 and len(observers) == 0
     thermo.changed()
     assert ep.datagrams_to_send() == []
+
+
+def test_a_deregistration_ends_the_observation_of_its_target_resource_only():
+    """RFC 7641 §3.6: GET with Observe 1 removes the entry for the target resource; another
+    resource's GET with Observe 1 and the same token (another device's, from the same address)
+    ended it too (an adversarial run)"""
+    ep, router, observers, thermo, clock = stack()
+    request(ep, router, Code.GET, "thermo", observe=0)
+    assert request(ep, router, Code.GET, "plain", observe=1, mid=2).code == Code.METHOD_NOT_ALLOWED
+    answer_observe(observers, ep.receive(encode(Message(Type.CON, Code.GET, 3, b"t1", [(O.URI_PATH, b"other"),
+                   (O.OBSERVE, b"\x01")])), PEER, 0.0), "other", Response(Code.CONTENT, b""), 0.0)
+    assert len(observers) == 1
+    request(ep, router, Code.GET, "thermo", observe=1, mid=4)
+    assert len(observers) == 0
 
 
 def test_a_plain_get_or_a_refused_registration_has_no_observe_option():

@@ -131,7 +131,13 @@ class Observers:
         self.stats.registered += 1
         return self._next_seq()
 
-    def deregister(self, peer: Peer, token: bytes) -> bool:
+    def deregister(self, peer: Peer, token: bytes, resource: str | None = None) -> bool:
+        """End the observation of `peer` with `token` -- of `resource` if named (RFC 7641 §3.6: a GET
+        with Observe 1 removes the entry for the target resource, not one of another resource that
+        uses the same token)."""
+        obs = self._by_key.get((peer, token))
+        if obs is None or (resource is not None and obs.resource != resource):
+            return False
         if self._remove((peer, token)):
             self.stats.deregistered += 1
             return True
@@ -255,7 +261,7 @@ def answer_observe(observers: Observers, req: Request, resource: str, response: 
     carries the sequence number), 1 deregisters it (§3.1, §3.6).  Returns the answer to send."""
     observe = req.message.observe if req.message is not None else None
     if observe == 1:
-        observers.deregister(req.peer, req.token)
+        observers.deregister(req.peer, req.token, resource)
     elif observe == 0 and 64 <= response.code < 96:
         seq = observers.register(req, resource, now)
         if seq is not None:
