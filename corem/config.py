@@ -350,6 +350,9 @@ class Settings:
     max_observers: int = _opt(10_000, "Observe registrations per transport at most", _positive)
     max_observers_per_resource: int = _opt(1_000, "Observe registrations per resource at most", _positive)
     max_observers_per_source: int = _opt(32, "Observe registrations per source address at most", _positive)
+    max_observers_per_device: int = _opt(
+        64, "Observe registrations of one device (attributes, RPC, pub/sub topics), from any address, at most",
+        _positive)
     max_uploads: int = _opt(1_000, "Block1 uploads in progress per transport at most", _positive)
     max_uploads_per_source: int = _opt(
         32, "Block1 uploads in progress per source address at most (their blocks come before the request is "

@@ -182,7 +182,8 @@ class Transports:
     def _observers(self, endpoint: Endpoint, router: Router) -> Observers:
         s = self.settings
         return Observers(endpoint, max_total=s.max_observers, max_per_resource=s.max_observers_per_resource,
-                         max_per_source=s.max_observers_per_source, representations=router.representations)
+                         max_per_source=s.max_observers_per_source, max_per_owner=s.max_observers_per_device,
+                         representations=router.representations)
 
     def _router(self) -> Router:
         s = self.settings

@@ -373,13 +373,13 @@ def test_firmware_block2_download_matches_the_package(stack):
 def test_observer_churn_leaves_nothing_behind(stack):
     """Registrations come and go by the thousand; the bounds hold and nothing stays behind."""
     obs = stack.observers
-    obs.max_total, obs.max_per_source = 500, 10_000
+    obs.max_total, obs.max_per_source, obs.max_per_owner = 500, 10_000, 10_000
     for i in range(2000):
         stack.send(Code.GET, "api/v1/TA/rpc", observe=0, token=i.to_bytes(4, "big"))
     assert len(obs) == 500 and obs.stats.refused == 1500
     for i in range(2000):
         stack.send(Code.GET, "api/v1/TA/rpc", observe=1, token=i.to_bytes(4, "big"))
-    assert len(obs) == 0 and obs._by_resource == {} and not obs._per_source
+    assert len(obs) == 0 and obs._by_resource == {} and not obs._per_source and not obs._per_owner
 
 
 def test_router_prefix_patterns():

@@ -106,6 +106,25 @@ def test_a_deregistration_ends_the_observation_of_its_target_resource_only():
     assert len(observers) == 0
 
 
+def test_one_device_holds_at_most_its_share_of_the_observers_from_any_address():
+    """An adversarial run had one registered device take all 10,000 registrations from 313
+    addresses (32 each: the per-source bound held), leaving every other device without Observe"""
+    ep = Endpoint(Params(), rng=lambda: 0.0)
+    observers = Observers(ep, max_per_owner=2)
+
+    def observe(host, owner, token=b"t"):
+        msg = Message(Type.CON, Code.GET, 1, token, [(O.URI_PATH, b"x"), (O.OBSERVE, b"")])
+        req = ep.receive(encode(msg), (host, 5683), 0.0)
+        answer = answer_observe(observers, req, "x", Response(Code.CONTENT, b"1"), 0.0, owner)
+        return dict(answer.options or []).get(O.OBSERVE)
+
+    mallory, victim = ("acme", "mallory"), ("acme", "victim")
+    assert [observe(f"192.0.2.{n}", mallory) is not None for n in range(3)] == [True, True, False]
+    assert observe("198.51.100.1", victim) is not None  # another device is served
+    assert observers.deregister(("192.0.2.0", 5683), b"t")  # one of its own ends: its share has room again
+    assert observe("192.0.2.9", mallory) is not None and observers.stats.refused == 1
+
+
 def test_a_plain_get_or_a_refused_registration_has_no_observe_option():
     ep, router, observers, thermo, clock = stack(max_per_source=1)
     assert request(ep, router, Code.GET, "thermo").observe is None  # no Observe asked

@@ -27,11 +27,13 @@ Peer = Hashable
 
 
 class Observation:
-    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect", "request")
+    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect", "request", "owner")
 
     def __init__(self, resource: str, peer: Peer, token: bytes, now: float, protect: Protect | None = None,
-                 request: tuple[Hashable, ...] = ()) -> None:
+                 request: tuple[Hashable, ...] = (), owner: Hashable = None) -> None:
         self.resource = resource
+        #: the device that registered it (the doors name it), counted against `max_per_owner`
+        self.owner = owner
         self.peer = peer
         self.token = token
         #: who registered, for what, past the address (`blockwise.requester` without the peer): a
@@ -69,6 +71,7 @@ class Observers:
         max_total: int = 10_000,
         max_per_resource: int = 1_000,
         max_per_source: int = 32,
+        max_per_owner: int = 64,
         con_every: int = 20,
         con_interval: float = 24 * 3600.0,
         recent_non: int = 10_000,
@@ -80,6 +83,9 @@ class Observers:
         self.max_total = max_total
         self.max_per_resource = max_per_resource
         self.max_per_source = max_per_source
+        #: one device's registrations, from however many addresses: it cannot take the whole table
+        self.max_per_owner = max_per_owner
+        self._per_owner: Counter[Hashable] = Counter()
         self.con_every = con_every
         self.con_interval = con_interval
         self._by_key: dict[tuple[Peer, bytes], Observation] = {}
@@ -109,8 +115,9 @@ class Observers:
         return len(self._by_resource.get(resource, ()))
 
     # -- registration --------------------------------------------------------------------------
-    def register(self, req: Request, resource: str, now: float) -> int | None:
-        """Register the requester; the Observe value for its response, or None if refused."""
+    def register(self, req: Request, resource: str, now: float, owner: Hashable = None) -> int | None:
+        """Register the requester (`owner`: the device it is, when a door knows); the Observe value
+        for its response, or None if refused."""
         key = (req.peer, req.token)
         if key in self._by_key:  # re-registration (§4.1): same observer, fresh state
             self._remove(key)
@@ -119,14 +126,17 @@ class Observers:
             len(self._by_key) >= self.max_total
             or self.observers(resource) >= self.max_per_resource
             or self._per_source[host] >= self.max_per_source
+            or (owner is not None and self._per_owner[owner] >= self.max_per_owner)
         ):
             self.stats.refused += 1
             return None
         obs = Observation(resource, req.peer, req.token, now, req.protect,
-                          requester(req)[1:] if req.message is not None else ())
+                          requester(req)[1:] if req.message is not None else (), owner)
         self._by_key[key] = obs
         self._by_resource.setdefault(resource, {})[key] = obs
         self._per_source[host] += 1
+        if owner is not None:
+            self._per_owner[owner] += 1
         self._by_peer.setdefault(req.peer, set()).add(req.token)
         self.stats.registered += 1
         return self._next_seq()
@@ -184,6 +194,10 @@ class Observers:
         self._per_source[host] -= 1
         if not self._per_source[host]:
             del self._per_source[host]
+        if obs.owner is not None:
+            self._per_owner[obs.owner] -= 1
+            if not self._per_owner[obs.owner]:
+                del self._per_owner[obs.owner]
         return True
 
     # -- notifications -------------------------------------------------------------------------
@@ -256,14 +270,15 @@ class Observers:
         return self._seq
 
 
-def answer_observe(observers: Observers, req: Request, resource: str, response: Response, now: float) -> Response:
+def answer_observe(observers: Observers, req: Request, resource: str, response: Response, now: float,
+                   owner: Hashable = None) -> Response:
     """Apply a GET's Observe option to its 2.xx answer: 0 registers the requester (and the answer
     carries the sequence number), 1 deregisters it (§3.1, §3.6).  Returns the answer to send."""
     observe = req.message.observe if req.message is not None else None
     if observe == 1:
         observers.deregister(req.peer, req.token, resource)
     elif observe == 0 and 64 <= response.code < 96:
-        seq = observers.register(req, resource, now)
+        seq = observers.register(req, resource, now, owner)
         if seq is not None:
             opts = sorted([*(response.options or []), (OptionNumber.OBSERVE, encode_uint(seq))], key=lambda o: o[0])
             response = Response(response.code, response.payload, opts)

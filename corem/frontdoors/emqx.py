@@ -191,7 +191,8 @@ class Emqx:
             return bad_request("observe: subscribe with GET and Observe 0")
         found = self._current(device.tenant, topic)
         response = Response(Code.CONTENT, found.payload, self._options(found)) if found else Response(Code.CONTENT)
-        answer = answer_observe(observers, req, _resource(device.tenant, topic), response, self.clock())
+        answer = answer_observe(observers, req, _resource(device.tenant, topic), response, self.clock(),
+                                (device.tenant, device.device))
         if answer is not response:
             self.stats.subscribed += 1
         return answer

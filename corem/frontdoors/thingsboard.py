@@ -132,7 +132,7 @@ class ThingsBoard:
 
     def _observe(self, req: Request, device: Device, resource: str, response: Response,
                  observers: Observers) -> Response:
-        answer = answer_observe(observers, req, resource, response, self.clock())
+        answer = answer_observe(observers, req, resource, response, self.clock(), (device.tenant, device.device))
         if req.message is not None and req.message.observe == 0:  # a (re-)registration, not a goodbye
             self.downlink.observed(device, resource)
         return answer
