@@ -471,3 +471,18 @@ def test_attribute_bound_is_all_or_nothing_and_forget_removes_a_device_state(sta
     mg.open_claim("acme", "awake", "s3cret", 60_000)
     mg.forget("acme", "awake")
     assert mg.attributes("acme", "awake", "shared") == {} and mg.owner("acme", "awake") is None
+
+
+def test_a_device_whose_profile_is_not_registered_is_told_so_and_nothing_else(tmp_path):
+    """5.00 naming its own profile only: the answer listed every registered profile's name, other
+    tenants' included (an adversarial run)"""
+    from corem.profiles.spec import parse_profile
+
+    stack = Stack(tmp_path)
+    stack.registry.put_profile("other-tenants-secret-profile", parse_profile('{"format": "flat"}'))
+    stack.registry.add_device("acme", "lost", token="TL", profile="nosuch")
+    stack.directory.refresh(force=True)
+    # (a request large enough that its answer is not cut: an error answer is never larger than it)
+    [answer] = stack.send(Code.POST, "api/v1/TL/telemetry", payload=b'{"a": 1, "pad": "' + b"x" * 200 + b'"}', cf=50)
+    assert answer.code == Code.INTERNAL_SERVER_ERROR
+    assert bytes(answer.payload) == b"profile 'nosuch' is not registered" and not stack.sink.records
