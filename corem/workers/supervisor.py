@@ -327,8 +327,8 @@ class Supervisor:
             if any("dtls credentials" in f for f in report.failed):
                 keep = [k for k in keep if k not in ("dtls_cert", "dtls_key", "dtls_ca")]
             self.settings = applied(old, new, keep)
-            if "admin_token" in keys or "admin_token_file" in keys:
-                report.done.insert(0, "admin_token")
+            if ("admin_token" in keys or "admin_token_file" in keys) and "admin_token" not in report.done:
+                report.done.insert(0, "admin_token")  # (the front's; the workers said so too, if they took it)
             report.where = f"{len(reports)} of {self.count} workers"
             if not quiet:
                 log.log(report.level, "%s", report.line())
