@@ -165,3 +165,22 @@ def test_an_admin_token_that_cannot_be_written_is_a_one_line_error_and_an_empty_
     (tmp_path / "admin-token").write_text("")  # what a full disk left behind before this was fixed
     made = token.read_or_create(tmp_path)
     assert made and token.read(tmp_path) == made and (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+
+
+def test_with_workers_a_full_disk_is_5_03_and_readyz_gives_the_workers_reasons(small_disk):
+    """The workers' front said only "2 of 2 workers not ready"; it gives their reasons, as one
+    process gives its own (an adversarial run)"""
+    data = small_disk / "data"
+    corem_cli("devices", "add", "--tenant", "acme", "--device", "d1", "--token", "T1", data_dir=data)
+    server = start_corem(data, "--workers", "2", "--store-synchronous", "NORMAL")
+    try:
+        reading = cbor2.dumps({"t": 1.0})
+        assert post(server.coap_port, "T1", reading, 1)[1] == 0x44
+        fill_for_good(small_disk, data)
+        assert post(server.coap_port, "T1", reading, 2)[1] == 0xA3  # 5.03: nothing acknowledged
+        status, body = readyz(server)
+        assert status == 503 and b" of 2 workers not ready: bus: " in body, body  # (the one that tried to commit knows)
+        (small_disk / "filler").unlink()
+        wait_for(lambda: readyz(server)[0] == 200, what="ready again")
+    finally:
+        assert server.stop() == 0

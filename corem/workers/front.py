@@ -197,9 +197,9 @@ class Front:
         """One answer from each ready worker (those that fail are left out), by worker index."""
         return [r for _, r in sorted(await self._from_each(method, path), key=lambda ir: ir[0])]
 
-    async def _from_each(self, method: str, path: str) -> list[tuple[int, Reply]]:
-        """Each worker's answer within GATHER_TIMEOUT; one that gives none is left out and counts
-        as down (`corem_worker_up` 0) until it answers again."""
+    async def _from_each(self, method: str, path: str, *, ok_only: bool = True) -> list[tuple[int, Reply]]:
+        """Each worker's answer within GATHER_TIMEOUT (its 200s only, unless `ok_only` is False); one
+        that gives none is left out and counts as down (`corem_worker_up` 0) until it answers again."""
         replies: list[tuple[int, Reply]] = []
 
         async def one(w: Worker) -> None:
@@ -215,7 +215,7 @@ class Front:
             for w in self.sup.workers:
                 if w.http is not None:
                     nursery.start_soon(one, w)
-        return [(i, r) for i, r in replies if r.status == 200]
+        return [(i, r) for i, r in replies if r.status == 200 or not ok_only]
 
     async def totals(self) -> dict[Any, Totals]:
         """Each worker's counters as the UI's charts read them, by (index, pid): a worker started
@@ -257,10 +257,12 @@ class Front:
         yield from self.process.metrics()
 
     async def readyz(self, req: HttpRequest) -> Reply:
-        replies = await self._from_all("GET", "/readyz")
-        missing = self.sup.count - len(replies)
-        if missing:
-            return Reply(503, f"{missing} of {self.sup.count} workers not ready\n".encode(), "text/plain")
+        replies = [r for _, r in await self._from_each("GET", "/readyz", ok_only=False)]
+        missing = self.sup.count - sum(r.status == 200 for r in replies)
+        if missing:  # (with the reasons the workers give, as one process gives its own)
+            why = sorted({r.body.decode(errors="replace").strip() for r in replies if r.status != 200} - {""})
+            text = f"{missing} of {self.sup.count} workers not ready" + (f": {'; '.join(why)}" if why else "")
+            return Reply(503, f"{text}\n".encode(), "text/plain")
         return Reply(200, b"ready\n", "text/plain")
 
     async def status(self, req: HttpRequest) -> Reply:
