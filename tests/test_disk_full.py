@@ -181,6 +181,14 @@ def test_with_workers_a_full_disk_is_5_03_and_readyz_gives_the_workers_reasons(s
         status, body = readyz(server)
         assert status == 503 and b" of 2 workers not ready: bus: " in body, body  # (the one that tried to commit knows)
         (small_disk / "filler").unlink()
-        wait_for(lambda: readyz(server)[0] == 200, what="ready again")
+        mids = iter(range(100, 60_000))
+
+        def ready_after_a_reading() -> bool:
+            # (a worker is ready again once its bus commits again: readings, each from a new port,
+            # go to either worker, until both did)
+            post(server.coap_port, "T1", reading, next(mids))
+            return readyz(server)[0] == 200
+
+        wait_for(ready_after_a_reading, what="ready again")
     finally:
         assert server.stop() == 0
