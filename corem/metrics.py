@@ -119,7 +119,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
         C, "Connections refused at accept: the process was out of file descriptors (EMFILE/ENFILE)."),
     "corem_tcp_connections_aborted": (
         C, "Connections ended by corem, by reason (frame, too_large, bad_message, idle, slow_reader, handshake, "
-           "unregistered_certificate) or by the peer's Abort (peer_abort)."),
+           "tls: a fault after the handshake, unregistered_certificate) or by the peer's Abort (peer_abort)."),
     "corem_tcp_pings": (C, "Pings (7.02) answered with Pong."),
     "corem_tcp_truncated_frames": (C, "Connections that ended inside a frame (its bytes were not served)."),
     "corem_tcp_internal_errors": (C, "Connections ended by an error in corem (logged)."),

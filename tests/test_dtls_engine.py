@@ -1383,6 +1383,20 @@ def test_ecdhe_a_registry_that_fails_is_an_internal_error_not_an_exception(pki):
     assert alerts(eng) == [(2, 80)] and eng.stats.handshakes_failed["certificate_check_error"] == 1
 
 
+def test_a_datagram_of_renegotiation_hellos_gets_a_few_warnings_then_the_session_ends():
+    """100 empty ClientHello fragments in one authenticated datagram were 100 alert datagrams (an
+    amplification a device spoofing a victim's address through its Connection ID could aim);
+    MAX_RENEGOTIATIONS warnings, then a fatal alert and the session is gone"""
+    from corem.dtls.engine.connection import MAX_RENEGOTIATIONS
+
+    eng, cl = handshake(client=Client(b"device-1", PSK, cid=None))
+    conn = cl.conn
+    hellos = b"".join(m.message(m.CLIENT_HELLO, conn.send_seq + i, b"") for i in range(100))
+    eng.receive(conn._record(1, HANDSHAKE, hellos), PEER, 1.0)
+    assert len(eng.datagrams_to_send()) == MAX_RENEGOTIATIONS + 1 and PEER not in eng.sessions
+    assert eng.stats.sessions_closed == 1
+
+
 def test_ecdhe_client_refuses_a_server_certificate_of_another_ca(pki):
     eng = Engine(KEYS.get, EngineParams(certificate_chain=(pki.der(pki.rogue),), private_key=pki.rogue_key))
     cl = Client(b"", b"", params=pki.client_params(ECDHE_SUITES[0]))

@@ -500,6 +500,32 @@ def test_coaps_tcp_refuses_renegotiation_and_answers_a_wrong_key_with_its_alert(
     assert [p["device"] for p in tcp.points("acme")] == ["sensor-7"]
 
 
+def test_coaps_tcp_ends_a_flood_of_renegotiations_and_counts_its_faults(tcp):
+    """A record of 4096 empty ClientHellos, a reader that never reads: each was an alert queued
+    past the connection's write bound (an adversarial run: +142 MB); now a few warnings, then
+    handshake_failure and the connection ends, counted as reason "tls" -- as is a record that
+    does not authenticate (such a connection ended, counted nowhere)"""
+    _, secure = ports(tcp)
+    c, s, _, _ = engine_tls(secure, SPEC_IDENTITY.encode(), SPEC_KEY.encode())
+    assert c.established
+    assert c.conn._write_record(True, 22, b"\x01\x00\x00\x00" * 4096)
+    s.sendall(c.data_to_send())
+    raw = b""
+    while data := s.recv(65536):  # (corem ends it: the loop ends)
+        raw += data
+    s.close()
+    assert len(raw) < 1000  # (four sealed alerts, not 4096)
+    wait_for(lambda: tls_metric(tcp, "tls") == 1, what="the flood's end counted")
+    c, s, _, _ = engine_tls(secure, SPEC_IDENTITY.encode(), SPEC_KEY.encode())
+    sealed = bytearray(c.wrap(b"anything"))
+    sealed[-1] ^= 1  # (not authentic)
+    s.sendall(bytes(sealed))
+    while s.recv(65536):
+        pass
+    s.close()
+    wait_for(lambda: tls_metric(tcp, "tls") == 2, what="the bad record's end counted")
+
+
 def test_optional_client_auth_over_tls(data_dir, pki):
     """dtls_client_auth = optional reaches coaps+tcp as it reaches CoAPS: a registered certificate
     names its device, a device without one is let in and names itself by its token"""

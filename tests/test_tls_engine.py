@@ -455,7 +455,7 @@ def test_renegotiation_gets_a_warning_and_the_session_stays():
     hello = fresh.data_to_send()[5:]  # the ClientHello message, now inside the session's protection
     assert client.conn._write_record(True, 22, hello)  # (sealed under the session's keys)
     srv.receive_untrusted(client.data_to_send(), 0.0)
-    assert srv.established and srv.renegotiations_refused == 1
+    assert srv.established and srv.renegotiations == 1
     [(ctype, fragment)] = RecordReader().feed_untrusted(srv.data_to_send())
     assert ctype == 21  # the alert, protected: level warning, no_renegotiation
     tls_read = client.conn.tls_read
@@ -464,6 +464,20 @@ def test_renegotiation_gets_a_warning_and_the_session_stays():
     client.conn.read_seq += 1
     srv.receive_untrusted(client.wrap(b"still here"), 0.0)
     assert srv.take_app() == b"still here"
+
+
+def test_a_record_full_of_renegotiations_gets_a_few_warnings_then_the_session_ends():
+    """4096 empty ClientHellos in one authenticated record were 4096 sealed alerts (~6x the bytes in,
+    past the connection's write bound: an adversarial run grew corem by 142 MB over coaps+tcp);
+    MAX_RENEGOTIATIONS warnings, then a fatal handshake_failure and the session ends"""
+    from corem.dtls.engine.connection import MAX_RENEGOTIATIONS
+
+    client, srv = established_pair()
+    assert client.conn._write_record(True, 22, b"\x01\x00\x00\x00" * 4096)
+    srv.receive_untrusted(client.data_to_send(), 0.0)
+    alerts = RecordReader().feed_untrusted(srv.data_to_send())
+    assert len(alerts) == MAX_RENEGOTIATIONS + 1 and {ctype for ctype, _ in alerts} == {21}
+    assert srv.over and srv.reason == "renegotiations"
 
 
 def test_out_of_order_handshake_messages_get_unexpected_message():

@@ -28,7 +28,7 @@ from ..coap import Router
 from ..coap.observe import Observers
 from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, MAX_MESSAGE_SIZE, PING, PONG,
                            RELEASE, FrameError, Framer, StreamEndpoint, csm_max_message, message, signal)
-from ..dtls.engine.connection import Params
+from ..dtls.engine.connection import FAILED, Params
 from ..dtls.engine.crypto import suite_by_name
 from ..dtls.engine.tls import TlsConnection
 from ..dtls.params import registry_psk
@@ -158,7 +158,7 @@ class TcpEdge:
         yield counter("corem_tcp_connections_accepted", st["accepted"])
         yield counter("corem_tcp_connections_refused", st["refused"])
         yield counter("corem_tcp_connections_refused_no_fds", 0 if self._acceptor is None else self._acceptor.refused)
-        for reason in ("frame", "too_large", "bad_message", "idle", "slow_reader", "handshake", "peer_abort",
+        for reason in ("frame", "too_large", "bad_message", "idle", "slow_reader", "handshake", "tls", "peer_abort",
                        "unregistered_certificate"):
             yield counter("corem_tcp_connections_aborted", st["aborted_" + reason], reason=reason)
         yield counter("corem_tcp_pings", st["pings"])
@@ -308,11 +308,13 @@ class TcpEdge:
         t.receive_untrusted(data, self.clock())
         out = t.take_app()
         alert = t.data_to_send()  # (a fault's fatal alert, or a refused renegotiation's warning)
-        if alert and not conn.closing:
-            conn.queued += alert
-            conn.wake.set()
+        if alert:
+            self._queue(conn, alert)
         if t.over:
             conn.tls_over = True  # (what came before the end is served, then the end)
+            if t.state == FAILED and not t.reason.startswith("peer_alert"):  # (corem's: a record that did not authenticate...)
+                self.stats["aborted_tls"] += 1
+                log.debug("coaps+tcp connection with %s ended: %s", conn.peer, t.reason)
             return out or None
         return out
 
@@ -393,6 +395,12 @@ class TcpEdge:
             if sealed is None:
                 return
             data = sealed
+        self._queue(conn, data)
+
+    def _queue(self, conn: Connection, data: bytes) -> None:
+        """Bytes for the writer; past MAX_QUEUED unsent the peer is not reading: it is closed."""
+        if conn.closing:
+            return
         conn.queued += data
         if len(conn.queued) > MAX_QUEUED:
             self.stats["aborted_slow_reader"] += 1

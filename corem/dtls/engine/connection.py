@@ -46,6 +46,10 @@ MAX_RTO = 60.0
 MAX_RETRANSMITS = 6
 #: handshake messages buffered ahead of the next one expected
 MAX_AHEAD = 4
+#: renegotiations refused with a warning before a peer that keeps asking is failed: each refusal
+#: is an alert to send, and one authenticated record can hold thousands of hellos (an adversarial
+#: run: 4096 alerts a 16 KiB TLS record, past the connection's write bound; 100 a DTLS datagram)
+MAX_RENEGOTIATIONS = 3
 #: epoch-1 records kept while the peer's ChangeCipherSpec has not come (reordered)
 MAX_EARLY = 4
 
@@ -125,7 +129,7 @@ class Connection:
                  "secure_renegotiation", "master", "identity", "psk", "psk_for", "offered", "offer_cid", "ephemeral",
                  "peer_key", "peer_point", "certificate_requested", "peer_chain", "write_epoch", "_seq0", "_seq1",
                  "_limit1", "write_prot", "keys", "read_prot", "pending_read", "window", "early", "cid_in", "cid_out",
-                 "auth_failures", "offer_ems", "out", "app", "floor", "layer")
+                 "auth_failures", "offer_ems", "out", "app", "floor", "layer", "renegotiations")
 
     def __init__(self, role: str, params: Params, peer: object, now: float) -> None:
         self.role = role
@@ -181,6 +185,7 @@ class Connection:
         self.cid_in = b""  # the CID records to this side carry (this side chose it)
         self.cid_out = b""  # the CID records from this side carry (the peer chose it)
         self.auth_failures = 0  # epoch-1 records that did not authenticate during the handshake
+        self.renegotiations = 0  # the peer's requests to renegotiate, refused (`refuse_renegotiation`)
         self.offer_ems = True  # (the client role; False only to test a server's refusal)
         self.out: list[bytes] = []
         self.app: list[bytes] = []
@@ -496,9 +501,8 @@ class Connection:
                 self.resend = bool(self.flight)  # the peer did not hear our last flight
             return
         if self.state == ESTABLISHED:
-            # (authenticated: the peer asks for a renegotiation, which this engine does not do;
-            # RFC 5746 §4.4 lets it say so and keep the session)
-            self.send_alert(WARNING, NO_RENEGOTIATION)
+            # (authenticated: the peer asks for a renegotiation, which this engine does not do)
+            self.refuse_renegotiation()
             return
         if f.message_seq >= self.recv_seq + MAX_AHEAD:
             return
@@ -808,6 +812,16 @@ class Connection:
         self.flight = []
         self.retransmit_at = float("inf")
         self.send_alert(FATAL, alert)
+
+    def refuse_renegotiation(self) -> None:
+        """RFC 5746 §4.4: say no (a warning no_renegotiation) and keep the session -- MAX_RENEGOTIATIONS
+        times; a peer that asks again is failed (a fatal handshake_failure, as §4.4 also allows), so
+        no record or datagram of hellos becomes a flood of alerts."""
+        self.renegotiations += 1
+        if self.renegotiations > MAX_RENEGOTIATIONS:
+            self._fail(HANDSHAKE_FAILURE, "renegotiations")
+        else:
+            self.send_alert(WARNING, NO_RENEGOTIATION)
 
     def fail(self, alert: int, reason: str) -> None:
         """End the handshake: a fatal `alert`, FAILED for `reason` (the engine's caller decides)"""

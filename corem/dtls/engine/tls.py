@@ -245,7 +245,6 @@ class TlsConnection(Connection):
         self.tls_pending: TlsProtection | None = None
         self.tls_read: TlsProtection | None = None
         self.sent_ccs = False
-        self.renegotiations_refused = 0
 
     @property
     def established(self) -> bool:
@@ -314,9 +313,8 @@ class TlsConnection(Connection):
     def _handshake_message(self, msg_type: int, body: bytes, epoch: int, now: float) -> None:
         if self.state == ESTABLISHED:
             if msg_type == (m.CLIENT_HELLO if self.role == "server" else m.HELLO_REQUEST):
-                # RFC 5746 §4.4 / RFC 5246 §7.2.2: say no and keep the session
-                self.renegotiations_refused += 1
-                self.send_alert(WARNING, NO_RENEGOTIATION)
+                # RFC 5746 §4.4 / RFC 5246 §7.2.2: say no and keep the session (a few times)
+                self.refuse_renegotiation()
                 return
             raise DtlsDecodeError(UNEXPECTED_MESSAGE, f"unexpected_{msg_type}_after_handshake")
         if self.role == "server" and self.state == "":
