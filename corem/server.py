@@ -195,7 +195,7 @@ class Server:
 
     def http_routes(self) -> list[Route]:
         ops = self.health.routes()
-        self.admin.documented = ops  # (the OpenAPI document lists them)
+        self.admin.documented = list(ops)  # (the OpenAPI document lists them: not the internal ones below)
         if self.worker is not None:  # for the supervisor's front (corem/workers/front.py)
             ops.append(self.health.worker_route())
         if self.registry.shared:  # for the other nodes' commands readers

@@ -117,6 +117,12 @@ def test_add_device_bad_input_names_the_field(server, body, status, field):
 
 def test_bad_json_and_unknown_paths_and_methods(server):
     assert server.api("POST", "/api/devices", raw=b"{not json")[1]["error"].startswith("body: not valid JSON")
+    # (found by an adversarial run: NaN and Infinity were stored and answered back as no JSON at all;
+    # a key given twice kept its last value silently)
+    for raw, why in ((b'{"a": NaN}', "NaN is not a JSON number"), (b'{"b": -Infinity}', "-Infinity is not"),
+                     (b'{"mode": "eco", "mode": "boost"}', "the key 'mode' is given twice")):
+        status, body = server.api("PUT", DEV + "/attributes", raw=raw)
+        assert status == 400 and body["error"].startswith("body: not valid JSON") and why in body["error"], body
     assert server.api("GET", "/api/nothing")[0] == 404
     status, body = server.api("PATCH", "/api/devices")
     assert status == 405 and "GET, POST" in body["error"]
@@ -140,8 +146,11 @@ def test_attributes_commands_and_rpc_validation(server):
                                                                 "payload:")):
         status, body = server.api("POST", DEV + "/commands", bad)
         assert status == 400 and body["error"].startswith(field), body
+    status, body = server.api("POST", DEV + "/commands", {"command": "big", "payload": "x" * 20_000})
+    assert status == 400 and body["error"] == "payload: 20000 bytes; at most 16384", body
     for bad, field in (({}, "method: required"), ({"method": "m", "timeout": 0}, "timeout:"),
-                       ({"method": "m", "timeout": "soon"}, "timeout: expected a number")):
+                       ({"method": "m", "timeout": "soon"}, "timeout: expected a number"),
+                       ({"method": "m", "params": "x" * 20_000}, "params: 20002 bytes of JSON; at most 16384")):
         status, body = server.api("POST", DEV + "/rpc", bad)
         assert status == 400 and body["error"].startswith(field), body
     status, body = server.api("POST", DEV + "/rpc", {"method": "m", "timeout": 0.3, "oneway": True})
@@ -191,6 +200,8 @@ def test_diagnostics_samples_filter_and_status(server):
     assert samples[0]["payload_diagnostic"] == '{"ok": 1, "temp": [1, 2]}'
     assert server.api("GET", "/api/diagnostics/samples?tenant=other")[1] == []
     assert server.api("GET", "/api/diagnostics/samples?limit=x")[1]["error"] == "limit: not an integer"
+    for n in (0, -1):
+        assert server.api("GET", f"/api/diagnostics/samples?limit={n}")[1]["error"] == f"limit: {n}; at least 1"
     status = server.api("GET", "/api/status")[1]
     assert status["rejections"] >= 1 and status["bus"]["error"] is None
     assert any(d["device"] == "sensor-1" and d["rejections"] >= 1 for d in status["devices"])

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from corem.errors import BadInput
 from corem.registry import Registry, RegistryError
 from corem.registry.bulk import import_devices, read_lines
 
@@ -98,3 +99,15 @@ def test_a_running_server_serves_imported_devices_when_the_command_returns(tmp_p
         assert server.metrics()["corem_registry_devices"] == 254
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("text, kind, why", [
+    ("[" * 100_000 + "\n", "jsonl", "line 1: not a JSON object (nested too deep)"),
+    ("tenant,device,token\nacme,d1," + "x" * 200_000 + "\n", "csv", "file: not CSV after line 1 (field larger than"),
+    ('tenant,device,token\nacme,d1,"' + "x" * 200_000 + "\n", "csv", "file: not CSV after line "),
+])
+def test_a_document_the_readers_cannot_take_is_refused_naming_the_line(text, kind, why):
+    """The admin API's import answered 500 with a traceback for these (an adversarial run)"""
+    with pytest.raises(BadInput) as e:
+        list(read_lines(text, kind))
+    assert str(e.value).startswith(why) and ("CSV" in str(e.value) or kind == "jsonl"), e.value

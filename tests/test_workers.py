@@ -4,6 +4,7 @@ no new DTLS handshake), downlink through the one admin port to whichever worker 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -311,6 +312,13 @@ def test_a_stuck_worker_is_down_in_the_metrics_and_not_ready_and_holds_neither(w
     finally:
         os.kill(victim, signal.SIGCONT)
     wait_for(lambda: workers.metrics()['corem_worker_up{worker="1"}'] == 1, what="worker 1 answering again")
+
+
+def test_the_openapi_document_is_served_through_the_front(workers):
+    """It was a 500 with workers (an internal route without a document had joined the list)"""
+    with urllib.request.urlopen(f"http://127.0.0.1:{workers.http_port}/api/openapi.json", timeout=30) as r:
+        doc = json.loads(r.read())
+    assert r.status == 200 and "/api/devices" in doc["paths"] and not any("_worker" in p for p in doc["paths"])
 
 
 def test_a_dtls_session_on_a_killed_worker_goes_on_without_a_handshake(dtls_workers):

@@ -90,6 +90,19 @@ def struct_reply(value: Any, status: int = 200) -> Reply:
     return Reply(status, schemas.encode(value))
 
 
+def samples_limit(query: dict[str, str]) -> int:
+    """`?limit=` of the samples routes (one process's and the workers' front's): 1 or more, 200
+    without it; BadInput naming it otherwise (0 and negative numbers were taken, and each mode did
+    something else with them)."""
+    try:
+        limit = int(query.get("limit", "200"))
+    except ValueError:
+        raise BadInput("limit: not an integer") from None
+    if limit < 1:
+        raise BadInput(f"limit: {limit}; at least 1")
+    return limit
+
+
 @dataclass(frozen=True)
 class AdminParts:
     """What the admin API works with: the registry, the devices' state, and what it reports on."""
@@ -254,10 +267,7 @@ class AdminApi:
 
     def samples(self, req: HttpRequest) -> Reply:
         q = req.query
-        try:
-            limit = int(q.get("limit", "200"))
-        except ValueError:
-            raise BadInput("limit: not an integer") from None
+        limit = samples_limit(q)
         out = []
         for s in self.parts.diagnostics.newest(len(self.parts.diagnostics.samples)):
             if any(q.get(k) and getattr(s, k) != q[k] for k in ("tenant", "device", "protocol", "reason")):

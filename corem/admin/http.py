@@ -90,13 +90,27 @@ class HttpRequest:
     body: bytes = b""
 
     def json(self) -> Any:
-        """The body as JSON; `HttpError(400)` naming the problem otherwise."""
+        """The body as JSON (RFC 8259: no NaN or Infinity, which nothing could read back as JSON;
+        no key twice in an object, which would keep one of them silently, as devices' readings are
+        refused for it); `HttpError(400)` naming the problem otherwise."""
         if not self.body:
             raise HttpError(400, "body: expected a JSON object")
         try:
-            return json.loads(self.body)
+            return json.loads(self.body, parse_constant=_not_json, object_pairs_hook=_object)
         except (ValueError, RecursionError) as e:
             raise HttpError(400, f"body: not valid JSON ({e})") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        twice = next(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
+        raise ValueError(f"the key {twice!r} is given twice")
+    return obj
 
 
 @dataclass
@@ -118,7 +132,9 @@ class HttpError(CoremError):
 
 
 def json_reply(value: Any, status: int = 200) -> Reply:
-    return Reply(status, json.dumps(value, separators=(",", ":")).encode() + b"\n")
+    # (allow_nan=False: a float that is no JSON number is a bug here -- 500 -- never an answer no
+    # JSON reader takes; what is stored came through `HttpRequest.json` or the devices' decoders)
+    return Reply(status, json.dumps(value, separators=(",", ":"), allow_nan=False).encode() + b"\n")
 
 
 Handler = Callable[[HttpRequest], "Reply | Awaitable[Reply]"]

@@ -34,13 +34,18 @@ from ..codec import Code, OptionNumber, Options, encode_uint
 from ..content_format import JSON
 from ..errors import BadInput, QueueFull, utf8
 from ..registry import Device
-from ..registry.management import Management
+from ..registry.management import MAX_VALUE, Management
 from ..stats import Sample, fields, gauge
 
 #: idle queues looked at per tick at most
 SWEEP = 256
 #: the longest an RPC may wait for its device, or a command be kept for it (seconds)
 MAX_WAIT = 86400.0
+#: bytes of a command's payload, of an RPC's params as JSON: what an attribute value may be
+#: (management.MAX_VALUE) -- a command goes out in one answer to the device's request, never
+#: block-wise (one of 100 KB was taken off the queue, counted delivered and never sent: an
+#: adversarial run), and queued ones are memory
+MAX_PAYLOAD = MAX_VALUE
 JSON_OPTS: Options = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
 
 
@@ -256,6 +261,9 @@ class Downlink:
         if not isinstance(method, str) or not method:
             raise BadInput("method: a non-empty string is required")
         _check_wait("timeout", timeout)
+        size = len(json.dumps(params, separators=(",", ":")))
+        if size > MAX_PAYLOAD:
+            raise BadInput(f"params: {size} bytes of JSON; at most {MAX_PAYLOAD}")
         now = self.clock()
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)
@@ -285,6 +293,8 @@ class Downlink:
         if not isinstance(name, str) or not 0 < len(utf8(name, "command")) <= 255:
             raise BadInput("command: 1-255 bytes of text (it travels in option 4210)")
         _check_wait("ttl", ttl)
+        if len(payload) > MAX_PAYLOAD:
+            raise BadInput(f"payload: {len(payload)} bytes; at most {MAX_PAYLOAD}")
         now = self.clock()
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(key)

@@ -57,6 +57,8 @@ def read_lines(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 value = json.loads(line)
+            except RecursionError:
+                raise BadInput(f"line {n}: not a JSON object (nested too deep)") from None
             except ValueError as e:
                 raise BadInput(f"line {n}: not a JSON object ({e.args[0]})") from None
             if not isinstance(value, dict):
@@ -64,11 +66,14 @@ def read_lines(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield n, value
         return
     reader = csv.DictReader(io.StringIO(text))
-    unknown = [f for f in reader.fieldnames or () if f not in FIELDS]
-    if unknown or not reader.fieldnames:
-        raise BadInput(f"line 1: the header names {', '.join(unknown) or 'nothing'}; columns: {', '.join(FIELDS)}")
-    for fields in reader:
-        yield reader.line_num, {k: v for k, v in fields.items() if v not in ("", None)}
+    try:
+        unknown = [f for f in reader.fieldnames or () if f not in FIELDS]
+        if unknown or not reader.fieldnames:
+            raise BadInput(f"line 1: the header names {', '.join(unknown) or 'nothing'}; columns: {', '.join(FIELDS)}")
+        for fields in reader:
+            yield reader.line_num, {k: v for k, v in fields.items() if v not in ("", None)}
+    except csv.Error as e:  # (a field past csv's limit, an unterminated quote: where it stopped)
+        raise BadInput(f"file: not CSV after line {reader.line_num} ({e})") from None
 
 
 def kind_of(path: Path) -> str:
