@@ -498,7 +498,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return reply
 
 
-#: seconds a forwarded request may take (an RPC waits for its device: the API caps that at 60 s)
+#: seconds a forwarded request may take (an RPC, which waits for its device, its own timeout and 30 s more)
 FORWARD_TIMEOUT = 90.0
 #: headers of a forwarded request's answer passed on
 PASSED = ("location", "retry-after", "www-authenticate")
@@ -514,13 +514,14 @@ def target(req: HttpRequest) -> str:
     return req.path + ("?" + urlencode(req.query) if req.query else "")
 
 
-async def forward(base: str, req: HttpRequest, *, node: str | None = None, body: bytes | None = None) -> Reply:
+async def forward(base: str, req: HttpRequest, *, node: str | None = None, body: bytes | None = None,
+                  timeout: float = FORWARD_TIMEOUT) -> Reply:
     """Pass `req` on to another corem (`node`: this one's URL, when it goes to another node;
-    `body`: instead of the request's own)."""
+    `body`: instead of the request's own; `timeout`: how long its answer may take)."""
     headers = {k: v for k, v in req.headers.items() if k in PASSED_ON}
     if node is not None:
         headers[FORWARDED] = node
-    return await call(base, req.method, target(req), req.body if body is None else body, headers)
+    return await call(base, req.method, target(req), req.body if body is None else body, headers, timeout)
 
 
 async def call(base: str, method: str, target: str, body: bytes, headers: dict[str, str],

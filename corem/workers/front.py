@@ -147,6 +147,7 @@ class Front:
         segments = [unquote(s) for s in req.path.strip("/").split("/")]
         body = req.body
         holders = self.sup.holders
+        wait = FORWARD_TIMEOUT
         if not self.http.authorized(req.headers):
             # the worker answers it (401 on every route it may reach); nothing of it is kept here --
             # a device parked on a worker for a request without the token was a set anyone could
@@ -158,17 +159,20 @@ class Front:
             if elsewhere is not None:  # another node's (a shared registry): it carries it out
                 assert self.nodes is not None
                 return await self.nodes.forward(elsewhere, req)
-            if req.method == "POST" and segments[4:] == ["rpc"] and not holders.holds(key):
-                body = await self._until_heard(key, body)
+            if req.method == "POST" and segments[4:] == ["rpc"]:
+                if not holders.holds(key):
+                    body = await self._until_heard(key, body)
+                wait = max(FORWARD_TIMEOUT, rpc_timeout(body) + 30.0)  # (the worker answers when it ends)
             w = await self._ready(holders.holder(key, park=req.method not in ("GET", "HEAD")))
         elif segments[:2] == ["_node", "commands"] and len(segments) == 3:  # another node's commands record
             w = await self._ready(holders.holder(command_device(segments[2], body), park=True))
         else:
             w = await self._first_ready()
         try:
-            reply = await forward(_local(w.http), req, body=body)
+            reply = await forward(_local(w.http), req, body=body, timeout=wait)
         except (OSError, trio.TooSlowError) as e:  # the worker died meanwhile, or hangs
-            raise HttpError(503, f"worker {w.index} did not answer ({e}); retry") from None
+            why = e if isinstance(e, OSError) else f"no answer in {wait:g} s"
+            raise HttpError(503, f"worker {w.index} did not answer ({why}); retry") from None
         if req.method not in ("GET", "HEAD") and reply.status < 300:
             await self.sup.refresh_all()  # every worker has the change before the caller goes on
         return reply
@@ -186,11 +190,10 @@ class Front:
         """An RPC waits for its device, which only the worker that hears it can reach: wait here
         (up to the RPC's own timeout) for a worker to hear it; the body then says what is left
         of the timeout (nothing left: the worker expires the RPC, as it would have)."""
-        try:  # (the API's own rules for the body: RpcRequest's timeout, its default included)
-            request = json.loads(body)
-            timeout = check(RpcRequest, request).timeout
-        except (ValueError, RecursionError):  # (BadInput too: the worker names what is wrong with the body)
+        timeout = rpc_timeout(body)
+        if not timeout:  # (a body the worker refuses: it names what is wrong)
             return body
+        request = json.loads(body)
         started = trio.current_time()
         await self.sup.holders.until_heard(key, max(0.0, min(timeout, FORWARD_TIMEOUT)))
         request["timeout"] = max(0.001, timeout - (trio.current_time() - started))
@@ -279,6 +282,15 @@ class Front:
         replies = await self._from_all("GET", target(req))
         merged = sorted((s for r in replies for s in json.loads(r.body)), key=lambda s: s["at"], reverse=True)
         return json_reply(merged[:limit])
+
+
+def rpc_timeout(body: bytes) -> float:
+    """An RPC request's timeout, by the API's own rules (RpcRequest's, its default included); 0 for
+    a body the worker will refuse (it says why)."""
+    try:
+        return float(check(RpcRequest, json.loads(body)).timeout)
+    except (ValueError, RecursionError):  # (BadInput too)
+        return 0.0
 
 
 class _Listed:
