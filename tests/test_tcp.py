@@ -197,6 +197,33 @@ def test_signals_limits_and_bad_frames_on_a_raw_connection(tcp):
     assert [p["numeric_values"] for p in tcp.points("acme")] == [{"t": 5}]
 
 
+def test_rfc_8323_signals_are_held_to_the_rfc(tcp):
+    """Found by an adversarial run: a request before any CSM was served (§5.3.1: the CSM comes
+    first, else Abort); a CSM or Ping with a critical option it does not define was taken (§5.3:
+    Abort); and corem's CSM said Block-Wise-Transfer beside a Max-Message-Size over 1152, which
+    promises BERT (§6) it does not do -- a BERT block was answered 4.02"""
+    from corem.coap.stream import BLOCK_WISE_TRANSFER, signal_options
+
+    plain, _ = ports(tcp)
+    before = tcp.metrics()['corem_tcp_connections_aborted_total{reason="bad_message",transport="tcp"}']
+    s = socket.create_connection(("127.0.0.1", plain), timeout=30)
+    [(code, _, body)] = read_frames(s, 1)
+    assert code == CSM and signal_options(CSM, body).opt(BLOCK_WISE_TRANSFER) is None  # no BERT promised
+    s.sendall(signal(PING, token=b"p0"))  # (not a CSM: the first message must be)
+    [(code, _, body)] = read_frames(s, 1)
+    assert code == ABORT and b"CSM expected first" in body and s.recv(100) == b""
+    s.close()
+    for sig, opts in ((CSM, [(9, b"x")]), (PING, [(3, b"")])):  # critical options no such signal defines
+        s = connect(plain)
+        assert read_frames(s, 1)[0][0] == CSM
+        s.sendall(signal(sig, opts))
+        frames = read_frames(s, 1)
+        assert frames[0][0] == ABORT and b"unknown to this signal" in frames[0][2], frames
+        s.close()
+    wait_for(lambda: tcp.metrics()['corem_tcp_connections_aborted_total{reason="bad_message",transport="tcp"}']
+             == before + 3, what="the three aborts counted")
+
+
 def test_connections_beyond_the_limit_are_closed_and_counted(tcp):
     plain, _ = ports(tcp)
     held = [connect(plain) for _ in range(8)]

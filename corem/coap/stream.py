@@ -117,10 +117,25 @@ def message(code: int, token: bytes, body: bytes) -> Message:
     return decode(bytes((0x50 | len(token), code, 0, 0)) + token + body)  # NON, message ID 0: unused
 
 
+#: the options each signal defines (RFC 8323 §5.3-5.6), numbered per signal: CSM's Max-Message-Size
+#: and Block-Wise-Transfer, Ping's and Pong's Custody, Release's Alternative-Address and Hold-Off,
+#: Abort's Bad-CSM-Option
+SIGNAL_OPTIONS = {CSM: {2, 4}, PING: {2}, PONG: {2}, RELEASE: {2, 4}, ABORT: {2}}
+
+
+def signal_options(code: int, body: bytes) -> Message:
+    """A signal's options (and payload); MessageFormatError for options that do not parse, or for a
+    critical one (odd) the signal does not define -- the connection must be aborted (§5.3)."""
+    msg = message(0x45, b"", body)  # (read as a 2.05: the codec refuses class 7, UDP's reserved class)
+    unknown = [n for n, _ in msg.options if n & 1 and n not in SIGNAL_OPTIONS.get(code, ())]
+    if unknown:
+        raise MessageFormatError(f"critical option {unknown[0]} unknown to this signal")
+    return msg
+
+
 def csm_max_message(body: bytes) -> int:
     """The Max-Message-Size a peer's CSM announces (the default if it does not)."""
-    msg = message(0x45, b"", body)  # (read as a 2.05: the codec refuses class 7, UDP's reserved class)
-    value = msg.opt(MAX_MESSAGE_SIZE)
+    value = signal_options(CSM, body).opt(MAX_MESSAGE_SIZE)
     return DEFAULT_MAX_MESSAGE if value is None else int.from_bytes(value, "big")
 
 

@@ -26,8 +26,8 @@ import trio
 from ..codec import MessageFormatError
 from ..coap import Router
 from ..coap.observe import Observers
-from ..coap.stream import (ABORT, BLOCK_WISE_TRANSFER, CSM, MAX_MESSAGE_SIZE, PING, PONG,
-                           RELEASE, FrameError, Framer, StreamEndpoint, csm_max_message, message, signal)
+from ..coap.stream import (ABORT, CSM, MAX_MESSAGE_SIZE, PING, PONG, RELEASE, FrameError, Framer, StreamEndpoint,
+                           csm_max_message, message, signal, signal_options)
 from ..dtls.engine.connection import FAILED, Params
 from ..dtls.engine.crypto import suite_by_name
 from ..dtls.engine.tls import TlsConnection
@@ -118,6 +118,7 @@ class Connection:
         self.tls: TlsConnection | None = None  # coaps+tcp
         self.tls_over = False  # the TLS connection ended (close_notify, a fault): read no more
         self.early = b""  # plaintext that came with the end of the handshake
+        self.csm = False  # the peer's CSM came (RFC 8323 §5.3.1: before anything else)
         self.queued = bytearray()
         self.wake = trio.Event()
         self.closing = False
@@ -272,8 +273,10 @@ class TcpEdge:
         p = self.params
         if self.tls is not None and not await self._handshake(conn):
             return
-        self._write(conn, signal(CSM, [(MAX_MESSAGE_SIZE, p.max_message.to_bytes(4, "big").lstrip(b"\0")),
-                                       (BLOCK_WISE_TRANSFER, b"")]))
+        # (Max-Message-Size only: Block-Wise-Transfer beside a size over 1152 would promise BERT,
+        # RFC 8323 §6, which corem does not do -- a BERT block was answered 4.02; a request up to
+        # Max-Message-Size needs no blocks)
+        self._write(conn, signal(CSM, [(MAX_MESSAGE_SIZE, p.max_message.to_bytes(4, "big").lstrip(b"\0"))]))
         if conn.early and not self._take(conn, conn.early):
             return
         while True:
@@ -332,6 +335,10 @@ class TcpEdge:
         now = self.clock()
         endpoint, router = self.endpoint, self.router
         for code, token, body in conn.framer.feed(data):
+            if not conn.csm and code != CSM:  # RFC 8323 §5.3.1: its first message is its CSM
+                self.stats["aborted_bad_message"] += 1
+                self._abort(conn, "CSM expected first")
+                return False
             if code >= 0xE0:
                 if not self._signal(conn, code, token, body):
                     return False
@@ -355,16 +362,19 @@ class TcpEdge:
         return True
 
     def _signal(self, conn: Connection, code: int, token: bytes, body: bytes) -> bool:
-        if code == CSM:
-            try:
+        try:  # (a signal with an unknown critical option ends the connection, §5.3)
+            if code == CSM:
                 # read to check it: nothing is kept, as corem's messages stay below any peer's
                 # Max-Message-Size (RFC 8323's least is 1152; Block2 cuts answers at 1024)
                 csm_max_message(body)
-            except MessageFormatError:
-                self.stats["aborted_bad_message"] += 1
-                self._abort(conn, "bad CSM")
-                return False
-        elif code == PING:
+                conn.csm = True
+            else:
+                signal_options(code, body)
+        except MessageFormatError as e:
+            self.stats["aborted_bad_message"] += 1
+            self._abort(conn, f"bad {'CSM' if code == CSM else 'signal'}: {e}")
+            return False
+        if code == PING:
             self.stats["pings"] += 1
             self._write(conn, signal(PONG, token=token))
         elif code == RELEASE:
