@@ -177,6 +177,9 @@ class Settings:
                           "listener's PSK and certificate settings; 'off' disables", _hostport(True))
     tcp_max_connections: int = _opt(10_000, "CoAP over TCP/TLS connections at once, per listener (lowered at "
                                     "start to what fits below the open files limit)", _positive)
+    tcp_max_connections_per_source: int = _opt(
+        1000, "CoAP over TCP/TLS connections one source address may hold, per listener (so one host cannot take "
+        "every connection: a carrier's NAT in front of many devices needs room, hence not fewer)", _positive)
     tcp_max_message: int = _opt(9216, "the Max-Message-Size corem's CSM announces (bytes): a larger message "
                                 "aborts its connection", _positive)
     tcp_idle_timeout: float = _opt(600.0, "seconds a silent TCP/TLS connection is kept before a Release", _positive)
@@ -500,7 +503,8 @@ class Settings:
     def tcp_params(self) -> TcpParams:
         from .net.tcp import TcpParams
 
-        return TcpParams(max_connections=self.tcp_max_connections, max_message=self.tcp_max_message,
+        return TcpParams(max_connections=self.tcp_max_connections, max_per_source=self.tcp_max_connections_per_source,
+                         max_message=self.tcp_max_message,
                          idle_timeout=self.tcp_idle_timeout, handshake_timeout=self.dtls_handshake_timeout)
 
     def dtls_params(self) -> DtlsParams:

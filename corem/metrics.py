@@ -114,7 +114,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     # CoAP over TCP and TLS (RFC 8323; corem/net/tcp.py), per listener (transport tcp or tls)
     "corem_tcp_connections": (G, "Open connections."),
     "corem_tcp_connections_accepted": (C, "Connections accepted."),
-    "corem_tcp_connections_refused": (C, "Connections closed at once: tcp_max_connections were open."),
+    "corem_tcp_connections_refused": (
+        C, "Connections closed at once: tcp_max_connections were open, or tcp_max_connections_per_source from its address."),
     "corem_tcp_connections_refused_no_fds": (
         C, "Connections refused at accept: the process was out of file descriptors (EMFILE/ENFILE)."),
     "corem_tcp_connections_aborted": (

@@ -237,6 +237,34 @@ def test_connections_beyond_the_limit_are_closed_and_counted(tcp):
     extra.close()
 
 
+def test_one_source_holds_at_most_its_share_of_connections(data_dir):
+    """An adversarial run held all 9,616 connections from one host, idle, and every other device
+    was closed at once for the idle timeout"""
+    server = start_corem(data_dir, "--coap-tcp", "127.0.0.1:0", "--tcp-max-connections-per-source", "3")
+    try:
+        port = server.coap_tcp_port
+        held = [connect(port) for _ in range(3)]
+        for s in held:
+            assert read_frames(s, 1)[0][0] == CSM
+        extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+        assert extra.recv(100) == b""  # closed at once: 127.0.0.1 holds its three
+        extra.close()
+        other = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=("127.0.0.2", 0))
+        other.sendall(signal(CSM, [(2, (1152).to_bytes(2, "big"))]))
+        assert read_frames(other, 1)[0][0] == CSM  # another address is served
+        other.close()
+        held.pop().close()
+        wait_for(lambda: server.metrics()['corem_tcp_connections{transport="tcp"}'] == 2, what="one let go")
+        again = connect(port)
+        assert read_frames(again, 1)[0][0] == CSM  # its share has room again
+        again.close()
+        for s in held:
+            s.close()
+        assert server.metrics()['corem_tcp_connections_refused_total{transport="tcp"}'] == 1
+    finally:
+        server.stop()
+
+
 def test_with_workers_every_worker_accepts_connections_on_the_one_listener(data_dir):
     server = start_corem(data_dir, "--workers", "2", "--coap-tcp", "127.0.0.1:0")
     try:
