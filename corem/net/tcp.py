@@ -44,6 +44,10 @@ log = logging.getLogger("corem.tcp")
 GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: bytes waiting for a connection that does not read, before it is closed
 MAX_QUEUED = 1 << 20
+#: bytes not yet sent on all of a listener's connections together: past it, the connection that
+#: adds to them is closed as a slow reader -- MAX_QUEUED alone let 40 connections that each read
+#: nothing hold 40 MB, and every connection the listener takes as much (an adversarial run)
+MAX_UNSENT = 64 << 20
 READ_SIZE = 65536
 #: TLS suites for coaps+tcp: the DTLS listener's, and the GCM ones TLS clients usually prefer
 TLS_EXTRA_CIPHERS = ("TLS-PSK-WITH-AES-128-GCM-SHA256", "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256")
@@ -147,6 +151,7 @@ class TcpEdge:
         #: `params.max_connections`, or less: what fits below the open files limit (raised at start)
         self.max_connections = tcp_cap(params.max_connections)
         self._per_source: Counter[str] = Counter()  # connections open by source address
+        self.unsent = 0  # bytes queued or being sent on every connection (MAX_UNSENT)
         self._acceptor: Acceptor | None = None
         self._serial = 0
         self._nursery: trio.Nursery | None = None
@@ -259,6 +264,8 @@ class TcpEdge:
             log.exception("coap over tcp: connection from %s:%s failed", peer[0], peer[1])
         finally:
             del self.connections[peer]
+            self.unsent -= len(conn.queued)  # (what was left for a peer that is gone)
+            conn.queued.clear()
             left = self._per_source[name[0]] - 1
             if left:
                 self._per_source[name[0]] = left
@@ -422,9 +429,11 @@ class TcpEdge:
         if conn.closing:
             return
         conn.queued += data
-        if len(conn.queued) > MAX_QUEUED:
+        self.unsent += len(data)
+        if len(conn.queued) > MAX_QUEUED or self.unsent > MAX_UNSENT:
             self.stats["aborted_slow_reader"] += 1
             conn.closing = True
+            self.unsent -= len(conn.queued)
             conn.queued.clear()
             conn.stream.socket.close()
         conn.wake.set()
@@ -438,7 +447,10 @@ class TcpEdge:
                     data = bytes(conn.queued)
                     conn.queued.clear()
                     self.stats["bytes_out"] += len(data)
-                    await conn.stream.send_all(data)
+                    try:
+                        await conn.stream.send_all(data)
+                    finally:
+                        self.unsent -= len(data)
                 if conn.closing:
                     return
         except GONE:  # the peer went away: the reader sees it too
@@ -466,7 +478,7 @@ class TcpEdge:
                     return False
                 self.stats["bytes_in"] += len(data)
                 t.receive_untrusted(bytes(data), self.clock())
-            conn.queued += t.data_to_send()  # (the server's Finished: the writer sends it with the CSM)
+            self._queue(conn, t.data_to_send())  # (the server's Finished: the writer sends it with the CSM)
             conn.early = t.take_app()
             conn.device, registered = self.tls.device(t)
             if not registered:  # (removed from the registry since its CertificateVerify)
