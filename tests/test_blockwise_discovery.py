@@ -142,13 +142,18 @@ def post_block(ep, router, num, more, szx, chunk, mid, size1=None, token=b"u", q
     return exchange(ep, router, msg, peer)
 
 
-def test_block1_upload_is_reassembled_and_bounded():
+def upload_stack():
     ep = Endpoint(Params(), rng=lambda: 0.0)
     router = Router()
     site = Site()
     site.mount(router, Observers(ep))
     sink = Sink()
     site.add("up", sink)
+    return ep, router, sink
+
+
+def test_block1_upload_is_reassembled_and_bounded():
+    ep, router, sink = upload_stack()
     body = bytes(range(200))
     chunks = [body[i : i + 64] for i in range(0, 200, 64)]
     for n, chunk in enumerate(chunks[:-1]):
@@ -164,16 +169,6 @@ def test_block1_upload_is_reassembled_and_bounded():
     # too large: 4.13 with the limit in Size1
     too_big = post_block(ep, router, 0, True, 6, bytes(1024), mid=40, size1=10**6)
     assert too_big.code == Code.REQUEST_ENTITY_TOO_LARGE and too_big.size1 == 64 * 1024
-
-
-def upload_stack():
-    ep = Endpoint(Params(), rng=lambda: 0.0)
-    router = Router()
-    site = Site()
-    site.mount(router, Observers(ep))
-    sink = Sink()
-    site.add("up", sink)
-    return ep, router, sink
 
 
 def test_a_block_from_another_requester_never_joins_an_upload():
