@@ -213,9 +213,9 @@ class Settings:
     dtls_max_handshakes: int = _opt(1000, "DTLS handshakes in progress at most (past the cookie exchange)", _positive)
     dtls_max_sessions: int = _opt(100_000, "established DTLS sessions at most", _positive)
     dtls_max_sessions_per_device: int = _opt(
-        4, "dtls_engine = corem: established DTLS sessions one device may hold; its new handshake ends its oldest "
-        "beyond them (a device that comes back from a new port leaves a stale one; one credential, stolen or "
-        "misused, cannot take every session)", _positive,
+        1000, "dtls_engine = corem: established DTLS sessions one device (one credential) may hold; its new "
+        "handshake ends its oldest beyond them, so one credential, stolen or misused, cannot take every session "
+        "(a fleet that shares one credential needs room: not fewer than its devices)", _positive,
     )
     dtls_handshake_timeout: float = _opt(30.0, "seconds a DTLS handshake may take before it is dropped", _positive)
     dtls_session_inactivity_timeout: float = _opt(86400.0, "seconds an idle DTLS session is kept", _positive)

@@ -21,8 +21,10 @@ class DtlsParams:
     #: Established sessions at once; a handshake beyond it is refused.
     max_sessions: int = 100_000
     #: Established sessions of one device (corem's engine): its new handshake ends its oldest
-    #: beyond them, as Scandium removes stale double principals.
-    max_sessions_per_device: int = 4
+    #: beyond them, as Scandium removes stale double principals.  1% of `max_sessions`: one
+    #: credential cannot take them all, and a fleet sharing a credential (a load generator's 64
+    #: sessions, devices flashed with one key) still works -- at 4 such a fleet lost sessions.
+    max_sessions_per_device: int = 1000
     #: A handshake that has not finished after this many seconds is dropped; when more than half
     #: the handshake slots are taken the timeout shrinks, to `handshake_floor` when all are
     #: (slots.py: who gets a slot, and why the floor is 5 s).
