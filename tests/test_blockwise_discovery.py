@@ -219,3 +219,16 @@ def test_uploads_are_bounded_per_source_and_expire_in_the_order_they_started():
     state, answer = uploads.receive(("k", 0), late, 62.0, "h1")
     assert state is Upload.REFUSED and answer.code == Code.REQUEST_ENTITY_INCOMPLETE and uploads.refused == 2
     assert uploads.receive(("k", 7), block0(13), 62.0, "h1")[0] is Upload.CONTINUE  # (its slot freed)
+
+
+def test_a_representation_is_kept_for_its_later_blocks_only_up_to_keep_max():
+    """A package of megabytes kept for each device reading it would cost that much each: past
+    KEEP_MAX a representation is rendered again for each block, as GET may be"""
+    from corem.coap.blockwise import KEEP_MAX
+
+    ep, router, big = stack()
+    for size, kept in ((5_000, 1), (KEEP_MAX + 1, 0)):
+        big.data = bytes(size)
+        router.representations = type(router.representations)()
+        first = get(ep, router, "fw/image", mid=size % 60000)
+        assert first.block2.more and len(router.representations) == kept

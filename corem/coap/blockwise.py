@@ -34,13 +34,19 @@ def requester(req: Any) -> tuple[Hashable, ...]:
             tuple(bytes(v) for n, v in msg.options if n == OptionNumber.URI_QUERY))
 
 
-class Representations:
-    """Representations larger than one block that went out as their first block (a GET's answer,
-    a notification), by `requester`, for `lifetime` seconds and `max_entries` at most (the oldest
-    forgotten first): a later Block2 request of the same requester is cut from what it began to
-    read, not from a new answer of the handler."""
+#: the largest representation kept for its later blocks: RPCs, commands and attribute values are
+#: bounded well below it (16 KiB); larger ones -- a firmware package -- are read again for each
+#: block, as GET may be (kept, a package of megabytes a device would cost that much each)
+KEEP_MAX = 64 * 1024
 
-    def __init__(self, *, max_entries: int = 10_000, lifetime: float = 60.0) -> None:
+
+class Representations:
+    """Representations larger than one block, and at most KEEP_MAX, that went out as their first
+    block (a GET's answer, a notification), by `requester`, for `lifetime` seconds and `max_entries`
+    at most (the oldest forgotten first; ~64 MiB at most): a later Block2 request of the same
+    requester is cut from what it began to read, not from a new answer of the handler."""
+
+    def __init__(self, *, max_entries: int = 1000, lifetime: float = 60.0) -> None:
         self.max_entries = max_entries
         self.lifetime = lifetime
         self._kept: dict[tuple[Hashable, ...], tuple[float, Response]] = {}
@@ -62,9 +68,10 @@ class Representations:
         return entry[1]
 
 
-def larger_than_a_block(response: Response, asked: Block | None) -> bool:
+def worth_keeping(response: Response, asked: Block | None) -> bool:
+    """A 2.05 that goes block-wise (larger than the block asked for) and is kept (`KEEP_MAX`)."""
     szx = DEFAULT_SZX if asked is None else min(asked.szx, MAX_SZX)
-    return response.code == Code.CONTENT and len(response.payload) > 1 << (szx + 4)
+    return response.code == Code.CONTENT and 1 << (szx + 4) < len(response.payload) <= KEEP_MAX
 
 
 def first_block(response: Response) -> Response:

@@ -19,7 +19,7 @@ from typing import Hashable, Iterator
 
 from ..codec import Message, OptionNumber, Options, Type, encode, encode_uint
 from ..stats import Sample, counter, gauge
-from .blockwise import Representations, first_block, larger_than_a_block, requester
+from .blockwise import Representations, first_block, requester, worth_keeping
 from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset, source_host
 from .response import Response
 
@@ -218,7 +218,7 @@ class Observers:
             # with ETag and Size2; the observer GETs the rest -- of this state, kept for it
             whole = Response(code, payload, options)
             code, payload, options = first_block(whole)
-            if self.representations is not None and larger_than_a_block(whole, None):
+            if self.representations is not None and worth_keeping(whole, None):
                 for obs in observers.values():
                     self.representations.keep((obs.peer, *obs.request), whole, now)
             seq = encode_uint(self._next_seq())

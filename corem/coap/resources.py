@@ -18,7 +18,7 @@ from ..errors import CoremError, Refused, StorageUnavailable
 from ..latency import door_of
 from ..stats import Sample, counter
 from .conditional import conditional as has_conditions, evaluate as evaluate_conditions
-from .blockwise import Block1Uploads, Representations, Upload, block2, larger_than_a_block, requester
+from .blockwise import Block1Uploads, Representations, Upload, block2, requester, worth_keeping
 from .response import Response, refusal
 
 __all__ = ["Handler", "Response", "Router"]
@@ -174,7 +174,7 @@ class Router:
                               "/".join(path), self.handler_errors, ERROR_LOG_INTERVAL)
             return refusal(e) if isinstance(e, CoremError) else Response(Code.INTERNAL_SERVER_ERROR, b"internal error")
         if response is not None and msg.code == Code.GET:
-            if larger_than_a_block(response, asked):
+            if worth_keeping(response, asked):
                 self.representations.keep(requester(req), response, req.received_at)
             response = block2(msg, response)
         return response
