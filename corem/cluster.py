@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import time
+from collections import Counter
 from typing import Any, Callable, Mapping
 
 import trio
@@ -123,6 +124,7 @@ class Workers:
         self.parked: set[Key] = set()
         #: devices an RPC waits to hear from (the front parks RPCs for devices nobody heard)
         self._waiters: dict[Key, trio.Event] = {}
+        self._waiting: Counter[Key] = Counter()  # (how many wait on each waiter)
 
     def holds(self, key: Key) -> bool:
         """Some worker of this node heard the device."""
@@ -154,10 +156,19 @@ class Workers:
         return before if before is not None and before != index else None
 
     async def until_heard(self, key: Key, timeout: float) -> None:
-        """Until a worker hears the device, or `timeout` seconds."""
+        """Until a worker hears the device, or `timeout` seconds (the device's waiter is let go of
+        when the last one waiting gives up: none is kept for a device never heard)."""
         waiter = self._waiters.setdefault(key, trio.Event())
-        with trio.move_on_after(timeout):
-            await waiter.wait()
+        self._waiting[key] += 1
+        try:
+            with trio.move_on_after(timeout):
+                await waiter.wait()
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+                if self._waiters.get(key) is waiter:
+                    del self._waiters[key]
 
 
 @dataclasses.dataclass

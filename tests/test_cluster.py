@@ -74,6 +74,19 @@ async def test_an_rpc_waits_until_a_worker_hears_its_device():
         await done.wait()
 
 
+async def test_a_wait_that_times_out_leaves_nothing_behind(autojump_clock):
+    """Waiters for devices never heard stayed, one a device (an adversarial run's finding); the
+    last one to give up lets its device's waiter go -- one still waiting keeps it"""
+    w = Workers()
+    key = ("acme", "never")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w.until_heard, key, 5)
+        nursery.start_soon(w.until_heard, key, 50)
+        await trio.sleep(10)
+        assert key in w._waiters  # (the second still waits)
+    assert w._waiters == {} and not w._waiting
+
+
 def test_the_downlink_routes():
     async def h(req):  # pragma: no cover - never called
         raise AssertionError
