@@ -115,7 +115,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_tcp_connections": (G, "Open connections."),
     "corem_tcp_connections_accepted": (C, "Connections accepted."),
     "corem_tcp_connections_refused": (
-        C, "Connections closed at once: tcp_max_connections were open, or tcp_max_connections_per_source from its address."),
+        C, "Connections closed at once: tcp_max_connections were open, or tcp_max_connections_per_source "
+           "from its address."),
     "corem_tcp_connections_refused_no_fds": (
         C, "Connections refused at accept: the process was out of file descriptors (EMFILE/ENFILE)."),
     "corem_tcp_connections_aborted": (

@@ -93,6 +93,14 @@ class CoremProcess:
     def coap(self) -> str:
         return f"coap://127.0.0.1:{self.coap_port}"
 
+    def readyz(self) -> tuple[int, bytes]:
+        """/readyz: (status, body)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
     def metrics(self) -> dict[str, float]:
         """Prometheus text parsed into {'name{labels}': value}."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=30) as r:

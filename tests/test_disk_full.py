@@ -12,8 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import cbor2
 import pytest
@@ -74,14 +72,6 @@ def fill_for_good(disk, data) -> None:
         assert time.monotonic() < deadline, [(wal.name, wal.stat().st_size) for wal in data.glob("*.db-wal")]
 
 
-def readyz(server) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=30) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def test_a_full_disk_is_5_03_for_coap_and_coaps_and_corem_recovers_by_itself(small_disk):
     data = small_disk / "data"
     corem_cli("devices", "add", "--tenant", "acme", "--device", "d1", "--token", "T1", data_dir=data)
@@ -114,7 +104,7 @@ def test_a_full_disk_is_5_03_for_coap_and_coaps_and_corem_recovers_by_itself(sma
         m = server.metrics()
         assert m['corem_coap_handler_errors_total{transport="udp"}'] == 0
         assert m["corem_dtls_sessions_offload_failed_total"] >= 1 and m["corem_dtls_session_store_errors_total"] >= 1
-        status, body = readyz(server)
+        status, body = server.readyz()
         assert status == 503 and (b"bus" in body or b"dtls session store" in body), body
         assert server.proc.poll() is None  # still running
         assert device.post(["telemetry"], reading).code == Code.SERVICE_UNAVAILABLE  # same session, in memory
@@ -126,7 +116,7 @@ def test_a_full_disk_is_5_03_for_coap_and_coaps_and_corem_recovers_by_itself(sma
         assert device.post(["telemetry"], reading).code == Code.CHANGED  # no new handshake needed
         # and the idle session is offloaded now
         wait_for(lambda: server.metrics()["corem_dtls_sessions_offloaded_total"] >= 1, what="the offload")
-        wait_for(lambda: readyz(server)[0] == 200, what="ready again")
+        wait_for(lambda: server.readyz()[0] == 200, what="ready again")
         assert device.post(["telemetry"], reading).code == Code.CHANGED  # restored from the store
         assert server.stop() == 0
     finally:
@@ -178,7 +168,7 @@ def test_with_workers_a_full_disk_is_5_03_and_readyz_gives_the_workers_reasons(s
         assert post(server.coap_port, "T1", reading, 1)[1] == 0x44
         fill_for_good(small_disk, data)
         assert post(server.coap_port, "T1", reading, 2)[1] == 0xA3  # 5.03: nothing acknowledged
-        status, body = readyz(server)
+        status, body = server.readyz()
         assert status == 503 and b" of 2 workers not ready: bus: " in body, body  # (the one that tried to commit knows)
         (small_disk / "filler").unlink()
         mids = iter(range(100, 60_000))
@@ -187,7 +177,7 @@ def test_with_workers_a_full_disk_is_5_03_and_readyz_gives_the_workers_reasons(s
             # (a worker is ready again once its bus commits again: readings, each from a new port,
             # go to either worker, until both did)
             post(server.coap_port, "T1", reading, next(mids))
-            return readyz(server)[0] == 200
+            return server.readyz()[0] == 200
 
         wait_for(ready_after_a_reading, what="ready again")
     finally:

@@ -207,6 +207,24 @@ def test_a_notification_larger_than_a_block_is_read_whole(stack):
     assert whole == {"id": call.id, "method": "big", "params": {"blob": "y" * 1500}} and call.status == "delivered"
 
 
+def test_a_block_without_drogues_credentials_never_joins_a_devices_upload(stack):
+    """Drogue's door reads option 4209 on the request the handler sees -- the last block: a block 0
+    sent without it (from the device's address) became the start of the device's stored reading
+    (an adversarial run); it is an upload of its own now, and the device's last block finds none"""
+    import base64
+
+    from corem.codec import Block
+
+    auth = (O.DROGUE_AUTH, b"Basic " + base64.b64encode(b"awake@acme:TA"))
+    forged, rest = b'{"t": 99.5, "pad": "' + b"x" * 41 + b'", ', b'"n": 1}'  # (block 0: 64 bytes, szx 2)
+    block0 = (O.BLOCK1, encode_uint(Block(0, True, 2).to_uint()))
+    [cont] = stack.send(Code.POST, "v1/telemetry", payload=forged, cf=50, opts=[block0])  # no 4209
+    assert cont.code == Code.CONTINUE
+    block1 = (O.BLOCK1, encode_uint(Block(1, False, 2).to_uint()))
+    [last] = stack.send(Code.POST, "v1/telemetry", payload=rest, cf=50, opts=[auth, block1])
+    assert last.code == Code.REQUEST_ENTITY_INCOMPLETE and stack.sink.records == []
+
+
 def test_drogue_command_is_piggybacked_on_a_waiting_request(stack):
     import base64
 

@@ -92,6 +92,11 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
 
 
+def answer(r: subprocess.CompletedProcess) -> dict:
+    """A client program's one JSON line (its last), or its stderr when it printed none."""
+    return json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+
+
 def assert_stored(server, device: str = "sensor-7") -> None:
     [point] = server.points()
     assert (point["tenant"], point["device"]) == ("acme", device)  # from the session
@@ -182,7 +187,7 @@ def test_pion_dtls_posts_a_reading(data_dir, pion_client, engine, suite):
     try:
         r = run([pion_client, str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY, suite.replace("-", "_"),
                  cbor2.dumps(READING).hex()])
-        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        out = answer(r)
         assert out == {"code": "2.04", "suite": suite.replace("-", "_")}, (out, r.stderr)
         assert_stored(server)
     finally:
@@ -199,7 +204,7 @@ def test_node_dtls_client_posts_a_reading(data_dir, engine, suite):
     try:
         r = run([NODE, str(JS / "dtls_post.js"), str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY,
                  suite.replace("-", "_"), cbor2.dumps(READING).hex()])
-        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        out = answer(r)
         # no extended_master_secret in its hello: refused by default (see the top; served with
         # dtls_extended_master_secret = optional below)
         assert_refused_for_no_ems(server, out)
@@ -216,7 +221,7 @@ def test_node_coap_client_posts_a_json_reading(data_dir, engine):
     try:
         r = run([NODE, str(JS / "coap_post.js"), str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY,
                  json.dumps(READING)])
-        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        out = answer(r)
         # node-dtls-client underneath: no extended_master_secret, refused by default
         assert_refused_for_no_ems(server, out)
     finally:
@@ -239,7 +244,7 @@ def test_clients_without_ems_are_served_by_the_corem_engine_when_the_setting_all
             r = run([NODE, str(JS / "coap_post.js"), str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY,
                      json.dumps(READING)])
             want = {"code": "2.04"}
-        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        out = answer(r)
         assert out == want, (out, r.stderr)
         assert_stored(server)
     finally:
@@ -273,16 +278,11 @@ def pki(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_werift_dtls_posts_a_reading_with_a_registered_certificate(data_dir, pki, engine):
     need_node_package("werift-dtls")
-    corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
-              data_dir=data_dir)
-    server = start_corem(data_dir, "--dtls-engine", engine, "--dtls-cert", str(pki / "server.pem"),
-                         "--dtls-key", str(pki / "server.key.pem"), "--dtls-ca", str(pki / "ca.pem"),
-                         "--dtls-client-auth", "required",
-                         "--dtls-ciphers", "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256")
+    server = serve_certificates(data_dir, pki, "--dtls-engine", engine)  # (werift chooses the GCM one)
     try:
         r = run([NODE, str(JS / "werift_post.js"), str(server.coaps_port), str(pki / "dev1.pem"),
                  str(pki / "dev1.p8.pem"), cbor2.dumps(READING).hex()])
-        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+        out = answer(r)
         assert out == {"code": "2.04"}, (out, r.stderr)
         assert_stored(server, "cert-dev-1")
     finally:
@@ -308,18 +308,18 @@ def wolfssl_client(tmp_path_factory) -> str:
     return str(out)
 
 
-def serve_certificates(data_dir: Path, pki: Path):
+def serve_certificates(data_dir: Path, pki: Path, *extra: str):
+    """corem with dev1's certificate registered (client certificates required), on both ECDHE suites"""
     corem_cli("devices", "add", "--tenant", "acme", "--device", "cert-dev-1", "--cert", str(pki / "dev1.pem"),
               data_dir=data_dir)
     return start_corem(data_dir, "--dtls-cert", str(pki / "server.pem"), "--dtls-key", str(pki / "server.key.pem"),
                        "--dtls-ca", str(pki / "ca.pem"), "--dtls-client-auth", "required",
-                       "--dtls-ciphers", ",".join(WOLFSSL_SUITES.values()))
+                       "--dtls-ciphers", ",".join(WOLFSSL_SUITES.values()), *extra)
 
 
 def wolfssl_post(client: str, server, pki: Path, suite: str, device: str) -> dict:
-    r = run([client, str(server.coaps_port), suite, cbor2.dumps(READING).hex(), str(pki / f"{device}.pem"),
-             str(pki / f"{device}.key.pem"), str(pki / "ca.pem")])
-    return json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {"stderr": r.stderr}
+    return answer(run([client, str(server.coaps_port), suite, cbor2.dumps(READING).hex(), str(pki / f"{device}.pem"),
+                       str(pki / f"{device}.key.pem"), str(pki / "ca.pem")]))
 
 
 @pytest.mark.parametrize("suite", WOLFSSL_SUITES)

@@ -130,14 +130,8 @@ class Observers:
         ):
             self.stats.refused += 1
             return None
-        obs = Observation(resource, req.peer, req.token, now, req.protect,
-                          requester(req)[1:] if req.message is not None else (), owner)
-        self._by_key[key] = obs
-        self._by_resource.setdefault(resource, {})[key] = obs
-        self._per_source[host] += 1
-        if owner is not None:
-            self._per_owner[owner] += 1
-        self._by_peer.setdefault(req.peer, set()).add(req.token)
+        self._add(Observation(resource, req.peer, req.token, now, req.protect,
+                              requester(req)[1:] if req.message is not None else (), owner))
         self.stats.registered += 1
         return self._next_seq()
 
@@ -171,12 +165,18 @@ class Observers:
             self._remove((old, token))
             self._remove((new, token))  # (one the new address had with that token: superseded)
             obs.peer = new
-            key = (new, token)
-            self._by_key[key] = obs
-            self._by_resource.setdefault(obs.resource, {})[key] = obs
-            self._per_source[source_host(new)] += 1
-            self._by_peer.setdefault(new, set()).add(token)
+            self._add(obs)
         return len(tokens)
+
+    def _add(self, obs: Observation) -> None:
+        """`obs` in every table and count (`_remove` takes it out of them)."""
+        key = (obs.peer, obs.token)
+        self._by_key[key] = obs
+        self._by_resource.setdefault(obs.resource, {})[key] = obs
+        self._per_source[source_host(obs.peer)] += 1
+        if obs.owner is not None:
+            self._per_owner[obs.owner] += 1
+        self._by_peer.setdefault(obs.peer, set()).add(obs.token)
 
     def _remove(self, key: tuple[Peer, bytes]) -> bool:
         obs = self._by_key.pop(key, None)

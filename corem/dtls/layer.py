@@ -26,6 +26,7 @@ the same metric names and the same store:
 
 from __future__ import annotations
 
+import functools
 import dataclasses
 import logging
 import os
@@ -52,7 +53,7 @@ from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import RECORDS, TLS12_CID
 from .keyset import KeySet
-from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registry_device
+from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registered, registry_device
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, peer_key
 
@@ -278,7 +279,7 @@ class EngineServer:
         self.on_new_session = on_new_session
         self.on_moved = on_moved
         self.engine = e = Engine(self._psk, engine_params(p, cid_length, client_auth, cid_prefix,
-                                                          self._certificate_registered))
+                                                          functools.partial(registered, self.cert_lookup)))
         e.admit = self._admit
         e.established = self._established
         #: the answer to the last PSK lookup (identity, device) while the datagram that asked is
@@ -344,11 +345,6 @@ class EngineServer:
         if verdict.evict is not None and self.engine.drop_handshake(verdict.evict):
             self.stats.handshakes_evicted += 1
         return True
-
-    def _certificate_registered(self, identity: bytes) -> bool:
-        """(the engine, at a client's CertificateVerify) a certificate that is not a registered
-        device's is refused in the handshake, with access_denied"""
-        return self.cert_lookup(identity.decode()) is not None
 
     def _established(self, conn: Connection) -> str | None:
         device: Device | None = None
@@ -571,7 +567,8 @@ class EngineServer:
     def checkpoint(self, now: float) -> int:
         due, self._checkpoints = self._checkpoints, set()
         e = self.engine
-        live = [c for c in due if c.state == ESTABLISHED and (e.sessions.get(c.peer) is c or e.parked.get(c.cid_in) is c)]
+        live = [c for c in due
+                if c.state == ESTABLISHED and (e.sessions.get(c.peer) is c or e.parked.get(c.cid_in) is c)]
         return self._save(live, now, checkpoint=True)
 
     def _save(self, conns: list[Connection], now: float, *, checkpoint: bool) -> int:

@@ -94,6 +94,12 @@ def registry_device(lookup: Callable[[str], Any], identity: bytes) -> Any:
     return lookup(name)
 
 
+def registered(lookup: Callable[[str], Any], identity: bytes) -> bool:
+    """Does a verified certificate's identity name a registered device?  (`Params.admit_certificate`
+    of CoAPS and coaps+tcp alike: the engine asks it at the client's CertificateVerify.)"""
+    return registry_device(lookup, identity) is not None
+
+
 def registry_psk(lookup: Callable[[str], Any], identity: bytes) -> bytes | None:
     """The PSK of the device a handshake's identity names (`registry_device`), or None: an unknown
     identity, one that is not UTF-8, a device without a PSK.  The one rule for CoAPS and coaps+tcp

@@ -131,13 +131,11 @@ static int senml_record(int cbor, const uint8_t **pp, const uint8_t *end, uint8_
     if (cbor) {
         uint64_t n;
         if (p >= end || (*p >> 5) != 5 || (*p & 0x1f) == 31 || cbor_arg(&p, end, &n) < 0 || n > 32) return -1;
-        /* the labels it ignores, by key: one given twice makes the map one CBOR's decoder refuses */
-        struct {
-            uint8_t major;
-            uint64_t k;
-            const uint8_t *text;
-        } ignored[32];
-        int nignored = 0;
+        /* the labels it ignores, by key -- one given twice makes the map one CBOR's decoder refuses:
+         * text ones as any map's keys (new_key), integer ones (0..8, either sign) as bits */
+        keys_t ignored;
+        ignored.n = 0;
+        uint32_t ignored_ints = 0;
         for (uint64_t i = 0; i < n; i++) {
             int label;
             if (p >= end) return -1;
@@ -159,13 +157,9 @@ static int senml_record(int cbor, const uint8_t **pp, const uint8_t *end, uint8_
             svalue_t v;
             if (label < 0 || cbor_svalue(&p, end, &v) < 0 || senml_typed(label, &v) < 0) return -1;
             if (label == L_IGNORED) {
-                for (int j = 0; j < nignored; j++)
-                    if (ignored[j].major == major && ignored[j].k == k &&
-                        (!text || memcmp(ignored[j].text, text, k) == 0))
-                        return -1;
-                ignored[nignored].major = major;
-                ignored[nignored].k = k;
-                ignored[nignored++].text = text;
+                uint32_t bit = text ? 0 : 1u << (major * 9 + k);
+                if (text ? new_key(&ignored, text, k) < 0 : (ignored_ints & bit) != 0) return -1;
+                ignored_ints |= bit;
                 continue;
             }
             if (has[label]) return -1; /* (a label twice: the decoder keeps one; not the lane's to guess) */

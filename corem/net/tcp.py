@@ -15,6 +15,7 @@ gets a Release and is closed), and the TLS handshake's time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections import Counter
@@ -31,7 +32,7 @@ from ..coap.stream import (ABORT, CSM, MAX_MESSAGE_SIZE, PING, PONG, RELEASE, Fr
 from ..dtls.engine.connection import FAILED, Params
 from ..dtls.engine.crypto import suite_by_name
 from ..dtls.engine.tls import TlsConnection
-from ..dtls.params import registry_psk
+from ..dtls.params import registered, registry_psk
 from ..stats import Sample, counter, gauge
 from .fdlimit import Acceptor, tcp_cap
 
@@ -90,12 +91,7 @@ class Tls:
         suites = tuple(dict.fromkeys((*ep.suites, *(suite_by_name(n) for n in TLS_EXTRA_CIPHERS))))
         return Params(suites=suites, require_ems=ep.require_ems, certificate_chain=ep.certificate_chain,
                       private_key=ep.private_key, verify_peer=ep.verify_peer, client_auth=ep.client_auth,
-                      admit_certificate=self._certificate_registered)
-
-    def _certificate_registered(self, identity: bytes) -> bool:
-        """(the engine, at a client's CertificateVerify) an unregistered certificate is refused in
-        the handshake, with access_denied, as over CoAPS"""
-        return self.cert_lookup(identity.decode()) is not None
+                      admit_certificate=functools.partial(registered, self.cert_lookup))
 
     def psk_for(self, identity: bytes) -> bytes | None:
         return registry_psk(self.psk_lookup, identity)
@@ -332,7 +328,8 @@ class TcpEdge:
             self._queue(conn, alert)
         if t.over:
             conn.tls_over = True  # (what came before the end is served, then the end)
-            if t.state == FAILED and not t.reason.startswith("peer_alert"):  # (corem's: a record that did not authenticate...)
+            # (corem's end, not the peer's alert: a record that did not authenticate, a renegotiation flood)
+            if t.state == FAILED and not t.reason.startswith("peer_alert"):
                 self.stats["aborted_tls"] += 1
                 log.debug("coaps+tcp connection with %s ended: %s", conn.peer, t.reason)
             return out or None

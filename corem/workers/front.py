@@ -160,9 +160,10 @@ class Front:
                 assert self.nodes is not None
                 return await self.nodes.forward(elsewhere, req)
             if req.method == "POST" and segments[4:] == ["rpc"]:
-                if not holders.holds(key):
-                    body = await self._until_heard(key, body)
-                wait = max(FORWARD_TIMEOUT, rpc_timeout(body) + 30.0)  # (the worker answers when it ends)
+                timeout = rpc_timeout(body)  # (0: a body the worker refuses, naming what is wrong)
+                if timeout and not holders.holds(key):
+                    body = await self._until_heard(key, body, timeout)
+                wait = max(FORWARD_TIMEOUT, timeout + 30.0)  # (the worker answers when it ends)
             w = await self._ready(holders.holder(key, park=req.method not in ("GET", "HEAD")))
         elif segments[:2] == ["_node", "commands"] and len(segments) == 3:  # another node's commands record
             w = await self._ready(holders.holder(command_device(segments[2], body), park=True))
@@ -186,13 +187,10 @@ class Front:
             return None
         return self.nodes.elsewhere(key, req.headers)
 
-    async def _until_heard(self, key: tuple[str, str], body: bytes) -> bytes:
+    async def _until_heard(self, key: tuple[str, str], body: bytes, timeout: float) -> bytes:
         """An RPC waits for its device, which only the worker that hears it can reach: wait here
-        (up to the RPC's own timeout) for a worker to hear it; the body then says what is left
+        (up to the RPC's own `timeout`) for a worker to hear it; the body then says what is left
         of the timeout (nothing left: the worker expires the RPC, as it would have)."""
-        timeout = rpc_timeout(body)
-        if not timeout:  # (a body the worker refuses: it names what is wrong)
-            return body
         request = json.loads(body)
         started = trio.current_time()
         await self.sup.holders.until_heard(key, max(0.0, min(timeout, FORWARD_TIMEOUT)))
