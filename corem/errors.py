@@ -14,6 +14,7 @@ then why (`token: already used by another device`): it is what the client is tol
     │   ├── NotFound (LookupError)  4.04 / 404  what the request names does not exist
     │   ├── Unauthorized (PermissionError) 4.01 / 401  a credential is wrong or missing
     │   ├── ClaimRefused            4.00 / 400  a claim's secret is not the device's
+    │   ├── PreconditionFailed      4.12 / 412  an If-Match / If-None-Match that does not hold
     │   └── QueueFull               4.29 / 429  a bounded queue (downlink) is full
     ├── StorageUnavailable (RuntimeError) 5.03 / 503, retry after `RETRY_AFTER` s
     └── NewerFormat (ValueError)    5.00 / 500  data a newer corem wrote
@@ -83,6 +84,14 @@ class Unauthorized(Refused, PermissionError):
 class ClaimRefused(Refused):
     """A claim's `secret_key` is not the one the device published, or its claim expired: the
     request's field is wrong (400, not 401: the caller is the operator, already authorized)."""
+
+
+class PreconditionFailed(Refused):
+    """A condition of the request (If-Match, If-None-Match; RFC 7252 §5.10.8) does not hold for
+    the target: nothing was done."""
+
+    coap = _code(4, 12)
+    http = 412
 
 
 class QueueFull(Refused):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping
 
 from .codec import Code, MessageFormatError, OptionNumber, decode
+from .errors import PreconditionFailed
 from .coap.response import MAX_TEXT, Response
 from .registry import Device, Directory
 from .stats import Sample, counter
@@ -154,7 +155,18 @@ class Identity:
 
         `session`: the transport's `session_identity` (None: the door was installed without one);
         `token`: the token the path or payload names (None: no token path; Efento's may be empty);
-        `query`: the request's Uri-Query as a dict (Drogue's and EMQX's credentials are there)."""
+        `query`: the request's Uri-Query as a dict (Drogue's and EMQX's credentials are there).
+
+        Raises PreconditionFailed (4.12) when the device is known and the request carries a
+        condition the Router found not to hold (`Request.unmet`): a request naming no device is
+        answered its 4.01 first, and one that names a device does nothing."""
+        found = self._identify(req, door, session, token, query)
+        if req.unmet is not None and not isinstance(found, Refusal):
+            raise PreconditionFailed(req.unmet)
+        return found
+
+    def _identify(self, req: Request, door: Door, session: SessionDevice | None, token: str | None,
+                  query: Mapping[str, str] | None) -> Device | Refusal:
         if door is Door.DROGUE:
             return self._drogue(req, session, query or {})
         if door is Door.EMQX:

@@ -9,6 +9,7 @@ TD_COAP_CORE_22 and TD_COAP_CORE_23, a stale ETag, and clients racing one update
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -353,6 +354,36 @@ def test_conditional_readings_through_a_running_corem_with_the_lane(served):
     assert refused.code == "4.12"
     assert coap_client(url, "-m", "post", "-t", "50", "-e", '{"t":2}', "-O", "5,").code == "2.04"
     assert [p["numeric_values"] for p in served.points("acme")] == [{"t": 2}]
+
+
+DROGUE_AUTH = "4209,Basic " + base64.b64encode(b"sensor-1@acme:T0KEN-1").decode()
+DROGUE_WRONG = "4209,Basic " + base64.b64encode(b"sensor-1@acme:nope").decode()
+
+
+@needs_libcoap
+@pytest.mark.parametrize("path, method, good, wrong", [
+    ("api/v1/{t}/telemetry", "post", ("T0KEN-1",), ("NOPE",)),
+    ("api/v1/{t}/attributes", "post", ("T0KEN-1",), ("NOPE",)),
+    ("v1/telemetry", "post", ("-O", DROGUE_AUTH), ("-O", DROGUE_WRONG)),
+    ("mqtt/room/temp?c=client-1&u=sensor-1&p={t}", "post", ("T0KEN-1",), ("nope",)),
+])
+def test_a_condition_is_judged_only_once_the_device_is_known(served, path, method, good, wrong):
+    """On a door's routes (no ETags: If-Match never holds) a request that names no device is
+    answered 4.01, not 4.12 -- authentication before preconditions (RFC 9110 §13.2.1) --, and one
+    that names a device is 4.12 with nothing done."""
+    def ask(creds: tuple[str, ...]):
+        token = creds[0] if len(creds) == 1 else ""
+        extra = creds if len(creds) == 2 else ()
+        return coap_client(f"{served.coap}/{path.format(t=token)}", "-m", method, "-t", "50",
+                           "-e", '{"t":1}', "-O", "1,0x0102", *extra)
+
+    refused = ask(wrong)
+    assert refused.code == "4.01", refused.output
+    unmet = ask(good)
+    assert unmet.code == "4.12" and "if-match" in unmet.output, unmet.output
+    assert served.points("acme") == []
+    _, attributes = served.api("GET", "/api/devices/acme/sensor-1/attributes")
+    assert attributes["client"] == {}, attributes
 
 
 @needs_libcoap

@@ -17,6 +17,10 @@ its route with `Router.add(..., conditional=True)`.  Every other route has no ET
 evaluates for it (`evaluate(msg, Code.GET in its methods)`): such a resource has a current
 representation if and only if it can be read -- so `If-Match: <etag>` never holds there, and
 `If-Match: ""` / `If-None-Match` hold or not by whether it has a GET.
+On a route whose handlers first ask who the request speaks for (`Router.add(..., identified=True)`:
+every door that names a device), a condition that does not hold is answered by corem/identity.py
+once the device is known: a request that names no device is answered 4.01, not 4.12
+(authentication before preconditions, as HTTP orders them: RFC 9110 §13.2.1).
 
 Telemetry (`POST …/telemetry`, no GET): a reading is appended to the bus; the target has no
 current representation (RFC 7252 §5.10.8.1: "exists (i.e., has a current representation)"), so

@@ -88,7 +88,7 @@ class Request:
 
     __slots__ = (
         "endpoint", "peer", "key", "message", "mid", "token", "confirmable", "received_at", "state", "reply", "app",
-        "size", "echo", "identity", "protect", "door",
+        "size", "echo", "identity", "protect", "door", "unmet",
     )
 
     def __init__(
@@ -118,6 +118,9 @@ class Request:
         self.protect: Protect | None = None
         #: The front door whose route took it (the Router sets it; corem/latency.py): its metric label.
         self.door = "none"
+        #: A condition (If-Match / If-None-Match) the Router found not to hold, answered (4.12) once
+        #: the request's device is identified -- not before a 4.01 (corem/coap/conditional.py).
+        self.unmet: str | None = None
 
     @property
     def answered(self) -> bool:

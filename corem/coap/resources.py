@@ -69,17 +69,26 @@ class Router:
         self.unwrap: Callable[[Request], Response | None] | None = None
         #: handlers that evaluate If-Match / If-None-Match themselves (`add(..., conditional=True)`)
         self._conditional: set[Handler] = set()
+        #: handlers that ask corem/identity.py who the request speaks for before anything else
+        #: (`add(..., identified=True)`): a condition that does not hold is answered there
+        self._identified: set[Handler] = set()
 
     def add(self, path: str, methods: dict[int, Handler], link: dict[str, str | bool] | None = None,
-            *, conditional: bool = False, door: str | None = None) -> None:
+            *, conditional: bool = False, identified: bool = False, door: str | None = None) -> None:
         """Register `methods` (code -> handler) at `path`, e.g. `"api/v1/{token}/telemetry"`;
         `link` attributes (rt, if, ct, obs, title) list a literal path in /.well-known/core.
         `conditional`: the handlers evaluate If-Match / If-None-Match against their own state
         (`corem.coap.conditional.evaluate`); otherwise the router does, for a resource without ETags.
+        `identified`: the handlers identify the device (`Identity.identify`) before they do anything:
+        a condition that does not hold is answered 4.12 there, once the device is known, so a
+        request that names none is answered 4.01 (authentication before preconditions, as HTTP
+        orders them: RFC 9110 §13.2.1).
         `door`: the front door it belongs to (default: by its first segment, `latency.door_of`)."""
         door = door or door_of(path)
         if conditional:
             self._conditional.update(methods.values())
+        elif identified:
+            self._identified.update(methods.values())
         if link is not None and "{" not in path:
             self._links[path.strip("/")] = link
         segments = tuple(
@@ -140,7 +149,9 @@ class Router:
             # no ETags here: a current representation iff it can be read (corem/coap/conditional.py)
             refused = evaluate_conditions(msg, Code.GET in methods)
             if refused is not None:
-                return refused
+                if refused.code != Code.PRECONDITION_FAILED or handler not in self._identified:
+                    return refused
+                req.unmet = bytes(refused.payload).decode()  # (Identity.identify answers it)
         block1 = msg.opt(OptionNumber.BLOCK1) if msg.code in (Code.POST, Code.PUT) else None
         if block1 is not None:
             return self._upload(req, msg, path, handler, params)

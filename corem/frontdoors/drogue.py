@@ -48,7 +48,7 @@ class Drogue:
             return self.publish(req, params[0], session_device)
 
         router.add("v1/{channel}", {Code.POST: publish, Code.PUT: publish},
-                   link={"rt": "drogue.publish", "if": "core.p"})
+                   link={"rt": "drogue.publish", "if": "core.p"}, identified=True)
 
     def publish(self, req: Request, channel: str, session_device: SessionDevice | None) -> Response | None:
         lanes = self.ingest.lanes

@@ -145,7 +145,7 @@ class Emqx:
                                    Code.POST: door(self.post, True), Code.DELETE: door(self.delete, True)},
                    conditional=True)
         router.add("mqtt/{topic*}", {Code.GET: door(self.subscribe), Code.PUT: door(self.post),
-                                     Code.POST: door(self.post)})
+                                     Code.POST: door(self.post)}, identified=True)
 
     # -- PubSub ----------------------------------------------------------------------------------
     def get(self, req: Request, device: Device, topic: str, observers: Observers) -> Response:

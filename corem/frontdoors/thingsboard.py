@@ -86,10 +86,10 @@ class ThingsBoard:
             by_token = {code: self._with_token(h, observers) for code, h in handlers.items()}
             # the packages have ETags: their handlers evaluate If-Match / If-None-Match (get_package)
             owned = suffix in ("firmware", "software")
-            router.add(token_route(suffix), by_token, conditional=owned)
+            router.add(token_route(suffix), by_token, conditional=owned, identified=True)
             if session_device is not None:
                 in_session = {code: self._in_session(h, observers, session_device) for code, h in handlers.items()}
-                router.add(api_route(suffix), in_session, conditional=owned)
+                router.add(api_route(suffix), in_session, conditional=owned, identified=True)
         router.add(api_route("provision"), {Code.POST: self.provision}, link={"rt": "tb.provision", "if": "core.p", "ct": "50 60"})
 
     # -- device resolution (corem/identity.py decides, and counts the refusals) -------------------

@@ -164,7 +164,7 @@ class TelemetryIngest:
     def install(self, router: Router, session_device: SessionDevice | None = None) -> None:
         """Add the telemetry front doors; with `session_device` also `POST /telemetry`, whose tenant
         and device come from the security below CoAP (a DTLS session, an OSCORE context)."""
-        router.add(token_route(TELEMETRY), {Code.POST: self.post_with_token})
+        router.add(token_route(TELEMETRY), {Code.POST: self.post_with_token}, identified=True)
         if session_device is not None:
             identify = self.identity.identify
 
@@ -176,8 +176,9 @@ class TelemetryIngest:
                 return self.ingest(req, self.target(device), "coap")
 
             router.add(TELEMETRY, {Code.POST: post_in_session},
-                       link={"rt": "corem.telemetry", "if": "core.p", "ct": f"{content_format.CBOR} {content_format.JSON}"})
-            router.add(api_route(TELEMETRY), {Code.POST: post_in_session})  # ThingsBoard's x509 path
+                       link={"rt": "corem.telemetry", "if": "core.p", "ct": f"{content_format.CBOR} {content_format.JSON}"},
+                       identified=True)
+            router.add(api_route(TELEMETRY), {Code.POST: post_in_session}, identified=True)  # ThingsBoard's x509 path
 
     def register_profile(self, name: str, hook: Hook) -> None:
         """A profile decoded by Python code (`hook(content_format, payload)` returns Readings or

@@ -101,7 +101,7 @@ class Efento:
         for kind, (short, name) in PATHS.items():
             post = self._post(handlers[kind], session_device)
             for path in (api_route(f"efento/{short}"), f"coap/{name}", short):
-                router.add(path, {Code.POST: post}, door="efento",
+                router.add(path, {Code.POST: post}, door="efento", identified=True,
                            link={"rt": f"efento.{short}", "if": "core.p", "ct": "42"} if path == short else None)
         for path in (api_route("efento/t"), "t"):
             router.add(path, {Code.GET: self.get_time, Code.POST: self.get_time}, door="efento",
