@@ -9,7 +9,9 @@ may instead be read from a file (`<key>_file`, `--<key>-file`, `COREM_<KEY>_FILE
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import logging
 import math
 import os
 import re
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from .dtls import DtlsParams
     from .net.limits import Network
     from .net.tcp import TcpParams
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(BadInput):
@@ -397,6 +401,7 @@ class Settings:
             _take(values, data, f"the config file {path}")
         _take(values, {key: env[name] for key in cls.keys() if (name := "COREM_" + key.upper()) in env},
               "the environment")
+        _unknown_environment(env, cls.keys())
         _take(values, {key: value for key, value in (flags or {}).items() if value is not None}, "the flags")
         settings = cls()
         for opt in fields(cls):
@@ -569,6 +574,22 @@ def _take(values: dict[str, Any], source: Mapping[str, Any], where: str) -> None
             values.pop(secret, None)
             values.pop(secret + "_file", None)
     values.update(source)
+
+
+#: COREM_* variables that are not settings: the config file's path, the pure-Python switch (the C
+#: parts' twins), and what a worker is handed by its supervisor (corem/workers)
+NOT_SETTINGS = frozenset({"COREM_CONFIG", "COREM_PURE_PYTHON", "COREM_WORKER", "COREM_WORKER_SETTINGS"})
+
+
+def _unknown_environment(env: Mapping[str, str], keys: list[str]) -> None:
+    """A warning for each COREM_* variable that names no setting: a misspelt one would otherwise
+    leave its setting at the default without a word (not an error, as an unknown key of the config
+    file is: an environment carries variables of other tools and of other corem versions)."""
+    names = {"COREM_" + key.upper() for key in keys}
+    for name in sorted(env):
+        if name.startswith("COREM_") and name not in names and name not in NOT_SETTINGS:
+            near = difflib.get_close_matches(name, sorted(names), n=1)
+            log.warning("%s: not a setting; ignored%s", name, f" (did you mean {near[0]}?)" if near else "")
 
 
 def read_secret(path: str, key: str) -> str:

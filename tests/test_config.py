@@ -249,3 +249,14 @@ def test_secret_file_errors_in_the_config_file(tmp_path):
     f.write_text(f'admin_token_file = "{empty}"\n')
     with pytest.raises(ConfigError, match=f"admin_token_file: {empty} is empty"):
         Settings.load({}, env={}, config_file=str(f))
+
+
+def test_a_misspelt_environment_variable_is_named_in_a_warning(caplog):
+    """An unknown COREM_* variable leaves its setting at the default: the log says so, with the
+    setting it probably meant; the variables that are not settings are not named."""
+    with caplog.at_level("WARNING", logger="corem.config"):
+        s = Settings.load(env={"COREM_ADMIN_TOKN": "x", "COREM_PURE_PYTHON": "1", "COREM_CONFIG": "",
+                               "COREM_COAP": "127.0.0.1:0", "OTHER_TOOL": "1"})
+    assert s.coap == "127.0.0.1:0" and not s.admin_token
+    assert [r.getMessage() for r in caplog.records] == [
+        "COREM_ADMIN_TOKN: not a setting; ignored (did you mean COREM_ADMIN_TOKEN?)"]
