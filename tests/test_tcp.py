@@ -11,14 +11,19 @@ import socket
 import ssl
 import subprocess
 import time
+from collections import Counter
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corem.coap.stream import (ABORT, CSM, PING, PONG, RELEASE, FrameError, Framer, csm_max_message, frame, message,
-                               signal, to_frame)
+from corem.coap.stream import (ABORT, CSM, PING, PONG, RELEASE, FrameError, Framer, StreamEndpoint, csm_max_message,
+                               frame, message, signal, to_frame)
 from corem.codec import Code, Message, OptionNumber, Type, encode
+from corem.coap import Response, Router
+from corem.coap.observe import Observers
+from corem.net import tcp as tcp_module
 
 from .conftest import (DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, corem_cli, needs_libcoap, start_corem, wait_for,
                        write_cbor)
@@ -603,3 +608,66 @@ def test_optional_client_auth_over_tls(data_dir, pki):
         assert [p["device"] for p in server.points("acme")] == ["cert-dev-1", "sensor-1"]
     finally:
         server.stop()
+
+
+# -- what a listener keeps for connections that do not read (in process: the bounds patched small) --
+BIG = b"x" * 1000  # (one block: a larger one is cut to 1 KiB blocks)
+
+
+async def unread_answers(monkeypatch, max_unsent: int, connections: int, requests: int) -> tuple[int, int]:
+    """`connections` clients that each send `requests` GETs of a 1 KB resource and never read:
+    (the connections the listener closed as slow readers, the most it held unsent at once)."""
+    monkeypatch.setattr(tcp_module, "MAX_UNSENT", max_unsent)
+    monkeypatch.setattr(tcp_module, "MAX_QUEUED", 16 << 20)  # (the bound of all, not of each, is tested)
+    endpoint, router = StreamEndpoint(), Router()
+    handled: Counter[int] = Counter()  # GETs answered, by the client's port
+
+    def big(req, params):
+        handled[req.peer[1]] += 1
+        return Response(Code.CONTENT, BIG)
+
+    router.add("big", {Code.GET: big})
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # (the accepted connections' too:
+    listener.bind(("127.0.0.1", 0))                                 # what is unsent stays corem's)
+    listener.listen(64)
+    edge = tcp_module.TcpEdge(listener, endpoint, router, Observers(endpoint), tcp_module.TcpParams())
+    most = 0
+    clients = []
+    get = b"".join(to_frame(encode(Message(Type.CON, Code.GET, 0, n.to_bytes(2, "big"), [(OptionNumber.URI_PATH, b"big")])))
+                   for n in range(requests))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(edge.hold)
+        nursery.start_soon(edge.serve)
+        for _ in range(connections):
+            c = trio.socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (it reads nothing: a small window)
+            await c.connect(edge.address)
+            clients.append(c)
+            port = c.getsockname()[1]
+            closed = edge.stats["aborted_slow_reader"]
+            await trio.SocketStream(c).send_all(signal(CSM, [(2, (1152).to_bytes(2, "big"))]) + get)
+            # each connection's answers are all made, or it is closed, before the next connects
+            while handled[port] < requests and edge.stats["aborted_slow_reader"] == closed:
+                most = max(most, edge.unsent)
+                await trio.sleep(0.005)
+            most = max(most, edge.unsent)
+        closed = edge.stats["aborted_slow_reader"]
+        for c in clients:
+            c.close()
+        edge.stop_reading()
+        await edge.finish(0.5)
+        nursery.cancel_scope.cancel()  # (serve accepts until cancelled)
+    assert edge.unsent == 0  # (what was queued for the gone is let go of)
+    return closed, most
+
+
+def test_connections_that_do_not_read_are_bounded_together(monkeypatch):
+    """What a listener queues for connections that do not read is bounded for all of them together
+    (MAX_UNSENT), not only for each (MAX_QUEUED): an adversarial run held 40 MB with 40 connections
+    that read nothing.  Four connections with ~1.6 MB of answers each: under the default bound the
+    listener holds them all; under a bound of 4 MiB it closes the ones that would pass it."""
+    closed, most = trio.run(unread_answers, monkeypatch, 64 << 20, 4, 1600)
+    assert closed == 0 and most > 5 << 20  # (the same load, the default bound: nothing closed)
+    closed, most = trio.run(unread_answers, monkeypatch, 4 << 20, 4, 1600)
+    assert closed >= 1 and most <= (4 << 20) + len(BIG) + 64
