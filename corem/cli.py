@@ -34,6 +34,7 @@ from .profiles.spec import Profile, ProfileError, parse_profile, profile_from
 from .profiles.trial import SampleError, decode_sample, sample_bytes
 from .registry import Registry, bulk
 from .registry.inputs import DeviceFields
+from .registry.management import Management
 from .registry.nudge import nudge
 from .reload import reread as reread_settings
 from .sdnotify import Notifier
@@ -292,7 +293,7 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 
 def cmd_devices_remove(args: argparse.Namespace) -> int:
     with _opened(args) as reg:
-        removed = reg.remove_device(args.tenant, args.device)
+        removed = Management(reg).remove(args.tenant, args.device)  # (its attributes, claim, packages too)
     if removed:
         _nudge(reg, args)
     if not removed:

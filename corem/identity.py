@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping
 from .codec import Code, MessageFormatError, OptionNumber, decode
 from .errors import PreconditionFailed
 from .coap.response import MAX_TEXT, Response
-from .registry import Device, Directory
+from .registry import Device, Directory, credentials
 from .stats import Sample, counter
 from .token_path import token_of, token_route
 
@@ -48,7 +48,7 @@ class Reason(enum.Enum):
     UNKNOWN_TOKEN = "unknown_token"
     #: the session (or OSCORE context) names no device: a one-way certificate session, or none
     NO_SESSION_IDENTITY = "no_session_identity"
-    #: the session's device was removed from the registry after its handshake
+    #: the session's device was removed from the registry after its handshake, or its credentials changed
     REVOKED = "revoked"
     #: a door's credentials name no device, or the wrong password (Drogue, EMQX)
     BAD_PASSWORD = "bad_password"
@@ -219,7 +219,11 @@ class Identity:
         if named is None:
             return Reason.NO_SESSION_IDENTITY
         current = self.directory.named(named.tenant, named.device)
-        return Reason.REVOKED if current is None else current
+        if current is None or (current != named and credentials(current) != credentials(named)):
+            # removed, or its credentials changed (rotated, or removed and added again): the
+            # session was made with what no longer names it (the DTLS layer ends it too)
+            return Reason.REVOKED
+        return current
 
     def _efento(self, req: Request, session: SessionDevice | None, token: str | None) -> Device | Refusal:
         """The device whose access token the message's `cloud_token` is; else (no token, or one

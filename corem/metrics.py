@@ -82,6 +82,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_coap_observe_refused": (C, "Observe registrations refused by the bounds."),
     "corem_coap_observe_notifications": (C, "Notifications sent."),
     "corem_coap_observe_lost": (C, "Observations ended by RST or an unacknowledged notification."),
+    "corem_coap_observe_revoked": (
+        C, "Observations ended because their device was removed, or its credentials or topics changed."),
     "corem_coap_responses": (C, "Messages sent by code (0.00 = empty ACK/RST)."),
     "corem_coap_dedup_entries": (G, "Exchanges remembered for deduplication."),
     "corem_coap_outstanding": (G, "Confirmable messages of ours awaiting ACK."),
@@ -142,6 +144,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_sessions_lost": (C, "Sessions that failed to serialize or restore."),
     "corem_dtls_sessions_superseded": (
         C, "Sessions ended because their device made more than dtls_max_sessions_per_device (its oldest first)."),
+    "corem_dtls_sessions_revoked": (
+        C, "Sessions ended because their device was removed or its credentials changed (rotated, re-added)."),
     "corem_dtls_sessions_checkpointed": (
         C, "Live DTLS sessions saved to the session store (dtls_checkpoint): a crash costs them no handshake."),
     "corem_dtls_sessions_offload_failed": (

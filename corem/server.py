@@ -103,6 +103,8 @@ class Server:
             self.management, self.sink, psm_activity_timer=settings.psm_activity_timer,
             max_queued=settings.max_queued_commands, clock=trio.current_time, after_send=self._after_batch,
         )
+        # (a device removed, or removed and added again: what waited for the old one goes)
+        self.directory.listen(functools.partial(self.downlink.forget, current=self.directory.named))
         self.ingest = TelemetryIngest(
             self.directory, self.sink, self.diagnostics, presence=self.presence, on_uplink=self.downlink.uplink,
             now=trio.current_time,

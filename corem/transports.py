@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, Callable, Collection, Hashable, Iterator
 
 import trio
 
@@ -41,7 +41,7 @@ from .net import UdpEdge
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
 from .net.tcp import TcpEdge, Tls
-from .registry import Directory
+from .registry import Device, Directory
 from .stats import Measured
 from .stores import session_store
 from .workers import steer
@@ -89,6 +89,17 @@ class Transports:
         except BaseException:
             self.close()
             raise
+        directory.listen(self.revoke)
+
+    def revoke(self, names: Collection[tuple[str, str]] | None) -> None:
+        """The registry changed these devices (None: any): the observations their doors made for
+        them end where the device is gone or no longer grants them (corem/coap/observe.py)."""
+        for t in self.all:
+            t.observers.revoke(self._device, names)
+
+    def _device(self, owner: Hashable) -> Device | None:
+        assert isinstance(owner, tuple)  # (the doors' owners: (tenant, device))
+        return self.directory.named(owner[0], owner[1])
 
     def __iter__(self) -> Iterator[Transport]:
         return iter(self.all)
@@ -134,7 +145,7 @@ class Transports:
             lane = self._fast_lane(endpoint, behind_dtls=True)
             observers = self._observers(endpoint, router)
             try:
-                dtls = self._dtls(endpoint, lane, observers)
+                dtls = self._dtls(endpoint, router, lane, observers)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"dtls: {e}") from None
             edge = UdpEdge(
@@ -192,7 +203,8 @@ class Transports:
         router.unwrap = self.unwrap  # OSCORE on every transport (RFC 8613 allows it inside DTLS too)
         return router
 
-    def _dtls(self, endpoint: Endpoint, lane: FastLane | None, observers: Observers) -> DtlsServer | EngineServer:
+    def _dtls(self, endpoint: Endpoint, router: Router, lane: FastLane | None,
+              observers: Observers) -> DtlsServer | EngineServer:
         s, directory, worker = self.settings, self.directory, self.worker
 
         def new_session(peer: Hashable, now: float) -> None:
@@ -202,6 +214,8 @@ class Transports:
             reach whoever handshakes there next (a NAT gives an address to another device)."""
             endpoint.new_session(peer, now)
             observers.forget(peer)
+            router.uploads.forget(peer)  # (nor may it finish their uploads, or read the rest of
+            router.representations.forget(peer)  # what they began to read: firmware, RPCs)
             if lane is not None:
                 lane.new_session(peer, now)
 
@@ -232,6 +246,7 @@ class Transports:
                 log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), datadir.SESSIONS_FILE)
             # the marks of the lane's readings written by the embedded bus just before it commits them
             engine.defer_marks(self.sink)
+            directory.listen(engine.revoke)  # (a device removed, or its credentials changed: its sessions end)
             return engine
         # python-mbedtls's engine (optional, deprecated: Mbed TLS 2.28 is out of support), imported
         # only when chosen (Settings.check made sure it is installed)

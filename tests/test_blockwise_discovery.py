@@ -232,3 +232,37 @@ def test_a_representation_is_kept_for_its_later_blocks_only_up_to_keep_max():
         router.representations = type(router.representations)()
         first = get(ep, router, "fw/image", mid=size % 60000)
         assert first.block2.more and len(router.representations) == kept
+
+
+def test_kept_representations_are_shared_out_by_address_and_host_and_forgotten_with_a_session():
+    """One address keeps at most `max_per_peer` representations and one host `max_per_source`: a
+    device reading on and on evicts its own, not another's (an adversarial run evicted every one
+    with 1,001 GETs, and a device's RPC poll was cut from the next RPC); a new session at an
+    address forgets what the last one there began to read."""
+    from corem.coap.blockwise import Representations
+
+    kept = Representations(max_entries=100, max_per_peer=3, max_per_source=5)
+    victim, noisy = ("10.0.0.1", 5683), ("10.0.0.2", 4000)
+    kept.keep((victim, "rpc"), Response(Code.CONTENT, b"v" * 2000), 0.0)
+    for n in range(50):
+        kept.keep((noisy, "attributes", n), Response(Code.CONTENT, b"n" * 2000), 1.0)
+    assert kept.recall((victim, "rpc"), 2.0) is not None and len(kept) == 4  # the noisy address: its last 3
+    assert [kept.recall((noisy, "attributes", n), 2.0) is not None for n in (46, 47, 48, 49)] == [False, True, True, True]
+    for port in range(4001, 4010):  # many ports of one host: its 5 newest
+        kept.keep((("10.0.0.2", port), "attributes"), Response(Code.CONTENT, b"n" * 2000), 3.0)
+    assert kept.recall((victim, "rpc"), 4.0) is not None and len(kept) == 6
+    kept.forget(victim)
+    assert kept.recall((victim, "rpc"), 4.0) is None and len(kept) == 5
+
+
+def test_a_new_session_at_an_address_forgets_its_uploads():
+    from corem.coap.blockwise import Block1Uploads, Upload
+
+    msg = Message(Type.CON, Code.POST, 1, b"u", [(O.URI_PATH, b"up")], bytes(16))
+    msg.add(O.BLOCK1, Block(0, True, 0))
+    uploads = Block1Uploads()
+    peer = ("10.0.0.1", 5683)
+    assert uploads.receive((peer, None, ("up",)), msg, 0.0, "10.0.0.1")[0] is Upload.CONTINUE
+    assert uploads.receive((("10.0.0.1", 9), None, ("up",)), msg, 0.0, "10.0.0.1")[0] is Upload.CONTINUE
+    uploads.forget(peer)
+    assert len(uploads) == 1  # (the other port's stays)

@@ -522,13 +522,14 @@ def test_over_oscore_the_context_names_the_device(tmp_path, pb):
     from corem.oscore import Oscore
     from corem.registry.db import Db
     from corem.registry.oscore import OscoreState
-    from corem.registry.store import Device
     from corem.identity import session_identity as identity
 
     from .test_oscore import KEYS, device_context, opened, sealed
 
     stack = Stack(tmp_path)
-    context = Device(tenant="acme", device="efento-2", oscore=KEYS)
+    stack.registry.add_device("acme", "efento-os", oscore=KEYS)
+    stack.directory.refresh(force=True)
+    context = stack.directory.named("acme", "efento-os")  # (the registry's device: what an OSCORE lookup gives)
     oscore = Oscore(lambda ctx, kid: context if (ctx or b"", kid) == KEYS.kid else None, OscoreState(Db(tmp_path / "o.db")),
                     UNDERSTOOD_CRITICAL - {O.OSCORE})
     stack.router = Router()
@@ -542,7 +543,7 @@ def test_over_oscore_the_context_names_the_device(tmp_path, pb):
     [(answer, _)] = stack.endpoint.datagrams_to_send()
     assert opened(dev, answer, rid).code == aiocoap.CREATED
     [point] = stack.points()
-    assert point["device"] == "efento-2" and point["numeric_values"]["temperature_1"] == 21.5
+    assert point["device"] == "efento-os" and point["numeric_values"]["temperature_1"] == 21.5
 
 
 #: accumulated counters: (major type, minor type, total key, resolution, unit)

@@ -133,7 +133,9 @@ class Coaps:
                  **params) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="corem-lane-dtls-")
         self.registry = Registry(Path(self.tmp.name) / "registry.db")
-        self.registry.add_device("acme", "d1", token="T1", psk_identity=IDENTITY, psk=KEY)
+        # (registered at one instant: a second Coaps is the same device's registry after a restart,
+        # whose saved sessions are sealed to the device's registration: registry.credentials)
+        self.registry.add_device("acme", "d1", token="T1", psk_identity=IDENTITY, psk=KEY, created_at=1_700_000_000_000)
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.now = 100.0

@@ -328,6 +328,40 @@ def test_two_nodes_share_one_registry_and_see_its_changes_at_once(store_url, tmp
         b.stop()
 
 
+def test_a_node_outlives_the_loss_of_its_database_connections(store_url, tmp_path):
+    """A PostgreSQL restart, a failover, a proxy's idle cut: every connection of the node ends at
+    once.  It goes on serving what it knows, and what is registered after is served once the
+    database is back (the registry's poll on the server's own connection had ended every node)."""
+    import psycopg
+
+    from .conftest import post
+
+    corem_cli("devices", "add", "--registry", store_url, "--tenant", "acme", "--device", "d1", "--token", "T1",
+              data_dir=tmp_path / "a")
+    node = start_corem(tmp_path / "a", "--registry", store_url, "--dtls-state-key", "ab" * 32)
+    try:
+        assert post(node.coap_port, "T1", cbor2.dumps({"n": 1}), 1, timeout=10)[1] == 0x44
+        with psycopg.connect(store_url, autocommit=True) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+        assert ended >= 1
+        corem_cli("devices", "add", "--registry", store_url, "--tenant", "acme", "--device", "d2", "--token", "T2",
+                  data_dir=tmp_path / "a")
+        mid, deadline = 2, time.monotonic() + 60  # (a bound for a busy machine: it is the next look)
+        while True:  # (the node learns of d2 at its next look: NOTIFY's listener comes back in 2 s)
+            assert node.proc.poll() is None, node.stderr()[-2000:]
+            answer = post(node.coap_port, "T2", cbor2.dumps({"n": 2}), mid, timeout=1)
+            if answer is not None and answer[1] == 0x44:
+                break
+            mid += 1
+            assert time.monotonic() < deadline, "the node never served the device added after the cut"
+            time.sleep(0.1)
+        assert post(node.coap_port, "T1", cbor2.dumps({"n": 3}), 999, timeout=10)[1] == 0x44
+        assert node.proc.poll() is None
+    finally:
+        node.stop()
+
+
 @pytest.mark.skipif(shutil.which("coap-client-notls") is None and os.environ.get("CI") != "true",
                     reason="libcoap3-bin is not installed")
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -180,8 +180,7 @@ class AdminApi:
 
     async def remove_device(self, req: HttpRequest) -> Reply:
         d = self._device(req)
-        self.parts.registry.remove_device(d.tenant, d.device)
-        self.parts.management.forget(d.tenant, d.device)
+        self.parts.management.remove(d.tenant, d.device)
         await self.parts.reload()
         log.info("device %s/%s removed through the admin API", d.tenant, d.device,
                  extra=fields(tenant=d.tenant, device=d.device))

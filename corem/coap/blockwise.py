@@ -18,6 +18,7 @@ from typing import Any, Hashable, Iterator
 from ..codec import Block, Code, Message, OptionNumber, encode_uint
 from ..stats import Sample, counter, gauge
 from .conditional import etag_of
+from .endpoint import source_host
 from .response import Response
 
 #: 1024-byte blocks unless the client asks for smaller: fits a 1280-byte IPv6 MTU with headers.
@@ -44,22 +45,55 @@ class Representations:
     """Representations larger than one block, and at most KEEP_MAX, that went out as their first
     block (a GET's answer, a notification), by `requester`, for `lifetime` seconds and `max_entries`
     at most (the oldest forgotten first; ~64 MiB at most): a later Block2 request of the same
-    requester is cut from what it began to read, not from a new answer of the handler."""
+    requester is cut from what it began to read, not from a new answer of the handler.  One
+    address keeps at most `max_per_peer` of them and one host `max_per_source` (its own oldest
+    goes first): one device reading on and on cannot push the others' out (an adversarial run
+    did with 1,001 GETs, and a device's RPC poll was then cut from the next RPC).  A key's first
+    element is the requester's address (`forget` ends its entries: a new DTLS session there is
+    another endpoint, maybe another device)."""
 
-    def __init__(self, *, max_entries: int = 1000, lifetime: float = 60.0) -> None:
+    def __init__(self, *, max_entries: int = 1000, lifetime: float = 60.0, max_per_peer: int = 8,
+                 max_per_source: int = 100) -> None:
         self.max_entries = max_entries
         self.lifetime = lifetime
+        self.max_per_peer = max_per_peer
+        self.max_per_source = max_per_source
         self._kept: dict[tuple[Hashable, ...], tuple[float, Response]] = {}
+        self._per_source: Counter[Hashable] = Counter()
+        self._per_peer: Counter[Hashable] = Counter()
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def keep(self, key: tuple[Hashable, ...], response: Response, now: float) -> None:
         kept = self._kept
-        kept.pop(key, None)  # (in the order kept: the oldest first)
+        self._drop(key)  # (in the order kept: the oldest first)
+        peer = key[0]
+        host = source_host(peer)
+        if self._per_peer[peer] >= self.max_per_peer:  # (its own oldest makes room)
+            self._drop(next(k for k in kept if k[0] == peer))
+        elif self._per_source[host] >= self.max_per_source:
+            self._drop(next(k for k in kept if source_host(k[0]) == host))
         kept[key] = (now, response)
+        self._per_source[host] += 1
+        self._per_peer[peer] += 1
         while len(kept) > self.max_entries or (kept and now - next(iter(kept.values()))[0] >= self.lifetime):
-            del kept[next(iter(kept))]
+            self._drop(next(iter(kept)))
+
+    def forget(self, peer: Hashable) -> None:
+        """What `peer` began to read goes (a new session at its address: another endpoint)."""
+        if self._per_peer.get(peer):
+            for key in [k for k in self._kept if k[0] == peer]:
+                self._drop(key)
+
+    def _drop(self, key: tuple[Hashable, ...]) -> None:
+        if self._kept.pop(key, None) is not None:
+            for counts, at in ((self._per_source, source_host(key[0])), (self._per_peer, key[0])):
+                left = counts[at] - 1
+                if left:
+                    counts[at] = left
+                else:
+                    del counts[at]
 
     def recall(self, key: tuple[Hashable, ...], now: float) -> Response | None:
         entry = self._kept.get(key)
@@ -215,6 +249,13 @@ class Block1Uploads:
             return Upload.CONTINUE, make(Code.CONTINUE, b"", [(OptionNumber.BLOCK1, encode_uint(block.to_uint()))])
         self._drop(key)
         return Upload.COMPLETE, b"".join(assembly.parts)
+
+    def forget(self, peer: Hashable) -> None:
+        """`peer`'s uploads go (a new DTLS session at its address: another endpoint, maybe another
+        device, must not finish them).  Their keys begin with the requester's address (`requester`)."""
+        if self._per_source.get(source_host(peer)):
+            for key in [k for k in self._transfers if k[0] == peer]:
+                self._drop(key)
 
     def _drop(self, key: tuple[object, ...]) -> None:
         assembly = self._transfers.pop(key, None)

@@ -7,33 +7,41 @@ so does a RST in reply to a notification or a confirmable notification that is n
 at least one every `con_interval` seconds, is confirmable so that gone observers are noticed (§4.5).
 
 Registrations are claims from addresses that plain UDP cannot verify, so they are bounded: per
-resource, per source host, and in total.  Refusals are counted; a refused GET is still answered,
-only without the Observe option (§3.1: the client then knows it is not on the list).
+resource, per source host, per device, and in total.  Refusals are counted; a refused GET is still
+answered, only without the Observe option (§3.1: the client then knows it is not on the list).
+A registration a door made for a device ends when the device's registration no longer grants it
+(`revoke`: removed, its credentials rotated, its topics narrowed).
 """
 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Iterator
+from typing import Any, Callable, Collection, Hashable, Iterator
 
-from ..codec import Message, OptionNumber, Options, Type, encode, encode_uint
+from ..codec import Code, Message, OptionNumber, Options, Type, encode, encode_uint
 from ..stats import Sample, counter, gauge
 from .blockwise import Representations, first_block, requester, worth_keeping
 from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset, source_host
 from .response import Response
 
 Peer = Hashable
+#: (a function of the owner's current registration, its value when the observation was made)
+Grant = tuple[Callable[[Any], Hashable], Hashable]
 
 
 class Observation:
-    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect", "request", "owner")
+    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect", "request", "owner", "grant")
 
     def __init__(self, resource: str, peer: Peer, token: bytes, now: float, protect: Protect | None = None,
-                 request: tuple[Hashable, ...] = (), owner: Hashable = None) -> None:
+                 request: tuple[Hashable, ...] = (), owner: Hashable = None, grant: Grant | None = None) -> None:
         self.resource = resource
         #: the device that registered it (the doors name it), counted against `max_per_owner`
         self.owner = owner
+        #: what it was granted on: (how to read it off the owner's registration, what it read then);
+        #: once the owner reads otherwise (its credentials or topics changed) or is gone, it ends
+        #: (`Observers.revoke`)
+        self.grant = grant
         self.peer = peer
         self.token = token
         #: who registered, for what, past the address (`blockwise.requester` without the peer): a
@@ -61,6 +69,7 @@ class ObserveStats:
     notifications: int = 0
     con_notifications: int = 0
     lost: int = 0
+    revoked: int = 0
 
 
 class Observers:
@@ -110,14 +119,16 @@ class Observers:
         yield counter("corem_coap_observe_refused", st.refused)
         yield counter("corem_coap_observe_notifications", st.notifications)
         yield counter("corem_coap_observe_lost", st.lost)
+        yield counter("corem_coap_observe_revoked", st.revoked)
 
     def observers(self, resource: str) -> int:
         return len(self._by_resource.get(resource, ()))
 
     # -- registration --------------------------------------------------------------------------
-    def register(self, req: Request, resource: str, now: float, owner: Hashable = None) -> int | None:
-        """Register the requester (`owner`: the device it is, when a door knows); the Observe value
-        for its response, or None if refused."""
+    def register(self, req: Request, resource: str, now: float, owner: Hashable = None,
+                 grant: Grant | None = None) -> int | None:
+        """Register the requester (`owner`: the device it is, when a door knows, and `grant`: what of
+        it the registration rests on); the Observe value for its response, or None if refused."""
         key = (req.peer, req.token)
         if key in self._by_key:  # re-registration (§4.1): same observer, fresh state
             self._remove(key)
@@ -131,7 +142,7 @@ class Observers:
             self.stats.refused += 1
             return None
         self._add(Observation(resource, req.peer, req.token, now, req.protect,
-                              requester(req)[1:] if req.message is not None else (), owner))
+                              requester(req)[1:] if req.message is not None else (), owner, grant))
         self.stats.registered += 1
         return self._next_seq()
 
@@ -154,6 +165,42 @@ class Observers:
             self._remove((peer, token))
         self.stats.deregistered += len(tokens)
         return len(tokens)
+
+    def revoke(self, current: Callable[[Hashable], Any], owners: Collection[Hashable] | None) -> int:
+        """The registrations of these owners changed (None: any of them might have): end each of
+        their observations whose owner is gone (`current(owner)` is None) or no longer reads as it
+        did when it registered (`grant`) -- a token or key rotated, the device removed and added
+        again, its topics narrowed: its downlink must not reach whoever holds what was revoked.  The
+        observer is told once, 4.01 without Observe (RFC 7641 §3.2: a non-2.xx ends it); a device
+        that still may observe registers again.  Returns how many ended."""
+        if owners is not None and not any(o in self._per_owner for o in owners):
+            return 0  # (the usual registry change: no observer of theirs here)
+        asked = None if owners is None else set(owners)
+        now: dict[Hashable, Any] = {}
+        ended = 0
+        for key, obs in list(self._by_key.items()):
+            if obs.owner is None or (asked is not None and obs.owner not in asked):
+                continue
+            if obs.owner not in now:
+                now[obs.owner] = current(obs.owner)
+            device = now[obs.owner]
+            if device is not None and (obs.grant is None or obs.grant[0](device) == obs.grant[1]):
+                continue
+            self._tell_revoked(obs)
+            self._remove(key)
+            ended += 1
+        self.stats.revoked += ended
+        return ended
+
+    def _tell_revoked(self, obs: Observation) -> None:
+        code, payload = Code.UNAUTHORIZED, b"observation revoked: its credentials changed; register again"
+        mid = self.endpoint.next_mid()
+        if obs.protect is None:
+            data = encode(Message(Type.NON, code, mid, obs.token, [], payload))
+        else:
+            outer_code, outer, sealed = obs.protect(code, [], payload)
+            data = encode(Message(Type.NON, outer_code, mid, obs.token, outer, sealed))
+        self.endpoint.send(data, obs.peer, code)
 
     def moved(self, old: Peer, new: Peer) -> int:
         """The session at `old` answers at `new` from now on (a DTLS Connection ID move, RFC 9146
@@ -271,14 +318,14 @@ class Observers:
 
 
 def answer_observe(observers: Observers, req: Request, resource: str, response: Response, now: float,
-                   owner: Hashable = None) -> Response:
+                   owner: Hashable = None, grant: Grant | None = None) -> Response:
     """Apply a GET's Observe option to its 2.xx answer: 0 registers the requester (and the answer
     carries the sequence number), 1 deregisters it (§3.1, §3.6).  Returns the answer to send."""
     observe = req.message.observe if req.message is not None else None
     if observe == 1:
         observers.deregister(req.peer, req.token, resource)
     elif observe == 0 and 64 <= response.code < 96:
-        seq = observers.register(req, resource, now, owner)
+        seq = observers.register(req, resource, now, owner, grant)
         if seq is not None:
             opts = sorted([*(response.options or []), (OptionNumber.OBSERVE, encode_uint(seq))], key=lambda o: o[0])
             response = Response(response.code, response.payload, opts)

@@ -22,7 +22,7 @@ import json
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import trio
 
@@ -83,15 +83,18 @@ class RpcCall:
 class DeviceQueue:
     """What waits for one device."""
 
-    __slots__ = ("attributes", "rpcs", "commands", "waiting", "last_uplink")
+    __slots__ = ("attributes", "rpcs", "commands", "waiting", "last_uplink", "born")
 
-    def __init__(self) -> None:
+    def __init__(self, born: int = 0) -> None:
         self.attributes: dict[str, Any] = {}
         self.rpcs: deque[RpcCall] = deque()
         self.commands: deque[tuple[str, bytes, float]] = deque()
         #: a Drogue request parked until a command or its `ct` deadline: (request, deadline)
         self.waiting: tuple[Request, float] | None = None
         self.last_uplink = float("-inf")
+        #: the registration of the device it is for (`Device.created_at`): one removed and added
+        #: again under its name is another device, which gets nothing of this (`Downlink.forget`)
+        self.born = born
 
     def empty(self) -> bool:
         return not (self.attributes or self.rpcs or self.commands or self.waiting)
@@ -174,7 +177,7 @@ class Downlink:
         if q is None:
             if device.power_mode == "drx":
                 return  # nothing waits and nothing to remember: always reachable
-            q = self._queue(key)
+            q = self._queue(device)
             if q is None:
                 return
         self._touch(key, q, self.clock())
@@ -220,7 +223,7 @@ class Downlink:
         """A Drogue request with `ct`: answer with a queued command now, or park the request until
         one arrives or `ct` passes (then 2.04)."""
         key = (device.tenant, device.device)
-        q = self._queues.get(key) or self._queue(key)
+        q = self._queues.get(key) or self._queue(device)
         if q is None:
             req.respond(Code.CHANGED)
             return
@@ -248,7 +251,7 @@ class Downlink:
             # awake: observers get it now; a device not observing reads it with its next GET
             return "delivered" if self._notify(attributes_resource(device), stored, now) else "stored"
         key = (device.tenant, device.device)
-        q = self._queues.get(key) or self._queue(key)
+        q = self._queues.get(key) or self._queue(device)
         if q is None:
             return "stored"
         q.attributes.update(stored)  # merged by key: the newer value wins
@@ -266,7 +269,7 @@ class Downlink:
             raise BadInput(f"params: {size} bytes of JSON; at most {MAX_PAYLOAD}")
         now = self.clock()
         key = (device.tenant, device.device)
-        q = self._queues.get(key) or self._queue(key)
+        q = self._queues.get(key) or self._queue(device)
         if q is None or len(q.rpcs) >= self.max_queued:
             self.stats.queue_full += 1
             raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
@@ -297,7 +300,7 @@ class Downlink:
             raise BadInput(f"payload: {len(payload)} bytes; at most {MAX_PAYLOAD}")
         now = self.clock()
         key = (device.tenant, device.device)
-        q = self._queues.get(key) or self._queue(key)
+        q = self._queues.get(key) or self._queue(device)
         if q is None or len(q.commands) >= self.max_queued:
             self.stats.queue_full += 1
             raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} commands queued already")
@@ -331,7 +334,7 @@ class Downlink:
     def adopt(self, device: Device, state: dict[str, Any]) -> None:
         """Take over what another worker kept for the device (`moved` there)."""
         key = (device.tenant, device.device)
-        q = self._queues.get(key) or self._queue(key)
+        q = self._queues.get(key) or self._queue(device)
         if q is None:
             return
         now = self.clock()
@@ -341,6 +344,42 @@ class Downlink:
             self._timed.add(key)
         if q.attributes and self._reachable(device, now):
             self._due.add(key)
+
+    def forget(self, names: Collection[tuple[str, str]] | None, current: Callable[[str, str], Device | None]) -> None:
+        """The registry changed these devices (None: any): what waits for one that is gone, or was
+        removed and added again (another device under its name), goes -- its RPCs expire (their
+        callers are told), its commands expire, a parked Drogue request is answered 2.04 -- so
+        nothing meant for the old one reaches the new (a rotated credential is the same device:
+        what waits for it stays)."""
+        if names is None:
+            keys = {*self._queues, *((c.device.tenant, c.device.device) for c in self._rpcs.values())}
+        else:
+            keys = set(names)
+        calls: dict[tuple[str, str], list[RpcCall]] = {}  # (one pass over the RPCs, not one a device)
+        for c in self._rpcs.values():
+            calls.setdefault((c.device.tenant, c.device.device), []).append(c)
+        for key in keys:
+            q = self._queues.get(key)
+            if q is None and key not in calls:
+                continue
+            device = current(*key)
+            born = None if device is None else device.created_at
+            for call in calls.get(key, ()):
+                if call.device.created_at != born:
+                    self._expire_rpc(call)  # (queued, or delivered and awaiting the old device's reply)
+            if q is None or q.born == born:
+                continue
+            del self._queues[key]
+            self._due.discard(key)
+            self._timed.discard(key)
+            self._seen.discard(key)
+            now = self.clock()
+            old = Device(tenant=key[0], device=key[1], created_at=q.born)
+            while q.commands:
+                q.commands[0] = (*q.commands[0][:2], now)  # (expired now)
+                self._drop_expired_commands(q, old, now)
+            if q.waiting is not None and not q.waiting[0].answered:
+                q.waiting[0].respond(Code.CHANGED)
 
     # -- timers ----------------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -384,11 +423,11 @@ class Downlink:
             self.after_send()
 
     # -- internals -------------------------------------------------------------------------------
-    def _queue(self, key: tuple[str, str]) -> DeviceQueue | None:
+    def _queue(self, device: Device) -> DeviceQueue | None:
         if len(self._queues) >= self.max_devices:
             self.stats.queue_full += 1
             return None
-        q = self._queues[key] = DeviceQueue()
+        q = self._queues[device.tenant, device.device] = DeviceQueue(device.created_at)
         return q
 
     def _touch(self, key: tuple[str, str], q: DeviceQueue, now: float) -> None:

@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Protocol
+from typing import Any, Callable, Collection, Hashable, Iterator, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import corem.dtls.engine.state as state
 from ..datafiles import STATE_KEY_FILE
-from ..registry import Device
+from ..registry import Device, credentials
 from ..stats import Sample, counter, fields, gauge
 from ..wal import defer_checkpoints
 from .engine.certs import chain_verifier
@@ -196,6 +196,7 @@ class LayerStats:
     sessions_expired: int = 0
     cid_moves: int = 0
     sessions_superseded: int = 0
+    sessions_revoked: int = 0
     engine: EngineStats = field(default_factory=EngineStats)
 
     # (as DtlsStats names them: the admin API's summary reads these two)
@@ -243,6 +244,12 @@ class Session:
         #: its row's key in the store (b"": not made yet -- `EngineServer._row` makes it the first time
         #: the session is saved; a session that ends before any save never needs one)
         self.key = key
+
+
+def _bound(device: Device | None) -> bytes:
+    """What a saved session's seal is bound to beside its row's key: its device's name and
+    credentials (`registry.credentials`; none for a session that names no device)."""
+    return b"" if device is None else credentials(device)
 
 
 class EngineServer:
@@ -392,6 +399,30 @@ class EngineServer:
                 self.stats.sessions_superseded += 1
             self._held_prune[key] = max(16, 2 * len(held))
         held.append(conn)
+
+    def revoke(self, names: Collection[tuple[str, str]] | None) -> None:
+        """The registry changed these devices (None: any of them): end each session made here whose
+        device is gone or proves itself otherwise now (a PSK or certificate rotated, the device
+        removed and added again) -- the lane's copy with it, so no record of the old credential is
+        taken, and a saved copy no longer opens (`_bound`); counted in `sessions_revoked`."""
+        e = self.engine
+        for name in list(self._held) if names is None else names:
+            held = self._held.get(name)
+            if not held:
+                continue
+            current = self.device_lookup(*name)
+            for conn in list(held):
+                s: Session | None = conn.layer
+                if s is None or s.device is None or (current is not None and (  # (== first: no digest)
+                        s.device == current or credentials(s.device) == credentials(current))):
+                    continue
+                if e.sessions.get(conn.peer) is conn or e.parked.get(conn.cid_in) is conn:
+                    e.drop(conn)
+                    self._checkpoints.discard(conn)
+                    if s.key:
+                        self.store.discard(s.key)
+                    self.stats.sessions_revoked += 1
+                held.remove(conn)
 
     def _moved(self, conn: Connection, old: Peer) -> None:
         self.stats.cid_moves += 1
@@ -592,8 +623,8 @@ class EngineServer:
         if not s.key:
             s.key = self._key_of(conn)
         saved = state.export(conn)
-        blob = BLOB_TAG + state.seal(saved, self.state_key, s.key)
         device = s.device
+        blob = BLOB_TAG + state.seal(saved, self.state_key, s.key + _bound(device))
         tenant, name = (device.tenant, device.device) if device is not None else ("", "")
         return s.key, blob, tenant, name, conn.last_seen + wall_offset, max(conn.window.top, s.marked)
 
@@ -663,7 +694,9 @@ class EngineServer:
         # the datagram that asked may be anyone's, from anywhere)
         parked = key.startswith(CID_KEY)
         try:
-            saved = state.open_sealed_untrusted(blob[len(BLOB_TAG):], self.state_key, key)
+            # (sealed with its device's name and credentials: a row renamed to another device, or
+            # one of a device whose credentials changed while it slept, does not open)
+            saved = state.open_sealed_untrusted(blob[len(BLOB_TAG):], self.state_key, key + _bound(device))
             conn = self.engine.restore(saved, peer, now, parked=parked)
         except (DtlsDecodeError, ValueError):
             self.stats.sessions_lost += 1
@@ -671,6 +704,8 @@ class EngineServer:
         if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
             conn.floor = rx_top  # (conn.newest counts it)
         s = Session(device, key)
+        if device is not None:
+            self._hold(device, conn)
         s.marked = rx_top
         s.saved = False  # (its row was taken: the next checkpoint saves it again)
         s.checkpoint_due = 0.0
@@ -712,6 +747,7 @@ class EngineServer:
             "offload_failed", "checkpoints")})
         yield counter("corem_dtls_cid_moves", d.cid_moves)
         yield counter("corem_dtls_sessions_superseded", d.sessions_superseded)
+        yield counter("corem_dtls_sessions_revoked", d.sessions_revoked)
         yield counter("corem_dtls_records_unknown_cid", e.records_dropped.get("unknown_cid", 0))
         for reason, n in sorted(d.handshakes_failed.items()):
             yield counter("corem_dtls_handshakes_failed", n, reason=reason)

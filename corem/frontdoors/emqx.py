@@ -40,7 +40,7 @@ from ..codec import Code, OptionNumber, Options, encode_uint
 from ..devices.downlink import Downlink
 from ..identity import Door, Refusal, SessionDevice
 from ..ingest.telemetry import BUSY, TelemetryIngest, answer_committed
-from ..registry import Device, Directory
+from ..registry import Device, Directory, credentials
 from ..stats import Sample, counter, gauge
 from .common import bad_request, query
 
@@ -192,7 +192,7 @@ class Emqx:
         found = self._current(device.tenant, topic)
         response = Response(Code.CONTENT, found.payload, self._options(found)) if found else Response(Code.CONTENT)
         answer = answer_observe(observers, req, _resource(device.tenant, topic), response, self.clock(),
-                                (device.tenant, device.device))
+                                (device.tenant, device.device), (_grant, _grant(device)))
         if answer is not response:
             self.stats.subscribed += 1
         return answer
@@ -265,4 +265,10 @@ def _answer_put(ctx: tuple[Request, int, Options | None], error: BaseException |
 
 def _resource(tenant: str, topic: str) -> str:
     return f"topic:{tenant}/{topic}"
+
+
+def _grant(device: Device) -> tuple[bytes, str]:
+    """What a subscription rests on: the device's credentials and its topic filters (narrowed, or
+    the device rotated or removed: its subscriptions end, corem/coap/observe.py `revoke`)."""
+    return credentials(device), device.topics
 

@@ -33,7 +33,7 @@ from ..identity import Door, Refusal, SessionDevice
 from ..ingest.telemetry import TelemetryIngest
 from ..logs import fields
 from ..errors import BadInput, Unauthorized
-from ..registry import Device, Directory
+from ..registry import Device, Directory, credentials
 from ..registry.management import Management
 from ..stats import Sample, counter
 from ..token_path import api_route, token_route
@@ -132,7 +132,8 @@ class ThingsBoard:
 
     def _observe(self, req: Request, device: Device, resource: str, response: Response,
                  observers: Observers) -> Response:
-        answer = answer_observe(observers, req, resource, response, self.clock(), (device.tenant, device.device))
+        answer = answer_observe(observers, req, resource, response, self.clock(), (device.tenant, device.device),
+                                (credentials, credentials(device)))  # (rotated, removed: it ends)
         if req.message is not None and req.message.observe == 0:  # a (re-)registration, not a goodbye
             self.downlink.observed(device, resource)
         return answer

@@ -1,6 +1,6 @@
 """Tenants, devices, credentials and profiles (SQLite)."""
 
 from .directory import Directory
-from .store import Device, Registry, RegistryError
+from .store import Device, Registry, RegistryError, credentials
 
-__all__ = ["Device", "Directory", "Registry", "RegistryError"]
+__all__ = ["Device", "Directory", "Registry", "RegistryError", "credentials"]

@@ -122,6 +122,7 @@ class Directory:
         self._reader: Db | None = None
         self._updating: trio.Lock | None = None
         self._pruned_at = time.monotonic()
+        self._next_warning = 0.0  # (`_could_not`)
         self.by_name = _View(self, NAME)
         self.by_token = _View(self, TOKEN)
         self.by_psk_identity = _View(self, PSK)
@@ -209,18 +210,22 @@ class Directory:
             if time.monotonic() - self._pruned_at > PRUNE_EVERY:
                 self._pruned_at = time.monotonic()
                 await trio.to_thread.run_sync(self._prune_quietly)
-            while force or self.changed():
+            while True:
+                try:  # (on the registry's own connection: a database that went away is not the end)
+                    if not (force or self.changed()):
+                        break
+                    version = self.registry.data_version()
+                except Exception as e:  # noqa: BLE001 - the driver's: PostgreSQL restarted, failed over, cut
+                    self._could_not("look for changes", e)
+                    return
                 force = False
-                version = self.registry.data_version()
                 reloads, updates, began = self.reloads, self.updates, time.monotonic()
                 while True:
                     try:
                         plan = await trio.to_thread.run_sync(self.read, self._reader_db())
                     except Exception as e:  # busy, away, or a row no reader expects: the next look tries again
                         # (never the poll's end: one row another tool wrote must not stop the server)
-                        log.warning("registry: could not read its changes (%s: %s); trying again at the next look",
-                                    type(e).__name__, e)
-                        self.close()  # (a connection made anew then)
+                        self._could_not("read its changes", e)
                         return
                     if self.apply(plan) and not plan.more:
                         break
@@ -232,6 +237,17 @@ class Directory:
                              time.monotonic() - began)
                 elif self.updates != updates:
                     log.info("registry changed: %d devices (%d registered)", self.updates - updates, len(self.fleet))
+
+    def _could_not(self, what: str, e: Exception) -> None:
+        """A look that failed (a PostgreSQL restart ended every node before: the error left the
+        poll): one warning every 60 s at most, the connections made anew at the next look, what
+        was read before still served."""
+        now = time.monotonic()
+        if now >= self._next_warning:
+            self._next_warning = now + 60.0
+            log.warning("registry: could not %s (%s: %s); trying again at the next look (this warning at most "
+                        "once a minute)", what, type(e).__name__, e)
+        self.close()
 
     def _reader_db(self) -> Db:
         if self._reader is None:

@@ -261,6 +261,14 @@ class Management:
         self._write("INSERT INTO bus_positions VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE "
                     "SET next_offset = excluded.next_offset WHERE excluded.next_offset > bus_positions.next_offset", (topic, partition, next_offset))
 
+    def remove(self, tenant: str, device: str) -> bool:
+        """Remove a device and what is kept of it here (`forget`): every way of removing one (the
+        admin API, the CLI) goes through this, so a device added again under its name starts with
+        nothing of the old one's (its owner, shared attributes, packages).  False if not found."""
+        removed = self.registry.remove_device(tenant, device)
+        self.forget(tenant, device)
+        return removed
+
     def forget(self, tenant: str, device: str) -> None:
         """A removed device's attributes, assignments and claim go with it."""
         with self._transaction():

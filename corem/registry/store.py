@@ -11,6 +11,7 @@ up exactly (access tokens); the database file is created mode 0600.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -203,6 +204,18 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     gateways: str = ""
     #: the OSCORE security context's input (corem/oscore), or None
     oscore: OscoreKeys | None = None
+
+
+def credentials(device: Device) -> bytes:
+    """A digest of who `device` is and what it proves it with: its name, its registration
+    (`created_at`: removed and added again, it is another device) and every credential (token,
+    PSK, certificate, OSCORE).  What was granted on them -- a DTLS session, a TLS connection, an
+    observation, a saved session's seal -- ends when this changes (corem/identity.py, the DTLS
+    layer); a change of profile, topics or power mode leaves it be.  Stable across processes and
+    nodes (a saved session is opened elsewhere)."""
+    fields = (device.tenant, device.device, device.created_at, device.token, device.psk_identity, device.psk,
+              device.cert_sha256, device.oscore)
+    return hashlib.blake2b(msgspec.msgpack.encode(fields), digest_size=16, person=b"corem.device").digest()
 
 
 def check_field(name: str, value: object, pattern: re.Pattern, allowed: str, *, secret: bool = False) -> None:
