@@ -194,3 +194,24 @@ def test_a_new_session_at_an_address_gets_nothing_the_last_one_began(data_dir):
         assert server.points("globex") == [] and server.points("acme") == []
     finally:
         server.stop()
+
+
+def test_a_subscription_ends_when_its_topics_are_narrowed(data_dir, tmp_path):
+    server = start_corem(data_dir)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(30)
+    s.connect(("127.0.0.1", server.coap_port))
+    try:
+        subscribed = observe(s, ["mqtt", "alerts"], b"s1", 0x300)  # (no query: the options carry it)
+        assert subscribed.code == Code.UNAUTHORIZED  # (EMQX's door wants c, u and p)
+        s.send(encode(Message(Type.CON, Code.GET, 0x301, b"s1", make_options(
+            [(O.OBSERVE, 0), (O.URI_PATH, "mqtt"), (O.URI_PATH, "alerts"),
+             *((O.URI_QUERY, q) for q in ("c=client-1", "u=sensor-1", "p=T0KEN-1"))]))))
+        subscribed = next_message(s)
+        assert subscribed.code == Code.CONTENT and subscribed.observe is not None
+        replace(data_dir, tmp_path, device="sensor-1", token="T0KEN-1", topics="room/#")  # (no longer alerts)
+        ended = next_message(s)
+        assert ended.token == b"s1" and ended.code == Code.UNAUTHORIZED and ended.observe is None
+    finally:
+        s.close()
+        server.stop()
