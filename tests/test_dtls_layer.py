@@ -377,3 +377,33 @@ def test_a_session_is_checkpointed_once_it_carries_data_not_for_its_handshake_or
     srv.tick(1.1)
     assert srv.stats.checkpoints == 1 and srv.store.keys() == [peer_key(B)]
     assert A not in srv.sessions
+
+
+def test_an_older_copy_of_a_saved_session_never_seals_with_a_number_used_since():
+    """A row put back from a backup (or a session two nodes restored at once) holds a write
+    reservation its newer self has used: restored, it seals from the wall clock's floor on
+    (16 a millisecond), past every number a session of fewer records than that has used -- not
+    with the same record numbers under the same key (AES-CCM nonce reuse)."""
+    wall = [1_800_000_000.0]
+    srv, _ = layer(SessionStore(), offload_after=10.0, checkpoint=False)
+    srv.wall = lambda: wall[0]
+    c = handshake(srv)
+    assert srv.receive(c.wrap(b"\x40\x02\x00\x01"), A, 1.0)
+    srv.sweep(20.0)
+    [key] = srv.store.keys()
+    row = srv.store.take(key)
+    used: list[list[int]] = []
+    for copy in range(2):  # the same saved row restored twice, the first copy gone in between
+        srv.store.put([row])
+        srv.offloaded.add(key)
+        wall[0] += 1.0
+        assert srv.receive(c.wrap(b"\x40\x02\x00\x02"), C, 21.0 + copy) == [b"\x40\x02\x00\x02"]
+        conn = srv.engine.sessions[C]
+        numbers = []
+        for _ in range(3):
+            numbers.append(conn.write_seq[1])
+            assert srv.wrap(b"\x60\x44\x00\x02", C)
+        used.append(numbers)
+        srv.engine.drop(conn)
+    assert not set(used[0]) & set(used[1]), used
+    assert used[1][0] >= int(wall[0] * 1000) * 16

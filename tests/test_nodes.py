@@ -144,10 +144,10 @@ def test_the_registry_makes_a_lost_database_connection_again(store_url):
         reg.close()
 
 
-def node(store_url: str) -> EngineServer:
+def node(store_url: str, state_key: bytes = b"k" * 32) -> EngineServer:
     """A node's CoAPS layer on the shared store (corem's engine: the only one a shared store takes;
     every node seals and opens the sessions with one key)"""
-    return EngineServer({IDENTITY: DEVICE}.get, store=SessionStore(store_url), state_key=b"k" * 32,
+    return EngineServer({IDENTITY: DEVICE}.get, store=SessionStore(store_url), state_key=state_key,
                         device_lookup=lambda t, d: DEVICE)
 
 
@@ -162,6 +162,20 @@ def test_a_session_saved_by_one_node_is_taken_up_by_another(store_url):
     assert c.send(b, b"\x40\x02\x00\x02b", now=5.0) == [b"\x40\x02\x00\x02b"]
     assert b.stats.restored == 1 and b.stats.handshakes_completed == 0 and b.device(PEER) == DEVICE
     assert c.receive(b.wrap(b"\x60\x44\x00\x02", PEER)) == b"\x60\x44\x00\x02"
+
+
+def test_a_node_with_another_state_key_leaves_the_clusters_sessions_alone(store_url):
+    """A node started with a wrong `dtls_state_key` cannot open the shared rows: it leaves them
+    (and says so) for the nodes that can, instead of deleting every session it is asked for."""
+    a, wrong = node(store_url), node(store_url, b"w" * 32)
+    c = Client()
+    assert c.handshake(a)
+    assert c.send(a, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
+    a.tick(1.1)  # the checkpoint
+    a.engine.drop(a.engine.sessions[PEER])  # (node a lost it: its next record goes to the wrong node)
+    assert c.send(wrong, b"\x40\x02\x00\x02b", now=5.0) == []
+    assert wrong.stats.sessions_lost == 1 and len(wrong.store.keys()) == 1
+    assert c.send(a, b"\x40\x02\x00\x03c", now=6.0) == [b"\x40\x02\x00\x03c"]  # a node with the key takes it
 
 
 def test_records_from_unknown_peers_cost_one_query_per_address_not_per_datagram(store_url):

@@ -51,7 +51,7 @@ from .engine.connection import ESTABLISHED, Connection
 from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
-from .engine.records import RECORDS, TLS12_CID
+from .engine.records import RECORDS, SEQ_MAX, TLS12_CID
 from .keyset import KeySet
 from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registered, registry_device
 from .slots import HandshakeSlots
@@ -244,6 +244,11 @@ class Session:
         #: its row's key in the store (b"": not made yet -- `EngineServer._row` makes it the first time
         #: the session is saved; a session that ends before any save never needs one)
         self.key = key
+
+
+#: a restored session's write sequence number is at least the wall clock's milliseconds times this
+#: (48 bits: until the year 2527)
+SEQ_PER_MS = 16
 
 
 def _bound(device: Device | None) -> bytes:
@@ -697,9 +702,25 @@ class EngineServer:
             # (sealed with its device's name and credentials: a row renamed to another device, or
             # one of a device whose credentials changed while it slept, does not open)
             saved = state.open_sealed_untrusted(blob[len(BLOB_TAG):], self.state_key, key + _bound(device))
+            # records sealed from a number no older copy of the row can have reached: a copy put back
+            # (a backup, a snapshot) or held by two nodes at once would otherwise seal again with the
+            # numbers its newer self used -- nonce reuse under one key.  The clock floor outruns a
+            # session's own numbers unless it sent over 16 records a millisecond on average.
+            floor = min(int(self.wall() * 1000) * SEQ_PER_MS, SEQ_MAX - (1 << 24))
+            if saved.write_seq < floor:
+                saved = dataclasses.replace(saved, write_seq=floor)
             conn = self.engine.restore(saved, peer, now, parked=parked)
         except (DtlsDecodeError, ValueError):
             self.stats.sessions_lost += 1
+            if self.store.shared:  # (left for a node that can open it: this one's key may be wrong)
+                self.store.put([row])
+                self._missed[key] = now + MISS_TTL
+                t = time.monotonic()
+                if t >= self._next_store_warning:
+                    self._next_store_warning = t + 60.0
+                    log.warning("a DTLS session of the shared store does not open with this node's dtls_state_key "
+                                "(or its device's credentials changed since): left there; if this repeats, is "
+                                "dtls_state_key the other nodes' key?")
             return None
         if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
             conn.floor = rx_top  # (conn.newest counts it)
