@@ -78,6 +78,34 @@ def test_an_endless_loop_or_a_huge_allocation_is_5_03_and_the_codec_starts_clean
                          42, b"\x01", NOW)["code"] == "5.03"
 
 
+@pytest.mark.parametrize("max_memory_mb", [16, 32])
+def test_the_memory_limit_is_the_limit_when_the_engine_can_only_throw_null(max_memory_mb):
+    """At its heap limit QuickJS often cannot allocate its "out of memory" error either, and throws
+    null instead: that is the memory limit (5.03, a fresh runtime), not the payload's fault (4.00)."""
+    hungry = codec("var calls = 0; function decodeUplink(i) { calls++; if (!i.bytes[0]) return {data: {calls: calls}}; "
+                   "var k = []; while (true) k.push('x' + k.length); }", max_memory_mb=max_memory_mb, timeout_ms=1000)
+    assert hungry(42, b"\x00", NOW)[0].numeric == {"calls": 1.0}
+    with pytest.raises(Overloaded, match=f"codec: used more than its {max_memory_mb} MB"):
+        hungry(42, b"\x01", NOW)
+    assert hungry(42, b"\x00", NOW)[0].numeric == {"calls": 1.0}  # a fresh runtime: the codec's state is gone
+
+
+def test_a_codec_whose_state_fills_its_heap_is_made_anew_not_broken_for_good():
+    """The tester's case: a small string kept per payload byte at 8 MB filled the heap, and every
+    later reading of the profile was 4.00 "threw null" for good."""
+    keeping = codec("var kept = []; function decodeUplink(i) { for (var j = 0; j < i.bytes.length; j++) "
+                    "kept.push('frame ' + kept.length + ' byte ' + i.bytes[j]); return {data: {kept: kept.length}}; }",
+                    max_memory_mb=8, timeout_ms=1000)
+    limits = 0
+    for _ in range(800):
+        try:
+            keeping(42, bytes(range(200)), NOW)
+        except Overloaded:
+            limits += 1
+    assert limits >= 1
+    assert keeping(42, bytes(range(200)), NOW)[0].numeric["kept"] < 200 * 800  # served again, from a fresh start
+
+
 @pytest.mark.parametrize("script, reason", [
     ("function decodeUplink(i) { throw new Error('bad battery byte'); }", "codec: threw Error: bad battery byte"),
     ("function decodeUplink(i) { return require('fs').readFileSync('/etc/passwd'); }",

@@ -24,7 +24,10 @@ built-in calls (`while (true) a.fill(1)` over a large array) runs up to 10,000 o
 asked -- measured 3.2 s for a 100,000-element array at a 50 ms limit (bench/js_engines_bench.py,
 `busy stop`; V8 stops it at 50 ms), bounded by the memory limit, which bounds what one call can work
 on.  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
-`max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage).  The one call
+`max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage), and throws
+its InternalError "out of memory" -- or, when it cannot allocate even that, null: both are the
+limit (5.03, a fresh runtime), never the payload's 4.00, or a codec whose kept state filled the heap
+would refuse every later reading of its profile for good.  The one call
 that could block, `Atomics.wait`, throws (the runtime may not block).
 
 What never runs outside those limits: a thrown value is turned into text inside the call, by the
@@ -78,13 +81,20 @@ PRELUDE = r"""
   defineProperty(E, "name", {value: "InternalError", writable: false, configurable: false});
   defineProperty(E, "stack", {value: "", writable: false, configurable: false});
   Object.freeze(E);
+  // The memory limit, however the engine reports it: its InternalError "out of memory" when it
+  // could still make one, else `null` -- at the limit QuickJS often cannot allocate that error, and
+  // what is thrown is then null (a codec's own `throw null` is taken for the limit too: nothing tells
+  // the two apart, and a fresh runtime is the safe answer to both).
+  function outOfMemory(e) {
+    return e === null || (typeof e === "object" && getProto(e) === E && e.message === "out of memory");
+  }
   function refused(e) {
     var text;
     try {
-      text = e !== null && typeof e === "object" && getProto(e) === E && e.message === "out of memory" ? "#" : "!";
+      text = outOfMemory(e) ? "#" : "!";
       return text + stringify(String(e));
-    } catch (again) {
-      return (text || "!") + '"a value that cannot be shown"';
+    } catch (again) {  // (showing it failed: for want of memory too, if that is what it threw)
+      return (text === "#" || outOfMemory(again) ? "#" : "!") + '"a value that cannot be shown"';
     }
   }
   function fixed(name, fn) {
