@@ -31,6 +31,12 @@ def custom(cf: int | None, payload: bytes | bytearray | memoryview):
 
 
 LHT65 = (Path(__file__).resolve().parent / "codecs" / "lht65.js").read_text()
+JS_EDGE = """function decodeUplink(i) {
+  var b = i.bytes[0];
+  if (b === 1) return {data: {t: String.fromCharCode(0xd800)}};
+  if (b === 2) { var d = {v: 1}; for (var k = 0; k < 1000; k++) d = {a: d}; return {data: d}; }
+  return {data: {b: b}};
+}"""
 PROTO = """syntax = "proto3";
 message Values { double temperature = 1; int32 humidity = 2; string state = 3; }
 message Reading { int64 ts = 1; Values values = 2; }
@@ -218,6 +224,10 @@ class Twin:
         self.registry.put_profile("js", parse_profile(json.dumps({
             "format": "js", "script": LHT65, "fields": {"temperature": {"max": 60, "unit": "Cel"}}})))
         self.registry.add_device("acme", "js-1", token="JS", profile="js")
+        # a codec that returns what no stored point can hold, by the payload's first byte: 1, a text
+        # with a lone surrogate; 2, data nested 1,000 deep; else a reading
+        self.registry.put_profile("js-edge", parse_profile(json.dumps({"format": "js", "script": JS_EDGE})))
+        self.registry.add_device("acme", "js-edge-1", token="JU", profile="js-edge")
         self.registry.put_profile("proto", parse_profile(json.dumps({"format": "protobuf", "schema": PROTO})))
         self.registry.add_device("acme", "proto-1", token="PB", profile="proto")
         # protobuf read in C (proto.h): every kind, nested messages flattened (PBA), refused (PBR) or

@@ -858,6 +858,23 @@ def test_a_python_decoders_reading_is_taken_from_the_lanes_batch_and_stored_as_p
     assert lane_took(twin) == 1 and decode(answers[0][0]).code == Code.CHANGED and len(stored) == 1
 
 
+@pytest.mark.parametrize("token, cf, body, field", [
+    ("JU", 42, b"\x01", "t"),  # a codec's text with a lone surrogate
+    ("JU", 42, b"\x02", "codec.data"),  # a codec's data nested 1,000 deep
+])
+def test_what_no_point_can_hold_is_a_4_00_naming_its_field_with_and_without_the_lane(twin, token, cf, body, field):
+    """These were 5.00 "internal error" (a handler error, nothing counted): the sender's 4.00, counted
+    as a bad payload, the same with the lane and without."""
+    twin.receive(post(token, payload=body, cf=cf))
+    twin.commit()
+    answers, stored = twin.check()
+    answer = decode(answers[0][0])
+    assert answer.code == Code.BAD_REQUEST and not stored, answer
+    assert bytes(answer.payload).startswith(f"field '{field}': ".encode())
+    for side in (twin.lane, twin.python):
+        assert side.count("corem_protocol_payload_rejections", reason="decode_error") == 1
+
+
 # -- protobuf read in C (proto.h), against protobuf.py's decoder -----------------------------------
 def all_message(**fields) -> bytes:
     from corem.profiles.proto_schema import message_class

@@ -242,9 +242,9 @@ def test_a_codec_made_on_one_thread_runs_on_another():
 
 def test_the_codec_gets_its_payload_byte_for_byte_and_large_times_exactly():
     [point] = codec("function decodeUplink(i) { return {data: {bytes: i.bytes.join(','), "
-                    "array: Array.isArray(i.bytes), at: i.recvTime.getTime(), text: 'a\\u0000b\\ud800\u00e9'}}; }")(
+                    "array: Array.isArray(i.bytes), at: i.recvTime.getTime(), text: 'a\\u0000b\\u00e9\\ud83d\\ude00'}}; }")(
         42, bytes([0, 1, 127, 128, 255]), 4_102_444_800_123)
-    assert point.strings == {"bytes": "0,1,127,128,255", "text": "a\x00b\ud800\u00e9"}
+    assert point.strings == {"bytes": "0,1,127,128,255", "text": "a\x00b\u00e9\U0001f600"}
     assert point.numeric == {"array": 1.0, "at": 4_102_444_800_123.0}
 
 
@@ -265,3 +265,23 @@ def test_a_runtime_that_does_not_load_again_after_a_limit_is_retried_at_the_next
         decode(42, b"\x00", NOW)
     monkeypatch.setattr(decode, "_start", start)
     assert decode(42, b"\x00", NOW)[0].numeric == {"calls": 1.0}
+
+
+@pytest.mark.parametrize("script, field, reason", [
+    # JavaScript text is UTF-16: a lone surrogate is no Unicode text the stored point could hold
+    ("function decodeUplink(i) { return {data: {text: 'a' + String.fromCharCode(0xd800)}}; }", "text",
+     "codec: not valid Unicode text (a lone surrogate)"),
+    ("function decodeUplink(i) { var d = {}; d['t' + String.fromCharCode(0xdc00)] = 1; return {data: d}; }",
+     "t\\udc00", "codec: not valid Unicode text (a lone surrogate)"),
+    # data nested past what Python's JSON parser recurses (a 5.00 "internal error" before)
+    ("function decodeUplink(i) { var d = {v: 1}; for (var k = 0; k < 1000; k++) d = {a: d}; return {data: d}; }",
+     "codec.data", "codec: data nested too deep"),
+    # nested deep, yet within the parser's reach: flattened only so far
+    ("function decodeUplink(i) { var d = {v: 1}; for (var k = 0; k < 100; k++) d = {a: d}; return {data: d}; }",
+     "a" + ".a" * 64, "nested deeper than 64 maps or arrays"),
+])
+def test_what_a_codec_returns_that_no_point_can_hold_is_its_4_00_naming_the_field(script, field, reason):
+    with pytest.raises(PayloadError) as e:
+        codec(script)(42, b"\x01", NOW)
+    assert not isinstance(e.value, Overloaded)
+    assert (e.value.field, e.value.reason) == (field, reason)

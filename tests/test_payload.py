@@ -80,6 +80,7 @@ def test_offending_field_is_named(value, field, reason):
         (CF_JSON, b'"#\xc0"', "invalid JSON: text is not UTF-8 at byte 2"),  # fuzz_payload found this one
         (CF_JSON, b'{"a": NaN}', "invalid JSON: NaN and Infinity are not JSON numbers"),
         (CF_JSON, b'{"a": 1e999}', "invalid JSON: a number is out of range"),
+        (CF_JSON, b"[" * 3000 + b"]" * 3000, "invalid JSON: nested too deep"),  # (msgspec's recursion: was a 5.00)
         (None, cbor({"a": 1}), "content-format: missing; send application/cbor (60) or application/json (50)"),
         (CF_CBOR, b"", "empty payload"),
     ],

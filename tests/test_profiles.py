@@ -107,6 +107,17 @@ def test_content_formats_outside_the_profile_are_415():
     assert refused(TB, 50, b"{").reason.startswith("invalid JSON")
 
 
+@pytest.mark.parametrize("nested", ["flatten", "json"])
+def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested):
+    """JSON is not bounded at MAX_DEPTH when decoded: put_value is, where Python's recursion (a 5.00)
+    was before -- JSON nested 100 or 1,000 deep is the sender's 4.00, naming the field."""
+    for depth in (100, 900):
+        body = b'{"a": ' + b'{"b": ' * depth + b"1" + b"}" * depth + b"}"
+        e = refused({"format": "thingsboard", "nested": nested}, 50, body)
+        assert e.reason == "nested deeper than 64 maps or arrays" and e.field.startswith("a.b.b"), e
+    assert decode({"format": "thingsboard", "nested": nested}, 50, b'{"a": ' + b'{"b": ' * 60 + b"1" + b"}" * 61)
+
+
 def test_one_payload_carries_at_most_max_points():
     assert len(decode(TB, 60, [{"t": i} for i in range(1000)])) == 1000
     assert refused(TB, 60, [{"t": i} for i in range(1001)]).reason == "1001 points in one payload; at most 1000"

@@ -51,6 +51,10 @@ FormatDecoder = Callable[[int | None, bytes | bytearray | memoryview, int], list
 MAX_POINTS = 1000
 #: Nesting a ThingsBoard or SenML payload may have (an array of maps of values of maps ...).
 MAX_DEPTH = 16
+#: Nesting `put_value` flattens or keeps as JSON text (a JSON document or a JavaScript codec's data,
+#: which no decoder bounded at MAX_DEPTH): deeper is the sender's 4.00, naming the field, where
+#: Python's recursion limit (~1,000 frames) made it a 5.00
+MAX_NESTING = 64
 
 CF_SENML_JSON, CF_SENSML_JSON = content_format.SENML_JSON, content_format.SENSML_JSON
 CF_SENML_CBOR, CF_SENSML_CBOR = content_format.SENML_CBOR, content_format.SENSML_CBOR
@@ -121,9 +125,9 @@ def thingsboard_entry(entry: object, index: int | None, nested: str) -> Readings
 
 
 def put_value(key: object, value: object, where: str, nested: str, numeric: dict[str, float],
-              strings: dict[str, str], prefix: str = "") -> None:
+              strings: dict[str, str], prefix: str = "", depth: int = 0) -> None:
     """One key's value into the readings: a scalar as it is, a map or an array as `nested` says
-    (ThingsBoard's values, a JavaScript codec's data)."""
+    (ThingsBoard's values, a JavaScript codec's data), at most MAX_NESTING levels deep."""
     if type(key) is not str or not key:
         raise PayloadError("keys must be non-empty text strings", f"{where}{prefix}{key!r}")
     name = prefix + key
@@ -132,27 +136,32 @@ def put_value(key: object, value: object, where: str, nested: str, numeric: dict
     if put_scalar(name, value, numeric, strings):
         return
     if isinstance(value, (dict, list)):
+        if depth >= MAX_NESTING and nested == "flatten":
+            raise PayloadError(f"nested deeper than {MAX_NESTING} maps or arrays", where + name)
         if nested == "json":
-            strings[name] = json.dumps(_plain(value, where + name), separators=(",", ":"), ensure_ascii=False)
+            strings[name] = json.dumps(_plain(value, where + name, depth), separators=(",", ":"), ensure_ascii=False)
             return
         if nested == "flatten":
             items = value.items() if isinstance(value, dict) else ((str(i), v) for i, v in enumerate(value))
             for inner, v in items:
-                put_value(inner, v, where, nested, numeric, strings, name + ".")
+                put_value(inner, v, where, nested, numeric, strings, name + ".", depth + 1)
             return
         raise PayloadError(f"{kind(value)} values are not allowed (the profile's nested is reject; "
                            "flatten or json take them)", where + name)
     raise PayloadError(f"{kind(value)} values are not allowed; send numbers, booleans, text or maps", where + name)
 
 
-def _plain(value: object, field: str) -> object:
-    """`value` as JSON can say it (CBOR may hold what JSON cannot: refused, naming the field)."""
+def _plain(value: object, field: str, depth: int = 0) -> object:
+    """`value` as JSON can say it (CBOR may hold what JSON cannot: refused, naming the field), at
+    most MAX_NESTING levels deep (as put_value flattens: json.dumps would recurse past Python's limit)."""
+    if isinstance(value, (dict, list)) and depth >= MAX_NESTING:
+        raise PayloadError(f"nested deeper than {MAX_NESTING} maps or arrays", field)
     if isinstance(value, dict):
         if not all(type(k) is str for k in value):
             raise PayloadError("keys must be text strings", field)
-        return {k: _plain(v, f"{field}.{k}") for k, v in value.items()}
+        return {k: _plain(v, f"{field}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v, f"{field}.{i}") for i, v in enumerate(value)]
+        return [_plain(v, f"{field}.{i}", depth + 1) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float) and math.isfinite(value):

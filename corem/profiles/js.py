@@ -194,7 +194,11 @@ class JsCodec:
                 raise Overloaded(f"codec: used more than its {self.max_memory >> 20} MB", "codec")
         if result[:1] == "!":
             raise PayloadError(f"codec: threw {_first_line(json.loads(result[1:]))}", "codec")
-        return [_point(json.loads(result))]
+        try:
+            out = json.loads(result)
+        except RecursionError:  # (what JSON.stringify wrote nests past what Python's parser recurses)
+            raise PayloadError("codec: data nested too deep", "codec.data") from None
+        return [_point(out)]
 
 
 def _point(result: Any) -> Readings:
@@ -213,7 +217,25 @@ def _point(result: Any) -> Readings:
         put_value(key, value, "", "flatten", numeric, strings)
     if not numeric and not strings:
         raise PayloadError("codec: data has no readings", "codec.data")
+    # JavaScript text is UTF-16: a codec that builds text from code units can return a lone surrogate,
+    # which no UTF-8 (the stored point's JSON) can hold -- the codec's 4.00 here, not a 5.00 when
+    # the point is encoded
+    for key in numeric:
+        _unicode(key, key)
+    for key, text in strings.items():
+        _unicode(key, key)
+        _unicode(text, key)
     return Readings(numeric, strings, None)
+
+
+def _unicode(text: str, field: str) -> None:
+    """Refuses a name or text holding a lone surrogate (4.00 naming its field, shown escaped)."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise PayloadError("codec: not valid Unicode text (a lone surrogate)",
+                               field.encode(errors="backslashreplace").decode()) from None
 
 
 def _first_line(text: str) -> str:

@@ -107,6 +107,8 @@ def decode_json(payload: bytes | bytearray | memoryview) -> Any:
         return _json.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec < 0.23 let UnicodeDecodeError through
         raise PayloadError(f"invalid JSON: {_json_problem(bytes(payload))}") from None
+    except RecursionError:  # (msgspec's decoder recurses: ~3,000 nested arrays are past Python's limit)
+        raise PayloadError("invalid JSON: nested too deep") from None
 
 
 def _json_problem(data: bytes) -> str:
@@ -206,7 +208,7 @@ REASONS = tuple(re.compile(p) for p in (
     r"invalid CBOR: (the data ends before the value is complete|a map repeats a key|not well-formed"
     r"|nested deeper than \d+ maps or arrays|a tagged or special value does not decode|\d+ trailing bytes after the map)",
     r"invalid JSON: (text is not UTF-8 at byte \d+|not well-formed at byte \d+"
-    r"|NaN and Infinity are not JSON numbers|a number is out of range)",
+    r"|NaN and Infinity are not JSON numbers|a number is out of range|nested too deep)",
     rf"expected a map of metric -> value, got {_KIND}",
     r"the map has no readings(, only ts)?",
     rf"map keys must be text strings, got {_KIND}",
