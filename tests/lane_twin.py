@@ -35,6 +35,9 @@ JS_EDGE = """function decodeUplink(i) {
   var b = i.bytes[0];
   if (b === 1) return {data: {t: String.fromCharCode(0xd800)}};
   if (b === 2) { var d = {v: 1}; for (var k = 0; k < 1000; k++) d = {a: d}; return {data: d}; }
+  if (b === 3) throw new Error("refused");
+  if (b === 4) while (true) {}
+  if (b === 5) { var many = {}; for (var m = 0; m < 65; m++) many["r" + m] = m; return {data: many}; }
   return {data: {b: b}};
 }"""
 PROTO = """syntax = "proto3";
@@ -225,7 +228,8 @@ class Twin:
             "format": "js", "script": LHT65, "fields": {"temperature": {"max": 60, "unit": "Cel"}}})))
         self.registry.add_device("acme", "js-1", token="JS", profile="js")
         # a codec that returns what no stored point can hold, by the payload's first byte: 1, a text
-        # with a lone surrogate; 2, data nested 1,000 deep; else a reading
+        # with a lone surrogate; 2, data nested 1,000 deep; 3, it throws; 4, it loops (its time limit);
+        # 5, 65 readings (more than the lane writes); else a reading
         self.registry.put_profile("js-edge", parse_profile(json.dumps({"format": "js", "script": JS_EDGE})))
         self.registry.add_device("acme", "js-edge-1", token="JU", profile="js-edge")
         self.registry.put_profile("proto", parse_profile(json.dumps({"format": "protobuf", "schema": PROTO})))

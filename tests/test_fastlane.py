@@ -875,6 +875,29 @@ def test_what_no_point_can_hold_is_a_4_00_naming_its_field_with_and_without_the_
         assert side.count("corem_protocol_payload_rejections", reason="decode_error") == 1
 
 
+@pytest.mark.parametrize("body, code", [
+    (b"\x01", Code.BAD_REQUEST), (b"\x03", Code.BAD_REQUEST), (b"\x04", Code.SERVICE_UNAVAILABLE),
+    (b"\x05", Code.CHANGED), (b"\x06", Code.CHANGED),
+])
+def test_a_reading_the_lane_hands_on_is_decoded_once(twin, monkeypatch, body, code):
+    """A codec's throw, its limit, 65 readings, a lone surrogate: the lane's decoder call gave them,
+    the Python path answers them with that outcome -- the codec is not run a second time (its
+    limits were paid twice on the event loop).  One run a side: one with the lane, one without."""
+    from corem.profiles.js import JsCodec
+
+    calls: list[bytes] = []
+    run = JsCodec.__call__
+    monkeypatch.setattr(JsCodec, "__call__", lambda self, cf, payload, now: calls.append(bytes(payload)) or
+                        run(self, cf, payload, now))
+    for _ in range(2):  # (twice: the second reading is not answered from the first's outcome)
+        twin.receive(post("JU", payload=body, cf=42, mid=0x1234 + len(calls)))
+        twin.commit()
+        answers, _ = twin.check()
+        assert decode(answers[0][0]).code == code
+    assert calls == [body] * 4
+    assert not twin.lane.ingest._compiled["js-edge"][1].handover.count  # (all taken)
+
+
 # -- protobuf read in C (proto.h), against protobuf.py's decoder -----------------------------------
 def all_message(**fields) -> bytes:
     from corem.profiles.proto_schema import message_class

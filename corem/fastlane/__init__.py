@@ -108,7 +108,8 @@ def lane_profile(target: Target) -> object:
         try:
             in_python = decode.decode if decode.mode in (LANE_PYTHON, LANE_PROTOBUF) else None
             decode.compiled = compile_profile(decode.rules, decode.positions, decode.layout, in_python,
-                                              decode.nested, decode.proto)
+                                              decode.nested, decode.proto,
+                                              decode.handover.put if in_python is not None else None)
         except ValueError:
             decode.compiled = False
     return decode.compiled

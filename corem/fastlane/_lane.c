@@ -84,6 +84,7 @@ typedef struct {
     layout_t layout;
     PyObject *source; /* the tuples the strings live in */
     PyObject *decode; /* MODE_PYTHON, MODE_PROTOBUF: the profile's Python decoder (pycodec.h), or NULL */
+    PyObject *handed; /* called with what `decode` gave a reading the lane hands to the Python path, or NULL */
     int nested;       /* ThingsBoard's `nested`: 0 reject (Python's), 1 flatten (their leaves), 2 json (their text) */
     pb_plan_t proto;  /* MODE_PROTOBUF: the schema's messages (proto.h) */
 } lane_profile_t;
@@ -96,20 +97,28 @@ static void profile_free(PyObject *capsule) {
     pb_free(&P->proto);
     Py_XDECREF(P->source);
     Py_XDECREF(P->decode);
+    Py_XDECREF(P->handed);
     PyMem_Free(P);
 }
 
-/* compile_profile(rules, positions, layout, decode=None, nested=0, proto=None): see rules.h
+/* compile_profile(rules, positions, layout, decode=None, nested=0, proto=None, handed=None): see rules.h
  * `rules_from`, layouts.h `layout_from`; `decode`, the Python decoder a MODE_PYTHON target's
  * readings go through, and a MODE_PROTOBUF target's that proto.h does not read (pycodec.h; it must
  * not refer to the capsule: a capsule is not followed by the GC); `nested`, a ThingsBoard or protobuf profile's: 1 flatten, 2 json (cbor_json.h flat_t),
- * 0 reject; `proto`, a MODE_PROTOBUF profile's schema (proto.h `pb_from`). */
+ * 0 reject; `proto`, a MODE_PROTOBUF profile's schema (proto.h `pb_from`); `handed(payload, cf, now_ms,
+ * outcome)`, told what `decode` gave (its list, or the exception it raised) for a reading the lane
+ * then hands to the Python path, which takes that instead of decoding again (pycodec.h; as `decode`,
+ * it must not refer to the capsule). */
 static PyObject *compile_profile(PyObject *module, PyObject *args) {
-    PyObject *rules, *positions, *layout, *decode = Py_None, *proto = Py_None;
+    PyObject *rules, *positions, *layout, *decode = Py_None, *proto = Py_None, *handed = Py_None;
     int nested = 0;
-    if (!PyArg_ParseTuple(args, "O!O!O!|OiO", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
-                          &decode, &nested, &proto))
+    if (!PyArg_ParseTuple(args, "O!O!O!|OiOO", &PyTuple_Type, &rules, &PyTuple_Type, &positions, &PyTuple_Type, &layout,
+                          &decode, &nested, &proto, &handed))
         return NULL;
+    if (handed != Py_None && !PyCallable_Check(handed)) {
+        PyErr_SetString(PyExc_TypeError, "compile_profile: handed is callable or None");
+        return NULL;
+    }
     if (proto != Py_None && !PyTuple_Check(proto)) {
         PyErr_SetString(PyExc_TypeError, "compile_profile: proto is protobuf.py lane_proto's tuple or None");
         return NULL;
@@ -134,6 +143,10 @@ static PyObject *compile_profile(PyObject *module, PyObject *args) {
     if (decode != Py_None) {
         Py_INCREF(decode);
         P->decode = decode;
+    }
+    if (handed != Py_None) {
+        Py_INCREF(handed);
+        P->handed = handed;
     }
     P->nested = nested;
     if (rules_from(rules, &P->rules) < 0 || layout_from(positions, layout, &P->layout) < 0 ||
@@ -1282,10 +1295,14 @@ static int take_decoded(Lane *self, target_t *t, const shape_t *s, const uint8_t
     int nu = 0;
     uint64_t gen = self->targets_gen;
     Py_ssize_t ti = t - self->targets;
-    int got = parse_python(profile_of(t)->decode, s->cf, s->payload, s->end, now_ms, items, &nitems, &ts, uorder, &nu,
-                           &keep);
+    /* (the profile's C form, held: Python code -- the decoder, `handed` -- may replace the target's) */
+    PyObject *held = t->profile;
+    Py_INCREF(held);
+    lane_profile_t *P = profile_of(t);
+    int got = parse_python(P->decode, s->cf, s->payload, s->end, now_ms, items, &nitems, &ts, uorder, &nu, &keep);
     if (got == -2) { /* (not the decoder's refusal: KeyboardInterrupt and the like go up) */
         Py_XDECREF(keep);
+        Py_DECREF(held);
         return -1;
     }
     if (got < 0 || self->targets_gen != gen) /* (Python ran: the table may have changed) */
@@ -1294,6 +1311,19 @@ static int take_decoded(Lane *self, target_t *t, const shape_t *s, const uint8_t
         r = take_reading(self, &self->targets[ti], s, d, n, a, alen, peer, key, reuse, items, nitems, &ts, 1, now, now_ms,
                          NULL, uorder, nu, osc);
     if (r == 0) self->python_decoded++;
+    if (r == 1 && keep && P->handed) {
+        /* the Python path answers this reading: it takes the decoder's outcome from here rather
+         * than run the decoder a second time (a codec's state would see the payload twice, and a
+         * reading at its limits would cost them twice) */
+        PyObject *cf = s->cf < 0 ? Py_NewRef(Py_None) : PyLong_FromLong(s->cf);
+        PyObject *res = cf ? PyObject_CallFunction(P->handed, "y#OLO", (const char *)s->payload,
+                                                   (Py_ssize_t)(s->end - s->payload), cf, now_ms, keep)
+                           : NULL;
+        if (!res) r = -1;
+        Py_XDECREF(cf);
+        Py_XDECREF(res);
+    }
+    Py_DECREF(held);
     Py_XDECREF(keep); /* (last: the items point into it) */
     return r;
 }

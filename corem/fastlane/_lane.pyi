@@ -108,7 +108,8 @@ def compile_profile(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, f
                                        float | None, float | None, bool, tuple[bytes, ...] | None], ...],
                     positions: tuple[bytes | None, ...], layout: tuple[tuple[bytes | None, bytes, int], ...],
                     decode: Callable[[int | None, bytes, int], list[Any]] | None = None, nested: int = 0,
-                    proto: tuple[Any, ...] | None = None, /) -> object:
+                    proto: tuple[Any, ...] | None = None,
+                    handed: Callable[[bytes, int | None, int, Any], None] | None = None, /) -> object:
     """A profile's C form for set_target: its field rules (rules.h: name, rename, unit, type 0 any /
     1 number / 2 string, scale, offset, min, max, required, allowed, in the profile's order), an
     array's positions and a binary layout (layouts.h: name, struct format or b"skip", bytes to skip).
@@ -116,4 +117,6 @@ def compile_profile(rules: tuple[tuple[bytes, bytes | None, bytes | None, int, f
     itself for a target in the Python mode, and in the protobuf mode for a message proto.h does not
     read (pycodec.h); `nested`: a ThingsBoard or protobuf profile's nested values refused (0), read
     into their leaves, `outer.inner` (1), or kept as their JSON text (2); `proto`: a protobuf
-    profile's schema (profiles/protobuf.py `lane_proto`, proto.h)."""
+    profile's schema (profiles/protobuf.py `lane_proto`, proto.h); `handed(payload, cf, now_ms,
+    outcome)`: told what `decode` gave (its list, or the exception it raised) for a reading the lane
+    then hands to the Python path (profiles/compile.py `Handover`)."""

@@ -6,8 +6,9 @@
  * and writes the point and the record itself: no Request, router or endpoint in between.  It
  * takes one point whose values it can write exactly as msgspec does (float numbers, str texts and
  * units, an int ts in range); anything else -- an exception (a refusal), several points, an int
- * where a float goes -- is the Python path's, which decodes again and answers (a refusal costs a
- * second decode; a reading never does).  Header-only, for _lane.c, after cbor_json.h.
+ * where a float goes -- is the Python path's, which answers it with what this call gave (the
+ * profile's `handed`, _lane.c take_decoded: never a second decode, which a codec's state would see
+ * and a reading at a codec's limits would pay twice).  Header-only, for _lane.c, after cbor_json.h.
  */
 #ifndef COREM_PYCODEC_H
 #define COREM_PYCODEC_H
@@ -28,8 +29,9 @@ static int utf8_of(PyObject *o, const uint8_t **s, size_t *n) {
 
 /* One point from `decode` at `now_ms`: 0, the items (pointing into the decoder's result, `keep`,
  * which the caller releases once the point is written), the time and the units' order (uorder, nu
- * of them); -1 otherwise (no exception left set); -2 with an exception that is not the decoder's
- * refusal set (KeyboardInterrupt, SystemExit, ...: it propagates). */
+ * of them); -1 otherwise (no exception left set; `keep` the decoder's result, or the exception it
+ * raised, for the Python path; NULL if there is neither); -2 with an exception that is not the
+ * decoder's refusal set (KeyboardInterrupt, SystemExit, ...: it propagates). */
 static int parse_python(PyObject *decode, int cf, const uint8_t *p, const uint8_t *end, long long now_ms,
                         item_t *items, int *nitems, long long *ts, uint8_t *uorder, int *nu, PyObject **keep) {
     *keep = NULL;
@@ -43,7 +45,13 @@ static int parse_python(PyObject *decode, int cf, const uint8_t *p, const uint8_
     Py_XDECREF(args[2]);
     if (!points) { /* a refusal (PayloadError), or a bug: the Python path answers it */
         if (!PyErr_ExceptionMatches(PyExc_Exception)) return -2; /* (KeyboardInterrupt, SystemExit: theirs) */
-        PyErr_Clear();
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (value) PyException_SetTraceback(value, Py_None); /* (what it held stays out of the memo) */
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        *keep = value; /* (the exception, for the Python path: raised there, not raised again by a decode) */
         return -1;
     }
     *keep = points;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable
 
 from .payload import Readings, decode_readings
@@ -47,6 +48,48 @@ LaneRule = tuple[bytes, bytes | None, bytes | None, int, float | None, float | N
 LanePart = tuple[bytes | None, bytes, int]
 
 
+class Handover:
+    """What a profile's Python decoder gave the fast lane for readings the lane then handed to the
+    Python path (an exception -- a refusal, a codec's limit -- or points it does not write: more
+    than it holds, a lone surrogate, ...), which the Python path takes instead of decoding again:
+    a JavaScript codec run twice for one reading would pay its limits twice, on the event loop.
+    By payload: the lane's batch is answered by the Python path right after it, in order, so a
+    payload's outcomes are taken in the order they were put (one of another device with the same
+    payload and profile is the same decode's: the decoder's input is the payload, and each call
+    of a JS codec starts from fresh state).  Bounded (MOST outcomes, each kept MAX_AGE_MS), for
+    a reading the Python path answers without decoding (busy, ...)."""
+
+    MOST = 256
+    MAX_AGE_MS = 5000
+
+    __slots__ = ("outcomes", "count")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[tuple[int | None, bytes], deque[tuple[int, Any]]] = {}
+        self.count = 0
+
+    def put(self, payload: bytes, content_format: int | None, now_ms: int, outcome: Any) -> None:
+        """The lane's: `outcome` is the decoder's list of points or the exception it raised."""
+        if self.count >= self.MOST:  # (what the Python path never took: the oldest payload's go)
+            oldest = next(iter(self.outcomes))
+            self.count -= len(self.outcomes.pop(oldest))
+        self.outcomes.setdefault((content_format, payload), deque()).append((now_ms, outcome))
+        self.count += 1
+
+    def take(self, content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> Any:
+        """The outcome the lane kept for this payload, or None (then decode it)."""
+        key = (content_format, bytes(payload))
+        waiting = self.outcomes.get(key)
+        while waiting:
+            at, outcome = waiting.popleft()
+            self.count -= 1
+            if not waiting:
+                del self.outcomes[key]
+            if abs(now_ms - at) <= self.MAX_AGE_MS:
+                return outcome
+        return None
+
+
 class LaneDecoder:
     """A profile's decoder that the fast lane can also run in C, in `mode` (LANE_*), with its field
     `rules` (rules.py's, as data: `lane_rules`), its array's `positions`, its binary `layout` and
@@ -56,7 +99,7 @@ class LaneDecoder:
     alike).  `compiled` is the lane's own form of all that, made once per profile by corem/fastlane
     and shared by its devices (False: the lane cannot hold it)."""
 
-    __slots__ = ("decode", "mode", "rules", "positions", "layout", "nested", "proto", "compiled")
+    __slots__ = ("decode", "mode", "rules", "positions", "layout", "nested", "proto", "compiled", "handover")
 
     def __init__(self, decode: Decoder, mode: int, rules: tuple[LaneRule, ...] = (),
                  positions: tuple[bytes | None, ...] = (), layout: tuple[LanePart, ...] = (),
@@ -70,9 +113,17 @@ class LaneDecoder:
         self.nested = nested
         self.proto = proto
         self.compiled: object = None
+        #: LANE_PYTHON, LANE_PROTOBUF: what `decode` gave the lane for the readings it handed on
+        self.handover = Handover()
 
     def __call__(self, content_format: int | None, payload: bytes | bytearray | memoryview,
                  now_ms: int) -> list[Readings]:
+        if self.handover.count:  # (a reading the lane decoded, then handed on: decoded once)
+            outcome = self.handover.take(content_format, payload, now_ms)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome is not None:
+                return outcome
         return self.decode(content_format, payload, now_ms)
 
 
