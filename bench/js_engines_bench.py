@@ -14,7 +14,8 @@ Each engine runs in a child process of its own (RSS is the process's).  Rows:
   loop stop    ms (wall) until `while (true) {}` is stopped at a 50 ms limit
   busy stop    ms (wall) until a loop of heavy built-in calls (`a.fill(1)` over 100,000 elements)
                is stopped at a 50 ms limit: QuickJS polls its interrupt handler every 10,000 or so
-               operations, and a built-in call is one, so this is its worst case
+               operations, and a built-in call is one (corem's wrapper counts `fill`'s and the other
+               whole-array / whole-text built-ins' work as operations: corem/profiles/js.py `counted`)
 V8 is skipped when mini-racer is not installed (it is no longer a dependency: pip install mini-racer).
 """
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -238,14 +239,49 @@ def test_a_codec_cannot_run_code_outside_its_limits(script):
         decode(42, b"\x01", NOW)
 
 
-def test_a_loop_of_heavy_builtin_calls_is_stopped_too():
+HEAVY_LOOPS = {  # the tester's: each ran seconds past a 50 ms limit (1 s at load), on the event loop
+    "fill": "var a = new Array(1e5).fill(0); function decodeUplink(i) { while (true) a.fill(1); }",
+    "stringify": "var a = []; for (var k = 0; k < 20000; k++) a.push(k); "
+                 "function decodeUplink(i) { while (true) JSON.stringify(a); }",
+    "slice": "function decodeUplink(i) { var b = new Array(65536).fill(1); while (b.length) b = b.slice(1); "
+             "return {data: {b: b.length}}; }",
+}
+
+
+@pytest.mark.parametrize("name", HEAVY_LOOPS)
+def test_a_loop_of_heavy_builtin_calls_is_stopped_near_its_limit(name):
     """QuickJS asks whether to stop every 10,000 or so operations, and a built-in call is one however
-    long it runs: such a loop overruns its limit by up to 10,000 calls' time (bench/js_engines_bench.py,
-    `busy stop`), bounded by the memory limit, which bounds what one call can work on."""
-    decode = codec("var a = new Array(1e4).fill(0); function decodeUplink(i) { while (true) a.fill(1); }",
-                   timeout_ms=50)
+    long it runs: such a loop overran its limit by up to 10,000 calls' work (6.5 s of CPU for
+    `JSON.stringify` over 20,000 numbers at 50 ms).  A built-in that goes through an array or a text
+    now counts that work (PRELUDE's `counted`).  (CPU time, the process's own, with a wide margin:
+    not the wall clock, which a loaded machine stretches.)"""
+    decode = codec(HEAVY_LOOPS[name], timeout_ms=50)
+    cpu = time.process_time()
     with pytest.raises(Overloaded, match="codec: ran longer than its 50 ms"):
         decode(42, b"\x01", NOW)
+    assert time.process_time() - cpu < 0.4  # (50 ms, and what the last 10,000 operations did: 0.5-1.7 s before)
+
+
+def test_a_script_that_loops_on_heavy_builtin_calls_while_loading_is_stopped_near_its_limit():
+    cpu = time.process_time()
+    with pytest.raises(ProfileError, match="script: does not load: ran longer than its 1000 ms"):
+        codec("var a = []; for (var k = 0; k < 100000; k++) a.push(k); while (true) JSON.stringify(a); "
+              "function decodeUplink(i) {}")
+    assert time.process_time() - cpu < 1.5
+
+
+def test_the_counted_builtins_behave_as_the_builtins():
+    [point] = codec("""function decodeUplink(i) {
+      var a = [3, 1, 2], s = "a,b,c";
+      return {data: {sorted: a.slice().sort().join(""), split: s.split(",").length, name: [].fill.name,
+                     length: [].fill.length, json: JSON.stringify(JSON.parse('{"x": [1]}')),
+                     from: Array.from("ab").join("-"), code: String.fromCharCode(104, 105),
+                     typed: new Uint8Array([1, 2]).slice(1)[0], keys: Object.keys({p: 1, q: 2}).join(""),
+                     constructs: (function () { try { new a.fill(); return "yes"; } catch (e) { return "no"; } })()}};
+    }""")(42, b"\x01", NOW)
+    assert point.strings == {"sorted": "123", "name": "fill", "json": '{"x":[1]}', "from": "a-b", "code": "hi",
+                             "keys": "pq", "constructs": "no"}
+    assert point.numeric == {"split": 3.0, "length": 1.0, "typed": 2.0}
 
 
 def test_a_codec_cannot_replace_corems_wrapper():

@@ -20,11 +20,13 @@ is stopped once the process has spent `timeout_ms` of CPU since the call began: 
 spends on other processes does not count (mini-racer's limit was the wall clock, which a loaded
 machine ran out for codecs that had done nothing wrong), while CPU the process's other threads burn
 meanwhile does (the call runs without the GIL): that part can only make the limit come early.  What
-can make it come late: a built-in call is one operation however long it runs, so a loop of heavy
-built-in calls (`while (true) a.fill(1)` over a large array) runs up to 10,000 of them before it is
+could make it come late: a built-in call is one operation however long it runs, so a loop of heavy
+built-in calls (`while (true) a.fill(1)` over a large array) ran up to 10,000 of them before it was
 asked -- measured 3.2 s for a 100,000-element array at a 50 ms limit (bench/js_engines_bench.py,
-`busy stop`; V8 stops it at 50 ms), bounded by the memory limit, which bounds what one call can work
-on.  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
+`busy stop`; V8 stops it at 50 ms).  The built-ins that go through a whole array or text therefore
+count that work as operations (PRELUDE's `counted`): such a loop stops within ~10-30 ms of the limit,
+at load too.  Left: one call's own work, and operators on huge strings or BigInts, which the memory
+limit bounds.  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
 `max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage), and throws
 its InternalError "out of memory" -- or, when it cannot allocate even that, null: both are the
 limit (5.03, a fresh runtime), never the payload's 4.00, or a codec whose kept state filled the heap
@@ -156,6 +158,51 @@ PRELUDE = r"""
     }
     return clean() ? out : "*" + out;
   });
+  // Built-ins that work through their input or output (a whole array, string or JSON text) count
+  // that work against the CPU limit.  QuickJS asks its interrupt handler (the binding's: the call's
+  // CPU time against its limit) every 10,000 or so operations, and one built-in call is one however
+  // long it runs: `while (true) JSON.stringify(a)` over 5,000 elements ran 1.7 s at a 50 ms limit,
+  // on the event loop.  Each such call is therefore followed by one empty loop turn (one operation)
+  // per TICK elements it went through, so the handler is asked at least every 10,000 * TICK elements
+  // of work -- ~10-30 ms of it -- as it is every 10,000 turns of a plain loop; whether to stop is
+  // still the CPU time's to say.  (~2-5 ns a turn: a few % of the built-in's own time; a call on a
+  // few bytes makes none.)  What is not a call is not counted: an operator on huge strings or
+  // BigInts (`s + s`), which the memory limit bounds.
+  var TICK = 64, isArray = Array.isArray, isView = ArrayBuffer.isView, apply = Reflect.apply;
+  function sizeOf(v) {
+    return typeof v === "string" || isArray(v) || isView(v) ? v.length : 0;
+  }
+  function counted(owner, name) {
+    var d = getOwn(owner, name);
+    if (!d || typeof d.value !== "function") return;
+    var fn = d.value;
+    var wrapped = {[name]() {  // (a method, so not a constructor, as the built-in; its name the built-in's)
+      var out = apply(fn, this, arguments), work = sizeOf(this) + sizeOf(out);
+      for (var i = 0; i < arguments.length; i++) work += sizeOf(arguments[i]);
+      for (var turns = work / TICK; turns > 1; turns--) {}  // (each turn: one operation, one tick)
+      return out;
+    }}[name];
+    defineProperty(wrapped, "length", {value: fn.length});
+    d.value = wrapped;
+    defineProperty(owner, name, d);
+  }
+  var TA = getProto(Uint8Array.prototype);
+  ["fill", "slice", "splice", "concat", "join", "indexOf", "lastIndexOf", "includes", "reverse", "copyWithin",
+   "sort", "toSorted", "toReversed", "toSpliced", "flat", "shift", "unshift", "toString", "with"].forEach(function (m) {
+    counted(Array.prototype, m);
+  });
+  ["fill", "set", "slice", "join", "indexOf", "lastIndexOf", "includes", "sort", "reverse", "copyWithin",
+   "toSorted", "toReversed", "with", "toString"].forEach(function (m) { counted(TA, m); });
+  ["repeat", "split", "replace", "replaceAll", "padStart", "padEnd", "indexOf", "lastIndexOf", "includes",
+   "slice", "substring", "substr", "concat", "toUpperCase", "toLowerCase", "trim", "trimStart", "trimEnd",
+   "normalize", "match", "search", "localeCompare", "startsWith", "endsWith"].forEach(function (m) {
+    counted(String.prototype, m);
+  });
+  counted(JSON, "stringify");
+  counted(JSON, "parse");
+  counted(Array, "from");
+  counted(String, "fromCharCode");
+  ["keys", "values", "entries", "assign", "getOwnPropertyNames"].forEach(function (m) { counted(Object, m); });
   // every built-in frozen (the global object's own properties locked, the object kept extensible:
   // sloppy code's `i = 0` makes a global, which clean() deletes after the call)
   var seen = [], stack = [];
