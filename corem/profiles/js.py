@@ -25,8 +25,10 @@ built-in calls (`while (true) a.fill(1)` over a large array) ran up to 10,000 of
 asked -- measured 3.2 s for a 100,000-element array at a 50 ms limit (bench/js_engines_bench.py,
 `busy stop`; V8 stops it at 50 ms).  The built-ins that go through a whole array or text therefore
 count that work as operations (PRELUDE's `counted`): such a loop stops within ~10-30 ms of the limit,
-at load too.  Left: one call's own work, and operators on huge strings or BigInts, which the memory
-limit bounds.  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
+at load too.  Left: one call's own work, and operators (string `+`, a BigInt's `*`), one operation
+each however large their operands -- the memory limit bounds the operands, not the time: a loop
+multiplying huge BigInts still runs far past the limit (only a codec off the event loop, in a
+process a watchdog can stop, would close that).  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
 `max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage), and throws
 its InternalError "out of memory" -- or, when it cannot allocate even that, null: both are the
 limit (5.03, a fresh runtime), never the payload's 4.00, or a codec whose kept state filled the heap
