@@ -129,6 +129,20 @@ def test_bad_json_and_unknown_paths_and_methods(server):
     assert server.api("GET", "/api/devices/acme/ghost/attributes")[1]["error"].startswith("device: acme/ghost")
 
 
+def test_a_schema_nested_too_deep_is_400_naming_the_depth(server):
+    """Found by an adversarial run (adv9 #15): a schema nesting messages about 990 deep ran the
+    reader out of Python's stack, and the admin API answered 500; now 400 naming line and depth,
+    and one level less than the bound is a profile like any other."""
+    def nested(n: int) -> str:
+        return 'syntax = "proto3";\n' + "message M { double v = 1;\n" * n + "}" * n
+
+    status, body = server.api("PUT", "/api/profiles/deep", {"format": "protobuf", "schema": nested(990)})
+    assert status == 400 and body["error"].startswith("schema: line 66:9: messages are nested more than 64 deep"), body
+    assert server.api("GET", "/api/profiles/deep")[0] == 404
+    assert server.api("PUT", "/api/profiles/deep", {"format": "protobuf", "schema": nested(64)})[0] == 201
+    assert server.api("DELETE", "/api/profiles/deep")[0] in (200, 204)
+
+
 def test_attributes_commands_and_rpc_validation(server):
     assert server.api("PUT", DEV + "/attributes", {"mode": "eco", "limits": {"t": [1, 2]}})[1] == {"delivery": "stored"}
     assert server.api("GET", DEV + "/attributes")[1]["shared"] == {"mode": "eco", "limits": {"t": [1, 2]}}

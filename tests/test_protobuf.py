@@ -111,6 +111,19 @@ def test_text_no_utf8_can_say_is_refused_naming_it(schema, error):
     assert error in str(e.value)
 
 
+def test_messages_nested_past_the_bound_are_refused_naming_the_line():
+    """(adv9 #15: about 990 levels raised RecursionError, not SchemaError.)  upb refuses about 100
+    levels anyway; MAX_NESTING is the deepest the reader takes, and that schema decodes."""
+    from corem.profiles.proto_schema import MAX_NESTING, message_class
+    def nested(n: int) -> str:
+        return H + "message M { double v = 1;\n" * n + "}" * n
+    for n in (MAX_NESTING + 1, 2000):  # (2000 levels: 56 KiB, under MAX_SCHEMA_BYTES)
+        with pytest.raises(SchemaError) as e:
+            read_schema(nested(n))
+        assert str(e.value) == f"line {MAX_NESTING + 2}:9: messages are nested more than {MAX_NESTING} deep"
+    assert message_class(nested(MAX_NESTING))().DESCRIPTOR.name == "M"
+
+
 @pytest.mark.parametrize("schema,error", REFUSED + NOT_THINGSBOARDS)
 def test_a_schema_that_cannot_be_used_is_refused_naming_line_and_column(schema, error, tmp_path):
     with pytest.raises(SchemaError) as e:

@@ -27,6 +27,10 @@ from ..errors import BadInput
 
 #: a schema is text a person wrote; this bounds what one upload costs to read
 MAX_SCHEMA_BYTES = 64 * 1024
+#: messages defined inside messages, at most this deep: the reader recurses once a level (about 990
+#: levels ran out of Python's stack, a 500), and upb's own descriptor parse refuses about 100, so a
+#: deeper schema could never be used; refused naming the line instead
+MAX_NESTING = 64
 MAX_FIELD_NUMBER = 2 ** 29 - 1
 RESERVED_NUMBERS = range(19000, 20000)  # the protobuf implementation's own
 
@@ -138,6 +142,8 @@ class _Reader:
         self.importer = importer
         #: the packages of the imported files (a type's name may start with one)
         self.imported_packages: set[str] = set()
+        #: messages being read, the one at hand included (MAX_NESTING)
+        self.depth = 0
 
     # tokens
     def peek(self, ahead: int = 0) -> Token | None:
@@ -307,6 +313,15 @@ class _Reader:
     def message(self, proto: descriptor_pb2.DescriptorProto, scope: str) -> _Message:
         self.expect("message")
         tok = self.here()
+        if self.depth >= MAX_NESTING:
+            raise self.fail(tok, f"messages are nested more than {MAX_NESTING} deep")
+        self.depth += 1
+        try:
+            return self._message(proto, scope, tok)
+        finally:
+            self.depth -= 1
+
+    def _message(self, proto: descriptor_pb2.DescriptorProto, scope: str, tok: Token) -> _Message:
         proto.name = self.ident("the message's name")
         full = self.declare(tok, scope, proto.name, "message")
         msg = _Message(proto)
