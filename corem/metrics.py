@@ -209,6 +209,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_pubsub_retained_dropped": (C, "Retained messages dropped by the bounds."),
     "corem_pubsub_retained": (G, "Retained /ps messages now."),
     "corem_provisioning": (C, "Provisioning requests by result."),
+    "corem_ota_package_reads": (C, "OTA packages read whole from the registry for block-wise download (once a "
+                                   "package while it stays in memory: PACKAGE_CACHE)."),
     # Efento's NB-IoT sensors (corem/frontdoors/efento)
     "corem_efento_messages": (
         C, "Efento messages by kind (measurements, device_info, configuration, time) and result (accepted, refused)."),

@@ -404,6 +404,35 @@ def test_a_firmware_package_is_sent_with_its_etag_and_judged_by_it(served):
     assert coap_client(f"{served.coap}/api/v1/nobody/firmware", "-O", "5,").code == "4.01"  # credentials first
 
 
+@needs_libcoap
+def test_a_large_package_is_read_and_tagged_once_not_once_a_block(served, tmp_path):
+    """Found by an adversarial run (adv9 #4): every Block2 request of a package larger than the
+    kept representations (64 KiB) read it from the registry again and hashed all of it for the
+    ETag, O(package) on the event loop for a 16-byte block. Now the bytes are read once per
+    package and the ETag is the stored sha256's first 8 bytes; assigning another package serves
+    that one, with its own tag."""
+    import hashlib
+
+    def download(version: bytes) -> tuple[str, str]:
+        image = version * (100_000 // len(version))  # larger than KEEP_MAX: not kept per requester
+        status, package = served.api("POST", f"/api/packages?kind=firmware&title=big&version={version.decode()}",
+                                     raw=image)
+        assert status == 201 and package["sha256"] == hashlib.sha256(image).hexdigest()
+        assert served.api("PUT", "/api/devices/acme/sensor-1/firmware", {"package": package["id"]})[0] == 200
+        out = tmp_path / f"{version.decode()}.bin"
+        got = coap_client(f"{served.coap}/api/v1/T0KEN-1/firmware", "-b", "1024", "-o", str(out))  # 98 blocks
+        assert got.code == "2.05" and out.read_bytes() == image, got.output[-300:]
+        return package["sha256"], {e.lower() for e in re.findall(r"ETag:0x([0-9a-fA-F]+)", got.output)}
+
+    before = served.metrics().get("corem_ota_package_reads_total", 0.0)
+    sha1, etags1 = download(b"v1")
+    assert etags1 == {sha1[:16]}  # every block: the stored sha256's first 8 bytes
+    assert served.metrics()["corem_ota_package_reads_total"] == before + 1  # 98 blocks, one read
+    sha2, etags2 = download(b"v2")  # another assignment: the other package, its own tag
+    assert etags2 == {sha2[:16]} and sha2 != sha1
+    assert served.metrics()["corem_ota_package_reads_total"] == before + 2
+
+
 AIOCOAP_PUT = textwrap.dedent("""
     import asyncio, sys
     import aiocoap

@@ -388,6 +388,26 @@ def test_firmware_block2_download_matches_the_package(stack):
     assert none.code == Code.NOT_FOUND
 
 
+def test_the_package_cache_is_bounded_and_follows_the_stored_package():
+    """(adv9 #4) Packages are read once and kept: at most max_entries and max_bytes (the one read
+    last kept whatever its size), found by id and sha256 (other bytes under the same id: read anew)."""
+    from corem.frontdoors.thingsboard import PackageCache
+    from corem.registry.management import Package
+
+    blobs = {1: b"a" * 60, 2: b"b" * 60, 3: b"c" * 200}
+    cache = PackageCache(max_entries=2, max_bytes=150)
+    pkg = lambda i, sha="00" * 32: Package(i, "firmware", "t", str(i), sha, len(blobs[i]))  # noqa: E731
+    assert cache.get(pkg(1), blobs.get) == (blobs[1], bytes(8)) and cache.reads == 1
+    assert cache.get(pkg(1), blobs.get)[0] is blobs[1] and cache.reads == 1  # kept
+    cache.get(pkg(2), blobs.get)
+    cache.get(pkg(1), blobs.get)
+    assert cache.reads == 2 and len(cache) == 2
+    cache.get(pkg(3), blobs.get)  # larger than max_bytes alone: kept, the others go
+    assert len(cache) == 1 and cache.size == 200
+    cache.get(pkg(3, "ff" * 32), blobs.get)  # the registry holds other bytes under that id
+    assert cache.reads == 4 and cache.get(pkg(3, "ff" * 32), blobs.get)[1] == b"\xff" * 8 and len(cache) == 1
+
+
 def test_observer_churn_leaves_nothing_behind(stack):
     """Registrations come and go by the thousand; the bounds hold and nothing stays behind."""
     obs = stack.observers
