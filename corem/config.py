@@ -353,7 +353,11 @@ class Settings:
         10.0, "seconds a PSM device stays reachable after it talks (updates for it queue otherwise)", _positive
     )
     max_queued_commands: int = _opt(100, "RPC requests and commands queued per device at most", _positive)
-    pubsub_max_retained: int = _opt(10_000, "retained /ps messages kept at most (oldest dropped first)", _positive)
+    pubsub_max_retained: int = _opt(
+        10_000, "retained /ps messages kept at most, all tenants together (the oldest of the tenant holding the "
+        "most dropped first)", _positive)
+    pubsub_max_retained_per_tenant: int = _opt(
+        10_000, "retained /ps messages one tenant keeps at most (its own oldest dropped first)", _positive)
     max_observers: int = _opt(10_000, "Observe registrations per transport at most", _positive)
     max_observers_per_resource: int = _opt(1_000, "Observe registrations per resource at most", _positive)
     max_observers_per_source: int = _opt(32, "Observe registrations per source address at most", _positive)

@@ -28,7 +28,8 @@ class Doors:
                  downlink: Downlink) -> None:
         self.thingsboard = ThingsBoard(directory, ingest, management, downlink, trio.current_time)
         self.drogue = Drogue(directory, ingest, downlink, trio.current_time)
-        self.emqx = Emqx(directory, ingest, downlink, trio.current_time, max_retained=settings.pubsub_max_retained)
+        self.emqx = Emqx(directory, ingest, downlink, trio.current_time, max_retained=settings.pubsub_max_retained,
+                         max_retained_per_tenant=settings.pubsub_max_retained_per_tenant)
         self.efento = Efento(directory, ingest, management)
         self._ticks = 0
 

@@ -317,8 +317,47 @@ def test_retained_messages_are_bounded(tmp_path):
     q = ["c=cli", "u=awake", "p=TA"]
     for i in range(10):
         stack.send(Code.PUT, f"ps/t/{i}", query=q, payload=b"x" * 10)
-    assert len(stack.emqx._retained) == 3 and stack.emqx.stats.retained_dropped == 7
-    assert stack.emqx._retained_bytes == 30
+    assert len(stack.emqx) == 3 and stack.emqx.stats.retained_dropped == 7
+    assert stack.emqx._retained_bytes == 3 * (10 + len("t/9"))  # (topics count too)
+
+
+def test_retained_messages_are_bounded_per_tenant_and_taken_from_the_heaviest(tmp_path):
+    """Found by an adversarial run (adv9 #10): one bound for all tenants, oldest first, so one
+    tenant's device publishing many topics dropped every other tenant's retained messages. Now a
+    tenant's own bound drops its own oldest, and the server's takes from whoever holds the most."""
+    stack = Stack(tmp_path)
+    stack.registry.add_device("globex", "noisy", token="TG")
+    stack.registry.add_device("initech", "quiet", token="TI")
+    stack.directory.refresh(force=True)
+    emqx = stack.emqx
+    emqx.max_retained, emqx.max_retained_per_tenant = 8, 5
+
+    def put(who: str, topic: str, payload: bytes = b"x") -> None:
+        assert stack.send(Code.PUT, f"ps/{topic}", query=["c=c", f"u={who[0]}", f"p={who[1]}"], payload=payload) == []
+        stack.sink.commit()  # (answered once on the bus)
+        [answer] = stack.outbox()
+        assert answer.code in (Code.CREATED, Code.CHANGED), answer
+
+    def kept(who: str, topic: str) -> bool:
+        [answer] = stack.send(Code.GET, f"ps/{topic}", query=["c=c", f"u={who[0]}", f"p={who[1]}"])
+        return answer.code == Code.CONTENT
+
+    acme, globex, initech = ("awake", "TA"), ("noisy", "TG"), ("quiet", "TI")
+    put(acme, "config/setpoint")
+    for i in range(20):  # over its own bound: its own oldest go
+        put(globex, f"t/{i}")
+    assert kept(acme, "config/setpoint") and len(emqx) == 6
+    assert [kept(globex, f"t/{i}") for i in (14, 15, 19)] == [False, True, True]
+    for i in range(3):  # the server's bound (8): taken from globex, which holds the most
+        put(initech, f"c/{i}")
+    assert len(emqx) == 8 and kept(acme, "config/setpoint") and all(kept(initech, f"c/{i}") for i in range(3))
+    assert [kept(globex, f"t/{i}") for i in (15, 16, 19)] == [False, True, True]  # (9 > 8: one went)
+    emqx.max_retained_bytes = emqx._retained_bytes  # the bytes bound: the same rule, by bytes
+    put(globex, "t/big", b"y" * 100)  # the bytes over come out of globex's, the heaviest's
+    assert kept(acme, "config/setpoint") and all(kept(initech, f"c/{i}") for i in range(3))
+    assert emqx._retained_bytes <= emqx.max_retained_bytes
+    assert sum(emqx._tenant_bytes.values()) == emqx._retained_bytes and len(emqx) == sum(
+        len(m) for m in emqx._retained.values())
 
 
 @pytest.mark.parametrize("flt, topic, match", [

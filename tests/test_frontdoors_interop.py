@@ -120,6 +120,31 @@ def test_emqx_pubsub_retains_publishes_and_notifies_subscribers(corem):
     assert bad.code == "4.01"
 
 
+def test_one_tenants_retained_topics_do_not_push_out_anothers(data_dir):
+    """(adv9 #10) One tenant's device retaining more topics than its share drops its own oldest;
+    acme's retained configuration stays, with libcoap's client against `corem serve`."""
+    from corem.cli import main
+
+    assert main(["devices", "add", "--data-dir", str(data_dir), "--tenant", "globex", "--device", "noisy",
+                 "--token", "GLOBEX-N"]) == 0
+    server = start_corem(data_dir, "--pubsub-max-retained", "6", "--pubsub-max-retained-per-tenant", "4")
+    try:
+        acme, globex = "?c=a&u=sensor-1&p=T0KEN-1", "?c=g&u=noisy&p=GLOBEX-N"
+        assert coap_client(f"{server.coap}/ps/config/setpoint{acme}", "-m", "put", "-e", "21.5",
+                           "-O", "14,0x015180").code == "2.01"  # (Max-Age a day)
+        for i in range(8):
+            assert coap_client(f"{server.coap}/ps/t/{i}{globex}", "-m", "put", "-e", f"v{i}",
+                               "-O", "14,0x015180").code == "2.01"
+        got = coap_client(f"{server.coap}/ps/config/setpoint{acme}", "-m", "get")
+        assert got.code == "2.05" and "21.5" in got.output
+        assert [coap_client(f"{server.coap}/ps/t/{i}{globex}", "-m", "get").code for i in (3, 4, 7)] == [
+            "4.04", "2.05", "2.05"]
+        assert server.metrics()["corem_pubsub_retained"] == 5
+        assert server.metrics()["corem_pubsub_retained_dropped_total"] == 4
+    finally:
+        server.stop()
+
+
 def test_provisioned_device_sends_with_its_new_token(corem):
     assert corem.api("POST", "/api/provisioning-keys", {"key": "pk-1", "secret": "ps-1", "tenant": "acme"})[0] == 201
     ask = json.dumps({"deviceName": "prov-1", "provisionDeviceKey": "pk-1", "provisionDeviceSecret": "ps-1"})

@@ -14,7 +14,10 @@ CoAPS the session names the device and the query may be left out (corem/identity
 of one tenant never see another's.  Each device may use only the topics its registry entry allows
 (`topics`, MQTT filters; default `#`): a publish or subscription outside them is 4.03.
 Every publish is also a record on `pubsub.{tenant}` (key = topic), answered 2.04 once it is on the
-bus like a reading.  Retained messages are bounded in count and bytes (oldest dropped first).
+bus like a reading.  Retained messages are bounded per tenant (`max_retained_per_tenant`: the
+publishing tenant's oldest dropped first) and for the server, in count and bytes, topics included
+(then the oldest of the tenant holding the most goes): one tenant's device cannot push another
+tenant's configuration out (adv9 #10: one bound for all, oldest first, and it could).
 
 Conditional requests (RFC 7252 §5.10.8) on `/ps/{topic}` are evaluated against the retained
 message, after the credentials and the topic ACL, in the same step as the write (no `await`
@@ -89,6 +92,7 @@ class Emqx:
         *,
         max_retained: int = 10_000,
         max_retained_bytes: int = 64 * 1024 * 1024,
+        max_retained_per_tenant: int = 10_000,
     ) -> None:
         self.directory = directory
         self.ingest = ingest
@@ -96,7 +100,11 @@ class Emqx:
         self.clock = clock
         self.max_retained = max_retained
         self.max_retained_bytes = max_retained_bytes
-        self._retained: OrderedDict[tuple[str, str], Retained] = OrderedDict()
+        self.max_retained_per_tenant = max_retained_per_tenant
+        #: tenant -> topic -> its retained message, each tenant's oldest first
+        self._retained: dict[str, OrderedDict[str, Retained]] = {}
+        self._tenant_bytes: dict[str, int] = {}
+        self._count = 0
         self._retained_bytes = 0
         self.stats = EmqxStats()
         #: every transport's observers: a publish over CoAP reaches subscribers on CoAPS too
@@ -111,7 +119,7 @@ class Emqx:
         yield gauge("corem_pubsub_retained", len(self))
 
     def __len__(self) -> int:
-        return len(self._retained)
+        return self._count
 
     def install(self, router: Router, observers: Observers, session_device: SessionDevice | None = None) -> None:
         self.observers.append(observers)
@@ -172,12 +180,25 @@ class Emqx:
             return answer
         self._drop(key)
         if max_age > 0:
+            tenant = device.tenant
             value = Retained(payload, cf, self.clock() + max_age, etag)
-            self._retained[key] = value
-            self._retained_bytes += len(value.payload)
+            mine = self._retained.setdefault(tenant, OrderedDict())
+            mine[topic] = value
+            self._count += 1
+            size = _size(topic, value)
+            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + size
+            self._retained_bytes += size
             self.stats.retained += 1
-            while len(self._retained) > self.max_retained or self._retained_bytes > self.max_retained_bytes:
-                self._drop(next(iter(self._retained)))
+            while len(mine) > self.max_retained_per_tenant:  # its own tenant's oldest
+                self._drop((tenant, next(iter(mine))))
+                self.stats.retained_dropped += 1
+            while self._count > self.max_retained:  # the oldest of whoever holds the most
+                heaviest = max(self._retained, key=lambda t: len(self._retained[t]))
+                self._drop((heaviest, next(iter(self._retained[heaviest]))))
+                self.stats.retained_dropped += 1
+            while self._retained_bytes > self.max_retained_bytes:
+                heaviest = max(self._tenant_bytes, key=self._tenant_bytes.__getitem__)
+                self._drop((heaviest, next(iter(self._retained[heaviest]))))
                 self.stats.retained_dropped += 1
         return answer
 
@@ -225,7 +246,8 @@ class Emqx:
 
     # -- retained store --------------------------------------------------------------------------
     def _current(self, tenant: str, topic: str) -> Retained | None:
-        found = self._retained.get((tenant, topic))
+        mine = self._retained.get(tenant)
+        found = None if mine is None else mine.get(topic)
         if found is not None and found.expires <= self.clock():
             self._drop((tenant, topic))
             return None
@@ -239,16 +261,23 @@ class Emqx:
         return opts
 
     def _drop(self, key: tuple[str, str]) -> bool:
-        old = self._retained.pop(key, None)
+        tenant, topic = key
+        mine = self._retained.get(tenant)
+        old = None if mine is None else mine.pop(topic, None)
         if old is None:
             return False
-        self._retained_bytes -= len(old.payload)
+        size = _size(topic, old)
+        self._count -= 1
+        self._retained_bytes -= size
+        self._tenant_bytes[tenant] -= size
+        if not mine:  # (no tenant stays behind empty)
+            del self._retained[tenant], self._tenant_bytes[tenant]
         return True
 
     def sweep(self) -> None:
         """Forget expired retained messages (called from a timer; memory stays bounded anyway)."""
         now = self.clock()
-        for key in [k for k, v in self._retained.items() if v.expires <= now]:
+        for key in [(t, k) for t, mine in self._retained.items() for k, v in mine.items() if v.expires <= now]:
             self._drop(key)
 
 
@@ -261,6 +290,12 @@ def _answer_put(ctx: tuple[Request, int, Options | None], error: BaseException |
         req.respond(code, options)
     else:
         req.respond(BUSY.code, BUSY.options, BUSY.payload)
+
+
+def _size(topic: str, value: Retained) -> int:
+    """What a retained message counts towards the byte bounds: its payload and its topic (a long
+    topic with an empty payload is memory too)."""
+    return len(value.payload) + len(topic)
 
 
 def _resource(tenant: str, topic: str) -> str:
