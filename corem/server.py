@@ -107,7 +107,7 @@ class Server:
         self.directory.listen(functools.partial(self.downlink.forget, current=self.directory.named))
         self.ingest = TelemetryIngest(
             self.directory, self.sink, self.diagnostics, presence=self.presence, on_uplink=self.downlink.uplink,
-            now=trio.current_time,
+            now=trio.current_time, max_readings=settings.max_readings_per_point,
         )
         self.oscore = Oscore(self.directory.oscore_device, OscoreState(self.registry.db),
                              UNDERSTOOD_CRITICAL - {OptionNumber.OSCORE},

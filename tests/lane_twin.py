@@ -19,7 +19,7 @@ from corem.fastlane import FastLane
 from corem.ingest.diagnostics import Diagnostics
 from corem.profiles.payload import decode_readings
 from corem.ingest.point import decode_point
-from corem.ingest.telemetry import TelemetryIngest
+from corem.ingest.telemetry import MAX_READINGS, TelemetryIngest
 from corem.metrics import gather
 from corem.profiles.spec import parse_profile
 from corem.net.udp import deliver
@@ -138,11 +138,11 @@ class Side:
     """One server: endpoint, router, ingest, sink -- and the lane in front when `lane`."""
 
     def __init__(self, directory: Directory, clock: list[float], *, lane: bool, params: Params, room: int,
-                 rate: float = 0.0, packed: bool = True) -> None:
+                 rate: float = 0.0, packed: bool = True, max_readings: int = MAX_READINGS) -> None:
         self.clock = clock
         self.sink = RecordingSink(room, packed)
         self.ingest = TelemetryIngest(directory, self.sink, Diagnostics(16), clock_ms=lambda: int(clock[0] * 1000),
-                                      now=lambda: clock[0])
+                                      now=lambda: clock[0], max_readings=max_readings)
         self.ingest.register_profile("twin-custom", custom)
         self.endpoint = Endpoint(params, rng=lambda: 0.5)
         self.router = Router()
@@ -191,9 +191,10 @@ class Side:
 class Twin:
     """The two sides over one registry: T1 (default profile, tenant acme), T2 (a custom decoder)."""
 
-    def __init__(self, *, room: int = 1_000_000, dedup_max_entries: int = 100_000, packed: bool = True) -> None:
+    def __init__(self, *, room: int = 1_000_000, dedup_max_entries: int = 100_000, packed: bool = True,
+                 max_readings: int = MAX_READINGS) -> None:
         """`packed`: the sinks take the lane's PackedRecords, as the embedded bus does (False: as
-        Kafka's, Records only)."""
+        Kafka's, Records only); `max_readings`: max_readings_per_point."""
         self.tmp = tempfile.TemporaryDirectory(prefix="corem-twin-")
         self.registry = Registry(Path(self.tmp.name) / "registry.db")
         self.registry.add_device("acme", "d1", token="T1")
@@ -247,7 +248,8 @@ class Twin:
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.clock = [1000.0]
-        self._sides = dict(params=Params(dedup_max_entries=dedup_max_entries), room=room, packed=packed)
+        self._sides = dict(params=Params(dedup_max_entries=dedup_max_entries), room=room, packed=packed,
+                           max_readings=max_readings)
         self.reset()
 
     def reset(self) -> None:

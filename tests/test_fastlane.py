@@ -22,7 +22,7 @@ from corem.ingest.point import TelemetryPoint, encode_point
 from corem.profiles.payload import decode_readings
 from corem.profiles.spec import parse_profile
 
-from .conftest import SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, write_cbor
+from .conftest import SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, start_corem, wait_for, write_cbor
 from .lane_twin import RecordingSink, Twin
 
 pytestmark = pytest.mark.skipif(Lane is None, reason="the C lane is not built")
@@ -1733,3 +1733,76 @@ def test_a_running_server_with_the_lane_on_or_off_stores_and_counts_the_same(tmp
         server.stop()
 
 
+
+
+def test_a_point_of_more_readings_than_max_readings_per_point_is_refused_alike_with_and_without_the_lane():
+    """Found by an adversarial run (adv9 #14): nothing bounded the readings of one point (a 64 KiB
+    protobuf payload became one record of 65,000 readings). A point of more than
+    max_readings_per_point is 4.00 naming the bound, on the Python path; the lane, which decodes
+    up to 64 readings a map itself, hands such a point over (its own bound told by the ingest), so
+    the answers and what is stored are the same with and without it, on every kind of profile.
+    (The answers are cut to their request's size on plain UDP: the bound's name comes first.)"""
+    twin = Twin(max_readings=3)
+    try:
+        assert twin.lane.lane is not None and twin.lane.lane.lane.max_readings == 3
+        three, four = {"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 2, "c": 3, "d": 4}
+        senml = [{"n": k, "v": v} for k, v in four.items()]
+        cases = [
+            ("T1", 60, cbor2.dumps(three), "2.04"),
+            ("T1", 60, cbor2.dumps(four), "max_readings_per_point is 3"),
+            ("TB", 50, json.dumps([three, four]).encode(), "field '[1]': max_readings_per_point is 3"),
+            ("TB", 50, json.dumps({"ts": 5, "values": {"x": {"p": 1, "q": 2, "r": [3, 4]}}}).encode(),
+             "max_readings_per_point is 3"),  # (flattened: x.p, x.q, x.r.0, x.r.1)
+            ("FL", 60, cbor2.dumps(three), "2.04"),
+            ("SML", 110, json.dumps(senml[:3]).encode(), "2.04"),
+            ("SML", 110, json.dumps(senml).encode(), "max_readings_per_point is 3"),
+            ("PBA", 42, b"\x09" + struct.pack("<d", 1.5), "max_readings_per_point is 3"),  # (every scalar without presence a reading)
+            ("T2", 60, cbor2.dumps(four), "max_readings_per_point is 3"),  # a Python hook's points too
+        ]
+        for mid, (token, cf, payload, expected) in enumerate(cases):
+            twin.receive(post(token, payload, cf=cf, mid=mid))
+            twin.commit()
+            answers, _ = twin.check()
+            [(datagram, _peer)] = answers
+            answer = decode(datagram)
+            if expected == "2.04":
+                assert answer.code == Code.CHANGED, (token, answer)
+            else:
+                assert answer.code == Code.BAD_REQUEST and expected in bytes(answer.payload).decode(), (token, answer)
+        assert twin.lane.count("corem_protocol_payload_rejections", reason="decode_error") == twin.python.count(
+            "corem_protocol_payload_rejections", reason="decode_error") == 6
+        assert lane_took(twin) >= 3  # (the points within the bound were the lane's own)
+    finally:
+        twin.close()
+
+
+@needs_libcoap
+@pytest.mark.parametrize("lane", ["on", "off"])
+def test_max_readings_per_point_on_corem_serve(data_dir, tmp_path, lane):
+    """(adv9 #14) `corem serve` with the C lane and without: a point within max_readings_per_point
+    is stored, one above it is 4.00 naming the bound (a flat map, and the tester's protobuf
+    `repeated bool` flattened: each payload byte a reading), nothing stored of it."""
+    server = start_corem(data_dir, "--fast-lane", lane, "--max-readings-per-point", "40")
+    try:
+        schema = 'syntax = "proto3";\nmessage Bits { repeated bool f = 1; }\n'
+        assert server.api("PUT", "/api/profiles/bits", {"format": "protobuf", "schema": schema,
+                                                        "nested": "flatten"})[0] == 201
+        from corem.cli import main
+        assert main(["devices", "add", "--data-dir", str(data_dir), "--tenant", "acme", "--device", "bits-1",
+                     "--token", "BITS-1", "--profile", "bits"]) == 0
+        url = f"{server.coap}/api/v1/T0KEN-1/telemetry"
+        ok = write_cbor(tmp_path / "ok.cbor", {f"k{i}": i for i in range(40)})
+        assert coap_client(url, "-m", "post", "-t", "60", "-f", str(ok)).code == "2.04"
+        over = write_cbor(tmp_path / "over.cbor", {f"k{i}": i for i in range(41)})
+        r = coap_client(url, "-m", "post", "-t", "60", "-f", str(over))
+        assert r.code == "4.00" and "max_readings_per_point is 40: this point has 41 readings" in r.output, r.output
+        (tmp_path / "bits.bin").write_bytes(b"\x0a\xc8\x01" + b"\x01" * 200)  # 200 packed bools
+        wait_for(lambda: coap_client(f"{server.coap}/api/v1/BITS-1/telemetry", "-m", "post", "-t", "42",
+                                     "-f", str(tmp_path / "bits.bin")).code != "4.01", what="the new device")
+        r = coap_client(f"{server.coap}/api/v1/BITS-1/telemetry", "-m", "post", "-t", "42",
+                        "-f", str(tmp_path / "bits.bin"))
+        assert r.code == "4.00" and "max_readings_per_point is 40: this point has 200 readings" in r.output, r.output
+        wait_for(lambda: len(server.points("acme")) >= 1, what="the stored point")
+        assert [len(p["numeric_values"]) for p in server.points("acme")] == [40]
+    finally:
+        server.stop()

@@ -9,6 +9,8 @@ class Lane:
     next_mid: Callable[[], int] | None
     #: known(token): a token not among the lane's names a registered device (exempt from the rate limit)
     known: Callable[[bytes], bool] | None
+    #: readings one point may have: a point of more is the Python path's (max_readings_per_point)
+    max_readings: int
     def __init__(
         self, record_type: type, *, max_datagram: int = 1500, piggyback_timeout: float = 0.5,
         exchange_lifetime: float = 247.0, dedup_max_entries: int = 100_000, rate: float = 0.0, burst: float = 0.0,

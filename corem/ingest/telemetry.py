@@ -26,6 +26,7 @@ from .. import content_format, logs
 from ..codec import Code
 from ..errors import CoremError
 from ..identity import Door, Identity, Refusal, SessionDevice
+from ..profiles.formats import Series
 from ..profiles.compile import LANE_PYTHON, Decoder, LaneDecoder, compile_profile
 from ..profiles.rules import RuleViolation
 from ..profiles.spec import DEFAULT as DEFAULT_NAME
@@ -102,6 +103,9 @@ def _broken(reason: str) -> Decoder:
 #: Targets kept made: those of the devices that talked most recently, roughly (a registered
 #: device that does not talk costs its packed row in the directory only)
 TARGETS = 16384
+#: readings one point may have by default (the setting max_readings_per_point): a point is one
+#: record, and a record of thousands of readings is a payload's bytes multiplied on the bus
+MAX_READINGS = 1000
 
 
 class Target(NamedTuple):
@@ -139,8 +143,11 @@ class TelemetryIngest:
         on_uplink: Callable[[Device], None] | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         now: Callable[[], float] = time.monotonic,
+        max_readings: int = MAX_READINGS,
     ) -> None:
         self.directory = directory
+        #: readings one point may have (max_readings_per_point; the fast lane is told the same)
+        self.max_readings = max_readings
         self.sink = sink
         self.diagnostics = diagnostics
         self.clock_ms = clock_ms
@@ -271,6 +278,7 @@ class TelemetryIngest:
         device = target.device
         try:
             points = target.decode(content_format, msg.payload, received_at)
+            self._check_size(points)
         except UnknownProfile as e:  # the server's configuration, not the device's fault: 5.00
             self.stats.rejections[protocol, "unknown_profile"] += 1
             return Response(Code.INTERNAL_SERVER_ERROR, str(e).encode())
@@ -393,6 +401,18 @@ class TelemetryIngest:
         self.stats.device_points[device.tenant, device.device] += n
         if self.presence is not None:
             self.presence.seen(device.tenant, device.device, self.now(), device.profile)
+
+    def _check_size(self, points: list[Readings]) -> None:
+        """PayloadError for a point of more than `max_readings` readings. Found by an adversarial
+        run (adv9 #14): nothing bounded them, and a 64 KiB protobuf payload of `repeated bool`,
+        flattened, became one record of 65,000 readings (~1 MB: past Kafka's default message size,
+        so that device would be answered 5.03 for good)."""
+        most = self.max_readings
+        for i, r in enumerate(points):
+            n = len(r.numeric) + len(r.strings)
+            if n > most:
+                raise PayloadError(f"max_readings_per_point is {most}: this point has {n} readings",
+                                   f"[{i}]" if len(points) > 1 or isinstance(points, Series) else None)
 
     def _reject(
         self,
