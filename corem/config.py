@@ -352,6 +352,12 @@ class Settings:
     psm_activity_timer: float = _opt(
         10.0, "seconds a PSM device stays reachable after it talks (updates for it queue otherwise)", _positive
     )
+    provisioning_rate_per_source: float = _opt(
+        1.0, "devices one source address may provision a second (ten seconds' worth at once; then 5.03 with "
+        "Max-Age; 0: no bound)", _non_negative)
+    provisioning_rate_per_key: float = _opt(
+        10.0, "devices one provisioning key may register a second (ten seconds' worth at once; then 5.03 with "
+        "Max-Age; 0: no bound)", _non_negative)
     max_readings_per_point: int = _opt(
         1_000, "readings one point (one record) may have; a payload with a point of more is refused 4.00 naming "
         "this bound", _positive)

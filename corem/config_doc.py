@@ -24,7 +24,7 @@ GROUPS: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("registry", "devices, credentials and the data dir", ("data_dir", "registry", "node_url"), ()),
     ("admin", "the admin HTTP: /metrics, /healthz, /readyz, /api, /ui", ("http", "diagnostics_samples"), ("admin_",)),
     ("limits", "what one source, one device or the fleet may hold", ("max_queued_commands",),
-     ("rate_limit_", "max_", "pubsub_")),
+     ("rate_limit_", "max_", "pubsub_", "provisioning_")),
     ("devices", "presence and downlink timing", ("psm_activity_timer",), ("presence_",)),
     ("logs", "what corem logs and how", (), ("log_",)),
 ]

@@ -26,7 +26,9 @@ SWEEP_EVERY = 100
 class Doors:
     def __init__(self, settings: Settings, directory: Directory, ingest: TelemetryIngest, management: Management,
                  downlink: Downlink) -> None:
-        self.thingsboard = ThingsBoard(directory, ingest, management, downlink, trio.current_time)
+        self.thingsboard = ThingsBoard(directory, ingest, management, downlink, trio.current_time,
+                                       provision_rate_per_source=settings.provisioning_rate_per_source,
+                                       provision_rate_per_key=settings.provisioning_rate_per_key)
         self.drogue = Drogue(directory, ingest, downlink, trio.current_time)
         self.emqx = Emqx(directory, ingest, downlink, trio.current_time, max_retained=settings.pubsub_max_retained,
                          max_retained_per_tenant=settings.pubsub_max_retained_per_tenant)

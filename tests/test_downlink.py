@@ -381,6 +381,7 @@ def test_provisioning_and_claiming(stack):
     assert bad.code == Code.UNAUTHORIZED and json.loads(bytes(bad.payload))["status"] == "FAILURE"
     [again] = stack.send(Code.POST, "api/v1/provision", payload=body, cf=50)
     assert again.code == Code.BAD_REQUEST and b"already exists" in bytes(again.payload)
+    assert len([d for d in stack.registry.list_devices("acme") if d.device == "fresh"]) == 1  # (a replay: nothing)
     # claiming: the device opens a claim, an owner presents its secret
     [opened] = stack.send(Code.POST, "api/v1/TA/claim", payload=b'{"secretKey": "s3", "durationMs": 60000}', cf=50)
     assert opened.code == Code.CHANGED
@@ -445,6 +446,41 @@ def test_the_package_cache_is_bounded_and_follows_the_stored_package():
     assert len(cache) == 1 and cache.size == 200
     cache.get(pkg(3, "ff" * 32), blobs.get)  # the registry holds other bytes under that id
     assert cache.reads == 4 and cache.get(pkg(3, "ff" * 32), blobs.get)[1] == b"\xff" * 8 and len(cache) == 1
+
+
+def test_provisioning_is_bounded_per_source_per_key_and_by_the_keys_max_devices(stack):
+    """Found by an adversarial run (adv9 #11): one source registered 300 devices in 0.4 s with
+    one key. A source may provision 1 a second (10 at once), a key 10 a second (100 at once),
+    beyond: 5.03 with Max-Age; a key's max_devices bounds the devices it registered that remain."""
+    from corem.frontdoors.thingsboard import Buckets
+
+    mgmt = stack.management
+    mgmt.add_provision_key("fleet", "s", "acme")
+    nameless = b'{"provisionDeviceKey": "fleet", "provisionDeviceSecret": "s"}'
+    answers = [stack.send(Code.POST, "api/v1/provision", payload=nameless, cf=50)[0] for _ in range(15)]
+    assert [a.code for a in answers] == [Code.CREATED] * 10 + [Code.SERVICE_UNAVAILABLE] * 5
+    assert answers[-1].max_age == 5 and json.loads(bytes(answers[-1].payload)) == {
+        "status": "FAILURE", "errorMsg": "over the source's rate"}
+    stack.now += 1.0  # a second later: one more
+    codes = [stack.send(Code.POST, "api/v1/provision", payload=nameless, cf=50)[0].code for _ in range(2)]
+    assert codes == [Code.CREATED, Code.SERVICE_UNAVAILABLE]
+    assert len(stack.registry.list_devices("acme")) == 3 + 11
+    # the key's own bucket, and a wrong secret takes nothing of it (Buckets on their own)
+    keys = Buckets(rate=1.0, burst=2.0, max_entries=2)
+    assert [keys.take("k", 0.0) for _ in range(3)] == [True, True, False] and keys.take("k", 1.0)
+    assert keys.take("other", 1.0) and keys.take("third", 1.0) and len(keys._buckets) == 2
+    # max_devices: removing one of its devices frees its place
+    mgmt.add_provision_key("small", "s2", "acme", max_devices=2)
+    stack.now += 100.0
+    named = b'{"deviceName": "%d", "provisionDeviceKey": "small", "provisionDeviceSecret": "s2"}'
+    codes = [stack.send(Code.POST, "api/v1/provision", payload=named % i, cf=50)[0] for i in range(3)]
+    assert [a.code for a in codes] == [Code.CREATED, Code.CREATED, Code.BAD_REQUEST]
+    assert json.loads(bytes(codes[2].payload))["errorMsg"] == "max_devices (2) reached"
+    stack.registry.remove_device("acme", "0")
+    mgmt.forget("acme", "0")
+    assert stack.send(Code.POST, "api/v1/provision", payload=named % 3, cf=50)[0].code == Code.CREATED
+    with pytest.raises(BadInput, match="max_devices"):
+        mgmt.add_provision_key("zero", "s", "acme", max_devices=0)
 
 
 def test_observer_churn_leaves_nothing_behind(stack):

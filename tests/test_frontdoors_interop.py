@@ -156,6 +156,35 @@ def test_provisioned_device_sends_with_its_new_token(corem):
     assert [p["device"] for p in corem.points("acme")] == ["prov-1"]
 
 
+def test_provisioning_is_bounded_and_a_replay_registers_nothing(data_dir):
+    """(adv9 #11) libcoap's client against `corem serve`: a key with max_devices 3 registers 3, a
+    replayed named request none; a source provisions 0.1 device a second here (one at once):
+    its next requests are 5.03 (each request from its own loopback address where that is not
+    the point)."""
+    server = start_corem(data_dir, "--provisioning-rate-per-source", "0.1")
+    try:
+        assert server.api("POST", "/api/provisioning-keys", {"key": "fleet", "secret": "fs", "tenant": "acme",
+                                                             "max_devices": 3}) == (
+            201, {"key": "fleet", "tenant": "acme", "max_devices": 3})
+
+        def provision(name: str | None, source: int, key: str = "fleet", secret: str = "fs") -> str | None:
+            ask = {"provisionDeviceKey": key, "provisionDeviceSecret": secret, **({"deviceName": name} if name else {})}
+            return coap_client(f"{server.coap}/api/v1/provision", "-a", f"127.0.0.{source}", "-m", "post",
+                               "-t", "50", "-e", json.dumps(ask)).code
+
+        codes = [provision("named-1", 2), provision("named-1", 3), provision(None, 4), provision(None, 5),
+                 provision(None, 6)]
+        assert codes == ["2.01", "4.00", "2.01", "2.01", "4.00"]  # a replay: nothing; then max_devices
+        names = [d["device"] for d in server.api("GET", "/api/devices?tenant=acme")[1]]
+        assert len(names) == 2 + 3 and names.count("named-1") == 1
+        assert server.api("POST", "/api/provisioning-keys", {"key": "open", "secret": "os", "tenant": "acme"})[0] == 201
+        codes = [provision(None, 7, "open", "os") for _ in range(4)]
+        assert codes[0] == "2.01" and "5.03" in codes, codes  # (one token at once, one every 10 s)
+        assert server.metrics()['corem_provisioning_total{result="refused"}'] >= 2 + codes.count("5.03")
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("client", DTLS_CLIENTS[:1])
 def test_firmware_image_downloads_intact_blockwise_over_coaps(corem, tmp_path, client):
     image = os.urandom(300 * 1024)

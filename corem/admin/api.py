@@ -244,8 +244,9 @@ class AdminApi:
     # -- provisioning and claiming ---------------------------------------------------------------
     def add_provision_key(self, req: HttpRequest) -> Reply:
         ask = check(ProvisioningKeyNew, req.json())
-        self.parts.management.add_provision_key(ask.key, ask.secret, ask.tenant, ask.profile or "default")
-        return json_reply({"key": ask.key, "tenant": ask.tenant}, 201)
+        self.parts.management.add_provision_key(ask.key, ask.secret, ask.tenant, ask.profile or "default",
+                                                ask.max_devices)
+        return json_reply({"key": ask.key, "tenant": ask.tenant, "max_devices": ask.max_devices}, 201)
 
     def claim(self, req: HttpRequest) -> Reply:
         d = self._device(req)

@@ -123,7 +123,8 @@ def provisioning_add(args: argparse.Namespace) -> int:
     if secret is None:
         raise ConfigError("secret: give --secret or --secret-file")
     return call(args, "POST", "/api/provisioning-keys",
-                {"key": args.key, "secret": secret, "tenant": args.tenant, "profile": args.profile})
+                {"key": args.key, "secret": secret, "tenant": args.tenant, "profile": args.profile,
+                 **({} if args.max_devices is None else {"max_devices": args.max_devices})})
 
 
 def add_parsers(sub, add_flags) -> None:
@@ -180,4 +181,6 @@ def add_parsers(sub, add_flags) -> None:
                                                          "trailing newline (kept out of the command line)")
     p.add_argument("--tenant", required=True)
     p.add_argument("--profile", default="default")
+    p.add_argument("--max-devices", type=int, metavar="N",
+                   help="devices this key may have registered (still registered) at most (default: no bound of its own)")
     p.set_defaults(func=provisioning_add)

@@ -148,6 +148,7 @@ class PackageAssigned(Package, kw_only=True):
 class ProvisioningKey(msgspec.Struct):
     key: str
     tenant: str
+    max_devices: int | None = None
 
 
 class Claimed(msgspec.Struct):

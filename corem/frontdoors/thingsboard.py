@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator
 
 from ..bus import topics
 from ..bus.base import publish_json
@@ -27,6 +27,7 @@ from ..coap.conditional import conditional, etag_of, evaluate, with_etag
 from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
+from ..coap.response import RETRY_AFTER
 from ..codec import Code, OptionNumber, encode_uint
 from ..devices.downlink import Downlink, attributes_resource, rpc_resource
 from ..identity import Door, Refusal, SessionDevice
@@ -48,6 +49,27 @@ Handler = Callable[[Request, Device, list[str], Observers], "Response | None"]
 #: so one large package being downloaded is read from the registry once, not once a block)
 PACKAGE_CACHE = 8
 PACKAGE_CACHE_BYTES = 128 * 1024 * 1024
+
+
+class Buckets:
+    """Token buckets by name (a source host, a provisioning key): `rate` a second, `burst` at
+    once; at most `max_entries` names (the oldest forgotten: it starts from a full bucket)."""
+
+    def __init__(self, rate: float, burst: float, max_entries: int = 10_000) -> None:
+        self.rate, self.burst, self.max_entries = rate, burst, max_entries
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+
+    def take(self, name: Hashable, now: float) -> bool:
+        """One token of `name`'s bucket, if it has one (a rate of 0: always)."""
+        if self.rate <= 0:
+            return True
+        tokens, last = self._buckets.pop(name, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        ok = tokens >= 1
+        self._buckets[name] = (tokens - 1 if ok else tokens, now)
+        if len(self._buckets) > self.max_entries:
+            self._buckets.popitem(last=False)
+        return ok
 
 
 class PackageCache:
@@ -98,8 +120,18 @@ class ThingsBoard:
         management: Management,
         downlink: Downlink,
         clock: Callable[[], float],
+        *,
+        provision_rate_per_source: float = 1.0,
+        provision_rate_per_key: float = 10.0,
     ) -> None:
         self.directory = directory
+        # Found by an adversarial run (adv9 #11): one source registered 300 devices in 0.4 s with
+        # one key (each a registry write and a directory refresh on the event loop). A source, then
+        # a key (once its secret is checked: a wrong key makes no bucket), may register this many
+        # devices a second, ten seconds' worth at once; beyond, 5.03 with Max-Age: a fleet behind
+        # one address gets its devices registered, a few a second, as they retry
+        self._provision_sources = Buckets(provision_rate_per_source, 10 * provision_rate_per_source)
+        self._provision_keys = Buckets(provision_rate_per_key, 10 * provision_rate_per_key)
         self.ingest = ingest
         self.management = management
         self.downlink = downlink
@@ -234,6 +266,13 @@ class ThingsBoard:
             name = ask.get("deviceName")
             if name is not None and not isinstance(name, str):
                 raise BodyError("deviceName: must be a string")
+            now = self.clock()
+            host = req.peer[0] if isinstance(req.peer, tuple) else req.peer
+            if not self._provision_sources.take(host, now):
+                return self._provision_busy(req, "over the source's rate")
+            self.management.provision_key(key, secret)  # (Unauthorized before a bucket of its own)
+            if not self._provision_keys.take(key, now):
+                return self._provision_busy(req, "over the key's rate")
             tenant, device, token = self.management.provision(key, secret, name)
         except BadInput as e:  # (a device that exists already too: 4.00 FAILURE, as ThingsBoard answers)
             self.provision_refused += 1
@@ -247,6 +286,15 @@ class ThingsBoard:
                  extra=fields(tenant=tenant, device=device, provisioning_key=key))
         return content({"status": "SUCCESS", "deviceName": device, "credentialsType": "ACCESS_TOKEN",
                         "credentialsValue": token}, req, Code.CREATED)
+
+    def _provision_busy(self, req: Request, reason: str) -> Response:
+        """Over a provisioning rate: 5.03 with Max-Age (RFC 7252 §5.9.3.4: try again after it),
+        ThingsBoard's FAILURE body, short (on plain UDP an error answer is no larger than its
+        request: a longer one would be cut into JSON that does not parse); counted as refused."""
+        self.provision_refused += 1
+        busy = content({"status": "FAILURE", "errorMsg": reason}, req, Code.SERVICE_UNAVAILABLE)
+        return Response(busy.code, busy.payload, sorted([*(busy.options or []), (OptionNumber.MAX_AGE, encode_uint(
+            RETRY_AFTER))], key=lambda o: o[0]))
 
     # -- OTA -------------------------------------------------------------------------------------
     def get_package(self, kind: str) -> Handler:

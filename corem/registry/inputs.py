@@ -126,6 +126,9 @@ class ProvisioningKeyNew(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     secret: str
     tenant: str
     profile: str = "default"
+    max_devices: Annotated[int, msgspec.Meta(
+        ge=1, le=2**31 - 1, description="devices this key may have registered (still registered) at most; "
+        "none: no bound of its own")] | None = None
 
 
 class ClaimRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS provision_keys (
     key TEXT PRIMARY KEY, secret TEXT NOT NULL, tenant TEXT NOT NULL, profile TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS provision_quotas (
+    key TEXT PRIMARY KEY, max_devices INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS provisioned (
+    tenant TEXT NOT NULL, device TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tenant, device)
+);
 CREATE TABLE IF NOT EXISTS bus_positions (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
@@ -199,14 +205,21 @@ class Management:
         return self.package(row[0]) if row else None
 
     # -- provisioning and claiming ----------------------------------------------------------------
-    def add_provision_key(self, key: str, secret: str, tenant: str, profile: str = "default") -> None:
+    def add_provision_key(self, key: str, secret: str, tenant: str, profile: str = "default",
+                          max_devices: int | None = None) -> None:
+        """`max_devices`: the devices this key may have registered that are still registered (None:
+        no bound of its own; the per-source and per-key rates bound it anyway)."""
         check_field("key", key, LABEL_RE, LABEL)
         check_field("secret", secret, LABEL_RE, LABEL, secret=True)
         check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
+        if max_devices is not None and (type(max_devices) is not int or not 0 < max_devices < 2**31):
+            raise BadInput("max_devices: a positive integer")
         try:
-            self._write(
-                "INSERT INTO provision_keys VALUES (?, ?, ?, ?, ?)", (key, secret, tenant, profile, _now_ms())
-            )
+            with self._transaction():
+                self._conn.execute(
+                    "INSERT INTO provision_keys VALUES (?, ?, ?, ?, ?)", (key, secret, tenant, profile, _now_ms()))
+                if max_devices is not None:
+                    self._conn.execute("INSERT INTO provision_quotas VALUES (?, ?)", (key, max_devices))
         except self._integrity:
             raise Conflict(f"key: provisioning key {key!r} already exists") from None
 
@@ -214,13 +227,28 @@ class Management:
         """A device presents a provisioning key and secret: register it with a fresh access token.
         Returns (tenant, device, token).  The secret is compared in constant time; a wrong key or
         secret is Unauthorized, a device name that exists a Conflict."""
+        row = self.provision_key(key, secret)
+        quota = self._conn.execute("SELECT max_devices FROM provision_quotas WHERE key = ?", (key,)).fetchone()
+        if quota is not None:
+            # (found by an adversarial run, adv9 #11: a key registered devices without end)
+            made = self._conn.execute("SELECT count(*) FROM provisioned WHERE key = ?", (key,)).fetchone()[0]
+            if made >= quota[0]:
+                # (short: on plain UDP the answer is cut to its request's size)
+                raise BadInput(f"max_devices ({quota[0]}) reached")
+        name = device or "device-" + secrets.token_hex(6)
+        token = secrets.token_urlsafe(18)
+        self.registry.add_device(row[1], name, token=token, profile=row[2])  # (a name that exists: Conflict)
+        self._write("INSERT INTO provisioned VALUES (?, ?, ?) ON CONFLICT (tenant, device) DO UPDATE SET key = "
+                    "excluded.key", (row[1], name, key))
+        return row[1], name, token
+
+    def provision_key(self, key: str, secret: str) -> tuple[str, str, str]:
+        """The key's (secret, tenant, profile) if `secret` is its secret (compared in constant
+        time), else Unauthorized."""
         row = self._conn.execute("SELECT secret, tenant, profile FROM provision_keys WHERE key = ?", (key,)).fetchone()
         if row is None or not secrets.compare_digest(row[0].encode(), secret.encode()):
             raise Unauthorized("provisionDeviceKey/provisionDeviceSecret: not valid")
-        name = device or "device-" + secrets.token_hex(6)
-        token = secrets.token_urlsafe(18)
-        self.registry.add_device(row[1], name, token=token, profile=row[2])
-        return row[1], name, token
+        return row
 
     def open_claim(self, tenant: str, device: str, secret: Any, duration_ms: Any) -> int:
         check_field("secretKey", secret, LABEL_RE, LABEL, secret=True)
@@ -272,5 +300,5 @@ class Management:
     def forget(self, tenant: str, device: str) -> None:
         """A removed device's attributes, assignments and claim go with it."""
         with self._transaction():
-            for table in ("attributes", "assignments", "claims"):
+            for table in ("attributes", "assignments", "claims", "provisioned"):  # (frees a key's max_devices)
                 self._conn.execute(f"DELETE FROM {table} WHERE tenant = ? AND device = ?", (tenant, device))
