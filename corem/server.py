@@ -119,6 +119,9 @@ class Server:
             self.link = Link(worker, self)
             self.downlink.forward_reply = self.link.forward_reply
             self.downlink.number_ids(worker.index + 1, worker.count)
+            first, step = worker.index + 1, worker.count
+            self.doors.thingsboard.numbered_elsewhere = lambda rpc_id: (rpc_id - first) % step != 0
+            self.doors.thingsboard.ask_owner = self.link.ask_reply
         #: where each device is served, and its downlink carried there (corem/cluster.py)
         self.cluster = Carrier(self.directory, self.downlink, self.management, self.sink, lambda: self.admin_token,
                                to_workers=self.link.to_workers if self.link else None,

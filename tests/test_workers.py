@@ -29,7 +29,7 @@ from corem.workers.samples import decode_samples, encode_samples
 from corem.metrics import gather
 from corem.stats import Histogram, Sample
 
-from .conftest import (COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, needs_libcoap, post, read_until, start_corem,
+from .conftest import (COAP_CLIENT, DTLS_CLIENTS, SPEC_IDENTITY, SPEC_KEY, coap_client, needs_libcoap, post, read_until, start_corem,
                        wait_for)
 from .ports import proc_stat
 
@@ -404,15 +404,34 @@ def test_downlink_reaches_the_worker_that_holds_the_device(workers):
             replier = port_for(1 - w, 2) if w == 0 else port_for(1, 2)
             port = replier.getsockname()[1]
             replier.close()
-            reply = subprocess.run([COAP_CLIENT, "-B", "30", "-p", str(port), "-m", "post", "-t", "50", "-e",
-                                    '{"ok":true}', f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
+            reply = subprocess.run([COAP_CLIENT, "-v", "6", "-B", "30", "-p", str(port), "-m", "post", "-t", "50",
+                                    "-e", '{"ok":true}', f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
             assert reply.returncode == 0
+            # (adv9 #13: the other worker's side answered 2.04 unchecked; now as one process would:
+            # 2.04 for the waiting RPC, then 4.04 -- it is answered already)
+            assert re.findall(r"c:(\d\.\d\d)", reply.stdout + reply.stderr)[-1] == ("2.04" if w == 0 else "4.04")
             if w == 0:
                 caller.join(120)
                 assert result["r"] == (200, {"id": rpc_id, "status": "replied", "response": {"ok": True}})
     finally:
         if observer.poll() is None:
             observer.kill()
+
+
+@needs_libcoap
+def test_a_reply_to_an_rpc_that_does_not_exist_is_4_04_from_either_workers_side(workers):
+    """Found by an adversarial run (adv9 #13): with --workers, a reply to an id of the other
+    worker's range was answered 2.04 before anyone checked the RPC existed. Now the worker asks the
+    RPC's worker and answers what it says: 4.04 for ids never sent, from either side, as with one
+    process."""
+    base = f"{workers.coap}/api/v1/T0KEN-1"
+    for w in (0, 1):
+        probe = port_for(w, 2)
+        port = probe.getsockname()[1]
+        probe.close()
+        for rpc_id in (1, 2, 1001, 1002):  # (both workers' ranges: odd ids worker 0's, even worker 1's)
+            got = coap_client(f"{base}/rpc/{rpc_id}", "-p", str(port), "-m", "post", "-t", "50", "-e", '{"ok":1}')
+            assert got.code == "4.04", (w, rpc_id, got.output[-500:])
 
 
 def test_sigterm_stops_every_worker_and_the_supervisor(data_dir):

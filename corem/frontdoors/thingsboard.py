@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 from ..bus import topics
 from ..bus.base import publish_json
@@ -108,6 +108,9 @@ class PackageCache:
         return found
 
 
+NO_SUCH_RPC = b"id: no RPC request with this id is waiting for this device"
+
+
 def attributes_topic(tenant: str) -> str:
     return topics.attributes(tenant)
 
@@ -137,6 +140,10 @@ class ThingsBoard:
         self.downlink = downlink
         self.clock = clock
         self.packages = PackageCache()
+        #: with --workers: is an RPC id another worker's (downlink.number_ids), and how to ask it
+        #: whether a reply to it is taken (workers/link.py ask_reply); None in a single process
+        self.numbered_elsewhere: Callable[[int], bool] = lambda rpc_id: False
+        self.ask_owner: Callable[[Device, int, Any, Callable[[bool], None]], None] | None = None
         self.provisioned = 0
         self.provision_refused = 0
 
@@ -232,15 +239,28 @@ class ThingsBoard:
             return Response(Code.CONTENT)
         return content({"id": call.id, "method": call.method, "params": call.params}, req)
 
-    def post_rpc_reply(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response:
+    def post_rpc_reply(self, req: Request, device: Device, params: list[str], observers: Observers) -> Response | None:
         if not params[0].isdigit():
             return bad_request(f"id: {params[0]!r} is not an RPC request id")
         try:
             reply = body(req, "response")
         except BodyError as e:
             return bad_request(str(e))
-        if not self.downlink.reply(device, int(params[0]), reply):
-            return Response(Code.NOT_FOUND, b"id: no RPC request with this id is waiting for this device")
+        rpc_id = int(params[0])
+        if self.ask_owner is not None and self.numbered_elsewhere(rpc_id):
+            # another worker's RPC (the device talks to us from another address now): answered once
+            # that worker says whether it waited for this device -- 2.04 or 4.04, as one process
+            def told(taken: bool) -> None:
+                if req.answered:  # (shutdown may have given up on it)
+                    return
+                if taken:
+                    req.respond(Code.CHANGED)
+                else:
+                    req.respond(Code.NOT_FOUND, None, NO_SUCH_RPC)
+            self.ask_owner(device, rpc_id, reply, told)
+            return None
+        if not self.downlink.reply(device, rpc_id, reply):
+            return Response(Code.NOT_FOUND, NO_SUCH_RPC)
         return Response(Code.CHANGED)
 
     # -- claiming and provisioning ---------------------------------------------------------------

@@ -74,6 +74,19 @@ class RpcReply(msgspec.Struct, tag="rpc_reply", tag_field="kind"):
     device: Key
     id: int
     response: Any
+    #: the worker the device answered (None: nobody waits to be told), and its number for the
+    #: device's request: the RPC's worker tells it whether the reply was taken (RpcReplied)
+    asker: int | None = None
+    ask: int = 0
+
+
+class RpcReplied(msgspec.Struct, tag="rpc_replied", tag_field="kind"):
+    """The RPC's worker took a forwarded reply (`ok`: an RPC of that id waited for that device), or
+    did not; for worker `to`, which answers its device 2.04 or 4.04 as a single process would."""
+
+    to: int
+    ask: int
+    ok: bool
 
 
 class Refresh(msgspec.Struct, tag="refresh", tag_field="kind"):
@@ -98,8 +111,8 @@ class Adopt(msgspec.Struct, tag="adopt", tag_field="kind"):
 #: a packet that is not one of the messages its receiver takes
 Garbled = (msgspec.ValidationError, msgspec.DecodeError)
 
-ToSupervisor = Union[Ready, Here, Refreshed, Reloaded, Handover, Command, RpcReply]
-ToWorker = Union[Refresh, Reload, Moved, Adopt, Command, RpcReply]
+ToSupervisor = Union[Ready, Here, Refreshed, Reloaded, Handover, Command, RpcReply, RpcReplied]
+ToWorker = Union[Refresh, Reload, Moved, Adopt, Command, RpcReply, RpcReplied]
 
 _encoder = msgspec.json.Encoder()
 _from_workers = msgspec.json.Decoder(ToSupervisor)

@@ -15,14 +15,17 @@ import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Protocol
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import trio
 
 from ..cluster import CommandRecord
 from ..config import ConfigError, Settings
 from . import control
-from .control import Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReply
+from .control import (
+    Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReplied, RpcReply,
+)
 
 if TYPE_CHECKING:
     from ..devices.downlink import Downlink
@@ -49,6 +52,10 @@ ENV = "COREM_WORKER"
 ANNOUNCE_EVERY = 0.02
 #: devices per "here" packet (a packet stays well under the socket's buffer)
 ANNOUNCE_CHUNK = 2000
+#: replies to another worker's RPCs waiting for its word, at most (the oldest then told "no"), and
+#: how long one waits (seconds): a worker starting again lost its RPCs, so "no" is the truth then too
+MAX_ASKED = 10_000
+ASK_TIMEOUT = 10.0
 
 
 @dataclass
@@ -89,6 +96,9 @@ class Link:
         self._heard: list[tuple[str, str]] = []
         self._outbox: list[control.ToSupervisor] = []
         self._sending = trio.Lock()
+        #: ask number -> (when asked, what to do with the RPC's worker's word): `ask_reply`
+        self._asked: OrderedDict[int, tuple[float, Callable[[bool], None]]] = OrderedDict()
+        self._ask = 0
 
     def first_sight(self, device: Device) -> None:
         """Downlink's hook: this device was heard here for the first time (sent in a batch)."""
@@ -98,6 +108,27 @@ class Link:
         """Downlink's hook: a device answered an RPC that another worker sent (it talks to us from
         another address now); the supervisor passes it to that worker."""
         self.post(RpcReply((device.tenant, device.device), rpc_id, response))
+
+    def ask_reply(self, device: Device, rpc_id: int, response: Any, then: Callable[[bool], None]) -> None:
+        """A device answered an RPC another worker numbered: pass it there, and `then(taken)` once
+        that worker says whether an RPC of that id waited for this device. Found by an adversarial
+        run (adv9 #13): the reply was answered 2.04 at once, unchecked, where a single process
+        answers 4.04 for an RPC that does not exist."""
+        self._ask += 1
+        self._asked[self._ask] = (trio.current_time(), then)
+        while len(self._asked) > MAX_ASKED:
+            _, (_, told) = self._asked.popitem(last=False)
+            told(False)
+        self.post(RpcReply((device.tenant, device.device), rpc_id, response, self.spec.index, self._ask))
+
+    def _expire_asked(self) -> None:
+        now = trio.current_time()
+        while self._asked:
+            n, (at, then) = next(iter(self._asked.items()))
+            if now - at < ASK_TIMEOUT:
+                break
+            del self._asked[n]
+            then(False)
 
     def to_workers(self, record: CommandRecord) -> None:
         """A commands record (worker 0 reads them): the supervisor gives it to the worker that
@@ -123,6 +154,7 @@ class Link:
     async def _announce(self) -> None:
         while True:
             await trio.sleep(ANNOUNCE_EVERY)
+            self._expire_asked()
             outbox, self._outbox = self._outbox, []
             for message in outbox:
                 await self.send(message)
@@ -170,5 +202,10 @@ class Link:
                 server.carry_out(message.record())
             elif isinstance(message, RpcReply):
                 device = server.directory.named(*message.device)
-                if device is not None:
-                    server.downlink.reply(device, message.id, message.response)
+                taken = device is not None and server.downlink.reply(device, message.id, message.response)
+                if message.asker is not None:
+                    await self.send(RpcReplied(message.asker, message.ask, taken))
+            elif isinstance(message, RpcReplied):
+                asked = self._asked.pop(message.ask, None)
+                if asked is not None:
+                    asked[1](message.ok)

@@ -46,7 +46,7 @@ from ..listeners import Bound
 from ..stores import make_pruner
 from . import control, steer
 from .front import Front
-from .control import Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReply
+from .control import Adopt, Command, Handover, Here, Moved, Ready, Refresh, Refreshed, Reload, Reloaded, RpcReply, RpcReplied
 from .link import ENV, WorkerSpec
 
 log = logging.getLogger("corem.workers")
@@ -262,6 +262,9 @@ class Supervisor:
             self.post(message.to, Adopt(message.device, message.state))
         elif isinstance(message, RpcReply):  # to the worker that numbered the RPC (downlink.number_ids)
             self.post((message.id - 1) % self.count, message)
+        elif isinstance(message, RpcReplied):  # back to the worker whose device is waiting for its answer
+            if 0 <= message.to < self.count:
+                self.post(message.to, message)
         elif isinstance(message, Command):
             self.post(self.holders.holder(message.device, park=True), message)
 
