@@ -311,6 +311,27 @@ def test_pubsub_retained_message_with_max_age_subscribe_and_acl(stack):
     assert [bytes(r.value) for r in published] == [b"21.5", b"22.0"] and published[0].key == b"room/temp"
 
 
+def test_one_device_credential_is_no_reflector_of_its_publishes(stack):
+    """(adv9 #8) Subscriptions from 40 addresses plain UDP cannot verify, one device's: each
+    replaces the one before, so a publish goes out once (to the latest), not 40 times; another
+    device's subscription to the topic is its own and stays."""
+    for i in range(40):
+        opts = [(O.URI_PATH, b"ps"), (O.URI_PATH, b"alerts"), (O.OBSERVE, b""),
+                *[(O.URI_QUERY, q) for q in (b"c=c", b"u=awake", b"p=TA")]]
+        msg = Message(Type.NON, Code.GET, 500 + i, b"v%d" % i, sorted(opts, key=lambda o: o[0]))
+        req = stack.endpoint.receive(encode(msg), (f"198.51.100.{i}", 5683), stack.now)
+        r = stack.router.dispatch(req)
+        req.respond(r.code, r.options, r.payload)
+    stack.registry.add_device("acme", "listener", token="TL")
+    stack.directory.refresh(force=True)
+    stack.send(Code.GET, "ps/alerts", query=["c=c", "u=listener", "p=TL"], observe=0, token=b"room")
+    stack.outbox()
+    assert len(stack.observers) == 2
+    out = stack.send(Code.POST, "ps/alerts", query=["c=c", "u=awake", "p=TA"], payload=b"x" * 500)
+    notes = [m for m in out + stack.outbox() if m.observe is not None]
+    assert sorted(m.token for m in notes) == [b"room", b"v39"]
+
+
 def test_retained_messages_are_bounded(tmp_path):
     stack = Stack(tmp_path)
     stack.emqx.max_retained = 3

@@ -120,6 +120,38 @@ def test_emqx_pubsub_retains_publishes_and_notifies_subscribers(corem):
     assert bad.code == "4.01"
 
 
+def test_a_device_holds_one_subscription_a_topic_so_a_publish_is_no_reflector(corem):
+    """Found by an adversarial run (adv9 #8): one device credential held 64 subscriptions to one
+    topic from addresses plain UDP cannot verify, and each publish went to all of them (63x). A
+    device's new subscription to a topic replaces its one before (here two libcoap observers of
+    one device): a publish goes out once, to the latest; another device's subscription stays."""
+    from corem.cli import main
+
+    assert main(["devices", "add", "--data-dir", str(corem.data_dir), "--tenant", "acme", "--device", "other",
+                 "--token", "OTHER-1"]) == 0
+    q, other = "?c=a&u=sensor-1&p=T0KEN-1", "?c=b&u=other&p=OTHER-1"
+    wait_for(lambda: coap_client(f"{corem.coap}/ps/x{other}", "-m", "get").code == "4.04", what="the new device")
+    first = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{corem.coap}/mqtt/alerts{q}")
+    wait_for(lambda: observers(corem) >= 1, what="the first subscription")
+    third = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{corem.coap}/mqtt/alerts{other}")
+    wait_for(lambda: observers(corem) >= 2, what="the other device's subscription")
+    second = background(COAP_CLIENT, "-s", "90", "-m", "get", f"{corem.coap}/mqtt/alerts{q}")
+    try:
+        wait_for(lambda: corem.metrics()["corem_pubsub_subscribed_total"] >= 3, what="the second subscription")
+        assert observers(corem) == 2  # the device's first was replaced
+        def sent() -> float:
+            return sum(v for k, v in corem.metrics().items() if k.startswith("corem_coap_observe_notifications_total"))
+
+        before = sent()
+        assert coap_client(f"{corem.coap}/mqtt/alerts{q}", "-m", "post", "-e", "door-open").code == "2.04"
+        assert "door-open" in read_until(second, "door-open") and "door-open" in read_until(third, "door-open")
+        assert sent() == before + 2  # (counted as they are sent, all at the publish)
+    finally:
+        for p in (first, second, third):
+            p.kill()
+            p.communicate()
+
+
 def test_one_tenants_retained_topics_do_not_push_out_anothers(data_dir):
     """(adv9 #10) One tenant's device retaining more topics than its share drops its own oldest;
     acme's retained configuration stays, with libcoap's client against `corem serve`."""
