@@ -130,7 +130,7 @@ def test_bad_json_and_unknown_paths_and_methods(server):
 
 
 def test_a_schema_nested_too_deep_is_400_naming_the_depth(server):
-    """Found by an adversarial run (adv9 #15): a schema nesting messages about 990 deep ran the
+    """Found by an adversarial run: a schema nesting messages about 990 deep ran the
     reader out of Python's stack, and the admin API answered 500; now 400 naming line and depth,
     and one level less than the bound is a profile like any other."""
     def nested(n: int) -> str:

@@ -406,7 +406,7 @@ def test_a_firmware_package_is_sent_with_its_etag_and_judged_by_it(served):
 
 @needs_libcoap
 def test_a_large_package_is_read_and_tagged_once_not_once_a_block(served, tmp_path):
-    """Found by an adversarial run (adv9 #4): every Block2 request of a package larger than the
+    """Found by an adversarial run: every Block2 request of a package larger than the
     kept representations (64 KiB) read it from the registry again and hashed all of it for the
     ETag, O(package) on the event loop for a 16-byte block. Now the bytes are read once per
     package and the ETag is the stored sha256's first 8 bytes; assigning another package serves

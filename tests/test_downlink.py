@@ -312,7 +312,7 @@ def test_pubsub_retained_message_with_max_age_subscribe_and_acl(stack):
 
 
 def test_one_device_credential_is_no_reflector_of_its_publishes(stack):
-    """(adv9 #8) Subscriptions from 40 addresses plain UDP cannot verify, one device's: each
+    """Subscriptions from 40 addresses plain UDP cannot verify, one device's: each
     replaces the one before, so a publish goes out once (to the latest), not 40 times; another
     device's subscription to the topic is its own and stays."""
     for i in range(40):
@@ -343,7 +343,7 @@ def test_retained_messages_are_bounded(tmp_path):
 
 
 def test_retained_messages_are_bounded_per_tenant_and_taken_from_the_heaviest(tmp_path):
-    """Found by an adversarial run (adv9 #10): one bound for all tenants, oldest first, so one
+    """Found by an adversarial run: one bound for all tenants, oldest first, so one
     tenant's device publishing many topics dropped every other tenant's retained messages. Now a
     tenant's own bound drops its own oldest, and the server's takes from whoever holds the most."""
     stack = Stack(tmp_path)
@@ -450,7 +450,7 @@ def test_firmware_block2_download_matches_the_package(stack):
 
 
 def test_the_package_cache_is_bounded_and_follows_the_stored_package():
-    """(adv9 #4) Packages are read once and kept: at most max_entries and max_bytes (the one read
+    """Packages are read once and kept: at most max_entries and max_bytes (the one read
     last kept whatever its size), found by id and sha256 (other bytes under the same id: read anew)."""
     from corem.frontdoors.thingsboard import PackageCache
     from corem.registry.management import Package
@@ -470,7 +470,7 @@ def test_the_package_cache_is_bounded_and_follows_the_stored_package():
 
 
 def test_provisioning_is_bounded_per_source_per_key_and_by_the_keys_max_devices(stack):
-    """Found by an adversarial run (adv9 #11): one source registered 300 devices in 0.4 s with
+    """Found by an adversarial run: one source registered 300 devices in 0.4 s with
     one key. A source may provision 1 a second (10 at once), a key 10 a second (100 at once),
     beyond: 5.03 with Max-Age; a key's max_devices bounds the devices it registered that remain."""
     from corem.frontdoors.thingsboard import Buckets

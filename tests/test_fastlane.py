@@ -1736,7 +1736,7 @@ def test_a_running_server_with_the_lane_on_or_off_stores_and_counts_the_same(tmp
 
 
 def test_a_point_of_more_readings_than_max_readings_per_point_is_refused_alike_with_and_without_the_lane():
-    """Found by an adversarial run (adv9 #14): nothing bounded the readings of one point (a 64 KiB
+    """Found by an adversarial run: nothing bounded the readings of one point (a 64 KiB
     protobuf payload became one record of 65,000 readings). A point of more than
     max_readings_per_point is 4.00 naming the bound, on the Python path; the lane, which decodes
     up to 64 readings a map itself, hands such a point over (its own bound told by the ingest), so
@@ -1779,7 +1779,7 @@ def test_a_point_of_more_readings_than_max_readings_per_point_is_refused_alike_w
 @needs_libcoap
 @pytest.mark.parametrize("lane", ["on", "off"])
 def test_max_readings_per_point_on_corem_serve(data_dir, tmp_path, lane):
-    """(adv9 #14) `corem serve` with the C lane and without: a point within max_readings_per_point
+    """`corem serve` with the C lane and without: a point within max_readings_per_point
     is stored, one above it is 4.00 naming the bound (a flat map, and the tester's protobuf
     `repeated bool` flattened: each payload byte a reading), nothing stored of it."""
     server = start_corem(data_dir, "--fast-lane", lane, "--max-readings-per-point", "40")

@@ -121,7 +121,7 @@ def test_emqx_pubsub_retains_publishes_and_notifies_subscribers(corem):
 
 
 def test_a_device_holds_one_subscription_a_topic_so_a_publish_is_no_reflector(corem):
-    """Found by an adversarial run (adv9 #8): one device credential held 64 subscriptions to one
+    """Found by an adversarial run: one device credential held 64 subscriptions to one
     topic from addresses plain UDP cannot verify, and each publish went to all of them (63x). A
     device's new subscription to a topic replaces its one before (here two libcoap observers of
     one device): a publish goes out once, to the latest; another device's subscription stays."""
@@ -153,7 +153,7 @@ def test_a_device_holds_one_subscription_a_topic_so_a_publish_is_no_reflector(co
 
 
 def test_one_tenants_retained_topics_do_not_push_out_anothers(data_dir):
-    """(adv9 #10) One tenant's device retaining more topics than its share drops its own oldest;
+    """One tenant's device retaining more topics than its share drops its own oldest;
     acme's retained configuration stays, with libcoap's client against `corem serve`."""
     from corem.cli import main
 
@@ -189,7 +189,7 @@ def test_provisioned_device_sends_with_its_new_token(corem):
 
 
 def test_provisioning_is_bounded_and_a_replay_registers_nothing(data_dir):
-    """(adv9 #11) libcoap's client against `corem serve`: a key with max_devices 3 registers 3, a
+    """libcoap's client against `corem serve`: a key with max_devices 3 registers 3, a
     replayed named request none; a source provisions 0.1 device a second here (one at once):
     its next requests are 5.03 (each request from its own loopback address where that is not
     the point)."""

@@ -112,7 +112,7 @@ def test_text_no_utf8_can_say_is_refused_naming_it(schema, error):
 
 
 def test_messages_nested_past_the_bound_are_refused_naming_the_line():
-    """(adv9 #15: about 990 levels raised RecursionError, not SchemaError.)  upb refuses about 100
+    """(about 990 levels raised RecursionError, not SchemaError.)  upb refuses about 100
     levels anyway; MAX_NESTING is the deepest the reader takes, and that schema decodes."""
     from corem.profiles.proto_schema import MAX_NESTING, message_class
     def nested(n: int) -> str:

@@ -407,7 +407,7 @@ def test_downlink_reaches_the_worker_that_holds_the_device(workers):
             reply = subprocess.run([COAP_CLIENT, "-v", "6", "-B", "30", "-p", str(port), "-m", "post", "-t", "50",
                                     "-e", '{"ok":true}', f"{base}/rpc/{rpc_id}"], capture_output=True, text=True)
             assert reply.returncode == 0
-            # (adv9 #13: the other worker's side answered 2.04 unchecked; now as one process would:
+            # (the other worker's side answered 2.04 unchecked; now as one process would:
             # 2.04 for the waiting RPC, then 4.04 -- it is answered already)
             assert re.findall(r"c:(\d\.\d\d)", reply.stdout + reply.stderr)[-1] == ("2.04" if w == 0 else "4.04")
             if w == 0:
@@ -420,7 +420,7 @@ def test_downlink_reaches_the_worker_that_holds_the_device(workers):
 
 @needs_libcoap
 def test_a_reply_to_an_rpc_that_does_not_exist_is_4_04_from_either_workers_side(workers):
-    """Found by an adversarial run (adv9 #13): with --workers, a reply to an id of the other
+    """Found by an adversarial run: with --workers, a reply to an id of the other
     worker's range was answered 2.04 before anyone checked the RPC existed. Now the worker asks the
     RPC's worker and answers what it says: 4.04 for ids never sent, from either side, as with one
     process."""

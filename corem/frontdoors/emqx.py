@@ -18,7 +18,7 @@ Every publish is also a record on `pubsub.{tenant}` (key = topic), answered 2.04
 bus like a reading.  Retained messages are bounded per tenant (`max_retained_per_tenant`: the
 publishing tenant's oldest dropped first) and for the server, in count and bytes, topics included
 (then the oldest of the tenant holding the most goes): one tenant's device cannot push another
-tenant's configuration out (adv9 #10: one bound for all, oldest first, and it could).
+tenant's configuration out (one bound for all, oldest first, and it could).
 
 Conditional requests (RFC 7252 §5.10.8) on `/ps/{topic}` are evaluated against the retained
 message, after the credentials and the topic ACL, in the same step as the write (no `await`

@@ -75,7 +75,7 @@ class Buckets:
 class PackageCache:
     """A package's bytes and its ETag, made once per package (found by id, and the sha256 stored
     with it: a package is never changed in place, but a registry replaced under a running server
-    must not serve the old bytes). Found by a review of adv9 (#4): each Block2 request read
+    must not serve the old bytes). Found by a review: each Block2 request read
     the whole package from SQLite when it was not kept, and hashed all of it (BLAKE2b, `etag_of`)
     to tag one block: 16 MiB cost ~19 ms of the event loop a block, whatever the block's size. Now
     a block costs its slice; the ETag is the stored sha256's first 8 bytes (made at upload)."""
@@ -128,7 +128,7 @@ class ThingsBoard:
         provision_rate_per_key: float = 10.0,
     ) -> None:
         self.directory = directory
-        # Found by an adversarial run (adv9 #11): one source registered 300 devices in 0.4 s with
+        # Found by an adversarial run: one source registered 300 devices in 0.4 s with
         # one key (each a registry write and a directory refresh on the event loop). A source, then
         # a key (once its secret is checked: a wrong key makes no bucket), may register this many
         # devices a second, ten seconds' worth at once; beyond, 5.03 with Max-Age: a fleet behind

@@ -404,7 +404,7 @@ class TelemetryIngest:
 
     def _check_size(self, points: list[Readings]) -> None:
         """PayloadError for a point of more than `max_readings` readings. Found by an adversarial
-        run (adv9 #14): nothing bounded them, and a 64 KiB protobuf payload of `repeated bool`,
+        run: nothing bounded them, and a 64 KiB protobuf payload of `repeated bool`,
         flattened, became one record of 65,000 readings (~1 MB: past Kafka's default message size,
         so that device would be answered 5.03 for good)."""
         most = self.max_readings

@@ -230,7 +230,7 @@ class Management:
         row = self.provision_key(key, secret)
         quota = self._conn.execute("SELECT max_devices FROM provision_quotas WHERE key = ?", (key,)).fetchone()
         if quota is not None:
-            # (found by an adversarial run, adv9 #11: a key registered devices without end)
+            # (found by an adversarial run: a key registered devices without end)
             made = self._conn.execute("SELECT count(*) FROM provisioned WHERE key = ?", (key,)).fetchone()[0]
             if made >= quota[0]:
                 # (short: on plain UDP the answer is cut to its request's size)

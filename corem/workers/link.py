@@ -112,7 +112,7 @@ class Link:
     def ask_reply(self, device: Device, rpc_id: int, response: Any, then: Callable[[bool], None]) -> None:
         """A device answered an RPC another worker numbered: pass it there, and `then(taken)` once
         that worker says whether an RPC of that id waited for this device. Found by an adversarial
-        run (adv9 #13): the reply was answered 2.04 at once, unchecked, where a single process
+        run: the reply was answered 2.04 at once, unchecked, where a single process
         answers 4.04 for an RPC that does not exist."""
         self._ask += 1
         self._asked[self._ask] = (trio.current_time(), then)
