@@ -37,8 +37,10 @@ class Thermo(Resource):
         return Response(Code.CONTENT, b"21")
 
 
-def stack():
-    ep = Endpoint(Params(), rng=lambda: 0.0)
+def stack(verified=True):
+    """A sans-IO endpoint, router and site.  `verified`: the peer's address is (DTLS's parameters),
+    so the block-wise mechanics show unbounded; plain UDP's bound has tests of its own below."""
+    ep = Endpoint(Params(limit_error_size=not verified), rng=lambda: 0.0)
     router = Router()
     site = Site()
     site.mount(router, Observers(ep))
@@ -118,8 +120,76 @@ async def test_libcoap_fetches_block_wise_and_discovers(tmp_path):
         assert await trio.to_thread.run_sync(fetch, f"{base}/fw/image") == BIG
         assert await trio.to_thread.run_sync(fetch, "-b", "64", f"{base}/fw/image") == BIG
         links = (await trio.to_thread.run_sync(fetch, f"{base}/.well-known/core")).decode()
+        # the reflector the review found: 21 bytes of GET /.well-known/core got 254 back
+        request = b"\x40\x01\x00\x07\xbb.well-known\x04core"
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await sock.sendto(request, ("127.0.0.1", bound.coap[1]))
+        answer = await sock.recv(2048)
+        sock.close()
         server.stop()
     assert '</fw/image>;rt="firmware";ct=42' in links
+    assert len(request) == 21 and answer[1] == Code.CONTENT and len(answer) <= 3 * len(request)
+
+
+def _wire(msg):
+    from corem.codec import encode
+
+    return len(encode(msg))
+
+
+def get_sized(ep, router, path, block=None, mid=1):
+    """`get`, and the sizes of the request and its answer on the wire."""
+    opts = [(O.URI_PATH, s.encode()) for s in path.split("/")]
+    msg = Message(Type.CON, Code.GET, mid, b"k", sorted(opts))
+    if block is not None:
+        msg.add(O.BLOCK2, block)
+    answer = exchange(ep, router, msg, PEER)
+    return _wire(msg), _wire(answer), answer
+
+
+def test_on_plain_udp_an_open_answer_is_at_most_three_times_its_request_as_block2():
+    """RFC 7252 §11.3: a forged source address must not make corem a reflector.  Discovery and the
+    site's resources need no credentials: on plain UDP their answers are cut to the largest Block2
+    block within AMPLIFICATION_FACTOR times the request, and the client reads the rest block-wise."""
+    from corem.coap.endpoint import AMPLIFICATION_FACTOR
+
+    ep, router, big = stack(verified=False)
+    mid = 1
+    for path in ("fw/image", ".well-known/core"):
+        whole = BIG if path == "fw/image" else bytes(get(*stack()[:2], path).payload)
+        asked, answered, first = get_sized(ep, router, path, mid=mid)
+        assert answered <= AMPLIFICATION_FACTOR * asked
+        assert first.code == Code.CONTENT and first.block2.num == 0 and first.block2.more and first.size2 == len(whole)
+        got, mid = bytes(first.payload), mid + 1
+        szx = first.block2.szx
+        while True:
+            asked, answered, m = get_sized(ep, router, path, Block(len(got) >> (szx + 4), False, szx), mid=mid)
+            assert answered <= AMPLIFICATION_FACTOR * asked and m.etag == first.etag
+            got += bytes(m.payload)
+            mid += 1
+            if not m.block2.more:
+                break
+        assert got == whole
+    # a block asked larger than fits is cut smaller at its offset
+    asked, answered, m = get_sized(ep, router, "fw/image", Block(3, False, 6), mid=500)
+    assert answered <= AMPLIFICATION_FACTOR * asked and m.block2.offset == 3 * 1024 and m.block2.szx < 6
+    assert bytes(m.payload) == BIG[3072 : 3072 + m.block2.size]
+
+
+def test_the_bound_leaves_small_answers_errors_verified_peers_and_other_doors_alone():
+    ep, router, big = stack(verified=False)
+    _, _, small = get_sized(ep, router, "sensors/thermo")
+    assert small.block2 is None and bytes(small.payload) == b"21"
+    # a request too small for even a 16-byte block: 4.01 without a payload, as RFC 9175 §2.4 answers
+    big.data = b"x" * 100
+    router.add("i", {Code.GET: lambda req, params: Response(Code.CONTENT, b"x" * 100)}, door="site")
+    asked, answered, tiny = get_sized(ep, router, "i", mid=2)
+    assert tiny.code == Code.UNAUTHORIZED and answered <= asked
+    # a door whose answers need credentials, and a verified peer (DTLS): unchanged
+    router.add("api/x", {Code.GET: lambda req, params: Response(Code.CONTENT, b"y" * 100)}, door="thingsboard")
+    assert bytes(get(ep, router, "api/x", mid=3).payload) == b"y" * 100
+    ep, router, big = stack(verified=True)
+    assert len(get(ep, router, "fw/image").payload) == 1024
 
 
 class Sink(Resource):

@@ -29,12 +29,23 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
-from ..codec import Code, Message, MessageFormatError, Options, Type, code_str, decode, encode
-from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
+from ..codec import Block, Code, Message, MessageFormatError, OptionNumber, Options, Type, code_str, decode, encode
+from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, decode_uint, encode_uint, option_label
 from ..latency import Latency
 from ..stats import Histogram, Sample, counter, fields, gauge
+from .conditional import etag_of
+from .response import Response
 
 Peer = Hashable
+
+#: On plain UDP (`Params.limit_error_size`), an answer from a door whose routes need no credentials
+#: (`OPEN_DOORS`) is at most this many times the size of its request (RFC 7252 §11.3): a forged
+#: source address gets no more than that reflected at it.  A larger representation goes out as
+#: Block2 (RFC 7959) in the largest block that fits; the client asks for the rest, block by block.
+AMPLIFICATION_FACTOR = 3
+#: the doors (corem/latency.py's labels) whose routes answer without credentials: discovery, the
+#: users' own resources (corem.coap.site), Efento's time (/t)
+OPEN_DOORS = frozenset({"discovery", "site", "efento"})
 
 
 def source_host(peer: Peer) -> Hashable:
@@ -68,8 +79,10 @@ class Params:
     dedup_max_entries: int = 100_000
     #: Bound on separate responses waiting for their ACK.
     max_outstanding: int = 10_000
-    #: Cut error answers to the size of the request: on for plain UDP, whose source addresses can
-    #: be forged; off behind DTLS, whose handshake (cookie exchange) proved the peer's address.
+    #: Cut error answers to the size of the request, and bound the answers of `OPEN_DOORS` to
+    #: AMPLIFICATION_FACTOR times it: on for plain UDP, whose source addresses can be forged; off
+    #: behind DTLS, whose handshake (cookie exchange) proved the peer's address (and OSCORE's
+    #: answers are never bounded: they answer a request only the device's key could seal).
     limit_error_size: bool = True
 
     def __post_init__(self) -> None:
@@ -530,8 +543,11 @@ class Endpoint:
             return
         token = req.token
         code, options, payload = req.final(code, options, payload)
-        if payload and code >= 0x80 and self.params.limit_error_size:
-            payload = self._fit(req.size, req.mid, token, code, options, payload)
+        if payload and self.params.limit_error_size:
+            if code >= 0x80:
+                payload = self._fit(req.size, req.mid, token, code, options, payload)
+            elif req.door in OPEN_DOORS and req.protect is None:
+                code, options, payload = self._bound(req, code, options, payload)
         if req.confirmable and state == PENDING:
             if options or payload:
                 data = encode(Message(ACK, code, req.mid, token, options, payload))
@@ -567,6 +583,43 @@ class Endpoint:
         overhead = len(encode(Message(ACK, code, mid, token, options, b"x"))) - 1
         room = size - overhead
         return payload[:room] if room > 0 else b""
+
+    @staticmethod
+    def _bound(
+        req: Request, code: int, options: Options | None, payload: bytes
+    ) -> tuple[int, Options | None, bytes]:
+        """The answer to `req` within AMPLIFICATION_FACTOR times its size: as it is, or cut to the
+        largest Block2 block that fits (block 0 of the whole representation, with its ETag and
+        Size2, or a smaller block at the same offset of a block the router already cut); if not
+        even a 16-byte block fits, 4.01 without a payload (RFC 9175 §2.4 answers so until the
+        address is verified: DTLS or OSCORE verify it)."""
+        bound = AMPLIFICATION_FACTOR * req.size
+
+        def fits(opts: Options | None, body: bytes) -> bool:
+            return len(encode(Message(ACK, code, req.mid, req.token, opts, body))) <= bound
+
+        if fits(options, payload):
+            return code, options, payload
+        rest = [o for o in options or [] if o[0] != OptionNumber.BLOCK2]
+        given = next((bytes(v) for n, v in options or [] if n == OptionNumber.BLOCK2), None)
+        if given is not None:  # already a block (the router's block2): a smaller one at its offset
+            block = Block.from_uint(decode_uint(given))
+            num, top = block.num, block.szx
+        else:  # the whole representation: block 0, as blockwise._block makes it
+            num, top = 0, 6
+            if not any(n == OptionNumber.ETAG for n, _ in rest):
+                rest.append((OptionNumber.ETAG, etag_of(Response(code, payload, options))))
+            rest = [o for o in rest if o[0] != OptionNumber.SIZE2]
+            rest.append((OptionNumber.SIZE2, encode_uint(len(payload))))
+        for szx in range(top, -1, -1):
+            piece = payload[: 1 << (szx + 4)]
+            if len(piece) == len(payload):
+                continue  # no smaller than what did not fit
+            opts = sorted([*rest, (OptionNumber.BLOCK2, encode_uint(Block(num << (top - szx), True, szx).to_uint()))],
+                          key=lambda o: o[0])
+            if fits(opts, piece):
+                return code, opts, piece
+        return Code.UNAUTHORIZED, None, b""
 
     def _settle(self, req: Request) -> None:
         """Replace the answered exchange by an untracked tuple (still there for duplicates)."""

@@ -111,7 +111,9 @@ class Site:
             if hasattr(resource, name)}
         if resource.observable and Code.GET in handlers:
             handlers[Code.GET] = self._observed(resource, observers, path)
-        router.add(path, handlers, link=resource.link(), conditional=True)
+        # (door "site" whatever the path: its answers need no credentials, so on plain UDP they are
+        # bounded as corem/coap/endpoint.py's OPEN_DOORS are)
+        router.add(path, handlers, link=resource.link(), conditional=True, door="site")
 
     def _observed(self, resource: Resource, observers: Observers, path: str) -> Handler:
         """GET with the Observe option: register (0) or deregister (1) the requester (§3.1, §3.6)."""
