@@ -492,3 +492,18 @@ def test_a_setting_only_the_workers_check_stops_the_supervisor_with_one_line(tmp
     assert "'NOPE' is not a cipher suite" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == "corem: worker 0 refused the settings (status 2)" or \
         proc.stderr.rstrip().splitlines()[-1] == "corem: worker 1 refused the settings (status 2)"
+
+
+def test_corem_pure_python_reaches_the_workers_and_settings_do_not(monkeypatch):
+    """COREM_PURE_PYTHON is no setting: the workers read it themselves, so it must not be stripped
+    with the settings' variables (which reach them as COREM_WORKER_SETTINGS)"""
+    from types import SimpleNamespace
+
+    from corem.workers.supervisor import Supervisor
+
+    monkeypatch.setenv("COREM_PURE_PYTHON", "1")
+    monkeypatch.setenv("COREM_LOG_LEVEL", "debug")
+    sup = SimpleNamespace(settings=None, _worker_settings=lambda settings: {"log_level": "info"})
+    env = Supervisor._environment(sup, SimpleNamespace(dumps=lambda: "spec"))  # type: ignore[arg-type]
+    assert env["COREM_PURE_PYTHON"] == "1" and "COREM_LOG_LEVEL" not in env
+    assert json.loads(env["COREM_WORKER_SETTINGS"]) == {"log_level": "info"}

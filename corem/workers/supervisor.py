@@ -82,6 +82,11 @@ class Worker:
             await trio.sleep(0.02)
 
 
+#: COREM_* variables that are not settings and go to the workers as they are: the Python twins of
+#: the C code (corem/c_twins.py) must run in the workers too, where the traffic is handled
+PASSED = frozenset({"COREM_PURE_PYTHON"})
+
+
 class Supervisor:
     def __init__(self, settings: Settings, count: int) -> None:
         fdlimit.raise_limit()  # first: the front's connection cap is derived from it (issue 26)
@@ -176,7 +181,10 @@ class Supervisor:
         return values
 
     def _environment(self, spec: WorkerSpec) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COREM_")}
+        """A worker's environment: the supervisor's without its settings (the worker gets them as
+        COREM_WORKER_SETTINGS), but with the variables that are not settings and that the worker
+        reads itself (`PASSED`: COREM_PURE_PYTHON)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COREM_") or k in PASSED}
         env[ENV] = spec.dumps()
         env["COREM_WORKER_SETTINGS"] = json.dumps(self._worker_settings(self.settings))
         return env
