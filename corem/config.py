@@ -117,7 +117,8 @@ def _file(key: str, v: Any) -> None:
 
 
 def parse_thresholds(value: str, key: str = "presence_tenants") -> dict[str, float]:
-    """`tenant=seconds,tenant=seconds` -> {tenant: seconds}."""
+    """`tenant=seconds,tenant=seconds` -> {tenant: seconds} (`presence_profiles`: profiles)."""
+    named = "PROFILE" if key == "presence_profiles" else "TENANT"
     out: dict[str, float] = {}
     for item in filter(None, (i.strip() for i in value.split(","))):
         tenant, sep, seconds = item.partition("=")
@@ -126,12 +127,33 @@ def parse_thresholds(value: str, key: str = "presence_tenants") -> dict[str, flo
         except ValueError:
             out[tenant.strip()] = -1.0
         if not sep or not tenant.strip() or not 0 < out[tenant.strip()] < math.inf:
-            raise ConfigError(f"{key}: {item!r} is not TENANT=SECONDS with SECONDS a finite number > 0")
+            raise ConfigError(f"{key}: {item!r} is not {named}=SECONDS with SECONDS a finite number > 0")
     return out
 
 
 def _thresholds(key: str, v: Any) -> None:
     parse_thresholds(v, key)
+
+
+def _not_empty(key: str, v: Any) -> None:
+    if not str(v).strip():
+        raise ConfigError(f"{key}: empty; give a name (the default is 'corem')")
+
+
+def _node_url(key: str, v: Any) -> None:
+    """Empty (derived from the http listener), or an http(s) URL with a host: what the other
+    nodes call."""
+    if not v:
+        return
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(v)
+        url.port  # (raises ValueError for a port that is not a number or out of range)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {v!r} is not a URL ({e})") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{key}: {v!r} is not an http:// or https:// URL with a host (e.g. http://10.0.0.7:8080)")
 
 
 def _workers(key: str, v: Any) -> None:
@@ -164,6 +186,8 @@ def _opt(default: Any, help: str, check: Callable[[str, Any], None] | None = Non
 #: the settings that are secrets: each may come from a file instead (`<key>_file`: the file's text,
 #: without a trailing newline), kept out of `ps`, the environment and the config file
 SECRETS = ("admin_token", "kafka_sasl_password", "dtls_state_key")
+#: what both DTLS engines implement
+DEFAULT_CIPHERS = "TLS-PSK-WITH-AES-128-CCM-8,TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8"
 
 
 def _secret_file(secret: str) -> Any:
@@ -188,10 +212,10 @@ class Settings:
                                 "aborts its connection", _positive)
     tcp_idle_timeout: float = _opt(600.0, "seconds a silent TCP/TLS connection is kept before a Release", _positive)
     dtls_ciphers: str = _opt(
-        "TLS-PSK-WITH-AES-128-CCM-8,TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8",
+        DEFAULT_CIPHERS,
         "comma-separated DTLS cipher suites: TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, "
         "TLS-PSK-WITH-AES-128-GCM-SHA256, TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256 "
-        "(checked when the CoAPS listener starts)", form="list",
+        "(checked at start, even with CoAPS off)", form="list",
     )
     dtls_cert: str = _opt("", "PEM certificate chain the server presents (certificate mode)", _file)
     dtls_key: str = _opt("", "PEM private key of dtls_cert", _file)
@@ -251,6 +275,7 @@ class Settings:
     node_url: str = _opt(
         "", "this node's admin URL as the other nodes reach it (nodes sharing a PostgreSQL registry forward "
         "a device's downlink to the node that holds it); empty: http:// and the http listener's address",
+        _node_url,
     )
     data_dir: str = _opt("data", "directory for the registry and the embedded bus", _a_path)
     registry: str = _opt(
@@ -266,7 +291,7 @@ class Settings:
         "pubsub.{tenant}, device.presence.{tenant}, commands.{tenant}, commands.results.{tenant}), e.g. 'site-7.'; "
         "empty: none", _parses(".bus.topics", "check_prefix"),
     )
-    kafka_client_id: str = _opt("corem", "Kafka client id")
+    kafka_client_id: str = _opt("corem", "Kafka client id", _not_empty)
     kafka_acks: str = _opt("all", "Kafka acks: all, 1 or 0 (2.04 waits for this acknowledgement)", _choice("all", "1", "0"))
     kafka_idempotence: str = _opt(
         "auto", "idempotent producer (no duplicates from retries): 'auto' (on with kafka_acks=all), 'on' or 'off'",
@@ -283,7 +308,8 @@ class Settings:
         "message.timeout.ms: it gives the record up too)", _positive,
     )
     kafka_config: str = _opt(
-        "", "any other librdkafka property: 'key=value,key=value' or a TOML table; checked by librdkafka at start",
+        "", "any other librdkafka property: 'key=value,key=value' or a TOML table; checked by librdkafka at start, "
+        "whatever the bus (its form only, without librdkafka installed)",
         _parses(".bus.kafka", "parse_kafka_config"), form="table",
     )
     kafka_security_protocol: str = _opt(
@@ -459,14 +485,17 @@ class Settings:
             try:
                 key = bytes.fromhex(self.dtls_state_key.strip())
             except ValueError:
-                raise ConfigError("dtls_state_key: not hex") from None
+                raise ConfigError("dtls_state_key: not hex; 32 or 64 hex digits (a 16- or 32-byte key)") from None
             if len(key) not in (16, 32):
                 raise ConfigError("dtls_state_key: 32 or 64 hex digits (a 16- or 32-byte key)")
         if self.kafka_idempotence == "on" and self.kafka_acks != "all":
             raise ConfigError(f"kafka_idempotence: 'on' needs kafka_acks = all (it is {self.kafka_acks!r})")
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):
             raise ConfigError("kafka_sasl_mechanism: needs kafka_security_protocol SASL_PLAINTEXT or SASL_SSL")
-        if self.bus != "embedded":
+        self._check_ciphers()
+        if self.bus != "embedded" or (self.kafka_config and installed("kafka")):
+            # (with the embedded bus too: a kafka_config librdkafka refuses is named at start, not
+            # when the bus moves to Kafka; without librdkafka installed its form is all there is to check)
             from .bus.kafka import check_kafka_settings
 
             try:
@@ -474,6 +503,31 @@ class Settings:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         return self
+
+    def _check_ciphers(self) -> None:
+        """`dtls_ciphers` names suites the DTLS engine implements, whether CoAPS is on or not (the
+        listener checks them again when it starts)."""
+        if self.dtls_ciphers == DEFAULT_CIPHERS:
+            return  # (what both engines implement: the DTLS engine is not imported for it)
+        names = [c.strip() for c in self.dtls_ciphers.split(",") if c.strip()]
+        if self.dtls_engine == "corem":
+            from .dtls.engine.crypto import suite_by_name
+
+            for name in names:
+                try:
+                    suite_by_name(name)
+                except ValueError:
+                    raise ConfigError(f"dtls_ciphers: {name!r} is not a cipher suite the corem engine implements "
+                                      "(TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, "
+                                      "TLS-PSK-WITH-AES-128-GCM-SHA256, TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, "
+                                      "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256)") from None
+        else:  # (mbedtls: importable, `check` made sure)
+            from mbedtls import tls
+
+            available = set(tls.ciphers_available())
+            for name in names:
+                if name not in available:
+                    raise ConfigError(f"dtls_ciphers: {name!r} is not a cipher suite Mbed TLS offers")
 
     def worker_count(self) -> int:
         """`workers` as a number: 'auto' is the CPUs this process may run on."""
@@ -552,7 +606,8 @@ class Settings:
         from .bus.kafka import KafkaSettings, parse_bus_url, parse_kafka_config
 
         return KafkaSettings(
-            bootstrap=parse_bus_url(self.bus),
+            # (the embedded bus: a stand-in address, for `check` to have librdkafka judge kafka_config)
+            bootstrap=parse_bus_url(self.bus) if self.bus != "embedded" else ("127.0.0.1:9092",),
             client_id=self.kafka_client_id,
             acks=self.kafka_acks,
             idempotence=self.kafka_idempotence,

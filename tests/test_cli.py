@@ -77,7 +77,7 @@ def test_start_up_errors_are_one_line_naming_the_key(tmp_path):
     assert r.returncode == 2 and "corem: dtls: dtls_ca is needed" in r.stderr, r.stderr
     r = serve("--coap", "127.0.0.1:0", "--coaps", "127.0.0.1:0", "--http", "off", "--dtls-ciphers", "TLS-NOPE",
               data_dir=tmp_path / "d6")
-    assert r.returncode == 2 and "corem: dtls: dtls_ciphers: 'TLS-NOPE' is not a cipher suite" in r.stderr, r.stderr
+    assert r.returncode == 2 and "corem: dtls_ciphers: 'TLS-NOPE' is not a cipher suite" in r.stderr, r.stderr
     r = serve("--coap", "nowhere", data_dir=tmp_path / "d3")
     assert r.returncode == 2 and "corem: coap: 'nowhere' is not HOST:PORT" in r.stderr
 

@@ -58,6 +58,32 @@ def test_bad_values_name_the_key(flags, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        # checked at start whether their feature is on or not: a bad value is named before it is used
+        ({"kafka_config": "no.such.property=1"}, "kafka_config: no.such.property=1: "),
+        ({"coaps": "off", "dtls_ciphers": "TLS-BOGUS"}, "dtls_ciphers: 'TLS-BOGUS' is not a cipher suite"),
+        ({"node_url": "notaurl"}, "node_url: 'notaurl' is not an http:// or https:// URL with a host"),
+        ({"node_url": "http://10.0.0.7:port"}, "node_url: 'http://10.0.0.7:port' is not a URL"),
+        ({"kafka_client_id": ""}, "kafka_client_id: empty"),
+        ({"presence_profiles": "meter=abc"}, "presence_profiles: 'meter=abc' is not PROFILE=SECONDS"),
+        ({"presence_tenants": "acme=abc"}, "presence_tenants: 'acme=abc' is not TENANT=SECONDS"),
+        ({"dtls_state_key": "zz"}, "dtls_state_key: not hex; 32 or 64 hex digits"),
+    ],
+)
+def test_settings_of_a_feature_that_is_off_are_checked_at_start(flags, message):
+    with pytest.raises(ConfigError) as info:
+        Settings.load(flags, env={})
+    assert message in str(info.value)
+
+
+def test_good_values_of_those_settings_start():
+    s = Settings.load({"node_url": "https://10.0.0.7:8080", "kafka_config": "socket.keepalive.enable=true",
+                       "dtls_ciphers": "TLS-PSK-WITH-AES-128-CCM", "coaps": "off"}, env={})
+    assert s.node_url == "https://10.0.0.7:8080" and s.bus == "embedded"
+
+
 def test_bad_file(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("nonsense = 1\n")
