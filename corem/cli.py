@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run corem. Every setting is a flag, an environment variable COREM_<KEY> or a key of the "
                     "--config file (flags win over the environment, which wins over the file). SIGTERM or SIGINT "
                     "stop it gracefully; SIGHUP reloads the config file and what can change without dropping a "
-                    "device (log level, rate limit, DTLS certificates and keys, admin token, registry).")
+                    "device (log level, log format, rate limit, DTLS certificates and keys, admin token, registry).")
     _add_settings_flags(serve, Settings.keys())
     serve.set_defaults(func=cmd_serve)
 

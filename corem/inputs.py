@@ -154,6 +154,8 @@ def add_flags(parser: argparse.ArgumentParser, struct: type[msgspec.Struct], *, 
             options["default"] = f.default
         if isinstance(bare, msgspec.inspect.LiteralType):  # ("" too: the default, as in the API and the import)
             options["choices"] = [*bare.values, *([""] if "" not in bare.values and not f.required else [])]
+            # (shown without the empty choice: `{drx,psm,}` read as a stray comma)
+            options["metavar"] = "{" + ",".join(str(v) for v in bare.values if v != "") + "}"
         help_text = extra.get("cli")
         if help_text is None:
             meta = f.type.types[0] if isinstance(f.type, msgspec.inspect.UnionType) else f.type

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import corem_cli, needs_libcoap
 
 
@@ -181,3 +183,20 @@ def test_device_keys_from_files(tmp_path):
     ]:
         r = corem_cli("devices", "add", "--tenant", "t", "--device", "b", *args, data_dir=d, check=False)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_help_texts_say_what_the_docs_say(capsys):
+    """`--help` against docs/configuration.md on the points a review found apart, and a choice
+    list without the empty choice's dangling comma (`{drx,psm,}`)"""
+    from corem.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["serve", "--help"], ["devices", "add", "--help"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "/metrics, /healthz, /readyz, /api, /ui" in text and "provisioning keys, claims" in text
+    assert "(B, kB, MB, GB, TB, KiB, MiB, GiB, TiB;" in text and "~1 KB" not in text
+    assert "CBOR telemetry POSTs" not in text and "log level, log format," in text
+    assert "--power-mode {drx,psm}" in text and "psm,}" not in text
+    assert parser.parse_args(["devices", "add", "--tenant", "t", "--device", "d", "--power-mode", ""]).power_mode == ""
