@@ -152,10 +152,10 @@ def compile_profile(profile: Profile) -> Decoder:
         decode = protobuf(cls, profile.nested)
         proto = lane_proto(cls)
     elif profile.format == "js":
-        from .js import JsCodec
+        from .js import js_codec
 
-        decode = JsCodec(profile.script, fport=profile.fport, variables=profile.variables,
-                         timeout_ms=profile.timeout_ms, max_memory_mb=profile.max_memory_mb)
+        decode = js_codec(profile.script, fport=profile.fport, variables=profile.variables,
+                          timeout_ms=profile.timeout_ms, max_memory_mb=profile.max_memory_mb)
     else:
         decode = _flat
     if profile.format in ("protobuf", "js"):  # the whole decoder, rules included, is the lane's twin

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from .payload import Overloaded, PayloadError, Readings
@@ -362,3 +363,30 @@ def _first_line(text: str) -> str:
     """The first line of what was thrown, as `String(thrown)` shows it (V8's message did the same)."""
     lines = text.strip().splitlines()
     return (lines[0] if lines else "")[:200]
+
+
+#: the codecs made, by everything a profile gives them: at most this many kept
+MAX_CODECS = 256
+_codecs: OrderedDict[tuple[Any, ...], JsCodec] = OrderedDict()
+_codecs_lock = threading.Lock()
+
+
+def js_codec(script: str, *, fport: int = 1, variables: dict[str, Any] | None = None, timeout_ms: int = 50,
+             max_memory_mb: int = 32) -> JsCodec:
+    """The codec of these settings: one already made, else a new one (kept, the least recently
+    asked for dropped past MAX_CODECS).  Each call starts with fresh state, so sharing one is
+    invisible to its callers; making one costs ~3 ms (the runtime, the frozen built-ins), which
+    every registry change recompiling the profiles -- and a test harness's every reset -- paid
+    again for each JS profile.  ProfileError, as JsCodec, when the script does not load."""
+    key = (script, fport, json.dumps(variables or {}, sort_keys=True), timeout_ms, max_memory_mb)
+    with _codecs_lock:
+        codec = _codecs.get(key)
+        if codec is not None:
+            _codecs.move_to_end(key)
+            return codec
+    codec = JsCodec(script, fport=fport, variables=variables, timeout_ms=timeout_ms, max_memory_mb=max_memory_mb)
+    with _codecs_lock:
+        _codecs[key] = codec
+        while len(_codecs) > MAX_CODECS:
+            _codecs.popitem(last=False)
+    return codec
