@@ -225,3 +225,32 @@ async def test_over_the_rate_only_credentialed_datagrams_pass_and_oversized_ones
     samples = gather([(edge, {"transport": "udp"})])
     assert samples["corem_rate_limited_datagrams"][(("transport", "udp"),)] == 2
     assert samples["corem_coap_datagrams_oversized"][(("transport", "udp"),)] == 1
+
+
+def test_send_many_sends_what_it_was_given_even_if_the_list_changes_meanwhile():
+    """A peer's port converts through Python (`__index__`), which could empty the list: the
+    datagrams before it in the batch must still be the bytes given (an ASan run found freed heap
+    memory sent on the socket, or a crash, when send_many walked the list itself)."""
+    from corem.net._sockets import send_many
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(10)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    port = rx.getsockname()[1]
+    items: list = []
+
+    class EmptiesTheList:
+        def __index__(self) -> int:
+            items.clear()  # (the earlier datagrams' only other reference)
+            [bytes([0x41 + i]) * 4000 for i in range(64)]  # (memory a freed one would be reused for)
+            return port
+
+    items += [(bytes([0x30 + i]) * 4000, ("127.0.0.1", port)) for i in range(3)]
+    items.append((b"!", ("127.0.0.1", EmptiesTheList())))
+    try:
+        assert send_many(tx.fileno(), items)[:3] == (4, 12001, 0)
+        assert [rx.recv(70000) for _ in range(4)] == [bytes([0x30 + i]) * 4000 for i in range(3)] + [b"!"]
+    finally:
+        rx.close()
+        tx.close()

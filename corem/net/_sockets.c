@@ -39,9 +39,15 @@ static PyObject *recv_many(PyObject *mod, PyObject *args) {
  * for another reason is skipped and counted. */
 static PyObject *send_many(PyObject *mod, PyObject *args) {
     int fd;
-    PyObject *list;
-    if (!PyArg_ParseTuple(args, "iO!", &fd, &PyList_Type, &list)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(list), done = 0;
+    PyObject *given;
+    if (!PyArg_ParseTuple(args, "iO!", &fd, &PyList_Type, &given)) return NULL;
+    /* a tuple of the list's items, each held: a port's __index__ (addr_from_tuple) runs Python,
+     * which could shrink the list and free a datagram whose bytes an iovec already points into
+     * (an ASan run sent freed heap memory so) */
+    PyObject *list = PySequence_Tuple(given);
+    if (list == NULL) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(list), done = 0;
     unsigned long long nbytes = 0, errors = 0;
     int blocked = 0;
     struct mmsghdr msgs[VLEN];
@@ -50,14 +56,14 @@ static PyObject *send_many(PyObject *mod, PyObject *args) {
     while (done < n && !blocked) {
         int want = n - done < VLEN ? (int)(n - done) : VLEN;
         for (int i = 0; i < want; i++) {
-            PyObject *pair = PyList_GET_ITEM(list, done + i);
+            PyObject *pair = PyTuple_GET_ITEM(list, done + i);
             PyObject *data;
             socklen_t alen;
             if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(data = PyTuple_GET_ITEM(pair, 0))) {
                 PyErr_SetString(PyExc_TypeError, "send_many: items must be (bytes, peer)");
-                return NULL;
+                goto out;
             }
-            if (addr_from_tuple(PyTuple_GET_ITEM(pair, 1), &addrs[i], &alen) < 0) return NULL;
+            if (addr_from_tuple(PyTuple_GET_ITEM(pair, 1), &addrs[i], &alen) < 0) goto out;
             set_msg(&msgs[i], &iov[i], PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &addrs[i], alen);
         }
         int sent = send_datagrams(fd, msgs, want, &blocked);
@@ -69,7 +75,10 @@ static PyObject *send_many(PyObject *mod, PyObject *args) {
         }
         done += sent;
     }
-    return Py_BuildValue("(nKKi)", done, nbytes, errors, blocked);
+    result = Py_BuildValue("(nKKi)", done, nbytes, errors, blocked);
+out:
+    Py_DECREF(list);
+    return result;
 }
 
 static PyMethodDef module_methods[] = {
