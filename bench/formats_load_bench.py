@@ -15,10 +15,7 @@ the same load (the payload kept in memory): the yardstick of each transport.
 Each row runs against a corem of its own, started on a fresh copy of the provisioned data dir,
 after a WARMUP-second run of the same load: the bus is empty at every row's start (one corem for
 the whole table wrote several GB into one bus.db, and the later rows' p99 was that file's size,
-not their format's).  A CoAP row's corem listens on CoAP only, as coap-server-notls does: with a
-CoAPS listener, corem's DTLS layer has its record marks written before every commit, which keeps
-every commit in a worker thread, plain CoAP's too (corem/bus/base.py `defer`, until it says when
-it has none to write).
+not their format's).  A CoAP row's corem listens on CoAP only, as coap-server-notls does.
 
 Each row: 2.xx/s, p50, p99, its ratio to libcoap's requests/s on the same transport and message
 type -- libcoap run under the same load right after each corem run, the ratio the median of those

@@ -245,7 +245,7 @@ class Transports:
             if engine.offloaded:
                 log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), datadir.SESSIONS_FILE)
             # the marks of the lane's readings written by the embedded bus just before it commits them
-            engine.defer_marks(self.sink)
+            engine.carry_marks(self.sink)
             directory.listen(engine.revoke)  # (a device removed, or its credentials changed: its sessions end)
             return engine
         # python-mbedtls's engine (optional, deprecated: Mbed TLS 2.28 is out of support), imported

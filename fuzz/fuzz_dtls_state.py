@@ -15,10 +15,11 @@ in range -- or raises DtlsDecodeError, nothing else; a sealed blob opens only wh
 blob sealed for that row under that key; the engine restores a valid session (or refuses a client's
 or another CID length's with ValueError) and what it restored then takes arbitrary records without
 an exception; the layer turns no row but a genuine one into a session, and raises nothing.  The
-marks' log (rows of packs): the lane's C fold and its Python twin agree, on a refusal's reason too,
+marks the bus carries (rows of packs): the lane's C fold and its Python twin agree, on a refusal's reason too,
 and the store folds any rows at a restore without an exception."""
 
 import sys
+from pathlib import Path
 
 import atheris
 
@@ -197,7 +198,7 @@ def layer(fdp: atheris.FuzzedDataProvider) -> None:
 
 
 def marks(fdp: atheris.FuzzedDataProvider) -> None:
-    """Rows of the session store's marks log (packs: store.py MARKS_PACK), genuine, mutated or
+    """Rows of the session store's marks log (packs the bus carries: bus/sqlite.py `carry`), genuine, mutated or
     arbitrary, folded by the lane's C `fold_marks` and by its Python twin, and by the store's fold
     and its restore."""
     genuine = [pack_marks([(fdp.ConsumeIntInRange(-1, 2**63 - 1), fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 20)))
@@ -217,13 +218,15 @@ def marks(fdp: atheris.FuzzedDataProvider) -> None:
     else:
         assert fold_packs(rows) == want
     store = SessionStore()
+    store.read_marks_from(Path(":memory:"))  # (the bus's file, which carries the packs: one in memory)
     store.put([(CONTEXT, b"row", "t", "device-1", 0.0, 0)])
     for row in rows:
-        store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (row,))
+        store.db.execute("INSERT INTO bus.carried (blob) VALUES (?)", (row,))
     if fdp.ConsumeBool():  # (a row that is no blob at all: TEXT stays TEXT in SQLite)
-        store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (fdp.ConsumeUnicodeNoSurrogates(20),))
+        store.db.execute("INSERT INTO bus.carried (blob) VALUES (?)", (fdp.ConsumeUnicodeNoSurrogates(20),))
     taken = store.take(CONTEXT)  # (folds first, whatever the rows: never an exception)
-    assert taken is not None and taken[5] >= 0 and store.db.execute("SELECT count(*) FROM rx_pack").fetchone()[0] == 0
+    unread = "SELECT count(*) FROM bus.carried WHERE n > (SELECT upto FROM rx_folded)"
+    assert taken is not None and taken[5] >= 0 and store.db.execute(unread).fetchone()[0] == 0
 
 
 def test_one_input(data: bytes) -> None:

@@ -1,17 +1,21 @@
-"""The DTLS record marks' log (dtls/store.py): marks appended at each bus commit, a pack a row, are
-what a restore reads until their writer folds them into the rows (every FOLD_EVERY packs, or a save or
-a restore first); a row saved again says the top itself.  The lane's C fold against its Python twin."""
+"""The DTLS record marks the embedded bus carries (bus/sqlite.py `carry`, dtls/store.py): a pack of
+marks in each batch's own transaction, in the bus's file; the session store reads the packs past
+its place into its rows (every FOLD_EVERY packs, or a save or a restore first) and the bus deletes
+what it has read; a row saved again says the top itself.  The lane's C fold against its Python
+twin."""
 
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corem.dtls.store import SessionStore, _fold_packs, fold_marks, pack_marks
-from corem.dtls.store import FOLD_EVERY, RX_TOP, SCHEMA, _rx_log
+from corem.bus import EmbeddedBus, Record
+from corem.dtls.store import FOLD_STEP, RX_TOP, SCHEMA, SessionStore, _fold_packs, _rx_log, _rx_pack
+from corem.dtls.store import pack_marks
 from corem.registry.db import Db, add_columns
 
 A, B = b"\x0a\x00\x00\x01\x16\x33", b"\x0a\x00\x00\x02\x16\x33"
@@ -21,64 +25,178 @@ def row(key: bytes, top: int) -> tuple[bytes, bytes, str, str, float, int]:
     return (key, b"sealed-state", "t", "d", 1.0, top)
 
 
-def logged(store: SessionStore) -> int:
-    return int(store.db.execute("SELECT count(*) FROM rx_pack").fetchone()[0])
+class Carried:
+    """A session store reading the marks an embedded bus carries, wired as `corem serve` wires
+    them (dtls/layer.py `carry_marks`); `commit(marks)` is a batch of one reading with them."""
+
+    def __init__(self, where: Path, bus: Path | None = None, shared: bool = False) -> None:
+        self.bus = EmbeddedBus(bus or where.parent / "bus.db", synchronous="NORMAL", shared=shared)
+        self.store = SessionStore(where)
+        self.due: list[bytes] = []
+        self.bus.carry(self._take, lambda: self.store.folded_upto)
+        self.store.read_marks_from(self.bus.path)
+        self.bus.open()
+
+    def _take(self) -> bytes:
+        pack, self.due = b"".join(self.due), []
+        return pack
+
+    def commit(self, *marks: tuple[int, bytes]) -> None:
+        self.due.append(pack_marks(list(marks)))
+        self.bus.write_prepared(self.bus.prepare([Record("telemetry.raw.t", b"d", b"{}", {})]))
+
+    def unread(self) -> int:
+        """Packs carried and not folded yet."""
+        return int(self.store.db.execute(
+            "SELECT count(*) FROM bus.carried WHERE n > (SELECT upto FROM rx_folded)").fetchone()[0])
+
+    def top(self, key: bytes) -> int:
+        return int(self.store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchone()[0])
+
+    def close(self) -> None:
+        self.store.close()
+        self.bus.close_sync()
 
 
-def test_a_restore_reads_the_marks_not_folded_yet_and_takes_them(tmp_path):
-    store = SessionStore(tmp_path / "s.db")
-    assert store.put([row(A, 5), row(B, 5)])
-    assert store.log_marks(pack_marks([(9, A), (7, B)])) and store.log_marks(pack_marks([(12, A)]))
-    assert logged(store) == 2  # (a row a write, whatever the marks in it)
-    taken = store.take(A)
+@pytest.fixture
+def carried(tmp_path):
+    made: list[Carried] = []
+
+    def make(name: str = "s.db", **kw) -> Carried:
+        made.append(Carried(tmp_path / name, **kw))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_a_restore_reads_the_marks_not_folded_yet(carried):
+    c = carried()
+    assert c.store.put([row(A, 5), row(B, 5)])
+    c.commit((9, A), (7, B))
+    c.commit((12, A))
+    assert c.unread() == 2  # (a row a batch, whatever the marks in it)
+    taken = c.store.take(A)
     assert taken is not None and taken[5] == 12  # (the row said 5)
-    assert logged(store) == 0  # (folded first: B's row says 7 now)
-    assert store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (B,)).fetchone()[0] == 7
-    assert store.take(A) is None
+    assert c.unread() == 0 and c.top(B) == 7  # (folded first)
+    assert c.store.take(A) is None
 
 
-def test_the_fold_raises_the_rows_and_empties_the_log_and_never_lowers(tmp_path):
-    store = SessionStore(tmp_path / "s.db")
-    assert store.put([row(A, 20), row(B, 5)])
-    assert store.log_marks(pack_marks([(9, A), (7, B), (6, B), (3, b"no-such-session")]))
-    fold_marks(store.db)
-    tops = dict(store.db.execute("SELECT peer, rx_top FROM sessions").fetchall())
-    assert tops == {A: 20, B: 7} and logged(store) == 0
-    fold_marks(store.db)  # (an empty log: nothing to do)
-    assert logged(store) == 0
+def test_the_marks_are_in_the_batchs_own_transaction(carried):
+    """Another connection sees a batch's records and its marks together or neither: one file, one
+    commit."""
+    c = carried()
+    seen = sqlite3.connect(c.bus.path, isolation_level=None)
+    real = c.bus._conn
+    views = []
+
+    class Watching:  # (the bus's connection, looked at from outside between its statements)
+        def execute(self, sql, *args):
+            views.append(seen.execute("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM carried)").fetchone())
+            return real.execute(sql, *args)
+
+        @property
+        def in_transaction(self):
+            return real.in_transaction
+
+    c.bus._conn = Watching()
+    c.commit((9, A))
+    c.bus._conn = real
+    assert set(views) == {(0, 0)}  # (nothing of either before the COMMIT)
+    assert seen.execute("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM carried)").fetchone() == (1, 1)
+    seen.close()
 
 
-def test_saving_a_row_again_drops_the_older_marks_of_its_peer(tmp_path):
+def test_the_fold_raises_the_rows_passes_the_place_and_never_lowers(carried):
+    c = carried()
+    assert c.store.put([row(A, 20), row(B, 5)])
+    c.commit((9, A), (7, B), (6, B), (3, b"no-such-session"))
+    c.store.fold_marks()
+    assert (c.top(A), c.top(B)) == (20, 7) and c.unread() == 0 and c.store.folded_upto == 1
+    c.store.fold_marks()  # (nothing past the place: nothing to do)
+    assert c.store.folded_upto == 1
+
+
+def test_saving_a_row_again_drops_the_older_marks_of_its_peer(carried):
     """A new session of the same peer starts its numbers again: marks of the one before must not
     become its floor."""
-    store = SessionStore(tmp_path / "s.db")
-    assert store.put([row(A, 500)])
-    assert store.log_marks(pack_marks([(900, A), (3, B)]))
-    assert store.put([row(A, 2)])  # (a new handshake, saved at its first record)
-    fold_marks(store.db)
-    taken = store.take(A)
+    c = carried()
+    assert c.store.put([row(A, 500)])
+    c.commit((900, A), (3, B))
+    assert c.store.put([row(A, 2)])  # (a new handshake, saved at its first record)
+    c.store.fold_marks()
+    taken = c.store.take(A)
     assert taken is not None and taken[5] == 2
-    assert logged(store) == 0
 
 
-def test_a_new_process_folds_what_a_stopped_one_left(tmp_path):
-    first = SessionStore(tmp_path / "s.db")
-    assert first.put([row(A, 1)]) and first.log_marks(pack_marks([(40, A)]))
-    first.close()  # (it stops before its checkpointer folded)
-    again = SessionStore(tmp_path / "s.db")
-    assert logged(again) == 0
-    assert again.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (A,)).fetchone()[0] == 40
+def test_the_bus_deletes_what_the_store_read_but_never_its_newest_row(carried):
+    """Row numbers only grow: a new row is always past the store's place, even after every row the
+    store read was deleted."""
+    c = carried()
+    assert c.store.put([row(A, 0)])
+    for top in (1, 2, 3):
+        c.commit((top, A))
+    c.store.fold_marks()
+    assert c.store.folded_upto == 3
+    c.commit((4, A))  # (this batch deletes the rows below 3)
+    assert [n for (n,) in c.store.db.execute("SELECT n FROM bus.carried ORDER BY n")] == [3, 4]
+    c.store.fold_marks()
+    c.commit()  # (no marks: nothing carried, nothing deleted)
+    c.commit((5, A))
+    assert [n for (n,) in c.store.db.execute("SELECT n FROM bus.carried ORDER BY n")] == [4, 5]
+    taken = c.store.take(A)
+    assert taken is not None and taken[5] == 5
 
 
-def test_a_fold_from_another_connection_between_marks_and_take(tmp_path):
-    store = SessionStore(tmp_path / "s.db")
-    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)  # (another writer's: a worker's)
-    assert store.put([row(A, 1)]) and store.log_marks(pack_marks([(8, A)]))
-    fold_marks(other)
-    assert store.log_marks(pack_marks([(11, A)]))
-    taken = store.take(A)
+def test_a_new_process_folds_what_a_stopped_one_left(carried, tmp_path):
+    first = carried()
+    assert first.store.put([row(A, 1)])
+    first.commit((40, A))
+    first.close()  # (it stops before its store folded)
+    again = Carried(tmp_path / "s.db")
+    try:
+        assert again.unread() == 0 and again.top(A) == 40
+    finally:
+        again.close()
+
+
+def test_a_bus_file_made_anew_is_read_from_its_start(carried, tmp_path):
+    """The store's place is a row number of one bus file: one whose rows end below it (deleted
+    and made again, or put back from a backup) is read whole, or its marks would be skipped."""
+    first = carried()
+    assert first.store.put([row(A, 1)])
+    for top in range(2, 6):
+        first.commit((top, A))
+    first.store.fold_marks()
+    assert first.store.folded_upto == 4
+    first.close()
+    for name in ("bus.db", "bus.db-wal", "bus.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    fresh = EmbeddedBus(tmp_path / "bus.db", synchronous="NORMAL")
+    fresh.open()
+    fresh._conn.execute("INSERT INTO carried (blob) VALUES (?)", (pack_marks([(70, A)]),))  # (n = 1)
+    fresh.close_sync()
+    again = Carried(tmp_path / "s.db")
+    try:
+        assert again.top(A) == 70 and again.store.folded_upto == 1
+    finally:
+        again.close()
+
+
+def test_workers_read_one_bus_and_one_store(carried):
+    """Workers: one bus file, one session store, each process's own connections; whichever folds,
+    a restore anywhere reads every mark."""
+    one = carried(shared=True)
+    two = carried(shared=True)
+    assert one.store.put([row(A, 1), row(B, 1)])
+    one.commit((8, A))
+    two.commit((9, B))
+    two.store.fold_marks()
+    one.commit((11, A))
+    taken = one.store.take(A)
     assert taken is not None and taken[5] == 11
-    other.close()
+    assert two.top(B) == 9
 
 
 @settings(max_examples=60, deadline=None)
@@ -86,18 +204,20 @@ def test_a_fold_from_another_connection_between_marks_and_take(tmp_path):
 def test_a_restore_always_reads_the_highest_mark(tmp_path_factory, steps):
     """Whatever the order of marks and folds, a restore's rx_top is the highest of the saved top
     and every mark since."""
-    store = SessionStore(tmp_path_factory.mktemp("marks") / "s.db")
-    assert store.put([row(A, 0)])
-    highest = 0
-    for what, top in steps:
-        if what == "mark":
-            assert store.log_marks(pack_marks([(top, A)]))
-            highest = max(highest, top)
-        else:
-            fold_marks(store.db)
-    taken = store.take(A)
-    assert taken is not None and taken[5] == highest
-    store.close()
+    c = Carried(tmp_path_factory.mktemp("marks") / "s.db")
+    try:
+        assert c.store.put([row(A, 0)])
+        highest = 0
+        for what, top in steps:
+            if what == "mark":
+                c.commit((top, A))
+                highest = max(highest, top)
+            else:
+                c.store.fold_marks()
+        taken = c.store.take(A)
+        assert taken is not None and taken[5] == highest
+    finally:
+        c.close()
 
 
 marks_lists = st.lists(st.tuples(st.integers(-1, 2**63 - 1), st.binary(max_size=20)), max_size=12)
@@ -126,56 +246,61 @@ def test_the_c_fold_is_its_python_twin_for_packs_and_for_bytes_that_are_not(pack
             assert _lane.fold_marks([*packed, extra]) == want
 
 
-def test_a_store_of_the_row_a_mark_log_is_folded_when_it_moves_to_packs(tmp_path):
-    """A session store written by a corem whose log held a row a mark (version 2): at start its
-    marks raise the rows, and the log is the packs' from then on."""
-    where = tmp_path / "s.db"
+def _old_store(where: Path, version: int) -> Db:
+    """A session store as a corem of marks' log `version` left it (2: a row a mark, 3: packs in
+    its own file), A's row at 5."""
     db = Db(where)
     db.schema(SCHEMA)
-    db.migrate("dtls_sessions", (add_columns("sessions", (RX_TOP,)), _rx_log))
+    db.migrate("dtls_sessions", (add_columns("sessions", (RX_TOP,)), _rx_log, _rx_pack)[:version])
     db.execute("INSERT INTO sessions (peer, blob, tenant, device, last_seen, rx_top) VALUES (?, ?, 't', 'd', 1.0, 5)",
                (A, b"sealed-state"))
+    return db
+
+
+def test_a_store_of_the_row_a_mark_log_is_folded_at_start(tmp_path):
+    db = _old_store(tmp_path / "s.db", 2)
     db.executemany("INSERT INTO rx_log (peer, rx_top) VALUES (?, ?)", [(A, 9), (A, 30), (B, 4)])
     db.close()
-    store = SessionStore(where)
-    assert store.db.columns("rx_log") == set() and logged(store) == 0
+    store = SessionStore(tmp_path / "s.db")
+    assert store.db.columns("rx_log") == set() and store.db.columns("rx_pack") == set()
     taken = store.take(A)
     assert taken is not None and taken[5] == 30
+    store.close()
 
 
-def test_the_writer_folds_every_so_many_appends_and_a_row_that_is_no_pack_is_dropped(tmp_path):
-    """The appender folds the log itself (no other connection's lock to wait for), every
-    FOLD_EVERY packs; a row that is not a pack (not the lane's) is dropped by the fold, the marks
-    beside it folded."""
+def test_a_store_whose_own_file_held_the_packs_is_folded_at_start(tmp_path):
+    """(a corem before the bus carried the marks) the packs of its own log raise its rows once, and
+    the log is gone; a row that is no pack is passed over."""
+    db = _old_store(tmp_path / "s.db", 3)
+    assert db.columns("rx_pack") == {"marks"}
+    db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (pack_marks([(44, A), (2, B)]),))
+    db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (b"\x07not-a-pack",))
+    db.execute("INSERT INTO rx_pack (marks) VALUES ('text, not a blob')")
+    db.close()
     store = SessionStore(tmp_path / "s.db")
-    assert store.put([row(A, 0), row(B, 0)])
-    store.db.execute("INSERT INTO rx_pack (marks) VALUES (?)", (b"\x07not-a-pack",))
-    store.db.execute("INSERT INTO rx_pack (marks) VALUES ('text, not a blob')")  # (SQLite keeps TEXT as TEXT)
-    for top in range(1, FOLD_EVERY):
-        assert store.log_marks(pack_marks([(top, A)]))
-    assert logged(store) == FOLD_EVERY + 1  # (the writer's own FOLD_EVERY - 1, and the two stray rows)
-    assert store.log_marks(pack_marks([(5, B)]))
-    assert logged(store) == 0
-    tops = dict(store.db.execute("SELECT peer, rx_top FROM sessions").fetchall())
-    assert tops == {A: FOLD_EVERY - 1, B: 5} and store.errors == 0
-    assert store.take(A) is not None  # (a restore reads no stray row either)
+    assert store.db.columns("rx_pack") == set() and store.db.columns("rx_folded") == {"upto"}
+    taken = store.take(A)
+    assert taken is not None and taken[5] == 44
+    store.close()
 
 
-def test_a_save_waits_for_the_marks_writer_instead_of_failing(tmp_path):
-    """A save folds the log (a read) before it writes: it takes the write lock first, so a pack the
-    marks' writer (another connection) commits meanwhile makes it wait, not fail."""
-    store = SessionStore(tmp_path / "s.db")
-    writer = SessionStore(tmp_path / "s.db")
-    assert store.put([row(A, 1)])
-    real = store.db.executemany
-    appended = []
+def test_a_row_that_is_no_pack_is_passed_over_and_the_marks_beside_it_folded(carried):
+    c = carried()
+    assert c.store.put([row(A, 0), row(B, 0)])
+    c.commit((3, A))
+    c.bus._conn.execute("INSERT INTO carried (blob) VALUES (?)", (b"\x07not-a-pack",))
+    c.bus._conn.execute("INSERT INTO carried (blob) VALUES ('text, not a blob')")  # (SQLite keeps TEXT as TEXT)
+    c.commit((5, B))
+    c.store.fold_marks()
+    assert (c.top(A), c.top(B)) == (3, 5) and c.unread() == 0 and c.store.errors == 0
 
-    def executemany(sql, args):  # (the writer appends between the save's fold and its upsert)
-        if not appended and sql.startswith("INSERT INTO"):
-            appended.append(writer.log_marks(pack_marks([(9, B)])))
-        return real(sql, args)
 
-    store.db.executemany = executemany  # type: ignore[method-assign]
-    writer.db.execute("PRAGMA busy_timeout = 200")  # (it waits for the save's lock, then gives up)
-    assert store.put([row(A, 2)]) and store.errors == 0
-    assert appended == [False]  # (the save held the write lock: the append waited, then gave up)
+def test_the_store_folds_step_by_step(carried):
+    """A long log (a process that stopped with many packs unread) is folded FOLD_STEP packs a
+    transaction, every one of them."""
+    c = carried()
+    assert c.store.put([row(A, 0)])
+    for top in range(1, 2 * FOLD_STEP + 4):
+        c.commit((top, A))
+    c.store.fold_marks()
+    assert c.unread() == 0 and c.top(A) == 2 * FOLD_STEP + 3

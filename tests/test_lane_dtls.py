@@ -11,17 +11,19 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 from pathlib import Path
 
 import cbor2
 import pytest
 
+from corem.bus.sqlite import EmbeddedBus
 from corem.codec import Code, Message, Type, decode, encode
 from corem.codec import OptionNumber as O
 from corem.coap import Endpoint, Params, Router
 from corem.dtls import DtlsParams, SessionStore
-from corem.dtls.store import fold_marks, fold_packs
+from corem.dtls.store import fold_packs
 from corem.dtls.engine import Client
 from corem.dtls.engine.records import RECORDS, parse_record_untrusted
 from corem.dtls.layer import EngineServer
@@ -99,38 +101,38 @@ class Device:
         self.sock.close()
 
 
-class DeferringSink(RecordingSink):
-    """RecordingSink with `defer`'s `pending`, committing as the embedded bus does: in a worker
-    thread, its deferred writes first; or, `inline` (pinned to one CPU at NORMAL:
-    corem/bus/sqlite.py `commits_inline`), on the loop when none of them says it is pending."""
+class CarryingSink(RecordingSink):
+    """RecordingSink that carries the layer's marks as the embedded bus does (corem/bus/sqlite.py
+    `carry`): once the layer asked it to, each commit writes its records into a real bus file
+    with the pack the carrier gives, in one transaction, before they are answered."""
 
-    def __init__(self, inline: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__()
-        self.inline = inline
-        self.pending: list = []
-        self.at_commit: list = []  # (called as the records are stored, after any deferred write)
-        self.inline_commits = 0
+        self.bus = EmbeddedBus(path, synchronous="NORMAL")
+        self.path, self.checkpointer = self.bus.path, self.bus.checkpointer
+        self.at_commit: list = []  # (called once the records are stored, before they are answered)
+        self.carrying = False
 
-    def defer(self, write, wal=None, pending=None) -> bool:
-        self.pending.append(pending)
-        return super().defer(write, wal)
+    def carry(self, take, done_below) -> bool:
+        self.carrying = self.bus.carry(take, done_below)
+        self.bus.open()
+        return self.carrying
 
     def commit(self, error: BaseException | None = None) -> None:
-        inline = self.inline and not any(p is None or p() for p in self.pending)
-        self.inline_commits += inline
-        writes = self.before
-        self.before = [*([] if inline else writes), *self.at_commit]
-        try:
-            super().commit(error)
-        finally:
-            self.before = writes
+        if error is None and self.carrying and self.waiting:
+            self.bus.write_prepared(self.bus.prepare([record for record, _, _ in self.waiting]))
+        for call in self.at_commit:
+            call()
+        super().commit(error)
+
+    def close(self) -> None:
+        self.bus.close_sync()
 
 
 class Coaps:
     """One CoAPS server as `corem serve` wires it (dtls_engine = corem), lane on or off, sans Trio."""
 
-    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, limiter=None, inline: bool = False,
-                 **params) -> None:
+    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, limiter=None, **params) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="corem-lane-dtls-")
         self.registry = Registry(Path(self.tmp.name) / "registry.db")
         # (registered at one instant: a second Coaps is the same device's registry after a restart,
@@ -139,7 +141,7 @@ class Coaps:
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.now = 100.0
-        self.sink = DeferringSink(inline)
+        self.sink = CarryingSink(Path(self.tmp.name) / "bus.db")
         self.ingest = TelemetryIngest(self.directory, self.sink, Diagnostics(16), clock_ms=lambda: 1_700_000_000_000,
                                       now=lambda: self.now)
         self.endpoint = Endpoint(Params(), rng=lambda: 0.5)
@@ -204,6 +206,7 @@ class Coaps:
 
     def close(self) -> None:
         self.sock.close()
+        self.sink.close()
         self.registry.close()
         self.tmp.cleanup()
 
@@ -539,11 +542,18 @@ def test_the_record_numbers_of_a_saved_session_are_in_the_store_before_its_readi
 
 
 
+def _unread_packs(store: SessionStore) -> list[bytes]:
+    """The packs the bus carried that the store has not folded yet."""
+    return [bytes(m) for (m,) in store.db.execute(
+        "SELECT blob FROM bus.carried WHERE n > (SELECT upto FROM rx_folded) ORDER BY n")]
+
+
 def _saved_session(coaps, store, **kw):
-    """A CoAPS server (from the `coaps` fixture) whose marks are deferred to the sink, a device's session on it, saved to
-    `store`; and what a restore would read of it: the row's rx_top, or a higher mark in the log"""
+    """A CoAPS server (from the `coaps` fixture) whose marks the sink carries, as `corem serve` wires
+    it; a device's session on it, saved to `store`; and what a restore would read of it: the row's
+    rx_top, or a higher mark the bus carried"""
     srv = coaps(store=store, **kw)
-    assert srv.layer.defer_marks(srv.sink)
+    assert srv.layer.carry_marks(srv.sink)
     dev = Device(srv.address)
     srv.handshake(dev)
     conn = srv.layer.sessions[dev.address]
@@ -552,20 +562,20 @@ def _saved_session(coaps, store, **kw):
 
     def stored_top() -> int:
         [(top,)] = store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchall()
-        packs = [marks for (marks,) in store.db.execute("SELECT marks FROM rx_pack")]
-        return max([int(top), *(t for t, k, _ in fold_packs(packs) if k == key)])
+        return max([int(top), *(t for t, k, _ in fold_packs(_unread_packs(store)) if k == key)])
 
     return srv, dev, conn, stored_top
 
 
-def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commits_them(coaps, tmp_path):
-    """With the embedded bus (`defer_marks`, as corem serve wires it) the marks of records that were
-    all readings wait for the sink's next batch, coalesced, and are in the store before it is
-    durable; a record the lane hands on (not a reading) is marked at once, as before."""
+def test_the_marks_of_the_lanes_readings_are_carried_in_the_bus_commit_that_makes_them_durable(coaps, tmp_path):
+    """With the embedded bus (`carry_marks`, as corem serve wires it) the marks of records that were
+    all readings wait for the sink's next batch, coalesced, and are written in that batch's own
+    transaction (one file, one commit); a record the lane hands on (not a reading) is marked at
+    once, as before."""
     store = SessionStore(tmp_path / "sessions.db")
     srv, dev, conn, stored_top = _saved_session(coaps, store)
     key = srv.layer._key_of(conn)
-    assert srv.sink.wal == tmp_path / "sessions.db"  # (the marks' file, checkpointed off the commit path)
+    assert srv.sink.checkpointer._files[-1][0] == tmp_path / "sessions.db"  # (its WAL copied off the loop)
     saved_top = conn.window.top
 
     def row_top() -> int:
@@ -577,75 +587,103 @@ def test_deferred_marks_of_the_lanes_readings_are_written_before_the_sink_commit
         dev.post(reading(mid))
     srv.pump()
     assert stored_top() == saved_top  # (not yet: the readings are not durable either)
-    at_commit = []
-    srv.sink.before.append(lambda: at_commit.append(stored_top()))  # (after the layer's write)
+    seen = []  # (another connection's view of the bus file, as the records are answered)
+    bus = sqlite3.connect(srv.sink.path)
+    srv.sink.at_commit.append(lambda: seen.append(bus.execute(
+        "SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM carried)").fetchone()))
     srv.commit()
-    assert at_commit == [conn.window.top] and len(srv.stored()) == 3
-    # appended to the log, not written in the row; the checkpointer's fold moves it there
+    assert seen == [(1, 1)] and stored_top() == conn.window.top and len(srv.stored()) == 3
+    # in the bus's file, not in the row; the store's fold moves it there and passes its place
     assert row_top() == saved_top < conn.window.top
-    fold_marks(store.db)
-    assert row_top() == conn.window.top
-    assert store.db.execute("SELECT count(*) FROM rx_pack").fetchone()[0] == 0
+    store.fold_marks()
+    assert row_top() == conn.window.top and _unread_packs(store) == []
+    assert store.folded_upto == 1
     # a GET is no reading: the lane hands it on, and its record's number is written at once
     dev.post(encode(Message(Type.CON, Code.GET, 9, b"g", [(11, b"telemetry")], b"")))
     srv.pump()
     assert stored_top() == row_top() == conn.window.top
+    # the next batch deletes the rows the store has read, never the newest
+    dev.post(reading(10))
+    srv.pump()
+    srv.commit()
+    assert bus.execute("SELECT n FROM carried").fetchall() == [(1,), (2,)]
+    store.fold_marks()
+    dev.post(reading(11))
+    srv.pump()
+    srv.commit()
+    assert bus.execute("SELECT n FROM carried").fetchall() == [(2,), (3,)]
+    bus.close()
 
 
-def test_deferred_marks_are_one_per_session_per_commit_and_outlive_the_sessions_place_in_the_lane(coaps, tmp_path):
+def test_carried_marks_are_one_per_session_per_commit_and_outlive_the_sessions_place_in_the_lane(coaps, tmp_path):
     """The lane notes a saved session's mark once however many batches of its records come before
-    the sink commits (one row, its top then); a session that leaves the lane meanwhile (saved
-    again, offloaded, moved) keeps its mark due, written before the readings it carried commit."""
+    the sink commits (one pack, its top then); a session that leaves the lane meanwhile (saved
+    again, offloaded, moved) keeps its mark due, carried with the readings it carried."""
     store = SessionStore(tmp_path / "sessions.db")
     srv = coaps(store=store)
-    assert srv.layer.defer_marks(srv.sink)
+    assert srv.layer.carry_marks(srv.sink)
     devices = [Device(srv.address) for _ in range(2)]
     conns = []
     for dev in devices:
         srv.handshake(dev)
         conns.append(srv.layer.sessions[dev.address])
     assert srv.layer._save(conns, srv.now, checkpoint=True) == 2
-    writer = srv.layer._mark_writer
-    written, log_marks = [], writer.log_marks
-    writer.log_marks = lambda pack: written.append(sorted((t, k) for t, k, _ in fold_packs([pack]))) or log_marks(pack)
+
+    def written() -> list[list[tuple[int, bytes]]]:
+        return [sorted((t, k) for t, k, _ in fold_packs([pack])) for pack in _unread_packs(store)]
+
     keys = [srv.layer._key_of(c) for c in conns]
     for mid in (1, 2, 3):  # three batches of both devices' readings, then one commit
         for dev in devices:
             dev.post(reading(mid))
         srv.pump()
-    assert written == [] and srv.lane.counters["records_opened"] == 6
+    assert written() == [] and srv.lane.counters["records_opened"] == 6
     srv.commit()
-    assert written == [sorted((c.window.top, k) for c, k in zip(conns, keys))] and len(srv.stored()) == 6
+    assert written() == [sorted((c.window.top, k) for c, k in zip(conns, keys))] and len(srv.stored()) == 6
     # the first device's session leaves the lane with a reading not durable yet
     devices[0].post(reading(4))
     srv.pump()
     srv.lane.drop_session(conns[0], conns[0].peer, conns[0].cid_in)
     assert srv.lane.counters["dtls_sessions"] == 1
     srv.commit()
-    assert written[1:] == [[(conns[0].window.top, keys[0])]] and len(srv.stored()) == 1
+    assert written()[1:] == [[(conns[0].window.top, keys[0])]] and len(srv.stored()) == 1
     srv.commit()  # (nothing due: nothing written)
-    assert len(written) == 2
+    assert len(written()) == 2
 
 
-def test_before_a_commit_on_the_loop_the_marks_are_written_on_the_loop_and_nothing_is_left_pending(coaps, tmp_path):
-    """The embedded bus pinned to one CPU at NORMAL commits on the event loop when no deferred write
-    is pending: it asks the layer, which writes the marks due right then -- before the readings
-    they carried are stored -- and leaves none pending, so no batch waits for a worker thread."""
+def test_a_batch_the_bus_could_not_write_passes_its_marks_to_the_next(coaps, tmp_path):
+    """The pack taken for a batch whose transaction failed may hold marks of readings submitted
+    after it: it goes with the next batch, neither lost nor written without its readings."""
     store = SessionStore(tmp_path / "sessions.db")
-    srv, dev, conn, stored_top = _saved_session(coaps, store, inline=True)
+    srv, dev, conn, stored_top = _saved_session(coaps, store)
     saved_top = conn.window.top
-
-    for mid in (1, 2):
-        dev.post(reading(mid))
+    dev.post(reading(1))
     srv.pump()
-    assert stored_top() == saved_top  # (noted, not written: the readings are not durable either)
-    at_commit = []
-    srv.sink.at_commit.append(lambda: at_commit.append(stored_top()))
+    bus = srv.sink.bus
+    real = bus._conn
+    bus._conn = _RefusingInsert(real)
+    with pytest.raises(sqlite3.OperationalError):
+        bus.write_prepared(bus.prepare([record for record, _, _ in srv.sink.waiting]))
+    bus._conn = real
+    assert stored_top() == saved_top and bus._unwritten  # (neither the records nor the marks)
     srv.commit()
-    assert srv.sink.inline_commits == 1 and at_commit == [conn.window.top] > [saved_top]
-    assert len(srv.stored()) == 2 and len(dev.answers()) == 2
-    srv.commit()  # (nothing due: on the loop again, nothing written)
-    assert srv.sink.inline_commits == 2 and at_commit[1:] == [conn.window.top]
+    assert stored_top() == conn.window.top and len(srv.stored()) == 1
+
+
+class _RefusingInsert:
+    """A bus connection whose first INSERT fails (a full disk), then rolls back as SQLite would."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        if sql.startswith("INSERT"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
 
 
 def test_a_restored_session_is_the_lanes_again_and_refuses_what_its_store_marked(coaps, tmp_path):

@@ -159,15 +159,9 @@ def test_a_commit_is_made_on_the_event_loop_only_where_it_never_waits(tmp_path, 
     assert EmbeddedBus(tmp_path / "a.db", synchronous="OFF").commits_inline()
     assert not EmbeddedBus(tmp_path / "a.db", synchronous="FULL").commits_inline()  # (an fsync each)
     assert not EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL", shared=True).commits_inline()  # (a lock)
-    deferred = EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL")
-    deferred.defer(lambda: None)  # (the DTLS record marks, to a store that may be a network away)
-    assert not deferred.commits_inline()
-    marks: list[int] = []  # (a deferred write that says whether it has anything to write)
-    said = EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL")
-    said.defer(lambda: None, pending=lambda: bool(marks))
-    assert said.commits_inline()
-    marks.append(1)
-    assert not said.commits_inline()
+    carrying = EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL")
+    carrying.carry(lambda: b"marks", lambda: 0)  # (the DTLS record marks: in the batch's own transaction)
+    assert carrying.commits_inline()
     due = EmbeddedBus(tmp_path / "a.db", synchronous="NORMAL")
     due.checkpointer._due.add(due.path)  # (the log to start again: a checkpoint's fsyncs first)
     assert not due.commits_inline()
@@ -195,31 +189,43 @@ async def test_histograms_count_every_batch(tmp_path):
     assert st.size_buckets[-1] == 0  # no batch above max_batch
 
 
-async def test_deferred_writes_run_before_every_batch_is_written(tmp_path):
-    """`defer(write)`: what `write` makes durable is so before the batch holding the records
-    submitted after it was asked for (the DTLS record marks: dtls/layer.py defer_marks)."""
-    bus = EmbeddedBus(tmp_path / "bus.db")
-    order: list[tuple[str, int]] = []
+async def test_what_a_carrier_gives_is_written_in_each_batchs_own_transaction(tmp_path, inline, monkeypatch):
+    """`carry(take, done_below)`: `take()` is asked just before each batch is written -- after the
+    records of the batch were submitted -- and written as a row of `carried` with them, in one
+    commit; rows below `done_below()` are deleted in a later batch, never the newest; nothing is
+    written for an empty take."""
+    from corem.bus import sqlite
 
-    def write() -> None:
-        # nothing of the batch about to be written is in the bus yet
-        order.append(("deferred", len(list(read_records(tmp_path / "bus.db")))))
+    monkeypatch.setattr(sqlite, "one_cpu", lambda: inline)
+    bus = EmbeddedBus(tmp_path / "bus.db", synchronous="NORMAL")
+    given: list[bytes] = [b"first", b"", b"third", b"fourth"]
+    done_below = [0]
+    asked: list[int] = []
 
-    assert bus.defer(write)
+    def take() -> bytes:
+        asked.append(len(list(read_records(tmp_path / "bus.db"))))  # (the batch is not in yet)
+        return given.pop(0)
+
+    assert bus.carry(take, lambda: done_below[0])
+    with pytest.raises(RuntimeError, match="one carrier"):
+        bus.carry(take, lambda: 0)
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.run)
-        for i in range(3):
+        for i in range(4):
             committed = trio.Event()
-            assert bus.submit(rec(i), lambda ctx, err: (order.append(("committed", i)), committed.set()))
+            assert bus.submit(rec(i), lambda ctx, err: committed.set())
             await committed.wait()
+            if i == 2:
+                done_below[0] = 2  # (the reader read rows 1 and 2)
         await bus.close()
-    assert order == [("deferred", 0), ("committed", 0), ("deferred", 1), ("committed", 1),
-                     ("deferred", 2), ("committed", 2)]
+    assert bus.inline == inline and asked == [0, 1, 2, 3]
+    db = sqlite3.connect(tmp_path / "bus.db")
+    assert db.execute("SELECT n, blob FROM carried ORDER BY n").fetchall() == [(2, b"third"), (3, b"fourth")]
+    db.close()
 
 
-def test_kafka_takes_no_deferred_writes():
-    from corem.bus.base import Sink
+def test_kafka_carries_nothing():
     from corem.bus.kafka import KafkaSink
 
-    # (each record goes out as it comes: the callers write first, as before)
-    assert KafkaSink.defer is Sink.defer and Sink().defer(lambda: None) is False
+    # (each record goes out as it comes: the DTLS layer writes the marks first, as before)
+    assert not hasattr(KafkaSink, "carry")

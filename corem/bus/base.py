@@ -20,7 +20,6 @@ import logging
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
 
 import trio
@@ -129,15 +128,6 @@ class Sink:
         returns how many were taken -- the first ones, in order."""
         raise NotImplementedError
 
-    def defer(self, write: Callable[[], object], wal: Path | None = None,
-              pending: Callable[[], bool] | None = None) -> bool:
-        """Have `write` run before each batch of records is made durable (BatchingSink); False for
-        a sink that cannot (Kafka: each record goes out as it comes), whose callers write first.
-        `wal`: the SQLite file `write` writes to, checkpointed off the commit path (corem/wal.py);
-        `pending`: has `write` anything to write now?
-        (None: always, as far as the sink knows)."""
-        return False
-
     @property
     def pending(self) -> int:
         """Records taken and not answered yet."""
@@ -201,10 +191,6 @@ class BatchingSink(Sink):
         self._stopped = trio.Event()
         #: when the batch being written began (time.monotonic()), None between batches
         self._writing_since: float | None = None
-        #: writes that must be durable before a batch is (`defer`), run first in the worker thread
-        self._before_write: list[Callable[[], object]] = []
-        #: for each of them: has it anything to write now? (None: always)
-        self._pending_writes: list[Callable[[], bool] | None] = []
         #: the SQLite files written in the worker thread, their WAL copied by another (corem/wal.py)
         self.checkpointer = Checkpointer()
 
@@ -232,27 +218,6 @@ class BatchingSink(Sink):
     @property
     def pending(self) -> int:
         return len(self._records)
-
-    def defer(self, write: Callable[[], object], wal: Path | None = None,
-              pending: Callable[[], bool] | None = None) -> bool:
-        """Run `write` in the worker thread before each batch is written: what it writes is durable
-        before any record submitted after it was asked for (the DTLS record marks of issue 26,
-        coalesced and off the event loop).  `write` must not raise; `wal`: the SQLite file it
-        writes (its writer connection `wal.defer_checkpoints`), checkpointed in the background.
-        `pending`, cheap and on the event loop: has `write`
-        anything to write before the next batch?  Without it, every batch is written in the
-        worker thread; with it, a batch none of whose deferred writes is pending may be written on
-        the event loop (`commits_inline`), without them."""
-        self._before_write.append(write)
-        self._pending_writes.append(pending)
-        if wal is not None:
-            self.checkpointer.watch(wal)
-        return True
-
-    def _write_after_deferred(self, prepared: Any) -> list[BaseException | None] | None:
-        for write in self._before_write:
-            write()
-        return self.write_prepared(prepared)
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher. Returns after `close()` once everything submitted has been answered."""
@@ -294,11 +259,11 @@ class BatchingSink(Sink):
         self._writing_since = time.monotonic()
         try:
             prepared = self.prepare(records)
-            if self.commits_inline():  # (no deferred write pending: none to run)
+            if self.commits_inline():
                 errors = self.write_prepared(prepared)
             else:
                 with trio.CancelScope(shield=True):  # a batch once started is finished and answered
-                    errors = await trio.to_thread.run_sync(self._write_after_deferred, prepared)
+                    errors = await trio.to_thread.run_sync(self.write_prepared, prepared)
         except Exception as e:  # noqa: BLE001 - any write failure is reported to every waiter
             error = e
         finally:
@@ -331,9 +296,6 @@ class BatchingSink(Sink):
         that never waits for the disk or a lock (BatchingSink: never)."""
         return False
 
-    def deferred_pending(self) -> bool:
-        """Has any deferred write (`defer`) something to write before the next batch?"""
-        return any(pending is None or pending() for pending in self._pending_writes)
 
     # -- run in the worker thread ------------------------------------------------------------
     def open(self) -> None:

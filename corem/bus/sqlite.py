@@ -23,7 +23,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import msgspec
 
@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_topic ON batches (topic, base_offset);
 """
+#: what another layer must have durable with the records of the batch it belongs to (`carry`:
+#: the DTLS record marks), a row a batch in the batch's own transaction; `n` only grows (the
+#: newest row is never deleted, so a new row's number is past every number its reader has read)
+CARRIED = "CREATE TABLE IF NOT EXISTS {schema}carried (n INTEGER PRIMARY KEY, blob BLOB NOT NULL)"
 
 SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -65,19 +69,18 @@ class EmbeddedBus(BatchingSink):
         #: commits that never wait for the disk (no fsync: NORMAL or OFF) nor for another writer's
         #: lock (not shared), where a worker thread cannot run beside the event loop (one CPU)
         self.inline = synchronous in ("OFF", "NORMAL") and not shared and one_cpu()
+        #: `carry`: what to write with each batch, and below which number its reader is done
+        self._carrier: tuple[Callable[[], bytes], Callable[[], int]] | None = None
+        self._unwritten = b""  # (taken for a batch whose transaction failed: written with the next)
+        self._dropped_below = 0  # (carried rows below it deleted)
 
     def open(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not self.path.exists():  # mode 0600 (SQLite gives its -wal and -shm the file's mode)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = self._connect()
         conn.execute(f"PRAGMA synchronous={self.synchronous}")  # validated in __init__
         # (copied by self.checkpointer, off the commit path; the log started again by
         # write_prepared's before_commit: corem/wal.py)
         defer_checkpoints(conn, WRITER_BACKSTOP)
         self.checkpointer.watch(self.path, self.synchronous)
-        conn.executescript(SCHEMA)
         self._conn = conn
         self._next_offset = _next_offset(conn)
 
@@ -104,11 +107,35 @@ class EmbeddedBus(BatchingSink):
             offset += len(group)
         return rows
 
+    def _connect(self) -> sqlite3.Connection:
+        """A connection to the bus's file, made if need be (mode 0600, in WAL mode, its tables)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():  # mode 0600 (SQLite gives its -wal and -shm the file's mode)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(SCHEMA)
+        conn.execute(CARRIED.format(schema=""))
+        return conn
+
+    def carry(self, take: Callable[[], bytes], done_below: Callable[[], int]) -> bool:
+        """Write `take()` (unless empty) into each batch's own transaction, as a row of `carried`:
+        what another layer must have durable no later than the records of that batch (the DTLS
+        record marks of the lane's readings: dtls/layer.py `carry_marks`).  One file, one commit:
+        a commit of their own in the session store's file cost ~10% of the CoAPS lane's rate.
+        `take` runs where the batch is written (the event loop, or the worker thread) just before
+        it; rows below `done_below()` -- read by their reader, which keeps its place in its own
+        file -- are deleted in a later batch's transaction.  One carrier."""
+        if self._carrier is not None:
+            raise RuntimeError("embedded bus: one carrier at most")
+        self._connect().close()  # (the file as the bus makes it, before its reader attaches it)
+        self._carrier = (take, done_below)
+        return True
+
     def commits_inline(self) -> bool:
-        """On the event loop, unless other writes come first (`defer`: the DTLS record marks, to
-        a store that may be a network away: unless they say they have nothing to write) or the
-        log is due to start again (`before_commit`: a checkpoint's and the restart's fsyncs)."""
-        return self.inline and not self.deferred_pending() and not self.checkpointer.restart_due(self.path)
+        """On the event loop, unless the log is due to start again (`before_commit`: a
+        checkpoint's and the restart's fsyncs)."""
+        return self.inline and not self.checkpointer.restart_due(self.path)
 
     def write_prepared(self, rows: list[tuple[int, str, int, bytes, int]]) -> None:
         """One INSERT of every row: its own transaction, so one call into SQLite per batch, and in
@@ -118,17 +145,25 @@ class EmbeddedBus(BatchingSink):
         if conn is None:
             raise RuntimeError("embedded bus is not open")
         self.checkpointer.before_commit(conn, self.path)
-        if self.shared or len(rows) > ROWS_PER_INSERT:
-            rows = self._write_in_transaction(conn, rows)
+        carried = self._unwritten
+        if self._carrier is not None:
+            self._unwritten = b""
+            carried += self._carrier[0]()  # (packs of marks: two written as one are one)
+        if self.shared or len(rows) > ROWS_PER_INSERT or carried:
+            try:
+                rows = self._write_in_transaction(conn, rows, carried)
+            except BaseException:
+                self._unwritten = carried  # (some may be of records submitted after this batch)
+                raise
         else:
             conn.execute(_insert(len(rows)), [v for row in rows for v in row] if len(rows) > 1 else rows[0])
         last = rows[-1]
         self._next_offset = last[0] + last[2]
 
-    def _write_in_transaction(self, conn: sqlite3.Connection,
-                              rows: list[tuple[int, str, int, bytes, int]]) -> list[tuple[int, str, int, bytes, int]]:
-        """Several writers (the offsets taken under the write lock), or more rows than one
-        statement takes."""
+    def _write_in_transaction(self, conn: sqlite3.Connection, rows: list[tuple[int, str, int, bytes, int]],
+                              carried: bytes = b"") -> list[tuple[int, str, int, bytes, int]]:
+        """Several writers (the offsets taken under the write lock), more rows than one statement
+        takes, or a row to carry with them (`carry`)."""
         conn.execute("BEGIN IMMEDIATE" if self.shared else "BEGIN")
         try:
             if self.shared:
@@ -136,11 +171,18 @@ class EmbeddedBus(BatchingSink):
             for i in range(0, len(rows), ROWS_PER_INSERT):
                 chunk = rows[i:i + ROWS_PER_INSERT]
                 conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
+            below = self._dropped_below
+            if carried:
+                conn.execute("INSERT INTO carried (blob) VALUES (?)", (carried,))
+                below = self._carrier[1]() if self._carrier is not None else 0
+                if below > self._dropped_below:  # (the reader's place: never past the newest row)
+                    conn.execute("DELETE FROM carried WHERE n < ?", (below,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._dropped_below = max(self._dropped_below, below)
         return rows
 
     def close_sync(self) -> None:

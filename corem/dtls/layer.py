@@ -30,7 +30,6 @@ import functools
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from .engine.records import RECORDS, SEQ_MAX, TLS12_CID
 from .keyset import KeySet
 from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registered, registry_device
 from .slots import HandshakeSlots
-from .store import Row, SessionStore, peer_key
+from .store import FOLD_EVERY, Row, SessionStore, peer_key
 
 log = logging.getLogger("corem.dtls")
 
@@ -319,11 +318,9 @@ class EngineServer:
         self._datagram = b""  # (the datagram being handled)
         self._lane: LaneSessions | None = None  # (attach_lane)
         self._lane_secret = b""  # (the cookie secret the lane was last given)
-        #: the lane's marks of readings are taken and written by the sink just before each commit
-        #: (`defer_marks`), on a store connection of their own, one write at a time
-        self._marks_deferred = False
-        self._mark_writer: SessionStore | None = None
-        self._mark_lock = threading.Lock()
+        #: the lane's marks of readings are carried by the embedded bus in each commit (`carry_marks`)
+        self._marks_carried = False
+        self._packs_carried = 0  # (since the store last folded them)
 
     def with_credentials(self, params: DtlsParams, client_auth: str | None = None) -> EngineParams:
         """The engine's parameters with the certificate, key and CA of `params` read now (SIGHUP,
@@ -472,11 +469,14 @@ class EngineServer:
         sends; the saved sessions' record numbers (`marks_due` of them: the lane's
         `take_marks`) written to the store before the batch's readings are submitted (as `settle`),
         or -- `readings_only`: every record the lane opened was a reading it took, none went on to
-        the endpoint -- with `defer_marks`, by the sink just before it commits them; the sessions
+        the endpoint -- with `carry_marks`, by the sink in the commit that makes them durable; the sessions
         seen (`conns`, each at most once a second: idle offload and expiry, checkpoints)."""
         self._now = now
-        if marks_due and not (readings_only and self._marks_deferred) and self._lane is not None:
+        if marks_due and not (readings_only and self._marks_carried) and self._lane is not None:
             self._write_marks(self._lane.take_marks())
+        if self._packs_carried >= FOLD_EVERY:  # (the bus carried them: read into the sessions)
+            self._packs_carried = 0
+            self.store.fold_marks()
         e = self.engine
         e.stats.datagrams_in += datagrams
         e.stats.bytes_in += nbytes
@@ -781,29 +781,26 @@ class EngineServer:
         yield gauge("corem_dtls_sessions", len(self.engine.handshakes), state="handshaking")
         yield counter("corem_dtls_session_store_errors", self.store.errors)
 
-    def defer_marks(self, sink: Any) -> bool:
-        """Have the marks of the lane's readings written by `sink` just before each batch it makes
-        durable (`Sink.defer`), instead of one transaction on the event loop per batch of
-        datagrams: a reading is durable only after the numbers of the records that carried it (so
-        a restore refuses them, as issue 26 requires), and the writes are coalesced (the highest
-        number per session per bus commit).  They are written in the sink's worker thread, or --
-        when the sink would commit the batch on the event loop (corem/bus/sqlite.py
-        `commits_inline`: one CPU, NORMAL) -- on the loop right before (`_marks_pending`), so that
-        the commit need not wait for a worker thread.  Not for a shared store (other nodes restore
-        from it at any time) nor an in-memory one; False then, or if the sink cannot (Kafka:
-        records go out as they come), and marks are written at once as before.  Records that are
-        not readings (anything the lane hands on) are marked at once in any case: their effects
-        do not wait for the sink."""
+    def carry_marks(self, sink: Any) -> bool:
+        """Have the marks of the lane's readings carried by the embedded bus `sink` in each batch
+        it commits (bus/sqlite.py `carry`: one row in the batch's own transaction), instead of one
+        transaction on the event loop per batch of datagrams: a reading is durable only with the
+        numbers of the records that carried it (so a restore refuses them, as issue 26 requires),
+        and they are coalesced (the highest number per session per bus commit).  This store reads
+        them from the bus's file (`read_marks_from`).  Not for a shared store (other nodes restore
+        from it at any time, not reading this node's bus) nor an in-memory one, nor a sink that
+        cannot carry (Kafka: records go out as they come): False then, and marks are written at
+        once as before.  Records that are not readings (anything the lane hands on) are marked at
+        once in any case: their effects do not wait for the sink."""
         where = self.store.db.where
-        if self.store.shared or self._marks_deferred or str(where) == ":memory:":
+        carry = getattr(sink, "carry", None)
+        if self.store.shared or self._marks_carried or str(where) == ":memory:" or carry is None:
             return False
-        writer = SessionStore(where)  # (its own connection: the sink's worker thread's, or the loop's)
-        defer_checkpoints(writer.db)  # (its WAL copied by the sink's checkpointer, not in a commit)
-        if not sink.defer(self._write_deferred, wal=Path(where), pending=self._marks_pending):
-            writer.close()
-            return False
-        defer_checkpoints(self.store.db)  # (nor in a save on the event loop)
-        self._mark_writer, self._marks_deferred = writer, True
+        carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)
+        self.store.read_marks_from(sink.path)
+        sink.checkpointer.watch(Path(where))  # (the store's WAL copied off the event loop's saves)
+        defer_checkpoints(self.store.db)
+        self._marks_carried = True
         return True
 
     def _write_marks(self, marks: list[tuple[int, bytes]]) -> None:
@@ -811,39 +808,25 @@ class EngineServer:
         if marks and not self.store.mark(marks):
             self.stats.marks_failed += 1
 
-    def _marks_pending(self) -> bool:
-        """The sink's `pending`, asked on the event loop just before a batch it would commit there:
-        the marks due are written now, on the loop as that commit is (an append to the local log
-        at synchronous NORMAL, as cheap as the commit), and none is left pending -- the sink need
-        not hand the batch to a worker thread (a round trip of thread switches and GIL waits a
-        batch, on one CPU).  Asked at any other time, it writes them earlier than they must be."""
-        self._write_deferred()
-        return False
-
-    def _write_deferred(self) -> None:
-        """(before a batch: the sink's worker thread, or the loop) the lane's marks due, one per
-        session however many batches of records it took since, as one row of the store's log (a
-        pack).  Noted by the lane before their readings were submitted, they are all taken here
-        (`take_marks_packed`, under the
-        GIL) by the time the batch holding those readings is written; what comes after waits for
-        the next batch."""
-        lane, writer = self._lane, self._mark_writer
-        if lane is None or writer is None:
-            return
-        with self._mark_lock:  # (one writer connection: one transaction at a time, whichever thread)
-            try:
-                marks = lane.take_marks_packed()
-            except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; `write` must not raise)
-                self.stats.marks_failed += 1
-                return
-            if marks and not writer.log_marks(marks):
-                self.stats.marks_failed += 1
-                self.store.errors += 1
-                self.store.last_error = writer.last_error  # (/readyz says so, as for the loop's own writes)
+    def _carried_marks(self) -> bytes:
+        """(the bus, just before a batch: on the event loop or in its worker thread) the lane's
+        marks due as one pack, one per session however many batches of records it took since.
+        Noted by the lane before their readings were submitted, they are all taken here (under
+        the GIL) by the time the batch holding those readings is written; what comes after waits
+        for the next batch.  The store folds them every FOLD_EVERY packs (`lane_touched`)."""
+        lane = self._lane
+        if lane is None:
+            return b""
+        try:
+            pack = lane.take_marks_packed()
+        except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; the batch goes on)
+            self.stats.marks_failed += 1
+            return b""
+        if pack:
+            self._packs_carried += 1
+        return pack
 
     def close(self, now: float) -> int:
         saved = self.sweep(now, everything=True)
         self.store.close()
-        if self._mark_writer is not None:
-            self._mark_writer.close()
         return saved

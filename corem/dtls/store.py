@@ -19,11 +19,11 @@ import enum
 import logging
 import pickle
 import socket
-import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..c_twins import c_twin
+from ..bus.sqlite import CARRIED
 from ..registry.db import Db, add_columns
 
 log = logging.getLogger("corem.dtls")
@@ -46,24 +46,29 @@ RX_TOP = ("rx_top", "INTEGER NOT NULL DEFAULT -1")
 #: peer key, blob, tenant, device, last seen (wall clock), rx_top
 Row = tuple[bytes, bytes, str, str, float, int]
 
-#: (one node's store: SQLite) the record marks of the fast lane's readings, appended at each bus
-#: commit (`log_marks`) and folded into the sessions' rx_top every FOLD_EVERY appends by the writer
-#: itself (`fold_marks`).  Raising rx_top in place at each commit meant one UPDATE per session in
-#: the commit's path, each on its own page of the table with many devices; a row of the log per
-#: mark meant one B-tree insert each (64 marks: ~80 µs a commit, ~10% of the CoAPS lane's time).
-#: Now a commit appends ONE row, the lane's pack of every mark due (`take_marks_packed`: per mark
-#: its key's length, the key, the top as 8 bytes big-endian; ~12 µs), and the fold -- or a `put` or
-#: `take`, before it reads or replaces rows -- folds the packs in C (`fold_packs`: each key's
-#: highest top) and updates each session once, however many commits it was in.  A save of a row
-#: (`put`) folds first, then writes its own top: older marks of its peer never become a new
-#: session's floor.  (The sink's checkpointer folded on its own connection at each of its passes:
-#: its write lock held the appender in SQLite's busy handler, >= 1 ms, in ~3% of commits.)
+#: (one node's store: SQLite, beside the embedded bus) The record marks of the fast lane's readings
+#: -- each saved session's highest record number -- are written by the embedded bus, one pack a
+#: batch, in the batch's own transaction (bus/sqlite.py `carry`, its table `carried`, which this
+#: store's connection attaches as `bus`): a reading is never durable without the number of the
+#: record that carried it, and it costs no commit of its own.  A pack is the lane's
+#: `take_marks_packed` (per mark its key's length, the key, the top as 8 bytes big-endian).  This
+#: store reads the packs past its place (`rx_folded`), folds them in C (`fold_packs`: each key's
+#: highest top) into the sessions' rx_top, once per session however many packs it was in, and
+#: moves its place past them -- every FOLD_EVERY packs, and in a `put` or a `take` before it
+#: reads or replaces rows -- all in its own file's transaction; the bus deletes the rows below
+#: that place in a later batch.  A save of a row (`put`) folds first, then writes its own top:
+#: older marks of its peer never become a new session's floor.  (History: raising rx_top in place
+#: at each commit was one UPDATE per session in the commit's path; a log row per mark one B-tree
+#: insert each, ~10% of the CoAPS lane's time; a pack a commit in this store's own file, a second
+#: commit a batch, ~10% again.)
 MARKS_PACK = "CREATE TABLE IF NOT EXISTS rx_pack (marks BLOB NOT NULL)"
+#: how far this store has read the bus's `carried` rows (one row)
+RX_FOLDED = "CREATE TABLE IF NOT EXISTS rx_folded (upto INTEGER NOT NULL)"
 _FOLD_ROWS = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log GROUP BY peer) "
               "AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
 _RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
-#: packs folded in one transaction (a step), and appended between two folds by one writer (~25 ms
-#: of bus commits under load; a restore or a save folds what is there first, whatever its age)
+#: packs folded in one transaction (a step), and carried by the bus between two folds (~25 ms of
+#: bus commits under load; a restore or a save folds what is there first, whatever its age)
 FOLD_STEP = FOLD_EVERY = 32
 
 
@@ -80,6 +85,17 @@ def _rx_pack(db: Db) -> None:
         db.execute(_FOLD_ROWS)
         db.execute("DROP TABLE rx_log")
         db.execute(MARKS_PACK)
+
+
+def _rx_carried(db: Db) -> None:
+    """Migration 4: the packs are read from the bus's file (`rx_folded`, the place); what this
+    store's own log held is folded first."""
+    if not db.shared:
+        packs = [m for (m,) in db.execute("SELECT marks FROM rx_pack WHERE typeof(marks) = 'blob'").fetchall()]
+        db.executemany(_RAISE, _fold_readable(packs))
+        db.execute("DROP TABLE rx_pack")
+        db.execute(RX_FOLDED)
+        db.execute("INSERT INTO rx_folded (upto) VALUES (0)")
 
 
 def pack_marks(marks: list[tuple[int, bytes]]) -> bytes:
@@ -116,15 +132,20 @@ def _raised(row: Row | None, logged: list[int]) -> Row | None:
     return (*row[:5], max(logged))
 
 
-def _fold(conn: Db | sqlite3.Connection, limit: int | None = None) -> int:
-    """(in the caller's write transaction) Fold the oldest `limit` packs (all: None) into the
-    sessions' rx_top and delete them; the packs folded."""
-    sql = "SELECT rowid, typeof(marks) = 'blob', marks FROM rx_pack ORDER BY rowid" + (f" LIMIT {limit}" if limit else "")
-    packs = conn.execute(sql).fetchall()
-    if packs:  # (a row that is no blob -- not the lane's -- is dropped with the rest, unread)
-        conn.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
-        conn.execute("DELETE FROM rx_pack WHERE rowid <= ?", (packs[-1][0],))
-    return len(packs)
+def _fold(db: Db, limit: int | None = None) -> int | None:
+    """(in the caller's write transaction, the bus attached) Fold the oldest `limit` packs past
+    the place (all: None) into the sessions' rx_top and move the place past them; the new place
+    (None: no pack to fold)."""
+    (upto,) = db.execute("SELECT upto FROM rx_folded").fetchone()
+    sql = "SELECT n, typeof(blob) = 'blob', blob FROM bus.carried WHERE n > ? ORDER BY n" + (
+        f" LIMIT {limit}" if limit else "")
+    packs = db.execute(sql, (upto,)).fetchall()
+    if not packs:
+        return None
+    # (a row that is no blob -- not the lane's -- is passed over with the rest, unread)
+    db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
+    db.execute("UPDATE rx_folded SET upto = ?", (packs[-1][0],))
+    return int(packs[-1][0])
 
 
 def _fold_readable(packs: list[bytes]) -> list[tuple[int, bytes, int]]:
@@ -143,20 +164,6 @@ def _is_pack(pack: bytes) -> bool:
     except ValueError:
         return False
     return True
-
-
-def fold_marks(conn: Db | sqlite3.Connection) -> None:
-    """Fold the marks' log into the sessions' rx_top and empty it, FOLD_STEP packs a transaction."""
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            folded = _fold(conn, FOLD_STEP)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.rollback()
-            raise
-        if folded < FOLD_STEP:
-            return
 
 
 class Unsaved(enum.Enum):
@@ -273,12 +280,13 @@ class SessionStore:
             self.db.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
         self.db.schema(SCHEMA.replace("sessions", self.table))
         self.db.migrate("dtls_sessions", (add_columns(self.table, (RX_TOP,)),  # 1: rx_top, from before versions
-                                          _rx_log, _rx_pack))
+                                          _rx_log, _rx_pack, _rx_carried))
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet
-        self._appended = 0  # packs this connection appended since its last fold (`log_marks`)
-        self.fold_marks()  # (what a process that stopped left in the marks' log)
+        #: the bus's marks read (`read_marks_from`): its `carried` rows below this are folded
+        self.marks_attached = False
+        self.folded_upto = 0
 
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
         return self.db.execute(sql.format(t=self.table), args)
@@ -292,13 +300,15 @@ class SessionStore:
             # (a write lock first: the fold reads before it writes, and a read transaction another
             # connection -- the marks' writer -- commits past cannot be upgraded: "database is locked")
             self._run("BEGIN" if self.shared else "BEGIN IMMEDIATE")
-            if not self.shared:  # (folded first: the rows say the sessions' tops now, and older marks
-                _fold(self.db)  # of their peers would only lag, or, a new session's, be a previous one's)
+            # (folded first: the rows say the sessions' tops now, and older marks of their peers
+            # would only lag, or, a new session's, be a previous one's)
+            upto = _fold(self.db) if self.marks_attached else None
             self.db.executemany(_UPSERT.format(t=self.table), rows)
             self._run("COMMIT")
         except self.db.Error as e:
             self._failed(e)
             return False
+        self._folded(upto)
         self._stale.difference_update(row[0] for row in rows)
         self._ok()
         return True
@@ -314,12 +324,14 @@ class SessionStore:
                 return self._read_instead(key, e)
             return _row(row)
         try:
-            self._run("BEGIN IMMEDIATE")  # (the mark writer's fold is before or after, not between)
-            _fold(self.db)  # (the marks not folded yet: a later session of the peer starts again)
+            self._run("BEGIN IMMEDIATE")  # (another process's fold is before or after, not between)
+            # (the marks not folded yet: a later session of the peer starts again)
+            upto = _fold(self.db) if self.marks_attached else None
             row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
             self._run("COMMIT")
         except self.db.Error as e:
             return self._read_instead(key, e)
+        self._folded(upto)
         return _row(row)
 
     def _read_instead(self, key: bytes, e: BaseException) -> Row | None:
@@ -327,37 +339,61 @@ class SessionStore:
         self._failed(e)
         try:
             row = self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone()
-            logged = [] if self.shared else [
-                top for top, k, _ in _fold_readable(
-                    [m for (m,) in self._run("SELECT marks FROM rx_pack WHERE typeof(marks) = 'blob'")]) if k == key]
+            logged = [] if not self.marks_attached else [
+                top for top, k, _ in _fold_readable([m for (m,) in self._run(
+                    "SELECT blob FROM bus.carried WHERE n > (SELECT upto FROM rx_folded) AND typeof(blob) = 'blob'")])
+                if k == key]
         except self.db.Error:
             return None
         if row is not None:
             self._stale.add(key)
         return _raised(_row(row), logged)
 
-    def log_marks(self, pack: bytes) -> bool:
-        """(one node's store) Append a pack of marks (the lane's `take_marks_packed`) to the log,
-        one row: as durable as `mark`, and `take` reads them; every FOLD_EVERY of them folded (on
-        this connection: no other writer's lock to wait for).  False if the disk refused."""
+    def read_marks_from(self, bus: Path) -> None:
+        """(one node's store) The embedded bus in `bus` carries the lane's marks from now on
+        (bus/sqlite.py `carry`): its file attached, what it holds past this store's place folded
+        now (what a process that stopped left there).  A bus file whose rows end below the place is
+        another than the one read before (made anew, or put back): all its rows are read."""
+        if self.shared or self.marks_attached:
+            raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
+        self.db.execute("ATTACH DATABASE ? AS bus", (str(bus),))
+        self.db.execute(CARRIED.format(schema="bus."))
+        self.marks_attached = True
+        self._run("BEGIN IMMEDIATE")
         try:
-            self._run("INSERT INTO rx_pack (marks) VALUES (?)", (pack,))
-        except self.db.Error as e:
-            self._failed(e)
-            return False
-        self._appended += 1
-        if self._appended >= FOLD_EVERY:
-            self._appended = 0
-            self.fold_marks()  # (a failed fold is counted; the packs wait for the next one)
-        return True
+            (newest,) = self._run("SELECT coalesce(max(n), 0) FROM bus.carried").fetchone()
+            (upto,) = self._run("SELECT upto FROM rx_folded").fetchone()
+            if newest < upto:
+                log.warning("dtls session store: the bus's record marks end at %d, below the %d read before "
+                            "(a new or restored bus file): all of them are read", newest, upto)
+                self._run("UPDATE rx_folded SET upto = 0")
+                upto = 0
+            self._run("COMMIT")
+        except BaseException:
+            self.db.rollback()
+            raise
+        self.folded_upto = int(upto)
+        self.fold_marks()
 
     def fold_marks(self) -> None:
-        """Fold the log now (at start: what a process that stopped left there)."""
-        if not self.shared:
+        """Fold the bus's packs past this store's place, FOLD_STEP a transaction (a failed fold is
+        counted; the packs wait for the next one)."""
+        while self.marks_attached:
             try:
-                fold_marks(self.db)
+                self._run("BEGIN IMMEDIATE")
+                upto = _fold(self.db, FOLD_STEP)
+                self._run("COMMIT")
             except self.db.Error as e:
                 self._failed(e)
+                return
+            self._folded(upto)
+            if upto is None:
+                return
+
+    def _folded(self, upto: int | None) -> None:
+        """(a fold committed) the bus may delete its rows below `upto`."""
+        if upto is not None:
+            self.folded_upto = upto
 
     def mark(self, marks: list[tuple[int, bytes]]) -> bool:
         """Record (rx_top, peer key) for saved sessions that took records, in one transaction,
@@ -365,7 +401,7 @@ class SessionStore:
         try:
             self._run("BEGIN")
             # (only ever up: marks written later may be older ones, deferred to the bus's batch --
-            # layer.defer_marks -- while the session's own save wrote a newer number)
+            # layer.carry_marks -- while the session's own save wrote a newer number)
             self.db.executemany(f"UPDATE {self.table} SET rx_top = ? WHERE peer = ? AND rx_top < ?",
                                 [(top, key, top) for top, key in marks])
             self._run("COMMIT")
