@@ -130,6 +130,63 @@ def test_c_reports_check_their_arguments():
         r.__init__(LATENCY_BUCKETS)
 
 
+@pytest.mark.skipif(Reports is None, reason="corem.bus._reports is not built")
+def test_c_reports_read_the_bounds_given_even_if_the_list_changes_meanwhile():
+    """A bound converts through Python (`__float__`), which could empty the list: Reports reads the
+    bounds it was given (walking the list itself, it read past the emptied list's end and crashed),
+    and a bound that is no number, or whose conversion raises, is refused with that error."""
+    bounds: list = []
+
+    class EmptiesTheList:
+        def __float__(self) -> float:
+            bounds.clear()
+            return 0.5
+
+    bounds += [EmptiesTheList(), 1.0, 2.0]
+    r = Reports(bounds)
+    assert r.stats()["buckets"] == [0, 0, 0, 0]  # (three bounds, and +Inf)
+
+    class Raises:
+        def __float__(self) -> float:
+            raise ArithmeticError("no")
+
+    with pytest.raises(ArithmeticError):
+        Reports([0.5, Raises()])
+    with pytest.raises(TypeError):
+        Reports([0.5, "1"])
+    with pytest.raises(TypeError, match="sequence of seconds"):
+        Reports(5)
+    assert Reports([-1.0]).stats()["buckets"] == [0, 0]  # (-1.0 is a number, not an error)
+
+
+@pytest.mark.skipif(Reports is None, reason="corem.bus._reports is not built")
+def test_c_reports_submit_the_records_given_even_if_the_lists_change_meanwhile():
+    """produce() runs Python, which could empty the records and ctxs lists: each record is still
+    produced with its own topic, key, value and headers, and answered with its own ctx (walking the
+    lists themselves, submit read past their emptied ends and crashed)."""
+    reports = Reports(LATENCY_BUCKETS)
+    producer = FakeProducer(only_errors=True)
+
+    def given() -> list[Record]:
+        return [Record("telemetry.raw.t", b"d%d" % i, bytes([0x30 + i]) * 4000, {"n": str(i)}) for i in range(3)]
+
+    recs, ctxs = given(), ["a", "b", "c"]
+
+    def produce(*args):
+        recs.clear()  # (the records' only other reference)
+        ctxs.clear()
+        [bytes([0x41 + i]) * 4000 for i in range(64)]  # (memory a freed one would be reused for)
+        producer.produce(*args)
+
+    answers: list = []
+    assert reports.submit(produce, recs, lambda ctx, err: answers.append(ctx), ctxs) == 3
+    assert [r for r, _cb in producer.queued] == given()
+    for _ in range(3):
+        producer.report(0)
+    reports.answer()
+    assert answers == ["a", "b", "c"] and reports.outstanding == 0
+
+
 steps = st.lists(st.one_of(
     st.tuples(st.just("submit"), st.integers(1, 5), st.sampled_from([None, "full"])),
     st.tuples(st.just("report"), st.integers(0, 50), st.sampled_from([None, None, "ERR"])),

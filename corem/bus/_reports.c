@@ -25,6 +25,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
+#include <string.h>
 #include <time.h>
 
 #define MAX_BUCKETS 32
@@ -189,27 +190,46 @@ static int Reports_init(Reports *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "Reports is already initialised");
         return -1;
     }
-    PyObject *seq = PySequence_Fast(bounds, "bounds must be a sequence of seconds");
-    if (!seq) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    /* a tuple of the bounds, each held: a bound's __float__ runs Python, which could shrink a list
+     * given (PySequence_Fast hands a list itself back) and free the bounds after it */
+    PyObject *seq = PySequence_Tuple(bounds);
+    if (!seq) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError))
+            PyErr_SetString(PyExc_TypeError, "bounds must be a sequence of seconds");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     if (n > MAX_BUCKETS) {
         Py_DECREF(seq);
         PyErr_SetString(PyExc_ValueError, "bounds: at most 32");
         return -1;
     }
+    double b[MAX_BUCKETS];
     for (Py_ssize_t i = 0; i < n; i++) {
-        self->bounds[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
-        if (PyErr_Occurred()) {
+        b[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(seq, i));
+        if (b[i] == -1.0 && PyErr_Occurred()) {
             Py_DECREF(seq);
             return -1;
         }
     }
     Py_DECREF(seq);
+    if (self->dones) { /* (a __float__ initialised it meanwhile) */
+        PyErr_SetString(PyExc_TypeError, "Reports is already initialised");
+        return -1;
+    }
+    PyObject *dones = PyList_New(0), *ctxs = PyList_New(0), *failed = PyList_New(0);
+    if (!dones || !ctxs || !failed) {
+        Py_XDECREF(dones);
+        Py_XDECREF(ctxs);
+        Py_XDECREF(failed);
+        return -1;
+    }
+    memcpy(self->bounds, b, (size_t)n * sizeof(double));
     self->nbounds = n;
-    self->dones = PyList_New(0);
-    self->ctxs = PyList_New(0);
-    self->failed = PyList_New(0);
-    return self->dones && self->ctxs && self->failed ? 0 : -1;
+    self->ctxs = ctxs;
+    self->failed = failed;
+    self->dones = dones; /* (last: what the check for a second __init__ reads) */
+    return 0;
 }
 
 static void Reports_dealloc(Reports *self) {
@@ -228,21 +248,30 @@ static PyObject *Reports_submit(Reports *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "submit(produce, records: list, done, ctxs: list)");
         return NULL;
     }
-    PyObject *produce = args[0], *records = args[1], *done = args[2], *ctxs = args[3];
-    Py_ssize_t n = PyList_GET_SIZE(records);
-    if (PyList_GET_SIZE(ctxs) < n) {
+    PyObject *produce = args[0], *done = args[2];
+    Py_ssize_t n = PyList_GET_SIZE(args[1]);
+    if (PyList_GET_SIZE(args[3]) < n) {
         PyErr_SetString(PyExc_ValueError, "submit: fewer ctxs than records");
         return NULL;
     }
+    /* tuples of the records and their ctxs, each held (one copy of each list a batch): produce()
+     * runs Python, which could shrink the lists and free a record whose topic, value, key and
+     * headers it is being handed, or leave fewer than were counted here */
+    PyObject *records = PyList_AsTuple(args[1]), *ctxs = records ? PyList_GetSlice(args[3], 0, n) : NULL;
+    if (!ctxs) {
+        Py_XDECREF(records);
+        return NULL;
+    }
+    PyObject *result = NULL;
     Py_ssize_t taken = 0;
     for (; taken < n; taken++) {
-        PyObject *rec = PyList_GET_ITEM(records, taken);
+        PyObject *rec = PyTuple_GET_ITEM(records, taken);
         if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) < 4) {
             PyErr_SetString(PyExc_TypeError, "submit: a record is a (topic, key, value, headers) tuple");
-            return NULL;
+            goto out;
         }
         Ticket *t = new_ticket(self, done, PyList_GET_ITEM(ctxs, taken));
-        if (!t) return NULL;
+        if (!t) goto out;
         PyObject *minus1 = PyLong_FromLong(-1), *zero = PyLong_FromLong(0);
         PyObject *call_args[8] = {PyTuple_GET_ITEM(rec, 0), PyTuple_GET_ITEM(rec, 2), PyTuple_GET_ITEM(rec, 1),
                                   minus1, (PyObject *)t, Py_None, zero, PyTuple_GET_ITEM(rec, 3)};
@@ -265,12 +294,16 @@ static PyObject *Reports_submit(Reports *self, PyObject *const *args, Py_ssize_t
                 PyErr_Clear();
                 break;
             }
-            return NULL;
+            goto out;
         }
         Py_DECREF(res);
         Py_DECREF(t); /* the producer holds it now */
     }
-    return PyLong_FromSsize_t(taken);
+    result = PyLong_FromSsize_t(taken);
+out:
+    Py_DECREF(records);
+    Py_DECREF(ctxs);
+    return result;
 }
 
 /* answer() -> failures: calls done(ctx, None) for every acknowledged record since the last call,
