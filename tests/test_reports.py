@@ -187,6 +187,22 @@ def test_c_reports_submit_the_records_given_even_if_the_lists_change_meanwhile()
     assert answers == ["a", "b", "c"] and reports.outstanding == 0
 
 
+@pytest.mark.skipif(Reports is None, reason="corem.bus._reports is not built")
+def test_c_reports_not_initialised_refuse_every_use():
+    """`Reports.__new__(Reports)` has no lists to file reports in: each use raises (it used to read
+    them as NULL and crash), and a later __init__ makes it whole."""
+    r = Reports.__new__(Reports)
+    producer = FakeProducer(only_errors=True)
+    uses = [lambda: r.submit(producer.produce, records(1), print, [1]), r.answer, r.ready, r.stats,
+            lambda: r.fail_all("GONE"), lambda: r.outstanding, lambda: r.oldest]
+    for use in uses:
+        with pytest.raises(RuntimeError, match="not initialised"):
+            use()
+    assert producer.queued == []
+    r.__init__(LATENCY_BUCKETS)
+    assert r.submit(producer.produce, records(1), print, [1]) == 1 and r.outstanding == 1
+
+
 steps = st.lists(st.one_of(
     st.tuples(st.just("submit"), st.integers(1, 5), st.sampled_from([None, "full"])),
     st.tuples(st.just("report"), st.integers(0, 50), st.sampled_from([None, None, "ERR"])),

@@ -182,6 +182,14 @@ static Ticket *new_ticket(Reports *r, PyObject *done, PyObject *ctx) {
 
 /* ------------------------------------------------------------------------ Reports --------- */
 
+/* Reports before __init__ ran (Reports.__new__(Reports)) has no lists to file reports in: its
+ * methods refuse it (0, with an exception set) rather than use them. */
+static int reports_ready(Reports *self) {
+    if (self->dones) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "Reports: not initialised");
+    return 0;
+}
+
 static int Reports_init(Reports *self, PyObject *args, PyObject *kwds) {
     static char *kws[] = {"bounds", NULL};
     PyObject *bounds = NULL;
@@ -228,7 +236,7 @@ static int Reports_init(Reports *self, PyObject *args, PyObject *kwds) {
     self->nbounds = n;
     self->ctxs = ctxs;
     self->failed = failed;
-    self->dones = dones; /* (last: what the check for a second __init__ reads) */
+    self->dones = dones; /* (last: what reports_ready reads) */
     return 0;
 }
 
@@ -248,6 +256,7 @@ static PyObject *Reports_submit(Reports *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_TypeError, "submit(produce, records: list, done, ctxs: list)");
         return NULL;
     }
+    if (!reports_ready(self)) return NULL;
     PyObject *produce = args[0], *done = args[2];
     Py_ssize_t n = PyList_GET_SIZE(args[1]);
     if (PyList_GET_SIZE(args[3]) < n) {
@@ -309,6 +318,7 @@ out:
 /* answer() -> failures: calls done(ctx, None) for every acknowledged record since the last call,
  * in report order, and returns the failed ones as [(done, ctx, error)] for the caller to answer. */
 static PyObject *Reports_answer(Reports *self, PyObject *unused) {
+    if (!reports_ready(self)) return NULL;
     PyObject *dones = self->dones, *ctxs = self->ctxs, *failed = self->failed;
     PyObject *nd = PyList_New(0), *nc = PyList_New(0), *nf = PyList_New(0);
     if (!nd || !nc || !nf) {
@@ -341,6 +351,7 @@ static PyObject *Reports_answer(Reports *self, PyObject *unused) {
  * answer() to return): a producer being let go of will never report them, and its delivered
  * ones must not be taken for delivered when it frees their tickets. */
 static PyObject *Reports_fail_all(Reports *self, PyObject *error) {
+    if (!reports_ready(self)) return NULL;
     Py_ssize_t n = 0;
     while (self->head) {
         if (file_failed(self->head, error) < 0) return NULL;
@@ -350,10 +361,12 @@ static PyObject *Reports_fail_all(Reports *self, PyObject *error) {
 }
 
 static PyObject *Reports_ready(Reports *self, PyObject *unused) {
+    if (!reports_ready(self)) return NULL;
     return PyBool_FromLong(PyList_GET_SIZE(self->dones) > 0 || PyList_GET_SIZE(self->failed) > 0);
 }
 
 static PyObject *Reports_stats(Reports *self, PyObject *unused) {
+    if (!reports_ready(self)) return NULL;
     PyObject *buckets = PyList_New(self->nbounds + 1);
     if (!buckets) return NULL;
     for (Py_ssize_t i = 0; i <= self->nbounds; i++)
@@ -363,11 +376,13 @@ static PyObject *Reports_stats(Reports *self, PyObject *unused) {
 }
 
 static PyObject *Reports_get_outstanding(Reports *self, void *closure) {
+    if (!reports_ready(self)) return NULL;
     return PyLong_FromSsize_t(self->outstanding);
 }
 
 /* When the oldest record still waiting for its report was produced (time.monotonic()), or None. */
 static PyObject *Reports_get_oldest(Reports *self, void *closure) {
+    if (!reports_ready(self)) return NULL;
     if (!self->tail) Py_RETURN_NONE;
     return PyFloat_FromDouble(self->tail->made);
 }
