@@ -1588,6 +1588,86 @@ def test_lane_settings_are_checked():
         lane.__init__(tuple, max_datagram=9000)
 
 
+# -- Python that runs while the lane works (a conversion, a callback) ------------------------------
+def bare_target(i: int, mode: object = 0, device: object = None) -> tuple:
+    """A target entry for Lane.set_targets, of objects made here (the entry holds their only reference)."""
+    head, tail = json_frame("acme", f"d{i}", "default")
+    return ("".join(["telemetry.raw.", "acme", str(i)]), b"d%d" % i, {"device_id": f"d{i}"}, bytes(head),
+            bytes(tail), {"device": i} if device is None else device, mode, None, b"acme")
+
+
+def test_set_targets_reads_the_entries_given_even_if_the_list_changes_meanwhile():
+    """A target's mode converts through Python (`__index__`), which could empty the list: the targets
+    are still the entries given (walking the list itself, set_targets kept borrowed parts of the
+    entries before it, which the emptied list had freed, and served freed memory)."""
+    from corem.bus import Record
+
+    lane = Lane(Record)
+    entries: list = []
+
+    class EmptiesTheList:
+        def __index__(self) -> int:
+            entries.clear()  # (the earlier entries' only reference)
+            [("x" * 40, bytes(64), {"k": "v"}) for _ in range(200)]  # (memory the freed ones would go to)
+            return 0
+
+    entries += [bare_target(0), bare_target(1, EmptiesTheList()), bare_target(2)]
+    lane.set_targets({b"T0": 0, b"T1": 1, b"T2": 2}, entries)
+    for i, token in enumerate(("T0", "T1", "T2")):
+        lane.receive(post(token, mid=i), ("127.0.0.1", 40000), 0.0, 1000)
+    _slow, records, _ctxs, devices = lane.take()
+    assert [(r.topic, r.key) for r in records] == [(f"telemetry.raw.acme{i}", b"d%d" % i) for i in range(3)]
+    assert [json.loads(r.value)["device"] for r in records] == ["d0", "d1", "d2"]
+    assert devices == [{"device": 0}, {"device": 1}, {"device": 2}]
+
+
+def test_set_targets_lets_go_of_the_old_targets_once_the_new_ones_are_in():
+    """Letting go of a replaced target can run Python (its device's `__del__`), which may change the
+    lane's targets: it finds the new table in place (the old one used to be released in place, so
+    a target set meanwhile grew the table being released -- its entries then written after it was
+    freed -- and was lost with it)."""
+    from corem.bus import Record
+
+    lane = Lane(Record)
+
+    class Device(dict):
+        def __del__(self) -> None:
+            lane.set_target(40, bare_target(40))  # (beyond the table: it grows, moving)
+
+    lane.set_targets({b"T0": 0}, [bare_target(0, device=Device(device=0))])
+    lane.set_targets({b"T0": 0, b"T40": 40}, [bare_target(0)])
+    lane.receive(post("T40"), ("127.0.0.1", 40000), 0.0, 1000)
+    assert [r.topic for r in lane.take()[1]] == ["telemetry.raw.acme40"]
+
+
+def test_exempt_reads_the_networks_given_even_if_the_list_changes_meanwhile():
+    """A prefix length converts through Python (`__index__`), which could empty the list: the
+    networks exempt are still those given (Lane.exempt and Lane(exempt=...) walked the list itself,
+    reading past its emptied end and the address bytes of freed networks)."""
+    from corem.bus import Record
+
+    def networks() -> list:
+        nets: list = []
+
+        class EmptiesTheList:
+            def __index__(self) -> int:
+                nets.clear()
+                [bytes(16) for _ in range(200)]
+                return 96 + 16
+
+        nets += [(bytes(10) + b"\xff\xff" + bytes([10, 9, 0, 0]), EmptiesTheList()),
+                 (bytes(10) + b"\xff\xff" + bytes([10, 8, 0, 0]), 96 + 16)]  # (10.9.0.0/16, 10.8.0.0/16)
+        return nets
+
+    for lane in (Lane(Record, rate=1, max_sources=8, exempt=networks()), Lane(Record, rate=1, max_sources=8)):
+        lane.exempt(networks())
+        for host in ("10.9.3.4", "10.8.1.1", "10.10.0.1"):
+            for mid in range(5):
+                lane.receive(post("NOPE", mid=mid), (host, 5), 1.0, 1000)
+        slow = lane.take()[0]
+        assert [peer[0] for _data, peer in slow] == ["10.9.3.4"] * 5 + ["10.8.1.1"] * 5 + ["10.10.0.1"] * 2
+
+
 # -- the socket -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
 def test_drain_and_flush_on_a_real_socket(family, host):

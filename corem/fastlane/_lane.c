@@ -2423,9 +2423,11 @@ static PyObject *Lane_take_committed(Lane *self, PyObject *unused) {
     return d;
 }
 
-static void clear_targets(Lane *self) {
-    for (Py_ssize_t i = 0; i < self->ntargets; i++) {
-        target_t *t = &self->targets[i];
+/* A table of targets no longer the lane's released (a release may run code: the table is out of
+ * the lane first, so that code finds the lane whole). */
+static void release_targets(target_t *ts, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        target_t *t = &ts[i];
         Py_CLEAR(t->topic);
         Py_CLEAR(t->key);
         Py_CLEAR(t->headers);
@@ -2436,9 +2438,15 @@ static void clear_targets(Lane *self) {
         Py_CLEAR(t->tenant);
         Py_CLEAR(t->hpacked);
     }
-    PyMem_Free(self->targets);
+    PyMem_Free(ts);
+}
+
+static void clear_targets(Lane *self) {
+    target_t *ts = self->targets;
+    Py_ssize_t n = self->ntargets;
     self->targets = NULL;
     self->ntargets = 0;
+    release_targets(ts, n);
     Py_CLEAR(self->tokens);
 }
 
@@ -2514,31 +2522,46 @@ static void target_hold(target_t *t) {
  *             | None],
  *             positions: dict[(tenant, device), int] = None: the DTLS sessions' devices' targets) */
 static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
-    PyObject *tokens, *list, *positions = NULL;
-    if (!PyArg_ParseTuple(args, "O!O!|O!", &PyDict_Type, &tokens, &PyList_Type, &list, &PyDict_Type, &positions))
+    PyObject *tokens, *given, *positions = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!|O!", &PyDict_Type, &tokens, &PyList_Type, &given, &PyDict_Type, &positions))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(list);
+    /* a tuple of the list's entries, each held until the targets hold what they borrow of them: an
+     * entry's mode converts through Python (__index__), which could shrink the list and free the
+     * entries parsed before it */
+    PyObject *list = PyList_AsTuple(given);
+    if (!list) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(list);
     target_t *ts = PyMem_Calloc(n ? n : 1, sizeof(target_t));
-    if (!ts) return PyErr_NoMemory();
+    if (!ts) {
+        Py_DECREF(list);
+        return PyErr_NoMemory();
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(list, i);
+        PyObject *item = PyTuple_GET_ITEM(list, i);
         if (item == Py_None) continue; /* not the lane's to serve */
         if (target_parse(item, &ts[i]) < 0) {
             for (Py_ssize_t k = 0; k < i; k++) Py_XDECREF(ts[k].hpacked);
             PyMem_Free(ts);
+            Py_DECREF(list);
             return NULL;
         }
     }
     for (Py_ssize_t i = 0; i < n; i++)
         if (ts[i].topic) target_hold(&ts[i]);
-    clear_targets(self);
+    target_t *old = self->targets;
+    Py_ssize_t nold = self->ntargets;
+    PyObject *old_tokens = self->tokens, *old_positions = self->positions;
     self->targets = ts;
     self->ntargets = n;
     Py_XINCREF(positions);
-    Py_XSETREF(self->positions, positions);
+    self->positions = positions;
     self->targets_gen++;
     Py_INCREF(tokens);
     self->tokens = tokens;
+    release_targets(old, nold); /* (last: a release may run code) */
+    Py_XDECREF(old_tokens);
+    Py_XDECREF(old_positions);
+    Py_DECREF(list);
     Py_RETURN_NONE;
 }
 
@@ -2696,9 +2719,16 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
 /* exempt: the networks never rate-limited, [(16 address bytes (IPv4 mapped), prefix length)];
  * the table replaced whole, or left as it was on an error (exception set, -1). */
 static int set_exempt(Lane *self, PyObject *exempt) {
-    PyObject *seq = PySequence_Fast(exempt, "exempt: a sequence of (16 bytes, prefix length)");
-    if (!seq) return -1;
-    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    /* a tuple of the networks, each held: a prefix length converts through Python (__index__), which
+     * could shrink a list given (PySequence_Fast hands a list itself back) and free the network
+     * whose address bytes are being read */
+    PyObject *seq = PySequence_Tuple(exempt);
+    if (!seq) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError))
+            PyErr_SetString(PyExc_TypeError, "exempt: a sequence of (16 bytes, prefix length)");
+        return -1;
+    }
+    Py_ssize_t m = PyTuple_GET_SIZE(seq);
     uint8_t (*table)[17] = m ? PyMem_Calloc((size_t)m, 17) : NULL;
     if (m && !table) {
         Py_DECREF(seq);
@@ -2709,7 +2739,7 @@ static int set_exempt(Lane *self, PyObject *exempt) {
         const char *addr;
         Py_ssize_t alen;
         int bits;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#i", &addr, &alen, &bits) || alen != 16 ||
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(seq, i), "y#i", &addr, &alen, &bits) || alen != 16 ||
             bits < 0 || bits > 128) {
             Py_DECREF(seq);
             PyMem_Free(table);
