@@ -1668,6 +1668,63 @@ def test_exempt_reads_the_networks_given_even_if_the_list_changes_meanwhile():
         assert [peer[0] for _data, peer in slow] == ["10.9.3.4"] * 5 + ["10.8.1.1"] * 5 + ["10.10.0.1"] * 2
 
 
+def test_a_non_answer_with_next_mid_deleted_is_refused_not_called():
+    """The lane took a NON request while next_mid was set; deleted before its verdict, committed
+    raises a TypeError saying so (it used to call NULL) and the exchange is let go of."""
+    from corem.bus import Record
+
+    lane = Lane(Record)
+    lane.set_targets({b"T0": 0}, [bare_target(0)])
+    lane.next_mid = lambda: 7
+    lane.receive(post("T0", mtype=Type.NON), ("127.0.0.1", 40000), 0.0, 1000)
+    _slow, records, ctxs, _devices = lane.take()
+    assert len(records) == 1 and lane.counters()["waiting"] == 1
+    del lane.next_mid
+    with pytest.raises(TypeError, match="next_mid"):
+        lane.committed(ctxs[0], None)
+    assert lane.counters()["waiting"] == 0 and lane.take_outbox() == []
+    with pytest.raises(KeyError):
+        lane.committed(ctxs[0], None)
+
+
+@pytest.mark.parametrize("callback", ["next_mid", "on_late"])
+def test_a_verdict_given_while_the_lane_calls_python_is_the_only_one(callback):
+    """next_mid (a NON's answer) and on_late (an answer past the piggyback timeout) run Python, which
+    could give the same exchange's verdict (or grow the table of waiting exchanges, moving it): the
+    exchange is let go of once, nothing more is queued for it, and the outer call says it was
+    answered meanwhile (it used to be queued an answer again and freed twice, corrupting the free
+    list: `waiting` went to -1 and the next two requests shared one entry).  (on_late's outer call
+    has handed its answer to Python already: that the endpoint gets two is the re-entrant caller's.)"""
+    from corem.bus import Record
+
+    lane = Lane(Record)
+    lane.set_targets({b"T0": 0}, [bare_target(0)])
+    lane.next_mid = lambda: 7  # (a NON is the lane's only with one)
+    mtype = Type.NON if callback == "next_mid" else Type.CON
+    lane.receive(post("T0", mtype=mtype), ("127.0.0.1", 40000), 0.0, 1000)
+    ctx = lane.take()[2][0]
+    if callback == "on_late":
+        lane.tick(1.0)  # (past the piggyback timeout: an empty ACK)
+        assert len(lane.take_outbox()) == 1
+    calls: list = []
+
+    def call(*args) -> int:
+        calls.append(args)
+        if len(calls) == 1:
+            lane.committed(ctx, None)
+        return 0x0707
+
+    setattr(lane, callback, call)
+    with pytest.raises(KeyError, match="answered while"):
+        lane.committed(ctx, None)
+    assert len(calls) == 2 and len(lane.take_outbox()) == (1 if callback == "next_mid" else 0)
+    assert lane.counters()["waiting"] == 0
+    for mid in (1, 2):  # (each its own entry)
+        lane.receive(post("T0", mid=mid, mtype=mtype), ("127.0.0.1", 40000), 0.0, 1000)
+    ctxs = lane.take()[2]
+    assert len({c >> 32 for c in ctxs}) == 2 and lane.counters()["waiting"] == 2
+
+
 # -- the socket -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
 def test_drain_and_flush_on_a_real_socket(family, host):

@@ -656,7 +656,9 @@ static int credentialed(Lane *self, const uint8_t *d, size_t n) {
     }
     int found = PyDict_Contains(self->tokens, tok);
     if (found == 0 && self->known && self->known != Py_None) { /* a device that is not one of the lane's */
-        PyObject *r = PyObject_CallOneArg(self->known, tok);
+        PyObject *f = Py_NewRef(self->known); /* (its own: the call may delete the attribute) */
+        PyObject *r = PyObject_CallOneArg(f, tok);
+        Py_DECREF(f);
         found = r ? PyObject_IsTrue(r) : -1;
         Py_XDECREF(r);
     }
@@ -2173,6 +2175,16 @@ static pending_t *pending_of(Lane *self, PyObject *ctx) {
     return &self->pending[h];
 }
 
+/* The exchange pending_of found (its handle and generation) again after Python ran meanwhile: that
+ * code may have grown the table (moving it) or given this exchange's verdict itself.  Its entry, or
+ * NULL when it is no longer waiting (no exception set). */
+static pending_t *pending_again(Lane *self, int32_t h, uint32_t gen) {
+    pending_t *q = h < self->npending_cap ? &self->pending[h] : NULL;
+    return q && q->state != P_FREE && q->gen == gen ? q : NULL;
+}
+
+#define ANSWERED_MEANWHILE "no such exchange waiting in the lane (answered while next_mid or on_late ran)"
+
 /* An OSCORE request's answer sealed (protect.py `protect` with the request's nonce: its first
  * answer), the ciphertext and tag into `out`: 2.04 bare, or BUSY -- 5.03, Max-Age 5 and the reason,
  * whole (outside it is a 2.04: no error to cut to the request's size).  Its length, or -1. */
@@ -2240,6 +2252,8 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
     }
     pending_t *q = pending_of(self, args[0]);
     if (!q) return NULL;
+    int32_t h = (int32_t)(q - self->pending); /* (q is found again by these after a call to Python) */
+    uint32_t gen = q->gen;
     if (args[1] != Py_None) q->failed = 1;
     if (q->left > 1) { /* (a request of several points: answered at its last one's) */
         q->left--;
@@ -2260,11 +2274,22 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
         size_t len = 4 + q->tkl;
         uint16_t mid = q->mid; /* (a CON's: the piggybacked ACK) */
         if (q->non) { /* a NON response, of a message id of ours: the endpoint's, which gives every other */
-            PyObject *m = PyObject_CallNoArgs(self->next_mid);
+            if (!self->next_mid) { /* (deleted since the request came: the lane took it with one) */
+                pending_free(self, h);
+                PyErr_SetString(PyExc_TypeError, "committed: a NON's answer needs next_mid, which is not set");
+                return NULL;
+            }
+            PyObject *f = Py_NewRef(self->next_mid); /* (its own: the call may delete the attribute) */
+            PyObject *m = PyObject_CallNoArgs(f);
+            Py_DECREF(f);
             long v = m ? PyLong_AsLong(m) : -1;
             Py_XDECREF(m);
             if (v == -1 && PyErr_Occurred()) {
-                pending_free(self, (int32_t)(q - self->pending));
+                if (pending_again(self, h, gen)) pending_free(self, h);
+                return NULL;
+            }
+            if (!(q = pending_again(self, h, gen))) {
+                PyErr_SetString(PyExc_KeyError, ANSWERED_MEANWHILE);
                 return NULL;
             }
             mid = (uint16_t)v;
@@ -2280,7 +2305,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             reply[len++] = 0xff;
             long m = osc_seal_answer(self, q, ok, reply + len);
             if (m < 0) {
-                pending_free(self, (int32_t)(q - self->pending));
+                pending_free(self, h);
                 PyErr_SetString(PyExc_RuntimeError, "oscore: libcrypto failed to seal an answer");
                 return NULL;
             }
@@ -2308,7 +2333,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
     } else if (self->on_late && self->on_late != Py_None) {
         /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
         PyObject *peer = q->peer ? Py_NewRef(q->peer) : addr_tuple(&q->addr, q->alen);
-        PyObject *r = NULL;
+        PyObject *r = NULL, *f = Py_NewRef(self->on_late); /* (its own: the call may delete the attribute) */
         if (peer && q->osc) { /* (the sealed answer, for the endpoint to send with the OSCORE option) */
             uint8_t sealed[OSC_SEALED_MAX];
             long m = osc_seal_answer(self, q, ok, sealed);
@@ -2316,21 +2341,26 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
                 Py_DECREF(peer);
                 PyErr_SetString(PyExc_RuntimeError, "oscore: libcrypto failed to seal an answer");
             } else {
-                r = PyObject_CallFunction(self->on_late, "Ny#iIy#", peer, (const char *)q->token, (Py_ssize_t)q->tkl,
+                r = PyObject_CallFunction(f, "Ny#iIy#", peer, (const char *)q->token, (Py_ssize_t)q->tkl,
                                           code, q->size, (const char *)sealed, (Py_ssize_t)m);
             }
         } else if (peer) {
-            r = PyObject_CallFunction(self->on_late, "Ny#iI", peer, (const char *)q->token, (Py_ssize_t)q->tkl, code,
+            r = PyObject_CallFunction(f, "Ny#iI", peer, (const char *)q->token, (Py_ssize_t)q->tkl, code,
                                       q->size);
         }
+        Py_DECREF(f);
         if (!r) {
-            pending_free(self, (int32_t)(q - self->pending));
+            if (pending_again(self, h, gen)) pending_free(self, h);
             return NULL;
         }
         Py_DECREF(r);
+        if (!(q = pending_again(self, h, gen))) {
+            PyErr_SetString(PyExc_KeyError, ANSWERED_MEANWHILE);
+            return NULL;
+        }
         lat_observe(self, q);
     }
-    pending_free(self, (int32_t)(q - self->pending));
+    pending_free(self, h);
     Py_RETURN_NONE;
 }
 
