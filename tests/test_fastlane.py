@@ -1725,6 +1725,61 @@ def test_a_verdict_given_while_the_lane_calls_python_is_the_only_one(callback):
     assert len({c >> 32 for c in ctxs}) == 2 and lane.counters()["waiting"] == 2
 
 
+def test_an_init_a_setting_re_entered_keeps_the_first_settings():
+    """A setting converts through Python (`__index__`), which could initialise the lane meanwhile:
+    the outer __init__ is refused, and the lane keeps the buffers and settings of the one that ran
+    (the outer one used to write its settings over them and allocate everything a second time)."""
+    from corem.bus import Record
+
+    lane = Lane.__new__(Lane)
+
+    class InitialisesIt:
+        def __index__(self) -> int:
+            lane.__init__(Record, max_datagram=64)
+            return 9000
+
+    with pytest.raises(TypeError, match="already initialised"):
+        lane.__init__(Record, max_datagram=InitialisesIt())
+    lane.receive(post(payload=cbor2.dumps({"a": "x" * 100})), ("127.0.0.1", 1), 0.0, 1000)
+    assert lane.counters()["oversized"] == 1  # (64 bytes: the first settings)
+
+
+def test_a_lane_not_initialised_refuses_every_use():
+    """`Lane.__new__(Lane)` has no tables or buffers: each method raises (they used to read them as
+    NULL and crash; new_session looked for room forever in a map of none), and a later __init__
+    makes it whole.  In a process of its own, bounded: the old failures crash or hang."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        from corem.bus import Record
+        from corem.fastlane import Lane
+
+        lane = Lane.__new__(Lane)
+        one_arg = {"tick", "flush", "cookie_secret", "send_records", "drogue", "exempt"}
+        methods = [n for n in dir(Lane) if not n.startswith("_") and callable(getattr(Lane, n))]
+        assert len(methods) >= 29, methods
+        calls = [(n, (None,) if n in one_arg else ()) for n in methods]
+        calls += [("new_session", (("127.0.0.1", 5683), 0.0)),
+                  ("moved", (("127.0.0.1", 1), ("127.0.0.1", 2), 0.0)),
+                  ("receive", (bytes.fromhex("40011234"), ("127.0.0.1", 1), 0.0, 0)), ("take", ()),
+                  ("set_targets", ({}, [])), ("tick", (1.0,))]
+        for name, args in calls:
+            try:
+                getattr(lane, name)(*args)
+            except RuntimeError as e:
+                assert "not initialised" in str(e), (name, e)
+            else:
+                raise AssertionError(name + " ran on a lane not initialised")
+        lane.__init__(Record)
+        lane.new_session(("127.0.0.1", 5683), 0.0)
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout.strip()) == (0, "ok"), run.stderr[-2000:]
+
+
 # -- the socket -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
 def test_drain_and_flush_on_a_real_socket(family, host):

@@ -327,6 +327,14 @@ typedef struct {
     double lat_sum[LAT_DOORS], rx_for, rx_at;
 } Lane;
 
+/* A Lane before __init__ ran (Lane.__new__(Lane)) has no tables or buffers: its methods refuse it
+ * (0, with an exception set) rather than read them.  record_type is set last in Lane_init. */
+static inline int lane_ready(Lane *self) {
+    if (self->record_type) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "Lane: not initialised");
+    return 0;
+}
+
 /* ---------------------------------------------------------------- addresses ---------------- */
 static void addr_key(const addr_t *a, uint16_t mid, int with_port, uint8_t *key) {
     memset(key, 0, KEYLEN);
@@ -1524,6 +1532,7 @@ static int drain_ahead(void *ctx, const uint8_t *d, size_t n, const addr_t *a, s
 }
 
 static PyObject *Lane_drain(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     int fd, budget;
     drain_ctx c = {self, 0, 0};
     if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
@@ -1534,6 +1543,7 @@ static PyObject *Lane_drain(Lane *self, PyObject *args) {
 }
 
 static PyObject *Lane_receive(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     Py_buffer data;
     PyObject *peer;
     double now;
@@ -1551,6 +1561,7 @@ static PyObject *Lane_receive(Lane *self, PyObject *args) {
 
 /* One CoAP message that DTLS decrypted (the edge checked size and rate on the record already). */
 static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!lane_ready(self)) return NULL;
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "receive_plain(data, peer, session_target, now, now_ms)");
         return NULL;
@@ -1769,6 +1780,7 @@ static int ensure_record_lists(Lane *self) {
 
 /* drain_records(fd, now, now_ms, budget) -> datagrams read */
 static PyObject *Lane_drain_records(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     int fd, budget;
     drain_ctx c = {self, 0, 0};
     if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
@@ -1782,6 +1794,7 @@ static PyObject *Lane_drain_records(Lane *self, PyObject *args) {
 
 /* receive_record(datagram, peer, now, now_ms): one datagram given by the caller (sans-IO) */
 static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     Py_buffer data;
     PyObject *peer;
     double now;
@@ -1803,6 +1816,7 @@ static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
  * marks are due (take_marks), the datagrams taken, their bytes, the HelloVerifyRequests sent, their
  * bytes) */
 static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
+    if (!lane_ready(self)) return NULL;
     if (ensure_record_lists(self) < 0) return NULL;
     PyObject *r = Py_BuildValue("(OOnKKKK)", self->plain, self->dtouched, (Py_ssize_t)(self->ds.ndue + self->ds.nleft),
                                 self->rec_datagrams, self->rec_bytes, self->rec_hellos, self->rec_hello_bytes);
@@ -1818,17 +1832,24 @@ static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
  * (every one that took records since the last call, and those of such sessions dropped since),
  * taken.  Called on the event loop (written at once) or from the sink's worker thread just before
  * a commit (under the GIL, as every call into the lane). */
-static PyObject *Lane_take_marks(Lane *self, PyObject *unused) { return ds_take_marks(&self->ds, 0); }
+static PyObject *Lane_take_marks(Lane *self, PyObject *unused) {
+    if (!lane_ready(self)) return NULL;
+    return ds_take_marks(&self->ds, 0);
+}
 
 /* take_marks_packed() -> bytes: take_marks as one pack (dtls_sessions.h ds_pack_marks), the row the
  * session store appends to its log at each bus write (store.py `log_marks`). */
-static PyObject *Lane_take_marks_packed(Lane *self, PyObject *unused) { return ds_take_marks(&self->ds, 1); }
+static PyObject *Lane_take_marks_packed(Lane *self, PyObject *unused) {
+    if (!lane_ready(self)) return NULL;
+    return ds_take_marks(&self->ds, 1);
+}
 
 /* add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key): an
  * established session whose records the lane may open and seal (replacing any at its address or
  * CID); `mark_key` (bytes, or None): a saved session's key in the session store, whose record
  * numbers take_records reports in every batch the lane took records of it. */
 static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!lane_ready(self)) return NULL;
     if (nargs != 10) {
         PyErr_SetString(PyExc_TypeError,
                         "add_session(owner, peer, cid_in, cid_out, read, window, write, name, floor, mark_key)");
@@ -1901,6 +1922,7 @@ static PyObject *Lane_add_session(Lane *self, PyObject *const *args, Py_ssize_t 
 /* drop_session(owner, peer, cid_in): the session is no longer the lane's (only if `owner` is the one
  * registered there) */
 static PyObject *Lane_drop_session(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!lane_ready(self)) return NULL;
     if (nargs != 3 || !PyBytes_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError, "drop_session(owner, peer, cid_in: bytes)");
         return NULL;
@@ -1992,6 +2014,7 @@ static void send_wire(Lane *self, int fd) {
  * the rest -- no session, or the reservation used up -- stays in the outbox for take_outbox
  * (Python's wrap saves the session again, or drops it, as for any answer). */
 static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
+    if (!lane_ready(self)) return NULL;
     int fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
     size_t keep = 0;
@@ -2025,6 +2048,7 @@ static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
  * hellos go to Python), set again when it rotates: the lane answers new peers' cookie-less hellos
  * with it (lane_hello_verify) */
 static PyObject *Lane_cookie_secret(Lane *self, PyObject *arg) {
+    if (!lane_ready(self)) return NULL;
     char *b;
     Py_ssize_t n;
     if (PyBytes_AsStringAndSize(arg, &b, &n) < 0) return NULL;
@@ -2044,6 +2068,7 @@ static PyObject *Lane_cookie_secret(Lane *self, PyObject *arg) {
 /* limit(rate, burst, max_sources): the per-source rate limit (the edge's settings, when the lane
  * reads a CoAPS socket itself) */
 static PyObject *Lane_limit(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     double rate, burst;
     Py_ssize_t max_sources;
     if (!PyArg_ParseTuple(args, "ddn", &rate, &burst, &max_sources)) return NULL;
@@ -2063,6 +2088,7 @@ static PyObject *Lane_limit(Lane *self, PyObject *args) {
 
 /* new_session(peer, now): the peer began a new DTLS session (see from_old_session). */
 static PyObject *Lane_new_session(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     PyObject *peer;
     double now;
     if (!PyArg_ParseTuple(args, "Od", &peer, &now)) return NULL;
@@ -2083,6 +2109,7 @@ static PyObject *Lane_new_session(Lane *self, PyObject *args) {
  * for EXCHANGE_LIFETIME, a request from `new` whose message id the lane saw from `old` is its
  * duplicate (moved_from).  Call new_session(new) too: `new`'s earlier exchanges are not its. */
 static PyObject *Lane_moved(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     PyObject *old, *new;
     double now;
     if (!PyArg_ParseTuple(args, "OOd", &old, &new, &now)) return NULL;
@@ -2106,6 +2133,7 @@ static PyObject *Lane_moved(Lane *self, PyObject *args) {
  * did not name it gives -- is answered 2.04 without a second reading, and a request with another
  * token is a new one (seen_before).  False if it is known already. */
 static PyObject *Lane_remember(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     PyObject *peer, *token = Py_None;
     int mid;
     double at;
@@ -2140,6 +2168,7 @@ static PyObject *Lane_remember(Lane *self, PyObject *args) {
 }
 
 static PyObject *Lane_take(Lane *self, PyObject *unused) {
+    if (!lane_ready(self)) return NULL;
     if (ensure_lists(self) < 0) return NULL;
     PyObject *r = PyTuple_Pack(4, self->slow, self->records, self->ctxs, self->touched);
     if (!r) return NULL;
@@ -2246,6 +2275,7 @@ static int count_committed(Lane *self, PyObject *device, long long points) {
  * -- past the piggyback timeout -- as a separate response: `on_late(peer, token, code, request
  * size)` hands it to Python's endpoint, which sends and retransmits it. */
 static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!lane_ready(self)) return NULL;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "committed(ctx, error)");
         return NULL;
@@ -2367,6 +2397,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
 /* Timers: CON exchanges still waiting for the sink after the piggyback timeout get an empty ACK
  * (and later a separate response); exchanges older than EXCHANGE_LIFETIME are forgotten. */
 static PyObject *Lane_tick(Lane *self, PyObject *arg) {
+    if (!lane_ready(self)) return NULL;
     double now = PyFloat_AsDouble(arg);
     if (now == -1.0 && PyErr_Occurred()) return NULL;
     while (self->fifo_count) {
@@ -2398,6 +2429,7 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
 }
 
 static PyObject *Lane_flush(Lane *self, PyObject *arg) {
+    if (!lane_ready(self)) return NULL;
     int fd = PyLong_AsLong(arg);
     if (fd == -1 && PyErr_Occurred()) return NULL;
     size_t done = send_queue(self, fd, self->out, self->out_len, out_at);
@@ -2412,6 +2444,7 @@ static PyObject *Lane_flush(Lane *self, PyObject *arg) {
 /* The outbox as (bytes, peer) pairs, emptied: the sans-IO way out (tests, fuzzing, and the DTLS
  * edge, which encrypts them; it counts what it sends, so this does not). */
 static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
+    if (!lane_ready(self)) return NULL;
     PyObject *list = PyList_New(0);
     if (!list) return NULL;
     for (size_t i = 0; i < self->out_len; i++) {
@@ -2431,6 +2464,7 @@ static PyObject *Lane_take_outbox(Lane *self, PyObject *unused) {
 }
 
 static PyObject *Lane_take_committed(Lane *self, PyObject *unused) {
+    if (!lane_ready(self)) return NULL;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     if (!self->committed_len) return d;
@@ -2552,6 +2586,7 @@ static void target_hold(target_t *t) {
  *             | None],
  *             positions: dict[(tenant, device), int] = None: the DTLS sessions' devices' targets) */
 static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     PyObject *tokens, *given, *positions = NULL;
     if (!PyArg_ParseTuple(args, "O!O!|O!", &PyDict_Type, &tokens, &PyList_Type, &given, &PyDict_Type, &positions))
         return NULL;
@@ -2599,6 +2634,7 @@ static PyObject *Lane_set_targets(Lane *self, PyObject *args) {
  * grows to take `index`); the tokens and positions dicts given to set_targets stay the caller's,
  * read at each lookup, so it changes them itself.  (corem/fastlane: the lane's working set.) */
 static PyObject *Lane_set_target(Lane *self, PyObject *args) {
+    if (!lane_ready(self)) return NULL;
     Py_ssize_t i;
     PyObject *item;
     if (!PyArg_ParseTuple(args, "nO", &i, &item)) return NULL;
@@ -2634,6 +2670,7 @@ static PyObject *Lane_set_target(Lane *self, PyObject *args) {
  * endpoint, so the router routes it there: the lane takes that channel's common requests from now
  * on (at most DROGUE_CHANNELS of them, each of at most DROGUE_CHANNEL_MAX bytes; False: not taken). */
 static PyObject *Lane_drogue(Lane *self, PyObject *channel) {
+    if (!lane_ready(self)) return NULL;
     Py_ssize_t n;
     if (!PyUnicode_Check(channel)) {
         PyErr_SetString(PyExc_TypeError, "drogue(channel): a str");
@@ -2656,6 +2693,7 @@ static PyObject *Lane_drogue(Lane *self, PyObject *channel) {
  * (corem/oscore gives it once the Python path has the context ready and unshared; `key`: osc_key's
  * form of its kid context and kid), replacing any context there. */
 static PyObject *Lane_oscore_add(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!lane_ready(self)) return NULL;
     if (nargs != 2 || !PyBytes_Check(args[0]) || !PyObject_TypeCheck(args[1], &OscContextType)) {
         PyErr_SetString(PyExc_TypeError, "oscore_add(key: bytes, context: OscoreContext)");
         return NULL;
@@ -2669,6 +2707,7 @@ static PyObject *Lane_oscore_add(Lane *self, PyObject *const *args, Py_ssize_t n
 /* oscore_drop(key, context=None) -> bool: the context at `key` is no longer the lane's (only if it is
  * `context`, when given); oscore_drop(None) drops them all. */
 static PyObject *Lane_oscore_drop(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!lane_ready(self)) return NULL;
     if (nargs < 1 || nargs > 2 || (args[0] != Py_None && !PyBytes_Check(args[0]))) {
         PyErr_SetString(PyExc_TypeError, "oscore_drop(key: bytes | None, context=None)");
         return NULL;
@@ -2714,6 +2753,7 @@ static int lat_counters(Lane *self, PyObject *into) {
 }
 
 static PyObject *Lane_counters(Lane *self, PyObject *unused) {
+    if (!lane_ready(self)) return NULL;
     PyObject *responses = PyDict_New();
     if (!responses) return NULL;
     for (int c = 0; c < 256; c++) {
@@ -2788,6 +2828,7 @@ static int set_exempt(Lane *self, PyObject *exempt) {
 }
 
 static PyObject *Lane_exempt(Lane *self, PyObject *exempt) {
+    if (!lane_ready(self)) return NULL;
     if (set_exempt(self, exempt) < 0) return NULL;
     Py_RETURN_NONE;
 }
@@ -2831,52 +2872,54 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
                             "exempt", "scope", "path", "packed_type", NULL};
     PyObject *record_type, *exempt = NULL, *path = NULL, *packed_type = NULL;
     const char *scope = "udp";
-    Py_ssize_t dedup_max = 100000, max_sources = 100000;
+    Py_ssize_t dedup_max = 100000, max_sources = 100000, max_datagram = 1500;
+    double piggyback = 0.5, lifetime = 247.0, rate = 0, burst = 0;
+    int limit_error_size = 1;
     if (self->record_type) { /* the buffers are sized by the first settings: no second ones */
         PyErr_SetString(PyExc_TypeError, "Lane is already initialised");
         return -1;
     }
-    self->max_datagram = 1500;
-    self->max_readings = 1000;
-    self->piggyback = 0.5;
-    self->lifetime = 247.0;
-    self->rate = 0;
-    self->burst = 0;
-    self->limit_error_size = 1;
+    /* (into locals: a number's __index__ or __float__ runs Python, which could initialise this lane
+     * meanwhile -- its buffers sized by settings these must not replace) */
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O!|$nddnddnpOsO!O", names, &PyType_Type, &record_type,
-                                     &self->max_datagram, &self->piggyback, &self->lifetime, &dedup_max,
-                                     &self->rate, &self->burst, &max_sources, &self->limit_error_size,
-                                     &exempt, &scope, &PyTuple_Type, &path, &packed_type))
+                                     &max_datagram, &piggyback, &lifetime, &dedup_max, &rate, &burst, &max_sources,
+                                     &limit_error_size, &exempt, &scope, &PyTuple_Type, &path, &packed_type))
         return -1;
     if (packed_type == Py_None) packed_type = NULL;
     if (packed_type && (!PyType_Check(packed_type) || !PyType_IsSubtype((PyTypeObject *)packed_type, &PyTuple_Type))) {
         PyErr_SetString(PyExc_TypeError, "packed_type: must be a tuple subclass (corem.bus.base.PackedRecord) or None");
         return -1;
     }
-    if (set_path(self, path) < 0) return -1;
     if (strlen(scope) >= sizeof self->scope || strchr(scope, ' ')) {
         PyErr_SetString(PyExc_ValueError, "scope: a transport name of at most 7 characters, no space");
         return -1;
     }
-    strcpy(self->scope, scope);
-    if (exempt && exempt != Py_None && set_exempt(self, exempt) < 0) return -1;
     if (!PyType_IsSubtype((PyTypeObject *)record_type, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "record_type: must be a tuple subclass (corem.bus.base.Record)");
         return -1;
     }
-    if (self->max_datagram < 4 || self->max_datagram > 65535 || dedup_max < 1 || max_sources < 1 ||
-        dedup_max > FM_MAX || max_sources > FM_MAX ||
-        self->piggyback <= 0 || self->lifetime <= 0 || self->rate < 0) {
+    if (max_datagram < 4 || max_datagram > 65535 || dedup_max < 1 || max_sources < 1 || dedup_max > FM_MAX ||
+        max_sources > FM_MAX || piggyback <= 0 || lifetime <= 0 || rate < 0) {
         PyErr_SetString(PyExc_ValueError, "max_datagram, dedup_max_entries, max_sources, piggyback_timeout and "
                                           "exchange_lifetime must be positive, rate not negative");
         return -1;
     }
-    Py_INCREF(record_type);
-    self->record_type = (PyTypeObject *)record_type;
-    Py_XINCREF(packed_type);
-    self->packed_type = (PyTypeObject *)packed_type;
-    self->limit = self->rate > 0;
-    if (self->burst <= 0) self->burst = 2 * self->rate;
+    if (exempt && exempt != Py_None && set_exempt(self, exempt) < 0) return -1;
+    if (self->record_type) { /* (initialised by Python that ran above) */
+        PyErr_SetString(PyExc_TypeError, "Lane is already initialised");
+        return -1;
+    }
+    /* from here on no Python runs */
+    if (set_path(self, path) < 0) return -1;
+    strcpy(self->scope, scope);
+    self->max_datagram = max_datagram;
+    self->max_readings = 1000;
+    self->piggyback = piggyback;
+    self->lifetime = lifetime;
+    self->rate = rate;
+    self->burst = burst > 0 ? burst : 2 * rate;
+    self->limit_error_size = limit_error_size;
+    self->limit = rate > 0;
     self->free_head = -1;
     self->ds.free_head = -1;
     self->targets_gen = 1;
@@ -2888,9 +2931,21 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     self->tokens = PyDict_New();
     if (!self->json || !self->rxbuf || !self->tokens || fm_init(&self->dedup, dedup_max, sizeof(exchange_t), 1) < 0 ||
         (self->limit && fm_init(&self->buckets, max_sources, sizeof(bucket_t), 0) < 0)) {
+        /* (left as new: not initialised, and another __init__ may try again) */
+        PyMem_Free(self->json);
+        PyMem_Free(self->rxbuf);
+        self->json = NULL;
+        self->rxbuf = NULL;
+        Py_CLEAR(self->tokens);
+        fm_free(&self->dedup);
+        fm_free(&self->buckets);
         PyErr_NoMemory();
         return -1;
     }
+    Py_XINCREF(packed_type);
+    self->packed_type = (PyTypeObject *)packed_type;
+    Py_INCREF(record_type);
+    self->record_type = (PyTypeObject *)record_type; /* (last: what lane_ready reads) */
     return 0;
 }
 

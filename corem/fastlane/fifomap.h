@@ -89,7 +89,10 @@ static void fm_free(fifomap *m) {
     m->dead = NULL;
 }
 
+/* A map of room for `cap` entries (1 to FM_MAX): 0, or -1 (no memory, or a `cap` out of range: a map
+ * of no room would have fm_push evict from an empty ring, looking for its oldest forever). */
 static int fm_init(fifomap *m, size_t cap, size_t esize, int huge) {
+    if (cap < 1 || cap > FM_MAX) return -1;
     size_t n = 16;
     while (n < cap * 2) n <<= 1;
     m->ring = fm_alloc(cap * esize, huge);
