@@ -411,11 +411,11 @@ class FastLane:
     def take_marks(self) -> list[tuple[int, bytes]]:
         """The saved sessions' record numbers due in the store, taken: [(window top, row key)] for
         each that took records since the last call (or was dropped since), however many batches
-        that spans -- on the event loop, or from the sink's worker thread just before a commit."""
+        that spans -- on the event loop, or from the bus's worker thread just before a commit."""
         return self.lane.take_marks()
 
     def take_marks_packed(self) -> bytes:
-        """`take_marks` as one pack, the row the session store appends to its log (store.py)."""
+        """`take_marks` as one pack, the row the embedded bus carries with a batch (bus/sqlite.py `carry`)."""
         return self.lane.take_marks_packed()
 
     def cookie_secret(self, secret: bytes) -> None:

@@ -1830,7 +1830,7 @@ static PyObject *Lane_take_records(Lane *self, PyObject *unused) {
 
 /* take_marks() -> [(window top, row key)]: the saved sessions' record numbers due in the store
  * (every one that took records since the last call, and those of such sessions dropped since),
- * taken.  Called on the event loop (written at once) or from the sink's worker thread just before
+ * taken.  Called on the event loop (written at once) or from the bus's worker thread just before
  * a commit (under the GIL, as every call into the lane). */
 static PyObject *Lane_take_marks(Lane *self, PyObject *unused) {
     if (!lane_ready(self)) return NULL;
@@ -1838,7 +1838,7 @@ static PyObject *Lane_take_marks(Lane *self, PyObject *unused) {
 }
 
 /* take_marks_packed() -> bytes: take_marks as one pack (dtls_sessions.h ds_pack_marks), the row the
- * session store appends to its log at each bus write (store.py `log_marks`). */
+ * embedded bus carries in each batch's own transaction (bus/sqlite.py `carry`, dtls/store.py). */
 static PyObject *Lane_take_marks_packed(Lane *self, PyObject *unused) {
     if (!lane_ready(self)) return NULL;
     return ds_take_marks(&self->ds, 1);
