@@ -67,9 +67,11 @@ RX_FOLDED = "CREATE TABLE IF NOT EXISTS rx_folded (upto INTEGER NOT NULL)"
 _FOLD_ROWS = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log GROUP BY peer) "
               "AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
 _RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
-#: packs folded in one transaction (a step), and carried by the bus between two folds (~25 ms of
-#: bus commits under load; a restore or a save folds what is there first, whatever its age)
-FOLD_STEP = FOLD_EVERY = 32
+#: packs folded in one transaction (a step), and carried by the bus between two folds (~0.2 s of
+#: bus commits under load; a restore or a save folds what is there first, whatever its age).  A
+#: fold updates each session once however many packs it reads: every 256 packs rather than 32,
+#: CoAPS ran 3.9% faster (5 alternating pairs, 159.8k -> 166.0k readings/s)
+FOLD_STEP = FOLD_EVERY = 256
 
 
 def _rx_log(db: Db) -> None:
