@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import PurePath
 from typing import Any
@@ -34,6 +35,25 @@ _KEY_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 _NEEDS_QUOTES = re.compile(r'[\s="\\\x00-\x1f\x7f]')
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _ESCAPED = re.compile(r'[\\"\x00-\x1f\x7f]')
+
+
+class Every:
+    """One warning line every `seconds` at most for a trouble that repeats while it lasts (a disk
+    that refuses, a database away): `due()` says whether to say it now -- the first time, then
+    once the interval has passed.  One per trouble: two troubles sharing one would hide each other."""
+
+    __slots__ = ("seconds", "_next")
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self.seconds = seconds
+        self._next = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.seconds
+        return True
 
 
 def fields(**values: Any) -> dict[str, Any]:

@@ -196,3 +196,19 @@ def test_one_host_port_formatter_for_every_peer(peer, text):
     from corem.logs import address
     assert address(peer) == text
     assert _peer_str(peer) == str(text)
+
+
+def test_a_repeating_trouble_is_said_once_a_minute_and_each_trouble_on_its_own(monkeypatch):
+    """logs.Every: the first time at once, then not until the interval passed; two troubles, two
+    clocks (one shared clock hid a second trouble's line behind the first's)."""
+    from corem import logs
+
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    offload, foreign = logs.Every(), logs.Every()
+    assert offload.due() and not offload.due()
+    assert foreign.due()  # (its own: not hidden by the other's line)
+    clock[0] += 59.9
+    assert not offload.due() and not foreign.due()
+    clock[0] += 0.1
+    assert offload.due() and foreign.due() and not offload.due()

@@ -59,8 +59,10 @@ class Representations:
         self.max_per_peer = max_per_peer
         self.max_per_source = max_per_source
         self._kept: dict[tuple[Hashable, ...], tuple[float, Response]] = {}
-        self._per_source: Counter[Hashable] = Counter()
-        self._per_peer: Counter[Hashable] = Counter()
+        #: each host's and each address's keys, oldest first (dicts as ordered sets): the one to
+        #: let go found at once, not by a walk over every kept representation
+        self._per_source: dict[Hashable, dict[tuple[Hashable, ...], None]] = {}
+        self._per_peer: dict[Hashable, dict[tuple[Hashable, ...], None]] = {}
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -70,30 +72,29 @@ class Representations:
         self._drop(key)  # (in the order kept: the oldest first)
         peer = key[0]
         host = source_host(peer)
-        if self._per_peer[peer] >= self.max_per_peer:  # (its own oldest makes room)
-            self._drop(next(k for k in kept if k[0] == peer))
-        elif self._per_source[host] >= self.max_per_source:
-            self._drop(next(k for k in kept if source_host(k[0]) == host))
+        mine, hosts = self._per_peer.setdefault(peer, {}), self._per_source.setdefault(host, {})
+        if len(mine) >= self.max_per_peer:  # (its own oldest makes room)
+            self._drop(next(iter(mine)))
+        elif len(hosts) >= self.max_per_source:
+            self._drop(next(iter(hosts)))
         kept[key] = (now, response)
-        self._per_source[host] += 1
-        self._per_peer[peer] += 1
+        self._per_peer.setdefault(peer, {})[key] = None  # (again: a drop may have let its set go)
+        self._per_source.setdefault(host, {})[key] = None
         while len(kept) > self.max_entries or (kept and now - next(iter(kept.values()))[0] >= self.lifetime):
             self._drop(next(iter(kept)))
 
     def forget(self, peer: Hashable) -> None:
         """What `peer` began to read goes (a new session at its address: another endpoint)."""
-        if self._per_peer.get(peer):
-            for key in [k for k in self._kept if k[0] == peer]:
-                self._drop(key)
+        for key in list(self._per_peer.get(peer, ())):
+            self._drop(key)
 
     def _drop(self, key: tuple[Hashable, ...]) -> None:
         if self._kept.pop(key, None) is not None:
-            for counts, at in ((self._per_source, source_host(key[0])), (self._per_peer, key[0])):
-                left = counts[at] - 1
-                if left:
-                    counts[at] = left
-                else:
-                    del counts[at]
+            for sets, at in ((self._per_source, source_host(key[0])), (self._per_peer, key[0])):
+                keys = sets[at]
+                del keys[key]
+                if not keys:
+                    del sets[at]
 
     def recall(self, key: tuple[Hashable, ...], now: float) -> Response | None:
         entry = self._kept.get(key)

@@ -52,6 +52,13 @@ class Observation:
         #: the registering request's sealer (OSCORE): each notification is sealed for this observer
         self.protect = protect
 
+    def message(self, mtype: Type, code: int, mid: int, options: Options, payload: bytes) -> bytes:
+        """A message to this observer, sealed for it when it registered over OSCORE."""
+        if self.protect is None:
+            return encode(Message(mtype, code, mid, self.token, options, payload))
+        outer_code, outer, sealed = self.protect(code, options, payload)
+        return encode(Message(mtype, outer_code, mid, self.token, outer, sealed))
+
 
 @dataclass(frozen=True, slots=True)
 class Notification:
@@ -194,13 +201,7 @@ class Observers:
 
     def _tell_revoked(self, obs: Observation) -> None:
         code, payload = Code.UNAUTHORIZED, b"observation revoked: its credentials changed; register again"
-        mid = self.endpoint.next_mid()
-        if obs.protect is None:
-            data = encode(Message(Type.NON, code, mid, obs.token, [], payload))
-        else:
-            outer_code, outer, sealed = obs.protect(code, [], payload)
-            data = encode(Message(Type.NON, outer_code, mid, obs.token, outer, sealed))
-        self.endpoint.send(data, obs.peer, code)
+        self.endpoint.send(obs.message(Type.NON, code, self.endpoint.next_mid(), [], payload), obs.peer, code)
 
     def moved(self, old: Peer, new: Peer) -> int:
         """The session at `old` answers at `new` from now on (a DTLS Connection ID move, RFC 9146
@@ -274,12 +275,7 @@ class Observers:
             obs.notifications += 1
             mid = ep.next_mid()
             confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
-            mtype = Type.CON if confirmable else Type.NON
-            if obs.protect is None:
-                data = encode(Message(mtype, code, mid, obs.token, opts, payload))
-            else:
-                outer_code, outer, sealed = obs.protect(code, opts, payload)
-                data = encode(Message(mtype, outer_code, mid, obs.token, outer, sealed))
+            data = obs.message(Type.CON if confirmable else Type.NON, code, mid, opts, payload)
             if confirmable:
                 if not ep.send_confirmable(data, obs.peer, mid, obs.token, context=Notification(key), code=code):
                     continue  # too many messages awaiting ACK: this one is skipped, the next may go

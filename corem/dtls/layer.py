@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import corem.dtls.engine.state as state
 from ..datafiles import STATE_KEY_FILE
 from ..registry import Device, credentials
+from ..logs import Every
 from ..stats import Sample, counter, fields, gauge
 from ..wal import defer_checkpoints
 from .engine.certs import chain_verifier
@@ -307,7 +308,7 @@ class EngineServer:
         self._missed: dict[bytes, float] = {}
         self._now = 0.0
         self._next_sweep = 0.0
-        self._next_store_warning = 0.0
+        self._offload_warning, self._foreign_row_warning = Every(), Every()  # (each a line a minute at most)
         self._checkpoints: set[Connection] = set()
         #: each device's sessions its handshakes here made, oldest first (`_hold`; pruned by `sweep`)
         self._held: dict[tuple[str, str], list[Connection]] = {}
@@ -652,9 +653,7 @@ class EngineServer:
         rows = [self._row(c, wall_offset) for c in saving]
         if not self.store.put(rows):
             self.stats.offload_failed += len(rows)
-            t = time.monotonic()
-            if rows and t >= self._next_store_warning:
-                self._next_store_warning = t + 60.0
+            if rows and self._offload_warning.due():
                 log.warning("could not offload %d DTLS sessions (%s): they stay in memory", len(rows),
                             self.store.last_error)
             return 0
@@ -715,9 +714,7 @@ class EngineServer:
             if self.store.shared:  # (left for a node that can open it: this one's key may be wrong)
                 self.store.put([row])
                 self._missed[key] = now + MISS_TTL
-                t = time.monotonic()
-                if t >= self._next_store_warning:
-                    self._next_store_warning = t + 60.0
+                if self._foreign_row_warning.due():
                     log.warning("a DTLS session of the shared store does not open with this node's dtls_state_key "
                                 "(or its device's credentials changed since): left there; if this repeats, is "
                                 "dtls_state_key the other nodes' key?")

@@ -28,6 +28,7 @@ from mbedtls import tls
 from mbedtls.exceptions import TLSError
 
 from ..registry import Device
+from ..logs import Every
 from ..stats import Sample, counter, fields, gauge
 from .certs import load_certificates, load_key, peer_der
 from .errors import CLOSE_NOTIFY, error_code
@@ -163,7 +164,7 @@ class DtlsServer:
             # here.  Settings.check refuses the setting; this refuses the object, whoever makes it
             raise ValueError("the mbedtls engine never takes a shared session store (its sessions are pickles); "
                              "use dtls_engine = corem")
-        self._next_store_warning = 0.0
+        self._offload_warning = Every()
         self.device_lookup = device_lookup or (lambda tenant, device: None)
         self.wall = wall
         #: (a shared store -- PostgreSQL, several nodes -- is asked per unknown peer instead:
@@ -544,9 +545,7 @@ class DtlsServer:
         """The store refused these sessions: back into memory, each from its blob (saving reset
         its Mbed TLS context), in front of the least recently active end where they were."""
         self.stats.offload_failed += len(saving)
-        now = time.monotonic()
-        if saving and now >= self._next_store_warning:  # one line a minute while the disk refuses
-            self._next_store_warning = now + 60.0
+        if saving and self._offload_warning.due():  # one line a minute while the disk refuses
             log.warning("could not offload %d DTLS sessions (%s): they stay in memory", len(saving),
                         self.store.last_error)
         for peer, session, row in reversed(saving):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Collection, Hashable, Iterator, Mapping, Named
 
 import trio
 
+from ..logs import Every
 from ..profiles.spec import Profile
 from ..stats import Sample, counter, gauge
 from .compact import CACHE, CERT, KID, NAME, PSK, TOKEN, Fleet, Row, device_key
@@ -122,7 +123,7 @@ class Directory:
         self._reader: Db | None = None
         self._updating: trio.Lock | None = None
         self._pruned_at = time.monotonic()
-        self._next_warning = 0.0  # (`_could_not`)
+        self._look_warning = Every()  # (`_could_not`)
         self.by_name = _View(self, NAME)
         self.by_token = _View(self, TOKEN)
         self.by_psk_identity = _View(self, PSK)
@@ -242,9 +243,7 @@ class Directory:
         """A look that failed (a PostgreSQL restart ended every node before: the error left the
         poll): one warning every 60 s at most, the connections made anew at the next look, what
         was read before still served."""
-        now = time.monotonic()
-        if now >= self._next_warning:
-            self._next_warning = now + 60.0
+        if self._look_warning.due():
             log.warning("registry: could not %s (%s: %s); trying again at the next look (this warning at most "
                         "once a minute)", what, type(e).__name__, e)
         self.close()
