@@ -793,3 +793,30 @@ def test_libcoap_openssl_clients_post_through_the_lane_of_corem_serve(data_dir, 
         assert "the fast lane opens and seals the records of established sessions" in server.stderr()
     finally:
         server.stop()
+
+
+def test_a_new_session_at_an_address_does_not_inherit_the_floor_of_the_one_before(coaps, tmp_path):
+    """Without Connection ID a session's row is its address's: a device that handshakes again while
+    readings of its session before wait for the bus must not get that session's record numbers as
+    its own floor once they are durable (a restore would refuse its records)."""
+    store = SessionStore(tmp_path / "sessions.db")
+    srv = coaps(store=store)
+    assert srv.layer.carry_marks(srv.sink)
+    dev = Device(srv.address, cid=None)
+    srv.handshake(dev)
+    old = srv.layer.sessions[dev.address]
+    key = srv.layer._key_of(old)
+    assert srv.layer._save([old], srv.now, checkpoint=True) == 1
+    for mid in range(1, 30):
+        dev.post(reading(mid))
+    srv.pump()
+    assert old.window.top >= 29  # (noted in the lane, waiting for the bus with their readings)
+    dev.client = Client(IDENTITY.encode(), KEY, cid=None)  # (the device starts again, at the same address)
+    srv.handshake(dev)
+    new = srv.layer.sessions[dev.address]
+    assert new is not old and srv.layer._key_of(new) == key
+    assert srv.layer._save([new], srv.now, checkpoint=True) == 1
+    srv.commit()
+    store.fold_marks()
+    taken = store.take(key)
+    assert taken is not None and taken[5] <= new.window.top < old.window.top

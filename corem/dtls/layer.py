@@ -611,7 +611,7 @@ class EngineServer:
     def _save(self, conns: list[Connection], now: float, *, checkpoint: bool) -> int:
         wall_offset = self.wall() - now
         rows = [self._row(c, wall_offset) for c in conns]
-        if not rows or not self.store.put(rows):
+        if not rows or not self._put(rows):
             return 0
         if checkpoint:
             self.stats.checkpoints += len(rows)
@@ -623,6 +623,17 @@ class EngineServer:
                 if self._lane is not None and self.engine.sessions.get(c.peer) is c:  # (not a parked one)
                     self._on_session(c, True)  # (saved: the lane gives its record numbers now)
         return len(rows)
+
+    def _put(self, rows: list[Row]) -> bool:
+        """Save these rows, the marks the lane holds for the bus written first: a row replaces the
+        one of its key, and without Connection ID a new session at an address has the key of the
+        session before it -- whose marks, were they carried after this row, would become the new
+        session's floor (a restore would refuse its records).  Written now, they raise the row
+        before, which this one replaces.  (A pack the bus took in its worker thread and has not
+        committed yet still comes after: that window stays, a batch's commit long.)"""
+        if rows and self._marks_carried and self._lane is not None:
+            self._write_marks(self._lane.take_marks())
+        return self.store.put(rows)
 
     def _row(self, conn: Connection, wall_offset: float) -> Row:
         s: Session = conn.layer
@@ -651,7 +662,7 @@ class EngineServer:
             elif conn.layer is not None:
                 saving.append(conn)
         rows = [self._row(c, wall_offset) for c in saving]
-        if not self.store.put(rows):
+        if not self._put(rows):
             self.stats.offload_failed += len(rows)
             if rows and self._offload_warning.due():
                 log.warning("could not offload %d DTLS sessions (%s): they stay in memory", len(rows),
