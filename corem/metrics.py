@@ -146,6 +146,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
         C, "Sessions ended because their device made more than dtls_max_sessions_per_device (its oldest first)."),
     "corem_dtls_sessions_revoked": (
         C, "Sessions ended because their device was removed or its credentials changed (rotated, re-added)."),
+    "corem_dtls_sessions_taken_elsewhere": (
+        C, "Sessions ended because another node took them from the shared session store (its restore): one "
+           "session is never live on two nodes."),
     "corem_dtls_sessions_checkpointed": (
         C, "Live DTLS sessions saved to the session store (dtls_checkpoint): a crash costs them no handshake."),
     "corem_dtls_sessions_offload_failed": (

@@ -164,6 +164,42 @@ def test_a_session_saved_by_one_node_is_taken_up_by_another(store_url):
     assert c.receive(b.wrap(b"\x60\x44\x00\x02", PEER)) == b"\x60\x44\x00\x02"
 
 
+@pytest.mark.parametrize("saved_again", [False, True], ids=["row-taken", "row-saved-again-by-the-other"])
+def test_a_node_whose_session_another_node_took_ends_its_copy(store_url, saved_again):
+    """One session is never live on two nodes.  Once another node restored it (the balancer sent a
+    record there: its restore takes the row; its next checkpoint writes the row as its own), the
+    next batch of records at the first node finds no row of its own when it writes their numbers,
+    and ends its copy: the batch names no device (not handled), and whatever the device sends
+    there later is dropped.  Without it, both nodes took records, and each record one of them took
+    could be replayed to the other, above its window."""
+    a, b = node(store_url), node(store_url)
+    c = Client()
+    assert c.handshake(a)
+    assert c.send(a, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
+    a.settle(1.0)
+    a.tick(1.1)  # the checkpoint: the session's row
+    assert c.send(b, b"\x40\x02\x00\x02b", now=5.0) == [b"\x40\x02\x00\x02b"]  # b takes it
+    b.settle(5.0)
+    assert b.stats.restored == 1 and b.device(PEER) == DEVICE
+    if saved_again:
+        b.tick(5.1)  # (b's checkpoint: the row again, b's)
+        assert b.stats.checkpoints == 1 and len(b.store.keys()) == 1
+    assert a.device(PEER) == DEVICE  # (a does not know yet)
+    c.send(a, b"\x40\x02\x00\x03c", now=6.0)  # a record that reaches a: its number, then its handling
+    a.settle(6.0)
+    assert a.stats.sessions_taken_elsewhere == 1 and a.device(PEER) is None and PEER not in a.sessions
+    got = c.send(a, b"\x40\x02\x00\x04d", now=7.0)
+    a.settle(7.0)
+    c.send(b, b"\x40\x02\x00\x05e", now=8.0)
+    b.settle(8.0)
+    if saved_again:  # (b's row is there: a takes the session back from it, as b did -- and b ends its copy)
+        assert got == [b"\x40\x02\x00\x04d"] and a.stats.restored == 1 and a.device(PEER) == DEVICE
+        assert b.stats.sessions_taken_elsewhere == 1 and b.device(PEER) is None
+    else:  # (no row: a has nothing to take the session from; b goes on)
+        assert got == [] and a.device(PEER) is None
+        assert b.stats.sessions_taken_elsewhere == 0 and b.device(PEER) == DEVICE
+
+
 def test_a_node_with_another_state_key_leaves_the_clusters_sessions_alone(store_url):
     """A node started with a wrong `dtls_state_key` cannot open the shared rows: it leaves them
     (and says so) for the nodes that can, instead of deleting every session it is asked for."""

@@ -197,6 +197,7 @@ class LayerStats:
     cid_moves: int = 0
     sessions_superseded: int = 0
     sessions_revoked: int = 0
+    sessions_taken_elsewhere: int = 0
     engine: EngineStats = field(default_factory=EngineStats)
 
     # (as DtlsStats names them: the admin API's summary reads these two)
@@ -556,8 +557,7 @@ class EngineServer:
             s.marked = conn.window.top
             marks.append((s.marked, key))
         self._marks.clear()
-        if not self.store.mark(marks):
-            self.stats.marks_failed += 1
+        self._write_marks(marks)
 
     # -- output ----------------------------------------------------------------------------------
     def wrap(self, plaintext: bytes, peer: Peer) -> bytes | None:
@@ -777,6 +777,7 @@ class EngineServer:
         yield counter("corem_dtls_cid_moves", d.cid_moves)
         yield counter("corem_dtls_sessions_superseded", d.sessions_superseded)
         yield counter("corem_dtls_sessions_revoked", d.sessions_revoked)
+        yield counter("corem_dtls_sessions_taken_elsewhere", d.sessions_taken_elsewhere)
         yield counter("corem_dtls_records_unknown_cid", e.records_dropped.get("unknown_cid", 0))
         for reason, n in sorted(d.handshakes_failed.items()):
             yield counter("corem_dtls_handshakes_failed", n, reason=reason)
@@ -812,9 +813,34 @@ class EngineServer:
         return True
 
     def _write_marks(self, marks: list[tuple[int, bytes]]) -> None:
-        """(the event loop) the lane's marks taken now, written at once."""
-        if marks and not self.store.mark(marks):
+        """(the event loop) Saved sessions' record numbers, written at once.  In a store other
+        nodes share, a session whose row is gone was taken by another node (its restore deletes
+        the row) or ended there: its copy here ends now (`_taken_elsewhere`), so that one session
+        is never live on two nodes -- each taking records the other would take again."""
+        if not marks:
+            return
+        if not self.store.shared:
+            if not self.store.mark(marks):
+                self.stats.marks_failed += 1
+            return
+        gone = self.store.mark_held(marks)
+        if gone is None:
             self.stats.marks_failed += 1
+        elif gone:
+            self._taken_elsewhere(gone)
+
+    def _taken_elsewhere(self, keys: set[bytes]) -> None:
+        """End the live copies of these saved sessions (another node holds them now; their rows
+        are its).  The batch whose marks found them gone is not handled for them either: with no
+        session here, its messages name no device (what the fast lane took of that batch is the
+        one thing that still goes through: a batch's window)."""
+        e = self.engine
+        for conn in [*e.sessions.values(), *e.parked.values()]:
+            s: Session | None = conn.layer
+            if s is not None and s.saved and s.key in keys:
+                e.drop(conn)
+                self._checkpoints.discard(conn)
+                self.stats.sessions_taken_elsewhere += 1
 
     def _carried_marks(self) -> bytes:
         """(the bus, just before a batch: on the event loop or in its worker thread) the lane's

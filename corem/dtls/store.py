@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import pickle
 import socket
 from pathlib import Path
@@ -265,6 +266,12 @@ _UPSERT = ("INSERT INTO {t} (peer, blob, tenant, device, last_seen, rx_top) VALU
            "ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, tenant = excluded.tenant, "
            "device = excluded.device, last_seen = excluded.last_seen, rx_top = excluded.rx_top")
 _COLUMNS = "peer, blob, tenant, device, last_seen, rx_top"
+#: (a shared store) the process that saved a row: its marks raise only rows it saved (`mark_held`)
+OWNER = ("owner", "BLOB")
+_UPSERT_OWNED = ("INSERT INTO {t} (peer, blob, tenant, device, last_seen, rx_top, owner) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                 "ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, tenant = excluded.tenant, "
+                 "device = excluded.device, last_seen = excluded.last_seen, rx_top = excluded.rx_top, "
+                 "owner = excluded.owner")
 
 
 class SessionStore:
@@ -282,7 +289,10 @@ class SessionStore:
             self.db.execute("PRAGMA synchronous=NORMAL")  # a lost session costs one handshake, no data
         self.db.schema(SCHEMA.replace("sessions", self.table))
         self.db.migrate("dtls_sessions", (add_columns(self.table, (RX_TOP,)),  # 1: rx_top, from before versions
-                                          _rx_log, _rx_pack, _rx_carried))
+                                          _rx_log, _rx_pack, _rx_carried,
+                                          add_columns(self.table, (OWNER,))))  # 5: owner (`mark_held`)
+        #: this process, in the rows it saves to a shared store (a node's workers are processes too)
+        self.owner = os.urandom(8)
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet
@@ -305,7 +315,10 @@ class SessionStore:
             # (folded first: the rows say the sessions' tops now, and older marks of their peers
             # would only lag, or, a new session's, be a previous one's)
             upto = _fold(self.db) if self.marks_attached else None
-            self.db.executemany(_UPSERT.format(t=self.table), rows)
+            if self.shared:
+                self.db.executemany(_UPSERT_OWNED.format(t=self.table), [(*row, self.owner) for row in rows])
+            else:
+                self.db.executemany(_UPSERT.format(t=self.table), rows)
             self._run("COMMIT")
         except self.db.Error as e:
             self._failed(e)
@@ -411,6 +424,21 @@ class SessionStore:
             self._failed(e)
             return False
         return True
+
+    def mark_held(self, marks: list[tuple[int, bytes]]) -> set[bytes] | None:
+        """(a shared store) `mark` the rows this process saved, saying which keys have none any
+        more: another node took the session (a restore there deletes the row, and its next save
+        writes the row as its own) or ended it.  The caller's copy must end too: what it took from
+        then on could be replayed to the other node, whose window starts at the row's rx_top.
+        None if the database refused (nothing known)."""
+        try:
+            found = self.db.each_returning(
+                f"UPDATE {self.table} SET rx_top = CASE WHEN rx_top < ? THEN ? ELSE rx_top END "
+                "WHERE peer = ? AND owner = ? RETURNING peer", [(top, top, key, self.owner) for top, key in marks])
+        except self.db.Error as e:
+            self._failed(e)
+            return None
+        return {key for (_, key), rows in zip(marks, found) if not rows}
 
     def discard(self, key: bytes) -> None:
         try:
