@@ -188,12 +188,17 @@ def test_a_node_whose_session_another_node_took_ends_its_copy(store_url, saved_a
     c.send(a, b"\x40\x02\x00\x03c", now=6.0)  # a record that reaches a: its number, then its handling
     a.settle(6.0)
     assert a.stats.sessions_taken_elsewhere == 1 and a.device(PEER) is None and PEER not in a.sessions
-    got = c.send(a, b"\x40\x02\x00\x04d", now=7.0)
-    a.settle(7.0)
-    c.send(b, b"\x40\x02\x00\x05e", now=8.0)
+    assert a.wrap(b"\x60\x44\x00\x03", PEER) is None  # (its answer: no session, none taken back for it)
+    assert c.send(a, b"\x40\x02\x00\x04d", now=7.0) == []  # (nor for the device's next records, a while)
+    assert c.send(b, b"\x40\x02\x00\x05e", now=8.0) == [b"\x40\x02\x00\x05e"]  # b goes on
     b.settle(8.0)
+    assert b.stats.sessions_taken_elsewhere == 0 and a.stats.restored == 0
+    got = c.send(a, b"\x40\x02\x00\x06f", now=12.0)  # the balancer sends the device back to a
+    a.settle(12.0)
+    c.send(b, b"\x40\x02\x00\x07g", now=13.0)
+    b.settle(13.0)
     if saved_again:  # (b's row is there: a takes the session back from it, as b did -- and b ends its copy)
-        assert got == [b"\x40\x02\x00\x04d"] and a.stats.restored == 1 and a.device(PEER) == DEVICE
+        assert got == [b"\x40\x02\x00\x06f"] and a.stats.restored == 1 and a.device(PEER) == DEVICE
         assert b.stats.sessions_taken_elsewhere == 1 and b.device(PEER) is None
     else:  # (no row: a has nothing to take the session from; b goes on)
         assert got == [] and a.device(PEER) is None

@@ -840,6 +840,9 @@ class EngineServer:
             if s is not None and s.saved and s.key in keys:
                 e.drop(conn)
                 self._checkpoints.discard(conn)
+                # (not taken back at once -- by the answer to this very batch, whose wrap would
+                # restore it: the device's next records here, after MISS_TTL, may take it back)
+                self._missed[s.key] = self._now + MISS_TTL
                 self.stats.sessions_taken_elsewhere += 1
 
     def _carried_marks(self) -> bytes:
