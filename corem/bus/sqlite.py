@@ -145,13 +145,15 @@ class EmbeddedBus(BatchingSink):
         if conn is None:
             raise RuntimeError("embedded bus is not open")
         self.checkpointer.before_commit(conn, self.path)
-        carried = self._unwritten
+        carried, below = self._unwritten, 0
         if self._carrier is not None:
+            take, done_below = self._carrier
             self._unwritten = b""
-            carried += self._carrier[0]()  # (packs of marks: two written as one are one)
+            carried += take()  # (packs of marks: two written as one are one)
+            below = done_below()
         if self.shared or len(rows) > ROWS_PER_INSERT or carried:
             try:
-                rows = self._write_in_transaction(conn, rows, carried)
+                rows = self._write_in_transaction(conn, rows, carried, below)
             except BaseException:
                 self._unwritten = carried  # (some may be of records submitted after this batch)
                 raise
@@ -161,9 +163,9 @@ class EmbeddedBus(BatchingSink):
         self._next_offset = last[0] + last[2]
 
     def _write_in_transaction(self, conn: sqlite3.Connection, rows: list[tuple[int, str, int, bytes, int]],
-                              carried: bytes = b"") -> list[tuple[int, str, int, bytes, int]]:
+                              carried: bytes = b"", below: int = 0) -> list[tuple[int, str, int, bytes, int]]:
         """Several writers (the offsets taken under the write lock), more rows than one statement
-        takes, or a row to carry with them (`carry`)."""
+        takes, or a row to carry with them (`carry`; and the carried rows below `below` deleted)."""
         conn.execute("BEGIN IMMEDIATE" if self.shared else "BEGIN")
         try:
             if self.shared:
@@ -171,18 +173,18 @@ class EmbeddedBus(BatchingSink):
             for i in range(0, len(rows), ROWS_PER_INSERT):
                 chunk = rows[i:i + ROWS_PER_INSERT]
                 conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
-            below = self._dropped_below
+            deletes = bool(carried) and below > self._dropped_below
             if carried:
                 conn.execute("INSERT INTO carried (blob) VALUES (?)", (carried,))
-                below = self._carrier[1]() if self._carrier is not None else 0
-                if below > self._dropped_below:  # (the reader's place: never past the newest row)
-                    conn.execute("DELETE FROM carried WHERE n < ?", (below,))
+            if deletes:  # (the reader's place: never past the newest row, so `n` only grows)
+                conn.execute("DELETE FROM carried WHERE n < ?", (below,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self._dropped_below = max(self._dropped_below, below)
+        if deletes:
+            self._dropped_below = below
         return rows
 
     def close_sync(self) -> None:

@@ -421,8 +421,7 @@ class EngineServer:
                         s.device == current or credentials(s.device) == credentials(current))):
                     continue
                 if e.sessions.get(conn.peer) is conn or e.parked.get(conn.cid_in) is conn:
-                    e.drop(conn)
-                    self._checkpoints.discard(conn)
+                    e.drop(conn)  # (a checkpoint due for it passes it over: `checkpoint` saves live ones)
                     if s.key:
                         self.store.discard(s.key)
                     self.stats.sessions_revoked += 1
@@ -839,7 +838,6 @@ class EngineServer:
             s: Session | None = conn.layer
             if s is not None and s.saved and s.key in keys:
                 e.drop(conn)
-                self._checkpoints.discard(conn)
                 # (not taken back at once -- by the answer to this very batch, whose wrap would
                 # restore it: the device's next records here, after MISS_TTL, may take it back)
                 self._missed[s.key] = self._now + MISS_TTL

@@ -415,8 +415,8 @@ class SessionStore:
         before those records are handled (DtlsServer.settle); False if the disk refused."""
         try:
             self._run("BEGIN")
-            # (only ever up: marks written later may be older ones, deferred to the bus's batch --
-            # layer.carry_marks -- while the session's own save wrote a newer number)
+            # (only ever up: a save may have written a newer number since these were noted --
+            # layer._put writes the lane's marks before a save, whatever their age)
             self.db.executemany(f"UPDATE {self.table} SET rx_top = ? WHERE peer = ? AND rx_top < ?",
                                 [(top, key, top) for top, key in marks])
             self._run("COMMIT")
