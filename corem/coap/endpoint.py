@@ -588,8 +588,8 @@ class Endpoint:
     def _bound(
         req: Request, code: int, options: Options | None, payload: bytes
     ) -> tuple[int, Options | None, bytes]:
-        """The answer to `req` within AMPLIFICATION_FACTOR times its size: as it is, or cut to the
-        largest Block2 block that fits (block 0 of the whole representation, with its ETag and
+        """The answer to `req` within AMPLIFICATION_FACTOR times its size: as it is, or -- a GET's 2.05
+        -- cut to the largest Block2 block that fits (block 0 of the whole representation, with its ETag and
         Size2, or a smaller block at the same offset of a block the router already cut); if not
         even a 16-byte block fits, 4.01 without a payload (RFC 9175 §2.4 answers so until the
         address is verified: DTLS or OSCORE verify it)."""
@@ -600,6 +600,8 @@ class Endpoint:
 
         if fits(options, payload):
             return code, options, payload
+        if code != Code.CONTENT:  # (a GET's 2.05 alone goes on block-wise: the router serves its
+            return Code.UNAUTHORIZED, None, b""  # later blocks; a POST's would run the handler again)
         rest = [o for o in options or [] if o[0] != OptionNumber.BLOCK2]
         given = next((bytes(v) for n, v in options or [] if n == OptionNumber.BLOCK2), None)
         if given is not None:  # already a block (the router's block2): a smaller one at its offset

@@ -2786,9 +2786,10 @@ static PyObject *Lane_counters(Lane *self, PyObject *unused) {
 }
 
 /* ---------------------------------------------------------------- type --------------------- */
-/* exempt: the networks never rate-limited, [(16 address bytes (IPv4 mapped), prefix length)];
- * the table replaced whole, or left as it was on an error (exception set, -1). */
-static int set_exempt(Lane *self, PyObject *exempt) {
+/* exempt: the networks never rate-limited, [(16 address bytes (IPv4 mapped), prefix length)], as a
+ * table in `*out` (`*n` of them; NULL for none) -- the lane untouched: parsing runs Python, which may
+ * use the lane; install_exempt puts it in place after (exception set, -1, on an error). */
+static int parse_exempt(PyObject *exempt, uint8_t (**out)[17], Py_ssize_t *n) {
     /* a tuple of the networks, each held: a prefix length converts through Python (__index__), which
      * could shrink a list given (PySequence_Fast hands a list itself back) and free the network
      * whose address bytes are being read */
@@ -2821,15 +2822,27 @@ static int set_exempt(Lane *self, PyObject *exempt) {
         table[i][16] = (uint8_t)bits;
     }
     Py_DECREF(seq);
+    *out = table;
+    *n = m;
+    return 0;
+}
+
+static void install_exempt(Lane *self, uint8_t (*table)[17], Py_ssize_t n) {
     PyMem_Free(self->exempt);
     self->exempt = table;
-    self->nexempt = m;
-    return 0;
+    self->nexempt = n;
 }
 
 static PyObject *Lane_exempt(Lane *self, PyObject *exempt) {
     if (!lane_ready(self)) return NULL;
-    if (set_exempt(self, exempt) < 0) return NULL;
+    uint8_t (*table)[17];
+    Py_ssize_t n;
+    if (parse_exempt(exempt, &table, &n) < 0) return NULL;
+    if (!lane_ready(self)) { /* (made anew, or not, by the Python parsing ran) */
+        PyMem_Free(table);
+        return NULL;
+    }
+    install_exempt(self, table, n);
     Py_RETURN_NONE;
 }
 
@@ -2904,12 +2917,16 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
                                           "exchange_lifetime must be positive, rate not negative");
         return -1;
     }
-    if (exempt && exempt != Py_None && set_exempt(self, exempt) < 0) return -1;
-    if (self->record_type) { /* (initialised by Python that ran above) */
+    uint8_t (*exempt_table)[17] = NULL;
+    Py_ssize_t nexempt = 0;
+    if (exempt && exempt != Py_None && parse_exempt(exempt, &exempt_table, &nexempt) < 0) return -1;
+    if (self->record_type) { /* (initialised by Python that ran above: its settings stay) */
+        PyMem_Free(exempt_table);
         PyErr_SetString(PyExc_TypeError, "Lane is already initialised");
         return -1;
     }
     /* from here on no Python runs */
+    if (exempt_table) install_exempt(self, exempt_table, nexempt);
     if (set_path(self, path) < 0) return -1;
     strcpy(self->scope, scope);
     self->max_datagram = max_datagram;
