@@ -202,7 +202,7 @@ class FastLane:
         self.ingest = ingest
         self.sink = sink
         # a point of more readings goes to the Python path, which refuses it naming the bound
-        self.lane.max_readings = ingest.max_readings
+        self.lane.max_readings = min(ingest.max_readings, 2**31 - 1)  # (a C int: larger would wrap)
         # (a function of the endpoint, not a method of self: no cycle, so a lane is freed at once)
         self.lane.on_late = functools.partial(answer_late, endpoint)
         self.lane.next_mid = endpoint.next_mid  # (NON answers: one sequence of message ids per endpoint)

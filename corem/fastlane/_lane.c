@@ -2212,7 +2212,7 @@ static pending_t *pending_again(Lane *self, int32_t h, uint32_t gen) {
     return q && q->state != P_FREE && q->gen == gen ? q : NULL;
 }
 
-#define ANSWERED_MEANWHILE "no such exchange waiting in the lane (answered while next_mid or on_late ran)"
+#define ANSWERED_MEANWHILE "no such exchange waiting in the lane (answered while next_mid ran)"
 
 /* An OSCORE request's answer sealed (protect.py `protect` with the request's nonce: its first
  * answer), the ciphertext and tag into `out`: 2.04 bare, or BUSY -- 5.03, Max-Age 5 and the reason,
@@ -2384,10 +2384,9 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
         Py_DECREF(r);
-        if (!(q = pending_again(self, h, gen))) {
-            PyErr_SetString(PyExc_KeyError, ANSWERED_MEANWHILE);
-            return NULL;
-        }
+        /* (answered by a verdict given while on_late ran: this answer went to the endpoint too, and
+         * the entry is gone -- nothing left to do, no error for an answer that went out) */
+        if (!(q = pending_again(self, h, gen))) Py_RETURN_NONE;
         lat_observe(self, q);
     }
     pending_free(self, h);
@@ -2930,7 +2929,7 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kw) {
     if (set_path(self, path) < 0) return -1;
     strcpy(self->scope, scope);
     self->max_datagram = max_datagram;
-    self->max_readings = 1000;
+    self->max_readings = 1000; /* (telemetry.MAX_READINGS: FastLane sets the setting's value) */
     self->piggyback = piggyback;
     self->lifetime = lifetime;
     self->rate = rate;

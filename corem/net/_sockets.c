@@ -44,7 +44,7 @@ static PyObject *send_many(PyObject *mod, PyObject *args) {
     /* a tuple of the list's items, each held: a port's __index__ (addr_from_tuple) runs Python,
      * which could shrink the list and free a datagram whose bytes an iovec already points into
      * (an ASan run sent freed heap memory so) */
-    PyObject *list = PySequence_Tuple(given);
+    PyObject *list = PyList_AsTuple(given);
     if (list == NULL) return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(list), done = 0;
