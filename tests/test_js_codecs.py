@@ -152,8 +152,8 @@ def test_what_the_sandbox_offers_no_require_no_io_no_timers_no_python():
 
 
 def test_one_profile_cannot_see_or_touch_another_profiles_globals():
-    writer = codec("var secret = 42; globalThis.shared = 'mine'; Object.prototype.polluted = 1; "
-                   "function decodeUplink(i) { secret++; return {data: {secret: secret}}; }")
+    writer = codec("var secret = 42; globalThis.shared = 'mine'; "
+                   "function decodeUplink(i) { Object.prototype.polluted = 1; secret++; return {data: {secret: secret}}; }")
     reader = codec("function decodeUplink(i) { return {data: {secret: typeof secret, shared: typeof shared, "
                    "polluted: typeof ({}).polluted}}; }")
     assert writer(42, b"\x01", NOW)[0].numeric == {"secret": 43.0}
@@ -223,12 +223,13 @@ def test_a_script_that_closes_the_function_it_is_run_in_is_refused():
     # a stack trace that would loop when printed: Error.prepareStackTrace is pinned
     "try { Error.prepareStackTrace = function () { return {toString: function () { while (true) {} }}; }; } "
     "catch (e) {} function decodeUplink(i) { while (true) {} }",
-    # what printing the engine's own 'interrupted' error reads: locked before the codec loads
-    "Object.prototype[Symbol.toPrimitive] = function () { while (true) {} }; "
+    # what printing the engine's own 'interrupted' error reads: locked before the codec runs (a script
+    # adding to a built-in at its top level is refused at load: test_a_script_that_adds_a_helper_...)
+    "function decodeUplink(i) { Object.prototype[Symbol.toPrimitive] = function () { while (true) {} }; "
     "try { Object.defineProperty(Object.prototype, 'stack', {get: function () { while (true) {} }}); } catch (e) {} "
     "Error.prototype.toString = function () { while (true) {} }; Error.stackTraceLimit = 0; "
     "try { InternalError.prototype.toString = Error.prototype.toString; } catch (e) {} "
-    "function decodeUplink(i) { while (true) {} }",
+    "while (true) {} }",
     # a fake 'out of memory' whose every property loops
     "function decodeUplink(i) { throw new Proxy(new InternalError('out of memory'), "
     "{get: function () { while (true) {} }, getPrototypeOf: function () { while (true) {} }}); }",
@@ -262,6 +263,21 @@ def test_a_loop_of_heavy_builtin_calls_is_stopped_near_its_limit(name):
     assert time.process_time() - cpu < 0.4  # (50 ms, and what the last 10,000 operations did: 0.5-1.7 s before)
 
 
+def test_a_codec_reading_its_payload_a_few_bytes_at_a_time_is_charged_what_it_reads():
+    """A slice of two characters is charged two, not its whole string: charged the whole, a codec
+    walking a 32 KB payload's hex two characters at a time did quadratic work (~50 million loop turns)
+    and ran out of a limit its real work (~20 ms of CPU) fits many times over."""
+    decode = codec("""function decodeUplink(i) {
+      var hex = "", sum = 0, k;
+      for (k = 0; k < i.bytes.length; k++) hex += (i.bytes[k] + 256).toString(16).substr(1);
+      for (k = 0; k < hex.length; k += 2) sum += parseInt(hex.slice(k, k + 2), 16) + i.bytes.slice(k / 2, k / 2 + 1)[0];
+      return {data: {sum: sum}};
+    }""", timeout_ms=300)
+    payload = bytes(range(256)) * 128
+    [point] = decode(42, payload, NOW)
+    assert len(payload) == 32768 and point.numeric == {"sum": 2.0 * sum(payload)}
+
+
 def test_a_script_that_loops_on_heavy_builtin_calls_while_loading_is_stopped_near_its_limit():
     cpu = time.process_time()
     with pytest.raises(ProfileError, match="script: does not load: ran longer than its 1000 ms"):
@@ -282,6 +298,25 @@ def test_the_counted_builtins_behave_as_the_builtins():
     assert point.strings == {"sorted": "123", "name": "fill", "json": '{"x":[1]}', "from": "a-b", "code": "hi",
                              "keys": "pq", "constructs": "no"}
     assert point.numeric == {"split": 3.0, "length": 1.0, "typed": 2.0}
+
+
+def test_a_script_that_adds_a_helper_to_a_builtin_is_refused_when_the_profile_is_written():
+    """Community codecs define helpers on prototypes (`Number.prototype.toHex`); with the built-ins
+    frozen the write is ignored and every call would fail on the missing helper: refused at load,
+    naming it.  A script that only reads built-ins, or replaces one QuickJS has, loads."""
+    with pytest.raises(ProfileError, match=r"script: adds Number.prototype.toHex to a built-in"):
+        codec("Number.prototype.toHex = function () { return this.toString(16); }; "
+              "function decodeUplink(i) { return {data: {h: i.bytes[0].toHex()}}; }")
+    with pytest.raises(ProfileError, match=r"script: adds Math.clamp to a built-in"):
+        codec("Math.clamp = function (v) { return v; }; function decodeUplink(i) { return {data: {}}; }")
+    with pytest.raises(ProfileError, match=r"script: adds Object.prototype.helper to a built-in"):  # (the check's
+        codec("Array.prototype.map = function () { return []; }; Reflect.ownKeys = function () { return []; }; "
+              "Object.prototype.helper = function () {}; "  # own reads are taken before the script runs)
+              "function decodeUplink(i) { return {data: {}}; }")
+    [point] = codec("String.prototype.padStart = String.prototype.padStart || function () {}; "
+                    "function decodeUplink(i) { return {data: {h: (i.bytes[0]).toString(16).padStart(2, '0')}}; }")(
+        42, b"\x0a", NOW)
+    assert point.strings == {"h": "0a"}
 
 
 def test_a_codec_cannot_replace_corems_wrapper():

@@ -88,7 +88,8 @@ LOAD_LIMIT_S = 1.0
 #:  - the built-ins (every object reachable from the global object's properties) are frozen and the
 #:    global object's own properties locked before the script loads, so no call can change them for
 #:    the next (a write to a built-in throws in strict code, is ignored otherwise -- also at load,
-#:    so a polyfill of something QuickJS lacks does not take; QuickJS has ES2023);
+#:    so a polyfill of something QuickJS lacks does not take; QuickJS has ES2023); a script whose
+#:    top level adds a helper to a built-in is refused at load, naming it (`ADDS_TO_BUILTINS`);
 #:  - after each call the globals it added (`x = 1` without `var`, `globalThis.y = ...`) are deleted.
 #: What is left shared: a global `let`/`const` made by an indirect eval of the codec's own.
 PRELUDE = r"""
@@ -171,16 +172,20 @@ PRELUDE = r"""
   // still the CPU time's to say.  (~2-5 ns a turn: a few % of the built-in's own time; a call on a
   // few bytes makes none.)  What is not a call is not counted: an operator on huge strings or
   // BigInts (`s + s`), which the memory limit bounds.
+  // A call that reads a part of its string or array (`s.slice(k, k + 2)`) is charged that part, not
+  // the whole: charged the whole, a codec slicing a 16 KB hex string two characters at a time did
+  // quadratic work and ran out of its time on an 8 KB payload it had decoded in 5 ms.
   var TICK = 64, isArray = Array.isArray, isView = ArrayBuffer.isView, apply = Reflect.apply;
+  var PART = {slice: 1, substring: 1, substr: 1, startsWith: 1, endsWith: 1};
   function sizeOf(v) {
     return typeof v === "string" || isArray(v) || isView(v) ? v.length : 0;
   }
   function counted(owner, name) {
     var d = getOwn(owner, name);
     if (!d || typeof d.value !== "function") return;
-    var fn = d.value;
+    var fn = d.value, whole = !PART[name];
     var wrapped = {[name]() {  // (a method, so not a constructor, as the built-in; its name the built-in's)
-      var out = apply(fn, this, arguments), work = sizeOf(this) + sizeOf(out);
+      var out = apply(fn, this, arguments), work = (whole ? sizeOf(this) : 0) + sizeOf(out);
       for (var i = 0; i < arguments.length; i++) work += sizeOf(arguments[i]);
       for (var turns = work / TICK; turns > 1; turns--) {}  // (each turn: one operation, one tick)
       return out;
@@ -236,6 +241,38 @@ PRELUDE = r"""
 """
 
 
+#: run in a runtime of its own, built-ins not frozen, at load: the name of a property the script's
+#: top level adds to a built-in (`Number.prototype.toHex = ...`, a common helper in codecs), or "".
+#: Frozen, such a write is ignored in sloppy code, and every call would then fail on the missing
+#: helper ("not a function"): the script is refused when the profile is written, naming it.
+ADDS_TO_BUILTINS = r"""
+(function (script) {
+  var ownKeys = Reflect.ownKeys, getProto = Object.getPrototypeOf, S = String, tag = Symbol.toStringTag;
+  var owners = [], names = [], before = [], i, k;
+  var cs = [Object, Array, String, Number, Boolean, Date, Math, JSON, Function, RegExp, Error, ArrayBuffer, DataView,
+            Uint8Array, Map, Set, Promise, Symbol, BigInt, Reflect];
+  for (i = 0; i < cs.length; i++) {
+    owners.push(cs[i]); names.push(cs[i][tag] || cs[i].name);
+    if (cs[i].prototype) { owners.push(cs[i].prototype); names.push((cs[i][tag] || cs[i].name) + ".prototype"); }
+  }
+  owners.push(getProto(Uint8Array.prototype)); names.push("TypedArray.prototype");
+  // (what the script's top level may replace is read before it runs: primitives and loops only)
+  for (i = 0; i < owners.length; i++) before.push(ownKeys(owners[i]));
+  try {
+    (0, eval)("(function () {\n" + script + "\n})").call(globalThis);
+  } catch (e) {
+    return "";  // (its load in the frozen runtime says why, or ran fine there)
+  }
+  for (i = 0; i < owners.length; i++) {  // (keys keep their order: an added one is where the two first differ)
+    var keys = ownKeys(owners[i]);
+    if (keys.length > before[i].length)
+      for (k = 0; k < keys.length; k++) if (keys[k] !== before[i][k]) return names[i] + "." + S(keys[k]);
+  }
+  return "";
+})
+"""
+
+
 class JsCodec:
     def __init__(self, script: str, *, fport: int = 1, variables: dict[str, Any] | None = None,
                  timeout_ms: int = 50, max_memory_mb: int = 32) -> None:
@@ -269,8 +306,24 @@ class JsCodec:
             raise ProfileError(f"script: does not load: used more than its {self.max_memory >> 20} MB")
         if result:
             raise ProfileError(f"script: does not load: {_first_line(json.loads(result[1:]))}")
+        self._adds_to_builtins()
         ctx.set_time_limit(self.timeout_ms / 1000)
         return ctx, ctx.get("__corem_decode")
+
+    def _adds_to_builtins(self) -> None:
+        """ProfileError if the script's top level adds to a built-in (`ADDS_TO_BUILTINS`)."""
+        ctx = quickjs.Context()
+        ctx.set_memory_limit(self.max_memory)
+        ctx.set_time_limit(LOAD_LIMIT_S)
+        try:
+            added = ctx.eval(ADDS_TO_BUILTINS)(self.script)
+        except quickjs.JSException as e:  # (a limit: the frozen runtime's load passed, so it is not one to judge)
+            if str(e).startswith("SyntaxError"):  # (corem's own text: never the script's, which eval catches)
+                raise
+            return
+        if added:
+            raise ProfileError(f"script: adds {added} to a built-in, which corem freezes (each call starts from "
+                               "the same built-ins): define it as a function of the script instead")
 
     def _restart(self) -> None:
         """A fresh runtime after a limit: the state the run left behind is gone (if the codec does
