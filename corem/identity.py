@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Hashable, Iterator, Mapping
 from .codec import Code, MessageFormatError, OptionNumber, decode
 from .errors import PreconditionFailed
 from .coap.response import MAX_TEXT, Response
-from .registry import Device, Directory, credentials
+from .registry import Device, Directory, same_credentials
 from .stats import Sample, counter
 from .token_path import token_of, token_route
 
@@ -219,7 +219,7 @@ class Identity:
         if named is None:
             return Reason.NO_SESSION_IDENTITY
         current = self.directory.named(named.tenant, named.device)
-        if current is None or (current != named and credentials(current) != credentials(named)):
+        if current is None or (current != named and not same_credentials(current, named)):
             # removed, or its credentials changed (rotated, or removed and added again): the
             # session was made with what no longer names it (the DTLS layer ends it too)
             return Reason.REVOKED

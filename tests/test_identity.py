@@ -7,6 +7,7 @@ import base64
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from corem.coap import Endpoint, Params
@@ -299,3 +300,18 @@ def test_the_ingest_doors_share_one_identity_and_show_its_counts(world):
     assert ingest.stats.auth_failures == {("coap", "unknown_token"): 1, ("coap", "no_credentials"): 1}
     shown = {dict(s.labels)["reason"]: s.value for s in ingest.metrics() if s.name == "corem_auth_failures"}
     assert shown == {"unknown_token": 1, "no_credentials": 1}
+
+
+@pytest.mark.parametrize("change", [
+    {"profile": "other"}, {"topics": "a/#"}, {"power_mode": "psm"},  # (not credentials: the session stays)
+    {"token": "T2"}, {"psk": b"k" * 16}, {"psk_identity": "id-2"}, {"cert_sha256": "ab" * 32}, {"created_at": 5},
+])
+def test_a_requests_credential_check_is_the_digests_without_them(change):
+    """identity.py and the DTLS layer compare credentials field by field (`same_credentials`): the
+    same answer as the digests (`credentials`) that seals and grants keep, with no hashing a request."""
+    from corem.registry import Device, credentials, same_credentials
+
+    a = Device(tenant="t", device="d", token="T", psk_identity="id", psk=b"p" * 16, created_at=1)
+    b = msgspec.structs.replace(a, **change)
+    assert same_credentials(a, b) == (credentials(a) == credentials(b)) == ("profile" in change or
+                                                                             "topics" in change or "power_mode" in change)

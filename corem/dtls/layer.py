@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import corem.dtls.engine.state as state
 from ..datafiles import STATE_KEY_FILE
-from ..registry import Device, credentials
+from ..registry import Device, credentials, same_credentials
 from ..logs import Every
 from ..stats import Sample, counter, fields, gauge
 from ..wal import defer_checkpoints
@@ -417,8 +417,7 @@ class EngineServer:
             current = self.device_lookup(*name)
             for conn in list(held):
                 s: Session | None = conn.layer
-                if s is None or s.device is None or (current is not None and (  # (== first: no digest)
-                        s.device == current or credentials(s.device) == credentials(current))):
+                if s is None or s.device is None or (current is not None and same_credentials(s.device, current)):
                     continue
                 if e.sessions.get(conn.peer) is conn or e.parked.get(conn.cid_in) is conn:
                     e.drop(conn)  # (a checkpoint due for it passes it over: `checkpoint` saves live ones)

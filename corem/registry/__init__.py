@@ -1,6 +1,6 @@
 """Tenants, devices, credentials and profiles (SQLite)."""
 
 from .directory import Directory
-from .store import Device, Registry, RegistryError, credentials
+from .store import Device, Registry, RegistryError, credentials, same_credentials
 
-__all__ = ["Device", "Directory", "Registry", "RegistryError", "credentials"]
+__all__ = ["Device", "Directory", "Registry", "RegistryError", "credentials", "same_credentials"]

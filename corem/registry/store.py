@@ -213,9 +213,18 @@ def credentials(device: Device) -> bytes:
     observation, a saved session's seal -- ends when this changes (corem/identity.py, the DTLS
     layer); a change of profile, topics or power mode leaves it be.  Stable across processes and
     nodes (a saved session is opened elsewhere)."""
-    fields = (device.tenant, device.device, device.created_at, device.token, device.psk_identity, device.psk,
-              device.cert_sha256, device.oscore)
-    return hashlib.blake2b(msgspec.msgpack.encode(fields), digest_size=16, person=b"corem.device").digest()
+    return hashlib.blake2b(msgspec.msgpack.encode(_credential_fields(device)), digest_size=16,
+                           person=b"corem.device").digest()
+
+
+def same_credentials(a: Device, b: Device) -> bool:
+    """`credentials(a) == credentials(b)` without the two digests (a request's check: identity.py)."""
+    return a is b or _credential_fields(a) == _credential_fields(b)
+
+
+def _credential_fields(device: Device) -> tuple[object, ...]:
+    return (device.tenant, device.device, device.created_at, device.token, device.psk_identity, device.psk,
+            device.cert_sha256, device.oscore)
 
 
 def check_field(name: str, value: object, pattern: re.Pattern, allowed: str, *, secret: bool = False) -> None:
