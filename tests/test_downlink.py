@@ -75,7 +75,7 @@ class Stack:
     def device(self, name: str):
         return self.directory.named("acme", name)
 
-    def send(self, code, path, *, query=(), payload=b"", observe=None, token=b"tk", opts=(), cf=None):
+    def send(self, code, path, *, query=(), payload=b"", observe=None, token=b"tk", opts=(), cf=None, peer=PEER):
         """One request; returns the messages sent in reply (answer first) as decoded Messages."""
         self.mid += 1
         options = [(O.URI_PATH, p.encode()) for p in path.strip("/").split("/")]
@@ -86,7 +86,7 @@ class Stack:
             options.append((O.CONTENT_FORMAT, encode_uint(cf)))
         options += list(opts)
         msg = Message(Type.CON, code, self.mid, token, sorted(options, key=lambda o: o[0]), payload)
-        req = self.endpoint.receive(encode(msg), PEER, self.now)
+        req = self.endpoint.receive(encode(msg), peer, self.now)
         r = self.router.dispatch(req)
         if r is not None:
             req.respond(r.code, r.options, r.payload)
@@ -473,8 +473,6 @@ def test_provisioning_is_bounded_per_source_per_key_and_by_the_keys_max_devices(
     """Found by an adversarial run: one source registered 300 devices in 0.4 s with
     one key. A source may provision 1 a second (10 at once), a key 10 a second (100 at once),
     beyond: 5.03 with Max-Age; a key's max_devices bounds the devices it registered that remain."""
-    from corem.frontdoors.thingsboard import Buckets
-
     mgmt = stack.management
     mgmt.add_provision_key("fleet", "s", "acme")
     nameless = b'{"provisionDeviceKey": "fleet", "provisionDeviceSecret": "s"}'
@@ -486,10 +484,14 @@ def test_provisioning_is_bounded_per_source_per_key_and_by_the_keys_max_devices(
     codes = [stack.send(Code.POST, "api/v1/provision", payload=nameless, cf=50)[0].code for _ in range(2)]
     assert codes == [Code.CREATED, Code.SERVICE_UNAVAILABLE]
     assert len(stack.registry.list_devices("acme")) == 3 + 11
-    # the key's own bucket, and a wrong secret takes nothing of it (Buckets on their own)
-    keys = Buckets(rate=1.0, burst=2.0, max_entries=2)
-    assert [keys.take("k", 0.0) for _ in range(3)] == [True, True, False] and keys.take("k", 1.0)
-    assert keys.take("other", 1.0) and keys.take("third", 1.0) and len(keys._buckets) == 2
+    # the key's own bucket (net/limits.py's SourceLimiter, by key): 10 a second, 100 at once, past
+    # the source's (another source each time); a wrong secret is 4.01 and takes nothing of it
+    stack.now += 100.0
+    wrong = b'{"provisionDeviceKey": "fleet", "provisionDeviceSecret": "no"}'
+    assert stack.send(Code.POST, "api/v1/provision", payload=wrong, cf=50)[0].code == Code.UNAUTHORIZED
+    peers = [(f"10.1.{i // 250}.{i % 250}", 5683) for i in range(101)]
+    codes = [stack.send(Code.POST, "api/v1/provision", payload=nameless, cf=50, peer=p)[0].code for p in peers]
+    assert codes == [Code.CREATED] * 100 + [Code.SERVICE_UNAVAILABLE]
     # max_devices: removing one of its devices frees its place
     mgmt.add_provision_key("small", "s2", "acme", max_devices=2)
     stack.now += 100.0

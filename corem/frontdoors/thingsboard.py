@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..bus import topics
 from ..bus.base import publish_json
 from ..coap.conditional import conditional, etag_of, evaluate, with_etag
-from ..coap.endpoint import Request
+from ..coap.endpoint import Request, source_host
 from ..coap.observe import Observers, answer_observe
 from ..coap.resources import Response, Router
 from ..coap.response import RETRY_AFTER
@@ -36,6 +36,7 @@ from ..logs import fields
 from ..errors import BadInput, Unauthorized
 from ..registry import Device, Directory, credentials
 from ..registry.management import Management, Package
+from ..net.limits import SourceLimiter
 from ..stats import Sample, counter
 from ..token_path import api_route, token_route
 from .common import OCTETS, BodyError, bad_request, body, content, query
@@ -51,25 +52,10 @@ PACKAGE_CACHE = 8
 PACKAGE_CACHE_BYTES = 128 * 1024 * 1024
 
 
-class Buckets:
-    """Token buckets by name (a source host, a provisioning key): `rate` a second, `burst` at
-    once; at most `max_entries` names (the oldest forgotten: it starts from a full bucket)."""
-
-    def __init__(self, rate: float, burst: float, max_entries: int = 10_000) -> None:
-        self.rate, self.burst, self.max_entries = rate, burst, max_entries
-        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
-
-    def take(self, name: Hashable, now: float) -> bool:
-        """One token of `name`'s bucket, if it has one (a rate of 0: always)."""
-        if self.rate <= 0:
-            return True
-        tokens, last = self._buckets.pop(name, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        ok = tokens >= 1
-        self._buckets[name] = (tokens - 1 if ok else tokens, now)
-        if len(self._buckets) > self.max_entries:
-            self._buckets.popitem(last=False)
-        return ok
+def _buckets(rate: float) -> SourceLimiter | None:
+    """A provisioning rate's token buckets by name (a source host, a key): ten seconds' worth at
+    once, 10,000 names at most (the oldest forgotten); None for a rate of 0 (no bound)."""
+    return SourceLimiter(rate, burst=10 * rate, max_sources=10_000) if rate > 0 else None
 
 
 class PackageCache:
@@ -133,8 +119,9 @@ class ThingsBoard:
         # a key (once its secret is checked: a wrong key makes no bucket), may register this many
         # devices a second, ten seconds' worth at once; beyond, 5.03 with Max-Age: a fleet behind
         # one address gets its devices registered, a few a second, as they retry
-        self._provision_sources = Buckets(provision_rate_per_source, 10 * provision_rate_per_source)
-        self._provision_keys = Buckets(provision_rate_per_key, 10 * provision_rate_per_key)
+        # (ten seconds' worth at once; none for a rate of 0)
+        self._provision_sources = _buckets(provision_rate_per_source)
+        self._provision_keys = _buckets(provision_rate_per_key)
         self.ingest = ingest
         self.management = management
         self.downlink = downlink
@@ -287,11 +274,11 @@ class ThingsBoard:
             if name is not None and not isinstance(name, str):
                 raise BodyError("deviceName: must be a string")
             now = self.clock()
-            host = req.peer[0] if isinstance(req.peer, tuple) else req.peer
-            if not self._provision_sources.take(host, now):
+            sources, keys = self._provision_sources, self._provision_keys
+            if sources is not None and not sources.allow(str(source_host(req.peer)), now):
                 return self._provision_busy(req, "over the source's rate")
             self.management.provision_key(key, secret)  # (Unauthorized before a bucket of its own)
-            if not self._provision_keys.take(key, now):
+            if keys is not None and not keys.allow(key, now):
                 return self._provision_busy(req, "over the key's rate")
             tenant, device, token = self.management.provision(key, secret, name)
         except BadInput as e:  # (a device that exists already too: 4.00 FAILURE, as ThingsBoard answers)
