@@ -117,10 +117,7 @@ class Server:
         self.link: Link | None = None
         if worker is not None:
             self.link = Link(worker, self)
-            self.downlink.forward_reply = self.link.forward_reply
             self.downlink.number_ids(worker.index + 1, worker.count)
-            first, step = worker.index + 1, worker.count
-            self.doors.thingsboard.numbered_elsewhere = lambda rpc_id: (rpc_id - first) % step != 0
             self.doors.thingsboard.ask_owner = self.link.ask_reply
         #: where each device is served, and its downlink carried there (corem/cluster.py)
         self.cluster = Carrier(self.directory, self.downlink, self.management, self.sink, lambda: self.admin_token,

@@ -156,8 +156,6 @@ class Downlink:
         #: route this device's downlink here (corem/workers); None in a single process
         self.on_first_sight: Callable[[Device], None] | None = None
         self._seen: set[tuple[str, str]] = set()
-        #: with `--workers`: given a device's answer to an RPC that another worker sent
-        self.forward_reply: Callable[[Device, int, Any], None] | None = None
         self._id_first, self._id_step = 1, 1
 
     def number_ids(self, first: int, step: int) -> None:
@@ -165,6 +163,11 @@ class Downlink:
         server and say which worker sent each (a device may answer through another one)."""
         self._ids = itertools.count(first, step)
         self._id_first, self._id_step = first, step
+
+    def numbered_here(self, rpc_id: int) -> bool:
+        """Is `rpc_id` one this process numbers (`number_ids`)?  With workers, a device may answer
+        another worker's RPC through this one (corem/frontdoors/thingsboard.py asks that worker)."""
+        return (rpc_id - self._id_first) % self._id_step == 0
 
     # -- device side -----------------------------------------------------------------------------
     def uplink(self, device: Device) -> None:
@@ -197,9 +200,6 @@ class Downlink:
     def reply(self, device: Device, rpc_id: int, response: Any) -> bool:
         """The device answered RPC `rpc_id` (ThingsBoard: POST /rpc/{id})."""
         call = self._rpcs.get(rpc_id)
-        if call is None and self.forward_reply is not None and (rpc_id - self._id_first) % self._id_step:
-            self.forward_reply(device, rpc_id, response)  # another worker's: it answers its caller
-            return True
         if call is None or call.device.tenant != device.tenant or call.device.device != device.device:
             return False
         del self._rpcs[rpc_id]

@@ -129,7 +129,6 @@ class ThingsBoard:
         self.packages = PackageCache()
         #: with --workers: is an RPC id another worker's (downlink.number_ids), and how to ask it
         #: whether a reply to it is taken (workers/link.py ask_reply); None in a single process
-        self.numbered_elsewhere: Callable[[int], bool] = lambda rpc_id: False
         self.ask_owner: Callable[[Device, int, Any, Callable[[bool], None]], None] | None = None
         self.provisioned = 0
         self.provision_refused = 0
@@ -234,7 +233,7 @@ class ThingsBoard:
         except BodyError as e:
             return bad_request(str(e))
         rpc_id = int(params[0])
-        if self.ask_owner is not None and self.numbered_elsewhere(rpc_id):
+        if self.ask_owner is not None and not self.downlink.numbered_here(rpc_id):
             # another worker's RPC (the device talks to us from another address now): answered once
             # that worker says whether it waited for this device -- 2.04 or 4.04, as one process
             def told(taken: bool) -> None:

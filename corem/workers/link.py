@@ -104,11 +104,6 @@ class Link:
         """Downlink's hook: this device was heard here for the first time (sent in a batch)."""
         self._heard.append((device.tenant, device.device))
 
-    def forward_reply(self, device: Device, rpc_id: int, response: Any) -> None:
-        """Downlink's hook: a device answered an RPC that another worker sent (it talks to us from
-        another address now); the supervisor passes it to that worker."""
-        self.post(RpcReply((device.tenant, device.device), rpc_id, response))
-
     def ask_reply(self, device: Device, rpc_id: int, response: Any, then: Callable[[bool], None]) -> None:
         """A device answered an RPC another worker numbered: pass it there, and `then(taken)` once
         that worker says whether an RPC of that id waited for this device. Found by an adversarial
