@@ -359,3 +359,22 @@ def test_profiles_are_stored_listed_replaced_and_removed_and_the_directory_sees_
         assert directory.profiles == {}
     finally:
         reg.close()
+
+
+def test_the_lanes_handover_gives_an_outcome_once_in_order_and_only_while_fresh():
+    """compile.Handover: what the lane's Python decoder gave for a reading it handed on is taken by
+    the Python path once, in order, in the same pass (milliseconds later); one it never took is not
+    given to a later reading of the same payload (its time would be that reading's), nor kept past
+    MOST outcomes."""
+    from corem.profiles.compile import Handover
+
+    h = Handover()
+    h.put(b"p", 60, 1000, "first")
+    h.put(b"p", 60, 1001, "second")
+    assert h.take(60, b"p", 1002) == "first" and h.take(60, b"p", 1002) == "second"
+    assert h.take(60, b"p", 1002) is None and h.take(50, b"p", 1002) is None and h.count == 0
+    h.put(b"p", 60, 1000, "never taken")
+    assert h.take(60, b"p", 1000 + Handover.MAX_AGE_MS + 1) is None and h.count == 0
+    for i in range(Handover.MOST + 1):
+        h.put(bytes([i % 256, i // 256]), 60, 0, i)
+    assert h.count == Handover.MOST and h.take(60, b"\x00\x00", 0) is None and h.take(60, b"\x01\x00", 0) == 1

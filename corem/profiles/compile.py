@@ -57,10 +57,13 @@ class Handover:
     payload's outcomes are taken in the order they were put (one of another device with the same
     payload and profile is the same decode's: the decoder's input is the payload, and each call
     of a JS codec starts from fresh state).  Bounded (MOST outcomes, each kept MAX_AGE_MS), for
-    a reading the Python path answers without decoding (busy, ...)."""
+    a reading the Python path answers without decoding (busy, ...): the Python path takes its
+    readings in the same pass of the event loop, milliseconds later, so an outcome older than that
+    is one it never took -- given to a later reading of the same payload, it would carry that
+    reading's time (a codec's recvTime) or limit.  (Past it, the Python path decodes again.)"""
 
     MOST = 256
-    MAX_AGE_MS = 5000
+    MAX_AGE_MS = 250
 
     __slots__ = ("outcomes", "count")
 
