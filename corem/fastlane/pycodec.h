@@ -7,8 +7,8 @@
  * takes one point whose values it can write exactly as msgspec does (float numbers, str texts and
  * units, an int ts in range); anything else -- an exception (a refusal), several points, an int
  * where a float goes -- is the Python path's, which answers it with what this call gave (the
- * profile's `handed`, _lane.c take_decoded: never a second decode, which a codec's state would see
- * and a reading at a codec's limits would pay twice).  Header-only, for _lane.c, after cbor_json.h.
+ * profile's `handed`, _lane.c take_decoded: never a second decode, which would pay a codec's time
+ * and limits twice).  Header-only, for _lane.c, after cbor_json.h.
  */
 #ifndef COREM_PYCODEC_H
 #define COREM_PYCODEC_H

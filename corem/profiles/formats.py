@@ -136,7 +136,7 @@ def put_value(key: object, value: object, where: str, nested: str, numeric: dict
     if put_scalar(name, value, numeric, strings):
         return
     if isinstance(value, (dict, list)):
-        if depth >= MAX_NESTING and nested == "flatten":
+        if depth >= MAX_NESTING:  # (only flatten recurses: json's depth is its own, below)
             raise PayloadError(f"nested deeper than {MAX_NESTING} maps or arrays", where + name)
         if nested == "json":
             strings[name] = json.dumps(_plain(value, where + name, depth), separators=(",", ":"), ensure_ascii=False)

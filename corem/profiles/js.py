@@ -10,8 +10,9 @@ here its maintained fork quickjs-ng, through the `quickjs-ng` wheel, module `qui
 files, no timers, no callback into Python -- only the language), with a CPU-time and a memory limit
 per call, and every call with fresh state (PRELUDE says how: the runtime serves every device and
 tenant of the profile).  A codec that throws, or returns `errors`, refuses the reading (4.00, field `codec`); one
-that runs past its limits is answered 5.03 and its runtime is made anew, so the next call -- and
-every other profile's, which never shared it -- starts clean.  `data` becomes one point, nested
+that runs past its limits is answered 5.03 and its runtime is made anew, so the next call starts
+clean.  Profiles with the same script and settings, whichever tenants', share one runtime
+(`js_codec`): what one call leaves never reaches the next (fresh state a call, built-ins frozen).  `data` becomes one point, nested
 objects flattened to `outer.inner` as for ThingsBoard's `nested: flatten`.
 
 The limits.  Time: QuickJS asks an interrupt handler every 10,000 or so operations whether to stop;
