@@ -4,6 +4,7 @@ driven with an explicit clock; the sink is a list (the bus has its own tests).""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -504,6 +505,50 @@ def test_provisioning_is_bounded_per_source_per_key_and_by_the_keys_max_devices(
     assert stack.send(Code.POST, "api/v1/provision", payload=named % 3, cf=50)[0].code == Code.CREATED
     with pytest.raises(BadInput, match="max_devices"):
         mgmt.add_provision_key("zero", "s", "acme", max_devices=0)
+
+
+def provision_at_once(where: Any, n: int = 6, max_devices: int = 3) -> tuple[list[str], int]:
+    """`n` connections (as workers or nodes have) provisioning with one key of `max_devices` at
+    once, each pausing between the key's count and its registration (the window a race needs):
+    what each was answered, and how many devices the key has."""
+    import threading
+    import time
+
+    setup = Management(Registry(where))
+    setup.add_provision_key("rush", "s", "acme", max_devices=max_devices)
+    parts = [Management(Registry(where)) for _ in range(n)]
+    barrier = threading.Barrier(n)
+    answers: list[str] = []
+
+    def one(i: int, mgmt: Management) -> None:
+        add = mgmt.registry.add_device
+
+        def slow_add(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.05)  # (the window only: what is asserted does not depend on it)
+            return add(*args, **kwargs)
+
+        mgmt.registry.add_device = slow_add  # type: ignore[method-assign]
+        barrier.wait()
+        try:
+            mgmt.provision("rush", "s", f"rush-{i}")
+            answers.append("registered")
+        except BadInput as e:
+            answers.append(str(e))
+
+    threads = [threading.Thread(target=one, args=(i, m)) for i, m in enumerate(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(answers), sum(d.device.startswith("rush-") for d in setup.registry.list_devices("acme"))
+
+
+def test_a_keys_max_devices_holds_when_workers_provision_with_it_at_once(tmp_path):
+    """Found in review: the count and the registration were not one transaction, so workers
+    provisioning with one key at once could all count the same devices and each register one
+    more.  Six connections to one SQLite registry, max_devices 3: three registered, three refused."""
+    answers, made = provision_at_once(tmp_path / "registry.db")
+    assert answers == ["max_devices (3) reached"] * 3 + ["registered"] * 3 and made == 3
 
 
 def test_observer_churn_leaves_nothing_behind(stack):

@@ -94,6 +94,15 @@ def test_the_registry_on_postgresql_keeps_devices_profiles_and_management_state(
         reg.close()
 
 
+def test_a_keys_max_devices_holds_when_nodes_provision_with_it_at_once(store_url):
+    """As on SQLite (tests/test_downlink.py): nodes provisioning with one key at once on one
+    PostgreSQL registry -- the key's row locked from the count to the registration."""
+    from .test_downlink import provision_at_once
+
+    answers, made = provision_at_once(store_url)
+    assert answers == ["max_devices (3) reached"] * 3 + ["registered"] * 3 and made == 3
+
+
 def test_the_postgresql_store_keeps_takes_and_expires_sessions(store_url):
     store = SessionStore(store_url)
     try:

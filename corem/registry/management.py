@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS provision_quotas (
 CREATE TABLE IF NOT EXISTS provisioned (
     tenant TEXT NOT NULL, device TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY (tenant, device)
 );
+CREATE INDEX IF NOT EXISTS provisioned_by_key ON provisioned (key);
 CREATE TABLE IF NOT EXISTS bus_positions (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
@@ -94,12 +95,15 @@ class Management:
             raise StorageUnavailable(f"storage: {e}") from None
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, *, writes_after_reading: bool = False) -> Iterator[None]:
         """All or nothing (the connection autocommits each statement otherwise).  A disk that
-        refuses the write is `StorageUnavailable` (5.03 / 503 to the caller), not a crash."""
+        refuses the write is `StorageUnavailable` (5.03 / 503 to the caller), not a crash.
+        `writes_after_reading`: what it reads decides what it writes, so no other writer may come
+        between -- SQLite's write lock taken at BEGIN (IMMEDIATE); PostgreSQL's rows are locked by
+        the reads themselves (`FOR UPDATE`, see `provision`)."""
         conn = self._conn
         try:
-            conn.execute("BEGIN")
+            conn.execute("BEGIN IMMEDIATE" if writes_after_reading and not conn.shared else "BEGIN")
             try:
                 yield
                 conn.execute("COMMIT")
@@ -226,26 +230,34 @@ class Management:
     def provision(self, key: str, secret: str, device: str | None) -> tuple[str, str, str]:
         """A device presents a provisioning key and secret: register it with a fresh access token.
         Returns (tenant, device, token).  The secret is compared in constant time; a wrong key or
-        secret is Unauthorized, a device name that exists a Conflict."""
-        row = self.provision_key(key, secret)
-        quota = self._conn.execute("SELECT max_devices FROM provision_quotas WHERE key = ?", (key,)).fetchone()
-        if quota is not None:
-            # (found by an adversarial run: a key registered devices without end)
-            made = self._conn.execute("SELECT count(*) FROM provisioned WHERE key = ?", (key,)).fetchone()[0]
-            if made >= quota[0]:
-                # (short: on plain UDP the answer is cut to its request's size)
-                raise BadInput(f"max_devices ({quota[0]}) reached")
+        secret is Unauthorized, a device name that exists a Conflict.  The key's `max_devices` is
+        counted and the device registered in one transaction that no other writer comes between
+        (workers and nodes provisioning with one key at once: found in review, each could count
+        the same devices and all of them register one more)."""
         name = device or "device-" + secrets.token_hex(6)
         token = secrets.token_urlsafe(18)
-        self.registry.add_device(row[1], name, token=token, profile=row[2])  # (a name that exists: Conflict)
-        self._write("INSERT INTO provisioned VALUES (?, ?, ?) ON CONFLICT (tenant, device) DO UPDATE SET key = "
-                    "excluded.key", (row[1], name, key))
+        with self._transaction(writes_after_reading=True):
+            # (again, though the door checked it before the key's rate: the key may have gone since,
+            # and here its row is locked -- PostgreSQL -- until the device is registered)
+            row = self.provision_key(key, secret, lock=True)
+            quota = self._conn.execute("SELECT max_devices FROM provision_quotas WHERE key = ?", (key,)).fetchone()
+            if quota is not None:
+                # (found by an adversarial run: a key registered devices without end)
+                made = self._conn.execute("SELECT count(*) FROM provisioned WHERE key = ?", (key,)).fetchone()[0]
+                if made >= quota[0]:
+                    # (short: on plain UDP the answer is cut to its request's size)
+                    raise BadInput(f"max_devices ({quota[0]}) reached")
+            self.registry.add_device(row[1], name, token=token, profile=row[2])  # (a name that exists: Conflict)
+            self._conn.execute("INSERT INTO provisioned VALUES (?, ?, ?) ON CONFLICT (tenant, device) DO UPDATE SET "
+                               "key = excluded.key", (row[1], name, key))
         return row[1], name, token
 
-    def provision_key(self, key: str, secret: str) -> tuple[str, str, str]:
+    def provision_key(self, key: str, secret: str, *, lock: bool = False) -> tuple[str, str, str]:
         """The key's (secret, tenant, profile) if `secret` is its secret (compared in constant
-        time), else Unauthorized."""
-        row = self._conn.execute("SELECT secret, tenant, profile FROM provision_keys WHERE key = ?", (key,)).fetchone()
+        time), else Unauthorized.  `lock`: in a transaction, the key's row locked until its end
+        (PostgreSQL; SQLite's transaction holds the whole file's write lock already)."""
+        row = self._conn.execute("SELECT secret, tenant, profile FROM provision_keys WHERE key = ?"
+                                 + (" FOR UPDATE" if lock and self._conn.shared else ""), (key,)).fetchone()
         if row is None or not secrets.compare_digest(row[0].encode(), secret.encode()):
             raise Unauthorized("provisionDeviceKey/provisionDeviceSecret: not valid")
         return row
