@@ -71,6 +71,58 @@ def carried(tmp_path):
         c.close()
 
 
+@pytest.mark.parametrize("action", ["save", "restore"])
+def test_a_save_or_restore_comes_after_a_pack_the_bus_thread_took_never_between(carried, action):
+    """Found in review: in a worker thread the bus took the lane's pack before its transaction
+    began, so a save or a restore could run between the take and the commit.  A save of a new
+    session at the same address (no Connection ID: the same key) was then given the old session's
+    marks as its floor; a restore missed the marks of the session's last records, which a replay
+    could then bring again.  Now the pack is taken under the bus's write lock, which saves and
+    restores wait for: they see the pack."""
+    import threading
+
+    c = carried()
+    assert c.store.put([row(A, 29)])  # the old session, saved
+    taken, go = threading.Event(), threading.Event()
+
+    def take() -> bytes:  # the bus's carrier, held just after the take
+        taken.set()
+        assert go.wait(60)
+        return pack_marks([(40, A)])  # the old session's last readings' mark
+
+    c.bus._carrier = (take, lambda: c.store.folded_upto)
+    failures: list[BaseException] = []
+
+    def run(f) -> threading.Thread:
+        def guarded() -> None:
+            try:
+                f()
+            except BaseException as e:  # noqa: BLE001 - (seen by the test below)
+                failures.append(e)
+        t = threading.Thread(target=guarded)
+        t.start()
+        return t
+
+    bus = run(lambda: c.bus.write_prepared(c.bus.prepare([Record("telemetry.raw.t", b"d", b"{}", {})])))
+    assert taken.wait(60)
+    restored: list[object] = []
+    if action == "save":
+        saver = run(lambda: failures.append(AssertionError("save failed")) if not c.store.put([row(A, 0)]) else None)
+    else:
+        saver = run(lambda: restored.append(c.store.take(A)))
+    saver.join(0.5)  # (the old code saved or restored here, before the commit; now it waits for it)
+    go.set()
+    bus.join(60)
+    saver.join(60)
+    assert not failures and not bus.is_alive() and not saver.is_alive()
+    if action == "save":
+        c.store.fold_marks()
+        assert c.top(A) == 0  # the new session's own top, not its predecessor's 40
+    else:
+        [taken] = restored
+        assert taken is not None and taken[5] == 40  # the floor past the last record taken
+
+
 def test_a_restore_reads_the_marks_not_folded_yet(carried):
     c = carried()
     assert c.store.put([row(A, 5), row(B, 5)])

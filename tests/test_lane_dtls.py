@@ -651,8 +651,10 @@ def test_carried_marks_are_one_per_session_per_commit_and_outlive_the_sessions_p
     assert len(written()) == 2
 
 
-def test_a_batch_the_bus_could_not_write_passes_its_marks_to_the_next(coaps, tmp_path):
-    """The pack taken for a batch whose transaction failed may hold marks of readings submitted
+@pytest.mark.parametrize("refused", ["INSERT INTO batches", "INSERT INTO carried"])
+def test_a_batch_the_bus_could_not_write_passes_its_marks_to_the_next(coaps, tmp_path, refused):
+    """A batch whose transaction failed: the pack, taken under its write lock after its records
+    (or not taken yet, when the records' INSERT failed), may hold marks of readings submitted
     after it: it goes with the next batch, neither lost nor written without its readings."""
     store = SessionStore(tmp_path / "sessions.db")
     srv, dev, conn, stored_top = _saved_session(coaps, store)
@@ -661,23 +663,26 @@ def test_a_batch_the_bus_could_not_write_passes_its_marks_to_the_next(coaps, tmp
     srv.pump()
     bus = srv.sink.bus
     real = bus._conn
-    bus._conn = _RefusingInsert(real)
+    bus._conn = _RefusingInsert(real, refused)
     with pytest.raises(sqlite3.OperationalError):
         bus.write_prepared(bus.prepare([record for record, _, _ in srv.sink.waiting]))
     bus._conn = real
-    assert stored_top() == saved_top and bus._unwritten  # (neither the records nor the marks)
+    # (neither the records nor the marks: the pack kept by the bus, or still the lane's)
+    assert stored_top() == saved_top and bool(bus._unwritten) == (refused == "INSERT INTO carried")
     srv.commit()
     assert stored_top() == conn.window.top and len(srv.stored()) == 1
 
 
 class _RefusingInsert:
-    """A bus connection whose first INSERT fails (a full disk), then rolls back as SQLite would."""
+    """A bus connection whose INSERTs beginning `refused` fail (a full disk), then rolls back as
+    SQLite would."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, refused: str) -> None:
         self.conn = conn
+        self.refused = refused
 
     def execute(self, sql, *args):
-        if sql.startswith("INSERT"):
+        if sql.startswith(self.refused):
             raise sqlite3.OperationalError("database or disk is full")
         return self.conn.execute(sql, *args)
 

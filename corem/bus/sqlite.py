@@ -145,34 +145,34 @@ class EmbeddedBus(BatchingSink):
         if conn is None:
             raise RuntimeError("embedded bus is not open")
         self.checkpointer.before_commit(conn, self.path)
-        carried, below = self._unwritten, 0
-        if self._carrier is not None:
-            take, done_below = self._carrier
-            self._unwritten = b""
-            carried += take()  # (packs of marks: two written as one are one)
-            below = done_below()
-        if self.shared or len(rows) > ROWS_PER_INSERT or carried:
-            try:
-                rows = self._write_in_transaction(conn, rows, carried, below)
-            except BaseException:
-                self._unwritten = carried  # (some may be of records submitted after this batch)
-                raise
+        if self.shared or len(rows) > ROWS_PER_INSERT or self._carrier is not None:
+            rows = self._write_in_transaction(conn, rows)
         else:
             conn.execute(_insert(len(rows)), [v for row in rows for v in row] if len(rows) > 1 else rows[0])
         last = rows[-1]
         self._next_offset = last[0] + last[2]
 
-    def _write_in_transaction(self, conn: sqlite3.Connection, rows: list[tuple[int, str, int, bytes, int]],
-                              carried: bytes = b"", below: int = 0) -> list[tuple[int, str, int, bytes, int]]:
+    def _write_in_transaction(self, conn: sqlite3.Connection,
+                              rows: list[tuple[int, str, int, bytes, int]]) -> list[tuple[int, str, int, bytes, int]]:
         """Several writers (the offsets taken under the write lock), more rows than one statement
-        takes, or a row to carry with them (`carry`; and the carried rows below `below` deleted)."""
-        conn.execute("BEGIN IMMEDIATE" if self.shared else "BEGIN")
+        takes, or a carrier's row to write with them (`carry`; and the carried rows below its
+        reader's place deleted).  The carrier's row is taken under the write lock, which its reader's
+        saves and restores take too (dtls/store.py `_HOLD_BUS`): each comes before the take or after
+        the commit -- never between, where it would miss marks already taken (in a worker thread,
+        found in review: a new session at an address given its predecessor's floor)."""
+        conn.execute("BEGIN IMMEDIATE")
+        carried, below = self._unwritten, 0
         try:
             if self.shared:
                 rows = _rebased(rows, _next_offset(conn))
             for i in range(0, len(rows), ROWS_PER_INSERT):
                 chunk = rows[i:i + ROWS_PER_INSERT]
                 conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
+            if self._carrier is not None:
+                take, done_below = self._carrier
+                self._unwritten = b""
+                carried += take()  # (packs of marks: two written as one are one)
+                below = done_below()
             deletes = bool(carried) and below > self._dropped_below
             if carried:
                 conn.execute("INSERT INTO carried (blob) VALUES (?)", (carried,))
@@ -180,6 +180,7 @@ class EmbeddedBus(BatchingSink):
                 conn.execute("DELETE FROM carried WHERE n < ?", (below,))
             conn.execute("COMMIT")
         except BaseException:
+            self._unwritten = carried  # (some may be of records submitted after this batch)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise

@@ -627,8 +627,8 @@ class EngineServer:
         one of its key, and without Connection ID a new session at an address has the key of the
         session before it -- whose marks, were they carried after this row, would become the new
         session's floor (a restore would refuse its records).  Written now, they raise the row
-        before, which this one replaces.  (A pack the bus took in its worker thread and has not
-        committed yet still comes after: that window stays, a batch's commit long.)"""
+        before, which this one replaces.  (A pack the bus took in its worker thread is committed
+        before the store's save begins: bus/sqlite.py takes it under the write lock the save waits for.)"""
         if rows and self._marks_carried and self._lane is not None:
             self._write_marks(self._lane.take_marks())
         return self.store.put(rows)

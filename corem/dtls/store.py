@@ -73,6 +73,12 @@ _RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
 #: fold updates each session once however many packs it reads: every 256 packs rather than 32,
 #: CoAPS ran 3.9% faster (5 alternating pairs, 159.8k -> 166.0k readings/s)
 FOLD_STEP = FOLD_EVERY = 256
+#: a write that changes nothing, for the bus file's write lock (an attached file is not locked by
+#: BEGIN IMMEDIATE, measured: only by a write to it): a save or a restore waits for the batch the
+#: bus is committing -- whose pack it took under that lock (bus/sqlite.py) -- and holds the next
+#: one back until it ends, so it folds every mark taken before it (found in review: in a worker
+#: thread a pack taken, not yet committed, came after a new session's save and became its floor)
+_HOLD_BUS = "DELETE FROM bus.carried WHERE n < 0"
 
 
 def _rx_log(db: Db) -> None:
@@ -135,10 +141,12 @@ def _raised(row: Row | None, logged: list[int]) -> Row | None:
     return (*row[:5], max(logged))
 
 
-def _fold(db: Db, limit: int | None = None) -> int | None:
+def _fold(db: Db, limit: int | None = None, *, hold: bool = False) -> int | None:
     """(in the caller's write transaction, the bus attached) Fold the oldest `limit` packs past
     the place (all: None) into the sessions' rx_top and move the place past them; the new place
-    (None: no pack to fold)."""
+    (None: no pack to fold).  `hold`: the bus's write lock first (`_HOLD_BUS`: a save, a restore)."""
+    if hold:
+        db.execute(_HOLD_BUS)
     (upto,) = db.execute("SELECT upto FROM rx_folded").fetchone()
     sql = "SELECT n, typeof(blob) = 'blob', blob FROM bus.carried WHERE n > ? ORDER BY n" + (
         f" LIMIT {limit}" if limit else "")
@@ -314,7 +322,7 @@ class SessionStore:
             self._run("BEGIN" if self.shared else "BEGIN IMMEDIATE")
             # (folded first: the rows say the sessions' tops now, and older marks of their peers
             # would only lag, or, a new session's, be a previous one's)
-            upto = _fold(self.db) if self.marks_attached else None
+            upto = _fold(self.db, hold=True) if self.marks_attached else None
             if self.shared:
                 self.db.executemany(_UPSERT_OWNED.format(t=self.table), [(*row, self.owner) for row in rows])
             else:
@@ -341,7 +349,7 @@ class SessionStore:
         try:
             self._run("BEGIN IMMEDIATE")  # (another process's fold is before or after, not between)
             # (the marks not folded yet: a later session of the peer starts again)
-            upto = _fold(self.db) if self.marks_attached else None
+            upto = _fold(self.db, hold=True) if self.marks_attached else None
             row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
             self._run("COMMIT")
         except self.db.Error as e:
