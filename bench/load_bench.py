@@ -132,8 +132,7 @@ def start_corem(sync: str, bus: str | None = None, lane: str = "on"):
         extra = ["--bus", bus] if bus else []
         proc = subprocess.Popen(
             [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data),
-             # CoAP only, as coap-server-notls: with a CoAPS listener corem's DTLS layer has its
-             # record marks written before every commit, which keeps the commits in a worker thread
+             # CoAP only, as coap-server-notls (a CoAPS listener has its own rows: dtls_bench.py)
              "--coap", f"127.0.0.1:{port}", "--coaps", "off",
              "--http", "off", "--store-synchronous", sync, "--log-level", "warning",
              "--rate-limit-per-source", "0",  # the load generator is one address sending 100k/s
