@@ -333,6 +333,46 @@ def test_one_device_credential_is_no_reflector_of_its_publishes(stack):
     assert sorted(m.token for m in notes) == [b"room", b"v39"]
 
 
+def test_a_refused_resubscription_leaves_the_device_the_subscription_it_had(stack):
+    """A device's new subscription to a topic replaces the one before only once it is accepted.
+    The door ended the one before first, so a new one the observers refused (here its new host's
+    share is full) left the device subscribed nowhere: every later publish missed it.  A
+    replacement takes no more room than the one it replaces: at a full table it is accepted."""
+    obs = stack.observers
+    obs.max_per_source = 1
+    q = ["c=c", "u=awake", "p=TA"]
+    [sub] = stack.send(Code.GET, "ps/alerts", query=q, observe=0, token=b"old")
+    assert sub.observe is not None
+    there = ("198.51.100.9", 5683)
+    [attrs] = stack.send(Code.GET, "api/v1/TR/attributes", observe=0, token=b"attrs", peer=there)  # (roomy's)
+    assert attrs.observe is not None  # that host's share is full now
+    [refused] = stack.send(Code.GET, "ps/alerts", query=q, observe=0, token=b"new", peer=there)
+    assert refused.code == Code.CONTENT and refused.observe is None and obs.stats.refused == 1
+
+    def notified(payload: bytes) -> list[bytes]:
+        out = stack.send(Code.POST, "ps/alerts", query=q, payload=payload)
+        return sorted(m.token for m in out + stack.outbox() if m.observe is not None)
+
+    assert notified(b"fire") == [b"old"]
+    obs.max_per_source, obs.max_total = 32, len(obs)  # full: a replacement still fits
+    [moved] = stack.send(Code.GET, "ps/alerts", query=q, observe=0, token=b"new", peer=("203.0.113.5", 5683))
+    assert moved.observe is not None and len(obs) == 2 and notified(b"smoke") == [b"new"]
+
+
+def test_a_resubscription_ends_the_devices_own_subscription_only(stack):
+    """The door kept an index of subscriptions of its own beside the observers; an entry outlived
+    the subscription it named (ended by Observe 1), and when another device then subscribed from
+    that address with that token, the first device's next subscription ended the other's."""
+    mine, theirs = ["c=c", "u=awake", "p=TA"], ["c=c", "u=roomy", "p=TR"]
+    stack.send(Code.GET, "ps/room/door", query=mine, observe=0, token=b"t")
+    stack.send(Code.GET, "ps/room/door", query=mine, observe=1, token=b"t")
+    [other] = stack.send(Code.GET, "ps/room/door", query=theirs, observe=0, token=b"t")  # (the same gateway)
+    [again] = stack.send(Code.GET, "ps/room/door", query=mine, observe=0, token=b"u", peer=("203.0.113.5", 5683))
+    assert other.observe is not None and again.observe is not None and len(stack.observers) == 2
+    out = stack.send(Code.POST, "ps/room/door", query=mine, payload=b"open")
+    assert sorted(m.token for m in out + stack.outbox() if m.observe is not None) == [b"t", b"u"]
+
+
 def test_retained_messages_are_bounded(tmp_path):
     stack = Stack(tmp_path)
     stack.emqx.max_retained = 3
@@ -561,6 +601,7 @@ def test_observer_churn_leaves_nothing_behind(stack):
     for i in range(2000):
         stack.send(Code.GET, "api/v1/TA/rpc", observe=1, token=i.to_bytes(4, "big"))
     assert len(obs) == 0 and obs._by_resource == {} and not obs._per_source and not obs._per_owner
+    assert not obs._owned
 
 
 def test_router_prefix_patterns():

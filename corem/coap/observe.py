@@ -10,7 +10,9 @@ Registrations are claims from addresses that plain UDP cannot verify, so they ar
 resource, per source host, per device, and in total.  Refusals are counted; a refused GET is still
 answered, only without the Observe option (§3.1: the client then knows it is not on the list).
 A registration a door made for a device ends when the device's registration no longer grants it
-(`revoke`: removed, its credentials rotated, its topics narrowed).
+(`revoke`: removed, its credentials rotated, its topics narrowed).  A door whose device observes a
+resource once (EMQX's subscriptions) registers with `replace`: the device's observation of it
+from another address or token ends when the new one is accepted, and only then.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class Observers:
         #: one device's registrations, from however many addresses: it cannot take the whole table
         self.max_per_owner = max_per_owner
         self._per_owner: Counter[Hashable] = Counter()
+        #: (owner, resource) -> the keys of that owner's observations of it: what a registration
+        #: that replaces them (`register`'s `replace`) ends, found without a walk
+        self._owned: dict[tuple[Hashable, str], set[tuple[Peer, bytes]]] = {}
         self.con_every = con_every
         self.con_interval = con_interval
         self._by_key: dict[tuple[Peer, bytes], Observation] = {}
@@ -133,21 +138,32 @@ class Observers:
 
     # -- registration --------------------------------------------------------------------------
     def register(self, req: Request, resource: str, now: float, owner: Hashable = None,
-                 grant: Grant | None = None) -> int | None:
+                 grant: Grant | None = None, *, replace: bool = False) -> int | None:
         """Register the requester (`owner`: the device it is, when a door knows, and `grant`: what of
-        it the registration rests on); the Observe value for its response, or None if refused."""
+        it the registration rests on); the Observe value for its response, or None if refused.
+
+        `replace`: the owner's other observations of `resource` (other addresses or tokens) are
+        superseded by this one -- a door's rule that a device observes a resource once.  The bounds
+        are checked as if they were gone (a replacement takes no more room), and they end only once
+        this one is accepted: a refused one leaves the owner the observation it had, not none."""
         key = (req.peer, req.token)
         if key in self._by_key:  # re-registration (§4.1): same observer, fresh state
             self._remove(key)
         host = source_host(req.peer)
+        superseded = list(self._owned.get((owner, resource), ())) if replace and owner is not None else []
+        freed = len(superseded)
+        freed_here = sum(1 for peer, _ in superseded if source_host(peer) == host)
         if (
-            len(self._by_key) >= self.max_total
-            or self.observers(resource) >= self.max_per_resource
-            or self._per_source[host] >= self.max_per_source
-            or (owner is not None and self._per_owner[owner] >= self.max_per_owner)
+            len(self._by_key) - freed >= self.max_total
+            or self.observers(resource) - freed >= self.max_per_resource
+            or self._per_source[host] - freed_here >= self.max_per_source
+            or (owner is not None and self._per_owner[owner] - freed >= self.max_per_owner)
         ):
             self.stats.refused += 1
             return None
+        for old in superseded:
+            self._remove(old)
+        self.stats.deregistered += freed
         self._add(Observation(resource, req.peer, req.token, now, req.protect,
                               requester(req)[1:] if req.message is not None else (), owner, grant))
         self.stats.registered += 1
@@ -224,6 +240,7 @@ class Observers:
         self._per_source[source_host(obs.peer)] += 1
         if obs.owner is not None:
             self._per_owner[obs.owner] += 1
+            self._owned.setdefault((obs.owner, obs.resource), set()).add(key)
         self._by_peer.setdefault(obs.peer, set()).add(obs.token)
 
     def _remove(self, key: tuple[Peer, bytes]) -> bool:
@@ -246,6 +263,10 @@ class Observers:
             self._per_owner[obs.owner] -= 1
             if not self._per_owner[obs.owner]:
                 del self._per_owner[obs.owner]
+            owned = self._owned[(obs.owner, obs.resource)]
+            owned.discard(key)
+            if not owned:
+                del self._owned[(obs.owner, obs.resource)]
         return True
 
     # -- notifications -------------------------------------------------------------------------
@@ -314,14 +335,15 @@ class Observers:
 
 
 def answer_observe(observers: Observers, req: Request, resource: str, response: Response, now: float,
-                   owner: Hashable = None, grant: Grant | None = None) -> Response:
+                   owner: Hashable = None, grant: Grant | None = None, *, replace: bool = False) -> Response:
     """Apply a GET's Observe option to its 2.xx answer: 0 registers the requester (and the answer
-    carries the sequence number), 1 deregisters it (§3.1, §3.6).  Returns the answer to send."""
+    carries the sequence number; `replace`: as `Observers.register`), 1 deregisters it (§3.1,
+    §3.6).  Returns the answer to send."""
     observe = req.message.observe if req.message is not None else None
     if observe == 1:
         observers.deregister(req.peer, req.token, resource)
     elif observe == 0 and 64 <= response.code < 96:
-        seq = observers.register(req, resource, now, owner, grant)
+        seq = observers.register(req, resource, now, owner, grant, replace=replace)
         if seq is not None:
             opts = sorted([*(response.options or []), (OptionNumber.OBSERVE, encode_uint(seq))], key=lambda o: o[0])
             response = Response(response.code, response.payload, opts)

@@ -13,7 +13,8 @@
 CoAPS the session names the device and the query may be left out (corem/identity.py decides).  Topics are per tenant: devices
 of one tenant never see another's.  Each device may use only the topics its registry entry allows
 (`topics`, MQTT filters; default `#`): a publish or subscription outside them is 4.03.  A device
-holds one subscription per topic on each transport: its latest replaces the one before.
+holds one subscription per topic on each transport: its latest replaces the one before, once
+accepted (one the observer bounds refuse leaves the one before in place).
 Every publish is also a record on `pubsub.{tenant}` (key = topic), answered 2.04 once it is on the
 bus like a reading.  Retained messages are bounded per tenant (`max_retained_per_tenant`: the
 publishing tenant's oldest dropped first) and for the server, in count and bytes, topics included
@@ -49,9 +50,6 @@ from ..stats import Sample, counter, gauge
 from .common import bad_request, query
 
 DEFAULT_MAX_AGE = 60
-#: subscriptions remembered for `subscribe`'s one-per-device-and-topic rule (the transports'
-#: observer tables hold 10,000 each by default)
-MAX_SUBSCRIPTIONS = 100_000
 
 
 def pubsub_topic(tenant: str) -> str:
@@ -111,9 +109,6 @@ class Emqx:
         self._count = 0
         self._retained_bytes = 0
         self.stats = EmqxStats()
-        #: (a transport's observers, tenant, device, topic) -> the (peer, token) of its subscription
-        #: there, the latest (`subscribe`; an entry whose observation ended since is harmless)
-        self._subscriptions: dict[tuple[Observers, str, str, str], tuple[Any, bytes]] = {}
         #: every transport's observers: a publish over CoAP reaches subscribers on CoAPS too
         self.observers: list[Observers] = []
 
@@ -219,26 +214,19 @@ class Emqx:
             return bad_request("observe: subscribe with GET and Observe 0")
         found = self._current(device.tenant, topic)
         response = Response(Code.CONTENT, found.payload, self._options(found)) if found else Response(Code.CONTENT)
-        resource = _resource(device.tenant, topic)
         # One subscription per device and topic (on each transport): a new one replaces the one
         # before, from whatever address and token. An adversarial run found: on plain
         # UDP nothing verifies a registration's source address, so one device credential held 64
         # subscriptions to one topic at addresses it spoofed, and each of its publishes was
         # reflected 63 times. A device is at one place and wants each publish once; one that
         # moved, or subscribes again after a restart, is where its latest registration says.
-        # Reflecting a publish to N addresses now takes N devices' credentials.
-        mine = (observers, device.tenant, device.device, topic)
-        if req.message is not None and req.message.observe == 0:
-            old = self._subscriptions.pop(mine, None)
-            if old is not None and old != (req.peer, req.token):
-                observers.deregister(old[0], old[1], resource)
-        answer = answer_observe(observers, req, resource, response, self.clock(), (device.tenant, device.device),
-                                (_grant, _grant(device)))
+        # Reflecting a publish to N addresses now takes N devices' credentials.  The transport's
+        # Observers hold who observes what (`replace`): the one before ends only once the new one
+        # is accepted, so a refused one (a bound) leaves the device the subscription it had.
+        answer = answer_observe(observers, req, _resource(device.tenant, topic), response, self.clock(),
+                                (device.tenant, device.device), (_grant, _grant(device)), replace=True)
         if answer is not response:
             self.stats.subscribed += 1
-            self._subscriptions[mine] = (req.peer, req.token)
-            if len(self._subscriptions) > MAX_SUBSCRIPTIONS:  # (the oldest: ended by now, most likely)
-                del self._subscriptions[next(iter(self._subscriptions))]
         return answer
 
     def post(self, req: Request, device: Device, topic: str, observers: Observers) -> Response | None:
