@@ -4,6 +4,7 @@ driven with an explicit clock; the sink is a list (the bus has its own tests).""
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from corem.coap.observe import Observers
 from corem.devices.downlink import Downlink
 from corem.errors import BadInput, ClaimRefused, QueueFull
 from corem.frontdoors.drogue import Drogue
-from corem.frontdoors.emqx import Emqx, topic_matches
+from corem.frontdoors.emqx import Emqx, Heaviest, topic_matches
 from corem.frontdoors.thingsboard import ThingsBoard
 from corem.ingest.diagnostics import Diagnostics
 from corem.ingest.telemetry import TelemetryIngest
@@ -418,8 +419,71 @@ def test_retained_messages_are_bounded_per_tenant_and_taken_from_the_heaviest(tm
     put(globex, "t/big", b"y" * 100)  # the bytes over come out of globex's, the heaviest's
     assert kept(acme, "config/setpoint") and all(kept(initech, f"c/{i}") for i in range(3))
     assert emqx._retained_bytes <= emqx.max_retained_bytes
-    assert sum(emqx._tenant_bytes.values()) == emqx._retained_bytes and len(emqx) == sum(
-        len(m) for m in emqx._retained.values())
+    assert sum(emqx._by_bytes.weight(t) for t in emqx._retained) == emqx._retained_bytes
+    assert all(emqx._by_count.weight(t) == len(m) for t, m in emqx._retained.items())
+    assert len(emqx) == sum(len(m) for m in emqx._retained.values()) == len(emqx._by_count) + 2
+
+
+class Tenant(str):
+    """A tenant's name that counts how often it is hashed: each time a tenant is looked at by name."""
+
+    looked_at = 0
+
+    def __hash__(self) -> int:
+        Tenant.looked_at += 1
+        return str.__hash__(self)
+
+
+def test_a_server_bound_finds_the_heaviest_tenant_without_a_walk(stack):
+    """Past `max_retained` (count) or the bytes bound, the heaviest tenant's oldest goes; it was
+    found by a walk over every tenant, at each publish past the bound.  Counted, not timed: the
+    tenants looked at to make room for one message, with 3,000 tenants, are a few dozen."""
+    emqx = stack.emqx
+    emqx.max_retained = emqx.max_retained_bytes = 1 << 30
+    mid = 0
+
+    def put(tenant: Tenant, topic: str, payload: bytes = b"v") -> None:
+        nonlocal mid
+        mid += 1
+        opts = sorted([(O.URI_PATH, b"ps"), (O.URI_PATH, topic.encode())], key=lambda o: o[0])
+        req = stack.endpoint.receive(encode(Message(Type.NON, Code.PUT, mid, b"p", opts, payload)), PEER, stack.now)
+        device = type("Device", (), {"tenant": tenant, "device": "d"})()
+        assert emqx.put(req, device, topic, stack.observers) is None  # (answered once on the bus)
+
+    tenants = [Tenant(f"tenant-{i}") for i in range(3000)]
+    for t in tenants:
+        put(t, "config")
+    put(tenants[7], "more")
+    put(tenants[7], "most")  # the heaviest, by count and by bytes
+    emqx.max_retained = len(emqx)  # full: the next message pushes tenant-7's oldest out
+    Tenant.looked_at = 0
+    put(tenants[1], "again")
+    assert emqx.stats.retained_dropped == 1 and list(emqx._retained[tenants[7]]) == ["more", "most"]
+    assert Tenant.looked_at < 100, Tenant.looked_at
+    emqx.max_retained, emqx.max_retained_bytes = 1 << 30, emqx._retained_bytes + 50  # the bytes bound
+    Tenant.looked_at = 0
+    put(tenants[2], "big", b"x" * 50)  # 3 bytes over; tenant-2 the heaviest by bytes now: its oldest goes
+    assert emqx.stats.retained_dropped == 2 and list(emqx._retained[tenants[2]]) == ["big"]
+    assert Tenant.looked_at < 100, Tenant.looked_at
+
+
+def test_the_heaviest_is_the_tenant_a_walk_in_arrival_order_would_pick():
+    """`Heaviest` against the walk it replaces (`max` over the tenants as they came, the first of
+    equal weights), through random changes, arrivals and departures."""
+    rng = random.Random(7)
+    heaviest, weights = Heaviest(), {}
+    for _ in range(20_000):
+        tenant = f"t{rng.randrange(40)}"
+        if tenant in weights and rng.random() < 0.1:
+            heaviest.remove(tenant)
+            del weights[tenant]
+        else:
+            delta = rng.randrange(-5, 6) if tenant in weights else rng.randrange(0, 6)
+            heaviest.add(tenant, delta)
+            weights[tenant] = weights.get(tenant, 0) + delta
+        if weights:
+            assert heaviest.top() == max(weights, key=weights.__getitem__)
+        assert len(heaviest) == len(weights) and all(heaviest.weight(t) == w for t, w in weights.items())
 
 
 @pytest.mark.parametrize("flt, topic, match", [

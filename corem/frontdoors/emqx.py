@@ -105,7 +105,10 @@ class Emqx:
         self.max_retained_per_tenant = max_retained_per_tenant
         #: tenant -> topic -> its retained message, each tenant's oldest first
         self._retained: dict[str, OrderedDict[str, Retained]] = {}
-        self._tenant_bytes: dict[str, int] = {}
+        #: the tenants by how many retained messages they hold and by their bytes: whose oldest
+        #: goes when a server bound is passed, found without a walk over the tenants
+        self._by_count = Heaviest()
+        self._by_bytes = Heaviest()
         self._count = 0
         self._retained_bytes = 0
         self.stats = EmqxStats()
@@ -188,18 +191,19 @@ class Emqx:
             mine[topic] = value
             self._count += 1
             size = _size(topic, value)
-            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + size
+            self._by_count.add(tenant, 1)
+            self._by_bytes.add(tenant, size)
             self._retained_bytes += size
             self.stats.retained += 1
             while len(mine) > self.max_retained_per_tenant:  # its own tenant's oldest
                 self._drop((tenant, next(iter(mine))))
                 self.stats.retained_dropped += 1
             while self._count > self.max_retained:  # the oldest of whoever holds the most
-                heaviest = max(self._retained, key=lambda t: len(self._retained[t]))
+                heaviest = self._by_count.top()
                 self._drop((heaviest, next(iter(self._retained[heaviest]))))
                 self.stats.retained_dropped += 1
             while self._retained_bytes > self.max_retained_bytes:
-                heaviest = max(self._tenant_bytes, key=self._tenant_bytes.__getitem__)
+                heaviest = self._by_bytes.top()
                 self._drop((heaviest, next(iter(self._retained[heaviest]))))
                 self.stats.retained_dropped += 1
         return answer
@@ -280,9 +284,13 @@ class Emqx:
         size = _size(topic, old)
         self._count -= 1
         self._retained_bytes -= size
-        self._tenant_bytes[tenant] -= size
-        if not mine:  # (no tenant stays behind empty)
-            del self._retained[tenant], self._tenant_bytes[tenant]
+        if mine:
+            self._by_count.add(tenant, -1)
+            self._by_bytes.add(tenant, -size)
+        else:  # (no tenant stays behind empty)
+            del self._retained[tenant]
+            self._by_count.remove(tenant)
+            self._by_bytes.remove(tenant)
         return True
 
     def sweep(self) -> None:
@@ -290,6 +298,88 @@ class Emqx:
         now = self.clock()
         for key in [(t, k) for t, mine in self._retained.items() for k, v in mine.items() if v.expires <= now]:
             self._drop(key)
+
+
+class Heaviest:
+    """Tenants by a weight (how many retained messages each holds, or their bytes), the heaviest
+    found at once: a binary heap that knows each tenant's place in it, so a change of weight moves
+    that tenant up or down (log n steps) and a server bound's eviction never walks every tenant
+    (with thousands of tenants each publish past the bound did).  Of equal weights the tenant
+    that came first is the heaviest, as it was when the tenants were walked in the order they came."""
+
+    __slots__ = ("_heap", "_at", "_arrivals")
+
+    def __init__(self) -> None:
+        #: [-weight, arrival, tenant], the heaviest at 0 (arrivals are unique: tenants never compared)
+        self._heap: list[list[Any]] = []
+        #: tenant -> its index in the heap
+        self._at: dict[str, int] = {}
+        self._arrivals = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def weight(self, tenant: str) -> int:
+        i = self._at.get(tenant)
+        return 0 if i is None else -self._heap[i][0]
+
+    def top(self) -> str:
+        """The heaviest tenant (there is one: a bound is passed only while something is held)."""
+        return self._heap[0][2]
+
+    def add(self, tenant: str, delta: int) -> None:
+        """`tenant`'s weight changes by `delta` (it comes in, at the end of the arrivals, if new)."""
+        i = self._at.get(tenant)
+        if i is None:
+            self._arrivals += 1
+            i = len(self._heap)
+            self._heap.append([0, self._arrivals, tenant])
+            self._at[tenant] = i
+        self._heap[i][0] -= delta
+        if delta > 0:
+            self._up(i)
+        else:
+            self._down(i)
+
+    def remove(self, tenant: str) -> None:
+        i = self._at.pop(tenant)
+        last = self._heap.pop()
+        if i < len(self._heap):  # (the last one fills its place, then finds its own)
+            self._heap[i] = last
+            self._at[last[2]] = i
+            self._down(self._up(i))
+
+    def _up(self, i: int) -> int:
+        heap, at = self._heap, self._at
+        entry = heap[i]
+        while i:
+            parent = (i - 1) >> 1
+            if not entry < heap[parent]:
+                break
+            heap[i] = heap[parent]
+            at[heap[i][2]] = i
+            i = parent
+        heap[i] = entry
+        at[entry[2]] = i
+        return i
+
+    def _down(self, i: int) -> int:
+        heap, at = self._heap, self._at
+        entry, n = heap[i], len(heap)
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and heap[child + 1] < heap[child]:
+                child += 1
+            if not heap[child] < entry:
+                break
+            heap[i] = heap[child]
+            at[heap[i][2]] = i
+            i = child
+        heap[i] = entry
+        at[entry[2]] = i
+        return i
 
 
 def _answer_put(ctx: tuple[Request, int, Options | None], error: BaseException | None) -> None:
