@@ -772,3 +772,83 @@ def test_a_device_whose_profile_is_not_registered_is_told_so_and_nothing_else(tm
     [answer] = stack.send(Code.POST, "api/v1/TL/telemetry", payload=b'{"a": 1, "pad": "' + b"x" * 200 + b'"}', cf=50)
     assert answer.code == Code.INTERNAL_SERVER_ERROR
     assert bytes(answer.payload) == b"profile 'nosuch' is not registered" and not stack.sink.records
+
+
+def test_a_registry_change_expires_what_waited_for_a_replaced_device_and_nothing_else(stack):
+    """`Downlink.forget`: a device removed and added again (another `created_at`) loses its RPCs --
+    queued and delivered-but-unanswered, each expired in the order sent, its caller told -- and its
+    commands; a rotated credential (the same registration) keeps them; other devices keep theirs."""
+    import msgspec
+
+    dl = stack.downlink
+    awake, roomy, sleepy = stack.device("awake"), stack.device("roomy"), stack.device("sleepy")
+    first = dl.send_rpc(awake, "a", None, timeout=60)
+    second = dl.send_rpc(awake, "b", None, timeout=60)
+    [polled] = stack.send(Code.GET, "api/v1/TA/rpc")  # the first is delivered, its reply awaited
+    assert json.loads(bytes(polled.payload))["id"] == first.id and first.status == "delivered"
+    third = dl.send_rpc(awake, "c", None, timeout=60)
+    assert dl.command(awake, "reboot", b"", ttl=60) == "queued"
+    others = [dl.send_rpc(roomy, "r", None, timeout=60), dl.send_rpc(sleepy, "s", None, timeout=60)]
+    stack.sink.records.clear()
+    registry = {("acme", d.device): d for d in (awake, roomy, sleepy)}
+
+    dl.forget([("acme", "awake")], lambda t, d: registry.get((t, d)))  # the same registration
+    assert stack.sink.records == [] and dl.queued(awake) == {"attributes": 0, "rpc": 2, "commands": 1,
+                                                            "waiting": False}
+    registry["acme", "awake"] = msgspec.structs.replace(awake, created_at=awake.created_at + 1)
+    dl.forget([("acme", "awake")], lambda t, d: registry.get((t, d)))  # removed and added again
+    results = [(r["device"], r.get("id"), r.get("command"), r["status"]) for r in stack.sink.topics("commands.")]
+    assert results == [("awake", first.id, None, "expired"), ("awake", second.id, None, "expired"),
+                       ("awake", third.id, None, "expired"), ("awake", None, "reboot", "expired")]
+    assert all(c.status == "expired" and c.done.is_set() for c in (first, second, third))
+    assert all(c.status == "queued" and not c.done.is_set() for c in others)
+    assert dl.queued(registry["acme", "awake"])["rpc"] == 0 and dl.queued(roomy)["rpc"] == 1
+    assert dl.stats.rpc_expired == 3 and dl.stats.commands_expired == 1
+    assert not dl.reply(awake, first.id, {})  # the old device's late reply is no one's
+
+    del registry["acme", "roomy"]  # None: any device may have changed; roomy is gone
+    dl.forget(None, lambda t, d: registry.get((t, d)))
+    assert others[0].status == "expired" and others[1].status == "queued" and dl.stats.rpc_expired == 4
+
+
+class _NotWalked(dict):
+    """A table of every RPC in flight that may be asked by id but not walked."""
+
+    def _walked(self, *args, **kwargs):
+        raise AssertionError("every RPC in flight was walked")
+
+    __iter__ = values = items = keys = _walked
+
+
+def test_forget_looks_at_the_changed_devices_own_rpcs_only(tmp_path):
+    """With many devices' RPCs in flight, a registry change of one device reads that device's RPCs
+    and no other: `forget` never walks the table of all of them (it did, once per change: with a
+    large fleet every change cost every RPC in flight).  The index by device stays exactly the
+    calls in flight, whatever ends them (a reply, a one-way delivery, a deadline, `forget`), and
+    holds no device without one."""
+    from corem.registry import Device
+
+    stack = Stack(tmp_path)
+    dl = stack.downlink
+    fleet = [Device(tenant="acme", device=f"d{i}", created_at=1) for i in range(50)]
+    calls = {d.device: [dl.send_rpc(d, "m", None, timeout=10 + i, oneway=d.device == "d3") for i in range(3)]
+             for d in fleet}
+    assert dl.reply(fleet[1], calls["d1"][0].id, {})  # a reply
+    dl.poll_rpc(fleet[3])  # a one-way delivery
+    stack.tick(10.5)  # each device's first deadline
+    dl._rpcs = _NotWalked(dl._rpcs)
+    gone = fleet[7]
+    dl.forget([("acme", "d7"), ("acme", "never-seen")], lambda t, d: None if d == gone.device else fleet[0])
+    assert [c.status for c in calls["d7"]] == ["expired"] * 3
+    assert [c.status for c in calls["d8"]] == ["expired", "queued", "queued"]
+
+    def by_device(table):
+        out: dict = {}
+        for call in dict.values(table):
+            out.setdefault((call.device.tenant, call.device.device), {})[call.id] = call
+        return out
+
+    assert dl._device_rpcs == by_device(dl._rpcs) and all(dl._device_rpcs.values())
+    assert ("acme", "d7") not in dl._device_rpcs and len(dl._device_rpcs) == 49
+    stack.tick(100.0)  # every deadline past: nothing in flight, nothing indexed
+    assert dict.__len__(dl._rpcs) == 0 and dl._device_rpcs == {}

@@ -148,6 +148,9 @@ class Downlink:
         #: queues with a parked `ct` request or commands: the only ones a tick has to look at
         self._timed: set[tuple[str, str]] = set()
         self._rpcs: dict[int, RpcCall] = {}
+        #: the same calls by device, each device's in the order sent: a registry change walks the
+        #: changed devices' own calls (`forget`), not every call in flight
+        self._device_rpcs: dict[tuple[str, str], dict[int, RpcCall]] = {}
         #: (deadline, rpc id), soonest first
         self._deadlines: list[tuple[float, int]] = []
         self._ids = itertools.count(1)
@@ -202,7 +205,7 @@ class Downlink:
         call = self._rpcs.get(rpc_id)
         if call is None or call.device.tenant != device.tenant or call.device.device != device.device:
             return False
-        del self._rpcs[rpc_id]
+        self._release(call)
         call.status, call.response = "replied", response
         self.stats.rpc_replied += 1
         self._publish(call.device, {"id": call.id, "type": "rpc", "method": call.method, "status": "replied",
@@ -274,7 +277,7 @@ class Downlink:
             self.stats.queue_full += 1
             raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
         call = RpcCall(next(self._ids), device, method, params, now + timeout, oneway)
-        self._rpcs[call.id] = call
+        self._hold(call)
         heapq.heappush(self._deadlines, (call.deadline, call.id))
         q.rpcs.append(call)
         if self._reachable(device, now):
@@ -350,21 +353,18 @@ class Downlink:
         removed and added again (another device under its name), goes -- its RPCs expire (their
         callers are told), its commands expire, a parked Drogue request is answered 2.04 -- so
         nothing meant for the old one reaches the new (a rotated credential is the same device:
-        what waits for it stays)."""
-        if names is None:
-            keys = {*self._queues, *((c.device.tenant, c.device.device) for c in self._rpcs.values())}
-        else:
-            keys = set(names)
-        calls: dict[tuple[str, str], list[RpcCall]] = {}  # (one pass over the RPCs, not one a device)
-        for c in self._rpcs.values():
-            calls.setdefault((c.device.tenant, c.device.device), []).append(c)
+        what waits for it stays).  It looks at those devices' own RPCs only (`_device_rpcs`): every
+        registry change calls it, and the change of one device must not cost every RPC in flight
+        for the whole fleet."""
+        keys = {*self._queues, *self._device_rpcs} if names is None else set(names)
         for key in keys:
             q = self._queues.get(key)
-            if q is None and key not in calls:
+            calls = self._device_rpcs.get(key)
+            if q is None and calls is None:
                 continue
             device = current(*key)
             born = None if device is None else device.created_at
-            for call in calls.get(key, ()):
+            for call in list(calls.values()) if calls is not None else ():
                 if call.device.created_at != born:
                     self._expire_rpc(call)  # (queued, or delivered and awaiting the old device's reply)
             if q is None or q.born == born:
@@ -463,12 +463,29 @@ class Downlink:
         call.status = "delivered"
         self.stats.rpc_sent += 1
         if call.oneway:
-            del self._rpcs[call.id]
+            self._release(call)
             call.done.set()
         self._publish(call.device, {"id": call.id, "type": "rpc", "method": call.method, "status": "delivered"})
 
-    def _expire_rpc(self, call: RpcCall) -> None:
+    def _hold(self, call: RpcCall) -> None:
+        """`call` is in flight: found by its id (a reply, its deadline) and by its device (`forget`)."""
+        self._rpcs[call.id] = call
+        self._device_rpcs.setdefault((call.device.tenant, call.device.device), {})[call.id] = call
+
+    def _release(self, call: RpcCall) -> bool:
+        """`call` is no longer in flight (replied, delivered one-way, expired); False if it was not.
+        A device's entry goes with its last call: the index holds no more devices than calls."""
         if self._rpcs.pop(call.id, None) is None:
+            return False
+        key = (call.device.tenant, call.device.device)
+        calls = self._device_rpcs[key]
+        del calls[call.id]
+        if not calls:
+            del self._device_rpcs[key]
+        return True
+
+    def _expire_rpc(self, call: RpcCall) -> None:
+        if not self._release(call):
             return
         q = self._queues.get((call.device.tenant, call.device.device))
         if q is not None and call in q.rpcs:
