@@ -84,6 +84,46 @@ def test_good_values_of_those_settings_start():
     assert s.node_url == "https://10.0.0.7:8080" and s.bus == "embedded"
 
 
+@pytest.mark.parametrize("engine", ["corem", "mbedtls"])
+@pytest.mark.parametrize("ciphers", ["TLS-BOGUS", "TLS-PSK-WITH-AES-128-CCM-8, NOPE", "TLS_PSK_WITH_AES_128_CCM_9"])
+def test_a_cipher_suite_is_refused_at_start_in_the_engines_own_words(engine, ciphers):
+    """Which suites an engine takes, and what its refusal says, is the DTLS side's (one check,
+    `dtls.params.check_ciphers`): the settings refuse, at start, what the engine would refuse when
+    its listener is made, with the same words.  (The settings had a copy of the check: for the
+    mbedtls engine its words were not the engine's.)"""
+    from corem.dtls import DtlsParams
+
+    if engine == "mbedtls":
+        pytest.importorskip("mbedtls")
+        from corem.dtls.server import DtlsServer, PskStore
+
+        def make(p: DtlsParams) -> object:
+            return DtlsServer(PskStore({}.get), p)
+    else:
+        from corem.dtls.layer import engine_params as make
+    with pytest.raises(ConfigError) as refused:
+        Settings.load({"coaps": "off", "dtls_engine": engine, "dtls_ciphers": ciphers}, env={})
+    with pytest.raises(ValueError) as engine_refused:
+        make(DtlsParams(ciphers=tuple(c.strip() for c in ciphers.split(","))))
+    assert str(refused.value) == str(engine_refused.value)
+    assert str(refused.value).startswith(f"dtls_ciphers: {ciphers.split(',')[-1].strip()!r} is not a cipher suite ")
+
+
+@pytest.mark.parametrize("engine", ["corem", "mbedtls"])
+def test_the_default_ciphers_are_the_dtls_sides_and_each_engine_takes_them(engine):
+    """The settings do not ask the DTLS side about their default (importing it costs every
+    command ~0.2 s): it is the DTLS side's own default, which both engines take."""
+    from corem.config import DEFAULT_CIPHERS
+    from corem.dtls import DEFAULT_CIPHERS as DTLS_DEFAULT
+    from corem.dtls.params import check_ciphers
+
+    if engine == "mbedtls":
+        pytest.importorskip("mbedtls")
+    assert Settings.load({}, env={}).cipher_names() == DTLS_DEFAULT
+    assert tuple(DEFAULT_CIPHERS.split(",")) == DTLS_DEFAULT
+    check_ciphers(DTLS_DEFAULT, engine)
+
+
 def test_bad_file(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("nonsense = 1\n")

@@ -48,12 +48,12 @@ from ..stats import Sample, counter, fields, gauge
 from ..wal import defer_checkpoints
 from .engine.certs import chain_verifier
 from .engine.connection import ESTABLISHED, Connection
-from .engine.crypto import suite_by_name
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
 from .engine.records import RECORDS, SEQ_MAX, TLS12_CID
 from .keyset import KeySet
-from .params import DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, has_cookie, registered, registry_device
+from .params import (DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, corem_suites, has_cookie, registered,
+                     registry_device)
 from .slots import HandshakeSlots
 from .store import FOLD_EVERY, Row, SessionStore, peer_key
 
@@ -133,15 +133,7 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
     """DtlsParams (the settings) as the engine's parameters; ValueError names what the engine
     cannot do.  `admit_certificate`: whether a verified certificate's identity is a registered
     device's (refused in the handshake otherwise: Params.admit_certificate)."""
-    suites = []
-    for name in p.ciphers:
-        try:
-            suites.append(suite_by_name(name))
-        except ValueError:
-            raise ValueError(f"dtls_ciphers: {name!r} is not a cipher suite the corem engine implements "
-                             "(TLS-PSK-WITH-AES-128-CCM-8, TLS-PSK-WITH-AES-128-CCM, "
-                             "TLS-PSK-WITH-AES-128-GCM-SHA256, TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8, "
-                             "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256)") from None
+    suites = corem_suites(p.ciphers)
     chain: tuple[bytes, ...] = ()
     key: ec.EllipticCurvePrivateKey | None = None
     verify = None
@@ -162,7 +154,7 @@ def engine_params(p: DtlsParams, cid_length: int = 6, client_auth: str | None = 
                 raise ValueError("dtls_ca is needed to verify device certificates "
                                  "(or set dtls_client_auth = none)")
             verify = chain_verifier(_pem_certificates(p.ca_file))
-    return EngineParams(suites=tuple(suites), certificate_chain=chain, private_key=key, verify_peer=verify,
+    return EngineParams(suites=suites, certificate_chain=chain, private_key=key, verify_peer=verify,
                         client_auth=mode, admit_certificate=admit_certificate, require_ems=p.require_ems,
                         cid_length=cid_length, cid_prefix=cid_prefix,
                         max_handshakes=p.max_handshakes,

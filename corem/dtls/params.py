@@ -1,13 +1,18 @@
 """What both DTLS engines share and neither owns: the settings of the CoAPS layer (`DtlsParams`),
-the metric names of its counters, and how a ClientHello shows a cookie before it is parsed.  No
-TLS library is imported here, so corem runs on its own engine without python-mbedtls installed."""
+which cipher suites each engine takes and how it refuses one (`check_ciphers`), the metric names of
+its counters, and how a ClientHello shows a cookie before it is parsed.  No TLS library is imported
+here at module level (a cipher check imports the one engine it asks), so corem runs on its own
+engine without python-mbedtls installed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .slots import FLOOR
+
+if TYPE_CHECKING:
+    from .engine.crypto import Suite
 
 DEFAULT_CIPHERS = ("TLS-PSK-WITH-AES-128-CCM-8", "TLS-ECDHE-ECDSA-WITH-AES-128-CCM-8")
 CLIENT_AUTH = ("required", "none")
@@ -53,7 +58,7 @@ class DtlsParams:
     require_ems: bool = True
 
     def __post_init__(self) -> None:
-        # (which suite names are known is the engine's to say: layer.engine_params, server.DtlsServer)
+        # (which suite names are known depends on the engine: check_ciphers)
         if not self.ciphers:
             raise ValueError("dtls_ciphers: no cipher suite given")
         for name in ("max_handshakes", "max_sessions", "max_sessions_per_device"):
@@ -65,6 +70,46 @@ class DtlsParams:
             raise ValueError("dtls_cert and dtls_key go together")
         if self.cert_file is not None and self.client_auth == "required" and self.ca_file is None:
             raise ValueError("dtls_ca is needed to verify device certificates (or set dtls_client_auth = none)")
+
+
+def check_ciphers(names: Sequence[str], engine: str) -> None:
+    """Whether the DTLS engine `engine` ("corem" or "mbedtls") takes the cipher suites `names`;
+    ValueError names the first it does not.  The one check of `dtls_ciphers`: the settings make it
+    at start, CoAPS on or off (config.Settings.check), and each engine when a listener is made on
+    it (`corem_suites` for layer.engine_params, `mbedtls_ciphers` for server.DtlsServer), so what a
+    user is told is the same whichever finds it first."""
+    if engine == "corem":
+        corem_suites(names)
+    else:
+        mbedtls_ciphers(names)
+
+
+def corem_suites(names: Sequence[str]) -> tuple[Suite, ...]:
+    """The suites of corem's engine `names` names (with dashes, as python-mbedtls spells them, or
+    underscores), in their order; ValueError names the first it does not implement and the ones it
+    does."""
+    from .engine.crypto import IMPLEMENTED, suite_by_name
+
+    suites = []
+    for name in names:
+        try:
+            suites.append(suite_by_name(name))
+        except ValueError:
+            known = ", ".join(s.name.replace("_", "-") for s in IMPLEMENTED)
+            raise ValueError(f"dtls_ciphers: {name!r} is not a cipher suite the corem engine implements "
+                             f"({known})") from None
+    return tuple(suites)
+
+
+def mbedtls_ciphers(names: Sequence[str]) -> None:
+    """ValueError names the first of `names` the installed Mbed TLS does not offer (python-mbedtls
+    imported here: only the deprecated engine needs it)."""
+    from mbedtls import tls
+
+    available = set(tls.ciphers_available())
+    for name in names:
+        if name not in available:
+            raise ValueError(f"dtls_ciphers: {name!r} is not a cipher suite Mbed TLS offers")
 
 
 #: shared store: seconds before a peer with no saved session is asked for again, and how many

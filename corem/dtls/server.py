@@ -34,7 +34,7 @@ from .certs import load_certificates, load_key, peer_der
 from .errors import CLOSE_NOTIFY, error_code
 from .errors import reason as tls_reason
 from .params import (CLIENT_AUTH, DEFAULT_CIPHERS, DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams,  # noqa: F401
-                     has_cookie)
+                     has_cookie, mbedtls_ciphers)
 from .slots import HandshakeSlots
 from .store import Row, SessionStore, Unsaved, freeze, peer_key, step_sequence, thaw
 
@@ -174,11 +174,7 @@ class DtlsServer:
         #: from unknown addresses costs one query per address per MISS_TTL, not one per datagram)
         self._missed: OrderedDict[bytes, float] = OrderedDict()
         self._now = 0.0
-        available = set(tls.ciphers_available())
-        for c in p.ciphers:
-            if c not in available:
-                ccm = ", ".join(sorted(a for a in available if "CCM-8" in a and ("PSK-WITH" in a or "ECDSA" in a)))
-                raise ValueError(f"dtls_ciphers: {c!r} is not a cipher suite Mbed TLS offers (e.g. {ccm})")
+        mbedtls_ciphers(p.ciphers)
         extra: dict[str, Any] = {}
         if p.cert_file is not None:
             assert p.key_file is not None  # (DtlsParams checks that they go together)
