@@ -228,12 +228,32 @@ def test_a_node_with_another_state_key_leaves_the_clusters_sessions_alone(store_
     assert c.send(a, b"\x40\x02\x00\x03c", now=6.0) == [b"\x40\x02\x00\x03c"]  # a node with the key takes it
 
 
+def test_a_node_with_another_state_key_never_ends_a_live_sessions_copy(store_url):
+    """Found in review: a node that could not open a row took it and put it back as its own, so
+    the node holding the session live found no row of its own at its next batch and ended its
+    copy (the device's next records there went unanswered until it was restored).  A row is now
+    opened before it is taken: the wrong node leaves it as it was, owner and all."""
+    a, wrong = node(store_url), node(store_url, b"w" * 32)
+    c = Client()
+    assert c.handshake(a)
+    assert c.send(a, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
+    a.settle(1.0)
+    a.tick(1.1)  # the checkpoint: the row, a's
+    before = a.store.db.execute("SELECT peer, blob, owner FROM corem_dtls_sessions").fetchall()
+    assert c.send(wrong, b"\x40\x02\x00\x02b", now=5.0) == []  # a record the balancer sent astray
+    assert wrong.stats.sessions_lost == 1
+    assert a.store.db.execute("SELECT peer, blob, owner FROM corem_dtls_sessions").fetchall() == before
+    assert c.send(a, b"\x40\x02\x00\x03c", now=6.0) == [b"\x40\x02\x00\x03c"]
+    a.settle(6.0)
+    assert a.stats.sessions_taken_elsewhere == 0 and a.device(PEER) == DEVICE and a.stats.restored == 0
+
+
 def test_records_from_unknown_peers_cost_one_query_per_address_not_per_datagram(store_url):
     b = node(store_url)
     record = bytes([23, 0xFE, 0xFD, 0, 1]) + bytes(6) + b"\x00\x10" + bytes(16)
     calls = []
-    take = b.store.take
-    b.store.take = lambda key: calls.append(key) or take(key)  # type: ignore[method-assign]
+    peek = b.store.peek  # (a shared store's row is read, then taken only once opened)
+    b.store.peek = lambda key: calls.append(key) or peek(key)  # type: ignore[method-assign]
     for _ in range(50):
         assert b.receive(record, ("192.0.2.1", 4000), now=1.0) == []
     assert len(calls) == 1 and sum(b.stats.engine.records_dropped.values()) == 50

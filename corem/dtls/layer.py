@@ -672,6 +672,12 @@ class EngineServer:
         self.stats.sessions_expired += len(expired)
         return len(rows)
 
+    def _miss(self, key: bytes, now: float) -> None:
+        """(a shared store) Not asked for `key` again for MISS_TTL: no row, or none this node may take."""
+        if len(self._missed) >= MAX_MISSES:
+            self._missed = {k: t for k, t in self._missed.items() if t > now}
+        self._missed[key] = now + MISS_TTL
+
     def _restore_key(self, key: bytes, peer: Peer, now: float) -> Connection | None:
         if self.store.shared:
             if self._missed.get(key, 0.0) > now:
@@ -679,20 +685,24 @@ class EngineServer:
         elif key not in self.offloaded:
             return None
         self.offloaded.discard(key)
-        row = self.store.take(key)
+        shared = self.store.shared
+        # (a shared store's row is opened before it is taken: `peek`, then `take_unchanged` below)
+        row = self.store.peek(key) if shared else self.store.take(key)
         if row is None:
-            if self.store.shared:
-                if len(self._missed) >= MAX_MISSES:
-                    self._missed = {k: t for k, t in self._missed.items() if t > now}
-                self._missed[key] = now + MISS_TTL
+            if shared:
+                self._miss(key, now)
             return None
         self._missed.pop(key, None)
         _, blob, tenant, name, _, rx_top = row
         device = self.device_lookup(tenant, name) if tenant else None
         if tenant and device is None:  # the device was removed while its session slept
+            if shared:
+                self.store.take_unchanged(key, blob)
             self.stats.sessions_expired += 1
             return None
-        if not blob.startswith(BLOB_TAG):  # e.g. an mbedtls pickle: never unpickled here
+        if not blob.startswith(BLOB_TAG):  # e.g. an mbedtls pickle: never unpickled here, by any node
+            if shared:
+                self.store.take_unchanged(key, blob)
             self.stats.sessions_lost += 1
             return None
         # (by its CID: parked -- at no address, displacing nothing -- until a record authenticates:
@@ -709,16 +719,27 @@ class EngineServer:
             floor = min(int(self.wall() * 1000) * SEQ_PER_MS, SEQ_MAX - (1 << 24))
             if saved.write_seq < floor:
                 saved = dataclasses.replace(saved, write_seq=floor)
-            conn = self.engine.restore(saved, peer, now, parked=parked)
         except (DtlsDecodeError, ValueError):
             self.stats.sessions_lost += 1
-            if self.store.shared:  # (left for a node that can open it: this one's key may be wrong)
-                self.store.put([row])
-                self._missed[key] = now + MISS_TTL
+            if shared:  # (left untouched for a node that can open it: this one's key may be wrong)
+                self._miss(key, now)
                 if self._foreign_row_warning.due():
                     log.warning("a DTLS session of the shared store does not open with this node's dtls_state_key "
                                 "(or its device's credentials changed since): left there; if this repeats, is "
                                 "dtls_state_key the other nodes' key?")
+            return None
+        if shared:
+            # (taken only now, and only as it was opened: before, a node that could not open it took
+            # it and put it back as its own -- and the node that held it live ended its copy)
+            taken = self.store.take_unchanged(key, blob)
+            if taken is None:  # another node took it or saved it again since the peek
+                self._miss(key, now)
+                return None
+            rx_top = taken[5]
+        try:
+            conn = self.engine.restore(saved, peer, now, parked=parked)
+        except (DtlsDecodeError, ValueError):
+            self.stats.sessions_lost += 1
             return None
         if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
             conn.floor = rx_top  # (conn.newest counts it)

@@ -336,6 +336,27 @@ class SessionStore:
         self._ok()
         return True
 
+    def peek(self, key: bytes) -> Row | None:
+        """(a shared store) The row of `key`, left where it is: a node opens it before it takes it
+        (`take_unchanged`), so that one that cannot open it -- a wrong `dtls_state_key` -- never
+        takes it from the node that can, nor puts it back as its own."""
+        try:
+            return _row(self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone())
+        except self.db.Error as e:
+            self._failed(e)
+            return None
+
+    def take_unchanged(self, key: bytes, blob: bytes) -> Row | None:
+        """(a shared store) Remove and return the row of `key` if its state is still `blob` (what
+        `peek` read and the caller opened); None if another node took or saved it since.  Its
+        rx_top is the row's now (its owner may have raised it since the peek)."""
+        try:
+            return _row(self._run(f"DELETE FROM {{t}} WHERE peer = ? AND blob = ? RETURNING {_COLUMNS}",
+                                  (key, blob)).fetchone())
+        except self.db.Error as e:
+            self._failed(e)
+            return None
+
     def take(self, key: bytes) -> Row | None:
         """Remove and return the session of `key` (if its row cannot be deleted now, it is read
         and deleted at the next write that works), its rx_top raised to the marks logged for it
