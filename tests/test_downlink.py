@@ -156,6 +156,40 @@ def test_rpc_waits_for_an_observer_and_its_reply_comes_back(stack):
     assert statuses == ["delivered", "replied"]
 
 
+def test_a_reply_to_an_rpc_not_yet_delivered_ends_it_and_it_is_never_delivered(tmp_path):
+    """A device may answer a call before it was delivered to it (it polled or guessed the id, or its
+    reply overtook the notification).  The reply ends the call, as ThingsBoard's does: "replied" is
+    published once, the call leaves the queue (its place is free again) and is never delivered --
+    it was, afterwards, and "delivered" was published after "replied".  One-way calls alike."""
+    stack = Stack(tmp_path, max_queued=2)
+    dl, awake = stack.downlink, stack.device("awake")
+    call = dl.send_rpc(awake, "reboot", None, timeout=30)  # nobody observes: it waits in the queue
+    oneway = dl.send_rpc(awake, "blink", None, timeout=30, oneway=True)
+    assert call.status == oneway.status == "queued" and dl.queued(awake)["rpc"] == 2
+    [reply] = stack.send(Code.POST, f"api/v1/TA/rpc/{call.id}", payload=b'{"ok": true}', cf=50)
+    assert reply.code == Code.CHANGED and call.status == "replied" and call.response == {"ok": True}
+    assert call.done.is_set() and dl.queued(awake)["rpc"] == 1
+    assert dl.reply(awake, oneway.id, "done") and oneway.status == "replied" and oneway.done.is_set()
+    assert dl.queued(awake)["rpc"] == 0 and dl._rpcs == {} and dl._device_rpcs == {}
+    [again] = stack.send(Code.POST, f"api/v1/TA/rpc/{call.id}", payload=b"{}", cf=50)
+    assert again.code == Code.NOT_FOUND  # ended once
+    later = dl.send_rpc(awake, "later", None, timeout=30)  # the queue's places are free again
+    last = dl.send_rpc(awake, "last", None, timeout=30)
+    # the device observes its RPCs: only what it did not answer reaches it
+    [answer] = stack.send(Code.GET, "api/v1/TA/rpc", observe=0)
+    assert answer.code == Code.CONTENT
+    notes = stack.tick(0.1)
+    assert [json.loads(bytes(n.payload))["method"] for n in notes] == ["later", "last"]
+    assert call.status == oneway.status == "replied" and later.status == "delivered"
+    results = [(r["id"], r["status"]) for r in stack.sink.topics("commands.results.acme")]
+    assert results == [(call.id, "replied"), (oneway.id, "replied"), (later.id, "delivered"),
+                       (last.id, "delivered")]
+    assert dl.stats.rpc_replied == 2 and dl.stats.rpc_sent == 2
+    assert list(dl._device_rpcs[("acme", "awake")]) == list(dl._rpcs) == [later.id, last.id]
+    stack.tick(40.0)  # their deadlines: nothing in flight, nothing indexed, nothing queued
+    assert dl._rpcs == {} and dl._device_rpcs == {} and dl.queued(awake)["rpc"] == 0
+
+
 def test_rpc_polling_expiry_and_queue_bound(tmp_path):
     stack = Stack(tmp_path, max_queued=2)
     awake = stack.device("awake")

@@ -77,7 +77,9 @@ class RpcCall:
         self.oneway = oneway
         self.done = trio.Event()
         self.response: Any = None
-        self.status = "queued"  # queued -> delivered -> replied | expired
+        #: queued -> delivered -> replied | expired; a queued call may be replied or expire at once
+        #: (`Downlink.reply`, `Downlink.forget`): it then leaves the queue and is never delivered
+        self.status = "queued"
 
 
 class DeviceQueue:
@@ -201,7 +203,15 @@ class Downlink:
         self._due.add((device.tenant, device.device))
 
     def reply(self, device: Device, rpc_id: int, response: Any) -> bool:
-        """The device answered RPC `rpc_id` (ThingsBoard: POST /rpc/{id})."""
+        """The device answered RPC `rpc_id` (ThingsBoard: POST /rpc/{id}); False if no such call
+        waits for this device.
+
+        A reply to a call not yet delivered (the device polled or guessed its id, or its reply
+        overtook the notification) ends it as a reply to a delivered one does: it leaves the
+        device's queue (`_release`), is never delivered, and "replied" is its one result.  That is
+        ThingsBoard's rule -- its device actor keeps sent and unsent calls in one pending map, which
+        a response empties whether the call went out or not -- and refusing it would answer 4.04 to
+        a device that did answer, then send it the call it answered."""
         call = self._rpcs.get(rpc_id)
         if call is None or call.device.tenant != device.tenant or call.device.device != device.device:
             return False
@@ -474,7 +484,10 @@ class Downlink:
 
     def _release(self, call: RpcCall) -> bool:
         """`call` is no longer in flight (replied, delivered one-way, expired); False if it was not.
-        A device's entry goes with its last call: the index holds no more devices than calls."""
+        It leaves every table that holds it, here and nowhere else: by id, by device -- whose entry
+        goes with its last call: the index holds no more devices than calls -- and, not delivered
+        yet, its device's queue: a call that ended is never delivered afterwards (nor does it take
+        a place in the queue)."""
         if self._rpcs.pop(call.id, None) is None:
             return False
         key = (call.device.tenant, call.device.device)
@@ -482,14 +495,15 @@ class Downlink:
         del calls[call.id]
         if not calls:
             del self._device_rpcs[key]
+        if call.status == "queued":
+            q = self._queues.get(key)
+            if q is not None and call in q.rpcs:
+                q.rpcs.remove(call)
         return True
 
     def _expire_rpc(self, call: RpcCall) -> None:
         if not self._release(call):
             return
-        q = self._queues.get((call.device.tenant, call.device.device))
-        if q is not None and call in q.rpcs:
-            q.rpcs.remove(call)
         call.status = "expired"
         self.stats.rpc_expired += 1
         self._publish(call.device, {"id": call.id, "type": "rpc", "method": call.method, "status": "expired"})
