@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
+from functools import partial
+from types import SimpleNamespace
 
 import trio
 
@@ -319,3 +322,144 @@ async def test_libcoap_follows_a_large_state_block_wise_and_learns_when_it_is_go
     assert "-FIRST-CHANGE-END" in out, out  # libcoap fetched the blocks after the first
     assert "Block2" in out and "c:4.04" in out, out  # (the code as -v 6 prints it, not a log time)
     assert "AFTER" not in out and len(observers) == 0
+
+
+class _Unwalked(dict):
+    """The table of every observation, asked by key but never walked."""
+
+    def _walked(self, *args, **kwargs):
+        raise AssertionError("every observation was walked")
+
+    __iter__ = values = items = keys = _walked
+
+
+class Fleet:
+    """Devices' registrations as `revoke` reads them (`current`), with a count of what it read:
+    each owner asked, each grant read off a registration."""
+
+    def __init__(self) -> None:
+        self.devices: dict[tuple[str, str], dict] = {}
+        self.asked: list[tuple[str, str]] = []
+        self.reads = 0
+
+    def current(self, owner):
+        self.asked.append(owner)
+        return self.devices.get(owner)
+
+    def token(self, device: dict) -> str:
+        self.reads += 1
+        return device["token"]
+
+
+def observe_as(observers: Observers, fleet: Fleet, owner, host: str, token: bytes, resource: str,
+               granted: bool = True) -> None:
+    """A door's registration for `owner` (None: no device named), granted on its token."""
+    req = SimpleNamespace(peer=(host, 5683), token=token, protect=None, message=None)
+    grant = (fleet.token, fleet.devices[owner]["token"]) if owner is not None and granted else None
+    assert observers.register(req, resource, 0.0, owner, grant) is not None
+
+
+def revoke_by_walk(observers: Observers, current, owners) -> int:
+    """`Observers.revoke` as it was: a walk over every observation, whichever owners are named (the
+    reference the indexed one must agree with)."""
+    asked = None if owners is None else set(owners)
+    now: dict = {}
+    ended = 0
+    for key, obs in list(observers._by_key.items()):
+        if obs.owner is None or (asked is not None and obs.owner not in asked):
+            continue
+        if obs.owner not in now:
+            now[obs.owner] = current(obs.owner)
+        device = now[obs.owner]
+        if device is not None and (obs.grant is None or obs.grant[0](device) == obs.grant[1]):
+            continue
+        observers._tell_revoked(obs)
+        observers._remove(key)
+        ended += 1
+    observers.stats.revoked += ended
+    return ended
+
+
+def test_revoking_named_devices_reads_their_own_observations_only():
+    """A registry change of one device among 2,000 (6,000 observations, and some no device made)
+    reads that device's observations and asks for that device only: `revoke` walked every
+    observation at each change, whichever devices were named.  Counted, not timed: the table of
+    every observation may be asked by key but not walked, and the grants read are the device's."""
+    ep = Endpoint(Params(), rng=lambda: 0.0)
+    observers = Observers(ep, max_total=1 << 20, max_per_resource=1 << 20, max_per_source=1 << 20)
+    fleet = Fleet()
+    for i in range(2000):
+        owner = ("acme", f"d{i}")
+        fleet.devices[owner] = {"token": f"T{i}"}
+        for n, resource in enumerate(("attributes", "rpc", "ps/alerts")):
+            observe_as(observers, fleet, owner, f"10.{i // 250}.{i % 250}.{n}", b"t%d" % n, f"{resource}:{i}")
+    for n in range(50):
+        observe_as(observers, fleet, None, f"192.0.2.{n}", b"anon", "thermo")
+    assert len(observers) == 6050
+    ep.datagrams_to_send()
+    observers._by_key = _Unwalked(observers._by_key)
+
+    fleet.devices["acme", "d7"] = {"token": "T7-rotated"}  # its credential rotated
+    assert observers.revoke(fleet.current, [("acme", "d7"), ("acme", "d7"), ("acme", "never-seen")]) == 3
+    assert fleet.asked == [("acme", "d7")] and fleet.reads == 3
+    told = sorted((peer, decode(data).token, decode(data).code) for data, peer in ep.datagrams_to_send())
+    assert told == [((f"10.0.7.{n}", 5683), b"t%d" % n, Code.UNAUTHORIZED) for n in range(3)]
+    fleet.asked, fleet.reads = [], 0
+    assert observers.revoke(fleet.current, [("acme", "d8")]) == 0  # unchanged: its observations stay
+    assert fleet.asked == [("acme", "d8")] and fleet.reads == 3 and ep.datagrams_to_send() == []
+    del fleet.devices["acme", "d9"]  # removed: ended without a grant read
+    fleet.asked, fleet.reads = [], 0
+    assert observers.revoke(fleet.current, {("acme", "d9")}) == 3 and fleet.reads == 0
+    assert observers.revoke(fleet.current, [("acme", "d7")]) == 0 and fleet.asked == [("acme", "d9")]
+    assert len(dict.keys(observers._by_key)) == 6044 and observers.stats.revoked == 6
+    assert ("acme", "d7") not in observers._per_owner and len(observers._per_owner[("acme", "d8")]) == 3
+
+
+def test_revoking_ends_what_the_walk_over_every_observation_ended():
+    """The same observations end, each observer told alike, as with the walk `revoke` was, for
+    named devices and for any (None): random fleets, registrations with and without a grant or a
+    device, sessions that moved, credentials rotated, devices removed and added again.  The index
+    by owner stays each owner's observations, in the order made, and holds no owner without one."""
+    rng = random.Random(7)
+    for _ in range(40):
+        sides = []
+        for _side in range(2):
+            ep = Endpoint(Params(), rng=lambda: 0.0)
+            unbounded = dict.fromkeys(("max_total", "max_per_resource", "max_per_source", "max_per_owner"),
+                                      1 << 20)
+            sides.append((ep, Observers(ep, **unbounded), Fleet()))
+        owners = [("acme", f"d{i}") for i in range(rng.randint(1, 12))]
+        plan = [(rng.choice([*owners, None]), f"198.51.100.{rng.randrange(20)}", bytes([rng.randrange(4)]),
+                 rng.choice(("a", "b", "c")), rng.random() < 0.8) for _ in range(rng.randint(0, 60))]
+        moves = [(f"198.51.100.{rng.randrange(20)}", f"198.51.100.{rng.randrange(20)}") for _ in range(3)]
+        for _round in range(4):
+            changes = {o: rng.choice(("same", "rotated", "gone")) for o in owners}
+            pool = [*owners, ("acme", "ghost")]
+            named = None if rng.random() < 0.3 else rng.sample(pool, rng.randint(0, min(4, len(pool))))
+            results = []
+            for side, (ep, observers, fleet) in enumerate(sides):
+                for o in owners:
+                    fleet.devices.setdefault(o, {"token": f"T-{o[1]}"})
+                for owner, host, token, resource, granted in plan:
+                    observe_as(observers, fleet, owner, host, token, resource, granted)
+                for old, new in moves:
+                    observers.moved((old, 5683), (new, 5683))
+                ep.datagrams_to_send()
+                for o, change in changes.items():
+                    if change == "rotated":
+                        fleet.devices[o] = {"token": fleet.devices[o]["token"] + "'"}
+                    elif change == "gone":
+                        fleet.devices.pop(o, None)
+                revoke = observers.revoke if side else partial(revoke_by_walk, observers)
+                ended = revoke(fleet.current, named)
+                told = [(peer, m.token, m.code, bytes(m.payload)) for m, peer in
+                        ((decode(data), peer) for data, peer in ep.datagrams_to_send())]
+                results.append((ended, sorted(told), list(observers._by_key), observers.stats,
+                                sorted(fleet.asked)))
+                by_owner: dict = {}
+                for key, obs in observers._by_key.items():
+                    if obs.owner is not None:
+                        by_owner.setdefault(obs.owner, []).append(key)
+                assert {o: list(keys) for o, keys in observers._per_owner.items()} == by_owner
+                fleet.asked = []
+            assert results[0] == results[1]

@@ -103,7 +103,10 @@ class Observers:
         self.max_per_source = max_per_source
         #: one device's registrations, from however many addresses: it cannot take the whole table
         self.max_per_owner = max_per_owner
-        self._per_owner: Counter[Hashable] = Counter()
+        #: owner -> the keys of its observations, in the order made (a dict as an ordered set): its
+        #: count is what `max_per_owner` bounds, and what `revoke` of named owners reads -- their own
+        #: observations, found without a walk over everyone's
+        self._per_owner: dict[Hashable, dict[tuple[Peer, bytes], None]] = {}
         #: (owner, resource) -> the keys of that owner's observations of it: what a registration
         #: that replaces them (`register`'s `replace`) ends, found without a walk
         self._owned: dict[tuple[Hashable, str], set[tuple[Peer, bytes]]] = {}
@@ -157,7 +160,7 @@ class Observers:
             len(self._by_key) - freed >= self.max_total
             or self.observers(resource) - freed >= self.max_per_resource
             or self._per_source[host] - freed_here >= self.max_per_source
-            or (owner is not None and self._per_owner[owner] - freed >= self.max_per_owner)
+            or (owner is not None and len(self._per_owner.get(owner, ())) - freed >= self.max_per_owner)
         ):
             self.stats.refused += 1
             return None
@@ -195,23 +198,26 @@ class Observers:
         did when it registered (`grant`) -- a token or key rotated, the device removed and added
         again, its topics narrowed: its downlink must not reach whoever holds what was revoked.  The
         observer is told once, 4.01 without Observe (RFC 7641 §3.2: a non-2.xx ends it); a device
-        that still may observe registers again.  Returns how many ended."""
-        if owners is not None and not any(o in self._per_owner for o in owners):
-            return 0  # (the usual registry change: no observer of theirs here)
-        asked = None if owners is None else set(owners)
-        now: dict[Hashable, Any] = {}
+        that still may observe registers again.  Returns how many ended.
+
+        Named owners cost their own observations only (`_per_owner`), each owner read once: every
+        registry change calls this, most of them for a device or a few, and one device's change must
+        not cost a walk over every observation of the fleet.  An owner's observations are looked at
+        in the order made; `current` is asked only of owners that observe here."""
+        asked = list(self._per_owner) if owners is None else dict.fromkeys(owners)
         ended = 0
-        for key, obs in list(self._by_key.items()):
-            if obs.owner is None or (asked is not None and obs.owner not in asked):
-                continue
-            if obs.owner not in now:
-                now[obs.owner] = current(obs.owner)
-            device = now[obs.owner]
-            if device is not None and (obs.grant is None or obs.grant[0](device) == obs.grant[1]):
-                continue
-            self._tell_revoked(obs)
-            self._remove(key)
-            ended += 1
+        for owner in asked:
+            keys = self._per_owner.get(owner)
+            if not keys:
+                continue  # (the usual registry change: no observer of theirs here)
+            device = current(owner)
+            for key in list(keys):
+                obs = self._by_key[key]
+                if device is not None and (obs.grant is None or obs.grant[0](device) == obs.grant[1]):
+                    continue
+                self._tell_revoked(obs)
+                self._remove(key)
+                ended += 1
         self.stats.revoked += ended
         return ended
 
@@ -239,7 +245,7 @@ class Observers:
         self._by_resource.setdefault(obs.resource, {})[key] = obs
         self._per_source[source_host(obs.peer)] += 1
         if obs.owner is not None:
-            self._per_owner[obs.owner] += 1
+            self._per_owner.setdefault(obs.owner, {})[key] = None
             self._owned.setdefault((obs.owner, obs.resource), set()).add(key)
         self._by_peer.setdefault(obs.peer, set()).add(obs.token)
 
@@ -260,8 +266,9 @@ class Observers:
         if not self._per_source[host]:
             del self._per_source[host]
         if obs.owner is not None:
-            self._per_owner[obs.owner] -= 1
-            if not self._per_owner[obs.owner]:
+            mine = self._per_owner[obs.owner]
+            del mine[key]
+            if not mine:
                 del self._per_owner[obs.owner]
             owned = self._owned[(obs.owner, obs.resource)]
             owned.discard(key)
