@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from typing import Any, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
-from ..codec import Block, Code, Message, OptionNumber, encode_uint
+from ..codec import Block, Code, Message, OptionNumber, decode_uint, encode_uint
 from ..stats import Sample, counter, gauge
 from .conditional import etag_of
-from .endpoint import source_host
+from .peers import source_host
 from .response import Response
 
 #: 1024-byte blocks unless the client asks for smaller: fits a 1280-byte IPv6 MTU with headers.
@@ -124,6 +124,44 @@ def block2(msg: Message, response: Response) -> Response:
     except ValueError:  # szx 7 is reserved
         return type(response)(Code.BAD_OPTION, b"block2: szx 7 is reserved")
     return _block(response, asked, msg.size2 is not None)
+
+
+def fitted(response: Response, fits: Callable[[Response], bool]) -> Response | None:
+    """`response` as it goes to a peer whose address is not verified, where a message may be only
+    so large (`fits`: corem/coap/endpoint.py's AMPLIFICATION_FACTOR times a request): as it is if
+    it fits; else, a 2.05, as the largest Block2 block that fits -- block 0 of the whole
+    representation with its ETag and Size2, as `_block` cuts it, or, when `response` is a block
+    already (it carries Block2: `block2` cut it), a smaller block at the same offset, its ETag and
+    Size2 as they are; None when not even a 16-byte block fits, or for another code (a POST's 2.04
+    cannot go on block-wise: the router serves the later blocks of a GET only).  What the peer
+    reads next is its own Block2 request, cut from the same representation (`Representations`)."""
+    if fits(response):
+        return response
+    if response.code != Code.CONTENT:
+        return None
+    length = len(response.payload)
+    given = next((bytes(v) for n, v in response.options or () if n == OptionNumber.BLOCK2), None)
+    within = None if given is None else Block.from_uint(decode_uint(given))
+    for szx in range(MAX_SZX if within is None else within.szx, -1, -1):
+        if 1 << (szx + 4) >= length:
+            continue  # (no smaller than what did not fit)
+        if within is None:
+            piece = _block(response, Block(0, True, szx), False)
+        else:
+            piece = _smaller(response, within, szx)
+        if fits(piece):
+            return piece
+    return None
+
+
+def _smaller(response: Response, block: Block, szx: int) -> Response:
+    """A block of size exponent `szx` (smaller than `block`'s) at the offset of `block`, which
+    `response` carries: the same representation, so the same ETag and Size2."""
+    options = [o for o in response.options or () if o[0] != OptionNumber.BLOCK2]
+    num = block.num << (block.szx - szx)
+    options.append((OptionNumber.BLOCK2, encode_uint(Block(num, True, szx).to_uint())))
+    options.sort(key=lambda o: o[0])
+    return type(response)(response.code, bytes(response.payload[: 1 << (szx + 4)]), options)
 
 
 def _block(response: Response, asked: Block | None, size2_asked: bool) -> Response:

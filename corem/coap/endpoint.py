@@ -27,16 +27,15 @@ import heapq
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from ..codec import Block, Code, Message, MessageFormatError, OptionNumber, Options, Type, code_str, decode, encode
-from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, decode_uint, encode_uint, option_label
+from ..codec import Code, Message, MessageFormatError, Options, Type, code_str, decode, encode
+from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
 from ..latency import Latency
 from ..stats import Histogram, Sample, counter, fields, gauge
-from .conditional import etag_of
+from .blockwise import fitted
+from .peers import Peer
 from .response import Response
-
-Peer = Hashable
 
 #: On plain UDP (`Params.limit_error_size`), an answer from a door whose routes need no credentials
 #: (`OPEN_DOORS`) is at most this many times the size of its request (RFC 7252 §11.3): a forged
@@ -47,10 +46,6 @@ AMPLIFICATION_FACTOR = 3
 #: users' own resources (corem.coap.site), Efento's time (/t)
 OPEN_DOORS = frozenset({"discovery", "site", "efento"})
 
-
-def source_host(peer: Peer) -> Hashable:
-    """The host a peer address is from (its port left out): what per-source bounds count by."""
-    return peer[0] if isinstance(peer, tuple) else peer
 #: an exchange: (peer, message id)
 Key = tuple[Peer, int]
 
@@ -94,6 +89,16 @@ class Params:
         for name in ("max_retransmit", "dedup_max_entries", "max_outstanding"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def fit_error(size: int, mid: int, token: bytes, code: int, options: Options | None, payload: bytes) -> bytes:
+    """An error's diagnostic payload, cut so that the message is no larger than the request it
+    answers (`size` bytes): a forged source address must not turn corem into an amplifier (RFC 7252
+    §11.3).  The endpoint cuts its error answers so, and corem/coap/observe.py an error notification
+    to an observer whose address is not verified."""
+    overhead = len(encode(Message(ACK, code, mid, token, options, b"x"))) - 1
+    room = size - overhead
+    return payload[:room] if room > 0 else b""
 
 
 class Request:
@@ -545,7 +550,7 @@ class Endpoint:
         code, options, payload = req.final(code, options, payload)
         if payload and self.params.limit_error_size:
             if code >= 0x80:
-                payload = self._fit(req.size, req.mid, token, code, options, payload)
+                payload = fit_error(req.size, req.mid, token, code, options, payload)
             elif req.door in OPEN_DOORS and req.protect is None:
                 code, options, payload = self._bound(req, code, options, payload)
         if req.confirmable and state == PENDING:
@@ -573,55 +578,27 @@ class Endpoint:
         piggyback timeout."""
         mid = self.next_mid()
         if payload and code >= 0x80 and self.params.limit_error_size:
-            payload = self._fit(request_size, mid, token, code, options, payload)
+            payload = fit_error(request_size, mid, token, code, options, payload)
         self.send_confirmable(encode(Message(CON, code, mid, token, options, payload)), peer, mid, token, None, code)
-
-    @staticmethod
-    def _fit(size: int, mid: int, token: bytes, code: int, options: Options | None, payload: bytes) -> bytes:
-        """Cut an error's diagnostic payload so that the answer is no larger than the request
-        (`size` bytes): a forged source address must not turn corem into an amplifier (RFC 7252 §11.3)."""
-        overhead = len(encode(Message(ACK, code, mid, token, options, b"x"))) - 1
-        room = size - overhead
-        return payload[:room] if room > 0 else b""
 
     @staticmethod
     def _bound(
         req: Request, code: int, options: Options | None, payload: bytes
     ) -> tuple[int, Options | None, bytes]:
         """The answer to `req` within AMPLIFICATION_FACTOR times its size: as it is, or -- a GET's 2.05
-        -- cut to the largest Block2 block that fits (block 0 of the whole representation, with its ETag and
-        Size2, or a smaller block at the same offset of a block the router already cut); if not
-        even a 16-byte block fits, 4.01 without a payload (RFC 9175 §2.4 answers so until the
-        address is verified: DTLS or OSCORE verify it)."""
+        -- cut to the largest Block2 block that fits (`blockwise.fitted`: block 0 of the whole
+        representation with its ETag and Size2, or a smaller block at the same offset of a block the
+        router already cut); if not even a 16-byte block fits, 4.01 without a payload (RFC 9175 §2.4
+        answers so until the address is verified: DTLS or OSCORE verify it)."""
         bound = AMPLIFICATION_FACTOR * req.size
 
-        def fits(opts: Options | None, body: bytes) -> bool:
-            return len(encode(Message(ACK, code, req.mid, req.token, opts, body))) <= bound
+        def fits(answer: Response) -> bool:
+            return len(encode(Message(ACK, answer.code, req.mid, req.token, answer.options, answer.payload))) <= bound
 
-        if fits(options, payload):
-            return code, options, payload
-        if code != Code.CONTENT:  # (a GET's 2.05 alone goes on block-wise: the router serves its
-            return Code.UNAUTHORIZED, None, b""  # later blocks; a POST's would run the handler again)
-        rest = [o for o in options or [] if o[0] != OptionNumber.BLOCK2]
-        given = next((bytes(v) for n, v in options or [] if n == OptionNumber.BLOCK2), None)
-        if given is not None:  # already a block (the router's block2): a smaller one at its offset
-            block = Block.from_uint(decode_uint(given))
-            num, top = block.num, block.szx
-        else:  # the whole representation: block 0, as blockwise._block makes it
-            num, top = 0, 6
-            if not any(n == OptionNumber.ETAG for n, _ in rest):
-                rest.append((OptionNumber.ETAG, etag_of(Response(code, payload, options))))
-            rest = [o for o in rest if o[0] != OptionNumber.SIZE2]
-            rest.append((OptionNumber.SIZE2, encode_uint(len(payload))))
-        for szx in range(top, -1, -1):
-            piece = payload[: 1 << (szx + 4)]
-            if len(piece) == len(payload):
-                continue  # no smaller than what did not fit
-            opts = sorted([*rest, (OptionNumber.BLOCK2, encode_uint(Block(num << (top - szx), True, szx).to_uint()))],
-                          key=lambda o: o[0])
-            if fits(opts, piece):
-                return code, opts, piece
-        return Code.UNAUTHORIZED, None, b""
+        answer = fitted(Response(code, payload, options), fits)
+        if answer is None:
+            return Code.UNAUTHORIZED, None, b""
+        return answer.code, answer.options, answer.payload
 
     def _settle(self, req: Request) -> None:
         """Replace the answered exchange by an untracked tuple (still there for duplicates)."""

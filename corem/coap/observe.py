@@ -24,7 +24,8 @@ from typing import Any, Callable, Collection, Hashable, Iterator
 from ..codec import Code, Message, OptionNumber, Options, Type, encode, encode_uint
 from ..stats import Sample, counter, gauge
 from .blockwise import Representations, first_block, requester, worth_keeping
-from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset, source_host
+from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset
+from .peers import source_host
 from .response import Response
 
 Peer = Hashable

@@ -22,7 +22,8 @@ from .blockwise import Block1Uploads, Representations, Upload, block2, requester
 from .response import Response, refusal
 
 __all__ = ["Handler", "Response", "Router"]
-from .endpoint import Request, source_host
+from .endpoint import Request
+from .peers import source_host
 
 log = logging.getLogger("corem.coap")
 

@@ -53,7 +53,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final, Generic, Hashable, Iterator, TypeVar
 
-from ..coap.endpoint import source_host
+from ..coap.peers import source_host
 
 Peer = Hashable
 K = TypeVar("K", bound=Hashable)

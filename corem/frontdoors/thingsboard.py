@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator
 from ..bus import topics
 from ..bus.base import publish_json
 from ..coap.conditional import conditional, etag_of, evaluate, with_etag
-from ..coap.endpoint import Request, source_host
+from ..coap.endpoint import Request
 from ..coap.observe import Observers, answer_observe
+from ..coap.peers import source_host
 from ..coap.resources import Response, Router
 from ..coap.response import RETRY_AFTER
 from ..codec import Code, OptionNumber, encode_uint
