@@ -82,6 +82,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_coap_observe_refused": (C, "Observe registrations refused by the bounds."),
     "corem_coap_observe_notifications": (C, "Notifications sent."),
     "corem_coap_observe_lost": (C, "Observations ended by RST or an unacknowledged notification."),
+    "corem_coap_observe_held": (
+        C, "Notifications that waited for an observer at an unverified address (plain UDP) to "
+           "acknowledge its previous one."),
     "corem_coap_observe_revoked": (
         C, "Observations ended because their device was removed, or its credentials or topics changed."),
     "corem_coap_responses": (C, "Messages sent by code (0.00 = empty ACK/RST)."),

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import trio
 
-from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode
+from corem.codec import Block, Code, Message, OptionNumber as O, Type, decode, encode, encode_uint
 from corem.coap import Endpoint, Params, Response, Router
 from corem.coap.observe import Observers, answer_observe
 from corem.coap.site import Resource, Site
@@ -40,11 +40,13 @@ class Plain(Resource):
         return Response(Code.CREATED)
 
 
-def stack(**obs):
+def stack(verified=False, keep=False, **obs):
+    """Plain CoAP (an address nothing verified), or `verified`: as behind DTLS or TCP; `keep`: a
+    notification's later blocks are kept for its observer (as the server wires it)."""
     clock = [0.0]
-    ep = Endpoint(Params(), rng=lambda: 0.0)
+    ep = Endpoint(Params(limit_error_size=not verified), rng=lambda: 0.0)
     router = Router()
-    observers = Observers(ep, **obs)
+    observers = Observers(ep, representations=router.representations if keep else None, **obs)
     site = Site(clock=lambda: clock[0])
     site.mount(router, observers)
     thermo = Thermo()
@@ -58,6 +60,18 @@ def request(ep, router, code, path, token=b"t1", mid=1, observe=None, payload=b"
     return exchange(ep, router, Message(Type.CON, code, mid, token, sorted(opts), payload), peer)
 
 
+def acknowledge(ep, observers, sent, now=1.0):
+    """The observer acknowledges the confirmable ones of `sent` (datagrams to it), as a genuine one
+    at that address does; returns them decoded."""
+    notes = [decode(data) for data, _ in sent]
+    for note, (_, peer) in zip(notes, sent):
+        if note.type == Type.CON:
+            assert ep.receive(encode(Message(Type.ACK, 0, note.mid)), peer, now) is None
+    while (event := ep.next_event()) is not None:
+        observers.handle(event)
+    return notes
+
+
 def test_register_notify_and_deregister():
     ep, router, observers, thermo, clock = stack()
     first = request(ep, router, Code.GET, "thermo", observe=0)
@@ -65,10 +79,18 @@ def test_register_notify_and_deregister():
     assert len(observers) == 1
     thermo.value = b"21"
     thermo.changed()
-    [(data, peer)] = ep.datagrams_to_send()
+    [(data, peer)] = sent = ep.datagrams_to_send()
     note = decode(data)
-    assert peer == PEER and note.type == Type.NON and note.token == b"t1" and bytes(note.payload) == b"21"
+    # (plain CoAP: confirmable until the observer's ACK shows its address receives what is sent there)
+    assert peer == PEER and note.type == Type.CON and note.token == b"t1" and bytes(note.payload) == b"21"
     assert note.observe > first.observe  # increasing sequence numbers (§4.4)
+    acknowledge(ep, observers, sent)
+    thermo.value = b"22"
+    thermo.changed()
+    [(data, peer)] = ep.datagrams_to_send()
+    later = decode(data)
+    assert peer == PEER and later.type == Type.NON and bytes(later.payload) == b"22"
+    assert later.observe > note.observe
     request(ep, router, Code.GET, "thermo", observe=1, mid=2)  # deregister (§3.6)
     assert len(observers) == 0
     thermo.changed()
@@ -143,7 +165,7 @@ def test_a_plain_get_or_a_refused_registration_has_no_observe_option():
 
 
 def test_every_nth_notification_is_confirmable_and_rst_or_silence_end_the_observation():
-    ep, router, observers, thermo, clock = stack(con_every=3)
+    ep, router, observers, thermo, clock = stack(verified=True, con_every=3)
     request(ep, router, Code.GET, "thermo", observe=0)
     types = []
     for _ in range(3):
@@ -172,6 +194,112 @@ def test_every_nth_notification_is_confirmable_and_rst_or_silence_end_the_observ
         while (event := ep.next_event()) is not None:
             observers.handle(event)
     assert len(observers) == 0 and observers.stats.lost == 3
+
+
+def test_a_forged_registration_costs_its_victim_a_few_bounded_datagrams_then_nothing():
+    """Plain UDP cannot tell a forged source: a GET with Observe from the victim's address
+    registered the victim, and every later state went to it whole -- one 20-byte request bought a
+    stream of 600-byte notifications for as long as the resource changed.  Until an observer's
+    address acknowledges a confirmable notification each one is confirmable, within 3 times the
+    registering request, and only one is in flight; unacknowledged, it ends the observation."""
+    from corem.coap.endpoint import AMPLIFICATION_FACTOR
+
+    ep, router, observers, thermo, clock = stack()
+    victim = ("203.0.113.7", 5683)
+    thermo.value = b"v" * 600
+    msg = Message(Type.CON, Code.GET, 1, b"t1", [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+    exchange(ep, router, msg, victim)  # (its answer: the site's, bounded by the endpoint as before)
+    assert len(observers) == 1
+    bound = AMPLIFICATION_FACTOR * len(encode(msg))
+    sent = []
+    for t in range(1, 300):  # the state changes every second; the victim never answers
+        clock[0] = float(t)
+        ep.tick(float(t))
+        while (event := ep.next_event()) is not None:
+            observers.handle(event)
+        thermo.value = b"%03d" % t + b"v" * 597
+        thermo.changed()
+        sent += [(t, data) for data, peer in ep.datagrams_to_send() if peer == victim]
+    assert all(len(data) <= bound for _, data in sent), [len(data) for _, data in sent]
+    assert {decode(data).type for _, data in sent} == {Type.CON}
+    # one notification, retransmitted MAX_RETRANSMIT times (2 + 4 + 8 + 16 s apart), then nothing more
+    assert len(sent) == 1 + ep.params.max_retransmit and len({decode(data).mid for _, data in sent}) == 1
+    assert sent[-1][0] < 60 and len(observers) == 0 and observers.stats.lost == 1
+
+
+def test_a_genuine_observer_on_plain_udp_gets_whole_notifications_once_it_acknowledges_one():
+    """Its first notification is a block within 3 times its request (the rest kept for its Block2
+    GETs); the states that come before it acknowledges wait, then follow whole; from then on
+    notifications are whole and non-confirmable, as behind DTLS."""
+    from corem.coap.endpoint import AMPLIFICATION_FACTOR
+
+    ep, router, observers, thermo, clock = stack(keep=True)
+    msg = Message(Type.CON, Code.GET, 1, b"t1", [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+    exchange(ep, router, msg, PEER)
+    bound = AMPLIFICATION_FACTOR * len(encode(msg))
+    states = [bytes([65 + n]) * 600 for n in range(4)]  # AAA..., BBB..., CCC..., DDD...
+    thermo.value = states[0]
+    thermo.changed()
+    [(data, peer)] = sent = ep.datagrams_to_send()
+    first = decode(data)
+    assert peer == PEER and first.type == Type.CON and len(data) <= bound
+    assert first.block2.num == 0 and first.block2.more and first.size2 == 600 and first.observe is not None
+    for state in states[1:3]:  # before its ACK: nothing more goes to that address
+        thermo.value = state
+        thermo.changed()
+    assert ep.datagrams_to_send() == [] and observers.stats.held == 2
+    # the rest of the first state is read block-wise, from what was notified (not the state now)
+    got, num = bytes(first.payload), 1
+    while True:
+        asked = encode_uint(Block(num, False, first.block2.szx).to_uint())
+        opts = sorted([(O.URI_PATH, b"thermo"), (O.BLOCK2, asked)])
+        part = exchange(ep, router, Message(Type.CON, Code.GET, 10 + num, b"b", opts), PEER)
+        assert part.etag == first.etag and part.block2.offset == len(got)
+        got += bytes(part.payload)
+        num = len(got) // part.block2.size
+        if not part.block2.more:
+            break
+    assert got == states[0]
+    # it acknowledges: what waited follows, whole, in order; then each new state, whole
+    notes = acknowledge(ep, observers, sent)
+    assert notes == [first] and ep.outstanding == 0
+    thermo.value = states[3]
+    thermo.changed()
+    later = [decode(data) for data, _ in ep.datagrams_to_send()]
+    assert [bytes(m.payload) for m in later] == states[1:]
+    assert all(m.type == Type.NON and m.block2 is None for m in later)
+    assert first.observe < later[0].observe < later[1].observe < later[2].observe
+
+
+def test_an_unverified_observer_no_block_fits_for_is_told_401_and_ends():
+    """A registration so small that not even a 16-byte block of a notification fits 3 times it:
+    one bare 4.01 (no larger than the request), and the observation ends (RFC 9175 §2.4)."""
+    ep, router, observers, thermo, clock = stack()
+    msg = Message(Type.CON, Code.GET, 1, b"", [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+    exchange(ep, router, msg)
+    assert len(observers) == 1
+    thermo.value = b"x" * 100
+    thermo.changed()
+    [(data, _)] = ep.datagrams_to_send()
+    told = decode(data)
+    assert told.code == Code.UNAUTHORIZED and told.observe is None and len(data) <= len(encode(msg))
+    assert len(observers) == 0
+    thermo.changed()
+    assert ep.datagrams_to_send() == []
+
+
+def test_unverified_observers_take_half_the_messages_awaiting_ack_at_most():
+    """Forged registrations cost nothing to make: their confirmable notifications may not fill the
+    endpoint's table of messages awaiting ACK, which separate answers to readings need too."""
+    ep = Endpoint(Params(max_outstanding=4), rng=lambda: 0.0)
+    observers = Observers(ep)
+    for n in range(3):
+        msg = Message(Type.CON, Code.GET, 1, b"t", [(O.URI_PATH, b"x"), (O.OBSERVE, b"")])
+        answer_observe(observers, ep.receive(encode(msg), (f"203.0.113.{n}", 5683), 0.0), "x",
+                       Response(Code.CONTENT, b"1"), 0.0)
+    ep.datagrams_to_send()
+    assert observers.notify("x", Code.CONTENT, None, b"2", 0.0) == 2 and ep.outstanding == 2
+    assert len(ep.datagrams_to_send()) == 2 and ep.send_confirmable(b"separate", PEER, 7, b"") is True
 
 
 async def observe_with_libcoap(tmp_path, path: str, resource: Resource, change, seconds: int, watch=None):
@@ -259,6 +387,8 @@ def test_a_state_larger_than_a_block_is_notified_block_wise():
     Observe number; the observer GETs the rest, which the resource renders again."""
     ep, router, observers, thermo, _clock = stack()
     request(ep, router, Code.GET, "thermo", observe=0)
+    thermo.changed()
+    acknowledge(ep, observers, ep.datagrams_to_send())  # (plain CoAP: whole blocks once it acknowledged one)
     thermo.value = bytes(range(256)) * 10 + b"END"  # 2,563 bytes
     thermo.changed()
     [(data, _)] = ep.datagrams_to_send()
@@ -305,7 +435,9 @@ async def test_libcoap_follows_a_large_state_block_wise_and_learns_when_it_is_go
 
     async def change():
         await trio.sleep(0.7)
-        big.value = b"x" * 2500 + b"-FIRST-CHANGE-END"
+        # (the end in one block of any size: on plain UDP the first notification and the blocks
+        # after it are cut to fit 3 times their request, as small as 16 bytes)
+        big.value = b"x" * 2496 + b"FIRST-CHANGE-END"
         big.changed()
         with trio.fail_after(30):  # the client fetches the blocks after the first (waited on, not timed)
             while not (ended and served):
@@ -319,7 +451,7 @@ async def test_libcoap_follows_a_large_state_block_wise_and_learns_when_it_is_go
 
     # (the client observes 15 s: the change, its blocks, the 4.04 and the re-creation all in them on a busy machine)
     out, observers = await observe_with_libcoap(tmp_path, "big", big, change, 15, watch)
-    assert "-FIRST-CHANGE-END" in out, out  # libcoap fetched the blocks after the first
+    assert "FIRST-CHANGE-END" in out, out  # libcoap fetched the blocks after the first
     assert "Block2" in out and "c:4.04" in out, out  # (the code as -v 6 prints it, not a log time)
     assert "AFTER" not in out and len(observers) == 0
 

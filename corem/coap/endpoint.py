@@ -77,7 +77,8 @@ class Params:
     #: Cut error answers to the size of the request, and bound the answers of `OPEN_DOORS` to
     #: AMPLIFICATION_FACTOR times it: on for plain UDP, whose source addresses can be forged; off
     #: behind DTLS, whose handshake (cookie exchange) proved the peer's address (and OSCORE's
-    #: answers are never bounded: they answer a request only the device's key could seal).
+    #: answers are never bounded: they answer a request only the device's key could seal).  On,
+    #: an observer's notifications are bounded too until it acknowledges one (corem/coap/observe.py).
     limit_error_size: bool = True
 
     def __post_init__(self) -> None:
@@ -640,6 +641,12 @@ class Endpoint:
     # -- time ------------------------------------------------------------------------------
     #: The last `now` the endpoint saw; deadlines of messages created in between start here.
     _now_hint = 0.0
+
+    @property
+    def now(self) -> float:
+        """The latest time the endpoint was given (by `receive`, `tick` or `respond`): the time of
+        what it is handling, for those that act on its events (`Observers.handle`)."""
+        return self._now_hint
 
     def tick(self, now: float) -> None:
         """Run every timer due at `now` (an abandoned message's `GaveUp` comes from `next_event`)."""

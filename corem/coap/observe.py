@@ -6,6 +6,27 @@ so does a RST in reply to a notification or a confirmable notification that is n
 (§3.6, §4.5).  Notifications carry increasing 24-bit sequence numbers; every `con_every`-th one, and
 at least one every `con_interval` seconds, is confirmable so that gone observers are noticed (§4.5).
 
+Notifications are no amplifier (RFC 7252 §11.3, RFC 7641 §7).  An observer registered over plain UDP
+without OSCORE is an address nothing verified: a GET with Observe from a forged source registers the
+victim, and every later notification would go to it -- one small request buying an endless stream.
+So until that address shows it receives what corem sends there -- it acknowledges a confirmable
+notification (`verified`) -- each notification to it is confirmable, at most AMPLIFICATION_FACTOR
+times the registering request (a 2.05 cut to the largest Block2 block that fits, `blockwise.fitted`,
+as the endpoint cuts a first answer; the rest is kept for its Block2 requests; an error cut to the
+request's size, as the endpoint's), and only one is in flight: states notified meanwhile wait on the
+observation (`max_held`) and follow once it is acknowledged; and such notifications take at most
+half the endpoint's messages awaiting ACK.  A victim that never answers costs MAX_RETRANSMIT + 1
+datagrams of that bound, then the observation ends (§4.5) with what waited, and nothing more goes
+there.  A genuine observer acknowledges its first notification and from then on gets them whole, on
+the usual cadence.  If not even a 16-byte block fits, the observation ends, told once with a bare
+4.01 (RFC 9175 §2.4 answers so until an address is verified).  Behind DTLS or TCP (the handshake or
+the connection proved the address: `Params.limit_error_size` is off) and over OSCORE (as the
+endpoint's answers: only the device's key seals its request) an observer is verified from the start.
+A re-registration is a new observation, unverified again until it acknowledges one.  (An empty ACK
+names only a message ID, and corem's follow one another: an off-path attacker who guesses the one in
+flight can verify a victim -- which then gets whole notifications, but every `con_every`-th is still
+confirmable and its silence still ends it.)
+
 Registrations are claims from addresses that plain UDP cannot verify, so they are bounded: per
 resource, per source host, per device, and in total.  Refusals are counted; a refused GET is still
 answered, only without the Observe option (§3.1: the client then knows it is not on the list).
@@ -21,10 +42,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Hashable, Iterator
 
-from ..codec import Code, Message, OptionNumber, Options, Type, encode, encode_uint
+from ..codec import Block, Code, Message, OptionNumber, Options, Type, decode_uint, encode, encode_uint
 from ..stats import Sample, counter, gauge
-from .blockwise import Representations, first_block, requester, worth_keeping
-from .endpoint import Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset
+from .blockwise import Representations, first_block, fitted, requester, worth_keeping
+from .endpoint import (
+    AMPLIFICATION_FACTOR, Acked, Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset, fit_error,
+)
 from .peers import source_host
 from .response import Response
 
@@ -34,10 +57,12 @@ Grant = tuple[Callable[[Any], Hashable], Hashable]
 
 
 class Observation:
-    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect", "request", "owner", "grant")
+    __slots__ = ("resource", "peer", "token", "notifications", "last_con", "protect", "request", "owner",
+                 "grant", "size", "verified", "in_flight", "held")
 
     def __init__(self, resource: str, peer: Peer, token: bytes, now: float, protect: Protect | None = None,
-                 request: tuple[Hashable, ...] = (), owner: Hashable = None, grant: Grant | None = None) -> None:
+                 request: tuple[Hashable, ...] = (), owner: Hashable = None, grant: Grant | None = None,
+                 size: int = 0, verified: bool = True) -> None:
         self.resource = resource
         #: the device that registered it (the doors name it), counted against `max_per_owner`
         self.owner = owner
@@ -54,6 +79,16 @@ class Observation:
         self.last_con = now
         #: the registering request's sealer (OSCORE): each notification is sealed for this observer
         self.protect = protect
+        #: the registering request's size in bytes: what bounds each notification until `verified`
+        self.size = size
+        #: has its address shown that it receives what corem sends there (the module docstring says how)?
+        self.verified = verified
+        #: not `verified`, and its one confirmable notification awaits the ACK
+        self.in_flight = False
+        #: not `verified`: what was notified while one was `in_flight` -- each as it goes out (its
+        #: Observe number given) and the whole state when it is to be kept for its later blocks --
+        #: oldest first, sent once it is acknowledged
+        self.held: list[tuple[Response, Response | None]] = []
 
     def message(self, mtype: Type, code: int, mid: int, options: Options, payload: bytes) -> bytes:
         """A message to this observer, sealed for it when it registered over OSCORE."""
@@ -80,6 +115,8 @@ class ObserveStats:
     con_notifications: int = 0
     lost: int = 0
     revoked: int = 0
+    #: notifications that waited for an unverified observer's confirmable one to be acknowledged
+    held: int = 0
 
 
 class Observers:
@@ -95,8 +132,12 @@ class Observers:
         con_interval: float = 24 * 3600.0,
         recent_non: int = 10_000,
         representations: Representations | None = None,
+        max_held: int = 8,
     ) -> None:
         self.endpoint = endpoint
+        #: what waits on an unverified observer while its confirmable notification is in flight, at
+        #: most (beyond it a notification is not sent to it, and not counted as sent)
+        self.max_held = max_held
         #: the router's: a notification cut to its first block is kept there for the rest
         self.representations = representations
         self.max_total = max_total
@@ -136,6 +177,7 @@ class Observers:
         yield counter("corem_coap_observe_notifications", st.notifications)
         yield counter("corem_coap_observe_lost", st.lost)
         yield counter("corem_coap_observe_revoked", st.revoked)
+        yield counter("corem_coap_observe_held", st.held)
 
     def observers(self, resource: str) -> int:
         return len(self._by_resource.get(resource, ()))
@@ -168,8 +210,11 @@ class Observers:
         for old in superseded:
             self._remove(old)
         self.stats.deregistered += freed
+        # (its address is verified behind DTLS or TCP, and over OSCORE: see the module docstring)
+        verified = req.protect is not None or not self.endpoint.params.limit_error_size
         self._add(Observation(resource, req.peer, req.token, now, req.protect,
-                              requester(req)[1:] if req.message is not None else (), owner, grant))
+                              requester(req)[1:] if req.message is not None else (), owner, grant,
+                              req.size, verified))
         self.stats.registered += 1
         return self._next_seq()
 
@@ -223,8 +268,17 @@ class Observers:
         return ended
 
     def _tell_revoked(self, obs: Observation) -> None:
-        code, payload = Code.UNAUTHORIZED, b"observation revoked: its credentials changed; register again"
-        self.endpoint.send(obs.message(Type.NON, code, self.endpoint.next_mid(), [], payload), obs.peer, code)
+        text = b"observation revoked: its credentials changed; register again"
+        self._tell(obs, Code.UNAUTHORIZED, [], text)
+
+    def _tell(self, obs: Observation, code: int, options: Options, payload: bytes) -> None:
+        """A NON message to `obs` that ends it (an error: no Observe); to an unverified observer no
+        larger than its registering request, as an error answer is (`fit_error`)."""
+        ep = self.endpoint
+        mid = ep.next_mid()
+        if not obs.verified:
+            payload = fit_error(obs.size, mid, obs.token, code, options, payload)
+        ep.send(obs.message(Type.NON, code, mid, options, payload), obs.peer, code)
 
     def moved(self, old: Peer, new: Peer) -> int:
         """The session at `old` answers at `new` from now on (a DTLS Connection ID move, RFC 9146
@@ -279,59 +333,151 @@ class Observers:
 
     # -- notifications -------------------------------------------------------------------------
     def notify(self, resource: str, code: int, options: Options | None, payload: bytes, now: float) -> int:
-        """Send the resource's new state to each of its observers; returns how many."""
+        """Send the resource's new state to each of its observers; returns how many (an unverified
+        observer's that waits for its notification in flight to be acknowledged included)."""
         observers = self._by_resource.get(resource)
         if not observers:
             return 0
-        ep = self.endpoint
         sent = 0
         # §4.2: a state a GET would not answer 2.xx (the resource is gone) goes out once, without
         # Observe, and ends every observation of it; a re-created resource starts without them
         ending = not 64 <= code < 96
+        whole: Response | None = None
+        kept: Response | None = None  # (what a verified observer's Block2 requests read on from)
         if ending:
-            opts = list(options or [])
+            out = Response(code, payload, list(options or []))
         else:
             # RFC 7959 §2.6 (and RFC 7641): a state larger than a block goes as its first block,
             # with ETag and Size2; the observer GETs the rest -- of this state, kept for it
             whole = Response(code, payload, options)
-            code, payload, options = first_block(whole)
-            if self.representations is not None and worth_keeping(whole, None):
-                for obs in observers.values():
-                    self.representations.keep((obs.peer, *obs.request), whole, now)
+            first = first_block(whole)
             seq = encode_uint(self._next_seq())
-            opts = sorted([*(options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0])  # same for all
+            out = Response(first.code, first.payload,  # (the same options for all)
+                           sorted([*(first.options or []), (OptionNumber.OBSERVE, seq)], key=lambda o: o[0]))
+            kept = self._to_keep(whole, out)
         for key, obs in list(observers.items()):
-            obs.notifications += 1
-            mid = ep.next_mid()
-            confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
-            data = obs.message(Type.CON if confirmable else Type.NON, code, mid, opts, payload)
-            if confirmable:
-                if not ep.send_confirmable(data, obs.peer, mid, obs.token, context=Notification(key), code=code):
-                    continue  # too many messages awaiting ACK: this one is skipped, the next may go
-                obs.last_con = now
-                self.stats.con_notifications += 1
+            if obs.verified:
+                done = self._send(key, obs, out, kept, now)
+            elif ending:
+                self._tell(obs, out.code, out.options or [], out.payload)
+                self.stats.notifications += 1
+                done = True
+            elif obs.in_flight:
+                done = self._hold(obs, out, kept)
             else:
-                ep.send(data, obs.peer, code)
-                recent = self._recent_non
-                recent[(obs.peer, mid)] = key
-                if len(recent) > self._recent_non_max:
-                    recent.popitem(last=False)
-            self.stats.notifications += 1
-            sent += 1
+                done = self._send_bounded(key, obs, out, whole, now)
+            sent += done
         if ending:
             for key in list(observers):
                 if self._remove(key):
                     self.stats.deregistered += 1
         return sent
 
+    def _send(self, key: tuple[Peer, bytes], obs: Observation, out: Response, kept: Response | None,
+              now: float) -> bool:
+        """A notification to a verified observer, as it is: NON, or CON on the cadence (§4.5); `kept`:
+        the whole state `out` is the first block of, kept for the observer's Block2 requests."""
+        ep = self.endpoint
+        if kept is not None and self.representations is not None:
+            self.representations.keep((obs.peer, *obs.request), kept, now)
+        obs.notifications += 1
+        mid = ep.next_mid()
+        confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
+        mtype = Type.CON if confirmable else Type.NON
+        data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
+        if confirmable:
+            if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key), out.code):
+                return False  # too many messages awaiting ACK: this one is skipped, the next may go
+            obs.last_con = now
+            self.stats.con_notifications += 1
+        else:
+            ep.send(data, obs.peer, out.code)
+            recent = self._recent_non
+            recent[(obs.peer, mid)] = key
+            if len(recent) > self._recent_non_max:
+                recent.popitem(last=False)
+        self.stats.notifications += 1
+        return True
+
+    def _send_bounded(self, key: tuple[Peer, bytes], obs: Observation, out: Response, whole: Response | None,
+                      now: float) -> bool:
+        """A notification to an observer whose address is not verified: confirmable, and within
+        AMPLIFICATION_FACTOR times its registering request (the module docstring says why)."""
+        ep = self.endpoint
+        if ep.outstanding >= ep.params.max_outstanding // 2:
+            # (forged registrations cost nothing to make: their notifications, each awaiting its
+            # ACK for up to a minute and a half, take half the endpoint's table at most -- the
+            # rest is for separate answers to readings and verified observers)
+            return False
+        mid = ep.next_mid()
+        bound = AMPLIFICATION_FACTOR * obs.size
+
+        def fits(candidate: Response) -> bool:
+            message = obs.message(Type.CON, candidate.code, mid, candidate.options or [], candidate.payload)
+            return len(message) <= bound
+
+        piece = fitted(out, fits)
+        if piece is None:  # (not even a 16-byte block: nothing can go there before it is verified)
+            self._tell(obs, Code.UNAUTHORIZED, [], b"")
+            if self._remove(key):
+                self.stats.lost += 1
+            return False
+        kept = self._to_keep(whole, piece)
+        if kept is not None and self.representations is not None:
+            self.representations.keep((obs.peer, *obs.request), kept, now)
+        obs.notifications += 1
+        data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
+        if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key), piece.code):
+            return False  # too many messages awaiting ACK: this one is skipped, the next may go
+        obs.in_flight = True
+        obs.last_con = now
+        self.stats.con_notifications += 1
+        self.stats.notifications += 1
+        return True
+
+    def _hold(self, obs: Observation, out: Response, kept: Response | None) -> bool:
+        """An unverified observer's notification waits for the one in flight to be acknowledged:
+        one datagram at a time goes to an address that may be a victim's."""
+        if len(obs.held) >= self.max_held:
+            return False
+        obs.held.append((out, kept))
+        self.stats.held += 1
+        return True
+
+    def _to_keep(self, whole: Response | None, piece: Response) -> Response | None:
+        """`whole`, if `piece` (what an observer is sent of it) is a block of it to be kept for the
+        observer's Block2 requests (`worth_keeping`); else None."""
+        if whole is None or self.representations is None:
+            return None
+        given = next((v for n, v in piece.options or () if n == OptionNumber.BLOCK2), None)
+        asked = None if given is None else Block.from_uint(decode_uint(bytes(given)))
+        return whole if worth_keeping(whole, asked) else None
+
+    def _acknowledged(self, key: tuple[Peer, bytes]) -> None:
+        """A confirmable notification to `key` was acknowledged from its address: an unverified
+        observer is verified, and what waited goes to it, whole."""
+        obs = self._by_key.get(key)
+        if obs is None or obs.verified:
+            return
+        obs.verified = True
+        obs.in_flight = False
+        held, obs.held = obs.held, []
+        now = self.endpoint.now
+        for out, kept in held:
+            self._send(key, obs, out, kept, now)
+
     def handle(self, event: Event) -> None:
         """Feed message-layer events: a RST (to a CON or a NON notification) or a CON
-        notification that was never acknowledged ends the observation."""
+        notification that was never acknowledged ends the observation; an acknowledged one
+        verifies its observer's address."""
         key: tuple[Peer, bytes] | None
         if isinstance(event, StrayReset):
             key = self._recent_non.pop((event.peer, event.mid), None)
         elif isinstance(event, (Reset, GaveUp)) and isinstance(event.context, Notification):
             key = event.context.key
+        elif isinstance(event, Acked) and isinstance(event.context, Notification):
+            self._acknowledged(event.context.key)
+            return
         else:
             return
         if key is not None and self._remove(key):
