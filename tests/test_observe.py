@@ -486,7 +486,7 @@ class Fleet:
 def observe_as(observers: Observers, fleet: Fleet, owner, host: str, token: bytes, resource: str,
                granted: bool = True) -> None:
     """A door's registration for `owner` (None: no device named), granted on its token."""
-    req = SimpleNamespace(peer=(host, 5683), token=token, protect=None, message=None)
+    req = SimpleNamespace(peer=(host, 5683), token=token, protect=None, message=None, size=16)
     grant = (fleet.token, fleet.devices[owner]["token"]) if owner is not None and granted else None
     assert observers.register(req, resource, 0.0, owner, grant) is not None
 
