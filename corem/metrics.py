@@ -85,6 +85,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_coap_observe_held": (
         C, "Notifications that waited for an observer at an unverified address (plain UDP) to "
            "acknowledge its previous one."),
+    "corem_coap_observe_held_dropped": (
+        C, "Of those, notifications a newer state replaced before they went (more than 8 waiting)."),
     "corem_coap_observe_revoked": (
         C, "Observations ended because their device was removed, or its credentials or topics changed."),
     "corem_coap_responses": (C, "Messages sent by code (0.00 = empty ACK/RST)."),

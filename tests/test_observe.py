@@ -271,6 +271,54 @@ def test_a_genuine_observer_on_plain_udp_gets_whole_notifications_once_it_acknow
     assert first.observe < later[0].observe < later[1].observe < later[2].observe
 
 
+def test_an_ack_forged_with_the_next_message_id_does_not_verify_a_victim(monkeypatch):
+    """Found in review: message IDs followed one another, so an attacker who observed too knew the
+    one in flight to a victim he had registered (his own + 1) and verified the victim with an ACK
+    forged from its address -- whole notifications from then on.  A plain-UDP observer's
+    confirmable notifications now carry an ID drawn at random: the guess proves nothing, the
+    victim stays bounded and, never answering, is dropped."""
+    monkeypatch.setattr("os.urandom", lambda n: (b"\x9c\x41" * n)[:n])  # (the draw, fixed)
+    ep, router, observers, thermo, clock = stack()
+    attacker, victim = ("198.51.100.9", 5683), ("203.0.113.7", 5683)
+    thermo.value = b"v" * 600
+    for who, token in ((attacker, b"a1"), (victim, b"v1")):
+        msg = Message(Type.CON, Code.GET, 1, token, [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+        exchange(ep, router, msg, who)
+    thermo.changed()
+    sent = ep.datagrams_to_send()
+    [mine] = [decode(d) for d, p in sent if p == attacker]
+    [theirs] = [decode(d) for d, p in sent if p == victim]
+    assert theirs.mid == 0x9C41 and theirs.mid != (mine.mid + 1) & 0xFFFF
+    acknowledge(ep, observers, [(d, p) for d, p in sent if p == attacker])  # (the attacker's own)
+    assert ep.receive(encode(Message(Type.ACK, 0, (mine.mid + 1) & 0xFFFF)), victim, 1.0) is None  # forged
+    while (event := ep.next_event()) is not None:
+        observers.handle(event)
+    [obs] = [o for (p, _), o in observers._by_key.items() if p == victim]
+    assert not obs.verified and obs.in_flight
+    thermo.value = b"w" * 600
+    thermo.changed()
+    assert [p for _, p in ep.datagrams_to_send()] == [attacker]  # (nothing more to the victim: it waits)
+
+
+def test_past_max_held_the_oldest_waiting_state_gives_way():
+    """Found in review: past `max_held` waiting states the newest were dropped, and once the
+    observer acknowledged it was left eight states behind the resource's.  The oldest gives way:
+    the last state it is sent is the resource's latest."""
+    ep, router, observers, thermo, clock = stack(max_held=3)
+    msg = Message(Type.CON, Code.GET, 1, b"t1", [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+    exchange(ep, router, msg, PEER)
+    thermo.value = b"s00"
+    thermo.changed()
+    sent = ep.datagrams_to_send()
+    for n in range(1, 12):  # eleven more states before its ACK
+        thermo.value = b"s%02d" % n
+        thermo.changed()
+    assert ep.datagrams_to_send() == [] and observers.stats.held == 11 and observers.stats.held_dropped == 8
+    acknowledge(ep, observers, sent)
+    got = [bytes(decode(d).payload) for d, _ in ep.datagrams_to_send()]
+    assert got == [b"s09", b"s10", b"s11"]
+
+
 def test_an_unverified_observer_no_block_fits_for_is_told_401_and_ends():
     """A registration so small that not even a 16-byte block of a notification fits 3 times it:
     one bare 4.01 (no larger than the request), and the observation ends (RFC 9175 §2.4)."""

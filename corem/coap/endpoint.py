@@ -23,6 +23,8 @@ answered one is replaced by a `(received_at, reply, size)` tuple and the piggyba
 
 from __future__ import annotations
 
+import os
+
 import heapq
 import random
 from collections import OrderedDict, deque
@@ -625,6 +627,18 @@ class Endpoint:
     def next_mid(self) -> int:
         self._mid = (self._mid + 1) & 0xFFFF
         return self._mid
+
+    def unpredictable_mid(self, peer: Peer) -> int:
+        """A message ID drawn at random (none of `peer`'s awaiting an ACK), for a confirmable message
+        whose ACK is taken as proof that `peer` receives what goes there (observe.py: a plain-UDP
+        observer's notifications).  `next_mid`'s follow one another: one who also observes knows the
+        one in flight (its own + 1), so an ACK with it, forged from a victim's address, would prove
+        nothing; guessing this one takes ~32,768 forged datagrams on average."""
+        outstanding = self._outstanding
+        while True:
+            mid = int.from_bytes(os.urandom(2), "big")
+            if (peer, mid) not in outstanding:
+                return mid
 
     def send(self, data: bytes, peer: Peer, code: int) -> None:
         """Send a message of ours that needs no ACK (a NON notification), counted by its code."""

@@ -22,10 +22,14 @@ the usual cadence.  If not even a 16-byte block fits, the observation ends, told
 4.01 (RFC 9175 §2.4 answers so until an address is verified).  Behind DTLS or TCP (the handshake or
 the connection proved the address: `Params.limit_error_size` is off) and over OSCORE (as the
 endpoint's answers: only the device's key seals its request) an observer is verified from the start.
-A re-registration is a new observation, unverified again until it acknowledges one.  (An empty ACK
-names only a message ID, and corem's follow one another: an off-path attacker who guesses the one in
-flight can verify a victim -- which then gets whole notifications, but every `con_every`-th is still
-confirmable and its silence still ends it.)
+A re-registration is a new observation, unverified again until it acknowledges one.  An empty ACK
+names only a message ID: a plain-UDP observer's confirmable notifications carry one drawn at random
+(`Endpoint.unpredictable_mid`; corem's others follow one another, and one who also observes would
+know the one in flight: found in review, a forged ACK from the victim's address verified it).
+Forging one takes ~32,768 datagrams on average, for each confirmable notification -- the first, and
+every `con_every`-th after it, whose silence ends the observation.  States notified while one is in
+flight wait, `max_held` at most: past that the oldest gives way, so the observer always ends at
+the resource's latest state.
 
 Registrations are claims from addresses that plain UDP cannot verify, so they are bounded: per
 resource, per source host, per device, and in total.  Refusals are counted; a refused GET is still
@@ -117,6 +121,8 @@ class ObserveStats:
     revoked: int = 0
     #: notifications that waited for an unverified observer's confirmable one to be acknowledged
     held: int = 0
+    #: of those, the ones a newer state replaced before they could go (past `max_held`)
+    held_dropped: int = 0
 
 
 class Observers:
@@ -178,6 +184,7 @@ class Observers:
         yield counter("corem_coap_observe_lost", st.lost)
         yield counter("corem_coap_observe_revoked", st.revoked)
         yield counter("corem_coap_observe_held", st.held)
+        yield counter("corem_coap_observe_held_dropped", st.held_dropped)
 
     def observers(self, resource: str) -> int:
         return len(self._by_resource.get(resource, ()))
@@ -381,8 +388,10 @@ class Observers:
         if kept is not None and self.representations is not None:
             self.representations.keep((obs.peer, *obs.request), kept, now)
         obs.notifications += 1
-        mid = ep.next_mid()
         confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
+        # (a plain-UDP observer's confirmable one: its silence must end the observation, so its ACK
+        # must not be forgeable -- `Endpoint.unpredictable_mid`)
+        mid = ep.unpredictable_mid(obs.peer) if confirmable and self._plain(obs) else ep.next_mid()
         mtype = Type.CON if confirmable else Type.NON
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
@@ -409,7 +418,7 @@ class Observers:
             # ACK for up to a minute and a half, take half the endpoint's table at most -- the
             # rest is for separate answers to readings and verified observers)
             return False
-        mid = ep.next_mid()
+        mid = ep.unpredictable_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
         bound = AMPLIFICATION_FACTOR * obs.size
 
         def fits(candidate: Response) -> bool:
@@ -435,11 +444,18 @@ class Observers:
         self.stats.notifications += 1
         return True
 
+    def _plain(self, obs: Observation) -> bool:
+        """Is `obs` an observer over plain UDP (its address proven by nothing but ACKs)?"""
+        return obs.protect is None and self.endpoint.params.limit_error_size
+
     def _hold(self, obs: Observation, out: Response, kept: Response | None) -> bool:
         """An unverified observer's notification waits for the one in flight to be acknowledged:
-        one datagram at a time goes to an address that may be a victim's."""
+        one datagram at a time goes to an address that may be a victim's.  Past `max_held` the
+        oldest waiting one gives way (found in review: the newest were dropped, and the observer
+        was left at a state eight behind the resource's -- Observe's promise is its latest)."""
         if len(obs.held) >= self.max_held:
-            return False
+            del obs.held[0]
+            self.stats.held_dropped += 1
         obs.held.append((out, kept))
         self.stats.held += 1
         return True
