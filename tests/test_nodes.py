@@ -103,6 +103,23 @@ def test_a_keys_max_devices_holds_when_nodes_provision_with_it_at_once(store_url
     assert answers == ["max_devices (3) reached"] * 3 + ["registered"] * 3 and made == 3
 
 
+
+def test_provisioning_a_name_that_exists_says_so_on_postgresql(store_url):
+    """Found in review: in provisioning's transaction the device's failed INSERT aborted it on
+    PostgreSQL, and the collision was answered "collided with a device written meanwhile; try
+    again" -- an invitation to replay -- where SQLite says the name exists."""
+    from corem.errors import Conflict
+    from corem.registry import Registry
+    from corem.registry.management import Management
+
+    mgmt = Management(Registry(store_url))
+    mgmt.add_provision_key("pk", "ps", "acme", max_devices=5)
+    assert mgmt.provision("pk", "ps", "d1")[:2] == ("acme", "d1")
+    with pytest.raises(Conflict, match="^device: acme/d1 already exists$"):
+        mgmt.provision("pk", "ps", "d1")
+    assert mgmt.provision("pk", "ps", "d2")[:2] == ("acme", "d2")  # (the connection is fine after it)
+
+
 def test_the_postgresql_store_keeps_takes_and_expires_sessions(store_url):
     store = SessionStore(store_url)
     try:

@@ -73,6 +73,11 @@ TRIGGER = ("CREATE OR REPLACE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR 
            "FOR EACH ROW EXECUTE FUNCTION corem_registry_row_changed();")
 
 
+def _to_savepoint(sql: str) -> bool:
+    """A ROLLBACK TO SAVEPOINT (which stays in the transaction), not a ROLLBACK?"""
+    return sql.lstrip()[8:].lstrip().upper().startswith("TO")
+
+
 def is_url(where: object) -> bool:
     return isinstance(where, str) and where.startswith(("postgresql://", "postgres://"))
 
@@ -159,8 +164,13 @@ class Db:
             self._conn, self._in_transaction = psycopg.connect(str(self.where), autocommit=True, connect_timeout=10), False
         if word.startswith("BEGIN"):
             self._in_transaction = True
-        elif word.startswith(("COMMIT", "ROLLBACK")):
+        elif word.startswith(("COMMIT", "ROLLBACK")) and not _to_savepoint(sql):
             self._in_transaction = False
+
+    @property
+    def in_transaction(self) -> bool:
+        """Inside a transaction begun with BEGIN (not one statement's own)."""
+        return self._in_transaction if self.shared else bool(self._conn.in_transaction)
 
     def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:

@@ -358,10 +358,21 @@ class Registry:
     def add_device(self, tenant: str, device: str, **settings: Any) -> Device:
         """Register a device (the settings of `new_device`); BadInput names what is wrong."""
         d = new_device(tenant, device, **settings)
+        db = self.db
+        # (in a caller's PostgreSQL transaction -- provisioning's -- a failed INSERT aborts it, and
+        # the collision could not be named: found in review, "collided ... try again" came where
+        # "already exists" is right.  A savepoint keeps the transaction usable for `_conflict`)
+        marked = db.shared and db.in_transaction
         try:
-            self.db.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row(d))
-        except self.db.IntegrityError:
-            raise _conflict(self.db, d) from None
+            if marked:
+                db.execute("SAVEPOINT add_device")
+            db.execute(f"INSERT INTO devices ({_COLUMNS}) VALUES ({', '.join('?' * len(COLUMNS))})", row(d))
+            if marked:
+                db.execute("RELEASE SAVEPOINT add_device")
+        except db.IntegrityError:
+            if marked:
+                db.execute("ROLLBACK TO SAVEPOINT add_device")
+            raise _conflict(db, d) from None
         except self.db.Error as e:  # a full or failing disk, a lost database: retry later
             raise StorageUnavailable(f"storage: {e}") from None
         return d
