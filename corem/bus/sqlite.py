@@ -123,9 +123,10 @@ class EmbeddedBus(BatchingSink):
         what another layer must have durable no later than the records of that batch (the DTLS
         record marks of the lane's readings: dtls/layer.py `carry_marks`).  One file, one commit:
         a commit of their own in the session store's file cost ~10% of the CoAPS lane's rate.
-        `take` runs where the batch is written (the event loop, or the worker thread) just before
-        it; rows below `done_below()` -- read by their reader, which keeps its place in its own
-        file -- are deleted in a later batch's transaction.  One carrier."""
+        `take` runs where the batch is written (the event loop, or the worker thread), in its
+        transaction after its records (under the write lock: `_write_in_transaction`); rows below
+        `done_below()` -- read by their reader, which keeps its place in its own file -- are
+        deleted in a later batch's transaction.  One carrier."""
         if self._carrier is not None:
             raise RuntimeError("embedded bus: one carrier at most")
         self._connect().close()  # (the file as the bus makes it, before its reader attaches it)

@@ -856,7 +856,7 @@ class EngineServer:
                 self.stats.sessions_taken_elsewhere += 1
 
     def _carried_marks(self) -> bytes:
-        """(the bus, just before a batch: on the event loop or in its worker thread) the lane's
+        """(the bus, in a batch's transaction: on the event loop or in its worker thread) the lane's
         marks due as one pack, one per session however many batches of records it took since.
         Noted by the lane before their readings were submitted, they are all taken here (under
         the GIL) by the time the batch holding those readings is written; what comes after waits

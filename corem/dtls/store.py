@@ -73,11 +73,12 @@ _RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
 #: fold updates each session once however many packs it reads: every 256 packs rather than 32,
 #: CoAPS ran 3.9% faster (5 alternating pairs, 159.8k -> 166.0k readings/s)
 FOLD_STEP = FOLD_EVERY = 256
-#: a write that changes nothing, for the bus file's write lock (an attached file is not locked by
-#: BEGIN IMMEDIATE, measured: only by a write to it): a save or a restore waits for the batch the
-#: bus is committing -- whose pack it took under that lock (bus/sqlite.py) -- and holds the next
-#: one back until it ends, so it folds every mark taken before it (found in review: in a worker
-#: thread a pack taken, not yet committed, came after a new session's save and became its floor)
+#: a write that changes nothing, for the bus file's write lock (this connection's BEGIN IMMEDIATE
+#: did not wait for a bus transaction that held it, measured; a write to the file does): a save or
+#: a restore waits for the batch the bus is committing -- whose pack it took under that lock
+#: (bus/sqlite.py) -- and holds the next one back until it ends, so it folds every mark taken
+#: before it (found in review: in a worker thread a pack taken, not yet committed, came after a
+#: new session's save and became its floor)
 _HOLD_BUS = "DELETE FROM bus.carried WHERE n < 0"
 
 
