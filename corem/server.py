@@ -151,7 +151,7 @@ class Server:
         """Every door on a transport's router; `session` names a request's device."""
         self.ingest.install(t.router, session_device=session)
         self.doors.mount(t.router, t.observers, session)
-        self.downlink.observers.append(t.observers)
+        self.downlink.watch(t.observers)
         discovery.install(t.router)
         self.site.mount(t.router, t.observers)
 

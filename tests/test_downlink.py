@@ -66,7 +66,7 @@ class Stack:
         self.endpoint = Endpoint(Params(), rng=lambda: 0.0)
         self.router = Router()
         self.observers = Observers(self.endpoint, representations=self.router.representations)
-        self.downlink.observers.append(self.observers)
+        self.downlink.watch(self.observers)
         self.ingest.install(self.router)
         ThingsBoard(self.directory, self.ingest, self.management, self.downlink, clock).install(self.router, self.observers)
         Drogue(self.directory, self.ingest, self.downlink, clock).install(self.router)
@@ -194,6 +194,28 @@ def test_a_reply_to_an_rpc_not_yet_delivered_ends_it_and_it_is_never_delivered(t
     assert list(dl._device_rpcs[("acme", "awake")]) == list(dl._rpcs) == [later.id, last.id]
     stack.tick(40.0)  # their deadlines: nothing in flight, nothing indexed, nothing queued
     assert dl._rpcs == {} and dl._device_rpcs == {} and dl.queued(awake)["rpc"] == 0
+
+
+def test_rpcs_to_an_observer_at_an_unverified_address_wait_in_the_queue_and_none_is_lost(tmp_path):
+    """On plain UDP one notification is in flight until the observer acknowledges it.  RPCs are
+    messages, not states: none waits inside the observation, where a newer one could push it out
+    after it was counted delivered (found in review); they stay queued, "queued", and go once the
+    ACK came -- every one, in order."""
+    stack = Stack(tmp_path, max_queued=20)
+    dl, awake = stack.downlink, stack.device("awake")
+    calls = [dl.send_rpc(awake, f"m{i}", None, timeout=300) for i in range(12)]
+    [answer] = stack.send(Code.GET, "api/v1/TA/rpc", observe=0)
+    assert answer.code == Code.CONTENT
+    [first] = stack.tick(0.1)
+    assert first.type == Type.CON and json.loads(bytes(first.payload))["method"] == "m0"
+    assert [c.status for c in calls] == ["delivered"] + ["queued"] * 11
+    assert stack.tick(0.2) == [] and stack.observers.stats.held == 0  # (nothing waits inside it)
+    assert stack.endpoint.receive(encode(Message(Type.ACK, 0, first.mid)), PEER, stack.now) is None
+    while (event := stack.endpoint.next_event()) is not None:
+        stack.observers.handle(event)
+    rest = stack.tick(0.3)
+    assert [json.loads(bytes(n.payload))["method"] for n in rest] == [f"m{i}" for i in range(1, 12)]
+    assert all(c.status == "delivered" for c in calls) and dl.stats.rpc_sent == 12
 
 
 def test_rpc_polling_expiry_and_queue_bound(tmp_path):

@@ -144,6 +144,9 @@ class Observers:
         #: what waits on an unverified observer while its confirmable notification is in flight, at
         #: most (beyond it a notification is not sent to it, and not counted as sent)
         self.max_held = max_held
+        #: told a resource when an observer of it at an unverified address acknowledged its
+        #: notification: what a notifier kept back for it (`notify(hold=False)`) may go now
+        self.freed: list[Callable[[str], None]] = []
         #: the router's: a notification cut to its first block is kept there for the rest
         self.representations = representations
         self.max_total = max_total
@@ -339,9 +342,13 @@ class Observers:
         return True
 
     # -- notifications -------------------------------------------------------------------------
-    def notify(self, resource: str, code: int, options: Options | None, payload: bytes, now: float) -> int:
+    def notify(self, resource: str, code: int, options: Options | None, payload: bytes, now: float,
+               hold: bool = True) -> int:
         """Send the resource's new state to each of its observers; returns how many (an unverified
-        observer's that waits for its notification in flight to be acknowledged included)."""
+        observer's that waits for its notification in flight to be acknowledged included).  `hold`
+        False: a notification that is a message, not a state (an RPC: none may give way to a newer
+        one) does not wait on such an observer -- it is not counted, the caller keeps it and is told
+        when the observer is free (`freed`)."""
         observers = self._by_resource.get(resource)
         if not observers:
             return 0
@@ -370,7 +377,7 @@ class Observers:
                 self.stats.notifications += 1
                 done = True
             elif obs.in_flight:
-                done = self._hold(obs, out, kept)
+                done = self._hold(obs, out, kept) if hold else False
             else:
                 done = self._send_bounded(key, obs, out, whole, now)
             sent += done
@@ -481,6 +488,8 @@ class Observers:
         now = self.endpoint.now
         for out, kept in held:
             self._send(key, obs, out, kept, now)
+        for told in self.freed:
+            told(obs.resource)
 
     def handle(self, event: Event) -> None:
         """Feed message-layer events: a RST (to a CON or a NON notification) or a CON
