@@ -18,7 +18,8 @@ of all its runs.  Each corem run starts on a fresh copy of the provisioned data 
 readings of the runs before it).  The row "corem plain CoAP (fast lane)" is
 the same reading without DTLS (`POST /api/v1/{token}/telemetry`, bench/loadgen.c, 64 x 4): the
 yardstick of issue 27 (CoAPS on corem's engine, whose records the lane opens and seals itself,
-at >= 0.9x of it); each CoAPS row says its ratio to it.
+at >= 0.9x of it); each CoAPS row says its ratio to it -- corem's own row the median of its runs'
+ratios to a plain run made just before each (paired, as libcoap's).
 
 Memory: a fresh process makes N sessions through DtlsServer with in-memory Mbed TLS clients
 (each client freed after its handshake and one request) and reports the growth of its RSS per
@@ -213,12 +214,17 @@ def throughput(args) -> list[dict]:
             targets = [t for t in targets if any(w in t[0] for w in args.only)]
             if libcoap is not None and not any(w in LIBCOAP for w in args.only):
                 libcoap = None
-        if not args.only or any(w in PLAIN for w in args.only):
-            results.append(plain_lane(args, payload))  # (first: the yardstick)
+        plains: list[dict] = []
+        plain = not args.only or any(w in PLAIN for w in args.only)
         yards: list[dict] = []
         for name, cmd, p, method, path in targets:
-            runs, pairs = [], []
+            runs, pairs, to_plain = [], [], []
             for k in range(max(1, args.repeat)):
+                if plain and (name == "corem" or not plains):
+                    # the yardstick right before each run of corem's own row (the machine drifts
+                    # by up to 20% over minutes: one plain run at the start put the drift into the
+                    # ratio -- 0.92x once, where five alternating pairs gave 0.84-0.89x)
+                    plains.append(plain_lane(args, payload))
                 # each run a corem of its own on a fresh copy of the provisioned data dir: on the
                 # one dir, a run started on the sessions and the bus of every run before it (its
                 # start reads the last EXCHANGE_LIFETIME of the bus back), and its handshakes one
@@ -232,6 +238,8 @@ def throughput(args) -> list[dict]:
                 finally:
                     shutil.rmtree(fresh, ignore_errors=True)
                 say(args, name, runs[-1])
+                if plain and name == "corem":
+                    to_plain.append(runs[-1]["rps"] / plains[-1]["rps"])
                 if libcoap is not None:
                     # libcoap under the same load right after (the machine's speed drifts by 20%
                     # over minutes: a ratio is of two runs of the same minute)
@@ -240,9 +248,15 @@ def throughput(args) -> list[dict]:
                     pairs.append(ratios(runs[-1], yards[-1]))
             r = median_row(runs)
             r["target"] = name
+            if to_plain:
+                r["vs_plain"] = median(to_plain)
             if pairs:
                 r["vs_libcoap"] = tuple(median([q[i] for q in pairs]) for i in range(len(FIGURES)))
             results.append(r)
+        if plain and not plains:  # (--only plain)
+            plains.append(plain_lane(args, payload))
+        if plains:  # (the yardstick's row: the median of its runs, first)
+            results.insert(0, {**median_row(plains), "target": PLAIN})
         if libcoap is not None and not yards:  # (libcoap alone: --only libcoap)
             yards = [run_target(args, *libcoap[1:], payload) for _ in range(max(1, args.repeat))]
             for y in yards:
@@ -254,6 +268,10 @@ def throughput(args) -> list[dict]:
 
 
 def vs_plain(r: dict, results: list[dict]) -> str:
+    """corem's row: the median of its runs' ratios to the plain run just before each; the others
+    against the plain row's median."""
+    if "vs_plain" in r:
+        return f"{r['vs_plain']:.2f}x (paired)"
     plain = next((p for p in results if p["target"] == PLAIN), None)
     if plain is None or r is plain or not plain["rps"]:
         return "-"
