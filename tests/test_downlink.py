@@ -218,6 +218,29 @@ def test_rpcs_to_an_observer_at_an_unverified_address_wait_in_the_queue_and_none
     assert all(c.status == "delivered" for c in calls) and dl.stats.rpc_sent == 12
 
 
+def test_attribute_deltas_to_an_observer_at_an_unverified_address_wait_merged(tmp_path):
+    """A delta names only the keys that changed: one that waited inside the observation could give
+    way to a newer one (past 8) and its keys would never reach the device (found in review).
+    While the observer's notification is in flight they wait in the downlink, merged, and go as
+    one after its ACK."""
+    stack = Stack(tmp_path)
+    dl, awake = stack.downlink, stack.device("awake")
+    [answer] = stack.send(Code.GET, "api/v1/TA/attributes", observe=0)
+    assert answer.code == Code.CONTENT and answer.observe is not None
+    assert dl.set_shared(awake, {"a": 1}) == "delivered"
+    [first] = stack.outbox()
+    assert first.type == Type.CON and json.loads(bytes(first.payload)) == {"a": 1}
+    assert [dl.set_shared(awake, {f"k{i}": i}) for i in range(10)] == ["queued"] * 10
+    assert dl.set_shared(awake, {"a": 2}) == "queued"
+    assert stack.tick(0.1) == [] and stack.observers.stats.held == 0
+    assert stack.endpoint.receive(encode(Message(Type.ACK, 0, first.mid)), PEER, stack.now) is None
+    while (event := stack.endpoint.next_event()) is not None:
+        stack.observers.handle(event)
+    [merged] = stack.tick(0.2)
+    assert json.loads(bytes(merged.payload)) == {"a": 2, **{f"k{i}": i for i in range(10)}}
+    assert stack.tick(0.3) == []  # (once)
+
+
 def test_rpc_polling_expiry_and_queue_bound(tmp_path):
     stack = Stack(tmp_path, max_queued=2)
     awake = stack.device("awake")
