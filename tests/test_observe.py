@@ -300,6 +300,28 @@ def test_an_ack_forged_with_the_next_message_id_does_not_verify_a_victim(monkeyp
     assert [p for _, p in ep.datagrams_to_send()] == [attacker]  # (nothing more to the victim: it waits)
 
 
+def test_a_sequential_message_id_that_meets_a_random_one_in_flight_is_refused_not_swapped():
+    """Found in review: a sequential ID (`next_mid`) equal to a random one still awaiting its ACK
+    replaced that entry, and the first one's give-up then raised KeyError in `tick` (the
+    transport's task ended).  Such a pair is refused (as when too many await their ACK), and the
+    endpoint's own sequential ones pass it by (`next_mid_for`); the first goes on and gives up as
+    it would."""
+    ep = Endpoint(Params(), rng=lambda: 0.0)
+    mid = ep.unpredictable_mid(PEER)
+    assert ep.send_confirmable(b"first", PEER, mid, b"t", "first", 0x45)
+    ep._mid = (mid - 1) & 0xFFFF  # (the counter come round to it)
+    assert not ep.send_confirmable(b"second", PEER, ep.next_mid(), b"u", "second", 0x45)
+    assert ep.stats.outstanding_refused == 1
+    ep._mid = (mid - 1) & 0xFFFF
+    assert ep.next_mid_for(PEER) == (mid + 1) & 0xFFFF
+    for t in range(1, 200):
+        ep.tick(float(t))
+    events = []
+    while (event := ep.next_event()) is not None:
+        events.append(event)
+    assert [type(e).__name__ for e in events] == ["GaveUp"] and events[0].context == "first"
+
+
 def test_past_max_held_the_oldest_waiting_state_gives_way():
     """Found in review: past `max_held` waiting states the newest were dropped, and once the
     observer acknowledged it was left eight states behind the resource's.  The oldest gives way:

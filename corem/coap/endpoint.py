@@ -566,7 +566,7 @@ class Endpoint:
             self._settle(req)
             return
         self._settle(req)
-        mid = self.next_mid()
+        mid = self.next_mid_for(req.peer)
         if not req.confirmable:
             self.send(encode(Message(NON, code, mid, token, options, payload)), req.peer, code)
             return
@@ -579,7 +579,7 @@ class Endpoint:
         """A separate response (a CON of ours, retransmitted until ACKed) to a request that another
         layer received and deduplicated: the fast lane's readings whose commit outlasted the
         piggyback timeout."""
-        mid = self.next_mid()
+        mid = self.next_mid_for(peer)
         if payload and code >= 0x80 and self.params.limit_error_size:
             payload = fit_error(request_size, mid, token, code, options, payload)
         self.send_confirmable(encode(Message(CON, code, mid, token, options, payload)), peer, mid, token, None, code)
@@ -612,8 +612,11 @@ class Endpoint:
     def send_confirmable(
         self, data: bytes, peer: Peer, mid: int, token: bytes, context: Any = None, code: int = 0
     ) -> bool:
-        """Send a CON of ours (separate response, notification) and retransmit it until ACKed."""
-        if len(self._outstanding) >= self.params.max_outstanding:
+        """Send a CON of ours (separate response, notification) and retransmit it until ACKed.  False:
+        too many await their ACK, or `mid` is one of `peer`'s that does (a sequential ID come round to
+        a random one, `unpredictable_mid`: found in review, it replaced that entry, whose give-up
+        then failed -- the ACK of one would be taken for the other)."""
+        if len(self._outstanding) >= self.params.max_outstanding or (peer, mid) in self._outstanding:
             self.stats.outstanding_refused += 1
             return False
         p = self.params
@@ -627,6 +630,14 @@ class Endpoint:
     def next_mid(self) -> int:
         self._mid = (self._mid + 1) & 0xFFFF
         return self._mid
+
+    def next_mid_for(self, peer: Peer) -> int:
+        """`next_mid`, past any of `peer`'s awaiting an ACK (a random one, `unpredictable_mid`, may
+        be the next in turn)."""
+        mid = self.next_mid()
+        while (peer, mid) in self._outstanding:
+            mid = self.next_mid()
+        return mid
 
     def unpredictable_mid(self, peer: Peer) -> int:
         """A message ID drawn at random (none of `peer`'s awaiting an ACK), for a confirmable message
@@ -697,7 +708,8 @@ class Endpoint:
                 continue
             if out.tries >= p.max_retransmit:
                 out.done = True
-                del self._outstanding[(out.peer, out.mid)]
+                if self._outstanding.get((out.peer, out.mid)) is out:
+                    del self._outstanding[(out.peer, out.mid)]
                 self.stats.gave_up += 1
                 self._events.append(GaveUp.of(out))
                 continue

@@ -398,7 +398,10 @@ class Observers:
         confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
         # (a plain-UDP observer's confirmable one: its silence must end the observation, so its ACK
         # must not be forgeable -- `Endpoint.unpredictable_mid`)
-        mid = ep.unpredictable_mid(obs.peer) if confirmable and self._plain(obs) else ep.next_mid()
+        if not confirmable:
+            mid = ep.next_mid()
+        else:
+            mid = ep.unpredictable_mid(obs.peer) if self._plain(obs) else ep.next_mid_for(obs.peer)
         mtype = Type.CON if confirmable else Type.NON
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
