@@ -34,7 +34,7 @@ class Carried:
         self.store = SessionStore(where)
         self.due: list[bytes] = []
         self.bus.carry(self._take, lambda: self.store.folded_upto)
-        self.store.read_marks_from(self.bus.path)
+        self.store.read_marks_from(self.bus.path, self.bus.carry_lock)
         self.bus.open()
 
     def _take(self) -> bytes:

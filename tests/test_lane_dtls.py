@@ -112,6 +112,7 @@ class CarryingSink(RecordingSink):
         self.path, self.checkpointer = self.bus.path, self.bus.checkpointer
         self.at_commit: list = []  # (called once the records are stored, before they are answered)
         self.carrying = False
+        self.carry_lock = self.bus.carry_lock
 
     def carry(self, take, done_below) -> bool:
         self.carrying = self.bus.carry(take, done_below)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -71,6 +72,8 @@ class EmbeddedBus(BatchingSink):
         self.inline = synchronous in ("OFF", "NORMAL") and not shared and one_cpu()
         #: `carry`: what to write with each batch, and below which number its reader is done
         self._carrier: tuple[Callable[[], bytes], Callable[[], int]] | None = None
+        #: held from a take of the carrier's pack to the commit that writes it (`_write_in_transaction`)
+        self.carry_lock = threading.Lock()
         self._unwritten = b""  # (taken for a batch whose transaction failed: written with the next)
         self._dropped_below = 0  # (carried rows below it deleted)
 
@@ -157,10 +160,22 @@ class EmbeddedBus(BatchingSink):
                               rows: list[tuple[int, str, int, bytes, int]]) -> list[tuple[int, str, int, bytes, int]]:
         """Several writers (the offsets taken under the write lock), more rows than one statement
         takes, or a carrier's row to write with them (`carry`; and the carried rows below its
-        reader's place deleted).  The carrier's row is taken under the write lock, which its reader's
-        saves and restores take too (dtls/store.py `_HOLD_BUS`): each comes before the take or after
-        the commit -- never between, where it would miss marks already taken (in a worker thread,
-        found in review: a new session at an address given its predecessor's floor)."""
+        reader's place deleted).  With a carrier, `carry_lock` is held from before the transaction to
+        its end, and its reader's saves and restores take it too (dtls/store.py): each comes before
+        the take or after the commit -- never between, where it would miss marks already taken (in
+        a worker thread, found in review: a new session at an address given its predecessor's
+        floor).  Taken before BEGIN, so that the two locks are always taken in one order."""
+        carrying = self._carrier is not None
+        if carrying:
+            self.carry_lock.acquire()
+        try:
+            return self._write_locked(conn, rows)
+        finally:
+            if carrying:
+                self.carry_lock.release()
+
+    def _write_locked(self, conn: sqlite3.Connection,
+                      rows: list[tuple[int, str, int, bytes, int]]) -> list[tuple[int, str, int, bytes, int]]:
         conn.execute("BEGIN IMMEDIATE")
         carried, below = self._unwritten, 0
         try:

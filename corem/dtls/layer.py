@@ -817,7 +817,7 @@ class EngineServer:
         if self.store.shared or self._marks_carried or str(where) == ":memory:" or carry is None:
             return False
         carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)
-        self.store.read_marks_from(sink.path)
+        self.store.read_marks_from(sink.path, getattr(sink, "carry_lock", None))
         sink.checkpointer.watch(Path(where))  # (the store's WAL copied off the event loop's saves)
         defer_checkpoints(self.store.db)
         self._marks_carried = True

@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import socket
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -73,13 +74,6 @@ _RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
 #: fold updates each session once however many packs it reads: every 256 packs rather than 32,
 #: CoAPS ran 3.9% faster (5 alternating pairs, 159.8k -> 166.0k readings/s)
 FOLD_STEP = FOLD_EVERY = 256
-#: a write that changes nothing, for the bus file's write lock (this connection's BEGIN IMMEDIATE
-#: did not wait for a bus transaction that held it, measured; a write to the file does): a save or
-#: a restore waits for the batch the bus is committing -- whose pack it took under that lock
-#: (bus/sqlite.py) -- and holds the next one back until it ends, so it folds every mark taken
-#: before it (found in review: in a worker thread a pack taken, not yet committed, came after a
-#: new session's save and became its floor)
-_HOLD_BUS = "DELETE FROM bus.carried WHERE n < 0"
 
 
 def _rx_log(db: Db) -> None:
@@ -142,12 +136,10 @@ def _raised(row: Row | None, logged: list[int]) -> Row | None:
     return (*row[:5], max(logged))
 
 
-def _fold(db: Db, limit: int | None = None, *, hold: bool = False) -> int | None:
+def _fold(db: Db, limit: int | None = None) -> int | None:
     """(in the caller's write transaction, the bus attached) Fold the oldest `limit` packs past
     the place (all: None) into the sessions' rx_top and move the place past them; the new place
-    (None: no pack to fold).  `hold`: the bus's write lock first (`_HOLD_BUS`: a save, a restore)."""
-    if hold:
-        db.execute(_HOLD_BUS)
+    (None: no pack to fold)."""
     (upto,) = db.execute("SELECT upto FROM rx_folded").fetchone()
     sql = "SELECT n, typeof(blob) = 'blob', blob FROM bus.carried WHERE n > ? ORDER BY n" + (
         f" LIMIT {limit}" if limit else "")
@@ -308,6 +300,13 @@ class SessionStore:
         #: the bus's marks read (`read_marks_from`): its `carried` rows below this are folded
         self.marks_attached = False
         self.folded_upto = 0
+        #: held by the bus from its take of a pack to its commit (`read_marks_from`'s `carrying`):
+        #: a save or a restore waits for it, so it folds every mark taken before it (found in
+        #: review: in a worker thread a pack taken, not yet committed, came after a new session's
+        #: save and became its floor; a restore missed a session's last marks).  An in-process lock:
+        #: the bus file's own write lock would have the event loop wait for every commit other
+        #: workers' processes make to it (seconds, measured, under SQLite's busy backoff)
+        self._carrying: AbstractContextManager[Any] = nullcontext()
 
     def _run(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
         return self.db.execute(sql.format(t=self.table), args)
@@ -318,17 +317,18 @@ class SessionStore:
         if not rows:
             return True
         try:
-            # (a write lock first: the fold reads before it writes, and a read transaction another
-            # connection -- the marks' writer -- commits past cannot be upgraded: "database is locked")
-            self._run("BEGIN" if self.shared else "BEGIN IMMEDIATE")
-            # (folded first: the rows say the sessions' tops now, and older marks of their peers
-            # would only lag, or, a new session's, be a previous one's)
-            upto = _fold(self.db, hold=True) if self.marks_attached else None
-            if self.shared:
-                self.db.executemany(_UPSERT_OWNED.format(t=self.table), [(*row, self.owner) for row in rows])
-            else:
-                self.db.executemany(_UPSERT.format(t=self.table), rows)
-            self._run("COMMIT")
+            with self._carrying:  # (not between the bus's take of a pack and its commit)
+                # (a write lock first: the fold reads before it writes, and a read transaction another
+                # connection -- the marks' writer -- commits past cannot be upgraded: "database is locked")
+                self._run("BEGIN" if self.shared else "BEGIN IMMEDIATE")
+                # (folded first: the rows say the sessions' tops now, and older marks of their peers
+                # would only lag, or, a new session's, be a previous one's)
+                upto = _fold(self.db) if self.marks_attached else None
+                if self.shared:
+                    self.db.executemany(_UPSERT_OWNED.format(t=self.table), [(*row, self.owner) for row in rows])
+                else:
+                    self.db.executemany(_UPSERT.format(t=self.table), rows)
+                self._run("COMMIT")
         except self.db.Error as e:
             self._failed(e)
             return False
@@ -369,11 +369,12 @@ class SessionStore:
                 return self._read_instead(key, e)
             return _row(row)
         try:
-            self._run("BEGIN IMMEDIATE")  # (another process's fold is before or after, not between)
-            # (the marks not folded yet: a later session of the peer starts again)
-            upto = _fold(self.db, hold=True) if self.marks_attached else None
-            row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
-            self._run("COMMIT")
+            with self._carrying:  # (not between the bus's take of a pack and its commit)
+                self._run("BEGIN IMMEDIATE")  # (another process's fold is before or after, not between)
+                # (the marks not folded yet: a later session of the peer starts again)
+                upto = _fold(self.db) if self.marks_attached else None
+                row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
+                self._run("COMMIT")
         except self.db.Error as e:
             return self._read_instead(key, e)
         self._folded(upto)
@@ -394,13 +395,15 @@ class SessionStore:
             self._stale.add(key)
         return _raised(_row(row), logged)
 
-    def read_marks_from(self, bus: Path) -> None:
+    def read_marks_from(self, bus: Path, carrying: AbstractContextManager[Any] | None = None) -> None:
         """(one node's store) The embedded bus in `bus` carries the lane's marks from now on
         (bus/sqlite.py `carry`): its file attached, what it holds past this store's place folded
         now (what a process that stopped left there).  A bus file whose rows end below the place is
         another than the one read before (made anew, or put back): all its rows are read."""
         if self.shared or self.marks_attached:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
+        if carrying is not None:
+            self._carrying = carrying
         self.db.execute("ATTACH DATABASE ? AS bus", (str(bus),))
         self.db.execute(CARRIED.format(schema="bus."))
         self.marks_attached = True
