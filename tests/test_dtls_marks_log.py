@@ -77,8 +77,8 @@ def test_a_save_or_restore_comes_after_a_pack_the_bus_thread_took_never_between(
     began, so a save or a restore could run between the take and the commit.  A save of a new
     session at the same address (no Connection ID: the same key) was then given the old session's
     marks as its floor; a restore missed the marks of the session's last records, which a replay
-    could then bring again.  Now the pack is taken under the bus's write lock, which saves and
-    restores wait for: they see the pack."""
+    could then bring again.  Now the bus holds `carry_lock` from before its transaction to its
+    commit, and saves and restores wait for it: they see the pack."""
     import threading
 
     c = carried()
