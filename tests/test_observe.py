@@ -322,6 +322,27 @@ def test_a_sequential_message_id_that_meets_a_random_one_in_flight_is_refused_no
     assert [type(e).__name__ for e in events] == ["GaveUp"] and events[0].context == "first"
 
 
+def test_a_random_message_id_is_never_one_of_the_recent_non_notifications_to_that_observer(monkeypatch):
+    """RFC 7252 §4.4: an ID is not used again with an endpoint within EXCHANGE_LIFETIME.  Found in
+    review: drawn at random, a confirmable notification's ID could be a recent NON's, and a client
+    that deduplicates would drop it.  A draw that is one is drawn again."""
+    draws = [b"\x12\x34"]
+    monkeypatch.setattr("os.urandom", lambda n: draws.pop(0)[:n] if draws else b"\x77\x77"[:n])
+    ep, router, observers, thermo, clock = stack(con_every=3)
+    msg = Message(Type.CON, Code.GET, 1, b"t1", [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+    exchange(ep, router, msg, PEER)
+    thermo.changed()
+    [first] = acknowledge(ep, observers, ep.datagrams_to_send())  # (verified: NONs from now on)
+    assert first.type == Type.CON and first.mid == 0x1234
+    thermo.changed()  # (its 2nd: NON; the 3rd is confirmable)
+    [non] = [decode(d) for d, _ in ep.datagrams_to_send()]
+    assert non.type == Type.NON
+    draws[:] = [non.mid.to_bytes(2, "big"), b"\x56\x78"]  # (the next draw: that NON's ID, then another)
+    thermo.changed()
+    [con] = [decode(d) for d, _ in ep.datagrams_to_send()]
+    assert con.type == Type.CON and con.mid == 0x5678
+
+
 def test_past_max_held_the_oldest_waiting_state_gives_way():
     """Found in review: past `max_held` waiting states the newest were dropped, and once the
     observer acknowledged it was left eight states behind the resource's.  The oldest gives way:

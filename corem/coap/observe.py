@@ -401,7 +401,7 @@ class Observers:
         if not confirmable:
             mid = ep.next_mid()
         else:
-            mid = ep.unpredictable_mid(obs.peer) if self._plain(obs) else ep.next_mid_for(obs.peer)
+            mid = self._random_mid(obs.peer) if self._plain(obs) else ep.next_mid_for(obs.peer)
         mtype = Type.CON if confirmable else Type.NON
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
@@ -428,7 +428,7 @@ class Observers:
             # ACK for up to a minute and a half, take half the endpoint's table at most -- the
             # rest is for separate answers to readings and verified observers)
             return False
-        mid = ep.unpredictable_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
+        mid = self._random_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
         bound = AMPLIFICATION_FACTOR * obs.size
 
         def fits(candidate: Response) -> bool:
@@ -453,6 +453,16 @@ class Observers:
         self.stats.con_notifications += 1
         self.stats.notifications += 1
         return True
+
+    def _random_mid(self, peer: Peer) -> int:
+        """`Endpoint.unpredictable_mid`, and not one of the recent NON notifications to `peer`
+        (RFC 7252 §4.4: an ID is not used again with an endpoint within EXCHANGE_LIFETIME; found
+        in review: drawn at random, one could be, and a client that deduplicates drops it)."""
+        recent = self._recent_non
+        mid = self.endpoint.unpredictable_mid(peer)
+        while (peer, mid) in recent:
+            mid = self.endpoint.unpredictable_mid(peer)
+        return mid
 
     def _plain(self, obs: Observation) -> bool:
         """Is `obs` an observer over plain UDP (its address proven by nothing but ACKs)?"""
