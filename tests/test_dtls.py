@@ -350,7 +350,22 @@ def test_the_sequence_step_moves_only_the_outgoing_counter_and_never_back():
     assert max(diff) - min(diff) < 6  # within the 6-byte record number
     assert step_sequence(stepped, 1_700_000_000.0) == stepped  # an earlier clock: unchanged
     assert step_sequence(b"not a session", 1e9) == b"not a session"
-    assert thaw(stepped) is not None
+    assert thaw(blob, lambda body: step_sequence(body, 1_800_000_000.0)) is not None
+    assert thaw(stepped) is None  # (bytes changed after the tag: refused, never unpickled)
+
+
+def test_the_deprecated_engine_never_unpickles_a_blob_another_process_wrote():
+    """Pickle runs code.  A blob is unpickled only under this process's tag: one written by
+    another process (a worker, the process before a restart, whoever can write the data dir's
+    file) -- here a pickle that would run code -- is a lost session."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled')",))
+
+    evil = pickle.dumps(Boom())
+    assert thaw(evil) is None and thaw(bytes(32) + evil) is None
 
 
 def test_checkpoints_can_be_turned_off():

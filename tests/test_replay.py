@@ -225,7 +225,9 @@ def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session
     """The checkpoint is taken after the session's first reading; the device then sends 20 more,
     all captured.  After a SIGKILL (of corem, or of the device's worker) the session comes back from
     the checkpoint without a handshake -- and refuses every captured record, counted; each reading
-    is stored once; the device goes on in the same session."""
+    is stored once; the device goes on in the same session.  (On the deprecated mbedtls engine the
+    session does not come back -- its rows are pickles, unpickled only by the process that wrote
+    them -- and the device handshakes again; each reading is stored once all the same.)"""
     from .conftest import SPEC_IDENTITY  # noqa: F401 - (the device sensor-7 of the data_dir fixture)
     from .test_workers import worker_pids
 
@@ -257,11 +259,22 @@ def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session
             wait_for(lambda: worker_pids(server).get(1) not in (None, victim), 60, "worker 1 started again")
         for data in captured:  # the attacker replays them, from the device's own address
             client.sock.send(data)
-        # the device goes on in the same session: its next record is newer than any it sent
-        assert client.post(["telemetry"], cbor2.dumps({"r": 21}), timeout=30).code == 68
-        m = server.metrics()
-        assert m["corem_dtls_records_replayed_total"] == len(captured)
-        assert m["corem_dtls_sessions_restored_total"] == 1 and m["corem_dtls_handshakes_completed_total"] == 0
+        if engine == "mbedtls":
+            # the deprecated engine never unpickles what another process wrote (pickle runs code):
+            # its session went with the process, the replays find none, the device handshakes again
+            client.close()
+            device = CapturingClient(server.coaps_port, 0)
+            client = device.client
+            client.handshake(timeout=30)
+            assert client.post(["telemetry"], cbor2.dumps({"r": 21}), timeout=30).code == 68
+            m = server.metrics()
+            assert m["corem_dtls_sessions_restored_total"] == 0 and m["corem_dtls_handshakes_completed_total"] == 1
+        else:
+            # the device goes on in the same session: its next record is newer than any it sent
+            assert client.post(["telemetry"], cbor2.dumps({"r": 21}), timeout=30).code == 68
+            m = server.metrics()
+            assert m["corem_dtls_records_replayed_total"] == len(captured)
+            assert m["corem_dtls_sessions_restored_total"] == 1 and m["corem_dtls_handshakes_completed_total"] == 0
         stored = sorted(p["numeric_values"]["r"] for p in server.points("acme") if p["device"] == "sensor-7")
         assert stored == [float(n) for n in range(22)]  # each once: no replayed reading stored
     finally:

@@ -584,7 +584,8 @@ class DtlsServer:
             return None
         # the copy may be older than what this peer last heard from us (a checkpoint, before a
         # crash): our record numbers must start past any we sent since (store.step_sequence)
-        buf = thaw(step_sequence(blob, self.wall()))
+        wall = self.wall()
+        buf = thaw(blob, lambda body: step_sequence(body, wall))
         if buf is None:  # a blob that does not restore is a lost session, no more
             self.stats.sessions_lost += 1
             return None

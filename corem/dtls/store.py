@@ -16,6 +16,8 @@ read back while its row cannot be deleted is read with a SELECT and its row dele
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import logging
 import os
 import pickle
@@ -198,18 +200,31 @@ def freeze(buf: Any) -> bytes | Unsaved:
     HELLO_REQUEST); one it refused before touching it (MBEDTLS_ERR_SSL_BAD_INPUT_DATA: no
     application record since the handshake) is still established -- which is what NOT_YET means."""
     try:
-        return pickle.dumps(buf)
+        body = pickle.dumps(buf)
     except TypeError:
         state = getattr(getattr(buf, "_handshake_state", None), "name", None)
         return Unsaved.NOT_YET if state == "HANDSHAKE_OVER" else Unsaved.LOST
+    return hmac.new(_THIS_PROCESS, body, hashlib.sha256).digest() + body
 
 
-def thaw(blob: bytes) -> Any | None:
-    """The live context again (a `TLSWrappedBuffer`), or None if the blob does not restore."""
+def thaw(blob: bytes, patch: Callable[[bytes], bytes] | None = None) -> Any | None:
+    """The live context again (a `TLSWrappedBuffer`), or None if the blob does not restore.
+    Only a blob this process froze is unpickled: its tag (HMAC-SHA256 under a key drawn at start,
+    `_THIS_PROCESS`) is checked first, then `patch` (`step_sequence`) applied to what it covers.
+    Pickle runs code: a row another process wrote -- a worker, the process before a restart,
+    whoever can write the data dir's file -- is a lost session, never code (found in review of
+    the deprecated engine: its rows were unpickled as read)."""
+    tag, body = blob[:32], blob[32:]
+    if len(blob) <= 32 or not hmac.compare_digest(tag, hmac.new(_THIS_PROCESS, body, hashlib.sha256).digest()):
+        return None
     try:
-        return pickle.loads(blob)
+        return pickle.loads(patch(body) if patch is not None else body)
     except Exception:  # noqa: BLE001 - Mbed TLS raises its own types; a bad blob is a lost session
         return None
+
+
+#: the key of `freeze`'s tags: this process's own, so what another wrote never unpickles here
+_THIS_PROCESS = os.urandom(32)
 
 
 #: record sequence numbers given per millisecond of wall clock at most (see `step_sequence`)
