@@ -620,7 +620,7 @@ class EngineServer:
         session before it -- whose marks, were they carried after this row, would become the new
         session's floor (a restore would refuse its records).  Written now, they raise the row
         before, which this one replaces.  (A pack the bus took in its worker thread is committed
-        before the store's save begins: bus/sqlite.py takes it under the write lock the save waits for.)"""
+        before the store's save begins: the save waits for the bus's `carry_lock`, store.py.)"""
         if rows and self._marks_carried and self._lane is not None:
             self._write_marks(self._lane.take_marks())
         return self.store.put(rows)
