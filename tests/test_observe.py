@@ -343,6 +343,25 @@ def test_a_random_message_id_is_never_one_of_the_recent_non_notifications_to_tha
     assert con.type == Type.CON and con.mid == 0x5678
 
 
+def test_an_old_notifications_give_up_does_not_end_a_newer_registration_with_its_token():
+    """Found in review: a confirmable notification's give-up named its observation by address and
+    token only, so after the client registered again with the same token the old one's give-up
+    ended the new registration.  It ends the observation it was sent for, if that is still there."""
+    ep, router, observers, thermo, clock = stack()
+    msg = Message(Type.CON, Code.GET, 1, b"t1", [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+    exchange(ep, router, msg, PEER)
+    thermo.changed()
+    [(data, _)] = ep.datagrams_to_send()
+    assert decode(data).type == Type.CON  # (in flight, never acknowledged)
+    again = Message(Type.CON, Code.GET, 2, b"t1", [(O.URI_PATH, b"thermo"), (O.OBSERVE, b"")])
+    exchange(ep, router, again, PEER)  # the client registers again, with the same token
+    for t in range(1, 200):  # the old notification's retransmissions run out
+        ep.tick(float(t))
+        while (event := ep.next_event()) is not None:
+            observers.handle(event)
+    assert ep.stats.gave_up == 1 and len(observers) == 1 and observers.stats.lost == 0
+
+
 def test_past_max_held_the_oldest_waiting_state_gives_way():
     """Found in review: past `max_held` waiting states the newest were dropped, and once the
     observer acknowledged it was left eight states behind the resource's.  The oldest gives way:

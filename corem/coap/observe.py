@@ -105,9 +105,11 @@ class Observation:
 @dataclass(frozen=True, slots=True)
 class Notification:
     """The context a confirmable notification is sent with: which observation it belongs to, so
-    that its `Reset` or `GaveUp` ends that observation."""
+    that its `Reset` or `GaveUp` ends that observation -- that one, not a later registration with
+    the same address and token (found in review: an old notification's give-up ended the new one)."""
 
     key: tuple[Peer, bytes]
+    obs: Observation
 
 
 @dataclass(slots=True)
@@ -170,7 +172,7 @@ class Observers:
         self._by_peer: dict[Peer, set[bytes]] = {}
         #: (peer, mid) of recent NON notifications -> observer key, so that a RST answering one
         #: cancels the observation (the message layer forgets NON messages once sent)
-        self._recent_non: OrderedDict[tuple[Peer, int], tuple[Peer, bytes]] = OrderedDict()
+        self._recent_non: OrderedDict[tuple[Peer, int], Notification] = OrderedDict()
         self._recent_non_max = recent_non
         self._seq = 0
         self.stats = ObserveStats()
@@ -405,14 +407,14 @@ class Observers:
         mtype = Type.CON if confirmable else Type.NON
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
-            if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key), out.code):
+            if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), out.code):
                 return False  # too many messages awaiting ACK: this one is skipped, the next may go
             obs.last_con = now
             self.stats.con_notifications += 1
         else:
             ep.send(data, obs.peer, out.code)
             recent = self._recent_non
-            recent[(obs.peer, mid)] = key
+            recent[(obs.peer, mid)] = Notification(key, obs)
             if len(recent) > self._recent_non_max:
                 recent.popitem(last=False)
         self.stats.notifications += 1
@@ -446,7 +448,7 @@ class Observers:
             self.representations.keep((obs.peer, *obs.request), kept, now)
         obs.notifications += 1
         data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
-        if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key), piece.code):
+        if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), piece.code):
             return False  # too many messages awaiting ACK: this one is skipped, the next may go
         obs.in_flight = True
         obs.last_con = now
@@ -508,17 +510,17 @@ class Observers:
         """Feed message-layer events: a RST (to a CON or a NON notification) or a CON
         notification that was never acknowledged ends the observation; an acknowledged one
         verifies its observer's address."""
-        key: tuple[Peer, bytes] | None
+        sent: Notification | None
         if isinstance(event, StrayReset):
-            key = self._recent_non.pop((event.peer, event.mid), None)
+            sent = self._recent_non.pop((event.peer, event.mid), None)
         elif isinstance(event, (Reset, GaveUp)) and isinstance(event.context, Notification):
-            key = event.context.key
+            sent = event.context
         elif isinstance(event, Acked) and isinstance(event.context, Notification):
-            self._acknowledged(event.context.key)
+            self._acknowledged(event.context.key)  # (the address's proof, whichever registration)
             return
         else:
             return
-        if key is not None and self._remove(key):
+        if sent is not None and self._by_key.get(sent.key) is sent.obs and self._remove(sent.key):
             self.stats.lost += 1
 
     def _next_seq(self) -> int:
