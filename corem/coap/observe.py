@@ -144,7 +144,7 @@ class Observers:
     ) -> None:
         self.endpoint = endpoint
         #: what waits on an unverified observer while its confirmable notification is in flight, at
-        #: most (beyond it a notification is not sent to it, and not counted as sent)
+        #: most (beyond it the oldest waiting gives way: `_hold`)
         self.max_held = max_held
         #: told a resource when an observer of it at an unverified address acknowledged its
         #: notification: what a notifier kept back for it (`notify(hold=False)`) may go now
@@ -401,7 +401,7 @@ class Observers:
         # (a plain-UDP observer's confirmable one: its silence must end the observation, so its ACK
         # must not be forgeable -- `Endpoint.unpredictable_mid`)
         if not confirmable:
-            mid = ep.next_mid()
+            mid = ep.next_mid_for(obs.peer)  # (not a random one of this peer's still in flight)
         else:
             mid = self._random_mid(obs.peer) if self._plain(obs) else ep.next_mid_for(obs.peer)
         mtype = Type.CON if confirmable else Type.NON
