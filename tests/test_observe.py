@@ -612,8 +612,7 @@ def revoke_by_walk(observers: Observers, current, owners) -> int:
             continue
         if obs.owner not in now:
             now[obs.owner] = current(obs.owner)
-        device = now[obs.owner]
-        if device is not None and (obs.grant is None or obs.grant[0](device) == obs.grant[1]):
+        if obs.granted(now[obs.owner]):
             continue
         observers._tell_revoked(obs)
         observers._remove(key)

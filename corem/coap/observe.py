@@ -94,6 +94,10 @@ class Observation:
         #: oldest first, sent once it is acknowledged
         self.held: list[tuple[Response, Response | None]] = []
 
+    def granted(self, device: Any) -> bool:
+        """Does its owner's registration now (`device`: None, gone) still grant it?"""
+        return device is not None and (self.grant is None or self.grant[0](device) == self.grant[1])
+
     def message(self, mtype: Type, code: int, mid: int, options: Options, payload: bytes) -> bytes:
         """A message to this observer, sealed for it when it registered over OSCORE."""
         if self.protect is None:
@@ -271,7 +275,7 @@ class Observers:
             device = current(owner)
             for key in list(keys):
                 obs = self._by_key[key]
-                if device is not None and (obs.grant is None or obs.grant[0](device) == obs.grant[1]):
+                if obs.granted(device):
                     continue
                 self._tell_revoked(obs)
                 self._remove(key)
