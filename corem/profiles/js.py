@@ -285,6 +285,7 @@ class JsCodec:
         self._lock = threading.Lock()
         with self._lock:
             self._ctx, self._decode = self._start()
+        self._adds_to_builtins()  # (once: the script does not change; not at each `_restart`, on the loop)
 
     def _start(self) -> tuple[Any, Any]:
         """A fresh runtime with the codec loaded (ProfileError if it does not load)."""
@@ -307,7 +308,6 @@ class JsCodec:
             raise ProfileError(f"script: does not load: used more than its {self.max_memory >> 20} MB")
         if result:
             raise ProfileError(f"script: does not load: {_first_line(json.loads(result[1:]))}")
-        self._adds_to_builtins()
         ctx.set_time_limit(self.timeout_ms / 1000)
         return ctx, ctx.get("__corem_decode")
 
