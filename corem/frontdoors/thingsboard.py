@@ -55,8 +55,9 @@ PACKAGE_CACHE_BYTES = 128 * 1024 * 1024
 
 def _buckets(rate: float) -> SourceLimiter | None:
     """A provisioning rate's token buckets by name (a source host, a key): ten seconds' worth at
-    once, 10,000 names at most (the oldest forgotten); None for a rate of 0 (no bound)."""
-    return SourceLimiter(rate, burst=10 * rate, max_sources=10_000) if rate > 0 else None
+    once (one at least: a rate under 0.1/s still lets one through), 10,000 names at most (the
+    one first seen longest ago forgotten); None for a rate of 0 (no bound)."""
+    return SourceLimiter(rate, burst=max(1.0, 10 * rate), max_sources=10_000) if rate > 0 else None
 
 
 class PackageCache:
@@ -198,8 +199,11 @@ class ThingsBoard:
 
     def _observe(self, req: Request, device: Device, resource: str, response: Response,
                  observers: Observers) -> Response:
+        # (`replace`: a device observes its RPCs and attributes once -- from a new NAT port, the old
+        # observation ends when the new one is accepted; found in review: both stayed, and an RPC
+        # counted delivered through the old one never reached the device's current address)
         answer = answer_observe(observers, req, resource, response, self.clock(), (device.tenant, device.device),
-                                (credentials, credentials(device)))  # (rotated, removed: it ends)
+                                (credentials, credentials(device)), replace=True)  # (rotated, removed: it ends)
         if req.message is not None and req.message.observe == 0:  # a (re-)registration, not a goodbye
             self.downlink.observed(device, resource)
         return answer
