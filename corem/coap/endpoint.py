@@ -615,7 +615,8 @@ class Endpoint:
         """Send a CON of ours (separate response, notification) and retransmit it until ACKed.  False:
         too many await their ACK, or `mid` is one of `peer`'s that does (a sequential ID come round to
         a random one, `unpredictable_mid`: found in review, it replaced that entry, whose give-up
-        then failed -- the ACK of one would be taken for the other)."""
+        then failed -- the ACK of one would be taken for the other): so every entry not yet done is
+        in `_outstanding` under its own key."""
         if len(self._outstanding) >= self.params.max_outstanding or (peer, mid) in self._outstanding:
             self.stats.outstanding_refused += 1
             return False
@@ -708,8 +709,7 @@ class Endpoint:
                 continue
             if out.tries >= p.max_retransmit:
                 out.done = True
-                if self._outstanding.get((out.peer, out.mid)) is out:
-                    del self._outstanding[(out.peer, out.mid)]
+                del self._outstanding[(out.peer, out.mid)]
                 self.stats.gave_up += 1
                 self._events.append(GaveUp.of(out))
                 continue

@@ -150,9 +150,10 @@ class Observers:
         #: what waits on an unverified observer while its confirmable notification is in flight, at
         #: most (beyond it the oldest waiting gives way: `_hold`)
         self.max_held = max_held
-        #: told a resource when an observer of it at an unverified address acknowledged its
-        #: notification: what a notifier kept back for it (`notify(hold=False)`) may go now
-        self.freed: list[Callable[[str], None]] = []
+        #: told the owner (the device a door named) of an observer at an unverified address that
+        #: acknowledged its notification: what a notifier kept back for it (`notify(hold=False)`)
+        #: may go now
+        self.freed: list[Callable[[Hashable], None]] = []
         #: the router's: a notification cut to its first block is kept there for the rest
         self.representations = representations
         self.max_total = max_total
@@ -291,7 +292,7 @@ class Observers:
         """A NON message to `obs` that ends it (an error: no Observe); to an unverified observer no
         larger than its registering request, as an error answer is (`fit_error`)."""
         ep = self.endpoint
-        mid = ep.next_mid()
+        mid = ep.next_mid_for(obs.peer)  # (not a random one of this peer's still in flight)
         if not obs.verified:
             payload = fit_error(obs.size, mid, obs.token, code, options, payload)
         ep.send(obs.message(Type.NON, code, mid, options, payload), obs.peer, code)
@@ -447,13 +448,13 @@ class Observers:
             if self._remove(key):
                 self.stats.lost += 1
             return False
+        data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
+        if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), piece.code):
+            return False  # too many messages awaiting ACK: this one is skipped, the next may go
         kept = self._to_keep(whole, piece)
         if kept is not None and self.representations is not None:
             self.representations.keep((obs.peer, *obs.request), kept, now)
         obs.notifications += 1
-        data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
-        if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), piece.code):
-            return False  # too many messages awaiting ACK: this one is skipped, the next may go
         obs.in_flight = True
         obs.last_con = now
         self.stats.con_notifications += 1
@@ -507,8 +508,9 @@ class Observers:
         now = self.endpoint.now
         for out, kept in held:
             self._send(key, obs, out, kept, now)
-        for told in self.freed:
-            told(obs.resource)
+        if obs.owner is not None:
+            for told in self.freed:
+                told(obs.owner)
 
     def handle(self, event: Event) -> None:
         """Feed message-layer events: a RST (to a CON or a NON notification) or a CON

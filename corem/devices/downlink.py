@@ -22,7 +22,7 @@ import json
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterator
+from typing import Any, Callable, Collection, Hashable, Iterator
 
 import trio
 
@@ -295,7 +295,7 @@ class Downlink:
             self.stats.queue_full += 1
             raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
         call = RpcCall(next(self._ids), device, method, params, now + timeout, oneway)
-        self._hold(call)
+        self._track(call)
         heapq.heappush(self._deadlines, (call.deadline, call.id))
         q.rpcs.append(call)
         if self._reachable(device, now):
@@ -467,11 +467,9 @@ class Downlink:
         self.observers.append(observers)
         observers.freed.append(self._freed)
 
-    def _freed(self, resource: str) -> None:
-        kind, _, name = resource.partition(":")
-        tenant, _, device = name.partition("/")  # (a tenant has no "/": its first one ends it)
-        if kind in ("rpc", "attributes") and (tenant, device) in self._queues:
-            self._due.add((tenant, device))
+    def _freed(self, owner: Hashable) -> None:
+        if owner in self._queues:  # (the doors name a device's observations by (tenant, device))
+            self._due.add(owner)  # type: ignore[arg-type]
 
     def _notify(self, resource: str, body: Any, now: float, hold: bool = True) -> int:
         payload = dumps(body)
@@ -500,7 +498,7 @@ class Downlink:
             call.done.set()
         self._publish(call.device, {"id": call.id, "type": "rpc", "method": call.method, "status": "delivered"})
 
-    def _hold(self, call: RpcCall) -> None:
+    def _track(self, call: RpcCall) -> None:
         """`call` is in flight: found by its id (a reply, its deadline) and by its device (`forget`)."""
         self._rpcs[call.id] = call
         self._device_rpcs.setdefault((call.device.tenant, call.device.device), {})[call.id] = call
