@@ -219,7 +219,7 @@ class Identity:
         if named is None:
             return Reason.NO_SESSION_IDENTITY
         current = self.directory.named(named.tenant, named.device)
-        if current is None or (current != named and not same_credentials(current, named)):
+        if current is None or (current is not named and not same_credentials(current, named)):
             # removed, or its credentials changed (rotated, or removed and added again): the
             # session was made with what no longer names it (the DTLS layer ends it too)
             return Reason.REVOKED

@@ -103,7 +103,6 @@ class RecordingSink:
         self.stored: list[Any] = []
         self.stored_bytes: list[bytes] = []
         self._waiting_bytes: list[bytes] = []
-        self.before: list[Any] = []  # (`defer`)
 
     def submit(self, record, done, ctx=None) -> bool:
         return self.submit_many([record], done, [ctx]) == 1
@@ -115,16 +114,7 @@ class RecordingSink:
         self._waiting_bytes += [stored_form([r]) for r in records[:n]]
         return n
 
-    def defer(self, write, wal=None) -> bool:
-        """As BatchingSink.defer: `write` runs at each commit, before the records are stored (the
-        file it writes is remembered in `wal`, where BatchingSink checkpoints it)."""
-        self.before.append(write)
-        self.wal = wal
-        return True
-
     def commit(self, error: BaseException | None = None) -> None:
-        for write in self.before:
-            write()
         waiting, self.waiting = self.waiting, []
         waiting_bytes, self._waiting_bytes = self._waiting_bytes, []
         for (record, done, ctx), raw in zip(waiting, waiting_bytes):

@@ -111,6 +111,7 @@ def test_a_save_or_restore_comes_after_a_pack_the_bus_thread_took_never_between(
     else:
         saver = run(lambda: restored.append(c.store.take(A)))
     saver.join(0.5)  # (the old code saved or restored here, before the commit; now it waits for it)
+    assert saver.is_alive()
     go.set()
     bus.join(60)
     saver.join(60)

@@ -614,8 +614,10 @@ class DtlsServer:
         return None if session is None else session.device
 
     def close(self, now: float) -> int:
-        """At shutdown: offload every session that can be saved, so that devices come back to
-        them after the restart without a new handshake.  Returns how many were saved."""
+        """At shutdown: offload every session that can be saved.  Returns how many were saved.
+        (Since their blobs are tagged with a key of this process's own, store.thaw, a process after
+        the restart finds them but never unpickles them: each is a lost session there and its
+        device handshakes again.  Only corem's engine takes sessions across a restart.)"""
         saved = self.sweep(now, everything=True)
         self.store.close()
         return saved
