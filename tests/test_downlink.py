@@ -943,3 +943,14 @@ def test_forget_looks_at_the_changed_devices_own_rpcs_only(tmp_path):
     assert ("acme", "d7") not in dl._device_rpcs and len(dl._device_rpcs) == 49
     stack.tick(100.0)  # every deadline past: nothing in flight, nothing indexed
     assert dict.__len__(dl._rpcs) == 0 and dl._device_rpcs == {}
+
+
+def test_a_provisioning_rate_under_a_tenth_a_second_still_starts_and_lets_one_through():
+    """Found in review: ten seconds' worth of 0.05/s is half a token, which the limiter refused
+    (the server did not start); the burst is one at least."""
+    from corem.frontdoors.thingsboard import _buckets
+
+    limiter = _buckets(0.05)
+    assert limiter is not None and limiter.burst == 1.0
+    assert limiter.allow("10.0.0.1", 0.0) and not limiter.allow("10.0.0.1", 1.0)
+    assert _buckets(0.0) is None
