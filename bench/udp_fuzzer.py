@@ -52,7 +52,7 @@ def door_request(rng: random.Random, mid: int) -> bytes:
                 (O.URI_PATH, rng.choice(("attributes", "rpc", "claim", "firmware")))]
         if code == Code.GET:
             opts.append((O.OBSERVE, 0))
-    elif kind == 1:  # observe floods on a real path (bounded per source address)
+    elif kind == 1:  # observe floods on a real path (one per device: each replaces the one before)
         code = Code.GET
         opts = [(O.URI_PATH, "api"), (O.URI_PATH, "v1"), (O.URI_PATH, TOKEN), (O.URI_PATH, "rpc"), (O.OBSERVE, 0)]
     elif kind == 2:  # provisioning with wrong secrets
@@ -243,7 +243,7 @@ def attack(server, seconds: float, max_datagrams: int, devices: int = 4) -> dict
     counted = {k: after.get(k, 0) - before_metrics.get(k, 0) for k in after
                if any(w in k for w in ("format_errors", "oversized", "rate_limited_datagrams", "hello_verify",
                                         "handshakes_refused", "records_dropped", "duplicates", "auth_failures",
-                                        "observe_refused", "provisioning", "uploads_refused", "handler_errors",
+                                        "observe_refused", "observe_registrations", "provisioning", "uploads_refused", "handler_errors",
                                         "oscore_refused", "internal_errors"))}
     return {
         "seconds": seconds,
@@ -257,6 +257,7 @@ def attack(server, seconds: float, max_datagrams: int, devices: int = 4) -> dict
         "corem_alive": server.proc.poll() is None,
         "rss_kib": {"start": rss_start, "peak": rss_peak, "end": rss_kib(server.proc.pid), "timeline": timeline},
         "dedup_entries": after.get('corem_coap_dedup_entries{transport="udp"}'),
+        "observers_after": sum(v for k, v in after.items() if k.startswith("corem_coap_observers")),
     }
 
 
