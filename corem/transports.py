@@ -38,6 +38,7 @@ from .ingest.telemetry import TelemetryIngest
 from .listeners import Bound
 from .logs import fields
 from .net import UdpEdge
+from .net.busypoll import busy_poll
 from .net.limits import SourceLimiter, lane_networks
 from .net.security import PlainUdp
 from .net.tcp import TcpEdge, Tls
@@ -151,6 +152,8 @@ class Transports:
             edge = UdpEdge(
                 self._socket("coaps", coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
                 limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
+                # (the deprecated mbedtls engine's flights are sent inside its binding: none to poll after)
+                busy_poll=busy_poll(s.dtls_busy_poll_us) if isinstance(dtls, EngineServer) else None,
             )
             self.bound.coaps = edge.address
             self._add(Transport("dtls", endpoint, router, observers, edge, dtls, lane), session_identity(dtls.device))

@@ -70,6 +70,29 @@ def test_wrong_key_and_unknown_identity_fail_the_handshake_and_store_nothing(eit
     assert m["corem_dtls_handshakes_completed_total"] == 0
 
 
+def test_the_server_busy_polls_for_the_answers_to_its_flights_unless_told_not_to(data_dir, tmp_path):
+    """dtls_busy_poll_us (150 by default): each batch that sent a flight (the HelloVerifyRequest,
+    the ServerHello flight, the Finished) is followed by a poll of the socket on the CPU, unless
+    backing off after one that saw nothing -- so at least the first; 0: none, and no such metric."""
+    reading = write_cbor(tmp_path / "reading.cbor", READING)
+    for window in ("150", "0"):
+        server = start_corem(data_dir, "--dtls-busy-poll-us", window)
+        try:
+            r = spec_command(server, DTLS_CLIENTS[0], reading)
+            m = server.metrics()
+        finally:
+            server.stop()
+        assert r.code == "2.04", r.output
+        polls = {k: v for k, v in m.items() if k.startswith("corem_dtls_busy_poll")}
+        if window == "0":
+            assert polls == {}
+        else:
+            answered = polls['corem_dtls_busy_polls_total{outcome="answered",transport="dtls"}']
+            missed = polls['corem_dtls_busy_polls_total{outcome="missed",transport="dtls"}']
+            assert 1 <= answered + missed <= 3 and polls['corem_dtls_busy_poll_seconds_total{transport="dtls"}'] > 0
+    assert len(server.points()) == 2  # (the data dir's: one reading from each run)
+
+
 @clients
 def test_bad_cbor_over_coaps_is_rejected_like_plain_coap(corem, tmp_path, client):
     f = tmp_path / "bad.cbor"

@@ -473,6 +473,7 @@ class EngineServer:
         e.stats.datagrams_in += datagrams
         e.stats.bytes_in += nbytes
         e.stats.hello_verify_sent += hellos
+        e.stats.flights_sent += hellos
         e.stats.bytes_out_unauthenticated += hello_bytes
         checkpoint = self.params.checkpoint
         for conn in conns:
@@ -767,6 +768,10 @@ class EngineServer:
     @property
     def handshakes(self) -> dict[Peer, Connection]:
         return self.engine.handshakes
+
+    @property
+    def flights_sent(self) -> int:
+        return self.engine.stats.flights_sent
 
     def metrics(self) -> Iterator[Sample]:
         e, d = self.engine.stats, self.stats

@@ -6,6 +6,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <poll.h>
+#include <time.h>
+
 #include "udp_batch.h"
 
 /* recv_many(fd, bufsize, budget) -> [(bytes, peer)]: up to `budget` datagrams, each cut to
@@ -81,7 +84,39 @@ out:
     return result;
 }
 
+/* readable_within(fd, ns) -> bool: whether a datagram (or an error) is waiting on `fd` within `ns`
+ * nanoseconds, asked on the CPU -- poll() with no timeout, again and again -- with the GIL released
+ * (corem/net/busypoll.py says when it is worth it: a peer whose answer comes sooner than the
+ * scheduler wakes a sleeping thread). */
+static PyObject *readable_within(PyObject *mod, PyObject *args) {
+    int fd;
+    long long ns;
+    if (!PyArg_ParseTuple(args, "iL", &fd, &ns)) return NULL;
+    if (ns < 0 || ns > 10000000) {
+        PyErr_SetString(PyExc_ValueError, "readable_within: 0-10,000,000 ns");
+        return NULL;
+    }
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    int ready = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    long long end = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec + ns;
+    for (;;) {
+        int r = poll(&p, 1, 0);
+        if (r != 0) {  /* readable, an error waiting (the read reports it), or a bad fd: not ours to wait on */
+            ready = 1;
+            break;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec >= end) break;
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ready);
+}
+
 static PyMethodDef module_methods[] = {
+    {"readable_within", readable_within, METH_VARARGS, "readable_within(fd, ns) -> bool"},
     {"recv_many", recv_many, METH_VARARGS, "recv_many(fd, bufsize, budget) -> [(bytes, peer)]"},
     {"send_many", send_many, METH_VARARGS, "send_many(fd, [(bytes, peer)]) -> (taken, bytes, errors, blocked)"},
     {NULL},

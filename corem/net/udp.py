@@ -35,6 +35,7 @@ from ..coap.endpoint import Endpoint, Event
 from ..coap.resources import Router
 from ..stats import Sample, counter, fields, gauge
 from .batch import reader, sender
+from .busypoll import BusyPoll
 from .limits import SourceLimiter
 from .security import PlainUdp, SecurityLayer
 
@@ -45,6 +46,9 @@ log = logging.getLogger("corem.net")
 
 #: Datagrams handled per wake-up before yielding to other tasks (timers, the sink's callbacks).
 BATCH = 256
+#: While busy-polled batches follow one another (`BusyPoll`), the loop's other tasks (timers, the
+#: sink's callbacks, other listeners) get it back at least this often, seconds.
+YIELD_AFTER = 0.001
 #: The longest the timer task sleeps (the security layer's and the lane's timers have no deadline
 #: of their own to wait for).
 TIMER_PERIOD = 0.1
@@ -125,6 +129,7 @@ class UdpEdge:
         lane: FastLane | None = None,
         after_drain: Callable[[], object] | None = None,
         on_event: Callable[[Event], object] | None = None,
+        busy_poll: BusyPoll | None = None,
     ) -> None:
         self.sock = sock
         self.endpoint = endpoint
@@ -138,6 +143,9 @@ class UdpEdge:
         self.after_drain = after_drain or _nothing
         #: receives message-layer events (ACK, RST, give-up of our CONs): observers need them
         self.on_event = on_event or _nothing
+        #: after a batch that sent a handshake flight, poll the socket on the CPU for the answer
+        #: (net/busypoll.py); None: straight back to sleep in epoll
+        self.busy_poll = busy_poll
         self.stats = EdgeStats()
         #: datagrams ready for the wire (already encrypted for CoAPS) that the kernel did not take yet
         self._wire: Datagrams = []
@@ -298,22 +306,39 @@ class UdpEdge:
             yield counter("corem_rate_limited_datagrams", limiter.dropped)
             yield counter("corem_rate_limit_exempted", limiter.exempted)
             yield gauge("corem_rate_limit_sources", len(limiter))
+        busy = self.busy_poll
+        if busy is not None:
+            yield counter("corem_dtls_busy_polls", busy.answered, outcome="answered")
+            yield counter("corem_dtls_busy_polls", busy.missed, outcome="missed")
+            yield counter("corem_dtls_busy_poll_seconds", busy.seconds)
 
     @property
     def address(self) -> Peer:
         return self.sock.getsockname()
 
     async def serve(self) -> None:
-        """Receive until cancelled."""
+        """Receive until cancelled.  After a batch that sent a handshake flight, `busy_poll` may
+        find the device's answer waiting: the next batch is then read without sleeping in epoll
+        (the other tasks still get the loop every YIELD_AFTER)."""
         sock = self.sock
         read, receive, take, collect = self._read, self._receive, self._take, self._collect
         handle = self._handle
         after_drain, flush = self.after_drain, self.flush
         current_time = trio.current_time
-        wait_readable = trio.lowlevel.wait_readable
+        wait_readable, checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
+        busy, security, fd = self.busy_poll, self.security, sock.fileno()
+        ready, yielded, flights = False, 0.0, 0
         while True:
-            await wait_readable(sock)
-            now = current_time()
+            if not ready:
+                await wait_readable(sock)
+                now = yielded = current_time()
+            else:
+                now = current_time()
+                if now - yielded >= YIELD_AFTER:
+                    await checkpoint()
+                    now = yielded = current_time()
+            if busy is not None:
+                flights = security.flights_sent
             for data, peer in read(now):
                 # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing)
                 for message in receive(data, peer, now):
@@ -323,6 +348,7 @@ class UdpEdge:
             self._dispatch_events()
             after_drain()
             flush()
+            ready = busy is not None and security.flights_sent != flights and not self._closed and busy.poll(fd)
 
     def _read_limited(self, now: float) -> Datagrams:
         """The datagrams waiting (one batch), without the oversized ones and those over their

@@ -122,6 +122,9 @@ class EngineStats:
     bytes_in: int = 0
     bytes_out_unauthenticated: int = 0
     hello_verify_sent: int = 0
+    #: handshake flights queued (HelloVerifyRequests included): each one a device answers, so the
+    #: edge may busy-poll for it (net/busypoll.py)
+    flights_sent: int = 0
     handshakes_started: int = 0
     handshakes_completed: int = 0
     handshakes_failed: Counter[str] = field(default_factory=Counter)
@@ -356,6 +359,7 @@ class Engine:
         """An answer C made (a flight): queued, and offered to the driver (`eager`) before the
         connection's state is brought up to date"""
         self.outbox.append((datagram, peer))
+        self.stats.flights_sent += 1
         if self.eager is not None:
             self.eager()
 
@@ -384,6 +388,7 @@ class Engine:
         if conn.out or conn.resend:
             peer = conn.peer
             self.outbox += [(d, peer) for d in conn.flush()]
+            self.stats.flights_sent += 1
             if self.eager is not None:
                 self.eager()  # (before the hooks of a finished handshake, below)
         if conn.state == ESTABLISHED and self.sessions.get(conn.peer) is conn:

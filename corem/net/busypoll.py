@@ -1,0 +1,86 @@
+"""Busy-polling the CoAPS socket for the answer to a handshake flight.
+
+A DTLS handshake is a chain of round trips: ClientHello, our HelloVerifyRequest, the hello again,
+our ServerHello flight, the device's key exchange and Finished, ours -- and a device's first
+request right after.  Between two of them the event loop sleeps in epoll, and each answer then pays
+for waking it: the device's send interrupts a halted CPU (in a virtual machine, an exit to the
+hypervisor), the kernel schedules the loop's thread back in, and Trio goes once round its run loop
+before the edge reads the socket.  Where the device is close (a gateway, a proxy, the benchmark's
+loopback) that costs more than the answer's own trip.
+
+So after a batch that sent a handshake flight, the edge asks the socket again and again, on the
+CPU, for up to `window` (`_sockets.readable_within`: poll() with no timeout, the GIL released, so
+the bus's threads run), and reads the answer without going back to sleep.  Measured one handshake
+at a time (bench/dtls_bench.py, loopback): 2,560-2,690 handshakes/s without, 3,560-3,680 with a
+150 µs window, the CPU a handshake costs the server a little lower (the spin replaces the sleep's
+own wake-up work).
+
+Where answers take longer than the window -- devices over a radio, whose round trip is tens of
+milliseconds or seconds -- each poll would be a window of CPU thrown away.  So the polls back off:
+after a poll that saw nothing, the next 1, then 3, 7, ... up to MAX_SKIP flights are not polled for,
+and one answered poll starts again at once.  A fleet that never answers in time costs at most one
+window every MAX_SKIP flights.  Under load the socket has datagrams waiting already, and a poll
+answers at once.
+
+Sans-IO: `poll(fd)` calls the function it was given; the edge owns when to ask (net/udp.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+try:
+    from ._sockets import readable_within
+except ImportError:  # pragma: no cover - only without a C compiler
+    readable_within = None  # type: ignore[assignment]
+
+#: flights skipped at most after a poll that saw nothing (the backoff doubles up to it)
+MAX_SKIP = 63
+#: the longest window a setting may ask for, µs (a poll holds the event loop that long)
+MAX_WINDOW_US = 2000
+
+
+class BusyPoll:
+    """When and how long the edge polls its socket after a handshake flight, and what it got."""
+
+    __slots__ = ("window_ns", "answered", "missed", "seconds", "_wait", "_backoff", "_skip")
+
+    def __init__(self, window_us: int, wait: Callable[[int, int], bool] | None = None) -> None:
+        if not 0 < window_us <= MAX_WINDOW_US:
+            raise ValueError(f"dtls_busy_poll_us: {window_us} is not within 1-{MAX_WINDOW_US}")
+        wait = wait if wait is not None else readable_within
+        if wait is None:
+            raise ValueError("dtls_busy_poll_us: corem.net._sockets is not built (no C compiler)")
+        self.window_ns = window_us * 1000
+        #: polls that saw a datagram within the window, polls that did not, and the seconds spent
+        self.answered = 0
+        self.missed = 0
+        self.seconds = 0.0
+        self._wait = wait
+        self._backoff = 0
+        self._skip = 0
+
+    def poll(self, fd: int) -> bool:
+        """After a batch that sent a flight: is a datagram waiting on `fd` within the window?
+        False at once while backing off."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        start = time.perf_counter()
+        got = self._wait(fd, self.window_ns)
+        self.seconds += time.perf_counter() - start
+        if got:
+            self.answered += 1
+            self._backoff = 0
+        else:
+            self.missed += 1
+            self._backoff = self._skip = min(2 * self._backoff + 1, MAX_SKIP)
+        return got
+
+
+def busy_poll(window_us: int) -> BusyPoll | None:
+    """The setting's BusyPoll; None when it is 0 (off) or the C module is not built."""
+    if window_us == 0 or readable_within is None:
+        return None
+    return BusyPoll(window_us)

@@ -1,0 +1,153 @@
+"""Busy-polling the CoAPS socket after a handshake flight (corem/net/busypoll.py): the policy alone,
+the C poll on real sockets, the edge's loop with it, and the setting.  End to end with libcoap's
+DTLS clients: test_interop_dtls.py."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from corem.config import ConfigError, Settings
+from corem.coap import Endpoint
+from corem.metrics import gather
+from corem.net._sockets import readable_within
+from corem.net.busypoll import MAX_SKIP, BusyPoll, busy_poll
+from corem.net.udp import UdpEdge
+
+from .test_edge import Rot, exchange, request, rot, router, udp_pair  # noqa: F401 - udp_pair: a fixture
+
+
+class Scripted:
+    """`readable_within` for the policy's unit tests: answers from a script, records the calls."""
+
+    def __init__(self, answers: list[bool]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, fd: int, ns: int) -> bool:
+        self.calls.append((fd, ns))
+        return self.answers.pop(0)
+
+
+def test_a_poll_that_sees_nothing_skips_the_next_flights_doubling_and_an_answer_ends_the_backoff():
+    wait = Scripted([False, False, True, False, True])
+    busy = BusyPoll(150, wait)
+    outcomes = [busy.poll(7) for _ in range(1 + 1 + 1 + 3 + 1 + 1 + 1)]
+    # miss; skip 1; miss; skip 3; hit (the backoff ends); miss; skip 1 (from 0 again, not 7)
+    assert outcomes == [False, False, False, False, False, False, True, False, False]
+    assert wait.calls == [(7, 150_000)] * 4 and wait.answers == [True]
+    assert (busy.answered, busy.missed) == (1, 3) and busy.seconds >= 0.0
+    assert busy.poll(7) is True and busy.answered == 2
+
+
+def test_the_backoff_stops_at_max_skip():
+    busy = BusyPoll(10, Scripted([False] * 20))
+    skips = []
+    for _ in range(10):
+        assert busy.poll(3) is False
+        n = 0
+        while busy._skip:
+            busy.poll(3)
+            n += 1
+        skips.append(n)
+    assert skips == [1, 3, 7, 15, 31, 63, 63, 63, 63, 63] and MAX_SKIP == 63
+
+
+def test_windows_out_of_range_are_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="dtls_busy_poll_us: 0 is not within 1-2000"):
+        BusyPoll(0, Scripted([]))
+    with pytest.raises(ValueError, match="dtls_busy_poll_us: 2001"):
+        BusyPoll(2001, Scripted([]))
+    assert busy_poll(0) is None and busy_poll(150).window_ns == 150_000
+    with pytest.raises(ConfigError, match=r"dtls_busy_poll_us: 5000 must be within 0-2000 \(µs; 0 is off\)"):
+        Settings.load({"dtls_busy_poll_us": 5000}, env={})
+    assert Settings.load({}, env={}).dtls_busy_poll_us == 150
+
+
+def test_readable_within_polls_a_real_socket(udp_pair):
+    a, b = udp_pair
+    assert readable_within(b.fileno(), 2_000_000) is False  # nothing came: the whole window, then False
+    a.sendto(b"x", b.getsockname())
+    assert readable_within(b.fileno(), 10_000_000) is True
+    assert b.recv(10) == b"x"
+    with pytest.raises(ValueError, match="0-10,000,000 ns"):
+        readable_within(b.fileno(), 10_000_001)
+
+
+class Flights(Rot):
+    """Rot, whose answers to "hello" are handshake flights (`flights_sent` grows with each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flights_sent = 0
+
+    def receive(self, datagram, peer, now):
+        if datagram == b"hello":
+            self.flights_sent += 1
+        return super().receive(datagram, peer, now)
+
+
+async def test_the_edge_polls_once_after_a_batch_that_sent_a_flight_and_never_after_others(udp_pair):
+    client, server_sock = udp_pair
+    layer = Flights()
+    busy = BusyPoll(150)
+    edge = UdpEdge(server_sock, Endpoint(), router(), security=layer, busy_poll=busy)
+    server = server_sock.getsockname()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(edge.serve)
+        got = await exchange(client, server, [rot(request(i)) for i in range(5)], 5)
+        assert len(got) == 5 and (busy.answered, busy.missed) == (0, 0)  # answers, no flight: no poll
+        assert await exchange(client, server, [b"hello"], 1) == [b"welcome"]
+        # the flight's batch is followed by one poll (missed here: this client is a task of the
+        # loop the poll holds), the request's batch by none
+        assert len(await exchange(client, server, [rot(request(9))], 1)) == 1
+        nursery.cancel_scope.cancel()
+    assert busy.answered + busy.missed == 1
+    samples = gather([(edge, {})])
+    assert samples["corem_dtls_busy_polls"][(("outcome", "answered"),)] == busy.answered
+    assert samples["corem_dtls_busy_polls"][(("outcome", "missed"),)] == busy.missed
+
+
+class EveryBatchAFlight(Rot):
+    """A layer that reports a flight at every batch (`flights_sent` grows at each look)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flights = 0
+
+    @property
+    def flights_sent(self) -> int:
+        self._flights += 1
+        return self._flights
+
+
+async def test_busy_polled_batches_back_to_back_still_give_the_other_tasks_the_loop(udp_pair):
+    """A poll that always finds something keeps the loop from sleeping in epoll, never from
+    running the other tasks: a task sleeping 5 ms five times wakes each time (YIELD_AFTER)."""
+    client, server_sock = udp_pair
+    polls = 0
+
+    def always(fd: int, ns: int) -> bool:
+        nonlocal polls
+        polls += 1
+        if polls > 5_000_000:  # (the loop never yielded: fail, rather than hang the suite)
+            raise AssertionError("the edge's loop never gave the other tasks a turn")
+        return True
+
+    edge = UdpEdge(server_sock, Endpoint(), router(), security=EveryBatchAFlight(), busy_poll=BusyPoll(150, always))
+    woke = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(edge.serve)
+        client.sendto(rot(request(1)), server_sock.getsockname())  # (the first batch: from then on, polled)
+        for _ in range(5):
+            await trio.sleep(0.005)
+            woke += 1
+        nursery.cancel_scope.cancel()
+    assert woke == 5 and polls > 5  # (the loop ran busy-polled all along)
+
+
+async def test_without_busy_poll_the_edge_reports_no_poll_metrics(udp_pair):
+    _, server_sock = udp_pair
+    edge = UdpEdge(server_sock, Endpoint(), router(), security=Flights())
+    assert "corem_dtls_busy_polls" not in gather([(edge, {})])
+
