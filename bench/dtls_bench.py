@@ -19,7 +19,9 @@ readings of the runs before it).  The row "corem plain CoAP (fast lane)" is
 the same reading without DTLS (`POST /api/v1/{token}/telemetry`, bench/loadgen.c, 64 x 4): the
 yardstick of issue 27 (CoAPS on corem's engine, whose records the lane opens and seals itself,
 at >= 0.9x of it); each CoAPS row says its ratio to it -- corem's own row the median of its runs'
-ratios to a plain run made just before each (paired, as libcoap's).
+ratios to a plain run made just before each (paired, as libcoap's).  The row "corem
+(dtls_busy_poll_us = 0)" is corem's own without its busy poll after a handshake flight
+(corem/net/busypoll.py): what that poll is worth, which only the handshakes one at a time show.
 
 Memory: a fresh process makes N sessions through DtlsServer with in-memory Mbed TLS clients
 (each client freed after its handshake and one request) and reports the growth of its RSS per
@@ -110,6 +112,8 @@ def memory(n: int, mode: str, engine: str = "corem") -> dict:
 PLAIN = "corem plain CoAP (fast lane)"
 LIBCOAP = "libcoap coap-server-openssl (C)"
 MBEDTLS = "corem (dtls_engine = mbedtls, deprecated)"
+#: corem's own row without the busy poll after a flight (net/busypoll.py): what it is worth
+NO_BUSY_POLL = "corem (dtls_busy_poll_us = 0)"
 
 
 def plain_lane(args, payload: str) -> dict:
@@ -159,10 +163,21 @@ def ratios(r: dict, ref: dict) -> tuple[float, ...]:
 
 
 def run_target(args, cmd: list[str], port: int, method: int, path: str, payload: str) -> dict:
-    """One server started, the load generator's three phases against it, the server stopped."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """One server started, the load generator's three phases against it, the server stopped.
+    A `{port}` in `cmd` is a port picked for this run (one picked for every run was taken once, by
+    the time of the third, by another socket -- the load generator's handshakes go through
+    thousands of ephemeral ports); a server that does not answer is shown with its log."""
+    if any("{port}" in a for a in cmd):
+        port = free_port()
+        cmd = [a.replace("{port}", str(port)) for a in cmd]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     try:
-        wait_udp(port, timeout=60, dtls=True)
+        try:
+            wait_udp(port, timeout=60, dtls=True)
+        except RuntimeError as e:
+            log.seek(0)
+            raise RuntimeError(f"{e}: {' '.join(cmd)}\n{log.read().decode(errors='replace')[-2000:]}") from None
         out = subprocess.run(
             [*pin(1), str(BIN), "127.0.0.1", str(port), "64", "4", str(args.handshake_seconds), str(args.seconds),
              IDENTITY, KEY, str(method), path, payload, "60", str(args.handshakers)],
@@ -172,6 +187,7 @@ def run_target(args, cmd: list[str], port: int, method: int, path: str, payload:
     finally:
         proc.terminate()
         proc.wait(20)
+        log.close()
 
 
 def say(args, name: str, r: dict) -> None:
@@ -188,21 +204,21 @@ def throughput(args) -> list[dict]:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-m", "corem", "devices", "add", "--data-dir", str(data), "--tenant", "bench",
                         "--device", "d1", "--psk-identity", IDENTITY, "--psk", KEY], check=True, capture_output=True)
-        port = free_port()
         broker = kafka_broker()
         # (corem's own engine, the default, unless the row names the deprecated mbedtls one)
-        buses = [("corem", "on", "embedded"), ("corem (fast lane off)", "off", "embedded"),
-                 (MBEDTLS, "on", "embedded")]
+        buses = [("corem", "on", "embedded"), (NO_BUSY_POLL, "on", "embedded"),
+                 ("corem (fast lane off)", "off", "embedded"), (MBEDTLS, "on", "embedded")]
         if broker is not None:
             stack.callback(broker.stop)
             kafka = f"kafka://{broker.bootstrap}"
             buses.insert(1, ("corem (bus Kafka: Tansu, acks=all, idempotent)", "on", kafka))
         targets = [
             (name, [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", "off",
-                    "--coaps", f"127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
+                    "--coaps", "127.0.0.1:{port}", "--http", "off", "--store-synchronous", "NORMAL",
                     "--rate-limit-per-source", "0", "--fast-lane", lane, "--bus", bus,
                     "--dtls-engine", "mbedtls" if name == MBEDTLS else "corem",
-                    "--log-level", "warning"], port, 2, "telemetry")
+                    "--dtls-busy-poll-us", "0" if name == NO_BUSY_POLL else "150",
+                    "--log-level", "warning"], 0, 2, "telemetry")
             for name, lane, bus in buses
         ]
         libcoap = None

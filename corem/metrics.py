@@ -111,8 +111,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_dtls_records_dropped": (C, "Records with no session or that did not decrypt."),
     "corem_dtls_busy_polls": (
         C, "Polls of the CoAPS socket on the CPU after a handshake flight (dtls_busy_poll_us), by outcome: "
-           "answered (the device's answer came within the window) or missed."),
-    "corem_dtls_busy_poll_seconds": (C, "Seconds spent polling the CoAPS socket on the CPU (dtls_busy_poll_us)."),
+           "answered (a datagram, anyone's, came within the window) or missed."),
+    "corem_dtls_busy_poll_seconds": (C, "Seconds (wall time) spent polling the CoAPS socket on the CPU (dtls_busy_poll_us)."),
     "corem_dtls_cid_moves": (C, "Sessions moved to a new address by an authenticated record with their Connection ID (RFC 9146 §6; dtls_engine = corem)."),
     "corem_dtls_records_unknown_cid": (C, "Records with a Connection ID no session has (unknown or forged), dropped (dtls_engine = corem)."),
     "corem_dtls_records_replayed": (C, "Records at or below what a restored session took before (replays after a crash), dropped."),

@@ -7,12 +7,15 @@ from __future__ import annotations
 import pytest
 import trio
 
+import time
+
 from corem.config import ConfigError, Settings
 from corem.coap import Endpoint
 from corem.metrics import gather
-from corem.net._sockets import readable_within
-from corem.net.busypoll import MAX_SKIP, BusyPoll, busy_poll
+from corem.net.busypoll import BUDGET, BURST, MAX_SKIP, BusyPoll, busy_poll
 from corem.net.udp import UdpEdge
+
+readable_within = pytest.importorskip("corem.net._sockets").readable_within  # (without C: no busy poll)
 
 from .test_edge import Rot, exchange, request, rot, router, udp_pair  # noqa: F401 - udp_pair: a fixture
 
@@ -53,6 +56,46 @@ def test_the_backoff_stops_at_max_skip():
     assert skips == [1, 3, 7, 15, 31, 63, 63, 63, 63, 63] and MAX_SKIP == 63
 
 
+class Clock:
+    """A clock the test moves; `wait` moves it by the poll's time."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_polling_never_takes_more_than_its_share_of_the_time_whatever_comes():
+    """Polls that keep seeing a datagram (anyone's: other devices, spoofed hellos) never back off;
+    the budget bounds them: BUDGET of the time, BURST at once."""
+    clock = Clock()
+
+    def busy_answering(fd: int, ns: int) -> bool:
+        clock.t += ns / 1e9  # (each poll waits its whole window, then something comes)
+        return True
+
+    busy = BusyPoll(150, busy_answering, clock)
+    polled = 0.0
+    for _ in range(10_000):  # (a poll after each flight, a flight every 150 µs: polling would be all of it)
+        before = clock.t
+        busy.poll(3)
+        polled += clock.t - before
+        clock.t += 0.000_001  # (the batch's own work)
+    elapsed = clock.t - 100.0
+    assert polled <= BUDGET * elapsed + BURST + 0.000_150
+    assert polled >= 0.9 * BUDGET * elapsed  # (and it does take its share: the bucket refills)
+    assert busy.answered == round(busy.seconds / 0.000_150)
+
+
+def test_a_poll_that_fails_is_a_miss_not_an_error():
+    def failing(fd: int, ns: int) -> bool:
+        raise OSError(12, "Cannot allocate memory")
+
+    busy = BusyPoll(150, failing)
+    assert busy.poll(3) is False and busy.missed == 1
+
+
 def test_windows_out_of_range_are_refused_naming_the_setting():
     with pytest.raises(ValueError, match="dtls_busy_poll_us: 0 is not within 1-2000"):
         BusyPoll(0, Scripted([]))
@@ -72,6 +115,8 @@ def test_readable_within_polls_a_real_socket(udp_pair):
     assert b.recv(10) == b"x"
     with pytest.raises(ValueError, match="0-10,000,000 ns"):
         readable_within(b.fileno(), 10_000_001)
+    with pytest.raises(ValueError, match="fd >= 0"):  # (poll() passes a negative fd over: a whole window)
+        readable_within(-1, 1000)
 
 
 class Flights(Rot):
@@ -90,19 +135,26 @@ class Flights(Rot):
 async def test_the_edge_polls_once_after_a_batch_that_sent_a_flight_and_never_after_others(udp_pair):
     client, server_sock = udp_pair
     layer = Flights()
-    busy = BusyPoll(150)
+    polls = []
+
+    def spy(fd: int, ns: int) -> bool:
+        """the real poll, each call recorded; True whatever it saw, so no poll is skipped by a backoff"""
+        polls.append(readable_within(fd, ns))
+        return True
+
+    busy = BusyPoll(150, spy)
     edge = UdpEdge(server_sock, Endpoint(), router(), security=layer, busy_poll=busy)
     server = server_sock.getsockname()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(edge.serve)
         got = await exchange(client, server, [rot(request(i)) for i in range(5)], 5)
-        assert len(got) == 5 and (busy.answered, busy.missed) == (0, 0)  # answers, no flight: no poll
+        assert len(got) == 5 and polls == []  # answers, no flight: no poll
         assert await exchange(client, server, [b"hello"], 1) == [b"welcome"]
-        # the flight's batch is followed by one poll (missed here: this client is a task of the
-        # loop the poll holds), the request's batch by none
-        assert len(await exchange(client, server, [rot(request(9))], 1)) == 1
+        # the flight's batch is followed by one poll (which saw nothing: this client is a task of
+        # the loop the poll holds), the requests' batches by none
+        assert len(await exchange(client, server, [rot(request(9)), rot(request(10))], 2)) == 2
         nursery.cancel_scope.cancel()
-    assert busy.answered + busy.missed == 1
+    assert polls == [False] and (busy.answered, busy.missed) == (1, 0)
     samples = gather([(edge, {})])
     assert samples["corem_dtls_busy_polls"][(("outcome", "answered"),)] == busy.answered
     assert samples["corem_dtls_busy_polls"][(("outcome", "missed"),)] == busy.missed
@@ -126,11 +178,12 @@ async def test_busy_polled_batches_back_to_back_still_give_the_other_tasks_the_l
     running the other tasks: a task sleeping 5 ms five times wakes each time (YIELD_AFTER)."""
     client, server_sock = udp_pair
     polls = 0
+    give_up = time.monotonic() + 10
 
     def always(fd: int, ns: int) -> bool:
         nonlocal polls
         polls += 1
-        if polls > 5_000_000:  # (the loop never yielded: fail, rather than hang the suite)
+        if time.monotonic() > give_up:  # (the loop never yielded: fail, rather than hang the suite)
             raise AssertionError("the edge's loop never gave the other tasks a turn")
         return True
 

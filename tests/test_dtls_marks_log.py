@@ -357,3 +357,24 @@ def test_the_store_folds_step_by_step(carried):
         c.commit((top, A))
     c.store.fold_marks()
     assert c.unread() == 0 and c.top(A) == 2 * FOLD_STEP + 3
+
+
+def test_the_stores_write_transactions_never_lock_the_bus_file(carried):
+    """The store reads the bus's packs through the bus file attached read-only: its own write
+    transaction (a save, a take, a fold: BEGIN IMMEDIATE) takes no write lock on the bus, so the bus
+    commits beside it -- attached read-write, every other process's bus commit waited for it (and
+    it for them)."""
+    c = carried()
+    c.commit((5, A))
+    store = c.store
+    store.db.execute("BEGIN IMMEDIATE")
+    try:
+        other = sqlite3.connect(c.bus.path, isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")  # (another worker's bus commit: "database is locked" before)
+        other.execute("ROLLBACK")
+        other.close()
+        assert c.unread() == 1  # (and the store still reads it)
+    finally:
+        store.db.execute("ROLLBACK")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        store.db.execute("DELETE FROM bus.carried")

@@ -73,7 +73,8 @@ def test_wrong_key_and_unknown_identity_fail_the_handshake_and_store_nothing(eit
 def test_the_server_busy_polls_for_the_answers_to_its_flights_unless_told_not_to(data_dir, tmp_path):
     """dtls_busy_poll_us (150 by default): each batch that sent a flight (the HelloVerifyRequest,
     the ServerHello flight, the Finished) is followed by a poll of the socket on the CPU, unless
-    backing off after one that saw nothing -- so at least the first; 0: none, and no such metric."""
+    backing off after one that saw nothing -- so at least the first (more when a slow machine's
+    client retransmits); 0: none, and no such metric."""
     reading = write_cbor(tmp_path / "reading.cbor", READING)
     for window in ("150", "0"):
         server = start_corem(data_dir, "--dtls-busy-poll-us", window)
@@ -89,7 +90,7 @@ def test_the_server_busy_polls_for_the_answers_to_its_flights_unless_told_not_to
         else:
             answered = polls['corem_dtls_busy_polls_total{outcome="answered",transport="dtls"}']
             missed = polls['corem_dtls_busy_polls_total{outcome="missed",transport="dtls"}']
-            assert 1 <= answered + missed <= 3 and polls['corem_dtls_busy_poll_seconds_total{transport="dtls"}'] > 0
+            assert answered + missed >= 1 and polls['corem_dtls_busy_poll_seconds_total{transport="dtls"}'] > 0
     assert len(server.points()) == 2  # (the data dir's: one reading from each run)
 
 

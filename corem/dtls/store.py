@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..c_twins import c_twin
-from ..bus.sqlite import CARRIED
 from ..registry.db import Db, add_columns
 
 log = logging.getLogger("corem.dtls")
@@ -419,8 +418,10 @@ class SessionStore:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
         if carrying is not None:
             self._carrying = carrying
-        self.db.execute("ATTACH DATABASE ? AS bus", (str(bus),))
-        self.db.execute(CARRIED.format(schema="bus."))
+        # the file and its `carried` as the bus made them (`carry`), attached read-only: the store's
+        # own write transactions (a save, a take, a fold: BEGIN IMMEDIATE) would otherwise take the
+        # bus file's write lock too, waiting for -- and holding up -- every process's bus commits
+        self.db.attach_read_only(bus, "bus")
         self.marks_attached = True
         self._run("BEGIN IMMEDIATE")
         try:

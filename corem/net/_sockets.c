@@ -6,6 +6,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <poll.h>
 #include <time.h>
 
@@ -92,27 +93,32 @@ static PyObject *readable_within(PyObject *mod, PyObject *args) {
     int fd;
     long long ns;
     if (!PyArg_ParseTuple(args, "iL", &fd, &ns)) return NULL;
-    if (ns < 0 || ns > 10000000) {
-        PyErr_SetString(PyExc_ValueError, "readable_within: 0-10,000,000 ns");
+    if (fd < 0 || ns < 0 || ns > 10000000) {
+        PyErr_SetString(PyExc_ValueError, "readable_within: fd >= 0, 0-10,000,000 ns");
         return NULL;
     }
     struct pollfd p = {.fd = fd, .events = POLLIN};
-    int ready = 0;
+    int r = 0, err = 0;
     Py_BEGIN_ALLOW_THREADS
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     long long end = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec + ns;
     for (;;) {
-        int r = poll(&p, 1, 0);
-        if (r != 0) {  /* readable, an error waiting (the read reports it), or a bad fd: not ours to wait on */
-            ready = 1;
+        r = poll(&p, 1, 0);
+        if (r > 0) break;  /* readable, or an error waiting (the read reports it), or a closed fd (POLLNVAL) */
+        if (r < 0 && errno != EINTR) {
+            err = errno;
             break;
         }
         clock_gettime(CLOCK_MONOTONIC, &ts);
         if ((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec >= end) break;
     }
     Py_END_ALLOW_THREADS
-    return PyBool_FromLong(ready);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(r > 0);
 }
 
 static PyMethodDef module_methods[] = {

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -47,7 +48,8 @@ log = logging.getLogger("corem.net")
 #: Datagrams handled per wake-up before yielding to other tasks (timers, the sink's callbacks).
 BATCH = 256
 #: While busy-polled batches follow one another (`BusyPoll`), the loop's other tasks (timers, the
-#: sink's callbacks, other listeners) get it back at least this often, seconds.
+#: sink's callbacks, other listeners) get it back once this much time has passed, seconds (by the
+#: process's clock, not Trio's: a test's clock that stands still must not keep them from it).
 YIELD_AFTER = 0.001
 #: The longest the timer task sleeps (the security layer's and the lane's timers have no deadline
 #: of their own to wait for).
@@ -326,17 +328,16 @@ class UdpEdge:
         after_drain, flush = self.after_drain, self.flush
         current_time = trio.current_time
         wait_readable, checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
-        busy, security, fd = self.busy_poll, self.security, sock.fileno()
+        busy, security, fd, clock = self.busy_poll, self.security, sock.fileno(), time.perf_counter
         ready, yielded, flights = False, 0.0, 0
         while True:
             if not ready:
                 await wait_readable(sock)
-                now = yielded = current_time()
-            else:
-                now = current_time()
-                if now - yielded >= YIELD_AFTER:
-                    await checkpoint()
-                    now = yielded = current_time()
+                yielded = clock() if busy is not None else 0.0
+            elif clock() - yielded >= YIELD_AFTER:
+                await checkpoint()
+                yielded = clock()
+            now = current_time()
             if busy is not None:
                 flights = security.flights_sent
             for data, peer in read(now):

@@ -136,7 +136,9 @@ class Db:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # (the data dir, when made here: 0700)
         if not path.exists():  # mode 0600: it holds credentials
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        # (by its URI: so that `attach_read_only` can name another file's with ?mode=ro)
+        self._conn = sqlite3.connect(path.resolve().as_uri(), isolation_level=None, check_same_thread=False,
+                                     timeout=30, uri=True)
         self._conn.execute("PRAGMA journal_mode=WAL")
 
     def reopen(self) -> Db:
@@ -166,6 +168,14 @@ class Db:
             self._in_transaction = True
         elif word.startswith(("COMMIT", "ROLLBACK")) and not _to_savepoint(sql):
             self._in_transaction = False
+
+    def attach_read_only(self, path: Path, name: str) -> None:
+        """(SQLite) Attach the database in `path` as `name`, read-only: a write transaction here
+        (BEGIN IMMEDIATE) then takes no write lock on it -- attached read-write, it takes that
+        file's too, and waits for (and holds up) every writer of it."""
+        if self.shared or not name.isidentifier():
+            raise ValueError(f"attach_read_only: {name!r} on {'PostgreSQL' if self.shared else 'SQLite'}")
+        self._conn.execute(f"ATTACH DATABASE ? AS {name}", (Path(path).resolve().as_uri() + "?mode=ro",))
 
     @property
     def in_transaction(self) -> bool:

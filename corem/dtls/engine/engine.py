@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable
 import corem.dtls.engine.messages as m  # (the modules, not the package: no cycle through __init__)
 import corem.dtls.engine.state as state
 from ...c_twins import c_twin
-from .connection import ESTABLISHED, FAILED, WAIT_CLIENT_KEY_EXCHANGE, Connection, Params
+from .connection import CLOSED, ESTABLISHED, FAILED, WAIT_CLIENT_KEY_EXCHANGE, Connection, Params
 from .crypto import hmac_sha256
 from .errors import DtlsDecodeError
 from .records import DTLS_1_2, HANDSHAKE, HEADER, TLS12_CID, Record, lone_epoch0_record_untrusted, parse_record_untrusted, \
@@ -388,7 +388,8 @@ class Engine:
         if conn.out or conn.resend:
             peer = conn.peer
             self.outbox += [(d, peer) for d in conn.flush()]
-            self.stats.flights_sent += 1
+            if conn.state not in (FAILED, CLOSED):  # (a fatal alert, a close_notify: no answer comes)
+                self.stats.flights_sent += 1
             if self.eager is not None:
                 self.eager()  # (before the hooks of a finished handshake, below)
         if conn.state == ESTABLISHED and self.sessions.get(conn.peer) is conn:
