@@ -406,3 +406,63 @@ def test_what_a_codec_returns_that_no_point_can_hold_is_its_4_00_naming_the_fiel
         codec(script)(42, b"\x01", NOW)
     assert not isinstance(e.value, Overloaded)
     assert (e.value.field, e.value.reason) == (field, reason)
+
+
+#: each multiplication of 500,000-bit BigInts ~150 ms, one operation to QuickJS: 200 of them would run
+#: ~30 s past a 50 ms limit before QuickJS looked at the time
+BIGINT_LOOP = "var y = (1n << 500000n) + 12345n; var z; for (var i = 0; i < 200; i++) { try { z = y * y; } catch (e) {} }"
+
+
+def test_a_call_that_outruns_quickjss_looks_at_the_time_is_stopped_by_the_watchdog():
+    """Found by review: operators on huge operands are one operation each, so a loop of BigInt
+    multiplications held the event loop for minutes.  The watchdog drops the runtime's memory limit
+    once the call is STOP_AFTER_MIN old: the multiplication under way is the last.  The codec then
+    answers again, on a fresh runtime.  (The bound only detects a call never stopped: 30 s.)"""
+    decode = codec("function decodeUplink(i) { if (i.bytes[0] === 1) { " + BIGINT_LOOP + " } "
+                   "return {data: {first: i.bytes[0]}}; }", timeout_ms=50)
+    start = time.monotonic()
+    with pytest.raises(Overloaded, match="codec: ran longer than its 50 ms"):
+        decode(42, b"\x01", NOW)
+    assert time.monotonic() - start < 20
+    [point] = decode(42, b"\x02", NOW)
+    assert point.numeric == {"first": 2.0}
+
+
+def test_a_load_that_outruns_quickjss_looks_at_the_time_is_stopped_by_the_watchdog(monkeypatch):
+    from corem.profiles import js
+
+    monkeypatch.setattr(js, "STOP_AFTER", 1)  # (a load's limit is 1 s: stopped after 1 s, not 5)
+    start = time.monotonic()
+    with pytest.raises(ProfileError, match="script: does not load: ran longer than its 1000 ms"):
+        codec(BIGINT_LOOP + "; function decodeUplink(i) {}")
+    assert time.monotonic() - start < 20
+
+
+class Runtime:
+    """A runtime for the watchdog's unit test: records the memory limits it is given."""
+
+    def __init__(self) -> None:
+        self.limits: list[int] = []
+
+    def set_memory_limit(self, n: int) -> None:
+        self.limits.append(n)
+
+
+def test_the_watchdog_stops_only_calls_past_their_time_each_once_and_never_the_next():
+    from corem.profiles.js import STOP_AFTER, STOP_AFTER_MIN, Watchdog, Watched
+
+    dog = Watchdog(period=None)  # (no thread: this test's `check` calls are all there are)
+    slow, quick, done = Watched(dog), Watched(dog), Watched(dog)
+    a, b, c, d = Runtime(), Runtime(), Runtime(), Runtime()
+    now = time.monotonic()
+    slow.begin(a, 0.05)
+    quick.begin(b, 10.0)
+    done.begin(c, 0.05)
+    assert done.end() is False  # (ended in time: never stopped, whatever comes later)
+    assert dog.check(now + STOP_AFTER_MIN - 0.01) == 0  # (never before STOP_AFTER_MIN, whatever its limit)
+    assert dog.check(now + STOP_AFTER_MIN + 0.01) == 1 and dog.check(now + 60) == 1  # slow; quick at 50 s
+    assert dog.check(now + 3600) == 0  # each once
+    assert (a.limits, b.limits, c.limits) == ([1], [1], []) and STOP_AFTER * 10.0 == 50.0 and dog.stopped == 2
+    assert slow.end() is True and quick.end() is True
+    slow.begin(d, 0.05)  # the next call on the same watch: its own time, and not stopped for the last one's
+    assert dog.check(now + STOP_AFTER_MIN - 0.01) == 0 and d.limits == [] and slow.end() is False

@@ -27,9 +27,15 @@ asked -- measured 3.2 s for a 100,000-element array at a 50 ms limit (bench/js_e
 `busy stop`; V8 stops it at 50 ms).  The built-ins that go through a whole array or text therefore
 count that work as operations (PRELUDE's `counted`): such a loop stops within ~10-30 ms of the limit,
 at load too.  Left: one call's own work, and operators (string `+`, a BigInt's `*`), one operation
-each however large their operands -- the memory limit bounds the operands, not the time: a loop
-multiplying huge BigInts still runs far past the limit (only a codec off the event loop, in a
-process a watchdog can stop, would close that).  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
+each however large their operands -- the memory limit bounds the operands, not the time: 20
+multiplications of 500,000-bit BigInts took 3 s at a 50 ms limit, a BigInt's `toString` up to ~3 s
+each, and QuickJS would not ask before 10,000 of them.  So a watchdog (`Watchdog`, one thread for
+every runtime) stops a call, or a load, still running STOP_AFTER times its limit after it began
+(wall time; at least STOP_AFTER_MIN): it drops the runtime's memory limit to nothing, so the
+operation under way is the last to complete -- every later one fails to allocate, and QuickJS's next
+look at the time ends the call (an endless `try { x * x } catch (e) {}` too: measured, the call
+ended 0.002 s after the drop; after a `toString` of a 900,000-bit BigInt, 2 s).  The call is then
+5.03 as past its time, the runtime made anew.  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
 `max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage), and throws
 its InternalError "out of memory" -- or, when it cannot allocate even that, null: both are the
 limit (5.03, a fresh runtime), never the payload's 4.00, or a codec whose kept state filled the heap
@@ -54,7 +60,11 @@ the first 0.9 MB against 58 MB; 8 MB installed against 85 MB.  The price is the 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
+import time
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -68,8 +78,99 @@ try:
 except ImportError:  # quickjs-ng: an optional package (the 'js' extra)
     quickjs = None
 
+log = logging.getLogger("corem.profiles")
+
 #: a codec's script gets this long (CPU) to load, whatever its per-call limit
 LOAD_LIMIT_S = 1.0
+#: the watchdog stops a call or a load still running this many times its limit after it began
+#: (wall time: a loaded machine stretches a call's CPU time), and never one younger than
+#: STOP_AFTER_MIN seconds; it looks every WATCHDOG_PERIOD seconds
+STOP_AFTER = 5
+STOP_AFTER_MIN = 1.0
+WATCHDOG_PERIOD = 0.05
+
+
+class Watched:
+    """One runtime's calls as the watchdog sees them: `begin(ctx, limit_s)` before a call (or a
+    load) on `ctx`, `end()` after it -- True: the watchdog stopped it.  A lock of its own, taken by
+    the call twice and by the watchdog when it looks, so the watchdog never stops the next call
+    instead of the one that was late; no allocation a call."""
+
+    __slots__ = ("_guard", "_ctx", "_deadline", "_stopped", "__weakref__")
+
+    def __init__(self, dog: Watchdog | None = None) -> None:
+        self._guard = threading.Lock()
+        self._ctx: Any = None
+        self._deadline = float("inf")
+        self._stopped = False
+        (dog or _WATCHDOG).keep(self)
+
+    def begin(self, ctx: Any, limit_s: float) -> None:
+        deadline = time.monotonic() + max(STOP_AFTER * limit_s, STOP_AFTER_MIN)
+        with self._guard:
+            self._ctx, self._deadline, self._stopped = ctx, deadline, False
+
+    def end(self) -> bool:
+        with self._guard:
+            self._ctx, self._deadline = None, float("inf")
+            return self._stopped
+
+    def stop_if_late(self, now: float) -> bool:
+        """(the watchdog) Stop the call under way if it is past its time: its runtime's memory
+        limit dropped to nothing (1 byte: 0 would be none; JS_SetMemoryLimit sets one field)."""
+        with self._guard:
+            if self._stopped or now < self._deadline:
+                return False
+            self._ctx.set_memory_limit(1)
+            self._stopped = True
+            return True
+
+
+class Watchdog:
+    """Stops the runtimes whose call outran its limit between QuickJS's looks at the time (see the
+    module's docstring): one thread, started when the first runtime is watched, looking every
+    `period` (None: no thread; `check`, the whole of its work, is then the caller's)."""
+
+    def __init__(self, period: float | None = WATCHDOG_PERIOD) -> None:
+        self.period = period
+        self._lock = threading.Lock()
+        self._watched: weakref.WeakSet[Watched] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+        #: calls stopped since the process started
+        self.stopped = 0
+
+    def keep(self, watched: Watched) -> None:
+        """Look at `watched` from now on (as long as it lives)."""
+        with self._lock:
+            self._watched.add(watched)
+            if self._thread is None and self.period is not None:
+                self._thread = threading.Thread(target=self._run, name="corem-js-watchdog", daemon=True)
+                self._thread.start()
+
+    def check(self, now: float) -> int:
+        """Stop every call past its time; how many were stopped now."""
+        with self._lock:
+            watched = list(self._watched)
+        n = sum(w.stop_if_late(now) for w in watched)
+        self.stopped += n
+        return n
+
+    def _run(self) -> None:
+        while self.period is not None:
+            time.sleep(self.period)
+            if self.check(time.monotonic()):
+                log.warning("js codec: a call ran %sx past its limit between QuickJS's looks at the time (one "
+                            "operation on huge operands: a BigInt's * or toString); stopped, its runtime made anew",
+                            STOP_AFTER)
+
+    def _forked(self) -> None:
+        """(in a forked child: the thread did not come along)"""
+        self._lock = threading.Lock()
+        self._thread = None
+
+
+_WATCHDOG = Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG._forked)
 
 #: run once in each runtime before the codec: locks what printing an escaped exception reads, and
 #: defines the two entry points, which the codec cannot replace (not writable, not configurable).
@@ -283,6 +384,8 @@ class JsCodec:
         self.timeout_ms = timeout_ms
         self.max_memory = max_memory_mb * 1024 * 1024
         self._lock = threading.Lock()
+        #: its calls and loads, as the watchdog sees them
+        self._watched = Watched()
         with self._lock:
             self._ctx, self._decode = self._start()
         self._adds_to_builtins()  # (once: the script does not change; not at each `_restart`, on the loop)
@@ -294,11 +397,19 @@ class JsCodec:
         ctx = quickjs.Context()
         ctx.set_memory_limit(self.max_memory)
         ctx.set_time_limit(LOAD_LIMIT_S)
+        error: Exception | None = None
+        watch = self._watched
+        watch.begin(ctx, LOAD_LIMIT_S)
         try:
             ctx.eval(PRELUDE)
             result = ctx.get("__corem_load")(self.script)
         except quickjs.JSException as e:  # the engine's own limits: nothing else leaves the wrapper
-            raise ProfileError(f"script: does not load: {self._limit(e, int(LOAD_LIMIT_S * 1000))}") from None
+            error = e
+        finally:
+            stopped = watch.end()
+        if error is not None or stopped:
+            raise ProfileError(
+                f"script: does not load: {self._limit(error, int(LOAD_LIMIT_S * 1000), stopped)}") from None
         if result == "?":
             raise ProfileError("script: defines no function decodeUplink(input)")
         if result == "~":
@@ -316,13 +427,17 @@ class JsCodec:
         ctx = quickjs.Context()
         ctx.set_memory_limit(self.max_memory)
         ctx.set_time_limit(LOAD_LIMIT_S)
+        watch = self._watched
+        watch.begin(ctx, LOAD_LIMIT_S)
         try:
             added = ctx.eval(ADDS_TO_BUILTINS)(self.script)
         except quickjs.JSException as e:  # (a limit: the frozen runtime's load passed, so it is not one to judge)
             if str(e).startswith("SyntaxError"):  # (corem's own text: never the script's, which eval catches)
                 raise
             return
-        if added:
+        finally:
+            stopped = watch.end()
+        if added and not stopped:
             raise ProfileError(f"script: adds {added} to a built-in, which corem freezes (each call starts from "
                                "the same built-ins): define it as a function of the script instead")
 
@@ -335,9 +450,10 @@ class JsCodec:
         except ProfileError:
             pass
 
-    def _limit(self, e: Exception, ms: int) -> str:
-        """What stopped the engine: its time or its memory (the only exceptions that escape)."""
-        if str(e).startswith("InternalError: interrupted"):
+    def _limit(self, e: Exception | None, ms: int, stopped: bool = False) -> str:
+        """What stopped the engine: its time (QuickJS's own look, or the watchdog's: `stopped`) or
+        its memory (the only exceptions that escape)."""
+        if stopped or str(e).startswith("InternalError: interrupted"):
             return f"ran longer than its {ms} ms"
         return f"used more than its {self.max_memory >> 20} MB"
 
@@ -351,11 +467,18 @@ class JsCodec:
                     self._ctx, self._decode = self._start()
                 except ProfileError as e:
                     raise Overloaded(f"codec: {e}", "codec") from None
+            error: Exception | None = None
+            watch = self._watched
+            watch.begin(self._ctx, self.timeout_ms / 1000)
             try:
                 # (a float: the binding cuts an int past 32 bits to int32, as a JS_TAG_INT)
                 result = self._decode(text, self.fport, float(int(now_ms)), self.variables)
             except quickjs.JSException as e:
-                reason = self._limit(e, self.timeout_ms)
+                error = e
+            finally:
+                stopped = watch.end()
+            if error is not None or stopped:  # (stopped, yet returned: its runtime's memory limit is gone)
+                reason = self._limit(error, self.timeout_ms, stopped)
                 self._restart()
                 raise Overloaded(f"codec: {reason}", "codec") from None
             if not isinstance(result, str):  # JSON.stringify's undefined: a function, a symbol
