@@ -2,10 +2,13 @@
 
 A leaf (it imports nothing of corem), so that every owner of a file -- the data dir's lock and
 format (datadir.py), the settings' default registry (config.py), presence (registry/presence.py),
-the admin token (admin/token.py), the DTLS state key (dtls/layer.py) -- names it from here.
+the admin token (admin/token.py), the DTLS state key (dtls/layer.py) -- names it from here; and
+how a reader opens one read-only (`read_only_uri`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 FORMAT_FILE = "format.toml"
 LOCK_FILE = ".lock"
@@ -33,3 +36,9 @@ FILES = {
     TOKEN_FILE: "the generated admin token",
     STATE_KEY_FILE: "the key that seals saved DTLS sessions' state",
 }
+
+
+def read_only_uri(path: Path | str) -> str:
+    """The SQLite URI that opens the file in `path` read-only, percent-encoded: a path written into
+    "file:...?mode=ro" as it is names another file, or none, when it holds a `%`, `?` or `#`."""
+    return Path(path).resolve().as_uri() + "?mode=ro"

@@ -229,3 +229,20 @@ def test_kafka_carries_nothing():
 
     # (each record goes out as it comes: the DTLS layer writes the marks first, as before)
     assert not hasattr(KafkaSink, "carry")
+
+
+@pytest.mark.parametrize("name", ["pct%41", "what?", "hash#1", "sp ace"])
+async def test_the_log_is_read_back_from_a_data_dir_whose_name_a_uri_would_misread(tmp_path, name):
+    """The readers open the bus read-only by an encoded URI (datafiles.read_only_uri): written into
+    "file:...?mode=ro" as it was, `%41` named another file and `?` or `#` cut the name short."""
+    from corem.bus.recovery import recover_embedded
+
+    path = tmp_path / name / "bus.db"
+    path.parent.mkdir()
+    bus = EmbeddedBus(path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        assert bus.submit(rec(1), lambda ctx, err: None)
+        await bus.close()
+    assert [r.value for r in read_records(path)] == [rec(1).value]
+    assert recover_embedded(path, 0, 4).total() == 0  # (opened, and nothing to recover: no exchange header)

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator
 
 import msgspec
 
+from ..datafiles import read_only_uri
 from ..stats import Sample, counter
 from . import topics
 from .sqlite import like_prefix
@@ -182,7 +183,7 @@ def recover_embedded(path: Path, since_ms: int, limit: int, *, keep: Callable[[P
     found = Collector(limit, keep)
     if not Path(path).exists():
         return found.result(started)
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    conn = sqlite3.connect(read_only_uri(path), uri=True, timeout=30)
     try:
         rows = conn.execute(
             "SELECT records, appended_at FROM batches WHERE topic LIKE ? ESCAPE '\\' "

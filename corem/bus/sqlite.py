@@ -28,6 +28,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import msgspec
 
+from ..datafiles import read_only_uri
 from ..wal import WRITER_BACKSTOP, defer_checkpoints
 from .base import AnyRecord, BatchingSink, PackedRecord, Record
 
@@ -275,7 +276,7 @@ def read_records(
     order; with `newest`, only the last `limit` of them (read-only; safe while corem runs)."""
     if not Path(path).exists():
         return
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(read_only_uri(path), uri=True)
     try:
         where = "base_offset + count > ? AND topic LIKE ? ESCAPE '\\'"
         args = (after, like_prefix(topic_prefix))

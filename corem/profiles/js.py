@@ -35,7 +35,11 @@ every runtime) stops a call, or a load, still running STOP_AFTER times its limit
 operation under way is the last to complete -- every later one fails to allocate, and QuickJS's next
 look at the time ends the call (an endless `try { x * x } catch (e) {}` too: measured, the call
 ended 0.002 s after the drop; after a `toString` of a 900,000-bit BigInt, 2 s).  The call is then
-5.03 as past its time, the runtime made anew.  A plain endless loop stops at the limit.  Memory: QuickJS's allocator refuses past
+5.03 as past its time, the runtime made anew (that load watched as a call is).  What the watchdog
+cannot stop: a loop whose heavy operations allocate nothing -- comparing huge strings (`a === b`,
+~0.9 ms for 12 MB) -- runs until QuickJS's next look, 10,000 of them (~7 s at the default 32 MB: a
+known gap, which only running codecs off the event loop would close).  A plain endless loop stops
+at the limit.  Memory: QuickJS's allocator refuses past
 `max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage), and throws
 its InternalError "out of memory" -- or, when it cannot allocate even that, null: both are the
 limit (5.03, a fresh runtime), never the payload's 4.00, or a codec whose kept state filled the heap
@@ -50,6 +54,8 @@ wrapper below; what leaves the engine as an exception is only ever the engine's 
 Threads: a runtime is not thread-safe.  Codecs are compiled on a worker thread (the registry's
 reload) and called on the event loop's; every use of one codec's runtime holds its lock, and the
 binding moves QuickJS's stack bound to the calling thread on every entry (`JS_UpdateStackTop`).
+The one exception, the watchdog's `set_memory_limit` on a running call: the binding's does nothing
+but JS_SetMemoryLimit, which sets one field the allocator reads (no entry, no stack bound moved).
 
 Why QuickJS (bench/js_engines_bench.py: tests/codecs/lht65.js through this wrapper, against the
 mini-racer path corem had): 12 µs a call against 97 µs; 0.25 ms to make a codec's runtime against
@@ -82,6 +88,9 @@ log = logging.getLogger("corem.profiles")
 
 #: a codec's script gets this long (CPU) to load, whatever its per-call limit
 LOAD_LIMIT_S = 1.0
+#: a runtime made anew that did not load is tried again after this many seconds (calls meanwhile:
+#: 5.03), not at every message
+RETRY_LOAD_AFTER = 1.0
 #: the watchdog stops a call or a load still running this many times its limit after it began
 #: (wall time: a loaded machine stretches a call's CPU time), and never one younger than
 #: STOP_AFTER_MIN seconds; it looks every WATCHDOG_PERIOD seconds
@@ -96,17 +105,20 @@ class Watched:
     the call twice and by the watchdog when it looks, so the watchdog never stops the next call
     instead of the one that was late; no allocation a call."""
 
-    __slots__ = ("_guard", "_ctx", "_deadline", "_stopped", "__weakref__")
+    __slots__ = ("_guard", "_ctx", "_deadline", "_stopped", "_dog", "__weakref__")
 
     def __init__(self, dog: Watchdog | None = None) -> None:
         self._guard = threading.Lock()
         self._ctx: Any = None
         self._deadline = float("inf")
         self._stopped = False
-        (dog or _WATCHDOG).keep(self)
+        self._dog = dog or _WATCHDOG
+        self._dog.keep(self)
 
     def begin(self, ctx: Any, limit_s: float) -> None:
         deadline = time.monotonic() + max(STOP_AFTER * limit_s, STOP_AFTER_MIN)
+        if self._dog._thread is None:  # (a forked child: the thread did not come along)
+            self._dog.start()
         with self._guard:
             self._ctx, self._deadline, self._stopped = ctx, deadline, False
 
@@ -143,6 +155,11 @@ class Watchdog:
         """Look at `watched` from now on (as long as it lives)."""
         with self._lock:
             self._watched.add(watched)
+        self.start()
+
+    def start(self) -> None:
+        """The thread, unless it runs (or there is none to run: `period` None)."""
+        with self._lock:
             if self._thread is None and self.period is not None:
                 self._thread = threading.Thread(target=self._run, name="corem-js-watchdog", daemon=True)
                 self._thread.start()
@@ -159,14 +176,17 @@ class Watchdog:
         while self.period is not None:
             time.sleep(self.period)
             if self.check(time.monotonic()):
-                log.warning("js codec: a call ran %sx past its limit between QuickJS's looks at the time (one "
-                            "operation on huge operands: a BigInt's * or toString); stopped, its runtime made anew",
-                            STOP_AFTER)
+                log.warning("js codec: a call ran past its limit between QuickJS's looks at the time (%sx its limit "
+                            "and at least %s s: one operation on huge operands, a BigInt's * or toString); stopped, its "
+                            "runtime made anew", STOP_AFTER, STOP_AFTER_MIN)
 
     def _forked(self) -> None:
-        """(in a forked child: the thread did not come along)"""
+        """(in a forked child: the thread did not come along -- the next call starts it -- and a
+        lock the parent held at the fork would never be released here)"""
         self._lock = threading.Lock()
         self._thread = None
+        for watched in list(self._watched):
+            watched._guard = threading.Lock()
 
 
 _WATCHDOG = Watchdog()
@@ -386,11 +406,13 @@ class JsCodec:
         self._lock = threading.Lock()
         #: its calls and loads, as the watchdog sees them
         self._watched = Watched()
+        #: (after a runtime made anew did not load) when a call may try again, and why it did not
+        self._load_failed = (0.0, "")
         with self._lock:
             self._ctx, self._decode = self._start()
         self._adds_to_builtins()  # (once: the script does not change; not at each `_restart`, on the loop)
 
-    def _start(self) -> tuple[Any, Any]:
+    def _start(self, watch_s: float = LOAD_LIMIT_S) -> tuple[Any, Any]:
         """A fresh runtime with the codec loaded (ProfileError if it does not load)."""
         if quickjs is None:
             raise ProfileError(needs("format: 'js'", "js"))
@@ -399,7 +421,7 @@ class JsCodec:
         ctx.set_time_limit(LOAD_LIMIT_S)
         error: Exception | None = None
         watch = self._watched
-        watch.begin(ctx, LOAD_LIMIT_S)
+        watch.begin(ctx, watch_s)
         try:
             ctx.eval(PRELUDE)
             result = ctx.get("__corem_load")(self.script)
@@ -442,13 +464,16 @@ class JsCodec:
                                "the same built-ins): define it as a function of the script instead")
 
     def _restart(self) -> None:
-        """A fresh runtime after a limit: the state the run left behind is gone (if the codec does
-        not load this time -- its load has a CPU limit too -- the next call tries again)."""
+        """A fresh runtime after a limit: the state the run left behind is gone.  On the event
+        loop, so the load is watched as a call is (STOP_AFTER_MIN, not 5 x the load's limit: a
+        script whose top level did heavier work than when its profile was written held the loop
+        for seconds more); if it does not load, calls are answered 5.03 for RETRY_LOAD_AFTER
+        before a call tries again (not a load a message)."""
         self._ctx = self._decode = None
         try:
-            self._ctx, self._decode = self._start()
-        except ProfileError:
-            pass
+            self._ctx, self._decode = self._start(self.timeout_ms / 1000)
+        except ProfileError as e:
+            self._load_failed = (time.monotonic() + RETRY_LOAD_AFTER, str(e))
 
     def _limit(self, e: Exception | None, ms: int, stopped: bool = False) -> str:
         """What stopped the engine: its time (QuickJS's own look, or the watchdog's: `stopped`) or
@@ -462,11 +487,13 @@ class JsCodec:
             raise PayloadError("empty payload")
         text = bytes(payload).decode("latin-1")  # one char a byte: the wrapper makes them numbers
         with self._lock:
-            if self._decode is None:  # the runtime made anew after a limit did not load: try again
-                try:
-                    self._ctx, self._decode = self._start()
-                except ProfileError as e:
-                    raise Overloaded(f"codec: {e}", "codec") from None
+            if self._decode is None:  # the runtime made anew after a limit did not load: try again, now and then
+                retry_at, why = self._load_failed
+                if time.monotonic() < retry_at:
+                    raise Overloaded(f"codec: {why}", "codec")
+                self._restart()
+                if self._decode is None:
+                    raise Overloaded(f"codec: {self._load_failed[1]}", "codec")
             error: Exception | None = None
             watch = self._watched
             watch.begin(self._ctx, self.timeout_ms / 1000)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
+from ..datafiles import read_only_uri
 from ..errors import NewerFormat
 
 #: the channel a PostgreSQL registry notifies on when devices or profiles change
@@ -175,7 +176,7 @@ class Db:
         file's too, and waits for (and holds up) every writer of it."""
         if self.shared or not name.isidentifier():
             raise ValueError(f"attach_read_only: {name!r} on {'PostgreSQL' if self.shared else 'SQLite'}")
-        self._conn.execute(f"ATTACH DATABASE ? AS {name}", (Path(path).resolve().as_uri() + "?mode=ro",))
+        self._conn.execute(f"ATTACH DATABASE ? AS {name}", (read_only_uri(path),))
 
     @property
     def in_transaction(self) -> bool:
