@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..bus.sqlite import CARRIED
 from ..c_twins import c_twin
 from ..registry.db import Db, add_columns
 
@@ -418,10 +419,15 @@ class SessionStore:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
         if carrying is not None:
             self._carrying = carrying
-        # the file and its `carried` as the bus made them (`carry`), attached read-only: the store's
-        # own write transactions (a save, a take, a fold: BEGIN IMMEDIATE) would otherwise take the
-        # bus file's write lock too, waiting for -- and holding up -- every process's bus commits
-        self.db.attach_read_only(bus, "bus")
+        if str(bus) == ":memory:":  # (a bus of its own in memory, which no other process writes: fuzzing)
+            self.db.execute("ATTACH DATABASE ':memory:' AS bus")
+            self.db.execute(CARRIED.format(schema="bus."))
+        else:
+            # the file and its `carried` as the bus made them (`carry`), attached read-only: the
+            # store's own write transactions (a save, a take, a fold: BEGIN IMMEDIATE) would
+            # otherwise take the bus file's write lock too, waiting for -- and holding up -- every
+            # process's bus commits
+            self.db.attach_read_only(bus, "bus")
         self.marks_attached = True
         self._run("BEGIN IMMEDIATE")
         try:

@@ -174,8 +174,9 @@ class Db:
         """(SQLite) Attach the database in `path` as `name`, read-only: a write transaction here
         (BEGIN IMMEDIATE) then takes no write lock on it -- attached read-write, it takes that
         file's too, and waits for (and holds up) every writer of it."""
-        if self.shared or not name.isidentifier():
-            raise ValueError(f"attach_read_only: {name!r} on {'PostgreSQL' if self.shared else 'SQLite'}")
+        if self.shared or not name.isidentifier() or str(self.where) == ":memory:":
+            # (an in-memory connection is not opened by URI: the URI would be a file's name)
+            raise ValueError(f"attach_read_only: {name!r} on {'PostgreSQL' if self.shared else self.where}")
         self._conn.execute(f"ATTACH DATABASE ? AS {name}", (read_only_uri(path),))
 
     @property
