@@ -164,12 +164,13 @@ def ratios(r: dict, ref: dict) -> tuple[float, ...]:
 
 def run_target(args, cmd: list[str], port: int, method: int, path: str, payload: str) -> dict:
     """One server started, the load generator's three phases against it, the server stopped.
-    A `{port}` in `cmd` is a port picked for this run (one picked for every run was taken once, by
-    the time of the third, by another socket -- the load generator's handshakes go through
-    thousands of ephemeral ports); a server that does not answer is shown with its log."""
-    if any("{port}" in a for a in cmd):
+    A `{port}` in `cmd` is a port picked for this run, `{port-1}` the one below it (one picked for
+    every run was taken once, by the time of the third, by another socket -- the load generator's
+    handshakes go through thousands of ephemeral ports); a server that does not answer is shown
+    with its log."""
+    if any("{port" in a for a in cmd):
         port = free_port()
-        cmd = [a.replace("{port}", str(port)) for a in cmd]
+        cmd = [a.replace("{port-1}", str(port - 1)).replace("{port}", str(port)) for a in cmd]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     try:
@@ -223,9 +224,9 @@ def throughput(args) -> list[dict]:
         ]
         libcoap = None
         if shutil.which("coap-server-openssl"):
-            lp = free_port()  # libcoap serves CoAPS on its -p port + 1
-            libcoap = (LIBCOAP, [*pin(0), "coap-server-openssl", "-A", "127.0.0.1", "-p", str(lp - 1), "-k", KEY],
-                       lp, 3, "example_data")
+            # (libcoap serves CoAPS on its -p port + 1: `{port-1}`)
+            libcoap = (LIBCOAP, [*pin(0), "coap-server-openssl", "-A", "127.0.0.1", "-p", "{port-1}", "-k", KEY],
+                       0, 3, "example_data")
         if args.only:
             targets = [t for t in targets if any(w in t[0] for w in args.only)]
             if libcoap is not None and not any(w in LIBCOAP for w in args.only):

@@ -38,7 +38,12 @@ FILES = {
 }
 
 
+def file_uri(path: Path | str) -> str:
+    """The SQLite URI of the file in `path`, percent-encoded: a path written into "file:..." as it
+    is names another file, or none, when it holds a `%`, `?` or `#`."""
+    return Path(path).resolve().as_uri()
+
+
 def read_only_uri(path: Path | str) -> str:
-    """The SQLite URI that opens the file in `path` read-only, percent-encoded: a path written into
-    "file:...?mode=ro" as it is names another file, or none, when it holds a `%`, `?` or `#`."""
-    return Path(path).resolve().as_uri() + "?mode=ro"
+    """`file_uri`, opened read-only."""
+    return file_uri(path) + "?mode=ro"

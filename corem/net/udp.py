@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corem.net")
 
-#: Datagrams handled per wake-up before yielding to other tasks (timers, the sink's callbacks).
+#: Datagrams handled per batch: per wake-up before yielding to other tasks (timers, the sink's
+#: callbacks) -- or, while busy-polled batches follow one another, per batch (YIELD_AFTER).
 BATCH = 256
 #: While busy-polled batches follow one another (`BusyPoll`), the loop's other tasks (timers, the
 #: sink's callbacks, other listeners) get it back once this much time has passed, seconds (by the

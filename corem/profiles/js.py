@@ -37,7 +37,7 @@ look at the time ends the call (an endless `try { x * x } catch (e) {}` too: mea
 ended 0.002 s after the drop; after a `toString` of a 900,000-bit BigInt, 2 s).  The call is then
 5.03 as past its time, the runtime made anew (that load watched as a call is).  What the watchdog
 cannot stop: a loop whose heavy operations allocate nothing -- comparing huge strings (`a === b`,
-~0.9 ms for 12 MB) -- runs until QuickJS's next look, 10,000 of them (~7 s at the default 32 MB: a
+~0.9 ms for 12 MB) -- runs until QuickJS's next look, 10,000 of them (~9 s at the default 32 MB: a
 known gap, which only running codecs off the event loop would close).  A plain endless loop stops
 at the limit.  Memory: QuickJS's allocator refuses past
 `max_memory_mb` for the whole runtime (the codec, its globals and the call's garbage), and throws

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from ..datafiles import read_only_uri
+from ..datafiles import file_uri, read_only_uri
 from ..errors import NewerFormat
 
 #: the channel a PostgreSQL registry notifies on when devices or profiles change
@@ -138,8 +138,8 @@ class Db:
         if not path.exists():  # mode 0600: it holds credentials
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         # (by its URI: so that `attach_read_only` can name another file's with ?mode=ro)
-        self._conn = sqlite3.connect(path.resolve().as_uri(), isolation_level=None, check_same_thread=False,
-                                     timeout=30, uri=True)
+        self._conn = sqlite3.connect(file_uri(path), isolation_level=None, check_same_thread=False, timeout=30,
+                                     uri=True)
         self._conn.execute("PRAGMA journal_mode=WAL")
 
     def reopen(self) -> Db:
