@@ -3,6 +3,7 @@ driven with an explicit clock; the sink is a list (the bus has its own tests).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -216,6 +217,30 @@ def test_rpcs_to_an_observer_at_an_unverified_address_wait_in_the_queue_and_none
     rest = stack.tick(0.3)
     assert [json.loads(bytes(n.payload))["method"] for n in rest] == [f"m{i}" for i in range(1, 12)]
     assert all(c.status == "delivered" for c in calls) and dl.stats.rpc_sent == 12
+
+
+def test_an_rpc_refused_for_want_of_room_goes_once_the_endpoint_makes_room_not_at_the_next_uplink(tmp_path):
+    """An unverified observer's notifications take half the endpoint's table of messages awaiting
+    an ACK at most.  An RPC refused for that waited for its device's next uplink (found in review),
+    which a device that only listens never sends; now it goes at the tick after any of those
+    messages left the table."""
+    stack = Stack(tmp_path)
+    stack.endpoint.params = dataclasses.replace(stack.endpoint.params, max_outstanding=8)
+    dl, awake = stack.downlink, stack.device("awake")
+    [answer] = stack.send(Code.GET, "api/v1/TA/rpc", observe=0)
+    assert answer.code == Code.CONTENT
+    others = [("192.0.2.99", 6000 + i) for i in range(4)]  # (separate answers elsewhere: half the table)
+    for i, other in enumerate(others):
+        assert stack.endpoint.send_confirmable(b"\x40\x01\x00\x01", other, 100 + i, b"", None, Code.CONTENT)
+    assert len(stack.tick(0.05)) == 4  # (those four, sent)
+    call = dl.send_rpc(awake, "m0", None, timeout=300)
+    assert stack.tick(0.1) == [] and call.status == "queued"
+    assert stack.tick(0.2) == [] and call.status == "queued"  # (no room yet: nothing goes)
+    assert stack.endpoint.receive(encode(Message(Type.ACK, 0, 100)), others[0], stack.now) is None
+    while (event := stack.endpoint.next_event()) is not None:  # (as the edge hands them on)
+        stack.observers.handle(event)
+    [note] = stack.tick(0.3)
+    assert json.loads(bytes(note.payload))["method"] == "m0" and call.status == "delivered"
 
 
 def test_attribute_deltas_to_an_observer_at_an_unverified_address_wait_merged(tmp_path):

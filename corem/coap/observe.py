@@ -50,7 +50,7 @@ from ..codec import Block, Code, Message, OptionNumber, Options, Type, decode_ui
 from ..stats import Sample, counter, gauge
 from .blockwise import Representations, first_block, fitted, requester, worth_keeping
 from .endpoint import (
-    AMPLIFICATION_FACTOR, Acked, Endpoint, Event, GaveUp, Protect, Request, Reset, StrayReset, fit_error,
+    AMPLIFICATION_FACTOR, Acked, Endpoint, Event, GaveUp, Outcome, Protect, Request, Reset, StrayReset, fit_error,
 )
 from .peers import source_host
 from .response import Response
@@ -151,9 +151,13 @@ class Observers:
         #: most (beyond it the oldest waiting gives way: `_hold`)
         self.max_held = max_held
         #: told the owner (the device a door named) of an observer at an unverified address that
-        #: acknowledged its notification: what a notifier kept back for it (`notify(hold=False)`)
-        #: may go now
+        #: acknowledged its notification, or of one whose confirmable notification the endpoint's
+        #: table of messages awaiting an ACK had no room for when the table makes room (any of
+        #: them acknowledged, reset or given up): what a notifier kept back for it
+        #: (`notify(hold=False)`) may go now
         self.freed: list[Callable[[Hashable], None]] = []
+        #: owners whose notification found the endpoint's table full (`_no_room`), until it makes room
+        self._no_room_for: set[Hashable] = set()
         #: the router's: a notification cut to its first block is kept there for the rest
         self.representations = representations
         self.max_total = max_total
@@ -413,7 +417,7 @@ class Observers:
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
             if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), out.code):
-                return False  # too many messages awaiting ACK: this one is skipped, the next may go
+                return self._no_room(obs)  # too many messages awaiting ACK: this one is skipped, the next may go
             obs.last_con = now
             self.stats.con_notifications += 1
         else:
@@ -434,7 +438,7 @@ class Observers:
             # (forged registrations cost nothing to make: their notifications, each awaiting its
             # ACK for up to a minute and a half, take half the endpoint's table at most -- the
             # rest is for separate answers to readings and verified observers)
-            return False
+            return self._no_room(obs)
         mid = self._random_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
         bound = AMPLIFICATION_FACTOR * obs.size
 
@@ -450,7 +454,7 @@ class Observers:
             return False
         data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
         if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), piece.code):
-            return False  # too many messages awaiting ACK: this one is skipped, the next may go
+            return self._no_room(obs)  # too many messages awaiting ACK: this one is skipped, the next may go
         kept = self._to_keep(whole, piece)
         if kept is not None and self.representations is not None:
             self.representations.keep((obs.peer, *obs.request), kept, now)
@@ -496,6 +500,20 @@ class Observers:
         asked = None if given is None else Block.from_uint(decode_uint(bytes(given)))
         return whole if worth_keeping(whole, asked) else None
 
+    def _no_room(self, obs: Observation) -> bool:
+        """(False) `obs`'s notification found no room in the endpoint's table: its owner is told
+        when the table makes room (found in review: an RPC refused so waited for its device's next
+        uplink, which a device that only listens never sends)."""
+        if obs.owner is not None:
+            self._no_room_for.add(obs.owner)
+        return False
+
+    def _made_room(self) -> None:
+        owners, self._no_room_for = self._no_room_for, set()
+        for owner in owners:
+            for told in self.freed:
+                told(owner)
+
     def _acknowledged(self, key: tuple[Peer, bytes]) -> None:
         """A confirmable notification to `key` was acknowledged from its address: an unverified
         observer is verified, and what waited goes to it, whole."""
@@ -517,6 +535,8 @@ class Observers:
         notification that was never acknowledged ends the observation; an acknowledged one
         verifies its observer's address."""
         sent: Notification | None
+        if self._no_room_for and isinstance(event, Outcome):  # (a confirmable message left the table)
+            self._made_room()
         if isinstance(event, StrayReset):
             sent = self._recent_non.pop((event.peer, event.mid), None)
         elif isinstance(event, (Reset, GaveUp)) and isinstance(event.context, Notification):
