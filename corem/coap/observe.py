@@ -215,6 +215,9 @@ class Observers:
         this one is accepted: a refused one leaves the owner the observation it had, not none."""
         key = (req.peer, req.token)
         if key in self._by_key:  # re-registration (§4.1): same observer, fresh state
+            # (unverified again over plain UDP, though the old one may have been verified: the GET
+            # proves no more than any, and one forged with a guessed token could otherwise move a
+            # verified observer to a larger resource, unbounded)
             self._remove(key)
         host = source_host(req.peer)
         superseded = list(self._owned.get((owner, resource), ())) if replace and owner is not None else []
