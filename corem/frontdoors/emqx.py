@@ -30,6 +30,7 @@ retained one, `If-None-Match` only while there is none (ETSI TD_COAP_CORE_22/23)
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
@@ -302,84 +303,56 @@ class Emqx:
 
 class Heaviest:
     """Tenants by a weight (how many retained messages each holds, or their bytes), the heaviest
-    found at once: a binary heap that knows each tenant's place in it, so a change of weight moves
-    that tenant up or down (log n steps) and a server bound's eviction never walks every tenant
-    (with thousands of tenants each publish past the bound did).  Of equal weights the tenant
-    that came first is the heaviest, as it was when the tenants were walked in the order they came."""
+    found at once, so a server bound's eviction never walks every tenant (with thousands of tenants
+    each publish past the bound did).  heapq's heap of (-weight, arrival, tenant) entries, one
+    pushed at each change: an entry whose weight is no longer its tenant's (or whose tenant left)
+    is stale, dropped when it comes to the top, and the heap is made anew from the live weights
+    when the stale ones outnumber them.  Of equal weights the tenant that came first is the
+    heaviest, as it was when the tenants were walked in the order they came."""
 
-    __slots__ = ("_heap", "_at", "_arrivals")
+    __slots__ = ("_heap", "_weights", "_arrivals")
 
     def __init__(self) -> None:
-        #: [-weight, arrival, tenant], the heaviest at 0 (arrivals are unique: tenants never compared)
-        self._heap: list[list[Any]] = []
-        #: tenant -> its index in the heap
-        self._at: dict[str, int] = {}
+        self._heap: list[tuple[int, int, str]] = []
+        #: tenant -> [weight, arrival]
+        self._weights: dict[str, list[int]] = {}
         self._arrivals = 0
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._weights)
 
     def weight(self, tenant: str) -> int:
-        i = self._at.get(tenant)
-        return 0 if i is None else -self._heap[i][0]
+        w = self._weights.get(tenant)
+        return 0 if w is None else w[0]
 
     def top(self) -> str:
         """The heaviest tenant (there is one: a bound is passed only while something is held)."""
-        return self._heap[0][2]
+        heap, weights = self._heap, self._weights
+        while True:
+            neg, _, tenant = heap[0]
+            w = weights.get(tenant)
+            if w is not None and w[0] == -neg:
+                return tenant
+            heapq.heappop(heap)
 
     def add(self, tenant: str, delta: int) -> None:
         """`tenant`'s weight changes by `delta` (it comes in, at the end of the arrivals, if new)."""
-        i = self._at.get(tenant)
-        if i is None:
+        w = self._weights.get(tenant)
+        if w is None:
             self._arrivals += 1
-            i = len(self._heap)
-            self._heap.append([0, self._arrivals, tenant])
-            self._at[tenant] = i
-        self._heap[i][0] -= delta
-        if delta > 0:
-            self._up(i)
-        else:
-            self._down(i)
+            w = self._weights[tenant] = [0, self._arrivals]
+        w[0] += delta
+        heapq.heappush(self._heap, (-w[0], w[1], tenant))
+        self._compact()
 
     def remove(self, tenant: str) -> None:
-        i = self._at.pop(tenant)
-        last = self._heap.pop()
-        if i < len(self._heap):  # (the last one fills its place, then finds its own)
-            self._heap[i] = last
-            self._at[last[2]] = i
-            self._down(self._up(i))
+        del self._weights[tenant]
+        self._compact()
 
-    def _up(self, i: int) -> int:
-        heap, at = self._heap, self._at
-        entry = heap[i]
-        while i:
-            parent = (i - 1) >> 1
-            if not entry < heap[parent]:
-                break
-            heap[i] = heap[parent]
-            at[heap[i][2]] = i
-            i = parent
-        heap[i] = entry
-        at[entry[2]] = i
-        return i
-
-    def _down(self, i: int) -> int:
-        heap, at = self._heap, self._at
-        entry, n = heap[i], len(heap)
-        while True:
-            child = 2 * i + 1
-            if child >= n:
-                break
-            if child + 1 < n and heap[child + 1] < heap[child]:
-                child += 1
-            if not heap[child] < entry:
-                break
-            heap[i] = heap[child]
-            at[heap[i][2]] = i
-            i = child
-        heap[i] = entry
-        at[entry[2]] = i
-        return i
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._weights) + 64:
+            self._heap = [(-w, arrival, t) for t, (w, arrival) in self._weights.items()]
+            heapq.heapify(self._heap)
 
 
 def _answer_put(ctx: tuple[Request, int, Options | None], error: BaseException | None) -> None:
