@@ -582,6 +582,18 @@ def test_a_server_bound_finds_the_heaviest_tenant_without_a_walk(stack):
     assert Tenant.looked_at < 100, Tenant.looked_at
 
 
+def test_a_tenant_that_left_and_came_back_is_not_the_heaviest_by_its_old_entry():
+    """(found in review) an entry of its stay before had its weight again, and won the tie
+    its new arrival loses"""
+    heaviest = Heaviest()
+    heaviest.add("T", 1)
+    heaviest.add("U", 0)
+    heaviest.remove("T")
+    heaviest.add("U", 1)
+    heaviest.add("T", 1)
+    assert heaviest.top() == "U"
+
+
 def test_the_heaviest_is_the_tenant_a_walk_in_arrival_order_would_pick():
     """`Heaviest` against the walk it replaces (`max` over the tenants as they came, the first of
     equal weights), through random changes, arrivals and departures."""

@@ -16,7 +16,6 @@ read back while its row cannot be deleted is read with a SELECT and its row dele
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any, Callable, Iterable
 from ..bus.sqlite import CARRIED
 from ..c_twins import c_twin
 from ..registry.db import Db, add_columns
+from .engine.crypto import hmac_sha256
 
 log = logging.getLogger("corem.dtls")
 
@@ -204,7 +204,7 @@ def freeze(buf: Any) -> bytes | Unsaved:
     except TypeError:
         state = getattr(getattr(buf, "_handshake_state", None), "name", None)
         return Unsaved.NOT_YET if state == "HANDSHAKE_OVER" else Unsaved.LOST
-    return hmac.new(_THIS_PROCESS, body, hashlib.sha256).digest() + body
+    return hmac_sha256(_THIS_PROCESS, body) + body
 
 
 def thaw(blob: bytes, patch: Callable[[bytes], bytes] | None = None) -> Any | None:
@@ -215,7 +215,7 @@ def thaw(blob: bytes, patch: Callable[[bytes], bytes] | None = None) -> Any | No
     whoever can write the data dir's file -- is a lost session, never code (found in review of
     the deprecated engine: its rows were unpickled as read)."""
     tag, body = blob[:32], blob[32:]
-    if len(blob) <= 32 or not hmac.compare_digest(tag, hmac.new(_THIS_PROCESS, body, hashlib.sha256).digest()):
+    if len(blob) <= 32 or not hmac.compare_digest(tag, hmac_sha256(_THIS_PROCESS, body)):
         return None
     try:
         return pickle.loads(patch(body) if patch is not None else body)

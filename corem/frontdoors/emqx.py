@@ -329,9 +329,9 @@ class Heaviest:
         """The heaviest tenant (there is one: a bound is passed only while something is held)."""
         heap, weights = self._heap, self._weights
         while True:
-            neg, _, tenant = heap[0]
+            neg, arrival, tenant = heap[0]
             w = weights.get(tenant)
-            if w is not None and w[0] == -neg:
+            if w is not None and w[0] == -neg and w[1] == arrival:  # (not an entry of its stay before)
                 return tenant
             heapq.heappop(heap)
 
