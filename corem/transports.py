@@ -153,7 +153,7 @@ class Transports:
                 self._socket("coaps", coaps), endpoint, router, security=dtls, max_datagram=s.max_datagram,
                 limiter=self._limiter(), lane=lane, after_drain=self.sink.after_drain, on_event=observers.handle,
                 # (the deprecated mbedtls engine's flights are sent inside its binding: none to poll after)
-                busy_poll=busy_poll(s.dtls_busy_poll_us) if isinstance(dtls, EngineServer) else None,
+                busy_poll=busy_poll(s.dtls_busy_poll_us, dtls.flights_sent) if isinstance(dtls, EngineServer) else None,
             )
             self.bound.coaps = edge.address
             self._add(Transport("dtls", endpoint, router, observers, edge, dtls, lane), session_identity(dtls.device))

@@ -19,6 +19,7 @@ marks the bus carries (rows of packs): the lane's C fold and its Python twin agr
 and the store folds any rows at a restore without an exception."""
 
 import sys
+import threading
 from pathlib import Path
 
 import atheris
@@ -218,7 +219,7 @@ def marks(fdp: atheris.FuzzedDataProvider) -> None:
     else:
         assert fold_packs(rows) == want
     store = SessionStore()
-    store.read_marks_from(Path(":memory:"))  # (the bus's file, which carries the packs: one in memory)
+    store.read_marks_from(Path(":memory:"), threading.Lock())  # (the bus that carries the packs: in memory)
     store.put([(CONTEXT, b"row", "t", "device-1", 0.0, 0)])
     for row in rows:
         store.db.execute("INSERT INTO bus.carried (blob) VALUES (?)", (row,))

@@ -161,24 +161,16 @@ class EmbeddedBus(BatchingSink):
                               rows: list[tuple[int, str, int, bytes, int]]) -> list[tuple[int, str, int, bytes, int]]:
         """Several writers (the offsets taken under the write lock), more rows than one statement
         takes, or a carrier's row to write with them (`carry`; and the carried rows below its
-        reader's place deleted).  With a carrier, `carry_lock` is held from before the transaction to
-        its end, and its reader's saves and restores take it too (dtls/store.py): each comes before
-        the take or after the commit -- never between, where it would miss marks already taken (in
-        a worker thread, found in review: a new session at an address given its predecessor's
-        floor).  Taken before BEGIN, so that the two locks are always taken in one order."""
-        carrying = self._carrier is not None
-        if carrying:
-            self.carry_lock.acquire()
-        try:
-            return self._write_locked(conn, rows)
-        finally:
-            if carrying:
-                self.carry_lock.release()
-
-    def _write_locked(self, conn: sqlite3.Connection,
-                      rows: list[tuple[int, str, int, bytes, int]]) -> list[tuple[int, str, int, bytes, int]]:
+        reader's place deleted).  With a carrier, `carry_lock` is held from the take of its pack to
+        the commit, and its reader's saves and restores take it too (dtls/store.py): each comes
+        before the take or after the commit -- never between, where it would miss marks already
+        taken (in a worker thread, found in review: a new session at an address given its
+        predecessor's floor).  Not from before the records' INSERTs: the event loop's saves would
+        wait for the whole batch's write.  (The reader attaches the bus read-only, so its own
+        transactions never wait on this one's write lock: the two locks cannot cross.)"""
         conn.execute("BEGIN IMMEDIATE")
         carried, below = self._unwritten, 0
+        carrying = False
         try:
             if self.shared:
                 rows = _rebased(rows, _next_offset(conn))
@@ -187,6 +179,8 @@ class EmbeddedBus(BatchingSink):
                 conn.execute(_insert(len(chunk)), [v for row in chunk for v in row])
             if self._carrier is not None:
                 take, done_below = self._carrier
+                self.carry_lock.acquire()
+                carrying = True
                 self._unwritten = b""
                 carried += take()  # (packs of marks: two written as one are one)
                 below = done_below()
@@ -201,6 +195,9 @@ class EmbeddedBus(BatchingSink):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            if carrying:
+                self.carry_lock.release()
         if deletes:
             self._dropped_below = below
         return rows

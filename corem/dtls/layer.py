@@ -769,8 +769,8 @@ class EngineServer:
     def handshakes(self) -> dict[Peer, Connection]:
         return self.engine.handshakes
 
-    @property
     def flights_sent(self) -> int:
+        """The handshake flights sent so far (the edge busy-polls after a batch that sent one)."""
         return self.engine.stats.flights_sent
 
     def metrics(self) -> Iterator[Sample]:
@@ -822,7 +822,7 @@ class EngineServer:
         if self.store.shared or self._marks_carried or str(where) == ":memory:" or carry is None:
             return False
         carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)
-        self.store.read_marks_from(sink.path, getattr(sink, "carry_lock", None))
+        self.store.read_marks_from(sink.path, sink.carry_lock)
         sink.checkpointer.watch(Path(where))  # (the store's WAL copied off the event loop's saves)
         defer_checkpoints(self.store.db)
         self._marks_carried = True

@@ -142,8 +142,6 @@ class DtlsServer:
     SWEEP_INTERVAL = 60.0
     #: records are not messages: the fast lane gets the decrypted messages, not the socket
     transparent = False
-    #: (Mbed TLS sends its flights inside the binding: the edge does not busy-poll for answers)
-    flights_sent = 0
 
     def __init__(
         self,

@@ -410,16 +410,18 @@ class SessionStore:
             self._stale.add(key)
         return _raised(_row(row), logged)
 
-    def read_marks_from(self, bus: Path, carrying: AbstractContextManager[Any] | None = None) -> None:
+    def read_marks_from(self, bus: Path, carrying: AbstractContextManager[Any]) -> None:
         """(one node's store) The embedded bus in `bus` carries the lane's marks from now on
         (bus/sqlite.py `carry`): its file attached, what it holds past this store's place folded
         now (what a process that stopped left there).  A bus file whose rows end below the place is
-        another than the one read before (made anew, or put back): all its rows are read."""
+        another than the one read before (made anew, or put back): all its rows are read.
+        `carrying`: the bus's `carry_lock`, which saves and restores take from now on (required:
+        without it the race it closes comes back unseen)."""
         if self.shared or self.marks_attached:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
-        if carrying is not None:
-            self._carrying = carrying
-        if str(bus) == ":memory:":  # (a bus of its own in memory, which no other process writes: fuzzing)
+        self._carrying = carrying
+        if str(bus) == ":memory:":  # (a bus of its own in memory, which no other process writes: the fuzz
+            # target writes its rows through this connection, thousands of runs with no disk I/O)
             self.db.execute("ATTACH DATABASE ':memory:' AS bus")
             self.db.execute(CARRIED.format(schema="bus."))
         else:

@@ -27,7 +27,8 @@ comes, it never takes more than a quarter of the loop's thread.  Measured one ha
 on loopback: 18% of the time polling (~14 µs a poll, three polls a handshake).  Under load the
 socket has datagrams waiting already, and a poll answers at once.
 
-Sans-IO: `poll(fd)` calls the function it was given; the edge owns when to ask (net/udp.py).
+Sans-IO: `poll(fd)` calls the function it was given; the edge owns when to ask (net/udp.py), after a
+batch in which `flights()` grew.
 """
 
 from __future__ import annotations
@@ -52,17 +53,20 @@ BURST = 0.01
 class BusyPoll:
     """When and how long the edge polls its socket after a handshake flight, and what it got."""
 
-    __slots__ = ("window_ns", "answered", "missed", "seconds", "_wait", "_backoff", "_skip", "_tokens", "_at",
-                 "_clock")
+    __slots__ = ("window_ns", "flights", "answered", "missed", "seconds", "_wait", "_backoff", "_skip", "_tokens",
+                 "_at", "_clock")
 
-    def __init__(self, window_us: int, wait: Callable[[int, int], bool] | None = None,
+    def __init__(self, window_us: int, flights: Callable[[], int], wait: Callable[[int, int], bool] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
+        """`flights()`: the handshake flights the security layer has sent so far (a count that
+        only grows): a batch after which it grew sent one, and is followed by a poll."""
         if not 0 < window_us <= MAX_WINDOW_US:
             raise ValueError(f"dtls_busy_poll_us: {window_us} is not within 1-{MAX_WINDOW_US}")
         wait = wait if wait is not None else readable_within
         if wait is None:
             raise ValueError("dtls_busy_poll_us: corem.net._sockets is not built (no C compiler)")
         self.window_ns = window_us * 1000
+        self.flights = flights
         #: polls that saw a datagram within the window, polls that did not, and the seconds spent
         self.answered = 0
         self.missed = 0
@@ -104,8 +108,8 @@ class BusyPoll:
         return got
 
 
-def busy_poll(window_us: int) -> BusyPoll | None:
+def busy_poll(window_us: int, flights: Callable[[], int]) -> BusyPoll | None:
     """The setting's BusyPoll; None when it is 0 (off) or the C module is not built."""
     if window_us == 0 or readable_within is None:
         return None
-    return BusyPoll(window_us)
+    return BusyPoll(window_us, flights)

@@ -18,12 +18,6 @@ class SecurityLayer(Protocol):
     #: True when `receive` and `wrap` are the identity: the fast lane may then read and answer the
     #: socket itself (plain CoAP)
     transparent: bool
-    @property
-    def flights_sent(self) -> int:
-        """Handshake flights sent so far (a count that only grows; 0 for a layer without handshakes
-        or whose handshakes it does not see): a batch that sent one expects the device's answer,
-        which the edge may busy-poll for (net/busypoll.py)."""
-
     def receive(self, datagram: bytes, peer: Peer, now: float) -> Sequence[bytes]:
         """The CoAP messages one datagram carries."""
 
@@ -52,7 +46,6 @@ class PlainUdp:
     path, which `credentialed` (given by the wiring: the registry knows the tokens) checks."""
 
     transparent = True
-    flights_sent = 0
 
     def __init__(self, credentialed: Callable[[bytes, Peer], bool] | None = None) -> None:
         self._credentialed = credentialed

@@ -329,7 +329,7 @@ class UdpEdge:
         after_drain, flush = self.after_drain, self.flush
         current_time = trio.current_time
         wait_readable, checkpoint = trio.lowlevel.wait_readable, trio.lowlevel.checkpoint
-        busy, security, fd, clock = self.busy_poll, self.security, sock.fileno(), time.perf_counter
+        busy, fd, clock = self.busy_poll, sock.fileno(), time.perf_counter
         ready, yielded, flights = False, 0.0, 0
         while True:
             if not ready:
@@ -340,7 +340,7 @@ class UdpEdge:
                 yielded = clock()
             now = current_time()
             if busy is not None:
-                flights = security.flights_sent
+                flights = busy.flights()
             for data, peer in read(now):
                 # plain CoAP: the datagram itself; CoAPS: what it decrypts to (maybe nothing)
                 for message in receive(data, peer, now):
@@ -350,7 +350,7 @@ class UdpEdge:
             self._dispatch_events()
             after_drain()
             flush()
-            ready = busy is not None and security.flights_sent != flights and not self._closed and busy.poll(fd)
+            ready = busy is not None and busy.flights() != flights and not self._closed and busy.poll(fd)
 
     def _read_limited(self, now: float) -> Datagrams:
         """The datagrams waiting (one batch), without the oversized ones and those over their
