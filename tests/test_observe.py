@@ -306,16 +306,15 @@ def test_a_sequential_message_id_that_meets_a_random_one_in_flight_is_refused_no
     """Found in review: a sequential ID (`next_mid`) equal to a random one still awaiting its ACK
     replaced that entry, and the first one's give-up then raised KeyError in `tick` (the
     transport's task ended).  Such a pair is refused (as when too many await their ACK), and the
-    endpoint's own sequential ones pass it by (`next_mid_for`); the first goes on and gives up as
-    it would."""
+    endpoint's own sequential ones pass it by (corem/coap/message_ids.py); the first goes on and
+    gives up as it would."""
     ep = Endpoint(Params(), rng=lambda: 0.0)
-    mid = ep.unpredictable_mid(PEER)
+    mid = ep.unpredictable_mid()
     assert ep.send_confirmable(b"first", PEER, mid, b"t", "first", 0x45)
-    ep._mid = (mid - 1) & 0xFFFF  # (the counter come round to it)
-    assert not ep.send_confirmable(b"second", PEER, ep.next_mid(), b"u", "second", 0x45)
+    assert not ep.send_confirmable(b"second", PEER, mid, b"u", "second", 0x45)
     assert ep.stats.outstanding_refused == 1
-    ep._mid = (mid - 1) & 0xFFFF
-    assert ep.next_mid_for(PEER) == (mid + 1) & 0xFFFF
+    ep.mids._mid = (mid - 1) & 0xFFFF  # (the counter come round to it)
+    assert ep.next_mid() == (mid + 1) & 0xFFFF
     for t in range(1, 200):
         ep.tick(float(t))
     events = []

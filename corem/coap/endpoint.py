@@ -23,7 +23,6 @@ answered one is replaced by a `(received_at, reply, size)` tuple and the piggyba
 
 from __future__ import annotations
 
-import os
 
 import heapq
 import random
@@ -36,6 +35,7 @@ from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
 from ..latency import Latency
 from ..stats import Histogram, Sample, counter, fields, gauge
 from .blockwise import fitted
+from .message_ids import MessageIds
 from .peers import Peer
 from .response import Response
 
@@ -326,7 +326,8 @@ class Endpoint:
         self._previous: dict[Peer, tuple[Peer, float]] = {}
         self._retx: list[tuple[float, int, Outgoing]] = []
         self._seq = 0
-        self._mid = int(rng() * 0x10000) & 0xFFFF
+        #: the IDs of our own messages, sequential and random (one owner: corem/coap/message_ids.py)
+        self.mids = MessageIds(self.params.exchange_lifetime, int(rng() * 0x10000))
         self.stats = Stats()
         #: receive-to-answer durations by door (corem/latency.py), measured once `clock` is set --
         #: the clock of the `now` the edge gives (the server sets trio's); none without it (sans-IO)
@@ -359,6 +360,8 @@ class Endpoint:
                 earlier = self._earlier(peer, msg.mid, self._outstanding)
                 if earlier is not None:  # (an ACK from where the session moved to)
                     out = self._outstanding.pop(earlier)
+            if out is not None:
+                self.mids.free(out.mid)
             if out is None:
                 if mtype == RST:
                     self._events.append(StrayReset(peer, msg.mid))
@@ -566,7 +569,7 @@ class Endpoint:
             self._settle(req)
             return
         self._settle(req)
-        mid = self.next_mid_for(req.peer)
+        mid = self.next_mid()
         if not req.confirmable:
             self.send(encode(Message(NON, code, mid, token, options, payload)), req.peer, code)
             return
@@ -579,7 +582,7 @@ class Endpoint:
         """A separate response (a CON of ours, retransmitted until ACKed) to a request that another
         layer received and deduplicated: the fast lane's readings whose commit outlasted the
         piggyback timeout."""
-        mid = self.next_mid_for(peer)
+        mid = self.next_mid()
         if payload and code >= 0x80 and self.params.limit_error_size:
             payload = fit_error(request_size, mid, token, code, options, payload)
         self.send_confirmable(encode(Message(CON, code, mid, token, options, payload)), peer, mid, token, None, code)
@@ -624,33 +627,23 @@ class Endpoint:
         timeout = p.ack_timeout * (1 + self._rng() * (p.ack_random_factor - 1))
         out = Outgoing(peer, mid, token, data, timeout, context)
         self._outstanding[(peer, mid)] = out
+        self.mids.busy(mid)
         self._schedule(out, self._now_hint + timeout)
         self.send(data, peer, code)
         return True
 
     def next_mid(self) -> int:
-        self._mid = (self._mid + 1) & 0xFFFF
-        return self._mid
+        """The ID of a message of ours: the next in turn, past those awaiting an ACK and the recent
+        random ones (`MessageIds.next`).  The fast lane's NON answers take theirs here too."""
+        return self.mids.next()
 
-    def next_mid_for(self, peer: Peer) -> int:
-        """`next_mid`, past any of `peer`'s awaiting an ACK (a random one, `unpredictable_mid`, may
-        be the next in turn)."""
-        mid = self.next_mid()
-        while (peer, mid) in self._outstanding:
-            mid = self.next_mid()
-        return mid
-
-    def unpredictable_mid(self, peer: Peer) -> int:
-        """A message ID drawn at random (none of `peer`'s awaiting an ACK), for a confirmable message
-        whose ACK is taken as proof that `peer` receives what goes there (observe.py: a plain-UDP
-        observer's notifications).  `next_mid`'s follow one another: one who also observes knows the
-        one in flight (its own + 1), so an ACK with it, forged from a victim's address, would prove
-        nothing; guessing this one takes ~32,768 forged datagrams on average."""
-        outstanding = self._outstanding
-        while True:
-            mid = int.from_bytes(os.urandom(2), "big")
-            if (peer, mid) not in outstanding:
-                return mid
+    def unpredictable_mid(self) -> int:
+        """A message ID drawn at random, for a confirmable message whose ACK is taken as proof that
+        its peer receives what goes there (observe.py: a plain-UDP observer's notifications).
+        `next_mid`'s follow one another: one who also observes knows the one in flight (its own +
+        1), so an ACK with it, forged from a victim's address, would prove nothing; guessing this
+        one takes ~16,000-32,768 forged datagrams on average (`MessageIds.unpredictable`)."""
+        return self.mids.unpredictable(self._now_hint)
 
     def send(self, data: bytes, peer: Peer, code: int) -> None:
         """Send a message of ours that needs no ACK (a NON notification), counted by its code."""
@@ -677,6 +670,7 @@ class Endpoint:
     def tick(self, now: float) -> None:
         """Run every timer due at `now` (an abandoned message's `GaveUp` comes from `next_event`)."""
         self._now_hint = now
+        self.mids.tick(now)
         p = self.params
         piggyback = self._piggyback
         dedup = self._dedup
@@ -710,6 +704,7 @@ class Endpoint:
             if out.tries >= p.max_retransmit:
                 out.done = True
                 del self._outstanding[(out.peer, out.mid)]
+                self.mids.free(out.mid)
                 self.stats.gave_up += 1
                 self._events.append(GaveUp.of(out))
                 continue

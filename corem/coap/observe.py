@@ -26,7 +26,8 @@ A re-registration is a new observation, unverified again until it acknowledges o
 names only a message ID: a plain-UDP observer's confirmable notifications carry one drawn at random
 (`Endpoint.unpredictable_mid`; corem's others follow one another, and one who also observes would
 know the one in flight: found in review, a forged ACK from the victim's address verified it).
-Forging one takes ~32,768 datagrams on average, for each confirmable notification -- the first, and
+Forging one takes ~16,000-32,768 datagrams on average (corem/coap/message_ids.py: a draw avoids
+the counter's recent IDs, 15 bits at least), for each confirmable notification -- the first, and
 every `con_every`-th after it, whose silence ends the observation.  States notified while one is in
 flight wait, `max_held` at most: past that the oldest gives way, so the observer always ends at
 the resource's latest state.
@@ -299,7 +300,7 @@ class Observers:
         """A NON message to `obs` that ends it (an error: no Observe); to an unverified observer no
         larger than its registering request, as an error answer is (`fit_error`)."""
         ep = self.endpoint
-        mid = ep.next_mid_for(obs.peer)  # (not a random one of this peer's still in flight)
+        mid = ep.next_mid()
         if not obs.verified:
             payload = fit_error(obs.size, mid, obs.token, code, options, payload)
         ep.send(obs.message(Type.NON, code, mid, options, payload), obs.peer, code)
@@ -413,9 +414,9 @@ class Observers:
         # (a plain-UDP observer's confirmable one: its silence must end the observation, so its ACK
         # must not be forgeable -- `Endpoint.unpredictable_mid`)
         if not confirmable:
-            mid = ep.next_mid_for(obs.peer)  # (not a random one of this peer's still in flight)
+            mid = ep.next_mid()
         else:
-            mid = self._random_mid(obs.peer) if self._plain(obs) else ep.next_mid_for(obs.peer)
+            mid = ep.unpredictable_mid() if self._plain(obs) else ep.next_mid()
         mtype = Type.CON if confirmable else Type.NON
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
@@ -442,7 +443,7 @@ class Observers:
             # ACK for up to a minute and a half, take half the endpoint's table at most -- the
             # rest is for separate answers to readings and verified observers)
             return self._no_room(obs)
-        mid = self._random_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
+        mid = ep.unpredictable_mid()  # (its ACK verifies the address: not to be guessed)
         bound = AMPLIFICATION_FACTOR * obs.size
 
         def fits(candidate: Response) -> bool:
@@ -467,16 +468,6 @@ class Observers:
         self.stats.con_notifications += 1
         self.stats.notifications += 1
         return True
-
-    def _random_mid(self, peer: Peer) -> int:
-        """`Endpoint.unpredictable_mid`, and not one of the recent NON notifications to `peer`
-        (RFC 7252 §4.4: an ID is not used again with an endpoint within EXCHANGE_LIFETIME; found
-        in review: drawn at random, one could be, and a client that deduplicates drops it)."""
-        recent = self._recent_non
-        mid = self.endpoint.unpredictable_mid(peer)
-        while (peer, mid) in recent:
-            mid = self.endpoint.unpredictable_mid(peer)
-        return mid
 
     def _plain(self, obs: Observation) -> bool:
         """Is `obs` an observer over plain UDP (its address proven by nothing but ACKs)?"""

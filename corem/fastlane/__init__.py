@@ -205,7 +205,7 @@ class FastLane:
         self.lane.max_readings = min(ingest.max_readings, 2**31 - 1)  # (a C int: larger would wrap)
         # (a function of the endpoint, not a method of self: no cycle, so a lane is freed at once)
         self.lane.on_late = functools.partial(answer_late, endpoint)
-        self.lane.next_mid = endpoint.next_mid  # (NON answers: one sequence of message ids per endpoint)
+        self.lane.next_mid = endpoint.mids.next  # (NON answers: the endpoint's IDs, corem/coap/message_ids.py)
         # the lane's own calls, for the edge: timers, a new DTLS session, its answers (sent on
         # the socket `fd`, or taken as (bytes, peer) for the security layer to wrap)
         self.new_session = self.lane.new_session

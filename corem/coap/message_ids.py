@@ -1,0 +1,111 @@
+"""The message IDs of an endpoint's own messages: one owner for every rule about them.
+
+RFC 7252 §4.4: an ID is not used again with an endpoint within EXCHANGE_LIFETIME, or the endpoint,
+deduplicating, drops the new message as the old one's repeat (and takes an ACK of one for the
+other).  corem numbers its messages from one counter per endpoint -- the answers of the Python path
+and of the C fast lane, separate responses, notifications, commands -- and draws some at random
+(`unpredictable`: a plain-UDP observer's confirmable notifications, whose ACK proves the address
+only if it cannot be guessed).  The two kinds must not meet, and before this module they did: the
+lane's NON answers took the counter's next ID even when one of that peer's CONs awaited its ACK
+under it, and a random ID could be one the counter had just used with that peer.  So:
+
+- a sequential ID (`next`) passes by every ID still awaiting its ACK -- of any peer: the fast lane
+  asks without naming its peer -- and by the random ones drawn within EXCHANGE_LIFETIME (at most
+  RANDOM_MAX, the newest);
+- a random ID is none awaiting an ACK, and none of the sequential ones of the last
+  EXCHANGE_LIFETIME: the newest RECENT_MAX (half the space) of them at most, so a draw keeps at
+  least 15 bits of surprise.  Past that rate (32,768 messages in 247 s, 133 a second) the counter
+  itself comes round within EXCHANGE_LIFETIME whatever a draw does.
+
+Sans-IO: the endpoint gives `now` (`tick`, `unpredictable`) and says which IDs await an ACK
+(`busy`, `free`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict, deque
+from typing import Callable
+
+#: the newest sequential IDs a random one avoids, at most (half the space: 15 bits left to guess)
+RECENT_MAX = 0x8000
+#: the random IDs drawn within EXCHANGE_LIFETIME that the counter passes by, at most (the newest)
+RANDOM_MAX = 4096
+#: seconds between two notes of where the counter stood (the window's start is found to within it)
+MARK_EVERY = 1.0
+
+
+class MessageIds:
+    """An endpoint's message IDs: `next` for most, `unpredictable` for the few whose ACK proves
+    something; `busy`/`free` as messages start and stop awaiting an ACK; `tick` as time passes."""
+
+    def __init__(self, lifetime: float, start: int, draw: Callable[[], int] | None = None) -> None:
+        self.lifetime = lifetime
+        self._mid = start & 0xFFFF
+        #: how far the counter has moved since the start (never wraps): the window is a difference
+        self._moved = 0
+        #: (when, `_moved` then), about one a MARK_EVERY, none older than the newest one before
+        #: `now - lifetime` (where the window starts)
+        self._marks: deque[tuple[float, int]] = deque([(float("-inf"), 0)])
+        self._busy: dict[int, int] = {}
+        self._drawn: OrderedDict[int, float] = OrderedDict()
+        self._draw = draw or (lambda: int.from_bytes(os.urandom(2), "big"))
+        self._now = float("-inf")
+
+    def next(self) -> int:
+        """The counter's next ID, past those awaiting an ACK and the recent random ones."""
+        mid, moved = self._mid, self._moved
+        busy, drawn = self._busy, self._drawn
+        while True:
+            mid = (mid + 1) & 0xFFFF
+            moved += 1
+            if mid not in busy and mid not in drawn:
+                break
+        self._mid, self._moved = mid, moved
+        return mid
+
+    def unpredictable(self, now: float) -> int:
+        """A random ID: none awaiting an ACK, none of the counter's of the last EXCHANGE_LIFETIME
+        (the newest RECENT_MAX at most); remembered for EXCHANGE_LIFETIME, so `next` passes it."""
+        self._now = max(self._now, now)
+        recent = min(self._moved - self._window_start(), RECENT_MAX)
+        current, busy = self._mid, self._busy
+        while True:
+            mid = self._draw() & 0xFFFF
+            if (current - mid) & 0xFFFF >= recent and mid not in busy:
+                break
+        drawn = self._drawn
+        drawn.pop(mid, None)
+        drawn[mid] = self._now
+        if len(drawn) > RANDOM_MAX:
+            drawn.popitem(last=False)
+        return mid
+
+    def busy(self, mid: int) -> None:
+        """A message of ours with `mid` awaits its ACK."""
+        self._busy[mid] = self._busy.get(mid, 0) + 1
+
+    def free(self, mid: int) -> None:
+        """One message with `mid` no longer awaits its ACK (acknowledged, reset, given up)."""
+        n = self._busy.get(mid, 0)
+        if n > 1:
+            self._busy[mid] = n - 1
+        else:
+            self._busy.pop(mid, None)
+
+    def tick(self, now: float) -> None:
+        """Note where the counter stands (once a MARK_EVERY) and forget what left EXCHANGE_LIFETIME."""
+        self._now = max(self._now, now)
+        marks = self._marks
+        if now - marks[-1][0] >= MARK_EVERY:
+            marks.append((now, self._moved))
+        limit = now - self.lifetime
+        while len(marks) > 1 and marks[1][0] <= limit:
+            marks.popleft()  # (the first stays: the newest at or before the window's start)
+        drawn = self._drawn
+        while drawn and next(iter(drawn.values())) <= limit:
+            drawn.popitem(last=False)
+
+    def _window_start(self) -> int:
+        """Where the counter stood EXCHANGE_LIFETIME ago (or before: marks are MARK_EVERY apart)."""
+        return self._marks[0][1]

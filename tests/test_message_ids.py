@@ -1,0 +1,119 @@
+"""An endpoint's message IDs (corem/coap/message_ids.py): sequential and random ones never meet
+within EXCHANGE_LIFETIME, and none awaiting an ACK is handed out again."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corem.coap.endpoint import Endpoint, Params
+from corem.coap.message_ids import RECENT_MAX, MessageIds
+from corem.codec import Code, Message, Type, encode
+
+LIFETIME = 247.0
+PEER = ("192.0.2.1", 5683)
+OTHER = ("192.0.2.2", 5683)
+
+
+def scripted(values: list[int]):
+    """A draw that returns `values` in turn."""
+    return lambda: values.pop(0)
+
+
+def test_the_counter_passes_by_an_id_awaiting_its_ack_whoever_it_went_to():
+    """The fast lane asks for a NON answer's ID without naming its peer: the counter's next one
+    was given out while a CON of ours awaited its ACK under it (RFC 7252 §4.4)."""
+    ep = Endpoint(Params(), rng=lambda: 0.5)
+    ahead = (ep.mids._mid + 1) & 0xFFFF
+    data = encode(Message(Type.CON, Code.CONTENT, ahead, b"t", [], b"x"))
+    assert ep.send_confirmable(data, OTHER, ahead, b"t")
+    assert ep.next_mid() == (ahead + 1) & 0xFFFF
+    ep.receive(bytes((0x60, 0, ahead >> 8, ahead & 0xFF)), OTHER, 1.0)  # (its ACK: free again)
+    ep.mids._mid = (ahead - 1) & 0xFFFF
+    assert ep.next_mid() == ahead
+
+
+def test_a_random_id_is_none_of_the_counters_recent_ones_nor_one_awaiting_an_ack():
+    ids = MessageIds(LIFETIME, 100, draw=scripted([101, 105, 110, 300, 301]))
+    for _ in range(10):
+        ids.next()  # 101 ... 110
+    ids.busy(300)
+    assert ids.unpredictable(0.0) == 301  # (101, 105, 110 were the counter's; 300 awaits an ACK)
+
+
+def test_the_counter_passes_by_a_recent_random_id_once_acknowledged_too():
+    """A random ID whose message was acknowledged is still the device's for EXCHANGE_LIFETIME: the
+    counter come round to it would be taken for that message's repeat."""
+    ids = MessageIds(LIFETIME, 100, draw=scripted([102]))
+    ids.tick(0.0)
+    drawn = ids.unpredictable(0.0)
+    ids.busy(drawn)
+    ids.free(drawn)  # (acknowledged)
+    assert [ids.next(), ids.next()] == [101, 103]
+
+
+def test_after_exchange_lifetime_the_ids_are_free_again():
+    ids = MessageIds(LIFETIME, 100, draw=scripted([101, 102, 101]))
+    ids.tick(0.0)
+    assert ids.next() == 101
+    assert ids.unpredictable(0.0) == 102  # (101 is the counter's: drawn again)
+    ids.tick(1.0)
+    ids.tick(LIFETIME + 1.5)  # (both older than EXCHANGE_LIFETIME now)
+    assert ids.unpredictable(LIFETIME + 1.5) == 101  # (the counter's 101 of 0.0 is free)
+    ids._mid = 100
+    assert ids.next() == 102  # (101 was just drawn; the 102 drawn at 0.0 is forgotten)
+
+
+def test_a_draw_avoids_the_newest_half_of_the_space_at_most():
+    """At 32,768 of the counter's IDs within EXCHANGE_LIFETIME a draw still has 15 bits."""
+    ids = MessageIds(LIFETIME, 0)
+    for _ in range(RECENT_MAX + 5000):
+        ids.next()
+    current = ids._mid
+    oldest_avoided = (current - RECENT_MAX + 1) & 0xFFFF
+    ids._draw = scripted([oldest_avoided, (current - RECENT_MAX) & 0xFFFF])
+    assert ids.unpredictable(0.0) == (current - RECENT_MAX) & 0xFFFF
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["next", "draw", "busy", "free", "tick"]), st.integers(0, 0xFFFF)),
+                max_size=300))
+def test_no_id_handed_out_meets_one_awaiting_an_ack_or_a_recent_one_of_the_other_kind(ops):
+    """Whatever the order of draws, ACKs and time: `next` never gives an ID awaiting an ACK or drawn
+    within EXCHANGE_LIFETIME, and a draw never one awaiting an ACK or the counter's within it."""
+    ids = MessageIds(10.0, 65530, draw=iter([v for _, v in ops] * 3 + list(range(0x10000))).__next__)
+    now, busy = 0.0, []
+    sequential: dict[int, float] = {}
+    drawn: dict[int, float] = {}
+    for op, value in ops:
+        if op == "next":
+            mid = ids.next()
+            assert mid not in busy
+            assert now - drawn.get(mid, -1e9) >= 10.0
+            sequential[mid] = now
+        elif op == "draw":
+            mid = ids.unpredictable(now)
+            assert mid not in busy
+            assert now - sequential.get(mid, -1e9) >= 10.0
+            drawn[mid] = now
+        elif op == "busy":
+            mid = ids.next()
+            busy.append(mid)
+            ids.busy(mid)
+            sequential[mid] = now
+        elif op == "free" and busy:
+            ids.free(busy.pop(value % len(busy)))
+        elif op == "tick":
+            now += value / 10000.0
+            ids.tick(now)
+
+
+def test_a_plain_observers_confirmable_notification_is_not_a_recent_answers_id(monkeypatch):
+    """End to end on the endpoint: the NON answer just sent to the observer, then a draw of that
+    very ID for a confirmable notification: drawn again."""
+    ep = Endpoint(Params(), rng=lambda: 0.25)
+    ep.tick(0.0)
+    answer = ep.next_mid()
+    draws = [answer.to_bytes(2, "big"), b"\x43\x21"]
+    monkeypatch.setattr("os.urandom", lambda n: draws.pop(0)[:n])
+    assert ep.unpredictable_mid() == 0x4321
