@@ -172,6 +172,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
            "4.03 not_a_gateway."),
     "corem_telemetry_points": (C, "Points acknowledged by the bus."),
     "corem_telemetry_bus_refusals": (C, "Readings answered 5.03 because the bus could not take them."),
+    "corem_js_watchdog_stops": (
+        C, "JS codec calls and loads stopped by the watchdog: one operation ran past 5x their limit (1 s at least)."),
     # the sink
     "corem_sink_records_submitted": (C, "Records handed to the sink."),
     "corem_sink_records_acked": (C, "Records durable on the bus."),

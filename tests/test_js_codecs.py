@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -429,12 +430,22 @@ def test_a_call_that_outruns_quickjss_looks_at_the_time_is_stopped_by_the_watchd
     multiplications held the event loop for minutes.  The watchdog drops the runtime's memory limit
     once the call is STOP_AFTER_MIN old: the multiplication under way is the last.  The codec then
     answers again, on a fresh runtime.  (The bound only detects a call never stopped: 30 s.)"""
+    from corem.ingest.telemetry import TelemetryIngest
+    from corem.profiles.js import watchdog_stops
+
     decode = codec("function decodeUplink(i) { if (i.bytes[0] === 1) { " + BIGINT_LOOP + " } "
                    "return {data: {first: i.bytes[0]}}; }", timeout_ms=50)
+    stops = watchdog_stops()
     start = time.monotonic()
     with pytest.raises(Overloaded, match="codec: ran longer than its 50 ms"):
         decode(42, b"\x01", NOW)
     assert time.monotonic() - start < 20
+    assert watchdog_stops() == stops + 1
+    [sample] = [m for m in TelemetryIngest.metrics(SimpleNamespace(stats=SimpleNamespace(rejections={}, accepted={},
+                                                                                    bus_refusals=0),
+                                                             identity=SimpleNamespace(metrics=lambda: [])))
+                if m.name == "corem_js_watchdog_stops"]
+    assert sample.value == stops + 1
     [point] = decode(42, b"\x02", NOW)
     assert point.numeric == {"first": 2.0}
 

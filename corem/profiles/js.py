@@ -192,6 +192,11 @@ class Watchdog:
 _WATCHDOG = Watchdog()
 os.register_at_fork(after_in_child=_WATCHDOG._forked)
 
+
+def watchdog_stops() -> int:
+    """JS calls and loads this process's watchdog stopped (`corem_js_watchdog_stops_total`)."""
+    return _WATCHDOG.stopped
+
 #: run once in each runtime before the codec: locks what printing an escaped exception reads, and
 #: defines the two entry points, which the codec cannot replace (not writable, not configurable).
 #: Both return text (the binding cuts a string at a NUL, and JSON never starts with these marks):
