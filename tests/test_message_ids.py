@@ -3,6 +3,7 @@ within EXCHANGE_LIFETIME, and none awaiting an ACK is handed out again."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -75,42 +76,65 @@ def test_a_draw_avoids_the_newest_half_of_the_space_at_most():
     assert ids.unpredictable(0.0) == (current - RECENT_MAX) & 0xFFFF
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["next", "draw", "busy", "free", "tick"]), st.integers(0, 0xFFFF)),
-                max_size=300))
-def test_no_id_handed_out_meets_one_awaiting_an_ack_or_a_recent_one_of_the_other_kind(ops):
-    """Whatever the order of draws, ACKs and time: `next` never gives an ID awaiting an ACK or drawn
-    within EXCHANGE_LIFETIME, and a draw never one awaiting an ACK or the counter's within it."""
-    ids = MessageIds(10.0, 65530, draw=iter([v for _, v in ops] * 3 + list(range(0x10000))).__next__)
-    now, busy = 0.0, []
-    sequential: dict[int, float] = {}
-    drawn: dict[int, float] = {}
-    for op, value in ops:
-        if op == "next":
-            mid = ids.next()
-            assert mid not in busy
-            assert now - drawn.get(mid, -1e9) >= 10.0
-            sequential[mid] = now
-        elif op == "draw":
-            mid = ids.unpredictable(now)
-            assert mid not in busy
-            assert now - sequential.get(mid, -1e9) >= 10.0
-            drawn[mid] = now
-        elif op == "busy":
-            mid = ids.next()
-            busy.append(mid)
-            ids.busy(mid)
-            sequential[mid] = now
-        elif op == "free" and busy:
-            ids.free(busy.pop(value % len(busy)))
-        elif op == "tick":
-            now += value / 10000.0
-            ids.tick(now)
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["next", "draw", "busy", "draw-busy", "free", "tick"]),
+                          st.integers(0, 0xFFFF)), max_size=400))
+def test_no_id_handed_out_meets_one_awaiting_an_ack_or_a_recent_one(ops):
+    """Whatever the order of draws, ACKs and time, with the caps made small enough to be reached
+    (RECENT_MAX 64, RANDOM_MAX 8): `next` never gives an ID awaiting an ACK or one of the newest
+    RANDOM_MAX draws within EXCHANGE_LIFETIME; a draw never one awaiting an ACK, one of those draws,
+    or one of the counter's within EXCHANGE_LIFETIME and RECENT_MAX behind it."""
+    import corem.coap.message_ids as message_ids
+
+    recent_max, random_max, lifetime = 64, 8, 10.0
+    saved = message_ids.RECENT_MAX, message_ids.RANDOM_MAX
+    message_ids.RECENT_MAX, message_ids.RANDOM_MAX = recent_max, random_max
+    try:
+        values = [v for _, v in ops] * 3 + list(range(0x10000))
+        ids = MessageIds(lifetime, 65530, draw=iter(values).__next__)
+        now, busy = 0.0, []
+        sequential: dict[int, float] = {}
+        drawn: list[tuple[int, float]] = []
+
+        def recent_draws() -> set[int]:
+            return {m for m, t in drawn[-random_max:] if now - t < lifetime}
+
+        for op, value in ops:
+            if op in ("next", "busy"):
+                mid = ids.next()
+                assert mid not in busy and mid not in recent_draws()
+                sequential[mid] = now
+            else:
+                mid = ids.unpredictable(now) if op in ("draw", "draw-busy") else None
+            if op in ("draw", "draw-busy"):
+                behind = (ids._mid - mid) & 0xFFFF
+                assert mid not in busy and mid not in recent_draws()
+                assert not (now - sequential.get(mid, -1e9) < lifetime and behind < recent_max)
+                drawn.append((mid, now))
+            if op in ("busy", "draw-busy"):
+                busy.append(mid)
+                ids.busy(mid)
+            elif op == "free" and busy:
+                ids.free(busy.pop(value % len(busy)))
+            elif op == "tick":
+                now += value / 10000.0
+                ids.tick(now)
+    finally:
+        message_ids.RECENT_MAX, message_ids.RANDOM_MAX = saved
 
 
-def test_a_plain_observers_confirmable_notification_is_not_a_recent_answers_id(monkeypatch):
-    """End to end on the endpoint: the NON answer just sent to the observer, then a draw of that
-    very ID for a confirmable notification: drawn again."""
+def test_the_ids_in_flight_are_bounded_so_that_one_is_always_found():
+    """`next` and a draw search for a free ID: an endpoint allowed more than MAX_BUSY in flight
+    could leave them none (found in review), so such a setting is refused."""
+    from corem.coap.message_ids import MAX_BUSY
+
+    Params(max_outstanding=MAX_BUSY)
+    with pytest.raises(ValueError, match="max_outstanding must be <= 16384"):
+        Params(max_outstanding=MAX_BUSY + 1)
+
+
+def test_a_random_id_is_not_the_answer_just_sent(monkeypatch):
+    """On the endpoint: a NON answer's ID (the counter's), then a draw of that very ID: drawn again."""
     ep = Endpoint(Params(), rng=lambda: 0.25)
     ep.tick(0.0)
     answer = ep.next_mid()

@@ -35,7 +35,7 @@ from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
 from ..latency import Latency
 from ..stats import Histogram, Sample, counter, fields, gauge
 from .blockwise import fitted
-from .message_ids import MessageIds
+from .message_ids import MAX_BUSY, MessageIds
 from .peers import Peer
 from .response import Response
 
@@ -92,6 +92,8 @@ class Params:
         for name in ("max_retransmit", "dedup_max_entries", "max_outstanding"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_outstanding > MAX_BUSY:  # (so that a message ID is always found: message_ids.py)
+            raise ValueError(f"max_outstanding must be <= {MAX_BUSY}, got {self.max_outstanding}")
 
 
 def fit_error(size: int, mid: int, token: bytes, code: int, options: Options | None, payload: bytes) -> bytes:
@@ -616,10 +618,10 @@ class Endpoint:
         self, data: bytes, peer: Peer, mid: int, token: bytes, context: Any = None, code: int = 0
     ) -> bool:
         """Send a CON of ours (separate response, notification) and retransmit it until ACKed.  False:
-        too many await their ACK, or `mid` is one of `peer`'s that does (a sequential ID come round to
-        a random one, `unpredictable_mid`: found in review, it replaced that entry, whose give-up
-        then failed -- the ACK of one would be taken for the other): so every entry not yet done is
-        in `_outstanding` under its own key."""
+        too many await their ACK, or `mid` is one of `peer`'s that does (an ID its caller chose: found
+        in review, such a pair replaced the first entry, whose give-up then failed -- the ACK of one
+        would be taken for the other; `next_mid` and `unpredictable_mid` never give one): so every
+        entry not yet done is in `_outstanding` under its own key."""
         if len(self._outstanding) >= self.params.max_outstanding or (peer, mid) in self._outstanding:
             self.stats.outstanding_refused += 1
             return False
@@ -637,13 +639,14 @@ class Endpoint:
         random ones (`MessageIds.next`).  The fast lane's NON answers take theirs here too."""
         return self.mids.next()
 
-    def unpredictable_mid(self) -> int:
-        """A message ID drawn at random, for a confirmable message whose ACK is taken as proof that
-        its peer receives what goes there (observe.py: a plain-UDP observer's notifications).
-        `next_mid`'s follow one another: one who also observes knows the one in flight (its own +
-        1), so an ACK with it, forged from a victim's address, would prove nothing; guessing this
-        one takes ~16,000-32,768 forged datagrams on average (`MessageIds.unpredictable`)."""
-        return self.mids.unpredictable(self._now_hint)
+    def unpredictable_mid(self, avoid: Callable[[int], bool] | None = None) -> int:
+        """A message ID drawn at random (not one `avoid` names either), for a confirmable message
+        whose ACK is taken as proof that its peer receives what goes there (observe.py: a plain-UDP
+        observer's notifications).  `next_mid`'s follow one another: one who also observes knows
+        the one in flight (its own + 1), so an ACK with it, forged from a victim's address, would
+        prove nothing; guessing this one takes some 15,000 forged datagrams on average, about 15
+        bits (`MessageIds.unpredictable`)."""
+        return self.mids.unpredictable(self._now_hint, avoid)
 
     def send(self, data: bytes, peer: Peer, code: int) -> None:
         """Send a message of ours that needs no ACK (a NON notification), counted by its code."""

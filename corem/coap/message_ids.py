@@ -12,10 +12,14 @@ under it, and a random ID could be one the counter had just used with that peer.
 - a sequential ID (`next`) passes by every ID still awaiting its ACK -- of any peer: the fast lane
   asks without naming its peer -- and by the random ones drawn within EXCHANGE_LIFETIME (at most
   RANDOM_MAX, the newest);
-- a random ID is none awaiting an ACK, and none of the sequential ones of the last
-  EXCHANGE_LIFETIME: the newest RECENT_MAX (half the space) of them at most, so a draw keeps at
-  least 15 bits of surprise.  Past that rate (32,768 messages in 247 s, 133 a second) the counter
-  itself comes round within EXCHANGE_LIFETIME whatever a draw does.
+- a random ID is none awaiting an ACK, none of the random ones drawn within EXCHANGE_LIFETIME
+  (the newest RANDOM_MAX), none the caller names (`avoid`: observe.py's recent NON notifications to
+  that observer, whatever came between), and none of the counter's of the last EXCHANGE_LIFETIME
+  within RECENT_MAX (half the space) behind it, so a draw keeps about 15 bits of surprise (less the
+  IDs in flight: at most MAX_BUSY).
+
+So the rules hold below two rates: 32,768 of the counter's IDs within EXCHANGE_LIFETIME (133 a
+second; past 65,536, 265 a second, the counter itself comes round within it) and RANDOM_MAX draws.
 
 Sans-IO: the endpoint gives `now` (`tick`, `unpredictable`) and says which IDs await an ACK
 (`busy`, `free`).
@@ -33,6 +37,9 @@ RECENT_MAX = 0x8000
 RANDOM_MAX = 4096
 #: seconds between two notes of where the counter stood (the window's start is found to within it)
 MARK_EVERY = 1.0
+#: IDs awaiting an ACK at most (the endpoint's max_outstanding is bounded by it): with RANDOM_MAX
+#: and RECENT_MAX, both searches always find one -- at least 12,288 IDs are left to each
+MAX_BUSY = 0x4000
 
 
 class MessageIds:
@@ -64,15 +71,17 @@ class MessageIds:
         self._mid, self._moved = mid, moved
         return mid
 
-    def unpredictable(self, now: float) -> int:
-        """A random ID: none awaiting an ACK, none of the counter's of the last EXCHANGE_LIFETIME
-        (the newest RECENT_MAX at most); remembered for EXCHANGE_LIFETIME, so `next` passes it."""
+    def unpredictable(self, now: float, avoid: Callable[[int], bool] | None = None) -> int:
+        """A random ID: none awaiting an ACK, none drawn within EXCHANGE_LIFETIME, none `avoid`
+        names, none of the counter's of the last EXCHANGE_LIFETIME (RECENT_MAX behind it at most);
+        remembered for EXCHANGE_LIFETIME, so `next` passes it."""
         self._now = max(self._now, now)
         recent = min(self._moved - self._window_start(), RECENT_MAX)
-        current, busy = self._mid, self._busy
+        current, busy, drawn = self._mid, self._busy, self._drawn
         while True:
             mid = self._draw() & 0xFFFF
-            if (current - mid) & 0xFFFF >= recent and mid not in busy:
+            if ((current - mid) & 0xFFFF >= recent and mid not in busy and mid not in drawn
+                    and (avoid is None or not avoid(mid))):
                 break
         drawn = self._drawn
         drawn.pop(mid, None)

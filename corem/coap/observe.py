@@ -26,8 +26,8 @@ A re-registration is a new observation, unverified again until it acknowledges o
 names only a message ID: a plain-UDP observer's confirmable notifications carry one drawn at random
 (`Endpoint.unpredictable_mid`; corem's others follow one another, and one who also observes would
 know the one in flight: found in review, a forged ACK from the victim's address verified it).
-Forging one takes ~16,000-32,768 datagrams on average (corem/coap/message_ids.py: a draw avoids
-the counter's recent IDs, 15 bits at least), for each confirmable notification -- the first, and
+Forging one takes some 15,000 datagrams on average (corem/coap/message_ids.py: a draw avoids the
+IDs in use, about 15 bits are left), for each confirmable notification -- the first, and
 every `con_every`-th after it, whose silence ends the observation.  States notified while one is in
 flight wait, `max_held` at most: past that the oldest gives way, so the observer always ends at
 the resource's latest state.
@@ -416,7 +416,7 @@ class Observers:
         if not confirmable:
             mid = ep.next_mid()
         else:
-            mid = ep.unpredictable_mid() if self._plain(obs) else ep.next_mid()
+            mid = self._random_mid(obs.peer) if self._plain(obs) else ep.next_mid()
         mtype = Type.CON if confirmable else Type.NON
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
@@ -443,11 +443,10 @@ class Observers:
             # ACK for up to a minute and a half, take half the endpoint's table at most -- the
             # rest is for separate answers to readings and verified observers)
             return self._no_room(obs)
-        mid = ep.unpredictable_mid()  # (its ACK verifies the address: not to be guessed)
         bound = AMPLIFICATION_FACTOR * obs.size
 
-        def fits(candidate: Response) -> bool:
-            message = obs.message(Type.CON, candidate.code, mid, candidate.options or [], candidate.payload)
+        def fits(candidate: Response) -> bool:  # (a message ID is two bytes whatever it is: 0 here)
+            message = obs.message(Type.CON, candidate.code, 0, candidate.options or [], candidate.payload)
             return len(message) <= bound
 
         piece = fitted(out, fits)
@@ -456,6 +455,8 @@ class Observers:
             if self._remove(key):
                 self.stats.lost += 1
             return False
+        # (drawn only now, for a message that goes: each draw is remembered for EXCHANGE_LIFETIME)
+        mid = self._random_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
         data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
         if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), piece.code):
             return self._no_room(obs)  # too many messages awaiting ACK: this one is skipped, the next may go
@@ -468,6 +469,13 @@ class Observers:
         self.stats.con_notifications += 1
         self.stats.notifications += 1
         return True
+
+    def _random_mid(self, peer: Peer) -> int:
+        """`Endpoint.unpredictable_mid`, and none of the NON notifications this remembers sending
+        `peer` (RFC 7252 §4.4; found in review: the endpoint's own window is its newest 32,768 IDs,
+        which a load of other NONs may carry past this observer's)."""
+        recent = self._recent_non
+        return self.endpoint.unpredictable_mid(lambda mid: (peer, mid) in recent)
 
     def _plain(self, obs: Observation) -> bool:
         """Is `obs` an observer over plain UDP (its address proven by nothing but ACKs)?"""
