@@ -42,12 +42,14 @@ deps: $(STAMP)
 # record protection in C, corem/dtls/engine/_records.c), autoconf and automake (the lock's dtlssocket,
 # tinydtls for the DTLS interop tests, is an sdist whose build runs tinydtls's autogen.sh), golang-go
 # and golang-github-pion-dtls.v2-dev (pion/dtls, another DTLS client of those tests, built from source),
-# libwolfssl-dev (wolfSSL, a third: its client is tests/c/wolfssl_post.c),
+# libwolfssl-dev (wolfSSL, a third: its client is tests/c/wolfssl_post.c), libbctls-java and a JDK's
+# javac (Bouncy Castle's DTLS, a fourth: its client is tests/java/BcDtlsPost.java),
 # prometheus for its promtool (the alert rules, the dashboard's queries and a real scrape are checked
 # with it; no test uses its server, which Debian starts on a host with systemd, on :9090 -- in a
 # container policy-rc.d keeps it stopped).
 DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack libssl-dev \
-	autoconf automake golang-go golang-github-pion-dtls.v2-dev libwolfssl-dev prometheus
+	autoconf automake golang-go golang-github-pion-dtls.v2-dev libwolfssl-dev libbctls-java default-jdk-headless \
+	prometheus
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
@@ -65,6 +67,8 @@ sysdeps:
 	command -v go >/dev/null 2>&1 || missing="$$missing golang-go"; \
 	[ -d /usr/share/gocode/src/github.com/pion/dtls/v2 ] || missing="$$missing golang-github-pion-dtls.v2-dev"; \
 	[ -f /usr/include/wolfssl/ssl.h ] || missing="$$missing libwolfssl-dev"; \
+	[ -f /usr/share/java/bctls.jar ] || missing="$$missing libbctls-java"; \
+	command -v javac >/dev/null 2>&1 || missing="$$missing default-jdk-headless"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

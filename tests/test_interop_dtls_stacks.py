@@ -29,8 +29,10 @@ engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
   device has a registered certificate, on TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 and _GCM_SHA256. It
   found that a certificate of the CA that was not registered completed its handshake and met an alert
   at its first request: it is now refused in the handshake with access_denied (49).
-- Debian `libbctls-java` (Bouncy Castle's DTLS API): not tested yet (no client program; a Java one
-  would need a JDK).
+- Debian `libbctls-java` (Bouncy Castle 1.72's own DTLS, `org.bouncycastle.tls`, on its own crypto
+  provider: the Java stack under many gateways and Android apps): tested below with each PSK suite,
+  through a small client (tests/java/BcDtlsPost.java) compiled with the JDK's javac; it sends
+  extended_master_secret. A wrong key is refused in the handshake.
 - Debian's own DTLS client tools are libcoap's (test_interop_dtls.py); tinydtls has none there. PyPI `dtls` and `python3-dtls` (PyDTLS, last released 2017 and 2020) and `aio-dtls`
   (0.0.4) were not tried.
 
@@ -190,6 +192,56 @@ def test_pion_dtls_posts_a_reading(data_dir, pion_client, engine, suite):
         out = answer(r)
         assert out == {"code": "2.04", "suite": suite.replace("-", "_")}, (out, r.stderr)
         assert_stored(server)
+    finally:
+        server.stop()
+
+
+# -- Bouncy Castle (Debian libbctls-java) -------------------------------------------------------------------
+
+BC_JARS = [Path("/usr/share/java") / f"{name}.jar" for name in ("bctls", "bcprov", "bcutil")]
+JAVAC, JAVA = shutil.which("javac"), shutil.which("java")
+
+
+@pytest.fixture(scope="module")
+def bc_client(tmp_path_factory) -> list[str]:
+    """The Bouncy Castle client compiled: the command that runs it, but for its arguments."""
+    need("Bouncy Castle's DTLS and a JDK", all(j.is_file() for j in BC_JARS) and JAVAC is not None and JAVA is not None,
+         "Debian's libbctls-java and default-jdk-headless (make sysdeps installs them as root)")
+    assert JAVAC is not None and JAVA is not None
+    out = tmp_path_factory.mktemp("bc")
+    classpath = ":".join(map(str, BC_JARS))
+    r = subprocess.run([JAVAC, "-cp", classpath, "-d", str(out), str(Path(__file__).parent / "java" / "BcDtlsPost.java")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [JAVA, "-cp", f"{classpath}:{out}", "BcDtlsPost"]
+
+
+@pytest.mark.parametrize("suite", PSK_SUITES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bouncy_castle_dtls_posts_a_reading(data_dir, bc_client, engine, suite):
+    server = serve(data_dir, engine)
+    try:
+        r = run([*bc_client, str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY, suite.replace("-", "_"),
+                 cbor2.dumps(READING).hex()])
+        out = answer(r)
+        assert out == {"code": "2.04", "suite": suite.replace("-", "_")}, (out, r.stderr)
+        assert_stored(server)
+    finally:
+        server.stop()
+
+
+def test_bouncy_castle_with_a_wrong_key_fails_its_handshake(data_dir, bc_client):
+    """The device's identity with another key: its Finished does not verify, nothing is stored."""
+    server = serve(data_dir, "corem")
+    try:
+        r = run([*bc_client, str(server.coaps_port), SPEC_IDENTITY, "not-" + SPEC_KEY, "TLS_PSK_WITH_AES_128_CCM_8",
+                 cbor2.dumps(READING).hex()])
+        out = answer(r)
+        assert out.get("error") == "org.bouncycastle.tls.TlsFatalAlert: bad_record_mac(20)", (out, r.stderr)
+        assert server.points() == []
+        m = server.metrics()
+        assert m["corem_dtls_handshakes_completed_total"] == 0
+        assert m['corem_dtls_handshakes_failed_total{reason="bad_mac"}'] == 1  # (its Finished record does not open under the keys the server derived)
     finally:
         server.stop()
 

@@ -1,0 +1,105 @@
+// A reading POSTed to /telemetry over DTLS 1.2 with PSK, on Bouncy Castle's own DTLS stack (Debian's
+// libbctls-java: org.bouncycastle.tls, its DTLSClientProtocol and PSKTlsClient on the BC crypto
+// provider) -- an independent client stack for corem's engine (tests/test_interop_dtls_stacks.py).
+//
+//   java -cp bctls.jar:bcprov.jar:bcutil.jar:. BcDtlsPost PORT IDENTITY KEY SUITE PAYLOAD_HEX
+//
+// Prints one JSON line: {"code": "2.04", "suite": "<the suite the handshake chose>"} or {"error": ...}.
+
+import java.net.DatagramSocket;
+import java.net.InetAddress;
+import java.nio.charset.StandardCharsets;
+import java.security.SecureRandom;
+import java.util.Map;
+
+import org.bouncycastle.tls.BasicTlsPSKIdentity;
+import org.bouncycastle.tls.CipherSuite;
+import org.bouncycastle.tls.DTLSClientProtocol;
+import org.bouncycastle.tls.DTLSTransport;
+import org.bouncycastle.tls.PSKTlsClient;
+import org.bouncycastle.tls.ProtocolVersion;
+import org.bouncycastle.tls.UDPTransport;
+import org.bouncycastle.tls.crypto.impl.bc.BcTlsCrypto;
+
+public class BcDtlsPost {
+    static final Map<String, Integer> SUITES = Map.of(
+        "TLS_PSK_WITH_AES_128_CCM_8", CipherSuite.TLS_PSK_WITH_AES_128_CCM_8,
+        "TLS_PSK_WITH_AES_128_CCM", CipherSuite.TLS_PSK_WITH_AES_128_CCM,
+        "TLS_PSK_WITH_AES_128_GCM_SHA256", CipherSuite.TLS_PSK_WITH_AES_128_GCM_SHA256);
+
+    static void done(String json, int code) {
+        System.out.println(json);
+        System.exit(code);
+    }
+
+    static String quoted(String s) {
+        return "\"" + s.replace("\\", "\\\\").replace("\"", "\\\"") + "\"";
+    }
+
+    public static void main(String[] args) throws Exception {
+        int port = Integer.parseInt(args[0]);
+        String identity = args[1];
+        byte[] key = args[2].getBytes(StandardCharsets.UTF_8);
+        String suite = args[3];
+        byte[] payload = java.util.HexFormat.of().parseHex(args[4]);
+        Integer id = SUITES.get(suite);
+        if (id == null) done("{\"error\": " + quoted("unknown suite " + suite) + "}", 2);
+        int[] offered = {id};
+        int[] chosen = {-1};
+
+        DatagramSocket socket = new DatagramSocket();
+        socket.connect(InetAddress.getLoopbackAddress(), port);
+        PSKTlsClient client = new PSKTlsClient(new BcTlsCrypto(new SecureRandom()),
+                new BasicTlsPSKIdentity(identity, key)) {
+            @Override
+            protected ProtocolVersion[] getSupportedVersions() {
+                return ProtocolVersion.DTLSv12.only();
+            }
+
+            @Override
+            protected int[] getSupportedCipherSuites() {
+                return offered;
+            }
+
+            @Override
+            public void notifySelectedCipherSuite(int selected) {
+                super.notifySelectedCipherSuite(selected);
+                chosen[0] = selected;
+            }
+        };
+        DTLSTransport dtls;
+        try {
+            dtls = new DTLSClientProtocol().connect(client, new UDPTransport(socket, 1500));
+        } catch (Exception e) {
+            done("{\"error\": " + quoted(String.valueOf(e)) + "}", 2);
+            return;
+        }
+        String name = SUITES.entrySet().stream().filter(s -> s.getValue() == chosen[0]).map(Map.Entry::getKey)
+                .findFirst().orElse(String.valueOf(chosen[0]));
+
+        // CON POST /telemetry, Content-Format 60 (CBOR), a 2-byte token
+        int mid = (int) (System.nanoTime() & 0xffff);
+        byte[] path = "telemetry".getBytes(StandardCharsets.US_ASCII);
+        byte[] head = {0x42, 0x02, (byte) (mid >> 8), (byte) mid, 0x5a, 0x17, (byte) (0xb0 | path.length)};
+        byte[] request = new byte[head.length + path.length + 3 + payload.length];
+        System.arraycopy(head, 0, request, 0, head.length);
+        System.arraycopy(path, 0, request, head.length, path.length);
+        int at = head.length + path.length;
+        request[at] = 0x11;  // Content-Format (12 = 11 + 1), one byte
+        request[at + 1] = 60;
+        request[at + 2] = (byte) 0xff;
+        System.arraycopy(payload, 0, request, at + 3, payload.length);
+        dtls.send(request, 0, request.length);
+
+        byte[] buf = new byte[1500];
+        long deadline = System.currentTimeMillis() + 120_000;
+        while (System.currentTimeMillis() < deadline) {
+            int n = dtls.receive(buf, 0, buf.length, 1000);
+            if (n < 4 || ((buf[2] & 0xff) << 8 | (buf[3] & 0xff)) != mid) continue;
+            int c = buf[1] & 0xff;
+            dtls.close();
+            done(String.format("{\"code\": \"%d.%02d\", \"suite\": %s}", c >> 5, c & 0x1f, quoted(name)), 0);
+        }
+        done("{\"error\": \"no answer in 120 s\"}", 3);
+    }
+}
