@@ -92,6 +92,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_coap_responses": (C, "Messages sent by code (0.00 = empty ACK/RST)."),
     "corem_coap_dedup_entries": (G, "Exchanges remembered for deduplication."),
     "corem_coap_outstanding": (G, "Confirmable messages of ours awaiting ACK."),
+    "corem_coap_random_ids_forgotten": (
+        C, "Random message IDs let go of before EXCHANGE_LIFETIME: more than 4,096 drawn within it."),
     "corem_request_duration_seconds": (
         H, "From a request's receipt (the read of its datagram's batch, or its frame) to its answer queued for the "
            "socket -- for a reading, the bus's commit included -- by transport and front door (door: thingsboard "

@@ -241,7 +241,9 @@ def test_bouncy_castle_with_a_wrong_key_fails_its_handshake(data_dir, bc_client)
         assert server.points() == []
         m = server.metrics()
         assert m["corem_dtls_handshakes_completed_total"] == 0
-        assert m['corem_dtls_handshakes_failed_total{reason="bad_mac"}'] == 1  # (its Finished record does not open under the keys the server derived)
+        # (its Finished record does not open under the keys the server derived; >= 1: a slow server
+        # may see the client's flight again)
+        assert m['corem_dtls_handshakes_failed_total{reason="bad_mac"}'] >= 1
     finally:
         server.stop()
 

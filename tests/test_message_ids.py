@@ -77,11 +77,11 @@ def test_a_draw_avoids_the_newest_half_of_the_space_at_most():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["next", "draw", "busy", "draw-busy", "free", "tick"]),
+@given(st.lists(st.tuples(st.sampled_from(["next", "draw", "draw-near", "busy", "draw-busy", "free", "tick"]),
                           st.integers(0, 0xFFFF)), max_size=400))
 def test_no_id_handed_out_meets_one_awaiting_an_ack_or_a_recent_one(ops):
-    """Whatever the order of draws, ACKs and time, with the caps made small enough to be reached
-    (RECENT_MAX 64, RANDOM_MAX 8): `next` never gives an ID awaiting an ACK or one of the newest
+    """Whatever the order of draws (some tried first just behind the counter), ACKs and time, with
+    the caps made small enough to be reached (RECENT_MAX 64, RANDOM_MAX 8): `next` never gives an ID awaiting an ACK or one of the newest
     RANDOM_MAX draws within EXCHANGE_LIFETIME; a draw never one awaiting an ACK, one of those draws,
     or one of the counter's within EXCHANGE_LIFETIME and RECENT_MAX behind it."""
     import corem.coap.message_ids as message_ids
@@ -90,8 +90,10 @@ def test_no_id_handed_out_meets_one_awaiting_an_ack_or_a_recent_one(ops):
     saved = message_ids.RECENT_MAX, message_ids.RANDOM_MAX
     message_ids.RECENT_MAX, message_ids.RANDOM_MAX = recent_max, random_max
     try:
-        values = [v for _, v in ops] * 3 + list(range(0x10000))
-        ids = MessageIds(lifetime, 65530, draw=iter(values).__next__)
+        # (the draws: a draw-near's first tries just behind the counter, where the recent IDs are)
+        pending: list[int] = []
+        rest = iter([v for _, v in ops] * 3 + list(range(0x10000)) * 2)
+        ids = MessageIds(lifetime, 65530, draw=lambda: pending.pop(0) if pending else next(rest))
         now, busy = 0.0, []
         sequential: dict[int, float] = {}
         drawn: list[tuple[int, float]] = []
@@ -105,8 +107,10 @@ def test_no_id_handed_out_meets_one_awaiting_an_ack_or_a_recent_one(ops):
                 assert mid not in busy and mid not in recent_draws()
                 sequential[mid] = now
             else:
-                mid = ids.unpredictable(now) if op in ("draw", "draw-busy") else None
-            if op in ("draw", "draw-busy"):
+                if op == "draw-near":
+                    pending[:] = [(ids._mid - k) & 0xFFFF for k in range(value % 8, 80, 8)]
+                mid = ids.unpredictable(now) if op in ("draw", "draw-near", "draw-busy") else None
+            if op in ("draw", "draw-near", "draw-busy"):
                 behind = (ids._mid - mid) & 0xFFFF
                 assert mid not in busy and mid not in recent_draws()
                 assert not (now - sequential.get(mid, -1e9) < lifetime and behind < recent_max)

@@ -743,6 +743,7 @@ class Endpoint:
             if n:
                 yield counter("corem_coap_responses", n, code=code_str(code))
         yield gauge("corem_coap_outstanding", len(self._outstanding))
+        yield counter("corem_coap_random_ids_forgotten", self.mids.forgotten)
         yield from self.latency.metrics()
 
     @property

@@ -19,7 +19,10 @@ under it, and a random ID could be one the counter had just used with that peer.
   IDs in flight: at most MAX_BUSY).
 
 So the rules hold below two rates: 32,768 of the counter's IDs within EXCHANGE_LIFETIME (133 a
-second; past 65,536, 265 a second, the counter itself comes round within it) and RANDOM_MAX draws.
+second; past 65,536, 265 a second, the counter itself comes round within it) and RANDOM_MAX draws
+(17 a second) -- which forged observe registrations can pass, each unverified observer's bounded
+notification drawing one: draws let go of early are counted (`forgotten`), and the counter may then
+come round to one of them within EXCHANGE_LIFETIME.
 
 Sans-IO: the endpoint gives `now` (`tick`, `unpredictable`) and says which IDs await an ACK
 (`busy`, `free`).
@@ -37,9 +40,13 @@ RECENT_MAX = 0x8000
 RANDOM_MAX = 4096
 #: seconds between two notes of where the counter stood (the window's start is found to within it)
 MARK_EVERY = 1.0
-#: IDs awaiting an ACK at most (the endpoint's max_outstanding is bounded by it): with RANDOM_MAX
-#: and RECENT_MAX, both searches always find one -- at least 12,288 IDs are left to each
+#: IDs awaiting an ACK at most (the endpoint's max_outstanding is bounded by it)
 MAX_BUSY = 0x4000
+#: IDs a caller's `avoid` names at most (observe.py's recent NON notifications are bounded by it).
+#: With RECENT_MAX, MAX_BUSY and RANDOM_MAX both searches always find one: `next` has at least
+#: 45,056 IDs left, a draw at least 2,288 (11 bits) in the worst case of every bound reached at
+#: once, and ~15 bits in the usual one
+MAX_AVOID = 10_000
 
 
 class MessageIds:
@@ -58,6 +65,9 @@ class MessageIds:
         self._drawn: OrderedDict[int, float] = OrderedDict()
         self._draw = draw or (lambda: int.from_bytes(os.urandom(2), "big"))
         self._now = float("-inf")
+        #: draws let go of before EXCHANGE_LIFETIME (past RANDOM_MAX of them): forged registrations
+        #: can cause that, each bounded notification drawing one (`corem_coap_random_ids_forgotten_total`)
+        self.forgotten = 0
 
     def next(self) -> int:
         """The counter's next ID, past those awaiting an ACK and the recent random ones."""
@@ -84,11 +94,17 @@ class MessageIds:
                     and (avoid is None or not avoid(mid))):
                 break
         drawn = self._drawn
-        drawn.pop(mid, None)
         drawn[mid] = self._now
         if len(drawn) > RANDOM_MAX:
-            drawn.popitem(last=False)
+            _, at = drawn.popitem(last=False)
+            if at > self._now - self.lifetime:
+                self.forgotten += 1  # (within EXCHANGE_LIFETIME: `next` may come round to it)
         return mid
+
+    def undraw(self, mid: int) -> None:
+        """`mid`, drawn by `unpredictable`, was never sent: not remembered (a refused message must
+        not take one of the RANDOM_MAX places)."""
+        self._drawn.pop(mid, None)
 
     def busy(self, mid: int) -> None:
         """A message of ours with `mid` awaits its ACK."""

@@ -53,6 +53,7 @@ from .blockwise import Representations, first_block, fitted, requester, worth_ke
 from .endpoint import (
     AMPLIFICATION_FACTOR, Acked, Endpoint, Event, GaveUp, Outcome, Protect, Request, Reset, StrayReset, fit_error,
 )
+from .message_ids import MAX_AVOID
 from .peers import source_host
 from .response import Response
 
@@ -143,7 +144,7 @@ class Observers:
         max_per_owner: int = 64,
         con_every: int = 20,
         con_interval: float = 24 * 3600.0,
-        recent_non: int = 10_000,
+        recent_non: int = MAX_AVOID,
         representations: Representations | None = None,
         max_held: int = 8,
     ) -> None:
@@ -183,6 +184,8 @@ class Observers:
         #: (peer, mid) of recent NON notifications -> observer key, so that a RST answering one
         #: cancels the observation (the message layer forgets NON messages once sent)
         self._recent_non: OrderedDict[tuple[Peer, int], Notification] = OrderedDict()
+        if not 0 < recent_non <= MAX_AVOID:  # (a random draw avoids them: message_ids.py bounds how many)
+            raise ValueError(f"recent_non must be between 1 and {MAX_AVOID}, got {recent_non}")
         self._recent_non_max = recent_non
         self._seq = 0
         self.stats = ObserveStats()
@@ -421,6 +424,7 @@ class Observers:
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
             if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), out.code):
+                ep.mids.undraw(mid)  # (a random one that never went: not remembered)
                 return self._no_room(obs)  # too many messages awaiting ACK: this one is skipped, the next may go
             obs.last_con = now
             self.stats.con_notifications += 1
@@ -459,6 +463,7 @@ class Observers:
         mid = self._random_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
         data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
         if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), piece.code):
+            ep.mids.undraw(mid)  # (it never went: not remembered)
             return self._no_room(obs)  # too many messages awaiting ACK: this one is skipped, the next may go
         kept = self._to_keep(whole, piece)
         if kept is not None and self.representations is not None:

@@ -135,6 +135,7 @@ class Watched:
                 return False
             self._ctx.set_memory_limit(1)
             self._stopped = True
+            self._dog.stopped += 1  # (here, before the call can see `_stopped`: its count is already there)
             return True
 
 
@@ -168,9 +169,7 @@ class Watchdog:
         """Stop every call past its time; how many were stopped now."""
         with self._lock:
             watched = list(self._watched)
-        n = sum(w.stop_if_late(now) for w in watched)
-        self.stopped += n
-        return n
+        return sum(w.stop_if_late(now) for w in watched)
 
     def _run(self) -> None:
         while self.period is not None:
