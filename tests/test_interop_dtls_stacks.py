@@ -185,9 +185,15 @@ def pion_client(tmp_path_factory) -> str:
 @pytest.mark.parametrize("suite", PSK_SUITES)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_pion_dtls_posts_a_reading(data_dir, pion_client, engine, suite):
+    posts_a_reading(data_dir, engine, [pion_client], suite)
+
+
+def posts_a_reading(data_dir: Path, engine: str, client: list[str], suite: str) -> None:
+    """A client program that takes PORT IDENTITY KEY SUITE PAYLOAD_HEX and prints {"code", "suite"}
+    (pion's, Bouncy Castle's): its reading over `suite` answered 2.04 and stored."""
     server = serve(data_dir, engine)
     try:
-        r = run([pion_client, str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY, suite.replace("-", "_"),
+        r = run([*client, str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY, suite.replace("-", "_"),
                  cbor2.dumps(READING).hex()])
         out = answer(r)
         assert out == {"code": "2.04", "suite": suite.replace("-", "_")}, (out, r.stderr)
@@ -219,15 +225,7 @@ def bc_client(tmp_path_factory) -> list[str]:
 @pytest.mark.parametrize("suite", PSK_SUITES)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_bouncy_castle_dtls_posts_a_reading(data_dir, bc_client, engine, suite):
-    server = serve(data_dir, engine)
-    try:
-        r = run([*bc_client, str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY, suite.replace("-", "_"),
-                 cbor2.dumps(READING).hex()])
-        out = answer(r)
-        assert out == {"code": "2.04", "suite": suite.replace("-", "_")}, (out, r.stderr)
-        assert_stored(server)
-    finally:
-        server.stop()
+    posts_a_reading(data_dir, engine, bc_client, suite)
 
 
 def test_bouncy_castle_with_a_wrong_key_fails_its_handshake(data_dir, bc_client):
