@@ -93,7 +93,6 @@ class MessageIds:
             if ((current - mid) & 0xFFFF >= recent and mid not in busy and mid not in drawn
                     and (avoid is None or not avoid(mid))):
                 break
-        drawn = self._drawn
         drawn[mid] = self._now
         if len(drawn) > RANDOM_MAX:
             _, at = drawn.popitem(last=False)
