@@ -188,7 +188,37 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 60, python: str = 
             http = int(m.group(1))
     tcp = [int(m.group(1)) if (m := re.search(rf"{name} listening on tcp 127\.0\.0\.1:(\d+)", text)) else None
            for name in (r"coap\+tcp", r"coaps\+tcp")]
-    return CoremProcess(data_dir, proc, coap, coaps, http, stderr_path, list(extra), *tcp)
+    server = CoremProcess(data_dir, proc, coap, coaps, http, stderr_path, list(extra), *tcp)
+    _STARTED.append(server)
+    return server
+
+
+#: the servers the running test started (`start_corem`): a failed test's report shows their logs
+_STARTED: list[CoremProcess] = []
+#: how much of each server's log a failed test's report shows (its end)
+LOG_TAIL = 4000
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that failed shows, beside its assertion, the end of each corem server's log it started,
+    and whether its process was still running when the test ended (its own cleanup stops it): found
+    when a CI run's client met "ICMP: Connection refused" from a server whose log had gone with its
+    temporary directory by the time anyone looked."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "setup":
+        _STARTED.clear()
+    if report.failed and _STARTED:
+        for server in _STARTED:
+            code = server.proc.poll()
+            state = "running" if code is None else f"exited with {code}"
+            try:
+                text = server.stderr_path.read_text(errors="replace")
+            except OSError as e:
+                text = f"(log unreadable: {e})"
+            report.sections.append((f"corem serve pid {server.proc.pid} ({state}), log tail",
+                                    text[-LOG_TAIL:]))
 
 
 @pytest.fixture
