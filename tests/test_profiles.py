@@ -107,15 +107,27 @@ def test_content_formats_outside_the_profile_are_415():
     assert refused(TB, 50, b"{").reason.startswith("invalid JSON")
 
 
+def nested_doc(depth: int, content_format: int) -> bytes:
+    """{"a": {"b": {"b": ... 1}}} with `depth` maps below "a", in JSON (50) or CBOR (60), written out
+    (the standard encoders recurse: 900 levels are past Python's limit in a test's stack)."""
+    if content_format == 50:
+        return b'{"a": ' + b'{"b": ' * depth + b"1" + b"}" * (depth + 1)
+    return b"\xa1\x61a" + b"\xa1\x61b" * depth + b"\x01"
+
+
+@pytest.mark.parametrize("content_format", [50, 60])
 @pytest.mark.parametrize("nested", ["flatten", "json"])
-def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested):
-    """JSON is not bounded at MAX_DEPTH when decoded: put_value is, where Python's recursion (a 5.00)
-    was before -- JSON nested 100 or 1,000 deep is the sender's 4.00, naming the field."""
-    for depth in (100, 900):
-        body = b'{"a": ' + b'{"b": ' * depth + b"1" + b"}" * depth + b"}"
-        e = refused({"format": "thingsboard", "nested": nested}, 50, body)
+def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested, content_format):
+    """Bounded where put_value flattens or keeps them, where Python's recursion (a 5.00) was before:
+    nested 100 or 900 deep is the sender's 4.00, naming the field -- in JSON and in CBOR alike (found
+    wrong: CBOR was decoded to 16 levels while JSON went to 64, so a document 17-64 deep was taken as
+    JSON and refused as CBOR, without its field)."""
+    profile = {"format": "thingsboard", "nested": nested}
+    for depth in (65, 100, 900):
+        e = refused(profile, content_format, nested_doc(depth, content_format))
         assert e.reason == "nested deeper than 64 maps or arrays" and e.field.startswith("a.b.b"), e
-    assert decode({"format": "thingsboard", "nested": nested}, 50, b'{"a": ' + b'{"b": ' * 60 + b"1" + b"}" * 61)
+    for depth in (17, 64):
+        assert decode(profile, content_format, nested_doc(depth, content_format))
 
 
 def test_one_payload_carries_at_most_max_points():

@@ -154,7 +154,7 @@ typedef struct {
     json_buf_t *json; /* `nested: json`: a nested value kept as its JSON text, written here; NULL: flattened */
 } flat_t;
 
-#define FLAT_DEPTH 8 /* nesting the lane flattens; deeper: the Python path's (MAX_DEPTH 16 there) */
+#define FLAT_DEPTH 8 /* nesting the lane flattens; deeper: the Python path's (MAX_NESTING 64 there, JSON and CBOR alike) */
 
 static char *put_u64(char *o, unsigned long long v);
 static int cbor_text(json_buf_t *jb, const uint8_t **pp, const uint8_t *end, int depth);

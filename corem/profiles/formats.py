@@ -49,12 +49,14 @@ FormatDecoder = Callable[[int | None, bytes | bytearray | memoryview, int], list
 
 #: Points one payload may carry (a bound: a request is one reply, whatever it holds).
 MAX_POINTS = 1000
-#: Nesting a ThingsBoard or SenML payload may have (an array of maps of values of maps ...).
-MAX_DEPTH = 16
-#: Nesting `put_value` flattens or keeps as JSON text (a JSON document or a JavaScript codec's data,
-#: which no decoder bounded at MAX_DEPTH): deeper is the sender's 4.00, naming the field, where
-#: Python's recursion limit (~1,000 frames) made it a 5.00
+#: Nesting a document may have (ThingsBoard, SenML: JSON and CBOR alike; a JavaScript codec's data),
+#: bounded where `put_value` flattens it or keeps it as JSON text: deeper is the sender's 4.00,
+#: naming the field, where Python's recursion limit (~1,000 frames) made it a 5.00
 MAX_NESTING = 64
+#: Nesting a CBOR document is decoded to, as a JSON one is (msgspec's, to its recursion limit): so
+#: the same document meets the same bound, MAX_NESTING, named by `put_value`, in either format.
+#: (It was decoded to 16 while JSON went to 64: one document was taken as JSON and refused as CBOR.)
+DECODE_NESTING = 1000
 
 CF_SENML_JSON, CF_SENSML_JSON = content_format.SENML_JSON, content_format.SENSML_JSON
 CF_SENML_CBOR, CF_SENSML_CBOR = content_format.SENML_CBOR, content_format.SENSML_CBOR
@@ -74,7 +76,7 @@ def _document(content_format: int | None, payload: bytes | bytearray | memoryvie
     if content_format in json_formats:
         return decode_json(payload)
     if content_format in cbor_formats:
-        return decode_cbor(payload, MAX_DEPTH)
+        return decode_cbor(payload, DECODE_NESTING)
     raise UnsupportedFormat(f"content-format {content_format} is not supported by this profile; send {names}")
 
 

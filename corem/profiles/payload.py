@@ -85,12 +85,17 @@ def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException,
     Found by trying again with one restriction lifted; runs on the error path only."""
     if isinstance(error, cbor2.CBORDecodeEOF):
         return "the data ends before the value is complete"
-    for depth, duplicates, reason in (
+    for limit, duplicates, reason in (
         (depth, True, "a map repeats a key"),
-        (64, False, f"nested deeper than {depth} maps or arrays"),
+        # (no item nests deeper than it has bytes; one too deep for Python to follow is too deep)
+        (max(len(payload), depth + 1), False, f"nested deeper than {depth} maps or arrays"),
     ):
         try:
-            cbor2.CBORDecoder(io.BytesIO(payload), max_depth=depth, allow_duplicate_keys=duplicates).decode()
+            cbor2.CBORDecoder(io.BytesIO(payload), max_depth=limit, allow_duplicate_keys=duplicates).decode()
+        except RecursionError:
+            if not duplicates:
+                return reason
+            continue
         except Exception:  # noqa: BLE001 - still refused: not this restriction
             continue
         return reason
