@@ -128,6 +128,11 @@ def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested, con
         assert e.reason == "nested deeper than 64 maps or arrays" and e.field.startswith("a.b.b"), e
     for depth in (17, 64):
         assert decode(profile, content_format, nested_doc(depth, content_format))
+    # (deeper than either parser follows: refused as a document, never a 5.00 -- in CBOR it was
+    # "not well-formed", which it is not)
+    too_deep = refused(profile, content_format, nested_doc(5000, content_format)).reason
+    assert too_deep == ("invalid JSON: nested too deep" if content_format == 50
+                        else "invalid CBOR: nested deeper than 1000 maps or arrays"), too_deep
 
 
 def test_one_payload_carries_at_most_max_points():
