@@ -72,7 +72,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 from .payload import Overloaded, PayloadError, Readings
 from .formats import put_value
@@ -126,6 +126,21 @@ class Watched:
         with self._guard:
             self._ctx, self._deadline = None, float("inf")
             return self._stopped
+
+    def call(self, ctx: Any, limit_s: float, fn: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None, bool]:
+        """`fn(*args)` on `ctx`, watched for `limit_s`: (its result, or None; the engine's exception
+        it raised -- its limits, the only ones that leave corem's wrappers --, or None; stopped by
+        the watchdog).  Every call and load of a runtime goes through here."""
+        self.begin(ctx, limit_s)
+        result: Any = None
+        error: Exception | None = None
+        try:
+            result = fn(*args)
+        except quickjs.JSException as e:
+            error = e
+        finally:
+            stopped = self.end()
+        return result, error, stopped
 
     def stop_if_late(self, now: float) -> bool:
         """(the watchdog) Stop the call under way if it is past its time: its runtime's memory
@@ -423,16 +438,8 @@ class JsCodec:
         ctx = quickjs.Context()
         ctx.set_memory_limit(self.max_memory)
         ctx.set_time_limit(LOAD_LIMIT_S)
-        error: Exception | None = None
-        watch = self._watched
-        watch.begin(ctx, watch_s)
-        try:
-            ctx.eval(PRELUDE)
-            result = ctx.get("__corem_load")(self.script)
-        except quickjs.JSException as e:  # the engine's own limits: nothing else leaves the wrapper
-            error = e
-        finally:
-            stopped = watch.end()
+        result, error, stopped = self._watched.call(
+            ctx, watch_s, lambda: (ctx.eval(PRELUDE), ctx.get("__corem_load")(self.script))[1])
         if error is not None or stopped:
             raise ProfileError(
                 f"script: does not load: {self._limit(error, int(LOAD_LIMIT_S * 1000), stopped)}") from None
@@ -453,16 +460,11 @@ class JsCodec:
         ctx = quickjs.Context()
         ctx.set_memory_limit(self.max_memory)
         ctx.set_time_limit(LOAD_LIMIT_S)
-        watch = self._watched
-        watch.begin(ctx, LOAD_LIMIT_S)
-        try:
-            added = ctx.eval(ADDS_TO_BUILTINS)(self.script)
-        except quickjs.JSException as e:  # (a limit: the frozen runtime's load passed, so it is not one to judge)
-            if str(e).startswith("SyntaxError"):  # (corem's own text: never the script's, which eval catches)
-                raise
+        added, error, stopped = self._watched.call(ctx, LOAD_LIMIT_S, lambda: ctx.eval(ADDS_TO_BUILTINS)(self.script))
+        if error is not None:  # (a limit: the frozen runtime's load passed, so it is not one to judge)
+            if str(error).startswith("SyntaxError"):  # (corem's own text: never the script's, which eval catches)
+                raise error
             return
-        finally:
-            stopped = watch.end()
         if added and not stopped:
             raise ProfileError(f"script: adds {added} to a built-in, which corem freezes (each call starts from "
                                "the same built-ins): define it as a function of the script instead")
@@ -498,16 +500,9 @@ class JsCodec:
                 self._restart()
                 if self._decode is None:
                     raise Overloaded(f"codec: {self._load_failed[1]}", "codec")
-            error: Exception | None = None
-            watch = self._watched
-            watch.begin(self._ctx, self.timeout_ms / 1000)
-            try:
-                # (a float: the binding cuts an int past 32 bits to int32, as a JS_TAG_INT)
-                result = self._decode(text, self.fport, float(int(now_ms)), self.variables)
-            except quickjs.JSException as e:
-                error = e
-            finally:
-                stopped = watch.end()
+            # (now_ms a float: the binding cuts an int past 32 bits to int32, as a JS_TAG_INT)
+            result, error, stopped = self._watched.call(self._ctx, self.timeout_ms / 1000, self._decode, text,
+                                                        self.fport, float(int(now_ms)), self.variables)
             if error is not None or stopped:  # (stopped, yet returned: its runtime's memory limit is gone)
                 reason = self._limit(error, self.timeout_ms, stopped)
                 self._restart()
