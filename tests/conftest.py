@@ -207,8 +207,6 @@ def pytest_runtest_makereport(item, call):
     temporary directory by the time anyone looked."""
     outcome = yield
     report = outcome.get_result()
-    if call.when == "setup":
-        _STARTED.clear()
     if report.failed and _STARTED:
         for server in _STARTED:
             code = server.proc.poll()
@@ -219,6 +217,8 @@ def pytest_runtest_makereport(item, call):
                 text = f"(log unreadable: {e})"
             report.sections.append((f"corem serve pid {server.proc.pid} ({state}), log tail",
                                     text[-LOG_TAIL:]))
+    if call.when == "teardown":  # (the test's last report: its fixtures' servers were shown with it)
+        _STARTED.clear()
 
 
 @pytest.fixture

@@ -123,16 +123,30 @@ def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested, con
     wrong: CBOR was decoded to 16 levels while JSON went to 64, so a document 17-64 deep was taken as
     JSON and refused as CBOR, without its field)."""
     profile = {"format": "thingsboard", "nested": nested}
-    for depth in (65, 100, 900):
-        e = refused(profile, content_format, nested_doc(depth, content_format))
-        assert e.reason == "nested deeper than 64 maps or arrays" and e.field.startswith("a.b.b"), e
     for depth in (17, 64):
         assert decode(profile, content_format, nested_doc(depth, content_format))
-    # (deeper than either parser follows: refused as a document, never a 5.00 -- in CBOR it was
-    # "not well-formed", which it is not)
-    too_deep = refused(profile, content_format, nested_doc(5000, content_format)).reason
-    assert too_deep == ("invalid JSON: nested too deep" if content_format == 50
-                        else "invalid CBOR: nested deeper than 1000 maps or arrays"), too_deep
+    e = refused(profile, content_format, nested_doc(65, content_format))
+    assert e.reason == "nested deeper than 64 maps or arrays" and e.field.startswith("a.b.b"), e
+    for depth in (100, 900):  # (JSON: put_value names the field; CBOR: decoded no deeper than 66)
+        e = refused(profile, content_format, nested_doc(depth, content_format))
+        assert (e.reason, e.field is not None) == (
+            ("nested deeper than 64 maps or arrays", True) if content_format == 50 else
+            ("invalid CBOR: nested deeper than 66 maps or arrays", False)), e
+    # (deeper than JSON's parser follows: refused as a document, never a 5.00)
+    if content_format == 50:
+        assert refused(profile, 50, nested_doc(5000, 50)).reason == "invalid JSON: nested too deep"
+
+
+def test_a_cbor_key_nested_deep_is_refused_not_a_500():
+    """Found in review: with CBOR decoded deeper, a map key that is an array nested hundreds deep
+    reached `repr` in the error (a RecursionError, a 5.00).  Decoded no deeper than 66, it is refused
+    at decode; and a document of 70,000 nested tags (which crashed the retry's decoder) is refused
+    too, its depth measured no deeper than RETRY_DEPTH."""
+    key = b"\x81" * 990 + b"\x01"  # [[[...[1]...]]] as a map key
+    e = refused({"format": "thingsboard", "nested": "flatten"}, 60, b"\xa1" + key + b"\x01")
+    assert e.reason.startswith("invalid CBOR: nested deeper than 66"), e
+    tags = b"\xd8\x20" * 70_000 + b"\x01"
+    assert refused({"format": "thingsboard", "nested": "flatten"}, 60, tags).reason.startswith("invalid CBOR")
 
 
 def test_one_payload_carries_at_most_max_points():

@@ -77,6 +77,9 @@ def decode_cbor(payload: bytes | bytearray | memoryview, depth: int = 0) -> Any:
 
 #: cbor2's max_depth: a map (1) of maps (2) of maps (3) decodes, so flat_readings can name the field
 DECODE_DEPTH = 3
+#: how deep `_cbor_problem` decodes again to tell a document nested too deep from one not well-formed
+#: (error path only; deeper than this is "not well-formed" -- which it may be)
+RETRY_DEPTH = 2000
 
 
 def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException, depth: int) -> str:
@@ -87,15 +90,12 @@ def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException,
         return "the data ends before the value is complete"
     for limit, duplicates, reason in (
         (depth, True, "a map repeats a key"),
-        # (no item nests deeper than it has bytes; one too deep for Python to follow is too deep)
-        (max(len(payload), depth + 1), False, f"nested deeper than {depth} maps or arrays"),
+        # (bounded, found in review: cbor2 builds what it decodes, and freeing tens of thousands of
+        # nested tags overflows the C stack; no item nests deeper than it has bytes)
+        (max(depth + 1, min(len(payload), RETRY_DEPTH)), False, f"nested deeper than {depth} maps or arrays"),
     ):
         try:
             cbor2.CBORDecoder(io.BytesIO(payload), max_depth=limit, allow_duplicate_keys=duplicates).decode()
-        except RecursionError:
-            if not duplicates:
-                return reason
-            continue
         except Exception:  # noqa: BLE001 - still refused: not this restriction
             continue
         return reason
