@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -162,15 +163,23 @@ def ratios(r: dict, ref: dict) -> tuple[float, ...]:
     return tuple(r[f] / ref[f] if ref[f] else 0.0 for f in FIGURES)
 
 
-def run_target(args, cmd: list[str], port: int, method: int, path: str, payload: str) -> dict:
+def free_port_pair() -> int:
+    """A free port whose one below is free too (libcoap serves CoAP on it, CoAPS on it + 1)."""
+    while True:
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as below:
+            below.bind(("127.0.0.1", port - 1))
+            return port
+
+
+def run_target(args, cmd: list[str], method: int, path: str, payload: str) -> dict:
     """One server started, the load generator's three phases against it, the server stopped.
-    A `{port}` in `cmd` is a port picked for this run, `{port-1}` the one below it (one picked for
+    `{port}` in `cmd` is a port picked for this run, `{port-1}` the one below it (one picked for
     every run was taken once, by the time of the third, by another socket -- the load generator's
     handshakes go through thousands of ephemeral ports); a server that does not answer is shown
     with its log."""
-    if any("{port" in a for a in cmd):
-        port = free_port()
-        cmd = [a.replace("{port-1}", str(port - 1)).replace("{port}", str(port)) for a in cmd]
+    port = free_port_pair()
+    cmd = [a.replace("{port-1}", str(port - 1)).replace("{port}", str(port)) for a in cmd]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     try:
@@ -219,14 +228,14 @@ def throughput(args) -> list[dict]:
                     "--rate-limit-per-source", "0", "--fast-lane", lane, "--bus", bus,
                     "--dtls-engine", "mbedtls" if name == MBEDTLS else "corem",
                     "--dtls-busy-poll-us", "0" if name == NO_BUSY_POLL else "150",
-                    "--log-level", "warning"], 0, 2, "telemetry")
+                    "--log-level", "warning"], 2, "telemetry")
             for name, lane, bus in buses
         ]
         libcoap = None
         if shutil.which("coap-server-openssl"):
             # (libcoap serves CoAPS on its -p port + 1: `{port-1}`)
             libcoap = (LIBCOAP, [*pin(0), "coap-server-openssl", "-A", "127.0.0.1", "-p", "{port-1}", "-k", KEY],
-                       0, 3, "example_data")
+                       3, "example_data")
         if args.only:
             targets = [t for t in targets if any(w in t[0] for w in args.only)]
             if libcoap is not None and not any(w in LIBCOAP for w in args.only):
@@ -234,7 +243,7 @@ def throughput(args) -> list[dict]:
         plains: list[dict] = []
         plain = not args.only or any(w in PLAIN for w in args.only)
         yards: list[dict] = []
-        for name, cmd, p, method, path in targets:
+        for name, cmd, method, path in targets:
             runs, pairs, to_plain = [], [], []
             for k in range(max(1, args.repeat)):
                 if plain and (name == "corem" or not plains):
@@ -250,7 +259,7 @@ def throughput(args) -> list[dict]:
                 fresh = Path(tmp) / f"run-{len(yards)}-{k}"
                 shutil.copytree(data, fresh)
                 try:
-                    runs.append(run_target(args, [str(fresh) if a == str(data) else a for a in cmd], p, method,
+                    runs.append(run_target(args, [str(fresh) if a == str(data) else a for a in cmd], method,
                                            path, payload))
                 finally:
                     shutil.rmtree(fresh, ignore_errors=True)

@@ -271,9 +271,9 @@ class Settings:
     )
     dtls_busy_poll_us: int = _opt(
         150, "dtls_engine = corem: after sending a handshake flight, poll the CoAPS socket on the CPU this many µs "
-        "for the device's answer instead of sleeping (a close device's next flight is read without the wake-up: "
-        "2,560-2,690 -> 3,520-3,880 handshakes/s one at a time on loopback); polls that see nothing back off (up to "
-        "63 flights unpolled) and polling never takes more than a quarter of the time; 0 is off", _busy_poll_us,
+        "for the device's answer instead of sleeping (a close device's next flight is read without the wake-up; "
+        "measured in net/busypoll.py and docs/benchmarks.md); polls that see nothing back off (up to 63 flights "
+        "unpolled) and polling never takes more than a quarter of the time; 0 is off", _busy_poll_us,
     )
     dtls_checkpoint: str = _opt(
         "on", "save each DTLS session to the session store once it carries data, so that a crash, a killed "

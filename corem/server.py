@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import sys
 from typing import TYPE_CHECKING, Hashable, Iterator, cast
 
 import trio
@@ -189,6 +190,9 @@ class Server:
                 yield part, {}
         yield BuildInfo(), {}
         yield self.process, {}
+        js = sys.modules.get("corem.profiles.js")  # (the JS codecs' watchdog: no codec ran if never imported)
+        if js is not None:
+            yield js.WATCHDOG, {}
         yield self.health, {}
 
     async def _totals(self) -> dict[Hashable, Totals]:

@@ -193,8 +193,15 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 60, python: str = 
     return server
 
 
-#: the servers the running test started (`start_corem`): a failed test's report shows their logs
+#: the servers the running test started (`start_corem`), and those of a wider scope still running
+#: when it began (a module's): a failed test's report shows their logs
 _STARTED: list[CoremProcess] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before a test's fixtures: the servers earlier tests started and stopped are not its own."""
+    _STARTED[:] = [s for s in _STARTED if s.proc.poll() is None]
 #: how much of each server's log a failed test's report shows (its end)
 LOG_TAIL = 4000
 
@@ -212,13 +219,12 @@ def pytest_runtest_makereport(item, call):
             code = server.proc.poll()
             state = "running" if code is None else f"exited with {code}"
             try:
-                text = server.stderr_path.read_text(errors="replace")
+                with open(server.stderr_path, "rb") as f:  # (its end only)
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL))
+                    text = f.read().decode(errors="replace")
             except OSError as e:
                 text = f"(log unreadable: {e})"
-            report.sections.append((f"corem serve pid {server.proc.pid} ({state}), log tail",
-                                    text[-LOG_TAIL:]))
-    if call.when == "teardown":  # (the test's last report: its fixtures' servers were shown with it)
-        _STARTED.clear()
+            report.sections.append((f"corem serve pid {server.proc.pid} ({state}), log tail", text))
 
 
 @pytest.fixture

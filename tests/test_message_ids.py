@@ -145,3 +145,23 @@ def test_a_random_id_is_not_the_answer_just_sent(monkeypatch):
     draws = [answer.to_bytes(2, "big"), b"\x43\x21"]
     monkeypatch.setattr("os.urandom", lambda n: draws.pop(0)[:n])
     assert ep.unpredictable_mid() == 0x4321
+
+
+def test_draws_let_go_of_within_exchange_lifetime_are_counted(monkeypatch):
+    """Past RANDOM_MAX draws within EXCHANGE_LIFETIME the oldest is let go of while the device may
+    still remember it (forged registrations can cause it): counted, `forgotten`; draws that expired
+    first are not."""
+    import corem.coap.message_ids as message_ids
+
+    monkeypatch.setattr(message_ids, "RANDOM_MAX", 2)
+    ids = MessageIds(LIFETIME, 0, draw=scripted([1000, 2000, 3000, 4000, 5000]))
+    ids.tick(0.0)
+    ids.unpredictable(0.0)
+    ids.unpredictable(1.0)
+    assert ids.forgotten == 0
+    ids.unpredictable(2.0)  # (the draw of 0.0 goes, within its lifetime)
+    assert ids.forgotten == 1
+    ids.tick(LIFETIME + 3.0)  # (the draws of 1.0 and 2.0 expire)
+    ids.unpredictable(LIFETIME + 3.0)
+    ids.unpredictable(LIFETIME + 3.0)
+    assert ids.forgotten == 1

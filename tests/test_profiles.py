@@ -127,11 +127,11 @@ def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested, con
         assert decode(profile, content_format, nested_doc(depth, content_format))
     e = refused(profile, content_format, nested_doc(65, content_format))
     assert e.reason == "nested deeper than 64 maps or arrays" and e.field.startswith("a.b.b"), e
-    for depth in (100, 900):  # (JSON: put_value names the field; CBOR: decoded no deeper than 66)
+    for depth in (100, 900):  # (JSON: put_value names the field; CBOR: decoded no deeper than 68)
         e = refused(profile, content_format, nested_doc(depth, content_format))
         assert (e.reason, e.field is not None) == (
             ("nested deeper than 64 maps or arrays", True) if content_format == 50 else
-            ("invalid CBOR: nested deeper than 66 maps or arrays", False)), e
+            ("invalid CBOR: nested deeper than 68 maps or arrays", False)), e
     # (deeper than JSON's parser follows: refused as a document, never a 5.00)
     if content_format == 50:
         assert refused(profile, 50, nested_doc(5000, 50)).reason == "invalid JSON: nested too deep"
@@ -139,12 +139,12 @@ def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested, con
 
 def test_a_cbor_key_nested_deep_is_refused_not_a_500():
     """Found in review: with CBOR decoded deeper, a map key that is an array nested hundreds deep
-    reached `repr` in the error (a RecursionError, a 5.00).  Decoded no deeper than 66, it is refused
+    reached `repr` in the error (a RecursionError, a 5.00).  Decoded no deeper than 68, it is refused
     at decode; and a document of 70,000 nested tags (which crashed the retry's decoder) is refused
     too, its depth measured no deeper than RETRY_DEPTH."""
     key = b"\x81" * 990 + b"\x01"  # [[[...[1]...]]] as a map key
     e = refused({"format": "thingsboard", "nested": "flatten"}, 60, b"\xa1" + key + b"\x01")
-    assert e.reason.startswith("invalid CBOR: nested deeper than 66"), e
+    assert e.reason.startswith("invalid CBOR: nested deeper than 68"), e
     tags = b"\xd8\x20" * 70_000 + b"\x01"
     assert refused({"format": "thingsboard", "nested": "flatten"}, 60, tags).reason.startswith("invalid CBOR")
 
@@ -409,3 +409,24 @@ def test_the_lanes_handover_gives_an_outcome_once_in_order_and_only_while_fresh(
     for i in range(Handover.MOST + 1):
         h.put(bytes([i % 256, i // 256]), 60, 0, i)
     assert h.count == Handover.MOST and h.take(60, b"\x00\x00", 0) is None and h.take(60, b"\x01\x00", 0) == 1
+
+
+@pytest.mark.parametrize("shape", ["flat", "ts-values", "array of ts-values"])
+def test_a_value_nested_up_to_max_nesting_is_taken_in_json_and_cbor_alike_whatever_wraps_it(shape):
+    """Found in review: decoded to MAX_NESTING + 2, CBOR refused a value 64 deep inside
+    `[{"ts", "values"}]` that JSON took (its envelope is three levels), without naming the field."""
+    def wrapped(depth: int) -> object:
+        value: object = 1
+        for _ in range(depth):
+            value = {"b": value}
+        values = {"a": value}
+        if shape == "flat":
+            return values
+        point = {"ts": 1_700_000_000_000, "values": values}
+        return point if shape == "ts-values" else [point]
+
+    profile = {"format": "thingsboard", "nested": "flatten"}
+    for content_format in (50, 60):
+        assert decode(profile, content_format, wrapped(64))
+        e = refused(profile, content_format, wrapped(65))
+        assert e.reason == "nested deeper than 64 maps or arrays" and "a.b.b" in (e.field or ""), (content_format, e)

@@ -23,7 +23,6 @@ answered one is replaced by a `(received_at, reply, size)` tuple and the piggyba
 
 from __future__ import annotations
 
-
 import heapq
 import random
 from collections import OrderedDict, deque
@@ -362,12 +361,11 @@ class Endpoint:
                 earlier = self._earlier(peer, msg.mid, self._outstanding)
                 if earlier is not None:  # (an ACK from where the session moved to)
                     out = self._outstanding.pop(earlier)
-            if out is not None:
-                self.mids.free(out.mid)
             if out is None:
                 if mtype == RST:
                     self._events.append(StrayReset(peer, msg.mid))
                 return None
+            self.mids.free(out.mid)
             out.done = True
             if mtype == RST:
                 stats.resets += 1
@@ -571,7 +569,7 @@ class Endpoint:
             self._settle(req)
             return
         self._settle(req)
-        mid = self.next_mid()
+        mid = self.mids.next()
         if not req.confirmable:
             self.send(encode(Message(NON, code, mid, token, options, payload)), req.peer, code)
             return
@@ -584,7 +582,7 @@ class Endpoint:
         """A separate response (a CON of ours, retransmitted until ACKed) to a request that another
         layer received and deduplicated: the fast lane's readings whose commit outlasted the
         piggyback timeout."""
-        mid = self.next_mid()
+        mid = self.mids.next()
         if payload and code >= 0x80 and self.params.limit_error_size:
             payload = fit_error(request_size, mid, token, code, options, payload)
         self.send_confirmable(encode(Message(CON, code, mid, token, options, payload)), peer, mid, token, None, code)

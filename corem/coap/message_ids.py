@@ -100,11 +100,6 @@ class MessageIds:
                 self.forgotten += 1  # (within EXCHANGE_LIFETIME: `next` may come round to it)
         return mid
 
-    def undraw(self, mid: int) -> None:
-        """`mid`, drawn by `unpredictable`, was never sent: not remembered (a refused message must
-        not take one of the RANDOM_MAX places)."""
-        self._drawn.pop(mid, None)
-
     def busy(self, mid: int) -> None:
         """A message of ours with `mid` awaits its ACK."""
         self._busy[mid] = self._busy.get(mid, 0) + 1

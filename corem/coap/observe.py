@@ -414,6 +414,10 @@ class Observers:
             self.representations.keep((obs.peer, *obs.request), kept, now)
         obs.notifications += 1
         confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
+        if confirmable and ep.outstanding >= ep.params.max_outstanding:
+            # (too many messages awaiting ACK: this one is skipped, the next may go -- told before an
+            # ID is taken for it, so a random one is never drawn for a message that does not go)
+            return self._no_room(obs)
         # (a plain-UDP observer's confirmable one: its silence must end the observation, so its ACK
         # must not be forgeable -- `Endpoint.unpredictable_mid`)
         if not confirmable:
@@ -424,8 +428,7 @@ class Observers:
         data = obs.message(mtype, out.code, mid, out.options or [], out.payload)
         if confirmable:
             if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), out.code):
-                ep.mids.undraw(mid)  # (a random one that never went: not remembered)
-                return self._no_room(obs)  # too many messages awaiting ACK: this one is skipped, the next may go
+                return self._no_room(obs)  # (its ID awaits an ACK already: never one next_mid or a draw gives)
             obs.last_con = now
             self.stats.con_notifications += 1
         else:
@@ -463,7 +466,6 @@ class Observers:
         mid = self._random_mid(obs.peer)  # (its ACK verifies the address: not to be guessed)
         data = obs.message(Type.CON, piece.code, mid, piece.options or [], piece.payload)
         if not ep.send_confirmable(data, obs.peer, mid, obs.token, Notification(key, obs), piece.code):
-            ep.mids.undraw(mid)  # (it never went: not remembered)
             return self._no_room(obs)  # too many messages awaiting ACK: this one is skipped, the next may go
         kept = self._to_keep(whole, piece)
         if kept is not None and self.representations is not None:
@@ -518,8 +520,12 @@ class Observers:
     def _made_room(self) -> None:
         owners, self._no_room_for = self._no_room_for, set()
         for owner in owners:
-            for told in self.freed:
-                told(owner)
+            self._tell_freed(owner)
+
+    def _tell_freed(self, owner: Hashable) -> None:
+        """`owner`'s RPCs and deltas may go again (`freed`: the downlink's)."""
+        for told in self.freed:
+            told(owner)
 
     def _acknowledged(self, key: tuple[Peer, bytes]) -> None:
         """A confirmable notification to `key` was acknowledged from its address: an unverified
@@ -534,8 +540,7 @@ class Observers:
         for out, kept in held:
             self._send(key, obs, out, kept, now)
         if obs.owner is not None:
-            for told in self.freed:
-                told(obs.owner)
+            self._tell_freed(obs.owner)
 
     def handle(self, event: Event) -> None:
         """Feed message-layer events: a RST (to a CON or a NON notification) or a CON

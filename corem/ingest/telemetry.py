@@ -8,7 +8,6 @@ whole: 4.00 (4.15 for an unsupported Content-Format), the rejection counted, the
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -390,9 +389,6 @@ class TelemetryIngest:
         for tenant, n in sorted(st.accepted.items()):
             yield counter("corem_telemetry_points", n, tenant=tenant)
         yield counter("corem_telemetry_bus_refusals", st.bus_refusals)
-        # (the JS codecs' watchdog is the process's: none ran if their module was never imported)
-        js = sys.modules.get("corem.profiles.js")
-        yield counter("corem_js_watchdog_stops", js.watchdog_stops() if js is not None else 0)
 
     def refused(self, n: int) -> None:
         """`n` readings answered 5.03 elsewhere (the fast lane): the bus could not take them."""

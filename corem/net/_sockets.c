@@ -105,7 +105,7 @@ static PyObject *readable_within(PyObject *mod, PyObject *args) {
     long long end = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec + ns;
     for (;;) {
         r = poll(&p, 1, 0);
-        if (r > 0) break;  /* readable, or an error waiting (the read reports it), or a closed fd (POLLNVAL) */
+        if (r > 0) break;  /* readable, or an error waiting (the read reports it), or a closed fd (below) */
         if (r < 0 && errno != EINTR) {
             err = errno;
             break;
@@ -114,6 +114,7 @@ static PyObject *readable_within(PyObject *mod, PyObject *args) {
         if ((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec >= end) break;
     }
     Py_END_ALLOW_THREADS
+    if (r > 0 && (p.revents & POLLNVAL)) err = EBADF; /* (a closed fd: not "readable") */
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);

@@ -56,15 +56,11 @@ class BusyPoll:
     __slots__ = ("window_ns", "flights", "answered", "missed", "seconds", "_wait", "_backoff", "_skip", "_tokens",
                  "_at", "_clock")
 
-    def __init__(self, window_us: int, flights: Callable[[], int], wait: Callable[[int, int], bool] | None = None,
+    def __init__(self, window_us: int, flights: Callable[[], int], wait: Callable[[int, int], bool],
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """`flights()`: the handshake flights the security layer has sent so far (a count that
-        only grows): a batch after which it grew sent one, and is followed by a poll."""
-        if not 0 < window_us <= MAX_WINDOW_US:
-            raise ValueError(f"dtls_busy_poll_us: {window_us} is not within 1-{MAX_WINDOW_US}")
-        wait = wait if wait is not None else readable_within
-        if wait is None:
-            raise ValueError("dtls_busy_poll_us: corem.net._sockets is not built (no C compiler)")
+        only grows): a batch after which it grew sent one, and is followed by a poll.  `wait(fd,
+        ns)`: `readable_within` (`busy_poll`).  The window's range is the setting's (config.py)."""
         self.window_ns = window_us * 1000
         self.flights = flights
         #: polls that saw a datagram within the window, polls that did not, and the seconds spent
@@ -112,4 +108,4 @@ def busy_poll(window_us: int, flights: Callable[[], int]) -> BusyPoll | None:
     """The setting's BusyPoll; None when it is 0 (off) or the C module is not built."""
     if window_us == 0 or readable_within is None:
         return None
-    return BusyPoll(window_us, flights)
+    return BusyPoll(window_us, flights, readable_within)

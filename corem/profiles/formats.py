@@ -53,13 +53,14 @@ MAX_POINTS = 1000
 #: bounded where `put_value` flattens it or keeps it as JSON text: deeper is the sender's 4.00,
 #: naming the field, where Python's recursion limit (~1,000 frames) made it a 5.00
 MAX_NESTING = 64
-#: Nesting a CBOR document is decoded to: past MAX_NESTING, so that a document nested up to it is
-#: taken in either format and one a level or two deeper meets `put_value`'s bound, naming the field,
-#: as in JSON (decoded to msgspec's recursion limit); deeper still, `invalid CBOR: nested deeper than
-#: 66 maps or arrays`.  It was 16 while JSON went to 64: a document was taken as JSON and refused as
+#: Nesting a CBOR document is decoded to: past MAX_NESTING by the most a format wraps a value in (an
+#: array of `{"ts", "values"}` maps: 3) and one more, so that a value nested up to MAX_NESTING is
+#: taken in either format and one a level deeper meets `put_value`'s bound, naming the field, as in
+#: JSON (decoded to msgspec's recursion limit); deeper still, `invalid CBOR: nested deeper than 68
+#: maps or arrays`.  It was 16 while JSON went to 64: a document was taken as JSON and refused as
 #: CBOR.  Not deeper (found in review): cbor2 builds what it decodes, and a map key nested hundreds
 #: of levels deep is past what `repr` follows in an error, its tags past what freeing them does
-DECODE_NESTING = MAX_NESTING + 2
+DECODE_NESTING = MAX_NESTING + 4
 
 CF_SENML_JSON, CF_SENSML_JSON = content_format.SENML_JSON, content_format.SENSML_JSON
 CF_SENML_CBOR, CF_SENSML_CBOR = content_format.SENML_CBOR, content_format.SENSML_CBOR

@@ -72,11 +72,12 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .payload import Overloaded, PayloadError, Readings
 from .formats import put_value
 from ..extras import needs
+from ..stats import Sample, counter
 from .spec import ProfileError
 
 try:
@@ -112,7 +113,7 @@ class Watched:
         self._ctx: Any = None
         self._deadline = float("inf")
         self._stopped = False
-        self._dog = dog or _WATCHDOG
+        self._dog = dog or WATCHDOG
         self._dog.keep(self)
 
     def begin(self, ctx: Any, limit_s: float) -> None:
@@ -186,10 +187,18 @@ class Watchdog:
             watched = list(self._watched)
         return sum(w.stop_if_late(now) for w in watched)
 
+    def metrics(self) -> Iterator[Sample]:
+        yield counter("corem_js_watchdog_stops", self.stopped)
+
     def _run(self) -> None:
         while self.period is not None:
             time.sleep(self.period)
-            if self.check(time.monotonic()):
+            try:
+                stopped = self.check(time.monotonic())
+            except Exception:  # noqa: BLE001 - a bug here must not end the thread: the next look may work
+                log.exception("js codec watchdog: looking at the calls failed")
+                continue
+            if stopped:
                 log.warning("js codec: a call ran past its limit between QuickJS's looks at the time (%sx its limit "
                             "and at least %s s: one operation on huge operands, a BigInt's * or toString); stopped, its "
                             "runtime made anew", STOP_AFTER, STOP_AFTER_MIN)
@@ -199,17 +208,14 @@ class Watchdog:
         lock the parent held at the fork would never be released here)"""
         self._lock = threading.Lock()
         self._thread = None
+        self.stopped = 0  # (the child's own count, as its other metrics are)
         for watched in list(self._watched):
             watched._guard = threading.Lock()
 
 
-_WATCHDOG = Watchdog()
-os.register_at_fork(after_in_child=_WATCHDOG._forked)
-
-
-def watchdog_stops() -> int:
-    """JS calls and loads this process's watchdog stopped (`corem_js_watchdog_stops_total`)."""
-    return _WATCHDOG.stopped
+#: the process's watchdog (a component of its metrics: server.py)
+WATCHDOG = Watchdog()
+os.register_at_fork(after_in_child=WATCHDOG._forked)
 
 #: run once in each runtime before the codec: locks what printing an escaped exception reads, and
 #: defines the two entry points, which the codec cannot replace (not writable, not configurable).
@@ -438,8 +444,11 @@ class JsCodec:
         ctx = quickjs.Context()
         ctx.set_memory_limit(self.max_memory)
         ctx.set_time_limit(LOAD_LIMIT_S)
-        result, error, stopped = self._watched.call(
-            ctx, watch_s, lambda: (ctx.eval(PRELUDE), ctx.get("__corem_load")(self.script))[1])
+        def load() -> Any:
+            ctx.eval(PRELUDE)
+            return ctx.get("__corem_load")(self.script)
+
+        result, error, stopped = self._watched.call(ctx, watch_s, load)
         if error is not None or stopped:
             raise ProfileError(
                 f"script: does not load: {self._limit(error, int(LOAD_LIMIT_S * 1000), stopped)}") from None
@@ -494,10 +503,8 @@ class JsCodec:
         text = bytes(payload).decode("latin-1")  # one char a byte: the wrapper makes them numbers
         with self._lock:
             if self._decode is None:  # the runtime made anew after a limit did not load: try again, now and then
-                retry_at, why = self._load_failed
-                if time.monotonic() < retry_at:
-                    raise Overloaded(f"codec: {why}", "codec")
-                self._restart()
+                if time.monotonic() >= self._load_failed[0]:
+                    self._restart()
                 if self._decode is None:
                     raise Overloaded(f"codec: {self._load_failed[1]}", "codec")
             # (now_ms a float: the binding cuts an int past 32 bits to int32, as a JS_TAG_INT)

@@ -92,7 +92,7 @@ def _cbor_problem(payload: bytes | bytearray | memoryview, error: BaseException,
         (depth, True, "a map repeats a key"),
         # (bounded, found in review: cbor2 builds what it decodes, and freeing tens of thousands of
         # nested tags overflows the C stack; no item nests deeper than it has bytes)
-        (max(depth + 1, min(len(payload), RETRY_DEPTH)), False, f"nested deeper than {depth} maps or arrays"),
+        (RETRY_DEPTH, False, f"nested deeper than {depth} maps or arrays"),
     ):
         try:
             cbor2.CBORDecoder(io.BytesIO(payload), max_depth=limit, allow_duplicate_keys=duplicates).decode()
