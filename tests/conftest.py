@@ -198,6 +198,18 @@ def start_corem(data_dir: Path, *extra: str, timeout: float = 60, python: str = 
 _STARTED: list[CoremProcess] = []
 
 
+def pytest_sessionstart(session):
+    """Before any test: the kernel balancer tables a killed run of test_nodes left behind are
+    removed (tests/ports.py `remove_stale_balancers`: one turns a later server's traffic away)."""
+    from .ports import remove_stale_balancers
+
+    nft = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+    if nft is not None and os.geteuid() == 0:
+        for name in remove_stale_balancers(nft):
+            print(f"conftest: removed the nftables table {name}, left by a test process that was killed",
+                  file=sys.stderr)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Before a test's fixtures: the servers earlier tests started and stopped are not its own."""

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
+import subprocess
 from collections.abc import Iterator
 
 
@@ -97,3 +99,26 @@ def proc_stat(path: str) -> list[str] | None:
             return f.read().rpartition(")")[2].split()
     except OSError:
         return None
+
+
+#: nftables tables of `test_nodes.Balancer`: BALANCER_TABLE.format(pid=..., port=...), the pid the
+#: pytest process's that made it
+BALANCER_TABLE = "corem_test_{pid}_{port}"
+_BALANCER_NAME = re.compile(r"^table ip (corem_test_(\d+)_\d+)$", re.M)
+
+
+def remove_stale_balancers(nft: str | None) -> list[str]:
+    """Delete the balancer tables whose process is gone (it was killed before its test's cleanup),
+    and say which.  Such a table DNATs every datagram to its virtual port -- free again, so the
+    next server to bind it there -- to nodes long dead: found when a CI run's client met "ICMP:
+    Connection refused" from a server that was listening (a table left at 35969 since a run of
+    test_nodes was killed).  A live process's table is its test's own."""
+    if nft is None:
+        return []
+    listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True)
+    removed = []
+    for name, pid in _BALANCER_NAME.findall(listed.stdout):
+        if not os.path.exists(f"/proc/{pid}"):
+            if subprocess.run([nft, "delete", "table", "ip", name], capture_output=True).returncode == 0:
+                removed.append(name)
+    return removed

@@ -20,6 +20,7 @@ from corem.dtls import SessionStore
 from corem.dtls.layer import EngineServer
 
 from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, read_until, start_corem
+from .ports import BALANCER_TABLE, remove_stale_balancers
 from .postgres_server import Postgres, binaries, empty
 from .test_dtls import DEVICE, IDENTITY, PEER, Client
 
@@ -292,10 +293,13 @@ class Balancer:
         # The virtual port is held by a bound socket of our own while the rule lives: the rule would
         # otherwise take the datagrams of any other server that bound that port meanwhile (the NAT
         # rewrites before delivery, so the held socket itself never receives).
+        # (and a table whose process was killed before its cleanup is removed by the next run's
+        # start, or here: tests/ports.py `remove_stale_balancers`)
+        remove_stale_balancers(NFT)
         self._held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._held.bind(("127.0.0.1", 0))
         self.listen = self._held.getsockname()[1]
-        self.table = f"corem_test_{os.getpid()}_{self.listen}"
+        self.table = BALANCER_TABLE.format(pid=os.getpid(), port=self.listen)
         self._apply(nodes, create=True)
 
     def _apply(self, nodes: list[int], create: bool = False) -> None:
@@ -626,3 +630,23 @@ def test_the_mbedtls_engine_never_takes_a_shared_store(store_url):
             DtlsServer(PskStore({}.get), store=store)
     finally:
         store.close()
+
+
+@pytest.mark.skipif(not _nft_works(), reason="nftables and conntrack (Debian: nftables, conntrack) as root are needed")
+def test_a_balancer_table_whose_process_is_gone_is_removed_and_a_live_ones_kept():
+    """A test process killed before its Balancer's cleanup leaves its table, which would DNAT a
+    later server's datagrams on that port to dead nodes (a CI client's "ICMP: Connection
+    refused"): the next run's start removes it, and never a live process's."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # (a pid no process has now; reused only after the whole pid space)
+    stale = BALANCER_TABLE.format(pid=dead.pid, port=1)
+    live = BALANCER_TABLE.format(pid=os.getpid(), port=2)
+    for name in (stale, live):
+        subprocess.run([NFT, "add", "table", "ip", name], check=True, capture_output=True)
+    try:
+        assert stale in remove_stale_balancers(NFT)
+        tables = subprocess.run([NFT, "list", "tables"], capture_output=True, text=True, check=True).stdout
+        assert f"table ip {live}" in tables and f"table ip {stale}" not in tables
+    finally:
+        for name in (stale, live):
+            subprocess.run([NFT, "delete", "table", "ip", name], capture_output=True)
