@@ -151,7 +151,7 @@ class Checkpointer:
         """Has a pass found `path`'s log past RESTART pages since its writer last completed it?"""
         return path in self._due
 
-    def before_commit(self, conn: sqlite3.Connection, path: Path) -> None:
+    def before_commit(self, conn: Executes, path: Path) -> None:
         """From `path`'s writer, in its thread, before a commit: complete the checkpoint if a
         pass found the log past RESTART, so that this commit starts the log again (see the
         module docstring).  Nothing is appended meanwhile: the writer is the one appending."""

@@ -6,6 +6,7 @@ twin."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -58,12 +59,49 @@ class Carried:
         self.bus.close_sync()
 
 
+class Logged:
+    """A session store whose sink cannot carry the marks (Kafka): the packs in its own file
+    (dtls/layer.py `carry_marks`, store.py `log_marks_here`); `commit(marks)` is a batch's pack,
+    committed before its readings would be submitted."""
+
+    def __init__(self, where: Path) -> None:
+        self.store = SessionStore(where)
+        self.store.log_marks_here()
+
+    def commit(self, *marks: tuple[int, bytes]) -> None:
+        if marks:
+            assert self.store.log_pack(pack_marks(list(marks)))
+
+    def unread(self) -> int:
+        return int(self.store.db.execute("SELECT count(*) FROM rx_packs").fetchone()[0])
+
+    def top(self, key: bytes) -> int:
+        return int(self.store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchone()[0])
+
+    def close(self) -> None:
+        self.store.close()
+
+
 @pytest.fixture
 def carried(tmp_path):
     made: list[Carried] = []
 
     def make(name: str = "s.db", **kw) -> Carried:
         made.append(Carried(tmp_path / name, **kw))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture(params=[Carried, Logged], ids=["carried by the bus", "logged by the store"])
+def marks_log(tmp_path, request):
+    """Either place the marks wait to be folded: the embedded bus's file, or the store's own."""
+    made: list = []
+
+    def make(name: str = "s.db"):
+        made.append(request.param(tmp_path / name))
         return made[-1]
 
     yield make
@@ -124,8 +162,8 @@ def test_a_save_or_restore_comes_after_a_pack_the_bus_thread_took_never_between(
         assert taken is not None and taken[5] == 40  # the floor past the last record taken
 
 
-def test_a_restore_reads_the_marks_not_folded_yet(carried):
-    c = carried()
+def test_a_restore_reads_the_marks_not_folded_yet(marks_log):
+    c = marks_log()
     assert c.store.put([row(A, 5), row(B, 5)])
     c.commit((9, A), (7, B))
     c.commit((12, A))
@@ -171,10 +209,10 @@ def test_the_fold_raises_the_rows_passes_the_place_and_never_lowers(carried):
     assert c.store.folded_upto == 1
 
 
-def test_saving_a_row_again_drops_the_older_marks_of_its_peer(carried):
+def test_saving_a_row_again_drops_the_older_marks_of_its_peer(marks_log):
     """A new session of the same peer starts its numbers again: marks of the one before must not
     become its floor."""
-    c = carried()
+    c = marks_log()
     assert c.store.put([row(A, 500)])
     c.commit((900, A), (3, B))
     assert c.store.put([row(A, 2)])  # (a new handshake, saved at its first record)
@@ -202,12 +240,12 @@ def test_the_bus_deletes_what_the_store_read_but_never_its_newest_row(carried):
     assert taken is not None and taken[5] == 5
 
 
-def test_a_new_process_folds_what_a_stopped_one_left(carried, tmp_path):
-    first = carried()
+def test_a_new_process_folds_what_a_stopped_one_left(marks_log, tmp_path):
+    first = marks_log()
     assert first.store.put([row(A, 1)])
     first.commit((40, A))
     first.close()  # (it stops before its store folded)
-    again = Carried(tmp_path / "s.db")
+    again = type(first)(tmp_path / "s.db")
     try:
         assert again.unread() == 0 and again.top(A) == 40
     finally:
@@ -348,10 +386,10 @@ def test_a_row_that_is_no_pack_is_passed_over_and_the_marks_beside_it_folded(car
     assert (c.top(A), c.top(B)) == (3, 5) and c.unread() == 0 and c.store.errors == 0
 
 
-def test_the_store_folds_step_by_step(carried):
+def test_the_store_folds_step_by_step(marks_log):
     """A long log (a process that stopped with many packs unread) is folded FOLD_STEP packs a
     transaction, every one of them."""
-    c = carried()
+    c = marks_log()
     assert c.store.put([row(A, 0)])
     for top in range(1, 2 * FOLD_STEP + 4):
         c.commit((top, A))
@@ -378,3 +416,45 @@ def test_the_stores_write_transactions_never_lock_the_bus_file(carried):
         store.db.execute("ROLLBACK")
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         store.db.execute("DELETE FROM bus.carried")
+
+
+def test_the_stores_own_log_is_a_committed_pack_a_batch_and_a_fold_deletes_what_it_read(tmp_path):
+    """(a sink that cannot carry them: Kafka) each pack is committed at once -- another connection
+    sees it before the batch's readings would be submitted -- and a fold raises the rows and
+    deletes the packs it read, raising nothing twice; a row that is no pack is passed over."""
+    c = Logged(tmp_path / "s.db")
+    assert c.store.put([row(A, 20), row(B, 5)])
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    c.commit((9, A), (7, B), (6, B), (3, b"no-such-session"))
+    assert other.execute("SELECT count(*) FROM rx_packs").fetchone() == (1,)
+    c.store.db.execute("INSERT INTO rx_packs (blob) VALUES (?)", (b"\x07not-a-pack",))
+    c.commit((30, A))
+    c.store.fold_marks()
+    assert (c.top(A), c.top(B)) == (30, 7) and c.unread() == 0 and c.store.errors == 0
+    other.close()
+    c.close()
+
+
+def test_marks_logged_by_a_run_on_kafka_are_folded_by_a_run_on_the_embedded_bus(tmp_path):
+    """A process on Kafka stopped with packs in the store's own log; the next, on the embedded
+    bus, reads the bus's packs from then on -- and folds those first, or a restore would miss
+    them."""
+    first = Logged(tmp_path / "s.db")
+    assert first.store.put([row(A, 1)])
+    first.commit((40, A))
+    first.close()
+    again = Carried(tmp_path / "s.db")
+    try:
+        assert again.top(A) == 40
+        assert again.store.db.execute("SELECT count(*) FROM rx_packs").fetchone()[0] == 0
+    finally:
+        again.close()
+
+
+def test_marks_are_logged_or_carried_in_one_place():
+    store = SessionStore(":memory:")
+    store.log_marks_here()
+    with pytest.raises(RuntimeError):
+        store.log_marks_here()
+    with pytest.raises(RuntimeError):
+        store.read_marks_from(Path(":memory:"), contextlib.nullcontext())

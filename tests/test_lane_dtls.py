@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import cbor2
 import pytest
@@ -541,6 +542,52 @@ def test_the_record_numbers_of_a_saved_session_are_in_the_store_before_its_readi
     key = srv.layer._key_of(conn)
     assert store.take(key)[5] == conn.window.top  # (the row's rx_top: what a restore refuses up to)
 
+
+
+def test_without_a_sink_that_carries_them_the_marks_are_a_pack_a_batch_committed_before_the_readings(coaps, tmp_path):
+    """(Kafka: a sink with no `carry`) `carry_marks` has the lane's marks logged in the store's own
+    file: one pack a batch of datagrams -- one INSERT, not an UPDATE per session -- committed
+    before the batch's readings reach the sink; a process that dies before any fold leaves them
+    there, and the next one's restore refuses the records they mark."""
+    where = tmp_path / "sessions.db"
+    store = SessionStore(where)
+    srv = coaps(store=store)
+    assert not srv.layer.carry_marks(SimpleNamespace())  # (False: logged, not carried)
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    assert srv.layer._save([conn], srv.now, checkpoint=True) == 1
+    events = []
+    log_pack, submit, mark = store.log_pack, srv.sink.submit_many, store.mark
+
+    def logging(pack):
+        events.append(("log", [top for top, _, _ in fold_packs([pack])]))
+        return log_pack(pack)
+
+    def submitting(records, done, ctxs):
+        events.append(("submit", len(records)))
+        return submit(records, done, ctxs)
+
+    def marking(marks):
+        events.append(("mark", marks))
+        return mark(marks)
+
+    store.log_pack, srv.sink.submit_many, store.mark = logging, submitting, marking
+    captured = [dev.post(reading(mid)) for mid in (1, 2)]
+    srv.pump()
+    assert events == [("log", [conn.window.top]), ("submit", 2)]
+    srv.commit()
+    assert len(srv.stored()) == 2 and len(dev.answers()) == 2
+    srv.sock.close()  # the process dies before any fold: the packs are all it left
+    again = coaps(store=SessionStore(where))
+    again.layer.carry_marks(SimpleNamespace())
+    dev.server = again.address
+    for record in captured:
+        dev.send(record)
+        again.pump()
+    again.commit()
+    assert again.stored() == [] and dev.answers() == []
+    assert again.count("corem_dtls_records_replayed") == 2 and again.layer.stats.restored == 1
 
 
 def _unread_packs(store: SessionStore) -> list[bytes]:

@@ -45,6 +45,7 @@ import trio
 
 from ..logs import fields
 from ..stats import Histogram, Measurement, counter, gauge
+from ..wal import Checkpointer
 from .base import LATENCY_BUCKETS, AnyRecord, Done, Record, Sink
 
 try:
@@ -378,6 +379,9 @@ class KafkaSink(Sink):
         self._closing = False
         self._wake = trio.Event()
         self._stopped = trio.Event()
+        #: SQLite files written beside this bus (the DTLS session store's log of the lane's record
+        #: marks, dtls/layer.py `carry_marks`), their WAL copied off the event loop (corem/wal.py)
+        self.checkpointer = Checkpointer()
 
     # -- called on the event loop ------------------------------------------------------------
     def submit_many(self, records: Sequence[AnyRecord], done: Done, ctxs: list[Any]) -> int:
@@ -406,6 +410,14 @@ class KafkaSink(Sink):
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Start the producer and its reporting thread; serve until `close()` has drained it."""
+        async with trio.open_nursery() as background:
+            background.start_soon(self.checkpointer.run)
+            try:
+                await self._run(task_status)
+            finally:
+                background.cancel_scope.cancel()
+
+    async def _run(self, task_status: trio.TaskStatus) -> None:
         self._start_producer()
         self._token = trio.lowlevel.current_trio_token()
         self._reporting = True

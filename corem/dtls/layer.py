@@ -45,7 +45,7 @@ from ..datafiles import STATE_KEY_FILE
 from ..registry import Device, credentials, same_credentials
 from ..logs import Every
 from ..stats import Sample, counter, fields, gauge
-from ..wal import defer_checkpoints
+from ..wal import WRITER_BACKSTOP, Checkpointer, defer_checkpoints
 from .engine.certs import chain_verifier
 from .engine.connection import ESTABLISHED, Connection
 from .engine.engine import Engine, EngineParams, EngineStats
@@ -55,7 +55,7 @@ from .keyset import KeySet
 from .params import (DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, corem_suites, has_cookie, registered,
                      registry_device)
 from .slots import HandshakeSlots
-from .store import FOLD_EVERY, Row, SessionStore, peer_key
+from .store import FOLD_EVERY, Row, SessionStore, pack_marks, peer_key
 
 log = logging.getLogger("corem.dtls")
 
@@ -314,6 +314,8 @@ class EngineServer:
         self._lane_secret = b""  # (the cookie secret the lane was last given)
         #: the lane's marks of readings are carried by the embedded bus in each commit (`carry_marks`)
         self._marks_carried = False
+        #: or, the sink unable to carry them (Kafka), logged in the store's own file, a pack a batch
+        self._marks_logged = False
         self._packs_carried = 0  # (since the store last folded them)
 
     def with_credentials(self, params: DtlsParams, client_auth: str | None = None) -> EngineParams:
@@ -464,8 +466,11 @@ class EngineServer:
         the endpoint -- with `carry_marks`, by the sink in the commit that makes them durable; the sessions
         seen (`conns`, each at most once a second: idle offload and expiry, checkpoints)."""
         self._now = now
-        if marks_due and not (readings_only and self._marks_carried) and self._lane is not None:
-            self._write_marks(self._lane.take_marks())
+        if marks_due and self._lane is not None:
+            if self._marks_logged:
+                self._log_pack(self._lane.take_marks_packed)
+            elif not (readings_only and self._marks_carried):
+                self._write_marks(self._lane.take_marks())
         if self._packs_carried >= FOLD_EVERY:  # (the bus carried them: read into the sessions)
             self._packs_carried = 0
             self.store.fold_marks()
@@ -622,7 +627,7 @@ class EngineServer:
         session's floor (a restore would refuse its records).  Written now, they raise the row
         before, which this one replaces.  (A pack the bus took in its worker thread is committed
         before the store's save begins: the save waits for the bus's `carry_lock`, store.py.)"""
-        if rows and self._marks_carried and self._lane is not None:
+        if rows and (self._marks_carried or self._marks_logged) and self._lane is not None:
             self._write_marks(self._lane.take_marks())
         return self.store.put(rows)
 
@@ -812,18 +817,32 @@ class EngineServer:
         transaction on the event loop per batch of datagrams: a reading is durable only with the
         numbers of the records that carried it (so a restore refuses them, as issue 26 requires),
         and they are coalesced (the highest number per session per bus commit).  This store reads
-        them from the bus's file (`read_marks_from`).  Not for a shared store (other nodes restore
-        from it at any time, not reading this node's bus) nor an in-memory one, nor a sink that
-        cannot carry (Kafka: records go out as they come): False then, and marks are written at
-        once as before.  Records that are not readings (anything the lane hands on) are marked at
-        once in any case: their effects do not wait for the sink."""
+        them from the bus's file (`read_marks_from`).  Records that are not readings (anything the
+        lane hands on) are marked at once in any case: their effects do not wait for the sink.
+        A sink that cannot carry (Kafka: a record is durable when the brokers say so) has them
+        logged in the store's own file instead, a pack a batch committed before the batch's
+        readings are submitted (store.py `log_marks_here`; False then).  Neither for a shared
+        store (other nodes restore from it at any time, and each node's marks raise only its own
+        rows at once: `mark_held`) nor an in-memory one: False, and marks are written at once."""
         where = self.store.db.where
+        if self.store.shared or self._marks_carried or self._marks_logged or str(where) == ":memory:":
+            return False
         carry = getattr(sink, "carry", None)
-        if self.store.shared or self._marks_carried or str(where) == ":memory:" or carry is None:
+        # (the store's WAL copied off the event loop's commits, by the sink's checkpointer)
+        checkpointer: Checkpointer | None = getattr(sink, "checkpointer", None)
+        if carry is None:
+            before_commit = None
+            if checkpointer is not None:  # (a pack a batch: the writer starts the log again itself)
+                checkpointer.watch(Path(where))
+                before_commit = functools.partial(checkpointer.before_commit, self.store.db, Path(where))
+                defer_checkpoints(self.store.db, WRITER_BACKSTOP)
+            self.store.log_marks_here(before_commit)
+            self._marks_logged = True
             return False
         carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)
         self.store.read_marks_from(sink.path, sink.carry_lock)
-        sink.checkpointer.watch(Path(where))  # (the store's WAL copied off the event loop's saves)
+        if checkpointer is not None:
+            checkpointer.watch(Path(where))
         defer_checkpoints(self.store.db)
         self._marks_carried = True
         return True
@@ -834,6 +853,9 @@ class EngineServer:
         the row) or ended there: its copy here ends now (`_taken_elsewhere`), so that one session
         is never live on two nodes -- each taking records the other would take again."""
         if not marks:
+            return
+        if self._marks_logged:
+            self._log_pack(lambda: pack_marks(marks))
             return
         if not self.store.shared:
             if not self.store.mark(marks):
@@ -859,6 +881,20 @@ class EngineServer:
                 # restore it: the device's next records here, after MISS_TTL, may take it back)
                 self._missed[s.key] = self._now + MISS_TTL
                 self.stats.sessions_taken_elsewhere += 1
+
+    def _log_pack(self, take: Callable[[], bytes]) -> None:
+        """(`_marks_logged`) The pack `take` makes, committed to the store's own log at once."""
+        try:
+            pack = take()
+        except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; the batch goes on)
+            self.stats.marks_failed += 1
+            return
+        if not pack:
+            return
+        if self.store.log_pack(pack):
+            self._packs_carried += 1
+        else:
+            self.stats.marks_failed += 1
 
     def _carried_marks(self) -> bytes:
         """(the bus, in a batch's transaction: on the event loop or in its worker thread) the lane's

@@ -68,6 +68,13 @@ Row = tuple[bytes, bytes, str, str, float, int]
 MARKS_PACK = "CREATE TABLE IF NOT EXISTS rx_pack (marks BLOB NOT NULL)"
 #: how far this store has read the bus's `carried` rows (one row)
 RX_FOLDED = "CREATE TABLE IF NOT EXISTS rx_folded (upto INTEGER NOT NULL)"
+#: (one node's store whose sink cannot carry the marks -- Kafka: a record is durable when the
+#: brokers say so, in no transaction of corem's) the lane's packs in this store's own file instead,
+#: a row a batch of datagrams, each an INSERT committed before that batch's readings are submitted
+#: (`log_pack`); a fold reads the oldest and deletes them in its own transaction, so every row
+#: here is a pack not folded yet (no place to keep).  One INSERT a batch: the UPDATE of every
+#: session the batch touched, in one commit (`mark`), cost the CoAPS lane on Kafka ~2 us a reading.
+OWN_PACKS = "CREATE TABLE IF NOT EXISTS rx_packs (n INTEGER PRIMARY KEY, blob BLOB NOT NULL)"
 _FOLD_ROWS = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log GROUP BY peer) "
               "AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
 _RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
@@ -102,6 +109,12 @@ def _rx_carried(db: Db) -> None:
         db.execute("DROP TABLE rx_pack")
         db.execute(RX_FOLDED)
         db.execute("INSERT INTO rx_folded (upto) VALUES (0)")
+
+
+def _rx_packs(db: Db) -> None:
+    """Migration 6: this store's own log of packs, for a sink that cannot carry them (`OWN_PACKS`)."""
+    if not db.shared:
+        db.execute(OWN_PACKS)
 
 
 def pack_marks(marks: list[tuple[int, bytes]]) -> bytes:
@@ -152,6 +165,18 @@ def _fold(db: Db, limit: int | None = None) -> int | None:
     db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
     db.execute("UPDATE rx_folded SET upto = ?", (packs[-1][0],))
     return int(packs[-1][0])
+
+
+def _fold_own(db: Db, limit: int | None = None) -> bool:
+    """(in the caller's write transaction) Fold the oldest `limit` packs of this store's own log
+    (all: None) into the sessions' rx_top and delete them; False if there was none."""
+    packs = db.execute("SELECT n, typeof(blob) = 'blob', blob FROM rx_packs ORDER BY n"
+                       + (f" LIMIT {limit}" if limit else "")).fetchall()
+    if not packs:
+        return False
+    db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
+    db.execute("DELETE FROM rx_packs WHERE n <= ?", (packs[-1][0],))
+    return True
 
 
 def _fold_readable(packs: list[bytes]) -> list[tuple[int, bytes, int]]:
@@ -306,7 +331,8 @@ class SessionStore:
         self.db.schema(SCHEMA.replace("sessions", self.table))
         self.db.migrate("dtls_sessions", (add_columns(self.table, (RX_TOP,)),  # 1: rx_top, from before versions
                                           _rx_log, _rx_pack, _rx_carried,
-                                          add_columns(self.table, (OWNER,))))  # 5: owner (`mark_held`)
+                                          add_columns(self.table, (OWNER,)),  # 5: owner (`mark_held`)
+                                          _rx_packs))
         #: this process, in the rows it saves to a shared store (a node's workers are processes too)
         self.owner = os.urandom(8)
         self.errors = 0  # writes the disk (or the database) refused
@@ -315,6 +341,11 @@ class SessionStore:
         #: the bus's marks read (`read_marks_from`): its `carried` rows below this are folded
         self.marks_attached = False
         self.folded_upto = 0
+        #: the lane's packs are logged in this store's own file (`log_marks_here`: its sink cannot
+        #: carry them), folded from there
+        self.marks_logged = False
+        #: called before each pack's commit (`log_marks_here`: the checkpointer's `before_commit`)
+        self._before_log: Callable[[], None] | None = None
         #: held by the bus from its take of a pack to its commit (`read_marks_from`'s `carrying`):
         #: a save or a restore waits for it, so it folds every mark taken before it (found in
         #: review: in a worker thread a pack taken, not yet committed, came after a new session's
@@ -338,7 +369,7 @@ class SessionStore:
                 self._run("BEGIN" if self.shared else "BEGIN IMMEDIATE")
                 # (folded first: the rows say the sessions' tops now, and older marks of their peers
                 # would only lag, or, a new session's, be a previous one's)
-                upto = _fold(self.db) if self.marks_attached else None
+                _more, upto = self._fold_some()
                 if self.shared:
                     self.db.executemany(_UPSERT_OWNED.format(t=self.table), [(*row, self.owner) for row in rows])
                 else:
@@ -387,7 +418,7 @@ class SessionStore:
             with self._carrying:  # (not between the bus's take of a pack and its commit)
                 self._run("BEGIN IMMEDIATE")  # (another process's fold is before or after, not between)
                 # (the marks not folded yet: a later session of the peer starts again)
-                upto = _fold(self.db) if self.marks_attached else None
+                _more, upto = self._fold_some()
                 row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
                 self._run("COMMIT")
         except self.db.Error as e:
@@ -400,10 +431,9 @@ class SessionStore:
         self._failed(e)
         try:
             row = self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone()
-            logged = [] if not self.marks_attached else [
-                top for top, k, _ in _fold_readable([m for (m,) in self._run(
-                    "SELECT blob FROM bus.carried WHERE n > (SELECT upto FROM rx_folded) AND typeof(blob) = 'blob'")])
-                if k == key]
+            pending = self._pending_packs()
+            logged = [] if pending is None else [
+                top for top, k, _ in _fold_readable([m for (m,) in self._run(pending)]) if k == key]
         except self.db.Error:
             return None
         if row is not None:
@@ -417,7 +447,7 @@ class SessionStore:
         another than the one read before (made anew, or put back): all its rows are read.
         `carrying`: the bus's `carry_lock`, which saves and restores take from now on (required:
         without it the race it closes comes back unseen)."""
-        if self.shared or self.marks_attached:
+        if self.shared or self.marks_attached or self.marks_logged:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
         self._carrying = carrying
         if str(bus) == ":memory:":  # (a bus of its own in memory, which no other process writes: the fuzz
@@ -440,6 +470,7 @@ class SessionStore:
                             "(a new or restored bus file): all of them are read", newest, upto)
                 self._run("UPDATE rx_folded SET upto = 0")
                 upto = 0
+            _fold_own(self.db)  # (what a run whose sink did not carry them logged here)
             self._run("COMMIT")
         except BaseException:
             self.db.rollback()
@@ -447,20 +478,60 @@ class SessionStore:
         self.folded_upto = int(upto)
         self.fold_marks()
 
+    def log_marks_here(self, before_commit: Callable[[], None] | None = None) -> None:
+        """(one node's store) The lane's packs are logged in this store's own file from now on
+        (`log_pack`: its sink cannot carry them); what a process that stopped left here is folded
+        now.  `before_commit`: called before each pack's commit (the WAL checkpointer's)."""
+        if self.shared or self.marks_attached or self.marks_logged:
+            raise RuntimeError("dtls session store: marks are logged in one place, by one node's store")
+        self.marks_logged = True
+        self._before_log = before_commit
+        self.fold_marks()
+
+    def log_pack(self, pack: bytes) -> bool:
+        """Commit one pack of the lane's marks here (`log_marks_here`), before the readings of the
+        records it marks are submitted; False if the disk refused (the caller counts it)."""
+        try:
+            if self._before_log is not None:
+                self._before_log()
+            self._run("INSERT INTO rx_packs (blob) VALUES (?)", (pack,))
+        except self.db.Error as e:
+            self._failed(e)
+            return False
+        return True
+
     def fold_marks(self) -> None:
-        """Fold the bus's packs past this store's place, FOLD_STEP a transaction (a failed fold is
-        counted; the packs wait for the next one)."""
-        while self.marks_attached:
+        """Fold the packs not folded yet -- the bus's past this store's place, or this store's own
+        log -- FOLD_STEP a transaction (a failed fold is counted; the packs wait for the next one)."""
+        while self.marks_attached or self.marks_logged:
             try:
                 self._run("BEGIN IMMEDIATE")
-                upto = _fold(self.db, FOLD_STEP)
+                more, upto = self._fold_some(FOLD_STEP)
                 self._run("COMMIT")
             except self.db.Error as e:
                 self._failed(e)
                 return
             self._folded(upto)
-            if upto is None:
+            if not more:
                 return
+
+    def _fold_some(self, limit: int | None = None) -> tuple[bool, int | None]:
+        """(in a write transaction) Fold the oldest `limit` packs not folded yet (all: None):
+        whether there were any, and the bus's new place (None: none, or not the bus's)."""
+        if self.marks_attached:
+            upto = _fold(self.db, limit)
+            return upto is not None, upto
+        if self.marks_logged:
+            return _fold_own(self.db, limit), None
+        return False, None
+
+    def _pending_packs(self) -> str | None:
+        """The query of the packs not folded yet (None: no marks are carried nor logged)."""
+        if self.marks_attached:
+            return "SELECT blob FROM bus.carried WHERE n > (SELECT upto FROM rx_folded) AND typeof(blob) = 'blob'"
+        if self.marks_logged:
+            return "SELECT blob FROM rx_packs WHERE typeof(blob) = 'blob'"
+        return None
 
     def _folded(self, upto: int | None) -> None:
         """(a fold committed) the bus may delete its rows below `upto`."""
