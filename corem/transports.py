@@ -248,7 +248,9 @@ class Transports:
             if engine.offloaded:
                 log.info("%d DTLS sessions waiting in %s from before", len(engine.offloaded), datadir.SESSIONS_FILE)
             # the marks of the lane's readings written by the embedded bus just before it commits them
-            engine.carry_marks(self.sink)
+            # (on Kafka, logged in the store's own file: what a run on the embedded bus left unread
+            # in the data dir's bus file is folded first)
+            engine.carry_marks(self.sink, bus=datadir.bus_path(s))
             directory.listen(engine.revoke)  # (a device removed, or its credentials changed: its sessions end)
             return engine
         # python-mbedtls's engine (optional, deprecated: Mbed TLS 2.28 is out of support), imported

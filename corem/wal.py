@@ -7,7 +7,8 @@ database first (measured here: 3-4 ms each).  Every reading waiting for that com
 9-11 ms at a p50 of 1.3 ms (issue 28, "the tail").
 
 So the group-commit writers (the embedded bus, and the DTLS record marks written in its worker
-thread) hand the copying to a `Checkpointer`: its own connection, in a thread of its own, a
+thread; on Kafka, the DTLS session store's log of those marks, a commit a batch on the event
+loop, whose sink's checkpointer it is) hand the copying to a `Checkpointer`: its own connection, in a thread of its own, a
 PASSIVE checkpoint every BUSY_INTERVAL while there is something to copy (INTERVAL otherwise;
 writers go on while it copies and syncs), and an fsync of the database file every
 SYNC_INTERVAL.  Small passes, because a pass's copying preempts the event loop where the two
@@ -154,7 +155,9 @@ class Checkpointer:
     def before_commit(self, conn: Executes, path: Path) -> None:
         """From `path`'s writer, in its thread, before a commit: complete the checkpoint if a
         pass found the log past RESTART, so that this commit starts the log again (see the
-        module docstring).  Nothing is appended meanwhile: the writer is the one appending."""
+        module docstring).  Nothing is appended meanwhile: the writer is the one appending (with
+        `--workers`, one of several: the log then starts again only when the others' commits
+        leave it a moment, and WRITER_BACKSTOP bounds it meanwhile, as for a shared bus)."""
         if path not in self._due:
             return
         self._due.discard(path)

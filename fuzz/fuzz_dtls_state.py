@@ -199,7 +199,8 @@ def layer(fdp: atheris.FuzzedDataProvider) -> None:
 
 
 def marks(fdp: atheris.FuzzedDataProvider) -> None:
-    """Rows of the session store's marks log (packs the bus carries: bus/sqlite.py `carry`), genuine, mutated or
+    """Rows of the session store's marks log (packs the bus carries: bus/sqlite.py `carry`, or the
+    store's own log of them), genuine, mutated or
     arbitrary, folded by the lane's C `fold_marks` and by its Python twin, and by the store's fold
     and its restore."""
     genuine = [pack_marks([(fdp.ConsumeIntInRange(-1, 2**63 - 1), fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 20)))
@@ -219,14 +220,18 @@ def marks(fdp: atheris.FuzzedDataProvider) -> None:
     else:
         assert fold_packs(rows) == want
     store = SessionStore()
-    store.read_marks_from(Path(":memory:"), threading.Lock())  # (the bus that carries the packs: in memory)
+    if fdp.ConsumeBool():  # the packs the bus carries (in memory here)
+        store.read_marks_from(Path(":memory:"), threading.Lock())
+        table, unread = "bus.carried", "SELECT count(*) FROM bus.carried WHERE n > (SELECT upto FROM rx_folded)"
+    else:  # the store's own log of them (a sink that cannot carry them: Kafka)
+        store.log_marks_here()
+        table, unread = "rx_packs", "SELECT count(*) FROM rx_packs"
     store.put([(CONTEXT, b"row", "t", "device-1", 0.0, 0)])
     for row in rows:
-        store.db.execute("INSERT INTO bus.carried (blob) VALUES (?)", (row,))
+        store.db.execute(f"INSERT INTO {table} (blob) VALUES (?)", (row,))
     if fdp.ConsumeBool():  # (a row that is no blob at all: TEXT stays TEXT in SQLite)
-        store.db.execute("INSERT INTO bus.carried (blob) VALUES (?)", (fdp.ConsumeUnicodeNoSurrogates(20),))
+        store.db.execute(f"INSERT INTO {table} (blob) VALUES (?)", (fdp.ConsumeUnicodeNoSurrogates(20),))
     taken = store.take(CONTEXT)  # (folds first, whatever the rows: never an exception)
-    unread = "SELECT count(*) FROM bus.carried WHERE n > (SELECT upto FROM rx_folded)"
     assert taken is not None and taken[5] >= 0 and store.db.execute(unread).fetchone()[0] == 0
 
 

@@ -68,12 +68,17 @@ class DtlsUdpClient:
 
     def exchange(self, data: bytes, timeout: float = 30.0) -> Message:
         """A CON message (already encoded) over the session, retransmitted every second until the
-        ACK with its message ID comes."""
+        ACK with its message ID comes: the answer, piggybacked -- or, after an empty ACK (a server
+        whose bus took longer than its piggyback timeout), the separate answer with the request's
+        token, acknowledged if confirmable."""
         self.mid = data[2] << 8 | data[3]
+        token = decode(data).token
+        acked = False  # (an empty ACK came: no more retransmissions, the answer follows)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.buf.write(data)
-            self._flush()
+            if not acked:
+                self.buf.write(data)
+                self._flush()
             end = time.monotonic() + 1.0
             while time.monotonic() < end:
                 try:
@@ -84,6 +89,13 @@ class DtlsUdpClient:
                 except TLSError as e:
                     raise AssertionError(f"DTLS error: {e}") from None
                 if reply.mid == self.mid and reply.type == Type.ACK:
+                    if reply.code != 0:
+                        return reply
+                    acked = True
+                elif acked and reply.token == token and reply.type in (Type.CON, Type.NON):
+                    if reply.type == Type.CON:
+                        self.buf.write(encode(Message(Type.ACK, 0, reply.mid, b"", [], b"")))
+                        self._flush()
                     return reply
         raise TimeoutError("no answer")
 

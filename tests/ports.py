@@ -112,7 +112,9 @@ def remove_stale_balancers(nft: str | None) -> list[str]:
     and say which.  Such a table DNATs every datagram to its virtual port -- free again, so the
     next server to bind it there -- to nodes long dead: found when a CI run's client met "ICMP:
     Connection refused" from a server that was listening (a table left at 35969 since a run of
-    test_nodes was killed).  A live process's table is its test's own."""
+    test_nodes was killed).  A live process's table is its test's own.  (The pid is looked for in
+    this process's pid namespace: runs in containers sharing one network namespace but not their
+    pids would take each other's tables for stale -- as root, where nft runs at all.)"""
     if nft is None:
         return []
     listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True)

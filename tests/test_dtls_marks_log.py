@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from corem.bus import EmbeddedBus, Record
 from corem.dtls.store import FOLD_STEP, RX_TOP, SCHEMA, SessionStore, _fold_packs, _rx_log, _rx_pack
+from corem.dtls import store as store_module
 from corem.dtls.store import pack_marks
 from corem.registry.db import Db, add_columns
 
@@ -386,15 +387,24 @@ def test_a_row_that_is_no_pack_is_passed_over_and_the_marks_beside_it_folded(car
     assert (c.top(A), c.top(B)) == (3, 5) and c.unread() == 0 and c.store.errors == 0
 
 
-def test_the_store_folds_step_by_step(marks_log):
+def test_the_store_folds_step_by_step(marks_log, monkeypatch):
     """A long log (a process that stopped with many packs unread) is folded FOLD_STEP packs a
     transaction, every one of them."""
     c = marks_log()
     assert c.store.put([row(A, 0)])
     for top in range(1, 2 * FOLD_STEP + 4):
         c.commit((top, A))
+    fold = store_module._fold if isinstance(c, Carried) else store_module._fold_own
+    steps = []
+
+    def step(db, limit=None):
+        steps.append((limit, db.in_transaction))
+        return fold(db, limit)
+
+    monkeypatch.setattr(store_module, fold.__name__, step)
     c.store.fold_marks()
     assert c.unread() == 0 and c.top(A) == 2 * FOLD_STEP + 3
+    assert steps == [(FOLD_STEP, True)] * 3  # (256, 256, then 3: fewer than a step, the last)
 
 
 def test_the_stores_write_transactions_never_lock_the_bus_file(carried):
@@ -458,3 +468,72 @@ def test_marks_are_logged_or_carried_in_one_place():
         store.log_marks_here()
     with pytest.raises(RuntimeError):
         store.read_marks_from(Path(":memory:"), contextlib.nullcontext())
+
+
+def test_marks_a_run_on_the_embedded_bus_left_unread_are_folded_by_a_run_on_kafka_and_never_again(tmp_path):
+    """embedded bus -> Kafka -> embedded bus, each run stopping before its store folded: the Kafka
+    run folds what the bus carried unread (or its restore would take records already durable
+    again), and moves the place past it (or the next run on the bus would fold those old marks
+    onto a new session of their peer, and refuse its records)."""
+    first = Carried(tmp_path / "s.db")
+    assert first.store.put([row(A, 5)])
+    first.commit((900, A))
+    first.close()
+    second = SessionStore(tmp_path / "s.db")
+    second.log_marks_here(bus=tmp_path / "bus.db")
+    assert second.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (A,)).fetchone() == (900,)
+    assert second.put([row(A, 2)])  # (a new session at A, saved at its first record)
+    second.close()
+    third = Carried(tmp_path / "s.db")
+    try:
+        assert third.top(A) == 2 and third.unread() == 0
+    finally:
+        third.close()
+
+
+def test_a_bus_file_without_marks_is_no_error_for_a_run_on_kafka(tmp_path):
+    bus = EmbeddedBus(tmp_path / "bus.db", synchronous="NORMAL")  # (made before it carried anything)
+    bus.open()
+    bus._conn.execute("DROP TABLE carried")
+    bus.close_sync()
+    store = SessionStore(tmp_path / "s.db")
+    store.log_marks_here(bus=tmp_path / "bus.db")
+    assert store.errors == 0 and store.last_error is None and store.marks_logged
+    store.close()
+
+
+def test_a_pack_the_disk_refused_is_written_with_the_next_and_readiness_comes_back(tmp_path):
+    """The pack of a batch whose INSERT failed (a full disk) is kept, coalesced -- each key's
+    highest mark -- and written with the next pack; the store's error is cleared once a pack is
+    written again (/readyz)."""
+    c = Logged(tmp_path / "s.db")
+    assert c.store.put([row(A, 0), row(B, 0)])
+    db = c.store.db
+    c.store.db = _Refusing(db)
+    assert not c.store.log_pack(pack_marks([(7, A), (3, B)]))
+    assert not c.store.log_pack(pack_marks([(9, A)]))
+    assert c.store.last_error is not None and c.unread() == 0
+    c.store.db = db
+    assert c.store.log_pack(pack_marks([(4, B)]))
+    assert c.store.last_error is None and c.unread() == 1
+    [(pack,)] = db.execute("SELECT blob FROM rx_packs").fetchall()
+    assert sorted((t, k) for t, k, _ in _fold_packs([bytes(pack)])) == [(4, B), (9, A)]
+    c.store.fold_marks()
+    assert (c.top(A), c.top(B)) == (9, 4)
+    c.close()
+
+
+class _Refusing:
+    """The store's `Db` whose INSERTs fail as on a full disk."""
+
+    def __init__(self, db) -> None:
+        self._db = db
+        self.Error = db.Error
+
+    def execute(self, sql, args=()):
+        if sql.startswith("INSERT"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)

@@ -34,6 +34,7 @@ from corem.ingest.point import decode_point
 from corem.ingest.telemetry import TelemetryIngest
 from corem.metrics import gather
 from corem.net.udp import UdpEdge
+from corem.wal import WRITER_BACKSTOP, Checkpointer
 from corem.registry import Directory, Registry
 
 from .conftest import SPEC_IDENTITY, SPEC_KEY, coap_client, start_corem, write_cbor
@@ -548,11 +549,16 @@ def test_without_a_sink_that_carries_them_the_marks_are_a_pack_a_batch_committed
     """(Kafka: a sink with no `carry`) `carry_marks` has the lane's marks logged in the store's own
     file: one pack a batch of datagrams -- one INSERT, not an UPDATE per session -- committed
     before the batch's readings reach the sink; a process that dies before any fold leaves them
-    there, and the next one's restore refuses the records they mark."""
+    there, and the next one's restore refuses the records they mark.  The sink's checkpointer
+    copies the store's WAL, and the store starts the log again itself when a pass asks (a commit a
+    batch: its own automatic checkpoint is only a far bound)."""
     where = tmp_path / "sessions.db"
     store = SessionStore(where)
     srv = coaps(store=store)
-    assert not srv.layer.carry_marks(SimpleNamespace())  # (False: logged, not carried)
+    checkpointer = Checkpointer()
+    assert not srv.layer.carry_marks(SimpleNamespace(checkpointer=checkpointer))  # (False: logged, not carried)
+    assert [path for path, _ in checkpointer._files] == [where]
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (WRITER_BACKSTOP,)
     dev = Device(srv.address)
     srv.handshake(dev)
     conn = srv.layer.sessions[dev.address]
@@ -578,6 +584,12 @@ def test_without_a_sink_that_carries_them_the_marks_are_a_pack_a_batch_committed
     assert events == [("log", [conn.window.top]), ("submit", 2)]
     srv.commit()
     assert len(srv.stored()) == 2 and len(dev.answers()) == 2
+    checkpointer._due.add(where)  # (a pass found the log past RESTART)
+    captured.append(dev.post(reading(3)))
+    srv.pump()
+    assert checkpointer.restarts == 1 and not checkpointer.restart_due(where)
+    srv.commit()
+    assert len(srv.stored()) == 1 and len(dev.answers()) == 1
     srv.sock.close()  # the process dies before any fold: the packs are all it left
     again = coaps(store=SessionStore(where))
     again.layer.carry_marks(SimpleNamespace())
@@ -587,7 +599,7 @@ def test_without_a_sink_that_carries_them_the_marks_are_a_pack_a_batch_committed
         again.pump()
     again.commit()
     assert again.stored() == [] and dev.answers() == []
-    assert again.count("corem_dtls_records_replayed") == 2 and again.layer.stats.restored == 1
+    assert again.count("corem_dtls_records_replayed") == 3 and again.layer.stats.restored == 1
 
 
 def _unread_packs(store: SessionStore) -> list[bytes]:

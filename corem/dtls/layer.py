@@ -461,9 +461,10 @@ class EngineServer:
         """The lane opened `datagrams` records (`nbytes`) in this batch, and answered `hellos` new
         peers' ClientHellos (`hello_bytes` sent): counted as the engine counts what it receives and
         sends; the saved sessions' record numbers (`marks_due` of them: the lane's
-        `take_marks`) written to the store before the batch's readings are submitted (as `settle`),
-        or -- `readings_only`: every record the lane opened was a reading it took, none went on to
-        the endpoint -- with `carry_marks`, by the sink in the commit that makes them durable; the sessions
+        `take_marks`) written to the store before the batch's readings are submitted (as `settle`;
+        logged as one pack, `take_marks_packed`, where the sink cannot carry them), or --
+        `readings_only`: every record the lane opened was a reading it took, none went on to the
+        endpoint -- with `carry_marks`, by the sink in the commit that makes them durable; the sessions
         seen (`conns`, each at most once a second: idle offload and expiry, checkpoints)."""
         self._now = now
         if marks_due and self._lane is not None:
@@ -471,7 +472,7 @@ class EngineServer:
                 self._log_pack(self._lane.take_marks_packed)
             elif not (readings_only and self._marks_carried):
                 self._write_marks(self._lane.take_marks())
-        if self._packs_carried >= FOLD_EVERY:  # (the bus carried them: read into the sessions)
+        if self._packs_carried >= FOLD_EVERY:  # (the bus carried them, or the store logged them: read into the sessions)
             self._packs_carried = 0
             self.store.fold_marks()
         e = self.engine
@@ -621,7 +622,8 @@ class EngineServer:
         return len(rows)
 
     def _put(self, rows: list[Row]) -> bool:
-        """Save these rows, the marks the lane holds for the bus written first: a row replaces the
+        """Save these rows, the marks the lane holds (for the bus, or its last batch's for the
+        store's log) written first: a row replaces the
         one of its key, and without Connection ID a new session at an address has the key of the
         session before it -- whose marks, were they carried after this row, would become the new
         session's floor (a restore would refuse its records).  Written now, they raise the row
@@ -811,7 +813,7 @@ class EngineServer:
         yield gauge("corem_dtls_sessions", len(self.engine.handshakes), state="handshaking")
         yield counter("corem_dtls_session_store_errors", self.store.errors)
 
-    def carry_marks(self, sink: Any) -> bool:
+    def carry_marks(self, sink: Any, bus: Path | None = None) -> bool:
         """Have the marks of the lane's readings carried by the embedded bus `sink` in each batch
         it commits (bus/sqlite.py `carry`: one row in the batch's own transaction), instead of one
         transaction on the event loop per batch of datagrams: a reading is durable only with the
@@ -821,7 +823,8 @@ class EngineServer:
         lane hands on) are marked at once in any case: their effects do not wait for the sink.
         A sink that cannot carry (Kafka: a record is durable when the brokers say so) has them
         logged in the store's own file instead, a pack a batch committed before the batch's
-        readings are submitted (store.py `log_marks_here`; False then).  Neither for a shared
+        readings are submitted (store.py `log_marks_here`, which first folds what the embedded
+        bus file `bus` -- the data dir's, of a run before on it -- carried unread; False then).  Neither for a shared
         store (other nodes restore from it at any time, and each node's marks raise only its own
         rows at once: `mark_held`) nor an in-memory one: False, and marks are written at once."""
         where = self.store.db.where
@@ -836,7 +839,7 @@ class EngineServer:
                 checkpointer.watch(Path(where))
                 before_commit = functools.partial(checkpointer.before_commit, self.store.db, Path(where))
                 defer_checkpoints(self.store.db, WRITER_BACKSTOP)
-            self.store.log_marks_here(before_commit)
+            self.store.log_marks_here(before_commit, bus)
             self._marks_logged = True
             return False
         carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)

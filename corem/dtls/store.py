@@ -151,32 +151,42 @@ def _raised(row: Row | None, logged: list[int]) -> Row | None:
     return (*row[:5], max(logged))
 
 
-def _fold(db: Db, limit: int | None = None) -> int | None:
+def _fold(db: Db, limit: int | None = None) -> tuple[int, int | None]:
     """(in the caller's write transaction, the bus attached) Fold the oldest `limit` packs past
-    the place (all: None) into the sessions' rx_top and move the place past them; the new place
-    (None: no pack to fold)."""
+    the place (all: None) into the sessions' rx_top and move the place past them: how many, and
+    the new place (None: no pack to fold)."""
     (upto,) = db.execute("SELECT upto FROM rx_folded").fetchone()
     sql = "SELECT n, typeof(blob) = 'blob', blob FROM bus.carried WHERE n > ? ORDER BY n" + (
         f" LIMIT {limit}" if limit else "")
     packs = db.execute(sql, (upto,)).fetchall()
     if not packs:
-        return None
+        return 0, None
     # (a row that is no blob -- not the lane's -- is passed over with the rest, unread)
     db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
     db.execute("UPDATE rx_folded SET upto = ?", (packs[-1][0],))
-    return int(packs[-1][0])
+    return len(packs), int(packs[-1][0])
 
 
-def _fold_own(db: Db, limit: int | None = None) -> bool:
+def _fold_own(db: Db, limit: int | None = None) -> int:
     """(in the caller's write transaction) Fold the oldest `limit` packs of this store's own log
-    (all: None) into the sessions' rx_top and delete them; False if there was none."""
+    (all: None) into the sessions' rx_top and delete them: how many."""
     packs = db.execute("SELECT n, typeof(blob) = 'blob', blob FROM rx_packs ORDER BY n"
                        + (f" LIMIT {limit}" if limit else "")).fetchall()
-    if not packs:
-        return False
-    db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
-    db.execute("DELETE FROM rx_packs WHERE n <= ?", (packs[-1][0],))
-    return True
+    if packs:
+        db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
+        db.execute("DELETE FROM rx_packs WHERE n <= ?", (packs[-1][0],))
+    return len(packs)
+
+
+def _fold_own_placeless(db: Db, limit: int | None = None) -> tuple[int, None]:
+    """`_fold_own` as `_fold` answers: how many, and no place (the log has none to keep)."""
+    return _fold_own(db, limit), None
+
+
+def _coalesced(pack: bytes) -> bytes:
+    """One pack of each key's highest mark in `pack` (packs written as one): as long as the
+    sessions it names, however many batches it stood for."""
+    return pack_marks([(top, key) for top, key, _ in fold_packs([pack])])
 
 
 def _fold_readable(packs: list[bytes]) -> list[tuple[int, bytes, int]]:
@@ -346,6 +356,8 @@ class SessionStore:
         self.marks_logged = False
         #: called before each pack's commit (`log_marks_here`: the checkpointer's `before_commit`)
         self._before_log: Callable[[], None] | None = None
+        #: marks whose pack the disk refused, written with the next one (`log_pack`)
+        self._unlogged = b""
         #: held by the bus from its take of a pack to its commit (`read_marks_from`'s `carrying`):
         #: a save or a restore waits for it, so it folds every mark taken before it (found in
         #: review: in a worker thread a pack taken, not yet committed, came after a new session's
@@ -369,7 +381,7 @@ class SessionStore:
                 self._run("BEGIN" if self.shared else "BEGIN IMMEDIATE")
                 # (folded first: the rows say the sessions' tops now, and older marks of their peers
                 # would only lag, or, a new session's, be a previous one's)
-                _more, upto = self._fold_some()
+                _count, upto = self._fold_some()
                 if self.shared:
                     self.db.executemany(_UPSERT_OWNED.format(t=self.table), [(*row, self.owner) for row in rows])
                 else:
@@ -418,7 +430,7 @@ class SessionStore:
             with self._carrying:  # (not between the bus's take of a pack and its commit)
                 self._run("BEGIN IMMEDIATE")  # (another process's fold is before or after, not between)
                 # (the marks not folded yet: a later session of the peer starts again)
-                _more, upto = self._fold_some()
+                _count, upto = self._fold_some()
                 row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
                 self._run("COMMIT")
         except self.db.Error as e:
@@ -446,9 +458,11 @@ class SessionStore:
         now (what a process that stopped left there).  A bus file whose rows end below the place is
         another than the one read before (made anew, or put back): all its rows are read.
         `carrying`: the bus's `carry_lock`, which saves and restores take from now on (required:
-        without it the race it closes comes back unseen)."""
+        without it the race it closes comes back unseen).  What a run on a sink that cannot carry
+        them logged in this store's own file (`log_marks_here`) is folded first."""
         if self.shared or self.marks_attached or self.marks_logged:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
+        self._fold_steps(_fold_own_placeless)  # (what a run on a sink that cannot carry them logged here)
         self._carrying = carrying
         if str(bus) == ":memory:":  # (a bus of its own in memory, which no other process writes: the fuzz
             # target writes its rows through this connection, thousands of runs with no disk I/O)
@@ -461,6 +475,12 @@ class SessionStore:
             # process's bus commits
             self.db.attach_read_only(bus, "bus")
         self.marks_attached = True
+        self.folded_upto = self._place_in_bus()
+        self.fold_marks()
+
+    def _place_in_bus(self) -> int:
+        """(the bus attached) This store's place in its `carried` rows: a bus file whose rows end
+        below it is another than the one read before (made anew, or put back), read whole."""
         self._run("BEGIN IMMEDIATE")
         try:
             (newest,) = self._run("SELECT coalesce(max(n), 0) FROM bus.carried").fetchone()
@@ -470,60 +490,83 @@ class SessionStore:
                             "(a new or restored bus file): all of them are read", newest, upto)
                 self._run("UPDATE rx_folded SET upto = 0")
                 upto = 0
-            _fold_own(self.db)  # (what a run whose sink did not carry them logged here)
             self._run("COMMIT")
         except BaseException:
             self.db.rollback()
             raise
-        self.folded_upto = int(upto)
-        self.fold_marks()
+        return int(upto)
 
-    def log_marks_here(self, before_commit: Callable[[], None] | None = None) -> None:
+    def log_marks_here(self, before_commit: Callable[[], None] | None = None, bus: Path | None = None) -> None:
         """(one node's store) The lane's packs are logged in this store's own file from now on
         (`log_pack`: its sink cannot carry them); what a process that stopped left here is folded
-        now.  `before_commit`: called before each pack's commit (the WAL checkpointer's)."""
+        now, and first what the embedded bus in `bus` carried and this store had not read (a run
+        on it before this one, on Kafka: its marks would otherwise be skipped by a restore now, and
+        raise a later session of their peer when a run on the bus read them again).
+        `before_commit`: called before each pack's commit (the WAL checkpointer's)."""
         if self.shared or self.marks_attached or self.marks_logged:
             raise RuntimeError("dtls session store: marks are logged in one place, by one node's store")
+        if bus is not None and bus.exists():
+            self.db.attach_read_only(bus, "bus")
+            try:
+                if self._run("SELECT 1 FROM bus.sqlite_master WHERE name = 'carried'").fetchone():
+                    self.folded_upto = self._place_in_bus()
+                    self._fold_steps(_fold)
+            finally:
+                self.db.execute("DETACH DATABASE bus")
         self.marks_logged = True
         self._before_log = before_commit
         self.fold_marks()
 
     def log_pack(self, pack: bytes) -> bool:
         """Commit one pack of the lane's marks here (`log_marks_here`), before the readings of the
-        records it marks are submitted; False if the disk refused (the caller counts it)."""
+        records it marks are submitted.  False if the disk refused (the caller counts it): the
+        pack is then kept, coalesced, and written with the next one that is logged."""
+        pack = self._unlogged + pack
         try:
             if self._before_log is not None:
                 self._before_log()
             self._run("INSERT INTO rx_packs (blob) VALUES (?)", (pack,))
         except self.db.Error as e:
             self._failed(e)
+            self._unlogged = _coalesced(pack)
             return False
+        self._unlogged = b""
+        if self.last_error is not None:  # (written again: /readyz says so)
+            self._ok()
         return True
 
     def fold_marks(self) -> None:
         """Fold the packs not folded yet -- the bus's past this store's place, or this store's own
         log -- FOLD_STEP a transaction (a failed fold is counted; the packs wait for the next one)."""
-        while self.marks_attached or self.marks_logged:
+        if self.marks_attached:
+            self._fold_steps(_fold)
+        elif self.marks_logged:
+            self._fold_steps(_fold_own_placeless)
+
+    def _fold_steps(self, fold: Callable[[Db, int], tuple[int, int | None]]) -> None:
+        """`fold(db, FOLD_STEP)` a write transaction, until a step folds fewer than FOLD_STEP
+        packs; the bus's place moves once each step committed (a failed step is counted; the
+        packs wait for the next fold)."""
+        while True:
             try:
                 self._run("BEGIN IMMEDIATE")
-                more, upto = self._fold_some(FOLD_STEP)
+                count, upto = fold(self.db, FOLD_STEP)
                 self._run("COMMIT")
             except self.db.Error as e:
                 self._failed(e)
                 return
             self._folded(upto)
-            if not more:
+            if count < FOLD_STEP:
                 return
 
-    def _fold_some(self, limit: int | None = None) -> tuple[bool, int | None]:
-        """(in a write transaction) Fold the oldest `limit` packs not folded yet (all: None):
-        whether there were any, and the bus's new place (None: none, or not the bus's)."""
+    def _fold_some(self) -> tuple[int, int | None]:
+        """(in a write transaction) Fold every pack not folded yet: how many, and the bus's new
+        place (None: none, or not the bus's)."""
         if self.marks_attached:
-            upto = _fold(self.db, limit)
-            return upto is not None, upto
+            return _fold(self.db)
         if self.marks_logged:
-            return _fold_own(self.db, limit), None
-        return False, None
+            return _fold_own(self.db), None
+        return 0, None
 
     def _pending_packs(self) -> str | None:
         """The query of the packs not folded yet (None: no marks are carried nor logged)."""
