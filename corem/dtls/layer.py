@@ -472,7 +472,7 @@ class EngineServer:
                 self._log_pack(self._lane.take_marks_packed)
             elif not (readings_only and self._marks_carried):
                 self._write_marks(self._lane.take_marks())
-        if self._packs_carried >= FOLD_EVERY:  # (the bus carried them, or the store logged them: read into the sessions)
+        if self._packs_carried >= FOLD_EVERY:  # (carried by the bus, or logged by the store: into the sessions)
             self._packs_carried = 0
             self.store.fold_marks()
         e = self.engine
@@ -823,10 +823,11 @@ class EngineServer:
         lane hands on) are marked at once in any case: their effects do not wait for the sink.
         A sink that cannot carry (Kafka: a record is durable when the brokers say so) has them
         logged in the store's own file instead, a pack a batch committed before the batch's
-        readings are submitted (store.py `log_marks_here`, which first folds what the embedded
-        bus file `bus` -- the data dir's, of a run before on it -- carried unread; False then).  Neither for a shared
-        store (other nodes restore from it at any time, and each node's marks raise only its own
-        rows at once: `mark_held`) nor an in-memory one: False, and marks are written at once."""
+        readings are submitted (store.py `log_marks_here`, which first folds what the embedded bus
+        file `bus` -- the data dir's, of a run on it before -- carried unread; False then).
+        Neither for a shared store (other nodes restore from it at any time, and each node's marks
+        raise only its own rows at once: `mark_held`) nor an in-memory one: False, and marks are
+        written at once."""
         where = self.store.db.where
         if self.store.shared or self._marks_carried or self._marks_logged or str(where) == ":memory:":
             return False
