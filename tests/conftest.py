@@ -201,9 +201,9 @@ _STARTED: list[CoremProcess] = []
 def pytest_sessionstart(session):
     """Before any test: the kernel balancer tables a killed run of test_nodes left behind are
     removed (tests/ports.py `remove_stale_balancers`: one turns a later server's traffic away)."""
-    from .ports import remove_stale_balancers
+    from .ports import nft_binary, remove_stale_balancers
 
-    nft = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+    nft = nft_binary()
     if nft is not None and os.geteuid() == 0:
         for name in remove_stale_balancers(nft):
             print(f"conftest: removed the nftables table {name}, left by a test process that was killed",

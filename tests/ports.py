@@ -101,6 +101,13 @@ def proc_stat(path: str) -> list[str] | None:
         return None
 
 
+def nft_binary() -> str | None:
+    """Debian's `nft` (nftables), on the PATH or in /usr/sbin (not on a user's PATH)."""
+    import shutil
+
+    return shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+
+
 #: nftables tables of `test_nodes.Balancer`: BALANCER_TABLE.format(pid=..., port=...), the pid the
 #: pytest process's that made it
 BALANCER_TABLE = "corem_test_{pid}_{port}"

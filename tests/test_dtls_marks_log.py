@@ -18,6 +18,7 @@ from corem.bus import EmbeddedBus, Record
 from corem.dtls.store import FOLD_STEP, RX_TOP, SCHEMA, SessionStore, _fold_packs, _rx_log, _rx_pack
 from corem.dtls import store as store_module
 from corem.dtls.store import pack_marks
+from corem.errors import StorageUnavailable
 from corem.registry.db import Db, add_columns
 
 A, B = b"\x0a\x00\x00\x01\x16\x33", b"\x0a\x00\x00\x02\x16\x33"
@@ -404,7 +405,7 @@ def test_the_store_folds_step_by_step(marks_log, monkeypatch):
     monkeypatch.setattr(store_module, fold.__name__, step)
     c.store.fold_marks()
     assert c.unread() == 0 and c.top(A) == 2 * FOLD_STEP + 3
-    assert steps == [(FOLD_STEP, True)] * 3  # (256, 256, then 3: fewer than a step, the last)
+    assert steps == [(FOLD_STEP, True)] * 3  # (a step, a step, then 3: fewer than a step, the last)
 
 
 def test_the_stores_write_transactions_never_lock_the_bus_file(carried):
@@ -537,3 +538,89 @@ class _Refusing:
 
     def __getattr__(self, name):
         return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("direction", ["embedded bus, then Kafka", "Kafka, then the embedded bus"])
+def test_a_start_that_cannot_fold_the_other_modes_marks_does_not_start(tmp_path, monkeypatch, direction):
+    """The marks one mode left unread (the bus's, or the store's own log) are read by no fold of a
+    run in the other mode after its start: if that one fold fails, corem does not start -- a
+    restore would take records already durable again, and a later run in the first mode would put
+    old marks on a new session."""
+    first = Carried(tmp_path / "s.db") if direction.startswith("embedded") else Logged(tmp_path / "s.db")
+    assert first.store.put([row(A, 5)])
+    first.commit((900, A))
+    first.close()
+
+    def failing(db, limit=None):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store_module, "_fold" if direction.startswith("embedded") else "_fold_own", failing)
+    with pytest.raises(StorageUnavailable, match="record marks in .*could not be folded.*disk I/O error"):
+        if direction.startswith("embedded"):
+            SessionStore(tmp_path / "s.db").log_marks_here(bus=tmp_path / "bus.db")
+        else:
+            Carried(tmp_path / "s.db")
+    monkeypatch.undo()
+    again = SessionStore(tmp_path / "s.db")  # (the disk well again: the next start folds them)
+    taken = again.take(A)
+    assert taken is not None and taken[5] == 5  # (not yet: folding waits for a mode's start)
+    again.put([taken])
+    if direction.startswith("embedded"):
+        again.log_marks_here(bus=tmp_path / "bus.db")
+    else:
+        again.read_marks_from(tmp_path / "bus.db", contextlib.nullcontext())
+    taken = again.take(A)
+    assert taken is not None and taken[5] == 900
+    again.close()
+
+
+def test_a_bus_file_that_is_no_database_stops_a_start_on_kafka_with_one_line(tmp_path):
+    (tmp_path / "bus.db").write_bytes(b"not a database, " * 100)
+    store = SessionStore(tmp_path / "s.db")
+    with pytest.raises(StorageUnavailable, match=r"record marks in .*bus\.db could not be read"):
+        store.log_marks_here(bus=tmp_path / "bus.db")
+    assert store.put([row(A, 1)])  # (the store itself goes on working: detached, no transaction left)
+    store.close()
+
+
+def test_a_refused_pack_never_becomes_a_later_sessions_floor(tmp_path):
+    """A pack the disk refused is kept (`log_pack`); a new session of its peer saved meanwhile
+    (a handshake at the same address, its first record) folds it first, so that pack's marks --
+    the old session's -- are in the row it replaces, not written after it (found in review:
+    written with the next pack, the old 700 became the new session's floor)."""
+    c = Logged(tmp_path / "s.db")
+    assert c.store.put([row(A, 0), row(B, 0)])
+    db = c.store.db
+    c.store.db = _Refusing(db)
+    assert not c.store.log_pack(pack_marks([(700, A)]))
+    c.store.db = db
+    assert c.store.put([row(A, 2)])  # (the new session at A)
+    assert c.store.log_pack(pack_marks([(5, B)]))
+    c.store.fold_marks()
+    assert (c.top(A), c.top(B)) == (2, 5)
+    # and a restore reads a refused pack's marks
+    c.store.db = _Refusing(db)
+    assert not c.store.log_pack(pack_marks([(800, B)]))
+    c.store.db = db
+    taken = c.store.take(B)
+    assert taken is not None and taken[5] == 800
+    c.close()
+
+
+def test_corem_serve_on_kafka_refuses_to_start_in_one_line_on_a_bus_file_it_cannot_read(tmp_path):
+    """The store's refusal at start reaches the operator as one line and status 2, naming the file
+    (not a traceback out of Trio's nurseries)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "bus.db").write_bytes(b"not a database, " * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--bus", "kafka://127.0.0.1:1",
+         "--coap", "off", "--coaps", "127.0.0.1:0", "--http", "off", "--log-level", "warning"],
+        capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert last.startswith("corem: dtls session store: the record marks in") and "bus.db" in last
+    assert "Traceback" not in proc.stderr

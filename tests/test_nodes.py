@@ -20,7 +20,7 @@ from corem.dtls import SessionStore
 from corem.dtls.layer import EngineServer
 
 from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, read_until, start_corem
-from .ports import BALANCER_TABLE, remove_stale_balancers
+from .ports import BALANCER_TABLE, nft_binary, remove_stale_balancers
 from .postgres_server import Postgres, binaries, empty
 from .test_dtls import DEVICE, IDENTITY, PEER, Client
 
@@ -279,7 +279,7 @@ def test_records_from_unknown_peers_cost_one_query_per_address_not_per_datagram(
     assert len(calls) == 2
 
 
-NFT = shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
+NFT = nft_binary()
 CONNTRACK = shutil.which("conntrack") or ("/usr/sbin/conntrack" if os.path.exists("/usr/sbin/conntrack") else None)
 
 

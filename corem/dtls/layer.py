@@ -314,8 +314,6 @@ class EngineServer:
         self._lane_secret = b""  # (the cookie secret the lane was last given)
         #: the lane's marks of readings are carried by the embedded bus in each commit (`carry_marks`)
         self._marks_carried = False
-        #: or, the sink unable to carry them (Kafka), logged in the store's own file, a pack a batch
-        self._marks_logged = False
         self._packs_carried = 0  # (since the store last folded them)
 
     def with_credentials(self, params: DtlsParams, client_auth: str | None = None) -> EngineParams:
@@ -468,7 +466,7 @@ class EngineServer:
         seen (`conns`, each at most once a second: idle offload and expiry, checkpoints)."""
         self._now = now
         if marks_due and self._lane is not None:
-            if self._marks_logged:
+            if self.store.marks_logged:
                 self._log_pack(self._lane.take_marks_packed)
             elif not (readings_only and self._marks_carried):
                 self._write_marks(self._lane.take_marks())
@@ -629,7 +627,7 @@ class EngineServer:
         session's floor (a restore would refuse its records).  Written now, they raise the row
         before, which this one replaces.  (A pack the bus took in its worker thread is committed
         before the store's save begins: the save waits for the bus's `carry_lock`, store.py.)"""
-        if rows and (self._marks_carried or self._marks_logged) and self._lane is not None:
+        if rows and (self._marks_carried or self.store.marks_logged) and self._lane is not None:
             self._write_marks(self._lane.take_marks())
         return self.store.put(rows)
 
@@ -829,7 +827,7 @@ class EngineServer:
         raise only its own rows at once: `mark_held`) nor an in-memory one: False, and marks are
         written at once."""
         where = self.store.db.where
-        if self.store.shared or self._marks_carried or self._marks_logged or str(where) == ":memory:":
+        if self.store.shared or self._marks_carried or self.store.marks_logged or str(where) == ":memory:":
             return False
         carry = getattr(sink, "carry", None)
         # (the store's WAL copied off the event loop's commits, by the sink's checkpointer)
@@ -840,8 +838,7 @@ class EngineServer:
                 checkpointer.watch(Path(where))
                 before_commit = functools.partial(checkpointer.before_commit, self.store.db, Path(where))
                 defer_checkpoints(self.store.db, WRITER_BACKSTOP)
-            self.store.log_marks_here(before_commit, bus)
-            self._marks_logged = True
+            self.store.log_marks_here(before_commit, bus)  # (its `marks_logged` from now on)
             return False
         carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)
         self.store.read_marks_from(sink.path, sink.carry_lock)
@@ -858,7 +855,7 @@ class EngineServer:
         is never live on two nodes -- each taking records the other would take again."""
         if not marks:
             return
-        if self._marks_logged:
+        if self.store.marks_logged:
             self._log_pack(lambda: pack_marks(marks))
             return
         if not self.store.shared:
@@ -887,7 +884,7 @@ class EngineServer:
                 self.stats.sessions_taken_elsewhere += 1
 
     def _log_pack(self, take: Callable[[], bytes]) -> None:
-        """(`_marks_logged`) The pack `take` makes, committed to the store's own log at once."""
+        """(the store's `marks_logged`) The pack `take` makes, committed to its own log at once."""
         try:
             pack = take()
         except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; the batch goes on)

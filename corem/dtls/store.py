@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..bus.sqlite import CARRIED
+from ..errors import StorageUnavailable
 from ..c_twins import c_twin
 from ..registry.db import Db, add_columns
 from .engine.crypto import hmac_sha256
@@ -78,13 +79,12 @@ OWN_PACKS = "CREATE TABLE IF NOT EXISTS rx_packs (n INTEGER PRIMARY KEY, blob BL
 _FOLD_ROWS = ("UPDATE sessions SET rx_top = m.top FROM (SELECT peer, max(rx_top) AS top FROM rx_log GROUP BY peer) "
               "AS m WHERE sessions.peer = m.peer AND sessions.rx_top < m.top")
 _RAISE = "UPDATE sessions SET rx_top = ? WHERE peer = ? AND rx_top < ?"
-#: packs folded in one transaction (a step), and carried by the bus between two folds (~0.7 s of
-#: bus commits under load; a restore or a save folds what is there first, whatever its age: ~1 MB
-#: of packs at most).  A fold updates each session once however many packs it reads: every 256
-#: packs rather than 32, CoAPS ran 3.9% faster (5 alternating pairs, 159.8k -> 166.0k readings/s);
-#: every 1,024 rather than 256, its p99 fell in each of 4 alternating pairs (3.09-3.40 ms ->
-#: 2.70-3.11), readings/s unchanged (198.8k-204.1k against 198.7k-208.1k): a fold's pause on the
-#: event loop was in one request of a hundred
+#: packs folded in one transaction (a step), and carried by the bus between two folds (~0.8 s of
+#: bus commits under load).  A restore or a save folds what is there first, whatever its age, in
+#: its own transaction on the event loop: up to FOLD_EVERY packs, each of every session with marks
+#: due in its batch (~1 KB with 64 sessions).  A fold updates each session once however many packs
+#: it reads, hence the spacing (measured in docs/benchmarks.md: 32 -> 256 packs, +3.9% readings/s;
+#: 256 -> 1,024, a lower CoAPS p99 in every pair, readings/s unchanged)
 FOLD_STEP = FOLD_EVERY = 1024
 
 
@@ -385,6 +385,7 @@ class SessionStore:
                 # (folded first: the rows say the sessions' tops now, and older marks of their peers
                 # would only lag, or, a new session's, be a previous one's)
                 _count, upto = self._fold_some()
+                unlogged = self._fold_unlogged()
                 if self.shared:
                     self.db.executemany(_UPSERT_OWNED.format(t=self.table), [(*row, self.owner) for row in rows])
                 else:
@@ -394,6 +395,7 @@ class SessionStore:
             self._failed(e)
             return False
         self._folded(upto)
+        self._unlogged_folded(unlogged)
         self._stale.difference_update(row[0] for row in rows)
         self._ok()
         return True
@@ -434,12 +436,28 @@ class SessionStore:
                 self._run("BEGIN IMMEDIATE")  # (another process's fold is before or after, not between)
                 # (the marks not folded yet: a later session of the peer starts again)
                 _count, upto = self._fold_some()
+                unlogged = self._fold_unlogged()
                 row = self._run(f"DELETE FROM {{t}} WHERE peer = ? RETURNING {_COLUMNS}", (key,)).fetchone()
                 self._run("COMMIT")
         except self.db.Error as e:
             return self._read_instead(key, e)
         self._folded(upto)
+        self._unlogged_folded(unlogged)
         return _row(row)
+
+    def _fold_unlogged(self) -> bytes:
+        """(in `put`'s or `take`'s write transaction) The marks of packs the disk refused
+        (`log_pack`) into the rows first, as the logged ones: written after a row saved now, an
+        older session's would become a new one's floor.  What was folded (`_unlogged_folded`)."""
+        unlogged = self._unlogged
+        if unlogged:
+            self.db.executemany(_RAISE, fold_packs([unlogged]))
+        return unlogged
+
+    def _unlogged_folded(self, unlogged: bytes) -> None:
+        """(the transaction committed) those marks are in the rows: not to be written again"""
+        if unlogged and self._unlogged is unlogged:
+            self._unlogged = b""
 
     def _read_instead(self, key: bytes, e: BaseException) -> Row | None:
         """(`take` when the disk refused) the row read, its deletion left for later."""
@@ -447,8 +465,8 @@ class SessionStore:
         try:
             row = self._run(f"SELECT {_COLUMNS} FROM {{t}} WHERE peer = ?", (key,)).fetchone()
             pending = self._pending_packs()
-            logged = [] if pending is None else [
-                top for top, k, _ in _fold_readable([m for (m,) in self._run(pending)]) if k == key]
+            packs = [] if pending is None else [m for (m,) in self._run(pending)]
+            logged = [top for top, k, _ in _fold_readable([*packs, self._unlogged]) if k == key]
         except self.db.Error:
             return None
         if row is not None:
@@ -465,7 +483,8 @@ class SessionStore:
         them logged in this store's own file (`log_marks_here`) is folded first."""
         if self.shared or self.marks_attached or self.marks_logged:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
-        self._fold_steps(_fold_own_placeless)  # (what a run on a sink that cannot carry them logged here)
+        # (what a run on a sink that cannot carry them logged here: never read again once the bus is)
+        self._must_fold(_fold_own_placeless, self.db.where)
         self._carrying = carrying
         if str(bus) == ":memory:":  # (a bus of its own in memory, which no other process writes: the fuzz
             # target writes its rows through this connection, thousands of runs with no disk I/O)
@@ -509,13 +528,20 @@ class SessionStore:
         if self.shared or self.marks_attached or self.marks_logged:
             raise RuntimeError("dtls session store: marks are logged in one place, by one node's store")
         if bus is not None and bus.exists():
-            self.db.attach_read_only(bus, "bus")
             try:
-                if self._run("SELECT 1 FROM bus.sqlite_master WHERE name = 'carried'").fetchone():
-                    self.folded_upto = self._place_in_bus()
-                    self._fold_steps(_fold)
-            finally:
-                self.db.execute("DETACH DATABASE bus")
+                self.db.attach_read_only(bus, "bus")
+                try:
+                    if self._run("SELECT 1 FROM bus.sqlite_master WHERE name = 'carried'").fetchone():
+                        self.folded_upto = self._place_in_bus()
+                        self._must_fold(_fold, bus)  # (never read again once detached)
+                finally:
+                    if self.db.in_transaction:
+                        self.db.rollback()
+                    self.db.execute("DETACH DATABASE bus")
+            except self.db.Error as e:  # (a file that is no database, one that cannot be read)
+                raise StorageUnavailable(f"dtls session store: the record marks in {bus} could not be read "
+                                         f"({type(e).__name__}: {e}); corem does not start without them (a "
+                                         "file no run on the embedded bus wrote may be moved away)") from e
         self.marks_logged = True
         self._before_log = before_commit
         self.fold_marks()
@@ -546,10 +572,10 @@ class SessionStore:
         elif self.marks_logged:
             self._fold_steps(_fold_own_placeless)
 
-    def _fold_steps(self, fold: Callable[[Db, int], tuple[int, int | None]]) -> None:
+    def _fold_steps(self, fold: Callable[[Db, int], tuple[int, int | None]]) -> bool:
         """`fold(db, FOLD_STEP)` a write transaction, until a step folds fewer than FOLD_STEP
-        packs; the bus's place moves once each step committed (a failed step is counted; the
-        packs wait for the next fold)."""
+        packs; the bus's place moves once each step committed.  False if a step failed (counted:
+        the packs wait for the next fold)."""
         while True:
             try:
                 self._run("BEGIN IMMEDIATE")
@@ -557,10 +583,18 @@ class SessionStore:
                 self._run("COMMIT")
             except self.db.Error as e:
                 self._failed(e)
-                return
+                return False
             self._folded(upto)
             if count < FOLD_STEP:
-                return
+                return True
+
+    def _must_fold(self, fold: Callable[[Db, int], tuple[int, int | None]], where: object) -> None:
+        """(at start) Fold the packs of the place the other mode keeps them (`fold`), which no fold
+        of this run reads again: all of them, or corem does not start (a restore would forget
+        them: the replays of records already durable would be taken)."""
+        if not self._fold_steps(fold):
+            raise StorageUnavailable(f"dtls session store: the record marks in {where} could not be folded "
+                                     f"({self.last_error}); corem does not start without them")
 
     def _fold_some(self) -> tuple[int, int | None]:
         """(in a write transaction) Fold every pack not folded yet: how many, and the bus's new
