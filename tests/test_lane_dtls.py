@@ -885,3 +885,39 @@ def test_a_new_session_at_an_address_does_not_inherit_the_floor_of_the_one_befor
     store.fold_marks()
     taken = store.take(key)
     assert taken is not None and taken[5] <= new.window.top < old.window.top
+
+
+@pytest.mark.parametrize("where", ["carried by the bus", "logged by the store"])
+def test_the_lane_has_the_store_fold_its_marks_every_fold_every_packs(coaps, tmp_path, monkeypatch, where):
+    """`lane_touched` counts the packs written (carried in a bus commit, or logged in the store's
+    file) and has the store fold them once FOLD_EVERY are there: the rows say the tops again and
+    nothing waits to be read."""
+    import corem.dtls.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "FOLD_EVERY", 2)
+    store = SessionStore(tmp_path / "sessions.db")
+    if where.startswith("carried"):
+        srv, dev, conn, _ = _saved_session(coaps, store)
+    else:
+        srv = coaps(store=store)
+        assert not srv.layer.carry_marks(SimpleNamespace())
+        dev = Device(srv.address)
+        srv.handshake(dev)
+        conn = srv.layer.sessions[dev.address]
+        assert srv.layer._save([conn], srv.now, checkpoint=True) == 1
+    key = srv.layer._key_of(conn)
+
+    def row_top() -> int:
+        return int(store.db.execute("SELECT rx_top FROM sessions WHERE peer = ?", (key,)).fetchone()[0])
+
+    saved = row_top()
+    tops = []
+    for mid in (1, 2, 3):
+        dev.post(reading(mid))
+        srv.pump()
+        tops.append(row_top())
+        srv.commit()
+    # logged: each batch's pack is written in its lane_touched, the second one folds both; carried:
+    # a pack is written by the commit after it, the third batch's lane_touched folds the two
+    folded_at = 1 if where.startswith("logged") else 2
+    assert tops[:folded_at] == [saved] * folded_at and tops[folded_at] > saved
