@@ -15,6 +15,7 @@
 #include <wolfssl/ssl.h>
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +66,10 @@ int main(int argc, char **argv) {
         return fail("session", NULL, 0);
     int ret = wolfSSL_connect(ssl);
     if (ret != WOLFSSL_SUCCESS) return fail("handshake", ssl, ret);
+    /* (non-blocking from here: a datagram wolfSSL drops -- a duplicate, a stale record -- leaves
+     * the read with nothing, and the loop polls again instead of blocking until the alarm) */
+    if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) return fail("non-blocking", NULL, 0);
+    wolfSSL_dtls_set_using_nonblock(ssl, 1);
 
     unsigned char payload[1024], request[1100], answer[1500];
     size_t n = unhex(argv[3], payload, sizeof payload);
@@ -88,23 +93,30 @@ int main(int argc, char **argv) {
 
     /* The answer: piggybacked on the ACK, or -- a commit slower than the server's piggyback
      * timeout, on a loaded machine -- an empty ACK, then a separate response (matched by the token,
-     * and acknowledged).  The request goes again every 2 s until it is acknowledged. */
+     * and acknowledged); a piggybacked answer must carry the request's token too.  A RST to the
+     * request is an answer (the server refused it): said, and the client gives up at once.  The
+     * request goes again every 2 s until it is acknowledged. */
     int acked = 0;
     for (int tries = 0; tries < 50; tries++) {
         if (!acked && (ret = wolfSSL_write(ssl, request, (int)len)) != (int)len) return fail("write", ssl, ret);
         struct pollfd p = {.fd = fd, .events = POLLIN};
         while (wolfSSL_pending(ssl) > 0 || poll(&p, 1, 2000) > 0) {
             int got = wolfSSL_read(ssl, answer, sizeof answer);
-            if (got <= 0) return fail("read", ssl, got);
+            if (got <= 0) {
+                int err = wolfSSL_get_error(ssl, got);
+                if (err == WOLFSSL_ERROR_WANT_READ) continue; /* (nothing for us in that datagram: poll again) */
+                return fail("read", ssl, got);
+            }
             if (got < 4) continue;
             int type = (answer[0] >> 4) & 3, code = answer[1];
             int same_mid = (uint16_t)(answer[2] << 8 | answer[3]) == mid;
+            if (type == 3 && same_mid) return fail("reset by the server", NULL, 0);
             if (type == 2 && same_mid && code == 0) { /* the empty ACK: the answer comes separately */
                 acked = 1;
                 continue;
             }
-            int ours = type == 2 ? same_mid
-                                 : (answer[0] & 15) == sizeof token && got >= 6 && !memcmp(answer + 4, token, sizeof token);
+            int tokened = (answer[0] & 15) == sizeof token && got >= 6 && !memcmp(answer + 4, token, sizeof token);
+            int ours = tokened && (type == 2 ? same_mid : 1);
             if (!ours || code == 0) continue;
             if (type == 0) { /* a separate CON: its ACK */
                 unsigned char ack[4] = {0x60, 0, answer[2], answer[3]};
