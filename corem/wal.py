@@ -8,8 +8,8 @@ database first (measured here: 3-4 ms each).  Every reading waiting for that com
 
 So the group-commit writers (the embedded bus, and the DTLS record marks written in its worker
 thread; on Kafka, the DTLS session store's log of those marks, a commit a batch on the event
-loop, whose sink's checkpointer it is) hand the copying to a `Checkpointer`: its own connection, in a thread of its own, a
-PASSIVE checkpoint every BUSY_INTERVAL while there is something to copy (INTERVAL otherwise;
+loop) hand the copying to their sink's `Checkpointer`: its own connection, in a thread of its
+own, a PASSIVE checkpoint every BUSY_INTERVAL while there is something to copy (INTERVAL otherwise;
 writers go on while it copies and syncs), and an fsync of the database file every
 SYNC_INTERVAL.  Small passes, because a pass's copying preempts the event loop where the two
 share a core (below).

@@ -118,6 +118,10 @@ class Sink:
         self.after_batch = after_batch
         #: Last write failure, for readiness checks; cleared by the next successful batch.
         self.last_error: BaseException | None = None
+        #: SQLite files written beside this bus -- the embedded bus's own (in its worker thread), the
+        #: DTLS session store's (its record marks: dtls/layer.py `carry_marks`) -- their WAL copied
+        #: off the event loop by the sink's `run` (corem/wal.py)
+        self.checkpointer = Checkpointer()
 
     def submit(self, record: Record, done: Done, ctx: Any = None) -> bool:
         """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
@@ -191,8 +195,6 @@ class BatchingSink(Sink):
         self._stopped = trio.Event()
         #: when the batch being written began (time.monotonic()), None between batches
         self._writing_since: float | None = None
-        #: the SQLite files written in the worker thread, their WAL copied by another (corem/wal.py)
-        self.checkpointer = Checkpointer()
 
     # -- called on the event loop ------------------------------------------------------------
     def waiting_since(self) -> float | None:

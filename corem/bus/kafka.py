@@ -45,7 +45,6 @@ import trio
 
 from ..logs import fields
 from ..stats import Histogram, Measurement, counter, gauge
-from ..wal import Checkpointer
 from .base import LATENCY_BUCKETS, AnyRecord, Done, Record, Sink
 
 try:
@@ -379,9 +378,6 @@ class KafkaSink(Sink):
         self._closing = False
         self._wake = trio.Event()
         self._stopped = trio.Event()
-        #: SQLite files written beside this bus (the DTLS session store's log of the lane's record
-        #: marks, dtls/layer.py `carry_marks`), their WAL copied off the event loop (corem/wal.py)
-        self.checkpointer = Checkpointer()
 
     # -- called on the event loop ------------------------------------------------------------
     def submit_many(self, records: Sequence[AnyRecord], done: Done, ctxs: list[Any]) -> int:

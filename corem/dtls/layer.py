@@ -312,8 +312,6 @@ class EngineServer:
         self._datagram = b""  # (the datagram being handled)
         self._lane: LaneSessions | None = None  # (attach_lane)
         self._lane_secret = b""  # (the cookie secret the lane was last given)
-        #: the lane's marks of readings are carried by the embedded bus in each commit (`carry_marks`)
-        self._marks_carried = False
         self._packs_carried = 0  # (since the store last folded them)
 
     def with_credentials(self, params: DtlsParams, client_auth: str | None = None) -> EngineParams:
@@ -468,7 +466,7 @@ class EngineServer:
         if marks_due and self._lane is not None:
             if self.store.marks_logged:
                 self._log_pack(self._lane.take_marks_packed)
-            elif not (readings_only and self._marks_carried):
+            elif not (readings_only and self.store.marks_attached):
                 self._write_marks(self._lane.take_marks())
         if self._packs_carried >= FOLD_EVERY:  # (carried by the bus, or logged by the store: into the sessions)
             self._packs_carried = 0
@@ -627,7 +625,7 @@ class EngineServer:
         session's floor (a restore would refuse its records).  Written now, they raise the row
         before, which this one replaces.  (A pack the bus took in its worker thread is committed
         before the store's save begins: the save waits for the bus's `carry_lock`, store.py.)"""
-        if rows and (self._marks_carried or self.store.marks_logged) and self._lane is not None:
+        if rows and (self.store.marks_attached or self.store.marks_logged) and self._lane is not None:
             self._write_marks(self._lane.take_marks())
         return self.store.put(rows)
 
@@ -827,7 +825,9 @@ class EngineServer:
         raise only its own rows at once: `mark_held`) nor an in-memory one: False, and marks are
         written at once."""
         where = self.store.db.where
-        if self.store.shared or self._marks_carried or self.store.marks_logged or str(where) == ":memory:":
+        # (the store says where the marks go: `marks_attached`, the bus carries them; `marks_logged`,
+        # its own file; neither, marked at once)
+        if self.store.shared or self.store.marks_attached or self.store.marks_logged or str(where) == ":memory:":
             return False
         carry = getattr(sink, "carry", None)
         # (the store's WAL copied off the event loop's commits, by the sink's checkpointer)
@@ -845,7 +845,6 @@ class EngineServer:
         if checkpointer is not None:
             checkpointer.watch(Path(where))
         defer_checkpoints(self.store.db)
-        self._marks_carried = True
         return True
 
     def _write_marks(self, marks: list[tuple[int, bytes]]) -> None:

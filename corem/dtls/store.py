@@ -164,26 +164,27 @@ def _fold(db: Db, limit: int | None = None) -> tuple[int, int | None]:
     packs = db.execute(sql, (upto,)).fetchall()
     if not packs:
         return 0, None
-    # (a row that is no blob -- not the lane's -- is passed over with the rest, unread)
-    db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
+    _raise_rows(db, packs)
     db.execute("UPDATE rx_folded SET upto = ?", (packs[-1][0],))
     return len(packs), int(packs[-1][0])
 
 
-def _fold_own(db: Db, limit: int | None = None) -> int:
+def _fold_own(db: Db, limit: int | None = None) -> tuple[int, None]:
     """(in the caller's write transaction) Fold the oldest `limit` packs of this store's own log
-    (all: None) into the sessions' rx_top and delete them: how many."""
+    (all: None) into the sessions' rx_top and delete them: how many (and no place: every row
+    there is unread)."""
     packs = db.execute("SELECT n, typeof(blob) = 'blob', blob FROM rx_packs ORDER BY n"
                        + (f" LIMIT {limit}" if limit else "")).fetchall()
     if packs:
-        db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
+        _raise_rows(db, packs)
         db.execute("DELETE FROM rx_packs WHERE n <= ?", (packs[-1][0],))
-    return len(packs)
+    return len(packs), None
 
 
-def _fold_own_placeless(db: Db, limit: int | None = None) -> tuple[int, None]:
-    """`_fold_own` as `_fold` answers: how many, and no place (the log has none to keep)."""
-    return _fold_own(db, limit), None
+def _raise_rows(db: Db, packs: list[tuple[int, bool, bytes]]) -> None:
+    """The rows' rx_top raised to the packs' marks ((n, is a blob, pack) as read; a row that is no
+    blob -- not the lane's -- is passed over with the rest, unread)."""
+    db.executemany(_RAISE, _fold_readable([pack for _, blob, pack in packs if blob]))
 
 
 def _coalesced(pack: bytes) -> bytes:
@@ -484,7 +485,7 @@ class SessionStore:
         if self.shared or self.marks_attached or self.marks_logged:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
         # (what a run on a sink that cannot carry them logged here: never read again once the bus is)
-        self._must_fold(_fold_own_placeless, self.db.where)
+        self._must_fold(_fold_own, self.db.where)
         self._carrying = carrying
         if str(bus) == ":memory:":  # (a bus of its own in memory, which no other process writes: the fuzz
             # target writes its rows through this connection, thousands of runs with no disk I/O)
@@ -570,7 +571,7 @@ class SessionStore:
         if self.marks_attached:
             self._fold_steps(_fold)
         elif self.marks_logged:
-            self._fold_steps(_fold_own_placeless)
+            self._fold_steps(_fold_own)
 
     def _fold_steps(self, fold: Callable[[Db, int], tuple[int, int | None]]) -> bool:
         """`fold(db, FOLD_STEP)` a write transaction, until a step folds fewer than FOLD_STEP
@@ -602,7 +603,7 @@ class SessionStore:
         if self.marks_attached:
             return _fold(self.db)
         if self.marks_logged:
-            return _fold_own(self.db), None
+            return _fold_own(self.db)
         return 0, None
 
     def _pending_packs(self) -> str | None:
