@@ -33,6 +33,7 @@ from prometheus_client.exposition import generate_latest
 
 from prometheus_client.gc_collector import GCCollector
 
+from .coap.message_ids import RANDOM_MAX
 from .stats import Histogram, Labels, Measured, Sample
 
 C, G, H = "counter", "gauge", "histogram"
@@ -93,7 +94,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_coap_dedup_entries": (G, "Exchanges remembered for deduplication."),
     "corem_coap_outstanding": (G, "Confirmable messages of ours awaiting ACK."),
     "corem_coap_random_ids_forgotten": (
-        C, "Random message IDs let go of before EXCHANGE_LIFETIME: more than 4,096 drawn within it."),
+        C, f"Random message IDs let go of before EXCHANGE_LIFETIME: more than {RANDOM_MAX:,} drawn within it."),
     "corem_request_duration_seconds": (
         H, "From a request's receipt (the read of its datagram's batch, or its frame) to its answer queued for the "
            "socket -- for a reading, the bus's commit included -- by transport and front door (door: thingsboard "

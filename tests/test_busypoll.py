@@ -4,6 +4,7 @@ DTLS clients: test_interop_dtls.py."""
 
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
 import time
@@ -105,16 +106,24 @@ def test_windows_out_of_range_are_refused_naming_the_setting():
     assert Settings.load({}, env={}).dtls_busy_poll_us == 150
 
 
+def _closed(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return True
+    return False
+
+
 def test_readable_within_polls_a_real_socket(udp_pair):
     a, b = udp_pair
     assert readable_within(b.fileno(), 2_000_000) is False  # nothing came: the whole window, then False
     a.sendto(b"x", b.getsockname())
-    select.select([b], [], [], 30)  # (delivered: on a busy machine loopback may take longer than a window)
+    assert select.select([b], [], [], 30)[0]  # (delivered: on a busy machine loopback may take longer than a window)
     assert readable_within(b.fileno(), 0) is True  # (waiting: True at the first look)
     assert b.recv(10) == b"x"
-    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fd = closed.fileno()
-    closed.close()
+    # (a number no file has: one just closed could be reused by another thread meanwhile; the kernel
+    # hands out the lowest free number, so one this high stays free)
+    fd = next(n for n in range(4096, 8192) if _closed(n))
     with pytest.raises(OSError):  # (a closed fd is an error, not "readable")
         readable_within(fd, 1000)
     with pytest.raises(ValueError, match="0-10,000,000 ns"):
@@ -198,8 +207,9 @@ async def test_busy_polled_batches_back_to_back_still_give_the_other_tasks_the_l
     async with trio.open_nursery() as nursery:
         nursery.start_soon(edge.serve)
         client.sendto(rot(request(1)), server_sock.getsockname())  # (the first batch: from then on, polled)
-        while not polls:  # (its first poll, however long a busy machine takes to get there)
-            await trio.sleep(0.001)
+        with trio.fail_after(60):  # (only detects an edge that never polls: a failure, not a hang)
+            while not polls:  # (its first poll, however long a busy machine takes to get there)
+                await trio.sleep(0.001)
         for _ in range(5):
             await trio.sleep(0.005)
             seen.append(polls)

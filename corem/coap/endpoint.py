@@ -616,11 +616,12 @@ class Endpoint:
         self, data: bytes, peer: Peer, mid: int, token: bytes, context: Any = None, code: int = 0
     ) -> bool:
         """Send a CON of ours (separate response, notification) and retransmit it until ACKed.  False:
-        too many await their ACK, or `mid` is one of `peer`'s that does (an ID its caller chose: found
-        in review, such a pair replaced the first entry, whose give-up then failed -- the ACK of one
-        would be taken for the other; `next_mid` and `unpredictable_mid` never give one): so every
-        entry not yet done is in `_outstanding` under its own key."""
-        if len(self._outstanding) >= self.params.max_outstanding or (peer, mid) in self._outstanding:
+        no room (`has_room`), or `mid` is one that awaits its ACK already, of any peer (an ID its
+        caller chose: found in review, a second with one peer's ID replaced the first entry, whose
+        give-up then failed -- the ACK of one would be taken for the other; `next_mid` and
+        `unpredictable_mid` never give one): so every entry not yet done is in `_outstanding`
+        under its own key, and each ID awaiting an ACK is one message's (`MessageIds.busy`)."""
+        if not self.has_room() or mid in self.mids:
             self.stats.outstanding_refused += 1
             return False
         p = self.params
@@ -631,6 +632,11 @@ class Endpoint:
         self._schedule(out, self._now_hint + timeout)
         self.send(data, peer, code)
         return True
+
+    def has_room(self, share: float = 1.0) -> bool:
+        """Is there room for one more message awaiting its ACK, within `share` of max_outstanding
+        (observe.py keeps half for what is not an unverified observer's)?"""
+        return len(self._outstanding) < int(self.params.max_outstanding * share)
 
     def next_mid(self) -> int:
         """The ID of a message of ours: the next in turn, past those awaiting an ACK and the recent

@@ -14,9 +14,9 @@ under it, and a random ID could be one the counter had just used with that peer.
   RANDOM_MAX, the newest);
 - a random ID is none awaiting an ACK, none of the random ones drawn within EXCHANGE_LIFETIME
   (the newest RANDOM_MAX), none the caller names (`avoid`: observe.py's recent NON notifications to
-  that observer, whatever came between), and none of the counter's of the last EXCHANGE_LIFETIME
-  within RECENT_MAX (half the space) behind it, so a draw keeps about 15 bits of surprise (less the
-  IDs in flight: at most MAX_BUSY).
+  that observer, whatever came between), and none of the RECENT_MAX (half the space) just behind
+  the counter -- those it used within EXCHANGE_LIFETIME, below the rate below -- so a draw keeps
+  about 15 bits of surprise (less the IDs in flight: at most MAX_BUSY).
 
 So the rules hold below two rates: 32,768 of the counter's IDs within EXCHANGE_LIFETIME (133 a
 second; past 65,536, 265 a second, the counter itself comes round within it) and RANDOM_MAX draws
@@ -31,16 +31,15 @@ Sans-IO: the endpoint gives `now` (`tick`, `unpredictable`) and says which IDs a
 from __future__ import annotations
 
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Callable
 
 #: the newest sequential IDs a random one avoids, at most (half the space: 15 bits left to guess)
 RECENT_MAX = 0x8000
 #: the random IDs drawn within EXCHANGE_LIFETIME that the counter passes by, at most (the newest)
 RANDOM_MAX = 4096
-#: seconds between two notes of where the counter stood (the window's start is found to within it)
-MARK_EVERY = 1.0
-#: IDs awaiting an ACK at most (the endpoint's max_outstanding is bounded by it)
+#: IDs awaiting an ACK at most (the endpoint's max_outstanding is bounded by it; one message each:
+#: the endpoint refuses a second with an ID that awaits its ACK)
 MAX_BUSY = 0x4000
 #: IDs a caller's `avoid` names at most (observe.py's recent NON notifications are bounded by it).
 #: With RECENT_MAX, MAX_BUSY and RANDOM_MAX both searches always find one: `next` has at least
@@ -56,12 +55,7 @@ class MessageIds:
     def __init__(self, lifetime: float, start: int, draw: Callable[[], int] | None = None) -> None:
         self.lifetime = lifetime
         self._mid = start & 0xFFFF
-        #: how far the counter has moved since the start (never wraps): the window is a difference
-        self._moved = 0
-        #: (when, `_moved` then), about one a MARK_EVERY, none older than the newest one before
-        #: `now - lifetime` (where the window starts)
-        self._marks: deque[tuple[float, int]] = deque([(float("-inf"), 0)])
-        self._busy: dict[int, int] = {}
+        self._busy: set[int] = set()
         self._drawn: OrderedDict[int, float] = OrderedDict()
         self._draw = draw or (lambda: int.from_bytes(os.urandom(2), "big"))
         self._now = float("-inf")
@@ -71,26 +65,23 @@ class MessageIds:
 
     def next(self) -> int:
         """The counter's next ID, past those awaiting an ACK and the recent random ones."""
-        mid, moved = self._mid, self._moved
-        busy, drawn = self._busy, self._drawn
+        mid, busy, drawn = self._mid, self._busy, self._drawn
         while True:
             mid = (mid + 1) & 0xFFFF
-            moved += 1
             if mid not in busy and mid not in drawn:
                 break
-        self._mid, self._moved = mid, moved
+        self._mid = mid
         return mid
 
     def unpredictable(self, now: float, avoid: Callable[[int], bool] | None = None) -> int:
         """A random ID: none awaiting an ACK, none drawn within EXCHANGE_LIFETIME, none `avoid`
-        names, none of the counter's of the last EXCHANGE_LIFETIME (RECENT_MAX behind it at most);
-        remembered for EXCHANGE_LIFETIME, so `next` passes it."""
+        names, none of the RECENT_MAX just behind the counter; remembered for EXCHANGE_LIFETIME, so
+        `next` passes it."""
         self._now = max(self._now, now)
-        recent = min(self._moved - self._window_start(), RECENT_MAX)
         current, busy, drawn = self._mid, self._busy, self._drawn
         while True:
             mid = self._draw() & 0xFFFF
-            if ((current - mid) & 0xFFFF >= recent and mid not in busy and mid not in drawn
+            if ((current - mid) & 0xFFFF >= RECENT_MAX and mid not in busy and mid not in drawn
                     and (avoid is None or not avoid(mid))):
                 break
         drawn[mid] = self._now
@@ -100,31 +91,22 @@ class MessageIds:
                 self.forgotten += 1  # (within EXCHANGE_LIFETIME: `next` may come round to it)
         return mid
 
+    def __contains__(self, mid: int) -> bool:
+        """Does a message of ours with `mid` await its ACK?"""
+        return mid in self._busy
+
     def busy(self, mid: int) -> None:
         """A message of ours with `mid` awaits its ACK."""
-        self._busy[mid] = self._busy.get(mid, 0) + 1
+        self._busy.add(mid)
 
     def free(self, mid: int) -> None:
-        """One message with `mid` no longer awaits its ACK (acknowledged, reset, given up)."""
-        n = self._busy.get(mid, 0)
-        if n > 1:
-            self._busy[mid] = n - 1
-        else:
-            self._busy.pop(mid, None)
+        """The message with `mid` no longer awaits its ACK (acknowledged, reset, given up)."""
+        self._busy.discard(mid)
 
     def tick(self, now: float) -> None:
-        """Note where the counter stands (once a MARK_EVERY) and forget what left EXCHANGE_LIFETIME."""
+        """Forget the draws that left EXCHANGE_LIFETIME."""
         self._now = max(self._now, now)
-        marks = self._marks
-        if now - marks[-1][0] >= MARK_EVERY:
-            marks.append((now, self._moved))
         limit = now - self.lifetime
-        while len(marks) > 1 and marks[1][0] <= limit:
-            marks.popleft()  # (the first stays: the newest at or before the window's start)
         drawn = self._drawn
         while drawn and next(iter(drawn.values())) <= limit:
             drawn.popitem(last=False)
-
-    def _window_start(self) -> int:
-        """Where the counter stood EXCHANGE_LIFETIME ago (or before: marks are MARK_EVERY apart)."""
-        return self._marks[0][1]

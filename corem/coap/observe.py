@@ -414,7 +414,7 @@ class Observers:
             self.representations.keep((obs.peer, *obs.request), kept, now)
         obs.notifications += 1
         confirmable = obs.notifications % self.con_every == 0 or now - obs.last_con >= self.con_interval
-        if confirmable and ep.outstanding >= ep.params.max_outstanding:
+        if confirmable and not ep.has_room():
             # (too many messages awaiting ACK: this one is skipped, the next may go -- told before an
             # ID is taken for it, so a random one is never drawn for a message that does not go)
             return self._no_room(obs)
@@ -445,7 +445,7 @@ class Observers:
         """A notification to an observer whose address is not verified: confirmable, and within
         AMPLIFICATION_FACTOR times its registering request (the module docstring says why)."""
         ep = self.endpoint
-        if ep.outstanding >= ep.params.max_outstanding // 2:
+        if not ep.has_room(0.5):
             # (forged registrations cost nothing to make: their notifications, each awaiting its
             # ACK for up to a minute and a half, take half the endpoint's table at most -- the
             # rest is for separate answers to readings and verified observers)

@@ -90,7 +90,7 @@ class BusyPoll:
             return False
         try:
             got = self._wait(fd, self.window_ns)
-        except OSError:  # (poll() itself failed -- out of memory --: as if nothing came; the loop sleeps)
+        except OSError:  # (poll() failed -- out of memory, or a socket closed: EBADF --: as if nothing came; the loop sleeps)
             got = False
         spent = clock() - start
         self._tokens = tokens - spent
