@@ -430,3 +430,24 @@ def test_a_value_nested_up_to_max_nesting_is_taken_in_json_and_cbor_alike_whatev
         assert decode(profile, content_format, wrapped(64))
         e = refused(profile, content_format, wrapped(65))
         assert e.reason == "nested deeper than 64 maps or arrays" and "a.b.b" in (e.field or ""), (content_format, e)
+
+
+BIGNUM = 7 ** 6000  # (a CBOR bignum of ~2 KB: its decimal text is past Python's 4,300-digit limit)
+
+
+@pytest.mark.parametrize("spec, content_format, payload, field", [
+    ({}, 60, {BIGNUM: 1}, "<integer>"),  # (the default, flat)
+    ({"format": "thingsboard", "nested": "flatten"}, 60, {"a": {BIGNUM: 1}}, "a.<integer>"),
+    ({"format": "thingsboard", "nested": "json"}, 60, {"a": [BIGNUM]}, "a.0"),
+    ({"format": "senml"}, 112, [{BIGNUM: 1}], "[0]"),
+])
+def test_a_bignum_from_a_device_is_a_4_00_naming_its_place_not_a_5_00(spec, content_format, payload, field):
+    """Found in review: a bignum as a key reached `repr` in the error (ValueError: past the
+    4,300-digit limit), and under nested "json" `json.dumps`: an unnamed error, answered 5.00."""
+    e = refused(spec, content_format, payload)
+    assert field in (e.field or "") + e.reason, e
+
+
+def test_json_with_an_integer_of_5000_digits_is_refused_as_out_of_range_not_as_nan():
+    e = refused({}, 50, b'{"t": ' + b"9" * 5000 + b"}")
+    assert "out of range" in str(e) and "NaN" not in str(e)

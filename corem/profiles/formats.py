@@ -42,6 +42,7 @@ from .payload import (
     decode_json,
     kind,
     put_scalar,
+    shown,
 )
 
 #: (content_format, payload, now_ms) -> the points' readings
@@ -49,9 +50,11 @@ FormatDecoder = Callable[[int | None, bytes | bytearray | memoryview, int], list
 
 #: Points one payload may carry (a bound: a request is one reply, whatever it holds).
 MAX_POINTS = 1000
-#: Nesting a document may have (ThingsBoard, SenML: JSON and CBOR alike; a JavaScript codec's data),
-#: bounded where `put_value` flattens it or keeps it as JSON text: deeper is the sender's 4.00,
-#: naming the field, where Python's recursion limit (~1,000 frames) made it a 5.00
+#: Nesting a value may have (ThingsBoard's, a JavaScript codec's data: JSON and CBOR alike), bounded
+#: where `put_value` flattens it or keeps it as JSON text: deeper is the sender's 4.00, naming the
+#: field, where Python's recursion limit (~1,000 frames) made it a 5.00.  (SenML and positional
+#: arrays take no nested value at all: their CBOR is decoded to the same DECODE_NESTING, one bound
+#: for every CBOR document, and what nests is refused by its type.)
 MAX_NESTING = 64
 #: Nesting a CBOR document is decoded to: past MAX_NESTING by the most a format wraps a value in (an
 #: array of `{"ts", "values"}` maps: 3) and one more, so that a value nested up to MAX_NESTING is
@@ -135,7 +138,7 @@ def put_value(key: object, value: object, where: str, nested: str, numeric: dict
     """One key's value into the readings: a scalar as it is, a map or an array as `nested` says
     (ThingsBoard's values, a JavaScript codec's data), at most MAX_NESTING levels deep."""
     if type(key) is not str or not key:
-        raise PayloadError("keys must be non-empty text strings", f"{where}{prefix}{key!r}")
+        raise PayloadError("keys must be non-empty text strings", f"{where}{prefix}{shown(key)}")
     name = prefix + key
     if value is None:
         raise PayloadError("null values are not allowed", where + name)
@@ -168,6 +171,8 @@ def _plain(value: object, field: str, depth: int = 0) -> object:
         return {k: _plain(v, f"{field}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v, f"{field}.{i}", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:
+        raise PayloadError("integer too large for a float", field)  # (as put_scalar: JSON text cannot say it)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float) and math.isfinite(value):
@@ -237,7 +242,7 @@ def _record(raw: object, index: int) -> dict[str, Any]:
     for key, value in raw.items():
         label = LABELS.get(key) if type(key) is int else key if type(key) is str else None
         if label is None:
-            raise PayloadError(f"{key!r} is not a SenML label", f"[{index}]")
+            raise PayloadError(f"{shown(key)} is not a SenML label", f"[{index}]")
         if label.endswith("_"):  # §4.4: must-understand labels corem does not know
             raise PayloadError("a label ending in _ must be understood; corem does not know this one",
                                f"[{index}].{label}")

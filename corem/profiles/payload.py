@@ -127,13 +127,21 @@ def _json_problem(data: bytes) -> str:
         json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as e:
         return f"not well-formed at byte {len(text[: e.pos].encode())}"
-    except (ValueError, RecursionError):
+    except _NotJson:
         return "NaN and Infinity are not JSON numbers"
+    except RecursionError:
+        return "nested too deep"
+    except ValueError:  # (an integer of more digits than Python turns into one: 4,300)
+        return "a number is out of range"
     return "a number is out of range"
 
 
+class _NotJson(ValueError):
+    """NaN, Infinity or -Infinity: Python's json takes them, JSON does not."""
+
+
 def _not_json(constant: str) -> None:
-    raise ValueError(constant)
+    raise _NotJson(constant)
 
 
 DECODERS = {CF_CBOR: decode_cbor, CF_JSON: decode_json}
@@ -150,8 +158,7 @@ def flat_readings(value: object) -> Readings:
     ts = None
     for key, v in value.items():
         if type(key) is not str:
-            raise PayloadError(f"map keys must be text strings, got {kind(key)}",
-                               repr(key) if type(key) in _SCALARS or type(key) is bytes else f"<{kind(key)}>")
+            raise PayloadError(f"map keys must be text strings, got {kind(key)}", shown(key))
         if not key:
             raise PayloadError("metric name is empty", key)
         if key == "ts":
@@ -183,6 +190,17 @@ def put_scalar(key: str, v: object, numeric: dict[str, float], strings: dict[str
     else:
         return False
     return True
+
+
+def shown(key: object) -> str:
+    """A key from a device's document as an error quotes it: a scalar or a byte string as it is
+    (cut at 40 characters), anything else -- a map, an array, a bignum -- as `<its kind>`: `repr`
+    of a bignum past 4,300 digits raises, and of a deeply nested key runs long."""
+    if isinstance(key, (str, bytes)):
+        return repr(key[:40])
+    if type(key) in _SCALARS and not (type(key) is int and key.bit_length() > 64):
+        return repr(key)
+    return f"<{kind(key)}>"
 
 
 def kind(value: object) -> str:
