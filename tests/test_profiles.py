@@ -119,9 +119,10 @@ def nested_doc(depth: int, content_format: int) -> bytes:
 @pytest.mark.parametrize("nested", ["flatten", "json"])
 def test_values_nested_past_max_nesting_are_refused_naming_the_field(nested, content_format):
     """Bounded where put_value flattens or keeps them, where Python's recursion (a 5.00) was before:
-    nested 100 or 900 deep is the sender's 4.00, naming the field -- in JSON and in CBOR alike (found
-    wrong: CBOR was decoded to 16 levels while JSON went to 64, so a document 17-64 deep was taken as
-    JSON and refused as CBOR, without its field)."""
+    up to 64 deep is taken and 65 refused naming the field, in JSON and in CBOR alike (found wrong:
+    CBOR was decoded to 16 levels while JSON went to 64, so a document 17-64 deep was taken as JSON
+    and refused as CBOR, without its field); 100 or 900 deep is a 4.00 either way -- JSON's naming
+    the field, CBOR's the document (decoded no deeper than 68)."""
     profile = {"format": "thingsboard", "nested": nested}
     for depth in (17, 64):
         assert decode(profile, content_format, nested_doc(depth, content_format))
