@@ -47,9 +47,6 @@ deps: $(STAMP)
 # prometheus for its promtool (the alert rules, the dashboard's queries and a real scrape are checked
 # with it; no test uses its server, which Debian starts on a host with systemd, on :9090 -- in a
 # container policy-rc.d keeps it stopped).
-DEBS := libcoap3-bin openssl gcc chromium chromium-driver protobuf-compiler postgresql nftables conntrack libssl-dev \
-	autoconf automake golang-go golang-github-pion-dtls.v2-dev libwolfssl-dev libbctls-java default-jdk-headless \
-	prometheus
 sysdeps:
 	@missing=""; \
 	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \

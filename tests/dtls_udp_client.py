@@ -60,8 +60,8 @@ class DtlsUdpClient:
     def post(self, path: list[str], payload: bytes, content_format: int = 60, timeout: float = 30.0) -> Message:
         """A CON POST over the session; retransmitted every second until the ACK comes."""
         self.mid += 1
-        msg = Message(
-            Type.CON, Code.POST, self.mid, b"\x07",
+        msg = Message(  # (a token of its own: a late answer to the one before is not this one's)
+            Type.CON, Code.POST, self.mid, self.mid.to_bytes(2, "big"),
             make_options([(O.URI_PATH, p) for p in path] + [(O.CONTENT_FORMAT, content_format)]), payload,
         )
         return self.exchange(encode(msg), timeout)

@@ -634,6 +634,7 @@ def test_the_mbedtls_engine_never_takes_a_shared_store(store_url):
 
 @pytest.mark.skipif(not _nft_works(), reason="nftables and conntrack (Debian: nftables, conntrack) as root are needed")
 def test_a_balancer_table_whose_process_is_gone_is_removed_and_a_live_ones_kept():
+    # (the end state only: another worker's Balancer may remove the stale table first)
     """A test process killed before its Balancer's cleanup leaves its table, which would DNAT a
     later server's datagrams on that port to dead nodes (a CI client's "ICMP: Connection
     refused"): the next run's start removes it, and never a live process's."""
@@ -644,7 +645,7 @@ def test_a_balancer_table_whose_process_is_gone_is_removed_and_a_live_ones_kept(
     for name in (stale, live):
         subprocess.run([NFT, "add", "table", "ip", name], check=True, capture_output=True)
     try:
-        assert stale in remove_stale_balancers(NFT)
+        remove_stale_balancers(NFT)
         tables = subprocess.run([NFT, "list", "tables"], capture_output=True, text=True, check=True).stdout
         assert f"table ip {live}" in tables and f"table ip {stale}" not in tables
     finally:

