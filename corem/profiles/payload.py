@@ -127,21 +127,21 @@ def _json_problem(data: bytes) -> str:
         json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as e:
         return f"not well-formed at byte {len(text[: e.pos].encode())}"
-    except _NotJson:
-        return "NaN and Infinity are not JSON numbers"
     except RecursionError:
         return "nested too deep"
-    except ValueError:  # (an integer of more digits than Python turns into one: 4,300)
-        return "a number is out of range"
+    except ValueError as e:
+        if e.args and e.args[0] in _CONSTANTS:  # (`_not_json`'s)
+            return "NaN and Infinity are not JSON numbers"
+        return "a number is out of range"  # (an integer of more digits than Python turns into one: 4,300)
     return "a number is out of range"
 
 
-class _NotJson(ValueError):
-    """NaN, Infinity or -Infinity: Python's json takes them, JSON does not."""
+#: what Python's json takes and JSON does not
+_CONSTANTS = ("NaN", "Infinity", "-Infinity")
 
 
 def _not_json(constant: str) -> None:
-    raise _NotJson(constant)
+    raise ValueError(constant)
 
 
 DECODERS = {CF_CBOR: decode_cbor, CF_JSON: decode_json}
