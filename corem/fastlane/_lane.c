@@ -277,6 +277,8 @@ typedef struct {
     uint64_t targets_gen;
     PyObject *plain, *dtouched;
     uint64_t depoch;
+    uint32_t drains; /* drain_records calls (the look-ahead's counts are of one: dsess_t.ahead_in) */
+    double newest_began; /* the latest `began` new_session gave (from_old_session's shortcut) */
     unsigned long long rec_datagrams, rec_bytes; /* records opened since the last take_records */
     unsigned long long rec_hellos, rec_hello_bytes; /* ... and HelloVerifyRequests sent, their bytes */
     uint8_t *plainbuf;
@@ -583,7 +585,9 @@ static int python_path(Lane *self, const uint8_t *key, double now, long reuse) {
  * duplicate of what the peer sends now (message IDs are scoped to the session, RFC 7252 §9.1),
  * and nothing is sent for it any more: that session, and its meaning of the id, are gone. */
 static int from_old_session(Lane *self, const addr_t *a, double at) {
-    if (!self->sessions.count) return 0;
+    /* (no session began since: no lookup, a likely cache and TLB miss in a map of dedup's size --
+     * every CoAPS reading's commit asked, ~0.07 us of it) */
+    if (!self->sessions.count || at >= self->newest_began) return 0;
     uint8_t key[KEYLEN];
     addr_key(a, 0, 1, key);
     long slot = fm_find(&self->sessions, key);
@@ -1630,6 +1634,11 @@ static dsess_t *session_by_cid(Lane *self, const uint8_t *d, size_t n) {
     return i < 0 ? NULL : &self->ds.e[i];
 }
 
+/* The session a datagram of the CoAPS socket names: by its CID, else by its address (or NULL). */
+static dsess_t *record_session(Lane *self, const uint8_t *d, size_t n, const addr_t *a) {
+    return n < 13 ? NULL : d[0] == DTLS_TLS12_CID_TYPE ? session_by_cid(self, d, n) : session_by_addr(self, a);
+}
+
 static Py_ssize_t session_target(Lane *self, dsess_t *s) { return cached_target(self, s->name, &s->target, &s->targets_gen); }
 
 static int to_python(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
@@ -1688,7 +1697,9 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
         self->oversized++;
         return 0;
     }
-    dsess_t *s = n < 13 ? NULL : d[0] == DTLS_TLS12_CID_TYPE ? session_by_cid(self, d, n) : session_by_addr(self, a);
+    dsess_t *s = record_session(self, d, n, a);
+    int fetched = s && s->ahead && s->ahead_in == self->drains; /* (its dedup cell: drain_record_ahead) */
+    if (fetched) s->ahead--;
     if (self->limit && !rate_allow(self, a, now)) {
         /* over its source's rate: a datagram of a known session still passes (as
          * EngineServer.credentialed: the peer has a session, or the record's CID names one) */
@@ -1709,8 +1720,7 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
         if (memcmp(key, s->akey, KEYLEN) != 0) return to_python(self, d, n, a, alen);
     }
     if ((int64_t)dtls_be48(d + 5) <= s->floor) return to_python(self, d, n, a, alen);
-    {   /* the exchange's place in the dedup map, fetched while the record is opened: its message
-         * id is the session's next most of the time (a miss is a wasted prefetch, nothing else) */
+    if (!fetched) { /* (a record given by the caller: fetched while it is opened, which is late) */
         uint8_t key[KEYLEN];
         addr_key(a, s->next_mid, 1, key);
         fm_prefetch(&self->dedup, key);
@@ -1759,11 +1769,27 @@ static int drain_record(void *ctx, const uint8_t *d, size_t n, const addr_t *a, 
     return feed_record(c->lane, d, n, a, alen, c->now, c->now_ms, 1);
 }
 
-/* (read_datagrams_ahead) a record's exchange is known once it is opened, but what its push will
- * evict is known now (as drain_ahead) */
+/* (read_datagrams_ahead) what taking a record will look up in the dedup map, fetched ahead, as
+ * drain_ahead does: its exchange's index cell, and what its push will evict.  The record is
+ * sealed, but its message id is most likely its session's next, counting the records of that
+ * session already seen ahead (`ahead`: ids go up by one); a wrong guess is a wasted prefetch.
+ * Fetched while the record was opened instead, it was still a cache miss most of the time: a
+ * third of the lane's extra time over plain CoAP (perf, docs/benchmarks.md). */
 static int drain_record_ahead(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
-    (void)d, (void)n, (void)a, (void)alen;
-    fm_prefetch_evicted(&((drain_ctx *)ctx)->lane->dedup, AHEAD);
+    Lane *self = ((drain_ctx *)ctx)->lane;
+    (void)alen;
+    dsess_t *s = (Py_ssize_t)n > self->max_datagram ? NULL : record_session(self, d, n, a);
+    if (s) {
+        if (s->ahead_in != self->drains) {
+            s->ahead_in = self->drains;
+            s->ahead = 0;
+        }
+        uint8_t key[KEYLEN];
+        addr_key(a, (uint16_t)(s->next_mid + s->ahead), 1, key);
+        s->ahead++;
+        fm_prefetch(&self->dedup, key);
+    }
+    fm_prefetch_evicted(&self->dedup, AHEAD);
     return 0;
 }
 
@@ -1786,6 +1812,7 @@ static PyObject *Lane_drain_records(Lane *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "idLi", &fd, &c.now, &c.now_ms, &budget)) return NULL;
     if (ensure_record_lists(self) < 0 || dtls_api() < 0) return NULL;
     size_t queued = self->wire_len; /* (what waits already: hellos answered now are what it grows by) */
+    self->drains++;
     long total = read_datagrams_ahead(fd, self->rxbuf, (size_t)self->max_datagram + 1, budget, drain_record,
                                       drain_record_ahead, &c);
     if (self->wire_len > queued) send_wire(self, fd); /* (at once: the device's next flight is on its way) */
@@ -2102,6 +2129,7 @@ static PyObject *Lane_new_session(Lane *self, PyObject *args) {
     int evicted;
     session_t *e = fm_entry(&self->sessions, slot >= 0 ? (size_t)slot : fm_push(&self->sessions, key, &evicted));
     e->began = now;
+    if (now > self->newest_began) self->newest_began = now;
     Py_RETURN_NONE;
 }
 

@@ -33,6 +33,8 @@ typedef struct {
     uint8_t cid_out[DS_MAX_PEER_CID];
     uint8_t cid_in_len, cid_out_len, live;
     uint16_t next_mid;  /* the message id its next request likely has (the last + 1: ids go up by one) */
+    uint16_t ahead;     /* its records drain_record_ahead saw and feed_record has not yet ... */
+    uint32_t ahead_in;  /* ... in that drain (Lane.drains): a count an aborted drain left is reset */
     PyObject *mark_key; /* a saved session: its row's key in the session store (else None) */
     double reported;    /* when it was last reported to Python */
     int32_t due_at;     /* its place in the marks due (dsessions.due), -1: none due */
