@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import cbor2
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from corem.bus.sqlite import EmbeddedBus
 from corem.codec import Code, Message, Type, decode, encode
@@ -26,10 +28,11 @@ from corem.coap import Endpoint, Params, Router
 from corem.dtls import DtlsParams, SessionStore
 from corem.dtls.store import fold_packs
 from corem.dtls.engine import Client
-from corem.dtls.engine.records import RECORDS, parse_record_untrusted
+from corem.dtls.engine.records import RECORDS, RecordProtection, ReplayWindow, parse_record_untrusted
 from corem.dtls.layer import EngineServer
 from corem.fastlane import FastLane
 from corem.ingest.diagnostics import Diagnostics
+from corem.profiles.payload import decode_readings
 from corem.ingest.point import decode_point
 from corem.ingest.telemetry import TelemetryIngest
 from corem.metrics import gather
@@ -135,12 +138,15 @@ class CarryingSink(RecordingSink):
 class Coaps:
     """One CoAPS server as `corem serve` wires it (dtls_engine = corem), lane on or off, sans Trio."""
 
-    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, limiter=None, **params) -> None:
+    def __init__(self, *, lane: bool = True, store: SessionStore | None = None, limiter=None, profile: str | None = None,
+                 hook=None, **params) -> None:
+        """`profile`: the device's profile; `hook`: a Python decoder registered as it."""
         self.tmp = tempfile.TemporaryDirectory(prefix="corem-lane-dtls-")
         self.registry = Registry(Path(self.tmp.name) / "registry.db")
         # (registered at one instant: a second Coaps is the same device's registry after a restart,
         # whose saved sessions are sealed to the device's registration: registry.credentials)
-        self.registry.add_device("acme", "d1", token="T1", psk_identity=IDENTITY, psk=KEY, created_at=1_700_000_000_000)
+        self.registry.add_device("acme", "d1", token="T1", psk_identity=IDENTITY, psk=KEY, created_at=1_700_000_000_000,
+                                 **({"profile": profile} if profile else {}))
         self.directory = Directory(self.registry)
         self.directory.refresh()
         self.now = 100.0
@@ -153,6 +159,8 @@ class Coaps:
         self.layer = EngineServer(self.directory.psk_device, DtlsParams(**params), state_key=STATE_KEY,
                                   store=store, device_lookup=self.directory.named,
                                   on_new_session=self._new_session, on_moved=lambda o, n, t: self._new_session(n, t))
+        if hook is not None:
+            self.ingest.register_profile(profile, hook)
         self.ingest.install(self.router, session_device=lambda req: req.identity or self.layer.device(req.peer))
         self.lane = FastLane(self.ingest, self.sink, self.endpoint) if lane else None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -817,6 +825,79 @@ def test_sessions_leave_the_lane_with_the_engine(coaps):
     assert srv.lane.counters["dtls_sessions"] == 3
     srv.layer.close(srv.now)  # (every session to the store) -- the sweep
     assert srv.lane.counters["dtls_sessions"] == 0
+
+
+def test_a_session_dropped_by_python_during_a_drain_is_not_used_for_the_records_after(coaps):
+    """The lane looks a record's session up once, ahead of taking the record (drain_record_ahead),
+    and keeps what it found only while no session was added or removed.  Python code the drain
+    calls (here the device's profile, a Python hook the lane calls from its batch) may drop a
+    session: a record of it read in the same drain goes to Python, which still holds the session
+    -- not opened with the entry the lane let go (its references released: a crash before)."""
+    dropped: list[int] = []
+
+    def hook(cf, payload):
+        if not dropped:
+            dropped.append(srv.lane.counters["records_opened"])
+            srv.lane.drop_session(conn, conn.peer, conn.cid_in)  # (what the engine does when a session ends)
+        return decode_readings(cf, payload)
+
+    srv = coaps(profile="hook", hook=hook)
+    dev = Device(srv.address)
+    srv.handshake(dev)
+    conn = srv.layer.sessions[dev.address]
+    dev.post(reading(1))  # the hook runs for this one, from the lane's batch
+    dev.post(reading(2))  # read in the same drain: its session found before the first was taken
+    srv.pump()
+    assert dropped == [1]  # (dropped from the lane's batch, the second record not taken yet)
+    assert srv.lane.counters["dtls_sessions"] == 0
+    assert srv.lane.counters["records_opened"] == 1  # the first only: the second went to Python
+    srv.commit()
+    assert sorted(decode(a).code for a in dev.answers()) == [Code.CHANGED] * 2
+    assert sorted(p.numeric_values["n"] for _, _, p, _ in srv.stored()) == [1.0, 2.0]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 300), st.lists(st.tuples(st.booleans(), st.integers(1, 30), st.booleans()), max_size=400))
+def test_the_lanes_session_table_finds_every_session_and_only_those_through_churn(coaps, storm, ops):
+    """The lane's table of sessions, by address and by CID, against a model through adds and
+    drops: its indexes delete by backward shift, so every session left must still be found, by
+    either key, and nothing dropped.  Up to 30 sessions fill the smallest index up to half (long
+    probe runs); a storm of sessions before them grows it, and their leaving shrinks it."""
+    if RECORDS != "c":
+        pytest.skip("the lane opens records with the C records only")
+    srv = coaps()
+    lane = srv.lane
+    storm_owner = object()
+    for i in range(storm):
+        lane.add_session(storm_owner, ("127.0.0.3", 1000 + i), (50_000 + i).to_bytes(4, "big"), b"", RecordProtection(
+            "ccm8", bytes(16), bytes(4)), ReplayWindow(), RecordProtection("ccm8", bytes(16), bytes(4)), None, -1, None)
+    for i in range(storm):
+        assert lane.lane.drop_session(storm_owner, ("127.0.0.3", 1000 + i), (50_000 + i).to_bytes(4, "big"))
+    prot, window = RecordProtection("ccm8", bytes(16), bytes(4)), ReplayWindow()
+    model: dict[int, tuple[object, bytes]] = {}  # port -> (owner, its CID)
+
+    def peer(port: int) -> tuple:
+        return ("127.0.0.1", 20000 + port)
+
+    for add, port, with_cid in ops:
+        if add:
+            cid = (port + 1000).to_bytes(4, "big") if with_cid else b""
+            owner = object()
+            lane.add_session(owner, peer(port), cid, b"", prot, window, prot, None, -1, None)
+            model[port] = (owner, cid)  # (one at an address: the one before it is replaced)
+        elif port in model:
+            owner, cid = model.pop(port)
+            assert lane.lane.drop_session(owner, peer(port), cid)
+        else:
+            assert not lane.lane.drop_session(object(), peer(port), b"")
+        assert lane.counters["dtls_sessions"] == len(model)
+    for port, (owner, cid) in list(model.items()):  # each found by its CID (an address elsewhere) ...
+        if cid:
+            assert lane.lane.drop_session(owner, ("127.0.0.2", 1), cid)
+            del model[port]
+    for port, (owner, cid) in model.items():  # ... or by its address
+        assert lane.lane.drop_session(owner, peer(port), b"")
+    assert lane.counters["dtls_sessions"] == 0
 
 
 def test_without_the_c_records_the_edge_keeps_the_python_path(monkeypatch):

@@ -1510,10 +1510,23 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
 }
 
 /* ---------------------------------------------------------------- methods ------------------ */
+/* drain_records: the session drain_record_ahead found for each datagram (-1: none), for
+ * drain_record to take instead of looking it up again -- while no session was added or removed
+ * meanwhile (`version`: what classify calls may do).  AHEAD + 1 wait at most. */
+#define FOUND_RING 8
+typedef struct {
+    unsigned long seq; /* the datagram's place in the drain */
+    int32_t entry;
+    uint32_t version;
+} found_t;
+
 typedef struct {
     Lane *lane;
     double now;
     long long now_ms;
+    found_t found[FOUND_RING];
+    unsigned head, len;
+    unsigned long ahead_seq, fed_seq; /* datagrams seen by drain_record_ahead, by drain_record */
 } drain_ctx;
 
 static int drain_one(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
@@ -1692,12 +1705,13 @@ static int lane_hello_verify(Lane *self, const uint8_t *d, size_t n, const addr_
 /* One datagram of the CoAPS socket; `hellos`: a new peer's ClientHello is answered here (only
  * where the answers are sent at the end: drain_records on a socket). */
 static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, double now,
-                       long long now_ms, int hellos) {
+                       long long now_ms, int hellos, const found_t *found) {
     if ((Py_ssize_t)n > self->max_datagram) {
         self->oversized++;
         return 0;
     }
-    dsess_t *s = record_session(self, d, n, a);
+    dsess_t *s = !found || found->version != self->ds.version ? record_session(self, d, n, a)
+                 : found->entry < 0 ? NULL : &self->ds.e[found->entry];
     int fetched = s && s->ahead && s->ahead_in == self->drains; /* (its dedup cell: drain_record_ahead) */
     if (fetched) s->ahead--;
     if (self->limit && !rate_allow(self, a, now)) {
@@ -1766,19 +1780,35 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
 
 static int drain_record(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
     drain_ctx *c = ctx;
-    return feed_record(c->lane, d, n, a, alen, c->now, c->now_ms, 1);
+    const found_t *f = NULL;
+    unsigned long seq = c->fed_seq++;
+    if (c->len) {
+        f = &c->found[c->head];
+        c->head = (c->head + 1) % FOUND_RING;
+        c->len--;
+        if (f->seq != seq) f = NULL; /* (not this datagram's: the two calls parted -- looked up again) */
+    }
+    return feed_record(c->lane, d, n, a, alen, c->now, c->now_ms, 1, f);
 }
 
-/* (read_datagrams_ahead) what taking a record will look up in the dedup map, fetched ahead, as
- * drain_ahead does: its exchange's index cell, and what its push will evict.  The record is
- * sealed, but its message id is most likely its session's next, counting the records of that
- * session already seen ahead (`ahead`: ids go up by one); a wrong guess is a wasted prefetch.
- * Fetched while the record was opened instead, it was still a cache miss most of the time: a
- * third of the lane's extra time over plain CoAP (perf, docs/benchmarks.md). */
+/* (read_datagrams_ahead) The record's session, found once for both calls (`found`), and what
+ * taking the record will look up in the dedup map, fetched ahead as drain_ahead does: its
+ * exchange's index cell, and what its push will evict.  The record is sealed, but its message id
+ * is most likely its session's next, counting the records of that session already seen ahead
+ * (`ahead`: ids go up by one); a wrong guess is a wasted prefetch.  (Fetched only while the
+ * record is opened, the cell may still be on its way when the lookup comes.) */
 static int drain_record_ahead(void *ctx, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen) {
-    Lane *self = ((drain_ctx *)ctx)->lane;
+    drain_ctx *c = ctx;
+    Lane *self = c->lane;
     (void)alen;
     dsess_t *s = (Py_ssize_t)n > self->max_datagram ? NULL : record_session(self, d, n, a);
+    if (c->len < FOUND_RING) {
+        found_t *f = &c->found[(c->head + c->len++) % FOUND_RING];
+        f->seq = c->ahead_seq;
+        f->entry = s ? (int32_t)(s - self->ds.e) : -1;
+        f->version = self->ds.version;
+    }
+    c->ahead_seq++;
     if (s) {
         if (s->ahead_in != self->drains) {
             s->ahead_in = self->drains;
@@ -1832,7 +1862,7 @@ static PyObject *Lane_receive_record(Lane *self, PyObject *args) {
     int r = ensure_record_lists(self);
     if (r == 0 && !DTLS) r = dtls_api();
     if (r == 0) r = addr_from_tuple(peer, &a, &alen);
-    if (r == 0) r = feed_record(self, data.buf, data.len, &a, alen, now, now_ms, 0); /* (no socket to answer on) */
+    if (r == 0) r = feed_record(self, data.buf, data.len, &a, alen, now, now_ms, 0, NULL); /* (no socket to answer on) */
     PyBuffer_Release(&data);
     if (r < 0) return NULL;
     Py_RETURN_NONE;

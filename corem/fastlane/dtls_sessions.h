@@ -8,7 +8,8 @@
  * defines KEYLEN and includes udp_batch.h first).
  *
  * Entries live in an array with a free list; two open-addressing indexes (linear probing,
- * tombstones, rebuilt when half full) find them.  A table of at most the engine's max_sessions.
+ * backward-shift deletion, grown when half full, shrunk when a sixteenth full) find them.  A
+ * table of at most the engine's max_sessions.
  */
 #ifndef COREM_DTLS_SESSIONS_H
 #define COREM_DTLS_SESSIONS_H
@@ -29,8 +30,6 @@ typedef struct {
     addr_t addr;
     socklen_t alen;
     uint8_t akey[KEYLEN];
-    uint8_t cid_in[DS_MAX_CID];
-    uint8_t cid_out[DS_MAX_PEER_CID];
     uint8_t cid_in_len, cid_out_len, live;
     uint16_t next_mid;  /* the message id its next request likely has (the last + 1: ids go up by one) */
     uint16_t ahead;     /* its records drain_record_ahead saw and feed_record has not yet ... */
@@ -43,15 +42,16 @@ typedef struct {
     uint64_t targets_gen;
     uint64_t epoch;    /* the batch that last reported it touched */
     int32_t next_free;
+    /* (last: what every record touches above sits in two or three cache lines, not across these) */
+    uint8_t cid_in[DS_MAX_CID];
+    uint8_t cid_out[DS_MAX_PEER_CID];
 } dsess_t;
 
 typedef struct {
-    uint32_t *cells; /* entry + 1; 0 empty; DS_TOMB deleted */
+    uint32_t *cells; /* entry + 1; 0 empty */
     uint32_t *hashes;
-    size_t mask, used; /* used: cells not empty (tombstones included) */
+    size_t mask, used; /* used: cells not empty */
 } dsindex;
-
-#define DS_TOMB UINT32_MAX
 
 /* a mark not written yet: a saved session's window top and its row's key (a reference) */
 typedef struct {
@@ -66,6 +66,7 @@ typedef struct {
 typedef struct {
     dsess_t *e;
     int32_t cap, free_head, count;
+    uint32_t version; /* bumped whenever an index changes: a lookup made before still holds if unchanged */
     dsindex by_addr, by_cid;
     size_t cid_len; /* the length of every CID this side chose (0: none registered yet) */
     int64_t (*top)(PyObject *window); /* the records API's window top (set with the first session) */
@@ -110,6 +111,15 @@ static const uint8_t *ds_key(const dsess_t *s, int by_cid, size_t *n) {
     return s->akey;
 }
 
+/* (an address key compared as three words, not by a call to memcmp: two finds a CoAPS reading) */
+static inline int ds_same(const uint8_t *a, const uint8_t *b, size_t n) {
+    if (n != 24) return memcmp(a, b, n) == 0;
+    uint64_t x[3], y[3];
+    memcpy(x, a, 24);
+    memcpy(y, b, 24);
+    return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2])) == 0;
+}
+
 static long ds_find(dsessions *t, int by_cid, const uint8_t *key, size_t n) {
     dsindex *x = by_cid ? &t->by_cid : &t->by_addr;
     if (!x->cells || !t->count) return -1;
@@ -117,10 +127,10 @@ static long ds_find(dsessions *t, int by_cid, const uint8_t *key, size_t n) {
     for (size_t i = h & x->mask;; i = (i + 1) & x->mask) {
         uint32_t c = x->cells[i];
         if (c == 0) return -1;
-        if (c != DS_TOMB && x->hashes[i] == h) {
+        if (x->hashes[i] == h) {
             size_t kn;
             const uint8_t *k = ds_key(&t->e[c - 1], by_cid, &kn);
-            if (kn == n && memcmp(k, key, n) == 0) return (long)(c - 1);
+            if (kn == n && ds_same(k, key, n)) return (long)(c - 1);
         }
     }
 }
@@ -147,7 +157,7 @@ static void ds_index_put(dsindex *x, uint32_t h, uint32_t entry) {
     x->used++;
 }
 
-/* The index rebuilt (tombstones gone) at twice the live entries' room, at least 64 cells. */
+/* The index rebuilt at four cells a live entry (a power of two), at least 64 cells. */
 static int ds_rebuild(dsessions *t, int by_cid) {
     dsindex *x = by_cid ? &t->by_cid : &t->by_addr, fresh;
     size_t size = 64;
@@ -168,6 +178,7 @@ static int ds_rebuild(dsessions *t, int by_cid) {
 
 static int ds_index_add(dsessions *t, int by_cid, int32_t entry) {
     dsindex *x = by_cid ? &t->by_cid : &t->by_addr;
+    t->version++;
     if ((!x->cells || (x->used + 1) * 2 > x->mask + 1) && ds_rebuild(t, by_cid) < 0) return -1;
     size_t n;
     const uint8_t *k = ds_key(&t->e[entry], by_cid, &n);
@@ -179,18 +190,30 @@ static int ds_index_add(dsessions *t, int by_cid, int32_t entry) {
 
 static void ds_index_remove(dsessions *t, int by_cid, int32_t entry) {
     dsindex *x = by_cid ? &t->by_cid : &t->by_addr;
+    t->version++;
     if (!x->cells) return;
     size_t n;
     const uint8_t *k = ds_key(&t->e[entry], by_cid, &n);
     uint32_t h = ds_hash(k, n);
-    for (size_t i = h & x->mask;; i = (i + 1) & x->mask) {
-        uint32_t c = x->cells[i];
+    size_t hole = h & x->mask;
+    for (;; hole = (hole + 1) & x->mask) {
+        uint32_t c = x->cells[hole];
         if (c == 0) return;
-        if (c == (uint32_t)entry + 1) {
-            x->cells[i] = DS_TOMB;
-            return;
+        if (c == (uint32_t)entry + 1) break;
+    }
+    /* backward-shift deletion: each later cell of the run moves into the hole unless its home
+     * lies between the hole and it (so every cell stays reachable from its home, no tombstone
+     * left: after a reconnection storm the lookups of the sessions left probed past thousands) */
+    for (size_t j = (hole + 1) & x->mask; x->cells[j]; j = (j + 1) & x->mask) {
+        size_t home = x->hashes[j] & x->mask;
+        if (((j - home) & x->mask) >= ((j - hole) & x->mask)) {
+            x->cells[hole] = x->cells[j];
+            x->hashes[hole] = x->hashes[j];
+            hole = j;
         }
     }
+    x->cells[hole] = 0;
+    x->used--;
 }
 
 /* A free entry (zeroed, not yet live), or -1 (no memory). */
@@ -384,6 +407,12 @@ static void ds_remove(dsessions *t, int32_t i) {
     s->next_free = t->free_head;
     t->free_head = i;
     t->count--;
+    /* an index sized for a storm's sessions, shrunk once they have gone: the few left would
+     * each be a cache miss in it (a failed rebuild keeps the index as it is) */
+    for (int by_cid = 0; by_cid < 2; by_cid++) {
+        dsindex *x = by_cid ? &t->by_cid : &t->by_addr;
+        if (x->cells && x->mask + 1 > 64 && (size_t)t->count * 16 < x->mask + 1) (void)ds_rebuild(t, by_cid);
+    }
     for (int k = 0; k < 7; k++) Py_XDECREF(refs[k]);
 }
 
