@@ -829,10 +829,12 @@ def test_sessions_leave_the_lane_with_the_engine(coaps):
 
 def test_a_session_dropped_by_python_during_a_drain_is_not_used_for_the_records_after(coaps):
     """The lane looks a record's session up once, ahead of taking the record (drain_record_ahead),
-    and keeps what it found only while no session was added or removed.  Python code the drain
-    calls (here the device's profile, a Python hook the lane calls from its batch) may drop a
-    session: a record of it read in the same drain goes to Python, which still holds the session
-    -- not opened with the entry the lane let go (its references released: a crash before)."""
+    and seals the answer with the session that took it (send_records), each only while no
+    session was added or removed since.  Python code the drain calls (here the device's profile,
+    a Python hook the lane calls from its batch) may drop a session: a record of it read in the
+    same drain goes to Python, which still holds the session, and so does the answer to the
+    record being taken -- neither uses the entry the lane let go (its references released: a
+    crash, without either check)."""
     dropped: list[int] = []
 
     def hook(cf, payload):

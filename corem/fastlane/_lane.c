@@ -206,6 +206,7 @@ typedef struct {
     uint8_t door; /* of the histogram: 0 /api/v1/..., 1 /telemetry, 2 Drogue's /v1/{channel} */
     PyObject *device; /* for accounting once committed */
     PyObject *peer;   /* the peer as Python gave it (CoAPS), or NULL (plain: the lane read it) */
+    uint32_t ds_entry, ds_version; /* its DTLS session's entry + 1 as of that table version (0: none) */
     OscContext *osc;  /* an OSCORE request's context (its answer is sealed), or NULL */
     uint8_t nonce[OSC_NONCE], aad[OSC_AAD_MAX], aadlen; /* (the request's: its first answer uses them) */
     int32_t next_free;
@@ -215,6 +216,7 @@ typedef struct {
     addr_t addr;
     socklen_t alen;
     PyObject *peer; /* as for pending_t: saves making the tuple again for the DTLS edge */
+    uint32_t ds_entry, ds_version; /* as for pending_t: its session without a lookup (0: looked up) */
     uint8_t len;
     uint8_t data[REPLY_MAX];
 } out_t;
@@ -279,6 +281,8 @@ typedef struct {
     uint64_t depoch;
     uint32_t drains; /* drain_records calls (the look-ahead's counts are of one: dsess_t.ahead_in) */
     double newest_began; /* the latest `began` new_session gave (from_old_session's shortcut) */
+    uint32_t taking_entry, taking_version; /* the entry + 1 of the session whose record classify takes
+                                            * now (0: none), as of that version of the table */
     unsigned long long rec_datagrams, rec_bytes; /* records opened since the last take_records */
     unsigned long long rec_hellos, rec_hello_bytes; /* ... and HelloVerifyRequests sent, their bytes */
     uint8_t *plainbuf;
@@ -373,6 +377,7 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
     o->alen = alen;
     Py_XINCREF(peer);
     o->peer = peer;
+    o->ds_entry = 0;
     o->len = (uint8_t)len;
     memcpy(o->data, data, len);
     self->responses[code & 0xff]++;
@@ -1237,6 +1242,8 @@ static int take_reading(Lane *self, target_t *t, const shape_t *s, const uint8_t
     q->device = t->device;
     Py_XINCREF(peer);
     q->peer = peer;
+    q->ds_entry = self->taking_entry;
+    q->ds_version = self->taking_version; /* (Python code classify ran since may have dropped it) */
     if (osc) {
         Py_INCREF(osc->ctx);
         q->osc = osc->ctx;
@@ -1766,7 +1773,11 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
     Py_ssize_t target = session_target(self, s);
     PyObject *peer = s->peer;
     Py_INCREF(peer); /* (the session may be dropped by what classify calls into) */
+    /* (its answers sealed without a lookup of the session by address: send_records) */
+    self->taking_entry = (uint32_t)(s - self->ds.e) + 1;
+    self->taking_version = self->ds.version;
     int c = classify(self, self->plainbuf, plain_len, a, alen, peer, now, now_ms, target < 0 ? NO_DEVICE : target);
+    self->taking_entry = 0;
     if (c == 1) { /* decrypted, not the lane's: the endpoint's, as a message */
         PyObject *m = PyBytes_FromStringAndSize((const char *)self->plainbuf, (Py_ssize_t)plain_len);
         PyObject *pair = m ? PyTuple_Pack(2, m, peer) : NULL;
@@ -2077,7 +2088,11 @@ static PyObject *Lane_send_records(Lane *self, PyObject *arg) {
     size_t keep = 0;
     for (size_t i = 0; i < self->out_len; i++) {
         out_t *o = &self->out[i];
-        dsess_t *s = DTLS ? session_by_addr(self, &o->addr) : NULL;
+        /* (the session that took the request, while no session was added or removed since:
+         * the one at its address -- the lane takes only the records of a session's address) */
+        dsess_t *s = !DTLS ? NULL
+                     : o->ds_entry && o->ds_version == self->ds.version ? &self->ds.e[o->ds_entry - 1]
+                                                                          : session_by_addr(self, &o->addr);
         if (s) {
             if (wire_push(self) < 0) return NULL;
             wire_t *w = &self->wire[self->wire_len];
@@ -2417,6 +2432,8 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             x->reply_len = (uint8_t)len;
         }
         if (queue_out(self, &q->addr, q->alen, q->peer, reply, len, code) < 0) return NULL;
+        self->out[self->out_len - 1].ds_entry = q->ds_entry;
+        self->out[self->out_len - 1].ds_version = q->ds_version;
         lat_observe(self, q);
     } else if (self->on_late && self->on_late != Py_None) {
         /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
