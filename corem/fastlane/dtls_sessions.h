@@ -111,7 +111,7 @@ static const uint8_t *ds_key(const dsess_t *s, int by_cid, size_t *n) {
     return s->akey;
 }
 
-/* (an address key compared as three words, not by a call to memcmp: two finds a CoAPS reading) */
+/* (an address key compared as three words, not by a call to memcmp: a find each CoAPS record) */
 static inline int ds_same(const uint8_t *a, const uint8_t *b, size_t n) {
     if (n != 24) return memcmp(a, b, n) == 0;
     uint64_t x[3], y[3];
@@ -203,7 +203,7 @@ static void ds_index_remove(dsessions *t, int by_cid, int32_t entry) {
     }
     /* backward-shift deletion: each later cell of the run moves into the hole unless its home
      * lies between the hole and it (so every cell stays reachable from its home, no tombstone
-     * left: after a reconnection storm the lookups of the sessions left probed past thousands) */
+     * left: after a reconnection storm, up to half the cells were tombstones to probe past) */
     for (size_t j = (hole + 1) & x->mask; x->cells[j]; j = (j + 1) & x->mask) {
         size_t home = x->hashes[j] & x->mask;
         if (((j - home) & x->mask) >= ((j - hole) & x->mask)) {
