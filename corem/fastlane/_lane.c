@@ -1537,7 +1537,10 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
         }
         self->exempted++;
     }
+    uint32_t outer = self->taking_entry; /* (no session of the lane's: its answer is looked up) */
+    self->taking_entry = 0;
     int r = classify(self, d, n, a, alen, NULL, now, now_ms, PLAIN);
+    self->taking_entry = outer;
     if (r == 1) return append_pair(self->slow, d, n, a, alen); /* the Python path's */
     return r;
 }
@@ -1547,6 +1550,7 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
  * drain_record to take instead of looking it up again -- while no session was added or removed
  * meanwhile (`version`: what classify calls may do).  AHEAD + 1 wait at most. */
 #define FOUND_RING 8
+_Static_assert(AHEAD + 1 <= FOUND_RING, "read_datagrams_ahead keeps AHEAD + 1 datagrams' lookups waiting");
 typedef struct {
     unsigned long seq; /* the datagram's place in the drain */
     int32_t entry;
@@ -1626,8 +1630,11 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
     int r = PyErr_Occurred() ? -1 : ensure_lists(self);
     if (r == 0) r = addr_from_tuple(args[1], &a, &alen);
     if (r == 0) { /* (larger than a datagram: the Python path's, as whatever the lane does not know) */
+        uint32_t outer = self->taking_entry; /* (decrypted by Python: its answer is looked up) */
+        self->taking_entry = 0;
         r = data.len > self->max_datagram ? 1
             : classify(self, data.buf, data.len, &a, alen, args[1], now, now_ms, session < 0 ? NO_DEVICE : session);
+        self->taking_entry = outer;
         if (r == 1) {
             PyObject *pair = PyTuple_Pack(2, args[0], args[1]);
             r = pair ? PyList_Append(self->slow, pair) : -1;
@@ -1799,11 +1806,14 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
     Py_ssize_t target = session_target(self, s);
     PyObject *peer = s->peer;
     Py_INCREF(peer); /* (the session may be dropped by what classify calls into) */
-    /* (its answers sealed without a lookup of the session by address: send_records) */
+    /* (its answers sealed without a lookup of the session by address: send_records; what an
+     * outer call had set, restored after) */
+    uint32_t outer = self->taking_entry, outer_version = self->taking_version;
     self->taking_entry = (uint32_t)(s - self->ds.e) + 1;
     self->taking_version = self->ds.version;
     int c = classify(self, self->plainbuf, plain_len, a, alen, peer, now, now_ms, target < 0 ? NO_DEVICE : target);
-    self->taking_entry = 0;
+    self->taking_entry = outer;
+    self->taking_version = outer_version;
     if (c == 1) { /* decrypted, not the lane's: the endpoint's, as a message */
         PyObject *m = PyBytes_FromStringAndSize((const char *)self->plainbuf, (Py_ssize_t)plain_len);
         PyObject *pair = m ? PyTuple_Pack(2, m, peer) : NULL;

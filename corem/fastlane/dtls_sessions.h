@@ -232,6 +232,7 @@ static int32_t ds_new(dsessions *t) {
     }
     int32_t i = t->free_head;
     t->free_head = t->e[i].next_free;
+    memset(&t->e[i], 0, sizeof(dsess_t)); /* (a reused entry too: no counts of the session before) */
     t->e[i].due_at = -1;
     return i;
 }
