@@ -25,7 +25,7 @@ from .admin import schemas as api_schemas
 from .bus import topics
 from .build import version
 from .config import ConfigError, Settings
-from .errors import BadInput, CoremError, NotFound, StorageUnavailable
+from .errors import BadInput, CoremError, NotFound, StartRefused
 from .inputs import add_flags, names
 from .ingest.point import decode_point
 from .profiles.compile import compile_profile
@@ -160,13 +160,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _run_or_refuse(server: Any, reread: Callable[[], Settings] | None = None, notify: Notifier | None = None) -> None:
     """Run until signalled; a ConfigError raised once Trio runs (a port another process holds, a
-    setting only the workers check), or a store that refuses what the start needs of it
-    (StorageUnavailable: the DTLS record marks of a run before), leaves its nurseries as an
-    exception group: one line, status 2."""
+    setting only the workers check), or a store that cannot give what the start needs of it
+    (StartRefused: the DTLS record marks of a run before), leaves its nurseries as an exception
+    group: one line, status 2."""
     try:
         trio.run(run_until_signalled, server, True, reread, notify)
     except BaseExceptionGroup as group:
-        found = group.subgroup((ConfigError, StorageUnavailable))
+        found = group.subgroup((ConfigError, StartRefused))
         if found is None:
             raise
         refused: BaseException = found

@@ -18,7 +18,7 @@ from corem.bus import EmbeddedBus, Record
 from corem.dtls.store import FOLD_STEP, RX_TOP, SCHEMA, SessionStore, _fold_packs, _rx_log, _rx_pack
 from corem.dtls import store as store_module
 from corem.dtls.store import pack_marks
-from corem.errors import StorageUnavailable
+from corem.errors import StartRefused
 from corem.registry.db import Db, add_columns
 
 A, B = b"\x0a\x00\x00\x01\x16\x33", b"\x0a\x00\x00\x02\x16\x33"
@@ -555,7 +555,7 @@ def test_a_start_that_cannot_fold_the_other_modes_marks_does_not_start(tmp_path,
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(store_module, "_fold" if direction.startswith("embedded") else "_fold_own", failing)
-    with pytest.raises(StorageUnavailable, match="record marks in .*could not be folded.*disk I/O error"):
+    with pytest.raises(StartRefused, match="record marks in .*could not be folded.*disk I/O error"):
         if direction.startswith("embedded"):
             SessionStore(tmp_path / "s.db").log_marks_here(bus=tmp_path / "bus.db")
         else:
@@ -577,7 +577,7 @@ def test_a_start_that_cannot_fold_the_other_modes_marks_does_not_start(tmp_path,
 def test_a_bus_file_that_is_no_database_stops_a_start_on_kafka_with_one_line(tmp_path):
     (tmp_path / "bus.db").write_bytes(b"not a database, " * 100)
     store = SessionStore(tmp_path / "s.db")
-    with pytest.raises(StorageUnavailable, match=r"record marks in .*bus\.db could not be read"):
+    with pytest.raises(StartRefused, match=r"record marks in .*bus\.db could not be read"):
         store.log_marks_here(bus=tmp_path / "bus.db")
     assert store.put([row(A, 1)])  # (the store itself goes on working: detached, no transaction left)
     store.close()

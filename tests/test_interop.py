@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -11,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cbor2
 import pytest
 
-from .conftest import coap_client, corem_cli, needs_libcoap, post, start_corem, wait_for, write_cbor
+from .conftest import PIGGYBACKED, coap_client, corem_cli, needs_libcoap, post, start_corem, wait_for, write_cbor
 
 pytestmark = [needs_libcoap]
 
@@ -185,7 +184,7 @@ def test_lost_response_retransmission_is_deduplicated(data_dir, tmp_path):
     # (a piggyback timeout of 30 s: the answer always rides the ACK, the datagram the relay drops;
     # a loaded machine cannot turn it into an empty ACK and a separate response the client never
     # asks again for)
-    corem = start_corem(data_dir, env={**os.environ, "COREM_PIGGYBACK_TIMEOUT": "30"})
+    corem = start_corem(data_dir, env=PIGGYBACKED)
     relay = DropFirstResponses(corem.coap_port, drop=1)
     try:
         f = write_cbor(tmp_path / "reading.cbor", READING)

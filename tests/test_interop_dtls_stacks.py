@@ -53,7 +53,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, start_corem
+from .conftest import PIGGYBACKED, SPEC_IDENTITY, SPEC_KEY, corem_cli, start_corem
 
 READING = {"temperature": 22.5, "humidity": 65}
 #: corem's engine (the default); the deprecated python-mbedtls one is tested end to end with libcoap
@@ -85,10 +85,6 @@ def need_node_package(name: str) -> None:
     need(f"npm {name}", (JS / "node_modules" / name / "package.json").is_file(),
          "run `make jsdeps` (npm install in tests/js; make test does when npm is there)")
 
-
-#: the answer rides the ACK whatever the machine's load (as tests/test_interop.py does): not every
-#: stack's test client here waits out an empty ACK for a separate answer (pion's and node's do not)
-PIGGYBACKED = {**os.environ, "COREM_PIGGYBACK_TIMEOUT": "30"}
 
 
 def serve(data_dir: Path, engine: str, *extra: str):

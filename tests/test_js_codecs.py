@@ -437,6 +437,8 @@ def test_a_call_that_outruns_quickjss_looks_at_the_time_is_stopped_by_the_watchd
     with pytest.raises(Overloaded, match="codec: ran longer than its 50 ms"):
         decode(42, b"\x01", NOW)
     assert WATCHDOG.stopped == stops + 1  # (the watchdog's doing, not QuickJS's own look at the time)
+    [sample] = [m for m in WATCHDOG.metrics() if m.name == "corem_js_watchdog_stops"]
+    assert sample.value == stops + 1  # (and what the metric says: the server test shows it is scraped)
     [point] = decode(42, b"\x02", NOW)
     assert point.numeric == {"first": 2.0}
 

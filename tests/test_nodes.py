@@ -293,9 +293,8 @@ class Balancer:
         # The virtual port is held by a bound socket of our own while the rule lives: the rule would
         # otherwise take the datagrams of any other server that bound that port meanwhile (the NAT
         # rewrites before delivery, so the held socket itself never receives).
-        # (and a table whose process was killed before its cleanup is removed by the next run's
-        # start, or here: tests/ports.py `remove_stale_balancers`)
-        remove_stale_balancers(NFT)
+        # (a table whose process was killed before its cleanup is removed at the next test
+        # session's start: conftest.py, tests/ports.py `remove_stale_balancers`)
         self._held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._held.bind(("127.0.0.1", 0))
         self.listen = self._held.getsockname()[1]

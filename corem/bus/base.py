@@ -15,12 +15,13 @@ go to librdkafka as they come and each is answered by its own delivery report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Iterator, NamedTuple, Sequence, Union
 
 import trio
 
@@ -123,6 +124,16 @@ class Sink:
         #: off the event loop by the sink's `run` (corem/wal.py)
         self.checkpointer = Checkpointer()
 
+    @contextlib.asynccontextmanager
+    async def checkpointing(self) -> AsyncIterator[None]:
+        """The checkpointer's thread, for as long as a sink's `run` is inside."""
+        async with trio.open_nursery() as background:
+            background.start_soon(self.checkpointer.run)
+            try:
+                yield
+            finally:
+                background.cancel_scope.cancel()
+
     def submit(self, record: Record, done: Done, ctx: Any = None) -> bool:
         """Queue `record`; False when the sink is full or closing (the caller answers 5.03)."""
         return self.submit_many([record], done, [ctx]) == 1
@@ -224,13 +235,9 @@ class BatchingSink(Sink):
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher. Returns after `close()` once everything submitted has been answered."""
         await trio.to_thread.run_sync(self.open)
-        async with trio.open_nursery() as background:
-            background.start_soon(self.checkpointer.run)
+        async with self.checkpointing():
             task_status.started()
-            try:
-                await self._flush_until_closed()
-            finally:
-                background.cancel_scope.cancel()
+            await self._flush_until_closed()
 
     async def _flush_until_closed(self) -> None:
         try:

@@ -406,12 +406,8 @@ class KafkaSink(Sink):
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Start the producer and its reporting thread; serve until `close()` has drained it."""
-        async with trio.open_nursery() as background:
-            background.start_soon(self.checkpointer.run)
-            try:
-                await self._run(task_status)
-            finally:
-                background.cancel_scope.cancel()
+        async with self.checkpointing():
+            await self._run(task_status)
 
     async def _run(self, task_status: trio.TaskStatus) -> None:
         self._start_producer()

@@ -625,8 +625,11 @@ class EngineServer:
         session's floor (a restore would refuse its records).  Written now, they raise the row
         before, which this one replaces.  (A pack the bus took in its worker thread is committed
         before the store's save begins: the save waits for the bus's `carry_lock`, store.py.)"""
-        if rows and (self.store.marks_attached or self.store.marks_logged) and self._lane is not None:
-            self._write_marks(self._lane.take_marks())
+        if rows and self._lane is not None:
+            if self.store.marks_logged:  # (the pack as the lane makes it: no list of marks between)
+                self._log_pack(self._lane.take_marks_packed)
+            elif self.store.marks_attached:
+                self._write_marks(self._lane.take_marks())
         return self.store.put(rows)
 
     def _row(self, conn: Connection, wall_offset: float) -> Row:
@@ -831,19 +834,14 @@ class EngineServer:
             return False
         carry = getattr(sink, "carry", None)
         # (the store's WAL copied off the event loop's commits, by the sink's checkpointer)
-        checkpointer: Checkpointer | None = getattr(sink, "checkpointer", None)
-        if carry is None:
-            before_commit = None
-            if checkpointer is not None:  # (a pack a batch: the writer starts the log again itself)
-                checkpointer.watch(Path(where))
-                before_commit = functools.partial(checkpointer.before_commit, self.store.db, Path(where))
-                defer_checkpoints(self.store.db, WRITER_BACKSTOP)
-            self.store.log_marks_here(before_commit, bus)  # (its `marks_logged` from now on)
-            return False
+        checkpointer: Checkpointer = sink.checkpointer
+        checkpointer.watch(Path(where))
+        if carry is None:  # (a pack a batch: the writer starts the log again itself)
+            defer_checkpoints(self.store.db, WRITER_BACKSTOP)
+            self.store.log_marks_here(functools.partial(checkpointer.before_commit, self.store.db, Path(where)), bus)
+            return False  # (the store's `marks_logged` from now on)
         carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)
         self.store.read_marks_from(sink.path, sink.carry_lock)
-        if checkpointer is not None:
-            checkpointer.watch(Path(where))
         defer_checkpoints(self.store.db)
         return True
 
@@ -884,11 +882,7 @@ class EngineServer:
 
     def _log_pack(self, take: Callable[[], bytes]) -> None:
         """(the store's `marks_logged`) The pack `take` makes, committed to its own log at once."""
-        try:
-            pack = take()
-        except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; the batch goes on)
-            self.stats.marks_failed += 1
-            return
+        pack = self._pack_of(take)
         if not pack:
             return
         if self.store.log_pack(pack):
@@ -903,16 +897,19 @@ class EngineServer:
         the GIL) by the time the batch holding those readings is written; what comes after waits
         for the next batch.  The store folds them every FOLD_EVERY packs (`lane_touched`)."""
         lane = self._lane
-        if lane is None:
-            return b""
-        try:
-            pack = lane.take_marks_packed()
-        except Exception:  # noqa: BLE001 - (no memory: lost, as a write the disk refused; the batch goes on)
-            self.stats.marks_failed += 1
-            return b""
+        pack = b"" if lane is None else self._pack_of(lane.take_marks_packed)
         if pack:
             self._packs_carried += 1
         return pack
+
+    def _pack_of(self, take: Callable[[], bytes]) -> bytes:
+        """What `take` packs of the lane's marks; b"" if it failed (no memory: counted, the marks
+        lost as a write the disk refused would lose them; the batch goes on)."""
+        try:
+            return take()
+        except Exception:  # noqa: BLE001
+            self.stats.marks_failed += 1
+            return b""
 
     def close(self, now: float) -> int:
         saved = self.sweep(now, everything=True)

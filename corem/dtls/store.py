@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..bus.sqlite import CARRIED
-from ..errors import StorageUnavailable
+from ..errors import StartRefused, StorageUnavailable
 from ..c_twins import c_twin
 from ..registry.db import Db, add_columns
 from .engine.crypto import hmac_sha256
@@ -540,7 +540,7 @@ class SessionStore:
                         self.db.rollback()
                     self.db.execute("DETACH DATABASE bus")
             except self.db.Error as e:  # (a file that is no database, one that cannot be read)
-                raise StorageUnavailable(f"dtls session store: the record marks in {bus} could not be read "
+                raise StartRefused(f"dtls session store: the record marks in {bus} could not be read "
                                          f"({type(e).__name__}: {e}); corem does not start without them (a "
                                          "file no run on the embedded bus wrote may be moved away)") from e
         self.marks_logged = True
@@ -594,7 +594,7 @@ class SessionStore:
         of this run reads again: all of them, or corem does not start (a restore would forget
         them: the replays of records already durable would be taken)."""
         if not self._fold_steps(fold):
-            raise StorageUnavailable(f"dtls session store: the record marks in {where} could not be folded "
+            raise StartRefused(f"dtls session store: the record marks in {where} could not be folded "
                                      f"({self.last_error}); corem does not start without them")
 
     def _fold_some(self) -> tuple[int, int | None]:

@@ -1487,9 +1487,26 @@ static Py_ssize_t cached_target(Lane *self, PyObject *name, Py_ssize_t *target, 
 /* The target of the device an OSCORE context names, or -1. */
 static Py_ssize_t osc_target(Lane *self, OscContext *c) { return cached_target(self, c->name, &c->target, &c->targets_gen); }
 
-/* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set). */
+static int classify_message(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
+                            double now, long long now_ms, Py_ssize_t session);
+
+/* One datagram: 0 handled (or dropped), 1 for the Python path, -1 error (exception set).  `entry`:
+ * the DTLS session table's entry + 1 of the session the lane opened it in (0: none -- plain, or
+ * decrypted by Python), which seals the answers of the readings taken from it (send_records) while
+ * the table's version is the one of now; an outer call's is restored after. */
 static int classify(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
-                    double now, long long now_ms, Py_ssize_t session) {
+                    double now, long long now_ms, Py_ssize_t session, uint32_t entry) {
+    uint32_t outer = self->taking_entry, outer_version = self->taking_version;
+    self->taking_entry = entry;
+    self->taking_version = self->ds.version;
+    int r = classify_message(self, d, n, a, alen, peer, now, now_ms, session);
+    self->taking_entry = outer;
+    self->taking_version = outer_version;
+    return r;
+}
+
+static int classify_message(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen_t alen, PyObject *peer,
+                            double now, long long now_ms, Py_ssize_t session) {
     shape_t s;
     if (read_shape(d, n, &s)) return 1; /* malformed: the codec explains */
     uint8_t key[KEYLEN];
@@ -1537,10 +1554,7 @@ static int feed(Lane *self, const uint8_t *d, size_t n, const addr_t *a, socklen
         }
         self->exempted++;
     }
-    uint32_t outer = self->taking_entry; /* (no session of the lane's: its answer is looked up) */
-    self->taking_entry = 0;
-    int r = classify(self, d, n, a, alen, NULL, now, now_ms, PLAIN);
-    self->taking_entry = outer;
+    int r = classify(self, d, n, a, alen, NULL, now, now_ms, PLAIN, 0);
     if (r == 1) return append_pair(self->slow, d, n, a, alen); /* the Python path's */
     return r;
 }
@@ -1630,11 +1644,8 @@ static PyObject *Lane_receive_plain(Lane *self, PyObject *const *args, Py_ssize_
     int r = PyErr_Occurred() ? -1 : ensure_lists(self);
     if (r == 0) r = addr_from_tuple(args[1], &a, &alen);
     if (r == 0) { /* (larger than a datagram: the Python path's, as whatever the lane does not know) */
-        uint32_t outer = self->taking_entry; /* (decrypted by Python: its answer is looked up) */
-        self->taking_entry = 0;
         r = data.len > self->max_datagram ? 1
-            : classify(self, data.buf, data.len, &a, alen, args[1], now, now_ms, session < 0 ? NO_DEVICE : session);
-        self->taking_entry = outer;
+            : classify(self, data.buf, data.len, &a, alen, args[1], now, now_ms, session < 0 ? NO_DEVICE : session, 0);
         if (r == 1) {
             PyObject *pair = PyTuple_Pack(2, args[0], args[1]);
             r = pair ? PyList_Append(self->slow, pair) : -1;
@@ -1806,14 +1817,8 @@ static int feed_record(Lane *self, const uint8_t *d, size_t n, const addr_t *a, 
     Py_ssize_t target = session_target(self, s);
     PyObject *peer = s->peer;
     Py_INCREF(peer); /* (the session may be dropped by what classify calls into) */
-    /* (its answers sealed without a lookup of the session by address: send_records; what an
-     * outer call had set, restored after) */
-    uint32_t outer = self->taking_entry, outer_version = self->taking_version;
-    self->taking_entry = (uint32_t)(s - self->ds.e) + 1;
-    self->taking_version = self->ds.version;
-    int c = classify(self, self->plainbuf, plain_len, a, alen, peer, now, now_ms, target < 0 ? NO_DEVICE : target);
-    self->taking_entry = outer;
-    self->taking_version = outer_version;
+    int c = classify(self, self->plainbuf, plain_len, a, alen, peer, now, now_ms, target < 0 ? NO_DEVICE : target,
+                     (uint32_t)(s - self->ds.e) + 1);
     if (c == 1) { /* decrypted, not the lane's: the endpoint's, as a message */
         PyObject *m = PyBytes_FromStringAndSize((const char *)self->plainbuf, (Py_ssize_t)plain_len);
         PyObject *pair = m ? PyTuple_Pack(2, m, peer) : NULL;

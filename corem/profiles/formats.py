@@ -40,6 +40,7 @@ from .payload import (
     UnsupportedFormat,
     decode_cbor,
     decode_json,
+    float_of,
     kind,
     put_scalar,
     shown,
@@ -171,8 +172,8 @@ def _plain(value: object, field: str, depth: int = 0) -> object:
         return {k: _plain(v, f"{field}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain(v, f"{field}.{i}", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1024:
-        raise PayloadError("integer too large for a float", field)  # (as put_scalar: JSON text cannot say it)
+    if isinstance(value, int) and not isinstance(value, bool):
+        float_of(value, field)  # (refused as put_scalar refuses it: JSON text cannot say it)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float) and math.isfinite(value):

@@ -130,9 +130,8 @@ def _json_problem(data: bytes) -> str:
     except RecursionError:
         return "nested too deep"
     except ValueError as e:
-        if e.args and e.args[0] in _CONSTANTS:  # (`_not_json`'s)
+        if e.args and e.args[0] in _CONSTANTS:  # (`_not_json`'s; else an integer of more than 4,300 digits)
             return "NaN and Infinity are not JSON numbers"
-        return "a number is out of range"  # (an integer of more digits than Python turns into one: 4,300)
     return "a number is out of range"
 
 
@@ -181,15 +180,21 @@ def put_scalar(key: str, v: object, numeric: dict[str, float], strings: dict[str
             raise PayloadError(f"{v} is not a finite number", key)
         numeric[key] = v
     elif isinstance(v, int):
-        try:
-            numeric[key] = float(v)
-        except OverflowError:
-            raise PayloadError("integer too large for a float", key) from None
+        numeric[key] = float_of(v, key)
     elif isinstance(v, str):
         strings[key] = v
     else:
         return False
     return True
+
+
+def float_of(v: int, field: str) -> float:
+    """An integer from a device as the float a point holds it in; PayloadError naming `field`
+    where no float can (the one rule for every format and for values kept as JSON)."""
+    try:
+        return float(v)
+    except OverflowError:
+        raise PayloadError("integer too large for a float", field) from None
 
 
 def shown(key: object) -> str:
