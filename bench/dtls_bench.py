@@ -47,7 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from bench.load_bench import free_port, kafka_broker, kafka_vs_embedded, pin, wait_udp  # noqa: E402
+from bench.load_bench import free_port, kafka_broker, kafka_vs_embedded, pin, wait_udp, warn_freed_memory  # noqa: E402
 from bench.table import markdown  # noqa: E402
 
 SRC = HERE / "dtls_loadgen.c"
@@ -328,6 +328,7 @@ def main() -> None:
                          "corem --only libcoap); skips the memory measurement")
     args = ap.parse_args()
     build()
+    warn_freed_memory()
     results = throughput(args)
     if args.only:
         print(json.dumps(results, indent=2) if args.json else "\n".join(

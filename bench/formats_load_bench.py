@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench.dtls_bench import KEY, median  # noqa: E402
 from bench.dtls_bench import build as build_dtls_loadgen  # noqa: E402
 from bench.formats_bench import CASES  # noqa: E402
-from bench.load_bench import build_loadgen, free_port, kafka_broker, pin, wait_udp  # noqa: E402
+from bench.load_bench import build_loadgen, free_port, kafka_broker, pin, wait_udp, warn_freed_memory  # noqa: E402
 from bench.table import report  # noqa: E402
 
 DEVICES, INFLIGHT = 64, 4
@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--kafka", action="store_true", help="corem's bus on Kafka (Tansu) instead of the embedded one")
     ap.add_argument("--door", choices=DOORS, default="thingsboard", help="the door the readings go through")
     args = ap.parse_args()
+    warn_freed_memory()
     results: list[dict] = []
     bus, broker = "embedded", None
     if args.kafka:

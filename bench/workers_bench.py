@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from bench.table import report  # noqa: E402
-from bench.load_bench import TOKEN, build_loadgen, free_port, kafka_broker, run_load, wait_udp  # noqa: E402
+from bench.load_bench import TOKEN, build_loadgen, free_port, kafka_broker, run_load, wait_udp, warn_freed_memory  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     build_loadgen()
+    warn_freed_memory()
     counts = [int(n) for n in args.workers.split(",")]
     results = [run(n, args, None) for n in counts]
     if args.kafka:

@@ -104,12 +104,17 @@ class Checkpointer:
         self.passes = 0
         self.errors = 0
         self.restarts = 0
+        #: set by `watch` (and at the stop): the thread sleeps on it while it has no file (a
+        #: Kafka sink's checkpointer, until a DTLS session store logs marks: no pass 40 times a
+        #: second for nothing)
+        self._wake = threading.Event()
 
     def watch(self, path: Path, synchronous: str = "NORMAL") -> None:
         """Checkpoint `path`, syncing as its writer does (`synchronous`: NORMAL or FULL sync a
         checkpoint alike; OFF syncs nothing)."""
         if all(p != path for p, _ in self._files):
             self._files.append((Path(path), synchronous))
+            self._wake.set()
 
     def __len__(self) -> int:
         return len(self._files)
@@ -194,6 +199,7 @@ class Checkpointer:
             await trio.sleep_forever()
         finally:
             stop.set()
+            self._wake.set()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(thread.join)
             self.close()
@@ -201,8 +207,11 @@ class Checkpointer:
     def _loop(self, interval: float, busy_interval: float, stop: threading.Event) -> None:
         busy = False
         while not stop.wait(busy_interval if busy else interval):
+            if not self._files:
+                self._wake.wait()  # (until a file is watched, or the stop)
+                continue
             try:
-                busy = bool(self._files) and self.pass_sync()
+                busy = self.pass_sync()
             except Exception:  # noqa: BLE001 - (a bug must not end the checkpoints: logged, counted)
                 self.errors += 1
                 log.exception("checkpoint pass failed")

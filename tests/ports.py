@@ -108,10 +108,27 @@ def nft_binary() -> str | None:
     return shutil.which("nft") or ("/usr/sbin/nft" if os.path.exists("/usr/sbin/nft") else None)
 
 
-#: nftables tables of `test_nodes.Balancer`: BALANCER_TABLE.format(pid=..., port=...), the pid the
-#: pytest process's that made it
-BALANCER_TABLE = "corem_test_{pid}_{port}"
-_BALANCER_NAME = re.compile(r"^table ip (corem_test_(\d+)_\d+)$", re.M)
+#: nftables tables of `test_nodes.Balancer`: `balancer_table(port)`, named by the pytest process
+#: that made it -- its pid and its start time, so that a pid used again by a later process does
+#: not keep a dead run's table alive
+BALANCER_TABLE = "corem_test_{pid}_{started}_{port}"
+_BALANCER_NAME = re.compile(r"^table ip (corem_test_(\d+)_(\d+)_\d+)$", re.M)
+
+
+def started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot: /proc/PID/stat's 22nd field), or None
+    if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def balancer_table(port: int, pid: int | None = None) -> str:
+    """The name of the balancer table of this process (or of `pid`) at `port`."""
+    pid = os.getpid() if pid is None else pid
+    return BALANCER_TABLE.format(pid=pid, started=started(pid) or 0, port=port)
 
 
 def remove_stale_balancers(nft: str | None) -> list[str]:
@@ -119,15 +136,17 @@ def remove_stale_balancers(nft: str | None) -> list[str]:
     and say which.  Such a table DNATs every datagram to its virtual port -- free again, so the
     next server to bind it there -- to nodes long dead: found when a CI run's client met "ICMP:
     Connection refused" from a server that was listening (a table left at 35969 since a run of
-    test_nodes was killed).  A live process's table is its test's own.  (The pid is looked for in
+    test_nodes was killed).  A live process's table is its test's own: one whose pid runs and
+    started when the table's name says (a pid taken again by a later process does not keep a
+    dead run's table).  (The pid is looked for in
     this process's pid namespace: runs in containers sharing one network namespace but not their
     pids would take each other's tables for stale -- as root, where nft runs at all.)"""
     if nft is None:
         return []
     listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True)
     removed = []
-    for name, pid in _BALANCER_NAME.findall(listed.stdout):
-        if not os.path.exists(f"/proc/{pid}"):
+    for name, pid, start in _BALANCER_NAME.findall(listed.stdout):
+        if started(int(pid)) != int(start):
             if subprocess.run([nft, "delete", "table", "ip", name], capture_output=True).returncode == 0:
                 removed.append(name)
     return removed

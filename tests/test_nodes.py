@@ -20,7 +20,8 @@ from corem.dtls import SessionStore
 from corem.dtls.layer import EngineServer
 
 from .conftest import SPEC_IDENTITY, SPEC_KEY, corem_cli, read_until, start_corem
-from .ports import BALANCER_TABLE, nft_binary, remove_stale_balancers
+from .ports import BALANCER_TABLE, balancer_table, nft_binary, remove_stale_balancers
+from .ports import started as process_started
 from .postgres_server import Postgres, binaries, empty
 from .test_dtls import DEVICE, IDENTITY, PEER, Client
 
@@ -298,7 +299,7 @@ class Balancer:
         self._held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._held.bind(("127.0.0.1", 0))
         self.listen = self._held.getsockname()[1]
-        self.table = BALANCER_TABLE.format(pid=os.getpid(), port=self.listen)
+        self.table = balancer_table(self.listen)
         self._apply(nodes, create=True)
 
     def _apply(self, nodes: list[int], create: bool = False) -> None:
@@ -636,17 +637,20 @@ def test_a_balancer_table_whose_process_is_gone_is_removed_and_a_live_ones_kept(
     # (the end state only: another worker's Balancer may remove the stale table first)
     """A test process killed before its Balancer's cleanup leaves its table, which would DNAT a
     later server's datagrams on that port to dead nodes (a CI client's "ICMP: Connection
-    refused"): the next run's start removes it, and never a live process's."""
+    refused"): the next run's start removes it, and never a live process's -- nor the table of a
+    process gone whose pid another process has now (the start times differ)."""
     dead = subprocess.Popen(["true"])
     dead.wait()  # (a pid no process has now; reused only after the whole pid space)
-    stale = BALANCER_TABLE.format(pid=dead.pid, port=1)
-    live = BALANCER_TABLE.format(pid=os.getpid(), port=2)
-    for name in (stale, live):
+    stale = balancer_table(1, pid=dead.pid)
+    live = balancer_table(2)
+    reused = BALANCER_TABLE.format(pid=os.getpid(), started=(process_started(os.getpid()) or 1) - 1, port=3)
+    for name in (stale, live, reused):
         subprocess.run([NFT, "add", "table", "ip", name], check=True, capture_output=True)
     try:
         remove_stale_balancers(NFT)
         tables = subprocess.run([NFT, "list", "tables"], capture_output=True, text=True, check=True).stdout
-        assert f"table ip {live}" in tables and f"table ip {stale}" not in tables
+        assert f"table ip {live}" in tables
+        assert f"table ip {stale}" not in tables and f"table ip {reused}" not in tables
     finally:
-        for name in (stale, live):
+        for name in (stale, live, reused):
             subprocess.run([NFT, "delete", "table", "ip", name], capture_output=True)

@@ -205,3 +205,39 @@ def test_a_checkpoint_that_fails_before_a_commit_does_not_fail_the_commit(tmp_pa
     bus._conn = real
     bus.close_sync()
     assert sum(1 for _ in read_records(path)) == 1
+
+
+def test_a_checkpointer_without_files_sleeps_until_one_is_watched_then_copies_it(tmp_path):
+    """A Kafka sink's checkpointer has no file until a DTLS session store logs its marks: its
+    thread sleeps meanwhile (no pass every interval for nothing), and wakes for the file."""
+    import threading
+
+    class Counting(threading.Event):
+        def __init__(self) -> None:
+            super().__init__()
+            self.waits = 0
+
+        def wait(self, timeout=None):
+            self.waits += 1
+            return super().wait(timeout)
+
+    checkpointer, stop = Checkpointer(), Counting()
+    thread = threading.Thread(target=checkpointer._loop, args=(0.001, 0.001, stop), daemon=True)
+    thread.start()
+    try:
+        trio.run(trio.sleep, 0.3)  # (a thread polling every millisecond would wait ~300 times)
+        assert stop.waits <= 2
+        path = tmp_path / "w.db"
+        conn = writer(path, True)
+        commit_rows(conn, 200)
+        checkpointer.watch(path)
+        for _ in range(6000):  # (woken by the watch; the bound only ends a test that would hang)
+            if checkpointer.passes:
+                break
+            trio.run(trio.sleep, 0.01)
+        assert pages_in_database(path) > 150 and checkpointer.errors == 0
+    finally:
+        stop.set()
+        checkpointer._wake.set()
+        thread.join()
+        checkpointer.close()
