@@ -75,7 +75,7 @@ def freed_memory_note() -> str | None:
     pages a second at 100k readings/s, each run's on the memory the last run's data dir freed, so
     a row pays for that or not by the seconds between runs -- libcoap, keeping its payloads in
     memory, never: on such a machine the rows spread by 30% and more (docs/benchmarks.md, CoAPS,
-    2026-12-07 14:00).  None where the kernel has no such delay or holds pages a minute or more."""
+    2026-12-07 13:47).  None where the kernel has no such delay or holds pages a minute or more."""
     try:
         delay = int(PAGE_REPORTING_DELAY.read_text())
     except (OSError, ValueError):

@@ -138,9 +138,9 @@ def remove_stale_balancers(nft: str | None) -> list[str]:
     Connection refused" from a server that was listening (a table left at 35969 since a run of
     test_nodes was killed).  A live process's table is its test's own: one whose pid runs and
     started when the table's name says (a pid taken again by a later process does not keep a
-    dead run's table).  (The pid is looked for in
-    this process's pid namespace: runs in containers sharing one network namespace but not their
-    pids would take each other's tables for stale -- as root, where nft runs at all.)"""
+    dead run's table).  (The pid is looked for in this process's pid namespace: runs in
+    containers sharing one network namespace but not their pids would take each other's tables
+    for stale -- as root, where nft runs at all.)"""
     if nft is None:
         return []
     listed = subprocess.run([nft, "list", "tables"], capture_output=True, text=True)

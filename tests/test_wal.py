@@ -211,6 +211,7 @@ def test_a_checkpointer_without_files_sleeps_until_one_is_watched_then_copies_it
     """A Kafka sink's checkpointer has no file until a DTLS session store logs its marks: its
     thread sleeps meanwhile (no pass every interval for nothing), and wakes for the file."""
     import threading
+    import time
 
     class Counting(threading.Event):
         def __init__(self) -> None:
@@ -225,7 +226,7 @@ def test_a_checkpointer_without_files_sleeps_until_one_is_watched_then_copies_it
     thread = threading.Thread(target=checkpointer._loop, args=(0.001, 0.001, stop), daemon=True)
     thread.start()
     try:
-        trio.run(trio.sleep, 0.3)  # (a thread polling every millisecond would wait ~300 times)
+        time.sleep(0.3)  # (a thread polling every millisecond would wait ~300 times)
         assert stop.waits <= 2
         path = tmp_path / "w.db"
         conn = writer(path, True)
@@ -234,7 +235,7 @@ def test_a_checkpointer_without_files_sleeps_until_one_is_watched_then_copies_it
         for _ in range(6000):  # (woken by the watch; the bound only ends a test that would hang)
             if checkpointer.passes:
                 break
-            trio.run(trio.sleep, 0.01)
+            time.sleep(0.01)
         assert pages_in_database(path) > 150 and checkpointer.errors == 0
     finally:
         stop.set()
