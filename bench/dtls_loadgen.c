@@ -13,14 +13,15 @@
  * Phase 2: DEVICES sessions, each with INFLIGHT confirmable requests in flight, for SECONDS:
  * encrypted requests/s and latency.  Prints one JSON object.
  *
- * Phase 2's records are sealed and opened here, on libcrypto's EVP, with the keys of the session
- * libssl negotiated (RFC 5246 §6.3's key block from its master secret and randoms): through
- * SSL_write/SSL_read each request cost this generator ~7.5 us against the plain generator's ~5
- * (bench/loadgen.c), and a slower client is a different load, not only a slower one -- on a
- * 2-core machine it holds more of the requests in flight on its own core, so the server drains
- * fewer at a time (measured on corem's plain lane with loadgen.c slowed by 2.2 us a request:
- * ~220 -> 75-99 readings a commit, up to -17% requests/s).  DTLS_LOADGEN_SSL_RECORDS=1 keeps
- * phase 2 on SSL_write/SSL_read (what the rows measured before 2026-12-07 14:22 had).
+ * Phase 2's records are sealed and opened here, on libcrypto's EVP (its TLS record mode, as libssl
+ * itself does), with the keys of the session libssl negotiated (RFC 5246 §6.3's key block from its
+ * master secret and randoms): through SSL_write/SSL_read each request cost this generator ~7.5 us
+ * against the plain generator's ~5 (bench/loadgen.c), and a slower client is a different load, not
+ * only a slower one -- on a 2-core machine it holds more of the requests in flight on its own core,
+ * so the server drains fewer at a time (measured on corem's plain lane with loadgen.c slowed by 2.2
+ * us a request: ~220 -> 75-99 readings a commit, up to -17% requests/s).
+ * DTLS_LOADGEN_SSL_RECORDS=1 keeps phase 2 on SSL_write/SSL_read (what the rows measured before
+ * 2026-12-07 14:22 had).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -72,11 +73,10 @@ typedef struct {
     uint16_t next_mid;
     int64_t sent_at[SLOTS];
     uint16_t mid_of[SLOTS];
-    /* phase 2's records (raw_records): this client's write key and the server's, each with its
-     * context (keyed once: a record only sets its nonce), the implicit nonce parts, the next
-     * sequence number of epoch 1 (the client's Finished took 0) */
+    /* phase 2's records (raw_records): a context for this client's write key and implicit nonce
+     * part and one for the server's (ccm8_ctx), the next sequence number of epoch 1 (the
+     * client's Finished took 0) */
     EVP_CIPHER_CTX *seal, *open;
-    uint8_t civ[4], siv[4];
     uint64_t wseq;
 } device_t;
 
@@ -86,16 +86,31 @@ static int raw_records = 1;
 #define REC_HEADER 13
 #define EXPLICIT_NONCE 8
 
-static EVP_CIPHER_CTX *ccm8_ctx(const uint8_t key[16], int enc) {
+/* A context for one direction's records in libcrypto's TLS record mode for CCM (as libssl's own
+ * records: per record one parameter, the AAD, and one EVP_Cipher in place), keyed once, its
+ * implicit nonce part (`iv`) fixed. */
+static EVP_CIPHER_CTX *ccm8_ctx(const uint8_t key[16], const uint8_t iv[4], int enc) {
     EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
     if (c == NULL || !EVP_CipherInit_ex(c, EVP_aes_128_ccm(), NULL, NULL, NULL, enc) ||
         EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) <= 0 ||
         EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_SET_TAG, CCM8_TAG, NULL) <= 0 ||
-        !EVP_CipherInit_ex(c, NULL, NULL, key, NULL, enc)) {
+        !EVP_CipherInit_ex(c, NULL, NULL, key, NULL, enc) ||
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_CCM_SET_IV_FIXED, 4, (void *)iv) <= 0) {
         EVP_CIPHER_CTX_free(c);
         return NULL;
     }
     return c;
+}
+
+/* One record's AEAD in TLS record mode: `rec` is the explicit nonce, the text and the tag (`len`
+ * bytes in all, in place).  The AAD's length is what libcrypto expects there: the text and the
+ * explicit nonce when sealing (it writes that nonce from the AAD's first 8 bytes, the epoch and
+ * sequence number, as DTLS's own), the whole `len` when opening.  1 done, 0 not. */
+static int ccm8_record(EVP_CIPHER_CTX *c, uint8_t aad[13], uint8_t *rec, size_t len) {
+    OSSL_PARAM params[2] = {OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TLS1_AAD, aad, 13), OSSL_PARAM_END};
+    if (EVP_CIPHER_CTX_set_params(c, params) && EVP_Cipher(c, rec, rec, (unsigned int)len) > 0) return 1;
+    ERR_clear_error();
+    return 0;
 }
 
 /* The session's record keys (TLS_PSK_WITH_AES_128_CCM_8: no MAC keys; client key, server key,
@@ -119,10 +134,8 @@ static int derive_keys(device_t *d) {
     EVP_KDF_CTX_free(kctx);
     EVP_KDF_free(kdf);
     if (!ok) return -1;
-    d->seal = ccm8_ctx(block, 1);
-    d->open = ccm8_ctx(block + 16, 0);
-    memcpy(d->civ, block + 32, 4);
-    memcpy(d->siv, block + 36, 4);
+    d->seal = ccm8_ctx(block, block + 32, 1);
+    d->open = ccm8_ctx(block + 16, block + 36, 0);
     d->wseq = 1;
     return d->seal && d->open ? 0 : -1;
 }
@@ -131,19 +144,20 @@ static void put48(uint8_t *p, uint64_t v) {
     for (int i = 5; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v;
 }
 
-/* RFC 5246 §6.2.3.3's additional data, DTLS's epoch and sequence number first (RFC 6347 §4.1.2.1) */
-static void aad13(uint8_t a[13], const uint8_t epoch_seq[8], uint8_t type, size_t plain_len) {
+/* RFC 5246 §6.2.3.3's additional data, DTLS's epoch and sequence number first (RFC 6347 §4.1.2.1),
+ * with the length libcrypto's TLS record mode expects (ccm8_record) */
+static void aad13(uint8_t a[13], const uint8_t epoch_seq[8], uint8_t type, size_t length) {
     memcpy(a, epoch_seq, 8);
     a[8] = type;
     a[9] = 0xFE;
     a[10] = 0xFD;
-    a[11] = (uint8_t)(plain_len >> 8);
-    a[12] = (uint8_t)plain_len;
+    a[11] = (uint8_t)(length >> 8);
+    a[12] = (uint8_t)length;
 }
 
 /* One application_data record of epoch 1 holding `plain` into `out`: its length, or -1. */
 static int seal_record(device_t *d, const uint8_t *plain, size_t n, uint8_t *out) {
-    uint8_t *es = out + 3, nonce[12], aad[13];
+    uint8_t *es = out + 3, aad[13];
     out[0] = 23;
     out[1] = 0xFE;
     out[2] = 0xFD;
@@ -153,22 +167,14 @@ static int seal_record(device_t *d, const uint8_t *plain, size_t n, uint8_t *out
     size_t frag = EXPLICIT_NONCE + n + CCM8_TAG;
     out[11] = (uint8_t)(frag >> 8);
     out[12] = (uint8_t)frag;
-    memcpy(out + REC_HEADER, es, 8);
-    memcpy(nonce, d->civ, 4);
-    memcpy(nonce + 4, es, 8);
-    aad13(aad, es, 23, n);
-    int outl;
-    uint8_t *body = out + REC_HEADER + EXPLICIT_NONCE;
-    if (!EVP_CipherInit_ex(d->seal, NULL, NULL, NULL, nonce, 1) || !EVP_CipherUpdate(d->seal, NULL, &outl, NULL, (int)n) ||
-        !EVP_CipherUpdate(d->seal, NULL, &outl, aad, 13) || !EVP_CipherUpdate(d->seal, body, &outl, plain, (int)n) ||
-        EVP_CIPHER_CTX_ctrl(d->seal, EVP_CTRL_AEAD_GET_TAG, CCM8_TAG, body + n) <= 0)
-        return -1;
-    return (int)(REC_HEADER + frag);
+    memcpy(out + REC_HEADER + EXPLICIT_NONCE, plain, n);
+    aad13(aad, es, 23, EXPLICIT_NONCE + n);
+    return ccm8_record(d->seal, aad, out + REC_HEADER, frag) ? (int)(REC_HEADER + frag) : -1;
 }
 
 /* The first application_data record of epoch 1 in the datagram `buf` opened in place: its
- * plaintext's length (at buf + REC_HEADER + EXPLICIT_NONCE), or -1 (not one, or it failed to
- * authenticate).  (Servers answer each request in a datagram of its own.) */
+ * plaintext's length (moved to `buf`), or -1 (not one, or it failed to authenticate).  (Servers
+ * answer each request in a datagram of its own.) */
 static int open_record(device_t *d, uint8_t *buf, size_t len) {
     for (size_t off = 0; off + REC_HEADER <= len;) {
         uint8_t *r = buf + off;
@@ -176,19 +182,11 @@ static int open_record(device_t *d, uint8_t *buf, size_t len) {
         if (off + REC_HEADER + frag > len) return -1;
         off += REC_HEADER + frag;
         if (r[0] != 23 || r[3] != 0 || r[4] != 1 || frag < EXPLICIT_NONCE + CCM8_TAG) continue;
+        uint8_t aad[13];
+        aad13(aad, r + 3, 23, frag);
+        if (!ccm8_record(d->open, aad, r + REC_HEADER, frag)) return -1;
         size_t n = frag - EXPLICIT_NONCE - CCM8_TAG;
-        uint8_t nonce[12], aad[13], *body = r + REC_HEADER + EXPLICIT_NONCE;
-        memcpy(nonce, d->siv, 4);
-        memcpy(nonce + 4, r + REC_HEADER, 8);
-        aad13(aad, r + 3, 23, n);
-        int outl;
-        if (EVP_CIPHER_CTX_ctrl(d->open, EVP_CTRL_AEAD_SET_TAG, CCM8_TAG, body + n) <= 0 ||
-            !EVP_CipherInit_ex(d->open, NULL, NULL, NULL, nonce, 0) || !EVP_CipherUpdate(d->open, NULL, &outl, NULL, (int)n) ||
-            !EVP_CipherUpdate(d->open, NULL, &outl, aad, 13) || EVP_CipherUpdate(d->open, body, &outl, body, (int)n) <= 0) {
-            ERR_clear_error();
-            return -1;
-        }
-        memmove(buf, body, n);
+        memmove(buf, r + REC_HEADER + EXPLICIT_NONCE, n);
         return (int)n;
     }
     return -1;
