@@ -21,7 +21,8 @@
  * so the server drains fewer at a time (measured on corem's plain lane with loadgen.c slowed by 2.2
  * us a request: ~220 -> 75-99 readings a commit, up to -17% requests/s).
  * DTLS_LOADGEN_SSL_RECORDS=1 keeps phase 2 on SSL_write/SSL_read (what the rows measured before
- * 2026-12-07 14:22 had).
+ * 2026-12-07 14:22 had).  The record code is this client's own, not corem's dtls_records.h: a
+ * client sharing the server's code would share its mistakes (libcoap answering it is the check).
  */
 #include <arpa/inet.h>
 #include <errno.h>

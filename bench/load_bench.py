@@ -63,28 +63,23 @@ PAGE_REPORTING_DELAY = Path("/sys/module/page_reporting/parameters/min_free_ms")
 
 
 def warn_freed_memory() -> None:
-    """Say on stderr when `freed_memory_note` has something to say (each load bench's start)."""
-    if note := freed_memory_note():
-        print(note, file=sys.stderr)
-
-
-def freed_memory_note() -> str | None:
-    """A warning for a machine that gives freed memory back to its hypervisor within seconds: a
-    page touched again after that costs a fault in the hypervisor (measured here: ~10 µs, against
-    ~0.5 for one kept; 4 GB touched in 10 s, then in 2 s).  corem's bus grows its files by ~25,000
-    pages a second at 100k readings/s, each run's on the memory the last run's data dir freed, so
-    a row pays for that or not by the seconds between runs -- libcoap, keeping its payloads in
-    memory, never: on such a machine the rows spread by 30% and more (docs/benchmarks.md, CoAPS,
-    2026-12-07 13:47).  None where the kernel has no such delay or holds pages a minute or more."""
+    """Warn on stderr (each load bench's start) on a machine that gives freed memory back to its
+    hypervisor within seconds: a page touched again after that costs a fault in the hypervisor
+    (measured here: ~10 µs, against ~0.5 for one kept; 4 GB touched in 10 s, then in 2 s).  corem's
+    bus grows its files by ~25,000 pages a second at 100k readings/s, each run's on the memory the
+    last run's data dir freed, so a row pays for that or not by the seconds between runs --
+    libcoap, keeping its payloads in memory, never: on such a machine the rows spread by 30% and
+    more (docs/benchmarks.md, CoAPS, 2026-12-07 13:47).  Silent where the kernel has no such delay
+    or holds pages a minute or more."""
     try:
         delay = int(PAGE_REPORTING_DELAY.read_text())
     except (OSError, ValueError):
-        return None
-    if delay >= 60_000:
-        return None
-    return (f"note: this kernel gives freed memory back to the hypervisor after {delay} ms, and touching it "
-            "again costs a hypervisor fault a page; corem's rows (which grow files) pay for it by chance, libcoap's "
-            f"never. For comparable runs, hold it off first (as root): echo 300000 > {PAGE_REPORTING_DELAY}")
+        return
+    if delay < 60_000:
+        print(f"note: this kernel gives freed memory back to the hypervisor after {delay} ms, and touching it "
+              "again costs a hypervisor fault a page; corem's rows (which grow files) pay for it by chance, "
+              f"libcoap's never. For comparable runs, hold it off first (as root): echo 300000 > "
+              f"{PAGE_REPORTING_DELAY}", file=sys.stderr)
 
 
 def pin(cpu: int) -> list[str]:

@@ -112,11 +112,11 @@ class StorageUnavailable(CoremError, RuntimeError):
     device_text = "storage unavailable; retry later"
 
 
-
 class StartRefused(StorageUnavailable):
     """A store that cannot give what corem's start needs of it (the DTLS record marks of a run
     before): `corem serve` does not start, and says so in one line (status 2) -- unlike a refusal
     at run time, which is answered and counted where it happens."""
+
 
 class NewerFormat(CoremError, ValueError):
     """Data a newer corem wrote (a data dir's format, a table's schema version): this corem does

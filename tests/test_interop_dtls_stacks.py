@@ -86,7 +86,6 @@ def need_node_package(name: str) -> None:
          "run `make jsdeps` (npm install in tests/js; make test does when npm is there)")
 
 
-
 def serve(data_dir: Path, engine: str, *extra: str):
     return start_corem(data_dir, "--dtls-engine", engine, "--dtls-ciphers", ",".join(PSK_SUITES), *extra,
                        env=PIGGYBACKED)

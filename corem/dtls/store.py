@@ -541,8 +541,8 @@ class SessionStore:
                     self.db.execute("DETACH DATABASE bus")
             except self.db.Error as e:  # (a file that is no database, one that cannot be read)
                 raise StartRefused(f"dtls session store: the record marks in {bus} could not be read "
-                                         f"({type(e).__name__}: {e}); corem does not start without them (a "
-                                         "file no run on the embedded bus wrote may be moved away)") from e
+                                   f"({type(e).__name__}: {e}); corem does not start without them (a "
+                                   "file no run on the embedded bus wrote may be moved away)") from e
         self.marks_logged = True
         self._before_log = before_commit
         self.fold_marks()
@@ -595,7 +595,7 @@ class SessionStore:
         them: the replays of records already durable would be taken)."""
         if not self._fold_steps(fold):
             raise StartRefused(f"dtls session store: the record marks in {where} could not be folded "
-                                     f"({self.last_error}); corem does not start without them")
+                               f"({self.last_error}); corem does not start without them")
 
     def _fold_some(self) -> tuple[int, int | None]:
         """(in a write transaction) Fold every pack not folded yet: how many, and the bus's new

@@ -386,8 +386,10 @@ static void addr_key(const addr_t *a, uint16_t mid, int with_port, uint8_t *key)
 }
 
 /* ---------------------------------------------------------------- output ------------------- */
+/* An answer queued; `ds_entry`/`ds_version`: the DTLS session it is sealed with, as out_t keeps
+ * it (0: plain, or looked up by address when it is sent). */
 static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer, const uint8_t *data,
-                     size_t len, int code) {
+                     size_t len, int code, uint32_t ds_entry, uint32_t ds_version) {
     if (self->out_len == self->out_cap) {
         size_t cap = self->out_cap ? self->out_cap * 2 : 256;
         out_t *o = PyMem_Realloc(self->out, cap * sizeof(out_t));
@@ -403,7 +405,8 @@ static int queue_out(Lane *self, const addr_t *a, socklen_t alen, PyObject *peer
     o->alen = alen;
     Py_XINCREF(peer);
     o->peer = peer;
-    o->ds_entry = 0;
+    o->ds_entry = ds_entry;
+    o->ds_version = ds_version;
     o->len = (uint8_t)len;
     memcpy(o->data, data, len);
     self->responses[code & 0xff]++;
@@ -836,10 +839,11 @@ static int seen_before(Lane *self, const uint8_t *d, const shape_t *s, size_t n,
         uint8_t ack[12] = {0x60 | s->tkl, 0x44, s->mid >> 8, s->mid & 0xff};
         memcpy(ack + 4, d + 4, s->tkl);
         self->recovered_answers++;
-        return queue_out(self, a, alen, peer, ack, 4 + s->tkl, 0x44);
+        return queue_out(self, a, alen, peer, ack, 4 + s->tkl, 0x44, self->taking_entry, self->taking_version);
     }
     if (x->reply_len && s->type == 0 && n >= x->size)
-        return queue_out(self, a, alen, peer, x->reply, x->reply_len, x->reply[1]);
+        return queue_out(self, a, alen, peer, x->reply, x->reply_len, x->reply[1], self->taking_entry,
+                         self->taking_version);
     return 0;
 }
 
@@ -2472,9 +2476,7 @@ static PyObject *Lane_committed(Lane *self, PyObject *const *args, Py_ssize_t na
             memcpy(x->reply, reply, len);
             x->reply_len = (uint8_t)len;
         }
-        if (queue_out(self, &q->addr, q->alen, q->peer, reply, len, code) < 0) return NULL;
-        self->out[self->out_len - 1].ds_entry = q->ds_entry;
-        self->out[self->out_len - 1].ds_version = q->ds_version;
+        if (queue_out(self, &q->addr, q->alen, q->peer, reply, len, code, q->ds_entry, q->ds_version) < 0) return NULL;
         lat_observe(self, q);
     } else if (self->on_late && self->on_late != Py_None) {
         /* past the piggyback timeout: Python's endpoint sends it as a CON and retransmits it */
@@ -2531,7 +2533,7 @@ static PyObject *Lane_tick(Lane *self, PyObject *arg) {
         uint8_t ack[4] = {0x60, 0, q->mid >> 8, q->mid & 0xff};
         memcpy(x->reply, ack, 4);
         x->reply_len = 4;
-        if (queue_out(self, &q->addr, q->alen, q->peer, ack, 4, 0) < 0) return NULL;
+        if (queue_out(self, &q->addr, q->alen, q->peer, ack, 4, 0, q->ds_entry, q->ds_version) < 0) return NULL;
     }
     while (self->dedup.count && ((exchange_t *)fm_entry(&self->dedup, self->dedup.head))->at <= now - self->lifetime)
         fm_pop_oldest(&self->dedup);
