@@ -33,6 +33,9 @@ engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
   provider: the Java stack under many gateways and Android apps): tested below with each PSK suite,
   through a small client (tests/java/BcDtlsPost.java) compiled with the JDK's javac; it sends
   extended_master_secret. A wrong key is refused in the handshake.
+- The project's own OpenSSL load generator (bench/dtls_loadgen.c: OpenSSL's DTLS client for the
+  handshakes, its own records or libssl's for the readings), the client the CoAPS benchmark measures
+  with: tested below on a small bounded load, every answer a 2.04 and every 2.04 a stored reading.
 - Debian's own DTLS client tools are libcoap's (test_interop_dtls.py); tinydtls has none there. PyPI `dtls` and `python3-dtls` (PyDTLS, last released 2017 and 2020) and `aio-dtls`
   (0.0.4) were not tried.
 
@@ -399,5 +402,49 @@ def test_wolfssl_with_an_unregistered_certificate_fails_its_handshake(data_dir, 
         assert m["corem_dtls_handshakes_completed_total"] == 0
         # and the registered device beside it is served
         assert wolfssl_post(wolfssl_client, server, pki, "ECDHE-ECDSA-AES128-CCM-8", "dev1")["code"] == "2.04"
+    finally:
+        server.stop()
+
+
+# -- the project's OpenSSL load generator (bench/dtls_loadgen.c) --------------------------------------------
+
+LOADGEN_SRC = Path(__file__).parent.parent / "bench" / "dtls_loadgen.c"
+
+
+@pytest.fixture(scope="module")
+def dtls_loadgen(tmp_path_factory) -> str:
+    """bench/dtls_loadgen.c built here (gcc and libssl-dev: what corem's own C extensions need)"""
+    need("gcc", shutil.which("gcc") is not None, "apt-get install gcc")
+    out = tmp_path_factory.mktemp("dtls_loadgen") / "dtls_loadgen"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out), str(LOADGEN_SRC), "-lssl", "-lcrypto"],
+                   check=True, capture_output=True, timeout=CLIENT_TIMEOUT)
+    return str(out)
+
+
+@pytest.mark.parametrize("records", ["its own", "libssl's"])
+def test_the_benchmarks_openssl_load_generator_is_answered_and_every_reading_stored(data_dir, dtls_loadgen, records):
+    """The client the CoAPS benchmark measures with, on a small bounded load: its handshakes one at a
+    time and 4 at once (OpenSSL's client, through its own datagram BIO), then 4 sessions x 2 POSTs in
+    flight with its records sealed by its own code (libcrypto's TLS record mode) or by libssl
+    (DTLS_LOADGEN_SSL_RECORDS=1): no handshake fails, every answer is a 2.04 that authenticates, and
+    every 2.04 is a stored reading (so the benchmark's rows count readings, not errors)."""
+    server = serve(data_dir, "corem", "--rate-limit-per-source", "0")
+    try:
+        env = dict(os.environ, DTLS_LOADGEN_SSL_RECORDS="1" if records == "libssl's" else "0")
+        r = subprocess.run([dtls_loadgen, "127.0.0.1", str(server.coaps_port), "4", "2", "0.3", "0.5", SPEC_IDENTITY,
+                            SPEC_KEY, "2", "telemetry", cbor2.dumps(READING).hex(), "60", "4"],
+                           capture_output=True, text=True, timeout=CLIENT_TIMEOUT, env=env)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["handshakes"] > 0 and out["concurrent_handshakes"] > 0, out
+        assert out["handshake_failures"] == 0 and out["concurrent_failures"] == 0, out
+        assert out["answered"] > 0 and out["ok_2xx"] == out["answered"], out
+        assert out["other"] == 0 and out["bad_records"] == 0 and out["timeouts"] == 0, out
+        server.stop()  # (every 2.04 was sent after its reading's commit; the count read back at rest)
+        points = server.points()
+        # (the last requests in flight when the run ended: stored, their answers not waited for)
+        assert out["ok_2xx"] <= len(points) <= out["sent"], (len(points), out)
+        assert {(p["tenant"], p["device"]) for p in points} == {("acme", "sensor-7")}
+        assert all(p["numeric_values"] == {"temperature": 22.5, "humidity": 65.0} for p in points)
     finally:
         server.stop()
