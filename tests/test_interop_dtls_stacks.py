@@ -416,7 +416,7 @@ def dtls_loadgen(tmp_path_factory) -> str:
     """bench/dtls_loadgen.c built here (gcc and libssl-dev: what corem's own C extensions need)"""
     need("gcc", shutil.which("gcc") is not None, "apt-get install gcc")
     out = tmp_path_factory.mktemp("dtls_loadgen") / "dtls_loadgen"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(out), str(LOADGEN_SRC), "-lssl", "-lcrypto"],
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(LOADGEN_SRC), "-lssl", "-lcrypto"],
                    check=True, capture_output=True, timeout=CLIENT_TIMEOUT)
     return str(out)
 
