@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from corem.bus import EmbeddedBus, Record
 from corem.dtls.store import FOLD_STEP, RX_TOP, SCHEMA, SessionStore, _fold_packs, _rx_log, _rx_pack
 from corem.dtls import store as store_module
-from corem.dtls.store import pack_marks
+from corem.dtls.store import Marks, pack_marks
 from corem.errors import StartRefused
 from corem.registry.db import Db, add_columns
 
@@ -499,7 +499,7 @@ def test_a_bus_file_without_marks_is_no_error_for_a_run_on_kafka(tmp_path):
     bus.close_sync()
     store = SessionStore(tmp_path / "s.db")
     store.log_marks_here(bus=tmp_path / "bus.db")
-    assert store.errors == 0 and store.last_error is None and store.marks_logged
+    assert store.errors == 0 and store.last_error is None and store.marks is Marks.LOGGED
     store.close()
 
 

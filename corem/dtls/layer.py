@@ -55,7 +55,7 @@ from .keyset import KeySet
 from .params import (DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, corem_suites, has_cookie, registered,
                      registry_device)
 from .slots import HandshakeSlots
-from .store import FOLD_EVERY, Row, SessionStore, pack_marks, peer_key
+from .store import FOLD_EVERY, Marks, Row, SessionStore, pack_marks, peer_key
 
 log = logging.getLogger("corem.dtls")
 
@@ -464,9 +464,10 @@ class EngineServer:
         seen (`conns`, each at most once a second: idle offload and expiry, checkpoints)."""
         self._now = now
         if marks_due and self._lane is not None:
-            if self.store.marks_logged:
+            marks = self.store.marks
+            if marks is Marks.LOGGED:
                 self._log_pack(self._lane.take_marks_packed)
-            elif not (readings_only and self.store.marks_attached):
+            elif not (readings_only and marks is Marks.CARRIED):
                 self._write_marks(self._lane.take_marks())
         if self._packs_carried >= FOLD_EVERY:  # (carried by the bus, or logged by the store: into the sessions)
             self._packs_carried = 0
@@ -626,9 +627,9 @@ class EngineServer:
         before, which this one replaces.  (A pack the bus took in its worker thread is committed
         before the store's save begins: the save waits for the bus's `carry_lock`, store.py.)"""
         if rows and self._lane is not None:
-            if self.store.marks_logged:  # (the pack as the lane makes it: no list of marks between)
+            if self.store.marks is Marks.LOGGED:  # (the pack as the lane makes it: no list of marks between)
                 self._log_pack(self._lane.take_marks_packed)
-            elif self.store.marks_attached:
+            elif self.store.marks is Marks.CARRIED:
                 self._write_marks(self._lane.take_marks())
         return self.store.put(rows)
 
@@ -828,9 +829,8 @@ class EngineServer:
         raise only its own rows at once: `mark_held`) nor an in-memory one: False, and marks are
         written at once."""
         where = self.store.db.where
-        # (the store says where the marks go: `marks_attached`, the bus carries them; `marks_logged`,
-        # its own file; neither, marked at once)
-        if self.store.shared or self.store.marks_attached or self.store.marks_logged or str(where) == ":memory:":
+        # (the store says where the marks go, `marks`: decided once)
+        if self.store.shared or self.store.marks is not Marks.AT_ONCE or str(where) == ":memory:":
             return False
         carry = getattr(sink, "carry", None)
         # (the store's WAL copied off the event loop's commits, by the sink's checkpointer)
@@ -839,7 +839,7 @@ class EngineServer:
         if carry is None:  # (a pack a batch: the writer starts the log again itself)
             defer_checkpoints(self.store.db, WRITER_BACKSTOP)
             self.store.log_marks_here(functools.partial(checkpointer.before_commit, self.store.db, Path(where)), bus)
-            return False  # (the store's `marks_logged` from now on)
+            return False  # (the store's marks LOGGED from now on)
         carry(self._carried_marks, lambda: self.store.folded_upto)  # (the bus's file made, if new)
         self.store.read_marks_from(sink.path, sink.carry_lock)
         defer_checkpoints(self.store.db)
@@ -852,7 +852,7 @@ class EngineServer:
         is never live on two nodes -- each taking records the other would take again."""
         if not marks:
             return
-        if self.store.marks_logged:
+        if self.store.marks is Marks.LOGGED:
             self._log_pack(lambda: pack_marks(marks))
             return
         if not self.store.shared:
@@ -881,7 +881,7 @@ class EngineServer:
                 self.stats.sessions_taken_elsewhere += 1
 
     def _log_pack(self, take: Callable[[], bytes]) -> None:
-        """(the store's `marks_logged`) The pack `take` makes, committed to its own log at once."""
+        """(the store's marks LOGGED) The pack `take` makes, committed to its own log at once."""
         pack = self._pack_of(take)
         if not pack:
             return

@@ -211,6 +211,14 @@ def _is_pack(pack: bytes) -> bool:
     return True
 
 
+class Marks(enum.Enum):
+    """Where a store's lane record marks go (`SessionStore.marks`): one place, chosen once."""
+    AT_ONCE = "at once"
+    CARRIED = "carried by the bus"
+    LOGGED = "logged in the store's file"
+
+
+
 class Unsaved(enum.Enum):
     """Why `freeze` gave no blob."""
 
@@ -352,12 +360,13 @@ class SessionStore:
         self.errors = 0  # writes the disk (or the database) refused
         self.last_error: str | None = None  # the latest one's reason, until a write works again
         self._stale: set[bytes] = set()  # rows read back that could not be deleted yet
-        #: the bus's marks read (`read_marks_from`): its `carried` rows below this are folded
-        self.marks_attached = False
+        #: where the lane's record marks go: AT_ONCE, written to the rows as they come (a shared
+        #: store, one in memory, a store before its sink is known); CARRIED, by the embedded bus
+        #: in its batches' commits (`read_marks_from`), folded from its file; LOGGED, in this
+        #: store's own file (`log_marks_here`: a sink that cannot carry them), folded from there
+        self.marks = Marks.AT_ONCE
+        #: (CARRIED) the bus's `carried` rows below this are folded
         self.folded_upto = 0
-        #: the lane's packs are logged in this store's own file (`log_marks_here`: its sink cannot
-        #: carry them), folded from there
-        self.marks_logged = False
         #: called before each pack's commit (`log_marks_here`: the checkpointer's `before_commit`)
         self._before_log: Callable[[], None] | None = None
         #: marks whose pack the disk refused, written with the next one (`log_pack`)
@@ -482,7 +491,7 @@ class SessionStore:
         `carrying`: the bus's `carry_lock`, which saves and restores take from now on (required:
         without it the race it closes comes back unseen).  What a run on a sink that cannot carry
         them logged in this store's own file (`log_marks_here`) is folded first."""
-        if self.shared or self.marks_attached or self.marks_logged:
+        if self.shared or self.marks is not Marks.AT_ONCE:
             raise RuntimeError("dtls session store: marks are read from one embedded bus, by one node's store")
         # (what a run on a sink that cannot carry them logged here: never read again once the bus is)
         self._must_fold(_fold_own, self.db.where)
@@ -497,7 +506,7 @@ class SessionStore:
             # otherwise take the bus file's write lock too, waiting for -- and holding up -- every
             # process's bus commits
             self.db.attach_read_only(bus, "bus")
-        self.marks_attached = True
+        self.marks = Marks.CARRIED
         self.folded_upto = self._place_in_bus()
         self.fold_marks()
 
@@ -526,7 +535,7 @@ class SessionStore:
         on it before this one, on Kafka: its marks would otherwise be skipped by a restore now, and
         raise a later session of their peer when a run on the bus read them again).
         `before_commit`: called before each pack's commit (the WAL checkpointer's)."""
-        if self.shared or self.marks_attached or self.marks_logged:
+        if self.shared or self.marks is not Marks.AT_ONCE:
             raise RuntimeError("dtls session store: marks are logged in one place, by one node's store")
         if bus is not None and bus.exists():
             try:
@@ -543,7 +552,7 @@ class SessionStore:
                 raise StartRefused(f"dtls session store: the record marks in {bus} could not be read "
                                    f"({type(e).__name__}: {e}); corem does not start without them (a "
                                    "file no run on the embedded bus wrote may be moved away)") from e
-        self.marks_logged = True
+        self.marks = Marks.LOGGED
         self._before_log = before_commit
         self.fold_marks()
 
@@ -568,9 +577,9 @@ class SessionStore:
     def fold_marks(self) -> None:
         """Fold the packs not folded yet -- the bus's past this store's place, or this store's own
         log -- FOLD_STEP a transaction (a failed fold is counted; the packs wait for the next one)."""
-        if self.marks_attached:
+        if self.marks is Marks.CARRIED:
             self._fold_steps(_fold)
-        elif self.marks_logged:
+        elif self.marks is Marks.LOGGED:
             self._fold_steps(_fold_own)
 
     def _fold_steps(self, fold: Callable[[Db, int], tuple[int, int | None]]) -> bool:
@@ -600,17 +609,17 @@ class SessionStore:
     def _fold_some(self) -> tuple[int, int | None]:
         """(in a write transaction) Fold every pack not folded yet: how many, and the bus's new
         place (None: none, or not the bus's)."""
-        if self.marks_attached:
+        if self.marks is Marks.CARRIED:
             return _fold(self.db)
-        if self.marks_logged:
+        if self.marks is Marks.LOGGED:
             return _fold_own(self.db)
         return 0, None
 
     def _pending_packs(self) -> str | None:
         """The query of the packs not folded yet (None: no marks are carried nor logged)."""
-        if self.marks_attached:
+        if self.marks is Marks.CARRIED:
             return "SELECT blob FROM bus.carried WHERE n > (SELECT upto FROM rx_folded) AND typeof(blob) = 'blob'"
-        if self.marks_logged:
+        if self.marks is Marks.LOGGED:
             return "SELECT blob FROM rx_packs WHERE typeof(blob) = 'blob'"
         return None
 
