@@ -14,7 +14,7 @@ LOCK   := requirements.lock
 RUNTIME_LOCK := requirements-runtime.lock
 UV     := uv==0.13.9
 
-.PHONY: dist run test deps sysdeps jsdeps bench bench-codec bench-formats bench-load bench-dtls bench-import bench-workers bench-transports fuzz soak clean lock test-latest
+.PHONY: dist run test deps sysdeps jsdeps bench bench-codec bench-formats bench-load bench-dtls bench-coaps-plain bench-import bench-workers bench-transports fuzz soak clean lock test-latest
 
 $(STAMP): pyproject.toml setup.py $(LOCK) corem/codec/_speedups.c corem/fastlane/_lane.c corem/bus/_reports.c \
 	  corem/dtls/engine/_records.c corem/dtls/engine/dtls_records.h
@@ -131,7 +131,7 @@ test: sysdeps $(STAMP) jsdeps
 	$(PY) -m mypy
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
-bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-formats-load bench-dtls bench-import bench-transports
+bench: sysdeps $(STAMP) bench-codec bench-formats bench-load bench-formats-load bench-dtls bench-coaps-plain bench-import bench-transports
 
 bench-codec: $(STAMP)
 	$(PY) bench/codec_bench.py
@@ -156,6 +156,9 @@ bench-workers: $(STAMP)
 
 bench-dtls: $(STAMP)
 	$(PY) bench/dtls_bench.py
+
+bench-coaps-plain: $(STAMP)
+	$(PY) bench/coaps_plain_pairs.py --pairs 20
 
 bench-transports: $(STAMP)
 	$(PY) bench/transports_bench.py
