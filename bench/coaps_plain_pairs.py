@@ -1,7 +1,7 @@
 """CoAPS readings against the plain CoAP lane, in one corem: the yardstick of the CoAPS target
 (>= 0.9x the plain lane) without the machine's drift between two servers.
 
-    python bench/coaps_plain_pairs.py [--pairs 8] [--seconds 2] [--json]
+    python bench/coaps_plain_pairs.py [--pairs 8] [--seconds 2] [--inflight 4] [--json]
 
 dtls_bench.py pairs each CoAPS run with a plain run of another corem started just before it: on a
 shared virtual machine the speed moves by more than the gap between the two within a minute (one
