@@ -19,7 +19,7 @@ and with a commit every millisecond the background pass never finds such a momen
 to the writer's own automatic checkpoint (8,000 pages), which ran inside a COMMIT and, because a
 pass that does not complete the log does not sync the database, synced everything copied since
 the last restart there -- 15-35 ms, twice a second at 150k readings/s: the plain lane's p999 of
-25 ms and part of its p99.  Now a background pass that finds the log past RESTART pages tells
+25 ms and part of its p99.  Now a background pass that finds the log past RESTART bytes tells
 the writer (`restart_due`), and the writer completes the checkpoint itself between two of its
 commits (`before_commit`, from its own connection: no commit can come in between), just after
 that pass, with the database already synced by it: it copies and syncs the last few
@@ -46,13 +46,15 @@ import trio
 
 log = logging.getLogger("corem.wal")
 
-#: the writers' own automatic checkpoint, in pages (SQLite's default is 1,000): a bound on the
-#: log's size should the background checkpointer fall behind or fail
-BACKSTOP = 8000
-#: the log's size, in pages, from which a writer that calls `before_commit` completes the
-#: checkpoint itself so that its next commit starts the log again (64 MiB of 4 KiB pages: at the
-#: plain lane's ~52 MB/s, a restart every ~1.3 s; each costs the next batch ~2 ms)
-RESTART = 16384
+#: the writers' own automatic checkpoint, in bytes of log (SQLite's default is 1,000 pages): a
+#: bound on the log's size should the background checkpointer fall behind or fail.  The limits are
+#: bytes, each file's pages counted at its own page size (the bus's are 16 KiB, bus/sqlite.py
+#: PAGE_SIZE; the session store's SQLite's 4 KiB): as pages, 16 KiB ones quadrupled them.
+BACKSTOP = 8000 * 4096
+#: the log's size, in bytes, from which a writer that calls `before_commit` completes the
+#: checkpoint itself so that its next commit starts the log again (64 MiB: at the plain lane's ~52
+#: MB/s, a restart every ~1.3 s; each costs the next batch ~2 ms)
+RESTART = 64 << 20
 #: such a writer's own automatic checkpoint: far past RESTART, only a bound
 WRITER_BACKSTOP = 4 * RESTART
 #: seconds between two background passes while the last one copied nothing, and while they
@@ -77,10 +79,12 @@ class Executes(Protocol):
     def execute(self, sql: str, /) -> Any: ...
 
 
-def defer_checkpoints(conn: Executes, pages: int = BACKSTOP) -> None:
+def defer_checkpoints(conn: Executes, nbytes: int = BACKSTOP) -> None:
     """Have a writer's connection (sqlite3's, or the registry's `Db`) checkpoint by itself only
-    past `pages` (BACKSTOP; WRITER_BACKSTOP for one that calls `Checkpointer.before_commit`)."""
-    conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+    past `nbytes` of log (BACKSTOP; WRITER_BACKSTOP for one that calls `Checkpointer.before_commit`),
+    in its file's pages."""
+    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.execute(f"PRAGMA wal_autocheckpoint={max(1, int(nbytes) // page)}")
 
 
 class Checkpointer:
@@ -92,7 +96,7 @@ class Checkpointer:
         self._conns: dict[Path, sqlite3.Connection] = {}
         #: each database file, open for its fsync after a pass (None: synchronous OFF)
         self._fds: dict[Path, int | None] = {}
-        #: the files whose log a pass found past RESTART pages: their writer completes the
+        #: the files whose log a pass found past RESTART bytes: their writer completes the
         #: checkpoint before its next commit (`before_commit`)
         self._due: set[Path] = set()
         #: frames copied by each file's last pass (a pass that copied nothing syncs nothing), and
@@ -134,6 +138,9 @@ class Checkpointer:
                     self._conns[path] = conn
                     self._fds[path] = None if synchronous == "OFF" else os.open(path, os.O_RDONLY)
                 _busy, log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                # (the log's size in bytes, at the file's own page size: read each pass, as a
+                # file its writer has just made has none yet)
+                log_bytes = log_pages * conn.execute("PRAGMA page_size").fetchone()[0]
                 # a pass that leaves frames behind (a commit came meanwhile: nearly always) does
                 # not sync the database; sync what it copied now, or the pass that completes the
                 # log syncs everything copied since the last restart, in a writer's commit
@@ -141,11 +148,11 @@ class Checkpointer:
                 if copied != self._copied.get(path):
                     busy = True
                     now = time.monotonic()
-                    if fd is not None and (now - self._synced.get(path, 0.0) >= SYNC_INTERVAL or log_pages >= RESTART):
+                    if fd is not None and (now - self._synced.get(path, 0.0) >= SYNC_INTERVAL or log_bytes >= RESTART):
                         _fdatasync(fd)
                         self._synced[path] = now
                 self._copied[path] = copied
-                if log_pages >= RESTART:
+                if log_bytes >= RESTART:
                     self._due.add(path)
                 self.passes += 1
             except (sqlite3.Error, OSError) as e:  # (OSError: the database file's fsync)
@@ -154,7 +161,7 @@ class Checkpointer:
         return busy
 
     def restart_due(self, path: Path) -> bool:
-        """Has a pass found `path`'s log past RESTART pages since its writer last completed it?"""
+        """Has a pass found `path`'s log past RESTART bytes since its writer last completed it?"""
         return path in self._due
 
     def before_commit(self, conn: Executes, path: Path) -> None:

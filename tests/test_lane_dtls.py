@@ -567,7 +567,8 @@ def test_without_a_sink_that_carries_them_the_marks_are_a_pack_a_batch_committed
     checkpointer = kafka.checkpointer
     assert not srv.layer.carry_marks(kafka)  # (False: logged, not carried)
     assert [path for path, _ in checkpointer._files] == [where]
-    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (WRITER_BACKSTOP,)
+    page = store.db.execute("PRAGMA page_size").fetchone()[0]  # (the limit is bytes: in its pages)
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone() == (WRITER_BACKSTOP // page,)
     dev = Device(srv.address)
     srv.handshake(dev)
     conn = srv.layer.sessions[dev.address]

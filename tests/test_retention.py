@@ -108,7 +108,9 @@ def test_the_oldest_records_go_while_the_log_uses_more_than_its_size(tmp_path):
     kept = offsets(path)
     assert pruned == 1200 - len(kept) and pruner.stats.records["size"] == pruned
     assert kept == list(range(pruned + 1, 1201))  # the newest ones, dense
-    assert len(kept) >= 400  # not more than needed: about 1 MB of the 2.4 are left
+    # not more than needed: about 1 MB of the 2.4 are left (a batch's 40 KB in the bus's pages, three
+    # of 16 KB: the pruner counts the pages a batch frees, not its length, which over-pruned by ~20%)
+    assert len(kept) >= 400
     # the file does not shrink: its free pages are reused, so it grows no more
     length = path.stat().st_size
     write_batches(path, [(20, now_ms, 2000)] * 5)

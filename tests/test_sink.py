@@ -246,3 +246,26 @@ async def test_the_log_is_read_back_from_a_data_dir_whose_name_a_uri_would_misre
         await bus.close()
     assert [r.value for r in read_records(path)] == [rec(1).value]
     assert recover_embedded(path, 0, 4).total() == 0  # (opened, and nothing to recover: no exchange header)
+
+
+@pytest.mark.parametrize("existing", [None, 4096])
+async def test_a_new_bus_file_has_pages_of_page_size_and_an_existing_one_keeps_its_own(tmp_path, existing):
+    """(a batch row is one ~60 KB BLOB: 4 KB pages wrote it two syscalls a page, PAGE_SIZE)"""
+    from corem.bus.sqlite import PAGE_SIZE
+
+    path = tmp_path / "bus.db"
+    if existing is not None:  # (a file an older corem made, records in it)
+        old = sqlite3.connect(path)
+        old.execute(f"PRAGMA page_size={existing}")
+        old.execute("PRAGMA journal_mode=WAL")
+        old.execute("CREATE TABLE t (x)")
+        old.close()
+    bus = EmbeddedBus(path, synchronous="NORMAL")
+    answered: list = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        bus.submit(rec(1), lambda ctx, e: answered.append(e))
+        await bus.close()
+    assert answered == [None]
+    assert sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0] == (existing or PAGE_SIZE)
+    assert [r.value for r in read_records(path)] == [rec(1).value]

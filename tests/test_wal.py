@@ -64,13 +64,13 @@ def test_a_deferred_writer_leaves_the_copying_to_the_checkpointer(tmp_path):
 def test_without_its_checkpointer_a_deferred_writer_still_bounds_the_log(tmp_path):
     path = tmp_path / "alone.db"
     conn = writer(path, True)
-    commit_rows(conn, BACKSTOP + 600, per_commit=50)
+    commit_rows(conn, BACKSTOP // PAGE + 600, per_commit=50)
     # the backstop checkpoint ran in the commit that took the log past BACKSTOP frames, and the
     # log started again from its beginning: it never grew past that commit (without the backstop
     # it would hold all ~8,700 frames)
-    assert pages_in_database(path) > BACKSTOP * 0.9
+    assert pages_in_database(path) > BACKSTOP // PAGE * 0.9
     frame = PAGE + 24
-    assert (path.with_name("alone.db-wal")).stat().st_size <= 32 + (BACKSTOP + 60) * frame
+    assert (path.with_name("alone.db-wal")).stat().st_size <= 32 + (BACKSTOP // PAGE + 60) * frame
 
 
 def test_a_pass_says_whether_it_copied_anything(tmp_path):
@@ -138,7 +138,7 @@ def test_past_restart_pages_the_bus_completes_the_checkpoint_itself_and_starts_i
     # A pass that cannot copy the whole log (here a reader's snapshot stops it; under load, the
     # commits that come while it copies) finds it past RESTART: the writer completes the
     # checkpoint before its next commit, which starts the log again from its beginning.
-    monkeypatch.setattr(wal, "RESTART", 200)
+    monkeypatch.setattr(wal, "RESTART", 200 * PAGE)  # (bytes: ~800 KB of log)
     path = tmp_path / "bus.db"
     bus = EmbeddedBus(path, synchronous="NORMAL")
     bus.open()
@@ -168,7 +168,7 @@ def test_past_restart_pages_the_bus_completes_the_checkpoint_itself_and_starts_i
 
 def test_a_writer_that_does_not_complete_the_checkpoint_grows_its_log(tmp_path, monkeypatch):
     # the control of the test above: the same writes without the writer's completing checkpoint
-    monkeypatch.setattr(wal, "RESTART", 200)
+    monkeypatch.setattr(wal, "RESTART", 200 * PAGE)  # (bytes: ~800 KB of log)
     path = tmp_path / "w.db"
     conn = writer(path, True)
     checkpointer = Checkpointer()

@@ -155,6 +155,9 @@ class Pruner:
         if not self.enabled:
             return 0
         excess = 0 if self.size is None else used - self.size
+        # a batch's records take whole pages (overflow pages: the page less its 4-byte link): what
+        # deleting it frees, not its length -- counted in bytes, 16 KB pages over-pruned by ~20%
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
         cutoff_ms = None if self.age is None else int((self.clock() - self.age) * 1000)
         rows = conn.execute(
             "SELECT base_offset, count, appended_at, length(records) FROM batches ORDER BY base_offset LIMIT ?",
@@ -174,7 +177,7 @@ class Pruner:
                 break
             last = base
             records[reason] += count
-            freed += length
+            freed += -(-length // (page - 4)) * page
         if last is None:
             return 0
         started = time.perf_counter()

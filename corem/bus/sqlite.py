@@ -49,6 +49,12 @@ CARRIED = "CREATE TABLE IF NOT EXISTS {schema}carried (n INTEGER PRIMARY KEY, bl
 
 SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
+#: the page size of a new bus file.  A batch row is one BLOB (~250 B a reading: ~60 KB at the lane's
+#: ~230 readings a commit), written to the log a page at a time -- two `pwrite`s a page, its frame
+#: header and the page: at SQLite's default 4 KB, ~0.29 calls a reading, 7% of the plain lane's CPU
+#: (perf, 2026-12-07).  Measured: see docs/benchmarks.md, "The bus".
+PAGE_SIZE = 16384
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[tuple[bytes | None, bytes, dict[str, str]]]).decode
 
@@ -117,6 +123,9 @@ class EmbeddedBus(BatchingSink):
         if not self.path.exists():  # mode 0600 (SQLite gives its -wal and -shm the file's mode)
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        # (a new file's pages: PAGE_SIZE; a file with pages keeps its own -- SQLite fixes the size
+        # at the first write, and in WAL mode never changes it)
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
         conn.execute(CARRIED.format(schema=""))
