@@ -271,11 +271,13 @@ static int connect_dtls(SSL_CTX *ctx, struct sockaddr_in *sa, SSL **out) {
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     SSL *ssl = SSL_new(ctx);
     attach(ssl, fd);
-    for (int timeouts = 0;;) {
+    for (;;) {
         int r = SSL_connect(ssl);
         if (r == 1) break;
-        /* (a read that timed out, SO_RCVTIMEO: the flight again, a few times) */
-        if (SSL_get_error(ssl, r) != SSL_ERROR_WANT_READ || ++timeouts > 4 || DTLSv1_handle_timeout(ssl) < 0) {
+        /* (a read that timed out, SO_RCVTIMEO: the flight again once the DTLS timer is due -- 1,
+         * 2, 4 ... s -- until OpenSSL gives up, as a blocking BIO_s_datagram did: a server busy
+         * with the half-open handshakes of phase 1b may refuse this address's hellos for seconds) */
+        if (SSL_get_error(ssl, r) != SSL_ERROR_WANT_READ || DTLSv1_handle_timeout(ssl) < 0) {
             SSL_free(ssl);
             close(fd);
             ERR_clear_error();

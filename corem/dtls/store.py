@@ -218,7 +218,6 @@ class Marks(enum.Enum):
     LOGGED = "logged in the store's file"
 
 
-
 class Unsaved(enum.Enum):
     """Why `freeze` gave no blob."""
 
