@@ -99,6 +99,8 @@ class Checkpointer:
         #: the files whose log a pass found past RESTART bytes: their writer completes the
         #: checkpoint before its next commit (`before_commit`)
         self._due: set[Path] = set()
+        #: each file's page size (the limits are bytes: RESTART), once fixed (`_page_size`)
+        self._pages: dict[Path, int] = {}
         #: frames copied by each file's last pass (a pass that copied nothing syncs nothing), and
         #: when its database file was last synced (time.monotonic())
         self._copied: dict[Path, int] = {}
@@ -138,9 +140,7 @@ class Checkpointer:
                     self._conns[path] = conn
                     self._fds[path] = None if synchronous == "OFF" else os.open(path, os.O_RDONLY)
                 _busy, log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                # (the log's size in bytes, at the file's own page size: read each pass, as a
-                # file its writer has just made has none yet)
-                log_bytes = log_pages * conn.execute("PRAGMA page_size").fetchone()[0]
+                log_bytes = log_pages * self._page_size(path, conn, log_pages)
                 # a pass that leaves frames behind (a commit came meanwhile: nearly always) does
                 # not sync the database; sync what it copied now, or the pass that completes the
                 # log syncs everything copied since the last restart, in a writer's commit
@@ -159,6 +159,16 @@ class Checkpointer:
                 self.errors += 1
                 log.debug("checkpoint of %s: %s", path, e)
         return busy
+
+    def _page_size(self, path: Path, conn: sqlite3.Connection, log_pages: int) -> int:
+        """`path`'s page size, read once its log has frames (a file its writer has just made has
+        none yet: SQLite's default until its first write fixes it)."""
+        page = self._pages.get(path)
+        if page is None:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            if log_pages:
+                self._pages[path] = page
+        return page
 
     def restart_due(self, path: Path) -> bool:
         """Has a pass found `path`'s log past RESTART bytes since its writer last completed it?"""
@@ -191,6 +201,7 @@ class Checkpointer:
                 os.close(fd)
         self._fds.clear()
         self._due.clear()
+        self._pages.clear()
         self._copied.clear()
         self._synced.clear()
 
