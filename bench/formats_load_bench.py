@@ -25,7 +25,9 @@ CBOR, p99 <= 2x libcoap's).  A row whose answers are not all 2.xx says how many 
 each row (libcoap's too) is run N times, each against a fresh corem, and the run with the median
 2.xx/s is the row: on a shared machine one run can fall on another's load.  With
 --kafka, corem's bus is Kafka (Tansu on CPU 1, corem's producer acks=all and idempotent, as by
-default) instead of the embedded one: 2.04 once the brokers acknowledged each reading.  With
+default) instead of the embedded one: 2.04 once the brokers acknowledged each reading; each corem run
+has a fresh broker of its own (Tansu keeps its records in memory: one broker for the whole script
+grew past the machine's RAM, and every row met a fuller broker than the one before).  With
 --door drogue the same readings go through Drogue Cloud's door instead: `POST
 /v1/telemetry?data_schema=bench` with the device's credentials in option 4209 (`Basic
 base64(device@bench:token)`) over CoAP, `POST /v1/telemetry` (the session's device) over CoAPS.
@@ -141,20 +143,41 @@ def rate(r: dict) -> float:
 
 
 def serve(data: Path, bus: str, dtls: bool) -> tuple[subprocess.Popen, int, int]:
-    """One corem on `data`, pinned to CPU 0, once it answers: (process, CoAP port, CoAPS port)."""
+    """One corem on `data`, pinned to CPU 0, once it answers: (process, CoAP port, CoAPS port).
+    Its log (warnings and errors) goes to `data`'s side, `corem.log`: a corem that does not
+    answer is said with the end of its log."""
     coap, coaps = free_port(), free_port()
-    proc = subprocess.Popen(
-        [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", f"127.0.0.1:{coap}",
-         "--coaps", f"127.0.0.1:{coaps}" if dtls else "off", "--http", "off", "--store-synchronous", "NORMAL",
-         "--rate-limit-per-source", "0", "--log-level", "warning", "--bus", bus],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = data.parent / "corem.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [*pin(0), sys.executable, "-m", "corem", "serve", "--data-dir", str(data), "--coap", f"127.0.0.1:{coap}",
+             "--coaps", f"127.0.0.1:{coaps}" if dtls else "off", "--http", "off", "--store-synchronous", "NORMAL",
+             "--rate-limit-per-source", "0", "--log-level", "warning", "--bus", bus],
+            stdout=subprocess.DEVNULL, stderr=err)
     try:
-        wait_udp(coap)
-    except BaseException:
+        wait_udp(coap, timeout=30)
+    except BaseException as e:
         proc.kill()
         proc.wait(30)
-        raise
+        tail = log.read_text(errors="replace").splitlines()[-10:]
+        raise RuntimeError(f"corem (exit {proc.returncode}) did not answer on udp {coap}; its log's end:\n"
+                           + "\n".join(tail)) from e
     return proc, coap, coaps
+
+
+def serve_again(template: Path, data: Path, bus: str, dtls: bool) -> tuple[subprocess.Popen, int, int]:
+    """`serve` on a fresh copy of `template`, and once more if that corem does not answer (said,
+    with its log's end): one failed start in a run of ~150 is not to lose the run."""
+    for attempt in (1, 2):
+        shutil.copytree(template, data)
+        try:
+            return serve(data, bus, dtls)
+        except RuntimeError as e:
+            shutil.rmtree(data)
+            if attempt == 2:
+                raise
+            print(f"  (again: {e})", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def main() -> None:
@@ -168,15 +191,12 @@ def main() -> None:
     args = ap.parse_args()
     warn_freed_memory()
     results: list[dict] = []
-    bus, broker = "embedded", None
     if args.kafka:
-        broker = kafka_broker()
-        if broker is None:
+        probe = kafka_broker()
+        if probe is None:
             sys.exit("formats_load_bench: --kafka needs Tansu (tests/kafka_broker.py): not installed here")
-        bus = f"kafka://{broker.bootstrap}"
-    with tempfile.TemporaryDirectory(prefix="corem-formats-load-") as tmp, contextlib.ExitStack() as stack:
-        if broker is not None:
-            stack.callback(broker.stop)
+        probe.stop()
+    with tempfile.TemporaryDirectory(prefix="corem-formats-load-") as tmp:
         template = Path(tmp) / "template"
         cases = provision(template)
         if args.only:
@@ -187,16 +207,23 @@ def main() -> None:
                 runs, ratios = [], []
                 for _ in range(max(1, args.repeat)):
                     data = Path(tmp) / "row"
-                    shutil.copytree(template, data)
-                    proc, coap, coaps = serve(data, bus, mode.startswith("CoAPS"))
-                    try:
-                        measure(mode, coap, coaps, WARMUP, token, identity, cf, payload, door=args.door)
-                        runs.append(measure(mode, coap, coaps, args.seconds, token, identity, cf, payload,
-                                            door=args.door))
-                    finally:
-                        proc.terminate()
-                        proc.wait(30)
-                        shutil.rmtree(data)
+                    with contextlib.ExitStack() as run:
+                        # (a broker of its own a run: Tansu keeps every record in memory, ~440 B each,
+                        # and a whole --repeat 3 run's ~60 million records outgrew the machine's RAM)
+                        bus = "embedded"
+                        if args.kafka:
+                            broker = kafka_broker()
+                            run.callback(broker.stop)
+                            bus = f"kafka://{broker.bootstrap}"
+                        proc, coap, coaps = serve_again(template, data, bus, mode.startswith("CoAPS"))
+                        try:
+                            measure(mode, coap, coaps, WARMUP, token, identity, cf, payload, door=args.door)
+                            runs.append(measure(mode, coap, coaps, args.seconds, token, identity, cf, payload,
+                                                door=args.door))
+                        finally:
+                            proc.terminate()
+                            proc.wait(30)
+                            shutil.rmtree(data)
                     # libcoap under the same load right after (the machine's speed drifts by 20%
                     # over minutes: a ratio is of two runs of the same minute)
                     yard = libcoap_run(mode, args.seconds, CASES[0][3])
@@ -205,7 +232,9 @@ def main() -> None:
                         ratios.append(rate(runs[-1]) / rate(yard))
                 r = median_run(runs)
                 r.update(format=name, mode=mode, vs_libcoap=median(ratios) if ratios else None)
-                print(f"  {name} / {mode}: {r['rps']:.0f}/s, p99 {r['p99_us'] / 1000:.1f} ms", file=sys.stderr)
+                print(f"  {name} / {mode}: {r['rps']:.0f}/s, p50 {r['p50_us'] / 1000:.2f} ms, "
+                      f"p99 {r['p99_us'] / 1000:.2f} ms, vs libcoap {r['vs_libcoap'] or 0:.2f}x"
+                      f" (libcoap {rate(yardsticks[mode][-1]) if yardsticks[mode] else 0:.0f}/s)", file=sys.stderr)
                 results.append(r)
     for mode, yards in yardsticks.items():  # (libcoap's rows: the median of its runs beside corem's)
         if yards:

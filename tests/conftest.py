@@ -21,6 +21,8 @@ import cbor2
 import pytest
 from hypothesis import HealthCheck, settings
 
+from .coap_answers import IN_ACK, SEPARATE, ack_for, answer_kind
+
 # A busy CI machine gives a test a fraction of a core: hypothesis's 200 ms deadline per example and
 # its data-generation speed check would fail tests on wall-clock time alone, not on what they test.
 settings.register_profile("corem", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -368,13 +370,12 @@ def post(port: int, token: str, payload: bytes, mid: int, timeout: float = 30.0,
             except socket.timeout:
                 continue
             while True:
-                mtype = (data[0] >> 4) & 3
-                if mtype == 2 and data[2:4] == msg[2:4] and data[1] != 0:
-                    return data  # piggybacked
-                if mtype == 0 and data[4:8] == ctoken:
-                    s.sendto(bytes((0x60, 0, data[2], data[3])), server)  # ACK it
-                    return data  # separate response
-                try:  # an empty ACK: the answer follows separately
+                kind = answer_kind(data, msg[2:4], ctoken)
+                if kind == SEPARATE and (ack := ack_for(data)) is not None:
+                    s.sendto(ack, server)
+                if kind in (IN_ACK, SEPARATE):
+                    return data
+                try:  # an empty ACK (or not this request's): the answer follows separately
                     data = from_server(s, server)
                 except socket.timeout:
                     break

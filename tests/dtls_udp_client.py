@@ -11,6 +11,8 @@ from mbedtls.exceptions import TLSError
 
 from corem.codec import Code, Message, OptionNumber as O, Type, decode, encode, make_options
 
+from .coap_answers import EMPTY_ACK, IN_ACK, SEPARATE, ack_for, answer_kind
+
 
 def psk_client_buffer(identity: str, key: bytes) -> tls.TLSWrappedBuffer:
     """A DTLS 1.2 PSK client (TLS_PSK_WITH_AES_128_CCM_8) on Mbed TLS buffers, as devices are."""
@@ -83,20 +85,18 @@ class DtlsUdpClient:
             while time.monotonic() < end:
                 try:
                     self.buf.receive_from_network(self.sock.recv(4096))
-                    reply = decode(self.buf.read(2048))
+                    reply = self.buf.read(2048)
                 except (socket.timeout, tls.WantReadError):
                     continue
                 except TLSError as e:
                     raise AssertionError(f"DTLS error: {e}") from None
-                if reply.mid == self.mid and reply.type == Type.ACK:
-                    if reply.code != 0:
-                        return reply
-                    acked = True
-                elif acked and reply.token == token and reply.type in (Type.CON, Type.NON):
-                    if reply.type == Type.CON:
-                        self.buf.write(encode(Message(Type.ACK, 0, reply.mid, b"", [], b"")))
-                        self._flush()
-                    return reply
+                kind = answer_kind(reply, data[2:4], token)
+                acked = acked or kind == EMPTY_ACK
+                if kind == SEPARATE and (ack := ack_for(reply)) is not None:
+                    self.buf.write(ack)
+                    self._flush()
+                if kind in (IN_ACK, SEPARATE):
+                    return decode(reply)
         raise TimeoutError("no answer")
 
     def close(self) -> None:

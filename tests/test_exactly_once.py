@@ -27,6 +27,7 @@ from corem.codec import Code, Type, decode
 from corem.fastlane import Lane
 from corem.ingest.point import decode_point
 
+from .coap_answers import EMPTY_ACK, IN_ACK, SEPARATE, ack_for, answer_kind
 from .conftest import corem_cli, start_corem, wait_for
 from .kafka_broker import Broker, tansu_binary
 from .lane_twin import Twin
@@ -65,15 +66,14 @@ def exchange(sock: socket.socket, port: int, msg: bytes, timeout: float, stop: t
                 return None
             if source != ("127.0.0.1", port):  # another test's server's datagram to a reused port
                 continue
-            kind = (data[0] >> 4) & 3
-            if kind == 2 and data[2:4] == mid:
-                if data[1] != 0:
-                    return data  # piggybacked
-                resend = deadline  # an empty ACK: the answer follows separately; no more retransmissions
-            elif kind in (0, 1) and data[4:4 + (data[0] & 15)] == token and data[1] != 0:
-                if kind == 0:
-                    sock.sendto(bytes((0x60, 0, data[2], data[3])), ("127.0.0.1", port))
-                return data  # separate response
+            kind = answer_kind(data, mid, token)
+            if kind == EMPTY_ACK:
+                resend = deadline  # the answer follows separately; no more retransmissions
+                continue
+            if kind == SEPARATE and (ack := ack_for(data)) is not None:
+                sock.sendto(ack, ("127.0.0.1", port))
+            if kind in (IN_ACK, SEPARATE):
+                return data
     return None
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 
+import msgspec
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from corem.bus import EmbeddedBus, Record, read_records
+from corem.bus.base import PackedRecord
 
 
 def rec(i: int, tenant: str = "acme") -> Record:
@@ -269,3 +273,30 @@ async def test_a_new_bus_file_has_pages_of_page_size_and_an_existing_one_keeps_i
     assert answered == [None]
     assert sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0] == (existing or PAGE_SIZE)
     assert [r.value for r in read_records(path)] == [rec(1).value]
+
+
+_records = st.lists(st.tuples(st.sampled_from(["telemetry.raw.a", "telemetry.raw.b"]), st.binary(max_size=8),
+                              st.binary(max_size=40), st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+                              st.booleans()), min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_records)
+def test_a_batch_row_holds_each_records_triple_as_msgspec_writes_it_whatever_the_mix_of_packed_records_and_topics(
+        tmp_path_factory, made):
+    """`prepare`: a row a topic (in the order the topics come), each the msgpack array of its records'
+    `[key, value, headers]` -- a `PackedRecord`'s bytes as they are -- whether every record is packed
+    (the lane's batch, joined in one pass), none is, or some are; offsets one after another."""
+    bus = EmbeddedBus(tmp_path_factory.mktemp("bus") / "bus.db")
+    bus._next_offset = 41
+    records = [PackedRecord(t, msgspec.msgpack.encode((k, v, h))) if packed else Record(t, k, v, h)
+               for t, k, v, h, packed in made]
+    rows = bus.prepare(records)
+    topics = list(dict.fromkeys(t for t, *_ in made))
+    assert [row[1] for row in rows] == topics
+    offset = 41
+    for (base, topic, count, blob, _at) in rows:
+        mine = [(k, v, h) for t, k, v, h, _ in made if t == topic]
+        assert (base, count) == (offset, len(mine))
+        assert blob == msgspec.msgpack.encode(mine)
+        offset += count
