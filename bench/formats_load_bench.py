@@ -27,7 +27,7 @@ each row (libcoap's too) is run N times, each against a fresh corem, and the run
 --kafka, corem's bus is Kafka (Tansu on CPU 1, corem's producer acks=all and idempotent, as by
 default) instead of the embedded one: 2.04 once the brokers acknowledged each reading; each corem run
 has a fresh broker of its own (Tansu keeps its records in memory: one broker for the whole script
-grew past the machine's RAM, and every row met a fuller broker than the one before).  With
+would grow past a 23 GB machine's RAM, and every row met a fuller broker than the one before).  With
 --door drogue the same readings go through Drogue Cloud's door instead: `POST
 /v1/telemetry?data_schema=bench` with the device's credentials in option 4209 (`Basic
 base64(device@bench:token)`) over CoAP, `POST /v1/telemetry` (the session's device) over CoAPS.
@@ -209,7 +209,7 @@ def main() -> None:
                     data = Path(tmp) / "row"
                     with contextlib.ExitStack() as run:
                         # (a broker of its own a run: Tansu keeps every record in memory, ~440 B each,
-                        # and a whole --repeat 3 run's ~60 million records outgrew the machine's RAM)
+                        # and a whole --repeat 3 run's ~60 million records would outgrow a 23 GB machine)
                         bus = "embedded"
                         if args.kafka:
                             broker = kafka_broker()
