@@ -13,7 +13,10 @@ steady drift adds to either side alike): bench/loadgen.c with 64 devices x 4 CON
 (its records its own, phase 2 only), on CPU 1, the same CBOR reading.  Each pair's ratio is of two
 runs seconds apart on the same process, the same bus file and the same heap; the result is their
 median, with the spread.  A run's first 64 handshakes are in its seconds (~10 ms of 2 s); both loads
-are warmed up once first.
+are warmed up once first.  (One thing the plain load pays here that a CoAP-only corem does not:
+with a CoAPS listener the embedded bus has a carrier for the sessions' record marks, so every batch,
+plain ones too, is written in a transaction of its own -- BEGIN, INSERT, COMMIT -- not one INSERT.
+That is what `make run`'s corem, on both transports, does too.)
 """
 
 from __future__ import annotations

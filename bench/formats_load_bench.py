@@ -168,16 +168,22 @@ def serve(data: Path, bus: str, dtls: bool) -> tuple[subprocess.Popen, int, int]
 def serve_again(template: Path, data: Path, bus: str, dtls: bool) -> tuple[subprocess.Popen, int, int]:
     """`serve` on a fresh copy of `template`, and once more if that corem does not answer (said,
     with its log's end): one failed start in a run of ~150 is not to lose the run."""
-    for attempt in (1, 2):
-        shutil.copytree(template, data)
-        try:
-            return serve(data, bus, dtls)
-        except RuntimeError as e:
-            shutil.rmtree(data)
-            if attempt == 2:
-                raise
-            print(f"  (again: {e})", file=sys.stderr)
-    raise AssertionError("unreachable")
+    shutil.copytree(template, data)
+    try:
+        return serve(data, bus, dtls)
+    except RuntimeError as e:
+        print(f"  (again: {e})", file=sys.stderr)
+        shutil.rmtree(data)
+    shutil.copytree(template, data)
+    return serve(data, bus, dtls)
+
+
+def fresh_broker():
+    """A Tansu of its own for one corem run (load_bench.kafka_broker), or the script ends saying why."""
+    broker = kafka_broker()
+    if broker is None:
+        sys.exit("formats_load_bench: --kafka needs Tansu (tests/kafka_broker.py): not installed here")
+    return broker
 
 
 def main() -> None:
@@ -191,11 +197,6 @@ def main() -> None:
     args = ap.parse_args()
     warn_freed_memory()
     results: list[dict] = []
-    if args.kafka:
-        probe = kafka_broker()
-        if probe is None:
-            sys.exit("formats_load_bench: --kafka needs Tansu (tests/kafka_broker.py): not installed here")
-        probe.stop()
     with tempfile.TemporaryDirectory(prefix="corem-formats-load-") as tmp:
         template = Path(tmp) / "template"
         cases = provision(template)
@@ -212,7 +213,7 @@ def main() -> None:
                         # and a whole --repeat 3 run's ~60 million records would outgrow a 23 GB machine)
                         bus = "embedded"
                         if args.kafka:
-                            broker = kafka_broker()
+                            broker = fresh_broker()
                             run.callback(broker.stop)
                             bus = f"kafka://{broker.bootstrap}"
                         proc, coap, coaps = serve_again(template, data, bus, mode.startswith("CoAPS"))

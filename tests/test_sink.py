@@ -286,8 +286,9 @@ def test_a_batch_row_holds_each_records_triple_as_msgspec_writes_it_whatever_the
         tmp_path_factory, made):
     """`prepare`: a row a topic (in the order the topics come), each the msgpack array of its records'
     `[key, value, headers]` -- a `PackedRecord`'s bytes as they are -- whether every record is packed
-    (the lane's batch, joined in one pass), none is, or some are; offsets one after another."""
-    bus = EmbeddedBus(tmp_path_factory.mktemp("bus") / "bus.db")
+    (the lane's batches), none is (the Python path's) or some are; offsets one after another.
+    (`prepare` reads no file: the bus is never opened.)"""
+    bus = EmbeddedBus(tmp_path_factory.getbasetemp() / "never-opened.db")
     bus._next_offset = 41
     records = [PackedRecord(t, msgspec.msgpack.encode((k, v, h))) if packed else Record(t, k, v, h)
                for t, k, v, h, packed in made]
