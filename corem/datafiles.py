@@ -8,6 +8,8 @@ how a reader opens one read-only (`read_only_uri`).
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 FORMAT_FILE = "format.toml"
@@ -47,3 +49,22 @@ def file_uri(path: Path | str) -> str:
 def read_only_uri(path: Path | str) -> str:
     """`file_uri`, opened read-only."""
     return file_uri(path) + "?mode=ro"
+
+
+def into_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Put `conn`'s database in WAL mode, waiting out other processes that open it at the same
+    moment (workers, nodes, a CLI): the switch takes the file's exclusive lock, and SQLite
+    answers "database is locked" at once -- not through the busy timeout -- when another
+    connection holds a lock it needs or is switching it too (seen: 1 start in 30 of four at once
+    on a file in rollback mode).  Already in WAL mode, the pragma takes no lock."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)

@@ -18,7 +18,7 @@ from typing import Callable
 import cbor2
 import pytest
 
-from corem import __version__, datadir
+from corem import __version__, datadir, datafiles
 from corem.datadir import FORMAT
 from corem.errors import NewerFormat
 from corem.dtls.store import SessionStore
@@ -174,6 +174,31 @@ def _start_together(start: Callable[[], None], n: int = 4) -> list[BaseException
     for t in threads:
         t.join()
     return errors
+
+
+def test_the_switch_to_wal_mode_waits_for_a_writer_sqlite_would_refuse_it_for_at_once(tmp_path, monkeypatch):
+    """A file in rollback mode with another connection's write lock on it: SQLite answers the
+    switch "database is locked" at once, not after its busy timeout (how one of four processes
+    starting together on an old data dir failed).  `into_wal` tries again once the lock is gone."""
+    path = tmp_path / "old.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    opener = sqlite3.connect(path, isolation_level=None, timeout=30)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # what SQLite itself does
+        opener.execute("PRAGMA journal_mode=WAL")
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # the holder commits while the opener waits
+        pauses.append(seconds)
+        if holder.in_transaction:
+            holder.execute("COMMIT")
+
+    monkeypatch.setattr(datafiles.time, "sleep", pause)
+    datafiles.into_wal(opener)
+    assert pauses and opener.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    opener.close()
+    holder.close()
 
 
 def test_old_tables_gain_their_columns_once_with_processes_starting_together(tmp_path):

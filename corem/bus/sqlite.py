@@ -28,7 +28,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import msgspec
 
-from ..datafiles import read_only_uri
+from ..datafiles import into_wal, read_only_uri
 from ..wal import WRITER_BACKSTOP, defer_checkpoints
 from .base import AnyRecord, BatchingSink, PackedRecord, Record
 
@@ -126,7 +126,7 @@ class EmbeddedBus(BatchingSink):
         # (a new file's pages: PAGE_SIZE; a file with pages keeps its own -- SQLite fixes the size
         # at the first write, and in WAL mode never changes it)
         conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        into_wal(conn)
         conn.executescript(SCHEMA)
         conn.execute(CARRIED.format(schema=""))
         return conn

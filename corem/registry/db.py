@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import __version__
-from ..datafiles import file_uri, read_only_uri
+from ..datafiles import file_uri, into_wal, read_only_uri
 from ..errors import NewerFormat
 
 #: the channel a PostgreSQL registry notifies on when devices or profiles change
@@ -140,7 +140,7 @@ class Db:
         # (by its URI: so that `attach_read_only` can name another file's with ?mode=ro)
         self._conn = sqlite3.connect(file_uri(path), isolation_level=None, check_same_thread=False, timeout=30,
                                      uri=True)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        into_wal(self._conn)
 
     def reopen(self) -> Db:
         """Another connection to the same database (for a reader on another thread)."""
