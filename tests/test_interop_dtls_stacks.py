@@ -39,6 +39,10 @@ engine's own client are tested elsewhere: test_interop_dtls.py, test_dtls*.py):
 - Debian's own DTLS client tools are libcoap's (test_interop_dtls.py); tinydtls has none there. PyPI `dtls` and `python3-dtls` (PyDTLS, last released 2017 and 2020) and `aio-dtls`
   (0.0.4) were not tried.
 
+wolfSSL's and Bouncy Castle's clients are also answered the way a slow bus makes corem answer: an
+empty ACK, then a separate response they acknowledge (the Kafka broker frozen past the piggyback
+timeout).
+
 A stack that is not installed skips with its reason, except under CI=true (`make test` installs them:
 the lock builds dtlssocket with Debian's autoconf and automake, and `make jsdeps` installs tests/js
 when npm is there).
@@ -56,7 +60,8 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from .conftest import PIGGYBACKED, SPEC_IDENTITY, SPEC_KEY, corem_cli, start_corem
+from .conftest import PIGGYBACKED, SPEC_IDENTITY, SPEC_KEY, corem_cli, start_corem, wait_for
+from .test_kafka import broker  # noqa: F401 - (the fixture, for the separate answer's test)
 
 READING = {"temperature": 22.5, "humidity": 65}
 #: corem's engine (the default); the deprecated python-mbedtls one is tested end to end with libcoap
@@ -402,6 +407,55 @@ def test_wolfssl_with_an_unregistered_certificate_fails_its_handshake(data_dir, 
         assert m["corem_dtls_handshakes_completed_total"] == 0
         # and the registered device beside it is served
         assert wolfssl_post(wolfssl_client, server, pki, "ECDHE-ECDSA-AES128-CCM-8", "dev1")["code"] == "2.04"
+    finally:
+        server.stop()
+
+
+# -- a separate answer, to the stacks that wait for one ------------------------------------------------------
+
+@pytest.mark.parametrize("stack", ["wolfssl", "bouncy_castle"])
+def test_a_reading_answered_separately_reaches_the_stacks_that_wait_for_it(data_dir, pki, stack, request):
+    """The bus slower than the piggyback timeout (Kafka, its broker frozen): corem answers the CON
+    request with an empty ACK, then, once the broker has the reading, with a separate CON response
+    (RFC 7252 §5.2.2) -- over DTLS, to wolfSSL's and Bouncy Castle's clients, which wait the empty
+    ACK out and acknowledge the answer.  2.04, and the reading in the topic once.  (The broker
+    is resumed on the empty ACK's count, not after a delay: the order holds however slow the
+    machine.)"""
+    from .test_kafka import consume, pytestmark as needs_kafka
+
+    if needs_kafka.args[0]:
+        pytest.skip(needs_kafka.kwargs["reason"])
+    broker = request.getfixturevalue("broker")
+    if not hasattr(broker, "proc"):
+        pytest.skip("freezing the broker needs one the tests start themselves")
+    separately = ("--bus", f"kafka://{broker.bootstrap}", "--piggyback-timeout", "0.05")
+    if stack == "wolfssl":
+        client = request.getfixturevalue("wolfssl_client")
+        server = serve_certificates(data_dir, pki, *separately)
+        device, suite = "cert-dev-1", "ECDHE-ECDSA-AES128-CCM-8"
+        argv = [client, str(server.coaps_port), suite, cbor2.dumps(READING).hex(), str(pki / "dev1.pem"),
+                str(pki / "dev1.key.pem"), str(pki / "ca.pem")]
+    else:
+        server = serve(data_dir, "corem", *separately)
+        device, suite = "sensor-7", "TLS_PSK_WITH_AES_128_CCM_8"
+        argv = [*request.getfixturevalue("bc_client"), str(server.coaps_port), SPEC_IDENTITY, SPEC_KEY, suite,
+                cbor2.dumps(READING).hex()]
+    empty_acks = 'corem_coap_responses_total{code="0.00",transport="dtls"}'
+    try:
+        broker.pause()
+        client_run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: server.metrics().get(empty_acks, 0) >= 1 or client_run.poll() is not None,
+                     timeout=CLIENT_TIMEOUT, what="the empty ACK")
+        finally:
+            broker.resume()
+        stdout, stderr = client_run.communicate(timeout=CLIENT_TIMEOUT)
+        out = answer(subprocess.CompletedProcess(argv, client_run.returncode, stdout, stderr))
+        assert out == {"code": "2.04", "suite": suite}, (out, stderr)
+        m = server.metrics()
+        assert m[empty_acks] >= 1 and m['corem_coap_responses_total{code="2.04",transport="dtls"}'] == 1
+        [record] = consume(broker.bootstrap, "telemetry.raw.acme", 1)
+        assert record.key == device.encode()
     finally:
         server.stop()
 
