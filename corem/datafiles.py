@@ -2,8 +2,8 @@
 
 A leaf (it imports nothing of corem), so that every owner of a file -- the data dir's lock and
 format (datadir.py), the settings' default registry (config.py), presence (registry/presence.py),
-the admin token (admin/token.py), the DTLS state key (dtls/layer.py) -- names it from here; and
-how a reader opens one read-only (`read_only_uri`).
+the admin token (admin/token.py), the DTLS state key (dtls/layer.py) -- names it from here; how
+a reader opens one read-only (`read_only_uri`); and how a writer puts one in WAL mode (`into_wal`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def into_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
     moment (workers, nodes, a CLI): the switch takes the file's exclusive lock, and SQLite
     answers "database is locked" at once -- not through the busy timeout -- when another
     connection holds a lock it needs or is switching it too (seen: 1 start in 30 of four at once
-    on a file in rollback mode).  Already in WAL mode, the pragma takes no lock."""
+    on a file in rollback mode).  Already in WAL mode, the switch changes nothing."""
     deadline = time.monotonic() + timeout
     pause = 0.001
     while True:
