@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Callable
 
 FORMAT_FILE = "format.toml"
 LOCK_FILE = ".lock"
@@ -51,12 +52,14 @@ def read_only_uri(path: Path | str) -> str:
     return file_uri(path) + "?mode=ro"
 
 
-def into_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
+def into_wal(conn: sqlite3.Connection, timeout: float = 30.0,
+             sleep: Callable[[float], None] = time.sleep) -> None:
     """Put `conn`'s database in WAL mode, waiting out other processes that open it at the same
     moment (workers, nodes, a CLI): the switch takes the file's exclusive lock, and SQLite
     answers "database is locked" at once -- not through the busy timeout -- when another
     connection holds a lock it needs or is switching it too (seen: 1 start in 30 of four at once
-    on a file in rollback mode).  Already in WAL mode, the switch changes nothing."""
+    on a file in rollback mode).  Already in WAL mode, the switch changes nothing.  (`sleep`: how
+    it waits between tries; a test's own.)"""
     deadline = time.monotonic() + timeout
     pause = 0.001
     while True:
@@ -66,5 +69,5 @@ def into_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
         except sqlite3.OperationalError as e:
             if "locked" not in str(e) or time.monotonic() > deadline:
                 raise
-        time.sleep(pause)
+        sleep(pause)
         pause = min(pause * 2, 0.05)

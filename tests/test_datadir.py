@@ -176,7 +176,7 @@ def _start_together(start: Callable[[], None], n: int = 4) -> list[BaseException
     return errors
 
 
-def test_the_switch_to_wal_mode_waits_for_a_writer_sqlite_would_refuse_it_for_at_once(tmp_path, monkeypatch):
+def test_the_switch_to_wal_mode_waits_for_a_writer_sqlite_would_refuse_it_for_at_once(tmp_path):
     """A file in rollback mode with another connection's write lock on it: SQLite answers the
     switch "database is locked" at once, not after its busy timeout (how one of four processes
     starting together on an old data dir failed).  `into_wal` tries again once the lock is gone."""
@@ -194,8 +194,7 @@ def test_the_switch_to_wal_mode_waits_for_a_writer_sqlite_would_refuse_it_for_at
         if holder.in_transaction:
             holder.execute("COMMIT")
 
-    monkeypatch.setattr(datafiles.time, "sleep", pause)
-    datafiles.into_wal(opener)
+    datafiles.into_wal(opener, sleep=pause)
     assert pauses and opener.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     opener.close()
     holder.close()

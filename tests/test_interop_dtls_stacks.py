@@ -61,7 +61,7 @@ import cbor2
 import pytest
 
 from .conftest import PIGGYBACKED, SPEC_IDENTITY, SPEC_KEY, corem_cli, start_corem, wait_for
-from .test_kafka import broker  # noqa: F401 - (the fixture, for the separate answer's test)
+from .test_kafka import broker, consume, pytestmark as needs_kafka  # noqa: F401 - (broker: the fixture)
 
 READING = {"temperature": 22.5, "humidity": 65}
 #: corem's engine (the default); the deprecated python-mbedtls one is tested end to end with libcoap
@@ -413,21 +413,15 @@ def test_wolfssl_with_an_unregistered_certificate_fails_its_handshake(data_dir, 
 
 # -- a separate answer, to the stacks that wait for one ------------------------------------------------------
 
+@needs_kafka
 @pytest.mark.parametrize("stack", ["wolfssl", "bouncy_castle"])
-def test_a_reading_answered_separately_reaches_the_stacks_that_wait_for_it(data_dir, pki, stack, request):
+def test_a_reading_answered_separately_reaches_the_stacks_that_wait_for_it(data_dir, pki, stack, broker, request):
     """The bus slower than the piggyback timeout (Kafka, its broker frozen): corem answers the CON
     request with an empty ACK, then, once the broker has the reading, with a separate CON response
     (RFC 7252 §5.2.2) -- over DTLS, to wolfSSL's and Bouncy Castle's clients, which wait the empty
     ACK out and acknowledge the answer.  2.04, and the reading in the topic once.  (The broker
     is resumed on the empty ACK's count, not after a delay: the order holds however slow the
-    machine.)"""
-    from .test_kafka import consume, pytestmark as needs_kafka
-
-    if needs_kafka.args[0]:
-        pytest.skip(needs_kafka.kwargs["reason"])
-    broker = request.getfixturevalue("broker")
-    if not hasattr(broker, "proc"):
-        pytest.skip("freezing the broker needs one the tests start themselves")
+    machine.  A broker of COREM_KAFKA_BOOTSTRAP cannot be frozen: its `pause` skips the test.)"""
     separately = ("--bus", f"kafka://{broker.bootstrap}", "--piggyback-timeout", "0.05")
     if stack == "wolfssl":
         client = request.getfixturevalue("wolfssl_client")
