@@ -170,7 +170,9 @@ fuzz: $(STAMP)
 	@for t in codec payload formats proto_schema endpoint dtls frontdoors http lane oscore tcp_frame dtls_engine dtls_records dtls_state tls_stream efento; do \
 	  echo "== fuzz_$$t ($(FUZZ_SECONDS) s)"; mkdir -p fuzz/corpus/$$t; \
 	  $(PY) fuzz/fuzz_$$t.py fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=512 \
-	    -artifact_prefix=fuzz/artifacts/ 2>&1 | grep -E "Done|ERROR|Error|crash-" || exit 1; \
+	    -artifact_prefix=fuzz/artifacts/ > fuzz/artifacts/$$t.log 2>&1; rc=$$?; \
+	  grep -E "Done|ERROR|Error|crash-" fuzz/artifacts/$$t.log; \
+	  [ $$rc -eq 0 ] || { echo "fuzz_$$t failed (exit $$rc): fuzz/artifacts/$$t.log"; exit 1; }; \
 	done
 
 # A long live attack (bench/udp_fuzzer.py) while valid devices send; SOAK_SECONDS, loopback only.
