@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from corem.bus.base import PackedRecord, Record
+from corem.bus.base import PackedRecord, Record, whole_requests
 from corem.bus.sqlite import _batch as stored_form
 from corem.coap import Endpoint, Params, Router
 from corem.fastlane import FastLane
@@ -108,7 +108,7 @@ class RecordingSink:
         return self.submit_many([record], done, [ctx]) == 1
 
     def submit_many(self, records, done, ctxs) -> int:
-        n = max(0, min(len(records), self.room - len(self.waiting)))
+        n = whole_requests(ctxs, max(0, self.room - len(self.waiting)))  # (the sinks' rule: a request whole)
         assert self.packed or not any(isinstance(r, PackedRecord) for r in records), "a packed record for a sink without"
         self.waiting += [(unpacked(r), done, c) for r, c in zip(records[:n], ctxs[:n])]
         self._waiting_bytes += [stored_form([r]) for r in records[:n]]

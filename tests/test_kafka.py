@@ -182,6 +182,38 @@ async def test_sink_acknowledges_only_what_the_broker_took_and_batches(broker, k
     assert all(m.headers == [("protocol", b"coap")] for m in msgs)
 
 
+async def test_the_sink_takes_a_request_of_several_points_whole_or_not_at_all(broker):
+    """A record once produced cannot be taken back: the sink takes a request's records (one
+    context object) only if all of them fit in what librdkafka holds unreported, so a request is
+    never answered 5.03 with some of its points on the topic (stored again at the device's
+    retry).  The broker is frozen so that nothing is reported meanwhile."""
+    tenant = unique_topic_tenant()
+    topic = f"telemetry.raw.{tenant}"
+    sink = KafkaSink(KafkaSettings(bootstrap=(broker.bootstrap,), timeout=30), max_pending=5)
+    answered: list = []
+    a, b, c = object(), object(), object()
+
+    def points(request: str, n: int) -> list[Record]:
+        return [Record(topic, b"dev", b'{"r":"%s","i":%d}' % (request.encode(), i), {}) for i in range(n)]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        broker.pause()
+        try:
+            done = lambda ctx, err: answered.append((ctx, err))  # noqa: E731
+            assert sink.submit_many(points("a", 3), done, [a] * 3) == 3
+            assert sink.submit_many(points("b", 3), done, [b] * 3) == 0  # room for 2: refused whole
+            assert sink.submit_many(points("c", 2), done, [c] * 2) == 2
+            assert sink.stats.refused == 3
+        finally:
+            broker.resume()
+        await sink.close()
+    assert sorted(map(id, (ctx for ctx, _ in answered))) == sorted(map(id, [a] * 3 + [c] * 2))
+    assert all(err is None for _, err in answered)
+    got = sorted(json.loads(m.value)["r"] for m in consume(broker.bootstrap, topic, None))
+    assert got == ["a", "a", "a", "c", "c"]
+
+
 async def test_sink_refuses_every_record_when_no_broker_answers():
     errors: list = []
     with refused_tcp_port() as port:

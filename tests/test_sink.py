@@ -93,6 +93,84 @@ async def test_submit_many_takes_what_fits_in_order_and_answers_each(tmp_path):
     assert [r.value for r in read_records(tmp_path / "bus.db")] == [f'{{"i":{i}}}'.encode() for i in range(5)]
 
 
+async def test_a_request_of_several_points_is_taken_whole_or_refused_whole(tmp_path):
+    """A request's points (consecutive records with one context object, as the fast lane and the
+    Python path submit them) are stored together or not at all: were the bus to take the first
+    three of five, the request would be answered 5.03 with three points stored -- and stored
+    again when the device sends it again."""
+    bus = EmbeddedBus(tmp_path / "bus.db", max_pending=5)
+    answered = []
+    two, five, three = object(), object(), object()
+    assert bus.submit_many([rec(0), rec(1)], lambda ctx, e: answered.append(ctx), [two, two]) == 2
+    # room for 3: the five-point request is refused whole, not cut after its third point
+    assert bus.submit_many([rec(i) for i in range(2, 7)], lambda ctx, e: answered.append(ctx), [five] * 5) == 0
+    assert bus.stats.refused == 5
+    # several requests at once (the lane's batch): the ones before the cut, none of the one across it
+    assert bus.submit_many([rec(7), rec(8), rec(9), rec(10)], lambda ctx, e: answered.append(ctx),
+                           [None, three, three, three]) == 1
+    assert bus.stats.refused == 8 and bus.stats.submitted == 3
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        await bus.close()
+    assert answered == [two, two, None]
+    assert [r.value for r in read_records(tmp_path / "bus.db")] == [rec(i).value for i in (0, 1, 7)]
+
+
+async def test_a_batch_never_splits_a_request_and_a_request_longer_than_a_batch_is_one_of_its_own(tmp_path):
+    """A batch is one transaction: a request's records in two batches could be stored in one and
+    fail in the other.  So the batcher cuts at max_batch only between requests."""
+    bus = EmbeddedBus(tmp_path / "bus.db", max_batch=3)
+    a, b, c = object(), object(), object()
+    for ctxs in ([a, a], [b, b], [c] * 5, [None, None, None, None]):  # (None: records of no request)
+        assert bus.submit_many([rec(i) for i in range(len(ctxs))], lambda ctx, e: None, ctxs) == len(ctxs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        await bus.close()
+    with sqlite3.connect(tmp_path / "bus.db") as conn:
+        counts = [n for (n,) in conn.execute("SELECT count FROM batches ORDER BY base_offset")]
+    assert counts == [2, 2, 5, 3, 1]
+
+
+async def test_an_answer_that_raises_leaves_the_others_answered_and_the_bus_running(tmp_path, inline, caplog):
+    """A waiter's `done` that raises is a bug of its caller's; the batch is durable all the same:
+    the other records are answered, the bus goes on, the raise is logged and counted."""
+    bus = EmbeddedBus(tmp_path / "bus.db", synchronous="NORMAL")
+    bus.inline = inline
+    answered: list = []
+
+    def done(ctx, error):
+        if ctx == 1:
+            raise KeyError("no such exchange")
+        answered.append(ctx)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bus.run)
+        assert bus.submit_many([rec(i) for i in range(4)], done, [0, 1, 2, 3]) == 4
+        with trio.fail_after(30):
+            while len(answered) < 3:
+                await trio.sleep(0.01)
+        assert bus.submit(rec(4), done, 4)  # still running
+        await bus.close()
+    assert answered == [0, 2, 3, 4]
+    assert bus.stats.answer_errors == 1 and bus.stats.acked == 5
+    assert "the answer to a record taken by the bus failed" in caplog.text
+
+
+async def test_a_bus_whose_flusher_ended_refuses_what_would_never_be_answered(tmp_path):
+    """The flusher ended by an error (here: the edge's after-batch hook) takes the sink down with
+    it; until the server stops, what is submitted is refused (5.03), not queued for nobody."""
+    def boom() -> None:
+        raise RuntimeError("after_batch failed")
+
+    bus = EmbeddedBus(tmp_path / "bus.db", after_batch=boom)
+    with pytest.raises(ExceptionGroup) as ended:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus.run)
+            bus.submit(rec(0), lambda ctx, e: None)
+    assert ended.group_contains(RuntimeError, match="after_batch failed")
+    assert not bus.submit(rec(1), lambda ctx, e: None)
+
+
 class FailingBus(EmbeddedBus):
     fail = True
 

@@ -59,15 +59,52 @@ def publish_json(sink: "Sink", topic: str, key: str, value: Any) -> bool:
     headers (corem/bus/headers.py; `key` is the device), submitted without an answer to give; a
     refusal or a failed batch is logged (and counted by the sink)."""
     record = Record(topic, key.encode(), json.dumps(value, separators=(",", ":")).encode(), standard(key))
-    if not sink.submit(record, _logged, topic):
+    if not sink.submit(record, _logged, (topic,)):  # (a context of its own: `whole_requests`)
         log.warning("a record for %s was refused: the bus is full", topic)
         return False
     return True
 
 
-def _logged(topic: object, error: BaseException | None) -> None:
+def _logged(ctx: tuple[str], error: BaseException | None) -> None:
     if error is not None:
-        log.warning("a record for %s was not written: %s", topic, error)
+        log.warning("a record for %s was not written: %s", ctx[0], error)
+
+
+def whole_requests(ctxs: Sequence[Any], n: int) -> int:
+    """How many of the records whose contexts are `ctxs` a sink may take when it has room for `n`:
+    never part of one request's records (consecutive records with the same context object, not
+    None: a request of several points submits them so, the fast lane's and the Python path's),
+    which would be stored while the request is answered 5.03, and stored again when the device
+    sends it again.  The largest cut at or below `n` between two requests; 0 if the first
+    request alone is longer than `n`."""
+    if n >= len(ctxs):
+        return len(ctxs)
+    while n > 0 and ctxs[n] is ctxs[n - 1] and ctxs[n] is not None:
+        n -= 1
+    return n
+
+
+def first_request(ctxs: Sequence[Any]) -> int:
+    """How many records the first request holds (its run of one context: `whole_requests`)."""
+    n = 1
+    while n < len(ctxs) and ctxs[n] is ctxs[0] and ctxs[0] is not None:
+        n += 1
+    return n
+
+
+def answer_each(dones: Sequence[Done], ctxs: Sequence[Any], errors: Sequence[BaseException | None]) -> int:
+    """Call every waiter's `done(ctx, error)`; one that raises (a bug) is logged and the others are
+    still answered -- the records are durable, or failed, whatever one answer did.  How many raised."""
+    raised = 0
+    answers = zip(dones, ctxs, errors)
+    while True:
+        try:
+            for done, ctx, error in answers:  # (no cost in the loop for the `try` around it)
+                done(ctx, error)
+            return raised
+        except Exception:  # noqa: BLE001 - the next records are answered all the same
+            raised += 1
+            log.exception("the answer to a record taken by the bus failed; the other records are answered")
 
 
 #: Readiness: a sink whose oldest record has waited this long for the bus to take it (a batch
@@ -87,6 +124,8 @@ class SinkStats:
     acked: int = 0
     failed: int = 0
     refused: int = 0
+    #: a waiter's `done` that raised (a bug): logged, and the batch's other records still answered
+    answer_errors: int = 0
     batches: int = 0
     batch_records: int = 0
     ack_seconds: float = 0.0
@@ -140,7 +179,8 @@ class Sink:
 
     def submit_many(self, records: Sequence[AnyRecord], done: Done, ctxs: list[Any]) -> int:
         """Take as many of `records` as there is room for (each answered by `done(ctx, error)`);
-        returns how many were taken -- the first ones, in order."""
+        returns how many were taken -- the first ones, in order, and whole requests only
+        (`whole_requests`: a request's records are stored together or not at all)."""
         raise NotImplementedError
 
     @property
@@ -184,6 +224,7 @@ class Sink:
         sk, sink = self.stats, self.name
         for attr in ("submitted", "acked", "failed", "refused"):
             yield counter(f"corem_sink_records_{attr}", getattr(sk, attr), sink=sink)
+        yield counter("corem_sink_answer_errors", sk.answer_errors, sink=sink)
         yield counter("corem_sink_batches", sk.batches, sink=sink)
         yield counter("corem_sink_batch_records", sk.batch_records, sink=sink)
         yield counter("corem_sink_ack_seconds", sk.ack_seconds, sink=sink)
@@ -214,7 +255,7 @@ class BatchingSink(Sink):
 
     def submit_many(self, records: Sequence[AnyRecord], done: Done, ctxs: list[Any]) -> int:
         room = 0 if self._closing else max(0, self.max_pending - len(self._records))
-        n = min(room, len(records))
+        n = whole_requests(ctxs, room)
         if n < len(records):
             self.stats.refused += len(records) - n
             records, ctxs = records[:n], ctxs[:n]
@@ -248,7 +289,9 @@ class BatchingSink(Sink):
                     await self._lot.park()
                     continue
                 records, dones, ctxs = self._records, self._dones, self._ctxs
-                n = self.max_batch
+                # (a batch is one transaction: a request's records in one, so that none is
+                # stored while another fails; a request longer than a batch is a batch of its own)
+                n = whole_requests(ctxs, self.max_batch) or first_request(ctxs)
                 if len(records) > n:
                     self._records, self._dones, self._ctxs = records[n:], dones[n:], ctxs[n:]
                     records, dones, ctxs = records[:n], dones[:n], ctxs[:n]
@@ -256,6 +299,7 @@ class BatchingSink(Sink):
                     self._records, self._dones, self._ctxs = [], [], []
                 await self._write(records, dones, ctxs)
         finally:
+            self._closing = True  # (ended by an error too: what is submitted now would wait forever)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close_sync)
             self._stopped.set()
@@ -289,8 +333,7 @@ class BatchingSink(Sink):
         if len(failed) < len(records):
             stats.ack_seconds += elapsed
         self.last_error = failed[0] if failed else None
-        for done, ctx, err in zip(dones, ctxs, errors):
-            done(ctx, err)
+        stats.answer_errors += answer_each(dones, ctxs, errors)
         if self.after_batch is not None:
             self.after_batch()
 

@@ -45,7 +45,7 @@ import trio
 
 from ..logs import fields
 from ..stats import Histogram, Measurement, counter, gauge
-from .base import LATENCY_BUCKETS, AnyRecord, Done, Record, Sink
+from .base import LATENCY_BUCKETS, AnyRecord, Done, Record, Sink, answer_each, whole_requests
 
 try:
     from ._reports import Reports
@@ -330,8 +330,8 @@ class PyReports:
         with self._lock:
             ok, self._ok = self._ok, []
             failed, self._failed = self._failed, []
-        for done, ctx in ok:
-            done(ctx, None)
+        # (as the C twin: a done that raises is logged, and the rest are answered)
+        answer_each([done for done, _ in ok], [ctx for _, ctx in ok], [None] * len(ok))
         return failed
 
     def stats(self) -> dict[str, Any]:
@@ -386,7 +386,14 @@ class KafkaSink(Sink):
         if produce is None or self._closing:
             self.stats.refused += len(records)
             return 0
-        before = self._reports.outstanding
+        before, total = self._reports.outstanding, len(records)
+        # (whole requests only, within the records librdkafka has not reported on: its queue holds
+        # as many, `queue.buffering.max.messages`, so it refuses none of them by count -- a record
+        # once produced cannot be taken back, and a request cut there would be answered 5.03 with
+        # some of its points stored.  Its bytes limit, 1 GiB by default, can still cut one.)
+        n = whole_requests(ctxs, max(0, self.max_pending - before))
+        if n < total:
+            records, ctxs = records[:n], ctxs[:n]
         try:
             n = self._reports.submit(produce, cast("list[Record]", records), done, ctxs)
         except Exception as e:  # noqa: BLE001 - a fatal producer, a bad topic: refused, noted
@@ -395,8 +402,8 @@ class KafkaSink(Sink):
             log.warning("kafka refused a record: %s", e)
         if n:
             self.stats.submitted += n
-        if n < len(records):
-            self.stats.refused += len(records) - n
+        if n < total:
+            self.stats.refused += total - n
         return n
 
     @property
@@ -492,7 +499,8 @@ class KafkaSink(Sink):
         failed = self._reports.answer()  # the acknowledged ones are answered (2.04) in there
         stats, kafka = self.stats, self.kafka
         first_error: BaseException | None = None
-        for done, ctx, error in failed:
+        errors: list[BaseException | None] = []
+        for _, _, error in failed:
             e = DeliveryFailed(error)
             kafka.delivery_errors[e.code] += 1
             if first_error is None:
@@ -500,7 +508,9 @@ class KafkaSink(Sink):
                 if e.code in RESTART_ON and kafka.fatal is None:
                     kafka.fatal = f"{e.code} in a delivery report"
                     log.warning("kafka refuses this producer's identity (%s): starting a fresh one", e.code)
-            done(ctx, e)
+            errors.append(e)
+        if failed:
+            stats.answer_errors += answer_each([f[0] for f in failed], [f[1] for f in failed], errors)
         totals = self._reports.stats()
         n = totals["acked"] + totals["failed"] - before
         latency = totals["latency_sum"] - self._latency_seen

@@ -336,7 +336,10 @@ class TelemetryIngest:
             self.stats.bus_refusals += 1
             if not taken:
                 return BUSY
-            many.left, many.error = taken, SINK_FULL  # the ones taken are stored; the answer is 5.03
+            # (sinks take a request's records whole or not at all -- bus/base.py `whole_requests`
+            # -- but Kafka's queue can still refuse one by its bytes: the ones produced stay, and
+            # the answer is 5.03)
+            many.left, many.error = taken, SINK_FULL
         return None
 
     def _committed_point(self, many: Points, error: BaseException | None) -> None:
