@@ -117,6 +117,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
            "answered (a datagram, anyone's, came within the window) or missed."),
     "corem_dtls_busy_poll_seconds": (C, "Seconds (wall time) spent polling the CoAPS socket on the CPU (dtls_busy_poll_us)."),
     "corem_dtls_cid_moves": (C, "Sessions moved to a new address by an authenticated record with their Connection ID (RFC 9146 §6; dtls_engine = corem)."),
+    "corem_dtls_cid_moves_refused": (C, "Authenticated Connection ID records from an address another device's live session holds: not moved there, their data dropped (a forged source address)."),
     "corem_dtls_records_unknown_cid": (C, "Records with a Connection ID no session has (unknown or forged), dropped (dtls_engine = corem)."),
     "corem_dtls_records_replayed": (C, "Records at or below what a restored session took before (replays after a crash), dropped."),
     "corem_dtls_record_marks_failed": (C, "Batches whose record numbers the session store refused (those records could be replayed after a crash)."),

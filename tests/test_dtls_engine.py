@@ -30,6 +30,7 @@ from corem.codec import Code, Message, Type, decode, encode
 from corem.dtls.engine import Client, CookieJar, DtlsDecodeError, Engine, EngineParams, Params
 from corem.dtls.engine import certs as engine_certs
 from corem.dtls.engine.connection import Connection
+from corem.dtls.engine import engine as engine_module
 from corem.dtls.engine import messages as m
 from corem.dtls.engine import state as session_state
 from corem.dtls.engine.crypto import (ECDHE_ECDSA_AES_128_CCM_8, IMPLEMENTED, PSK_AES_128_CCM_8, hmac_sha256, prf,
@@ -203,11 +204,28 @@ def test_reassembly_of_any_cut_in_any_order(body, size, rnd, overlap):
     needed = {f.offset for f in frags if f.body}
     added: set[int] = set()
     for f in frags:
-        assert r.add(f)
-        added.add(f.offset)
+        if r.add(f):
+            added.add(f.offset)
+        else:  # (only a piece apart from all the others, with MAX_RANGES of them there already)
+            assert len(r.ranges) == m.MAX_RANGES and all(b < f.offset or a > f.offset + len(f.body) for a, b in r.ranges)
+        assert len(r.ranges) <= m.MAX_RANGES
         assert r.complete == needed.issubset(added)  # (complete exactly when every byte came)
+    for f in sorted(frags, key=lambda f: f.offset):  # (the flight sent again, in order, if need be)
+        assert r.add(f)
     assert r.complete and bytes(r.body) == body
     assert not r.add(m.Fragment(m.FINISHED, len(body), 3, 0, body[:1]))  # (another type: refused)
+
+
+def test_fragments_a_byte_apart_are_bounded_and_the_message_still_completes():
+    """1-byte fragments with gaps between them (an attack on reassembly: a piece each) keep at
+    most MAX_RANGES pieces, each merged with its neighbours only; the rest are dropped, and the
+    flight sent whole completes the message."""
+    body = bytes(range(256)) * 32  # (8 KiB: MAX_MESSAGE)
+    r = m.Reassembly(m.Fragment(m.CERTIFICATE, len(body), 3, 0, body[:1]))
+    taken = [r.add(m.Fragment(m.CERTIFICATE, len(body), 3, off, body[off:off + 1])) for off in range(0, len(body), 2)]
+    assert taken.count(True) == m.MAX_RANGES and len(r.ranges) == m.MAX_RANGES and not r.complete
+    assert r.add(m.Fragment(m.CERTIFICATE, len(body), 3, 0, body))
+    assert r.ranges == [(0, len(body))] and r.complete and bytes(r.body) == body
 
 
 @settings(max_examples=300, deadline=None)
@@ -314,14 +332,60 @@ def test_a_thousand_requests_each_from_a_new_port_need_no_new_handshake():
     assert eng.stats.hello_verify_sent == 1
 
 
-def test_an_older_record_from_a_new_address_is_taken_but_does_not_move_the_session():
+def test_an_older_record_from_a_new_address_neither_moves_the_session_nor_is_taken_there():
+    """Authentic, inside the window, but not the newest: the session stays where it is, and what
+    the record carries is dropped -- taken, it would be answered at the address it came from and
+    taken as the data of whichever session is there (the next test)."""
     eng, cl = handshake()
     held = cl.wrap(b"older")
     newer = cl.wrap(b"newer")
     a, b = ("203.0.113.9", 1), ("203.0.113.9", 2)
     assert eng.receive(newer, a, 1.0) == [b"newer"]
-    assert eng.receive(held, b, 1.0) == [b"older"]  # inside the window, authentic, but not the newest
+    assert eng.receive(held, b, 1.0) == []
+    assert eng.stats.records_dropped["cid_not_at_address"] == 1
     assert eng.wrap(b"x", a) is not None and eng.wrap(b"x", b) is None
+
+
+def test_a_session_s_record_sent_from_another_device_s_address_is_neither_its_data_nor_a_move():
+    """A device (its own credentials, a CID) that forges another device's source address: an
+    older record of its own, authentic, must not become data of the session at that address
+    (answered there, taken as that device's reading); its newest record must not move it there
+    while that device's session is live (ending that session, sending its answers there); the
+    session there keeps working.  After HELD_FOR of that session's silence, its address may be
+    taken: a NAT can have given it to the moving device."""
+    keys = {b"victim": PSK, b"mallory": PSK[::-1]}
+    eng = Engine(keys.get)
+    victim_at, mallory_at = ("192.0.2.20", 5683), ("203.0.113.9", 40000)
+    victim = Client(b"victim", PSK, cid=None)  # (no RFC 9146: its session is found by its address)
+    handshake(eng, victim, victim_at)
+    mallory = Client(b"mallory", PSK[::-1])
+    handshake(eng, mallory, mallory_at)
+    older, newer = mallory.wrap(b"older"), mallory.wrap(b"newer")
+    newest = mallory.wrap(b"newest")
+    assert eng.receive(newer, mallory_at, 1.0) == [b"newer"]
+    assert eng.receive(older, victim_at, 1.0) == []  # (not the newest: before, taken as the victim's)
+    assert eng.receive(newest, victim_at, 1.0) == []  # the newest: no move onto a live session
+    assert eng.stats.moves_refused == 1 and eng.stats.records_dropped["cid_not_at_address"] == 2
+    assert eng.sessions[victim_at].identity == b"victim" and eng.sessions[mallory_at].identity == b"mallory"
+    assert eng.receive(victim.wrap(b"reading"), victim_at, 2.0) == [b"reading"]
+    later = 2.0 + engine_module.HELD_FOR
+    assert eng.receive(mallory.wrap(b"moved"), victim_at, later) == [b"moved"]  # (a silent session's address)
+    assert eng.sessions[victim_at].identity == b"mallory" and mallory_at not in eng.sessions
+
+
+def test_a_cid_session_whose_address_another_session_moves_to_is_parked_and_placed_again():
+    """A session with a CID of its own is not ended by a move onto its address: parked, it is found
+    by its CID, and its own next newest record places it again (the other one parked in turn)."""
+    keys = {b"one": PSK, b"two": PSK[::-1]}
+    eng = Engine(keys.get)
+    one_at, two_at = ("192.0.2.20", 5683), ("203.0.113.9", 40000)
+    one, two = Client(b"one", PSK), Client(b"two", PSK[::-1])
+    handshake(eng, one, one_at)
+    handshake(eng, two, two_at)
+    assert eng.receive(two.wrap(b"here"), one_at, 1.0) == [b"here"]  # (moved: one's session parked)
+    assert eng.sessions[one_at].identity == b"two" and [c.identity for c in eng.parked.values()] == [b"one"]
+    assert eng.receive(one.wrap(b"back"), one_at, 1.1) == [b"back"]
+    assert eng.sessions[one_at].identity == b"one" and [c.identity for c in eng.parked.values()] == [b"two"]
 
 
 def test_a_client_finished_from_another_port_completes_the_handshake_where_the_cookie_was():
@@ -629,6 +693,27 @@ def test_close_notify_ends_the_session():
         eng.receive(d, PEER, 1.0)
     assert not eng.sessions and not eng.by_cid and eng.stats.sessions_closed == 1
     assert eng.wrap(b"x", PEER) is None
+
+
+def test_a_close_notify_during_a_handshake_ends_it_and_the_hello_sent_again_starts_afresh():
+    """A (spoofable: plaintext) close_notify before the handshake is over ends the handshake, as any
+    alert then does -- not a CLOSED connection kept in `handshakes`, its slot held and the
+    client's hello sent again unanswered until handshake_timeout."""
+    eng = Engine(KEYS.get)
+    cl = Client(b"device-1", PSK)
+    cl.start(0.0)
+    for d in cl.datagrams_to_send():  # (the cookie exchange)
+        eng.receive(d, PEER, 0.0)
+    for d, _ in eng.datagrams_to_send():
+        cl.receive(d, 0.0)
+    for d in cl.datagrams_to_send():  # the hello with its cookie; the server's flight is lost
+        eng.receive(d, PEER, 0.0)
+    assert eng.datagrams_to_send() and PEER in eng.handshakes
+    eng.receive(plaintext_record(ALERT, 0, 77, bytes([1, 0])), PEER, 0.1)  # warning, close_notify
+    assert PEER not in eng.handshakes and eng.stats.handshakes_failed["peer_alert_close_notify"] == 1
+    cl.tick(1.5)  # the client's retransmission timer: its hello again
+    pump(eng, cl, now=1.5)
+    assert cl.established and PEER in eng.sessions
 
 
 def test_a_plaintext_alert_does_not_end_an_established_session():

@@ -379,6 +379,27 @@ def test_a_session_is_checkpointed_once_it_carries_data_not_for_its_handshake_or
     assert A not in srv.sessions
 
 
+def test_a_late_record_taken_after_the_checkpoint_is_not_taken_again_by_the_restored_session():
+    """A record that arrives late (below the window's top, reordered) after the session was
+    saved is taken, and raises no mark: the top did not grow.  After a crash the restored copy's
+    window does not hold it -- its floor, the newest record the session took, must refuse it."""
+    store = SessionStore()
+    srv, _ = layer(store)
+    c = handshake(srv, peer=A, cid=None)
+    r1, r2, r3 = (c.wrap(b"\x40\x02\x00" + bytes((i,)) + b"POST /unlock") for i in (1, 2, 3))
+    assert srv.receive(r1, A, 1.0) and srv.receive(r3, A, 1.1)  # (r2 reordered behind r3)
+    srv.settle(1.1)
+    srv.tick(1.2)  # the checkpoint: saved with r3 the top, r2 not seen
+    assert store.keys() == [peer_key(A)]
+    assert srv.receive(r2, A, 1.3) == [b"\x40\x02\x00\x02POST /unlock"]
+    srv.settle(1.3)
+    assert srv.receive(r2, A, 1.4) == []  # (the live window)
+    again, _ = layer(store)  # the process crashed: a new one restores the row at the next datagram
+    assert again.receive(r2, A, 2.0) == [] and again.receive(r1, A, 2.1) == []
+    r4 = c.wrap(b"\x40\x02\x00\x04POST /unlock")
+    assert again.receive(r4, A, 2.2) == [b"\x40\x02\x00\x04POST /unlock"]  # what is new is taken
+
+
 def test_an_older_copy_of_a_saved_session_never_seals_with_a_number_used_since():
     """A row put back from a backup (or a session two nodes restored at once) holds a write
     reservation its newer self has used: restored, it seals from the wall clock's floor on

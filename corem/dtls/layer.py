@@ -749,8 +749,11 @@ class EngineServer:
         except (DtlsDecodeError, ValueError):
             self.stats.sessions_lost += 1
             return None
-        if rx_top > conn.window.top:  # the copy is older than the records it took: refuse them all
-            conn.floor = rx_top  # (conn.newest counts it)
+        # every record at or below the newest the session took is refused from now on, not only
+        # those the saved window holds: a record older than the top but new to the window, taken
+        # after the copy was saved, is marked nowhere (a mark is written when the top grows), and
+        # would be taken again (conn.newest counts the floor)
+        conn.floor = max(rx_top, conn.window.top)
         s = Session(device, key)
         if device is not None:
             self._hold(device, conn)
@@ -798,6 +801,7 @@ class EngineServer:
             "handshakes_evicted", "marks_failed", "offloaded", "restored", "sessions_lost",
             "offload_failed", "checkpoints")})
         yield counter("corem_dtls_cid_moves", d.cid_moves)
+        yield counter("corem_dtls_cid_moves_refused", e.moves_refused)
         yield counter("corem_dtls_sessions_superseded", d.sessions_superseded)
         yield counter("corem_dtls_sessions_revoked", d.sessions_revoked)
         yield counter("corem_dtls_sessions_taken_elsewhere", d.sessions_taken_elsewhere)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from hmac import compare_digest
 from typing import Any, Callable
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -486,10 +487,13 @@ class Connection:
         if epoch == 0 and self.state == ESTABLISHED:
             raise DtlsDecodeError(UNEXPECTED_MESSAGE, "plaintext_alert")  # (anyone could send it)
         level, description = data
-        if description == CLOSE_NOTIFY:
+        if description == CLOSE_NOTIFY and self.state == ESTABLISHED:
             self.state = CLOSED
             self.reason = "close_notify"
         elif level == FATAL or self.state != ESTABLISHED:
+            # (a close_notify too, before the handshake is over: the handshake ends -- its slot is
+            # free at once and the client's hello sent again starts afresh -- where CLOSED would
+            # keep it, unanswered, until handshake_timeout)
             self.state = FAILED
             self.reason = f"peer_alert_{alert_name(description)}"
 
@@ -592,7 +596,8 @@ class Connection:
             self.retransmit_at = float("inf")  # (the rest of the client's flight is on its way)
         elif self.state == WAIT_FINISHED and msg_type == m.FINISHED:
             got = m.parse_finished_untrusted(body)
-            if got != verify_data(self.master, b"client finished", bytes(self.transcript)):
+            if not compare_digest(got, verify_data(self.master, b"client finished",
+                                                      bytes(self.transcript))):
                 raise HandshakeFailed(DECRYPT_ERROR, "bad_finished")
             self.transcript += raw
             mine = self._next_message(m.FINISHED,
@@ -685,7 +690,8 @@ class Connection:
             self._send_flight(flight, now, timer=True)
         elif self.state == WAIT_FINISHED and msg_type == m.FINISHED:
             got = m.parse_finished_untrusted(body)
-            if got != verify_data(self.master, b"server finished", bytes(self.transcript)):
+            if not compare_digest(got, verify_data(self.master, b"server finished",
+                                                      bytes(self.transcript))):
                 raise HandshakeFailed(DECRYPT_ERROR, "bad_finished")
             self.state = ESTABLISHED
             self.flight = []

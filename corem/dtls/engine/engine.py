@@ -45,6 +45,11 @@ COOKIE_LENGTH = 16
 MAX_HELLO_SEQ = 255
 #: seconds between two walks over the sessions for idle ones
 SWEEP_EVERY = 10.0
+#: a session found by address that heard from its device this recently still holds that address:
+#: no session of another device moves there by its CID (`_take_address`).  A NAT does not hand a
+#: binding in use to another device, and the shortest UDP binding timeouts seen are ~30 s (RFC
+#: 4787 asks for 2 minutes at least): an address that quiet may be someone else's now.
+HELD_FOR = 30.0
 #: server randoms (and CIDs) drawn from os.urandom this many handshakes' worth at a time: one
 #: getrandom call a handshake was a system call on its path (they are sent in the clear: no
 #: secret is kept ahead of its use)
@@ -130,6 +135,9 @@ class EngineStats:
     handshakes_failed: Counter[str] = field(default_factory=Counter)
     records_dropped: Counter[str] = field(default_factory=Counter)
     address_changes: int = 0
+    #: CID records of a session, from an address another device's live session holds: not moved
+    #: there, their data dropped (`_take_address`)
+    moves_refused: int = 0
     sessions_closed: int = 0
     sessions_expired: int = 0
 
@@ -249,9 +257,15 @@ class Engine:
                 raise DtlsDecodeError(0, "unknown_cid")
             newest = conn.receive_record(rec, now)
             if newest and peer != conn.peer and self.sessions.get(conn.peer) is conn:
-                self._move(conn, peer)  # (a session's: a handshake finishes where its cookie was)
+                self._move(conn, peer, now)  # (a session's: a handshake finishes where its cookie was)
             elif newest and self.parked.get(rec.cid) is conn:
-                self._place(conn, peer)
+                self._place(conn, peer, now)
+            if conn.app and self.sessions.get(peer) is not conn:
+                # authentic, but not this session's address (an older record from an address it
+                # left, a parked session's, a move refused): what it carries would be answered at
+                # `peer` and taken as the data of the session there, another device's
+                conn.app = []
+                self.stats.records_dropped["cid_not_at_address"] += 1
             return conn
         if rec.epoch == 0:
             if rec.type == HANDSHAKE and rec.fragment[:1] == bytes((m.CLIENT_HELLO,)):
@@ -441,15 +455,39 @@ class Engine:
             if self.parked.get(conn.cid_in) is conn:
                 del self.parked[conn.cid_in]
 
-    def _move(self, conn: Connection, peer: Peer) -> None:
-        """RFC 9146 §6: the newest authenticated record came from `peer`: answer there from now on"""
+    def _take_address(self, conn: Connection, peer: Peer, now: float) -> bool:
+        """May `conn`, found by its CID, answer at `peer` from now on?  A session of another
+        device there gives way if it can be found without it: parked if it has a CID of its own
+        (its own next newest record places it again, wherever that comes from), ended if it has
+        none and has been silent HELD_FOR (its device's binding there is gone).  One without a
+        CID heard from there since keeps it: another session's record from its address, however
+        authentic, was sent with a forged source address (RFC 9146 §6 and its security
+        considerations) -- moving there would end a live session, and send its answers to
+        another device."""
+        other = self.sessions.get(peer)
+        if other is None or other is conn:
+            return True
+        if other.cid_in:
+            if self.on_session is not None:
+                self.on_session(other, False)
+            del self.sessions[peer]
+            self.parked[other.cid_in] = other
+        elif now - other.last_seen < HELD_FOR:
+            self.stats.moves_refused += 1
+            return False
+        else:
+            self._forget(other)  # (a session by address at that address is superseded)
+        return True
+
+    def _move(self, conn: Connection, peer: Peer, now: float) -> None:
+        """RFC 9146 §6: the newest authenticated record came from `peer`: answer there from now on
+        (if the address can be its: `_take_address`)"""
+        if not self._take_address(conn, peer, now):
+            return
         if self.on_session is not None:
             self.on_session(conn, False)
         if self.sessions.get(conn.peer) is conn:
             del self.sessions[conn.peer]
-        displaced = self.sessions.get(peer)
-        if displaced is not None and displaced is not conn:
-            self._forget(displaced)  # (a session by address at that address is superseded)
         old, conn.peer = conn.peer, peer
         self.sessions[peer] = conn
         if self.on_session is not None:
@@ -458,13 +496,12 @@ class Engine:
         if self.moved is not None:
             self.moved(conn, old)
 
-    def _place(self, conn: Connection, peer: Peer) -> None:
+    def _place(self, conn: Connection, peer: Peer, now: float) -> None:
         """A parked session's first newest record that authenticates came from `peer`: it is the
-        session there from now on, as a move would make it (RFC 9146 §6)"""
+        session there from now on, as a move would make it (RFC 9146 §6; `_take_address`)"""
+        if not self._take_address(conn, peer, now):
+            return
         del self.parked[conn.cid_in]
-        displaced = self.sessions.get(peer)
-        if displaced is not None:
-            self._forget(displaced)  # (a session by address at that address is superseded)
         conn.peer = peer
         self.sessions[peer] = conn
         if self.on_session is not None:

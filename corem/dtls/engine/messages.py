@@ -5,6 +5,7 @@ and the ones it writes."""
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,6 +34,10 @@ _HS = struct.Struct("!B3sH3s3s")
 _HS2 = struct.Struct("!BxHHxHxH")
 #: the largest handshake message the engine reassembles (a certificate chain fits, later)
 MAX_MESSAGE = 8192
+#: pieces one message may be in while it is reassembled.  A client cuts a flight at its MTU, and
+#: one that sends it again cuts it the same way or at a smaller MTU: a few pieces.  Fragments of a
+#: byte or two, spaced apart, are an attack on the reassembly (memory, and a merge per piece).
+MAX_RANGES = 32
 
 
 class Fragment(NamedTuple):
@@ -102,18 +107,28 @@ class Reassembly:
         self.ranges: list[tuple[int, int]] = []
 
     def add(self, f: Fragment) -> bool:
-        """False when `f` contradicts what came before; the message is complete when `complete`"""
+        """False when `f` contradicts what came before, or would leave the message in more than
+        MAX_RANGES pieces (dropped: see MAX_RANGES); the message is complete when `complete`.
+        The ranges stay sorted and apart: a fragment is merged with its neighbours only (a sort
+        of every range at every fragment let 1-byte fragments cost ~60 ms a datagram)."""
         if f.msg_type != self.msg_type or f.length != self.length:
             return False
+        a, b = f.offset, f.offset + len(f.body)
+        if a == b:
+            return True
+        ranges = self.ranges
+        lo = bisect_left(ranges, (a,))  # (the first range that starts at or after a)
+        if lo and ranges[lo - 1][1] >= a:  # (the one before reaches it)
+            lo -= 1
+            a = ranges[lo][0]
+        hi = lo
+        while hi < len(ranges) and ranges[hi][0] <= b:
+            b = max(b, ranges[hi][1])
+            hi += 1
+        if hi == lo and len(ranges) >= MAX_RANGES:
+            return False
         self.body[f.offset:f.offset + len(f.body)] = f.body
-        ranges = sorted(self.ranges + [(f.offset, f.offset + len(f.body))])
-        merged: list[tuple[int, int]] = []
-        for a, b in ranges:
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        self.ranges = merged
+        ranges[lo:hi] = [(a, b)]
         return True
 
     @property
