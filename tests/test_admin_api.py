@@ -120,9 +120,14 @@ def test_bad_json_and_unknown_paths_and_methods(server):
     # (found by an adversarial run: NaN and Infinity were stored and answered back as no JSON at all;
     # a key given twice kept its last value silently)
     for raw, why in ((b'{"a": NaN}', "NaN is not a JSON number"), (b'{"b": -Infinity}', "-Infinity is not"),
-                     (b'{"mode": "eco", "mode": "boost"}', "the key 'mode' is given twice")):
+                     (b'{"mode": "eco", "mode": "boost"}', "the key 'mode' is given twice"),
+                     # (found by a review: a number past a float's range was stored as infinity, and
+                     # every later answer that held it failed, 500)
+                     (b'{"setpoint": 1e400}', "1e400 is out of the range of a float"),
+                     (b'{"setpoint": -2.5E+999}', "-2.5E+999 is out of the range")):
         status, body = server.api("PUT", DEV + "/attributes", raw=raw)
         assert status == 400 and body["error"].startswith("body: not valid JSON") and why in body["error"], body
+    assert server.api("GET", DEV + "/attributes")[0] == 200  # (nothing of the refused ones stored)
     assert server.api("GET", "/api/nothing")[0] == 404
     status, body = server.api("PATCH", "/api/devices")
     assert status == 405 and "GET, POST" in body["error"]

@@ -316,6 +316,49 @@ async def test_at_the_cap_the_longest_idle_connection_makes_room_for_a_new_one()
     assert samples["corem_admin_connections_evicted"][()] == 2 and samples["corem_admin_connections"][()] == 0
 
 
+async def test_clients_without_the_token_waiting_on_a_slow_open_route_cannot_keep_others_out():
+    """An open route may take seconds (/readyz, /metrics, the workers' front waiting for a worker).
+    Requests without the token waiting on it are evicted at the cap like idle ones (found by a
+    review: they were not, and three of them kept /healthz out with 503); the token's holders are
+    never evicted, so only they can fill the cap."""
+    release = trio.Event()
+
+    async def slow(req):
+        await release.wait()
+        return Reply(200, b"slow", "text/plain")
+
+    http = HttpServer([Route("GET", "/slow", slow, auth=False), Route("GET", "/healthz", echo, auth=False)],
+                      admin_token=TOKEN)
+    http.max_connections = 3
+    async with trio.open_nursery() as nursery:
+        waiting = []
+        for token in (None, None, None):
+            client, server_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(http.handle, server_side)
+            auth = f"Authorization: Bearer {token}\r\n" if token else ""
+            await client.send_all(f"GET /slow HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+            waiting.append(client)
+            await trio.testing.wait_all_tasks_blocked()
+        status, _, _ = await ask(http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+        assert await waiting[0].receive_some(100) == b""  # the oldest went, unanswered
+        # the token's holders waiting on it are not evicted: at the cap, a newcomer is told 503
+        vouched = []
+        for _ in range(3):
+            client, server_side = trio.testing.memory_stream_pair()
+            nursery.start_soon(http.handle, server_side)
+            await client.send_all(f"GET /slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+            vouched.append(client)
+            await trio.testing.wait_all_tasks_blocked()
+        status, _, _ = await ask(http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503
+        release.set()
+        for client in vouched:
+            assert (await client.receive_some(100)).startswith(b"HTTP/1.1 200 ")
+        nursery.cancel_scope.cancel()
+    assert gather([(http, {})])["corem_admin_connections_evicted"][()] == 3
+
+
 async def test_a_body_without_the_token_is_refused_at_once_on_every_route():
     """The open routes take no body; one buffered for whoever asks is memory anyone can have
     (an adversarial run: four unauthenticated GET /healthz with 200 MiB bodies took 1 GB of RSS).
@@ -341,11 +384,13 @@ async def test_when_every_slot_serves_a_request_a_new_connection_is_told_503():
         return Reply(200, b"done", "text/plain")
 
     http = HttpServer([Route("GET", "/slow", slow, auth=False), Route("GET", "/healthz", lambda r: Reply(200, b"ok"),
-                                                                       auth=False)], max_connections=1)
+                                                                       auth=False)], max_connections=1,
+                      admin_token=TOKEN)
     async with trio.open_nursery() as nursery:
         busy, server_side = trio.testing.memory_stream_pair()
         nursery.start_soon(http.handle, server_side)
-        await busy.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        # (with the token: a request without it waiting on a slow route is evicted like an idle one)
+        await busy.send_all(f"GET /slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
         await trio.testing.wait_all_tasks_blocked()
         status, headers, body = await ask(http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"].startswith("busy:")
@@ -547,3 +592,18 @@ def test_the_connection_caps_stay_below_the_open_files_limit(caplog):
     assert fdlimit.tcp_cap(100, 20000) == 100
     assert "tcp_max_connections 10000 lowered to 9616" in caplog.text
     assert fdlimit.raise_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
+
+
+def test_a_key_given_twice_among_many_is_named_and_a_number_past_a_float_is_refused():
+    """The body's objects are checked in one pass (a body of many keys is read on the event loop;
+    the check compared each key with every one before it), and a number too big for a float is
+    refused rather than read as infinity."""
+    from corem.admin.http import HttpRequest as Request
+
+    keys = ", ".join(f'"k{i}": {i}' for i in range(20_000))
+    with pytest.raises(HttpError, match="the key 'k19999' is given twice"):
+        Request("PUT", "/", {}, {}, {}, ("{" + keys + ', "k19999": 0}').encode()).json()
+    assert Request("PUT", "/", {}, {}, {}, ("{" + keys + "}").encode()).json()["k19999"] == 19_999
+    with pytest.raises(HttpError, match="1e400 is out of the range of a float"):
+        Request("PUT", "/", {}, {}, {}, b'{"a": [1.5, 1e400]}').json()
+    assert Request("PUT", "/", {}, {}, {}, b'{"a": 1e300}').json() == {"a": 1e300}

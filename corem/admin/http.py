@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
@@ -96,7 +97,7 @@ class HttpRequest:
         if not self.body:
             raise HttpError(400, "body: expected a JSON object")
         try:
-            return json.loads(self.body, parse_constant=_not_json, object_pairs_hook=_object)
+            return json.loads(self.body, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_object)
         except (ValueError, RecursionError) as e:
             raise HttpError(400, f"body: not valid JSON ({e})") from None
 
@@ -105,10 +106,21 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    """A JSON number with a fraction or an exponent, as a float: one past the float's range (1e400)
+    would be infinity, which nothing could read back as JSON -- an attribute stored so would make
+    every answer that holds it fail."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a float")
+    return value
+
+
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        twice = next(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
+        seen: set[str] = set()  # (one pass: a body of many keys is read on the event loop)
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise ValueError(f"the key {twice!r} is given twice")
     return obj
 
@@ -187,9 +199,10 @@ class HttpServer:
         #: connections being served (evicted ones until their task closes them)
         self.open = 0
         #: who is evicted at the cap, oldest first (by when each entered its phase): connections
-        #: still waiting for their request head, and those without the admin token sending a body
-        #: (a route open to all, such as the workers' front passing requests on: the worker checks
-        #: the token) or being sent their answer
+        #: still waiting for their request head, and those without the admin token being answered
+        #: (a route open to all: the probes, /metrics, the workers' front passing requests on -- the
+        #: worker checks the token) or being sent their answer.  Only the token's holders are never
+        #: evicted: no one without it can keep them out, however slow the open routes answer.
         self._evictable: dict[object, trio.CancelScope] = {}
         self.requests = 0
         self.unauthorized = 0
@@ -259,12 +272,20 @@ class HttpServer:
                 if trio.current_time() >= head.deadline:  # (evicted: counted as such)
                     self.timeouts["head"] += 1
                 return
-            try:
-                reply, method = await self._answer(conn, stream, request, key)
-            except h11.RemoteProtocolError as e:  # in the body (chunk framing)
-                reply, method = self._bad(e), "GET"
+            vouched = isinstance(request, h11.Request) and self._vouched(request)
+            with trio.CancelScope() as answering:
+                if not vouched:  # (an open route's handler, for one without the token: /readyz,
+                    self._evictable[key] = answering  # /metrics, the front's forwarding, wait seconds)
+                try:
+                    reply, method = await self._answer(conn, stream, request)
+                except h11.RemoteProtocolError as e:  # in the body (chunk framing)
+                    reply, method = self._bad(e), "GET"
+                finally:
+                    self._evictable.pop(key, None)
+            if answering.cancelled_caught:  # evicted for a newer connection: closed unanswered
+                return
             with trio.CancelScope() as sending:
-                if not (isinstance(request, h11.Request) and self._vouched(request)):
+                if not vouched:
                     self._evictable[key] = sending  # (an open route's answer to one that does not read)
                 try:
                     await self._send(conn, stream, reply, head_only=method == "HEAD")
@@ -327,7 +348,7 @@ class HttpServer:
         return _error(status, f"request: {str(e)[:200]}")
 
     async def _answer(self, conn: h11.Connection, stream: trio.abc.Stream,
-                      request: h11.Request | Reply, key: object) -> tuple[Reply, str]:
+                      request: h11.Request | Reply) -> tuple[Reply, str]:
         if isinstance(request, Reply):
             return request, "GET"
         method = request.method.decode("ascii", "replace")
