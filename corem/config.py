@@ -504,6 +504,15 @@ class Settings:
                 raise ConfigError("dtls_state_key: not hex; 32 or 64 hex digits (a 16- or 32-byte key)") from None
             if len(key) not in (16, 32):
                 raise ConfigError("dtls_state_key: 32 or 64 hex digits (a 16- or 32-byte key)")
+        from .bus.retention import parse_age
+
+        age = parse_age(self.bus_retention_age)
+        if self.bus == "embedded" and age is not None and age < self.exchange_lifetime:
+            # (a restart reads that long back from the bus to tell retransmissions of stored
+            # readings from new ones: bus/recovery.py)
+            raise ConfigError(f"bus_retention_age: {self.bus_retention_age!r} is shorter than exchange_lifetime "
+                              f"({self.exchange_lifetime:g} s), which a restart reads back to store no reading "
+                              f"twice; at least {math.ceil(self.exchange_lifetime)}s, or 'off'")
         if self.kafka_idempotence == "on" and self.kafka_acks != "all":
             raise ConfigError(f"kafka_idempotence: 'on' needs kafka_acks = all (it is {self.kafka_acks!r})")
         if self.kafka_sasl_mechanism and not self.kafka_security_protocol.startswith("SASL"):

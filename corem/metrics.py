@@ -199,6 +199,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_bus_pruned_records": (
         C, "Embedded bus: records pruned by retention, by reason (age: bus_retention_age, size: bus_retention_size)."),
     "corem_bus_prune_errors": (C, "Embedded bus: retention passes that failed (tried again a second later)."),
+    "corem_bus_prune_held": (C, "Embedded bus: looks that found the log over bus_retention_size with only records younger than exchange_lifetime to prune (kept: a restart reads them back)."),
     "corem_bus_size_bytes": (G, "Embedded bus: bytes of bus.db's pages in use (what bus_retention_size bounds)."),
     "corem_kafka_in_flight": (G, "Records handed to librdkafka without a delivery report yet."),
     "corem_kafka_queue_messages": (G, "Messages and requests in librdkafka's queues (len(producer))."),

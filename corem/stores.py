@@ -49,7 +49,8 @@ def make_pruner(s: Settings) -> Pruner | None:
     """The embedded bus's retention (corem/bus/retention.py); None with Kafka, which keeps its own."""
     if s.bus != "embedded":
         return None
-    return Pruner(datadir.bus_path(s), age=parse_age(s.bus_retention_age), size=parse_size(s.bus_retention_size))
+    return Pruner(datadir.bus_path(s), age=parse_age(s.bus_retention_age), size=parse_size(s.bus_retention_size),
+                  keep=s.exchange_lifetime)
 
 
 def session_store(s: Settings) -> SessionStore:

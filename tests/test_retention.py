@@ -119,6 +119,25 @@ def test_the_oldest_records_go_while_the_log_uses_more_than_its_size(tmp_path):
     pruner.close()
 
 
+def test_the_size_limit_keeps_what_a_restart_reads_back_and_an_age_below_it_is_refused(tmp_path):
+    """A restart reads the last exchange_lifetime of records back to store no retransmitted reading
+    twice (bus/recovery.py): the size limit prunes none of them -- the log stays over its size,
+    counted -- and an age below exchange_lifetime is refused at start, naming both settings."""
+    path = tmp_path / "bus.db"
+    now_ms = int(time.time() * 1000)
+    write_batches(path, [(20, now_ms - 600_000, 2000)] * 20 + [(20, now_ms - 60_000, 2000)] * 20)
+    pruner = Pruner(path, age=None, size=1, keep=247)
+    assert pruner.prune() == 400  # the ones from ten minutes ago; none from a minute ago
+    assert offsets(path) == list(range(401, 801))
+    assert pruner.stats.records["size"] == 400 and pruner.stats.held == 1
+    assert pruner.step() == 0 and pruner.stats.held == 2
+    pruner.close()
+    with pytest.raises(ConfigError, match=r"^bus_retention_age: '2m' is shorter than exchange_lifetime \(247 s\)"):
+        Settings.load({"bus_retention_age": "2m"}, env={}).check()
+    assert Settings.load({"bus_retention_age": "2m", "exchange_lifetime": 60}, env={}).check()
+    assert Settings.load({"bus_retention_age": "5m"}, env={}).check()
+
+
 def test_pruning_a_backlog_leaves_the_writer_its_turn(tmp_path):
     """The pruner catches up in small transactions while a writer commits batches: each of its
     transactions is short, and every batch of the writer is committed while it catches up."""
@@ -169,10 +188,10 @@ def test_pruning_a_backlog_leaves_the_writer_its_turn(tmp_path):
 
 
 def _bus_with_history(data_dir: Path) -> tuple[int, int]:
-    """bus.db with 20 batches from 3 h ago (300 records) and 40 of ~66 KB from a minute ago:
-    (the old records, the young ones)."""
+    """bus.db with 20 batches from 3 h ago (300 records) and 40 of ~66 KB from ten minutes ago --
+    older than exchange_lifetime, which the size limit keeps: (the old records, the young ones)."""
     now_ms = int(time.time() * 1000)
-    write_batches(data_dir / "bus.db", [(15, now_ms - 3 * 3600_000, 0)] * 20 + [(30, now_ms - 60_000, 2000)] * 40,
+    write_batches(data_dir / "bus.db", [(15, now_ms - 3 * 3600_000, 0)] * 20 + [(30, now_ms - 600_000, 2000)] * 40,
                   tenant="hist")
     return 300, 1200
 

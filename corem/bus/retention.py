@@ -11,7 +11,11 @@ The log is pruned from its start only, whole batches at a time (a batch is one r
 records of one group commit), so what stays is one dense run of offsets, as in a Kafka partition
 whose log start offset moved: a reader positioned before it goes on at the first record kept.
 The newest batch is never pruned, whatever the limits say: the next offset is read from it when
-corem starts, and offsets are never handed out twice.
+corem starts, and offsets are never handed out twice.  Nor, for size, is a batch younger than
+`keep` (the endpoint's `exchange_lifetime`): a restart reads that long back to tell a device's
+retransmission of a reading it stored from a new reading (bus/recovery.py), and a log cut there
+would store the retransmission twice; the log then stays over its size until they age
+(`corem_bus_prune_held_total`).  An age below it is refused at start (config.py `check`).
 
 Pruning runs in the background (`Pruner.run`, in a worker thread) on a connection of its own, in
 small transactions (at most `STEP_ROWS` batches and `STEP_BYTES` of records each, a pause between
@@ -104,16 +108,20 @@ class PruneStats:
     size: int = 0
     #: the longest prune transaction so far, seconds
     longest_step: float = 0.0
+    #: looks that found the log over its size with only batches younger than `keep` to prune
+    held: int = 0
 
 
 class Pruner:
     """Keeps bus.db within its retention; one per data dir (the process that holds its lock)."""
 
     def __init__(self, path: Path, *, age: float | None, size: int | None, clock: Callable[[], float] = time.time,
-                 step_rows: int = STEP_ROWS, step_bytes: int = STEP_BYTES) -> None:
+                 step_rows: int = STEP_ROWS, step_bytes: int = STEP_BYTES, keep: float = 0.0) -> None:
         self.path = Path(path)
         self.age = age
         self.size = size
+        #: seconds of the newest records the size limit never prunes (the recovery window)
+        self.keep = keep
         self.clock = clock
         self.step_rows = step_rows
         self.step_bytes = step_bytes
@@ -158,7 +166,9 @@ class Pruner:
         # a batch's records take whole pages (overflow pages: the page less its 4-byte link): what
         # deleting it frees, not its length -- counted in bytes, 16 KB pages over-pruned by ~20%
         page = conn.execute("PRAGMA page_size").fetchone()[0]
-        cutoff_ms = None if self.age is None else int((self.clock() - self.age) * 1000)
+        now = self.clock()
+        cutoff_ms = None if self.age is None else int((now - self.age) * 1000)
+        kept_ms = int((now - self.keep) * 1000)
         rows = conn.execute(
             "SELECT base_offset, count, appended_at, length(records) FROM batches ORDER BY base_offset LIMIT ?",
             (self.step_rows,)).fetchall()
@@ -171,9 +181,11 @@ class Pruner:
                 break
             if cutoff_ms is not None and appended_at < cutoff_ms:
                 reason = "age"
-            elif excess > freed:
+            elif excess > freed and appended_at < kept_ms:
                 reason = "size"
             else:
+                if excess > freed and last is None:
+                    self.stats.held += 1
                 break
             last = base
             records[reason] += count
@@ -236,4 +248,5 @@ class Pruner:
         for reason, n in self.stats.records.items():
             yield counter("corem_bus_pruned_records", n, reason=reason)
         yield counter("corem_bus_prune_errors", self.stats.errors)
+        yield counter("corem_bus_prune_held", self.stats.held)
         yield gauge("corem_bus_size_bytes", self.stats.size)
