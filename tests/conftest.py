@@ -337,14 +337,16 @@ def write_cbor(path: Path, value) -> Path:
 
 
 def exchange(endpoint, router, msg, peer=("192.0.2.9", 5683)):
-    """One request through a sans-IO endpoint and router: the single message it answers with."""
+    """One request through a sans-IO endpoint and router: the single message it answers with (the
+    endpoint's own, for a request it refuses itself: an option it cannot read, say)."""
     from corem.coap import Request
     from corem.codec import decode, encode
 
     req = endpoint.receive(encode(msg), peer, 0.0)
-    assert isinstance(req, Request)
-    r = router.dispatch(req)
-    req.respond(r.code, r.options, r.payload)
+    if req is not None:
+        assert isinstance(req, Request)
+        r = router.dispatch(req)
+        req.respond(r.code, r.options, r.payload)
     [(data, _)] = endpoint.datagrams_to_send()
     return decode(data)
 

@@ -186,11 +186,15 @@ def test_the_bound_leaves_small_answers_errors_verified_peers_and_other_doors_al
     asked, answered, tiny = get_sized(ep, router, "i", mid=2)
     assert tiny.code == Code.UNAUTHORIZED and answered <= asked
     # a POST's answer goes on in no block (the router serves the later blocks of a GET's 2.05 alone:
-    # a Block2 request would run the handler again): over the bound, 4.01 without a payload
-    router.add("p", {Code.POST: lambda req, params: Response(Code.CHANGED, b"z" * 300)}, door="site")
+    # a Block2 request would run the handler again): over the bound, its own code without its
+    # payload -- it was carried out, and a 4.01 would have the client carry it out again (found by
+    # a review: a counter POSTed twice for one increment)
+    done = []
+    router.add("p", {Code.POST: lambda req, params: done.append(1) or Response(Code.CHANGED, b"z" * 300)}, door="site")
     post = Message(Type.CON, Code.POST, 4, b"k", [(O.URI_PATH, b"p")], b"v" * 40)  # (a 64-byte block would fit)
     changed = exchange(ep, router, post, PEER)
-    assert changed.code == Code.UNAUTHORIZED and changed.block2 is None and _wire(changed) <= _wire(post)
+    assert changed.code == Code.CHANGED and bytes(changed.payload) == b"" and changed.block2 is None
+    assert _wire(changed) <= _wire(post) and done == [1]
     # a door whose answers need credentials, and a verified peer (DTLS): unchanged
     router.add("api/x", {Code.GET: lambda req, params: Response(Code.CONTENT, b"y" * 100)}, door="thingsboard")
     assert bytes(get(ep, router, "api/x", mid=3).payload) == b"y" * 100

@@ -471,3 +471,97 @@ def test_a_move_is_forgotten_after_the_exchange_lifetime():
     [(_, to)] = ep.datagrams_to_send()
     assert to == PEER
     assert isinstance(ep.receive(post(mid=7), NEW, 300.0), Request)
+
+
+# -- found by a review of the message layer's conformance (RFC 7252 §3, §4.3, §5.4) -----------------
+
+def test_a_block2_number_past_any_payload_is_4_02_and_nothing_on_the_way_can_end_the_server():
+    """A GET whose Block2 asks for a block of an empty 2.05 -- or a number a block option cannot
+    carry -- was a ValueError out of the router, outside the handler's guard: one datagram ended
+    `corem serve`.  Now the block is 4.02, and whatever goes wrong anywhere in dispatch is 5.00."""
+    r = Router()
+    r.add("empty", {Code.GET: lambda req, p: Response(Code.CONTENT, b"")})
+    for value in (bytes([5 << 4 | 2]), ((1 << 19) << 4 | 2).to_bytes(3, "big")):
+        ep = endpoint()
+        opts = [(O.URI_PATH, b"empty"), (O.BLOCK2, value)]
+        req = ep.receive(encode(Message(Type.CON, Code.GET, 1, b"t", opts)), PEER, 0.0)
+        assert r.dispatch(req).code == Code.BAD_OPTION
+    ep = endpoint()
+    req = ep.receive(encode(Message(Type.CON, Code.GET, 1, b"t", [(O.URI_PATH, b"empty")])), PEER, 0.0)
+    assert r.dispatch(req).code == Code.CONTENT
+    broken = Router()
+    broken.add("x", {Code.GET: lambda req, p: Response(Code.CONTENT, b"")})
+    broken.unwrap = lambda req: 1 / 0  # (a bug before any handler)
+    req = endpoint().receive(encode(Message(Type.CON, Code.GET, 1, b"t", [(O.URI_PATH, b"x")])), PEER, 0.0)
+    assert broken.dispatch(req).code == Code.INTERNAL_SERVER_ERROR and broken.handler_errors == 1
+
+
+@pytest.mark.parametrize("extra, label", [
+    ([(O.ACCEPT, b""), (O.ACCEPT, b"\x32")], b"accept: given more than once"),  # §5.4.5
+    ([(O.URI_HOST, b"a"), (O.URI_HOST, b"b")], b"uri-host: given more than once"),
+    ([(O.URI_PORT, b"\x01\x02\x03")], b"uri-port: 3 bytes, not 0-2"),  # §5.4.3
+    ([(O.BLOCK2, b"\x00\x00\x00\x10")], b"block2: 4 bytes, not 0-3"),
+    ([(O.IF_MATCH, b"123456789")], b"if-match: 9 bytes, not 0-8"),
+])
+def test_a_critical_option_corem_cannot_read_is_4_02_to_a_con_and_ignored_in_a_non(extra, label):
+    """RFC 7252 §5.4.3 and §5.4.5: a value whose length is not its option's, or an option that is
+    not repeatable given again, is unrecognized -- 4.02 for a critical one in a CON; a NON with one
+    is rejected (§5.4.1, §4.3): silently ignored, and its retransmission too."""
+    ep = endpoint(limit_error_size=False)
+    opts = sorted([(O.URI_PATH, b"t"), *extra], key=lambda o: o[0])
+    assert ep.receive(post(options=opts), PEER, 0.0) is None
+    [rsp] = sent(ep)
+    assert (rsp.type, rsp.code, bytes(rsp.payload)) == (Type.ACK, Code.BAD_OPTION, label)
+    for _ in range(2):
+        assert ep.receive(post(mid=0x200, mtype=Type.NON, options=opts), PEER, 0.0) is None
+        assert sent(ep) == []
+    assert ep.stats.bad_options == 2
+
+
+def test_an_elective_option_corem_cannot_read_is_ignored():
+    """§5.4.1: an unrecognized elective option is ignored -- the request is served without it
+    (an Observe of 4 bytes: no registration; a second Content-Format: the first one counts)."""
+    ep = endpoint()
+    opts = [(O.OBSERVE, b"\x00\x00\x00\x00"), (O.URI_PATH, b"t"), (O.CONTENT_FORMAT, b"\x3c"), (O.CONTENT_FORMAT, b"")]
+    req = ep.receive(post(options=opts), PEER, 0.0)
+    assert isinstance(req, Request) and req.message.opt(O.OBSERVE) is None
+    assert req.message.options == [(O.URI_PATH, b"t"), (O.CONTENT_FORMAT, b"\x3c")]
+
+
+def test_a_message_of_another_version_is_ignored_not_reset():
+    """RFC 7252 §3: a message with an unknown version number MUST be silently ignored (an RST in
+    version 1 would answer a header it does not share)."""
+    ep = endpoint()
+    for version in (0, 2, 3):
+        assert ep.receive(bytes((version << 6, 0x01, 0x12, 0x34)), PEER, 0.0) is None
+        assert sent(ep) == []
+    assert ep.stats.format_errors == 3
+
+
+def test_a_request_carried_in_an_ack_is_not_served():
+    """RFC 7252 §4.3, Table 1: requests come as CON or NON; an ACK with a request code is no
+    request (a RST with one is malformed already)."""
+    ep = endpoint()
+    assert ep.receive(encode(Message(Type.ACK, Code.GET, 7, b"t", [(O.URI_PATH, b"x")])), PEER, 0.0) is None
+    assert sent(ep) == [] and ep.stats.requests == 0 and ep.stats.format_errors == 1
+
+
+def test_an_accept_the_resource_cannot_give_is_4_06():
+    """RFC 7252 §5.10.4: if the preferred Content-Format cannot be returned, 4.06 MUST be sent.
+    An Accept a resource honours (the doors answer CBOR to Accept: 60, else JSON) is served."""
+    from corem.coap import discovery
+
+    r = Router()
+    discovery.install(r)
+    r.add("j", {Code.GET: lambda req, p: Response(Code.CONTENT, b"{}", [(O.CONTENT_FORMAT, b"\x32")])})
+
+    def ask(path: bytes, accept: bytes | None) -> Response:
+        opts = sorted([*[(O.URI_PATH, s) for s in path.split(b"/")], *([(O.ACCEPT, accept)] if accept is not None else [])],
+                      key=lambda o: o[0])
+        req = endpoint().receive(encode(Message(Type.CON, Code.GET, 1, b"t", opts)), PEER, 0.0)
+        return r.dispatch(req)
+
+    assert ask(b".well-known/core", b"\x32").code == Code.NOT_ACCEPTABLE
+    assert ask(b".well-known/core", b"\x28").code == Code.CONTENT  # (40: link-format)
+    assert ask(b".well-known/core", None).code == Code.CONTENT
+    assert ask(b"j", b"\x32").code == Code.CONTENT and ask(b"j", b"\x3c").code == Code.NOT_ACCEPTABLE

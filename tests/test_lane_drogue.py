@@ -213,7 +213,7 @@ REFUSED = [
     (dict(payload=b"\xff\xff"), Code.BAD_REQUEST),
     (dict(cf=0, payload=b"x"), Code.UNSUPPORTED_CONTENT_FORMAT),
     (dict(extra=[(O.ACCEPT, b"")]), Code.CHANGED),  # (another option)
-    (dict(extra=[(O.DROGUE_AUTH, basic("d2@acme:T2"))]), Code.CHANGED),  # (4209 twice: Python reads the first)
+    (dict(extra=[(O.DROGUE_AUTH, basic("d2@acme:T2"))]), Code.BAD_OPTION),  # (4209, critical, twice: §5.4.5)
     (dict(code=Code.GET), Code.METHOD_NOT_ALLOWED),
 ]
 

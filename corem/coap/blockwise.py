@@ -177,7 +177,7 @@ def _block(response: Response, asked: Block | None, size2_asked: bool) -> Respon
     else:
         offset = asked.offset  # the client's offset, whatever block size it used (§2.4)
     num = offset // size
-    if offset % size or (offset >= len(payload) and payload):
+    if offset % size or (offset and offset >= len(payload)):  # (an empty 2.05 has a block 0 only)
         return make(Code.BAD_OPTION, b"block2: no such block")
     more = offset + size < len(payload)
     options = [o for o in (response.options or []) if o[0] not in (OptionNumber.BLOCK2, OptionNumber.SIZE2,

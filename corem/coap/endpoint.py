@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from ..codec import Code, Message, MessageFormatError, Options, Type, code_str, decode, encode
-from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label
+from ..codec.options import PROXY_OPTIONS, UNDERSTOOD_CRITICAL, option_label, unrecognized
 from ..latency import Latency
 from ..stats import Histogram, Sample, counter, fields, gauge
 from .blockwise import fitted
@@ -354,7 +354,10 @@ class Endpoint:
         mtype = msg.type
         code = msg.code
         if 1 <= code <= 31:
-            return self._request(msg, peer, now, len(data))
+            if mtype == CON or mtype == NON:
+                return self._request(msg, peer, now, len(data))
+            stats.format_errors += 1  # (a request in an ACK: no such message, RFC 7252 §4.3 Table 1)
+            return None
         if mtype == ACK or mtype == RST:
             out = self._outstanding.pop((peer, msg.mid), None)
             if out is None and self._previous:
@@ -451,21 +454,42 @@ class Endpoint:
         return True
 
     def _refused(self, req: Request, msg: Message) -> bool:
-        """Answer a request with a critical option corem does not implement (True), or leave it
-        to the application (False)."""
+        """Refuse a request with a critical option corem does not implement or cannot read (True),
+        or leave it to the application (False), without the elective options it cannot read."""
         for number, _ in msg.options:
             if number & 1 and number not in self._known_critical:
-                req.message = None
                 if number in PROXY_OPTIONS:  # RFC 7252 §5.7.2: corem is no forward-proxy
+                    req.message = None
                     self.stats.proxy_refused += 1
                     self._answer(req, Code.PROXYING_NOT_SUPPORTED, None,
                                  f"{option_label(number)}: corem is not a proxy".encode())
-                else:  # §5.4.1: a critical option it does not implement (or know)
-                    self.stats.bad_options += 1
-                    self._answer(req, Code.BAD_OPTION, None,
-                                 f"{option_label(number)}: critical option not supported".encode())
-                return True
+                    return True
+                return self._bad_option(req, f"{option_label(number)}: critical option not supported")
+        odd = unrecognized(msg.options)
+        if odd:
+            for _, number, why in odd:
+                if number & 1:  # a critical one, as if unknown (§5.4.3, §5.4.5)
+                    return self._bad_option(req, f"{option_label(number)}: {why}")
+            drop = {i for i, _, _ in odd}  # elective ones: ignored (§5.4.1)
+            req.message = Message(msg.type, msg.code, msg.mid, msg.token,
+                                  [o for i, o in enumerate(msg.options) if i not in drop], msg.payload)
         return False
+
+    #: a NON with a critical option corem does not understand is rejected silently (RFC 7252
+    #: §5.4.1, §4.3); over a stream (RFC 8323) there is no NON, and every such request gets 4.02
+    silent_non = True
+
+    def _bad_option(self, req: Request, why: str) -> bool:
+        """A request with a critical option corem does not understand (RFC 7252 §5.4.1): 4.02 to
+        a CON; a NON is rejected -- silently ignored, remembered as handled (§4.3)."""
+        req.message = None
+        self.stats.bad_options += 1
+        if req.confirmable or not self.silent_non:
+            self._answer(req, Code.BAD_OPTION, None, why.encode())
+        else:
+            req.state = DONE
+            self._settle(req)
+        return True
 
     def _before_session(self, peer: Peer, at: float) -> bool:
         """Did a message received at `at` come in `peer`'s previous DTLS session?"""
@@ -595,16 +619,23 @@ class Endpoint:
         -- cut to the largest Block2 block that fits (`blockwise.fitted`: block 0 of the whole
         representation with its ETag and Size2, or a smaller block at the same offset of a block the
         router already cut); if not even a 16-byte block fits, 4.01 without a payload (RFC 9175 §2.4
-        answers so until the address is verified: DTLS or OSCORE verify it)."""
+        answers so until the address is verified: DTLS or OSCORE verify it).  Another success (a
+        POST's 2.04) keeps its code, without its payload (and its options, if need be): the
+        request was carried out, and a 4.01 would have the client carry it out again (found by a
+        review)."""
         bound = AMPLIFICATION_FACTOR * req.size
 
         def fits(answer: Response) -> bool:
             return len(encode(Message(ACK, answer.code, req.mid, req.token, answer.options, answer.payload))) <= bound
 
         answer = fitted(Response(code, payload, options), fits)
-        if answer is None:
-            return Code.UNAUTHORIZED, None, b""
-        return answer.code, answer.options, answer.payload
+        if answer is not None:
+            return answer.code, answer.options, answer.payload
+        if code != Code.CONTENT:
+            for trimmed in (Response(code, b"", options), Response(code, b"", None)):
+                if fits(trimmed):  # (the last always does: a bare header and token, no larger than the request)
+                    return trimmed.code, trimmed.options, b""
+        return Code.UNAUTHORIZED, None, b""
 
     def _settle(self, req: Request) -> None:
         """Replace the answered exchange by an untracked tuple (still there for duplicates)."""

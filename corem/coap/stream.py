@@ -147,6 +147,8 @@ class StreamEndpoint(Endpoint):
 
     #: no retransmissions (RFC 8323), so no exchange to name in bus records (corem/bus/recovery.py)
     transport = None
+    #: no NON on a stream: a request with a critical option corem cannot read is answered 4.02
+    silent_non = False
 
     def __init__(self) -> None:
         super().__init__(Params(limit_error_size=False))  # a connection proved its address

@@ -74,7 +74,7 @@ static PyObject *decode(PyObject *self, PyObject *data) {
     long cls = code >> 5;
     if (b[0] >> 6 != 1) {
         snprintf(reason, sizeof reason, "version %d, expected 1", b[0] >> 6);
-        fail(reason, mid, mtype);
+        fail(reason, -1, -1); /* (RFC 7252 §3: silently ignored -- no RST, whose header it would not be) */
         goto done;
     }
     if (tkl > 8) {

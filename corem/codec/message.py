@@ -393,8 +393,8 @@ def _decode_unusual(data: Buffer, n: int, b0: int, code: int, tkl: int) -> Messa
     """The rare header shapes, kept out of the hot path: errors, empty messages, bare headers."""
     mid = (data[2] << 8) | data[3]
     mtype = (b0 >> 4) & 3
-    if b0 >> 6 != 1:
-        raise MessageFormatError(f"version {b0 >> 6}, expected 1", mid, mtype)
+    if b0 >> 6 != 1:  # (RFC 7252 §3: silently ignored -- no RST, whose version it would not be)
+        raise MessageFormatError(f"version {b0 >> 6}, expected 1")
     if tkl > 8:
         raise MessageFormatError(f"token length {tkl} is reserved (9-15)", mid, mtype)
     if code == 0:

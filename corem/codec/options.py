@@ -8,7 +8,7 @@ critical, bit 1 marks unsafe-to-forward.  Values are stored on the wire in one o
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 
 class OptionNumber(IntEnum):
@@ -107,6 +107,24 @@ UNSUPPORTED_CRITICAL = frozenset({
 PROXY_OPTIONS = frozenset({OptionNumber.PROXY_URI, OptionNumber.PROXY_SCHEME})
 #: The critical options corem serves requests with.
 UNDERSTOOD_CRITICAL = frozenset(n for n in SPECS if n & 1 and n not in UNSUPPORTED_CRITICAL)
+
+def unrecognized(options: Sequence[tuple[int, Any]]) -> list[tuple[int, int, str]]:
+    """The occurrences of known options that RFC 7252 says to treat as unrecognized: a value
+    whose length is not its option's (§5.4.3, Table 4), and each occurrence of an option that is
+    not repeatable after its first (§5.4.5) -- as (index, number, why), in order."""
+    out: list[tuple[int, int, str]] = []
+    seen: set[int] = set()
+    for i, (number, value) in enumerate(options):
+        spec = SPECS.get(number)
+        if spec is None:
+            continue
+        if not spec.min_len <= len(value) <= spec.max_len:
+            out.append((i, number, f"{len(value)} bytes, not {spec.min_len}-{spec.max_len}"))
+        elif number in seen and not spec.repeatable:
+            out.append((i, number, "given more than once"))
+        seen.add(number)
+    return out
+
 
 #: The options whose values are text (RFC 7252 §3.2 "string": UTF-8).
 TEXT_OPTIONS = frozenset(n for n, spec in SPECS.items() if spec.format is Format.STRING)

@@ -756,9 +756,9 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
     s->tkl = d[0] & 15;
     s->code = d[1];
     s->mid = (uint16_t)(d[2] << 8 | d[3]);
-    /* A request code makes it a request whatever its type, as for the endpoint; a RST with a
-     * code is malformed. */
-    if (s->tkl > 8 || s->code < 1 || s->code > 31 || s->type == 3 || n < (size_t)(4 + s->tkl)) return 1;
+    /* A request comes as CON or NON (RFC 7252 §4.3, Table 1): a request code in an ACK or a RST is
+     * no request -- the endpoint drops it, as it does. */
+    if (s->tkl > 8 || s->code < 1 || s->code > 31 || s->type >= 2 || n < (size_t)(4 + s->tkl)) return 1;
     const uint8_t *p = d + 4 + s->tkl, *end = d + n, *v;
     size_t len;
     uint64_t number = 0;
@@ -768,21 +768,23 @@ static int read_shape(const uint8_t *d, size_t n, shape_t *s) {
     s->auth = NULL;
     s->osc = NULL;
     s->osclen = 0;
+    /* (an option of a length outside its own -- RFC 7252 Table 4, codec/options.py SPECS -- or
+     * given twice where it is not repeatable is `other`: the endpoint refuses it, 4.02) */
     while ((r = next_option(&p, end, &number, &v, &len)) == 0) {
-        if (number == 11 && s->nseg < 4) {
+        if (number == 11 && s->nseg < 4 && len <= 255) {
             s->seg[s->nseg] = v;
             s->seglen[s->nseg++] = len;
         } else if (number == 12 && s->cf < 0 && len <= 2) {
             s->cf = 0;
             for (size_t k = 0; k < len; k++) s->cf = s->cf << 8 | v[k];
-        } else if (number == 15 && s->nquery < DROGUE_QUERIES) {
+        } else if (number == 15 && s->nquery < DROGUE_QUERIES && len <= 255) {
             s->query[s->nquery] = v;
             s->querylen[s->nquery++] = len;
             s->extra = 1;
-        } else if (number == OSC_OPTION && !s->osc) { /* (its request: classify's oscore branch) */
+        } else if (number == OSC_OPTION && !s->osc && len <= 255) { /* (its request: classify's oscore branch) */
             s->osc = v ? v : (const uint8_t *)"";
             s->osclen = len;
-        } else if (number == 4209 && !s->auth) {
+        } else if (number == 4209 && !s->auth && len >= 1 && len <= 512) {
             s->auth = v;
             s->authlen = len;
             s->extra = 1;
