@@ -1,5 +1,9 @@
 """Fuzz the message layer and router with datagrams from many peers: nothing escapes, state stays
-bounded, and no error answer is larger than the datagram that caused it."""
+bounded, and no error answer is larger than the datagram that caused it.  The router serves what
+a running corem serves besides readings -- discovery, a site's resources (empty, large: Block2;
+observable: Observe; an action answering 2.04 with a payload) and Block1 uploads -- so the
+block-wise, Observe and Accept paths see the fuzzer's options too (a review found a Block2 on an
+empty 2.05 ending the server, which this target did not reach)."""
 
 import sys
 
@@ -7,12 +11,35 @@ import atheris
 
 with atheris.instrument_imports():
     from corem.codec import Code
-    from corem.coap import Endpoint, Event, Params, Response, Router
+    from corem.coap import Endpoint, Event, Params, Response, Router, discovery
+    from corem.coap.observe import Observers
+    from corem.coap.site import Resource, Site
+
+
+class Empty(Resource):
+    def get(self, req):
+        return Response(Code.CONTENT, b"")
+
+
+class Large(Resource):
+    rt = "large"
+
+    def get(self, req):
+        return Response(Code.CONTENT, bytes(range(256)) * 12)
+
+    def post(self, req):
+        return Response(Code.CHANGED, b"done: " + bytes(req.message.payload)[:600])
+
 
 ENDPOINT = Endpoint(Params(dedup_max_entries=64, max_outstanding=16), rng=lambda: 0.5)
 ROUTER = Router()
 ROUTER.add("api/v1/{token}/telemetry", {Code.POST: lambda req, p: None if p[0] == "later" else Response(Code.CHANGED)})
 ROUTER.add("boom", {Code.GET: lambda req, p: 1 / 0})
+SITE = Site()
+SITE.mount(ROUTER, Observers(ENDPOINT))
+SITE.add("empty", Empty())
+SITE.add("large", Large())
+discovery.install(ROUTER)
 PENDING: list = []
 CLOCK = [0.0]
 
