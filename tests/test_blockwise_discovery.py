@@ -249,6 +249,10 @@ def test_block1_upload_is_reassembled_and_bounded():
     # too large: 4.13 with the limit in Size1
     too_big = post_block(ep, router, 0, True, 6, bytes(1024), mid=40, size1=10**6)
     assert too_big.code == Code.REQUEST_ENTITY_TOO_LARGE and too_big.size1 == 64 * 1024
+    # a last block larger than its size (RFC 7959 §2.2: it may only be smaller): 4.00, nothing taken
+    post_block(ep, router, 0, True, 2, chunks[0], mid=50)
+    larger = post_block(ep, router, 1, False, 2, bytes(65), mid=51)
+    assert larger.code == Code.BAD_REQUEST and sink.bodies == [body] and len(router.uploads) == 0
 
 
 def test_a_block_from_another_requester_never_joins_an_upload():
@@ -346,3 +350,19 @@ def test_a_new_session_at_an_address_forgets_its_uploads():
     assert uploads.receive((("10.0.0.1", 9), None, ("up",)), msg, 0.0, "10.0.0.1")[0] is Upload.CONTINUE
     uploads.forget(peer)
     assert len(uploads) == 1  # (the other port's stays)
+
+
+def test_discovery_matches_list_attributes_by_value_and_others_whole():
+    """RFC 6690 §4.1: rt, if and rel hold space-separated values, each of which a filter matches
+    alone; any other attribute (title) is matched whole, or by a prefix with `*`."""
+    ep, router, _ = stack()
+    router.add("s", {Code.GET: lambda req, p: Response(Code.CONTENT, b"")},
+               link={"rt": "temperature humidity", "title": "My Sensor"})
+
+    def found(query: str, mid: int) -> bool:
+        answer = get(ep, router, ".well-known/core", query=query, mid=mid)
+        return answer.code == Code.CONTENT and "</s>" in bytes(answer.payload).decode()
+
+    assert found("rt=humidity", 20) and found("rt=temperature", 21)
+    assert found("title=My Sensor", 22)
+    assert not found("title=My", 24) and found("title=My*", 25)

@@ -282,6 +282,10 @@ class Block1Uploads:
             self._drop(key)
             self.refused += 1
             return Upload.REFUSED, make(Code.REQUEST_ENTITY_INCOMPLETE, b"block1: blocks out of order or missing")
+        if len(msg.payload) > block.size:  # (the last block may be smaller than its size, never larger: RFC 7959 §2.2)
+            self._drop(key)
+            self.refused += 1
+            return Upload.REFUSED, make(Code.BAD_REQUEST, b"block1: the last block is larger than its size")
         assembly.parts.append(bytes(msg.payload))
         assembly.size += len(msg.payload)
         if block.more:

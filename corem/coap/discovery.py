@@ -24,13 +24,19 @@ def _link(path: str, attrs: dict[str, str | bool]) -> str:
     return ";".join(parts)
 
 
+#: the link attributes whose values are lists of space-separated values (RFC 6690 §3.1-§3.2, RFC 8288 §3.3)
+LIST_ATTRIBUTES = frozenset({"rt", "if", "rel"})
+
+
 def _matches(path: str, attrs: dict[str, str | bool], query: str) -> bool:
     name, _, want = query.partition("=")
     if name == "href":
         have = ["/" + path]
     elif name in attrs:
         value = attrs[name]
-        have = [""] if value is True else str(value).split()
+        # (RFC 6690 §4.1, §3.1: the relation-type attributes rt, if and rel hold lists of
+        # space-separated values, each matched alone; any other value is matched whole)
+        have = [""] if value is True else str(value).split() if name in LIST_ATTRIBUTES else [str(value)]
     else:
         return False
     if want.endswith("*"):
