@@ -176,7 +176,7 @@ def encode_uint(value: int) -> bytes:
     return value.to_bytes((value.bit_length() + 7) // 8, "big")
 
 
-def decode_uint(value: bytes | memoryview) -> int:
+def decode_uint(value: bytes | bytearray | memoryview) -> int:
     return int.from_bytes(value, "big")
 
 
