@@ -2021,3 +2021,92 @@ def test_max_readings_per_point_on_corem_serve(data_dir, tmp_path, lane):
         assert [len(p["numeric_values"]) for p in server.points("acme")] == [40]
     finally:
         server.stop()
+
+
+# -- found by a review of the decoders: both paths answer these alike, and now rightly ----------------
+
+def _twin_with(profiles: dict[str, str]) -> Twin:
+    """A Twin with more stored profiles, each with a device whose token is "X" + its name."""
+    from corem.profiles.spec import parse_profile
+    from corem.registry import Directory
+
+    t = Twin()
+    for name, text in profiles.items():
+        t.registry.put_profile(name, parse_profile(text))
+        t.registry.add_device("acme", name + "-dev", token="X" + name, profile=name)
+    t.directory = Directory(t.registry)
+    t.directory.refresh()
+    t.reset()
+    return t
+
+
+SELF_DESCRIBED = b"\xd9\xd9\xf7"  # (RFC 8949 §3.4.6: tag 55799 before the document)
+
+
+@pytest.mark.parametrize("token, cf, payload, code, answer, stored", [
+    # a JSON map that repeats a key: one reading would be lost with a 2.04 (CBOR's was a 4.00 already)
+    ("T1", 50, b'{"temperature":21.5,"temperature":99}', Code.BAD_REQUEST,
+     "field 'temperature': invalid JSON: a map repeats a key", None),
+    ("TB", 50, b'{"ts":1700000000000,"values":{"a":1,"a":2}}', Code.BAD_REQUEST, "field 'a': invalid JSON: a map", None),
+    ("SML", 110, b'[{"n":"a","v":1,"v":2}]', Code.BAD_REQUEST, "field 'v': invalid JSON: a map repeats a key", None),
+    # flattened names that meet: {"a.b": 1, "a": {"b": 2}} kept one of the two
+    ("TB", 50, b'{"a.b":1,"a":{"b":2}}', Code.BAD_REQUEST, "field 'a.b': the name is given twice", None),
+    ("TB", 60, cbor2.dumps({"a": [10, 20], "a.0": 5}), Code.BAD_REQUEST, "field 'a.0': the name is given twice", None),
+    # self-described CBOR: the document after its tag
+    ("T1", 60, SELF_DESCRIBED + cbor2.dumps({"temperature": 21.5}), Code.CHANGED, "", {"temperature": 21.5}),
+    ("SML", 112, SELF_DESCRIBED + cbor2.dumps([{0: "temp", 2: 21.5}]), Code.CHANGED, "", {"temp": 21.5}),
+    # a lone surrogate escape: said so, not "a number is out of range"
+    ("T1", 50, b'{"state":"\\ud800"}', Code.BAD_REQUEST, "invalid JSON: a string holds a lone surrogate", None),
+])
+def test_readings_the_review_found_misread_are_read_right_by_both_paths(token, cf, payload, code, answer, stored):
+    t = Twin(max_readings=64)
+    try:
+        t.receive(post(token, payload, cf=cf))
+        t.commit()
+        answers, points = t.check()
+        reply = decode(answers[0][0])
+        got = bytes(reply.payload).decode()  # (cut to the request's size on plain CoAP: compared as far as it goes)
+        n = min(len(got), len(answer))
+        assert reply.code == code and got[:n] == answer[:n] and (n >= 20 or not answer), reply
+        if stored is None:
+            assert points == []
+        else:
+            assert [p[2].numeric_values for p in points] == [stored]
+    finally:
+        t.close()
+
+
+def test_a_rename_onto_a_field_of_the_reading_is_refused_even_if_that_field_has_a_rule():
+    """{"t_raw": 1000, "temperature": 21.5} with t_raw renamed to temperature (max 85): 21.5 was lost
+    and 1000 stored past the max its own field's rule sets; a swap (both renamed) still works."""
+    t = _twin_with({
+        "ren": '{"format": "flat", "fields": {"t_raw": {"rename": "temperature"}, "temperature": {"max": 85}}}',
+        "swap": '{"format": "flat", "fields": {"a": {"rename": "b"}, "b": {"rename": "a"}}}'})
+    try:
+        t.receive(post("Xren", cbor2.dumps({"t_raw": 1000, "temperature": 21.5})))
+        t.receive(post("Xswap", cbor2.dumps({"a": 1, "b": 2}), mid=2))
+        t.commit()
+        answers, points = t.check()
+        codes = sorted(decode(a[0]).code for a in answers)
+        assert codes == [Code.CHANGED, Code.BAD_REQUEST]
+        assert [p[2].numeric_values for p in points] == [{"b": 1.0, "a": 2.0}]
+    finally:
+        t.close()
+
+
+def test_a_proto3_message_whose_fields_are_all_at_their_default_is_a_reading():
+    """proto3 writes no bytes for a field at its default: a device reading 0 everywhere sends an
+    empty payload, which is its reading, not "empty payload"."""
+    from corem.profiles.protobuf import message_of
+
+    schema = 'syntax = "proto3";\nmessage R { double temperature = 1; int32 count = 2; }\n'
+    t = _twin_with({"pb0": json.dumps({"format": "protobuf", "schema": schema})})
+    try:
+        assert message_of(schema, "")(temperature=0.0, count=0).SerializeToString() == b""
+        t.receive(post("Xpb0", b"", cf=42))
+        t.commit()
+        answers, points = t.check()
+        assert decode(answers[0][0]).code == Code.CHANGED
+        assert [p[2].numeric_values for p in points] == [{"temperature": 0.0, "count": 0.0}]
+    finally:
+        t.close()

@@ -143,6 +143,8 @@ def put_value(key: object, value: object, where: str, nested: str, numeric: dict
     name = prefix + key
     if value is None:
         raise PayloadError("null values are not allowed", where + name)
+    if name in numeric or name in strings:  # ({"a.b": 1, "a": {"b": 2}} flattened: one would be lost)
+        raise PayloadError("the name is given twice once nested maps are flattened", where + name)
     if put_scalar(name, value, numeric, strings):
         return
     if isinstance(value, (dict, list)):
@@ -349,12 +351,14 @@ def _row(row: list[Any], positions: list[str | None], index: int | None) -> Read
 CF_OCTETS = content_format.OCTETS
 
 
-def binary_payload(content_format: int | None, payload: bytes | bytearray | memoryview) -> bytes:
-    """The bytes of a payload sent as application/octet-stream or with no Content-Format."""
+def binary_payload(content_format: int | None, payload: bytes | bytearray | memoryview,
+                   empty: bool = False) -> bytes:
+    """The bytes of a payload sent as application/octet-stream or with no Content-Format; `empty`:
+    none at all is a payload too (a proto3 message whose every field is at its default)."""
     if content_format not in (None, CF_OCTETS):
         raise UnsupportedFormat(f"content-format {content_format} is not supported by this profile; send "
                                 f"{cf_name(CF_OCTETS)} or no Content-Format")
-    if not payload:
+    if not payload and not empty:
         raise PayloadError("empty payload")
     return bytes(payload)
 

@@ -65,6 +65,8 @@ def decode_cbor(payload: bytes | bytearray | memoryview, depth: int = 0) -> Any:
     """One CBOR data item, nested at most `depth` maps or arrays deep (DECODE_DEPTH: a flat map
     and one level more, so that a nested field can be named)."""
     depth = depth or DECODE_DEPTH
+    if payload[:3] == SELF_DESCRIBED:  # (RFC 8949 §3.4.6: tag 55799 only says "CBOR follows")
+        payload = payload[3:]
     fp = io.BytesIO(payload)
     try:
         value = cbor2.CBORDecoder(fp, max_depth=depth, allow_duplicate_keys=False).decode()
@@ -75,6 +77,8 @@ def decode_cbor(payload: bytes | bytearray | memoryview, depth: int = 0) -> Any:
     return value
 
 
+#: the self-described CBOR prefix (tag 55799), which some encoders put before every document
+SELF_DESCRIBED = b"\xd9\xd9\xf7"
 #: cbor2's max_depth: a map (1) of maps (2) of maps (3) decodes, so flat_readings can name the field
 DECODE_DEPTH = 3
 #: how deep `_cbor_problem` decodes again to tell a document nested too deep from one not well-formed
@@ -108,12 +112,37 @@ _json = msgspec.json.Decoder()
 
 
 def decode_json(payload: bytes | bytearray | memoryview) -> Any:
+    """The JSON document, or PayloadError saying why not: as CBOR's decoder, a map that repeats a
+    key is refused -- JSON parsers keep one of the two silently, and the reading the device sent
+    under the other would be lost with a 2.04 (RFC 8259 §4: names SHOULD be unique)."""
     try:
-        return _json.decode(payload)
+        value = _json.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec < 0.23 let UnicodeDecodeError through
         raise PayloadError(f"invalid JSON: {_json_problem(bytes(payload))}") from None
     except RecursionError:  # (msgspec's decoder recurses: ~3,000 nested arrays are past Python's limit)
         raise PayloadError("invalid JSON: nested too deep") from None
+    data = bytes(payload)  # (`in` on a memoryview looks for an int)
+    if b"{" in data:  # (a second read for the names msgspec does not report: the Python path only --
+        # the fast lane checks them as it reads, and hands a document that repeats one to this path)
+        try:
+            json.loads(data, object_pairs_hook=_unique_names)
+        except _Repeated as e:
+            raise PayloadError("invalid JSON: a map repeats a key", str(e)) from None
+        except RecursionError:
+            raise PayloadError("invalid JSON: nested too deep") from None
+    return value
+
+
+class _Repeated(Exception):
+    """A JSON object that names a key twice (its name the message)."""
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _Repeated(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return obj
 
 
 def _json_problem(data: bytes) -> str:
@@ -124,7 +153,7 @@ def _json_problem(data: bytes) -> str:
     except UnicodeDecodeError as e:
         return f"text is not UTF-8 at byte {e.start}"
     try:
-        json.loads(text, parse_constant=_not_json)
+        json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         return f"not well-formed at byte {len(text[: e.pos].encode())}"
     except RecursionError:
@@ -132,7 +161,9 @@ def _json_problem(data: bytes) -> str:
     except ValueError as e:
         if e.args and e.args[0] in _CONSTANTS:  # (`_not_json`'s; else an integer of more than 4,300 digits)
             return "NaN and Infinity are not JSON numbers"
-    return "a number is out of range"
+        return "a number is out of range"
+    # (Python's json took it: a string with a lone surrogate escape, \ud800, which is no Unicode)
+    return "a string holds a lone surrogate escape (\\uD800-\\uDFFF without its pair)"
 
 
 #: what Python's json takes and JSON does not
@@ -141,6 +172,13 @@ _CONSTANTS = ("NaN", "Infinity", "-Infinity")
 
 def _not_json(constant: str) -> None:
     raise ValueError(constant)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # (1e999: Python reads it as inf, msgspec refuses it)
+        raise ValueError(text)
+    return value
 
 
 DECODERS = {CF_CBOR: decode_cbor, CF_JSON: decode_json}
@@ -236,7 +274,8 @@ REASONS = tuple(re.compile(p) for p in (
     r"invalid CBOR: (the data ends before the value is complete|a map repeats a key|not well-formed"
     r"|nested deeper than \d+ maps or arrays|a tagged or special value does not decode|\d+ trailing bytes after the map)",
     r"invalid JSON: (text is not UTF-8 at byte \d+|not well-formed at byte \d+"
-    r"|NaN and Infinity are not JSON numbers|a number is out of range|nested too deep)",
+    r"|NaN and Infinity are not JSON numbers|a number is out of range|nested too deep|a map repeats a key"
+    r"|a string holds a lone surrogate escape \(\\uD800-\\uDFFF without its pair\))",
     rf"expected a map of metric -> value, got {_KIND}",
     r"the map has no readings(, only ts)?",
     rf"map keys must be text strings, got {_KIND}",

@@ -131,7 +131,9 @@ def protobuf(cls: type[Message], nested: str) -> FormatDecoder:
     ts_unset_is_zero = ts_field is not None and not ts_field.has_presence
 
     def decode(content_format: int | None, payload: bytes | bytearray | memoryview, now_ms: int) -> list[Readings]:
-        data = binary_payload(content_format, payload)
+        # (no bytes at all is a message too: proto3 writes none for a field at its default, so a
+        # device reading 0 everywhere sends an empty payload -- found by a review)
+        data = binary_payload(content_format, payload, empty=True)
         try:
             msg = cls.FromString(data)
         except DecodeError:

@@ -38,9 +38,14 @@ def apply(readings: Readings, rules: dict[str, Rule]) -> Readings:
             units[name] = rule.unit
         if rule.rename is not None and rule.rename != name:
             renames.append((name, rule.rename))
+    moving = {old for old, _ in renames}  # (swaps: a target that is itself renamed away is free)
+    taken: set[str] = set()
     for old, new in renames:
-        if (new in numeric or new in strings) and new not in rules:
+        if ((new in numeric or new in strings) and new not in moving) or new in taken:
+            # (a target with a rule of its own is no exception: its value would be lost, and the
+            # renamed one would stand there unchecked by that rule)
             raise RuleViolation(f"rename: {new!r} is in the reading already", old)
+        taken.add(new)
     if renames:
         numeric, strings, units = _renamed(numeric, renames), _renamed(strings, renames), _renamed(units, renames)
     return Readings(numeric, strings, readings.ts, units or None)
