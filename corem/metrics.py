@@ -145,6 +145,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     # OSCORE (corem/oscore)
     "corem_oscore_requests": (C, "Requests with the OSCORE option (RFC 8613)."),
     "corem_oscore_sealed": (C, "Answers and notifications sealed with a device's OSCORE context."),
+    "corem_oscore_windows_forgotten": (C, "Shared replay windows made unknown at start because the boot (SQLite) or the PostgreSQL start that wrote them ended: Echo starts each again."),
+    "corem_oscore_seal_failures": (C, "Answers that could not be sealed (no sequence number of corem's own could be stored): sent as an unprotected 5.03."),
     "corem_oscore_lane_requests": (
         C, "Of corem_oscore_requests, those the C fast lane opened, took and answered itself (no Python path)."),
     "corem_oscore_echo_challenges": (

@@ -253,3 +253,32 @@ def test_a_restart_takes_sequence_numbers_past_every_block_used_before(tmp_path)
     data, _ = sealed(dev, aiocoap.POST, "telemetry", b"\xa0", mid=2, content_format=60)
     [challenge] = again.send(data)  # the Echo answer: sealed with a number of corem's own
     assert int.from_bytes(parse_option(decode(challenge).opt(OptionNumber.OSCORE)).piv, "big") == 1000
+
+
+def test_an_answer_that_cannot_get_a_sequence_number_is_an_unprotected_5_03_not_a_dead_server(tmp_path):
+    """An answer sealed with a number of corem's own (an Observe answer here) needs the next block
+    of them stored first (RFC 8613 §B.1.1).  With the registry locked by another writer, that
+    failure escaped `deliver` and ended `corem serve` (found by a review): now the answer is an
+    unprotected 5.03 with Max-Age, counted, and the next request, the lock gone, is served sealed."""
+    import sqlite3
+
+    from corem.net.udp import deliver
+
+    server, dev = Server(tmp_path / "r.db"), device_context(tmp_path / "dev")
+    data, rid = sealed(dev, aiocoap.POST, "telemetry", b"\xa0", content_format=60)
+    deliver(server.endpoint, server.router, data, PEER, 0.0)
+    assert [opened(dev, d, rid).code for d, _ in server.endpoint.datagrams_to_send()] == [aiocoap.CHANGED]
+    server.state.db._conn.execute("PRAGMA busy_timeout=100")  # (not 30 s: the lock is held throughout)
+    other = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    data, rid = sealed(dev, aiocoap.GET, "state", mid=2, observe=0)
+    deliver(server.endpoint, server.router, data, PEER, 1.0)
+    [answer] = [decode(d) for d, _ in server.endpoint.datagrams_to_send()]
+    assert answer.code == Code.SERVICE_UNAVAILABLE and answer.opt(OptionNumber.OSCORE) is None
+    assert answer.max_age == 5 and server.router.handler_errors == 0
+    assert sum(s.value for s in server.oscore.metrics() if s.name == "corem_oscore_seal_failures") == 1
+    other.execute("ROLLBACK")
+    data, rid = sealed(dev, aiocoap.GET, "state", mid=3, observe=0)
+    deliver(server.endpoint, server.router, data, PEER, 2.0)
+    [again] = [d for d, _ in server.endpoint.datagrams_to_send()]
+    assert opened(dev, again, rid).payload == b"v1"

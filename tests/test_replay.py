@@ -90,8 +90,37 @@ def test_the_shared_window_on_postgresql_is_the_same_window(tmp_path):
         assert not b.window_known("ctx") and not b.accept("ctx", 2**40)
         assert b.start_window("ctx", 10) and not a.start_window("ctx", 9) and a.accept("ctx", 11)
         assert not a.accept("ctx", 10)
+        # the server restarted (its start time is the epoch; here the one stored is made another's)
+        # and a's connection with it: made again, it forgets the windows its lost commits wrote
+        a._window.execute("UPDATE oscore_window_epoch SET epoch = 'a start before'")
+        a._window._conn.close()
+        assert not a.window_known("ctx") and not a.accept("ctx", 12) and a.windows_forgotten == 1
+        assert not b.window_known("ctx")  # (one table: every node's windows)
     finally:
         pg.stop()
+
+
+def test_the_shared_windows_are_forgotten_after_the_machine_restarts_not_after_a_process_does(tmp_path, monkeypatch):
+    """The windows' moves are committed without a flush (SQLite NORMAL): a killed process loses
+    none, a crash of the machine may lose the last.  So a start on another boot (its boot_id) makes
+    every window unknown -- Echo starts it again -- and a start on the same boot trusts them (a
+    review found a replay taken again, its answer sealed once more under its nonce)."""
+    import corem.registry.oscore as oscore_state
+
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    monkeypatch.setattr(oscore_state, "BOOT_ID", boot)
+    path = tmp_path / "r.db"
+    first = OscoreState(Db(path))
+    assert first.window_known("ctx") and first.accept("ctx", 5) and first.accept("ctx", 6)
+    again = OscoreState(Db(path))  # a process of the same boot (a restart, another worker)
+    assert again.window_known("ctx") and not again.accept("ctx", 5) and again.accept("ctx", 7)
+    assert again.windows_forgotten == 0
+    boot.write_text("boot-2\n")  # the machine restarted
+    after = OscoreState(Db(path))
+    assert not after.window_known("ctx") and not after.accept("ctx", 8) and after.windows_forgotten == 1
+    assert after.start_window("ctx", 9) and after.accept("ctx", 10) and not after.accept("ctx", 9)
+    assert OscoreState(Db(path)).window_known("ctx")  # (and the next start of that boot trusts it again)
 
 
 def test_two_processes_share_one_window_and_a_junk_request_opens_nothing(tmp_path):

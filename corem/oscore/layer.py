@@ -57,10 +57,22 @@ class Sealer:
         self.ctx, self.kid, self.piv, self.fetch, self.fresh, self.stats = ctx, kid, piv, fetch, fresh, stats
 
     def __call__(self, code: int, options: Options | None, payload: bytes) -> tuple[int, Options, bytes]:
+        """The answer sealed; or, when no sequence number of corem's own can be had for it (the
+        registry cannot store the next block of them, RFC 8613 §B.1.1; the numbers are used up),
+        an unprotected 5.03 with Max-Age (§8.2's errors go unprotected): the answer goes without,
+        the request is not lost for it, and nothing escapes into the message layer (a review found
+        one such failure ending `corem serve`)."""
         own = not self.fresh or any(n == OptionNumber.OBSERVE for n, _ in options or ())
+        try:
+            sealed = protect(self.ctx, self.kid, self.piv, code, options, payload, own_piv=own, fetch=self.fetch)
+        except (StorageUnavailable, OverflowError) as e:
+            self.stats["seal_failed"] += 1
+            log.warning("oscore: an answer could not be sealed, 5.03 sent unprotected: %s", e)
+            answer = retry_later(b"oscore: no sequence number to seal the answer with")
+            return answer.code, answer.options or [], answer.payload
         self.fresh = False
         self.stats["sealed"] += 1
-        return protect(self.ctx, self.kid, self.piv, code, options, payload, own_piv=own, fetch=self.fetch)
+        return sealed
 
 
 class ContextLane(Protocol):
@@ -107,6 +119,8 @@ class Oscore:
         yield counter("corem_oscore_requests", requests + lane_requests)
         yield counter("corem_oscore_lane_requests", lane_requests)
         yield counter("corem_oscore_sealed", sealed)
+        yield counter("corem_oscore_seal_failures", st["seal_failed"])
+        yield counter("corem_oscore_windows_forgotten", self._state.windows_forgotten)
         yield counter("corem_oscore_echo_challenges", st["echo"])
         for reason in ("bad_option", "unknown_context", "decrypt", "replay", "method", "storage"):
             yield counter("corem_oscore_refused", st["refused_" + reason], reason=reason)

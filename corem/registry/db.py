@@ -119,6 +119,9 @@ class Db:
     def __init__(self, where: Path | str) -> None:
         self.where = where
         self.shared = is_url(where)
+        #: (PostgreSQL) called with this Db after a lost connection is made again (`_alive`), before
+        #: the statement that found it lost runs: what a session set, or a server restart undid
+        self.on_reconnect: Callable[[Db], object] | None = None
         if self.shared:
             import psycopg
 
@@ -165,6 +168,8 @@ class Db:
             import psycopg
 
             self._conn, self._in_transaction = psycopg.connect(str(self.where), autocommit=True, connect_timeout=10), False
+            if self.on_reconnect is not None:
+                self.on_reconnect(self)
         if word.startswith("BEGIN"):
             self._in_transaction = True
         elif word.startswith(("COMMIT", "ROLLBACK")) and not _to_savepoint(sql):

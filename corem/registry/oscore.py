@@ -19,6 +19,7 @@ workers and nodes sharing the registry never take the same block.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from ..errors import StorageUnavailable
 from .db import Db, add_columns
@@ -30,7 +31,15 @@ CREATE TABLE IF NOT EXISTS oscore_state (
     seq_next INTEGER NOT NULL,
     used     INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS oscore_window_epoch (
+    one   INTEGER PRIMARY KEY CHECK (one = 1),
+    epoch TEXT NOT NULL
+);
 """
+#: what says the shared windows' last moves may be lost (`OscoreState._check_epoch`): the machine's
+#: boot (SQLite, whose unflushed commits a crash of the machine loses) or the PostgreSQL server's
+#: start (a crash of the server, a failover)
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 #: columns added after the first release (a registry made before them gains them at start)
 WINDOW_COLUMNS = (("top", "INTEGER NOT NULL DEFAULT -1"), ("bits", "INTEGER NOT NULL DEFAULT 0"))
 #: numbered migrations (`Db.migrate`): 1 = the replay window's columns, added before there were versions
@@ -73,16 +82,56 @@ class OscoreState:
         #: request with a flush per commit, 14-45 us without (an idle and a busy machine).
         #: Sequence number reservations stay on `db`, flushed: a forgotten one would reuse a nonce.
         self._window_db: Db | None = None
+        #: windows made unknown because the epoch that wrote them ended (`_check_epoch`)
+        self.windows_forgotten = 0
 
     @property
     def _window(self) -> Db:
         """The window's connection, made at its first use (a process alone never uses it)."""
         if self._window_db is None:
             db = self.db
-            self._window_db = db if str(db.where) == ":memory:" else Db(db.where)
-            if self._window_db is not db:
-                self._window_db.execute("SET synchronous_commit TO off" if db.shared else "PRAGMA synchronous=NORMAL")
+            window = db if str(db.where) == ":memory:" else Db(db.where)
+            if window is not db:
+                window.on_reconnect = self._unflushed
+                self._unflushed(window)
+            self._window_db = window
         return self._window_db
+
+    def _unflushed(self, window: Db) -> None:
+        """The window's connection, as it starts (or starts again after a lost PostgreSQL
+        connection): commits that do not wait for the disk, and the windows forgotten if the
+        epoch that wrote them ended (`_check_epoch`)."""
+        window.execute("SET synchronous_commit TO off" if window.shared else "PRAGMA synchronous=NORMAL")
+        self._check_epoch(window)
+
+    def _check_epoch(self, window: Db) -> None:
+        """The windows' moves are committed without a flush: a crash of the machine (SQLite) or of
+        the PostgreSQL server may have lost the last of them, and a request taken in that gap would
+        be taken again -- its answer sealed once more under its nonce (RFC 8613 §7.4, §B.1.2; found
+        by a review).  So when the epoch that wrote them is not the one now (another boot, another
+        start of the server: `BOOT_ID`, `pg_postmaster_start_time()`), every window is unknown
+        (`top` -1: Echo starts it again, `start_window`).  A process that was only killed loses
+        nothing committed and keeps its epoch; one whose epoch cannot be told forgets the windows
+        at every start, as a process alone does."""
+        try:
+            if window.shared:
+                now = str(window.execute("SELECT pg_postmaster_start_time()").fetchone()[0])
+            else:
+                now = BOOT_ID.read_text().strip() if BOOT_ID.exists() else ""
+            window.execute("BEGIN IMMEDIATE" if not window.shared else "BEGIN")
+            try:
+                row = window.execute("SELECT epoch FROM oscore_window_epoch WHERE one = 1").fetchone()
+                if row is None or row[0] != now or not now:
+                    forgotten = window.execute("UPDATE oscore_state SET top = -1, bits = 0 WHERE top >= 0").rowcount
+                    window.execute("INSERT INTO oscore_window_epoch (one, epoch) VALUES (1, ?) "
+                                   "ON CONFLICT (one) DO UPDATE SET epoch = excluded.epoch", (now,))
+                    self.windows_forgotten += max(forgotten, 0)
+                window.execute("COMMIT")
+            except BaseException:
+                window.rollback()
+                raise
+        except window.Error as e:
+            raise StorageUnavailable(f"storage: oscore replay window: {e}") from None
 
     def reserve(self, context: str, n: int) -> int:
         """The first of `n` sender sequence numbers now reserved for this process."""
@@ -95,7 +144,10 @@ class OscoreState:
         return int(row[0]) - n
 
     def used(self, context: str) -> bool:
-        row = self.db.execute("SELECT used FROM oscore_state WHERE context = ?", (context,)).fetchone()
+        try:
+            row = self.db.execute("SELECT used FROM oscore_state WHERE context = ?", (context,)).fetchone()
+        except self.db.Error as e:  # (5.03, as for every other read and write of this state)
+            raise StorageUnavailable(f"storage: oscore state: {e}") from None
         return bool(row and row[0])
 
     def mark_used(self, context: str) -> None:
