@@ -126,22 +126,18 @@ def decode_json(payload: bytes | bytearray | memoryview) -> Any:
         # the fast lane checks them as it reads, and hands a document that repeats one to this path)
         try:
             json.loads(data, object_pairs_hook=_unique_names)
-        except _Repeated as e:
-            raise PayloadError("invalid JSON: a map repeats a key", str(e)) from None
         except RecursionError:
             raise PayloadError("invalid JSON: nested too deep") from None
     return value
 
 
-class _Repeated(Exception):
-    """A JSON object that names a key twice (its name the message)."""
-
-
 def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, or PayloadError naming the key it repeats (json.loads lets it out)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        raise _Repeated(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise PayloadError("invalid JSON: a map repeats a key", twice)
     return obj
 
 
