@@ -111,3 +111,14 @@ def test_a_document_the_readers_cannot_take_is_refused_naming_the_line(text, kin
     with pytest.raises(BadInput) as e:
         list(read_lines(text, kind))
     assert str(e.value).startswith(why) and ("CSV" in str(e.value) or kind == "jsonl"), e.value
+
+
+def test_an_import_that_moves_a_token_to_a_new_device_in_one_chunk_works(tmp_path):
+    """A line replacing an existing device's token, then a line giving that token to a new device:
+    the replacement is written first in the chunk's transaction (the insert met the token still
+    held, and the import failed every time, saying another writer had stored meanwhile)."""
+    reg = Registry(tmp_path / "registry.db")
+    reg.add_device("acme", "old", token="T1")
+    text = "tenant,device,token\nacme,old,T2\nacme,new,T1\n"
+    assert import_devices(reg, read_lines(text, "csv"), replace=True) == (1, 0, 1)
+    assert {d.device: d.token for d in reg.list_devices()} == {"old": "T2", "new": "T1"}

@@ -112,11 +112,14 @@ def import_devices(
     def write() -> None:
         try:
             conn.execute("BEGIN" if conn.shared else "BEGIN IMMEDIATE")
-            conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             [r for _, r, update in batch if not update])
+            # (the replacements first: one may free a credential a new device of the same chunk
+            # takes -- the other way round, the INSERT met it still held, and the import failed
+            # every time, found by a review; an INSERT never frees one)
             conn.executemany(
                 f"UPDATE devices SET {', '.join(f'{c} = ?' for c in _SET)} WHERE tenant = ? AND device = ?",
                 [(*(r[_AT[c]] for c in _SET), r[0], r[1]) for _, r, update in batch if update])
+            conn.executemany(f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             [r for _, r, update in batch if not update])
             conn.execute("COMMIT")
         except conn.IntegrityError:  # (clashes were looked for above: this is a race with a writer)
             conn.rollback()
