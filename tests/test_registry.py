@@ -447,3 +447,18 @@ def test_a_running_server_serves_each_change_without_reading_the_registry_again(
     finally:
         sock.close()
         server.stop()
+
+
+def test_a_profile_name_put_profile_could_never_give_is_refused_naming_it(tmp_path):
+    """A device (or a provisioning key) naming a profile no profile can have was stored, and its
+    readings were answered 5.00 until it was moved (found by a review)."""
+    from corem.errors import BadInput
+    from corem.registry.management import Management
+
+    reg = Registry(tmp_path / "registry.db")
+    for bad in ("my profile/v2 ", "é nope", ""):
+        with pytest.raises(BadInput, match=r"^profile: .*allowed: 1-64 of"):
+            reg.add_device("acme", "d1", token="T1", profile=bad)
+        with pytest.raises(BadInput, match=r"^profile: "):
+            Management(reg).add_provision_key("k1", "s3cret-1", "acme", profile=bad)
+    reg.add_device("acme", "d1", token="T1", profile="thermo.v2_a-1")

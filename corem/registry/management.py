@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
 from ..errors import BadInput, ClaimRefused, Conflict, StorageUnavailable, Unauthorized
-from .store import TENANT_RE, Registry, check_field
+from .store import PROFILE_NAME_RE, PROFILE_NAMES, TENANT_RE, Registry, check_field
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS attributes (
@@ -216,6 +216,7 @@ class Management:
         check_field("key", key, LABEL_RE, LABEL)
         check_field("secret", secret, LABEL_RE, LABEL, secret=True)
         check_field("tenant", tenant, TENANT_RE, "1-64 of A-Z a-z 0-9 . _ -")
+        check_field("profile", profile, PROFILE_NAME_RE, PROFILE_NAMES)
         if max_devices is not None and (type(max_devices) is not int or not 0 < max_devices < 2**31):
             raise BadInput("max_devices: a positive integer")
         try:

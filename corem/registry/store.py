@@ -227,6 +227,10 @@ def _credential_fields(device: Device) -> tuple[object, ...]:
             device.cert_sha256, device.oscore)
 
 
+#: what a profile's name may be (PROFILE_NAME_RE), in words
+PROFILE_NAMES = "1-64 of A-Z a-z 0-9 . _ -"
+
+
 def check_field(name: str, value: object, pattern: re.Pattern, allowed: str, *, secret: bool = False) -> None:
     """BadInput naming `name` unless `value` is a string matching `pattern` whole (a secret's
     value is not repeated in the message)."""
@@ -276,8 +280,8 @@ def new_device(
             raise BadInput(f"psk: {len(psk)} bytes; a key must be {PSK_MIN}-{PSK_MAX} bytes")
     if cert_sha256 is not None and not SHA256_RE.fullmatch(cert_sha256):
         raise BadInput("cert_sha256: not a lowercase hex SHA-256 fingerprint")
-    if not profile:
-        raise BadInput("profile: must not be empty")
+    # (a name `put_profile` could never give: such a device would be answered 5.00 until moved)
+    check_field("profile", profile, PROFILE_NAME_RE, PROFILE_NAMES)
     if power_mode not in POWER_MODES:
         raise BadInput(f"power_mode: {power_mode!r} is not valid; allowed: {', '.join(POWER_MODES)}")
     filters = topics.split()
@@ -388,7 +392,7 @@ class Registry:
     def put_profile(self, name: str, profile: Profile) -> bool:
         """Add or replace the profile `name`; True if it is new.  Devices that name it use the new
         one from the next reload."""
-        check_field("profile", name, PROFILE_NAME_RE, "1-64 of A-Z a-z 0-9 . _ -")
+        check_field("profile", name, PROFILE_NAME_RE, PROFILE_NAMES)
         if name == DEFAULT_PROFILE:
             raise BadInput(f"profile: {DEFAULT_PROFILE!r} is built in; give yours another name")
         existed = self.db.execute("SELECT 1 FROM profiles WHERE name = ?", (name,)).fetchone() is not None
