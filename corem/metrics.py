@@ -135,7 +135,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "corem_tcp_connections_refused_no_fds": (
         C, "Connections refused at accept: the process was out of file descriptors (EMFILE/ENFILE)."),
     "corem_tcp_connections_aborted": (
-        C, "Connections ended by corem, by reason (frame, too_large, bad_message, idle, slow_reader, handshake, "
+        C, "Connections ended by corem, by reason (frame, too_large, bad_message, idle, slow_reader, write_stall: "
+           "no byte taken by the peer in 30 s, handshake, "
            "tls: a fault after the handshake, unregistered_certificate) or by the peer's Abort (peer_abort)."),
     "corem_tcp_pings": (C, "Pings (7.02) answered with Pong."),
     "corem_tcp_truncated_frames": (C, "Connections that ended inside a frame (its bytes were not served)."),

@@ -671,3 +671,35 @@ def test_connections_that_do_not_read_are_bounded_together(monkeypatch):
     assert closed == 0 and most > 5 << 20  # (the same load, the default bound: nothing closed)
     closed, most = trio.run(unread_answers, monkeypatch, 4 << 20, 4, 1600)
     assert closed >= 1 and most <= (4 << 20) + len(BIG) + 64
+
+
+async def test_a_connection_that_never_reads_is_freed_after_its_writer_stalls(monkeypatch):
+    """A peer that asks for answers and never reads (its receive window shut): after its Release
+    (idle) the writer was blocked in send_all for ever, holding the connection's slot, its source's
+    count and its unsent bytes -- a few hundred such filled MAX_UNSENT, and every honest connection
+    was then closed as a slow reader (found by a review).  Now no byte taken for WRITE_STALL ends it."""
+    monkeypatch.setattr(tcp_module, "WRITE_STALL", 1.0)
+    endpoint, router = StreamEndpoint(), Router()
+    router.add("big", {Code.GET: lambda req, params: Response(Code.CONTENT, b"x" * 1000)})
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    edge = tcp_module.TcpEdge(listener, endpoint, router, Observers(endpoint), tcp_module.TcpParams(idle_timeout=1.0))
+    gets = b"".join(to_frame(encode(Message(Type.CON, Code.GET, 0, n.to_bytes(2, "big"), [(OptionNumber.URI_PATH, b"big")])))
+                    for n in range(500))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(edge.hold)
+        nursery.start_soon(edge.serve)
+        reader_less = trio.socket.socket()
+        reader_less.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await reader_less.connect(edge.address)
+        await trio.SocketStream(reader_less).send_all(signal(CSM, [(2, (1152).to_bytes(2, "big"))]) + gets)
+        with trio.fail_after(60):  # (an event, not a deadline: only a writer that never ends would reach it)
+            while not edge.stats["aborted_write_stall"]:
+                await trio.sleep(0.05)
+            while edge.connections:
+                await trio.sleep(0.05)
+        assert edge.unsent == 0 and not edge._per_source
+        reader_less.close()
+        nursery.cancel_scope.cancel()

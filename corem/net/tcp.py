@@ -50,6 +50,13 @@ MAX_QUEUED = 1 << 20
 #: nothing hold 40 MB, and every connection the listener takes as much (an adversarial run)
 MAX_UNSENT = 64 << 20
 READ_SIZE = 65536
+#: seconds a connection's writer may wait for the peer to take a byte (its receive window shut):
+#: then the connection is closed.  Without it, a peer that never read held its writer -- and so its
+#: slot, its source's count and its share of MAX_UNSENT -- for ever once its reader had ended (a
+#: Release, an idle timeout), and a few hundred such filled MAX_UNSENT for everyone (a review)
+WRITE_STALL = 30.0
+#: bytes the writer hands to the stream at a time (each within WRITE_STALL)
+WRITE_SIZE = 65536
 #: TLS suites for coaps+tcp: the DTLS listener's, and the GCM ones TLS clients usually prefer
 TLS_EXTRA_CIPHERS = ("TLS-PSK-WITH-AES-128-GCM-SHA256", "TLS-ECDHE-ECDSA-WITH-AES-128-GCM-SHA256")
 
@@ -164,8 +171,8 @@ class TcpEdge:
         yield counter("corem_tcp_connections_accepted", st["accepted"])
         yield counter("corem_tcp_connections_refused", st["refused"])
         yield counter("corem_tcp_connections_refused_no_fds", 0 if self._acceptor is None else self._acceptor.refused)
-        for reason in ("frame", "too_large", "bad_message", "idle", "slow_reader", "handshake", "tls", "peer_abort",
-                       "unregistered_certificate"):
+        for reason in ("frame", "too_large", "bad_message", "idle", "slow_reader", "write_stall", "handshake", "tls",
+                       "peer_abort", "unregistered_certificate"):
             yield counter("corem_tcp_connections_aborted", st["aborted_" + reason], reason=reason)
         yield counter("corem_tcp_pings", st["pings"])
         yield counter("corem_tcp_truncated_frames", st["truncated"])
@@ -444,8 +451,20 @@ class TcpEdge:
                     data = bytes(conn.queued)
                     conn.queued.clear()
                     self.stats["bytes_out"] += len(data)
+                    sent = 0
                     try:
-                        await conn.stream.send_all(data)
+                        while sent < len(data):
+                            piece = data[sent:sent + WRITE_SIZE]
+                            with trio.move_on_after(WRITE_STALL):
+                                await conn.stream.send_all(piece)
+                                sent += len(piece)
+                                continue
+                            self.stats["aborted_write_stall"] += 1
+                            conn.closing = True
+                            self.unsent -= len(conn.queued)
+                            conn.queued.clear()
+                            conn.stream.socket.close()  # (the reader, if still reading, ends too)
+                            return
                     finally:
                         self.unsent -= len(data)
                 if conn.closing:
