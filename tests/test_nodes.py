@@ -233,6 +233,35 @@ def test_a_node_whose_session_another_node_took_ends_its_copy(store_url, saved_a
         assert b.stats.sessions_taken_elsewhere == 0 and b.device(PEER) == DEVICE
 
 
+def test_an_older_copy_on_the_node_the_device_left_does_not_overwrite_the_row_of_the_node_it_went_to(store_url):
+    """The device moved from node a to node b, which took the session and saved it as its own; a,
+    never told (the device sends it nothing more), offloads its older copy when it goes idle.  That
+    save wrote over b's row (found by a review): b's live copy then ended, and a node restoring the
+    row took again the records b had taken.  A save replaces only a row of the same owner."""
+    a, b = node(store_url), node(store_url)
+    c = Client()
+    assert c.handshake(a)
+    assert c.send(a, b"\x40\x02\x00\x01a", now=1.0) == [b"\x40\x02\x00\x01a"]
+    a.settle(1.0)
+    a.tick(1.1)  # a's checkpoint: the row is a's
+    assert c.send(b, b"\x40\x02\x00\x02b", now=5.0) == [b"\x40\x02\x00\x02b"]  # b takes it
+    b.settle(5.0)
+    b.tick(5.1)  # b's checkpoint: the row is b's
+    c.buf.write(b"\x40\x02\x00\x03c")
+    taken_at_b = c.outgoing()
+    assert [x for d in taken_at_b for x in b.receive(d, PEER, 6.0)] == [b"\x40\x02\x00\x03c"]
+    b.settle(6.0)
+    a.tick(100.0)  # a's sweep: its copy, idle, offloaded -- not over b's row
+    assert a.stats.offloaded == 1
+    assert c.send(b, b"\x40\x02\x00\x05e", now=101.0) == [b"\x40\x02\x00\x05e"]
+    b.settle(101.0)
+    assert b.stats.sessions_taken_elsewhere == 0 and PEER in b.sessions
+    d = node(store_url)  # any node restoring the row refuses what b took
+    assert [x for dg in taken_at_b for x in d.receive(dg, PEER, 200.0)] == []
+    for n in (a, b, d):
+        n.store.close()
+
+
 def test_a_node_with_another_state_key_leaves_the_clusters_sessions_alone(store_url):
     """A node started with a wrong `dtls_state_key` cannot open the shared rows: it leaves them
     (and says so) for the nodes that can, instead of deleting every session it is asked for."""

@@ -328,12 +328,17 @@ _UPSERT = ("INSERT INTO {t} (peer, blob, tenant, device, last_seen, rx_top) VALU
            "ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, tenant = excluded.tenant, "
            "device = excluded.device, last_seen = excluded.last_seen, rx_top = excluded.rx_top")
 _COLUMNS = "peer, blob, tenant, device, last_seen, rx_top"
-#: (a shared store) the process that saved a row: its marks raise only rows it saved (`mark_held`)
+#: (a shared store) the process that saved a row: its marks raise only rows it saved (`mark_held`),
+#: and its saves replace only rows it saved -- a row another node saved since it took the session
+#: (a device that moved there) is that node's, and an older copy written over it would hand the next
+#: restore a lower rx_top (records taken there would be taken again: found by a review).  The copy
+#: here then ends at its next marks, which find no row of its own.  (Still open: a save made between
+#: another node's take of the row and that node's first save of it lands.)
 OWNER = ("owner", "BLOB")
 _UPSERT_OWNED = ("INSERT INTO {t} (peer, blob, tenant, device, last_seen, rx_top, owner) VALUES (?, ?, ?, ?, ?, ?, ?) "
                  "ON CONFLICT (peer) DO UPDATE SET blob = excluded.blob, tenant = excluded.tenant, "
                  "device = excluded.device, last_seen = excluded.last_seen, rx_top = excluded.rx_top, "
-                 "owner = excluded.owner")
+                 "owner = excluded.owner WHERE {t}.owner = excluded.owner")
 
 
 class SessionStore:
