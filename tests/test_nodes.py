@@ -262,6 +262,33 @@ def test_an_older_copy_on_the_node_the_device_left_does_not_overwrite_the_row_of
         n.store.close()
 
 
+def test_a_forged_datagram_naming_a_session_s_cid_takes_nothing_from_the_node_that_holds_it(store_url):
+    """A CID travels in the clear.  One datagram that names it but does not authenticate, sent to
+    another node, made that node take the session's row (found by a review): the node that held it
+    live ended its copy at the device's next record.  The waking record must open first; a real
+    one from the device, sent to that other node, still takes the session there."""
+    from .test_dtls_layer import A, handshake
+
+    a, b = node(store_url), node(store_url)
+    c = handshake(a, A)  # (with a CID)
+    assert a.receive(c.wrap(b"\x40\x02\x00\x01"), A, 1.0) == [b"\x40\x02\x00\x01"]
+    a.settle(1.0)
+    a.tick(1.1)  # the checkpoint: the row
+    forged = bytearray(c.wrap(b"\x40\x02\x00\x02"))
+    forged[-1] ^= 1  # (its CID, its tag broken)
+    assert b.receive(bytes(forged), ("203.0.113.66", 9999), 2.0) == []
+    assert b.stats.restored == 0 and not b.engine.parked
+    assert a.receive(c.wrap(b"\x40\x02\x00\x03"), A, 3.0) == [b"\x40\x02\x00\x03"]
+    a.settle(3.0)
+    assert a.stats.sessions_taken_elsewhere == 0 and a.wrap(b"\x60\x44\x00\x03", A) is not None
+    moved = ("198.51.100.7", 5000)
+    b.tick(10.0)  # (after the forged one's miss)
+    assert b.receive(c.wrap(b"\x40\x02\x00\x04"), moved, 10.0) == [b"\x40\x02\x00\x04"]  # the device, at b
+    assert b.stats.restored == 1
+    for n in (a, b):
+        n.store.close()
+
+
 def test_a_node_with_another_state_key_leaves_the_clusters_sessions_alone(store_url):
     """A node started with a wrong `dtls_state_key` cannot open the shared rows: it leaves them
     (and says so) for the nodes that can, instead of deleting every session it is asked for."""

@@ -50,7 +50,7 @@ from .engine.certs import chain_verifier
 from .engine.connection import ESTABLISHED, Connection
 from .engine.engine import Engine, EngineParams, EngineStats
 from .engine.errors import BAD_RECORD_MAC, DtlsDecodeError
-from .engine.records import RECORDS, SEQ_MAX, TLS12_CID
+from .engine.records import RECORDS, SEQ_MAX, TLS12_CID, parse_record_untrusted
 from .keyset import KeySet
 from .params import (DTLS_METRICS, MAX_MISSES, MISS_TTL, DtlsParams, corem_suites, has_cookie, registered,
                      registry_device)
@@ -501,7 +501,7 @@ class EngineServer:
         first = data[0]
         if first == TLS12_CID:
             if data[11:11 + self._cid_length] not in e.by_cid:
-                self._restore_key(CID_KEY + data[11:11 + self._cid_length], peer, now)
+                self._restore_key(CID_KEY + data[11:11 + self._cid_length], peer, now, data)
         elif first == CONTENT_APPLICATION_DATA and peer not in e.sessions and peer not in e.handshakes:
             self._restore_key(peer_key(peer), peer, now)
         if first == CONTENT_HANDSHAKE and data[3] == 0 and data[4] == 0 and data[13] == 1:
@@ -686,7 +686,9 @@ class EngineServer:
             self._missed = {k: t for k, t in self._missed.items() if t > now}
         self._missed[key] = now + MISS_TTL
 
-    def _restore_key(self, key: bytes, peer: Peer, now: float) -> Connection | None:
+    def _restore_key(self, key: bytes, peer: Peer, now: float, waking: bytes | None = None) -> Connection | None:
+        """The saved session `key` restored (by the datagram `waking`, which names its CID; None:
+        by the peer's address), or None."""
         if self.store.shared:
             if self._missed.get(key, 0.0) > now:
                 return None
@@ -736,6 +738,12 @@ class EngineServer:
                                 "(or its device's credentials changed since): left there; if this repeats, is "
                                 "dtls_state_key the other nodes' key?")
             return None
+        if shared and waking is not None and not self._authenticates(saved, waking, peer, now):
+            # (a CID travels in the clear: a datagram that names one proves nothing until its record
+            # opens under the session's keys.  Taken on its word, one forged datagram sent to any
+            # node ended the session where it lived -- found by a review)
+            self._miss(key, now)
+            return None
         if shared:
             # (taken only now, and only as it was opened: before, a node that could not open it took
             # it and put it back as its own -- and the node that held it live ended its copy)
@@ -769,6 +777,16 @@ class EngineServer:
             self._on_session(conn, True)  # (again: now with its device and its floor)
         self.stats.restored += 1
         return conn
+
+    def _authenticates(self, saved: state.SessionState, datagram: bytes, peer: Peer, now: float) -> bool:
+        """Does the first record of `datagram` open, fresh, under `saved`'s keys?  On a copy of the
+        session made for the question, which nothing keeps."""
+        try:
+            rec, _ = parse_record_untrusted(datagram, 0, self._cid_length)
+            state.restore(saved, peer, now, self.engine.params).receive_record(rec, now)
+        except (DtlsDecodeError, ValueError):
+            return False
+        return rec.type == TLS12_CID and rec.cid == saved.cid_in
 
     # -- the rest --------------------------------------------------------------------------------
     @property
