@@ -991,3 +991,19 @@ def test_a_provisioning_rate_under_a_tenth_a_second_still_starts_and_lets_one_th
     assert limiter is not None and limiter.burst == 1.0
     assert limiter.allow("10.0.0.1", 0.0) and not limiter.allow("10.0.0.1", 1.0)
     assert _buckets(0.0) is None
+
+
+def test_rpcs_awaiting_their_reply_count_against_the_devices_bound(tmp_path):
+    """max_queued bounded only the calls not delivered yet: a device that polls takes each off the
+    queue, and calls awaiting their reply piled up for their whole timeout (found by a review: 1,000
+    of 1 KB for max_queued=2).  Every call in flight counts now; a reply makes room again."""
+    stack = Stack(tmp_path, max_queued=2)
+    awake = stack.device("awake")
+    calls = []
+    for _ in range(2):
+        calls.append(stack.downlink.send_rpc(awake, "m", {"x": "y"}, timeout=86400))
+        stack.send(Code.GET, "api/v1/TA/rpc")  # the device polls: delivered, awaiting its reply
+    with pytest.raises(QueueFull, match="awaiting their reply"):
+        stack.downlink.send_rpc(awake, "m", {"x": "y"}, timeout=86400)
+    stack.downlink._expire_rpc(calls[0])  # (its time is up: its place is free)
+    assert stack.downlink.send_rpc(awake, "m", {"x": "y"}, timeout=86400).id not in {c.id for c in calls}

@@ -291,9 +291,13 @@ class Downlink:
         now = self.clock()
         key = (device.tenant, device.device)
         q = self._queues.get(key) or self._queue(device)
-        if q is None or len(q.rpcs) >= self.max_queued:
+        # (those sent and waiting for their reply count too: the queue bounded only those not sent
+        # yet, and a device that took each at once let calls pile up for their whole timeout --
+        # up to a day from the commands topic; found by a review)
+        if q is None or len(self._device_rpcs.get(key, ())) >= self.max_queued:  # (every call in flight)
             self.stats.queue_full += 1
-            raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued already")
+            raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued or "
+                            "awaiting their reply already")
         call = RpcCall(next(self._ids), device, method, params, now + timeout, oneway)
         self._track(call)
         heapq.heappush(self._deadlines, (call.deadline, call.id))
