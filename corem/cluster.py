@@ -35,15 +35,17 @@ from typing import Any, Callable, Mapping
 
 import trio
 
-from .admin.http import FORWARDED, HttpError, HttpRequest, Reply, Route, call, forward, json_reply
+from .admin.http import FORWARD_TIMEOUT, FORWARDED, HttpError, HttpRequest, Reply, Route, call, forward, json_reply
 from .bus import topics
 from .bus.base import Sink, publish_json
 from .bus.commands import KafkaCommandReader
 from .config import Settings
 from .devices.commands import apply as apply_command
 from .devices.commands import request_of
+from .devices.requests import RpcRequest
 from .devices.downlink import Downlink, results_topic
 from .errors import BadInput, StorageUnavailable
+from .inputs import check
 from .registry import Device, Directory
 from .registry.db import Db, Lease
 from .registry.homes import Homes
@@ -100,8 +102,9 @@ class Nodes:
         return self.homes.elsewhere(*key)
 
     async def forward(self, home: str, req: HttpRequest) -> Reply:
-        """`req` carried out at `home` (marked as passed on: it stays there)."""
-        return await forward(home, req, node=self.node)
+        """`req` carried out at `home` (marked as passed on: it stays there), waited for as long as
+        it may take there (`downlink_wait`)."""
+        return await forward(home, req, node=self.node, timeout=downlink_wait(req))
 
     async def command(self, home: str, tenant: str, value: bytes, token: str) -> dict[str, Any] | None:
         """A commands record carried out at `home`: its result, or None if that node refused it
@@ -112,6 +115,24 @@ class Nodes:
         if result is not None and not isinstance(result, dict):
             raise ValueError(f"{home} answered a commands record with {type(result).__name__}, not an object")
         return result
+
+
+def rpc_timeout(body: bytes) -> float:
+    """An RPC request's timeout, by the API's own rules (RpcRequest's, its default included); 0 for
+    a body the worker will refuse (it says why)."""
+    try:
+        return float(check(RpcRequest, json.loads(body)).timeout)
+    except (ValueError, RecursionError):  # (BadInput too)
+        return 0.0
+
+
+def downlink_wait(req: HttpRequest) -> float:
+    """How long a node waits for another to carry out `req`: an RPC is answered when it ends --
+    its own timeout (up to 300 s) and some; anything else FORWARD_TIMEOUT.  (A fixed 90 s gave up
+    on a longer RPC, which then ran again here: found by a review.)"""
+    if req.method == "POST" and req.path.rstrip("/").endswith("/rpc"):
+        return max(FORWARD_TIMEOUT, rpc_timeout(req.body) + 30.0)
+    return FORWARD_TIMEOUT
 
 
 class Workers:
@@ -262,7 +283,11 @@ class Carrier:
                 assert nodes is not None
                 try:
                     return await nodes.forward(home, req)
-                except (OSError, HttpError, trio.TooSlowError) as e:
+                except trio.TooSlowError:  # (it may be carrying it out: not here too, a second time)
+                    log.warning("downlink for %s/%s: its node %s did not answer in time", *key, home)
+                    return json_reply({"error": f"device {key[0]}/{key[1]}: its node {home} did not answer in "
+                                                f"time; the request may have been carried out there"}, 504)
+                except (OSError, HttpError) as e:
                     log.warning("downlink for %s/%s: its node %s did not answer (%s); kept here", *key, home, e)
             reply = handler(req)
             return await reply if inspect.isawaitable(reply) else reply

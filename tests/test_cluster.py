@@ -95,3 +95,34 @@ def test_the_downlink_routes():
     assert is_downlink(Route("PUT", "/api/devices/{tenant}/{device}/attributes", h))
     assert not is_downlink(Route("GET", "/api/devices/{tenant}/{device}/attributes", h))
     assert not is_downlink(Route("DELETE", "/api/devices/{tenant}/{device}", h))
+
+
+def test_a_node_waits_for_an_rpc_as_long_as_it_may_take_and_never_carries_it_out_twice():
+    """Forwarded to the node that holds the device, an RPC is answered there when it ends: the wait
+    is its timeout and some, not a fixed 90 s -- and when the other node does not answer in time,
+    this node answers 504 rather than carry it out here too (found by a review: a 300 s RPC was
+    sent at both nodes, and the device's reply went to the other one)."""
+    from corem.admin.http import FORWARD_TIMEOUT, HttpRequest, Reply
+    from corem.cluster import Carrier, downlink_wait
+
+    def rpc(body: bytes) -> HttpRequest:
+        return HttpRequest("POST", "/api/devices/acme/d1/rpc", {"tenant": "acme", "device": "d1"}, {}, {}, body)
+
+    assert downlink_wait(rpc(b'{"method": "m", "timeout": 300}')) == 330.0
+    assert downlink_wait(rpc(b'{"method": "m", "timeout": 5}')) == FORWARD_TIMEOUT
+    assert downlink_wait(HttpRequest("GET", "/api/devices/acme/d1/attributes", {}, {}, {})) == FORWARD_TIMEOUT
+
+    ran = []
+
+    class SlowNodes:
+        def elsewhere(self, key, headers=None):
+            return "http://node-b:8080"
+
+        async def forward(self, home, req):
+            raise trio.TooSlowError
+
+    carrier = Carrier.__new__(Carrier)  # (its other parts play no part here)
+    carrier.nodes = SlowNodes()  # type: ignore[assignment]
+    route = carrier.at_home(Route("POST", "/api/devices/{tenant}/{device}/rpc", lambda req: ran.append(1) or Reply(200)))
+    reply = trio.run(route.handler, rpc(b'{"method": "m", "timeout": 300}'))
+    assert reply.status == 504 and ran == []

@@ -32,11 +32,9 @@ from ..admin.http import (
 from ..admin.history import History, Totals
 from ..metrics import SHARED, ProcessMetrics, gather, render
 from ..bus.retention import Pruner
-from ..cluster import Nodes, Workers, command_device
+from ..cluster import Nodes, Workers, command_device, rpc_timeout
 from ..config import Settings
-from ..devices.requests import RpcRequest
 from ..errors import BadInput
-from ..inputs import check
 from ..registry.db import Db
 from ..listeners import admin_url
 from ..stats import Measurement, Sample, counter, gauge
@@ -280,15 +278,6 @@ class Front:
         replies = await self._from_all("GET", target(req))
         merged = sorted((s for r in replies for s in json.loads(r.body)), key=lambda s: s["at"], reverse=True)
         return json_reply(merged[:limit])
-
-
-def rpc_timeout(body: bytes) -> float:
-    """An RPC request's timeout, by the API's own rules (RpcRequest's, its default included); 0 for
-    a body the worker will refuse (it says why)."""
-    try:
-        return float(check(RpcRequest, json.loads(body)).timeout)
-    except (ValueError, RecursionError):  # (BadInput too)
-        return 0.0
 
 
 class _Listed:
