@@ -1007,3 +1007,19 @@ def test_rpcs_awaiting_their_reply_count_against_the_devices_bound(tmp_path):
         stack.downlink.send_rpc(awake, "m", {"x": "y"}, timeout=86400)
     stack.downlink._expire_rpc(calls[0])  # (its time is up: its place is free)
     assert stack.downlink.send_rpc(awake, "m", {"x": "y"}, timeout=86400).id not in {c.id for c in calls}
+
+
+def test_a_device_heard_here_is_said_so_again_after_a_while_for_it_may_have_moved_and_come_back(tmp_path):
+    """With nodes, `device_homes` names the node that last said it heard a device first.  A node
+    said so once per process: a device that went to another node and came back kept the other
+    node's name, and its downlink went there (found by a review).  It is said again after SEEN_AGAIN."""
+    from corem.devices.downlink import SEEN_AGAIN
+
+    stack = Stack(tmp_path)
+    told: list[tuple[float, str]] = []
+    stack.downlink.on_first_sight = lambda device: told.append((stack.now, device.device))
+    awake = stack.device("awake")
+    for t in (0.0, 1.0, SEEN_AGAIN - 1, SEEN_AGAIN + 0.5, SEEN_AGAIN + 2):
+        stack.now = t
+        stack.downlink.uplink(awake)
+    assert told == [(0.0, "awake"), (SEEN_AGAIN + 0.5, "awake")]

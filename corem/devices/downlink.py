@@ -48,6 +48,13 @@ MAX_WAIT = 86400.0
 MAX_PAYLOAD = MAX_VALUE
 JSON_OPTS: Options = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
 
+#: seconds after which a device heard here is said heard here again (`on_first_sight`, with workers or
+#: nodes): another node may have heard it since (it moved there and back), and the registry's
+#: `device_homes` then still named that node -- its downlink went there until this one restarted
+#: (found by a review).  A node's write for a fleet: a row per device every SEEN_AGAIN at most.
+SEEN_AGAIN = 300.0
+
+
 
 def attributes_resource(device: Device) -> str:
     return f"attributes:{device.tenant}/{device.device}"
@@ -160,7 +167,8 @@ class Downlink:
         #: with `--workers`: told once of each device first heard here, so that the supervisor can
         #: route this device's downlink here (corem/workers); None in a single process
         self.on_first_sight: Callable[[Device], None] | None = None
-        self._seen: set[tuple[str, str]] = set()
+        #: when each device was last said heard here (`on_first_sight`): again after SEEN_AGAIN
+        self._seen: dict[tuple[str, str], float] = {}
         self._id_first, self._id_step = 1, 1
 
     def number_ids(self, first: int, step: int) -> None:
@@ -178,9 +186,11 @@ class Downlink:
     def uplink(self, device: Device) -> None:
         """The device talked: it is awake; what waits for it goes out on the next tick."""
         key = (device.tenant, device.device)
-        if self.on_first_sight is not None and key not in self._seen:
-            self._seen.add(key)
-            self.on_first_sight(device)
+        if self.on_first_sight is not None:
+            now, last = self.clock(), self._seen.get(key)
+            if last is None or now - last >= SEEN_AGAIN:
+                self._seen[key] = now
+                self.on_first_sight(device)
         q = self._queues.get(key)
         if q is None:
             if device.power_mode == "drx":
@@ -345,7 +355,7 @@ class Downlink:
         it is announced again) and give up what waits for it -- shared attributes and commands,
         with their remaining lifetimes -- for `adopt` there.  RPCs stay: their callers wait here."""
         key = (tenant, device)
-        self._seen.discard(key)
+        self._seen.pop(key, None)
         q = self._queues.get(key)
         if q is None or not (q.attributes or q.commands):
             return None
@@ -394,7 +404,7 @@ class Downlink:
             del self._queues[key]
             self._due.discard(key)
             self._timed.discard(key)
-            self._seen.discard(key)
+            self._seen.pop(key, None)
             now = self.clock()
             old = Device(tenant=key[0], device=key[1], created_at=q.born)
             while q.commands:
