@@ -428,3 +428,26 @@ def test_an_older_copy_of_a_saved_session_never_seals_with_a_number_used_since()
         srv.engine.drop(conn)
     assert not set(used[0]) & set(used[1]), used
     assert used[1][0] >= int(wall[0] * 1000) * 16
+
+
+def test_a_superseded_session_leaves_no_saved_copy_to_come_back_from():
+    """One credential holds at most max_sessions_per_device sessions: its newest ends its oldest.
+    The oldest's saved copy stayed in the store, and woken by its CID (parked, then placed) it was
+    live again, past the cap and max_sessions -- parked sessions were not counted either (found by
+    a review).  A superseded session's copy goes with it."""
+    store = SessionStore()
+    srv, _ = layer(store, max_sessions=4, max_sessions_per_device=2)
+    clients = []
+    for n in range(4):
+        peer = ("192.0.2.10", 41000 + n)
+        c = handshake(srv, peer)  # (with a CID)
+        assert srv.receive(c.wrap(b"\x40\x02\x00\x01"), peer, 1.0 + n)
+        srv.settle(1.0 + n)
+        srv.tick(1.1 + n)  # (its checkpoint: a saved copy)
+        clients.append((c, peer))
+    assert srv.stats.sessions_superseded == 2 and len(store.keys()) == 2
+    again, _ = layer(store, max_sessions=4, max_sessions_per_device=2)  # a restart on the same store
+    woken = [again.receive(c.wrap(b"\x40\x02\x00\x03"), ("203.0.113.1", 50000 + i), 20.0)
+             for i, (c, _) in enumerate(clients)]
+    assert woken == [[], [], [b"\x40\x02\x00\x03"], [b"\x40\x02\x00\x03"]]
+    assert sum(again.device(p) == DEVICE for p in again.sessions) == 2

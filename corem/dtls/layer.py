@@ -386,10 +386,18 @@ class EngineServer:
         cap = self.params.max_sessions_per_device
         if len(held) >= cap or len(held) >= self._held_prune.get(key, 16):
             e = self.engine
-            # (the one at conn's own address is about to be replaced by it: not counted)
-            held[:] = [c for c in held if e.sessions.get(c.peer) is c and c.peer != conn.peer]
+            # (the one at conn's own address is about to be replaced by it: not counted; a parked
+            # one -- restored by its CID, placed by its next record -- counts: found by a review, a
+            # credential's superseded sessions, woken by their CIDs, were all placed again)
+            held[:] = [c for c in held if (e.sessions.get(c.peer) is c and c.peer != conn.peer)
+                       or (c.cid_in and e.parked.get(c.cid_in) is c)]
             while len(held) >= cap:
-                e.drop(held.pop(0))
+                old = held.pop(0)
+                e.drop(old)
+                s: Session | None = old.layer
+                if s is not None and s.key:  # (and its saved copy: a superseded session is not restored)
+                    self.offloaded.discard(s.key)
+                    self.store.discard(s.key)
                 self.stats.sessions_superseded += 1
             self._held_prune[key] = max(16, 2 * len(held))
         held.append(conn)
