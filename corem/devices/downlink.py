@@ -17,7 +17,6 @@ The class is sans-IO apart from `rpc()`, which awaits the device's reply: the se
 from __future__ import annotations
 
 import heapq
-import itertools
 import json
 import time
 from collections import OrderedDict, deque
@@ -53,6 +52,9 @@ JSON_OPTS: Options = [(OptionNumber.CONTENT_FORMAT, encode_uint(JSON))]
 #: `device_homes` then still named that node -- its downlink went there until this one restarted
 #: (found by a review).  A node's write for a fleet: a row per device every SEEN_AGAIN at most.
 SEEN_AGAIN = 300.0
+#: rounds of RPC ids reserved in the registry at a time (`Downlink._new_id`): ids grow by at most
+#: this many rounds a restart
+ID_ROUNDS = 1000
 
 
 
@@ -162,7 +164,8 @@ class Downlink:
         self._device_rpcs: dict[tuple[str, str], dict[int, RpcCall]] = {}
         #: (deadline, rpc id), soonest first
         self._deadlines: list[tuple[float, int]] = []
-        self._ids = itertools.count(1)
+        #: the rounds of RPC ids this process may give (`_new_id`): none reserved yet
+        self._round = self._rounds_end = 0
         self.stats = DownlinkStats()
         #: with `--workers`: told once of each device first heard here, so that the supervisor can
         #: route this device's downlink here (corem/workers); None in a single process
@@ -174,8 +177,18 @@ class Downlink:
     def number_ids(self, first: int, step: int) -> None:
         """RPC ids `first`, `first + step`, ...: workers number apart, so ids stay unique per
         server and say which worker sent each (a device may answer through another one)."""
-        self._ids = itertools.count(first, step)
         self._id_first, self._id_step = first, step
+
+    def _new_id(self) -> int:
+        """The next RPC id: `first + step * round`, the rounds reserved in the registry a block at
+        a time (`Management.reserve_rpc_rounds`): ids numbered from 1 in every process let a
+        device's late answer to an RPC sent before a restart end the new RPC given the same id
+        (found by a review).  StorageUnavailable if no block can be stored: the RPC is refused."""
+        if self._round >= self._rounds_end:
+            self._round = self.management.reserve_rpc_rounds(ID_ROUNDS)
+            self._rounds_end = self._round + ID_ROUNDS
+        self._round += 1
+        return self._id_first + self._id_step * (self._round - 1)
 
     def numbered_here(self, rpc_id: int) -> bool:
         """Is `rpc_id` one this process numbers (`number_ids`)?  With workers, a device may answer
@@ -308,7 +321,7 @@ class Downlink:
             self.stats.queue_full += 1
             raise QueueFull(f"device {device.tenant}/{device.device}: {self.max_queued} requests queued or "
                             "awaiting their reply already")
-        call = RpcCall(next(self._ids), device, method, params, now + timeout, oneway)
+        call = RpcCall(self._new_id(), device, method, params, now + timeout, oneway)
         self._track(call)
         heapq.heappush(self._deadlines, (call.deadline, call.id))
         q.rpcs.append(call)

@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS bus_positions (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
 );
+CREATE TABLE IF NOT EXISTS rpc_rounds (
+    one INTEGER PRIMARY KEY CHECK (one = 1), next_round INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS claims (
     tenant TEXT NOT NULL, device TEXT NOT NULL, secret TEXT NOT NULL, expires_at INTEGER NOT NULL,
     owner TEXT, PRIMARY KEY (tenant, device)
@@ -295,6 +298,15 @@ class Management:
     # -- positions in the commands topics (corem.bus.commands) -----------------------------------
     def positions(self) -> dict[tuple[str, int], int]:
         return {(t, p): o for t, p, o in self._conn.execute("SELECT topic, partition, next_offset FROM bus_positions")}
+
+    def reserve_rpc_rounds(self, n: int) -> int:
+        """The first of `n` rounds of RPC ids now this process's (devices/downlink.py `_new_id`):
+        processes and restarts never number two RPCs alike, so a device's late answer to an RPC of
+        a process before is not taken for the answer to a new one.  StorageUnavailable if the
+        registry cannot store it."""
+        row = self._write("INSERT INTO rpc_rounds (one, next_round) VALUES (1, ?) ON CONFLICT (one) "
+                          "DO UPDATE SET next_round = rpc_rounds.next_round + ? RETURNING next_round", (n, n)).fetchone()
+        return int(row[0]) - n
 
     def set_position(self, topic: str, partition: int, next_offset: int) -> None:
         """Never backwards: with `--workers` the records of one partition are applied by the workers
