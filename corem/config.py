@@ -403,7 +403,8 @@ class Settings:
     max_readings_per_point: int = _opt(
         1_000, "readings one point (one record) may have; a payload with a point of more is refused 4.00 naming "
         "this bound", _positive)
-    max_queued_commands: int = _opt(100, "RPC requests (queued or awaiting their reply) and commands queued per device at most", _positive)
+    max_queued_commands: int = _opt(
+        100, "RPC requests (queued or awaiting their reply) and commands queued per device at most", _positive)
     pubsub_max_retained: int = _opt(
         10_000, "retained /ps messages kept at most, all tenants together (the oldest of the tenant holding the "
         "most dropped first)", _positive)

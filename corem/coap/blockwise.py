@@ -282,7 +282,7 @@ class Block1Uploads:
             self._drop(key)
             self.refused += 1
             return Upload.REFUSED, make(Code.REQUEST_ENTITY_INCOMPLETE, b"block1: blocks out of order or missing")
-        if len(msg.payload) > block.size:  # (the last block may be smaller than its size, never larger: RFC 7959 §2.2)
+        if len(msg.payload) > block.size:  # (a last block may be smaller than its size, not larger: RFC 7959 §2.2)
             self._drop(key)
             self.refused += 1
             return Upload.REFUSED, make(Code.BAD_REQUEST, b"block1: the last block is larger than its size")
