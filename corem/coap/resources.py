@@ -204,10 +204,11 @@ class Router:
         if response is not None and response.code >> 5 == 2:  # (a representation with its format)
             wanted = msg.accept
             if wanted is not None:
-                given = next((v for n, v in response.options or () if n == OptionNumber.CONTENT_FORMAT), None)
-                if given is not None and decode_uint(given) != wanted:  # (RFC 7252 §5.10.4: MUST)
+                given = next((decode_uint(v) for n, v in response.options or () if n == OptionNumber.CONTENT_FORMAT),
+                             None)
+                if given is not None and given != wanted:  # (RFC 7252 §5.10.4: MUST)
                     return Response(Code.NOT_ACCEPTABLE, f"accept: {wanted} cannot be given here; "
-                                    f"content-format {decode_uint(given)}".encode())
+                                    f"content-format {given}".encode())
         if response is not None and msg.code == Code.GET:
             if worth_keeping(response, asked):
                 self.representations.keep(requester(req), response, req.received_at)
