@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from typing import Any, TypeVar
 
 import msgspec
@@ -23,6 +24,32 @@ import msgspec
 from .errors import BadInput
 
 T = TypeVar("T", bound=msgspec.Struct)
+
+
+# -- JSON as corem takes it (an admin body, a device's payload): what Python's json reader lets through
+def not_json(constant: str) -> Any:
+    """json's `parse_constant`: NaN and Infinity are no JSON numbers (nothing could read them back)."""
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def finite_float(text: str) -> float:
+    """json's `parse_float`: a number past a float's range (1e400) would be infinity -- no JSON
+    either, and stored, every answer that holds it would fail."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a float")
+    return value
+
+
+def repeated_key(pairs: list[tuple[str, Any]]) -> str | None:
+    """The first key an object's `pairs` (json's `object_pairs_hook`) give twice, or None: a JSON
+    reader keeps one of the two silently.  One pass (a body of many keys is read on the event loop)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 #: JSON Schema type -> what a value of it is in Python (a bool is no number)
 _PYTHON: dict[str, type | tuple[type, ...]] = {"string": str, "number": (int, float), "integer": int, "boolean": bool}

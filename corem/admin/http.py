@@ -34,7 +34,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator
@@ -44,6 +43,7 @@ import h11
 import trio
 
 from ..errors import CoremError, http_headers
+from ..inputs import finite_float, not_json, repeated_key
 from ..logs import fields
 from ..net.fdlimit import Acceptor, admin_cap
 from ..stats import Sample, counter, gauge
@@ -97,31 +97,15 @@ class HttpRequest:
         if not self.body:
             raise HttpError(400, "body: expected a JSON object")
         try:
-            return json.loads(self.body, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_object)
+            return json.loads(self.body, parse_constant=not_json, parse_float=finite_float, object_pairs_hook=_object)
         except (ValueError, RecursionError) as e:
             raise HttpError(400, f"body: not valid JSON ({e})") from None
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    """A JSON number with a fraction or an exponent, as a float: one past the float's range (1e400)
-    would be infinity, which nothing could read back as JSON -- an attribute stored so would make
-    every answer that holds it fail."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of the range of a float")
-    return value
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()  # (one pass: a body of many keys is read on the event loop)
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"the key {twice!r} is given twice")
+        raise ValueError(f"the key {repeated_key(pairs)!r} is given twice")
     return obj
 
 

@@ -34,6 +34,7 @@ from ..codec.message import OptionValue
 from ..coap.endpoint import Request
 from ..coap.response import Response, retry_later
 from ..errors import StorageUnavailable
+from ..logs import Every
 from ..registry.oscore import OscoreState, fingerprint
 from ..registry.store import Device, OscoreKeys
 from ..stats import Sample, counter, gauge
@@ -44,6 +45,10 @@ log = logging.getLogger("corem.oscore")
 
 #: contexts kept in memory at most (the oldest goes; it is rebuilt, with an Echo, if it comes back)
 MAX_CONTEXTS = 100_000
+
+
+#: the Sealer's warning, shared by every request's Sealer (one trouble: the registry away)
+SEAL_FAILED = Every()
 
 
 class Sealer:
@@ -67,7 +72,8 @@ class Sealer:
             sealed = protect(self.ctx, self.kid, self.piv, code, options, payload, own_piv=own, fetch=self.fetch)
         except (StorageUnavailable, OverflowError) as e:
             self.stats["seal_failed"] += 1
-            log.warning("oscore: an answer could not be sealed, 5.03 sent unprotected: %s", e)
+            if SEAL_FAILED.due():  # (a line a minute at most: every answer fails while the registry is away)
+                log.warning("oscore: an answer could not be sealed, 5.03 sent unprotected: %s", e)
             answer = retry_later(b"oscore: no sequence number to seal the answer with")
             return answer.code, answer.options or [], answer.payload
         self.fresh = False

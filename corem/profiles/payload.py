@@ -17,6 +17,7 @@ import msgspec
 
 from .. import content_format
 from ..errors import RETRY_AFTER, BadInput, _code
+from ..inputs import finite_float, not_json, repeated_key
 
 CF_JSON = content_format.JSON
 CF_CBOR = content_format.CBOR
@@ -135,9 +136,7 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object as a dict, or PayloadError naming the key it repeats (json.loads lets it out)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise PayloadError("invalid JSON: a map repeats a key", twice)
+        raise PayloadError("invalid JSON: a map repeats a key", repeated_key(pairs))
     return obj
 
 
@@ -149,32 +148,17 @@ def _json_problem(data: bytes) -> str:
     except UnicodeDecodeError as e:
         return f"text is not UTF-8 at byte {e.start}"
     try:
-        json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+        json.loads(text, parse_constant=not_json, parse_float=finite_float)
     except json.JSONDecodeError as e:
         return f"not well-formed at byte {len(text[: e.pos].encode())}"
     except RecursionError:
         return "nested too deep"
     except ValueError as e:
-        if e.args and e.args[0] in _CONSTANTS:  # (`_not_json`'s; else an integer of more than 4,300 digits)
+        if str(e).endswith("is not a JSON number"):  # (`not_json`'s; else 1e999, or an integer of 4,300+ digits)
             return "NaN and Infinity are not JSON numbers"
         return "a number is out of range"
     # (Python's json took it: a string with a lone surrogate escape, \ud800, which is no Unicode)
     return "a string holds a lone surrogate escape (\\uD800-\\uDFFF without its pair)"
-
-
-#: what Python's json takes and JSON does not
-_CONSTANTS = ("NaN", "Infinity", "-Infinity")
-
-
-def _not_json(constant: str) -> None:
-    raise ValueError(constant)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # (1e999: Python reads it as inf, msgspec refuses it)
-        raise ValueError(text)
-    return value
 
 
 DECODERS = {CF_CBOR: decode_cbor, CF_JSON: decode_json}
